@@ -1,0 +1,16 @@
+"""agl-scverse: Auxiliary Gene Learning for predicting spatial gene expression from H&E.
+
+Examples
+--------
+>>> import agl_scverse as agl
+>>> adata = agl.datasets.synthetic_slide(seed=0)  # doctest: +SKIP
+>>> model = agl.tl.agl_fit(adata)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import datasets, io, pl, pp, tl  # noqa: E402
+
+__all__ = ["io", "pp", "tl", "pl", "datasets", "__version__"]

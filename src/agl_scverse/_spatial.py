@@ -1,0 +1,193 @@
+"""Access to slides, images and physical scale in the AnnData layout of :mod:`agl_scverse._constants`.
+
+Every module that needs an image or a scale goes through here, so the layout lives in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from anndata import AnnData
+
+from . import _constants as K
+
+VISIUM_SPOT_UM = 55.0
+
+
+def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
+    """Library ids present in ``adata``: categories of ``obs[library_key]`` or the keys of ``uns['spatial']``."""
+    if library_key is not None:
+        if library_key not in adata.obs:
+            raise KeyError(
+                f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
+            )
+        return [str(x) for x in pd_unique(adata.obs[library_key])]
+    libs = list(adata.uns.get(K.SPATIAL_KEY, {}).keys())
+    if len(libs) == 0:
+        raise KeyError(
+            "adata.uns['spatial'] holds no library: no image or scale factors. Read the slide with agl.io "
+            "or add uns['spatial'][library_id] = {'images': ..., 'scalefactors': ...}."
+        )
+    if len(libs) > 1:
+        raise ValueError(
+            f"adata.uns['spatial'] holds several libraries {libs}; pass library_key=<obs column naming them>."
+        )
+    return [str(libs[0])]
+
+
+def pd_unique(values) -> list:
+    """Unique values in order of appearance (categories first if categorical)."""
+    import pandas as pd
+
+    s = pd.Series(values)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        present = set(s.dropna().unique())
+        return [c for c in s.cat.categories if c in present]
+    return list(s.dropna().unique())
+
+
+def spot_masks(adata: AnnData, library_key: str | None = None) -> dict[str, np.ndarray]:
+    """Boolean mask of the spots of each library."""
+    libs = library_ids(adata, library_key)
+    if library_key is None:
+        return {libs[0]: np.ones(adata.n_obs, dtype=bool)}
+    col = adata.obs[library_key].astype(str).to_numpy()
+    return {lib: col == lib for lib in libs}
+
+
+def library_entry(adata: AnnData, library_id: str) -> dict:
+    """The ``uns['spatial'][library_id]`` dict, with a clear error if absent."""
+    spatial = adata.uns.get(K.SPATIAL_KEY, {})
+    if library_id not in spatial:
+        raise KeyError(
+            f"No image for library {library_id!r}: adata.uns['spatial'] has {list(spatial)}. "
+            "Each library in obs[library_key] needs uns['spatial'][library_id] with 'images' and 'scalefactors'."
+        )
+    return spatial[library_id]
+
+
+def scalefactors(adata: AnnData, library_id: str) -> dict:
+    """Scale factors of a library; each present factor must be a finite positive number."""
+    sf = dict(library_entry(adata, library_id).get(K.SCALEFACTORS, {}))
+    for key, val in sf.items():
+        try:
+            ok = np.isfinite(float(val)) and float(val) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"Scale factor {key!r} of library {library_id!r} is {val!r}; it must be a positive number. "
+                "Fix uns['spatial'][library_id]['scalefactors']."
+            )
+    return sf
+
+
+def microns_per_pixel(adata: AnnData, library_id: str) -> float:
+    """µm per full-resolution pixel of a library.
+
+    Read from ``scalefactors['microns_per_pixel']``; if absent, derived from ``spot_diameter_fullres`` assuming a
+    55 µm Visium spot (with a warning).
+    """
+    sf = scalefactors(adata, library_id)
+    if K.MICRONS_PER_PIXEL in sf:
+        return float(sf[K.MICRONS_PER_PIXEL])
+    if K.SPOT_DIAMETER in sf:
+        warnings.warn(
+            f"Library {library_id!r} records no 'microns_per_pixel'; assuming 55 µm Visium spots "
+            f"(spot_diameter_fullres={sf[K.SPOT_DIAMETER]}). Set scalefactors['microns_per_pixel'] to silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return VISIUM_SPOT_UM / float(sf[K.SPOT_DIAMETER])
+    raise ValueError(
+        f"Library {library_id!r} has neither 'microns_per_pixel' nor 'spot_diameter_fullres' in its scale factors: "
+        "the physical scale is unknown. Add scalefactors['microns_per_pixel']."
+    )
+
+
+def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
+    """Check an image is H x W x 3 (RGBA loses alpha) and return it as uint8 RGB."""
+    img = np.asarray(img)
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        raise ValueError(
+            f"{name} is grayscale (shape {img.shape}); H&E models need an RGB image (H x W x 3). "
+            "Convert it, e.g. np.stack([img] * 3, axis=-1), only if it really is a stained slide."
+        )
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ValueError(f"{name} has shape {img.shape}; expected H x W x 3 (RGB).")
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        if np.issubdtype(img.dtype, np.floating) and np.nanmax(img) <= 1.0 + 1e-6:
+            img = img * 255.0
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return img
+
+
+@functools.lru_cache(maxsize=2)
+def _read_image_file(path: str) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as im:
+        if im.mode not in ("RGB", "RGBA"):
+            if im.mode in ("L", "I", "I;16", "F", "1"):
+                raise ValueError(f"Image file {path} is grayscale (mode {im.mode}); an RGB H&E image is required.")
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+    arr = as_rgb(arr, name=f"image file {path}")
+    arr.setflags(write=False)
+    return arr
+
+
+def get_image(
+    adata: AnnData, library_id: str, prefer: Sequence[str] = (K.FULLRES, K.HIRES, K.LOWRES), warn: bool = True
+) -> tuple[np.ndarray, float, str]:
+    """Best available image of a library.
+
+    Returns
+    -------
+    image
+        H x W x 3 uint8 array.
+    scale
+        Factor mapping full-resolution pixel coordinates to this image's pixels.
+    which
+        ``"fullres"``, ``"hires"`` or ``"lowres"``.
+    """
+    entry = library_entry(adata, library_id)
+    images = entry.get(K.IMAGES, {}) or {}
+    meta = entry.get(K.METADATA, {}) or {}
+    sf = scalefactors(adata, library_id)
+    for which in prefer:
+        if which == K.FULLRES:
+            path = meta.get(K.SOURCE_IMAGE_PATH)
+            if path:
+                if not Path(str(path)).exists():
+                    raise FileNotFoundError(
+                        f"Full-resolution image of library {library_id!r} not found at {path}. Move it back or "
+                        "update uns['spatial'][library_id]['metadata']['source_image_path']."
+                    )
+                return _read_image_file(str(path)), 1.0, K.FULLRES
+            if K.FULLRES in images:
+                return as_rgb(images[K.FULLRES], f"fullres image of {library_id!r}"), 1.0, K.FULLRES
+        elif which in images:
+            key = K.HIRES_SCALEF if which == K.HIRES else K.LOWRES_SCALEF
+            if key not in sf:
+                raise ValueError(
+                    f"Library {library_id!r} has a {which!r} image but no {key!r} scale factor to place spots on it."
+                )
+            if warn and K.FULLRES in prefer and which != prefer[0]:
+                warnings.warn(
+                    f"No full-resolution image for library {library_id!r}; using the {which!r} image "
+                    f"(scale {float(sf[key]):.3g}), so patches are upsampled and lose detail.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return as_rgb(images[which], f"{which} image of {library_id!r}"), float(sf[key]), which
+    raise ValueError(
+        f"No image for library {library_id!r}: uns['spatial'][{library_id!r}] has images {list(images)} and "
+        f"no metadata['source_image_path']. Read the slide with its image (agl.io) or add one."
+    )

@@ -1,0 +1,3 @@
+"""Readers (filled in by the io work)."""
+
+__all__: list[str] = []

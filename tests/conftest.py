@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests that need ``../shared`` skip cleanly when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AGL_SHARED", REPO.parent / "shared"))
+HER2ST = SHARED / "data" / "her2st"
+WEIGHTS = SHARED / "weights"
+DENSENET_WEIGHTS = WEIGHTS / "densenet121_keras_imagenet_features_torchvision.pth"
+
+
+@pytest.fixture(scope="session")
+def her2st_dir() -> Path:
+    """Folder with the five HER2+ sections (C2..C6); skips when ../shared is absent."""
+    if not (HER2ST / "C2" / "counts.tsv.gz").exists():
+        pytest.skip("../shared/data/her2st not available")
+    return HER2ST
+
+
+@pytest.fixture(scope="session")
+def densenet_weights() -> Path:
+    """Local DenseNet-121 ImageNet weights; skips when absent."""
+    if not DENSENET_WEIGHTS.exists():
+        pytest.skip("../shared/weights DenseNet-121 not available")
+    return DENSENET_WEIGHTS
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:  # pragma: no cover
+        pass
+    yield
