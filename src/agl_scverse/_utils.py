@@ -49,5 +49,5 @@ def seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002  (legacy global RNG, for third-party code that uses it)
     torch.manual_seed(seed)
