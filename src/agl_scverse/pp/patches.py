@@ -1,3 +1,569 @@
-"""Placeholder."""
+"""Spot-centred image patches at a fixed physical scale.
 
-__all__: list[str] = []
+A patch covers ``patch_um`` µm of tissue centred on a spot and is resized to ``patch_px`` pixels, whatever the
+resolution of the slide, so encoders see the same physical scale on every slide.
+
+Geometry
+    ``.obsm["spatial"]`` holds spot centres in full-resolution pixels (pixel ``i`` has its centre at ``i``).
+    The crop side in source-image pixels is ``patch_um / microns_per_pixel * scale`` where ``scale`` maps
+    full-resolution pixels to the image used (1 for the full-resolution image; ``tissue_hires_scalef`` for the
+    hires image when no full-resolution image is available, with a warning). The side is rounded to whole
+    pixels and the crop is the ``side x side`` block of pixels centred on the spot (for an odd side the spot's
+    pixel is the centre pixel).
+Resizing
+    ``torchvision.transforms.v2.functional.resize`` with bilinear interpolation and ``antialias=True`` on the
+    uint8 crop (so downsampling averages rather than aliases); skipped when the crop already has ``patch_px``
+    pixels.
+Borders
+    Parts of a patch outside the image are filled per ``pad_mode``: ``"constant"`` (``pad_value``, white by
+    default, like glass), ``"reflect"`` (mirror without repeating the edge pixel) or ``"edge"`` (repeat the
+    edge pixel). ``SpotPatches.inside_fraction`` records how much of each patch lies inside the image.
+HEST samples
+    When ``uns["spatial"][lib]["metadata"]["patches_h5"]`` and ``.obs["hest_patch_index"]`` are present, the
+    pre-extracted HEST patches (224 px covering 112 µm) are used, resized when ``patch_px`` differs. They are
+    only used for ``patch_um=112``; any other size is cut from the slide image.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+from torch.utils.data import DataLoader, Dataset
+
+from .. import _constants as K
+from .. import _spatial
+from .._validate import check_spatial
+
+__all__ = ["SpotPatches", "extract_patches", "patch_loader", "iter_patch_batches", "normalize"]
+
+#: ``.obs`` column with each spot's row in a HEST ``patches_h5`` file.
+HEST_PATCH_INDEX = getattr(K, "HEST_PATCH_INDEX", "hest_patch_index")
+#: Physical side of a HEST-1k patch: 224 px at 0.5 µm/px.
+HEST_PATCH_UM = 112.0
+PAD_MODES = ("constant", "reflect", "edge")
+ON_OUTSIDE = ("error", "pad")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------ normalise
+def normalize(
+    batch: torch.Tensor | np.ndarray,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Turn uint8 patches into a normalised float tensor: ``(batch / 255 - mean) / std`` per channel.
+
+    Parameters
+    ----------
+    batch
+        uint8 tensor (or array) of shape ``(B, 3, H, W)`` or ``(3, H, W)``, values 0-255, as produced by
+        :class:`SpotPatches`. Stays on its device.
+    mean, std
+        Per-channel mean and standard deviation in the 0-1 range (3 values each, or 1 for all channels), e.g.
+        ``info["mean"]`` and ``info["std"]`` from :func:`agl_scverse.pp.get_encoder`.
+
+    Returns
+    -------
+    float32 tensor of the same shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    >>> normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).unique().tolist()
+    [1.0]
+    """
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"normalize expects a uint8 torch tensor, got {type(batch).__name__}.")
+    if batch.dtype != torch.uint8:
+        raise TypeError(
+            f"normalize expects uint8 patches (0-255), got dtype {batch.dtype}. Pass the raw SpotPatches output; "
+            "a float input may already be normalised."
+        )
+    if batch.ndim not in (3, 4) or batch.shape[-3] != 3:
+        raise ValueError(f"normalize expects (B, 3, H, W) or (3, H, W) patches, got shape {tuple(batch.shape)}.")
+    m = _channel_stats(mean, "mean")
+    s = _channel_stats(std, "std")
+    if np.any(np.asarray(s) <= 0):
+        raise ValueError(f"std must be positive, got {std}.")
+    m_t = torch.tensor(m, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    s_t = torch.tensor(s, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    return (batch.float().div_(255.0) - m_t) / s_t
+
+
+def _channel_stats(values: Sequence[float] | float, name: str) -> list[float]:
+    arr = np.atleast_1d(np.asarray(values, dtype=float)).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {values!r}.")
+    return [float(v) for v in arr]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _resolve_spots(adata: AnnData, spots: Any) -> np.ndarray:
+    """Integer positions of the requested spots (all when ``spots`` is None)."""
+    n = adata.n_obs
+    if spots is None:
+        return np.arange(n)
+    if isinstance(spots, str):
+        spots = [spots]
+    arr = np.asarray(spots)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"Boolean spots mask has shape {arr.shape}; expected ({n},).")
+        return np.flatnonzero(arr)
+    if arr.size == 0:
+        raise ValueError("spots selects no spot; pass None for all spots or a non-empty selection.")
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.min() < -n or arr.max() >= n:
+            raise IndexError(f"spots holds positions outside 0..{n - 1}.")
+        return np.asarray(arr % n, dtype=int)
+    names = pd.Index(arr.astype(str))
+    pos = adata.obs_names.get_indexer(names)
+    if np.any(pos < 0):
+        missing = names[pos < 0][:5].tolist()
+        raise KeyError(f"{int((pos < 0).sum())} requested spots are not in adata.obs_names, e.g. {missing}.")
+    return pos
+
+
+def _pad_value(value: Any) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(value)).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3 or not np.all(np.isfinite(arr.astype(float))) or arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"pad_value must be one or three numbers in 0..255, got {value!r}.")
+    return arr.astype(np.uint8)
+
+
+def crop_with_padding(
+    image: np.ndarray, x0: int, y0: int, side: int, pad_mode: str = "constant", pad_value: Any = 255
+) -> np.ndarray:
+    """The ``side x side`` block of ``image`` with top-left pixel ``(x0, y0)``, padded where it leaves the image.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.zeros((4, 4, 3), dtype=np.uint8)
+    >>> crop_with_padding(img, -1, -1, 3)[:, :, 0]
+    array([[255, 255, 255],
+           [255,   0,   0],
+           [255,   0,   0]], dtype=uint8)
+    """
+    H, W = image.shape[:2]
+    xa, xb = max(x0, 0), min(x0 + side, W)
+    ya, yb = max(y0, 0), min(y0 + side, H)
+    fill = _pad_value(pad_value)
+    if xa >= xb or ya >= yb:  # entirely outside: nothing to reflect or repeat
+        out = np.empty((side, side, 3), dtype=np.uint8)
+        out[:] = fill
+        return out
+    region = image[ya:yb, xa:xb]
+    pads = ((ya - y0, y0 + side - yb), (xa - x0, x0 + side - xb), (0, 0))
+    if not any(p for pair in pads for p in pair):
+        return np.ascontiguousarray(region)
+    if pad_mode == "constant":
+        out = np.empty((side, side, 3), dtype=np.uint8)
+        out[:] = fill
+        out[pads[0][0] : pads[0][0] + (yb - ya), pads[1][0] : pads[1][0] + (xb - xa)] = region
+        return out
+    return np.pad(region, pads, mode=pad_mode)
+
+
+def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of a uint8 (3, h, w) tensor to (3, size, size)."""
+    if patch.shape[-1] == size and patch.shape[-2] == size:
+        return patch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(patch, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def _load_image(uns_spatial: dict, lib: str, which: str) -> np.ndarray:
+    """Re-read a library image (used after unpickling, e.g. in DataLoader workers)."""
+    holder = types.SimpleNamespace(uns={K.SPATIAL_KEY: uns_spatial})
+    img, _, _ = _spatial.get_image(holder, lib, prefer=(which,), warn=False)  # type: ignore[arg-type]
+    return img
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+class SpotPatches(Dataset):
+    """Spot-centred patches of a fixed physical size, as a torch :class:`~torch.utils.data.Dataset`.
+
+    Item ``i`` is a uint8 tensor ``(3, patch_px, patch_px)`` for spot ``obs_names[i]``. Each library image is
+    decoded once (at construction, so sizes and border checks are known before any work) and patches are cut
+    per item. See the module docstring for geometry, resizing and padding.
+
+    Parameters
+    ----------
+    adata
+        Slide(s) in the agl-scverse layout: ``.obsm["spatial"]`` in full-resolution pixels, images and scale
+        factors in ``.uns["spatial"][library_id]``.
+    patch_px
+        Side of the returned patch in pixels.
+    patch_um
+        Side of the tissue square covered by a patch, in µm.
+    library_key
+        ``.obs`` column telling slides apart (needed when ``uns["spatial"]`` holds several libraries).
+    spots
+        Subset and order of spots: obs names, integer positions or a boolean mask. Default: all, in order.
+    pad_mode
+        ``"constant"`` (fill with ``pad_value``), ``"reflect"`` or ``"edge"``, for patch parts outside the image.
+    pad_value
+        Fill colour for ``pad_mode="constant"``: one or three values in 0..255 (default 255, white).
+    min_inside
+        Spots whose patch has less than this fraction of its area inside the image are "outside".
+    on_outside
+        ``"error"``: raise, listing them. ``"pad"``: keep them, padded, with a warning.
+
+    Attributes
+    ----------
+    obs_names
+        Spot names, in item order.
+    spot_index
+        Positions of the items' spots in ``adata``.
+    library
+        Library id of each item.
+    inside_fraction
+        Fraction of each patch inside its image (1 = fully inside).
+    outside
+        Names of spots below ``min_inside``.
+    crop_side
+        Crop side in source-image pixels per library (before resizing).
+    image_kind
+        ``"fullres"``, ``"hires"``, ``"lowres"`` or ``"patches_h5"`` per library.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> ds = agl.pp.SpotPatches(adata, patch_px=224, patch_um=112)  # doctest: +SKIP
+    >>> ds[0].shape  # doctest: +SKIP
+    torch.Size([3, 224, 224])
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        patch_px: int = K.DEFAULT_PATCH_PX,
+        patch_um: float = K.DEFAULT_PATCH_UM,
+        library_key: str | None = None,
+        spots: Any = None,
+        pad_mode: str = "constant",
+        pad_value: int | Sequence[int] = 255,
+        min_inside: float = 0.5,
+        on_outside: str = "error",
+    ):
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"SpotPatches expects an AnnData, got {type(adata).__name__}.")
+        if isinstance(patch_px, bool) or not isinstance(patch_px, int | np.integer) or patch_px < 1:
+            raise ValueError(f"patch_px must be a positive integer, got {patch_px!r}.")
+        try:
+            patch_um = float(patch_um)
+        except (TypeError, ValueError):
+            raise ValueError(f"patch_um must be a positive number of µm, got {patch_um!r}.") from None
+        if not np.isfinite(patch_um) or patch_um <= 0:
+            raise ValueError(f"patch_um must be a positive number of µm, got {patch_um!r}.")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}.")
+        if on_outside not in ON_OUTSIDE:
+            raise ValueError(
+                f"on_outside must be one of {ON_OUTSIDE}, got {on_outside!r}. To drop spots, select the others "
+                "with spots=..."
+            )
+        if not 0.0 <= float(min_inside) <= 1.0:
+            raise ValueError(f"min_inside must be in [0, 1], got {min_inside!r}.")
+        self.patch_px = int(patch_px)
+        self.patch_um = patch_um
+        self.pad_mode = pad_mode
+        self.pad_value = _pad_value(pad_value)
+        self.min_inside = float(min_inside)
+        self.on_outside = on_outside
+
+        xy_all = check_spatial(adata)
+        idx = _resolve_spots(adata, spots)
+        masks = _spatial.spot_masks(adata, library_key)
+        lib_of = np.full(adata.n_obs, None, dtype=object)
+        for lib, m in masks.items():
+            lib_of[m] = lib
+        libs_sel = lib_of[idx]
+        if np.any(pd.isna(libs_sel)):
+            bad = adata.obs_names[idx[pd.isna(libs_sel)]][:5].tolist()
+            raise ValueError(
+                f"{int(pd.isna(libs_sel).sum())} spots have no library in obs[{library_key!r}] (e.g. {bad}). "
+                "Fill the column or leave those spots out with spots=..."
+            )
+        self.spot_index = idx
+        self.obs_names = adata.obs_names[idx].copy()
+        self.library = np.asarray(libs_sel, dtype=str)
+        self.libraries = [lib for lib in masks if np.any(self.library == lib)]
+
+        # Per-library source: pre-extracted HEST patches or an image; decode each image once.
+        self._uns: dict[str, dict] = {}
+        self._images: dict[str, np.ndarray] = {}
+        self._h5: dict[str, Any] = {}
+        self._h5_path: dict[str, str] = {}
+        self.image_kind: dict[str, str] = {}
+        self.crop_side: dict[str, int] = {}
+        self.scale: dict[str, float] = {}
+        self.microns_per_pixel: dict[str, float] = {}
+        n = len(idx)
+        self._box = np.zeros((n, 2), dtype=np.int64)  # x0, y0 in source-image pixels
+        self._h5_row = np.full(n, -1, dtype=np.int64)
+        self.inside_fraction = np.ones(n, dtype=float)
+        for lib in self.libraries:
+            sel = np.flatnonzero(self.library == lib)
+            entry = _spatial.library_entry(adata, lib)
+            self._uns[lib] = entry
+            h5_path = (entry.get(K.METADATA, {}) or {}).get(K.PATCHES_H5)
+            if h5_path and HEST_PATCH_INDEX in adata.obs and abs(patch_um - HEST_PATCH_UM) < 1e-6:
+                self._setup_h5(adata, lib, str(h5_path), sel)
+                continue
+            if h5_path and abs(patch_um - HEST_PATCH_UM) >= 1e-6:
+                logg.info(
+                    f"Library {lib!r}: HEST patches cover {HEST_PATCH_UM:g} µm, not {patch_um:g} µm; "
+                    "cutting patches from the slide image instead."
+                )
+            img, scale, which = _spatial.get_image(adata, lib)
+            mpp = _spatial.microns_per_pixel(adata, lib)
+            side_f = patch_um / mpp * scale
+            if side_f < 1:
+                raise ValueError(
+                    f"Library {lib!r}: a {patch_um:g} µm patch is {side_f:.2g} pixels of the {which} image "
+                    f"({mpp:.3g} µm per full-res pixel, scale {scale:.3g}); use a larger patch_um."
+                )
+            side = max(1, int(np.floor(side_f + 0.5)))
+            centres = xy_all[idx[sel]] * scale
+            starts = np.floor(centres - (side - 1) / 2.0 + 0.5).astype(np.int64)
+            self._box[sel] = starts
+            H, W = img.shape[:2]
+            ix = np.clip(starts[:, 0] + side, 0, W) - np.clip(starts[:, 0], 0, W)
+            iy = np.clip(starts[:, 1] + side, 0, H) - np.clip(starts[:, 1], 0, H)
+            self.inside_fraction[sel] = (ix * iy) / float(side * side)
+            self._images[lib] = img
+            self.image_kind[lib] = which
+            self.crop_side[lib] = side
+            self.scale[lib] = float(scale)
+            self.microns_per_pixel[lib] = float(mpp)
+
+        low = self.inside_fraction < self.min_inside
+        self.outside = self.obs_names[low]
+        if low.any():
+            first = self.outside[:10].tolist()
+            msg = (
+                f"{int(low.sum())} of {n} spots have less than {self.min_inside:.0%} of their {patch_um:g} µm patch "
+                f"inside the image (first: {first})."
+            )
+            if on_outside == "error":
+                raise ValueError(
+                    msg + " Pass on_outside='pad' to keep them with padded borders "
+                    f"(pad_mode={pad_mode!r}), or drop them, e.g. spots=~adata.obs_names.isin(<those ids>)."
+                )
+            logg.warning(msg + f" Keeping them, padded with pad_mode={pad_mode!r}.")
+        n_part = int(np.sum((self.inside_fraction < 1.0) & ~low))
+        if n_part:
+            logg.info(f"{n_part} spots have patches partly outside the image; borders padded ({pad_mode!r}).")
+
+    # -- HEST pre-extracted patches ---------------------------------------------------------------------
+    def _setup_h5(self, adata: AnnData, lib: str, path: str, sel: np.ndarray) -> None:
+        import h5py
+
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"HEST patches of library {lib!r} not found at {path}. Move the file back or update "
+                "uns['spatial'][library_id]['metadata']['patches_h5']."
+            )
+        with h5py.File(path, "r") as f:
+            if "img" not in f:
+                raise KeyError(f"HEST patch file {path} has no 'img' dataset (keys: {list(f)}).")
+            shape, dtype = f["img"].shape, f["img"].dtype
+        if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
+            raise ValueError(f"HEST patches in {path} have shape {shape}; expected (n, side, side, 3).")
+        if dtype != np.uint8:
+            raise ValueError(f"HEST patches in {path} have dtype {dtype}; expected uint8.")
+        rows = pd.to_numeric(adata.obs[HEST_PATCH_INDEX].iloc[self.spot_index[sel]], errors="coerce").to_numpy()
+        if np.any(~np.isfinite(rows)) or np.any(rows < 0) or np.any(rows >= shape[0]):
+            raise ValueError(
+                f"obs[{HEST_PATCH_INDEX!r}] of library {lib!r} holds values outside 0..{shape[0] - 1} "
+                f"(the rows of {path}); re-read the sample with agl.io."
+            )
+        self._h5_row[sel] = rows.astype(np.int64)
+        self._h5_path[lib] = path
+        self.image_kind[lib] = "patches_h5"
+        self.crop_side[lib] = int(shape[1])
+        self.scale[lib] = float("nan")
+        self.microns_per_pixel[lib] = HEST_PATCH_UM / shape[1]
+
+    def _h5_patch(self, lib: str, row: int) -> np.ndarray:
+        if lib not in self._h5:
+            import h5py
+
+            self._h5[lib] = h5py.File(self._h5_path[lib], "r")
+        return np.asarray(self._h5[lib]["img"][row])
+
+    # -- Dataset protocol ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.spot_index)
+
+    def patch_array(self, i: int) -> np.ndarray:
+        """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image."""
+        lib = self.library[i]
+        if self._h5_row[i] >= 0:
+            return self._h5_patch(lib, int(self._h5_row[i]))
+        if lib not in self._images:
+            self._images[lib] = _load_image(self._uns, lib, self.image_kind[lib])
+        x0, y0 = (int(v) for v in self._box[i])
+        return crop_with_padding(self._images[lib], x0, y0, self.crop_side[lib], self.pad_mode, self.pad_value)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} patches")
+        crop = self.patch_array(int(i) % len(self))
+        t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).contiguous()
+        return _resize(t, self.patch_px)
+
+    def __getstate__(self) -> dict:
+        # Images and open h5 files are not pickled: workers re-read them on first use.
+        state = self.__dict__.copy()
+        state["_images"] = {}
+        state["_h5"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{lib}: {k}" for lib, k in self.image_kind.items())
+        return (
+            f"SpotPatches({len(self)} spots, {self.patch_px} px for {self.patch_um:g} µm, pad_mode={self.pad_mode!r}; "
+            f"{kinds})"
+        )
+
+    def record(self) -> dict:
+        """h5ad-serialisable description of how the patches were made (for ``.uns``)."""
+        return {
+            "patch_px": self.patch_px,
+            "patch_um": self.patch_um,
+            "pad_mode": self.pad_mode,
+            "pad_value": [int(v) for v in self.pad_value],
+            "min_inside": self.min_inside,
+            "on_outside": self.on_outside,
+            "resize": "torchvision resize, bilinear, antialias=True",
+            "image": {str(k): str(v) for k, v in self.image_kind.items()},
+            "crop_side_px": {str(k): int(v) for k, v in self.crop_side.items()},
+            "n_padded": int(np.sum(self.inside_fraction < 1.0)),
+            "n_outside": int(len(self.outside)),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _as_dataset(data: AnnData | SpotPatches, **kwargs) -> SpotPatches:
+    if isinstance(data, SpotPatches):
+        if kwargs:
+            raise TypeError(f"Patch options {sorted(kwargs)} cannot be applied to an existing SpotPatches.")
+        return data
+    from .._utils import as_anndata
+
+    return SpotPatches(as_anndata(data), **kwargs)
+
+
+def patch_loader(
+    data: AnnData | SpotPatches,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    **patch_kwargs,
+) -> DataLoader:
+    """A :class:`~torch.utils.data.DataLoader` of uint8 patch batches ``(B, 3, patch_px, patch_px)``.
+
+    Parameters
+    ----------
+    data
+        An AnnData (patches made with ``patch_kwargs``, see :class:`SpotPatches`) or a :class:`SpotPatches`.
+    batch_size
+        Patches per batch.
+    shuffle
+        Shuffle the spots (with a generator seeded by ``seed``).
+    num_workers
+        DataLoader worker processes (each re-reads the slide images it needs).
+    seed
+        Seed of the shuffling order.
+
+    Examples
+    --------
+    >>> loader = agl.pp.patch_loader(adata, batch_size=64, patch_px=224)  # doctest: +SKIP
+    >>> x = agl.pp.normalize(next(iter(loader)))  # doctest: +SKIP
+    """
+    ds = _as_dataset(data, **patch_kwargs)
+    gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(
+        ds,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        num_workers=int(num_workers),
+        generator=gen,
+        persistent_workers=False,
+    )
+
+
+def iter_patch_batches(data: AnnData | SpotPatches, batch_size: int = 32, **patch_kwargs) -> Iterator[torch.Tensor]:
+    """Iterate over uint8 patch batches in spot order, in this process (no DataLoader).
+
+    Examples
+    --------
+    >>> for batch in agl.pp.iter_patch_batches(adata, batch_size=16, patch_px=64):  # doctest: +SKIP
+    ...     print(batch.shape)
+    """
+    ds = _as_dataset(data, **patch_kwargs)
+    for start in range(0, len(ds), int(batch_size)):
+        yield torch.stack([ds[i] for i in range(start, min(start + int(batch_size), len(ds)))])
+
+
+def extract_patches(
+    data: AnnData | SpotPatches,
+    patch_px: int = K.DEFAULT_PATCH_PX,
+    patch_um: float = K.DEFAULT_PATCH_UM,
+    library_key: str | None = None,
+    spots: Any = None,
+    pad_mode: str = "constant",
+    pad_value: int | Sequence[int] = 255,
+    min_inside: float = 0.5,
+    on_outside: str = "error",
+) -> np.ndarray:
+    """All patches at once as a ``(n_spots, patch_px, patch_px, 3)`` uint8 array (for small data).
+
+    Parameters are those of :class:`SpotPatches` (ignored when ``data`` already is one).
+
+    Examples
+    --------
+    >>> patches = agl.pp.extract_patches(adata, patch_px=64, patch_um=112)  # doctest: +SKIP
+    >>> patches.shape  # doctest: +SKIP
+    (910, 64, 64, 3)
+    """
+    if isinstance(data, SpotPatches):
+        ds = data
+    else:
+        ds = _as_dataset(
+            data,
+            patch_px=patch_px,
+            patch_um=patch_um,
+            library_key=library_key,
+            spots=spots,
+            pad_mode=pad_mode,
+            pad_value=pad_value,
+            min_inside=min_inside,
+            on_outside=on_outside,
+        )
+    out = np.empty((len(ds), ds.patch_px, ds.patch_px, 3), dtype=np.uint8)
+    for i in range(len(ds)):
+        out[i] = ds[i].permute(1, 2, 0).numpy()
+    return out
