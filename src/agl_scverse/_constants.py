@@ -30,6 +30,7 @@ SPOT_DIAMETER = "spot_diameter_fullres"
 MICRONS_PER_PIXEL = "microns_per_pixel"
 SOURCE_IMAGE_PATH = "source_image_path"
 PATCHES_H5 = "patches_h5"
+HEST_PATCH_INDEX = "hest_patch_index"  # .obs column: row of each spot in the HEST patches h5 (metadata["patches_h5"])
 
 # --- embeddings -------------------------------------------------------------------------------------------
 EMBED_PREFIX = "X_agl_"  # .obsm["X_agl_<encoder>"]

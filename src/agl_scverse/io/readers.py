@@ -1,3 +1,13 @@
-"""Readers (filled in by the io work)."""
+"""Readers: legacy ST, 10x Visium, HEST-1k and SpatialData into the AnnData layout of agl-scverse.
 
-__all__: list[str] = []
+Every reader returns one AnnData with raw counts (CSR float32) in ``.X``, spot centres in full-resolution pixels
+in ``.obsm["spatial"]``, a categorical ``.obs[library_key]`` and ``.uns["spatial"][library_id]`` with a ``"hires"``
+image, scale factors (``tissue_hires_scalef``, ``spot_diameter_fullres``, ``microns_per_pixel``) and metadata
+(``source_image_path``, ``patches_h5``); see :mod:`agl_scverse._constants`.
+"""
+
+from __future__ import annotations
+
+from .legacy_st import read_legacy_st
+
+__all__ = ["read_legacy_st"]

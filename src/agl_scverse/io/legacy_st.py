@@ -1,0 +1,301 @@
+"""Reader for the legacy Spatial Transcriptomics layout (HER2+ breast cancer, cSCC, ...)."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+from tqdm.auto import tqdm
+
+from .. import _constants as K
+from .. import _validate
+from ._common import (
+    as_csr_float32,
+    check_in_image,
+    finalize,
+    image_size,
+    nearest_neighbour_px,
+    positive_number,
+    spatial_entry,
+    thumbnail_from_file,
+)
+
+__all__ = ["read_legacy_st"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def read_legacy_st(
+    path: str | Path | Sequence[str | Path],
+    sections: Sequence[str] | None = None,
+    library_key: str = K.LIBRARY_KEY,
+    microns_per_pixel: float | None = None,
+    spot_diameter_um: float = 100.0,
+    spot_pitch_um: float = 200.0,
+    hires_max_px: int = 2000,
+    load_images: bool = True,
+    counts_file: str = "counts.tsv.gz",
+    spots_file: str = "spots.tsv",
+    image_file: str | None = "he.jpg",
+) -> AnnData:
+    """Read legacy Spatial Transcriptomics sections (one folder per section) into one AnnData.
+
+    Each section folder holds ``counts.tsv.gz`` (spots x genes, first column the spot id ``"XxY"``),
+    ``spots.tsv`` (columns ``x y pixel_x pixel_y``: array position and spot centre in pixels of the image) and
+    ``he.jpg`` (the full-resolution H&E image). Spots are matched on the id; spots present in only one of the two
+    files are dropped with a warning. Several sections are joined on the union of their genes (missing genes are
+    0 counts).
+
+    Parameters
+    ----------
+    path
+        One section folder, a parent folder of several section folders, or a list of section folders.
+        The folder name is the library id.
+    sections
+        Names of the section folders to read under a parent ``path`` (default: all that hold ``counts_file``).
+    library_key
+        ``.obs`` column naming the section of each spot (categorical).
+    microns_per_pixel
+        µm per full-resolution pixel. If ``None``, estimated per section from the median nearest-neighbour pixel
+        distance between spots, which is ``spot_pitch_um`` on the array.
+    spot_diameter_um
+        Spot diameter in µm (100 on the legacy ST array); sets ``spot_diameter_fullres``.
+    spot_pitch_um
+        Centre-to-centre distance of neighbouring spots in µm (200 on the legacy ST array).
+    hires_max_px
+        Longest side of the downscaled ``"hires"`` image kept in memory.
+    load_images
+        Build the ``"hires"`` thumbnail. The full-resolution image path is recorded either way (and its size read
+        from the file header to check the spots lie on it).
+    counts_file, spots_file
+        File names inside each section folder. ``spots_file`` may be tab- or comma-separated.
+    image_file
+        Image file name inside each section folder; ``None`` takes the only image file in the folder.
+
+    Returns
+    -------
+    AnnData with raw counts (CSR float32) in ``.X``, obs names ``"<section>_<XxY>"``, ``.obs[["array_x",
+    "array_y", library_key]]``, spot centres in full-resolution pixels in ``.obsm["spatial"]`` and, per section,
+    ``.uns["spatial"][section]`` with the ``"hires"`` image, scale factors (``tissue_hires_scalef``,
+    ``spot_diameter_fullres``, ``microns_per_pixel``) and ``metadata["source_image_path"]``.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> adata = agl.io.read_legacy_st("data/her2st", sections=["C2", "C3"])  # doctest: +SKIP
+    >>> adata.obs["library_id"].cat.categories.tolist()  # doctest: +SKIP
+    ['C2', 'C3']
+    """
+    if microns_per_pixel is not None:
+        microns_per_pixel = positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per pixel, e.g. 0.71.")
+    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Legacy ST spots are 100 µm.")
+    spot_pitch_um = positive_number(spot_pitch_um, "spot_pitch_um", "Legacy ST spots are 200 µm apart.")
+    folders = _section_folders(path, sections, counts_file)
+
+    adatas, entries = [], {}
+    for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2):
+        lib = folder.name
+        a, entry = _read_section(
+            folder,
+            lib,
+            library_key,
+            microns_per_pixel,
+            spot_diameter_um,
+            spot_pitch_um,
+            hires_max_px,
+            load_images,
+            counts_file,
+            spots_file,
+            image_file,
+        )
+        adatas.append(a)
+        entries[lib] = entry
+
+    if len(adatas) == 1:
+        adata = adatas[0]
+    else:
+        adata = ad.concat(adatas, join="outer", fill_value=0, merge="same")
+        adata.X = as_csr_float32(adata.X)
+    adata.uns[K.SPATIAL_KEY] = entries
+    finalize(adata, library_key)
+    logg.info(
+        f"read {adata.n_obs} spots x {adata.n_vars} genes from {len(folders)} legacy ST section(s): "
+        f"{', '.join(entries)}"
+    )
+    return adata
+
+
+def _section_folders(path, sections, counts_file: str) -> list[Path]:
+    if isinstance(path, str | Path):
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist; pass a legacy ST section folder or a parent folder.")
+        if (root / counts_file).is_file():
+            folders = [root]
+        else:
+            folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / counts_file).is_file())
+    else:
+        folders = [Path(p) for p in path]
+    if sections is not None:
+        sections = [str(s) for s in sections]
+        by_name = {f.name: f for f in folders}
+        unknown = [s for s in sections if s not in by_name]
+        if unknown:
+            raise ValueError(f"Sections {unknown} not found under {path}; available sections are {sorted(by_name)}.")
+        folders = [by_name[s] for s in sections]
+    if not folders:
+        raise FileNotFoundError(
+            f"No legacy ST section under {path}: no folder holds {counts_file!r}. Pass a section folder "
+            "(with counts.tsv.gz, spots.tsv and he.jpg) or its parent folder."
+        )
+    for f in folders:
+        if not (f / counts_file).is_file():
+            raise FileNotFoundError(f"{f / counts_file} does not exist; every section folder needs {counts_file!r}.")
+    names = [f.name for f in folders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Section folder names must be unique (they become library ids), got {names}.")
+    return folders
+
+
+def _read_header(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
+        line = fh.readline().rstrip("\r\n")
+    return line.split("\t")[1:]
+
+
+def _find_image(folder: Path, image_file: str | None) -> Path:
+    if image_file is not None:
+        p = folder / image_file
+        if p.is_file():
+            return p
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if image_file is None and len(candidates) == 1:
+        return candidates[0]
+    raise FileNotFoundError(
+        f"No image for library {folder.name!r}: {folder / (image_file or '<image>')} does not exist"
+        + (f" (image files there: {[c.name for c in candidates]})" if candidates else "")
+        + ". Put the full-resolution H&E image in the section folder or pass image_file=<its name>."
+    )
+
+
+def _read_section(
+    folder: Path,
+    lib: str,
+    library_key: str,
+    microns_per_pixel: float | None,
+    spot_diameter_um: float,
+    spot_pitch_um: float,
+    hires_max_px: int,
+    load_images: bool,
+    counts_file: str,
+    spots_file: str,
+    image_file: str | None,
+) -> tuple[AnnData, dict]:
+    counts_path = folder / counts_file
+    spots_path = folder / spots_file
+    if not spots_path.is_file():
+        raise FileNotFoundError(f"{spots_path} does not exist; legacy ST sections need a spots file ({spots_file!r}).")
+    image_path = _find_image(folder, image_file)
+
+    genes = _read_header(counts_path)
+    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(
+            f"Duplicate gene names {dup[:5]} in {counts_path}; gene names must be unique. Merge or rename the "
+            "duplicated columns of the counts file."
+        )
+    counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+    if counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise ValueError(
+            f"The slide {lib!r} is empty: {counts_path} holds {counts.shape[0]} spots x {counts.shape[1]} genes."
+        )
+    counts.index = counts.index.astype(str).str.strip()
+    if not counts.index.is_unique:
+        d = counts.index[counts.index.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"Duplicate spot barcodes {d} in {counts_path}; each spot id must appear once.")
+    try:
+        values = counts.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{counts_path} holds non-numeric counts ({e}); counts must be numbers.") from e
+    _validate.check_counts(values, what=str(counts_path))
+
+    spots = pd.read_csv(spots_path, sep=None, engine="python")
+    missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in spots.columns]
+    if missing:
+        raise ValueError(
+            f"{spots_path} lacks columns {missing} (has {list(spots.columns)}); the legacy ST spots file needs "
+            "x, y (array position) and pixel_x, pixel_y (spot centre in full-resolution pixels)."
+        )
+    spot_ids = spots["x"].round().astype(int).astype(str) + "x" + spots["y"].round().astype(int).astype(str)
+    spots = spots.set_index(pd.Index(spot_ids, name=None))
+    if not spots.index.is_unique:
+        d = spots.index[spots.index.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"Duplicate spot barcodes {d} in {spots_path}; each array position must appear once.")
+    pix = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=float)
+    if not np.all(np.isfinite(pix)):
+        raise ValueError(f"{spots_path} holds NaN/inf pixel coordinates; fix the spots file.")
+
+    common = counts.index[counts.index.isin(spots.index)]
+    n_only_counts = int((~counts.index.isin(spots.index)).sum())
+    n_only_spots = int((~spots.index.isin(counts.index)).sum())
+    if n_only_counts or n_only_spots:
+        logg.warning(
+            f"section {lib!r}: {n_only_counts} spot(s) of {counts_file} have no position in {spots_file} and "
+            f"{n_only_spots} position(s) of {spots_file} have no counts; keeping the {len(common)} matched spots."
+        )
+    if len(common) == 0:
+        raise ValueError(
+            f"The slide {lib!r} is empty: no spot id of {counts_file} (e.g. {counts.index[:3].tolist()}) matches "
+            f"the x, y columns of {spots_file} (e.g. {spots.index[:3].tolist()}). Check both files are of one section."
+        )
+
+    width, height = image_size(image_path)
+    xy = spots.loc[common, ["pixel_x", "pixel_y"]].to_numpy(dtype=float)
+    check_in_image(xy, width, height, lib, image=str(image_path))
+
+    if microns_per_pixel is None:
+        nn = nearest_neighbour_px(pix)
+        mpp = spot_pitch_um / nn
+        mpp_source = f"estimated: median nearest-neighbour spot distance {nn:.1f} px = {spot_pitch_um:g} µm pitch"
+        logg.info(f"section {lib!r}: {mpp:.4f} µm/px ({mpp_source})")
+    else:
+        mpp, mpp_source = microns_per_pixel, "given"
+
+    hires, scalef = (None, None)
+    if load_images:
+        hires, scalef = thumbnail_from_file(image_path, hires_max_px)
+
+    row = counts.index.get_indexer(common)
+    obs = pd.DataFrame(
+        {
+            "array_x": spots.loc[common, "x"].round().astype(int).to_numpy(),
+            "array_y": spots.loc[common, "y"].round().astype(int).to_numpy(),
+            library_key: lib,
+        },
+        index=pd.Index([f"{lib}_{c}" for c in common]),
+    )
+    adata = AnnData(
+        X=as_csr_float32(values[row]),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(counts.columns.astype(str))),
+    )
+    adata.obsm[K.SPATIAL_KEY] = xy
+    entry = spatial_entry(
+        hires,
+        scalef,
+        spot_diameter_fullres=spot_diameter_um / mpp,
+        microns_per_pixel=mpp,
+        source_image_path=image_path,
+        microns_per_pixel_source=mpp_source,
+        image_width=width,
+        image_height=height,
+        reader="read_legacy_st",
+    )
+    return adata, entry
