@@ -1,3 +1,8 @@
-"""Placeholder."""
+"""Public plotting functions, collected from their modules."""
 
-__all__: list[str] = []
+from .history import training_history
+from .performance import gene_performance
+from .selected import selected_genes
+from .spatial import spatial_prediction
+
+__all__ = ["selected_genes", "spatial_prediction", "training_history", "gene_performance"]

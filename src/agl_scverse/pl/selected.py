@@ -1,0 +1,186 @@
+"""Which auxiliary genes the learned mask kept: prior rank against learned weight."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from anndata import AnnData
+from matplotlib.axes import Axes
+
+from .._constants import ROLE_AUX, ROLE_TARGET
+from ._common import COLORS, as_float, finish, get_run, new_axes, require_var
+
+__all__ = ["selected_genes"]
+
+
+def threshold_rank(threshold: float, n_aux: int) -> float:
+    """Position on the prior-rank axis of a threshold ``theta`` in normalised-rank units.
+
+    The gene of rank ``i`` has normalised rank ``r_i = i / (n_aux - 1)`` and is selected when ``r_i < theta``,
+    so ``theta`` sits at rank ``theta * (n_aux - 1)``.
+    """
+    return float(threshold) * max(n_aux - 1, 1)
+
+
+def selected_genes(
+    adata: AnnData,
+    key: str = "agl",
+    n_labels: int = 10,
+    show_history: bool = False,
+    *,
+    s: float = 8.0,
+    fontsize: float = 8.0,
+    figsize: tuple[float, float] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+) -> Axes | list[Axes] | None:
+    """Plot the auxiliary genes' learned weights against their prior rank, with the learned threshold.
+
+    Each auxiliary gene is a point at its prior rank (x, 0 = best prior score) and its learned soft-mask weight
+    ``w_i`` (y). The dashed vertical line is the learned threshold ``theta`` mapped to the rank axis
+    (``theta * (n_aux - 1)``): genes left of it are selected; the top axis shows the normalised rank. Target
+    genes (weight 1 by construction) form a separate band left of rank 0. The ``n_labels`` best-ranked
+    selected genes are labelled.
+
+    Parameters
+    ----------
+    adata
+        Annotated data after :func:`agl_scverse.tl.agl_fit`.
+    key
+        ``key_added`` of the run to plot.
+    n_labels
+        Number of selected auxiliary genes to label (best prior rank first); 0 for none.
+    show_history
+        Add a second panel with the number of selected genes ``k`` per epoch (from the training history).
+    s
+        Marker size.
+    fontsize
+        Font size of the gene labels.
+    figsize
+        Figure size when a new figure is made.
+    ax
+        Axes to draw in: one Axes, or two when ``show_history=True``.
+    show
+        Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
+    save
+        Path to save the figure to (format from the suffix, ``.png`` if none).
+
+    Returns
+    -------
+    The Axes (a list of two with ``show_history=True``) when ``show`` is False, else None.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> adata = agl.datasets.synthetic_slide()  # doctest: +SKIP
+    >>> model = agl.tl.agl_fit(adata)  # doctest: +SKIP
+    >>> agl.pl.selected_genes(adata, n_labels=5, show_history=True)  # doctest: +SKIP
+    """
+    keys, run = get_run(adata, key)
+    require_var(adata, [keys.role, keys.prior_rank, keys.weight, keys.selected], "the selected genes")
+    if n_labels < 0:
+        raise ValueError(f"n_labels must be >= 0, got {n_labels}.")
+    history = run.get("history", {}) or {}
+    if show_history and len(history.get("epoch", [])) == 0:
+        raise KeyError(
+            f"adata.uns[{keys.uns!r}]['history'] has no epochs, so show_history=True has nothing to draw. "
+            "Use show_history=False."
+        )
+    var = adata.var
+    role = var[keys.role].astype(str).to_numpy()
+    aux = role == ROLE_AUX
+    n_aux = int(aux.sum())
+    if n_aux == 0:
+        raise ValueError(f"Run {key!r} has no auxiliary genes (all of .var[{keys.role!r}] are targets or excluded).")
+    rank = var[keys.prior_rank].to_numpy()[aux].astype(float)
+    weight = var[keys.weight].to_numpy()[aux].astype(float)
+    selected = var[keys.selected].to_numpy()[aux].astype(bool)
+    names = var.index.to_numpy()[aux]
+    order = np.argsort(rank, kind="stable")
+    rank, weight, selected, names = rank[order], weight[order], selected[order], names[order]
+    n_tgt = int((role == ROLE_TARGET).sum())
+    threshold = run.get("threshold")
+    k = run.get("k", int(selected.sum()))
+
+    fig, axs = new_axes(
+        ax, 2 if show_history else 1, figsize or ((11, 4) if show_history else (7, 4)), **_ratios(ax, show_history)
+    )
+    a = axs[0]
+    a.scatter(
+        rank[~selected],
+        weight[~selected],
+        s=s,
+        c=COLORS["unselected"],
+        lw=0,
+        label=f"not selected ({int((~selected).sum()):,})",
+    )
+    a.scatter(
+        rank[selected], weight[selected], s=s, c=COLORS["selected"], lw=0, label=f"selected ({int(selected.sum()):,})"
+    )
+    span = max(n_aux - 1, 1)
+    band = 0.06 * span
+    if n_tgt:
+        tw = var[keys.weight].to_numpy()[role == ROLE_TARGET].astype(float)
+        tx = -band + np.linspace(0.15, 0.85, n_tgt) * band * 0.8
+        a.axvspan(-band, -0.04 * band, color=COLORS["target"], alpha=0.08, lw=0)
+        a.scatter(tx, tw, s=s * 1.5, marker="D", c=COLORS["target"], lw=0, label=f"targets ({n_tgt:,})")
+    if threshold is not None and np.isfinite(float(threshold)):
+        a.axvline(
+            threshold_rank(threshold, n_aux),
+            color=COLORS["threshold"],
+            ls="--",
+            lw=1.2,
+            label=f"threshold θ = {float(threshold):.3g} (k = {int(k):,})",
+        )
+    if n_labels:
+        _label_genes(
+            a, rank[selected][:n_labels], weight[selected][:n_labels], names[selected][:n_labels], span, fontsize
+        )
+    a.set_xlim(-band * 1.05, span * 1.02)
+    a.set_ylim(-0.05, 1.08)
+    a.set_xlabel("prior rank of auxiliary gene (0 = best)")
+    a.set_ylabel("learned weight $w_i$")
+    a.set_title(f"{key}: {int(selected.sum()):,} of {n_aux:,} auxiliary genes selected")
+    top = a.secondary_xaxis("top", functions=(lambda x: x / span, lambda r: r * span))
+    top.set_xlabel("normalised rank $r_i$", fontsize="small")
+    top.tick_params(labelsize="small")
+    a.legend(loc="center right", fontsize="small", frameon=False)
+    if show_history:
+        _k_history(axs[1], history)
+        return finish(fig, axs, show, save)
+    return finish(fig, a, show, save)
+
+
+def _ratios(ax, show_history: bool) -> dict:
+    return {"gridspec_kw": {"width_ratios": [2, 1]}} if ax is None and show_history else {}
+
+
+def _label_genes(a: Axes, x, y, names, span: float, fontsize: float) -> None:
+    """Label points with staggered text to their right, joined by thin lines, so close points stay readable."""
+    n = len(names)
+    if n == 0:
+        return
+    x_text = float(np.max(x)) + 0.08 * span
+    ys = np.linspace(0.88, 0.88 - 0.07 * (n - 1), n) if n > 1 else np.array([0.88])
+    ys = np.clip(ys, 0.1, 1.0)
+    for xi, yi, yt, name in zip(x, y, ys, names):
+        a.annotate(
+            str(name),
+            xy=(xi, yi),
+            xytext=(x_text, yt),
+            fontsize=fontsize,
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5},
+        )
+
+
+def _k_history(a: Axes, history: dict) -> None:
+    epoch = np.asarray(history["epoch"], dtype=float)
+    k = as_float(history.get("k", [np.nan] * len(epoch)))
+    a.plot(epoch, k, marker="o", ms=3, color=COLORS["selected"])
+    a.set_xlabel("epoch")
+    a.set_ylabel("selected auxiliary genes $k$")
+    a.set_title("k over training")

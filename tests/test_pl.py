@@ -1,0 +1,285 @@
+"""Plots render to files and show what they claim: labels, threshold position, PCC in titles, clear errors."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+
+import agl_scverse as agl
+from agl_scverse._constants import LIBRARY_KEY, Keys
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+N_TGT, N_AUX, N_EXC = 5, 40, 3
+THETA = 0.3
+
+
+def _slide_uns(rng, n_side=12, spacing=20.0):
+    img = (rng.random((60, 60, 3)) * 255).astype(np.uint8)
+    return {
+        "images": {"hires": img},
+        "scalefactors": {"tissue_hires_scalef": 0.2, "spot_diameter_fullres": 10.0, "microns_per_pixel": 1.0},
+    }
+
+
+def make_adata(key: str = "agl", n_slides: int = 1, seed: int = 0) -> AnnData:
+    """A small AnnData following the AGL contract of agl_scverse._constants (fit + predict + evaluate)."""
+    rng = np.random.default_rng(seed)
+    side = 8
+    gx, gy = np.meshgrid(np.arange(side), np.arange(side))
+    xy1 = np.c_[gx.ravel(), gy.ravel()] * 30.0 + 20.0
+    xy = np.vstack([xy1] * n_slides)
+    n_obs = len(xy)
+    n_var = N_TGT + N_AUX + N_EXC
+    counts = rng.poisson(3.0, size=(n_obs, n_var)).astype(np.float32)
+    names = [f"T{i}" for i in range(N_TGT)] + [f"A{i:02d}" for i in range(N_AUX)] + [f"X{i}" for i in range(N_EXC)]
+    ad = AnnData(counts, obs=pd.DataFrame(index=[f"s{i}" for i in range(n_obs)]), var=pd.DataFrame(index=names))
+    ad.obsm["spatial"] = xy
+    libs = [f"slide{i}" for i in range(n_slides)]
+    ad.obs[LIBRARY_KEY] = pd.Categorical(np.repeat(libs, len(xy1)), categories=libs)
+    ad.uns["spatial"] = {lib: _slide_uns(rng) for lib in libs}
+    k = Keys(key)
+    role = ["target"] * N_TGT + ["auxiliary"] * N_AUX + ["excluded"] * N_EXC
+    ad.var[k.role] = pd.Categorical(role, categories=["target", "auxiliary", "excluded"])
+    aux_rank = rng.permutation(N_AUX)
+    prior = np.full(n_var, np.nan)
+    prior[N_TGT : N_TGT + N_AUX] = 1.0 - aux_rank / N_AUX
+    rank = np.full(n_var, -1, dtype=int)
+    rank[N_TGT : N_TGT + N_AUX] = aux_rank
+    r = aux_rank / (N_AUX - 1)
+    weight = np.zeros(n_var)
+    weight[:N_TGT] = 1.0
+    weight[N_TGT : N_TGT + N_AUX] = 1.0 / (1.0 + np.exp(-(THETA - r) / 0.01))
+    selected = np.zeros(n_var, dtype=bool)
+    selected[N_TGT : N_TGT + N_AUX] = r < THETA
+    ad.var[k.prior], ad.var[k.prior_rank], ad.var[k.weight], ad.var[k.selected] = prior, rank, weight, selected
+    obs_log = np.log1p(counts)
+    pred = obs_log + rng.normal(0, 0.8, size=obs_log.shape)
+    pred[:, N_TGT + N_AUX :] = np.nan
+    ad.layers[k.pred_layer] = pred.astype(np.float32)
+    pcc = np.full(n_var, np.nan)
+    pcc[:N_TGT] = rng.uniform(0.1, 0.6, N_TGT)
+    ad.var[k.pcc], ad.var[k.spearman], ad.var[k.mse] = pcc, pcc * 0.9, np.where(np.isnan(pcc), np.nan, 0.5)
+    epochs = list(range(6))
+    ad.uns[k.uns] = {
+        "params": {"transform": "log1p", "seed": 0},
+        "k": int(selected.sum()),
+        "threshold": THETA,
+        "n_auxiliary": N_AUX,
+        "history": {
+            "epoch": epochs,
+            "train_loss": [1.0 / (e + 1) for e in epochs],
+            "val_pcc": [0.1, 0.2, 0.35, 0.3, 0.32, 0.31],
+            "k": [None, 20, 16, 13, 12, 12],
+            "theta": [0.5, 0.5, 0.4, 0.33, 0.3, 0.3],
+        },
+        "metrics": {"model": {"pearson_mean": 0.35}, "mean": {"pearson_mean": 0.0}, "pca_ridge": {"pearson_mean": 0.2}},
+    }
+    return ad
+
+
+@pytest.fixture
+def adata() -> AnnData:
+    return make_adata()
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+
+
+# --- selected_genes ---------------------------------------------------------------------------------------
+def test_selected_genes_threshold_labels_and_targets(adata, tmp_path):
+    out = tmp_path / "sel.png"
+    ax = agl.pl.selected_genes(adata, n_labels=4, show=False, save=out)
+    assert out.stat().st_size > 1000
+    # threshold line at theta * (n_aux - 1) on the prior-rank axis
+    k = Keys()
+    vlines = [ln for ln in ax.get_lines() if len(set(np.asarray(ln.get_xdata(), dtype=float))) == 1]
+    assert len(vlines) == 1
+    assert float(vlines[0].get_xdata()[0]) == pytest.approx(THETA * (N_AUX - 1))
+    # the 4 best-ranked selected auxiliary genes are labelled, and no other gene
+    aux = adata.var[adata.var[k.role] == "auxiliary"].sort_values(k.prior_rank)
+    top = list(aux.index[aux[k.selected]][:4])
+    labels = {t.get_text() for t in ax.texts}
+    assert labels == set(top)
+    # targets are a separate legend entry with their count, selected count in the legend too
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"targets ({N_TGT})" in legend
+    assert f"selected ({int(aux[k.selected].sum())})" in legend
+    # all auxiliary genes are drawn at their rank: x of the plotted points covers 0 .. n_aux - 1
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections[:2]])
+    assert sorted(xs.tolist()) == list(range(N_AUX))
+    assert all(x < 0 for x in ax.collections[2].get_offsets()[:, 0])  # target band left of rank 0
+
+
+def test_selected_genes_with_history_and_key(tmp_path):
+    ad = make_adata(key="run2")
+    axs = agl.pl.selected_genes(ad, key="run2", show_history=True, show=False, save=tmp_path / "s2.pdf")
+    assert len(axs) == 2
+    assert (tmp_path / "s2.pdf").exists()
+    y = axs[1].get_lines()[0].get_ydata()
+    assert np.isnan(y[0]) and list(y[1:]) == [20, 16, 13, 12, 12]
+    with pytest.raises(KeyError, match="key='agl'"):
+        agl.pl.selected_genes(ad, show=False)  # run stored under run2
+
+
+def test_selected_genes_errors(adata):
+    del adata.var[Keys().weight]
+    with pytest.raises(KeyError, match="agl_weight"):
+        agl.pl.selected_genes(adata, show=False)
+    with pytest.raises(KeyError, match="agl_fit"):
+        agl.pl.selected_genes(AnnData(np.zeros((3, 2))), show=False)
+
+
+# --- training_history -------------------------------------------------------------------------------------
+def test_training_history(adata, tmp_path):
+    axs = agl.pl.training_history(adata, show=False, save=tmp_path / "h.png")
+    assert (tmp_path / "h.png").exists()
+    assert len(axs) == 3
+    assert [a.get_title() for a in axs] == ["training loss", "validation PCC (targets)", "selected auxiliary genes"]
+    assert list(axs[1].get_lines()[0].get_ydata()) == [0.1, 0.2, 0.35, 0.3, 0.32, 0.31]
+    assert any("best 0.350 @ epoch 2" in t for t in _texts(axs[1]))
+    del adata.uns["agl"]["history"]["val_pcc"]
+    with pytest.raises(KeyError, match="val_pcc"):
+        agl.pl.training_history(adata, show=False)
+    fig, ax = plt.subplots()
+    with pytest.raises(ValueError, match="3 Axes"):
+        agl.pl.training_history(make_adata(), ax=ax, show=False)
+
+
+# --- gene_performance -------------------------------------------------------------------------------------
+def _cv_table(seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for fold in range(3):
+        for m, shift in [("mean", -0.3), ("pca_ridge", 0.0), ("pgl", 0.05), ("agl", 0.1)]:
+            for g in range(8):
+                p = 0.2 + shift + 0.02 * g + rng.normal(0, 0.01)
+                rows.append(
+                    {"fold": fold, "method": m, "gene": f"G{g}", "pearson": p, "spearman": p, "mse": 1 - p, "k": 3}
+                )
+    return pd.DataFrame(rows)
+
+
+def test_gene_performance_table_scatter(tmp_path):
+    df = _cv_table()
+    ax = agl.pl.gene_performance(df, key="agl", baseline="pgl", n_labels=3, show=False, save=tmp_path / "gp.png")
+    assert (tmp_path / "gp.png").exists()
+    x, y = np.concatenate([c.get_offsets() for c in ax.collections]).T
+    per_gene = df.groupby(["method", "gene"])["pearson"].mean()
+    assert sorted(y.tolist()) == pytest.approx(sorted(per_gene["agl"].tolist()))
+    assert sorted(x.tolist()) == pytest.approx(sorted(per_gene["pgl"].tolist()))
+    gain = (per_gene["agl"] - per_gene["pgl"]).sort_values(ascending=False)
+    assert {t.get_text() for t in ax.texts} == set(gain.index[:3])
+    assert "better on 8/8 genes" in ax.get_title()
+
+
+def test_gene_performance_box_and_errors():
+    df = _cv_table()
+    ax = agl.pl.gene_performance(df, show=False)  # default: box of every method, model first
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["agl", "mean", "pca_ridge", "pgl"]
+    with pytest.raises(KeyError, match="dkgsb"):
+        agl.pl.gene_performance(df, key="dkgsb", show=False)
+    with pytest.raises(KeyError, match="method"):
+        agl.pl.gene_performance(df.drop(columns="method"), show=False)
+    with pytest.raises(ValueError, match="exactly one baseline"):
+        agl.pl.gene_performance(df, kind="scatter", show=False)
+
+
+def test_gene_performance_anndata(adata, tmp_path):
+    ax = agl.pl.gene_performance(adata, show=False, save=tmp_path / "bar.png")
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == sorted(adata.var[Keys().pcc].dropna(), reverse=True)
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "pca_ridge mean 0.200" in legend and "mean mean 0.000" in legend
+    # a second run as baseline -> scatter over the target genes
+    other = make_adata(key="pgl", seed=1)
+    adata.var["pgl_pcc"] = other.var["pgl_pcc"].to_numpy()
+    ax = agl.pl.gene_performance(adata, baseline="pgl", show=False)
+    assert len(np.concatenate([c.get_offsets() for c in ax.collections])) == N_TGT
+    with pytest.raises(KeyError, match="Baseline 'nope'"):
+        agl.pl.gene_performance(adata, baseline="nope", show=False)
+    del adata.var["agl_pcc"]
+    with pytest.raises(KeyError, match="evaluate"):
+        agl.pl.gene_performance(adata, show=False)
+
+
+# --- spatial_prediction -----------------------------------------------------------------------------------
+def _title_pcc(title: str) -> float:
+    return float(title.split("PCC = ")[1])
+
+
+def test_spatial_prediction_titles_match_pcc(adata, tmp_path):
+    genes = ["T0", "A03"]
+    axs = agl.pl.spatial_prediction(adata, genes, show=False, save=tmp_path / "sp.png")
+    assert (tmp_path / "sp.png").stat().st_size > 1000
+    assert axs.shape == (2, 2)
+    for row, gene in enumerate(genes):
+        j = adata.var_names.get_loc(gene)
+        expected = np.corrcoef(np.log1p(adata.X[:, j]), adata.layers["agl_pred"][:, j])[0, 1]
+        assert axs[row, 0].get_title() == f"{gene} observed"
+        assert _title_pcc(axs[row, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+        assert len(axs[row, 1].images) == 1  # H&E drawn
+
+
+def test_spatial_prediction_several_slides(tmp_path):
+    ad = make_adata(n_slides=2)
+    with pytest.raises(ValueError, match="library_key"):
+        agl.pl.spatial_prediction(ad, "T1", show=False)
+    axs = agl.pl.spatial_prediction(ad, ["T1"], library_key=LIBRARY_KEY, show=False)
+    assert axs.shape == (2, 2)
+    j = ad.var_names.get_loc("T1")
+    for row, lib in enumerate(["slide0", "slide1"]):
+        m = (ad.obs[LIBRARY_KEY] == lib).to_numpy()
+        expected = np.corrcoef(np.log1p(ad.X[m, j]), ad.layers["agl_pred"][m, j])[0, 1]
+        assert f"({lib})" in axs[row, 1].get_title()
+        assert _title_pcc(axs[row, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+    axs = agl.pl.spatial_prediction(ad, "T1", library_key=LIBRARY_KEY, library_id="slide1", show=False)
+    assert axs.shape == (1, 2)
+
+
+def test_spatial_prediction_errors(adata):
+    with pytest.raises(ValueError, match="no predictions"):
+        agl.pl.spatial_prediction(adata, ["X0"], show=False)  # excluded gene: NaN predictions
+    with pytest.raises(KeyError, match="not in adata.var_names"):
+        agl.pl.spatial_prediction(adata, ["nope"], show=False)
+    del adata.layers["agl_pred"]
+    with pytest.raises(KeyError, match="agl_predict"):
+        agl.pl.spatial_prediction(adata, ["T0"], show=False)
+    with pytest.raises(TypeError, match="AnnData or a SpatialData"):
+        agl.pl.spatial_prediction(np.zeros(3), ["T0"], show=False)
+
+
+def test_spatial_prediction_spatialdata(tmp_path):
+    pytest.importorskip("spatialdata_plot")
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+
+    ad = make_adata()
+    xy = ad.obsm["spatial"]
+    shapes = ShapesModel.parse(gpd.GeoDataFrame({"radius": np.full(len(xy), 8.0)}, geometry=[Point(*p) for p in xy]))
+    image = Image2DModel.parse(
+        np.random.default_rng(0).integers(0, 255, (3, 270, 270)).astype(np.uint8), dims=("c", "y", "x")
+    )
+    ad.obs["region"] = pd.Categorical(["spots"] * ad.n_obs)
+    ad.obs["instance"] = np.arange(ad.n_obs)
+    del ad.uns["spatial"]
+    table = TableModel.parse(ad, region="spots", region_key="region", instance_key="instance")
+    sdata = SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})
+    axs = agl.pl.spatial_prediction(sdata, "T2", show=False, save=tmp_path / "sd.png")
+    j = ad.var_names.get_loc("T2")
+    expected = np.corrcoef(np.log1p(ad.X[:, j]), ad.layers["agl_pred"][:, j])[0, 1]
+    assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+    assert (tmp_path / "sd.png").exists()
