@@ -1,0 +1,167 @@
+"""Reader for 10x Visium Space Ranger output, through :func:`squidpy.read.visium`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .. import _constants as K
+from .. import _spatial
+from ._common import as_csr_float32, check_in_image, finalize, image_size, positive_number
+
+__all__ = ["read_visium"]
+
+
+def read_visium(
+    path: str | Path,
+    library_id: str | None = None,
+    fullres_image: str | Path | None = None,
+    counts_file: str = "filtered_feature_bc_matrix.h5",
+    library_key: str = K.LIBRARY_KEY,
+    microns_per_pixel: float | None = None,
+    spot_diameter_um: float = _spatial.VISIUM_SPOT_UM,
+    var_names_make_unique: bool = True,
+) -> AnnData:
+    """Read a 10x Visium Space Ranger output folder into the agl-scverse layout.
+
+    Parsing is done by :func:`squidpy.read.visium`; this adds the physical scale
+    (``microns_per_pixel = spot_diameter_um / spot_diameter_fullres``), the full-resolution image path and the
+    library column, converts the counts to CSR float32 and checks the result.
+
+    Parameters
+    ----------
+    path
+        Space Ranger ``outs`` folder with ``counts_file`` and ``spatial/`` (``tissue_positions.csv`` or
+        ``tissue_positions_list.csv``, ``scalefactors_json.json``, ``tissue_hires_image.png``,
+        ``tissue_lowres_image.png``).
+    library_id
+        Library id; default the ``library_ids`` attribute of the h5 file, else the folder name.
+    fullres_image
+        The full-resolution H&E image the spot coordinates refer to (recorded as
+        ``metadata["source_image_path"]``, read lazily for patches). Without it, patches come from the
+        ``"hires"`` image (upsampled, with a warning).
+    counts_file
+        Counts file inside ``path`` (passed to squidpy as ``counts_file``).
+    library_key
+        ``.obs`` column naming the library (categorical).
+    microns_per_pixel
+        µm per full-resolution pixel; default ``spot_diameter_um / spot_diameter_fullres``.
+    spot_diameter_um
+        Physical spot diameter used to derive the scale (55 µm for Visium).
+    var_names_make_unique
+        Make duplicated gene symbols unique (``adata.var_names_make_unique()``, as scanpy's 10x readers do);
+        with ``False`` duplicated symbols raise an error.
+
+    Returns
+    -------
+    AnnData in the layout of :mod:`agl_scverse._constants`; ``.obs`` keeps Space Ranger's ``in_tissue``,
+    ``array_row`` and ``array_col``.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> adata = agl.io.read_visium("sample/outs", fullres_image="sample/he.tif")  # doctest: +SKIP
+    >>> adata.uns["spatial"][adata.obs["library_id"].cat.categories[0]]["scalefactors"]  # doctest: +SKIP
+    """
+    import squidpy as sq
+
+    path = Path(path)
+    _check_visium_folder(path, counts_file)
+    if microns_per_pixel is not None:
+        microns_per_pixel = positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per pixel.")
+    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Visium spots are 55 µm.")
+    if fullres_image is not None:
+        fullres_image = Path(fullres_image).resolve()
+        width, height = image_size(fullres_image)  # exists, RGB, header only
+    if library_id is None:
+        library_id = _h5_library_id(path / counts_file) or path.resolve().name
+    library_id = str(library_id)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        adata = sq.read.visium(path, counts_file=counts_file, library_id=library_id, load_images=True)
+    if var_names_make_unique and not adata.var_names.is_unique:
+        logg.warning(f"library {library_id!r}: duplicated gene symbols made unique (var_names_make_unique)")
+        adata.var_names_make_unique()
+
+    entry = adata.uns[K.SPATIAL_KEY][library_id]
+    sf = entry.get(K.SCALEFACTORS, {}) or {}
+    fix = f"Fix {path / 'spatial' / 'scalefactors_json.json'}."
+    for key in (K.SPOT_DIAMETER, K.HIRES_SCALEF):
+        if key not in sf:
+            raise ValueError(f"Scale factor {key!r} is missing from {path / 'spatial' / 'scalefactors_json.json'}.")
+        sf[key] = positive_number(sf[key], f"Scale factor {key!r} of library {library_id!r}", fix)
+    if K.LOWRES_SCALEF in sf:
+        sf[K.LOWRES_SCALEF] = positive_number(sf[K.LOWRES_SCALEF], f"Scale factor {K.LOWRES_SCALEF!r}", fix)
+    mpp_source = "given"
+    if microns_per_pixel is None:
+        microns_per_pixel = spot_diameter_um / sf[K.SPOT_DIAMETER]
+        mpp_source = f"{spot_diameter_um:g} µm / spot_diameter_fullres"
+    sf[K.MICRONS_PER_PIXEL] = float(microns_per_pixel)
+    images = entry.get(K.IMAGES, {}) or {}
+    for res in list(images):
+        images[res] = _spatial.as_rgb(images[res], name=f"the {res} image of library {library_id!r}")
+    if K.HIRES not in images:
+        raise ValueError(f"No image for library {library_id!r}: {path}/spatial has no tissue_hires_image.png.")
+
+    xy = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)
+    no_pos = ~np.all(np.isfinite(xy), axis=1)
+    if no_pos.any():
+        raise ValueError(
+            f"{int(no_pos.sum())} spots of {counts_file} (e.g. {adata.obs_names[no_pos][:3].tolist()}) have no row in "
+            "the tissue positions file; counts and positions are from different runs. Pass matching files."
+        )
+    if fullres_image is not None:
+        check_in_image(xy, width, height, library_id, image=str(fullres_image))
+        entry[K.METADATA][K.SOURCE_IMAGE_PATH] = str(fullres_image)
+    else:
+        h, w = images[K.HIRES].shape[:2]
+        s = sf[K.HIRES_SCALEF]
+        check_in_image(
+            xy, int(np.ceil(w / s)), int(np.ceil(h / s)), library_id, image="the hires image (full-res extent)"
+        )
+    entry[K.METADATA]["microns_per_pixel_source"] = mpp_source
+    entry[K.METADATA]["reader"] = "read_visium"
+
+    adata.obsm[K.SPATIAL_KEY] = xy
+    adata.obs[library_key] = library_id
+    adata.X = as_csr_float32(adata.X)
+    finalize(adata, library_key)
+    logg.info(f"read Visium library {library_id!r}: {adata.n_obs} spots x {adata.n_vars} genes")
+    return adata
+
+
+def _check_visium_folder(path: Path, counts_file: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder; pass the Space Ranger output folder ('outs').")
+    spatial = path / "spatial"
+    needed = [path / counts_file, spatial / "scalefactors_json.json", spatial / "tissue_hires_image.png"]
+    needed += [spatial / "tissue_lowres_image.png"]
+    missing = [str(p.relative_to(path)) for p in needed if not p.exists()]
+    if not (spatial / "tissue_positions.csv").exists() and not (spatial / "tissue_positions_list.csv").exists():
+        missing.append("spatial/tissue_positions.csv (or tissue_positions_list.csv)")
+    if missing:
+        have = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())[:20]
+        what = "No image for the library: " if any("image" in m for m in missing) else ""
+        raise FileNotFoundError(
+            f"{what}{path} is not a complete Space Ranger output: missing {missing} (found {have}). "
+            "Pass the 'outs' folder of Space Ranger, or the right counts_file."
+        )
+
+
+def _h5_library_id(path: Path) -> str | None:
+    if path.suffix != ".h5":
+        return None
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ids = f.attrs.get("library_ids")
+    if ids is None or len(np.atleast_1d(ids)) == 0:
+        return None
+    lid = np.atleast_1d(ids)[0]
+    return lid.decode() if isinstance(lid, bytes) else str(lid)
