@@ -8,7 +8,8 @@ image, scale factors (``tissue_hires_scalef``, ``spot_diameter_fullres``, ``micr
 
 from __future__ import annotations
 
+from .hest import read_hest
 from .legacy_st import read_legacy_st
 from .visium import read_visium
 
-__all__ = ["read_legacy_st", "read_visium"]
+__all__ = ["read_legacy_st", "read_visium", "read_hest"]
