@@ -1,0 +1,122 @@
+"""The DkGSB bi-level step, written with :mod:`torch.func` (no ``higher``).
+
+One meta step, for a train batch ``(x_tr, y_tr)`` and a validation batch ``(x_va, y_va)``:
+
+1. copy the network parameters ``phi`` (detached: the real network is not touched);
+2. take ``H`` differentiable SGD steps ``phi <- phi - alpha * grad_phi L_w(phi)`` on the train batch, where
+   ``L_w = sum_i w_i(theta) L_i / sum_i w_i`` is the mask-weighted loss (``create_graph=True`` keeps the graph);
+3. evaluate the *target-only* loss ``L_val(phi_H)`` on the validation batch (only the target rows of the output
+   layer are computed);
+4. ``dL_val / dtheta`` by back-propagating through the unrolled steps.
+
+With ``H = 1`` this is the classic "learning to reweight" hypergradient: ``-alpha / sum w * sum_i w_i'(theta)
+<grad L_val(phi_1), grad L_i(phi) - grad L_w(phi)>`` -- an auxiliary gene near the threshold is pulled in when its
+gradient agrees with the targets' validation gradient better than the current mixture does.
+
+Choices that keep it cheap and stable (measured in ``benchmarks/bench_synthetic_methods.py``):
+
+- the meta step runs the network in ``eval`` mode (no dropout noise in the hypergradient, deterministic);
+- the validation loss only evaluates the target rows of the output layer;
+- the trainer bounds the number of meta steps per epoch (``meta_steps``) and averages the hypergradients of the
+  meta batches it draws before one Adam step on ``theta`` -- see :mod:`agl_scverse.model.trainer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .loss import per_gene_loss, weighted_loss
+from .mask import GeneMask
+
+__all__ = ["unrolled_val_loss", "hypergradient"]
+
+
+def _full_weights(mask: GeneMask, n_targets: int) -> torch.Tensor:
+    w_aux = mask.weights()
+    return torch.cat([torch.ones(n_targets, dtype=w_aux.dtype, device=w_aux.device), w_aux])
+
+
+def unrolled_val_loss(
+    net: nn.Module,
+    mask: GeneMask,
+    n_targets: int,
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    x_va: torch.Tensor,
+    y_va: torch.Tensor,
+    *,
+    inner_steps: int = 1,
+    inner_lr: float = 0.1,
+    loss: str = "pearson",
+) -> torch.Tensor:
+    """Target-only validation loss after ``inner_steps`` differentiable SGD steps on the mask-weighted train loss.
+
+    The result is a scalar that depends on ``mask.theta`` through the unrolled steps (and on nothing else that
+    requires a gradient). ``net`` must return the raw outputs for all genes and accept ``n_first=`` to return only
+    the first ``n_first`` (targets).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agl_scverse.model import EmbeddingHead, GeneMask
+    >>> net, mask = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0]))
+    >>> x, y = torch.randn(6, 4), torch.randn(6, 3)
+    >>> unrolled_val_loss(net, mask, 1, x, y, x, y).requires_grad
+    True
+    """
+    names = [n for n, _ in net.named_parameters()]
+    fast = [p.detach().requires_grad_(True) for _, p in net.named_parameters()]
+    buffers = dict(net.named_buffers())
+    w = _full_weights(mask, n_targets).to(y_tr.dtype)
+    for _ in range(int(inner_steps)):
+        out = functional_call(net, ({**dict(zip(names, fast)), **buffers}), (x_tr,))
+        L = weighted_loss(per_gene_loss(out, y_tr, loss), w)
+        grads = torch.autograd.grad(L, fast, create_graph=True, allow_unused=True)
+        fast = [p if g is None else p - inner_lr * g for p, g in zip(fast, grads)]
+    out_va = functional_call(net, ({**dict(zip(names, fast)), **buffers}), (x_va,), {"n_first": n_targets})
+    return per_gene_loss(out_va, y_va[:, :n_targets], loss).mean()
+
+
+def hypergradient(
+    net: nn.Module,
+    mask: GeneMask,
+    n_targets: int,
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    x_va: torch.Tensor,
+    y_va: torch.Tensor,
+    *,
+    inner_steps: int = 1,
+    inner_lr: float = 0.1,
+    loss: str = "pearson",
+) -> tuple[torch.Tensor, float]:
+    """``dL_val/dtheta`` of one meta step and the validation loss it was computed at.
+
+    The network is put in ``eval`` mode for the step (and restored afterwards); nothing in ``net`` changes.
+
+    Returns
+    -------
+    The hypergradient (a 0-d tensor, detached) and the target-only validation loss (float).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agl_scverse.model import EmbeddingHead, GeneMask
+    >>> net, mask = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0]))
+    >>> x, y = torch.randn(6, 4), torch.randn(6, 3)
+    >>> g, lv = hypergradient(net, mask, 1, x, y, x, y)
+    >>> g.shape
+    torch.Size([])
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        lv = unrolled_val_loss(
+            net, mask, n_targets, x_tr, y_tr, x_va, y_va, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss
+        )
+        (g,) = torch.autograd.grad(lv, mask.theta)
+    finally:
+        net.train(was_training)
+    return g.detach(), float(lv.detach())

@@ -1,0 +1,159 @@
+"""Networks that map an image (or its cached embedding) to the expression of every modelled gene.
+
+Output order is always: targets first, then auxiliaries. Both networks return *raw* outputs in the standardised
+expression space the trainer works in; :meth:`predict_expression` applies the affine calibration (buffers
+``out_scale`` / ``out_shift``, fitted on the training spots after training) that brings them back to the
+transformed expression scale (e.g. ``log1p`` counts). The calibration is a per-gene positive rescaling, so it never
+changes Pearson or Spearman correlations; it only makes MSE meaningful for a model trained with ``1 - Pearson``.
+
+Why an MLP trunk in embedding mode: auxiliary genes can only help the targets through parameters they share with
+them. A linear head on frozen features shares nothing (each gene is its own regression, and AGL == PGL exactly),
+so the embedding head has shared hidden layers and ONE output layer for all genes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["EmbeddingHead", "FinetuneNet"]
+
+
+class _Calibrated(nn.Module):
+    """Mixin: output calibration buffers and helpers shared by both networks."""
+
+    out: nn.Linear
+
+    def _init_calibration(self, n_out: int) -> None:
+        self.register_buffer("out_scale", torch.ones(n_out))
+        self.register_buffer("out_shift", torch.zeros(n_out))
+
+    def _linear_out(self, h: torch.Tensor, n_first: int | None) -> torch.Tensor:
+        if n_first is None:
+            return self.out(h)
+        return F.linear(h, self.out.weight[:n_first], self.out.bias[:n_first])
+
+    def predict_expression(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated predictions in the transformed expression scale (no gradient bookkeeping is changed)."""
+        return self(x) * self.out_scale + self.out_shift
+
+
+class EmbeddingHead(_Calibrated):
+    """Standardise the embedding, shared MLP trunk, one linear output layer for all genes.
+
+    Parameters
+    ----------
+    n_in
+        Embedding dimension.
+    n_out
+        Number of genes (targets first, then auxiliaries).
+    hidden
+        Widths of the shared hidden layers; ``()`` gives a linear head (then AGL cannot differ from PGL).
+    dropout
+        Dropout after every hidden layer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = EmbeddingHead(16, 5, hidden=(8,))
+    >>> net(torch.randn(4, 16)).shape, net(torch.randn(4, 16), n_first=2).shape
+    (torch.Size([4, 5]), torch.Size([4, 2]))
+    """
+
+    def __init__(self, n_in: int, n_out: int, hidden: Sequence[int] = (256,), dropout: float = 0.1):
+        super().__init__()
+        self.n_in, self.n_out, self.hidden, self.dropout = (
+            int(n_in),
+            int(n_out),
+            tuple(int(h) for h in hidden),
+            float(dropout),
+        )
+        self.register_buffer("x_mean", torch.zeros(self.n_in))
+        self.register_buffer("x_std", torch.ones(self.n_in))
+        layers: list[nn.Module] = []
+        width = self.n_in
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(self.dropout)]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(width, self.n_out)
+        self._init_calibration(self.n_out)
+
+    def set_input_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the training-spot mean and std of the embedding (std floored to avoid division by zero)."""
+        self.x_mean.copy_(mean.to(self.x_mean))
+        self.x_std.copy_(std.to(self.x_std).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor, n_first: int | None = None) -> torch.Tensor:
+        """Raw outputs for all genes, or only the first ``n_first`` (the targets, cheaper)."""
+        h = self.trunk((x - self.x_mean) / self.x_std)
+        return self._linear_out(h, n_first)
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {
+            "kind": "embedding",
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "hidden": list(self.hidden),
+            "dropout": self.dropout,
+        }
+
+
+class FinetuneNet(_Calibrated):
+    """Image backbone trained end to end plus one linear layer to all genes (the paper's network).
+
+    Parameters
+    ----------
+    backbone
+        Module mapping a normalised ``(n, 3, H, W)`` float batch to ``(n, n_features)`` features.
+    n_features
+        Backbone output dimension.
+    n_out
+        Number of genes (targets first, then auxiliaries).
+    mean, std
+        Per-channel image normalisation applied to ``uint8`` or ``[0, 1]`` float input (stored as buffers).
+
+    Examples
+    --------
+    >>> import torch
+    >>> bb = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6))
+    >>> FinetuneNet(bb, 6, 4)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(
+        self, backbone: nn.Module, n_features: int, n_out: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.n_features, self.n_out = int(n_features), int(n_out)
+        self.register_buffer("img_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("img_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.out = nn.Linear(self.n_features, self.n_out)
+        self._init_calibration(self.n_out)
+        self._mean, self._std = [float(v) for v in mean], [float(v) for v in std]
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments (the backbone is rebuilt from the encoder name in the model config)."""
+        return {
+            "kind": "finetune",
+            "n_features": self.n_features,
+            "n_out": self.n_out,
+            "mean": self._mean,
+            "std": self._std,
+        }
+
+    def forward(self, x: torch.Tensor, n_first: int | None = None) -> torch.Tensor:
+        """Raw outputs from image patches: ``(n, 3, H, W)`` or ``(n, H, W, 3)``, ``uint8`` or float in [0, 1]."""
+        if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = (x - self.img_mean) / self.img_std
+        h = self.backbone(x)
+        if h.ndim > 2:
+            h = torch.flatten(h, 1)
+        return self._linear_out(h, n_first)

@@ -1,0 +1,324 @@
+"""One trainer for both modes and all four methods.
+
+Methods (what enters the network's output layer and with which weight):
+
+- ``"pgl"``: targets only (primary gene learning, the baseline);
+- ``"agl"``: targets + every auxiliary gene, weight 1 (AGL-all);
+- ``"topk"``: targets + the first ``k`` auxiliaries by prior rank, weight 1 (fixed top-k);
+- ``"dkgsb"``: targets + every auxiliary gene with the learned soft mask ``w_i = sigmoid((theta - r_i)/tau)``.
+
+Training: Adam on the network, mini-batches of spots, the per-gene loss (``1 - Pearson`` by default) weighted by the
+mask, early stopping on the validation mean target Pearson r (patience), the best epoch restored at the end (network
+and ``theta``), then an affine per-gene calibration of the outputs on the training spots (see
+:mod:`agl_scverse.model.heads`).
+
+DkGSB bi-level updates (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly between the
+training batches. Each meta step draws ``meta_batch_size`` training and validation spots, computes the
+hypergradient of the target validation loss w.r.t. ``theta`` through ``inner_steps`` differentiable SGD steps
+(:func:`agl_scverse.model.bilevel.hypergradient`), and takes one Adam step (lr ``beta``) on ``theta``, clamped to
+[0, 1]. Why this shape:
+
+- a *bounded* number of meta steps per epoch (default 4) keeps DkGSB's cost a small constant factor of AGL-all
+  whatever the number of training batches (the paper's one-meta-step-per-batch doubles to triples each epoch);
+- the hypergradient of one small batch is mostly noise; Adam's first moment (0.9) averages it over ~10 meta
+  steps, and the per-step move of ``theta`` is bounded by ``beta`` so ``k`` drifts smoothly instead of jumping;
+- the hypergradient is clipped to ``[-clip, clip]`` before Adam (so one outlier batch cannot dominate the second
+  moment), and ``theta`` is clamped to ``[0, 1]`` where the mask keeps a gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bilevel import hypergradient
+from .loss import per_gene_loss, weighted_loss
+from .mask import GeneMask
+
+__all__ = ["METHODS", "TensorInputs", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
+
+METHODS = ("pgl", "agl", "topk", "dkgsb")
+
+
+class TensorInputs:
+    """Network inputs held as one tensor (embedding mode): ``inputs(idx)`` returns the rows ``idx`` on ``device``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> TensorInputs(np.ones((5, 3)))(np.array([0, 2])).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, X, device="cpu", dtype=torch.float32):
+        self.X = torch.as_tensor(np.asarray(X), dtype=dtype).to(device)
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def __call__(self, idx) -> torch.Tensor:
+        return self.X[torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.X.device)]
+
+
+def genes_for_method(method: str, n_aux: int, k: int | None = None) -> np.ndarray:
+    """Positions (in prior-rank order) of the auxiliary genes that enter the network for ``method``.
+
+    Returns ``arange(0)`` for PGL, ``arange(k)`` for top-k, ``arange(n_aux)`` for AGL-all and DkGSB.
+
+    Examples
+    --------
+    >>> genes_for_method("topk", 10, k=3).tolist()
+    [0, 1, 2]
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    if method == "pgl":
+        return np.arange(0)
+    if method == "topk":
+        if k is None:
+            raise ValueError("method='topk' needs k (the number of auxiliary genes to use).")
+        if not 0 <= int(k) <= n_aux:
+            raise ValueError(f"k={k} is outside [0, {n_aux}] (the number of auxiliary genes).")
+        return np.arange(int(k))
+    return np.arange(n_aux)
+
+
+def _pearson_cols(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    p = pred - pred.mean(0)
+    o = obs - obs.mean(0)
+    den = np.sqrt((p * p).sum(0) * (o * o).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (p * o).sum(0) / np.where(den > 0, den, 1.0), np.nan)
+
+
+@torch.no_grad()
+def predict_raw(net: nn.Module, inputs: Callable, idx: np.ndarray, batch_size: int = 512, n_first: int | None = None):
+    """Raw network outputs (eval mode) for spots ``idx``, as a float64 NumPy array."""
+    was = net.training
+    net.eval()
+    outs = []
+    for s in range(0, len(idx), batch_size):
+        outs.append(net(inputs(idx[s : s + batch_size]), n_first=n_first).double().cpu().numpy())
+    net.train(was)
+    n_out = n_first if n_first is not None else net.n_out
+    return np.concatenate(outs, 0) if outs else np.zeros((0, n_out))
+
+
+def val_pcc(net: nn.Module, inputs: Callable, Y: torch.Tensor, idx: np.ndarray, n_targets: int, batch_size: int = 512):
+    """Mean Pearson r over the target genes on spots ``idx`` (genes constant there are skipped)."""
+    pred = predict_raw(net, inputs, idx, batch_size, n_first=n_targets)
+    obs = Y[torch.as_tensor(idx, device=Y.device)][:, :n_targets].double().cpu().numpy()
+    r = _pearson_cols(pred, obs)
+    return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_network` returns besides the trained network (updated in place)."""
+
+    history: dict = field(default_factory=dict)
+    best_epoch: int = 0
+    best_val_pcc: float = float("nan")
+    theta: float | None = None
+    k: int | None = None
+    aux_weights: np.ndarray | None = None
+    fit_seconds: float = 0.0
+    meta_seconds: float = 0.0
+
+
+def _calibrate_(net: nn.Module, inputs: Callable, Yz: torch.Tensor, idx: np.ndarray, y_mean, y_std, batch_size: int):
+    """Fit ``out_scale``/``out_shift`` so that calibrated outputs are least squares on the training spots.
+
+    Per gene ``a = max(cov(out, y) / var(out), floor)`` with a tiny positive floor (never flips the sign, so the
+    correlations of the raw outputs are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores.
+    """
+    out = predict_raw(net, inputs, idx, batch_size)
+    yz = Yz[torch.as_tensor(idx, device=Yz.device)].double().cpu().numpy()
+    om, ym = out.mean(0), yz.mean(0)
+    oc = out - om
+    var = (oc * oc).mean(0)
+    cov = (oc * (yz - ym)).mean(0)
+    sd = np.sqrt(np.maximum(var, 1e-24))
+    a = np.where(var > 1e-24, np.maximum(cov / np.maximum(var, 1e-24), 1e-3 / sd), 0.0)
+    b = ym - a * om
+    y_mean = np.asarray(y_mean, dtype=np.float64)
+    y_std = np.asarray(y_std, dtype=np.float64)
+    with torch.no_grad():
+        net.out_scale.copy_(torch.as_tensor(a * y_std, dtype=net.out_scale.dtype))
+        net.out_shift.copy_(torch.as_tensor(y_mean + b * y_std, dtype=net.out_shift.dtype))
+
+
+def train_network(
+    net: nn.Module,
+    inputs: Callable,
+    Y: np.ndarray | torch.Tensor,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    n_targets: int,
+    *,
+    mask: GeneMask | None = None,
+    epochs: int = 100,
+    patience: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 128,
+    loss: str = "pearson",
+    inner_steps: int = 1,
+    inner_lr: float = 0.1,
+    meta_steps: int = 4,
+    meta_batch_size: int = 256,
+    beta: float = 3e-3,
+    clip: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "agl",
+) -> TrainResult:
+    """Train ``net`` in place; learn the DkGSB threshold when ``mask`` is given.
+
+    Parameters
+    ----------
+    net
+        :class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet` with ``n_out`` equal
+        to ``Y.shape[1]``; outputs ordered targets first.
+    inputs
+        Callable ``idx -> input batch tensor`` on ``device`` (e.g. :class:`TensorInputs`).
+    Y
+        ``(n_spots, n_genes)`` transformed expression (targets first, then the auxiliaries in prior-rank order).
+        It is standardised per gene on the training spots internally.
+    train_idx, val_idx
+        Row positions of training and validation spots.
+    n_targets
+        Number of leading target columns.
+    mask
+        The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
+        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter).
+    epochs, patience, lr, weight_decay, batch_size, loss
+        Network training (Adam), early stopping on the validation target Pearson r.
+    inner_steps, inner_lr, meta_steps, meta_batch_size, beta, clip
+        Bi-level step (DkGSB only): differentiable SGD steps and their lr, meta steps per epoch, spots per meta
+        batch, Adam lr on ``theta``, hypergradient clipping.
+    seed
+        Seeds batch order, meta batches, initialisation-independent randomness (dropout).
+    device, progress, desc
+        Torch device, tqdm bar over epochs (postfix: loss, val PCC, k), bar label.
+
+    Returns
+    -------
+    :class:`TrainResult`; ``net`` (and ``mask.theta``) hold the best epoch's state, calibrated.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from agl_scverse.model import EmbeddingHead
+    >>> rng = np.random.default_rng(0)
+    >>> X, Y = rng.normal(size=(60, 8)), rng.normal(size=(60, 4))
+    >>> net = EmbeddingHead(8, 4, hidden=(16,))
+    >>> res = train_network(net, TensorInputs(X), Y, np.arange(40), np.arange(40, 60), 2, epochs=2, progress=False)
+    >>> len(res.history["val_pcc"])
+    2
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    val_idx = np.asarray(val_idx, dtype=np.int64)
+    Y = torch.as_tensor(np.asarray(Y) if not torch.is_tensor(Y) else Y, dtype=torch.float32)
+    tr_t = torch.as_tensor(train_idx)
+    y_mean = Y[tr_t].double().mean(0)
+    y_std = Y[tr_t].double().std(0, unbiased=False)
+    y_std = torch.where(y_std > 1e-8, y_std, torch.ones_like(y_std))
+    Yz = ((Y.double() - y_mean) / y_std).float().to(device)
+    net.to(device)
+    if mask is not None:
+        mask.to(device)
+    if mask is not None and Yz.shape[1] != n_targets + mask.ranks.numel():
+        raise ValueError("The mask must cover exactly the auxiliary columns of Y.")
+
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    theta_opt = torch.optim.Adam([mask.theta], lr=beta) if mask is not None else None
+    ones = torch.ones(Yz.shape[1], device=device)
+
+    hist: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "seconds")}
+    best = (-np.inf, 0, None, None)
+    bad = 0
+    meta_seconds = 0.0
+    n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        te = time.perf_counter()
+        net.train()
+        perm = rng.permutation(train_idx)
+        do_meta = mask is not None and epoch > 0 and meta_steps > 0 and mask.ranks.numel() > 0
+        meta_after = (
+            np.floor((np.arange(meta_steps) + 0.5) * n_batches / max(meta_steps, 1)).astype(int) if do_meta else []
+        )
+        losses = []
+        for b in range(n_batches):
+            bidx = perm[b * batch_size : (b + 1) * batch_size]
+            if len(bidx) < 2:
+                continue
+            w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
+            out = net(inputs(bidx))
+            L = weighted_loss(per_gene_loss(out, Yz[torch.as_tensor(bidx, device=device)], loss), w)
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+            opt.step()
+            losses.append(float(L.detach()))
+            for _ in range(int(np.sum(meta_after == b))):
+                tm = time.perf_counter()
+                mtr = rng.choice(train_idx, size=min(meta_batch_size, len(train_idx)), replace=False)
+                mva = rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False)
+                g, _ = hypergradient(
+                    net, mask, n_targets,
+                    inputs(mtr), Yz[torch.as_tensor(mtr, device=device)],
+                    inputs(mva), Yz[torch.as_tensor(mva, device=device)],
+                    inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
+                )  # fmt: skip
+                theta_opt.zero_grad(set_to_none=True)
+                mask.theta.grad = g.clamp(-clip, clip).to(mask.theta.dtype)
+                theta_opt.step()
+                mask.clamp_()
+                meta_seconds += time.perf_counter() - tm
+        pcc = val_pcc(net, inputs, Yz, val_idx, n_targets)
+        k_now = mask.k if mask is not None else Yz.shape[1] - n_targets
+        theta_now = mask.threshold if mask is not None else float("nan")
+        hist["epoch"].append(epoch)
+        hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        hist["val_pcc"].append(pcc)
+        hist["k"].append(int(k_now))
+        hist["theta"].append(theta_now)
+        hist["seconds"].append(time.perf_counter() - te)
+        bar.set_postfix(loss=f"{hist['train_loss'][-1]:.4f}", val_pcc=f"{pcc:.4f}", k=k_now)
+        if pcc > best[0] + 1e-6:
+            theta_state = mask.theta.detach().clone() if mask is not None else None
+            best = (pcc, epoch, copy.deepcopy(net.state_dict()), theta_state)
+            bad = 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    bar.close()
+    if best[2] is not None:
+        net.load_state_dict(best[2])
+        if mask is not None:
+            with torch.no_grad():
+                mask.theta.copy_(best[3])
+    _calibrate_(net, inputs, Yz, train_idx, y_mean.numpy(), y_std.numpy(), 512)
+    net.eval()
+    res = TrainResult(history=hist, best_epoch=int(best[1]), best_val_pcc=float(best[0]))
+    if mask is not None:
+        res.theta, res.k = mask.threshold, mask.k
+        res.aux_weights = mask.weights().detach().double().cpu().numpy()
+    res.fit_seconds = time.perf_counter() - t0
+    res.meta_seconds = meta_seconds
+    return res
