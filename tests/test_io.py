@@ -450,3 +450,150 @@ def test_read_hest_errors(tmp_path):
     Image.fromarray(_he_like(50, 60)).save(tmp_path / "small" / "wsi.png")
     with pytest.raises(ValueError, match="outside"):
         agl.io.read_hest(st, h5, microns_per_pixel=1.0, fullres_image=tmp_path / "small" / "wsi.png")
+
+
+# --- SpatialData ----------------------------------------------------------------------------------------------
+def make_sdata(
+    image: bool = True,
+    channels: int = 3,
+    multiscale: bool = False,
+    size=(60, 80),
+    table_region: str = "spots",
+    obs_names=("a", "b", "c"),
+    X=None,
+):
+    """Image (c, y, x) with a 2x scale to 'global'; three circle spots in global coordinates (radius 5)."""
+    import anndata as ad
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    h, w = size
+    rgb = _he_like(h, w).transpose(2, 0, 1)
+    img = rgb if channels == 3 else rgb[:channels]
+    images = {}
+    if image:
+        kw = {"scale_factors": [2]} if multiscale else {}
+        images["he"] = Image2DModel.parse(
+            img, dims=("c", "y", "x"), transformations={"global": Scale([2.0, 2.0], axes=("y", "x"))}, **kw
+        )
+    centres = np.array([[40.0, 30.0], [60.0, 50.0], [100.0, 80.0]])
+    shapes = ShapesModel.parse(
+        centres,
+        geometry=0,
+        radius=np.full(3, 5.0),
+        index=np.array([10, 11, 12]),
+        transformations={"global": Identity()},
+    )
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([table_region] * 3), "spot_id": [12, 10, 11]}, index=list(obs_names)
+    )  # table rows in another order than the shapes
+    X = np.array([[1, 0, 2], [0, 3, 1], [4, 1, 0]], dtype=np.float32) if X is None else X
+    table = TableModel.parse(
+        ad.AnnData(X, obs=obs, var=pd.DataFrame(index=["g1", "g2", "g3"])),
+        region=table_region,
+        region_key="region",
+        instance_key="spot_id",
+    )
+    return SpatialData(images=images, shapes={"spots": shapes}, tables={"table": table})
+
+
+def _sdata_snapshot(sdata) -> dict:
+    t = sdata.tables["table"]
+    return {
+        "X": np.asarray(t.X).copy(),
+        "obs": t.obs.copy(),
+        "uns": repr(t.uns),
+        "obsm": sorted(t.obsm),
+        "shapes": sdata.shapes["spots"].copy(),
+        "images": {k: repr(v) for k, v in sdata.images.items()},
+    }
+
+
+def _assert_same(sdata, snap: dict) -> None:
+    t = sdata.tables["table"]
+    np.testing.assert_array_equal(np.asarray(t.X), snap["X"])
+    pd.testing.assert_frame_equal(t.obs, snap["obs"])
+    assert repr(t.uns) == snap["uns"] and sorted(t.obsm) == snap["obsm"]
+    pd.testing.assert_frame_equal(sdata.shapes["spots"], snap["shapes"])
+    assert {k: repr(v) for k, v in sdata.images.items()} == snap["images"]
+
+
+def test_from_spatialdata(tmp_path):
+    sdata = make_sdata()
+    snap = _sdata_snapshot(sdata)
+    with pytest.warns(UserWarning, match="assuming 55"):
+        adata = agl.io.from_spatialdata(sdata)
+    _assert_same(sdata, snap)
+    assert list(adata.obs_names) == ["a", "b", "c"]
+    # table rows name instances 12, 10, 11 -> global (100, 80), (40, 30), (60, 50) -> image px = global / 2
+    np.testing.assert_allclose(adata.obsm["spatial"], [[50, 40], [20, 15], [30, 25]])
+    np.testing.assert_array_equal(adata.X.toarray(), sdata.tables["table"].X)
+    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.float32
+    entry = adata.uns["spatial"]["he"]
+    sf = entry["scalefactors"]
+    assert sf["spot_diameter_fullres"] == pytest.approx(5.0)  # radius 5 global = 2.5 image px
+    assert sf["microns_per_pixel"] == pytest.approx(11.0)
+    assert entry["images"]["hires"].shape == (60, 80, 3) and sf["tissue_hires_scalef"] == 1.0
+    img, scale, which = _spatial.get_image(adata, "he")
+    assert which == "fullres" and img.shape == (60, 80, 3)
+    np.testing.assert_array_equal(img, sdata.images["he"].values.transpose(1, 2, 0))
+    assert "spatialdata_attrs" not in adata.uns
+    # same thing through the shared coercion helper
+    from agl_scverse._utils import as_anndata
+
+    with pytest.warns(UserWarning):
+        assert as_anndata(sdata).n_obs == 3
+
+
+def test_from_spatialdata_multiscale_hires():
+    sdata = make_sdata(multiscale=True, size=(120, 160))
+    adata = agl.io.from_spatialdata(
+        sdata,
+        image_key="he",
+        shapes_key="spots",
+        table_key="table",
+        library_id="s1",
+        microns_per_pixel=0.5,
+        hires_max_px=50,
+        fullres_max_px=100,
+    )
+    entry = adata.uns["spatial"]["s1"]
+    hires = entry["images"]["hires"]
+    assert max(hires.shape[:2]) == 50 and "fullres" not in entry["images"]
+    assert entry["scalefactors"]["tissue_hires_scalef"] == pytest.approx(50 / 160)
+    assert entry["scalefactors"]["microns_per_pixel"] == 0.5
+
+
+def test_from_spatialdata_errors():
+    sdata = make_sdata()
+    snap = _sdata_snapshot(sdata)
+    with pytest.raises(KeyError, match="available tables"):
+        agl.io.from_spatialdata(sdata, table_key="nope")
+    with pytest.raises(KeyError, match="available images"):
+        agl.io.from_spatialdata(sdata, image_key="nope")
+    with pytest.raises(KeyError, match="available shapes"):
+        agl.io.from_spatialdata(sdata, shapes_key="nope")
+    with pytest.raises(ValueError, match="positive"):
+        agl.io.from_spatialdata(sdata, microns_per_pixel=-1)
+    _assert_same(sdata, snap)
+    with pytest.raises(ValueError, match="No image element"):
+        agl.io.from_spatialdata(make_sdata(image=False), microns_per_pixel=1.0)
+    with pytest.raises(ValueError, match="grayscale"):
+        agl.io.from_spatialdata(make_sdata(channels=1), microns_per_pixel=1.0)
+    with pytest.raises(ValueError, match="outside"):
+        agl.io.from_spatialdata(make_sdata(size=(30, 40)), microns_per_pixel=1.0)
+    sdata = make_sdata(obs_names=("a", "a", "c"))
+    snap = _sdata_snapshot(sdata)
+    with pytest.raises(ValueError, match="Duplicate spot barcodes"):
+        agl.io.from_spatialdata(sdata, microns_per_pixel=1.0)
+    _assert_same(sdata, snap)
+    X = np.ones((3, 3), dtype=np.float32)
+    X[1, 1] = -2
+    with pytest.raises(ValueError, match="negative"):
+        agl.io.from_spatialdata(make_sdata(X=X), microns_per_pixel=1.0)
+    # a table annotating the image (not shapes)
+    with pytest.raises(ValueError, match="not shapes"):
+        agl.io.from_spatialdata(make_sdata(table_region="he"), microns_per_pixel=1.0)
+    with pytest.raises(TypeError, match="SpatialData"):
+        agl.io.from_spatialdata(AnnData(np.ones((2, 2))))

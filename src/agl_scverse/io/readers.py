@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .hest import read_hest
 from .legacy_st import read_legacy_st
+from .spatialdata import from_spatialdata
 from .visium import read_visium
 
-__all__ = ["read_legacy_st", "read_visium", "read_hest"]
+__all__ = ["read_legacy_st", "read_visium", "read_hest", "from_spatialdata"]
