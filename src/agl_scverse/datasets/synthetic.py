@@ -1,3 +1,430 @@
-"""Placeholder."""
+"""A synthetic H&E-like slide whose counts come from a known generative model.
 
-__all__: list[str] = []
+The ground truth (which auxiliary genes carry image signal, which are noise) is stored in the AnnData, so the
+whole AGL pipeline can be demonstrated and tested without downloading anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+from scipy import ndimage, sparse
+from scipy.special import ndtri
+
+from .. import _constants as K
+
+__all__ = ["synthetic_slide", "TISSUE_TYPES"]
+
+#: Tissue types drawn by :func:`synthetic_slide`, in order (``n_types`` takes the first ones).
+TISSUE_TYPES: tuple[str, ...] = ("tumour", "stroma", "immune", "epithelium", "adipose")
+
+# Per tissue type: eosin background RGB, fibre amplitude, fibre RGB, white (lumen / fat) fraction,
+# nuclei per 1000 µm², nucleus radius (µm), nucleus elongation (long/short axis), hematoxylin nucleus RGB.
+_PALETTE = {
+    "tumour": ((205, 150, 190), 0.10, (190, 95, 150), 0.02, 9.0, 4.2, 1.3, (75, 40, 120)),
+    "stroma": ((236, 160, 188), 0.75, (205, 85, 135), 0.04, 1.6, 2.2, 3.0, (105, 55, 135)),
+    "immune": ((218, 178, 212), 0.05, (200, 120, 170), 0.00, 22.0, 2.4, 1.05, (45, 25, 95)),
+    "epithelium": ((238, 196, 218), 0.15, (215, 130, 170), 0.30, 5.0, 3.3, 1.5, (120, 80, 165)),
+    "adipose": ((248, 232, 240), 0.05, (225, 170, 200), 0.78, 0.6, 2.8, 1.6, (115, 75, 150)),
+}
+_FIELD_PX = 8  # resolution (full-res pixels) of the smooth fields that define the layout
+_HIRES_FACTOR = 4  # hires image = full-res downscaled by this factor
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Standardised Gaussian random field (smoothed white noise)."""
+    z = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
+    return ((z - z.mean()) / (z.std() + 1e-12)).astype(np.float32)
+
+
+def _interp_matrix(n_out: int, factor: int) -> sparse.csr_matrix:
+    """Linear interpolation weights (n_out x n_out // factor) from coarse cell centres to fine pixel centres."""
+    n_in = n_out // factor
+    pos = np.clip((np.arange(n_out) + 0.5) / factor - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    rows = np.r_[np.arange(n_out), np.arange(n_out)]
+    vals = np.r_[1 - (pos - lo), pos - lo].astype(np.float32)
+    return sparse.csr_matrix((vals, (rows, np.r_[lo, hi])), shape=(n_out, n_in))
+
+
+def _upsample(field: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsampling of the last two axes of a coarse field by an integer factor."""
+    if field.ndim == 3:
+        return np.stack([_upsample(f, factor) for f in field])
+    ry = _interp_matrix(field.shape[0] * factor, factor)
+    rx = _interp_matrix(field.shape[1] * factor, factor)
+    tmp = np.asarray(ry @ field.astype(np.float32))  # H x w
+    return np.ascontiguousarray(np.asarray(rx @ tmp.T).T, dtype=np.float32)
+
+
+def _render_slide(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    types: list[str],
+    region_um: float,
+    sharpness: float,
+    mpp: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one slide.
+
+    Returns the uint8 RGB image and, on the coarse field grid, the tissue composition (n_types x h x w)
+    and the two continuous factors (cellularity, nuclear size).
+    """
+    n_types = len(types)
+    hc, wc = height // _FIELD_PX, width // _FIELD_PX
+    cell_um = _FIELD_PX * mpp
+    pal = [_PALETTE[t] for t in types]
+
+    # tissue layout: softmax of smooth random fields -> soft composition per coarse cell
+    logits = np.stack([_smooth_field(rng, (hc, wc), region_um / cell_um) for _ in range(n_types)])
+    logits *= sharpness
+    comp = np.exp(logits - logits.max(0, keepdims=True))
+    comp /= comp.sum(0, keepdims=True)
+    # continuous factors, independent of the tissue type
+    cellularity = _smooth_field(rng, (hc, wc), 0.6 * region_um / cell_um)
+    nuc_size = _smooth_field(rng, (hc, wc), 0.6 * region_um / cell_um)
+
+    def mix(values) -> np.ndarray:
+        return np.tensordot(np.asarray(values, dtype=np.float32), comp, axes=(0, 0))
+
+    bg = np.stack([mix([p[0][c] for p in pal]) for c in range(3)], -1)
+    fib_rgb = np.stack([mix([p[2][c] for p in pal]) for c in range(3)], -1)
+    fib_amp = mix([p[1] for p in pal])
+    white_frac = np.clip(mix([p[3] for p in pal]), 1e-3, 1 - 1e-3)
+    density = mix([p[4] for p in pal]) * np.exp(0.45 * cellularity)  # nuclei per 1000 µm²
+
+    f = _FIELD_PX
+    # background: eosin colour with wavy fibres along a smooth orientation field
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    theta = _upsample(_smooth_field(rng, (hc, wc), 30.0 / cell_um) * 1.2, f)
+    warp = _upsample(_smooth_field(rng, (hc, wc), 6.0 / cell_um), f)
+    period_px = 7.0 / mpp
+    stripes = 0.5 + 0.5 * np.sin(
+        (xx * np.cos(theta) + yy * np.sin(theta)) * (2 * np.pi / period_px) + 2.5 * warp, dtype=np.float32
+    )
+    del xx, yy, theta, warp
+    broken = _upsample(_smooth_field(rng, (hc * 2, wc * 2), 1.5), f // 2)
+    fibre = np.clip(stripes**3 * (0.6 + 0.4 * np.tanh(2 * broken)), 0, 1) * _upsample(fib_amp, f)
+    del stripes, broken
+    img = _upsample(bg.transpose(2, 0, 1), f) * (1 - fibre) + _upsample(fib_rgb.transpose(2, 0, 1), f) * fibre
+    del fibre
+
+    # white lumens / fat: a fine blob field thresholded at the local white fraction
+    blobs = _upsample(_smooth_field(rng, (hc * 2, wc * 2), 14.0 / (cell_um / 2)), f // 2)
+    thresh = _upsample(ndtri(1 - white_frac).astype(np.float32), f)
+    white = np.clip((blobs - thresh) * 6.0, 0, 1)
+    membrane = np.exp(-(((blobs - thresh) / 0.08) ** 2)) * _upsample(white_frac, f) * 0.35
+    del blobs, thresh
+    img = img * (1 - white) + 250.0 * white
+    img = img * (1 - membrane) + np.asarray(pal[0][2], np.float32)[:, None, None] * membrane
+    del membrane
+
+    # nuclei: inhomogeneous Poisson process (thinning), ellipses drawn from a nearest-seed map
+    lam = density / 1000.0 * mpp**2  # nuclei per full-res pixel, coarse grid
+    lam_max = float(lam.max())
+    n_cand = rng.poisson(lam_max * height * width)
+    py = rng.uniform(0, height, n_cand)
+    px = rng.uniform(0, width, n_cand)
+    cy, cx = (py // f).astype(int), (px // f).astype(int)
+    keep = rng.uniform(0, lam_max, n_cand) < lam[cy, cx]
+    py, px, cy, cx = py[keep], px[keep], cy[keep], cx[keep]
+    n_nuc = len(py)
+    # each nucleus takes a tissue type drawn from the local composition
+    cum = np.cumsum(comp[:, cy, cx], axis=0)
+    ntype = np.minimum((rng.uniform(0, 1, n_nuc)[None] > cum).sum(0), n_types - 1)
+    rad = np.array([p[5] for p in pal])[ntype] * np.exp(0.22 * nuc_size[cy, cx] + 0.12 * rng.standard_normal(n_nuc))
+    elong = np.array([p[6] for p in pal])[ntype] * np.exp(0.1 * rng.standard_normal(n_nuc))
+    ang = rng.uniform(0, np.pi, n_nuc)
+    ncol = np.array([p[7] for p in pal], np.float32)[ntype] * np.exp(0.08 * rng.standard_normal((n_nuc, 1)))
+    ra = (rad * np.sqrt(elong) / mpp).astype(np.float32)
+    rb = (rad / np.sqrt(elong) / mpp).astype(np.float32)
+
+    iy, ix = np.clip(py.astype(int), 0, height - 1), np.clip(px.astype(int), 0, width - 1)
+    label = np.full((height, width), -1, np.int32)
+    label[iy, ix] = np.arange(n_nuc, dtype=np.int32)
+    nearest = ndimage.distance_transform_edt(label < 0, return_distances=False, return_indices=True)
+    nid = label[nearest[0], nearest[1]]
+    dy = np.arange(height, dtype=np.float32)[:, None] - nearest[0] + 0.5 - (py - iy)[nid].astype(np.float32)
+    dx = np.arange(width, dtype=np.float32)[None, :] - nearest[1] + 0.5 - (px - ix)[nid].astype(np.float32)
+    del nearest
+    ca, sa = np.cos(ang).astype(np.float32)[nid], np.sin(ang).astype(np.float32)[nid]
+    q = np.sqrt(((dx * ca + dy * sa) / ra[nid]) ** 2 + ((dy * ca - dx * sa) / rb[nid]) ** 2)
+    del dx, dy, ca, sa
+    alpha = np.clip((1.0 - q) * 2.5, 0, 1) * (1 - white)
+    chroma = 0.85 + 0.25 * q  # darker rim-to-centre gradient, lighter chromatin near the edge
+    for c in range(3):
+        img[c] = img[c] * (1 - alpha) + ncol[nid, c] * np.minimum(chroma, 1.1) * alpha
+    del q, alpha, chroma, nid, white
+
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 5.0
+    rgb = np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return np.ascontiguousarray(rgb), comp, cellularity, nuc_size
+
+
+def _spot_means(field: np.ndarray, xy_px: np.ndarray, radius_px: float) -> np.ndarray:
+    """Mean of coarse fields (... x h x w) over a disk around each spot (xy in full-res pixels)."""
+    f = _FIELD_PX
+    r = int(np.ceil(radius_px / f))
+    oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (oy * f) ** 2 + (ox * f) ** 2 <= radius_px**2
+    oy, ox = oy[disk], ox[disk]
+    cx = np.clip((xy_px[:, 0] // f).astype(int)[:, None] + ox[None], 0, field.shape[-1] - 1)
+    cy = np.clip((xy_px[:, 1] // f).astype(int)[:, None] + oy[None], 0, field.shape[-2] - 1)
+    return field[..., cy, cx].mean(-1)
+
+
+def synthetic_slide(
+    n_rows: int = 20,
+    n_cols: int = 20,
+    n_tissue_genes: int = 80,
+    n_informative: int = 300,
+    n_noise: int = 1600,
+    n_bursty_noise: int = 100,
+    *,
+    n_slides: int = 1,
+    n_types: int = 5,
+    spot_spacing_um: float = 100.0,
+    spot_diameter_um: float = 100.0,
+    microns_per_pixel: float = 1.0,
+    margin_um: float = 150.0,
+    region_um: float = 220.0,
+    depth: float = 1.0,
+    depth_sd: float = 0.3,
+    hidden_sd: float = 0.25,
+    informative_strength: float = 0.45,
+    informative_mean: tuple[float, float] = (0.2, 2.0),
+    tissue_mean: tuple[float, float] = (3.0, 100.0),
+    seed: int = 0,
+) -> AnnData:
+    """Simulate an H&E-like slide (or several) with spot counts drawn from an image-driven generative model.
+
+    The image is a mosaic of smooth random tissue regions (tumour, stroma, immune, epithelium, adipose), each
+    drawn with its own eosin colour, fibre texture, white space and nuclei (density, size, shape, hematoxylin
+    colour). Two smooth continuous factors modulate the texture everywhere: *cellularity* (nuclei density) and
+    *nuclear size*. Spots lie on a regular grid; each spot's latent state ``z`` is its tissue composition and
+    its mean of both factors over the spot disk, so it is visible in the spot's patch. Counts follow
+
+    ``counts[s, g] ~ NB(mean = L_s * exp(b_g + (z_s + e_s) @ W_g), dispersion r_g)``
+
+    with per-spot library size ``L_s`` (log-normal depth noise) and image-invisible noise ``e_s ~ N(0,
+    hidden_sd²)``. Gene kinds:
+
+    - ``"tissue"``: strong loadings ``W_g``, moderately expressed; they are the top highly variable genes and
+      the natural prediction targets;
+    - ``"informative"``: the same loading pattern scaled by ``informative_strength``, low expression; they carry
+      the image signal but are too noisy to be targets (the auxiliaries AGL should select);
+    - ``"noise"``: constant mean, unrelated to the image; ``n_bursty_noise`` of them are highly overdispersed,
+      so they also rank high on HVG dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
+
+    Parameters
+    ----------
+    n_rows, n_cols
+        Spot grid size per slide.
+    n_tissue_genes, n_informative, n_noise
+        Number of genes of each kind (``n_noise`` includes the bursty ones).
+    n_bursty_noise
+        How many noise genes are bursty (negative binomial with a very small dispersion parameter).
+    n_slides
+        Number of slides, each with its own layout and the same gene programmes. Slides are told apart by
+        ``.obs["library_id"]`` (``"synthetic_0"``, ...); with one slide the library id is ``"synthetic"``.
+    n_types
+        Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
+    spot_spacing_um, spot_diameter_um
+        Centre-to-centre spacing and diameter of spots, in µm.
+    microns_per_pixel
+        Scale of the full-resolution image.
+    margin_um
+        Tissue margin around the spot grid.
+    region_um
+        Length scale of the tissue regions (smoothing of the layout fields).
+    depth
+        Multiplies every gene's mean count (sequencing depth).
+    depth_sd
+        Standard deviation of the per-spot log library size.
+    hidden_sd
+        Standard deviation of the image-invisible per-spot noise added to the latent state.
+    informative_strength
+        Loadings of informative genes relative to tissue genes.
+    informative_mean, tissue_mean
+        Range (log-uniform) of mean counts per spot of informative and tissue genes, at ``depth=1``.
+    seed
+        Seed of the :class:`numpy.random.Generator`; the output is a deterministic function of all arguments.
+
+    Returns
+    -------
+    AnnData with raw counts in ``.X`` (CSR, float32), spot centres in full-resolution pixels in
+    ``.obsm["spatial"]``, ``.obs["library_id"]``, the image and scale factors in ``.uns["spatial"][library_id]``
+    (``"fullres"`` and ``"hires"`` images, ``microns_per_pixel``), and the ground truth:
+
+    - ``.var["synthetic_kind"]``: ``"tissue"``, ``"informative"`` or ``"noise"``; ``.var["informative"]``: True
+      for informative auxiliaries; ``.var["bursty"]``: True for bursty noise genes;
+    - ``.obs["tissue_type"]``: dominant tissue type of each spot; ``.obsm["synthetic_latent"]``: the visible
+      latent state (composition then cellularity and nuclear size, column names in
+      ``.uns["synthetic"]["latent_names"]``); ``.obsm["synthetic_hidden"]``: the invisible noise.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> adata = agl.datasets.synthetic_slide(n_rows=8, n_cols=8, seed=0)
+    >>> adata.shape
+    (64, 1980)
+    >>> adata.var["synthetic_kind"].value_counts().to_dict()
+    {'noise': 1600, 'informative': 300, 'tissue': 80}
+    >>> adata.uns["spatial"]["synthetic"]["images"]["fullres"].shape
+    (1024, 1024, 3)
+    """
+    _check_args(locals())
+    rng = np.random.default_rng(seed)
+    types = list(TISSUE_TYPES[:n_types])
+    mpp = float(microns_per_pixel)
+    spacing_px = spot_spacing_um / mpp
+    margin_px = margin_um / mpp
+    mult = _FIELD_PX * _HIRES_FACTOR
+    height = int(np.ceil(((n_rows - 1) * spacing_px + 2 * margin_px) / mult) * mult)
+    width = int(np.ceil(((n_cols - 1) * spacing_px + 2 * margin_px) / mult) * mult)
+    off_y = (height - (n_rows - 1) * spacing_px) / 2
+    off_x = (width - (n_cols - 1) * spacing_px) / 2
+    gy, gx = np.mgrid[0:n_rows, 0:n_cols]
+    xy = np.stack([off_x + gx.ravel() * spacing_px, off_y + gy.ravel() * spacing_px], 1)
+    n_spots = n_rows * n_cols
+    radius_px = spot_diameter_um / mpp / 2
+
+    # --- gene programmes (shared by all slides) ----------------------------------------------------------
+    n_lat = n_types + 2
+    latent_names = [f"frac_{t}" for t in types] + ["cellularity", "nuclear_size"]
+    n_genes = n_tissue_genes + n_informative + n_noise
+    kind = np.array(["tissue"] * n_tissue_genes + ["informative"] * n_informative + ["noise"] * n_noise, dtype=object)
+
+    def loadings(n: int, scale: float) -> np.ndarray:
+        w = np.zeros((n_lat, n), np.float64)
+        primary = rng.integers(0, n_types, n)
+        w[primary, np.arange(n)] = rng.uniform(2.5, 4.0, n) * rng.choice([1.0, 1.0, 1.0, -0.6], n)
+        w[:n_types] += rng.normal(0, 0.3, (n_types, n))
+        w[n_types:] = rng.normal(0, 0.45, (2, n)) * (rng.uniform(size=(2, n)) < 0.6)
+        return w * scale
+
+    W = np.zeros((n_lat, n_genes))
+    W[:, :n_tissue_genes] = loadings(n_tissue_genes, 1.0)
+    W[:, n_tissue_genes : n_tissue_genes + n_informative] = loadings(n_informative, informative_strength)
+    log_u = np.log(np.asarray(tissue_mean, float)), np.log(np.asarray(informative_mean, float))
+    mean = np.empty(n_genes)
+    mean[:n_tissue_genes] = np.exp(rng.uniform(*log_u[0], n_tissue_genes))
+    mean[n_tissue_genes : n_tissue_genes + n_informative] = np.exp(rng.uniform(*log_u[1], n_informative))
+    mean[n_tissue_genes + n_informative :] = np.exp(rng.uniform(np.log(0.05), np.log(1000.0), n_noise))
+    disp = np.full(n_genes, 30.0)  # NB dispersion parameter r (var = mu + mu²/r)
+    bursty = np.zeros(n_genes, bool)
+    bursty_idx = n_tissue_genes + n_informative + rng.choice(n_noise, n_bursty_noise, replace=False)
+    bursty[bursty_idx] = True
+    mean[bursty_idx] = np.exp(rng.uniform(np.log(0.2), np.log(4.0), n_bursty_noise))
+    disp[bursty_idx] = np.exp(rng.uniform(np.log(0.8), np.log(2.5), n_bursty_noise))
+    # centre the latent so that b_g sets the mean count: a reference composition
+    z_ref_mean = np.r_[np.full(n_types, 1.0 / n_types), 0.0, 0.0]
+
+    # --- slides ------------------------------------------------------------------------------------------
+    lib_ids = ["synthetic"] if n_slides == 1 else [f"synthetic_{i}" for i in range(n_slides)]
+    spatial, blocks, obs_parts, lat_parts, hid_parts = {}, [], [], [], []
+    for lib in lib_ids:
+        img, comp, cell, size = _render_slide(rng, height, width, types, region_um, 4.0, mpp)
+        z = np.concatenate(
+            [_spot_means(comp, xy, radius_px), _spot_means(np.stack([cell, size]), xy, radius_px)], 0
+        ).T  # spots x n_lat
+        hidden = rng.normal(0.0, hidden_sd, (n_spots, n_lat))
+        eta = (z + hidden - z_ref_mean) @ W
+        lib_size = depth * np.exp(rng.normal(-0.5 * depth_sd**2, depth_sd, n_spots))
+        mu = lib_size[:, None] * mean[None] * np.exp(eta)
+        counts = rng.poisson(rng.gamma(disp[None], mu / disp[None]))
+        blocks.append(sparse.csr_matrix(counts.astype(np.float32)))
+        hires = img.reshape(height // _HIRES_FACTOR, _HIRES_FACTOR, width // _HIRES_FACTOR, _HIRES_FACTOR, 3)
+        hires = hires.mean((1, 3)).round().astype(np.uint8)
+        spatial[lib] = {
+            K.IMAGES: {K.FULLRES: img, K.HIRES: hires},
+            K.SCALEFACTORS: {
+                K.HIRES_SCALEF: 1.0 / _HIRES_FACTOR,
+                K.SPOT_DIAMETER: float(spot_diameter_um / mpp),
+                K.MICRONS_PER_PIXEL: mpp,
+            },
+            K.METADATA: {},
+        }
+        dom = np.asarray(types)[z[:, :n_types].argmax(1)]
+        obs_parts.append(
+            pd.DataFrame(
+                {
+                    K.LIBRARY_KEY: lib,
+                    "array_row": gy.ravel(),
+                    "array_col": gx.ravel(),
+                    "tissue_type": dom,
+                    "library_size_factor": lib_size / depth,
+                },
+                index=[f"{lib}_r{r}_c{c}" for r, c in zip(gy.ravel(), gx.ravel())],
+            )
+        )
+        lat_parts.append(z.astype(np.float32))
+        hid_parts.append(hidden.astype(np.float32))
+
+    obs = pd.concat(obs_parts)
+    obs[K.LIBRARY_KEY] = pd.Categorical(obs[K.LIBRARY_KEY], categories=lib_ids)
+    obs["tissue_type"] = pd.Categorical(obs["tissue_type"], categories=types)
+    width_digits = len(str(n_genes))
+    var = pd.DataFrame(
+        {
+            "synthetic_kind": pd.Categorical(kind, categories=["tissue", "informative", "noise"]),
+            "informative": kind == "informative",
+            "bursty": bursty,
+            "synthetic_mean": mean.astype(np.float32),
+        },
+        index=[f"{k[:4]}_{i:0{width_digits}d}" for i, k in enumerate(kind)],
+    )
+    adata = AnnData(X=sparse.vstack(blocks, format="csr", dtype=np.float32), obs=obs, var=var)
+    adata.obsm[K.SPATIAL_KEY] = np.tile(xy, (n_slides, 1)).astype(np.float64)
+    adata.obsm["synthetic_latent"] = np.concatenate(lat_parts)
+    adata.obsm["synthetic_hidden"] = np.concatenate(hid_parts)
+    adata.uns[K.SPATIAL_KEY] = spatial
+    adata.uns["synthetic"] = {"latent_names": latent_names, "tissue_types": types, "seed": int(seed)}
+    adata.varm["synthetic_loadings"] = W.T.astype(np.float32)
+    logg.info(
+        f"synthetic slide(s): {n_slides} x {n_spots} spots, {n_genes} genes, image {height} x {width} px "
+        f"at {mpp:g} µm/px"
+    )
+    return adata
+
+
+def _check_args(args: dict) -> None:
+    ints = {
+        "n_rows": 2,
+        "n_cols": 2,
+        "n_tissue_genes": 1,
+        "n_informative": 0,
+        "n_noise": 0,
+        "n_bursty_noise": 0,
+        "n_slides": 1,
+        "n_types": 2,
+    }
+    for name, lo in ints.items():
+        val = args[name]
+        if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}.")
+    if args["n_types"] > len(TISSUE_TYPES):
+        raise ValueError(f"n_types must be at most {len(TISSUE_TYPES)} (tissue types {TISSUE_TYPES}).")
+    if args["n_bursty_noise"] > args["n_noise"]:
+        raise ValueError(
+            f"n_bursty_noise={args['n_bursty_noise']} exceeds n_noise={args['n_noise']}: bursty genes are a "
+            "subset of the noise genes."
+        )
+    for name in ("spot_spacing_um", "spot_diameter_um", "microns_per_pixel", "region_um", "depth"):
+        val = args[name]
+        if not np.isfinite(val) or val <= 0:
+            raise ValueError(f"{name} must be a positive number, got {val!r}.")
+    for name in ("margin_um", "depth_sd", "hidden_sd", "informative_strength"):
+        val = args[name]
+        if not np.isfinite(val) or val < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {val!r}.")
+    for name in ("informative_mean", "tissue_mean"):
+        lo, hi = args[name]
+        if not (0 < lo <= hi):
+            raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {args[name]!r}.")
+    if args["spot_spacing_um"] / args["microns_per_pixel"] < 2 * _FIELD_PX:
+        raise ValueError("spot_spacing_um / microns_per_pixel must be at least 16 pixels; lower microns_per_pixel.")
