@@ -274,7 +274,7 @@ def get_encoder(
     Returns
     -------
     module
-        The encoder (in eval mode), mapping normalised ``(B, 3, H, W)`` float images to ``(B, D)``.
+        The encoder (built ones in eval mode; a module passed in keeps its mode), mapping normalised ``(B, 3, H, W)`` float images to ``(B, D)``.
     info
         ``name``, ``mean``, ``std``, ``feature_dim`` (None when unknown until a first batch), ``weights_path``,
         ``weights_sha256`` (``""`` without a file), ``pretrained``, ``source``, ``normalisation`` (where mean/std
@@ -353,7 +353,8 @@ def get_encoder(
         norm_mean, norm_src = _channel_stats(mean, "mean"), "user"
     if std is not None:
         norm_std, norm_src = _channel_stats(std, "std"), "user"
-    module.eval()
+    if source != "module":  # a caller's own module keeps its mode; embed_patches sets eval mode while it runs
+        module.eval()
     fdim = getattr(module, "num_features", None)
     info = {
         "name": _safe_name(str(name)),
