@@ -1,0 +1,175 @@
+"""Sphinx configuration for agl-scverse.
+
+Two lists are generated at build time so that the docs follow the code without hand edits:
+
+- the API tables (``_autogen_api.md``), from the ``__all__`` of ``agl.io``, ``agl.pp``, ``agl.tl``, ``agl.pl``
+  and ``agl.datasets``;
+- the tutorial list (``_autogen_tutorials.md``), from ``../tutorials/*.ipynb``, which are copied into
+  ``docs/tutorials/`` (no symlinks; notebooks are committed with their outputs and not executed here).
+
+Generated files are git-ignored (``docs/.gitignore``) and excluded as pages of their own.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import importlib
+import shutil
+import sys
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))  # the package, even when not installed
+
+import agl_scverse  # noqa: E402
+
+# -- project -------------------------------------------------------------------------------------------------
+project = "agl-scverse"
+author = "agl-scverse developers"
+copyright = f"{date.today().year}, {author}"
+release = agl_scverse.__version__
+version = release
+
+# -- extensions ----------------------------------------------------------------------------------------------
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx_autodoc_typehints",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+master_doc = "index"
+exclude_patterns = ["_build", "_autogen_*.md", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+templates_path: list[str] = []
+
+# MyST / myst-nb: tutorials are executed elsewhere (committed with outputs), never during the docs build.
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "substitution"]
+myst_heading_anchors = 3
+nb_merge_streams = True
+
+# autodoc / autosummary
+autosummary_generate = ["_autogen_api.md"]
+autosummary_imported_members = True
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "undoc-members": False}
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = True
+napoleon_use_param = True
+napoleon_use_ivar = True  # dataclass fields: one description, not an "Attributes" entry plus an autodoc member
+typehints_defaults = "comma"
+always_document_param_types = False
+# Type hints with names only imported for type checking cannot all be resolved; these notices are not errors
+# in the documentation, and the signatures still show the annotations as written.
+suppress_warnings = ["sphinx_autodoc_typehints.forward_reference", "sphinx_autodoc_typehints.guarded_import"]
+
+# -- HTML ----------------------------------------------------------------------------------------------------
+html_theme = "sphinx_book_theme"
+html_title = "agl-scverse"
+html_static_path = ["_static"]
+html_theme_options = {
+    "repository_url": "https://github.com/agl-scverse/agl-scverse",
+    "use_repository_button": False,
+    "show_toc_level": 2,
+}
+
+# -- generated lists -----------------------------------------------------------------------------------------
+API_MODULES = {
+    "io": "Reading data",
+    "pp": "Preprocessing: patches, embeddings, gene roles",
+    "tl": "Tools: fit, predict, evaluate, cross-validate",
+    "pl": "Plotting",
+    "datasets": "Datasets",
+}
+
+
+def public_names(module: str) -> list[str]:
+    """Names in ``agl_scverse.<module>.__all__`` that really exist (in order, without duplicates)."""
+    mod = importlib.import_module(f"agl_scverse.{module}")
+    names = [n for n in dict.fromkeys(getattr(mod, "__all__", [])) if hasattr(mod, n)]
+    return names
+
+
+def write_api(path: Path) -> None:
+    """The API tables, one autosummary per module, from the modules' ``__all__``."""
+    lines = []
+    for module, title in API_MODULES.items():
+        names = public_names(module)
+        lines += [f"## `agl.{module}`: {title}", ""]
+        if not names:
+            lines += ["Nothing public yet.", ""]
+            continue
+        lines += [
+            "```{eval-rst}",
+            f".. currentmodule:: agl_scverse.{module}",
+            "",
+            ".. autosummary::",
+            "   :toctree: generated",
+            "",
+            *[f"   {n}" for n in names],
+            "```",
+            "",
+        ]
+    _write_if_changed(path, "\n".join(lines))
+
+
+def write_tutorials(path: Path) -> None:
+    """Copy ``../tutorials/*.ipynb`` into ``docs/tutorials/`` and list them in a toctree."""
+    src_dir, dst_dir = REPO / "tutorials", HERE / "tutorials"
+    notebooks = sorted(src_dir.glob("*.ipynb")) if src_dir.is_dir() else []
+    dst_dir.mkdir(exist_ok=True)
+    for stale in dst_dir.glob("*.ipynb"):
+        if not (src_dir / stale.name).exists():
+            stale.unlink()
+    for nb in notebooks:
+        dst = dst_dir / nb.name
+        if not dst.exists() or not filecmp.cmp(nb, dst, shallow=False):
+            shutil.copy2(nb, dst)
+    if notebooks:
+        body = ["```{toctree}", ":maxdepth: 1", "", *[f"tutorials/{nb.stem}" for nb in notebooks], "```", ""]
+    else:
+        body = ["No tutorial notebooks in `tutorials/` yet.", ""]
+    _write_if_changed(path, "\n".join(body))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def returns_prose(app, what, name, obj, options, lines: list[str]) -> None:
+    """Let a numpy ``Returns`` section be a plain paragraph, as scanpy writes them.
+
+    napoleon reads every unindented line of ``Returns`` as a separate return *type*, which splits sentences (and
+    inline literals that wrap across lines). A section whose body has no indented line and no ``name : type``
+    header is rewritten as one description (``:`` then the indented paragraph) before napoleon parses it.
+    """
+    i = 0
+    while i < len(lines) - 1:
+        if lines[i].strip() == "Returns" and set(lines[i + 1].strip()) == {"-"}:
+            start = j = i + 2
+            while j < len(lines) and not (
+                j + 1 < len(lines) and lines[j].strip() and lines[j + 1].strip() and set(lines[j + 1].strip()) == {"-"}
+            ):
+                j += 1
+            body = lines[start:j]
+            text = [ln for ln in body if ln.strip()]
+            if text and not any(ln.startswith((" ", "\t")) for ln in text) and " : " not in text[0]:
+                lines[start:j] = [":", *[f"    {ln}" if ln.strip() else "" for ln in body]]
+            i = j
+        else:
+            i += 1
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", returns_prose, priority=400)  # before napoleon (500)
+
+
+write_api(HERE / "_autogen_api.md")
+write_tutorials(HERE / "_autogen_tutorials.md")
