@@ -83,7 +83,7 @@ def main() -> None:
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.05)
     buf.seek(0)
     with Image.open(buf) as im:  # a 256-colour palette keeps the PNG small
         im.convert("RGB").quantize(colors=256).save(args.out, optimize=True)

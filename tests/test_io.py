@@ -405,6 +405,14 @@ def test_read_hest_with_patches(tmp_path):
     assert (hires == 255).any()  # background stays white
 
 
+def test_read_hest_patches_feed_pp(tmp_path):
+    """The patch module reads each spot's own HEST patch through hest_patch_index / patches_h5."""
+    st, _ = write_hest(tmp_path)
+    adata = agl.io.read_hest(st, microns_per_pixel=5.6)
+    patches = agl.pp.extract_patches(adata, patch_px=16, patch_um=112, library_key="library_id")
+    np.testing.assert_array_equal(patches[:, 0, 0, 0], [10 * (int(n[2:]) + 1) for n in adata.obs_names])
+
+
 def test_read_hest_coordinates_and_scale_from_h5(tmp_path):
     st, h5 = write_hest(tmp_path, with_spatial=False, h5_attrs={"patch_size": 20})
     adata = agl.io.read_hest(st, h5)  # 112 µm over a 20 px source patch -> 5.6 µm/px
