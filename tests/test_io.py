@@ -605,3 +605,21 @@ def test_from_spatialdata_errors():
         agl.io.from_spatialdata(make_sdata(table_region="he"), microns_per_pixel=1.0)
     with pytest.raises(TypeError, match="SpatialData"):
         agl.io.from_spatialdata(AnnData(np.ones((2, 2))))
+
+
+def test_outputs_round_trip_h5ad(tmp_path, legacy_dir):
+    """Reader outputs are h5ad-serialisable and keep their layout (images, scale factors, metadata)."""
+    import anndata as ad
+
+    for name, adata in (
+        ("legacy", agl.io.read_legacy_st(legacy_dir / "S1", hires_max_px=100)),
+        ("sdata", agl.io.from_spatialdata(make_sdata(), microns_per_pixel=0.5)),
+    ):
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+        back = ad.read_h5ad(tmp_path / f"{name}.h5ad")
+        lib = back.obs["library_id"].cat.categories[0]
+        entry, orig = back.uns["spatial"][lib], adata.uns["spatial"][lib]
+        np.testing.assert_array_equal(entry["images"]["hires"], orig["images"]["hires"])
+        assert entry["scalefactors"] == pytest.approx(orig["scalefactors"])
+        assert entry["metadata"] == orig["metadata"]
+        np.testing.assert_allclose(back.obsm["spatial"], adata.obsm["spatial"])
