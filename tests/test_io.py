@@ -277,7 +277,7 @@ def test_read_visium(tmp_path):
     np.testing.assert_allclose(adata.obsm["spatial"][:, 0], [200, 300, 400, 500, 600])  # x = pxl_col
     np.testing.assert_allclose(adata.obsm["spatial"][:, 1], 300)
     entry = adata.uns["spatial"]["lib_h5"]
-    assert entry["scalefactors"]["microns_per_pixel"] == pytest.approx(55 / 110)
+    assert entry["scalefactors"]["microns_per_pixel"] == pytest.approx(65 / 110)
     assert entry["metadata"]["source_image_path"] == str((folder / "fullres.jpg").resolve())
     assert entry["images"]["hires"].shape == (160, 200, 3)
     img, scale, which = _spatial.get_image(adata, "lib_h5")
@@ -395,7 +395,7 @@ def test_read_hest_with_patches(tmp_path):
             assert f["img"][row][0, 0, 0] == 10 * (int(name[2:]) + 1)
     np.testing.assert_allclose(adata.obsm["spatial"][:, 1], 80.0)
     sf = entry["scalefactors"]
-    assert sf["microns_per_pixel"] == 5.6 and sf["spot_diameter_fullres"] == pytest.approx(55 / 5.6)
+    assert sf["microns_per_pixel"] == 5.6 and sf["spot_diameter_fullres"] == pytest.approx(65 / 5.6)
     # the mosaic thumbnail shows patch i (value 10 (i + 1)) at spot i
     hires = entry["images"]["hires"]
     assert hires.dtype == np.uint8 and max(hires.shape[:2]) <= 64
@@ -426,12 +426,12 @@ def test_read_hest_coordinates_and_scale_from_h5(tmp_path):
 
 def test_read_hest_uses_h5ad_image(tmp_path):
     st, h5 = write_hest(tmp_path, uns_image=True)
-    with pytest.warns(UserWarning, match="assuming 55"):
+    with pytest.warns(UserWarning, match="assuming 65"):
         adata = agl.io.read_hest(st, h5, library_id="lib")
     entry = adata.uns["spatial"]["lib"]
     assert entry["images"]["hires"].shape == (40, 100, 3)
     assert entry["scalefactors"]["tissue_hires_scalef"] == 0.25
-    assert entry["scalefactors"]["microns_per_pixel"] == pytest.approx(55 / 30)
+    assert entry["scalefactors"]["microns_per_pixel"] == pytest.approx(65 / 30)
     assert entry["metadata"]["hires_source"].startswith("h5ad")
 
 
@@ -530,7 +530,7 @@ def _assert_same(sdata, snap: dict) -> None:
 def test_from_spatialdata(tmp_path):
     sdata = make_sdata()
     snap = _sdata_snapshot(sdata)
-    with pytest.warns(UserWarning, match="assuming 55"):
+    with pytest.warns(UserWarning, match="assuming 65"):
         adata = agl.io.from_spatialdata(sdata)
     _assert_same(sdata, snap)
     assert list(adata.obs_names) == ["a", "b", "c"]

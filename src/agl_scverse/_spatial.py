@@ -15,7 +15,10 @@ from anndata import AnnData
 
 from . import _constants as K
 
-VISIUM_SPOT_UM = 55.0
+VISIUM_SPOT_UM = 55.0  # physical diameter of a Visium spot
+# Space Ranger defines scalefactors["spot_diameter_fullres"] as the pixels spanning a *theoretical 65 µm* spot,
+# so µm per full-res pixel = 65 / spot_diameter_fullres (not 55 / ...).
+VISIUM_SCALEFACTOR_SPOT_UM = 65.0
 
 
 def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
@@ -90,19 +93,19 @@ def microns_per_pixel(adata: AnnData, library_id: str) -> float:
     """µm per full-resolution pixel of a library.
 
     Read from ``scalefactors['microns_per_pixel']``; if absent, derived from ``spot_diameter_fullres`` assuming a
-    55 µm Visium spot (with a warning).
+    65 µm spot, Space Ranger's definition of that scale factor (with a warning).
     """
     sf = scalefactors(adata, library_id)
     if K.MICRONS_PER_PIXEL in sf:
         return float(sf[K.MICRONS_PER_PIXEL])
     if K.SPOT_DIAMETER in sf:
         warnings.warn(
-            f"Library {library_id!r} records no 'microns_per_pixel'; assuming 55 µm Visium spots "
+            f"Library {library_id!r} records no 'microns_per_pixel'; assuming Space Ranger's 65 µm reference spot "
             f"(spot_diameter_fullres={sf[K.SPOT_DIAMETER]}). Set scalefactors['microns_per_pixel'] to silence this.",
             UserWarning,
             stacklevel=2,
         )
-        return VISIUM_SPOT_UM / float(sf[K.SPOT_DIAMETER])
+        return VISIUM_SCALEFACTOR_SPOT_UM / float(sf[K.SPOT_DIAMETER])
     raise ValueError(
         f"Library {library_id!r} has neither 'microns_per_pixel' nor 'spot_diameter_fullres' in its scale factors: "
         "the physical scale is unknown. Add scalefactors['microns_per_pixel']."

@@ -39,7 +39,7 @@ def read_hest(
     library_key: str = K.LIBRARY_KEY,
     fullres_image: str | Path | None = None,
     patch_coords: Literal["topleft", "center"] = "topleft",
-    spot_diameter_um: float = _spatial.VISIUM_SPOT_UM,
+    spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
     hires_max_px: int = 2000,
 ) -> AnnData:
     """Read one HEST-1k sample into the agl-scverse layout, keeping its patches on disk.
@@ -73,7 +73,7 @@ def read_hest(
         Whether the h5 ``coords`` are the patches' top-left corners (as HEST writes them) or their centres; used
         only when the h5ad has no ``obsm["spatial"]``.
     spot_diameter_um
-        Spot diameter in µm used when the h5ad records no ``spot_diameter_fullres`` (55 for Visium).
+        Spot diameter in µm used when the h5ad records no ``spot_diameter_fullres`` (65 for Visium: Space Ranger's scale factors and circles refer to a theoretical 65 µm spot).
     hires_max_px
         Longest side of the ``"hires"`` thumbnail (from the h5ad's own image, the whole-slide image or a mosaic
         of the patches, in that order).

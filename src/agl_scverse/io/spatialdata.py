@@ -27,7 +27,7 @@ def from_spatialdata(
     microns_per_pixel: float | None = None,
     library_key: str = K.LIBRARY_KEY,
     layer: str | None = None,
-    spot_diameter_um: float = _spatial.VISIUM_SPOT_UM,
+    spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
     hires_max_px: int = 2000,
     fullres_max_px: int = 4096,
 ) -> AnnData:
@@ -59,7 +59,7 @@ def from_spatialdata(
     layer
         Table layer holding the raw counts (default ``table.X``).
     spot_diameter_um
-        Physical spot diameter used when ``microns_per_pixel`` is not given (55 for Visium).
+        Physical spot diameter used when ``microns_per_pixel`` is not given (65 for Visium: Space Ranger's scale factors and circles refer to a theoretical 65 µm spot).
     hires_max_px
         Longest side of the ``"hires"`` image.
     fullres_max_px

@@ -23,7 +23,7 @@ def read_visium(
     counts_file: str = "filtered_feature_bc_matrix.h5",
     library_key: str = K.LIBRARY_KEY,
     microns_per_pixel: float | None = None,
-    spot_diameter_um: float = _spatial.VISIUM_SPOT_UM,
+    spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
     var_names_make_unique: bool = True,
 ) -> AnnData:
     """Read a 10x Visium Space Ranger output folder into the agl-scverse layout.
@@ -51,7 +51,7 @@ def read_visium(
     microns_per_pixel
         µm per full-resolution pixel; default ``spot_diameter_um / spot_diameter_fullres``.
     spot_diameter_um
-        Physical spot diameter used to derive the scale (55 µm for Visium).
+        Physical spot diameter used to derive the scale (65 µm: Space Ranger's ``spot_diameter_fullres`` spans a theoretical 65 µm spot).
     var_names_make_unique
         Make duplicated gene symbols unique (``adata.var_names_make_unique()``, as scanpy's 10x readers do);
         with ``False`` duplicated symbols raise an error.
@@ -73,7 +73,7 @@ def read_visium(
     _check_visium_folder(path, counts_file)
     if microns_per_pixel is not None:
         microns_per_pixel = positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per pixel.")
-    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Visium spots are 55 µm.")
+    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Space Ranger's reference spot is 65 µm.")
     if fullres_image is not None:
         fullres_image = Path(fullres_image).resolve()
         width, height = image_size(fullres_image)  # exists, RGB, header only
