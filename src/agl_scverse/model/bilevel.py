@@ -16,7 +16,8 @@ gradient agrees with the targets' validation gradient better than the current mi
 Choices that keep it cheap and stable (measured in ``benchmarks/bench_synthetic_methods.py``):
 
 - the meta step runs the network in ``eval`` mode (no dropout noise in the hypergradient, deterministic);
-- the validation loss only evaluates the target rows of the output layer;
+- the validation loss only evaluates the target rows of the output layer, and with ``H = 1`` the auxiliary rows
+  of the output layer enter the inner step as constants (exactly the same hypergradient, a cheaper graph);
 - the trainer bounds the number of meta steps per epoch (``meta_steps``) and averages the hypergradients of the
   meta batches it draws before one Adam step on ``theta`` -- see :mod:`agl_scverse.model.trainer`.
 """
@@ -66,16 +67,33 @@ def unrolled_val_loss(
     >>> unrolled_val_loss(net, mask, 1, x, y, x, y).requires_grad
     True
     """
-    names = [n for n, _ in net.named_parameters()]
-    fast = [p.detach().requires_grad_(True) for _, p in net.named_parameters()]
+    params = dict(net.named_parameters())
     buffers = dict(net.named_buffers())
+    # With one inner step the auxiliary rows of the output layer cannot influence the target validation loss
+    # (they only feed the auxiliary outputs), so they enter as constants: exact, and it skips the largest
+    # weight gradient of the double backward. With H > 1 they feed later trunk gradients, so all rows are fast.
+    split = int(inner_steps) == 1 and "out.weight" in params and "out.bias" in params
+    const: dict[str, torch.Tensor] = {}
+    fast: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        if split and name in ("out.weight", "out.bias"):
+            fast[name] = p[:n_targets].detach().requires_grad_(True)
+            const[name] = p[n_targets:].detach()
+        else:
+            fast[name] = p.detach().requires_grad_(True)
+
+    def assemble(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        full = {n: (torch.cat([f[n], const[n]]) if n in const else f[n]) for n in f}
+        return {**full, **buffers}
+
     w = _full_weights(mask, n_targets).to(y_tr.dtype)
     for _ in range(int(inner_steps)):
-        out = functional_call(net, ({**dict(zip(names, fast)), **buffers}), (x_tr,))
+        out = functional_call(net, assemble(fast), (x_tr,))
         L = weighted_loss(per_gene_loss(out, y_tr, loss), w)
-        grads = torch.autograd.grad(L, fast, create_graph=True, allow_unused=True)
-        fast = [p if g is None else p - inner_lr * g for p, g in zip(fast, grads)]
-    out_va = functional_call(net, ({**dict(zip(names, fast)), **buffers}), (x_va,), {"n_first": n_targets})
+        names = list(fast)
+        grads = torch.autograd.grad(L, [fast[n] for n in names], create_graph=True, allow_unused=True)
+        fast = {n: (fast[n] if g is None else fast[n] - inner_lr * g) for n, g in zip(names, grads)}
+    out_va = functional_call(net, assemble(fast), (x_va,), {"n_first": n_targets})
     return per_gene_loss(out_va, y_va[:, :n_targets], loss).mean()
 
 

@@ -12,8 +12,8 @@ mask, early stopping on the validation mean target Pearson r (patience), the bes
 and ``theta``), then an affine per-gene calibration of the outputs on the training spots (see
 :mod:`agl_scverse.model.heads`).
 
-DkGSB bi-level updates (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly between the
-training batches. Each meta step draws ``meta_batch_size`` training and validation spots, computes the
+DkGSB bi-level updates (epochs after the first): ``min(meta_steps, n_batches)`` meta steps per epoch, spread
+evenly between the training batches. Each meta step draws ``meta_batch_size`` training and validation spots, computes the
 hypergradient of the target validation loss w.r.t. ``theta`` through ``inner_steps`` differentiable SGD steps
 (:func:`agl_scverse.model.bilevel.hypergradient`), and takes one Adam step (lr ``beta``) on ``theta``, clamped to
 [0, 1]. Why this shape:
@@ -259,9 +259,8 @@ def train_network(
         net.train()
         perm = rng.permutation(train_idx)
         do_meta = mask is not None and epoch > 0 and meta_steps > 0 and mask.ranks.numel() > 0
-        meta_after = (
-            np.floor((np.arange(meta_steps) + 0.5) * n_batches / max(meta_steps, 1)).astype(int) if do_meta else []
-        )
+        n_meta = min(int(meta_steps), n_batches) if do_meta else 0
+        meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
         losses = []
         for b in range(n_batches):
             bidx = perm[b * batch_size : (b + 1) * batch_size]
