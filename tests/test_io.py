@@ -541,7 +541,7 @@ def test_from_spatialdata(tmp_path):
     entry = adata.uns["spatial"]["he"]
     sf = entry["scalefactors"]
     assert sf["spot_diameter_fullres"] == pytest.approx(5.0)  # radius 5 global = 2.5 image px
-    assert sf["microns_per_pixel"] == pytest.approx(11.0)
+    assert sf["microns_per_pixel"] == pytest.approx(65 / 5.0)  # Space Ranger convention: 65 µm / circle diameter
     assert entry["images"]["hires"].shape == (60, 80, 3) and sf["tissue_hires_scalef"] == 1.0
     img, scale, which = _spatial.get_image(adata, "he")
     assert which == "fullres" and img.shape == (60, 80, 3)
