@@ -129,6 +129,7 @@ def test_selected_genes_with_history_and_key(tmp_path):
     assert (tmp_path / "s2.pdf").exists()
     y = axs[1].get_lines()[0].get_ydata()
     assert np.isnan(y[0]) and list(y[1:]) == [20, 16, 13, 12, 12]
+    assert axs[1].get_lines()[1].get_xdata()[0] == 2  # kept epoch (best validation PCC) marked
     with pytest.raises(KeyError, match="key='agl'"):
         agl.pl.selected_genes(ad, show=False)  # run stored under run2
 
@@ -148,7 +149,11 @@ def test_training_history(adata, tmp_path):
     assert len(axs) == 3
     assert [a.get_title() for a in axs] == ["training loss", "validation PCC (targets)", "selected auxiliary genes"]
     assert list(axs[1].get_lines()[0].get_ydata()) == [0.1, 0.2, 0.35, 0.3, 0.32, 0.31]
-    assert any("best 0.350 @ epoch 2" in t for t in _texts(axs[1]))
+    assert any("kept epoch 2: PCC 0.350" in t for t in _texts(axs[1]))  # no best_epoch recorded: best val PCC
+    adata.uns["agl"]["metrics"]["best_epoch"] = 4  # recorded by the fit: that epoch is marked
+    axs = agl.pl.training_history(adata, show=False)
+    assert any("kept epoch 4: PCC 0.320" in t for t in _texts(axs[1]))
+    assert [ln.get_xdata()[0] for ln in axs[2].get_lines()[1:]] == [4]
     del adata.uns["agl"]["history"]["val_pcc"]
     with pytest.raises(KeyError, match="val_pcc"):
         agl.pl.training_history(adata, show=False)

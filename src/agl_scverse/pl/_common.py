@@ -110,3 +110,16 @@ def finish(fig: Figure, axes, show: bool | None, save: str | Path | None, dpi: i
 def as_float(values) -> np.ndarray:
     """A list that may hold None (an epoch without a value) as a float array with NaN."""
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def best_epoch(run: dict) -> float | None:
+    """The epoch the run kept: ``metrics["best_epoch"]`` when recorded, else the one with the best validation PCC."""
+    history = run.get("history") or {}
+    metrics = run.get("metrics") or {}
+    if "best_epoch" in metrics and metrics["best_epoch"] is not None:
+        return float(metrics["best_epoch"])
+    val = as_float(history.get("val_pcc", []))
+    epochs = as_float(history.get("epoch", []))
+    if len(val) == len(epochs) and np.isfinite(val).any():
+        return float(epochs[int(np.nanargmax(val))])
+    return None

@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
-from ._common import COLORS, as_float, finish, get_run, new_axes
+from ._common import COLORS, as_float, best_epoch, finish, get_run, new_axes
 
 __all__ = ["training_history"]
 
@@ -31,7 +31,7 @@ def training_history(
 ) -> list[Axes] | None:
     """Plot the training history of a run: training loss, validation target PCC and ``k`` per epoch.
 
-    The epoch with the best validation PCC (the one early stopping keeps) is marked in every panel.
+    The epoch the run kept (``metrics["best_epoch"]``, else the best validation PCC) is marked in every panel.
 
     Parameters
     ----------
@@ -72,7 +72,8 @@ def training_history(
             raise ValueError(f"history[{name!r}] has {len(history[name])} values but there are {len(epoch)} epochs.")
     fig, axs = new_axes(ax, 3, figsize or (12, 3.4))
     val = as_float(history["val_pcc"])
-    best = int(np.nanargmax(val)) if np.isfinite(val).any() else None
+    kept = best_epoch(run)
+    best = int(np.flatnonzero(epoch == kept)[0]) if kept is not None and (epoch == kept).any() else None
     for a, (name, title, ylabel) in zip(axs, _PANELS):
         y = as_float(history[name])
         a.plot(epoch, y, marker="o", ms=3, color=COLORS["model"] if name != "k" else COLORS["selected"])
@@ -83,7 +84,7 @@ def training_history(
         a.set_ylabel(ylabel)
     if best is not None:
         axs[1].annotate(
-            f"best {val[best]:.3f} @ epoch {epoch[best]:g}",
+            f"kept epoch {epoch[best]:g}: PCC {val[best]:.3f}",
             xy=(epoch[best], val[best]),
             xytext=(0.98, 0.05),
             textcoords="axes fraction",

@@ -10,7 +10,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from .._constants import ROLE_AUX, ROLE_TARGET
-from ._common import COLORS, as_float, finish, get_run, new_axes, require_var
+from ._common import COLORS, as_float, best_epoch, finish, get_run, new_axes, require_var
 
 __all__ = ["selected_genes"]
 
@@ -149,7 +149,7 @@ def selected_genes(
     top.tick_params(labelsize="small")
     a.legend(loc="center right", fontsize="small", frameon=False)
     if show_history:
-        _k_history(axs[1], history)
+        _k_history(axs[1], history, best_epoch(run))
         return finish(fig, axs, show, save)
     return finish(fig, a, show, save)
 
@@ -177,10 +177,13 @@ def _label_genes(a: Axes, x, y, names, span: float, fontsize: float) -> None:
         )
 
 
-def _k_history(a: Axes, history: dict) -> None:
+def _k_history(a: Axes, history: dict, best: float | None) -> None:
     epoch = np.asarray(history["epoch"], dtype=float)
     k = as_float(history.get("k", [np.nan] * len(epoch)))
     a.plot(epoch, k, marker="o", ms=3, color=COLORS["selected"])
+    if best is not None:
+        a.axvline(best, color=COLORS["threshold"], ls=":", lw=1, label=f"kept epoch ({best:g})")
+        a.legend(fontsize="small", frameon=False)
     a.set_xlabel("epoch")
     a.set_ylabel("selected auxiliary genes $k$")
     a.set_title("k over training")
