@@ -1,3 +1,301 @@
-"""Placeholder."""
+"""Leave-one-group-out cross-validation of AGL methods and baselines on the same folds and embeddings."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .. import _constants as K
+from .._validate import check_adata
+from ..pp.genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles, expression_transform
+from .baselines import mean_predictor, pca_ridge
+from .fit import agl_fit
+from .metrics import per_gene_metrics
+
+__all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
+
+BASELINES = ("mean", "pca_ridge")
+"""Baseline rows added when ``baselines=True``."""
+
+CV_COLUMNS = ["fold", "method", "gene", "pearson", "spearman", "mse", "k", "fit_seconds"]
+"""Columns of the DataFrame returned by :func:`cross_validate`."""
+
+_PRIOR_COL = "_agl_cv_prior"
+
+
+def _embedding_key(adata: AnnData, embedding_key: str | None) -> str:
+    if embedding_key is not None:
+        if embedding_key not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm[{embedding_key!r}] is missing; available: {list(adata.obsm)}. "
+                "Run agl.pp.embed_patches first or pass embedding_key."
+            )
+        return embedding_key
+    keys = [k for k in adata.obsm if k.startswith(K.EMBED_PREFIX)]
+    if len(keys) != 1:
+        raise ValueError(
+            f"Cannot choose the embedding: .obsm holds {len(keys)} keys starting with {K.EMBED_PREFIX!r} ({keys}). "
+            "Pass embedding_key=."
+        )
+    return keys[0]
+
+
+def _val_group(order: list[str], test_group: str) -> str | None:
+    """With >= 3 training groups, the group after the held-out one (cyclically) validates; else None."""
+    if len(order) - 1 < 3:
+        return None
+    return order[(order.index(test_group) + 1) % len(order)]
+
+
+def cross_validate(
+    adata: AnnData,
+    group_key: str,
+    methods: Sequence[str] = ("pgl", "agl", "dkgsb"),
+    embedding_key: str | None = None,
+    n_targets: int = 50,
+    baselines: bool = True,
+    seed: int = 0,
+    key_added: str = "agl_cv",
+    *,
+    groups: Sequence[str] | None = None,
+    prior: str = "hvg",
+    min_cells: int | float = DEFAULT_MIN_CELLS,
+    layer: str | None = None,
+    transform: str = "log1p",
+    val_fraction: float = 0.2,
+    progress: bool = True,
+    **fit_kwargs: Any,
+) -> pd.DataFrame:
+    """Leave-one-group-out evaluation of AGL methods and baselines.
+
+    For each held-out group (slide, section, patient, ...):
+
+    1. gene roles are recomputed on the **training groups only** (targets = top-``n_targets`` HVG of the
+       training spots, auxiliaries ranked by ``prior``; :func:`agl_scverse.pp.compute_gene_roles`), and every
+       method of the fold uses exactly these roles;
+    2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
+       embeddings, same validation spots, same seed), then predicts the held-out group;
+    3. with ``baselines=True``, the mean predictor and PCA+Ridge (:mod:`agl_scverse.tl.baselines`) are fitted on
+       all training spots (train + validation) of the same embeddings;
+    4. per-gene Pearson / Spearman / MSE of the **targets** on the held-out spots, on the ``transform`` scale
+       (:mod:`agl_scverse.tl.metrics` conventions: NaN where a target is constant on the held-out group).
+
+    Validation spots (early stopping, DkGSB's bi-level step): with at least 3 training groups, the whole next
+    group (cyclically after the held-out one); otherwise a random ``val_fraction`` of training spots.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``.X`` (or ``layer``) and an embedding in ``.obsm`` (see :func:`agl_scverse.pp.embed_patches`).
+        Not modified, except for the summary written to ``.uns[key_added]``.
+    group_key
+        ``.obs`` column with the groups; each group is held out once.
+    methods
+        AGL methods (``"pgl"``, ``"agl"``, ``"topk"``, ``"dkgsb"``; see :func:`agl_scverse.tl.agl_fit`).
+    embedding_key
+        ``.obsm`` key of the embeddings; default: the only ``X_agl_*`` key.
+    n_targets
+        Number of HVG targets per fold.
+    baselines
+        Add ``"mean"`` and ``"pca_ridge"`` rows.
+    seed
+        Seed for every fit and the validation split.
+    key_added
+        ``.uns`` key of the summary.
+    groups
+        Hold out only these groups (default: every group; the others still train).
+    prior, min_cells, layer
+        Gene roles, see :func:`agl_scverse.pp.compute_gene_roles`.
+    transform
+        Expression scale of targets, predictions and metrics (:func:`agl_scverse.pp.expression_transform`).
+    val_fraction
+        Fraction of training spots used for validation when there are fewer than 3 training groups.
+    progress
+        Progress bar over folds.
+    **fit_kwargs
+        Passed to :func:`agl_scverse.tl.agl_fit` (e.g. ``epochs``, ``k`` for ``"topk"``, ``hidden``).
+
+    Returns
+    -------
+    Tidy DataFrame with columns ``fold`` (held-out group), ``method``, ``gene``, ``pearson``, ``spearman``,
+    ``mse``, ``k`` (auxiliary genes used: 0 for PGL, all for AGL-all, the learned ``k`` for DkGSB, NaN for
+    baselines) and ``fit_seconds`` (wall time of fitting that method on that fold). One row per fold x method x
+    target gene.
+
+    ``.uns[key_added]`` receives (h5ad-serialisable): ``summary`` (a dict of equal-length arrays ``fold``,
+    ``method``, ``mean_pearson``, ``mean_spearman``, ``mean_mse``, ``k``, ``fit_seconds``, one entry per fold x
+    method), ``mean_pearson`` (per method, mean over folds of the fold's mean target Pearson r), ``folds``,
+    ``methods``, and ``params``.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> df = agl.tl.cross_validate(adata, "library_id", methods=("pgl", "dkgsb"))  # doctest: +SKIP
+    >>> df.groupby(["method", "fold"]).pearson.mean().unstack()  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    # ---------------------------------------------------------------- validate everything before any work
+    check_adata(adata, layer=layer)
+    if group_key not in adata.obs:
+        raise KeyError(f"group_key={group_key!r} is not an .obs column; available: {list(adata.obs.columns)[:10]}.")
+    col = adata.obs[group_key]
+    if col.isna().any():
+        raise ValueError(f".obs[{group_key!r}] holds missing values; every spot needs a group.")
+    grp = col.astype(str).to_numpy()
+    order = (
+        list(pd.unique(grp))
+        if not isinstance(col.dtype, pd.CategoricalDtype)
+        else [str(c) for c in col.cat.categories if (grp == str(c)).any()]
+    )
+    if len(order) < 2:
+        raise ValueError(f".obs[{group_key!r}] has {len(order)} group(s); leave-one-group-out needs at least 2.")
+    held = order if groups is None else [str(g) for g in groups]
+    unknown = [g for g in held if g not in order]
+    if unknown:
+        raise KeyError(f"groups {unknown} are not values of .obs[{group_key!r}] ({order}).")
+    methods = tuple(methods)
+    from ..model.trainer import METHODS
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"Unknown method(s) {bad}; choose from {METHODS}.")
+    if not methods and not baselines:
+        raise ValueError("Nothing to evaluate: methods is empty and baselines=False.")
+    emb_key = _embedding_key(adata, embedding_key)
+    emb = np.asarray(adata.obsm[emb_key], dtype=np.float32)
+    if emb.ndim != 2 or not np.all(np.isfinite(emb)):
+        raise ValueError(f"adata.obsm[{emb_key!r}] must be a finite spots x features matrix.")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+
+    if fit_kwargs.get("mode", "embedding") != "embedding":
+        raise ValueError("cross_validate evaluates embedding mode (cached features); mode='finetune' is not supported.")
+    for name in ("spots", "split_key", "val_groups", "targets", "auxiliaries", "copy", "save_dir", "method"):
+        if name in fit_kwargs:
+            raise TypeError(f"cross_validate sets {name!r} itself for every fold; do not pass it.")
+    counts = adata.layers[layer] if layer is not None else adata.X
+    rows: list[pd.DataFrame] = []
+    summary: list[dict] = []
+    bar = tqdm(held, desc="cross-validate", unit="fold", disable=not progress)
+    for test_group in bar:
+        bar.set_postfix_str(str(test_group))
+        test = grp == test_group
+        train = ~test
+        val_group = _val_group(order, test_group)
+        roles = compute_gene_roles(
+            adata, n_targets=n_targets, prior=prior, min_cells=min_cells, train_mask=train, layer=layer
+        )
+        t_idx = adata.var_names.get_indexer(roles.targets)
+        Y_all = expression_transform(counts, transform, columns=t_idx)
+        Y_test = Y_all[test]
+
+        def record(method: str, pred: np.ndarray, k: float, secs: float, _tg=test_group, _Yt=Y_test, _r=roles):
+            m = per_gene_metrics(_Yt, pred, genes=_r.targets)
+            m.insert(0, "method", method)
+            m.insert(0, "fold", _tg)
+            m["k"] = float(k)
+            m["fit_seconds"] = float(secs)
+            rows.append(m)
+            summary.append(
+                {
+                    "fold": _tg,
+                    "method": method,
+                    "mean_pearson": float(np.nanmean(m.pearson)) if m.pearson.notna().any() else np.nan,
+                    "mean_spearman": float(np.nanmean(m.spearman)) if m.spearman.notna().any() else np.nan,
+                    "mean_mse": float(np.nanmean(m.mse)) if m.mse.notna().any() else np.nan,
+                    "k": float(k),
+                    "fit_seconds": float(secs),
+                }
+            )
+
+        if baselines:
+            t0 = time.perf_counter()
+            pred = mean_predictor(emb[train], Y_all[train], emb[test])
+            record("mean", pred, np.nan, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pred = pca_ridge(emb[train], Y_all[train], emb[test], seed=seed)
+            record("pca_ridge", pred, np.nan, time.perf_counter() - t0)
+
+        if methods:
+            sub = _training_anndata(adata, counts, train, group_key, emb_key, roles)
+        for method in methods:
+            t0 = time.perf_counter()
+            model = agl_fit(
+                sub,
+                method=method,
+                embedding_key=emb_key,
+                targets=roles.targets,
+                auxiliaries=roles.auxiliaries,
+                prior=_PRIOR_COL,
+                min_cells=min_cells,
+                transform=transform,
+                split_key=group_key if val_group else None,
+                val_groups=[val_group] if val_group else None,
+                val_fraction=val_fraction,
+                seed=seed,
+                key_added=f"{key_added}_{method}",
+                **{"progress": False, **fit_kwargs},
+            )
+            secs = time.perf_counter() - t0
+            n_t = len(roles.targets)
+            if list(model.targets) != list(roles.targets):  # pragma: no cover - guards the contract
+                raise RuntimeError("agl_fit changed the target genes of the fold.")
+            pred = model.predict(emb[test])[:, :n_t]
+            record(method, pred, float(model.k if model.k is not None else np.nan), secs)
+        logg.info(
+            f"fold {test_group!r} (validation {val_group or 'random spots'}): "
+            + ", ".join(f"{s['method']} {s['mean_pearson']:.3f}" for s in summary if s["fold"] == test_group)
+        )
+
+    df = pd.concat(rows, ignore_index=True)[CV_COLUMNS]
+    summ = pd.DataFrame(summary)
+    per_method = summ.groupby("method", sort=False)["mean_pearson"].mean()
+    adata.uns[key_added] = {
+        "summary": {c: summ[c].to_numpy() for c in summ.columns},
+        "mean_pearson": {m: float(v) for m, v in per_method.items()},
+        "folds": np.asarray(held, dtype=str),
+        "methods": np.asarray(list(per_method.index), dtype=str),
+        "params": {
+            "group_key": group_key,
+            "methods": list(methods),
+            "baselines": bool(baselines),
+            "embedding_key": emb_key,
+            "n_targets": int(n_targets),
+            "prior": str(prior),
+            "min_cells": float(min_cells),
+            "transform": transform,
+            "layer": layer or "",
+            "seed": int(seed),
+            "val_fraction": float(val_fraction),
+            "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()},
+        },
+    }
+    return df
+
+
+def _training_anndata(
+    adata: AnnData, counts, train: np.ndarray, group_key: str, emb_key: str, roles: GeneRoles
+) -> AnnData:
+    """A small AnnData of the training spots only (counts, groups, embedding, the fold's prior as a .var column).
+
+    The held-out spots never enter ``agl_fit``; the prior column makes ``agl_fit`` rank the auxiliaries exactly
+    as this fold's :class:`~agl_scverse.pp.GeneRoles` do (same scores, same order, ties in the same order).
+    """
+    import scipy.sparse as sp
+
+    X = counts[train]
+    X = X.copy() if sp.issparse(X) else np.array(X)
+    sub = AnnData(X, obs=pd.DataFrame(index=adata.obs_names[train]), var=pd.DataFrame(index=adata.var_names))
+    sub.obs[group_key] = adata.obs[group_key].astype(str).to_numpy()[train]
+    sub.obsm[emb_key] = np.asarray(adata.obsm[emb_key])[train]
+    if K.EMBED_UNS in adata.uns and emb_key in adata.uns[K.EMBED_UNS]:
+        sub.uns[K.EMBED_UNS] = {emb_key: adata.uns[K.EMBED_UNS][emb_key]}
+    sub.var[_PRIOR_COL] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
+    return sub

@@ -1,0 +1,111 @@
+"""Leave-one-group-out cross-validation on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import agl_scverse as agl
+from agl_scverse.tl.cross_validate import CV_COLUMNS, cross_validate
+
+N_TARGETS = 4
+
+
+def _tiny(n_groups=3, per_group=40, n_genes=40, dim=12, seed=0):
+    """Counts driven by a random embedding, so a linear probe has something to find."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * per_group
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    W = rng.normal(scale=0.6, size=(dim, n_genes))
+    counts = rng.poisson(np.exp(0.5 + np.clip(emb @ W, -3, 3) * 0.7)).astype(np.float32)
+    a = ad.AnnData(counts, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    a.obs_names = [f"s{i}" for i in range(n)]
+    a.obs["slide"] = pd.Categorical(np.repeat([f"S{i}" for i in range(n_groups)], per_group))
+    a.obsm["X_agl_toy"] = emb
+    return a
+
+
+FIT = {"epochs": 3, "hidden": (8,), "batch_size": 32, "meta_batch_size": 16}
+
+
+def test_cross_validate_shape_folds_and_summary():
+    a = _tiny()
+    before = a.copy()
+    df = cross_validate(a, "slide", methods=("pgl", "topk"), n_targets=N_TARGETS, k=5, **FIT)
+    assert list(df.columns) == CV_COLUMNS
+    assert len(df) == 3 * (2 + 2) * N_TARGETS  # folds x (methods + baselines) x targets
+    assert sorted(df.fold.unique()) == ["S0", "S1", "S2"]
+    assert set(df.method) == {"mean", "pca_ridge", "pgl", "topk"}
+    # within a fold every method is scored on the same targets
+    for _, g in df.groupby("fold"):
+        genes = {m: tuple(sorted(x.gene)) for m, x in g.groupby("method")}
+        assert len(set(genes.values())) == 1
+    # k: 0 for PGL, the requested k for top-k, NaN for baselines
+    assert (df.loc[df.method == "pgl", "k"] == 0).all()
+    assert (df.loc[df.method == "topk", "k"] == 5).all()
+    assert df.loc[df.method.isin(["mean", "pca_ridge"]), "k"].isna().all()
+    assert (df.fit_seconds >= 0).all()
+    # the mean predictor is constant: correlation 0 by convention; ridge finds the linear signal
+    assert (df.loc[df.method == "mean", "pearson"] == 0).all()
+    assert df.loc[df.method == "pca_ridge", "pearson"].mean() > 0.3
+    # input unchanged except the summary
+    assert a.var.equals(before.var) and a.obs.equals(before.obs)
+    np.testing.assert_array_equal(a.X, before.X)
+    assert set(a.uns) == {"agl_cv"}
+    u = a.uns["agl_cv"]
+    assert len(u["summary"]["fold"]) == 3 * 4
+    assert set(u["mean_pearson"]) == {"mean", "pca_ridge", "pgl", "topk"}
+    summ = pd.DataFrame(u["summary"])
+    expect = df.groupby(["fold", "method"]).pearson.mean()
+    got = summ.set_index(["fold", "method"]).mean_pearson
+    np.testing.assert_allclose(got.loc[expect.index], expect)
+    # h5ad-serialisable
+    a.write_h5ad(pytest.importorskip("tempfile").mkdtemp() + "/cv.h5ad")
+
+
+def test_targets_are_hvg_of_training_groups_only():
+    """A gene that varies only on the held-out group must not become a target of that fold."""
+    a = _tiny(seed=1)
+    rng = np.random.default_rng(5)
+    held = (a.obs.slide == "S0").to_numpy()
+    a.X[:, 7] = rng.poisson(3.0, a.n_obs)
+    a.X[held, 7] = np.where(rng.random(held.sum()) < 0.75, 0, 12)  # wildly variable on S0 only
+    df = cross_validate(a, "slide", methods=(), n_targets=N_TARGETS, groups=["S0"])
+    assert "g7" not in set(df.gene)
+    roles = agl.pp.compute_gene_roles(a, n_targets=N_TARGETS, train_mask=~held)
+    assert sorted(df.gene.unique()) == sorted(roles.targets)
+
+
+def test_cross_validate_agl_dkgsb_two_groups():
+    a = _tiny(n_groups=2, per_group=40)
+    df = cross_validate(a, "slide", methods=("agl", "dkgsb"), n_targets=N_TARGETS, baselines=False, seed=1, **FIT)
+    assert set(df.method) == {"agl", "dkgsb"} and len(df) == 2 * 2 * N_TARGETS
+    assert (df.loc[df.method == "agl", "k"] == 40 - N_TARGETS).all()  # AGL-all: every auxiliary
+    k = df.loc[df.method == "dkgsb", "k"].to_numpy()
+    assert np.all((k >= 0) & (k <= 40 - N_TARGETS))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"group_key": "nope"}, KeyError, "nope"),
+        ({"group_key": "one"}, ValueError, "at least 2"),
+        ({"methods": ("magic",)}, ValueError, "Unknown method"),
+        ({"embedding_key": "X_missing"}, KeyError, "X_missing"),
+        ({"groups": ["S9"]}, KeyError, "S9"),
+        ({"targets": ["g1"]}, TypeError, "sets 'targets'"),
+    ],
+)
+def test_cross_validate_errors(kwargs, exc, match):
+    a = _tiny(per_group=10)
+    a.obs["one"] = "x"
+    kw = {"group_key": "slide", "methods": ("pgl",)} | kwargs
+    with pytest.raises(exc, match=match):
+        cross_validate(a, **kw)
+    assert "agl_cv" not in a.uns
+
+
+def test_exposed_in_tl():
+    assert agl.tl.cross_validate is cross_validate
