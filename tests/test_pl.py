@@ -207,6 +207,21 @@ def test_gene_performance_anndata(adata, tmp_path):
     assert heights == sorted(adata.var[Keys().pcc].dropna(), reverse=True)
     legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
     assert "pca_ridge mean 0.200" in legend and "mean mean 0.000" in legend
+    # the layout agl.tl.evaluate writes: metrics["test"][method] with plain metric names
+    adata.uns["agl"]["metrics"] = {
+        "val_pcc": 0.5,
+        "test": {
+            "model": {"pearson": 0.35},
+            "mean_predictor": {"pearson": float("nan")},
+            "pca_ridge": {"pearson": 0.25},
+        },
+    }
+    ax = agl.pl.gene_performance(adata, show=False)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(legend) == [
+        f"agl (mean {adata.var['agl_pcc'].mean():.3f})",
+        "pca_ridge mean 0.250",
+    ]  # NaN mean predictor PCC: no line
     # a second run as baseline -> scatter over the target genes
     other = make_adata(key="pgl", seed=1)
     adata.var["pgl_pcc"] = other.var["pgl_pcc"].to_numpy()

@@ -47,7 +47,7 @@ def gene_performance(
     - ``"box"``: distribution of the per-gene metric for each method, mean marked. Default for a table with
       several methods.
     - ``"bar"``: the model's per-gene metric, sorted, with each baseline's mean as a horizontal line (for an
-      AnnData, baselines' means from ``.uns[key]["metrics"]``). Default for an AnnData without ``baseline``.
+      AnnData, the mean predictor's and PCA+Ridge's means scored by :func:`agl_scverse.tl.evaluate`). Default for an AnnData without ``baseline``.
 
     Parameters
     ----------
@@ -134,13 +134,28 @@ def _from_anndata(adata: AnnData, key: str, baselines: list[str], metric: str) -
     wide = wide.loc[targets].dropna()
     if wide.empty:
         raise ValueError(f"No target gene has a finite {metric} for {list(wide.columns)}; run agl.tl.evaluate first.")
-    summary = {}
-    for name, entry in (run.get("metrics") or {}).items():
-        if name != "model" and isinstance(entry, dict) and f"{metric}_mean" in entry:
-            summary[name] = float(entry[f"{metric}_mean"])
+    summary = _baseline_means(run.get("metrics") or {}, metric)
     for b in baselines:
         summary[b] = float(wide[b].mean())
     return wide, summary
+
+
+def _baseline_means(metrics: dict, metric: str) -> dict[str, float]:
+    """Mean metric of each baseline scored by :func:`agl_scverse.tl.evaluate`.
+
+    Read from ``metrics["test"][method]`` (evaluate's layout) or ``metrics[method]``, under ``metric`` or
+    ``f"{metric}_mean"``; the model's own entry is skipped.
+    """
+    scored = metrics.get("test") if isinstance(metrics.get("test"), dict) else metrics
+    out = {}
+    for name, entry in scored.items():
+        if name == "model" or not isinstance(entry, dict):
+            continue
+        for field in (metric, f"{metric}_mean"):
+            if field in entry and np.isfinite(float(entry[field])):
+                out[str(name)] = float(entry[field])
+                break
+    return out
 
 
 def _from_table(df: pd.DataFrame, key: str, baselines: list[str], metric: str) -> pd.DataFrame:
