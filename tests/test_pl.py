@@ -254,9 +254,13 @@ def test_spatial_prediction_titles_match_pcc(adata, tmp_path):
 
 def test_spatial_prediction_several_slides(tmp_path):
     ad = make_adata(n_slides=2)
+    no_col = ad.copy()
+    del no_col.obs[LIBRARY_KEY]
     with pytest.raises(ValueError, match="library_key"):
-        agl.pl.spatial_prediction(ad, "T1", show=False)
-    axs = agl.pl.spatial_prediction(ad, ["T1"], library_key=LIBRARY_KEY, show=False)
+        agl.pl.spatial_prediction(no_col, "T1", show=False)
+    held = ad[ad.obs[LIBRARY_KEY] == "slide1"].copy()  # one slide kept, both images still in uns
+    assert agl.pl.spatial_prediction(held, "T1", show=False).shape == (1, 2)
+    axs = agl.pl.spatial_prediction(ad, ["T1"], show=False)  # default library_key "library_id"
     assert axs.shape == (2, 2)
     j = ad.var_names.get_loc("T1")
     for row, lib in enumerate(["slide0", "slide1"]):

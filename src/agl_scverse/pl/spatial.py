@@ -66,7 +66,8 @@ def spatial_prediction(
     key
         ``key_added`` of the run.
     library_key
-        ``.obs`` column telling slides apart; with several slides, one row per gene and slide.
+        ``.obs`` column telling slides apart; with several slides, one row per gene and slide. Default:
+        ``"library_id"`` when ``uns['spatial']`` holds several slides and ``.obs`` has that column.
     library_id
         Slide(s) to draw (default: all). Without ``library_key``, the ``uns['spatial']`` entry to use.
     table_key
@@ -193,6 +194,9 @@ def _grid(n_rows: int, figsize):
 # AnnData through squidpy
 # --------------------------------------------------------------------------------------------------------------
 def _library_masks(adata: AnnData, library_key, library_id) -> dict[str, np.ndarray]:
+    if library_key is None and len(adata.uns.get(K.SPATIAL_KEY, {})) > 1 and K.LIBRARY_KEY in adata.obs:
+        library_key = K.LIBRARY_KEY  # several images and the default column naming the slides: use it
+        logg.info(f"spatial_prediction: slides told apart by adata.obs[{K.LIBRARY_KEY!r}]")
     if library_key is None:
         if library_id is not None:
             lib = library_id if isinstance(library_id, str) else list(library_id)
