@@ -87,7 +87,7 @@ def test_crop_side_follows_microns_per_pixel_per_library():
     a2 = _slide(img, centres, mpp=0.5, lib="fine", names=["b"])
     adata = ad.concat([a1, a2], label="library_id", keys=["coarse", "fine"], uns_merge="unique")
     adata.uns["spatial"] = {**a1.uns["spatial"], **a2.uns["spatial"]}
-    ds = SpotPatches(adata, patch_px=32, patch_um=32, library_key="library_id")
+    ds = SpotPatches(adata, patch_px=32, patch_um=32)  # several libraries: obs["library_id"] by default
     assert ds.crop_side == {"coarse": 32, "fine": 64}
     n_coarse = _marker_mask(ds[0], COLOURS[0]).sum()  # 9 x 9 marker, no resize
     n_fine = _marker_mask(ds[1], COLOURS[0]).sum()  # same marker seen through a 2x larger crop

@@ -547,7 +547,7 @@ def embed_patches(
         "normalisation": str(info.get("normalisation") or ""),
         "feature_dim": int(feats.shape[1]),
         "n_spots": int(feats.shape[0]),
-        "library_key": library_key or "",
+        "library_key": ds.library_key or "",
         **ds.record(),
         "versions": _versions(),
     }

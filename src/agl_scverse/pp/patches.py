@@ -216,7 +216,8 @@ class SpotPatches(Dataset):
     patch_um
         Side of the tissue square covered by a patch, in µm.
     library_key
-        ``.obs`` column telling slides apart (needed when ``uns["spatial"]`` holds several libraries).
+        ``.obs`` column telling slides apart; needed when ``uns["spatial"]`` holds several libraries (then
+        ``"library_id"`` is used when present).
     spots
         Subset and order of spots: obs names, integer positions or a boolean mask. Default: all, in order.
     pad_mode
@@ -291,6 +292,11 @@ class SpotPatches(Dataset):
         self.min_inside = float(min_inside)
         self.on_outside = on_outside
 
+        n_libs = len(adata.uns.get(K.SPATIAL_KEY, {}) or {})
+        if library_key is None and n_libs > 1 and K.LIBRARY_KEY in adata.obs:
+            library_key = K.LIBRARY_KEY
+            logg.info(f"Several libraries in uns['spatial']; telling spots apart by obs[{K.LIBRARY_KEY!r}].")
+        self.library_key = library_key
         xy_all = check_spatial(adata)
         idx = _resolve_spots(adata, spots)
         masks = _spatial.spot_masks(adata, library_key)
