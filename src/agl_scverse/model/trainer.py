@@ -248,7 +248,9 @@ def train_network(
     theta_opt = torch.optim.Adam([mask.theta], lr=beta) if mask is not None else None
     ones = torch.ones(Yz.shape[1], device=device)
 
-    hist: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "seconds")}
+    hist: dict[str, list] = {
+        k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
+    }
     best = (-np.inf, 0, None, None)
     bad = 0
     meta_seconds = 0.0
@@ -261,7 +263,7 @@ def train_network(
         do_meta = mask is not None and epoch > 0 and meta_steps > 0 and mask.ranks.numel() > 0
         n_meta = min(int(meta_steps), n_batches) if do_meta else 0
         meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
-        losses = []
+        losses, hgs, mvl = [], [], []
         for b in range(n_batches):
             bidx = perm[b * batch_size : (b + 1) * batch_size]
             if len(bidx) < 2:
@@ -277,12 +279,14 @@ def train_network(
                 tm = time.perf_counter()
                 mtr = rng.choice(train_idx, size=min(meta_batch_size, len(train_idx)), replace=False)
                 mva = rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False)
-                g, _ = hypergradient(
+                g, lv = hypergradient(
                     net, mask, n_targets,
                     inputs(mtr), Yz[torch.as_tensor(mtr, device=device)],
                     inputs(mva), Yz[torch.as_tensor(mva, device=device)],
                     inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
                 )  # fmt: skip
+                hgs.append(float(g))
+                mvl.append(lv)
                 theta_opt.zero_grad(set_to_none=True)
                 mask.theta.grad = g.clamp(-clip, clip).to(mask.theta.dtype)
                 theta_opt.step()
@@ -296,6 +300,8 @@ def train_network(
         hist["val_pcc"].append(pcc)
         hist["k"].append(int(k_now))
         hist["theta"].append(theta_now)
+        hist["hypergrad"].append(float(np.mean(hgs)) if hgs else float("nan"))
+        hist["meta_val_loss"].append(float(np.mean(mvl)) if mvl else float("nan"))
         hist["seconds"].append(time.perf_counter() - te)
         bar.set_postfix(loss=f"{hist['train_loss'][-1]:.4f}", val_pcc=f"{pcc:.4f}", k=k_now)
         if pcc > best[0] + 1e-6:
