@@ -127,6 +127,11 @@ def test_callable_and_module_encoders(slide):
     patches = torch.from_numpy(extract_patches(slide, patch_px=PX, patch_um=UM)).permute(0, 3, 1, 2)
     expected = normalize(patches).mean(dim=(2, 3)).numpy()
     np.testing.assert_allclose(slide.obsm["X_agl_channel_means"], expected, rtol=1e-5, atol=1e-6)
+    pair = get_encoder(channel_means, mean=0.5, std=0.5)  # a (module, info) pair, e.g. after fine-tuning
+    embed_patches(slide, encoder=pair, patch_px=PX, patch_um=UM, key_added="X_pair")
+    expected_half = normalize(patches, 0.5, 0.5).mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(slide.obsm["X_pair"], expected_half, rtol=1e-5, atol=1e-6)
+    assert slide.uns["agl_embeddings"]["X_pair"]["mean"] == [0.5, 0.5, 0.5]
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
