@@ -66,7 +66,7 @@ def make_adata(key: str = "agl", n_slides: int = 1, seed: int = 0) -> AnnData:
     ad.var[k.pcc], ad.var[k.spearman], ad.var[k.mse] = pcc, pcc * 0.9, np.where(np.isnan(pcc), np.nan, 0.5)
     epochs = list(range(6))
     ad.uns[k.uns] = {
-        "params": {"transform": "log1p", "seed": 0},
+        "params": {"transform": "log1p", "layer": "None", "seed": 0},  # None stored as "None", as agl_fit does
         "k": int(selected.sum()),
         "threshold": THETA,
         "n_auxiliary": N_AUX,
@@ -270,6 +270,21 @@ def test_spatial_prediction_several_slides(tmp_path):
         assert _title_pcc(axs[row, 1].get_title()) == pytest.approx(expected, abs=5e-4)
     axs = agl.pl.spatial_prediction(ad, "T1", library_key=LIBRARY_KEY, library_id="slide1", show=False)
     assert axs.shape == (1, 2)
+
+
+def test_spatial_prediction_uses_the_run_transform_and_layer(adata):
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X * 0  # the run trained on the layer: observed values must come from it
+    adata.uns["agl"]["params"].update(layer="counts", transform="log1p_cpm")
+    axs = agl.pl.spatial_prediction(adata, "T3", show=False)
+    j = adata.var_names.get_loc("T3")
+    counts = adata.layers["counts"]
+    cpm = np.log1p(counts[:, j] / counts.sum(axis=1) * 1e4)
+    expected = np.corrcoef(cpm, adata.layers["agl_pred"][:, j])[0, 1]
+    assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+    del adata.layers["counts"]
+    with pytest.raises(KeyError, match="counts"):
+        agl.pl.spatial_prediction(adata, "T3", show=False)
 
 
 def test_spatial_prediction_errors(adata):

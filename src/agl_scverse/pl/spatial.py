@@ -161,6 +161,9 @@ def _observed(adata: AnnData, idx: np.ndarray, params: dict) -> np.ndarray:
     from ..pp.genes import expression_transform
 
     layer = params.get("layer")
+    layer = None if layer in (None, "None", "") else str(layer)  # agl_fit stores None as "None" (h5ad-safe)
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"The run was trained on counts in adata.layers[{layer!r}], which this AnnData lacks.")
     X = adata.X if layer is None else adata.layers[layer]
     return expression_transform(X, transform=params.get("transform", "log1p"), columns=idx).astype(float)
 
