@@ -250,6 +250,15 @@ def test_spatial_prediction_titles_match_pcc(adata, tmp_path):
         assert axs[row, 0].get_title() == f"{gene} observed"
         assert _title_pcc(axs[row, 1].get_title()) == pytest.approx(expected, abs=5e-4)
         assert len(axs[row, 1].images) == 1  # H&E drawn
+        # robust colour range: 1st-99th percentile of each panel's values
+        pred = adata.layers["agl_pred"][:, j]
+        assert axs[row, 1].collections[0].norm.vmax == pytest.approx(np.percentile(pred, 99), rel=1e-5)
+        assert axs[row, 1].collections[0].norm.vmin == pytest.approx(np.percentile(pred, 1), rel=1e-5)
+    axs = agl.pl.spatial_prediction(adata, "T0", shared_scale=True, robust=False, show=False)
+    j = adata.var_names.get_loc("T0")
+    both = np.r_[np.log1p(adata.X[:, j]), adata.layers["agl_pred"][:, j]]
+    for a in axs[0]:
+        assert (a.collections[0].norm.vmin, a.collections[0].norm.vmax) == pytest.approx((both.min(), both.max()))
 
 
 def test_spatial_prediction_several_slides(tmp_path):

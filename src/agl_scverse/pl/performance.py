@@ -190,8 +190,15 @@ def _scatter(a: Axes, wide: pd.DataFrame, key: str, base: str, metric: str, n_la
     a.set_ylim(lo - pad, hi + pad)
     a.set_aspect("equal")
     gain = (y - x) if metric != "mse" else (x - y)
-    for i in np.argsort(-gain, kind="stable")[: max(n_labels, 0)]:
-        a.annotate(wide.index[i], (x[i], y[i]), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    for rank, i in enumerate(np.argsort(-gain, kind="stable")[: max(n_labels, 0)]):
+        a.annotate(  # staggered upwards, so labels of close points do not overlap
+            wide.index[i],
+            (x[i], y[i]),
+            xytext=(-40, 12 + 11 * rank),
+            textcoords="offset points",
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5},
+        )
     a.set_xlabel(f"{base}: {label}")
     a.set_ylabel(f"{key}: {label}")
     a.set_title(

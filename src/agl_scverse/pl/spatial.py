@@ -42,6 +42,7 @@ def spatial_prediction(
     img_res_key: str = K.HIRES,
     cmap: str = EXPRESSION_CMAP,
     shared_scale: bool = False,
+    robust: bool = True,
     size: float | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
@@ -82,6 +83,10 @@ def spatial_prediction(
     shared_scale
         Use one colour range for the observed and predicted panel of a row (default: each its own range,
         since predictions are usually smoother than observations).
+    robust
+        Colour range from the 1st to the 99th percentile of the values (of each panel, or of both panels with
+        ``shared_scale``), so a few extreme spots do not wash out the map; ``False``: minimum to maximum. The PCC
+        in the title always uses every spot.
     size
         Spot size passed to squidpy (scale of ``spot_diameter_fullres``).
     figsize
@@ -108,7 +113,7 @@ def spatial_prediction(
     """
     if isinstance(data, AnnData):
         return _plot_anndata(
-            data, genes, key, library_key, library_id, img, img_res_key, cmap, shared_scale, size, figsize, show,
+            data, genes, key, library_key, library_id, img, img_res_key, cmap, (shared_scale, robust), size, figsize, show,
             save, kwargs,
         )  # fmt: skip
     try:
@@ -117,7 +122,7 @@ def spatial_prediction(
         SpatialData = None  # type: ignore[assignment]
     if SpatialData is not None and isinstance(data, SpatialData):
         return _plot_spatialdata(
-            data, genes, key, library_id, table_key, img, cmap, shared_scale, figsize, show, save, kwargs
+            data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), figsize, show, save, kwargs
         )
     raise TypeError(f"data must be an AnnData or a SpatialData, got {type(data).__name__}.")
 
@@ -186,6 +191,25 @@ def _titles(p: _Panel, several: bool) -> tuple[str, str]:
     return f"{p.gene} observed{where}", f"{p.gene} predicted{where}\nPCC = {p.pcc:.3f}"
 
 
+def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:
+    """Colour ranges of the observed and predicted panel of a row (see ``robust`` and ``shared_scale``)."""
+    from matplotlib.colors import Normalize
+
+    q = (1.0, 99.0) if robust else (0.0, 100.0)
+
+    def norm(values: np.ndarray) -> Normalize:
+        v = values[np.isfinite(values)]
+        if v.size == 0:
+            return Normalize()
+        lo, hi = (float(x) for x in np.percentile(v, q))
+        return Normalize(lo, hi if hi > lo else lo + 1e-9, clip=False)
+
+    if shared_scale:
+        both = norm(np.concatenate([p.observed, p.predicted]))
+        return [both, both]
+    return [norm(p.observed), norm(p.predicted)]
+
+
 def _grid(n_rows: int, figsize):
     import matplotlib.pyplot as plt
 
@@ -242,9 +266,8 @@ def _spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing
 
 
-def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, shared_scale, size, figsize, show, save, kwargs):  # fmt: skip
+def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, figsize, show, save, kwargs):  # fmt: skip
     import squidpy as sq
-    from matplotlib.colors import Normalize
 
     if K.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] is missing: spot coordinates (full-resolution pixels) are needed.")
@@ -267,24 +290,21 @@ def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, 
             obsm={K.SPATIAL_KEY: xy},
             uns={K.SPATIAL_KEY: {p.library: entry}},
         )
-        norm = None
-        if shared_scale:
-            both = np.concatenate([p.observed, p.predicted])
-            norm = Normalize(float(np.nanmin(both)), float(np.nanmax(both)))
-        sq.pl.spatial_scatter(
-            tmp,
-            color=cols,
-            library_id=p.library,
-            img=image is not None,
-            img_res_key=K.HIRES,
-            size=size,
-            cmap=cmap,
-            norm=norm,
-            title=list(_titles(p, several)),
-            ax=list(axs[row]),
-            fig=fig,
-            **kwargs,
-        )
+        for a, col, title, norm in zip(axs[row], cols, _titles(p, several), _norms(p, *scaling)):
+            sq.pl.spatial_scatter(
+                tmp,
+                color=col,
+                library_id=p.library,
+                img=image is not None,
+                img_res_key=K.HIRES,
+                size=size,
+                cmap=cmap,
+                norm=norm,
+                title=title,
+                ax=a,
+                fig=fig,
+                **kwargs,
+            )
         for a in axs[row]:
             a.set_xlabel("")
             a.set_ylabel("")
@@ -294,7 +314,7 @@ def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, 
 # --------------------------------------------------------------------------------------------------------------
 # SpatialData through spatialdata-plot
 # --------------------------------------------------------------------------------------------------------------
-def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, shared_scale, figsize, show, save, kwargs):  # fmt: skip
+def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, figsize, show, save, kwargs):  # fmt: skip
     try:
         import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
     except ImportError as err:
@@ -302,7 +322,6 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, share
             "Plotting a SpatialData needs spatialdata-plot: pip install spatialdata-plot. "
             "Or convert it first: agl.pl.spatial_prediction(agl.io.from_spatialdata(sdata), ...)."
         ) from err
-    from matplotlib.colors import Normalize
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
 
@@ -350,11 +369,7 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, share
             shapes={p.library: sdata.shapes[p.library]},
             tables={"agl_plot": tmp},
         )
-        norm = None
-        if shared_scale:
-            both = np.concatenate([p.observed, p.predicted])
-            norm = Normalize(float(np.nanmin(both)), float(np.nanmax(both)))
-        for a, c, title in zip(axs[row], cols, _titles(p, several)):
+        for a, c, title, norm in zip(axs[row], cols, _titles(p, several), _norms(p, *scaling)):
             pl = view.pl.render_images().pl if view.images else view.pl
             pl.render_shapes(p.library, color=c, table_name="agl_plot", cmap=cmap, norm=norm, **kwargs).pl.show(
                 coordinate_systems=cs, ax=a, title=title
