@@ -38,15 +38,19 @@ def _val_loss_at(net, mask, n_t, data, theta, **kw):
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
 @pytest.mark.parametrize("loss", ["pearson", "mse"])
-def test_hypergradient_matches_central_finite_difference(inner_steps, loss):
+@pytest.mark.parametrize("normalizer", ["soft", "detached"])
+def test_hypergradient_matches_central_finite_difference(inner_steps, loss, normalizer):
     net, mask, n_t, data = _problem()
     kw = {"inner_steps": inner_steps, "inner_lr": 0.5, "loss": loss}
     theta0 = mask.threshold
-    g, _ = hypergradient(net, mask, n_t, *data, **kw)
+    g, _ = hypergradient(net, mask, n_t, *data, normalizer=normalizer, **kw)
+    # "soft": the exact derivative of the unrolled objective; "detached": the same objective with the
+    # normaliser sum(w) frozen at its current value (the meta objective DkGSB uses by default)
+    fd_norm = "soft" if normalizer == "soft" else float(n_t + mask.weights().sum())
     h = 1e-5
-    fd = (
-        _val_loss_at(net, mask, n_t, data, theta0 + h, **kw) - _val_loss_at(net, mask, n_t, data, theta0 - h, **kw)
-    ) / (2 * h)
+    up = _val_loss_at(net, mask, n_t, data, theta0 + h, normalizer=fd_norm, **kw)
+    down = _val_loss_at(net, mask, n_t, data, theta0 - h, normalizer=fd_norm, **kw)
+    fd = (up - down) / (2 * h)
     assert abs(float(g)) > 1e-6  # a real signal, not a vanishing gradient
     assert float(g) == pytest.approx(fd, rel=1e-5, abs=1e-9)
 

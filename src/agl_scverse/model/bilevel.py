@@ -51,6 +51,7 @@ def unrolled_val_loss(
     inner_steps: int = 1,
     inner_lr: float = 0.1,
     loss: str = "pearson",
+    normalizer: str | float = "detached",
 ) -> torch.Tensor:
     """Target-only validation loss after ``inner_steps`` differentiable SGD steps on the mask-weighted train loss.
 
@@ -89,7 +90,14 @@ def unrolled_val_loss(
     w = _full_weights(mask, n_targets).to(y_tr.dtype)
     for _ in range(int(inner_steps)):
         out = functional_call(net, assemble(fast), (x_tr,))
-        L = weighted_loss(per_gene_loss(out, y_tr, loss), w)
+        if isinstance(normalizer, int | float) and not isinstance(normalizer, bool):
+            L = (w * per_gene_loss(out, y_tr, loss)).sum() / float(normalizer)
+        elif normalizer == "detached":
+            L = (w * per_gene_loss(out, y_tr, loss)).sum() / w.detach().sum().clamp_min(1e-12)
+        elif normalizer == "soft":
+            L = weighted_loss(per_gene_loss(out, y_tr, loss), w)
+        else:
+            raise ValueError(f"normalizer must be 'detached' or 'soft', got {normalizer!r}.")
         names = list(fast)
         grads = torch.autograd.grad(L, [fast[n] for n in names], create_graph=True, allow_unused=True)
         fast = {n: (fast[n] if g is None else fast[n] - inner_lr * g) for n, g in zip(names, grads)}
@@ -109,6 +117,7 @@ def hypergradient(
     inner_steps: int = 1,
     inner_lr: float = 0.1,
     loss: str = "pearson",
+    normalizer: str = "detached",
 ) -> tuple[torch.Tensor, float]:
     """``dL_val/dtheta`` of one meta step and the validation loss it was computed at.
 
@@ -132,7 +141,17 @@ def hypergradient(
     net.eval()
     try:
         lv = unrolled_val_loss(
-            net, mask, n_targets, x_tr, y_tr, x_va, y_va, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss
+            net,
+            mask,
+            n_targets,
+            x_tr,
+            y_tr,
+            x_va,
+            y_va,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            loss=loss,
+            normalizer=normalizer,
         )
         (g,) = torch.autograd.grad(lv, mask.theta)
     finally:

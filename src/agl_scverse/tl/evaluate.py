@@ -21,7 +21,7 @@ from .._constants import Keys
 from ..model import AGLModel
 from .fit import _h5ad_safe
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "compare_methods"]
 
 
 def _summary(df: pd.DataFrame) -> dict[str, float]:
@@ -208,3 +208,100 @@ def evaluate(
     line = ", ".join(f"{k} {v['pearson']:.4f}" for k, v in results.items())
     logg.info(f"evaluate: mean Pearson over {len(gene_list)} genes on {int(ev.sum())} spots: {line}")
     return adata if copy else None
+
+
+def compare_methods(
+    adata: AnnData,
+    methods: Sequence[str] = ("pgl", "agl", "dkgsb"),
+    *,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    truth_key: str | None = "informative",
+    method_kwargs: dict[str, dict] | None = None,
+    **fit_kwargs: Any,
+) -> pd.DataFrame:
+    """Fit several methods on the same split and score each on the same held-out spots.
+
+    A seeded ``test_fraction`` of the spots is held out of every fit (``.obs[split] == "unused"``); each method
+    is trained with :func:`agl_fit` on a copy of ``adata`` (the input is not modified), predicted with
+    :func:`agl_predict` and scored with :func:`evaluate` on the held-out spots.
+
+    Parameters
+    ----------
+    adata
+        Slide with raw counts and an embedding (or images for ``agl_fit`` to embed).
+    methods
+        Methods to compare (``"pgl"``, ``"agl"``, ``"topk"``, ``"dkgsb"``); a name may carry a suffix after
+        ``":"`` (e.g. ``"topk:half"``) to run one method with several settings from ``method_kwargs``.
+    test_fraction
+        Fraction of spots held out for the test.
+    seed
+        Seed of the held-out draw and of every fit.
+    truth_key
+        Boolean ``.var`` column of known helpful auxiliaries (the synthetic slide's ``"informative"``); when
+        present, the precision of the selected auxiliaries is reported.
+    method_kwargs
+        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"k": 500}}``).
+    **fit_kwargs
+        Passed to every :func:`agl_fit` call (e.g. ``embedding_key``, ``n_targets``, ``epochs``).
+
+    Returns
+    -------
+    One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``,
+    ``test_mse``, ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision`` (selected auxiliaries that
+    are ``truth_key``), ``fit_seconds``, ``best_epoch``, and the baselines ``mean_pcc`` and ``ridge_pcc``.
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> adata = agl.datasets.synthetic_slide(seed=0)  # doctest: +SKIP
+    >>> agl.tl.compare_methods(adata, ("pgl", "agl", "dkgsb"), embedding_key="X_agl_resnet18")  # doctest: +SKIP
+    """
+    import time
+
+    from .fit import agl_fit
+    from .predict import agl_predict
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+    rng = np.random.default_rng(seed)
+    n_test = max(2, int(round(test_fraction * adata.n_obs)))
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[rng.choice(adata.n_obs, size=n_test, replace=False)] = True
+    method_kwargs = method_kwargs or {}
+    rows = []
+    for name in methods:
+        method = name.split(":")[0]
+        kw = {**fit_kwargs, **method_kwargs.get(name, {})}
+        kw.setdefault("progress", False)
+        t0 = time.perf_counter()
+        model, work = agl_fit(adata, method=method, spots=~held, seed=seed, copy=True, **kw)
+        seconds = time.perf_counter() - t0
+        agl_predict(work, model)
+        evaluate(work, model)
+        uns = work.uns[K.UNS_KEY]
+        test = uns["metrics"]["test"]
+        aux = (work.var[K.ROLE].astype(str) == K.ROLE_AUX).to_numpy()
+        sel = aux & work.var[K.SELECTED].to_numpy(dtype=bool)
+        precision = float("nan")
+        if truth_key is not None and truth_key in work.var and sel.any():
+            precision = float(work.var[truth_key].to_numpy(dtype=bool)[sel].mean())
+        rows.append(
+            {
+                "method": name,
+                "test_pcc": test["model"]["pearson"],
+                "test_spearman": test["model"]["spearman"],
+                "test_mse": test["model"]["mse"],
+                "val_pcc": uns["metrics"]["val_pcc"],
+                "k": int(uns["k"]),
+                "n_auxiliary": int(aux.sum()),
+                "threshold": float(uns["threshold"]),
+                "precision": precision,
+                "fit_seconds": seconds,
+                "best_epoch": int(uns["metrics"]["best_epoch"]),
+                "mean_pcc": test.get("mean_predictor", {}).get("pearson", float("nan")),
+                "ridge_pcc": test.get("pca_ridge", {}).get("pearson", float("nan")),
+            }
+        )
+        logg.info(f"compare_methods: {name}: held-out PCC {rows[-1]['test_pcc']:.4f}, k = {rows[-1]['k']}")
+    return pd.DataFrame(rows)
