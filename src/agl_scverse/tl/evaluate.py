@@ -249,7 +249,9 @@ def compare_methods(
     -------
     One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``,
     ``test_mse``, ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision`` (selected auxiliaries that
-    are ``truth_key``), ``fit_seconds``, ``best_epoch``, and the baselines ``mean_pcc`` and ``ridge_pcc``.
+    are ``truth_key``), ``k_start`` and ``precision_start`` (the same for DkGSB's initial selection, the top half
+    by prior), ``base_rate`` (``truth_key`` among all auxiliaries), ``fit_seconds``, ``best_epoch``, and the
+    baselines ``mean_pcc`` and ``ridge_pcc``.
 
     Examples
     --------
@@ -283,9 +285,14 @@ def compare_methods(
         test = uns["metrics"]["test"]
         aux = (work.var[K.ROLE].astype(str) == K.ROLE_AUX).to_numpy()
         sel = aux & work.var[K.SELECTED].to_numpy(dtype=bool)
-        precision = float("nan")
-        if truth_key is not None and truth_key in work.var and sel.any():
-            precision = float(work.var[truth_key].to_numpy(dtype=bool)[sel].mean())
+        precision = precision_start = float("nan")
+        n_aux = int(aux.sum())
+        rank = work.var[K.PRIOR_RANK].to_numpy(dtype=float)
+        start = aux & (rank / max(n_aux - 1, 1) < 0.5)  # DkGSB's selection at its initial threshold
+        if truth_key is not None and truth_key in work.var:
+            truth = work.var[truth_key].to_numpy(dtype=bool)
+            precision = float(truth[sel].mean()) if sel.any() else float("nan")
+            precision_start = float(truth[start].mean()) if start.any() else float("nan")
         rows.append(
             {
                 "method": name,
@@ -297,6 +304,11 @@ def compare_methods(
                 "n_auxiliary": int(aux.sum()),
                 "threshold": float(uns["threshold"]),
                 "precision": precision,
+                "k_start": int(start.sum()),
+                "precision_start": precision_start,
+                "base_rate": float(work.var[truth_key].to_numpy(dtype=bool)[aux].mean())
+                if truth_key is not None and truth_key in work.var and aux.any()
+                else float("nan"),
                 "fit_seconds": seconds,
                 "best_epoch": int(uns["metrics"]["best_epoch"]),
                 "mean_pcc": test.get("mean_predictor", {}).get("pearson", float("nan")),
