@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import filecmp
 import importlib
+import inspect
 import shutil
 import sys
 from datetime import date
 from pathlib import Path
+
+from sphinx.pycode import ModuleAnalyzer
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -167,8 +170,35 @@ def returns_prose(app, what, name, obj, options, lines: list[str]) -> None:
             i += 1
 
 
+def constant_docs(app, what, name, obj, options, lines: list[str]) -> None:
+    """Document a re-exported constant by its own doc comment, never by its type's docstring.
+
+    A constant such as ``agl_scverse.tl.DEFAULTS`` is defined in a submodule and re-exported; autodoc looks for
+    its doc comment in the re-exporting module, finds none, and falls back to ``dict.__doc__``. Here the doc
+    comment is taken from the submodule that defines it (empty if it has none).
+    """
+    if what not in ("data", "attribute") or not lines:
+        return
+    type_doc = inspect.cleandoc(type(obj).__doc__ or "")
+    if "\n".join(lines).strip() != type_doc.strip():
+        return
+    attr = name.rsplit(".", 1)[-1]
+    found: list[str] = []
+    for modname, module in list(sys.modules.items()):
+        if modname.startswith("agl_scverse.") and getattr(module, attr, None) is obj:
+            try:
+                docs = ModuleAnalyzer.for_module(modname).find_attr_docs()
+            except Exception:  # noqa: BLE001  (no source: nothing to find)
+                continue
+            if ("", attr) in docs:
+                found = list(docs[("", attr)])
+                break
+    lines[:] = found
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", returns_prose, priority=400)  # before napoleon (500)
+    app.connect("autodoc-process-docstring", constant_docs, priority=300)
 
 
 write_api(HERE / "_autogen_api.md")

@@ -44,7 +44,7 @@ def test_sphinx_build_without_warnings(tmp_path):
     # equations are rendered by MathJax, images shipped
     method = (out / "method.html").read_text(encoding="utf-8")
     assert "\\sigma" in method and "mathjax" in method.lower()
-    for img in ("selected_genes.png", "training_history.png", "gene_performance.png"):
+    for img in ("selected_genes.png", "training_history.png", "gene_performance.png", "spatial_prediction.png"):
         assert (out / "_static" / img).exists(), img
 
 
