@@ -62,6 +62,7 @@ def _upsample(field: np.ndarray, factor: int) -> np.ndarray:
 
 def _render_slide(
     rng: np.random.Generator,
+    rng_texture: np.random.Generator,
     height: int,
     width: int,
     types: list[str],
@@ -72,7 +73,8 @@ def _render_slide(
     """Draw one slide.
 
     Returns the uint8 RGB image and, on the coarse field grid, the tissue composition (n_types x h x w)
-    and the two continuous factors (cellularity, nuclear size).
+    and the two continuous factors (cellularity, nuclear size). ``rng`` draws the layout (which sets the
+    latent state, hence the counts); ``rng_texture`` draws everything else, so texture changes leave counts as they are.
     """
     n_types = len(types)
     hc, wc = height // _FIELD_PX, width // _FIELD_PX
@@ -98,15 +100,17 @@ def _render_slide(
     density = mix([p[4] for p in pal]) * np.exp(0.45 * cellularity)  # nuclei per 1000 µm²
 
     f = _FIELD_PX
-    # background: eosin colour with wavy fibres along a smooth orientation field
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    theta = _upsample(_smooth_field(rng, (hc, wc), 30.0 / cell_um) * 1.2, f)
-    warp = _upsample(_smooth_field(rng, (hc, wc), 6.0 / cell_um), f)
-    period_px = 7.0 / mpp
-    stripes = 0.5 + 0.5 * np.sin(
-        (xx * np.cos(theta) + yy * np.sin(theta)) * (2 * np.pi / period_px) + 2.5 * warp, dtype=np.float32
-    )
-    del xx, yy, theta, warp
+    rng = rng_texture
+    # background: eosin colour with wavy fibres; two fibre directions blended by a smooth selector field
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    ang = rng.uniform(0, np.pi, 2)
+    warp = _upsample(_smooth_field(rng, (hc, wc), 25.0 / cell_um), f) * 4.0
+    select = 1 / (1 + np.exp(-3 * _upsample(_smooth_field(rng, (hc, wc), 150.0 / cell_um), f)))
+    k = 2 * np.pi / (7.0 / mpp)  # fibre period 7 µm
+    stripes = select * (0.5 + 0.5 * np.sin((x * np.cos(ang[0]) + y * np.sin(ang[0])) * k + warp))
+    stripes += (1 - select) * (0.5 + 0.5 * np.sin((x * np.cos(ang[1]) + y * np.sin(ang[1])) * k + warp))
+    del x, y, warp, select
     broken = _upsample(_smooth_field(rng, (hc * 2, wc * 2), 1.5), f // 2)
     fibre = np.clip(stripes**3 * (0.6 + 0.4 * np.tanh(2 * broken)), 0, 1) * _upsample(fib_amp, f)
     del stripes, broken
@@ -195,8 +199,8 @@ def synthetic_slide(
     depth: float = 1.0,
     depth_sd: float = 0.3,
     hidden_sd: float = 0.25,
-    informative_strength: float = 0.45,
-    informative_mean: tuple[float, float] = (0.2, 2.0),
+    informative_strength: float = 0.85,
+    informative_mean: tuple[float, float] = (0.3, 1.2),
     tissue_mean: tuple[float, float] = (3.0, 100.0),
     seed: int = 0,
 ) -> AnnData:
@@ -278,7 +282,8 @@ def synthetic_slide(
     (1024, 1024, 3)
     """
     _check_args(locals())
-    rng = np.random.default_rng(seed)
+    seeds = np.random.SeedSequence(seed).spawn(1 + 3 * n_slides)  # genes; then layout, texture, counts per slide
+    rng = np.random.default_rng(seeds[0])
     types = list(TISSUE_TYPES[:n_types])
     mpp = float(microns_per_pixel)
     spacing_px = spot_spacing_um / mpp
@@ -327,8 +332,9 @@ def synthetic_slide(
     # --- slides ------------------------------------------------------------------------------------------
     lib_ids = ["synthetic"] if n_slides == 1 else [f"synthetic_{i}" for i in range(n_slides)]
     spatial, blocks, obs_parts, lat_parts, hid_parts = {}, [], [], [], []
-    for lib in lib_ids:
-        img, comp, cell, size = _render_slide(rng, height, width, types, region_um, 4.0, mpp)
+    for i, lib in enumerate(lib_ids):
+        rng_layout, rng_texture, rng = (np.random.default_rng(s) for s in seeds[1 + 3 * i : 4 + 3 * i])
+        img, comp, cell, size = _render_slide(rng_layout, rng_texture, height, width, types, region_um, 4.0, mpp)
         z = np.concatenate(
             [_spot_means(comp, xy, radius_px), _spot_means(np.stack([cell, size]), xy, radius_px)], 0
         ).T  # spots x n_lat
