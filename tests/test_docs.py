@@ -27,7 +27,20 @@ def _require_doc_tools() -> None:
 def test_sphinx_build_without_warnings(tmp_path):
     _require_doc_tools()
     out = tmp_path / "html"
-    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d", str(tmp_path / "doctrees")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-j",
+        "2",
+        "-W",
+        "--keep-going",
+        "-q",
+        "-b",
+        "html",
+        "-d",
+        str(tmp_path / "doctrees"),
+    ]
     proc = subprocess.run([*cmd, str(DOCS), str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"sphinx failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     for page in ("index", "getting_started", "method", "data_layouts", "api", "tutorials"):
