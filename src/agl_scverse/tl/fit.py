@@ -212,7 +212,7 @@ def agl_fit(
     inner_steps: int = 1,
     inner_lr: float = 0.1,
     meta_steps: int = 4,
-    meta_batch_size: int = 256,
+    meta_batch_size: int = 128,
     tau: float = 0.01,
     beta: float = 3e-3,
     meta_normalizer: str = "detached",
@@ -362,9 +362,9 @@ def agl_fit(
     dev = resolve_device(device)
 
     # ---------------------------------------------------------------- data checks (nothing written yet)
-    check_adata(adata, layer=layer)
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer={layer!r} is not in adata.layers ({list(adata.layers)}).")
+    check_adata(adata, layer=layer)
     used = _resolve_spots(adata, spots)
     split = _make_split(adata, used, split_key, val_groups, val_fraction, seed)
     train_mask, val_mask = split == "train", split == "val"
@@ -529,7 +529,9 @@ def agl_fit(
     adata.var[keys.selected] = w_col > 0.5
     adata.obs[keys.split] = pd.Categorical(split, categories=["train", "val", "unused"])
     params = dict(args)
-    params["encoder"] = enc_info["name"] or str(encoder)
+    params["encoder"] = enc_info["name"] or (
+        encoder if isinstance(encoder, str) else getattr(encoder, "__name__", type(encoder).__name__)
+    )
     params["weights_sha256"] = enc_info.get("weights_sha256", "")
     params["spots"] = int(used.sum()) if spots is not None else "None"
     params["hidden"] = list(hidden)
