@@ -116,6 +116,20 @@ def markdown(res: dict, cmd: str) -> str:
     return "\n".join(lines) + f"\n\nCommand: `{cmd}`\n"
 
 
+def git_state() -> str:
+    """Commit of the repository and whether src/ had uncommitted edits when the run started."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        return head.strip() + (" (src/ modified)" if dirty else "")
+    except OSError:  # pragma: no cover
+        return "unknown"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=SHARED / "data" / "her2st")
@@ -135,6 +149,8 @@ def main() -> None:
 
     import torch
 
+    git = git_state()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     adata = load_embedded(args.data, args.weights, args.cache, args.patch_um, args.patch_px)
     fit_kwargs = {}
@@ -160,6 +176,8 @@ def main() -> None:
     res.update(
         {
             "command": cmd,
+            "git": git,
+            "started": started,
             "total_seconds": total,
             "n_spots": int(adata.n_obs),
             "n_genes": int(adata.n_vars),
