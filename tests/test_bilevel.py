@@ -46,7 +46,7 @@ def test_hypergradient_matches_central_finite_difference(inner_steps, loss, norm
     g, _ = hypergradient(net, mask, n_t, *data, normalizer=normalizer, **kw)
     # "soft": the exact derivative of the unrolled objective; "detached": the same objective with the
     # normaliser sum(w) frozen at its current value (the meta objective DkGSB uses by default)
-    fd_norm = "soft" if normalizer == "soft" else float(n_t + mask.weights().sum())
+    fd_norm = "soft" if normalizer == "soft" else float(n_t + mask.weights().detach().sum())
     h = 1e-5
     up = _val_loss_at(net, mask, n_t, data, theta0 + h, normalizer=fd_norm, **kw)
     down = _val_loss_at(net, mask, n_t, data, theta0 - h, normalizer=fd_norm, **kw)
