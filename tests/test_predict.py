@@ -138,3 +138,27 @@ def test_missing_weights_file_is_a_clear_error(fitted, tmp_path):
     with pytest.raises(FileNotFoundError, match="is gone"):
         agl.tl.agl_predict(a, model)
     assert_unchanged(a, snap)
+
+
+def test_missing_embeddings_are_computed_with_the_model_settings():
+    """agl_fit embeds a slide without features; agl_predict re-embeds a new slide with the recorded settings."""
+    kw = {"n_tissue_genes": 10, "n_informative": 10, "n_noise": 20, "n_bursty_noise": 2}
+    train = agl.datasets.synthetic_slide(n_rows=5, n_cols=5, seed=0, **kw)
+    model = agl.tl.agl_fit(
+        train, method="agl", encoder="resnet18", patch_px=32, n_targets=3, min_cells=1, **{**FAST, "epochs": 1}
+    )
+    assert "X_agl_resnet18" in train.obsm
+    rec = train.uns["agl_embeddings"]["X_agl_resnet18"]
+    assert rec["patch_px"] == 32 and model.config["encoder"]["patch_px"] == 32
+    new = agl.datasets.synthetic_slide(n_rows=5, n_cols=5, seed=1, **kw)
+    agl.tl.agl_predict(new, model)
+    assert new.uns["agl_embeddings"]["X_agl_resnet18"]["patch_px"] == 32
+    tg = new.var_names.isin(model.targets)
+    assert np.isfinite(new.layers["agl_pred"][:, tg]).all()
+    # the same slide embedded at another patch size is refused
+    other = agl.datasets.synthetic_slide(n_rows=5, n_cols=5, seed=1, **kw)
+    agl.pp.embed_patches(other, encoder="resnet18", patch_px=48)
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match="patch_px: data 48 vs model 32"):
+        agl.tl.agl_predict(other, model)
+    assert_unchanged(other, snap)
