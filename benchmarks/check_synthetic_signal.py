@@ -13,7 +13,10 @@ and the held-out mean target Pearson correlation is reported per seed and as med
 HVG (seurat flavour, log1p counts) of the training spots. Optionally (``--embed``), when ``agl.pp.embed_patches``
 exists, random-init ResNet-18 embeddings of the synthetic patches are checked to separate tissue types.
 
-Run: ``python benchmarks/check_synthetic_signal.py`` (writes ``benchmarks/results/synthetic_signal.json``).
+Run: ``python benchmarks/check_synthetic_signal.py --embed`` (writes ``benchmarks/results/synthetic_signal.json``).
+Measured with the defaults (5 seeds x 3 initialisations, CPU): median test PCC 0.473 (a), 0.476 (b), 0.423 (c);
+median paired gain of (b) over (a) +0.013 (4/5 seeds), over (c) +0.054 (5/5 seeds). Random-init ResNet-18
+features of the 400 patches: 5-fold logistic-regression tissue-type accuracy 0.82 (majority class 0.28).
 """
 
 from __future__ import annotations
@@ -197,7 +200,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--restarts", type=int, default=1, help="network initialisations averaged per seed")
+    p.add_argument("--restarts", type=int, default=3, help="network initialisations averaged per seed")
     p.add_argument("--gen", type=str, default="{}", help="JSON dict of synthetic_slide keyword arguments")
     p.add_argument("--embed", action="store_true", help="also check agl.pp.embed_patches features (if present)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -220,6 +223,12 @@ def main() -> None:
         "median_test_pcc": med,
         "margin_informative_minus_targets_only": med["plus_informative"] - med["targets_only"],
         "margin_informative_minus_all": med["plus_informative"] - med["plus_all"],
+        "median_paired_gain_informative_vs_targets_only": float(
+            np.median([r["plus_informative"] - r["targets_only"] for r in rows])
+        ),
+        "median_paired_gain_informative_vs_all": float(
+            np.median([r["plus_informative"] - r["plus_all"] for r in rows])
+        ),
         "wins_out_of_seeds": wins,
         "per_seed": rows,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -229,7 +238,12 @@ def main() -> None:
     }
     if args.embed:
         result["embedding_check"] = check_embeddings(args)
-    print(json.dumps({k: result[k] for k in ("median_test_pcc", "wins_out_of_seeds")}, indent=1))
+    keys = (
+        "median_test_pcc",
+        "median_paired_gain_informative_vs_targets_only",
+        "median_paired_gain_informative_vs_all",
+    )
+    print(json.dumps({k: result[k] for k in (*keys, "wins_out_of_seeds")}, indent=1))
     if args.embed:
         print("embedding check:", result["embedding_check"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,11 @@ def synthetic_slide(
     - ``"noise"``: constant mean, unrelated to the image; ``n_bursty_noise`` of them are highly overdispersed,
       so they also rank high on HVG dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
 
+    With the defaults, about 35 of the top-50 seurat HVG (log1p counts) are tissue genes (most of the rest are
+    the strongest informative genes), about 70% of the other informative genes rank in the top 20% of the
+    remaining genes by ``dispersions_norm``, and so do 20-50 of the 100 bursty genes. Layout, texture and
+    counts use independent random streams derived from ``seed``.
+
     Parameters
     ----------
     n_rows, n_cols
