@@ -11,6 +11,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import datasets, io, pl, pp, tl  # noqa: E402
+from . import datasets, io, model, pl, pp, tl  # noqa: E402
 
-__all__ = ["io", "pp", "tl", "pl", "datasets", "__version__"]
+__all__ = ["io", "pp", "tl", "pl", "datasets", "model", "__version__"]
