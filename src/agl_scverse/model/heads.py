@@ -30,6 +30,9 @@ class _Calibrated(nn.Module):
     def _init_calibration(self, n_out: int) -> None:
         self.register_buffer("out_scale", torch.ones(n_out))
         self.register_buffer("out_shift", torch.zeros(n_out))
+        # per-gene range of the training expression: calibrated predictions are clipped to it
+        self.register_buffer("out_lo", torch.full((n_out,), -float("inf")))
+        self.register_buffer("out_hi", torch.full((n_out,), float("inf")))
 
     def _linear_out(self, h: torch.Tensor, n_first: int | None) -> torch.Tensor:
         if n_first is None:
@@ -37,8 +40,13 @@ class _Calibrated(nn.Module):
         return F.linear(h, self.out.weight[:n_first], self.out.bias[:n_first])
 
     def predict_expression(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated predictions in the transformed expression scale (no gradient bookkeeping is changed)."""
-        return self(x) * self.out_scale + self.out_shift
+        """Calibrated predictions in the transformed expression scale, clipped to each gene's training range.
+
+        A network trained with ``1 - Pearson`` is free in scale, and a few spots far from the training features
+        can get raw outputs many standard deviations out; the clip keeps predictions in the range the gene was
+        observed in (e.g. no negative ``log1p`` counts).
+        """
+        return torch.maximum(torch.minimum(self(x) * self.out_scale + self.out_shift, self.out_hi), self.out_lo)
 
 
 class EmbeddingHead(_Calibrated):

@@ -142,6 +142,8 @@ class TrainResult:
 def _calibrate_(net: nn.Module, inputs: Callable, Yz: torch.Tensor, idx: np.ndarray, y_mean, y_std, batch_size: int):
     """Fit ``out_scale``/``out_shift`` so that calibrated outputs are least squares on the training spots.
 
+    Also records each gene's training range (``out_lo``/``out_hi``), to which predictions are clipped.
+
     Per gene ``a = max(cov(out, y) / var(out), floor)`` with a tiny positive floor (never flips the sign, so the
     correlations of the raw outputs are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores.
     """
@@ -156,9 +158,12 @@ def _calibrate_(net: nn.Module, inputs: Callable, Yz: torch.Tensor, idx: np.ndar
     b = ym - a * om
     y_mean = np.asarray(y_mean, dtype=np.float64)
     y_std = np.asarray(y_std, dtype=np.float64)
+    y_orig = yz * y_std + y_mean  # training expression in the transformed scale
     with torch.no_grad():
         net.out_scale.copy_(torch.as_tensor(a * y_std, dtype=net.out_scale.dtype))
         net.out_shift.copy_(torch.as_tensor(y_mean + b * y_std, dtype=net.out_shift.dtype))
+        net.out_lo.copy_(torch.as_tensor(y_orig.min(0), dtype=net.out_lo.dtype))
+        net.out_hi.copy_(torch.as_tensor(y_orig.max(0), dtype=net.out_hi.dtype))
 
 
 def train_network(
