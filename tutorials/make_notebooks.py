@@ -203,7 +203,7 @@ agl.pl.training_history(adata, figsize=(10, 2.8))"""),
     code("""
 targets = adata.var_names[adata.var["agl_role"] == "target"]
 best = adata.var.loc[targets, "agl_pcc"].sort_values(ascending=False).index[:2].tolist()
-agl.pl.spatial_prediction(adata, best, figsize=(7, 3.2))"""),
+agl.pl.spatial_prediction(adata, best, figsize=(7, 6))"""),
     md("""
 Next: tutorial 02 runs the same steps on real HER2+ breast cancer sections with a pretrained encoder, and
 tutorial 03 adds AGL to an existing scanpy pipeline.
@@ -509,7 +509,10 @@ sq.pl.spatial_scatter(
     md("""
 **What to take from it.** Predicted expression is smoother than measured counts (it is a function of the patch
 only, without the image-invisible noise), so its clusters follow the tissue regions visible in the image; how
-well they agree with the clusters of the observed counts is what the ARI measures. On real data the same code
+well they agree with the clusters of the observed counts is what the ARI measures. In the stored run (2 x 400
+spots) the ARI between predicted and observed clusters is about 0.39; against the simulated tissue types it is
+about 0.47 for the predicted and 0.60 for the observed clusters, and the crosstab shows two observed clusters
+merged into one predicted cluster. Quick runs (2 x 144 spots, 10 epochs) give lower values. On real data the same code
 gives a first, image-derived segmentation of a new slide, to be confirmed by measured expression.
 """),
 ]
