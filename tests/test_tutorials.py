@@ -1,0 +1,75 @@
+"""Re-execute the tutorial notebooks in quick mode (``AGL_TUTORIAL_QUICK=1``) and check one result of each.
+
+The notebooks run from ``tutorials/`` (their relative paths resolve as in Jupyter); the executed copy stays in
+memory, so the committed notebooks (with their full-mode outputs) are not touched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+NOTEBOOKS = ["01_quickstart.ipynb", "02_her2st.ipynb", "03_scanpy_pipeline.ipynb"]
+
+
+def _texts(nb) -> list[str]:
+    """The text of every stream and text/plain output, cell by cell (one string per cell)."""
+    texts = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        parts = []
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                parts.append(out.text)
+            elif out.output_type in ("execute_result", "display_data"):
+                parts.append(out.get("data", {}).get("text/plain", ""))
+        texts.append("\n".join(parts))
+    return texts
+
+
+def _table_value(texts: list[str], row: str, header: str = "pearson") -> float:
+    """The first column (``pearson``) of ``row`` in a printed evaluation table."""
+    for text in texts:
+        if header in text and re.search(rf"^{row}\s", text, flags=re.M):
+            return float(re.search(rf"^{row}\s+(-?[\d.]+)", text, flags=re.M).group(1))
+    raise AssertionError(f"no evaluation table with a {row!r} row in the notebook outputs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_tutorial_runs(name, monkeypatch, request):
+    monkeypatch.setenv("AGL_TUTORIAL_QUICK", "1")
+    if name.startswith("02"):
+        monkeypatch.setenv("AGL_HER2ST", str(request.getfixturevalue("her2st_dir")))  # skips without the data
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    for cell in nb.cells:  # run from a clean slate, not from the stored outputs
+        if cell.cell_type == "code":
+            cell.outputs = []
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(TUTORIALS)}}
+    )
+    client.execute()  # raises CellExecutionError on any failing cell
+    texts = _texts(nb)
+    assert "QUICK=True" in texts[0]
+
+    if name.startswith("01"):
+        model, mean = _table_value(texts, "model"), _table_value(texts, "mean_predictor")
+        assert mean == 0.0
+        assert 0.05 < model <= 1.0, model  # the seeded quick run predicts held-out targets far above chance
+    elif name.startswith("02"):
+        assert not any("data not found" in t for t in texts)
+        assert any("Held-out section C3" in t for t in texts)
+        assert -1.0 <= _table_value(texts, "model") <= 1.0
+        k, n_aux = map(int, re.search(r"k = (\d+) of (\d+) auxiliary genes", "\n".join(texts)).groups())
+        assert 0 < k < n_aux
+    else:
+        ari = float(re.search(r"ARI\(predicted clusters, observed clusters\) = (-?[\d.]+)", "\n".join(texts)).group(1))
+        assert -1.0 <= ari <= 1.0
+        assert any(t.lstrip().startswith("predicted") and "observed" in t for t in texts)  # the crosstab
