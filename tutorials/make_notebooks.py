@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the stored notebook
 warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep noise from squidpy's import
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
 
 import matplotlib.pyplot as plt
 import numpy as np
