@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 import agl_scverse as agl
 from agl_scverse._constants import Keys
-from agl_scverse.pp.genes import compute_gene_roles, expression_transform, gene_roles
+from agl_scverse.pp import compute_gene_roles, expression_transform, gene_roles
 
 
 def _adata(n_obs=120, n_vars=40, seed=0, lam=3.0):

@@ -15,6 +15,8 @@ The contract (see ``docs/data_layouts.md``):
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 # --- input layout -----------------------------------------------------------------------------------------
 SPATIAL_KEY = "spatial"  # .obsm and .uns key, as scanpy/squidpy
 LIBRARY_KEY = "library_id"  # default .obs column telling slides apart
@@ -36,35 +38,57 @@ HEST_PATCH_INDEX = "hest_patch_index"  # .obs column: row of each spot in the HE
 EMBED_PREFIX = "X_agl_"  # .obsm["X_agl_<encoder>"]
 EMBED_UNS = "agl_embeddings"  # .uns["agl_embeddings"][obsm_key] = {encoder, weights_sha256, patch_px, ...}
 
-# --- gene roles and AGL results ---------------------------------------------------------------------------
-ROLE = "agl_role"
-PRIOR = "agl_prior"
-PRIOR_RANK = "agl_prior_rank"
-WEIGHT = "agl_weight"
-SELECTED = "agl_selected"
-ROLE_TARGET = "target"
-ROLE_AUX = "auxiliary"
-ROLE_EXCLUDED = "excluded"
-UNS_KEY = "agl"  # .uns["agl"]: params, k, threshold, history, metrics, split
-PRED_LAYER = "agl_pred"
+# --- value vocabularies (Literal aliases; the tuples are what validators accept) ---------------------------
+Method = Literal["pgl", "agl", "topk", "dkgsb"]
+Mode = Literal["embedding", "finetune"]
+Transform = Literal["log1p", "log1p_cpm", "none"]
+Prior = Literal["hvg", "coexpression", "moran"]
+Loss = Literal["pearson", "mse"]
+MetaNormalizer = Literal["detached", "soft"]
+Role = Literal["target", "auxiliary", "excluded"]
+Split = Literal["train", "val", "unused"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+MODES: tuple[str, ...] = get_args(Mode)
+TRANSFORMS: tuple[str, ...] = get_args(Transform)
+PRIORS: tuple[str, ...] = get_args(Prior)
+LOSSES: tuple[str, ...] = get_args(Loss)
+META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
+ROLE_TARGET, ROLE_AUX, ROLE_EXCLUDED = get_args(Role)
+ROLES: tuple[str, ...] = get_args(Role)
+SPLIT_TRAIN, SPLIT_VAL, SPLIT_UNUSED = get_args(Split)
+SPLITS: tuple[str, ...] = get_args(Split)
 
 # --- defaults ---------------------------------------------------------------------------------------------
+DEFAULT_KEY = "agl"  # default key_added of every tool
 DEFAULT_PATCH_PX = 224
 DEFAULT_PATCH_UM = 112.0
 
 
-class Keys:
-    """Names of the ``.var`` columns, ``.uns`` entry and layer written by one AGL run.
-
-    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData.
+def embedding_key(encoder_name: str) -> str:
+    """``.obsm`` key of the features of an encoder: ``"X_agl_<encoder>"``.
 
     Examples
     --------
-    >>> Keys().role, Keys("agl_dkgsb").pred_layer
-    ('agl_role', 'agl_dkgsb_pred')
+    >>> embedding_key("resnet18")
+    'X_agl_resnet18'
+    """
+    return f"{EMBED_PREFIX}{encoder_name}"
+
+
+class Keys:
+    """Names of every ``.var`` / ``.obs`` column, ``.uns`` entry and layer written by one AGL run.
+
+    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData. This class is
+    the only place where these names are built.
+
+    Examples
+    --------
+    >>> Keys().role, Keys("agl_dkgsb").pred_layer, Keys("run1").gene_roles
+    ('agl_role', 'agl_dkgsb_pred', 'run1_gene_roles')
     """
 
-    def __init__(self, key_added: str = UNS_KEY):
+    def __init__(self, key_added: str = DEFAULT_KEY):
         if not key_added or not isinstance(key_added, str):
             raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
         self.prefix = key_added
@@ -72,14 +96,24 @@ class Keys:
     def __repr__(self) -> str:
         return f"Keys({self.prefix!r})"
 
-    role = property(lambda self: f"{self.prefix}_role")
-    prior = property(lambda self: f"{self.prefix}_prior")
-    prior_rank = property(lambda self: f"{self.prefix}_prior_rank")
-    weight = property(lambda self: f"{self.prefix}_weight")
-    selected = property(lambda self: f"{self.prefix}_selected")
-    uns = property(lambda self: self.prefix)
-    pred_layer = property(lambda self: f"{self.prefix}_pred")
-    split = property(lambda self: f"{self.prefix}_split")  # .obs column: train / val / unused
-    pcc = property(lambda self: f"{self.prefix}_pcc")
-    spearman = property(lambda self: f"{self.prefix}_spearman")
-    mse = property(lambda self: f"{self.prefix}_mse")
+    def _name(self, suffix: str) -> str:
+        return f"{self.prefix}_{suffix}"
+
+    # .var columns
+    role = property(lambda self: self._name("role"))  # target / auxiliary / excluded
+    prior = property(lambda self: self._name("prior"))  # prior score of auxiliaries (higher = better)
+    prior_rank = property(lambda self: self._name("prior_rank"))  # 0 = best auxiliary, -1 otherwise
+    weight = property(lambda self: self._name("weight"))  # mask weight (1 for targets)
+    selected = property(lambda self: self._name("selected"))  # bool
+    pcc = property(lambda self: self._name("pcc"))
+    spearman = property(lambda self: self._name("spearman"))
+    mse = property(lambda self: self._name("mse"))
+    # .obs column: train / val / unused
+    split = property(lambda self: self._name("split"))
+    # .uns entries
+    uns = property(lambda self: self.prefix)  # params, k, threshold, history, metrics
+    gene_roles = property(lambda self: self._name("gene_roles"))  # parameters of agl.pp.gene_roles
+    # .layers
+    pred_layer = property(lambda self: self._name("pred"))
+    # private .var column cross_validate uses to hand a fold's prior to agl_fit
+    fold_prior = property(lambda self: self._name("fold_prior"))

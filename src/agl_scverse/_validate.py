@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -58,3 +62,153 @@ def check_adata(adata: AnnData, layer: str | None = None) -> None:
     check_unique_names(adata)
     X = adata.layers[layer] if layer is not None else adata.X
     check_counts(X, what=f"adata.layers[{layer!r}]" if layer else "adata.X")
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """``value`` must be one of ``choices``.
+
+    Examples
+    --------
+    >>> check_choice("method", "pgl", ("pgl", "agl"))
+    >>> check_choice("method", "x", ("pgl", "agl"))
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown method 'x'; choose one of ('pgl', 'agl').
+    """
+    if isinstance(value, list | dict | set) or value not in tuple(choices):
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {tuple(choices)}.")
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    """``value`` must be a positive (or non-negative) finite number, an integer when ``integer``.
+
+    Examples
+    --------
+    >>> check_positive("epochs", 0, integer=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: epochs must be a positive integer, got 0.
+    """
+    ok = isinstance(value, int | np.integer) if integer else isinstance(value, int | float | np.number)
+    ok = ok and not isinstance(value, bool | np.bool_) and bool(np.isfinite(value))
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "integer" if integer else "number"
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}.")
+
+
+def check_in_range(name: str, value: Any, low: float, high: float, *, closed: str = "both") -> None:
+    """``low <= value <= high`` (``closed`` = ``"both"``, ``"left"``, ``"right"`` or ``"neither"``).
+
+    Examples
+    --------
+    >>> check_in_range("dropout", 1.0, 0, 1, closed="left")
+    Traceback (most recent call last):
+    ...
+    ValueError: dropout must be in [0, 1), got 1.0.
+    """
+    left, right = closed in ("both", "left"), closed in ("both", "right")
+    try:
+        v = float(value)
+        ok = not isinstance(value, bool) and np.isfinite(v)
+        ok = ok and (v >= low if left else v > low) and (v <= high if right else v < high)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be in {'[' if left else '('}{low:g}, {high:g}{']' if right else ')'}, got {value!r}.")
+
+
+def check_obs_key(adata: AnnData, key: str, name: str = "key") -> None:
+    """``key`` must be a column of ``adata.obs``.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> check_obs_key(ad.AnnData(np.ones((2, 1))), "batch", "library_key")
+    Traceback (most recent call last):
+    ...
+    KeyError: "library_key='batch' is not an .obs column; columns are []."
+    """
+    if key not in adata.obs:
+        raise KeyError(f"{name}={key!r} is not an .obs column; columns are {list(adata.obs.columns)[:10]}.")
+
+
+def check_layer(adata: AnnData, layer: str | None) -> None:
+    """``layer`` (when given) must be one of ``adata.layers``."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} is not in adata.layers ({list(adata.layers)}).")
+
+
+# ------------------------------------------------------------------------------------------------ spots
+def resolve_spots(adata: AnnData, spots: Any = None, *, as_mask: bool = False, what: str = "spots") -> np.ndarray:
+    """The one resolver of spot selections used by every function that takes ``spots=`` or ``train_mask=``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData.
+    spots
+        ``None`` (every spot); an ``.obs`` column name, boolean (no missing values) or holding split values
+        (its ``"train"`` spots, e.g. the ``<key_added>_split`` column of ``agl_fit``); a boolean mask of length
+        ``n_obs``; integer positions; or spot names (one name or a sequence).
+    as_mask
+        Return a boolean mask instead of integer positions (in the order given).
+    what
+        The argument's name, for error messages.
+
+    Returns
+    -------
+    Integer positions (in the order given) or a boolean mask.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> a = ad.AnnData(np.ones((3, 1)))
+    >>> a.obs["split"] = ["train", "val", "train"]
+    >>> resolve_spots(a, "split", as_mask=True).tolist(), resolve_spots(a, ["2", "0"]).tolist()
+    ([True, False, True], [2, 0])
+    """
+    n = adata.n_obs
+    if spots is None:
+        pos = np.arange(n)
+    elif isinstance(spots, str) and spots in adata.obs:
+        col = adata.obs[spots]
+        if pd.api.types.is_bool_dtype(col):
+            if col.isna().any():
+                raise ValueError(f".obs[{spots!r}] holds missing values; fill them with True/False.")
+            pos = np.flatnonzero(col.to_numpy(dtype=bool))
+        elif set(col.astype(str).unique()) <= set(K.SPLITS):
+            pos = np.flatnonzero((col.astype(str) == K.SPLIT_TRAIN).to_numpy())
+        else:
+            raise TypeError(
+                f"{what}={spots!r} names an .obs column that is neither boolean nor a split column "
+                f"(values {K.SPLITS}); dtype {col.dtype}."
+            )
+    else:
+        arr = np.asarray([spots] if isinstance(spots, str) else spots)
+        if arr.dtype == bool:
+            if arr.shape != (n,):
+                raise ValueError(f"Boolean {what} mask has shape {arr.shape}; expected ({n},), one value per spot.")
+            pos = np.flatnonzero(arr)
+        elif arr.size == 0:
+            pos = np.zeros(0, dtype=int)
+        elif np.issubdtype(arr.dtype, np.integer):
+            if arr.min() < -n or arr.max() >= n:
+                raise IndexError(f"{what} holds positions outside 0..{n - 1}.")
+            pos = np.asarray(arr % n, dtype=int)
+        elif arr.dtype.kind in "fc":
+            raise TypeError(f"{what} must be a boolean mask, integer positions or spot names, got dtype {arr.dtype}.")
+        else:
+            names = pd.Index(arr.astype(str).ravel())
+            pos = adata.obs_names.get_indexer(names)
+            if np.any(pos < 0):
+                missing = names[pos < 0][:5].tolist()
+                raise KeyError(f"{int((pos < 0).sum())} {what} are not in adata.obs_names, e.g. {missing}.")
+    if len(pos) == 0:
+        raise ValueError(f"No spots left: {what} selects 0 spots. Pass None to use every spot.")
+    if not as_mask:
+        return pos
+    mask = np.zeros(n, dtype=bool)
+    mask[pos] = True
+    return mask

@@ -163,7 +163,7 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray]) -> li
 
 
 def _observed(adata: AnnData, idx: np.ndarray, params: dict) -> np.ndarray:
-    from ..pp.genes import expression_transform
+    from .._expression import expression_transform
 
     layer = params.get("layer")
     layer = None if layer in (None, "None", "") else str(layer)  # agl_fit stores None as "None" (h5ad-safe)

@@ -25,25 +25,18 @@ from scanpy import logging as logg
 
 from .. import _constants as K
 from .._constants import Keys
-from .._validate import check_adata, check_counts
+from .._expression import expression_transform
+from .._validate import check_adata
 
 __all__ = [
-    "TRANSFORMS",
-    "PRIORS",
     "DEFAULT_MIN_CELLS",
     "GeneRoles",
-    "expression_transform",
     "resolve_train_mask",
     "compute_gene_roles",
     "gene_roles",
     "write_gene_roles",
 ]
 
-TRANSFORMS = ("log1p", "log1p_cpm", "none")
-"""Accepted values of ``transform`` in :func:`expression_transform`."""
-
-PRIORS = ("hvg", "coexpression", "moran")
-"""Built-in auxiliary priors; any numeric ``.var`` column name is accepted too."""
 
 DEFAULT_MIN_CELLS = 10
 """Default ``min_cells``: a gene must have counts in at least 10 training spots to be a candidate.
@@ -55,70 +48,6 @@ a slide, so it keeps most expressed genes while dropping the near-empty ones (HE
 730 spots: 13,691 of the 16,647 genes seen at least once). Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0, 1) for a
 fraction of training spots.
 """
-
-
-# --------------------------------------------------------------------------------------------------------------
-# expression transform
-# --------------------------------------------------------------------------------------------------------------
-def expression_transform(
-    X: Any,
-    transform: Literal["log1p", "log1p_cpm", "none"] = "log1p",
-    columns: Sequence[int] | np.ndarray | None = None,
-) -> np.ndarray:
-    """Turn raw counts into the model's expression values (dense ``float32``).
-
-    This is the single definition of the expression scale used for training targets, predictions, baselines
-    and metrics, so that every part of the package compares like with like.
-
-    Parameters
-    ----------
-    X
-        Raw counts, spots x genes (NumPy array or SciPy sparse matrix). Must be finite and non-negative.
-    transform
-        - ``"log1p"`` (default): ``log(1 + counts)``, the HEST-Benchmark protocol.
-        - ``"log1p_cpm"``: library-size normalisation to 10,000 counts per spot (scanpy's
-          ``normalize_total(target_sum=1e4)``), then ``log1p``. Spots with no counts stay 0.
-        - ``"none"``: the counts as they are (as ``float32``).
-    columns
-        Optional gene columns (integer positions or a boolean mask) to return. The library size of
-        ``"log1p_cpm"`` is always computed over **all** columns of ``X``, so pass the full matrix and select
-        here rather than subsetting first.
-
-    Returns
-    -------
-    Dense ``float32`` array, spots x selected genes.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> expression_transform(np.array([[0, 1], [3, 0]]))
-    array([[0.       , 0.6931472],
-           [1.3862944, 0.       ]], dtype=float32)
-    >>> expression_transform(np.array([[1, 3]]), "log1p_cpm").round(2)
-    array([[7.82, 8.92]], dtype=float32)
-    """
-    if transform not in TRANSFORMS:
-        raise ValueError(f"Unknown transform {transform!r}; choose one of {TRANSFORMS}.")
-    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
-        X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"Expected a 2-D spots x genes matrix, got shape {X.shape}.")
-    check_counts(X, what="counts")
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-    if transform == "log1p_cpm":
-        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-    if columns is not None:
-        columns = np.asarray(columns)
-        X = X[:, columns]
-    out = X.toarray() if sp.issparse(X) else np.array(X, copy=True)
-    out = out.astype(np.float32, copy=False)
-    if transform == "log1p_cpm":
-        out *= scale[:, None].astype(np.float32)
-    if transform in ("log1p", "log1p_cpm"):
-        np.log1p(out, out=out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -439,10 +368,10 @@ def compute_gene_roles(
         raise ValueError(f"n_targets must be >= 1, got {n_targets}.")
     if auxiliaries is not None:
         auxiliaries = _check_gene_list(auxiliaries, var_names, "auxiliary")
-    if prior not in PRIORS:
+    if prior not in K.PRIORS:
         if not isinstance(prior, str) or prior not in adata.var.columns:
             raise ValueError(
-                f"Unknown prior {prior!r}: use one of {PRIORS} or the name of a numeric .var column "
+                f"Unknown prior {prior!r}: use one of {K.PRIORS} or the name of a numeric .var column "
                 f"(columns: {list(adata.var.columns)[:10]})."
             )
         if not pd.api.types.is_numeric_dtype(adata.var[prior]) or pd.api.types.is_bool_dtype(adata.var[prior]):
@@ -553,7 +482,7 @@ def gene_roles(
     layer: str | None = None,
     library_key: str | None = None,
     n_neighs: int = 6,
-    key_added: str = K.UNS_KEY,
+    key_added: str = K.DEFAULT_KEY,
     copy: bool = False,
 ) -> AnnData | None:
     """Mark target / auxiliary / excluded genes and rank auxiliaries by a prior, in ``.var``.
@@ -616,7 +545,7 @@ def gene_roles(
     return adata if copy else None
 
 
-def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.UNS_KEY) -> None:
+def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAULT_KEY) -> None:
     """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[f"{key_added}_gene_roles"]`` (in place).
 
     Examples

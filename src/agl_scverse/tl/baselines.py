@@ -57,7 +57,7 @@ def mean_predictor(X_train, Y_train, X_test) -> np.ndarray:
     Returns
     -------
     ``float32`` array, n_test x n_genes. Its per-gene correlation with anything is 0 by the convention of
-    :mod:`agl_scverse.tl.metrics` (a constant prediction).
+    :mod:`agl_scverse._stats` (a constant prediction).
 
     Examples
     --------

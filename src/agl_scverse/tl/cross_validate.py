@@ -13,10 +13,11 @@ from scanpy import logging as logg
 
 from .. import _constants as K
 from .._validate import check_adata
-from ..pp.genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles, expression_transform
+from .._expression import expression_transform
+from ..pp.genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 from .baselines import mean_predictor, pca_ridge
 from .fit import agl_fit
-from .metrics import per_gene_metrics
+from .._stats import per_gene_metrics
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
 
@@ -84,7 +85,7 @@ def cross_validate(
     3. with ``baselines=True``, the mean predictor and PCA+Ridge (:mod:`agl_scverse.tl.baselines`) are fitted on
        all training spots (train + validation) of the same embeddings;
     4. per-gene Pearson / Spearman / MSE of the **targets** on the held-out spots, on the ``transform`` scale
-       (:mod:`agl_scverse.tl.metrics` conventions: NaN where a target is constant on the held-out group).
+       (:mod:`agl_scverse._stats` conventions: NaN where a target is constant on the held-out group).
 
     Validation spots (early stopping, DkGSB's bi-level step): with at least 3 training groups, the whole next
     group (cyclically after the held-out one); otherwise a random ``val_fraction`` of training spots.

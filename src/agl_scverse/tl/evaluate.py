@@ -46,7 +46,7 @@ def evaluate(
     genes: str | Sequence[str] = "targets",
     spots: Any = None,
     baselines: bool = True,
-    key_added: str = K.UNS_KEY,
+    key_added: str = K.DEFAULT_KEY,
     embedding_key: str | None = None,
     n_components: int = 256,
     copy: bool = False,
@@ -93,9 +93,9 @@ def evaluate(
     >>> agl.tl.evaluate(adata, model)  # doctest: +SKIP
     >>> adata.uns["agl"]["metrics"]["test"]["model"]["pearson"]  # doctest: +SKIP
     """
-    from ..pp.genes import expression_transform
+    from .._expression import expression_transform
     from .baselines import mean_predictor, pca_ridge
-    from .metrics import per_gene_metrics
+    from .._stats import per_gene_metrics
     from .predict import _as_model, agl_predict
 
     if not isinstance(adata, AnnData):
@@ -271,6 +271,7 @@ def compare_methods(
     held = np.zeros(adata.n_obs, dtype=bool)
     held[rng.choice(adata.n_obs, size=n_test, replace=False)] = True
     method_kwargs = method_kwargs or {}
+    keys = Keys(fit_kwargs.get("key_added", K.DEFAULT_KEY))
     rows = []
     for name in methods:
         method = name.split(":")[0]
@@ -279,15 +280,15 @@ def compare_methods(
         t0 = time.perf_counter()
         model, work = agl_fit(adata, method=method, spots=~held, seed=seed, copy=True, **kw)
         seconds = time.perf_counter() - t0
-        agl_predict(work, model)
-        evaluate(work, model)
-        uns = work.uns[K.UNS_KEY]
+        agl_predict(work, model, key_added=keys.prefix)
+        evaluate(work, model, key_added=keys.prefix)
+        uns = work.uns[keys.uns]
         test = uns["metrics"]["test"]
-        aux = (work.var[K.ROLE].astype(str) == K.ROLE_AUX).to_numpy()
-        sel = aux & work.var[K.SELECTED].to_numpy(dtype=bool)
+        aux = (work.var[keys.role].astype(str) == K.ROLE_AUX).to_numpy()
+        sel = aux & work.var[keys.selected].to_numpy(dtype=bool)
         precision = precision_start = float("nan")
         n_aux = int(aux.sum())
-        rank = work.var[K.PRIOR_RANK].to_numpy(dtype=float)
+        rank = work.var[keys.prior_rank].to_numpy(dtype=float)
         start = aux & (rank / max(n_aux - 1, 1) < 0.5)  # DkGSB's selection at its initial threshold
         if truth_key is not None and truth_key in work.var:
             truth = work.var[truth_key].to_numpy(dtype=bool)

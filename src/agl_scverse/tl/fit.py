@@ -219,7 +219,7 @@ def agl_fit(
     k: int | None = None,
     seed: int = 0,
     device: str = "auto",
-    key_added: str = K.UNS_KEY,
+    key_added: str = K.DEFAULT_KEY,
     copy: bool = False,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -311,13 +311,14 @@ def agl_fit(
     >>> model = agl.tl.agl_fit(adata, method="dkgsb", n_targets=50)  # doctest: +SKIP
     >>> adata.uns["agl"]["k"], adata.var["agl_selected"].sum()  # doctest: +SKIP
     """
-    from ..pp.genes import TRANSFORMS, compute_gene_roles, expression_transform, write_gene_roles
+    from .._expression import expression_transform
+    from ..pp.genes import compute_gene_roles, write_gene_roles
 
     t_start = time.perf_counter()
     args = dict(locals())
     args.pop("data")
     args.pop("t_start")
-    for name in ("compute_gene_roles", "expression_transform", "write_gene_roles", "TRANSFORMS"):
+    for name in ("compute_gene_roles", "expression_transform", "write_gene_roles"):
         args.pop(name, None)
     is_anndata = isinstance(data, AnnData)
     adata = as_anndata(data)
@@ -328,8 +329,8 @@ def agl_fit(
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
-    if transform not in TRANSFORMS:
-        raise ValueError(f"Unknown transform {transform!r}; choose one of {TRANSFORMS}.")
+    if transform not in K.TRANSFORMS:
+        raise ValueError(f"Unknown transform {transform!r}; choose one of {K.TRANSFORMS}.")
     if meta_normalizer not in ("detached", "soft"):
         raise ValueError(f"meta_normalizer must be 'detached' or 'soft', got {meta_normalizer!r}.")
     if loss not in LOSSES:
@@ -480,7 +481,7 @@ def agl_fit(
         k_sel, threshold = len(model_aux), float("nan")
     out_weights = np.concatenate([np.ones(n_t), aux_w])
     val_pred = predict_rows(net, inputs, val_idx, n_t)
-    from .metrics import per_gene_metrics
+    from .._stats import per_gene_metrics
 
     val_df = per_gene_metrics(Y[val_idx, :n_t], val_pred, genes=roles.targets)
     versions = package_versions()

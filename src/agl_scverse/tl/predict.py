@@ -131,7 +131,7 @@ def agl_predict(
     *,
     embedding_key: str | None = None,
     weights: str | Path | None = None,
-    key_added: str = K.UNS_KEY,
+    key_added: str = K.DEFAULT_KEY,
     copy: bool = False,
     device: str = "cpu",
     library_key: str | None = None,

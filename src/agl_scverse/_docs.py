@@ -1,0 +1,67 @@
+"""Shared parameter documentation (docrep), so one parameter is described once across the package.
+
+Use ``@d.dedent`` on a function and write ``%(adata)s`` (etc.) in its Parameters section.
+"""
+
+from __future__ import annotations
+
+from docrep import DocstringProcessor
+
+__all__ = ["d"]
+
+_adata = """\
+adata
+    AnnData in the agl-scverse layout (raw counts in ``.X`` or ``layer``, spot centres in full-resolution
+    pixels in ``.obsm["spatial"]``, images in ``.uns["spatial"]``)."""
+_data = """\
+data
+    AnnData in the agl-scverse layout, or a SpatialData (its table is used; see
+    :func:`agl_scverse.io.from_spatialdata`)."""
+_key_added = """\
+key_added
+    Prefix of every key written (``.var``, ``.obs``, ``.layers``, ``.uns``); see ``docs/data_layouts.md``.
+    Several runs can live in one AnnData under different prefixes."""
+_copy = """\
+copy
+    Return a modified copy instead of writing into ``adata``."""
+_library_key = """\
+library_key
+    ``.obs`` column telling slides apart. Default: ``"library_id"`` when ``.uns["spatial"]`` holds several
+    slides and that column exists, else one slide."""
+_spots = """\
+spots
+    Spots to use: ``None`` (all), a boolean mask, integer positions, spot names, or an ``.obs`` column
+    (boolean, or a split column whose ``"train"`` spots are used)."""
+_layer = """\
+layer
+    Layer holding raw counts instead of ``.X``."""
+_progress = """\
+progress
+    Show a progress bar."""
+_plot_params = """\
+ax
+    Matplotlib axes to draw into (the figure is then the axes' figure). Default: a new figure.
+figsize
+    Size of a new figure in inches.
+show
+    Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
+save
+    Path to save the figure to (format from the suffix, ``.png`` when there is none).
+return_fig
+    Return the :class:`~matplotlib.figure.Figure` instead of the axes."""
+_plot_returns = """\
+With ``return_fig=True`` the :class:`~matplotlib.figure.Figure`; otherwise, when ``show`` is False, the axes
+(see above); otherwise None."""
+
+d = DocstringProcessor(
+    adata=_adata,
+    data=_data,
+    key_added=_key_added,
+    copy=_copy,
+    library_key=_library_key,
+    spots=_spots,
+    layer=_layer,
+    progress=_progress,
+    plot_params=_plot_params,
+    plot_returns=_plot_returns,
+)

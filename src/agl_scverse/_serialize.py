@@ -1,0 +1,82 @@
+"""Turn results into what ``write_h5ad`` (``.uns``) and JSON (model configs) store, with one null convention.
+
+The null convention: **"nothing here" is never written as a placeholder string.** In ``.uns`` (h5ad cannot
+store None) a ``None`` value is left out of its dict, so readers use ``entry.get(name)`` and get None back; a
+``None`` inside a numeric list becomes NaN. In JSON, None is ``null`` and a non-finite float is ``null`` too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["to_h5ad", "to_json"]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+
+
+def to_h5ad(obj: Any) -> Any:
+    """Recursively turn ``obj`` into values ``anndata.write_h5ad`` stores in ``.uns``.
+
+    Dicts keep their keys as strings and drop ``None`` values; tuples, lists, indexes and series become
+    typed arrays (bool, int64, float64 with NaN for None, or str); paths become strings.
+
+    Examples
+    --------
+    >>> to_h5ad({"a": None, "b": (1, 2), "c": [0.5, None], "d": Path("x")})
+    {'b': array([1, 2]), 'c': array([0.5, nan]), 'd': 'x'}
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_h5ad(v) for k, v in obj.items() if v is not None}
+    if obj is None:
+        return np.nan
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj)
+    if isinstance(obj, str | Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return obj if obj.dtype.kind in "biuf" else np.asarray([str(v) for v in obj.ravel()])
+    if isinstance(obj, list | tuple | pd.Index | pd.Series):
+        vals = list(obj)
+        if not vals:
+            return np.zeros(0, dtype=np.int64)
+        if all(isinstance(v, bool | np.bool_) for v in vals):
+            return np.asarray(vals, dtype=bool)
+        if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in vals):
+            return np.asarray(vals, dtype=np.int64)
+        if all(v is None or _is_number(v) for v in vals):
+            return np.asarray([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+        return np.asarray([str(v) for v in vals])
+    return str(obj)
+
+
+def to_json(obj: Any) -> Any:
+    """Recursively turn ``obj`` into JSON values (None and non-finite floats -> ``null``).
+
+    Examples
+    --------
+    >>> to_json({"a": np.float32(0.5), "b": (1, float("nan")), "c": np.arange(2)})
+    {'a': 0.5, 'b': [1, None], 'c': [0, 1]}
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | pd.Index | pd.Series):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_json(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
