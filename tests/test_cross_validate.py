@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import agl_scverse as agl
-from agl_scverse.tl.cross_validate import CV_COLUMNS, cross_validate
+from agl_scverse.tl._cross_validate import CV_COLUMNS, cross_validate
 
 N_TARGETS = 4
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import hashlib
 
 import anndata as ad
@@ -55,7 +57,7 @@ def test_uns_record_contents_and_h5ad_roundtrip(slide, tmp_path):
     assert rec["mean"] == pytest.approx([0.485, 0.456, 0.406]) and rec["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert rec["weights_path"] == "" and rec["weights_sha256"] == "" and rec["pretrained"] is False
     assert rec["image"] == {"lib": "fullres"} and rec["crop_side_px"] == {"lib": 32}
-    assert rec["versions"]["torch"] == str(torch.__version__) and rec["versions"]["timm"] == timm.__version__
+    assert rec["versions"]["torch"] == version("torch") and rec["versions"]["timm"] == version("timm")
     slide.write_h5ad(tmp_path / "emb.h5ad")
     back = ad.read_h5ad(tmp_path / "emb.h5ad")
     assert back.uns["agl_embeddings"]["X_agl_resnet18"]["encoder"] == "resnet18"

@@ -107,7 +107,7 @@ def test_legacy_single_section_layout(legacy_dir, caplog):
 
 
 def test_legacy_reports_unmatched(legacy_dir, monkeypatch):
-    from agl_scverse.io import legacy_st
+    from agl_scverse.io import _legacy_st as legacy_st
 
     messages = []
     monkeypatch.setattr(legacy_st.logg, "warning", lambda msg, *a, **k: messages.append(msg))
@@ -548,7 +548,7 @@ def test_from_spatialdata(tmp_path):
     np.testing.assert_array_equal(img, sdata.images["he"].values.transpose(1, 2, 0))
     assert "spatialdata_attrs" not in adata.uns
     # same thing through the shared coercion helper
-    from agl_scverse._utils import as_anndata
+    from agl_scverse.io._spatialdata import as_anndata
 
     with pytest.warns(UserWarning):
         assert as_anndata(sdata).n_obs == 3

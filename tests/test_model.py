@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from agl_scverse.model import (
-    AGLModel,
-    EmbeddingHead,
-    FinetuneNet,
-    GeneMask,
-    TensorInputs,
-    genes_for_method,
-    normalized_ranks,
-    pearson_loss,
-    train_network,
-    val_pcc,
-    weighted_loss,
-)
-from agl_scverse.model import checkpoint as ckpt
+from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, pearson_loss, train_network, weighted_loss
+from agl_scverse.model import _checkpoint as ckpt
+from agl_scverse.model._mask import normalized_ranks
+from agl_scverse.model._trainer import TensorInputs, genes_for_method, val_pcc
 
 
 @pytest.fixture(autouse=True)

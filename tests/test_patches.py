@@ -129,7 +129,7 @@ def test_outside_spots_error_lists_them_and_pad_keeps_them(monkeypatch):
     with pytest.raises(ValueError, match=r"2 of 3 spots.*'far', 'corner'.*on_outside='pad'"):
         SpotPatches(adata, patch_px=8, patch_um=10)
     warned: list[str] = []
-    monkeypatch.setattr(agl.pp.patches.logg, "warning", lambda msg, *a, **k: warned.append(msg))
+    monkeypatch.setattr(agl.pp._patches.logg, "warning", lambda msg, *a, **k: warned.append(msg))
     ds = SpotPatches(adata, patch_px=10, patch_um=10, on_outside="pad")
     assert len(warned) == 1 and "Keeping them" in warned[0] and "'far', 'corner'" in warned[0]
     assert list(ds.outside) == ["far", "corner"]

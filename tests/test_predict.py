@@ -49,12 +49,16 @@ def test_predict_from_saved_directory_is_identical(fitted, tmp_path):
     np.testing.assert_array_equal(a.layers["agl_pred"], b.layers["agl_pred"])
 
 
-def test_he_only_slide_returns_new_anndata(fitted):
+def test_he_only_slide_gets_a_new_anndata_from_predict_anndata(fitted):
     _, model = fitted
     full = small_slide(seed=3)
     he = full[:, []].copy()
     he.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 10.0}}}
-    out = agl.tl.agl_predict(he, model)
+    snap = snapshot(he)
+    with pytest.raises(ValueError, match="predict_anndata"):  # agl_predict writes a layer: it needs the genes
+        agl.tl.agl_predict(he, model)
+    assert_unchanged(he, snap)
+    out = agl.tl.predict_anndata(he, model)
     assert out is not he and he.n_vars == 0 and "agl_pred" not in he.layers
     assert list(out.var_names) == model.predicted_genes
     assert (out.var["agl_role"].astype(str)[:5] == "target").all()
@@ -77,7 +81,7 @@ def _other_encoder(a, model):
 
 def _model_records_resnet(model):
     model.config["encoder"] = {
-        "name": "resnet18",
+        "encoder": "resnet18",
         "recorded": True,
         "weights_sha256": "",
         "patch_px": 224,
@@ -130,7 +134,7 @@ def test_missing_weights_file_is_a_clear_error(fitted, tmp_path):
     _, model = fitted
     model = copy.deepcopy(model)
     model.config["encoder"] = {
-        "name": "resnet18", "recorded": True, "weights_sha256": "ab" * 32,
+        "encoder": "resnet18", "recorded": True, "weights_sha256": "ab" * 32,
         "weights_path": str(tmp_path / "gone.pth"), "patch_px": 32, "patch_um": 112.0,
     }  # fmt: skip
     a = _no_embedding(small_slide(seed=5), model)

@@ -10,6 +10,7 @@ from scipy import sparse
 import agl_scverse as agl
 from agl_scverse import _constants as K
 from agl_scverse._spatial import get_image, microns_per_pixel
+from agl_scverse.datasets._synthetic import TISSUE_TYPES
 
 SMALL = dict(n_rows=6, n_cols=5, n_tissue_genes=10, n_informative=20, n_noise=40, n_bursty_noise=5)
 
@@ -73,7 +74,7 @@ def test_ground_truth_columns(small_slide):
     assert var["informative"].sum() == 20
     assert (var.loc[var["informative"], "synthetic_kind"] == "informative").all()
     assert var["bursty"].sum() == 5 and (var.loc[var["bursty"], "synthetic_kind"] == "noise").all()
-    assert set(small_slide.obs["tissue_type"].cat.categories) == set(agl.datasets.TISSUE_TYPES)
+    assert set(small_slide.obs["tissue_type"].cat.categories) == set(TISSUE_TYPES)
     lat = small_slide.obsm["synthetic_latent"]
     np.testing.assert_allclose(lat[:, :5].sum(1), 1.0, atol=1e-4)  # tissue composition sums to one
 

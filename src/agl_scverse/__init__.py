@@ -9,7 +9,12 @@ Examples
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("agl-scverse")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+    __version__ = "0.0.0"
 
 from . import datasets, io, model, pl, pp, tl  # noqa: E402
 

@@ -194,3 +194,32 @@ def get_image(
         f"No image for library {library_id!r}: uns['spatial'][{library_id!r}] has images {list(images)} and "
         f"no metadata['source_image_path']. Read the slide with its image (agl.io) or add one."
     )
+
+
+def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:
+    """The one rule for the ``.obs`` column telling slides apart.
+
+    A given ``library_key`` must be an ``.obs`` column. ``None`` becomes ``"library_id"`` when that column exists
+    and the data holds several slides (several values in it, or several entries in ``.uns["spatial"]``);
+    otherwise None (one slide).
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> a = ad.AnnData(np.ones((2, 1)))
+    >>> a.obs["library_id"] = ["A", "B"]
+    >>> resolve_library_key(a), resolve_library_key(a[:1])
+    ('library_id', None)
+    """
+    if library_key is not None:
+        if library_key not in adata.obs:
+            raise KeyError(
+                f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
+            )
+        return library_key
+    if K.LIBRARY_KEY not in adata.obs:
+        return None
+    n_libs = len(adata.uns.get(K.SPATIAL_KEY, {}) or {})
+    if adata.obs[K.LIBRARY_KEY].nunique() > 1 or n_libs > 1:
+        return K.LIBRARY_KEY
+    return None

@@ -1,29 +1,12 @@
-"""Small shared helpers: data coercion, devices, hashing, seeding."""
+"""Small shared helpers: devices, hashing, seeding, package versions."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from anndata import AnnData
-
-
-def as_anndata(data: Any, table_key: str | None = None) -> AnnData:
-    """Return an AnnData for ``data``: an AnnData as is, a SpatialData via :func:`agl_scverse.io.from_spatialdata`."""
-    if isinstance(data, AnnData):
-        return data
-    try:
-        from spatialdata import SpatialData
-    except ImportError:  # pragma: no cover
-        SpatialData = ()  # type: ignore[assignment]
-    if isinstance(data, SpatialData):
-        from .io import from_spatialdata
-
-        return from_spatialdata(data, table_key=table_key)
-    raise TypeError(f"Expected an AnnData or a SpatialData object, got {type(data).__name__}.")
 
 
 def resolve_device(device: str = "auto"):
@@ -51,3 +34,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002  (legacy global RNG, for third-party code that uses it)
     torch.manual_seed(seed)
+
+
+#: Packages whose versions shape a result, recorded in ``.uns`` params, embedding records and model configs.
+VERSIONED_PACKAGES = ("agl-scverse", "torch", "torchvision", "timm", "numpy", "scipy", "anndata", "scanpy")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of :data:`VERSIONED_PACKAGES` (absent ones are left out).
+
+    Examples
+    --------
+    >>> "torch" in versions()
+    True
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:  # pragma: no cover
+            continue
+    return out

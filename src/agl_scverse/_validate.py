@@ -141,7 +141,9 @@ def check_layer(adata: AnnData, layer: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ spots
-def resolve_spots(adata: AnnData, spots: Any = None, *, as_mask: bool = False, what: str = "spots") -> np.ndarray:
+def resolve_spots(
+    adata: AnnData, spots: Any = None, *, as_mask: bool = False, what: str = "spots", noun: str = "spots"
+) -> np.ndarray:
     """The one resolver of spot selections used by every function that takes ``spots=`` or ``train_mask=``.
 
     Parameters
@@ -154,8 +156,8 @@ def resolve_spots(adata: AnnData, spots: Any = None, *, as_mask: bool = False, w
         ``n_obs``; integer positions; or spot names (one name or a sequence).
     as_mask
         Return a boolean mask instead of integer positions (in the order given).
-    what
-        The argument's name, for error messages.
+    what, noun
+        The argument's name and what it selects (e.g. ``"training spots"``), for error messages.
 
     Returns
     -------
@@ -178,13 +180,13 @@ def resolve_spots(adata: AnnData, spots: Any = None, *, as_mask: bool = False, w
             if col.isna().any():
                 raise ValueError(f".obs[{spots!r}] holds missing values; fill them with True/False.")
             pos = np.flatnonzero(col.to_numpy(dtype=bool))
-        elif set(col.astype(str).unique()) <= set(K.SPLITS):
-            pos = np.flatnonzero((col.astype(str) == K.SPLIT_TRAIN).to_numpy())
         else:
-            raise TypeError(
-                f"{what}={spots!r} names an .obs column that is neither boolean nor a split column "
-                f"(values {K.SPLITS}); dtype {col.dtype}."
-            )
+            pos = np.flatnonzero((col.astype(str) == K.SPLIT_TRAIN).to_numpy())
+            if len(pos) == 0:
+                raise ValueError(
+                    f".obs[{spots!r}] is not boolean and has no {K.SPLIT_TRAIN!r} values; pass a boolean column or "
+                    f"one holding {K.SPLIT_TRAIN!r} for the spots to use."
+                )
     else:
         arr = np.asarray([spots] if isinstance(spots, str) else spots)
         if arr.dtype == bool:
@@ -206,7 +208,7 @@ def resolve_spots(adata: AnnData, spots: Any = None, *, as_mask: bool = False, w
                 missing = names[pos < 0][:5].tolist()
                 raise KeyError(f"{int((pos < 0).sum())} {what} are not in adata.obs_names, e.g. {missing}.")
     if len(pos) == 0:
-        raise ValueError(f"No spots left: {what} selects 0 spots. Pass None to use every spot.")
+        raise ValueError(f"No {noun} left: {what} selects 0 spots. Pass None to use every spot.")
     if not as_mask:
         return pos
     mask = np.zeros(n, dtype=bool)

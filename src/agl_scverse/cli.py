@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._constants import METHODS
+
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
 METHOD_LABELS = {"pgl": "PGL (targets only)", "agl": "AGL-all", "topk": "AGL top-k", "dkgsb": "AGL + DkGSB"}
 READERS = ("auto", "h5ad", "legacy_st", "visium", "hest")
@@ -48,12 +50,6 @@ def _read(path: str, reader: str = "auto"):
     if reader == "hest":
         return io.read_hest(p)
     raise SystemExit(f"error: unknown reader {reader!r}; choose one of {READERS}.")
-
-
-def _library_key(adata) -> str | None:
-    from ._constants import LIBRARY_KEY
-
-    return LIBRARY_KEY if LIBRARY_KEY in adata.obs and adata.obs[LIBRARY_KEY].nunique() > 1 else None
 
 
 def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -174,11 +170,10 @@ def _fit(args: argparse.Namespace) -> None:
         split_key=args.split_key,
         val_groups=args.val_groups,
         seed=args.seed,
-        library_key=_library_key(adata),
         save_dir=args.out,
         overwrite=args.overwrite,
     )
-    print(f"trained {args.method}: k = {adata.uns['agl']['k']} auxiliary genes; model saved to {args.out}")
+    print(f"trained {args.method}: k = {model.k} auxiliary genes; model saved to {args.out}")
     if args.h5ad:
         adata.write_h5ad(args.h5ad)
         print(f"wrote {args.h5ad}")
@@ -187,10 +182,16 @@ def _fit(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from . import tl
+    from .model import AGLModel
 
     adata = _read(args.data, args.reader)
-    result = tl.agl_predict(adata, args.model, weights=args.weights, library_key=_library_key(adata))
-    (result if result is not None else adata).write_h5ad(args.out)
+    model = AGLModel.load(args.model)
+    if adata.n_vars and adata.var_names.isin(model.genes).any():  # a slide that measured the model's genes
+        tl.agl_predict(adata, model, weights=args.weights)
+        result = adata
+    else:  # H&E only
+        result = tl.predict_anndata(adata, model, weights=args.weights)
+    result.write_h5ad(args.out)
     print(f"wrote predictions to {args.out}")
 
 
@@ -200,7 +201,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     adata = _read(args.data, args.reader)
     if args.group_key not in adata.obs:
         raise SystemExit(f"error: --group-key {args.group_key!r} is not an .obs column: {list(adata.obs.columns)}")
-    pp.embed_patches(adata, encoder=args.encoder, weights=args.weights, library_key=_library_key(adata))
+    pp.embed_patches(adata, encoder=args.encoder, weights=args.weights)
     df = tl.cross_validate(adata, group_key=args.group_key, methods=args.methods, seed=args.seed)
     df.to_csv(args.out, index=False)
     summary = df.groupby(["method", "fold"])["pearson"].mean().unstack("fold")
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         if name == "fit":
             p.add_argument("--out", required=True, help="model directory to write")
-            p.add_argument("--method", default="dkgsb", choices=["pgl", "agl", "topk", "dkgsb"])
+            p.add_argument("--method", default="dkgsb", choices=list(METHODS))
             p.add_argument("--n-targets", type=int, default=50)
             p.add_argument("--prior", default="hvg")
             p.add_argument("--split-key", default=None, help=".obs column for a validation group split")

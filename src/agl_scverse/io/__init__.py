@@ -1,4 +1,14 @@
-"""Readers: legacy ST, 10x Visium, HEST-1k and SpatialData into the AnnData layout of agl-scverse."""
+"""Readers: legacy ST, 10x Visium, HEST-1k and SpatialData into the AnnData layout of agl-scverse.
 
-from .readers import *  # noqa: F403
-from .readers import __all__  # noqa: F401
+Every reader returns one AnnData with raw counts (CSR float32) in ``.X``, spot centres in full-resolution pixels
+in ``.obsm["spatial"]``, a categorical ``.obs[library_key]`` and ``.uns["spatial"][library_id]`` with a ``"hires"``
+image, scale factors (``tissue_hires_scalef``, ``spot_diameter_fullres``, ``microns_per_pixel``) and metadata
+(``source_image_path``, ``patches_h5``); see ``docs/data_layouts.md``.
+"""
+
+from ._hest import read_hest
+from ._legacy_st import read_legacy_st
+from ._spatialdata import from_spatialdata
+from ._visium import read_visium
+
+__all__ = ["read_legacy_st", "read_visium", "read_hest", "from_spatialdata"]

@@ -1,31 +1,33 @@
-"""Torch parts of AGL: heads, Pearson loss, DkGSB mask, bi-level step, trainer, checkpoints."""
+"""The engine: image encoders, networks, Pearson loss, DkGSB mask, bi-level step, trainer, the saved model.
 
-from .bilevel import hypergradient, unrolled_val_loss
-from .checkpoint import AGLModel, build_network, package_versions
-from .heads import EmbeddingHead, FinetuneNet
-from .loss import mse_loss, pearson_loss, per_gene_loss, weighted_loss
-from .mask import GeneMask, normalized_ranks
-from .trainer import METHODS, TensorInputs, TrainResult, genes_for_method, predict_raw, train_network, val_pcc
+``model`` stands on the package-private helpers only (``_constants``, ``_validate``, ``_stats``, ``_serialize``,
+``_utils``); preprocessing (``pp``) and tools (``tl``) use it.
+"""
+
+from ._bilevel import hypergradient, unrolled_val_loss
+from ._checkpoint import AGLModel
+from ._encoders import encoder_record, get_encoder, list_encoders, load_weights, normalize, register_encoder
+from ._heads import EmbeddingHead, FinetuneNet
+from ._loss import pearson_loss, per_gene_loss, weighted_loss
+from ._mask import GeneMask
+from ._trainer import TrainResult, train_network
 
 __all__ = [
     "AGLModel",
-    "build_network",
-    "package_versions",
     "EmbeddingHead",
     "FinetuneNet",
     "GeneMask",
-    "METHODS",
-    "TensorInputs",
     "TrainResult",
-    "genes_for_method",
+    "encoder_record",
+    "get_encoder",
     "hypergradient",
-    "mse_loss",
-    "normalized_ranks",
+    "list_encoders",
+    "load_weights",
+    "normalize",
     "pearson_loss",
     "per_gene_loss",
-    "predict_raw",
+    "register_encoder",
     "train_network",
     "unrolled_val_loss",
-    "val_pcc",
     "weighted_loss",
 ]

@@ -1,11 +1,25 @@
-"""Preprocessing: spot patches, image embeddings, gene roles and prior scores."""
+"""Preprocessing: spot patches, image embeddings, gene roles and prior scores, the expression scale."""
 
 from .._expression import expression_transform
-from .embeddings import *  # noqa: F403
-from .embeddings import __all__ as _emb_all
-from .genes import *  # noqa: F403
-from .genes import __all__ as _genes_all
-from .patches import *  # noqa: F403
-from .patches import __all__ as _patches_all
+from ..model._encoders import get_encoder, list_encoders, load_weights, normalize, register_encoder
+from ._embed import embed_patches
+from ._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles, gene_roles
+from ._patches import SpotPatches, extract_patches, iter_patch_batches, patch_loader
 
-__all__ = [*_patches_all, *_emb_all, *_genes_all, "expression_transform"]
+__all__ = [
+    "SpotPatches",
+    "extract_patches",
+    "patch_loader",
+    "iter_patch_batches",
+    "normalize",
+    "embed_patches",
+    "get_encoder",
+    "register_encoder",
+    "list_encoders",
+    "load_weights",
+    "expression_transform",
+    "gene_roles",
+    "compute_gene_roles",
+    "GeneRoles",
+    "DEFAULT_MIN_CELLS",
+]

@@ -1,12 +1,21 @@
-"""Tools: fit, predict, evaluate and cross-validate AGL models."""
+"""Tools: fit, predict, evaluate, compare and cross-validate AGL models; baselines and per-gene metrics."""
 
-from .cross_validate import *  # noqa: F403
-from .cross_validate import __all__ as _cv_all
-from .evaluate import *  # noqa: F403
-from .evaluate import __all__ as _eval_all
-from .fit import *  # noqa: F403
-from .fit import __all__ as _fit_all
-from .predict import *  # noqa: F403
-from .predict import __all__ as _pred_all
+from .._stats import per_gene_metrics
+from ._baselines import mean_predictor, pca_ridge
+from ._compare import compare_methods
+from ._cross_validate import cross_validate
+from ._evaluate import evaluate
+from ._fit import agl_fit
+from ._predict import agl_predict, predict_anndata
 
-__all__ = [*_fit_all, *_pred_all, *_eval_all, *_cv_all]
+__all__ = [
+    "agl_fit",
+    "agl_predict",
+    "predict_anndata",
+    "evaluate",
+    "compare_methods",
+    "cross_validate",
+    "mean_predictor",
+    "pca_ridge",
+    "per_gene_metrics",
+]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss", "LOSSES"]
+from .. import _constants as K
 
-LOSSES = ("pearson", "mse")
+__all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss"]
 
 
 def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -57,7 +57,7 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def per_gene_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson") -> torch.Tensor:
-    """Dispatch to :func:`pearson_loss` or :func:`mse_loss` (``kind`` in :data:`LOSSES`).
+    """Dispatch to :func:`pearson_loss` or :func:`mse_loss` (``kind`` in ``agl_scverse._constants.LOSSES``).
 
     Examples
     --------
@@ -69,7 +69,7 @@ def per_gene_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson
         return pearson_loss(pred, target)
     if kind == "mse":
         return mse_loss(pred, target)
-    raise ValueError(f"Unknown loss {kind!r}; choose one of {LOSSES}.")
+    raise ValueError(f"Unknown loss {kind!r}; choose one of {K.LOSSES}.")
 
 
 def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .loss import per_gene_loss, weighted_loss
-from .mask import GeneMask
+from ._loss import per_gene_loss, weighted_loss
+from ._mask import GeneMask
 
 __all__ = ["unrolled_val_loss", "hypergradient"]
 

@@ -44,13 +44,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bilevel import hypergradient
-from .loss import per_gene_loss, weighted_loss
-from .mask import GeneMask
+from .. import _constants as K
+from .._stats import pearson_per_gene
+from .._validate import check_choice
+from ._bilevel import hypergradient
+from ._inference import forward, index_batches
+from ._loss import per_gene_loss, weighted_loss
+from ._mask import GeneMask
 
-__all__ = ["METHODS", "TensorInputs", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
+__all__ = ["TensorInputs", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
 
-METHODS = ("pgl", "agl", "topk", "dkgsb")
 
 
 class TensorInputs:
@@ -83,8 +86,7 @@ def genes_for_method(method: str, n_aux: int, k: int | None = None) -> np.ndarra
     >>> genes_for_method("topk", 10, k=3).tolist()
     [0, 1, 2]
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    check_choice("method", method, K.METHODS)
     if method == "pgl":
         return np.arange(0)
     if method == "topk":
@@ -96,32 +98,16 @@ def genes_for_method(method: str, n_aux: int, k: int | None = None) -> np.ndarra
     return np.arange(n_aux)
 
 
-def _pearson_cols(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    p = pred - pred.mean(0)
-    o = obs - obs.mean(0)
-    den = np.sqrt((p * p).sum(0) * (o * o).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (p * o).sum(0) / np.where(den > 0, den, 1.0), np.nan)
-
-
-@torch.no_grad()
 def predict_raw(net: nn.Module, inputs: Callable, idx: np.ndarray, batch_size: int = 512, n_first: int | None = None):
     """Raw network outputs (eval mode) for spots ``idx``, as a float64 NumPy array."""
-    was = net.training
-    net.eval()
-    outs = []
-    for s in range(0, len(idx), batch_size):
-        outs.append(net(inputs(idx[s : s + batch_size]), n_first=n_first).double().cpu().numpy())
-    net.train(was)
-    n_out = n_first if n_first is not None else net.n_out
-    return np.concatenate(outs, 0) if outs else np.zeros((0, n_out))
+    return forward(net, index_batches(inputs, idx, batch_size), net.n_out, calibrated=False, n_first=n_first)
 
 
 def val_pcc(net: nn.Module, inputs: Callable, Y: torch.Tensor, idx: np.ndarray, n_targets: int, batch_size: int = 512):
     """Mean Pearson r over the target genes on spots ``idx`` (genes constant there are skipped)."""
     pred = predict_raw(net, inputs, idx, batch_size, n_first=n_targets)
     obs = Y[torch.as_tensor(idx, device=Y.device)][:, :n_targets].double().cpu().numpy()
-    r = _pearson_cols(pred, obs)
+    r = pearson_per_gene(obs, pred, constant_pred=np.nan)
     return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
 
 

@@ -25,42 +25,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from .heads import EmbeddingHead, FinetuneNet
+from .._serialize import to_json
+from ._encoders import get_encoder
+from ._heads import EmbeddingHead, FinetuneNet
+from ._inference import array_batches, forward
 
-__all__ = ["AGLModel", "CONFIG_NAME", "WEIGHTS_NAME", "package_versions"]
+__all__ = ["AGLModel", "CONFIG_NAME", "WEIGHTS_NAME", "build_network"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+#: Version of the saved layout. 2: ``config["encoder"]`` is the encoder record of
+#: :func:`agl_scverse.model.encoder_record` (its name under ``"encoder"``; version 1 called it ``"name"``).
+FORMAT_VERSION = 2
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape a fit (for ``params`` and the model config)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("agl-scverse", "torch", "numpy", "anndata", "scanpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:  # pragma: no cover
-            out[name] = "unknown"
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
+def upgrade_config(config: dict) -> dict:
+    """Bring a saved config of an older format version to the current one (in a new dict)."""
+    config = dict(config)
+    if int(config.get("format_version", 1)) < 2:
+        enc = dict(config.get("encoder") or {})
+        if "name" in enc and "encoder" not in enc:
+            enc["encoder"] = enc.pop("name")
+        config["encoder"] = enc
+    return config
 
 
 class AGLModel:
@@ -89,7 +76,7 @@ class AGLModel:
 
     def __init__(self, net: nn.Module, config: dict):
         self.net = net.eval()
-        self.config = _jsonable(dict(config))
+        self.config = to_json(dict(config))
         if "net" not in self.config and hasattr(net, "config"):
             self.config["net"] = net.config()
         n_out = getattr(net, "n_out", None)
@@ -146,7 +133,6 @@ class AGLModel:
         )
 
     # -- inference -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def predict(self, features, batch_size: int = 512) -> np.ndarray:
         """Predictions (transformed scale, e.g. ``log1p`` counts) for every output gene, float32.
 
@@ -158,22 +144,8 @@ class AGLModel:
         batch_size
             Spots per forward pass.
         """
-        self.net.eval()
-        dev = next(self.net.parameters()).device
-        n = len(features)
-        outs = []
-        for s in range(0, n, batch_size):
-            chunk = features[s : s + batch_size] if not isinstance(features, torch.utils.data.Dataset) else None
-            if chunk is None:
-                chunk = torch.stack(
-                    [torch.as_tensor(np.asarray(features[i])) for i in range(s, min(s + batch_size, n))]
-                )
-            x = torch.as_tensor(np.asarray(chunk) if not torch.is_tensor(chunk) else chunk)
-            if self.mode == "embedding":
-                x = x.to(dtype=torch.float32)
-            outs.append(self.net.predict_expression(x.to(dev)).float().cpu().numpy())
-        n_out = len(self.genes)
-        return np.concatenate(outs, 0) if outs else np.zeros((0, n_out), dtype=np.float32)
+        batches = array_batches(features, batch_size, float_input=self.mode == "embedding")
+        return forward(self.net, batches, len(self.genes), calibrated=True)
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -206,7 +178,7 @@ class AGLModel:
             cfg = dict(self.config)
             cfg["format_version"] = FORMAT_VERSION
             with open(tmp / CONFIG_NAME, "w") as fh:
-                json.dump(_jsonable(cfg), fh, indent=1)
+                json.dump(to_json(cfg), fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
             if path.exists():
@@ -224,6 +196,20 @@ class AGLModel:
         return path
 
     @classmethod
+    def coerce(cls, model: AGLModel | str | Path) -> AGLModel:
+        """``model`` itself, or the model saved in directory ``model``.
+
+        Examples
+        --------
+        >>> AGLModel.coerce("my_model")  # doctest: +SKIP
+        """
+        if isinstance(model, AGLModel):
+            return model
+        if isinstance(model, str | Path):
+            return cls.load(model)
+        raise TypeError(f"model must be an AGLModel or the path of a saved model, got {type(model).__name__}.")
+
+    @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> AGLModel:
         """Load a model saved with :meth:`save` (predictions are bit-for-bit identical on CPU).
 
@@ -237,7 +223,7 @@ class AGLModel:
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
         with open(path / CONFIG_NAME) as fh:
-            config = json.load(fh)
+            config = upgrade_config(json.load(fh))
         net = build_network(config)
         state = load_file(str(path / WEIGHTS_NAME))
         net.load_state_dict(state)
@@ -251,9 +237,7 @@ def build_network(config: dict) -> nn.Module:
     if kind == "embedding":
         return EmbeddingHead(nc["n_in"], nc["n_out"], hidden=nc.get("hidden", ()), dropout=nc.get("dropout", 0.0))
     if kind == "finetune":
-        from ..pp.embeddings import get_encoder
-
         enc = config.get("encoder") or {}
-        backbone, info = get_encoder(enc.get("name"), weights=None)
+        backbone, info = get_encoder(enc.get("encoder"), weights=None)
         return FinetuneNet(backbone, nc["n_features"], nc["n_out"], mean=nc.get("mean"), std=nc.get("std"))
     raise ValueError(f"Unknown network kind {kind!r} in the model config.")

@@ -40,104 +40,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import _constants as K
 from .. import _spatial
-from .._validate import check_spatial
+from ..io._spatialdata import as_anndata
+from ..model._encoders import normalize
+from .._validate import check_choice, check_in_range, check_positive, check_spatial, resolve_spots
 
 __all__ = ["SpotPatches", "extract_patches", "patch_loader", "iter_patch_batches", "normalize"]
 
 #: ``.obs`` column with each spot's row in a HEST ``patches_h5`` file.
-HEST_PATCH_INDEX = getattr(K, "HEST_PATCH_INDEX", "hest_patch_index")
+HEST_PATCH_INDEX = K.HEST_PATCH_INDEX
 #: Physical side of a HEST-1k patch: 224 px at 0.5 µm/px.
 HEST_PATCH_UM = 112.0
 PAD_MODES = ("constant", "reflect", "edge")
 ON_OUTSIDE = ("error", "pad")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ------------------------------------------------------------------------------------------------ normalise
-def normalize(
-    batch: torch.Tensor | np.ndarray,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Turn uint8 patches into a normalised float tensor: ``(batch / 255 - mean) / std`` per channel.
-
-    Parameters
-    ----------
-    batch
-        uint8 tensor (or array) of shape ``(B, 3, H, W)`` or ``(3, H, W)``, values 0-255, as produced by
-        :class:`SpotPatches`. Stays on its device.
-    mean, std
-        Per-channel mean and standard deviation in the 0-1 range (3 values each, or 1 for all channels), e.g.
-        ``info["mean"]`` and ``info["std"]`` from :func:`agl_scverse.pp.get_encoder`.
-
-    Returns
-    -------
-    float32 tensor of the same shape.
-
-    Examples
-    --------
-    >>> import torch
-    >>> x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    >>> normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).unique().tolist()
-    [1.0]
-    """
-    if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(batch)
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"normalize expects a uint8 torch tensor, got {type(batch).__name__}.")
-    if batch.dtype != torch.uint8:
-        raise TypeError(
-            f"normalize expects uint8 patches (0-255), got dtype {batch.dtype}. Pass the raw SpotPatches output; "
-            "a float input may already be normalised."
-        )
-    if batch.ndim not in (3, 4) or batch.shape[-3] != 3:
-        raise ValueError(f"normalize expects (B, 3, H, W) or (3, H, W) patches, got shape {tuple(batch.shape)}.")
-    m = _channel_stats(mean, "mean")
-    s = _channel_stats(std, "std")
-    if np.any(np.asarray(s) <= 0):
-        raise ValueError(f"std must be positive, got {std}.")
-    m_t = torch.tensor(m, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    s_t = torch.tensor(s, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    return (batch.float().div_(255.0) - m_t) / s_t
-
-
-def _channel_stats(values: Sequence[float] | float, name: str) -> list[float]:
-    arr = np.atleast_1d(np.asarray(values, dtype=float)).ravel()
-    if arr.size == 1:
-        arr = np.repeat(arr, 3)
-    if arr.size != 3 or not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {values!r}.")
-    return [float(v) for v in arr]
-
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _resolve_spots(adata: AnnData, spots: Any) -> np.ndarray:
-    """Integer positions of the requested spots (all when ``spots`` is None)."""
-    n = adata.n_obs
-    if spots is None:
-        return np.arange(n)
-    if isinstance(spots, str):
-        spots = [spots]
-    arr = np.asarray(spots)
-    if arr.dtype == bool:
-        if arr.shape != (n,):
-            raise ValueError(f"Boolean spots mask has shape {arr.shape}; expected ({n},).")
-        return np.flatnonzero(arr)
-    if arr.size == 0:
-        raise ValueError("spots selects no spot; pass None for all spots or a non-empty selection.")
-    if np.issubdtype(arr.dtype, np.integer):
-        if arr.min() < -n or arr.max() >= n:
-            raise IndexError(f"spots holds positions outside 0..{n - 1}.")
-        return np.asarray(arr % n, dtype=int)
-    names = pd.Index(arr.astype(str))
-    pos = adata.obs_names.get_indexer(names)
-    if np.any(pos < 0):
-        missing = names[pos < 0][:5].tolist()
-        raise KeyError(f"{int((pos < 0).sum())} requested spots are not in adata.obs_names, e.g. {missing}.")
-    return pos
-
-
 def _pad_value(value: Any) -> np.ndarray:
     arr = np.atleast_1d(np.asarray(value)).ravel()
     if arr.size == 1:
@@ -268,23 +184,12 @@ class SpotPatches(Dataset):
     ):
         if not isinstance(adata, AnnData):
             raise TypeError(f"SpotPatches expects an AnnData, got {type(adata).__name__}.")
-        if isinstance(patch_px, bool) or not isinstance(patch_px, int | np.integer) or patch_px < 1:
-            raise ValueError(f"patch_px must be a positive integer, got {patch_px!r}.")
-        try:
-            patch_um = float(patch_um)
-        except (TypeError, ValueError):
-            raise ValueError(f"patch_um must be a positive number of µm, got {patch_um!r}.") from None
-        if not np.isfinite(patch_um) or patch_um <= 0:
-            raise ValueError(f"patch_um must be a positive number of µm, got {patch_um!r}.")
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}.")
-        if on_outside not in ON_OUTSIDE:
-            raise ValueError(
-                f"on_outside must be one of {ON_OUTSIDE}, got {on_outside!r}. To drop spots, select the others "
-                "with spots=..."
-            )
-        if not 0.0 <= float(min_inside) <= 1.0:
-            raise ValueError(f"min_inside must be in [0, 1], got {min_inside!r}.")
+        check_positive("patch_px", patch_px, integer=True)
+        check_positive("patch_um", patch_um)
+        patch_um = float(patch_um)
+        check_choice("pad_mode", pad_mode, PAD_MODES)
+        check_choice("on_outside", on_outside, ON_OUTSIDE)  # to drop spots, select the others with spots=...
+        check_in_range("min_inside", min_inside, 0.0, 1.0)
         self.patch_px = int(patch_px)
         self.patch_um = patch_um
         self.pad_mode = pad_mode
@@ -292,13 +197,10 @@ class SpotPatches(Dataset):
         self.min_inside = float(min_inside)
         self.on_outside = on_outside
 
-        n_libs = len(adata.uns.get(K.SPATIAL_KEY, {}) or {})
-        if library_key is None and n_libs > 1 and K.LIBRARY_KEY in adata.obs:
-            library_key = K.LIBRARY_KEY
-            logg.info(f"Several libraries in uns['spatial']; telling spots apart by obs[{K.LIBRARY_KEY!r}].")
+        library_key = _spatial.resolve_library_key(adata, library_key)
         self.library_key = library_key
         xy_all = check_spatial(adata)
-        idx = _resolve_spots(adata, spots)
+        idx = resolve_spots(adata, spots)
         masks = _spatial.spot_masks(adata, library_key)
         lib_of = np.full(adata.n_obs, None, dtype=object)
         for lib, m in masks.items():
@@ -476,8 +378,6 @@ def _as_dataset(data: AnnData | SpotPatches, **kwargs) -> SpotPatches:
         if kwargs:
             raise TypeError(f"Patch options {sorted(kwargs)} cannot be applied to an existing SpotPatches.")
         return data
-    from .._utils import as_anndata
-
     return SpotPatches(as_anndata(data), **kwargs)
 
 

@@ -1,21 +1,21 @@
-"""Gene roles (target / auxiliary / excluded), auxiliary prior scores, and the expression transform.
+"""Gene roles (target / auxiliary / excluded) and the ranking of auxiliaries by a prior score.
 
 Two public entry points:
 
 - :func:`compute_gene_roles` is pure: it reads an AnnData and returns a :class:`GeneRoles` (targets, ranked
   auxiliaries, prior scores, parameters) without writing anything. :func:`agl_scverse.tl.agl_fit` uses it.
 - :func:`gene_roles` calls it and writes the result to ``.var`` (columns named by
-  :class:`agl_scverse._constants.Keys`) and its parameters to ``.uns[f"{key_added}_gene_roles"]`` (a separate
+  :class:`agl_scverse._constants.Keys`) and its parameters to ``.uns[Keys(key_added).gene_roles]`` (a separate
   entry, so that the ``.uns[key_added]`` written by ``agl_fit`` never collides with it).
 
-:func:`expression_transform` is the one place that turns raw counts into the model's expression targets.
+Prior scorers live in :mod:`agl_scverse.pp._priors`; the expression scale in :mod:`agl_scverse._expression`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,12 +26,14 @@ from scanpy import logging as logg
 from .. import _constants as K
 from .._constants import Keys
 from .._expression import expression_transform
-from .._validate import check_adata
+from .._serialize import to_h5ad
+from .._spatial import resolve_library_key
+from .._validate import check_adata, check_spatial, resolve_spots
+from ._priors import coexpression_scores, hvg_dispersions, log1p_columns, moran_scores, rank_order
 
 __all__ = [
     "DEFAULT_MIN_CELLS",
     "GeneRoles",
-    "resolve_train_mask",
     "compute_gene_roles",
     "gene_roles",
     "write_gene_roles",
@@ -114,141 +116,9 @@ class GeneRoles:
         )
 
 
-def resolve_train_mask(adata: AnnData, train_mask: Any = None) -> np.ndarray:
-    """Boolean mask of training spots.
-
-    Parameters
-    ----------
-    adata
-        The AnnData.
-    train_mask
-        ``None`` (all spots), a boolean array of length ``n_obs``, or the name of an ``.obs`` column that is
-        boolean or holds ``"train"`` for training spots (e.g. the ``<key_added>_split`` column of ``agl_fit``).
-
-    Returns
-    -------
-    Boolean array of length ``n_obs``.
-
-    Examples
-    --------
-    >>> import anndata as ad, numpy as np
-    >>> a = ad.AnnData(np.ones((3, 2)))
-    >>> a.obs["split"] = ["train", "val", "train"]
-    >>> resolve_train_mask(a, "split")
-    array([ True, False,  True])
-    """
-    n = adata.n_obs
-    if train_mask is None:
-        mask = np.ones(n, dtype=bool)
-    elif isinstance(train_mask, str):
-        if train_mask not in adata.obs:
-            raise KeyError(
-                f"train_mask={train_mask!r} is not an .obs column; available: {list(adata.obs.columns)[:10]}."
-            )
-        col = adata.obs[train_mask]
-        if pd.api.types.is_bool_dtype(col):
-            if col.isna().any():
-                raise ValueError(f".obs[{train_mask!r}] holds missing values; fill them with True/False.")
-            mask = col.to_numpy(dtype=bool)
-        else:
-            mask = (col.astype(str) == "train").to_numpy()
-            if not mask.any():
-                raise ValueError(
-                    f".obs[{train_mask!r}] is not boolean and has no 'train' values; "
-                    "pass a boolean column or one holding 'train' for training spots."
-                )
-    else:
-        mask = np.asarray(train_mask)
-        if mask.dtype != bool:
-            raise TypeError(f"train_mask must be boolean (or an .obs column name), got dtype {mask.dtype}.")
-        if mask.shape != (n,):
-            raise ValueError(f"train_mask has shape {mask.shape}; expected ({n},), one value per spot.")
-    if not mask.any():
-        raise ValueError("No training spots left: train_mask selects 0 spots.")
-    return mask
-
-
 def _counts(adata: AnnData, layer: str | None):
     X = adata.layers[layer] if layer is not None else adata.X
     return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-
-
-def _log1p_cols(X, cols: np.ndarray):
-    """log1p of selected columns, sparse stays sparse (float32)."""
-    sub = X[:, cols]
-    if sp.issparse(sub):
-        sub = sp.csr_matrix(sub, dtype=np.float32)
-        sub.data = np.log1p(sub.data)
-        return sub
-    return np.log1p(np.asarray(sub, dtype=np.float32))
-
-
-def _hvg_dispersions(X_log, genes: pd.Index) -> pd.Series:
-    """scanpy seurat-flavour ``dispersions_norm`` on log1p counts (NaN for genes without variance)."""
-    import scanpy as sc
-
-    tmp = AnnData(X_log, var=pd.DataFrame(index=genes))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df = sc.pp.highly_variable_genes(tmp, flavor="seurat", inplace=False)
-    return pd.Series(np.asarray(df["dispersions_norm"], dtype=float), index=genes)
-
-
-def _col_mean_std(M) -> tuple[np.ndarray, np.ndarray]:
-    n = M.shape[0]
-    mean = np.asarray(M.mean(axis=0), dtype=np.float64).ravel()
-    if sp.issparse(M):
-        sq = np.asarray(M.multiply(M).sum(axis=0), dtype=np.float64).ravel() / n
-    else:
-        sq = (np.asarray(M, dtype=np.float64) ** 2).mean(axis=0)
-    return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
-
-
-def _coexpression(X_aux, X_tgt: np.ndarray) -> np.ndarray:
-    """Mean absolute Pearson correlation of each auxiliary column with the target columns (NaN if constant)."""
-    n = X_aux.shape[0]
-    T = np.asarray(X_tgt, dtype=np.float64)
-    t_mean, t_std = _col_mean_std(T)
-    ok_t = t_std > 0
-    Tz = (T[:, ok_t] - t_mean[ok_t]) / t_std[ok_t]  # standardised targets
-    if Tz.shape[1] == 0:
-        return np.full(X_aux.shape[1], np.nan)
-    a_mean, a_std = _col_mean_std(X_aux)
-    # cov(a, t_z) = E[a t_z] - E[a] E[t_z] = E[a t_z] since t_z has zero mean
-    cross = np.asarray(X_aux.T @ Tz, dtype=np.float64) / n  # n_aux x n_targets
-    with np.errstate(divide="ignore", invalid="ignore"):
-        corr = cross / a_std[:, None]
-    corr = np.clip(corr, -1.0, 1.0)
-    out = np.abs(corr).mean(axis=1)
-    out[a_std <= 0] = np.nan
-    return out
-
-
-def _moran(adata_sub: AnnData, X_log, genes: pd.Index, library_key: str | None, n_neighs: int) -> np.ndarray:
-    """Moran's I of each column of ``X_log`` on the spatial kNN graph of ``adata_sub`` (one graph per slide)."""
-    import squidpy as sq
-
-    tmp = AnnData(X_log, obs=pd.DataFrame(index=adata_sub.obs_names), var=pd.DataFrame(index=genes))
-    tmp.obsm[K.SPATIAL_KEY] = np.asarray(adata_sub.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
-    if library_key is not None:
-        tmp.obs[library_key] = pd.Categorical(adata_sub.obs[library_key].astype(str))
-    n_neighs = int(min(n_neighs, max(tmp.n_obs - 1, 1)))
-    knn = getattr(sq.gr, "spatial_neighbors_knn", None)
-    if knn is not None:
-        knn(tmp, library_key=library_key, n_neighs=n_neighs)
-    else:  # pragma: no cover - squidpy < 1.8
-        sq.gr.spatial_neighbors(tmp, library_key=library_key, coord_type="generic", n_neighs=n_neighs)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df = sq.gr.spatial_autocorr(
-            tmp, mode="moran", genes=list(genes), n_perms=None, copy=True, n_jobs=1, show_progress_bar=False
-        )
-    return df["I"].reindex(genes).to_numpy(dtype=float)
-
-
-def _rank_order(scores: np.ndarray) -> np.ndarray:
-    """Indices sorting ``scores`` high to low, NaN last, ties kept in input order."""
-    s = np.asarray(scores, dtype=float)
-    key = np.where(np.isnan(s), np.inf, -s)
-    return np.argsort(key, kind="stable")
 
 
 def _check_gene_list(genes: Sequence[str], var_names: pd.Index, what: str) -> list[str]:
@@ -315,7 +185,7 @@ def compute_gene_roles(
         :data:`DEFAULT_MIN_CELLS` for why the default is 10.
     train_mask
         Training spots: ``None`` (all), a boolean array, or an ``.obs`` column (boolean, or ``"train"``
-        values). See :func:`resolve_train_mask`.
+        values).
     layer
         Layer holding raw counts instead of ``.X``.
     library_key
@@ -344,7 +214,7 @@ def compute_gene_roles(
     (5, 25, [0.0, 1.0])
     """
     check_adata(adata, layer=layer)
-    mask = resolve_train_mask(adata, train_mask)
+    mask = resolve_spots(adata, train_mask, as_mask=True, what="train_mask", noun="training spots")
     var_names = adata.var_names
     X = _counts(adata, layer)[mask]
     n_train = int(mask.sum())
@@ -377,13 +247,8 @@ def compute_gene_roles(
         if not pd.api.types.is_numeric_dtype(adata.var[prior]) or pd.api.types.is_bool_dtype(adata.var[prior]):
             raise TypeError(f".var[{prior!r}] has dtype {adata.var[prior].dtype}; a numeric prior column is needed.")
     if prior == "moran":
-        from .._validate import check_spatial
-
         check_spatial(adata)
-        if library_key is None and K.LIBRARY_KEY in adata.obs:
-            library_key = K.LIBRARY_KEY
-        if library_key is not None and library_key not in adata.obs:
-            raise KeyError(f"library_key={library_key!r} is not an .obs column.")
+        library_key = resolve_library_key(adata, library_key)
 
     pos = {g: i for i, g in enumerate(var_names)}
     listed = set(targets or []) | set(auxiliaries or [])
@@ -393,9 +258,9 @@ def compute_gene_roles(
             pool[pos[g]] = True
     pool_idx = np.flatnonzero(pool)
     pool_genes = var_names[pool_idx]
-    X_log = _log1p_cols(X, pool_idx)
+    X_log = log1p_columns(X, pool_idx)
     need_hvg = targets is None or prior == "hvg"
-    disp = _hvg_dispersions(X_log, pool_genes) if need_hvg and len(pool_idx) > 0 else None
+    disp = hvg_dispersions(X_log, pool_genes) if need_hvg and len(pool_idx) > 0 else None
 
     # --- targets
     if targets is None:
@@ -406,7 +271,7 @@ def compute_gene_roles(
                 f"n_targets={n_targets}. Lower n_targets or min_cells."
             )
         cand = disp[passing[pool_idx]]
-        order = _rank_order(cand.to_numpy())
+        order = rank_order(cand.to_numpy())
         targets = cand.index[order[: int(n_targets)]].tolist()
     else:
         t_idx = np.array([pos[g] for g in targets])
@@ -444,13 +309,13 @@ def compute_gene_roles(
             if prior == "coexpression":
                 t_idx = np.array([pos[g] for g in targets])
                 X_t = expression_transform(X, "log1p", columns=t_idx)
-                scores[has] = _coexpression(X_aux, X_t)
+                scores[has] = coexpression_scores(X_aux, X_t)
             else:
                 sub = adata[mask]
-                scores[has] = _moran(sub, X_aux, aux_pool[has], library_key, n_neighs)
+                scores[has] = moran_scores(sub, X_aux, aux_pool[has], library_key, n_neighs)
     else:
         scores = adata.var[prior].reindex(aux_pool).to_numpy(dtype=float)
-    order = _rank_order(scores)
+    order = rank_order(scores)
     aux_sorted = [auxiliaries[i] for i in order]
     prior_s = pd.Series(scores[order], index=pd.Index(aux_sorted), dtype=float, name="prior")
 
@@ -463,8 +328,8 @@ def compute_gene_roles(
         "n_train_spots": n_train,
         "n_auxiliaries": len(aux_sorted),
         "n_excluded": int(len(var_names) - len(targets) - len(aux_sorted)),
-        "layer": layer if layer is not None else "",
-        "library_key": library_key if library_key is not None else "",
+        "layer": layer,
+        "library_key": library_key,
         "n_neighs": int(n_neighs),
         "targets": list(targets),
     }
@@ -492,7 +357,7 @@ def gene_roles(
     - ``.var[k.role]``: categorical ``"target"`` / ``"auxiliary"`` / ``"excluded"``;
     - ``.var[k.prior]``: float prior score of auxiliaries (higher = better), NaN for the others;
     - ``.var[k.prior_rank]``: int, 0 = best auxiliary, 1, 2, ...; -1 for targets and excluded genes;
-    - ``.uns[f"{key_added}_gene_roles"]``: the parameters (``prior``, ``min_cells``, ``n_train_spots``,
+    - ``.uns[Keys(key_added).gene_roles]``: the parameters (``prior``, ``min_cells``, ``n_train_spots``,
       ``targets``, ...). A separate entry from ``.uns[key_added]``, which :func:`agl_scverse.tl.agl_fit` owns.
 
     Nothing is written when an error is raised.
@@ -546,7 +411,7 @@ def gene_roles(
 
 
 def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAULT_KEY) -> None:
-    """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[f"{key_added}_gene_roles"]`` (in place).
+    """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[Keys(key_added).gene_roles]`` (in place).
 
     Examples
     --------
@@ -554,7 +419,7 @@ def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAUL
     >>> a = ad.AnnData(np.random.default_rng(0).poisson(2.0, (40, 12)).astype(np.float32))
     >>> write_gene_roles(a, compute_gene_roles(a, n_targets=3))
     >>> sorted(a.uns["agl_gene_roles"])[:3]
-    ['auxiliaries_given', 'layer', 'library_key']
+    ['auxiliaries_given', 'min_cells', 'n_auxiliaries']
     """
     if not roles.var_names.equals(adata.var_names):
         raise ValueError("These gene roles were computed on different genes than adata.var_names.")
@@ -563,4 +428,4 @@ def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAUL
     adata.var[keys.role] = df["role"].array
     adata.var[keys.prior] = df["prior"].to_numpy()
     adata.var[keys.prior_rank] = df["prior_rank"].to_numpy()
-    adata.uns[f"{key_added}_gene_roles"] = dict(roles.params)
+    adata.uns[keys.gene_roles] = to_h5ad(dict(roles.params))

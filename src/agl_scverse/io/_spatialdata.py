@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from .. import _constants as K
 from .. import _spatial, _validate
 from ._common import as_csr_float32, check_in_image, finalize, positive_number, spatial_entry, thumbnail_from_array
 
-__all__ = ["from_spatialdata"]
+__all__ = ["as_anndata", "from_spatialdata", "update_table"]
 
 SD_ATTRS = "spatialdata_attrs"
 
@@ -279,3 +280,89 @@ def _hires(levels: list, full_width: int, max_px: int, name: str) -> tuple[np.nd
         level_scale /= f
     img, s = thumbnail_from_array(_to_rgb(level, name), max_px, name=f"image {name!r}")
     return img, float(level_scale * s)
+
+
+# ------------------------------------------------------------------------------------------------ tool I/O
+def as_anndata(data: Any, table_key: str | None = None) -> AnnData:
+    """The AnnData a tool works on: an AnnData as is, a SpatialData through :func:`from_spatialdata`.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> a = ad.AnnData(np.ones((2, 1)))
+    >>> as_anndata(a) is a
+    True
+    """
+    if isinstance(data, AnnData):
+        return data
+    from spatialdata import SpatialData
+
+    if isinstance(data, SpatialData):
+        return from_spatialdata(data, table_key=table_key)
+    raise TypeError(f"Expected an AnnData or a SpatialData object, got {type(data).__name__}.")
+
+
+def update_table(
+    sdata: Any,
+    adata: AnnData,
+    *,
+    var: Sequence[str] = (),
+    obs: Sequence[str] = (),
+    obsm: Sequence[str] = (),
+    layers: Sequence[str] = (),
+    uns: Sequence[str] = (),
+) -> str:
+    """Write what a tool wrote into ``adata`` (made by :func:`from_spatialdata`) back into the SpatialData's table.
+
+    ``.var`` columns and ``.uns`` entries are copied as they are; ``.obs`` columns, ``.obsm`` arrays and
+    ``.layers`` are aligned on the spot names, so table rows that ``adata`` does not hold (other regions) get
+    missing values (NaN). Returns the table's key. Like squidpy, tools given a SpatialData write into its table,
+    so ``sdata.write()`` keeps the results.
+
+    Examples
+    --------
+    >>> update_table(sdata, adata, var=["agl_role"], uns=["agl"])  # doctest: +SKIP
+    'table'
+    """
+    import pandas as pd
+
+    libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).values())
+    table_key = (libs[0].get(K.METADATA) or {}).get("spatialdata_table") if libs else None
+    if table_key is None or table_key not in sdata.tables:
+        raise KeyError("Cannot find the SpatialData table this AnnData was read from (metadata 'spatialdata_table').")
+    table = sdata.tables[table_key]
+    rows = table.obs_names.get_indexer(adata.obs_names)
+    if (rows < 0).any():
+        raise ValueError(f"{int((rows < 0).sum())} spots of the AnnData are not rows of table {table_key!r}.")
+    full = len(rows) == table.n_obs and bool((rows == np.arange(table.n_obs)).all())
+    cols = table.var_names.get_indexer(adata.var_names)
+    same_var = len(cols) == table.n_vars and bool((cols == np.arange(table.n_vars)).all())
+
+    def rows_of(arr: np.ndarray) -> np.ndarray:
+        if full:
+            return arr
+        out = np.full((table.n_obs, *arr.shape[1:]), np.nan, dtype=np.result_type(arr.dtype, np.float32))
+        out[rows] = arr
+        return out
+
+    for key in var:
+        if same_var:
+            table.var[key] = adata.var[key].to_numpy()
+        else:
+            table.var[key] = adata.var[key].reindex(table.var_names).to_numpy()
+    for key in obs:
+        col = adata.obs[key]
+        table.obs[key] = col.to_numpy() if full else pd.Series(col.to_numpy(), index=adata.obs_names).reindex(
+            table.obs_names
+        ).to_numpy()
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            table.obs[key] = pd.Categorical(table.obs[key], categories=col.cat.categories)
+    for key in obsm:
+        table.obsm[key] = rows_of(np.asarray(adata.obsm[key]))
+    for key in layers:
+        if not same_var:
+            raise ValueError(f"Layer {key!r} cannot be written back: the table has other genes than the AnnData.")
+        table.layers[key] = rows_of(np.asarray(adata.layers[key]))
+    for key in uns:
+        table.uns[key] = adata.uns[key]
+    return table_key

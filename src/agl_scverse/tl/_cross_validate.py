@@ -12,12 +12,14 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .. import _constants as K
-from .._validate import check_adata
+from .._constants import Keys
 from .._expression import expression_transform
-from ..pp.genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
-from .baselines import mean_predictor, pca_ridge
-from .fit import agl_fit
+from .._serialize import to_h5ad
 from .._stats import per_gene_metrics
+from .._validate import check_adata, check_in_range, check_obs_key
+from ..pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
+from ._baselines import mean_predictor, pca_ridge
+from ._fit import agl_fit
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
 
@@ -26,9 +28,6 @@ BASELINES = ("mean", "pca_ridge")
 
 CV_COLUMNS = ["fold", "method", "gene", "pearson", "spearman", "mse", "k", "fit_seconds"]
 """Columns of the DataFrame returned by :func:`cross_validate`."""
-
-_PRIOR_COL = "_agl_cv_prior"
-
 
 def _embedding_key(adata: AnnData, embedding_key: str | None) -> str:
     if embedding_key is not None:
@@ -144,8 +143,7 @@ def cross_validate(
 
     # ---------------------------------------------------------------- validate everything before any work
     check_adata(adata, layer=layer)
-    if group_key not in adata.obs:
-        raise KeyError(f"group_key={group_key!r} is not an .obs column; available: {list(adata.obs.columns)[:10]}.")
+    check_obs_key(adata, group_key, "group_key")
     col = adata.obs[group_key]
     if col.isna().any():
         raise ValueError(f".obs[{group_key!r}] holds missing values; every spot needs a group.")
@@ -162,19 +160,16 @@ def cross_validate(
     if unknown:
         raise KeyError(f"groups {unknown} are not values of .obs[{group_key!r}] ({order}).")
     methods = tuple(methods)
-    from ..model.trainer import METHODS
-
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in K.METHODS]
     if bad:
-        raise ValueError(f"Unknown method(s) {bad}; choose from {METHODS}.")
+        raise ValueError(f"Unknown method(s) {bad}; choose from {K.METHODS}.")
     if not methods and not baselines:
         raise ValueError("Nothing to evaluate: methods is empty and baselines=False.")
     emb_key = _embedding_key(adata, embedding_key)
     emb = np.asarray(adata.obsm[emb_key], dtype=np.float32)
     if emb.ndim != 2 or not np.all(np.isfinite(emb)):
         raise ValueError(f"adata.obsm[{emb_key!r}] must be a finite spots x features matrix.")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    check_in_range("val_fraction", val_fraction, 0.0, 1.0, closed="neither")
 
     if fit_kwargs.get("mode", "embedding") != "embedding":
         raise ValueError("cross_validate evaluates embedding mode (cached features); mode='finetune' is not supported.")
@@ -182,6 +177,7 @@ def cross_validate(
         if name in fit_kwargs:
             raise TypeError(f"cross_validate sets {name!r} itself for every fold; do not pass it.")
     counts = adata.layers[layer] if layer is not None else adata.X
+    prior_col = Keys(key_added).fold_prior
     rows: list[pd.DataFrame] = []
     summary: list[dict] = []
     bar = tqdm(held, desc="cross-validate", unit="fold", disable=not progress)
@@ -225,7 +221,7 @@ def cross_validate(
             record("pca_ridge", pred, np.nan, time.perf_counter() - t0)
 
         if methods:
-            sub = _training_anndata(adata, counts, train, group_key, emb_key, roles)
+            sub = _training_anndata(adata, counts, train, group_key, emb_key, roles, prior_col)
         for method in methods:
             t0 = time.perf_counter()
             model = agl_fit(
@@ -234,7 +230,7 @@ def cross_validate(
                 embedding_key=emb_key,
                 targets=roles.targets,
                 auxiliaries=roles.auxiliaries,
-                prior=_PRIOR_COL,
+                prior=prior_col,
                 min_cells=min_cells,
                 transform=transform,
                 split_key=group_key if val_group else None,
@@ -258,7 +254,7 @@ def cross_validate(
     df = pd.concat(rows, ignore_index=True)[CV_COLUMNS]
     summ = pd.DataFrame(summary)
     per_method = summ.groupby("method", sort=False)["mean_pearson"].mean()
-    adata.uns[key_added] = {
+    adata.uns[key_added] = to_h5ad({
         "summary": {c: summ[c].to_numpy() for c in summ.columns},
         "mean_pearson": {m: float(v) for m, v in per_method.items()},
         "folds": np.asarray(held, dtype=str),
@@ -272,17 +268,17 @@ def cross_validate(
             "prior": str(prior),
             "min_cells": float(min_cells),
             "transform": transform,
-            "layer": layer or "",
+            "layer": layer,
             "seed": int(seed),
             "val_fraction": float(val_fraction),
             "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()},
         },
-    }
+    })
     return df
 
 
 def _training_anndata(
-    adata: AnnData, counts, train: np.ndarray, group_key: str, emb_key: str, roles: GeneRoles
+    adata: AnnData, counts, train: np.ndarray, group_key: str, emb_key: str, roles: GeneRoles, prior_col: str
 ) -> AnnData:
     """A small AnnData of the training spots only (counts, groups, embedding, the fold's prior as a .var column).
 
@@ -298,5 +294,5 @@ def _training_anndata(
     sub.obsm[emb_key] = np.asarray(adata.obsm[emb_key])[train]
     if K.EMBED_UNS in adata.uns and emb_key in adata.uns[K.EMBED_UNS]:
         sub.uns[K.EMBED_UNS] = {emb_key: adata.uns[K.EMBED_UNS][emb_key]}
-    sub.var[_PRIOR_COL] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
+    sub.var[prior_col] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
     return sub

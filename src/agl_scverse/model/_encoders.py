@@ -1,12 +1,11 @@
-"""Image encoders and spot embeddings.
+"""Image encoders: a registry, timm models by name, local weight files, and their input normalisation.
 
 :func:`get_encoder` turns a name (a registered encoder or any ``timm`` model), a torch module or a plain callable
 into a module producing ``(B, D)`` features plus an ``info`` dict (name, normalisation, feature size, weights
 file and its sha256). Local weight files load by parameter name, or, when the names differ but the tensors line
 up one to one with equal shapes (e.g. the EfficientNet-Lite0 file in ``../shared/weights``), in order.
-:func:`embed_patches` runs an encoder over :class:`~agl_scverse.pp.SpotPatches` and caches the features in
-``.obsm``. The fine-tune trainer uses the same pieces: ``SpotPatches`` -> :func:`~agl_scverse.pp.normalize`
-(with ``info["mean"]``, ``info["std"]``) -> the encoder module.
+:func:`encoder_record` is the one description of how features were made, stored in
+``.uns["agl_embeddings"][key]`` and in a model's config.
 """
 
 from __future__ import annotations
@@ -20,16 +19,85 @@ from typing import Any
 
 import numpy as np
 import torch
-from anndata import AnnData
 from scanpy import logging as logg
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .. import _constants as K
-from .._utils import as_anndata, resolve_device, sha256_file
-from .patches import IMAGENET_MEAN, IMAGENET_STD, SpotPatches, _channel_stats, normalize
+from .._utils import sha256_file, versions
 
-__all__ = ["get_encoder", "register_encoder", "list_encoders", "load_weights", "embed_patches"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KNOWN_WEIGHTS",
+    "CallableEncoder",
+    "channel_stats",
+    "encoder_record",
+    "get_encoder",
+    "list_encoders",
+    "load_weights",
+    "normalize",
+    "register_encoder",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------ normalise
+def normalize(
+    batch: torch.Tensor | np.ndarray,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Turn uint8 patches into a normalised float tensor: ``(batch / 255 - mean) / std`` per channel.
+
+    Parameters
+    ----------
+    batch
+        uint8 tensor (or array) of shape ``(B, 3, H, W)`` or ``(3, H, W)``, values 0-255, as produced by
+        :class:`SpotPatches`. Stays on its device.
+    mean, std
+        Per-channel mean and standard deviation in the 0-1 range (3 values each, or 1 for all channels), e.g.
+        ``info["mean"]`` and ``info["std"]`` from :func:`agl_scverse.pp.get_encoder`.
+
+    Returns
+    -------
+    float32 tensor of the same shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    >>> normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).unique().tolist()
+    [1.0]
+    """
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"normalize expects a uint8 torch tensor, got {type(batch).__name__}.")
+    if batch.dtype != torch.uint8:
+        raise TypeError(
+            f"normalize expects uint8 patches (0-255), got dtype {batch.dtype}. Pass the raw SpotPatches output; "
+            "a float input may already be normalised."
+        )
+    if batch.ndim not in (3, 4) or batch.shape[-3] != 3:
+        raise ValueError(f"normalize expects (B, 3, H, W) or (3, H, W) patches, got shape {tuple(batch.shape)}.")
+    m = channel_stats(mean, "mean")
+    s = channel_stats(std, "std")
+    if np.any(np.asarray(s) <= 0):
+        raise ValueError(f"std must be positive, got {std}.")
+    m_t = torch.tensor(m, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    s_t = torch.tensor(s, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    return (batch.float().div_(255.0) - m_t) / s_t
+
+
+def channel_stats(values: Sequence[float] | float, name: str) -> list[float]:
+    arr = np.atleast_1d(np.asarray(values, dtype=float)).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {values!r}.")
+    return [float(v) for v in arr]
+
 
 #: Weight files whose normalisation we know (sha256 -> architecture and mean/std), see ../shared/weights/README.
 KNOWN_WEIGHTS: dict[str, dict[str, Any]] = {
@@ -85,7 +153,7 @@ def register_encoder(
         raise TypeError(f"factory must be callable, got {type(factory).__name__}.")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"An encoder named {name!r} is already registered; pass overwrite=True to replace it.")
-    _REGISTRY[name] = {"factory": factory, "mean": _channel_stats(mean, "mean"), "std": _channel_stats(std, "std")}
+    _REGISTRY[name] = {"factory": factory, "mean": channel_stats(mean, "mean"), "std": channel_stats(std, "std")}
 
 
 def list_encoders() -> list[str]:
@@ -297,9 +365,9 @@ def get_encoder(
                 raise KeyError(f"Encoder info lacks {key!r}; pass the pair returned by get_encoder.")
         info = dict(info)
         if mean is not None:
-            info["mean"], info["normalisation"] = _channel_stats(mean, "mean"), "user"
+            info["mean"], info["normalisation"] = channel_stats(mean, "mean"), "user"
         if std is not None:
-            info["std"], info["normalisation"] = _channel_stats(std, "std"), "user"
+            info["std"], info["normalisation"] = channel_stats(std, "std"), "user"
         return module, info
 
     if weights is not None and pretrained:
@@ -323,7 +391,7 @@ def get_encoder(
                 source = "timm"
                 cfg = getattr(built, "pretrained_cfg", None) or {}
                 if "mean" in cfg and "std" in cfg:
-                    norm_mean, norm_std = _channel_stats(cfg["mean"], "mean"), _channel_stats(cfg["std"], "std")
+                    norm_mean, norm_std = channel_stats(cfg["mean"], "mean"), channel_stats(cfg["std"], "std")
                     norm_src = "timm pretrained_cfg"
         module = built if isinstance(built, nn.Module) else CallableEncoder(built)
     elif isinstance(name_or_module, nn.Module):
@@ -350,9 +418,9 @@ def get_encoder(
             norm_mean, norm_std = list(known["mean"]), list(known["std"])
             norm_src = f"known weights file ({known['arch']})"
     if mean is not None:
-        norm_mean, norm_src = _channel_stats(mean, "mean"), "user"
+        norm_mean, norm_src = channel_stats(mean, "mean"), "user"
     if std is not None:
-        norm_std, norm_src = _channel_stats(std, "std"), "user"
+        norm_std, norm_src = channel_stats(std, "std"), "user"
     if source != "module":  # a caller's own module keeps its mode; embed_patches sets eval mode while it runs
         module.eval()
     fdim = getattr(module, "num_features", None)
@@ -372,191 +440,49 @@ def get_encoder(
     return module, info
 
 
-# ------------------------------------------------------------------------------------------------ inference
-def _features(y: Any, batch: int) -> torch.Tensor:
-    if isinstance(y, tuple | list) and y and isinstance(y[0], torch.Tensor):
-        y = y[0]
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"The encoder returned {type(y).__name__}; it must return a (B, D) tensor.")
-    if y.ndim == 1 and batch == 1:
-        y = y[None]
-    if y.ndim != 2 or y.shape[0] != batch:
-        raise ValueError(
-            f"The encoder returned shape {tuple(y.shape)} for a batch of {batch}; it must return (B, D) features. "
-            "Add global pooling (timm models built by name already pool)."
-        )
-    return y
 
 
-def _encode(
-    model: nn.Module, ds: SpotPatches, mean, std, batch_size: int, device, num_workers: int, desc: str
-) -> np.ndarray:
-    from tqdm.auto import tqdm
-
-    params = list(model.parameters()) + list(model.buffers())
-    orig_device = params[0].device if params else None
-    was_training = model.training
-    loader = DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
-    out: np.ndarray | None = None
-    pos = 0
-    model.to(device).eval()
-    try:
-        with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="spot") as bar:
-            for batch in loader:
-                x = normalize(batch.to(device, non_blocking=True), mean, std)
-                y = _features(model(x), len(batch))
-                if out is None:
-                    out = np.empty((len(ds), y.shape[1]), dtype=np.float32)
-                elif y.shape[1] != out.shape[1]:
-                    raise ValueError(f"The encoder returned {y.shape[1]} features, then {out.shape[1]}.")
-                out[pos : pos + len(batch)] = y.detach().float().cpu().numpy()
-                pos += len(batch)
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
-        if orig_device is not None:
-            model.to(orig_device)
-    assert out is not None and pos == len(ds)
-    return out
+#: Fields of an encoder record that must agree between a slide's embedding and a model (see agl_predict).
+RECORD_CHECKED = ("encoder", "weights_sha256", "patch_px", "patch_um")
 
 
-def _versions() -> dict[str, str]:
-    import timm
-    import torchvision
+def encoder_record(info: dict[str, Any], patch_px: int, patch_um: float, **extra: Any) -> dict[str, Any]:
+    """The one description of how spot features are made from patches.
 
-    import agl_scverse
-
-    return {
-        "agl_scverse": str(getattr(agl_scverse, "__version__", "")),
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "timm": str(timm.__version__),
-    }
-
-
-def embed_patches(
-    data: Any,
-    encoder: str | nn.Module | Callable | tuple[nn.Module, dict] = "resnet18",
-    weights: str | Path | None = None,
-    pretrained: bool = False,
-    patch_px: int = K.DEFAULT_PATCH_PX,
-    patch_um: float = K.DEFAULT_PATCH_UM,
-    batch_size: int = 32,
-    device: str = "auto",
-    library_key: str | None = None,
-    key_added: str | None = None,
-    on_outside: str = "error",
-    num_workers: int = 0,
-    copy: bool = False,
-    *,
-    pad_mode: str = "constant",
-    min_inside: float = 0.5,
-    seed: int = 0,
-) -> AnnData | None:
-    """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
-
-    Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` (see :class:`SpotPatches`), are
-    normalised with the encoder's mean/std and run through the encoder in eval mode under
-    ``torch.inference_mode``, in batches, with a progress bar.
+    Stored as ``.uns["agl_embeddings"][key]`` by :func:`agl_scverse.pp.embed_patches` and as
+    ``config["encoder"]`` of a fine-tuned model; :func:`agl_scverse.tl.agl_predict` compares the fields of
+    :data:`RECORD_CHECKED` of both sides.
 
     Parameters
     ----------
-    data
-        AnnData in the agl-scverse layout, or a SpatialData (converted with ``agl.io.from_spatialdata``).
-    encoder
-        Encoder name (registered or any ``timm`` model, random init unless ``weights``/``pretrained``), a torch
-        module, a tensor -> tensor callable, or a ``(module, info)`` pair from :func:`get_encoder`.
-    weights
-        Local state-dict file for the encoder (see :func:`load_weights`); its sha256 is recorded.
-    pretrained
-        Download timm's pretrained weights (needs the model hub; off by default).
+    info
+        The ``info`` dict of :func:`get_encoder`.
     patch_px, patch_um
         Patch side in pixels and in µm.
-    batch_size
-        Patches per forward pass.
-    device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
-    library_key
-        ``.obs`` column telling slides apart.
-    key_added
-        ``.obsm`` key of the features. Default ``"X_agl_<encoder name>"``.
-    on_outside
-        ``"error"`` or ``"pad"``, for spots whose patch lies mostly outside the image (see :class:`SpotPatches`).
-    num_workers
-        DataLoader workers cutting patches.
-    copy
-        Return a new AnnData instead of writing into ``data``.
-    pad_mode, min_inside
-        Border handling, see :class:`SpotPatches`.
-    seed
-        Seed of a random-initialised encoder.
-
-    Returns
-    -------
-    ``None`` (``copy=False``) or a new AnnData (``copy=True``; always the embedded AnnData for a SpatialData
-    input). Writes ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: encoder name, weights
-    path and sha256, patch and padding settings, normalisation mean/std, feature_dim, versions. Nothing is
-    written when it fails.
+    **extra
+        More fields (e.g. the patch settings of :meth:`agl_scverse.pp.SpotPatches.record`).
 
     Examples
     --------
-    >>> import agl_scverse as agl
-    >>> agl.pp.embed_patches(adata, encoder="densenet121", weights="densenet121.pth")  # doctest: +SKIP
-    >>> adata.obsm["X_agl_densenet121"].shape  # doctest: +SKIP
-    (910, 1024)
+    >>> rec = encoder_record(get_encoder("resnet18")[1], 224, 112.0)
+    >>> rec["encoder"], rec["patch_px"], rec["weights_sha256"]
+    ('resnet18', 224, '')
     """
-    is_anndata = isinstance(data, AnnData)
-    adata = as_anndata(data)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
-    if key_added is not None and (not isinstance(key_added, str) or not key_added):
-        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
-    dev = resolve_device(device)
-    model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
-    ds = SpotPatches(
-        adata,
-        patch_px=patch_px,
-        patch_um=patch_um,
-        library_key=library_key,
-        pad_mode=pad_mode,
-        min_inside=min_inside,
-        on_outside=on_outside,
-    )
-    key = key_added or f"{K.EMBED_PREFIX}{info['name']}"
-    feats = _encode(
-        model, ds, info["mean"], info["std"], int(batch_size), dev, int(num_workers), f"embedding ({info['name']})"
-    )
-    if not np.all(np.isfinite(feats)):
-        bad = int((~np.isfinite(feats).all(axis=1)).sum())
-        raise ValueError(f"The encoder produced NaN/inf features for {bad} spots; nothing was written.")
-    info["feature_dim"] = int(feats.shape[1])
-    record = {
-        "encoder": info["name"],
+    rec = {
+        "encoder": str(info["name"]),
         "source": str(info.get("source") or ""),
         "weights_path": str(info.get("weights_path") or ""),
         "weights_sha256": str(info.get("weights_sha256") or ""),
         "weights_load": str((info.get("weights_load") or {}).get("method", "")),
         "pretrained": bool(info.get("pretrained", False)),
-        "seed": int(seed),
-        "mean": list(info["mean"]),
-        "std": list(info["std"]),
+        "seed": int(info.get("seed", 0)),
+        "mean": [float(v) for v in info["mean"]],
+        "std": [float(v) for v in info["std"]],
         "normalisation": str(info.get("normalisation") or ""),
-        "feature_dim": int(feats.shape[1]),
-        "n_spots": int(feats.shape[0]),
-        "library_key": ds.library_key or "",
-        **ds.record(),
-        "versions": _versions(),
+        "feature_dim": int(info["feature_dim"]) if info.get("feature_dim") else None,
+        "patch_px": int(patch_px),
+        "patch_um": float(patch_um),
     }
-    target = adata.copy() if copy else adata
-    target.obsm[key] = feats
-    store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
-    store[key] = record
-    target.uns[K.EMBED_UNS] = store
-    logg.info(f"Added .obsm[{key!r}] ({feats.shape[0]} x {feats.shape[1]}) and .uns[{K.EMBED_UNS!r}][{key!r}].")
-    if copy or not is_anndata:
-        return target
-    return None
+    rec.update(extra)
+    rec["versions"] = versions()
+    return rec

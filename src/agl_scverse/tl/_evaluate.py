@@ -18,10 +18,17 @@ from scanpy import logging as logg
 
 from .. import _constants as K
 from .._constants import Keys
+from .._docs import d
+from .._expression import expression_transform
+from .._serialize import to_h5ad
+from .._stats import per_gene_metrics
+from .._transaction import restore_on_error
+from .._validate import resolve_spots
 from ..model import AGLModel
-from .fit import _h5ad_safe
+from ._baselines import mean_predictor, pca_ridge
+from ._predict import prediction_layer
 
-__all__ = ["evaluate", "compare_methods"]
+__all__ = ["evaluate"]
 
 
 def _summary(df: pd.DataFrame) -> dict[str, float]:
@@ -35,8 +42,7 @@ def _summary(df: pd.DataFrame) -> dict[str, float]:
 
 
 def _param(uns_entry: dict, name: str, default: Any) -> Any:
-    v = ((uns_entry or {}).get("params") or {}).get(name, default)
-    return None if isinstance(v, str) and v == "None" else v
+    return ((uns_entry or {}).get("params") or {}).get(name, default)
 
 
 def evaluate(
@@ -93,16 +99,11 @@ def evaluate(
     >>> agl.tl.evaluate(adata, model)  # doctest: +SKIP
     >>> adata.uns["agl"]["metrics"]["test"]["model"]["pearson"]  # doctest: +SKIP
     """
-    from .._expression import expression_transform
-    from .baselines import mean_predictor, pca_ridge
-    from .._stats import per_gene_metrics
-    from .predict import _as_model, agl_predict
-
     if not isinstance(adata, AnnData):
         raise TypeError(f"evaluate expects an AnnData, got {type(adata).__name__}.")
     keys = Keys(key_added)
     if model is not None:
-        model = _as_model(model)
+        model = AGLModel.coerce(model)
     entry = adata.uns.get(keys.uns, {}) or {}
     if adata.n_vars == 0:
         raise ValueError("The slide has no expression to evaluate against (n_vars == 0).")
@@ -136,19 +137,17 @@ def evaluate(
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"The model was trained on counts in layer {layer!r}, which this AnnData lacks.")
     emb_key = embedding_key or (model.config.get("embedding_key") if model is not None else None)
-    emb_key = emb_key or (entry.get("embedding_key") if entry.get("embedding_key") != "None" else None)
+    emb_key = emb_key or entry.get("embedding_key")
 
     # ---- spots
     split = adata.obs[keys.split].astype(str).to_numpy() if keys.split in adata.obs else None
     if spots is not None:
-        from .fit import _resolve_spots
-
-        ev = _resolve_spots(adata, spots)
+        ev = resolve_spots(adata, spots, as_mask=True)
         spots_desc = "given"
-    elif split is not None and (split == "unused").any():
-        ev, spots_desc = split == "unused", "unused (held out of the fit)"
-    elif split is not None and (split == "val").any():
-        ev, spots_desc = split == "val", "val (used for early stopping: optimistic)"
+    elif split is not None and (split == K.SPLIT_UNUSED).any():
+        ev, spots_desc = split == K.SPLIT_UNUSED, "unused (held out of the fit)"
+    elif split is not None and (split == K.SPLIT_VAL).any():
+        ev, spots_desc = split == K.SPLIT_VAL, "val (used for early stopping: optimistic)"
         logg.warning("evaluate: no held-out ('unused') spots; scoring the validation spots, which are optimistic.")
     else:
         ev, spots_desc = np.ones(adata.n_obs, dtype=bool), "all (no split column: unseen slide)"
@@ -157,19 +156,20 @@ def evaluate(
 
     if keys.pred_layer not in adata.layers and model is None:
         raise KeyError(f".layers[{keys.pred_layer!r}] is missing; run agl_predict first or pass model=.")
-    if copy:
-        adata = adata.copy()
-    if keys.pred_layer not in adata.layers:
-        agl_predict(adata, model, key_added=key_added)
-    P = np.asarray(adata.layers[keys.pred_layer])[ev][:, gidx]
     X = adata.layers[layer] if layer is not None else adata.X
-    Y = expression_transform(X[np.flatnonzero(ev)], transform, columns=gidx)
+    Y = expression_transform(X[np.flatnonzero(ev)], transform, columns=gidx)  # checks the counts first
+    new_layer, new_emb = None, None
+    if keys.pred_layer in adata.layers:
+        P = np.asarray(adata.layers[keys.pred_layer])[ev][:, gidx]
+    else:
+        new_layer, new_emb, _ = prediction_layer(adata, model)
+        P = new_layer[ev][:, gidx]
     df = per_gene_metrics(Y, P, genes=gene_list)
     results = {"model": _summary(df)}
 
     notes = ""
     if baselines:
-        train = split == "train" if split is not None else None
+        train = split == K.SPLIT_TRAIN if split is not None else None
         if train is None or not train.any():
             notes = "baselines skipped: no training spots ('train' in .obs[split]) in this AnnData"
         elif not emb_key or emb_key not in adata.obsm:
@@ -177,144 +177,37 @@ def evaluate(
         else:
             F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
             Ytr = expression_transform(X[np.flatnonzero(train)], transform, columns=gidx)
-            for name, fn in (
-                ("mean_predictor", lambda a, b, c: mean_predictor(a, b, c)),
-                ("pca_ridge", lambda a, b, c: pca_ridge(a, b, c, n_components=n_components)),
-            ):
-                pred = fn(F[train], Ytr, F[ev])
-                results[name] = _summary(per_gene_metrics(Y, pred, genes=gene_list))
+            results["mean_predictor"] = _summary(per_gene_metrics(Y, mean_predictor(F[train], Ytr, F[ev]), gene_list))
+            pred = pca_ridge(F[train], Ytr, F[ev], n_components=n_components)
+            results["pca_ridge"] = _summary(per_gene_metrics(Y, pred, genes=gene_list))
         if notes:
             logg.info(f"evaluate: {notes}")
 
-    for col, name in ((keys.pcc, "pearson"), (keys.spearman, "spearman"), (keys.mse, "mse")):
-        full = np.full(adata.n_vars, np.nan)
-        full[gidx] = df[name].to_numpy(dtype=float)
-        adata.var[col] = full
-    entry = dict(adata.uns.get(keys.uns, {}) or {})
-    metrics = dict(entry.get("metrics", {}) or {})
-    metrics["test"] = _h5ad_safe(
-        {
-            **results,
-            "n_spots": int(ev.sum()),
-            "spots": spots_desc,
-            "genes": gene_list if not isinstance(genes, str) else genes,
-            "transform": transform,
-            "embedding_key": emb_key or "None",
-            "notes": notes,
-        }
-    )
-    entry["metrics"] = metrics
-    adata.uns[keys.uns] = entry
+    test = {
+        **results, "n_spots": int(ev.sum()), "spots": spots_desc,
+        "genes": gene_list if not isinstance(genes, str) else genes, "transform": transform, "embedding_key": emb_key,
+        "notes": notes,
+    }  # fmt: skip
+    target = adata.copy() if copy else adata
+    written = {
+        "var": [keys.pcc, keys.spearman, keys.mse],
+        "uns": [keys.uns] + ([K.EMBED_UNS] if new_emb else []),
+        "layers": [keys.pred_layer] if new_layer is not None else [],
+        "obsm": [new_emb[0]] if new_emb else [],
+    }
+    with restore_on_error(target, **written):
+        for col, name in ((keys.pcc, "pearson"), (keys.spearman, "spearman"), (keys.mse, "mse")):
+            full = np.full(target.n_vars, np.nan)
+            full[gidx] = df[name].to_numpy(dtype=float)
+            target.var[col] = full
+        if new_layer is not None:
+            target.layers[keys.pred_layer] = new_layer
+        if new_emb is not None:
+            target.obsm[new_emb[0]] = new_emb[1]
+            target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS) or {}), new_emb[0]: new_emb[2]}
+        entry = dict(target.uns.get(keys.uns, {}) or {})
+        entry["metrics"] = {**dict(entry.get("metrics", {}) or {}), "test": to_h5ad(test)}
+        target.uns[keys.uns] = entry
     line = ", ".join(f"{k} {v['pearson']:.4f}" for k, v in results.items())
     logg.info(f"evaluate: mean Pearson over {len(gene_list)} genes on {int(ev.sum())} spots: {line}")
-    return adata if copy else None
-
-
-def compare_methods(
-    adata: AnnData,
-    methods: Sequence[str] = ("pgl", "agl", "dkgsb"),
-    *,
-    test_fraction: float = 0.25,
-    seed: int = 0,
-    truth_key: str | None = "informative",
-    method_kwargs: dict[str, dict] | None = None,
-    **fit_kwargs: Any,
-) -> pd.DataFrame:
-    """Fit several methods on the same split and score each on the same held-out spots.
-
-    A seeded ``test_fraction`` of the spots is held out of every fit (``.obs[split] == "unused"``); each method
-    is trained with :func:`agl_fit` on a copy of ``adata`` (the input is not modified), predicted with
-    :func:`agl_predict` and scored with :func:`evaluate` on the held-out spots.
-
-    Parameters
-    ----------
-    adata
-        Slide with raw counts and an embedding (or images for ``agl_fit`` to embed).
-    methods
-        Methods to compare (``"pgl"``, ``"agl"``, ``"topk"``, ``"dkgsb"``); a name may carry a suffix after
-        ``":"`` (e.g. ``"topk:half"``) to run one method with several settings from ``method_kwargs``.
-    test_fraction
-        Fraction of spots held out for the test.
-    seed
-        Seed of the held-out draw and of every fit.
-    truth_key
-        Boolean ``.var`` column of known helpful auxiliaries (the synthetic slide's ``"informative"``); when
-        present, the precision of the selected auxiliaries is reported.
-    method_kwargs
-        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"k": 500}}``).
-    **fit_kwargs
-        Passed to every :func:`agl_fit` call (e.g. ``embedding_key``, ``n_targets``, ``epochs``).
-
-    Returns
-    -------
-    One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``,
-    ``test_mse``, ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision`` (selected auxiliaries that
-    are ``truth_key``), ``k_start`` and ``precision_start`` (the same for DkGSB's initial selection, the top half
-    by prior), ``base_rate`` (``truth_key`` among all auxiliaries), ``fit_seconds``, ``best_epoch``, and the
-    baselines ``mean_pcc`` and ``ridge_pcc``.
-
-    Examples
-    --------
-    >>> import agl_scverse as agl
-    >>> adata = agl.datasets.synthetic_slide(seed=0)  # doctest: +SKIP
-    >>> agl.tl.compare_methods(adata, ("pgl", "agl", "dkgsb"), embedding_key="X_agl_resnet18")  # doctest: +SKIP
-    """
-    import time
-
-    from .fit import agl_fit
-    from .predict import agl_predict
-
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
-    rng = np.random.default_rng(seed)
-    n_test = max(2, int(round(test_fraction * adata.n_obs)))
-    held = np.zeros(adata.n_obs, dtype=bool)
-    held[rng.choice(adata.n_obs, size=n_test, replace=False)] = True
-    method_kwargs = method_kwargs or {}
-    keys = Keys(fit_kwargs.get("key_added", K.DEFAULT_KEY))
-    rows = []
-    for name in methods:
-        method = name.split(":")[0]
-        kw = {**fit_kwargs, **method_kwargs.get(name, {})}
-        kw.setdefault("progress", False)
-        t0 = time.perf_counter()
-        model, work = agl_fit(adata, method=method, spots=~held, seed=seed, copy=True, **kw)
-        seconds = time.perf_counter() - t0
-        agl_predict(work, model, key_added=keys.prefix)
-        evaluate(work, model, key_added=keys.prefix)
-        uns = work.uns[keys.uns]
-        test = uns["metrics"]["test"]
-        aux = (work.var[keys.role].astype(str) == K.ROLE_AUX).to_numpy()
-        sel = aux & work.var[keys.selected].to_numpy(dtype=bool)
-        precision = precision_start = float("nan")
-        n_aux = int(aux.sum())
-        rank = work.var[keys.prior_rank].to_numpy(dtype=float)
-        start = aux & (rank / max(n_aux - 1, 1) < 0.5)  # DkGSB's selection at its initial threshold
-        if truth_key is not None and truth_key in work.var:
-            truth = work.var[truth_key].to_numpy(dtype=bool)
-            precision = float(truth[sel].mean()) if sel.any() else float("nan")
-            precision_start = float(truth[start].mean()) if start.any() else float("nan")
-        rows.append(
-            {
-                "method": name,
-                "test_pcc": test["model"]["pearson"],
-                "test_spearman": test["model"]["spearman"],
-                "test_mse": test["model"]["mse"],
-                "val_pcc": uns["metrics"]["val_pcc"],
-                "k": int(uns["k"]),
-                "n_auxiliary": int(aux.sum()),
-                "threshold": float(uns["threshold"]),
-                "precision": precision,
-                "k_start": int(start.sum()),
-                "precision_start": precision_start,
-                "base_rate": float(work.var[truth_key].to_numpy(dtype=bool)[aux].mean())
-                if truth_key is not None and truth_key in work.var and aux.any()
-                else float("nan"),
-                "fit_seconds": seconds,
-                "best_epoch": int(uns["metrics"]["best_epoch"]),
-                "mean_pcc": test.get("mean_predictor", {}).get("pearson", float("nan")),
-                "ridge_pcc": test.get("pca_ridge", {}).get("pearson", float("nan")),
-            }
-        )
-        logg.info(f"compare_methods: {name}: held-out PCC {rows[-1]['test_pcc']:.4f}, k = {rows[-1]['k']}")
-    return pd.DataFrame(rows)
+    return target if copy else None

@@ -1,0 +1,77 @@
+"""The one batched forward loop: raw outputs (training, calibration) or calibrated predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["forward", "index_batches", "array_batches"]
+
+
+def index_batches(inputs: Callable, idx: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+    """Batches ``inputs(idx[s : s + batch_size])`` for a row-indexed input source (e.g. ``TensorInputs``)."""
+    for s in range(0, len(idx), batch_size):
+        yield inputs(idx[s : s + batch_size])
+
+
+def array_batches(features, batch_size: int, float_input: bool = True) -> Iterator[torch.Tensor]:
+    """Batches of an array of features (or uint8 patches), or of a torch Dataset yielding them."""
+    n = len(features)
+    is_dataset = isinstance(features, torch.utils.data.Dataset)
+    for s in range(0, n, batch_size):
+        if is_dataset:
+            x = torch.stack([torch.as_tensor(np.asarray(features[i])) for i in range(s, min(s + batch_size, n))])
+        else:
+            chunk = features[s : s + batch_size]
+            x = chunk if torch.is_tensor(chunk) else torch.as_tensor(np.asarray(chunk))
+        yield x.to(dtype=torch.float32) if float_input else x
+
+
+@torch.no_grad()
+def forward(
+    net: nn.Module, batches: Iterable[torch.Tensor], n_out: int, *, calibrated: bool, n_first: int | None = None
+) -> np.ndarray:
+    """Run ``net`` in eval mode over ``batches`` and stack the outputs (the training mode is restored after).
+
+    Parameters
+    ----------
+    net
+        An :class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet`.
+    batches
+        Input batches (moved to the network's device here).
+    n_out
+        Number of outputs, for the shape of an empty result.
+    calibrated
+        ``True``: calibrated, clipped predictions in the expression scale (``net.predict_expression``), float32.
+        ``False``: raw outputs in the trainer's standardised space, float64.
+    n_first
+        Keep only the first ``n_first`` outputs (the targets).
+
+    Examples
+    --------
+    >>> from agl_scverse.model import EmbeddingHead
+    >>> net = EmbeddingHead(3, 2, hidden=(4,))
+    >>> forward(net, [torch.zeros(5, 3)], 2, calibrated=True).shape
+    (5, 2)
+    """
+    was = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    outs = []
+    try:
+        for x in batches:
+            x = x.to(dev)
+            if calibrated:
+                out = net.predict_expression(x)
+                out = (out[:, :n_first] if n_first is not None else out).float()
+            else:
+                out = net(x, n_first=n_first).double()
+            outs.append(out.cpu().numpy())
+    finally:
+        net.train(was)
+    if outs:
+        return np.concatenate(outs, 0)
+    return np.zeros((0, n_first or n_out), dtype=np.float32 if calibrated else np.float64)

@@ -1,0 +1,316 @@
+"""Apply a fitted :class:`~agl_scverse.model.AGLModel` to a slide.
+
+:func:`agl_predict` writes predictions into a slide that measured the model's genes; :func:`predict_anndata`
+returns a new AnnData of predictions for any slide, e.g. an H&E-only one. Everything is checked before anything
+is written: the model's genes against the slide's, the embedding's recorded encoder settings against the
+model's, the embedding itself (shape, NaN). A missing embedding is computed with the model's recorded encoder,
+weights file (its sha256 is checked) and patch size, into a copy, and written together with the predictions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .. import _constants as K
+from .._constants import Keys
+from .._docs import d
+from .._transaction import restore_on_error
+from .._utils import sha256_file
+from ..io._spatialdata import as_anndata, update_table
+from ..model import AGLModel
+from ..model._encoders import RECORD_CHECKED
+from ..pp._embed import embed_patches
+from ..pp._patches import SpotPatches
+
+__all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer"]
+
+
+def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
+    """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
+
+    Compared: encoder name, weights sha256, patch size in pixels and in µm (each only when both sides record it).
+    An embedding without a record (brought by the user) is accepted with a warning when the model has one.
+
+    Examples
+    --------
+    >>> check_embedding_matches(adata, "X_agl_resnet18", model)  # doctest: +SKIP
+    """
+    enc = model.config.get("encoder") or {}
+    rec = (adata.uns.get(K.EMBED_UNS, {}) or {}).get(key)
+    if not rec:
+        if enc.get("recorded"):
+            logg.warning(
+                f".obsm[{key!r}] has no record in .uns[{K.EMBED_UNS!r}]; cannot check that it was computed with the "
+                f"model's encoder ({enc.get('encoder')!r}, {enc.get('patch_px')} px, {enc.get('patch_um')} µm)."
+            )
+        return
+    if not enc.get("recorded"):
+        return
+    diffs = []
+    for f in RECORD_CHECKED:
+        a, b = rec.get(f), enc.get(f)
+        if a in (None, "") or b in (None, ""):
+            continue
+        same = np.isclose(float(a), float(b)) if f in ("patch_px", "patch_um") else str(a) == str(b)
+        if not same:
+            diffs.append(f"{f}: data {a!r} vs model {b!r}")
+    if diffs:
+        raise ValueError(
+            f".obsm[{key!r}] was computed with other encoder settings than the model was trained on ("
+            + "; ".join(diffs)
+            + "). Re-embed the slide with the model's settings (agl.pp.embed_patches(adata, encoder="
+            f"{enc.get('encoder')!r}, weights=<the same file>, patch_px={enc.get('patch_px')}, "
+            f"patch_um={enc.get('patch_um')}, key_added=<a new key>)) or drop .obsm[{key!r}] to let "
+            "agl_predict do it."
+        )
+
+
+def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, device, library_key) -> tuple:
+    """Embed with the model's recorded encoder settings into a copy; return (features, record)."""
+    enc = model.config.get("encoder") or {}
+    if not enc.get("recorded") or not enc.get("encoder"):
+        raise KeyError(
+            f".obsm[{key!r}] is missing and the model records no encoder settings (its training embedding was "
+            "brought by the user). Compute the same embedding for this slide and store it in .obsm first."
+        )
+    sha = str(enc.get("weights_sha256") or "")
+    path = weights if weights is not None else (enc.get("weights_path") or None)
+    if sha:
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(
+                f".obsm[{key!r}] is missing and the encoder weights file the model was trained with ({path!r}, "
+                f"sha256 {sha[:12]}...) is gone. Pass weights=<path to that file> or embed the slide yourself."
+            )
+        if sha256_file(path) != sha:
+            raise ValueError(
+                f"The weights file {path} differs from the one the model was trained with (sha256 {sha[:12]}...)."
+            )
+    else:
+        path = None
+    tmp = embed_patches(
+        adata, encoder=enc["encoder"], weights=path, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
+        patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True,
+    )  # fmt: skip
+    return np.asarray(tmp.obsm[key], dtype=np.float32), tmp.uns[K.EMBED_UNS][key]
+
+
+def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key):
+    """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
+    enc = model.config.get("encoder") or {}
+    if model.mode != "embedding":
+        patch_px, patch_um = int(enc.get("patch_px") or K.DEFAULT_PATCH_PX), float(enc.get("patch_um") or K.DEFAULT_PATCH_UM)
+        return SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key), None
+    key = embedding_key or model.config.get("embedding_key")
+    if not key:
+        raise ValueError("The model records no embedding key; pass embedding_key=.")
+    new_emb = None
+    if key in adata.obsm:
+        check_embedding_matches(adata, key, model)
+        features = np.asarray(adata.obsm[key], dtype=np.float32)
+    else:
+        features, rec = _compute_embedding(adata, model, key, weights, device, library_key)
+        new_emb = (key, features, rec)
+    n_in = (model.config.get("net") or {}).get("n_in")
+    if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
+        raise ValueError(
+            f".obsm[{key!r}] has shape {features.shape}; the model expects {n_in} features per spot. "
+            "Embed the slide with the model's encoder."
+        )
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise ValueError(f".obsm[{key!r}] holds NaN/inf for {int(bad.sum())} spots; recompute the embedding.")
+    return features, new_emb
+
+
+def _predict(model: AGLModel, features, device: str, batch_size: int) -> np.ndarray:
+    model.net.to(device)
+    try:
+        return model.predict(features, batch_size=batch_size)
+    finally:
+        model.net.cpu()
+
+
+def _check_genes(adata: AnnData, model: AGLModel) -> None:
+    if adata.n_vars == 0:
+        raise ValueError(
+            "The slide has no genes (n_vars == 0), so there is no layer to write predictions into. Use "
+            "agl.tl.predict_anndata(adata, model) to get a new AnnData of predictions."
+        )
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"Duplicate gene names {dup}; run adata.var_names_make_unique() first.")
+    present = adata.var_names.isin(model.genes)
+    if not present.any():
+        raise KeyError(
+            f"None of the model's {len(model.genes)} genes (e.g. {model.genes[:3]}) is in adata.var_names (e.g. "
+            f"{adata.var_names[:3].tolist()}). Check the gene naming (symbols vs Ensembl ids), or use "
+            "agl.tl.predict_anndata(adata, model) for a new AnnData of predictions."
+        )
+    missing = [g for g in model.targets if g not in adata.var_names]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} target gene(s) of the model are not in adata.var_names: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({int(present.sum())} of the model's {len(model.genes)} genes "
+            "are). Use a slide measuring the same genes (check the gene naming: symbols vs Ensembl ids), or "
+            "agl.tl.predict_anndata(adata, model) for a new AnnData of predictions."
+        )
+
+
+def prediction_layer(
+    adata: AnnData, model: AGLModel, embedding_key=None, weights=None, device="cpu", library_key=None, batch_size=512
+) -> tuple[np.ndarray, tuple | None, list[str]]:
+    """The prediction layer of :func:`agl_predict` (spots x genes of ``adata``, NaN where not predicted), computed
+    without writing anything; also ``(key, features, record)`` of an embedding computed on the way, and the
+    predicted genes present in ``adata``.
+    """
+    _check_genes(adata, model)
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
+    pred = _predict(model, features, device, batch_size)
+    col = {g: i for i, g in enumerate(model.genes)}
+    pred_genes = [g for g in model.predicted_genes if g in adata.var_names]
+    layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    layer[:, adata.var_names.get_indexer(pred_genes)] = pred[:, [col[g] for g in pred_genes]]
+    return layer, new_emb, pred_genes
+
+
+@d.dedent
+def agl_predict(
+    data: Any,
+    model: AGLModel | str | Path,
+    *,
+    embedding_key: str | None = None,
+    weights: str | Path | None = None,
+    key_added: str = K.DEFAULT_KEY,
+    copy: bool = False,
+    device: str = "cpu",
+    library_key: str | None = None,
+    batch_size: int = 512,
+) -> AnnData | None:
+    """Predict expression of the model's genes on a slide that measured them.
+
+    Parameters
+    ----------
+    %(data)s
+        It must hold the model's target genes (for an H&E-only slide use :func:`predict_anndata`).
+    model
+        A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
+    embedding_key
+        ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
+        is computed with the model's recorded encoder, weights and patch settings.
+    weights
+        Encoder weights file, when the path recorded in the model moved (its sha256 must match).
+    %(key_added)s
+    %(copy)s
+    device
+        Torch device for the forward passes (``"cpu"`` gives bit-for-bit reproducible predictions).
+    %(library_key)s
+    batch_size
+        Spots per forward pass.
+
+    Returns
+    -------
+    None, or the copy with ``copy=True``. Writes ``.layers[f"{key_added}_pred"]`` (spots x all genes, float32,
+    predictions in the model's expression scale for the targets and the selected auxiliaries, NaN for every other
+    gene), and a computed embedding. A SpatialData input gets them in its table.
+
+    Raises
+    ------
+    KeyError
+        The slide lacks some target genes of the model (or all its genes).
+    ValueError
+        The embedding was computed with other encoder settings, has another width, or holds NaN.
+
+    Examples
+    --------
+    >>> agl.tl.agl_predict(adata_new, model)  # doctest: +SKIP
+    >>> adata_new.layers["agl_pred"].shape  # doctest: +SKIP
+    """
+    adata = as_anndata(data)
+    model = AGLModel.coerce(model)
+    keys = Keys(key_added)
+    if adata.n_obs == 0:
+        raise ValueError("The slide has no spots.")
+    layer, new_emb, pred_genes = prediction_layer(adata, model, embedding_key, weights, device, library_key, batch_size)
+    target = adata.copy() if copy else adata
+    written = {"layers": [keys.pred_layer], "obsm": [new_emb[0]] if new_emb else [], "uns": [K.EMBED_UNS] if new_emb else []}
+    with restore_on_error(target, **written):
+        target.layers[keys.pred_layer] = layer
+        if new_emb is not None:
+            target.obsm[new_emb[0]] = new_emb[1]
+            target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
+    logg.info(
+        f"agl_predict: .layers[{keys.pred_layer!r}] holds predictions for {len(pred_genes)} genes "
+        f"({len(model.targets)} targets), NaN elsewhere."
+    )
+    if copy:
+        return target
+    if target is not data:  # a SpatialData: write into its table
+        update_table(data, target, **written)
+    return None
+
+
+@d.dedent
+def predict_anndata(
+    data: Any,
+    model: AGLModel | str | Path,
+    *,
+    embedding_key: str | None = None,
+    weights: str | Path | None = None,
+    key_added: str = K.DEFAULT_KEY,
+    device: str = "cpu",
+    library_key: str | None = None,
+    batch_size: int = 512,
+) -> AnnData:
+    """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
+
+    Parameters
+    ----------
+    %(data)s
+        Only its spots, images (and embedding) are used; it may have no genes at all.
+    model, embedding_key, weights, device, batch_size
+        As in :func:`agl_predict`.
+    %(key_added)s
+    %(library_key)s
+
+    Returns
+    -------
+    An AnnData of the model's predicted genes (targets and selected auxiliaries) at the slide's spots: ``.X`` and
+    ``.layers[f"{key_added}_pred"]`` hold the predictions; ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried
+    over; ``.var[k.role]`` and ``.var[k.weight]`` describe the genes. ``data`` is not modified.
+
+    Examples
+    --------
+    >>> he = agl.io.read_legacy_st("sections", sections=["C6"])[:, []].copy()  # doctest: +SKIP
+    >>> pred = agl.tl.predict_anndata(he, "my_model")  # doctest: +SKIP
+    """
+    adata = as_anndata(data)
+    model = AGLModel.coerce(model)
+    keys = Keys(key_added)
+    if adata.n_obs == 0:
+        raise ValueError("The slide has no spots.")
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
+    pred = _predict(model, features, device, batch_size)
+    col = {g: i for i, g in enumerate(model.genes)}
+    sel = [col[g] for g in model.predicted_genes]
+    var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
+    var[keys.role] = pd.Categorical([model.roles[i] for i in sel], categories=[K.ROLE_TARGET, K.ROLE_AUX])
+    var[keys.weight] = model.weights[sel]
+    out = AnnData(X=pred[:, sel].astype(np.float32), obs=adata.obs.copy(), var=var)
+    for kk, v in adata.obsm.items():
+        out.obsm[kk] = v.copy() if hasattr(v, "copy") else v
+    for kk in (K.SPATIAL_KEY, K.EMBED_UNS):
+        if kk in adata.uns:
+            out.uns[kk] = adata.uns[kk]
+    out.layers[keys.pred_layer] = out.X.copy()
+    if new_emb is not None:
+        out.obsm[new_emb[0]] = new_emb[1]
+        out.uns[K.EMBED_UNS] = {**dict(out.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
+    logg.info(f"predict_anndata: new AnnData of {len(model.predicted_genes)} predicted genes at {out.n_obs} spots.")
+    return out
