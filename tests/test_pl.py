@@ -331,3 +331,132 @@ def test_spatial_prediction_spatialdata(tmp_path):
     expected = np.corrcoef(np.log1p(ad.X[:, j]), ad.layers["agl_pred"][:, j])[0, 1]
     assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
     assert (tmp_path / "sd.png").exists()
+
+
+# --- one family: the same plotting arguments and documented return shapes for every function ---------------
+# name -> (call with the fixture's AnnData, shape of the returned axes array; None for a single Axes)
+FAMILY = {
+    "selected_genes": (lambda ad, **kw: agl.pl.selected_genes(ad, **kw), None),
+    "selected_genes_history": (lambda ad, **kw: agl.pl.selected_genes(ad, show_history=True, **kw), (2,)),
+    "training_history": (lambda ad, **kw: agl.pl.training_history(ad, **kw), (3,)),
+    "gene_performance": (lambda ad, **kw: agl.pl.gene_performance(ad, **kw), None),
+    "spatial_prediction": (lambda ad, **kw: agl.pl.spatial_prediction(ad, ["T0", "A03"], **kw), (2, 2)),
+}
+FUNCTIONS = [agl.pl.selected_genes, agl.pl.spatial_prediction, agl.pl.training_history, agl.pl.gene_performance]
+
+
+@pytest.fixture(params=list(FAMILY))
+def plot(request):
+    return FAMILY[request.param]
+
+
+def _flat(axes) -> list:
+    return [axes] if isinstance(axes, matplotlib.axes.Axes) else list(np.asarray(axes, dtype=object).ravel())
+
+
+def test_pl_exports_the_four_functions():
+    assert sorted(agl.pl.__all__) == sorted(f.__name__ for f in FUNCTIONS)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
+def test_family_signature_and_docs(fn):
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    expected = {"ax": None, "figsize": None, "show": None, "save": None, "return_fig": False}
+    for name, default in expected.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default is default, name
+    doc = fn.__doc__
+    assert "%(" not in doc  # every docrep placeholder was filled
+    for name in expected:
+        assert f"\n{name}\n    " in doc, name  # documented at the level of the other parameters
+    assert "Returns\n-------\n" in doc and "Examples\n--------\n" in doc
+
+
+def test_family_return_fig(adata, plot):
+    call, shape = plot
+    fig = call(adata, show=False, return_fig=True)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert len(fig.axes) >= (1 if shape is None else int(np.prod(shape)))
+    assert plt.get_fignums() == [fig.number]
+
+
+def test_family_show_false_shape(adata, plot):
+    call, shape = plot
+    out = call(adata, show=False)
+    if shape is None:
+        assert isinstance(out, matplotlib.axes.Axes)
+    else:
+        assert isinstance(out, np.ndarray)
+        assert out.shape == shape
+        assert all(isinstance(a, matplotlib.axes.Axes) for a in out.ravel())
+        assert len({id(a.figure) for a in out.ravel()}) == 1
+    assert all(a.has_data() for a in _flat(out))
+
+
+def test_family_shown_returns_none_and_autoshow(adata, plot):
+    import scanpy as sc
+
+    call, _ = plot
+    assert call(adata, show=True) is None
+    assert isinstance(call(adata, show=True, return_fig=True), matplotlib.figure.Figure)
+    autoshow = sc.settings.autoshow
+    try:  # show=None follows scanpy's setting
+        sc.settings.autoshow = False
+        assert call(adata) is not None  # not shown, so the axes come back
+        sc.settings.autoshow = True
+        assert call(adata) is None
+    finally:
+        sc.settings.autoshow = autoshow
+
+
+def test_family_draws_into_given_axes(adata, plot):
+    call, shape = plot
+    fig, given = plt.subplots(*(shape or (1,)), squeeze=True)
+    if shape is not None and len(shape) == 1:
+        given = list(given)  # a plain sequence works as well as an array
+    out = call(adata, ax=given, show=False)
+    assert _flat(out) == _flat(given)
+    assert all(a is b for a, b in zip(_flat(out), _flat(given)))
+    assert all(a.has_data() for a in _flat(given))
+    assert call(adata, ax=given, show=False, return_fig=True) is fig
+    assert plt.get_fignums() == [fig.number]  # no other figure was made
+
+
+def test_family_save_without_suffix_writes_png(adata, plot, tmp_path):
+    call, _ = plot
+    out = call(adata, show=False, save=tmp_path / "sub" / "x")
+    png = tmp_path / "sub" / "x.png"
+    assert png.stat().st_size > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "sub" / "x").exists()
+    assert out is not None
+
+
+def test_spatial_prediction_wrong_number_of_axes(adata):
+    _, axs = plt.subplots(1, 3)
+    with pytest.raises(ValueError, match="4 Axes"):
+        agl.pl.spatial_prediction(adata, ["T0", "A03"], ax=axs, show=False)
+    with pytest.raises(ValueError, match="2 Axes"):
+        agl.pl.spatial_prediction(adata, "T0", ax=axs[0], show=False)
+    _, grid = plt.subplots(1, 2)
+    assert agl.pl.spatial_prediction(adata, "T0", ax=grid, show=False).shape == (1, 2)
+
+
+def test_stored_nulls_read_as_absent(adata):
+    """The stored null convention: an absent key, or the "None" / "" strings of older files, mean None."""
+    params = adata.uns["agl"]["params"]
+    del params["layer"]  # new convention: left out
+    first = _title_pcc(agl.pl.spatial_prediction(adata, "T0", show=False)[0, 1].get_title())
+    params["layer"] = ""
+    assert _title_pcc(agl.pl.spatial_prediction(adata, "T0", show=False)[0, 1].get_title()) == first
+    del adata.uns["agl"]["threshold"]
+    ax = agl.pl.selected_genes(adata, show=False)
+    assert not any(len(set(np.asarray(ln.get_xdata(), dtype=float))) == 1 for ln in ax.get_lines())
+    adata.uns["agl"]["threshold"] = "None"
+    ax = agl.pl.selected_genes(adata, show=False)
+    assert not any(len(set(np.asarray(ln.get_xdata(), dtype=float))) == 1 for ln in ax.get_lines())
+    adata.uns["agl"]["metrics"]["best_epoch"] = "None"  # falls back to the best validation PCC
+    axs = agl.pl.training_history(adata, show=False)
+    assert any("kept epoch 2: PCC 0.350" in t for t in _texts(axs[1]))

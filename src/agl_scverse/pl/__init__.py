@@ -1,4 +1,8 @@
 """Plots: selected genes, spatial predictions, training history, per-gene performance."""
 
-from ._plots import *  # noqa: F403
-from ._plots import __all__  # noqa: F401
+from ._history import training_history
+from ._performance import gene_performance
+from ._selected import selected_genes
+from ._spatial_prediction import spatial_prediction
+
+__all__ = ["selected_genes", "spatial_prediction", "training_history", "gene_performance"]

@@ -60,15 +60,26 @@ def _writer_hint(missing: Sequence[str]) -> str:
 
 
 def new_axes(
-    ax: Axes | Sequence[Axes] | None, n: int, figsize: tuple[float, float] | None, ncols: int | None = None, **kw
+    ax: Axes | Sequence[Axes] | np.ndarray | None,
+    n: int,
+    figsize: tuple[float, float] | None,
+    ncols: int | None = None,
+    what: str | None = None,
+    **kw,
 ) -> tuple[Figure, list[Axes]]:
-    """``n`` axes: the given ones (checked) or a new figure with ``n`` panels in a row (or ``ncols`` columns)."""
+    """``n`` axes: the given ones (checked) or a new figure with ``n`` panels in a row (or ``ncols`` columns).
+
+    This is the one place that checks an ``ax`` argument: one Axes when ``n == 1``, else a sequence (or array of
+    any shape, read in row-major order) of exactly ``n`` Axes; ``what`` says in the error what they are for.
+    """
     import matplotlib.pyplot as plt
 
     if ax is not None:
-        axs = [ax] if isinstance(ax, Axes) else list(ax)
+        axs = [ax] if isinstance(ax, Axes) else list(np.asarray(ax, dtype=object).ravel())
         if len(axs) != n or not all(isinstance(a, Axes) for a in axs):
-            raise ValueError(f"ax must be {'an Axes' if n == 1 else f'a sequence of {n} Axes'} for this plot.")
+            need = "an Axes" if n == 1 else f"a sequence of {n} Axes"
+            got = "one Axes" if isinstance(ax, Axes) else f"{len(axs)} items"
+            raise ValueError(f"ax must be {need} for this plot{f' ({what})' if what else ''}, got {got}.")
         return axs[0].figure, axs
     ncols = n if ncols is None else ncols
     nrows = int(np.ceil(n / ncols))
@@ -79,10 +90,27 @@ def new_axes(
     return fig, flat[:n]
 
 
-def finish(fig: Figure, axes, show: bool | None, save: str | Path | None, dpi: int | None = None):
-    """Save to ``save`` (a path, format from its suffix), show when asked, return ``axes`` when ``show`` is False.
+def axes_array(axes: Sequence[Axes], shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Axes as a NumPy object array (of ``shape``, default one dimension), the return type of multi-panel plots."""
+    out = np.empty(len(axes), dtype=object)
+    out[:] = list(axes)
+    return out if shape is None else out.reshape(shape)
 
-    ``show=None`` follows :attr:`scanpy.settings.autoshow`, as scanpy plots do.
+
+def finish(
+    fig: Figure,
+    axes: Axes | np.ndarray,
+    *,
+    show: bool | None,
+    save: str | Path | None,
+    return_fig: bool,
+    dpi: int | None = None,
+) -> Figure | Axes | np.ndarray | None:
+    """The one ending of every plot: save, show, return.
+
+    Saves to ``save`` when given (format from its suffix, ``.png`` when there is none; parent folders are
+    created), shows the figure when ``show`` is true (``None`` follows :attr:`scanpy.settings.autoshow`, as
+    scanpy plots do), and returns the Figure when ``return_fig`` is true, else None when shown, else ``axes``.
     """
     import matplotlib.pyplot as plt
 
@@ -103,21 +131,35 @@ def finish(fig: Figure, axes, show: bool | None, save: str | Path | None, dpi: i
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*")
             plt.show()
+    if return_fig:
+        return fig
+    return None if show else axes
+
+
+def null_as_none(value):
+    """``value``, or None when it is a stored null.
+
+    A run records an absent value by leaving its key out, so ``entry.get(name)`` is None; files written by
+    older versions hold the string ``"None"`` (or ``""``) instead, which reads as None here too. This is the
+    one place that knows the convention: read every optional stored value as ``null_as_none(entry.get(name))``.
+    """
+    if value is None or (isinstance(value, str) and value in ("None", "")):
         return None
-    return axes
+    return value
 
 
 def as_float(values) -> np.ndarray:
-    """A list that may hold None (an epoch without a value) as a float array with NaN."""
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+    """A list that may hold None or NaN (an epoch without a value) as a float array with NaN."""
+    return np.array([np.nan if null_as_none(v) is None else float(v) for v in values], dtype=float)
 
 
 def best_epoch(run: dict) -> float | None:
     """The epoch the run kept: ``metrics["best_epoch"]`` when recorded, else the one with the best validation PCC."""
-    history = run.get("history") or {}
-    metrics = run.get("metrics") or {}
-    if "best_epoch" in metrics and metrics["best_epoch"] is not None:
-        return float(metrics["best_epoch"])
+    history = null_as_none(run.get("history")) or {}
+    metrics = null_as_none(run.get("metrics")) or {}
+    kept = null_as_none(metrics.get("best_epoch"))
+    if kept is not None and np.isfinite(float(kept)):
+        return float(kept)
     val = as_float(history.get("val_pcc", []))
     epochs = as_float(history.get("epoch", []))
     if len(val) == len(epochs) and np.isfinite(val).any():

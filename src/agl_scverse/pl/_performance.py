@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from .._constants import ROLE_TARGET, Keys
-from ._common import COLORS, finish, get_run, new_axes, require_var
+from .._docs import d
+from ._common import COLORS, finish, get_run, new_axes, null_as_none, require_var
 
 __all__ = ["gene_performance"]
 
@@ -20,6 +22,7 @@ _METRICS = {"pearson": "pcc", "spearman": "spearman", "mse": "mse"}
 _LABELS = {"pearson": "Pearson r", "spearman": "Spearman ρ", "mse": "MSE"}
 
 
+@d.dedent
 def gene_performance(
     data: AnnData | pd.DataFrame,
     key: str = "agl",
@@ -28,11 +31,12 @@ def gene_performance(
     kind: Literal["scatter", "box", "bar"] | None = None,
     n_labels: int = 5,
     *,
-    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
+    figsize: tuple[float, float] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
-) -> Axes | None:
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Plot per-gene performance of a model against baselines.
 
     ``data`` is either an AnnData after :func:`agl_scverse.tl.evaluate` (per-gene metrics in
@@ -47,7 +51,10 @@ def gene_performance(
     - ``"box"``: distribution of the per-gene metric for each method, mean marked. Default for a table with
       several methods.
     - ``"bar"``: the model's per-gene metric, sorted, with each baseline's mean as a horizontal line (for an
-      AnnData, the mean predictor's and PCA+Ridge's means scored by :func:`agl_scverse.tl.evaluate`). Default for an AnnData without ``baseline``.
+      AnnData, the mean predictor's and PCA+Ridge's means scored by :func:`agl_scverse.tl.evaluate`). Default for an
+      AnnData without ``baseline``.
+
+    Every kind is one panel; ``ax``, when given, is one Axes.
 
     Parameters
     ----------
@@ -64,18 +71,13 @@ def gene_performance(
         ``"scatter"``, ``"box"`` or ``"bar"``; ``None`` picks as described above.
     n_labels
         Genes to label in a scatter plot (largest improvement first).
-    figsize
-        Figure size when a new figure is made.
-    ax
-        Axes to draw in.
-    show
-        Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
-    save
-        Path to save the figure to.
+    %(plot_params)s
 
     Returns
     -------
-    The Axes when ``show`` is False, else None.
+    matplotlib.axes.Axes or matplotlib.figure.Figure or None
+        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
+        else the :class:`~matplotlib.axes.Axes` of the plot.
 
     Examples
     --------
@@ -111,7 +113,7 @@ def gene_performance(
         _box(a, wide, [key, *baselines], label)
     else:
         _bar(a, wide[key], key, summary, label)
-    return finish(fig, a, show, save)
+    return finish(fig, a, show=show, save=save, return_fig=return_fig)
 
 
 def _from_anndata(adata: AnnData, key: str, baselines: list[str], metric: str) -> tuple[pd.DataFrame, dict]:
@@ -134,7 +136,7 @@ def _from_anndata(adata: AnnData, key: str, baselines: list[str], metric: str) -
     wide = wide.loc[targets].dropna()
     if wide.empty:
         raise ValueError(f"No target gene has a finite {metric} for {list(wide.columns)}; run agl.tl.evaluate first.")
-    summary = _baseline_means(run.get("metrics") or {}, metric)
+    summary = _baseline_means(null_as_none(run.get("metrics")) or {}, metric)
     for b in baselines:
         summary[b] = float(wide[b].mean())
     return wide, summary
@@ -152,8 +154,9 @@ def _baseline_means(metrics: dict, metric: str) -> dict[str, float]:
         if name == "model" or not isinstance(entry, dict):
             continue
         for field in (metric, f"{metric}_mean"):
-            if field in entry and np.isfinite(float(entry[field])):
-                out[str(name)] = float(entry[field])
+            value = null_as_none(entry.get(field))
+            if value is not None and np.isfinite(float(value)):
+                out[str(name)] = float(value)
                 break
     return out
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from ._common import COLORS, as_float, best_epoch, finish, get_run, new_axes
+from .._docs import d
+from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, null_as_none
 
 __all__ = ["training_history"]
 
@@ -20,18 +22,21 @@ _PANELS = (
 )
 
 
+@d.dedent
 def training_history(
     adata: AnnData,
     key: str = "agl",
     *,
+    ax: Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
-    ax: Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
-) -> list[Axes] | None:
+    return_fig: bool = False,
+) -> np.ndarray | Figure | None:
     """Plot the training history of a run: training loss, validation target PCC and ``k`` per epoch.
 
-    The epoch the run kept (``metrics["best_epoch"]``, else the best validation PCC) is marked in every panel.
+    Three panels side by side; the epoch the run kept (``metrics["best_epoch"]``, else the best validation PCC) is
+    marked in every panel. ``ax``, when given, is a sequence of three Axes, one per panel.
 
     Parameters
     ----------
@@ -39,28 +44,25 @@ def training_history(
         Annotated data after :func:`agl_scverse.tl.agl_fit`.
     key
         ``key_added`` of the run to plot.
-    figsize
-        Figure size when a new figure is made.
-    ax
-        Three Axes to draw in.
-    show
-        Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
-    save
-        Path to save the figure to.
+    %(plot_params)s
 
     Returns
     -------
-    The three Axes when ``show`` is False, else None.
+    numpy.ndarray or matplotlib.figure.Figure or None
+        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
+        else a NumPy array of shape ``(3,)`` of :class:`~matplotlib.axes.Axes`: training loss, validation PCC, ``k``.
 
     Examples
     --------
     >>> import agl_scverse as agl
     >>> adata = agl.datasets.synthetic_slide()  # doctest: +SKIP
     >>> model = agl.tl.agl_fit(adata)  # doctest: +SKIP
-    >>> agl.pl.training_history(adata)  # doctest: +SKIP
+    >>> axs = agl.pl.training_history(adata, show=False)  # doctest: +SKIP
+    >>> axs.shape  # doctest: +SKIP
+    (3,)
     """
     keys, run = get_run(adata, key)
-    history = run.get("history")
+    history = null_as_none(run.get("history"))
     if not isinstance(history, dict) or len(history.get("epoch", [])) == 0:
         raise KeyError(f"adata.uns[{keys.uns!r}] has no 'history' with epochs; was the run fitted with agl.tl.agl_fit?")
     epoch = np.asarray(history["epoch"], dtype=float)
@@ -70,7 +72,7 @@ def training_history(
     for name, _, _ in _PANELS:
         if len(history[name]) != len(epoch):
             raise ValueError(f"history[{name!r}] has {len(history[name])} values but there are {len(epoch)} epochs.")
-    fig, axs = new_axes(ax, 3, figsize or (12, 3.4))
+    fig, axs = new_axes(ax, 3, figsize or (12, 3.4), what="training loss, validation PCC and k")
     val = as_float(history["val_pcc"])
     kept = best_epoch(run)
     best = int(np.flatnonzero(epoch == kept)[0]) if kept is not None and (epoch == kept).any() else None
@@ -93,4 +95,4 @@ def training_history(
         )
     if ax is None:
         fig.tight_layout()
-    return finish(fig, axs, show, save)
+    return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig)

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from .._constants import ROLE_AUX, ROLE_TARGET
-from ._common import COLORS, as_float, best_epoch, finish, get_run, new_axes, require_var
+from .._docs import d
+from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, null_as_none, require_var
 
 __all__ = ["selected_genes"]
 
@@ -24,6 +26,7 @@ def threshold_rank(threshold: float, n_aux: int) -> float:
     return float(threshold) * max(n_aux - 1, 1)
 
 
+@d.dedent
 def selected_genes(
     adata: AnnData,
     key: str = "agl",
@@ -32,18 +35,20 @@ def selected_genes(
     *,
     s: float = 8.0,
     fontsize: float = 8.0,
+    ax: Axes | Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
-    ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
-) -> Axes | list[Axes] | None:
+    return_fig: bool = False,
+) -> Axes | np.ndarray | Figure | None:
     """Plot the auxiliary genes' learned weights against their prior rank, with the learned threshold.
 
     Each auxiliary gene is a point at its prior rank (x, 0 = best prior score) and its learned soft-mask weight
     ``w_i`` (y). The dashed vertical line is the learned threshold ``theta`` mapped to the rank axis
     (``theta * (n_aux - 1)``): genes left of it are selected; the top axis shows the normalised rank. Target
     genes (weight 1 by construction) form a separate band left of rank 0. The ``n_labels`` best-ranked
-    selected genes are labelled.
+    selected genes are labelled. ``ax``, when given, is one Axes, or a sequence of two with ``show_history=True``
+    (the selection, then ``k`` per epoch).
 
     Parameters
     ----------
@@ -59,18 +64,14 @@ def selected_genes(
         Marker size.
     fontsize
         Font size of the gene labels.
-    figsize
-        Figure size when a new figure is made.
-    ax
-        Axes to draw in: one Axes, or two when ``show_history=True``.
-    show
-        Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
-    save
-        Path to save the figure to (format from the suffix, ``.png`` if none).
+    %(plot_params)s
 
     Returns
     -------
-    The Axes (a list of two with ``show_history=True``) when ``show`` is False, else None.
+    matplotlib.axes.Axes or numpy.ndarray or matplotlib.figure.Figure or None
+        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
+        else the :class:`~matplotlib.axes.Axes` of the plot, or with ``show_history=True`` a NumPy array of shape
+        ``(2,)`` of Axes: the selection, then ``k`` per epoch.
 
     Examples
     --------
@@ -83,7 +84,7 @@ def selected_genes(
     require_var(adata, [keys.role, keys.prior_rank, keys.weight, keys.selected], "the selected genes")
     if n_labels < 0:
         raise ValueError(f"n_labels must be >= 0, got {n_labels}.")
-    history = run.get("history", {}) or {}
+    history = null_as_none(run.get("history")) or {}
     if show_history and len(history.get("epoch", [])) == 0:
         raise KeyError(
             f"adata.uns[{keys.uns!r}]['history'] has no epochs, so show_history=True has nothing to draw. "
@@ -102,11 +103,17 @@ def selected_genes(
     order = np.argsort(rank, kind="stable")
     rank, weight, selected, names = rank[order], weight[order], selected[order], names[order]
     n_tgt = int((role == ROLE_TARGET).sum())
-    threshold = run.get("threshold")
-    k = run.get("k", int(selected.sum()))
+    threshold = null_as_none(run.get("threshold"))
+    k = null_as_none(run.get("k"))
+    if k is None or not np.isfinite(float(k)):
+        k = int(selected.sum())
 
     fig, axs = new_axes(
-        ax, 2 if show_history else 1, figsize or ((11, 4) if show_history else (7, 4)), **_ratios(ax, show_history)
+        ax,
+        2 if show_history else 1,
+        figsize or ((11, 4) if show_history else (7, 4)),
+        what="the selection, then k per epoch" if show_history else None,
+        **_ratios(ax, show_history),
     )
     a = axs[0]
     a.scatter(
@@ -150,8 +157,7 @@ def selected_genes(
     a.legend(loc="center right", fontsize="small", frameon=False)
     if show_history:
         _k_history(axs[1], history, best_epoch(run))
-        return finish(fig, axs, show, save)
-    return finish(fig, a, show, save)
+    return finish(fig, axes_array(axs) if show_history else a, show=show, save=save, return_fig=return_fig)
 
 
 def _ratios(ax, show_history: bool) -> dict:

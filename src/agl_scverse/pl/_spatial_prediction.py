@@ -9,11 +9,16 @@ from typing import Any
 
 import numpy as np
 from anndata import AnnData
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from scanpy import logging as logg
 
 from .. import _constants as K
 from .. import _spatial
-from ._common import EXPRESSION_CMAP, finish, get_run
+from .._docs import d
+from .._expression import expression_transform
+from .._stats import pearson_per_gene
+from ._common import EXPRESSION_CMAP, axes_array, finish, get_run, new_axes, null_as_none
 
 __all__ = ["spatial_prediction"]
 
@@ -30,6 +35,7 @@ class _Panel:
     pcc: float
 
 
+@d.dedent
 def spatial_prediction(
     data: Any,
     genes: str | Sequence[str],
@@ -44,11 +50,13 @@ def spatial_prediction(
     shared_scale: bool = False,
     robust: bool = True,
     size: float | None = None,
+    ax: Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    return_fig: bool = False,
     **kwargs: Any,
-) -> np.ndarray | None:
+) -> np.ndarray | Figure | None:
     """Plot observed and predicted expression side by side on the H&E image, one row per gene and slide.
 
     The observed values are the counts in the run's expression scale (``params["transform"]`` of the run,
@@ -56,6 +64,10 @@ def spatial_prediction(
     ``.layers["<key>_pred"]``. The title of each predicted panel gives the Pearson correlation of observed and
     predicted values over the spots of that slide. AnnData input is drawn with :func:`squidpy.pl.spatial_scatter`,
     SpatialData input with spatialdata-plot.
+
+    There are ``n_rows = n_genes * n_slides`` rows (gene-major) of two panels. ``ax``, when given, holds
+    ``2 * n_rows`` Axes, the observed and the predicted panel of each row in turn: a sequence, or an array of
+    shape ``(n_rows, 2)``. A new figure is 4.2 x 3.8 inches per panel unless ``figsize`` is given.
 
     Parameters
     ----------
@@ -66,9 +78,7 @@ def spatial_prediction(
         One gene or several; each must have predictions (the model's target and auxiliary genes).
     key
         ``key_added`` of the run.
-    library_key
-        ``.obs`` column telling slides apart; with several slides, one row per gene and slide. Default:
-        ``"library_id"`` when ``uns['spatial']`` holds several slides and ``.obs`` has that column.
+    %(library_key)s
     library_id
         Slide(s) to draw (default: all). Without ``library_key``, the ``uns['spatial']`` entry to use.
     table_key
@@ -89,19 +99,16 @@ def spatial_prediction(
         in the title always uses every spot.
     size
         Spot size passed to squidpy (scale of ``spot_diameter_fullres``).
-    figsize
-        Figure size (default: 4.2 x 3.8 inches per panel).
-    show
-        Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
-    save
-        Path to save the figure to.
+    %(plot_params)s
     **kwargs
         Passed to :func:`squidpy.pl.spatial_scatter` (AnnData) or ``render_shapes`` (SpatialData).
 
     Returns
     -------
-    When ``show`` is False, an array of Axes of shape ``(n_genes * n_slides, 2)``: column 0 observed,
-    column 1 predicted (colour bars are extra axes of the figure), else None.
+    numpy.ndarray or matplotlib.figure.Figure or None
+        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
+        else a NumPy array of :class:`~matplotlib.axes.Axes` of shape ``(n_rows, 2)``, one row per gene and slide:
+        column 0 observed, column 1 predicted (colour bars are extra axes of the figure).
 
     Examples
     --------
@@ -112,18 +119,20 @@ def spatial_prediction(
     >>> agl.pl.spatial_prediction(adata, ["GENE_0", "GENE_1"])  # doctest: +SKIP
     """
     if isinstance(data, AnnData):
-        return _plot_anndata(
-            data, genes, key, library_key, library_id, img, img_res_key, cmap, (shared_scale, robust), size, figsize, show,
-            save, kwargs,
+        fig, axs = _plot_anndata(
+            data, genes, key, library_key, library_id, img, img_res_key, cmap, (shared_scale, robust), size, ax, figsize,
+            kwargs,
         )  # fmt: skip
+        return finish(fig, axs, show=show, save=save, return_fig=return_fig)
     try:
         from spatialdata import SpatialData
     except ImportError:  # pragma: no cover
         SpatialData = None  # type: ignore[assignment]
     if SpatialData is not None and isinstance(data, SpatialData):
-        return _plot_spatialdata(
-            data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), figsize, show, save, kwargs
+        fig, axs = _plot_spatialdata(
+            data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), ax, figsize, kwargs
         )
+        return finish(fig, axs, show=show, save=save, return_fig=return_fig)
     raise TypeError(f"data must be an AnnData or a SpatialData, got {type(data).__name__}.")
 
 
@@ -158,32 +167,27 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray]) -> li
     for g, gene in enumerate(genes):
         for lib, mask in masks.items():
             o, p = observed[mask, g], pred[mask, g]
-            out.append(_Panel(gene, lib, mask, o, p, pearson(o, p)))
+            out.append(_Panel(gene, lib, mask, o, p, _pcc(o, p)))
     return out
 
 
 def _observed(adata: AnnData, idx: np.ndarray, params: dict) -> np.ndarray:
-    from .._expression import expression_transform
-
-    layer = params.get("layer")
-    layer = None if layer in (None, "None", "") else str(layer)  # agl_fit stores None as "None" (h5ad-safe)
-    if layer is not None and layer not in adata.layers:
+    layer = null_as_none(params.get("layer"))  # absent (or "None" in older files): the counts are in .X
+    if layer is not None and str(layer) not in adata.layers:
         raise KeyError(f"The run was trained on counts in adata.layers[{layer!r}], which this AnnData lacks.")
-    X = adata.X if layer is None else adata.layers[layer]
-    return expression_transform(X, transform=params.get("transform", "log1p"), columns=idx).astype(float)
+    X = adata.X if layer is None else adata.layers[str(layer)]
+    transform = null_as_none(params.get("transform")) or "log1p"
+    return expression_transform(X, transform=transform, columns=idx).astype(float)
 
 
 def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x)
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation over the spots where both values are finite (NaN if fewer than 2 or constant)."""
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+def _pcc(observed: np.ndarray, predicted: np.ndarray) -> float:
+    """Pearson correlation over the spots where both values are finite (NaN if fewer than 2 or either is constant)."""
+    ok = np.isfinite(observed) & np.isfinite(predicted)
+    return float(pearson_per_gene(observed[ok, None], predicted[ok, None], constant_pred=np.nan)[0])
 
 
 def _titles(p: _Panel, several: bool) -> tuple[str, str]:
@@ -210,11 +214,11 @@ def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:
     return [norm(p.observed), norm(p.predicted)]
 
 
-def _grid(n_rows: int, figsize):
-    import matplotlib.pyplot as plt
-
-    fig, axs = plt.subplots(n_rows, 2, figsize=figsize or (8.4, 3.8 * n_rows), squeeze=False)
-    return fig, axs
+def _grid(n_rows: int, ax, figsize) -> tuple[Figure, np.ndarray]:
+    """The figure and the ``(n_rows, 2)`` array of Axes to draw in: the given ``ax`` (checked) or a new grid."""
+    what = f"observed and predicted for each of {n_rows} row{'s' if n_rows != 1 else ''}: genes x slides"
+    fig, axs = new_axes(ax, 2 * n_rows, figsize or (8.4, 3.8 * n_rows), ncols=2, what=what)
+    return fig, axes_array(axs, (n_rows, 2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -266,7 +270,7 @@ def _spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing
 
 
-def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, figsize, show, save, kwargs):  # fmt: skip
+def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs):  # fmt: skip
     import squidpy as sq
 
     if K.SPATIAL_KEY not in adata.obsm:
@@ -274,7 +278,7 @@ def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, 
     masks = _library_masks(adata, library_key, library_id)
     panels = _panels(adata, genes, key, masks)
     several = len(masks) > 1
-    fig, axs = _grid(len(panels), figsize)
+    fig, axs = _grid(len(panels), ax, figsize)
     xy_all = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
     images = {lib: (_library_image(adata, lib, img_res_key) if img else (None, 1.0)) for lib in masks}
     for row, p in enumerate(panels):
@@ -308,13 +312,13 @@ def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, 
         for a in axs[row]:
             a.set_xlabel("")
             a.set_ylabel("")
-    return finish(fig, axs, show, save)
+    return fig, axs
 
 
 # --------------------------------------------------------------------------------------------------------------
 # SpatialData through spatialdata-plot
 # --------------------------------------------------------------------------------------------------------------
-def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, figsize, show, save, kwargs):  # fmt: skip
+def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs):  # fmt: skip
     try:
         import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
     except ImportError as err:
@@ -351,7 +355,7 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
     masks = {r: col == r for r in regions}
     panels = _panels(table, genes, key, masks)
     several = len(masks) > 1
-    fig, axs = _grid(len(panels), figsize)
+    fig, axs = _grid(len(panels), ax, figsize)
     for row, p in enumerate(panels):
         obs = table.obs.loc[p.mask, [region_key, instance_key]].copy()
         cols = _COLS
@@ -374,7 +378,7 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
             pl.render_shapes(p.library, color=c, table_name="agl_plot", cmap=cmap, norm=norm, **kwargs).pl.show(
                 coordinate_systems=cs, ax=a, title=title
             )
-    return finish(fig, axs, show, save)
+    return fig, axs
 
 
 def _coordinate_systems(element) -> list[str]:
