@@ -225,9 +225,7 @@ def _grid(n_rows: int, ax, figsize) -> tuple[Figure, np.ndarray]:
 # AnnData through squidpy
 # --------------------------------------------------------------------------------------------------------------
 def _library_masks(adata: AnnData, library_key, library_id) -> dict[str, np.ndarray]:
-    if library_key is None and len(adata.uns.get(K.SPATIAL_KEY, {})) > 1 and K.LIBRARY_KEY in adata.obs:
-        library_key = K.LIBRARY_KEY  # several images and the default column naming the slides: use it
-        logg.info(f"spatial_prediction: slides told apart by adata.obs[{K.LIBRARY_KEY!r}]")
+    library_key = _spatial.resolve_library_key(adata, library_key)
     if library_key is None:
         if library_id is not None:
             lib = library_id if isinstance(library_id, str) else list(library_id)
