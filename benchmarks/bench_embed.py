@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
 
     import agl_scverse as agl
     from agl_scverse import _spatial
-    from agl_scverse.pp.embeddings import _encode
+    from agl_scverse.pp._embed import _encode
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 import agl_scverse as agl
+from agl_scverse._utils import versions
 
 SLIDE = {
     "n_rows": 20,
@@ -108,7 +109,7 @@ def main() -> None:
         "median": med.reset_index().to_dict(orient="records"),
         "dkgsb_beats_pgl_seeds": int((wins["dkgsb"] > wins["pgl"]).sum()),
         "dkgsb_beats_agl_seeds": int((wins["dkgsb"] > wins["agl"]).sum()),
-        "versions": agl.model.package_versions(),
+        "versions": versions(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=float))

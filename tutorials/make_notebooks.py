@@ -279,7 +279,11 @@ embeds otherwise (with `patch_px=112` to halve the time; set it to 224 for the b
 Quick mode (`AGL_TUTORIAL_QUICK=1`): a random-init ResNet-18 at 64 px, only to exercise the code.
 """),
     code("""
-from agl_scverse._utils import sha256_file
+import hashlib
+
+
+def sha256_file(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 if HAVE_DATA:
     use_densenet = WEIGHTS.exists() and not QUICK
