@@ -172,8 +172,8 @@ def main(argv=None) -> dict:
     ]
     rows = []
     for label, enc_kw in encoders:
-        model, info = agl.pp.get_encoder(enc_kw["encoder"], weights=enc_kw.get("weights"))
-        x_all = agl.pp.normalize(patches, info["mean"], info["std"])
+        model, info = agl.model.get_encoder(enc_kw["encoder"], weights=enc_kw.get("weights"))
+        x_all = agl.model.normalize(patches, info["mean"], info["std"])
         bare = bare_loop(model, x_all, args.batch_size, device, args.bare_batches)
         # inner loop on the ready dataset (patches cut on the fly, normalise, forward), on the first loop_spots
         sub = Subset(ds, range(n_loop))

@@ -1,11 +1,9 @@
 """Sphinx configuration for agl-scverse.
 
-Two lists are generated at build time so that the docs follow the code without hand edits:
-
-- the API tables (``_autogen_api.md``), from the ``__all__`` of ``agl.io``, ``agl.pp``, ``agl.tl``, ``agl.pl``
-  and ``agl.datasets``;
-- the tutorial list (``_autogen_tutorials.md``), from ``../tutorials/*.ipynb``, which are copied into
-  ``docs/tutorials/`` (no symlinks; notebooks are committed with their outputs and not executed here).
+The API page (``api.md``) is written by hand: it is the list of what is supported (``tests/test_docs.py`` checks it
+against the ``__all__`` of every public module). The tutorial list (``_autogen_tutorials.md``) is generated at
+build time from ``../tutorials/*.ipynb``, which are copied into ``docs/tutorials/`` (no symlinks; notebooks are
+committed with their outputs and not executed here).
 
 Generated files are git-ignored (``docs/.gitignore``) and excluded as pages of their own.
 """
@@ -13,7 +11,6 @@ Generated files are git-ignored (``docs/.gitignore``) and excluded as pages of t
 from __future__ import annotations
 
 import filecmp
-import importlib
 import inspect
 import shutil
 import sys
@@ -57,7 +54,7 @@ myst_heading_anchors = 3
 nb_merge_streams = True
 
 # autodoc / autosummary
-autosummary_generate = ["_autogen_api.md"]
+autosummary_generate = ["api.md"]
 autosummary_imported_members = True
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "undoc-members": False}
@@ -83,45 +80,6 @@ html_theme_options = {
 }
 
 # -- generated lists -----------------------------------------------------------------------------------------
-API_MODULES = {
-    "io": "Reading data",
-    "pp": "Preprocessing: patches, embeddings, gene roles",
-    "tl": "Tools: fit, predict, evaluate, cross-validate",
-    "pl": "Plotting",
-    "datasets": "Datasets",
-}
-
-
-def public_names(module: str) -> list[str]:
-    """Names in ``agl_scverse.<module>.__all__`` that really exist (in order, without duplicates)."""
-    mod = importlib.import_module(f"agl_scverse.{module}")
-    names = [n for n in dict.fromkeys(getattr(mod, "__all__", [])) if hasattr(mod, n)]
-    return names
-
-
-def write_api(path: Path) -> None:
-    """The API tables, one autosummary per module, from the modules' ``__all__``."""
-    lines = []
-    for module, title in API_MODULES.items():
-        names = public_names(module)
-        lines += [f"## `agl.{module}`: {title}", ""]
-        if not names:
-            lines += ["Nothing public yet.", ""]
-            continue
-        lines += [
-            "```{eval-rst}",
-            f".. currentmodule:: agl_scverse.{module}",
-            "",
-            ".. autosummary::",
-            "   :toctree: generated",
-            "",
-            *[f"   {n}" for n in names],
-            "```",
-            "",
-        ]
-    _write_if_changed(path, "\n".join(lines))
-
-
 def write_tutorials(path: Path) -> None:
     """Copy ``../tutorials/*.ipynb`` into ``docs/tutorials/`` and list them in a toctree."""
     src_dir, dst_dir = REPO / "tutorials", HERE / "tutorials"
@@ -173,7 +131,7 @@ def returns_prose(app, what, name, obj, options, lines: list[str]) -> None:
 def constant_docs(app, what, name, obj, options, lines: list[str]) -> None:
     """Document a re-exported constant by its own doc comment, never by its type's docstring.
 
-    A constant such as ``agl_scverse.tl.DEFAULTS`` is defined in a submodule and re-exported; autodoc looks for
+    A constant defined in a private submodule and re-exported; autodoc looks for
     its doc comment in the re-exporting module, finds none, and falls back to ``dict.__doc__``. Here the doc
     comment is taken from the submodule that defines it (empty if it has none).
     """
@@ -201,5 +159,4 @@ def setup(app):
     app.connect("autodoc-process-docstring", constant_docs, priority=300)
 
 
-write_api(HERE / "_autogen_api.md")
 write_tutorials(HERE / "_autogen_tutorials.md")

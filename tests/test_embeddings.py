@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import agl_scverse as agl
-from agl_scverse.pp import embed_patches, extract_patches, get_encoder, load_weights, normalize, register_encoder
+from agl_scverse.model import get_encoder, load_weights, normalize, register_encoder
+from agl_scverse.pp import embed_patches, extract_patches
 
 PX, UM = 32, 32.0
 
@@ -149,7 +150,7 @@ def test_register_encoder_and_mean_std(slide):
     register_encoder("half_mean", lambda: lambda x: x.mean(dim=(2, 3)), mean=0.5, std=0.5, overwrite=True)
     _, info = get_encoder("half_mean")
     assert info["mean"] == [0.5, 0.5, 0.5] and info["source"] == "registry"
-    assert "half_mean" in agl.pp.list_encoders()
+    assert "half_mean" in agl.model.list_encoders()
     with pytest.raises(ValueError, match="already registered"):
         register_encoder("half_mean", lambda: nn.Identity())
     embed_patches(slide, encoder="half_mean", patch_px=PX, patch_um=UM)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import agl_scverse as agl
-from agl_scverse.pp import SpotPatches, extract_patches, iter_patch_batches, normalize, patch_loader
+from agl_scverse.model import normalize
+from agl_scverse.pp import SpotPatches, extract_patches, iter_patch_batches, patch_loader
 
 COLOURS = np.array([[255, 0, 0], [0, 160, 0], [0, 0, 255], [200, 0, 200], [0, 200, 200]], dtype=np.uint8)
 
@@ -217,4 +218,4 @@ def test_normalize():
         normalize(x.float())
     with pytest.raises(ValueError, match="std"):
         normalize(x, std=(0, 1, 1))
-    assert agl.pp.normalize is normalize
+    assert agl.model.normalize is normalize

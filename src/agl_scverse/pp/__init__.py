@@ -1,9 +1,8 @@
 """Preprocessing: spot patches, image embeddings, gene roles and prior scores, the expression scale."""
 
 from .._expression import expression_transform
-from ..model._encoders import get_encoder, list_encoders, load_weights, normalize, register_encoder
 from ._embed import embed_patches
-from ._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles, gene_roles
+from ._genes import GeneRoles, compute_gene_roles, gene_roles
 from ._patches import SpotPatches, extract_patches, iter_patch_batches, patch_loader
 
 __all__ = [
@@ -11,15 +10,9 @@ __all__ = [
     "extract_patches",
     "patch_loader",
     "iter_patch_batches",
-    "normalize",
     "embed_patches",
-    "get_encoder",
-    "register_encoder",
-    "list_encoders",
-    "load_weights",
     "expression_transform",
     "gene_roles",
     "compute_gene_roles",
     "GeneRoles",
-    "DEFAULT_MIN_CELLS",
 ]

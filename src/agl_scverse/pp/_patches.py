@@ -407,7 +407,7 @@ def patch_loader(
     Examples
     --------
     >>> loader = agl.pp.patch_loader(adata, batch_size=64, patch_px=224)  # doctest: +SKIP
-    >>> x = agl.pp.normalize(next(iter(loader)))  # doctest: +SKIP
+    >>> x = agl.model.normalize(next(iter(loader)))  # doctest: +SKIP
     """
     ds = _as_dataset(data, **patch_kwargs)
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
