@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["to_h5ad", "to_json"]
+__all__ = ["to_h5ad", "to_json", "null_as_none"]
 
 
 def _is_number(v: Any) -> bool:
@@ -80,3 +80,20 @@ def to_json(obj: Any) -> Any:
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj
+
+
+def null_as_none(value: Any) -> Any:
+    """``value``, or None when it is a stored null.
+
+    Current files leave an absent value out (``entry.get(name)`` is None); files written by agl-scverse 0.1 hold
+    the placeholder string ``"None"`` (or ``""``), which reads as None here too. Read optional stored values as
+    ``null_as_none(entry.get(name))``.
+
+    Examples
+    --------
+    >>> null_as_none("None"), null_as_none(""), null_as_none("counts")
+    (None, None, 'counts')
+    """
+    if value is None or (isinstance(value, str) and value in ("None", "")):
+        return None
+    return value

@@ -80,7 +80,6 @@ def from_spatialdata(
     >>> adata = agl.io.from_spatialdata(sdata, table_key="table", image_key="he")  # doctest: +SKIP
     """
     from spatialdata import SpatialData
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
 
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a spatialdata.SpatialData object, got {type(sdata).__name__}.")
@@ -128,39 +127,10 @@ def from_spatialdata(
         )
     height, width = int(full.sizes["y"]), int(full.sizes["x"])
 
-    # spots of this region, in table order, matched to the shapes on the instance id
-    if region_key not in table.obs or instance_key not in table.obs:
-        raise KeyError(f"Table {table_key!r} lacks the columns {region_key!r} / {instance_key!r} named in its attrs.")
-    mask = (table.obs[region_key].astype(str) == shapes_key).to_numpy()
-    if not mask.any():
-        raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_key!r}.")
-    ids = table.obs[instance_key].to_numpy()[mask]
-    pos = shapes.index.get_indexer(ids)
-    if (pos < 0).any():
-        raise ValueError(
-            f"{int((pos < 0).sum())} rows of table {table_key!r} name instances absent from shapes {shapes_key!r} "
-            f"(e.g. {list(ids[pos < 0][:3])}); the table and shapes do not match."
-        )
-    pts = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])[pos]
-    radius = shapes["radius"].to_numpy(dtype=float)[pos]
-
-    # shapes coordinates -> image pixel coordinates
-    try:
-        tr = get_transformation_between_coordinate_systems(sdata, shapes, image)
-    except Exception as e:  # spatialdata raises several types when no path exists
-        raise ValueError(
-            f"Shapes {shapes_key!r} and image {image_key!r} share no coordinate system, so spots cannot be placed "
-            f"on the image ({e}). Give both a transformation to one coordinate system."
-        ) from e
-    A = np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
-    xy = pts @ A[:2, :2].T + A[:2, 2]
-    diam_px = 2.0 * radius * float(np.sqrt(abs(np.linalg.det(A[:2, :2]))))
-    if not np.all(np.isfinite(xy)):
-        raise ValueError(f"Shapes {shapes_key!r} hold NaN/inf coordinates.")
-    check_in_image(xy, width, height, image_key, image=f"image {image_key!r}")
-    spot_diam = positive_number(
-        float(np.median(diam_px)), f"The spot diameter of {shapes_key!r} (px)", "Set a positive 'radius'."
+    xy, spot_diam = _spots_in_image(
+        sdata, table, table_key, shapes, shapes_key, image, image_key, region_key, instance_key, width, height
     )
+    mask = (table.obs[region_key].astype(str) == shapes_key).to_numpy()
 
     mpp_source = "given"
     if microns_per_pixel is None:
@@ -209,6 +179,48 @@ def from_spatialdata(
         f"image {image_key!r}, {microns_per_pixel:.4f} µm/px)"
     )
     return adata
+
+
+def _spots_in_image(
+    sdata, table, table_key, shapes, shapes_key, image, image_key, region_key, instance_key, width, height
+) -> tuple[np.ndarray, float]:
+    """Spot centres of the table's rows of ``shapes_key`` in the image's pixels, and the median spot diameter (px)."""
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    # spots of this region, in table order, matched to the shapes on the instance id
+    if region_key not in table.obs or instance_key not in table.obs:
+        raise KeyError(f"Table {table_key!r} lacks the columns {region_key!r} / {instance_key!r} named in its attrs.")
+    mask = (table.obs[region_key].astype(str) == shapes_key).to_numpy()
+    if not mask.any():
+        raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_key!r}.")
+    ids = table.obs[instance_key].to_numpy()[mask]
+    pos = shapes.index.get_indexer(ids)
+    if (pos < 0).any():
+        raise ValueError(
+            f"{int((pos < 0).sum())} rows of table {table_key!r} name instances absent from shapes {shapes_key!r} "
+            f"(e.g. {list(ids[pos < 0][:3])}); the table and shapes do not match."
+        )
+    pts = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])[pos]
+    radius = shapes["radius"].to_numpy(dtype=float)[pos]
+
+    # shapes coordinates -> image pixel coordinates
+    try:
+        tr = get_transformation_between_coordinate_systems(sdata, shapes, image)
+    except Exception as e:  # spatialdata raises several types when no path exists
+        raise ValueError(
+            f"Shapes {shapes_key!r} and image {image_key!r} share no coordinate system, so spots cannot be placed "
+            f"on the image ({e}). Give both a transformation to one coordinate system."
+        ) from e
+    A = np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+    xy = pts @ A[:2, :2].T + A[:2, 2]
+    diam_px = 2.0 * radius * float(np.sqrt(abs(np.linalg.det(A[:2, :2]))))
+    if not np.all(np.isfinite(xy)):
+        raise ValueError(f"Shapes {shapes_key!r} hold NaN/inf coordinates.")
+    check_in_image(xy, width, height, image_key, image=f"image {image_key!r}")
+    spot_diam = positive_number(
+        float(np.median(diam_px)), f"The spot diameter of {shapes_key!r} (px)", "Set a positive 'radius'."
+    )
+    return xy, spot_diam
 
 
 def _pick_table(sdata, table_key: str | None):
@@ -352,9 +364,11 @@ def update_table(
             table.var[key] = adata.var[key].reindex(table.var_names).to_numpy()
     for key in obs:
         col = adata.obs[key]
-        table.obs[key] = col.to_numpy() if full else pd.Series(col.to_numpy(), index=adata.obs_names).reindex(
-            table.obs_names
-        ).to_numpy()
+        table.obs[key] = (
+            col.to_numpy()
+            if full
+            else pd.Series(col.to_numpy(), index=adata.obs_names).reindex(table.obs_names).to_numpy()
+        )
         if isinstance(col.dtype, pd.CategoricalDtype):
             table.obs[key] = pd.Categorical(table.obs[key], categories=col.cat.categories)
     for key in obsm:

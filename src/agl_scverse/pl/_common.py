@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .._constants import Keys
+from .._serialize import null_as_none
 
 #: Colours used across all plots, so a gene role looks the same everywhere.
 COLORS = {
@@ -134,18 +135,6 @@ def finish(
     if return_fig:
         return fig
     return None if show else axes
-
-
-def null_as_none(value):
-    """``value``, or None when it is a stored null.
-
-    A run records an absent value by leaving its key out, so ``entry.get(name)`` is None; files written by
-    older versions hold the string ``"None"`` (or ``""``) instead, which reads as None here too. This is the
-    one place that knows the convention: read every optional stored value as ``null_as_none(entry.get(name))``.
-    """
-    if value is None or (isinstance(value, str) and value in ("None", "")):
-        return None
-    return value
 
 
 def as_float(values) -> np.ndarray:

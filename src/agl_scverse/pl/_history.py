@@ -11,7 +11,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .._docs import d
-from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, null_as_none
+from .._serialize import null_as_none
+from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes
 
 __all__ = ["training_history"]
 

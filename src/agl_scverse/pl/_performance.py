@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 
 from .._constants import ROLE_TARGET, Keys
 from .._docs import d
-from ._common import COLORS, finish, get_run, new_axes, null_as_none, require_var
+from .._serialize import null_as_none
+from ._common import COLORS, finish, get_run, new_axes, require_var
 
 __all__ = ["gene_performance"]
 

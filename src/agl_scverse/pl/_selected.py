@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 
 from .._constants import ROLE_AUX, ROLE_TARGET
 from .._docs import d
-from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, null_as_none, require_var
+from .._serialize import null_as_none
+from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, require_var
 
 __all__ = ["selected_genes"]
 

@@ -17,8 +17,9 @@ from .. import _constants as K
 from .. import _spatial
 from .._docs import d
 from .._expression import expression_transform
+from .._serialize import null_as_none
 from .._stats import pearson_per_gene
-from ._common import EXPRESSION_CMAP, axes_array, finish, get_run, new_axes, null_as_none
+from ._common import EXPRESSION_CMAP, axes_array, finish, get_run, new_axes
 
 __all__ = ["spatial_prediction"]
 
@@ -172,7 +173,7 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray]) -> li
 
 
 def _observed(adata: AnnData, idx: np.ndarray, params: dict) -> np.ndarray:
-    layer = null_as_none(params.get("layer"))  # absent (or "None" in older files): the counts are in .X
+    layer = null_as_none(params.get("layer"))  # absent (or a 0.1 placeholder): the counts are in .X
     if layer is not None and str(layer) not in adata.layers:
         raise KeyError(f"The run was trained on counts in adata.layers[{layer!r}], which this AnnData lacks.")
     X = adata.X if layer is None else adata.layers[str(layer)]

@@ -141,36 +141,10 @@ def cross_validate(
     """
     from tqdm.auto import tqdm
 
-    # ---------------------------------------------------------------- validate everything before any work
-    check_adata(adata, layer=layer)
-    check_obs_key(adata, group_key, "group_key")
-    col = adata.obs[group_key]
-    if col.isna().any():
-        raise ValueError(f".obs[{group_key!r}] holds missing values; every spot needs a group.")
-    grp = col.astype(str).to_numpy()
-    order = (
-        list(pd.unique(grp))
-        if not isinstance(col.dtype, pd.CategoricalDtype)
-        else [str(c) for c in col.cat.categories if (grp == str(c)).any()]
-    )
-    if len(order) < 2:
-        raise ValueError(f".obs[{group_key!r}] has {len(order)} group(s); leave-one-group-out needs at least 2.")
-    held = order if groups is None else [str(g) for g in groups]
-    unknown = [g for g in held if g not in order]
-    if unknown:
-        raise KeyError(f"groups {unknown} are not values of .obs[{group_key!r}] ({order}).")
+    grp, order, held, emb_key = _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, layer)
     methods = tuple(methods)
-    bad = [m for m in methods if m not in K.METHODS]
-    if bad:
-        raise ValueError(f"Unknown method(s) {bad}; choose from {K.METHODS}.")
-    if not methods and not baselines:
-        raise ValueError("Nothing to evaluate: methods is empty and baselines=False.")
-    emb_key = _embedding_key(adata, embedding_key)
     emb = np.asarray(adata.obsm[emb_key], dtype=np.float32)
-    if emb.ndim != 2 or not np.all(np.isfinite(emb)):
-        raise ValueError(f"adata.obsm[{emb_key!r}] must be a finite spots x features matrix.")
     check_in_range("val_fraction", val_fraction, 0.0, 1.0, closed="neither")
-
     if fit_kwargs.get("mode", "embedding") != "embedding":
         raise ValueError("cross_validate evaluates embedding mode (cached features); mode='finetune' is not supported.")
     for name in ("spots", "split_key", "val_groups", "targets", "auxiliaries", "copy", "save_dir", "method"):
@@ -275,6 +249,37 @@ def cross_validate(
         },
     })
     return df
+
+
+def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, layer):
+    """Validate everything before any work; return the groups per spot, their order, the held-out ones, the key."""
+    check_adata(adata, layer=layer)
+    check_obs_key(adata, group_key, "group_key")
+    col = adata.obs[group_key]
+    if col.isna().any():
+        raise ValueError(f".obs[{group_key!r}] holds missing values; every spot needs a group.")
+    grp = col.astype(str).to_numpy()
+    order = (
+        list(pd.unique(grp))
+        if not isinstance(col.dtype, pd.CategoricalDtype)
+        else [str(c) for c in col.cat.categories if (grp == str(c)).any()]
+    )
+    if len(order) < 2:
+        raise ValueError(f".obs[{group_key!r}] has {len(order)} group(s); leave-one-group-out needs at least 2.")
+    held = order if groups is None else [str(g) for g in groups]
+    unknown = [g for g in held if g not in order]
+    if unknown:
+        raise KeyError(f"groups {unknown} are not values of .obs[{group_key!r}] ({order}).")
+    bad = [m for m in methods if m not in K.METHODS]
+    if bad:
+        raise ValueError(f"Unknown method(s) {bad}; choose from {K.METHODS}.")
+    if not methods and not baselines:
+        raise ValueError("Nothing to evaluate: methods is empty and baselines=False.")
+    emb_key = _embedding_key(adata, embedding_key)
+    emb = np.asarray(adata.obsm[emb_key])
+    if emb.ndim != 2 or not np.all(np.isfinite(emb)):
+        raise ValueError(f"adata.obsm[{emb_key!r}] must be a finite spots x features matrix.")
+    return grp, order, held, emb_key
 
 
 def _training_anndata(
