@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     del img
 
     # -- patch extraction on decoded images
-    kw = dict(patch_px=args.patch_px, patch_um=args.patch_um, library_key="library_id")
+    kw = {"patch_px": args.patch_px, "patch_um": args.patch_um, "library_key": "library_id"}
     t0 = time.perf_counter()
     ds = agl.pp.SpotPatches(adata, **kw)
     t_construct = time.perf_counter() - t0
@@ -167,8 +167,8 @@ def main(argv=None) -> dict:
 
     n_loop = n if args.loop_spots <= 0 else min(n, args.loop_spots)
     encoders = [
-        ("resnet18 (random init)", dict(encoder="resnet18")),
-        ("densenet121 (local ImageNet weights)", dict(encoder="densenet121", weights=str(args.weights))),
+        ("resnet18 (random init)", {"encoder": "resnet18"}),
+        ("densenet121 (local ImageNet weights)", {"encoder": "densenet121", "weights": str(args.weights)}),
     ]
     rows = []
     for label, enc_kw in encoders:

@@ -107,7 +107,7 @@ def markdown(res: dict, cmd: str) -> str:
     head = "| method | mean target PCC | " + " | ".join(sections) + " | k per fold | fit time / AGL-all | anchor |"
     lines = [head, "|" + "---|" * (len(sections) + 5)]
     for r in res["methods"].values():
-        ks = [v for v in r["k_per_fold"].values()]
+        ks = list(r["k_per_fold"].values())
         k = "-" if all(v is None for v in ks) else ", ".join(str(v) for v in ks)
         ratio = "-" if r["fit_time_ratio_to_agl_all"] is None else f"{r['fit_time_ratio_to_agl_all']:.2f}"
         anchor = "-" if r["anchor"] is None else f"{r['anchor']:.3f}"
@@ -186,7 +186,7 @@ def main() -> None:
                 for k, v in adata.uns["agl_embeddings"][EMB_KEY].items()
                 if k in ("encoder", "weights_sha256", "patch_px", "patch_um", "feature_dim")
             },
-            "fit_kwargs": {k: v for k, v in fit_kwargs.items()},
+            "fit_kwargs": dict(fit_kwargs.items()),
             "n_targets": args.n_targets,
             "seed": args.seed,
             "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",

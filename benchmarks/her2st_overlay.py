@@ -16,12 +16,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-import agl_scverse as agl  # noqa: E402
-from agl_scverse import _spatial  # noqa: E402
+import agl_scverse as agl
+from agl_scverse import _spatial
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))  # the package, even when not installed
 
-import agl_scverse  # noqa: E402
+import agl_scverse
 
 # -- project -------------------------------------------------------------------------------------------------
 project = "agl-scverse"
@@ -78,6 +78,7 @@ html_theme_options = {
     "use_repository_button": False,
     "show_toc_level": 2,
 }
+
 
 # -- generated lists -----------------------------------------------------------------------------------------
 def write_tutorials(path: Path) -> None:
@@ -146,7 +147,7 @@ def constant_docs(app, what, name, obj, options, lines: list[str]) -> None:
         if modname.startswith("agl_scverse.") and getattr(module, attr, None) is obj:
             try:
                 docs = ModuleAnalyzer.for_module(modname).find_attr_docs()
-            except Exception:  # noqa: BLE001  (no source: nothing to find)
+            except Exception:
                 continue
             if ("", attr) in docs:
                 found = list(docs[("", attr)])

@@ -79,8 +79,12 @@ def test_no_module_imports_another_modules_underscore_names(path):
             continue
         private = [n for n in names if n.startswith("_") and not n.startswith("__")]
         # a private *module* (agl_scverse._constants, .model._encoders) is fine; a private *name* is not
-        private = [n for n in private if not (PKG / Path(*target.split(".")[1:], n)).with_suffix(".py").exists()
-                   and not (PKG / Path(*target.split(".")[1:], n)).is_dir()]
+        private = [
+            n
+            for n in private
+            if not (PKG / Path(*target.split(".")[1:], n)).with_suffix(".py").exists()
+            and not (PKG / Path(*target.split(".")[1:], n)).is_dir()
+        ]
         assert not private, f"{path.relative_to(PKG)}:{line} imports {private} from {target}"
 
 

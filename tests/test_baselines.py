@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import pearsonr, spearmanr
 
-from agl_scverse.tl._baselines import make_pca_ridge, mean_predictor, pca_ridge
 from agl_scverse._stats import mse_per_gene, pearson_per_gene, per_gene_metrics, spearman_per_gene
+from agl_scverse.tl._baselines import make_pca_ridge, mean_predictor, pca_ridge
 
 
 def test_metrics_match_scipy():

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import hashlib
+from importlib.metadata import version
 
 import anndata as ad
 import numpy as np

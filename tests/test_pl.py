@@ -12,7 +12,7 @@ import agl_scverse as agl
 from agl_scverse._constants import LIBRARY_KEY, Keys
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 N_TGT, N_AUX, N_EXC = 5, 40, 3
 THETA = 0.3

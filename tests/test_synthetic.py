@@ -12,7 +12,7 @@ from agl_scverse import _constants as K
 from agl_scverse._spatial import get_image, microns_per_pixel
 from agl_scverse.datasets._synthetic import TISSUE_TYPES
 
-SMALL = dict(n_rows=6, n_cols=5, n_tissue_genes=10, n_informative=20, n_noise=40, n_bursty_noise=5)
+SMALL = {"n_rows": 6, "n_cols": 5, "n_tissue_genes": 10, "n_informative": 20, "n_noise": 40, "n_bursty_noise": 5}
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +105,11 @@ def test_several_slides():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(n_rows=0), "n_rows"),
-        (dict(n_bursty_noise=50), "n_bursty_noise"),
-        (dict(n_types=7), "n_types"),
-        (dict(depth=-1.0), "depth"),
-        (dict(informative_mean=(2.0, 1.0)), "informative_mean"),
+        ({"n_rows": 0}, "n_rows"),
+        ({"n_bursty_noise": 50}, "n_bursty_noise"),
+        ({"n_types": 7}, "n_types"),
+        ({"depth": -1.0}, "depth"),
+        ({"informative_mean": (2.0, 1.0)}, "informative_mean"),
     ],
 )
 def test_bad_arguments(kwargs, match):

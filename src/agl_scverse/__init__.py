@@ -16,6 +16,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from . import datasets, io, model, pl, pp, tl  # noqa: E402
+from . import datasets, io, model, pl, pp, tl
 
 __all__ = ["io", "pp", "tl", "pl", "datasets", "model", "__version__"]

@@ -41,7 +41,7 @@ def restore_on_error(
     False
     """
     saved = {
-        name: {k: (store[k] if k in store else _MISSING) for k in keys}
+        name: {k: store.get(k, _MISSING) for k in keys}
         for name, keys, store in (
             ("var", var, adata.var),
             ("obs", obs, adata.obs),

@@ -116,7 +116,9 @@ def check_in_range(name: str, value: Any, low: float, high: float, *, closed: st
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be in {'[' if left else '('}{low:g}, {high:g}{']' if right else ')'}, got {value!r}.")
+        raise ValueError(
+            f"{name} must be in {'[' if left else '('}{low:g}, {high:g}{']' if right else ')'}, got {value!r}."
+        )
 
 
 def check_obs_key(adata: AnnData, key: str, name: str = "key") -> None:

@@ -13,7 +13,7 @@ from scanpy import logging as logg
 from scipy import ndimage, sparse
 from scipy.special import ndtri
 
-from .. import _constants as K
+from agl_scverse import _constants as K
 
 __all__ = ["synthetic_slide", "TISSUE_TYPES"]
 

@@ -9,8 +9,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .. import _constants as K
-from .. import _spatial, _validate
+from agl_scverse import _constants as K
+from agl_scverse import _spatial, _validate
 
 GRAY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
 

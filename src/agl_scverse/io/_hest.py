@@ -12,8 +12,9 @@ from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
-from .. import _constants as K
-from .. import _spatial, _validate
+from agl_scverse import _constants as K
+from agl_scverse import _spatial, _validate
+
 from ._common import (
     as_csr_float32,
     check_in_image,

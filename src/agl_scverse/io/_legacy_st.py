@@ -13,8 +13,9 @@ from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
-from .. import _constants as K
-from .. import _validate
+from agl_scverse import _constants as K
+from agl_scverse import _validate
+
 from ._common import (
     as_csr_float32,
     check_in_image,

@@ -10,8 +10,9 @@ import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .. import _spatial, _validate
+from agl_scverse import _constants as K
+from agl_scverse import _spatial, _validate
+
 from ._common import as_csr_float32, check_in_image, finalize, positive_number, spatial_entry, thumbnail_from_array
 
 __all__ = ["as_anndata", "from_spatialdata", "update_table"]

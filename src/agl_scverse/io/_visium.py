@@ -9,8 +9,9 @@ import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .. import _spatial
+from agl_scverse import _constants as K
+from agl_scverse import _spatial
+
 from ._common import as_csr_float32, check_in_image, finalize, image_size, positive_number
 
 __all__ = ["read_visium"]

@@ -19,13 +19,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from .._serialize import to_json
+from agl_scverse._serialize import to_json
+
 from ._encoders import get_encoder
 from ._heads import EmbeddingHead, FinetuneNet
 from ._inference import array_batches, forward

@@ -22,7 +22,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from .._utils import sha256_file, versions
+from agl_scverse._utils import sha256_file, versions
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -208,7 +208,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ValueError(
                 f"Could not read {path} as a torch state dict ({type(e).__name__}: {e}). Save weights with "
                 "torch.save(model.state_dict(), path) (pickled whole models are not loaded, for safety)."
@@ -287,7 +287,7 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, Any]:
     used_file_keys = set(mapping) if method == "name" else {k for k, _ in f_items}
     missing = [k for k in model_keys if k not in mapping]
     unexpected = [k for k in sd if real(k) and k not in used_file_keys and k not in classifier]
-    module.load_state_dict({k: v for k, v in mapping.items()}, strict=False)
+    module.load_state_dict(dict(mapping.items()), strict=False)
     summary = {
         "method": method,
         "n_loaded": len(loaded_real),
@@ -438,8 +438,6 @@ def get_encoder(
         "weights_load": load_summary,
     }
     return module, info
-
-
 
 
 #: Fields of an encoder record that must agree between a slide's embedding and a model (see agl_predict).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _constants as K
+from agl_scverse import _constants as K
 
 __all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss"]
 

@@ -44,16 +44,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _constants as K
-from .._stats import pearson_per_gene
-from .._validate import check_choice
+from agl_scverse import _constants as K
+from agl_scverse._stats import pearson_per_gene
+from agl_scverse._validate import check_choice
+
 from ._bilevel import hypergradient
 from ._inference import forward, index_batches
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
 
 __all__ = ["TensorInputs", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
-
 
 
 class TensorInputs:

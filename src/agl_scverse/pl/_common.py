@@ -11,8 +11,8 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .._constants import Keys
-from .._serialize import null_as_none
+from agl_scverse._constants import Keys
+from agl_scverse._serialize import null_as_none
 
 #: Colours used across all plots, so a gene role looks the same everywhere.
 COLORS = {

@@ -10,8 +10,9 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .._docs import d
-from .._serialize import null_as_none
+from agl_scverse._docs import d
+from agl_scverse._serialize import null_as_none
+
 from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes
 
 __all__ = ["training_history"]

@@ -12,9 +12,10 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .._constants import ROLE_TARGET, Keys
-from .._docs import d
-from .._serialize import null_as_none
+from agl_scverse._constants import ROLE_TARGET, Keys
+from agl_scverse._docs import d
+from agl_scverse._serialize import null_as_none
+
 from ._common import COLORS, finish, get_run, new_axes, require_var
 
 __all__ = ["gene_performance"]

@@ -10,9 +10,10 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .._constants import ROLE_AUX, ROLE_TARGET
-from .._docs import d
-from .._serialize import null_as_none
+from agl_scverse._constants import ROLE_AUX, ROLE_TARGET
+from agl_scverse._docs import d
+from agl_scverse._serialize import null_as_none
+
 from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, require_var
 
 __all__ = ["selected_genes"]

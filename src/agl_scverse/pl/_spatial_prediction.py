@@ -13,12 +13,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .. import _spatial
-from .._docs import d
-from .._expression import expression_transform
-from .._serialize import null_as_none
-from .._stats import pearson_per_gene
+from agl_scverse import _constants as K
+from agl_scverse import _spatial
+from agl_scverse._docs import d
+from agl_scverse._expression import expression_transform
+from agl_scverse._serialize import null_as_none
+from agl_scverse._stats import pearson_per_gene
+
 from ._common import EXPRESSION_CMAP, axes_array, finish, get_run, new_axes
 
 __all__ = ["spatial_prediction"]

@@ -1,6 +1,7 @@
 """Preprocessing: spot patches, image embeddings, gene roles and prior scores, the expression scale."""
 
-from .._expression import expression_transform
+from agl_scverse._expression import expression_transform
+
 from ._embed import embed_patches
 from ._genes import GeneRoles, compute_gene_roles, gene_roles
 from ._patches import SpotPatches, extract_patches, iter_patch_batches, patch_loader

@@ -18,12 +18,13 @@ from scanpy import logging as logg
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import _constants as K
-from .._docs import d
-from .._utils import resolve_device
-from .._validate import check_positive
-from ..io._spatialdata import as_anndata, update_table
-from ..model._encoders import encoder_record, get_encoder, normalize
+from agl_scverse import _constants as K
+from agl_scverse._docs import d
+from agl_scverse._utils import resolve_device
+from agl_scverse._validate import check_positive
+from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.model._encoders import encoder_record, get_encoder, normalize
+
 from ._patches import SpotPatches
 
 __all__ = ["embed_patches"]

@@ -23,12 +23,13 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .._constants import Keys
-from .._expression import expression_transform
-from .._serialize import to_h5ad
-from .._spatial import resolve_library_key
-from .._validate import check_adata, check_spatial, resolve_spots
+from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
+from agl_scverse._expression import expression_transform
+from agl_scverse._serialize import to_h5ad
+from agl_scverse._spatial import resolve_library_key
+from agl_scverse._validate import check_adata, check_spatial, resolve_spots
+
 from ._priors import coexpression_scores, hvg_dispersions, log1p_columns, moran_scores, rank_order
 
 __all__ = [

@@ -38,11 +38,11 @@ from anndata import AnnData
 from scanpy import logging as logg
 from torch.utils.data import DataLoader, Dataset
 
-from .. import _constants as K
-from .. import _spatial
-from ..io._spatialdata import as_anndata
-from ..model._encoders import normalize
-from .._validate import check_choice, check_in_range, check_positive, check_spatial, resolve_spots
+from agl_scverse import _constants as K
+from agl_scverse import _spatial
+from agl_scverse._validate import check_choice, check_in_range, check_positive, check_spatial, resolve_spots
+from agl_scverse.io._spatialdata import as_anndata
+from agl_scverse.model._encoders import normalize
 
 __all__ = ["SpotPatches", "extract_patches", "patch_loader", "iter_patch_batches", "normalize"]
 
@@ -52,6 +52,7 @@ HEST_PATCH_INDEX = K.HEST_PATCH_INDEX
 HEST_PATCH_UM = 112.0
 PAD_MODES = ("constant", "reflect", "edge")
 ON_OUTSIDE = ("error", "pad")
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _pad_value(value: Any) -> np.ndarray:

@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .. import _constants as K
+from agl_scverse import _constants as K
 
 __all__ = ["log1p_columns", "hvg_dispersions", "column_mean_std", "coexpression_scores", "moran_scores", "rank_order"]
 
@@ -23,7 +23,7 @@ def log1p_columns(X, cols: np.ndarray):
 
 
 def hvg_dispersions(X_log, genes: pd.Index) -> pd.Series:
-    """scanpy seurat-flavour ``dispersions_norm`` on log1p counts (NaN for genes without variance)."""
+    """Scanpy seurat-flavour ``dispersions_norm`` on log1p counts (NaN for genes without variance)."""
     import scanpy as sc
 
     tmp = AnnData(X_log, var=pd.DataFrame(index=genes))

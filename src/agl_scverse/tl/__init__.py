@@ -1,6 +1,7 @@
 """Tools: fit, predict, evaluate, compare and cross-validate AGL models; baselines and per-gene metrics."""
 
-from .._stats import per_gene_metrics
+from agl_scverse._stats import per_gene_metrics
+
 from ._baselines import mean_predictor, pca_ridge
 from ._compare import compare_methods
 from ._cross_validate import cross_validate

@@ -11,9 +11,10 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .._constants import Keys
-from .._validate import check_in_range
+from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
+from agl_scverse._validate import check_in_range
+
 from ._evaluate import evaluate
 from ._fit import agl_fit
 from ._predict import agl_predict

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _constants as K
-from .._validate import check_choice, check_in_range, check_positive
+from agl_scverse import _constants as K
+from agl_scverse._validate import check_choice, check_in_range, check_positive
 
 __all__ = ["MODE_DEFAULTS", "NetworkConfig", "TrainingConfig", "DkGSBConfig", "GeneConfig", "FitConfig"]
 

@@ -11,13 +11,14 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .._constants import Keys
-from .._expression import expression_transform
-from .._serialize import to_h5ad
-from .._stats import per_gene_metrics
-from .._validate import check_adata, check_in_range, check_obs_key
-from ..pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
+from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
+from agl_scverse._expression import expression_transform
+from agl_scverse._serialize import to_h5ad
+from agl_scverse._stats import per_gene_metrics
+from agl_scverse._validate import check_adata, check_in_range, check_obs_key
+from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
+
 from ._baselines import mean_predictor, pca_ridge
 from ._fit import agl_fit
 
@@ -28,6 +29,7 @@ BASELINES = ("mean", "pca_ridge")
 
 CV_COLUMNS = ["fold", "method", "gene", "pearson", "spearman", "mse", "k", "fit_seconds"]
 """Columns of the DataFrame returned by :func:`cross_validate`."""
+
 
 def _embedding_key(adata: AnnData, embedding_key: str | None) -> str:
     if embedding_key is not None:
@@ -228,26 +230,28 @@ def cross_validate(
     df = pd.concat(rows, ignore_index=True)[CV_COLUMNS]
     summ = pd.DataFrame(summary)
     per_method = summ.groupby("method", sort=False)["mean_pearson"].mean()
-    adata.uns[key_added] = to_h5ad({
-        "summary": {c: summ[c].to_numpy() for c in summ.columns},
-        "mean_pearson": {m: float(v) for m, v in per_method.items()},
-        "folds": np.asarray(held, dtype=str),
-        "methods": np.asarray(list(per_method.index), dtype=str),
-        "params": {
-            "group_key": group_key,
-            "methods": list(methods),
-            "baselines": bool(baselines),
-            "embedding_key": emb_key,
-            "n_targets": int(n_targets),
-            "prior": str(prior),
-            "min_cells": float(min_cells),
-            "transform": transform,
-            "layer": layer,
-            "seed": int(seed),
-            "val_fraction": float(val_fraction),
-            "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()},
-        },
-    })
+    adata.uns[key_added] = to_h5ad(
+        {
+            "summary": {c: summ[c].to_numpy() for c in summ.columns},
+            "mean_pearson": {m: float(v) for m, v in per_method.items()},
+            "folds": np.asarray(held, dtype=str),
+            "methods": np.asarray(list(per_method.index), dtype=str),
+            "params": {
+                "group_key": group_key,
+                "methods": list(methods),
+                "baselines": bool(baselines),
+                "embedding_key": emb_key,
+                "n_targets": int(n_targets),
+                "prior": str(prior),
+                "min_cells": float(min_cells),
+                "transform": transform,
+                "layer": layer,
+                "seed": int(seed),
+                "val_fraction": float(val_fraction),
+                "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()},
+            },
+        }
+    )
     return df
 
 

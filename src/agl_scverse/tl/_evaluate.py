@@ -16,15 +16,15 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .._constants import Keys
-from .._docs import d
-from .._expression import expression_transform
-from .._serialize import to_h5ad
-from .._stats import per_gene_metrics
-from .._transaction import restore_on_error
-from .._validate import resolve_spots
-from ..model import AGLModel
+from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
+from agl_scverse._expression import expression_transform
+from agl_scverse._serialize import to_h5ad
+from agl_scverse._stats import per_gene_metrics
+from agl_scverse._transaction import restore_on_error
+from agl_scverse._validate import resolve_spots
+from agl_scverse.model import AGLModel
+
 from ._baselines import mean_predictor, pca_ridge
 from ._predict import prediction_layer
 

@@ -21,22 +21,23 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .._constants import Keys
-from .._docs import d
-from .._expression import expression_transform
-from .._serialize import to_h5ad
-from .._stats import per_gene_metrics
-from .._transaction import restore_on_error
-from .._utils import resolve_device, seed_everything, versions
-from .._validate import check_adata, check_layer, resolve_spots
-from ..io._spatialdata import as_anndata, update_table
-from ..model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
-from ..model._inference import forward, index_batches
-from ..model._trainer import TensorInputs, TrainResult, genes_for_method
-from ..pp._embed import embed_patches
-from ..pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
-from ..pp._patches import SpotPatches
+from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
+from agl_scverse._docs import d
+from agl_scverse._expression import expression_transform
+from agl_scverse._serialize import to_h5ad
+from agl_scverse._stats import per_gene_metrics
+from agl_scverse._transaction import restore_on_error
+from agl_scverse._utils import resolve_device, seed_everything, versions
+from agl_scverse._validate import check_adata, check_layer, resolve_spots
+from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
+from agl_scverse.model._inference import forward, index_batches
+from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
+from agl_scverse.pp._embed import embed_patches
+from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
+from agl_scverse.pp._patches import SpotPatches
+
 from ._config import FitConfig, GeneConfig
 from ._split import make_split
 
@@ -445,7 +446,13 @@ def agl_fit(
 
     fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key, encoder)
     genes = _prepare_genes(adata, cfg, fit_data, library_key)
-    enc = {"encoder": encoder, "weights": weights, "patch_px": patch_px, "patch_um": patch_um, "library_key": library_key}
+    enc = {
+        "encoder": encoder,
+        "weights": weights,
+        "patch_px": patch_px,
+        "patch_um": patch_um,
+        "library_key": library_key,
+    }
     net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
     mask = GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
     t, m = cfg.training, cfg.dkgsb

@@ -17,16 +17,16 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import _constants as K
-from .._constants import Keys
-from .._docs import d
-from .._transaction import restore_on_error
-from .._utils import sha256_file
-from ..io._spatialdata import as_anndata, update_table
-from ..model import AGLModel
-from ..model._encoders import RECORD_CHECKED
-from ..pp._embed import embed_patches
-from ..pp._patches import SpotPatches
+from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
+from agl_scverse._docs import d
+from agl_scverse._transaction import restore_on_error
+from agl_scverse._utils import sha256_file
+from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.model import AGLModel
+from agl_scverse.model._encoders import RECORD_CHECKED
+from agl_scverse.pp._embed import embed_patches
+from agl_scverse.pp._patches import SpotPatches
 
 __all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer"]
 
@@ -105,7 +105,10 @@ def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, l
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
     if model.mode != "embedding":
-        patch_px, patch_um = int(enc.get("patch_px") or K.DEFAULT_PATCH_PX), float(enc.get("patch_um") or K.DEFAULT_PATCH_UM)
+        patch_px, patch_um = (
+            int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
+            float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
+        )
         return SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key), None
     key = embedding_key or model.config.get("embedding_key")
     if not key:
@@ -166,9 +169,10 @@ def _check_genes(adata: AnnData, model: AGLModel) -> None:
 def prediction_layer(
     adata: AnnData, model: AGLModel, embedding_key=None, weights=None, device="cpu", library_key=None, batch_size=512
 ) -> tuple[np.ndarray, tuple | None, list[str]]:
-    """The prediction layer of :func:`agl_predict` (spots x genes of ``adata``, NaN where not predicted), computed
-    without writing anything; also ``(key, features, record)`` of an embedding computed on the way, and the
-    predicted genes present in ``adata``.
+    """The prediction layer of :func:`agl_predict`, computed without writing anything.
+
+    Returns the layer (spots x genes of ``adata``, NaN where not predicted), ``(key, features, record)`` of an
+    embedding computed on the way (or None), and the predicted genes present in ``adata``.
     """
     _check_genes(adata, model)
     features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
@@ -239,7 +243,11 @@ def agl_predict(
         raise ValueError("The slide has no spots.")
     layer, new_emb, pred_genes = prediction_layer(adata, model, embedding_key, weights, device, library_key, batch_size)
     target = adata.copy() if copy else adata
-    written = {"layers": [keys.pred_layer], "obsm": [new_emb[0]] if new_emb else [], "uns": [K.EMBED_UNS] if new_emb else []}
+    written = {
+        "layers": [keys.pred_layer],
+        "obsm": [new_emb[0]] if new_emb else [],
+        "uns": [K.EMBED_UNS] if new_emb else [],
+    }
     with restore_on_error(target, **written):
         target.layers[keys.pred_layer] = layer
         if new_emb is not None:

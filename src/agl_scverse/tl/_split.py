@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from .. import _constants as K
-from .._validate import check_in_range, check_obs_key
+from agl_scverse import _constants as K
+from agl_scverse._validate import check_in_range, check_obs_key
 
 __all__ = ["make_split"]
 
