@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from . import _constants as K
@@ -44,8 +45,6 @@ def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
 
 def pd_unique(values) -> list:
     """Unique values in order of appearance (categories first if categorical)."""
-    import pandas as pd
-
     s = pd.Series(values)
     if isinstance(s.dtype, pd.CategoricalDtype):
         present = set(s.dropna().unique())

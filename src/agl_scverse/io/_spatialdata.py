@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
@@ -337,8 +338,6 @@ def update_table(
     >>> update_table(sdata, adata, var=["agl_role"], uns=["agl"])  # doctest: +SKIP
     'table'
     """
-    import pandas as pd
-
     libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).values())
     table_key = (libs[0].get(K.METADATA) or {}).get("spatialdata_table") if libs else None
     if table_key is None or table_key not in sdata.tables:

@@ -464,19 +464,19 @@ def encoder_record(info: dict[str, Any], patch_px: int, patch_um: float, **extra
     --------
     >>> rec = encoder_record(get_encoder("resnet18")[1], 224, 112.0)
     >>> rec["encoder"], rec["patch_px"], rec["weights_sha256"]
-    ('resnet18', 224, '')
+    ('resnet18', 224, None)
     """
     rec = {
         "encoder": str(info["name"]),
-        "source": str(info.get("source") or ""),
-        "weights_path": str(info.get("weights_path") or ""),
-        "weights_sha256": str(info.get("weights_sha256") or ""),
-        "weights_load": str((info.get("weights_load") or {}).get("method", "")),
+        "source": info.get("source") or None,
+        "weights_path": info.get("weights_path") or None,  # None (left out of .uns): random or hub weights
+        "weights_sha256": info.get("weights_sha256") or None,
+        "weights_load": (info.get("weights_load") or {}).get("method") or None,
         "pretrained": bool(info.get("pretrained", False)),
         "seed": int(info.get("seed", 0)),
         "mean": [float(v) for v in info["mean"]],
         "std": [float(v) for v in info["std"]],
-        "normalisation": str(info.get("normalisation") or ""),
+        "normalisation": info.get("normalisation") or None,
         "feature_dim": int(info["feature_dim"]) if info.get("feature_dim") else None,
         "patch_px": int(patch_px),
         "patch_um": float(patch_um),

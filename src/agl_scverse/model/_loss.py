@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from agl_scverse import _constants as K
+from agl_scverse._validate import check_choice
 
 __all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss"]
 
@@ -65,11 +66,8 @@ def per_gene_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson
     >>> per_gene_loss(torch.zeros(4, 2), torch.ones(4, 2), "mse").shape
     torch.Size([2])
     """
-    if kind == "pearson":
-        return pearson_loss(pred, target)
-    if kind == "mse":
-        return mse_loss(pred, target)
-    raise ValueError(f"Unknown loss {kind!r}; choose one of {K.LOSSES}.")
+    check_choice("loss", kind, K.LOSSES)
+    return pearson_loss(pred, target) if kind == "pearson" else mse_loss(pred, target)
 
 
 def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

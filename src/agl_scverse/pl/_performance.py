@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from agl_scverse._constants import ROLE_TARGET, Keys
 from agl_scverse._docs import d
 from agl_scverse._serialize import null_as_none
+from agl_scverse._validate import check_choice
 
 from ._common import COLORS, finish, get_run, new_axes, require_var
 
@@ -88,8 +89,7 @@ def gene_performance(
     >>> agl.pl.gene_performance(cv, key="agl", baseline="pgl")  # doctest: +SKIP
     >>> agl.pl.gene_performance(cv, kind="box")  # doctest: +SKIP
     """
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {list(_METRICS)}, got {metric!r}.")
+    check_choice("metric", metric, tuple(_METRICS))
     baselines = [baseline] if isinstance(baseline, str) else list(baseline or [])
     if isinstance(data, AnnData):
         wide, summary = _from_anndata(data, key, baselines, metric)

@@ -14,12 +14,6 @@ from agl_scverse.model._mask import normalized_ranks
 from agl_scverse.model._trainer import TensorInputs, genes_for_method, val_pcc
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
-
-
 # ------------------------------------------------------------------------------------------------ losses
 def test_pearson_loss_matches_numpy_and_is_safe_for_constant_genes():
     rng = np.random.default_rng(0)

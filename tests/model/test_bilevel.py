@@ -9,12 +9,6 @@ import torch
 from agl_scverse.model import EmbeddingHead, GeneMask, hypergradient, unrolled_val_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
-
-
 def _problem(n_t=3, n_aux=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -5,15 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _engine_data import FAST, assert_unchanged, small_slide, snapshot
+from builders import FAST, assert_unchanged, small_slide, snapshot
 
 import agl_scverse as agl
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
 
 
 @pytest.fixture(scope="module")

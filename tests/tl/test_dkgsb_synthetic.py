@@ -8,16 +8,8 @@ encoder (noisy 256-d view of the tissue state). Deterministic on CPU for the see
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 
 import agl_scverse as agl
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
 
 
 def test_dkgsb_selects_informative_auxiliaries_and_beats_pgl():

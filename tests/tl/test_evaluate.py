@@ -5,16 +5,9 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-import torch
-from _engine_data import FAST, small_slide
+from builders import FAST, small_slide
 
 import agl_scverse as agl
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
 
 
 def test_evaluate_held_out_spots_with_baselines(tmp_path):

@@ -1,0 +1,165 @@
+"""Builders of small test data shared by the test modules (``tests/helpers`` is on the pytest ``pythonpath``: ``from builders import ...``).
+
+- :func:`small_slide`: Poisson counts driven by a latent state that the embedding ``.obsm["X_emb"]`` sees; two
+  slides ``"A"`` / ``"B"`` in ``.obs["slide"]`` (the engine, fit, predict and evaluate tests).
+- :func:`he_like` and :func:`write_legacy_section`: H&E-looking images and legacy ST folders on disk (readers).
+- :func:`make_sdata`: a tiny SpatialData (image, circle shapes, table).
+- :func:`snapshot` / :func:`assert_unchanged`: what a failed call must leave unchanged.
+- :data:`FAST`: ``agl_fit`` settings that train in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from PIL import Image
+
+PITCH_PX = 40.0  # fake legacy ST: 200 µm pitch -> 5 µm/px
+
+FAST = {"hidden": (16,), "epochs": 4, "patience": 10, "batch_size": 32, "meta_batch_size": 32, "progress": False}
+
+
+def small_slide(n: int = 120, n_genes: int = 60, d: int = 12, seed: int = 0, sparse: bool = True) -> AnnData:
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, 3))
+    X_emb = np.tanh(Z @ rng.normal(size=(3, d))) + 0.2 * rng.normal(size=(n, d))
+    L = rng.normal(size=(3, n_genes)) * np.linspace(1.0, 0.1, n_genes)
+    mu = np.exp(0.5 + 0.6 * Z @ L)
+    counts = rng.poisson(mu).astype(np.float32)
+    side = int(np.ceil(np.sqrt(n)))
+    xy = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(float) * 100 + 50
+    adata = AnnData(
+        X=sp.csr_matrix(counts) if sparse else counts,
+        obs=pd.DataFrame({"slide": np.where(np.arange(n) < n // 2, "A", "B")}, index=[f"s{i}" for i in range(n)]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+    )
+    adata.obsm["spatial"] = xy
+    adata.obsm["X_emb"] = X_emb.astype(np.float32)
+    return adata
+
+
+def snapshot(adata: AnnData) -> dict:
+    """What a failed call must leave unchanged."""
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X).copy()
+    return {
+        "obs": adata.obs.copy(),
+        "var": adata.var.copy(),
+        "uns": sorted(adata.uns.keys()),
+        "obsm": {k: np.asarray(v).copy() for k, v in adata.obsm.items()},
+        "layers": sorted(adata.layers.keys()),
+        "X": X,
+    }
+
+
+def assert_unchanged(adata: AnnData, snap: dict) -> None:
+    pd.testing.assert_frame_equal(adata.obs, snap["obs"])
+    pd.testing.assert_frame_equal(adata.var, snap["var"])
+    assert sorted(adata.uns.keys()) == snap["uns"]
+    assert sorted(adata.layers.keys()) == snap["layers"]
+    assert set(adata.obsm.keys()) == set(snap["obsm"])
+    for k, v in snap["obsm"].items():
+        np.testing.assert_array_equal(np.asarray(adata.obsm[k]), v)
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(X, snap["X"])
+
+
+def he_like(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Bright background with a darker pink/purple 'tissue' disc in the middle."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 235, dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    tissue = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2
+    img[tissue] = (rng.normal([150, 90, 160], 10, size=(int(tissue.sum()), 3))).clip(0, 255).astype(np.uint8)
+    return img
+
+
+def write_legacy_section(
+    folder: Path,
+    n: int = 4,
+    genes=("A", "B", "C"),
+    img_size=(300, 320),
+    offset=(100.0, 90.0),
+    extra_spot: bool = True,
+    extra_counts: bool = True,
+    counts_values=None,
+    gray: bool = False,
+    image: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A legacy ST section: an n x n grid of spots with ``PITCH_PX`` spacing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ids = [(x, y) for y in range(1, n + 1) for x in range(1, n + 1)]
+    rows = [f"{x}x{y}" for x, y in ids] + (["99x99"] if extra_counts else [])
+    values = rng.poisson(3.0, size=(len(rows), len(genes))) if counts_values is None else counts_values
+    counts = pd.DataFrame(values, index=rows, columns=list(genes))
+    with gzip.open(folder / "counts.tsv.gz", "wt") as fh:
+        counts.to_csv(fh, sep="\t")
+    spots = pd.DataFrame(
+        {
+            "x": [x for x, _ in ids],
+            "y": [y for _, y in ids],
+            "pixel_x": [offset[0] + (x - 1) * PITCH_PX for x, _ in ids],
+            "pixel_y": [offset[1] + (y - 1) * PITCH_PX for _, y in ids],
+        }
+    )
+    if extra_spot:
+        spots.loc[len(spots)] = [50, 50, 10.0, 10.0]
+    spots["selected"] = 1
+    spots.to_csv(folder / "spots.tsv", sep="\t", index=False)
+    if image:
+        h, w = img_size
+        arr = he_like(h, w, seed)
+        im = Image.fromarray(arr[..., 0]) if gray else Image.fromarray(arr)
+        im.save(folder / "he.jpg", quality=90)
+    return folder
+
+
+def make_sdata(
+    image: bool = True,
+    channels: int = 3,
+    multiscale: bool = False,
+    size=(60, 80),
+    table_region: str = "spots",
+    obs_names=("a", "b", "c"),
+    X=None,
+):
+    """Image (c, y, x) with a 2x scale to 'global'; three circle spots in global coordinates (radius 5)."""
+    import anndata as ad
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    h, w = size
+    rgb = he_like(h, w).transpose(2, 0, 1)
+    img = rgb if channels == 3 else rgb[:channels]
+    images = {}
+    if image:
+        kw = {"scale_factors": [2]} if multiscale else {}
+        images["he"] = Image2DModel.parse(
+            img, dims=("c", "y", "x"), transformations={"global": Scale([2.0, 2.0], axes=("y", "x"))}, **kw
+        )
+    centres = np.array([[40.0, 30.0], [60.0, 50.0], [100.0, 80.0]])
+    shapes = ShapesModel.parse(
+        centres,
+        geometry=0,
+        radius=np.full(3, 5.0),
+        index=np.array([10, 11, 12]),
+        transformations={"global": Identity()},
+    )
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([table_region] * 3), "spot_id": [12, 10, 11]}, index=list(obs_names)
+    )  # table rows in another order than the shapes
+    X = np.array([[1, 0, 2], [0, 3, 1], [4, 1, 0]], dtype=np.float32) if X is None else X
+    table = TableModel.parse(
+        ad.AnnData(X, obs=obs, var=pd.DataFrame(index=["g1", "g2", "g3"])),
+        region=table_region,
+        region_key="region",
+        instance_key="spot_id",
+    )
+    return SpatialData(images=images, shapes={"spots": shapes}, tables={"table": table})
