@@ -106,7 +106,7 @@ resizing it up to the usual 224 px would add no information and cost four times 
 agl.pp.embed_patches(adata, encoder="resnet18", patch_px=PATCH_PX, seed=SEED, device="cpu")
 emb_key = "X_agl_resnet18"
 print(emb_key, adata.obsm[emb_key].shape)
-{k: adata.uns["agl_embeddings"][emb_key][k] for k in ("encoder", "patch_px", "patch_um", "weights_path")}"""),
+{k: adata.uns["agl_embeddings"][emb_key].get(k) for k in ("encoder", "patch_px", "patch_um", "weights_path")}"""),
     md("""
 ## 3 · Train AGL with DkGSB on 75% of the spots
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ from . import _constants as K
 from ._constants import Transform
 from ._validate import check_choice, check_counts
 
-__all__ = ["expression_transform"]
+__all__ = ["expression_transform", "take_rows", "ExpressionBatches", "ArrayExpression"]
 
 
 def expression_transform(
@@ -73,3 +73,89 @@ def expression_transform(
     if transform in ("log1p", "log1p_cpm"):
         np.log1p(out, out=out)
     return out
+
+
+def take_rows(X: Any, idx: np.ndarray):
+    """Rows ``idx`` (in that order) of an in-memory or backed (h5py / zarr) spots x genes matrix.
+
+    Backed matrices are read in sorted order (which h5py needs) and put back in the order asked for.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if isinstance(X, np.ndarray) or sp.issparse(X):
+        return X[idx]
+    order = np.argsort(idx, kind="stable")
+    uniq, inv = np.unique(idx[order], return_inverse=True)
+    block = X[uniq]
+    back = np.empty(len(idx), dtype=np.int64)
+    back[order] = inv
+    return block[back]
+
+
+class ExpressionBatches:
+    """The model's expression values of some genes, sliced per batch of spots from the counts, never all at once.
+
+    ``batch(idx)`` returns ``expression_transform(X[idx], transform, columns)`` (dense float32, ``len(idx)`` x
+    ``n_cols``), so the counts stay in their sparse (or backed) storage and memory is that of one batch. For
+    ``"log1p_cpm"`` the library size of each spot is still computed over all of its genes.
+
+    Parameters
+    ----------
+    X
+        Raw counts, spots x genes: a NumPy array, a SciPy sparse matrix or a backed AnnData matrix.
+    columns
+        Gene columns to return, in this order.
+    transform
+        See :func:`expression_transform`.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> eb = ExpressionBatches(sp.csr_matrix(np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])), [2, 0])
+    >>> eb.batch(np.array([1, 0]))
+    array([[0.       , 1.0986123],
+           [1.3862944, 0.       ]], dtype=float32)
+    """
+
+    def __init__(self, X: Any, columns: Sequence[int] | np.ndarray, transform: Transform = "log1p"):
+        check_choice("transform", transform, K.TRANSFORMS)
+        self.X = X
+        self.columns = np.asarray(columns, dtype=np.int64)
+        self.transform = transform
+
+    @property
+    def n_cols(self) -> int:
+        """Number of genes returned."""
+        return len(self.columns)
+
+    def batch(self, idx: np.ndarray, n_first: int | None = None) -> np.ndarray:
+        """Transformed expression of spots ``idx`` (of the first ``n_first`` genes only, when given)."""
+        cols = self.columns if n_first is None else self.columns[:n_first]
+        return expression_transform(take_rows(self.X, idx), self.transform, columns=cols)
+
+    def chunks(self, idx: np.ndarray, max_bytes: float = 64e6, n_first: int | None = None) -> Iterator[tuple]:
+        """``(positions, values)`` for consecutive chunks of ``idx`` of at most ``max_bytes`` of float32 values."""
+        n_cols = self.n_cols if n_first is None else n_first
+        step = max(1, int(max_bytes // (4 * max(n_cols, 1))))
+        for s in range(0, len(idx), step):
+            yield idx[s : s + step], self.batch(idx[s : s + step], n_first)
+
+
+class ArrayExpression:
+    """:class:`ExpressionBatches` over an already transformed dense array (small data, tests)."""
+
+    def __init__(self, Y: Any):
+        self.Y = np.asarray(Y, dtype=np.float32)
+        if self.Y.ndim != 2:
+            raise ValueError(f"Expression must be a spots x genes matrix, got shape {self.Y.shape}.")
+
+    @property
+    def n_cols(self) -> int:
+        """Number of genes."""
+        return self.Y.shape[1]
+
+    def batch(self, idx: np.ndarray, n_first: int | None = None) -> np.ndarray:
+        """Rows ``idx`` (first ``n_first`` columns when given)."""
+        out = self.Y[np.asarray(idx, dtype=np.int64)]
+        return out if n_first is None else out[:, :n_first]
+
+    chunks = ExpressionBatches.chunks

@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-__all__ = ["pearson_per_gene", "spearman_per_gene", "mse_per_gene", "per_gene_metrics"]
+__all__ = ["pearson_per_gene", "spearman_per_gene", "mse_per_gene", "per_gene_metrics", "StreamingMoments"]
 
 
 def _as_2d(Y, name: str) -> np.ndarray:
@@ -163,3 +163,76 @@ def per_gene_metrics(y_true, y_pred, genes: Sequence[str] | None = None, constan
             "mse": mse_per_gene(T, P),
         }
     )
+
+
+class StreamingMoments:
+    """Per-column count, mean, second moment, min and max, accumulated batch by batch in float64.
+
+    Batches are merged with Chan et al.'s pairwise update (each batch's moments are computed two-pass in float64,
+    then combined), so the result matches a one-shot float64 computation up to the last digits of summation
+    order, while memory stays that of one batch. With ``paired=True`` the co-moment with a second matrix of the
+    same shape is tracked too (for covariances).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> A, B = rng.normal(size=(100, 3)), rng.normal(size=(100, 3))
+    >>> m = StreamingMoments(3, paired=True)
+    >>> for s in range(0, 100, 32):
+    ...     m.update(A[s : s + 32], B[s : s + 32])
+    >>> bool(np.allclose(m.mean, A.mean(0)) and np.allclose(m.var, A.var(0)))
+    True
+    >>> bool(np.allclose(m.cov, ((A - A.mean(0)) * (B - B.mean(0))).mean(0)))
+    True
+    """
+
+    def __init__(self, n_cols: int, paired: bool = False):
+        self.n = 0
+        self.mean = np.zeros(n_cols)
+        self.m2 = np.zeros(n_cols)
+        self.min = np.full(n_cols, np.inf)
+        self.max = np.full(n_cols, -np.inf)
+        self.paired = paired
+        if paired:
+            self.mean_b = np.zeros(n_cols)
+            self.m2_b = np.zeros(n_cols)
+            self.co = np.zeros(n_cols)
+
+    def update(self, A, B=None) -> None:
+        """Add the rows of ``A`` (and of ``B`` with ``paired=True``)."""
+        A = np.asarray(A, dtype=np.float64)
+        n_b = A.shape[0]
+        if n_b == 0:
+            return
+        mean_a = A.mean(0)
+        ca = A - mean_a
+        n, n_new = self.n, self.n + n_b
+        delta = mean_a - self.mean
+        self.mean = self.mean + delta * (n_b / n_new)
+        self.m2 = self.m2 + (ca * ca).sum(0) + delta * delta * (n * n_b / n_new)
+        self.min = np.minimum(self.min, A.min(0))
+        self.max = np.maximum(self.max, A.max(0))
+        if self.paired:
+            B = np.asarray(B, dtype=np.float64)
+            mean_bb = B.mean(0)
+            cb = B - mean_bb
+            delta_b = mean_bb - self.mean_b
+            self.mean_b = self.mean_b + delta_b * (n_b / n_new)
+            self.m2_b = self.m2_b + (cb * cb).sum(0) + delta_b * delta_b * (n * n_b / n_new)
+            self.co = self.co + (ca * cb).sum(0) + delta * delta_b * (n * n_b / n_new)
+        self.n = n_new
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance of each column (of ``A``)."""
+        return self.m2 / max(self.n, 1)
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation of each column (of ``A``)."""
+        return np.sqrt(self.var)
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Population covariance of each column of ``A`` with the same column of ``B`` (``paired=True``)."""
+        return self.co / max(self.n, 1)

@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from agl_scverse import _constants as K
-from agl_scverse._stats import pearson_per_gene
+from agl_scverse._expression import ArrayExpression
+from agl_scverse._stats import StreamingMoments, pearson_per_gene
 from agl_scverse._validate import check_choice
 
 from ._bilevel import hypergradient
@@ -53,7 +54,7 @@ from ._inference import forward, index_batches
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
 
-__all__ = ["TensorInputs", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
+__all__ = ["TensorInputs", "StandardizedTargets", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
 
 
 class TensorInputs:
@@ -103,10 +104,58 @@ def predict_raw(net: nn.Module, inputs: Callable, idx: np.ndarray, batch_size: i
     return forward(net, index_batches(inputs, idx, batch_size), net.n_out, calibrated=False, n_first=n_first)
 
 
-def val_pcc(net: nn.Module, inputs: Callable, Y: torch.Tensor, idx: np.ndarray, n_targets: int, batch_size: int = 512):
-    """Mean Pearson r over the target genes on spots ``idx`` (genes constant there are skipped)."""
+class StandardizedTargets:
+    """Expression batches z-scored per gene with the training spots' mean and standard deviation.
+
+    The statistics are accumulated over the training spots in chunks (:class:`agl_scverse._stats.StreamingMoments`,
+    float64), so no spots x genes array is ever held: ``targets(idx)`` transforms and standardises one batch.
+
+    Parameters
+    ----------
+    source
+        :class:`agl_scverse._expression.ExpressionBatches` (counts sliced per batch) or an array of transformed
+        expression (spots x genes; wrapped in :class:`agl_scverse._expression.ArrayExpression`).
+    train_idx
+        Rows of the training spots.
+    device
+        Torch device of the returned batches.
+    """
+
+    def __init__(self, source, train_idx: np.ndarray, device: torch.device | str = "cpu"):
+        if not hasattr(source, "batch"):
+            source = ArrayExpression(source.cpu().numpy() if torch.is_tensor(source) else source)
+        self.source, self.device = source, torch.device(device)
+        moments = StreamingMoments(source.n_cols)
+        for _, values in source.chunks(np.asarray(train_idx)):
+            moments.update(values)
+        self.mean = moments.mean
+        self.std = np.where(moments.std > 1e-8, moments.std, 1.0)
+        self._mean = torch.as_tensor(self.mean, dtype=torch.float64)
+        self._std = torch.as_tensor(self.std, dtype=torch.float64)
+
+    @property
+    def n_cols(self) -> int:
+        """Number of genes."""
+        return self.source.n_cols
+
+    def __call__(self, idx, n_first: int | None = None) -> torch.Tensor:
+        """z-scored float32 expression of spots ``idx`` (first ``n_first`` genes when given), on the device."""
+        y = torch.as_tensor(self.source.batch(np.asarray(idx), n_first)).double()
+        m, s = (self._mean, self._std) if n_first is None else (self._mean[:n_first], self._std[:n_first])
+        return ((y - m) / s).float().to(self.device)
+
+
+def val_pcc(net: nn.Module, inputs: Callable, Y, idx: np.ndarray, n_targets: int, batch_size: int = 512):
+    """Mean Pearson r over the target genes on spots ``idx`` (genes constant there are skipped).
+
+    ``Y`` is a :class:`StandardizedTargets` (or any ``(idx, n_first) -> tensor`` callable) or a spots x genes
+    array / tensor of expression.
+    """
     pred = predict_raw(net, inputs, idx, batch_size, n_first=n_targets)
-    obs = Y[torch.as_tensor(idx, device=Y.device)][:, :n_targets].double().cpu().numpy()
+    if callable(Y):
+        obs = Y(idx, n_targets).double().cpu().numpy()
+    else:
+        obs = np.asarray(Y.cpu() if torch.is_tensor(Y) else Y, dtype=np.float64)[np.asarray(idx)][:, :n_targets]
     r = pearson_per_gene(obs, pred, constant_pred=np.nan)
     return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
 
@@ -125,37 +174,40 @@ class TrainResult:
     meta_seconds: float = 0.0
 
 
-def _calibrate_(net: nn.Module, inputs: Callable, Yz: torch.Tensor, idx: np.ndarray, y_mean, y_std, batch_size: int):
+def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, idx: np.ndarray, batch_size: int):
     """Fit ``out_scale``/``out_shift`` so that calibrated outputs are least squares on the training spots.
 
     Also records each gene's training range (``out_lo``/``out_hi``), to which predictions are clipped.
 
     Per gene ``a = max(cov(out, y) / var(out), floor)`` with a tiny positive floor (never flips the sign, so the
-    correlations of the raw outputs are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores.
+    correlations of the raw outputs are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores. The
+    moments are accumulated batch by batch (memory of one batch).
     """
-    out = predict_raw(net, inputs, idx, batch_size)
-    yz = Yz[torch.as_tensor(idx, device=Yz.device)].double().cpu().numpy()
-    om, ym = out.mean(0), yz.mean(0)
-    oc = out - om
-    var = (oc * oc).mean(0)
-    cov = (oc * (yz - ym)).mean(0)
+    moments = StreamingMoments(targets.n_cols, paired=True)
+    lo = np.full(targets.n_cols, np.inf)
+    hi = np.full(targets.n_cols, -np.inf)
+    for s in range(0, len(idx), batch_size):
+        rows = idx[s : s + batch_size]
+        out = predict_raw(net, inputs, rows, batch_size)
+        yz = targets(rows).double().cpu().numpy()
+        moments.update(out, yz)
+        y_orig = yz * targets.std + targets.mean  # training expression in the transformed scale
+        lo, hi = np.minimum(lo, y_orig.min(0)), np.maximum(hi, y_orig.max(0))
+    om, ym, var, cov = moments.mean, moments.mean_b, moments.var, moments.cov
     sd = np.sqrt(np.maximum(var, 1e-24))
     a = np.where(var > 1e-24, np.maximum(cov / np.maximum(var, 1e-24), 1e-3 / sd), 0.0)
     b = ym - a * om
-    y_mean = np.asarray(y_mean, dtype=np.float64)
-    y_std = np.asarray(y_std, dtype=np.float64)
-    y_orig = yz * y_std + y_mean  # training expression in the transformed scale
     with torch.no_grad():
-        net.out_scale.copy_(torch.as_tensor(a * y_std, dtype=net.out_scale.dtype))
-        net.out_shift.copy_(torch.as_tensor(y_mean + b * y_std, dtype=net.out_shift.dtype))
-        net.out_lo.copy_(torch.as_tensor(y_orig.min(0), dtype=net.out_lo.dtype))
-        net.out_hi.copy_(torch.as_tensor(y_orig.max(0), dtype=net.out_hi.dtype))
+        net.out_scale.copy_(torch.as_tensor(a * targets.std, dtype=net.out_scale.dtype))
+        net.out_shift.copy_(torch.as_tensor(targets.mean + b * targets.std, dtype=net.out_shift.dtype))
+        net.out_lo.copy_(torch.as_tensor(lo, dtype=net.out_lo.dtype))
+        net.out_hi.copy_(torch.as_tensor(hi, dtype=net.out_hi.dtype))
 
 
 def train_network(
     net: nn.Module,
     inputs: Callable,
-    Y: np.ndarray | torch.Tensor,
+    Y,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     n_targets: int,
@@ -190,8 +242,10 @@ def train_network(
     inputs
         Callable ``idx -> input batch tensor`` on ``device`` (e.g. :class:`TensorInputs`).
     Y
-        ``(n_spots, n_genes)`` transformed expression (targets first, then the auxiliaries in prior-rank order).
-        It is standardised per gene on the training spots internally.
+        Expression of the genes (targets first, then the auxiliaries in prior-rank order): an
+        :class:`agl_scverse._expression.ExpressionBatches` (sliced per batch from the counts, so memory is that of
+        a batch) or an ``(n_spots, n_genes)`` array of transformed expression. It is standardised per gene on
+        the training spots internally (:class:`StandardizedTargets`).
     train_idx, val_idx
         Row positions of training and validation spots.
     n_targets
@@ -232,21 +286,16 @@ def train_network(
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
-    Y = torch.as_tensor(np.asarray(Y) if not torch.is_tensor(Y) else Y, dtype=torch.float32)
-    tr_t = torch.as_tensor(train_idx)
-    y_mean = Y[tr_t].double().mean(0)
-    y_std = Y[tr_t].double().std(0, unbiased=False)
-    y_std = torch.where(y_std > 1e-8, y_std, torch.ones_like(y_std))
-    Yz = ((Y.double() - y_mean) / y_std).float().to(device)
+    Yz = StandardizedTargets(Y, train_idx, device)  # z-scored batches, never the whole matrix
     net.to(device)
     if mask is not None:
         mask.to(device)
-    if mask is not None and Yz.shape[1] != n_targets + mask.ranks.numel():
+    if mask is not None and Yz.n_cols != n_targets + mask.ranks.numel():
         raise ValueError("The mask must cover exactly the auxiliary columns of Y.")
 
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     theta_opt = torch.optim.Adam([mask.theta], lr=beta, betas=(0.9, theta_beta2)) if mask is not None else None
-    ones = torch.ones(Yz.shape[1], device=device)
+    ones = torch.ones(Yz.n_cols, device=device)
 
     hist: dict[str, list] = {
         k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
@@ -270,7 +319,7 @@ def train_network(
                 continue
             w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
             out = net(inputs(bidx))
-            L = weighted_loss(per_gene_loss(out, Yz[torch.as_tensor(bidx, device=device)], loss), w)
+            L = weighted_loss(per_gene_loss(out, Yz(bidx), loss), w)
             opt.zero_grad(set_to_none=True)
             L.backward()
             opt.step()
@@ -281,8 +330,8 @@ def train_network(
                 mva = rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False)
                 g, lv = hypergradient(
                     net, mask, n_targets,
-                    inputs(mtr), Yz[torch.as_tensor(mtr, device=device)],
-                    inputs(mva), Yz[torch.as_tensor(mva, device=device)],
+                    inputs(mtr), Yz(mtr),
+                    inputs(mva), Yz(mva),
                     inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=normalizer,
                 )  # fmt: skip
                 hgs.append(float(g))
@@ -293,7 +342,7 @@ def train_network(
                 mask.clamp_()
                 meta_seconds += time.perf_counter() - tm
         pcc = val_pcc(net, inputs, Yz, val_idx, n_targets)
-        k_now = mask.k if mask is not None else Yz.shape[1] - n_targets
+        k_now = mask.k if mask is not None else Yz.n_cols - n_targets
         theta_now = mask.threshold if mask is not None else float("nan")
         hist["epoch"].append(epoch)
         hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
@@ -318,7 +367,7 @@ def train_network(
         if mask is not None:
             with torch.no_grad():
                 mask.theta.copy_(best[3])
-    _calibrate_(net, inputs, Yz, train_idx, y_mean.numpy(), y_std.numpy(), 512)
+    _calibrate_(net, inputs, Yz, train_idx, 512)
     net.eval()
     res = TrainResult(history=hist, best_epoch=int(best[1]), best_val_pcc=float(best[0]))
     if mask is not None:

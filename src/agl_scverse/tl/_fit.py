@@ -24,9 +24,9 @@ from scanpy import logging as logg
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
-from agl_scverse._expression import expression_transform
+from agl_scverse._expression import ExpressionBatches
 from agl_scverse._serialize import to_h5ad
-from agl_scverse._stats import per_gene_metrics
+from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, versions
 from agl_scverse._validate import check_adata, check_layer, resolve_spots
@@ -65,7 +65,7 @@ class _Genes:
     aux_cols: np.ndarray
     genes: list[str]
     gene_pos: np.ndarray
-    Y: np.ndarray  # spots x genes (targets first), transformed; zero for unused spots
+    expr: ExpressionBatches  # the genes' expression (targets first), sliced per batch from the counts
 
     @property
     def n_targets(self) -> int:
@@ -144,14 +144,16 @@ def _prepare_genes(adata: AnnData, cfg: FitConfig, data: _Data, library_key: str
     genes = list(roles.targets) + [roles.auxiliaries[i] for i in aux_cols]
     gene_pos = adata.var_names.get_indexer(genes)
     X = adata.layers[g.layer] if g.layer is not None else adata.X
-    fit_rows = np.flatnonzero(data.used)
-    Y = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
-    Y[fit_rows] = expression_transform(X[fit_rows], g.transform, columns=gene_pos)
-    flat = np.ptp(Y[data.train_idx, : len(roles.targets)], axis=0) == 0
+    expr = ExpressionBatches(X, gene_pos, g.transform)
+    n_t = len(roles.targets)
+    moments = StreamingMoments(n_t)
+    for _, values in expr.chunks(data.train_idx, n_first=n_t):
+        moments.update(values)
+    flat = moments.max == moments.min
     if flat.any():
         bad = [t for t, f in zip(roles.targets, flat) if f]
         raise ValueError(f"Target gene(s) {bad[:10]} are constant (e.g. all zero) on the training spots; drop them.")
-    return _Genes(roles, aux_cols, genes, gene_pos, Y)
+    return _Genes(roles, aux_cols, genes, gene_pos, expr)
 
 
 def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, dev) -> tuple[torch.nn.Module, Any, dict]:
@@ -171,8 +173,10 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         record = {**dict(rec or {}), "recorded": bool(rec)}
         seed_everything(cfg.seed)
         net = EmbeddingHead(data.features.shape[1], n_out, hidden=cfg.network.hidden, dropout=cfg.network.dropout)
-        ft = torch.as_tensor(data.features[data.train_idx], dtype=torch.float64)
-        net.set_input_scaling(ft.mean(0).float(), ft.std(0, unbiased=False).float())
+        moments = StreamingMoments(data.features.shape[1])
+        for s in range(0, len(data.train_idx), 8192):
+            moments.update(data.features[data.train_idx[s : s + 8192]])
+        net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
     ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
     backbone, info = get_encoder(enc["encoder"], weights=enc["weights"], seed=cfg.seed)
@@ -227,7 +231,7 @@ def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: 
     """Every write of ``agl_fit``, in one block that restores what it touched when it fails."""
     n_t = genes.n_targets
     val_pred = predict_rows(model.net, extra["inputs"], data.val_idx, n_t)
-    val_df = per_gene_metrics(genes.Y[data.val_idx, :n_t], val_pred, genes=genes.roles.targets)
+    val_df = per_gene_metrics(genes.expr.batch(data.val_idx, n_t), val_pred, genes=genes.roles.targets)
     w_col = np.zeros(adata.n_vars)
     w_col[genes.gene_pos] = model.weights
     params = {**cfg.to_params(), **extra["params"], "encoder": model.config["encoder"].get("encoder")}
@@ -457,7 +461,7 @@ def agl_fit(
     mask = GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
     t, m = cfg.training, cfg.dkgsb
     res = train_network(
-        net, inputs, genes.Y, fit_data.train_idx, fit_data.val_idx, genes.n_targets, mask=mask, epochs=t.epochs,
+        net, inputs, genes.expr, fit_data.train_idx, fit_data.val_idx, genes.n_targets, mask=mask, epochs=t.epochs,
         patience=t.patience, lr=float(t.lr), weight_decay=float(t.weight_decay), batch_size=t.batch_size, loss=t.loss,
         inner_steps=m.inner_steps, inner_lr=float(m.inner_lr), meta_steps=m.meta_steps,
         meta_batch_size=m.meta_batch_size, beta=float(m.beta), normalizer=m.meta_normalizer, seed=int(seed),
