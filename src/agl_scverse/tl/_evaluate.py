@@ -18,17 +18,20 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
-from agl_scverse._expression import expression_transform
+from agl_scverse._expression import expression_transform, take_rows
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._validate import resolve_spots
+from agl_scverse._validate import check_counts, resolve_spots
 from agl_scverse.model import AGLModel
 
 from ._baselines import mean_predictor, pca_ridge
 from ._predict import prediction_layer
 
 __all__ = ["evaluate"]
+
+#: Memory budget (bytes) of one block of genes scored at a time.
+_BLOCK_BYTES = 256 * 2**20
 
 
 def _summary(df: pd.DataFrame) -> dict[str, float]:
@@ -39,6 +42,13 @@ def _summary(df: pd.DataFrame) -> dict[str, float]:
         "pearson_median": float(np.nanmedian(df["pearson"])) if df["pearson"].notna().any() else float("nan"),
         "n_genes": int(df["pearson"].notna().sum()),
     }
+
+
+def _layer_block(layer, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``layer[rows][:, cols]`` as a NumPy array, for an in-memory or a dask (chunked) prediction layer."""
+    if isinstance(layer, np.ndarray):
+        return layer[np.ix_(rows, cols)]
+    return np.asarray(layer[rows][:, cols])
 
 
 def _param(uns_entry: dict, name: str, default: Any) -> Any:
@@ -117,9 +127,13 @@ def evaluate(
         else:
             raise KeyError(f"No model given and no .var[{keys.role!r}]: pass model= or genes=[...].")
     elif isinstance(genes, str) and genes == "predicted":
-        if keys.pred_layer not in adata.layers:
-            raise KeyError(f"genes='predicted' needs .layers[{keys.pred_layer!r}]; run agl_predict first.")
-        gene_list = adata.var_names[np.isfinite(adata.layers[keys.pred_layer]).any(axis=0)].tolist()
+        if keys.pred_layer in adata.layers:  # a gene is predicted on every spot or on none: read the first row
+            first = np.asarray(adata.layers[keys.pred_layer][:1]).ravel()
+            gene_list = adata.var_names[np.isfinite(first)].tolist()
+        elif model is not None:
+            gene_list = [g for g in model.predicted_genes if g in adata.var_names]
+        else:
+            raise KeyError(f"genes='predicted' needs .layers[{keys.pred_layer!r}] or model=; run agl_predict first.")
     elif isinstance(genes, str):
         raise ValueError(f"genes must be 'targets', 'predicted' or a list of gene names, got {genes!r}.")
     else:
@@ -157,31 +171,41 @@ def evaluate(
     if keys.pred_layer not in adata.layers and model is None:
         raise KeyError(f".layers[{keys.pred_layer!r}] is missing; run agl_predict first or pass model=.")
     X = adata.layers[layer] if layer is not None else adata.X
-    Y = expression_transform(X[np.flatnonzero(ev)], transform, columns=gidx)  # checks the counts first
+    ev_idx = np.flatnonzero(ev)
+    X_ev = take_rows(X, ev_idx)
+    check_counts(X_ev, what="the counts of the evaluated spots")  # before anything is predicted or written
     new_layer, new_emb = None, None
     if keys.pred_layer in adata.layers:
-        P = np.asarray(adata.layers[keys.pred_layer])[ev][:, gidx]
+        L = adata.layers[keys.pred_layer]
     else:
         new_layer, new_emb, _ = prediction_layer(adata, model)
-        P = new_layer[ev][:, gidx]
-    df = per_gene_metrics(Y, P, genes=gene_list)
-    results = {"model": _summary(df)}
-
+        L = new_layer
+    train = split == K.SPLIT_TRAIN if split is not None else None
     notes = ""
-    if baselines:
-        train = split == K.SPLIT_TRAIN if split is not None else None
-        if train is None or not train.any():
-            notes = "baselines skipped: no training spots ('train' in .obs[split]) in this AnnData"
-        elif not emb_key or emb_key not in adata.obsm:
-            notes = f"baselines skipped: embedding {emb_key!r} not in .obsm"
-        else:
-            F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
-            Ytr = expression_transform(X[np.flatnonzero(train)], transform, columns=gidx)
-            results["mean_predictor"] = _summary(per_gene_metrics(Y, mean_predictor(F[train], Ytr, F[ev]), gene_list))
+    if baselines and (train is None or not train.any()):
+        notes = "baselines skipped: no training spots ('train' in .obs[split]) in this AnnData"
+    elif baselines and (not emb_key or emb_key not in adata.obsm):
+        notes = f"baselines skipped: embedding {emb_key!r} not in .obsm"
+    run_baselines = baselines and not notes
+    if notes:
+        logg.info(f"evaluate: {notes}")
+    if run_baselines:
+        F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
+        X_tr = take_rows(X, np.flatnonzero(train))
+    # gene blocks: memory is that of a block of evaluated spots x genes, whatever the number of genes
+    step = max(1, int(_BLOCK_BYTES // (4 * 4 * max(len(ev_idx), int(train.sum()) if run_baselines else 0, 1))))
+    frames: dict[str, list[pd.DataFrame]] = {"model": [], "mean_predictor": [], "pca_ridge": []}
+    for s in range(0, len(gidx), step):
+        g, names = gidx[s : s + step], gene_list[s : s + step]
+        Y = expression_transform(X_ev, transform, columns=g)
+        frames["model"].append(per_gene_metrics(Y, _layer_block(L, ev_idx, g), genes=names))
+        if run_baselines:
+            Ytr = expression_transform(X_tr, transform, columns=g)
+            frames["mean_predictor"].append(per_gene_metrics(Y, mean_predictor(F[train], Ytr, F[ev]), names))
             pred = pca_ridge(F[train], Ytr, F[ev], n_components=n_components)
-            results["pca_ridge"] = _summary(per_gene_metrics(Y, pred, genes=gene_list))
-        if notes:
-            logg.info(f"evaluate: {notes}")
+            frames["pca_ridge"].append(per_gene_metrics(Y, pred, genes=names))
+    df = pd.concat(frames["model"], ignore_index=True)
+    results = {name: _summary(pd.concat(f, ignore_index=True)) for name, f in frames.items() if f}
 
     test = {
         **results, "n_spots": int(ev.sum()), "spots": spots_desc,

@@ -9,11 +9,13 @@ weights file (its sha256 is checked) and patch size, into a copy, and written to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
@@ -22,13 +24,21 @@ from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import sha256_file
+from agl_scverse._validate import check_choice
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 from agl_scverse.model._encoders import RECORD_CHECKED
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches
 
-__all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer"]
+__all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer", "PREDICT_GENES"]
+
+#: Accepted string values of ``genes`` in :func:`agl_predict`.
+PREDICT_GENES = ("selected", "targets", "all")
+#: Largest dense prediction layer (bytes) before :func:`agl_predict` writes a chunked dask array instead.
+DENSE_LAYER_BYTES = 2**30
+#: Spots x genes (float32 bytes) predicted at a time.
+_CHUNK_BYTES = 128 * 2**20
 
 
 def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
@@ -132,12 +142,38 @@ def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, l
     return features, new_emb
 
 
-def _predict(model: AGLModel, features, device: str, batch_size: int) -> np.ndarray:
+def _rows(features, start: int, stop: int):
+    """Rows ``start:stop`` of an array of features or of a patch Dataset."""
+    if isinstance(features, torch.utils.data.Dataset):
+        return torch.utils.data.Subset(features, range(start, stop))
+    return features[start:stop]
+
+
+def _predict_rows(model: AGLModel, features, start: int, stop: int, device: str, batch_size: int) -> np.ndarray:
     model.net.to(device)
     try:
-        return model.predict(features, batch_size=batch_size)
+        return model.predict(_rows(features, start, stop), batch_size=batch_size)
     finally:
         model.net.cpu()
+
+
+def _predict(model: AGLModel, features, device: str, batch_size: int) -> np.ndarray:
+    return _predict_rows(model, features, 0, len(features), device, batch_size)
+
+
+def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
+    """The model genes to predict: ``"selected"`` (targets + selected auxiliaries), ``"targets"``, ``"all"``, a list."""
+    if isinstance(genes, str):
+        check_choice("genes", genes, PREDICT_GENES)
+        chosen = {"selected": model.predicted_genes, "targets": model.targets, "all": model.genes}[genes]
+    else:
+        chosen = [str(g) for g in genes]
+        unknown = [g for g in chosen if g not in set(model.genes)]
+        if unknown:
+            raise KeyError(f"{len(unknown)} gene(s) are not outputs of the model: {unknown[:10]}.")
+    if adata is not None:
+        chosen = [g for g in chosen if g in adata.var_names]
+    return chosen
 
 
 def _check_genes(adata: AnnData, model: AGLModel) -> None:
@@ -167,21 +203,56 @@ def _check_genes(adata: AnnData, model: AGLModel) -> None:
 
 
 def prediction_layer(
-    adata: AnnData, model: AGLModel, embedding_key=None, weights=None, device="cpu", library_key=None, batch_size=512
-) -> tuple[np.ndarray, tuple | None, list[str]]:
+    adata: AnnData,
+    model: AGLModel,
+    genes: str | Sequence[str] = "selected",
+    embedding_key=None,
+    weights=None,
+    device="cpu",
+    library_key=None,
+    batch_size=512,
+    max_dense_bytes: float = DENSE_LAYER_BYTES,
+):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
-    Returns the layer (spots x genes of ``adata``, NaN where not predicted), ``(key, features, record)`` of an
-    embedding computed on the way (or None), and the predicted genes present in ``adata``.
+    Returns the layer (spots x genes of ``adata``, NaN where not predicted; a NumPy array, or a chunked dask array
+    when the dense layer would exceed ``max_dense_bytes``), ``(key, features, record)`` of an embedding computed
+    on the way (or None), and the predicted genes. Predictions are made in row chunks, so memory is that of a
+    chunk of spots x model genes (plus the layer when it is dense).
     """
     _check_genes(adata, model)
     features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
-    pred = _predict(model, features, device, batch_size)
+    pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
-    pred_genes = [g for g in model.predicted_genes if g in adata.var_names]
-    layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-    layer[:, adata.var_names.get_indexer(pred_genes)] = pred[:, [col[g] for g in pred_genes]]
-    return layer, new_emb, pred_genes
+    model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
+    var_cols = adata.var_names.get_indexer(pred_genes)
+    n_obs, n_vars = adata.n_obs, adata.n_vars
+    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), n_vars))))
+
+    def block(s: int, e: int) -> np.ndarray:
+        out = np.full((e - s, n_vars), np.nan, dtype=np.float32)
+        out[:, var_cols] = _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
+        return out
+
+    if n_obs * n_vars * 4 <= max_dense_bytes:
+        layer = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
+        for s in range(0, n_obs, step):
+            e = min(s + step, n_obs)
+            layer[s:e, var_cols] = _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
+        return layer, new_emb, pred_genes
+    import dask
+    import dask.array as da
+
+    blocks = [
+        da.from_delayed(dask.delayed(block)(s, min(s + step, n_obs)), shape=(min(s + step, n_obs) - s, n_vars),
+                        dtype=np.float32)
+        for s in range(0, n_obs, step)
+    ]  # fmt: skip
+    logg.info(
+        f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> {max_dense_bytes / 2**30:.1f}"
+        f" GiB): writing a chunked dask array ({len(blocks)} chunks of {step} spots), computed when read or written."
+    )
+    return da.concatenate(blocks, axis=0), new_emb, pred_genes
 
 
 @d.dedent
@@ -191,11 +262,13 @@ def agl_predict(
     *,
     embedding_key: str | None = None,
     weights: str | Path | None = None,
+    genes: str | Sequence[str] = "selected",
     key_added: str = K.DEFAULT_KEY,
     copy: bool = False,
     device: str = "cpu",
     library_key: str | None = None,
     batch_size: int = 512,
+    max_dense_bytes: float = DENSE_LAYER_BYTES,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -210,6 +283,9 @@ def agl_predict(
         is computed with the model's recorded encoder, weights and patch settings.
     weights
         Encoder weights file, when the path recorded in the model moved (its sha256 must match).
+    genes
+        Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
+        mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
     %(key_added)s
     %(copy)s
     device
@@ -217,12 +293,15 @@ def agl_predict(
     %(library_key)s
     batch_size
         Spots per forward pass.
+    max_dense_bytes
+        Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
+        chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
 
     Returns
     -------
     None, or the copy with ``copy=True``. Writes ``.layers[f"{key_added}_pred"]`` (spots x all genes, float32,
-    predictions in the model's expression scale for the targets and the selected auxiliaries, NaN for every other
-    gene), and a computed embedding. A SpatialData input gets them in its table.
+    predictions in the model's expression scale for the chosen genes, NaN for every other gene), and a computed
+    embedding. A SpatialData input gets them in its table.
 
     Raises
     ------
@@ -241,7 +320,9 @@ def agl_predict(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
-    layer, new_emb, pred_genes = prediction_layer(adata, model, embedding_key, weights, device, library_key, batch_size)
+    layer, new_emb, pred_genes = prediction_layer(
+        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes
+    )
     target = adata.copy() if copy else adata
     written = {
         "layers": [keys.pred_layer],
