@@ -132,7 +132,7 @@ class ExpressionBatches:
         cols = self.columns if n_first is None else self.columns[:n_first]
         return expression_transform(take_rows(self.X, idx), self.transform, columns=cols)
 
-    def chunks(self, idx: np.ndarray, max_bytes: float = 64e6, n_first: int | None = None) -> Iterator[tuple]:
+    def chunks(self, idx: np.ndarray, max_bytes: float = 4 * 2**20, n_first: int | None = None) -> Iterator[tuple]:
         """``(positions, values)`` for consecutive chunks of ``idx`` of at most ``max_bytes`` of float32 values."""
         n_cols = self.n_cols if n_first is None else n_first
         step = max(1, int(max_bytes // (4 * max(n_cols, 1))))

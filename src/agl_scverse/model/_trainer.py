@@ -54,7 +54,19 @@ from ._inference import forward, index_batches
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
 
-__all__ = ["TensorInputs", "StandardizedTargets", "TrainResult", "genes_for_method", "train_network", "predict_raw", "val_pcc"]
+__all__ = [
+    "TensorInputs",
+    "StandardizedTargets",
+    "TrainResult",
+    "genes_for_method",
+    "train_network",
+    "predict_raw",
+    "val_pcc",
+]
+
+
+#: Largest float64 block (bytes) of spots x genes held while calibrating (a few such blocks exist at once).
+_CALIBRATION_BYTES = 4 * 2**20
 
 
 class TensorInputs:
@@ -186,6 +198,7 @@ def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, 
     moments = StreamingMoments(targets.n_cols, paired=True)
     lo = np.full(targets.n_cols, np.inf)
     hi = np.full(targets.n_cols, -np.inf)
+    batch_size = max(1, min(batch_size, _CALIBRATION_BYTES // (8 * targets.n_cols)))  # float64 spots x genes
     for s in range(0, len(idx), batch_size):
         rows = idx[s : s + batch_size]
         out = predict_raw(net, inputs, rows, batch_size)

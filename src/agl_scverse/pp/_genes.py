@@ -30,7 +30,14 @@ from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._validate import check_adata, check_spatial, resolve_spots
 
-from ._priors import coexpression_scores, hvg_dispersions, log1p_columns, moran_scores, rank_order
+from ._priors import (
+    coexpression_scores,
+    column_nonzero_counts,
+    hvg_dispersions,
+    log1p_columns,
+    moran_scores,
+    rank_order,
+)
 
 __all__ = [
     "DEFAULT_MIN_CELLS",
@@ -217,7 +224,8 @@ def compute_gene_roles(
     check_adata(adata, layer=layer)
     mask = resolve_spots(adata, train_mask, as_mask=True, what="train_mask", noun="training spots")
     var_names = adata.var_names
-    X = _counts(adata, layer)[mask]
+    Xall = _counts(adata, layer)  # no copy: the training rows are read in chunks where the data may be large
+    rows = np.flatnonzero(mask)
     n_train = int(mask.sum())
 
     if isinstance(min_cells, float) and 0 < min_cells < 1:
@@ -226,7 +234,7 @@ def compute_gene_roles(
         if min_cells < 0 or float(min_cells) != int(min_cells):
             raise ValueError(f"min_cells must be a non-negative integer or a fraction in (0, 1), got {min_cells!r}.")
         min_cells_n = int(min_cells)
-    n_cells = np.asarray((X > 0).sum(axis=0)).ravel()
+    n_cells = column_nonzero_counts(Xall, rows)
     passing = (n_cells >= max(min_cells_n, 1)) & (n_cells > 0)
 
     # --- validate the explicit lists and the prior before any heavy work
@@ -259,9 +267,9 @@ def compute_gene_roles(
             pool[pos[g]] = True
     pool_idx = np.flatnonzero(pool)
     pool_genes = var_names[pool_idx]
-    X_log = log1p_columns(X, pool_idx)
+    X_log = log1p_columns(Xall[rows], pool_idx) if prior in ("coexpression", "moran") else None
     need_hvg = targets is None or prior == "hvg"
-    disp = hvg_dispersions(X_log, pool_genes) if need_hvg and len(pool_idx) > 0 else None
+    disp = hvg_dispersions(Xall, rows, pool_idx, pool_genes) if need_hvg and len(pool_idx) > 0 else None
 
     # --- targets
     if targets is None:
@@ -276,7 +284,7 @@ def compute_gene_roles(
         targets = cand.index[order[: int(n_targets)]].tolist()
     else:
         t_idx = np.array([pos[g] for g in targets])
-        Xt = X[:, t_idx]
+        Xt = Xall[rows][:, t_idx]
         Xt = Xt.toarray() if sp.issparse(Xt) else np.asarray(Xt)
         const = Xt.max(axis=0) == Xt.min(axis=0)
         if const.any():
@@ -309,7 +317,7 @@ def compute_gene_roles(
             X_aux = X_log[:, in_pool[has]]
             if prior == "coexpression":
                 t_idx = np.array([pos[g] for g in targets])
-                X_t = expression_transform(X, "log1p", columns=t_idx)
+                X_t = expression_transform(Xall[rows], "log1p", columns=t_idx)
                 scores[has] = coexpression_scores(X_aux, X_t)
             else:
                 sub = adata[mask]

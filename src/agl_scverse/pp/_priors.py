@@ -9,7 +9,16 @@ from anndata import AnnData
 
 from agl_scverse import _constants as K
 
-__all__ = ["log1p_columns", "hvg_dispersions", "column_mean_std", "coexpression_scores", "moran_scores", "rank_order"]
+__all__ = [
+    "log1p_columns",
+    "hvg_dispersions",
+    "streaming_seurat_dispersions",
+    "column_nonzero_counts",
+    "column_mean_std",
+    "coexpression_scores",
+    "moran_scores",
+    "rank_order",
+]
 
 
 def log1p_columns(X, cols: np.ndarray):
@@ -22,14 +31,82 @@ def log1p_columns(X, cols: np.ndarray):
     return np.log1p(np.asarray(sub, dtype=np.float32))
 
 
-def hvg_dispersions(X_log, genes: pd.Index) -> pd.Series:
-    """Scanpy seurat-flavour ``dispersions_norm`` on log1p counts (NaN for genes without variance)."""
-    import scanpy as sc
+#: Training counts (CSR bytes of the rows and genes used) above which dispersions are streamed, not scanpy's.
+STREAM_HVG_BYTES = 256 * 2**20
 
-    tmp = AnnData(X_log, var=pd.DataFrame(index=genes))
+
+def hvg_dispersions(X, rows: np.ndarray, cols: np.ndarray, genes: pd.Index) -> pd.Series:
+    """Seurat-flavour ``dispersions_norm`` of genes ``cols`` on the log1p counts of spots ``rows``.
+
+    Small data go through :func:`scanpy.pp.highly_variable_genes` (``flavor="seurat"``) itself. When the counts of
+    those spots and genes exceed :data:`STREAM_HVG_BYTES` (scanpy copies the matrix twice), the same statistics
+    are accumulated over chunks of spots (:func:`streaming_seurat_dispersions`); ``tests/pp/test_genes.py``
+    checks that both agree.
+    """
+    X_rows = X[rows] if len(rows) * len(cols) * 4 <= STREAM_HVG_BYTES else None
+    if X_rows is not None and (not sp.issparse(X_rows) or X_rows.nnz * 8 <= STREAM_HVG_BYTES):
+        import scanpy as sc
+
+        tmp = AnnData(log1p_columns(X_rows, cols), var=pd.DataFrame(index=genes))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df = sc.pp.highly_variable_genes(tmp, flavor="seurat", inplace=False)
+        return pd.Series(np.asarray(df["dispersions_norm"], dtype=float), index=genes)
+    return streaming_seurat_dispersions(X, rows, cols, genes)
+
+
+def streaming_seurat_dispersions(
+    X, rows: np.ndarray, cols: np.ndarray, genes: pd.Index, n_bins: int = 20, chunk: int = 4096
+) -> pd.Series:
+    """Scanpy's seurat-flavour normalised dispersions, with the per-gene moments accumulated over chunks of spots.
+
+    Per gene: the mean and unbiased variance of ``expm1(log1p(counts))`` (the values scanpy sees), dispersion
+    ``log(var / mean)``, mean ``log1p(mean)``; genes binned by mean into ``n_bins`` equal-width bins
+    (:func:`pandas.cut`), dispersions z-scored within their bin (a bin with one gene: normalised dispersion 1).
+    """
+    cols = np.asarray(cols, dtype=np.int64)
+    total, total_sq = np.zeros(len(cols)), np.zeros(len(cols))
+    for s in range(0, len(rows), chunk):
+        block = X[rows[s : s + chunk]][:, cols]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block, dtype=np.float32)
+            vals = np.expm1(np.log1p(block.data)).astype(np.float64)
+            total += np.bincount(block.indices, weights=vals, minlength=len(cols))
+            total_sq += np.bincount(block.indices, weights=vals * vals, minlength=len(cols))
+        else:
+            vals = np.expm1(np.log1p(np.asarray(block, dtype=np.float32))).astype(np.float64)
+            total += vals.sum(0)
+            total_sq += (vals * vals).sum(0)
+    n = len(rows)
+    mean = total / n
+    var = total_sq / n - mean**2
+    if n > 1:
+        var *= n / (n - 1)
+    mean[mean == 0] = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = sc.pp.highly_variable_genes(tmp, flavor="seurat", inplace=False)
-    return pd.Series(np.asarray(df["dispersions_norm"], dtype=float), index=genes)
+        disp = var / mean
+        disp[disp == 0] = np.nan
+        disp = np.log(disp)
+    df = pd.DataFrame({"means": np.log1p(mean), "dispersions": disp}, index=genes)
+    df["mean_bin"] = pd.cut(df["means"], bins=n_bins)
+    stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
+    one = stats["dev"].isnull()
+    stats.loc[one, "dev"] = stats.loc[one, "avg"]
+    stats.loc[one, "avg"] = 0
+    per_gene = stats.loc[df["mean_bin"]].set_index(df.index)
+    return pd.Series(((df["dispersions"] - per_gene["avg"]) / per_gene["dev"]).to_numpy(dtype=float), index=genes)
+
+
+def column_nonzero_counts(X, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Number of spots among ``rows`` with a non-zero count, per gene (chunks of spots; no boolean copy)."""
+    out = np.zeros(X.shape[1], dtype=np.int64)
+    for s in range(0, len(rows), chunk):
+        block = X[rows[s : s + chunk]]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            out += np.bincount(block.indices[block.data > 0], minlength=X.shape[1])
+        else:
+            out += (np.asarray(block) > 0).sum(0)
+    return out
 
 
 def column_mean_std(M) -> tuple[np.ndarray, np.ndarray]:
