@@ -132,7 +132,7 @@ class AGLModel:
         )
 
     # -- inference -----------------------------------------------------------------------------------------
-    def predict(self, features, batch_size: int = 512) -> np.ndarray:
+    def predict(self, features, batch_size: int = 512, columns: np.ndarray | None = None) -> np.ndarray:
         """Predictions (transformed scale, e.g. ``log1p`` counts) for every output gene, float32.
 
         Parameters
@@ -142,9 +142,11 @@ class AGLModel:
             (or a torch Dataset yielding patches).
         batch_size
             Spots per forward pass.
+        columns
+            Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
         """
         batches = array_batches(features, batch_size, float_input=self.mode == "embedding")
-        return forward(self.net, batches, len(self.genes), calibrated=True)
+        return forward(self.net, batches, len(self.genes), calibrated=True, cols=columns)
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

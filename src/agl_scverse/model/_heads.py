@@ -34,19 +34,26 @@ class _Calibrated(nn.Module):
         self.register_buffer("out_lo", torch.full((n_out,), -float("inf")))
         self.register_buffer("out_hi", torch.full((n_out,), float("inf")))
 
-    def _linear_out(self, h: torch.Tensor, n_first: int | None) -> torch.Tensor:
+    def _linear_out(self, h: torch.Tensor, n_first: int | None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        if cols is not None:  # only these outputs (e.g. a block of genes): cost proportional to the block
+            return F.linear(h, self.out.weight[cols], self.out.bias[cols])
         if n_first is None:
             return self.out(h)
         return F.linear(h, self.out.weight[:n_first], self.out.bias[:n_first])
 
-    def predict_expression(self, x: torch.Tensor) -> torch.Tensor:
+    def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated predictions in the transformed expression scale, clipped to each gene's training range.
 
         A network trained with ``1 - Pearson`` is free in scale, and a few spots far from the training features
         can get raw outputs many standard deviations out; the clip keeps predictions in the range the gene was
-        observed in (e.g. no negative ``log1p`` counts).
+        observed in (e.g. no negative ``log1p`` counts). ``cols``: only these outputs.
         """
-        return torch.maximum(torch.minimum(self(x) * self.out_scale + self.out_shift, self.out_hi), self.out_lo)
+        if cols is None:
+            return torch.maximum(torch.minimum(self(x) * self.out_scale + self.out_shift, self.out_hi), self.out_lo)
+        raw = self(x, cols=cols)
+        return torch.maximum(
+            torch.minimum(raw * self.out_scale[cols] + self.out_shift[cols], self.out_hi[cols]), self.out_lo[cols]
+        )
 
 
 class EmbeddingHead(_Calibrated):
@@ -95,10 +102,10 @@ class EmbeddingHead(_Calibrated):
         self.x_mean.copy_(mean.to(self.x_mean))
         self.x_std.copy_(std.to(self.x_std).clamp_min(1e-6))
 
-    def forward(self, x: torch.Tensor, n_first: int | None = None) -> torch.Tensor:
-        """Raw outputs for all genes, or only the first ``n_first`` (the targets, cheaper)."""
+    def forward(self, x: torch.Tensor, n_first: int | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs for all genes, or only the first ``n_first`` (the targets, cheaper), or only ``cols``."""
         h = self.trunk((x - self.x_mean) / self.x_std)
-        return self._linear_out(h, n_first)
+        return self._linear_out(h, n_first, cols)
 
     def config(self) -> dict:
         """JSON-able constructor arguments."""
@@ -155,7 +162,7 @@ class FinetuneNet(_Calibrated):
             "std": self._std,
         }
 
-    def forward(self, x: torch.Tensor, n_first: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n_first: int | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Raw outputs from image patches: ``(n, 3, H, W)`` or ``(n, H, W, 3)``, ``uint8`` or float in [0, 1]."""
         if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
@@ -164,4 +171,4 @@ class FinetuneNet(_Calibrated):
         h = self.backbone(x)
         if h.ndim > 2:
             h = torch.flatten(h, 1)
-        return self._linear_out(h, n_first)
+        return self._linear_out(h, n_first, cols)

@@ -32,7 +32,13 @@ def array_batches(features, batch_size: int, float_input: bool = True) -> Iterat
 
 @torch.no_grad()
 def forward(
-    net: nn.Module, batches: Iterable[torch.Tensor], n_out: int, *, calibrated: bool, n_first: int | None = None
+    net: nn.Module,
+    batches: Iterable[torch.Tensor],
+    n_out: int,
+    *,
+    calibrated: bool,
+    n_first: int | None = None,
+    cols: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run ``net`` in eval mode over ``batches`` and stack the outputs (the training mode is restored after).
 
@@ -49,6 +55,8 @@ def forward(
         ``False``: raw outputs in the trainer's standardised space, float64.
     n_first
         Keep only the first ``n_first`` outputs (the targets).
+    cols
+        Compute only these outputs (calibrated predictions; the output layer's cost is that of the columns).
 
     Examples
     --------
@@ -60,12 +68,13 @@ def forward(
     was = net.training
     net.eval()
     dev = next(net.parameters()).device
+    cols_t = None if cols is None else torch.as_tensor(np.asarray(cols), dtype=torch.long, device=dev)
     outs = []
     try:
         for x in batches:
             x = x.to(dev)
             if calibrated:
-                out = net.predict_expression(x)
+                out = net.predict_expression(x, cols=cols_t)
                 out = (out[:, :n_first] if n_first is not None else out).float()
             else:
                 out = net(x, n_first=n_first).double()
@@ -74,4 +83,5 @@ def forward(
         net.train(was)
     if outs:
         return np.concatenate(outs, 0)
-    return np.zeros((0, n_first or n_out), dtype=np.float32 if calibrated else np.float64)
+    width = len(cols) if cols is not None else (n_first or n_out)
+    return np.zeros((0, width), dtype=np.float32 if calibrated else np.float64)

@@ -149,10 +149,10 @@ def _rows(features, start: int, stop: int):
     return features[start:stop]
 
 
-def _predict_rows(model: AGLModel, features, start: int, stop: int, device: str, batch_size: int) -> np.ndarray:
+def _predict_rows(model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None):
     model.net.to(device)
     try:
-        return model.predict(_rows(features, start, stop), batch_size=batch_size)
+        return model.predict(_rows(features, start, stop), batch_size=batch_size, columns=columns)
     finally:
         model.net.cpu()
 
@@ -228,31 +228,50 @@ def prediction_layer(
     var_cols = adata.var_names.get_indexer(pred_genes)
     n_obs, n_vars = adata.n_obs, adata.n_vars
     step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), n_vars))))
-
-    def block(s: int, e: int) -> np.ndarray:
-        out = np.full((e - s, n_vars), np.nan, dtype=np.float32)
-        out[:, var_cols] = _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
-        return out
-
     if n_obs * n_vars * 4 <= max_dense_bytes:
         layer = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
         for s in range(0, n_obs, step):
             e = min(s + step, n_obs)
             layer[s:e, var_cols] = _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
         return layer, new_emb, pred_genes
+    layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size)
+    logg.info(
+        f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> {max_dense_bytes / 2**30:.1f}"
+        f" GiB): writing a chunked dask array ({layer.numblocks[0]} x {layer.numblocks[1]} chunks), computed when "
+        "read or written."
+    )
+    return layer, new_emb, pred_genes
+
+
+def _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=16384, cols=2048):
+    """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
+
+    Chunks of genes without predictions are NaN chunks that are never computed.
+    """
     import dask
     import dask.array as da
 
-    blocks = [
-        da.from_delayed(dask.delayed(block)(s, min(s + step, n_obs)), shape=(min(s + step, n_obs) - s, n_vars),
-                        dtype=np.float32)
-        for s in range(0, n_obs, step)
-    ]  # fmt: skip
-    logg.info(
-        f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> {max_dense_bytes / 2**30:.1f}"
-        f" GiB): writing a chunked dask array ({len(blocks)} chunks of {step} spots), computed when read or written."
-    )
-    return da.concatenate(blocks, axis=0), new_emb, pred_genes
+    by_var = np.full(n_vars, -1, dtype=np.int64)
+    by_var[var_cols] = model_cols
+
+    def chunk(s: int, e: int, c0: int, c1: int) -> np.ndarray:
+        out = np.full((e - s, c1 - c0), np.nan, dtype=np.float32)
+        local = np.flatnonzero(by_var[c0:c1] >= 0)
+        out[:, local] = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local])
+        return out
+
+    grid = []
+    for s in range(0, n_obs, rows):
+        e, row = min(s + rows, n_obs), []
+        for c0 in range(0, n_vars, cols):
+            c1 = min(c0 + cols, n_vars)
+            if (by_var[c0:c1] >= 0).any():
+                delayed = dask.delayed(chunk)(s, e, c0, c1)
+                row.append(da.from_delayed(delayed, shape=(e - s, c1 - c0), dtype=np.float32))
+            else:
+                row.append(da.full((e - s, c1 - c0), np.nan, dtype=np.float32))
+        grid.append(row)
+    return da.block(grid)
 
 
 @d.dedent
