@@ -113,3 +113,36 @@ def test_from_spatialdata_errors():
         agl.io.from_spatialdata(make_sdata(table_region="he"), microns_per_pixel=1.0)
     with pytest.raises(TypeError, match="SpatialData"):
         agl.io.from_spatialdata(AnnData(np.ones((2, 2))))
+
+
+def _sdata_of(adata):
+    """A SpatialData holding ``adata`` as its table, spots as circles (radius 20 px) on a random image."""
+    import geopandas as gpd  # noqa: F401  (spatialdata's dependency)
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    h, w = int(xy[:, 1].max()) + 100, int(xy[:, 0].max()) + 100
+    img = Image2DModel.parse(np.random.default_rng(0).integers(0, 255, (3, h, w), dtype=np.uint8), dims=("c", "y", "x"))
+    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), 20.0), index=np.arange(len(xy)))
+    table = adata.copy()
+    table.obs["region"] = pd.Categorical(["spots"] * table.n_obs)
+    table.obs["instance"] = np.arange(table.n_obs)
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="instance")
+    return SpatialData(images={"he": img}, shapes={"spots": shapes}, tables={"table": table})
+
+
+def test_tools_write_their_results_into_the_spatialdata_table():
+    """agl_fit / agl_predict / embed on a SpatialData write into its table (as squidpy does), so sdata.write keeps them."""
+    from builders import FAST, small_slide
+
+    a = small_slide()
+    sdata = _sdata_of(a)
+    model = agl.tl.agl_fit(sdata, method="agl", embedding_key="X_emb", n_targets=5, min_cells=1, **FAST)
+    table = sdata.tables["table"]
+    assert isinstance(model, agl.model.AGLModel)
+    assert (table.var["agl_role"].astype(str) == "target").sum() == 5
+    assert set(table.obs["agl_split"].astype(str)) <= {"train", "val"} and "agl" in table.uns
+    assert agl.tl.agl_predict(sdata, model) is None
+    pred = table.layers["agl_pred"]
+    assert pred.shape == table.shape and np.isfinite(pred[:, table.var_names.isin(model.targets)]).all()
