@@ -51,6 +51,35 @@ def _layer_block(layer, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.asarray(layer[rows][:, cols])
 
 
+def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -> list[str]:
+    """The gene names ``evaluate`` scores (``"targets"``, ``"predicted"`` or a list), checked against ``adata``."""
+    if isinstance(genes, str) and genes == "targets":
+        if model is not None:
+            gene_list = list(model.targets)
+        elif keys.role in adata.var:
+            gene_list = adata.var_names[adata.var[keys.role].astype(str) == K.ROLE_TARGET].tolist()
+        else:
+            raise KeyError(f"No model given and no .var[{keys.role!r}]: pass model= or genes=[...].")
+    elif isinstance(genes, str) and genes == "predicted":
+        if keys.pred_layer in adata.layers:  # a gene is predicted on every spot or on none: read the first row
+            first = np.asarray(adata.layers[keys.pred_layer][:1]).ravel()
+            gene_list = adata.var_names[np.isfinite(first)].tolist()
+        elif model is not None:
+            gene_list = [g for g in model.predicted_genes if g in adata.var_names]
+        else:
+            raise KeyError(f"genes='predicted' needs .layers[{keys.pred_layer!r}] or model=; run agl_predict first.")
+    elif isinstance(genes, str):
+        raise ValueError(f"genes must be 'targets', 'predicted' or a list of gene names, got {genes!r}.")
+    else:
+        gene_list = [str(g) for g in genes]
+    missing = [g for g in gene_list if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"{len(missing)} gene(s) to evaluate are not in adata.var_names: {missing[:10]}.")
+    if not gene_list:
+        raise ValueError("No genes to evaluate.")
+    return gene_list
+
+
 def _param(uns_entry: dict, name: str, default: Any) -> Any:
     return ((uns_entry or {}).get("params") or {}).get(name, default)
 
@@ -118,31 +147,7 @@ def evaluate(
     if adata.n_vars == 0:
         raise ValueError("The slide has no expression to evaluate against (n_vars == 0).")
 
-    # ---- genes
-    if isinstance(genes, str) and genes == "targets":
-        if model is not None:
-            gene_list = list(model.targets)
-        elif keys.role in adata.var:
-            gene_list = adata.var_names[adata.var[keys.role].astype(str) == K.ROLE_TARGET].tolist()
-        else:
-            raise KeyError(f"No model given and no .var[{keys.role!r}]: pass model= or genes=[...].")
-    elif isinstance(genes, str) and genes == "predicted":
-        if keys.pred_layer in adata.layers:  # a gene is predicted on every spot or on none: read the first row
-            first = np.asarray(adata.layers[keys.pred_layer][:1]).ravel()
-            gene_list = adata.var_names[np.isfinite(first)].tolist()
-        elif model is not None:
-            gene_list = [g for g in model.predicted_genes if g in adata.var_names]
-        else:
-            raise KeyError(f"genes='predicted' needs .layers[{keys.pred_layer!r}] or model=; run agl_predict first.")
-    elif isinstance(genes, str):
-        raise ValueError(f"genes must be 'targets', 'predicted' or a list of gene names, got {genes!r}.")
-    else:
-        gene_list = [str(g) for g in genes]
-    missing = [g for g in gene_list if g not in adata.var_names]
-    if missing:
-        raise KeyError(f"{len(missing)} gene(s) to evaluate are not in adata.var_names: {missing[:10]}.")
-    if not gene_list:
-        raise ValueError("No genes to evaluate.")
+    gene_list = _genes_to_score(adata, model, genes, keys)
     gidx = adata.var_names.get_indexer(gene_list)
 
     # ---- preprocessing the model used
