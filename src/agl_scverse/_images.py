@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -651,7 +652,7 @@ class TiffSource(_FileSource):
         try:
             with tifffile.TiffFile(self.path) as tf:
                 if not tf.series:
-                    raise ValueError(f"TIFF file {self.path} holds no image series.")
+                    raise ValueError(f"{self._label} is not a readable TIFF: it holds no image series.")
                 series = tf.series[0]
                 levels = list(series.levels)
                 self._axes = [lv.axes for lv in levels]
@@ -777,7 +778,8 @@ class DecodedFileSource(_FileSource):
     image in RAM once (PIL cannot decode these formats by region), writes it to ``cache_dir() / <name>.npy``
     (a temporary file renamed into place, so readers never see a partial file; concurrent processes wait on a
     lock) and memory-maps it; later opens, in this process or another, only map the file. The cache file name
-    holds a hash of the resolved path, size and modification time, so a replaced file is decoded again.
+    holds a hash of the resolved path, size and modification time, so a replaced file is decoded again; cache
+    files of images that are gone or were replaced are deleted whenever a new image is decoded.
 
     Parameters
     ----------
@@ -864,9 +866,13 @@ class DecodedFileSource(_FileSource):
                 out.flush()
                 del out
             os.replace(tmp, target)
+            _write_text_atomic(
+                target.with_suffix(".json"), json.dumps(dict(zip(("path", "size", "mtime_ns"), self.file_key)))
+            )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        _prune_stale(target.parent)
 
     def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         return self._array()[ya:yb, xa:xb]
@@ -878,6 +884,28 @@ class DecodedFileSource(_FileSource):
     def close(self) -> None:
         """Drop the memory map."""
         self._mmap = None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune_stale(folder: Path) -> None:
+    """Delete cache files whose source image is gone or was replaced (their ``.json`` records path, size, mtime)."""
+    for meta in folder.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            rec = json.loads(meta.read_text())
+            try:
+                st = os.stat(rec["path"])
+                stale = (int(st.st_size), int(st.st_mtime_ns)) != (int(rec["size"]), int(rec["mtime_ns"]))
+            except FileNotFoundError:
+                stale = True
+            if stale:
+                for path in (meta.with_suffix(".npy"), meta.with_suffix(".npy.lock"), meta):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
 
 @contextlib.contextmanager
