@@ -73,6 +73,8 @@ DEFAULT_TILE_CACHE_MB = 256
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf2", ".tf8", ".ndpi", ".scn", ".qptiff", ".bif")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+#: Strip-organised TIFFs are read and cached in full-width bands of at least this many rows.
+STRIP_BAND_ROWS = 256
 #: Relative tolerance of the pyramid-level rule (level sizes are rounded to whole pixels).
 LEVEL_TOLERANCE = 1e-3
 
@@ -622,9 +624,10 @@ class TiffSource(_FileSource):
     """A TIFF / OME-TIFF / SVS file read tile by tile through tifffile's zarr store.
 
     Levels are those of the first series (``TiffFile(path).series[0].levels``: a pyramid in SubIFDs, an SVS or
-    OME-TIFF pyramid; one level for a flat TIFF). A region decodes only the tiles (or strips) it touches, and
-    decoded tiles go to :func:`tile_cache` keyed by ``(path, size, mtime, level, tile row, tile column)``.
-    Uncompressed contiguous levels are memory-mapped instead.
+    OME-TIFF pyramid; one level for a flat TIFF). A region decodes only the tiles it touches, and decoded tiles
+    go to :func:`tile_cache` keyed by ``(path, size, mtime, level, tile row, tile column)``. A TIFF in strips is
+    read in full-width bands of at least 256 rows (``STRIP_BAND_ROWS``); uncompressed contiguous levels are
+    memory-mapped instead.
 
     Parameters
     ----------
@@ -689,7 +692,10 @@ class TiffSource(_FileSource):
                 arr = tifffile.memmap(self.path, series=0, level=i, mode="r")
             arrays.append(arr)
             ch = arr.chunks if hasattr(arr, "chunks") and arr.chunks is not None else arr.shape
-            chunks.append((int(ch[axes.index("Y")]), int(ch[axes.index("X")])))
+            th, tw = int(ch[axes.index("Y")]), int(ch[axes.index("X")])
+            if tw >= self.levels[i].width and th < STRIP_BAND_ROWS:  # strips: cache bands of several strips
+                th *= -(-STRIP_BAND_ROWS // th)
+            chunks.append((th, tw))
         self._warn_big_chunks(chunks)
         self._store, self._arrays, self._chunks, self._pid = store, arrays, chunks, os.getpid()
         return arrays
@@ -723,19 +729,17 @@ class TiffSource(_FileSource):
     def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         arr = self._open()[level]
         axes = self._axes[level]
-        index = tuple(slice(ya, yb) if a == "Y" else slice(xa, xb) if a == "X" else _other_axis(a) for a in axes)
-        data = np.asarray(arr[index])
-        kept = [a for a in axes if a in "YXSC"]
-        if "S" not in kept and "C" not in kept:
-            raise ValueError(f"{self.name} has axes {axes!r} without a colour axis.")
-        order = [kept.index("Y"), kept.index("X"), kept.index("S" if "S" in kept else "C")]
-        return data.transpose(order)
+        colour = "S" if "S" in axes else "C"  # samples of a pixel (RGB) or, in some OME-TIFFs, channel planes
+        picks = {"Y": slice(ya, yb), "X": slice(xa, xb), colour: slice(None)}
+        data = np.asarray(arr[tuple(picks.get(a, 0) for a in axes)])  # other axes: their first plane
+        kept = [a for a in axes if a in picks]
+        return data.transpose([kept.index("Y"), kept.index("X"), kept.index(colour)])
 
     def _read(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         self._open()
         if self._memmappable[level]:
             return to_uint8_rgb(self._raw(level, xa, ya, xb, yb), self.float_scale())
-        th, tw = self._chunks[level]  # type: ignore[index]
+        th, tw = self._chunks[level]  # type: ignore[index]  # the tile, or a band of strips
         width, height = self.level_size(level)
         out = np.empty((yb - ya, xb - xa, 3), dtype=np.uint8)
         cache = tile_cache()
@@ -752,10 +756,6 @@ class TiffSource(_FileSource):
                 sy, sx, ey, ex = max(ya, oy), max(xa, ox), min(yb, oy + th), min(xb, ox + tw)
                 out[sy - ya : ey - ya, sx - xa : ex - xa] = tile[sy - oy : ey - oy, sx - ox : ex - ox]
         return out
-
-
-def _other_axis(axis: str) -> slice | int:
-    return slice(None) if axis in "SC" else 0
 
 
 def _tiff_yxc_shape(axes: str, shape: tuple[int, ...], name: str) -> tuple[int, int, int]:

@@ -243,3 +243,12 @@ def test_level_rule_never_coarser_than_the_patch():
     assert choose_level(levels, 0.25, 0.2) == 0  # finer than level 0: level 0 (upsampled)
     odd = [Level(8001, 8001, 1.0), Level(4000, 4000, 2.00025)]  # rounded level size, within the tolerance
     assert choose_level(odd, 0.25, 0.5) == 1
+
+
+def test_strip_tiffs_are_read_in_bands(tmp_path):
+    img = _texture(700, 300)
+    tifffile.imwrite(tmp_path / "strips.tif", img, photometric="rgb", compression="zlib", rowsperstrip=8)
+    src = open_image(tmp_path / "strips.tif")
+    np.testing.assert_array_equal(src.read_region(20, 250, 100, 20), img[250:270, 20:120])  # crosses a band edge
+    assert src._chunks == [(256, 300)] and len(tile_cache()) == 2  # bands of 32 strips, not 4 separate strips
+    np.testing.assert_array_equal(src.read_region(0, 600, 300, 200), img[600:700])
