@@ -775,7 +775,8 @@ class DecodedFileSource(_FileSource):
     """A JPEG / PNG (any PIL format) decoded once into a memory-mapped ``.npy`` cache file.
 
     Opening reads only the header (size, mode). The first read decodes the image with PIL, which holds the whole
-    image in RAM once (PIL cannot decode these formats by region), writes it to ``cache_dir() / <name>.npy``
+    image in RAM once (4 bytes per pixel; PIL cannot decode these formats by region), writes it in bands of rows
+    to ``cache_dir() / <name>.npy``
     (a temporary file renamed into place, so readers never see a partial file; concurrent processes wait on a
     lock) and memory-maps it; later opens, in this process or another, only map the file. The cache file name
     holds a hash of the resolved path, size and modification time, so a replaced file is decoded again; cache

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,11 +188,10 @@ def test_jpeg_is_decoded_once_into_a_memory_map_and_replaced_files_are_decoded_a
 
 def test_jpeg_cache_folder_defaults_to_the_temp_folder(monkeypatch):
     monkeypatch.delenv("AGL_SCVERSE_CACHE")
-    import tempfile
-
-    assert _images.cache_dir().parent == __import__("pathlib").Path(tempfile.gettempdir())
+    assert _images.cache_dir().parent == Path(tempfile.gettempdir())
+    assert _images.cache_dir().name.startswith("agl_scverse_cache")
     monkeypatch.setenv("AGL_SCVERSE_CACHE", "/some/where")
-    assert str(_images.cache_dir()) == "/some/where"
+    assert _images.cache_dir() == Path("/some/where")
 
 
 def test_clear_errors_for_missing_unreadable_and_grayscale_images(tmp_path):
