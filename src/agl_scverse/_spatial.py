@@ -5,7 +5,6 @@ Every module that needs an image or a scale goes through here, so the layout liv
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 from anndata import AnnData
 
 from . import _constants as K
+from ._images import ImageSource, check_rgb_shape, open_image, to_uint8_rgb
 
 VISIUM_SPOT_UM = 55.0  # physical diameter of a Visium spot
 # Space Ranger defines scalefactors["spot_diameter_fullres"] as the pixels spanning a *theoretical 65 µm* spot,
@@ -112,52 +112,51 @@ def microns_per_pixel(adata: AnnData, library_id: str) -> float:
 
 
 def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
-    """Check an image is H x W x 3 (RGBA loses alpha) and return it as uint8 RGB."""
+    """Check an image is H x W x 3 (RGBA loses alpha) and return it as uint8 RGB.
+
+    uint16 is rescaled to 8 bit (``round(v / 257)``), floats in [0, 1] are scaled by 255, other values are clipped
+    to 0..255 (the rules of every image source, see :mod:`agl_scverse._images`).
+
+    Examples
+    --------
+    >>> as_rgb(np.full((1, 1, 3), 65535, dtype=np.uint16))[0, 0].tolist()
+    [255, 255, 255]
+    """
     img = np.asarray(img)
-    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
-        raise ValueError(
-            f"{name} is grayscale (shape {img.shape}); H&E models need an RGB image (H x W x 3). "
-            "Convert it, e.g. np.stack([img] * 3, axis=-1), only if it really is a stained slide."
-        )
-    if img.ndim != 3 or img.shape[2] not in (3, 4):
-        raise ValueError(f"{name} has shape {img.shape}; expected H x W x 3 (RGB).")
-    img = img[..., :3]
-    if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating) and np.nanmax(img) <= 1.0 + 1e-6:
-            img = img * 255.0
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    return img
-
-
-@functools.lru_cache(maxsize=2)
-def _read_image_file(path: str) -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
-        if im.mode not in ("RGB", "RGBA"):
-            if im.mode in ("L", "I", "I;16", "F", "1"):
-                raise ValueError(f"Image file {path} is grayscale (mode {im.mode}); an RGB H&E image is required.")
-            im = im.convert("RGB")
-        arr = np.asarray(im)
-    arr = as_rgb(arr, name=f"image file {path}")
-    arr.setflags(write=False)
-    return arr
+    check_rgb_shape(img.shape, name)
+    scale = 1.0
+    if np.issubdtype(img.dtype, np.floating) and img.size and np.nanmax(img[..., :3]) <= 1.0 + 1e-6:
+        scale = 255.0
+    return to_uint8_rgb(img, scale)
 
 
 def get_image(
     adata: AnnData, library_id: str, prefer: Sequence[str] = (K.FULLRES, K.HIRES, K.LOWRES), warn: bool = True
-) -> tuple[np.ndarray, float, str]:
-    """Best available image of a library.
+) -> tuple[ImageSource, float, str]:
+    """Best available image of a library, as a source read by region (nothing is decoded here).
+
+    ``metadata["source_image_path"]`` (a TIFF read by tile, or a JPEG / PNG decoded once into a memory-mapped
+    cache file) or ``images["fullres"]`` give the full-resolution image; otherwise the hires, then the lowres
+    image is used, with a warning (patches from them are upsampled).
 
     Returns
     -------
     image
-        H x W x 3 uint8 array.
+        An :class:`~agl_scverse._images.ImageSource`: ``image.read_region(x0, y0, w, h, level)`` reads pixels,
+        ``image.levels`` lists its pyramid levels (``np.asarray(image)`` decodes level 0 whole).
     scale
-        Factor mapping full-resolution pixel coordinates to this image's pixels.
+        Factor mapping full-resolution pixel coordinates to this image's (level-0) pixels.
     which
         ``"fullres"``, ``"hires"`` or ``"lowres"``.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> a = ad.AnnData(np.ones((1, 1)), uns={"spatial": {"s": {"images": {"hires": np.zeros((8, 8, 3), np.uint8)},
+    ...     "scalefactors": {"tissue_hires_scalef": 0.5}}}})
+    >>> img, scale, which = get_image(a, "s", warn=False)
+    >>> img.width, scale, which
+    (8, 0.5, 'hires')
     """
     entry = library_entry(adata, library_id)
     images = entry.get(K.IMAGES, {}) or {}
@@ -172,9 +171,9 @@ def get_image(
                         f"Full-resolution image of library {library_id!r} not found at {path}. Move it back or "
                         "update uns['spatial'][library_id]['metadata']['source_image_path']."
                     )
-                return _read_image_file(str(path)), 1.0, K.FULLRES
+                return open_image(str(path)), 1.0, K.FULLRES
             if K.FULLRES in images:
-                return as_rgb(images[K.FULLRES], f"fullres image of {library_id!r}"), 1.0, K.FULLRES
+                return open_image(images[K.FULLRES], f"fullres image of {library_id!r}"), 1.0, K.FULLRES
         elif which in images:
             key = K.HIRES_SCALEF if which == K.HIRES else K.LOWRES_SCALEF
             if key not in sf:
@@ -188,7 +187,7 @@ def get_image(
                     UserWarning,
                     stacklevel=2,
                 )
-            return as_rgb(images[which], f"{which} image of {library_id!r}"), float(sf[key]), which
+            return open_image(images[which], f"{which} image of {library_id!r}"), float(sf[key]), which
     raise ValueError(
         f"No image for library {library_id!r}: uns['spatial'][{library_id!r}] has images {list(images)} and "
         f"no metadata['source_image_path']. Read the slide with its image (agl.io) or add one."

@@ -120,7 +120,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_image_differs_between_tissue_types(default_slide):
     ad = default_slide
-    img = get_image(ad, "synthetic")[0].astype(np.float32)
+    img = np.asarray(get_image(ad, "synthetic")[0]).astype(np.float32)
     xy = ad.obsm["spatial"].astype(int)
     patch_mean = np.array([img[y - 50 : y + 50, x - 50 : x + 50].reshape(-1, 3).mean(0) for x, y in xy])
     types = ad.obs["tissue_type"].to_numpy()

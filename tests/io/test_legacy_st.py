@@ -152,7 +152,6 @@ def test_her2st_five_sections_on_tissue(her2st_dir):
         on_spots = np.mean([crop_mean(p) for p in xy])
         background = np.mean([crop_mean(p) for p in far])
         assert on_spots < background - 40, (lib, on_spots, background)
-    _spatial._read_image_file.cache_clear()
 
 
 def test_outputs_round_trip_h5ad(tmp_path, legacy_dir):

@@ -9,9 +9,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
 import agl_scverse as agl
+from agl_scverse._images import tile_cache
 from agl_scverse.model import normalize
 from agl_scverse.pp import SpotPatches, extract_patches, iter_patch_batches, patch_loader
 
@@ -196,7 +199,7 @@ def test_pickled_dataset_rereads_images_and_loaders_batch():
     img = _marker_image((130, 140), XY, half=3)
     ds = SpotPatches(_slide(img, XY), patch_px=16, patch_um=21)
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._images == {}
+    assert clone.level == {"s1": 0} and ds.record()["level"] == {"s1": 0}
     for i in range(len(ds)):
         assert torch.equal(clone[i], ds[i])
     batches = list(patch_loader(ds, batch_size=2))
@@ -219,3 +222,176 @@ def test_normalize():
     with pytest.raises(ValueError, match="std"):
         normalize(x, std=(0, 1, 1))
     assert agl.model.normalize is normalize
+
+
+# --- slide images read by region ----------------------------------------------------------------------------
+def _texture(h, w, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 3) % 256, (yy * 5) % 256, (xx + yy) % 256], axis=-1)
+    return (base + rng.integers(0, 20, size=(h, w, 3))).clip(0, 255).astype(np.uint8)
+
+
+def _write_pyramid(path, img, n_levels=3) -> list[np.ndarray]:
+    levels = [img[:: 2**i, :: 2**i] for i in range(n_levels)]
+    kw = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(levels[0], subifds=n_levels - 1, **kw)
+        for lv in levels[1:]:
+            tw.write(lv, subfiletype=1, **kw)
+    return levels
+
+
+def _file_slide(path, xy, mpp=1.0, lib="s1") -> ad.AnnData:
+    adata = _slide(np.zeros((4, 4, 3), dtype=np.uint8), xy, mpp=mpp, which="lowres", lib=lib)
+    adata.uns["spatial"][lib]["metadata"] = {"source_image_path": str(path)}
+    return adata
+
+
+EDGE_XY = np.array([[40, 50], [3, 4], [255, 150], [130, 297], [200, 222], [64, 64]])
+
+
+@pytest.fixture
+def _own_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "cache"))
+    tile_cache().clear()
+    yield
+    tile_cache().clear()
+
+
+@pytest.mark.usefixtures("_own_caches")
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
+def test_tiff_and_png_patches_equal_in_memory_patches(tmp_path, mode):
+    img = _texture(300, 260)
+    _write_pyramid(tmp_path / "slide.tif", img)
+    Image.fromarray(img).save(tmp_path / "slide.png")
+    kw = {"patch_px": 24, "patch_um": 21, "pad_mode": mode, "min_inside": 0.2, "on_outside": "pad"}
+    ref = SpotPatches(_slide(img, EDGE_XY), **kw)
+    for name in ("slide.tif", "slide.png"):
+        ds = SpotPatches(_file_slide(tmp_path / name, EDGE_XY), **kw)
+        assert ds.image_kind == {"s1": "fullres"} and ds.level == {"s1": 0} and ds.crop_side == ref.crop_side
+        np.testing.assert_array_equal(ds.inside_fraction, ref.inside_fraction)
+        assert ds.inside_fraction.min() < 1  # some patches are padded
+        for i in range(len(ds)):
+            assert torch.equal(ds[i], ref[i]), (name, i)
+        clone = pickle.loads(pickle.dumps(ds))
+        assert torch.equal(clone[2], ref[2])
+
+
+@pytest.mark.usefixtures("_own_caches")
+def test_building_the_dataset_decodes_nothing(tmp_path, monkeypatch):
+    from agl_scverse._images import DecodedFileSource
+
+    img = _texture(300, 260)
+    _write_pyramid(tmp_path / "slide.tif", img)
+    Image.fromarray(img).save(tmp_path / "slide.jpg", quality=95)
+    calls = []
+    monkeypatch.setattr(DecodedFileSource, "_decode_to", lambda self, target: calls.append(target))
+    SpotPatches(_file_slide(tmp_path / "slide.jpg", EDGE_XY[:1]), patch_px=16, patch_um=21)
+    SpotPatches(_file_slide(tmp_path / "slide.tif", EDGE_XY[:1]), patch_px=16, patch_um=21)
+    assert calls == [] and len(tile_cache()) == 0
+
+
+@pytest.mark.usefixtures("_own_caches")
+def test_coarser_patches_are_read_from_the_matching_pyramid_level(tmp_path):
+    img = _texture(300, 260)
+    levels = _write_pyramid(tmp_path / "slide.tif", img)
+    xy = EDGE_XY[[0, 4, 5]]
+    # 32 µm in 16 px: 2 µm/px, twice the image's 1 µm/px -> the 2x level, a 16 px crop, no resize
+    ds = SpotPatches(_file_slide(tmp_path / "slide.tif", xy, mpp=1.0), patch_px=16, patch_um=32)
+    assert ds.level == {"s1": 1} and ds.level_downsample == {"s1": 2.0} and ds.crop_side == {"s1": 16}
+    rec = ds.record()
+    assert rec["level"] == {"s1": 1} and rec["level_downsample"] == {"s1": 2.0}
+    # same pixels as cutting the level-1 image directly, with spot centres mapped to its pixel grid
+    ref = SpotPatches(_slide(levels[1], (xy - 0.5) / 2.0, mpp=2.0), patch_px=16, patch_um=32)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i], ref[i])
+    assert {key[3] for key in tile_cache()._items} == {1}  # level 0 was never decoded
+    # slightly finer than 2 µm/px: the 2x level would be coarser, so level 0 (and a resize) is used
+    fine = SpotPatches(_file_slide(tmp_path / "slide.tif", xy, mpp=1.0), patch_px=17, patch_um=32)
+    assert fine.level == {"s1": 0} and fine.crop_side == {"s1": 32}
+    # 4x coarser patches: level 2
+    assert SpotPatches(_file_slide(tmp_path / "slide.tif", xy), patch_px=8, patch_um=32).level == {"s1": 2}
+
+
+@pytest.mark.usefixtures("_own_caches")
+def test_uint16_images_give_rescaled_patches_not_white_ones(tmp_path):
+    img = _texture(120, 120)
+    deep = img.astype(np.uint16) * 257  # values up to 65535
+    tifffile.imwrite(tmp_path / "deep.tif", deep, photometric="rgb", tile=(64, 64))
+    xy = np.array([[40, 40], [80, 70]])
+    ref = SpotPatches(_slide(img, xy), patch_px=16, patch_um=21)
+    for adata in (_slide(deep, xy), _file_slide(tmp_path / "deep.tif", xy)):
+        ds = SpotPatches(adata, patch_px=16, patch_um=21)
+        for i in range(len(ds)):
+            assert not torch.all(ds[i] == 255)
+            assert torch.equal(ds[i], ref[i])
+
+
+@pytest.mark.usefixtures("_own_caches")
+def test_embed_patches_with_workers_gives_the_same_features(tmp_path):
+    img = _texture(300, 260)
+    _write_pyramid(tmp_path / "slide.tif", img)
+    Image.fromarray(_texture(200, 220, seed=3)).save(tmp_path / "other.png")
+    a = _file_slide(tmp_path / "slide.tif", EDGE_XY[[0, 4, 5]], lib="tif")
+    b = _file_slide(tmp_path / "other.png", np.array([[50, 60], [150, 100], [100, 150]]), lib="png")
+    adata = ad.concat([a, b], label="library_id", keys=["tif", "png"], index_unique="-")
+    adata.uns["spatial"] = {**a.uns["spatial"], **b.uns["spatial"]}
+    kw = {"encoder": "resnet18", "patch_px": 32, "patch_um": 48, "batch_size": 2, "library_key": "library_id"}
+    serial = agl.pp.embed_patches(adata, num_workers=0, copy=True, **kw)
+    parallel = agl.pp.embed_patches(adata, num_workers=2, prefetch_factor=1, copy=True, **kw)
+    np.testing.assert_array_equal(parallel.obsm["X_agl_resnet18"], serial.obsm["X_agl_resnet18"])
+    rec = serial.uns["agl_embeddings"]["X_agl_resnet18"]
+    assert rec["level"] == {"tif": 0, "png": 0}  # 1.5 µm/px patches of a 1 µm/px slide: level 0 (no 1.5x level)
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        agl.pp.embed_patches(adata, prefetch_factor=0, **kw)
+
+
+def _big_tiff(path, size=8000, tile=256) -> None:
+    """A size x size JPEG-tiled TIFF written tile by tile (never whole in memory)."""
+    n = -(-size // tile)
+
+    def tiles():
+        yy, xx = np.mgrid[0:tile, 0:tile]
+        for ty in range(n):
+            for tx in range(n):
+                t = np.empty((tile, tile, 3), dtype=np.uint8)
+                t[..., 0] = (xx + 7 * tx) % 256
+                t[..., 1] = (yy + 11 * ty) % 256
+                t[..., 2] = 128
+                yield t
+
+    tifffile.imwrite(path, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                     compression="jpeg")  # fmt: skip
+
+
+@pytest.mark.usefixtures("_own_caches")
+def test_embedding_a_large_tiff_never_allocates_the_image(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from agl_scverse import _images
+
+    _big_tiff(tmp_path / "big.tif")
+    grid = np.linspace(150, 7850, 8)
+    xy = np.array([[x, y] for y in grid for x in grid])  # 64 spots all over the 8000 x 8000 image (192 MB decoded)
+    adata = _file_slide(tmp_path / "big.tif", xy, mpp=0.5)
+    monkeypatch.setattr(_images, "_TILE_CACHE", _images.TileCache(max_bytes=16 * 2**20))
+
+    def means(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+    tracemalloc.start()
+    try:
+        # 112 µm at 0.5 µm/px: 224 px crops from level 0, every tile touched decoded at full resolution
+        agl.pp.embed_patches(adata, encoder=means, patch_px=224, patch_um=112, batch_size=8)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        src = _images.open_image(tmp_path / "big.tif")
+        src.read_region(0, 0, 8000, 1000)  # control: a 24 MB band is seen by the measurement
+        _, band_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert adata.obsm["X_agl_means"].shape == (64, 3)
+    assert adata.uns["agl_embeddings"]["X_agl_means"]["level"] == {"s1": 0}
+    assert band_peak > 24 * 2**20
+    assert peak < 48 * 2**20, f"embedding allocated {peak / 2**20:.0f} MB (a full decode is 192 MB)"

@@ -47,15 +47,31 @@ def _features(y: Any, batch: int) -> torch.Tensor:
 
 
 def _encode(
-    model: nn.Module, ds: SpotPatches, mean, std, batch_size: int, device, num_workers: int, desc: str
+    model: nn.Module,
+    ds: SpotPatches,
+    mean,
+    std,
+    batch_size: int,
+    device,
+    num_workers: int,
+    desc: str,
+    prefetch_factor: int = 2,
 ) -> np.ndarray:
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
     orig_device = params[0].device if params else None
     was_training = model.training
+    # Workers each reopen the images (the dataset pickles without open files) and keep their own tile cache;
+    # they are not kept alive between calls, and each holds at most prefetch_factor batches in flight.
     loader = DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=int(prefetch_factor) if num_workers > 0 else None,
+        persistent_workers=False,
     )
     out: np.ndarray | None = None
     pos = 0
@@ -99,6 +115,7 @@ def embed_patches(
     pad_mode: str = "constant",
     min_inside: float = 0.5,
     seed: int = 0,
+    prefetch_factor: int = 2,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -128,12 +145,16 @@ def embed_patches(
     on_outside
         ``"error"`` or ``"pad"``, for spots whose patch lies mostly outside the image (see :class:`SpotPatches`).
     num_workers
-        DataLoader workers cutting patches.
+        DataLoader workers cutting patches (each reopens the slide images and reads its patches by region; the
+        features are the same as with 0).
     %(copy)s
     pad_mode, min_inside
         Border handling, see :class:`SpotPatches`.
     seed
         Seed of a random-initialised encoder.
+    prefetch_factor
+        Batches each worker prepares ahead (with ``num_workers > 0``); memory grows with
+        ``num_workers * prefetch_factor * batch_size`` patches.
 
     Returns
     -------
@@ -152,6 +173,7 @@ def embed_patches(
     adata = as_anndata(data)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+    check_positive("prefetch_factor", prefetch_factor, integer=True)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     dev = resolve_device(device)
@@ -167,7 +189,15 @@ def embed_patches(
     )
     key = key_added or K.embedding_key(info["name"])
     feats = _encode(
-        model, ds, info["mean"], info["std"], int(batch_size), dev, int(num_workers), f"embedding ({info['name']})"
+        model,
+        ds,
+        info["mean"],
+        info["std"],
+        int(batch_size),
+        dev,
+        int(num_workers),
+        f"embedding ({info['name']})",
+        prefetch_factor=int(prefetch_factor),
     )
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats).all(axis=1)).sum())

@@ -10,6 +10,16 @@ Geometry
     hires image when no full-resolution image is available, with a warning). The side is rounded to whole
     pixels and the crop is the ``side x side`` block of pixels centred on the spot (for an odd side the spot's
     pixel is the centre pixel).
+Pyramid levels
+    Patches are cut from the pyramid level whose µm/px is closest to the patch's ``patch_um / patch_px`` without
+    being coarser (:func:`agl_scverse._images.choose_level`), so a 224 px / 112 µm patch of a 0.25 µm/px scan is
+    read from its 2x level, not from 448 px of level 0. At level ``l`` (downsample ``d``) the spot centre ``c``
+    (level-0 pixels) is at ``(c - (d - 1) / 2) / d`` and the side is ``patch_um / (µm/px of level 0 * d)``; level 0
+    is the geometry above. Plain images have level 0 only.
+Reading
+    Each crop is read with ``read_region`` from the library's image source (:func:`agl_scverse._spatial.get_image`):
+    tiled TIFFs decode only the tiles a patch touches, JPEG / PNG files are decoded once into a memory-mapped cache
+    file. Nothing is decoded when the dataset is built, so memory follows the batch, not the slide.
 Resizing
     ``torchvision.transforms.v2.functional.resize`` with bilinear interpolation and ``antialias=True`` on the
     uint8 crop (so downsampling averages rather than aliases); skipped when the crop already has ``patch_px``
@@ -26,7 +36,7 @@ HEST samples
 
 from __future__ import annotations
 
-import types
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from agl_scverse import _constants as K
 from agl_scverse import _spatial
+from agl_scverse._images import ImageSource, open_image
 from agl_scverse._validate import check_choice, check_in_range, check_positive, check_spatial, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata
 from agl_scverse.model._encoders import normalize
@@ -65,9 +76,18 @@ def _pad_value(value: Any) -> np.ndarray:
 
 
 def crop_with_padding(
-    image: np.ndarray, x0: int, y0: int, side: int, pad_mode: str = "constant", pad_value: Any = 255
+    image: ImageSource | np.ndarray,
+    x0: int,
+    y0: int,
+    side: int,
+    pad_mode: str = "constant",
+    pad_value: Any = 255,
+    level: int = 0,
 ) -> np.ndarray:
     """The ``side x side`` block of ``image`` with top-left pixel ``(x0, y0)``, padded where it leaves the image.
+
+    ``image`` is an image source (read with ``read_region`` at ``level``, see :mod:`agl_scverse._images`) or an
+    array; ``(x0, y0)`` are pixels of that level.
 
     Examples
     --------
@@ -78,7 +98,8 @@ def crop_with_padding(
            [255,   0,   0],
            [255,   0,   0]], dtype=uint8)
     """
-    H, W = image.shape[:2]
+    src = open_image(image)
+    W, H = src.level_size(level)
     xa, xb = max(x0, 0), min(x0 + side, W)
     ya, yb = max(y0, 0), min(y0 + side, H)
     fill = _pad_value(pad_value)
@@ -86,7 +107,7 @@ def crop_with_padding(
         out = np.empty((side, side, 3), dtype=np.uint8)
         out[:] = fill
         return out
-    region = image[ya:yb, xa:xb]
+    region = src.read_region(xa, ya, xb - xa, yb - ya, level)
     pads = ((ya - y0, y0 + side - yb), (xa - x0, x0 + side - xb), (0, 0))
     if not any(p for pair in pads for p in pair):
         return np.ascontiguousarray(region)
@@ -108,20 +129,15 @@ def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(patch, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
-def _load_image(uns_spatial: dict, lib: str, which: str) -> np.ndarray:
-    """Re-read a library image (used after unpickling, e.g. in DataLoader workers)."""
-    holder = types.SimpleNamespace(uns={K.SPATIAL_KEY: uns_spatial})
-    img, _, _ = _spatial.get_image(holder, lib, prefer=(which,), warn=False)  # type: ignore[arg-type]
-    return img
-
-
 # ------------------------------------------------------------------------------------------------ dataset
 class SpotPatches(Dataset):
     """Spot-centred patches of a fixed physical size, as a torch :class:`~torch.utils.data.Dataset`.
 
-    Item ``i`` is a uint8 tensor ``(3, patch_px, patch_px)`` for spot ``obs_names[i]``. Each library image is
-    decoded once (at construction, so sizes and border checks are known before any work) and patches are cut
-    per item. See the module docstring for geometry, resizing and padding.
+    Item ``i`` is a uint8 tensor ``(3, patch_px, patch_px)`` for spot ``obs_names[i]``. Each library image is opened
+    as a source at construction (its size and pyramid levels, so border checks are known before any work; no
+    pixel is decoded) and each item reads its crop by region. See the module docstring for geometry, pyramid
+    levels, resizing and padding. The dataset pickles without open files or memory maps (DataLoader workers
+    reopen the images on first use).
 
     Parameters
     ----------
@@ -159,7 +175,11 @@ class SpotPatches(Dataset):
     outside
         Names of spots below ``min_inside``.
     crop_side
-        Crop side in source-image pixels per library (before resizing).
+        Crop side in pixels of the level read, per library (before resizing).
+    level
+        Pyramid level read per library (0 = full resolution of the image used).
+    level_downsample
+        Downsample factor of that level relative to level 0, per library.
     image_kind
         ``"fullres"``, ``"hires"``, ``"lowres"`` or ``"patches_h5"`` per library.
 
@@ -218,23 +238,24 @@ class SpotPatches(Dataset):
         self.library = np.asarray(libs_sel, dtype=str)
         self.libraries = [lib for lib in masks if np.any(self.library == lib)]
 
-        # Per-library source: pre-extracted HEST patches or an image; decode each image once.
-        self._uns: dict[str, dict] = {}
-        self._images: dict[str, np.ndarray] = {}
+        # Per-library source: pre-extracted HEST patches or an image source (read by region, never whole).
+        self._sources: dict[str, ImageSource] = {}
         self._h5: dict[str, Any] = {}
+        self._h5_pid: int | None = None
         self._h5_path: dict[str, str] = {}
         self.image_kind: dict[str, str] = {}
         self.crop_side: dict[str, int] = {}
         self.scale: dict[str, float] = {}
         self.microns_per_pixel: dict[str, float] = {}
+        self.level: dict[str, int] = {}
+        self.level_downsample: dict[str, float] = {}
         n = len(idx)
-        self._box = np.zeros((n, 2), dtype=np.int64)  # x0, y0 in source-image pixels
+        self._box = np.zeros((n, 2), dtype=np.int64)  # x0, y0 in pixels of the level read
         self._h5_row = np.full(n, -1, dtype=np.int64)
         self.inside_fraction = np.ones(n, dtype=float)
         for lib in self.libraries:
             sel = np.flatnonzero(self.library == lib)
             entry = _spatial.library_entry(adata, lib)
-            self._uns[lib] = entry
             h5_path = (entry.get(K.METADATA, {}) or {}).get(K.PATCHES_H5)
             if h5_path and HEST_PATCH_INDEX in adata.obs and abs(patch_um - HEST_PATCH_UM) < 1e-6:
                 self._setup_h5(adata, lib, str(h5_path), sel)
@@ -244,27 +265,7 @@ class SpotPatches(Dataset):
                     f"Library {lib!r}: HEST patches cover {HEST_PATCH_UM:g} µm, not {patch_um:g} µm; "
                     "cutting patches from the slide image instead."
                 )
-            img, scale, which = _spatial.get_image(adata, lib)
-            mpp = _spatial.microns_per_pixel(adata, lib)
-            side_f = patch_um / mpp * scale
-            if side_f < 1:
-                raise ValueError(
-                    f"Library {lib!r}: a {patch_um:g} µm patch is {side_f:.2g} pixels of the {which} image "
-                    f"({mpp:.3g} µm per full-res pixel, scale {scale:.3g}); use a larger patch_um."
-                )
-            side = max(1, int(np.floor(side_f + 0.5)))
-            centres = xy_all[idx[sel]] * scale
-            starts = np.floor(centres - (side - 1) / 2.0 + 0.5).astype(np.int64)
-            self._box[sel] = starts
-            H, W = img.shape[:2]
-            ix = np.clip(starts[:, 0] + side, 0, W) - np.clip(starts[:, 0], 0, W)
-            iy = np.clip(starts[:, 1] + side, 0, H) - np.clip(starts[:, 1], 0, H)
-            self.inside_fraction[sel] = (ix * iy) / float(side * side)
-            self._images[lib] = img
-            self.image_kind[lib] = which
-            self.crop_side[lib] = side
-            self.scale[lib] = float(scale)
-            self.microns_per_pixel[lib] = float(mpp)
+            self._setup_image(adata, lib, sel, xy_all[idx[sel]])
 
         low = self.inside_fraction < self.min_inside
         self.outside = self.obs_names[low]
@@ -283,6 +284,43 @@ class SpotPatches(Dataset):
         n_part = int(np.sum((self.inside_fraction < 1.0) & ~low))
         if n_part:
             logg.info(f"{n_part} spots have patches partly outside the image; borders padded ({pad_mode!r}).")
+
+    # -- slide images ----------------------------------------------------------------------------------
+    def _setup_image(self, adata: AnnData, lib: str, sel: np.ndarray, xy: np.ndarray) -> None:
+        """Open the library's image, choose the pyramid level and place every crop on it."""
+        src, scale, which = _spatial.get_image(adata, lib)
+        mpp = _spatial.microns_per_pixel(adata, lib)
+        side_f = self.patch_um / mpp * scale
+        if side_f < 1:
+            raise ValueError(
+                f"Library {lib!r}: a {self.patch_um:g} µm patch is {side_f:.2g} pixels of the {which} image "
+                f"({mpp:.3g} µm per full-res pixel, scale {scale:.3g}); use a larger patch_um."
+            )
+        level = src.choose_level(mpp / scale, self.patch_um / self.patch_px)
+        lv = src.levels[level]
+        W, H = lv.width, lv.height
+        side = max(1, int(np.floor(side_f / lv.downsample + 0.5)))
+        centres = xy * scale  # in level-0 pixels of the image used
+        if level:  # pixel j of a level with downsample d spans level-0 pixels d*j .. d*j + d - 1
+            d_xy = np.array([src.width / W, src.height / H])
+            centres = (centres - (d_xy - 1) / 2.0) / d_xy
+        starts = np.floor(centres - (side - 1) / 2.0 + 0.5).astype(np.int64)
+        self._box[sel] = starts
+        ix = np.clip(starts[:, 0] + side, 0, W) - np.clip(starts[:, 0], 0, W)
+        iy = np.clip(starts[:, 1] + side, 0, H) - np.clip(starts[:, 1], 0, H)
+        self.inside_fraction[sel] = (ix * iy) / float(side * side)
+        self._sources[lib] = src
+        self.image_kind[lib] = which
+        self.crop_side[lib] = side
+        self.scale[lib] = float(scale)
+        self.microns_per_pixel[lib] = float(mpp)
+        self.level[lib] = int(level)
+        self.level_downsample[lib] = float(lv.downsample)
+        if level:
+            logg.info(
+                f"Library {lib!r}: reading pyramid level {level} (downsample {lv.downsample:.3g}, "
+                f"{mpp / scale * lv.downsample:.3g} µm/px) for {self.patch_um / self.patch_px:.3g} µm/px patches."
+            )
 
     # -- HEST pre-extracted patches ---------------------------------------------------------------------
     def _setup_h5(self, adata: AnnData, lib: str, path: str, sel: np.ndarray) -> None:
@@ -315,6 +353,8 @@ class SpotPatches(Dataset):
         self.microns_per_pixel[lib] = HEST_PATCH_UM / shape[1]
 
     def _h5_patch(self, lib: str, row: int) -> np.ndarray:
+        if self._h5_pid != os.getpid():  # an h5py handle must not cross a fork
+            self._h5, self._h5_pid = {}, os.getpid()
         if lib not in self._h5:
             import h5py
 
@@ -326,14 +366,13 @@ class SpotPatches(Dataset):
         return len(self.spot_index)
 
     def patch_array(self, i: int) -> np.ndarray:
-        """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image."""
+        """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image (at its chosen level)."""
         lib = self.library[i]
         if self._h5_row[i] >= 0:
             return self._h5_patch(lib, int(self._h5_row[i]))
-        if lib not in self._images:
-            self._images[lib] = _load_image(self._uns, lib, self.image_kind[lib])
         x0, y0 = (int(v) for v in self._box[i])
-        return crop_with_padding(self._images[lib], x0, y0, self.crop_side[lib], self.pad_mode, self.pad_value)
+        side = self.crop_side[lib]
+        return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if not -len(self) <= i < len(self):
@@ -343,14 +382,18 @@ class SpotPatches(Dataset):
         return _resize(t, self.patch_px)
 
     def __getstate__(self) -> dict:
-        # Images and open h5 files are not pickled: workers re-read them on first use.
+        # Open h5 files are not pickled; image sources pickle without their open files or memory maps, and
+        # workers reopen both on first use.
         state = self.__dict__.copy()
-        state["_images"] = {}
         state["_h5"] = {}
+        state["_h5_pid"] = None
         return state
 
     def __repr__(self) -> str:
-        kinds = ", ".join(f"{lib}: {k}" for lib, k in self.image_kind.items())
+        kinds = ", ".join(
+            f"{lib}: {k}" + (f" level {self.level[lib]}" if self.level.get(lib) else "")
+            for lib, k in self.image_kind.items()
+        )
         return (
             f"SpotPatches({len(self)} spots, {self.patch_px} px for {self.patch_um:g} µm, pad_mode={self.pad_mode!r}; "
             f"{kinds})"
@@ -368,6 +411,8 @@ class SpotPatches(Dataset):
             "resize": "torchvision resize, bilinear, antialias=True",
             "image": {str(k): str(v) for k, v in self.image_kind.items()},
             "crop_side_px": {str(k): int(v) for k, v in self.crop_side.items()},
+            "level": {str(k): int(v) for k, v in self.level.items()},
+            "level_downsample": {str(k): float(v) for k, v in self.level_downsample.items()},
             "n_padded": int(np.sum(self.inside_fraction < 1.0)),
             "n_outside": int(len(self.outside)),
         }
@@ -388,6 +433,7 @@ def patch_loader(
     shuffle: bool = False,
     num_workers: int = 0,
     seed: int = 0,
+    prefetch_factor: int = 2,
     **patch_kwargs,
 ) -> DataLoader:
     """A :class:`~torch.utils.data.DataLoader` of uint8 patch batches ``(B, 3, patch_px, patch_px)``.
@@ -401,9 +447,11 @@ def patch_loader(
     shuffle
         Shuffle the spots (with a generator seeded by ``seed``).
     num_workers
-        DataLoader worker processes (each re-reads the slide images it needs).
+        DataLoader worker processes (each reopens the slide images it needs and reads patches by region).
     seed
         Seed of the shuffling order.
+    prefetch_factor
+        Batches each worker prepares ahead (only with ``num_workers > 0``).
 
     Examples
     --------
@@ -418,6 +466,7 @@ def patch_loader(
         shuffle=shuffle,
         num_workers=int(num_workers),
         generator=gen,
+        prefetch_factor=int(prefetch_factor) if int(num_workers) > 0 else None,
         persistent_workers=False,
     )
 
