@@ -33,6 +33,15 @@ def densenet_weights() -> Path:
     return DENSENET_WEIGHTS
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _image_cache(tmp_path_factory):
+    """Decoded-image caches (agl_scverse._images) of this test session go to a temporary folder, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AGL_SCVERSE_CACHE", str(tmp_path_factory.mktemp("agl_image_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     """One torch thread in every test: engine results are then bit-identical whatever the machine's cores."""
