@@ -76,3 +76,17 @@ def test_standardized_targets_equal_dense_z_scores():
     # an array gives the same statistics as batches of its counts
     za = StandardizedTargets(ArrayExpression(Y), train)
     np.testing.assert_allclose(za.mean, z.mean, rtol=1e-12)
+
+
+def test_per_gene_metrics_in_column_chunks_equal_one_chunk(monkeypatch):
+    from agl_scverse import _stats
+
+    rng = np.random.default_rng(2)
+    T = rng.poisson(2.0, size=(60, 23)).astype(np.float32)
+    P = (T + rng.normal(size=T.shape)).astype(np.float32)
+    T[:, 4] = 1.0  # constant observation: NaN correlations
+    whole = _stats.per_gene_metrics(T, P)
+    monkeypatch.setattr(_stats, "_CHUNK_BYTES", 8 * 60 * 5)  # five genes per chunk
+    chunked = _stats.per_gene_metrics(T, P)
+    for col in ("pearson", "spearman", "mse"):
+        np.testing.assert_array_equal(chunked[col].to_numpy(), whole[col].to_numpy())

@@ -25,6 +25,9 @@ from scipy.stats import rankdata
 
 __all__ = ["pearson_per_gene", "spearman_per_gene", "mse_per_gene", "per_gene_metrics", "StreamingMoments"]
 
+#: per_gene_metrics works in float64 on column chunks of at most this many bytes (per copy).
+_CHUNK_BYTES = 16 * 2**20
+
 
 def _as_2d(Y, name: str) -> np.ndarray:
     Y = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
@@ -149,20 +152,27 @@ def per_gene_metrics(y_true, y_pred, genes: Sequence[str] | None = None, constan
     >>> list(df.columns), bool((df.pearson > 0.9).all())
     (['gene', 'pearson', 'spearman', 'mse'], True)
     """
-    T, P, _ = _pair(y_true, y_pred)
+    if not sp.issparse(y_true) and not sp.issparse(y_pred):  # keep float32 inputs; float64 per column chunk
+        y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+        if y_true.ndim == 1:
+            y_true, y_pred = y_true[:, None], y_pred.reshape(-1, 1)
+        if y_true.shape != y_pred.shape:
+            raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must have the same spots x genes shape.")
+    n_rows, n_cols = y_true.shape
     if genes is None:
-        genes = [str(i) for i in range(T.shape[1])]
+        genes = [str(i) for i in range(n_cols)]
     genes = [str(g) for g in genes]
-    if len(genes) != T.shape[1]:
-        raise ValueError(f"{len(genes)} gene names for {T.shape[1]} columns.")
-    return pd.DataFrame(
-        {
-            "gene": genes,
-            "pearson": pearson_per_gene(T, P, constant_pred),
-            "spearman": spearman_per_gene(T, P, constant_pred),
-            "mse": mse_per_gene(T, P),
-        }
-    )
+    if len(genes) != n_cols:
+        raise ValueError(f"{len(genes)} gene names for {n_cols} columns.")
+    step = n_cols if sp.issparse(y_true) or sp.issparse(y_pred) else max(1, _CHUNK_BYTES // (8 * max(n_rows, 1)))
+    parts = []
+    for c in range(0, max(n_cols, 1), step):
+        T, P, _ = _pair(y_true[:, c : c + step], y_pred[:, c : c + step])
+        parts.append(
+            (pearson_per_gene(T, P, constant_pred), spearman_per_gene(T, P, constant_pred), mse_per_gene(T, P))
+        )
+    cols = [np.concatenate([p[i] for p in parts]) for i in range(3)]
+    return pd.DataFrame({"gene": genes, "pearson": cols[0], "spearman": cols[1], "mse": cols[2]})
 
 
 class StreamingMoments:
