@@ -136,18 +136,20 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in sorted({(r["step"], r["method"]) for r in rows if "error" not in r}):
-        rs = sorted(
-            (r for r in rows if (r["step"], r["method"]) == key and "error" not in r), key=lambda r: r["n_spots"]
-        )
+    ok = [r for r in rows if "error" not in r and "skipped" not in r]
+    for key in sorted({(r["step"], r["method"]) for r in ok}):
+        rs = sorted((r for r in ok if (r["step"], r["method"]) == key), key=lambda r: r["n_spots"])
         x = [r["n_spots"] for r in rs]
         a.plot(
             x, [r["peak_rss_mb"] / 1024 for r in rs], "o-", label=f"{key[0]} ({key[1]})" if key[0] == "fit" else key[0]
         )
         if key[0] == "fit":
             b.plot(x, [r["seconds_per_epoch"] for r in rs], "o-", label=f"fit ({key[1]})")
+    sizes = sorted({r["n_spots"] for r in ok})
     for ax, title in ((a, "peak RSS (GB)"), (b, "seconds per epoch")):
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
         ax.set_xlabel("spots (18k genes)")
         ax.set_title(title)
         ax.legend(fontsize=8)
