@@ -256,8 +256,9 @@ def train_network(
         Callable ``idx -> input batch tensor`` on ``device`` (e.g. :class:`TensorInputs`).
     Y
         Expression of the genes (targets first, then the auxiliaries in prior-rank order): an
-        :class:`agl_scverse._expression.ExpressionBatches` (sliced per batch from the counts, so memory is that of
-        a batch) or an ``(n_spots, n_genes)`` array of transformed expression. It is standardised per gene on
+        ``(n_spots, n_genes)`` array of transformed expression, or an object with ``batch(idx, n_first=None)``,
+        ``chunks(idx)`` and ``n_cols`` that slices it per batch from the counts (what ``agl_fit`` passes, so
+        memory is that of a batch). It is standardised per gene on
         the training spots internally (:class:`StandardizedTargets`).
     train_idx, val_idx
         Row positions of training and validation spots.

@@ -118,7 +118,7 @@ def evaluate(
         embedding, trained on the ``"train"`` spots of ``.obs[split]`` (skipped, with a note, when there are no
         training spots in ``adata`` or no embedding).
     key_added
-        Prefix of the keys (:class:`agl_scverse._constants.Keys`).
+        Prefix of the keys the run was written under (``key_added`` of :func:`agl_fit`).
     embedding_key
         ``.obsm`` key for the baselines; default the model's.
     n_components

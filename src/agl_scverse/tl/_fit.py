@@ -371,7 +371,7 @@ def agl_fit(
     dropout
         Dropout after each hidden layer.
     epochs
-        Maximum number of epochs (default per mode, :data:`agl_scverse.tl._config.MODE_DEFAULTS`).
+        Maximum number of epochs (default per mode: 100 in embedding mode, 50 in fine-tune mode).
     patience
         Early stopping: epochs without a better validation mean target Pearson r.
     lr
@@ -396,7 +396,7 @@ def agl_fit(
         DkGSB: Adam learning rate on the threshold.
     meta_normalizer
         ``"detached"`` (default): the inner step divides by ``sum(w)`` held constant; ``"soft"``: differentiated
-        through ``sum(w)`` too. See :mod:`agl_scverse.model._bilevel`.
+        through ``sum(w)`` too (see the Method page).
     k
         Number of auxiliaries for ``method="topk"``.
     seed
