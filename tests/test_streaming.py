@@ -90,3 +90,15 @@ def test_per_gene_metrics_in_column_chunks_equal_one_chunk(monkeypatch):
     chunked = _stats.per_gene_metrics(T, P)
     for col in ("pearson", "spearman", "mse"):
         np.testing.assert_array_equal(chunked[col].to_numpy(), whole[col].to_numpy())
+
+
+def test_expression_batches_read_many_spots_in_row_blocks(monkeypatch):
+    from agl_scverse import _expression
+
+    X = _counts()
+    eb = ExpressionBatches(X, np.arange(X.shape[1])[::-1], "log1p_cpm")
+    idx = np.random.default_rng(4).permutation(X.shape[0])
+    whole = eb.batch(idx)
+    monkeypatch.setattr(_expression, "_ROW_BLOCK_BYTES", 4 * X.shape[1] * 7)  # 7 spots per block
+    np.testing.assert_array_equal(eb.batch(idx), whole)
+    np.testing.assert_array_equal(eb.batch(idx, n_first=5), whole[:, :5])

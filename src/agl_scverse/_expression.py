@@ -91,6 +91,10 @@ def take_rows(X: Any, idx: np.ndarray):
     return block[back]
 
 
+#: Rows of counts (as dense float32 bytes over all genes) read at once by :meth:`ExpressionBatches.batch`.
+_ROW_BLOCK_BYTES = 256 * 2**20
+
+
 class ExpressionBatches:
     """The model's expression values of some genes, sliced per batch of spots from the counts, never all at once.
 
@@ -128,9 +132,20 @@ class ExpressionBatches:
         return len(self.columns)
 
     def batch(self, idx: np.ndarray, n_first: int | None = None) -> np.ndarray:
-        """Transformed expression of spots ``idx`` (of the first ``n_first`` genes only, when given)."""
+        """Transformed expression of spots ``idx`` (of the first ``n_first`` genes only, when given).
+
+        Many spots (e.g. every validation spot) are read in row blocks, so the counts of all their genes are never
+        copied at once.
+        """
         cols = self.columns if n_first is None else self.columns[:n_first]
-        return expression_transform(take_rows(self.X, idx), self.transform, columns=cols)
+        idx = np.asarray(idx)
+        step = max(1, int(_ROW_BLOCK_BYTES // (4 * max(self.X.shape[1], 1))))
+        if len(idx) <= step:
+            return expression_transform(take_rows(self.X, idx), self.transform, columns=cols)
+        return np.concatenate(
+            [expression_transform(take_rows(self.X, idx[s : s + step]), self.transform, columns=cols)
+             for s in range(0, len(idx), step)]
+        )  # fmt: skip
 
     def chunks(self, idx: np.ndarray, max_bytes: float = 4 * 2**20, n_first: int | None = None) -> Iterator[tuple]:
         """``(positions, values)`` for consecutive chunks of ``idx`` of at most ``max_bytes`` of float32 values."""
