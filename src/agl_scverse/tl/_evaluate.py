@@ -19,7 +19,7 @@ from scanpy import logging as logg
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform, take_rows
-from agl_scverse._serialize import to_h5ad
+from agl_scverse._serialize import null_as_none, to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._validate import check_counts, resolve_spots
@@ -81,7 +81,8 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
 
 
 def _param(uns_entry: dict, name: str, default: Any) -> Any:
-    return ((uns_entry or {}).get("params") or {}).get(name, default)
+    value = null_as_none(((uns_entry or {}).get("params") or {}).get(name))  # also reads 0.1 placeholders
+    return default if value is None else value
 
 
 def evaluate(
@@ -156,7 +157,7 @@ def evaluate(
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"The model was trained on counts in layer {layer!r}, which this AnnData lacks.")
     emb_key = embedding_key or (model.config.get("embedding_key") if model is not None else None)
-    emb_key = emb_key or entry.get("embedding_key")
+    emb_key = emb_key or null_as_none(entry.get("embedding_key"))
 
     # ---- spots
     split = adata.obs[keys.split].astype(str).to_numpy() if keys.split in adata.obs else None

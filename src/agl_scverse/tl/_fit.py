@@ -99,10 +99,10 @@ def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch
 def _check_features(X: np.ndarray, key: str, rows: np.ndarray) -> None:
     if X.ndim != 2:
         raise ValueError(f".obsm[{key!r}] has shape {X.shape}; expected (n_spots, n_features).")
-    bad = ~np.isfinite(X[rows]).all(axis=1)
-    if bad.any():
+    n_bad = sum(int((~np.isfinite(X[rows[s : s + 65536]]).all(axis=1)).sum()) for s in range(0, len(rows), 65536))
+    if n_bad:  # checked in row blocks: no copy of the whole used embedding
         raise ValueError(
-            f".obsm[{key!r}] holds NaN/inf for {int(bad.sum())} of the used spots; recompute the embedding or "
+            f".obsm[{key!r}] holds NaN/inf for {n_bad} of the used spots; recompute the embedding or "
             "leave those spots out with spots=..."
         )
 
