@@ -170,7 +170,6 @@ class ArrayExpression:
 
     def batch(self, idx: np.ndarray, n_first: int | None = None) -> np.ndarray:
         """Rows ``idx`` (first ``n_first`` columns when given)."""
-        out = self.Y[np.asarray(idx, dtype=np.int64)]
-        return out if n_first is None else out[:, :n_first]
+        return self.Y[np.asarray(idx, dtype=np.int64), :n_first]  # one copy of just those values
 
     chunks = ExpressionBatches.chunks

@@ -75,7 +75,8 @@ def forward(
             x = x.to(dev)
             if calibrated:
                 out = net.predict_expression(x, cols=cols_t)
-                out = (out[:, :n_first] if n_first is not None else out).float()
+                # a slice is copied: as a view it would keep every output of the batch alive
+                out = (out[:, :n_first].clone() if n_first is not None else out).float()
             else:
                 out = net(x, n_first=n_first).double()
             outs.append(out.cpu().numpy())

@@ -243,10 +243,11 @@ def prediction_layer(
     return layer, new_emb, pred_genes
 
 
-def _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=16384, cols=2048):
+def _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=4096, cols=2048):
     """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
 
-    Chunks of genes without predictions are NaN chunks that are never computed.
+    Chunks of genes without predictions are NaN chunks that are never computed. Chunks are 32 MiB (4096 x 2048
+    float32): dask's writer holds a few per thread, so 128 MiB chunks cost ~1 GB more RSS at write time.
     """
     import dask
     import dask.array as da
