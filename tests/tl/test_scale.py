@@ -105,3 +105,23 @@ def test_evaluate_in_gene_blocks_equals_one_block(fitted, monkeypatch):
     assert blocks.uns["agl"]["metrics"]["test"]["model"]["pearson"] == pytest.approx(
         one.uns["agl"]["metrics"]["test"]["model"]["pearson"]
     )
+
+
+def test_evaluate_computes_each_chunk_of_a_lazy_layer_once(fitted, monkeypatch):
+    from agl_scverse.tl import _evaluate, _predict
+
+    a, model = fitted
+    dense, lazy = a.copy(), a.copy()
+    agl.tl.agl_predict(dense, model, genes="all")
+    agl.tl.agl_predict(lazy, model, genes="all", max_dense_bytes=0)
+    blocks = lazy.layers["agl_pred"].numblocks
+    n_chunks = blocks[0] * blocks[1] + blocks[1]  # + the first row of chunks, read to find the predicted genes
+    calls = []
+    real = _predict._predict_rows
+    monkeypatch.setattr(_predict, "_predict_rows", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    monkeypatch.setattr(_evaluate, "_BLOCK_BYTES", 4 * 4 * a.n_obs * 3)  # 3 genes per block: many blocks
+    for x in (dense, lazy):
+        x.obs["agl_split"] = "unused"
+        agl.tl.evaluate(x, model, genes="predicted", baselines=False)
+    assert 0 < len(calls) <= n_chunks  # once per chunk, not once per gene block (~14 blocks here)
+    np.testing.assert_allclose(lazy.var["agl_pcc"], dense.var["agl_pcc"], rtol=1e-6, equal_nan=True)

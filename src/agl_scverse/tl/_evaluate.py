@@ -7,7 +7,9 @@ Ridge`` on the same embedding) beside the model: both are fitted on the spots th
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,32 @@ def _summary(df: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def _layer_block(layer, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``layer[rows][:, cols]`` as a NumPy array, for an in-memory or a dask (chunked) prediction layer."""
+def _scored_predictions(layer, rows: np.ndarray, cols: np.ndarray, stack: ExitStack):
+    """``layer[rows][:, cols]`` to be read in gene blocks: a view of an in-memory layer, or a memory-mapped copy.
+
+    A lazy (dask) layer is computed once, chunk by chunk, into a temporary ``.npy`` file (removed by ``stack``), so
+    that each chunk of predictions is computed once rather than once per gene block.
+    """
     if isinstance(layer, np.ndarray):
-        return layer[np.ix_(rows, cols)]
-    return np.asarray(layer[rows][:, cols])
+        return _Rows(layer, rows, cols)
+    import dask.array as da
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agl-evaluate-")))
+    out = np.lib.format.open_memmap(tmp / "pred.npy", mode="w+", dtype=np.float32, shape=(len(rows), len(cols)))
+    sub = layer if len(rows) == layer.shape[0] and (rows == np.arange(len(rows))).all() else layer[rows]
+    da.store(sub[:, cols].astype(np.float32), out, lock=True)
+    out.flush()
+    return out
+
+
+class _Rows:
+    """Gene blocks ``[:, s:e]`` of ``layer[rows][:, cols]`` of an in-memory layer, copied block by block."""
+
+    def __init__(self, layer: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+        self.layer, self.rows, self.cols = layer, rows, cols
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return self.layer[np.ix_(self.rows, self.cols[key[1]])]
 
 
 def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -> list[str]:
@@ -201,15 +224,17 @@ def evaluate(
     # gene blocks: memory is that of a block of evaluated spots x genes, whatever the number of genes
     step = max(1, int(_BLOCK_BYTES // (4 * 4 * max(len(ev_idx), int(train.sum()) if run_baselines else 0, 1))))
     frames: dict[str, list[pd.DataFrame]] = {"model": [], "mean_predictor": [], "pca_ridge": []}
-    for s in range(0, len(gidx), step):
-        g, names = gidx[s : s + step], gene_list[s : s + step]
-        Y = expression_transform(X_ev, transform, columns=g)
-        frames["model"].append(per_gene_metrics(Y, _layer_block(L, ev_idx, g), genes=names))
-        if run_baselines:
-            Ytr = expression_transform(X_tr, transform, columns=g)
-            frames["mean_predictor"].append(per_gene_metrics(Y, mean_predictor(F[train], Ytr, F[ev]), names))
-            pred = pca_ridge(F[train], Ytr, F[ev], n_components=n_components)
-            frames["pca_ridge"].append(per_gene_metrics(Y, pred, genes=names))
+    with ExitStack() as stack:
+        P = _scored_predictions(L, ev_idx, gidx, stack)
+        for s in range(0, len(gidx), step):
+            g, names = gidx[s : s + step], gene_list[s : s + step]
+            Y = expression_transform(X_ev, transform, columns=g)
+            frames["model"].append(per_gene_metrics(Y, np.asarray(P[:, s : s + step]), genes=names))
+            if run_baselines:
+                Ytr = expression_transform(X_tr, transform, columns=g)
+                frames["mean_predictor"].append(per_gene_metrics(Y, mean_predictor(F[train], Ytr, F[ev]), names))
+                pred = pca_ridge(F[train], Ytr, F[ev], n_components=n_components)
+                frames["pca_ridge"].append(per_gene_metrics(Y, pred, genes=names))
     df = pd.concat(frames["model"], ignore_index=True)
     results = {name: _summary(pd.concat(f, ignore_index=True)) for name, f in frames.items() if f}
 
