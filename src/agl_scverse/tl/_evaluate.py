@@ -47,31 +47,48 @@ def _summary(df: pd.DataFrame) -> dict[str, float]:
 
 
 def _scored_predictions(layer, rows: np.ndarray, cols: np.ndarray, stack: ExitStack):
-    """``layer[rows][:, cols]`` to be read in gene blocks: a view of an in-memory layer, or a memory-mapped copy.
+    """``layer[rows][:, cols]``, to be read in gene blocks ``[:, s:e]``.
 
-    A lazy (dask) layer is computed once, chunk by chunk, into a temporary ``.npy`` file (removed by ``stack``), so
-    that each chunk of predictions is computed once rather than once per gene block.
+    An in-memory layer is indexed block by block. A lazy (dask) layer is computed once, chunk by chunk, into a
+    temporary column-major ``.npy`` file (removed by ``stack``), so each chunk of predictions is computed once
+    rather than once per gene block, and a gene block is one contiguous read.
     """
     if isinstance(layer, np.ndarray):
-        return _Rows(layer, rows, cols)
+        return _Blocks(lambda: layer, rows, cols)
     import dask.array as da
 
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agl-evaluate-")))
-    out = np.lib.format.open_memmap(tmp / "pred.npy", mode="w+", dtype=np.float32, shape=(len(rows), len(cols)))
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agl-evaluate-"))) / "pred.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(rows), len(cols)), fortran_order=True)
     sub = layer if len(rows) == layer.shape[0] and (rows == np.arange(len(rows))).all() else layer[rows]
-    da.store(sub[:, cols].astype(np.float32), out, lock=True)
-    out.flush()
-    return out
+    da.store(sub[:, cols].astype(np.float32), _MappedFile(path), lock=True)
+    return _Blocks(lambda: np.load(path, mmap_mode="r"), None, None)
 
 
-class _Rows:
-    """Gene blocks ``[:, s:e]`` of ``layer[rows][:, cols]`` of an in-memory layer, copied block by block."""
+class _MappedFile:
+    """A ``.npy`` file written through a fresh memory map per chunk, so written pages do not stay mapped."""
 
-    def __init__(self, layer: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-        self.layer, self.rows, self.cols = layer, rows, cols
+    def __init__(self, path: Path):
+        self.path = path
+        self.shape, self.dtype, self.ndim = np.load(path, mmap_mode="r").shape, np.dtype(np.float32), 2
+
+    def __setitem__(self, key, value) -> None:
+        out = np.load(self.path, mmap_mode="r+")
+        out[key] = value
+        out.flush()
+        del out
+
+
+class _Blocks:
+    """Gene blocks ``[:, s:e]`` of ``open()[rows][:, cols]`` (all of them when ``rows``/``cols`` are None), copied."""
+
+    def __init__(self, open_: Any, rows: np.ndarray | None, cols: np.ndarray | None):
+        self.open, self.rows, self.cols = open_, rows, cols
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        return self.layer[np.ix_(self.rows, self.cols[key[1]])]
+        src = self.open()
+        if self.cols is None:
+            return np.array(src[key])
+        return src[np.ix_(self.rows, self.cols[key[1]])]
 
 
 def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -> list[str]:
@@ -229,7 +246,7 @@ def evaluate(
         for s in range(0, len(gidx), step):
             g, names = gidx[s : s + step], gene_list[s : s + step]
             Y = expression_transform(X_ev, transform, columns=g)
-            frames["model"].append(per_gene_metrics(Y, np.asarray(P[:, s : s + step]), genes=names))
+            frames["model"].append(per_gene_metrics(Y, P[:, s : s + step], genes=names))
             if run_baselines:
                 Ytr = expression_transform(X_tr, transform, columns=g)
                 frames["mean_predictor"].append(per_gene_metrics(Y, mean_predictor(F[train], Ytr, F[ev]), names))
