@@ -61,6 +61,10 @@ def test_he_only_slide_gets_a_new_anndata_from_predict_anndata(fitted):
     np.testing.assert_array_equal(out.X, out.layers["agl_pred"])
     idx = [model.genes.index(g) for g in out.var_names]
     np.testing.assert_array_equal(out.X, model.predict(full.obsm["X_emb"])[:, idx])
+    lazy = agl.tl.predict_anndata(he, model, max_dense_bytes=0)  # a chunked dask .X (and layer), same numbers
+    assert not isinstance(lazy.X, np.ndarray)
+    np.testing.assert_array_equal(np.asarray(lazy.X), out.X)
+    np.testing.assert_array_equal(np.asarray(lazy.layers["agl_pred"]), out.X)
 
 
 def _drop_target(a, model):

@@ -157,10 +157,6 @@ def _predict_rows(model: AGLModel, features, start: int, stop: int, device: str,
         model.net.cpu()
 
 
-def _predict(model: AGLModel, features, device: str, batch_size: int) -> np.ndarray:
-    return _predict_rows(model, features, 0, len(features), device, batch_size)
-
-
 def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
     """The model genes to predict: ``"selected"`` (targets + selected auxiliaries), ``"targets"``, ``"all"``, a list."""
     if isinstance(genes, str):
@@ -376,6 +372,7 @@ def predict_anndata(
     device: str = "cpu",
     library_key: str | None = None,
     batch_size: int = 512,
+    max_dense_bytes: float = DENSE_LAYER_BYTES,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -385,6 +382,9 @@ def predict_anndata(
         Only its spots, images (and embedding) are used; it may have no genes at all.
     model, embedding_key, weights, device, batch_size
         As in :func:`agl_predict`.
+    max_dense_bytes
+        Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
+        array, computed when read or written.
     %(key_added)s
     %(library_key)s
 
@@ -405,19 +405,26 @@ def predict_anndata(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
-    pred = _predict(model, features, device, batch_size)
     col = {g: i for i, g in enumerate(model.genes)}
-    sel = [col[g] for g in model.predicted_genes]
+    sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
+    n, m = adata.n_obs, len(sel)
+    if 2 * n * m * 4 <= max_dense_bytes:  # .X and the layer
+        step = max(1, int(_CHUNK_BYTES // (4 * len(model.genes))))
+        X = np.concatenate(
+            [_predict_rows(model, features, s, min(s + step, n), device, batch_size)[:, sel] for s in range(0, n, step)]
+        )
+    else:  # lazy, shared by .X and the layer (a dask array is never modified in place)
+        X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size)
     var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
     var[keys.role] = pd.Categorical([model.roles[i] for i in sel], categories=[K.ROLE_TARGET, K.ROLE_AUX])
     var[keys.weight] = model.weights[sel]
-    out = AnnData(X=pred[:, sel].astype(np.float32), obs=adata.obs.copy(), var=var)
+    out = AnnData(X=X.astype(np.float32), obs=adata.obs.copy(), var=var)
     for kk, v in adata.obsm.items():
         out.obsm[kk] = v.copy() if hasattr(v, "copy") else v
     for kk in (K.SPATIAL_KEY, K.EMBED_UNS):
         if kk in adata.uns:
             out.uns[kk] = adata.uns[kk]
-    out.layers[keys.pred_layer] = out.X.copy()
+    out.layers[keys.pred_layer] = out.X.copy() if isinstance(out.X, np.ndarray) else out.X
     if new_emb is not None:
         out.obsm[new_emb[0]] = new_emb[1]
         out.uns[K.EMBED_UNS] = {**dict(out.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
