@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,17 +13,38 @@ from anndata import AnnData
 from . import _constants as K
 
 
-def check_counts(X, what: str = "adata.X") -> None:
-    """Counts must be finite and non-negative."""
-    data = X.data if sp.issparse(X) else np.asarray(X)
-    if data.size == 0:
+def is_backed(X: Any) -> bool:
+    """Whether ``X`` is an on-disk matrix of a backed AnnData (h5py / zarr dataset, anndata's backed sparse)."""
+    return not (isinstance(X, np.ndarray) or sp.issparse(X)) and hasattr(X, "shape") and hasattr(X, "__getitem__")
+
+
+def count_blocks(X, rows: int = 16384, values: int = 2**24) -> Iterator[np.ndarray]:
+    """The stored values of a counts matrix in blocks of at most ``values`` (row blocks of a backed matrix).
+
+    In-memory, backed (h5py / zarr / anndata's backed sparse) and dense matrices alike; checks over blocks never
+    make a temporary the size of the matrix.
+    """
+    if is_backed(X):
+        for s in range(0, X.shape[0], rows):
+            yield from count_blocks(X[s : s + rows], rows, values)
         return
-    if not np.all(np.isfinite(data)):
-        n = int((~np.isfinite(data)).sum())
-        raise ValueError(f"{what} holds {n} NaN/inf values; counts must be finite. Fill or drop them first.")
-    if data.min() < 0:
+    data = (X.data if sp.issparse(X) else np.asarray(X)).reshape(-1)
+    for s in range(0, max(data.size, 1), values):
+        yield data[s : s + values]
+
+
+def check_counts(X, what: str = "adata.X") -> None:
+    """Counts must be finite and non-negative (checked in blocks; a backed matrix is read in row blocks)."""
+    n_bad, low = 0, np.inf
+    for data in count_blocks(X):
+        if data.size:
+            n_bad += int(data.size - np.count_nonzero(np.isfinite(data)))
+            low = low if n_bad else min(low, float(data.min()))
+    if n_bad:
+        raise ValueError(f"{what} holds {n_bad} NaN/inf values; counts must be finite. Fill or drop them first.")
+    if low < 0:
         raise ValueError(
-            f"{what} holds negative values (min {data.min():.3g}); raw counts are expected. "
+            f"{what} holds negative values (min {low:.3g}); raw counts are expected. "
             "Pass the raw counts (e.g. layer='counts' or adata.raw.to_adata())."
         )
 

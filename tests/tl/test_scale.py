@@ -125,3 +125,19 @@ def test_evaluate_computes_each_chunk_of_a_lazy_layer_once(fitted, monkeypatch):
         agl.tl.evaluate(x, model, genes="predicted", baselines=False)
     assert 0 < len(calls) <= n_chunks  # once per chunk, not once per gene block (~14 blocks here)
     np.testing.assert_allclose(lazy.var["agl_pcc"], dense.var["agl_pcc"], rtol=1e-6, equal_nan=True)
+
+
+def test_fit_on_a_backed_anndata_equals_the_in_memory_fit(tmp_path):
+    a = _sparse_study(n=1500, g=400, density=0.05)
+    a.write_h5ad(tmp_path / "study.h5ad")
+    backed = ad.read_h5ad(tmp_path / "study.h5ad", backed="r")
+    kw = dict(method="dkgsb", embedding_key="X_emb", n_targets=5, **FAST)
+    m_mem = agl.tl.agl_fit(a, **kw)
+    m_disk = agl.tl.agl_fit(backed, **kw)  # counts read from disk in row blocks
+    assert m_disk.genes == m_mem.genes
+    np.testing.assert_array_equal(m_disk.weights, m_mem.weights)
+    np.testing.assert_array_equal(m_disk.predict(a.obsm["X_emb"]), m_mem.predict(a.obsm["X_emb"]))
+    agl.tl.agl_predict(backed, m_disk)
+    agl.tl.agl_predict(a, m_mem)
+    np.testing.assert_array_equal(backed.layers["agl_pred"], a.layers["agl_pred"])
+    backed.file.close()

@@ -25,10 +25,10 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
-from agl_scverse._expression import expression_transform
+from agl_scverse._expression import expression_transform, take_rows
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
-from agl_scverse._validate import check_adata, check_spatial, resolve_spots
+from agl_scverse._validate import check_adata, check_spatial, is_backed, resolve_spots
 
 from ._priors import (
     coexpression_scores,
@@ -125,7 +125,10 @@ class GeneRoles:
 
 
 def _counts(adata: AnnData, layer: str | None):
+    """The counts, in memory (CSR or dense) or, for a backed AnnData, left on disk (read in row blocks)."""
     X = adata.layers[layer] if layer is not None else adata.X
+    if is_backed(X):
+        return X
     return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
 
 
@@ -267,7 +270,7 @@ def compute_gene_roles(
             pool[pos[g]] = True
     pool_idx = np.flatnonzero(pool)
     pool_genes = var_names[pool_idx]
-    X_log = log1p_columns(Xall[rows], pool_idx) if prior in ("coexpression", "moran") else None
+    X_log = log1p_columns(take_rows(Xall, rows), pool_idx) if prior in ("coexpression", "moran") else None
     need_hvg = targets is None or prior == "hvg"
     disp = hvg_dispersions(Xall, rows, pool_idx, pool_genes) if need_hvg and len(pool_idx) > 0 else None
 
@@ -284,7 +287,7 @@ def compute_gene_roles(
         targets = cand.index[order[: int(n_targets)]].tolist()
     else:
         t_idx = np.array([pos[g] for g in targets])
-        Xt = Xall[rows][:, t_idx]
+        Xt = take_rows(Xall, rows)[:, t_idx]
         Xt = Xt.toarray() if sp.issparse(Xt) else np.asarray(Xt)
         const = Xt.max(axis=0) == Xt.min(axis=0)
         if const.any():
@@ -317,7 +320,7 @@ def compute_gene_roles(
             X_aux = X_log[:, in_pool[has]]
             if prior == "coexpression":
                 t_idx = np.array([pos[g] for g in targets])
-                X_t = expression_transform(Xall[rows], "log1p", columns=t_idx)
+                X_t = expression_transform(take_rows(Xall, rows), "log1p", columns=t_idx)
                 scores[has] = coexpression_scores(X_aux, X_t)
             else:
                 sub = adata[mask]

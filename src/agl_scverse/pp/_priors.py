@@ -8,6 +8,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from agl_scverse import _constants as K
+from agl_scverse._expression import take_rows
 
 __all__ = [
     "log1p_columns",
@@ -43,7 +44,7 @@ def hvg_dispersions(X, rows: np.ndarray, cols: np.ndarray, genes: pd.Index) -> p
     are accumulated over chunks of spots (:func:`streaming_seurat_dispersions`); ``tests/pp/test_genes.py``
     checks that both agree.
     """
-    X_rows = X[rows] if len(rows) * len(cols) * 4 <= STREAM_HVG_BYTES else None
+    X_rows = take_rows(X, rows) if len(rows) * len(cols) * 4 <= STREAM_HVG_BYTES else None
     if X_rows is not None and (not sp.issparse(X_rows) or X_rows.nnz * 8 <= STREAM_HVG_BYTES):
         import scanpy as sc
 
@@ -66,7 +67,7 @@ def streaming_seurat_dispersions(
     cols = np.asarray(cols, dtype=np.int64)
     total, total_sq = np.zeros(len(cols)), np.zeros(len(cols))
     for s in range(0, len(rows), chunk):
-        block = X[rows[s : s + chunk]][:, cols]
+        block = take_rows(X, rows[s : s + chunk])[:, cols]
         if sp.issparse(block):
             block = sp.csr_matrix(block, dtype=np.float32)
             vals = np.expm1(np.log1p(block.data)).astype(np.float64)
@@ -100,7 +101,7 @@ def column_nonzero_counts(X, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Number of spots among ``rows`` with a non-zero count, per gene (chunks of spots; no boolean copy)."""
     out = np.zeros(X.shape[1], dtype=np.int64)
     for s in range(0, len(rows), chunk):
-        block = X[rows[s : s + chunk]]
+        block = take_rows(X, rows[s : s + chunk])
         if sp.issparse(block):
             block = sp.csr_matrix(block)
             out += np.bincount(block.indices[block.data > 0], minlength=X.shape[1])
