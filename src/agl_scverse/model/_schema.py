@@ -205,7 +205,9 @@ def validate_config(config: Any, where: str = "config.json", verb: str = "load")
     """
     c = _Checker(where, verb)
     if not isinstance(config, dict):
-        raise ValueError(f"{where} must hold a JSON object, got {type(config).__name__}; refusing to {verb} this model.")
+        raise ValueError(
+            f"{where} must hold a JSON object, got {type(config).__name__}; refusing to {verb} this model."
+        )
     version = config.get("format_version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_FORMATS:
         c.fail("format_version", f"is {version!r}; this agl-scverse reads format versions {list(SUPPORTED_FORMATS)}")
@@ -251,7 +253,7 @@ def check_weights_header(path: Path, expected: dict[str, tuple[tuple[int, ...], 
             for k in fh.keys():  # noqa: SIM118  (safe_open has no __iter__)
                 sl = fh.get_slice(k)
                 found[k] = (tuple(int(n) for n in sl.get_shape()), _dtype_name(sl.get_dtype()))
-    except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+    except Exception as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); refusing to load this model.") from err
     problems = [f"missing tensor {k!r} {list(s)}" for k, (s, _) in expected.items() if k not in found]
     problems += [f"unexpected tensor {k!r} {list(s)}" for k, (s, _) in found.items() if k not in expected]
