@@ -65,13 +65,19 @@ def check_overwritable(path: Path) -> None:
         kind = "a symbolic link" if path.is_symlink() else "a file"
         raise FileExistsError(f"{path} is {kind}, not a model directory; not overwriting it. Choose another path.")
     names = {p.name for p in path.iterdir()}
-    foreign = sorted(names - set(MODEL_FILES)) or [p.name + "/" for p in path.iterdir() if p.is_dir()]
-    if not foreign and names and not _is_our_config(path / CONFIG_NAME):
-        foreign = [f"{CONFIG_NAME} (not an AGL model config)"]
-    if foreign:
+    if not names:
+        return
+    problem = ""
+    if other := sorted(names - set(MODEL_FILES)):
+        problem = f"entries other than {' and '.join(MODEL_FILES)}: {', '.join(other[:10])}"
+    elif folders := sorted(n for n in names if (path / n).is_dir()):
+        problem = f"{', '.join(folders)} is a folder"
+    elif not _is_our_config(path / CONFIG_NAME):
+        problem = f"{CONFIG_NAME} is missing or not an AGL model config"
+    if problem:
         raise FileExistsError(
-            f"{path} is not a saved AGL model (it holds {_describe(path)}; a model directory holds only "
-            f"{' and '.join(MODEL_FILES)}); not overwriting it. Remove it yourself or choose another path."
+            f"{path} is not a saved AGL model ({problem}; it holds {_describe(path)}); not overwriting it. "
+            "Remove it yourself or choose another path."
         )
 
 
@@ -99,18 +105,14 @@ def leftovers(path: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda kp: kp[1].stat().st_mtime, reverse=True)
 
 
-def _has_model(path: Path) -> bool:
-    return all((path / n).is_file() for n in MODEL_FILES)
-
-
 def recover(path: Path, is_intact: Callable[[Path], bool]) -> Path | None:
     """Move an intact model left beside ``path`` by an interrupted save back to ``path``, when none is there.
 
     The old model (``.old-*``) is preferred: the save that wrote the temporary did not finish. Returns the
     directory restored, or None.
     """
-    if _has_model(path) or (path.exists() and any(path.iterdir())) or path.is_symlink():
-        return None
+    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
+        return None  # something is at path (a model or not): nothing to restore
     found = leftovers(path)
     for kind in ("old", "tmp"):
         for k, candidate in found:

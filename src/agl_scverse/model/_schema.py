@@ -91,6 +91,8 @@ def upgrade_config(config: dict) -> dict:
     >>> upgrade_config({"format_version": 1, "encoder": {"name": "resnet18"}})["encoder"]
     {'encoder': 'resnet18'}
     """
+    if not isinstance(config, dict):
+        return config  # validate_config says what is wrong
     config = dict(config)
     version = config.get("format_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version < 2:
