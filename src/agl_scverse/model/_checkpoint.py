@@ -96,9 +96,10 @@ class AGLModel:
     config
         JSON-able dict. Keys used by the package: ``genes`` (output order), ``roles`` (``"target"`` /
         ``"auxiliary"`` per output gene), ``weights`` (mask weight per output gene), ``method``, ``mode``,
-        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um),
-        ``net`` (constructor arguments), ``k``, ``threshold``, ``prior``, ``prior_ranks``, ``hyperparameters``,
-        ``versions``.
+        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um;
+        ``weights_path`` is a record, never opened), ``net`` (constructor arguments), ``k``, ``threshold``,
+        ``prior``, ``prior_ranks``, ``hyperparameters``, ``versions``. :meth:`save` adds ``format_version`` and
+        ``weights_sha256``; the config must pass :func:`~agl_scverse.model._schema.validate_config`.
 
     Examples
     --------
