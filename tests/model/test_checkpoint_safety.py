@@ -128,6 +128,9 @@ def test_overwrite_refuses_what_is_not_our_model(tmp_path, prepare, match):
         _model().save(target, overwrite=True)
     assert str(target) in str(err.value)
     assert _tree(tmp_path) == before
+    with pytest.raises(FileExistsError, match=match):  # without overwrite: the same reason, not "pass overwrite"
+        _model().save(target)
+    assert _tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("prepare", [_foreign_folder, _a_file], ids=["folder", "file"])

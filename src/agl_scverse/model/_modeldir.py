@@ -137,9 +137,9 @@ def remove_stale(path: Path) -> None:
 
 def atomic_replace(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Write a model with ``write(tmp_dir)`` and move it to ``path`` (see module doc); return ``path``."""
-    if (path.exists() or path.is_symlink()) and not overwrite:
+    check_overwritable(path)  # first: overwrite=True would not help for anything but a model
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it or choose another path.")
-    check_overwritable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     old = None
