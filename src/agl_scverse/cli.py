@@ -249,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory written by fit / AGLModel.save")
     p.add_argument("data", help="slide: .h5ad file, legacy ST folder, Visium folder or HEST .h5ad")
     p.add_argument("--reader", choices=READERS, default="auto")
-    p.add_argument("--weights", default=None, help="encoder weights, if the recorded file moved")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="encoder weights file the model was trained with (to embed a slide; its sha256 is checked)",
+    )
     p.add_argument("--out", required=True, help=".h5ad file to write")
     return parser
 

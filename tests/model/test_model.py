@@ -188,7 +188,7 @@ def test_atomic_save_failure_leaves_nothing_and_keeps_existing(tmp_path, monkeyp
     model.save(tmp_path / "old")
     before = {f.name: f.read_bytes() for f in (tmp_path / "old").iterdir()}
     other, _ = _model()
-    other.config["method"] = "changed"
+    other.config["method"] = "agl"
     monkeypatch.setattr(ckpt.json, "dump", boom)
     with pytest.raises(RuntimeError):
         other.save(tmp_path / "old", overwrite=True)
@@ -196,5 +196,5 @@ def test_atomic_save_failure_leaves_nothing_and_keeps_existing(tmp_path, monkeyp
     assert {f.name: f.read_bytes() for f in (tmp_path / "old").iterdir()} == before
     monkeypatch.undo()
     other.save(tmp_path / "old", overwrite=True)
-    assert json.loads((tmp_path / "old" / "config.json").read_text())["method"] == "changed"
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["method"] == "agl"
     assert [p.name for p in tmp_path.iterdir()] == ["old"]

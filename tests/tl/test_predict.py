@@ -137,8 +137,10 @@ def test_missing_weights_file_is_a_clear_error(fitted, tmp_path):
     }  # fmt: skip
     a = _no_embedding(small_slide(seed=5), model)
     snap = snapshot(a)
-    with pytest.raises(FileNotFoundError, match="is gone"):
-        agl.tl.agl_predict(a, model)
+    with pytest.raises(FileNotFoundError, match="Pass weights="):
+        agl.tl.agl_predict(a, model)  # the recorded path is never opened
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        agl.tl.agl_predict(a, model, weights=tmp_path / "gone.pth")
     assert_unchanged(a, snap)
 
 

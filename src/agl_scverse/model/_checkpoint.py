@@ -1,52 +1,89 @@
 """The fitted model object: network + a JSON-able config, saved atomically to a directory.
 
-Layout of a saved model directory::
+Layout of a saved model directory (nothing else; see :mod:`agl_scverse.model._modeldir`)::
 
     <path>/
         config.json          genes in output order, roles, prior, ranks, learned weights, theta, k, transform,
-                             embedding key, encoder info, network shape, method, hyperparameters, versions
+                             embedding key, encoder info, network shape, method, hyperparameters, versions,
+                             format_version, weights_sha256 (of model.safetensors)
         model.safetensors    network weights and buffers (input standardisation, output calibration)
 
 :meth:`AGLModel.save` writes everything into a temporary directory beside ``path`` and renames it into place only
-when complete, so an error or an interrupt never leaves a half-written model, and an existing model is replaced
-only after the new one is fully written (``overwrite=True``).
+when complete, so an error or an interrupt never leaves a half-written model; ``overwrite=True`` replaces only a
+model directory of ours, after the new one is fully written. :meth:`AGLModel.load` restores a model an interrupted
+save left beside ``path``, then checks the whole config (:func:`~agl_scverse.model._schema.validate_config`), the
+weights' sha256 and the tensor shapes in the weights file's header before it builds the network.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from scanpy import logging as logg
 from torch import nn
 
 from agl_scverse._serialize import to_json
+from agl_scverse._utils import sha256_file
 
 from ._encoders import get_encoder
 from ._heads import EmbeddingHead, FinetuneNet
 from ._inference import array_batches, forward
+from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale
+from ._schema import FORMAT_VERSION, check_weights_header, expected_shapes, upgrade_config, validate_config
 
-__all__ = ["AGLModel", "CONFIG_NAME", "WEIGHTS_NAME", "build_network"]
+__all__ = [
+    "AGLModel",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "build_network",
+    "read_config",
+    "upgrade_config",
+]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-#: Version of the saved layout. 2: ``config["encoder"]`` is the encoder record of
-#: :func:`agl_scverse.model.encoder_record` (its name under ``"encoder"``; version 1 called it ``"name"``).
-FORMAT_VERSION = 2
 
+def read_config(path: Path, check_weights: bool = True) -> dict:
+    """The checked config of the model directory ``path``; raises ``ValueError`` naming what is wrong.
 
-def upgrade_config(config: dict) -> dict:
-    """Bring a saved config of an older format version to the current one (in a new dict)."""
-    config = dict(config)
-    if int(config.get("format_version", 1)) < 2:
-        enc = dict(config.get("encoder") or {})
-        if "name" in enc and "encoder" not in enc:
-            enc["encoder"] = enc.pop("name")
-        config["encoder"] = enc
+    Parses ``config.json``, upgrades an older format, validates every field, compares the sha256 of
+    ``model.safetensors`` with the recorded one (format 3; older formats record none) and the tensor names and
+    shapes in its header with those the config implies. No tensor is read and no network is allocated.
+    """
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    try:
+        with open(cfg_path) as fh:
+            raw = json.load(fh)
+    except ValueError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON ({err}); refusing to load this model.") from err
+    config = validate_config(upgrade_config(raw), where=str(cfg_path))
+    if not check_weights:
+        return config
+    recorded = config.get("weights_sha256")
+    if recorded is None:
+        logg.warning(
+            f"{path} was saved in format version {config.get('format_version', 1)}, which records no sha256 of "
+            f"{WEIGHTS_NAME}; its integrity cannot be checked. Save it again to record one."
+        )
+    elif (actual := sha256_file(w_path)) != recorded:
+        raise ValueError(
+            f"{w_path} is damaged or was changed: its sha256 is {actual}, config.json records "
+            f"weights_sha256 {recorded}; refusing to load this model."
+        )
+    check_weights_header(w_path, expected_shapes(build_network, config))
     return config
+
+
+def _is_intact(path: Path) -> bool:
+    """Whether ``path`` holds a model that :meth:`AGLModel.load` accepts (used to pick a leftover to restore)."""
+    if not all((path / n).is_file() for n in MODEL_FILES):
+        return False
+    try:
+        read_config(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class AGLModel:
@@ -59,9 +96,10 @@ class AGLModel:
     config
         JSON-able dict. Keys used by the package: ``genes`` (output order), ``roles`` (``"target"`` /
         ``"auxiliary"`` per output gene), ``weights`` (mask weight per output gene), ``method``, ``mode``,
-        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um),
-        ``net`` (constructor arguments), ``k``, ``threshold``, ``prior``, ``prior_ranks``, ``hyperparameters``,
-        ``versions``.
+        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um;
+        ``weights_path`` is a record, never opened), ``net`` (constructor arguments), ``k``, ``threshold``,
+        ``prior``, ``prior_ranks``, ``hyperparameters``, ``versions``. :meth:`save` adds ``format_version`` and
+        ``weights_sha256``; the config must pass :func:`~agl_scverse.model._schema.validate_config`.
 
     Examples
     --------
@@ -157,44 +195,36 @@ class AGLModel:
         path
             Target directory (must not exist unless ``overwrite=True``).
         overwrite
-            Replace an existing model directory; the old one is removed only after the new one is in place.
+            Replace an existing model directory (one holding only ``config.json`` and ``model.safetensors``,
+            or an empty one); the old one is removed only after the new one is in place. Anything else at
+            ``path`` (a file, a link, a folder with other entries) is refused with ``FileExistsError``.
 
         Returns
         -------
         The path written.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is False, or it is not a model directory.
+        ValueError
+            The config is not one :meth:`load` would accept (nothing is written).
         """
+        path = Path(path)
+        recover(path, _is_intact)  # a model an interrupted save left beside path counts as being at path
+        remove_stale(path)
+        return atomic_replace(path, self._write, overwrite)
+
+    def _write(self, directory: Path) -> None:
+        """Write ``model.safetensors`` and ``config.json`` (with format version and weights sha256) into ``directory``."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it or choose another path.")
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a directory; remove it or choose another path.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        old = None
-        try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME))
-            cfg = dict(self.config)
-            cfg["format_version"] = FORMAT_VERSION
-            with open(tmp / CONFIG_NAME, "w") as fh:
-                json.dump(to_json(cfg), fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                old.rmdir()
-                os.rename(path, old)
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not path.exists():
-                os.rename(old, path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME))
+        cfg = {**self.config, "format_version": FORMAT_VERSION, "weights_sha256": sha256_file(directory / WEIGHTS_NAME)}
+        cfg = validate_config(to_json(cfg), where="AGLModel.config", verb="save")
+        with open(directory / CONFIG_NAME, "w") as fh:
+            json.dump(cfg, fh, indent=1)
 
     @classmethod
     def coerce(cls, model: AGLModel | str | Path) -> AGLModel:
@@ -214,6 +244,18 @@ class AGLModel:
     def load(cls, path: str | Path, device: str = "cpu") -> AGLModel:
         """Load a model saved with :meth:`save` (predictions are bit-for-bit identical on CPU).
 
+        Everything is checked before the network is built: the config's fields (:func:`read_config`), the
+        sha256 of the weights file and the tensor shapes in its header. A model left beside ``path`` by an
+        interrupted save is moved back to ``path`` first (with a warning). No file a config names is opened
+        (an encoder weights file is only needed to embed new slides: pass it to ``agl_predict(weights=...)``).
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` holds no model.
+        ValueError
+            The config, the weights' checksum or their shapes are not valid; the message names the field.
+
         Examples
         --------
         >>> model = AGLModel.load("my_model")  # doctest: +SKIP
@@ -221,13 +263,13 @@ class AGLModel:
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        if not all((path / n).is_file() for n in MODEL_FILES):
+            recover(path, _is_intact)
+        if not all((path / n).is_file() for n in MODEL_FILES):
             raise FileNotFoundError(f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
-        with open(path / CONFIG_NAME) as fh:
-            config = upgrade_config(json.load(fh))
+        config = read_config(path)
         net = build_network(config)
-        state = load_file(str(path / WEIGHTS_NAME))
-        net.load_state_dict(state)
+        net.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
         return cls(net.to(device), config)
 
 

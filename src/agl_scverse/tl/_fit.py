@@ -33,6 +33,7 @@ from agl_scverse._validate import check_adata, check_layer, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
 from agl_scverse.model._inference import forward, index_batches
+from agl_scverse.model._modeldir import check_overwritable
 from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
@@ -407,7 +408,8 @@ def agl_fit(
     save_dir
         Save the model there (atomically).
     overwrite
-        Replace an existing ``save_dir``.
+        Replace an existing ``save_dir`` that holds a saved model (only ``config.json`` and
+        ``model.safetensors``) or nothing; any other folder or file is refused before training.
     %(progress)s
     %(library_key)s
 
@@ -445,6 +447,8 @@ def agl_fit(
     keys = Keys(key_added)
     if save_dir is not None and Path(save_dir).exists() and not overwrite:
         raise FileExistsError(f"save_dir {save_dir} already exists; pass overwrite=True or choose another path.")
+    if save_dir is not None:
+        check_overwritable(Path(save_dir))  # before training: overwrite=True replaces only a saved model
     dev = resolve_device(device)
     adata = as_anndata(data)
 

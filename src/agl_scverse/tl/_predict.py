@@ -4,7 +4,8 @@
 returns a new AnnData of predictions for any slide, e.g. an H&E-only one. Everything is checked before anything
 is written: the model's genes against the slide's, the embedding's recorded encoder settings against the
 model's, the embedding itself (shape, NaN). A missing embedding is computed with the model's recorded encoder,
-weights file (its sha256 is checked) and patch size, into a copy, and written together with the predictions.
+weights file (passed as ``weights=``; its sha256 is checked against the recorded one; a path recorded in the
+model is never opened) and patch size, into a copy, and written together with the predictions.
 """
 
 from __future__ import annotations
@@ -90,19 +91,25 @@ def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, devic
             "brought by the user). Compute the same embedding for this slide and store it in .obsm first."
         )
     sha = str(enc.get("weights_sha256") or "")
-    path = weights if weights is not None else (enc.get("weights_path") or None)
+    path = weights  # never the path recorded in the model: a config is data, not a list of files to open
     if sha:
-        if not path or not Path(path).is_file():
+        if path is None:
             raise FileNotFoundError(
-                f".obsm[{key!r}] is missing and the encoder weights file the model was trained with ({path!r}, "
-                f"sha256 {sha[:12]}...) is gone. Pass weights=<path to that file> or embed the slide yourself."
+                f".obsm[{key!r}] is missing and embedding the slide needs the encoder weights file the model was "
+                f"trained with (sha256 {sha[:12]}..., recorded as {enc.get('weights_path')!r}). Pass "
+                "weights=<path to that file> (its sha256 is checked) or embed the slide yourself."
             )
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"weights={str(path)!r} is not a file.")
         if sha256_file(path) != sha:
             raise ValueError(
                 f"The weights file {path} differs from the one the model was trained with (sha256 {sha[:12]}...)."
             )
-    else:
-        path = None
+    elif path is not None:
+        raise ValueError(
+            f"weights={str(path)!r} was given, but the model's encoder ({enc.get('encoder')!r}) was not trained "
+            "from a weights file (it records no weights_sha256); leave weights out."
+        )
     tmp = embed_patches(
         adata, encoder=enc["encoder"], weights=path, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
@@ -298,7 +305,9 @@ def agl_predict(
         ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
         is computed with the model's recorded encoder, weights and patch settings.
     weights
-        Encoder weights file, when the path recorded in the model moved (its sha256 must match).
+        Encoder weights file the model was trained with, needed only to embed a slide without the embedding
+        (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
+        opened. A fine-tuned model carries its backbone in its own weights and needs no file.
     genes
         Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
         mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
