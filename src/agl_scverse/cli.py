@@ -37,6 +37,7 @@ EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 def _read(path: str, reader: str = "auto"):
     """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder)."""
     import anndata as ad
+    import numpy as np
 
     from . import io
 
@@ -53,7 +54,15 @@ def _read(path: str, reader: str = "auto"):
         else:
             reader = "legacy_st"
     if reader == "h5ad":
-        return ad.read_h5ad(p)
+        try:
+            adata = ad.read_h5ad(p)
+        except OSError as e:  # h5py's message does not name the file
+            raise OSError(f"cannot read {p} as .h5ad ({e}); is the file complete?") from e
+        xy = adata.obsm.get("spatial")
+        if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
+            n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
+            raise ValueError(f"{p}: .obsm['spatial'] holds NaN/inf coordinates for {n_bad} spot(s); fix or drop them.")
+        return adata
     if reader == "legacy_st":
         return io.read_legacy_st(p)
     if reader == "visium":
