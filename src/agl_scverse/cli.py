@@ -56,8 +56,8 @@ def _read(path: str, reader: str = "auto"):
     if reader == "h5ad":
         try:
             adata = ad.read_h5ad(p)
-        except OSError as e:  # h5py's message does not name the file
-            raise OSError(f"cannot read {p} as .h5ad ({e}); is the file complete?") from e
+        except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
+            raise OSError(f"cannot read {p} as .h5ad ({_one_line(e)}); is the file complete?") from e
         xy = adata.obsm.get("spatial")
         if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
             n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
