@@ -1,4 +1,8 @@
-"""Command line: ``agl-scverse demo | fit | predict | benchmark``.
+"""Command line: ``agl-scverse demo | fit | predict | cross-validate``.
+
+Errors in the input (a missing file, a bad value, an output that exists) print one line
+``agl-scverse: error: <message>`` and exit with status 2; ``--debug`` shows the traceback instead. Ctrl-C exits
+with status 130. Every output path is checked before any work starts.
 
 Examples
 --------
@@ -7,13 +11,14 @@ Examples
     agl-scverse demo --out agl_demo_output
     agl-scverse fit path/to/her2st --reader legacy_st --weights densenet121.pth --encoder densenet121 --out model
     agl-scverse predict model path/to/new_section --reader legacy_st --out predicted.h5ad
-    agl-scverse benchmark path/to/her2st --reader legacy_st --group-key library_id --out cv.csv
+    agl-scverse cross-validate path/to/her2st --reader legacy_st --group-key library_id --out cv.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,18 +28,25 @@ from ._constants import METHODS
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
 METHOD_LABELS = {"pgl": "PGL (targets only)", "agl": "AGL-all", "topk": "AGL top-k", "dkgsb": "AGL + DkGSB"}
 READERS = ("auto", "h5ad", "legacy_st", "visium", "hest")
+PROG = "agl-scverse"
+# Errors in what the user passed (paths, values, files): one line and exit status 2, as argparse does.
+USER_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError)
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _read(path: str, reader: str = "auto"):
     """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder)."""
     import anndata as ad
+    import numpy as np
 
     from . import io
 
     p = Path(path)
     if not p.exists():
-        raise SystemExit(f"error: {p} does not exist.")
+        raise FileNotFoundError(f"{p} does not exist; pass a .h5ad file or a slide folder.")
     if reader == "auto":
+        if p.is_file() and p.suffix != ".h5ad":
+            raise ValueError(f"{p} is a file but not .h5ad; pass a .h5ad file or a slide folder, or choose --reader.")
         if p.suffix == ".h5ad":
             reader = "h5ad"
         elif p.is_dir() and (any(p.glob("spatial")) or any(p.glob("*filtered_feature_bc_matrix*"))):
@@ -42,14 +54,60 @@ def _read(path: str, reader: str = "auto"):
         else:
             reader = "legacy_st"
     if reader == "h5ad":
-        return ad.read_h5ad(p)
+        try:
+            adata = ad.read_h5ad(p)
+        except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
+            raise OSError(f"cannot read {p} as .h5ad ({_one_line(e)}); is the file complete?") from e
+        xy = adata.obsm.get("spatial")
+        if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
+            n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
+            raise ValueError(f"{p}: .obsm['spatial'] holds NaN/inf coordinates for {n_bad} spot(s); fix or drop them.")
+        return adata
     if reader == "legacy_st":
         return io.read_legacy_st(p)
     if reader == "visium":
         return io.read_visium(p)
     if reader == "hest":
         return io.read_hest(p)
-    raise SystemExit(f"error: unknown reader {reader!r}; choose one of {READERS}.")
+    raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}.")
+
+
+def check_output(path: str | Path, flag: str, overwrite: bool = False, folder: bool = False) -> Path:
+    """Check an output path before any work: where it goes exists and is writable, and it is new or ``overwrite``.
+
+    A file's parent folder must exist; a model folder (``folder=True``) may be created, in the nearest existing
+    ancestor. Raises FileNotFoundError, PermissionError, FileExistsError or IsADirectoryError with a message that
+    names ``flag``.
+    """
+    p = Path(path)
+    parent = p.absolute().parent
+    if not folder and not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {p}: the folder {parent} does not exist; create it or choose another path.")
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{flag} {p}: {ancestor} is a file, not a folder; choose another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {p}: cannot write in {ancestor}; choose another path.")
+    if p.exists():
+        if folder and not p.is_dir():
+            raise FileExistsError(f"{flag} {p} exists and is a file, not a model folder; choose another path.")
+        if not folder and p.is_dir():
+            raise IsADirectoryError(f"{flag} {p} is a folder; pass a file path.")
+        if not overwrite:
+            raise FileExistsError(f"{flag} {p} already exists; pass --overwrite to replace it or choose another path.")
+    return p
+
+
+def _write_h5ad(adata, path: Path) -> None:
+    """Write through a temporary file beside ``path``, so a failed write leaves an existing file as it was."""
+    tmp = path.with_name(f".{path.name}.tmp.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -159,14 +217,19 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
 def _fit(args: argparse.Namespace) -> None:
     from . import tl
 
+    check_output(args.out, "--out", args.overwrite, folder=True)
+    h5ad = check_output(args.h5ad, "--h5ad", args.overwrite) if args.h5ad else None
     adata = _read(args.data, args.reader)
     model = tl.agl_fit(
         adata,
         method=args.method,
+        embedding_key=args.embedding_key,
         encoder=args.encoder,
         weights=args.weights,
         n_targets=args.n_targets,
         prior=args.prior,
+        k=args.k,
+        epochs=args.epochs,
         split_key=args.split_key,
         val_groups=args.val_groups,
         seed=args.seed,
@@ -174,9 +237,9 @@ def _fit(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(f"trained {args.method}: k = {model.k} auxiliary genes; model saved to {args.out}")
-    if args.h5ad:
-        adata.write_h5ad(args.h5ad)
-        print(f"wrote {args.h5ad}")
+    if h5ad is not None:
+        _write_h5ad(adata, h5ad)
+        print(f"wrote {h5ad}")
     del model
 
 
@@ -184,38 +247,71 @@ def _predict(args: argparse.Namespace) -> None:
     from . import tl
     from .model import AGLModel
 
-    adata = _read(args.data, args.reader)
+    out = check_output(args.out, "--out", args.overwrite)
     model = AGLModel.load(args.model)
+    adata = _read(args.data, args.reader)
+    kwargs = {"embedding_key": args.embedding_key, "weights": args.weights}
     if adata.n_vars and adata.var_names.isin(model.genes).any():  # a slide that measured the model's genes
-        tl.agl_predict(adata, model, weights=args.weights)
+        tl.agl_predict(adata, model, **kwargs)
         result = adata
     else:  # H&E only
-        result = tl.predict_anndata(adata, model, weights=args.weights)
-    result.write_h5ad(args.out)
-    print(f"wrote predictions to {args.out}")
+        result = tl.predict_anndata(adata, model, **kwargs)
+    _write_h5ad(result, out)
+    print(f"wrote predictions to {out}")
 
 
-def _benchmark(args: argparse.Namespace) -> None:
+def _cross_validate(args: argparse.Namespace) -> None:
     from . import pp, tl
 
+    out = check_output(args.out, "--out", args.overwrite)
     adata = _read(args.data, args.reader)
     if args.group_key not in adata.obs:
-        raise SystemExit(f"error: --group-key {args.group_key!r} is not an .obs column: {list(adata.obs.columns)}")
-    pp.embed_patches(adata, encoder=args.encoder, weights=args.weights)
-    df = tl.cross_validate(adata, group_key=args.group_key, methods=args.methods, seed=args.seed)
-    df.to_csv(args.out, index=False)
+        raise KeyError(f"--group-key {args.group_key!r} is not an .obs column: {list(adata.obs.columns)}")
+    if args.embedding_key is None:
+        pp.embed_patches(adata, encoder=args.encoder, weights=args.weights)
+    fit_kwargs = {"k": args.k} if args.k is not None else {}
+    if args.epochs is not None:
+        fit_kwargs["epochs"] = args.epochs
+    df = tl.cross_validate(
+        adata,
+        group_key=args.group_key,
+        methods=args.methods,
+        embedding_key=args.embedding_key,
+        n_targets=args.n_targets,
+        seed=args.seed,
+        **fit_kwargs,
+    )
+    df.to_csv(out, index=False)
     summary = df.groupby(["method", "fold"])["pearson"].mean().unstack("fold")
     summary["mean"] = summary.mean(axis=1)
     print(summary.round(3).to_string())
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
+
+
+def _add_debug(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
+def _add_slide_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="slide: .h5ad file, legacy ST folder(s), Visium folder or HEST .h5ad")
+    p.add_argument("--reader", choices=READERS, default="auto")
+    p.add_argument("--encoder", default="resnet18", help="timm model name (default: %(default)s)")
+    p.add_argument("--weights", default=None, help="local encoder weights file (default: random init)")
+    p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: embed patches)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-targets", type=int, default=50)
+    p.add_argument("--k", type=int, default=None, help="auxiliary genes of --method topk (required with it)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``agl-scverse`` argument parser."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="agl-scverse", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"agl-scverse {__version__}")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic slides")
@@ -223,27 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
     p.add_argument("--patch-px", type=int, default=112, help="patch size in pixels (112 µm patches)")
+    _add_debug(p, argparse.SUPPRESS)  # after the command too; SUPPRESS keeps a --debug given before it
 
-    for name, helptext in (("fit", "train a model on a slide"), ("benchmark", "leave-one-group-out comparison")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("data", help="slide: .h5ad file, legacy ST folder(s), Visium folder or HEST .h5ad")
-        p.add_argument("--reader", choices=READERS, default="auto")
-        p.add_argument("--encoder", default="resnet18", help="timm model name (default: %(default)s)")
-        p.add_argument("--weights", default=None, help="local encoder weights file (default: random init)")
-        p.add_argument("--seed", type=int, default=0)
-        if name == "fit":
-            p.add_argument("--out", required=True, help="model directory to write")
-            p.add_argument("--method", default="dkgsb", choices=list(METHODS))
-            p.add_argument("--n-targets", type=int, default=50)
-            p.add_argument("--prior", default="hvg")
-            p.add_argument("--split-key", default=None, help=".obs column for a validation group split")
-            p.add_argument("--val-groups", nargs="*", default=None)
-            p.add_argument("--overwrite", action="store_true")
-            p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
-        else:
-            p.add_argument("--group-key", default="library_id")
-            p.add_argument("--methods", nargs="+", default=["pgl", "agl", "dkgsb"])
-            p.add_argument("--out", default="cross_validation.csv")
+    p = sub.add_parser("fit", help="train a model on a slide")
+    _add_slide_args(p)
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--method", default="dkgsb", choices=list(METHODS))
+    p.add_argument("--prior", default="hvg")
+    p.add_argument("--split-key", default=None, help=".obs column for a validation group split")
+    p.add_argument("--val-groups", nargs="*", default=None)
+    p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
+    _add_debug(p, argparse.SUPPRESS)
+
+    p = sub.add_parser("cross-validate", aliases=["benchmark"], help="leave-one-group-out comparison")
+    _add_slide_args(p)
+    p.add_argument("--group-key", default="library_id")
+    p.add_argument("--methods", nargs="+", default=["pgl", "agl", "dkgsb"], choices=list(METHODS))
+    p.add_argument("--out", default="cross_validation.csv", help="CSV file to write (default: %(default)s)")
+    _add_debug(p, argparse.SUPPRESS)
 
     p = sub.add_parser("predict", help="predict expression on a slide with a saved model")
     p.add_argument("model", help="model directory written by fit / AGLModel.save")
@@ -254,21 +347,74 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="encoder weights file the model was trained with (to embed a slide; its sha256 is checked)",
     )
+    p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: the model's)")
     p.add_argument("--out", required=True, help=".h5ad file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_debug(p, argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``agl-scverse`` console script."""
-    args = build_parser().parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations argparse cannot check alone (exit status 2 with the usage, as argparse does)."""
+    methods = [args.method] if args.command == "fit" else getattr(args, "methods", [])
+    k = getattr(args, "k", None)
+    if "topk" in methods and k is None:
+        parser.error("--method topk needs --k, the number of auxiliary genes to use (e.g. --k 500)")
+    if k is not None and "topk" not in methods:
+        parser.error(f"--k applies to the topk method only (methods: {', '.join(methods)})")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an exception on one line (a KeyError's message without its quotes)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        msg = exc.args[0]
+    else:
+        msg = str(exc)
+    msg = " ".join(msg.split())
+    return msg or type(exc).__name__
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         demo(out=args.out, seed=args.seed, epochs=args.epochs, patch_px=args.patch_px)
     elif args.command == "fit":
         _fit(args)
     elif args.command == "predict":
         _predict(args)
-    elif args.command == "benchmark":
-        _benchmark(args)
+    else:  # cross-validate, benchmark
+        _cross_validate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``agl-scverse`` console script; returns the exit status.
+
+    0: done; 2: an error in the input (one line on stderr; argparse's usage errors exit 2 as well); 1: an
+    unexpected error (a bug: please report it with the traceback of ``--debug``); 130: interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback "
+            "and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
     return 0
 
 

@@ -2,7 +2,8 @@
 
 - :func:`small_slide`: Poisson counts driven by a latent state that the embedding ``.obsm["X_emb"]`` sees; two
   slides ``"A"`` / ``"B"`` in ``.obs["slide"]`` (the engine, fit, predict and evaluate tests).
-- :func:`he_like` and :func:`write_legacy_section`: H&E-looking images and legacy ST folders on disk (readers).
+- :func:`he_like`, :func:`write_legacy_section` and :func:`write_visium`: H&E-looking images, legacy ST folders and
+  Space Ranger folders on disk (readers).
 - :func:`make_sdata`: a tiny SpatialData (image, circle shapes, table).
 - :func:`snapshot` / :func:`assert_unchanged`: what a failed call must leave unchanged.
 - :data:`FAST`: ``agl_fit`` settings that train in a fraction of a second.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,60 @@ def write_legacy_section(
         arr = he_like(h, w, seed)
         im = Image.fromarray(arr[..., 0]) if gray else Image.fromarray(arr)
         im.save(folder / "he.jpg", quality=90)
+    return folder
+
+
+def write_visium(
+    folder: Path,
+    genes=("G1", "G2", "G3"),
+    n: int = 5,
+    scalefactors=None,
+    gray: bool = False,
+    positions_header: bool = True,
+) -> Path:
+    """A tiny Space Ranger 'outs' folder: v3 h5 counts, tissue positions, scale factors, hires/lowres PNGs."""
+    import h5py
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    barcodes = [f"AAAC{i:04d}-1" for i in range(n)]
+    X = sp.csr_matrix(rng.poisson(2.0, size=(n, len(genes))).astype(np.int32))
+    Xc = sp.csc_matrix(X.T)  # 10x stores the features x barcodes matrix in CSC
+    with h5py.File(folder / "filtered_feature_bc_matrix.h5", "w") as f:
+        f.attrs["library_ids"] = np.array([b"lib_h5"])
+        m = f.create_group("matrix")
+        m["barcodes"] = np.array(barcodes, dtype="S")
+        m["data"] = Xc.data
+        m["indices"] = Xc.indices.astype(np.int64)
+        m["indptr"] = Xc.indptr.astype(np.int64)
+        m["shape"] = np.array(Xc.shape, dtype=np.int32)
+        feat = m.create_group("features")
+        feat["id"] = np.array([f"ENSG{i}" for i in range(len(genes))], dtype="S")
+        feat["name"] = np.array(list(genes), dtype="S")
+        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+    spatial = folder / "spatial"
+    spatial.mkdir(exist_ok=True)
+    # full-res image 1000 x 800 (w x h); spots at pxl_col (x) = 200 + 100 i, pxl_row (y) = 300
+    pos = pd.DataFrame(
+        {
+            "barcode": barcodes + ["TTTT0000-1"],
+            "in_tissue": 1,
+            "array_row": 0,
+            "array_col": list(range(n + 1)),
+            "pxl_row_in_fullres": 300,
+            "pxl_col_in_fullres": [200 + 100 * i for i in range(n + 1)],
+        }
+    )
+    pos.to_csv(spatial / "tissue_positions.csv", index=False, header=positions_header)
+    sf = {"tissue_hires_scalef": 0.2, "tissue_lowres_scalef": 0.05, "spot_diameter_fullres": 110.0}
+    sf.update(scalefactors or {})
+    (spatial / "scalefactors_json.json").write_text(json.dumps(sf))
+    full = he_like(800, 1000)
+    for name, s in (("hires", 0.2), ("lowres", 0.05)):
+        im = Image.fromarray(full).resize((int(1000 * s), int(800 * s)))
+        (im.convert("L") if gray else im).save(spatial / f"tissue_{name}_image.png")
+    Image.fromarray(full).save(folder / "fullres.jpg")
     return folder
 
 
