@@ -25,7 +25,7 @@ from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model._encoders import encoder_record, get_encoder, normalize
 
-from ._patches import SpotPatches
+from ._patches import SpotPatches, check_patch_batch
 
 __all__ = ["embed_patches"]
 
@@ -177,7 +177,6 @@ def embed_patches(
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     dev = resolve_device(device)
-    model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
     ds = SpotPatches(
         adata,
         patch_px=patch_px,
@@ -186,7 +185,9 @@ def embed_patches(
         pad_mode=pad_mode,
         min_inside=min_inside,
         on_outside=on_outside,
-    )
+    )  # decodes nothing: the memory checks come before the encoder is built
+    check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
+    model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
     key = key_added or K.embedding_key(info["name"])
     feats = _encode(
         model,

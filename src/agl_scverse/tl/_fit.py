@@ -36,7 +36,7 @@ from agl_scverse.model._inference import forward, index_batches
 from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
-from agl_scverse.pp._patches import SpotPatches
+from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
 from ._config import FitConfig, GeneConfig
 from ._split import make_split
@@ -180,6 +180,7 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
     ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
+    check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size))
     backbone, info = get_encoder(enc["encoder"], weights=enc["weights"], seed=cfg.seed)
     n_feat = info.get("feature_dim")
     if not n_feat:
