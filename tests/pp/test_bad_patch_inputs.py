@@ -111,3 +111,32 @@ def test_a_replaced_image_file_gives_a_new_embedding_in_the_same_process(tmp_pat
         np.testing.assert_array_equal(second, fresh)
     else:
         np.testing.assert_allclose(second, fresh, atol=0.5)  # JPEG loss only
+
+
+def test_ctrl_c_while_embedding_or_writing_leaves_the_slide_unchanged(monkeypatch):
+    from agl_scverse.pp import _embed
+
+    adata = _slide(he_like(120, 120))
+    adata.obsm["X_agl_resnet18"] = np.zeros((len(XY), 2), dtype=np.float32)  # an older embedding under the key
+    snap = snapshot(adata)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_embed, "normalize", stop)  # in the middle of encoding
+    with pytest.raises(KeyboardInterrupt):
+        agl.pp.embed_patches(adata, encoder="resnet18", patch_px=16, patch_um=21)
+    assert_unchanged(adata, snap)
+    monkeypatch.undo()
+
+    class Interrupting(dict):
+        def __setitem__(self, key, value):
+            if key == "agl_embeddings":
+                raise KeyboardInterrupt  # the last write of the block, after .obsm was replaced
+            super().__setitem__(key, value)
+
+    adata.uns = Interrupting(adata.uns)
+    with pytest.raises(KeyboardInterrupt):
+        agl.pp.embed_patches(adata, encoder="resnet18", patch_px=16, patch_um=21)
+    assert_unchanged(adata, snap)
+    assert not adata.obsm["X_agl_resnet18"].any()  # the older embedding is back

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from agl_scverse import _constants as K
 from agl_scverse._docs import d
+from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
@@ -206,10 +207,11 @@ def embed_patches(
     info["feature_dim"] = int(feats.shape[1])
     record = encoder_record(info, **ds.record(), n_spots=int(feats.shape[0]), library_key=ds.library_key)
     target = adata.copy() if copy else adata
-    target.obsm[key] = feats
     store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
     store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored
-    target.uns[K.EMBED_UNS] = store
+    with restore_on_error(target, obsm=[key], uns=[K.EMBED_UNS]):
+        target.obsm[key] = feats
+        target.uns[K.EMBED_UNS] = store
     logg.info(f"Added .obsm[{key!r}] ({feats.shape[0]} x {feats.shape[1]}) and .uns[{K.EMBED_UNS!r}][{key!r}].")
     if copy:
         return target
