@@ -51,6 +51,9 @@ Split = Literal["train", "val", "unused"]
 METHODS: tuple[str, ...] = get_args(Method)
 MODES: tuple[str, ...] = get_args(Mode)
 TRANSFORMS: tuple[str, ...] = get_args(Transform)
+TRANSFORM_LOG1P, TRANSFORM_LOG1P_CPM, TRANSFORM_NONE = get_args(Transform)
+#: ``.uns`` key that scanpy's ``pp.log1p`` sets on the AnnData it transformed.
+SCANPY_LOG1P_UNS = "log1p"
 PRIORS: tuple[str, ...] = get_args(Prior)
 LOSSES: tuple[str, ...] = get_args(Loss)
 META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)

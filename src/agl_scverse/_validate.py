@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -49,6 +50,105 @@ def check_counts(X, what: str = "adata.X") -> None:
         )
 
 
+#: Values of a counts matrix that :func:`check_integer_counts` reads (evenly spaced stored values, or rows of a
+#: dense or backed matrix), so the check costs the same on 400 M non-zeros as on a small slide.
+INTEGER_SAMPLE = 2**20
+#: A value further than this from the nearest integer is not a count (``log1p`` of a count never is that close).
+INTEGER_TOLERANCE = 1e-4
+
+
+def _sample_values(X) -> np.ndarray:
+    """Up to about :data:`INTEGER_SAMPLE` stored values of ``X``, evenly spread, without copying ``X``."""
+    if sp.issparse(X):
+        if not hasattr(X, "data") or X.format not in ("csr", "csc", "coo", "bsr"):
+            X = sp.csr_matrix(X)
+        data = X.data
+        return np.asarray(data[:: max(1, data.size // INTEGER_SAMPLE)])
+    n_rows = int(X.shape[0]) if getattr(X, "ndim", 0) == 2 else 0
+    n_cols = int(X.shape[1]) if n_rows else 1
+    if not n_rows:
+        return np.asarray(X).ravel()
+    n_take = max(1, min(n_rows, INTEGER_SAMPLE // max(n_cols, 1)))
+    if isinstance(X, np.ndarray):
+        rows = X[np.linspace(0, n_rows - 1, n_take).astype(np.int64)]
+    else:  # backed (h5py / zarr / dask) matrices: one contiguous block of rows is the cheap read
+        rows = X[:n_take]
+    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+    return rows.ravel()
+
+
+def check_integer_counts(X, what: str = "adata.X", transform: str = "log1p", log1p_recorded: bool = False) -> None:
+    """Counts that the model transforms (``transform != "none"``) must be whole numbers.
+
+    Log-transformed, normalised or scaled values would be transformed a second time, silently. The check reads a
+    sample of the stored values (:data:`INTEGER_SAMPLE`), so it stays cheap on any matrix. ``log1p_recorded``
+    (``"log1p" in adata.uns``, set by scanpy's ``log1p``) is named in the message, and warned about when the
+    values still are whole numbers.
+
+    Examples
+    --------
+    >>> check_integer_counts(np.array([[0.0, 3.0]]))
+    >>> check_integer_counts(np.log1p(np.array([[1.0, 3.0]])))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X holds non-integer values (e.g. 0.6931...
+    """
+    check_choice("transform", transform, K.TRANSFORMS)
+    if transform == K.TRANSFORM_NONE:
+        return
+    vals = _sample_values(X)
+    vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
+    if vals.dtype.kind not in "fc" or vals.size == 0:
+        return
+    frac = np.abs(vals - np.round(vals)) > INTEGER_TOLERANCE
+    if frac.any():
+        hint = " adata.uns['log1p'] is set: scanpy's log1p was run on it." if log1p_recorded else ""
+        raise ValueError(
+            f"{what} holds non-integer values (e.g. {float(vals[frac][0]):.4g}; {frac.mean():.0%} of the "
+            f"{vals.size} values checked), so it is not raw counts (log1p, normalised or scaled data?).{hint} "
+            f"transform={transform!r} would transform it a second time. Pass the raw counts (layer='counts', or "
+            "adata.raw.to_adata()), or transform='none' if these values already are the model's expression scale "
+            "(counts corrected to non-integers, e.g. by ambient-RNA removal, can be rounded first)."
+        )
+    if log1p_recorded:
+        warnings.warn(
+            f"adata.uns['log1p'] is set (scanpy's log1p was run), but {what} holds whole numbers; treating them as "
+            "raw counts.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_feature_variance(std: np.ndarray, mean: np.ndarray, key: str, n_spots: int, share: float = 0.5) -> None:
+    """Refuse an embedding that is constant over the training spots; warn when most of its features are.
+
+    A feature is constant when its standard deviation is within float rounding of zero. ``share`` is the
+    fraction of constant features above which a warning is given.
+
+    Examples
+    --------
+    >>> check_feature_variance(np.zeros(3), np.ones(3), "X_emb", 10)
+    Traceback (most recent call last):
+    ...
+    ValueError: .obsm['X_emb'] is constant over the 10 training spots (all 3 features have zero variance): nothing can be learned from it. Recompute the embedding (are the patches blank, e.g. an image of one colour?) or check that the right key is used.
+    """
+    std, mean = np.asarray(std, dtype=np.float64), np.asarray(mean, dtype=np.float64)
+    flat = std <= 1e-6 * np.abs(mean) + 1e-12
+    if flat.all():
+        raise ValueError(
+            f".obsm[{key!r}] is constant over the {n_spots} training spots (all {flat.size} features have zero "
+            "variance): nothing can be learned from it. Recompute the embedding (are the patches blank, e.g. an "
+            "image of one colour?) or check that the right key is used."
+        )
+    if flat.mean() > share:
+        warnings.warn(
+            f".obsm[{key!r}]: {int(flat.sum())} of {flat.size} features are constant over the {n_spots} training "
+            "spots; the model learns from the other ones only. Check the embedding (blank patches?).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def check_unique_names(adata: AnnData) -> None:
     """Gene and spot names must be unique."""
     if not adata.var_names.is_unique:
@@ -77,12 +177,19 @@ def check_spatial(adata: AnnData) -> np.ndarray:
     return xy[:, :2]
 
 
-def check_adata(adata: AnnData, layer: str | None = None) -> None:
-    """All the checks a tool runs on its input before touching it."""
+def check_adata(adata: AnnData, layer: str | None = None, transform: str | None = None) -> None:
+    """All the checks a tool runs on its input before touching it.
+
+    With ``transform`` (the expression scale the counts are turned into), the counts must also be whole numbers
+    unless it is ``"none"`` (:func:`check_integer_counts`).
+    """
     check_not_empty(adata)
     check_unique_names(adata)
     X = adata.layers[layer] if layer is not None else adata.X
-    check_counts(X, what=f"adata.layers[{layer!r}]" if layer else "adata.X")
+    what = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    check_counts(X, what=what)
+    if transform is not None:
+        check_integer_counts(X, what, transform, log1p_recorded=layer is None and K.SCANPY_LOG1P_UNS in adata.uns)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -117,6 +224,28 @@ def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: 
     if not ok:
         kind = "integer" if integer else "number"
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}.")
+
+
+#: Fewest spots in a training batch: the per-gene Pearson loss (and a variance) needs two.
+MIN_BATCH_SPOTS = 2
+
+
+def check_min_batch_size(batch_size: int, name: str = "batch_size") -> None:
+    """A training batch must hold at least :data:`MIN_BATCH_SPOTS` spots.
+
+    Examples
+    --------
+    >>> check_min_batch_size(1)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size=1 leaves every training batch with fewer than 2 spots, so nothing would be trained (the per-gene loss needs at least 2 spots per batch). Use batch_size >= 2 (default 128).
+    """
+    if int(batch_size) < MIN_BATCH_SPOTS:
+        raise ValueError(
+            f"{name}={batch_size} leaves every training batch with fewer than {MIN_BATCH_SPOTS} spots, so nothing "
+            f"would be trained (the per-gene loss needs at least {MIN_BATCH_SPOTS} spots per batch). Use "
+            f"{name} >= {MIN_BATCH_SPOTS} (default 128)."
+        )
 
 
 def check_in_range(name: str, value: Any, low: float, high: float, *, closed: str = "both") -> None:

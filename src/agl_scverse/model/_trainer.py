@@ -47,7 +47,7 @@ from torch import nn
 from agl_scverse import _constants as K
 from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, pearson_per_gene
-from agl_scverse._validate import check_choice
+from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
 
 from ._bilevel import hypergradient
 from ._inference import forward, index_batches
@@ -300,6 +300,12 @@ def train_network(
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
+    check_min_batch_size(batch_size)
+    if len(train_idx) < MIN_BATCH_SPOTS:
+        raise ValueError(
+            f"{len(train_idx)} training spot(s): training needs at least {MIN_BATCH_SPOTS} (the per-gene loss of a "
+            "batch is a correlation over its spots). Use more spots or a smaller validation share."
+        )
     Yz = StandardizedTargets(Y, train_idx, device)  # z-scored batches, never the whole matrix
     net.to(device)
     if mask is not None:
@@ -318,6 +324,8 @@ def train_network(
     bad = 0
     meta_seconds = 0.0
     n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
+    if n_batches > 1 and len(train_idx) - (n_batches - 1) * batch_size < MIN_BATCH_SPOTS:
+        n_batches -= 1  # a last batch of one spot joins the one before it (the slice below runs to the end)
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         te = time.perf_counter()
@@ -328,9 +336,7 @@ def train_network(
         meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
         losses, hgs, mvl = [], [], []
         for b in range(n_batches):
-            bidx = perm[b * batch_size : (b + 1) * batch_size]
-            if len(bidx) < 2:
-                continue
+            bidx = perm[b * batch_size : (b + 1) * batch_size if b < n_batches - 1 else len(perm)]
             w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
             out = net(inputs(bidx))
             L = weighted_loss(per_gene_loss(out, Yz(bidx), loss), w)
@@ -376,6 +382,11 @@ def train_network(
             if bad >= patience:
                 break
     bar.close()
+    if not np.isfinite(hist["train_loss"]).any():
+        raise RuntimeError(
+            f"Training failed: the training loss was NaN/inf in all {len(hist['epoch'])} epoch(s), so the network "
+            "learned nothing. Check the inputs for extreme values, or lower lr."
+        )
     if best[2] is not None:
         net.load_state_dict(best[2])
         if mask is not None:

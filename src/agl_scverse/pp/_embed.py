@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader
 
 from agl_scverse import _constants as K
 from agl_scverse._docs import d
+from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model._encoders import encoder_record, get_encoder, normalize
 
-from ._patches import SpotPatches
+from ._patches import SpotPatches, check_patch_batch
 
 __all__ = ["embed_patches"]
 
@@ -177,7 +178,6 @@ def embed_patches(
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     dev = resolve_device(device)
-    model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
     ds = SpotPatches(
         adata,
         patch_px=patch_px,
@@ -186,7 +186,9 @@ def embed_patches(
         pad_mode=pad_mode,
         min_inside=min_inside,
         on_outside=on_outside,
-    )
+    )  # decodes nothing: the memory checks come before the encoder is built
+    check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
+    model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
     key = key_added or K.embedding_key(info["name"])
     feats = _encode(
         model,
@@ -205,10 +207,11 @@ def embed_patches(
     info["feature_dim"] = int(feats.shape[1])
     record = encoder_record(info, **ds.record(), n_spots=int(feats.shape[0]), library_key=ds.library_key)
     target = adata.copy() if copy else adata
-    target.obsm[key] = feats
     store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
     store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored
-    target.uns[K.EMBED_UNS] = store
+    with restore_on_error(target, obsm=[key], uns=[K.EMBED_UNS]):
+        target.obsm[key] = feats
+        target.uns[K.EMBED_UNS] = store
     logg.info(f"Added .obsm[{key!r}] ({feats.shape[0]} x {feats.shape[1]}) and .uns[{K.EMBED_UNS!r}][{key!r}].")
     if copy:
         return target

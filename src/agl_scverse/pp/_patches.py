@@ -55,7 +55,17 @@ from agl_scverse._validate import check_choice, check_in_range, check_positive, 
 from agl_scverse.io._spatialdata import as_anndata
 from agl_scverse.model._encoders import normalize
 
-__all__ = ["SpotPatches", "extract_patches", "patch_loader", "iter_patch_batches", "normalize"]
+__all__ = [
+    "SpotPatches",
+    "extract_patches",
+    "patch_loader",
+    "iter_patch_batches",
+    "normalize",
+    "check_patch_batch",
+    "patch_bytes",
+    "MAX_PATCH_BYTES",
+    "MAX_BATCH_BYTES",
+]
 
 #: ``.obs`` column with each spot's row in a HEST ``patches_h5`` file.
 HEST_PATCH_INDEX = K.HEST_PATCH_INDEX
@@ -63,6 +73,49 @@ HEST_PATCH_INDEX = K.HEST_PATCH_INDEX
 HEST_PATCH_UM = 112.0
 PAD_MODES = ("constant", "reflect", "edge")
 ON_OUTSIDE = ("error", "pad")
+#: Largest memory (bytes) cutting one patch may take: the crop read from the image and its padded copy (1 byte
+#: per value each), the float32 copy of the antialiased resize (4), and the patch it gives (uint8 and float32), so
+#: ``3 * (6 * side**2 + 5 * patch_px**2)`` for a crop of ``side`` pixels of the level read. Larger requests (e.g.
+#: ``patch_um=1e5``, a 100k-pixel padded square) are refused when the dataset is built, with the numbers.
+MAX_PATCH_BYTES = 2 * 2**30
+#: Largest memory (bytes) of the patch batches a tool holds at once: the uint8 batches in flight (one, or
+#: ``num_workers * prefetch_factor``) and the float32 input with its normalised copy, so
+#: ``batch_size * 3 * patch_px**2 * (in_flight + 8)``; the encoder's own activations come on top.
+MAX_BATCH_BYTES = 4 * 2**30
+
+
+def patch_bytes(side: int, patch_px: int) -> int:
+    """Bytes cutting one patch takes (see :data:`MAX_PATCH_BYTES`).
+
+    Examples
+    --------
+    >>> round(patch_bytes(448, 224) / 2**20, 1)  # MiB, a 112 µm patch of a 0.25 µm/px scan
+    4.2
+    """
+    return 3 * (6 * int(side) ** 2 + 5 * int(patch_px) ** 2)
+
+
+def check_patch_batch(patch_px: int, batch_size: int, in_flight: int = 1, what: str = "batch_size") -> None:
+    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit.
+
+    Examples
+    --------
+    >>> check_patch_batch(224, 32)
+    >>> check_patch_batch(4096, 32)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: A batch of 32 patches of 4096 x 4096 px needs about 13.5 GiB ...
+    """
+    need = int(batch_size) * 3 * int(patch_px) ** 2 * (int(in_flight) + 8)
+    if need > MAX_BATCH_BYTES:
+        fit = max(0, int(MAX_BATCH_BYTES // (3 * int(patch_px) ** 2 * (int(in_flight) + 8))))
+        raise ValueError(
+            f"A batch of {batch_size} patches of {patch_px} x {patch_px} px needs about {need / 2**30:.1f} GiB "
+            f"({batch_size} x 3 x {patch_px}^2 x ({in_flight} uint8 batch(es) in flight + 8 bytes of float32 input "
+            f"and its normalised copy)), over the {MAX_BATCH_BYTES / 2**30:.0f} GiB limit (MAX_BATCH_BYTES of "
+            f"agl_scverse.pp._patches) before the encoder's own activations. Lower {what} (at most {fit} here) or "
+            "patch_px (encoders take 224 px)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -304,6 +357,15 @@ class SpotPatches(Dataset):
         if level:  # pixel j of a level with downsample d spans level-0 pixels d*j .. d*j + d - 1
             d_xy = np.array([src.width / W, src.height / H])
             centres = (centres - (d_xy - 1) / 2.0) / d_xy
+        need = patch_bytes(side, self.patch_px)
+        if need > MAX_PATCH_BYTES:
+            raise ValueError(
+                f"Library {lib!r}: a {self.patch_um:g} µm patch is a {side} x {side} px crop of the {which} image "
+                f"(level {level}, {mpp / scale * lv.downsample:.3g} µm/px), resized to {self.patch_px} px; cutting one "
+                f"takes about {need / 2**30:.1f} GiB (the crop, its padded copy, the resize), over the "
+                f"{MAX_PATCH_BYTES / 2**30:.0f} GiB limit (MAX_PATCH_BYTES of agl_scverse.pp._patches). Use a smaller "
+                "patch_um or patch_px (spot patches cover ~100-200 µm: the default is 112 µm in 224 px)."
+            )
         starts = np.floor(centres - (side - 1) / 2.0 + 0.5).astype(np.int64)
         self._box[sel] = starts
         ix = np.clip(starts[:, 0] + side, 0, W) - np.clip(starts[:, 0], 0, W)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from agl_scverse import _constants as K
-from agl_scverse._validate import check_choice, check_in_range, check_positive
+from agl_scverse._validate import check_choice, check_in_range, check_min_batch_size, check_positive
 
 __all__ = ["MODE_DEFAULTS", "NetworkConfig", "TrainingConfig", "DkGSBConfig", "GeneConfig", "FitConfig"]
 
@@ -54,6 +54,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size"):
             check_positive(name, getattr(self, name), integer=True)
+        check_min_batch_size(self.batch_size)
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_choice("loss", self.loss, K.LOSSES)

@@ -143,7 +143,9 @@ def cross_validate(
     """
     from tqdm.auto import tqdm
 
-    grp, order, held, emb_key = _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, layer)
+    grp, order, held, emb_key = _check_inputs(
+        adata, group_key, groups, methods, baselines, embedding_key, layer, transform
+    )
     methods = tuple(methods)
     emb = np.asarray(adata.obsm[emb_key], dtype=np.float32)
     check_in_range("val_fraction", val_fraction, 0.0, 1.0, closed="neither")
@@ -255,9 +257,9 @@ def cross_validate(
     return df
 
 
-def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, layer):
+def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, layer, transform):
     """Validate everything before any work; return the groups per spot, their order, the held-out ones, the key."""
-    check_adata(adata, layer=layer)
+    check_adata(adata, layer=layer, transform=transform)
     check_obs_key(adata, group_key, "group_key")
     col = adata.obs[group_key]
     if col.isna().any():

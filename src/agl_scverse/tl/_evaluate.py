@@ -24,7 +24,7 @@ from agl_scverse._expression import expression_transform, take_rows
 from agl_scverse._serialize import null_as_none, to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._validate import check_counts, resolve_spots
+from agl_scverse._validate import check_counts, check_integer_counts, check_unique_names, resolve_spots
 from agl_scverse.model import AGLModel
 
 from ._baselines import mean_predictor, pca_ridge
@@ -187,6 +187,7 @@ def evaluate(
     entry = adata.uns.get(keys.uns, {}) or {}
     if adata.n_vars == 0:
         raise ValueError("The slide has no expression to evaluate against (n_vars == 0).")
+    check_unique_names(adata)
 
     gene_list = _genes_to_score(adata, model, genes, keys)
     gidx = adata.var_names.get_indexer(gene_list)
@@ -217,15 +218,6 @@ def evaluate(
     if keys.pred_layer not in adata.layers and model is None:
         raise KeyError(f".layers[{keys.pred_layer!r}] is missing; run agl_predict first or pass model=.")
     X = adata.layers[layer] if layer is not None else adata.X
-    ev_idx = np.flatnonzero(ev)
-    X_ev = take_rows(X, ev_idx)
-    check_counts(X_ev, what="the counts of the evaluated spots")  # before anything is predicted or written
-    new_layer, new_emb = None, None
-    if keys.pred_layer in adata.layers:
-        L = adata.layers[keys.pred_layer]
-    else:
-        new_layer, new_emb, _ = prediction_layer(adata, model)
-        L = new_layer
     train = split == K.SPLIT_TRAIN if split is not None else None
     notes = ""
     if baselines and (train is None or not train.any()):
@@ -233,11 +225,26 @@ def evaluate(
     elif baselines and (not emb_key or emb_key not in adata.obsm):
         notes = f"baselines skipped: embedding {emb_key!r} not in .obsm"
     run_baselines = baselines and not notes
+    ev_idx = np.flatnonzero(ev)
+    X_ev = take_rows(X, ev_idx)
+    X_tr = take_rows(X, np.flatnonzero(train)) if run_baselines else None
+    # the counts are checked before anything is predicted or written
+    what = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    log1p_recorded = layer is None and K.SCANPY_LOG1P_UNS in adata.uns
+    for part, name in ((X_ev, "evaluated"), (X_tr, "training")):
+        if part is not None:
+            check_counts(part, what=f"{what} of the {name} spots")
+            check_integer_counts(part, f"{what} of the {name} spots", transform, log1p_recorded)
     if notes:
         logg.info(f"evaluate: {notes}")
+    new_layer, new_emb = None, None
+    if keys.pred_layer in adata.layers:
+        L = adata.layers[keys.pred_layer]
+    else:
+        new_layer, new_emb, _ = prediction_layer(adata, model)
+        L = new_layer
     if run_baselines:
         F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
-        X_tr = take_rows(X, np.flatnonzero(train))
     # gene blocks: memory is that of a block of evaluated spots x genes, whatever the number of genes
     step = max(1, int(_BLOCK_BYTES // (4 * 4 * max(len(ev_idx), int(train.sum()) if run_baselines else 0, 1))))
     frames: dict[str, list[pd.DataFrame]] = {"model": [], "mean_predictor": [], "pca_ridge": []}

@@ -29,7 +29,7 @@ from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, versions
-from agl_scverse._validate import check_adata, check_layer, resolve_spots
+from agl_scverse._validate import check_adata, check_feature_variance, check_layer, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
 from agl_scverse.model._inference import forward, index_batches
@@ -37,7 +37,7 @@ from agl_scverse.model._modeldir import check_overwritable
 from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
-from agl_scverse.pp._patches import SpotPatches
+from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
 from ._config import FitConfig, GeneConfig
 from ._split import make_split
@@ -110,7 +110,7 @@ def _check_features(X: np.ndarray, key: str, rows: np.ndarray) -> None:
 
 def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, val_fraction, embedding_key, encoder):
     check_layer(adata, cfg.genes.layer)
-    check_adata(adata, layer=cfg.genes.layer)
+    check_adata(adata, layer=cfg.genes.layer, transform=cfg.genes.transform)
     used = resolve_spots(adata, spots, as_mask=True)
     split = make_split(adata, used, split_key, val_groups, val_fraction, cfg.seed)
     emb_key, features = None, None
@@ -177,9 +177,11 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         moments = StreamingMoments(data.features.shape[1])
         for s in range(0, len(data.train_idx), 8192):
             moments.update(data.features[data.train_idx[s : s + 8192]])
+        check_feature_variance(moments.std, moments.mean, data.emb_key, len(data.train_idx))
         net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
     ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
+    check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size))
     backbone, info = get_encoder(enc["encoder"], weights=enc["weights"], seed=cfg.seed)
     n_feat = info.get("feature_dim")
     if not n_feat:

@@ -30,7 +30,7 @@ from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 from agl_scverse.model._encoders import RECORD_CHECKED
 from agl_scverse.pp._embed import embed_patches
-from agl_scverse.pp._patches import SpotPatches
+from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
 __all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer", "PREDICT_GENES"]
 
@@ -118,7 +118,7 @@ def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, devic
     return np.asarray(tmp.obsm[key], dtype=np.float32), tmp.uns[K.EMBED_UNS][key]
 
 
-def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key):
+def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
     if model.mode != "embedding":
@@ -126,7 +126,9 @@ def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, l
             int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
             float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
         )
-        return SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key), None
+        ds = SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key)
+        check_patch_batch(ds.patch_px, batch_size)
+        return ds, None
     key = embedding_key or model.config.get("embedding_key")
     if not key:
         raise ValueError("The model records no embedding key; pass embedding_key=.")
@@ -224,7 +226,7 @@ def prediction_layer(
     chunk of spots x model genes (plus the layer when it is dense).
     """
     _check_genes(adata, model)
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size)
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -413,7 +415,7 @@ def predict_anndata(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key)
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size)
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
