@@ -10,9 +10,12 @@ import numpy as np
 
 
 def resolve_device(device: str = "auto"):
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)`` (checked: known, available)."""
     import torch
 
+    from agl_scverse._validate import check_device
+
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -31,6 +34,7 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     import torch
 
+    seed = int(seed)  # NumPy integers too
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002  (legacy global RNG, for third-party code that uses it)
     torch.manual_seed(seed)

@@ -366,3 +366,32 @@ def resolve_spots(
     mask = np.zeros(n, dtype=bool)
     mask[pos] = True
     return mask
+
+
+def check_seed(seed: Any) -> None:
+    """A seed is an integer in ``[0, 2**32)`` (Python or NumPy integer).
+
+    Examples
+    --------
+    >>> check_seed(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: seed must be an integer in [0, 2**32), got -1.
+    """
+    ok = isinstance(seed, int | np.integer) and not isinstance(seed, bool | np.bool_) and 0 <= int(seed) < 2**32
+    if not ok:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+
+
+def check_device(device: Any) -> None:
+    """``device`` must be ``"auto"``, ``"cpu"``, ``"mps"``, ``"cuda"`` or ``"cuda:<n>"``, and available here."""
+    import torch
+
+    name = str(device)
+    kind = name.split(":")[0]
+    if not isinstance(device, str | torch.device) or kind not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:<n>' or 'mps'.")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available here; use device='cpu' or 'auto'.")

@@ -5,12 +5,11 @@ finite coordinates and finite non-negative counts: a reader never returns NaN co
 
 The table tests (:data:`LEGACY_CASES`, :data:`VISIUM_CASES`) name each case of the "Reliability" table; the
 hypothesis tests mutate a valid folder at random. Raw exceptions found in reader code are listed in
-:data:`KNOWN_RAW` (and as strict xfails in the table): when the reader is fixed, the xfail fails and the entry goes.
+:data:`KNOWN_RAW` (none today).
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
 import shutil
 import tempfile
@@ -35,13 +34,9 @@ COUNTS, SPOTS, IMAGE = "counts.tsv.gz", "spots.tsv", "he.jpg"
 POSITIONS, SCALEFACTORS = "spatial/tissue_positions.csv", "spatial/scalefactors_json.json"
 ODD_VALUES = [np.nan, np.inf, -np.inf, -1, 0, "", "abc", 1e12, -5.5, 2.5]
 
-# Raw exception types (not in CLEAR) the legacy ST reader raises today, by the file whose corruption causes them;
-# for the owner of io/_legacy_st.py to turn into clear errors (see the strict xfails of LEGACY_CASES).
-KNOWN_RAW = {
-    EOFError: {COUNTS},  # truncated counts.tsv.gz: gzip's "Compressed file ended before the end-of-stream marker"
-    csv.Error: {SPOTS},  # empty spots.tsv: "Could not determine delimiter" (pandas sep=None sniffing)
-    TypeError: {SPOTS},  # header-only spots.tsv, or text in x / y: "Expected numeric dtype, got object instead."
-}
+# Raw exception types (not in CLEAR) a reader raised, by the corrupted file that caused them; empty since the legacy
+# ST reader names the file in a ValueError for truncated counts, empty spots files and non-numeric positions.
+KNOWN_RAW: dict[type, set[str]] = {}
 
 
 def outcome(read, counts: bool = True) -> str:
@@ -111,14 +106,10 @@ def gray_image(d: Path) -> None:
     Image.open(d / IMAGE).convert("L").save(d / IMAGE)
 
 
-def _raw(exc: type, why: str):
-    return pytest.mark.xfail(strict=True, raises=exc, reason=f"raw {exc.__name__} from io/_legacy_st.py: {why}")
-
-
 LEGACY_CASES = {
     # case: (mutation, reader kwargs, expected outcome, marks)
-    "truncated counts (10%)": (truncate(COUNTS, 0.1), {}, "clear", [_raw(EOFError, "gzip truncated")]),
-    "truncated counts (99%)": (truncate(COUNTS, 0.99), {}, "clear", [_raw(EOFError, "gzip truncated")]),
+    "truncated counts (10%)": (truncate(COUNTS, 0.1), {}, "clear", []),
+    "truncated counts (99%)": (truncate(COUNTS, 0.99), {}, "clear", []),
     "counts not gzipped": (lambda d: (d / COUNTS).write_text("\tA\n1x1\t3\n"), {}, "clear", []),
     "empty counts file": (write_bytes(COUNTS, b""), {}, "clear", []),
     "counts header only": (write_bytes(COUNTS, gzip.compress(b"\tA\tB\n")), {}, "clear", []),
@@ -129,12 +120,12 @@ LEGACY_CASES = {
     "counts: text value": (edit(COUNTS, set_cell(1, "A", "many")), {}, "clear", []),
     "counts: negative value": (edit(COUNTS, set_cell(1, "A", -2)), {}, "clear", []),
     "counts: no gene column": (edit(COUNTS, lambda df: df.iloc[:, :0]), {}, "clear", []),
-    "empty spots file": (write_bytes(SPOTS, b""), {}, "clear", [_raw(csv.Error, "delimiter sniffing")]),
+    "empty spots file": (write_bytes(SPOTS, b""), {}, "clear", []),
     "spots header only": (
         lambda d: (d / SPOTS).write_text("x\ty\tpixel_x\tpixel_y\n"),
         {},
         "clear",
-        [_raw(TypeError, "round() on an empty object column")],
+        [],
     ),
     "truncated spots (90%)": (truncate(SPOTS, 0.9), {}, "clear", []),
     "spots: missing pixel_x": (edit(SPOTS, lambda df: df.drop(columns="pixel_x")), {}, "clear", []),
@@ -146,7 +137,7 @@ LEGACY_CASES = {
         edit(SPOTS, set_cell(2, "y", "abc")),
         {},
         "clear",
-        [_raw(TypeError, "round() on an object column")],
+        [],
     ),
     "spots: text pixel_x": (edit(SPOTS, set_cell(2, "pixel_x", "abc")), {}, "clear", []),
     "spots: duplicate barcode": (edit(SPOTS, lambda df: pd.concat([df, df.iloc[[0]]])), {}, "clear", []),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,11 +165,28 @@ def _section_folders(path, sections, counts_file: str) -> list[Path]:
     return folders
 
 
+#: What reading a damaged text table raises (truncated gzip, undecodable bytes, no delimiter, no rows).
+_TABLE_ERRORS = (EOFError, OSError, UnicodeDecodeError, csv.Error, pd.errors.ParserError, pd.errors.EmptyDataError)
+
+
 def _read_header(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as fh:
-        line = fh.readline().rstrip("\r\n")
+    try:
+        with opener(path, "rt") as fh:
+            line = fh.readline().rstrip("\r\n")
+    except _TABLE_ERRORS as e:
+        raise ValueError(f"{path} cannot be read as a counts table ({type(e).__name__}: {e}).") from e
     return line.split("\t")[1:]
+
+
+def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv(path, **kwargs)``; a truncated, empty or undecodable file is a ValueError naming it."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except _TABLE_ERRORS as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} cannot be read as a {what} table ({type(e).__name__}: {e}); is it truncated?") from e
 
 
 def _find_image(folder: Path, image_file: str | None) -> Path:
@@ -205,14 +223,14 @@ def _read_section(
         raise FileNotFoundError(f"{spots_path} does not exist; legacy ST sections need a spots file ({spots_file!r}).")
     image_path = _find_image(folder, image_file)
 
-    genes = _read_header(counts_path)
+    genes = _read_header(counts_path)  # a truncated or unreadable file is a ValueError naming it
     dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
     if dup:
         raise ValueError(
             f"Duplicate gene names {dup[:5]} in {counts_path}; gene names must be unique. Merge or rename the "
             "duplicated columns of the counts file."
         )
-    counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+    counts = _read_table(counts_path, "counts", sep="\t", index_col=0)
     if counts.shape[0] == 0 or counts.shape[1] == 0:
         raise ValueError(
             f"The slide {lib!r} is empty: {counts_path} holds {counts.shape[0]} spots x {counts.shape[1]} genes."
@@ -227,14 +245,17 @@ def _read_section(
         raise ValueError(f"{counts_path} holds non-numeric counts ({e}); counts must be numbers.") from e
     _validate.check_counts(values, what=str(counts_path))
 
-    spots = pd.read_csv(spots_path, sep=None, engine="python")
+    spots = _read_table(spots_path, "spots", sep=None, engine="python")
     missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in spots.columns]
     if missing:
         raise ValueError(
             f"{spots_path} lacks columns {missing} (has {list(spots.columns)}); the legacy ST spots file needs "
             "x, y (array position) and pixel_x, pixel_y (spot centre in full-resolution pixels)."
         )
-    spot_ids = spots["x"].round().astype(int).astype(str) + "x" + spots["y"].round().astype(int).astype(str)
+    xy = spots[["x", "y"]].apply(pd.to_numeric, errors="coerce")
+    if len(spots) == 0 or not np.all(np.isfinite(xy.to_numpy(dtype=float))):
+        raise ValueError(f"{spots_path} has no spots or non-numeric/NaN array positions (x, y); fix the spots file.")
+    spot_ids = xy["x"].round().astype(int).astype(str) + "x" + xy["y"].round().astype(int).astype(str)
     spots = spots.set_index(pd.Index(spot_ids, name=None))
     if not spots.index.is_unique:
         d = spots.index[spots.index.duplicated()].unique()[:5].tolist()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from agl_scverse import _constants as K
-from agl_scverse._validate import check_choice, check_in_range, check_min_batch_size, check_positive
+from agl_scverse._validate import check_choice, check_in_range, check_min_batch_size, check_positive, check_seed
 
 __all__ = ["MODE_DEFAULTS", "NetworkConfig", "TrainingConfig", "DkGSBConfig", "GeneConfig", "FitConfig"]
 
@@ -95,6 +95,11 @@ class GeneConfig:
 
     def __post_init__(self) -> None:
         check_choice("transform", self.transform, K.TRANSFORMS)
+        if self.targets is None:
+            check_positive("n_targets", self.n_targets, integer=True)
+        mc = self.min_cells
+        if isinstance(mc, bool) or not isinstance(mc, int | float | np.number) or not np.isfinite(mc) or mc < 0:
+            raise ValueError(f"min_cells must be a non-negative integer or a fraction in (0, 1), got {mc!r}.")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class FitConfig:
             if self.k is None:
                 raise ValueError("method='topk' needs k, the number of auxiliary genes to use (e.g. k=500).")
             check_positive("k", self.k, integer=True, allow_zero=True)
+        check_seed(self.seed)
 
     @classmethod
     def build(
@@ -147,7 +153,7 @@ class FitConfig:
         return cls(
             method=method,
             mode=mode,
-            network=NetworkConfig(hidden=tuple(pick("hidden", hidden)), dropout=dropout),
+            network=NetworkConfig(hidden=_as_widths(pick("hidden", hidden)), dropout=dropout),
             training=TrainingConfig(
                 epochs=pick("epochs", epochs),
                 patience=pick("patience", patience),
@@ -172,3 +178,10 @@ class FitConfig:
             out.update(asdict(part))
         out["hidden"] = list(self.network.hidden)
         return out
+
+
+def _as_widths(hidden: Any) -> tuple:
+    """``hidden`` as a tuple of widths; a single integer is refused with the fix (``(16,)``)."""
+    if isinstance(hidden, int | np.integer) or not isinstance(hidden, Sequence) or isinstance(hidden, str):
+        raise TypeError(f"hidden must be a sequence of layer widths, e.g. hidden=(256,), got {hidden!r}.")
+    return tuple(hidden)
