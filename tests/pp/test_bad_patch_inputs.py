@@ -13,7 +13,6 @@ from builders import FAST, assert_unchanged, he_like, snapshot
 from PIL import Image
 
 import agl_scverse as agl
-from agl_scverse._images import tile_cache
 from agl_scverse.pp import SpotPatches
 from agl_scverse.pp._patches import MAX_BATCH_BYTES, MAX_PATCH_BYTES, check_patch_batch, patch_bytes
 
@@ -33,14 +32,6 @@ def _slide(img=None, path=None) -> ad.AnnData:
         obsm={"spatial": XY.copy()},
         uns={"spatial": {"lib": entry}},
     )
-
-
-@pytest.fixture
-def _own_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "cache"))
-    tile_cache().clear()
-    yield
-    tile_cache().clear()
 
 
 # ------------------------------------------------------------------------------------------------ 9. memory guards

@@ -251,14 +251,6 @@ def _file_slide(path, xy, mpp=1.0, lib="s1") -> ad.AnnData:
 EDGE_XY = np.array([[40, 50], [3, 4], [255, 150], [130, 297], [200, 222], [64, 64]])
 
 
-@pytest.fixture
-def _own_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "cache"))
-    tile_cache().clear()
-    yield
-    tile_cache().clear()
-
-
 @pytest.mark.usefixtures("_own_caches")
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
 def test_tiff_and_png_patches_equal_in_memory_patches(tmp_path, mode):

@@ -166,6 +166,16 @@ def _predict_rows(model: AGLModel, features, start: int, stop: int, device: str,
         model.net.cpu()
 
 
+def _row_chunks(
+    model: AGLModel, features, n: int, model_cols: np.ndarray, device: str, batch_size: int, width: int = 0
+):
+    """``(start, stop, predictions of model_cols)`` for chunks of spots of about :data:`_CHUNK_BYTES` of outputs."""
+    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        yield s, e, _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
+
+
 def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
     """The model genes to predict: ``"selected"`` (targets + selected auxiliaries), ``"targets"``, ``"all"``, a list."""
     if isinstance(genes, str):
@@ -232,12 +242,10 @@ def prediction_layer(
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
     var_cols = adata.var_names.get_indexer(pred_genes)
     n_obs, n_vars = adata.n_obs, adata.n_vars
-    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), n_vars))))
     if n_obs * n_vars * 4 <= max_dense_bytes:
         layer = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
-        for s in range(0, n_obs, step):
-            e = min(s + step, n_obs)
-            layer[s:e, var_cols] = _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
+        for s, e, pred in _row_chunks(model, features, n_obs, model_cols, device, batch_size, width=n_vars):
+            layer[s:e, var_cols] = pred
         return layer, new_emb, pred_genes
     layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size)
     logg.info(
@@ -420,10 +428,7 @@ def predict_anndata(
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
     if 2 * n * m * 4 <= max_dense_bytes:  # .X and the layer
-        step = max(1, int(_CHUNK_BYTES // (4 * len(model.genes))))
-        X = np.concatenate(
-            [_predict_rows(model, features, s, min(s + step, n), device, batch_size)[:, sel] for s in range(0, n, step)]
-        )
+        X = np.concatenate([pred for *_, pred in _row_chunks(model, features, n, sel, device, batch_size)])
     else:  # lazy, shared by .X and the layer (a dask array is never modified in place)
         X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size)
     var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
