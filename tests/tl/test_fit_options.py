@@ -58,7 +58,7 @@ def test_k_auto_keeps_the_best_top_k_fit_on_validation():
 def test_k_search_grid_defaults_and_caps():
     assert agl.tl.k_search_grid(0) == [0]
     g = agl.tl.k_search_grid(1000)
-    assert g[0] == 0 and g[-1] == 1000 and len(g) == 7 and g == sorted(g)
+    assert g[0] == 0 and g[-1] == 250 and len(g) == 6 and g == sorted(g)
     assert agl.tl.k_search_grid(50, grid=(0, 20, 500)) == [0, 20, 50]
 
 

@@ -236,7 +236,7 @@ def train_network(
     inner_lr: float = 0.1,
     meta_steps: int = 4,
     meta_batch_size: int = 128,
-    beta: float = 3e-3,
+    beta: float = 0.01,
     clip: float = 1.0,
     theta_beta2: float = 0.9,
     normalizer: str = "soft",

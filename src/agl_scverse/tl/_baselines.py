@@ -15,6 +15,8 @@ training range (``clip=True``), so that baselines and networks are compared on t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge, RidgeCV
@@ -205,7 +207,7 @@ def reduced_rank_ridge(
     X_train,
     Y_train,
     X_test,
-    rank: int | None = 8,
+    rank: int | None | Sequence[int | None] = 8,
     *,
     n_targets: int | None = None,
     aux_weight: float | np.ndarray = 1.0,
@@ -228,7 +230,8 @@ def reduced_rank_ridge(
     X_train, Y_train, X_test
         Training embeddings and expression (targets first, then auxiliaries), test embeddings.
     rank
-        Rank of the coefficient matrix; ``None`` or a rank >= the number of columns: plain ridge.
+        Rank of the coefficient matrix; ``None`` or a rank >= the number of columns: plain ridge. A sequence of
+        ranks returns a dict ``rank -> predictions`` (one fit, one SVD).
     n_targets
         Number of leading target columns (default: all columns are targets, no auxiliaries).
     aux_weight
@@ -258,8 +261,11 @@ def reduced_rank_ridge(
     n_t = Y_train.shape[1] if n_targets is None else int(n_targets)
     if not 1 <= n_t <= Y_train.shape[1]:
         raise ValueError(f"n_targets={n_targets} must be in [1, {Y_train.shape[1]}] (the columns of Y_train).")
-    if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
-        raise ValueError(f"rank must be a positive integer or None, got {rank!r}.")
+    many = isinstance(rank, Sequence)
+    ranks = list(rank) if many else [rank]
+    for r_ in ranks:
+        if r_ is not None and (isinstance(r_, bool) or int(r_) < 1):
+            raise ValueError(f"rank must be a positive integer or None, got {r_!r}.")
     w = np.broadcast_to(np.asarray(aux_weight, dtype=np.float64), (Y_train.shape[1] - n_t,))
     if np.any(w < 0) or not np.all(np.isfinite(w)):
         raise ValueError("aux_weight must be finite and >= 0.")
@@ -276,13 +282,20 @@ def reduced_rank_ridge(
     keep = cols > 0
     Zw = Z[:, keep] * cols[keep]
     B = Vt.T @ (shrink[:, None] * (U.T @ Zw))  # features x kept columns
-    r = Zw.shape[1] if rank is None else min(int(rank), *Zw.shape)
-    if r < Zw.shape[1]:
-        fitted = Xs @ B
-        V = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2][:r].T  # columns x r
-        B = B @ V @ V[:n_t].T  # the targets' coefficients, restricted to the shared subspace
-    else:
-        B = B[:, :n_t]
-    pred = (Xt - Xs.mean(0)) @ B + Z[:, :n_t].mean(0)
-    pred = _clip(pred * sd[:n_t] + mu[:n_t], Y_train[:, :n_t], clip)
+    V = None
+    preds: dict = {}
+    for r_ in ranks:
+        r = Zw.shape[1] if r_ is None else min(int(r_), *Zw.shape)
+        if r < Zw.shape[1]:
+            if V is None:
+                fitted = Xs @ B
+                V = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2].T  # columns x components
+            Br = B @ V[:, :r] @ V[:n_t, :r].T  # the targets' coefficients, restricted to the shared subspace
+        else:
+            Br = B[:, :n_t]
+        pred = (Xt - Xs.mean(0)) @ Br + Z[:, :n_t].mean(0)
+        preds[r_] = _clip(pred * sd[:n_t] + mu[:n_t], Y_train[:, :n_t], clip)
+    if many:
+        return (preds, {"alpha": float(alpha)}) if return_info else preds
+    pred = preds[rank]
     return (pred, {"alpha": float(alpha), "rank": int(r)}) if return_info else pred

@@ -73,7 +73,7 @@ class DkGSBConfig:
     meta_steps: int = 4
     meta_batch_size: int = 128
     tau: float = 0.01
-    beta: float = 3e-3
+    beta: float = 0.01
     meta_normalizer: str = "soft"
     lookahead: str = "adam"
 

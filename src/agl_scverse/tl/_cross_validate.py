@@ -305,8 +305,8 @@ def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, v
     if len(val_rows) >= 2:
         score = -np.inf
         for a in n_aux:
-            for rank in RRR_RANKS:
-                pred = reduced_rank_ridge(emb[train_rows], Y[train_rows, : n_t + a], emb[val_rows], rank, n_targets=n_t)
+            preds = reduced_rank_ridge(emb[train_rows], Y[train_rows, : n_t + a], emb[val_rows], RRR_RANKS, n_targets=n_t)
+            for rank, pred in preds.items():
                 r = np.nanmean(per_gene_metrics(Y[val_rows, :n_t], pred)["pearson"])
                 if r > score + 1e-9:
                     score, best = r, (rank, a)
