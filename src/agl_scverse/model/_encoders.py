@@ -35,6 +35,7 @@ __all__ = [
     "ClsMeanPool",
     "channel_stats",
     "check_native_scale",
+    "encoder_name",
     "encoder_record",
     "get_encoder",
     "hub_offline",
@@ -42,6 +43,7 @@ __all__ = [
     "load_weights",
     "normalize",
     "rebuild_encoder",
+    "record_kwargs",
     "register_encoder",
 ]
 
@@ -189,6 +191,24 @@ class CallableEncoder(nn.Module):
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_") or "encoder"
+
+
+def encoder_name(encoder: Any) -> str:
+    """The name :func:`get_encoder` gives an encoder (``info["name"]``, used in ``X_agl_<name>``), without building it.
+
+    Examples
+    --------
+    >>> encoder_name("hf-hub:MahmoodLab/UNI"), encoder_name("resnet18")
+    ('uni', 'resnet18')
+    """
+    if isinstance(encoder, tuple) and len(encoder) == 2 and isinstance(encoder[1], dict):
+        return str(encoder[1].get("name", "encoder"))
+    if isinstance(encoder, str):
+        preset = find_preset(encoder)
+        return preset.name if preset is not None else _safe_name(encoder)
+    if isinstance(encoder, nn.Module):
+        return _safe_name(type(encoder).__name__.lower())
+    return "encoder"
 
 
 class ClsMeanPool(nn.Module):
@@ -932,7 +952,7 @@ def rebuild_encoder(
     module, info = get_encoder(
         spec, weights=weights, pretrained=hub, seed=int(rec.get("seed") or 0),
         mean=rec.get("mean") if user_norm else None, std=rec.get("std") if user_norm else None,
-        encoder_kwargs=_rebuild_kwargs(rec), strict=bool(rec.get("strict", True)),
+        encoder_kwargs=record_kwargs(rec), strict=bool(rec.get("strict", True)),
     )  # fmt: skip
     if hub and sha and info["weights_sha256"] and info["weights_sha256"] != sha:
         raise ValueError(
@@ -942,8 +962,14 @@ def rebuild_encoder(
     return module, info
 
 
-def _rebuild_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
-    """The user's part of the recorded timm kwargs (a preset's own are applied by the preset again)."""
+def record_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
+    """The user's part of an encoder record's timm kwargs (a preset applies its own again).
+
+    Examples
+    --------
+    >>> record_kwargs({"preset": "uni", "encoder_kwargs": '{"img_size": 448, "init_values": 1e-05}'})
+    {'img_size': 448}
+    """
     kw = kwargs_from_json(rec.get("encoder_kwargs"))
     preset = find_preset(str(rec.get("preset") or "")) if rec.get("preset") else None
     if preset is not None:
