@@ -18,12 +18,11 @@ from ._encoders import (
 from ._heads import EmbeddingHead, FinetuneNet
 from ._loss import pearson_loss, per_gene_loss, weighted_loss
 from ._mask import GeneMask
-from ._presets import PRESETS, EncoderPreset, list_presets
+from ._presets import EncoderPreset, list_presets
 from ._trainer import TrainResult, train_network
 
 __all__ = [
     "AGLModel",
-    "PRESETS",
     "EmbeddingHead",
     "EncoderPreset",
     "FinetuneNet",
