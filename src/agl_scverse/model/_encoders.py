@@ -25,7 +25,7 @@ from torch import nn
 
 from agl_scverse._utils import sha256_file, versions
 
-from ._presets import PRESETS, EncoderPreset, find_preset, kwargs_from_json, kwargs_to_json
+from ._presets import PRESETS, find_preset, kwargs_from_json, kwargs_to_json
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -723,90 +723,25 @@ def get_encoder(
     ('uni', 1024, 0.5, True)
     """
     if isinstance(name_or_module, tuple):
-        if len(name_or_module) != 2 or not isinstance(name_or_module[1], dict):
-            raise TypeError("A tuple encoder must be the (module, info) pair returned by get_encoder.")
         if weights is not None or pretrained or encoder_kwargs:
             raise ValueError(
                 "weights/pretrained/encoder_kwargs cannot be applied to a (module, info) pair; build a new encoder."
             )
-        module, info = name_or_module
-        for key in ("name", "mean", "std"):
-            if key not in info:
-                raise KeyError(f"Encoder info lacks {key!r}; pass the pair returned by get_encoder.")
-        info = dict(info)
-        if mean is not None:
-            info["mean"], info["normalisation"] = channel_stats(mean, "mean"), "user"
-        if std is not None:
-            info["std"], info["normalisation"] = channel_stats(std, "std"), "user"
-        return module, info
-
+        return _from_pair(name_or_module, mean, std)
     if weights is not None and pretrained:
         raise ValueError("Pass either weights=<local file> or pretrained=True, not both.")
     user_kwargs = kwargs_from_json(kwargs_to_json(encoder_kwargs))  # checks they have a JSON form
-    norm_mean, norm_std, norm_src = list(IMAGENET_MEAN), list(IMAGENET_STD), "imagenet default"
-    preset: EncoderPreset | None = None
-    arch, hub_repo, spec, native_mpp, pooling = None, None, None, None, None
-    key_format, ignore_keys = "timm", ()
-    kwargs_json = "{}"
-    hub_weights: str | None = None
+    b: dict[str, Any] = {
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "norm_src": "imagenet default", "preset": None,
+        "arch": None, "hub_repo": None, "spec": None, "native_mpp": None, "pooling": None, "key_format": "timm",
+        "ignore_keys": (), "kwargs_json": "{}", "hub_weights": None,
+    }  # fmt: skip
     if isinstance(name_or_module, str):
-        name = spec = name_or_module
-        preset = find_preset(name)
-        hub_repo = _split_hub_name(name) if preset is None else None
-        if preset is None and hub_repo is None and name not in _REGISTRY:
-            _check_timm_name(name)
-        if user_kwargs and preset is None and hub_repo is None and name in _REGISTRY:
-            raise ValueError(f"encoder_kwargs apply to timm models and presets, not to registered encoder {name!r}.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            if preset is not None:
-                import timm
-
-                if pretrained:  # before building: a missing file fails at once
-                    hub_weights = _hub_file(preset.hf_hub, _WEIGHT_FILES, preset.gated, "The weights file")
-                kw = {**kwargs_from_json(preset.timm_kwargs), **user_kwargs}
-                kwargs_json = kwargs_to_json({**preset.timm_kwargs, **json.loads(kwargs_to_json(user_kwargs))})
-                built = timm.create_model(preset.arch, pretrained=False, num_classes=0, **kw)
-                name, source, arch, hub_repo = preset.name, "preset", preset.arch, preset.hf_hub
-                native_mpp, pooling, key_format, ignore_keys = (
-                    preset.mpp, preset.pooling, preset.key_format, preset.ignore_keys,
-                )  # fmt: skip
-                norm_mean, norm_std, norm_src = list(preset.mean), list(preset.std), f"preset {preset.name}"
-            elif hub_repo is not None:
-                import timm
-
-                cfg = _read_hub_config(hub_repo, gated=None)
-                if pretrained:
-                    hub_weights = _hub_file(hub_repo, _WEIGHT_FILES, None, "The weights file")
-                arch = cfg["architecture"]
-                _check_timm_name(arch)
-                model_args = dict(cfg.get("model_args") or {})
-                model_args.pop("num_classes", None)
-                kwargs_json = kwargs_to_json({**model_args, **json.loads(kwargs_to_json(user_kwargs))})
-                built = timm.create_model(arch, pretrained=False, num_classes=0, **{**model_args, **user_kwargs})
-                source = "hf-hub"
-                pcfg = cfg.get("pretrained_cfg") or {}
-                if "mean" in pcfg and "std" in pcfg:
-                    norm_mean, norm_std = channel_stats(pcfg["mean"], "mean"), channel_stats(pcfg["std"], "std")
-                    norm_src = f"hub config of {hub_repo}"
-            elif name in _REGISTRY:
-                reg = _REGISTRY[name]
-                factory = reg["factory"]
-                accepts = "pretrained" in inspect.signature(factory).parameters
-                if pretrained and not accepts:
-                    raise ValueError(f"Registered encoder {name!r} has no pretrained option.")
-                built = factory(pretrained=pretrained) if accepts else factory()
-                source = "registry"
-                norm_mean, norm_std, norm_src = list(reg["mean"]), list(reg["std"]), "registry"
-            else:
-                built = _build_timm(name, pretrained, user_kwargs)
-                source, arch = "timm", name
-                kwargs_json = kwargs_to_json(user_kwargs)
-                cfg = getattr(built, "pretrained_cfg", None) or {}
-                if "mean" in cfg and "std" in cfg:
-                    norm_mean, norm_std = channel_stats(cfg["mean"], "mean"), channel_stats(cfg["std"], "std")
-                    norm_src = "timm pretrained_cfg"
+            built = _build_named(name_or_module, pretrained, user_kwargs, b)
         module = built if isinstance(built, nn.Module) else CallableEncoder(built)
+        name, source = b["name"], b["source"]
     elif isinstance(name_or_module, nn.Module):
         if pretrained or encoder_kwargs:
             raise ValueError(
@@ -823,17 +758,20 @@ def get_encoder(
     else:
         raise TypeError(f"encoder must be a name, a torch module or a callable, got {type(name_or_module).__name__}.")
 
+    norm_mean, norm_std, norm_src = b["mean"], b["std"], b["norm_src"]
     weights_path, weights_sha, load_summary = "", "", {}
-    file = weights if weights is not None else hub_weights
+    file = weights if weights is not None else b["hub_weights"]
     if file is not None:
         weights_path = str(Path(file).expanduser().resolve())
-        load_summary = load_weights(module, weights_path, strict=strict, key_format=key_format, ignore_keys=ignore_keys)
+        load_summary = load_weights(
+            module, weights_path, strict=strict, key_format=b["key_format"], ignore_keys=b["ignore_keys"]
+        )
         weights_sha = sha256_file(weights_path)
         known = KNOWN_WEIGHTS.get(weights_sha)
-        if known is not None and preset is None:
+        if known is not None and b["preset"] is None:
             norm_mean, norm_std = list(known["mean"]), list(known["std"])
             norm_src = f"known weights file ({known['arch']})"
-    if pooling == "cls+mean":
+    if b["pooling"] == "cls+mean":
         module = ClsMeanPool(module)
     if mean is not None:
         norm_mean, norm_src = channel_stats(mean, "mean"), "user"
@@ -854,15 +792,85 @@ def get_encoder(
         "normalisation": norm_src,
         "seed": int(seed),
         "weights_load": load_summary,
-        "spec": spec,
-        "preset": preset.name if preset is not None else None,
-        "arch": arch,
-        "encoder_kwargs": kwargs_json if source in ("preset", "hf-hub", "timm") else None,
-        "hf_hub": hub_repo,
-        "native_mpp": native_mpp,
+        "spec": b["spec"],
+        "preset": b["preset"].name if b["preset"] is not None else None,
+        "arch": b["arch"],
+        "encoder_kwargs": b["kwargs_json"] if source in ("preset", "hf-hub", "timm") else None,
+        "hf_hub": b["hub_repo"],
+        "native_mpp": b["native_mpp"],
         "strict": bool(strict),
     }
     return module, info
+
+
+def _from_pair(pair: tuple, mean, std) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``(module, info)`` pair of :func:`get_encoder`, checked, with a new normalisation if given."""
+    if len(pair) != 2 or not isinstance(pair[1], dict):
+        raise TypeError("A tuple encoder must be the (module, info) pair returned by get_encoder.")
+    module, info = pair
+    for key in ("name", "mean", "std"):
+        if key not in info:
+            raise KeyError(f"Encoder info lacks {key!r}; pass the pair returned by get_encoder.")
+    info = dict(info)
+    if mean is not None:
+        info["mean"], info["normalisation"] = channel_stats(mean, "mean"), "user"
+    if std is not None:
+        info["std"], info["normalisation"] = channel_stats(std, "std"), "user"
+    return module, info
+
+
+def _build_named(name: str, pretrained: bool, user_kwargs: dict[str, Any], b: dict[str, Any]) -> Any:
+    """Build an encoder from a name (preset, ``hf-hub:``, registered, timm); fill ``b`` with how it was built."""
+    import timm
+
+    b["spec"], b["name"] = name, name
+    preset = b["preset"] = find_preset(name)
+    hub_repo = _split_hub_name(name) if preset is None else None
+    if preset is None and hub_repo is None and name not in _REGISTRY:
+        _check_timm_name(name)
+    if preset is not None:
+        if pretrained:  # before building: a missing file fails at once
+            b["hub_weights"] = _hub_file(preset.hf_hub, _WEIGHT_FILES, preset.gated, "The weights file")
+        kw = {**kwargs_from_json(preset.timm_kwargs), **user_kwargs}
+        b["kwargs_json"] = kwargs_to_json({**preset.timm_kwargs, **json.loads(kwargs_to_json(user_kwargs))})
+        b.update(
+            name=preset.name, source="preset", arch=preset.arch, hub_repo=preset.hf_hub, native_mpp=preset.mpp,
+            pooling=preset.pooling, key_format=preset.key_format, ignore_keys=preset.ignore_keys,
+            mean=list(preset.mean), std=list(preset.std), norm_src=f"preset {preset.name}",
+        )  # fmt: skip
+        return timm.create_model(preset.arch, pretrained=False, num_classes=0, **kw)
+    if hub_repo is not None:
+        cfg = _read_hub_config(hub_repo, gated=None)
+        if pretrained:
+            b["hub_weights"] = _hub_file(hub_repo, _WEIGHT_FILES, None, "The weights file")
+        arch = cfg["architecture"]
+        _check_timm_name(arch)
+        model_args = dict(cfg.get("model_args") or {})
+        model_args.pop("num_classes", None)
+        b["kwargs_json"] = kwargs_to_json({**model_args, **json.loads(kwargs_to_json(user_kwargs))})
+        b.update(source="hf-hub", arch=arch, hub_repo=hub_repo)
+        pcfg = cfg.get("pretrained_cfg") or {}
+        if "mean" in pcfg and "std" in pcfg:
+            b.update(mean=channel_stats(pcfg["mean"], "mean"), std=channel_stats(pcfg["std"], "std"))
+            b["norm_src"] = f"hub config of {hub_repo}"
+        return timm.create_model(arch, pretrained=False, num_classes=0, **{**model_args, **user_kwargs})
+    if name in _REGISTRY:
+        if user_kwargs:
+            raise ValueError(f"encoder_kwargs apply to timm models and presets, not to registered encoder {name!r}.")
+        reg = _REGISTRY[name]
+        factory = reg["factory"]
+        accepts = "pretrained" in inspect.signature(factory).parameters
+        if pretrained and not accepts:
+            raise ValueError(f"Registered encoder {name!r} has no pretrained option.")
+        b.update(source="registry", mean=list(reg["mean"]), std=list(reg["std"]), norm_src="registry")
+        return factory(pretrained=pretrained) if accepts else factory()
+    built = _build_timm(name, pretrained, user_kwargs)
+    b.update(source="timm", arch=name, kwargs_json=kwargs_to_json(user_kwargs))
+    cfg = getattr(built, "pretrained_cfg", None) or {}
+    if "mean" in cfg and "std" in cfg:
+        b.update(mean=channel_stats(cfg["mean"], "mean"), std=channel_stats(cfg["std"], "std"))
+        b["norm_src"] = "timm pretrained_cfg"
+    return built
 
 
 def check_native_scale(info: dict[str, Any], patch_px: int, patch_um: float, rtol: float = 0.25) -> None:
