@@ -325,3 +325,18 @@ def test_custom_module_encoder_asks_for_the_module_at_predict(tmp_path):
     agl.pp.embed_patches(ref, encoder=module, patch_px=32, patch_um=32.0, key_added="X_vit2")
     np.testing.assert_array_equal(new.obsm["X_vit"], ref.obsm["X_vit2"])
     assert np.isfinite(new.layers["agl_pred"][:, new.var_names.isin(model.targets)]).all()
+
+
+def test_timm_pretrained_weights_come_from_the_local_cache_offline(offline_empty_cache, tmp_path):
+    torch.manual_seed(5)
+    ref = timm.create_model("resnet18", num_classes=1000).eval()
+    save_file(ref.state_dict(), str(tmp_path / "r18.safetensors"))
+    hub_id = timm.create_model("resnet18", num_classes=0).pretrained_cfg["hf_hub_id"]
+    _fake_hub_repo(offline_empty_cache, hub_id, {"model.safetensors": (tmp_path / "r18.safetensors").read_bytes()})
+    t0 = time.perf_counter()
+    model, info = get_encoder("resnet18", pretrained=True)
+    assert time.perf_counter() - t0 < 5.0 and info["pretrained"] is True
+    ref.reset_classifier(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))

@@ -44,7 +44,8 @@ _CHUNK_BYTES = 128 * 2**20
 def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
     """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
 
-    Compared: encoder name, weights sha256, patch size in pixels and in µm (each only when both sides record it).
+    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments (each only when
+    both sides record it).
     An embedding without a record (brought by the user) is accepted with a warning when the model has one.
 
     Examples
@@ -75,7 +76,9 @@ def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
             f".obsm[{key!r}] was computed with other encoder settings than the model was trained on ("
             + "; ".join(diffs)
             + "). Re-embed the slide with the model's settings (agl.pp.embed_patches(adata, encoder="
-            f"{enc.get('encoder')!r}, weights=<the same file>, patch_px={enc.get('patch_px')}, "
+            f"{enc.get('spec') or enc.get('encoder')!r}, weights=<the same file>, "
+            + (f"encoder_kwargs={enc['encoder_kwargs']}, " if enc.get("encoder_kwargs") not in (None, "{}") else "")
+            + f"patch_px={enc.get('patch_px')}, "
             f"patch_um={enc.get('patch_um')}, key_added=<a new key>)) or drop .obsm[{key!r}] to let "
             "agl_predict do it."
         )
