@@ -340,3 +340,20 @@ def test_timm_pretrained_weights_come_from_the_local_cache_offline(offline_empty
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x))
+
+
+def test_finetuned_preset_model_loads_back_from_its_config(tiny_preset, tmp_path):
+    train = _image_slide(0, n=24)
+    model = agl.tl.agl_fit(
+        train, method="pgl", mode="finetune", encoder="tiny-ls", encoder_kwargs={"depth": 1}, patch_px=32,
+        patch_um=32.0, n_targets=3, min_cells=1, device="cpu", **{**FAST, "epochs": 1},
+    )  # fmt: skip
+    enc = model.config["encoder"]
+    assert enc["preset"] == "tiny-ls" and json.loads(enc["encoder_kwargs"])["depth"] == 1
+    model.save(tmp_path / "ft")
+    loaded = agl.model.AGLModel.load(tmp_path / "ft")  # backbone rebuilt: the preset + the user's kwargs
+    assert sum(k.endswith(".norm1.weight") for k in loaded.net.state_dict()) == 1
+    new = _image_slide(1, n=24)
+    a = agl.tl.predict_anndata(new, model)
+    b = agl.tl.predict_anndata(new, loaded)
+    np.testing.assert_array_equal(a.X, b.X)
