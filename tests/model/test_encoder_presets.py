@@ -199,7 +199,7 @@ def test_offline_pretrained_fails_at_once_with_how_to(name, offline_empty_cache)
     msg = str(err.value)
     assert "weights=" in msg
     if name != "resnet18":
-        assert "huggingface-cli" in msg
+        assert "hf auth login" in msg and "hf download" in msg
     if "UNI" in name or name == "uni":
         assert "gated" in msg and "accepted the terms" in msg
 

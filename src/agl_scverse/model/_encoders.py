@@ -275,13 +275,13 @@ def _hub_help(repo: str, gated: bool | None, what: str) -> str:
     }[gated]
     if gated is not False:
         gate += (
-            f"log in (`huggingface-cli login` or HF_TOKEN) with an account that accepted the terms on "
+            f"log in (`hf auth login` or HF_TOKEN) with an account that accepted the terms on "
             f"https://huggingface.co/{repo}, then download. "
         )
     return (
         f"{what} of {repo!r} is not in the local Hugging Face cache and the hub is "
         f"{'switched off (HF_HUB_OFFLINE is set)' if hub_offline() else 'not reachable'}. {gate}Get it on a machine "
-        f"with internet: `huggingface-cli download {repo}` (fills the cache; copy ~/.cache/huggingface/hub or set "
+        f"with internet: `hf download {repo}` (fills the cache; copy ~/.cache/huggingface/hub or set "
         "HF_HOME) or download the weights file and pass its path: weights='/path/to/pytorch_model.bin'."
     )
 
@@ -307,7 +307,7 @@ def _hub_file(repo: str, names: Sequence[str], gated: bool | None, what: str) ->
         except (GatedRepoError, RepositoryNotFoundError) as err:
             raise PermissionError(
                 f"Cannot download {repo!r} ({type(err).__name__}). Gated models need a hub account that accepted "
-                f"the terms on https://huggingface.co/{repo} and a login (`huggingface-cli login` or HF_TOKEN); or "
+                f"the terms on https://huggingface.co/{repo} and a login (`hf auth login` or HF_TOKEN); or "
                 "download the weights file yourself and pass weights='/path/to/file'."
             ) from None
     raise FileNotFoundError(f"{repo!r} holds none of {list(names)}; download its weights and pass weights=<path>.")
