@@ -475,7 +475,7 @@ def _slide_model(tmp_path: Path, weights_path: str) -> tuple:
 
 
 def test_predict_never_opens_the_encoder_path_recorded_in_a_model(tmp_path, monkeypatch):
-    import agl_scverse.tl._predict as pred_mod
+    import agl_scverse.model._encoders as enc_mod  # rebuild_encoder checks the weights file
 
     adata, path = _slide_model(tmp_path, "/etc/hostname")
     real_open, opened = builtins.open, []
@@ -485,7 +485,7 @@ def test_predict_never_opens_the_encoder_path_recorded_in_a_model(tmp_path, monk
         return real_open(file, *a, **k)
 
     monkeypatch.setattr(builtins, "open", spy)
-    monkeypatch.setattr(pred_mod, "sha256_file", lambda p: opened.append(str(p)) or "0" * 64)
+    monkeypatch.setattr(enc_mod, "sha256_file", lambda p: opened.append(str(p)) or "0" * 64)
     snap = snapshot(adata)
     with pytest.raises(FileNotFoundError, match=r"recorded as '/etc/hostname'\). Pass weights="):
         agl.tl.agl_predict(adata, path)

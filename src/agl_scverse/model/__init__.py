@@ -6,15 +6,25 @@
 
 from ._bilevel import AdamState, hypergradient, unrolled_val_loss
 from ._checkpoint import AGLModel
-from ._encoders import encoder_record, get_encoder, list_encoders, load_weights, normalize, register_encoder
+from ._encoders import (
+    encoder_record,
+    get_encoder,
+    list_encoders,
+    load_weights,
+    normalize,
+    rebuild_encoder,
+    register_encoder,
+)
 from ._heads import EmbeddingHead, FinetuneNet
 from ._loss import pearson_loss, per_gene_loss, weighted_loss
 from ._mask import GeneMask
+from ._presets import EncoderPreset, list_presets
 from ._trainer import TrainResult, train_network
 
 __all__ = [
     "AGLModel",
     "EmbeddingHead",
+    "EncoderPreset",
     "FinetuneNet",
     "GeneMask",
     "TrainResult",
@@ -23,10 +33,12 @@ __all__ = [
     "AdamState",
     "hypergradient",
     "list_encoders",
+    "list_presets",
     "load_weights",
     "normalize",
     "pearson_loss",
     "per_gene_loss",
+    "rebuild_encoder",
     "register_encoder",
     "train_network",
     "unrolled_val_loss",

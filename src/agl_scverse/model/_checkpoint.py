@@ -27,7 +27,7 @@ from torch import nn
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
 
-from ._encoders import get_encoder
+from ._encoders import get_encoder, record_kwargs
 from ._heads import EmbeddingHead, FinetuneNet
 from ._inference import array_batches, forward
 from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale
@@ -281,6 +281,15 @@ def build_network(config: dict) -> nn.Module:
         return EmbeddingHead(nc["n_in"], nc["n_out"], hidden=nc.get("hidden", ()), dropout=nc.get("dropout", 0.0))
     if kind == "finetune":
         enc = config.get("encoder") or {}
-        backbone, info = get_encoder(enc.get("encoder"), weights=None)
+        if enc.get("source") in ("module", "callable"):
+            raise ValueError(
+                f"This model was fine-tuned on a custom {enc['source']} backbone ({enc.get('encoder')!r}), which "
+                "cannot be rebuilt from config.json. Rebuild it yourself: net = FinetuneNet(<your backbone>, "
+                "n_features, n_out, mean, std) with config['net'], net.load_state_dict(safetensors.torch.load_file("
+                "path / 'model.safetensors')), AGLModel(net, config)."
+            )
+        backbone, info = get_encoder(
+            enc.get("spec") or enc.get("encoder"), weights=None, encoder_kwargs=record_kwargs(enc)
+        )
         return FinetuneNet(backbone, nc["n_features"], nc["n_out"], mean=nc.get("mean"), std=nc.get("std"))
     raise ValueError(f"Unknown network kind {kind!r} in the model config.")

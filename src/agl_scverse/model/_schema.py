@@ -9,6 +9,7 @@ header of the weights file before a single tensor is read. Every refusal names t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -157,6 +158,21 @@ def _check_encoder(c: _Checker, enc: Any, needs_name: bool) -> None:
         c.is_number("encoder.patch_um", enc["patch_um"], 1e-6)
     if enc.get("seed") is not None:
         c.is_int("encoder.seed", enc["seed"], -(1 << 63), 1 << 64)
+    for field in ("spec", "preset", "arch", "hf_hub", "source"):  # how to rebuild it (absent before 0.3)
+        if enc.get(field) is not None:
+            c.is_str(f"encoder.{field}", enc[field])
+    if enc.get("encoder_kwargs") is not None:
+        text = c.is_str("encoder.encoder_kwargs", enc["encoder_kwargs"])
+        try:
+            ok = isinstance(json.loads(text), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            c.fail("encoder.encoder_kwargs", f"must be a JSON object of timm keyword arguments, got {text!r}")
+    if enc.get("native_mpp") is not None:
+        c.is_number("encoder.native_mpp", enc["native_mpp"], 1e-6)
+    if enc.get("strict") is not None and not isinstance(enc["strict"], bool):
+        c.fail("encoder.strict", f"must be true or false, got {enc['strict']!r}")
 
 
 def _check_net(c: _Checker, net: Any, n_genes: int) -> str:

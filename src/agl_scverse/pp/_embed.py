@@ -24,7 +24,7 @@ from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
-from agl_scverse.model._encoders import encoder_record, get_encoder, normalize
+from agl_scverse.model._encoders import check_native_scale, encoder_record, get_encoder, normalize
 
 from ._patches import SpotPatches, check_patch_batch
 
@@ -117,6 +117,8 @@ def embed_patches(
     min_inside: float = 0.5,
     seed: int = 0,
     prefetch_factor: int = 2,
+    encoder_kwargs: dict[str, Any] | None = None,
+    strict: bool = True,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -128,12 +130,17 @@ def embed_patches(
     ----------
     %(data)s
     encoder
-        Encoder name (registered or any ``timm`` model, random init unless ``weights``/``pretrained``), a torch
-        module, a tensor -> tensor callable, or a ``(module, info)`` pair from :func:`get_encoder`.
+        A preset (``"uni"``, ``"uni2-h"``, ``"virchow2"``, ``"h-optimus-0"``, ``"prov-gigapath"``,
+        ``"phikon-v2"``, or its ``"hf-hub:..."`` id; see :func:`agl_scverse.model.list_presets`), an
+        ``"hf-hub:<org>/<model>"`` timm model, a registered name or any ``timm`` model (random init unless
+        ``weights``/``pretrained``), a torch module, a tensor -> tensor callable, or a ``(module, info)`` pair
+        from :func:`get_encoder`.
     weights
-        Local state-dict file for the encoder (see :func:`load_weights`); its sha256 is recorded.
+        Local state-dict file for the encoder (``.safetensors``/``.bin``/``.pth``, see :func:`load_weights`);
+        its sha256 is recorded.
     pretrained
-        Download timm's pretrained weights (needs the model hub; off by default).
+        The published weights (a preset's or ``hf-hub:`` repository's, or timm's) from the local cache, else the
+        hub; fails at once when they are not local and the hub is off or unreachable (off by default).
     patch_px, patch_um
         Patch side in pixels and in µm.
     batch_size
@@ -156,6 +163,10 @@ def embed_patches(
     prefetch_factor
         Batches each worker prepares ahead (with ``num_workers > 0``); memory grows with
         ``num_workers * prefetch_factor * batch_size`` patches.
+    encoder_kwargs
+        Keyword arguments of ``timm.create_model`` (over a preset's), recorded so a model can rebuild the encoder.
+    strict
+        The weights file must fit the architecture exactly (default; see :func:`load_weights`).
 
     Returns
     -------
@@ -188,7 +199,10 @@ def embed_patches(
         on_outside=on_outside,
     )  # decodes nothing: the memory checks come before the encoder is built
     check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
-    model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
+    model, info = get_encoder(
+        encoder, weights=weights, pretrained=pretrained, seed=seed, encoder_kwargs=encoder_kwargs, strict=strict
+    )
+    check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
     feats = _encode(
         model,

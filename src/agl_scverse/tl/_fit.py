@@ -32,6 +32,7 @@ from agl_scverse._utils import resolve_device, seed_everything, versions
 from agl_scverse._validate import check_adata, check_feature_variance, check_layer, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
+from agl_scverse.model._encoders import encoder_name
 from agl_scverse.model._inference import forward, index_batches
 from agl_scverse.model._modeldir import check_overwritable
 from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
@@ -115,7 +116,7 @@ def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, 
     split = make_split(adata, used, split_key, val_groups, val_fraction, cfg.seed)
     emb_key, features = None, None
     if cfg.mode == "embedding":
-        emb_key = embedding_key or K.embedding_key(encoder if isinstance(encoder, str) else "encoder")
+        emb_key = embedding_key or K.embedding_key(encoder_name(encoder))
         if emb_key in adata.obsm:
             features = np.asarray(adata.obsm[emb_key], dtype=np.float32)
             _check_features(features, emb_key, np.flatnonzero(used))
@@ -165,7 +166,7 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
             emb = embed_patches(
                 adata, encoder=enc["encoder"], weights=enc["weights"], patch_px=enc["patch_px"],
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
-                seed=cfg.seed, copy=True,
+                seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"],
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -182,7 +183,9 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         return net, TensorInputs(data.features, device=dev), record
     ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
     check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size))
-    backbone, info = get_encoder(enc["encoder"], weights=enc["weights"], seed=cfg.seed)
+    backbone, info = get_encoder(
+        enc["encoder"], weights=enc["weights"], seed=cfg.seed, encoder_kwargs=enc["encoder_kwargs"]
+    )
     n_feat = info.get("feature_dim")
     if not n_feat:
         with torch.no_grad():
@@ -361,6 +364,7 @@ def agl_fit(
     embedding_key: str | None = None,
     encoder: str = "resnet18",
     weights: str | Path | None = None,
+    encoder_kwargs: dict[str, Any] | None = None,
     n_targets: int = 50,
     targets: Sequence[str] | None = None,
     auxiliaries: Sequence[str] | None = None,
@@ -414,9 +418,12 @@ def agl_fit(
         ``.obsm`` key of cached features (embedding mode). Default ``"X_agl_<encoder>"``, computed with
         :func:`agl_scverse.pp.embed_patches` when absent. A named key that is absent is an error.
     encoder
-        Image encoder name (see :func:`agl_scverse.model.get_encoder`), for a missing embedding or fine-tune mode.
+        Image encoder name (a preset such as ``"uni"``, an ``"hf-hub:..."`` or timm name; see
+        :func:`agl_scverse.model.get_encoder`), for a missing embedding or fine-tune mode.
     weights
-        Local weights file of the encoder.
+        Local weights file of the encoder (loaded strictly: every tensor must fit).
+    encoder_kwargs
+        Keyword arguments of ``timm.create_model`` for the encoder (recorded in the model).
     n_targets
         Number of highly variable target genes (when ``targets`` is None).
     targets
@@ -549,6 +556,7 @@ def agl_fit(
     enc = {
         "encoder": encoder,
         "weights": weights,
+        "encoder_kwargs": encoder_kwargs,
         "patch_px": patch_px,
         "patch_um": patch_um,
         "library_key": library_key,

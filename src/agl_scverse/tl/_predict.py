@@ -24,11 +24,10 @@ from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._utils import sha256_file
 from agl_scverse._validate import check_choice
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
-from agl_scverse.model._encoders import RECORD_CHECKED
+from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
@@ -45,7 +44,8 @@ _CHUNK_BYTES = 128 * 2**20
 def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
     """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
 
-    Compared: encoder name, weights sha256, patch size in pixels and in µm (each only when both sides record it).
+    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments (each only when
+    both sides record it).
     An embedding without a record (brought by the user) is accepted with a warning when the model has one.
 
     Examples
@@ -76,49 +76,38 @@ def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
             f".obsm[{key!r}] was computed with other encoder settings than the model was trained on ("
             + "; ".join(diffs)
             + "). Re-embed the slide with the model's settings (agl.pp.embed_patches(adata, encoder="
-            f"{enc.get('encoder')!r}, weights=<the same file>, patch_px={enc.get('patch_px')}, "
+            f"{enc.get('spec') or enc.get('encoder')!r}, weights=<the same file>, "
+            + (f"encoder_kwargs={enc['encoder_kwargs']}, " if enc.get("encoder_kwargs") not in (None, "{}") else "")
+            + f"patch_px={enc.get('patch_px')}, "
             f"patch_um={enc.get('patch_um')}, key_added=<a new key>)) or drop .obsm[{key!r}] to let "
             "agl_predict do it."
         )
 
 
-def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, device, library_key) -> tuple:
-    """Embed with the model's recorded encoder settings into a copy; return (features, record)."""
+def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None) -> tuple:
+    """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
+
+    Returns (features, record).
+    """
     enc = model.config.get("encoder") or {}
-    if not enc.get("recorded") or not enc.get("encoder"):
+    if encoder is None and (not enc.get("recorded") or not enc.get("encoder")):
         raise KeyError(
             f".obsm[{key!r}] is missing and the model records no encoder settings (its training embedding was "
-            "brought by the user). Compute the same embedding for this slide and store it in .obsm first."
+            "brought by the user). Compute the same embedding for this slide and store it in .obsm first, or pass "
+            "the encoder: agl_predict(..., encoder=<module or name>)."
         )
-    sha = str(enc.get("weights_sha256") or "")
-    path = weights  # never the path recorded in the model: a config is data, not a list of files to open
-    if sha:
-        if path is None:
-            raise FileNotFoundError(
-                f".obsm[{key!r}] is missing and embedding the slide needs the encoder weights file the model was "
-                f"trained with (sha256 {sha[:12]}..., recorded as {enc.get('weights_path')!r}). Pass "
-                "weights=<path to that file> (its sha256 is checked) or embed the slide yourself."
-            )
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"weights={str(path)!r} is not a file.")
-        if sha256_file(path) != sha:
-            raise ValueError(
-                f"The weights file {path} differs from the one the model was trained with (sha256 {sha[:12]}...)."
-            )
-    elif path is not None:
-        raise ValueError(
-            f"weights={str(path)!r} was given, but the model's encoder ({enc.get('encoder')!r}) was not trained "
-            "from a weights file (it records no weights_sha256); leave weights out."
-        )
+    pair = rebuild_encoder(enc, weights=weights, encoder=encoder)  # never opens the path recorded in the model
     tmp = embed_patches(
-        adata, encoder=enc["encoder"], weights=path, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
+        adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True,
+        key_added=key, copy=True,
     )  # fmt: skip
     return np.asarray(tmp.obsm[key], dtype=np.float32), tmp.uns[K.EMBED_UNS][key]
 
 
-def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512):
+def _features(
+    adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512, encoder=None
+):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
     if model.mode != "embedding":
@@ -137,7 +126,7 @@ def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, l
         check_embedding_matches(adata, key, model)
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
-        features, rec = _compute_embedding(adata, model, key, weights, device, library_key)
+        features, rec = _compute_embedding(adata, model, key, weights, device, library_key, encoder)
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
     if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
@@ -227,6 +216,7 @@ def prediction_layer(
     library_key=None,
     batch_size=512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
+    encoder=None,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
@@ -236,7 +226,7 @@ def prediction_layer(
     chunk of spots x model genes (plus the layer when it is dense).
     """
     _check_genes(adata, model)
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size)
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder)
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -302,6 +292,7 @@ def agl_predict(
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
+    encoder: Any = None,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -331,6 +322,10 @@ def agl_predict(
     max_dense_bytes
         Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
         chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
+    encoder
+        The encoder itself (a torch module or callable, with its weights loaded), to embed a slide for a model
+        whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
+        ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
 
     Returns
     -------
@@ -356,7 +351,7 @@ def agl_predict(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     layer, new_emb, pred_genes = prediction_layer(
-        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes
+        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder
     )
     target = adata.copy() if copy else adata
     written = {
@@ -392,6 +387,7 @@ def predict_anndata(
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
+    encoder: Any = None,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -399,7 +395,7 @@ def predict_anndata(
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model, embedding_key, weights, device, batch_size
+    model, embedding_key, weights, device, batch_size, encoder
         As in :func:`agl_predict`.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
@@ -423,7 +419,7 @@ def predict_anndata(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size)
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder)
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
