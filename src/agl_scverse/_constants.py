@@ -45,6 +45,7 @@ Transform = Literal["log1p", "log1p_cpm", "none"]
 Prior = Literal["hvg", "coexpression", "moran"]
 Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["detached", "soft"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
 
@@ -57,6 +58,7 @@ SCANPY_LOG1P_UNS = "log1p"
 PRIORS: tuple[str, ...] = get_args(Prior)
 LOSSES: tuple[str, ...] = get_args(Loss)
 META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 ROLE_TARGET, ROLE_AUX, ROLE_EXCLUDED = get_args(Role)
 ROLES: tuple[str, ...] = get_args(Role)
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_UNUSED = get_args(Split)
