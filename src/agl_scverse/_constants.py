@@ -46,6 +46,7 @@ Prior = Literal["hvg", "coexpression", "moran"]
 Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["soft", "detached"]
 Lookahead = Literal["adam", "sgd"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
 
@@ -61,6 +62,7 @@ META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 ROLE_TARGET, ROLE_AUX, ROLE_EXCLUDED = get_args(Role)
 ROLES: tuple[str, ...] = get_args(Role)
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_UNUSED = get_args(Split)

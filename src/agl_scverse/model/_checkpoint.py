@@ -21,16 +21,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from scanpy import logging as logg
 from torch import nn
 
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
 
+from ._data import index_batches_of, patch_batches
 from ._encoders import get_encoder, record_kwargs
 from ._heads import EmbeddingHead, FinetuneNet
 from ._inference import array_batches, forward
 from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale
+from ._precision import resolve_precision
 from ._schema import FORMAT_VERSION, check_weights_header, expected_shapes, upgrade_config, validate_config
 
 __all__ = [
@@ -170,7 +173,16 @@ class AGLModel:
         )
 
     # -- inference -----------------------------------------------------------------------------------------
-    def predict(self, features, batch_size: int = 512, columns: np.ndarray | None = None) -> np.ndarray:
+    def predict(
+        self,
+        features,
+        batch_size: int = 512,
+        columns: np.ndarray | None = None,
+        *,
+        precision: str = "auto",
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ) -> np.ndarray:
         """Predictions (transformed scale, e.g. ``log1p`` counts) for every output gene, float32.
 
         Parameters
@@ -182,9 +194,34 @@ class AGLModel:
             Spots per forward pass.
         columns
             Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
+        precision
+            Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, see
+            :func:`~agl_scverse.model._precision.resolve_precision`); the output layer runs in float32. The
+            embedding-mode head always runs in float32.
+        num_workers, prefetch_factor
+            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches and the batches each
+            prepares ahead (:func:`~agl_scverse.model._data.patch_batches`; same predictions with any number).
         """
-        batches = array_batches(features, batch_size, float_input=self.mode == "embedding")
-        return forward(self.net, batches, len(self.genes), calibrated=True, cols=columns)
+        if self.mode == "embedding":
+            batches = array_batches(features, batch_size, float_input=True)
+            return forward(self.net, batches, len(self.genes), calibrated=True, cols=columns)
+        params = list(self.net.parameters())
+        device = params[0].device if params else torch.device("cpu")
+        prec = resolve_precision(precision, device, self.net)
+        if isinstance(features, torch.utils.data.Dataset):
+            batches = patch_batches(
+                features, index_batches_of(np.arange(len(features)), batch_size), num_workers=num_workers,
+                prefetch_factor=prefetch_factor, pin_memory=device.type == "cuda",
+            )  # fmt: skip
+        else:
+            batches = array_batches(features, batch_size, float_input=False)
+        converted = prec.to_layout(self.net)
+        try:
+            with prec.autocast():
+                images = (prec.image_batch(x) for x in batches)
+                return forward(self.net, images, len(self.genes), calibrated=True, cols=columns)
+        finally:
+            prec.restore_layout(self.net, converted)
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

@@ -171,4 +171,5 @@ class FinetuneNet(_Calibrated):
         h = self.backbone(x)
         if h.ndim > 2:
             h = torch.flatten(h, 1)
-        return self._linear_out(h, n_first, cols)
+        with torch.autocast(device_type=h.device.type, enabled=False):  # under bf16/fp16 autocast: a float32 head
+            return self._linear_out(h.float(), n_first, cols)

@@ -34,6 +34,10 @@ FORMAT_VERSION = 3
 SUPPORTED_FORMATS = (1, 2, 3)
 #: Network kinds of ``config["net"]["kind"]`` and the model mode each one serves.
 NET_KINDS = {"embedding": "embedding", "finetune": "finetune"}
+#: What a fine-tuned model ran in (``config["precision"]["precision"]``, see :mod:`agl_scverse.model._precision`).
+RUN_PRECISIONS = ("fp32", "bf16", "fp16")
+#: Fields added after format 3 was fixed, and the value a config without them means.
+OPTIONAL_DEFAULTS: dict[str, Any] = {"augment": False, "precision": None}
 #: Roles an output gene can have (``"excluded"`` genes are not outputs).
 OUTPUT_ROLES = (K.ROLE_TARGET, K.ROLE_AUX)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -91,10 +95,14 @@ def upgrade_config(config: dict) -> dict:
     --------
     >>> upgrade_config({"format_version": 1, "encoder": {"name": "resnet18"}})["encoder"]
     {'encoder': 'resnet18'}
+    >>> upgrade_config({"format_version": 3})["augment"]  # saved before fine-tune augmentation existed
+    False
     """
     if not isinstance(config, dict):
         return config  # validate_config says what is wrong
     config = dict(config)
+    for field, value in OPTIONAL_DEFAULTS.items():  # models saved before the field existed
+        config.setdefault(field, value)
     version = config.get("format_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version < 2:
         enc = config.get("encoder") or {}
@@ -175,6 +183,21 @@ def _check_encoder(c: _Checker, enc: Any, needs_name: bool) -> None:
         c.fail("encoder.strict", f"must be true or false, got {enc['strict']!r}")
 
 
+def _check_precision(c: _Checker, prec: Any) -> None:
+    """``config["precision"]``: null, or the record of :meth:`agl_scverse.model._precision.Precision.record`."""
+    if prec is None:
+        return
+    if not isinstance(prec, dict):
+        c.fail(
+            "precision", f"must be a dict (precision, channels_last, precision_requested), got {type(prec).__name__}"
+        )
+    c.is_str("precision.precision", prec.get("precision"), RUN_PRECISIONS)
+    if prec.get("channels_last") is not None and not isinstance(prec["channels_last"], bool):
+        c.fail("precision.channels_last", f"must be true or false, got {prec['channels_last']!r}")
+    if prec.get("precision_requested") is not None:
+        c.is_str("precision.precision_requested", prec["precision_requested"], K.PRECISIONS)
+
+
 def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
     """``config["net"]``; returns its kind."""
     if not isinstance(net, dict):
@@ -246,6 +269,9 @@ def validate_config(config: Any, where: str = "config.json", verb: str = "load")
     c.optional(config, "threshold", c.is_number)
     c.optional(config, "theta", c.is_number)
     _check_encoder(c, config.get("encoder"), needs_name=kind == "finetune")
+    if config.get("augment") is not None and not isinstance(config["augment"], bool):
+        c.fail("augment", f"must be true or false, got {config['augment']!r}")
+    _check_precision(c, config.get("precision"))
     for field in ("hyperparameters", "versions"):
         if config.get(field) is not None and not isinstance(config[field], dict):
             c.fail(field, f"must be a dict, got {type(config[field]).__name__}")

@@ -50,9 +50,11 @@ from agl_scverse._stats import StreamingMoments, pearson_per_gene
 from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
 
 from ._bilevel import AdamState, hypergradient
+from ._data import augment_codes, batch_stream
 from ._inference import forward, index_batches
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
+from ._precision import resolve_precision
 
 __all__ = [
     "TensorInputs",
@@ -184,6 +186,7 @@ class TrainResult:
     aux_weights: np.ndarray | None = None
     fit_seconds: float = 0.0
     meta_seconds: float = 0.0
+    precision: dict = field(default_factory=dict)
 
 
 def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, idx: np.ndarray, batch_size: int):
@@ -246,6 +249,8 @@ def train_network(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "agl",
+    augment: bool = False,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``net`` in place; learn the DkGSB threshold when ``mask`` is given.
 
@@ -285,6 +290,14 @@ def train_network(
         Seeds batch order, meta batches, initialisation-independent randomness (dropout).
     device, progress, desc
         Torch device, tqdm bar over epochs (postfix: loss, val PCC, k), bar label.
+    augment
+        Random flips / quarter turns of the training batches' patches (image inputs with a ``stream`` method,
+        e.g. :class:`~agl_scverse.model._data.PatchInputs`), drawn from ``(seed, epoch)``
+        (:func:`~agl_scverse.model._data.augment_codes`). Meta steps, validation and calibration see plain patches.
+    precision
+        How the network runs (:func:`~agl_scverse.model._precision.resolve_precision`): ``"fp32"`` (default),
+        ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
+        networks, a gradient scaler with fp16). The loss and the DkGSB hypergradient are computed in float32.
 
     Returns
     -------
@@ -322,6 +335,8 @@ def train_network(
         )
     Yz = StandardizedTargets(Y, train_idx, device)  # z-scored batches, never the whole matrix
     net.to(device)
+    prec = resolve_precision(precision, device, net, training=True)
+    converted = prec.to_layout(net)  # before the optimiser: same parameter objects, new layout
     if mask is not None:
         mask.to(device)
     if mask is not None and Yz.n_cols != n_targets + mask.ranks.numel():
@@ -354,14 +369,16 @@ def train_network(
         n_meta = int(meta_steps) if do_meta else 0  # spread over the batches; several per batch when more
         meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
         losses, hgs, mvl = [], [], []
-        for b in range(n_batches):
-            bidx = perm[b * batch_size : (b + 1) * batch_size if b < n_batches - 1 else len(perm)]
+        ends = [(b + 1) * batch_size if b < n_batches - 1 else len(perm) for b in range(n_batches)]
+        batches = [perm[b * batch_size : e] for b, e in enumerate(ends)]
+        codes = augment_codes(seed, epoch, len(perm)) if augment else None
+        for b, x in enumerate(batch_stream(inputs, batches, codes)):
+            bidx = batches[b]
             w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
-            out = net(inputs(bidx))
-            L = weighted_loss(per_gene_loss(out, Yz(bidx), loss), w)
-            opt.zero_grad(set_to_none=True)
-            L.backward()
-            opt.step()
+            with prec.autocast():
+                out = net(prec.image_batch(x))
+            L = weighted_loss(per_gene_loss(out.float(), Yz(bidx), loss), w)
+            prec.backward_step(L, opt)
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
@@ -383,7 +400,8 @@ def train_network(
                 theta_opt.step()
                 mask.clamp_()
                 meta_seconds += time.perf_counter() - tm
-        pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
+        with prec.autocast():
+            pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
         k_now = mask.k if mask is not None else Yz.n_cols - n_targets
         theta_now = mask.threshold if mask is not None else float("nan")
         hist["epoch"].append(epoch)
@@ -416,7 +434,9 @@ def train_network(
         if mask is not None:
             with torch.no_grad():
                 mask.theta.copy_(best[3])
-    _calibrate_(net, inputs, Yz, train_idx, 512)
+    with prec.autocast():
+        _calibrate_(net, inputs, Yz, train_idx, 512)
+    prec.restore_layout(net, converted)
     net.eval()
     res = TrainResult(history=hist, best_epoch=int(best[1]), best_val_pcc=float(best[0]))
     if mask is not None:
@@ -424,4 +444,5 @@ def train_network(
         res.aux_weights = mask.weights().detach().double().cpu().numpy()
     res.fit_seconds = time.perf_counter() - t0
     res.meta_seconds = meta_seconds
+    res.precision = prec.record()
     return res

@@ -16,7 +16,6 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 from torch import nn
-from torch.utils.data import DataLoader
 
 from agl_scverse import _constants as K
 from agl_scverse._docs import d
@@ -24,7 +23,9 @@ from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.model._data import index_batches_of, patch_batches
 from agl_scverse.model._encoders import check_native_scale, encoder_record, get_encoder, normalize
+from agl_scverse.model._precision import Precision, resolve_precision
 
 from ._patches import SpotPatches, check_patch_batch
 
@@ -57,31 +58,32 @@ def _encode(
     num_workers: int,
     desc: str,
     prefetch_factor: int = 2,
-) -> np.ndarray:
+    precision: Precision | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
+    """Features of every patch of ``ds`` (float32) and the record of the precision they were computed in."""
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
     orig_device = params[0].device if params else None
     was_training = model.training
+    prec = (precision or resolve_precision("auto", device)).for_module(model)
     # Workers each reopen the images (the dataset pickles without open files) and keep their own tile cache;
     # they are not kept alive between calls, and each holds at most prefetch_factor batches in flight.
-    loader = DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=int(prefetch_factor) if num_workers > 0 else None,
-        persistent_workers=False,
-    )
+    batches = patch_batches(
+        ds, index_batches_of(np.arange(len(ds)), batch_size), num_workers=num_workers,
+        prefetch_factor=prefetch_factor, pin_memory=device.type == "cuda", seed=seed,
+    )  # fmt: skip
     out: np.ndarray | None = None
     pos = 0
     model.to(device).eval()
+    converted = prec.to_layout(model)
     try:
         with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="spot") as bar:
-            for batch in loader:
-                x = normalize(batch.to(device, non_blocking=True), mean, std)
-                y = _features(model(x), len(batch))
+            for batch in batches:
+                x = prec.image_batch(normalize(batch.to(device, non_blocking=True), mean, std))
+                with prec.autocast():
+                    y = _features(model(x), len(batch))
                 if out is None:
                     out = np.empty((len(ds), y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
@@ -90,11 +92,12 @@ def _encode(
                 pos += len(batch)
                 bar.update(len(batch))
     finally:
+        prec.restore_layout(model, converted)
         model.train(was_training)
         if orig_device is not None:
             model.to(orig_device)
     assert out is not None and pos == len(ds)
-    return out
+    return out, prec.record()
 
 
 @d.dedent
@@ -119,12 +122,14 @@ def embed_patches(
     prefetch_factor: int = 2,
     encoder_kwargs: dict[str, Any] | None = None,
     strict: bool = True,
+    precision: str = "auto",
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
     Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` (see :class:`SpotPatches`), are
     normalised with the encoder's mean/std and run through the encoder in eval mode under
-    ``torch.inference_mode``, in batches, with a progress bar.
+    ``torch.inference_mode``, in batches (a DataLoader, :func:`agl_scverse.model._data.patch_batches`), with a
+    progress bar, in the precision ``precision`` asks for.
 
     Parameters
     ----------
@@ -167,13 +172,20 @@ def embed_patches(
         Keyword arguments of ``timm.create_model`` (over a preset's), recorded so a model can rebuild the encoder.
     strict
         The weights file must fit the architecture exactly (default; see :func:`load_weights`).
+    precision
+        ``"auto"`` (default): ``channels_last`` for convolutional encoders plus bf16 autocast where the device runs
+        bf16 natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 / AMX), fp16 on CUDA GPUs without bf16, float32
+        elsewhere. ``"fp32"``: float32 in the default layout (the reference). ``"bf16"`` / ``"fp16"``: that
+        autocast dtype. Features are stored as float32 whatever the precision; bf16 features agree with fp32 to a
+        cosine similarity of 0.9999 on average per spot (DenseNet-121, HER2+; worst spot 0.9998; see the Method
+        page).
 
     Returns
     -------
     ``None`` (``copy=False``; a SpatialData input gets the results in its table) or a new AnnData
     (``copy=True``). Writes ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: encoder name, weights
-    path and sha256, patch and padding settings, normalisation mean/std, feature_dim, versions. Nothing is
-    written when it fails.
+    path and sha256, patch and padding settings, normalisation mean/std, feature_dim, the precision used
+    (``precision``, ``channels_last``, ``precision_requested``), versions. Nothing is written when it fails.
 
     Examples
     --------
@@ -189,6 +201,7 @@ def embed_patches(
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)  # checked before the encoder is built
     ds = SpotPatches(
         adata,
         patch_px=patch_px,
@@ -204,7 +217,7 @@ def embed_patches(
     )
     check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
-    feats = _encode(
+    feats, prec_record = _encode(
         model,
         ds,
         info["mean"],
@@ -214,12 +227,14 @@ def embed_patches(
         int(num_workers),
         f"embedding ({info['name']})",
         prefetch_factor=int(prefetch_factor),
+        precision=prec,
+        seed=int(seed),
     )
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats).all(axis=1)).sum())
         raise ValueError(f"The encoder produced NaN/inf features for {bad} spots; nothing was written.")
     info["feature_dim"] = int(feats.shape[1])
-    record = encoder_record(info, **ds.record(), n_spots=int(feats.shape[0]), library_key=ds.library_key)
+    record = encoder_record(info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key)
     target = adata.copy() if copy else adata
     store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
     store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored

@@ -20,10 +20,11 @@ __all__ = ["MODE_DEFAULTS", "NetworkConfig", "TrainingConfig", "DkGSBConfig", "G
 
 #: Defaults of the network and trainer per mode. Embedding mode: a one-hidden-layer MLP (256 units, dropout 0.1)
 #: with Adam lr 1e-3 converges in tens of epochs on cached features; the paper's 3e-5 is for fine-tuning a
-#: ResNet18 end to end, kept for ``mode="finetune"``.
+#: ResNet18 end to end, kept for ``mode="finetune"``. Fine-tune mode flips and quarter-turns its training patches
+#: by default (``augment``); embedding mode trains on cached features, which cannot be augmented.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedding": {"hidden": (256,), "epochs": 100, "patience": 10, "lr": 1e-3, "batch_size": 128},
-    "finetune": {"hidden": (), "epochs": 50, "patience": 20, "lr": 3e-5, "batch_size": 128},
+    "embedding": {"hidden": (256,), "epochs": 100, "patience": 10, "lr": 1e-3, "batch_size": 128, "augment": False},
+    "finetune": {"hidden": (), "epochs": 50, "patience": 20, "lr": 3e-5, "batch_size": 128, "augment": True},
 }
 
 
@@ -42,7 +43,11 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Adam on the network, mini-batches, early stopping on the validation mean target Pearson r."""
+    """Adam on the network, mini-batches, early stopping on the validation mean target Pearson r.
+
+    ``augment``: random flips / quarter turns of the training patches (fine-tune mode); ``precision``: how the
+    encoder runs (fine-tune training, and embedding a slide whose features are missing).
+    """
 
     epochs: int
     patience: int
@@ -51,6 +56,8 @@ class TrainingConfig:
     weight_decay: float = 0.0
     loss: str = "pearson"
     refit: bool = False
+    augment: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.refit, bool | np.bool_):
@@ -61,6 +68,9 @@ class TrainingConfig:
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_choice("loss", self.loss, K.LOSSES)
+        if not isinstance(self.augment, bool):
+            raise TypeError(f"augment must be True or False, got {self.augment!r}.")
+        check_choice("precision", self.precision, K.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,11 @@ class FitConfig:
     def __post_init__(self) -> None:
         check_choice("method", self.method, K.METHODS)
         check_choice("mode", self.mode, K.MODES)
+        if self.mode == "embedding" and self.training.augment:
+            raise ValueError(
+                "augment=True applies to mode='finetune' (it flips and rotates image patches); embedding mode trains "
+                "on cached features. Leave augment=None (or False) in embedding mode."
+            )
         if self.method == "topk":
             if self.k is None:
                 raise ValueError(
@@ -158,6 +173,8 @@ class FitConfig:
         loss: str,
         genes: GeneConfig,
         k: int | str | None,
+        augment: bool | None = None,
+        precision: str = "auto",
         seed: int,
         refit: bool = False,
         k_grid: Sequence[int] | None = None,
@@ -182,6 +199,8 @@ class FitConfig:
                 weight_decay=weight_decay,
                 loss=loss,
                 refit=refit,
+                augment=_as_flag(pick("augment", augment)),
+                precision=precision,
             ),
             dkgsb=DkGSBConfig(**dkgsb),
             genes=genes,
@@ -202,6 +221,11 @@ class FitConfig:
             out.update(asdict(part))
         out["hidden"] = list(self.network.hidden)
         return out
+
+
+def _as_flag(value: Any) -> Any:
+    """NumPy booleans as Python ones (anything else is left for the config to refuse)."""
+    return bool(value) if isinstance(value, bool | np.bool_) else value
 
 
 def _as_widths(hidden: Any) -> tuple:

@@ -29,9 +29,10 @@ from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, versions
-from agl_scverse._validate import check_adata, check_feature_variance, check_layer, resolve_spots
+from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
+from agl_scverse.model._data import PatchInputs
 from agl_scverse.model._encoders import encoder_name
 from agl_scverse.model._inference import forward, index_batches
 from agl_scverse.model._modeldir import check_overwritable
@@ -76,20 +77,6 @@ class _Genes:
     @property
     def model_aux(self) -> list[str]:
         return self.genes[self.n_targets :]
-
-
-class PatchInputs:
-    """Fine-tune mode inputs: uint8 patches of the requested spots, cached in memory when small."""
-
-    def __init__(self, ds: SpotPatches, positions: np.ndarray, device, cache_bytes: float = 2e9):
-        self.ds, self.device = ds, device
-        self.cache = None
-        if len(positions) * 3 * ds.patch_px**2 <= cache_bytes:
-            self.cache = {int(p): ds[int(p)] for p in positions}
-
-    def __call__(self, idx) -> torch.Tensor:
-        get = (lambda i: self.cache[int(i)]) if self.cache is not None else (lambda i: self.ds[int(i)])
-        return torch.stack([get(i) for i in np.asarray(idx)]).to(self.device)
 
 
 def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch_size: int = 512) -> np.ndarray:
@@ -166,7 +153,8 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
             emb = embed_patches(
                 adata, encoder=enc["encoder"], weights=enc["weights"], patch_px=enc["patch_px"],
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
-                seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"],
+                seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
+                num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"],
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -182,7 +170,8 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
     ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
-    check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size))
+    in_flight = max(1, enc["num_workers"] * enc["prefetch_factor"])
+    check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size), in_flight)
     backbone, info = get_encoder(
         enc["encoder"], weights=enc["weights"], seed=cfg.seed, encoder_kwargs=enc["encoder_kwargs"]
     )
@@ -193,7 +182,11 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
     record = {**encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um), "recorded": True}
     seed_everything(cfg.seed)
     net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
-    return net, PatchInputs(ds, np.concatenate([data.train_idx, data.val_idx]), dev), record
+    inputs = PatchInputs(
+        ds, np.concatenate([data.train_idx, data.val_idx]), dev, num_workers=enc["num_workers"],
+        prefetch_factor=enc["prefetch_factor"], seed=cfg.seed,
+    )  # fmt: skip
+    return net, inputs, record
 
 
 def _train(net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, **kw) -> TrainResult:
@@ -204,7 +197,8 @@ def _train(net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progres
         "batch_size": t.batch_size, "loss": t.loss, "inner_steps": m.inner_steps, "inner_lr": float(m.inner_lr),
         "meta_steps": m.meta_steps, "meta_batch_size": m.meta_batch_size, "beta": float(m.beta),
         "normalizer": m.meta_normalizer, "lookahead": m.lookahead, "seed": int(cfg.seed), "device": dev,
-        "progress": progress, "desc": desc, **kw,
+        "progress": progress, "desc": desc, "augment": t.augment,
+        "precision": t.precision if cfg.mode == "finetune" else "fp32", **kw,
     }  # fmt: skip
     return train_network(net, inputs, genes.expr, data.train_idx, data.val_idx, genes.n_targets, **args)
 
@@ -300,6 +294,8 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
         "refit": bool(cfg.training.refit),
         "n_train": len(data.train_idx),
         "n_val": len(data.val_idx),
+        "augment": bool(cfg.training.augment),
+        "precision": res.precision if cfg.mode == "finetune" else None,  # embedding mode: see config["encoder"]
     }
     return AGLModel(net, config)
 
@@ -405,6 +401,10 @@ def agl_fit(
     overwrite: bool = False,
     progress: bool = True,
     library_key: str | None = None,
+    augment: bool | None = None,
+    precision: str = "auto",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
 
@@ -511,6 +511,22 @@ def agl_fit(
         ``model.safetensors``) or nothing; any other folder or file is refused before training.
     %(progress)s
     %(library_key)s
+    augment
+        Fine-tune mode: random horizontal / vertical flips and 90° rotations of the training patches (the 8
+        symmetries of the square, seeded by ``seed`` and the epoch; validation, meta steps and predictions see plain
+        patches). Default ``None``: on in fine-tune mode, off in embedding mode (where ``True`` is an error).
+        Recorded in the model config.
+    precision
+        How the encoder runs: ``"auto"`` (default; ``channels_last`` plus bf16 autocast where the device runs bf16
+        natively, fp16 with a gradient scaler on CUDA GPUs without bf16, float32 otherwise), ``"fp32"``,
+        ``"bf16"`` or ``"fp16"`` (see :func:`agl_scverse.pp.embed_patches`). Fine-tune mode: the training and
+        validation forward passes (losses and the DkGSB hypergradient stay float32); embedding mode: only a
+        missing embedding computed here. The precision used is recorded in the model config.
+    num_workers
+        DataLoader worker processes cutting patches (fine-tune mode, and a missing embedding); results are the
+        same with any number.
+    prefetch_factor
+        Batches each worker prepares ahead.
 
     Returns
     -------
@@ -541,8 +557,11 @@ def agl_fit(
         method, mode, hidden=hidden, dropout=dropout, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
         weight_decay=weight_decay, loss=loss, genes=genes_cfg, k=k, seed=seed, inner_steps=inner_steps,
         inner_lr=inner_lr, meta_steps=meta_steps, meta_batch_size=meta_batch_size, tau=tau, beta=beta,
-        meta_normalizer=meta_normalizer, lookahead=lookahead, refit=refit, k_grid=k_grid,
+        meta_normalizer=meta_normalizer, lookahead=lookahead, refit=refit, k_grid=k_grid, augment=augment,
+        precision=precision,
     )  # fmt: skip
+    check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+    check_positive("prefetch_factor", prefetch_factor, integer=True)
     keys = Keys(key_added)
     if save_dir is not None and Path(save_dir).exists() and not overwrite:
         raise FileExistsError(f"save_dir {save_dir} already exists; pass overwrite=True or choose another path.")
@@ -560,6 +579,8 @@ def agl_fit(
         "patch_px": patch_px,
         "patch_um": patch_um,
         "library_key": library_key,
+        "num_workers": int(num_workers),
+        "prefetch_factor": int(prefetch_factor),
     }
     k_search = None
     if method == "topk" and cfg.k == K.K_AUTO:
@@ -586,7 +607,8 @@ def agl_fit(
             "embedding_key": fit_data.emb_key, "spots": int(fit_data.used.sum()) if spots is not None else None,
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),
             "key_added": key_added, "save_dir": save_dir, "library_key": library_key, "patch_px": patch_px,
-            "patch_um": patch_um, "versions": versions(),
+            "patch_um": patch_um, "versions": versions(), "num_workers": int(num_workers),
+            "prefetch_factor": int(prefetch_factor),
         },
     }  # fmt: skip
     model = _make_model(cfg, genes, res, net, enc_record, fit_data, extra)

@@ -24,7 +24,7 @@ from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._validate import check_choice
+from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
@@ -84,10 +84,12 @@ def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
         )
 
 
-def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None) -> tuple:
+def _compute_embedding(
+    adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None, run=None
+) -> tuple:
     """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
 
-    Returns (features, record).
+    ``run``: how the encoder runs (precision, workers). Returns (features, record).
     """
     enc = model.config.get("encoder") or {}
     if encoder is None and (not enc.get("recorded") or not enc.get("encoder")):
@@ -100,13 +102,14 @@ def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, devic
     tmp = embed_patches(
         adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, copy=True,
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True, **(run or {}),
     )  # fmt: skip
     return np.asarray(tmp.obsm[key], dtype=np.float32), tmp.uns[K.EMBED_UNS][key]
 
 
 def _features(
-    adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512, encoder=None
+    adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512, encoder=None,
+    run=None,
 ):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
@@ -116,7 +119,8 @@ def _features(
             float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
         )
         ds = SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key)
-        check_patch_batch(ds.patch_px, batch_size)
+        run = run or {}
+        check_patch_batch(ds.patch_px, batch_size, max(1, run.get("num_workers", 0) * run.get("prefetch_factor", 2)))
         return ds, None
     key = embedding_key or model.config.get("embedding_key")
     if not key:
@@ -126,7 +130,7 @@ def _features(
         check_embedding_matches(adata, key, model)
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
-        features, rec = _compute_embedding(adata, model, key, weights, device, library_key, encoder)
+        features, rec = _compute_embedding(adata, model, key, weights, device, library_key, encoder, run)
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
     if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
@@ -140,6 +144,14 @@ def _features(
     return features, new_emb
 
 
+def _run_options(precision: str, num_workers: int, prefetch_factor: int) -> dict:
+    """How encoders run here (checked): passed to ``AGLModel.predict`` and ``embed_patches``."""
+    check_choice("precision", precision, K.PRECISIONS)
+    check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+    check_positive("prefetch_factor", prefetch_factor, integer=True)
+    return {"precision": precision, "num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor)}
+
+
 def _rows(features, start: int, stop: int):
     """Rows ``start:stop`` of an array of features or of a patch Dataset."""
     if isinstance(features, torch.utils.data.Dataset):
@@ -147,22 +159,24 @@ def _rows(features, start: int, stop: int):
     return features[start:stop]
 
 
-def _predict_rows(model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None):
+def _predict_rows(
+    model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None, run=None
+):
     model.net.to(device)
     try:
-        return model.predict(_rows(features, start, stop), batch_size=batch_size, columns=columns)
+        return model.predict(_rows(features, start, stop), batch_size=batch_size, columns=columns, **(run or {}))
     finally:
         model.net.cpu()
 
 
 def _row_chunks(
-    model: AGLModel, features, n: int, model_cols: np.ndarray, device: str, batch_size: int, width: int = 0
+    model: AGLModel, features, n: int, model_cols: np.ndarray, device: str, batch_size: int, width: int = 0, run=None
 ):
     """``(start, stop, predictions of model_cols)`` for chunks of spots of about :data:`_CHUNK_BYTES` of outputs."""
     step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))
     for s in range(0, n, step):
         e = min(s + step, n)
-        yield s, e, _predict_rows(model, features, s, e, device, batch_size)[:, model_cols]
+        yield s, e, _predict_rows(model, features, s, e, device, batch_size, run=run)[:, model_cols]
 
 
 def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
@@ -217,6 +231,10 @@ def prediction_layer(
     batch_size=512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder=None,
+    *,
+    precision: str = "auto",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
@@ -226,7 +244,10 @@ def prediction_layer(
     chunk of spots x model genes (plus the layer when it is dense).
     """
     _check_genes(adata, model)
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder)
+    run = _run_options(precision, num_workers, prefetch_factor)
+    features, new_emb = _features(
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run
+    )
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -234,10 +255,10 @@ def prediction_layer(
     n_obs, n_vars = adata.n_obs, adata.n_vars
     if n_obs * n_vars * 4 <= max_dense_bytes:
         layer = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
-        for s, e, pred in _row_chunks(model, features, n_obs, model_cols, device, batch_size, width=n_vars):
+        for s, e, pred in _row_chunks(model, features, n_obs, model_cols, device, batch_size, width=n_vars, run=run):
             layer[s:e, var_cols] = pred
         return layer, new_emb, pred_genes
-    layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size)
+    layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, run=run)
     logg.info(
         f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> {max_dense_bytes / 2**30:.1f}"
         f" GiB): writing a chunked dask array ({layer.numblocks[0]} x {layer.numblocks[1]} chunks), computed when "
@@ -246,7 +267,9 @@ def prediction_layer(
     return layer, new_emb, pred_genes
 
 
-def _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=4096, cols=2048):
+def _dask_layer(
+    model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=4096, cols=2048, run=None
+):
     """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
 
     Chunks of genes without predictions are NaN chunks that are never computed. Chunks are 32 MiB (4096 x 2048
@@ -261,7 +284,7 @@ def _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, ba
     def chunk(s: int, e: int, c0: int, c1: int) -> np.ndarray:
         out = np.full((e - s, c1 - c0), np.nan, dtype=np.float32)
         local = np.flatnonzero(by_var[c0:c1] >= 0)
-        out[:, local] = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local])
+        out[:, local] = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local], run=run)
         return out
 
     grid = []
@@ -293,6 +316,9 @@ def agl_predict(
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder: Any = None,
+    precision: str = "auto",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -326,6 +352,13 @@ def agl_predict(
         The encoder itself (a torch module or callable, with its weights loaded), to embed a slide for a model
         whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
         ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
+    precision
+        How the image encoder runs: a fine-tuned model's backbone, or the encoder of an embedding computed here
+        (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`). ``"fp32"``
+        reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in float32.
+    num_workers, prefetch_factor
+        DataLoader workers cutting patches (fine-tune models, and an embedding computed here) and the batches
+        each prepares ahead; predictions are the same with any number.
 
     Returns
     -------
@@ -351,8 +384,9 @@ def agl_predict(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     layer, new_emb, pred_genes = prediction_layer(
-        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder
-    )
+        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
+        precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
+    )  # fmt: skip
     target = adata.copy() if copy else adata
     written = {
         "layers": [keys.pred_layer],
@@ -388,6 +422,9 @@ def predict_anndata(
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder: Any = None,
+    precision: str = "auto",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -395,7 +432,7 @@ def predict_anndata(
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model, embedding_key, weights, device, batch_size, encoder
+    model, embedding_key, weights, device, batch_size, encoder, precision, num_workers, prefetch_factor
         As in :func:`agl_predict`.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
@@ -419,14 +456,17 @@ def predict_anndata(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder)
+    run = _run_options(precision, num_workers, prefetch_factor)
+    features, new_emb = _features(
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run
+    )
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
     if 2 * n * m * 4 <= max_dense_bytes:  # .X and the layer
-        X = np.concatenate([pred for *_, pred in _row_chunks(model, features, n, sel, device, batch_size)])
+        X = np.concatenate([pred for *_, pred in _row_chunks(model, features, n, sel, device, batch_size, run=run)])
     else:  # lazy, shared by .X and the layer (a dask array is never modified in place)
-        X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size)
+        X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size, run=run)
     var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
     var[keys.role] = pd.Categorical([model.roles[i] for i in sel], categories=[K.ROLE_TARGET, K.ROLE_AUX])
     var[keys.weight] = model.weights[sel]
