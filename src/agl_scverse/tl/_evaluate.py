@@ -20,7 +20,7 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
-from agl_scverse._expression import expression_transform, take_rows
+from agl_scverse._expression import expression_transform, observed_transform, predicted_mask, take_rows
 from agl_scverse._serialize import null_as_none, to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
@@ -101,9 +101,8 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
         else:
             raise KeyError(f"No model given and no .var[{keys.role!r}]: pass model= or genes=[...].")
     elif isinstance(genes, str) and genes == "predicted":
-        if keys.pred_layer in adata.layers:  # a gene is predicted on every spot or on none: read the first row
-            first = np.asarray(adata.layers[keys.pred_layer][:1]).ravel()
-            gene_list = adata.var_names[np.isfinite(first)].tolist()
+        if keys.pred_layer in adata.layers:
+            gene_list = adata.var_names[predicted_mask(adata, keys)].tolist()
         elif model is not None:
             gene_list = [g for g in model.predicted_genes if g in adata.var_names]
         else:
@@ -192,8 +191,17 @@ def evaluate(
     gene_list = _genes_to_score(adata, model, genes, keys)
     gidx = adata.var_names.get_indexer(gene_list)
 
-    # ---- preprocessing the model used
+    # ---- preprocessing the model used, and the scale of an existing prediction layer
     transform = model.config.get("transform") if model is not None else _param(entry, "transform", "log1p")
+    if keys.pred_layer in adata.layers:
+        transform = observed_transform(adata.uns.get(keys.pred_uns), transform)
+        unpredicted = [g for g, ok in zip(gene_list, predicted_mask(adata, keys)[gidx]) if not ok]
+        if unpredicted:
+            raise KeyError(
+                f"{len(unpredicted)} gene(s) to evaluate have no predictions in .layers[{keys.pred_layer!r}]: "
+                f"{unpredicted[:10]}. Predict them (agl_predict(adata, model, genes=[...])) or evaluate "
+                "genes='predicted'."
+            )
     layer = model.config.get("layer") if model is not None else _param(entry, "layer", None)
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"The model was trained on counts in layer {layer!r}, which this AnnData lacks.")
