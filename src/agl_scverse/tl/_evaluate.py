@@ -24,7 +24,13 @@ from agl_scverse._expression import expression_transform, observed_transform, pr
 from agl_scverse._serialize import null_as_none, to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._validate import check_counts, check_integer_counts, check_unique_names, resolve_spots
+from agl_scverse._validate import (
+    check_counts,
+    check_integer_counts,
+    check_unique_names,
+    resolve_spots,
+    scored_spots,
+)
 from agl_scverse.model import AGLModel
 
 from ._baselines import mean_predictor, pca_ridge
@@ -32,6 +38,12 @@ from ._predict import prediction_layer
 
 __all__ = ["evaluate"]
 
+#: ``metrics["test"]["spots"]`` for each kind of default spots (:func:`~agl_scverse._validate.scored_spots`).
+_SPOTS_DESC = {
+    "held-out": "unused (held out of the fit)",
+    "validation": "val (used for early stopping: optimistic)",
+    "all": "all (no split column: unseen slide)",
+}
 #: Memory budget (bytes) of one block of genes scored at a time.
 _BLOCK_BYTES = 256 * 2**20
 
@@ -213,13 +225,11 @@ def evaluate(
     if spots is not None:
         ev = resolve_spots(adata, spots, as_mask=True)
         spots_desc = "given"
-    elif split is not None and (split == K.SPLIT_UNUSED).any():
-        ev, spots_desc = split == K.SPLIT_UNUSED, "unused (held out of the fit)"
-    elif split is not None and (split == K.SPLIT_VAL).any():
-        ev, spots_desc = split == K.SPLIT_VAL, "val (used for early stopping: optimistic)"
-        logg.warning("evaluate: no held-out ('unused') spots; scoring the validation spots, which are optimistic.")
     else:
-        ev, spots_desc = np.ones(adata.n_obs, dtype=bool), "all (no split column: unseen slide)"
+        ev, kind = scored_spots(split, adata.n_obs)
+        spots_desc = _SPOTS_DESC[kind]
+        if kind == "validation":
+            logg.warning("evaluate: no held-out ('unused') spots; scoring the validation spots, which are optimistic.")
     if ev.sum() < 2:
         raise ValueError(f"Only {int(ev.sum())} spots to evaluate; correlations need at least 2.")
 
