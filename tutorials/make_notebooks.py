@@ -198,13 +198,14 @@ agl.pl.selected_genes(adata, n_labels=5, show_history=True, figsize=(9, 3.2))"""
 agl.pl.training_history(adata, figsize=(10, 2.8))"""),
     md("""
 `spatial_prediction` draws observed (log1p counts) and predicted expression side by side on the image, through
-`squidpy.pl.spatial_scatter`; the title of each predicted panel gives the Pearson r over all spots of the slide
-(training spots included, so it is optimistic; the table above is the honest number).
+`squidpy.pl.spatial_scatter`, on one colour scale and cropped to the tissue; the title of each predicted panel
+gives the Pearson r over the held-out spots (the 25% `agl_fit` did not see, `.obs["agl_split"] == "unused"`), the
+spots the table above scores.
 """),
     code("""
 targets = adata.var_names[adata.var["agl_role"] == "target"]
 best = adata.var.loc[targets, "agl_pcc"].sort_values(ascending=False).index[:2].tolist()
-agl.pl.spatial_prediction(adata, best, figsize=(7, 6))"""),
+agl.pl.spatial_prediction(adata, best, figsize=(7.5, 7.4))"""),
     md("""
 Next: tutorial 02 runs the same steps on real HER2+ breast cancer sections with a pretrained encoder, and
 tutorial 03 adds AGL to an existing scanpy pipeline.
@@ -369,7 +370,7 @@ if HAVE_DATA:
 ## 5 · Maps on the held-out H&E
 
 Observed (log1p counts) and predicted expression of the three best-predicted targets on the held-out section;
-the title of each predicted panel gives the Pearson r over that section's spots.
+the title of each predicted panel gives the Pearson r over that section's spots, all held out of the fit.
 """),
     code("""
 if HAVE_DATA:
