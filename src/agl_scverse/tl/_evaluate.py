@@ -34,7 +34,7 @@ from agl_scverse._validate import (
 from agl_scverse.model import AGLModel
 
 from ._baselines import mean_predictor, pca_ridge
-from ._predict import prediction_layer
+from ._predict import prediction_layer, prediction_record
 
 __all__ = ["evaluate"]
 
@@ -131,6 +131,17 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
     return gene_list
 
 
+def _check_predicted(gene_list: list[str], ok: np.ndarray, keys: Keys) -> None:
+    """Raise when some genes to score have no predictions (their layer columns are zeros, not predictions)."""
+    unpredicted = [g for g, good in zip(gene_list, ok) if not good]
+    if unpredicted:
+        raise KeyError(
+            f"{len(unpredicted)} gene(s) to evaluate have no predictions in .layers[{keys.pred_layer!r}]: "
+            f"{unpredicted[:10]}. Predict them (agl_predict(adata, model, genes=[...])) or evaluate "
+            "genes='predicted'."
+        )
+
+
 def _param(uns_entry: dict, name: str, default: Any) -> Any:
     value = null_as_none(((uns_entry or {}).get("params") or {}).get(name))  # also reads 0.1 placeholders
     return default if value is None else value
@@ -207,13 +218,7 @@ def evaluate(
     transform = model.config.get("transform") if model is not None else _param(entry, "transform", "log1p")
     if keys.pred_layer in adata.layers:
         transform = observed_transform(adata.uns.get(keys.pred_uns), transform)
-        unpredicted = [g for g, ok in zip(gene_list, predicted_mask(adata, keys)[gidx]) if not ok]
-        if unpredicted:
-            raise KeyError(
-                f"{len(unpredicted)} gene(s) to evaluate have no predictions in .layers[{keys.pred_layer!r}]: "
-                f"{unpredicted[:10]}. Predict them (agl_predict(adata, model, genes=[...])) or evaluate "
-                "genes='predicted'."
-            )
+        _check_predicted(gene_list, predicted_mask(adata, keys)[gidx], keys)
     layer = model.config.get("layer") if model is not None else _param(entry, "layer", None)
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"The model was trained on counts in layer {layer!r}, which this AnnData lacks.")
@@ -259,7 +264,8 @@ def evaluate(
     if keys.pred_layer in adata.layers:
         L = adata.layers[keys.pred_layer]
     else:
-        new_layer, new_emb, _ = prediction_layer(adata, model)
+        new_layer, new_emb, pred_genes = prediction_layer(adata, model)
+        _check_predicted(gene_list, np.isin(gene_list, pred_genes), keys)
         L = new_layer
     if run_baselines:
         F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
@@ -287,8 +293,8 @@ def evaluate(
     }  # fmt: skip
     target = adata.copy() if copy else adata
     written = {
-        "var": [keys.pcc, keys.spearman, keys.mse],
-        "uns": [keys.uns] + ([K.EMBED_UNS] if new_emb else []),
+        "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
+        "uns": [keys.uns] + ([K.EMBED_UNS] if new_emb else []) + ([keys.pred_uns] if new_layer is not None else []),
         "layers": [keys.pred_layer] if new_layer is not None else [],
         "obsm": [new_emb[0]] if new_emb else [],
     }
@@ -297,8 +303,10 @@ def evaluate(
             full = np.full(target.n_vars, np.nan)
             full[gidx] = df[name].to_numpy(dtype=float)
             target.var[col] = full
-        if new_layer is not None:
+        if new_layer is not None:  # as agl_predict writes it: the layer, its mask and its record
             target.layers[keys.pred_layer] = new_layer
+            target.var[keys.predicted] = target.var_names.isin(pred_genes)
+            target.uns[keys.pred_uns] = prediction_record(model, K.SCALE_MODEL, "selected", len(pred_genes), True)
         if new_emb is not None:
             target.obsm[new_emb[0]] = new_emb[1]
             target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS) or {}), new_emb[0]: new_emb[2]}
