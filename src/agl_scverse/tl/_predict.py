@@ -444,7 +444,7 @@ def agl_predict(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     layer, new_emb, pred_genes = prediction_layer(
-        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, scale
+        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, scale=scale
     )
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
