@@ -73,3 +73,8 @@ def test_tutorial_runs(name, monkeypatch, request):
         ari = float(re.search(r"ARI\(predicted clusters, observed clusters\) = (-?[\d.]+)", "\n".join(texts)).group(1))
         assert -1.0 <= ari <= 1.0
         assert any(t.lstrip().startswith("predicted") and "observed" in t for t in texts)  # the crosstab
+        joined = "\n".join(texts)
+        assert "NaN in the layer: False" in joined
+        # squidpy's Moran's I on the predictions: an FDR for every gene, on predict_anndata's AnnData and the layer
+        assert joined.count("FDR finite for every") == 2 and "FDR finite for every gene: True" in joined
+        assert "FDR finite for every predicted gene: True" in joined

@@ -49,6 +49,8 @@ Lookahead = Literal["adam", "sgd"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
+#: Scale of the values ``agl_predict`` writes: the model's own expression scale, or scanpy's normalised one.
+PredScale = Literal["model", "log1p_cp10k"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 MODES: tuple[str, ...] = get_args(Mode)
@@ -67,6 +69,10 @@ ROLE_TARGET, ROLE_AUX, ROLE_EXCLUDED = get_args(Role)
 ROLES: tuple[str, ...] = get_args(Role)
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_UNUSED = get_args(Split)
 SPLITS: tuple[str, ...] = get_args(Split)
+PRED_SCALES: tuple[str, ...] = get_args(PredScale)
+SCALE_MODEL, SCALE_LOG1P_CP10K = get_args(PredScale)
+#: Counts per spot after the library-size normalisation of ``"log1p_cp10k"`` (scanpy's ``target_sum=1e4``).
+CP10K_TARGET_SUM = 1e4
 
 # --- defaults ---------------------------------------------------------------------------------------------
 DEFAULT_KEY = "agl"  # default key_added of every tool
@@ -93,8 +99,8 @@ class Keys:
 
     Examples
     --------
-    >>> Keys().role, Keys("agl_dkgsb").pred_layer, Keys("run1").gene_roles
-    ('agl_role', 'agl_dkgsb_pred', 'run1_gene_roles')
+    >>> Keys().role, Keys("agl_dkgsb").pred_layer, Keys("run1").gene_roles, Keys().predicted
+    ('agl_role', 'agl_dkgsb_pred', 'run1_gene_roles', 'agl_predicted')
     """
 
     def __init__(self, key_added: str = DEFAULT_KEY):
@@ -114,6 +120,9 @@ class Keys:
     prior_rank = property(lambda self: self._name("prior_rank"))  # 0 = best auxiliary, -1 otherwise
     weight = property(lambda self: self._name("weight"))  # mask weight (1 for targets)
     selected = property(lambda self: self._name("selected"))  # bool
+    # bool: the gene has predictions in pred_layer (and in any other prediction layer of the run, e.g. a spread);
+    # scanpy's mask_var / squidpy's genes= take it. Written by agl_predict / predict_anndata.
+    predicted = property(lambda self: self._name("predicted"))
     pcc = property(lambda self: self._name("pcc"))
     spearman = property(lambda self: self._name("spearman"))
     mse = property(lambda self: self._name("mse"))
@@ -122,7 +131,9 @@ class Keys:
     # .uns entries
     uns = property(lambda self: self.prefix)  # params, k, threshold, history, metrics
     gene_roles = property(lambda self: self._name("gene_roles"))  # parameters of agl.pp.gene_roles
-    # .layers
+    # .layers: spots x genes, float32, predictions where .var[predicted], 0 elsewhere (never NaN)
     pred_layer = property(lambda self: self._name("pred"))
+    # .uns entry describing the prediction layers: scale, transform, counts layer, observed (see agl_predict)
+    pred_uns = property(lambda self: self._name("pred"))
     # private .var column cross_validate uses to hand a fold's prior to agl_fit
     fold_prior = property(lambda self: self._name("fold_prior"))

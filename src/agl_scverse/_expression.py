@@ -12,7 +12,16 @@ from . import _constants as K
 from ._constants import Transform
 from ._validate import check_choice, check_counts
 
-__all__ = ["expression_transform", "take_rows", "ExpressionBatches", "ArrayExpression"]
+__all__ = [
+    "expression_transform",
+    "take_rows",
+    "ExpressionBatches",
+    "ArrayExpression",
+    "predicted_library_size",
+    "rescale_predictions",
+    "observed_transform",
+    "predicted_mask",
+]
 
 
 def expression_transform(
@@ -73,6 +82,84 @@ def expression_transform(
     if transform in ("log1p", "log1p_cpm"):
         np.log1p(out, out=out)
     return out
+
+
+def _predicted_counts(Y: np.ndarray, transform: Transform) -> np.ndarray:
+    """Predictions in the model's scale back to (non-negative) counts: ``expm1`` of a log scale."""
+    Y = np.asarray(Y, dtype=np.float32)
+    counts = np.expm1(Y) if transform in (K.TRANSFORM_LOG1P, K.TRANSFORM_LOG1P_CPM) else Y.copy()
+    return np.maximum(counts, 0.0, out=counts)
+
+
+def predicted_library_size(Y: np.ndarray, transform: Transform) -> np.ndarray:
+    """Per spot, the sum of the predicted counts of the genes in ``Y`` (model scale ``transform``), float64.
+
+    With :func:`rescale_predictions` this gives the library size of ``scale="log1p_cp10k"``: the sum over the genes
+    whose outputs were trained (the model's targets and selected auxiliaries), the only library an H&E slide has.
+
+    Examples
+    --------
+    >>> predicted_library_size(np.log1p(np.array([[1.0, 3.0], [0.0, 0.0]])), "log1p")
+    array([4., 0.])
+    """
+    return _predicted_counts(Y, transform).sum(axis=1, dtype=np.float64)
+
+
+def rescale_predictions(
+    Y: np.ndarray, transform: Transform, scale: str, library: np.ndarray | None = None
+) -> np.ndarray:
+    """Predictions in the model's scale (``transform``) to the scale asked for (``scale``), float32.
+
+    ``scale="model"`` returns ``Y``. ``scale="log1p_cp10k"`` is scanpy's ``normalize_total(target_sum=1e4)`` then
+    ``log1p``: the predicted counts of each spot divided by ``library`` (see :func:`predicted_library_size`) times
+    10,000, then ``log1p``; a spot with library 0 stays 0. A model trained with ``transform="log1p_cpm"`` already
+    predicts that scale (normalised over every measured gene), so its predictions are returned unchanged.
+
+    Examples
+    --------
+    >>> Y = np.log1p(np.array([[1.0, 3.0]], dtype=np.float32))
+    >>> np.expm1(rescale_predictions(Y, "log1p", "log1p_cp10k", np.array([4.0]))).round(1)
+    array([[2500., 7500.]], dtype=float32)
+    """
+    check_choice("scale", scale, K.PRED_SCALES)
+    if scale == K.SCALE_MODEL or transform == K.TRANSFORM_LOG1P_CPM:
+        return np.asarray(Y, dtype=np.float32)
+    if library is None:
+        raise ValueError("scale='log1p_cp10k' needs the library size of every spot (predicted_library_size).")
+    library = np.asarray(library, dtype=np.float64).ravel()
+    factor = np.divide(K.CP10K_TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)
+    out = _predicted_counts(Y, transform)
+    out *= factor[:, None].astype(np.float32)
+    return np.log1p(out, out=out)
+
+
+def observed_transform(record: dict | None, model_transform: Transform) -> Transform:
+    """The transform that puts the measured counts on the scale of a prediction layer.
+
+    ``model_transform`` is used when the record does not name one. ``record`` is the layer's ``.uns[f"{key}_pred"]`` entry (or None for a layer written before it existed): the
+    model's transform for ``scale="model"``, ``"log1p_cpm"`` (log1p CP10k of the measured counts over every gene,
+    scanpy's scale) for ``scale="log1p_cp10k"``.
+
+    Examples
+    --------
+    >>> observed_transform({"scale": "log1p_cp10k"}, "log1p"), observed_transform(None, "log1p")
+    ('log1p_cpm', 'log1p')
+    """
+    record = record or {}
+    if record.get("scale") == K.SCALE_LOG1P_CP10K:
+        return K.TRANSFORM_LOG1P_CPM
+    return record.get("transform") or model_transform
+
+
+def predicted_mask(adata: Any, keys: Any) -> np.ndarray:
+    """Which genes have predictions in ``.layers[keys.pred_layer]``: ``.var[keys.predicted]``.
+
+    A layer written before that column existed has NaN for the genes without predictions (a gene is predicted on
+    every spot or on none, so its first row tells). ``keys`` is a :class:`~agl_scverse._constants.Keys`.
+    """
+    if keys.predicted in adata.var:
+        return adata.var[keys.predicted].to_numpy(dtype=bool)
+    return np.isfinite(np.asarray(adata.layers[keys.pred_layer][:1], dtype=np.float32)).ravel()
 
 
 def take_rows(X: Any, idx: np.ndarray):

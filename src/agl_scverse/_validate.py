@@ -293,6 +293,29 @@ def check_layer(adata: AnnData, layer: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ spots
+def scored_spots(split: np.ndarray | None, n_obs: int) -> tuple[np.ndarray, str]:
+    """The default spots to score predictions on, from a split column: ``(mask, kind)``.
+
+    The one rule of :func:`~agl_scverse.tl.evaluate` and the plots: the spots held out of the fit (``"unused"``,
+    kind ``"held-out"``) when there are any, else the validation spots (``"val"``, kind ``"validation"``; used
+    for early stopping, so optimistic), else every spot (kind ``"all"``: no split column, an unseen slide).
+
+    Examples
+    --------
+    >>> scored_spots(np.array(["train", "unused", "val"]), 3)
+    (array([False,  True, False]), 'held-out')
+    >>> scored_spots(None, 2)
+    (array([ True,  True]), 'all')
+    """
+    if split is not None:
+        split = np.asarray(split).astype(str)
+        if (split == K.SPLIT_UNUSED).any():
+            return split == K.SPLIT_UNUSED, "held-out"
+        if (split == K.SPLIT_VAL).any():
+            return split == K.SPLIT_VAL, "validation"
+    return np.ones(n_obs, dtype=bool), "all"
+
+
 def resolve_spots(
     adata: AnnData, spots: Any = None, *, as_mask: bool = False, what: str = "spots", noun: str = "spots"
 ) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -59,8 +61,10 @@ def make_adata(key: str = "agl", n_slides: int = 1, seed: int = 0) -> AnnData:
     ad.var[k.prior], ad.var[k.prior_rank], ad.var[k.weight], ad.var[k.selected] = prior, rank, weight, selected
     obs_log = np.log1p(counts)
     pred = obs_log + rng.normal(0, 0.8, size=obs_log.shape)
-    pred[:, N_TGT + N_AUX :] = np.nan
+    pred[:, N_TGT + N_AUX :] = 0.0  # the layer's contract: 0 where not predicted, the mask says which genes are
     ad.layers[k.pred_layer] = pred.astype(np.float32)
+    ad.var[k.predicted] = np.arange(n_var) < N_TGT + N_AUX
+    ad.uns[k.pred_uns] = {"scale": "model", "transform": "log1p", "observed": True, "n_genes": N_TGT + N_AUX}
     pcc = np.full(n_var, np.nan)
     pcc[:N_TGT] = rng.uniform(0.1, 0.6, N_TGT)
     ad.var[k.pcc], ad.var[k.spearman], ad.var[k.mse] = pcc, pcc * 0.9, np.where(np.isnan(pcc), np.nan, 0.5)
@@ -235,13 +239,21 @@ def test_gene_performance_anndata(adata, tmp_path):
 
 
 # --- spatial_prediction -----------------------------------------------------------------------------------
+_R_TITLE = re.compile(r"r = (-?[\d.]+|nan) on (\d+) (held-out|validation|all|selected) spots")
+
+
 def _title_pcc(title: str) -> float:
-    return float(title.split("PCC = ")[1])
+    return float(_R_TITLE.search(title).group(1))
+
+
+def _title_spots(title: str) -> tuple[int, str]:
+    m = _R_TITLE.search(title)
+    return int(m.group(2)), m.group(3)
 
 
 def test_spatial_prediction_titles_match_pcc(adata, tmp_path):
     genes = ["T0", "A03"]
-    axs = agl.pl.spatial_prediction(adata, genes, show=False, save=tmp_path / "sp.png")
+    axs = agl.pl.spatial_prediction(adata, genes, shared_scale=False, show=False, save=tmp_path / "sp.png")
     assert (tmp_path / "sp.png").stat().st_size > 1000
     assert axs.shape == (2, 2)
     for row, gene in enumerate(genes):
@@ -249,16 +261,121 @@ def test_spatial_prediction_titles_match_pcc(adata, tmp_path):
         expected = np.corrcoef(np.log1p(adata.X[:, j]), adata.layers["agl_pred"][:, j])[0, 1]
         assert axs[row, 0].get_title() == f"{gene} observed"
         assert _title_pcc(axs[row, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+        assert _title_spots(axs[row, 1].get_title()) == (adata.n_obs, "all")  # no split: an unseen slide
         assert len(axs[row, 1].images) == 1  # H&E drawn
         # robust colour range: 1st-99th percentile of each panel's values
         pred = adata.layers["agl_pred"][:, j]
         assert axs[row, 1].collections[0].norm.vmax == pytest.approx(np.percentile(pred, 99), rel=1e-5)
         assert axs[row, 1].collections[0].norm.vmin == pytest.approx(np.percentile(pred, 1), rel=1e-5)
-    axs = agl.pl.spatial_prediction(adata, "T0", shared_scale=True, robust=False, show=False)
     j = adata.var_names.get_loc("T0")
     both = np.r_[np.log1p(adata.X[:, j]), adata.layers["agl_pred"][:, j]]
+    axs = agl.pl.spatial_prediction(adata, "T0", robust=False, show=False)  # shared colour scale by default
     for a in axs[0]:
         assert (a.collections[0].norm.vmin, a.collections[0].norm.vmax) == pytest.approx((both.min(), both.max()))
+    axs = agl.pl.spatial_prediction(adata, "T0", show=False)
+    lo, hi = np.percentile(both, [1, 99])
+    for a in axs[0]:
+        assert (a.collections[0].norm.vmin, a.collections[0].norm.vmax) == pytest.approx((lo, hi), rel=1e-5)
+
+
+def test_spatial_prediction_titles_give_the_held_out_r(adata):
+    split = np.array(["train"] * adata.n_obs, dtype=object)
+    held = np.random.default_rng(3).choice(adata.n_obs, 20, replace=False)
+    split[held] = "unused"
+    split[:5] = np.where(split[:5] == "unused", "unused", "val")
+    adata.obs["agl_split"] = pd.Categorical(split)
+    m = split == "unused"
+    axs = agl.pl.spatial_prediction(adata, ["T0", "T1"], show=False)
+    for row, gene in enumerate(["T0", "T1"]):
+        j = adata.var_names.get_loc(gene)
+        expected = np.corrcoef(np.log1p(adata.X[m, j]), adata.layers["agl_pred"][m, j])[0, 1]
+        everywhere = np.corrcoef(np.log1p(adata.X[:, j]), adata.layers["agl_pred"][:, j])[0, 1]
+        title = axs[row, 1].get_title()
+        assert _title_pcc(title) == pytest.approx(expected, abs=5e-4) and abs(expected - everywhere) > 1e-3
+        assert _title_spots(title) == (int(m.sum()), "held-out")
+        # every spot is still drawn
+        assert len(axs[row, 1].collections[0].get_paths()) == adata.n_obs
+    given = np.zeros(adata.n_obs, dtype=bool)
+    given[:30] = True
+    title = agl.pl.spatial_prediction(adata, "T0", spots=given, show=False)[0, 1].get_title()
+    j = adata.var_names.get_loc("T0")
+    expected = np.corrcoef(np.log1p(adata.X[given, j]), adata.layers["agl_pred"][given, j])[0, 1]
+    assert _title_pcc(title) == pytest.approx(expected, abs=5e-4) and _title_spots(title) == (30, "selected")
+    adata.obs["agl_split"] = pd.Categorical(np.where(split == "unused", "train", split))  # no held-out spots
+    title = agl.pl.spatial_prediction(adata, "T0", show=False)[0, 1].get_title()
+    assert _title_spots(title) == (int((split == "val").sum()), "validation")
+
+
+def test_spatial_prediction_without_the_fit_record(adata, tmp_path):
+    """A slide predicted with a loaded model has the layer, its mask and record, but no .uns["agl"]."""
+    del adata.uns["agl"]
+    fig = agl.pl.spatial_prediction(adata, "T2", show=False, return_fig=True)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    title = [a.get_title() for a in fig.axes if "predicted" in a.get_title()][0]
+    j = adata.var_names.get_loc("T2")
+    expected = np.corrcoef(np.log1p(adata.X[:, j]), adata.layers["agl_pred"][:, j])[0, 1]
+    assert _title_pcc(title) == pytest.approx(expected, abs=5e-4)
+    del adata.uns["agl_pred"]  # a layer written before the record existed: defaults (counts in .X, log1p)
+    axs = agl.pl.spatial_prediction(adata, "T2", show=False)
+    assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+
+
+def test_spatial_prediction_of_predictions_only(adata):
+    """The AnnData of predict_anndata: .X is the predictions, so only the predicted panel is drawn."""
+    k = Keys()
+    pred = adata[:, adata.var[k.predicted].to_numpy()].copy()
+    pred.X = pred.layers[k.pred_layer].copy()
+    pred.uns = {"spatial": adata.uns["spatial"], k.pred_uns: {**adata.uns[k.pred_uns], "observed": False}}
+    axs = agl.pl.spatial_prediction(pred, ["T0", "A01"], show=False)
+    assert axs.shape == (2, 1)
+    assert [a.get_title() for a in axs[:, 0]] == ["T0 predicted", "A01 predicted"]
+    fig, given = plt.subplots(2, 1)
+    out = agl.pl.spatial_prediction(pred, ["T0", "A01"], ax=given, show=False)
+    assert list(out.ravel()) == list(given) and all(a.has_data() for a in given)
+    with pytest.raises(ValueError, match="2 Axes"):
+        agl.pl.spatial_prediction(pred, ["T0", "A01"], ax=plt.subplots(1, 3)[1], show=False)
+    # forced observed panels on a slide with measured counts
+    assert agl.pl.spatial_prediction(adata, "T0", observed=False, show=False).shape == (1, 1)
+
+
+def test_spatial_prediction_crops_to_the_tissue(adata):
+    """The synthetic image is 300 full-res px wide (60 px at 0.2); the spots cover 20..230 px."""
+    xy = adata.obsm["spatial"] * 0.2
+    margin = 10.0 * 0.2  # one spot diameter
+    for a in agl.pl.spatial_prediction(adata, "T0", show=False)[0]:
+        assert a.get_xlim() == pytest.approx((xy[:, 0].min() - margin, xy[:, 0].max() + margin))
+        assert a.get_ylim() == pytest.approx((xy[:, 1].max() + margin, xy[:, 1].min() - margin))
+    a = agl.pl.spatial_prediction(adata, "T0", crop=False, show=False)[0, 0]
+    assert a.get_xlim()[1] - a.get_xlim()[0] > xy[:, 0].max() - xy[:, 0].min() + 2 * margin + 1
+
+
+def test_spatial_prediction_of_a_loaded_model_h5ad(tmp_path):
+    """End to end: fit, save, load, predict an H&E-only slide and a measured one, write, read back, plot."""
+    import anndata as ad
+    import torch
+    from builders import FAST, small_slide
+
+    torch.set_num_threads(1)
+    train = small_slide()
+    agl.tl.agl_fit(train, method="pgl", embedding_key="X_emb", n_targets=4, min_cells=1, **FAST).save(tmp_path / "m")
+    model = agl.model.AGLModel.load(tmp_path / "m")
+    measured = small_slide(seed=1)
+    measured.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 40.0}}}  # no image: img=False
+    he = measured[:, []].copy()
+    agl.tl.predict_anndata(he, model).write_h5ad(tmp_path / "he.h5ad")
+    agl.tl.agl_predict(measured, model)
+    measured.write_h5ad(tmp_path / "measured.h5ad")
+    gene = model.targets[0]
+    he_back = ad.read_h5ad(tmp_path / "he.h5ad")
+    assert "agl" not in he_back.uns
+    axs = agl.pl.spatial_prediction(he_back, gene, img=False, show=False)
+    assert axs.shape == (1, 1) and axs[0, 0].has_data()
+    back = ad.read_h5ad(tmp_path / "measured.h5ad")
+    assert "agl" not in back.uns
+    axs = agl.pl.spatial_prediction(back, gene, img=False, show=False)
+    j = back.var_names.get_loc(gene)
+    expected = np.corrcoef(np.log1p(back.X[:, [j]].toarray().ravel()), back.layers["agl_pred"][:, j])[0, 1]
+    assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
 
 
 def test_spatial_prediction_several_slides(tmp_path):
@@ -284,12 +401,21 @@ def test_spatial_prediction_several_slides(tmp_path):
 def test_spatial_prediction_uses_the_run_transform_and_layer(adata):
     adata.layers["counts"] = adata.X.copy()
     adata.X = adata.X * 0  # the run trained on the layer: observed values must come from it
-    adata.uns["agl"]["params"].update(layer="counts", transform="log1p_cpm")
-    axs = agl.pl.spatial_prediction(adata, "T3", show=False)
+    adata.uns["agl_pred"].update(layer="counts", transform="log1p_cpm")  # as agl_predict records them
     j = adata.var_names.get_loc("T3")
     counts = adata.layers["counts"]
     cpm = np.log1p(counts[:, j] / counts.sum(axis=1) * 1e4)
     expected = np.corrcoef(cpm, adata.layers["agl_pred"][:, j])[0, 1]
+    axs = agl.pl.spatial_prediction(adata, "T3", show=False)
+    assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+    # a layer in scanpy's scale is compared with the log1p CP10k of the counts
+    adata.uns["agl_pred"].update(transform="log1p", scale="log1p_cp10k")
+    axs = agl.pl.spatial_prediction(adata, "T3", show=False)
+    assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
+    # without the layer's record (written before it existed), the fit's parameters say the same
+    del adata.uns["agl_pred"]
+    adata.uns["agl"]["params"].update(layer="counts", transform="log1p_cpm")
+    axs = agl.pl.spatial_prediction(adata, "T3", show=False)
     assert _title_pcc(axs[0, 1].get_title()) == pytest.approx(expected, abs=5e-4)
     del adata.layers["counts"]
     with pytest.raises(KeyError, match="counts"):
@@ -298,7 +424,7 @@ def test_spatial_prediction_uses_the_run_transform_and_layer(adata):
 
 def test_spatial_prediction_errors(adata):
     with pytest.raises(ValueError, match="no predictions"):
-        agl.pl.spatial_prediction(adata, ["X0"], show=False)  # excluded gene: NaN predictions
+        agl.pl.spatial_prediction(adata, ["X0"], show=False)  # excluded gene: not in .var["agl_predicted"]
     with pytest.raises(KeyError, match="not in adata.var_names"):
         agl.pl.spatial_prediction(adata, ["nope"], show=False)
     del adata.layers["agl_pred"]

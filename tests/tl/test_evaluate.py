@@ -19,6 +19,9 @@ def test_evaluate_held_out_spots_with_baselines(tmp_path):
     agl.tl.evaluate(adata, model)  # predicts first (no layer yet)
     assert "agl_pred" in adata.layers
     tg = adata.var_names.isin(model.targets)
+    # the layer comes with its mask and record, as agl_predict writes them
+    np.testing.assert_array_equal(adata.var["agl_predicted"], adata.var_names.isin(model.predicted_genes))
+    assert adata.uns["agl_pred"]["scale"] == "model"
     assert np.isfinite(adata.var.loc[tg, "agl_pcc"]).all() and adata.var.loc[~tg, "agl_pcc"].isna().all()
     test = adata.uns["agl"]["metrics"]["test"]
     assert test["n_spots"] == 40 and test["spots"].startswith("unused")

@@ -18,7 +18,7 @@ def fitted():
     return adata, model
 
 
-def test_predict_writes_layer_with_nan_for_other_genes(fitted):
+def test_predict_writes_layer_with_zeros_and_a_var_mask(fitted):
     train, model = fitted
     new = small_slide(seed=1)
     assert agl.tl.agl_predict(new, model) is None
@@ -26,12 +26,95 @@ def test_predict_writes_layer_with_nan_for_other_genes(fitted):
     assert P.shape == new.shape and P.dtype == np.float32
     pred_cols = new.var_names.isin(model.predicted_genes)
     assert pred_cols.sum() == 9
-    assert np.isfinite(P[:, pred_cols]).all() and np.isnan(P[:, ~pred_cols]).all()
+    assert np.isfinite(P).all() and (P[:, ~pred_cols] == 0).all()  # no NaN anywhere: scanpy/squidpy accept it
+    np.testing.assert_array_equal(new.var["agl_predicted"].to_numpy(), pred_cols)
+    rec = new.uns["agl_pred"]
+    assert (rec["scale"], rec["transform"], rec["observed"], rec["n_genes"]) == ("model", "log1p", True, 9)
     direct = model.predict(new.obsm["X_emb"])
     idx = [model.genes.index(g) for g in new.var_names[pred_cols]]
     np.testing.assert_array_equal(P[:, pred_cols], direct[:, idx])
     out = agl.tl.agl_predict(new, model, key_added="run2", copy=True)
     assert "run2_pred" in out.layers and "run2_pred" not in new.layers
+    assert "run2_predicted" in out.var and "run2_pred" in out.uns and "run2_predicted" not in new.var
+
+
+def test_scanpy_and_squidpy_run_on_the_layer_with_the_mask(fitted):
+    import scanpy as sc
+    import squidpy as sq
+
+    _, model = fitted
+    new = small_slide(seed=1)
+    agl.tl.agl_predict(new, model)
+    mask = new.var["agl_predicted"].to_numpy()
+    sc.pp.pca(new, n_comps=5, layer="agl_pred", mask_var="agl_predicted", svd_solver="full")
+    alone = sc.AnnData(new.layers["agl_pred"][:, mask])
+    sc.pp.pca(alone, n_comps=5, svd_solver="full")  # the masked PCA is the PCA of the predicted genes alone
+    np.testing.assert_allclose(np.abs(new.obsm["X_pca"]), np.abs(alone.obsm["X_pca"]), rtol=1e-4, atol=1e-4)
+    sq.gr.spatial_neighbors(new, coord_type="generic", n_neighs=6)
+    sq.gr.spatial_autocorr(new, mode="moran", layer="agl_pred", genes=new.var_names[mask], n_perms=None)
+    moran = new.uns["moranI"]
+    assert len(moran) == mask.sum() and np.isfinite(moran["pval_norm_fdr_bh"]).all()
+
+
+def test_scale_log1p_cp10k_is_scanpys_normalised_scale(fitted):
+    import dask.array as da
+
+    _, model = fitted
+    raw, norm, lazy = (small_slide(seed=1) for _ in range(3))
+    agl.tl.agl_predict(raw, model)
+    agl.tl.agl_predict(norm, model, scale="log1p_cp10k")
+    agl.tl.agl_predict(lazy, model, scale="log1p_cp10k", max_dense_bytes=0)
+    assert norm.uns["agl_pred"]["scale"] == "log1p_cp10k" and isinstance(lazy.layers["agl_pred"], da.Array)
+    m = raw.var["agl_predicted"].to_numpy()
+    counts = np.expm1(raw.layers["agl_pred"][:, m].astype(np.float64))  # genes="selected": the trained genes
+    expected = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(norm.layers["agl_pred"][:, m], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.expm1(norm.layers["agl_pred"][:, m]).sum(1), 1e4, rtol=1e-4)
+    assert (norm.layers["agl_pred"][:, ~m] == 0).all()
+    np.testing.assert_allclose(np.asarray(lazy.layers["agl_pred"]), norm.layers["agl_pred"], rtol=1e-6)
+    # targets only: the library is still every trained gene, so a target keeps its value
+    tgt = small_slide(seed=1)
+    agl.tl.agl_predict(tgt, model, genes="targets", scale="log1p_cp10k")
+    t = tgt.var["agl_predicted"].to_numpy()
+    np.testing.assert_allclose(tgt.layers["agl_pred"][:, t], norm.layers["agl_pred"][:, t], rtol=1e-6)
+    he = small_slide(seed=1)[:, []].copy()
+    out = agl.tl.predict_anndata(he, model, scale="log1p_cp10k")
+    np.testing.assert_allclose(out.X, norm[:, out.var_names].layers["agl_pred"], rtol=1e-6)
+    assert not out.uns["agl_pred"]["observed"]
+    assert out.var["agl_predicted"].all()
+    with pytest.raises(ValueError, match="scale"):
+        agl.tl.agl_predict(small_slide(seed=1), model, scale="cp10k")
+
+
+def test_scale_log1p_cp10k_leaves_a_cpm_model_unchanged():
+    a = small_slide()
+    model = agl.tl.agl_fit(
+        a, method="pgl", embedding_key="X_emb", n_targets=5, min_cells=1, transform="log1p_cpm", **FAST
+    )
+    one, two = small_slide(seed=1), small_slide(seed=1)
+    agl.tl.agl_predict(one, model)
+    agl.tl.agl_predict(two, model, scale="log1p_cp10k")
+    np.testing.assert_array_equal(one.layers["agl_pred"], two.layers["agl_pred"])
+
+
+def test_evaluate_scores_the_layer_in_its_own_scale(fitted):
+    from agl_scverse._expression import expression_transform
+    from agl_scverse._stats import pearson_per_gene
+
+    _, model = fitted
+    new = small_slide(seed=1)
+    agl.tl.agl_predict(new, model, scale="log1p_cp10k")
+    agl.tl.evaluate(new, model, baselines=False)
+    test = new.uns["agl"]["metrics"]["test"]
+    assert test["transform"] == "log1p_cpm"  # the observed counts go to scanpy's scale as well
+    j = new.var_names.get_indexer(model.targets)
+    obs = expression_transform(new.X, "log1p_cpm", columns=j)
+    r = pearson_per_gene(obs, new.layers["agl_pred"][:, j])
+    np.testing.assert_allclose(new.var.loc[model.targets, "agl_pcc"], r, rtol=1e-5)
+    few = small_slide(seed=1)
+    agl.tl.agl_predict(few, model, genes=model.targets[:2])
+    with pytest.raises(KeyError, match="no predictions"):
+        agl.tl.evaluate(few, model, baselines=False)  # 3 targets have zeros, not predictions: not scored
 
 
 def test_predict_from_saved_directory_is_identical(fitted, tmp_path):

@@ -15,12 +15,14 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse import _spatial
+from agl_scverse._constants import Keys
 from agl_scverse._docs import d
-from agl_scverse._expression import expression_transform
+from agl_scverse._expression import expression_transform, observed_transform, predicted_mask
 from agl_scverse._serialize import null_as_none
 from agl_scverse._stats import pearson_per_gene
+from agl_scverse._validate import resolve_spots, scored_spots
 
-from ._common import EXPRESSION_CMAP, axes_array, finish, get_run, new_axes
+from ._common import EXPRESSION_CMAP, axes_array, finish, new_axes
 
 __all__ = ["spatial_prediction"]
 
@@ -32,9 +34,11 @@ class _Panel:
     gene: str
     library: str
     mask: np.ndarray  # spots of this library
-    observed: np.ndarray  # values on those spots
+    observed: np.ndarray | None  # values on those spots (None: no measured expression drawn)
     predicted: np.ndarray
-    pcc: float
+    pcc: float  # over the scored spots of this library
+    n_scored: int
+    scored: str  # which spots: "held-out", "validation", "all", "selected"
 
 
 @d.dedent
@@ -46,10 +50,13 @@ def spatial_prediction(
     library_id: str | Sequence[str] | None = None,
     *,
     table_key: str | None = None,
+    observed: bool | None = None,
+    spots: Any = None,
     img: bool = True,
     img_res_key: str = K.HIRES,
+    crop: bool = True,
     cmap: str = EXPRESSION_CMAP,
-    shared_scale: bool = False,
+    shared_scale: bool = True,
     robust: bool = True,
     size: float | None = None,
     ax: Sequence[Axes] | np.ndarray | None = None,
@@ -61,23 +68,28 @@ def spatial_prediction(
 ) -> np.ndarray | Figure | None:
     """Plot observed and predicted expression side by side on the H&E image, one row per gene and slide.
 
-    The observed values are the counts in the run's expression scale (``params["transform"]`` of the run,
-    ``log1p`` by default, through :func:`agl_scverse.pp.expression_transform`); the predicted values are
-    ``.layers["<key>_pred"]``. The title of each predicted panel gives the Pearson correlation of observed and
-    predicted values over the spots of that slide. AnnData input is drawn with :func:`squidpy.pl.spatial_scatter`,
-    SpatialData input with spatialdata-plot.
+    Everything is read from the prediction layer ``.layers["<key>_pred"]``, its gene mask
+    ``.var["<key>_predicted"]`` and its record ``.uns["<key>_pred"]`` (scale, counts layer, whether the counts are
+    measured), all written by :func:`agl_scverse.tl.agl_predict` / :func:`~agl_scverse.tl.predict_anndata`, so a
+    slide predicted with a loaded model (e.g. the CLI's output) plots without the fit's ``.uns["<key>"]``. The
+    observed values are the measured counts in the layer's scale (the model's transform, ``log1p`` by default, or
+    log1p CP10k for ``scale="log1p_cp10k"``). The title of each predicted panel gives the Pearson r of observed and
+    predicted values over the **held-out spots** of that slide (``.obs["<key>_split"] == "unused"``; else the
+    validation spots, else every spot: an unseen slide) and says which. AnnData input is drawn with
+    :func:`squidpy.pl.spatial_scatter`, SpatialData input with spatialdata-plot.
 
-    There are ``n_rows = n_genes * n_slides`` rows (gene-major) of two panels. ``ax``, when given, holds
-    ``2 * n_rows`` Axes, the observed and the predicted panel of each row in turn: a sequence, or an array of
-    shape ``(n_rows, 2)``. A new figure is 4.2 x 3.8 inches per panel unless ``figsize`` is given.
+    There are ``n_rows = n_genes * n_slides`` rows (gene-major) of two panels (one, the prediction, when there is
+    no measured expression: ``observed=False``). ``ax``, when given, holds ``2 * n_rows`` Axes (``n_rows`` without
+    observed panels), the observed and the predicted panel of each row in turn: a sequence, or an array of shape
+    ``(n_rows, 2)``. A new figure is 4.2 x 3.8 inches per panel unless ``figsize`` is given.
 
     Parameters
     ----------
     data
-        AnnData after :func:`agl_scverse.tl.agl_predict`, or a SpatialData whose table holds the run
-        (``table.uns[key]`` and ``table.layers["<key>_pred"]``).
+        AnnData after :func:`agl_scverse.tl.agl_predict` or :func:`~agl_scverse.tl.predict_anndata` (or read from
+        their ``.h5ad``), or a SpatialData whose table holds the predictions.
     genes
-        One gene or several; each must have predictions (the model's target and auxiliary genes).
+        One gene or several; each must have predictions (``.var["<key>_predicted"]``).
     key
         ``key_added`` of the run.
     %(library_key)s
@@ -85,20 +97,28 @@ def spatial_prediction(
         Slide(s) to draw (default: all). Without ``library_key``, the ``uns['spatial']`` entry to use.
     table_key
         SpatialData table holding the run (default: the only table).
+    observed
+        Draw the measured expression beside the prediction. ``None`` (default): when the AnnData holds measured
+        counts (``.uns["<key>_pred"]["observed"]``, False for the AnnData of ``predict_anndata``, whose ``.X`` is
+        the predictions). Without observed panels the titles carry no r.
+    spots
+        Spots the r in the titles is computed on (as ``spots`` of :func:`~agl_scverse.tl.evaluate`: a boolean
+        mask, names or positions); default the held-out spots as described above. Every spot is drawn.
     img
         Draw the H&E image under the spots.
     img_res_key
         Which image of ``uns['spatial'][library]['images']`` to draw (``"hires"``, ``"lowres"``, ``"fullres"``);
         the next best one is used when it is absent.
+    crop
+        Limit each map to the spots (the tissue) with a margin of one spot, rather than the whole image.
     cmap
         Colour map of both panels.
     shared_scale
-        Use one colour range for the observed and predicted panel of a row (default: each its own range,
-        since predictions are usually smoother than observations).
+        One colour range for the observed and the predicted panel of a row (default), so equal colours are equal
+        values; ``False``: each panel its own range (predictions are usually smoother than observations).
     robust
-        Colour range from the 1st to the 99th percentile of the values (of each panel, or of both panels with
-        ``shared_scale``), so a few extreme spots do not wash out the map; ``False``: minimum to maximum. The PCC
-        in the title always uses every spot.
+        Colour range from the 1st to the 99th percentile of the values (of both panels with ``shared_scale``, else
+        of each panel), so a few extreme spots do not wash out the map; ``False``: minimum to maximum.
     size
         Spot size passed to squidpy (scale of ``spot_diameter_fullres``).
     %(plot_params)s
@@ -110,7 +130,8 @@ def spatial_prediction(
     numpy.ndarray or matplotlib.figure.Figure or None
         The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
         else a NumPy array of :class:`~matplotlib.axes.Axes` of shape ``(n_rows, 2)``, one row per gene and slide:
-        column 0 observed, column 1 predicted (colour bars are extra axes of the figure).
+        column 0 observed, column 1 predicted (``(n_rows, 1)`` without observed panels; colour bars are extra axes
+        of the figure).
 
     Examples
     --------
@@ -119,11 +140,14 @@ def spatial_prediction(
     >>> model = agl.tl.agl_fit(adata)  # doctest: +SKIP
     >>> agl.tl.agl_predict(adata, model)  # doctest: +SKIP
     >>> agl.pl.spatial_prediction(adata, ["GENE_0", "GENE_1"])  # doctest: +SKIP
+    >>> pred = agl.tl.predict_anndata(he_only, "my_model")  # doctest: +SKIP
+    >>> agl.pl.spatial_prediction(pred, "GENE_0")  # predictions only  # doctest: +SKIP
     """
+    what = (observed, spots, crop)
     if isinstance(data, AnnData):
         fig, axs = _plot_anndata(
             data, genes, key, library_key, library_id, img, img_res_key, cmap, (shared_scale, robust), size, ax, figsize,
-            kwargs,
+            kwargs, what,
         )  # fmt: skip
         return finish(fig, axs, show=show, save=save, return_fig=return_fig)
     try:
@@ -132,7 +156,7 @@ def spatial_prediction(
         SpatialData = None  # type: ignore[assignment]
     if SpatialData is not None and isinstance(data, SpatialData):
         fig, axs = _plot_spatialdata(
-            data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), ax, figsize, kwargs
+            data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), ax, figsize, kwargs, what
         )
         return finish(fig, axs, show=show, save=save, return_fig=return_fig)
     raise TypeError(f"data must be an AnnData or a SpatialData, got {type(data).__name__}.")
@@ -141,8 +165,8 @@ def spatial_prediction(
 # --------------------------------------------------------------------------------------------------------------
 # shared: values and PCC per gene and slide
 # --------------------------------------------------------------------------------------------------------------
-def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray]) -> list[_Panel]:
-    keys, run = get_run(adata, key)
+def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray], observed, spots) -> list[_Panel]:
+    keys = Keys(key)
     genes = [genes] if isinstance(genes, str) else list(genes)
     if not genes:
         raise ValueError("genes is empty; pass at least one gene name.")
@@ -155,30 +179,45 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray]) -> li
             f"Run agl.tl.agl_predict(adata, model, key_added={key!r}) first."
         )
     idx = adata.var_names.get_indexer(genes)
-    pred = _dense(adata.layers[keys.pred_layer][:, idx]).astype(float)
-    no_pred = [g for g, col in zip(genes, pred.T) if not np.isfinite(col).any()]
+    has = predicted_mask(adata, keys)
+    no_pred = [g for g, j in zip(genes, idx) if not has[j]]
     if no_pred:
-        has = np.isfinite(_dense(adata.layers[keys.pred_layer][: min(adata.n_obs, 1)])).ravel()
-        example = list(adata.var_names[has][:5])
         raise ValueError(
-            f"Genes {no_pred} have no predictions in layers[{keys.pred_layer!r}] (the model does not output them). "
-            f"Pick genes the model predicts, e.g. {example}."
+            f"Genes {no_pred} have no predictions in layers[{keys.pred_layer!r}] (the model does not output them, "
+            f"or they were not asked for). Pick genes the model predicts, e.g. {list(adata.var_names[has][:5])}."
         )
-    observed = _observed(adata, idx, run.get("params", {}) or {})
+    pred = _dense(adata.layers[keys.pred_layer][:, idx]).astype(float)
+    record = null_as_none(adata.uns.get(keys.pred_uns)) or {}
+    if observed is None:
+        observed = bool(record.get("observed", True))
+    obs_values = _observed(adata, idx, keys, record) if observed else None
+    if spots is not None:
+        scored, kind = resolve_spots(adata, spots, as_mask=True), "selected"
+    else:
+        split = adata.obs[keys.split].to_numpy() if keys.split in adata.obs else None
+        scored, kind = scored_spots(split, adata.n_obs)
     out = []
     for g, gene in enumerate(genes):
         for lib, mask in masks.items():
-            o, p = observed[mask, g], pred[mask, g]
-            out.append(_Panel(gene, lib, mask, o, p, _pcc(o, p)))
+            p = pred[mask, g]
+            o = obs_values[mask, g] if obs_values is not None else None
+            sc = scored[mask]
+            r = _pcc(o[sc], p[sc]) if o is not None else float("nan")
+            out.append(_Panel(gene, lib, mask, o, p, r, int(sc.sum()), kind))
     return out
 
 
-def _observed(adata: AnnData, idx: np.ndarray, params: dict) -> np.ndarray:
-    layer = null_as_none(params.get("layer"))  # absent (or a 0.1 placeholder): the counts are in .X
+def _observed(adata: AnnData, idx: np.ndarray, keys: Keys, record: dict) -> np.ndarray:
+    """Measured counts of genes ``idx`` in the scale of the prediction layer."""
+    params = (null_as_none(adata.uns.get(keys.uns)) or {}).get("params", {}) or {}
+    source = record if record else params  # the layer's record; a layer written before it: the fit's parameters
+    layer = null_as_none(source.get("layer"))  # absent (or a 0.1 placeholder): the counts are in .X
     if layer is not None and str(layer) not in adata.layers:
-        raise KeyError(f"The run was trained on counts in adata.layers[{layer!r}], which this AnnData lacks.")
+        raise KeyError(f"The model was trained on counts in adata.layers[{layer!r}], which this AnnData lacks.")
+    if adata.n_vars == 0:
+        raise ValueError("The AnnData holds no measured expression; pass observed=False.")
     X = adata.X if layer is None else adata.layers[str(layer)]
-    transform = null_as_none(params.get("transform")) or "log1p"
+    transform = observed_transform(record, null_as_none(params.get("transform")) or K.TRANSFORM_LOG1P)
     return expression_transform(X, transform=transform, columns=idx).astype(float)
 
 
@@ -192,9 +231,13 @@ def _pcc(observed: np.ndarray, predicted: np.ndarray) -> float:
     return float(pearson_per_gene(observed[ok, None], predicted[ok, None], constant_pred=np.nan)[0])
 
 
-def _titles(p: _Panel, several: bool) -> tuple[str, str]:
+def _titles(p: _Panel, several: bool) -> list[str]:
+    """Titles of a row: the observed panel (when drawn), then the predicted one with r and the spots it is over."""
     where = f" ({p.library})" if several else ""
-    return f"{p.gene} observed{where}", f"{p.gene} predicted{where}\nPCC = {p.pcc:.3f}"
+    if p.observed is None:
+        return [f"{p.gene} predicted{where}"]
+    spots = f"{p.scored} spots" if p.scored != "all" else "all spots"
+    return [f"{p.gene} observed{where}", f"{p.gene} predicted{where}\nr = {p.pcc:.3f} on {p.n_scored} {spots}"]
 
 
 def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:
@@ -210,17 +253,33 @@ def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:
         lo, hi = (float(x) for x in np.percentile(v, q))
         return Normalize(lo, hi if hi > lo else lo + 1e-9, clip=False)
 
+    if p.observed is None:
+        return [norm(p.predicted)]
     if shared_scale:
         both = norm(np.concatenate([p.observed, p.predicted]))
         return [both, both]
     return [norm(p.observed), norm(p.predicted)]
 
 
-def _grid(n_rows: int, ax, figsize) -> tuple[Figure, np.ndarray]:
-    """The figure and the ``(n_rows, 2)`` array of Axes to draw in: the given ``ax`` (checked) or a new grid."""
-    what = f"observed and predicted for each of {n_rows} row{'s' if n_rows != 1 else ''}: genes x slides"
-    fig, axs = new_axes(ax, 2 * n_rows, figsize or (8.4, 3.8 * n_rows), ncols=2, what=what)
-    return fig, axes_array(axs, (n_rows, 2))
+def _grid(n_rows: int, n_cols: int, ax, figsize) -> tuple[Figure, np.ndarray]:
+    """The figure and the ``(n_rows, n_cols)`` array of Axes to draw in: the given ``ax`` (checked) or a new grid."""
+    panels = "observed and predicted" if n_cols == 2 else "predicted"
+    what = f"{panels} for each of {n_rows} row{'s' if n_rows != 1 else ''}: genes x slides"
+    fig, axs = new_axes(ax, n_cols * n_rows, figsize or (4.2 * n_cols, 3.8 * n_rows), ncols=n_cols, what=what)
+    return fig, axes_array(axs, (n_rows, n_cols))
+
+
+def _crop(a: Axes, xy: np.ndarray, margin: float) -> None:
+    """Limit an image-oriented map (y down) to the points ``xy`` plus ``margin`` on every side."""
+    if len(xy) == 0:
+        return
+    (x0, y0), (x1, y1) = xy.min(axis=0) - margin, xy.max(axis=0) + margin
+    a.set_xlim(x0, x1)
+    a.set_ylim(y1, y0)
+
+
+def _values(p: _Panel) -> list[np.ndarray]:
+    return [p.predicted] if p.observed is None else [p.observed, p.predicted]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,27 +329,30 @@ def _spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing
 
 
-def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs):  # fmt: skip
+def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs, what):  # fmt: skip
     import squidpy as sq
 
     if K.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] is missing: spot coordinates (full-resolution pixels) are needed.")
+    observed, spots, crop = what
     masks = _library_masks(adata, library_key, library_id)
-    panels = _panels(adata, genes, key, masks)
+    panels = _panels(adata, genes, key, masks, observed, spots)
     several = len(masks) > 1
-    fig, axs = _grid(len(panels), ax, figsize)
+    fig, axs = _grid(len(panels), len(_values(panels[0])), ax, figsize)
     xy_all = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
     images = {lib: (_library_image(adata, lib, img_res_key) if img else (None, 1.0)) for lib in masks}
     for row, p in enumerate(panels):
         image, scale = images[p.library]
         xy = xy_all[p.mask]
-        entry = {K.SCALEFACTORS: {K.HIRES_SCALEF: scale, K.SPOT_DIAMETER: _spot_diameter(adata, p.library, xy)}}
+        diameter = _spot_diameter(adata, p.library, xy)
+        entry = {K.SCALEFACTORS: {K.HIRES_SCALEF: scale, K.SPOT_DIAMETER: diameter}}
         if image is not None:
             entry[K.IMAGES] = {K.HIRES: image}
-        cols = _COLS
+        values = _values(p)
+        cols = _COLS[-len(values) :]
         tmp = AnnData(
             np.zeros((len(xy), 0), dtype=np.float32),
-            obs={cols[0]: p.observed, cols[1]: p.predicted},
+            obs=dict(zip(cols, values)),
             obsm={K.SPATIAL_KEY: xy},
             uns={K.SPATIAL_KEY: {p.library: entry}},
         )
@@ -312,13 +374,15 @@ def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, 
         for a in axs[row]:
             a.set_xlabel("")
             a.set_ylabel("")
+            if crop:  # squidpy draws in the image's pixels: full-resolution pixels times its scale factor
+                _crop(a, xy * scale, diameter * scale)
     return fig, axs
 
 
 # --------------------------------------------------------------------------------------------------------------
 # SpatialData through spatialdata-plot
 # --------------------------------------------------------------------------------------------------------------
-def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs):  # fmt: skip
+def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs, what):  # fmt: skip
     try:
         import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
     except ImportError as err:
@@ -353,13 +417,16 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
         raise ValueError(f"Regions {missing} are not shapes elements; spatial_prediction draws spots (shapes).")
     col = table.obs[region_key].astype(str).to_numpy()
     masks = {r: col == r for r in regions}
-    panels = _panels(table, genes, key, masks)
+    observed, spots, crop = what
+    panels = _panels(table, genes, key, masks, observed, spots)
     several = len(masks) > 1
-    fig, axs = _grid(len(panels), ax, figsize)
+    fig, axs = _grid(len(panels), len(_values(panels[0])), ax, figsize)
     for row, p in enumerate(panels):
         obs = table.obs.loc[p.mask, [region_key, instance_key]].copy()
-        cols = _COLS
-        obs[cols[0]], obs[cols[1]] = p.observed, p.predicted
+        values = _values(p)
+        cols = _COLS[-len(values) :]
+        for c, v in zip(cols, values):
+            obs[c] = v
         obs[region_key] = obs[region_key].astype(str).astype("category")
         tmp = TableModel.parse(
             AnnData(np.zeros((len(obs), 0), dtype=np.float32), obs=obs),
@@ -378,7 +445,25 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
             pl.render_shapes(p.library, color=c, table_name="agl_plot", cmap=cmap, norm=norm, **kwargs).pl.show(
                 coordinate_systems=cs, ax=a, title=title
             )
+            if crop:
+                _crop_to_shapes(a, sdata.shapes[p.library], cs)
     return fig, axs
+
+
+def _crop_to_shapes(a: Axes, shapes, cs: str) -> None:
+    """Limit a spatialdata-plot map to the shapes (in coordinate system ``cs``) plus a margin of one spot."""
+    from spatialdata import get_extent
+
+    ext = get_extent(shapes, coordinate_system=cs)
+    lo = np.array([ext["x"][0], ext["y"][0]], dtype=float)
+    hi = np.array([ext["x"][1], ext["y"][1]], dtype=float)
+    margin = 0.05 * float(max(hi - lo))
+    y0, y1 = a.get_ylim()
+    a.set_xlim(lo[0] - margin, hi[0] + margin)
+    if y0 > y1:  # y pointing down, as spatialdata-plot draws images
+        a.set_ylim(hi[1] + margin, lo[1] - margin)
+    else:
+        a.set_ylim(lo[1] - margin, hi[1] + margin)
 
 
 def _coordinate_systems(element) -> list[str]:

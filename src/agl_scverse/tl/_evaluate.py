@@ -20,18 +20,30 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
-from agl_scverse._expression import expression_transform, take_rows
+from agl_scverse._expression import expression_transform, observed_transform, predicted_mask, take_rows
 from agl_scverse._serialize import null_as_none, to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._validate import check_counts, check_integer_counts, check_unique_names, resolve_spots
+from agl_scverse._validate import (
+    check_counts,
+    check_integer_counts,
+    check_unique_names,
+    resolve_spots,
+    scored_spots,
+)
 from agl_scverse.model import AGLModel
 
 from ._baselines import mean_predictor, pca_ridge
-from ._predict import prediction_layer
+from ._predict import prediction_layer, prediction_record
 
 __all__ = ["evaluate"]
 
+#: ``metrics["test"]["spots"]`` for each kind of default spots (:func:`~agl_scverse._validate.scored_spots`).
+_SPOTS_DESC = {
+    "held-out": "unused (held out of the fit)",
+    "validation": "val (used for early stopping: optimistic)",
+    "all": "all (no split column: unseen slide)",
+}
 #: Memory budget (bytes) of one block of genes scored at a time.
 _BLOCK_BYTES = 256 * 2**20
 
@@ -101,9 +113,8 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
         else:
             raise KeyError(f"No model given and no .var[{keys.role!r}]: pass model= or genes=[...].")
     elif isinstance(genes, str) and genes == "predicted":
-        if keys.pred_layer in adata.layers:  # a gene is predicted on every spot or on none: read the first row
-            first = np.asarray(adata.layers[keys.pred_layer][:1]).ravel()
-            gene_list = adata.var_names[np.isfinite(first)].tolist()
+        if keys.pred_layer in adata.layers:
+            gene_list = adata.var_names[predicted_mask(adata, keys)].tolist()
         elif model is not None:
             gene_list = [g for g in model.predicted_genes if g in adata.var_names]
         else:
@@ -118,6 +129,17 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
     if not gene_list:
         raise ValueError("No genes to evaluate.")
     return gene_list
+
+
+def _check_predicted(gene_list: list[str], ok: np.ndarray, keys: Keys) -> None:
+    """Raise when some genes to score have no predictions (their layer columns are zeros, not predictions)."""
+    unpredicted = [g for g, good in zip(gene_list, ok) if not good]
+    if unpredicted:
+        raise KeyError(
+            f"{len(unpredicted)} gene(s) to evaluate have no predictions in .layers[{keys.pred_layer!r}]: "
+            f"{unpredicted[:10]}. Predict them (agl_predict(adata, model, genes=[...])) or evaluate "
+            "genes='predicted'."
+        )
 
 
 def _param(uns_entry: dict, name: str, default: Any) -> Any:
@@ -192,8 +214,11 @@ def evaluate(
     gene_list = _genes_to_score(adata, model, genes, keys)
     gidx = adata.var_names.get_indexer(gene_list)
 
-    # ---- preprocessing the model used
+    # ---- preprocessing the model used, and the scale of an existing prediction layer
     transform = model.config.get("transform") if model is not None else _param(entry, "transform", "log1p")
+    if keys.pred_layer in adata.layers:
+        transform = observed_transform(adata.uns.get(keys.pred_uns), transform)
+        _check_predicted(gene_list, predicted_mask(adata, keys)[gidx], keys)
     layer = model.config.get("layer") if model is not None else _param(entry, "layer", None)
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"The model was trained on counts in layer {layer!r}, which this AnnData lacks.")
@@ -205,13 +230,11 @@ def evaluate(
     if spots is not None:
         ev = resolve_spots(adata, spots, as_mask=True)
         spots_desc = "given"
-    elif split is not None and (split == K.SPLIT_UNUSED).any():
-        ev, spots_desc = split == K.SPLIT_UNUSED, "unused (held out of the fit)"
-    elif split is not None and (split == K.SPLIT_VAL).any():
-        ev, spots_desc = split == K.SPLIT_VAL, "val (used for early stopping: optimistic)"
-        logg.warning("evaluate: no held-out ('unused') spots; scoring the validation spots, which are optimistic.")
     else:
-        ev, spots_desc = np.ones(adata.n_obs, dtype=bool), "all (no split column: unseen slide)"
+        ev, kind = scored_spots(split, adata.n_obs)
+        spots_desc = _SPOTS_DESC[kind]
+        if kind == "validation":
+            logg.warning("evaluate: no held-out ('unused') spots; scoring the validation spots, which are optimistic.")
     if ev.sum() < 2:
         raise ValueError(f"Only {int(ev.sum())} spots to evaluate; correlations need at least 2.")
 
@@ -241,7 +264,8 @@ def evaluate(
     if keys.pred_layer in adata.layers:
         L = adata.layers[keys.pred_layer]
     else:
-        new_layer, new_emb, _ = prediction_layer(adata, model)
+        new_layer, new_emb, pred_genes = prediction_layer(adata, model)
+        _check_predicted(gene_list, np.isin(gene_list, pred_genes), keys)
         L = new_layer
     if run_baselines:
         F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
@@ -269,8 +293,8 @@ def evaluate(
     }  # fmt: skip
     target = adata.copy() if copy else adata
     written = {
-        "var": [keys.pcc, keys.spearman, keys.mse],
-        "uns": [keys.uns] + ([K.EMBED_UNS] if new_emb else []),
+        "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
+        "uns": [keys.uns] + ([K.EMBED_UNS] if new_emb else []) + ([keys.pred_uns] if new_layer is not None else []),
         "layers": [keys.pred_layer] if new_layer is not None else [],
         "obsm": [new_emb[0]] if new_emb else [],
     }
@@ -279,8 +303,10 @@ def evaluate(
             full = np.full(target.n_vars, np.nan)
             full[gidx] = df[name].to_numpy(dtype=float)
             target.var[col] = full
-        if new_layer is not None:
+        if new_layer is not None:  # as agl_predict writes it: the layer, its mask and its record
             target.layers[keys.pred_layer] = new_layer
+            target.var[keys.predicted] = target.var_names.isin(pred_genes)
+            target.uns[keys.pred_uns] = prediction_record(model, K.SCALE_MODEL, "selected", len(pred_genes), True)
         if new_emb is not None:
             target.obsm[new_emb[0]] = new_emb[1]
             target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS) or {}), new_emb[0]: new_emb[2]}

@@ -21,8 +21,10 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from agl_scverse import _constants as K
-from agl_scverse._constants import Keys
+from agl_scverse._constants import Keys, PredScale
 from agl_scverse._docs import d
+from agl_scverse._expression import predicted_library_size, rescale_predictions
+from agl_scverse._serialize import to_h5ad
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
@@ -31,7 +33,14 @@ from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
-__all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer", "PREDICT_GENES"]
+__all__ = [
+    "agl_predict",
+    "predict_anndata",
+    "check_embedding_matches",
+    "prediction_layer",
+    "prediction_record",
+    "PREDICT_GENES",
+]
 
 #: Accepted string values of ``genes`` in :func:`agl_predict`.
 PREDICT_GENES = ("selected", "targets", "all")
@@ -169,14 +178,41 @@ def _predict_rows(
         model.net.cpu()
 
 
+def _transform(model: AGLModel) -> str:
+    return str(model.config.get("transform") or K.TRANSFORM_LOG1P)
+
+
+def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
+    """Model outputs summed into the library size of ``scale`` (None when the scale needs none).
+
+    The trained outputs (targets and selected auxiliaries, whatever ``genes=`` writes), so a gene's normalised
+    value does not depend on which other genes are written; unselected auxiliaries were not trained.
+    """
+    if scale != K.SCALE_LOG1P_CP10K or _transform(model) == K.TRANSFORM_LOG1P_CPM:
+        return None
+    col = {g: i for i, g in enumerate(model.genes)}
+    return np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
+
+
 def _row_chunks(
-    model: AGLModel, features, n: int, model_cols: np.ndarray, device: str, batch_size: int, width: int = 0, run=None
+    model: AGLModel,
+    features,
+    n: int,
+    model_cols: np.ndarray,
+    device: str,
+    batch_size: int,
+    width: int = 0,
+    scale: str = K.SCALE_MODEL,
+    run=None,
 ):
-    """``(start, stop, predictions of model_cols)`` for chunks of spots of about :data:`_CHUNK_BYTES` of outputs."""
+    """``(start, stop, predictions of model_cols in scale)`` for chunks of spots of about :data:`_CHUNK_BYTES`."""
     step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))
+    lib_cols, transform = _library_cols(model, scale), _transform(model)
     for s in range(0, n, step):
         e = min(s + step, n)
-        yield s, e, _predict_rows(model, features, s, e, device, batch_size, run=run)[:, model_cols]
+        full = _predict_rows(model, features, s, e, device, batch_size, run=run)
+        library = predicted_library_size(full[:, lib_cols], transform) if lib_cols is not None else None
+        yield s, e, rescale_predictions(full[:, model_cols], transform, scale, library)
 
 
 def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
@@ -232,17 +268,19 @@ def prediction_layer(
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder=None,
     *,
+    scale: PredScale = "model",
     precision: str = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
-    Returns the layer (spots x genes of ``adata``, NaN where not predicted; a NumPy array, or a chunked dask array
+    Returns the layer (spots x genes of ``adata``, 0 where not predicted; a NumPy array, or a chunked dask array
     when the dense layer would exceed ``max_dense_bytes``), ``(key, features, record)`` of an embedding computed
     on the way (or None), and the predicted genes. Predictions are made in row chunks, so memory is that of a
     chunk of spots x model genes (plus the layer when it is dense).
     """
+    check_choice("scale", scale, K.PRED_SCALES)
     _check_genes(adata, model)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
@@ -254,11 +292,14 @@ def prediction_layer(
     var_cols = adata.var_names.get_indexer(pred_genes)
     n_obs, n_vars = adata.n_obs, adata.n_vars
     if n_obs * n_vars * 4 <= max_dense_bytes:
-        layer = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
-        for s, e, pred in _row_chunks(model, features, n_obs, model_cols, device, batch_size, width=n_vars, run=run):
+        layer = np.zeros((n_obs, n_vars), dtype=np.float32)
+        chunks = _row_chunks(
+            model, features, n_obs, model_cols, device, batch_size, width=n_vars, scale=scale, run=run
+        )
+        for s, e, pred in chunks:
             layer[s:e, var_cols] = pred
         return layer, new_emb, pred_genes
-    layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, run=run)
+    layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, scale=scale, run=run)
     logg.info(
         f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> {max_dense_bytes / 2**30:.1f}"
         f" GiB): writing a chunked dask array ({layer.numblocks[0]} x {layer.numblocks[1]} chunks), computed when "
@@ -268,37 +309,69 @@ def prediction_layer(
 
 
 def _dask_layer(
-    model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=4096, cols=2048, run=None
+    model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=4096, cols=2048, scale="model",
+    run=None,
 ):
     """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
 
-    Chunks of genes without predictions are NaN chunks that are never computed. Chunks are 32 MiB (4096 x 2048
-    float32): dask's writer holds a few per thread, so 128 MiB chunks cost ~1 GB more RSS at write time.
+    Chunks of genes without predictions are zero chunks that are never computed. Chunks are 32 MiB (4096 x 2048
+    float32): dask's writer holds a few per thread, so 128 MiB chunks cost ~1 GB more RSS at write time. With
+    ``scale="log1p_cp10k"`` each row of chunks shares one task computing its spots' library size (a forward pass
+    over the trained outputs only: rows x trained genes), computed once per dask computation.
     """
     import dask
     import dask.array as da
 
     by_var = np.full(n_vars, -1, dtype=np.int64)
     by_var[var_cols] = model_cols
+    lib_cols, transform = _library_cols(model, scale), _transform(model)
 
-    def chunk(s: int, e: int, c0: int, c1: int) -> np.ndarray:
-        out = np.full((e - s, c1 - c0), np.nan, dtype=np.float32)
+    def library(s: int, e: int) -> np.ndarray:
+        pred = _predict_rows(model, features, s, e, device, batch_size, columns=lib_cols)
+        return predicted_library_size(pred, transform)
+
+    def chunk(s: int, e: int, c0: int, c1: int, lib) -> np.ndarray:
+        out = np.zeros((e - s, c1 - c0), dtype=np.float32)
         local = np.flatnonzero(by_var[c0:c1] >= 0)
-        out[:, local] = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local], run=run)
+        pred = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local], run=run)
+        out[:, local] = rescale_predictions(pred, transform, scale, lib)
         return out
 
     grid = []
     for s in range(0, n_obs, rows):
         e, row = min(s + rows, n_obs), []
+        lib = dask.delayed(library)(s, e) if lib_cols is not None else None
         for c0 in range(0, n_vars, cols):
             c1 = min(c0 + cols, n_vars)
             if (by_var[c0:c1] >= 0).any():
-                delayed = dask.delayed(chunk)(s, e, c0, c1)
+                delayed = dask.delayed(chunk)(s, e, c0, c1, lib)
                 row.append(da.from_delayed(delayed, shape=(e - s, c1 - c0), dtype=np.float32))
             else:
-                row.append(da.full((e - s, c1 - c0), np.nan, dtype=np.float32))
+                row.append(da.zeros((e - s, c1 - c0), dtype=np.float32))
         grid.append(row)
     return da.block(grid)
+
+
+def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed: bool) -> dict:
+    """The ``.uns[f"{key_added}_pred"]`` entry describing a run's prediction layers (h5ad-ready).
+
+    ``scale`` (``"model"`` or ``"log1p_cp10k"``), ``transform`` (the model's expression scale), ``layer`` (the
+    counts layer the model was trained on; absent for ``.X``), ``genes`` (the ``genes=`` choice, ``"list"`` for a
+    list), ``n_genes``, and ``observed``: whether the AnnData's counts are measured expression of the predicted
+    genes (True after :func:`agl_predict`, False for the AnnData of :func:`predict_anndata`, whose ``.X`` is the
+    predictions). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they need no ``.uns["agl"]``.
+    """
+    return to_h5ad(
+        {
+            "scale": scale,
+            "transform": _transform(model),
+            "layer": model.config.get("layer"),
+            "genes": genes if isinstance(genes, str) else "list",
+            "n_genes": int(n_genes),
+            "observed": bool(observed),
+            "method": model.method,
+        }
+    )
 
 
 @d.dedent
@@ -309,6 +382,7 @@ def agl_predict(
     embedding_key: str | None = None,
     weights: str | Path | None = None,
     genes: str | Sequence[str] = "selected",
+    scale: PredScale = "model",
     key_added: str = K.DEFAULT_KEY,
     copy: bool = False,
     device: str = "cpu",
@@ -338,6 +412,13 @@ def agl_predict(
     genes
         Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
         mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
+    scale
+        ``"model"`` (default): the model's expression scale (its ``transform``: ``log1p`` raw counts unless the model
+        was trained otherwise), the scale :func:`~agl_scverse.tl.evaluate` scores. ``"log1p_cp10k"``: the scale of a
+        scanpy pipeline (``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p``): each spot's predicted
+        counts are divided by their sum over the model's trained genes (targets and selected auxiliaries, the only
+        library an H&E slide has), times 10,000, then ``log1p``. A model trained with ``transform="log1p_cpm"``
+        already predicts that scale and its values are written unchanged.
     %(key_added)s
     %(copy)s
     device
@@ -362,9 +443,18 @@ def agl_predict(
 
     Returns
     -------
-    None, or the copy with ``copy=True``. Writes ``.layers[f"{key_added}_pred"]`` (spots x all genes, float32,
-    predictions in the model's expression scale for the chosen genes, NaN for every other gene), and a computed
-    embedding. A SpatialData input gets them in its table.
+    None, or the copy with ``copy=True``. Writes
+
+    - ``.layers[f"{key_added}_pred"]``: spots x all genes, float32, predictions (in ``scale``) for the chosen
+      genes and **0** for every other gene, never NaN, so scanpy and squidpy tools accept it;
+    - ``.var[f"{key_added}_predicted"]``: True for the genes with predictions. Pass it to scanpy as
+      ``sc.pp.pca(adata, layer="agl_pred", mask_var="agl_predicted")`` and to squidpy as
+      ``genes=adata.var_names[adata.var["agl_predicted"]]`` (a gene of zeros has no Moran's I);
+    - ``.uns[f"{key_added}_pred"]``: how the layer was made (:func:`prediction_record`: scale, transform, ...);
+    - a computed embedding.
+
+    A SpatialData input gets them in its table. For a scanpy pipeline on the predictions alone, with no mask,
+    :func:`predict_anndata` returns an AnnData of the predicted genes.
 
     Raises
     ------
@@ -376,7 +466,7 @@ def agl_predict(
     Examples
     --------
     >>> agl.tl.agl_predict(adata_new, model)  # doctest: +SKIP
-    >>> adata_new.layers["agl_pred"].shape  # doctest: +SKIP
+    >>> sc.pp.pca(adata_new, layer="agl_pred", mask_var="agl_predicted")  # doctest: +SKIP
     """
     adata = as_anndata(data)
     model = AGLModel.coerce(model)
@@ -385,22 +475,26 @@ def agl_predict(
         raise ValueError("The slide has no spots.")
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
-        precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
+        scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
     )  # fmt: skip
+    record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
     written = {
         "layers": [keys.pred_layer],
+        "var": [keys.predicted],
         "obsm": [new_emb[0]] if new_emb else [],
-        "uns": [K.EMBED_UNS] if new_emb else [],
+        "uns": [keys.pred_uns] + ([K.EMBED_UNS] if new_emb else []),
     }
     with restore_on_error(target, **written):
         target.layers[keys.pred_layer] = layer
+        target.var[keys.predicted] = target.var_names.isin(pred_genes)
+        target.uns[keys.pred_uns] = record
         if new_emb is not None:
             target.obsm[new_emb[0]] = new_emb[1]
             target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
     logg.info(
         f"agl_predict: .layers[{keys.pred_layer!r}] holds predictions for {len(pred_genes)} genes "
-        f"({len(model.targets)} targets), NaN elsewhere."
+        f"({len(model.targets)} targets; .var[{keys.predicted!r}]), 0 elsewhere."
     )
     if copy:
         return target
@@ -416,6 +510,7 @@ def predict_anndata(
     *,
     embedding_key: str | None = None,
     weights: str | Path | None = None,
+    scale: PredScale = "model",
     key_added: str = K.DEFAULT_KEY,
     device: str = "cpu",
     library_key: str | None = None,
@@ -432,7 +527,7 @@ def predict_anndata(
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model, embedding_key, weights, device, batch_size, encoder, precision, num_workers, prefetch_factor
+    model, embedding_key, weights, scale, device, batch_size, encoder, precision, num_workers, prefetch_factor
         As in :func:`agl_predict`.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
@@ -442,20 +537,26 @@ def predict_anndata(
 
     Returns
     -------
-    An AnnData of the model's predicted genes (targets and selected auxiliaries) at the slide's spots: ``.X`` and
-    ``.layers[f"{key_added}_pred"]`` hold the predictions; ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried
-    over; ``.var[k.role]`` and ``.var[k.weight]`` describe the genes. ``data`` is not modified.
+    An AnnData of the model's predicted genes (targets and selected auxiliaries) at the slide's spots, ready for a
+    scanpy pipeline without masks (``sc.pp.pca(pred)``, ``sc.pp.neighbors``, ``sc.tl.leiden``,
+    ``sq.gr.spatial_autocorr``): ``.X`` and ``.layers[f"{key_added}_pred"]`` hold the predictions (in ``scale``);
+    ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var[k.role]`` and ``.var[k.weight]`` describe
+    the genes and ``.var[f"{key_added}_predicted"]`` is True for all of them (the same code runs on this AnnData
+    and on a slide after :func:`agl_predict`); ``.uns[f"{key_added}_pred"]`` records the scale, with
+    ``observed=False`` (``.X`` is not measured expression). ``data`` is not modified.
 
     Examples
     --------
     >>> he = agl.io.read_legacy_st("sections", sections=["C6"])[:, []].copy()  # doctest: +SKIP
-    >>> pred = agl.tl.predict_anndata(he, "my_model")  # doctest: +SKIP
+    >>> pred = agl.tl.predict_anndata(he, "my_model", scale="log1p_cp10k")  # doctest: +SKIP
+    >>> sc.pp.pca(pred); sc.pp.neighbors(pred); sc.tl.leiden(pred)  # doctest: +SKIP
     """
     adata = as_anndata(data)
     model = AGLModel.coerce(model)
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
+    check_choice("scale", scale, K.PRED_SCALES)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
         adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run
@@ -464,12 +565,14 @@ def predict_anndata(
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
     if 2 * n * m * 4 <= max_dense_bytes:  # .X and the layer
-        X = np.concatenate([pred for *_, pred in _row_chunks(model, features, n, sel, device, batch_size, run=run)])
+        chunks = _row_chunks(model, features, n, sel, device, batch_size, scale=scale, run=run)
+        X = np.concatenate([pred for *_, pred in chunks])
     else:  # lazy, shared by .X and the layer (a dask array is never modified in place)
-        X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size, run=run)
+        X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size, scale=scale, run=run)
     var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
     var[keys.role] = pd.Categorical([model.roles[i] for i in sel], categories=[K.ROLE_TARGET, K.ROLE_AUX])
     var[keys.weight] = model.weights[sel]
+    var[keys.predicted] = True
     out = AnnData(X=X.astype(np.float32), obs=adata.obs.copy(), var=var)
     for kk, v in adata.obsm.items():
         out.obsm[kk] = v.copy() if hasattr(v, "copy") else v
@@ -477,6 +580,7 @@ def predict_anndata(
         if kk in adata.uns:
             out.uns[kk] = adata.uns[kk]
     out.layers[keys.pred_layer] = out.X.copy() if isinstance(out.X, np.ndarray) else out.X
+    out.uns[keys.pred_uns] = prediction_record(model, scale, "selected", m, observed=False)
     if new_emb is not None:
         out.obsm[new_emb[0]] = new_emb[1]
         out.uns[K.EMBED_UNS] = {**dict(out.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
