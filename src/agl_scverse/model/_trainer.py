@@ -267,15 +267,40 @@ def train_network(
     mask
         The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
         gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter).
-    epochs, patience, lr, weight_decay, batch_size, loss
-        Network training (Adam), early stopping on the validation target Pearson r.
-    inner_steps, inner_lr, meta_steps, meta_batch_size, beta, clip, theta_beta2
-        Bi-level step (DkGSB only): differentiable SGD steps and their lr, meta steps per epoch, spots per meta
-        batch, Adam lr on ``theta``, hypergradient clipping, Adam's second-moment decay for ``theta``.
+    epochs
+        Maximum number of epochs.
+    patience
+        Early stopping: epochs without a better validation mean target Pearson r.
+    lr
+        Adam learning rate of the network.
+    weight_decay
+        Adam weight decay.
+    batch_size
+        Spots per training batch.
+    loss
+        ``"pearson"`` (``1 - r`` per gene) or ``"mse"``.
+    inner_steps
+        DkGSB: differentiable SGD steps in the bi-level look-ahead.
+    inner_lr
+        DkGSB: learning rate of those steps.
+    meta_steps
+        DkGSB: updates of ``theta`` per epoch.
+    meta_batch_size
+        DkGSB: spots per meta batch.
+    beta
+        DkGSB: Adam learning rate on ``theta``.
+    clip
+        DkGSB: hypergradient clipping.
+    theta_beta2
+        DkGSB: Adam's second-moment decay for ``theta``.
     seed
         Seeds batch order, meta batches, initialisation-independent randomness (dropout).
-    device, progress, desc
-        Torch device, tqdm bar over epochs (postfix: loss, val PCC, k), bar label.
+    device
+        Torch device.
+    progress
+        Show a tqdm bar over epochs (postfix: loss, validation PCC, k).
+    desc
+        Label of that bar.
 
     Returns
     -------

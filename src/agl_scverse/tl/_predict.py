@@ -399,8 +399,16 @@ def predict_anndata(
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model, embedding_key, weights, device, batch_size
-        As in :func:`agl_predict`.
+    model
+        A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
+    embedding_key
+        ``.obsm`` key of the features, as in :func:`agl_predict`.
+    weights
+        Encoder weights file, to embed the slide, as in :func:`agl_predict`.
+    device
+        Torch device for the forward passes (``"cpu"`` is bit-for-bit reproducible).
+    batch_size
+        Spots per forward pass.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
         array, computed when read or written.
