@@ -268,7 +268,10 @@ def test_fit_val_and_test_groups(tmp_path, three_sections, capsys):
     test = a.uns["agl"]["metrics"]["test"]
     assert test["n_spots"] == 50
     assert "(50 training / 50 validation spots)" in summary
-    assert f"held-out C: PCC {test['model']['pearson']:.3f} over 50 spots" in summary
+    assert (
+        f"held-out C: PCC {test['model']['pearson']:.3f} over 50 spots (PCA+Ridge {test['pca_ridge']['pearson']:.3f})"
+        in summary
+    )
     assert a.uns["agl"]["params"]["device"] == "cpu"
 
 

@@ -73,3 +73,15 @@ def test_tutorial_runs(name, monkeypatch, request):
         ari = float(re.search(r"ARI\(predicted clusters, observed clusters\) = (-?[\d.]+)", "\n".join(texts)).group(1))
         assert -1.0 <= ari <= 1.0
         assert any(t.lstrip().startswith("predicted") and "observed" in t for t in texts)  # the crosstab
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_notebooks_show_no_machine_details(name):
+    """The committed outputs hold no developer paths, installed-package warnings or progress-bar frames, and the
+    code uses the public API only (no ``agl_scverse._private`` imports)."""
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    outputs = "\n".join(_texts(nb))
+    for leftover in ("/work/", "/home/", "/Users/", "site-packages", "%|"):
+        assert leftover not in outputs, (name, leftover)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert not re.search(r"agl_scverse\._|from agl_scverse\.\w+\._", source), name

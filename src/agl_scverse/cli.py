@@ -348,6 +348,9 @@ def _fit(args: argparse.Namespace) -> None:
         tl.evaluate(adata, model, spots=~spots, baselines=True)
         pcc, n = _test_pcc(adata)
         summary += f"; held-out {' '.join(args.test_groups)}: PCC {_fmt(pcc)} over {n} spots"
+        ridge = adata.uns["agl"]["metrics"]["test"].get("pca_ridge")
+        if ridge is not None:
+            summary += f" (PCA+Ridge {_fmt(ridge['pearson'])})"
     print(f"{summary}; model saved to {args.out}")
     if h5ad is not None:
         _write_h5ad(adata, h5ad)
