@@ -260,8 +260,10 @@ def train_network(
         ``chunks(idx)`` and ``n_cols`` that slices it per batch from the counts (what ``agl_fit`` passes, so
         memory is that of a batch). It is standardised per gene on
         the training spots internally (:class:`StandardizedTargets`).
-    train_idx, val_idx
-        Row positions of training and validation spots.
+    train_idx
+        Row positions of the training spots.
+    val_idx
+        Row positions of the validation spots (early stopping, DkGSB's meta batches).
     n_targets
         Number of leading target columns.
     mask
