@@ -219,7 +219,8 @@ def test_internal_errors_and_interrupts(tmp_path, capsys, monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(cli, "_read", bug)
-    argv = ["fit", "x.h5ad", "--out", str(tmp_path / "m")]
+    (tmp_path / "x.h5ad").write_text("x")  # exists: the error comes from _read
+    argv = ["fit", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "m")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("agl-scverse: internal error: ZeroDivisionError") and "--debug" in err[0]
@@ -330,14 +331,17 @@ def test_allow_lowres_goes_where_it_is_accepted():
     assert args.allow_lowres and args.device == "cpu"
     args = cli.build_parser().parse_args(["fit", "d", "--out", "m", "--fullres-image", "he.tif"])
     assert args.device == "auto" and args.fullres_image == "he.tif" and not args.allow_lowres
+    args = cli.build_parser().parse_args(["cross-validate", "d", "--patch-um", "160", "--microns-per-pixel", "0.7"])
+    assert (args.patch_um, args.patch_px, args.microns_per_pixel) == (160.0, 224, 0.7)
 
 
 # --- help: quick, plain, with an example ------------------------------------------------------------------------
 HEAVY = ("torch", "scanpy", "anndata", "squidpy", "spatialdata", "timm", "pandas")
 
 
-def test_help_imports_no_heavy_library():
-    """--help of the tool and of every command (and a bare ``import agl_scverse``) load none of torch, scanpy, ..."""
+def test_help_imports_no_heavy_library(tmp_path):
+    """--help of the tool and of every command, a bare ``import agl_scverse`` and a missing input file load none of
+    torch, scanpy, ..."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     code = (
         "import sys, contextlib, io\n"
@@ -349,6 +353,8 @@ def test_help_imports_no_heavy_library():
         "            cli.main([*argv, '--help'])\n"
         "        except SystemExit:\n"
         "            pass\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"  # a missing input is reported before torch loads
+        f"    assert cli.main(['fit', {str(tmp_path / 'no_such.h5ad')!r}, '--out', {str(tmp_path / 'm')!r}]) == 2\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import _constants as K
 from ._constants import METHODS
 
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
@@ -48,15 +49,21 @@ def _resolve_reader(p: Path, reader: str) -> str:
     return "legacy_st"
 
 
+def _existing(path: str) -> Path:
+    """``path`` as a Path; FileNotFoundError when it does not exist (checked before any slow import)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist; pass a .h5ad file or a slide folder.")
+    return p
+
+
 def _read(path: str, reader: str = "auto", microns_per_pixel: float | None = None, fullres_image: str | None = None):
     """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder).
 
     ``microns_per_pixel`` (µm per full-resolution pixel) goes to the legacy ST, Visium and HEST readers;
     ``fullres_image`` (the full-resolution H&E) to the Visium and HEST readers.
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; pass a .h5ad file or a slide folder.")
+    p = _existing(path)
     reader = _resolve_reader(p, reader)
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}.")
@@ -300,10 +307,11 @@ def _test_pcc(adata, key: str = "agl") -> tuple[float, int] | None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from . import tl
-
     check_output(args.out, "--out", args.overwrite, folder=True)
     h5ad = check_output(args.h5ad, "--h5ad", args.overwrite) if args.h5ad else None
+    _existing(args.data)  # the quick checks first; then the slow imports
+    from . import tl
+
     device = _device(args.device)
     adata = _read_slide(args)
     split_key = args.split_key
@@ -328,6 +336,8 @@ def _fit(args: argparse.Namespace) -> None:
         prior=args.prior,
         k=args.k,
         epochs=args.epochs,
+        patch_px=args.patch_px,
+        patch_um=args.patch_um,
         split_key=split_key if args.val_groups else None,
         val_groups=args.val_groups,
         spots=spots,
@@ -359,12 +369,13 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    out = check_output(args.out, "--out", args.overwrite)
+    _existing(args.data)
     import pandas as pd
 
     from . import tl
     from .model import AGLModel
 
-    out = check_output(args.out, "--out", args.overwrite)
     device = _device(args.device)
     model = AGLModel.load(args.model)
     adata = _read_slide(args)
@@ -391,16 +402,18 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _cross_validate(args: argparse.Namespace) -> None:
+    out = check_output(args.out, "--out", args.overwrite)
+    _existing(args.data)
     from . import pp, tl
 
-    out = check_output(args.out, "--out", args.overwrite)
     device = _device(args.device)
     adata = _read_slide(args)
     if args.group_key not in adata.obs:
         raise KeyError(f"--group-key {args.group_key!r} is not an .obs column: {list(adata.obs.columns)}")
     if args.embedding_key is None:
         pp.embed_patches(
-            adata, encoder=args.encoder, weights=args.weights, device=device,
+            adata, encoder=args.encoder, weights=args.weights, device=device, patch_px=args.patch_px,
+            patch_um=args.patch_um,
             **_accepted(pp.embed_patches, allow_lowres=args.allow_lowres),
         )  # fmt: skip
     fit_kwargs = {"k": args.k} if args.k is not None else {}
@@ -462,6 +475,12 @@ def _add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-targets", type=int, default=50, help="highly variable target genes (default: 50)")
     p.add_argument("--k", type=int, default=None, help="auxiliary genes of --method topk (required with it)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
+    p.add_argument(
+        "--patch-px", type=int, default=K.DEFAULT_PATCH_PX, help="patch side in pixels, to embed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--patch-um", type=float, default=K.DEFAULT_PATCH_UM, help="patch side in µm, to embed (default: %(default)s)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_resolution_args(p)
 
