@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import filecmp
 import inspect
+import re
 import shutil
 import sys
 from datetime import date
@@ -45,7 +46,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 master_doc = "index"
 exclude_patterns = ["_build", "_autogen_*.md", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
-templates_path: list[str] = []
+templates_path = ["_templates"]  # autosummary/class.rst: members once, no __init__ entry
 
 # MyST / myst-nb: tutorials are executed elsewhere (committed with outputs), never during the docs build.
 nb_execution_mode = "off"
@@ -105,12 +106,18 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def returns_prose(app, what, name, obj, options, lines: list[str]) -> None:
-    """Let a numpy ``Returns`` section be a plain paragraph, as scanpy writes them.
+_TYPE = r"[\w.~`:]+(?:\[[\w.~`:, |]+\])?"  # a type: AnnData, numpy.ndarray, :class:`~x.Y`, list[str]
+_TYPE_LINE = re.compile(rf"^{_TYPE}(?:(?: or |\s*\|\s*|, ){_TYPE})*$")  # "Axes or Figure or None"
 
-    napoleon reads every unindented line of ``Returns`` as a separate return *type*, which splits sentences (and
-    inline literals that wrap across lines). A section whose body has no indented line and no ``name : type``
-    header is rewritten as one description (``:`` then the indented paragraph) before napoleon parses it.
+
+def returns_prose(app, what, name, obj, options, lines: list[str]) -> None:
+    """Let a numpy ``Returns`` section be prose, as scanpy writes them.
+
+    napoleon reads every unindented line of ``Returns`` as a separate return *type* (with the indented lines
+    under it as its description), which splits sentences, bolds them, and shows a bullet list's ``-`` markers
+    and literals as raw text. A section whose first line is neither a ``name : type`` header nor a bare type
+    (``AnnData``, ``Axes or Figure or None``) is rewritten as one description (``:`` then the indented body,
+    lists kept) before napoleon parses it.
     """
     i = 0
     while i < len(lines) - 1:
@@ -122,7 +129,8 @@ def returns_prose(app, what, name, obj, options, lines: list[str]) -> None:
                 j += 1
             body = lines[start:j]
             text = [ln for ln in body if ln.strip()]
-            if text and not any(ln.startswith((" ", "\t")) for ln in text) and " : " not in text[0]:
+            first = text[0] if text else ""
+            if text and not first.startswith((" ", "\t")) and " : " not in first and not _TYPE_LINE.match(first):
                 lines[start:j] = [":", *[f"    {ln}" if ln.strip() else "" for ln in body]]
             i = j
         else:

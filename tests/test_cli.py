@@ -98,10 +98,19 @@ def test_fit_predict_round_trip_with_embedding_key(tmp_path, slide_h5ad, capsys)
     model, fitted, pred = tmp_path / "m", tmp_path / "fit.h5ad", tmp_path / "p.h5ad"
     argv = ["fit", str(slide_h5ad), *FIT, "--method", "topk", "--k", "5", "--out", str(model), "--h5ad", str(fitted)]
     assert cli.main(argv) == 0
-    assert "trained topk: k = 5" in capsys.readouterr().out
-    assert ad.read_h5ad(fitted).uns["agl"]["k"] == 5
+    out = capsys.readouterr().out.splitlines()
+    fitted_adata = ad.read_h5ad(fitted)
+    run = fitted_adata.uns["agl"]
+    assert run["k"] == 5
+    summary = next(line for line in out if line.startswith("fit: "))  # one line of results
+    assert summary.startswith("fit: AGL top-k, 10 target genes, 5 of ")
+    assert f"best epoch {run['metrics']['best_epoch']}, validation PCC {run['metrics']['val_pcc']:.3f}" in summary
     assert cli.main(["predict", str(model), str(slide_h5ad), "--embedding-key", "X_emb", "--out", str(pred)]) == 0
-    assert "agl_pred" in ad.read_h5ad(pred).layers
+    result = ad.read_h5ad(pred)
+    assert "agl_pred" in result.layers
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    test = result.uns["agl"]["metrics"]["test"]
+    assert line.startswith(f"predict: 120 spots x 15 genes -> {pred}; PCC {test['model']['pearson']:.3f} over 10")
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file of the atomic write is gone
 
 
@@ -210,7 +219,8 @@ def test_internal_errors_and_interrupts(tmp_path, capsys, monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(cli, "_read", bug)
-    argv = ["fit", "x.h5ad", "--out", str(tmp_path / "m")]
+    (tmp_path / "x.h5ad").write_text("x")  # exists: the error comes from _read
+    argv = ["fit", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "m")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("agl-scverse: internal error: ZeroDivisionError") and "--debug" in err[0]
@@ -234,3 +244,139 @@ def test_console_script_in_a_subprocess(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"agl-scverse: error: --out {out} already exists; pass --overwrite to replace it or choose another path."
     ]
+
+
+# --- groups, resolution flags, device ----------------------------------------------------------------------------
+@pytest.fixture
+def three_sections(tmp_path) -> Path:
+    a = small_slide(n=150)
+    a.obs["section"] = np.repeat(["A", "B", "C"], 50)
+    path = tmp_path / "three.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def test_fit_val_and_test_groups(tmp_path, three_sections, capsys):
+    """--val-groups validates on a section, --test-groups holds one out of the fit and scores it."""
+    fitted = tmp_path / "fit.h5ad"
+    argv = ["fit", str(three_sections), *FIT, "--method", "pgl", "--out", str(tmp_path / "m"), "--h5ad", str(fitted)]
+    argv += ["--split-key", "section", "--val-groups", "B", "--test-groups", "C", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fit: "))
+    a = ad.read_h5ad(fitted)
+    split = a.obs.groupby("section", observed=True)["agl_split"].agg(lambda s: sorted(set(s)))
+    assert split.to_dict() == {"A": ["train"], "B": ["val"], "C": ["unused"]}
+    test = a.uns["agl"]["metrics"]["test"]
+    assert test["n_spots"] == 50
+    assert "(50 training / 50 validation spots)" in summary
+    assert (
+        f"held-out C: PCC {test['model']['pearson']:.3f} over 50 spots (PCA+Ridge {test['pca_ridge']['pearson']:.3f})"
+        in summary
+    )
+    assert a.uns["agl"]["params"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--split-key", "section", "--val-groups", "Z"], "--val-groups Z: not in .obs['section']"),
+        (["--split-key", "section", "--test-groups", "A", "--val-groups", "A"], "share A"),
+        (["--test-groups", "A"], "--split-key 'library_id' is not an .obs column"),
+        (["--microns-per-pixel", "0.5"], "--microns-per-pixel applies to slide folders"),
+        (["--fullres-image", "he.tif"], "--fullres-image applies to --reader visium or hest"),
+        (["--device", "tpu"], "Unknown device 'tpu'"),
+    ],
+)
+def test_group_and_resolution_errors_are_one_line(tmp_path, three_sections, capsys, extra, message):
+    argv = ["fit", str(three_sections), *FIT, "--method", "pgl", "--out", str(tmp_path / "m"), *extra]
+    assert cli.main(argv) == 2
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "m").exists()
+
+
+def test_split_key_needs_groups(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fit", "d.h5ad", "--out", str(tmp_path / "m"), "--split-key", "section"])
+    assert exc.value.code == 2 and "--split-key names the column" in capsys.readouterr().err
+
+
+def test_resolution_flags_reach_the_reader(tmp_path, monkeypatch):
+    """--microns-per-pixel and --fullres-image go to the Visium reader; legacy ST takes the µm/px only."""
+    from agl_scverse import io
+
+    seen = {}
+    monkeypatch.setattr(io, "read_visium", lambda p, **kw: seen.setdefault("visium", kw))
+    monkeypatch.setattr(io, "read_legacy_st", lambda p, **kw: seen.setdefault("legacy_st", kw))
+    image = tmp_path / "he.tif"
+    image.write_bytes(b"x")
+    (tmp_path / "outs" / "spatial").mkdir(parents=True)
+    cli._read(str(tmp_path / "outs"), "auto", 0.25, str(image))
+    cli._read(str(tmp_path / "outs"), "legacy_st", 0.7)
+    assert seen == {
+        "visium": {"microns_per_pixel": 0.25, "fullres_image": str(image)},
+        "legacy_st": {"microns_per_pixel": 0.7},
+    }
+    with pytest.raises(FileNotFoundError, match="--fullres-image"):
+        cli._read(str(tmp_path / "outs"), "visium", None, str(tmp_path / "missing.tif"))
+
+
+def test_allow_lowres_goes_where_it_is_accepted():
+    def new(adata, *, allow_lowres=False): ...
+
+    def old(adata, *, device="cpu"): ...
+
+    assert cli._accepted(new, allow_lowres=True) == {"allow_lowres": True}
+    assert cli._accepted(old, allow_lowres=True) == {}
+    args = cli.build_parser().parse_args(["predict", "m", "d", "--out", "p.h5ad", "--allow-lowres"])
+    assert args.allow_lowres and args.device == "cpu"
+    args = cli.build_parser().parse_args(["fit", "d", "--out", "m", "--fullres-image", "he.tif"])
+    assert args.device == "auto" and args.fullres_image == "he.tif" and not args.allow_lowres
+    args = cli.build_parser().parse_args(["cross-validate", "d", "--patch-um", "160", "--microns-per-pixel", "0.7"])
+    assert (args.patch_um, args.patch_px, args.microns_per_pixel) == (160.0, 224, 0.7)
+
+
+# --- help: quick, plain, with an example ------------------------------------------------------------------------
+HEAVY = ("torch", "scanpy", "anndata", "squidpy", "spatialdata", "timm", "pandas")
+
+
+def test_help_imports_no_heavy_library(tmp_path):
+    """--help of the tool and of every command, a bare ``import agl_scverse`` and a missing input file load none of
+    torch, scanpy, ..."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    code = (
+        "import sys, contextlib, io\n"
+        "import agl_scverse\n"
+        "from agl_scverse import cli\n"
+        "for argv in ([], ['demo'], ['fit'], ['predict'], ['cross-validate'], ['benchmark']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            cli.main([*argv, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"  # a missing input is reported before torch loads
+        f"    assert cli.main(['fit', {str(tmp_path / 'no_such.h5ad')!r}, '--out', {str(tmp_path / 'm')!r}]) == 2\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"--help imported {proc.stdout.strip()}"
+
+
+def test_lazy_subpackages_still_work():
+    import agl_scverse as agl
+
+    assert agl.tl.agl_fit.__name__ == "agl_fit" and callable(agl.io.read_visium)
+    assert "tl" in dir(agl) and isinstance(agl.__version__, str)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        agl.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("command", ["", "demo", "fit", "predict", "cross-validate"])
+def test_help_has_an_example_and_no_markup(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([*command.split(), "--help"])
+    text = capsys.readouterr().out
+    for markup in ("``", ":class:", ":func:", ":mod:", ":meth:", "%%", ".. "):
+        assert markup not in text, (command, markup)
+    if command:
+        assert f"example:\n  agl-scverse {command}" in text

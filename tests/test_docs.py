@@ -23,10 +23,11 @@ def _require_doc_tools() -> None:
             pytest.skip(f"{mod} is not installed; install the doc extra: pip install -e '.[doc]'")
 
 
-@pytest.mark.slow
-def test_sphinx_build_without_warnings(tmp_path):
+@pytest.fixture(scope="module")
+def built_docs(tmp_path_factory) -> Path:
+    """The HTML docs, built once for this module with warnings as errors."""
     _require_doc_tools()
-    out = tmp_path / "html"
+    out = tmp_path_factory.mktemp("docs") / "html"
     cmd = [
         sys.executable,
         "-m",
@@ -39,10 +40,17 @@ def test_sphinx_build_without_warnings(tmp_path):
         "-b",
         "html",
         "-d",
-        str(tmp_path / "doctrees"),
+        str(out.parent / "doctrees"),
     ]
     proc = subprocess.run([*cmd, str(DOCS), str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"sphinx failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.docs
+def test_sphinx_build_without_warnings(built_docs):
+    out = built_docs
     for page in ("index", "getting_started", "method", "data_layouts", "api", "tutorials"):
         assert (out / f"{page}.html").exists(), page
     api = (out / "api.html").read_text(encoding="utf-8")
@@ -59,6 +67,81 @@ def test_sphinx_build_without_warnings(tmp_path):
     assert "\\sigma" in method and "mathjax" in method.lower()
     for img in ("selected_genes.png", "training_history.png", "gene_performance.png", "spatial_prediction.png"):
         assert (out / "_static" / img).exists(), img
+
+
+def _checker():
+    pytest.importorskip("bs4", reason="beautifulsoup4 (with the doc extra) reads the built pages")
+    spec = importlib.util.spec_from_file_location("check_rendered", DOCS / "check_rendered.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_rendered"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+BAD_PAGE = """<html><body><nav class="bd-docs-nav"><a>agl_scverse.tl.agl_fit</a><a>agl_scverse.model.MODES</a></nav>
+<article><dl class="py function"><dd>
+<dl class="field-list"><dt>Parameters<span>:</span></dt><dd><ul>
+<li><p><strong>split_key</strong> (str) – The split column and its values.</p></li>
+<li><p><strong>val_groups</strong> (list) – The split column and its values.</p></li>
+<li><p><strong>seed</strong> (int) – A seed.</p></li></ul></dd>
+<dt>Returns<span>:</span></dt><dd><ul>
+<li><p><strong>The AGLModel. Results are written</strong> – with k</p></li>
+<li><p>- ``.obs[k.split]`` (train / val)</p></li></ul>
+<p>See :class:`AGLModel` and <a href="agl_scverse._constants.html">agl_scverse._constants</a>.</p></dd></dl>
+</dd></dl><pre>&gt;&gt;&gt; x = "``code is fine``"</pre></article></body></html>"""
+
+
+def test_rendered_page_checker_finds_each_kind_of_leftover(tmp_path):
+    """The checker itself: each class of rendering error of issue 11 is reported, a code example is not."""
+    check = _checker()
+    (tmp_path / "generated").mkdir()
+    page = tmp_path / "generated" / "bad.html"
+    page.write_text(BAD_PAGE, encoding="utf-8")
+    found = {p.what for p in check.check_page(page, tmp_path)}
+    assert found == {
+        "raw role markup",
+        "raw double backquotes",
+        "names a private module",
+        "links to a private module",
+        "stray list marker in Returns",
+        "sentence in bold in Returns",
+        "parameters split_key, val_groups share one description",
+        "constant listed as API in the sidebar",
+    }, found
+    clean = BAD_PAGE.split("<article>")[0].replace("<a>agl_scverse.model.MODES</a>", "")
+    clean += "<article><p>Fine text.</p><pre>``x`` :class:`y`</pre></article>"
+    page.write_text(clean, encoding="utf-8")
+    assert check.check_page(page, tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.docs
+def test_rendered_api_pages_have_no_markup_leftovers(built_docs):
+    """The built API pages read cleanly: no raw roles, double backquotes, list markers or bold sentences in
+    Returns, no shared parameter descriptions, no private modules, no constants in the sidebar."""
+    problems = _checker().check_html(built_docs)
+    assert not problems, "\n".join(map(str, problems))
+    model_page = (built_docs / "generated" / "agl_scverse.model.AGLModel.html").read_text(encoding="utf-8")
+    for member in ("save", "load", "predict"):
+        assert f'id="agl_scverse.model.AGLModel.{member}"' in model_page, member
+    assert 'id="agl_scverse.model.AGLModel.__init__"' not in model_page
+
+
+@pytest.mark.slow
+@pytest.mark.docs
+def test_api_pages_render_in_a_headless_browser(built_docs, tmp_path):
+    """Screenshots of the main API pages with headless Chromium: each is a real, non-blank page image."""
+    check = _checker()
+    browser = check.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)")
+    from PIL import Image
+
+    for png in check.screenshots(built_docs, tmp_path, browser):
+        with Image.open(png) as im:
+            assert im.size == (1280, 2400), png
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 100, f"{png.name} is blank"
 
 
 def _api_page_names() -> dict[str, list[str]]:

@@ -78,3 +78,15 @@ def test_tutorial_runs(name, monkeypatch, request):
         # squidpy's Moran's I on the predictions: an FDR for every gene, on predict_anndata's AnnData and the layer
         assert joined.count("FDR finite for every") == 2 and "FDR finite for every gene: True" in joined
         assert "FDR finite for every predicted gene: True" in joined
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_notebooks_show_no_machine_details(name):
+    """The committed outputs hold no developer paths, installed-package warnings or progress-bar frames, and the
+    code uses the public API only (no ``agl_scverse._private`` imports)."""
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    outputs = "\n".join(_texts(nb))
+    for leftover in ("/work/", "/home/", "/Users/", "site-packages", "%|"):
+        assert leftover not in outputs, (name, leftover)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert not re.search(r"agl_scverse\._|from agl_scverse\.\w+\._", source), name

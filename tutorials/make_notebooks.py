@@ -9,6 +9,7 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -222,123 +223,68 @@ Five sections of patient C from the HER2+ breast cancer study (Andersson et al.,
 with legacy Spatial Transcriptomics (100 µm spots on a 200 µm grid, ~180 spots per section). We train AGL + DkGSB
 on four sections and predict the fifth, unseen section from its H&E alone, then compare with the measured counts.
 
-The data are not shipped with the package. Point `AGL_HER2ST` at a folder with one sub-folder per section
-(`counts.tsv.gz`, `spots.tsv`, `he.jpg`); by default the notebook looks for `../../shared/data/her2st` relative to
-this folder. The image encoder is DenseNet-121 with ImageNet weights from a local file (`AGL_WEIGHTS`); without it
-the notebook falls back to a randomly initialised ResNet-18 and says so.
+The data are not shipped with the package: set `AGL_HER2ST` to a folder with one sub-folder per section
+(`counts.tsv.gz`, `spots.tsv`, `he.jpg`), and `AGL_WEIGHTS` to a local DenseNet-121 ImageNet weights file
+(without it the notebook uses a randomly initialised ResNet-18, whose features are much weaker).
 """),
-    code(
-        SETUP
-        + '''
+    code("""
+import os
+from pathlib import Path
 
+import pandas as pd
+import scanpy as sc
 
-def find_path(env: str, relative: str) -> Path:
-    """The path in environment variable `env`, else `relative` under the folder above the repository."""
-    if os.environ.get(env):
-        return Path(os.environ[env]).expanduser()
-    for base in (Path.cwd(), *Path.cwd().parents):
-        if (base / relative).exists():
-            return base / relative
-    return Path.cwd().parents[1] / relative
+import agl_scverse as agl
 
-
-DATA = find_path("AGL_HER2ST", "shared/data/her2st")
-WEIGHTS = find_path("AGL_WEIGHTS", "shared/weights/densenet121_keras_imagenet_features_torchvision.pth")
-# Cached DenseNet-121 embedding written by benchmarks/bench_her2st_loso.py (reused only if it matches).
-CACHE = find_path("AGL_HER2ST_CACHE", "main/benchmarks/out/her2st_densenet121.h5ad")
+sc.settings.verbosity = 1
+DATA = Path(os.environ.get("AGL_HER2ST", "../../shared/data/her2st"))
+WEIGHTS = Path(os.environ.get("AGL_WEIGHTS", "../../shared/weights/densenet121_keras_imagenet_features_torchvision.pth"))
+QUICK = os.environ.get("AGL_TUTORIAL_QUICK") == "1"  # a small, fast run (the test suite's)
 SECTIONS = ["C2", "C3"] if QUICK else ["C2", "C3", "C4", "C5", "C6"]
 HELD_OUT = SECTIONS[-1]
-PATCH_UM = 160.0  # a 224-px patch at the native ~0.71 µm/px
-EPOCHS = 5 if QUICK else 40
-
-HAVE_DATA = all((DATA / s / "counts.tsv.gz").exists() for s in SECTIONS)
-if not HAVE_DATA:
-    print(f"HER2+ data not found under {DATA}: set AGL_HER2ST to the folder holding {SECTIONS}. "
-          "The remaining cells are skipped.")
-print(f"QUICK={QUICK}, DATA={DATA}, sections={SECTIONS}, held-out={HELD_OUT}")'''
-    ),
+print(f"QUICK={QUICK}, sections {SECTIONS}, held out: {HELD_OUT}")"""),
     md("""
 ## 1 · Read the sections
 
 `agl.io.read_legacy_st` reads every section into one AnnData: raw counts in `.X` (genes joined on their union),
 the section in `.obs["library_id"]`, spot centres in full-resolution pixels in `.obsm["spatial"]`, and per section
-a downscaled `hires` H&E image plus the µm-per-pixel scale (estimated from the 200 µm spot pitch) in
-`.uns["spatial"]`.
+the H&E image and its µm-per-pixel scale (from the 200 µm spot pitch) in `.uns["spatial"]`.
 """),
     code("""
-if HAVE_DATA:
-    adata = agl.io.read_legacy_st(DATA, sections=SECTIONS)
-    print(adata)
-    print(adata.obs["library_id"].value_counts().sort_index().to_dict())"""),
+adata = agl.io.read_legacy_st(DATA, sections=SECTIONS)
+print(adata)
+print(adata.obs["library_id"].value_counts().sort_index().to_dict())"""),
     md("""
 ## 2 · Embed the patches
 
-Full mode: DenseNet-121 with ImageNet weights, 224-px patches covering 160 µm (about the native resolution). On a
-CPU this takes minutes per section, so the notebook reuses the embedding cached by the HER2+ benchmark
-(`benchmarks/out/her2st_densenet121.h5ad`) when its encoder, weights checksum and patch settings match, and
-embeds otherwise (with `patch_px=112` to halve the time; set it to 224 for the benchmark setting).
-Quick mode (`AGL_TUTORIAL_QUICK=1`): a random-init ResNet-18 at 64 px, only to exercise the code.
+DenseNet-121 with ImageNet weights on 224-px patches covering 160 µm (about the native ~0.71 µm/px), cached in
+`.obsm["X_agl_densenet121"]`. The quick run (or a missing weights file) uses a random-init ResNet-18 at 64 px,
+only to exercise the code.
 """),
     code("""
-import hashlib
-
-
-def sha256_file(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-if HAVE_DATA:
-    use_densenet = WEIGHTS.exists() and not QUICK
-    if not WEIGHTS.exists():
-        print(f"Weights file {WEIGHTS} not found: falling back to a random-init ResNet-18 "
-              "(the predictions will be much weaker than with pretrained features).")
-    emb_key = "X_agl_densenet121" if use_densenet else "X_agl_resnet18"
-    cached = False
-    if use_densenet and CACHE.exists():
-        import anndata as ad
-
-        cache = ad.read_h5ad(CACHE, backed="r")
-        rec = dict(cache.uns.get("agl_embeddings", {}).get(emb_key, {}))
-        ok = (
-            emb_key in cache.obsm
-            and rec.get("weights_sha256") == sha256_file(WEIGHTS)
-            and float(rec.get("patch_um", -1)) == PATCH_UM
-            and int(rec.get("patch_px", -1)) == 224
-            and adata.obs_names.isin(cache.obs_names).all()
-        )
-        if ok:
-            pos = cache.obs_names.get_indexer(adata.obs_names)
-            adata.obsm[emb_key] = np.asarray(cache.obsm[emb_key])[pos]
-            adata.uns["agl_embeddings"] = {emb_key: rec}
-            cached = True
-            print(f"reused the cached DenseNet-121 embedding from {CACHE} (224 px, {PATCH_UM:.0f} µm)")
-        cache.file.close()
-    if not cached:
-        if use_densenet:
-            agl.pp.embed_patches(adata, encoder="densenet121", weights=WEIGHTS, patch_px=112, patch_um=PATCH_UM,
-                                 device="cpu")
-        else:
-            agl.pp.embed_patches(adata, encoder="resnet18", patch_px=64, patch_um=PATCH_UM, seed=SEED, device="cpu")
-        rec = adata.uns["agl_embeddings"][emb_key]
-        print(f"embedded with {rec['encoder']} at {rec['patch_px']} px, {rec['patch_um']:.0f} µm")
-    print(emb_key, adata.obsm[emb_key].shape)"""),
+if WEIGHTS.exists() and not QUICK:
+    encoder, weights, patch_px = "densenet121", WEIGHTS, 224
+else:
+    print("quick run or no weights file: a random-init ResNet-18 (weak features)")
+    encoder, weights, patch_px = "resnet18", None, 64
+agl.pp.embed_patches(adata, encoder=encoder, weights=weights, patch_px=patch_px, patch_um=160.0,
+                     library_key="library_id", device="cpu")
+emb_key = f"X_agl_{encoder}"
+print(emb_key, adata.obsm[emb_key].shape)"""),
     md("""
 ## 3 · Train on the other sections, predict the held-out one
 
 `spots=` restricts the fit to the training sections; the held-out section's spots become `"unused"` in
 `.obs["agl_split"]`. Targets (top-50 HVG) and auxiliaries (every other gene seen in ≥ 10 training spots, ranked
 by HVG dispersion) are chosen on the training spots only, so nothing leaks from the held-out section. A random
-20% of the training spots is used for validation (early stopping and the DkGSB threshold update). `library_key`
-lets the fit cut patches per section if it needs to re-embed.
+20% of the training spots is used for validation (early stopping and the DkGSB threshold update).
 """),
     code("""
-if HAVE_DATA:
-    train = (adata.obs["library_id"] != HELD_OUT).to_numpy()
-    model = agl.tl.agl_fit(
-        adata, method="dkgsb", embedding_key=emb_key, spots=train, epochs=EPOCHS, seed=SEED,
-        library_key="library_id", progress=False,
-    )
-    print(model)
-    print("split:", adata.obs["agl_split"].value_counts().to_dict())"""),
+train = (adata.obs["library_id"] != HELD_OUT).to_numpy()
+model = agl.tl.agl_fit(adata, method="dkgsb", embedding_key=emb_key, spots=train, epochs=5 if QUICK else 40,
+                       seed=0, library_key="library_id", progress=False)
+print(model)
+print("split:", adata.obs["agl_split"].value_counts().to_dict())"""),
     md("""
 ## 4 · Evaluate on the held-out section
 
@@ -347,14 +293,12 @@ held-out (`unused`) spots beside the mean predictor and PCA + Ridge on the same 
 spots.
 """),
     code("""
-if HAVE_DATA:
-    agl.tl.agl_predict(adata, model, library_key="library_id")
-    agl.tl.evaluate(adata, model)
-    test_metrics = adata.uns["agl"]["metrics"]["test"]
-    table = pd.DataFrame({name: {m: float(v) for m, v in d.items() if np.isscalar(v)}
-                          for name, d in test_metrics.items() if isinstance(d, dict)}).T
-    print(f"Held-out section {HELD_OUT}: mean over target genes")
-    display(table.round(3))"""),
+agl.tl.agl_predict(adata, model, library_key="library_id")
+agl.tl.evaluate(adata, model)
+test = adata.uns["agl"]["metrics"]["test"]
+table = pd.DataFrame({name: test[name] for name in ("model", "mean_predictor", "pca_ridge")}).T
+print(f"Held-out section {HELD_OUT}: mean over target genes")
+table[["pearson", "spearman", "mse"]].astype(float).round(3)"""),
     md("""
 **Reading the numbers.** Per-gene correlations on an unseen section of ~180 spots are modest for every method
 (the published HER2+ benchmarks report mean target PCC around 0.15-0.25 for this kind of model). In the
@@ -364,8 +308,7 @@ better on these 910 spots. One held-out section, as here, is a noisy estimate: u
 fair comparison.
 """),
     code("""
-if HAVE_DATA:
-    agl.pl.gene_performance(adata, kind="bar", figsize=(7, 3))"""),
+agl.pl.gene_performance(adata, kind="bar", figsize=(7, 3))"""),
     md("""
 ## 5 · Maps on the held-out H&E
 
@@ -373,22 +316,19 @@ Observed (log1p counts) and predicted expression of the three best-predicted tar
 the title of each predicted panel gives the Pearson r over that section's spots, all held out of the fit.
 """),
     code("""
-if HAVE_DATA:
-    targets = adata.var_names[adata.var["agl_role"] == "target"]
-    best = adata.var.loc[targets, "agl_pcc"].sort_values(ascending=False).index[:3].tolist()
-    print("genes:", best)
-    agl.pl.spatial_prediction(adata, best, library_id=HELD_OUT, library_key="library_id", figsize=(7, 9))"""),
+targets = adata.var_names[adata.var["agl_role"] == "target"]
+best = adata.var.loc[targets, "agl_pcc"].sort_values(ascending=False).index[:3].tolist()
+print("genes:", best)
+agl.pl.spatial_prediction(adata, best, library_id=HELD_OUT, library_key="library_id", figsize=(7, 9))"""),
     md("""
 ## 6 · Which auxiliary genes did DkGSB keep?
 
 Each auxiliary gene at its prior (HVG) rank with its learned weight; genes left of the dashed threshold are used.
 """),
     code("""
-if HAVE_DATA:
-    run = adata.uns["agl"]
-    n_aux = int((adata.var["agl_role"] == "auxiliary").sum())
-    print(f"k = {run['k']} of {n_aux} auxiliary genes selected")
-    agl.pl.selected_genes(adata, n_labels=8, show_history=True, figsize=(9, 3.2))"""),
+n_aux = int((adata.var["agl_role"] == "auxiliary").sum())
+print(f"k = {adata.uns['agl']['k']} of {n_aux} auxiliary genes selected")
+agl.pl.selected_genes(adata, n_labels=8, show_history=True, figsize=(9, 3.2))"""),
 ]
 
 
@@ -582,6 +522,48 @@ expression.
 NOTEBOOKS = {"01_quickstart.ipynb": "NB01", "02_her2st.ipynb": "NB02", "03_scanpy_pipeline.ipynb": "NB03"}
 
 
+_BAR = re.compile(r"^.*\d+%\|.*\|.*$")  # a tqdm progress bar line
+# a warning raised inside an installed package: "<path>/site-packages/<file>:<line>: <Name>Warning: ..."
+_LIBRARY_WARNING = re.compile(r"^\S*site-packages/\S+:\d+: \w*Warning: ")
+
+
+def clean_outputs(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Stored outputs as a reader should see them: consecutive streams merged, text a carriage return overwrote
+    dropped, progress-bar lines removed (Jupyter redraws a bar in place; a stored notebook repeats every frame),
+    and warnings raised inside installed packages removed (they name this machine's paths, not the tutorial's)."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged: list = []
+        for out in cell.get("outputs", []):
+            if (
+                out.output_type == "stream"
+                and merged
+                and merged[-1].output_type == "stream"
+                and (merged[-1].name == out.name)
+            ):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        kept = []
+        for out in merged:
+            if out.output_type == "stream":
+                lines, keep = [ln.rsplit("\r", 1)[-1] for ln in out.text.split("\n")], []
+                for ln in lines:
+                    if _LIBRARY_WARNING.match(ln):
+                        keep.append(None)  # and its source line below
+                    elif keep and keep[-1] is None and ln.startswith("  "):
+                        keep[-1] = False
+                    elif not _BAR.match(ln):
+                        keep.append(ln)
+                out.text = "\n".join(ln for ln in keep if isinstance(ln, str))
+                if not out.text.strip():
+                    continue
+            kept.append(out)
+        cell.outputs = kept
+    return nb
+
+
 def build(name: str) -> nbformat.NotebookNode:
     nb = new_notebook(cells=globals()[NOTEBOOKS[name]])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -608,6 +590,7 @@ def main(argv: list[str]) -> None:
                 nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
             ).execute()
             print(f"{name}: executed in {time.perf_counter() - t:.0f} s")
+            clean_outputs(nb)
         nbformat.write(nb, path)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 

@@ -9,13 +9,36 @@ Examples
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("agl-scverse")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
-    __version__ = "0.0.0"
-
-from . import datasets, io, model, pl, pp, tl
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the subpackages; at run time they load on first use
+    from . import datasets, io, model, pl, pp, tl
 
 __all__ = ["io", "pp", "tl", "pl", "datasets", "model", "__version__"]
+_SUBPACKAGES = frozenset(__all__) - {"__version__"}
+
+
+def __getattr__(name: str):
+    """Import a subpackage (``agl.tl``, ...) on first access, and read ``__version__`` when asked.
+
+    So ``import agl_scverse`` and the CLI's ``--help`` do not load torch, scanpy and the rest until they are used.
+    """
+    if name == "__version__":  # importlib.metadata takes a noticeable part of a second: read it when asked
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("agl-scverse")
+        except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
+            value = "0.0.0"
+        globals()["__version__"] = value
+        return value
+    if name in _SUBPACKAGES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

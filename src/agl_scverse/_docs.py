@@ -19,7 +19,7 @@ data
     :func:`agl_scverse.io.from_spatialdata`)."""
 _key_added = """\
 key_added
-    Prefix of every key written (``.var``, ``.obs``, ``.layers``, ``.uns``); see ``docs/data_layouts.md``.
+    Prefix of every key written (``.var``, ``.obs``, ``.layers``, ``.uns``); see :doc:`/data_layouts`.
     Several runs can live in one AnnData under different prefixes."""
 _copy = """\
 copy

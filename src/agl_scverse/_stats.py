@@ -132,8 +132,10 @@ def per_gene_metrics(y_true, y_pred, genes: Sequence[str] | None = None, constan
 
     Parameters
     ----------
-    y_true, y_pred
-        Observed and predicted matrices, spots x genes.
+    y_true
+        Observed matrix, spots x genes.
+    y_pred
+        Predicted matrix, same shape.
     genes
         Gene names (default ``"0"``, ``"1"``, ...).
     constant_pred

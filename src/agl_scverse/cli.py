@@ -1,8 +1,9 @@
-"""Command line: ``agl-scverse demo | fit | predict | cross-validate``.
+"""Command line: agl-scverse demo | fit | predict | cross-validate.
 
 Errors in the input (a missing file, a bad value, an output that exists) print one line
-``agl-scverse: error: <message>`` and exit with status 2; ``--debug`` shows the traceback instead. Ctrl-C exits
-with status 130. Every output path is checked before any work starts.
+"agl-scverse: error: <message>" and exit with status 2; --debug shows the traceback instead. Ctrl-C exits with
+status 130. Every output path is checked before any work starts. Each command ends with a one-line summary of
+its results. Heavy libraries (torch, scanpy, anndata) are imported inside the commands, so --help is quick.
 
 Examples
 --------
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import _constants as K
 from ._constants import METHODS
 
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
@@ -34,42 +36,117 @@ USER_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError)
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def _read(path: str, reader: str = "auto"):
-    """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder)."""
-    import anndata as ad
-    import numpy as np
+def _resolve_reader(p: Path, reader: str) -> str:
+    """The reader ``auto`` stands for: .h5ad file, else a Visium folder (``spatial/``), else legacy ST."""
+    if reader != "auto":
+        return reader
+    if p.is_file() and p.suffix != ".h5ad":
+        raise ValueError(f"{p} is a file but not .h5ad; pass a .h5ad file or a slide folder, or choose --reader.")
+    if p.suffix == ".h5ad":
+        return "h5ad"
+    if p.is_dir() and (any(p.glob("spatial")) or any(p.glob("*filtered_feature_bc_matrix*"))):
+        return "visium"
+    return "legacy_st"
 
-    from . import io
 
+def _existing(path: str) -> Path:
+    """``path`` as a Path; FileNotFoundError when it does not exist (checked before any slow import)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist; pass a .h5ad file or a slide folder.")
-    if reader == "auto":
-        if p.is_file() and p.suffix != ".h5ad":
-            raise ValueError(f"{p} is a file but not .h5ad; pass a .h5ad file or a slide folder, or choose --reader.")
-        if p.suffix == ".h5ad":
-            reader = "h5ad"
-        elif p.is_dir() and (any(p.glob("spatial")) or any(p.glob("*filtered_feature_bc_matrix*"))):
-            reader = "visium"
-        else:
-            reader = "legacy_st"
+    return p
+
+
+def _read(path: str, reader: str = "auto", microns_per_pixel: float | None = None, fullres_image: str | None = None):
+    """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder).
+
+    ``microns_per_pixel`` (µm per full-resolution pixel) goes to the legacy ST, Visium and HEST readers;
+    ``fullres_image`` (the full-resolution H&E) to the Visium and HEST readers.
+    """
+    p = _existing(path)
+    reader = _resolve_reader(p, reader)
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}.")
+    if fullres_image is not None:
+        if reader not in ("visium", "hest"):
+            raise ValueError(
+                f"--fullres-image applies to --reader visium or hest, not {reader} (legacy ST reads each section's "
+                "own image; an .h5ad file names its image in .uns['spatial'])."
+            )
+        if not Path(fullres_image).is_file():
+            raise FileNotFoundError(f"--fullres-image {fullres_image} does not exist; pass the full-resolution H&E.")
+    if microns_per_pixel is not None:
+        if reader == "h5ad":
+            raise ValueError(
+                "--microns-per-pixel applies to slide folders (--reader legacy_st, visium, hest); an .h5ad file "
+                "records it in .uns['spatial'][library]['scalefactors']."
+            )
+        if not microns_per_pixel > 0:
+            raise ValueError(f"--microns-per-pixel must be positive, got {microns_per_pixel}.")
     if reader == "h5ad":
-        try:
-            adata = ad.read_h5ad(p)
-        except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
-            raise OSError(f"cannot read {p} as .h5ad ({_one_line(e)}); is the file complete?") from e
-        xy = adata.obsm.get("spatial")
-        if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
-            n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
-            raise ValueError(f"{p}: .obsm['spatial'] holds NaN/inf coordinates for {n_bad} spot(s); fix or drop them.")
-        return adata
+        return _read_h5ad(p)
+    from . import io
+
+    mpp = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
+    image = {} if fullres_image is None else {"fullres_image": fullres_image}
     if reader == "legacy_st":
-        return io.read_legacy_st(p)
+        return io.read_legacy_st(p, **mpp)
     if reader == "visium":
-        return io.read_visium(p)
-    if reader == "hest":
-        return io.read_hest(p)
-    raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}.")
+        return io.read_visium(p, **mpp, **image)
+    return io.read_hest(p, **mpp, **image)
+
+
+def _read_h5ad(p: Path):
+    import anndata as ad
+    import numpy as np
+
+    try:
+        adata = ad.read_h5ad(p)
+    except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
+        raise OSError(f"cannot read {p} as .h5ad ({_one_line(e)}); is the file complete?") from e
+    xy = adata.obsm.get("spatial")
+    if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
+        n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
+        raise ValueError(f"{p}: .obsm['spatial'] holds NaN/inf coordinates for {n_bad} spot(s); fix or drop them.")
+    return adata
+
+
+def _read_slide(args: argparse.Namespace):
+    """The slide of a command, read with its reader and resolution flags."""
+    return _read(args.data, args.reader, args.microns_per_pixel, args.fullres_image)
+
+
+def _device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; other names are checked (known, available)."""
+    from ._utils import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _accepted(func, **kwargs) -> dict:
+    """The keyword arguments ``func`` takes (``allow_lowres`` is new in the readers' and fit's signatures).
+
+    Without an ``allow_lowres`` parameter, patches of a lower-resolution image are read with a warning, which is
+    what ``--allow-lowres`` asks for; dropping it then changes nothing.
+    """
+    import inspect
+
+    params = inspect.signature(func).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _groups_mask(adata, key: str, groups: list[str], flag: str):
+    """Boolean mask of the spots whose ``.obs[key]`` is one of ``groups`` (each must occur)."""
+    import numpy as np
+
+    if key not in adata.obs:
+        raise KeyError(f"--split-key {key!r} is not an .obs column: {list(adata.obs.columns)}")
+    col = adata.obs[key].astype(str).to_numpy()
+    present = sorted(set(col))
+    missing = [g for g in groups if g not in present]
+    if missing:
+        raise ValueError(f"{flag} {' '.join(missing)}: not in .obs[{key!r}], whose values are {present[:20]}.")
+    return np.isin(col, groups)
 
 
 def check_output(path: str | Path, flag: str, overwrite: bool = False, folder: bool = False) -> Path:
@@ -214,12 +291,41 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
     return out_dir
 
 
-def _fit(args: argparse.Namespace) -> None:
-    from . import tl
+def _fmt(value, spec: str = ".3f") -> str:
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return "n/a"
 
+
+def _test_pcc(adata, key: str = "agl") -> tuple[float, int] | None:
+    """Mean target Pearson r and number of spots of the last ``tl.evaluate`` (None when there is none)."""
+    test = ((adata.uns.get(key) or {}).get("metrics") or {}).get("test") or {}
+    if "model" not in test:
+        return None
+    return float(test["model"]["pearson"]), int(test["n_spots"])
+
+
+def _fit(args: argparse.Namespace) -> None:
     check_output(args.out, "--out", args.overwrite, folder=True)
     h5ad = check_output(args.h5ad, "--h5ad", args.overwrite) if args.h5ad else None
-    adata = _read(args.data, args.reader)
+    _existing(args.data)  # the quick checks first; then the slow imports
+    from . import tl
+
+    device = _device(args.device)
+    adata = _read_slide(args)
+    split_key = args.split_key
+    if split_key is None and (args.val_groups or args.test_groups):
+        split_key = "library_id"
+    spots = None
+    if args.test_groups:
+        test = _groups_mask(adata, split_key, args.test_groups, "--test-groups")
+        spots = ~test
+    if args.val_groups:
+        _groups_mask(adata, split_key, args.val_groups, "--val-groups")
+        overlap = sorted(set(args.val_groups) & set(args.test_groups or []))
+        if overlap:
+            raise ValueError(f"--val-groups and --test-groups share {' '.join(overlap)}; a group is one or the other.")
     model = tl.agl_fit(
         adata,
         method=args.method,
@@ -230,13 +336,32 @@ def _fit(args: argparse.Namespace) -> None:
         prior=args.prior,
         k=args.k,
         epochs=args.epochs,
-        split_key=args.split_key,
+        patch_px=args.patch_px,
+        patch_um=args.patch_um,
+        split_key=split_key if args.val_groups else None,
         val_groups=args.val_groups,
+        spots=spots,
         seed=args.seed,
+        device=device,
         save_dir=args.out,
         overwrite=args.overwrite,
+        **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres),
     )
-    print(f"trained {args.method}: k = {model.k} auxiliary genes; model saved to {args.out}")
+    cfg = model.config
+    n_aux = cfg.get("n_auxiliary_candidates", len(model.genes) - len(model.targets))
+    summary = (
+        f"fit: {METHOD_LABELS[args.method]}, {len(model.targets)} target genes, {model.k} of {n_aux} auxiliary genes "
+        f"used, best epoch {cfg.get('best_epoch')}, validation PCC {_fmt(cfg.get('val_pcc'))} "
+        f"({cfg.get('n_train')} training / {cfg.get('n_val')} validation spots)"
+    )
+    if spots is not None:  # the held-out groups: predicted and scored
+        tl.evaluate(adata, model, spots=~spots, baselines=True)
+        pcc, n = _test_pcc(adata)
+        summary += f"; held-out {' '.join(args.test_groups)}: PCC {_fmt(pcc)} over {n} spots"
+        ridge = adata.uns["agl"]["metrics"]["test"].get("pca_ridge")
+        if ridge is not None:
+            summary += f" (PCA+Ridge {_fmt(ridge['pearson'])})"
+    print(f"{summary}; model saved to {args.out}")
     if h5ad is not None:
         _write_h5ad(adata, h5ad)
         print(f"wrote {h5ad}")
@@ -244,31 +369,53 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    out = check_output(args.out, "--out", args.overwrite)
+    _existing(args.data)
+    import pandas as pd
+
     from . import tl
     from .model import AGLModel
 
-    out = check_output(args.out, "--out", args.overwrite)
+    device = _device(args.device)
     model = AGLModel.load(args.model)
-    adata = _read(args.data, args.reader)
-    kwargs = {"embedding_key": args.embedding_key, "weights": args.weights}
-    if adata.n_vars and adata.var_names.isin(model.genes).any():  # a slide that measured the model's genes
-        tl.agl_predict(adata, model, **kwargs)
+    adata = _read_slide(args)
+    kwargs = {"embedding_key": args.embedding_key, "weights": args.weights, "device": device}
+    measured = bool(adata.n_vars) and bool(pd.Index(model.targets).isin(adata.var_names).all())
+    note = ""
+    if measured:  # a slide that measured the model's genes: predictions beside them, then scored
+        tl.agl_predict(adata, model, **kwargs, **_accepted(tl.agl_predict, allow_lowres=args.allow_lowres))
         result = adata
-    else:  # H&E only
-        result = tl.predict_anndata(adata, model, **kwargs)
+        try:
+            tl.evaluate(adata, model, baselines=False)
+        except (ValueError, KeyError) as e:  # e.g. normalised counts: the predictions are still written
+            note = f"; not scored: {_one_line(e)}"
+    else:  # H&E only (or not the model's genes)
+        result = tl.predict_anndata(
+            adata, model, **kwargs, **_accepted(tl.predict_anndata, allow_lowres=args.allow_lowres)
+        )
     _write_h5ad(result, out)
-    print(f"wrote predictions to {out}")
+    summary = f"predict: {result.n_obs} spots x {len(model.predicted_genes)} genes -> {out}"
+    scored = _test_pcc(result) if measured and not note else None
+    if scored is not None:
+        summary += f"; PCC {_fmt(scored[0])} over {len(model.targets)} target genes on {scored[1]} spots"
+    print(summary + note)
 
 
 def _cross_validate(args: argparse.Namespace) -> None:
+    out = check_output(args.out, "--out", args.overwrite)
+    _existing(args.data)
     from . import pp, tl
 
-    out = check_output(args.out, "--out", args.overwrite)
-    adata = _read(args.data, args.reader)
+    device = _device(args.device)
+    adata = _read_slide(args)
     if args.group_key not in adata.obs:
         raise KeyError(f"--group-key {args.group_key!r} is not an .obs column: {list(adata.obs.columns)}")
     if args.embedding_key is None:
-        pp.embed_patches(adata, encoder=args.encoder, weights=args.weights)
+        pp.embed_patches(
+            adata, encoder=args.encoder, weights=args.weights, device=device, patch_px=args.patch_px,
+            patch_um=args.patch_um,
+            **_accepted(pp.embed_patches, allow_lowres=args.allow_lowres),
+        )  # fmt: skip
     fit_kwargs = {"k": args.k} if args.k is not None else {}
     if args.epochs is not None:
         fit_kwargs["epochs"] = args.epochs
@@ -279,69 +426,173 @@ def _cross_validate(args: argparse.Namespace) -> None:
         embedding_key=args.embedding_key,
         n_targets=args.n_targets,
         seed=args.seed,
+        device=device,
         **fit_kwargs,
     )
     df.to_csv(out, index=False)
     summary = df.groupby(["method", "fold"])["pearson"].mean().unstack("fold")
     summary["mean"] = summary.mean(axis=1)
     print(summary.round(3).to_string())
-    print(f"wrote {out}")
+    means = ", ".join(f"{m} {_fmt(v)}" for m, v in summary["mean"].items())
+    n_folds = summary.shape[1] - 1
+    print(f"cross-validate: {n_folds} held-out {args.group_key} folds, mean target PCC: {means} -> {out}")
 
 
 def _add_debug(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
 
 
+def _add_resolution_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
+    p.add_argument(
+        "--microns-per-pixel",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="µm per full-resolution image pixel of a slide folder (default: the reader's, from its metadata)",
+    )
+    p.add_argument(
+        "--fullres-image",
+        default=None,
+        metavar="FILE",
+        help="full-resolution H&E image of a Visium or HEST slide (patches are cut from it, not the thumbnail)",
+    )
+    p.add_argument(
+        "--allow-lowres",
+        action="store_true",
+        help="accept patches from an image coarser than the model was trained on (otherwise refused)",
+    )
+    why = {"auto": "CUDA when available", "cpu": "bit-for-bit reproducible"}[device]
+    p.add_argument("--device", default=device, help=f"torch device: auto, cpu, cuda, cuda:1 (default: {device}, {why})")
+
+
 def _add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="slide: .h5ad file, legacy ST folder(s), Visium folder or HEST .h5ad")
-    p.add_argument("--reader", choices=READERS, default="auto")
+    p.add_argument("--reader", choices=READERS, default="auto", help="how to read DATA (default: by its type)")
     p.add_argument("--encoder", default="resnet18", help="timm model name (default: %(default)s)")
     p.add_argument("--weights", default=None, help="local encoder weights file (default: random init)")
     p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: embed patches)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-targets", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and batches (default: 0)")
+    p.add_argument("--n-targets", type=int, default=50, help="highly variable target genes (default: 50)")
     p.add_argument("--k", type=int, default=None, help="auxiliary genes of --method topk (required with it)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
+    p.add_argument(
+        "--patch-px", type=int, default=K.DEFAULT_PATCH_PX, help="patch side in pixels, to embed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--patch-um", type=float, default=K.DEFAULT_PATCH_UM, help="patch side in µm, to embed (default: %(default)s)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_resolution_args(p)
+
+
+_EXAMPLE = "example:\n"
+
+
+def _examples(*lines: str) -> str:
+    return _EXAMPLE + "\n".join(f"  {line}" for line in lines)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions to the terminal; keeps the lines of an example epilog as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith(_EXAMPLE):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``agl-scverse`` argument parser."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Predict spatial gene expression from H&E with Auxiliary Gene Learning (AGL, DkGSB).",
+        epilog="Errors in the input print one line and exit with status 2 (--debug: the traceback). "
+        f"Run '{PROG} <command> --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     _add_debug(parser, False)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,predict,cross-validate}")
 
-    p = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic slides")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the built-in synthetic slide",
+        description="Embed, fit PGL / AGL-all / AGL + DkGSB and score them on held-out spots of a synthetic slide; "
+        "writes the AnnData, a model, a results table and figures.",
+        epilog=_examples(f"{PROG} demo --out agl_demo_output --epochs 20"),
+        formatter_class=_Formatter,
+    )
     p.add_argument("--out", default="agl_demo_output", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
-    p.add_argument("--patch-px", type=int, default=112, help="patch size in pixels (112 µm patches)")
+    p.add_argument("--patch-px", type=int, default=112, help="patch size in pixels (112 µm patches; default: 112)")
     _add_debug(p, argparse.SUPPRESS)  # after the command too; SUPPRESS keeps a --debug given before it
 
-    p = sub.add_parser("fit", help="train a model on a slide")
+    p = sub.add_parser(
+        "fit",
+        help="train a model on one or several slides",
+        description="Train an AGL model and save it to --out. Validation spots (early stopping, DkGSB's "
+        "bi-level step) are a seeded 20% of the spots, or the --val-groups sections; --test-groups sections are "
+        "held out of training and scored after it. Ends with one line: method, genes, best epoch, validation "
+        "(and held-out) Pearson r.",
+        epilog=_examples(
+            f"{PROG} fit her2st/ --reader legacy_st --encoder resnet18 --method dkgsb \\",
+            "    --val-groups B1 --test-groups C1 --epochs 50 --out model --h5ad fitted.h5ad",
+        ),
+        formatter_class=_Formatter,
+    )
     _add_slide_args(p)
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--method", default="dkgsb", choices=list(METHODS))
-    p.add_argument("--prior", default="hvg")
-    p.add_argument("--split-key", default=None, help=".obs column for a validation group split")
-    p.add_argument("--val-groups", nargs="*", default=None)
+    p.add_argument("--method", default="dkgsb", choices=list(METHODS), help="training method (default: dkgsb)")
+    p.add_argument("--prior", default="hvg", help="auxiliary ranking: hvg, coexpression, moran (default: hvg)")
+    p.add_argument(
+        "--split-key",
+        default=None,
+        help=".obs column of the groups (sections) that --val-groups and --test-groups name (default: library_id)",
+    )
+    p.add_argument(
+        "--val-groups", nargs="+", default=None, metavar="GROUP", help="groups whose spots validate (not trained on)"
+    )
+    p.add_argument(
+        "--test-groups",
+        nargs="+",
+        default=None,
+        metavar="GROUP",
+        help="groups held out of the fit, predicted and scored after it",
+    )
     p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
     _add_debug(p, argparse.SUPPRESS)
 
-    p = sub.add_parser("cross-validate", aliases=["benchmark"], help="leave-one-group-out comparison")
+    p = sub.add_parser(
+        "cross-validate",
+        aliases=["benchmark"],
+        help="leave-one-group-out comparison of methods",
+        description="Hold out each group (section) in turn, fit every method on the others and score it on the "
+        "held-out one beside a mean predictor and PCA + Ridge. Writes one row per method, fold and gene.",
+        epilog=_examples(f"{PROG} cross-validate her2st/ --reader legacy_st --methods pgl dkgsb --out cv.csv"),
+        formatter_class=_Formatter,
+    )
     _add_slide_args(p)
-    p.add_argument("--group-key", default="library_id")
-    p.add_argument("--methods", nargs="+", default=["pgl", "agl", "dkgsb"], choices=list(METHODS))
+    p.add_argument("--group-key", default="library_id", help=".obs column of the groups (default: library_id)")
+    p.add_argument(
+        "--methods", nargs="+", default=["pgl", "agl", "dkgsb"], choices=list(METHODS), help="methods to compare"
+    )
     p.add_argument("--out", default="cross_validation.csv", help="CSV file to write (default: %(default)s)")
     _add_debug(p, argparse.SUPPRESS)
 
-    p = sub.add_parser("predict", help="predict expression on a slide with a saved model")
+    p = sub.add_parser(
+        "predict",
+        help="predict expression on a slide with a saved model",
+        description="Predict every gene the model was trained on for each spot of a slide and write an .h5ad. "
+        "A slide that measured the model's target genes gets the predictions as a layer beside them and is "
+        "scored (Pearson r); an H&E-only slide gets an AnnData of predictions.",
+        epilog=_examples(
+            f"{PROG} predict model visium_outs/ --reader visium --fullres-image tissue.tif --out predicted.h5ad"
+        ),
+        formatter_class=_Formatter,
+    )
     p.add_argument("model", help="model directory written by fit / AGLModel.save")
     p.add_argument("data", help="slide: .h5ad file, legacy ST folder, Visium folder or HEST .h5ad")
-    p.add_argument("--reader", choices=READERS, default="auto")
+    p.add_argument("--reader", choices=READERS, default="auto", help="how to read DATA (default: by its type)")
     p.add_argument(
         "--weights",
         default=None,
@@ -350,8 +601,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: the model's)")
     p.add_argument("--out", required=True, help=".h5ad file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_resolution_args(p, device="cpu")  # predictions are bit-for-bit reproducible on CPU
     _add_debug(p, argparse.SUPPRESS)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: the package version, read only when asked (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        parser.exit(message=f"{PROG} {__version__}\n")
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -362,6 +626,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--method topk needs --k, the number of auxiliary genes to use (e.g. --k 500)")
     if k is not None and "topk" not in methods:
         parser.error(f"--k applies to the topk method only (methods: {', '.join(methods)})")
+    if args.command == "fit" and args.split_key is not None and not (args.val_groups or args.test_groups):
+        parser.error("--split-key names the column of --val-groups / --test-groups; pass one of them too")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -583,3 +583,19 @@ def test_weights_file_that_is_not_safetensors_is_refused(saved):
     _write_cfg(saved, cfg)
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         AGLModel.load(saved)
+
+
+# ------------------------------------------------------------------------------------------ permissions
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_model_has_the_permissions_of_new_files(tmp_path, umask):
+    """A saved model is 0755 / 0644 under umask 0022 (not the 0700 of its temporary folder), and follows the umask."""
+    old = os.umask(umask)
+    try:
+        path = _model().save(tmp_path / "m")
+        _model(1).save(path, overwrite=True)  # the replacing save too
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in mdir.MODEL_FILES:
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -231,10 +231,16 @@ def synthetic_slide(
 
     Parameters
     ----------
-    n_rows, n_cols
-        Spot grid size per slide.
-    n_tissue_genes, n_informative, n_noise
-        Number of genes of each kind (``n_noise`` includes the bursty ones).
+    n_rows
+        Rows of the spot grid.
+    n_cols
+        Columns of the spot grid.
+    n_tissue_genes
+        Number of tissue genes (following the tissue type).
+    n_informative
+        Number of informative auxiliary genes (driven by the visible latent state).
+    n_noise
+        Number of noise genes (including the bursty ones).
     n_bursty_noise
         How many noise genes are bursty (negative binomial with a very small dispersion parameter).
     n_slides
@@ -242,8 +248,10 @@ def synthetic_slide(
         ``.obs["library_id"]`` (``"synthetic_0"``, ...); with one slide the library id is ``"synthetic"``.
     n_types
         Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
-    spot_spacing_um, spot_diameter_um
-        Centre-to-centre spacing and diameter of spots, in µm.
+    spot_spacing_um
+        Centre-to-centre spacing of spots, in µm.
+    spot_diameter_um
+        Spot diameter, in µm.
     microns_per_pixel
         Scale of the full-resolution image.
     margin_um
@@ -258,8 +266,10 @@ def synthetic_slide(
         Standard deviation of the image-invisible per-spot noise added to the latent state.
     informative_strength
         Loadings of informative genes relative to tissue genes.
-    informative_mean, tissue_mean
-        Range (log-uniform) of mean counts per spot of informative and tissue genes, at ``depth=1``.
+    informative_mean
+        Range (log-uniform) of the mean counts per spot of informative genes, at ``depth=1``.
+    tissue_mean
+        The same for tissue genes.
     seed
         Seed of the :class:`numpy.random.Generator`; the output is a deterministic function of all arguments.
 

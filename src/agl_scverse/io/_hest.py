@@ -81,7 +81,7 @@ def read_hest(
 
     Returns
     -------
-    AnnData in the layout of :mod:`agl_scverse._constants`, with ``.obs["hest_patch_index"]`` and
+    AnnData in the agl-scverse layout (:doc:`/data_layouts`), with ``.obs["hest_patch_index"]`` and
     ``metadata["patches_h5"]`` when a patches file is used.
 
     Examples

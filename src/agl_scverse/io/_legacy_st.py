@@ -75,8 +75,10 @@ def read_legacy_st(
     load_images
         Build the ``"hires"`` thumbnail. The full-resolution image path is recorded either way (and its size read
         from the file header to check the spots lie on it).
-    counts_file, spots_file
-        File names inside each section folder. ``spots_file`` may be tab- or comma-separated.
+    counts_file
+        Counts file name inside each section folder.
+    spots_file
+        Spot positions file name inside each section folder (tab- or comma-separated).
     image_file
         Image file name inside each section folder; ``None`` takes the only image file in the folder.
 

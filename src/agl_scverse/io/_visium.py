@@ -59,7 +59,7 @@ def read_visium(
 
     Returns
     -------
-    AnnData in the layout of :mod:`agl_scverse._constants`; ``.obs`` keeps Space Ranger's ``in_tissue``,
+    AnnData in the agl-scverse layout (:doc:`/data_layouts`); ``.obs`` keeps Space Ranger's ``in_tissue``,
     ``array_row`` and ``array_col``.
 
     Examples

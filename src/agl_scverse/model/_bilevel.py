@@ -53,12 +53,20 @@ class AdamState:
 
     Attributes
     ----------
-    lr, betas, eps, weight_decay
-        The optimiser's hyperparameters (one parameter group).
+    lr
+        Learning rate of the optimiser (one parameter group).
+    betas
+        Its moment decays.
+    eps
+        Its denominator constant.
+    weight_decay
+        Its (L2) weight decay.
     step
         Steps already taken (``0`` for a fresh optimiser).
-    exp_avg, exp_avg_sq
-        First and second moment estimates per parameter name (zeros for parameters without state).
+    exp_avg
+        First moment estimates per parameter name (zeros for parameters without state).
+    exp_avg_sq
+        Second moment estimates per parameter name.
 
     Examples
     --------
@@ -144,13 +152,20 @@ def unrolled_val_loss(
 
     Parameters
     ----------
-    net, mask, n_targets
-        The network (in the mode it should be evaluated in), the soft mask over the auxiliary outputs, and the
-        number of leading target outputs.
-    x_tr, y_tr
-        One training batch, or a sequence of batches used in turn by the inner steps.
-    x_va, y_va
-        The validation batch (only the first ``n_targets`` columns of ``y_va`` are used).
+    net
+        The network, in the mode it should be evaluated in.
+    mask
+        The soft mask over the auxiliary outputs.
+    n_targets
+        Number of leading target outputs.
+    x_tr
+        Inputs of one training batch, or a sequence of batches used in turn by the inner steps.
+    y_tr
+        Their (standardised) expression, one per batch of ``x_tr``.
+    x_va
+        Inputs of the validation batch.
+    y_va
+        Its expression (only the first ``n_targets`` columns are used).
     inner_steps
         Number of unrolled steps ``H``.
     inner_lr

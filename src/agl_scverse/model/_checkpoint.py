@@ -146,23 +146,27 @@ class AGLModel:
 
     @property
     def predicted_genes(self) -> list[str]:
-        """Targets and selected auxiliaries (weight > 0.5): the genes whose outputs were trained."""
+        """Targets and selected auxiliaries (weight > 0.5), the genes whose outputs were trained."""
         return [g for g, w in zip(self.genes, self.weights) if w > 0.5]
 
     @property
     def method(self) -> str | None:
+        """Training method (``"pgl"``, ``"agl"``, ``"topk"`` or ``"dkgsb"``)."""
         return self.config.get("method")
 
     @property
     def mode(self) -> str:
+        """``"embedding"`` (a head on cached features) or ``"finetune"`` (encoder and head)."""
         return self.config.get("mode", "embedding")
 
     @property
     def k(self) -> int | None:
+        """Number of auxiliary genes used (selected by DkGSB, or all of them for AGL-all / top-k)."""
         return self.config.get("k")
 
     @property
     def threshold(self) -> float | None:
+        """DkGSB's learned threshold on the prior ranks (None for the other methods)."""
         return self.config.get("threshold")
 
     def __repr__(self) -> str:

@@ -64,9 +64,11 @@ def normalize(
     batch
         uint8 tensor (or array) of shape ``(B, 3, H, W)`` or ``(3, H, W)``, values 0-255, as produced by
         :class:`SpotPatches`. Stays on its device.
-    mean, std
-        Per-channel mean and standard deviation in the 0-1 range (3 values each, or 1 for all channels), e.g.
-        ``info["mean"]`` and ``info["std"]`` from :func:`agl_scverse.pp.get_encoder`.
+    mean
+        Per-channel mean in the 0-1 range (3 values, or 1 for all channels), e.g. ``info["mean"]`` from
+        :func:`agl_scverse.model.get_encoder`.
+    std
+        Per-channel standard deviation, the same way (``info["std"]``).
 
     Returns
     -------
@@ -144,8 +146,10 @@ def register_encoder(
     factory
         Callable returning a module (or a tensor -> tensor callable) that maps ``(B, 3, H, W)`` normalised
         images to ``(B, D)`` features. If it accepts a ``pretrained`` argument, it receives it.
-    mean, std
-        Input normalisation the encoder expects (0-1 range, per RGB channel).
+    mean
+        Per-channel (RGB) mean of the input normalisation the encoder expects, in the 0-1 range.
+    std
+        Per-channel standard deviation of that normalisation.
     overwrite
         Replace an existing registration.
 
@@ -678,10 +682,12 @@ def get_encoder(
         timm name timm's pretrained weights. Read from the local cache; downloaded only when the hub is reachable;
         otherwise (e.g. ``HF_HUB_OFFLINE=1``) a ``FileNotFoundError`` at once that says how to get them. Default:
         random initialisation (seeded by ``seed``), or ``weights``.
-    mean, std
-        Override the input normalisation. Default: the preset's, else the known normalisation of the weights file
-        (mean = std = 0.5 for the EfficientNet-Lite0 file), else timm's ``pretrained_cfg``, else the registered
-        values, else ImageNet.
+    mean
+        Per-channel mean of the input normalisation, overriding the default: the preset's, else the known
+        normalisation of the weights file (mean = std = 0.5 for the EfficientNet-Lite0 file), else timm's
+        ``pretrained_cfg``, else the registered values, else ImageNet.
+    std
+        Per-channel standard deviation of the input normalisation, overriding the same default.
     seed
         Seed of the random initialisation (the global torch RNG is left untouched).
     encoder_kwargs
@@ -1001,8 +1007,10 @@ def encoder_record(info: dict[str, Any], patch_px: int, patch_um: float, **extra
     ----------
     info
         The ``info`` dict of :func:`get_encoder`.
-    patch_px, patch_um
-        Patch side in pixels and in µm.
+    patch_px
+        Patch side in pixels.
+    patch_um
+        Patch side in µm.
     **extra
         More fields (e.g. the patch settings of :meth:`agl_scverse.pp.SpotPatches.record`).
 

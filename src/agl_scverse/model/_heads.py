@@ -129,8 +129,10 @@ class FinetuneNet(_Calibrated):
         Backbone output dimension.
     n_out
         Number of genes (targets first, then auxiliaries).
-    mean, std
-        Per-channel image normalisation applied to ``uint8`` or ``[0, 1]`` float input (stored as buffers).
+    mean
+        Per-channel mean of the image normalisation applied to ``uint8`` or ``[0, 1]`` float input (a buffer).
+    std
+        Per-channel standard deviation of that normalisation (a buffer).
 
     Examples
     --------

@@ -21,8 +21,10 @@ def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) ->
 
     Parameters
     ----------
-    pred, target
-        ``(n_spots, n_genes)`` tensors.
+    pred
+        Predictions, an ``(n_spots, n_genes)`` tensor.
+    target
+        Observed values, same shape.
     eps
         Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
         finite gradient instead of NaN.
@@ -58,7 +60,7 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def per_gene_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson") -> torch.Tensor:
-    """Dispatch to :func:`pearson_loss` or :func:`mse_loss` (``kind`` in ``agl_scverse._constants.LOSSES``).
+    """Dispatch to :func:`pearson_loss` or :func:`mse_loss` (``kind``: ``"pearson"`` or ``"mse"``).
 
     Examples
     --------

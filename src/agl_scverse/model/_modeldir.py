@@ -8,7 +8,8 @@ data that is not a model of ours.
 
 :func:`atomic_replace` writes the new model into ``.<name>.tmp-XXXXXXXX`` beside ``path`` (files and folder
 fsynced), renames an existing model to ``.<name>.old-XXXXXXXX``, renames the temporary to ``path``, fsyncs the
-parent and removes the old one. A process killed at any point leaves either the old or the new model at
+parent and removes the old one. The new folder and files get the usual permissions of new files (0755 and 0644
+under a 0022 umask), not the private 0700 of a temporary folder. A process killed at any point leaves either the old or the new model at
 ``path``, or (between the two renames) none at ``path`` and an intact one in a leftover: :func:`recover` moves
 it back (the old model first: an unfinished save does not count), and the next save removes stale leftovers.
 One writer per path at a time.
@@ -49,6 +50,24 @@ def fsync_dir(path: Path) -> None:
 def fsync_file(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_permissions(path: Path) -> None:
+    """Give the model folder ``path`` and its files the permissions of a new folder / file (0777 / 0666 less umask).
+
+    ``tempfile.mkdtemp`` creates 0700 folders, so a model written through one would be readable by its owner only.
+    """
+    mask = _umask()
+    for name in MODEL_FILES:
+        os.chmod(path / name, 0o666 & ~mask)
+    os.chmod(path, 0o777 & ~mask)
 
 
 def _describe(path: Path, limit: int = 10) -> str:
@@ -145,6 +164,7 @@ def atomic_replace(path: Path, write: Callable[[Path], None], overwrite: bool) -
     old = None
     try:
         write(tmp)
+        publish_permissions(tmp)
         for name in MODEL_FILES:
             fsync_file(tmp / name)
         fsync_dir(tmp)

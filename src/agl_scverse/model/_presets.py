@@ -42,8 +42,10 @@ class EncoderPreset:
         timm architecture the model is built from.
     timm_kwargs
         Keyword arguments of ``timm.create_model`` (JSON form: layer classes by their :data:`LAYER_NAMES` name).
-    mean, std
-        Input normalisation (0-1 range, per RGB channel).
+    mean
+        Input normalisation mean (0-1 range, per RGB channel).
+    std
+        Input normalisation standard deviation (per RGB channel).
     mpp
         Native resolution in µm per pixel (the magnification the model was trained at; 0.5 µm/px is 20x).
     patch_px

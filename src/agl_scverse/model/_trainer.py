@@ -267,29 +267,56 @@ def train_network(
         ``chunks(idx)`` and ``n_cols`` that slices it per batch from the counts (what ``agl_fit`` passes, so
         memory is that of a batch). It is standardised per gene on
         the training spots internally (:class:`StandardizedTargets`).
-    train_idx, val_idx
-        Row positions of training and validation spots.
+    train_idx
+        Row positions of the training spots.
+    val_idx
+        Row positions of the validation spots (early stopping, DkGSB's meta batches).
     n_targets
         Number of leading target columns.
     mask
         The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
         gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
+    epochs
+        Maximum number of epochs (without validation spots: exactly this many, the last one kept).
+    patience
+        Early stopping: epochs without a better validation mean target Pearson r.
+    lr
+        Adam learning rate of the network.
+    weight_decay
+        Adam weight decay.
+    batch_size
+        Spots per training batch.
+    loss
+        ``"pearson"`` (``1 - r`` per gene) or ``"mse"``.
+    inner_steps
+        DkGSB: differentiable inner steps of the look-ahead, each on its own training batch.
+    inner_lr
+        DkGSB: learning rate of SGD inner steps (``lookahead="sgd"``).
+    meta_steps
+        DkGSB: updates of ``theta`` per epoch, spread over the training batches (several per batch when more).
+    meta_batch_size
+        DkGSB: spots per meta batch.
+    beta
+        DkGSB: Adam learning rate on ``theta``.
+    clip
+        DkGSB: hypergradient clipping.
+    theta_beta2
+        DkGSB: Adam's second-moment decay for ``theta``.
+    normalizer
+        DkGSB meta objective (:func:`agl_scverse.model.hypergradient`): ``"soft"`` differentiates the weighted
+        loss's ``sum(w)`` (the exact derivative), ``"detached"`` holds it constant (legacy).
+    lookahead
+        DkGSB: ``"adam"`` takes the inner steps as the live Adam optimiser would; ``"sgd"`` with ``inner_lr``.
     aux_weights
         Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
-    epochs, patience, lr, weight_decay, batch_size, loss
-        Network training (Adam), early stopping on the validation target Pearson r.
-    inner_steps, inner_lr, meta_steps, meta_batch_size, beta, clip, theta_beta2
-        Bi-level step (DkGSB only): differentiable inner steps (each on its own training batch) and the SGD lr,
-        meta steps per epoch, spots per meta batch, Adam lr on ``theta``, hypergradient clipping, Adam's
-        second-moment decay for ``theta``.
-    normalizer, lookahead
-        Meta objective (:func:`agl_scverse.model.hypergradient`): ``"soft"`` differentiates the weighted loss's
-        ``sum(w)`` (the exact derivative); ``lookahead="adam"`` takes the inner steps as the live Adam optimiser
-        would, ``"sgd"`` with ``inner_lr``.
     seed
         Seeds batch order, meta batches, initialisation-independent randomness (dropout).
-    device, progress, desc
-        Torch device, tqdm bar over epochs (postfix: loss, val PCC, k), bar label.
+    device
+        Torch device.
+    progress
+        Show a tqdm bar over epochs (postfix: loss, validation PCC, k).
+    desc
+        Label of that bar.
     augment
         Random flips / quarter turns of the training batches' patches (image inputs with a ``stream`` method,
         e.g. :class:`~agl_scverse.model._data.PatchInputs`), drawn from ``(seed, epoch)``

@@ -146,8 +146,10 @@ def embed_patches(
     pretrained
         The published weights (a preset's or ``hf-hub:`` repository's, or timm's) from the local cache, else the
         hub; fails at once when they are not local and the hub is off or unreachable (off by default).
-    patch_px, patch_um
-        Patch side in pixels and in µm.
+    patch_px
+        Patch side in pixels (the encoder's input size).
+    patch_um
+        Patch side in µm on the slide.
     batch_size
         Patches per forward pass.
     device
@@ -161,8 +163,10 @@ def embed_patches(
         DataLoader workers cutting patches (each reopens the slide images and reads its patches by region; the
         features are the same as with 0).
     %(copy)s
-    pad_mode, min_inside
-        Border handling, see :class:`SpotPatches`.
+    pad_mode
+        How a patch crossing the image border is padded, see :class:`SpotPatches`.
+    min_inside
+        A patch with less than this fraction inside the image is handled per ``on_outside``.
     seed
         Seed of a random-initialised encoder.
     prefetch_factor

@@ -25,6 +25,7 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
+from agl_scverse._docs import d
 from agl_scverse._expression import expression_transform, take_rows
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
@@ -146,6 +147,7 @@ def _check_gene_list(genes: Sequence[str], var_names: pd.Index, what: str) -> li
     return genes
 
 
+@d.get_sections(base="compute_gene_roles", sections=["Parameters"])
 def compute_gene_roles(
     adata: AnnData,
     n_targets: int = 50,
@@ -348,6 +350,10 @@ def compute_gene_roles(
     return GeneRoles(targets=list(targets), auxiliaries=aux_sorted, prior=prior_s, var_names=var_names, params=params)
 
 
+d.delete_params("compute_gene_roles.parameters", "adata")
+
+
+@d.dedent
 def gene_roles(
     adata: AnnData,
     n_targets: int = 50,
@@ -378,8 +384,7 @@ def gene_roles(
     ----------
     adata
         Spots x genes with raw counts.
-    n_targets, targets, auxiliaries, prior, min_cells, train_mask, layer, library_key, n_neighs
-        See :func:`compute_gene_roles`.
+    %(compute_gene_roles.parameters.no_adata)s
     key_added
         Prefix of the written keys (default ``"agl"`` -> ``agl_role``, ``agl_prior``, ``agl_prior_rank``).
     copy

@@ -64,7 +64,7 @@ def mean_predictor(X_train, Y_train, X_test) -> np.ndarray:
     Returns
     -------
     ``float32`` array, n_test x n_genes. Its per-gene correlation with anything is 0 by the convention of
-    :mod:`agl_scverse._stats` (a constant prediction).
+    :func:`agl_scverse.tl.per_gene_metrics` (a constant prediction).
 
     Examples
     --------
@@ -149,8 +149,15 @@ def pca_ridge(
         Training expression, spots x genes.
     X_test
         Test embeddings.
-    n_components, alpha, alphas, seed
-        See :func:`make_pca_ridge`. Components are capped at ``min(n_train_spots, n_features)``.
+    n_components
+        PCA components (HEST-Benchmark: 256), capped at ``min(n_train_spots, n_features)``.
+    alpha
+        Fixed ridge penalty; ``None`` (default) chooses one for all genes from ``alphas`` by leave-one-out
+        cross-validation on the training spots.
+    alphas
+        Penalties searched when ``alpha`` is None.
+    seed
+        Random state of the PCA solver.
     return_model
         Also return the fitted pipeline (its ``named_steps["ridge"].alpha_`` is the chosen penalty when
         ``alpha`` is None; with ``standardize_targets`` it predicts z-scores).
@@ -236,8 +243,10 @@ def reduced_rank_ridge(
         Number of leading target columns (default: all columns are targets, no auxiliaries).
     aux_weight
         Weight of the auxiliary columns in the subspace (a number or one per auxiliary); 0 leaves them out.
-    alpha, alphas
-        Fixed penalty, or the penalties searched by leave-one-out.
+    alpha
+        Fixed penalty (default: chosen by leave-one-out).
+    alphas
+        Penalties searched by leave-one-out.
     clip
         Clip predictions to each target's training range.
     return_info

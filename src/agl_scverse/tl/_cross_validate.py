@@ -90,11 +90,12 @@ def cross_validate(
     2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
        embeddings, same validation spots, same seed), then predicts the held-out group;
     3. with ``baselines=True``, the mean predictor, PCA+Ridge and a reduced-rank ridge with auxiliaries
-       (:mod:`agl_scverse.tl._baselines`; its rank and number of auxiliaries chosen on the validation spots) are
-       fitted on the **same training spots as the networks**: the training split, or training + validation spots
-       when ``refit=True`` is passed (the networks are then refitted on them too);
+       (:func:`agl_scverse.tl.mean_predictor`, :func:`agl_scverse.tl.pca_ridge`,
+       :func:`agl_scverse.tl.reduced_rank_ridge`; the last one's rank and number of auxiliaries chosen on the
+       validation spots) are fitted on the **same training spots as the networks**: the training split, or
+       training + validation spots when ``refit=True`` is passed (the networks are then refitted on them too);
     4. per-gene Pearson / Spearman / MSE of the **targets** on the held-out spots, on the ``transform`` scale
-       (:mod:`agl_scverse._stats` conventions: NaN where a target is constant on the held-out group).
+       (NaN where a target is constant on the held-out group).
 
     Validation spots (early stopping, DkGSB's bi-level step): with at least 3 training groups, the whole next
     group (cyclically after the held-out one); otherwise a random ``val_fraction`` of training spots.
@@ -122,8 +123,12 @@ def cross_validate(
         ``.uns`` key of the summary.
     groups
         Hold out only these groups (default: every group; the others still train).
-    prior, min_cells, layer
-        Gene roles, see :func:`agl_scverse.pp.compute_gene_roles`.
+    prior
+        Ranking of the auxiliaries (see :func:`agl_scverse.pp.compute_gene_roles`), on each fold's training spots.
+    min_cells
+        Training spots in which a candidate gene must be counted (or a fraction of them).
+    layer
+        Layer holding raw counts instead of ``.X``.
     transform
         Expression scale of targets, predictions and metrics (:func:`agl_scverse.pp.expression_transform`).
     val_fraction

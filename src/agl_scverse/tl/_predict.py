@@ -437,9 +437,11 @@ def agl_predict(
         How the image encoder runs: a fine-tuned model's backbone, or the encoder of an embedding computed here
         (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`). ``"fp32"``
         reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in float32.
-    num_workers, prefetch_factor
-        DataLoader workers cutting patches (fine-tune models, and an embedding computed here) and the batches
-        each prepares ahead; predictions are the same with any number.
+    num_workers
+        DataLoader workers cutting patches (fine-tune models, and an embedding computed here); predictions are
+        the same with any number.
+    prefetch_factor
+        Batches each worker prepares ahead.
 
     Returns
     -------
@@ -527,8 +529,26 @@ def predict_anndata(
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model, embedding_key, weights, scale, device, batch_size, encoder, precision, num_workers, prefetch_factor
-        As in :func:`agl_predict`.
+    model
+        A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
+    embedding_key
+        ``.obsm`` key of the features, as in :func:`agl_predict`.
+    weights
+        Encoder weights file, to embed the slide, as in :func:`agl_predict`.
+    device
+        Torch device for the forward passes (``"cpu"`` is bit-for-bit reproducible).
+    batch_size
+        Spots per forward pass.
+    scale
+        Scale of the predictions, as in :func:`agl_predict`.
+    encoder
+        The encoder module for a model fitted on a custom one, as in :func:`agl_predict`.
+    precision
+        How the image encoder runs, as in :func:`agl_predict`.
+    num_workers
+        DataLoader workers cutting patches, as in :func:`agl_predict`.
+    prefetch_factor
+        Batches each worker prepares ahead.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
         array, computed when read or written.
