@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from agl_scverse import _constants as K
+from agl_scverse import _distributed as dist
 from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, pearson_per_gene
 from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
@@ -217,6 +218,45 @@ def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, 
         net.out_hi.copy_(torch.as_tensor(hi, dtype=net.out_hi.dtype))
 
 
+def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed) -> dict:
+    """Everything the training loop carries from one epoch to the next (what a checkpoint holds).
+
+    The global RNG states (torch, Python, NumPy's legacy one) are added by the checkpointer, per rank.
+    """
+    return {
+        "epoch": int(epoch),
+        "net": net.state_dict(),
+        "opt": opt.state_dict(),
+        "theta": None if mask is None else mask.theta.detach().clone(),
+        "theta_opt": None if theta_opt is None else theta_opt.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "history": hist,
+        "best": {"pcc": float(best[0]), "epoch": int(best[1]), "net": best[2], "theta": best[3]},
+        "bad": int(bad),
+        "meta_seconds": float(meta_seconds),
+        "elapsed": float(elapsed),
+    }
+
+
+def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist) -> tuple:
+    """Load a checkpoint's :func:`_loop_state` into the loop's objects; returns ``(epoch, bad, best, meta, elapsed)``."""
+    from ._resume import set_rng_state
+
+    st = checkpoint.state
+    net.load_state_dict(st["net"])
+    opt.load_state_dict(st["opt"])
+    if mask is not None:
+        with torch.no_grad():
+            mask.theta.copy_(st["theta"])
+        theta_opt.load_state_dict(st["theta_opt"])
+    rng.bit_generator.state = st["numpy_rng"]
+    set_rng_state(checkpoint.rank_rng())
+    for key in hist:
+        hist[key][:] = list(st["history"][key])
+    b = st["best"]
+    return int(st["epoch"]), int(st["bad"]), (b["pcc"], b["epoch"], b["net"], b["theta"]), st["meta_seconds"], st["elapsed"]
+
+
 def train_network(
     net: nn.Module,
     inputs: Callable,
@@ -244,6 +284,7 @@ def train_network(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "agl",
+    checkpoint=None,
 ) -> TrainResult:
     """Train ``net`` in place; learn the DkGSB threshold when ``mask`` is given.
 
@@ -276,6 +317,16 @@ def train_network(
         Seeds batch order, meta batches, initialisation-independent randomness (dropout).
     device, progress, desc
         Torch device, tqdm bar over epochs (postfix: loss, val PCC, k), bar label.
+    checkpoint
+        A :class:`agl_scverse.model._resume.Checkpointer`: training starts from its ``state`` when it has one and
+        its :meth:`~agl_scverse.model._resume.Checkpointer.save` is called after every ``checkpoint.every``
+        epochs (see :func:`_loop_state`).
+
+    Under ``torchrun`` (:mod:`agl_scverse._distributed`) every rank draws the same batches and trains on its
+    rank-strided share of each (:func:`agl_scverse._distributed.shard`); the network is wrapped in
+    ``DistributedDataParallel``, the loss gathers its batch statistics over the ranks (the loss of the global
+    batch), the DkGSB hypergradient is averaged over the ranks (so ``theta`` is the same everywhere), and torch's
+    generator is seeded ``seed + rank`` (dropout and augmentation differ between ranks).
 
     Returns
     -------
@@ -296,7 +347,7 @@ def train_network(
 
     t0 = time.perf_counter()
     device = torch.device(device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + dist.rank())
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
@@ -305,6 +356,11 @@ def train_network(
         raise ValueError(
             f"{len(train_idx)} training spot(s): training needs at least {MIN_BATCH_SPOTS} (the per-gene loss of a "
             "batch is a correlation over its spots). Use more spots or a smaller validation share."
+        )
+    if batch_size < 2 * dist.world_size():
+        raise ValueError(
+            f"batch_size={batch_size} is split between {dist.world_size()} processes; use at least 2 spots per "
+            f"process (batch_size >= {2 * dist.world_size()}) or fewer processes."
         )
     Yz = StandardizedTargets(Y, train_idx, device)  # z-scored batches, never the whole matrix
     net.to(device)
@@ -326,7 +382,13 @@ def train_network(
     n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
     if n_batches > 1 and len(train_idx) - (n_batches - 1) * batch_size < MIN_BATCH_SPOTS:
         n_batches -= 1  # a last batch of one spot joins the one before it (the slice below runs to the end)
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    start = 0
+    if checkpoint is not None and checkpoint.state is not None:
+        start, bad, best, meta_seconds, elapsed = _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist)
+        t0 -= elapsed
+    train_net = dist.wrap_ddp(net, device)  # the same module alone
+    reduce = dist.sum_autograd if dist.is_distributed() else None
+    bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not dist.is_main(), leave=False)
     for epoch in bar:
         te = time.perf_counter()
         net.train()
@@ -337,17 +399,18 @@ def train_network(
         losses, hgs, mvl = [], [], []
         for b in range(n_batches):
             bidx = perm[b * batch_size : (b + 1) * batch_size if b < n_batches - 1 else len(perm)]
+            bidx = dist.shard(bidx)  # this rank's share of the global batch (all of it alone)
             w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
-            out = net(inputs(bidx))
-            L = weighted_loss(per_gene_loss(out, Yz(bidx), loss), w)
+            out = train_net(inputs(bidx))
+            L = weighted_loss(per_gene_loss(out, Yz(bidx), loss, reduce=reduce), w)
             opt.zero_grad(set_to_none=True)
             L.backward()
             opt.step()
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
-                mtr = rng.choice(train_idx, size=min(meta_batch_size, len(train_idx)), replace=False)
-                mva = rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False)
+                mtr = dist.shard(rng.choice(train_idx, size=min(meta_batch_size, len(train_idx)), replace=False))
+                mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
                 g, lv = hypergradient(
                     net, mask, n_targets,
                     inputs(mtr), Yz(mtr),
@@ -381,6 +444,9 @@ def train_network(
             bad += 1
             if bad >= patience:
                 break
+        if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
+            elapsed = time.perf_counter() - t0
+            checkpoint.save(_loop_state(epoch + 1, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed))
     bar.close()
     if not np.isfinite(hist["train_loss"]).any():
         raise RuntimeError(
