@@ -136,10 +136,13 @@ def sum_autograd(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return t
+    import warnings
+
     from torch.distributed.nn.functional import all_reduce
 
-    dev = t.device
-    return all_reduce(t.to(_collective_device())).to(dev)
+    with warnings.catch_warnings():  # deprecated for the private _functional_collectives, which has no autograd here
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t.to(_collective_device())).to(t.device)
 
 
 def mean_(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ As a script (``python fit_runs.py <job> <out> [args]``, also under ``torchrun``)
 - ``kill <out> <mode> <save_dir> <n>``: fit with ``checkpoint_every=1`` and SIGKILL itself right after the
   ``n``-th checkpoint is written (nothing is written to ``<out>``);
 - ``fit <out> <mode> [<json kwargs>]``: fit and write the summary;
-- ``embed <out>``: embed the tiny slide's patches and write the features.
+- ``embed <out>``: embed the tiny slide's patches and write the features;
+- ``suite <out>``: ``embed``, then fine-tune AGL-all and DkGSB (one launch for the distributed tests).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 import agl_scverse as agl
+from agl_scverse import _distributed
 from agl_scverse.model import register_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,6 +98,14 @@ def assert_identical(a: dict, b: dict) -> None:
     np.testing.assert_array_equal(a["pred"], b["pred"])
 
 
+def embed() -> dict:
+    """Features of the tiny slide's patches (tiny encoder, batches of 5)."""
+    register_tiny()
+    adata = tiny_image_slide()
+    agl.pp.embed_patches(adata, encoder=TINY, patch_px=PATCH_PX, batch_size=5, key_added="X_tiny")
+    return {"features": adata.obsm["X_tiny"], "record": dict(adata.uns["agl_embeddings"]["X_tiny"])}
+
+
 def _kill_after(n: int) -> None:
     from agl_scverse.model import _resume
 
@@ -124,10 +134,10 @@ def main(argv: list[str]) -> None:
         adata, model = fit(mode, **kw)
         result = summary(adata, model)
     elif job == "embed":
-        register_tiny()
-        adata = tiny_image_slide()
-        agl.pp.embed_patches(adata, encoder=TINY, patch_px=PATCH_PX, batch_size=5, key_added="X_tiny")
-        result = {"features": adata.obsm["X_tiny"], "record": dict(adata.uns["agl_embeddings"]["X_tiny"])}
+        result = embed()
+    elif job == "suite":  # one launch for the distributed tests: embedding, AGL-all and DkGSB fine-tuning
+        result = {"embed": embed(), "agl": summary(*fit("finetune", method="agl")), "dkgsb": summary(*fit("finetune"))}
+        result["world_size"] = _distributed.world_size()
     else:
         raise SystemExit(f"unknown job {job!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from agl_scverse import _constants as K
+from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device
@@ -57,7 +58,9 @@ def _encode(
     num_workers: int,
     desc: str,
     prefetch_factor: int = 2,
+    sampler=None,
 ) -> np.ndarray:
+    """Features of the patches of ``ds`` (of the indices ``sampler`` yields, in that order, when given)."""
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
@@ -69,21 +72,22 @@ def _encode(
         ds,
         batch_size=batch_size,
         shuffle=False,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=int(prefetch_factor) if num_workers > 0 else None,
         persistent_workers=False,
     )
     out: np.ndarray | None = None
-    pos = 0
+    pos, n = 0, len(ds) if sampler is None else len(sampler)
     model.to(device).eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="spot") as bar:
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="spot", disable=not dist.is_main()) as bar:
             for batch in loader:
                 x = normalize(batch.to(device, non_blocking=True), mean, std)
                 y = _features(model(x), len(batch))
                 if out is None:
-                    out = np.empty((len(ds), y.shape[1]), dtype=np.float32)
+                    out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
                     raise ValueError(f"The encoder returned {y.shape[1]} features, then {out.shape[1]}.")
                 out[pos : pos + len(batch)] = y.detach().float().cpu().numpy()
@@ -93,7 +97,24 @@ def _encode(
         model.train(was_training)
         if orig_device is not None:
             model.to(orig_device)
-    assert out is not None and pos == len(ds)
+    assert out is not None and pos == n
+    return out
+
+
+def _encode_distributed(model: nn.Module, ds: SpotPatches, *args, **kw) -> np.ndarray:
+    """:func:`_encode` under ``torchrun``: each rank embeds its ``DistributedSampler`` share, every rank gets all.
+
+    The sampler does not shuffle; it pads the last shares with the first spots (embedded twice, identically).
+    The shares are gathered with ``all_gather_object`` (every rank holds the spots x D features once).
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=False)
+    local = _encode(model, ds, *args, **kw, sampler=sampler)
+    parts = dist.all_gather_object((np.asarray(list(iter(sampler)), dtype=np.int64), local))
+    out = np.empty((len(ds), local.shape[1]), dtype=np.float32)
+    for idx, feats in parts:
+        out[idx] = feats
     return out
 
 
@@ -164,6 +185,12 @@ def embed_patches(
     path and sha256, patch and padding settings, normalisation mean/std, feature_dim, versions. Nothing is
     written when it fails.
 
+    Notes
+    -----
+    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``) every process embeds its share of the spots
+    (a ``DistributedSampler``, one GPU each) and every process receives all the features: each writes them into its
+    own AnnData; let rank 0 (``int(os.environ.get("RANK", 0)) == 0``) write files.
+
     Examples
     --------
     >>> import agl_scverse as agl
@@ -190,7 +217,7 @@ def embed_patches(
     check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
     model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)
     key = key_added or K.embedding_key(info["name"])
-    feats = _encode(
+    feats = (_encode_distributed if dist.init_from_env() else _encode)(
         model,
         ds,
         info["mean"],
