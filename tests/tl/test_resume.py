@@ -60,3 +60,54 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, mode):
     # the saved model is the returned one
     loaded = AGLModel.load(save_dir)
     assert_identical(summary(adata, loaded), resumed)
+
+
+def _embedding_run(save_dir: Path, **kw):
+    """A 2-epoch embedding run that leaves a checkpoint after epoch 1 (as if it had been killed in epoch 2)."""
+    from agl_scverse.model import _resume
+
+    real, done = _resume.Checkpointer.remove, []
+    _resume.Checkpointer.remove = lambda self: done.append(self.path)  # keep the checkpoint
+    try:
+        return fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, overwrite=True, **kw)
+    finally:
+        _resume.Checkpointer.remove = real
+
+
+def test_resume_refuses_a_differently_configured_run_and_an_unasked_overwrite(tmp_path):
+    save_dir = tmp_path / "m"
+    _embedding_run(save_dir)
+    ckpt = checkpoint_path(save_dir)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    import shutil
+
+    shutil.rmtree(save_dir)  # as if killed before the model was written
+    with pytest.raises(ValueError, match=r"configured differently \(params.lr: checkpoint 0.003, now 0.01"):
+        fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, resume=True, lr=1e-2)
+    with pytest.raises(FileExistsError, match="pass resume=True to continue it"):
+        fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before and not save_dir.exists()
+    # a damaged state file is named, not loaded
+    (ckpt / "state.pt").write_bytes(before["state.pt"][:-10])
+    with pytest.raises(ValueError, match="state.pt is damaged"):
+        fit("embedding", save_dir=save_dir, epochs=2, resume=True)
+
+
+def test_checkpoint_settings_are_checked_and_a_foreign_folder_is_not_overwritten(tmp_path):
+    with pytest.raises(ValueError, match="need save_dir"):
+        fit("embedding", checkpoint_every=1)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fit("embedding", save_dir=tmp_path / "m", checkpoint_every=-1)
+    foreign = checkpoint_path(tmp_path / "m")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an AGL training checkpoint"):
+        fit("embedding", save_dir=tmp_path / "m", checkpoint_every=1, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_trains_from_the_start(tmp_path):
+    adata, model = fit("embedding", save_dir=tmp_path / "m", resume=True, epochs=2)
+    ref = fit("embedding", epochs=2)
+    assert_identical(summary(adata, model), summary(*ref))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

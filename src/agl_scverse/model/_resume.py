@@ -102,7 +102,19 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _differences(saved: dict, now: dict, limit: int = 8) -> list[str]:
+    """``field: checkpoint X, now Y`` for every field (dotted, of nested records) that differs."""
+    saved, now = _flat(saved), _flat(now)
     out = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
@@ -167,7 +179,7 @@ class Checkpointer:
             try:
                 out = (self._read(), None)
             except (OSError, ValueError, RuntimeError) as err:
-                out = (None, f"{type(err).__name__}: {err}")
+                out = (None, str(err))
         state, error = dist.broadcast_object(out)
         if error is not None:
             raise ValueError(error)
