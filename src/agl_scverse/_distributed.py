@@ -29,6 +29,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "broadcast_object",
+    "check_batch_size",
     "env_world_size",
     "gather_shards",
     "init_from_env",
@@ -59,7 +60,7 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 alone)."""
+    """The rank of this process (0 alone)."""
     return _dist().get_rank() if is_distributed() else 0
 
 
@@ -176,7 +177,7 @@ def all_gather_object(obj: Any) -> list:
 
 
 def shard(idx: np.ndarray) -> np.ndarray:
-    """This rank's rank-strided share ``idx[rank::world_size]`` of a global index list (all of it alone)."""
+    """The rank-strided share ``idx[rank::world_size]`` of a global index list for this rank (all of it alone)."""
     return idx[rank() :: world_size()] if is_distributed() else idx
 
 
@@ -189,6 +190,15 @@ def gather_shards(local: np.ndarray, n: int) -> np.ndarray:
     for r, part in enumerate(parts):
         out[r :: len(parts)] = part
     return out
+
+
+def check_batch_size(batch_size: int) -> None:
+    """A global batch must give every rank at least 2 spots (a per-gene correlation needs 2)."""
+    if batch_size < 2 * world_size():
+        raise ValueError(
+            f"batch_size={batch_size} is split between {world_size()} processes; use at least 2 spots per "
+            f"process (batch_size >= {2 * world_size()}) or fewer processes."
+        )
 
 
 def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -16,9 +16,8 @@ def resolve_device(device: str = "auto"):
     """
     import torch
 
-    from agl_scverse._validate import check_device
-
     from agl_scverse._distributed import env_world_size, local_rank
+    from agl_scverse._validate import check_device
 
     check_device(device)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

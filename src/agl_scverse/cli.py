@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._constants import METHODS
+from ._constants import METHODS, MODES
 
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
 METHOD_LABELS = {"pgl": "PGL (targets only)", "agl": "AGL-all", "topk": "AGL top-k", "dkgsb": "AGL + DkGSB"}
@@ -219,6 +219,7 @@ def _fit(args: argparse.Namespace) -> None:
 
     check_output(args.out, "--out", args.overwrite, folder=True)
     h5ad = check_output(args.h5ad, "--h5ad", args.overwrite) if args.h5ad else None
+    scale_out = _scale_out_kwargs(args)  # --distributed is checked before any work
     adata = _read(args.data, args.reader)
     model = tl.agl_fit(
         adata,
@@ -235,7 +236,10 @@ def _fit(args: argparse.Namespace) -> None:
         seed=args.seed,
         save_dir=args.out,
         overwrite=args.overwrite,
+        **scale_out,
     )
+    if not _is_main():  # under torchrun, rank 0 reports and writes (agl_fit saved the model from rank 0)
+        return
     print(f"trained {args.method}: k = {model.k} auxiliary genes; model saved to {args.out}")
     if h5ad is not None:
         _write_h5ad(adata, h5ad)
@@ -288,6 +292,50 @@ def _cross_validate(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+# -- scaling out (fine-tuning, torchrun, checkpoints; docs/scaling_out.md) -----------------------------------
+def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode",
+        default="embedding",
+        choices=list(MODES),
+        help="embedding: a head on cached features; finetune: the encoder end to end (default: embedding)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one of torchrun's processes: torchrun --nproc_per_node N -m agl_scverse.cli fit "
+        "--distributed ... (rank 0 writes the outputs)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a checkpoint to OUT.checkpoint/ every N epochs (default: 0, none)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out, if there is one")
+
+
+def _scale_out_kwargs(args: argparse.Namespace) -> dict:
+    """``agl_fit`` arguments of :func:`_add_scale_out_args`; joins torchrun's process group with --distributed."""
+    from . import _distributed
+
+    if args.distributed and _distributed.env_world_size() <= 1 and not _distributed.is_distributed():
+        raise ValueError(
+            "--distributed needs torchrun's environment (WORLD_SIZE > 1): start it as "
+            "`torchrun --nproc_per_node N -m agl_scverse.cli fit --distributed ...`, or leave --distributed out."
+        )
+    if args.distributed:
+        _distributed.init_from_env()
+    return {"mode": args.mode, "checkpoint_every": args.checkpoint_every, "resume": args.resume}
+
+
+def _is_main() -> bool:
+    from . import _distributed
+
+    return _distributed.is_main()
+
+
 def _add_debug(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
 
@@ -329,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-key", default=None, help=".obs column for a validation group split")
     p.add_argument("--val-groups", nargs="*", default=None)
     p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
+    _add_scale_out_args(p)
     _add_debug(p, argparse.SUPPRESS)
 
     p = sub.add_parser("cross-validate", aliases=["benchmark"], help="leave-one-group-out comparison")

@@ -27,7 +27,7 @@ from agl_scverse import _distributed
 from agl_scverse.model import register_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from builders import small_slide  # noqa: E402
+from builders import small_slide
 
 TINY = "test_tiny_conv"
 PATCH_PX = 16

@@ -58,7 +58,9 @@ def test_distributed_pearson_loss_equals_the_global_batch_loss():
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(pearson_loss(x + 3.0, y, reduce=lambda t: t), pearson_loss(x + 3.0, y), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        pearson_loss(x + 3.0, y, reduce=lambda t: t), pearson_loss(x + 3.0, y), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.slow

@@ -27,7 +27,9 @@ __all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss"]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, reduce: Reduce | None = None) -> torch.Tensor:
+def pearson_loss(
+    pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, reduce: Reduce | None = None
+) -> torch.Tensor:
     """``1 - Pearson r`` for every gene (column), computed over the spots (rows) of the batch.
 
     Parameters

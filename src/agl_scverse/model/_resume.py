@@ -79,7 +79,7 @@ def _is_intact(path: Path) -> bool:
 
 
 def rng_state() -> dict:
-    """This process's global RNG states (torch CPU and CUDA, Python, NumPy's legacy generator)."""
+    """The global RNG states of this process (torch CPU and CUDA, Python, NumPy's legacy generator)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
     numpy_state = (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss))
     out = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
@@ -120,7 +120,9 @@ def _differences(saved: dict, now: dict, limit: int = 8) -> list[str]:
         a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
         if a != b:
             sa, sb = repr(a), repr(b)
-            out.append(f"{key}: checkpoint {sa[:80]}{'...' if len(sa) > 80 else ''}, now {sb[:80]}{'...' if len(sb) > 80 else ''}")
+            out.append(
+                f"{key}: checkpoint {sa[:80]}{'...' if len(sa) > 80 else ''}, now {sb[:80]}{'...' if len(sb) > 80 else ''}"
+            )
     return out[:limit] + ([f"... ({len(out)} fields)"] if len(out) > limit else [])
 
 
@@ -144,7 +146,9 @@ class Checkpointer:
         Without ``resume``, replace an existing checkpoint of an unfinished run (otherwise that is refused).
     """
 
-    def __init__(self, save_dir: str | Path, every: int, fingerprint: dict, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self, save_dir: str | Path, every: int, fingerprint: dict, resume: bool = False, overwrite: bool = False
+    ):
         self.path = checkpoint_path(save_dir)
         self.every = int(every)
         self.fingerprint = json.loads(json.dumps(to_json(fingerprint)))  # the form it has after a JSON round trip

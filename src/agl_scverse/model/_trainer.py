@@ -254,7 +254,13 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist) -> tup
     for key in hist:
         hist[key][:] = list(st["history"][key])
     b = st["best"]
-    return int(st["epoch"]), int(st["bad"]), (b["pcc"], b["epoch"], b["net"], b["theta"]), st["meta_seconds"], st["elapsed"]
+    return (
+        int(st["epoch"]),
+        int(st["bad"]),
+        (b["pcc"], b["epoch"], b["net"], b["theta"]),
+        st["meta_seconds"],
+        st["elapsed"],
+    )
 
 
 def train_network(
@@ -357,11 +363,7 @@ def train_network(
             f"{len(train_idx)} training spot(s): training needs at least {MIN_BATCH_SPOTS} (the per-gene loss of a "
             "batch is a correlation over its spots). Use more spots or a smaller validation share."
         )
-    if batch_size < 2 * dist.world_size():
-        raise ValueError(
-            f"batch_size={batch_size} is split between {dist.world_size()} processes; use at least 2 spots per "
-            f"process (batch_size >= {2 * dist.world_size()}) or fewer processes."
-        )
+    dist.check_batch_size(batch_size)
     Yz = StandardizedTargets(Y, train_idx, device)  # z-scored batches, never the whole matrix
     net.to(device)
     if mask is not None:
@@ -446,7 +448,9 @@ def train_network(
                 break
         if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
             elapsed = time.perf_counter() - t0
-            checkpoint.save(_loop_state(epoch + 1, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed))
+            checkpoint.save(
+                _loop_state(epoch + 1, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed)
+            )
     bar.close()
     if not np.isfinite(hist["train_loss"]).any():
         raise RuntimeError(

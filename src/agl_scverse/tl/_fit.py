@@ -195,8 +195,17 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
     return net, PatchInputs(ds, np.concatenate([data.train_idx, data.val_idx]), dev), record
 
 
-def _checkpointer(save_dir, checkpoint_every: int, resume: bool, overwrite: bool, cfg: FitConfig, genes: _Genes,
-                  data: _Data, net, enc_record: dict):
+def _checkpointer(
+    save_dir,
+    checkpoint_every: int,
+    resume: bool,
+    overwrite: bool,
+    cfg: FitConfig,
+    genes: _Genes,
+    data: _Data,
+    net,
+    enc_record: dict,
+):
     """The run's :class:`~agl_scverse.model._resume.Checkpointer` (None without checkpoints or resume)."""
     if not checkpoint_every and not resume:
         return None
