@@ -72,7 +72,7 @@ def main() -> None:
     for seed in args.seeds:
         adata, key, targets = make_slide(seed, args.embedding, args.weights)
         n_aux = adata.n_vars - len(targets)  # min_cells may drop a few; top-k uses the initial DkGSB k below
-        methods = ["pgl", "agl", "topk:half", "dkgsb", "dkgsb:beta=0.01", "dkgsb:soft"]
+        methods = ["pgl", "agl", "topk:half", "topk:auto", "dkgsb", "dkgsb:beta=0.01", "dkgsb:legacy"]
         t0 = time.perf_counter()
         df = agl.tl.compare_methods(
             adata,
@@ -83,7 +83,8 @@ def main() -> None:
             method_kwargs={
                 "topk:half": {"k": n_aux // 2},
                 "dkgsb:beta=0.01": {"beta": 0.01},
-                "dkgsb:soft": {"meta_normalizer": "soft"},
+                "topk:auto": {"k": "auto"},
+                "dkgsb:legacy": {"meta_normalizer": "detached", "lookahead": "sgd"},
             },
             **{k: v for k, v in FIT.items() if k != "n_targets"},
         )

@@ -36,6 +36,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "local_rank",
+    "loss_reduce",
     "mean_",
     "rank",
     "shard",
@@ -144,6 +145,11 @@ def sum_autograd(t: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():  # deprecated for the private _functional_collectives, which has no autograd here
         warnings.simplefilter("ignore", FutureWarning)
         return all_reduce(t.to(_collective_device())).to(t.device)
+
+
+def loss_reduce():
+    """What the losses' ``reduce=`` takes here: :func:`sum_autograd` under torchrun, None alone."""
+    return sum_autograd if is_distributed() else None
 
 
 def mean_(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from agl_scverse.model import EmbeddingHead, GeneMask, hypergradient, unrolled_val_loss
+import copy
+
+from agl_scverse.model import AdamState, EmbeddingHead, GeneMask, hypergradient, unrolled_val_loss
+from agl_scverse.model._loss import per_gene_loss, weighted_loss
 
 
 def _problem(n_t=3, n_aux=6, seed=0):
@@ -38,8 +41,8 @@ def test_hypergradient_matches_central_finite_difference(inner_steps, loss, norm
     kw = {"inner_steps": inner_steps, "inner_lr": 0.5, "loss": loss}
     theta0 = mask.threshold
     g, _ = hypergradient(net, mask, n_t, *data, normalizer=normalizer, **kw)
-    # "soft": the exact derivative of the unrolled objective; "detached": the same objective with the
-    # normaliser sum(w) frozen at its current value (the meta objective DkGSB uses by default)
+    # "soft": the exact derivative of the unrolled objective; "detached" (legacy): the derivative of the objective
+    # with the normaliser sum(w) frozen at its current value -- not of the function it evaluates
     fd_norm = "soft" if normalizer == "soft" else float(n_t + mask.weights().detach().sum())
     h = 1e-5
     up = _val_loss_at(net, mask, n_t, data, theta0 + h, normalizer=fd_norm, **kw)
@@ -84,3 +87,91 @@ def test_weighted_loss_follows_the_mask():
     c = float(unrolled_val_loss(net, mask, n_t, x_tr, y_alt, x_va, y_va, inner_lr=0.5))
     assert abs(c - a) > 1e-6
     assert np.isfinite(c)
+
+
+def _warm_adam(net, data, n_t, steps=3, weight_decay=0.0):
+    """An Adam optimiser with a few steps of state (moments, step count) on the weighted training loss."""
+    x_tr, y_tr, _, _ = data
+    opt = torch.optim.Adam(net.parameters(), lr=0.05, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        per_gene_loss(net(x_tr), y_tr).mean().backward()
+        opt.step()
+    return opt
+
+
+def _real_step_val_loss(net, opt, mask, n_t, data, theta, loss="pearson"):
+    """Target validation loss after one *real* Adam step at ``theta`` on copies of the network and optimiser."""
+    x_tr, y_tr, x_va, y_va = data
+    net2 = copy.deepcopy(net)
+    opt2 = torch.optim.Adam(net2.parameters(), **{k: v for k, v in opt.defaults.items()})
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    net2.eval()
+    with torch.no_grad():
+        w = torch.cat([torch.ones(n_t, dtype=torch.float64), torch.sigmoid((theta - mask.ranks) / mask.tau)])
+    opt2.zero_grad()
+    weighted_loss(per_gene_loss(net2(x_tr), y_tr, loss), w).backward()
+    opt2.step()
+    with torch.no_grad():
+        return float(per_gene_loss(net2(x_va, n_first=n_t), y_va[:, :n_t], loss).mean())
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("loss", ["pearson", "mse"])
+def test_adam_lookahead_is_the_real_next_step(weight_decay, loss):
+    # the public look-ahead with the live optimiser's state is the network's next training step: its value equals
+    # a real torch.optim.Adam step, and its hypergradient the finite difference of that real step
+    net, mask, n_t, data = _problem()
+    opt = _warm_adam(net, data, n_t, weight_decay=weight_decay)
+    state = AdamState.from_optimizer(opt, net)
+    assert state.step == 3
+    theta0 = mask.threshold
+    net.eval()
+    lv = float(unrolled_val_loss(net, mask, n_t, *data, loss=loss, optimizer_state=state))
+    assert lv == pytest.approx(_real_step_val_loss(net, opt, mask, n_t, data, theta0, loss), rel=1e-9)
+    g, lv2 = hypergradient(net, mask, n_t, *data, loss=loss, optimizer_state=state)
+    assert lv2 == pytest.approx(lv, rel=1e-12)
+    h = 1e-6
+    fd = (
+        _real_step_val_loss(net, opt, mask, n_t, data, theta0 + h, loss)
+        - _real_step_val_loss(net, opt, mask, n_t, data, theta0 - h, loss)
+    ) / (2 * h)
+    assert abs(float(g)) > 1e-7
+    assert float(g) == pytest.approx(fd, rel=1e-4, abs=1e-10)
+
+
+@pytest.mark.parametrize("inner_steps", [2, 3])
+def test_adam_lookahead_over_several_batches_matches_finite_differences(inner_steps):
+    # H Adam steps, each on its own training batch, then the validation loss: exact derivative of that function
+    net, mask, n_t, (x_tr, y_tr, x_va, y_va) = _problem()
+    opt = _warm_adam(net, (x_tr, y_tr, x_va, y_va), n_t)
+    state = AdamState.from_optimizer(opt, net)
+    xs, ys = [x_tr[:8], x_tr[8:]], [y_tr[:8], y_tr[8:]]
+    kw = {"inner_steps": inner_steps, "optimizer_state": state}
+    g, _ = hypergradient(net, mask, n_t, xs, ys, x_va, y_va, **kw)
+    theta0, h = mask.threshold, 1e-6
+    net.eval()
+    up = _val_loss_at(net, mask, n_t, (xs, ys, x_va, y_va), theta0 + h, **kw)
+    down = _val_loss_at(net, mask, n_t, (xs, ys, x_va, y_va), theta0 - h, **kw)
+    assert abs(float(g)) > 1e-8
+    assert float(g) == pytest.approx((up - down) / (2 * h), rel=1e-4, abs=1e-11)
+    # the second batch matters: a look-ahead on the first batch only is a different function
+    g1, _ = hypergradient(net, mask, n_t, xs[:1], ys[:1], x_va, y_va, **kw)
+    assert float(g1) != pytest.approx(float(g), rel=1e-3)
+
+
+def test_detached_normaliser_is_not_the_derivative_of_what_it_evaluates():
+    # the legacy surrogate: its gradient differs from the finite difference of its own value (why "soft" is default)
+    net, mask, n_t, data = _problem()
+    kw = {"inner_steps": 1, "inner_lr": 0.5}
+    g, _ = hypergradient(net, mask, n_t, *data, normalizer="detached", **kw)
+    theta0, h = mask.threshold, 1e-5
+    up = _val_loss_at(net, mask, n_t, data, theta0 + h, normalizer="detached", **kw)
+    down = _val_loss_at(net, mask, n_t, data, theta0 - h, normalizer="detached", **kw)
+    assert float(g) != pytest.approx((up - down) / (2 * h), rel=1e-2)
+
+
+def test_adam_state_refuses_other_optimisers():
+    net = EmbeddingHead(3, 2, hidden=(4,))
+    with pytest.raises(TypeError, match="Adam"):
+        AdamState.from_optimizer(torch.optim.SGD(net.parameters(), lr=0.1), net)

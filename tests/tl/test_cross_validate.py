@@ -35,9 +35,9 @@ def test_cross_validate_shape_folds_and_summary():
     before = a.copy()
     df = cross_validate(a, "slide", methods=("pgl", "topk"), n_targets=N_TARGETS, k=5, **FIT)
     assert list(df.columns) == CV_COLUMNS
-    assert len(df) == 3 * (2 + 2) * N_TARGETS  # folds x (methods + baselines) x targets
+    assert len(df) == 3 * (2 + 3) * N_TARGETS  # folds x (methods + baselines) x targets
     assert sorted(df.fold.unique()) == ["S0", "S1", "S2"]
-    assert set(df.method) == {"mean", "pca_ridge", "pgl", "topk"}
+    assert set(df.method) == {"mean", "pca_ridge", "rrr", "pgl", "topk"}
     # within a fold every method is scored on the same targets
     for _, g in df.groupby("fold"):
         genes = {m: tuple(sorted(x.gene)) for m, x in g.groupby("method")}
@@ -55,14 +55,51 @@ def test_cross_validate_shape_folds_and_summary():
     np.testing.assert_array_equal(a.X, before.X)
     assert set(a.uns) == {"agl_cv"}
     u = a.uns["agl_cv"]
-    assert len(u["summary"]["fold"]) == 3 * 4
-    assert set(u["mean_pearson"]) == {"mean", "pca_ridge", "pgl", "topk"}
+    assert len(u["summary"]["fold"]) == 3 * 5
+    assert set(u["mean_pearson"]) == {"mean", "pca_ridge", "rrr", "pgl", "topk"}
     summ = pd.DataFrame(u["summary"])
     expect = df.groupby(["fold", "method"]).pearson.mean()
     got = summ.set_index(["fold", "method"]).mean_pearson
     np.testing.assert_allclose(got.loc[expect.index], expect)
     # h5ad-serialisable
     a.write_h5ad(pytest.importorskip("tempfile").mkdtemp() + "/cv.h5ad")
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_baselines_train_on_the_same_spots_as_the_networks(refit):
+    # without refit the networks never train on the validation group: neither do the baselines; with refit both do
+    a = _tiny(n_groups=4, per_group=30)
+    df = cross_validate(a, "slide", methods=("pgl",), n_targets=N_TARGETS, groups=["S0"], refit=refit, **FIT)
+    got = df[(df.method == "pca_ridge")].pearson.mean()
+    slide = a.obs.slide.astype(str).to_numpy()
+    test = np.flatnonzero(slide == "S0")
+    train = np.flatnonzero(slide != "S0") if refit else np.flatnonzero(~np.isin(slide, ["S0", "S1"]))
+    from agl_scverse.pp import expression_transform
+    from agl_scverse.tl._baselines import pca_ridge
+
+    roles = agl.pp.compute_gene_roles(a, n_targets=N_TARGETS, train_mask=slide != "S0")
+    Y = expression_transform(a.X, "log1p", columns=a.var_names.get_indexer(roles.targets))
+    emb = a.obsm["X_agl_toy"]
+    expect = pca_ridge(emb[train], Y[train], emb[test])
+    r = [np.corrcoef(expect[:, j], Y[test, j])[0, 1] for j in range(N_TARGETS)]
+    assert got == pytest.approx(float(np.nanmean(r)), abs=1e-5)
+
+
+def test_method_labels_run_variants_with_their_settings():
+    a = _tiny()
+    df = cross_validate(
+        a, "slide", methods=("pgl", "pgl:reg"), n_targets=N_TARGETS, groups=["S0"], baselines=False,
+        method_kwargs={"pgl:reg": {"dropout": 0.5, "weight_decay": 1e-3}}, **FIT,
+    )  # fmt: skip
+    assert set(df.method) == {"pgl", "pgl:reg"}
+    a_pgl = df[df.method == "pgl"].pearson.to_numpy()
+    a_reg = df[df.method == "pgl:reg"].pearson.to_numpy()
+    assert not np.allclose(a_pgl, a_reg)  # the variant's settings were used
+    assert a.uns["agl_cv"]["params"]["method_kwargs"]["pgl:reg"]["dropout"] == "0.5"
+    with pytest.raises(KeyError, match="method_kwargs"):
+        cross_validate(a, "slide", methods=("pgl",), method_kwargs={"agl:x": {}}, **FIT)
+    with pytest.raises(ValueError, match="duplicate"):
+        cross_validate(a, "slide", methods=("pgl", "pgl"), **FIT)
 
 
 def test_targets_are_hvg_of_training_groups_only():

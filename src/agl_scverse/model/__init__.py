@@ -4,7 +4,7 @@
 ``_utils``); preprocessing (``pp``) and tools (``tl``) use it.
 """
 
-from ._bilevel import hypergradient, unrolled_val_loss
+from ._bilevel import AdamState, hypergradient, unrolled_val_loss
 from ._checkpoint import AGLModel
 from ._encoders import encoder_record, get_encoder, list_encoders, load_weights, normalize, register_encoder
 from ._heads import EmbeddingHead, FinetuneNet
@@ -20,6 +20,7 @@ __all__ = [
     "TrainResult",
     "encoder_record",
     "get_encoder",
+    "AdamState",
     "hypergradient",
     "list_encoders",
     "load_weights",

@@ -1,41 +1,41 @@
 """The DkGSB bi-level step, written with :mod:`torch.func` (no ``higher``).
 
-One meta step, for a train batch ``(x_tr, y_tr)`` and a validation batch ``(x_va, y_va)``:
+One meta step, for training batches ``(x_tr, y_tr)`` (one per inner step) and a validation batch ``(x_va, y_va)``:
 
 1. copy the network parameters ``phi`` (detached: the real network is not touched);
-2. take ``H`` differentiable SGD steps ``phi <- phi - alpha * grad_phi L_w(phi)`` on the train batch, where
-   ``L_w = sum_i w_i(theta) L_i / sum_i w_i`` is the mask-weighted loss (``create_graph=True`` keeps the graph);
+2. take ``H`` differentiable inner steps on the mask-weighted training loss ``L_w = sum_i w_i(theta) L_i /
+   sum_i w_i(theta)`` (the loss the network is trained with), each on its own training batch;
 3. evaluate the *target-only* loss ``L_val(phi_H)`` on the validation batch (only the target rows of the output
    layer are computed);
 4. ``dL_val / dtheta`` by back-propagating through the unrolled steps.
 
-With ``H = 1`` this is the classic "learning to reweight" hypergradient: ``-alpha / sum w * sum_i w_i'(theta)
-<grad L_val(phi_1), grad L_i(phi) - grad L_w(phi)>`` -- an auxiliary gene near the threshold is pulled in when its
-gradient agrees with the targets' validation gradient better than the current mixture does.
+**The inner step follows the live optimiser** (``optimizer_state``, the default in the trainer): each inner step
+is the Adam update the trainer's optimiser would take -- its learning rate, betas, eps, weight decay, step count
+and moment estimates -- written out functionally, so that with ``H = 1`` the look-ahead *is* the network's next
+training step and the hypergradient is the exact derivative of the target validation loss after that step
+(``tests/model/test_bilevel.py`` checks it against a real :class:`torch.optim.Adam` step at ``theta +- h``).
+Without a state, the inner step is plain SGD with ``inner_lr`` (the paper's look-ahead).
 
-Meta objective (``normalizer``). The paper's weighted loss ``sum_i w_i L_i / sum_i w_i`` is used unchanged to
-train the network. Differentiated through ``sum_i w_i`` as well (``normalizer="soft"``), the one-step
-hypergradient gains a pure step-size term: more auxiliaries shrink the targets' share of the inner step, so the
-target loss after one step is higher, whatever the auxiliaries are. That term always pushes ``theta`` down (our
-reading of the "k = 0" folds of a first re-implementation); on the synthetic slide the "soft" hypergradients were
-2-10x larger than the "detached" ones, always positive. The default ``normalizer="detached"`` holds
-``sum_i w_i`` constant inside the meta step, leaving ``-alpha / sum w * sum_i w_i'(theta) <grad L_val,
-grad L_i>``: genes at the threshold are pulled in when their gradients agree with the targets' validation
-gradient and pushed out when they disagree (its sign did change between seeds and epochs). It reduces the bias,
-it does not remove every drift: with a large ``beta = 0.03`` both objectives still reached ``k = 0`` on the
-synthetic slide. Both are exact derivatives of their objective (finite-difference tests in
-``tests/test_bilevel.py``).
+**Normaliser.** ``normalizer="soft"`` (default) differentiates ``sum_i w_i`` too: the exact derivative of the
+look-ahead the code evaluates. A float holds the normaliser at that constant (a different, equally well-defined
+function). ``"detached"`` is kept for models trained before version 0.3: it evaluates the soft loss but
+differentiates as if ``sum_i w_i`` were constant, so its gradient is *not* the derivative of the value it returns
+(with SGD inner steps its sign disagreed with finite differences in 7 of 8 HER2+ batches); it is also what the
+authors' public code does (``loss / weights.sum().detach()``).
 
-Choices that keep it cheap and stable (measured in ``benchmarks/bench_synthetic_methods.py``):
+Choices that keep it cheap and stable (measured in ``benchmarks/check_hypergradient.py``):
 
 - the meta step runs the network in ``eval`` mode (no dropout noise in the hypergradient, deterministic);
 - the validation loss only evaluates the target rows of the output layer, and with ``H = 1`` the auxiliary rows
-  of the output layer enter the inner step as constants (exactly the same hypergradient, a cheaper graph);
-- the trainer bounds the number of meta steps per epoch (``meta_steps``) and uses Adam with a short
-  second-moment memory on ``theta`` -- see :mod:`agl_scverse.model.trainer`.
+  of the output layer enter the inner step as constants (exactly the same hypergradient, a cheaper graph: with a
+  per-parameter optimiser the auxiliary rows only feed the auxiliary outputs);
+- the trainer bounds the number of meta steps per epoch (``meta_steps``) -- see :mod:`agl_scverse.model._trainer`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,7 +46,57 @@ from agl_scverse import _distributed as dist
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
 
-__all__ = ["unrolled_val_loss", "hypergradient"]
+__all__ = ["AdamState", "unrolled_val_loss", "hypergradient"]
+
+
+@dataclass
+class AdamState:
+    """A detached snapshot of a :class:`torch.optim.Adam` optimiser, to take its next steps functionally.
+
+    Attributes
+    ----------
+    lr, betas, eps, weight_decay
+        The optimiser's hyperparameters (one parameter group).
+    step
+        Steps already taken (``0`` for a fresh optimiser).
+    exp_avg, exp_avg_sq
+        First and second moment estimates per parameter name (zeros for parameters without state).
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    >>> AdamState.from_optimizer(opt, net).step
+    0
+    """
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    step: int
+    exp_avg: dict[str, torch.Tensor] = field(default_factory=dict)
+    exp_avg_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_optimizer(cls, opt: torch.optim.Optimizer, net: nn.Module) -> AdamState:
+        """Snapshot ``opt`` (an Adam over ``net.parameters()``, one parameter group)."""
+        if not isinstance(opt, torch.optim.Adam) or len(opt.param_groups) != 1:
+            raise TypeError("AdamState needs a torch.optim.Adam with one parameter group.")
+        grp = opt.param_groups[0]
+        if grp.get("amsgrad") or grp.get("maximize") or grp.get("decoupled_weight_decay"):
+            raise ValueError("AdamState follows plain Adam (no amsgrad / maximize / decoupled weight decay).")
+        m, v, steps = {}, {}, set()
+        for name, p in net.named_parameters():
+            st = opt.state.get(p, {})
+            m[name] = st["exp_avg"].detach() if "exp_avg" in st else torch.zeros_like(p.detach())
+            v[name] = st["exp_avg_sq"].detach() if "exp_avg_sq" in st else torch.zeros_like(p.detach())
+            steps.add(int(st["step"]) if "step" in st else 0)
+        return cls(
+            lr=float(grp["lr"]), betas=tuple(float(b) for b in grp["betas"]), eps=float(grp["eps"]),
+            weight_decay=float(grp["weight_decay"]), step=max(steps) if steps else 0, exp_avg=m, exp_avg_sq=v,
+        )  # fmt: skip
 
 
 def _full_weights(mask: GeneMask, n_targets: int) -> torch.Tensor:
@@ -54,25 +104,65 @@ def _full_weights(mask: GeneMask, n_targets: int) -> torch.Tensor:
     return torch.cat([torch.ones(n_targets, dtype=w_aux.dtype, device=w_aux.device), w_aux])
 
 
+def _batches(x, y) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if torch.is_tensor(x):
+        return [(x, y)]
+    if len(x) != len(y) or not len(x):
+        raise ValueError("x_tr and y_tr must be tensors or equally long, non-empty sequences of batches.")
+    return list(zip(x, y))
+
+
+def _train_loss(out, y, w, loss: str, normalizer) -> torch.Tensor:
+    per_gene = per_gene_loss(out, y, loss)
+    if isinstance(normalizer, int | float) and not isinstance(normalizer, bool):
+        return (w * per_gene).sum() / float(normalizer)
+    if normalizer == "detached":
+        return (w * per_gene).sum() / w.detach().sum().clamp_min(1e-12)
+    if normalizer == "soft":
+        return weighted_loss(per_gene, w)
+    raise ValueError(f"normalizer must be 'soft', 'detached' or a number, got {normalizer!r}.")
+
+
 def unrolled_val_loss(
     net: nn.Module,
     mask: GeneMask,
     n_targets: int,
-    x_tr: torch.Tensor,
-    y_tr: torch.Tensor,
+    x_tr: torch.Tensor | Sequence[torch.Tensor],
+    y_tr: torch.Tensor | Sequence[torch.Tensor],
     x_va: torch.Tensor,
     y_va: torch.Tensor,
     *,
     inner_steps: int = 1,
     inner_lr: float = 0.1,
     loss: str = "pearson",
-    normalizer: str | float = "detached",
+    normalizer: str | float = "soft",
+    optimizer_state: AdamState | None = None,
 ) -> torch.Tensor:
-    """Target-only validation loss after ``inner_steps`` differentiable SGD steps on the mask-weighted train loss.
+    """Target-only validation loss after ``inner_steps`` differentiable steps on the mask-weighted train loss.
 
     The result is a scalar that depends on ``mask.theta`` through the unrolled steps (and on nothing else that
     requires a gradient). ``net`` must return the raw outputs for all genes and accept ``n_first=`` to return only
     the first ``n_first`` (targets).
+
+    Parameters
+    ----------
+    net, mask, n_targets
+        The network (in the mode it should be evaluated in), the soft mask over the auxiliary outputs, and the
+        number of leading target outputs.
+    x_tr, y_tr
+        One training batch, or a sequence of batches used in turn by the inner steps.
+    x_va, y_va
+        The validation batch (only the first ``n_targets`` columns of ``y_va`` are used).
+    inner_steps
+        Number of unrolled steps ``H``.
+    inner_lr
+        Learning rate of SGD inner steps (ignored with ``optimizer_state``).
+    loss
+        ``"pearson"`` or ``"mse"``.
+    normalizer
+        ``"soft"``, ``"detached"`` or a constant, see the module docstring.
+    optimizer_state
+        Take the inner steps as this Adam optimiser would (:class:`AdamState`); ``None``: SGD.
 
     Examples
     --------
@@ -83,39 +173,50 @@ def unrolled_val_loss(
     >>> unrolled_val_loss(net, mask, 1, x, y, x, y).requires_grad
     True
     """
+    batches = _batches(x_tr, y_tr)
     params = dict(net.named_parameters())
     buffers = dict(net.named_buffers())
     # With one inner step the auxiliary rows of the output layer cannot influence the target validation loss
-    # (they only feed the auxiliary outputs), so they enter as constants: exact, and it skips the largest
-    # weight gradient of the double backward. With H > 1 they feed later trunk gradients, so all rows are fast.
+    # (a per-parameter update: they only feed the auxiliary outputs), so they enter as constants: exact, and it
+    # skips the largest weight gradient of the double backward. With H > 1 they feed later trunk gradients.
     split = int(inner_steps) == 1 and "out.weight" in params and "out.bias" in params
-    const: dict[str, torch.Tensor] = {}
-    fast: dict[str, torch.Tensor] = {}
-    for name, p in params.items():
-        if split and name in ("out.weight", "out.bias"):
-            fast[name] = p[:n_targets].detach().requires_grad_(True)
-            const[name] = p[n_targets:].detach()
-        else:
-            fast[name] = p.detach().requires_grad_(True)
+
+    def head(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t[:n_targets] if split and name in ("out.weight", "out.bias") else t
+
+    const = {n: p[n_targets:].detach() for n, p in params.items() if split and n in ("out.weight", "out.bias")}
+    fast = {n: head(n, p).detach().requires_grad_(True) for n, p in params.items()}
+    st = optimizer_state
+    if st is not None:
+        m = {n: head(n, st.exp_avg[n]) for n in fast}
+        v = {n: head(n, st.exp_avg_sq[n]) for n in fast}
 
     def assemble(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         full = {n: (torch.cat([f[n], const[n]]) if n in const else f[n]) for n in f}
         return {**full, **buffers}
 
-    w = _full_weights(mask, n_targets).to(y_tr.dtype)
-    for _ in range(int(inner_steps)):
-        out = functional_call(net, assemble(fast), (x_tr,))
-        if isinstance(normalizer, int | float) and not isinstance(normalizer, bool):
-            L = (w * per_gene_loss(out, y_tr, loss)).sum() / float(normalizer)
-        elif normalizer == "detached":
-            L = (w * per_gene_loss(out, y_tr, loss)).sum() / w.detach().sum().clamp_min(1e-12)
-        elif normalizer == "soft":
-            L = weighted_loss(per_gene_loss(out, y_tr, loss), w)
-        else:
-            raise ValueError(f"normalizer must be 'detached' or 'soft', got {normalizer!r}.")
-        names = list(fast)
+    w = _full_weights(mask, n_targets).to(batches[0][1].dtype)
+    names = list(fast)
+    for h in range(int(inner_steps)):
+        xb, yb = batches[h % len(batches)]
+        out = functional_call(net, assemble(fast), (xb,))
+        L = _train_loss(out, yb, w, loss, normalizer)
         grads = torch.autograd.grad(L, [fast[n] for n in names], create_graph=True, allow_unused=True)
-        fast = {n: (fast[n] if g is None else fast[n] - inner_lr * g) for n, g in zip(names, grads)}
+        new = {}
+        for n, g in zip(names, grads):
+            if st is None:
+                new[n] = fast[n] if g is None else fast[n] - inner_lr * g
+                continue
+            g = torch.zeros_like(fast[n]) if g is None else g
+            if st.weight_decay:
+                g = g + st.weight_decay * fast[n]
+            b1, b2 = st.betas
+            t = st.step + h + 1
+            m[n] = b1 * m[n] + (1 - b1) * g
+            v[n] = b2 * v[n] + (1 - b2) * g * g
+            denom = (v[n] / (1 - b2**t)).clamp_min(1e-30).sqrt() + st.eps  # clamp: finite derivative at v = 0
+            new[n] = fast[n] - st.lr * (m[n] / (1 - b1**t)) / denom
+        fast = new
     out_va = functional_call(net, assemble(fast), (x_va,), {"n_first": n_targets})
     return per_gene_loss(out_va, y_va[:, :n_targets], loss).mean()
 
@@ -124,17 +225,18 @@ def hypergradient(
     net: nn.Module,
     mask: GeneMask,
     n_targets: int,
-    x_tr: torch.Tensor,
-    y_tr: torch.Tensor,
+    x_tr: torch.Tensor | Sequence[torch.Tensor],
+    y_tr: torch.Tensor | Sequence[torch.Tensor],
     x_va: torch.Tensor,
     y_va: torch.Tensor,
     *,
     inner_steps: int = 1,
     inner_lr: float = 0.1,
     loss: str = "pearson",
-    normalizer: str = "detached",
+    normalizer: str | float = "soft",
+    optimizer_state: AdamState | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """``dL_val/dtheta`` of one meta step and the validation loss it was computed at.
+    """``dL_val/dtheta`` of one meta step (:func:`unrolled_val_loss`) and the validation loss it was computed at.
 
     The network is put in ``eval`` mode for the step (and restored afterwards); nothing in ``net`` changes.
 
@@ -157,18 +259,9 @@ def hypergradient(
     net.eval()
     try:
         lv = unrolled_val_loss(
-            net,
-            mask,
-            n_targets,
-            x_tr,
-            y_tr,
-            x_va,
-            y_va,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            loss=loss,
-            normalizer=normalizer,
-        )
+            net, mask, n_targets, x_tr, y_tr, x_va, y_va, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
+            normalizer=normalizer, optimizer_state=optimizer_state,
+        )  # fmt: skip
         (g,) = torch.autograd.grad(lv, mask.theta)
     finally:
         net.train(was_training)

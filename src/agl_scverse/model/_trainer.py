@@ -50,7 +50,7 @@ from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, pearson_per_gene
 from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
 
-from ._bilevel import hypergradient
+from ._bilevel import AdamState, hypergradient
 from ._inference import forward, index_batches
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
@@ -238,10 +238,27 @@ def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_sec
     }
 
 
-def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist) -> tuple:
-    """Load a checkpoint's :func:`_loop_state` into the loop's objects; returns ``(epoch, bad, best, meta, elapsed)``."""
+def _record(hist: dict, epoch, losses, pcc, k_now, theta_now, hgs, mvl, seconds) -> None:
+    """Append one epoch to the training history."""
+    hist["epoch"].append(epoch)
+    hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+    hist["val_pcc"].append(pcc)
+    hist["k"].append(int(k_now))
+    hist["theta"].append(theta_now)
+    hist["hypergrad"].append(float(np.mean(hgs)) if hgs else float("nan"))
+    hist["meta_val_loss"].append(float(np.mean(mvl)) if mvl else float("nan"))
+    hist["seconds"].append(seconds)
+
+
+def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: float) -> tuple:
+    """Load a checkpoint's :func:`_loop_state` into the loop's objects (when there is one).
+
+    Returns ``(first epoch, bad epochs, best, meta seconds, start time)``: those of a new run without a checkpoint.
+    """
     from ._resume import set_rng_state
 
+    if checkpoint is None or checkpoint.state is None:
+        return 0, 0, (-np.inf, 0, None, None), 0.0, t0
     st = checkpoint.state
     net.load_state_dict(st["net"])
     opt.load_state_dict(st["opt"])
@@ -254,13 +271,8 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist) -> tup
     for key in hist:
         hist[key][:] = list(st["history"][key])
     b = st["best"]
-    return (
-        int(st["epoch"]),
-        int(st["bad"]),
-        (b["pcc"], b["epoch"], b["net"], b["theta"]),
-        st["meta_seconds"],
-        st["elapsed"],
-    )
+    best = (b["pcc"], b["epoch"], b["net"], b["theta"])
+    return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
 
 
 def train_network(
@@ -285,7 +297,9 @@ def train_network(
     beta: float = 3e-3,
     clip: float = 1.0,
     theta_beta2: float = 0.9,
-    normalizer: str = "detached",
+    normalizer: str = "soft",
+    lookahead: str = "adam",
+    aux_weights: np.ndarray | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -313,12 +327,19 @@ def train_network(
         Number of leading target columns.
     mask
         The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
-        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter).
+        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
+    aux_weights
+        Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
     epochs, patience, lr, weight_decay, batch_size, loss
         Network training (Adam), early stopping on the validation target Pearson r.
     inner_steps, inner_lr, meta_steps, meta_batch_size, beta, clip, theta_beta2
-        Bi-level step (DkGSB only): differentiable SGD steps and their lr, meta steps per epoch, spots per meta
-        batch, Adam lr on ``theta``, hypergradient clipping, Adam's second-moment decay for ``theta``.
+        Bi-level step (DkGSB only): differentiable inner steps (each on its own training batch) and the SGD lr,
+        meta steps per epoch, spots per meta batch, Adam lr on ``theta``, hypergradient clipping, Adam's
+        second-moment decay for ``theta``.
+    normalizer, lookahead
+        Meta objective (:func:`agl_scverse.model.hypergradient`): ``"soft"`` differentiates the weighted loss's
+        ``sum(w)`` (the exact derivative); ``lookahead="adam"`` takes the inner steps as the live Adam optimiser
+        would, ``"sgd"`` with ``inner_lr``.
     seed
         Seeds batch order, meta batches, initialisation-independent randomness (dropout).
     device, progress, desc
@@ -358,6 +379,11 @@ def train_network(
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
     check_min_batch_size(batch_size)
+    check_choice("lookahead", lookahead, K.LOOKAHEADS)
+    if mask is not None and aux_weights is not None:
+        raise ValueError("Pass either a learnable mask or fixed aux_weights, not both.")
+    if mask is not None and not len(val_idx):
+        raise ValueError("DkGSB learns its mask on validation spots; val_idx is empty.")
     if len(train_idx) < MIN_BATCH_SPOTS:
         raise ValueError(
             f"{len(train_idx)} training spot(s): training needs at least {MIN_BATCH_SPOTS} (the per-gene loss of a "
@@ -374,29 +400,27 @@ def train_network(
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     theta_opt = torch.optim.Adam([mask.theta], lr=beta, betas=(0.9, theta_beta2)) if mask is not None else None
     ones = torch.ones(Yz.n_cols, device=device)
+    if aux_weights is not None:
+        aux_weights = np.asarray(aux_weights, dtype=np.float64)
+        if aux_weights.shape != (Yz.n_cols - n_targets,) or not np.all(np.isfinite(aux_weights)):
+            raise ValueError(f"aux_weights must be {Yz.n_cols - n_targets} finite weights (one per auxiliary column).")
+        ones = torch.cat([ones[:n_targets], torch.as_tensor(aux_weights, dtype=ones.dtype, device=device)])
 
     hist: dict[str, list] = {
         k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
     }
-    best = (-np.inf, 0, None, None)
-    bad = 0
-    meta_seconds = 0.0
     n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
     if n_batches > 1 and len(train_idx) - (n_batches - 1) * batch_size < MIN_BATCH_SPOTS:
         n_batches -= 1  # a last batch of one spot joins the one before it (the slice below runs to the end)
-    start = 0
-    if checkpoint is not None and checkpoint.state is not None:
-        start, bad, best, meta_seconds, elapsed = _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist)
-        t0 -= elapsed
-    train_net = dist.wrap_ddp(net, device)  # the same module alone
-    reduce = dist.sum_autograd if dist.is_distributed() else None
+    start, bad, best, meta_seconds, t0 = _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0)
+    train_net, reduce = dist.wrap_ddp(net, device), dist.loss_reduce()  # the module and None alone
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not dist.is_main(), leave=False)
     for epoch in bar:
         te = time.perf_counter()
         net.train()
         perm = rng.permutation(train_idx)
         do_meta = mask is not None and epoch > 0 and meta_steps > 0 and mask.ranks.numel() > 0
-        n_meta = min(int(meta_steps), n_batches) if do_meta else 0
+        n_meta = int(meta_steps) if do_meta else 0  # spread over the batches; several per batch when more
         meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
         losses, hgs, mvl = [], [], []
         for b in range(n_batches):
@@ -411,13 +435,16 @@ def train_network(
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
-                mtr = dist.shard(rng.choice(train_idx, size=min(meta_batch_size, len(train_idx)), replace=False))
+                n_tr = min(meta_batch_size, len(train_idx))
+                mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(int(inner_steps))]
                 mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
+                state = AdamState.from_optimizer(opt, net) if lookahead == "adam" else None
                 g, lv = hypergradient(
                     net, mask, n_targets,
-                    inputs(mtr), Yz(mtr),
+                    [inputs(i) for i in mtr], [Yz(i) for i in mtr],
                     inputs(mva), Yz(mva),
                     inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=normalizer,
+                    optimizer_state=state,
                 )  # fmt: skip
                 hgs.append(float(g))
                 mvl.append(lv)
@@ -426,19 +453,14 @@ def train_network(
                 theta_opt.step()
                 mask.clamp_()
                 meta_seconds += time.perf_counter() - tm
-        pcc = val_pcc(net, inputs, Yz, val_idx, n_targets)
+        pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
         k_now = mask.k if mask is not None else Yz.n_cols - n_targets
         theta_now = mask.threshold if mask is not None else float("nan")
-        hist["epoch"].append(epoch)
-        hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
-        hist["val_pcc"].append(pcc)
-        hist["k"].append(int(k_now))
-        hist["theta"].append(theta_now)
-        hist["hypergrad"].append(float(np.mean(hgs)) if hgs else float("nan"))
-        hist["meta_val_loss"].append(float(np.mean(mvl)) if mvl else float("nan"))
-        hist["seconds"].append(time.perf_counter() - te)
+        _record(hist, epoch, losses, pcc, k_now, theta_now, hgs, mvl, time.perf_counter() - te)
         bar.set_postfix(loss=f"{hist['train_loss'][-1]:.4f}", val_pcc=f"{pcc:.4f}", k=k_now)
-        if pcc > best[0] + 1e-6:
+        if not len(val_idx):  # no validation spots (a refit): train every epoch, keep the last
+            best = (pcc, epoch, None, None)
+        elif pcc > best[0] + 1e-6:
             theta_state = mask.theta.detach().clone() if mask is not None else None
             best = (pcc, epoch, copy.deepcopy(net.state_dict()), theta_state)
             bad = 0

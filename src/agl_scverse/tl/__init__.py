@@ -2,15 +2,16 @@
 
 from agl_scverse._stats import per_gene_metrics
 
-from ._baselines import mean_predictor, pca_ridge
+from ._baselines import mean_predictor, pca_ridge, reduced_rank_ridge
 from ._compare import compare_methods
 from ._cross_validate import cross_validate
 from ._evaluate import evaluate
-from ._fit import agl_fit
+from ._fit import agl_fit, k_search_grid
 from ._predict import agl_predict, predict_anndata
 
 __all__ = [
     "agl_fit",
+    "k_search_grid",
     "agl_predict",
     "predict_anndata",
     "evaluate",
@@ -18,5 +19,6 @@ __all__ = [
     "cross_validate",
     "mean_predictor",
     "pca_ridge",
+    "reduced_rank_ridge",
     "per_gene_metrics",
 ]

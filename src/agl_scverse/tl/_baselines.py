@@ -2,10 +2,15 @@
 
 - :func:`mean_predictor`: the per-gene mean of the training spots, for every test spot (no image used).
 - :func:`pca_ridge`: HEST-Benchmark-style linear probe on frozen image embeddings:
-  ``StandardScaler -> PCA(n_components=256) -> Ridge``.
+  ``StandardScaler -> PCA(n_components=256) -> Ridge``;
+- :func:`reduced_rank_ridge`: "linear AGL", a closed-form ridge whose coefficients are restricted to a rank-``r``
+  subspace of the outputs shared by the targets and (weighted) auxiliary genes.
 
-Both take training embeddings and expression, and test embeddings, and return test predictions on the scale
-of the given expression (use :func:`agl_scverse.pp.expression_transform` for it).
+All take training embeddings and expression, and test embeddings, and return test predictions on the scale
+of the given expression (use :func:`agl_scverse.pp.expression_transform` for it). Like the networks of
+:func:`agl_scverse.tl.agl_fit`, the ridge predictors z-score every gene on the training spots before the penalty is
+chosen (so that a penalty is not chosen for the most variable genes only) and clip predictions to each gene's
+training range (``clip=True``), so that baselines and networks are compared on the same terms.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from sklearn.linear_model import Ridge, RidgeCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["DEFAULT_RIDGE_ALPHAS", "mean_predictor", "make_pca_ridge", "pca_ridge"]
+__all__ = ["DEFAULT_RIDGE_ALPHAS", "mean_predictor", "make_pca_ridge", "pca_ridge", "reduced_rank_ridge"]
 
 DEFAULT_RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
 """Ridge penalties searched by default (0.1 ... 1e5, half-decade steps)."""
@@ -129,6 +134,8 @@ def pca_ridge(
     alphas: tuple[float, ...] = DEFAULT_RIDGE_ALPHAS,
     seed: int = 0,
     return_model: bool = False,
+    standardize_targets: bool = True,
+    clip: bool = True,
 ):
     """Fit ``StandardScaler -> PCA -> Ridge`` on training embeddings and predict the test spots.
 
@@ -144,7 +151,12 @@ def pca_ridge(
         See :func:`make_pca_ridge`. Components are capped at ``min(n_train_spots, n_features)``.
     return_model
         Also return the fitted pipeline (its ``named_steps["ridge"].alpha_`` is the chosen penalty when
-        ``alpha`` is None).
+        ``alpha`` is None; with ``standardize_targets`` it predicts z-scores).
+    standardize_targets
+        Fit on per-gene z-scores of ``Y_train`` (mapped back afterwards), so that the penalty chosen by
+        leave-one-out weighs every gene alike; ``False`` fits the raw values.
+    clip
+        Clip each gene's predictions to its training range.
 
     Returns
     -------
@@ -169,6 +181,108 @@ def pca_ridge(
         n_features=X_train.shape[1],
         seed=seed,
     )
-    model.fit(X_train, Y_train)
-    pred = np.asarray(model.predict(X_test), dtype=np.float32).reshape(X_test.shape[0], -1)
+    mu, sd = _target_scale(Y_train, standardize_targets)
+    model.fit(X_train, (Y_train - mu) / sd)
+    pred = np.asarray(model.predict(X_test), dtype=np.float64).reshape(X_test.shape[0], -1) * sd + mu
+    pred = _clip(pred, Y_train, clip)
     return (pred, model) if return_model else pred
+
+
+def _target_scale(Y: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not standardize:
+        return np.zeros(Y.shape[1]), np.ones(Y.shape[1])
+    sd = Y.std(axis=0)
+    return Y.mean(axis=0), np.where(sd > 1e-12, sd, 1.0)
+
+
+def _clip(pred: np.ndarray, Y_train: np.ndarray, clip: bool) -> np.ndarray:
+    if clip:
+        pred = np.clip(pred, Y_train.min(axis=0), Y_train.max(axis=0))
+    return pred.astype(np.float32)
+
+
+def reduced_rank_ridge(
+    X_train,
+    Y_train,
+    X_test,
+    rank: int | None = 8,
+    *,
+    n_targets: int | None = None,
+    aux_weight: float | np.ndarray = 1.0,
+    alpha: float | None = None,
+    alphas: tuple[float, ...] = DEFAULT_RIDGE_ALPHAS,
+    clip: bool = True,
+    return_info: bool = False,
+):
+    """Reduced-rank ridge ("linear AGL"): targets and auxiliaries share a rank-``rank`` output subspace.
+
+    Features are standardised, every gene z-scored on the training spots. The ridge coefficients
+    ``B = (X'X + alpha I)^-1 X'Y`` of all columns (targets, then auxiliaries scaled by ``sqrt(aux_weight)``) are
+    projected onto the top-``rank`` right singular vectors ``V`` of the fitted values ``XB``
+    (``B_r = B V V'``): the auxiliary columns help choose the subspace in which the targets are predicted, as a
+    shared trunk does in AGL. ``alpha`` is chosen for the targets by efficient leave-one-out on the training spots
+    (:class:`~sklearn.linear_model.RidgeCV`) unless given.
+
+    Parameters
+    ----------
+    X_train, Y_train, X_test
+        Training embeddings and expression (targets first, then auxiliaries), test embeddings.
+    rank
+        Rank of the coefficient matrix; ``None`` or a rank >= the number of columns: plain ridge.
+    n_targets
+        Number of leading target columns (default: all columns are targets, no auxiliaries).
+    aux_weight
+        Weight of the auxiliary columns in the subspace (a number or one per auxiliary); 0 leaves them out.
+    alpha, alphas
+        Fixed penalty, or the penalties searched by leave-one-out.
+    clip
+        Clip predictions to each target's training range.
+    return_info
+        Also return ``{"alpha": ..., "rank": ...}``.
+
+    Returns
+    -------
+    ``float32`` predictions of the targets, n_test x n_targets (and the info dict).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 10))
+    >>> Y = X @ rng.normal(size=(10, 2)) @ rng.normal(size=(2, 30))
+    >>> pred = reduced_rank_ridge(X[:150], Y[:150], X[150:], rank=2, n_targets=5)
+    >>> pred.shape, bool(np.corrcoef(pred[:, 0], Y[150:, 0])[0, 1] > 0.99)
+    ((50, 5), True)
+    """
+    X_train, Y_train, X_test = _check_xy(X_train, Y_train, X_test)
+    n_t = Y_train.shape[1] if n_targets is None else int(n_targets)
+    if not 1 <= n_t <= Y_train.shape[1]:
+        raise ValueError(f"n_targets={n_targets} must be in [1, {Y_train.shape[1]}] (the columns of Y_train).")
+    if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
+        raise ValueError(f"rank must be a positive integer or None, got {rank!r}.")
+    w = np.broadcast_to(np.asarray(aux_weight, dtype=np.float64), (Y_train.shape[1] - n_t,))
+    if np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise ValueError("aux_weight must be finite and >= 0.")
+    xm, xs = X_train.mean(0), X_train.std(0)
+    xs = np.where(xs > 1e-12, xs, 1.0)
+    Xs, Xt = (X_train - xm) / xs, (X_test - xm) / xs
+    mu, sd = _target_scale(Y_train, True)
+    Z = (Y_train - mu) / sd
+    if alpha is None:
+        alpha = float(RidgeCV(alphas=np.asarray(alphas, dtype=float)).fit(Xs, Z[:, :n_t]).alpha_)
+    U, s, Vt = np.linalg.svd(Xs - Xs.mean(0), full_matrices=False)
+    shrink = s / (s**2 + alpha)
+    cols = np.concatenate([np.ones(n_t), np.sqrt(w)])
+    keep = cols > 0
+    Zw = Z[:, keep] * cols[keep]
+    B = Vt.T @ (shrink[:, None] * (U.T @ Zw))  # features x kept columns
+    r = Zw.shape[1] if rank is None else min(int(rank), *Zw.shape)
+    if r < Zw.shape[1]:
+        fitted = Xs @ B
+        V = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2][:r].T  # columns x r
+        B = B @ V @ V[:n_t].T  # the targets' coefficients, restricted to the shared subspace
+    else:
+        B = B[:, :n_t]
+    pred = (Xt - Xs.mean(0)) @ B + Z[:, :n_t].mean(0)
+    pred = _clip(pred * sd[:n_t] + mu[:n_t], Y_train[:, :n_t], clip)
+    return (pred, {"alpha": float(alpha), "rank": int(r)}) if return_info else pred

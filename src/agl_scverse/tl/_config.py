@@ -50,8 +50,11 @@ class TrainingConfig:
     batch_size: int
     weight_decay: float = 0.0
     loss: str = "pearson"
+    refit: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.refit, bool | np.bool_):
+            raise TypeError(f"refit must be True or False, got {self.refit!r}.")
         for name in ("epochs", "patience", "batch_size"):
             check_positive(name, getattr(self, name), integer=True)
         check_min_batch_size(self.batch_size)
@@ -62,7 +65,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DkGSBConfig:
-    """The bi-level step: inner SGD steps, meta steps per epoch, meta batch, mask temperature, lr on theta."""
+    """The bi-level step: inner steps (Adam look-ahead or SGD), meta steps per epoch, meta batch, mask temperature,
+    lr on theta, meta objective."""
 
     inner_steps: int = 1
     inner_lr: float = 0.1
@@ -70,7 +74,8 @@ class DkGSBConfig:
     meta_batch_size: int = 128
     tau: float = 0.01
     beta: float = 3e-3
-    meta_normalizer: str = "detached"
+    meta_normalizer: str = "soft"
+    lookahead: str = "adam"
 
     def __post_init__(self) -> None:
         check_positive("inner_steps", self.inner_steps, integer=True)
@@ -79,6 +84,7 @@ class DkGSBConfig:
         for name in ("inner_lr", "tau", "beta"):
             check_positive(name, getattr(self, name))
         check_choice("meta_normalizer", self.meta_normalizer, K.META_NORMALIZERS)
+        check_choice("lookahead", self.lookahead, K.LOOKAHEADS)
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,8 @@ class FitConfig:
     training: TrainingConfig
     dkgsb: DkGSBConfig
     genes: GeneConfig
-    k: int | None = None
+    k: int | str | None = None
+    k_grid: tuple[int, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,8 +127,19 @@ class FitConfig:
         check_choice("mode", self.mode, K.MODES)
         if self.method == "topk":
             if self.k is None:
-                raise ValueError("method='topk' needs k, the number of auxiliary genes to use (e.g. k=500).")
-            check_positive("k", self.k, integer=True, allow_zero=True)
+                raise ValueError(
+                    "method='topk' needs k, the number of auxiliary genes to use (e.g. k=500), or k='auto' to "
+                    "choose it on the validation spots."
+                )
+            if self.k != K.K_AUTO:
+                check_positive("k", self.k, integer=True, allow_zero=True)
+        if self.k_grid is not None:
+            if self.k != K.K_AUTO:
+                raise ValueError("k_grid applies to method='topk' with k='auto' only.")
+            if not len(self.k_grid):
+                raise ValueError("k_grid is empty; give the numbers of auxiliary genes to try, e.g. (0, 300, 1000).")
+            for v in self.k_grid:
+                check_positive("k_grid value", v, integer=True, allow_zero=True)
         check_seed(self.seed)
 
     @classmethod
@@ -139,8 +157,10 @@ class FitConfig:
         weight_decay: float,
         loss: str,
         genes: GeneConfig,
-        k: int | None,
+        k: int | str | None,
         seed: int,
+        refit: bool = False,
+        k_grid: Sequence[int] | None = None,
         **dkgsb: Any,
     ) -> FitConfig:
         """Fill ``None`` values from :data:`MODE_DEFAULTS` of ``mode`` and check everything."""
@@ -161,10 +181,12 @@ class FitConfig:
                 batch_size=pick("batch_size", batch_size),
                 weight_decay=weight_decay,
                 loss=loss,
+                refit=refit,
             ),
             dkgsb=DkGSBConfig(**dkgsb),
             genes=genes,
             k=k,
+            k_grid=None if k_grid is None else tuple(int(v) for v in k_grid),
             seed=seed,
         )
 
@@ -174,6 +196,8 @@ class FitConfig:
         ``genes=False`` leaves out the gene choices (the training hyperparameters only).
         """
         out: dict[str, Any] = {"method": self.method, "mode": self.mode, "k": self.k, "seed": self.seed}
+        if self.k_grid is not None:
+            out["k_grid"] = list(self.k_grid)
         for part in (self.network, self.training, self.dkgsb) + ((self.genes,) if genes else ()):
             out.update(asdict(part))
         out["hidden"] = list(self.network.hidden)

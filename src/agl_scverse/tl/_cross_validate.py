@@ -19,13 +19,18 @@ from agl_scverse._stats import per_gene_metrics
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 
-from ._baselines import mean_predictor, pca_ridge
+from ._baselines import mean_predictor, pca_ridge, reduced_rank_ridge
 from ._fit import agl_fit
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
 
-BASELINES = ("mean", "pca_ridge")
-"""Baseline rows added when ``baselines=True``."""
+BASELINES = ("mean", "pca_ridge", "rrr")
+"""Baseline rows added when ``baselines=True`` (``"rrr"``: reduced-rank ridge with auxiliaries, "linear AGL")."""
+
+#: Ranks tried by the ``"rrr"`` baseline (``None``: full rank, plain ridge on the targets).
+RRR_RANKS: tuple[int | None, ...] = (2, 4, 8, 16, 32, None)
+#: Auxiliaries (best by prior) offered to the ``"rrr"`` baseline; 0 and these are tried on validation.
+RRR_AUX: tuple[int, ...] = (300, 1000, 3000)
 
 CV_COLUMNS = ["fold", "method", "gene", "pearson", "spearman", "mse", "k", "fit_seconds"]
 """Columns of the DataFrame returned by :func:`cross_validate`."""
@@ -72,6 +77,7 @@ def cross_validate(
     transform: str = "log1p",
     val_fraction: float = 0.2,
     progress: bool = True,
+    method_kwargs: dict[str, dict] | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out evaluation of AGL methods and baselines.
@@ -83,8 +89,10 @@ def cross_validate(
        method of the fold uses exactly these roles;
     2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
        embeddings, same validation spots, same seed), then predicts the held-out group;
-    3. with ``baselines=True``, the mean predictor and PCA+Ridge (:mod:`agl_scverse.tl.baselines`) are fitted on
-       all training spots (train + validation) of the same embeddings;
+    3. with ``baselines=True``, the mean predictor, PCA+Ridge and a reduced-rank ridge with auxiliaries
+       (:mod:`agl_scverse.tl._baselines`; its rank and number of auxiliaries chosen on the validation spots) are
+       fitted on the **same training spots as the networks**: the training split, or training + validation spots
+       when ``refit=True`` is passed (the networks are then refitted on them too);
     4. per-gene Pearson / Spearman / MSE of the **targets** on the held-out spots, on the ``transform`` scale
        (:mod:`agl_scverse._stats` conventions: NaN where a target is constant on the held-out group).
 
@@ -99,7 +107,9 @@ def cross_validate(
     group_key
         ``.obs`` column with the groups; each group is held out once.
     methods
-        AGL methods (``"pgl"``, ``"agl"``, ``"topk"``, ``"dkgsb"``; see :func:`agl_scverse.tl.agl_fit`).
+        AGL methods (``"pgl"``, ``"agl"``, ``"topk"``, ``"dkgsb"``; see :func:`agl_scverse.tl.agl_fit`). A name may
+        carry a label after ``":"`` (e.g. ``"pgl:reg"``) to run one method with the settings of
+        ``method_kwargs[name]``.
     embedding_key
         ``.obsm`` key of the embeddings; default: the only ``X_agl_*`` key.
     n_targets
@@ -120,8 +130,11 @@ def cross_validate(
         Fraction of training spots used for validation when there are fewer than 3 training groups.
     progress
         Progress bar over folds.
+    method_kwargs
+        Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g. ``{"pgl:reg": {"dropout": 0.5}}``).
     **fit_kwargs
-        Passed to :func:`agl_scverse.tl.agl_fit` (e.g. ``epochs``, ``k`` for ``"topk"``, ``hidden``).
+        Passed to every :func:`agl_scverse.tl.agl_fit` call (e.g. ``epochs``, ``k`` for ``"topk"``, ``hidden``,
+        ``refit``).
 
     Returns
     -------
@@ -147,6 +160,12 @@ def cross_validate(
         adata, group_key, groups, methods, baselines, embedding_key, layer, transform
     )
     methods = tuple(methods)
+    method_kwargs = dict(method_kwargs or {})
+    unknown_kw = [m for m in method_kwargs if m not in methods]
+    if unknown_kw:
+        raise KeyError(f"method_kwargs names {unknown_kw}, which are not in methods {list(methods)}.")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods holds duplicate names {list(methods)}; label variants as 'method:label'.")
     emb = np.asarray(adata.obsm[emb_key], dtype=np.float32)
     check_in_range("val_fraction", val_fraction, 0.0, 1.0, closed="neither")
     if fit_kwargs.get("mode", "embedding") != "embedding":
@@ -190,17 +209,12 @@ def cross_validate(
                 }
             )
 
-        if baselines:
-            t0 = time.perf_counter()
-            pred = mean_predictor(emb[train], Y_all[train], emb[test])
-            record("mean", pred, np.nan, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            pred = pca_ridge(emb[train], Y_all[train], emb[test], seed=seed)
-            record("pca_ridge", pred, np.nan, time.perf_counter() - t0)
-
         if methods:
             sub = _training_anndata(adata, counts, train, group_key, emb_key, roles, prior_col)
-        for method in methods:
+        base_rows = np.flatnonzero(train)  # spots the networks train on (all training groups with refit=True)
+        for name in methods:
+            method = name.split(":")[0]
+            kw = {"progress": False, **fit_kwargs, **method_kwargs.get(name, {})}
             t0 = time.perf_counter()
             model = agl_fit(
                 sub,
@@ -215,15 +229,33 @@ def cross_validate(
                 val_groups=[val_group] if val_group else None,
                 val_fraction=val_fraction,
                 seed=seed,
-                key_added=f"{key_added}_{method}",
-                **{"progress": False, **fit_kwargs},
+                key_added=f"{key_added}_{name.replace(':', '_')}",
+                **kw,
             )
             secs = time.perf_counter() - t0
+            split_col = sub.obs[Keys(f"{key_added}_{name.replace(':', '_')}").split].astype(str).to_numpy()
+            fit_rows = np.flatnonzero(train)[split_col == K.SPLIT_TRAIN]
+            val_rows = np.flatnonzero(train)[split_col == K.SPLIT_VAL]
+            if not kw.get("refit", False):
+                base_rows = fit_rows
             n_t = len(roles.targets)
             if list(model.targets) != list(roles.targets):  # pragma: no cover - guards the contract
                 raise RuntimeError("agl_fit changed the target genes of the fold.")
             pred = model.predict(emb[test])[:, :n_t]
-            record(method, pred, float(model.k if model.k is not None else np.nan), secs)
+            record(name, pred, float(model.k if model.k is not None else np.nan), secs)
+        if baselines:
+            if not methods:
+                val_rows = np.flatnonzero(grp == val_group) if val_group else np.flatnonzero(train)[:0]
+                fit_rows = np.setdiff1d(np.flatnonzero(train), val_rows)
+            t0 = time.perf_counter()
+            pred = mean_predictor(emb[base_rows], Y_all[base_rows], emb[test])
+            record("mean", pred, np.nan, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
+            record("pca_ridge", pred, np.nan, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pred, k_rrr = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
+            record("rrr", pred, k_rrr, time.perf_counter() - t0)
         logg.info(
             f"fold {test_group!r} (validation {val_group or 'random spots'}): "
             + ", ".join(f"{s['method']} {s['mean_pearson']:.3f}" for s in summary if s["fold"] == test_group)
@@ -250,11 +282,37 @@ def cross_validate(
                 "layer": layer,
                 "seed": int(seed),
                 "val_fraction": float(val_fraction),
+                "method_kwargs": {m: {k: str(v) for k, v in kw.items()} for m, kw in method_kwargs.items()},
                 "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()},
             },
         }
     )
     return df
+
+
+def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, val_rows, final_rows, test):
+    """Reduced-rank ridge with auxiliaries: rank and number of auxiliaries chosen on the validation spots.
+
+    Settings are scored by fitting on ``train_rows`` and predicting ``val_rows``; the chosen one is refitted on
+    ``final_rows``. Returns the test predictions and the number of auxiliaries used.
+    Without validation spots: full rank, no auxiliaries (plain ridge with z-scored targets).
+    """
+    n_t = len(roles.targets)
+    n_aux = [0] + [a for a in RRR_AUX if a <= len(roles.auxiliaries)]
+    cols = adata.var_names.get_indexer(list(roles.targets) + list(roles.auxiliaries[: max(n_aux)]))
+    Y = expression_transform(counts, transform, columns=cols)
+    best = (None, 0)
+    if len(val_rows) >= 2:
+        score = -np.inf
+        for a in n_aux:
+            for rank in RRR_RANKS:
+                pred = reduced_rank_ridge(emb[train_rows], Y[train_rows, : n_t + a], emb[val_rows], rank, n_targets=n_t)
+                r = np.nanmean(per_gene_metrics(Y[val_rows, :n_t], pred)["pearson"])
+                if r > score + 1e-9:
+                    score, best = r, (rank, a)
+    rank, a = best
+    pred = reduced_rank_ridge(emb[final_rows], Y[final_rows, : n_t + a], emb[test], rank, n_targets=n_t)
+    return pred, float(a)
 
 
 def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, layer, transform):
@@ -276,7 +334,7 @@ def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, l
     unknown = [g for g in held if g not in order]
     if unknown:
         raise KeyError(f"groups {unknown} are not values of .obs[{group_key!r}] ({order}).")
-    bad = [m for m in methods if m not in K.METHODS]
+    bad = [m for m in methods if str(m).split(":")[0] not in K.METHODS]
     if bad:
         raise ValueError(f"Unknown method(s) {bad}; choose from {K.METHODS}.")
     if not methods and not baselines:

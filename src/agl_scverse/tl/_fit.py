@@ -44,7 +44,7 @@ from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 from ._config import FitConfig, GeneConfig
 from ._split import make_split
 
-__all__ = ["agl_fit", "predict_rows"]
+__all__ = ["agl_fit", "predict_rows", "k_search_grid"]
 
 
 @dataclass
@@ -139,11 +139,11 @@ def _prepare_genes(adata: AnnData, cfg: FitConfig, data: _Data, library_key: str
         min_cells=g.min_cells, train_mask=data.split == K.SPLIT_TRAIN, layer=g.layer, library_key=library_key,
     )  # fmt: skip
     n_aux_all = len(roles.auxiliaries)
-    if cfg.method == "topk" and int(cfg.k) > n_aux_all:
+    if cfg.method == "topk" and cfg.k != K.K_AUTO and int(cfg.k) > n_aux_all:
         raise ValueError(f"k={cfg.k} exceeds the {n_aux_all} auxiliary genes available; choose k <= {n_aux_all}.")
     if cfg.method in ("agl", "dkgsb") and n_aux_all == 0:
         raise ValueError(f"method={cfg.method!r} needs auxiliary genes but none is left; use method='pgl'.")
-    aux_cols = genes_for_method(cfg.method, n_aux_all, k=cfg.k)
+    aux_cols = genes_for_method(cfg.method, n_aux_all, k=n_aux_all if cfg.k == K.K_AUTO else cfg.k)
     genes = list(roles.targets) + [roles.auxiliaries[i] for i in aux_cols]
     gene_pos = adata.var_names.get_indexer(genes)
     X = adata.layers[g.layer] if g.layer is not None else adata.X
@@ -220,6 +220,74 @@ def _checkpointer(
     return Checkpointer(save_dir, checkpoint_every, fingerprint, resume=resume, overwrite=overwrite)
 
 
+def _train(
+    net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, **kw
+) -> TrainResult:
+    """:func:`agl_scverse.model.train_network` with the configuration's settings (``kw`` overrides them)."""
+    t, m = cfg.training, cfg.dkgsb
+    args = {
+        "epochs": t.epochs, "patience": t.patience, "lr": float(t.lr), "weight_decay": float(t.weight_decay),
+        "batch_size": t.batch_size, "loss": t.loss, "inner_steps": m.inner_steps, "inner_lr": float(m.inner_lr),
+        "meta_steps": m.meta_steps, "meta_batch_size": m.meta_batch_size, "beta": float(m.beta),
+        "normalizer": m.meta_normalizer, "lookahead": m.lookahead, "seed": int(cfg.seed), "device": dev,
+        "progress": progress, "desc": desc, **kw,
+    }  # fmt: skip
+    return train_network(net, inputs, genes.expr, data.train_idx, data.val_idx, genes.n_targets, **args)
+
+
+def _with_k(genes: _Genes, k: int) -> _Genes:
+    """The first ``k`` auxiliaries (prior order) of ``genes``: a top-k fit's outputs."""
+    n = genes.n_targets + int(k)
+    expr = ExpressionBatches(genes.expr.X, genes.gene_pos[:n], genes.expr.transform)
+    return _Genes(genes.roles, genes.aux_cols[: int(k)], genes.genes[:n], genes.gene_pos[:n], expr)
+
+
+def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
+    """The numbers of auxiliaries that ``k="auto"`` tries: 0 and five geometric steps up to all of them.
+
+    Examples
+    --------
+    >>> k_search_grid(16000)
+    [0, 250, 707, 2000, 5657, 16000]
+    >>> k_search_grid(10, grid=(0, 5, 50))
+    [0, 5, 10]
+    """
+    if grid is None:
+        grid = [0] + ([] if n_aux == 0 else np.geomspace(max(1.0, n_aux / 64), n_aux, 6).round().astype(int).tolist())
+    return sorted({min(int(v), int(n_aux)) for v in grid})
+
+
+def _search_k(adata, cfg: FitConfig, data: _Data, genes: _Genes, enc: dict, dev, progress: bool):
+    """Top-k fits over :func:`k_search_grid`, scored on the validation spots; the best one and the scores."""
+    grid = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid)
+    scores, best = [], None
+    for kk in grid:
+        g_k = _with_k(genes, kk)
+        net, inputs, record = _build_network(adata, cfg, data, len(g_k.genes), enc, dev)
+        res = _train(net, inputs, g_k, data, cfg, dev, progress, f"agl_fit (topk, k={kk})")
+        scores.append(float(res.best_val_pcc))
+        if best is None or res.best_val_pcc > best[3].best_val_pcc + 1e-6:
+            best = (g_k, net, inputs, res, record)
+    logg.info("k search (validation PCC): " + ", ".join(f"k={kk}: {v:.4f}" for kk, v in zip(grid, scores)))
+    return best, {"k_grid": np.asarray(grid), "val_pcc": np.asarray(scores)}
+
+
+def _refit(adata, cfg: FitConfig, data: _Data, genes: _Genes, res: TrainResult, enc: dict, dev, progress: bool):
+    """Retrain from the initialisation on train + validation spots for the selected number of epochs.
+
+    DkGSB's mask is held at its learned weights. Returns the new network, its inputs and training result.
+    """
+    both = np.sort(np.concatenate([data.train_idx, data.val_idx]))
+    data2 = _Data(data.used, data.split, both, np.zeros(0, dtype=np.int64), data.emb_key, data.features)
+    net, inputs, _ = _build_network(adata, cfg, data2, len(genes.genes), enc, dev)
+    aux_w = np.asarray(res.aux_weights, dtype=np.float64) if cfg.method == "dkgsb" else None
+    res2 = _train(
+        net, inputs, genes, data2, cfg, dev, progress, f"agl_fit ({cfg.method}, refit)", epochs=res.best_epoch + 1,
+        aux_weights=aux_w,
+    )  # fmt: skip
+    return net, inputs, res2
+
+
 def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record: dict, data: _Data, extra: dict):
     n_t, n_aux_all = genes.n_targets, len(genes.roles.auxiliaries)
     if cfg.method == "dkgsb":
@@ -251,6 +319,7 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
         "versions": versions(),
         "best_epoch": res.best_epoch,
         "val_pcc": res.best_val_pcc,
+        "refit": bool(cfg.training.refit),
         "n_train": len(data.train_idx),
         "n_val": len(data.val_idx),
     }
@@ -260,8 +329,7 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
 def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: _Data, res, keys: Keys, extra: dict):
     """Every write of ``agl_fit``, in one block that restores what it touched when it fails."""
     n_t = genes.n_targets
-    val_pred = predict_rows(model.net, extra["inputs"], data.val_idx, n_t)
-    val_df = per_gene_metrics(genes.expr.batch(data.val_idx, n_t), val_pred, genes=genes.roles.targets)
+    val_df = extra["val_metrics"]
     w_col = np.zeros(adata.n_vars)
     w_col[genes.gene_pos] = model.weights
     params = {**cfg.to_params(), **extra["params"], "encoder": model.config["encoder"].get("encoder")}
@@ -278,7 +346,12 @@ def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: 
         "meta_seconds": float(res.meta_seconds),
         "n_train": len(data.train_idx),
         "n_val": len(data.val_idx),
+        "refit": bool(cfg.training.refit),
     }
+    if extra.get("k_search") is not None:
+        metrics["k_search"] = extra["k_search"]
+    if extra.get("refit_history") is not None:
+        metrics["refit_train_loss"] = np.asarray(extra["refit_history"]["train_loss"], dtype=float)
     entry = {
         "params": params, "method": cfg.method, "mode": cfg.mode, "k": model.k,
         "threshold": model.threshold if model.threshold is not None else float("nan"),
@@ -341,8 +414,11 @@ def agl_fit(
     meta_batch_size: int = 128,
     tau: float = 0.01,
     beta: float = 3e-3,
-    meta_normalizer: str = "detached",
-    k: int | None = None,
+    meta_normalizer: str = "soft",
+    lookahead: str = "adam",
+    k: int | str | None = None,
+    k_grid: Sequence[int] | None = None,
+    refit: bool = False,
     seed: int = 0,
     device: str = "auto",
     key_added: str = K.DEFAULT_KEY,
@@ -415,9 +491,9 @@ def agl_fit(
     loss
         ``"pearson"`` (``1 - r`` per gene, paper) or ``"mse"``.
     inner_steps
-        DkGSB: differentiable SGD steps in the bi-level look-ahead.
+        DkGSB: differentiable inner steps of the bi-level look-ahead, each on its own training batch.
     inner_lr
-        DkGSB: their learning rate.
+        DkGSB: their learning rate when ``lookahead="sgd"``.
     meta_steps
         DkGSB: updates of the threshold per epoch.
     meta_batch_size
@@ -427,10 +503,22 @@ def agl_fit(
     beta
         DkGSB: Adam learning rate on the threshold.
     meta_normalizer
-        ``"detached"`` (default): the inner step divides by ``sum(w)`` held constant; ``"soft"``: differentiated
-        through ``sum(w)`` too (see the Method page).
+        ``"soft"`` (default): the exact derivative of the look-ahead, through the weighted loss's ``sum(w)``;
+        ``"detached"``: ``sum(w)`` held constant in the derivative only (the authors' code; not the derivative of
+        the loss it evaluates). See the Method page.
+    lookahead
+        DkGSB: ``"adam"`` (default) takes the inner steps as the network's live Adam optimiser would (its moments,
+        step count, lr), so the look-ahead is the next training step; ``"sgd"``: SGD with ``inner_lr`` (paper).
     k
-        Number of auxiliaries for ``method="topk"``.
+        Number of auxiliaries for ``method="topk"``, or ``"auto"``: top-k fits over ``k_grid`` scored on the
+        validation spots, the best one kept (``.uns[key_added]["metrics"]["k_search"]`` holds the scores).
+    k_grid
+        Numbers of auxiliaries tried by ``k="auto"`` (default: 0 and six geometric steps from ``n_aux / 64`` to
+        all, see :func:`agl_scverse.tl.k_search_grid`).
+    refit
+        After early stopping, retrain the network from its initialisation on the training **and** validation
+        spots for the selected number of epochs (DkGSB's mask held at its learned weights), so the final model
+        uses every labelled spot. Validation metrics in ``.uns`` are those of the first fit.
     seed
         Seeds the split, initialisation, batches and meta batches (results are identical on CPU for a seed).
     device
@@ -489,7 +577,7 @@ def agl_fit(
         method, mode, hidden=hidden, dropout=dropout, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
         weight_decay=weight_decay, loss=loss, genes=genes_cfg, k=k, seed=seed, inner_steps=inner_steps,
         inner_lr=inner_lr, meta_steps=meta_steps, meta_batch_size=meta_batch_size, tau=tau, beta=beta,
-        meta_normalizer=meta_normalizer,
+        meta_normalizer=meta_normalizer, lookahead=lookahead, refit=refit, k_grid=k_grid,
     )  # fmt: skip
     keys = Keys(key_added)
     check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
@@ -512,20 +600,31 @@ def agl_fit(
         "patch_um": patch_um,
         "library_key": library_key,
     }
-    net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
-    mask = GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
-    checkpoint = _checkpointer(save_dir, checkpoint_every, resume, overwrite, cfg, genes, fit_data, net, enc_record)
-    t, m = cfg.training, cfg.dkgsb
-    res = train_network(
-        net, inputs, genes.expr, fit_data.train_idx, fit_data.val_idx, genes.n_targets, mask=mask, epochs=t.epochs,
-        patience=t.patience, lr=float(t.lr), weight_decay=float(t.weight_decay), batch_size=t.batch_size, loss=t.loss,
-        inner_steps=m.inner_steps, inner_lr=float(m.inner_lr), meta_steps=m.meta_steps,
-        meta_batch_size=m.meta_batch_size, beta=float(m.beta), normalizer=m.meta_normalizer, seed=int(seed),
-        device=dev, progress=progress, desc=f"agl_fit ({method})", checkpoint=checkpoint,
+    k_search, checkpoint = None, None  # the k search and the refit are short runs: not checkpointed
+    if method == "topk" and cfg.k == K.K_AUTO:
+        (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
+    else:
+        net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
+        mask = (
+            GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
+        )
+        checkpoint = _checkpointer(save_dir, checkpoint_every, resume, overwrite, cfg, genes, fit_data, net, enc_record)
+        desc = f"agl_fit ({method})"
+        res = _train(net, inputs, genes, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
+    n_t = genes.n_targets  # validation metrics of the selected network, before any refit has seen those spots
+    val_metrics = per_gene_metrics(
+        genes.expr.batch(fit_data.val_idx, n_t), predict_rows(net, inputs, fit_data.val_idx, n_t),
+        genes=genes.roles.targets,
     )  # fmt: skip
+    refit_history = None
+    if cfg.training.refit:
+        net, inputs, res_refit = _refit(adata, cfg, fit_data, genes, res, enc, dev, progress)
+        refit_history = res_refit.history
+        res.fit_seconds += res_refit.fit_seconds
     net.cpu().eval()
     extra = {
-        "t_start": t_start, "library_key": library_key, "inputs": inputs,
+        "t_start": t_start, "library_key": library_key, "inputs": inputs, "val_metrics": val_metrics,
+        "k_search": k_search, "refit_history": refit_history,
         "params": {
             "embedding_key": fit_data.emb_key, "spots": int(fit_data.used.sum()) if spots is not None else None,
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),
