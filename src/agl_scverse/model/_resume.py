@@ -250,7 +250,7 @@ class Checkpointer:
 
             remove_stale(self.path)
             atomic_replace(self.path, write, overwrite=True, files=CHECKPOINT_FILES, is_ours=_is_manifest)
-            self.written += 1
+        self.written += 1
         dist.barrier()
 
     def remove(self) -> None:
