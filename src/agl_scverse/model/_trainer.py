@@ -349,15 +349,17 @@ def train_network(
         its :meth:`~agl_scverse.model._resume.Checkpointer.save` is called after every ``checkpoint.every``
         epochs (see :func:`_loop_state`).
 
+    Returns
+    -------
+    :class:`TrainResult`; ``net`` (and ``mask.theta``) hold the best epoch's state, calibrated.
+
+    Notes
+    -----
     Under ``torchrun`` (:mod:`agl_scverse._distributed`) every rank draws the same batches and trains on its
     rank-strided share of each (:func:`agl_scverse._distributed.shard`); the network is wrapped in
     ``DistributedDataParallel``, the loss gathers its batch statistics over the ranks (the loss of the global
     batch), the DkGSB hypergradient is averaged over the ranks (so ``theta`` is the same everywhere), and torch's
     generator is seeded ``seed + rank`` (dropout and augmentation differ between ranks).
-
-    Returns
-    -------
-    :class:`TrainResult`; ``net`` (and ``mask.theta``) hold the best epoch's state, calibrated.
 
     Examples
     --------
