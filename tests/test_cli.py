@@ -380,3 +380,12 @@ def test_help_has_an_example_and_no_markup(capsys, command):
         assert markup not in text, (command, markup)
     if command:
         assert f"example:\n  agl-scverse {command}" in text
+def test_fit_scale_out_flags(tmp_path, slide_h5ad, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = cli.build_parser().parse_args(["fit", "d", "--out", "m", "--mode", "finetune", "--checkpoint-every", "2"])
+    assert (args.mode, args.checkpoint_every, args.resume, args.distributed) == ("finetune", 2, False, False)
+    assert cli.main(["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m"), "--distributed"]) == 2
+    assert "--distributed needs torchrun" in _error_line(capsys) and not (tmp_path / "m").exists()
+    argv = ["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m"), "--checkpoint-every", "1", "--resume"]
+    assert cli.main(argv) == 0  # no checkpoint yet: trains from the first epoch, then removes its checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "slide.h5ad"]

@@ -10,15 +10,20 @@ import numpy as np
 
 
 def resolve_device(device: str = "auto"):
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)`` (checked: known, available)."""
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)`` (checked: known, available).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) an unnumbered CUDA device is this process's GPU, ``cuda:LOCAL_RANK``.
+    """
     import torch
 
+    from agl_scverse._distributed import env_world_size, local_rank
     from agl_scverse._validate import check_device
 
     check_device(device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and dev.index is None and env_world_size() > 1:
+        dev = torch.device("cuda", local_rank())  # under torchrun: this process's GPU
+    return dev
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -27,6 +32,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_array(a, rows: int = 65536) -> str:
+    """Hex sha256 of an array's dtype, shape and values (hashed in row blocks: no copy of the whole array)."""
+    a = np.asarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    for s in range(0, max(len(a), 1), rows):
+        h.update(np.ascontiguousarray(a[s : s + rows]).tobytes())
     return h.hexdigest()
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import _constants as K
-from ._constants import METHODS
+from ._constants import METHODS, MODES
 
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
 METHOD_LABELS = {"pgl": "PGL (targets only)", "agl": "AGL-all", "topk": "AGL top-k", "dkgsb": "AGL + DkGSB"}
@@ -312,6 +312,7 @@ def _fit(args: argparse.Namespace) -> None:
     _existing(args.data)  # the quick checks first; then the slow imports
     from . import tl
 
+    scale_out = _scale_out_kwargs(args)  # --distributed is checked before any work
     device = _device(args.device)
     adata = _read_slide(args)
     split_key = args.split_key
@@ -346,7 +347,10 @@ def _fit(args: argparse.Namespace) -> None:
         save_dir=args.out,
         overwrite=args.overwrite,
         **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres),
+        **scale_out,
     )
+    if not _is_main():  # under torchrun, rank 0 reports and writes (agl_fit saved the model from rank 0)
+        return
     cfg = model.config
     n_aux = cfg.get("n_auxiliary_candidates", len(model.genes) - len(model.targets))
     summary = (
@@ -436,6 +440,50 @@ def _cross_validate(args: argparse.Namespace) -> None:
     means = ", ".join(f"{m} {_fmt(v)}" for m, v in summary["mean"].items())
     n_folds = summary.shape[1] - 1
     print(f"cross-validate: {n_folds} held-out {args.group_key} folds, mean target PCC: {means} -> {out}")
+
+
+# -- scaling out (fine-tuning, torchrun, checkpoints; docs/scaling_out.md) -----------------------------------
+def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode",
+        default="embedding",
+        choices=list(MODES),
+        help="embedding: a head on cached features; finetune: the encoder end to end (default: embedding)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one of torchrun's processes: torchrun --nproc_per_node N -m agl_scverse.cli fit "
+        "--distributed ... (rank 0 writes the outputs)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a checkpoint to OUT.checkpoint/ every N epochs (default: 0, none)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out, if there is one")
+
+
+def _scale_out_kwargs(args: argparse.Namespace) -> dict:
+    """``agl_fit`` arguments of :func:`_add_scale_out_args`; joins torchrun's process group with --distributed."""
+    from . import _distributed
+
+    if args.distributed and _distributed.env_world_size() <= 1 and not _distributed.is_distributed():
+        raise ValueError(
+            "--distributed needs torchrun's environment (WORLD_SIZE > 1): start it as "
+            "`torchrun --nproc_per_node N -m agl_scverse.cli fit --distributed ...`, or leave --distributed out."
+        )
+    if args.distributed:
+        _distributed.init_from_env()
+    return {"mode": args.mode, "checkpoint_every": args.checkpoint_every, "resume": args.resume}
+
+
+def _is_main() -> bool:
+    from . import _distributed
+
+    return _distributed.is_main()
 
 
 def _add_debug(p: argparse.ArgumentParser, default) -> None:
@@ -560,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups held out of the fit, predicted and scored after it",
     )
     p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
+    _add_scale_out_args(p)
     _add_debug(p, argparse.SUPPRESS)
 
     p = sub.add_parser(

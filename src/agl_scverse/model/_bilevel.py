@@ -41,6 +41,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from agl_scverse import _distributed as dist
+
 from ._loss import per_gene_loss, weighted_loss
 from ._mask import GeneMask
 
@@ -255,7 +257,8 @@ def hypergradient(
 
     Returns
     -------
-    The hypergradient (a 0-d tensor, detached) and the target-only validation loss (float).
+    The hypergradient (a 0-d tensor, detached) and the target-only validation loss (float); under ``torchrun``
+    both are the mean over the ranks, each of which computed them on its share of the meta batches.
 
     Examples
     --------
@@ -277,4 +280,6 @@ def hypergradient(
         (g,) = torch.autograd.grad(lv, mask.theta)
     finally:
         net.train(was_training)
-    return g.detach(), float(lv.detach())
+    # Under torchrun each rank holds a share of the meta batches: average over ranks, so theta stays identical.
+    g_lv = dist.mean_(torch.stack([g.detach(), lv.detach().to(g.dtype)]))
+    return g_lv[0], float(g_lv[1])

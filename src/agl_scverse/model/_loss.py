@@ -4,9 +4,17 @@ The paper trains with ``1 - Pearson`` per gene, computed over the spots of a bat
 DkGSB soft mask as ``sum_i w_i L_i / sum_i w_i`` (targets have ``w_i = 1``). An MSE option is offered for users
 who care about calibrated values more than ranking; the trainer then works on per-gene standardised expression so
 that every gene weighs the same.
+
+Across processes (``reduce=``, see :mod:`agl_scverse._distributed`) a batch is split between ranks, and a
+correlation is not a mean of per-rank correlations: the losses then sum their batch statistics over the ranks
+with a differentiable all-reduce -- first ``n``, ``sum pred`` and ``sum target`` per gene (the global means), then
+the centred ``sum pred*target``, ``sum pred^2`` and ``sum target^2`` -- so every rank gets the loss of the global
+batch (equal to the single-process loss up to the order of summation) and, through DDP, its exact gradient.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -16,7 +24,12 @@ from agl_scverse._validate import check_choice
 __all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss"]
 
 
-def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pearson_loss(
+    pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, reduce: Reduce | None = None
+) -> torch.Tensor:
     """``1 - Pearson r`` for every gene (column), computed over the spots (rows) of the batch.
 
     Parameters
@@ -28,6 +41,9 @@ def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) ->
     eps
         Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
         finite gradient instead of NaN.
+    reduce
+        Sums a tensor over the processes sharing the batch, with gradients (e.g.
+        :func:`agl_scverse._distributed.sum_autograd`); None: the batch is all here.
 
     Returns
     -------
@@ -40,15 +56,23 @@ def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) ->
     >>> pearson_loss(x, 2 * x + 1).abs().max() < 1e-5
     tensor(True)
     """
-    p = pred - pred.mean(dim=0, keepdim=True)
-    t = target - target.mean(dim=0, keepdim=True)
-    cov = (p * t).sum(dim=0)
-    denom = torch.sqrt((p * p).sum(dim=0) + eps) * torch.sqrt((t * t).sum(dim=0) + eps)
-    return 1.0 - cov / denom
+    if reduce is None:
+        p = pred - pred.mean(dim=0, keepdim=True)
+        t = target - target.mean(dim=0, keepdim=True)
+        cov = (p * t).sum(dim=0)
+        denom = torch.sqrt((p * p).sum(dim=0) + eps) * torch.sqrt((t * t).sum(dim=0) + eps)
+        return 1.0 - cov / denom
+    target = target.to(pred.dtype)
+    n = pred.new_full((1, pred.shape[1]), float(pred.shape[0]))
+    n, sp, st = reduce(torch.cat([n, pred.sum(0, keepdim=True), target.sum(0, keepdim=True)])).unbind(0)
+    n = n.clamp_min(1.0)
+    p, t = pred - sp / n, target - st / n
+    cov, spp, stt = reduce(torch.stack([(p * t).sum(0), (p * p).sum(0), (t * t).sum(0)])).unbind(0)
+    return 1.0 - cov / (torch.sqrt(spp + eps) * torch.sqrt(stt + eps))
 
 
-def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error for every gene (column) over the spots of the batch.
+def mse_loss(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
+    """Mean squared error for every gene (column) over the spots of the batch (``reduce``: see :func:`pearson_loss`).
 
     Examples
     --------
@@ -56,11 +80,19 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     >>> mse_loss(torch.zeros(4, 2), torch.ones(4, 2))
     tensor([1., 1.])
     """
-    return ((pred - target) ** 2).mean(dim=0)
+    if reduce is None:
+        return ((pred - target) ** 2).mean(dim=0)
+    n = pred.new_full((1, pred.shape[1]), float(pred.shape[0]))
+    n, sq = reduce(torch.cat([n, ((pred - target) ** 2).sum(0, keepdim=True)])).unbind(0)
+    return sq / n.clamp_min(1.0)
 
 
-def per_gene_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson") -> torch.Tensor:
+def per_gene_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson", reduce: Reduce | None = None
+) -> torch.Tensor:
     """Dispatch to :func:`pearson_loss` or :func:`mse_loss` (``kind``: ``"pearson"`` or ``"mse"``).
+
+    ``reduce`` sums batch statistics over processes (see :func:`pearson_loss`).
 
     Examples
     --------
@@ -69,7 +101,9 @@ def per_gene_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson
     torch.Size([2])
     """
     check_choice("loss", kind, K.LOSSES)
-    return pearson_loss(pred, target) if kind == "pearson" else mse_loss(pred, target)
+    if kind == "pearson":
+        return pearson_loss(pred, target, reduce=reduce)
+    return mse_loss(pred, target, reduce=reduce)
 
 
 def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ under a 0022 umask), not the private 0700 of a temporary folder. A process kille
 ``path``, or (between the two renames) none at ``path`` and an intact one in a leftover: :func:`recover` moves
 it back (the old model first: an unfinished save does not count), and the next save removes stale leftovers.
 One writer per path at a time.
+
+The same machinery writes a training checkpoint (:mod:`agl_scverse.model._resume`): ``files`` names the entries
+such a directory holds and ``is_ours`` recognises its manifest, so neither kind of directory can overwrite the other.
 """
 
 from __future__ import annotations
@@ -76,8 +79,15 @@ def _describe(path: Path, limit: int = 10) -> str:
     return ", ".join(entries[:limit]) + more
 
 
-def check_overwritable(path: Path) -> None:
-    """Raise ``FileExistsError`` unless ``path`` is absent, empty, or a model directory of ours (see module doc)."""
+def check_overwritable(
+    path: Path, files: tuple[str, ...] = MODEL_FILES, is_ours: Callable[[Path], bool] | None = None
+) -> None:
+    """Raise ``FileExistsError`` unless ``path`` is absent, empty, or a model directory of ours (see module doc).
+
+    ``files`` (default :data:`MODEL_FILES`) are the entries the directory may hold, the first one its manifest,
+    which ``is_ours`` (default: a JSON object listing ``genes``) must accept.
+    """
+    is_ours = is_ours or _is_our_config
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
@@ -87,15 +97,16 @@ def check_overwritable(path: Path) -> None:
     if not names:
         return
     problem = ""
-    if other := sorted(names - set(MODEL_FILES)):
-        problem = f"entries other than {' and '.join(MODEL_FILES)}: {', '.join(other[:10])}"
+    if other := sorted(names - set(files)):
+        problem = f"entries other than {' and '.join(files)}: {', '.join(other[:10])}"
     elif folders := sorted(n for n in names if (path / n).is_dir()):
         problem = f"{', '.join(folders)} is a folder"
-    elif not _is_our_config(path / CONFIG_NAME):
-        problem = f"{CONFIG_NAME} is missing or not an AGL model config"
+    elif not is_ours(path / files[0]):
+        problem = f"{files[0]} is missing or not an AGL {'model config' if files == MODEL_FILES else 'manifest'}"
     if problem:
+        what = "a saved AGL model" if files == MODEL_FILES else "an AGL training checkpoint"
         raise FileExistsError(
-            f"{path} is not a saved AGL model ({problem}; it holds {_describe(path)}); not overwriting it. "
+            f"{path} is not {what} ({problem}; it holds {_describe(path)}); not overwriting it. "
             "Remove it yourself or choose another path."
         )
 
@@ -154,9 +165,18 @@ def remove_stale(path: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def atomic_replace(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Write a model with ``write(tmp_dir)`` and move it to ``path`` (see module doc); return ``path``."""
-    check_overwritable(path)  # first: overwrite=True would not help for anything but a model
+def atomic_replace(
+    path: Path,
+    write: Callable[[Path], None],
+    overwrite: bool,
+    files: tuple[str, ...] = MODEL_FILES,
+    is_ours: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Write a model with ``write(tmp_dir)`` and move it to ``path`` (see module doc); return ``path``.
+
+    ``files`` and ``is_ours``: see :func:`check_overwritable` (``write`` must create every one of ``files``).
+    """
+    check_overwritable(path, files, is_ours)  # first: overwrite=True would not help for anything but a model
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it or choose another path.")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +185,7 @@ def atomic_replace(path: Path, write: Callable[[Path], None], overwrite: bool) -
     try:
         write(tmp)
         publish_permissions(tmp)
-        for name in MODEL_FILES:
+        for name in files:
             fsync_file(tmp / name)
         fsync_dir(tmp)
         if path.exists():

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from agl_scverse import _constants as K
+from agl_scverse import _distributed as dist
 from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, pearson_per_gene
 from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
@@ -220,6 +221,63 @@ def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, 
         net.out_hi.copy_(torch.as_tensor(hi, dtype=net.out_hi.dtype))
 
 
+def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed) -> dict:
+    """Everything the training loop carries from one epoch to the next (what a checkpoint holds).
+
+    The global RNG states (torch, Python, NumPy's legacy one) are added by the checkpointer, per rank.
+    """
+    return {
+        "epoch": int(epoch),
+        "net": net.state_dict(),
+        "opt": opt.state_dict(),
+        "theta": None if mask is None else mask.theta.detach().clone(),
+        "theta_opt": None if theta_opt is None else theta_opt.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "history": hist,
+        "best": {"pcc": float(best[0]), "epoch": int(best[1]), "net": best[2], "theta": best[3]},
+        "bad": int(bad),
+        "meta_seconds": float(meta_seconds),
+        "elapsed": float(elapsed),
+    }
+
+
+def _record(hist: dict, epoch, losses, pcc, k_now, theta_now, hgs, mvl, seconds) -> None:
+    """Append one epoch to the training history."""
+    hist["epoch"].append(epoch)
+    hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+    hist["val_pcc"].append(pcc)
+    hist["k"].append(int(k_now))
+    hist["theta"].append(theta_now)
+    hist["hypergrad"].append(float(np.mean(hgs)) if hgs else float("nan"))
+    hist["meta_val_loss"].append(float(np.mean(mvl)) if mvl else float("nan"))
+    hist["seconds"].append(seconds)
+
+
+def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: float) -> tuple:
+    """Load a checkpoint's :func:`_loop_state` into the loop's objects (when there is one).
+
+    Returns ``(first epoch, bad epochs, best, meta seconds, start time)``: those of a new run without a checkpoint.
+    """
+    from ._resume import set_rng_state
+
+    if checkpoint is None or checkpoint.state is None:
+        return 0, 0, (-np.inf, 0, None, None), 0.0, t0
+    st = checkpoint.state
+    net.load_state_dict(st["net"])
+    opt.load_state_dict(st["opt"])
+    if mask is not None:
+        with torch.no_grad():
+            mask.theta.copy_(st["theta"])
+        theta_opt.load_state_dict(st["theta_opt"])
+    rng.bit_generator.state = st["numpy_rng"]
+    set_rng_state(checkpoint.rank_rng())
+    for key in hist:
+        hist[key][:] = list(st["history"][key])
+    b = st["best"]
+    best = (b["pcc"], b["epoch"], b["net"], b["theta"])
+    return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
+
+
 def train_network(
     net: nn.Module,
     inputs: Callable,
@@ -251,6 +309,7 @@ def train_network(
     desc: str = "agl",
     augment: bool = False,
     precision: str = "fp32",
+    checkpoint=None,
 ) -> TrainResult:
     """Train ``net`` in place; learn the DkGSB threshold when ``mask`` is given.
 
@@ -325,10 +384,22 @@ def train_network(
         How the network runs (:func:`~agl_scverse.model._precision.resolve_precision`): ``"fp32"`` (default),
         ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
         networks, a gradient scaler with fp16). The loss and the DkGSB hypergradient are computed in float32.
+    checkpoint
+        A :class:`agl_scverse.model._resume.Checkpointer`: training starts from its ``state`` when it has one and
+        its :meth:`~agl_scverse.model._resume.Checkpointer.save` is called after every ``checkpoint.every``
+        epochs (see :func:`_loop_state`).
 
     Returns
     -------
     :class:`TrainResult`; ``net`` (and ``mask.theta``) hold the best epoch's state, calibrated.
+
+    Notes
+    -----
+    Under ``torchrun`` (:mod:`agl_scverse._distributed`) every rank draws the same batches and trains on its
+    rank-strided share of each (:func:`agl_scverse._distributed.shard`); the network is wrapped in
+    ``DistributedDataParallel``, the loss gathers its batch statistics over the ranks (the loss of the global
+    batch), the DkGSB hypergradient is averaged over the ranks (so ``theta`` is the same everywhere), and torch's
+    generator is seeded ``seed + rank`` (dropout and augmentation differ between ranks).
 
     Examples
     --------
@@ -345,7 +416,7 @@ def train_network(
 
     t0 = time.perf_counter()
     device = torch.device(device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + dist.rank())
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
@@ -360,6 +431,7 @@ def train_network(
             f"{len(train_idx)} training spot(s): training needs at least {MIN_BATCH_SPOTS} (the per-gene loss of a "
             "batch is a correlation over its spots). Use more spots or a smaller validation share."
         )
+    dist.check_batch_size(batch_size)
     Yz = StandardizedTargets(Y, train_idx, device)  # z-scored batches, never the whole matrix
     net.to(device)
     prec = resolve_precision(precision, device, net, training=True)
@@ -381,13 +453,12 @@ def train_network(
     hist: dict[str, list] = {
         k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
     }
-    best = (-np.inf, 0, None, None)
-    bad = 0
-    meta_seconds = 0.0
     n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
     if n_batches > 1 and len(train_idx) - (n_batches - 1) * batch_size < MIN_BATCH_SPOTS:
         n_batches -= 1  # a last batch of one spot joins the one before it (the slice below runs to the end)
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    start, bad, best, meta_seconds, t0 = _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0)
+    train_net, reduce = dist.wrap_ddp(net, device), dist.loss_reduce()  # the module and None alone
+    bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not dist.is_main(), leave=False)
     for epoch in bar:
         te = time.perf_counter()
         net.train()
@@ -397,21 +468,23 @@ def train_network(
         meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
         losses, hgs, mvl = [], [], []
         ends = [(b + 1) * batch_size if b < n_batches - 1 else len(perm) for b in range(n_batches)]
-        batches = [perm[b * batch_size : e] for b, e in enumerate(ends)]
-        codes = augment_codes(seed, epoch, len(perm)) if augment else None
+        batches = [dist.shard(perm[b * batch_size : e]) for b, e in enumerate(ends)]  # this rank's share
+        codes = augment_codes(seed, epoch, len(perm)) if augment else None  # per position of the global batches
+        if codes is not None:
+            codes = np.concatenate([dist.shard(codes[b * batch_size : e]) for b, e in enumerate(ends)])
         for b, x in enumerate(batch_stream(inputs, batches, codes)):
             bidx = batches[b]
             w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
             with prec.autocast():
-                out = net(prec.image_batch(x))
-            L = weighted_loss(per_gene_loss(out.float(), Yz(bidx), loss), w)
+                out = train_net(prec.image_batch(x))
+            L = weighted_loss(per_gene_loss(out.float(), Yz(bidx), loss, reduce=reduce), w)
             prec.backward_step(L, opt)
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
                 n_tr = min(meta_batch_size, len(train_idx))
-                mtr = [rng.choice(train_idx, size=n_tr, replace=False) for _ in range(int(inner_steps))]
-                mva = rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False)
+                mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(int(inner_steps))]
+                mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
                 state = AdamState.from_optimizer(opt, net) if lookahead == "adam" else None
                 g, lv = hypergradient(
                     net, mask, n_targets,
@@ -431,14 +504,7 @@ def train_network(
             pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
         k_now = mask.k if mask is not None else Yz.n_cols - n_targets
         theta_now = mask.threshold if mask is not None else float("nan")
-        hist["epoch"].append(epoch)
-        hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
-        hist["val_pcc"].append(pcc)
-        hist["k"].append(int(k_now))
-        hist["theta"].append(theta_now)
-        hist["hypergrad"].append(float(np.mean(hgs)) if hgs else float("nan"))
-        hist["meta_val_loss"].append(float(np.mean(mvl)) if mvl else float("nan"))
-        hist["seconds"].append(time.perf_counter() - te)
+        _record(hist, epoch, losses, pcc, k_now, theta_now, hgs, mvl, time.perf_counter() - te)
         bar.set_postfix(loss=f"{hist['train_loss'][-1]:.4f}", val_pcc=f"{pcc:.4f}", k=k_now)
         if not len(val_idx):  # no validation spots (a refit): train every epoch, keep the last
             best = (pcc, epoch, None, None)
@@ -450,6 +516,11 @@ def train_network(
             bad += 1
             if bad >= patience:
                 break
+        if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
+            elapsed = time.perf_counter() - t0
+            checkpoint.save(
+                _loop_state(epoch + 1, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed)
+            )
     bar.close()
     if not np.isfinite(hist["train_loss"]).any():
         raise RuntimeError(

@@ -18,6 +18,7 @@ from scanpy import logging as logg
 from torch import nn
 
 from agl_scverse import _constants as K
+from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device
@@ -60,8 +61,10 @@ def _encode(
     prefetch_factor: int = 2,
     precision: Precision | None = None,
     seed: int = 0,
+    sampler=None,
 ) -> tuple[np.ndarray, dict]:
-    """Features of every patch of ``ds`` (float32) and the record of the precision they were computed in."""
+    """Features of the patches of ``ds`` (float32; of the indices ``sampler`` yields, in that order, when given)
+    and the record of the precision they were computed in."""
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
@@ -70,8 +73,10 @@ def _encode(
     prec = (precision or resolve_precision("auto", device)).for_module(model)
     # Workers each reopen the images (the dataset pickles without open files) and keep their own tile cache;
     # they are not kept alive between calls, and each holds at most prefetch_factor batches in flight.
+    order = np.arange(len(ds)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
+    n = len(order)
     batches = patch_batches(
-        ds, index_batches_of(np.arange(len(ds)), batch_size), num_workers=num_workers,
+        ds, index_batches_of(order, batch_size), num_workers=num_workers,
         prefetch_factor=prefetch_factor, pin_memory=device.type == "cuda", seed=seed,
     )  # fmt: skip
     out: np.ndarray | None = None
@@ -79,13 +84,13 @@ def _encode(
     model.to(device).eval()
     converted = prec.to_layout(model)
     try:
-        with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="spot") as bar:
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="spot", disable=not dist.is_main()) as bar:
             for batch in batches:
                 x = prec.image_batch(normalize(batch.to(device, non_blocking=True), mean, std))
                 with prec.autocast():
                     y = _features(model(x), len(batch))
                 if out is None:
-                    out = np.empty((len(ds), y.shape[1]), dtype=np.float32)
+                    out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
                     raise ValueError(f"The encoder returned {y.shape[1]} features, then {out.shape[1]}.")
                 out[pos : pos + len(batch)] = y.detach().float().cpu().numpy()
@@ -96,8 +101,25 @@ def _encode(
         model.train(was_training)
         if orig_device is not None:
             model.to(orig_device)
-    assert out is not None and pos == len(ds)
+    assert out is not None and pos == n
     return out, prec.record()
+
+
+def _encode_distributed(model: nn.Module, ds: SpotPatches, *args, **kw) -> tuple[np.ndarray, dict]:
+    """:func:`_encode` under ``torchrun``: each rank embeds its ``DistributedSampler`` share, every rank gets all.
+
+    The sampler does not shuffle; it pads the last shares with the first spots (embedded twice, identically).
+    The shares are gathered with ``all_gather_object`` (every rank holds the spots x D features once).
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=False)
+    local, record = _encode(model, ds, *args, **kw, sampler=sampler)
+    parts = dist.all_gather_object((np.asarray(list(iter(sampler)), dtype=np.int64), local))
+    out = np.empty((len(ds), local.shape[1]), dtype=np.float32)
+    for idx, feats in parts:
+        out[idx] = feats
+    return out, record
 
 
 @d.dedent
@@ -191,6 +213,12 @@ def embed_patches(
     path and sha256, patch and padding settings, normalisation mean/std, feature_dim, the precision used
     (``precision``, ``channels_last``, ``precision_requested``), versions. Nothing is written when it fails.
 
+    Notes
+    -----
+    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``) every process embeds its share of the spots
+    (a ``DistributedSampler``, one GPU each) and every process receives all the features: each writes them into its
+    own AnnData; let rank 0 (``int(os.environ.get("RANK", 0)) == 0``) write files.
+
     Examples
     --------
     >>> import agl_scverse as agl
@@ -221,7 +249,7 @@ def embed_patches(
     )
     check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
-    feats, prec_record = _encode(
+    feats, prec_record = (_encode_distributed if dist.init_from_env() else _encode)(
         model,
         ds,
         info["mean"],

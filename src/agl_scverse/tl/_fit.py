@@ -22,13 +22,14 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from agl_scverse import _constants as K
+from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._expression import ExpressionBatches
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._utils import resolve_device, seed_everything, versions
+from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
 from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
@@ -36,6 +37,7 @@ from agl_scverse.model._data import PatchInputs
 from agl_scverse.model._encoders import encoder_name
 from agl_scverse.model._inference import forward, index_batches
 from agl_scverse.model._modeldir import check_overwritable
+from agl_scverse.model._resume import Checkpointer
 from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
@@ -189,7 +191,34 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
     return net, inputs, record
 
 
-def _train(net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, **kw) -> TrainResult:
+def _checkpointer(
+    save_dir,
+    checkpoint_every: int,
+    resume: bool,
+    overwrite: bool,
+    cfg: FitConfig,
+    genes: _Genes,
+    data: _Data,
+    net,
+    enc_record: dict,
+):
+    """The run's :class:`~agl_scverse.model._resume.Checkpointer` (None without checkpoints or resume)."""
+    if not checkpoint_every and not resume:
+        return None
+    fingerprint = {
+        "params": cfg.to_params(), "genes": genes.genes, "net": net.config(), "n_train": len(data.train_idx),
+        "n_val": len(data.val_idx), "split_sha256": sha256_array(np.concatenate([data.train_idx, data.val_idx])),
+        "embedding_key": data.emb_key,
+        "encoder": {k: enc_record.get(k) for k in ("encoder", "weights_sha256", "patch_px", "patch_um")},
+        "features_sha256": None if data.features is None
+        else sha256_array(data.features[np.concatenate([data.train_idx, data.val_idx])]),
+    }  # fmt: skip
+    return Checkpointer(save_dir, checkpoint_every, fingerprint, resume=resume, overwrite=overwrite)
+
+
+def _train(
+    net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, **kw
+) -> TrainResult:
     """:func:`agl_scverse.model.train_network` with the configuration's settings (``kw`` overrides them)."""
     t, m = cfg.training, cfg.dkgsb
     args = {
@@ -399,6 +428,8 @@ def agl_fit(
     key_added: str = K.DEFAULT_KEY,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
+    checkpoint_every: int = 0,
+    resume: bool = False,
     progress: bool = True,
     library_key: str | None = None,
     augment: bool | None = None,
@@ -508,7 +539,17 @@ def agl_fit(
         Save the model there (atomically).
     overwrite
         Replace an existing ``save_dir`` that holds a saved model (only ``config.json`` and
-        ``model.safetensors``) or nothing; any other folder or file is refused before training.
+        ``model.safetensors``) or nothing; any other folder or file is refused before training. Also replaces the
+        checkpoint of an unfinished run (without ``resume``).
+    checkpoint_every
+        Write a training checkpoint every this many epochs (0: none; needs ``save_dir``) into
+        ``<save_dir>.checkpoint/`` beside the model directory, atomically; it is removed once the model is saved.
+        It holds the network and optimiser, ``theta`` and its Adam state, the early-stopping state, the history
+        and every RNG state (see :mod:`agl_scverse.model._resume`).
+    resume
+        Continue the run whose checkpoint is beside ``save_dir`` (the other arguments must be those it was started
+        with; a difference is refused, naming it). On CPU the result is bit-identical to an uninterrupted run.
+        Without a checkpoint, training starts from the first epoch (so a restarted job can always pass it).
     %(progress)s
     %(library_key)s
     augment
@@ -540,6 +581,12 @@ def agl_fit(
       ``targets``, ``embedding_key``, ``history`` (per epoch) and ``metrics`` (validation);
       ``.uns[k.gene_roles]``: how the roles were chosen.
 
+    Notes
+    -----
+    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``, see the Scaling out page) the processes share
+    each batch (``DistributedDataParallel``; the loss is that of the global batch, ``theta`` is the same on every
+    rank); rank 0 writes ``save_dir`` and the checkpoints, and every rank returns the same model.
+
     Examples
     --------
     >>> import agl_scverse as agl
@@ -563,6 +610,10 @@ def agl_fit(
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
     keys = Keys(key_added)
+    check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
+    if (checkpoint_every or resume) and save_dir is None:
+        raise ValueError("checkpoint_every and resume need save_dir (the checkpoint is kept beside the model).")
+    dist.init_from_env()  # joins torchrun's process group; nothing in a plain python process
     if save_dir is not None and Path(save_dir).exists() and not overwrite:
         raise FileExistsError(f"save_dir {save_dir} already exists; pass overwrite=True or choose another path.")
     if save_dir is not None:
@@ -582,13 +633,17 @@ def agl_fit(
         "num_workers": int(num_workers),
         "prefetch_factor": int(prefetch_factor),
     }
-    k_search = None
+    k_search, checkpoint = None, None  # the k search and the refit are short runs: not checkpointed
     if method == "topk" and cfg.k == K.K_AUTO:
         (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
     else:
         net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
-        mask = GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
-        res = _train(net, inputs, genes, fit_data, cfg, dev, progress, f"agl_fit ({method})", mask=mask)
+        mask = (
+            GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
+        )
+        checkpoint = _checkpointer(save_dir, checkpoint_every, resume, overwrite, cfg, genes, fit_data, net, enc_record)
+        desc = f"agl_fit ({method})"
+        res = _train(net, inputs, genes, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
     n_t = genes.n_targets  # validation metrics of the selected network, before any refit has seen those spots
     val_metrics = per_gene_metrics(
         genes.expr.batch(fit_data.val_idx, n_t), predict_rows(net, inputs, fit_data.val_idx, n_t),
@@ -608,12 +663,17 @@ def agl_fit(
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),
             "key_added": key_added, "save_dir": save_dir, "library_key": library_key, "patch_px": patch_px,
             "patch_um": patch_um, "versions": versions(), "num_workers": int(num_workers),
-            "prefetch_factor": int(prefetch_factor),
+            "prefetch_factor": int(prefetch_factor), "checkpoint_every": checkpoint_every, "resume": resume,
+            "world_size": dist.world_size(),
         },
     }  # fmt: skip
     model = _make_model(cfg, genes, res, net, enc_record, fit_data, extra)
     if save_dir is not None:
-        model.save(save_dir, overwrite=overwrite)
+        if dist.is_main():
+            model.save(save_dir, overwrite=overwrite)
+        dist.barrier()
+    if checkpoint is not None:
+        checkpoint.remove()  # the model is saved: the run is finished
     metrics, written = _write_results(adata, model, cfg, genes, fit_data, res, keys, extra)
     if adata is not data:  # a SpatialData: results go into its table
         update_table(data, adata, **written)

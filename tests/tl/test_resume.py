@@ -1,0 +1,113 @@
+"""Checkpoint and resume: a run SIGKILLed after a checkpoint and resumed ends bit-identical to an uninterrupted one.
+
+The killed run is a child process (``tests/helpers/fit_runs.py kill``) that kills itself right after its second
+checkpoint is complete; the resumed and the uninterrupted runs are in this process (one torch thread, see
+``tests/conftest.py``; the child uses one too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fit_runs import assert_identical, fit, summary
+
+import agl_scverse as agl
+from agl_scverse.model import AGLModel
+from agl_scverse.model._resume import CHECKPOINT_FILES, checkpoint_path
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+SRC = Path(agl.__file__).resolve().parents[1]
+
+
+def _killed_run(mode: str, save_dir: Path, n: int = 2) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPERS)]), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, str(HELPERS / "fit_runs.py"), "kill", "unused", mode, str(save_dir), str(n)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def _check_killed_state(save_dir: Path, epochs_done: int) -> None:
+    ckpt = checkpoint_path(save_dir)
+    assert not save_dir.exists()  # the model is written at the end only
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(CHECKPOINT_FILES)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["epoch"] == epochs_done
+    assert sorted(p.name for p in save_dir.parent.iterdir()) == [ckpt.name]  # no temporaries left behind
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.parametrize("mode", ["embedding", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, mode):
+    save_dir = tmp_path / "run" / "model"
+    _killed_run(mode, save_dir)
+    _check_killed_state(save_dir, 2)
+    adata, model = fit(mode, save_dir=save_dir, checkpoint_every=1, resume=True)
+    resumed = summary(adata, model)
+    assert not checkpoint_path(save_dir).exists()  # removed once the model is saved
+    assert sorted(p.name for p in save_dir.iterdir()) == ["config.json", "model.safetensors"]
+    ref_adata, ref_model = fit(mode)
+    reference = summary(ref_adata, ref_model)
+    assert_identical(resumed, reference)
+    assert resumed["theta"] is not None and len(resumed["history"]["epoch"]) == (5 if mode == "embedding" else 4)
+    # the saved model is the returned one
+    loaded = AGLModel.load(save_dir)
+    assert_identical(summary(adata, loaded), resumed)
+
+
+def _embedding_run(save_dir: Path, **kw):
+    """A 2-epoch embedding run that leaves a checkpoint after epoch 1 (as if it had been killed in epoch 2)."""
+    from agl_scverse.model import _resume
+
+    real, done = _resume.Checkpointer.remove, []
+    _resume.Checkpointer.remove = lambda self: done.append(self.path)  # keep the checkpoint
+    try:
+        return fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, overwrite=True, **kw)
+    finally:
+        _resume.Checkpointer.remove = real
+
+
+def test_resume_refuses_a_differently_configured_run_and_an_unasked_overwrite(tmp_path):
+    save_dir = tmp_path / "m"
+    _embedding_run(save_dir)
+    ckpt = checkpoint_path(save_dir)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    import shutil
+
+    shutil.rmtree(save_dir)  # as if killed before the model was written
+    with pytest.raises(ValueError, match=r"configured differently \(params.lr: checkpoint 0.003, now 0.01"):
+        fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, resume=True, lr=1e-2)
+    with pytest.raises(FileExistsError, match="pass resume=True to continue it"):
+        fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before and not save_dir.exists()
+    # a damaged state file is named, not loaded
+    (ckpt / "state.pt").write_bytes(before["state.pt"][:-10])
+    with pytest.raises(ValueError, match="state.pt is damaged"):
+        fit("embedding", save_dir=save_dir, epochs=2, resume=True)
+
+
+def test_checkpoint_settings_are_checked_and_a_foreign_folder_is_not_overwritten(tmp_path):
+    with pytest.raises(ValueError, match="need save_dir"):
+        fit("embedding", checkpoint_every=1)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fit("embedding", save_dir=tmp_path / "m", checkpoint_every=-1)
+    foreign = checkpoint_path(tmp_path / "m")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an AGL training checkpoint"):
+        fit("embedding", save_dir=tmp_path / "m", checkpoint_every=1, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_trains_from_the_start(tmp_path):
+    adata, model = fit("embedding", save_dir=tmp_path / "m", resume=True, epochs=2)
+    ref = fit("embedding", epochs=2)
+    assert_identical(summary(adata, model), summary(*ref))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
