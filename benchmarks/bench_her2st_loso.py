@@ -131,7 +131,11 @@ def summarise(summ: pd.DataFrame) -> dict:
 def markdown(res: dict, cmd: str) -> str:
     sections = list(next(iter(res["methods"].values()))["per_section_pcc"])
     n = len(res["seeds"])
-    head = f"| method | mean target PCC (± sd, {n} seeds) | " + " | ".join(sections) + " | median k per fold | fit time / AGL-all |"
+    head = (
+        f"| method | mean target PCC (± sd, {n} seeds) | "
+        + " | ".join(sections)
+        + " | median k per fold | fit time / AGL-all |"
+    )
     lines = [head, "|" + "---|" * (len(sections) + 4)]
     for r in res["methods"].values():
         ks = list(r["median_k_per_fold"].values())
@@ -203,8 +207,10 @@ def main() -> None:
         summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])
         summ["seed"] = seed
         frames.append(summ)
-        print(f"seed {seed}: {time.perf_counter() - ts:.0f} s; " + ", ".join(
-            f"{m} {v:.3f}" for m, v in summ.groupby("method", sort=False)["mean_pearson"].mean().items()))
+        print(
+            f"seed {seed}: {time.perf_counter() - ts:.0f} s; "
+            + ", ".join(f"{m} {v:.3f}" for m, v in summ.groupby("method", sort=False)["mean_pearson"].mean().items())
+        )
         all_summ = pd.concat(frames, ignore_index=True)
         res = summarise(all_summ)
         res.update(

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from bench_synthetic_methods import FIT, make_slide
 
 import agl_scverse as agl
-from bench_synthetic_methods import FIT, make_slide
 
 PRIORS = ("hvg", "coexpression", "moran")
 

@@ -135,12 +135,16 @@ def main() -> None:
             **{f"sign_agrees_{t}": int(sum(np.sign(r[name]) == np.sign(r[t]) for r in rows)) for t in truths},
             "median_seconds": float(np.median([r[f"{name}_seconds"] for r in rows])),
         }
-    summary["truth-1 vs truth-N sign agreement"] = int(sum(np.sign(r[truths[0]]) == np.sign(r[truths[1]]) for r in rows))
+    summary["truth-1 vs truth-N sign agreement"] = int(
+        sum(np.sign(r[truths[0]]) == np.sign(r[truths[1]]) for r in rows)
+    )
     print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/check_hypergradient.py --batches %d --horizon %d --theta %g" % (
-        args.batches, args.horizon, args.theta)
-    args.out.write_text(json.dumps({"command": cmd, "rows": rows, "summary": summary, "n_batches": len(rows)}, indent=2))
+    cmd = "python benchmarks/check_hypergradient.py"
+    cmd += f" --batches {args.batches} --horizon {args.horizon} --theta {args.theta:g}"
+    args.out.write_text(
+        json.dumps({"command": cmd, "rows": rows, "summary": summary, "n_batches": len(rows)}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -380,6 +380,8 @@ def test_help_has_an_example_and_no_markup(capsys, command):
         assert markup not in text, (command, markup)
     if command:
         assert f"example:\n  agl-scverse {command}" in text
+
+
 def test_fit_scale_out_flags(tmp_path, slide_h5ad, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = cli.build_parser().parse_args(["fit", "d", "--out", "m", "--mode", "finetune", "--checkpoint-every", "2"])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
-
-import copy
 
 from agl_scverse.model import AdamState, EmbeddingHead, GeneMask, hypergradient, unrolled_val_loss
 from agl_scverse.model._loss import per_gene_loss, weighted_loss
@@ -104,7 +104,7 @@ def _real_step_val_loss(net, opt, mask, n_t, data, theta, loss="pearson"):
     """Target validation loss after one *real* Adam step at ``theta`` on copies of the network and optimiser."""
     x_tr, y_tr, x_va, y_va = data
     net2 = copy.deepcopy(net)
-    opt2 = torch.optim.Adam(net2.parameters(), **{k: v for k, v in opt.defaults.items()})
+    opt2 = torch.optim.Adam(net2.parameters(), **opt.defaults)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     net2.eval()
     with torch.no_grad():

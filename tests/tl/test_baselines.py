@@ -115,8 +115,12 @@ def test_reduced_rank_ridge_full_rank_is_ridge_and_auxiliaries_help():
     n, d, n_t, n_aux = 160, 30, 4, 60
     X = rng.normal(size=(n, d))
     H = X @ rng.normal(size=(d, 2))  # a rank-2 signal shared by every gene
-    Y = np.hstack([H @ rng.normal(size=(2, n_t)) + 4.0 * rng.normal(size=(n, n_t)),  # noisy targets
-                   H @ rng.normal(size=(2, n_aux)) + 0.3 * rng.normal(size=(n, n_aux))])  # clean auxiliaries
+    Y = np.hstack(
+        [
+            H @ rng.normal(size=(2, n_t)) + 4.0 * rng.normal(size=(n, n_t)),  # noisy targets
+            H @ rng.normal(size=(2, n_aux)) + 0.3 * rng.normal(size=(n, n_aux)),
+        ]
+    )  # clean auxiliaries
     tr, te = slice(0, 100), slice(100, None)
     # full rank, no auxiliaries: plain ridge on standardised features and z-scored targets
     pred, info = reduced_rank_ridge(X[tr], Y[tr, :n_t], X[te], None, alpha=10.0, clip=False, return_info=True)

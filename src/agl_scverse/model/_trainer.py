@@ -278,6 +278,43 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
     return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
 
 
+def _meta_step(
+    net,
+    mask,
+    theta_opt,
+    opt,
+    inputs,
+    Yz,
+    train_idx,
+    val_idx,
+    n_targets,
+    rng,
+    lookahead,
+    clip,
+    *,
+    inner_steps,
+    meta_batch_size,
+    **kw,
+) -> tuple[float, float]:
+    """One DkGSB update of ``theta``: meta batches drawn, the hypergradient (this rank's share), one Adam step.
+
+    Returns the hypergradient and the meta validation loss.
+    """
+    n_tr = min(meta_batch_size, len(train_idx))
+    mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(int(inner_steps))]
+    mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
+    state = AdamState.from_optimizer(opt, net) if lookahead == "adam" else None
+    g, lv = hypergradient(
+        net, mask, n_targets, [inputs(i) for i in mtr], [Yz(i) for i in mtr], inputs(mva), Yz(mva),
+        inner_steps=inner_steps, optimizer_state=state, **kw,
+    )  # fmt: skip
+    theta_opt.zero_grad(set_to_none=True)
+    mask.theta.grad = g.clamp(-clip, clip).to(mask.theta.dtype)
+    theta_opt.step()
+    mask.clamp_()
+    return float(g), lv
+
+
 def train_network(
     net: nn.Module,
     inputs: Callable,
@@ -482,23 +519,13 @@ def train_network(
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
-                n_tr = min(meta_batch_size, len(train_idx))
-                mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(int(inner_steps))]
-                mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
-                state = AdamState.from_optimizer(opt, net) if lookahead == "adam" else None
-                g, lv = hypergradient(
-                    net, mask, n_targets,
-                    [inputs(i) for i in mtr], [Yz(i) for i in mtr],
-                    inputs(mva), Yz(mva),
+                g, lv = _meta_step(
+                    net, mask, theta_opt, opt, inputs, Yz, train_idx, val_idx, n_targets, rng, lookahead, clip,
                     inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=normalizer,
-                    optimizer_state=state,
+                    meta_batch_size=meta_batch_size,
                 )  # fmt: skip
-                hgs.append(float(g))
+                hgs.append(g)
                 mvl.append(lv)
-                theta_opt.zero_grad(set_to_none=True)
-                mask.theta.grad = g.clamp(-clip, clip).to(mask.theta.dtype)
-                theta_opt.step()
-                mask.clamp_()
                 meta_seconds += time.perf_counter() - tm
         with prec.autocast():
             pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")

@@ -63,8 +63,10 @@ def _encode(
     seed: int = 0,
     sampler=None,
 ) -> tuple[np.ndarray, dict]:
-    """Features of the patches of ``ds`` (float32; of the indices ``sampler`` yields, in that order, when given)
-    and the record of the precision they were computed in."""
+    """Features of the patches of ``ds`` (float32) and the record of the precision they were computed in.
+
+    With ``sampler``, only the indices it yields, in that order.
+    """
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())

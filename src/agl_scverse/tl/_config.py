@@ -75,8 +75,7 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DkGSBConfig:
-    """The bi-level step: inner steps (Adam look-ahead or SGD), meta steps per epoch, meta batch, mask temperature,
-    lr on theta, meta objective."""
+    """The bi-level step: inner steps, meta steps per epoch, meta batch, mask temperature, lr on theta, objective."""
 
     inner_steps: int = 1
     inner_lr: float = 0.1

@@ -196,23 +196,9 @@ def cross_validate(
         Y_test = Y_all[test]
 
         def record(method: str, pred: np.ndarray, k: float, secs: float, _tg=test_group, _Yt=Y_test, _r=roles):
-            m = per_gene_metrics(_Yt, pred, genes=_r.targets)
-            m.insert(0, "method", method)
-            m.insert(0, "fold", _tg)
-            m["k"] = float(k)
-            m["fit_seconds"] = float(secs)
+            m = _fold_metrics(_tg, method, _Yt, pred, _r, k, secs)
             rows.append(m)
-            summary.append(
-                {
-                    "fold": _tg,
-                    "method": method,
-                    "mean_pearson": float(np.nanmean(m.pearson)) if m.pearson.notna().any() else np.nan,
-                    "mean_spearman": float(np.nanmean(m.spearman)) if m.spearman.notna().any() else np.nan,
-                    "mean_mse": float(np.nanmean(m.mse)) if m.mse.notna().any() else np.nan,
-                    "k": float(k),
-                    "fit_seconds": float(secs),
-                }
-            )
+            summary.append(_fold_summary(m, _tg, method, k, secs))
 
         if methods:
             sub = _training_anndata(adata, counts, train, group_key, emb_key, roles, prior_col)
@@ -252,15 +238,9 @@ def cross_validate(
             if not methods:
                 val_rows = np.flatnonzero(grp == val_group) if val_group else np.flatnonzero(train)[:0]
                 fit_rows = np.setdiff1d(np.flatnonzero(train), val_rows)
-            t0 = time.perf_counter()
-            pred = mean_predictor(emb[base_rows], Y_all[base_rows], emb[test])
-            record("mean", pred, np.nan, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
-            record("pca_ridge", pred, np.nan, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            pred, k_rrr = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
-            record("rrr", pred, k_rrr, time.perf_counter() - t0)
+            for name, pred, k_b, secs in _baselines(emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows,
+                                                  base_rows, test, seed):  # fmt: skip
+                record(name, pred, k_b, secs)
         logg.info(
             f"fold {test_group!r} (validation {val_group or 'random spots'}): "
             + ", ".join(f"{s['method']} {s['mean_pearson']:.3f}" for s in summary if s["fold"] == test_group)
@@ -295,6 +275,40 @@ def cross_validate(
     return df
 
 
+def _baselines(emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test, seed):
+    """``(name, test predictions, k, seconds)`` of each baseline, fitted on ``base_rows``."""
+    t0 = time.perf_counter()
+    yield "mean", mean_predictor(emb[base_rows], Y_all[base_rows], emb[test]), np.nan, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
+    yield "pca_ridge", pred, np.nan, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred, k_rrr = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
+    yield "rrr", pred, k_rrr, time.perf_counter() - t0
+
+
+def _fold_metrics(fold, method: str, Y_test, pred, roles: GeneRoles, k: float, secs: float) -> pd.DataFrame:
+    """Per-gene metrics of one method on one fold, with the fold, method, k and fit time columns."""
+    m = per_gene_metrics(Y_test, pred, genes=roles.targets)
+    m.insert(0, "method", method)
+    m.insert(0, "fold", fold)
+    m["k"] = float(k)
+    m["fit_seconds"] = float(secs)
+    return m
+
+
+def _fold_summary(m: pd.DataFrame, fold, method: str, k: float, secs: float) -> dict:
+    """The summary row of :func:`_fold_metrics` (means over the targets)."""
+
+    def mean(col: pd.Series) -> float:
+        return float(np.nanmean(col)) if col.notna().any() else np.nan
+
+    return {
+        "fold": fold, "method": method, "mean_pearson": mean(m.pearson), "mean_spearman": mean(m.spearman),
+        "mean_mse": mean(m.mse), "k": float(k), "fit_seconds": float(secs),
+    }  # fmt: skip
+
+
 def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, val_rows, final_rows, test):
     """Reduced-rank ridge with auxiliaries: rank and number of auxiliaries chosen on the validation spots.
 
@@ -310,7 +324,9 @@ def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, v
     if len(val_rows) >= 2:
         score = -np.inf
         for a in n_aux:
-            preds = reduced_rank_ridge(emb[train_rows], Y[train_rows, : n_t + a], emb[val_rows], RRR_RANKS, n_targets=n_t)
+            preds = reduced_rank_ridge(
+                emb[train_rows], Y[train_rows, : n_t + a], emb[val_rows], RRR_RANKS, n_targets=n_t
+            )
             for rank, pred in preds.items():
                 r = np.nanmean(per_gene_metrics(Y[val_rows, :n_t], pred)["pearson"])
                 if r > score + 1e-9:

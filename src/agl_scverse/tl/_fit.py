@@ -254,7 +254,11 @@ def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
     [0, 5, 10]
     """
     if grid is None:
-        grid = [0] + ([] if n_aux == 0 else np.geomspace(max(1.0, n_aux / 64), max(1.0, n_aux / 4), 5).round().astype(int).tolist())
+        grid = [0] + (
+            []
+            if n_aux == 0
+            else np.geomspace(max(1.0, n_aux / 64), max(1.0, n_aux / 4), 5).round().astype(int).tolist()
+        )
     return sorted({min(int(v), int(n_aux)) for v in grid})
 
 

@@ -117,7 +117,14 @@ def _compute_embedding(
 
 
 def _features(
-    adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512, encoder=None,
+    adata: AnnData,
+    model: AGLModel,
+    embedding_key,
+    weights,
+    device,
+    library_key,
+    batch_size=512,
+    encoder=None,
     run=None,
 ):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
@@ -283,9 +290,7 @@ def prediction_layer(
     check_choice("scale", scale, K.PRED_SCALES)
     _check_genes(adata, model)
     run = _run_options(precision, num_workers, prefetch_factor)
-    features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run
-    )
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run)
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -293,9 +298,7 @@ def prediction_layer(
     n_obs, n_vars = adata.n_obs, adata.n_vars
     if n_obs * n_vars * 4 <= max_dense_bytes:
         layer = np.zeros((n_obs, n_vars), dtype=np.float32)
-        chunks = _row_chunks(
-            model, features, n_obs, model_cols, device, batch_size, width=n_vars, scale=scale, run=run
-        )
+        chunks = _row_chunks(model, features, n_obs, model_cols, device, batch_size, width=n_vars, scale=scale, run=run)
         for s, e, pred in chunks:
             layer[s:e, var_cols] = pred
         return layer, new_emb, pred_genes
@@ -309,7 +312,17 @@ def prediction_layer(
 
 
 def _dask_layer(
-    model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, rows=4096, cols=2048, scale="model",
+    model,
+    features,
+    n_obs,
+    n_vars,
+    var_cols,
+    model_cols,
+    device,
+    batch_size,
+    rows=4096,
+    cols=2048,
+    scale="model",
     run=None,
 ):
     """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
@@ -578,9 +591,7 @@ def predict_anndata(
         raise ValueError("The slide has no spots.")
     check_choice("scale", scale, K.PRED_SCALES)
     run = _run_options(precision, num_workers, prefetch_factor)
-    features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run
-    )
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run)
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
