@@ -117,6 +117,7 @@ def embed_patches(
     min_inside: float = 0.5,
     seed: int = 0,
     prefetch_factor: int = 2,
+    allow_lowres: bool = False,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -156,12 +157,18 @@ def embed_patches(
     prefetch_factor
         Batches each worker prepares ahead (with ``num_workers > 0``); memory grows with
         ``num_workers * prefetch_factor * batch_size`` patches.
+    allow_lowres
+        Cut patches from a ``"hires"`` image coarser than the patches when a library has no full-resolution image
+        (refused by default, see :class:`SpotPatches`). The source resolution (µm per pixel of the image level
+        read, per library) is recorded either way (``source_um_per_px``), and :func:`agl_scverse.tl.agl_predict`
+        compares it with the model's.
 
     Returns
     -------
     ``None`` (``copy=False``; a SpatialData input gets the results in its table) or a new AnnData
     (``copy=True``). Writes ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: encoder name, weights
-    path and sha256, patch and padding settings, normalisation mean/std, feature_dim, versions. Nothing is
+    path and sha256, patch and padding settings, the source resolution (``source_um_per_px`` and the image / level
+    read per library), normalisation mean/std, feature_dim, versions. Nothing is
     written when it fails.
 
     Examples
@@ -186,6 +193,7 @@ def embed_patches(
         pad_mode=pad_mode,
         min_inside=min_inside,
         on_outside=on_outside,
+        allow_lowres=allow_lowres,
     )  # decodes nothing: the memory checks come before the encoder is built
     check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
     model, info = get_encoder(encoder, weights=weights, pretrained=pretrained, seed=seed)

@@ -165,7 +165,7 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
             emb = embed_patches(
                 adata, encoder=enc["encoder"], weights=enc["weights"], patch_px=enc["patch_px"],
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
-                seed=cfg.seed, copy=True,
+                seed=cfg.seed, copy=True, allow_lowres=enc["allow_lowres"],
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -180,14 +180,18 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         check_feature_variance(moments.std, moments.mean, data.emb_key, len(data.train_idx))
         net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
-    ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
+    ds = SpotPatches(
+        adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"],
+        allow_lowres=enc["allow_lowres"],
+    )  # fmt: skip
     check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size))
     backbone, info = get_encoder(enc["encoder"], weights=enc["weights"], seed=cfg.seed)
     n_feat = info.get("feature_dim")
     if not n_feat:
         with torch.no_grad():
             n_feat = int(backbone(torch.zeros(1, 3, ds.patch_px, ds.patch_px)).reshape(1, -1).shape[1])
-    record = {**encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um), "recorded": True}
+    patch_rec = {k: v for k, v in ds.record().items() if k not in ("patch_px", "patch_um")}
+    record = {**encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um, **patch_rec), "recorded": True}
     seed_everything(cfg.seed)
     net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
     return net, PatchInputs(ds, np.concatenate([data.train_idx, data.val_idx]), dev), record
@@ -323,6 +327,7 @@ def agl_fit(
     overwrite: bool = False,
     progress: bool = True,
     library_key: str | None = None,
+    allow_lowres: bool = False,
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
 
@@ -414,6 +419,11 @@ def agl_fit(
         ``model.safetensors``) or nothing; any other folder or file is refused before training.
     %(progress)s
     %(library_key)s
+    allow_lowres
+        Cut patches (fine-tune mode, or embedding a slide without its embedding) from a ``"hires"`` image coarser
+        than the patches when a library has no full-resolution image; refused by default (see
+        :class:`~agl_scverse.pp.SpotPatches`). The source resolution is recorded in the model
+        (``config["encoder"]["source_um_per_px"]``) and checked by :func:`agl_predict`.
 
     Returns
     -------
@@ -462,6 +472,7 @@ def agl_fit(
         "patch_px": patch_px,
         "patch_um": patch_um,
         "library_key": library_key,
+        "allow_lowres": bool(allow_lowres),
     }
     net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
     mask = GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
@@ -480,7 +491,7 @@ def agl_fit(
             "embedding_key": fit_data.emb_key, "spots": int(fit_data.used.sum()) if spots is not None else None,
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),
             "key_added": key_added, "save_dir": save_dir, "library_key": library_key, "patch_px": patch_px,
-            "patch_um": patch_um, "versions": versions(),
+            "patch_um": patch_um, "allow_lowres": bool(allow_lowres), "versions": versions(),
         },
     }  # fmt: skip
     model = _make_model(cfg, genes, res, net, enc_record, fit_data, extra)

@@ -32,7 +32,14 @@ from agl_scverse.model._encoders import RECORD_CHECKED
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
-__all__ = ["agl_predict", "predict_anndata", "check_embedding_matches", "prediction_layer", "PREDICT_GENES"]
+__all__ = [
+    "agl_predict",
+    "predict_anndata",
+    "check_embedding_matches",
+    "check_source_resolution",
+    "prediction_layer",
+    "PREDICT_GENES",
+]
 
 #: Accepted string values of ``genes`` in :func:`agl_predict`.
 PREDICT_GENES = ("selected", "targets", "all")
@@ -42,11 +49,59 @@ DENSE_LAYER_BYTES = 2**30
 _CHUNK_BYTES = 128 * 2**20
 
 
-def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
+def _effective_um_per_px(rec: dict) -> float | None:
+    """The coarsest detail of a record's patches: max over libraries of ``max(source µm/px, patch µm/px)``."""
+    src = rec.get("source_um_per_px")
+    if not src or not rec.get("patch_um") or not rec.get("patch_px"):
+        return None
+    vals = src.values() if isinstance(src, dict) else [src]
+    patch = float(rec["patch_um"]) / float(rec["patch_px"])
+    return max(max(float(v), patch) for v in vals)
+
+
+def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool = False, what: str = "slide") -> None:
+    """Refuse patches cut from a coarser image than the model was trained on (unless ``allow_lowres``).
+
+    Each side's resolution is the coarsest over its libraries of ``max(source_um_per_px, patch_um / patch_px)``
+    (the detail the patches carry); the data may be up to ``LOWRES_TOLERANCE`` (x1.2) coarser. Skipped when either
+    side does not record ``source_um_per_px`` (embeddings made before it was recorded, or brought by the user).
+
+    Examples
+    --------
+    >>> m = {"patch_px": 224, "patch_um": 112.0, "source_um_per_px": {"A": 0.25}}
+    >>> check_source_resolution({**m, "source_um_per_px": {"B": 0.5}}, m)  # patches are 0.5 µm/px anyway
+    >>> check_source_resolution({**m, "source_um_per_px": {"B": 3.6}}, m)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The slide's patches were cut from a 3.6 µm/px image ...
+    """
+    data_mpp, model_mpp = _effective_um_per_px(data_rec or {}), _effective_um_per_px(model_rec or {})
+    if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * K.LOWRES_TOLERANCE:
+        return
+    where = ", ".join(
+        f"{lib}: {float(v):.3g} µm/px ({(data_rec.get('image') or {}).get(lib, '?')}, level "
+        f"{(data_rec.get('level') or {}).get(lib, 0)})"
+        for lib, v in (data_rec.get("source_um_per_px") or {}).items()
+    )
+    msg = (
+        f"The {what}'s patches were cut from a {data_mpp:.3g} µm/px image ({where}), coarser than the "
+        f"{model_mpp:.3g} µm/px the model was trained on: predictions from upsampled patches are worse."
+    )
+    if not allow_lowres:
+        raise ValueError(
+            msg + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
+            "full-res image element) and re-embed, or pass allow_lowres=True to predict anyway."
+        )
+    logg.warning(msg + " Predicting anyway (allow_lowres=True).")
+
+
+def check_embedding_matches(adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False) -> None:
     """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
 
-    Compared: encoder name, weights sha256, patch size in pixels and in µm (each only when both sides record it).
-    An embedding without a record (brought by the user) is accepted with a warning when the model has one.
+    Compared: encoder name, weights sha256, patch size in pixels and in µm (each only when both sides record it),
+    and the source resolution (:func:`check_source_resolution`: patches from a coarser image than the model's
+    are refused unless ``allow_lowres=True``). An embedding without a record (brought by the user) is accepted
+    with a warning when the model has one.
 
     Examples
     --------
@@ -80,9 +135,12 @@ def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
             f"patch_um={enc.get('patch_um')}, key_added=<a new key>)) or drop .obsm[{key!r}] to let "
             "agl_predict do it."
         )
+    check_source_resolution(rec, enc, allow_lowres, what=f"slide (.obsm[{key!r}])")
 
 
-def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, device, library_key) -> tuple:
+def _compute_embedding(
+    adata: AnnData, model: AGLModel, key: str, weights, device, library_key, allow_lowres: bool = False
+) -> tuple:
     """Embed with the model's recorded encoder settings into a copy; return (features, record)."""
     enc = model.config.get("encoder") or {}
     if not enc.get("recorded") or not enc.get("encoder"):
@@ -113,12 +171,16 @@ def _compute_embedding(adata: AnnData, model: AGLModel, key: str, weights, devic
     tmp = embed_patches(
         adata, encoder=enc["encoder"], weights=path, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True,
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres,
     )  # fmt: skip
-    return np.asarray(tmp.obsm[key], dtype=np.float32), tmp.uns[K.EMBED_UNS][key]
+    rec = tmp.uns[K.EMBED_UNS][key]
+    check_source_resolution(rec, enc, allow_lowres)
+    return np.asarray(tmp.obsm[key], dtype=np.float32), rec
 
 
-def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512):
+def _features(
+    adata: AnnData, model: AGLModel, embedding_key, weights, device, library_key, batch_size=512, allow_lowres=False
+):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
     if model.mode != "embedding":
@@ -126,7 +188,10 @@ def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, l
             int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
             float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
         )
-        ds = SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key)
+        ds = SpotPatches(
+            adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key, allow_lowres=allow_lowres
+        )
+        check_source_resolution(ds.record(), enc, allow_lowres)
         check_patch_batch(ds.patch_px, batch_size)
         return ds, None
     key = embedding_key or model.config.get("embedding_key")
@@ -134,10 +199,10 @@ def _features(adata: AnnData, model: AGLModel, embedding_key, weights, device, l
         raise ValueError("The model records no embedding key; pass embedding_key=.")
     new_emb = None
     if key in adata.obsm:
-        check_embedding_matches(adata, key, model)
+        check_embedding_matches(adata, key, model, allow_lowres)
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
-        features, rec = _compute_embedding(adata, model, key, weights, device, library_key)
+        features, rec = _compute_embedding(adata, model, key, weights, device, library_key, allow_lowres)
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
     if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
@@ -227,6 +292,7 @@ def prediction_layer(
     library_key=None,
     batch_size=512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
+    allow_lowres: bool = False,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
@@ -236,7 +302,9 @@ def prediction_layer(
     chunk of spots x model genes (plus the layer when it is dense).
     """
     _check_genes(adata, model)
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size)
+    features, new_emb = _features(
+        adata, model, embedding_key, weights, device, library_key, batch_size, allow_lowres
+    )
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -302,6 +370,7 @@ def agl_predict(
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
+    allow_lowres: bool = False,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -331,6 +400,11 @@ def agl_predict(
     max_dense_bytes
         Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
         chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
+    allow_lowres
+        Predict from patches cut from a coarser image than the model was trained on (e.g. the ``"hires"``
+        thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
+        record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more than
+        1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
 
     Returns
     -------
@@ -356,7 +430,7 @@ def agl_predict(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     layer, new_emb, pred_genes = prediction_layer(
-        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes
+        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, allow_lowres
     )
     target = adata.copy() if copy else adata
     written = {
@@ -392,6 +466,7 @@ def predict_anndata(
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
+    allow_lowres: bool = False,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -399,7 +474,7 @@ def predict_anndata(
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model, embedding_key, weights, device, batch_size
+    model, embedding_key, weights, device, batch_size, allow_lowres
         As in :func:`agl_predict`.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
@@ -423,7 +498,9 @@ def predict_anndata(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size)
+    features, new_emb = _features(
+        adata, model, embedding_key, weights, device, library_key, batch_size, allow_lowres
+    )
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
