@@ -37,6 +37,7 @@ HEST_PATCH_INDEX = "hest_patch_index"  # .obs column: row of each spot in the HE
 SPATIALDATA_IMAGE = "spatialdata_image"  # image element name
 SPATIALDATA_PATH = "spatialdata_path"  # zarr store it can be reopened from (a backed SpatialData), optional
 SPATIALDATA_IMAGE_TOKEN = "spatialdata_image_token"  # handle of the live image element in this process
+SPATIALDATA_DOWNSCALED = "spatialdata_image_downscaled"  # True: the element is a downscaled stand-in (Visium hires)
 MICRONS_PER_PIXEL_SOURCE = "microns_per_pixel_source"  # where microns_per_pixel came from (metadata)
 #: A lower-resolution image (hires/lowres) standing in for a missing full-resolution one is refused when its µm/px
 #: is above the patch's µm/px times this; and at predict, a source whose effective µm/px is above the model's

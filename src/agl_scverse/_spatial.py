@@ -176,8 +176,9 @@ def get_image(
                     )
                 return open_image(str(path)), 1.0, K.FULLRES
             element = _spatialdata_image(meta, library_id)
-            if element is not None:
-                return open_image(element, f"SpatialData image {meta.get(K.SPATIALDATA_IMAGE)!r}"), 1.0, K.FULLRES
+            if element is not None:  # a downscaled element (spatialdata-io's Visium hires image) is no full-res one
+                kind = K.HIRES if meta.get(K.SPATIALDATA_DOWNSCALED) else K.FULLRES
+                return open_image(element, f"SpatialData image {meta.get(K.SPATIALDATA_IMAGE)!r}"), 1.0, kind
             if K.FULLRES in images:
                 return open_image(images[K.FULLRES], f"fullres image of {library_id!r}"), 1.0, K.FULLRES
         elif which in images:

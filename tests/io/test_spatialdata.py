@@ -152,3 +152,34 @@ def test_tools_write_their_results_into_the_spatialdata_table():
     assert agl.tl.agl_predict(sdata, model) is None
     pred = table.layers["agl_pred"]
     assert pred.shape == table.shape and np.isfinite(pred[:, table.var_names.isin(model.targets)]).all()
+
+
+def test_results_survive_sdata_write_and_read(tmp_path):
+    """agl_fit / agl_predict results in the table survive sdata.write -> read_zarr; patches then come from the store."""
+    import spatialdata as sd
+    from builders import FAST, small_slide
+
+    a = small_slide()
+    sdata = _sdata_of(a)
+    model = agl.tl.agl_fit(sdata, method="dkgsb", embedding_key="X_emb", n_targets=5, min_cells=1, **FAST)
+    agl.tl.agl_predict(sdata, model)
+    before = sdata.tables["table"]
+    sdata.write(tmp_path / "run.zarr")
+    back = sd.read_zarr(tmp_path / "run.zarr").tables["table"]
+    pd.testing.assert_series_equal(
+        back.var["agl_role"].astype(str), before.var["agl_role"].astype(str), check_names=False
+    )
+    np.testing.assert_allclose(back.var["agl_weight"], before.var["agl_weight"])
+    np.testing.assert_array_equal(np.asarray(back.layers["agl_pred"]), np.asarray(before.layers["agl_pred"]))
+    assert back.uns["agl"]["k"] == before.uns["agl"]["k"] and back.uns["agl"]["params"]["method"] == "dkgsb"
+    assert len(back.uns["agl"]["history"]["epoch"]) == len(before.uns["agl"]["history"]["epoch"])
+    # an AnnData read from the stored object keeps a route to the full-resolution image after the object is gone
+    sdata2 = sd.read_zarr(tmp_path / "run.zarr")
+    adata = agl.io.from_spatialdata(sdata2)
+    meta = adata.uns["spatial"]["he"]["metadata"]
+    assert meta["spatialdata_path"] == str((tmp_path / "run.zarr").resolve())
+    meta["spatialdata_image_token"] = "gone"
+    adata.uns["spatial"]["he"]["images"].pop("fullres", None)
+    src, _, which = _spatial.get_image(adata, "he")
+    assert which == "fullres" and src.kind == "lazy"
+    np.testing.assert_array_equal(np.asarray(src), sdata.images["he"].values.transpose(1, 2, 0))

@@ -281,7 +281,7 @@ def _candidate_images(sdata, shapes) -> list[str]:
     return [k for k, im in sdata.images.items() if own & set(_coordinate_systems(im))]
 
 
-def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system) -> tuple[str, Any]:
+def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) -> tuple[str, Any]:
     key = image_key.get(shapes_name) if isinstance(image_key, Mapping) else image_key
     if key is not None:
         return _pick_image(sdata, key)
@@ -296,20 +296,28 @@ def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system) -> tupl
         )
     if len(cands) == 1:
         return cands[0], sdata.images[cands[0]]
-    # several: the finest pixels over the spots (image pixels per shapes unit), i.e. the full-resolution one
+    # several: of those the spots fall on, the finest pixels over the spots (image pixels per shapes unit), i.e.
+    # the full-resolution one rather than a hires / lowres copy, and not another section's image in a shared system
     density = {}
     for k in cands:
         try:
             M, _, _ = _shapes_to_image(shapes, shapes_name, sdata.images[k], k, coordinate_system)
         except ValueError:
             continue
-        density[k] = abs(np.linalg.det(M[:2, :2]))
+        lv = _levels(sdata.images[k])[0]
+        xy = pts @ M[:2, :2].T + M[:2, 2]
+        inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < lv.sizes["x"]) & (xy[:, 1] < lv.sizes["y"])
+        if inside.all():
+            density[k] = abs(np.linalg.det(M[:2, :2]))
     if not density:
-        raise ValueError(f"None of the images {cands} can be placed under shapes {shapes_name!r}; pass image_key=.")
+        raise ValueError(
+            f"The spots of shapes {shapes_name!r} do not all fall on any one of the images {cands} sharing a "
+            "coordinate system with them; pass image_key=<the H&E of that section> (or coordinate_system=)."
+        )
     best = max(density, key=lambda k: density[k])
     logg.info(
-        f"shapes {shapes_name!r}: images {cands} share a coordinate system; using {best!r}, the finest "
-        "(pass image_key= to choose)."
+        f"shapes {shapes_name!r}: images {cands} share a coordinate system; using {best!r}, the finest the spots "
+        "fall on (pass image_key= to choose)."
     )
     return best, sdata.images[best]
 
@@ -375,7 +383,15 @@ def _read_section(
         raise ValueError(
             f"Shapes {shapes_name!r} are not circles (points with a 'radius' column); agl-scverse needs spot circles."
         )
-    image_name, image = _image_for(sdata, shapes, shapes_name, image_key, coordinate_system)
+    pos = shapes.index.get_indexer(ids)
+    if (pos < 0).any():
+        raise ValueError(
+            f"{int((pos < 0).sum())} rows of table {table_key!r} name instances absent from shapes {shapes_name!r} "
+            f"(e.g. {list(ids[pos < 0][:3])}); the table and shapes do not match."
+        )
+    pts = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])[pos]
+    radius = shapes["radius"].to_numpy(dtype=float)[pos]
+    image_name, image = _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts)
     levels = _levels(image)
     full = levels[0]
     channels = full.sizes.get("c", 1)
@@ -385,15 +401,6 @@ def _read_section(
             + (" (this one is grayscale)." if channels == 1 else ".")
         )
     height, width = int(full.sizes["y"]), int(full.sizes["x"])
-
-    pos = shapes.index.get_indexer(ids)
-    if (pos < 0).any():
-        raise ValueError(
-            f"{int((pos < 0).sum())} rows of table {table_key!r} name instances absent from shapes {shapes_name!r} "
-            f"(e.g. {list(ids[pos < 0][:3])}); the table and shapes do not match."
-        )
-    pts = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])[pos]
-    radius = shapes["radius"].to_numpy(dtype=float)[pos]
     M, cs, shared = _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system)
     if len(shared) > 1:
         logg.info(
@@ -421,10 +428,18 @@ def _read_section(
         K.SPATIALDATA_IMAGE_TOKEN: register_live_image(image),
         "reader": "from_spatialdata",
     }
+    sf_table = _table_scalefactors(table, [lib or image_name, shapes_name, image_name])
+    if K.SPOT_DIAMETER in sf_table and np.sqrt(abs(np.linalg.det(M[:2, :2]))) < 0.99:
+        # Space Ranger metadata: shapes in full-res pixels, and this image is a downscaled copy (hires / lowres)
+        meta[K.SPATIALDATA_DOWNSCALED] = True
+        logg.info(
+            f"image {image_name!r} is downscaled from the full-resolution grid of shapes {shapes_name!r} "
+            f"({np.sqrt(abs(np.linalg.det(M[:2, :2]))):.3g} x); patches from it need allow_lowres=True."
+        )
     if getattr(sdata, "path", None) is not None and _is_backed(sdata, image_name):
         meta[K.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
     entry = spatial_entry(hires, scalef, spot_diameter_fullres=spot_diam, microns_per_pixel=mpp, **meta)
-    if max(height, width) <= fullres_max_px:
+    if max(height, width) <= fullres_max_px and not meta.get(K.SPATIALDATA_DOWNSCALED):
         entry[K.IMAGES][K.FULLRES] = hires if scalef == 1.0 else _to_rgb(full, image_name)
     return xy, entry
 

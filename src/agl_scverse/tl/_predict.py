@@ -10,6 +10,7 @@ model is never opened) and patch size, into a copy, and written together with th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool 
             msg + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
             "full-res image element) and re-embed, or pass allow_lowres=True to predict anyway."
         )
-    logg.warning(msg + " Predicting anyway (allow_lowres=True).")
+    warnings.warn(msg + " Predicting anyway (allow_lowres=True).", UserWarning, stacklevel=3)
 
 
 def check_embedding_matches(adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False) -> None:
