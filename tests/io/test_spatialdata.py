@@ -161,7 +161,7 @@ def test_results_survive_sdata_write_and_read(tmp_path):
 
     a = small_slide()
     sdata = _sdata_of(a)
-    model = agl.tl.agl_fit(sdata, method="dkgsb", embedding_key="X_emb", n_targets=5, min_cells=1, **FAST)
+    model = agl.tl.agl_fit(sdata, method="agl", embedding_key="X_emb", n_targets=5, min_cells=1, **FAST)
     agl.tl.agl_predict(sdata, model)
     before = sdata.tables["table"]
     sdata.write(tmp_path / "run.zarr")
@@ -171,7 +171,7 @@ def test_results_survive_sdata_write_and_read(tmp_path):
     )
     np.testing.assert_allclose(back.var["agl_weight"], before.var["agl_weight"])
     np.testing.assert_array_equal(np.asarray(back.layers["agl_pred"]), np.asarray(before.layers["agl_pred"]))
-    assert back.uns["agl"]["k"] == before.uns["agl"]["k"] and back.uns["agl"]["params"]["method"] == "dkgsb"
+    assert back.uns["agl"]["k"] == before.uns["agl"]["k"] and back.uns["agl"]["params"]["method"] == "agl"
     assert len(back.uns["agl"]["history"]["epoch"]) == len(before.uns["agl"]["history"]["epoch"])
     # an AnnData read from the stored object keeps a route to the full-resolution image after the object is gone
     sdata2 = sd.read_zarr(tmp_path / "run.zarr")

@@ -369,7 +369,10 @@ def _microns_per_pixel(
         f"The physical scale of image {image_name!r} (section {shapes_name!r}) is unknown: no coordinate system in µm "
         f"(its systems: {systems}), no microns_per_pixel or spot_diameter_fullres in table.uns['spatial']. Pass "
         "microns_per_pixel=<µm per pixel of that image> (a number or {shapes key: number}), um_coordinate_system=, "
-        "or spot_diameter_um=<the circles' diameter in µm> (55 for Visium spots, 100 for legacy ST)."
+        "or spot_diameter_um=<the circles' diameter in µm> (55 for Visium spots, 100 for legacy ST) to "
+        "agl.io.from_spatialdata; or store it in the SpatialData, which the tools read: a transformation of the image "
+        "to a coordinate system named 'um', or table.uns['spatial'][<shapes key>]['scalefactors']"
+        "['microns_per_pixel'] (µm per unit of the shapes' coordinates)."
     )
 
 
