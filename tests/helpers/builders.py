@@ -290,9 +290,7 @@ def visium_folder_from(adata: AnnData, lib: str, folder: Path, library_key: str 
     return folder
 
 
-def spatialdata_from(
-    adata: AnnData, library_key: str = "library_id", shapes_in_um: bool = True, scale_factors=(2, 2)
-):
+def spatialdata_from(adata: AnnData, library_key: str = "library_id", shapes_in_um: bool = True, scale_factors=(2, 2)):
     """Every library of ``adata`` as one section of a SpatialData: an image pyramid, circle shapes, one table.
 
     Section ``lib`` has image ``"he_<lib>"`` (the decoded full-resolution pixels, a multiscale pyramid with

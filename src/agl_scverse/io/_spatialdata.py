@@ -353,7 +353,9 @@ def _microns_per_pixel(
         um_list = [cs for cs in systems if cs.lower() in UM_COORDINATE_SYSTEMS or cs.lower().endswith(("_um", "_µm"))]
     if um_list:
         A = _affine(image, um_list[0])
-        return float(np.sqrt(abs(np.linalg.det(A[:2, :2])))), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
+        return float(
+            np.sqrt(abs(np.linalg.det(A[:2, :2])))
+        ), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
     sf = _table_scalefactors(table, [lib, shapes_name, image_name])
     if K.MICRONS_PER_PIXEL in sf:
         val = positive_number(sf[K.MICRONS_PER_PIXEL], "table.uns['spatial'] microns_per_pixel", "Fix the table.")

@@ -191,7 +191,10 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         with torch.no_grad():
             n_feat = int(backbone(torch.zeros(1, 3, ds.patch_px, ds.patch_px)).reshape(1, -1).shape[1])
     patch_rec = {k: v for k, v in ds.record().items() if k not in ("patch_px", "patch_um")}
-    record = {**encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um, **patch_rec), "recorded": True}
+    record = {
+        **encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um, **patch_rec),
+        "recorded": True,
+    }
     seed_everything(cfg.seed)
     net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
     return net, PatchInputs(ds, np.concatenate([data.train_idx, data.val_idx]), dev), record

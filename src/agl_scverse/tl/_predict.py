@@ -90,7 +90,8 @@ def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool 
     )
     if not allow_lowres:
         raise ValueError(
-            msg + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
+            msg
+            + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
             "full-res image element) and re-embed, or pass allow_lowres=True to predict anyway."
         )
     warnings.warn(msg + " Predicting anyway (allow_lowres=True).", UserWarning, stacklevel=3)
@@ -303,9 +304,7 @@ def prediction_layer(
     chunk of spots x model genes (plus the layer when it is dense).
     """
     _check_genes(adata, model)
-    features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, allow_lowres
-    )
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, allow_lowres)
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -499,9 +498,7 @@ def predict_anndata(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
-    features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, allow_lowres
-    )
+    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, allow_lowres)
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
