@@ -33,6 +33,16 @@ MICRONS_PER_PIXEL = "microns_per_pixel"
 SOURCE_IMAGE_PATH = "source_image_path"
 PATCHES_H5 = "patches_h5"
 HEST_PATCH_INDEX = "hest_patch_index"  # .obs column: row of each spot in the HEST patches h5 (metadata["patches_h5"])
+# metadata of a library read from a SpatialData object: the image element read lazily at full resolution
+SPATIALDATA_IMAGE = "spatialdata_image"  # image element name
+SPATIALDATA_PATH = "spatialdata_path"  # zarr store it can be reopened from (a backed SpatialData), optional
+SPATIALDATA_IMAGE_TOKEN = "spatialdata_image_token"  # handle of the live image element in this process
+SPATIALDATA_DOWNSCALED = "spatialdata_image_downscaled"  # True: the element is a downscaled stand-in (Visium hires)
+MICRONS_PER_PIXEL_SOURCE = "microns_per_pixel_source"  # where microns_per_pixel came from (metadata)
+#: A lower-resolution image (hires/lowres) standing in for a missing full-resolution one is refused when its µm/px
+#: is above the patch's µm/px times this; and at predict, a source whose effective µm/px is above the model's
+#: training source times this (unless ``allow_lowres=True``).
+LOWRES_TOLERANCE = 1.2
 
 # --- embeddings -------------------------------------------------------------------------------------------
 EMBED_PREFIX = "X_agl_"  # .obsm["X_agl_<encoder>"]

@@ -14,7 +14,7 @@ import pandas as pd
 from anndata import AnnData
 
 from . import _constants as K
-from ._images import ImageSource, check_rgb_shape, open_image, to_uint8_rgb
+from ._images import ImageSource, check_rgb_shape, live_image, open_image, to_uint8_rgb
 
 VISIUM_SPOT_UM = 55.0  # physical diameter of a Visium spot
 # Space Ranger defines scalefactors["spot_diameter_fullres"] as the pixels spanning a *theoretical 65 µm* spot,
@@ -136,8 +136,11 @@ def get_image(
     """Best available image of a library, as a source read by region (nothing is decoded here).
 
     ``metadata["source_image_path"]`` (a TIFF read by tile, or a JPEG / PNG decoded once into a memory-mapped
-    cache file) or ``images["fullres"]`` give the full-resolution image; otherwise the hires, then the lowres
-    image is used, with a warning (patches from them are upsampled).
+    cache file), the SpatialData image element a library was read from (:func:`agl_scverse.io.from_spatialdata`:
+    the live element while its SpatialData object exists, else the zarr store it was read from, read lazily by
+    region and pyramid level) or ``images["fullres"]`` give the full-resolution image; otherwise the hires, then
+    the lowres image is used, with a warning (patches from them are upsampled; :class:`agl_scverse.pp.SpotPatches`
+    refuses that unless ``allow_lowres=True``).
 
     Returns
     -------
@@ -172,6 +175,10 @@ def get_image(
                         "update uns['spatial'][library_id]['metadata']['source_image_path']."
                     )
                 return open_image(str(path)), 1.0, K.FULLRES
+            element = _spatialdata_image(meta, library_id)
+            if element is not None:  # a downscaled element (spatialdata-io's Visium hires image) is no full-res one
+                kind = K.HIRES if meta.get(K.SPATIALDATA_DOWNSCALED) else K.FULLRES
+                return open_image(element, f"SpatialData image {meta.get(K.SPATIALDATA_IMAGE)!r}"), 1.0, kind
             if K.FULLRES in images:
                 return open_image(images[K.FULLRES], f"fullres image of {library_id!r}"), 1.0, K.FULLRES
         elif which in images:
@@ -192,6 +199,28 @@ def get_image(
         f"No image for library {library_id!r}: uns['spatial'][{library_id!r}] has images {list(images)} and "
         f"no metadata['source_image_path']. Read the slide with its image (agl.io) or add one."
     )
+
+
+def _spatialdata_image(meta: dict, library_id: str):
+    """The SpatialData image element a library was read from: the live object, else reopened from its zarr store."""
+    name = meta.get(K.SPATIALDATA_IMAGE)
+    if not name:
+        return None
+    element = live_image(meta.get(K.SPATIALDATA_IMAGE_TOKEN))
+    if element is not None:
+        return element
+    path = meta.get(K.SPATIALDATA_PATH)
+    if not path or not Path(str(path)).exists():
+        return None
+    import spatialdata as sd
+
+    images = sd.read_zarr(str(path), selection=("images",)).images
+    if name not in images:
+        raise KeyError(
+            f"Library {library_id!r} was read from SpatialData image {name!r} of {path}, which no longer holds it "
+            f"(images: {list(images)}). Read the SpatialData again with agl.io.from_spatialdata."
+        )
+    return images[name]
 
 
 def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:

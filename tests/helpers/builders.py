@@ -5,6 +5,9 @@
 - :func:`he_like`, :func:`write_legacy_section` and :func:`write_visium`: H&E-looking images, legacy ST folders and
   Space Ranger folders on disk (readers).
 - :func:`make_sdata`: a tiny SpatialData (image, circle shapes, table).
+- :func:`visium_folder_from` and :func:`spatialdata_from`: the same slides (an AnnData read by ``read_legacy_st``)
+  packed as a Space Ranger ``outs`` folder and as a multi-section SpatialData with image pyramids (the route
+  checks; ``benchmarks/check_routes.py`` uses them on the HER2+ sections).
 - :func:`snapshot` / :func:`assert_unchanged`: what a failed call must leave unchanged.
 - :data:`FAST`: ``agl_fit`` settings that train in a fraction of a second.
 """
@@ -219,3 +222,118 @@ def make_sdata(
         instance_key="spot_id",
     )
     return SpatialData(images=images, shapes={"spots": shapes}, tables={"table": table})
+
+
+def _write_10x_h5(path: Path, X, barcodes, genes) -> None:
+    """Counts (spots x genes) as a Space Ranger v3 ``filtered_feature_bc_matrix.h5``."""
+    import h5py
+
+    Xc = sp.csc_matrix(sp.csr_matrix(X).T.astype(np.int32))  # 10x stores the features x barcodes matrix in CSC
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["barcodes"] = np.array(list(barcodes), dtype="S")
+        m["data"] = Xc.data
+        m["indices"] = Xc.indices.astype(np.int64)
+        m["indptr"] = Xc.indptr.astype(np.int64)
+        m["shape"] = np.array(Xc.shape, dtype=np.int32)
+        feat = m.create_group("features")
+        feat["id"] = np.array(list(genes), dtype="S")
+        feat["name"] = np.array(list(genes), dtype="S")
+        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+
+
+def _library_image(adata: AnnData, lib: str) -> tuple[np.ndarray, str]:
+    """The full-resolution pixels of a library (decoded as the readers decode them) and the image file."""
+    from agl_scverse import _spatial
+
+    path = adata.uns["spatial"][lib]["metadata"]["source_image_path"]
+    src, _, _ = _spatial.get_image(adata, lib)
+    return np.asarray(src), path
+
+
+def visium_folder_from(adata: AnnData, lib: str, folder: Path, library_key: str = "library_id") -> Path:
+    """One library of ``adata`` (legacy ST layout) as a Space Ranger ``outs`` folder; returns the folder.
+
+    Counts in ``filtered_feature_bc_matrix.h5``, spot centres in ``spatial/tissue_positions.csv`` (full-res
+    pixels), ``spot_diameter_fullres = 65 / microns_per_pixel`` (Space Ranger's 65 µm reference spot, so the
+    reader derives the same scale), 2000-px hires and 600-px lowres PNGs. The full-resolution image stays where it
+    is (give it to ``read_visium(fullres_image=...)``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    sub = adata[adata.obs[library_key].astype(str) == lib]
+    mpp = float(adata.uns["spatial"][lib]["scalefactors"]["microns_per_pixel"])
+    full, _ = _library_image(adata, lib)
+    _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", sub.X, sub.obs_names, sub.var_names)
+    spatial = folder / "spatial"
+    spatial.mkdir(exist_ok=True)
+    xy = np.asarray(sub.obsm["spatial"], dtype=float)
+    pd.DataFrame(
+        {
+            "barcode": sub.obs_names,
+            "in_tissue": 1,
+            "array_row": np.arange(sub.n_obs),
+            "array_col": 0,
+            "pxl_row_in_fullres": xy[:, 1],
+            "pxl_col_in_fullres": xy[:, 0],
+        }
+    ).to_csv(spatial / "tissue_positions.csv", index=False)
+    h, w = full.shape[:2]
+    sf = {"spot_diameter_fullres": 65.0 / mpp}
+    for name, px in (("hires", 2000), ("lowres", 600)):
+        s = min(1.0, px / max(h, w))
+        Image.fromarray(full).resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS).save(
+            spatial / f"tissue_{name}_image.png"
+        )
+        sf[f"tissue_{name}_scalef"] = s
+    (spatial / "scalefactors_json.json").write_text(json.dumps(sf))
+    return folder
+
+
+def spatialdata_from(adata: AnnData, library_key: str = "library_id", shapes_in_um: bool = True, scale_factors=(2, 2)):
+    """Every library of ``adata`` as one section of a SpatialData: an image pyramid, circle shapes, one table.
+
+    Section ``lib`` has image ``"he_<lib>"`` (the decoded full-resolution pixels, a multiscale pyramid with
+    ``scale_factors``), shapes ``"spots_<lib>"`` (radius = half the spot diameter) and coordinate system
+    ``"<lib>_um"`` in µm: the image maps to it with ``Scale(microns_per_pixel)``; the shapes are in µm
+    (``shapes_in_um``, Identity) or in image pixels (a second coordinate system ``"<lib>"``, Identity for both).
+    One table annotates every ``"spots_<lib>"`` (``region`` lists them).
+    """
+    import anndata as ad
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    images, shapes, regions = {}, {}, []
+    libs = list(adata.obs[library_key].astype(str).unique())
+    obs = adata.obs[[]].copy()
+    obs["region"] = ""
+    obs["instance"] = np.arange(adata.n_obs)
+    for lib in libs:
+        rows = (adata.obs[library_key].astype(str) == lib).to_numpy()
+        sf = adata.uns["spatial"][lib]["scalefactors"]
+        mpp = float(sf["microns_per_pixel"])
+        full, _ = _library_image(adata, lib)
+        tr_img = {f"{lib}_um": Scale([mpp, mpp], axes=("y", "x"))}
+        xy = np.asarray(adata.obsm["spatial"], dtype=float)[rows]
+        radius = np.full(len(xy), float(sf["spot_diameter_fullres"]) / 2.0)
+        if shapes_in_um:
+            tr_shapes = {f"{lib}_um": Identity()}
+            xy, radius = xy * mpp, radius * mpp
+        else:
+            tr_img[lib] = Identity()
+            tr_shapes = {lib: Identity()}
+        images[f"he_{lib}"] = Image2DModel.parse(
+            full.transpose(2, 0, 1), dims=("c", "y", "x"), scale_factors=list(scale_factors) or None,
+            transformations=tr_img, chunks=(3, 1024, 1024),
+        )  # fmt: skip
+        shapes[f"spots_{lib}"] = ShapesModel.parse(
+            xy, geometry=0, radius=radius, index=np.flatnonzero(rows), transformations=tr_shapes
+        )
+        obs.loc[rows, "region"] = f"spots_{lib}"
+        regions.append(f"spots_{lib}")
+    obs["region"] = pd.Categorical(obs["region"], categories=regions)
+    obs["instance"] = np.arange(adata.n_obs)
+    table = ad.AnnData(adata.X.copy(), obs=obs, var=adata.var[[]].copy())
+    table = TableModel.parse(table, region=regions, region_key="region", instance_key="instance")
+    return SpatialData(images=images, shapes=shapes, tables={"table": table})

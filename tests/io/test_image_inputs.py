@@ -64,9 +64,7 @@ def test_spatialdata_uint16_image_is_rescaled_not_clipped():
         dims=("c", "y", "x"),
         transformations={"global": Scale([2.0, 2.0], axes=("y", "x"))},
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        adata = agl.io.from_spatialdata(sdata)
+    adata = agl.io.from_spatialdata(sdata, microns_per_pixel=1.0)
     entry = adata.uns["spatial"]["he"]
     np.testing.assert_array_equal(entry["images"]["hires"], rgb.transpose(1, 2, 0))  # the thumbnail
     src, _, which = _spatial.get_image(adata, "he")

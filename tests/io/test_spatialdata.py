@@ -38,8 +38,9 @@ def _assert_same(sdata, snap: dict) -> None:
 def test_from_spatialdata(tmp_path):
     sdata = make_sdata()
     snap = _sdata_snapshot(sdata)
-    with pytest.warns(UserWarning, match="assuming 65"):
-        adata = agl.io.from_spatialdata(sdata)
+    with pytest.raises(ValueError, match="physical scale of image 'he'.*unknown"):
+        agl.io.from_spatialdata(sdata)  # nothing gives the scale: no guess from a 65 µm spot
+    adata = agl.io.from_spatialdata(sdata, spot_diameter_um=65.0)
     _assert_same(sdata, snap)
     assert list(adata.obs_names) == ["a", "b", "c"]
     # table rows name instances 12, 10, 11 -> global (100, 80), (40, 30), (60, 50) -> image px = global / 2
@@ -49,7 +50,7 @@ def test_from_spatialdata(tmp_path):
     entry = adata.uns["spatial"]["he"]
     sf = entry["scalefactors"]
     assert sf["spot_diameter_fullres"] == pytest.approx(5.0)  # radius 5 global = 2.5 image px
-    assert sf["microns_per_pixel"] == pytest.approx(65 / 5.0)  # Space Ranger convention: 65 µm / circle diameter
+    assert sf["microns_per_pixel"] == pytest.approx(65 / 5.0)  # 65 µm / circle diameter, as asked
     assert entry["images"]["hires"].shape == (60, 80, 3) and sf["tissue_hires_scalef"] == 1.0
     img, scale, which = _spatial.get_image(adata, "he")
     assert which == "fullres" and img.shape == (60, 80, 3)
@@ -58,8 +59,8 @@ def test_from_spatialdata(tmp_path):
     # same thing through the shared coercion helper
     from agl_scverse.io._spatialdata import as_anndata
 
-    with pytest.warns(UserWarning):
-        assert as_anndata(sdata).n_obs == 3
+    with pytest.raises(ValueError, match="unknown"):
+        as_anndata(sdata)
 
 
 def test_from_spatialdata_multiscale_hires():
@@ -120,10 +121,15 @@ def _sdata_of(adata):
     import geopandas as gpd  # noqa: F401  (spatialdata's dependency)
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
 
     xy = np.asarray(adata.obsm["spatial"], dtype=float)
     h, w = int(xy[:, 1].max()) + 100, int(xy[:, 0].max()) + 100
-    img = Image2DModel.parse(np.random.default_rng(0).integers(0, 255, (3, h, w), dtype=np.uint8), dims=("c", "y", "x"))
+    img = Image2DModel.parse(
+        np.random.default_rng(0).integers(0, 255, (3, h, w), dtype=np.uint8),
+        dims=("c", "y", "x"),
+        transformations={"global": Identity(), "um": Scale([0.5, 0.5], axes=("y", "x"))},  # 0.5 µm per pixel
+    )
     shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), 20.0), index=np.arange(len(xy)))
     table = adata.copy()
     table.obs["region"] = pd.Categorical(["spots"] * table.n_obs)
@@ -146,3 +152,34 @@ def test_tools_write_their_results_into_the_spatialdata_table():
     assert agl.tl.agl_predict(sdata, model) is None
     pred = table.layers["agl_pred"]
     assert pred.shape == table.shape and np.isfinite(pred[:, table.var_names.isin(model.targets)]).all()
+
+
+def test_results_survive_sdata_write_and_read(tmp_path):
+    """agl_fit / agl_predict results in the table survive sdata.write -> read_zarr; patches then come from the store."""
+    import spatialdata as sd
+    from builders import FAST, small_slide
+
+    a = small_slide()
+    sdata = _sdata_of(a)
+    model = agl.tl.agl_fit(sdata, method="agl", embedding_key="X_emb", n_targets=5, min_cells=1, **FAST)
+    agl.tl.agl_predict(sdata, model)
+    before = sdata.tables["table"]
+    sdata.write(tmp_path / "run.zarr")
+    back = sd.read_zarr(tmp_path / "run.zarr").tables["table"]
+    pd.testing.assert_series_equal(
+        back.var["agl_role"].astype(str), before.var["agl_role"].astype(str), check_names=False
+    )
+    np.testing.assert_allclose(back.var["agl_weight"], before.var["agl_weight"])
+    np.testing.assert_array_equal(np.asarray(back.layers["agl_pred"]), np.asarray(before.layers["agl_pred"]))
+    assert back.uns["agl"]["k"] == before.uns["agl"]["k"] and back.uns["agl"]["params"]["method"] == "agl"
+    assert len(back.uns["agl"]["history"]["epoch"]) == len(before.uns["agl"]["history"]["epoch"])
+    # an AnnData read from the stored object keeps a route to the full-resolution image after the object is gone
+    sdata2 = sd.read_zarr(tmp_path / "run.zarr")
+    adata = agl.io.from_spatialdata(sdata2)
+    meta = adata.uns["spatial"]["he"]["metadata"]
+    assert meta["spatialdata_path"] == str((tmp_path / "run.zarr").resolve())
+    meta["spatialdata_image_token"] = "gone"
+    adata.uns["spatial"]["he"]["images"].pop("fullres", None)
+    src, _, which = _spatial.get_image(adata, "he")
+    assert which == "fullres" and src.kind == "lazy"
+    np.testing.assert_array_equal(np.asarray(src), sdata.images["he"].values.transpose(1, 2, 0))

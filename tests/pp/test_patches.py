@@ -145,13 +145,18 @@ def test_outside_spots_error_lists_them_and_pad_keeps_them(monkeypatch):
         SpotPatches(adata, on_outside="drop")
 
 
-def test_hires_fallback_warns_and_still_centres():
+def test_hires_fallback_is_refused_unless_allowed_and_still_centres():
     full_xy = np.array([[60, 60], [180, 80], [100, 200]])
     hires = _marker_image((120, 125), full_xy // 2, half=2)  # hires image at scale 0.5
     adata = _slide(hires, full_xy, mpp=1.0, which="hires", scalef=0.5)
+    with pytest.raises(ValueError, match=r"no full-resolution image.*2 µm/px.*allow_lowres=True"):
+        SpotPatches(adata, patch_px=32, patch_um=22)  # 0.69 µm/px patches from a 2 µm/px thumbnail
     with pytest.warns(UserWarning, match="full-resolution"):
-        ds = SpotPatches(adata, patch_px=32, patch_um=22)
+        ds = SpotPatches(adata, patch_px=32, patch_um=22, allow_lowres=True)
     assert ds.image_kind == {"s1": "hires"} and ds.crop_side == {"s1": 11}
+    assert ds.source_um_per_px == {"s1": 2.0} and ds.record()["source_um_per_px"] == {"s1": 2.0}
+    # a thumbnail at least as fine as the patches loses nothing: accepted without asking
+    assert SpotPatches(adata, patch_px=8, patch_um=22).source_um_per_px == {"s1": 2.0}
     for i in range(3):
         mask = _marker_mask(ds[i], COLOURS[i])
         assert mask[15:17, 15:17].all()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse import _spatial, _validate
+from agl_scverse._images import register_live_image
 
 from ._common import as_csr_float32, check_in_image, finalize, positive_number, spatial_entry, thumbnail_from_array
 
@@ -21,26 +22,41 @@ __all__ = ["as_anndata", "from_spatialdata", "update_table"]
 SD_ATTRS = "spatialdata_attrs"
 
 
+#: Names of coordinate systems taken to be in µm (spatialdata does not store axis units).
+UM_COORDINATE_SYSTEMS = ("um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres")
+#: Relative tolerance when comparing the mappings of several shared coordinate systems.
+_SAME_MAPPING_RTOL = 1e-6
+
+
 def from_spatialdata(
     sdata: Any,
     table_key: str | None = None,
-    image_key: str | None = None,
-    shapes_key: str | None = None,
-    library_id: str | None = None,
-    microns_per_pixel: float | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    library_id: str | Mapping[str, str] | None = None,
+    microns_per_pixel: float | Mapping[str, float] | None = None,
     library_key: str = K.LIBRARY_KEY,
     layer: str | None = None,
-    spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
+    spot_diameter_um: float | None = None,
     hires_max_px: int = 2000,
     fullres_max_px: int = 4096,
+    *,
+    coordinate_system: str | None = None,
+    um_coordinate_system: str | None = None,
 ) -> AnnData:
     """One AnnData in the agl-scverse layout from a :class:`spatialdata.SpatialData` object.
 
     The table must annotate circle shapes (``table.uns["spatialdata_attrs"]`` ``region`` / ``region_key`` /
-    ``instance_key``, shapes with a ``radius`` column). Spot centres and radii are mapped into the pixel grid of the
-    image element with spatialdata's own transformations
-    (:func:`spatialdata.transformations.get_transformation_between_coordinate_systems`), so
+    ``instance_key``, shapes with a ``radius`` column). Every shapes element the table annotates is one library
+    (a section): its spots get ``.obs[library_key] = library id`` and ``.uns["spatial"][library id]`` describes
+    its image. Spot centres and radii are mapped into the pixel grid of the section's image element with
+    spatialdata's transformations (:func:`spatialdata.transformations.get_transformation`), so
     ``.obsm["spatial"]`` is in full-resolution pixels of that image. ``sdata`` is left unchanged.
+
+    Patches are later read from the image element itself (lazily, by region, from the pyramid level nearest the
+    patch's µm/px; see :class:`agl_scverse.pp.SpotPatches`), not from the ``"hires"`` thumbnail kept in
+    ``.uns["spatial"]`` for plots: while ``sdata`` lives, and from its zarr store after that when it was read from
+    or written to disk.
 
     Parameters
     ----------
@@ -49,44 +65,59 @@ def from_spatialdata(
     table_key
         Table to read; default the only table (or the only one annotating shapes).
     image_key
-        Image element (the H&E); default the only image element.
+        Image element (the H&E) of every section, or a ``{shapes key: image key}`` mapping. Default: per section,
+        the image with the finest pixels among those sharing a coordinate system with its shapes (so a full-res
+        image is preferred to ``*_hires_image`` and ``*_lowres_image``); the choice is logged.
     shapes_key
-        Shapes element annotated by the table; default the only shapes region of the table.
+        Shapes element(s) to read; default every shapes region the table annotates.
     library_id
-        Library id; default ``image_key``.
+        Library id (one section) or a ``{shapes key: library id}`` mapping. Default: the image key when the table
+        annotates one section, the shapes key when it annotates several.
     microns_per_pixel
-        µm per pixel of the image. Default ``spot_diameter_um`` over the circle diameter in image pixels, with a
-        warning (right for Visium, wrong for other platforms).
+        µm per pixel of the image element (one number, or a ``{shapes key: number}`` mapping). Default: derived,
+        in this order, from a coordinate system in µm shared with the image (``um_coordinate_system``), the
+        table's metadata (``table.uns["spatial"][<library>]["scalefactors"]["microns_per_pixel"]``, or Space
+        Ranger's ``spot_diameter_fullres``, which spans 65 µm), or ``spot_diameter_um`` over the circle diameter;
+        when none of them is there the scale is unknown and a ValueError says so.
     library_key
         ``.obs`` column naming the library (categorical).
     layer
         Table layer holding the raw counts (default ``table.X``).
     spot_diameter_um
-        Physical spot diameter used when ``microns_per_pixel`` is not given (65 for Visium: Space Ranger's scale factors and circles refer to a theoretical 65 µm spot).
+        Physical diameter of the circles (e.g. 55 for Visium spots drawn at their true size, 100 for legacy ST);
+        used for the scale only when nothing above gives it.
     hires_max_px
-        Longest side of the ``"hires"`` image.
+        Longest side of the ``"hires"`` thumbnail (plots).
     fullres_max_px
-        Images whose longest side is at most this are also kept whole as ``images["fullres"]`` (patches are then
-        cut at full resolution); larger ones only as ``"hires"``.
+        Images whose longest side is at most this are also kept whole as ``images["fullres"]``, so the AnnData
+        keeps its full-resolution image when written to h5ad.
+    coordinate_system
+        Coordinate system through which spots are placed on the image. Default: any coordinate system the
+        shapes and the image share (when several give different mappings, a ValueError asks for this). The choice
+        is logged and recorded in ``metadata["spatialdata_coordinate_system"]``.
+    um_coordinate_system
+        A coordinate system whose units are µm (spatialdata stores no units); default one named ``"um"``,
+        ``"µm"``, ``"microns"``, ``"micrometer"`` ... if the image has one.
 
     Returns
     -------
-    AnnData with the table's spots (the rows annotating ``shapes_key``), counts as CSR float32 and
-    ``.uns["spatial"][library_id]`` with the images, scale factors and metadata naming the SpatialData elements.
+    AnnData with the table's spots of the sections read (table order), counts as CSR float32 and
+    ``.uns["spatial"][library_id]`` with a thumbnail, scale factors and metadata naming the SpatialData
+    elements and where ``microns_per_pixel`` came from.
 
     Examples
     --------
     >>> import agl_scverse as agl
     >>> import spatialdata as sd
     >>> sdata = sd.read_zarr("visium.zarr")  # doctest: +SKIP
-    >>> adata = agl.io.from_spatialdata(sdata, table_key="table", image_key="he")  # doctest: +SKIP
+    >>> adata = agl.io.from_spatialdata(sdata, table_key="table", microns_per_pixel=0.26)  # doctest: +SKIP
     """
     from spatialdata import SpatialData
 
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a spatialdata.SpatialData object, got {type(sdata).__name__}.")
-    if microns_per_pixel is not None:
-        microns_per_pixel = positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per image pixel.")
+    if spot_diameter_um is not None:
+        spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Pass the circles' diameter in µm.")
 
     table_key, table = _pick_table(sdata, table_key)
     attrs = table.uns.get(SD_ATTRS) or {}
@@ -98,6 +129,8 @@ def from_spatialdata(
             f"Table {table_key!r} does not annotate any element (uns['spatialdata_attrs'] = {attrs}). Parse it with "
             "spatialdata.models.TableModel.parse(table, region=<shapes key>, region_key=..., instance_key=...)."
         )
+    if region_key not in table.obs or instance_key not in table.obs:
+        raise KeyError(f"Table {table_key!r} lacks the columns {region_key!r} / {instance_key!r} named in its attrs.")
     shape_regions = [r for r in regions if r in sdata.shapes]
     if shapes_key is None:
         if not shape_regions:
@@ -105,124 +138,325 @@ def from_spatialdata(
                 f"Table {table_key!r} annotates {regions}, which are not shapes (shapes: {list(sdata.shapes)}); "
                 "agl-scverse needs a table annotating circle shapes (the spots)."
             )
-        if len(shape_regions) > 1:
-            raise ValueError(f"Table {table_key!r} annotates several shapes {shape_regions}; pass shapes_key=<one>.")
-        shapes_key = shape_regions[0]
-    elif shapes_key not in sdata.shapes:
-        raise KeyError(f"shapes_key={shapes_key!r} is not a shapes element; available shapes: {list(sdata.shapes)}.")
-    elif shapes_key not in regions:
-        raise ValueError(f"Table {table_key!r} does not annotate shapes {shapes_key!r}; it annotates {regions}.")
-    shapes = sdata.shapes[shapes_key]
-    if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():
-        raise ValueError(
-            f"Shapes {shapes_key!r} are not circles (points with a 'radius' column); agl-scverse needs spot circles."
-        )
+        sections = shape_regions
+    else:
+        sections = [shapes_key] if isinstance(shapes_key, str) else [str(k) for k in shapes_key]
+        for key in sections:
+            if key not in sdata.shapes:
+                raise KeyError(f"shapes_key={key!r} is not a shapes element; available shapes: {list(sdata.shapes)}.")
+            if key not in regions:
+                raise ValueError(f"Table {table_key!r} does not annotate shapes {key!r}; it annotates {regions}.")
+    if isinstance(microns_per_pixel, Mapping):
+        mpp_given = {str(k): positive_number(v, f"microns_per_pixel[{k!r}]", "Pass µm per image pixel.")
+                     for k, v in microns_per_pixel.items()}  # fmt: skip
+    elif microns_per_pixel is not None:
+        mpp_given = {key: positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per image pixel.")
+                     for key in sections}  # fmt: skip
+    else:
+        mpp_given = {}
+    lib_ids = _library_ids(sections, library_id, image_key)
 
-    image_key, image = _pick_image(sdata, image_key)
-    levels = _levels(image)
-    full = levels[0]
-    channels = full.sizes.get("c", 1)
-    if channels not in (3, 4):
-        raise ValueError(
-            f"Image {image_key!r} has {channels} channel(s); an RGB H&E image (3 channels) is required"
-            + (" (this one is grayscale)." if channels == 1 else ".")
-        )
-    height, width = int(full.sizes["y"]), int(full.sizes["x"])
-
-    xy, spot_diam = _spots_in_image(
-        sdata, table, table_key, shapes, shapes_key, image, image_key, region_key, instance_key, width, height
-    )
-    mask = (table.obs[region_key].astype(str) == shapes_key).to_numpy()
-
-    mpp_source = "given"
-    if microns_per_pixel is None:
-        microns_per_pixel = spot_diameter_um / spot_diam
-        mpp_source = f"{spot_diameter_um:g} µm / circle diameter {spot_diam:.1f} px (assumed)"
-        warnings.warn(
-            f"No microns_per_pixel given; assuming {spot_diameter_um:g} µm spots, so {microns_per_pixel:.4f} µm/px "
-            "from the circle diameter. Pass microns_per_pixel unless these are Visium spots.",
-            UserWarning,
-            stacklevel=2,
-        )
-
+    region_col = table.obs[region_key].astype(str).to_numpy()
+    keep = np.isin(region_col, sections)
+    if not keep.any():
+        raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {sections}.")
     # counts: a copy of the table rows, checked before anything is built
-    adata = table[mask].copy()
+    adata = table[keep].copy()
     if layer is not None:
         if layer not in adata.layers:
             raise KeyError(f"layer={layer!r} is not a layer of table {table_key!r}; layers: {list(adata.layers)}.")
         adata.X = adata.layers[layer]
     _validate.check_adata(adata)
 
-    # images
-    hires, scalef = _hires(levels, width, hires_max_px, image_key)
-    entry = spatial_entry(
-        hires,
-        scalef,
-        spot_diameter_fullres=spot_diam,
-        microns_per_pixel=microns_per_pixel,
-        microns_per_pixel_source=mpp_source,
-        spatialdata_table=table_key,
-        spatialdata_image=image_key,
-        spatialdata_shapes=shapes_key,
-        reader="from_spatialdata",
-    )
-    if max(height, width) <= fullres_max_px:
-        entry[K.IMAGES][K.FULLRES] = hires if scalef == 1.0 else _to_rgb(full, image_key)
+    xy = np.zeros((adata.n_obs, 2), dtype=float)
+    libs = np.empty(adata.n_obs, dtype=object)
+    spatial: dict[str, dict] = {}
+    rows_region = region_col[keep]
+    for shapes_name in sections:
+        rows = rows_region == shapes_name
+        if not rows.any():
+            raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_name!r}.")
+        xy[rows], entry = _read_section(
+            sdata, table, table_key, adata.obs[instance_key].to_numpy()[rows], shapes_name, image_key,
+            mpp_given.get(shapes_name), spot_diameter_um, coordinate_system, um_coordinate_system, hires_max_px,
+            fullres_max_px, lib_ids[shapes_name],
+        )  # fmt: skip
+        lib = lib_ids[shapes_name] = lib_ids[shapes_name] or entry[K.METADATA][K.SPATIALDATA_IMAGE]
+        if lib in spatial:
+            raise ValueError(f"Two sections get library id {lib!r}; pass library_id={{shapes key: id}}.")
+        spatial[lib] = entry
+        libs[rows] = lib
 
-    library_id = str(library_id) if library_id is not None else str(image_key)
     adata.uns.pop(SD_ATTRS, None)
     adata.obsm[K.SPATIAL_KEY] = xy
-    adata.obs[library_key] = library_id
+    adata.obs[library_key] = pd.Categorical(libs.astype(str), categories=[lib_ids[k] for k in sections])
     adata.X = as_csr_float32(adata.X)
-    adata.uns[K.SPATIAL_KEY] = {library_id: entry}
+    adata.uns[K.SPATIAL_KEY] = spatial
     finalize(adata, library_key)
     logg.info(
-        f"from SpatialData: {adata.n_obs} spots x {adata.n_vars} genes (table {table_key!r}, shapes {shapes_key!r}, "
-        f"image {image_key!r}, {microns_per_pixel:.4f} µm/px)"
+        f"from SpatialData: {adata.n_obs} spots x {adata.n_vars} genes from table {table_key!r}, "
+        f"{len(sections)} section(s): "
+        + "; ".join(
+            f"{lib}: shapes {e[K.METADATA]['spatialdata_shapes']!r} on image {e[K.METADATA][K.SPATIALDATA_IMAGE]!r} "
+            f"via {e[K.METADATA]['spatialdata_coordinate_system']!r}, "
+            f"{e[K.SCALEFACTORS][K.MICRONS_PER_PIXEL]:.4f} µm/px ({e[K.METADATA][K.MICRONS_PER_PIXEL_SOURCE]})"
+            for lib, e in spatial.items()
+        )
     )
     return adata
 
 
-def _spots_in_image(
-    sdata, table, table_key, shapes, shapes_key, image, image_key, region_key, instance_key, width, height
-) -> tuple[np.ndarray, float]:
-    """Spot centres of the table's rows of ``shapes_key`` in the image's pixels, and the median spot diameter (px)."""
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
+def _library_ids(sections: list[str], library_id, image_key) -> dict[str, str]:
+    if isinstance(library_id, Mapping):
+        missing = [k for k in sections if k not in library_id]
+        if missing:
+            raise KeyError(f"library_id has no entry for shapes {missing}; give one id per section.")
+        return {k: str(library_id[k]) for k in sections}
+    if library_id is not None:
+        if len(sections) > 1:
+            raise ValueError(
+                f"library_id={library_id!r} names one library, but the table annotates {len(sections)} sections "
+                f"{sections}; pass a {{shapes key: library id}} mapping or leave it out (the shapes keys)."
+            )
+        return {sections[0]: str(library_id)}
+    if len(sections) == 1:
+        img = image_key.get(sections[0]) if isinstance(image_key, Mapping) else image_key
+        return {sections[0]: str(img) if img is not None else ""}  # "" -> the image key, filled in below
+    return {k: k for k in sections}
 
-    # spots of this region, in table order, matched to the shapes on the instance id
-    if region_key not in table.obs or instance_key not in table.obs:
-        raise KeyError(f"Table {table_key!r} lacks the columns {region_key!r} / {instance_key!r} named in its attrs.")
-    mask = (table.obs[region_key].astype(str) == shapes_key).to_numpy()
-    if not mask.any():
-        raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_key!r}.")
-    ids = table.obs[instance_key].to_numpy()[mask]
+
+def _affine(element, cs: str) -> np.ndarray:
+    """3 x 3 affine (x, y) of an element's transformation to coordinate system ``cs``."""
+    from spatialdata.transformations import get_transformation
+
+    tr = get_transformation(element, to_coordinate_system=cs)
+    return np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+
+
+def _coordinate_systems(element) -> list[str]:
+    from spatialdata.transformations import get_transformation
+
+    return list((get_transformation(element, get_all=True) or {}).keys())
+
+
+def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) -> tuple[np.ndarray, str, list[str]]:
+    """The affine from shapes coordinates to image pixels, the coordinate system used, and all shared ones."""
+    shared = [cs for cs in _coordinate_systems(shapes) if cs in set(_coordinate_systems(image))]
+    if coordinate_system is not None:
+        if coordinate_system not in shared:
+            raise ValueError(
+                f"coordinate_system={coordinate_system!r} is not shared by shapes {shapes_name!r} and image "
+                f"{image_name!r} (shared: {shared})."
+            )
+        shared_try = [coordinate_system]
+    else:
+        shared_try = shared
+    if not shared_try:
+        raise ValueError(
+            f"Shapes {shapes_name!r} (coordinate systems {_coordinate_systems(shapes)}) and image {image_name!r} "
+            f"({_coordinate_systems(image)}) share no coordinate system, so spots cannot be placed on the image. "
+            "Give both a transformation to one coordinate system (spatialdata.transformations.set_transformation)."
+        )
+    maps = {}
+    for cs in shared_try:
+        A_img = _affine(image, cs)
+        if abs(np.linalg.det(A_img[:2, :2])) < 1e-12:
+            continue
+        maps[cs] = np.linalg.inv(A_img) @ _affine(shapes, cs)
+    if not maps:
+        raise ValueError(f"Image {image_name!r} has a singular transformation to {shared_try}.")
+    first_cs = sorted(maps)[0]
+    first = maps[first_cs]
+    differ = [cs for cs, M in maps.items() if not np.allclose(M, first, rtol=_SAME_MAPPING_RTOL, atol=1e-6)]
+    if differ:
+        raise ValueError(
+            f"Shapes {shapes_name!r} and image {image_name!r} share coordinate systems {sorted(maps)} that place the "
+            f"spots differently on the image ({first_cs!r} vs {differ}); pass coordinate_system=<the right one>."
+        )
+    return first, first_cs, sorted(maps)
+
+
+def _candidate_images(sdata, shapes) -> list[str]:
+    own = set(_coordinate_systems(shapes))
+    return [k for k, im in sdata.images.items() if own & set(_coordinate_systems(im))]
+
+
+def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) -> tuple[str, Any]:
+    key = image_key.get(shapes_name) if isinstance(image_key, Mapping) else image_key
+    if key is not None:
+        return _pick_image(sdata, key)
+    if not sdata.images:
+        return _pick_image(sdata, None)  # the "no image" error
+    cands = _candidate_images(sdata, shapes)
+    if not cands:
+        raise ValueError(
+            f"No image element shares a coordinate system with shapes {shapes_name!r} "
+            f"({_coordinate_systems(shapes)}); images: {list(sdata.images)}. Pass image_key= and give both a "
+            "transformation to one coordinate system."
+        )
+    if len(cands) == 1:
+        return cands[0], sdata.images[cands[0]]
+    # several: of those the spots fall on, the finest pixels over the spots (image pixels per shapes unit), i.e.
+    # the full-resolution one rather than a hires / lowres copy, and not another section's image in a shared system
+    density = {}
+    for k in cands:
+        try:
+            M, _, _ = _shapes_to_image(shapes, shapes_name, sdata.images[k], k, coordinate_system)
+        except ValueError:
+            continue
+        lv = _levels(sdata.images[k])[0]
+        xy = pts @ M[:2, :2].T + M[:2, 2]
+        inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < lv.sizes["x"]) & (xy[:, 1] < lv.sizes["y"])
+        if inside.all():
+            density[k] = abs(np.linalg.det(M[:2, :2]))
+    if not density:
+        raise ValueError(
+            f"The spots of shapes {shapes_name!r} do not all fall on any one of the images {cands} sharing a "
+            "coordinate system with them; pass image_key=<the H&E of that section> (or coordinate_system=)."
+        )
+    best = max(density, key=lambda k: density[k])
+    logg.info(
+        f"shapes {shapes_name!r}: images {cands} share a coordinate system; using {best!r}, the finest the spots "
+        "fall on (pass image_key= to choose)."
+    )
+    return best, sdata.images[best]
+
+
+def _table_scalefactors(table, names: Sequence[str]) -> dict:
+    spatial = table.uns.get(K.SPATIAL_KEY) or {}
+    if not isinstance(spatial, Mapping):
+        return {}
+    for name in names:
+        if name in spatial and isinstance(spatial[name], Mapping):
+            return dict(spatial[name].get(K.SCALEFACTORS) or {})
+    if len(spatial) == 1:
+        only = next(iter(spatial.values()))
+        if isinstance(only, Mapping):
+            return dict(only.get(K.SCALEFACTORS) or {})
+    return {}
+
+
+def _microns_per_pixel(
+    given, image, image_name, table, shapes_name, lib, M, spot_diam_px, spot_diameter_um, um_cs
+) -> tuple[float, str]:
+    """µm per image pixel and where it came from; a ValueError when nothing gives it."""
+    if given is not None:
+        return float(given), "given"
+    systems = _coordinate_systems(image)
+    if um_cs is not None:
+        if um_cs not in systems:
+            raise ValueError(
+                f"um_coordinate_system={um_cs!r} is not a coordinate system of image {image_name!r} ({systems})."
+            )
+        um_list = [um_cs]
+    else:
+        um_list = [cs for cs in systems if cs.lower() in UM_COORDINATE_SYSTEMS or cs.lower().endswith(("_um", "_µm"))]
+    if um_list:
+        A = _affine(image, um_list[0])
+        return float(
+            np.sqrt(abs(np.linalg.det(A[:2, :2])))
+        ), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
+    sf = _table_scalefactors(table, [lib, shapes_name, image_name])
+    if K.MICRONS_PER_PIXEL in sf:
+        val = positive_number(sf[K.MICRONS_PER_PIXEL], "table.uns['spatial'] microns_per_pixel", "Fix the table.")
+        # recorded per pixel of the shapes' (full-resolution) grid: one image pixel spans 1/sqrt|det M| of them
+        return val / float(np.sqrt(abs(np.linalg.det(M[:2, :2])))), "table metadata microns_per_pixel"
+    if K.SPOT_DIAMETER in sf:
+        d = positive_number(sf[K.SPOT_DIAMETER], "table.uns['spatial'] spot_diameter_fullres", "Fix the table.")
+        mpp = _spatial.VISIUM_SCALEFACTOR_SPOT_UM / d / float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))
+        return mpp, f"Space Ranger spot_diameter_fullres ({d:g} px = {_spatial.VISIUM_SCALEFACTOR_SPOT_UM:g} µm)"
+    if spot_diameter_um is not None:
+        return spot_diameter_um / spot_diam_px, f"{spot_diameter_um:g} µm / circle diameter {spot_diam_px:.1f} px"
+    raise ValueError(
+        f"The physical scale of image {image_name!r} (section {shapes_name!r}) is unknown: no coordinate system in µm "
+        f"(its systems: {systems}), no microns_per_pixel or spot_diameter_fullres in table.uns['spatial']. Pass "
+        "microns_per_pixel=<µm per pixel of that image> (a number or {shapes key: number}), um_coordinate_system=, "
+        "or spot_diameter_um=<the circles' diameter in µm> (55 for Visium spots, 100 for legacy ST) to "
+        "agl.io.from_spatialdata; or store it in the SpatialData, which the tools read: a transformation of the image "
+        "to a coordinate system named 'um', or table.uns['spatial'][<shapes key>]['scalefactors']"
+        "['microns_per_pixel'] (µm per unit of the shapes' coordinates)."
+    )
+
+
+def _read_section(
+    sdata, table, table_key, ids, shapes_name, image_key, mpp_given, spot_diameter_um, coordinate_system, um_cs,
+    hires_max_px, fullres_max_px, lib,
+) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry."""
+    shapes = sdata.shapes[shapes_name]
+    if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():
+        raise ValueError(
+            f"Shapes {shapes_name!r} are not circles (points with a 'radius' column); agl-scverse needs spot circles."
+        )
     pos = shapes.index.get_indexer(ids)
     if (pos < 0).any():
         raise ValueError(
-            f"{int((pos < 0).sum())} rows of table {table_key!r} name instances absent from shapes {shapes_key!r} "
+            f"{int((pos < 0).sum())} rows of table {table_key!r} name instances absent from shapes {shapes_name!r} "
             f"(e.g. {list(ids[pos < 0][:3])}); the table and shapes do not match."
         )
     pts = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])[pos]
     radius = shapes["radius"].to_numpy(dtype=float)[pos]
-
-    # shapes coordinates -> image pixel coordinates
-    try:
-        tr = get_transformation_between_coordinate_systems(sdata, shapes, image)
-    except Exception as e:  # spatialdata raises several types when no path exists
+    image_name, image = _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts)
+    levels = _levels(image)
+    full = levels[0]
+    channels = full.sizes.get("c", 1)
+    if channels not in (3, 4):
         raise ValueError(
-            f"Shapes {shapes_key!r} and image {image_key!r} share no coordinate system, so spots cannot be placed "
-            f"on the image ({e}). Give both a transformation to one coordinate system."
-        ) from e
-    A = np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
-    xy = pts @ A[:2, :2].T + A[:2, 2]
-    diam_px = 2.0 * radius * float(np.sqrt(abs(np.linalg.det(A[:2, :2]))))
+            f"Image {image_name!r} has {channels} channel(s); an RGB H&E image (3 channels) is required"
+            + (" (this one is grayscale)." if channels == 1 else ".")
+        )
+    height, width = int(full.sizes["y"]), int(full.sizes["x"])
+    M, cs, shared = _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system)
+    if len(shared) > 1:
+        logg.info(
+            f"shapes {shapes_name!r} -> image {image_name!r}: coordinate systems {shared} give the same mapping; "
+            f"using {cs!r}."
+        )
+    xy = pts @ M[:2, :2].T + M[:2, 2]
+    diam_px = 2.0 * radius * float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))
     if not np.all(np.isfinite(xy)):
-        raise ValueError(f"Shapes {shapes_key!r} hold NaN/inf coordinates.")
-    check_in_image(xy, width, height, image_key, image=f"image {image_key!r}")
+        raise ValueError(f"Shapes {shapes_name!r} hold NaN/inf coordinates.")
+    check_in_image(xy, width, height, shapes_name, image=f"image {image_name!r}")
     spot_diam = positive_number(
-        float(np.median(diam_px)), f"The spot diameter of {shapes_key!r} (px)", "Set a positive 'radius'."
+        float(np.median(diam_px)), f"The spot diameter of {shapes_name!r} (px)", "Set a positive 'radius'."
     )
-    return xy, spot_diam
+    mpp, mpp_source = _microns_per_pixel(
+        mpp_given, image, image_name, table, shapes_name, lib or image_name, M, spot_diam, spot_diameter_um, um_cs
+    )
+    hires, scalef = _hires(levels, width, hires_max_px, image_name)
+    meta = {
+        K.MICRONS_PER_PIXEL_SOURCE: mpp_source,
+        "spatialdata_table": table_key,
+        K.SPATIALDATA_IMAGE: image_name,
+        "spatialdata_shapes": shapes_name,
+        "spatialdata_coordinate_system": cs,
+        K.SPATIALDATA_IMAGE_TOKEN: register_live_image(image),
+        "reader": "from_spatialdata",
+    }
+    sf_table = _table_scalefactors(table, [lib or image_name, shapes_name, image_name])
+    if K.SPOT_DIAMETER in sf_table and np.sqrt(abs(np.linalg.det(M[:2, :2]))) < 0.99:
+        # Space Ranger metadata: shapes in full-res pixels, and this image is a downscaled copy (hires / lowres)
+        meta[K.SPATIALDATA_DOWNSCALED] = True
+        logg.info(
+            f"image {image_name!r} is downscaled from the full-resolution grid of shapes {shapes_name!r} "
+            f"({np.sqrt(abs(np.linalg.det(M[:2, :2]))):.3g} x); patches from it need allow_lowres=True."
+        )
+    if getattr(sdata, "path", None) is not None and _is_backed(sdata, image_name):
+        meta[K.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
+    entry = spatial_entry(hires, scalef, spot_diameter_fullres=spot_diam, microns_per_pixel=mpp, **meta)
+    if max(height, width) <= fullres_max_px and not meta.get(K.SPATIALDATA_DOWNSCALED):
+        entry[K.IMAGES][K.FULLRES] = hires if scalef == 1.0 else _to_rgb(full, image_name)
+    return xy, entry
+
+
+def _is_backed(sdata, image_name: str) -> bool:
+    """Whether the image element is stored in the SpatialData's zarr store (so it can be reopened from there)."""
+    try:
+        return image_name in set(sdata.elements_paths_on_disk() or []) or f"images/{image_name}" in set(
+            sdata.elements_paths_on_disk() or []
+        )
+    except Exception:  # older spatialdata or an in-memory object
+        return False
 
 
 def _pick_table(sdata, table_key: str | None):

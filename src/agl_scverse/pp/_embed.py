@@ -147,6 +147,7 @@ def embed_patches(
     encoder_kwargs: dict[str, Any] | None = None,
     strict: bool = True,
     precision: str = "auto",
+    allow_lowres: bool = False,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -207,13 +208,19 @@ def embed_patches(
         autocast dtype. Features are stored as float32 whatever the precision; bf16 features agree with fp32 to a
         cosine similarity of 0.9999 on average per spot (DenseNet-121, HER2+; worst spot 0.9998; see the Method
         page).
+    allow_lowres
+        Cut patches from a ``"hires"`` image coarser than the patches when a library has no full-resolution image
+        (refused by default, see :class:`SpotPatches`). The source resolution (µm per pixel of the image level
+        read, per library) is recorded either way (``source_um_per_px``), and :func:`agl_scverse.tl.agl_predict`
+        compares it with the model's.
 
     Returns
     -------
     ``None`` (``copy=False``; a SpatialData input gets the results in its table) or a new AnnData
     (``copy=True``). Writes ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: encoder name, weights
-    path and sha256, patch and padding settings, normalisation mean/std, feature_dim, the precision used
-    (``precision``, ``channels_last``, ``precision_requested``), versions. Nothing is written when it fails.
+    path and sha256, patch and padding settings, the source resolution (``source_um_per_px`` and the image / level
+    read per library), normalisation mean/std, feature_dim, the precision used (``precision``, ``channels_last``,
+    ``precision_requested``), versions. Nothing is written when it fails.
 
     Notes
     -----
@@ -244,6 +251,7 @@ def embed_patches(
         pad_mode=pad_mode,
         min_inside=min_inside,
         on_outside=on_outside,
+        allow_lowres=allow_lowres,
     )  # decodes nothing: the memory checks come before the encoder is built
     check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
     model, info = get_encoder(

@@ -7,7 +7,8 @@ Geometry
     ``.obsm["spatial"]`` holds spot centres in full-resolution pixels (pixel ``i`` has its centre at ``i``).
     The crop side in source-image pixels is ``patch_um / microns_per_pixel * scale`` where ``scale`` maps
     full-resolution pixels to the image used (1 for the full-resolution image; ``tissue_hires_scalef`` for the
-    hires image when no full-resolution image is available, with a warning). The side is rounded to whole
+    hires image when no full-resolution image is available: refused when that image is coarser than the patch's
+    µm per pixel unless ``allow_lowres=True``). The side is rounded to whole
     pixels and the crop is the ``side x side`` block of pixels centred on the spot (for an odd side the spot's
     pixel is the centre pixel).
 Pyramid levels
@@ -37,6 +38,7 @@ HEST samples
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,6 +216,12 @@ class SpotPatches(Dataset):
         Spots whose patch has less than this fraction of its area inside the image are "outside".
     on_outside
         ``"error"``: raise, listing them. ``"pad"``: keep them, padded, with a warning.
+    allow_lowres
+        Cut patches from the ``"hires"`` / ``"lowres"`` image when a library has no full-resolution image and that
+        image is coarser than the patch's µm per pixel (``patch_um / patch_px``). Off by default: such patches are
+        upsampled and lose detail (predictions get worse), so this raises and names the full-resolution source
+        to give instead (``read_visium(fullres_image=...)``, ``metadata["source_image_path"]``, the SpatialData
+        image element).
 
     Attributes
     ----------
@@ -235,6 +243,9 @@ class SpotPatches(Dataset):
         Downsample factor of that level relative to level 0, per library.
     image_kind
         ``"fullres"``, ``"hires"``, ``"lowres"`` or ``"patches_h5"`` per library.
+    source_um_per_px
+        µm per pixel of the image level the patches are cut from, per library (the source resolution; patches
+        carry detail down to ``max(source_um_per_px, patch_um / patch_px)``).
 
     Examples
     --------
@@ -255,6 +266,7 @@ class SpotPatches(Dataset):
         pad_value: int | Sequence[int] = 255,
         min_inside: float = 0.5,
         on_outside: str = "error",
+        allow_lowres: bool = False,
     ):
         if not isinstance(adata, AnnData):
             raise TypeError(f"SpotPatches expects an AnnData, got {type(adata).__name__}.")
@@ -270,6 +282,7 @@ class SpotPatches(Dataset):
         self.pad_value = _pad_value(pad_value)
         self.min_inside = float(min_inside)
         self.on_outside = on_outside
+        self.allow_lowres = bool(allow_lowres)
 
         library_key = _spatial.resolve_library_key(adata, library_key)
         self.library_key = library_key
@@ -302,6 +315,7 @@ class SpotPatches(Dataset):
         self.microns_per_pixel: dict[str, float] = {}
         self.level: dict[str, int] = {}
         self.level_downsample: dict[str, float] = {}
+        self.source_um_per_px: dict[str, float] = {}
         n = len(idx)
         self._box = np.zeros((n, 2), dtype=np.int64)  # x0, y0 in pixels of the level read
         self._h5_row = np.full(n, -1, dtype=np.int64)
@@ -341,7 +355,7 @@ class SpotPatches(Dataset):
     # -- slide images ----------------------------------------------------------------------------------
     def _setup_image(self, adata: AnnData, lib: str, sel: np.ndarray, xy: np.ndarray) -> None:
         """Open the library's image, choose the pyramid level and place every crop on it."""
-        src, scale, which = _spatial.get_image(adata, lib)
+        src, scale, which = _spatial.get_image(adata, lib, warn=False)  # the resolution rule is below
         mpp = _spatial.microns_per_pixel(adata, lib)
         side_f = self.patch_um / mpp * scale
         if side_f < 1:
@@ -351,6 +365,21 @@ class SpotPatches(Dataset):
             )
         level = src.choose_level(mpp / scale, self.patch_um / self.patch_px)
         lv = src.levels[level]
+        source_mpp = mpp / scale * lv.downsample
+        patch_mpp = self.patch_um / self.patch_px
+        if which != K.FULLRES and source_mpp > patch_mpp * K.LOWRES_TOLERANCE:
+            msg = (
+                f"Library {lib!r} has no full-resolution image, and its {which!r} image has {source_mpp:.3g} µm/px, "
+                f"coarser than the patches' {patch_mpp:.3g} µm/px ({self.patch_um:g} µm in {self.patch_px} px): "
+                "patches would be upsampled from it and lose detail."
+            )
+            if not self.allow_lowres:
+                raise ValueError(
+                    msg + " Give the full-resolution image (agl.io.read_visium(..., fullres_image=<the H&E the "
+                    "spots refer to>), uns['spatial'][library_id]['metadata']['source_image_path'], or the full-res "
+                    "image element of the SpatialData), or pass allow_lowres=True to use it anyway."
+                )
+            warnings.warn(msg + " Using it (allow_lowres=True).", UserWarning, stacklevel=3)
         W, H = lv.width, lv.height
         side = max(1, int(np.floor(side_f / lv.downsample + 0.5)))
         centres = xy * scale  # in level-0 pixels of the image used
@@ -378,6 +407,7 @@ class SpotPatches(Dataset):
         self.microns_per_pixel[lib] = float(mpp)
         self.level[lib] = int(level)
         self.level_downsample[lib] = float(lv.downsample)
+        self.source_um_per_px[lib] = float(source_mpp)
         if level:
             logg.info(
                 f"Library {lib!r}: reading pyramid level {level} (downsample {lv.downsample:.3g}, "
@@ -413,6 +443,7 @@ class SpotPatches(Dataset):
         self.crop_side[lib] = int(shape[1])
         self.scale[lib] = float("nan")
         self.microns_per_pixel[lib] = HEST_PATCH_UM / shape[1]
+        self.source_um_per_px[lib] = HEST_PATCH_UM / shape[1]
 
     def _h5_patch(self, lib: str, row: int) -> np.ndarray:
         if self._h5_pid != os.getpid():  # an h5py handle must not cross a fork
@@ -475,6 +506,8 @@ class SpotPatches(Dataset):
             "crop_side_px": {str(k): int(v) for k, v in self.crop_side.items()},
             "level": {str(k): int(v) for k, v in self.level.items()},
             "level_downsample": {str(k): float(v) for k, v in self.level_downsample.items()},
+            "source_um_per_px": {str(k): float(v) for k, v in self.source_um_per_px.items()},
+            "allow_lowres": self.allow_lowres,
             "n_padded": int(np.sum(self.inside_fraction < 1.0)),
             "n_outside": int(len(self.outside)),
         }
@@ -556,6 +589,7 @@ def extract_patches(
     pad_value: int | Sequence[int] = 255,
     min_inside: float = 0.5,
     on_outside: str = "error",
+    allow_lowres: bool = False,
 ) -> np.ndarray:
     """All patches at once as a ``(n_spots, patch_px, patch_px, 3)`` uint8 array (for small data).
 
@@ -580,6 +614,7 @@ def extract_patches(
             pad_value=pad_value,
             min_inside=min_inside,
             on_outside=on_outside,
+            allow_lowres=allow_lowres,
         )
     out = np.empty((len(ds), ds.patch_px, ds.patch_px, 3), dtype=np.uint8)
     for i in range(len(ds)):

@@ -156,7 +156,7 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
                 adata, encoder=enc["encoder"], weights=enc["weights"], patch_px=enc["patch_px"],
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
                 seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
-                num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"],
+                num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"], allow_lowres=enc["allow_lowres"],
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -171,7 +171,10 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
         check_feature_variance(moments.std, moments.mean, data.emb_key, len(data.train_idx))
         net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
-    ds = SpotPatches(adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"])
+    ds = SpotPatches(
+        adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"],
+        allow_lowres=enc["allow_lowres"],
+    )  # fmt: skip
     in_flight = max(1, enc["num_workers"] * enc["prefetch_factor"])
     check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size), in_flight)
     backbone, info = get_encoder(
@@ -181,7 +184,11 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
     if not n_feat:
         with torch.no_grad():
             n_feat = int(backbone(torch.zeros(1, 3, ds.patch_px, ds.patch_px)).reshape(1, -1).shape[1])
-    record = {**encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um), "recorded": True}
+    patch_rec = {k: v for k, v in ds.record().items() if k not in ("patch_px", "patch_um")}
+    record = {
+        **encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um, **patch_rec),
+        "recorded": True,
+    }
     seed_everything(cfg.seed)
     net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
     inputs = PatchInputs(
@@ -440,6 +447,7 @@ def agl_fit(
     precision: str = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    allow_lowres: bool = False,
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
 
@@ -572,6 +580,11 @@ def agl_fit(
         same with any number.
     prefetch_factor
         Batches each worker prepares ahead.
+    allow_lowres
+        Cut patches (fine-tune mode, or embedding a slide without its embedding) from a ``"hires"`` image coarser
+        than the patches when a library has no full-resolution image; refused by default (see
+        :class:`~agl_scverse.pp.SpotPatches`). The source resolution is recorded in the model
+        (``config["encoder"]["source_um_per_px"]``) and checked by :func:`agl_predict`.
 
     Returns
     -------
@@ -636,6 +649,7 @@ def agl_fit(
         "library_key": library_key,
         "num_workers": int(num_workers),
         "prefetch_factor": int(prefetch_factor),
+        "allow_lowres": bool(allow_lowres),
     }
     k_search, checkpoint = None, None  # the k search and the refit are short runs: not checkpointed
     if method == "topk" and cfg.k == K.K_AUTO:
@@ -666,9 +680,9 @@ def agl_fit(
             "embedding_key": fit_data.emb_key, "spots": int(fit_data.used.sum()) if spots is not None else None,
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),
             "key_added": key_added, "save_dir": save_dir, "library_key": library_key, "patch_px": patch_px,
-            "patch_um": patch_um, "versions": versions(), "num_workers": int(num_workers),
-            "prefetch_factor": int(prefetch_factor), "checkpoint_every": checkpoint_every, "resume": resume,
-            "world_size": dist.world_size(),
+            "patch_um": patch_um, "allow_lowres": bool(allow_lowres), "versions": versions(),
+            "num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor),
+            "checkpoint_every": checkpoint_every, "resume": resume, "world_size": dist.world_size(),
         },
     }  # fmt: skip
     model = _make_model(cfg, genes, res, net, enc_record, fit_data, extra)

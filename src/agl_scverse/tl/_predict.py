@@ -10,6 +10,7 @@ model is never opened) and patch size, into a copy, and written together with th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "agl_predict",
     "predict_anndata",
     "check_embedding_matches",
+    "check_source_resolution",
     "prediction_layer",
     "prediction_record",
     "PREDICT_GENES",
@@ -50,12 +52,60 @@ DENSE_LAYER_BYTES = 2**30
 _CHUNK_BYTES = 128 * 2**20
 
 
-def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
+def _effective_um_per_px(rec: dict) -> float | None:
+    """The coarsest detail of a record's patches: max over libraries of ``max(source µm/px, patch µm/px)``."""
+    src = rec.get("source_um_per_px")
+    if not src or not rec.get("patch_um") or not rec.get("patch_px"):
+        return None
+    vals = src.values() if isinstance(src, dict) else [src]
+    patch = float(rec["patch_um"]) / float(rec["patch_px"])
+    return max(max(float(v), patch) for v in vals)
+
+
+def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool = False, what: str = "slide") -> None:
+    """Refuse patches cut from a coarser image than the model was trained on (unless ``allow_lowres``).
+
+    Each side's resolution is the coarsest over its libraries of ``max(source_um_per_px, patch_um / patch_px)``
+    (the detail the patches carry); the data may be up to ``LOWRES_TOLERANCE`` (x1.2) coarser. Skipped when either
+    side does not record ``source_um_per_px`` (embeddings made before it was recorded, or brought by the user).
+
+    Examples
+    --------
+    >>> m = {"patch_px": 224, "patch_um": 112.0, "source_um_per_px": {"A": 0.25}}
+    >>> check_source_resolution({**m, "source_um_per_px": {"B": 0.5}}, m)  # patches are 0.5 µm/px anyway
+    >>> check_source_resolution({**m, "source_um_per_px": {"B": 3.6}}, m)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The slide's patches were cut from a 3.6 µm/px image ...
+    """
+    data_mpp, model_mpp = _effective_um_per_px(data_rec or {}), _effective_um_per_px(model_rec or {})
+    if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * K.LOWRES_TOLERANCE:
+        return
+    where = ", ".join(
+        f"{lib}: {float(v):.3g} µm/px ({(data_rec.get('image') or {}).get(lib, '?')}, level "
+        f"{(data_rec.get('level') or {}).get(lib, 0)})"
+        for lib, v in (data_rec.get("source_um_per_px") or {}).items()
+    )
+    msg = (
+        f"The {what}'s patches were cut from a {data_mpp:.3g} µm/px image ({where}), coarser than the "
+        f"{model_mpp:.3g} µm/px the model was trained on: predictions from upsampled patches are worse."
+    )
+    if not allow_lowres:
+        raise ValueError(
+            msg
+            + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
+            "full-res image element) and re-embed, or pass allow_lowres=True to predict anyway."
+        )
+    warnings.warn(msg + " Predicting anyway (allow_lowres=True).", UserWarning, stacklevel=3)
+
+
+def check_embedding_matches(adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False) -> None:
     """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
 
     Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments (each only when
-    both sides record it).
-    An embedding without a record (brought by the user) is accepted with a warning when the model has one.
+    both sides record it), and the source resolution (:func:`check_source_resolution`: patches from a coarser
+    image than the model's are refused unless ``allow_lowres=True``). An embedding without a record (brought by the
+    user) is accepted with a warning when the model has one.
 
     Examples
     --------
@@ -91,10 +141,19 @@ def check_embedding_matches(adata: AnnData, key: str, model: AGLModel) -> None:
             f"patch_um={enc.get('patch_um')}, key_added=<a new key>)) or drop .obsm[{key!r}] to let "
             "agl_predict do it."
         )
+    check_source_resolution(rec, enc, allow_lowres, what=f"slide (.obsm[{key!r}])")
 
 
 def _compute_embedding(
-    adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None, run=None
+    adata: AnnData,
+    model: AGLModel,
+    key: str,
+    weights,
+    device,
+    library_key,
+    encoder=None,
+    run=None,
+    allow_lowres: bool = False,
 ) -> tuple:
     """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
 
@@ -111,9 +170,11 @@ def _compute_embedding(
     tmp = embed_patches(
         adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True, **(run or {}),
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, **(run or {}),
     )  # fmt: skip
-    return np.asarray(tmp.obsm[key], dtype=np.float32), tmp.uns[K.EMBED_UNS][key]
+    rec = tmp.uns[K.EMBED_UNS][key]
+    check_source_resolution(rec, enc, allow_lowres)
+    return np.asarray(tmp.obsm[key], dtype=np.float32), rec
 
 
 def _features(
@@ -126,6 +187,7 @@ def _features(
     batch_size=512,
     encoder=None,
     run=None,
+    allow_lowres=False,
 ):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
@@ -134,7 +196,10 @@ def _features(
             int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
             float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
         )
-        ds = SpotPatches(adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key)
+        ds = SpotPatches(
+            adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key, allow_lowres=allow_lowres
+        )
+        check_source_resolution(ds.record(), enc, allow_lowres)
         run = run or {}
         check_patch_batch(ds.patch_px, batch_size, max(1, run.get("num_workers", 0) * run.get("prefetch_factor", 2)))
         return ds, None
@@ -143,10 +208,12 @@ def _features(
         raise ValueError("The model records no embedding key; pass embedding_key=.")
     new_emb = None
     if key in adata.obsm:
-        check_embedding_matches(adata, key, model)
+        check_embedding_matches(adata, key, model, allow_lowres)
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
-        features, rec = _compute_embedding(adata, model, key, weights, device, library_key, encoder, run)
+        features, rec = _compute_embedding(
+            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres
+        )
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
     if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
@@ -279,6 +346,7 @@ def prediction_layer(
     precision: str = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    allow_lowres: bool = False,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
@@ -290,7 +358,9 @@ def prediction_layer(
     check_choice("scale", scale, K.PRED_SCALES)
     _check_genes(adata, model)
     run = _run_options(precision, num_workers, prefetch_factor)
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run)
+    features, new_emb = _features(
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
+    )
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -406,6 +476,7 @@ def agl_predict(
     precision: str = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    allow_lowres: bool = False,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -455,6 +526,11 @@ def agl_predict(
         the same with any number.
     prefetch_factor
         Batches each worker prepares ahead.
+    allow_lowres
+        Predict from patches cut from a coarser image than the model was trained on (e.g. the ``"hires"``
+        thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
+        record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more than
+        1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
 
     Returns
     -------
@@ -491,6 +567,7 @@ def agl_predict(
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
         scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
+        allow_lowres=allow_lowres,
     )  # fmt: skip
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
@@ -535,6 +612,7 @@ def predict_anndata(
     precision: str = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    allow_lowres: bool = False,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -562,6 +640,8 @@ def predict_anndata(
         DataLoader workers cutting patches, as in :func:`agl_predict`.
     prefetch_factor
         Batches each worker prepares ahead.
+    allow_lowres
+        As in :func:`agl_predict`.
     max_dense_bytes
         Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
         array, computed when read or written.
@@ -591,7 +671,9 @@ def predict_anndata(
         raise ValueError("The slide has no spots.")
     check_choice("scale", scale, K.PRED_SCALES)
     run = _run_options(precision, num_workers, prefetch_factor)
-    features, new_emb = _features(adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run)
+    features, new_emb = _features(
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
+    )
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
