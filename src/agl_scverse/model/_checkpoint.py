@@ -200,11 +200,13 @@ class AGLModel:
             Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
         precision
             Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, see
-            :func:`~agl_scverse.model._precision.resolve_precision`); the output layer runs in float32. The
+            :func:`agl_scverse.pp.embed_patches`); the output layer runs in float32. The
             embedding-mode head always runs in float32.
-        num_workers, prefetch_factor
-            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches and the batches each
-            prepares ahead (:func:`~agl_scverse.model._data.patch_batches`; same predictions with any number).
+        num_workers
+            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (same predictions with any
+            number).
+        prefetch_factor
+            Batches each worker prepares ahead.
         """
         if self.mode == "embedding":
             batches = array_batches(features, batch_size, float_input=True)

@@ -42,8 +42,8 @@ def pearson_loss(
         Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
         finite gradient instead of NaN.
     reduce
-        Sums a tensor over the processes sharing the batch, with gradients (e.g.
-        :func:`agl_scverse._distributed.sum_autograd`); None: the batch is all here.
+        Sums a tensor over the processes sharing the batch, with gradients (what the trainer passes under
+        ``torchrun``); None: the batch is all here.
 
     Returns
     -------

@@ -415,16 +415,15 @@ def train_network(
         Label of that bar.
     augment
         Random flips / quarter turns of the training batches' patches (image inputs with a ``stream`` method,
-        e.g. :class:`~agl_scverse.model._data.PatchInputs`), drawn from ``(seed, epoch)``
-        (:func:`~agl_scverse.model._data.augment_codes`). Meta steps, validation and calibration see plain patches.
+        e.g. the patches of fine-tune mode), drawn from ``(seed, epoch)`` only. Meta steps, validation and
+        calibration see plain patches.
     precision
-        How the network runs (:func:`~agl_scverse.model._precision.resolve_precision`): ``"fp32"`` (default),
+        How the network runs: ``"fp32"`` (default),
         ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
         networks, a gradient scaler with fp16). The loss and the DkGSB hypergradient are computed in float32.
     checkpoint
-        A :class:`agl_scverse.model._resume.Checkpointer`: training starts from its ``state`` when it has one and
-        its :meth:`~agl_scverse.model._resume.Checkpointer.save` is called after every ``checkpoint.every``
-        epochs (see :func:`_loop_state`).
+        The checkpointer of :func:`agl_scverse.tl.agl_fit` (``checkpoint_every``, ``resume``): training starts
+        from its state when it has one, and the state is saved after every ``checkpoint.every`` epochs.
 
     Returns
     -------
@@ -432,8 +431,7 @@ def train_network(
 
     Notes
     -----
-    Under ``torchrun`` (:mod:`agl_scverse._distributed`) every rank draws the same batches and trains on its
-    rank-strided share of each (:func:`agl_scverse._distributed.shard`); the network is wrapped in
+    Under ``torchrun`` every rank draws the same batches and trains on its rank-strided share of each; the network is wrapped in
     ``DistributedDataParallel``, the loss gathers its batch statistics over the ranks (the loss of the global
     batch), the DkGSB hypergradient is averaged over the ranks (so ``theta`` is the same everywhere), and torch's
     generator is seeded ``seed + rank`` (dropout and augmentation differ between ranks).

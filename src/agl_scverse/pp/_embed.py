@@ -153,7 +153,7 @@ def embed_patches(
 
     Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` (see :class:`SpotPatches`), are
     normalised with the encoder's mean/std and run through the encoder in eval mode under
-    ``torch.inference_mode``, in batches (a DataLoader, :func:`agl_scverse.model._data.patch_batches`), with a
+    ``torch.inference_mode``, in batches (a torch DataLoader), with a
     progress bar, in the precision ``precision`` asks for.
 
     Parameters

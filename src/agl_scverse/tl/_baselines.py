@@ -234,8 +234,12 @@ def reduced_rank_ridge(
 
     Parameters
     ----------
-    X_train, Y_train, X_test
-        Training embeddings and expression (targets first, then auxiliaries), test embeddings.
+    X_train
+        Training embeddings, spots x features.
+    Y_train
+        Training expression, spots x genes: targets first, then auxiliaries.
+    X_test
+        Test embeddings.
     rank
         Rank of the coefficient matrix; ``None`` or a rank >= the number of columns: plain ridge. A sequence of
         ranks returns a dict ``rank -> predictions`` (one fit, one SVD).

@@ -557,7 +557,7 @@ def agl_fit(
         Write a training checkpoint every this many epochs (0: none; needs ``save_dir``) into
         ``<save_dir>.checkpoint/`` beside the model directory, atomically; it is removed once the model is saved.
         It holds the network and optimiser, ``theta`` and its Adam state, the early-stopping state, the history
-        and every RNG state (see :mod:`agl_scverse.model._resume`).
+        and every RNG state (see :doc:`/scaling_out`).
     resume
         Continue the run whose checkpoint is beside ``save_dir`` (the other arguments must be those it was started
         with; a difference is refused, naming it). On CPU the result is bit-identical to an uninterrupted run.
