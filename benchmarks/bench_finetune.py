@@ -34,18 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CANDIDATES = [Path("/work/shared"), REPO.parent / "shared"]
-DENSENET_FILE = "densenet121_keras_imagenet_features_torchvision.pth"
-
-
-def _default(sub: str) -> Path:
-    env = os.environ.get("AGL_SHARED")
-    for base in ([Path(env)] if env else []) + SHARED_CANDIDATES:
-        if (base / sub).exists():
-            return base / sub
-    return SHARED_CANDIDATES[-1] / sub
+from bench_embed import DENSENET_FILE, REPO, _default  # the shared data / weights lookup of the embedding benchmark
 
 
 def _rss_mb() -> dict:
