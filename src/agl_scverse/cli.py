@@ -454,7 +454,7 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
         "--distributed",
         action="store_true",
         help="run as one of torchrun's processes: torchrun --nproc_per_node N -m agl_scverse.cli fit "
-        "--distributed ... (rank 0 writes the outputs)",
+        "--distributed DATA --out MODEL (rank 0 writes the outputs)",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -62,13 +62,13 @@ def _umask() -> int:
     return mask
 
 
-def publish_permissions(path: Path) -> None:
-    """Give the model folder ``path`` and its files the permissions of a new folder / file (0777 / 0666 less umask).
+def publish_permissions(path: Path, files: tuple[str, ...] = MODEL_FILES) -> None:
+    """Give the folder ``path`` and its ``files`` the permissions of a new folder / file (0777 / 0666 less umask).
 
     ``tempfile.mkdtemp`` creates 0700 folders, so a model written through one would be readable by its owner only.
     """
     mask = _umask()
-    for name in MODEL_FILES:
+    for name in files:
         os.chmod(path / name, 0o666 & ~mask)
     os.chmod(path, 0o777 & ~mask)
 
@@ -184,7 +184,7 @@ def atomic_replace(
     old = None
     try:
         write(tmp)
-        publish_permissions(tmp)
+        publish_permissions(tmp, files)
         for name in files:
             fsync_file(tmp / name)
         fsync_dir(tmp)
