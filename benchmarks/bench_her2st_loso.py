@@ -51,11 +51,17 @@ LABELS = {
     "topk:auto": "top-k, k chosen on validation",
     "dkgsb": "DkGSB",
     "dkgsb:legacy": "DkGSB, previous default",
+    "pgl:ens5": "PGL, 5-seed ensemble",
+    "agl:ens5": "AGL-all, 5-seed ensemble",
+    "dkgsb:ens5": "DkGSB, 5-seed ensemble",
 }
 VARIANTS = {
     "pgl:reg": {"dropout": 0.5},
     "topk:auto": {"k": "auto"},
     "dkgsb:legacy": {"meta_normalizer": "detached", "lookahead": "sgd", "beta": 3e-3},
+    "pgl:ens5": {"n_seeds": 5},
+    "agl:ens5": {"n_seeds": 5},
+    "dkgsb:ens5": {"n_seeds": 5},
 }
 EMB_KEY = "X_agl_densenet121"
 
@@ -175,6 +181,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--no-refit", action="store_true", help="networks train on the training split only")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stem", default=None, help="results file name (default: her2st_loso[_norefit])")
     p.add_argument("--n-targets", type=int, default=50)
     p.add_argument("--epochs", type=int, default=None, help="max epochs per fit (default: agl_fit's)")
     p.add_argument("--topk-k", type=int, default=1000, help="auxiliary genes used by top-k")
@@ -227,7 +234,7 @@ def main() -> None:
                 "versions": {"agl_scverse": agl.__version__, "torch": torch.__version__},
             }
         )  # fmt: skip
-        stem = "her2st_loso" + ("_norefit" if args.no_refit else "")
+        stem = args.stem or "her2st_loso" + ("_norefit" if args.no_refit else "")
         (args.results / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
         all_summ.to_csv(args.results / f"{stem}.csv", index=False)
     print(markdown(res, cmd))

@@ -143,6 +143,8 @@ class Keys:
     gene_roles = property(lambda self: self._name("gene_roles"))  # parameters of agl.pp.gene_roles
     # .layers: spots x genes, float32, predictions where .var[predicted], 0 elsewhere (never NaN)
     pred_layer = property(lambda self: self._name("pred"))
+    # .layers: the spread (sd over the members) of a seed ensemble's predictions, 0 where not predicted
+    spread_layer = property(lambda self: self._name("pred_sd"))
     # .uns entry describing the prediction layers: scale, transform, counts layer, observed (see agl_predict)
     pred_uns = property(lambda self: self._name("pred"))
     # private .var column cross_validate uses to hand a fold's prior to agl_fit

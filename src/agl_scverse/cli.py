@@ -346,6 +346,8 @@ def _fit(args: argparse.Namespace) -> None:
         device=device,
         save_dir=args.out,
         overwrite=args.overwrite,
+        refit=args.refit,
+        n_seeds=args.n_seeds,
         **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres),
         **scale_out,
     )
@@ -608,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups held out of the fit, predicted and scored after it",
     )
     p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
+    p.add_argument("--refit", action="store_true", help="after early stopping, retrain on training + validation spots")
+    p.add_argument(
+        "--n-seeds", type=int, default=1, help="embedding mode: average this many networks, one per seed (default: 1)"
+    )
     _add_scale_out_args(p)
     _add_debug(p, argparse.SUPPRESS)
 

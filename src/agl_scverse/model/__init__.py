@@ -15,7 +15,7 @@ from ._encoders import (
     rebuild_encoder,
     register_encoder,
 )
-from ._heads import EmbeddingHead, FinetuneNet
+from ._heads import EmbeddingEnsemble, EmbeddingHead, FinetuneNet
 from ._loss import pearson_loss, per_gene_loss, weighted_loss
 from ._mask import GeneMask
 from ._presets import EncoderPreset, list_presets
@@ -23,6 +23,7 @@ from ._trainer import TrainResult, train_network
 
 __all__ = [
     "AGLModel",
+    "EmbeddingEnsemble",
     "EmbeddingHead",
     "EncoderPreset",
     "FinetuneNet",

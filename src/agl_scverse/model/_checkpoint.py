@@ -30,7 +30,7 @@ from agl_scverse._utils import sha256_file
 
 from ._data import index_batches_of, patch_batches
 from ._encoders import get_encoder, record_kwargs
-from ._heads import EmbeddingHead, FinetuneNet
+from ._heads import EmbeddingEnsemble, EmbeddingHead, FinetuneNet
 from ._inference import array_batches, forward
 from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale
 from ._precision import resolve_precision
@@ -169,11 +169,28 @@ class AGLModel:
         """DkGSB's learned threshold on the prior ranks (None for the other methods)."""
         return self.config.get("threshold")
 
+    @property
+    def n_members(self) -> int:
+        """Number of networks averaged (``agl_fit(n_seeds=...)``; 1 for a single network)."""
+        return int(getattr(self.net, "n_members", 1))
+
+    def members(self) -> list[AGLModel]:
+        """One model per network of a seed ensemble (sharing its tensors and config); ``[self]`` otherwise.
+
+        Examples
+        --------
+        >>> [m.predict(x) for m in model.members()]  # doctest: +SKIP
+        """
+        if self.n_members == 1:
+            return [self]
+        return [AGLModel(m, {**self.config, "net": m.config()}) for m in self.net.members]
+
     def __repr__(self) -> str:
         n_t = len(self.targets)
+        ens = f", n_members={self.n_members}" if self.n_members > 1 else ""
         return (
             f"AGLModel(method={self.method!r}, mode={self.mode!r}, targets={n_t}, "
-            f"auxiliaries={len(self.genes) - n_t}, k={self.k})"
+            f"auxiliaries={len(self.genes) - n_t}, k={self.k}{ens})"
         )
 
     # -- inference -----------------------------------------------------------------------------------------
@@ -320,8 +337,12 @@ def build_network(config: dict) -> nn.Module:
     """Re-create an untrained network of the shape recorded in ``config["net"]`` (weights are loaded after)."""
     nc = config.get("net") or {}
     kind = nc.get("kind", "embedding")
-    if kind == "embedding":
-        return EmbeddingHead(nc["n_in"], nc["n_out"], hidden=nc.get("hidden", ()), dropout=nc.get("dropout", 0.0))
+    if kind in ("embedding", "ensemble"):
+        shape = (nc["n_in"], nc["n_out"])
+        kw = {"hidden": nc.get("hidden", ()), "dropout": nc.get("dropout", 0.0)}
+        if kind == "ensemble":
+            return EmbeddingEnsemble([EmbeddingHead(*shape, **kw) for _ in range(int(nc["n_members"]))])
+        return EmbeddingHead(*shape, **kw)
     if kind == "finetune":
         enc = config.get("encoder") or {}
         if enc.get("source") in ("module", "callable"):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EmbeddingHead", "FinetuneNet"]
+__all__ = ["EmbeddingEnsemble", "EmbeddingHead", "FinetuneNet"]
 
 
 class _Calibrated(nn.Module):
@@ -175,3 +175,57 @@ class FinetuneNet(_Calibrated):
             h = torch.flatten(h, 1)
         with torch.autocast(device_type=h.device.type, enabled=False):  # under bf16/fp16 autocast: a float32 head
             return self._linear_out(h.float(), n_first, cols)
+
+
+class EmbeddingEnsemble(nn.Module):
+    """Embedding-mode heads of the same shape trained from different seeds; predictions are their mean.
+
+    Each member keeps its own calibration (the members' raw outputs live in different spaces), so the ensemble
+    averages *calibrated* predictions; :meth:`member_predictions` gives them one by one (their spread is the
+    uncertainty layer of :func:`agl_scverse.tl.agl_predict`).
+
+    Parameters
+    ----------
+    members
+        Trained :class:`EmbeddingHead` networks with the same constructor arguments.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ens = EmbeddingEnsemble([EmbeddingHead(4, 3, hidden=(5,)) for _ in range(2)])
+    >>> ens.predict_expression(torch.randn(6, 4)).shape, ens.n_members
+    (torch.Size([6, 3]), 2)
+    """
+
+    def __init__(self, members: Sequence[EmbeddingHead]):
+        super().__init__()
+        members = list(members)
+        if not members or not all(isinstance(m, EmbeddingHead) for m in members):
+            raise TypeError("EmbeddingEnsemble takes a non-empty list of EmbeddingHead networks.")
+        if any(m.config() != members[0].config() for m in members[1:]):
+            raise ValueError("The members of an ensemble must have the same shape (n_in, n_out, hidden, dropout).")
+        self.members = nn.ModuleList(members)
+        self.n_in, self.n_out = members[0].n_in, members[0].n_out
+
+    @property
+    def n_members(self) -> int:
+        """Number of member networks."""
+        return len(self.members)
+
+    def member_predictions(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Calibrated predictions of every member, ``(n_members, n, n_genes)``."""
+        return torch.stack([m.predict_expression(x, cols=cols) for m in self.members])
+
+    def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the members' calibrated predictions (each clipped to its gene's training range)."""
+        return self.member_predictions(x, cols).mean(0)
+
+    def forward(self, x: torch.Tensor, n_first: int | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """The ensemble prediction (calibrated: an ensemble is not trained as one network)."""
+        if cols is None and n_first is not None:
+            cols = torch.arange(n_first, device=x.device)
+        return self.predict_expression(x, cols)
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments: the members' shape and their number."""
+        return {**self.members[0].config(), "kind": "ensemble", "n_members": self.n_members}

@@ -33,7 +33,7 @@ __all__ = [
 FORMAT_VERSION = 3
 SUPPORTED_FORMATS = (1, 2, 3)
 #: Network kinds of ``config["net"]["kind"]`` and the model mode each one serves.
-NET_KINDS = {"embedding": "embedding", "finetune": "finetune"}
+NET_KINDS = {"embedding": "embedding", "ensemble": "embedding", "finetune": "finetune"}  # kind -> mode
 #: What a fine-tuned model ran in (``config["precision"]["precision"]``, see :mod:`agl_scverse.model._precision`).
 RUN_PRECISIONS = ("fp32", "bf16", "fp16")
 #: Fields added after format 3 was fixed, and the value a config without them means.
@@ -205,7 +205,9 @@ def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
     kind = c.is_str("net.kind", net.get("kind", "embedding"), tuple(NET_KINDS))
     if c.is_int("net.n_out", net.get("n_out"), 1) != n_genes:
         c.fail("net.n_out", f"is {net['n_out']} but the config lists {n_genes} genes")
-    if kind == "embedding":
+    if kind == "ensemble":
+        c.is_int("net.n_members", net.get("n_members"), 2)
+    if kind in ("embedding", "ensemble"):
         c.is_int("net.n_in", net.get("n_in"), 1)
         for i, h in enumerate(c.is_list("net.hidden", net.get("hidden", []))):
             c.is_int(f"net.hidden[{i}]", h, 1)

@@ -46,7 +46,8 @@ class TrainingConfig:
     """Adam on the network, mini-batches, early stopping on the validation mean target Pearson r.
 
     ``augment``: random flips / quarter turns of the training patches (fine-tune mode); ``precision``: how the
-    encoder runs (fine-tune training, and embedding a slide whose features are missing).
+    encoder runs (fine-tune training, and embedding a slide whose features are missing); ``n_seeds``: networks
+    trained from successive seeds and averaged (embedding mode).
     """
 
     epochs: int
@@ -58,8 +59,10 @@ class TrainingConfig:
     refit: bool = False
     augment: bool = False
     precision: str = "auto"
+    n_seeds: int = 1
 
     def __post_init__(self) -> None:
+        check_positive("n_seeds", self.n_seeds, integer=True)
         if not isinstance(self.refit, bool | np.bool_):
             raise TypeError(f"refit must be True or False, got {self.refit!r}.")
         for name in ("epochs", "patience", "batch_size"):
@@ -139,6 +142,12 @@ class FitConfig:
                 "augment=True applies to mode='finetune' (it flips and rotates image patches); embedding mode trains "
                 "on cached features. Leave augment=None (or False) in embedding mode."
             )
+        if self.mode == "finetune" and self.training.n_seeds > 1:
+            raise ValueError(
+                f"n_seeds={self.training.n_seeds} applies to mode='embedding' (an ensemble of heads on the same "
+                "features); in fine-tune mode it would train that many encoders. Use n_seeds=1, or fit the models "
+                "separately."
+            )
         if self.method == "topk":
             if self.k is None:
                 raise ValueError(
@@ -177,6 +186,7 @@ class FitConfig:
         seed: int,
         refit: bool = False,
         k_grid: Sequence[int] | None = None,
+        n_seeds: int = 1,
         **dkgsb: Any,
     ) -> FitConfig:
         """Fill ``None`` values from :data:`MODE_DEFAULTS` of ``mode`` and check everything."""
@@ -200,6 +210,7 @@ class FitConfig:
                 refit=refit,
                 augment=_as_flag(pick("augment", augment)),
                 precision=precision,
+                n_seeds=n_seeds,
             ),
             dkgsb=DkGSBConfig(**dkgsb),
             genes=genes,

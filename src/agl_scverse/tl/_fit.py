@@ -32,7 +32,16 @@ from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
 from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
-from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, encoder_record, get_encoder, train_network
+from agl_scverse.model import (
+    AGLModel,
+    EmbeddingEnsemble,
+    EmbeddingHead,
+    FinetuneNet,
+    GeneMask,
+    encoder_record,
+    get_encoder,
+    train_network,
+)
 from agl_scverse.model._data import PatchInputs
 from agl_scverse.model._encoders import encoder_name
 from agl_scverse.model._inference import forward, index_batches
@@ -147,8 +156,14 @@ def _prepare_genes(adata: AnnData, cfg: FitConfig, data: _Data, library_key: str
     return _Genes(roles, aux_cols, genes, gene_pos, expr)
 
 
-def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, dev) -> tuple[torch.nn.Module, Any, dict]:
-    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing."""
+def _build_network(
+    adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, dev, seed: int | None = None
+) -> tuple[torch.nn.Module, Any, dict]:
+    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing.
+
+    ``seed`` (default ``cfg.seed``) seeds the initialisation.
+    """
+    seed = cfg.seed if seed is None else int(seed)
     if cfg.mode == "embedding":
         if data.features is None:
             logg.info(f"No .obsm[{data.emb_key!r}]: embedding patches with {enc['encoder']!r} first.")
@@ -163,7 +178,7 @@ def _build_network(adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, de
             data.new_embedding = (data.features, emb.uns[K.EMBED_UNS][data.emb_key])
         rec = data.new_embedding[1] if data.new_embedding else (adata.uns.get(K.EMBED_UNS) or {}).get(data.emb_key)
         record = {**dict(rec or {}), "recorded": bool(rec)}
-        seed_everything(cfg.seed)
+        seed_everything(seed)
         net = EmbeddingHead(data.features.shape[1], n_out, hidden=cfg.network.hidden, dropout=cfg.network.dropout)
         moments = StreamingMoments(data.features.shape[1])
         for s in range(0, len(data.train_idx), 8192):
@@ -284,20 +299,50 @@ def _search_k(adata, cfg: FitConfig, data: _Data, genes: _Genes, enc: dict, dev,
     return best, {"k_grid": np.asarray(grid), "val_pcc": np.asarray(scores)}
 
 
-def _refit(adata, cfg: FitConfig, data: _Data, genes: _Genes, res: TrainResult, enc: dict, dev, progress: bool):
+def _refit(
+    adata, cfg: FitConfig, data: _Data, genes: _Genes, res: TrainResult, enc: dict, dev, progress: bool, seed=None
+):
     """Retrain from the initialisation on train + validation spots for the selected number of epochs.
 
-    DkGSB's mask is held at its learned weights. Returns the new network, its inputs and training result.
+    DkGSB's mask is held at its learned weights. ``seed`` (default ``cfg.seed``) seeds the initialisation and
+    batches. Returns the new network, its inputs and training result.
     """
+    seed = cfg.seed if seed is None else int(seed)
     both = np.sort(np.concatenate([data.train_idx, data.val_idx]))
     data2 = _Data(data.used, data.split, both, np.zeros(0, dtype=np.int64), data.emb_key, data.features)
-    net, inputs, _ = _build_network(adata, cfg, data2, len(genes.genes), enc, dev)
-    aux_w = np.asarray(res.aux_weights, dtype=np.float64) if cfg.method == "dkgsb" else None
+    net, inputs, _ = _build_network(adata, cfg, data2, len(genes.genes), enc, dev, seed=seed)
     res2 = _train(
-        net, inputs, genes, data2, cfg, dev, progress, f"agl_fit ({cfg.method}, refit)", epochs=res.best_epoch + 1,
-        aux_weights=aux_w,
+        net, inputs, genes, data2, cfg, dev, progress, f"agl_fit ({cfg.method}, refit, seed {seed})",
+        epochs=res.best_epoch + 1, aux_weights=_learned_weights(cfg, res), seed=seed,
     )  # fmt: skip
     return net, inputs, res2
+
+
+def _learned_weights(cfg: FitConfig, res: TrainResult) -> np.ndarray | None:
+    """DkGSB's learned auxiliary weights (held fixed in a refit or an ensemble member); None for other methods."""
+    return np.asarray(res.aux_weights, dtype=np.float64) if cfg.method == "dkgsb" else None
+
+
+def _ensemble(adata, cfg: FitConfig, data: _Data, genes: _Genes, net, res: TrainResult, enc: dict, dev, progress):
+    """``n_seeds - 1`` more networks, seeds ``seed + 1, ...``, averaged with ``net`` (:class:`EmbeddingEnsemble`).
+
+    They share the split, the gene roles and the auxiliaries of the first network (DkGSB's learned mask held
+    fixed, a k search's k); each trains as the first did: early stopping on the validation spots, or with
+    ``refit`` on every labelled spot for the first network's number of epochs.
+    """
+    members = [net]
+    for i in range(1, cfg.training.n_seeds):
+        seed = cfg.seed + i
+        if cfg.training.refit:
+            m, _, _ = _refit(adata, cfg, data, genes, res, enc, dev, progress, seed=seed)
+        else:
+            m, inputs, _ = _build_network(adata, cfg, data, len(genes.genes), enc, dev, seed=seed)
+            _train(
+                m, inputs, genes, data, cfg, dev, progress, f"agl_fit ({cfg.method}, seed {seed})",
+                aux_weights=_learned_weights(cfg, res), seed=seed,
+            )  # fmt: skip
+        members.append(m.cpu().eval())
+    return EmbeddingEnsemble(members)
 
 
 def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record: dict, data: _Data, extra: dict):
@@ -434,6 +479,7 @@ def agl_fit(
     k: int | str | None = None,
     k_grid: Sequence[int] | None = None,
     refit: bool = False,
+    n_seeds: int = 1,
     seed: int = 0,
     device: str = "auto",
     key_added: str = K.DEFAULT_KEY,
@@ -542,6 +588,11 @@ def agl_fit(
         After early stopping, retrain the network from its initialisation on the training **and** validation
         spots for the selected number of epochs (DkGSB's mask held at its learned weights), so the final model
         uses every labelled spot. Validation metrics in ``.uns`` are those of the first fit.
+    n_seeds
+        Embedding mode: train this many networks, seeds ``seed, seed + 1, ...``, and average their predictions
+        (a seed ensemble; :func:`agl_predict` also writes their spread per spot and gene). The others share the
+        first network's split, genes and auxiliaries (DkGSB's learned mask is held fixed for them) and train as it
+        did (early stopping, or ``refit``). Validation metrics in ``.uns`` are those of the first network.
     seed
         Seeds the split, initialisation, batches and meta batches (results are identical on CPU for a seed).
     device
@@ -622,7 +673,7 @@ def agl_fit(
         weight_decay=weight_decay, loss=loss, genes=genes_cfg, k=k, seed=seed, inner_steps=inner_steps,
         inner_lr=inner_lr, meta_steps=meta_steps, meta_batch_size=meta_batch_size, tau=tau, beta=beta,
         meta_normalizer=meta_normalizer, lookahead=lookahead, refit=refit, k_grid=k_grid, augment=augment,
-        precision=precision,
+        precision=precision, n_seeds=n_seeds,
     )  # fmt: skip
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
@@ -673,6 +724,10 @@ def agl_fit(
         refit_history = res_refit.history
         res.fit_seconds += res_refit.fit_seconds
     net.cpu().eval()
+    if cfg.training.n_seeds > 1:
+        t_ens = time.perf_counter()
+        net = _ensemble(adata, cfg, fit_data, genes, net, res, enc, dev, progress)
+        res.fit_seconds += time.perf_counter() - t_ens
     extra = {
         "t_start": t_start, "library_key": library_key, "inputs": inputs, "val_metrics": val_metrics,
         "k_search": k_search, "refit_history": refit_history,

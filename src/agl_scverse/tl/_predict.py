@@ -41,6 +41,7 @@ __all__ = [
     "check_source_resolution",
     "prediction_layer",
     "prediction_record",
+    "spread_layer",
     "PREDICT_GENES",
 ]
 
@@ -347,13 +348,15 @@ def prediction_layer(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    spread: bool = False,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
     Returns the layer (spots x genes of ``adata``, 0 where not predicted; a NumPy array, or a chunked dask array
     when the dense layer would exceed ``max_dense_bytes``), ``(key, features, record)`` of an embedding computed
     on the way (or None), and the predicted genes. Predictions are made in row chunks, so memory is that of a
-    chunk of spots x model genes (plus the layer when it is dense).
+    chunk of spots x model genes (plus the layer when it is dense). ``spread=True`` (a seed ensemble): the layer
+    is the pair ``(layer, spread)`` (:func:`spread_layer`).
     """
     check_choice("scale", scale, K.PRED_SCALES)
     _check_genes(adata, model)
@@ -366,19 +369,71 @@ def prediction_layer(
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
     var_cols = adata.var_names.get_indexer(pred_genes)
     n_obs, n_vars = adata.n_obs, adata.n_vars
-    if n_obs * n_vars * 4 <= max_dense_bytes:
-        layer = np.zeros((n_obs, n_vars), dtype=np.float32)
-        chunks = _row_chunks(model, features, n_obs, model_cols, device, batch_size, width=n_vars, scale=scale, run=run)
-        for s, e, pred in chunks:
-            layer[s:e, var_cols] = pred
-        return layer, new_emb, pred_genes
-    layer = _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, scale=scale, run=run)
-    logg.info(
-        f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> {max_dense_bytes / 2**30:.1f}"
-        f" GiB): writing a chunked dask array ({layer.numblocks[0]} x {layer.numblocks[1]} chunks), computed when "
-        "read or written."
-    )
+    dense = n_obs * n_vars * 4 <= max_dense_bytes
+    args = (features, n_obs, n_vars, var_cols, model_cols, device, batch_size, scale, run, dense)
+    layer = _layer(model, *args)
+    if not dense:
+        logg.info(
+            f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> "
+            f"{max_dense_bytes / 2**30:.1f} GiB): writing a chunked dask array ({layer.numblocks[0]} x "
+            f"{layer.numblocks[1]} chunks), computed when read or written."
+        )
+    if spread:
+        return (layer, spread_layer(model, *args)), new_emb, pred_genes
     return layer, new_emb, pred_genes
+
+
+def _layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
+    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere).
+
+    Dense (a NumPy array filled in row chunks) or a lazy dask array (:func:`_dask_layer`).
+    """
+    if not dense:
+        return _dask_layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale=scale, run=run)
+    layer = np.zeros((n, width), dtype=np.float32)
+    for s, e, pred in _row_chunks(
+        model, features, n, model_cols, device, batch_size, width=width, scale=scale, run=run
+    ):
+        layer[s:e, var_cols] = pred
+    return layer
+
+
+def spread_layer(model: AGLModel, *args):
+    """The standard deviation (``ddof=1``) over a seed ensemble's members of their prediction layers.
+
+    ``args`` are those of the prediction layer (each member's layer is made the same way, in the same scale);
+    dense layers are folded in one at a time (Welford), so memory is that of three layers.
+    """
+    _want_spread(model, True)
+    members, dense = model.members(), args[-1]
+    if not dense:
+        import dask.array as da
+
+        return da.stack([_layer(m, *args) for m in members]).std(axis=0, ddof=1).astype(np.float32)
+    mean, m2 = None, None
+    for i, m in enumerate(members, start=1):
+        x = _layer(m, *args)
+        if mean is None:
+            mean, m2 = x, np.zeros_like(x)
+            continue
+        delta = x - mean
+        mean += delta / i
+        m2 += delta * (x - mean)
+    return np.sqrt(m2 / (len(members) - 1), dtype=np.float32)
+
+
+def _want_spread(model: AGLModel, spread: bool | None) -> bool:
+    """Whether to write the spread layer: ``None`` for an ensemble; ``True`` needs one (checked before any work)."""
+    if spread is None:
+        return model.n_members > 1
+    if not isinstance(spread, bool | np.bool_):
+        raise TypeError(f"spread must be True, False or None, got {spread!r}.")
+    if spread and model.n_members < 2:
+        raise ValueError(
+            "spread=True needs a seed ensemble (a model fitted with agl_fit(..., n_seeds=5)); this model has one "
+            "network, so its predictions have no spread."
+        )
+    return bool(spread)
 
 
 def _dask_layer(
@@ -477,6 +532,7 @@ def agl_predict(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    spread: bool | None = None,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -531,6 +587,11 @@ def agl_predict(
         thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
         record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more than
         1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
+    spread
+        Also write the standard deviation of a seed ensemble's member predictions (``agl_fit(n_seeds=...)``), per
+        spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
+        calibrated error bar). Default ``None``: written for an ensemble; ``True`` with a single network is an
+        error.
 
     Returns
     -------
@@ -541,6 +602,7 @@ def agl_predict(
     - ``.var[f"{key_added}_predicted"]``: True for the genes with predictions. Pass it to scanpy as
       ``sc.pp.pca(adata, layer="agl_pred", mask_var="agl_predicted")`` and to squidpy as
       ``genes=adata.var_names[adata.var["agl_predicted"]]`` (a gene of zeros has no Moran's I);
+    - ``.layers[f"{key_added}_pred_sd"]`` (seed ensembles): the members' spread, 0 where not predicted;
     - ``.uns[f"{key_added}_pred"]``: how the layer was made (:func:`prediction_record`: scale, transform, ...);
     - a computed embedding.
 
@@ -564,21 +626,25 @@ def agl_predict(
     keys = Keys(key_added)
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
+    spread = _want_spread(model, spread)
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
         scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
-        allow_lowres=allow_lowres,
+        allow_lowres=allow_lowres, spread=spread,
     )  # fmt: skip
+    layer, sd = layer if spread else (layer, None)
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
     written = {
-        "layers": [keys.pred_layer],
+        "layers": [keys.pred_layer] + ([keys.spread_layer] if spread else []),
         "var": [keys.predicted],
         "obsm": [new_emb[0]] if new_emb else [],
         "uns": [keys.pred_uns] + ([K.EMBED_UNS] if new_emb else []),
     }
     with restore_on_error(target, **written):
         target.layers[keys.pred_layer] = layer
+        if sd is not None:
+            target.layers[keys.spread_layer] = sd
         target.var[keys.predicted] = target.var_names.isin(pred_genes)
         target.uns[keys.pred_uns] = record
         if new_emb is not None:
@@ -613,6 +679,7 @@ def predict_anndata(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    spread: bool | None = None,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -642,8 +709,10 @@ def predict_anndata(
         Batches each worker prepares ahead.
     allow_lowres
         As in :func:`agl_predict`.
+    spread
+        A seed ensemble's spread layer, as in :func:`agl_predict`.
     max_dense_bytes
-        Largest size of ``.X`` plus the layer held in memory (default 1 GiB); above it both are one chunked dask
+        Largest size of ``.X`` plus the layers held in memory (default 1 GiB); above it both are one chunked dask
         array, computed when read or written.
     %(key_added)s
     %(library_key)s
@@ -670,6 +739,7 @@ def predict_anndata(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     check_choice("scale", scale, K.PRED_SCALES)
+    spread = _want_spread(model, spread)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
         adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
@@ -677,11 +747,10 @@ def predict_anndata(
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
     n, m = adata.n_obs, len(sel)
-    if 2 * n * m * 4 <= max_dense_bytes:  # .X and the layer
-        chunks = _row_chunks(model, features, n, sel, device, batch_size, scale=scale, run=run)
-        X = np.concatenate([pred for *_, pred in chunks])
-    else:  # lazy, shared by .X and the layer (a dask array is never modified in place)
-        X = _dask_layer(model, features, n, m, np.arange(m), sel, device, batch_size, scale=scale, run=run)
+    # .X and the layer (one dense array, or one lazy one: a dask array is never modified in place), and the spread
+    dense = (2 + spread) * n * m * 4 <= max_dense_bytes
+    args = (features, n, m, np.arange(m), sel, device, batch_size, scale, run, dense)
+    X = _layer(model, *args)
     var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
     var[keys.role] = pd.Categorical([model.roles[i] for i in sel], categories=[K.ROLE_TARGET, K.ROLE_AUX])
     var[keys.weight] = model.weights[sel]
@@ -693,6 +762,8 @@ def predict_anndata(
         if kk in adata.uns:
             out.uns[kk] = adata.uns[kk]
     out.layers[keys.pred_layer] = out.X.copy() if isinstance(out.X, np.ndarray) else out.X
+    if spread:
+        out.layers[keys.spread_layer] = spread_layer(model, *args)
     out.uns[keys.pred_uns] = prediction_record(model, scale, "selected", m, observed=False)
     if new_emb is not None:
         out.obsm[new_emb[0]] = new_emb[1]
