@@ -183,6 +183,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stem", default=None, help="results file name (default: her2st_loso[_norefit])")
     p.add_argument("--n-targets", type=int, default=50)
+    p.add_argument("--prior", default="hvg", help="auxiliary ranking: hvg, coexpression, moran (default: hvg)")
     p.add_argument("--epochs", type=int, default=None, help="max epochs per fit (default: agl_fit's)")
     p.add_argument("--topk-k", type=int, default=1000, help="auxiliary genes used by top-k")
     p.add_argument("--patch-um", type=float, default=160.0)
@@ -208,7 +209,7 @@ def main() -> None:
         ts = time.perf_counter()
         agl.tl.cross_validate(
             adata, "library_id", methods=tuple(args.methods), embedding_key=EMB_KEY, n_targets=args.n_targets,
-            baselines=True, seed=seed, key_added="agl_cv", progress=False,
+            prior=args.prior, baselines=True, seed=seed, key_added="agl_cv", progress=False,
             method_kwargs={m: VARIANTS[m] for m in args.methods if m in VARIANTS}, **fit_kwargs,
         )  # fmt: skip
         summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])
@@ -229,7 +230,7 @@ def main() -> None:
                     if k in ("encoder", "weights_sha256", "patch_px", "patch_um", "feature_dim")
                 },
                 "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()}, "variants": VARIANTS,
-                "n_targets": args.n_targets,
+                "n_targets": args.n_targets, "prior": args.prior,
                 "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
                 "versions": {"agl_scverse": agl.__version__, "torch": torch.__version__},
             }

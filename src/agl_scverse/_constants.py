@@ -56,6 +56,7 @@ Prior = Literal["hvg", "coexpression", "moran"]
 Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["soft", "detached"]
 Lookahead = Literal["adam", "sgd"]
+Head = Literal["mlp", "rrr"]  # agl_fit(head=): MLP trunk (trained) or closed-form reduced-rank ridge
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
@@ -72,6 +73,8 @@ PRIORS: tuple[str, ...] = get_args(Prior)
 LOSSES: tuple[str, ...] = get_args(Loss)
 META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
+HEADS: tuple[str, ...] = get_args(Head)
+HEAD_MLP, HEAD_RRR = HEADS
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
 PRECISIONS: tuple[str, ...] = get_args(Precision)

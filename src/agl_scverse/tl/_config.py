@@ -30,12 +30,14 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """The head: hidden widths of the embedding-mode MLP trunk and its dropout."""
+    """The head: hidden widths of the embedding-mode MLP trunk and its dropout, or the closed-form linear head."""
 
     hidden: tuple[int, ...]
     dropout: float = 0.1
+    head: str = "mlp"
 
     def __post_init__(self) -> None:
+        check_choice("head", self.head, K.HEADS)
         if any(isinstance(h, bool) or not isinstance(h, int | np.integer) or h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a sequence of positive integers, got {self.hidden!r}.")
         check_in_range("dropout", self.dropout, 0.0, 1.0, closed="left")
@@ -142,6 +144,18 @@ class FitConfig:
                 "augment=True applies to mode='finetune' (it flips and rotates image patches); embedding mode trains "
                 "on cached features. Leave augment=None (or False) in embedding mode."
             )
+        if self.network.head == K.HEAD_RRR:
+            bad = (
+                "mode='finetune'" if self.mode != "embedding"
+                else f"method={self.method!r}" if self.method == "dkgsb"
+                else f"n_seeds={self.training.n_seeds}" if self.training.n_seeds > 1 else None
+            )  # fmt: skip
+            if bad:
+                raise ValueError(
+                    f"head='rrr' (a closed-form ridge fit on cached features) does not apply with {bad}: it takes "
+                    "mode='embedding', method 'pgl', 'agl' or 'topk' (k='auto' searches k) and one seed. Use "
+                    "head='mlp' for DkGSB, fine-tuning or ensembles."
+                )
         if self.mode == "finetune" and self.training.n_seeds > 1:
             raise ValueError(
                 f"n_seeds={self.training.n_seeds} applies to mode='embedding' (an ensemble of heads on the same "
@@ -187,6 +201,7 @@ class FitConfig:
         refit: bool = False,
         k_grid: Sequence[int] | None = None,
         n_seeds: int = 1,
+        head: str = "mlp",
         **dkgsb: Any,
     ) -> FitConfig:
         """Fill ``None`` values from :data:`MODE_DEFAULTS` of ``mode`` and check everything."""
@@ -199,7 +214,7 @@ class FitConfig:
         return cls(
             method=method,
             mode=mode,
-            network=NetworkConfig(hidden=_as_widths(pick("hidden", hidden)), dropout=dropout),
+            network=NetworkConfig(hidden=_as_widths(pick("hidden", hidden)), dropout=dropout, head=head),
             training=TrainingConfig(
                 epochs=pick("epochs", epochs),
                 patience=pick("patience", patience),

@@ -19,7 +19,7 @@ from agl_scverse._stats import per_gene_metrics
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 
-from ._baselines import mean_predictor, pca_ridge, reduced_rank_ridge
+from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
 from ._fit import agl_fit
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
@@ -27,8 +27,6 @@ __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
 BASELINES = ("mean", "pca_ridge", "rrr")
 """Baseline rows added when ``baselines=True`` (``"rrr"``: reduced-rank ridge with auxiliaries, "linear AGL")."""
 
-#: Ranks tried by the ``"rrr"`` baseline (``None``: full rank, plain ridge on the targets).
-RRR_RANKS: tuple[int | None, ...] = (2, 4, 8, 16, 32, None)
 #: Auxiliaries (best by prior) offered to the ``"rrr"`` baseline; 0 and these are tried on validation.
 RRR_AUX: tuple[int, ...] = (300, 1000, 3000)
 

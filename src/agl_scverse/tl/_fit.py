@@ -53,6 +53,7 @@ from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_role
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
 from ._config import FitConfig, GeneConfig
+from ._linear_head import choose_rrr, rrr_head
 from ._split import make_split
 
 __all__ = ["agl_fit", "predict_rows", "k_search_grid"]
@@ -345,6 +346,28 @@ def _ensemble(adata, cfg: FitConfig, data: _Data, genes: _Genes, net, res: Train
     return EmbeddingEnsemble(members)
 
 
+def _fit_linear(cfg: FitConfig, data: _Data, genes: _Genes) -> tuple[_Genes, torch.nn.Module, TrainResult, dict]:
+    """``head="rrr"``: number of auxiliaries (``k="auto"``) and rank chosen on validation, the fit on training spots.
+
+    Returns the genes of the chosen fit, its linear head, a :class:`TrainResult` without epochs, and the choice
+    (``rank``, ``alpha``, ``k``, validation scores).
+    """
+    n_t = genes.n_targets
+    auto = cfg.method == "topk" and cfg.k == K.K_AUTO
+    ks = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid) if auto else [len(genes.model_aux)]
+    widest = _with_k(genes, max(ks))
+    k, rank, scores = choose_rrr(data.features, widest.expr, data.train_idx, data.val_idx, n_t, ks)
+    genes = _with_k(genes, k)
+    net, info = rrr_head(data.features, genes.expr, data.train_idx, n_t, rank)
+    hist = {
+        key: [] for key in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
+    }
+    res = TrainResult(history=hist, best_epoch=0, best_val_pcc=scores.get((k, rank), float("nan")))
+    val = {"k": np.asarray([kk for kk, _ in scores]), "rank": np.asarray([-1 if r is None else r for _, r in scores])}
+    val["val_pcc"] = np.asarray(list(scores.values()))
+    return genes, net, res, {**info, "k": int(k), "search": val}
+
+
 def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record: dict, data: _Data, extra: dict):
     n_t, n_aux_all = genes.n_targets, len(genes.roles.auxiliaries)
     if cfg.method == "dkgsb":
@@ -355,6 +378,7 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
         k_sel, threshold = len(genes.model_aux), float("nan")
     ranks = genes.roles.normalized_rank.astype(np.float64)
     config = {
+        "head": cfg.network.head,
         "genes": genes.genes,
         "roles": [K.ROLE_TARGET] * n_t + [K.ROLE_AUX] * len(genes.model_aux),
         "weights": np.concatenate([np.ones(n_t), aux_w]).tolist(),
@@ -409,6 +433,9 @@ def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: 
     }
     if extra.get("k_search") is not None:
         metrics["k_search"] = extra["k_search"]
+    if extra.get("linear") is not None:  # head="rrr": the rank / k choice on validation
+        lin = extra["linear"]
+        metrics.update({"rrr_rank": lin["rank"], "rrr_alpha": lin["alpha"], "rrr_search": lin["search"]})
     if extra.get("refit_history") is not None:
         metrics["refit_train_loss"] = np.asarray(extra["refit_history"]["train_loss"], dtype=float)
     entry = {
@@ -462,6 +489,7 @@ def agl_fit(
     patch_um: float = K.DEFAULT_PATCH_UM,
     hidden: Sequence[int] | None = None,
     dropout: float = 0.1,
+    head: str = "mlp",
     epochs: int | None = None,
     patience: int | None = None,
     lr: float | None = None,
@@ -547,6 +575,12 @@ def agl_fit(
         Hidden widths of the embedding-mode MLP trunk (default ``(256,)``; fine-tune mode: none).
     dropout
         Dropout after each hidden layer.
+    head
+        Embedding mode: ``"mlp"`` (default; the shared MLP trunk and output layer, trained with the Pearson loss)
+        or ``"rrr"``: "linear AGL", a closed-form reduced-rank ridge of the targets and auxiliaries (as extra
+        columns) on the standardised features (see :func:`agl_scverse.tl.reduced_rank_ridge`), with the rank (and,
+        with ``method="topk", k="auto"``, the number of auxiliaries) chosen on the validation spots; no epochs,
+        the training settings are not used. Methods ``"pgl"``, ``"agl"``, ``"topk"``; one seed.
     epochs
         Maximum number of epochs (default per mode: 100 in embedding mode, 50 in fine-tune mode).
     patience
@@ -673,7 +707,7 @@ def agl_fit(
         weight_decay=weight_decay, loss=loss, genes=genes_cfg, k=k, seed=seed, inner_steps=inner_steps,
         inner_lr=inner_lr, meta_steps=meta_steps, meta_batch_size=meta_batch_size, tau=tau, beta=beta,
         meta_normalizer=meta_normalizer, lookahead=lookahead, refit=refit, k_grid=k_grid, augment=augment,
-        precision=precision, n_seeds=n_seeds,
+        precision=precision, n_seeds=n_seeds, head=head,
     )  # fmt: skip
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
@@ -702,8 +736,11 @@ def agl_fit(
         "prefetch_factor": int(prefetch_factor),
         "allow_lowres": bool(allow_lowres),
     }
-    k_search, checkpoint = None, None  # the k search and the refit are short runs: not checkpointed
-    if method == "topk" and cfg.k == K.K_AUTO:
+    k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
+    if cfg.network.head == K.HEAD_RRR:
+        _, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)  # the features
+        genes, net, res, linear = _fit_linear(cfg, fit_data, genes)
+    elif method == "topk" and cfg.k == K.K_AUTO:
         (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
     else:
         net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
@@ -719,7 +756,10 @@ def agl_fit(
         genes=genes.roles.targets,
     )  # fmt: skip
     refit_history = None
-    if cfg.training.refit:
+    if cfg.training.refit and linear is not None:
+        both = np.sort(np.concatenate([fit_data.train_idx, fit_data.val_idx]))
+        net, _ = rrr_head(fit_data.features, genes.expr, both, n_t, linear["rank"])
+    elif cfg.training.refit:
         net, inputs, res_refit = _refit(adata, cfg, fit_data, genes, res, enc, dev, progress)
         refit_history = res_refit.history
         res.fit_seconds += res_refit.fit_seconds
@@ -730,7 +770,7 @@ def agl_fit(
         res.fit_seconds += time.perf_counter() - t_ens
     extra = {
         "t_start": t_start, "library_key": library_key, "inputs": inputs, "val_metrics": val_metrics,
-        "k_search": k_search, "refit_history": refit_history,
+        "k_search": k_search, "refit_history": refit_history, "linear": linear,
         "params": {
             "embedding_key": fit_data.emb_key, "spots": int(fit_data.used.sum()) if spots is not None else None,
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),

@@ -1,0 +1,90 @@
+"""``agl_fit(head="rrr")``: the closed-form reduced-rank ridge head ("linear AGL") as a savable AGL network.
+
+The auxiliaries are extra columns of one ridge regression whose coefficients are restricted to a rank-``r``
+subspace (:func:`~agl_scverse.tl.reduced_rank_ridge`); the fit is written into a linear
+:class:`~agl_scverse.model.EmbeddingHead` (input standardisation, one output layer, calibration to the expression
+scale, the training range as clip), so saving, loading and every prediction route work unchanged. The rank (and
+with ``k="auto"`` the number of auxiliaries) is chosen on the validation spots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scanpy import logging as logg
+
+from agl_scverse._stats import per_gene_metrics
+from agl_scverse.model import EmbeddingHead
+
+from ._baselines import RRR_RANKS, reduced_rank_ridge, rrr_fit
+
+__all__ = ["rrr_head", "choose_rrr"]
+
+#: Largest dense training expression (float64 spots x genes) the closed-form head holds.
+MAX_RRR_BYTES = 4 * 2**30
+
+
+def _dense_expression(expr, rows: np.ndarray, n_cols: int | None = None) -> np.ndarray:
+    n = len(rows) * (n_cols or expr.n_cols) * 8
+    if n > MAX_RRR_BYTES:
+        raise ValueError(
+            f"head='rrr' holds the training expression dense: {len(rows)} spots x {n_cols or expr.n_cols} genes "
+            f"would take {n / 2**30:.1f} GiB (limit {MAX_RRR_BYTES / 2**30:.0f} GiB). Use fewer auxiliaries "
+            "(method='topk', k=1000) or the MLP head (head='mlp')."
+        )
+    return expr.batch(rows, n_cols).astype(np.float64)
+
+
+def rrr_head(features: np.ndarray, expr, rows: np.ndarray, n_targets: int, rank: int | None):
+    """The reduced-rank ridge fit on spots ``rows`` as a linear :class:`EmbeddingHead` of all of ``expr``'s genes.
+
+    Returns the network and ``{"rank": used rank, "alpha": ridge penalty}``.
+    """
+    X = np.asarray(features[rows], dtype=np.float64)
+    Y = _dense_expression(expr, rows)
+    fit = rrr_fit(X, Y, n_targets)
+    coef, intercept, r = fit.coefficients(rank, Y.shape[1])
+    net = EmbeddingHead(X.shape[1], Y.shape[1], hidden=(), dropout=0.0)
+    f32 = {"dtype": torch.float32}
+    with torch.no_grad():
+        net.set_input_scaling(torch.as_tensor(fit.x_mean, **f32), torch.as_tensor(fit.x_std, **f32))
+        net.out.weight.copy_(torch.as_tensor(coef.T, **f32))
+        net.out.bias.copy_(torch.as_tensor(intercept, **f32))
+        net.out_scale.copy_(torch.as_tensor(fit.y_std, **f32))
+        net.out_shift.copy_(torch.as_tensor(fit.y_mean, **f32))
+        net.out_lo.copy_(torch.as_tensor(Y.min(0), **f32))
+        net.out_hi.copy_(torch.as_tensor(Y.max(0), **f32))
+    return net.eval(), {"rank": int(r), "alpha": float(fit.alpha)}
+
+
+def choose_rrr(
+    features: np.ndarray,
+    expr,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    n_targets: int,
+    ks: Sequence[int],
+    ranks: Sequence[int | None] = RRR_RANKS,
+) -> tuple[int, int | None, dict]:
+    """The number of auxiliaries (of ``ks``) and the rank with the best validation mean target PCC.
+
+    Without validation spots: the largest ``k`` at full rank (plain ridge). Returns ``(k, rank, scores)`` with
+    ``scores[(k, rank)]`` the validation PCC.
+    """
+    ks = sorted({int(k) for k in ks})
+    if len(val_idx) < 2:
+        return ks[-1], None, {}
+    n_t = int(n_targets)
+    X_tr, X_va = (np.asarray(features[i], dtype=np.float64) for i in (train_idx, val_idx))
+    Y_tr = _dense_expression(expr, train_idx, n_t + ks[-1])
+    Y_va = expr.batch(val_idx, n_t)
+    scores: dict = {}
+    for k in ks:
+        preds = reduced_rank_ridge(X_tr, Y_tr[:, : n_t + k], X_va, list(ranks), n_targets=n_t)
+        for r, pred in preds.items():
+            scores[(k, r)] = float(np.nanmean(per_gene_metrics(Y_va, pred)["pearson"]))
+    k, r = max(scores, key=lambda kr: (scores[kr], -kr[0]))  # ties: fewer auxiliaries
+    logg.info(f"head='rrr': k = {k}, rank = {r} (validation PCC {scores[(k, r)]:.4f})")
+    return k, r, scores
