@@ -27,7 +27,9 @@ def test_head_is_the_reduced_rank_ridge_with_the_validation_rank():
     m = a.uns["agl"]["metrics"]
     search = m["rrr_search"]
     best = int(np.argmax(search["val_pcc"]))
-    assert m["rrr_rank"] == min(search["rank"][best] if search["rank"][best] > 0 else len(model.genes), len(model.genes))
+    assert m["rrr_rank"] == min(
+        search["rank"][best] if search["rank"][best] > 0 else len(model.genes), len(model.genes)
+    )
     assert m["val_pcc"] == pytest.approx(float(search["val_pcc"][best]), abs=1e-4)
     tr, _ = _train_val(a)
     X = np.asarray(a.obsm["X_emb"], dtype=np.float64)
