@@ -54,6 +54,9 @@ LABELS = {
     "pgl:ens5": "PGL, 5-seed ensemble",
     "agl:ens5": "AGL-all, 5-seed ensemble",
     "dkgsb:ens5": "DkGSB, 5-seed ensemble",
+    "topk:300": "top-300",
+    "topk:1000": "top-1000",
+    "topk:3000": "top-3000",
 }
 VARIANTS = {
     "pgl:reg": {"dropout": 0.5},
@@ -62,6 +65,9 @@ VARIANTS = {
     "pgl:ens5": {"n_seeds": 5},
     "agl:ens5": {"n_seeds": 5},
     "dkgsb:ens5": {"n_seeds": 5},
+    "topk:300": {"k": 300},  # the top-k sweep (k = 0 is PGL, all is AGL-all)
+    "topk:1000": {"k": 1000},
+    "topk:3000": {"k": 3000},
 }
 EMB_KEY = "X_agl_densenet121"
 
