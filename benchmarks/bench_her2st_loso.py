@@ -57,6 +57,7 @@ LABELS = {
     "topk:300": "top-300",
     "topk:1000": "top-1000",
     "topk:3000": "top-3000",
+    "topk:rrr": "agl_fit(head='rrr', method='topk', k='auto')",
 }
 VARIANTS = {
     "pgl:reg": {"dropout": 0.5},
@@ -68,6 +69,7 @@ VARIANTS = {
     "topk:300": {"k": 300},  # the top-k sweep (k = 0 is PGL, all is AGL-all)
     "topk:1000": {"k": 1000},
     "topk:3000": {"k": 3000},
+    "topk:rrr": {"k": "auto", "head": "rrr"},  # the closed-form linear head as an agl_fit model
 }
 EMB_KEY = "X_agl_densenet121"
 
