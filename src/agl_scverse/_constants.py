@@ -56,6 +56,8 @@ Prior = Literal["hvg", "coexpression", "moran"]
 Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["soft", "detached"]
 Lookahead = Literal["adam", "sgd"]
+#: Which parameters the DkGSB look-ahead moves (``"auto"``: the per-mode default of ``agl_fit``).
+MetaScope = Literal["all", "last"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
@@ -72,6 +74,10 @@ PRIORS: tuple[str, ...] = get_args(Prior)
 LOSSES: tuple[str, ...] = get_args(Loss)
 META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
+META_SCOPES: tuple[str, ...] = get_args(MetaScope)
+META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES
+#: ``meta_scope`` of ``agl_fit`` that takes the mode's default (``"last"`` in fine-tune mode, ``"all"`` otherwise).
+META_SCOPE_AUTO = "auto"
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
 PRECISIONS: tuple[str, ...] = get_args(Precision)
