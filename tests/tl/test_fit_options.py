@@ -127,14 +127,14 @@ def test_bad_meta_scopes_are_clear_errors_and_leave_adata_unchanged(kwargs, erro
     assert_unchanged(adata, snap)
 
 
-def test_finetune_dkgsb_defaults_to_the_last_block_and_all_is_a_different_run():
+def test_finetune_dkgsb_meta_scope_last_runs_end_to_end_and_is_a_different_look_ahead():
     from fit_runs import fit
 
     a, _ = fit("finetune", epochs=2)
-    b, _ = fit("finetune", epochs=2, meta_scope="all")
-    assert a.uns["agl"]["params"]["meta_scope"] == "last" and b.uns["agl"]["params"]["meta_scope"] == "all"
+    b, _ = fit("finetune", epochs=2, meta_scope="last")
+    assert a.uns["agl"]["params"]["meta_scope"] == "all" and b.uns["agl"]["params"]["meta_scope"] == "last"
     ha, hb = a.uns["agl"]["history"], b.uns["agl"]["history"]
     assert np.isfinite(ha["hypergrad"][1]) and np.isfinite(hb["hypergrad"][1])
     assert ha["hypergrad"][1] != hb["hypergrad"][1]  # the look-ahead moved other parameters
-    c, _ = fit("finetune", epochs=2, meta_scope="last")
-    np.testing.assert_array_equal(c.uns["agl"]["history"]["hypergrad"], ha["hypergrad"])  # "auto" is "last"
+    c, _ = fit("finetune", epochs=2, meta_scope="all")
+    np.testing.assert_array_equal(c.uns["agl"]["history"]["hypergrad"], ha["hypergrad"])  # "auto" is "all"

@@ -29,9 +29,10 @@ hypergradient of the target validation loss w.r.t. ``theta`` through ``inner_ste
   hypergradient shrinks by one to two orders of magnitude as the network converges (measured on the synthetic
   slide); with 0.999 the memory of the large early values then freezes ``theta`` after a few epochs, wherever it
   is. With 0.9 each step is ~``beta`` while the sign is consistent, and ``theta`` settles where the sign flips;
-- in fine-tune mode the look-ahead moves only the output layer and the last block of the backbone
-  (``meta_scope="last"``, the default of ``agl_fit`` there): the double backward then spans that block only,
-  not the whole encoder (measured in ``benchmarks/bench_finetune.py``, see the Method page);
+- ``meta_scope="last"`` lets the look-ahead move only the output layer and the last block of the backbone: the
+  double backward then spans that block only, not the whole encoder (3.5x cheaper per meta step for ResNet-18,
+  but a weaker signal, measured in ``benchmarks/bench_finetune.py --meta``; see the Method page); the default is
+  ``"all"``, and in fine-tune mode the cost is bounded by ``meta_steps`` and ``meta_batch_size``;
 - the hypergradient is clipped to ``[-clip, clip]`` before Adam (so one outlier batch cannot dominate the second
   moment), and ``theta`` is clamped to ``[0, 1]`` where the mask keeps a gradient.
 """
@@ -410,7 +411,7 @@ def train_network(
     meta_scope
         DkGSB: the parameters the look-ahead moves, ``"all"`` or ``"last"`` (the output layer and the last block
         of the backbone, see :func:`agl_scverse.model.meta_scope_names`; the rest are constants of the look-ahead,
-        so the double backward skips them).
+        so the double backward skips them: cheaper, a weaker signal).
     aux_weights
         Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
     seed
