@@ -5,6 +5,7 @@ Most tests call ``cli.main(argv)`` in-process (fast); one runs the console entry
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -386,8 +387,15 @@ def test_fit_scale_out_flags(tmp_path, slide_h5ad, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = cli.build_parser().parse_args(["fit", "d", "--out", "m", "--mode", "finetune", "--checkpoint-every", "2"])
     assert (args.mode, args.checkpoint_every, args.resume, args.distributed) == ("finetune", 2, False, False)
+    assert args.meta_scope == "auto"
+    assert cli.build_parser().parse_args(["fit", "d", "--out", "m", "--meta-scope", "all"]).meta_scope == "all"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["fit", "d", "--out", "m", "--meta-scope", "head"])
+    assert "invalid choice: 'head'" in capsys.readouterr().err
     assert cli.main(["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m"), "--distributed"]) == 2
     assert "--distributed needs torchrun" in _error_line(capsys) and not (tmp_path / "m").exists()
     argv = ["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m"), "--checkpoint-every", "1", "--resume"]
     assert cli.main(argv) == 0  # no checkpoint yet: trains from the first epoch, then removes its checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "slide.h5ad"]
+    hyper = json.loads((tmp_path / "m" / "config.json").read_text())["hyperparameters"]
+    assert hyper["meta_scope"] == "all"  # --meta-scope auto reached agl_fit: embedding mode's "all"

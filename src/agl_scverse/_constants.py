@@ -57,6 +57,8 @@ Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["soft", "detached"]
 Lookahead = Literal["adam", "sgd"]
 Head = Literal["mlp", "rrr"]  # agl_fit(head=): MLP trunk (trained) or closed-form reduced-rank ridge
+#: Which parameters the DkGSB look-ahead moves (``"auto"``: the per-mode default of ``agl_fit``).
+MetaScope = Literal["all", "last"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
@@ -75,6 +77,10 @@ META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
 HEADS: tuple[str, ...] = get_args(Head)
 HEAD_MLP, HEAD_RRR = HEADS
+META_SCOPES: tuple[str, ...] = get_args(MetaScope)
+META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES
+#: ``meta_scope`` of ``agl_fit`` that takes the mode's default (``MODE_DEFAULTS`` of ``agl_scverse.tl``).
+META_SCOPE_AUTO = "auto"
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
 PRECISIONS: tuple[str, ...] = get_args(Precision)

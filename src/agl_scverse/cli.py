@@ -453,6 +453,13 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
         help="embedding: a head on cached features; finetune: the encoder end to end (default: embedding)",
     )
     p.add_argument(
+        "--meta-scope",
+        default=K.META_SCOPE_AUTO,
+        choices=[K.META_SCOPE_AUTO, *K.META_SCOPES],
+        help="DkGSB: parameters the look-ahead moves; all, or last (the output layer and the encoder's last block); "
+        "auto: the mode's default, all at present (default: auto)",
+    )
+    p.add_argument(
         "--distributed",
         action="store_true",
         help="run as one of torchrun's processes: torchrun --nproc_per_node N -m agl_scverse.cli fit "
@@ -479,7 +486,10 @@ def _scale_out_kwargs(args: argparse.Namespace) -> dict:
         )
     if args.distributed:
         _distributed.init_from_env()
-    return {"mode": args.mode, "checkpoint_every": args.checkpoint_every, "resume": args.resume}
+    return {
+        "mode": args.mode, "meta_scope": args.meta_scope, "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+    }  # fmt: skip
 
 
 def _is_main() -> bool:

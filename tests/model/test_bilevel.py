@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from agl_scverse.model import AdamState, EmbeddingHead, GeneMask, hypergradient, unrolled_val_loss
+from agl_scverse.model import (
+    AdamState,
+    EmbeddingHead,
+    FinetuneNet,
+    GeneMask,
+    hypergradient,
+    meta_scope_names,
+    unrolled_val_loss,
+)
 from agl_scverse.model._loss import per_gene_loss, weighted_loss
 
 
@@ -175,3 +183,112 @@ def test_adam_state_refuses_other_optimisers():
     net = EmbeddingHead(3, 2, hidden=(4,))
     with pytest.raises(TypeError, match="Adam"):
         AdamState.from_optimizer(torch.optim.SGD(net.parameters(), lr=0.1), net)
+
+
+# ---------------------------------------------------------------------------------------------- meta_scope
+def _deep_problem(seed=0):
+    """A network with a two-block trunk (the 'backbone'), its data, and a warm Adam optimiser."""
+    net, mask, n_t, data = _problem(seed=seed)
+    torch.manual_seed(seed)
+    net = EmbeddingHead(5, n_t + 6, hidden=(7, 6), dropout=0.0).double()
+    return net, mask, n_t, data, _warm_adam(net, data, n_t)
+
+
+def test_last_scope_names_the_output_layer_and_the_last_block():
+    net, *_ = _deep_problem()
+    assert meta_scope_names(net, "last") == ["trunk.3.weight", "trunk.3.bias", "out.weight", "out.bias"]
+    assert meta_scope_names(net, "all") == [n for n, _ in net.named_parameters()]
+    # fine-tune networks: the last block of the backbone and the final normalisation after it
+    bb = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.Conv2d(4, 4, 1)),
+        torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    )  # fmt: skip
+    names = meta_scope_names(FinetuneNet(bb, 4, 3), "last")
+    assert names == ["backbone.1.1.weight", "backbone.1.1.bias", "backbone.2.weight", "backbone.2.bias",
+                     "out.weight", "out.bias"]  # fmt: skip
+
+
+@pytest.mark.parametrize("lookahead", ["adam", "sgd"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_last_scope_hypergradient_matches_finite_differences_of_its_look_ahead(lookahead, inner_steps):
+    net, mask, n_t, (x_tr, y_tr, x_va, y_va), opt = _deep_problem()
+    state = AdamState.from_optimizer(opt, net) if lookahead == "adam" else None
+    data = ([x_tr[:8], x_tr[8:]], [y_tr[:8], y_tr[8:]], x_va, y_va)
+    kw = {"inner_steps": inner_steps, "inner_lr": 0.5, "optimizer_state": state, "meta_scope": "last"}
+    net.eval()
+    g, _ = hypergradient(net, mask, n_t, *data, **kw)
+    theta0, h = mask.threshold, 1e-6
+    fd = _val_loss_at(net, mask, n_t, data, theta0 + h, **kw) - _val_loss_at(net, mask, n_t, data, theta0 - h, **kw)
+    assert abs(float(g)) > 1e-8
+    assert float(g) == pytest.approx(fd / (2 * h), rel=1e-4, abs=1e-11)
+    # a different function from the full look-ahead (the first trunk layer does not move in it)
+    with torch.no_grad():
+        mask.theta.fill_(theta0)
+    g_all, _ = hypergradient(net, mask, n_t, *data, **{**kw, "meta_scope": "all"})
+    assert float(g_all) != pytest.approx(float(g), rel=1e-3)
+
+
+def test_last_scope_with_one_adam_step_is_the_real_step_of_those_parameters():
+    # H = 1, Adam: the look-ahead equals a real torch.optim.Adam step that moves only the scoped parameters
+    net, mask, n_t, data, opt = _deep_problem()
+    state = AdamState.from_optimizer(opt, net)
+    net.eval()
+    lv = float(unrolled_val_loss(net, mask, n_t, *data, optimizer_state=state, meta_scope="last"))
+    net2 = copy.deepcopy(net)
+    opt2 = torch.optim.Adam(net2.parameters(), **opt.defaults)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    scope = set(meta_scope_names(net2, "last"))
+    x_tr, y_tr, x_va, y_va = data
+    opt2.zero_grad()
+    weighted_loss(
+        per_gene_loss(net2(x_tr), y_tr), torch.cat([torch.ones(n_t).double(), mask.weights().detach()])
+    ).backward()
+    for n, p in net2.named_parameters():
+        if n not in scope:
+            p.grad = None  # Adam skips parameters without a gradient: they stay where they are
+    opt2.step()
+    with torch.no_grad():
+        ref = float(per_gene_loss(net2(x_va, n_first=n_t), y_va[:, :n_t]).mean())
+    assert lv == pytest.approx(ref, rel=1e-9)
+
+
+def test_head_only_look_ahead_carries_no_information_about_the_auxiliaries():
+    # why a scope of the output layer alone is refused: with one inner step the auxiliary rows only feed the
+    # auxiliary outputs, so theta acts on the targets' step through the normaliser sum(w) only
+    from agl_scverse.model._bilevel import _batches, _lookahead_loss
+
+    net, mask, n_t, (x_tr, y_tr, x_va, y_va), opt = _deep_problem()
+    state = AdamState.from_optimizer(opt, net)
+    net.eval()
+
+    def grad(y, normalizer, names):
+        lv = _lookahead_loss(
+            net, mask, n_t, _batches(x_tr, y), x_va, y_va, names, inner_steps=1, inner_lr=0.5, loss="pearson",
+            normalizer=normalizer, optimizer_state=state,
+        )  # fmt: skip
+        return float(torch.autograd.grad(lv, mask.theta)[0])
+
+    head, last = ["out.weight", "out.bias"], meta_scope_names(net, "last")
+    fixed = float(n_t + mask.weights().detach().sum())
+    assert grad(y_tr, fixed, head) == 0.0  # exactly zero with a fixed normaliser
+    assert abs(grad(y_tr, fixed, last)) > 1e-8  # the last block carries a signal
+    y_alt = y_tr.clone()
+    y_alt[:, n_t:] = torch.randn(y_tr.shape[0], y_tr.shape[1] - n_t, generator=torch.Generator().manual_seed(5))
+    # "soft": not zero, but the same whatever the auxiliaries' expression (the step-size effect of sum(w))
+    assert grad(y_alt, "soft", head) == pytest.approx(grad(y_tr, "soft", head), rel=1e-10)
+    assert grad(y_alt, "soft", last) != pytest.approx(grad(y_tr, "soft", last), rel=1e-3)
+    with pytest.raises(ValueError, match="only the output layer"):
+        hypergradient(net, mask, n_t, x_tr, y_tr, x_va, y_va, meta_scope=head)
+
+
+def test_bad_meta_scopes_are_clear_errors():
+    net, mask, n_t, data, _ = _deep_problem()
+    with pytest.raises(ValueError, match="Unknown meta_scope"):
+        hypergradient(net, mask, n_t, *data, meta_scope="head")
+    with pytest.raises(ValueError, match="not parameters"):
+        hypergradient(net, mask, n_t, *data, meta_scope=["trunk.9.weight"])
+    linear = EmbeddingHead(5, n_t + 6, hidden=()).double()
+    with pytest.raises(ValueError, match="only the output layer"):
+        meta_scope_names(linear, "last")
+    with pytest.raises(ValueError, match="linear output layer `out`"):
+        meta_scope_names(torch.nn.Linear(3, 2), "last")

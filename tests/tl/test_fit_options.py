@@ -91,3 +91,50 @@ def test_dkgsb_lookaheads_are_reproducible_and_move_theta(lookahead):
     np.testing.assert_array_equal(ta, tb)
     assert np.ptp(ta) > 0.01  # theta moved
     assert a.uns["agl"]["params"]["lookahead"] == lookahead
+
+
+def test_meta_scope_auto_is_all_in_embedding_mode_and_recorded(tmp_path):
+    kw = {"method": "dkgsb", "epochs": 3, "meta_steps": 8, "beta": 0.05}
+    a = small_slide()
+    model = _fit(a, save_dir=tmp_path / "m", **kw)
+    assert a.uns["agl"]["params"]["meta_scope"] == "all"  # the resolved value, not "auto"
+    assert model.config["hyperparameters"]["meta_scope"] == "all"
+    # one hidden layer: its last block is the whole trunk, so "last" is the same look-ahead (the same run) ...
+    b = small_slide()
+    _fit(b, meta_scope="last", **kw)
+    assert b.uns["agl"]["params"]["meta_scope"] == "last"
+    np.testing.assert_array_equal(b.uns["agl"]["history"]["theta"], a.uns["agl"]["history"]["theta"])
+    # ... two hidden layers: "last" holds the first one constant, a different look-ahead
+    c, d = small_slide(), small_slide()
+    _fit(c, hidden=(16, 8), **kw)
+    _fit(d, hidden=(16, 8), meta_scope="last", **kw)
+    assert c.uns["agl"]["history"]["hypergrad"][1] != d.uns["agl"]["history"]["hypergrad"][1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"meta_scope": "head"}, ValueError, "Unknown meta_scope 'head'"),
+        ({"meta_scope": ["out.weight"]}, ValueError, "Unknown meta_scope"),
+        ({"meta_scope": "last", "hidden": ()}, ValueError, "only the output layer"),
+    ],
+)
+def test_bad_meta_scopes_are_clear_errors_and_leave_adata_unchanged(kwargs, error, match):
+    adata = small_slide()
+    snap = snapshot(adata)
+    with pytest.raises(error, match=match):
+        _fit(adata, method="dkgsb", **kwargs)
+    assert_unchanged(adata, snap)
+
+
+def test_finetune_dkgsb_meta_scope_last_runs_end_to_end_and_is_a_different_look_ahead():
+    from fit_runs import fit
+
+    a, _ = fit("finetune", epochs=2)
+    b, _ = fit("finetune", epochs=2, meta_scope="last")
+    assert a.uns["agl"]["params"]["meta_scope"] == "all" and b.uns["agl"]["params"]["meta_scope"] == "last"
+    ha, hb = a.uns["agl"]["history"], b.uns["agl"]["history"]
+    assert np.isfinite(ha["hypergrad"][1]) and np.isfinite(hb["hypergrad"][1])
+    assert ha["hypergrad"][1] != hb["hypergrad"][1]  # the look-ahead moved other parameters
+    c, _ = fit("finetune", epochs=2, meta_scope="all")
+    np.testing.assert_array_equal(c.uns["agl"]["history"]["hypergrad"], ha["hypergrad"])  # "auto" is "all"

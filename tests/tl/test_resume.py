@@ -111,3 +111,17 @@ def test_resume_without_a_checkpoint_trains_from_the_start(tmp_path):
     ref = fit("embedding", epochs=2)
     assert_identical(summary(adata, model), summary(*ref))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_resume_refuses_another_meta_scope(tmp_path):
+    # the DkGSB look-ahead's scope is part of the run's fingerprint ("auto" resolves to "all" in embedding mode)
+    save_dir = tmp_path / "m"
+    _embedding_run(save_dir, hidden=(16, 8))
+    import shutil
+
+    shutil.rmtree(save_dir)
+    with pytest.raises(ValueError, match=r"params.meta_scope: checkpoint 'all', now 'last'"):
+        fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, resume=True, hidden=(16, 8),
+            meta_scope="last")  # fmt: skip
+    adata, _ = fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, resume=True, hidden=(16, 8))
+    assert adata.uns["agl"]["params"]["meta_scope"] == "all"

@@ -4,7 +4,7 @@
 ``_utils``); preprocessing (``pp``) and tools (``tl``) use it.
 """
 
-from ._bilevel import AdamState, hypergradient, unrolled_val_loss
+from ._bilevel import AdamState, hypergradient, meta_scope_names, unrolled_val_loss
 from ._checkpoint import AGLModel
 from ._encoders import (
     encoder_record,
@@ -36,6 +36,7 @@ __all__ = [
     "list_encoders",
     "list_presets",
     "load_weights",
+    "meta_scope_names",
     "normalize",
     "pearson_loss",
     "per_gene_loss",
