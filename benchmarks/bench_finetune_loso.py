@@ -1,0 +1,131 @@
+"""One HER2+ leave-one-section-out fold in fine-tune mode beside embedding mode: what fine-tuning buys on a CPU.
+
+The fold of :func:`agl_scverse.tl.cross_validate` (held-out section ``--test``, validation = the next section,
+targets = top-50 HVG of the four training sections, auxiliaries ranked by their HVG score on those sections).
+Fine-tune mode trains DenseNet-121 (ImageNet weights from ``../shared/weights``) and one linear output layer end to
+end on ``--px`` patches of ``--um`` µm for a short budget (``--epochs``, ``--lr``; the paper's 50 epochs at 3e-5 are
+out of reach on 2 CPU cores); embedding mode trains the default MLP head on features of the same encoder and
+patches. Methods PGL, AGL-all and DkGSB (``--meta-steps`` per epoch: 1 keeps DkGSB's epoch within ~1.5x of
+AGL-all's, see the "Cost of the meta step" section of the Method page). Reported: held-out mean target PCC, best
+validation PCC, seconds per epoch, peak RSS.
+
+Run::
+
+    python benchmarks/bench_finetune_loso.py [--test C6] [--px 112] [--epochs 4] [--methods pgl agl dkgsb]
+
+Writes ``benchmarks/results/finetune_loso.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_embed import DENSENET_FILE
+
+import agl_scverse as agl
+from agl_scverse.tl._cross_validate import _val_group
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _score(adata, train, model, key: str) -> float:
+    test = adata[~train].copy()
+    agl.tl.evaluate(test, model, key_added=key, baselines=False)
+    return float(np.nanmean(test.var.loc[model.targets, f"{key}_pcc"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=SHARED / "data" / "her2st")
+    ap.add_argument("--weights", type=Path, default=SHARED / "weights" / DENSENET_FILE)
+    ap.add_argument("--test", default="C6")
+    ap.add_argument("--px", type=int, default=112)
+    ap.add_argument("--um", type=float, default=160.0)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--meta-steps", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=["pgl", "agl", "dkgsb"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_loso.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    adata = agl.io.read_legacy_st(args.data)
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    order = list(dict.fromkeys(lib))
+    val = _val_group(order, args.test)
+    train = lib != args.test
+    roles = agl.pp.compute_gene_roles(adata, n_targets=50, train_mask=train)
+    adata.var["fold_prior"] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
+    sub = adata[train].copy()
+    common = {
+        "targets": list(roles.targets), "auxiliaries": list(roles.auxiliaries), "prior": "fold_prior",
+        "split_key": "library_id", "val_groups": [val], "patch_px": args.px, "patch_um": args.um, "seed": 0,
+        "meta_steps": args.meta_steps, "progress": False,
+    }  # fmt: skip
+    rows = []
+    for method in args.methods:  # fine-tune mode
+        t0 = time.perf_counter()
+        model = agl.tl.agl_fit(
+            sub, method=method, mode="finetune", encoder="densenet121", weights=args.weights, epochs=args.epochs,
+            patience=args.epochs, lr=args.lr, batch_size=args.batch_size, key_added=f"ft_{method}", **common,
+        )  # fmt: skip
+        fit_s = time.perf_counter() - t0
+        hist = sub.uns[f"ft_{method}"]["history"]
+        rows.append(
+            {
+                "mode": "finetune", "method": method, "test_pcc": _score(adata, train, model, f"ft_{method}"),
+                "val_pcc": float(model.config["val_pcc"]), "k": model.k, "best_epoch": model.config["best_epoch"],
+                "fit_seconds": fit_s, "median_epoch_seconds": float(np.median(hist["seconds"])),
+                "peak_rss_gb": _peak_gb(),
+            }
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    emb_key = "X_agl_densenet121"
+    agl.pp.embed_patches(adata, encoder="densenet121", weights=args.weights, patch_px=args.px, patch_um=args.um)
+    sub = adata[train].copy()
+    for method in args.methods:  # embedding mode, same encoder and patches
+        t0 = time.perf_counter()
+        model = agl.tl.agl_fit(sub, method=method, embedding_key=emb_key, key_added=f"emb_{method}", **common)
+        rows.append(
+            {
+                "mode": "embedding", "method": method, "test_pcc": _score(adata, train, model, f"emb_{method}"),
+                "val_pcc": float(model.config["val_pcc"]), "k": model.k, "best_epoch": model.config["best_epoch"],
+                "fit_seconds": time.perf_counter() - t0,
+            }
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    res = {
+        "command": "python benchmarks/bench_finetune_loso.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("data", "weights", "out")
+        ),
+        "test": args.test, "val": val, "n_train_spots": int((lib != args.test).sum() - (lib == val).sum()),
+        "n_val_spots": int((lib == val).sum()), "n_test_spots": int((lib == args.test).sum()),
+        "torch_threads": torch.get_num_threads(), "total_seconds": time.perf_counter() - t_all, "rows": rows,
+        "when_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2, default=str))
+    print(f"| mode | method | held-out {args.test} PCC | val PCC | k | s / epoch |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['mode']} | {r['method']} | {r['test_pcc']:.3f} | {r['val_pcc']:.3f} | {r['k']} | "
+            f"{r.get('median_epoch_seconds', float('nan')):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
