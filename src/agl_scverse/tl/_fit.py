@@ -499,7 +499,7 @@ def agl_fit(
     loss: str = "pearson",
     inner_steps: int = 1,
     inner_lr: float = 0.1,
-    meta_steps: int = 4,
+    meta_steps: int | None = None,
     meta_batch_size: int = 128,
     tau: float = 0.01,
     beta: float = 0.01,
@@ -600,7 +600,8 @@ def agl_fit(
     inner_lr
         DkGSB: their learning rate when ``lookahead="sgd"``.
     meta_steps
-        DkGSB: updates of the threshold per epoch.
+        DkGSB: updates of the threshold per epoch (default per mode: 4 in embedding mode, 1 in fine-tune mode, where
+        each costs a double backward through the encoder).
     meta_batch_size
         DkGSB: spots per meta batch.
     tau
