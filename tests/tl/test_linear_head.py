@@ -82,3 +82,13 @@ def test_rrr_head_refuses_what_it_cannot_do(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _fit(a, **kwargs)
     assert_unchanged(a, before)
+
+
+def test_training_history_says_why_a_linear_head_has_none():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a = small_slide()
+    _fit(a, method="agl")
+    with pytest.raises(ValueError, match="head='rrr'.*no training history"):
+        agl.pl.training_history(a, show=False)

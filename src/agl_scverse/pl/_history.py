@@ -65,6 +65,11 @@ def training_history(
     """
     keys, run = get_run(adata, key)
     history = null_as_none(run.get("history"))
+    if (null_as_none(run.get("params")) or {}).get("head") == "rrr":
+        raise ValueError(
+            f"Run {keys.uns!r} was fitted with head='rrr', a closed-form ridge fit without epochs: it has no training "
+            "history. Its rank choice on the validation spots is in .uns[key]['metrics']['rrr_search']."
+        )
     if not isinstance(history, dict) or len(history.get("epoch", [])) == 0:
         raise KeyError(f"adata.uns[{keys.uns!r}] has no 'history' with epochs; was the run fitted with agl.tl.agl_fit?")
     epoch = np.asarray(history["epoch"], dtype=float)
