@@ -194,6 +194,15 @@ class TrainResult:
     precision: dict = field(default_factory=dict)
 
 
+#: Per-epoch records of :attr:`TrainResult.history`.
+HISTORY_KEYS = ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
+
+
+def empty_history() -> dict[str, list]:
+    """A training history with no epoch yet (one list per :data:`HISTORY_KEYS` entry)."""
+    return {key: [] for key in HISTORY_KEYS}
+
+
 def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, idx: np.ndarray, batch_size: int):
     """Fit ``out_scale``/``out_shift`` so that calibrated outputs are least squares on the training spots.
 
@@ -495,9 +504,7 @@ def train_network(
             raise ValueError(f"aux_weights must be {Yz.n_cols - n_targets} finite weights (one per auxiliary column).")
         ones = torch.cat([ones[:n_targets], torch.as_tensor(aux_weights, dtype=ones.dtype, device=device)])
 
-    hist: dict[str, list] = {
-        k: [] for k in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
-    }
+    hist = empty_history()
     n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
     if n_batches > 1 and len(train_idx) - (n_batches - 1) * batch_size < MIN_BATCH_SPOTS:
         n_batches -= 1  # a last batch of one spot joins the one before it (the slice below runs to the end)

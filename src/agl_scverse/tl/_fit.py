@@ -47,7 +47,7 @@ from agl_scverse.model._encoders import encoder_name
 from agl_scverse.model._inference import forward, index_batches
 from agl_scverse.model._modeldir import check_overwritable
 from agl_scverse.model._resume import Checkpointer
-from agl_scverse.model._trainer import TensorInputs, TrainResult, genes_for_method
+from agl_scverse.model._trainer import TensorInputs, TrainResult, empty_history, genes_for_method
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
@@ -360,9 +360,7 @@ def _fit_linear(cfg: FitConfig, data: _Data, genes: _Genes) -> tuple[_Genes, tor
     k, rank, scores = choose_rrr(data.features, widest.expr, data.train_idx, data.val_idx, n_t, ks)
     genes = _with_k(genes, k)
     net, info = rrr_head(data.features, genes.expr, data.train_idx, n_t, rank)
-    hist = {
-        key: [] for key in ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
-    }
+    hist = empty_history()
     res = TrainResult(history=hist, best_epoch=0, best_val_pcc=scores.get((k, rank), float("nan")))
     val = {"k": np.asarray([kk for kk, _ in scores]), "rank": np.asarray([-1 if r is None else r for _, r in scores])}
     val["val_pcc"] = np.asarray(list(scores.values()))
