@@ -399,3 +399,28 @@ def test_fit_scale_out_flags(tmp_path, slide_h5ad, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "slide.h5ad"]
     hyper = json.loads((tmp_path / "m" / "config.json").read_text())["hyperparameters"]
     assert hyper["meta_scope"] == "all"  # --meta-scope auto reached agl_fit: embedding mode's "all"
+
+
+def test_fit_training_flags_reach_agl_fit(tmp_path, slide_h5ad, monkeypatch):
+    # --refit / --no-refit and --n-seeds default to the mode's choice; precision, augment, workers pass through
+    p = cli.build_parser()
+    args = p.parse_args(["fit", "d", "--out", "m"])
+    assert (args.refit, args.n_seeds, args.precision, args.augment, args.num_workers) == (None, None, "auto", None, 0)
+    args = p.parse_args(
+        ["fit", "d", "--out", "m", "--no-refit", "--precision", "fp32", "--augment", "--num-workers", "2"]
+    )
+    assert (args.refit, args.precision, args.augment, args.num_workers) == (False, "fp32", True, 2)
+    seen = {}
+
+    def fake_fit(adata, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt
+
+    import agl_scverse.tl
+
+    monkeypatch.setattr(agl_scverse.tl, "agl_fit", fake_fit)
+    argv = ["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m"), "--no-refit", "--n-seeds", "2"]
+    assert cli.main([*argv, "--precision", "fp32", "--no-augment", "--num-workers", "1"]) == 130
+    assert (seen["refit"], seen["n_seeds"], seen["precision"], seen["augment"], seen["num_workers"]) == (
+        False, 2, "fp32", False, 1,
+    )  # fmt: skip

@@ -473,6 +473,27 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
         help="write a checkpoint to OUT.checkpoint/ every N epochs (default: 0, none)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out, if there is one")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=list(K.PRECISIONS),
+        help="how the encoder runs: auto (bf16 where the device computes it natively, fp16 on older CUDA GPUs, "
+        "else fp32), fp32, bf16 or fp16 (default: auto)",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune mode: random flips and quarter turns of the training patches (default: on in fine-tune "
+        "mode, off in embedding mode)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data-loader processes reading patches in fine-tune mode (default: 0, in the training process)",
+    )
 
 
 def _scale_out_kwargs(args: argparse.Namespace) -> dict:
@@ -488,7 +509,7 @@ def _scale_out_kwargs(args: argparse.Namespace) -> dict:
         _distributed.init_from_env()
     return {
         "mode": args.mode, "meta_scope": args.meta_scope, "checkpoint_every": args.checkpoint_every,
-        "resume": args.resume,
+        "resume": args.resume, "precision": args.precision, "augment": args.augment, "num_workers": args.num_workers,
     }  # fmt: skip
 
 
@@ -620,9 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups held out of the fit, predicted and scored after it",
     )
     p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
-    p.add_argument("--refit", action="store_true", help="after early stopping, retrain on training + validation spots")
     p.add_argument(
-        "--n-seeds", type=int, default=1, help="embedding mode: average this many networks, one per seed (default: 1)"
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after early stopping, retrain on training + validation spots (default: on in embedding mode)",
+    )
+    p.add_argument(
+        "--n-seeds",
+        type=int,
+        default=None,
+        help="embedding mode: average this many networks, one per seed (default: 5 in embedding mode, else 1)",
     )
     _add_scale_out_args(p)
     _add_debug(p, argparse.SUPPRESS)

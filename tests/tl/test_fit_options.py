@@ -17,7 +17,7 @@ def _fit(adata, **kw):
 @pytest.mark.parametrize("method", ["agl", "dkgsb"])
 def test_refit_trains_on_train_and_validation_for_the_selected_epochs(method):
     a, b = small_slide(), small_slide()
-    m0 = _fit(a, method=method, epochs=4)
+    m0 = _fit(a, method=method, epochs=4, refit=False)
     m1 = _fit(b, method=method, epochs=4, refit=True)
     ua, ub = a.uns["agl"], b.uns["agl"]
     # the selection phase is the same run: same validation metrics, best epoch and DkGSB mask
@@ -138,3 +138,19 @@ def test_finetune_dkgsb_meta_scope_last_runs_end_to_end_and_is_a_different_look_
     assert ha["hypergrad"][1] != hb["hypergrad"][1]  # the look-ahead moved other parameters
     c, _ = fit("finetune", epochs=2, meta_scope="all")
     np.testing.assert_array_equal(c.uns["agl"]["history"]["hypergrad"], ha["hypergrad"])  # "auto" is "all"
+
+
+def test_defaults_refit_and_five_seeds_in_embedding_mode_only():
+    # embedding mode refits and averages five seeds; the linear head is one fit; fine-tune mode trains one encoder
+    a = small_slide()
+    model = _fit(a, method="pgl", epochs=2)
+    p = a.uns["agl"]["params"]
+    assert (p["refit"], p["n_seeds"], model.n_members, model.config["refit"]) == (True, 5, 5, True)
+    _fit(a, method="pgl", head="rrr")
+    assert (a.uns["agl"]["params"]["refit"], a.uns["agl"]["params"]["n_seeds"]) == (True, 1)
+    from agl_scverse.tl._config import FitConfig, GeneConfig
+
+    none = dict.fromkeys(("hidden", "epochs", "patience", "lr", "batch_size"))
+    cfg = FitConfig.build("pgl", "finetune", **none, dropout=0.1, weight_decay=0.0, loss="pearson",
+                          genes=GeneConfig(), k=None, seed=0)  # fmt: skip
+    assert (cfg.training.refit, cfg.training.n_seeds) == (False, 1)

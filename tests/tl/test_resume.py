@@ -125,3 +125,32 @@ def test_resume_refuses_another_meta_scope(tmp_path):
             meta_scope="last")  # fmt: skip
     adata, _ = fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, resume=True, hidden=(16, 8))
     assert adata.uns["agl"]["params"]["meta_scope"] == "all"
+
+
+def test_checkpoint_state_carries_the_gradient_scaler():
+    # fp16 (CUDA) trains through a GradScaler; its loss scale and growth counter are part of the resumed state
+    import numpy as np
+    import torch
+
+    from agl_scverse.model._resume import rng_state
+    from agl_scverse.model._trainer import _loop_state, _restore_loop_state, empty_history
+
+    class Ckpt:
+        def __init__(self, state):
+            self.state = state
+
+        def rank_rng(self):
+            return rng_state()
+
+    net, rng = torch.nn.Linear(3, 2), np.random.default_rng(0)
+    opt = torch.optim.Adam(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7, growth_interval=3)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    scaler.update(2.0**5)
+    best = (0.1, 0, None, None)
+    st = _loop_state(2, net, opt, None, None, rng, empty_history(), best, 0, 0.0, 1.0, scaler)
+    assert st["scaler"]["scale"] == 2.0**5
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    epoch, *_ = _restore_loop_state(Ckpt(st), net, opt, None, None, rng, empty_history(), 0.0, fresh)
+    assert epoch == 2 and fresh.get_scale() == 2.0**5
+    assert _loop_state(2, net, opt, None, None, rng, empty_history(), best, 0, 0.0, 1.0)["scaler"] is None

@@ -9,9 +9,9 @@ Where: beside the model directory, ``<save_dir>.checkpoint/`` (for ``save_dir="r
     that decides the training: hyperparameters, genes, split, encoder, network shape; a resumed call must match
     it) and ``state_sha256`` (of ``state.pt``, checked before it is read).
 ``state.pt``
-    ``torch.save`` of the trainer state (read back with ``weights_only=True``): network and optimiser state, the
-    DkGSB ``theta`` and its Adam state, the best epoch's network and ``theta``, the early-stopping counter, the
-    history, and the RNG states (the trainer's NumPy generator, torch's CPU/CUDA generators of every rank,
+    ``torch.save`` of the trainer state (read back with ``weights_only=True``): network and optimiser state (and
+    fp16's gradient scaler), the DkGSB ``theta`` and its Adam state, the best epoch's network and ``theta``, the
+    early-stopping counter, the history, and the RNG states (the trainer's NumPy generator, torch's CPU/CUDA generators of every rank,
     Python's and NumPy's global ones).
 
 It is written with :func:`._modeldir.atomic_replace` (temporary directory, fsync, renames), so a process killed at

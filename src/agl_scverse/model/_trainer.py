@@ -234,15 +234,17 @@ def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, 
         net.out_hi.copy_(torch.as_tensor(hi, dtype=net.out_hi.dtype))
 
 
-def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed) -> dict:
+def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed, scaler=None) -> dict:
     """Everything the training loop carries from one epoch to the next (what a checkpoint holds).
 
-    The global RNG states (torch, Python, NumPy's legacy one) are added by the checkpointer, per rank.
+    ``scaler``: fp16's gradient scaler, whose loss scale and growth counter a resumed run must continue from. The
+    global RNG states (torch, Python, NumPy's legacy one) are added by the checkpointer, per rank.
     """
     return {
         "epoch": int(epoch),
         "net": net.state_dict(),
         "opt": opt.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
         "theta": None if mask is None else mask.theta.detach().clone(),
         "theta_opt": None if theta_opt is None else theta_opt.state_dict(),
         "numpy_rng": rng.bit_generator.state,
@@ -266,7 +268,7 @@ def _record(hist: dict, epoch, losses, pcc, k_now, theta_now, hgs, mvl, seconds)
     hist["seconds"].append(seconds)
 
 
-def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: float) -> tuple:
+def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: float, scaler=None) -> tuple:
     """Load a checkpoint's :func:`_loop_state` into the loop's objects (when there is one).
 
     Returns ``(first epoch, bad epochs, best, meta seconds, start time)``: those of a new run without a checkpoint.
@@ -278,6 +280,8 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
     st = checkpoint.state
     net.load_state_dict(st["net"])
     opt.load_state_dict(st["opt"])
+    if scaler is not None and st.get("scaler"):  # the precision is in the fingerprint: fp16 resumes fp16
+        scaler.load_state_dict(st["scaler"])
     if mask is not None:
         with torch.no_grad():
             mask.theta.copy_(st["theta"])
@@ -508,7 +512,9 @@ def train_network(
     n_batches = max(1, int(np.ceil(len(train_idx) / batch_size)))
     if n_batches > 1 and len(train_idx) - (n_batches - 1) * batch_size < MIN_BATCH_SPOTS:
         n_batches -= 1  # a last batch of one spot joins the one before it (the slice below runs to the end)
-    start, bad, best, meta_seconds, t0 = _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0)
+    start, bad, best, meta_seconds, t0 = _restore_loop_state(
+        checkpoint, net, opt, mask, theta_opt, rng, hist, t0, prec.scaler
+    )
     train_net, reduce = dist.wrap_ddp(net, device), dist.loss_reduce()  # the module and None alone
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not dist.is_main(), leave=False)
     for epoch in bar:
@@ -561,7 +567,9 @@ def train_network(
         if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
             elapsed = time.perf_counter() - t0
             checkpoint.save(
-                _loop_state(epoch + 1, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed)
+                _loop_state(
+                    epoch + 1, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed, prec.scaler
+                )
             )
     bar.close()
     if not np.isfinite(hist["train_loss"]).any():

@@ -91,7 +91,8 @@ def cross_validate(
        (:func:`agl_scverse.tl.mean_predictor`, :func:`agl_scverse.tl.pca_ridge`,
        :func:`agl_scverse.tl.reduced_rank_ridge`; the last one's rank and number of auxiliaries chosen on the
        validation spots) are fitted on the **same training spots as the networks**: the training split, or
-       training + validation spots when ``refit=True`` is passed (the networks are then refitted on them too);
+       training + validation spots when the networks refit on them (``refit``, on by default in embedding mode),
+       else the training split (``refit=False``);
     4. per-gene Pearson / Spearman / MSE of the **targets** on the held-out spots, on the ``transform`` scale
        (NaN where a target is constant on the held-out group).
 
@@ -225,8 +226,8 @@ def cross_validate(
             split_col = sub.obs[Keys(f"{key_added}_{name.replace(':', '_')}").split].astype(str).to_numpy()
             fit_rows = np.flatnonzero(train)[split_col == K.SPLIT_TRAIN]
             val_rows = np.flatnonzero(train)[split_col == K.SPLIT_VAL]
-            if not kw.get("refit", False):
-                base_rows = fit_rows
+            if not sub.uns[f"{key_added}_{name.replace(':', '_')}"]["params"]["refit"]:
+                base_rows = fit_rows  # the baselines train on the spots the networks trained on
             n_t = len(roles.targets)
             if list(model.targets) != list(roles.targets):  # pragma: no cover - guards the contract
                 raise RuntimeError("agl_fit changed the target genes of the fold.")

@@ -42,6 +42,7 @@ __all__ = ["evaluate"]
 _SPOTS_DESC = {
     "held-out": "unused (held out of the fit)",
     "validation": "val (used for early stopping: optimistic)",
+    "refitted": "val (the model was refitted on them: a training score)",
     "all": "all (no split column: unseen slide)",
 }
 #: Memory budget (bytes) of one block of genes scored at a time.
@@ -174,12 +175,13 @@ def evaluate(
     spots
         Evaluated spots (boolean mask, names or positions). Default: the spots held out of the fit
         (``.obs[split] == "unused"``) when there are any, else the validation spots (``"val"``; they were used for
-        early stopping, so this is optimistic and logged as such), or every spot of a slide without a split
+        early stopping, and trained on by a refitted model, so this is optimistic and logged as such), or every spot of a slide without a split
         column (an unseen slide).
     baselines
         Also fit and score the mean predictor and ``StandardScaler -> PCA(n_components) -> Ridge`` on the
-        embedding, trained on the ``"train"`` spots of ``.obs[split]`` (skipped, with a note, when there are no
-        training spots in ``adata`` or no embedding).
+        embedding, trained on the spots the model trained on: the ``"train"`` spots of ``.obs[split]``, and the
+        ``"val"`` spots too when it was refitted on them (``refit``). Skipped, with a note, when there are no
+        training spots in ``adata`` or no embedding.
     key_added
         Prefix of the keys the run was written under (``key_added`` of :func:`agl_fit`).
     embedding_key
@@ -227,13 +229,20 @@ def evaluate(
 
     # ---- spots
     split = adata.obs[keys.split].astype(str).to_numpy() if keys.split in adata.obs else None
+    refitted = bool(model.config.get("refit", False) if model is not None else _param(entry, "refit", False))
     if spots is not None:
         ev = resolve_spots(adata, spots, as_mask=True)
         spots_desc = "given"
     else:
         ev, kind = scored_spots(split, adata.n_obs)
         spots_desc = _SPOTS_DESC[kind]
-        if kind == "validation":
+        if kind == "validation" and refitted:
+            spots_desc = _SPOTS_DESC["refitted"]
+            logg.warning(
+                "evaluate: no held-out ('unused') spots; scoring the validation spots, which the model was refitted "
+                "on (refit=True): a training score. Hold spots out of agl_fit (spots=) or pass refit=False."
+            )
+        elif kind == "validation":
             logg.warning("evaluate: no held-out ('unused') spots; scoring the validation spots, which are optimistic.")
     if ev.sum() < 2:
         raise ValueError(f"Only {int(ev.sum())} spots to evaluate; correlations need at least 2.")
@@ -241,7 +250,10 @@ def evaluate(
     if keys.pred_layer not in adata.layers and model is None:
         raise KeyError(f".layers[{keys.pred_layer!r}] is missing; run agl_predict first or pass model=.")
     X = adata.layers[layer] if layer is not None else adata.X
-    train = split == K.SPLIT_TRAIN if split is not None else None
+    # the baselines train on the spots the model trained on: the training split, and the validation spots too
+    # when the model was refitted on them
+    fitted_on = (K.SPLIT_TRAIN, K.SPLIT_VAL) if refitted else (K.SPLIT_TRAIN,)
+    train = np.isin(split, fitted_on) if split is not None else None
     notes = ""
     if baselines and (train is None or not train.any()):
         notes = "baselines skipped: no training spots ('train' in .obs[split]) in this AnnData"

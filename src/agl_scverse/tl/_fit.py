@@ -506,8 +506,8 @@ def agl_fit(
     meta_scope: str = K.META_SCOPE_AUTO,
     k: int | str | None = None,
     k_grid: Sequence[int] | None = None,
-    refit: bool = False,
-    n_seeds: int = 1,
+    refit: bool | None = None,
+    n_seeds: int | None = None,
     seed: int = 0,
     device: str = "auto",
     key_added: str = K.DEFAULT_KEY,
@@ -629,12 +629,16 @@ def agl_fit(
     refit
         After early stopping, retrain the network from its initialisation on the training **and** validation
         spots for the selected number of epochs (DkGSB's mask held at its learned weights), so the final model
-        uses every labelled spot. Validation metrics in ``.uns`` are those of the first fit.
+        uses every labelled spot. Validation metrics in ``.uns`` are those of the first fit. Default (``None``):
+        the mode's, ``True`` in embedding mode (it lifted every method on HER2+ and on the synthetic slide, see the
+        Method page), ``False`` in fine-tune mode.
     n_seeds
         Embedding mode: train this many networks, seeds ``seed, seed + 1, ...``, and average their predictions
         (a seed ensemble; :func:`agl_predict` also writes their spread per spot and gene). The others share the
         first network's split, genes and auxiliaries (DkGSB's learned mask is held fixed for them) and train as it
-        did (early stopping, or ``refit``). Validation metrics in ``.uns`` are those of the first network.
+        did (early stopping, or ``refit``). Validation metrics in ``.uns`` are those of the first network. Default
+        (``None``): 5 in embedding mode (about +0.01 mean PCC on HER2+ for five times the training of one
+        network; ``n_seeds=1`` trains one), 1 in fine-tune mode and for ``head="rrr"``.
     seed
         Seeds the split, initialisation, batches and meta batches (results are identical on CPU for a seed).
     device
