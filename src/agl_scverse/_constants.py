@@ -56,7 +56,8 @@ Prior = Literal["hvg", "coexpression", "moran"]
 Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["soft", "detached"]
 Lookahead = Literal["adam", "sgd"]
-Head = Literal["mlp", "rrr"]  # agl_fit(head=): MLP trunk (trained) or closed-form reduced-rank ridge
+#: agl_fit(head=): MLP trunk (trained), closed-form reduced-rank ridge, or both with their targets averaged
+Head = Literal["mlp", "rrr", "hybrid"]
 #: Which parameters the DkGSB look-ahead moves (``"auto"``: the per-mode default of ``agl_fit``).
 MetaScope = Literal["all", "last"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
@@ -76,7 +77,9 @@ LOSSES: tuple[str, ...] = get_args(Loss)
 META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
 HEADS: tuple[str, ...] = get_args(Head)
-HEAD_MLP, HEAD_RRR = HEADS
+HEAD_MLP, HEAD_RRR, HEAD_HYBRID = HEADS
+#: Share of the linear head in a ``head="hybrid"`` model's target predictions (the MLP networks have the rest).
+HYBRID_LINEAR_WEIGHT = 0.5
 META_SCOPES: tuple[str, ...] = get_args(MetaScope)
 META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES
 #: ``meta_scope`` of ``agl_fit`` that takes the mode's default (``MODE_DEFAULTS`` of ``agl_scverse.tl``).

@@ -341,7 +341,10 @@ def build_network(config: dict) -> nn.Module:
         shape = (nc["n_in"], nc["n_out"])
         kw = {"hidden": nc.get("hidden", ()), "dropout": nc.get("dropout", 0.0)}
         if kind == "ensemble":
-            return EmbeddingEnsemble([EmbeddingHead(*shape, **kw) for _ in range(int(nc["n_members"]))])
+            lin = nc.get("linear")
+            linear = None if lin is None else EmbeddingHead(nc["n_in"], lin["n_out"], hidden=(), dropout=0.0)
+            members = [EmbeddingHead(*shape, **kw) for _ in range(int(nc["n_members"]))]
+            return EmbeddingEnsemble(members, linear, lin["weight"] if lin else 0.5)
         return EmbeddingHead(*shape, **kw)
     if kind == "finetune":
         enc = config.get("encoder") or {}

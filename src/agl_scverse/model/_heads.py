@@ -182,12 +182,18 @@ class EmbeddingEnsemble(nn.Module):
 
     Each member keeps its own calibration (the members' raw outputs live in different spaces), so the ensemble
     averages *calibrated* predictions; :meth:`member_predictions` gives them one by one (their spread is the
-    uncertainty layer of :func:`agl_scverse.tl.agl_predict`).
+    uncertainty layer of :func:`agl_scverse.tl.agl_predict`). With ``linear`` (``agl_fit(head="hybrid")``), the
+    first ``linear.n_out`` outputs (the targets) are ``(1 - linear_weight) * members' mean + linear_weight *
+    linear``; the other outputs are the members' mean.
 
     Parameters
     ----------
     members
         Trained :class:`EmbeddingHead` networks with the same constructor arguments.
+    linear
+        A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
+    linear_weight
+        Its share of those outputs, in (0, 1).
 
     Examples
     --------
@@ -197,7 +203,9 @@ class EmbeddingEnsemble(nn.Module):
     (torch.Size([6, 3]), 2)
     """
 
-    def __init__(self, members: Sequence[EmbeddingHead]):
+    def __init__(
+        self, members: Sequence[EmbeddingHead], linear: EmbeddingHead | None = None, linear_weight: float = 0.5
+    ):
         super().__init__()
         members = list(members)
         if not members or not all(isinstance(m, EmbeddingHead) for m in members):
@@ -206,6 +214,17 @@ class EmbeddingEnsemble(nn.Module):
             raise ValueError("The members of an ensemble must have the same shape (n_in, n_out, hidden, dropout).")
         self.members = nn.ModuleList(members)
         self.n_in, self.n_out = members[0].n_in, members[0].n_out
+        if linear is not None:
+            if not isinstance(linear, EmbeddingHead) or linear.hidden or linear.n_in != self.n_in:
+                raise ValueError(f"linear must be an EmbeddingHead({self.n_in}, n, hidden=()) (a linear head).")
+            if not 1 <= linear.n_out <= self.n_out or not 0.0 < float(linear_weight) < 1.0:
+                raise ValueError(
+                    f"linear must predict 1..{self.n_out} first outputs and linear_weight be in (0, 1); got "
+                    f"{linear.n_out} outputs and weight {linear_weight!r}."
+                )
+        elif len(members) < 2:
+            raise ValueError("An ensemble without a linear head needs at least 2 members.")
+        self.linear, self.linear_weight = linear, float(linear_weight)
 
     @property
     def n_members(self) -> int:
@@ -217,8 +236,18 @@ class EmbeddingEnsemble(nn.Module):
         return torch.stack([m.predict_expression(x, cols=cols) for m in self.members])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean of the members' calibrated predictions (each clipped to its gene's training range)."""
-        return self.member_predictions(x, cols).mean(0)
+        """Mean of the members' calibrated predictions (each clipped), blended with the linear head's outputs."""
+        out = self.member_predictions(x, cols).mean(0)
+        if self.linear is None:
+            return out
+        n_lin = self.linear.n_out
+        cols = torch.arange(self.n_out, device=x.device) if cols is None else cols
+        pos = torch.nonzero(cols < n_lin).flatten()
+        if len(pos):
+            lin = self.linear.predict_expression(x, cols=cols[pos])
+            w = self.linear_weight
+            out[:, pos] = (1.0 - w) * out[:, pos] + w * lin
+        return out
 
     def forward(self, x: torch.Tensor, n_first: int | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """The ensemble prediction (calibrated: an ensemble is not trained as one network)."""
@@ -228,4 +257,7 @@ class EmbeddingEnsemble(nn.Module):
 
     def config(self) -> dict:
         """JSON-able constructor arguments: the members' shape and their number."""
-        return {**self.members[0].config(), "kind": "ensemble", "n_members": self.n_members}
+        out = {**self.members[0].config(), "kind": "ensemble", "n_members": self.n_members}
+        if self.linear is not None:
+            out["linear"] = {"n_out": self.linear.n_out, "weight": self.linear_weight}
+        return out

@@ -206,7 +206,13 @@ def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
     if c.is_int("net.n_out", net.get("n_out"), 1) != n_genes:
         c.fail("net.n_out", f"is {net['n_out']} but the config lists {n_genes} genes")
     if kind == "ensemble":
-        c.is_int("net.n_members", net.get("n_members"), 2)
+        lin = net.get("linear")
+        c.is_int("net.n_members", net.get("n_members"), 2 if lin is None else 1)
+        if lin is not None:  # head="hybrid": a linear head of the first outputs
+            if not isinstance(lin, dict):
+                c.fail("net.linear", f"must be a dict, got {type(lin).__name__}")
+            c.is_int("net.linear.n_out", lin.get("n_out"), 1, n_genes)
+            c.is_number("net.linear.weight", lin.get("weight"), 1e-9, 1 - 1e-9)
     if kind in ("embedding", "ensemble"):
         c.is_int("net.n_in", net.get("n_in"), 1)
         for i, h in enumerate(c.is_list("net.hidden", net.get("hidden", []))):

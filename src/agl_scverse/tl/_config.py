@@ -173,6 +173,11 @@ class FitConfig:
                     "mode='embedding', method 'pgl', 'agl' or 'topk' (k='auto' searches k) and one seed. Use "
                     "head='mlp' for DkGSB, fine-tuning or ensembles."
                 )
+        if self.network.head == K.HEAD_HYBRID and self.mode != "embedding":
+            raise ValueError(
+                "head='hybrid' (the MLP and a closed-form ridge on cached features) applies to mode='embedding'. "
+                "Use head='mlp' in fine-tune mode."
+            )
         if self.mode == "finetune" and self.training.n_seeds > 1:
             raise ValueError(
                 f"n_seeds={self.training.n_seeds} applies to mode='embedding' (an ensemble of heads on the same "

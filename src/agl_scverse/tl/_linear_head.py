@@ -20,7 +20,7 @@ from agl_scverse.model import EmbeddingHead
 
 from ._baselines import RRR_RANKS, reduced_rank_ridge, rrr_fit
 
-__all__ = ["rrr_head", "choose_rrr"]
+__all__ = ["rrr_head", "choose_rrr", "hybrid_linear", "search_record"]
 
 #: Largest dense training expression (float64 spots x genes) the closed-form head holds.
 MAX_RRR_BYTES = 4 * 2**30
@@ -37,26 +37,67 @@ def _dense_expression(expr, rows: np.ndarray, n_cols: int | None = None) -> np.n
     return expr.batch(rows, n_cols).astype(np.float64)
 
 
-def rrr_head(features: np.ndarray, expr, rows: np.ndarray, n_targets: int, rank: int | None):
-    """The reduced-rank ridge fit on spots ``rows`` as a linear :class:`EmbeddingHead` of all of ``expr``'s genes.
+def rrr_head(
+    features: np.ndarray,
+    expr,
+    rows: np.ndarray,
+    n_targets: int,
+    rank: int | None,
+    n_cols: int | None = None,
+    n_out: int | None = None,
+):
+    """The reduced-rank ridge fit on spots ``rows`` as a linear :class:`EmbeddingHead`.
 
-    Returns the network and ``{"rank": used rank, "alpha": ridge penalty}``.
+    The fit uses the first ``n_cols`` of ``expr``'s genes (default: all), the head predicts the first ``n_out`` of
+    them (default: ``n_cols``). Returns the network and ``{"rank": used rank, "alpha": ridge penalty}``.
     """
     X = np.asarray(features[rows], dtype=np.float64)
-    Y = _dense_expression(expr, rows)
+    Y = _dense_expression(expr, rows, n_cols)
+    n_out = Y.shape[1] if n_out is None else int(n_out)
     fit = rrr_fit(X, Y, n_targets)
-    coef, intercept, r = fit.coefficients(rank, Y.shape[1])
-    net = EmbeddingHead(X.shape[1], Y.shape[1], hidden=(), dropout=0.0)
+    coef, intercept, r = fit.coefficients(rank, n_out)
+    net = EmbeddingHead(X.shape[1], n_out, hidden=(), dropout=0.0)
     f32 = {"dtype": torch.float32}
     with torch.no_grad():
         net.set_input_scaling(torch.as_tensor(fit.x_mean, **f32), torch.as_tensor(fit.x_std, **f32))
         net.out.weight.copy_(torch.as_tensor(coef.T, **f32))
         net.out.bias.copy_(torch.as_tensor(intercept, **f32))
-        net.out_scale.copy_(torch.as_tensor(fit.y_std, **f32))
-        net.out_shift.copy_(torch.as_tensor(fit.y_mean, **f32))
-        net.out_lo.copy_(torch.as_tensor(Y.min(0), **f32))
-        net.out_hi.copy_(torch.as_tensor(Y.max(0), **f32))
+        net.out_scale.copy_(torch.as_tensor(fit.y_std[:n_out], **f32))
+        net.out_shift.copy_(torch.as_tensor(fit.y_mean[:n_out], **f32))
+        net.out_lo.copy_(torch.as_tensor(Y[:, :n_out].min(0), **f32))
+        net.out_hi.copy_(torch.as_tensor(Y[:, :n_out].max(0), **f32))
     return net.eval(), {"rank": int(r), "alpha": float(fit.alpha)}
+
+
+def hybrid_linear(
+    features: np.ndarray,
+    expr,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    n_targets: int,
+    ks: Sequence[int],
+    refit: bool,
+) -> tuple[EmbeddingHead, dict]:
+    """The linear head of ``agl_fit(head="hybrid")``: a reduced-rank ridge of the targets.
+
+    Its number of auxiliaries (of ``ks``, the first of ``expr``'s auxiliary columns) and rank are chosen on the
+    validation spots (:func:`choose_rrr`); it is fitted on the training spots, and the validation spots too with
+    ``refit``, and predicts the ``n_targets`` targets only. Returns the head and ``{"rank", "alpha", "k",
+    "search"}``.
+    """
+    k, rank, scores = choose_rrr(features, expr, train_idx, val_idx, n_targets, ks)
+    rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
+    net, info = rrr_head(features, expr, rows, n_targets, rank, n_cols=n_targets + k, n_out=n_targets)
+    return net, {**info, "k": int(k), "search": search_record(scores)}
+
+
+def search_record(scores: dict) -> dict:
+    """The validation scores of :func:`choose_rrr` as arrays ``k``, ``rank`` (-1: full rank) and ``val_pcc``."""
+    return {
+        "k": np.asarray([k for k, _ in scores], dtype=int),
+        "rank": np.asarray([-1 if r is None else r for _, r in scores], dtype=int),
+        "val_pcc": np.asarray(list(scores.values()), dtype=float),
+    }
 
 
 def choose_rrr(
