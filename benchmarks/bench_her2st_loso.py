@@ -58,6 +58,8 @@ LABELS = {
     "topk:1000": "top-1000",
     "topk:3000": "top-3000",
     "topk:rrr": "agl_fit(head='rrr', method='topk', k='auto')",
+    "agl:hybrid": "AGL-all, agl_fit(head='hybrid')",
+    "dkgsb:hybrid": "DkGSB, agl_fit(head='hybrid')",
 }
 VARIANTS = {
     "pgl:reg": {"dropout": 0.5},
@@ -70,6 +72,8 @@ VARIANTS = {
     "topk:1000": {"k": 1000},
     "topk:3000": {"k": 3000},
     "topk:rrr": {"k": "auto", "head": "rrr"},  # the closed-form linear head as an agl_fit model
+    "agl:hybrid": {"head": "hybrid"},  # the MLP ensemble with the linear head's targets averaged in
+    "dkgsb:hybrid": {"head": "hybrid"},
 }
 EMB_KEY = "X_agl_densenet121"
 
@@ -189,6 +193,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--no-refit", action="store_true", help="networks train on the training split only")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-seeds", type=int, default=None, help="networks per fit (default: agl_fit's, 5)")
     p.add_argument("--stem", default=None, help="results file name (default: her2st_loso[_norefit])")
     p.add_argument("--n-targets", type=int, default=50)
     p.add_argument("--prior", default="hvg", help="auxiliary ranking: hvg, coexpression, moran (default: hvg)")
@@ -205,6 +210,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     adata = load_embedded(args.data, args.weights, args.cache, args.patch_um, args.patch_px)
     fit_kwargs = {"refit": not args.no_refit}
+    if args.n_seeds is not None:
+        fit_kwargs["n_seeds"] = args.n_seeds
     if args.epochs is not None:
         fit_kwargs["epochs"] = args.epochs
     if "topk" in args.methods:

@@ -28,9 +28,9 @@ __all__ = ["MODE_DEFAULTS", "NetworkConfig", "TrainingConfig", "DkGSBConfig", "G
 #: mode takes one meta step per epoch (``meta_steps``): four made a DkGSB epoch 3.1x an AGL-all epoch, one 1.4x.
 #: Embedding mode refits on training + validation spots after early stopping (``refit``) and averages five seeds
 #: (``n_seeds``): on HER2+ leave-one-section-out each lifted every network by about +0.01 mean PCC, and on the
-#: synthetic slide refit +0.09 and the ensemble +0.03 more, for about 3x the training time of one network without
-#: refit (``benchmarks/RESULTS.md``). Fine-tune mode trains one encoder without refit: neither was measured there
-#: and each would multiply a GPU job.
+#: synthetic slide refit +0.09 and the ensemble +0.03 to +0.05 more (a demo fit 1.2-5.7 s instead of 1.0-3.5 s;
+#: ``benchmarks/RESULTS.md``, docs/method.md). Fine-tune mode trains one encoder without refit: neither was
+#: measured there and each would multiply a GPU job.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "embedding": {"hidden": (256,), "epochs": 100, "patience": 10, "lr": 1e-3, "batch_size": 128, "augment": False,
                   "meta_scope": K.META_SCOPE_ALL, "meta_steps": 4, "refit": True, "n_seeds": 5},
