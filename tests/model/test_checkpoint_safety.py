@@ -9,6 +9,7 @@ import builtins
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import agl_scverse as agl
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, register_encoder
 from agl_scverse.model import _checkpoint as ckpt
 from agl_scverse.model import _modeldir as mdir
-from agl_scverse.model._schema import FORMAT_VERSION, SUPPORTED_FORMATS
+from agl_scverse.model._schema import FORMAT_VERSION, SUPPORTED_FORMATS, config_digest
 
 SRC = Path(agl.__file__).resolve().parents[1]
 
@@ -56,6 +57,12 @@ def _cfg(path: Path) -> dict:
 
 def _write_cfg(path: Path, cfg) -> None:
     (path / "config.json").write_text(json.dumps(cfg) if not isinstance(cfg, str) else cfg)
+
+
+def _reseal(path: Path, cfg: dict) -> None:
+    """Write ``cfg`` with a digest that matches it: a consistent model, so only the later checks can object."""
+    cfg = {k: v for k, v in cfg.items() if k != "digest"}
+    _write_cfg(path, {**cfg, "digest": config_digest(cfg)})
 
 
 # ------------------------------------------------------------------------------------------ 1. overwrite safety
@@ -327,7 +334,7 @@ def saved(tmp_path) -> Path:
 
 def test_config_records_format_version_and_weights_sha256(saved):
     cfg = _cfg(saved)
-    assert cfg["format_version"] == FORMAT_VERSION == 3
+    assert cfg["format_version"] == FORMAT_VERSION == 4
     assert cfg["weights_sha256"] == hashlib.sha256((saved / "model.safetensors").read_bytes()).hexdigest()
 
 
@@ -362,7 +369,7 @@ def _set(path: str, value):
 
 
 BAD_CONFIGS = [
-    ("format_version", 99, r"'format_version' is 99; this agl-scverse reads format versions \[1, 2, 3\]"),
+    ("format_version", 99, r"'format_version' is 99; this agl-scverse reads format versions \[1, 2, 3, 4\]"),
     ("format_version", "3", "'format_version'"),
     ("format_version", True, "'format_version'"),
     ("weights_sha256", ..., "'weights_sha256' must be a sha256"),
@@ -406,6 +413,16 @@ BAD_CONFIGS = [
     ("encoder.patch_px", -1, "'encoder.patch_px' must be an integer"),
     ("encoder.patch_um", 0, "'encoder.patch_um' must be a finite number"),
     ("hyperparameters", [1], "'hyperparameters' must be a dict"),
+    # bounded values: a named refusal, not "Storage size calculation overflowed" while building the network
+    ("net.n_in", 2**62, r"'net.n_in' must be an integer in \[1, 16777216\]"),
+    ("net.hidden", [2**40], r"'net.hidden\[0\]' must be an integer in \[1, 16777216\]"),
+    ("net.hidden", [5] * 65, "'net.hidden' names 65 hidden layers, more than 64"),
+    ("net.n_out", 2**62, r"'net.n_out' must be an integer in \[1, 16777216\]"),
+    # no file a config names is opened: timm arguments that open files or download are refused
+    ("encoder.encoder_kwargs", '{"checkpoint_path": "/etc/hostname"}', "names 'checkpoint_path', a timm argument"),
+    ("encoder.encoder_kwargs", '{"pretrained_cfg_overlay": {"file": "/x"}}', "names 'pretrained_cfg_overlay'"),
+    ("digest", ..., "'digest' must map every field"),
+    ("digest", {"genes": "zz"}, "'digest' must map every field"),
 ]
 
 
@@ -448,7 +465,7 @@ def test_old_formats_without_sha256_still_load_with_a_warning(saved, monkeypatch
     np.testing.assert_array_equal(loaded.predict(X), _model(1).predict(X))
     assert loaded.config["encoder"]["encoder"] == "resnet18"
     assert len(warned) == 1 and "records no sha256" in warned[0]
-    assert set(SUPPORTED_FORMATS) == {1, 2, 3}
+    assert set(SUPPORTED_FORMATS) == {1, 2, 3, 4}
 
 
 def test_format_1_config_without_format_version_key_loads(saved):
@@ -522,7 +539,7 @@ def test_finetuned_model_needs_no_encoder_file(tmp_path):
     # the head's shape is checked against the file before anything is built for real
     cfg = _cfg(path)
     cfg["net"]["n_features"] = 8
-    _write_cfg(path, cfg)
+    _reseal(path, cfg)
     with pytest.raises(ValueError, match=r"'out.weight' is \[2, 4\] float32 in the file, the config implies \[2, 8\]"):
         AGLModel.load(path)
 
@@ -536,13 +553,13 @@ def _rewrite_weights(path: Path, change) -> None:
     save_file(state, str(path / "model.safetensors"))
     cfg = _cfg(path)
     cfg["weights_sha256"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
-    _write_cfg(path, cfg)
+    _reseal(path, cfg)
 
 
 def test_huge_hidden_in_config_is_refused_before_allocating(saved, monkeypatch):
     cfg = _cfg(saved)
     cfg["net"]["hidden"] = [16000, 16000]
-    _write_cfg(saved, cfg)
+    _reseal(saved, cfg)
     built_on = []
     real = ckpt.build_network
 
@@ -580,7 +597,7 @@ def test_weights_file_that_is_not_safetensors_is_refused(saved):
     (saved / "model.safetensors").write_bytes(b"\xff" * 64)
     cfg = _cfg(saved)
     cfg["weights_sha256"] = hashlib.sha256(b"\xff" * 64).hexdigest()
-    _write_cfg(saved, cfg)
+    _reseal(saved, cfg)
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         AGLModel.load(saved)
 
@@ -599,3 +616,141 @@ def test_saved_model_has_the_permissions_of_new_files(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask
     for name in mdir.MODEL_FILES:
         assert (path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ------------------------------------------------------------------------------------------ 6. the whole model
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda c: {**c, "genes": [c["genes"][1], c["genes"][0], c["genes"][2]]}, "'genes' (changed)"),
+        (lambda c: {**c, "genes": c["genes"][::-1], "roles": c["roles"]}, "'genes' (changed)"),
+        (lambda c: {**c, "transform": "log1p_cpm"}, "'transform' (changed)"),
+        (lambda c: {**c, "weights": [1.0, 1.0, 0.2]}, "'weights' (changed)"),
+        (lambda c: {**c, "embedding_key": "X_other"}, "'embedding_key' (changed)"),
+        (lambda c: {k: v for k, v in c.items() if k != "prior"}, "'prior' (removed)"),
+    ],
+    ids=["two-genes-swapped", "genes-reversed", "transform", "weights", "embedding-key", "field-removed"],
+)
+def test_a_config_changed_after_save_is_refused_naming_the_field(saved, change, field):
+    """A config edited after save (valid on its own) no longer matches the digest recorded at save."""
+    cfg = change(_cfg(saved))
+    if cfg["genes"][0] == "g2":  # reversed: keep the roles valid (targets first) so only the digest objects
+        cfg["roles"] = ["target", "target", "auxiliary"]
+    _write_cfg(saved, cfg)
+    before = _tree(saved.parent)
+    with pytest.raises(ValueError, match=f"was changed after the model was saved: field {re.escape(field)}"):
+        AGLModel.load(saved)
+    assert _tree(saved.parent) == before
+
+
+def test_digest_covers_every_field_and_the_weights(saved):
+    cfg = _cfg(saved)
+    assert set(cfg["digest"]) == set(cfg) - {"digest"} and "weights_sha256" in cfg["digest"]
+    assert config_digest({k: v for k, v in cfg.items() if k != "digest"}) == cfg["digest"]
+
+
+def test_nan_weight_with_recomputed_checksums_is_refused_naming_the_tensor(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    state["out.weight"][1, 2] = float("nan")
+    save_file(state, str(saved / "model.safetensors"))
+    cfg = _cfg(saved)
+    cfg["weights_sha256"] = hashlib.sha256((saved / "model.safetensors").read_bytes()).hexdigest()
+    _reseal(saved, cfg)  # every checksum agrees: only the finite-value check can object
+    with pytest.raises(ValueError, match="NaN or infinite values in tensor 'out.weight'"):
+        AGLModel.load(saved)
+
+
+def test_infinite_clipping_bounds_are_allowed_but_a_nan_network_is_not_saved(tmp_path):
+    model = _model()  # an untrained head: out_lo / out_hi are -inf / inf (unbounded)
+    assert torch.isinf(model.net.out_lo).all()
+    np.testing.assert_array_equal(AGLModel.load(model.save(tmp_path / "a")).predict(X), model.predict(X))
+    with torch.no_grad():
+        model.net.out.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values in tensor 'out.bias'; refusing to save"):
+        model.save(tmp_path / "b")
+    assert not (tmp_path / "b").exists() and not mdir.leftovers(tmp_path / "b")
+
+
+def test_deeply_nested_config_is_refused_without_recursion_error(saved):
+    cfg = _cfg(saved)
+    text = json.dumps(cfg)[:-1] + ', "hyperparameters": {"x": ' + "[" * 100000 + "]" * 100000 + "}}"
+    _write_cfg(saved, text)
+    with pytest.raises(ValueError, match="nests lists / objects deeper than 32 levels"):
+        AGLModel.load(saved)
+
+
+def test_nested_but_shallow_strings_with_brackets_load(saved):
+    cfg = _cfg(saved)
+    cfg["hyperparameters"] = {"note": "[" * 100 + "{" * 100 + '\\"'}
+    _reseal(saved, cfg)
+    assert AGLModel.load(saved).config["hyperparameters"]["note"].startswith("[[[")
+
+
+# ------------------------------------------------------------------------------------------ 7. one generation
+def _tagged_model(tag: float) -> AGLModel:
+    """A same-shape model whose config and weights both carry ``tag`` (so a mixed pair is visible)."""
+    model = _model(0)
+    with torch.no_grad():
+        model.net.out.bias.fill_(tag)
+    model.config["threshold"] = tag
+    return model
+
+
+def _writer(path: str, tag: float, n: int, errors) -> None:
+    torch.set_num_threads(1)
+    model = _tagged_model(tag)
+    for _ in range(n):
+        try:
+            model.save(path, overwrite=True)
+        except Exception as err:
+            errors.put(f"writer {tag}: {type(err).__name__}: {err}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_load_racing_saves_sees_one_generation_and_two_writers_take_turns(tmp_path):
+    """Two processes save different same-shape models to one path while this one loads: every load pairs a
+    config with its own weights, and neither writer fails on the other's temporary."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    path = str(tmp_path / "m")
+    _tagged_model(1.0).save(path)
+    errors = ctx.Queue()
+    writers = [ctx.Process(target=_writer, args=(path, tag, 25, errors)) for tag in (1.0, 2.0)]
+    for w in writers:
+        w.start()
+    loads = mixed = 0
+    try:
+        while any(w.is_alive() for w in writers) or loads < 20:
+            m = AGLModel.load(path)
+            loads += 1
+            mixed += float(m.net.out.bias[0]) != m.config["threshold"]
+            if loads > 2000:
+                break
+    finally:
+        for w in writers:
+            w.join(timeout=60)
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == [] and all(w.exitcode == 0 for w in writers)
+    assert loads >= 20 and mixed == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no leftover temporaries
+
+
+def test_load_reads_the_weights_once(saved, monkeypatch):
+    """The checked bytes are the loaded bytes: nothing opens the weights file a second time by name."""
+    import safetensors.torch as st
+
+    monkeypatch.setattr(st, "load_file", lambda *a, **k: pytest.fail("weights re-read by path"))
+    real_open, opened = os.open, []
+
+    def spy(p, *a, **k):
+        opened.append(str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    AGLModel.load(saved)
+    assert sum(p.endswith("model.safetensors") for p in opened) == 1

@@ -82,7 +82,7 @@ def test_resume_refuses_a_differently_configured_run_and_an_unasked_overwrite(tm
     import shutil
 
     shutil.rmtree(save_dir)  # as if killed before the model was written
-    with pytest.raises(ValueError, match=r"configured differently \(params.lr: checkpoint 0.003, now 0.01"):
+    with pytest.raises(ValueError, match=r"other settings or data \(params.lr: checkpoint 0.003, now 0.01"):
         fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2, resume=True, lr=1e-2)
     with pytest.raises(FileExistsError, match="pass resume=True to continue it"):
         fit("embedding", save_dir=save_dir, checkpoint_every=1, epochs=2)
@@ -154,3 +154,31 @@ def test_checkpoint_state_carries_the_gradient_scaler():
     epoch, *_ = _restore_loop_state(Ckpt(st), net, opt, None, None, rng, empty_history(), 0.0, fresh)
     assert epoch == 2 and fresh.get_scale() == 2.0**5
     assert _loop_state(2, net, opt, None, None, rng, empty_history(), best, 0, 0.0, 1.0)["scaler"] is None
+
+
+def test_resume_refuses_shuffled_counts_of_the_training_spots(tmp_path, monkeypatch):
+    """Same genes, embedding and split, but the count rows shuffled among the train/validation spots: the
+    checkpoint's fingerprint of the training data differs, so resuming is refused naming it."""
+    import numpy as np
+    from builders import small_slide
+    from fit_runs import fit_kwargs
+
+    from agl_scverse.model import _resume
+
+    monkeypatch.setattr(_resume.Checkpointer, "remove", lambda self: None)  # keep the checkpoint (as if killed)
+    save_dir = tmp_path / "m"
+    kw = {**fit_kwargs("embedding"), "epochs": 2, "checkpoint_every": 1, "save_dir": save_dir}
+    adata = small_slide()
+    agl.tl.agl_fit(adata, **kw, overwrite=True)
+    import shutil
+
+    shutil.rmtree(save_dir)
+    used = np.flatnonzero(adata.obs["agl_split"].isin(["train", "val"]).to_numpy())
+    shuffled = small_slide()
+    perm = np.random.default_rng(0).permutation(used)
+    shuffled.X[used] = shuffled.X[perm]
+    with pytest.raises(ValueError, match=r"other settings or data \(expression_sha256: checkpoint"):
+        agl.tl.agl_fit(shuffled, **kw, resume=True)
+    assert not save_dir.exists()
+    agl.tl.agl_fit(small_slide(), **kw, resume=True)  # the same data resumes
+    assert save_dir.is_dir()

@@ -17,7 +17,10 @@ weights' sha256 and the tensor shapes in the weights file's header before it bui
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +35,20 @@ from ._data import index_batches_of, patch_batches
 from ._encoders import get_encoder, record_kwargs
 from ._heads import EmbeddingEnsemble, EmbeddingHead, FinetuneNet
 from ._inference import array_batches, forward
-from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale
+from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale, writer_lock
 from ._precision import resolve_precision
-from ._schema import FORMAT_VERSION, check_weights_header, expected_shapes, upgrade_config, validate_config
+from ._schema import (
+    DIGEST_FIELD,
+    FORMAT_VERSION,
+    MAX_CONFIG_BYTES,
+    check_digest,
+    check_weights_header,
+    config_digest,
+    expected_shapes,
+    parse_config,
+    upgrade_config,
+    validate_config,
+)
 
 __all__ = [
     "AGLModel",
@@ -42,26 +56,59 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "build_network",
+    "check_model",
     "read_config",
     "upgrade_config",
 ]
 
 
-def read_config(path: Path, check_weights: bool = True) -> dict:
-    """The checked config of the model directory ``path``; raises ``ValueError`` naming what is wrong.
+#: How often :meth:`AGLModel.load` reads again when a save replaced the model while it was reading.
+LOAD_ATTEMPTS = 10
+_DIR_FD = os.open in os.supports_dir_fd  # opening files relative to a folder handle (POSIX)
 
-    Parses ``config.json``, upgrades an older format, validates every field, compares the sha256 of
-    ``model.safetensors`` with the recorded one (format 3; older formats record none) and the tensor names and
-    shapes in its header with those the config implies. No tensor is read and no network is allocated.
+
+def _read_generation(path: Path) -> tuple[bytes, bytes, tuple[int, int]]:
+    """``config.json`` and ``model.safetensors`` of one generation of ``path``, and that folder's (device, inode).
+
+    Both files are opened through one handle of the folder, so a save that swaps a new folder in meanwhile cannot
+    pair one model's config with another's weights.
+    """
+    dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        st = os.fstat(dfd)
+        out = []
+        for name, limit in ((CONFIG_NAME, MAX_CONFIG_BYTES + 1), (WEIGHTS_NAME, -1)):
+            fd = os.open(name, os.O_RDONLY, dir_fd=dfd) if _DIR_FD else os.open(path / name, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as fh:
+                out.append(fh.read(limit))
+    finally:
+        os.close(dfd)
+    return out[0], out[1], (st.st_dev, st.st_ino)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_model(path: Path, config_bytes: bytes, weights: bytes | None) -> dict:
+    """The checked config of a model whose files hold ``config_bytes`` and ``weights`` (``ValueError`` if not).
+
+    Each refusal names the field or tensor. Parses ``config.json`` (bounded size and nesting), upgrades an older format, validates every field, compares
+    every field with the digest recorded at save (format 4: :func:`~agl_scverse.model._schema.config_digest`), the
+    sha256 of the weights with ``weights_sha256`` (format 3 on; older formats record none) and the tensor names and
+    shapes in the weights' header with those the config implies. With ``weights=None`` only the config is checked.
+    No network is allocated.
     """
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    try:
-        with open(cfg_path) as fh:
-            raw = json.load(fh)
-    except ValueError as err:
-        raise ValueError(f"{cfg_path} is not valid JSON ({err}); refusing to load this model.") from err
+    raw = parse_config(config_bytes, where=str(cfg_path))
     config = validate_config(upgrade_config(raw), where=str(cfg_path))
-    if not check_weights:
+    if config.get("format_version", 1) >= 4:
+        check_digest(raw, where=str(cfg_path))
+    if weights is None:
         return config
     recorded = config.get("weights_sha256")
     if recorded is None:
@@ -69,13 +116,54 @@ def read_config(path: Path, check_weights: bool = True) -> dict:
             f"{path} was saved in format version {config.get('format_version', 1)}, which records no sha256 of "
             f"{WEIGHTS_NAME}; its integrity cannot be checked. Save it again to record one."
         )
-    elif (actual := sha256_file(w_path)) != recorded:
+    elif (actual := hashlib.sha256(weights).hexdigest()) != recorded:
         raise ValueError(
             f"{w_path} is damaged or was changed: its sha256 is {actual}, config.json records "
             f"weights_sha256 {recorded}; refusing to load this model."
         )
-    check_weights_header(w_path, expected_shapes(build_network, config))
+    check_weights_header(w_path, expected_shapes(build_network, config), weights)
     return config
+
+
+def read_config(path: Path, check_weights: bool = True) -> dict:
+    """The checked config of the model directory ``path`` (see :func:`check_model`); one generation is read."""
+    cfg, weights, _ = _read_generation(Path(path))
+    return check_model(Path(path), cfg, weights if check_weights else None)
+
+
+def _state_dict(path: Path, weights: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a checked weights file; refuses NaN or infinite values, naming the tensors."""
+    from safetensors.torch import load
+
+    try:
+        state = load(weights)
+    except Exception as err:  # safetensors' own error type
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err}); refusing to load this model."
+        ) from err
+    if bad := non_finite(state):
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} holds NaN or infinite values in tensor {', '.join(map(repr, bad[:8]))}"
+            f"{f' ({len(bad)} tensors)' if len(bad) > 8 else ''}; a trained network never does, so it would write "
+            "NaN predictions. Refusing to load this model: fit it again."
+        )
+    return state
+
+
+#: Buffers whose infinite values mean "unbounded" (the clipping range of an output never seen in training).
+UNBOUNDED = ("out_lo", "out_hi")
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN, or infinite values outside the :data:`UNBOUNDED` clipping bounds."""
+    bad = []
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        ok = ~torch.isnan(v) if k.rsplit(".", 1)[-1] in UNBOUNDED else torch.isfinite(v)
+        if not bool(ok.all()):
+            bad.append(k)
+    return bad
 
 
 def _is_intact(path: Path) -> bool:
@@ -83,7 +171,9 @@ def _is_intact(path: Path) -> bool:
     if not all((path / n).is_file() for n in MODEL_FILES):
         return False
     try:
-        read_config(path)
+        cfg, weights, _ = _read_generation(path)
+        check_model(path, cfg, weights)
+        _state_dict(path, weights)
     except (OSError, ValueError):
         return False
     return True
@@ -271,9 +361,11 @@ class AGLModel:
             The config is not one :meth:`load` would accept (nothing is written).
         """
         path = Path(path)
-        recover(path, _is_intact)  # a model an interrupted save left beside path counts as being at path
-        remove_stale(path)
-        return atomic_replace(path, self._write, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with writer_lock(path):  # saves to one folder take turns: none deletes another's temporary
+            recover(path, _is_intact)  # a model an interrupted save left beside path counts as being at path
+            remove_stale(path)
+            return atomic_replace(path, self._write, overwrite)
 
     def _write(self, directory: Path) -> None:
         """Write ``model.safetensors`` and ``config.json`` (with format version and weights sha256) into ``directory``."""
@@ -281,8 +373,16 @@ class AGLModel:
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME))
+        if bad := non_finite(state):
+            raise ValueError(
+                f"The network holds NaN or infinite values in tensor {', '.join(map(repr, bad[:8]))}; refusing to "
+                "save a model that would predict NaN."
+            )
         cfg = {**self.config, "format_version": FORMAT_VERSION, "weights_sha256": sha256_file(directory / WEIGHTS_NAME)}
-        cfg = validate_config(to_json(cfg), where="AGLModel.config", verb="save")
+        cfg.pop(DIGEST_FIELD, None)
+        cfg = to_json(cfg)
+        cfg[DIGEST_FIELD] = config_digest(cfg)
+        cfg = validate_config(cfg, where="AGLModel.config", verb="save")
         with open(directory / CONFIG_NAME, "w") as fh:
             json.dump(cfg, fh, indent=1)
 
@@ -320,16 +420,28 @@ class AGLModel:
         --------
         >>> model = AGLModel.load("my_model")  # doctest: +SKIP
         """
-        from safetensors.torch import load_file
-
         path = Path(path)
-        if not all((path / n).is_file() for n in MODEL_FILES):
-            recover(path, _is_intact)
-        if not all((path / n).is_file() for n in MODEL_FILES):
-            raise FileNotFoundError(f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
-        config = read_config(path)
+        for attempt in range(LOAD_ATTEMPTS):
+            if not all((path / n).is_file() for n in MODEL_FILES):
+                with writer_lock(path):  # waits for a save under way, then restores an interrupted one's model
+                    recover(path, _is_intact)
+            if not all((path / n).is_file() for n in MODEL_FILES):
+                raise FileNotFoundError(f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
+            ident = None
+            try:
+                cfg_bytes, weights, ident = _read_generation(path)
+                config = check_model(path, cfg_bytes, weights)
+                state = _state_dict(path, weights)
+                break
+            except (OSError, ValueError):
+                # a save replaced the folder while it was read (its files were removed, or a writer that does not
+                # swap folders changed them): read the new generation; otherwise the error stands
+                if attempt == LOAD_ATTEMPTS - 1 or (ident is not None and _identity(path) == ident):
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+        del weights
         net = build_network(config)
-        net.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        net.load_state_dict(state)
         return cls(net.to(device), config)
 
 

@@ -12,7 +12,11 @@ parent and removes the old one. The new folder and files get the usual permissio
 under a 0022 umask), not the private 0700 of a temporary folder. A process killed at any point leaves either the old or the new model at
 ``path``, or (between the two renames) none at ``path`` and an intact one in a leftover: :func:`recover` moves
 it back (the old model first: an unfinished save does not count), and the next save removes stale leftovers.
-One writer per path at a time.
+Writers of one folder take turns: :func:`writer_lock` holds an exclusive ``flock`` on the parent folder for a whole
+save (recovery, removal of stale leftovers, the swap), so two processes saving to one path never delete each
+other's temporary (the last one to finish wins, or ``overwrite=False`` refuses with ``FileExistsError``), and a
+reader that finds no model at ``path`` recovers one only while no save is under way. Readers take no lock: they
+read one generation through one directory handle (see :meth:`agl_scverse.model.AGLModel.load`).
 
 The same machinery writes a training checkpoint (:mod:`agl_scverse.model._resume`): ``files`` names the entries
 such a directory holds and ``is_ours`` recognises its manifest, so neither kind of directory can overwrite the other.
@@ -25,18 +29,53 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from scanpy import logging as logg
 
-__all__ = ["CONFIG_NAME", "MODEL_FILES", "WEIGHTS_NAME", "atomic_replace", "check_overwritable", "leftovers", "recover"]
+__all__ = [
+    "CONFIG_NAME",
+    "MODEL_FILES",
+    "WEIGHTS_NAME",
+    "atomic_replace",
+    "check_overwritable",
+    "leftovers",
+    "recover",
+    "writer_lock",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: Every entry a model directory may hold.
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _KINDS = ("tmp", "old")
+
+
+@contextmanager
+def writer_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the parent folder of ``path`` (POSIX ``flock``; a no-op where there is none).
+
+    Saves to one folder take turns. Not re-entrant: never nest two of these in one thread.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: renames alone
+        yield
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd = os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # no parent yet (a reader then finds nothing) or not openable
+        yield
+        return
+    try:
+        with suppress(OSError):  # a file system without flock: renames alone, as before
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def fsync_dir(path: Path) -> None:

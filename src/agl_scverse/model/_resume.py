@@ -36,7 +36,7 @@ from agl_scverse import _distributed as dist
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
 
-from ._modeldir import atomic_replace, check_overwritable, recover, remove_stale
+from ._modeldir import atomic_replace, check_overwritable, recover, remove_stale, writer_lock
 
 __all__ = ["CHECKPOINT_FILES", "CHECKPOINT_FORMAT", "Checkpointer", "checkpoint_path"]
 
@@ -157,7 +157,8 @@ class Checkpointer:
         found: tuple[str | None, bool] = (None, False)
         if dist.is_main():  # rank 0 looks; the others hear what it found (no shared file system needed)
             try:
-                recover(self.path, _is_intact)  # a swap killed between its renames
+                with writer_lock(self.path):
+                    recover(self.path, _is_intact)  # a swap killed between its renames
                 check_overwritable(self.path, CHECKPOINT_FILES, _is_manifest)
                 found = (None, self.path.is_dir() and any(self.path.iterdir()))
             except FileExistsError as err:
@@ -201,8 +202,10 @@ class Checkpointer:
         if man.get("fingerprint") != self.fingerprint:
             diff = "; ".join(_differences(man.get("fingerprint") or {}, self.fingerprint))
             raise ValueError(
-                f"The checkpoint at {self.path} was written by a run configured differently ({diff}); resume with "
-                "the same arguments, or pass resume=False, overwrite=True to start a new run."
+                f"The checkpoint at {self.path} was written by a run with other settings or data ({diff}); resume "
+                "with the same arguments and data (expression_sha256: the expression of the training and validation "
+                "spots, in order; features_sha256: their embedding; split_sha256: which spots), or pass "
+                "resume=False, overwrite=True to start a new run."
             )
         with open(self.path / STATE_NAME, "rb") as fh:
             state = torch.load(fh, map_location="cpu", weights_only=True)
@@ -248,8 +251,9 @@ class Checkpointer:
                 with open(tmp / MANIFEST_NAME, "w") as fh:
                     json.dump(man, fh, indent=1)
 
-            remove_stale(self.path)
-            atomic_replace(self.path, write, overwrite=True, files=CHECKPOINT_FILES, is_ours=_is_manifest)
+            with writer_lock(self.path):
+                remove_stale(self.path)
+                atomic_replace(self.path, write, overwrite=True, files=CHECKPOINT_FILES, is_ours=_is_manifest)
         self.written += 1
         dist.barrier()
 

@@ -2,13 +2,16 @@
 
 :func:`validate_config` checks every field the package reads (types, allowed values from ``_constants``,
 lengths of the per-gene lists against each other and against the network's output size, unique gene names,
-known format version); :func:`expected_shapes` gives the tensor shapes the config implies (the network is built
+known format version, bounded sizes and nesting, no encoder keyword that names a file); :func:`config_digest`
+records a sha256 of every top-level field (the weights' sha256 included) and :func:`check_digest` names the fields
+that changed since the model was saved; :func:`expected_shapes` gives the tensor shapes the config implies (the network is built
 on torch's ``meta`` device, so nothing is allocated) and :func:`check_weights_header` compares them with the
 header of the weights file before a single tensor is read. Every refusal names the field.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -19,9 +22,16 @@ from typing import Any
 from agl_scverse import _constants as K
 
 __all__ = [
+    "FILE_KWARGS",
     "FORMAT_VERSION",
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "MAX_DIM",
     "SUPPORTED_FORMATS",
+    "check_digest",
     "check_weights_header",
+    "config_digest",
+    "parse_config",
     "expected_shapes",
     "upgrade_config",
     "validate_config",
@@ -30,8 +40,24 @@ __all__ = [
 #: Version of the saved layout. 2: ``config["encoder"]`` is the encoder record of
 #: :func:`agl_scverse.model.encoder_record` (its name under ``"encoder"``; version 1 called it ``"name"``).
 #: 3: ``config["weights_sha256"]`` records the sha256 of ``model.safetensors`` (checked on load).
-FORMAT_VERSION = 3
-SUPPORTED_FORMATS = (1, 2, 3)
+#: 4: ``config["digest"]`` records the sha256 of every other top-level field (:func:`config_digest`).
+FORMAT_VERSION = 4
+SUPPORTED_FORMATS = (1, 2, 3, 4)
+#: The field holding :func:`config_digest` (format 4).
+DIGEST_FIELD = "digest"
+#: Largest ``config.json`` read (bytes): a config of 100,000 genes is about 10 MB.
+MAX_CONFIG_BYTES = 256 * 2**20
+#: Deepest nesting of lists / objects in a config (the package writes at most 4 levels).
+MAX_DEPTH = 32
+#: Largest network dimension (input width, hidden width, output genes, feature width) a config may name.
+MAX_DIM = 2**24
+#: Most hidden layers / ensemble members a config may name.
+MAX_LAYERS = 64
+MAX_MEMBERS = 1024
+#: timm keyword arguments that name a file, a URL or a download: never taken from a saved config (no file a
+#: config names is opened; encoder weights are passed explicitly, ``agl_predict(weights=...)``).
+FILE_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "file", "url",
+               "hf_hub_id", "hf_hub_filename", "state_dict")  # fmt: skip
 #: Network kinds of ``config["net"]["kind"]`` and the model mode each one serves.
 NET_KINDS = {"embedding": "embedding", "ensemble": "embedding", "finetune": "finetune"}  # kind -> mode
 #: What a fine-tuned model ran in (``config["precision"]["precision"]``, see :mod:`agl_scverse.model._precision`).
@@ -86,6 +112,93 @@ class _Checker:
         """Check ``config[field]`` unless it is absent or null."""
         if config.get(field) is not None:
             check(field, config[field], *args, **kw)
+
+
+def parse_config(text: bytes | str, where: str = "config.json") -> Any:
+    """The JSON value of a config file's bytes, with its size and nesting bounded; ``ValueError`` otherwise.
+
+    Examples
+    --------
+    >>> parse_config(b'{"genes": ["a"]}')
+    {'genes': ['a']}
+    >>> parse_config("[" * 100 + "]" * 100)
+    Traceback (most recent call last):
+    ...
+    ValueError: config.json nests lists / objects deeper than 32 levels (at [0][0][0][0][0][0]...); refusing to load this model.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{where} is {len(text)} bytes, more than a model config can be ({MAX_CONFIG_BYTES} bytes); "
+            "refusing to load this model."
+        )
+    if (path := _too_deep(text)) is not None:
+        raise ValueError(
+            f"{where} nests lists / objects deeper than {MAX_DEPTH} levels (at {path}...); refusing to load this model."
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{where} is not valid JSON ({err}); refusing to load this model.") from err
+
+
+def _too_deep(text: bytes | str) -> str | None:
+    """A bracket path deeper than :data:`MAX_DEPTH` in JSON text (strings skipped), or None; no recursion."""
+    data = text.encode() if isinstance(text, str) else text
+    depth, in_str, escaped = 0, False, False
+    for byte in data:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_str = False
+        elif byte == 0x22:
+            in_str = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_DEPTH:
+                return "[0]" * 6
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return None
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def config_digest(config: dict) -> dict[str, str]:
+    """sha256 of the canonical JSON of every top-level field of ``config`` but the digest itself.
+
+    Saved in ``config["digest"]`` (format 4); ``weights_sha256`` is one of the fields, so the digest covers the
+    whole model: genes, roles, transform, network shape and weights.
+
+    Examples
+    --------
+    >>> d = config_digest({"genes": ["a", "b"], "transform": "log1p"})
+    >>> sorted(d), d["genes"] == config_digest({"genes": ["b", "a"]})["genes"]
+    (['genes', 'transform'], False)
+    """
+    return {k: hashlib.sha256(_canonical(v)).hexdigest() for k, v in sorted(config.items()) if k != DIGEST_FIELD}
+
+
+def check_digest(config: dict, where: str = "config.json") -> None:
+    """Raise ``ValueError`` naming every field whose value differs from the one :func:`config_digest` recorded."""
+    recorded = config.get(DIGEST_FIELD)
+    c = _Checker(where)
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) and _SHA256.match(v) for v in recorded.values()):
+        c.fail(DIGEST_FIELD, "must map every field to the sha256 of its value (format 4)")
+    actual = config_digest(config)
+    changed = sorted(k for k in set(recorded) | set(actual) if recorded.get(k) != actual.get(k))
+    if changed:
+        what = [f"{k!r} ({'added' if k not in recorded else 'removed' if k not in actual else 'changed'})"
+                for k in changed]  # fmt: skip
+        raise ValueError(
+            f"{where} was changed after the model was saved: field {', '.join(what[:10])} "
+            f"{'does' if len(what) == 1 else 'do'} not match the digest recorded at save; refusing to load this "
+            "model. Save the model again from the object that trained it, or fit it again."
+        )
 
 
 def upgrade_config(config: dict) -> dict:
@@ -177,10 +290,30 @@ def _check_encoder(c: _Checker, enc: Any, needs_name: bool) -> None:
             ok = False
         if not ok:
             c.fail("encoder.encoder_kwargs", f"must be a JSON object of timm keyword arguments, got {text!r}")
+        if named := _file_kwargs(json.loads(text)):
+            c.fail(
+                "encoder.encoder_kwargs",
+                f"names {named[0]!r}, a timm argument that opens a file or downloads weights; no file a config names "
+                "is opened (pass encoder weights to agl_predict(weights=...))",
+            )
     if enc.get("native_mpp") is not None:
         c.is_number("encoder.native_mpp", enc["native_mpp"], 1e-6)
     if enc.get("strict") is not None and not isinstance(enc["strict"], bool):
         c.fail("encoder.strict", f"must be true or false, got {enc['strict']!r}")
+
+
+def _file_kwargs(value: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the :data:`FILE_KWARGS` keys anywhere in a JSON value."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in FILE_KWARGS:
+                found.append(prefix + k)
+            found += _file_kwargs(v, f"{prefix}{k}.")
+    elif isinstance(value, list):
+        for v in value:
+            found += _file_kwargs(v, prefix)
+    return found
 
 
 def _check_precision(c: _Checker, prec: Any) -> None:
@@ -203,23 +336,26 @@ def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
     if not isinstance(net, dict):
         c.fail("net", f"must be a dict of the network's constructor arguments, got {type(net).__name__}")
     kind = c.is_str("net.kind", net.get("kind", "embedding"), tuple(NET_KINDS))
-    if c.is_int("net.n_out", net.get("n_out"), 1) != n_genes:
+    if c.is_int("net.n_out", net.get("n_out"), 1, MAX_DIM) != n_genes:
         c.fail("net.n_out", f"is {net['n_out']} but the config lists {n_genes} genes")
     if kind == "ensemble":
         lin = net.get("linear")
-        c.is_int("net.n_members", net.get("n_members"), 2 if lin is None else 1)
+        c.is_int("net.n_members", net.get("n_members"), 2 if lin is None else 1, MAX_MEMBERS)
         if lin is not None:  # head="hybrid": a linear head of the first outputs
             if not isinstance(lin, dict):
                 c.fail("net.linear", f"must be a dict, got {type(lin).__name__}")
             c.is_int("net.linear.n_out", lin.get("n_out"), 1, n_genes)
             c.is_number("net.linear.weight", lin.get("weight"), 1e-9, 1 - 1e-9)
     if kind in ("embedding", "ensemble"):
-        c.is_int("net.n_in", net.get("n_in"), 1)
-        for i, h in enumerate(c.is_list("net.hidden", net.get("hidden", []))):
-            c.is_int(f"net.hidden[{i}]", h, 1)
+        c.is_int("net.n_in", net.get("n_in"), 1, MAX_DIM)
+        hidden = c.is_list("net.hidden", net.get("hidden", []))
+        if len(hidden) > MAX_LAYERS:
+            c.fail("net.hidden", f"names {len(hidden)} hidden layers, more than {MAX_LAYERS}")
+        for i, h in enumerate(hidden):
+            c.is_int(f"net.hidden[{i}]", h, 1, MAX_DIM)
         c.is_number("net.dropout", net.get("dropout", 0.0), 0.0, 1.0)
         return kind
-    c.is_int("net.n_features", net.get("n_features"), 1)
+    c.is_int("net.n_features", net.get("n_features"), 1, MAX_DIM)
     for field in ("mean", "std"):
         if net.get(field) is not None:
             values = c.is_list(f"net.{field}", net[field])
@@ -262,6 +398,8 @@ def validate_config(config: Any, where: str = "config.json", verb: str = "load")
         c.fail("format_version", f"is {version!r}; this agl-scverse reads format versions {list(SUPPORTED_FORMATS)}")
     if version >= 3:
         c.is_sha("weights_sha256", config.get("weights_sha256"))
+    if version >= 4 and not isinstance(config.get(DIGEST_FIELD), dict):
+        c.fail(DIGEST_FIELD, "must map every field to the sha256 of its value (format 4)")
     n_genes = len(c.is_list("genes", config.get("genes")))
     _check_genes(c, config)
     kind = _check_net(c, config.get("net"), n_genes)
@@ -295,16 +433,38 @@ def expected_shapes(build: Callable[[dict], Any], config: dict) -> dict[str, tup
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in net.state_dict().items()}
 
 
-def check_weights_header(path: Path, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
-    """Compare the tensor names, shapes and dtypes in a safetensors header with ``expected`` (reads no tensor)."""
-    from safetensors import safe_open
+def weights_header(data: bytes) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` from the header of safetensors bytes (the format's 8-byte length + JSON header)."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, 100 * 2**20):
+        raise ValueError(f"header length {n} exceeds the file")
+    header = json.loads(data[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    found = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        shape, dtype = v["shape"], v["dtype"]
+        found[k] = (tuple(int(s) for s in shape), _dtype_name(dtype))
+    return found
 
+
+def check_weights_header(
+    path: Path, expected: dict[str, tuple[tuple[int, ...], str]], data: bytes | None = None
+) -> None:
+    """Compare the tensor names, shapes and dtypes in a safetensors header with ``expected`` (reads no tensor).
+
+    ``data``: the file's bytes when already read (``path`` then only names it in messages).
+    """
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            found = {}
-            for k in fh.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                sl = fh.get_slice(k)
-                found[k] = (tuple(int(n) for n in sl.get_shape()), _dtype_name(sl.get_dtype()))
+        if data is None:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                data = head + fh.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+        found = weights_header(data)
     except Exception as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); refusing to load this model.") from err
     problems = [f"missing tensor {k!r} {list(s)}" for k, (s, _) in expected.items() if k not in found]

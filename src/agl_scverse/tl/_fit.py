@@ -9,6 +9,7 @@ either completes or restores what it touched.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from agl_scverse._docs import d
 from agl_scverse._expression import ExpressionBatches
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
-from agl_scverse._transaction import restore_on_error
+from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
 from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
@@ -214,6 +215,14 @@ def _build_network(
     return net, inputs, record
 
 
+def _expression_sha256(expr: ExpressionBatches, rows: np.ndarray) -> str:
+    """sha256 of the model's expression values (every output gene) of ``rows``, in order, read in chunks."""
+    h = hashlib.sha256(f"{expr.n_cols}:{len(rows)}".encode())
+    for _, values in expr.chunks(rows):
+        h.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def _checkpointer(
     save_dir,
     checkpoint_every: int,
@@ -235,6 +244,7 @@ def _checkpointer(
         "encoder": {k: enc_record.get(k) for k in ("encoder", "weights_sha256", "patch_px", "patch_um")},
         "features_sha256": None if data.features is None
         else sha256_array(data.features[np.concatenate([data.train_idx, data.val_idx])]),
+        "expression_sha256": _expression_sha256(genes.expr, np.concatenate([data.train_idx, data.val_idx])),
     }  # fmt: skip
     return Checkpointer(save_dir, checkpoint_every, fingerprint, resume=resume, overwrite=overwrite)
 
@@ -459,12 +469,9 @@ def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: 
         "n_targets": n_t, "targets": list(genes.roles.targets), "embedding_key": data.emb_key,
         "history": {kk: np.asarray(v) for kk, v in res.history.items()}, "metrics": metrics,
     }  # fmt: skip
-    written = {
-        "var": [keys.role, keys.prior, keys.prior_rank, keys.weight, keys.selected],
-        "obs": [keys.split],
-        "uns": [keys.uns, keys.gene_roles] + ([K.EMBED_UNS] if data.new_embedding else []),
-        "obsm": [data.emb_key] if data.new_embedding else [],
-    }
+    written = _written(keys)
+    written["uns"] += [K.EMBED_UNS] if data.new_embedding else []
+    written["obsm"] = [data.emb_key] if data.new_embedding else []
     with restore_on_error(adata, **written):
         write_gene_roles(adata, genes.roles, key_added=keys.prefix)
         adata.var[keys.weight] = w_col
@@ -475,6 +482,15 @@ def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: 
             adata.uns[K.EMBED_UNS] = {**dict(adata.uns.get(K.EMBED_UNS) or {}), data.emb_key: data.new_embedding[1]}
         adata.uns[keys.uns] = to_h5ad(entry)
     return metrics, written
+
+
+def _written(keys: Keys) -> dict[str, list[str]]:
+    """The keys ``agl_fit`` writes (a computed embedding adds its own)."""
+    return {
+        "var": [keys.role, keys.prior, keys.prior_rank, keys.weight, keys.selected],
+        "obs": [keys.split],
+        "uns": [keys.uns, keys.gene_roles],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- agl_fit
@@ -753,6 +769,7 @@ def agl_fit(
         check_overwritable(Path(save_dir))  # before training: overwrite=True replaces only a saved model
     dev = resolve_device(device)
     adata = as_anndata(data)
+    check_owned(adata, **_written(keys))  # before training: key_added must not name data that is not ours
 
     fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key, encoder)
     genes = _prepare_genes(adata, cfg, fit_data, library_key)
