@@ -48,6 +48,16 @@ LOWRES_TOLERANCE = 1.2
 EMBED_PREFIX = "X_agl_"  # .obsm["X_agl_<encoder>"]
 EMBED_UNS = "agl_embeddings"  # .uns["agl_embeddings"][obsm_key] = {encoder, weights_sha256, patch_px, ...}
 
+# --- ownership of written keys (see _transaction.check_owned) ----------------------------------------------
+#: Field of every ``.uns`` entry the package writes: the keys written with it, ``{"var": [...], "obs": [...], ...}``.
+OWNED_FIELD = "agl_keys"
+#: Name prefixes of the package's own namespace (its default ``key_added`` and embedding keys): ours by name.
+OWN_PREFIXES = ("agl", EMBED_PREFIX)
+#: ``.uns`` keys that scanpy, squidpy and spatialdata own: never written, whatever ``key_added`` says.
+RESERVED_UNS = (SPATIAL_KEY, "spatialdata_attrs", "log1p", "hvg", "pca", "neighbors", "umap", "tsne", "draw_graph",
+                "diffmap_evals", "leiden", "louvain", "paga", "rank_genes_groups", "dendrogram", "moranI", "gearyC",
+                "spatial_neighbors", "co_occurrence", "interaction")  # fmt: skip
+
 # --- value vocabularies (Literal aliases; the tuples are what validators accept) ---------------------------
 Method = Literal["pgl", "agl", "topk", "dkgsb"]
 Mode = Literal["embedding", "finetune"]

@@ -14,8 +14,11 @@ Sources
     :class:`DecodedFileSource`
         JPEG, PNG and other formats PIL reads, which cannot be read by region: decoded once into a ``.npy`` file in
         a cache folder (:func:`cache_dir`; ``AGL_SCVERSE_CACHE`` to change) and memory-mapped from then on. The
-        cache file is named after the resolved path, size and modification time, so a replaced file is decoded
-        again. The decode itself holds the whole image in RAM once (PIL has no region decoder for these formats).
+        cache file is named after the sha256 of the image file's content (so a file replaced in place, even with
+        its modification time restored, is decoded again); the folder must belong to the user and be writable by
+        nobody else, cache files are opened without following links, and the decoded copy is preallocated and
+        written with ordinary writes, so a full disk is a clean ``OSError`` with no temporary left. The decode
+        itself holds the whole image in RAM once (PIL has no region decoder for these formats).
     :class:`ArraySource`
         An in-memory (or memory-mapped) numpy array, e.g. ``uns["spatial"][lib]["images"]["hires"]``.
     :class:`LazyArraySource`
@@ -24,8 +27,17 @@ Sources
 
 Pixel values
     Sources return uint8 RGB (an alpha channel is dropped). uint16 images are rescaled (``round(v / 257)``), float
-    images in [0, 1] are scaled by 255 (the maximum is taken on the coarsest level), anything else is clipped to
-    0..255. Grayscale images are rejected: H&E encoders need RGB.
+    images in [0, 1] are scaled by 255, other floats clipped to 0..255. Other integer types (int32, uint32, ...) are
+    read in the range their values occupy: 8-bit when every value is in 0..255, 16-bit (``round(v / 257)``) when in
+    0..65535, refused otherwise; the range is taken on the coarsest level, as for floats. Grayscale images are
+    rejected: H&E encoders need RGB.
+
+Files
+    Only regular files are opened (a FIFO or a device is refused, not read for ever). A file is identified by its
+    path, device, inode, size, modification and change time (the change time moves whenever the content is
+    rewritten, even when the modification time is restored), and sources refuse to read a file changed since they
+    were opened. PIL's decompression-bomb limit is lifted only while a slide's header is read, never for the
+    process.
 
 Pickling
     Sources pickle without open files, zarr stores or memory maps; they reopen lazily on first use (e.g. in a
@@ -38,6 +50,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 import uuid
@@ -61,10 +74,13 @@ __all__ = [
     "cache_dir",
     "choose_level",
     "live_image",
+    "check_regular_file",
     "open_image",
+    "private_folder",
     "register_live_image",
     "tile_cache",
     "to_uint8_rgb",
+    "value_scale",
 ]
 
 #: Environment variable naming the folder of decoded-image cache files.
@@ -112,25 +128,53 @@ def check_rgb_shape(shape: Sequence[int], name: str = "image") -> None:
         raise ValueError(f"{name} has shape {shape}; expected H x W x 3 (RGB).")
 
 
-def to_uint8_rgb(raw: np.ndarray, float_scale: float = 255.0) -> np.ndarray:
+def value_scale(dtype: Any, lo: float, hi: float, name: str = "image") -> float:
+    """The ``scale`` of :func:`to_uint8_rgb` for an image of ``dtype`` whose values lie in ``[lo, hi]``.
+
+    Floats: 255 when ``hi <= 1`` (an image in [0, 1]), else 1. uint8 and uint16: 1 (their own rules). Other integer
+    types: 1 when the values fit 8 bits (0..255), ``1 / 257`` when they fit 16 bits (0..65535); anything else is
+    refused, as it has no known white.
+
+    Examples
+    --------
+    >>> value_scale(np.int32, 0, 40000) == 1 / 257, value_scale(np.float32, 0.0, 0.9)
+    (True, 255.0)
+    """
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return 255.0 if hi <= 1.0 + 1e-6 else 1.0
+    if dtype in (np.uint8, np.uint16) or not np.issubdtype(dtype, np.integer):
+        return 1.0
+    if lo < 0 or hi > 65535:
+        raise ValueError(
+            f"{name} is {dtype} with values in [{lo:g}, {hi:g}]: not an 8-bit (0..255) or 16-bit (0..65535) image, "
+            "so its white is unknown. Convert it to uint8 or uint16 RGB (e.g. scaled by its own maximum) first."
+        )
+    return 1.0 if hi <= 255 else 1.0 / 257
+
+
+def to_uint8_rgb(raw: np.ndarray, scale: float = 255.0) -> np.ndarray:
     """``(h, w, c >= 3)`` pixels of any dtype as contiguous uint8 RGB.
 
-    uint8 is kept, uint16 is rescaled with ``round(v / 257)`` (65535 -> 255), floats are multiplied by
-    ``float_scale`` (255 for images in [0, 1], 1 otherwise) and clipped, other integers are clipped to 0..255.
+    uint8 is kept, uint16 is rescaled with ``round(v / 257)`` (65535 -> 255), floats are multiplied by ``scale``
+    (255 for images in [0, 1], 1 otherwise) and clipped; other integers are 16-bit values (``round(v / 257)``)
+    when ``scale`` is ``1 / 257`` and 8-bit values otherwise (see :func:`value_scale`).
 
     Examples
     --------
     >>> import numpy as np
     >>> to_uint8_rgb(np.array([[[0, 32896, 65535]]], dtype=np.uint16))
     array([[[  0, 128, 255]]], dtype=uint8)
+    >>> to_uint8_rgb(np.array([[[0, 32896, 65535]]], dtype=np.int32), 1 / 257)
+    array([[[  0, 128, 255]]], dtype=uint8)
     """
     raw = np.asarray(raw)[..., :3]
     if raw.dtype == np.uint8:
         return np.ascontiguousarray(raw)
-    if raw.dtype == np.uint16:
-        return ((raw.astype(np.uint32) + 128) // 257).astype(np.uint8)
     if np.issubdtype(raw.dtype, np.floating):
-        return np.clip(raw * float_scale, 0, 255).astype(np.uint8)
+        return np.clip(raw * scale, 0, 255).astype(np.uint8)
+    if raw.dtype == np.uint16 or (np.issubdtype(raw.dtype, np.integer) and scale < 1.0):
+        return ((np.clip(raw, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
     return np.clip(raw, 0, 255).astype(np.uint8)
 
 
@@ -400,19 +444,23 @@ class ImageSource:
         raise NotImplementedError
 
     def float_scale(self) -> float:
-        """255 for float images whose coarsest level is within [0, 1], else 1 (unused for integer images)."""
+        """The :func:`value_scale` of the image (floats: 255 when in [0, 1]; other integer types: 8 or 16 bit).
+
+        The value range is taken on the coarsest level, in bands (uint8 / uint16 images are not scanned).
+        """
         if self._float_scale is None:
             scale = 1.0
-            if np.issubdtype(self.raw_dtype, np.floating):
+            dt = self.raw_dtype
+            if np.issubdtype(dt, np.floating) or (np.issubdtype(dt, np.integer) and dt not in (np.uint8, np.uint16)):
                 level = len(self.levels) - 1
                 width, height = self.level_size(level)
                 step = max(1, (1 << 24) // max(width, 1))  # bands of ~16 M pixels
-                peak = -np.inf
+                lo, hi = np.inf, -np.inf
                 for y in range(0, height, step):
                     band = np.asarray(self._raw(level, 0, y, width, min(y + step, height)))[..., :3]
-                    if band.size and not np.all(np.isnan(band)):
-                        peak = max(peak, float(np.nanmax(band)))
-                scale = 255.0 if peak <= 1.0 + 1e-6 else 1.0
+                    if band.size and not (np.issubdtype(dt, np.floating) and np.all(np.isnan(band))):
+                        lo, hi = min(lo, float(np.nanmin(band))), max(hi, float(np.nanmax(band)))
+                scale = value_scale(dt, lo, hi, self.name) if np.isfinite(hi) else 1.0
             self._float_scale = scale
         return self._float_scale
 
@@ -579,35 +627,72 @@ def _yxc(arr: Any, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ files
+def check_regular_file(path: str | Path, label: str | None = None) -> os.stat_result:
+    """``os.stat`` of an image file; refuses a missing path, a folder, a FIFO, a device or a socket.
+
+    A FIFO would block the reader for ever and a device has no end, so only regular files (or links to them) are
+    opened.
+
+    Examples
+    --------
+    >>> check_regular_file("/dev/null")
+    Traceback (most recent call last):
+    ...
+    ValueError: /dev/null is a character device, not a regular image file; refusing to read it. Point the image path at the image file itself.
+    """
+    label = label or str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file {path} not found. Move it back or fix the path.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a folder, not an image file.")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next(
+            (n for test, n in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                               (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")) if test(st.st_mode)),
+            "special file",
+        )  # fmt: skip
+        raise ValueError(
+            f"{label} is a {kind}, not a regular image file; refusing to read it. Point the image path at the "
+            "image file itself."
+        )
+    return st
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """Device, inode, size, modification and change time: the change time moves with any rewrite of the file."""
+    return (int(st.st_dev), int(st.st_ino), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns))
+
+
 class _FileSource(ImageSource):
-    """A source backed by a file: remembers its size and mtime, reopens lazily (after pickling or a fork)."""
+    """A source backed by a regular file: remembers its identity, reopens lazily (after pickling or a fork)."""
 
     def __init__(self, path: str | Path, name: str | None = None):
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"Image file {path} not found. Move it back or fix the path.")
+        st = check_regular_file(path, name)
         self.path = str(path.resolve())
-        st = os.stat(self.path)
         self.file_size, self.mtime_ns = int(st.st_size), int(st.st_mtime_ns)
+        self.identity = _identity(st)
         self._pid: int | None = None
         self._label = name or f"image file {self.path}"
 
     @property
-    def file_key(self) -> tuple[str, int, int]:
-        """``(resolved path, size, mtime_ns)``: what the caches are keyed by."""
-        return (self.path, self.file_size, self.mtime_ns)
+    def file_key(self) -> tuple:
+        """``(resolved path, device, inode, size, mtime_ns, ctime_ns)``: what the in-process caches are keyed by."""
+        return (self.path, *self.identity)
 
     def _check_unchanged(self) -> None:
         try:
-            st = os.stat(self.path)
+            st = check_regular_file(self.path, self._label)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"Image file {self.path} disappeared after it was opened. Move it back or open the image again."
             ) from None
-        if (int(st.st_size), int(st.st_mtime_ns)) != (self.file_size, self.mtime_ns):
+        if _identity(st) != self.identity:
             raise RuntimeError(
-                f"Image file {self.path} changed since it was opened (size or modification time differ); "
-                "open it again (e.g. build a new SpotPatches) to read the new pixels."
+                f"Image file {self.path} changed since it was opened (its size, modification or change time, or the "
+                "file itself differ); open it again (e.g. build a new SpotPatches) to read the new pixels."
             )
 
     def _handles_valid(self) -> bool:
@@ -779,11 +864,13 @@ class DecodedFileSource(_FileSource):
 
     Opening reads only the header (size, mode). The first read decodes the image with PIL, which holds the whole
     image in RAM once (4 bytes per pixel; PIL cannot decode these formats by region), writes it in bands of rows
-    to ``cache_dir() / <name>.npy``
-    (a temporary file renamed into place, so readers never see a partial file; concurrent processes wait on a
-    lock) and memory-maps it; later opens, in this process or another, only map the file. The cache file name
-    holds a hash of the resolved path, size and modification time, so a replaced file is decoded again; cache
-    files of images that are gone or were replaced are deleted whenever a new image is decoded.
+    to ``cache_dir() / <name>-<sha256 of the file>.npy`` (a temporary file, preallocated so a full disk fails at
+    once with ``OSError`` and leaves nothing, renamed into place when complete; concurrent processes wait on a lock)
+    and memory-maps it; later opens, in this process or another, hash the file (once per file identity and process)
+    and only map the cache. Keyed by content, a file replaced in place is decoded again even when its size and
+    modification time are restored; cache files of images that are gone or were replaced are deleted whenever a
+    new image is decoded. The cache folder must be owned by the user and writable by nobody else (the default is
+    created 0700), and its files are opened without following links, so nobody else can plant pixels there.
 
     Parameters
     ----------
@@ -805,12 +892,11 @@ class DecodedFileSource(_FileSource):
     _handle_attrs = ("_mmap",)
 
     def __init__(self, path: str | Path, name: str | None = None, cache_folder: str | Path | None = None):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         _FileSource.__init__(self, path, name)
-        Image.MAX_IMAGE_PIXELS = None  # slides are large on purpose
         try:
-            with Image.open(self.path) as im:
+            with _pil_open(self.path) as im:
                 (width, height), mode = im.size, im.mode
         except UnidentifiedImageError as e:
             raise ValueError(
@@ -823,56 +909,77 @@ class DecodedFileSource(_FileSource):
         self.mode = mode
         self.cache_folder = str(cache_folder) if cache_folder is not None else None
         self._mmap: np.ndarray | None = None
+        self._sha256: str | None = None
+
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of the image file (read once per file identity in a process; checked unchanged first)."""
+        if self._sha256 is None:
+            self._check_unchanged()
+            key = self.file_key
+            with _HASH_LOCK:
+                digest = _HASHES.get(key)
+            if digest is None:
+                digest = _sha256_of(self.path)
+                self._check_unchanged()  # not rewritten while it was hashed
+                with _HASH_LOCK:
+                    _HASHES[key] = digest
+            self._sha256 = digest
+        return self._sha256
 
     @property
     def cache_path(self) -> Path:
-        """The ``.npy`` file holding the decoded pixels (named after path, size and mtime)."""
-        digest = hashlib.sha256(repr(self.file_key).encode()).hexdigest()[:20]
+        """The ``.npy`` file holding the decoded pixels (named after the sha256 of the file's content)."""
         stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(self.path).stem)[:60]
         folder = Path(self.cache_folder) if self.cache_folder is not None else cache_dir()
-        return folder / f"{stem}-{digest}.npy"
+        return folder / f"{stem}-{self.content_sha256[:32]}.npy"
 
     def _array(self) -> np.ndarray:
         if self._mmap is not None and self._handles_valid():
             return self._mmap
         target = self.cache_path
-        if not target.exists():
+        private_folder(target.parent)
+        arr = _map_npy(target)
+        if arr is None:
             self._check_unchanged()
             with _file_lock(target):
-                if not target.exists():  # another process may have written it while we waited
+                arr = _map_npy(target)  # another process may have written it while we waited
+                if arr is None:
                     self._decode_to(target)
-        arr = np.load(target, mmap_mode="r")
-        if arr.shape != (self.height, self.width, 3) or arr.dtype != np.uint8:
+                    arr = _map_npy(target)
+        if arr is None or arr.shape != (self.height, self.width, 3) or arr.dtype != np.uint8:
             raise RuntimeError(f"Cache file {target} does not match {self.path}; delete it and read again.")
         self._mmap, self._pid = arr, os.getpid()
         return arr
 
     def _decode_to(self, target: Path) -> None:
-        from PIL import Image
-
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (self.height, self.width, 3)}  # fmt: skip
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                np.lib.format.write_array_header_1_0(fh, header)
+                if hasattr(os, "posix_fallocate"):  # the whole file now: a full disk fails here, not as SIGBUS later
+                    os.posix_fallocate(fh.fileno(), 0, fh.tell() + self.height * self.width * 3)
+                with _pil_open(self.path) as im:
+                    if im.mode not in ("RGB", "RGBA"):
+                        im = im.convert("RGB")
+                    im.load()  # the one full decode
+                    band = max(1, (1 << 22) // max(self.width, 1))  # copy in bands of ~4 M pixels
+                    for y in range(0, self.height, band):
+                        y1 = min(y + band, self.height)
+                        fh.write(np.ascontiguousarray(np.asarray(im.crop((0, y, self.width, y1)))[..., :3]).tobytes())
+            os.replace(tmp, target)
+            rec = {"path": self.path, "size": self.file_size, "mtime_ns": self.mtime_ns}
+            _write_text_atomic(target.with_suffix(".json"), json.dumps(rec))
         except OSError as e:
             raise OSError(
-                f"Cannot create the image cache folder {target.parent} ({e}); set {CACHE_ENV} to a writable folder."
+                e.errno,
+                f"Could not write the decoded copy of {self.path} ({self.height} x {self.width} px, "
+                f"{self.height * self.width * 3 / 2**20:.0f} MB) to the image cache {target.parent}: {e.strerror or e}. "
+                f"Free space there or set {CACHE_ENV} to a folder with room; nothing was left behind.",
             ) from e
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
-        try:
-            with Image.open(self.path) as im:
-                if im.mode not in ("RGB", "RGBA"):
-                    im = im.convert("RGB")
-                im.load()  # the one full decode
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(self.height, self.width, 3))
-                band = max(1, (1 << 22) // max(self.width, 1))  # copy in bands of ~4 M pixels
-                for y in range(0, self.height, band):
-                    y1 = min(y + band, self.height)
-                    out[y:y1] = np.asarray(im.crop((0, y, self.width, y1)))[..., :3]
-                out.flush()
-                del out
-            os.replace(tmp, target)
-            _write_text_atomic(
-                target.with_suffix(".json"), json.dumps(dict(zip(("path", "size", "mtime_ns"), self.file_key)))
-            )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -890,9 +997,102 @@ class DecodedFileSource(_FileSource):
         self._mmap = None
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_HASHES: dict[tuple, str] = {}  # file identity -> sha256 of its content, for this process
+_HASH_LOCK = threading.Lock()
+_PIL_LOCK = threading.Lock()
+
+
+def _sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _pil_open(path: str) -> Iterator[Any]:
+    """``PIL.Image.open`` with the decompression-bomb limit lifted for this call only (slides are large on purpose).
+
+    PIL checks its process-wide ``MAX_IMAGE_PIXELS`` when a file is opened; it is set to None while the header
+    is read and put back before anyone else opens an image through this function.
+    """
+    from PIL import Image
+
+    with _PIL_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+    with im:
+        yield im
+
+
+def private_folder(folder: Path) -> Path:
+    """``folder``, created 0700 when missing; refused unless it is a real folder of this user writable by no one else.
+
+    A cache folder someone else owns or can write to could hold planted files that would be read as pixels.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> private_folder(Path(tempfile.mkdtemp()) / "cache").stat().st_mode & 0o777 == 0o700
+    True
+    """
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"Cannot create the image cache folder {folder} ({e}); set {CACHE_ENV} to a writable folder."
+        ) from e
+    if not hasattr(os, "geteuid"):  # Windows: no owner check
+        return folder
+    st = os.lstat(folder)
+    problem = ""
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is a link, not a folder" if stat.S_ISLNK(st.st_mode) else "is not a folder"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to another user (uid {st.st_uid}, you are {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"can be written by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        raise PermissionError(
+            f"The image cache folder {folder} {problem}: a file placed there by someone else would be read as "
+            f"pixels. Set {CACHE_ENV} to a folder of your own that only you can write (e.g. ~/.cache/agl_scverse)."
+        )
+    return folder
+
+
+def _map_npy(path: Path) -> np.ndarray | None:
+    """A read-only memory map of the ``.npy`` file ``path`` (not followed if a link; ours only), or None if absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # ELOOP: a link
+        raise PermissionError(f"Cache file {path} is a link or cannot be opened ({e}); delete it.") from e
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or (hasattr(os, "geteuid") and st.st_uid != os.geteuid()):
+            raise PermissionError(f"Cache file {path} is not a regular file of yours; delete it.")
+        fmt = np.lib.format
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(fh))
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(fh)
+        if fortran or dtype != np.uint8:
+            return None
+        return np.memmap(fh, dtype=dtype, mode="r", shape=shape, offset=fh.tell())
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
     os.replace(tmp, path)
 
 
@@ -914,19 +1114,29 @@ def _prune_stale(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _file_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock next to ``target`` (POSIX; elsewhere the atomic rename alone keeps the cache valid)."""
+    """An exclusive lock next to ``target`` (POSIX; elsewhere the atomic rename alone keeps the cache valid).
+
+    The lock file is opened without following links and never truncated, so a link planted in its place cannot
+    damage the file it points to.
+    """
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    lock = target.with_name(target.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+    except OSError as e:
+        raise PermissionError(f"Cannot open the cache lock {lock} ({e}); if it is a link, delete it.") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ live images
@@ -1003,10 +1213,7 @@ def open_image(image: Any, name: str = "image", cache_folder: str | Path | None 
         return image
     if isinstance(image, str | os.PathLike):
         path = Path(image)
-        if not path.exists():
-            raise FileNotFoundError(f"Image file {path} not found. Move it back or fix the path.")
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder, not an image file.")
+        check_regular_file(path)  # before its first bytes are read: a FIFO would block for ever
         if _is_tiff(path):
             return TiffSource(path)
         return DecodedFileSource(path, cache_folder=cache_folder)

@@ -14,7 +14,7 @@ import pandas as pd
 from anndata import AnnData
 
 from . import _constants as K
-from ._images import ImageSource, check_rgb_shape, live_image, open_image, to_uint8_rgb
+from ._images import ImageSource, check_rgb_shape, live_image, open_image, to_uint8_rgb, value_scale
 
 VISIUM_SPOT_UM = 55.0  # physical diameter of a Visium spot
 # Space Ranger defines scalefactors["spot_diameter_fullres"] as the pixels spanning a *theoretical 65 µm* spot,
@@ -114,8 +114,8 @@ def microns_per_pixel(adata: AnnData, library_id: str) -> float:
 def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
     """Check an image is H x W x 3 (RGBA loses alpha) and return it as uint8 RGB.
 
-    uint16 is rescaled to 8 bit (``round(v / 257)``), floats in [0, 1] are scaled by 255, other values are clipped
-    to 0..255 (the rules of every image source, see :mod:`agl_scverse._images`).
+    uint16 is rescaled to 8 bit (``round(v / 257)``), floats in [0, 1] are scaled by 255, other integer types are
+    read as 8- or 16-bit values by their range (the rules of every image source, see :mod:`agl_scverse._images`).
 
     Examples
     --------
@@ -125,8 +125,12 @@ def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
     img = np.asarray(img)
     check_rgb_shape(img.shape, name)
     scale = 1.0
-    if np.issubdtype(img.dtype, np.floating) and img.size and np.nanmax(img[..., :3]) <= 1.0 + 1e-6:
-        scale = 255.0
+    rgb = img[..., :3]
+    if img.size and img.dtype not in (np.uint8, np.uint16) and img.dtype != bool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN image
+            lo, hi = float(np.nanmin(rgb)), float(np.nanmax(rgb))
+        scale = value_scale(img.dtype, lo, hi, name) if np.isfinite(hi) else 1.0
     return to_uint8_rgb(img, scale)
 
 
@@ -223,6 +227,32 @@ def _spatialdata_image(meta: dict, library_id: str):
     return images[name]
 
 
+#: A numeric ``library_key`` column with more distinct values than this is refused (a coordinate, not slides).
+MAX_NUMERIC_LIBRARIES = 16
+
+
+def check_library_column(col: pd.Series, name: str) -> None:
+    """Refuse a ``library_key`` column that holds coordinates or measurements rather than slide labels.
+
+    Slide labels are strings, categories or booleans, or a few integers (e.g. 0, 1, 2). A float column, or an
+    integer column with more than :data:`MAX_NUMERIC_LIBRARIES` distinct values, would turn every value into a
+    slide (``array_row`` would make each row of spots a section); a categorical column is always taken as labels.
+    """
+    if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col.dtype):
+        return
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return
+    n_unique = int(col.nunique())
+    is_float = pd.api.types.is_float_dtype(col.dtype)
+    if is_float or n_unique > MAX_NUMERIC_LIBRARIES:
+        raise ValueError(
+            f"library_key={name!r} is a {'float' if is_float else 'integer'} column with {n_unique} distinct values "
+            f"over {len(col)} spots: it looks like a coordinate or a measurement, not a slide label (each value would "
+            f"become a section). Pass the column naming the slides (e.g. 'library_id'), or make this one categorical "
+            f"(adata.obs[{name!r}] = adata.obs[{name!r}].astype('category')) if its values really are slides."
+        )
+
+
 def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:
     """The one rule for the ``.obs`` column telling slides apart.
 
@@ -243,10 +273,12 @@ def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str |
             raise KeyError(
                 f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
             )
+        check_library_column(adata.obs[library_key], library_key)
         return library_key
     if K.LIBRARY_KEY not in adata.obs:
         return None
     n_libs = len(adata.uns.get(K.SPATIAL_KEY, {}) or {})
     if adata.obs[K.LIBRARY_KEY].nunique() > 1 or n_libs > 1:
+        check_library_column(adata.obs[K.LIBRARY_KEY], K.LIBRARY_KEY)
         return K.LIBRARY_KEY
     return None

@@ -1,15 +1,80 @@
-"""Write results into an AnnData all at once: on any error (or Ctrl-C) the touched keys are put back as they were."""
+"""Write results into an AnnData all at once, only into keys the package owns, restored on error.
+
+Ownership (one rule, checked by :func:`check_owned` before a tool computes anything and again when it writes): a
+tool writes a key only when it is absent, or in the package's namespace (names starting with ``agl`` or
+``X_agl_``), or recorded as written by the package (the ``agl_keys`` field of its ``.uns`` entries, stamped by
+:func:`restore_on_error`). ``.uns`` keys of scanpy, squidpy and spatialdata (``spatial``, ``pca``, ``neighbors``,
+...; :data:`~agl_scverse._constants.RESERVED_UNS`) are never written. Anything else is refused, naming the keys,
+so ``key_added="spatial"`` cannot replace the images and scale factors in ``.uns["spatial"]``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from anndata import AnnData
 
-__all__ = ["restore_on_error"]
+from agl_scverse import _constants as K
+
+__all__ = ["check_owned", "restore_on_error"]
 
 _MISSING = object()
+_STORES = ("var", "obs", "obsm", "layers", "uns")
+
+
+def _recorded(adata: AnnData) -> dict[str, set[str]]:
+    """The keys the package's ``.uns`` entries record as written, per store."""
+    out: dict[str, set[str]] = {name: set() for name in _STORES}
+    for value in adata.uns.values():
+        rec = value.get(K.OWNED_FIELD) if isinstance(value, Mapping) else None
+        if isinstance(rec, Mapping):
+            for name, keys in rec.items():
+                if name in out:
+                    out[name].update(str(k) for k in (keys if not isinstance(keys, str) else [keys]))
+    return out
+
+
+def check_owned(adata: AnnData, **written: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming every key of ``written`` the package does not own (see the module docstring).
+
+    ``written``: ``var=[...]``, ``obs=[...]``, ``obsm=[...]``, ``layers=[...]``, ``uns=[...]``. Nothing is changed.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> a = ad.AnnData(np.ones((2, 1)), uns={"spatial": {"A": {}}})
+    >>> check_owned(a, uns=["agl"])  # absent: fine
+    >>> check_owned(a, uns=["spatial"])
+    Traceback (most recent call last):
+    ...
+    ValueError: key_added would write .uns['spatial'], which belongs to scanpy / squidpy / spatialdata (images, scale factors, ...); refusing to replace it. Choose another key_added (e.g. the default 'agl').
+    """
+    reserved = [f".uns[{k!r}]" for k in written.get("uns", ()) if k in K.RESERVED_UNS]
+    if reserved:
+        raise ValueError(
+            f"key_added would write {', '.join(reserved)}, which belongs to scanpy / squidpy / spatialdata (images, "
+            "scale factors, ...); refusing to replace it. Choose another key_added (e.g. the default 'agl')."
+        )
+    recorded = None
+    foreign = []
+    for name in _STORES:
+        store = getattr(adata, name)
+        present = store.columns if name in ("var", "obs") else store
+        for key in written.get(name, ()):
+            if key not in present or str(key).startswith(K.OWN_PREFIXES):
+                continue
+            if name == "uns" and isinstance(store[key], Mapping) and K.OWNED_FIELD in store[key]:
+                continue
+            recorded = _recorded(adata) if recorded is None else recorded
+            if key not in recorded[name]:
+                foreign.append(f".{name}[{key!r}]")
+    if foreign:
+        raise ValueError(
+            f"{', '.join(foreign)} already exist{'s' if len(foreign) == 1 else ''} and {'was' if len(foreign) == 1 else 'were'} "
+            "not written by agl-scverse; refusing to replace data that is not ours. Choose another key_added, or "
+            "delete them first if they are yours to lose."
+        )
 
 
 @contextmanager
@@ -24,8 +89,10 @@ def restore_on_error(
 ) -> Iterator[None]:
     """Context for the final write block of a tool.
 
-    The named keys are remembered before the block; if the block raises (``KeyboardInterrupt`` included), each is
-    restored (or removed when it did not exist) and the error propagates. Nothing is copied but references.
+    Refuses keys the package does not own (:func:`check_owned`) before anything is written. The named keys are
+    remembered before the block; if the block raises (``KeyboardInterrupt`` included), each is restored (or
+    removed when it did not exist) and the error propagates. Nothing is copied but references. On success every
+    ``.uns`` entry written that is a dict records the keys written (its ``agl_keys`` field), which marks them ours.
 
     Examples
     --------
@@ -39,17 +106,14 @@ def restore_on_error(
     ...     pass
     >>> "x" in a.var
     False
+    >>> with restore_on_error(a, var=["run1_role"], uns=["run1"]):
+    ...     a.var["run1_role"], a.uns["run1"] = "target", {"k": 1}
+    >>> a.uns["run1"]["agl_keys"]
+    {'var': ['run1_role'], 'uns': ['run1']}
     """
-    saved = {
-        name: {k: store.get(k, _MISSING) for k in keys}
-        for name, keys, store in (
-            ("var", var, adata.var),
-            ("obs", obs, adata.obs),
-            ("obsm", obsm, adata.obsm),
-            ("layers", layers, adata.layers),
-            ("uns", uns, adata.uns),
-        )
-    }
+    written = {"var": var, "obs": obs, "obsm": obsm, "layers": layers, "uns": uns}
+    check_owned(adata, **written)
+    saved = {name: {k: getattr(adata, name).get(k, _MISSING) for k in keys} for name, keys in written.items()}
     try:
         yield
     except BaseException:
@@ -62,3 +126,12 @@ def restore_on_error(
                 else:
                     store[k] = v
         raise
+    stamp = {name: [str(k) for k in keys] for name, keys in written.items() if len(keys)}
+    for key in uns:
+        entry = adata.uns.get(key)
+        if isinstance(entry, dict):
+            old = entry.get(K.OWNED_FIELD)
+            merged = {n: list(v) for n, v in old.items()} if isinstance(old, Mapping) else {}
+            for n, keys in stamp.items():
+                merged[n] = list(dict.fromkeys([*(str(k) for k in merged.get(n, [])), *keys]))
+            adata.uns[key] = {**entry, K.OWNED_FIELD: merged}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 
@@ -253,3 +255,223 @@ def test_strip_tiffs_are_read_in_bands(tmp_path):
     np.testing.assert_array_equal(src.read_region(20, 250, 100, 20), img[250:270, 20:120])  # crosses a band edge
     assert src._chunks == [(256, 300)] and len(tile_cache()) == 2  # bands of 32 strips, not 4 separate strips
     np.testing.assert_array_equal(src.read_region(0, 600, 300, 200), img[600:700])
+
+
+# ------------------------------------------------------------------------------------------------ trust (issue 20)
+def _overwrite_in_place(path: Path, data: bytes) -> None:
+    """Rewrite ``path``'s bytes in the same inode and put its modification time back."""
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_ino == st.st_ino
+
+
+@pytest.mark.parametrize("fmt", ["bmp", "tif"])
+def test_an_image_replaced_in_place_with_its_mtime_restored_gives_the_new_pixels(tmp_path, fmt):
+    old, new = _texture(64, 80, seed=0), _texture(64, 80, seed=1)[::-1].copy()
+    path = tmp_path / f"he.{fmt}"
+
+    def encode(img) -> bytes:
+        other = tmp_path / f"tmp.{fmt}"
+        if fmt == "tif":
+            tifffile.imwrite(other, img, photometric="rgb", tile=(32, 32))  # uncompressed: same size
+        else:
+            Image.fromarray(img).save(other)
+        return other.read_bytes()
+
+    path.write_bytes(encode(old))
+    np.testing.assert_array_equal(open_image(path).read_region(0, 0, 80, 64), old)
+    _overwrite_in_place(path, encode(new))
+    np.testing.assert_array_equal(open_image(path).read_region(0, 0, 80, 64), new)
+
+
+def test_decoded_cache_is_keyed_by_content_not_by_path(tmp_path):
+    img = _texture(40, 50)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(img).save(a)
+    b.write_bytes(a.read_bytes())
+    sa, sb = open_image(a), open_image(b)
+    assert sa.content_sha256 == sb.content_sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert sa.cache_path.name.split("-")[-1] == sb.cache_path.name.split("-")[-1]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX owners")
+def test_a_cache_folder_of_another_user_or_writable_by_others_is_refused(tmp_path, monkeypatch):
+    img = _texture(30, 40)
+    path = tmp_path / "he.png"
+    Image.fromarray(img).save(path)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    src = open_image(path)
+    planted = 255 - img  # pixels someone else put where the decoded copy would be
+    np.save(src.cache_path, planted)
+    real_uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: real_uid + 1)  # the folder now belongs to "another user"
+    with pytest.raises(PermissionError, match=r"belongs to another user .*AGL_SCVERSE_CACHE"):
+        src.read_region(0, 0, 40, 30)
+    monkeypatch.setattr(os, "geteuid", lambda: real_uid)
+    os.chmod(cache, 0o777)
+    with pytest.raises(PermissionError, match="can be written by others"):
+        open_image(path).read_region(0, 0, 40, 30)
+
+
+def test_default_cache_folder_is_created_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "deep" / "cache"))
+    path = tmp_path / "he.png"
+    Image.fromarray(_texture(20, 20)).save(path)
+    open_image(path).read_region(0, 0, 5, 5)
+    assert (tmp_path / "deep" / "cache").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX links")
+def test_a_lock_link_in_the_cache_never_truncates_the_file_it_points_to(tmp_path):
+    path = tmp_path / "he.png"
+    Image.fromarray(_texture(30, 40)).save(path)
+    victim = tmp_path / "thesis.txt"
+    victim.write_text("years of work")
+    src = open_image(path)
+    _images.private_folder(src.cache_path.parent)
+    os.symlink(victim, src.cache_path.with_name(src.cache_path.name + ".lock"))
+    with pytest.raises(PermissionError, match="lock"):
+        src.read_region(0, 0, 4, 4)
+    assert victim.read_text() == "years of work"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX links")
+def test_a_cache_file_that_is_a_link_is_not_followed(tmp_path):
+    path = tmp_path / "he.png"
+    Image.fromarray(_texture(30, 40)).save(path)
+    src = open_image(path)
+    _images.private_folder(src.cache_path.parent)
+    elsewhere = tmp_path / "elsewhere.npy"
+    np.save(elsewhere, np.zeros((30, 40, 3), np.uint8))
+    os.symlink(elsewhere, src.cache_path)
+    with pytest.raises(PermissionError, match="is a link"):
+        src.read_region(0, 0, 4, 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("name", ["he.png", "he.tif"])
+def test_a_fifo_image_path_is_refused_not_read_for_ever(tmp_path, name):
+    import threading
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    result = []
+
+    def target():
+        try:
+            open_image(fifo)
+        except Exception as err:
+            result.append(err)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "open_image blocked on a FIFO"
+    assert isinstance(result[0], ValueError) and "FIFO (named pipe), not a regular image file" in str(result[0])
+    with pytest.raises(ValueError, match="character device"):
+        open_image("/dev/zero")
+
+
+def test_decoding_writes_no_memory_map_and_preallocates(tmp_path, monkeypatch):
+    """A memory-mapped sparse file turns a full disk into SIGBUS; the copy is written with ordinary writes."""
+    path = tmp_path / "he.png"
+    img = _texture(50, 60)
+    Image.fromarray(img).save(path)
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: pytest.fail("decoded through a memory map"))
+    sizes = []
+    if hasattr(os, "posix_fallocate"):
+        real = os.posix_fallocate
+        monkeypatch.setattr(os, "posix_fallocate", lambda fd, off, n: (sizes.append(n), real(fd, off, n))[1])
+    src = open_image(path)
+    np.testing.assert_array_equal(src.read_region(0, 0, 60, 50), img)
+    assert sizes in ([], [src.cache_path.stat().st_size])  # the whole file, header included
+    assert np.load(src.cache_path).shape == (50, 60, 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="Linux: RLIMIT_FSIZE")
+def test_a_full_disk_while_decoding_is_a_clean_error_with_no_temporary_left(tmp_path):
+    """Under a file-size limit (a disk with 200 kB free) decoding a 1 MB image fails with OSError, not SIGBUS."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "big.png"
+    Image.fromarray(_texture(600, 600)).save(path)
+    cache = tmp_path / "cache"
+    code = textwrap.dedent(f"""
+        import errno, resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        from agl_scverse._images import open_image
+        try:
+            open_image({str(path)!r}).read_region(0, 0, 10, 10)
+        except OSError as err:
+            print("OSError", err.errno == errno.EFBIG, err)
+    """)
+    env = {**os.environ, "AGL_SCVERSE_CACHE": str(cache)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("OSError True") and "Could not write the decoded copy" in out.stdout, out.stdout
+    assert "nothing was left behind" in out.stdout
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_opening_a_large_image_changes_no_process_wide_pil_setting(tmp_path):
+    path = tmp_path / "he.jpg"
+    Image.fromarray(_texture(40, 40)).save(path)
+    before = Image.MAX_IMAGE_PIXELS
+    assert before is not None
+    src = open_image(path)
+    src.read_region(0, 0, 8, 8)
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32])
+def test_wide_integer_images_are_read_by_their_value_range(dtype):
+    from agl_scverse._spatial import as_rgb
+
+    img = _texture(30, 30)
+    deep = img.astype(dtype) * 257  # 16-bit values in a wide integer type
+    for src in (ArraySource(deep), LazyArraySource([deep])):
+        got = src.read_region(0, 0, 30, 30)
+        assert not np.all(got == 255)  # not clipped to white
+        np.testing.assert_array_equal(got, img)
+    np.testing.assert_array_equal(as_rgb(deep), img)
+    np.testing.assert_array_equal(ArraySource(img.astype(dtype)).read_region(0, 0, 30, 30), img)  # 8-bit values
+
+
+@pytest.mark.parametrize(("values", "match"), [((0, 70000), r"values in \[0, 70000\]"), ((-5, 200), r"\[-5, 200\]")])
+def test_integer_images_outside_16_bits_are_refused(values, match):
+    from agl_scverse._spatial import as_rgb
+
+    img = np.zeros((4, 4, 3), np.int32)
+    img[0, 0, :2] = values
+    with pytest.raises(ValueError, match=match + ".*Convert it to uint8 or uint16"):
+        ArraySource(img).read_region(0, 0, 4, 4)
+    with pytest.raises(ValueError, match="Convert it to uint8 or uint16"):
+        as_rgb(img)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or sys.platform != "linux", reason="mounts a tmpfs")
+def test_a_really_full_disk_is_an_oserror_not_sigbus(tmp_path):
+    """A 300 kB tmpfs as the cache: decoding a 1 MB image used to die of SIGBUS leaving its temporary behind."""
+    import subprocess
+
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = tmp_path / "big.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(path)
+        code = f"from agl_scverse._images import open_image\nopen_image({str(path)!r}).read_region(0, 0, 4, 4)"
+        env = {**os.environ, "AGL_SCVERSE_CACHE": str(mnt / "cache")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 1 and "No space left on device" in out.stderr, (out.returncode, out.stderr[-1500:])
+        assert [p.name for p in (mnt / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -276,3 +277,97 @@ def test_no_model_gene_in_the_slide_is_a_clear_error(fitted):
     with pytest.raises(KeyError, match="None of the model's 5 genes.*symbols vs Ensembl"):
         agl.tl.agl_predict(a, model)
     assert_unchanged(a, snap)
+
+
+# ------------------------------------------------------------------------------------------------ 9. keys we own
+@pytest.mark.parametrize("key", ["spatial", "pca"])
+def test_agl_fit_refuses_a_key_added_that_names_data_that_is_not_ours(key):
+    """key_added="spatial" would have replaced .uns["spatial"] (images, scale factors) with the results."""
+    a = small_slide()
+    a.uns[key] = {
+        "A": {"images": {"hires": np.zeros((4, 4, 3), np.uint8)}, "scalefactors": {"spot_diameter_fullres": 5}}
+    }
+    snap, before = snapshot(a), a.uns[key]
+    with pytest.raises(ValueError, match=rf"\.uns\['{key}'\].*refusing to replace"):
+        agl.tl.agl_fit(a, key_added=key, **FIT)
+    assert_unchanged(a, snap)
+    assert a.uns[key] is before
+
+
+def test_reserved_uns_keys_are_refused_even_when_absent_and_foreign_columns_are_named():
+    a = small_slide()
+    with pytest.raises(ValueError, match=r"\.uns\['spatial'\], which belongs to scanpy"):
+        agl.tl.agl_fit(a, key_added="spatial", **FIT)
+    a.var["run1_role"] = "mine"  # a user's column that agl_fit(key_added="run1") would write
+    a.obs["run1_split"] = "mine"
+    snap = snapshot(a)
+    with pytest.raises(ValueError, match=r"\.var\['run1_role'\], \.obs\['run1_split'\] already exist and were not"):
+        agl.tl.agl_fit(a, key_added="run1", **FIT)
+    assert_unchanged(a, snap)
+
+
+def test_our_own_keys_are_rewritten_and_survive_h5ad(tmp_path):
+    import anndata as ad
+
+    a = small_slide()
+    agl.tl.agl_fit(a, key_added="run1", **FIT)
+    assert set(a.uns["run1"]["agl_keys"]["var"]) >= {"run1_role", "run1_weight"}
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b = ad.read_h5ad(tmp_path / "a.h5ad")
+    model = agl.tl.agl_fit(b, key_added="run1", **FIT)  # a second run of ours replaces the first
+    agl.tl.agl_predict(b, model, key_added="run1")
+    assert "run1_pred" in b.layers and "run1_predicted" in b.var
+    b.uns["mine_pred"] = {"mine": 1}  # a user's entry of the name agl_predict(key_added="mine") would write
+    with pytest.raises(ValueError, match=r"\.uns\['mine_pred'\] already exists"):
+        agl.tl.agl_predict(b, model, key_added="mine")
+    assert "mine_pred" not in b.layers
+    with pytest.raises(ValueError, match=r"\.uns\['x'\] already exists"):
+        b.uns["x"] = {"mine": 1}
+        agl.tl.agl_fit(b, key_added="x", **FIT)
+
+
+def test_cross_validate_refuses_a_foreign_key_added_before_the_folds():
+    a = small_slide()
+    a.uns["neighbors"] = {"params": {"n_neighbors": 15}}
+    with pytest.raises(ValueError, match=r"\.uns\['neighbors'\]"):
+        agl.tl.cross_validate(a, group_key="slide", embedding_key="X_emb", key_added="neighbors", n_targets=5)
+    assert a.uns["neighbors"] == {"params": {"n_neighbors": 15}}
+
+
+# ------------------------------------------------------------------------------------------------ 10. genes, slides
+def test_genes_all_on_a_slide_lacking_auxiliaries_warns_naming_them():
+    a = small_slide()
+    model = agl.tl.agl_fit(a, method="agl", **FIT)
+    aux = [g for g, r in zip(model.genes, model.roles) if r == "auxiliary"]
+    lacking = small_slide(seed=2)
+    lacking = lacking[:, ~lacking.var_names.isin(aux[:20])].copy()
+    with pytest.warns(UserWarning, match=rf"genes='all' asks for {len(model.genes)} genes, but the slide lacks 20"):
+        agl.tl.agl_predict(lacking, model, genes="all")
+    assert lacking.var["agl_predicted"].sum() == len(model.genes) - 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agl.tl.agl_predict(small_slide(seed=2), model, genes="all")  # a complete slide: no warning
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [(lambda a: (np.arange(a.n_obs) // 4).astype(np.int64), "integer"), (lambda a: a.obsm["spatial"][:, 1], "float")],
+    ids=["array_row-like-integers", "float-coordinates"],
+)
+def test_a_numeric_library_key_is_refused(column, kind):
+    a = small_slide()
+    a.obs["array_row"] = column(a)
+    snap = snapshot(a)
+    with pytest.raises(ValueError, match=rf"library_key='array_row' is a {kind} column with \d+ distinct values"):
+        agl.tl.agl_fit(a, library_key="array_row", **FIT)
+    assert_unchanged(a, snap)
+
+
+def test_a_few_integer_or_categorical_slide_labels_are_accepted():
+    from agl_scverse._spatial import resolve_library_key
+
+    a = small_slide()
+    a.obs["section"] = (np.arange(a.n_obs) >= 60).astype(int)
+    assert resolve_library_key(a, "section") == "section"
+    a.obs["rows"] = pd.Categorical(np.arange(a.n_obs) // 2)  # categorical: the user says these are slides
+    assert resolve_library_key(a, "rows") == "rows"

@@ -29,6 +29,7 @@ from agl_scverse._docs import d
 from agl_scverse._expression import expression_transform, take_rows
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
+from agl_scverse._transaction import restore_on_error
 from agl_scverse._validate import check_adata, check_spatial, is_backed, resolve_spots
 
 from ._priors import (
@@ -442,7 +443,8 @@ def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAUL
         raise ValueError("These gene roles were computed on different genes than adata.var_names.")
     keys = Keys(key_added)
     df = roles.to_frame()
-    adata.var[keys.role] = df["role"].array
-    adata.var[keys.prior] = df["prior"].to_numpy()
-    adata.var[keys.prior_rank] = df["prior_rank"].to_numpy()
-    adata.uns[keys.gene_roles] = to_h5ad(dict(roles.params))
+    with restore_on_error(adata, var=[keys.role, keys.prior, keys.prior_rank], uns=[keys.gene_roles]):
+        adata.var[keys.role] = df["role"].array
+        adata.var[keys.prior] = df["prior"].to_numpy()
+        adata.var[keys.prior_rank] = df["prior_rank"].to_numpy()
+        adata.uns[keys.gene_roles] = to_h5ad(dict(roles.params))

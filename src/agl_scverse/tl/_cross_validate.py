@@ -16,6 +16,7 @@ from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import per_gene_metrics
+from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 
@@ -177,6 +178,7 @@ def cross_validate(
     for name in ("spots", "split_key", "val_groups", "targets", "auxiliaries", "copy", "save_dir", "method"):
         if name in fit_kwargs:
             raise TypeError(f"cross_validate sets {name!r} itself for every fold; do not pass it.")
+    check_owned(adata, uns=[key_added])  # before the folds run
     counts = adata.layers[layer] if layer is not None else adata.X
     prior_col = Keys(key_added).fold_prior
     rows: list[pd.DataFrame] = []
@@ -248,7 +250,7 @@ def cross_validate(
     df = pd.concat(rows, ignore_index=True)[CV_COLUMNS]
     summ = pd.DataFrame(summary)
     per_method = summ.groupby("method", sort=False)["mean_pearson"].mean()
-    adata.uns[key_added] = to_h5ad(
+    result = to_h5ad(
         {
             "summary": {c: summ[c].to_numpy() for c in summ.columns},
             "mean_pearson": {m: float(v) for m, v in per_method.items()},
@@ -271,6 +273,8 @@ def cross_validate(
             },
         }
     )
+    with restore_on_error(adata, uns=[key_added]):
+        adata.uns[key_added] = result
     return df
 
 

@@ -28,6 +28,7 @@ from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._expression import ExpressionBatches
 from agl_scverse._serialize import to_h5ad
+from agl_scverse._spatial import resolve_library_key
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
@@ -770,6 +771,8 @@ def agl_fit(
     dev = resolve_device(device)
     adata = as_anndata(data)
     check_owned(adata, **_written(keys))  # before training: key_added must not name data that is not ours
+    if library_key is not None:
+        resolve_library_key(adata, library_key)  # a column of slide labels, not coordinates
 
     fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key, encoder)
     genes = _prepare_genes(adata, cfg, fit_data, library_key)

@@ -26,7 +26,8 @@ from agl_scverse._constants import Keys, PredScale
 from agl_scverse._docs import d
 from agl_scverse._expression import predicted_library_size, rescale_predictions
 from agl_scverse._serialize import to_h5ad
-from agl_scverse._transaction import restore_on_error
+from agl_scverse._spatial import resolve_library_key
+from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
@@ -301,6 +302,16 @@ def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
         if unknown:
             raise KeyError(f"{len(unknown)} gene(s) are not outputs of the model: {unknown[:10]}.")
     if adata is not None:
+        lacking = [g for g in chosen if g not in adata.var_names]  # targets were checked: these are auxiliaries
+        if lacking:
+            warnings.warn(
+                f"genes={genes if isinstance(genes, str) else 'a list'!r} asks for {len(chosen)} genes, but the slide "
+                f"lacks {len(lacking)} of them ({lacking[:5]}{' ...' if len(lacking) > 5 else ''}), so the layer "
+                f"holds predictions for the other {len(chosen) - len(lacking)} only (.var['..._predicted'] says "
+                "which). agl.tl.predict_anndata(adata, model, genes=...) returns all of them in a new AnnData.",
+                UserWarning,
+                stacklevel=4,
+            )
         chosen = [g for g in chosen if g in adata.var_names]
     return chosen
 
@@ -627,6 +638,9 @@ def agl_predict(
     if adata.n_obs == 0:
         raise ValueError("The slide has no spots.")
     spread = _want_spread(model, spread)
+    check_owned(adata, layers=[keys.pred_layer, keys.spread_layer], var=[keys.predicted], uns=[keys.pred_uns])
+    if library_key is not None:
+        resolve_library_key(adata, library_key)  # a column of slide labels, not coordinates
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
         scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
