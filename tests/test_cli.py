@@ -424,3 +424,26 @@ def test_fit_training_flags_reach_agl_fit(tmp_path, slide_h5ad, monkeypatch):
     assert (seen["refit"], seen["n_seeds"], seen["precision"], seen["augment"], seen["num_workers"]) == (
         False, 2, "fp32", False, 1,
     )  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="POSIX: fork, RLIMIT_FSIZE")
+def test_predict_over_a_file_size_limit_is_one_clean_error_and_leaves_no_temporary(tmp_path, slide_h5ad, capsys):
+    """HDF5 used to die of SIGSEGV (or SIGXFSZ) after the failed write, leaving its temporary .h5ad behind."""
+    model = tmp_path / "m"
+    assert cli.main(["fit", str(slide_h5ad), *FIT, "--out", str(model)]) == 0
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"  # SIGXFSZ keeps its default: it kills
+        "from agl_scverse import cli\n"
+        f"sys.exit(cli.main(['predict', {str(model)!r}, {str(slide_h5ad)!r}, '--embedding-key', 'X_emb', "
+        f"'--out', {str(out_dir / 'p.h5ad')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("agl-scverse: error: could not write"), proc.stderr[-2000:]
+    assert "ulimit -f" in lines[0]
+    assert list(out_dir.iterdir()) == []  # no temporary, no partial file

@@ -178,13 +178,57 @@ def check_output(path: str | Path, flag: str, overwrite: bool = False, folder: b
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file beside ``path``, so a failed write leaves an existing file as it was."""
-    tmp = path.with_name(f".{path.name}.tmp.h5ad")
+    """Write through a temporary file beside ``path``, so a failed write leaves an existing file as it was.
+
+    The temporary has a name of its own (two runs writing one path do not share it). On POSIX the write runs in a
+    forked child: HDF5 can crash (SIGSEGV) after a failed write, e.g. a full disk or a file-size limit, and the
+    child's crash is reported as a clean ``OSError`` here, with the temporary removed.
+    """
+    import uuid
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.h5ad")
     try:
-        adata.write_h5ad(tmp)
+        if hasattr(os, "fork"):
+            _write_in_child(adata, tmp, path)
+        else:  # pragma: no cover - Windows
+            adata.write_h5ad(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_in_child(adata, tmp: Path, path: Path) -> None:
+    """``adata.write_h5ad(tmp)`` in a forked process; its failure (an error or a crash) raises ``OSError`` here."""
+    import signal
+    import warnings
+
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process": the child only writes
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child (its coverage is not collected)
+        code = 1
+        try:
+            os.close(r)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # HDF5's own error dumps: the parent says it in one line
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: an error, not a kill
+            adata.write_h5ad(tmp)
+            code = 0
+        except BaseException as e:
+            os.write(w, _one_line(e).encode(errors="replace")[:2000])
+        finally:
+            os._exit(code)  # no interpreter teardown: HDF5 objects are not flushed again
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        message = fh.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        why = message or (f"the writer died of signal {-code}" if code < 0 else f"the writer exited with {code}")
+        raise OSError(
+            f"could not write {path} ({why}); check the free space and the file-size limit (ulimit -f) there. "
+            "Nothing was written."
+        )
 
 
 def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -281,7 +325,7 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
     pl.training_history(adata, key="agl_dkgsb", show=False, save=out_dir / "training_history.png")
     best = adata.var.loc[targets, "agl_dkgsb_pcc"].sort_values(ascending=False).index[:3].tolist()
     pl.spatial_prediction(adata, best, key="agl_dkgsb", show=False, save=out_dir / "spatial_prediction.png")
-    adata.write_h5ad(out_dir / "adata.h5ad")
+    _write_h5ad(adata, out_dir / "adata.h5ad")
     summary = {"seconds": round(time.perf_counter() - t0, 1), "rows": rows, "seed": seed}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
