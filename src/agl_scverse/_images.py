@@ -866,8 +866,8 @@ class DecodedFileSource(_FileSource):
     image in RAM once (4 bytes per pixel; PIL cannot decode these formats by region), writes it in bands of rows
     to ``cache_dir() / <name>-<sha256 of the file>.npy`` (a temporary file, preallocated so a full disk fails at
     once with ``OSError`` and leaves nothing, renamed into place when complete; concurrent processes wait on a lock)
-    and memory-maps it; later opens, in this process or another, hash the file (once per file identity and process)
-    and only map the cache. Keyed by content, a file replaced in place is decoded again even when its size and
+    and memory-maps it; later opens, in this process or another, only map the cache. The file is hashed once per
+    file identity (path, device, inode, size, modification and change time), recorded in the cache folder. Keyed by content, a file replaced in place is decoded again even when its size and
     modification time are restored; cache files of images that are gone or were replaced are deleted whenever a
     new image is decoded. The cache folder must be owned by the user and writable by nobody else (the default is
     created 0700), and its files are opened without following links, so nobody else can plant pixels there.
@@ -920,19 +920,44 @@ class DecodedFileSource(_FileSource):
             with _HASH_LOCK:
                 digest = _HASHES.get(key)
             if digest is None:
+                digest = self._recorded_sha256()
+            if digest is None:
                 digest = _sha256_of(self.path)
                 self._check_unchanged()  # not rewritten while it was hashed
-                with _HASH_LOCK:
-                    _HASHES[key] = digest
+                self._record_sha256(digest)
+            with _HASH_LOCK:
+                _HASHES[key] = digest
             self._sha256 = digest
         return self._sha256
+
+    @property
+    def _folder(self) -> Path:
+        return Path(self.cache_folder) if self.cache_folder is not None else cache_dir()
+
+    def _hash_record(self) -> Path:
+        """Where the content hash of this file identity is kept (so other processes need not hash it again)."""
+        return self._folder / f".id-{hashlib.sha256(repr(self.file_key).encode()).hexdigest()[:32]}.sha256"
+
+    def _recorded_sha256(self) -> str | None:
+        try:
+            private_folder(self._folder)
+            fd = os.open(self._hash_record(), os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd) as fh:
+            text = fh.read(65).strip()
+        return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+    def _record_sha256(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            private_folder(self._folder)
+            _write_text_atomic(self._hash_record(), digest)
 
     @property
     def cache_path(self) -> Path:
         """The ``.npy`` file holding the decoded pixels (named after the sha256 of the file's content)."""
         stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(self.path).stem)[:60]
-        folder = Path(self.cache_folder) if self.cache_folder is not None else cache_dir()
-        return folder / f"{stem}-{self.content_sha256[:32]}.npy"
+        return self._folder / f"{stem}-{self.content_sha256[:32]}.npy"
 
     def _array(self) -> np.ndarray:
         if self._mmap is not None and self._handles_valid():

@@ -294,6 +294,14 @@ def test_decoded_cache_is_keyed_by_content_not_by_path(tmp_path):
     b.write_bytes(a.read_bytes())
     sa, sb = open_image(a), open_image(b)
     assert sa.content_sha256 == sb.content_sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    _images._HASHES.clear()  # another process: the hash recorded for this file identity is read, not recomputed
+    fresh = open_image(a)
+    real = _images._sha256_of
+    _images._sha256_of = lambda p: pytest.fail("hashed again")
+    try:
+        assert fresh.content_sha256 == sa.content_sha256
+    finally:
+        _images._sha256_of = real
     assert sa.cache_path.name.split("-")[-1] == sb.cache_path.name.split("-")[-1]
 
 
@@ -417,7 +425,7 @@ def test_a_full_disk_while_decoding_is_a_clean_error_with_no_temporary_left(tmp_
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("OSError True") and "Could not write the decoded copy" in out.stdout, out.stdout
     assert "nothing was left behind" in out.stdout
-    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in cache.iterdir() if not p.name.endswith((".lock", ".sha256"))] == []
 
 
 def test_opening_a_large_image_changes_no_process_wide_pil_setting(tmp_path):
@@ -472,6 +480,6 @@ def test_a_really_full_disk_is_an_oserror_not_sigbus(tmp_path):
         env = {**os.environ, "AGL_SCVERSE_CACHE": str(mnt / "cache")}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 1 and "No space left on device" in out.stderr, (out.returncode, out.stderr[-1500:])
-        assert [p.name for p in (mnt / "cache").iterdir() if not p.name.endswith(".lock")] == []
+        assert [p.name for p in (mnt / "cache").iterdir() if not p.name.endswith((".lock", ".sha256"))] == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
