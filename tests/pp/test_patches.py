@@ -303,7 +303,7 @@ def test_coarser_patches_are_read_from_the_matching_pyramid_level(tmp_path):
     ref = SpotPatches(_slide(levels[1], (xy - 0.5) / 2.0, mpp=2.0), patch_px=16, patch_um=32)
     for i in range(len(ds)):
         assert torch.equal(ds[i], ref[i])
-    assert {key[3] for key in tile_cache()._items} == {1}  # level 0 was never decoded
+    assert {key[-3] for key in tile_cache()._items} == {1}  # level 0 was never decoded (keys end: level, row, col)
     # slightly finer than 2 µm/px: the 2x level would be coarser, so level 0 (and a resize) is used
     fine = SpotPatches(_file_slide(tmp_path / "slide.tif", xy, mpp=1.0), patch_px=17, patch_um=32)
     assert fine.level == {"s1": 0} and fine.crop_side == {"s1": 32}
