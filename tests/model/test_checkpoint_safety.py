@@ -726,7 +726,7 @@ def test_load_racing_saves_sees_one_generation_and_two_writers_take_turns(tmp_pa
         while any(w.is_alive() for w in writers) or loads < 20:
             m = AGLModel.load(path)
             loads += 1
-            mixed += float(m.net.out.bias[0]) != m.config["threshold"]
+            mixed += float(m.net.out.bias[0].detach()) != m.config["threshold"]
             if loads > 2000:
                 break
     finally:
@@ -754,3 +754,13 @@ def test_load_reads_the_weights_once(saved, monkeypatch):
     monkeypatch.setattr(os, "open", spy)
     AGLModel.load(saved)
     assert sum(p.endswith("model.safetensors") for p in opened) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_in_place_of_a_model_file_is_refused_not_read_for_ever(saved):
+    (saved / "model.safetensors").unlink()
+    os.mkfifo(saved / "model.safetensors")
+    with pytest.raises((ValueError, FileNotFoundError), match="not a regular file|not a saved AGL model"):
+        AGLModel.load(saved)
+    with pytest.raises(ValueError, match="model.safetensors is not a regular file"):
+        ckpt.read_config(saved)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def _read_generation(path: Path) -> tuple[bytes, bytes, tuple[int, int]]:
         st = os.fstat(dfd)
         out = []
         for name, limit in ((CONFIG_NAME, MAX_CONFIG_BYTES + 1), (WEIGHTS_NAME, -1)):
-            fd = os.open(name, os.O_RDONLY, dir_fd=dfd) if _DIR_FD else os.open(path / name, os.O_RDONLY)
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # a FIFO in place of a file must not block
+            fd = os.open(name, flags, dir_fd=dfd) if _DIR_FD else os.open(path / name, flags)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ValueError(f"{path / name} is not a regular file; refusing to load this model.")
             with os.fdopen(fd, "rb") as fh:
                 out.append(fh.read(limit))
     finally:
