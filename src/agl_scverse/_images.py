@@ -76,6 +76,7 @@ __all__ = [
     "live_image",
     "check_regular_file",
     "open_image",
+    "open_pil",
     "private_folder",
     "register_live_image",
     "tile_cache",
@@ -896,7 +897,7 @@ class DecodedFileSource(_FileSource):
 
         _FileSource.__init__(self, path, name)
         try:
-            with _pil_open(self.path) as im:
+            with open_pil(self.path) as im:
                 (width, height), mode = im.size, im.mode
         except UnidentifiedImageError as e:
             raise ValueError(
@@ -987,7 +988,7 @@ class DecodedFileSource(_FileSource):
                 np.lib.format.write_array_header_1_0(fh, header)
                 if hasattr(os, "posix_fallocate"):  # the whole file now: a full disk fails here, not as SIGBUS later
                     os.posix_fallocate(fh.fileno(), 0, fh.tell() + self.height * self.width * 3)
-                with _pil_open(self.path) as im:
+                with open_pil(self.path) as im:
                     if im.mode not in ("RGB", "RGBA"):
                         im = im.convert("RGB")
                     im.load()  # the one full decode
@@ -1036,12 +1037,16 @@ def _sha256_of(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _pil_open(path: str) -> Iterator[Any]:
-    """``PIL.Image.open`` with the decompression-bomb limit lifted for this call only (slides are large on purpose).
+def open_pil(path: str | Path) -> Any:
+    """``PIL.Image.open(path)`` with the decompression-bomb limit lifted for this call only (slides are large).
 
-    PIL checks its process-wide ``MAX_IMAGE_PIXELS`` when a file is opened; it is set to None while the header
-    is read and put back before anyone else opens an image through this function.
+    PIL checks its process-wide ``MAX_IMAGE_PIXELS`` when a file is opened; it is set to None while the header is
+    read and put back before anyone else opens an image through this function, so no process-wide setting changes.
+
+    Examples
+    --------
+    >>> with open_pil("he.jpg") as im:  # doctest: +SKIP
+    ...     im.size
     """
     from PIL import Image
 
@@ -1049,11 +1054,9 @@ def _pil_open(path: str) -> Iterator[Any]:
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            im = Image.open(path)
+            return Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = old
-    with im:
-        yield im
 
 
 def private_folder(folder: Path) -> Path:

@@ -63,7 +63,8 @@ def test_augment_is_refused_in_embedding_mode_and_old_models_default_to_off(tmp_
     assert model.config["augment"] is False and model.config["precision"] is None
     cfg_path = tmp_path / "m" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    del cfg["augment"], cfg["precision"]  # a model saved before these fields existed
+    del cfg["augment"], cfg["precision"], cfg["digest"]  # a model saved before these fields existed (format 3)
+    cfg["format_version"] = 3
     cfg_path.write_text(json.dumps(cfg))
     assert AGLModel.load(tmp_path / "m").config["augment"] is False
     cfg["precision"] = {"precision": "fp8"}

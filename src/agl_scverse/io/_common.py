@@ -11,22 +11,21 @@ from anndata import AnnData
 
 from agl_scverse import _constants as K
 from agl_scverse import _spatial, _validate
+from agl_scverse._images import check_regular_file, open_pil
 
 GRAY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
 
 
 def _open_image(path: str | Path):
     """Open an image file lazily (header only) with the pixel limit lifted for whole-slide images."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"No image for this slide: {path} does not exist. Pass the path of the full-resolution H&E image "
             "or put it where the reader expects it."
         )
-    im = Image.open(path)
+    check_regular_file(path)
+    im = open_pil(path)
     if im.mode in GRAY_MODES:
         im.close()
         raise ValueError(
