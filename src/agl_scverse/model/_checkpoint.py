@@ -5,14 +5,17 @@ Layout of a saved model directory (nothing else; see :mod:`agl_scverse.model._mo
     <path>/
         config.json          genes in output order, roles, prior, ranks, learned weights, theta, k, transform,
                              embedding key, encoder info, network shape, method, hyperparameters, versions,
-                             format_version, weights_sha256 (of model.safetensors)
+                             format_version, weights_sha256 (of model.safetensors), digest (sha256 of every
+                             other field: the whole model, format 4)
         model.safetensors    network weights and buffers (input standardisation, output calibration)
 
 :meth:`AGLModel.save` writes everything into a temporary directory beside ``path`` and renames it into place only
 when complete, so an error or an interrupt never leaves a half-written model; ``overwrite=True`` replaces only a
-model directory of ours, after the new one is fully written. :meth:`AGLModel.load` restores a model an interrupted
-save left beside ``path``, then checks the whole config (:func:`~agl_scverse.model._schema.validate_config`), the
-weights' sha256 and the tensor shapes in the weights file's header before it builds the network.
+model directory of ours, after the new one is fully written; saves to one folder take turns. :meth:`AGLModel.load`
+restores a model an interrupted save left beside ``path``, reads both files of one generation through one folder
+handle, then checks the whole config (:func:`~agl_scverse.model._schema.validate_config`), its digest, the
+weights' sha256, the tensor shapes in the weights' header and that every tensor is finite before it builds the
+network.
 """
 
 from __future__ import annotations
@@ -409,8 +412,10 @@ class AGLModel:
     def load(cls, path: str | Path, device: str = "cpu") -> AGLModel:
         """Load a model saved with :meth:`save` (predictions are bit-for-bit identical on CPU).
 
-        Everything is checked before the network is built: the config's fields (:func:`read_config`), the
-        sha256 of the weights file and the tensor shapes in its header. A model left beside ``path`` by an
+        Everything is checked before the network is built: the config's fields and their digest
+        (:func:`check_model`), the sha256 of the weights, the tensor shapes in their header and finite tensor
+        values. Both files are read through one handle of the folder, the weights once, so a model another process
+        saves meanwhile is never half-read (the load reads the new one when the old one was removed under it). A model left beside ``path`` by an
         interrupted save is moved back to ``path`` first (with a warning). No file a config names is opened
         (an encoder weights file is only needed to embed new slides: pass it to ``agl_predict(weights=...)``).
 
@@ -419,7 +424,8 @@ class AGLModel:
         FileNotFoundError
             ``path`` holds no model.
         ValueError
-            The config, the weights' checksum or their shapes are not valid; the message names the field.
+            The config, its digest, the weights' checksum, their shapes or values are not valid; the message names
+            the field or tensor.
 
         Examples
         --------
