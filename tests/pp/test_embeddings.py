@@ -222,3 +222,15 @@ def test_densenet121_local_weights_on_her2st(her2st_dir, densenet_weights):
     rec = adata.uns["agl_embeddings"]["X_agl_densenet121"]
     assert rec["weights_sha256"] == "7a46569badf7242317c17b5610f1a33b90bd0f96aa373e396f6b4f050e3c1596"
     assert rec["weights_load"] == "name" and rec["image"]["C2"] == "fullres"
+
+
+def test_embed_patches_refuses_a_key_added_that_holds_other_data(slide, monkeypatch):
+    """key_added="spatial" would replace the spot coordinates with features; refused before the encoder runs."""
+    import agl_scverse.pp._embed as emb
+
+    xy = slide.obsm["spatial"].copy()
+    monkeypatch.setattr(emb, "_encode", lambda *a, **k: pytest.fail("encoded before the key was checked"))
+    with pytest.raises(ValueError, match=r"\.obsm\['spatial'\] already exists and was not written by agl-scverse"):
+        embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="spatial")
+    np.testing.assert_array_equal(slide.obsm["spatial"], xy)
+    assert "agl_embeddings" not in slide.uns

@@ -20,7 +20,7 @@ from torch import nn
 from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
-from agl_scverse._transaction import restore_on_error
+from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
@@ -259,6 +259,7 @@ def embed_patches(
     )
     check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
+    check_owned(adata, obsm=[key], uns=[K.EMBED_UNS])  # before encoding: key_added="spatial" holds the coordinates
     feats, prec_record = (_encode_distributed if dist.init_from_env() else _encode)(
         model,
         ds,
