@@ -46,7 +46,10 @@ figsize
 show
     Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
 save
-    Path to save the figure to (format from the suffix, ``.png`` when there is none).
+    Save the figure, as scanpy does: ``True`` to ``sc.settings.figdir`` as ``<plot name>.<file_format_figs>``; a
+    name without a folder (``"_x.png"``) is appended to the plot name in ``figdir``; a path with a folder (or a
+    :class:`~pathlib.Path`) is written as given (format from its suffix, else ``file_format_figs``). ``None``
+    follows :attr:`scanpy.settings.autosave`.
 return_fig
     Return the :class:`~matplotlib.figure.Figure` instead of the axes."""
 _plot_returns = """\

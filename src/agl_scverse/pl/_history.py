@@ -32,7 +32,7 @@ def training_history(
     ax: Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | Path | bool | None = None,
     return_fig: bool = False,
 ) -> np.ndarray | Figure | None:
     """Plot the training history of a run: training loss, validation target PCC and ``k`` per epoch.
@@ -102,4 +102,4 @@ def training_history(
         )
     if ax is None:
         fig.tight_layout()
-    return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig)
+    return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig, writekey="training_history")

@@ -497,7 +497,9 @@ def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed
     counts layer the model was trained on; absent for ``.X``), ``genes`` (the ``genes=`` choice, ``"list"`` for a
     list), ``n_genes``, and ``observed``: whether the AnnData's counts are measured expression of the predicted
     genes (True after :func:`agl_predict`, False for the AnnData of :func:`predict_anndata`, whose ``.X`` is the
-    predictions). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they need no ``.uns["agl"]``.
+    predictions), ``method``, and ``refit`` (whether the model was retrained on its validation spots, so plots
+    do not call a score on them a validation score). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they
+    need no ``.uns["agl"]``.
     """
     return to_h5ad(
         {
@@ -508,6 +510,7 @@ def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed
             "n_genes": int(n_genes),
             "observed": bool(observed),
             "method": model.method,
+            "refit": bool(model.config.get("refit", False)),
         }
     )
 
