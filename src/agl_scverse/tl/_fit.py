@@ -417,6 +417,8 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
         "n_val": len(data.val_idx),
         "augment": bool(cfg.training.augment),
         "precision": res.precision if cfg.mode == "finetune" else None,  # embedding mode: see config["encoder"]
+        # per epoch, so a slide predicted with the saved model plots the training history (pl.training_history)
+        "history": {kk: [float(x) for x in np.asarray(v, dtype=float)] for kk, v in res.history.items()},
     }
     return AGLModel(net, config)
 
