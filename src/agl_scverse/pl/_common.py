@@ -56,7 +56,7 @@ def require_var(adata: AnnData, columns: Sequence[str], what: str) -> None:
 
 def _writer_hint(missing: Sequence[str]) -> str:
     if any(c.endswith(("_pcc", "_spearman", "_mse")) for c in missing):
-        return "Run agl.tl.evaluate(adata, key=...) after agl.tl.agl_predict to add per-gene metrics."
+        return "Run agl.tl.evaluate(adata, key_added=...) after agl.tl.agl_predict to add per-gene metrics."
     return "Run agl.tl.agl_fit(adata, key_added=...) to add gene roles and weights."
 
 

@@ -25,7 +25,8 @@ from ._fit import agl_fit
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
 
 BASELINES = ("mean", "pca_ridge", "rrr")
-"""Baseline rows added when ``baselines=True`` (``"rrr"``: reduced-rank ridge with auxiliaries, "linear AGL")."""
+"""Baselines of :func:`cross_validate` (all added with ``baselines=True``; ``"rrr"``: reduced-rank ridge with
+auxiliaries, "linear AGL")."""
 
 #: Auxiliaries (best by prior) offered to the ``"rrr"`` baseline; 0 and these are tried on validation.
 RRR_AUX: tuple[int, ...] = (300, 1000, 3000)
@@ -64,7 +65,7 @@ def cross_validate(
     methods: Sequence[str] = ("pgl", "agl", "dkgsb"),
     embedding_key: str | None = None,
     n_targets: int = 50,
-    baselines: bool = True,
+    baselines: bool | Sequence[str] = True,
     seed: int = 0,
     key_added: str = "agl_cv",
     *,
@@ -87,7 +88,7 @@ def cross_validate(
        method of the fold uses exactly these roles;
     2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
        embeddings, same validation spots, same seed), then predicts the held-out group;
-    3. with ``baselines=True``, the mean predictor, PCA+Ridge and a reduced-rank ridge with auxiliaries
+    3. with ``baselines`` (all by default), the mean predictor, PCA+Ridge and a reduced-rank ridge with auxiliaries
        (:func:`agl_scverse.tl.mean_predictor`, :func:`agl_scverse.tl.pca_ridge`,
        :func:`agl_scverse.tl.reduced_rank_ridge`; the last one's rank and number of auxiliaries chosen on the
        validation spots) are fitted on the **same training spots as the networks**: the training split, or
@@ -115,7 +116,9 @@ def cross_validate(
     n_targets
         Number of HVG targets per fold.
     baselines
-        Add ``"mean"`` and ``"pca_ridge"`` rows.
+        Baseline rows: ``True`` every one of :data:`BASELINES` (``"mean"``, ``"pca_ridge"``, ``"rrr"``), ``False``
+        none, or a sequence naming the ones wanted (e.g. ``("mean", "pca_ridge")``: ``"rrr"``, the slowest, left
+        out).
     seed
         Seed for every fit and the validation split.
     key_added
@@ -160,6 +163,7 @@ def cross_validate(
     """
     from tqdm.auto import tqdm
 
+    baselines = _baseline_names(baselines)
     grp, order, held, emb_key = _check_inputs(
         adata, group_key, groups, methods, baselines, embedding_key, layer, transform
     )
@@ -237,8 +241,8 @@ def cross_validate(
             if not methods:
                 val_rows = np.flatnonzero(grp == val_group) if val_group else np.flatnonzero(train)[:0]
                 fit_rows = np.setdiff1d(np.flatnonzero(train), val_rows)
-            for name, pred, k_b, secs in _baselines(emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows,
-                                                  base_rows, test, seed):  # fmt: skip
+            for name, pred, k_b, secs in _baselines(baselines, emb, Y_all, counts, transform, roles, adata, fit_rows,
+                                                  val_rows, base_rows, test, seed):  # fmt: skip
                 record(name, pred, k_b, secs)
         logg.info(
             f"fold {test_group!r} (validation {val_group or 'random spots'}): "
@@ -257,7 +261,7 @@ def cross_validate(
             "params": {
                 "group_key": group_key,
                 "methods": list(methods),
-                "baselines": bool(baselines),
+                "baselines": list(baselines),
                 "embedding_key": emb_key,
                 "n_targets": int(n_targets),
                 "prior": str(prior),
@@ -274,16 +278,31 @@ def cross_validate(
     return df
 
 
-def _baselines(emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test, seed):
-    """``(name, test predictions, k, seconds)`` of each baseline, fitted on ``base_rows``."""
-    t0 = time.perf_counter()
-    yield "mean", mean_predictor(emb[base_rows], Y_all[base_rows], emb[test]), np.nan, time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
-    yield "pca_ridge", pred, np.nan, time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred, k_rrr = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
-    yield "rrr", pred, k_rrr, time.perf_counter() - t0
+def _baseline_names(baselines: bool | Sequence[str]) -> tuple[str, ...]:
+    """``baselines`` as the names asked for (``True``: all of :data:`BASELINES`), checked."""
+    if isinstance(baselines, bool | np.bool_):
+        return BASELINES if baselines else ()
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    names = tuple(str(b) for b in baselines)
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"Unknown baseline(s) {unknown}; choose from {list(BASELINES)} (or True / False).")
+    return tuple(dict.fromkeys(names))
+
+
+def _baselines(names, emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test, seed):
+    """``(name, test predictions, k, seconds)`` of each baseline in ``names``, fitted on ``base_rows``."""
+    for name in names:
+        t0 = time.perf_counter()
+        k_b = np.nan
+        if name == "mean":
+            pred = mean_predictor(emb[base_rows], Y_all[base_rows], emb[test])
+        elif name == "pca_ridge":
+            pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
+        else:
+            pred, k_b = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
+        yield name, pred, k_b, time.perf_counter() - t0
 
 
 def _fold_metrics(fold, method: str, Y_test, pred, roles: GeneRoles, k: float, secs: float) -> pd.DataFrame:
