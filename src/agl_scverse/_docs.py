@@ -37,7 +37,8 @@ layer
     Layer holding raw counts instead of ``.X``."""
 _progress = """\
 progress
-    Show a progress bar."""
+    Show progress bars: ``True``, ``False``, or ``None`` (default) to follow scanpy's verbosity: shown unless
+    ``sc.settings.verbosity`` is 0 (``"error"``)."""
 _plot_params = """\
 ax
     Matplotlib axes to draw into (the figure is then the axes' figure). Default: a new figure.

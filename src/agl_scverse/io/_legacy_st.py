@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from agl_scverse import _constants as K
 from agl_scverse import _validate
+from agl_scverse._utils import show_progress
 
 from ._common import (
     as_csr_float32,
@@ -45,6 +46,7 @@ def read_legacy_st(
     counts_file: str | None = "counts.tsv.gz",
     spots_file: str = "spots.tsv",
     image_file: str | None = "he.jpg",
+    progress: bool | None = None,
 ) -> AnnData:
     """Read legacy Spatial Transcriptomics sections (one folder per section) into one AnnData.
 
@@ -83,6 +85,9 @@ def read_legacy_st(
         Spot positions file name inside each section folder (tab- or comma-separated).
     image_file
         Image file name inside each section folder; ``None`` takes the only image file in the folder.
+    progress
+        Progress bar over the sections (of two or more): ``True``, ``False``, or ``None`` (default) to follow
+        scanpy's verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 
     Returns
     -------
@@ -105,7 +110,7 @@ def read_legacy_st(
     folders = _section_folders(path, sections, counts_file, spots_file)
 
     adatas, entries = [], {}
-    for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2):
+    for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2 or not show_progress(progress)):
         lib = folder.name
         a, entry = _read_section(
             folder,

@@ -16,6 +16,7 @@ from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import per_gene_metrics
+from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 
@@ -75,7 +76,7 @@ def cross_validate(
     layer: str | None = None,
     transform: str = "log1p",
     val_fraction: float = 0.2,
-    progress: bool = True,
+    progress: bool | None = None,
     method_kwargs: dict[str, dict] | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
@@ -136,7 +137,8 @@ def cross_validate(
     val_fraction
         Fraction of training spots used for validation when there are fewer than 3 training groups.
     progress
-        Progress bar over folds.
+        Progress bar over folds: ``True``, ``False``, or ``None`` (default) to follow scanpy's verbosity (shown
+        unless ``sc.settings.verbosity`` is 0, ``"error"``).
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g. ``{"pgl:reg": {"dropout": 0.5}}``).
     **fit_kwargs
@@ -185,7 +187,7 @@ def cross_validate(
     prior_col = Keys(key_added).fold_prior
     rows: list[pd.DataFrame] = []
     summary: list[dict] = []
-    bar = tqdm(held, desc="cross-validate", unit="fold", disable=not progress)
+    bar = tqdm(held, desc="cross-validate", unit="fold", disable=not show_progress(progress))
     for test_group in bar:
         bar.set_postfix_str(str(test_group))
         test = grp == test_group

@@ -29,7 +29,7 @@ from agl_scverse._expression import ExpressionBatches
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
+from agl_scverse._utils import resolve_device, seed_everything, sha256_array, show_progress, versions
 from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
@@ -173,6 +173,7 @@ def _build_network(
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
                 seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
                 num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"], allow_lowres=enc["allow_lowres"],
+                progress=enc.get("progress"),
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -532,7 +533,7 @@ def agl_fit(
     overwrite: bool = False,
     checkpoint_every: int = 0,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     library_key: str | None = None,
     augment: bool | None = None,
     precision: str = "auto",
@@ -755,6 +756,7 @@ def agl_fit(
         check_overwritable(Path(save_dir))  # before training: overwrite=True replaces only a saved model
     dev = resolve_device(device)
     adata = as_anndata(data)
+    progress = show_progress(progress)
 
     fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key, encoder)
     genes = _prepare_genes(adata, cfg, fit_data, library_key)
@@ -768,6 +770,7 @@ def agl_fit(
         "num_workers": int(num_workers),
         "prefetch_factor": int(prefetch_factor),
         "allow_lowres": bool(allow_lowres),
+        "progress": progress,
     }
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == K.HEAD_RRR:

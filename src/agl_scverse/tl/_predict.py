@@ -156,6 +156,7 @@ def _compute_embedding(
     encoder=None,
     run=None,
     allow_lowres: bool = False,
+    progress: bool | None = None,
 ) -> tuple:
     """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
 
@@ -172,7 +173,8 @@ def _compute_embedding(
     tmp = embed_patches(
         adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, **(run or {}),
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, progress=progress,
+        **(run or {}),
     )  # fmt: skip
     rec = tmp.uns[K.EMBED_UNS][key]
     check_source_resolution(rec, enc, allow_lowres)
@@ -190,6 +192,7 @@ def _features(
     encoder=None,
     run=None,
     allow_lowres=False,
+    progress: bool | None = None,
 ):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
@@ -214,7 +217,7 @@ def _features(
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
         features, rec = _compute_embedding(
-            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres
+            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres, progress=progress
         )
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
@@ -350,6 +353,7 @@ def prediction_layer(
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
     spread: bool = False,
+    progress: bool | None = None,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
@@ -363,7 +367,7 @@ def prediction_layer(
     _check_genes(adata, model)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
     )
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
@@ -615,6 +619,7 @@ def agl_predict(
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
     spread: bool | None = None,
+    progress: bool | None = None,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -674,6 +679,9 @@ def agl_predict(
         spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
         calibrated error bar). Default ``None``: written for an ensemble; ``True`` with a single network is an
         error.
+    progress
+        Progress bar of an embedding computed here: ``True``, ``False``, or ``None`` (default) to follow scanpy's
+        verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 
     Returns
     -------
@@ -712,7 +720,7 @@ def agl_predict(
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
         scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
-        allow_lowres=allow_lowres, spread=spread,
+        allow_lowres=allow_lowres, spread=spread, progress=progress,
     )  # fmt: skip
     layer, sd = layer if spread else (layer, None)
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
@@ -767,6 +775,7 @@ def predict_anndata(
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
     spread: bool | None = None,
+    progress: bool | None = None,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -798,6 +807,8 @@ def predict_anndata(
         As in :func:`agl_predict`.
     spread
         A seed ensemble's spread layer, as in :func:`agl_predict`.
+    progress
+        Progress bar of an embedding computed here, as in :func:`agl_predict` (``None`` follows scanpy's verbosity).
     max_dense_bytes
         Largest size of ``.X`` plus the layers held in memory (default 1 GiB); above it both are one chunked dask
         array, computed when read or written.
@@ -831,7 +842,7 @@ def predict_anndata(
     spread = _want_spread(model, spread)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
     )
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
