@@ -31,7 +31,7 @@ def test_parser_knows_every_command():
     args = parser.parse_args(["predict", "m", "new.h5ad", "--out", "p.h5ad"])
     assert (args.model, args.data) == ("m", "new.h5ad")
     args = parser.parse_args(["cross-validate", "d", "--methods", "pgl", "dkgsb"])
-    assert args.methods == ["pgl", "dkgsb"] and args.group_key == "library_id"
+    assert args.methods == ["pgl", "dkgsb"] and args.group_key is None  # --library-key, else library_id
     args = parser.parse_args(["benchmark", "d", "--embedding-key", "X_emb"])  # the 0.1 name still works
     assert args.embedding_key == "X_emb" and not args.overwrite
     args = parser.parse_args(["fit", "d", "--out", "m", "--method", "topk", "--k", "7", "--embedding-key", "E"])
@@ -111,7 +111,9 @@ def test_fit_predict_round_trip_with_embedding_key(tmp_path, slide_h5ad, capsys)
     assert "agl_pred" in result.layers
     line = capsys.readouterr().out.strip().splitlines()[-1]
     test = result.uns["agl"]["metrics"]["test"]
-    assert line.startswith(f"predict: 120 spots x 15 genes -> {pred}; PCC {test['model']['pearson']:.3f} over 10")
+    assert line.startswith(
+        f"predict: 120 spots x 15 predicted genes -> {pred}; PCC {test['model']['pearson']:.3f} over 10"
+    )
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file of the atomic write is gone
 
 
@@ -447,3 +449,126 @@ def test_predict_over_a_file_size_limit_is_one_clean_error_and_leaves_no_tempora
     assert len(lines) == 1 and lines[0].startswith("agl-scverse: error: could not write"), proc.stderr[-2000:]
     assert "ulimit -f" in lines[0]
     assert list(out_dir.iterdir()) == []  # no temporary, no partial file
+
+# --- issue 20: the flags a new user missed, errors in the command line's words, counts that match the file --------
+def test_errors_name_flags_not_python_parameters(tmp_path, slide_h5ad, capsys, monkeypatch):
+    """An error of the Python API reaches the user in flags: ``Pass weights=<path>`` -> ``Pass --weights <path>``."""
+    import agl_scverse.tl
+
+    flags = cli.command_flags(cli.build_parser(), "predict")
+    assert flags["weights"][0] == "--weights" and flags["embedding_key"][0] == "--embedding-key"
+    msg = cli.cli_message
+    assert msg("Pass weights=<path to that file> (checked).", flags) == "Pass --weights <path to that file> (checked)."
+    assert msg("pass weights='/path/to/file'.", flags) == "pass --weights /path/to/file."
+    assert msg("pass allow_lowres=True, or library_key='x'", flags) == "pass --allow-lowres, or --library-key x"
+    assert msg("Pass embedding_key=.", flags) == "Pass --embedding-key EMBEDDING_KEY."
+    # a quoted Python call, and names without a flag, stay as written
+    kept = "Run agl.tl.evaluate(adata, key_added='x', weights=<p>) first; copy=True"
+    assert msg(kept, flags) == kept
+    assert msg("refit=False", cli.command_flags(cli.build_parser(), "fit")) == "--no-refit"
+
+    def fail(*a, **k):
+        raise ValueError("The encoder weights are not on this machine. Pass weights=<path to that file>.")
+
+    monkeypatch.setattr(agl_scverse.tl, "agl_fit", fail)
+    assert cli.main(["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m")]) == 2
+    line = _error_line(capsys)
+    assert "Pass --weights <path to that file>." in line and "weights=" not in line
+
+
+def test_predict_reports_the_genes_it_wrote(tmp_path, slide_h5ad, capsys):
+    """The summary counts the genes with predictions in the file (regression: one more than written)."""
+    model, pred = tmp_path / "m", tmp_path / "p.h5ad"
+    assert cli.main(["fit", str(slide_h5ad), *FIT, "--method", "topk", "--k", "5", "--out", str(model)]) == 0
+    aux = list(json.loads((model / "config.json").read_text())["genes"][10:])
+    slide = ad.read_h5ad(slide_h5ad)
+    fewer = tmp_path / "fewer.h5ad"
+    slide[:, slide.var_names != aux[0]].copy().write_h5ad(fewer)  # the slide lacks one selected auxiliary
+    capsys.readouterr()
+    assert cli.main(["predict", str(model), str(fewer), "--embedding-key", "X_emb", "--out", str(pred)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    written = int(ad.read_h5ad(pred).var["agl_predicted"].sum())
+    assert written == 14 and line.startswith(f"predict: 120 spots x {written} predicted genes")
+
+
+def test_sections_library_key_layer_and_head_reach_fit(tmp_path, three_sections, capsys, monkeypatch):
+    import agl_scverse.tl
+
+    a = ad.read_h5ad(three_sections)
+    a.layers["raw"] = a.X.copy()
+    a.write_h5ad(three_sections)
+    b = cli._read(str(three_sections), sections=["A", "C"], library_key="section")
+    assert b.n_obs == 100 and sorted(b.obs["section"].unique()) == ["A", "C"]
+    with pytest.raises(ValueError, match="--sections Z: not in"):
+        cli._read(str(three_sections), sections=["Z"], library_key="section")
+    with pytest.raises(KeyError, match="--library-key"):
+        cli._read(str(three_sections), sections=["A"])
+    seen = {}
+
+    def fake_fit(adata, **kw):
+        seen.update(kw, n_obs=adata.n_obs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agl_scverse.tl, "agl_fit", fake_fit)
+    argv = ["fit", str(three_sections), *FIT, "--out", str(tmp_path / "m"), "--sections", "A", "B"]
+    argv += ["--library-key", "section", "--test-groups", "B", "--layer", "raw", "--head", "hybrid"]
+    assert cli.main(argv) == 130
+    assert seen["n_obs"] == 100 and (seen["layer"], seen["head"], seen["library_key"]) == ("raw", "hybrid", "section")
+    assert int((~seen["spots"]).sum()) == 50  # --test-groups B: its spots, found in --library-key's column
+
+
+def test_cross_validate_flags_and_no_unasked_rrr_row(tmp_path, three_sections, capsys, monkeypatch):
+    """cross-validate: --n-seeds, --refit/--no-refit, --head pass through; rrr only with --baselines ... rrr."""
+    import agl_scverse.tl
+    from agl_scverse.tl._cross_validate import BASELINES
+
+    assert cli.ALL_BASELINES == BASELINES
+    out = tmp_path / "cv.csv"
+    argv = ["cross-validate", str(three_sections), *FIT, "--library-key", "section", "--methods", "pgl"]
+    argv += ["--no-refit", "--n-seeds", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    import pandas as pd
+
+    assert set(pd.read_csv(out)["method"]) == {"pgl", "mean", "pca_ridge"}  # regression: no rrr row unasked
+    assert "3 held-out section folds" in capsys.readouterr().out
+    seen = {}
+    monkeypatch.setattr(agl_scverse.tl, "cross_validate", lambda adata, **kw: seen.update(kw) or pd.DataFrame())
+    argv = ["cross-validate", str(three_sections), *FIT, "--group-key", "section", "--refit", "--n-seeds", "3"]
+    argv += ["--baselines", "rrr", "--head", "rrr", "--out", str(tmp_path / "cv2.csv")]
+    cli.main(argv)
+    assert (seen["refit"], seen["n_seeds"], seen["head"], seen["baselines"]) == (True, 3, "rrr", ["rrr"])
+    cli.main([*argv[:-2], "--baselines", "--out", str(tmp_path / "cv3.csv")])
+    assert seen["baselines"] is False and seen["group_key"] == "section"
+
+
+def test_predict_an_he_only_legacy_folder(tmp_path, capsys):
+    """A legacy ST folder with images and spot tables but no counts is predicted (regression, issue 20)."""
+    import torch
+    from builders import FAST, write_legacy_section
+
+    import agl_scverse as agl
+
+    torch.set_num_threads(1)
+    genes = [f"G{i}" for i in range(12)]
+    root = tmp_path / "st"
+    for i, name in enumerate(("S1", "S2")):
+        write_legacy_section(root / name, n=6, genes=genes, img_size=(400, 400), seed=i)
+    adata = agl.io.read_legacy_st(root)
+    agl.pp.embed_patches(adata, encoder="resnet18", patch_px=32, device="cpu")
+    model = agl.tl.agl_fit(adata, method="pgl", embedding_key="X_agl_resnet18", n_targets=4, min_cells=1, **FAST)
+    model.save(tmp_path / "m")
+    s2 = adata[adata.obs["library_id"] == "S2"].copy()
+    expected = agl.tl.predict_anndata(s2, model)
+    for f in root.glob("*/counts.tsv.gz"):
+        f.unlink()
+    he = agl.io.read_legacy_st(root, sections=["S2"], counts_file=None)
+    direct = agl.tl.predict_anndata(he, model)  # computes the embedding with the model's recorded encoder
+    pos = direct.obs_names.get_indexer(expected.obs_names)
+    np.testing.assert_allclose(direct.X[pos], expected.X, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "p.h5ad"
+    capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path / "m"), str(root), "--sections", "S2", "--out", str(out)]) == 0
+    result = ad.read_h5ad(out)
+    assert result.n_obs == he.n_obs and list(result.var_names) == model.predicted_genes
+    np.testing.assert_allclose(result.X, direct.X, rtol=1e-5, atol=1e-5)
+    assert capsys.readouterr().out.startswith(f"predict: {he.n_obs} spots x {len(model.predicted_genes)} predicted")

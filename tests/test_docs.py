@@ -175,3 +175,39 @@ def test_public_modules_export_no_constants():
         mod = importlib.import_module(f"agl_scverse.{module}")
         for name in mod.__all__:
             assert callable(getattr(mod, name)), f"agl.{module}.{name} is not a function or class"
+
+
+def test_hints_name_parameters_the_functions_have():
+    """Every ``agl.<sub>.<function>(..., name=...)`` quoted in a message or docstring of the package, or in the docs,
+    names parameters that function has (regression, issue 20: hints said ``key=`` where it is ``key_added``)."""
+    import ast
+    import inspect
+    import re
+
+    import agl_scverse as agl
+
+    call = re.compile(r"agl\.(tl|pp|pl|io|model|datasets)\.(\w+)\(([^()]*)")
+    root = Path(__file__).resolve().parents[1]
+    texts = [(p, p.read_text()) for p in sorted((root / "docs").rglob("*.md"))]
+    for path in sorted((root / "src" / "agl_scverse").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                texts.append((path, node.value))
+            elif isinstance(node, ast.JoinedStr):
+                texts.append((path, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)))
+    wrong = []
+    for path, text in texts:
+        for m in call.finditer(text):
+            fn = getattr(getattr(agl, m.group(1)), m.group(2), None)
+            if fn is None:
+                wrong.append(f"{path.name}: {m.group(0)} (no such function)")
+                continue
+            params = inspect.signature(fn).parameters
+            if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                continue
+            wrong += [
+                f"{path.name}: {m.group(0)} ({n}=)"
+                for n in re.findall(r"(?<![\w.])(\w+)=", m.group(3))
+                if n not in params
+            ]
+    assert not wrong, wrong

@@ -37,7 +37,8 @@ layer
     Layer holding raw counts instead of ``.X``."""
 _progress = """\
 progress
-    Show a progress bar."""
+    Show progress bars: ``True``, ``False``, or ``None`` (default) to follow scanpy's verbosity: shown unless
+    ``sc.settings.verbosity`` is 0 (``"error"``)."""
 _plot_params = """\
 ax
     Matplotlib axes to draw into (the figure is then the axes' figure). Default: a new figure.
@@ -46,7 +47,10 @@ figsize
 show
     Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
 save
-    Path to save the figure to (format from the suffix, ``.png`` when there is none).
+    Save the figure, as scanpy does: ``True`` to ``sc.settings.figdir`` as ``<plot name>.<file_format_figs>``; a
+    name without a folder (``"_x.png"``) is appended to the plot name in ``figdir``; a path with a folder (or a
+    :class:`~pathlib.Path`) is written as given (format from its suffix, else ``file_format_figs``). ``None``
+    follows :attr:`scanpy.settings.autosave`.
 return_fig
     Return the :class:`~matplotlib.figure.Figure` instead of the axes."""
 _plot_returns = """\

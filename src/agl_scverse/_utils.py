@@ -26,6 +26,28 @@ def resolve_device(device: str = "auto"):
     return dev
 
 
+def show_progress(progress: bool | None) -> bool:
+    """The one rule for progress bars: ``progress`` when given, else scanpy's verbosity decides.
+
+    ``None`` (every function's default) shows bars unless :attr:`scanpy.settings.verbosity` is ``0`` (``"error"``):
+    scanpy's default ``"warning"`` (1) and the chattier levels show them, so ``sc.settings.verbosity = 0`` silences
+    every bar of the package, as it silences scanpy's warnings.
+
+    Examples
+    --------
+    >>> show_progress(False), show_progress(True)
+    (False, True)
+    """
+    if progress is not None:
+        return bool(progress)
+    try:
+        import scanpy as sc
+
+        return int(sc.settings.verbosity) >= 1
+    except ImportError:  # pragma: no cover
+        return True
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file."""
     h = hashlib.sha256()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from ._constants import METHODS, MODES
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
 METHOD_LABELS = {"pgl": "PGL (targets only)", "agl": "AGL-all", "topk": "AGL top-k", "dkgsb": "AGL + DkGSB"}
 READERS = ("auto", "h5ad", "legacy_st", "visium", "hest")
+#: Baselines of ``cross-validate`` (``--baselines``) and the default ones (the slow ``rrr`` only when named).
+ALL_BASELINES, CV_BASELINES = ("mean", "pca_ridge", "rrr"), ("mean", "pca_ridge")
 PROG = "agl-scverse"
 # Errors in what the user passed (paths, values, files): one line and exit status 2, as argparse does.
 USER_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError)
@@ -57,11 +60,23 @@ def _existing(path: str) -> Path:
     return p
 
 
-def _read(path: str, reader: str = "auto", microns_per_pixel: float | None = None, fullres_image: str | None = None):
+def _read(
+    path: str,
+    reader: str = "auto",
+    microns_per_pixel: float | None = None,
+    fullres_image: str | None = None,
+    *,
+    sections: list[str] | None = None,
+    library_key: str | None = None,
+    counts_optional: bool = False,
+):
     """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder).
 
     ``microns_per_pixel`` (µm per full-resolution pixel) goes to the legacy ST, Visium and HEST readers;
-    ``fullres_image`` (the full-resolution H&E) to the Visium and HEST readers.
+    ``fullres_image`` (the full-resolution H&E) to the Visium and HEST readers. ``sections``: only these sections
+    (legacy ST section folders, else values of the ``library_key`` column). ``library_key``: the ``.obs`` column
+    naming the sections (written by the folder readers, read in an .h5ad file). ``counts_optional``: a legacy ST or
+    Visium folder without counts is read as an H&E-only slide (0 genes), as ``predict`` needs.
     """
     p = _existing(path)
     reader = _resolve_reader(p, reader)
@@ -84,16 +99,42 @@ def _read(path: str, reader: str = "auto", microns_per_pixel: float | None = Non
         if not microns_per_pixel > 0:
             raise ValueError(f"--microns-per-pixel must be positive, got {microns_per_pixel}.")
     if reader == "h5ad":
-        return _read_h5ad(p)
+        return _only_sections(_read_h5ad(p), sections, library_key)
     from . import io
+    from .io._legacy_st import has_he_only_sections
 
-    mpp = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
+    kw = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
+    kw |= {} if library_key is None else {"library_key": library_key}
     image = {} if fullres_image is None else {"fullres_image": fullres_image}
     if reader == "legacy_st":
-        return io.read_legacy_st(p, **mpp)
+        he_only = counts_optional and has_he_only_sections(p)
+        kw |= {"sections": sections} if sections else {}
+        return io.read_legacy_st(p, **kw, **({"counts_file": None} if he_only else {}))
     if reader == "visium":
-        return io.read_visium(p, **mpp, **image)
-    return io.read_hest(p, **mpp, **image)
+        he_only = counts_optional and p.is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists()
+        adata = io.read_visium(p, **kw, **image, **({"counts_file": None} if he_only else {}))
+    else:
+        adata = io.read_hest(p, **kw, **image)
+    return _only_sections(adata, sections, library_key)
+
+
+def _only_sections(adata, sections: list[str] | None, library_key: str | None):
+    """The spots of ``sections`` (values of the ``library_key`` column, default ``library_id``)."""
+    if not sections:
+        return adata
+    col = library_key or K.LIBRARY_KEY
+    if col not in adata.obs:
+        raise KeyError(
+            f"--sections needs the .obs column naming the sections; {col!r} is not one of {list(adata.obs.columns)} "
+            "(pass --library-key COLUMN)."
+        )
+    keep = _groups_mask(adata, col, [str(x) for x in sections], "--sections", key_flag="--library-key")
+    out = adata[keep].copy()
+    out.obs[col] = out.obs[col].astype(str).astype("category")
+    spatial = out.uns.get("spatial")
+    if isinstance(spatial, dict) and set(out.obs[col].cat.categories) <= set(spatial):
+        out.uns["spatial"] = {lib: spatial[lib] for lib in out.obs[col].cat.categories}
+    return out
 
 
 def _read_h5ad(p: Path):
@@ -112,8 +153,11 @@ def _read_h5ad(p: Path):
 
 
 def _read_slide(args: argparse.Namespace):
-    """The slide of a command, read with its reader and resolution flags."""
-    return _read(args.data, args.reader, args.microns_per_pixel, args.fullres_image)
+    """The slide of a command, read with its reader, section, library-key and resolution flags."""
+    return _read(
+        args.data, args.reader, args.microns_per_pixel, args.fullres_image, sections=args.sections,
+        library_key=args.library_key, counts_optional=args.command == "predict",
+    )  # fmt: skip
 
 
 def _device(name: str) -> str:
@@ -135,12 +179,12 @@ def _accepted(func, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _groups_mask(adata, key: str, groups: list[str], flag: str):
+def _groups_mask(adata, key: str, groups: list[str], flag: str, key_flag: str = "--split-key"):
     """Boolean mask of the spots whose ``.obs[key]`` is one of ``groups`` (each must occur)."""
     import numpy as np
 
     if key not in adata.obs:
-        raise KeyError(f"--split-key {key!r} is not an .obs column: {list(adata.obs.columns)}")
+        raise KeyError(f"{key_flag} {key!r} is not an .obs column: {list(adata.obs.columns)}")
     col = adata.obs[key].astype(str).to_numpy()
     present = sorted(set(col))
     missing = [g for g in groups if g not in present]
@@ -361,7 +405,7 @@ def _fit(args: argparse.Namespace) -> None:
     adata = _read_slide(args)
     split_key = args.split_key
     if split_key is None and (args.val_groups or args.test_groups):
-        split_key = "library_id"
+        split_key = args.library_key or K.LIBRARY_KEY
     spots = None
     if args.test_groups:
         test = _groups_mask(adata, split_key, args.test_groups, "--test-groups")
@@ -392,6 +436,9 @@ def _fit(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         refit=args.refit,
         n_seeds=args.n_seeds,
+        layer=args.layer,
+        library_key=args.library_key,
+        **({"head": args.head} if args.head else {}),
         **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres),
         **scale_out,
     )
@@ -429,7 +476,10 @@ def _predict(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = AGLModel.load(args.model)
     adata = _read_slide(args)
-    kwargs = {"embedding_key": args.embedding_key, "weights": args.weights, "device": device}
+    kwargs = {
+        "embedding_key": args.embedding_key, "weights": args.weights, "device": device,
+        "library_key": args.library_key,
+    }  # fmt: skip
     measured = bool(adata.n_vars) and bool(pd.Index(model.targets).isin(adata.var_names).all())
     note = ""
     if measured:  # a slide that measured the model's genes: predictions beside them, then scored
@@ -444,7 +494,10 @@ def _predict(args: argparse.Namespace) -> None:
             adata, model, **kwargs, **_accepted(tl.predict_anndata, allow_lowres=args.allow_lowres)
         )
     _write_h5ad(result, out)
-    summary = f"predict: {result.n_obs} spots x {len(model.predicted_genes)} genes -> {out}"
+    from ._constants import Keys
+
+    n_written = int(result.var[Keys().predicted].sum())  # the genes with predictions in the file
+    summary = f"predict: {result.n_obs} spots x {n_written} predicted genes -> {out}"
     scored = _test_pcc(result) if measured and not note else None
     if scored is not None:
         summary += f"; PCC {_fmt(scored[0])} over {len(model.targets)} target genes on {scored[1]} spots"
@@ -458,25 +511,27 @@ def _cross_validate(args: argparse.Namespace) -> None:
 
     device = _device(args.device)
     adata = _read_slide(args)
-    if args.group_key not in adata.obs:
-        raise KeyError(f"--group-key {args.group_key!r} is not an .obs column: {list(adata.obs.columns)}")
+    group_key = args.group_key or args.library_key or K.LIBRARY_KEY
+    if group_key not in adata.obs:
+        raise KeyError(f"--group-key {group_key!r} is not an .obs column: {list(adata.obs.columns)}")
     if args.embedding_key is None:
         pp.embed_patches(
             adata, encoder=args.encoder, weights=args.weights, device=device, patch_px=args.patch_px,
             patch_um=args.patch_um,
             **_accepted(pp.embed_patches, allow_lowres=args.allow_lowres),
         )  # fmt: skip
-    fit_kwargs = {"k": args.k} if args.k is not None else {}
-    if args.epochs is not None:
-        fit_kwargs["epochs"] = args.epochs
+    optional = {"k": args.k, "epochs": args.epochs, "refit": args.refit, "n_seeds": args.n_seeds, "head": args.head}
+    fit_kwargs = {name: value for name, value in optional.items() if value is not None}
     df = tl.cross_validate(
         adata,
-        group_key=args.group_key,
+        group_key=group_key,
         methods=args.methods,
         embedding_key=args.embedding_key,
         n_targets=args.n_targets,
+        baselines=args.baselines or False,
         seed=args.seed,
         device=device,
+        layer=args.layer,
         **fit_kwargs,
     )
     df.to_csv(out, index=False)
@@ -485,7 +540,7 @@ def _cross_validate(args: argparse.Namespace) -> None:
     print(summary.round(3).to_string())
     means = ", ".join(f"{m} {_fmt(v)}" for m, v in summary["mean"].items())
     n_folds = summary.shape[1] - 1
-    print(f"cross-validate: {n_folds} held-out {args.group_key} folds, mean target PCC: {means} -> {out}")
+    print(f"cross-validate: {n_folds} held-out {group_key} folds, mean target PCC: {means} -> {out}")
 
 
 # -- scaling out (fine-tuning, torchrun, checkpoints; docs/scaling_out.md) -----------------------------------
@@ -607,7 +662,58 @@ def _add_slide_args(p: argparse.ArgumentParser) -> None:
         "--patch-um", type=float, default=K.DEFAULT_PATCH_UM, help="patch side in µm, to embed (default: %(default)s)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--layer", default=None, metavar="LAYER", help="layer of DATA holding the raw counts (default: .X)")
+    p.add_argument(
+        "--head",
+        default=None,
+        choices=list(K.HEADS),
+        help="embedding-mode network: mlp, rrr (closed-form reduced-rank ridge) or hybrid (default: mlp)",
+    )
+    _add_section_args(p)
     _add_resolution_args(p)
+
+
+def _add_cross_validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(CV_BASELINES),
+        choices=list(ALL_BASELINES),
+        metavar="NAME",
+        help="baseline rows beside the methods: mean, pca_ridge, rrr (reduced-rank ridge with auxiliaries, slow); "
+        "--baselines with no name: none (default: mean pca_ridge)",
+    )
+    p.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after early stopping, retrain on training + validation spots (default: on in embedding mode)",
+    )
+    p.add_argument(
+        "--n-seeds",
+        type=int,
+        default=None,
+        help="average this many networks, one per seed (default: 5 in embedding mode)",
+    )
+
+
+def _add_section_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        metavar="SECTION",
+        help="read only these sections: section folders under a legacy ST parent folder, else values of the "
+        "--library-key column (default: every section)",
+    )
+    p.add_argument(
+        "--library-key",
+        default=None,
+        metavar="COLUMN",
+        help=".obs column naming the sections (slides) of DATA: written by the folder readers, read from an "
+        ".h5ad file; the default group of --sections, --val-groups, --test-groups and cross-validate "
+        "(default: library_id)",
+    )
 
 
 _EXAMPLE = "example:\n"
@@ -710,10 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     _add_slide_args(p)
-    p.add_argument("--group-key", default="library_id", help=".obs column of the groups (default: library_id)")
+    p.add_argument(
+        "--group-key", default=None, help=".obs column of the groups (default: --library-key, else library_id)"
+    )
     p.add_argument(
         "--methods", nargs="+", default=["pgl", "agl", "dkgsb"], choices=list(METHODS), help="methods to compare"
     )
+    _add_cross_validate_args(p)
     p.add_argument("--out", default="cross_validation.csv", help="CSV file to write (default: %(default)s)")
     _add_debug(p, argparse.SUPPRESS)
 
@@ -739,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: the model's)")
     p.add_argument("--out", required=True, help=".h5ad file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_section_args(p)
     _add_resolution_args(p, device="cpu")  # predictions are bit-for-bit reproducible on CPU
     _add_debug(p, argparse.SUPPRESS)
     return parser
@@ -778,6 +888,69 @@ def _one_line(exc: BaseException) -> str:
     return msg or type(exc).__name__
 
 
+#: ``name=value`` in an error of the Python API (a parameter, as the API's messages name them: ``weights=<path>``).
+_PARAM = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=(<[^>]*>|'[^']*'|\"[^\"]*\"|[^\s,;)]*)")
+#: A Python call quoted in a message (``agl.tl.agl_fit(adata, key_added=...)``): its arguments stay as written.
+_CALL = re.compile(r"\b[\w.]+\([^()]*\)")
+
+
+def command_flags(
+    parser: argparse.ArgumentParser, command: str | None
+) -> dict[str, tuple[str, str | None, str | None]]:
+    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``.
+
+    The second is the negative flag of a ``--x/--no-x`` switch (``"refit": ("--refit", "--no-refit", None)``), the
+    third the placeholder of the flag's value (None for a switch).
+    """
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            parsers.append(action.choices[command])
+    out: dict[str, tuple[str, str | None, str | None]] = {}
+    for p in parsers:
+        for action in p._actions:
+            longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+            if longs and action.dest not in ("help", "version"):
+                neg = next((o for o in action.option_strings if o.startswith("--no-")), None)
+                takes = action.nargs != 0 and neg is None
+                metavar = (action.metavar or action.dest.upper()) if takes else None
+                out[action.dest] = (longs[0], neg, metavar)
+    return out
+
+
+def cli_message(message: str, flags: dict[str, tuple[str, str | None, str | None]]) -> str:
+    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``.
+
+    Every ``name=value`` whose ``name`` is a parameter the command has a flag for becomes the flag (``x=True`` ->
+    ``--x``, ``x=False`` -> ``--no-x``, ``x=<v>`` -> ``--x <v>``); a Python call quoted in the message
+    (``agl.tl.evaluate(adata, key_added=...)``) and names without a flag are left as written.
+
+    Examples
+    --------
+    >>> cli_message("Pass weights=<path>.", {"weights": ("--weights", None, "FILE")})
+    'Pass --weights <path>.'
+    """
+    calls = [m.span() for m in _CALL.finditer(message)]
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in flags or any(a <= m.start() < b for a, b in calls):
+            return m.group(0)
+        pos, neg, metavar = flags[name]
+        tail = ""
+        while value and value[-1] in ".:" and not value.startswith(("<", "'", '"')):
+            value, tail = value[:-1], value[-1] + tail
+        value = value.strip("'\"")
+        if value in ("True", "true"):
+            return pos + tail
+        if value in ("False", "false") and neg:
+            return neg + tail
+        value = value or metavar
+        return (f"{pos} {value}" if value else pos) + tail
+
+    return _PARAM.sub(flag, message)
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         demo(out=args.out, seed=args.seed, epochs=args.epochs, patch_px=args.patch_px)
@@ -808,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {cli_message(_one_line(exc), command_flags(parser, args.command))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
         if args.debug:

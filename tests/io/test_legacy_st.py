@@ -170,3 +170,29 @@ def test_outputs_round_trip_h5ad(tmp_path, legacy_dir):
         assert entry["scalefactors"] == pytest.approx(orig["scalefactors"])
         assert entry["metadata"] == orig["metadata"]
         np.testing.assert_allclose(back.obsm["spatial"], adata.obsm["spatial"])
+
+
+def test_legacy_sections_without_counts_read_as_he_only(legacy_dir):
+    """A folder with an image and a spot table but no counts reads as an H&E-only slide (0 genes).
+
+    Regression (issue 20): counts_file=None raised TypeError, and the error did not say how to read such folders.
+    """
+    with_counts = agl.io.read_legacy_st(legacy_dir, load_images=True, hires_max_px=100)
+    for f in legacy_dir.glob("*/counts.tsv.gz"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="counts_file=None"):
+        agl.io.read_legacy_st(legacy_dir)
+    he = agl.io.read_legacy_st(legacy_dir, counts_file=None, hires_max_px=100)
+    assert he.n_vars == 0 and he.X.shape == (he.n_obs, 0)
+    # every spot of the spots files (also those the counts lacked), at the same positions, with the same images
+    assert set(with_counts.obs_names) < set(he.obs_names)
+    pos = he.obs_names.get_indexer(with_counts.obs_names)
+    np.testing.assert_array_equal(he.obsm["spatial"][pos], with_counts.obsm["spatial"])
+    assert list(he.obs["library_id"].cat.categories) == ["S1", "S2"]
+    for lib in ("S1", "S2"):
+        a, b = he.uns["spatial"][lib], with_counts.uns["spatial"][lib]
+        np.testing.assert_array_equal(a["images"]["hires"], b["images"]["hires"])
+        assert a["scalefactors"] == b["scalefactors"]
+    assert agl.io.read_legacy_st(legacy_dir / "S2", counts_file=None).n_obs == 9 + 1  # 3 x 3 grid + extra spot
+    with pytest.raises(FileNotFoundError, match="counts_file=None"):
+        agl.io.read_legacy_st(legacy_dir / "S2")

@@ -63,3 +63,22 @@ def test_read_visium_errors(tmp_path):
     with pytest.raises(ValueError, match="Duplicate gene names"):
         agl.io.read_visium(folder, var_names_make_unique=False)
     assert list(agl.io.read_visium(folder).var_names) == ["G1", "G2", "G1-1"]
+
+
+@pytest.mark.parametrize("positions_header", [True, False])
+def test_read_visium_without_counts_is_an_he_only_slide(tmp_path, positions_header):
+    """A Space Ranger folder without the counts matrix reads with counts_file=None (regression, issue 20)."""
+    path = write_visium(tmp_path / "outs", positions_header=positions_header)
+    full = agl.io.read_visium(path, library_id="L", fullres_image=path / "fullres.jpg")
+    (path / "filtered_feature_bc_matrix.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="counts_file=None"):
+        agl.io.read_visium(path)
+    he = agl.io.read_visium(path, counts_file=None, library_id="L", fullres_image=path / "fullres.jpg")
+    assert he.n_vars == 0 and he.n_obs == full.n_obs + 1  # the in-tissue spot the counts lacked is kept
+    pos = he.obs_names.get_indexer(full.obs_names)
+    np.testing.assert_array_equal(he.obsm["spatial"][pos], full.obsm["spatial"])
+    np.testing.assert_array_equal(he.obs["array_col"].to_numpy()[pos], full.obs["array_col"].to_numpy())
+    a, b = he.uns["spatial"]["L"], full.uns["spatial"]["L"]
+    assert a["scalefactors"] == b["scalefactors"]
+    np.testing.assert_array_equal(np.asarray(a["images"]["hires"]), np.asarray(b["images"]["hires"]))
+    assert a["metadata"][K.SOURCE_IMAGE_PATH] == b["metadata"][K.SOURCE_IMAGE_PATH]

@@ -239,7 +239,7 @@ def test_gene_performance_anndata(adata, tmp_path):
 
 
 # --- spatial_prediction -----------------------------------------------------------------------------------
-_R_TITLE = re.compile(r"r = (-?[\d.]+|nan) on (\d+) (held-out|validation|all|selected) spots")
+_R_TITLE = re.compile(r"r = (-?[\d.]+) on (?:all (\d+) spots|(\d+) (held-out|validation|training|selected) spots)")
 
 
 def _title_pcc(title: str) -> float:
@@ -248,7 +248,7 @@ def _title_pcc(title: str) -> float:
 
 def _title_spots(title: str) -> tuple[int, str]:
     m = _R_TITLE.search(title)
-    return int(m.group(2)), m.group(3)
+    return (int(m.group(2)), "all") if m.group(2) else (int(m.group(3)), m.group(4))
 
 
 def test_spatial_prediction_titles_match_pcc(adata, tmp_path):
@@ -304,6 +304,50 @@ def test_spatial_prediction_titles_give_the_held_out_r(adata):
     adata.obs["agl_split"] = pd.Categorical(np.where(split == "unused", "train", split))  # no held-out spots
     title = agl.pl.spatial_prediction(adata, "T0", show=False)[0, 1].get_title()
     assert _title_spots(title) == (int((split == "val").sum()), "validation")
+
+
+def test_spatial_prediction_scores_each_slide_on_its_own_spots():
+    """A training slide beside a held-out one is scored on its validation spots, never "nan on 0 held-out spots".
+
+    Regression (issue 20): the kind of spots was chosen over all slides, so a training section got 0 held-out
+    spots and a NaN r, and an unseen slide read "on 178 all spots".
+    """
+    ad = make_adata(n_slides=2)
+    n = ad.n_obs // 2
+    split = np.array(["train"] * ad.n_obs, dtype=object)
+    split[:12] = "val"  # slide0 trains and validates
+    split[n:] = "unused"  # slide1 is held out
+    ad.obs["agl_split"] = pd.Categorical(split)
+    axs = agl.pl.spatial_prediction(ad, "T0", show=False)
+    titles = [axs[r, 1].get_title() for r in range(2)]
+    assert not any("nan" in t for t in titles)
+    assert _title_spots(titles[0]) == (12, "validation") and "(slide0)" in titles[0]
+    assert _title_spots(titles[1]) == (n, "held-out") and "(slide1)" in titles[1]
+    j = ad.var_names.get_loc("T0")
+    expected = np.corrcoef(np.log1p(ad.X[:12, j]), ad.layers["agl_pred"][:12, j])[0, 1]
+    assert _title_pcc(titles[0]) == pytest.approx(expected, abs=5e-4)
+    ad.uns["agl_pred"]["refit"] = True  # the model was retrained on its validation spots: the title says so
+    assert "12 validation spots (refitted on)" in agl.pl.spatial_prediction(ad, "T0", show=False)[0, 1].get_title()
+    ad.obs["agl_split"] = pd.Categorical(np.where(split == "val", "train", split))  # slide0: training spots only
+    assert _title_spots(agl.pl.spatial_prediction(ad, "T0", show=False)[0, 1].get_title()) == (n, "training")
+    del ad.obs["agl_split"]
+    title = agl.pl.spatial_prediction(ad, "T0", library_id="slide1", show=False)[0, 1].get_title()
+    assert f"on all {n} spots" in title and "all spots" not in title
+
+
+def test_spatial_prediction_title_never_shows_nan():
+    """An undefined r (constant prediction, no scored spots) is explained in words, not printed as nan."""
+    from agl_scverse.pl._spatial_prediction import r_phrase
+
+    ad = make_adata()
+    ad.layers["agl_pred"][:, ad.var_names.get_loc("T1")] = 1.0
+    title = agl.pl.spatial_prediction(ad, "T1", show=False)[0, 1].get_title()
+    assert "nan" not in title and f"no r on all {ad.n_obs} spots: constant values" in title
+    title = agl.pl.spatial_prediction(ad, "T0", spots=[0], show=False)[0, 1].get_title()
+    assert "nan" not in title and "no r: only 1 selected spot" in title
+    assert r_phrase(float("nan"), 0, "held-out") == "no r: no held-out spots"
+    assert r_phrase(0.5, 1, "held-out") == "no r: only 1 held-out spot"
+    assert r_phrase(0.25, 3, "validation") == "r = 0.250 on 3 validation spots"
 
 
 def test_spatial_prediction_without_the_fit_record(adata, tmp_path):
@@ -551,13 +595,47 @@ def test_family_draws_into_given_axes(adata, plot):
 
 
 def test_family_save_without_suffix_writes_png(adata, plot, tmp_path):
+    import scanpy as sc
+
     call, _ = plot
-    out = call(adata, show=False, save=tmp_path / "sub" / "x")
+    fmt = sc.settings.file_format_figs
+    try:
+        sc.settings.file_format_figs = "png"  # a path without a suffix gets scanpy's figure format
+        out = call(adata, show=False, save=tmp_path / "sub" / "x")
+    finally:
+        sc.settings.file_format_figs = fmt
     png = tmp_path / "sub" / "x.png"
     assert png.stat().st_size > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "sub" / "x").exists()
     assert out is not None
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
+def test_family_save_follows_scanpy(adata, fn, tmp_path):
+    """save=True and save="_x.png" write into sc.settings.figdir under the plot's name, as scanpy's plots do.
+
+    Regression (issue 20): save=True raised, and save="_x.png" wrote "_x.png" in the working folder.
+    """
+    import scanpy as sc
+
+    call = FAMILY[fn.__name__][0]
+    old = sc.settings.figdir, sc.settings.file_format_figs
+    try:
+        sc.settings.figdir, sc.settings.file_format_figs = tmp_path / "figs", "png"
+        call(adata, show=False, save=True)
+        assert (tmp_path / "figs" / f"{fn.__name__}.png").stat().st_size > 0
+        call(adata, show=False, save="_x.pdf")
+        assert (tmp_path / "figs" / f"{fn.__name__}_x.pdf").read_bytes()[:4] == b"%PDF"
+        call(adata, show=False, save="_y")  # no known suffix: scanpy's format
+        assert (tmp_path / "figs" / f"{fn.__name__}_y.png").exists()
+        call(adata, show=False, save=str(tmp_path / "own" / "z.png"))  # a path with a folder: as given
+        assert (tmp_path / "own" / "z.png").exists()
+        n = len(list((tmp_path / "figs").iterdir()))
+        call(adata, show=False, save=False)
+        assert len(list((tmp_path / "figs").iterdir())) == n
+    finally:
+        sc.settings.figdir, sc.settings.file_format_figs = old
 
 
 def test_spatial_prediction_wrong_number_of_axes(adata):

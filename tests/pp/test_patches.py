@@ -392,3 +392,54 @@ def test_embedding_a_large_tiff_never_allocates_the_image(tmp_path, monkeypatch)
     assert adata.uns["agl_embeddings"]["X_agl_means"]["level"] == {"s1": 0}
     assert band_peak > 24 * 2**20
     assert peak < 48 * 2**20, f"embedding allocated {peak / 2**20:.0f} MB (a full decode is 192 MB)"
+
+
+# --- sub-pixel centres (issue 20: integer vs float centres changed predictions by up to 0.85) --------------------
+def _smooth_image(h=80, w=90, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    chans = [127 + 100 * np.sin(xx / (4 + c) + rng.uniform(0, 6)) * np.cos(yy / (5 + c)) for c in range(3)]
+    return np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("side", [11, 12])
+def test_a_half_pixel_centre_is_the_bilinear_half_shift_of_the_whole_pixel_patch(side):
+    img = _smooth_image()
+    c = np.array([40.0, 35.0])
+    whole = SpotPatches(_slide(img, [c]), patch_px=side, patch_um=side)
+    assert whole.crop_side == {"s1": side}
+    x0, y0 = whole._box[0]
+    np.testing.assert_array_equal(whole.patch_array(0), img[y0 : y0 + side, x0 : x0 + side])  # cut, not resampled
+    wide = img[y0 : y0 + side + 1, x0 : x0 + side + 1].astype(float)
+    for dx, dy in [(0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.25, 0.75)]:
+        ds = SpotPatches(_slide(img, [c + [dx, dy]]), patch_px=side, patch_um=side)
+        shifted = wide[:, :-1] * (1 - dx) + wide[:, 1:] * dx
+        shifted = shifted[:-1] * (1 - dy) + shifted[1:] * dy
+        np.testing.assert_allclose(ds.patch_array(0).astype(float), shifted, atol=0.51)
+        np.testing.assert_allclose(ds[0].permute(1, 2, 0).numpy().astype(float), shifted, atol=0.51)
+    # a whole-pixel offset by resampling equals the cut of the next pixel: the patch moves continuously
+    nxt = SpotPatches(_slide(img, [c + [1.0, 0.0]]), patch_px=side, patch_um=side).patch_array(0)
+    near = SpotPatches(_slide(img, [c + [0.9999, 0.0]]), patch_px=side, patch_um=side).patch_array(0)
+    np.testing.assert_array_equal(near, nxt)  # within SUBPIXEL_TOLERANCE: snapped
+
+
+def test_centres_off_by_less_than_half_a_pixel_give_nearly_equal_patches_and_features():
+    """A float centre and its rounded integer give patches (and embeddings) much closer than a one-pixel jump."""
+    img = _smooth_image(seed=1)
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(25, 55, size=(12, 2))
+    ints = np.round(centres)
+    kw = {"patch_px": 32, "patch_um": 24}
+    f_ds, i_ds = SpotPatches(_slide(img, centres), **kw), SpotPatches(_slide(img, ints), **kw)
+    jump = SpotPatches(_slide(img, ints + [1.0, 1.0]), **kw)  # one pixel over (both axes)
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+    with torch.no_grad():
+        feats = [enc(torch.stack([d[i] for i in range(len(d))]).float() / 255).flatten(1) for d in (f_ds, i_ds, jump)]
+    for i in range(len(centres)):
+        d_float = np.abs(f_ds[i].float() - i_ds[i].float()).mean()
+        d_jump = np.abs(jump[i].float() - i_ds[i].float()).mean()
+        assert d_float < d_jump
+    d_f = (feats[0] - feats[1]).norm(dim=1)
+    d_j = (feats[2] - feats[1]).norm(dim=1)
+    assert float(d_f.median()) < 0.6 * float(d_j.median())

@@ -249,3 +249,43 @@ def test_missing_embeddings_are_computed_with_the_model_settings():
     with pytest.raises(ValueError, match="patch_px: data 48 vs model 32"):
         agl.tl.agl_predict(other, model)
     assert_unchanged(other, snap)
+
+
+def test_a_predicted_slide_carries_the_models_run_for_every_plot(tmp_path):
+    """A slide predicted with a loaded model (the CLI's output) plots selected genes, history and performance.
+
+    Regression (issue 20): only spatial_prediction worked; the others raised KeyError 'agl_role'.
+    """
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    torch.set_num_threads(1)
+    train = small_slide()
+    fit = agl.tl.agl_fit(train, method="dkgsb", embedding_key="X_emb", n_targets=5, min_cells=1, **FAST)
+    fit.save(tmp_path / "m")
+    model = agl.model.AGLModel.load(tmp_path / "m")
+    new = small_slide(seed=1)
+    agl.tl.agl_predict(new, model)
+    agl.tl.evaluate(new, model, baselines=False)
+    new.write_h5ad(tmp_path / "p.h5ad")
+    new = ad.read_h5ad(tmp_path / "p.h5ad")
+    for col in ("agl_role", "agl_prior_rank", "agl_weight", "agl_selected"):  # as the fit wrote them
+        np.testing.assert_array_equal(new.var[col].astype(str).to_numpy(), train.var[col].astype(str).to_numpy())
+    run, fitted = new.uns["agl"], train.uns["agl"]
+    assert run["k"] == fitted["k"] and run["threshold"] == pytest.approx(fitted["threshold"])
+    np.testing.assert_allclose(run["history"]["val_pcc"], fitted["history"]["val_pcc"])
+    np.testing.assert_array_equal(run["history"]["k"], fitted["history"]["k"])
+    assert run["metrics"]["best_epoch"] == fitted["metrics"]["best_epoch"] and "agl_pcc" in new.var
+    assert agl.pl.selected_genes(new, show_history=True, show=False).shape == (2,)
+    assert agl.pl.training_history(new, show=False).shape == (3,)
+    assert agl.pl.gene_performance(new, show=False) is not None
+    # the predictions-only AnnData (an H&E-only slide) carries the same description of its genes
+    pred = agl.tl.predict_anndata(small_slide(seed=2), tmp_path / "m")
+    np.testing.assert_array_equal(pred.var["agl_weight"], train.var.loc[pred.var_names, "agl_weight"])
+    assert agl.pl.selected_genes(pred, show=False) is not None and agl.pl.training_history(pred, show=False).size == 3
+    # a fitted AnnData keeps its own (richer) record when it is predicted again
+    before = train.var["agl_role"].copy(), dict(train.uns["agl"])
+    agl.tl.agl_predict(train, model)
+    assert train.var["agl_role"].equals(before[0]) and train.uns["agl"].keys() == before[1].keys()
+    assert "source" not in train.uns["agl"]

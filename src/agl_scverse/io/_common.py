@@ -139,9 +139,17 @@ def as_csr_float32(X) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 
-def finalize(adata: AnnData, library_key: str) -> AnnData:
-    """Last checks of a reader's output: counts, names, coordinates, scale factors; counts become CSR float32."""
-    _validate.check_adata(adata)
+def finalize(adata: AnnData, library_key: str, he_only: bool = False) -> AnnData:
+    """Last checks of a reader's output: counts, names, coordinates, scale factors; counts become CSR float32.
+
+    ``he_only``: a slide read without counts (spots x 0 genes), for prediction; it needs spots, not genes.
+    """
+    if he_only:
+        if adata.n_obs == 0:
+            raise ValueError("The slide has no spots; check its spot table.")
+        _validate.check_unique_names(adata)
+    else:
+        _validate.check_adata(adata)
     adata.X = as_csr_float32(adata.X)
     xy = _validate.check_spatial(adata)
     adata.obsm[K.SPATIAL_KEY] = np.ascontiguousarray(xy, dtype=np.float64)

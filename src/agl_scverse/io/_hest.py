@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from agl_scverse import _constants as K
 from agl_scverse import _spatial, _validate
+from agl_scverse._utils import show_progress
 
 from ._common import (
     as_csr_float32,
@@ -42,6 +43,7 @@ def read_hest(
     patch_coords: Literal["topleft", "center"] = "topleft",
     spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
     hires_max_px: int = 2000,
+    progress: bool | None = None,
 ) -> AnnData:
     """Read one HEST-1k sample into the agl-scverse layout, keeping its patches on disk.
 
@@ -78,6 +80,9 @@ def read_hest(
     hires_max_px
         Longest side of the ``"hires"`` thumbnail (from the h5ad's own image, the whole-slide image or a mosaic
         of the patches, in that order).
+    progress
+        Progress bar while a mosaic thumbnail is pasted from many patches: ``True``, ``False``, or ``None``
+        (default) to follow scanpy's verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 
     Returns
     -------
@@ -178,7 +183,9 @@ def read_hest(
         hires, scalef = thumbnail_from_file(fullres_image, hires_max_px)
         image_source = str(fullres_image)
     elif h5 is not None:
-        hires, scalef = _patch_mosaic(patches_path, rows, xy, patch_microns / mpp, hires_max_px)
+        hires, scalef = _patch_mosaic(
+            patches_path, rows, xy, patch_microns / mpp, hires_max_px, progress=show_progress(progress)
+        )
         image_source = "mosaic of the HEST patches"
     else:
         raise FileNotFoundError(
@@ -297,7 +304,13 @@ def _guess_mpp(adata, sf: dict, h5, patch_microns: float, spot_diameter_um: floa
 
 
 def _patch_mosaic(
-    path: Path, rows: np.ndarray, xy: np.ndarray, footprint_px: float, max_px: int, chunk: int = 256
+    path: Path,
+    rows: np.ndarray,
+    xy: np.ndarray,
+    footprint_px: float,
+    max_px: int,
+    chunk: int = 256,
+    progress: bool = True,
 ) -> tuple[np.ndarray, float]:
     """A thumbnail of the slide pasted together from the patches, read in chunks (never all in memory)."""
     import h5py
@@ -313,7 +326,9 @@ def _patch_mosaic(
     order = np.argsort(rows)
     with h5py.File(path, "r") as f:
         img = f["img"]
-        for start in tqdm(range(0, len(order), chunk), desc="HEST patch mosaic", disable=len(order) <= 4 * chunk):
+        for start in tqdm(
+            range(0, len(order), chunk), desc="HEST patch mosaic", disable=len(order) <= 4 * chunk or not progress
+        ):
             sel = order[start : start + chunk]
             block = img[np.asarray(rows[sel])]  # h5py: increasing indices
             for k, i in enumerate(sel):

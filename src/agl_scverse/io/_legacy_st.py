@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from agl_scverse import _constants as K
 from agl_scverse import _validate
+from agl_scverse._utils import show_progress
 
 from ._common import (
     as_csr_float32,
@@ -28,7 +29,7 @@ from ._common import (
     thumbnail_from_file,
 )
 
-__all__ = ["read_legacy_st"]
+__all__ = ["read_legacy_st", "has_he_only_sections"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
@@ -42,9 +43,10 @@ def read_legacy_st(
     spot_pitch_um: float = 200.0,
     hires_max_px: int = 2000,
     load_images: bool = True,
-    counts_file: str = "counts.tsv.gz",
+    counts_file: str | None = "counts.tsv.gz",
     spots_file: str = "spots.tsv",
     image_file: str | None = "he.jpg",
+    progress: bool | None = None,
 ) -> AnnData:
     """Read legacy Spatial Transcriptomics sections (one folder per section) into one AnnData.
 
@@ -52,7 +54,8 @@ def read_legacy_st(
     ``spots.tsv`` (columns ``x y pixel_x pixel_y``: array position and spot centre in pixels of the image) and
     ``he.jpg`` (the full-resolution H&E image). Spots are matched on the id; spots present in only one of the two
     files are dropped with a warning. Several sections are joined on the union of their genes (missing genes are
-    0 counts).
+    0 counts). A section without counts (an H&E-only slide to predict) is read with ``counts_file=None``: every
+    spot of the spots file, 0 genes, the same positions and images, ready for :func:`agl_scverse.tl.predict_anndata`.
 
     Parameters
     ----------
@@ -60,7 +63,8 @@ def read_legacy_st(
         One section folder, a parent folder of several section folders, or a list of section folders.
         The folder name is the library id.
     sections
-        Names of the section folders to read under a parent ``path`` (default: all that hold ``counts_file``).
+        Names of the section folders to read under a parent ``path`` (default: all that hold ``counts_file``, or
+        ``spots_file`` with ``counts_file=None``).
     library_key
         ``.obs`` column naming the section of each spot (categorical).
     microns_per_pixel
@@ -76,15 +80,18 @@ def read_legacy_st(
         Build the ``"hires"`` thumbnail. The full-resolution image path is recorded either way (and its size read
         from the file header to check the spots lie on it).
     counts_file
-        Counts file name inside each section folder.
+        Counts file name inside each section folder; ``None``: no counts (H&E-only sections, an AnnData of 0 genes).
     spots_file
         Spot positions file name inside each section folder (tab- or comma-separated).
     image_file
         Image file name inside each section folder; ``None`` takes the only image file in the folder.
+    progress
+        Progress bar over the sections (of two or more): ``True``, ``False``, or ``None`` (default) to follow
+        scanpy's verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 
     Returns
     -------
-    AnnData with raw counts (CSR float32) in ``.X``, obs names ``"<section>_<XxY>"``, ``.obs[["array_x",
+    AnnData with raw counts (CSR float32; spots x 0 genes with ``counts_file=None``) in ``.X``, obs names ``"<section>_<XxY>"``, ``.obs[["array_x",
     "array_y", library_key]]``, spot centres in full-resolution pixels in ``.obsm["spatial"]`` and, per section,
     ``.uns["spatial"][section]`` with the ``"hires"`` image, scale factors (``tissue_hires_scalef``,
     ``spot_diameter_fullres``, ``microns_per_pixel``) and ``metadata["source_image_path"]``.
@@ -100,10 +107,10 @@ def read_legacy_st(
         microns_per_pixel = positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per pixel, e.g. 0.71.")
     spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Legacy ST spots are 100 µm.")
     spot_pitch_um = positive_number(spot_pitch_um, "spot_pitch_um", "Legacy ST spots are 200 µm apart.")
-    folders = _section_folders(path, sections, counts_file)
+    folders = _section_folders(path, sections, counts_file, spots_file)
 
     adatas, entries = [], {}
-    for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2):
+    for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2 or not show_progress(progress)):
         lib = folder.name
         a, entry = _read_section(
             folder,
@@ -127,7 +134,7 @@ def read_legacy_st(
         adata = ad.concat(adatas, join="outer", fill_value=0, merge="same")
         adata.X = as_csr_float32(adata.X)
     adata.uns[K.SPATIAL_KEY] = entries
-    finalize(adata, library_key)
+    finalize(adata, library_key, he_only=counts_file is None)
     logg.info(
         f"read {adata.n_obs} spots x {adata.n_vars} genes from {len(folders)} legacy ST section(s): "
         f"{', '.join(entries)}"
@@ -135,15 +142,17 @@ def read_legacy_st(
     return adata
 
 
-def _section_folders(path, sections, counts_file: str) -> list[Path]:
+def _section_folders(path, sections, counts_file: str | None, spots_file: str) -> list[Path]:
+    """The section folders to read: those holding ``counts_file`` (``spots_file`` when it is None)."""
+    marker = counts_file or spots_file
     if isinstance(path, str | Path):
         root = Path(path)
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist; pass a legacy ST section folder or a parent folder.")
-        if (root / counts_file).is_file():
+        if (root / marker).is_file():
             folders = [root]
         else:
-            folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / counts_file).is_file())
+            folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / marker).is_file())
     else:
         folders = [Path(p) for p in path]
     if sections is not None:
@@ -154,17 +163,43 @@ def _section_folders(path, sections, counts_file: str) -> list[Path]:
             raise ValueError(f"Sections {unknown} not found under {path}; available sections are {sorted(by_name)}.")
         folders = [by_name[s] for s in sections]
     if not folders:
+        he_only = counts_file is not None and has_he_only_sections(path, spots_file, counts_file)
         raise FileNotFoundError(
-            f"No legacy ST section under {path}: no folder holds {counts_file!r}. Pass a section folder "
-            "(with counts.tsv.gz, spots.tsv and he.jpg) or its parent folder."
+            f"No legacy ST section under {path}: no folder holds {marker!r}. "
+            + (
+                f"Folders there hold {spots_file!r} and an image but no counts: pass counts_file=None to read them "
+                "as H&E-only slides (to predict)."
+                if he_only
+                else f"Pass a section folder (with counts.tsv.gz, {spots_file} and he.jpg) or its parent folder."
+            )
         )
     for f in folders:
-        if not (f / counts_file).is_file():
-            raise FileNotFoundError(f"{f / counts_file} does not exist; every section folder needs {counts_file!r}.")
+        if not (f / marker).is_file():
+            hint = " (or counts_file=None to read it as an H&E-only slide)" if counts_file is not None else ""
+            raise FileNotFoundError(f"{f / marker} does not exist; every section folder needs {marker!r}{hint}.")
     names = [f.name for f in folders]
     if len(set(names)) != len(names):
         raise ValueError(f"Section folder names must be unique (they become library ids), got {names}.")
     return folders
+
+
+def has_he_only_sections(
+    path: str | Path | Sequence, spots_file: str = "spots.tsv", counts_file: str = "counts.tsv.gz"
+) -> bool:
+    """Whether ``path`` (a section folder or a parent of several) holds spot tables and images but no counts.
+
+    Such folders are read with ``read_legacy_st(path, counts_file=None)`` (what the CLI's ``predict`` does).
+    """
+    if not isinstance(path, str | Path) or not Path(path).is_dir():
+        return False
+    root = Path(path)
+    folders = [root] if (root / spots_file).is_file() else [p for p in root.iterdir() if p.is_dir()]
+    folders = [f for f in folders if (f / spots_file).is_file()]
+    if not folders:
+        return False
+    has_counts = any((f / counts_file).is_file() for f in folders)
+    has_image = all(any(p.suffix.lower() in IMAGE_SUFFIXES for p in f.iterdir()) for f in folders)
+    return has_image and not has_counts
 
 
 #: What reading a damaged text table raises (truncated gzip, undecodable bytes, no delimiter, no rows).
@@ -215,37 +250,15 @@ def _read_section(
     spot_pitch_um: float,
     hires_max_px: int,
     load_images: bool,
-    counts_file: str,
+    counts_file: str | None,
     spots_file: str,
     image_file: str | None,
 ) -> tuple[AnnData, dict]:
-    counts_path = folder / counts_file
     spots_path = folder / spots_file
     if not spots_path.is_file():
         raise FileNotFoundError(f"{spots_path} does not exist; legacy ST sections need a spots file ({spots_file!r}).")
     image_path = _find_image(folder, image_file)
-
-    genes = _read_header(counts_path)  # a truncated or unreadable file is a ValueError naming it
-    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(
-            f"Duplicate gene names {dup[:5]} in {counts_path}; gene names must be unique. Merge or rename the "
-            "duplicated columns of the counts file."
-        )
-    counts = _read_table(counts_path, "counts", sep="\t", index_col=0)
-    if counts.shape[0] == 0 or counts.shape[1] == 0:
-        raise ValueError(
-            f"The slide {lib!r} is empty: {counts_path} holds {counts.shape[0]} spots x {counts.shape[1]} genes."
-        )
-    counts.index = counts.index.astype(str).str.strip()
-    if not counts.index.is_unique:
-        d = counts.index[counts.index.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"Duplicate spot barcodes {d} in {counts_path}; each spot id must appear once.")
-    try:
-        values = counts.to_numpy(dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{counts_path} holds non-numeric counts ({e}); counts must be numbers.") from e
-    _validate.check_counts(values, what=str(counts_path))
+    counts = _read_counts(folder / counts_file, lib) if counts_file is not None else None
 
     spots = _read_table(spots_path, "spots", sep=None, engine="python")
     missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in spots.columns]
@@ -266,6 +279,10 @@ def _read_section(
     if not np.all(np.isfinite(pix)):
         raise ValueError(f"{spots_path} holds NaN/inf pixel coordinates; fix the spots file.")
 
+    if counts is None:  # H&E only: every spot of the spots file
+        counts, values = pd.DataFrame(index=spots.index), np.zeros((len(spots), 0), dtype=np.float32)
+    else:
+        counts, values = counts
     common = counts.index[counts.index.isin(spots.index)]
     n_only_counts = int((~counts.index.isin(spots.index)).sum())
     n_only_spots = int((~spots.index.isin(counts.index)).sum())
@@ -323,3 +340,29 @@ def _read_section(
         reader="read_legacy_st",
     )
     return adata, entry
+
+
+def _read_counts(counts_path: Path, lib: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The counts table of a section (spot ids as index) and its values as float32, checked."""
+    genes = _read_header(counts_path)  # a truncated or unreadable file is a ValueError naming it
+    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(
+            f"Duplicate gene names {dup[:5]} in {counts_path}; gene names must be unique. Merge or rename the "
+            "duplicated columns of the counts file."
+        )
+    counts = _read_table(counts_path, "counts", sep="\t", index_col=0)
+    if counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise ValueError(
+            f"The slide {lib!r} is empty: {counts_path} holds {counts.shape[0]} spots x {counts.shape[1]} genes."
+        )
+    counts.index = counts.index.astype(str).str.strip()
+    if not counts.index.is_unique:
+        d = counts.index[counts.index.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"Duplicate spot barcodes {d} in {counts_path}; each spot id must appear once.")
+    try:
+        values = counts.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{counts_path} holds non-numeric counts ({e}); counts must be numbers.") from e
+    _validate.check_counts(values, what=str(counts_path))
+    return counts, values

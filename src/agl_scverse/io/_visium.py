@@ -21,7 +21,7 @@ def read_visium(
     path: str | Path,
     library_id: str | None = None,
     fullres_image: str | Path | None = None,
-    counts_file: str = "filtered_feature_bc_matrix.h5",
+    counts_file: str | None = "filtered_feature_bc_matrix.h5",
     library_key: str = K.LIBRARY_KEY,
     microns_per_pixel: float | None = None,
     spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
@@ -46,7 +46,9 @@ def read_visium(
         ``metadata["source_image_path"]``, read lazily for patches). Without it, patches come from the
         ``"hires"`` image (upsampled, with a warning).
     counts_file
-        Counts file inside ``path`` (passed to squidpy as ``counts_file``).
+        Counts file inside ``path`` (passed to squidpy as ``counts_file``). ``None``: no counts, an H&E-only slide
+        to predict (spots x 0 genes): the spots under tissue (``in_tissue == 1``) of the tissue positions file, with
+        the images and scale factors of ``spatial/``.
     library_key
         ``.obs`` column naming the library (categorical).
     microns_per_pixel
@@ -79,13 +81,16 @@ def read_visium(
         fullres_image = Path(fullres_image).resolve()
         width, height = image_size(fullres_image)  # exists, RGB, header only
     if library_id is None:
-        library_id = _h5_library_id(path / counts_file) or path.resolve().name
+        library_id = (_h5_library_id(path / counts_file) if counts_file else None) or path.resolve().name
     library_id = str(library_id)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        adata = sq.read.visium(path, counts_file=counts_file, library_id=library_id, load_images=True)
+    if counts_file is None:
+        adata = _spots_only(path, library_id)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            adata = sq.read.visium(path, counts_file=counts_file, library_id=library_id, load_images=True)
     if var_names_make_unique and not adata.var_names.is_unique:
         logg.warning(f"library {library_id!r}: duplicated gene symbols made unique (var_names_make_unique)")
         adata.var_names_make_unique()
@@ -132,7 +137,7 @@ def read_visium(
     adata.obsm[K.SPATIAL_KEY] = xy
     adata.obs[library_key] = library_id
     adata.X = as_csr_float32(adata.X)
-    finalize(adata, library_key)
+    finalize(adata, library_key, he_only=counts_file is None)
     logg.info(f"read Visium library {library_id!r}: {adata.n_obs} spots x {adata.n_vars} genes")
     return adata
 
@@ -141,7 +146,8 @@ def _check_visium_folder(path: Path, counts_file: str) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder; pass the Space Ranger output folder ('outs').")
     spatial = path / "spatial"
-    needed = [path / counts_file, spatial / "scalefactors_json.json", spatial / "tissue_hires_image.png"]
+    needed = [path / counts_file] if counts_file is not None else []
+    needed += [spatial / "scalefactors_json.json", spatial / "tissue_hires_image.png"]
     needed += [spatial / "tissue_lowres_image.png"]
     missing = [str(p.relative_to(path)) for p in needed if not p.exists()]
     if not (spatial / "tissue_positions.csv").exists() and not (spatial / "tissue_positions_list.csv").exists():
@@ -151,8 +157,48 @@ def _check_visium_folder(path: Path, counts_file: str) -> None:
         what = "No image for the library: " if any("image" in m for m in missing) else ""
         raise FileNotFoundError(
             f"{what}{path} is not a complete Space Ranger output: missing {missing} (found {have}). "
-            "Pass the 'outs' folder of Space Ranger, or the right counts_file."
+            "Pass the 'outs' folder of Space Ranger, or the right counts_file"
+            + (" (counts_file=None reads an H&E-only slide, without counts)." if counts_file is not None else ".")
         )
+
+
+def _spots_only(path: Path, library_id: str) -> AnnData:
+    """An H&E-only Visium slide: the in-tissue spots of the positions file, 0 genes, images and scale factors."""
+    import json
+
+    import pandas as pd
+    from PIL import Image
+
+    spatial = path / "spatial"
+    new = spatial / "tissue_positions.csv"
+    cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    if new.exists():  # Space Ranger >= 2: a header line
+        pos = pd.read_csv(new)
+        if list(pos.columns) != cols:  # written without the header
+            pos = pd.read_csv(new, header=None, names=cols)
+    else:
+        pos = pd.read_csv(spatial / "tissue_positions_list.csv", header=None, names=cols)
+    pos = pos[pd.to_numeric(pos["in_tissue"], errors="coerce") == 1]
+    if pos.empty:
+        raise ValueError(f"{spatial} lists no spot under tissue (in_tissue == 1); it holds no spots to predict.")
+    obs = pd.DataFrame(
+        {c: pos[c].to_numpy(dtype=int) for c in ("in_tissue", "array_row", "array_col")},
+        index=pd.Index(pos["barcode"].astype(str).to_numpy()),
+    )
+    xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
+    scalefactors = json.loads((spatial / "scalefactors_json.json").read_text())
+    images = {}
+    for res in (K.HIRES, K.LOWRES):
+        f = spatial / f"tissue_{res}_image.png"
+        if f.exists():
+            with Image.open(f) as im:
+                images[res] = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "P") else im)
+    adata = AnnData(np.zeros((len(obs), 0), dtype=np.float32), obs=obs)
+    adata.obsm[K.SPATIAL_KEY] = xy
+    adata.uns[K.SPATIAL_KEY] = {
+        library_id: {K.IMAGES: images, K.SCALEFACTORS: scalefactors, K.METADATA: {"source": "spatial/ (no counts)"}}
+    }
+    return adata
 
 
 def _h5_library_id(path: Path) -> str | None:

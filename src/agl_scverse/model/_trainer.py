@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scanpy import logging as logg
 from torch import nn
 
 from agl_scverse import _constants as K
@@ -196,6 +197,29 @@ class TrainResult:
 
 #: Per-epoch records of :attr:`TrainResult.history`.
 HISTORY_KEYS = ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
+
+
+def _postfix(loss: float, pcc: float | None, k: int) -> dict[str, str | int]:
+    """The fit bar's postfix: loss, validation PCC (left out without validation spots, e.g. a refit) and k."""
+    out: dict[str, str | int] = {"loss": f"{loss:.4f}"}
+    if pcc is not None:
+        out["val_pcc"] = f"{pcc:.4f}"
+    out["k"] = k
+    return out
+
+
+def _stopped_early(bar, epoch: int, best: tuple, patience: int, desc: str) -> None:
+    """Say on the bar and in the log that training stopped early, and which epoch it keeps (epochs from 0)."""
+    total = (bar.total or 0) + getattr(bar, "initial", 0)
+    msg = (
+        f"stopped early after {epoch + 1} of {total or epoch + 1} epochs (no better val_pcc in {patience}); "
+        f"kept epoch {best[1]}, val_pcc {best[0]:.4f}"
+    )
+    if not bar.disable:  # the bar ends full at the epochs run, not at e.g. 22/100
+        bar.total = bar.n + 1
+        bar.set_postfix_str(msg, refresh=False)
+        bar.update(1)
+    logg.info(f"{desc}: {msg}")
 
 
 def empty_history() -> dict[str, list]:
@@ -517,6 +541,8 @@ def train_network(
     )
     train_net, reduce = dist.wrap_ddp(net, device), dist.loss_reduce()  # the module and None alone
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not dist.is_main(), leave=False)
+    # without a mask, the auxiliaries used are those of weight > 0.5 (a refit keeps the fit's selection), as in k
+    k_fixed = int((aux_weights > 0.5).sum()) if aux_weights is not None else Yz.n_cols - n_targets
     for epoch in bar:
         te = time.perf_counter()
         net.train()
@@ -550,10 +576,10 @@ def train_network(
                 meta_seconds += time.perf_counter() - tm
         with prec.autocast():
             pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
-        k_now = mask.k if mask is not None else Yz.n_cols - n_targets
+        k_now = mask.k if mask is not None else k_fixed
         theta_now = mask.threshold if mask is not None else float("nan")
         _record(hist, epoch, losses, pcc, k_now, theta_now, hgs, mvl, time.perf_counter() - te)
-        bar.set_postfix(loss=f"{hist['train_loss'][-1]:.4f}", val_pcc=f"{pcc:.4f}", k=k_now)
+        bar.set_postfix(_postfix(hist["train_loss"][-1], pcc if len(val_idx) else None, k_now))
         if not len(val_idx):  # no validation spots (a refit): train every epoch, keep the last
             best = (pcc, epoch, None, None)
         elif pcc > best[0] + 1e-6:
@@ -563,6 +589,7 @@ def train_network(
         else:
             bad += 1
             if bad >= patience:
+                _stopped_early(bar, epoch, best, patience, desc)
                 break
         if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
             elapsed = time.perf_counter() - t0

@@ -56,7 +56,7 @@ def require_var(adata: AnnData, columns: Sequence[str], what: str) -> None:
 
 def _writer_hint(missing: Sequence[str]) -> str:
     if any(c.endswith(("_pcc", "_spearman", "_mse")) for c in missing):
-        return "Run agl.tl.evaluate(adata, key=...) after agl.tl.agl_predict to add per-gene metrics."
+        return "Run agl.tl.evaluate(adata, key_added=...) after agl.tl.agl_predict to add per-gene metrics."
     return "Run agl.tl.agl_fit(adata, key_added=...) to add gene roles and weights."
 
 
@@ -98,28 +98,67 @@ def axes_array(axes: Sequence[Axes], shape: tuple[int, ...] | None = None) -> np
     return out if shape is None else out.reshape(shape)
 
 
+def save_path(save: str | Path | bool | None, writekey: str) -> Path | None:
+    """Where a plot named ``writekey`` is saved, by scanpy's rule (:func:`scanpy.pl.embedding` and the others).
+
+    - ``None``: ``sc.settings.figdir / "<writekey><plot_suffix>.<file_format_figs>"`` when
+      :attr:`scanpy.settings.autosave` is on, else not saved; ``False``: not saved;
+    - ``True``: that same default name in ``sc.settings.figdir``;
+    - a string without a folder (``"_x.png"``, ``"_x"``, ``"x"``): appended to the plot's name in the figure
+      folder, ``figdir / "<writekey>_x<plot_suffix>.png"`` (format from a known suffix, else
+      ``file_format_figs``), as scanpy writes ``save="_x.png"``;
+    - a :class:`~pathlib.Path`, or a string naming a folder (``"out/x.png"``, an absolute path): that file (format
+      from its suffix, ``file_format_figs`` when there is none). Scanpy would put it under ``figdir`` as well;
+      here a path is taken as written, so figures can go anywhere.
+    """
+    import scanpy as sc
+
+    if save is None:
+        save = bool(sc.settings.autosave)
+    if save is False:
+        return None
+    figdir, fmt, suffix = Path(sc.settings.figdir), str(sc.settings.file_format_figs), str(sc.settings.plot_suffix)
+    if save is True:
+        return figdir / f"{writekey}{suffix}.{fmt}"
+    if not isinstance(save, str | Path):
+        raise TypeError(f"save must be True, False, None, a file name or a path, got {type(save).__name__}.")
+    formats = set(Figure().canvas.get_supported_filetypes())
+    if isinstance(save, str) and Path(save).name == save and save not in ("", ".", ".."):
+        stem, ext = save, fmt
+        dot = save.rfind(".")
+        if dot > 0 and save[dot + 1 :].lower() in formats:
+            stem, ext = save[:dot], save[dot + 1 :]
+        return figdir / f"{writekey}{stem}{suffix}.{ext}"
+    path = Path(save)
+    if path.suffix.lstrip(".").lower() not in formats:
+        path = path.with_name(f"{path.name}.{fmt}")
+    return path
+
+
 def finish(
     fig: Figure,
     axes: Axes | np.ndarray,
     *,
     show: bool | None,
-    save: str | Path | None,
+    save: str | Path | bool | None,
     return_fig: bool,
+    writekey: str,
     dpi: int | None = None,
 ) -> Figure | Axes | np.ndarray | None:
     """The one ending of every plot: save, show, return.
 
-    Saves to ``save`` when given (format from its suffix, ``.png`` when there is none; parent folders are
-    created), shows the figure when ``show`` is true (``None`` follows :attr:`scanpy.settings.autoshow`, as
-    scanpy plots do), and returns the Figure when ``return_fig`` is true, else None when shown, else ``axes``.
+    Saves to :func:`save_path` of ``save`` and the plot's name ``writekey`` (scanpy's rule; parent folders are
+    created; the path is logged as scanpy does), shows the figure when ``show`` is true (``None`` follows
+    :attr:`scanpy.settings.autoshow`, as scanpy plots do), and returns the Figure when ``return_fig`` is true, else
+    None when shown, else ``axes``.
     """
     import matplotlib.pyplot as plt
+    from scanpy import logging as logg
 
-    if save is not None:
-        path = Path(save)
-        if path.suffix == "":
-            path = path.with_suffix(".png")
+    path = save_path(save, writekey)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        logg.warning(f"saving figure to file {path}")
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
     if show is None:
         try:

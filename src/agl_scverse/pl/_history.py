@@ -32,7 +32,7 @@ def training_history(
     ax: Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | Path | bool | None = None,
     return_fig: bool = False,
 ) -> np.ndarray | Figure | None:
     """Plot the training history of a run: training loss, validation target PCC and ``k`` per epoch.
@@ -71,6 +71,11 @@ def training_history(
             "history. Its rank choice on the validation spots is in .uns[key]['metrics']['rrr_search']."
         )
     if not isinstance(history, dict) or len(history.get("epoch", [])) == 0:
+        if run.get("source") == "model":
+            raise KeyError(
+                f"adata.uns[{keys.uns!r}] was written by agl_predict from a model saved without its training history "
+                "(an older version); plot the AnnData agl_fit wrote, or refit and save the model again."
+            )
         raise KeyError(f"adata.uns[{keys.uns!r}] has no 'history' with epochs; was the run fitted with agl.tl.agl_fit?")
     epoch = np.asarray(history["epoch"], dtype=float)
     missing = [name for name, _, _ in _PANELS if name not in history]
@@ -102,4 +107,4 @@ def training_history(
         )
     if ax is None:
         fig.tight_layout()
-    return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig)
+    return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig, writekey="training_history")

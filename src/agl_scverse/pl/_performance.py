@@ -37,7 +37,7 @@ def gene_performance(
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | Path | bool | None = None,
     return_fig: bool = False,
 ) -> Axes | Figure | None:
     """Plot per-gene performance of a model against baselines.
@@ -115,7 +115,7 @@ def gene_performance(
         _box(a, wide, [key, *baselines], label)
     else:
         _bar(a, wide[key], key, summary, label)
-    return finish(fig, a, show=show, save=save, return_fig=return_fig)
+    return finish(fig, a, show=show, save=save, return_fig=return_fig, writekey="gene_performance")
 
 
 def _from_anndata(adata: AnnData, key: str, baselines: list[str], metric: str) -> tuple[pd.DataFrame, dict]:

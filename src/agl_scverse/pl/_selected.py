@@ -40,7 +40,7 @@ def selected_genes(
     ax: Axes | Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | Path | bool | None = None,
     return_fig: bool = False,
 ) -> Axes | np.ndarray | Figure | None:
     """Plot the auxiliary genes' learned weights against their prior rank, with the learned threshold.
@@ -159,7 +159,8 @@ def selected_genes(
     a.legend(loc="center right", fontsize="small", frameon=False)
     if show_history:
         _k_history(axs[1], history, best_epoch(run))
-    return finish(fig, axes_array(axs) if show_history else a, show=show, save=save, return_fig=return_fig)
+    out = axes_array(axs) if show_history else a
+    return finish(fig, out, show=show, save=save, return_fig=return_fig, writekey="selected_genes")
 
 
 def _ratios(ax, show_history: bool) -> dict:

@@ -38,7 +38,7 @@ class _Panel:
     predicted: np.ndarray
     pcc: float  # over the scored spots of this library
     n_scored: int
-    scored: str  # which spots: "held-out", "validation", "all", "selected"
+    scored: str  # which spots: "held-out", "validation", "refitted", "training", "all", "selected"
 
 
 @d.dedent
@@ -62,7 +62,7 @@ def spatial_prediction(
     ax: Sequence[Axes] | np.ndarray | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | Path | bool | None = None,
     return_fig: bool = False,
     **kwargs: Any,
 ) -> np.ndarray | Figure | None:
@@ -74,8 +74,12 @@ def spatial_prediction(
     slide predicted with a loaded model (e.g. the CLI's output) plots without the fit's ``.uns["<key>"]``. The
     observed values are the measured counts in the layer's scale (the model's transform, ``log1p`` by default, or
     log1p CP10k for ``scale="log1p_cp10k"``). The title of each predicted panel gives the Pearson r of observed and
-    predicted values over the **held-out spots** of that slide (``.obs["<key>_split"] == "unused"``; else the
-    validation spots, else every spot: an unseen slide) and says which. AnnData input is drawn with
+    predicted values and says which spots it is over, chosen **per slide**: the held-out spots of that slide
+    (``.obs["<key>_split"] == "unused"``, e.g. a test section), else its validation spots (marked "refitted on"
+    when the model was retrained on them, ``refit``), else its training spots; every spot of a slide without a
+    split column (an unseen slide): ``"r = 0.190 on 178 held-out spots"``, ``"r = 0.312 on 40 validation
+    spots"``, ``"r = 0.190 on all 178 spots"``. Where r is undefined (fewer than 2 spots, constant values) the
+    title says why instead of showing NaN. AnnData input is drawn with
     :func:`squidpy.pl.spatial_scatter`, SpatialData input with spatialdata-plot.
 
     There are ``n_rows = n_genes * n_slides`` rows (gene-major) of two panels (one, the prediction, when there is
@@ -149,7 +153,7 @@ def spatial_prediction(
             data, genes, key, library_key, library_id, img, img_res_key, cmap, (shared_scale, robust), size, ax, figsize,
             kwargs, what,
         )  # fmt: skip
-        return finish(fig, axs, show=show, save=save, return_fig=return_fig)
+        return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
     try:
         from spatialdata import SpatialData
     except ImportError:  # pragma: no cover
@@ -158,7 +162,7 @@ def spatial_prediction(
         fig, axs = _plot_spatialdata(
             data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), ax, figsize, kwargs, what
         )
-        return finish(fig, axs, show=show, save=save, return_fig=return_fig)
+        return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
     raise TypeError(f"data must be an AnnData or a SpatialData, got {type(data).__name__}.")
 
 
@@ -191,20 +195,38 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray], obser
     if observed is None:
         observed = bool(record.get("observed", True))
     obs_values = _observed(adata, idx, keys, record) if observed else None
-    if spots is not None:
-        scored, kind = resolve_spots(adata, spots, as_mask=True), "selected"
-    else:
-        split = adata.obs[keys.split].to_numpy() if keys.split in adata.obs else None
-        scored, kind = scored_spots(split, adata.n_obs)
+    split = adata.obs[keys.split].astype(str).to_numpy() if keys.split in adata.obs else None
+    given = resolve_spots(adata, spots, as_mask=True) if spots is not None else None
+    params = (null_as_none(adata.uns.get(keys.uns)) or {}).get("params") or {}
+    refit = bool(null_as_none(record.get("refit", params.get("refit"))))  # the layer's record, else the fit's
     out = []
-    for g, gene in enumerate(genes):
-        for lib, mask in masks.items():
+    for lib, mask in masks.items():
+        sc, kind = _scored(split, mask, given, refit)
+        for g, gene in enumerate(genes):
             p = pred[mask, g]
             o = obs_values[mask, g] if obs_values is not None else None
-            sc = scored[mask]
             r = _pcc(o[sc], p[sc]) if o is not None else float("nan")
             out.append(_Panel(gene, lib, mask, o, p, r, int(sc.sum()), kind))
-    return out
+    order = {lib: i for i, lib in enumerate(masks)}
+    return sorted(out, key=lambda q: (genes.index(q.gene), order[q.library]))  # gene-major rows
+
+
+def _scored(split: np.ndarray | None, mask: np.ndarray, given: np.ndarray | None, refit: bool):
+    """The spots of one slide the r in its title is over, and what they are (a phrase for the title).
+
+    Chosen per slide (:func:`~agl_scverse._validate.scored_spots` on that slide's split), so a training slide
+    beside a held-out one is scored on its validation spots, not on its (absent) held-out ones.
+    """
+    if given is not None:
+        return given[mask], "selected"
+    if split is None:
+        return np.ones(int(mask.sum()), dtype=bool), "all"
+    sc, kind = scored_spots(split[mask], int(mask.sum()))
+    if kind == "validation" and refit:
+        kind = "refitted"  # validation spots the model was retrained on after early stopping
+    elif kind == "all":
+        kind = "training"  # a split column, but neither held-out nor validation spots on this slide
+    return sc, kind
 
 
 def _observed(adata: AnnData, idx: np.ndarray, keys: Keys, record: dict) -> np.ndarray:
@@ -232,12 +254,42 @@ def _pcc(observed: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def _titles(p: _Panel, several: bool) -> list[str]:
-    """Titles of a row: the observed panel (when drawn), then the predicted one with r and the spots it is over."""
+    """Titles of a row: the observed panel (when drawn), then the predicted one with r and the spots it is over.
+
+    The r line names the spots: ``r = 0.190 on 178 held-out spots``, ``... on 40 validation spots``,
+    ``... on all 178 spots``; where r is undefined (fewer than 2 spots, or constant values) it says so instead of
+    showing NaN.
+    """
     where = f" ({p.library})" if several else ""
     if p.observed is None:
         return [f"{p.gene} predicted{where}"]
-    spots = f"{p.scored} spots" if p.scored != "all" else "all spots"
-    return [f"{p.gene} observed{where}", f"{p.gene} predicted{where}\nr = {p.pcc:.3f} on {p.n_scored} {spots}"]
+    return [f"{p.gene} observed{where}", f"{p.gene} predicted{where}\n{r_phrase(p.pcc, p.n_scored, p.scored)}"]
+
+
+def r_phrase(r: float, n: int, kind: str) -> str:
+    """``"r = 0.190 on 178 held-out spots"``, ``"r = 0.190 on all 178 spots"``, or why there is no r (never NaN).
+
+    Examples
+    --------
+    >>> r_phrase(0.19, 178, "all")
+    'r = 0.190 on all 178 spots'
+    >>> r_phrase(float("nan"), 0, "held-out")
+    'no r: no held-out spots'
+    """
+    word, note = _KIND_WORDS.get(kind, (kind, ""))
+    spots = "spot" if n == 1 else "spots"
+    what = f"all {n} {spots}" if kind == "all" else f"{n} {word} {spots}{note}"
+    if n == 0:
+        return f"no r: no {word} spots" if kind != "all" else "no r: no spots"
+    if n < 2:
+        return f"no r: only {what}"
+    if not np.isfinite(r):
+        return f"no r on {what}: constant values"
+    return f"r = {r:.3f} on {what}"
+
+
+#: How each kind of scored spots reads in a title: the word before "spots", and a note after it.
+_KIND_WORDS = {"refitted": ("validation", " (refitted on)")}
 
 
 def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:

@@ -21,7 +21,7 @@ from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
 from agl_scverse._transaction import check_owned, restore_on_error
-from agl_scverse._utils import resolve_device
+from agl_scverse._utils import resolve_device, show_progress
 from agl_scverse._validate import check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model._data import index_batches_of, patch_batches
@@ -62,6 +62,7 @@ def _encode(
     precision: Precision | None = None,
     seed: int = 0,
     sampler=None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Features of the patches of ``ds`` (float32) and the record of the precision they were computed in.
 
@@ -86,7 +87,10 @@ def _encode(
     model.to(device).eval()
     converted = prec.to_layout(model)
     try:
-        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="spot", disable=not dist.is_main()) as bar:
+        with (
+            torch.inference_mode(),
+            tqdm(total=n, desc=desc, unit="spot", disable=not progress or not dist.is_main()) as bar,
+        ):
             for batch in batches:
                 x = prec.image_batch(normalize(batch.to(device, non_blocking=True), mean, std))
                 with prec.autocast():
@@ -148,6 +152,7 @@ def embed_patches(
     strict: bool = True,
     precision: str = "auto",
     allow_lowres: bool = False,
+    progress: bool | None = None,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -213,6 +218,7 @@ def embed_patches(
         (refused by default, see :class:`SpotPatches`). The source resolution (µm per pixel of the image level
         read, per library) is recorded either way (``source_um_per_px``), and :func:`agl_scverse.tl.agl_predict`
         compares it with the model's.
+    %(progress)s
 
     Returns
     -------
@@ -272,6 +278,7 @@ def embed_patches(
         prefetch_factor=int(prefetch_factor),
         precision=prec,
         seed=int(seed),
+        progress=show_progress(progress),
     )
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats).all(axis=1)).sum())

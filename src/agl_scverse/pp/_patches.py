@@ -10,7 +10,10 @@ Geometry
     hires image when no full-resolution image is available: refused when that image is coarser than the patch's
     µm per pixel unless ``allow_lowres=True``). The side is rounded to whole
     pixels and the crop is the ``side x side`` block of pixels centred on the spot (for an odd side the spot's
-    pixel is the centre pixel).
+    pixel is the centre pixel; for an even side the centre lies half a pixel before the middle). A centre with a
+    fractional part (Space Ranger writes float centres) is honoured to the sub-pixel: the crop is read one pixel
+    larger and resampled bilinearly by the fraction (:func:`crop_origin`, :func:`subpixel_shift`), so a patch moves
+    continuously with its centre; whole-pixel centres are cut without resampling.
 Pyramid levels
     Patches are cut from the pyramid level whose µm/px is closest to the patch's ``patch_um / patch_px`` without
     being coarser (:func:`agl_scverse._images.choose_level`), so a 224 px / 112 µm patch of a 0.25 µm/px scan is
@@ -65,6 +68,8 @@ __all__ = [
     "normalize",
     "check_patch_batch",
     "patch_bytes",
+    "crop_origin",
+    "subpixel_shift",
     "MAX_PATCH_BYTES",
     "MAX_BATCH_BYTES",
 ]
@@ -172,6 +177,51 @@ def crop_with_padding(
         out[pads[0][0] : pads[0][0] + (yb - ya), pads[1][0] : pads[1][0] + (xb - xa)] = region
         return out
     return np.pad(region, pads, mode=pad_mode)
+
+
+#: Sub-pixel offsets closer than this to a whole pixel are snapped to it (float noise in stored coordinates).
+SUBPIXEL_TOLERANCE = 1e-3
+
+
+def crop_origin(centres: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixel of each ``side x side`` crop around ``centres`` (pixels), and its sub-pixel remainder.
+
+    A crop's origin is ``o = c - (side - 1) / 2`` for an odd side (the spot's pixel is the centre pixel) and
+    ``c - side / 2 + 1`` for an even side (the centre falls half a pixel before the middle, on pixel ``c``): a whole
+    pixel for whole-pixel centres, which are cut exactly. A fractional centre (Space Ranger writes them) gives
+    ``o = x0 + f`` with ``0 < f < 1``: the crop is read one pixel larger from ``x0`` and resampled by ``f``
+    (:func:`subpixel_shift`), so a patch moves continuously with its centre instead of jumping a pixel where
+    rounding flips. Remainders within :data:`SUBPIXEL_TOLERANCE` of a whole pixel are snapped to it.
+
+    Examples
+    --------
+    >>> crop_origin(np.array([[10.0, 10.25]]), 3)
+    (array([[9, 9]]), array([[0.  , 0.25]]))
+    """
+    origin = np.asarray(centres, dtype=np.float64) - (side - 1) / 2.0 + (0.5 if side % 2 == 0 else 0.0)
+    nearest = np.round(origin)
+    snap = np.abs(origin - nearest) < SUBPIXEL_TOLERANCE
+    origin = np.where(snap, nearest, origin)
+    start = np.floor(origin)
+    return start.astype(np.int64), origin - start
+
+
+def subpixel_shift(crop: np.ndarray, fx: float, fy: float) -> np.ndarray:
+    """Resample a ``(side + 1, side + 1, 3)`` uint8 crop at offsets ``(fx, fy)`` in [0, 1): ``(side, side, 3)``.
+
+    Bilinear: output pixel ``(i, j)`` is the value at ``(j + fx, i + fy)`` of the crop, so ``fx = 0.5`` averages
+    each pixel with its right neighbour. Rounded back to uint8.
+
+    Examples
+    --------
+    >>> a = np.zeros((3, 3, 3), dtype=np.uint8); a[:, 1] = 100
+    >>> subpixel_shift(a, 0.5, 0.0)[0, :, 0]
+    array([50, 50], dtype=uint8)
+    """
+    c = crop.astype(np.float32)
+    c = c[:, :-1] * (1.0 - fx) + c[:, 1:] * fx
+    c = c[:-1] * (1.0 - fy) + c[1:] * fy
+    return np.clip(np.rint(c), 0, 255).astype(np.uint8)
 
 
 def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
@@ -318,6 +368,7 @@ class SpotPatches(Dataset):
         self.source_um_per_px: dict[str, float] = {}
         n = len(idx)
         self._box = np.zeros((n, 2), dtype=np.int64)  # x0, y0 in pixels of the level read
+        self._frac = np.zeros((n, 2), dtype=np.float64)  # sub-pixel part of the crop's position (0: none)
         self._h5_row = np.full(n, -1, dtype=np.int64)
         self.inside_fraction = np.ones(n, dtype=float)
         for lib in self.libraries:
@@ -395,8 +446,9 @@ class SpotPatches(Dataset):
                 f"{MAX_PATCH_BYTES / 2**30:.0f} GiB limit (MAX_PATCH_BYTES of agl_scverse.pp._patches). Use a smaller "
                 "patch_um or patch_px (spot patches cover ~100-200 µm: the default is 112 µm in 224 px)."
             )
-        starts = np.floor(centres - (side - 1) / 2.0 + 0.5).astype(np.int64)
+        starts, frac = crop_origin(centres, side)
         self._box[sel] = starts
+        self._frac[sel] = frac
         ix = np.clip(starts[:, 0] + side, 0, W) - np.clip(starts[:, 0], 0, W)
         iy = np.clip(starts[:, 1] + side, 0, H) - np.clip(starts[:, 1], 0, H)
         self.inside_fraction[sel] = (ix * iy) / float(side * side)
@@ -465,7 +517,11 @@ class SpotPatches(Dataset):
             return self._h5_patch(lib, int(self._h5_row[i]))
         x0, y0 = (int(v) for v in self._box[i])
         side = self.crop_side[lib]
-        return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
+        fx, fy = (float(v) for v in self._frac[i])
+        if fx == 0.0 and fy == 0.0:
+            return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
+        wide = crop_with_padding(self._sources[lib], x0, y0, side + 1, self.pad_mode, self.pad_value, self.level[lib])
+        return subpixel_shift(wide, fx, fy)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if not -len(self) <= i < len(self):
@@ -502,6 +558,8 @@ class SpotPatches(Dataset):
             "min_inside": self.min_inside,
             "on_outside": self.on_outside,
             "resize": "torchvision resize, bilinear, antialias=True",
+            "centres": "sub-pixel (bilinear shift of a one-pixel-larger crop)",
+            "n_subpixel": int(np.sum(np.any(self._frac != 0.0, axis=1))),
             "image": {str(k): str(v) for k, v in self.image_kind.items()},
             "crop_side_px": {str(k): int(v) for k, v in self.crop_side.items()},
             "level": {str(k): int(v) for k, v in self.level.items()},

@@ -17,6 +17,7 @@ from agl_scverse._expression import expression_transform
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
+from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 
@@ -26,7 +27,8 @@ from ._fit import agl_fit
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
 
 BASELINES = ("mean", "pca_ridge", "rrr")
-"""Baseline rows added when ``baselines=True`` (``"rrr"``: reduced-rank ridge with auxiliaries, "linear AGL")."""
+"""Baselines of :func:`cross_validate` (all added with ``baselines=True``; ``"rrr"``: reduced-rank ridge with
+auxiliaries, "linear AGL")."""
 
 #: Auxiliaries (best by prior) offered to the ``"rrr"`` baseline; 0 and these are tried on validation.
 RRR_AUX: tuple[int, ...] = (300, 1000, 3000)
@@ -65,7 +67,7 @@ def cross_validate(
     methods: Sequence[str] = ("pgl", "agl", "dkgsb"),
     embedding_key: str | None = None,
     n_targets: int = 50,
-    baselines: bool = True,
+    baselines: bool | Sequence[str] = True,
     seed: int = 0,
     key_added: str = "agl_cv",
     *,
@@ -75,7 +77,7 @@ def cross_validate(
     layer: str | None = None,
     transform: str = "log1p",
     val_fraction: float = 0.2,
-    progress: bool = True,
+    progress: bool | None = None,
     method_kwargs: dict[str, dict] | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
@@ -88,7 +90,7 @@ def cross_validate(
        method of the fold uses exactly these roles;
     2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
        embeddings, same validation spots, same seed), then predicts the held-out group;
-    3. with ``baselines=True``, the mean predictor, PCA+Ridge and a reduced-rank ridge with auxiliaries
+    3. with ``baselines`` (all by default), the mean predictor, PCA+Ridge and a reduced-rank ridge with auxiliaries
        (:func:`agl_scverse.tl.mean_predictor`, :func:`agl_scverse.tl.pca_ridge`,
        :func:`agl_scverse.tl.reduced_rank_ridge`; the last one's rank and number of auxiliaries chosen on the
        validation spots) are fitted on the **same training spots as the networks**: the training split, or
@@ -116,7 +118,9 @@ def cross_validate(
     n_targets
         Number of HVG targets per fold.
     baselines
-        Add ``"mean"`` and ``"pca_ridge"`` rows.
+        Baseline rows: ``True`` every one of :data:`BASELINES` (``"mean"``, ``"pca_ridge"``, ``"rrr"``), ``False``
+        none, or a sequence naming the ones wanted (e.g. ``("mean", "pca_ridge")``: ``"rrr"``, the slowest, left
+        out).
     seed
         Seed for every fit and the validation split.
     key_added
@@ -134,7 +138,8 @@ def cross_validate(
     val_fraction
         Fraction of training spots used for validation when there are fewer than 3 training groups.
     progress
-        Progress bar over folds.
+        Progress bar over folds: ``True``, ``False``, or ``None`` (default) to follow scanpy's verbosity (shown
+        unless ``sc.settings.verbosity`` is 0, ``"error"``).
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g. ``{"pgl:reg": {"dropout": 0.5}}``).
     **fit_kwargs
@@ -161,6 +166,7 @@ def cross_validate(
     """
     from tqdm.auto import tqdm
 
+    baselines = _baseline_names(baselines)
     grp, order, held, emb_key = _check_inputs(
         adata, group_key, groups, methods, baselines, embedding_key, layer, transform
     )
@@ -183,7 +189,7 @@ def cross_validate(
     prior_col = Keys(key_added).fold_prior
     rows: list[pd.DataFrame] = []
     summary: list[dict] = []
-    bar = tqdm(held, desc="cross-validate", unit="fold", disable=not progress)
+    bar = tqdm(held, desc="cross-validate", unit="fold", disable=not show_progress(progress))
     for test_group in bar:
         bar.set_postfix_str(str(test_group))
         test = grp == test_group
@@ -239,8 +245,8 @@ def cross_validate(
             if not methods:
                 val_rows = np.flatnonzero(grp == val_group) if val_group else np.flatnonzero(train)[:0]
                 fit_rows = np.setdiff1d(np.flatnonzero(train), val_rows)
-            for name, pred, k_b, secs in _baselines(emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows,
-                                                  base_rows, test, seed):  # fmt: skip
+            for name, pred, k_b, secs in _baselines(baselines, emb, Y_all, counts, transform, roles, adata, fit_rows,
+                                                  val_rows, base_rows, test, seed):  # fmt: skip
                 record(name, pred, k_b, secs)
         logg.info(
             f"fold {test_group!r} (validation {val_group or 'random spots'}): "
@@ -259,7 +265,7 @@ def cross_validate(
             "params": {
                 "group_key": group_key,
                 "methods": list(methods),
-                "baselines": bool(baselines),
+                "baselines": list(baselines),
                 "embedding_key": emb_key,
                 "n_targets": int(n_targets),
                 "prior": str(prior),
@@ -278,16 +284,31 @@ def cross_validate(
     return df
 
 
-def _baselines(emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test, seed):
-    """``(name, test predictions, k, seconds)`` of each baseline, fitted on ``base_rows``."""
-    t0 = time.perf_counter()
-    yield "mean", mean_predictor(emb[base_rows], Y_all[base_rows], emb[test]), np.nan, time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
-    yield "pca_ridge", pred, np.nan, time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred, k_rrr = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
-    yield "rrr", pred, k_rrr, time.perf_counter() - t0
+def _baseline_names(baselines: bool | Sequence[str]) -> tuple[str, ...]:
+    """``baselines`` as the names asked for (``True``: all of :data:`BASELINES`), checked."""
+    if isinstance(baselines, bool | np.bool_):
+        return BASELINES if baselines else ()
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    names = tuple(str(b) for b in baselines)
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"Unknown baseline(s) {unknown}; choose from {list(BASELINES)} (or True / False).")
+    return tuple(dict.fromkeys(names))
+
+
+def _baselines(names, emb, Y_all, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test, seed):
+    """``(name, test predictions, k, seconds)`` of each baseline in ``names``, fitted on ``base_rows``."""
+    for name in names:
+        t0 = time.perf_counter()
+        k_b = np.nan
+        if name == "mean":
+            pred = mean_predictor(emb[base_rows], Y_all[base_rows], emb[test])
+        elif name == "pca_ridge":
+            pred = pca_ridge(emb[base_rows], Y_all[base_rows], emb[test], seed=seed)
+        else:
+            pred, k_b = _rrr_baseline(emb, counts, transform, roles, adata, fit_rows, val_rows, base_rows, test)
+        yield name, pred, k_b, time.perf_counter() - t0
 
 
 def _fold_metrics(fold, method: str, Y_test, pred, roles: GeneRoles, k: float, secs: float) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
-from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
+from agl_scverse._utils import resolve_device, seed_everything, sha256_array, show_progress, versions
 from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
@@ -175,6 +175,7 @@ def _build_network(
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
                 seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
                 num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"], allow_lowres=enc["allow_lowres"],
+                progress=enc.get("progress"),
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -428,6 +429,8 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
         "n_val": len(data.val_idx),
         "augment": bool(cfg.training.augment),
         "precision": res.precision if cfg.mode == "finetune" else None,  # embedding mode: see config["encoder"]
+        # per epoch, so a slide predicted with the saved model plots the training history (pl.training_history)
+        "history": {kk: [float(x) for x in np.asarray(v, dtype=float)] for kk, v in res.history.items()},
     }
     return AGLModel(net, config)
 
@@ -547,7 +550,7 @@ def agl_fit(
     overwrite: bool = False,
     checkpoint_every: int = 0,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     library_key: str | None = None,
     augment: bool | None = None,
     precision: str = "auto",
@@ -773,6 +776,7 @@ def agl_fit(
     check_owned(adata, **_written(keys))  # before training: key_added must not name data that is not ours
     if library_key is not None:
         resolve_library_key(adata, library_key)  # a column of slide labels, not coordinates
+    progress = show_progress(progress)
 
     fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key, encoder)
     genes = _prepare_genes(adata, cfg, fit_data, library_key)
@@ -786,6 +790,7 @@ def agl_fit(
         "num_workers": int(num_workers),
         "prefetch_factor": int(prefetch_factor),
         "allow_lowres": bool(allow_lowres),
+        "progress": progress,
     }
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == K.HEAD_RRR:

@@ -42,6 +42,7 @@ __all__ = [
     "check_source_resolution",
     "prediction_layer",
     "prediction_record",
+    "model_run_record",
     "spread_layer",
     "PREDICT_GENES",
 ]
@@ -156,6 +157,7 @@ def _compute_embedding(
     encoder=None,
     run=None,
     allow_lowres: bool = False,
+    progress: bool | None = None,
 ) -> tuple:
     """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
 
@@ -172,7 +174,8 @@ def _compute_embedding(
     tmp = embed_patches(
         adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, **(run or {}),
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, progress=progress,
+        **(run or {}),
     )  # fmt: skip
     rec = tmp.uns[K.EMBED_UNS][key]
     check_source_resolution(rec, enc, allow_lowres)
@@ -190,6 +193,7 @@ def _features(
     encoder=None,
     run=None,
     allow_lowres=False,
+    progress: bool | None = None,
 ):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
@@ -214,7 +218,7 @@ def _features(
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
         features, rec = _compute_embedding(
-            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres
+            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres, progress=progress
         )
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
@@ -360,6 +364,7 @@ def prediction_layer(
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
     spread: bool = False,
+    progress: bool | None = None,
 ):
     """The prediction layer of :func:`agl_predict`, computed without writing anything.
 
@@ -373,7 +378,7 @@ def prediction_layer(
     _check_genes(adata, model)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
     )
     pred_genes = _choose_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
@@ -508,7 +513,9 @@ def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed
     counts layer the model was trained on; absent for ``.X``), ``genes`` (the ``genes=`` choice, ``"list"`` for a
     list), ``n_genes``, and ``observed``: whether the AnnData's counts are measured expression of the predicted
     genes (True after :func:`agl_predict`, False for the AnnData of :func:`predict_anndata`, whose ``.X`` is the
-    predictions). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they need no ``.uns["agl"]``.
+    predictions), ``method``, and ``refit`` (whether the model was retrained on its validation spots, so plots
+    do not call a score on them a validation score). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they
+    need no ``.uns["agl"]``.
     """
     return to_h5ad(
         {
@@ -519,8 +526,87 @@ def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed
             "n_genes": int(n_genes),
             "observed": bool(observed),
             "method": model.method,
+            "refit": bool(model.config.get("refit", False)),
         }
     )
+
+
+def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[dict[str, Any], dict]:
+    """The model's own description of its run: ``.var`` columns over ``var_names`` and a ``.uns[key]`` entry.
+
+    What :func:`~agl_scverse.tl.agl_fit` writes about a run, rebuilt from the saved model, so a slide predicted with
+    a loaded model (e.g. the CLI's output) plots like a fitted one (:func:`agl_scverse.pl.selected_genes`,
+    :func:`~agl_scverse.pl.training_history`, :func:`~agl_scverse.pl.gene_performance`): ``.var`` columns ``role``
+    (the model's genes; ``"excluded"`` for the others), ``prior`` (the auxiliaries' prior score), ``prior_rank``
+    (0 = best, -1 for the others), ``weight`` (the learned mask, 1 for targets, 0 for the others) and ``selected``
+    (weight > 0.5, as ``agl_fit`` writes it); the ``.uns`` entry holds ``params``, ``method``, ``mode``, ``k``,
+    ``threshold``, ``n_auxiliary``, ``n_targets``, ``targets``, ``embedding_key``, ``history`` (per epoch; empty
+    for a model saved before models carried it) and ``metrics`` (the kept epoch, its validation PCC, the spot
+    counts), plus ``source="model"``.
+    """
+    cfg = model.config
+    genes, roles = list(model.genes), list(model.roles)
+    n_t = sum(r == K.ROLE_TARGET for r in roles)
+    aux = [g for g, r in zip(genes, roles) if r == K.ROLE_AUX]
+    n_aux_all = int(cfg.get("n_auxiliary_candidates") or len(aux))
+    pos = var_names.get_indexer(genes)
+    role = np.full(len(var_names), K.ROLE_EXCLUDED, dtype=object)
+    weight, prior = np.zeros(len(var_names)), np.full(len(var_names), np.nan)
+    rank = np.full(len(var_names), -1, dtype=np.int64)
+    have = pos >= 0
+    role[pos[have]] = np.asarray(roles, dtype=object)[have]
+    weight[pos[have]] = np.asarray(model.weights, dtype=float)[have]
+    aux_pos = var_names.get_indexer(aux)
+    ranks = np.asarray(cfg.get("prior_ranks") or np.arange(len(aux)) / max(n_aux_all - 1, 1), dtype=float)
+    scores = np.asarray([np.nan if v is None else v for v in cfg.get("prior_scores") or [None] * len(aux)], float)
+    ok = aux_pos >= 0
+    rank[aux_pos[ok]] = np.rint(ranks[ok] * max(n_aux_all - 1, 1)).astype(np.int64)
+    prior[aux_pos[ok]] = scores[ok]
+    var = {
+        keys.role: pd.Categorical(role, categories=[K.ROLE_TARGET, K.ROLE_AUX, K.ROLE_EXCLUDED]),
+        keys.prior: prior,
+        keys.prior_rank: rank,
+        keys.weight: weight,
+        keys.selected: weight > 0.5,
+    }
+    history = {name: list(values) for name, values in (cfg.get("history") or {}).items()}
+    params = {
+        **(cfg.get("hyperparameters") or {}),
+        **{n: cfg.get(n) for n in ("method", "mode", "head", "transform", "layer", "refit", "prior")},
+    }
+    entry = {
+        "params": params,
+        "method": model.method,
+        "mode": model.mode,
+        "k": model.k,
+        "threshold": model.threshold if model.threshold is not None else float("nan"),
+        "n_auxiliary": n_aux_all if model.method == "dkgsb" else len(aux),
+        "n_targets": n_t,
+        "targets": list(model.targets),
+        "embedding_key": cfg.get("embedding_key"),
+        "history": history,
+        "metrics": {
+            "best_epoch": cfg.get("best_epoch"),
+            "val_pcc": cfg.get("val_pcc"),
+            "n_train": cfg.get("n_train"),
+            "n_val": cfg.get("n_val"),
+            "refit": cfg.get("refit"),
+        },
+        "source": "model",
+    }
+    return var, to_h5ad(entry)
+
+
+def _run_writes(adata: AnnData, model: AGLModel, keys: Keys) -> tuple[dict[str, Any], dict | None]:
+    """The ``.var`` columns and ``.uns`` entry of :func:`model_run_record` that ``adata`` lacks.
+
+    A fit's own record under this key (richer: split, per-gene prior of every candidate) is kept as it is.
+    """
+    if keys.role in adata.var:  # fitted (or predicted before) under this key: its gene description stays
+        return {}, None
+    var, entry = model_run_record(model, adata.var_names, keys)
+    var = {c: v for c, v in var.items() if c not in adata.var}
+    return var, (entry if keys.uns not in adata.uns else None)
 
 
 @d.dedent
@@ -544,6 +630,7 @@ def agl_predict(
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
     spread: bool | None = None,
+    progress: bool | None = None,
 ) -> AnnData | None:
     """Predict expression of the model's genes on a slide that measured them.
 
@@ -603,6 +690,9 @@ def agl_predict(
         spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
         calibrated error bar). Default ``None``: written for an ensemble; ``True`` with a single network is an
         error.
+    progress
+        Progress bar of an embedding computed here: ``True``, ``False``, or ``None`` (default) to follow scanpy's
+        verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 
     Returns
     -------
@@ -644,22 +734,27 @@ def agl_predict(
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
         scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
-        allow_lowres=allow_lowres, spread=spread,
+        allow_lowres=allow_lowres, spread=spread, progress=progress,
     )  # fmt: skip
     layer, sd = layer if spread else (layer, None)
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
+    run_var, run_uns = _run_writes(target, model, keys)
     written = {
         "layers": [keys.pred_layer] + ([keys.spread_layer] if spread else []),
-        "var": [keys.predicted],
+        "var": [keys.predicted, *run_var],
         "obsm": [new_emb[0]] if new_emb else [],
-        "uns": [keys.pred_uns] + ([K.EMBED_UNS] if new_emb else []),
+        "uns": [keys.pred_uns] + ([K.EMBED_UNS] if new_emb else []) + ([keys.uns] if run_uns is not None else []),
     }
     with restore_on_error(target, **written):
         target.layers[keys.pred_layer] = layer
         if sd is not None:
             target.layers[keys.spread_layer] = sd
         target.var[keys.predicted] = target.var_names.isin(pred_genes)
+        for col, values in run_var.items():
+            target.var[col] = values
+        if run_uns is not None:
+            target.uns[keys.uns] = run_uns
         target.uns[keys.pred_uns] = record
         if new_emb is not None:
             target.obsm[new_emb[0]] = new_emb[1]
@@ -694,6 +789,7 @@ def predict_anndata(
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
     spread: bool | None = None,
+    progress: bool | None = None,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
@@ -725,6 +821,8 @@ def predict_anndata(
         As in :func:`agl_predict`.
     spread
         A seed ensemble's spread layer, as in :func:`agl_predict`.
+    progress
+        Progress bar of an embedding computed here, as in :func:`agl_predict` (``None`` follows scanpy's verbosity).
     max_dense_bytes
         Largest size of ``.X`` plus the layers held in memory (default 1 GiB); above it both are one chunked dask
         array, computed when read or written.
@@ -736,8 +834,10 @@ def predict_anndata(
     An AnnData of the model's predicted genes (targets and selected auxiliaries) at the slide's spots, ready for a
     scanpy pipeline without masks (``sc.pp.pca(pred)``, ``sc.pp.neighbors``, ``sc.tl.leiden``,
     ``sq.gr.spatial_autocorr``): ``.X`` and ``.layers[f"{key_added}_pred"]`` hold the predictions (in ``scale``);
-    ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var[k.role]`` and ``.var[k.weight]`` describe
-    the genes and ``.var[f"{key_added}_predicted"]`` is True for all of them (the same code runs on this AnnData
+    ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var`` describes the genes as ``agl_fit`` does
+    (``role``, ``prior``, ``prior_rank``, ``weight``, ``selected``) and ``.uns[key_added]`` holds the model's run
+    record (:func:`model_run_record`: k, threshold, training history), so every plot of :mod:`agl_scverse.pl`
+    reads it; ``.var[f"{key_added}_predicted"]`` is True for all of them (the same code runs on this AnnData
     and on a slide after :func:`agl_predict`); ``.uns[f"{key_added}_pred"]`` records the scale, with
     ``observed=False`` (``.X`` is not measured expression). ``data`` is not modified.
 
@@ -756,7 +856,7 @@ def predict_anndata(
     spread = _want_spread(model, spread)
     run = _run_options(precision, num_workers, prefetch_factor)
     features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres
+        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
     )
     col = {g: i for i, g in enumerate(model.genes)}
     sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
@@ -766,8 +866,10 @@ def predict_anndata(
     args = (features, n, m, np.arange(m), sel, device, batch_size, scale, run, dense)
     X = _layer(model, *args)
     var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
-    var[keys.role] = pd.Categorical([model.roles[i] for i in sel], categories=[K.ROLE_TARGET, K.ROLE_AUX])
-    var[keys.weight] = model.weights[sel]
+    run_var, run_uns = model_run_record(model, var.index, keys)
+    for c, v in run_var.items():
+        var[c] = v
+    var[keys.role] = var[keys.role].cat.remove_unused_categories().cat.set_categories([K.ROLE_TARGET, K.ROLE_AUX])
     var[keys.predicted] = True
     out = AnnData(X=X.astype(np.float32), obs=adata.obs.copy(), var=var)
     for kk, v in adata.obsm.items():
@@ -779,6 +881,7 @@ def predict_anndata(
     if spread:
         out.layers[keys.spread_layer] = spread_layer(model, *args)
     out.uns[keys.pred_uns] = prediction_record(model, scale, "selected", m, observed=False)
+    out.uns[keys.uns] = run_uns
     if new_emb is not None:
         out.obsm[new_emb[0]] = new_emb[1]
         out.uns[K.EMBED_UNS] = {**dict(out.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
