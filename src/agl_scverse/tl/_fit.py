@@ -30,7 +30,14 @@ from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, sha256_array, versions
-from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
+from agl_scverse._validate import (
+    check_adata,
+    check_choice,
+    check_feature_variance,
+    check_layer,
+    check_positive,
+    resolve_spots,
+)
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
     AGLModel,
@@ -173,6 +180,7 @@ def _build_network(
                 patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
                 seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
                 num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"], allow_lowres=enc["allow_lowres"],
+                backend=enc.get("backend", "auto"),
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -537,6 +545,7 @@ def agl_fit(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    backend: str = "auto",
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
 
@@ -696,6 +705,9 @@ def agl_fit(
         same with any number.
     prefetch_factor
         Batches each worker prepares ahead.
+    backend
+        What runs the frozen encoder of a missing embedding computed here (``"auto"``, ``"torch"``, ``"onnx"``;
+        see :func:`agl_scverse.pp.embed_patches`). Fine-tune mode trains in torch.
     allow_lowres
         Cut patches (fine-tune mode, or embedding a slide without its embedding) from a ``"hires"`` image coarser
         than the patches when a library has no full-resolution image; refused by default (see
@@ -742,6 +754,7 @@ def agl_fit(
     )  # fmt: skip
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
+    check_choice("backend", backend, K.BACKENDS)
     keys = Keys(key_added)
     check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
     if (checkpoint_every or resume) and save_dir is None:
@@ -766,6 +779,7 @@ def agl_fit(
         "num_workers": int(num_workers),
         "prefetch_factor": int(prefetch_factor),
         "allow_lowres": bool(allow_lowres),
+        "backend": backend,
     }
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == K.HEAD_RRR:
