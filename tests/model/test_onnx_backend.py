@@ -210,6 +210,9 @@ def test_auto_keeps_torch_for_callables_and_other_precisions(slide, cache):
     assert slide.uns["agl_embeddings"]["c"]["backend"] == "torch"
     assert ob.select_backend("auto", torch.device("cpu"), "bf16") == "torch"
     assert ob.select_backend("auto", torch.device("cuda"), "fp32") == "torch"
+    assert ob.select_backend("auto", torch.device("cpu"), "fp32", precision_requested="fp32") == "torch"  # reference
+    embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="r", precision="fp32")
+    assert slide.uns["agl_embeddings"]["r"]["backend"] == "torch"
     with pytest.raises(ValueError, match="Unknown backend"):
         embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, backend="tensorrt")
 

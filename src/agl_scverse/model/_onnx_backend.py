@@ -438,11 +438,14 @@ def select_backend(
     device: torch.device,
     precision_name: str,
     callable_encoder: bool = False,
+    precision_requested: str = "auto",
 ) -> str:
     """What runs the encoder: ``"torch"`` or ``"onnx"`` (decided before any export; see the module docs).
 
-    ``"auto"`` gives ``"onnx"`` on a CPU in float32 with ``onnxruntime`` and ``onnx`` installed and a module (not a plain
-    callable); otherwise ``"torch"`` with one log line saying why. A forced ONNX backend that cannot run raises.
+    ``"auto"`` gives ``"onnx"`` on a CPU with ``onnxruntime`` and ``onnx`` installed, for a module (not a plain
+    callable), when ``precision="auto"`` resolved to float32; otherwise ``"torch"`` with one log line saying why
+    (an explicit ``precision="fp32"`` asks for torch's float32 reference, bit for bit as earlier versions). A
+    forced ONNX backend that cannot run raises.
 
     Examples
     --------
@@ -458,6 +461,8 @@ def select_backend(
             why = f"the encoder runs on {device.type} (ONNX Runtime is used on CPUs)"
         elif precision_name != "fp32":
             why = f"precision {precision_name!r} (ONNX Runtime runs float32)"
+        elif precision_requested != "auto":
+            why = f"precision={precision_requested!r} asks for torch's float32 reference"
         elif callable_encoder:
             why = "the encoder is a plain Python callable (only torch modules are exported)"
         elif not onnx_backend_available():

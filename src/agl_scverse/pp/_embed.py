@@ -78,7 +78,7 @@ def _encode(
     orig_device = params[0].device if params else None
     was_training = model.training
     prec = (precision or resolve_precision("auto", device)).for_module(model)
-    resolved = select_backend(backend, device, prec.name, isinstance(model, CallableEncoder))
+    resolved = select_backend(backend, device, prec.name, isinstance(model, CallableEncoder), prec.requested)
     # Workers each reopen the images (the dataset pickles without open files) and keep their own tile cache;
     # they are not kept alive between calls, and each holds at most prefetch_factor batches in flight.
     order = np.arange(len(ds)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
@@ -231,9 +231,10 @@ def embed_patches(
         read, per library) is recorded either way (``source_um_per_px``), and :func:`agl_scverse.tl.agl_predict`
         compares it with the model's.
     backend
-        What runs the frozen encoder. ``"auto"`` (default): ONNX Runtime on a CPU in float32 when ``onnxruntime``
-        is installed (``pip install 'agl-scverse[onnx]'``) and the encoder exports to ONNX, checked against torch on
-        the first patches (cosine similarity >= 0.999 per patch), else torch with one log line saying why.
+        What runs the frozen encoder. ``"auto"`` (default): ONNX Runtime on a CPU when ``precision="auto"`` means
+        float32 there, ``onnxruntime`` is installed (``pip install 'agl-scverse[onnx]'``) and the encoder exports to
+        ONNX, checked against torch on the first patches (cosine similarity >= 0.999 per patch); else torch, with
+        one log line saying why (``precision="fp32"`` keeps torch's bit-for-bit reference).
         ``"torch"``: the torch module (the reference). ``"onnx"``: ONNX Runtime, or an error. The exported graph is
         cached per encoder, weights and input size (see the Encoders page).
 
