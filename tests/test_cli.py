@@ -38,6 +38,11 @@ def test_parser_knows_every_command():
     assert (args.k, args.embedding_key, args.debug) == (7, "E", False)
     args = parser.parse_args(["predict", "m", "d", "--out", "p.h5ad", "--embedding-key", "E", "--overwrite"])
     assert args.embedding_key == "E" and args.overwrite
+    assert args.backend == "auto"  # what runs a frozen encoder when patches are embedded
+    for cmd in (["predict", "m", "d", "--out", "p"], ["fit", "d", "--out", "m"], ["cross-validate", "d"]):
+        assert parser.parse_args([*cmd, "--backend", "torch"]).backend == "torch"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "m", "d", "--out", "p", "--backend", "tensorrt"])
 
 
 @pytest.mark.parametrize(

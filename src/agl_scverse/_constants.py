@@ -71,6 +71,7 @@ Head = Literal["mlp", "rrr", "hybrid"]
 #: Which parameters the DkGSB look-ahead moves (``"auto"``: the per-mode default of ``agl_fit``).
 MetaScope = Literal["all", "last"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # how encoders run (embed_patches, fine-tune mode)
+Backend = Literal["auto", "torch", "onnx"]  # what runs a frozen encoder (model/_onnx_backend.py)
 Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
 #: Scale of the values ``agl_predict`` writes: the model's own expression scale, or scanpy's normalised one.
@@ -97,6 +98,7 @@ META_SCOPE_AUTO = "auto"
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 ROLE_TARGET, ROLE_AUX, ROLE_EXCLUDED = get_args(Role)
 ROLES: tuple[str, ...] = get_args(Role)
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_UNUSED = get_args(Split)

@@ -439,7 +439,7 @@ def _fit(args: argparse.Namespace) -> None:
         layer=args.layer,
         library_key=args.library_key,
         **({"head": args.head} if args.head else {}),
-        **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres),
+        **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres, backend=args.backend),
         **scale_out,
     )
     if not _is_main():  # under torchrun, rank 0 reports and writes (agl_fit saved the model from rank 0)
@@ -483,7 +483,9 @@ def _predict(args: argparse.Namespace) -> None:
     measured = bool(adata.n_vars) and bool(pd.Index(model.targets).isin(adata.var_names).all())
     note = ""
     if measured:  # a slide that measured the model's genes: predictions beside them, then scored
-        tl.agl_predict(adata, model, **kwargs, **_accepted(tl.agl_predict, allow_lowres=args.allow_lowres))
+        tl.agl_predict(
+            adata, model, **kwargs, **_accepted(tl.agl_predict, allow_lowres=args.allow_lowres, backend=args.backend)
+        )
         result = adata
         try:
             tl.evaluate(adata, model, baselines=False)
@@ -491,7 +493,10 @@ def _predict(args: argparse.Namespace) -> None:
             note = f"; not scored: {_one_line(e)}"
     else:  # H&E only (or not the model's genes)
         result = tl.predict_anndata(
-            adata, model, **kwargs, **_accepted(tl.predict_anndata, allow_lowres=args.allow_lowres)
+            adata,
+            model,
+            **kwargs,
+            **_accepted(tl.predict_anndata, allow_lowres=args.allow_lowres, backend=args.backend),
         )
     _write_h5ad(result, out)
     from ._constants import Keys
@@ -518,7 +523,7 @@ def _cross_validate(args: argparse.Namespace) -> None:
         pp.embed_patches(
             adata, encoder=args.encoder, weights=args.weights, device=device, patch_px=args.patch_px,
             patch_um=args.patch_um,
-            **_accepted(pp.embed_patches, allow_lowres=args.allow_lowres),
+            **_accepted(pp.embed_patches, allow_lowres=args.allow_lowres, backend=args.backend),
         )  # fmt: skip
     optional = {"k": args.k, "epochs": args.epochs, "refit": args.refit, "n_seeds": args.n_seeds, "head": args.head}
     fit_kwargs = {name: value for name, value in optional.items() if value is not None}
@@ -640,6 +645,13 @@ def _add_resolution_args(p: argparse.ArgumentParser, device: str = "auto") -> No
         "--allow-lowres",
         action="store_true",
         help="accept patches from an image coarser than the model was trained on (otherwise refused)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(K.BACKENDS),
+        help="what runs the frozen image encoder when patches are embedded: auto (ONNX Runtime on a CPU when it is "
+        "installed and agrees with torch, else torch), torch, onnx (default: auto)",
     )
     why = {"auto": "CUDA when available", "cpu": "bit-for-bit reproducible"}[device]
     p.add_argument("--device", default=device, help=f"torch device: auto, cpu, cuda, cuda:1 (default: {device}, {why})")

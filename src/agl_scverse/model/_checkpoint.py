@@ -32,8 +32,10 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
+from agl_scverse import _constants as K
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
+from agl_scverse._validate import check_choice
 
 from ._data import index_batches_of, patch_batches
 from ._encoders import get_encoder, record_kwargs
@@ -301,6 +303,7 @@ class AGLModel:
         precision: str = "auto",
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        backend: str = "auto",
     ) -> np.ndarray:
         """Predictions (transformed scale, e.g. ``log1p`` counts) for every output gene, float32.
 
@@ -322,7 +325,16 @@ class AGLModel:
             number).
         prefetch_factor
             Batches each worker prepares ahead.
+        backend
+            Fine-tune mode: ``"auto"`` or ``"torch"`` (the trained network runs in torch; ``"onnx"``, for frozen
+            encoders, is refused). The embedding-mode head always runs in torch.
         """
+        check_choice("backend", backend, K.BACKENDS)
+        if self.mode != "embedding" and backend not in ("auto", "torch"):
+            raise ValueError(
+                f"backend={backend!r} runs a frozen encoder (embedding mode); this fine-tuned model's network runs "
+                "in torch: use backend='auto' or 'torch'."
+            )
         if self.mode == "embedding":
             batches = array_batches(features, batch_size, float_input=True)
             return forward(self.net, batches, len(self.genes), calibrated=True, cols=columns)

@@ -32,7 +32,14 @@ from agl_scverse._spatial import resolve_library_key
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, sha256_array, show_progress, versions
-from agl_scverse._validate import check_adata, check_feature_variance, check_layer, check_positive, resolve_spots
+from agl_scverse._validate import (
+    check_adata,
+    check_choice,
+    check_feature_variance,
+    check_layer,
+    check_positive,
+    resolve_spots,
+)
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
     AGLModel,
@@ -176,6 +183,7 @@ def _build_network(
                 seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
                 num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"], allow_lowres=enc["allow_lowres"],
                 progress=enc.get("progress"),
+                backend=enc.get("backend", "auto"),
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -557,6 +565,7 @@ def agl_fit(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    backend: str = "auto",
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
 
@@ -716,6 +725,9 @@ def agl_fit(
         same with any number.
     prefetch_factor
         Batches each worker prepares ahead.
+    backend
+        What runs the frozen encoder of a missing embedding computed here (``"auto"``, ``"torch"``, ``"onnx"``;
+        see :func:`agl_scverse.pp.embed_patches`). Fine-tune mode trains in torch.
     allow_lowres
         Cut patches (fine-tune mode, or embedding a slide without its embedding) from a ``"hires"`` image coarser
         than the patches when a library has no full-resolution image; refused by default (see
@@ -762,6 +774,7 @@ def agl_fit(
     )  # fmt: skip
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
+    check_choice("backend", backend, K.BACKENDS)
     keys = Keys(key_added)
     check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
     if (checkpoint_every or resume) and save_dir is None:
@@ -791,6 +804,7 @@ def agl_fit(
         "prefetch_factor": int(prefetch_factor),
         "allow_lowres": bool(allow_lowres),
         "progress": progress,
+        "backend": backend,
     }
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == K.HEAD_RRR:

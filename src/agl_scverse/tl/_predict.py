@@ -233,12 +233,16 @@ def _features(
     return features, new_emb
 
 
-def _run_options(precision: str, num_workers: int, prefetch_factor: int) -> dict:
+def _run_options(precision: str, num_workers: int, prefetch_factor: int, backend: str = "auto") -> dict:
     """How encoders run here (checked): passed to ``AGLModel.predict`` and ``embed_patches``."""
     check_choice("precision", precision, K.PRECISIONS)
+    check_choice("backend", backend, K.BACKENDS)
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
-    return {"precision": precision, "num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor)}
+    return {
+        "precision": precision, "num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor),
+        "backend": backend,
+    }  # fmt: skip
 
 
 def _rows(features, start: int, stop: int):
@@ -363,6 +367,7 @@ def prediction_layer(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    backend: str = "auto",
     spread: bool = False,
     progress: bool | None = None,
 ):
@@ -376,7 +381,7 @@ def prediction_layer(
     """
     check_choice("scale", scale, K.PRED_SCALES)
     _check_genes(adata, model)
-    run = _run_options(precision, num_workers, prefetch_factor)
+    run = _run_options(precision, num_workers, prefetch_factor, backend)
     features, new_emb = _features(
         adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
     )
@@ -629,6 +634,7 @@ def agl_predict(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    backend: str = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> AnnData | None:
@@ -680,6 +686,11 @@ def agl_predict(
         the same with any number.
     prefetch_factor
         Batches each worker prepares ahead.
+    backend
+        What runs the frozen encoder of an embedding computed here: ``"auto"`` (ONNX Runtime on a CPU when it is
+        installed and agrees with torch, else torch), ``"torch"`` or ``"onnx"`` (see
+        :func:`agl_scverse.pp.embed_patches`). Features of either engine feed the same model. A fine-tuned
+        model's network runs in torch (``"onnx"`` is refused there).
     allow_lowres
         Predict from patches cut from a coarser image than the model was trained on (e.g. the ``"hires"``
         thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
@@ -734,7 +745,7 @@ def agl_predict(
     layer, new_emb, pred_genes = prediction_layer(
         adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
         scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
-        allow_lowres=allow_lowres, spread=spread, progress=progress,
+        allow_lowres=allow_lowres, spread=spread, progress=progress, backend=backend,
     )  # fmt: skip
     layer, sd = layer if spread else (layer, None)
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
@@ -788,6 +799,7 @@ def predict_anndata(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
+    backend: str = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> AnnData:
@@ -819,6 +831,8 @@ def predict_anndata(
         Batches each worker prepares ahead.
     allow_lowres
         As in :func:`agl_predict`.
+    backend
+        What runs the frozen encoder of an embedding computed here, as in :func:`agl_predict`.
     spread
         A seed ensemble's spread layer, as in :func:`agl_predict`.
     progress
@@ -854,7 +868,7 @@ def predict_anndata(
         raise ValueError("The slide has no spots.")
     check_choice("scale", scale, K.PRED_SCALES)
     spread = _want_spread(model, spread)
-    run = _run_options(precision, num_workers, prefetch_factor)
+    run = _run_options(precision, num_workers, prefetch_factor, backend)
     features, new_emb = _features(
         adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
     )
