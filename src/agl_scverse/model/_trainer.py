@@ -51,7 +51,7 @@ from torch import nn
 from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._expression import ArrayExpression
-from agl_scverse._stats import StreamingMoments, pearson_per_gene
+from agl_scverse._stats import StreamingMoments, mean_pearson
 from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
 
 from ._bilevel import AdamState, hypergradient, meta_scope_names
@@ -165,8 +165,10 @@ class StandardizedTargets:
 
 
 def val_pcc(net: nn.Module, inputs: Callable, Y, idx: np.ndarray, n_targets: int, batch_size: int = 512):
-    """Mean Pearson r over the target genes on spots ``idx`` (genes constant there are skipped).
+    """Mean Pearson r over the target genes on spots ``idx`` (early stopping's score).
 
+    Scored as :func:`agl_scverse.tl.evaluate` does (:func:`agl_scverse._stats.mean_pearson`): a target whose
+    prediction is constant counts as 0, a target constant on ``idx`` is left out; 0 when none can be scored.
     ``Y`` is a :class:`StandardizedTargets` (or any ``(idx, n_first) -> tensor`` callable) or a spots x genes
     array / tensor of expression.
     """
@@ -175,8 +177,8 @@ def val_pcc(net: nn.Module, inputs: Callable, Y, idx: np.ndarray, n_targets: int
         obs = Y(idx, n_targets).double().cpu().numpy()
     else:
         obs = np.asarray(Y.cpu() if torch.is_tensor(Y) else Y, dtype=np.float64)[np.asarray(idx)][:, :n_targets]
-    r = pearson_per_gene(obs, pred, constant_pred=np.nan)
-    return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
+    r = mean_pearson(obs, pred)
+    return r if np.isfinite(r) else 0.0
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scanpy import logging as logg
 
-from agl_scverse._stats import per_gene_metrics
+from agl_scverse._stats import mean_pearson
 from agl_scverse.model import EmbeddingHead
 
 from ._baselines import RRR_RANKS, reduced_rank_ridge, rrr_fit
@@ -125,7 +125,7 @@ def choose_rrr(
     for k in ks:
         preds = reduced_rank_ridge(X_tr, Y_tr[:, : n_t + k], X_va, list(ranks), n_targets=n_t)
         for r, pred in preds.items():
-            scores[(k, r)] = float(np.nanmean(per_gene_metrics(Y_va, pred)["pearson"]))
+            scores[(k, r)] = mean_pearson(Y_va, pred)
     k, r = max(scores, key=lambda kr: (scores[kr], -kr[0]))  # ties: fewer auxiliaries
     logg.info(f"head='rrr': k = {k}, rank = {r} (validation PCC {scores[(k, r)]:.4f})")
     return k, r, scores
