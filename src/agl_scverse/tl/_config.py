@@ -238,6 +238,12 @@ class FitConfig:
         dkgsb["meta_scope"] = dflt["meta_scope"] if scope == K.META_SCOPE_AUTO else scope
         if dkgsb.get("meta_steps") is None:
             dkgsb["meta_steps"] = dflt["meta_steps"]
+        look = dkgsb.get("lookahead", K.LOOKAHEAD_ADAM)
+        check_choice("lookahead", look, K.LOOKAHEADS)
+        if dkgsb.get("inner_steps") is None:  # the look-ahead's own: 12 for the authors', 1 otherwise
+            dkgsb["inner_steps"] = K.INNER_STEPS_DEFAULTS[look]
+        if dkgsb.get("inner_lr") is None:  # 3e-5 for the authors' fresh Adam, 0.1 for SGD (unused by "adam")
+            dkgsb["inner_lr"] = K.INNER_LR_DEFAULTS[look]
         if n_seeds is None:  # the closed-form head is the same for every seed: one
             n_seeds = 1 if head == K.HEAD_RRR else dflt["n_seeds"]
 

@@ -510,8 +510,8 @@ def agl_fit(
     weight_decay: float = 0.0,
     batch_size: int | None = None,
     loss: str = "pearson",
-    inner_steps: int = 1,
-    inner_lr: float = 0.1,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
     meta_steps: int | None = None,
     meta_batch_size: int = 128,
     tau: float = 0.01,
@@ -613,9 +613,11 @@ def agl_fit(
     loss
         ``"pearson"`` (``1 - r`` per gene, paper) or ``"mse"``.
     inner_steps
-        DkGSB: differentiable inner steps of the bi-level look-ahead, each on its own training batch.
+        DkGSB: differentiable inner steps ``H`` of the bi-level look-ahead, each on its own training batch (all on
+        one batch with ``lookahead="authors"``). Default (``None``): 12 for ``"authors"`` (their code), else 1.
     inner_lr
-        DkGSB: their learning rate when ``lookahead="sgd"``.
+        DkGSB: the inner steps' learning rate with ``lookahead="sgd"`` (default 0.1) or ``"authors"`` (the fresh
+        Adam's, default 3e-5); ``"adam"`` uses the network's own.
     meta_steps
         DkGSB: updates of the threshold per epoch (default per mode: 4 in embedding mode, 1 in fine-tune mode, where
         each costs a double backward through the encoder).
@@ -631,7 +633,10 @@ def agl_fit(
         the loss it evaluates). See the Method page.
     lookahead
         DkGSB: ``"adam"`` (default) takes the inner steps as the network's live Adam optimiser would (its moments,
-        step count, lr), so the look-ahead is the next training step; ``"sgd"``: SGD with ``inner_lr`` (paper).
+        step count, lr), so the look-ahead is the next training step; ``"sgd"``: SGD with ``inner_lr`` (the paper's
+        equation); ``"authors"``: the authors' code -- a copy of the network, a fresh Adam (``inner_lr``),
+        ``inner_steps`` steps on one meta batch, in train mode. See the Method page for what differs and the
+        comparison measured.
     meta_scope
         DkGSB: the parameters the look-ahead moves. ``"all"``: every parameter; ``"last"``: the output layer and
         the last block of the encoder (the last residual block of a ResNet, dense layer of a DenseNet, transformer
