@@ -84,7 +84,9 @@ INNER_LR_DEFAULTS: dict[str, float] = {"adam": 0.1, "sgd": 0.1, "authors": 3e-5}
 INNER_STEPS_DEFAULTS: dict[str, int] = {"adam": 1, "sgd": 1, "authors": 12}
 HEADS: tuple[str, ...] = get_args(Head)
 HEAD_MLP, HEAD_RRR, HEAD_HYBRID = HEADS
-#: Share of the linear head in a ``head="hybrid"`` model's target predictions (the MLP networks have the rest).
+#: Shares of the linear head in a ``head="hybrid"`` model's target predictions (the MLP networks have the rest)
+#: that ``agl_fit`` chooses from on the validation spots; ``HYBRID_LINEAR_WEIGHT`` without validation spots.
+HYBRID_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 HYBRID_LINEAR_WEIGHT = 0.5
 META_SCOPES: tuple[str, ...] = get_args(MetaScope)
 META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES
