@@ -606,7 +606,8 @@ def agl_fit(
         the validation spots (the first network before any refit against a ridge on the training spots;
         ``.uns[key_added]["metrics"]["hybrid_weight"]``), the auxiliaries the networks'. See the Method page.
     epochs
-        Maximum number of epochs (default per mode: 100 in embedding mode, 50 in fine-tune mode).
+        Maximum number of epochs (default per mode: 100 in embedding mode, 50 in fine-tune mode -- a budget for a GPU
+        job, not the paper's: the authors' code allows up to 1,000 with early stopping).
     patience
         Early stopping: epochs without a better validation mean target Pearson r.
     lr
