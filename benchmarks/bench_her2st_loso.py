@@ -79,6 +79,9 @@ LABELS = {
     "topk:rrr": "agl_fit(head='rrr', method='topk', k='auto')",
     "agl:hybrid": "AGL-all, agl_fit(head='hybrid')",
     "dkgsb:hybrid": "DkGSB, agl_fit(head='hybrid')",
+    "agl:norefit": "AGL-all, no refit",
+    "dkgsb:norefit": "DkGSB, no refit",
+    "dkgsb:authors": "DkGSB, the authors' look-ahead (lookahead='authors')",
 }
 VARIANTS = {
     "pgl:reg": {"dropout": 0.5},
@@ -93,6 +96,9 @@ VARIANTS = {
     "topk:rrr": {"k": "auto", "head": "rrr"},  # the closed-form linear head as an agl_fit model
     "agl:hybrid": {"head": "hybrid"},  # the MLP ensemble with the linear head's targets averaged in
     "dkgsb:hybrid": {"head": "hybrid"},
+    "agl:norefit": {"refit": False},  # candidates for --nested: a refit choice made without the test section
+    "dkgsb:norefit": {"refit": False},
+    "dkgsb:authors": {"lookahead": "authors"},
 }
 EMB_KEY = "X_agl_densenet121"
 
