@@ -3,8 +3,8 @@
 The fold of :func:`agl_scverse.tl.cross_validate` (held-out section ``--test``, validation = the next section,
 targets = top-50 HVG of the four training sections, auxiliaries ranked by their HVG score on those sections).
 Fine-tune mode trains DenseNet-121 (ImageNet weights from ``../shared/weights``) and one linear output layer end to
-end on ``--px`` patches of ``--um`` µm for a short budget (``--epochs``, ``--lr``; the paper's 50 epochs at 3e-5 are
-out of reach on 2 CPU cores); embedding mode trains the default MLP head on features of the same encoder and
+end on ``--px`` patches of ``--um`` µm for a short budget (``--epochs``, ``--lr``; fine-tune mode's default of up to 50 epochs at
+3e-5 -- our budget; the authors' code allows up to 1,000 with early stopping -- is out of reach on 2 CPU cores); embedding mode trains the default MLP head on features of the same encoder and
 patches. Methods PGL, AGL-all and DkGSB (``--meta-steps`` per epoch: 1 keeps DkGSB's epoch within ~1.5x of
 AGL-all's, see the "Cost of the meta step" section of the Method page). Reported: held-out mean target PCC, best
 validation PCC, seconds per epoch, peak RSS.

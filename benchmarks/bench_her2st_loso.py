@@ -21,12 +21,31 @@ Run::
 
 Writes ``benchmarks/results/her2st_loso.json`` and ``.csv`` (per seed x fold x method; rewritten after every seed)
 and prints a Markdown table for ``benchmarks/RESULTS.md``.
+
+**Nested selection** (``--nested``): a choice among candidate configurations (``--candidates``, method names as in
+``--methods``, e.g. ``dkgsb dkgsb:hybrid agl``) made without looking at the test section. For each held-out
+section, every candidate is scored by an inner leave-one-section-out over the four *training* sections only (the
+same protocol one level down: each inner fold trains on two sections, validates on the next, is scored on the
+fourth; ``--inner-n-seeds`` networks per fit, default 1), the candidate with the best inner mean target PCC is
+chosen, and its score is that of the candidate fitted on the four training sections (three train + one
+validation, refit) and scored on the held-out section -- the same fit the outer leave-one-section-out makes, so the
+outer fits are made once for all candidates and the choice only picks one. Reported per fold: the inner scores,
+the chosen candidate, its test PCC, and every candidate's test PCC (the oracle choice is *not* a result). The
+held-out section is never read by the inner loop (it is dropped from the AnnData the inner loop sees).
+``--embedding-key`` takes any ``.obsm`` key of the cache (e.g. a context key such as
+``X_agl_densenet121_context``, computed beforehand and saved in the cache h5ad)::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_her2st_loso.py --nested --cache /work/cache/her2st_densenet121.h5ad \
+        --candidates dkgsb dkgsb:hybrid --n-seeds 1 --seeds 0 [--groups C2 C3] [--embedding-key X_...]
+
+Writes ``benchmarks/results/her2st_nested.json`` (``--stem``), rewritten after every outer fold.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -60,6 +79,9 @@ LABELS = {
     "topk:rrr": "agl_fit(head='rrr', method='topk', k='auto')",
     "agl:hybrid": "AGL-all, agl_fit(head='hybrid')",
     "dkgsb:hybrid": "DkGSB, agl_fit(head='hybrid')",
+    "agl:norefit": "AGL-all, no refit",
+    "dkgsb:norefit": "DkGSB, no refit",
+    "dkgsb:authors": "DkGSB, the authors' look-ahead (lookahead='authors')",
 }
 VARIANTS = {
     "pgl:reg": {"dropout": 0.5},
@@ -74,6 +96,9 @@ VARIANTS = {
     "topk:rrr": {"k": "auto", "head": "rrr"},  # the closed-form linear head as an agl_fit model
     "agl:hybrid": {"head": "hybrid"},  # the MLP ensemble with the linear head's targets averaged in
     "dkgsb:hybrid": {"head": "hybrid"},
+    "agl:norefit": {"refit": False},  # candidates for --nested: a refit choice made without the test section
+    "dkgsb:norefit": {"refit": False},
+    "dkgsb:authors": {"lookahead": "authors"},
 }
 EMB_KEY = "X_agl_densenet121"
 
@@ -167,6 +192,99 @@ def markdown(res: dict, cmd: str) -> str:
     return "\n".join(lines) + f"\n\nCommand: `{cmd}`\n"
 
 
+def nested_selection(adata, args, fit_kwargs: dict, seed: int, outer: pd.DataFrame, done: list[dict], write) -> list:
+    """Per held-out section: candidates scored by an inner leave-one-section-out on the training sections only.
+
+    ``outer``: the outer summary (fold x method) of this seed, whose test scores the chosen candidate is read from.
+    ``done`` collects one record per fold; ``write(done)`` is called after each fold.
+    """
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    cands = list(args.candidates)
+    inner_kwargs = {**fit_kwargs, "n_seeds": args.inner_n_seeds}
+    for fold in sorted(outer["fold"].astype(str).unique()):
+        t0 = time.perf_counter()
+        inner = adata[lib != fold].copy()  # the held-out section is not in the data the choice is made on
+        agl.tl.cross_validate(
+            inner, "library_id", methods=tuple(cands), embedding_key=args.embedding_key, n_targets=args.n_targets,
+            prior=args.prior, baselines=False, seed=seed, key_added="agl_cv_inner", progress=False,
+            method_kwargs={m: VARIANTS[m] for m in cands if m in VARIANTS}, **inner_kwargs,
+        )  # fmt: skip
+        isumm = pd.DataFrame(inner.uns["agl_cv_inner"]["summary"])
+        inner_score = isumm.groupby("method")["mean_pearson"].mean()
+        inner_folds = {
+            m: {str(f): float(v) for f, v in zip(g["fold"], g["mean_pearson"])} for m, g in isumm.groupby("method")
+        }
+        chosen = max(cands, key=lambda m: (inner_score[m], -cands.index(m)))  # ties: the earlier candidate
+        test = outer[outer["fold"].astype(str) == fold].set_index("method")["mean_pearson"]
+        rec = {
+            "seed": seed, "fold": fold, "chosen": chosen, "test_pcc_chosen": float(test[chosen]),
+            "inner_mean_pcc": {m: float(inner_score[m]) for m in cands}, "inner_per_fold": inner_folds,
+            "test_pcc": {m: float(v) for m, v in test.items()}, "inner_seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        done.append(rec)
+        print(
+            f"seed {seed} test {fold}: inner " + ", ".join(f"{m} {inner_score[m]:.4f}" for m in cands)
+            + f" -> {chosen}; test {rec['test_pcc_chosen']:.4f} ("
+            + ", ".join(f"{m} {test[m]:.4f}" for m in cands) + f"); {rec['inner_seconds']:.0f} s", flush=True,
+        )  # fmt: skip
+        write(done)
+    return done
+
+
+def nested_summary(records: list[dict], cands: list[str]) -> dict:
+    """Mean over folds (and seeds) of the nested choice's test PCC beside each fixed candidate and baseline."""
+    df = pd.DataFrame(records)
+    out = {"nested_mean_pcc": float(df["test_pcc_chosen"].mean()), "n_folds": len(df)}
+    tests = pd.DataFrame(list(df["test_pcc"]))
+    out["fixed_mean_pcc"] = {m: float(tests[m].mean()) for m in tests.columns}
+    out["chosen_per_fold"] = {f"{r['seed']}:{r['fold']}": r["chosen"] for r in records}
+    out["times_chosen"] = {m: int((df["chosen"] == m).sum()) for m in cands}
+    return out
+
+
+def nested_markdown(summary: dict, records: list[dict], cands: list[str], cmd: str) -> str:
+    lines = ["| seed:section | " + " | ".join(f"inner {m}" for m in cands) + " | chosen | test PCC (chosen) | "
+             + " | ".join(f"test {m}" for m in cands) + " |", "|" + "---|" * (2 * len(cands) + 3)]  # fmt: skip
+    for r in records:
+        inner = " | ".join(f"{r['inner_mean_pcc'][m]:.4f}" for m in cands)
+        test = " | ".join(f"{r['test_pcc'][m]:.4f}" for m in cands)
+        lines.append(f"| {r['seed']}:{r['fold']} | {inner} | {r['chosen']} | **{r['test_pcc_chosen']:.4f}** | {test} |")
+    fixed = ", ".join(f"{m} {v:.4f}" for m, v in summary["fixed_mean_pcc"].items())
+    lines.append(f"\nnested choice: mean test PCC {summary['nested_mean_pcc']:.4f} over {summary['n_folds']} folds; "
+                 f"fixed configurations (same folds): {fixed}")  # fmt: skip
+    return "\n".join(lines) + f"\n\nCommand: `{cmd}`\n"
+
+
+def run_nested_fold(adata, args, fit_kwargs: dict, seed: int, fold: str, records: list, cmd, git, started, t0):
+    """Outer fit of every candidate (and the baselines) on one held-out section, then its nested choice."""
+    ts = time.perf_counter()
+    agl.tl.cross_validate(
+        adata, "library_id", methods=tuple(args.candidates), embedding_key=args.embedding_key,
+        n_targets=args.n_targets, prior=args.prior, baselines=True, seed=seed, key_added="agl_cv", progress=False,
+        method_kwargs={m: VARIANTS[m] for m in args.candidates if m in VARIANTS}, groups=[fold], **fit_kwargs,
+    )  # fmt: skip
+    summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])
+    print(f"seed {seed} test {fold}: outer fits {time.perf_counter() - ts:.0f} s", flush=True)
+    baselines = summ[~summ.method.isin(args.candidates)].set_index("method")["mean_pearson"]
+
+    def write(done):
+        res = {
+            "command": cmd, "git": git, "started": started, "total_seconds": time.perf_counter() - t0,
+            "candidates": args.candidates, "embedding_key": args.embedding_key,
+            "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()}, "inner_n_seeds": args.inner_n_seeds,
+            "variants": {m: VARIANTS.get(m, {}) for m in args.candidates},
+            "summary": nested_summary(done, args.candidates), "folds": done,
+            "machine": f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}",
+        }  # fmt: skip
+        (args.results / f"{args.stem or 'her2st_nested'}.json").write_text(json.dumps(res, indent=2, default=str))
+
+    before = len(records)
+    nested_selection(adata, args, fit_kwargs, seed, summ[summ.method.isin(args.candidates)], records, write)
+    for r in records[before:]:
+        r["test_pcc_baselines"] = {m: float(v) for m, v in baselines.items()}
+    write(records)
+
+
 def git_state() -> str:
     """Commit of the repository and whether src/ had uncommitted edits when the run started."""
     import subprocess
@@ -201,7 +319,14 @@ def main() -> None:
     p.add_argument("--topk-k", type=int, default=1000, help="auxiliary genes used by top-k")
     p.add_argument("--patch-um", type=float, default=160.0)
     p.add_argument("--patch-px", type=int, default=224)
+    p.add_argument("--embedding-key", default=EMB_KEY, help=".obsm key the fits use (e.g. a context key)")
+    p.add_argument("--groups", nargs="+", default=None, help="held-out sections (default: all five)")
+    p.add_argument("--nested", action="store_true", help="choose among --candidates by inner LOSO (see above)")
+    p.add_argument("--candidates", nargs="+", default=["dkgsb", "dkgsb:hybrid"], help="configurations (--nested)")
+    p.add_argument("--inner-n-seeds", type=int, default=1, help="networks per fit in the inner loop (--nested)")
     args = p.parse_args()
+    if args.nested:
+        args.methods = list(args.candidates)
 
     import torch
 
@@ -209,6 +334,8 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     torch.set_num_threads(args.threads)
     adata = load_embedded(args.data, args.weights, args.cache, args.patch_um, args.patch_px)
+    if args.embedding_key not in adata.obsm:
+        raise SystemExit(f"--embedding-key {args.embedding_key!r} is not in the cache's .obsm ({list(adata.obsm)}).")
     fit_kwargs = {"refit": not args.no_refit}
     if args.n_seeds is not None:
         fit_kwargs["n_seeds"] = args.n_seeds
@@ -218,14 +345,22 @@ def main() -> None:
         fit_kwargs["k"] = args.topk_k
     cmd = "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
     args.results.mkdir(parents=True, exist_ok=True)
-    frames = []
+    frames, records = [], []
     t0 = time.perf_counter()
+    if args.nested:  # one outer fold at a time, each followed by its inner loop (results after every fold)
+        groups = args.groups or sorted(adata.obs["library_id"].astype(str).unique())
+        for seed in args.seeds:
+            for g in groups:
+                run_nested_fold(adata, args, fit_kwargs, seed, g, records, cmd, git, started, t0)
+        print(nested_markdown(nested_summary(records, args.candidates), records, args.candidates, cmd))
+        print(f"total {time.perf_counter() - t0:.0f} s")
+        return
     for seed in args.seeds:
         ts = time.perf_counter()
         agl.tl.cross_validate(
-            adata, "library_id", methods=tuple(args.methods), embedding_key=EMB_KEY, n_targets=args.n_targets,
-            prior=args.prior, baselines=True, seed=seed, key_added="agl_cv", progress=False,
-            method_kwargs={m: VARIANTS[m] for m in args.methods if m in VARIANTS}, **fit_kwargs,
+            adata, "library_id", methods=tuple(args.methods), embedding_key=args.embedding_key,
+            n_targets=args.n_targets, prior=args.prior, baselines=True, seed=seed, key_added="agl_cv", progress=False,
+            method_kwargs={m: VARIANTS[m] for m in args.methods if m in VARIANTS}, groups=args.groups, **fit_kwargs,
         )  # fmt: skip
         summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])
         summ["seed"] = seed

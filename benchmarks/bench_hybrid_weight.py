@@ -3,7 +3,11 @@
 Per fold, one five-seed MLP ensemble (``method``, refit) and one ``agl_fit(head="rrr", method="topk", k="auto")``
 linear head are fitted once on the same spots, and their target predictions are blended with weights 0 (the
 ensemble alone) to 1 (the linear head alone); ``cross_validate`` scores each blend on the held-out section beside
-its baselines. ``agl_fit(head="hybrid")`` fixes the weight at 0.5; this script is the evidence for that choice.
+its baselines. These are scores of the held-out (test) sections, so they must not choose the weight: an earlier
+``agl_fit(head="hybrid")`` fixed it at 0.5 from this script, a choice made on the test sections. ``agl_fit`` now
+chooses the weight on the validation spots of each fit (``metrics["hybrid_weight"]``), and
+``bench_her2st_loso.py --nested`` chooses between configurations without the test section; this script only shows
+how sensitive the test score is to the weight.
 
     python benchmarks/bench_hybrid_weight.py --cache <embedded h5ad> --method dkgsb --seed 0
 

@@ -7,6 +7,9 @@ first epoch). Then, for ``--batches`` pairs of (train, validation) meta batches,
 - ``legacy``: SGD look-ahead (``inner_lr = 0.1``), ``sum(w)`` detached (the default before this release),
 - ``sgd-soft``: the same look-ahead, differentiated exactly,
 - ``adam``: the live-Adam look-ahead (``lookahead="adam"``, the default now), exact,
+- ``authors`` (with ``--authors``): the authors' look-ahead (``lookahead="authors"``: a fresh Adam, lr 3e-5,
+  ``--authors-h`` steps on the one training meta batch, train mode -- the network has no dropout here --, the
+  detached normaliser as in their code),
 
 with two finite-difference "truths" computed on copies of the real network and optimiser (float64, no dropout):
 
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument("--theta", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "check_hypergradient.json")
+    ap.add_argument("--authors", action="store_true", help="also the authors' look-ahead (fresh Adam, H steps)")
+    ap.add_argument("--authors-h", type=int, default=12)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import anndata as ad
@@ -111,11 +116,17 @@ def main() -> None:
         mva = rng.choice(val_idx, 128, replace=False)
         tr, va = (X[mtr], yb(mtr)), (X[mva], yb(mva))
         row = {"batch": b}
-        for name, kw in {
+        looks = {
             "legacy": {"normalizer": "detached", "inner_lr": 0.1},
             "sgd-soft": {"normalizer": "soft", "inner_lr": 0.1},
             "adam": {"normalizer": "soft", "optimizer_state": AdamState.from_optimizer(opt, net)},
-        }.items():
+        }
+        if args.authors:
+            looks["authors"] = {
+                "normalizer": "detached", "optimizer_state": AdamState.fresh(net, 3e-5),
+                "inner_steps": args.authors_h, "train_mode": True,
+            }  # fmt: skip
+        for name, kw in looks.items():
             t0 = time.perf_counter()
             g, _ = hypergradient(net, mask, n_t, *tr, *va, **kw)
             row[name], row[f"{name}_seconds"] = float(g), time.perf_counter() - t0
@@ -130,7 +141,7 @@ def main() -> None:
         print({k: (f"{v:.3e}" if isinstance(v, float) else v) for k, v in row.items() if "seconds" not in k})
     truths = ["truth-1", f"truth-{args.horizon}"]
     summary = {}
-    for name in ("legacy", "sgd-soft", "adam"):
+    for name in [n for n in ("legacy", "sgd-soft", "adam", "authors") if n in rows[0]]:
         summary[name] = {
             **{f"sign_agrees_{t}": int(sum(np.sign(r[name]) == np.sign(r[t]) for r in rows)) for t in truths},
             "median_seconds": float(np.median([r[f"{name}_seconds"] for r in rows])),
@@ -142,6 +153,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/check_hypergradient.py"
     cmd += f" --batches {args.batches} --horizon {args.horizon} --theta {args.theta:g}"
+    cmd += f" --authors --authors-h {args.authors_h}" if args.authors else ""
     args.out.write_text(
         json.dumps({"command": cmd, "rows": rows, "summary": summary, "n_batches": len(rows)}, indent=2)
     )

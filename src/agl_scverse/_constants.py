@@ -65,7 +65,8 @@ Transform = Literal["log1p", "log1p_cpm", "none"]
 Prior = Literal["hvg", "coexpression", "moran"]
 Loss = Literal["pearson", "mse"]
 MetaNormalizer = Literal["soft", "detached"]
-Lookahead = Literal["adam", "sgd"]
+#: DkGSB look-ahead: the live Adam optimiser's next step(s), SGD steps, or the authors' (a fresh Adam on a copy).
+Lookahead = Literal["adam", "sgd", "authors"]
 #: agl_fit(head=): MLP trunk (trained), closed-form reduced-rank ridge, or both with their targets averaged
 Head = Literal["mlp", "rrr", "hybrid"]
 #: Which parameters the DkGSB look-ahead moves (``"auto"``: the per-mode default of ``agl_fit``).
@@ -87,9 +88,16 @@ PRIORS: tuple[str, ...] = get_args(Prior)
 LOSSES: tuple[str, ...] = get_args(Loss)
 META_NORMALIZERS: tuple[str, ...] = get_args(MetaNormalizer)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
+LOOKAHEAD_ADAM, LOOKAHEAD_SGD, LOOKAHEAD_AUTHORS = LOOKAHEADS
+#: ``inner_lr`` and ``inner_steps`` that ``None`` takes per look-ahead (``"adam"`` uses the live optimiser's lr;
+#: ``"authors"``: the public AGL code's fresh Adam, lr 3e-5, 12 steps on one batch).
+INNER_LR_DEFAULTS: dict[str, float] = {"adam": 0.1, "sgd": 0.1, "authors": 3e-5}
+INNER_STEPS_DEFAULTS: dict[str, int] = {"adam": 1, "sgd": 1, "authors": 12}
 HEADS: tuple[str, ...] = get_args(Head)
 HEAD_MLP, HEAD_RRR, HEAD_HYBRID = HEADS
-#: Share of the linear head in a ``head="hybrid"`` model's target predictions (the MLP networks have the rest).
+#: Shares of the linear head in a ``head="hybrid"`` model's target predictions (the MLP networks have the rest)
+#: that ``agl_fit`` chooses from on the validation spots; ``HYBRID_LINEAR_WEIGHT`` without validation spots.
+HYBRID_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 HYBRID_LINEAR_WEIGHT = 0.5
 META_SCOPES: tuple[str, ...] = get_args(MetaScope)
 META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES

@@ -292,3 +292,61 @@ def test_bad_meta_scopes_are_clear_errors():
         meta_scope_names(linear, "last")
     with pytest.raises(ValueError, match="linear output layer `out`"):
         meta_scope_names(torch.nn.Linear(3, 2), "last")
+
+
+# ------------------------------------------------------------------------------- the authors' look-ahead
+@pytest.mark.parametrize("normalizer", ["soft", "detached"])
+@pytest.mark.parametrize("inner_steps", [1, 4])
+def test_authors_lookahead_matches_finite_differences(normalizer, inner_steps):
+    # a fresh Adam on a copy of the network, H steps on one batch, train mode: the exact derivative of that function
+    net, mask, n_t, data = _problem()
+    net.train()  # dropout 0 here, so train mode is deterministic
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kw = {"inner_steps": inner_steps, "optimizer_state": AdamState.fresh(net, lr=1e-3)}
+    g, _ = hypergradient(net, mask, n_t, *data, normalizer=normalizer, train_mode=True, **kw)
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    fd_norm = "soft" if normalizer == "soft" else float(n_t + mask.weights().detach().sum())
+    theta0, h = mask.threshold, 1e-4  # the signal is small (a fresh Adam's step is ~ lr * sign(g)): a wider h
+    up = _val_loss_at(net, mask, n_t, data, theta0 + h, normalizer=fd_norm, **kw)
+    down = _val_loss_at(net, mask, n_t, data, theta0 - h, normalizer=fd_norm, **kw)
+    assert abs(float(g)) > 1e-9
+    assert float(g) == pytest.approx((up - down) / (2 * h), rel=1e-4, abs=1e-12)
+
+
+def test_authors_lookahead_soft_and_detached_agree_where_live_adam_does_not():
+    # a fresh Adam's first step is ~ lr * sign(g): the loss scale (the normaliser sum(w)) hardly enters, so the two
+    # normalisers give the same hypergradient; under the live (warm) Adam state they differ
+    for seed in range(4):
+        net, mask, n_t, data = _problem(seed=seed)
+        opt = _warm_adam(net, data, n_t)
+        auth = {"optimizer_state": AdamState.fresh(net), "inner_steps": 12, "train_mode": True}
+        live = {"optimizer_state": AdamState.from_optimizer(opt, net)}
+        a_soft, a_det = (
+            float(hypergradient(net, mask, n_t, *data, normalizer=n, **auth)[0]) for n in ("soft", "detached")
+        )
+        l_soft, l_det = (
+            float(hypergradient(net, mask, n_t, *data, normalizer=n, **live)[0]) for n in ("soft", "detached")
+        )
+        assert np.sign(a_soft) == np.sign(a_det) and a_soft == pytest.approx(a_det, rel=1e-3)
+        assert l_soft != pytest.approx(l_det, rel=0.1)
+
+
+def test_authors_lookahead_runs_in_train_mode_on_copies_of_the_batch_statistics():
+    # train mode: batch-norm layers use batch statistics in the look-ahead, and their running statistics (updated in
+    # place by a train-mode forward) are copies, so the network is left as it was
+    torch.manual_seed(0)
+    bb = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )  # fmt: skip
+    net = FinetuneNet(bb, 4, 5)  # float32: the network takes image batches as float
+    mask = GeneMask(torch.linspace(0, 1, 3), tau=0.2, theta=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 3, 8, 8, generator=g), torch.randn(8, 5, generator=g)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kw = {"optimizer_state": AdamState.fresh(net, lr=1e-2), "inner_steps": 2}
+    g_tr, lv_tr = hypergradient(net, mask, 2, x, y, x, y, train_mode=True, **kw)
+    g_ev, lv_ev = hypergradient(net, mask, 2, x, y, x, y, **kw)
+    assert not net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert lv_tr != pytest.approx(lv_ev, rel=1e-6) and np.isfinite(float(g_tr))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from agl_scverse._stats import per_gene_metrics
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, pearson_loss, train_network, weighted_loss
 from agl_scverse.model import _checkpoint as ckpt
 from agl_scverse.model._mask import normalized_ranks
@@ -198,3 +199,22 @@ def test_atomic_save_failure_leaves_nothing_and_keeps_existing(tmp_path, monkeyp
     other.save(tmp_path / "old", overwrite=True)
     assert json.loads((tmp_path / "old" / "config.json").read_text())["method"] == "agl"
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_val_pcc_scores_constant_predictions_as_zero_like_evaluate():
+    # regression: early stopping averaged with nanmean over the genes with a varying prediction only, so a network
+    # informative for 1 target of 4 (the others constant) scored that gene's r (~1) where evaluate gives ~1/4
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 3)).astype(np.float32)
+    Y = np.column_stack([X[:, 0] + 0.05 * rng.normal(size=60), rng.normal(size=(60, 3))]).astype(np.float32)
+    net = EmbeddingHead(3, 4, hidden=(), dropout=0.0)
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.weight[0, 0] = 1.0  # gene 0 follows feature 0; genes 1-3 get a constant output (their bias)
+        net.out.bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
+    idx = np.arange(60)
+    r0 = float(np.corrcoef(X[:, 0], Y[:, 0])[0, 1])
+    pcc = val_pcc(net, TensorInputs(X), Y, idx, 4)
+    assert pcc == pytest.approx(r0 / 4, abs=1e-4)
+    pred = net.eval()(torch.as_tensor(X)).detach().numpy()
+    assert pcc == pytest.approx(float(per_gene_metrics(Y, pred)["pearson"].mean()), abs=1e-5)  # evaluate's mean

@@ -81,7 +81,7 @@ def test_bad_options_are_clear_errors_and_leave_adata_unchanged(kwargs, error, m
     assert_unchanged(adata, snap)
 
 
-@pytest.mark.parametrize("lookahead", ["adam", "sgd"])
+@pytest.mark.parametrize("lookahead", ["adam", "sgd", "authors"])
 def test_dkgsb_lookaheads_are_reproducible_and_move_theta(lookahead):
     a, b = small_slide(), small_slide()
     kw = {"method": "dkgsb", "epochs": 4, "lookahead": lookahead, "meta_steps": 8, "beta": 0.05}
@@ -91,6 +91,9 @@ def test_dkgsb_lookaheads_are_reproducible_and_move_theta(lookahead):
     np.testing.assert_array_equal(ta, tb)
     assert np.ptp(ta) > 0.01  # theta moved
     assert a.uns["agl"]["params"]["lookahead"] == lookahead
+    # inner_steps / inner_lr left at None take the look-ahead's own (the authors': 12 fresh-Adam steps at 3e-5)
+    p = a.uns["agl"]["params"]
+    assert (p["inner_steps"], p["inner_lr"]) == ((12, 3e-5) if lookahead == "authors" else (1, 0.1))
 
 
 def test_meta_scope_auto_is_all_in_embedding_mode_and_recorded(tmp_path):

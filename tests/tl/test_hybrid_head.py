@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from builders import FAST, assert_unchanged, small_slide, snapshot
 
 import agl_scverse as agl
 from agl_scverse._expression import expression_transform
+from agl_scverse._stats import pearson_per_gene
 from agl_scverse.model import AGLModel, EmbeddingEnsemble, EmbeddingHead
+from agl_scverse.tl._linear_head import choose_blend_weight
 
 
 def _fit(adata, **kw):
@@ -42,7 +45,9 @@ def test_targets_average_the_networks_and_the_ridge_and_auxiliaries_are_the_netw
         X[rows].astype(float), Y[rows], X.astype(float), m["rrr_rank"], n_targets=n_t
     )  # fmt: skip
     lo, hi = Y[rows, :n_t].min(0), Y[rows, :n_t].max(0)
-    expected = 0.5 * mlp[:, :n_t] + 0.5 * np.clip(ridge, lo, hi)
+    w = m["hybrid_weight"]  # the linear head's share, chosen on validation (test below)
+    assert net.linear_weight == w
+    expected = (1 - w) * mlp[:, :n_t] + w * np.clip(ridge, lo, hi)
     pred = model.predict(X)
     np.testing.assert_allclose(pred[:, :n_t], expected, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(pred[:, n_t:], mlp[:, n_t:], rtol=1e-5, atol=1e-6)
@@ -58,8 +63,9 @@ def test_pgl_hybrid_uses_no_auxiliary_and_one_seed_works():
     net = AGLModel(model.net.members[0], {**model.config, "net": model.net.members[0].config()})
     np.testing.assert_array_equal(net.predict(X), only_mlp.predict(X))  # the network is the head="mlp" fit
     lin = AGLModel(model.net.linear, {**model.config, "net": model.net.linear.config()})
-    np.testing.assert_allclose(model.predict(X), 0.5 * only_mlp.predict(X) + 0.5 * lin.predict(X), atol=1e-6)
-    assert not np.allclose(model.predict(X), only_mlp.predict(X))
+    w = model.net.linear_weight
+    np.testing.assert_allclose(model.predict(X), (1 - w) * only_mlp.predict(X) + w * lin.predict(X), atol=1e-6)
+    assert w == 0.0 or not np.allclose(model.predict(X), only_mlp.predict(X))
 
 
 def test_hybrid_round_trips_and_spread_is_the_networks(tmp_path):
@@ -68,7 +74,8 @@ def test_hybrid_round_trips_and_spread_is_the_networks(tmp_path):
     X = np.asarray(a.obsm["X_emb"])
     model.save(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["net"]["linear"] == {"n_out": 5, "weight": 0.5} and cfg["head"] == "hybrid"
+    w = a.uns["agl"]["metrics"]["hybrid_weight"]
+    assert cfg["net"]["linear"] == {"n_out": 5, "weight": w} and cfg["head"] == "hybrid"
     loaded = AGLModel.load(tmp_path / "m")
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
     agl.tl.agl_predict(a, loaded)
@@ -93,6 +100,29 @@ def test_hybrid_errors_are_clear_and_change_nothing():
     with pytest.raises(ValueError, match="linear head"):
         EmbeddingEnsemble([EmbeddingHead(4, 3, hidden=(5,))], EmbeddingHead(4, 2, hidden=(3,)))
     with pytest.raises(ValueError, match="linear_weight"):
-        EmbeddingEnsemble([EmbeddingHead(4, 3, hidden=(5,))], EmbeddingHead(4, 2, hidden=()), linear_weight=1.0)
+        EmbeddingEnsemble([EmbeddingHead(4, 3, hidden=(5,))], EmbeddingHead(4, 2, hidden=()), linear_weight=1.5)
     with pytest.raises(ValueError, match="at least 2 members"):
         EmbeddingEnsemble([EmbeddingHead(4, 3, hidden=(5,))])
+
+
+def test_blend_weight_is_chosen_on_validation_spots_only():
+    # the share of the linear head maximises the validation mean target PCC of the blend of the first network
+    # (trained on the training spots) and a ridge fitted on the training spots; the test spots play no part
+    a = small_slide()
+    model = _fit(a, method="agl", n_seeds=1, refit=False)
+    m = a.uns["agl"]["metrics"]
+    search = m["hybrid_weight_search"]
+    assert list(search["weight"]) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert m["hybrid_weight"] == search["weight"][int(np.argmax(search["val_pcc"]))]
+    n_t, X, val = len(model.targets), np.asarray(a.obsm["X_emb"]), _rows(a, "val")
+    with torch.no_grad():
+        x = torch.as_tensor(X[val], dtype=torch.float32)
+        mlp = model.net.members[0].predict_expression(x)[:, :n_t].numpy()
+        lin = model.net.linear.predict_expression(x).numpy()
+    Y = expression_transform(a.X, "log1p", columns=a.var_names.get_indexer(model.targets))[val]
+    for w, score in zip(search["weight"], search["val_pcc"]):
+        blend = (1 - w) * mlp + w * lin
+        assert score == pytest.approx(float(np.nanmean(pearson_per_gene(Y, blend))), abs=1e-4)
+    # the choice follows the validation scores: a useless linear head gets w = 0, a useless network w = 1
+    noise = np.random.default_rng(0).normal(size=Y.shape)
+    assert choose_blend_weight(Y, Y, noise)[0] == 0.0 and choose_blend_weight(Y, noise, Y)[0] == 1.0

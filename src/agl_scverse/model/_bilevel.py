@@ -9,23 +9,34 @@ One meta step, for training batches ``(x_tr, y_tr)`` (one per inner step) and a 
    layer are computed);
 4. ``dL_val / dtheta`` by back-propagating through the unrolled steps.
 
-**The inner step follows the live optimiser** (``optimizer_state``, the default in the trainer): each inner step
-is the Adam update the trainer's optimiser would take -- its learning rate, betas, eps, weight decay, step count
-and moment estimates -- written out functionally, so that with ``H = 1`` the look-ahead *is* the network's next
-training step and the hypergradient is the exact derivative of the target validation loss after that step
-(``tests/model/test_bilevel.py`` checks it against a real :class:`torch.optim.Adam` step at ``theta +- h``).
-Without a state, the inner step is plain SGD with ``inner_lr`` (the paper's look-ahead).
+**Three look-aheads** (the trainer's ``lookahead``; here the arguments that make them):
+
+- ``"adam"`` (the default): **the inner step follows the live optimiser** (``optimizer_state`` from
+  :meth:`AdamState.from_optimizer`): each inner step is the Adam update the trainer's optimiser would take -- its
+  learning rate, betas, eps, weight decay, step count and moment estimates -- written out functionally, so that
+  with ``H = 1`` the look-ahead *is* the network's next training step and the hypergradient is the exact
+  derivative of the target validation loss after that step (``tests/model/test_bilevel.py`` checks it against a
+  real :class:`torch.optim.Adam` step at ``theta +- h``). Eval mode, a new batch per inner step.
+- ``"sgd"``: without a state, the inner step is plain SGD with ``inner_lr`` (the paper's equation).
+- ``"authors"``: what the authors' public code does -- a copy of the network, a **fresh** Adam
+  (:meth:`AdamState.fresh`, lr 3e-5, zero moments), ``H`` steps (they use 12) all on **one** batch, in **train**
+  mode (``train_mode=True``; dropout and batch statistics as in training). A fresh Adam's first step is close to
+  ``lr * sign(g)`` (``m_hat / sqrt(v_hat) = g / |g|``), so the scale of the loss -- and with it the normaliser --
+  hardly enters: ``"soft"`` and ``"detached"`` agree there, which they need not do under ``"adam"``.
 
 **Normaliser.** ``normalizer="soft"`` (default) differentiates ``sum_i w_i`` too: the exact derivative of the
 look-ahead the code evaluates. A float holds the normaliser at that constant (a different, equally well-defined
 function). ``"detached"`` is kept for models trained before version 0.3: it evaluates the soft loss but
-differentiates as if ``sum_i w_i`` were constant, so its gradient is *not* the derivative of the value it returns
-(with SGD inner steps its sign disagreed with finite differences in 7 of 8 HER2+ batches); it is also what the
-authors' public code does (``loss / weights.sum().detach()``).
+differentiates as if ``sum_i w_i`` were constant, so its gradient is *not* the derivative of the value it returns;
+it is also what the authors' public code does (``loss / weights.sum().detach()``). Measured on 8 HER2+ meta batches
+(``benchmarks/check_hypergradient.py``, ``benchmarks/results/check_hypergradient.json``), SGD look-ahead with the
+detached normaliser agreed in sign with the finite difference of the real next step in 7 of 8 batches, the exact
+SGD and Adam ones in 8 of 8.
 
 Choices that keep it cheap and stable (measured in ``benchmarks/check_hypergradient.py``):
 
-- the meta step runs the network in ``eval`` mode (no dropout noise in the hypergradient, deterministic);
+- the meta step runs the network in ``eval`` mode (no dropout noise in the hypergradient, deterministic), except
+  the authors' look-ahead, which runs in train mode as their code does;
 - the validation loss only evaluates the target rows of the output layer, and with ``H = 1`` the auxiliary rows
   of the output layer enter the inner step as constants (exactly the same hypergradient, a cheaper graph: with a
   per-parameter optimiser the auxiliary rows only feed the auxiliary outputs);
@@ -128,6 +139,25 @@ class AdamState:
         return cls(
             lr=float(grp["lr"]), betas=tuple(float(b) for b in grp["betas"]), eps=float(grp["eps"]),
             weight_decay=float(grp["weight_decay"]), step=max(steps) if steps else 0, exp_avg=m, exp_avg_sq=v,
+        )  # fmt: skip
+
+    @classmethod
+    def fresh(cls, net: nn.Module, lr: float = 3e-5) -> AdamState:
+        """A new :class:`torch.optim.Adam` over ``net.parameters()`` (defaults, learning rate ``lr``), before any step.
+
+        The inner optimiser of the authors' look-ahead (``lookahead="authors"``): zero moments, step count 0.
+
+        Examples
+        --------
+        >>> import torch
+        >>> st = AdamState.fresh(torch.nn.Linear(2, 1))
+        >>> st.step, st.lr, float(st.exp_avg["weight"].abs().sum())
+        (0, 3e-05, 0.0)
+        """
+        zeros = {name: torch.zeros_like(p.detach()) for name, p in net.named_parameters()}
+        return cls(
+            lr=float(lr), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=0, exp_avg=zeros,
+            exp_avg_sq={n: z.clone() for n, z in zeros.items()},
         )  # fmt: skip
 
 
@@ -284,7 +314,8 @@ def unrolled_val_loss(
     normalizer
         ``"soft"``, ``"detached"`` or a constant, see the module docstring.
     optimizer_state
-        Take the inner steps as this Adam optimiser would (:class:`AdamState`); ``None``: SGD.
+        Take the inner steps as this Adam optimiser would (:class:`AdamState`: the live one, or
+        :meth:`AdamState.fresh` for the authors' look-ahead); ``None``: SGD.
     meta_scope
         The parameters the inner steps move (:func:`meta_scope_names`): ``"all"``, ``"last"`` (the output layer
         and the last block below it; the others are constants of the look-ahead) or a sequence of names.
@@ -310,7 +341,8 @@ def _lookahead_loss(
 ) -> torch.Tensor:
     """:func:`unrolled_val_loss` with the moved parameters named (``names``; every other one is a constant)."""
     params = dict(net.named_parameters())
-    buffers = dict(net.named_buffers())
+    # in train mode, normalisation layers update their running statistics in place: the look-ahead gets copies
+    buffers = {n: (b.clone() if net.training else b) for n, b in net.named_buffers()}
     # With one inner step the auxiliary rows of the output layer cannot influence the target validation loss
     # (a per-parameter update: they only feed the auxiliary outputs), so they enter as constants: exact, and it
     # skips the largest weight gradient of the double backward. With H > 1 they feed later trunk gradients.
@@ -373,11 +405,14 @@ def hypergradient(
     normalizer: str | float = "soft",
     optimizer_state: AdamState | None = None,
     meta_scope: str | Sequence[str] = "all",
+    train_mode: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """``dL_val/dtheta`` of one meta step (:func:`unrolled_val_loss`) and the validation loss it was computed at.
 
-    The network is put in ``eval`` mode for the step (and restored afterwards); nothing in ``net`` changes. The
-    arguments are those of :func:`unrolled_val_loss` (``meta_scope``: which parameters the look-ahead moves).
+    The network is put in ``eval`` mode for the step, or in ``train`` mode with ``train_mode=True`` (dropout and
+    batch statistics, as the authors' look-ahead runs; running statistics are updated on copies), and restored
+    afterwards; nothing in ``net`` changes. The other arguments are those of :func:`unrolled_val_loss`
+    (``meta_scope``: which parameters the look-ahead moves).
 
     Returns
     -------
@@ -395,7 +430,7 @@ def hypergradient(
     torch.Size([])
     """
     was_training = net.training
-    net.eval()
+    net.train(bool(train_mode))
     try:
         lv = unrolled_val_loss(
             net, mask, n_targets, x_tr, y_tr, x_va, y_va, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,

@@ -193,7 +193,7 @@ class EmbeddingEnsemble(nn.Module):
     linear
         A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
     linear_weight
-        Its share of those outputs, in (0, 1).
+        Its share of those outputs, in [0, 1] (``agl_fit`` chooses it on the validation spots).
 
     Examples
     --------
@@ -217,9 +217,9 @@ class EmbeddingEnsemble(nn.Module):
         if linear is not None:
             if not isinstance(linear, EmbeddingHead) or linear.hidden or linear.n_in != self.n_in:
                 raise ValueError(f"linear must be an EmbeddingHead({self.n_in}, n, hidden=()) (a linear head).")
-            if not 1 <= linear.n_out <= self.n_out or not 0.0 < float(linear_weight) < 1.0:
+            if not 1 <= linear.n_out <= self.n_out or not 0.0 <= float(linear_weight) <= 1.0:
                 raise ValueError(
-                    f"linear must predict 1..{self.n_out} first outputs and linear_weight be in (0, 1); got "
+                    f"linear must predict 1..{self.n_out} first outputs and linear_weight be in [0, 1]; got "
                     f"{linear.n_out} outputs and weight {linear_weight!r}."
                 )
         elif len(members) < 2:

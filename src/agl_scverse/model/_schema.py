@@ -345,7 +345,7 @@ def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
             if not isinstance(lin, dict):
                 c.fail("net.linear", f"must be a dict, got {type(lin).__name__}")
             c.is_int("net.linear.n_out", lin.get("n_out"), 1, n_genes)
-            c.is_number("net.linear.weight", lin.get("weight"), 1e-9, 1 - 1e-9)
+            c.is_number("net.linear.weight", lin.get("weight"), 0.0, 1.0)
     if kind in ("embedding", "ensemble"):
         c.is_int("net.n_in", net.get("n_in"), 1, MAX_DIM)
         hidden = c.is_list("net.hidden", net.get("hidden", []))

@@ -15,7 +15,7 @@ from agl_scverse import _constants as K
 from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform
 from agl_scverse._serialize import to_h5ad
-from agl_scverse._stats import per_gene_metrics
+from agl_scverse._stats import mean_pearson, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
@@ -352,7 +352,7 @@ def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, v
                 emb[train_rows], Y[train_rows, : n_t + a], emb[val_rows], RRR_RANKS, n_targets=n_t
             )
             for rank, pred in preds.items():
-                r = np.nanmean(per_gene_metrics(Y[val_rows, :n_t], pred)["pearson"])
+                r = mean_pearson(Y[val_rows, :n_t], pred)
                 if r > score + 1e-9:
                     score, best = r, (rank, a)
     rank, a = best

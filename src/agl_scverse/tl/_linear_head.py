@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from scanpy import logging as logg
 
-from agl_scverse._stats import per_gene_metrics
+from agl_scverse import _constants as K
+from agl_scverse._stats import mean_pearson
 from agl_scverse.model import EmbeddingHead
 
 from ._baselines import RRR_RANKS, reduced_rank_ridge, rrr_fit
 
-__all__ = ["rrr_head", "choose_rrr", "hybrid_linear", "search_record"]
+__all__ = ["rrr_head", "choose_rrr", "hybrid_linear", "choose_blend_weight", "search_record"]
 
 #: Largest dense training expression (float64 spots x genes) the closed-form head holds.
 MAX_RRR_BYTES = 4 * 2**30
@@ -77,18 +78,54 @@ def hybrid_linear(
     n_targets: int,
     ks: Sequence[int],
     refit: bool,
+    mlp_val: np.ndarray | None = None,
 ) -> tuple[EmbeddingHead, dict]:
-    """The linear head of ``agl_fit(head="hybrid")``: a reduced-rank ridge of the targets.
+    """The linear head of ``agl_fit(head="hybrid")``: a reduced-rank ridge of the targets, and its blend weight.
 
     Its number of auxiliaries (of ``ks``, the first of ``expr``'s auxiliary columns) and rank are chosen on the
     validation spots (:func:`choose_rrr`); it is fitted on the training spots, and the validation spots too with
-    ``refit``, and predicts the ``n_targets`` targets only. Returns the head and ``{"rank", "alpha", "k",
-    "search"}``.
+    ``refit``, and predicts the ``n_targets`` targets only. ``mlp_val``: the network's target predictions on the
+    validation spots (from training spots only); with it the blend weight is chosen there
+    (:func:`choose_blend_weight`, the ridge fitted on the training spots), else it is
+    ``HYBRID_LINEAR_WEIGHT``. Returns the head and ``{"rank", "alpha", "k", "search", "weight",
+    "weight_search"}``.
     """
     k, rank, scores = choose_rrr(features, expr, train_idx, val_idx, n_targets, ks)
     rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
-    net, info = rrr_head(features, expr, rows, n_targets, rank, n_cols=n_targets + k, n_out=n_targets)
-    return net, {**info, "k": int(k), "search": search_record(scores)}
+    kw = {"n_cols": n_targets + k, "n_out": n_targets}
+    net, info = rrr_head(features, expr, rows, n_targets, rank, **kw)
+    weight, w_scores = K.HYBRID_LINEAR_WEIGHT, {}
+    if mlp_val is not None and len(val_idx) >= 2:
+        on_train = rrr_head(features, expr, train_idx, n_targets, rank, **kw)[0] if refit else net
+        with torch.no_grad():
+            lin_val = on_train.predict_expression(torch.as_tensor(features[val_idx], dtype=torch.float32)).numpy()
+        weight, w_scores = choose_blend_weight(expr.batch(val_idx, n_targets), mlp_val, lin_val)
+    search = {"weight": np.asarray(list(w_scores), dtype=float), "val_pcc": np.asarray(list(w_scores.values()))}
+    return net, {**info, "k": int(k), "search": search_record(scores), "weight": weight, "weight_search": search}
+
+
+def choose_blend_weight(
+    y_val, mlp_val: np.ndarray, lin_val: np.ndarray, weights: Sequence[float] = K.HYBRID_WEIGHTS
+) -> tuple[float, dict]:
+    """The share ``w`` of the linear head with the best validation mean target PCC of ``(1 - w) mlp + w lin``.
+
+    Ties go to the weight nearest 0.5. Returns ``(w, {w: validation PCC})``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.random.default_rng(0).normal(size=(40, 2))
+    >>> choose_blend_weight(y, np.zeros_like(y), y)[0]
+    1.0
+    """
+    y_val = np.asarray(y_val, dtype=np.float64)
+    scores = {float(w): mean_pearson(y_val, (1 - w) * np.asarray(mlp_val) + w * np.asarray(lin_val)) for w in weights}
+    finite = {w: v for w, v in scores.items() if np.isfinite(v)}
+    if not finite:
+        return K.HYBRID_LINEAR_WEIGHT, scores
+    best = max(finite, key=lambda w: (finite[w], -abs(w - 0.5)))
+    logg.info(f"head='hybrid': linear weight {best} (validation PCC {finite[best]:.4f})")
+    return best, scores
 
 
 def search_record(scores: dict) -> dict:
@@ -125,7 +162,7 @@ def choose_rrr(
     for k in ks:
         preds = reduced_rank_ridge(X_tr, Y_tr[:, : n_t + k], X_va, list(ranks), n_targets=n_t)
         for r, pred in preds.items():
-            scores[(k, r)] = float(np.nanmean(per_gene_metrics(Y_va, pred)["pearson"]))
+            scores[(k, r)] = mean_pearson(Y_va, pred)
     k, r = max(scores, key=lambda kr: (scores[kr], -kr[0]))  # ties: fewer auxiliaries
     logg.info(f"head='rrr': k = {k}, rank = {r} (validation PCC {scores[(k, r)]:.4f})")
     return k, r, scores
