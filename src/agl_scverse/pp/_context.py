@@ -54,7 +54,7 @@ CONTEXT_CHECKED = (
     "graph", "n_neighs", "n_rings", "grid_neighs", "radius_um", "aggregation", "include_self", "output", "alpha",
     "fov_patch_um", "slide",
 )  # fmt: skip
-_CHUNK_BYTES = 64 * 2**20  # gathered neighbour rows per chunk (max / std)
+_CHUNK_BYTES = 64 * 2**20  # output rows computed at a time
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -223,17 +223,21 @@ def _weights(conn: sparse.csr_matrix, dist: sparse.csr_matrix, gaussian: bool, i
     return sparse.csr_matrix(w, dtype=np.float32)
 
 
-def _gathered(w: sparse.csr_matrix, X: np.ndarray, rows: slice, how: str) -> np.ndarray:
-    """Max or (weighted) std over each row's neighbourhood, from the gathered neighbour rows."""
+def _std(w: sparse.csr_matrix, X: np.ndarray, X2: np.ndarray, rows: slice) -> np.ndarray:
+    """Standard deviation over each row's neighbourhood: ``sqrt(W X^2 - (W X)^2)`` (``X2 = X**2``)."""
+    m = w[rows] @ X
+    return np.sqrt(np.maximum(w[rows] @ X2 - m * m, 0.0)).astype(np.float32, copy=False)
+
+
+def _neighbourhood_max(w: sparse.csr_matrix, X: np.ndarray, rows: slice) -> np.ndarray:
+    """Element-wise max of ``X`` over each row's neighbourhood (the non-zeros of ``w[rows]``), slot by slot."""
     sub = w[rows]
-    starts = sub.indptr[:-1]
-    nb = X[sub.indices]
-    if how == "max":
-        return np.maximum.reduceat(nb, starts, axis=0)
-    wt = sub.data[:, None]
-    m = np.add.reduceat(nb * wt, starts, axis=0)
-    m2 = np.add.reduceat(nb * nb * wt, starts, axis=0)
-    return np.sqrt(np.maximum(m2 - m * m, 0.0))
+    deg = np.diff(sub.indptr)
+    out = X[sub.indices[sub.indptr[:-1]]].copy()  # every row has >= 1 entry (self or a neighbour)
+    for j in range(1, int(deg.max()) if len(deg) else 0):
+        has = np.flatnonzero(deg > j)
+        out[has] = np.maximum(out[has], X[sub.indices[sub.indptr[:-1][has] + j]])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ fov
@@ -305,7 +309,8 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
     )
     w_plain = _weights(conn, dist, False, recipe["include_self"])
     w_gauss = _weights(conn, dist, True, recipe["include_self"]) if "gaussian" in aggs else None
-    step = max(1, int(_CHUNK_BYTES // (4 * d * (w_plain.nnz / max(1, len(rows_all))))))
+    X2 = np.square(Xl) if "std" in aggs else None
+    step = max(1, _CHUNK_BYTES // (4 * max(width, d)))  # rows whose blocks are built at a time
     for s in range(0, len(rows_all), step):
         rows = slice(s, min(s + step, len(rows_all)))
         parts = []
@@ -313,7 +318,7 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
             if a in ("mean", "gaussian"):
                 parts.append(np.asarray((w_plain if a == "mean" else w_gauss)[rows] @ Xl, dtype=np.float32))
             else:
-                parts.append(_gathered(w_plain, Xl, rows, a).astype(np.float32, copy=False))
+                parts.append(_neighbourhood_max(w_plain, Xl, rows) if a == "max" else _std(w_plain, Xl, X2, rows))
         parts = [alpha * Xl[rows] + (1.0 - alpha) * parts[0]] if output == "blend" else [Xl[rows], *parts]
         if fov is not None:
             parts.append(fov[rows_all[rows]])

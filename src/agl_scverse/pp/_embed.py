@@ -34,6 +34,33 @@ __all__ = ["embed_patches"]
 
 
 # ------------------------------------------------------------------------------------------------ inference
+#: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
+TTA_CHOICES = (1, 4, 8)
+
+
+def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first ``n`` of the 8 dihedral transforms of a (B, C, H, W) batch: 4 quarter turns, then flipped ones.
+
+    Examples
+    --------
+    >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    >>> [v.flatten().tolist() for v in dihedral_views(x, 2)]
+    [[0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 0.0, 2.0]]
+    """
+    views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    if n > 4:
+        flipped = torch.flip(x, dims=(3,))
+        views += [torch.rot90(flipped, k, dims=(2, 3)) for k in range(4)]
+    return views[:n]
+
+
+def _tta(tta: bool | int) -> int:
+    n = {False: 1, True: 8}.get(tta, tta) if isinstance(tta, bool) else tta
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) not in TTA_CHOICES:
+        raise ValueError(f"tta must be False, True (8 views) or one of {TTA_CHOICES}, got {tta!r}.")
+    return int(n)
+
+
 def _features(y: Any, batch: int) -> torch.Tensor:
     if isinstance(y, tuple | list) and y and isinstance(y[0], torch.Tensor):
         y = y[0]
@@ -62,10 +89,12 @@ def _encode(
     precision: Precision | None = None,
     seed: int = 0,
     sampler=None,
+    tta: int = 1,
 ) -> tuple[np.ndarray, dict]:
     """Features of the patches of ``ds`` (float32) and the record of the precision they were computed in.
 
-    With ``sampler``, only the indices it yields, in that order.
+    With ``sampler``, only the indices it yields, in that order; with ``tta`` > 1, the mean over that many
+    dihedral views of each patch (:func:`dihedral_views`).
     """
     from tqdm.auto import tqdm
 
@@ -90,7 +119,10 @@ def _encode(
             for batch in batches:
                 x = prec.image_batch(normalize(batch.to(device, non_blocking=True), mean, std))
                 with prec.autocast():
-                    y = _features(model(x), len(batch))
+                    y = _features(model(x), len(batch)).float()
+                    for view in dihedral_views(x, tta)[1:]:
+                        y = y + _features(model(view), len(batch)).float()
+                    y = y / tta
                 if out is None:
                     out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
@@ -148,6 +180,7 @@ def embed_patches(
     strict: bool = True,
     precision: str = "auto",
     allow_lowres: bool = False,
+    tta: bool | int = False,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -213,6 +246,10 @@ def embed_patches(
         (refused by default, see :class:`SpotPatches`). The source resolution (µm per pixel of the image level
         read, per library) is recorded either way (``source_um_per_px``), and :func:`agl_scverse.tl.agl_predict`
         compares it with the model's.
+    tta
+        Test-time augmentation: ``True`` (or 8) averages each patch's features over its 8 dihedral views (4 quarter
+        turns, each also mirrored), 4 over the quarter turns; ``False`` (default) embeds the patch as cut. Costs
+        ``tta`` forward passes per patch; recorded (``tta``) and checked by :func:`agl_scverse.tl.agl_predict`.
 
     Returns
     -------
@@ -220,7 +257,7 @@ def embed_patches(
     (``copy=True``). Writes ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: encoder name, weights
     path and sha256, patch and padding settings, the source resolution (``source_um_per_px`` and the image / level
     read per library), normalisation mean/std, feature_dim, the precision used (``precision``, ``channels_last``,
-    ``precision_requested``), versions. Nothing is written when it fails.
+    ``precision_requested``), ``tta`` (views averaged), versions. Nothing is written when it fails.
 
     Notes
     -----
@@ -239,6 +276,7 @@ def embed_patches(
     check_positive("batch_size", batch_size, integer=True)
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
+    n_views = _tta(tta)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     dev = resolve_device(device)
@@ -271,12 +309,15 @@ def embed_patches(
         prefetch_factor=int(prefetch_factor),
         precision=prec,
         seed=int(seed),
+        tta=n_views,
     )
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats).all(axis=1)).sum())
         raise ValueError(f"The encoder produced NaN/inf features for {bad} spots; nothing was written.")
     info["feature_dim"] = int(feats.shape[1])
-    record = encoder_record(info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key)
+    record = encoder_record(
+        info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key, tta=n_views
+    )
     target = adata.copy() if copy else adata
     store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
     store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored

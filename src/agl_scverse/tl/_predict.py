@@ -108,8 +108,8 @@ def check_embedding_matches(
 ) -> None:
     """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
 
-    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments (each only when
-    both sides record it), the source resolution (:func:`check_source_resolution`: patches from a coarser
+    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments, test-time
+    augmentation views (each only when both sides record it), the source resolution (:func:`check_source_resolution`: patches from a coarser
     image than the model's are refused unless ``allow_lowres=True``) and, with ``context``, the spatial-context
     recipe (:func:`agl_scverse.pp.spatial_context`; features with and without context never match). An embedding
     without a record (brought by the user) is accepted with a warning when the model has one.
@@ -232,7 +232,8 @@ def _compute_embedding(
     tmp = embed_patches(
         adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, **(run or {}),
+        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, tta=int(enc.get("tta") or 1),
+        **(run or {}),
     )  # fmt: skip
     rec = tmp.uns[K.EMBED_UNS][key]
     check_source_resolution(rec, enc, allow_lowres)
