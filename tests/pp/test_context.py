@@ -40,7 +40,7 @@ def test_mean_on_a_tiny_grid_by_hand():
     a = AnnData(obs=pd.DataFrame(index=list("abcde")))
     a.obsm["spatial"] = np.array([[0, 0], [1, 0], [3, 0], [6, 0], [10, 0]], dtype=float)
     a.obsm["X"] = np.array([[1.0], [2.0], [4.0], [8.0], [16.0]], dtype=np.float32)
-    agl.pp.spatial_context(a, "X", n_neighs=2)
+    agl.pp.spatial_context(a, "X", n_neighs=2, output="blend")
     got = a.obsm["X_context"][:, 0]
     # a: {a,b,c}; b: {b,a,c}; c: {c,b,a}; d (x=6): {d,c,e}; e: {e,d,c}
     want = [(1 + 2 + 4) / 3, (2 + 1 + 4) / 3, (4 + 2 + 1) / 3, (8 + 4 + 16) / 3, (16 + 8 + 4) / 3]
@@ -77,7 +77,7 @@ def test_no_neighbour_across_sections(kw):
         a.obsm["spatial"] = np.concatenate([g, g])
     a.uns["spatial"] = {lib: {"scalefactors": {"microns_per_pixel": 1.0}} for lib in "AB"}
     a.obsm["X_emb"] = np.repeat((a.obs["library_id"] == "B").to_numpy()[:, None], 3, 1).astype(np.float32)
-    agl.pp.spatial_context(a, "X_emb", **kw)
+    agl.pp.spatial_context(a, "X_emb", output="blend", **kw)
     np.testing.assert_allclose(a.obsm["X_emb_context"], a.obsm["X_emb"], atol=1e-6)  # a leak moves >= 1/(k+1)
 
 
@@ -86,24 +86,24 @@ def test_radius_uses_microns_per_pixel():
     a.obsm["spatial"] = np.array([[0, 0], [10, 0], [100, 0]], dtype=float)
     a.obsm["X"] = np.array([[0.0], [3.0], [9.0]], dtype=np.float32)
     a.uns["spatial"] = {"s": {"scalefactors": {"microns_per_pixel": 2.0}}}
-    agl.pp.spatial_context(a, "X", radius_um=30.0)  # 15 px: a-b neighbours, c alone
+    agl.pp.spatial_context(a, "X", radius_um=30.0, output="blend")  # 15 px: a-b neighbours, c alone
     np.testing.assert_allclose(a.obsm["X_context"][:, 0], [1.5, 1.5, 9.0])
 
 
 def test_blend_alpha_and_slide_summary():
     a = two_sections()
     X = a.obsm["X_emb"]
-    agl.pp.spatial_context(a, "X_emb", n_neighs=3, key_added="m")
-    agl.pp.spatial_context(a, "X_emb", n_neighs=3, alpha=0.25, key_added="b")
+    agl.pp.spatial_context(a, "X_emb", n_neighs=3, output="blend", key_added="m")
+    agl.pp.spatial_context(a, "X_emb", n_neighs=3, output="blend", alpha=0.25, key_added="b")
     np.testing.assert_allclose(a.obsm["b"], 0.25 * X + 0.75 * a.obsm["m"], rtol=1e-5, atol=1e-6)
-    agl.pp.spatial_context(a, "X_emb", n_neighs=3, slide="append", key_added="app")
+    agl.pp.spatial_context(a, "X_emb", n_neighs=3, output="blend", slide="append", key_added="app")
     d = X.shape[1]
     for lib in "AB":
         rows = (a.obs["library_id"] == lib).to_numpy()
         np.testing.assert_allclose(
             a.obsm["app"][rows, d:], np.broadcast_to(X[rows].mean(0), (rows.sum(), d)), rtol=1e-5
         )
-    agl.pp.spatial_context(a, "X_emb", n_neighs=3, slide="subtract", key_added="sub")
+    agl.pp.spatial_context(a, "X_emb", n_neighs=3, output="blend", slide="subtract", key_added="sub")
     for lib in "AB":
         rows = (a.obs["library_id"] == lib).to_numpy()
         np.testing.assert_allclose(a.obsm["sub"][rows].mean(0), 0.0, atol=1e-5)
@@ -114,16 +114,16 @@ def test_key_added_copy_and_record():
     a.uns["agl_embeddings"] = {"X_emb": {"encoder": "resnet18", "weights_sha256": "abc", "patch_px": 224,
                                          "patch_um": 160.0, "feature_dim": 5}}  # fmt: skip
     before = snapshot(a)
-    b = agl.pp.spatial_context(a, "X_emb", n_neighs=3, output="concat", copy=True)
+    b = agl.pp.spatial_context(a, "X_emb", n_neighs=3, copy=True)
     assert_unchanged(a, before)
     assert "X_emb_context" in b.obsm and "X_emb_context" not in a.obsm
     rec = b.uns["agl_embeddings"]["X_emb_context"]
     assert rec["encoder"] == "resnet18" and rec["weights_sha256"] == "abc" and rec["patch_um"] == 160.0
-    assert rec["feature_dim"] == 10
+    assert rec["feature_dim"] == 15  # default: [x, mean, std]
     ctx = rec["context"]
     assert ctx["base_key"] == "X_emb" and ctx["graph"] == "knn" and ctx["n_neighs"] == 3
-    assert ctx["output"] == "concat" and ctx["aggregation"] == "mean" and ctx["library_key"] == "library_id"
-    assert agl.pp.spatial_context(a, "X_emb", n_neighs=3, key_added="mine") is None
+    assert ctx["output"] == "concat" and ctx["aggregation"] == "mean+std" and ctx["library_key"] == "library_id"
+    assert agl.pp.spatial_context(a, "X_emb", n_neighs=3, output="blend", key_added="mine") is None
     assert a.obsm["mine"].shape == (a.n_obs, 5) and a.obsm["mine"].dtype == np.float32
 
 
@@ -183,7 +183,7 @@ def test_spatialdata_route():
     table = sdata.tables["table"]
     table.obsm["X_emb"] = np.arange(9, dtype=np.float32).reshape(3, 3)
     table.uns["spatial"] = {"spots": {"scalefactors": {"microns_per_pixel": 1.0}}}
-    agl.pp.spatial_context(sdata, "X_emb", n_neighs=2)
+    agl.pp.spatial_context(sdata, "X_emb", n_neighs=2, output="blend")
     out = sdata.tables["table"].obsm["X_emb_context"]
     # three spots, k = 2: every spot sees all three
     np.testing.assert_allclose(out, np.broadcast_to(table.obsm["X_emb"].mean(0), (3, 3)), rtol=1e-6)
@@ -193,7 +193,7 @@ def test_spatialdata_route():
 def test_wider_field_of_view_reuses_embed_patches():
     a = agl.datasets.synthetic_slide(n_rows=5, n_cols=5)
     agl.pp.embed_patches(a, encoder="resnet18", patch_px=32, patch_um=100.0)
-    agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, fov_scale=4.0)
+    agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, output="blend", fov_scale=4.0)
     fov_key = "X_agl_resnet18_fov200um"
     assert fov_key in a.obsm and a.uns["agl_embeddings"][fov_key]["patch_um"] == 200.0
     want = agl.pp.embed_patches(a, encoder="resnet18", patch_px=32, patch_um=200.0, on_outside="pad", copy=True,
@@ -201,7 +201,7 @@ def test_wider_field_of_view_reuses_embed_patches():
     np.testing.assert_allclose(a.obsm["X_agl_resnet18_context"][:, 512:], want, rtol=1e-5, atol=1e-6)
     assert a.uns["agl_embeddings"]["X_agl_resnet18_context"]["context"]["fov_patch_um"] == 200.0
     a.obsm[fov_key] = a.obsm[fov_key] + 1.0  # reused when present with a matching record
-    agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, fov_scale=4.0, key_added="again")
+    agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, output="blend", fov_scale=4.0, key_added="again")
     np.testing.assert_allclose(a.obsm["again"][:, 512:], want + 1.0, rtol=1e-5, atol=1e-5)
 
 

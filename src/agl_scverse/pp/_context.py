@@ -47,8 +47,10 @@ __all__ = [
 CONTEXT_AGGREGATIONS = ("mean", "gaussian", "max", "std")
 CONTEXT_OUTPUTS = ("blend", "concat")
 CONTEXT_SLIDE = ("append", "subtract")
-#: Neighbours of the default graph (k nearest spots of the same library).
+#: Neighbours of the default graph (k nearest spots of the same library), and the default aggregations
+#: (``output="concat"``): chosen by nested leave-one-section-out on HER2+ (benchmarks/bench_context_her2st.py).
 DEFAULT_CONTEXT_NEIGHS = 12
+DEFAULT_CONTEXT_AGGREGATION = ("mean", "std")
 #: Recipe fields that must agree between a slide's context features and a model's (see agl_predict).
 CONTEXT_CHECKED = (
     "graph", "n_neighs", "n_rings", "grid_neighs", "radius_um", "aggregation", "include_self", "output", "alpha",
@@ -101,9 +103,9 @@ def context_kwargs(recipe: dict) -> dict[str, Any]:
 
     Examples
     --------
-    >>> context_kwargs({"graph": "knn", "n_neighs": 12, "aggregation": "mean", "output": "blend", "alpha": 0.0,
-    ...                 "include_self": True})["n_neighs"]
-    12
+    >>> context_kwargs({"graph": "knn", "n_neighs": 12, "aggregation": "mean+std", "output": "concat", "alpha": 0.0,
+    ...                 "include_self": True})["aggregation"]
+    ('mean', 'std')
     """
     r = {k: _norm(v) for k, v in recipe.items()}
     graph = r.get("graph") or "knn"
@@ -115,7 +117,7 @@ def context_kwargs(recipe: dict) -> dict[str, Any]:
         "radius_um": float(r["radius_um"]) if graph == "radius" else None,
         "aggregation": tuple(str(r.get("aggregation") or "mean").split("+")),
         "include_self": bool(r.get("include_self", True)),
-        "output": str(r.get("output") or "blend"),
+        "output": str(r.get("output") or "concat"),
         "alpha": float(r.get("alpha") or 0.0),
         "fov_patch_um": float(fov) if fov else None,
         "slide": r.get("slide"),
@@ -340,9 +342,9 @@ def spatial_context(
     n_rings: int | None = None,
     grid_neighs: int = 6,
     radius_um: float | None = None,
-    aggregation: str | Sequence[str] = "mean",
+    aggregation: str | Sequence[str] | None = None,
     include_self: bool = True,
-    output: str = "blend",
+    output: str = "concat",
     alpha: float = 0.0,
     fov_scale: float | None = None,
     fov_patch_um: float | None = None,
@@ -363,10 +365,11 @@ def spatial_context(
     The spot's own embedding ``.obsm[embedding_key]`` is left as it is; the context features go to
     ``.obsm[key_added]``, in this order of blocks:
 
-    1. ``output="blend"``: ``alpha * x + (1 - alpha) * agg(x)``, with ``agg`` the (single) mean or Gaussian
-       aggregate over the neighbourhood (self included with ``include_self``); ``alpha=0`` (default) is the plain
-       mean of the spot and its ``n_neighs`` nearest spots. ``output="concat"``: ``[x, agg_1(x), agg_2(x), ...]``
-       for each aggregation.
+    1. ``output="concat"`` (default): ``[x, agg_1(x), agg_2(x), ...]``, the spot's own embedding and one aggregate
+       over its neighbourhood (self included with ``include_self``) per aggregation: by default the mean and the
+       standard deviation over the spot and its 12 nearest spots. ``output="blend"``:
+       ``alpha * x + (1 - alpha) * agg(x)`` with one mean or Gaussian aggregate; ``alpha=0`` is the plain mean of
+       the spot and its ``n_neighs`` nearest spots.
     2. ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch (``patch_um * sqrt(fov_scale)``,
        i.e. ``fov_scale`` times the spot patch's area, at the same ``patch_px``), cut from the full-resolution image
        by :func:`~agl_scverse.pp.embed_patches` (cached in ``.obsm[fov_key]`` with its own record).
@@ -386,7 +389,7 @@ def spatial_context(
     embedding_key
         ``.obsm`` key of the spot embedding (e.g. ``"X_agl_densenet121"``).
     n_neighs
-        Nearest spots of the same library (k-NN graph). Default 12: the recipe measured on HER2+ (Method page).
+        Nearest spots of the same library (k-NN graph).
     n_rings
         Rings of a grid graph instead of k-NN (squidpy ``spatial_neighbors_grid``).
     grid_neighs
@@ -394,12 +397,14 @@ def spatial_context(
     radius_um
         Every spot within this distance in µm instead of k-NN.
     aggregation
-        ``"mean"`` (default), ``"gaussian"`` (weights ``exp(-d^2 / 2 sigma^2)``, sigma the library's median
-        nearest-neighbour distance), ``"max"``, ``"std"``, or several (``output="concat"``).
+        ``"mean"``, ``"gaussian"`` (weights ``exp(-d^2 / 2 sigma^2)``, sigma the library's median nearest-neighbour
+        distance), ``"max"``, ``"std"``, or several (``output="concat"``). Default ``("mean", "std")`` with
+        ``"concat"``, ``"mean"`` with ``"blend"``.
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
     output
-        ``"blend"`` (default) or ``"concat"``, see above.
+        ``"concat"`` (default) or ``"blend"``, see above. The defaults (k = 12, concat, mean and std) are the
+        recipe nested leave-one-section-out validation chose on HER2+ (the Method page, "Spatial context").
     alpha
         Weight of the spot's own embedding in ``"blend"``, in [0, 1].
     fov_scale
@@ -454,6 +459,8 @@ def spatial_context(
         raise ValueError(f"key_added={key_added!r} must be a new string key (not the embedding's own).")
     if K.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] (spot coordinates in full-resolution pixels) is missing.")
+    if aggregation is None:
+        aggregation = DEFAULT_CONTEXT_AGGREGATION if output == "concat" else "mean"
     graph, aggs = _check_recipe(aggregation, output, slide, alpha, n_neighs, n_rings, grid_neighs, radius_um)
     if fov_scale is not None and fov_patch_um is not None:
         raise ValueError("Pass fov_scale or fov_patch_um, not both.")
