@@ -1,7 +1,7 @@
 """Test-time augmentation (``embed_patches(tta=8)``) on HER2+: PCC gain and cost, in one run.
 
 Reads HER2+ sections with :func:`agl_scverse.io.read_legacy_st`, embeds 224-px / 160 µm patches with an encoder
-twice, as cut (``tta=False``) and averaged over the 8 dihedral views (``tta=8``), timing both in the same process
+(``--patch-px``, default 224) twice, as cut (``tta=False``) and averaged over the 8 dihedral views (``tta=8``), timing both in the same process
 (the cost ratio), then scores PCA(256)+Ridge (:func:`agl_scverse.tl.pca_ridge`, z-scored targets, LOO alpha) by
 leave-one-section-out on the chosen sections (targets: top-50 HVG of the training sections, log1p counts), with and
 without the default spatial context (:func:`agl_scverse.pp.spatial_context`). A CPU-sized setup: EfficientNet-Lite0
@@ -54,11 +54,12 @@ def main() -> None:
     ap.add_argument("--encoder", default="tf_efficientnet_lite0")
     ap.add_argument("--weights", default=str(SHARED / "weights" / "efficientnet-lite0-57934424.pth"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--patch-px", type=int, default=224)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tta_her2st.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adata = agl.io.read_legacy_st(args.data, sections=args.sections)
-    kw = {"encoder": args.encoder, "weights": args.weights, "patch_px": 224, "patch_um": 160.0, "device": "cpu",
+    kw = {"encoder": args.encoder, "weights": args.weights, "patch_px": args.patch_px, "patch_um": 160.0, "device": "cpu",
           "library_key": "library_id", "precision": "fp32"}  # fmt: skip
     secs = {}
     for tta in (1, 8):
@@ -67,6 +68,7 @@ def main() -> None:
         secs[tta] = time.perf_counter() - t
         print(f"tta={tta}: {secs[tta]:.0f} s for {adata.n_obs} spots", flush=True)
     res = {"n_spots": int(adata.n_obs), "sections": args.sections, "encoder": args.encoder, "seconds": secs,
+           "patch_px": args.patch_px, "patch_um": 160.0,
            "cost_ratio": secs[8] / secs[1], "pcc": {}}  # fmt: skip
     for tta in (1, 8):
         agl.pp.spatial_context(adata, f"tta{tta}", key_added=f"tta{tta}_ctx")

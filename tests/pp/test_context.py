@@ -203,6 +203,13 @@ def test_wider_field_of_view_reuses_embed_patches():
     a.obsm[fov_key] = a.obsm[fov_key] + 1.0  # reused when present with a matching record
     agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, output="blend", fov_scale=4.0, key_added="again")
     np.testing.assert_allclose(a.obsm["again"][:, 512:], want + 1.0, rtol=1e-5, atol=1e-5)
+    # a base record of an older version (no "tta") still matches the wider embedding's record
+    del a.uns["agl_embeddings"]["X_agl_resnet18"]["tta"]
+    agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, output="blend", fov_scale=4.0, key_added="old")
+    np.testing.assert_array_equal(a.obsm["old"], a.obsm["again"])
+    a.uns["agl_embeddings"][fov_key]["patch_px"] = 64  # another encoder setting is refused
+    with pytest.raises(ValueError, match="patch_px"):
+        agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, fov_scale=4.0, key_added="bad")
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -249,9 +249,9 @@ def _fov_features(
     """The base encoder's features of ``fov_patch_um`` patches (same ``patch_px``), through embed_patches."""
     have = (adata.uns.get(K.EMBED_UNS) or {}).get(fov_key)
     if fov_key in adata.obsm and have:
-        diffs = [f for f in RECORD_CHECKED if f != "patch_um" and _norm(have.get(f)) != _norm(base_rec.get(f))] + (
-            [] if np.isclose(float(have.get("patch_um", -1)), fov_patch_um) else ["patch_um"]
-        )
+        both = [f for f in RECORD_CHECKED if f != "patch_um" and None not in (have.get(f), base_rec.get(f))]
+        diffs = [f for f in both if _norm(have.get(f)) != _norm(base_rec.get(f))]
+        diffs += [] if np.isclose(float(have.get("patch_um", -1)), fov_patch_um) else ["patch_um"]
         if diffs:
             raise ValueError(
                 f".obsm[{fov_key!r}] (the wider field of view) differs from the base embedding's encoder or the "
@@ -270,7 +270,8 @@ def _fov_features(
     tmp = embed_patches(
         shell, encoder=pair, patch_px=int(base_rec["patch_px"]), patch_um=float(fov_patch_um),
         library_key=library_key, key_added=fov_key, on_outside="pad", copy=True,
-        seed=int(base_rec.get("seed") or 0), allow_lowres=bool(base_rec.get("allow_lowres", False)), **embed_kw,
+        seed=int(base_rec.get("seed") or 0), allow_lowres=bool(base_rec.get("allow_lowres", False)),
+        tta=int(base_rec.get("tta") or 1), **embed_kw,
     )  # fmt: skip
     return np.asarray(tmp.obsm[fov_key], dtype=np.float32), dict(tmp.uns[K.EMBED_UNS][fov_key])
 
