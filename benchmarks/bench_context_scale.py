@@ -28,10 +28,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {
-    "blend_k12 (default)": {},
-    "concat_k12": {"output": "concat"},
-    "concat_k12 mean+max+std": {"output": "concat", "aggregation": ["mean", "max", "std"]},
-    "rings2 (hex grid)": {"n_rings": 2},
+    "default (k=12, concat, mean+std)": {},
+    "blend_k12": {"output": "blend"},
+    "concat_k12 mean+max+std": {"aggregation": ["mean", "max", "std"]},
+    "rings2 (hex grid), blend": {"n_rings": 2, "output": "blend"},
 }
 
 
