@@ -993,7 +993,7 @@ def record_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Fields of an encoder record that must agree between a slide's embedding and a model (see agl_predict).
-RECORD_CHECKED = ("encoder", "weights_sha256", "patch_px", "patch_um", "encoder_kwargs")
+RECORD_CHECKED = ("encoder", "weights_sha256", "patch_px", "patch_um", "encoder_kwargs", "tta")
 
 
 def encoder_record(info: dict[str, Any], patch_px: int, patch_um: float, **extra: Any) -> dict[str, Any]:

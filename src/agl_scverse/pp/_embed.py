@@ -35,6 +35,33 @@ __all__ = ["embed_patches"]
 
 
 # ------------------------------------------------------------------------------------------------ inference
+#: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
+TTA_CHOICES = (1, 4, 8)
+
+
+def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first ``n`` of the 8 dihedral transforms of a (B, C, H, W) batch: 4 quarter turns, then flipped ones.
+
+    Examples
+    --------
+    >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    >>> [v.flatten().tolist() for v in dihedral_views(x, 2)]
+    [[0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 0.0, 2.0]]
+    """
+    views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    if n > 4:
+        flipped = torch.flip(x, dims=(3,))
+        views += [torch.rot90(flipped, k, dims=(2, 3)) for k in range(4)]
+    return views[:n]
+
+
+def _tta(tta: bool | int) -> int:
+    n = {False: 1, True: 8}.get(tta, tta) if isinstance(tta, bool) else tta
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) not in TTA_CHOICES:
+        raise ValueError(f"tta must be False, True (8 views) or one of {TTA_CHOICES}, got {tta!r}.")
+    return int(n)
+
+
 def _features(y: Any, batch: int) -> torch.Tensor:
     if isinstance(y, tuple | list) and y and isinstance(y[0], torch.Tensor):
         y = y[0]
@@ -66,12 +93,14 @@ def _encode(
     progress: bool = True,
     backend: str = "torch",
     info: dict | None = None,
+    tta: int = 1,
 ) -> tuple[np.ndarray, dict]:
     """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
 
     With ``sampler``, only the indices it yields, in that order. ``backend`` (``"auto"``, ``"torch"``, ``"onnx"``,
     see :mod:`agl_scverse.model._onnx_backend`) is started on the first batch, which also checks
     an ONNX graph against torch; ``info`` (of :func:`get_encoder`) is part of the graph's cache key.
+    With ``tta`` > 1, the mean over that many dihedral views of each patch (:func:`dihedral_views`).
     """
     from tqdm.auto import tqdm
 
@@ -103,11 +132,15 @@ def _encode(
                     started = True
                     onnx = start_backend(resolved, backend, model, int(x.shape[-1]), x, device, info)
                     converted = onnx is None and prec.to_layout(model)
-                if onnx is not None:
-                    y = _features(onnx(x), len(batch))
-                else:
-                    with prec.autocast():
-                        y = _features(model(prec.image_batch(x)), len(batch))
+                y = None
+                for view in dihedral_views(x, tta):  # the patch itself first; more views with tta > 1
+                    if onnx is not None:
+                        yv = _features(onnx(view), len(batch)).float()
+                    else:
+                        with prec.autocast():
+                            yv = _features(model(prec.image_batch(view)), len(batch)).float()
+                    y = yv if y is None else y + yv
+                y = y / tta
                 if out is None:
                     out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
@@ -169,6 +202,7 @@ def embed_patches(
     allow_lowres: bool = False,
     progress: bool | None = None,
     backend: str = "auto",
+    tta: bool | int = False,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -243,6 +277,10 @@ def embed_patches(
         one log line saying why (``precision="fp32"`` keeps torch's bit-for-bit reference).
         ``"torch"``: the torch module (the reference). ``"onnx"``: ONNX Runtime, or an error. The exported graph is
         cached per encoder, weights and input size (see the Encoders page).
+    tta
+        Test-time augmentation: ``True`` (or 8) averages each patch's features over its 8 dihedral views (4 quarter
+        turns, each also mirrored), 4 over the quarter turns; ``False`` (default) embeds the patch as cut. Costs
+        ``tta`` forward passes per patch; recorded (``tta``) and checked by :func:`agl_scverse.tl.agl_predict`.
 
     Returns
     -------
@@ -251,8 +289,8 @@ def embed_patches(
     path and sha256, patch and padding settings, the source resolution (``source_um_per_px`` and the image / level
     read per library), normalisation mean/std, feature_dim, the precision used (``precision``, ``channels_last``,
     ``precision_requested``), the engine (``backend``: ``"torch"`` or ``"onnx"``;
-    ``backend_requested``; with ONNX Runtime its version, providers, threads and ``onnx_check_cosine``), versions.
-    Nothing is written when it fails.
+    ``backend_requested``; with ONNX Runtime its version, providers, threads and ``onnx_check_cosine``), ``tta``
+    (views averaged), versions. Nothing is written when it fails.
 
     Notes
     -----
@@ -271,6 +309,7 @@ def embed_patches(
     check_positive("batch_size", batch_size, integer=True)
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
+    n_views = _tta(tta)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     check_choice("backend", backend, K.BACKENDS)
@@ -308,12 +347,15 @@ def embed_patches(
         progress=show_progress(progress),
         backend=backend,
         info=info,
+        tta=n_views,
     )
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats).all(axis=1)).sum())
         raise ValueError(f"The encoder produced NaN/inf features for {bad} spots; nothing was written.")
     info["feature_dim"] = int(feats.shape[1])
-    record = encoder_record(info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key)
+    record = encoder_record(
+        info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key, tta=n_views
+    )
     target = adata.copy() if copy else adata
     store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
     store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored

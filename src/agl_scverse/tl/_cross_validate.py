@@ -19,6 +19,7 @@ from agl_scverse._stats import mean_pearson, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
+from agl_scverse.pp._context import check_context_within_groups
 from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
 
 from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
@@ -388,6 +389,7 @@ def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, l
     emb = np.asarray(adata.obsm[emb_key])
     if emb.ndim != 2 or not np.all(np.isfinite(emb)):
         raise ValueError(f"adata.obsm[{emb_key!r}] must be a finite spots x features matrix.")
+    check_context_within_groups(adata, emb_key, group_key)
     return grp, order, held, emb_key
 
 

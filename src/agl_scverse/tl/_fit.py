@@ -581,7 +581,9 @@ def agl_fit(
         ``"topk"`` (the first ``k`` auxiliaries by prior) or ``"pgl"`` (targets only).
     embedding_key
         ``.obsm`` key of cached features (embedding mode). Default ``"X_agl_<encoder>"``, computed with
-        :func:`agl_scverse.pp.embed_patches` when absent. A named key that is absent is an error.
+        :func:`agl_scverse.pp.embed_patches` when absent. A named key that is absent is an error. Spatial-context
+        features (``"X_agl_<encoder>_context"``, :func:`agl_scverse.pp.spatial_context`) work like any embedding;
+        their recipe is saved with the model, and predict rebuilds them on a new slide.
     encoder
         Image encoder name (a preset such as ``"uni"``, an ``"hf-hub:..."`` or timm name; see
         :func:`agl_scverse.model.get_encoder`), for a missing embedding or fine-tune mode.

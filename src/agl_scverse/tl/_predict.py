@@ -5,7 +5,9 @@ returns a new AnnData of predictions for any slide, e.g. an H&E-only one. Everyt
 is written: the model's genes against the slide's, the embedding's recorded encoder settings against the
 model's, the embedding itself (shape, NaN). A missing embedding is computed with the model's recorded encoder,
 weights file (passed as ``weights=``; its sha256 is checked against the recorded one; a path recorded in the
-model is never opened) and patch size, into a copy, and written together with the predictions.
+model is never opened) and patch size, into a copy, and written together with the predictions. A model trained on
+spatial-context features (:func:`agl_scverse.pp.spatial_context`) has them rebuilt with its recorded recipe from the
+slide's spot embedding (itself computed when missing); context features of another recipe are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
+from agl_scverse.pp._context import context_kwargs, context_recipe_diff, spatial_context
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
@@ -102,13 +105,16 @@ def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool 
     warnings.warn(msg + " Predicting anyway (allow_lowres=True).", UserWarning, stacklevel=3)
 
 
-def check_embedding_matches(adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False) -> None:
+def check_embedding_matches(
+    adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False, context: bool = True
+) -> None:
     """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
 
-    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments (each only when
-    both sides record it), and the source resolution (:func:`check_source_resolution`: patches from a coarser
-    image than the model's are refused unless ``allow_lowres=True``). An embedding without a record (brought by the
-    user) is accepted with a warning when the model has one.
+    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments, test-time
+    augmentation views (each only when both sides record it), the source resolution (:func:`check_source_resolution`: patches from a coarser
+    image than the model's are refused unless ``allow_lowres=True``) and, with ``context``, the spatial-context
+    recipe (:func:`agl_scverse.pp.spatial_context`; features with and without context never match). An embedding
+    without a record (brought by the user) is accepted with a warning when the model has one.
 
     Examples
     --------
@@ -145,6 +151,61 @@ def check_embedding_matches(adata: AnnData, key: str, model: AGLModel, allow_low
             "agl_predict do it."
         )
     check_source_resolution(rec, enc, allow_lowres, what=f"slide (.obsm[{key!r}])")
+    ctx_diffs = context_recipe_diff(rec.get("context"), enc.get("context")) if context else []
+    if ctx_diffs:
+        recipe = enc.get("context")
+        fix = (
+            f"agl.pp.spatial_context(adata, {recipe.get('base_key')!r}, **{context_kwargs(recipe)}, key_added=<a new "
+            "key>)"
+            if recipe
+            else f"the spot embedding the model was trained on ({model.config.get('embedding_key')!r})"
+        )
+        raise ValueError(
+            f".obsm[{key!r}] was built with another spatial-context recipe than the model's features ("
+            + "; ".join(ctx_diffs)
+            + f"). Use {fix}, or drop .obsm[{key!r}] to let agl_predict rebuild it from the spot embedding."
+        )
+
+
+def _compute_context(
+    adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None, run=None,
+    allow_lowres: bool = False, progress: bool | None = None,
+) -> tuple:  # fmt: skip
+    """Rebuild the model's spatial-context features on this slide from its recorded recipe (into a shell AnnData).
+
+    The base embedding is taken from the slide (checked against the model's encoder) or computed with the model's
+    encoder. Returns (features, record).
+    """
+    enc = model.config.get("encoder") or {}
+    recipe = dict(enc["context"])
+    base_key = str(recipe["base_key"])
+    if K.SPATIAL_KEY not in adata.obsm:
+        raise KeyError("adata.obsm['spatial'] is missing: the model's spatial-context features need spot coordinates.")
+    shell = AnnData(obs=adata.obs.copy())
+    shell.obsm[K.SPATIAL_KEY] = np.asarray(adata.obsm[K.SPATIAL_KEY])
+    shell.uns[K.SPATIAL_KEY] = adata.uns.get(K.SPATIAL_KEY, {})
+    records = dict(adata.uns.get(K.EMBED_UNS, {}) or {})
+    fov_key = recipe.get("fov_key")
+    for k in (base_key, fov_key):
+        if k and k in adata.obsm:
+            shell.obsm[k] = adata.obsm[k]
+    if base_key in adata.obsm:
+        check_embedding_matches(adata, base_key, model, allow_lowres, context=False)
+    else:
+        feats, rec = _compute_embedding(
+            adata, model, base_key, weights, device, library_key, encoder, run, allow_lowres, progress
+        )
+        shell.obsm[base_key] = feats
+        records[base_key] = rec
+    shell.uns[K.EMBED_UNS] = records
+    run = run or {}
+    spatial_context(
+        shell, base_key, **context_kwargs(recipe), fov_key=fov_key, library_key=library_key, key_added=key,
+        weights=weights, encoder=encoder, device=device, precision=run.get("precision", "auto"),
+        num_workers=run.get("num_workers", 0),
+    )  # fmt: skip
+    logg.info(f"Rebuilt .obsm[{key!r}] from .obsm[{base_key!r}] with the model's spatial-context recipe.")
+    return np.asarray(shell.obsm[key], dtype=np.float32), dict(shell.uns[K.EMBED_UNS][key])
 
 
 def _compute_embedding(
@@ -175,6 +236,7 @@ def _compute_embedding(
         adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
         patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
         key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, progress=progress,
+        tta=int(enc.get("tta") or 1),
         **(run or {}),
     )  # fmt: skip
     rec = tmp.uns[K.EMBED_UNS][key]
@@ -217,7 +279,8 @@ def _features(
         check_embedding_matches(adata, key, model, allow_lowres)
         features = np.asarray(adata.obsm[key], dtype=np.float32)
     else:
-        features, rec = _compute_embedding(
+        compute = _compute_context if enc.get("context") else _compute_embedding
+        features, rec = compute(
             adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres, progress=progress
         )
         new_emb = (key, features, rec)
