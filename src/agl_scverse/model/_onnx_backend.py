@@ -54,6 +54,7 @@ __all__ = [
     "OnnxEncoder",
     "cache_dir",
     "graph_key",
+    "info_key",
     "onnx_encoder",
     "onnx_backend_available",
     "providers_for",
@@ -427,7 +428,8 @@ def onnx_encoder(
 
 
 # ------------------------------------------------------------------------------------------------ choice
-def _extra(info: dict[str, Any] | None) -> dict[str, Any]:
+def info_key(info: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of a :func:`~agl_scverse.model.get_encoder` ``info`` that goes into a graph's cache key."""
     info = info or {}
     keys = ("name", "spec", "arch", "preset", "encoder_kwargs", "source", "weights_sha256", "seed")
     return {k: info.get(k) for k in keys if info.get(k) not in (None, "")}
@@ -520,7 +522,7 @@ def start_backend(
     if backend == "torch":
         return None
     try:
-        return onnx_encoder(module, input_px, first_batch, extra=_extra(info), providers=providers_for(device))
+        return onnx_encoder(module, input_px, first_batch, extra=info_key(info), providers=providers_for(device))
     except RuntimeError as err:
         if requested != "auto":
             raise RuntimeError(f"backend={requested!r}: {err}. Use backend='torch' for this encoder.") from err
