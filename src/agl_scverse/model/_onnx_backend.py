@@ -264,10 +264,16 @@ def _graph_path(module: nn.Module, input_px: int, key: str, quantization: str, f
             shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
         os.replace(tmp, entry)
     except OSError:  # another process put its own (equal) graph there first: use ours from where it is
-        yield tmp / _GRAPH
-        shutil.rmtree(tmp, ignore_errors=True)
+        placed = False
+    else:
+        placed = True
+    if placed:
+        yield entry / _GRAPH
         return
-    yield entry / _GRAPH
+    try:
+        yield tmp / _GRAPH
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ the engine
