@@ -279,3 +279,20 @@ def test_get_encoder_module_is_untouched_by_an_export(cache):
     ob.onnx_encoder(module, 32, torch.randn(2, 3, 32, 32))
     assert module.training
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@needs_ort
+def test_losing_the_race_for_a_cache_entry_uses_its_own_graph_and_cleans_up(cache, monkeypatch):
+    """Another process moved its (equal) graph into place first: this one runs from its temporary copy."""
+    real = os.replace
+
+    def replace(src, dst):
+        if not str(os.path.basename(dst)).startswith("."):
+            raise OSError(39, "Directory not empty")  # as os.replace onto another process's entry
+        return real(src, dst)
+
+    monkeypatch.setattr(ob.os, "replace", replace)
+    module, px = _timm("resnet18", 32)
+    enc = ob.onnx_encoder(module, px, torch.randn(2, 3, px, px))
+    assert enc.check_cosine >= ob.MIN_COSINE
+    assert list(cache.iterdir()) == []  # the temporary copy is gone, nothing half-written is left

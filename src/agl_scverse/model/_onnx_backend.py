@@ -54,6 +54,7 @@ __all__ = [
     "OnnxEncoder",
     "cache_dir",
     "graph_key",
+    "info_key",
     "onnx_encoder",
     "onnx_backend_available",
     "providers_for",
@@ -263,10 +264,16 @@ def _graph_path(module: nn.Module, input_px: int, key: str, quantization: str, f
             shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
         os.replace(tmp, entry)
     except OSError:  # another process put its own (equal) graph there first: use ours from where it is
-        yield tmp / _GRAPH
-        shutil.rmtree(tmp, ignore_errors=True)
+        placed = False
+    else:
+        placed = True
+    if placed:
+        yield entry / _GRAPH
         return
-    yield entry / _GRAPH
+    try:
+        yield tmp / _GRAPH
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ the engine
@@ -427,7 +434,8 @@ def onnx_encoder(
 
 
 # ------------------------------------------------------------------------------------------------ choice
-def _extra(info: dict[str, Any] | None) -> dict[str, Any]:
+def info_key(info: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of a :func:`~agl_scverse.model.get_encoder` ``info`` that goes into a graph's cache key."""
     info = info or {}
     keys = ("name", "spec", "arch", "preset", "encoder_kwargs", "source", "weights_sha256", "seed")
     return {k: info.get(k) for k in keys if info.get(k) not in (None, "")}
@@ -520,7 +528,7 @@ def start_backend(
     if backend == "torch":
         return None
     try:
-        return onnx_encoder(module, input_px, first_batch, extra=_extra(info), providers=providers_for(device))
+        return onnx_encoder(module, input_px, first_batch, extra=info_key(info), providers=providers_for(device))
     except RuntimeError as err:
         if requested != "auto":
             raise RuntimeError(f"backend={requested!r}: {err}. Use backend='torch' for this encoder.") from err
