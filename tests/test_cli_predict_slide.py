@@ -44,6 +44,12 @@ def test_predict_slide_end_to_end(tmp_path, model_dir, capsys):
     api = agl.tl.predict_anndata(grid, model_dir, backend="torch")
     np.testing.assert_allclose(np.asarray(pred.X), np.asarray(api.X), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(xy, api.obsm["spatial"])
+    # in chunks (resumable): the same file
+    chunked = tmp_path / "chunked.h5ad"
+    argv += ["--chunk-dir", str(tmp_path / "chunks"), "--chunk-size", "16"]
+    assert cli.main([*argv[:4], str(chunked), *argv[5:]]) == 0
+    assert len(list((tmp_path / "chunks").glob("part_*.npy"))) == -(-pred.n_obs // 16)
+    np.testing.assert_allclose(np.asarray(ad.read_h5ad(chunked).X), np.asarray(pred.X), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -52,6 +58,7 @@ def test_predict_slide_end_to_end(tmp_path, model_dir, capsys):
         ([], "--microns-per-pixel"),  # a PNG records no scale
         (["--microns-per-pixel", "1", "--pitch-um", "0.5"], "smaller than a pixel"),
         (["--microns-per-pixel", "1", "--num-workers", "-1"], "--num-workers"),
+        (["--microns-per-pixel", "1", "--chunk-dir", "c", "--chunk-size", "0"], "--chunk-size"),
     ],
 )
 def test_predict_slide_errors_are_one_line_before_any_work(tmp_path, model_dir, capsys, extra, message):

@@ -517,6 +517,8 @@ def _predict_slide(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{args.image} does not exist; pass the path of an H&E image file.")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers is {args.num_workers}; pass 0 or more.")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size is {args.chunk_size}; pass a positive number of spots.")
     from . import io, pp, tl
     from .model import AGLModel
 
@@ -524,15 +526,13 @@ def _predict_slide(args: argparse.Namespace) -> None:
     model = AGLModel.load(args.model)
     slide = io.read_he_image(args.image, microns_per_pixel=args.microns_per_pixel, library_id=args.library_id)
     grid = pp.spot_grid(slide, spot_um=args.spot_um, pitch_um=args.pitch_um, layout=args.layout, model=model)
-    result = tl.predict_anndata(
-        grid,
-        model,
-        weights=args.weights,
-        device=device,
-        num_workers=args.num_workers,
-        backend=args.backend,
-        allow_lowres=args.allow_lowres,
-    )
+    kwargs = {"weights": args.weights, "device": device, "backend": args.backend, "allow_lowres": args.allow_lowres}
+    if args.chunk_dir is not None:  # chunks saved as they finish: a killed run resumes
+        result = tl.predict_chunked(
+            grid, model, args.chunk_dir, chunk_size=args.chunk_size, num_workers=args.num_workers, **kwargs
+        )
+    else:
+        result = tl.predict_anndata(grid, model, num_workers=args.num_workers, **kwargs)
     _write_h5ad(result, out)
     g = grid.uns["agl_grid"]
     print(
@@ -960,6 +960,15 @@ def _add_predict_slide(sub) -> None:
         choices=list(K.BACKENDS),
         help="what runs the frozen image encoder: auto (ONNX Runtime on a CPU when installed and it agrees with "
         "torch, else torch), torch, onnx (default: auto)",
+    )
+    p.add_argument(
+        "--chunk-dir",
+        default=None,
+        metavar="DIR",
+        help="save the predictions in chunks here as they finish; rerun the same command to resume a killed run",
+    )
+    p.add_argument(
+        "--chunk-size", type=int, default=4096, metavar="N", help="spots per chunk of --chunk-dir (default: 4096)"
     )
     p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:1 (default: cpu, reproducible)")
     _add_debug(p, argparse.SUPPRESS)
