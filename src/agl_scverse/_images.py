@@ -77,6 +77,8 @@ __all__ = [
     "check_regular_file",
     "open_image",
     "open_pil",
+    "file_microns_per_pixel",
+    "overview",
     "private_folder",
     "register_live_image",
     "tile_cache",
@@ -1255,3 +1257,109 @@ def open_image(image: Any, name: str = "image", cache_folder: str | Path | None 
         f"{name} is a {type(image).__name__}; expected a file path, a numpy array, an xarray DataArray / DataTree, "
         "a dask array or an ImageSource."
     )
+
+
+# ------------------------------------------------------------------------------------------------ metadata, overviews
+#: µm per pixel outside this range in a file's resolution tags is taken as a placeholder (e.g. 72 dpi), not a scale.
+PLAUSIBLE_UM_PER_PX = (0.01, 50.0)
+_UNIT_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
+    """µm per level-0 pixel recorded in an image file, and where it came from; None when the file records none.
+
+    Read, in this order, from OME-XML ``PhysicalSizeX`` (with its unit), an Aperio SVS description's ``MPP``, then
+    the TIFF ``XResolution`` tag with ``ResolutionUnit`` inch or centimetre. Values outside
+    :data:`PLAUSIBLE_UM_PER_PX` (a 72-dpi placeholder is 353 µm/px) are ignored. JPEG / PNG files give None: their
+    dpi fields are display hints, not the scanner's scale.
+
+    Examples
+    --------
+    >>> file_microns_per_pixel("slide.ome.tif")  # doctest: +SKIP
+    (0.25, 'OME PhysicalSizeX')
+    """
+    import tifffile
+
+    path = Path(path)
+    check_regular_file(path)
+    if not _is_tiff(path):
+        return None
+    found: list[tuple[float, str]] = []
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages.first
+            if tf.is_ome and tf.ome_metadata:
+                found += _ome_physical_size(tf.ome_metadata)
+            if tf.is_svs:
+                mpp = tifffile.svs_description_metadata(page.description).get("MPP")
+                if mpp is not None:
+                    found.append((float(mpp), "SVS MPP"))
+            tags = page.tags
+            res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+            if res is not None and unit is not None and int(unit.value) in (2, 3):
+                num, den = res.value
+                if num > 0 and den > 0:
+                    per_unit = num / den  # pixels per inch (2) or per centimetre (3)
+                    found.append(((25400.0 if int(unit.value) == 2 else 1e4) / per_unit, "TIFF XResolution"))
+    except (tifffile.TiffFileError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not a readable TIFF ({e}).") from e
+    lo, hi = PLAUSIBLE_UM_PER_PX
+    for value, source in found:
+        if lo <= value <= hi:
+            return float(value), source
+    return None
+
+
+def _ome_physical_size(xml: str) -> list[tuple[float, str]]:
+    """``PhysicalSizeX`` of the first OME ``Pixels`` element in µm (empty when absent or in an unknown unit)."""
+    import re
+
+    m = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
+    if m is None:
+        return []
+    attrs = dict(re.findall(r'(\w+)="([^"]*)"', m.group(0)))
+    if "PhysicalSizeX" not in attrs:
+        return []
+    unit = _UNIT_UM.get(attrs.get("PhysicalSizeXUnit", "µm"))
+    return [] if unit is None else [(float(attrs["PhysicalSizeX"]) * unit, "OME PhysicalSizeX")]
+
+
+def overview(image: Any, downsample: float) -> tuple[np.ndarray, float]:
+    """A whole image at about ``1 / downsample`` of its size, read from the nearest finer pyramid level.
+
+    JPEG / PNG files are decoded at a reduced size (PIL ``draft``) without the full-resolution cache; TIFFs and
+    SpatialData images read the coarsest level not coarser than asked, then resize it (PIL, area filter).
+
+    Returns
+    -------
+    The RGB uint8 image and its actual downsample (level-0 pixels per output pixel, along x).
+
+    Examples
+    --------
+    >>> img, ds = overview(np.zeros((64, 48, 3), dtype=np.uint8), 4)
+    >>> img.shape, ds
+    ((16, 12, 3), 4.0)
+    """
+    from PIL import Image
+
+    downsample = max(1.0, float(downsample))
+    if isinstance(image, str | os.PathLike) and not _is_tiff(Path(image)):
+        check_regular_file(image)
+        with open_pil(image) as im:
+            w, h = im.size
+            tw, th = max(1, round(w / downsample)), max(1, round(h / downsample))
+            im.draft("RGB", (tw, th))
+            rgb = im.convert("RGB")
+            if rgb.size != (tw, th):
+                rgb = rgb.resize((tw, th), Image.Resampling.BOX)
+            return np.asarray(rgb, dtype=np.uint8), w / tw
+    src = open_image(image)
+    w, h = src.width, src.height
+    tw, th = max(1, round(w / downsample)), max(1, round(h / downsample))
+    level = max(
+        (i for i, lv in enumerate(src.levels) if lv.downsample <= downsample * (1 + LEVEL_TOLERANCE)), default=0
+    )
+    arr = src.read_level(level)
+    if arr.shape[:2] != (th, tw):
+        arr = np.asarray(Image.fromarray(arr).resize((tw, th), Image.Resampling.BOX), dtype=np.uint8)
+    return arr, w / tw

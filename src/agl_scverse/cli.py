@@ -1,4 +1,4 @@
-"""Command line: agl-scverse demo | fit | predict | cross-validate.
+"""Command line: agl-scverse demo | fit | predict | predict-slide | cross-validate.
 
 Errors in the input (a missing file, a bad value, an output that exists) print one line
 "agl-scverse: error: <message>" and exit with status 2; --debug shows the traceback instead. Ctrl-C exits with
@@ -12,6 +12,7 @@ Examples
     agl-scverse demo --out agl_demo_output
     agl-scverse fit path/to/her2st --reader legacy_st --weights densenet121.pth --encoder densenet121 --out model
     agl-scverse predict model path/to/new_section --reader legacy_st --out predicted.h5ad
+    agl-scverse predict-slide model slide.ome.tif --out slide_predicted.h5ad
     agl-scverse cross-validate path/to/her2st --reader legacy_st --group-key library_id --out cv.csv
 """
 
@@ -509,6 +510,37 @@ def _predict(args: argparse.Namespace) -> None:
     print(summary + note)
 
 
+def _predict_slide(args: argparse.Namespace) -> None:
+    """A bare H&E image: tissue, a grid of pseudo-spots, their predictions, one .h5ad."""
+    out = check_output(args.out, "--out", args.overwrite)
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image} does not exist; pass the path of an H&E image file.")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers is {args.num_workers}; pass 0 or more.")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size is {args.chunk_size}; pass a positive number of spots.")
+    from . import io, pp, tl
+    from .model import AGLModel
+
+    device = _device(args.device)
+    model = AGLModel.load(args.model)
+    slide = io.read_he_image(args.image, microns_per_pixel=args.microns_per_pixel, library_id=args.library_id)
+    grid = pp.spot_grid(slide, spot_um=args.spot_um, pitch_um=args.pitch_um, layout=args.layout, model=model)
+    kwargs = {"weights": args.weights, "device": device, "backend": args.backend, "allow_lowres": args.allow_lowres}
+    if args.chunk_dir is not None:  # chunks saved as they finish: a killed run resumes
+        result = tl.predict_chunked(
+            grid, model, args.chunk_dir, chunk_size=args.chunk_size, num_workers=args.num_workers, **kwargs
+        )
+    else:
+        result = tl.predict_anndata(grid, model, num_workers=args.num_workers, **kwargs)
+    _write_h5ad(result, out)
+    g = grid.uns["agl_grid"]
+    print(
+        f"predict-slide: {result.n_obs} {g['layout']} spots ({g['spot_um']:g} µm, pitch {g['pitch_um']:g} µm) on "
+        f"{g['tissue_fraction']:.1%} tissue x {result.n_vars} predicted genes -> {out}"
+    )
+
+
 def _cross_validate(args: argparse.Namespace) -> None:
     out = check_output(args.out, "--out", args.overwrite)
     _existing(args.data)
@@ -754,7 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_Version, help="show the version and exit")
     _add_debug(parser, False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,predict,cross-validate}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,fit,predict,predict-slide,cross-validate}"
+    )
 
     p = sub.add_parser(
         "demo",
@@ -863,7 +897,81 @@ def build_parser() -> argparse.ArgumentParser:
     _add_section_args(p)
     _add_resolution_args(p, device="cpu")  # predictions are bit-for-bit reproducible on CPU
     _add_debug(p, argparse.SUPPRESS)
+    _add_predict_slide(sub)
     return parser
+
+
+def _add_predict_slide(sub) -> None:
+    p = sub.add_parser(
+        "predict-slide",
+        help="predict expression over the tissue of a bare H&E image (no spots)",
+        description="Read an H&E image (JPEG, PNG, TIFF, pyramidal OME-TIFF, SVS), find its tissue, lay a grid of "
+        "pseudo-spots over it and predict them with a saved model. The .h5ad holds the predictions in .X (gene "
+        "names as var_names) and the spot centres in full-resolution image pixels in .obsm['spatial'].",
+        epilog=_examples(
+            f"{PROG} predict-slide model slide.ome.tif --out slide_predicted.h5ad",
+            f"{PROG} predict-slide model he.jpg --microns-per-pixel 0.5 --pitch-um 100 --spot-um 55 --out p.h5ad",
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("model", help="model directory written by fit / AGLModel.save")
+    p.add_argument("image", help="H&E image file: .jpg, .png, .tif, .ome.tif, .svs")
+    p.add_argument("--out", required=True, help=".h5ad file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--microns-per-pixel",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="µm per full-resolution pixel (default: from the file's OME / SVS / TIFF metadata; needed for JPEG/PNG)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="encoder weights file the model was trained with (its sha256 is checked)",
+    )
+    p.add_argument(
+        "--spot-um", type=float, default=None, metavar="UM", help="spot diameter (default: the model's patch side)"
+    )
+    p.add_argument(
+        "--pitch-um",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="centre-to-centre spot distance (default: the model's patch side, so patches tile the tissue)",
+    )
+    p.add_argument("--layout", choices=["hex", "square"], default="hex", help="grid layout (default: %(default)s)")
+    p.add_argument("--library-id", default=None, help="name of the slide (default: the image file's name)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data-loader processes cutting patches while the encoder runs (default: 0, in this process)",
+    )
+    p.add_argument(
+        "--allow-lowres",
+        action="store_true",
+        help="accept an image coarser than the model was trained on (otherwise refused)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(K.BACKENDS),
+        help="what runs the frozen image encoder: auto (ONNX Runtime on a CPU when installed and it agrees with "
+        "torch, else torch), torch, onnx (default: auto)",
+    )
+    p.add_argument(
+        "--chunk-dir",
+        default=None,
+        metavar="DIR",
+        help="save the predictions in chunks here as they finish; rerun the same command to resume a killed run",
+    )
+    p.add_argument(
+        "--chunk-size", type=int, default=4096, metavar="N", help="spots per chunk of --chunk-dir (default: 4096)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:1 (default: cpu, reproducible)")
+    _add_debug(p, argparse.SUPPRESS)
 
 
 class _Version(argparse.Action):
@@ -970,6 +1078,8 @@ def _run(args: argparse.Namespace) -> None:
         _fit(args)
     elif args.command == "predict":
         _predict(args)
+    elif args.command == "predict-slide":
+        _predict_slide(args)
     else:  # cross-validate, benchmark
         _cross_validate(args)
 

@@ -3,6 +3,7 @@
 from agl_scverse._stats import per_gene_metrics
 
 from ._baselines import mean_predictor, pca_ridge, reduced_rank_ridge
+from ._chunked import predict_chunked
 from ._compare import compare_methods
 from ._cross_validate import cross_validate
 from ._evaluate import evaluate
@@ -14,6 +15,7 @@ __all__ = [
     "k_search_grid",
     "agl_predict",
     "predict_anndata",
+    "predict_chunked",
     "evaluate",
     "compare_methods",
     "cross_validate",

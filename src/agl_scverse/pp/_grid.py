@@ -1,0 +1,185 @@
+"""Pseudo-spots over the tissue of a bare H&E slide: a hexagonal (Visium-like) or square grid."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+
+from agl_scverse import _constants as K
+from agl_scverse.io import read_he_image
+from agl_scverse.io._common import finalize, positive_number
+
+from ._tissue import TissueMask, tissue_mask
+
+__all__ = ["spot_grid", "VISIUM_SPOT_UM", "VISIUM_PITCH_UM", "model_patch_um"]
+
+#: Visium's spot diameter and centre-to-centre distance (µm): the grid's defaults without a model.
+VISIUM_SPOT_UM = 55.0
+VISIUM_PITCH_UM = 100.0
+GRID_UNS = "agl_grid"
+
+
+def model_patch_um(model: Any) -> float | None:
+    """The patch side (µm) a saved or fitted model was trained on, or None when its record has none."""
+    from agl_scverse.model import AGLModel
+
+    enc = AGLModel.coerce(model).config.get("encoder") or {}
+    um = enc.get("patch_um")
+    return float(um) if um else None
+
+
+def spot_grid(
+    data: AnnData | str | Path,
+    *,
+    spot_um: float | None = None,
+    pitch_um: float | None = None,
+    layout: Literal["hex", "square"] = "hex",
+    model: Any = None,
+    library_id: str | None = None,
+    microns_per_pixel: float | None = None,
+    mask: TissueMask | None = None,
+    **mask_kwargs: Any,
+) -> AnnData:
+    """Lay pseudo-spots over the tissue of a bare H&E slide, ready for :func:`agl_scverse.tl.predict_anndata`.
+
+    Centres lie on a hexagonal (Visium-like: rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half
+    a pitch) or square lattice anchored at half a pitch from the image's top-left corner; those whose centre lies
+    on the tissue mask (:func:`tissue_mask`) are kept.
+
+    Parameters
+    ----------
+    data
+        An AnnData from :func:`agl_scverse.io.read_he_image` (or any reader: its spots are ignored), or an image
+        file path (read with ``microns_per_pixel``).
+    spot_um
+        Spot diameter in µm; sets ``spot_diameter_fullres``. Default: the model's training patch side
+        (``model``), else 55 (Visium).
+    pitch_um
+        Centre-to-centre distance of neighbouring spots in µm. Default: the model's training patch side (patches
+        tile the tissue), else 100 (Visium).
+    layout
+        ``"hex"`` or ``"square"``.
+    model
+        A fitted :class:`~agl_scverse.model.AGLModel` or its directory, for the defaults above.
+    library_id
+        The library of an AnnData holding several.
+    microns_per_pixel
+        µm per full-resolution pixel of an image path (or to override the AnnData's).
+    mask
+        A precomputed :class:`TissueMask`; default: ``tissue_mask(data, **mask_kwargs)``.
+    **mask_kwargs
+        Passed to :func:`tissue_mask`.
+
+    Returns
+    -------
+    A new AnnData of spots x 0 genes: ``.obsm["spatial"]`` (centres in full-resolution pixels),
+    ``.obs[["library_id", "in_tissue", "array_row", "array_col"]]``, ``.uns["spatial"]`` of the slide with
+    ``spot_diameter_fullres`` set, and ``.uns["agl_grid"]`` (layout, spot_um, pitch_um, tissue threshold).
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> slide = agl.io.read_he_image("he.jpg", microns_per_pixel=0.71)  # doctest: +SKIP
+    >>> grid = agl.pp.spot_grid(slide, layout="hex", spot_um=55, pitch_um=100)  # doctest: +SKIP
+    >>> pred = agl.tl.predict_anndata(grid, "my_model")  # doctest: +SKIP
+    """
+    if layout not in ("hex", "square"):
+        raise ValueError(f"layout is {layout!r}; pass 'hex' (Visium-like) or 'square'.")
+    patch_um = model_patch_um(model) if model is not None else None
+    if model is not None and patch_um is None:
+        logg.warning("the model records no training patch size; using Visium's spot size and pitch.")
+    spot_um = positive_number(
+        spot_um if spot_um is not None else (patch_um or VISIUM_SPOT_UM), "spot_um", "Pass a spot diameter in µm."
+    )
+    pitch_um = positive_number(
+        pitch_um if pitch_um is not None else (patch_um or VISIUM_PITCH_UM), "pitch_um", "Pass a spot pitch in µm."
+    )
+    if not isinstance(data, AnnData):
+        data = read_he_image(data, microns_per_pixel=microns_per_pixel, library_id=library_id)
+        library_id = next(iter(data.uns[K.SPATIAL_KEY]))
+    libs = list((data.uns.get(K.SPATIAL_KEY) or {}).keys())
+    if library_id is None:
+        if len(libs) != 1:
+            raise ValueError(f"The AnnData holds {len(libs)} libraries {libs}; pass library_id=<one of them>.")
+        library_id = libs[0]
+    if library_id not in libs:
+        raise KeyError(f"No library {library_id!r} in .uns['spatial'] (libraries: {libs}).")
+    entry = copy.deepcopy(data.uns[K.SPATIAL_KEY][library_id])
+    sf, meta = entry.setdefault(K.SCALEFACTORS, {}), entry.get(K.METADATA) or {}
+    mpp = float(microns_per_pixel) if microns_per_pixel is not None else sf.get(K.MICRONS_PER_PIXEL)
+    if mpp is None:
+        raise ValueError(
+            f"Library {library_id!r} records no microns_per_pixel; pass microns_per_pixel=<µm per full-res pixel>."
+        )
+    pitch_px = pitch_um / mpp
+    if pitch_px < 1.0:
+        raise ValueError(
+            f"pitch_um={pitch_um:g} is {pitch_px:.3g} px at {mpp:g} µm/px: smaller than a pixel. Pass a larger "
+            "pitch_um, or check microns_per_pixel."
+        )
+    width, height = meta.get("image_width"), meta.get("image_height")
+    if width is None or height is None:
+        from agl_scverse import _spatial
+
+        src, scale, _ = _spatial.get_image(data, library_id, warn=False)
+        width, height = src.width / scale, src.height / scale
+    if mask is None:
+        mask = tissue_mask(data, library_id=library_id, microns_per_pixel=mpp, **mask_kwargs)
+
+    xy, rows, cols = _lattice(float(width), float(height), pitch_px, layout)
+    keep = mask.contains(xy)
+    if not keep.any():
+        raise ValueError(
+            f"No grid point of pitch {pitch_um:g} µm falls on the tissue of {library_id!r} (tissue covers "
+            f"{mask.fraction:.1%} of the image); pass a smaller pitch_um."
+        )
+    xy, rows, cols = xy[keep], rows[keep], cols[keep]
+    lib = str(library_id)
+    obs = pd.DataFrame(
+        {
+            K.LIBRARY_KEY: pd.Categorical([lib] * len(xy), categories=[lib]),
+            "in_tissue": np.ones(len(xy), dtype=np.int64),
+            "array_row": rows,
+            "array_col": cols,
+        },
+        index=pd.Index([f"{lib}_{r}x{c}" for r, c in zip(rows, cols)]),
+    )
+    grid = AnnData(X=np.zeros((len(xy), 0), dtype=np.float32), obs=obs)
+    grid.obsm[K.SPATIAL_KEY] = xy
+    sf[K.SPOT_DIAMETER] = spot_um / mpp
+    sf[K.MICRONS_PER_PIXEL] = mpp
+    grid.uns[K.SPATIAL_KEY] = {lib: entry}
+    grid.uns[GRID_UNS] = {
+        "layout": layout,
+        "spot_um": spot_um,
+        "pitch_um": pitch_um,
+        "tissue_threshold": mask.threshold,
+        "tissue_fraction": mask.fraction,
+        "mask_downsample": mask.downsample,
+    }
+    finalize(grid, K.LIBRARY_KEY, he_only=True)
+    logg.info(
+        f"spot_grid: {grid.n_obs} {layout} spots ({spot_um:g} µm, pitch {pitch_um:g} µm) on {mask.fraction:.1%} "
+        f"tissue of {lib!r}"
+    )
+    return grid
+
+
+def _lattice(width: float, height: float, pitch: float, layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lattice centres ``(n, 2)`` in pixels inside ``width x height``, with their row and column indices."""
+    dy = pitch * np.sqrt(3) / 2 if layout == "hex" else pitch
+    ys = pitch / 2 + dy * np.arange(max(0, int(np.floor((height - pitch / 2) / dy)) + 1))
+    xs = pitch / 2 + pitch * np.arange(max(0, int(np.floor((width - pitch / 2) / pitch)) + 1))
+    rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    x = xs[cols] + (pitch / 2 if layout == "hex" else 0.0) * (rows % 2)
+    y = ys[rows]
+    xy = np.column_stack([x, y]).astype(np.float64)
+    inside = (xy[:, 0] < width) & (xy[:, 1] < height)
+    return xy[inside], rows[inside].astype(np.int64), cols[inside].astype(np.int64)

@@ -1,0 +1,145 @@
+"""Predictions of a large grid written in chunks as they finish, so that a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+from anndata import AnnData
+from scanpy import logging as logg
+from tqdm.auto import tqdm
+
+from agl_scverse import _constants as K
+from agl_scverse._utils import show_progress
+from agl_scverse.model import AGLModel
+
+from ._predict import predict_anndata
+
+__all__ = ["predict_chunked"]
+
+MANIFEST, TEMPLATE = "manifest.json", "template.h5ad"
+
+
+def _model_digest(model: AGLModel) -> str:
+    """sha256 of the model's config and of its network's weights (a fitted, unsaved model included)."""
+    h = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _grid_digest(grid: AnnData) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(grid.obsm[K.SPATIAL_KEY], dtype=np.float64).tobytes())
+    h.update("\n".join(map(str, grid.obs_names)).encode())
+    return h.hexdigest()
+
+
+def _save_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def predict_chunked(
+    grid: AnnData,
+    model: AGLModel | str | Path,
+    out_dir: str | Path,
+    *,
+    chunk_size: int = 4096,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> AnnData:
+    """:func:`predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
+
+    ``out_dir`` receives ``manifest.json`` (the model's digest: its config and weights; the grid's: spot centres
+    and names; the chunk size and the prediction arguments), ``template.h5ad`` (the genes and run records of the
+    output, no spots) and one ``part_<index>.npy`` of predictions per chunk, each written through a temporary
+    file and renamed, so a killed run leaves only whole chunks. Run again with the same arguments, it skips the
+    chunks already there and computes the rest; a folder holding chunks of another model, grid or arguments is
+    refused.
+
+    Parameters
+    ----------
+    grid
+        Spots to predict, e.g. from :func:`agl_scverse.pp.spot_grid`.
+    model
+        A fitted :class:`~agl_scverse.model.AGLModel` or its directory.
+    out_dir
+        Folder of the chunks (created).
+    chunk_size
+        Spots per chunk.
+    progress
+        Progress bar over the chunks (``None``: follow scanpy's verbosity).
+    **kwargs
+        Passed to :func:`predict_anndata` (``weights``, ``device``, ``backend``, ``num_workers``, ``scale``, ...).
+
+    Returns
+    -------
+    The AnnData :func:`predict_anndata` returns, without the embedding (``.obsm`` holds ``"spatial"`` only, and
+    ``.uns`` the grid's ``"spatial"`` and ``"agl_grid"`` beside the run records).
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> grid = agl.pp.spot_grid(agl.io.read_he_image("slide.ome.tif"))  # doctest: +SKIP
+    >>> pred = agl.tl.predict_chunked(grid, "my_model", "slide_chunks", chunk_size=2048)  # doctest: +SKIP
+    """
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size is {chunk_size!r}; it must be a positive number of spots.")
+    chunk_size = int(chunk_size)
+    if grid.n_obs == 0:
+        raise ValueError("The grid has no spots.")
+    model = AGLModel.coerce(model)
+    out_dir = Path(out_dir)
+    manifest = {
+        "model_digest": _model_digest(model),
+        "grid_digest": _grid_digest(grid),
+        "n_spots": int(grid.n_obs),
+        "chunk_size": chunk_size,
+        "predict_kwargs": {k: str(v) for k, v in sorted(kwargs.items()) if k not in ("num_workers", "progress")},
+    }
+    mpath = out_dir / MANIFEST
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        diff = [k for k in manifest if old.get(k) != manifest[k]]
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds predictions of another run ({', '.join(diff)} differ); pass a new out_dir or "
+                "delete that folder."
+            )
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _save_atomic(mpath, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    starts = range(0, grid.n_obs, chunk_size)
+    parts = [out_dir / f"part_{i:06d}.npy" for i in range(len(starts))]
+    todo = [i for i, p in enumerate(parts) if not p.is_file()]
+    if len(todo) < len(parts):
+        logg.info(f"predict_chunked: {len(parts) - len(todo)} of {len(parts)} chunks already in {out_dir}; resuming")
+    for i in tqdm(todo, desc="grid chunks", disable=not show_progress(progress)):
+        a = starts[i]
+        pred = predict_anndata(grid[a : a + chunk_size].copy(), model, progress=False, **kwargs)
+        if not (out_dir / TEMPLATE).is_file():
+            uns = {k: v for k, v in pred.uns.items() if k not in (K.SPATIAL_KEY, K.EMBED_UNS)}
+            template = AnnData(var=pred.var.copy(), uns=uns)
+            _save_atomic(out_dir / TEMPLATE, template.write_h5ad)
+        X = np.asarray(pred.X.compute() if hasattr(pred.X, "compute") else pred.X, dtype=np.float32)
+        _save_atomic(parts[i], lambda p, X=X: np.save(p, X))
+    template = ad.read_h5ad(out_dir / TEMPLATE)
+    X = np.concatenate([np.load(p) for p in parts], axis=0)
+    out = AnnData(X=X, obs=grid.obs.copy(), var=template.var.copy(), uns=dict(template.uns))
+    out.obsm[K.SPATIAL_KEY] = np.asarray(grid.obsm[K.SPATIAL_KEY]).copy()
+    for key in (K.SPATIAL_KEY, "agl_grid"):
+        if key in grid.uns:
+            out.uns[key] = grid.uns[key]
+    logg.info(f"predict_chunked: {out.n_obs} spots x {out.n_vars} genes from {len(parts)} chunks in {out_dir}")
+    return out
