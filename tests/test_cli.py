@@ -455,6 +455,7 @@ def test_predict_over_a_file_size_limit_is_one_clean_error_and_leaves_no_tempora
     assert "ulimit -f" in lines[0]
     assert list(out_dir.iterdir()) == []  # no temporary, no partial file
 
+
 # --- issue 20: the flags a new user missed, errors in the command line's words, counts that match the file --------
 def test_errors_name_flags_not_python_parameters(tmp_path, slide_h5ad, capsys, monkeypatch):
     """An error of the Python API reaches the user in flags: ``Pass weights=<path>`` -> ``Pass --weights <path>``."""

@@ -379,7 +379,8 @@ def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
                 f"genes={genes if isinstance(genes, str) else 'a list'!r} asks for {len(chosen)} genes, but the slide "
                 f"lacks {len(lacking)} of them ({lacking[:5]}{' ...' if len(lacking) > 5 else ''}), so the layer "
                 f"holds predictions for the other {len(chosen) - len(lacking)} only (.var['..._predicted'] says "
-                "which). agl.tl.predict_anndata(adata, model, genes=...) returns all of them in a new AnnData.",
+                "which). agl.tl.predict_anndata(adata, model) returns the selected genes in a new AnnData, whatever the "
+                "slide measured.",
                 UserWarning,
                 stacklevel=4,
             )
