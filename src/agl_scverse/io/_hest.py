@@ -106,13 +106,7 @@ def read_hest(
     if microns_per_pixel is not None:
         microns_per_pixel = positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per pixel.")
     library_id = str(library_id) if library_id is not None else st_path.stem
-    if patches_path is None:
-        guess = st_path.resolve().parent.parent / "patches" / f"{st_path.stem}.h5"
-        patches_path = guess if guess.is_file() else None
-    if patches_path is not None:
-        patches_path = Path(patches_path).resolve()
-        if not patches_path.is_file():
-            raise FileNotFoundError(f"{patches_path} does not exist; pass the sample's patches/<id>.h5 or None.")
+    patches_path = _patches_file(st_path, patches_path)
     if fullres_image is not None:
         fullres_image = Path(fullres_image).resolve()
         width, height = image_size(fullres_image)
@@ -183,9 +177,8 @@ def read_hest(
         hires, scalef = thumbnail_from_file(fullres_image, hires_max_px)
         image_source = str(fullres_image)
     elif h5 is not None:
-        hires, scalef = _patch_mosaic(
-            patches_path, rows, xy, patch_microns / mpp, hires_max_px, progress=show_progress(progress)
-        )
+        bar = show_progress(progress)
+        hires, scalef = _patch_mosaic(patches_path, rows, xy, patch_microns / mpp, hires_max_px, progress=bar)
         image_source = "mosaic of the HEST patches"
     else:
         raise FileNotFoundError(
@@ -222,6 +215,17 @@ def read_hest(
     finalize(out, library_key)
     logg.info(f"read HEST sample {library_id!r}: {out.n_obs} spots x {out.n_vars} genes, {mpp:.4f} µm/px")
     return out
+
+
+def _patches_file(st_path: Path, patches_path: str | Path | None) -> Path | None:
+    """The sample's patches file: the given one (checked), else ``../patches/<id>.h5`` beside ``st/`` if present."""
+    if patches_path is None:
+        guess = st_path.resolve().parent.parent / "patches" / f"{st_path.stem}.h5"
+        return guess if guess.is_file() else None
+    patches_path = Path(patches_path).resolve()
+    if not patches_path.is_file():
+        raise FileNotFoundError(f"{patches_path} does not exist; pass the sample's patches/<id>.h5 or None.")
+    return patches_path
 
 
 def _read_h5_index(path: Path) -> dict:

@@ -214,18 +214,28 @@ def _postfix(loss: float, pcc: float | None, k: int) -> dict[str, str | int]:
     return out
 
 
-def _stopped_early(bar, epoch: int, best: tuple, patience: int, desc: str) -> None:
-    """Say on the bar and in the log that training stopped early, and which epoch it keeps (epochs from 0)."""
-    total = (bar.total or 0) + getattr(bar, "initial", 0)
+def _k_used(aux_weights: np.ndarray | None, n_aux: int) -> int:
+    """Auxiliaries a network without a mask trains on: those of weight > 0.5 (a refit keeps the fit's), else all."""
+    return int((aux_weights > 0.5).sum()) if aux_weights is not None else int(n_aux)
+
+
+def _early_stop(bad: int, bar, hist: dict, best: tuple, limits: tuple[int, int], desc: str) -> bool:
+    """Whether ``bad`` epochs without a better validation PCC reach the patience (``limits``: patience, epochs).
+
+    If so, say it on the bar (which then ends full at the epochs run, not at e.g. 22/100) and in the log, with the
+    epoch kept; epochs count from 0, as in the history.
+    """
+    if bad < limits[0]:
+        return False
     msg = (
-        f"stopped early after {epoch + 1} of {total or epoch + 1} epochs (no better val_pcc in {patience}); "
+        f"stopped early after {hist['epoch'][-1] + 1} of {limits[1]} epochs (no better val_pcc in {limits[0]}); "
         f"kept epoch {best[1]}, val_pcc {best[0]:.4f}"
     )
-    if not bar.disable:  # the bar ends full at the epochs run, not at e.g. 22/100
-        bar.total = bar.n + 1
-        bar.set_postfix_str(msg, refresh=False)
-        bar.update(1)
+    if not bar.disable:
+        bar.n = bar.total = hist["epoch"][-1] + 1 - getattr(bar.iterable, "start", 0)
+        bar.set_postfix_str(msg)
     logg.info(f"{desc}: {msg}")
+    return True
 
 
 def empty_history() -> dict[str, list]:
@@ -563,8 +573,6 @@ def train_network(
     )
     train_net, reduce = dist.wrap_ddp(net, device), dist.loss_reduce()  # the module and None alone
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not dist.is_main(), leave=False)
-    # without a mask, the auxiliaries used are those of weight > 0.5 (a refit keeps the fit's selection), as in k
-    k_fixed = int((aux_weights > 0.5).sum()) if aux_weights is not None else Yz.n_cols - n_targets
     for epoch in bar:
         te = time.perf_counter()
         net.train()
@@ -598,7 +606,7 @@ def train_network(
                 meta_seconds += time.perf_counter() - tm
         with prec.autocast():
             pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
-        k_now = mask.k if mask is not None else k_fixed
+        k_now = mask.k if mask is not None else _k_used(aux_weights, Yz.n_cols - n_targets)
         theta_now = mask.threshold if mask is not None else float("nan")
         _record(hist, epoch, losses, pcc, k_now, theta_now, hgs, mvl, time.perf_counter() - te)
         bar.set_postfix(_postfix(hist["train_loss"][-1], pcc if len(val_idx) else None, k_now))
@@ -610,8 +618,7 @@ def train_network(
             bad = 0
         else:
             bad += 1
-            if bad >= patience:
-                _stopped_early(bar, epoch, best, patience, desc)
+            if _early_stop(bad, bar, hist, best, (patience, epochs), desc):
                 break
         if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
             elapsed = time.perf_counter() - t0

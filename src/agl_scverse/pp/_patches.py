@@ -12,8 +12,9 @@ Geometry
     pixels and the crop is the ``side x side`` block of pixels centred on the spot (for an odd side the spot's
     pixel is the centre pixel; for an even side the centre lies half a pixel before the middle). A centre with a
     fractional part (Space Ranger writes float centres) is honoured to the sub-pixel: the crop is read one pixel
-    larger and resampled bilinearly by the fraction (:func:`crop_origin`, :func:`subpixel_shift`), so a patch moves
-    continuously with its centre; whole-pixel centres are cut without resampling.
+    larger and its window, shifted by the fraction, is resized to ``patch_px`` in one bilinear antialiased pass
+    (PIL's ``resize`` with a float box; :func:`crop_origin`), so a patch moves continuously with its centre and the
+    offset adds no blur of its own; whole-pixel centres are cut and resized as before.
 Pyramid levels
     Patches are cut from the pyramid level whose µm/px is closest to the patch's ``patch_um / patch_px`` without
     being coarser (:func:`agl_scverse._images.choose_level`), so a 224 px / 112 µm patch of a 0.25 µm/px scan is
@@ -511,7 +512,11 @@ class SpotPatches(Dataset):
         return len(self.spot_index)
 
     def patch_array(self, i: int) -> np.ndarray:
-        """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image (at its chosen level)."""
+        """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image (at its chosen level).
+
+        A fractional centre's crop is the one-pixel-larger crop shifted by the fraction (:func:`subpixel_shift`);
+        the item itself resamples once (offset and resize together).
+        """
         lib = self.library[i]
         if self._h5_row[i] >= 0:
             return self._h5_patch(lib, int(self._h5_row[i]))
@@ -526,9 +531,29 @@ class SpotPatches(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} patches")
-        crop = self.patch_array(int(i) % len(self))
+        i = int(i) % len(self)
+        if self._h5_row[i] < 0 and self._frac[i].any():  # a fractional centre: one resampling, offset and resize
+            return torch.from_numpy(self._subpixel_patch(i)).permute(2, 0, 1).contiguous()
+        crop = self.patch_array(i)
         t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).contiguous()
         return _resize(t, self.patch_px)
+
+    def _subpixel_patch(self, i: int) -> np.ndarray:
+        """Item ``i`` of a spot with a fractional centre, as a ``(patch_px, patch_px, 3)`` uint8 array.
+
+        The crop window shifted by the fraction is resized to ``patch_px`` in one bilinear, antialiased pass (PIL's
+        ``resize`` with a float ``box``), so the offset adds no blur of its own.
+        """
+        from PIL import Image
+
+        lib = self.library[i]
+        x0, y0 = (int(v) for v in self._box[i])
+        side = self.crop_side[lib]
+        fx, fy = (float(v) for v in self._frac[i])
+        wide = crop_with_padding(self._sources[lib], x0, y0, side + 1, self.pad_mode, self.pad_value, self.level[lib])
+        box = (fx, fy, fx + side, fy + side)
+        out = Image.fromarray(wide).resize((self.patch_px, self.patch_px), Image.Resampling.BILINEAR, box=box)
+        return np.array(out, dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
     def __getstate__(self) -> dict:
         # Open h5 files are not pickled; image sources pickle without their open files or memory maps, and
