@@ -40,28 +40,29 @@ import agl_scverse as agl
 REPO = Path(__file__).resolve().parents[1]
 BASE = "X_agl_densenet121"
 #: Candidate recipes (spatial_context keyword arguments); "none" is the spot embedding alone.
-RECIPES: dict[str, dict | None] = {
+B, C, M = {"output": "blend"}, {"output": "concat", "aggregation": "mean"}, {"aggregation": "mean"}
+RECIPES: dict[str, dict | None] = {  # every recipe spells out output and aggregation (the defaults changed)
     "none": None,
-    "blend_k4": {"n_neighs": 4},
-    "blend_k6": {"n_neighs": 6},
-    "blend_k12": {"n_neighs": 12},
-    "blend_k18": {"n_neighs": 18},
-    "blend_k24": {"n_neighs": 24},
-    "blend_k12_a0.5": {"n_neighs": 12, "alpha": 0.5},
-    "gauss_k12": {"n_neighs": 12, "aggregation": "gaussian"},
-    "radius_300um": {"radius_um": 300.0},
-    "radius_450um": {"radius_um": 450.0},
-    "concat_k6": {"n_neighs": 6, "output": "concat"},
-    "concat_k12": {"n_neighs": 12, "output": "concat"},
+    "blend_k4": {"n_neighs": 4, **B, **M},
+    "blend_k6": {"n_neighs": 6, **B, **M},
+    "blend_k12": {"n_neighs": 12, **B, **M},
+    "blend_k18": {"n_neighs": 18, **B, **M},
+    "blend_k24": {"n_neighs": 24, **B, **M},
+    "blend_k12_a0.5": {"n_neighs": 12, "alpha": 0.5, **B, **M},
+    "gauss_k12": {"n_neighs": 12, "aggregation": "gaussian", **B},
+    "radius_300um": {"radius_um": 300.0, **B, **M},
+    "radius_450um": {"radius_um": 450.0, **B, **M},
+    "concat_k6": {"n_neighs": 6, **C},
+    "concat_k12": {"n_neighs": 12, **C},
     "concat_k12_std": {"n_neighs": 12, "output": "concat", "aggregation": ("mean", "std")},
-    "blend_k12_subtract": {"n_neighs": 12, "slide": "subtract"},
-    "concat_k12_slide": {"n_neighs": 12, "output": "concat", "slide": "append"},
+    "blend_k12_subtract": {"n_neighs": 12, "slide": "subtract", **B, **M},
+    "concat_k12_slide": {"n_neighs": 12, "slide": "append", **C},
 }
 #: With a wider field of view (--fov-key): added to RECIPES.
 FOV_RECIPES = {
-    "concat_k12_fov": {"n_neighs": 12, "output": "concat"},
+    "concat_k12_fov": {"n_neighs": 12, **C},
     "concat_k12_std_fov": {"n_neighs": 12, "output": "concat", "aggregation": ("mean", "std")},
-    "blend_k12_fov": {"n_neighs": 12},
+    "blend_k12_fov": {"n_neighs": 12, **B, **M},
 }
 
 

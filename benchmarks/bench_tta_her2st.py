@@ -12,7 +12,8 @@ Run::
     python benchmarks/bench_tta_her2st.py [--sections C2 C3 C4 C5 C6] [--encoder tf_efficientnet_lite0]
         [--weights ../shared/weights/efficientnet-lite0-57934424.pth] [--threads 2]
 
-Writes ``benchmarks/results/tta_her2st.json`` and prints the figures.
+Writes ``benchmarks/results/tta_her2st.json`` and prints the figures. ``--cost-only N`` only times ``tta=1`` against
+``tta=8`` on the first N spots, interleaved, and writes ``benchmarks/results/tta_cost.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ def loso(adata, key: str) -> dict[str, float]:
     return out
 
 
+def cost_only(adata, kw: dict, args) -> None:
+    """Seconds of tta=1 and tta=8 on the same spots after a warm-up, interleaved (load drifts hit both), medians."""
+    times: dict[int, list[float]] = {1: [], 8: []}
+    agl.pp.embed_patches(adata[:2].copy(), **kw, key_added="t", copy=True)  # warm-up (imports, image cache), untimed
+    for _ in range(args.repeats):
+        for tta in (1, 8):
+            t = time.perf_counter()
+            agl.pp.embed_patches(adata, **kw, tta=tta, key_added="t", copy=True)
+            times[tta].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    res = {"n_spots": int(adata.n_obs), "encoder": args.encoder, "patch_px": args.patch_px, "times": times,
+           "median_seconds": med, "cost_ratio": med[8] / med[1], "command": " ".join(sys.argv),
+           "machine": platform.platform(), "load": os.getloadavg()}  # fmt: skip
+    print(f"tta=1 {med[1]:.1f} s, tta=8 {med[8]:.1f} s (medians of {args.repeats}); ratio {res['cost_ratio']:.2f}")
+    out = Path(args.out).with_name("tta_cost.json")
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED / "data" / "her2st"))
@@ -55,12 +75,17 @@ def main() -> None:
     ap.add_argument("--weights", default=str(SHARED / "weights" / "efficientnet-lite0-57934424.pth"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--patch-px", type=int, default=224)
+    ap.add_argument("--cost-only", type=int, default=0, help="only time tta=1 vs 8 on this many spots (interleaved)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tta_her2st.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adata = agl.io.read_legacy_st(args.data, sections=args.sections)
     kw = {"encoder": args.encoder, "weights": args.weights, "patch_px": args.patch_px, "patch_um": 160.0, "device": "cpu",
           "library_key": "library_id", "precision": "fp32"}  # fmt: skip
+    if args.cost_only:
+        cost_only(adata[: args.cost_only].copy(), kw, args)
+        return
     secs = {}
     for tta in (1, 8):
         t = time.perf_counter()
