@@ -61,6 +61,18 @@ def spot_masks(adata: AnnData, library_key: str | None = None) -> dict[str, np.n
     return {lib: col == lib for lib in libs}
 
 
+def one_library(adata: AnnData, library_id: str | None = None) -> str:
+    """The library of ``.uns["spatial"]`` a single-slide tool works on: ``library_id``, or the only one there is."""
+    libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).keys())
+    if library_id is None:
+        if len(libs) != 1:
+            raise ValueError(f"The AnnData holds {len(libs)} libraries {libs}; pass library_id=<one of them>.")
+        return libs[0]
+    if library_id not in libs:
+        raise KeyError(f"No library {library_id!r} in .uns['spatial'] (libraries: {libs}).")
+    return library_id
+
+
 def library_entry(adata: AnnData, library_id: str) -> dict:
     """The ``uns['spatial'][library_id]`` dict, with a clear error if absent."""
     spatial = adata.uns.get(K.SPATIAL_KEY, {})

@@ -717,16 +717,7 @@ def _add_slide_args(p: argparse.ArgumentParser) -> None:
     _add_resolution_args(p)
 
 
-def _add_cross_validate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--baselines",
-        nargs="*",
-        default=list(CV_BASELINES),
-        choices=list(ALL_BASELINES),
-        metavar="NAME",
-        help="baseline rows beside the methods: mean, pca_ridge, rrr (reduced-rank ridge with auxiliaries, slow); "
-        "--baselines with no name: none (default: mean pca_ridge)",
-    )
+def _add_ensemble_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refit",
         action=argparse.BooleanOptionalAction,
@@ -737,8 +728,21 @@ def _add_cross_validate_args(p: argparse.ArgumentParser) -> None:
         "--n-seeds",
         type=int,
         default=None,
-        help="average this many networks, one per seed (default: 5 in embedding mode)",
+        help="embedding mode: average this many networks, one per seed (default: 5 in embedding mode, else 1)",
     )
+
+
+def _add_cross_validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(CV_BASELINES),
+        choices=list(ALL_BASELINES),
+        metavar="NAME",
+        help="baseline rows beside the methods: mean, pca_ridge, rrr (reduced-rank ridge with auxiliaries, slow); "
+        "--baselines with no name: none (default: mean pca_ridge)",
+    )
+    _add_ensemble_args(p)
 
 
 def _add_section_args(p: argparse.ArgumentParser) -> None:
@@ -837,18 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups held out of the fit, predicted and scored after it",
     )
     p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
-    p.add_argument(
-        "--refit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="after early stopping, retrain on training + validation spots (default: on in embedding mode)",
-    )
-    p.add_argument(
-        "--n-seeds",
-        type=int,
-        default=None,
-        help="embedding mode: average this many networks, one per seed (default: 5 in embedding mode, else 1)",
-    )
+    _add_ensemble_args(p)
     _add_scale_out_args(p)
     _add_debug(p, argparse.SUPPRESS)
 

@@ -12,6 +12,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from agl_scverse import _constants as K
+from agl_scverse._spatial import one_library
 from agl_scverse.io import read_he_image
 from agl_scverse.io._common import finalize, positive_number
 
@@ -103,13 +104,7 @@ def spot_grid(
     if not isinstance(data, AnnData):
         data = read_he_image(data, microns_per_pixel=microns_per_pixel, library_id=library_id)
         library_id = next(iter(data.uns[K.SPATIAL_KEY]))
-    libs = list((data.uns.get(K.SPATIAL_KEY) or {}).keys())
-    if library_id is None:
-        if len(libs) != 1:
-            raise ValueError(f"The AnnData holds {len(libs)} libraries {libs}; pass library_id=<one of them>.")
-        library_id = libs[0]
-    if library_id not in libs:
-        raise KeyError(f"No library {library_id!r} in .uns['spatial'] (libraries: {libs}).")
+    library_id = one_library(data, library_id)
     entry = copy.deepcopy(data.uns[K.SPATIAL_KEY][library_id])
     sf, meta = entry.setdefault(K.SCALEFACTORS, {}), entry.get(K.METADATA) or {}
     mpp = float(microns_per_pixel) if microns_per_pixel is not None else sf.get(K.MICRONS_PER_PIXEL)

@@ -61,13 +61,7 @@ def slide_image(data: Any, library_id: str | None = None, microns_per_pixel: flo
     ``microns_per_pixel``.
     """
     if isinstance(data, AnnData):
-        libs = list((data.uns.get(K.SPATIAL_KEY) or {}).keys())
-        if library_id is None:
-            if len(libs) != 1:
-                raise ValueError(f"The AnnData holds {len(libs)} libraries {libs}; pass library_id=<one of them>.")
-            library_id = libs[0]
-        if library_id not in libs:
-            raise KeyError(f"No library {library_id!r} in .uns['spatial'] (libraries: {libs}).")
+        library_id = _spatial.one_library(data, library_id)
         mpp = (
             float(microns_per_pixel) if microns_per_pixel is not None else _spatial.microns_per_pixel(data, library_id)
         )
