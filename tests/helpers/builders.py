@@ -48,6 +48,19 @@ def small_slide(n: int = 120, n_genes: int = 60, d: int = 12, seed: int = 0, spa
     return adata
 
 
+def noise_slide() -> AnnData:
+    """Ten spots on a 120 x 140 px random RGB image at 1 µm/px (one library ``lib``): the encoder tests' slide."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(120, 140, 3), dtype=np.uint8)
+    xy = rng.uniform(20, 100, size=(10, 2))
+    return AnnData(
+        np.ones((10, 3), dtype=np.float32),
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(10)]),
+        obsm={"spatial": xy},
+        uns={"spatial": {"lib": {"images": {"fullres": img}, "scalefactors": {"microns_per_pixel": 1.0}}}},
+    )
+
+
 def snapshot(adata: AnnData) -> dict:
     """What a failed call must leave unchanged."""
     X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X).copy()

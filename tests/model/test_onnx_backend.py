@@ -8,10 +8,10 @@ import stat
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import timm
 import torch
+from builders import noise_slide
 from torch import nn
 
 import agl_scverse as agl
@@ -26,15 +26,7 @@ PX, UM = 32, 32.0
 
 @pytest.fixture
 def slide() -> ad.AnnData:
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(120, 140, 3), dtype=np.uint8)
-    xy = rng.uniform(20, 100, size=(10, 2))
-    return ad.AnnData(
-        np.ones((10, 3), dtype=np.float32),
-        obs=pd.DataFrame(index=[f"s{i}" for i in range(10)]),
-        obsm={"spatial": xy},
-        uns={"spatial": {"lib": {"images": {"fullres": img}, "scalefactors": {"microns_per_pixel": 1.0}}}},
-    )
+    return noise_slide()
 
 
 @pytest.fixture
