@@ -1,4 +1,5 @@
-"""Re-execute the tutorial notebooks in quick mode (``AGL_TUTORIAL_QUICK=1``) and check one result of each.
+"""Re-execute the tutorial notebooks in quick mode (``AGL_TUTORIAL_QUICK=1``) and check one result of each; check
+that each stored notebook's cells equal its jupytext source (``tutorials/NN_name.py``).
 
 The notebooks run from ``tutorials/`` (their relative paths resolve as in Jupyter); the executed copy stays in
 memory, so the committed notebooks (with their full-mode outputs) are not touched.
@@ -16,6 +17,28 @@ nbclient = pytest.importorskip("nbclient")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = ["01_quickstart.ipynb", "02_her2st.ipynb", "03_scanpy_pipeline.ipynb"]
+
+
+def test_every_notebook_has_a_source():
+    """One jupytext source per stored notebook and one notebook per source (no orphan on either side)."""
+    notebooks = sorted(p.stem for p in TUTORIALS.glob("*.ipynb"))
+    sources = sorted(p.stem for p in TUTORIALS.glob("[0-9][0-9]_*.py"))
+    assert notebooks == sorted(n.removesuffix(".ipynb") for n in NOTEBOOKS)
+    assert sources == notebooks
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_notebook_matches_its_source(name):
+    """The committed notebook's cells (type and text, in order) are those of its jupytext source: an edit to one
+    without the other fails here. Fix: edit the ``.py`` and run ``python tutorials/make_notebooks.py``."""
+    jupytext = pytest.importorskip("jupytext")
+    source = jupytext.read(TUTORIALS / name.replace(".ipynb", ".py"))
+    stored = nbformat.read(TUTORIALS / name, as_version=4)
+    want = [(c.cell_type, c.source) for c in source.cells]
+    got = [(c.cell_type, c.source) for c in stored.cells]
+    for i, (w, g) in enumerate(zip(want, got, strict=False)):
+        assert w == g, f"{name} cell {i} differs from its source; run python tutorials/make_notebooks.py\n{g}\n{w}"
+    assert len(want) == len(got), f"{name}: {len(got)} cells stored, {len(want)} in the source"
 
 
 def _texts(nb) -> list[str]:
