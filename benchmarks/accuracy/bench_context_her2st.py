@@ -16,7 +16,7 @@ every fit.
 
 Run::
 
-    python benchmarks/bench_context_her2st.py [--data /work/cache/her2st_densenet121.h5ad] [--agl]
+    python -m benchmarks.accuracy.bench_context_her2st [--data ../cache/her2st_densenet121.h5ad] [--agl]
         [--agl-recipes blend_k12 concat_k12] [--fov-key X_agl_densenet121_fov320um]
 
 Writes ``benchmarks/results/context_her2st.json`` and prints a Markdown table.
@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 import agl_scverse as agl
+from benchmarks._common import HER2ST_H5AD, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
 BASE = "X_agl_densenet121"
 #: Candidate recipes (spatial_context keyword arguments); "none" is the spot embedding alone.
 B, C, M = {"output": "blend"}, {"output": "concat", "aggregation": "mean"}, {"aggregation": "mean"}
@@ -159,14 +159,14 @@ def agl_runs(adata: ad.AnnData, recipes: list[str], res: dict, out: Path) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="/work/cache/her2st_densenet121.h5ad")
+    ap.add_argument("--data", default=str(HER2ST_H5AD))
     ap.add_argument("--fov-key", default=None, help="an .obsm key of a wider-patch embedding in --data")
     ap.add_argument("--fov-data", default=None, help="an h5ad holding --fov-key (same spots)")
     ap.add_argument("--agl", action="store_true")
     ap.add_argument("--agl-recipes", nargs="*", default=["concat_k12_std"])
     ap.add_argument("--agl-only", action="store_true", help="skip the PCA+Ridge nested selection")
     ap.add_argument("--recipes", nargs="*", default=None, help="candidate recipes (default: all)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "context_her2st.json"))
+    ap.add_argument("--out", default=str(RESULTS / "context_her2st.json"))
     args = ap.parse_args()
     adata = ad.read_h5ad(args.data)
     if args.fov_data:

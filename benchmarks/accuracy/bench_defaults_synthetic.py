@@ -4,26 +4,28 @@ The slide, features and held-out spots of ``agl-scverse demo`` (seed 0: 400 spot
 112 px, a seeded quarter of the spots held out); PGL, AGL-all and DkGSB fitted three ways on the rest and scored on
 the held-out spots (mean target Pearson r, ``agl.tl.evaluate``).
 
-    python benchmarks/bench_defaults_synthetic.py
+    python -m benchmarks.accuracy.bench_defaults_synthetic
 
 Prints a table and writes ``benchmarks/results/defaults_synthetic.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 import agl_scverse as agl
+from benchmarks._common import RESULTS
 
 SETTINGS = {"one network": {"refit": False, "n_seeds": 1}, "refit": {"refit": True, "n_seeds": 1},
             "refit, 5 seeds (default)": {}}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help only
     a = agl.datasets.synthetic_slide(seed=0)
     agl.pp.embed_patches(a, encoder="resnet18", patch_px=112)
     test = np.zeros(a.n_obs, dtype=bool)
@@ -41,9 +43,11 @@ def main() -> None:
             pcc = float(a.uns["agl"]["metrics"]["test"]["model"]["pearson"])
             rows.append({"method": method, "setting": name, "pcc": pcc, "fit_seconds": secs})
             print(f"{method:6s} {name:26s} PCC {pcc:.3f}  fit {secs:.1f} s", flush=True)
-    out = Path(__file__).resolve().parent / "results" / "defaults_synthetic.json"
+    out = RESULTS / "defaults_synthetic.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python benchmarks/bench_defaults_synthetic.py", "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps({"command": "python -m benchmarks.accuracy.bench_defaults_synthetic", "rows": rows}, indent=2)
+    )
     print(f"wrote {out}")
 
 

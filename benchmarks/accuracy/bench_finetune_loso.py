@@ -11,7 +11,7 @@ validation PCC, seconds per epoch, peak RSS.
 
 Run::
 
-    python benchmarks/bench_finetune_loso.py [--test C6] [--px 112] [--epochs 4] [--methods pgl agl dkgsb]
+    python -m benchmarks.accuracy.bench_finetune_loso [--test C6] [--px 112] [--epochs 4] [--methods pgl agl dkgsb]
 
 Writes ``benchmarks/results/finetune_loso.json``.
 """
@@ -26,13 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_embed import DENSENET_FILE
 
 import agl_scverse as agl
 from agl_scverse.tl._cross_validate import _val_group
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, RESULTS
 
 
 def _peak_gb() -> float:
@@ -47,8 +44,8 @@ def _score(adata, train, model, key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=SHARED / "data" / "her2st")
-    ap.add_argument("--weights", type=Path, default=SHARED / "weights" / DENSENET_FILE)
+    ap.add_argument("--data", type=Path, default=HER2ST)
+    ap.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
     ap.add_argument("--test", default="C6")
     ap.add_argument("--px", type=int, default=112)
     ap.add_argument("--um", type=float, default=160.0)
@@ -58,7 +55,7 @@ def main() -> None:
     ap.add_argument("--meta-steps", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=["pgl", "agl", "dkgsb"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_loso.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "finetune_loso.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -108,7 +105,7 @@ def main() -> None:
         )  # fmt: skip
         print(rows[-1], flush=True)
     res = {
-        "command": "python benchmarks/bench_finetune_loso.py " + " ".join(
+        "command": "python -m benchmarks.accuracy.bench_finetune_loso " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("data", "weights", "out")
         ),
         "test": args.test, "val": val, "n_train_spots": int((lib != args.test).sum() - (lib == val).sum()),

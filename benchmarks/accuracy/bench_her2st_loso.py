@@ -16,7 +16,7 @@ fold, fit time ratio to AGL-all, and paired differences (per seed) against PGL, 
 
 Run::
 
-    python benchmarks/bench_her2st_loso.py [--seeds 0 1 2 3 4] [--methods pgl pgl:reg agl topk:auto dkgsb]
+    python -m benchmarks.accuracy.bench_her2st_loso [--seeds 0 1 2 3 4] [--methods pgl pgl:reg agl topk:auto dkgsb]
         [--no-refit] [--data ../shared/data/her2st] [--weights ../shared/weights/...pth]
 
 Writes ``benchmarks/results/her2st_loso.json`` and ``.csv`` (per seed x fold x method; rewritten after every seed)
@@ -35,7 +35,7 @@ held-out section is never read by the inner loop (it is dropped from the AnnData
 ``--embedding-key`` takes any ``.obsm`` key of the cache (e.g. a context key such as
 ``X_agl_densenet121_context``, computed beforehand and saved in the cache h5ad)::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_her2st_loso.py --nested --cache /work/cache/her2st_densenet121.h5ad \
+    OMP_NUM_THREADS=1 python -m benchmarks.accuracy.bench_her2st_loso --nested --cache ../cache/her2st_densenet121.h5ad \
         --candidates dkgsb dkgsb:hybrid --n-seeds 1 --seeds 0 [--groups C2 C3] [--embedding-key X_...]
 
 Writes ``benchmarks/results/her2st_nested.json`` (``--stem``), rewritten after every outer fold.
@@ -56,9 +56,8 @@ import pandas as pd
 
 import agl_scverse as agl
 from agl_scverse._utils import sha256_file
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, REPO, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 LABELS = {
     "mean": "mean predictor",
     "pca_ridge": "PCA+Ridge (z-scored, LOO alpha)",
@@ -301,12 +300,10 @@ def git_state() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=SHARED / "data" / "her2st")
-    p.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "densenet121_keras_imagenet_features_torchvision.pth"
-    )
-    p.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "out" / "her2st_densenet121.h5ad")
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--data", type=Path, default=HER2ST)
+    p.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
+    p.add_argument("--cache", type=Path, default=OUT / "her2st_densenet121.h5ad")
+    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--methods", nargs="+", default=["pgl", "pgl:reg", "agl", "topk:auto", "dkgsb"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--no-refit", action="store_true", help="networks train on the training split only")
@@ -343,7 +340,7 @@ def main() -> None:
         fit_kwargs["epochs"] = args.epochs
     if "topk" in args.methods:
         fit_kwargs["k"] = args.topk_k
-    cmd = "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    cmd = " ".join(["python -m benchmarks.accuracy.bench_her2st_loso", *sys.argv[1:]])
     args.results.mkdir(parents=True, exist_ok=True)
     frames, records = [], []
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ chooses the weight on the validation spots of each fit (``metrics["hybrid_weight
 ``bench_her2st_loso.py --nested`` chooses between configurations without the test section; this script only shows
 how sensitive the test score is to the weight.
 
-    python benchmarks/bench_hybrid_weight.py --cache <embedded h5ad> --method dkgsb --seed 0
+    python -m benchmarks.accuracy.bench_hybrid_weight --cache <embedded h5ad> --method dkgsb --seed 0
 
 Writes ``benchmarks/results/hybrid_weight_<method>_seed<seed>.json`` (mean PCC per weight, per section).
 """
@@ -27,9 +27,8 @@ import torch
 
 import agl_scverse as agl
 import agl_scverse.tl._cross_validate as cv
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_her2st_loso as B
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, RESULTS
+from benchmarks.accuracy import bench_her2st_loso as B
 
 WEIGHTS = (0.0, 0.25, 0.4, 0.5, 0.6, 1.0)
 
@@ -70,12 +69,10 @@ def blending_fit(real_fit):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=B.SHARED / "data" / "her2st")
-    p.add_argument(
-        "--weights", type=Path, default=B.SHARED / "weights" / "densenet121_keras_imagenet_features_torchvision.pth"
-    )
-    p.add_argument("--cache", type=Path, default=B.REPO / "benchmarks" / "out" / "her2st_densenet121.h5ad")
-    p.add_argument("--results", type=Path, default=B.REPO / "benchmarks" / "results")
+    p.add_argument("--data", type=Path, default=HER2ST)
+    p.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
+    p.add_argument("--cache", type=Path, default=OUT / "her2st_densenet121.h5ad")
+    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--method", default="dkgsb", choices=["pgl", "agl", "dkgsb"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -94,7 +91,7 @@ def main() -> None:
     print(per.round(4))
     print(per.mean(axis=1).round(4))
     out = {
-        "command": "python " + " ".join(sys.argv), "git": B.git_state(), "seconds": time.perf_counter() - t0,
+        "command": " ".join(["python -m benchmarks.accuracy.bench_hybrid_weight", *sys.argv[1:]]), "git": B.git_state(), "seconds": time.perf_counter() - t0,
         "mean_pcc": {m: float(v) for m, v in per.mean(axis=1).items()},
         "per_section_pcc": {m: {str(f): float(v) for f, v in row.items()} for m, row in per.iterrows()},
     }  # fmt: skip

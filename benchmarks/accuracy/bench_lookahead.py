@@ -12,8 +12,8 @@ default 12 as in their code) on one meta batch, train mode. Everything else is `
 
 Run::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_lookahead.py --data synthetic --seeds 0 1 2
-    OMP_NUM_THREADS=1 python benchmarks/bench_lookahead.py --data her2st --cache /work/cache/her2st_densenet121.h5ad \
+    OMP_NUM_THREADS=1 python -m benchmarks.accuracy.bench_lookahead --data synthetic --seeds 0 1 2
+    OMP_NUM_THREADS=1 python -m benchmarks.accuracy.bench_lookahead --data her2st --cache ../cache/her2st_densenet121.h5ad \
         --groups C2 C3 --seeds 0
 
 Writes ``benchmarks/results/lookahead_<data>.json`` (rewritten after every fit) and prints a table.
@@ -32,8 +32,7 @@ import numpy as np
 import pandas as pd
 
 import agl_scverse as agl
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks._common import HER2ST_H5AD, RESULTS
 
 
 def settings(authors_h: list[int]) -> dict[str, dict]:
@@ -112,7 +111,7 @@ def main() -> None:
     ap.add_argument("--data", choices=("synthetic", "her2st"), default="synthetic")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--authors-h", type=int, nargs="+", default=[12], help="inner steps of the authors' look-ahead")
-    ap.add_argument("--cache", type=Path, default=Path("/work/cache/her2st_densenet121.h5ad"))
+    ap.add_argument("--cache", type=Path, default=HER2ST_H5AD)
     ap.add_argument("--embedding-key", default="X_agl_densenet121")
     ap.add_argument("--groups", nargs="+", default=None, help="held-out HER2+ sections (default: all five)")
     ap.add_argument("--threads", type=int, default=1)
@@ -121,9 +120,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    out = args.out or REPO / "benchmarks" / "results" / f"lookahead_{args.data}.json"
+    out = args.out or RESULTS / f"lookahead_{args.data}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    cmd = " ".join(["python -m benchmarks.accuracy.bench_lookahead", *sys.argv[1:]])
     looks = settings(args.authors_h)
     t0 = time.perf_counter()
 

@@ -7,7 +7,7 @@ of the selected auxiliaries (fraction truly informative; base rate ~0.15).
 
 Run::
 
-    python benchmarks/bench_priors.py [--seeds 0 1 2] [--k 300]
+    python -m benchmarks.accuracy.bench_priors [--seeds 0 1 2] [--k 300]
 
 Writes ``benchmarks/results/bench_priors.json``.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from bench_synthetic_methods import FIT, make_slide
 
 import agl_scverse as agl
+from benchmarks._common import RESULTS
+from benchmarks.accuracy.bench_synthetic_methods import FIT, make_slide
 
 PRIORS = ("hvg", "coexpression", "moran")
 
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_priors.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_priors.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -54,7 +55,9 @@ def main() -> None:
     print("\nmedians over seeds")
     print(med.round(4))
     out = {
-        "command": "python benchmarks/bench_priors.py --seeds " + " ".join(map(str, args.seeds)) + f" --k {args.k}",
+        "command": "python -m benchmarks.accuracy.bench_priors --seeds "
+        + " ".join(map(str, args.seeds))
+        + f" --k {args.k}",
         "per_seed": all_df.to_dict(orient="records"),
         "median": med.reset_index().to_dict(orient="records"),
     }

@@ -1,6 +1,6 @@
 """How much sub-pixel spot centres move HER2+ predictions: float, rounded and truncated centres of section C6.
 
-The cached HER2+ embedding (``/work/cache/her2st_densenet121.h5ad`` or ``--cache``; DenseNet-121 ImageNet weights,
+The cached HER2+ embedding (``../cache/her2st_densenet121.h5ad``, ``$AGL_CACHE`` or ``--cache``; DenseNet-121 ImageNet weights,
 160 µm in 224 px) was cut by the earlier rule, which rounds each float centre to the nearest pixel: it is the
 "rounded" variant. This script embeds C6 again with the current code from its float centres (sub-pixel: the
 window shifted by the fraction, resized in one antialiased pass) and from truncated integer centres (``int()``, what a reader that
@@ -8,7 +8,7 @@ stores integers gives), fits PCA + Ridge on C2-C5 (cached embedding, top-50 HVG 
 predicts C6 from each. Prints, per pair, the largest per-spot change of a prediction and the mean target PCC,
 and writes ``benchmarks/results/subpixel_centres.json``.
 
-    python benchmarks/bench_subpixel_centres.py --data ../shared/data/her2st \\
+    python -m benchmarks.accuracy.bench_subpixel_centres --data ../shared/data/her2st \\
         --weights ../shared/weights/densenet121_keras_imagenet_features_torchvision.pth
 """
 
@@ -26,6 +26,7 @@ import agl_scverse as agl
 from agl_scverse._expression import expression_transform
 from agl_scverse._stats import pearson_per_gene
 from agl_scverse.tl import pca_ridge
+from benchmarks._common import HER2ST_H5AD, RESULTS
 
 EMB = "X_agl_densenet121"
 
@@ -36,9 +37,9 @@ def main() -> None:
     p.add_argument(
         "--weights", type=Path, default=Path("../shared/weights/densenet121_keras_imagenet_features_torchvision.pth")
     )
-    p.add_argument("--cache", type=Path, default=Path("/work/cache/her2st_densenet121.h5ad"))
+    p.add_argument("--cache", type=Path, default=HER2ST_H5AD)
     p.add_argument("--section", default="C6")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "subpixel_centres.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "subpixel_centres.json")
     args = p.parse_args()
     import torch
 

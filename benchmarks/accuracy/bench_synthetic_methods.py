@@ -2,7 +2,7 @@
 
 Run (CPU, ~1-2 min per seed on one core)::
 
-    python benchmarks/bench_synthetic_methods.py --seeds 0 1 2
+    python -m benchmarks.accuracy.bench_synthetic_methods --seeds 0 1 2
 
 Regime ("clean auxiliaries, noisy targets"): ``agl.datasets.synthetic_slide`` with informative auxiliaries as
 strong and well expressed as the tissue genes (``informative_strength=1``, ``informative_mean=(3, 30)``) and the
@@ -32,6 +32,7 @@ import torch
 
 import agl_scverse as agl
 from agl_scverse._utils import versions
+from benchmarks._common import RESULTS
 
 SLIDE = {
     "n_rows": 20,
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--embedding", default="latent")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_synthetic_methods.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_synthetic_methods.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -99,7 +100,7 @@ def main() -> None:
     print("\nmedians over seeds")
     print(med.round(4))
     out = {
-        "command": "python benchmarks/bench_synthetic_methods.py --seeds "
+        "command": "python -m benchmarks.accuracy.bench_synthetic_methods --seeds "
         + " ".join(map(str, args.seeds))
         + (f" --embedding {args.embedding}" if args.embedding != "latent" else ""),
         "slide": {k: list(v) if isinstance(v, tuple) else v for k, v in SLIDE.items()},

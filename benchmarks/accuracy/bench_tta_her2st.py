@@ -9,7 +9,7 @@ without the default spatial context (:func:`agl_scverse.pp.spatial_context`). A 
 
 Run::
 
-    python benchmarks/bench_tta_her2st.py [--sections C2 C3 C4 C5 C6] [--encoder tf_efficientnet_lite0]
+    python -m benchmarks.accuracy.bench_tta_her2st [--sections C2 C3 C4 C5 C6] [--encoder tf_efficientnet_lite0]
         [--weights ../shared/weights/efficientnet-lite0-57934424.pth] [--threads 2]
 
 Writes ``benchmarks/results/tta_her2st.json`` and prints the figures. ``--cost-only N`` only times ``tta=1`` against
@@ -30,11 +30,8 @@ import numpy as np
 import torch
 
 import agl_scverse as agl
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_context_her2st import expression, pcc, targets_on  # noqa: E402
+from benchmarks._common import RESULTS, SHARED
+from benchmarks.accuracy.bench_context_her2st import expression, pcc, targets_on
 
 
 def loso(adata, key: str) -> dict[str, float]:
@@ -77,7 +74,7 @@ def main() -> None:
     ap.add_argument("--patch-px", type=int, default=224)
     ap.add_argument("--cost-only", type=int, default=0, help="only time tta=1 vs 8 on this many spots (interleaved)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tta_her2st.json"))
+    ap.add_argument("--out", default=str(RESULTS / "tta_her2st.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adata = agl.io.read_legacy_st(args.data, sections=args.sections)

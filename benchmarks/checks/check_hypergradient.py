@@ -22,7 +22,7 @@ Prints the sign agreement of each hypergradient with each truth and the median s
 
 Run::
 
-    python benchmarks/check_hypergradient.py [--cache benchmarks/out/her2st_densenet121.h5ad] [--batches 8]
+    python -m benchmarks.checks.check_hypergradient [--cache benchmarks/out/her2st_densenet121.h5ad] [--batches 8]
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from agl_scverse._expression import ExpressionBatches
 from agl_scverse.model import AdamState, EmbeddingHead, GeneMask, hypergradient
 from agl_scverse.model._loss import per_gene_loss, weighted_loss
 from agl_scverse.model._trainer import StandardizedTargets
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks._common import OUT, RESULTS
 
 
 def _weights(mask: GeneMask, n_t: int, theta: float) -> torch.Tensor:
@@ -69,12 +68,12 @@ def _target_loss(net, x, y, n_t) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "out" / "her2st_densenet121.h5ad")
+    ap.add_argument("--cache", type=Path, default=OUT / "her2st_densenet121.h5ad")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--horizon", type=int, default=10)
     ap.add_argument("--theta", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "check_hypergradient.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "check_hypergradient.json")
     ap.add_argument("--authors", action="store_true", help="also the authors' look-ahead (fresh Adam, H steps)")
     ap.add_argument("--authors-h", type=int, default=12)
     args = ap.parse_args()
@@ -151,7 +150,7 @@ def main() -> None:
     )
     print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/check_hypergradient.py"
+    cmd = "python -m benchmarks.checks.check_hypergradient"
     cmd += f" --batches {args.batches} --horizon {args.horizon} --theta {args.theta:g}"
     cmd += f" --authors --authors-h {args.authors_h}" if args.authors else ""
     args.out.write_text(

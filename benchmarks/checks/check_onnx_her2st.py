@@ -11,7 +11,7 @@ compares with torch features of the same encoder and patches (a cached h5ad with
 
 Usage::
 
-    python benchmarks/check_onnx_her2st.py [--torch-h5ad /work/cache/her2st_densenet121.h5ad]
+    python -m benchmarks.checks.check_onnx_her2st [--torch-h5ad ../cache/her2st_densenet121.h5ad]
         [--data ../shared/data/her2st] [--weights <densenet .pth>] [--features onnx_features.npz]
         [--out benchmarks/results/onnx_her2st.json]
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("AGL_SHARED", REPO.parent / "shared"))
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, HER2ST_H5AD, RESULTS
+
 KEY = "X_agl_densenet121"
 PATCH_UM, PATCH_PX = 160.0, 224
 
@@ -77,13 +77,11 @@ def loso(adata, feats: dict[str, np.ndarray], torch_key: str = "torch") -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--torch-h5ad", type=Path, default=Path("/work/cache/her2st_densenet121.h5ad"))
-    ap.add_argument("--data", type=Path, default=SHARED / "data" / "her2st")
-    ap.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "densenet121_keras_imagenet_features_torchvision.pth"
-    )
+    ap.add_argument("--torch-h5ad", type=Path, default=HER2ST_H5AD)
+    ap.add_argument("--data", type=Path, default=HER2ST)
+    ap.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
     ap.add_argument("--features", type=Path, default=None, help="also save the ONNX features here (.npz)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "onnx_her2st.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "onnx_her2st.json")
     args = ap.parse_args()
 
     import anndata as ad

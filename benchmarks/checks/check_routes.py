@@ -18,7 +18,7 @@ unless ``allow_lowres=True`` (patches upsampled from the 2000-px thumbnail).
 Prints the mean target Pearson r of each route and writes ``benchmarks/results/routes.json``. Nothing is written
 into the repository besides that file; the folders are temporary. Run::
 
-    OMP_NUM_THREADS=2 python benchmarks/check_routes.py [--data /work/shared/data/her2st] [--epochs 10]
+    OMP_NUM_THREADS=2 python -m benchmarks.checks.check_routes [--data ../shared/data/her2st] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -32,15 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tests.helpers.builders import spatialdata_from, visium_folder_from  # the shared route builders
 
 import agl_scverse as agl
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "helpers"))
-from builders import spatialdata_from, visium_folder_from  # noqa: E402  (the shared route builders)
-
-SHARED = next((p for p in (REPO.parent / "shared", Path("/work/shared")) if p.exists()), REPO.parent / "shared")
-WEIGHTS = "densenet121_keras_imagenet_features_torchvision.pth"
 TEST = "C6"
 
 
@@ -59,14 +55,14 @@ def mean_target_pcc(adata, model, layer: str = "agl_pred") -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=SHARED / "data" / "her2st")
-    p.add_argument("--weights", type=Path, default=SHARED / "weights" / WEIGHTS)
+    p.add_argument("--data", type=Path, default=HER2ST)
+    p.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patch-px", type=int, default=112, help="patch side in pixels (160 µm patches)")
-    p.add_argument("--model-dir", type=Path, default=REPO / "benchmarks" / "out" / "routes_model",
+    p.add_argument("--model-dir", type=Path, default=OUT / "routes_model",
                    help="trained model, reused by a rerun with the same settings (git-ignored)")  # fmt: skip
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "routes.json")
+    p.add_argument("--results", type=Path, default=RESULTS / "routes.json")
     args = p.parse_args()
     if not (args.data / TEST).exists() or not args.weights.exists():
         sys.exit(f"needs the HER2+ sections ({args.data}) and the DenseNet-121 weights ({args.weights})")
@@ -140,7 +136,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
         "python": platform.python_version(),
         "agl_scverse": agl.__version__,
-        "command": "python benchmarks/check_routes.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.checks.check_routes " + " ".join(sys.argv[1:]),
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(res, indent=2) + "\n")

@@ -4,7 +4,7 @@ Reads each HER2+ section's he.jpg alone (µm/px 0.71, the README's geometry), fi
 (agl.pp.tissue_mask), lays a hexagonal grid (agl.pp.spot_grid) and counts the measured spots (spots.tsv pixel_x,
 pixel_y) with a grid centre within one pitch. Writes benchmarks/results/slide_grid_her2st.json.
 
-    python benchmarks/check_slide_grid_her2st.py --sections C6 --pitch-um 100
+    python -m benchmarks.checks.check_slide_grid_her2st --sections C6 --pitch-um 100
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 import agl_scverse as agl
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "her2st"
+from benchmarks._common import HER2ST as DATA
+from benchmarks._common import RESULTS
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--pitch-um", type=float, default=100.0)
     ap.add_argument("--spot-um", type=float, default=55.0)
     ap.add_argument("--microns-per-pixel", type=float, default=0.71)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "slide_grid_her2st.json"))
+    ap.add_argument("--out", default=str(RESULTS / "slide_grid_her2st.json"))
     args = ap.parse_args()
     rows = []
     for sec in args.sections:
@@ -54,7 +53,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row))
-    out = {"command": "python benchmarks/check_slide_grid_her2st.py " + " ".join(
+    out = {"command": "python -m benchmarks.checks.check_slide_grid_her2st " + " ".join(
         [f"--sections {' '.join(args.sections)}", f"--pitch-um {args.pitch_um:g}", f"--spot-um {args.spot_um:g}",
          f"--microns-per-pixel {args.microns_per_pixel:g}"]), "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -13,7 +13,7 @@ and the held-out mean target Pearson correlation is reported per seed and as med
 HVG (seurat flavour, log1p counts) of the training spots. Optionally (``--embed``), when ``agl.pp.embed_patches``
 exists, random-init ResNet-18 embeddings of the synthetic patches are checked to separate tissue types.
 
-Run: ``python benchmarks/check_synthetic_signal.py --embed`` (writes ``benchmarks/results/synthetic_signal.json``).
+Run: ``python -m benchmarks.checks.check_synthetic_signal --embed`` (writes ``benchmarks/results/synthetic_signal.json``).
 Measured with the defaults (5 seeds x 3 initialisations, CPU): median test PCC 0.473 (a), 0.476 (b), 0.423 (c);
 median paired gain of (b) over (a) +0.013 (4/5 seeds), over (c) +0.054 (5/5 seeds). Random-init ResNet-18
 features of the 400 patches: 5-fold logistic-regression tissue-type accuracy 0.82 (majority class 0.28).
@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 import agl_scverse as agl
+from benchmarks import _common
 
-RESULTS = Path(__file__).resolve().parent / "results" / "synthetic_signal.json"
+RESULTS = _common.RESULTS / "synthetic_signal.json"
 
 
 def make_features(latent: np.ndarray, rng: np.random.Generator, n_nuisance: int, noise_sd: float) -> np.ndarray:

@@ -3,11 +3,13 @@
 Embeds a 196-spot synthetic slide (random ResNet-18, 32 px), fits PGL, AGL-all, top-k (50) and DkGSB for 6
 epochs on 80% of the spots (CPU, 2 threads) and a 1-epoch fine-tune AGL fit on 80 spots, predicts and evaluates,
 and prints a JSON of hashes of the embedding, predictions, weights and roles with k, validation and held-out PCC.
-Run it on two checkouts (``PYTHONPATH=<checkout>/src python benchmarks/fingerprint.py > a.json``) and diff.
+Run it on two checkouts (``PYTHONPATH=<checkout>/src python -m benchmarks.checks.fingerprint > a.json``, from the
+repository root) and diff.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import warnings
@@ -22,7 +24,8 @@ def _h(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help only
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     out: dict = {}

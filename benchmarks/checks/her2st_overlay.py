@@ -3,7 +3,7 @@
 Writes ``docs/_static/her2st_overlay.png`` (one panel per section) and prints, per section, the mean grayscale
 intensity of 64 px full-resolution crops at the spot centres and at background positions far from every spot.
 
-Run: ``python benchmarks/her2st_overlay.py [--data ../shared/data/her2st] [--out docs/_static/her2st_overlay.png]``
+Run: ``python -m benchmarks.checks.her2st_overlay [--data ../shared/data/her2st] [--out docs/_static/her2st_overlay.png]``
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from PIL import Image
 
 import agl_scverse as agl
 from agl_scverse import _spatial
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks._common import HER2ST, REPO
 
 
 def crop_means(img: np.ndarray, xy: np.ndarray, half: int = 32) -> np.ndarray:
@@ -48,7 +47,7 @@ def background_positions(xy: np.ndarray, shape: tuple[int, int], min_dist: float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "her2st"))
+    p.add_argument("--data", default=str(HER2ST))
     p.add_argument("--out", default=str(REPO / "docs" / "_static" / "her2st_overlay.png"))
     args = p.parse_args()
 

@@ -1,6 +1,6 @@
 """Whole-slide scale: embedding patches from a synthetic pyramidal TIFF, with the peak memory of the embedding.
 
-Two functions for ``benchmarks/bench_scale.py`` (no command line of their own):
+Two functions for ``benchmarks/speed/bench_scale.py`` (no command line of their own):
 
 - :func:`write_synthetic_wsi` writes a JPEG-compressed, tiled, pyramidal BigTIFF of H&E-like texture (white
   glass, pink stroma with fibres, purple nuclei) of any size without ever holding the image in memory: every
@@ -11,7 +11,7 @@ Two functions for ``benchmarks/bench_scale.py`` (no command line of their own):
 
 Example::
 
-    from benchmarks._scale_images import run_image_benchmark
+    from benchmarks.speed._scale_images import run_image_benchmark
     print(run_image_benchmark("/tmp/agl_scale", size_px=20000, n_spots=2000))
 """
 

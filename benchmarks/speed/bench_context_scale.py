@@ -7,7 +7,7 @@ copy plus chunk buffers (64 MiB of gathered neighbour rows for max / std).
 
 Run::
 
-    python benchmarks/bench_context_scale.py [--n 200000] [--dim 1024] [--libraries 4]
+    python -m benchmarks.speed.bench_context_scale [--n 200000] [--dim 1024] [--libraries 4]
 
 Writes ``benchmarks/results/context_scale.json`` and prints a Markdown table.
 """
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks._common import REPO, RESULTS
+
 RECIPES = {
     "default (k=12, concat, mean+std)": {},
     "blend_k12": {"output": "blend"},
@@ -78,16 +79,16 @@ def main() -> None:
     ap.add_argument("--libraries", type=int, default=4)
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--child", default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "context_scale.json"))
+    ap.add_argument("--out", default=str(RESULTS / "context_scale.json"))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.n, args.dim, args.libraries, args.child)))
         return
     rows = []
     for recipe in args.recipes:
-        cmd = [sys.executable, __file__, "--n", str(args.n), "--dim", str(args.dim), "--libraries",
+        cmd = [sys.executable, "-m", __spec__.name, "--n", str(args.n), "--dim", str(args.dim), "--libraries",
                str(args.libraries), "--child", recipe]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ}, cwd=REPO)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"{recipe}: {r['seconds']:.1f} s, peak {r['peak_mib']:.0f} MiB (before the call {r['baseline_peak_mib']:.0f}"

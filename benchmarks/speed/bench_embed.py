@@ -11,7 +11,7 @@ Measures, in one run:
 
 Usage::
 
-    python benchmarks/bench_embed.py [--data ../shared/data/her2st] [--weights <densenet .pth>]
+    python -m benchmarks.speed.bench_embed [--data ../shared/data/her2st] [--weights <densenet .pth>]
         [--out benchmarks/results/embed.json] [--repeats 3] [--device cpu]
 """
 
@@ -32,17 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CANDIDATES = [Path("/work/shared"), REPO.parent / "shared"]
-DENSENET_FILE = "densenet121_keras_imagenet_features_torchvision.pth"
-
-
-def _default(sub: str) -> Path:
-    env = os.environ.get("AGL_SHARED")
-    for base in ([Path(env)] if env else []) + SHARED_CANDIDATES:
-        if (base / sub).exists():
-            return base / sub
-    return SHARED_CANDIDATES[-1] / sub
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, REPO, RESULTS
 
 
 def load_sections(data: Path):
@@ -108,9 +98,9 @@ def bare_loop(model, x_all: torch.Tensor, batch_size: int, device: torch.device,
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=_default("data/her2st"))
-    p.add_argument("--weights", type=Path, default=_default(f"weights/{DENSENET_FILE}"))
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "embed.json")
+    p.add_argument("--data", type=Path, default=HER2ST)
+    p.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
+    p.add_argument("--out", type=Path, default=RESULTS / "embed.json")
     p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-md", action="store_true", help="do not update RESULTS.md")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the patch-extraction pass")
@@ -211,7 +201,7 @@ def main(argv=None) -> dict:
         )
         del out, x_all, model
 
-    command = "python benchmarks/bench_embed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.speed.bench_embed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     result = {
         "command": command.strip(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),

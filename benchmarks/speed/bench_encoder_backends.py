@@ -19,7 +19,7 @@ ran. The images are decoded into the image cache before any timing.
 
 Usage::
 
-    python benchmarks/bench_encoder_backends.py [--spots 128] [--repeats 3] [--no-compile] [--threads N]
+    python -m benchmarks.speed.bench_encoder_backends [--spots 128] [--repeats 3] [--no-compile] [--threads N]
         [--data ../shared/data/her2st] [--weights <densenet .pth>] [--out benchmarks/results/encoder_backends.json]
 """
 
@@ -41,8 +41,7 @@ import numpy as np
 import psutil
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("AGL_SHARED", REPO.parent / "shared"))
+from benchmarks._common import REPO, SHARED
 
 
 class PeakRSS:

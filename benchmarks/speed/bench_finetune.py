@@ -22,7 +22,7 @@ Peak RSS is ``resource.getrusage`` (this process, and its finished DataLoader wo
 
 Usage::
 
-    python benchmarks/bench_finetune.py [--data ../shared/data/her2st] [--section C6] [--weights <densenet .pth>]
+    python -m benchmarks.speed.bench_finetune [--data ../shared/data/her2st] [--section C6] [--weights <densenet .pth>]
         [--threads 2] [--bf16-spots 48] [--ft-spots 64] [--out benchmarks/results/finetune.json]
         [--meta] [--meta-only] [--meta-encoder resnet18] [--meta-px 112] [--meta-batch 24] [--meta-repeats 2]
         [--meta-rows 0 2 ...] [--meta-agree-epochs 6] [--meta-pcc-epochs 0] [--meta-out benchmarks/results/finetune_meta.json]
@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_embed import DENSENET_FILE, REPO, _default  # the shared data / weights lookup of the embedding benchmark
+
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, RESULTS
 
 
 def _rss_mb() -> dict:
@@ -302,9 +303,9 @@ def bench_meta(adata, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=_default("data/her2st"))
+    ap.add_argument("--data", type=Path, default=HER2ST)
     ap.add_argument("--section", default="C6")
-    ap.add_argument("--weights", type=Path, default=_default(f"weights/{DENSENET_FILE}"))
+    ap.add_argument("--weights", type=Path, default=DENSENET_WEIGHTS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--patch-um", type=float, default=160.0, help="HER2+: a 224 px patch covers ~160 µm")
@@ -312,7 +313,7 @@ def main() -> None:
     ap.add_argument("--ft-spots", type=int, default=64)
     ap.add_argument("--spots", type=int, default=None, help="only the first N spots (a quick check)")
     ap.add_argument("--skip-finetune", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "finetune.json")
     ap.add_argument("--meta", action="store_true", help="also benchmark DkGSB's meta step in fine-tune mode")
     ap.add_argument("--meta-only", action="store_true", help="only the --meta benchmark (implies --meta)")
     ap.add_argument("--meta-encoder", default="resnet18", choices=["resnet18", "densenet121"])
@@ -323,7 +324,7 @@ def main() -> None:
     ap.add_argument("--meta-rows", type=int, nargs="*", default=None, help="only these META_CONFIGS rows (0: AGL-all)")
     ap.add_argument("--meta-wider", default="backbone.layer4.", help="parameter prefix of a wider scope compared")
     ap.add_argument("--meta-pcc-epochs", type=int, default=0, help="epochs of the PCC runs (0: none)")
-    ap.add_argument("--meta-out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_meta.json")
+    ap.add_argument("--meta-out", type=Path, default=RESULTS / "finetune_meta.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adata, source = load_slide(args.data, args.section)

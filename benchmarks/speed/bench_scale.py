@@ -7,12 +7,12 @@ measures each step in a fresh subprocess (so each peak RSS is that step's own, r
 ``resource.getrusage``): ``fit`` (``agl`` and ``dkgsb``, ``--epochs`` epochs), ``predict`` (+ ``write_h5ad`` of
 the predictions), ``evaluate`` (``genes="predicted"``) and, when asked, ``fit_backed`` (the fit on
 ``read_h5ad(..., backed="r")``: counts stay on disk). The image part (``--image-px``) writes a JPEG-compressed
-pyramidal tiled TIFF and embeds patches from it (``benchmarks/_scale_images.py``).
+pyramidal tiled TIFF and embeds patches from it (``benchmarks/speed/_scale_images.py``).
 
 Run::
 
-    python benchmarks/bench_scale.py                       # 2k, 10k, 50k, 200k spots x 18k genes + 60k px image
-    python benchmarks/bench_scale.py --spots 2000 10000 --steps fit --image-px 0   # a quick subset
+    python -m benchmarks.speed.bench_scale                 # 2k, 10k, 50k, 200k spots x 18k genes + 60k px image
+    python -m benchmarks.speed.bench_scale --spots 2000 10000 --steps fit --image-px 0   # a quick subset
 
 Writes ``benchmarks/results/scale.json`` and ``benchmarks/results/scale.png`` (RSS and seconds per epoch versus
 spots) and prints a Markdown table for ``benchmarks/RESULTS.md``.
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks._common import REPO, RESULTS
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -117,10 +116,10 @@ def _worker(step: str, data: Path, out: Path, method: str, epochs: int) -> None:
 def measure(step: str, data: Path, method: str = "agl", epochs: int = 2) -> dict:
     """Run one step in a subprocess and return its record."""
     out = data.with_suffix(f".{step}.{method}.json")
-    cmd = [sys.executable, __file__, "--worker", step, "--data", str(data), "--out", str(out), "--method", method,
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", step, "--data", str(data), "--out", str(out), "--method", method,
            "--epochs", str(epochs)]  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         return {"step": step, "method": method, "error": (proc.stderr or proc.stdout)[-2000:],
                 "wall_seconds": time.perf_counter() - t0}  # fmt: skip
@@ -209,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(rec), flush=True)
     image = None
     if args.image_px:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from _scale_images import run_image_benchmark
+        from benchmarks.speed._scale_images import run_image_benchmark
 
         image = run_image_benchmark(work, size_px=args.image_px)
         print(json.dumps(image), flush=True)
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     result = {
-        "command": "python benchmarks/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.speed.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git": git.stdout.strip(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "total_seconds": time.perf_counter() - t_all,

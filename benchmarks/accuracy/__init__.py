@@ -1,0 +1,1 @@
+"""Benchmark scripts: accuracy (run with ``python -m benchmarks.accuracy.<script> --help``)."""

@@ -1,0 +1,1 @@
+"""Benchmark scripts: checks (run with ``python -m benchmarks.checks.<script> --help``)."""

@@ -1,0 +1,1 @@
+"""Benchmark scripts: speed (run with ``python -m benchmarks.speed.<script> --help``)."""
