@@ -7,7 +7,7 @@
 - :func:`make_sdata`: a tiny SpatialData (image, circle shapes, table).
 - :func:`visium_folder_from` and :func:`spatialdata_from`: the same slides (an AnnData read by ``read_legacy_st``)
   packed as a Space Ranger ``outs`` folder and as a multi-section SpatialData with image pyramids (the route
-  checks; ``benchmarks/check_routes.py`` uses them on the HER2+ sections).
+  checks; ``benchmarks/checks/check_routes.py`` uses them on the HER2+ sections).
 - :func:`snapshot` / :func:`assert_unchanged`: what a failed call must leave unchanged.
 - :data:`FAST`: ``agl_fit`` settings that train in a fraction of a second.
 """

@@ -1,6 +1,6 @@
 """DkGSB on the built-in synthetic slide, whose informative auxiliaries are known (``.var["informative"]``).
 
-Same regime and seed as ``benchmarks/bench_synthetic_methods.py`` (seed 2): clean informative auxiliaries,
+Same regime and seed as ``benchmarks/accuracy/bench_synthetic_methods.py`` (seed 2): clean informative auxiliaries,
 20 noisy tissue genes as targets, 1,600 noise genes (100 bursty, ranking high on the HVG prior), a simulated
 encoder (noisy 256-d view of the tissue state). Deterministic on CPU for the seed.
 """
