@@ -94,3 +94,48 @@ def test_manifest_lists_every_result_file_with_an_existing_script():
         module = re.search(r"python -m (benchmarks\.\w+\.\w+)", row["command"])
         assert module and module.group(1) in SCRIPTS, row
         assert re.fullmatch(r"`[0-9a-f]{7}`", row["committed in"]), row
+
+
+_QUOTED = re.compile(r"`[^`]*?(?:python\s+-m\s+benchmarks\.\w+\.(\w+)|benchmarks/\w+/(\w+)\.py)([^`]*)`", re.S)
+
+
+def _declared_flags(script: str, helps: dict) -> set[str]:
+    """The options a script declares (in its source, hidden ones included) and lists in ``--help``."""
+    source = (REPO / Path(*script.split("."))).with_suffix(".py").read_text()
+    return set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source)) | set(
+        re.findall(r"(?<![\w-])--[\w-]+", helps[script]["stdout"])
+    )
+
+
+def test_quoted_benchmark_commands_name_existing_scripts_and_flags(helps):
+    """Every benchmark command quoted in the README, docs/ and RESULTS.md runs as written: its script exists and
+    every ``--flag`` it passes is one the script declares (a renamed flag fails here)."""
+    by_stem = {s.rsplit(".", 1)[1]: s for s in SCRIPTS}
+    private = {p.stem for p in BENCH.glob("*/_*.py")}
+    pages = [REPO / "README.md", BENCH / "RESULTS.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = page.read_text()
+        for match in _QUOTED.finditer(text):
+            stem = match.group(1) or match.group(2)
+            where = f"{page.name}:{text[: match.start()].count(chr(10)) + 1}"
+            if stem in private:
+                continue
+            assert stem in by_stem, f"{where} quotes {stem}, which is not a script under benchmarks/"
+            used = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", match.group(3)))
+            missing = used - _declared_flags(by_stem[stem], helps)
+            assert not missing, f"{where}: {stem} has no option {sorted(missing)}"
+            checked += 1
+    assert checked >= 30, checked
+
+
+def test_every_results_table_names_its_commit_and_whether_it_reproduces():
+    """Each section of RESULTS.md with a table starts with the commit it was measured at and its status today."""
+    section, marked = "", False
+    for line in (BENCH / "RESULTS.md").read_text().splitlines():
+        if line.startswith("#"):
+            section, marked = line, False
+        elif line.startswith("> **Measured at**") or line.startswith("> **Written at**"):
+            marked = True
+        elif line.startswith("|---"):
+            assert marked, f"the table under {section!r} has no '> **Measured at** <commit> ...' line"
