@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 import agl_scverse as agl
-from benchmarks._common import HER2ST_H5AD, RESULTS
+from benchmarks._common import HER2ST_H5AD, RESULTS, command, expression, git_state, pcc, targets_on
 
 BASE = "X_agl_densenet121"
 #: Candidate recipes (spatial_context keyword arguments); "none" is the spot embedding alone.
@@ -64,25 +63,6 @@ FOV_RECIPES = {
     "concat_k12_std_fov": {"n_neighs": 12, "output": "concat", "aggregation": ("mean", "std")},
     "blend_k12_fov": {"n_neighs": 12, **B, **M},
 }
-
-
-def pcc(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean per-gene Pearson r; a constant prediction or truth scores 0 (as agl.tl.evaluate)."""
-    yc, pc = y - y.mean(0), p - p.mean(0)
-    den = np.sqrt((yc**2).sum(0) * (pc**2).sum(0))
-    r = np.where(den > 0, (yc * pc).sum(0) / np.where(den > 0, den, 1.0), 0.0)
-    return float(r.mean())
-
-
-def targets_on(adata: ad.AnnData, train: np.ndarray) -> list[str]:
-    roles = agl.pp.compute_gene_roles(adata, n_targets=50, train_mask=train, library_key="library_id")
-    return list(roles.targets)
-
-
-def expression(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
-    X = adata[:, genes].X
-    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-    return np.log1p(X.astype(np.float64))
 
 
 def score(F: np.ndarray, Y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
@@ -185,7 +165,7 @@ def main() -> None:
         ns = res["nested"]
         print(f"\nnested PCA+Ridge: {np.mean(list(ns.values())):.4f} ({ {k: round(v, 3) for k, v in ns.items()} }); "
               f"spot embedding alone {res['outer_mean']['none']:.4f}")  # fmt: skip
-    res["command"] = " ".join(sys.argv)
+    res["command"], res["git"] = command(), git_state()
     res["machine"] = platform.platform()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.agl:

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import agl_scverse as agl
-from benchmarks._common import RESULTS
+from benchmarks._common import RESULTS, git_state
 
 SETTINGS = {"one network": {"refit": False, "n_seeds": 1}, "refit": {"refit": True, "n_seeds": 1},
             "refit, 5 seeds (default)": {}}  # fmt: skip
@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     out = RESULTS / "defaults_synthetic.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"command": "python -m benchmarks.accuracy.bench_defaults_synthetic", "rows": rows}, indent=2)
+        json.dumps(
+            {"command": "python -m benchmarks.accuracy.bench_defaults_synthetic", "git": git_state(), "rows": rows},
+            indent=2,
+        )
     )
     print(f"wrote {out}")
 

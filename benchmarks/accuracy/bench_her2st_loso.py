@@ -56,7 +56,7 @@ import pandas as pd
 
 import agl_scverse as agl
 from agl_scverse._utils import sha256_file
-from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, REPO, RESULTS
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, RESULTS, git_state
 
 LABELS = {
     "mean": "mean predictor",
@@ -282,20 +282,6 @@ def run_nested_fold(adata, args, fit_kwargs: dict, seed: int, fold: str, records
     for r in records[before:]:
         r["test_pcc_baselines"] = {m: float(v) for m, v in baselines.items()}
     write(records)
-
-
-def git_state() -> str:
-    """Commit of the repository and whether src/ had uncommitted edits when the run started."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        return head.strip() + (" (src/ modified)" if dirty else "")
-    except OSError:  # pragma: no cover
-        return "unknown"
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 
 import agl_scverse as agl
 import agl_scverse.tl._cross_validate as cv
-from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, RESULTS
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, RESULTS, git_state
 from benchmarks.accuracy import bench_her2st_loso as B
 
 WEIGHTS = (0.0, 0.25, 0.4, 0.5, 0.6, 1.0)
@@ -91,7 +91,7 @@ def main() -> None:
     print(per.round(4))
     print(per.mean(axis=1).round(4))
     out = {
-        "command": " ".join(["python -m benchmarks.accuracy.bench_hybrid_weight", *sys.argv[1:]]), "git": B.git_state(), "seconds": time.perf_counter() - t0,
+        "command": " ".join(["python -m benchmarks.accuracy.bench_hybrid_weight", *sys.argv[1:]]), "git": git_state(), "seconds": time.perf_counter() - t0,
         "mean_pcc": {m: float(v) for m, v in per.mean(axis=1).items()},
         "per_section_pcc": {m: {str(f): float(v) for f, v in row.items()} for m, row in per.iterrows()},
     }  # fmt: skip

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 import agl_scverse as agl
-from benchmarks._common import HER2ST_H5AD, RESULTS
+from benchmarks._common import HER2ST_H5AD, RESULTS, git_state
 
 
 def settings(authors_h: list[int]) -> dict[str, dict]:
@@ -128,7 +128,7 @@ def main() -> None:
 
     def write(rows):
         out.write_text(json.dumps({
-            "command": cmd, "settings": looks, "rows": rows, "total_seconds": time.perf_counter() - t0,
+            "command": cmd, "git": git_state(), "settings": looks, "rows": rows, "total_seconds": time.perf_counter() - t0,
             "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, load {_load()}",
         }, indent=2))  # fmt: skip
 

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 import agl_scverse as agl
-from benchmarks._common import RESULTS, SHARED
-from benchmarks.accuracy.bench_context_her2st import expression, pcc, targets_on
+from benchmarks._common import RESULTS, SHARED, expression, pcc, targets_on
 
 
 def loso(adata, key: str) -> dict[str, float]:

@@ -41,7 +41,7 @@ from agl_scverse._expression import ExpressionBatches
 from agl_scverse.model import AdamState, EmbeddingHead, GeneMask, hypergradient
 from agl_scverse.model._loss import per_gene_loss, weighted_loss
 from agl_scverse.model._trainer import StandardizedTargets
-from benchmarks._common import OUT, RESULTS
+from benchmarks._common import OUT, RESULTS, git_state
 
 
 def _weights(mask: GeneMask, n_t: int, theta: float) -> torch.Tensor:
@@ -154,7 +154,9 @@ def main() -> None:
     cmd += f" --batches {args.batches} --horizon {args.horizon} --theta {args.theta:g}"
     cmd += f" --authors --authors-h {args.authors_h}" if args.authors else ""
     args.out.write_text(
-        json.dumps({"command": cmd, "rows": rows, "summary": summary, "n_batches": len(rows)}, indent=2)
+        json.dumps(
+            {"command": cmd, "git": git_state(), "rows": rows, "summary": summary, "n_batches": len(rows)}, indent=2
+        )
     )
 
 

@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import DENSENET_WEIGHTS, HER2ST, HER2ST_H5AD, RESULTS
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, HER2ST_H5AD, RESULTS, command, git_state
 
 KEY = "X_agl_densenet121"
 PATCH_UM, PATCH_PX = 160.0, 224
@@ -131,7 +130,8 @@ def main() -> None:
         print(f"{name}: {what} {v['mean']:.4g}")
     diffs = {b: pcc[b]["mean"] - pcc["torch"]["mean"] for b in backends}
     res = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command(),
+        "git": git_state(),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS
+from benchmarks._common import REPO, RESULTS, command, git_state
 
 RECIPES = {
     "default (k=12, concat, mean+std)": {},
@@ -98,7 +98,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['recipe']} | {r['n_spots']} x {r['dim']} | {r['seconds']:.1f} | {r['baseline_peak_mib']:.0f} -> "
               f"{r['peak_mib']:.0f} | {r['peak_mib'] - r['baseline_peak_mib']:.0f} | {r['output_mib']:.0f} |")  # fmt: skip
-    info = {"rows": rows, "command": " ".join(sys.argv), "machine": platform.platform(), "load": os.getloadavg()}
+    info = {
+        "rows": rows,
+        "command": command(),
+        "git": git_state(),
+        "machine": platform.platform(),
+        "load": os.getloadavg(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1))
     print(f"wrote {args.out}")

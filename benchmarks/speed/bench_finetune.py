@@ -35,15 +35,13 @@ import json
 import os
 import platform
 import resource
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks._common import DENSENET_WEIGHTS, HER2ST, RESULTS
+from benchmarks._common import DENSENET_WEIGHTS, HER2ST, RESULTS, command, git_state
 
 
 def _rss_mb() -> dict:
@@ -339,7 +337,8 @@ def main() -> None:
     print(f"{source}: {adata.n_obs} spots; encoder {encoder} ({'local weights' if weights else 'random init'})")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     result = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command(),
+        "git": git_state(),
         "when_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "data": source, "n_spots": int(adata.n_obs), "encoder": encoder,
         "weights": str(weights) if weights else "not present (random-init resnet18)",
@@ -370,7 +369,8 @@ def main() -> None:
 def _run_meta(adata, source: str, args) -> None:
     t0 = time.perf_counter()
     result = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command(),
+        "git": git_state(),
         "when_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "data": source, "n_spots": int(adata.n_obs), "encoder": args.meta_encoder,
         "weights": str(args.weights) if args.meta_encoder == "densenet121" else "random init",

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS
+from benchmarks._common import REPO, RESULTS, git_state
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -214,10 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(image), flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     result = {
         "command": "python -m benchmarks.speed.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git": git.stdout.strip(),
+        "git": git_state(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "total_seconds": time.perf_counter() - t_all,
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch threads 2",
