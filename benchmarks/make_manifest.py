@@ -1,4 +1,4 @@
-"""Write ``benchmarks/results/MANIFEST.md``: for every result file, its script, command, commits and section.
+"""Write ``benchmarks/results/MANIFEST.md``: every result file (script, command, commits, section) and every script.
 
 For each file in ``benchmarks/results/`` the manifest gives the script that wrote it, the command stored in the
 file (or in its ``.json`` companion) spelled as it runs today (``python -m benchmarks.<kind>.<script>``, data
@@ -12,6 +12,7 @@ one), the commit that last changed the file, whether every flag of the command s
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import fnmatch
 import io
@@ -148,6 +149,18 @@ def main(argv: list[str] | None = None) -> None:
             f"| `{path.name}` | `{command}` | {git or '-'} | `{last_commit(path)}` | {ok} | "
             f"{section_of(path.name, results_md)} |"
         )
+    lines += [
+        "",
+        "## Scripts",
+        "",
+        "Run from the repository root: `python -m <module> --help`.",
+        "",
+        "| module | what it does |",
+        "|---|---|",
+    ]
+    for module in modules.values():
+        doc = ast.get_docstring(ast.parse((REPO / Path(*module.split("."))).with_suffix(".py").read_text())) or ""
+        lines.append(f"| `{module}` | {' '.join(doc.split(chr(10) + chr(10))[0].split())} |")
     MANIFEST.write_text("\n".join(lines) + "\n")
     print(f"wrote {MANIFEST} ({len(rows)} result files)", file=sys.__stdout__)
 

@@ -78,7 +78,8 @@ def test_no_sys_path_edits_or_machine_paths(path):
 
 
 def _manifest_rows() -> list[dict]:
-    lines = (BENCH / "results" / "MANIFEST.md").read_text().splitlines()
+    text = (BENCH / "results" / "MANIFEST.md").read_text()
+    lines = text.split("## Scripts")[0].splitlines()
     table = [ln for ln in lines if ln.startswith("| `")]
     header = next(ln for ln in lines if ln.startswith("| result file"))
     keys = [h.strip() for h in header.strip("|").split("|")]
@@ -94,6 +95,9 @@ def test_manifest_lists_every_result_file_with_an_existing_script():
         module = re.search(r"python -m (benchmarks\.\w+\.\w+)", row["command"])
         assert module and module.group(1) in SCRIPTS, row
         assert re.fullmatch(r"`[0-9a-f]{7}`", row["committed in"]), row
+    scripts_table = (BENCH / "results" / "MANIFEST.md").read_text().split("## Scripts")[1]
+    listed_scripts = set(re.findall(r"^\| `(benchmarks\.\w+\.\w+)`", scripts_table, flags=re.M))
+    assert listed_scripts == {s for s in SCRIPTS if s.count(".") == 2}
 
 
 _QUOTED = re.compile(r"`[^`]*?(?:python\s+-m\s+benchmarks\.\w+\.(\w+)|benchmarks/\w+/(\w+)\.py)([^`]*)`", re.S)
