@@ -8,6 +8,7 @@ Usage (from the repository root)::
 
     python tutorials/make_notebooks.py            # copy the sources into the notebooks; unchanged cells keep outputs
     python tutorials/make_notebooks.py --check    # exit 1 if a stored notebook differs from its source
+    python tutorials/make_notebooks.py --keep-outputs  # a changed cell keeps the stored outputs at its position
     python tutorials/make_notebooks.py --execute  # rebuild and execute all notebooks in place (full mode)
     python tutorials/make_notebooks.py --execute 01  # only notebooks whose name contains "01"
 """
@@ -41,8 +42,13 @@ def cells_of(nb: nbformat.NotebookNode) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source) for cell in nb.cells]
 
 
-def build(name: str, stored: nbformat.NotebookNode | None = None) -> nbformat.NotebookNode:
-    """The notebook ``name`` built from its source; a cell whose text equals the stored one keeps its outputs."""
+def build(name: str, stored: nbformat.NotebookNode | None = None, keep_outputs: bool = False) -> nbformat.NotebookNode:
+    """The notebook ``name`` built from its source; a cell whose text equals the stored one keeps its outputs.
+
+    With ``keep_outputs``, a changed code cell keeps the outputs of the stored code cell at the same position when
+    the source has the same sequence of cell types (for edits that do not change what a cell shows, such as a
+    renamed argument); otherwise it has none until the notebook is executed.
+    """
     nb = jupytext.read(source_path(name))
     nb.metadata = (
         copy.deepcopy(stored.metadata)  # the kernel and Python version of the last execution
@@ -53,9 +59,13 @@ def build(name: str, stored: nbformat.NotebookNode | None = None) -> nbformat.No
         }
     )
     old = {} if stored is None else {(c.cell_type, c.source): c for c in stored.cells}
+    same_layout = stored is not None and [c.cell_type for c in stored.cells] == [c.cell_type for c in nb.cells]
     cells = []
-    for cell in nb.cells:
+    for i, cell in enumerate(nb.cells):
         previous = old.get((cell.cell_type, cell.source))
+        if previous is None and keep_outputs and same_layout:
+            previous = copy.deepcopy(stored.cells[i])
+            previous.source = cell.source
         if previous is not None:
             cells.append(copy.deepcopy(previous))  # unchanged: its id, metadata and outputs stay as stored
         elif cell.cell_type == "code":
@@ -109,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--execute", action="store_true", help="execute the rebuilt notebooks in full mode")
     mode.add_argument("--check", action="store_true", help="exit 1 if a stored notebook differs from its source")
+    mode.add_argument(
+        "--keep-outputs", action="store_true", help="a changed cell keeps the stored outputs at its position"
+    )
     args = parser.parse_args(argv)
     stale = []
     for name in NOTEBOOKS:
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         path = HERE / name
         stored = nbformat.read(path, as_version=4) if path.exists() else None
-        nb = build(name, stored)
+        nb = build(name, stored, keep_outputs=args.keep_outputs)
         if args.check:
             if stored is None or cells_of(stored) != cells_of(nb):
                 stale.append(name)
