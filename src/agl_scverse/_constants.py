@@ -54,9 +54,28 @@ OWNED_FIELD = "agl_keys"
 #: Name prefixes of the package's own namespace (its default ``key_added`` and embedding keys): ours by name.
 OWN_PREFIXES = ("agl", EMBED_PREFIX)
 #: ``.uns`` keys that scanpy, squidpy and spatialdata own: never written, whatever ``key_added`` says.
-RESERVED_UNS = (SPATIAL_KEY, "spatialdata_attrs", "log1p", "hvg", "pca", "neighbors", "umap", "tsne", "draw_graph",
-                "diffmap_evals", "leiden", "louvain", "paga", "rank_genes_groups", "dendrogram", "moranI", "gearyC",
-                "spatial_neighbors", "co_occurrence", "interaction")  # fmt: skip
+RESERVED_UNS = (
+    SPATIAL_KEY,
+    "spatialdata_attrs",
+    "log1p",
+    "hvg",
+    "pca",
+    "neighbors",
+    "umap",
+    "tsne",
+    "draw_graph",
+    "diffmap_evals",
+    "leiden",
+    "louvain",
+    "paga",
+    "rank_genes_groups",
+    "dendrogram",
+    "moranI",
+    "gearyC",
+    "spatial_neighbors",
+    "co_occurrence",
+    "interaction",
+)
 
 # --- value vocabularies (Literal aliases; the tuples are what validators accept) ---------------------------
 Method = Literal["pgl", "agl", "topk", "dkgsb"]

@@ -230,9 +230,11 @@ class ExpressionBatches:
         if len(idx) <= step:
             return expression_transform(take_rows(self.X, idx), self.transform, columns=cols)
         return np.concatenate(
-            [expression_transform(take_rows(self.X, idx[s : s + step]), self.transform, columns=cols)
-             for s in range(0, len(idx), step)]
-        )  # fmt: skip
+            [
+                expression_transform(take_rows(self.X, idx[s : s + step]), self.transform, columns=cols)
+                for s in range(0, len(idx), step)
+            ]
+        )
 
     def chunks(self, idx: np.ndarray, max_bytes: float = 4 * 2**20, n_first: int | None = None) -> Iterator[tuple]:
         """``(positions, values)`` for consecutive chunks of ``idx`` of at most ``max_bytes`` of float32 values."""

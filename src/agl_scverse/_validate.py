@@ -69,6 +69,7 @@ def _sample_values(X) -> np.ndarray:
     if not n_rows:
         return np.asarray(X).ravel()
     n_take = max(1, min(n_rows, INTEGER_SAMPLE // max(n_cols, 1)))
+    rows: Any
     if isinstance(X, np.ndarray):
         rows = X[np.linspace(0, n_rows - 1, n_take).astype(np.int64)]
     else:  # backed (h5py / zarr / dask) matrices: one contiguous block of rows is the cheap read

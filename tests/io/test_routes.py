@@ -44,8 +44,9 @@ def test_three_routes_give_identical_patches_and_records(legacy, tmp_path):
     for lib in ("S2",):  # (one Space Ranger folder is enough; reading it imports squidpy, seconds)
         ref = _sections(legacy, lib)
         path = legacy.uns["spatial"][lib]["metadata"]["source_image_path"]
-        vis = agl.io.read_visium(visium_folder_from(legacy, lib, tmp_path / f"vis_{lib}"), library_id=lib,
-                                 fullres_image=path)  # fmt: skip
+        vis = agl.io.read_visium(
+            visium_folder_from(legacy, lib, tmp_path / f"vis_{lib}"), library_id=lib, fullres_image=path
+        )
         sd_lib = _sections(from_sd, lib)
         assert _spatial.microns_per_pixel(sd_lib, lib) == pytest.approx(_spatial.microns_per_pixel(ref, lib))
         assert _spatial.microns_per_pixel(vis, lib) == pytest.approx(_spatial.microns_per_pixel(ref, lib))
@@ -97,8 +98,9 @@ def test_spatialdata_scale_is_derived_or_refused(legacy):
     a = agl.io.from_spatialdata(sdata, microns_per_pixel={"spots_S1": 2.5})
     assert _spatial.microns_per_pixel(a, "he_S1") == 2.5
     a = agl.io.from_spatialdata(sdata, spot_diameter_um=100.0)  # legacy ST circles: 100 µm
-    assert _spatial.microns_per_pixel(a, "he_S1") == pytest.approx(100.0 / legacy.uns["spatial"]["S1"][
-        "scalefactors"]["spot_diameter_fullres"])  # fmt: skip
+    assert _spatial.microns_per_pixel(a, "he_S1") == pytest.approx(
+        100.0 / legacy.uns["spatial"]["S1"]["scalefactors"]["spot_diameter_fullres"]
+    )
     sdata.tables["table"].uns["spatial"] = {"S1": {"scalefactors": {"microns_per_pixel": 5.0}}}
     a = agl.io.from_spatialdata(sdata, library_id="S1")
     assert _spatial.microns_per_pixel(a, "S1") == 5.0
@@ -120,21 +122,29 @@ def _visium_like(legacy, with_fullres: bool):
     for name, s in (("hires", 0.5), ("lowres", 0.25)):
         small = full[:: int(1 / s), :: int(1 / s)]
         images[f"S1_{name}_image"] = Image2DModel.parse(
-            small.transpose(2, 0, 1), dims=("c", "y", "x"),
+            small.transpose(2, 0, 1),
+            dims=("c", "y", "x"),
             transformations={f"downscaled_{name}": Identity(), "S1": Scale([1 / s, 1 / s], axes=("y", "x"))},
-        )  # fmt: skip
+        )
     if with_fullres:
         images["S1_full_image"] = Image2DModel.parse(
             full.transpose(2, 0, 1), dims=("c", "y", "x"), transformations={"S1": Identity()}
         )
     shapes = ShapesModel.parse(
-        np.asarray(a.obsm["spatial"]), geometry=0, radius=np.full(a.n_obs, d / 2), index=np.arange(a.n_obs),
-        transformations={"S1": Identity(), "downscaled_hires": Scale([0.5, 0.5], axes=("y", "x")),
-                         "downscaled_lowres": Scale([0.25, 0.25], axes=("y", "x"))},
-    )  # fmt: skip
+        np.asarray(a.obsm["spatial"]),
+        geometry=0,
+        radius=np.full(a.n_obs, d / 2),
+        index=np.arange(a.n_obs),
+        transformations={
+            "S1": Identity(),
+            "downscaled_hires": Scale([0.5, 0.5], axes=("y", "x")),
+            "downscaled_lowres": Scale([0.25, 0.25], axes=("y", "x")),
+        },
+    )
     obs = pd.DataFrame({"region": pd.Categorical(["S1"] * a.n_obs), "spot_id": np.arange(a.n_obs)}, index=a.obs_names)
-    table = TableModel.parse(ad.AnnData(a.X.copy(), obs=obs, var=a.var[[]].copy()), region="S1", region_key="region",
-                             instance_key="spot_id")  # fmt: skip
+    table = TableModel.parse(
+        ad.AnnData(a.X.copy(), obs=obs, var=a.var[[]].copy()), region="S1", region_key="region", instance_key="spot_id"
+    )
     table.uns["spatial"] = {"S1": {"scalefactors": sf}}
     return SpatialData(images=images, shapes={"S1": shapes}, tables={"table": table}), a
 
@@ -180,8 +190,7 @@ def test_predict_refuses_a_coarser_source_than_the_model_was_trained_on(legacy):
     entry["scalefactors"]["tissue_hires_scalef"] = 0.25  # 20 µm/px
     with pytest.raises(ValueError, match="allow_lowres=True"):
         agl.tl.agl_predict(low, model)  # the embedding cannot be cut from the thumbnail without asking
-    agl.pp.embed_patches(low, encoder="resnet18", key_added=key, device="cpu",
-                         allow_lowres=True, **PATCH)  # fmt: skip
+    agl.pp.embed_patches(low, encoder="resnet18", key_added=key, device="cpu", allow_lowres=True, **PATCH)
     with pytest.raises(ValueError, match=r"20 µm/px image .* coarser than the 6.25 µm/px the model"):
         agl.tl.agl_predict(low, model)  # an embedding made from it is refused at predict
     with pytest.warns(UserWarning):

@@ -596,6 +596,17 @@ def test_family_draws_into_given_axes(adata, plot):
     assert plt.get_fignums() == [fig.number]  # no other figure was made
 
 
+def test_family_draws_into_axes_of_a_subfigure(adata, plot, tmp_path):
+    """Axes of a SubFigure: the plot saves and returns the root Figure (a SubFigure cannot save itself)."""
+    call, shape = plot
+    root = plt.figure()
+    sub = root.subfigures(1, 2)[1]
+    given = sub.subplots(*(shape or (1,)), squeeze=True)
+    assert call(adata, ax=given, show=False, return_fig=True) is root
+    call(adata, ax=given, show=False, save=tmp_path / "sub.png")
+    assert (tmp_path / "sub.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_family_save_without_suffix_writes_png(adata, plot, tmp_path):
     import scanpy as sc
 

@@ -111,8 +111,9 @@ def test_blend_alpha_and_slide_summary():
 
 def test_key_added_copy_and_record():
     a = two_sections()
-    a.uns["agl_embeddings"] = {"X_emb": {"encoder": "resnet18", "weights_sha256": "abc", "patch_px": 224,
-                                         "patch_um": 160.0, "feature_dim": 5}}  # fmt: skip
+    a.uns["agl_embeddings"] = {
+        "X_emb": {"encoder": "resnet18", "weights_sha256": "abc", "patch_px": 224, "patch_um": 160.0, "feature_dim": 5}
+    }
     before = snapshot(a)
     b = agl.pp.spatial_context(a, "X_emb", n_neighs=3, copy=True)
     assert_unchanged(a, before)
@@ -196,8 +197,9 @@ def test_wider_field_of_view_reuses_embed_patches():
     agl.pp.spatial_context(a, "X_agl_resnet18", n_neighs=4, output="blend", fov_scale=4.0)
     fov_key = "X_agl_resnet18_fov200um"
     assert fov_key in a.obsm and a.uns["agl_embeddings"][fov_key]["patch_um"] == 200.0
-    want = agl.pp.embed_patches(a, encoder="resnet18", patch_px=32, patch_um=200.0, on_outside="pad", copy=True,
-                                key_added="w").obsm["w"]  # fmt: skip
+    want = agl.pp.embed_patches(
+        a, encoder="resnet18", patch_px=32, patch_um=200.0, on_outside="pad", copy=True, key_added="w"
+    ).obsm["w"]
     np.testing.assert_allclose(a.obsm["X_agl_resnet18_context"][:, 512:], want, rtol=1e-5, atol=1e-6)
     assert a.uns["agl_embeddings"]["X_agl_resnet18_context"]["context"]["fov_patch_um"] == 200.0
     a.obsm[fov_key] = a.obsm[fov_key] + 1.0  # reused when present with a matching record
@@ -218,8 +220,9 @@ def context_model():
     a = small_slide(n=120)
     a.obs["library_id"] = pd.Categorical(a.obs["slide"])
     agl.pp.spatial_context(a, "X_emb", n_neighs=4, output="concat")
-    model = agl.tl.agl_fit(a, method="pgl", embedding_key="X_emb_context", n_targets=5, device="cpu", refit=False,
-                           n_seeds=1, **FAST)  # fmt: skip
+    model = agl.tl.agl_fit(
+        a, method="pgl", embedding_key="X_emb_context", n_targets=5, device="cpu", refit=False, n_seeds=1, **FAST
+    )
     return a, model
 
 

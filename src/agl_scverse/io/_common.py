@@ -181,6 +181,8 @@ def spatial_entry(
     images = {}
     sf = {K.SPOT_DIAMETER: float(spot_diameter_fullres), K.MICRONS_PER_PIXEL: float(microns_per_pixel)}
     if hires is not None:
+        if hires_scalef is None:
+            raise ValueError("A hires image needs its hires_scalef (hires pixels per full-resolution pixel).")
         images[K.HIRES] = hires
         sf[K.HIRES_SCALEF] = float(hires_scalef)
     meta = {k: v for k, v in metadata.items() if v is not None}

@@ -128,7 +128,7 @@ def read_hest(
     # spots <-> patches
     keep = np.ones(adata.n_obs, dtype=bool)
     rows = None
-    if h5 is not None:
+    if h5 is not None and patches_path is not None:
         lookup = pd.Series(np.arange(len(h5["barcode"])), index=pd.Index(h5["barcode"]))
         rows_all = lookup.reindex(adata.obs_names.astype(str)).to_numpy()
         keep = ~pd.isna(rows_all)
@@ -176,7 +176,7 @@ def read_hest(
     elif fullres_image is not None:
         hires, scalef = thumbnail_from_file(fullres_image, hires_max_px)
         image_source = str(fullres_image)
-    elif h5 is not None:
+    elif patches_path is not None and rows is not None:
         bar = show_progress(progress)
         hires, scalef = _patch_mosaic(patches_path, rows, xy, patch_microns / mpp, hires_max_px, progress=bar)
         image_source = "mosaic of the HEST patches"

@@ -147,11 +147,14 @@ def from_spatialdata(
             if key not in regions:
                 raise ValueError(f"Table {table_key!r} does not annotate shapes {key!r}; it annotates {regions}.")
     if isinstance(microns_per_pixel, Mapping):
-        mpp_given = {str(k): positive_number(v, f"microns_per_pixel[{k!r}]", "Pass µm per image pixel.")
-                     for k, v in microns_per_pixel.items()}  # fmt: skip
+        mpp_given = {
+            str(k): positive_number(v, f"microns_per_pixel[{k!r}]", "Pass µm per image pixel.")
+            for k, v in microns_per_pixel.items()
+        }
     elif microns_per_pixel is not None:
-        mpp_given = {key: positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per image pixel.")
-                     for key in sections}  # fmt: skip
+        mpp_given = {
+            key: positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per image pixel.") for key in sections
+        }
     else:
         mpp_given = {}
     lib_ids = _library_ids(sections, library_id, image_key)
@@ -177,10 +180,20 @@ def from_spatialdata(
         if not rows.any():
             raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_name!r}.")
         xy[rows], entry = _read_section(
-            sdata, table, table_key, adata.obs[instance_key].to_numpy()[rows], shapes_name, image_key,
-            mpp_given.get(shapes_name), spot_diameter_um, coordinate_system, um_coordinate_system, hires_max_px,
-            fullres_max_px, lib_ids[shapes_name],
-        )  # fmt: skip
+            sdata,
+            table,
+            table_key,
+            adata.obs[instance_key].to_numpy()[rows],
+            shapes_name,
+            image_key,
+            mpp_given.get(shapes_name),
+            spot_diameter_um,
+            coordinate_system,
+            um_coordinate_system,
+            hires_max_px,
+            fullres_max_px,
+            lib_ids[shapes_name],
+        )
         lib = lib_ids[shapes_name] = lib_ids[shapes_name] or entry[K.METADATA][K.SPATIALDATA_IMAGE]
         if lib in spatial:
             raise ValueError(f"Two sections get library id {lib!r}; pass library_id={{shapes key: id}}.")
@@ -379,9 +392,20 @@ def _microns_per_pixel(
 
 
 def _read_section(
-    sdata, table, table_key, ids, shapes_name, image_key, mpp_given, spot_diameter_um, coordinate_system, um_cs,
-    hires_max_px, fullres_max_px, lib,
-) -> tuple[np.ndarray, dict]:  # fmt: skip
+    sdata,
+    table,
+    table_key,
+    ids,
+    shapes_name,
+    image_key,
+    mpp_given,
+    spot_diameter_um,
+    coordinate_system,
+    um_cs,
+    hires_max_px,
+    fullres_max_px,
+    lib,
+) -> tuple[np.ndarray, dict]:
     """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry."""
     shapes = sdata.shapes[shapes_name]
     if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():

@@ -142,7 +142,7 @@ def read_visium(
     return adata
 
 
-def _check_visium_folder(path: Path, counts_file: str) -> None:
+def _check_visium_folder(path: Path, counts_file: str | None) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder; pass the Space Ranger output folder ('outs').")
     spatial = path / "spatial"

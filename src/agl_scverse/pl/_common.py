@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from anndata import AnnData
@@ -13,6 +14,9 @@ from matplotlib.figure import Figure
 
 from agl_scverse._constants import Keys
 from agl_scverse._serialize import null_as_none
+
+#: What a plot returns when neither shown nor asked for its Figure: its one Axes, or an array of them.
+_AxesT = TypeVar("_AxesT", Axes, np.ndarray)
 
 #: Colours used across all plots, so a gene role looks the same everywhere.
 COLORS = {
@@ -81,7 +85,10 @@ def new_axes(
             need = "an Axes" if n == 1 else f"a sequence of {n} Axes"
             got = "one Axes" if isinstance(ax, Axes) else f"{len(axs)} items"
             raise ValueError(f"ax must be {need} for this plot{f' ({what})' if what else ''}, got {got}.")
-        return axs[0].figure, axs
+        fig = axs[0].figure
+        if not isinstance(fig, Figure):  # Axes in a SubFigure: its root Figure saves and shows
+            fig = fig.figure
+        return fig, axs
     ncols = n if ncols is None else ncols
     nrows = int(np.ceil(n / ncols))
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, **kw)
@@ -137,14 +144,14 @@ def save_path(save: str | Path | bool | None, writekey: str) -> Path | None:
 
 def finish(
     fig: Figure,
-    axes: Axes | np.ndarray,
+    axes: _AxesT,
     *,
     show: bool | None,
     save: str | Path | bool | None,
     return_fig: bool,
     writekey: str,
     dpi: int | None = None,
-) -> Figure | Axes | np.ndarray | None:
+) -> Figure | _AxesT | None:
     """The one ending of every plot: save, show, return.
 
     Saves to :func:`save_path` of ``save`` and the plot's name ``writekey`` (scanpy's rule; parent folders are

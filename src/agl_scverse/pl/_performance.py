@@ -150,7 +150,8 @@ def _baseline_means(metrics: dict, metric: str) -> dict[str, float]:
     Read from ``metrics["test"][method]`` (evaluate's layout) or ``metrics[method]``, under ``metric`` or
     ``f"{metric}_mean"``; the model's own entry is skipped.
     """
-    scored = metrics.get("test") if isinstance(metrics.get("test"), dict) else metrics
+    test = metrics.get("test")
+    scored = test if isinstance(test, dict) else metrics
     out = {}
     for name, entry in scored.items():
         if name == "model" or not isinstance(entry, dict):

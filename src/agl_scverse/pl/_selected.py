@@ -153,14 +153,14 @@ def selected_genes(
     a.set_xlabel("prior rank of auxiliary gene (0 = best)")
     a.set_ylabel("learned weight $w_i$")
     a.set_title(f"{key}: {int(selected.sum()):,} of {n_aux:,} auxiliary genes selected")
-    top = a.secondary_xaxis("top", functions=(lambda x: x / span, lambda r: r * span))
+    top = a.secondary_xaxis("top", functions=(lambda x: np.asarray(x) / span, lambda r: np.asarray(r) * span))
     top.set_xlabel("normalised rank $r_i$", fontsize="small")
     top.tick_params(labelsize="small")
     a.legend(loc="center right", fontsize="small", frameon=False)
     if show_history:
         _k_history(axs[1], history, best_epoch(run))
-    out = axes_array(axs) if show_history else a
-    return finish(fig, out, show=show, save=save, return_fig=return_fig, writekey="selected_genes")
+        return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig, writekey="selected_genes")
+    return finish(fig, a, show=show, save=save, return_fig=return_fig, writekey="selected_genes")
 
 
 def _ratios(ax, show_history: bool) -> dict:

@@ -150,9 +150,21 @@ def spatial_prediction(
     what = (observed, spots, crop)
     if isinstance(data, AnnData):
         fig, axs = _plot_anndata(
-            data, genes, key, library_key, library_id, img, img_res_key, cmap, (shared_scale, robust), size, ax, figsize,
-            kwargs, what,
-        )  # fmt: skip
+            data,
+            genes,
+            key,
+            library_key,
+            library_id,
+            img,
+            img_res_key,
+            cmap,
+            (shared_scale, robust),
+            size,
+            ax,
+            figsize,
+            kwargs,
+            what,
+        )
         return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
     try:
         from spatialdata import SpatialData
@@ -359,7 +371,7 @@ def _library_masks(adata: AnnData, library_key, library_id) -> dict[str, np.ndar
     return {lib: masks[lib] for lib in wanted}
 
 
-def _library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[np.ndarray | None, float]:
+def _library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.ImageSource | None, float]:
     order = [img_res_key, *[r for r in (K.HIRES, K.LOWRES, K.FULLRES) if r != img_res_key]]
     try:
         image, scale, _ = _spatial.get_image(adata, lib, prefer=order, warn=False)
@@ -381,7 +393,9 @@ def _spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing
 
 
-def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs, what):  # fmt: skip
+def _plot_anndata(
+    adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs, what
+):
     import squidpy as sq
 
     if K.SPATIAL_KEY not in adata.obsm:
@@ -434,7 +448,7 @@ def _plot_anndata(adata, genes, key, library_key, library_id, img, img_res_key, 
 # --------------------------------------------------------------------------------------------------------------
 # SpatialData through spatialdata-plot
 # --------------------------------------------------------------------------------------------------------------
-def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs, what):  # fmt: skip
+def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs, what):
     try:
         import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
     except ImportError as err:

@@ -53,9 +53,18 @@ DEFAULT_CONTEXT_NEIGHS = 12
 DEFAULT_CONTEXT_AGGREGATION = ("mean", "std")
 #: Recipe fields that must agree between a slide's context features and a model's (see agl_predict).
 CONTEXT_CHECKED = (
-    "graph", "n_neighs", "n_rings", "grid_neighs", "radius_um", "aggregation", "include_self", "output", "alpha",
-    "fov_patch_um", "slide",
-)  # fmt: skip
+    "graph",
+    "n_neighs",
+    "n_rings",
+    "grid_neighs",
+    "radius_um",
+    "aggregation",
+    "include_self",
+    "output",
+    "alpha",
+    "fov_patch_um",
+    "slide",
+)
 _CHUNK_BYTES = 64 * 2**20  # output rows computed at a time
 
 
@@ -268,11 +277,19 @@ def _fov_features(
     shell.obsm[K.SPATIAL_KEY] = np.asarray(adata.obsm[K.SPATIAL_KEY])
     shell.uns[K.SPATIAL_KEY] = adata.uns.get(K.SPATIAL_KEY, {})
     tmp = embed_patches(
-        shell, encoder=pair, patch_px=int(base_rec["patch_px"]), patch_um=float(fov_patch_um),
-        library_key=library_key, key_added=fov_key, on_outside="pad", copy=True,
-        seed=int(base_rec.get("seed") or 0), allow_lowres=bool(base_rec.get("allow_lowres", False)),
-        tta=int(base_rec.get("tta") or 1), **embed_kw,
-    )  # fmt: skip
+        shell,
+        encoder=pair,
+        patch_px=int(base_rec["patch_px"]),
+        patch_um=float(fov_patch_um),
+        library_key=library_key,
+        key_added=fov_key,
+        on_outside="pad",
+        copy=True,
+        seed=int(base_rec.get("seed") or 0),
+        allow_lowres=bool(base_rec.get("allow_lowres", False)),
+        tta=int(base_rec.get("tta") or 1),
+        **embed_kw,
+    )
     return np.asarray(tmp.obsm[fov_key], dtype=np.float32), dict(tmp.uns[K.EMBED_UNS][fov_key])
 
 
@@ -287,8 +304,10 @@ def _check_recipe(aggregation, output, slide, alpha, n_neighs, n_rings, grid_nei
     if slide is not None:
         check_choice("slide", slide, CONTEXT_SLIDE)
     if output == "blend" and (len(aggs) != 1 or aggs[0] not in ("mean", "gaussian")):
-        raise ValueError(f"output='blend' takes one mean-type aggregation ('mean' or 'gaussian'), got {aggs}; "
-                         "use output='concat' for max / std or several aggregations.")  # fmt: skip
+        raise ValueError(
+            f"output='blend' takes one mean-type aggregation ('mean' or 'gaussian'), got {aggs}; "
+            "use output='concat' for max / std or several aggregations."
+        )
     if not (0.0 <= float(alpha) <= 1.0):
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
     if n_rings is not None and radius_um is not None:
@@ -311,15 +330,17 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
         coords, recipe["graph"], recipe["n_neighs"], recipe["n_rings"], recipe["grid_neighs"], recipe["radius_px"]
     )
     w_plain = _weights(conn, dist, False, recipe["include_self"])
-    w_gauss = _weights(conn, dist, True, recipe["include_self"]) if "gaussian" in aggs else None
-    X2 = np.square(Xl) if "std" in aggs else None
+    w_mean = {"mean": w_plain}  # the weights of each mean-type aggregation
+    if "gaussian" in aggs:
+        w_mean["gaussian"] = _weights(conn, dist, True, recipe["include_self"])
+    X2 = np.square(Xl) if "std" in aggs else Xl[:0]
     step = max(1, _CHUNK_BYTES // (4 * max(width, d)))  # rows whose blocks are built at a time
     for s in range(0, len(rows_all), step):
         rows = slice(s, min(s + step, len(rows_all)))
         parts = []
         for a in aggs:
-            if a in ("mean", "gaussian"):
-                parts.append(np.asarray((w_plain if a == "mean" else w_gauss)[rows] @ Xl, dtype=np.float32))
+            if a in w_mean:
+                parts.append(np.asarray(w_mean[a][rows] @ Xl, dtype=np.float32))
             else:
                 parts.append(_neighbourhood_max(w_plain, Xl, rows) if a == "max" else _std(w_plain, Xl, X2, rows))
         parts = [alpha * Xl[rows] + (1.0 - alpha) * parts[0]] if output == "blend" else [Xl[rows], *parts]
@@ -480,8 +501,10 @@ def spatial_context(
     base_rec = dict((adata.uns.get(K.EMBED_UNS) or {}).get(embedding_key) or {})
     base_ctx = base_rec.get("context")
     if base_ctx:
-        raise ValueError(f".obsm[{embedding_key!r}] already holds context features; start from the spot embedding "
-                         f"({base_ctx.get('base_key')!r}).")  # fmt: skip
+        raise ValueError(
+            f".obsm[{embedding_key!r}] already holds context features; start from the spot embedding "
+            f"({base_ctx.get('base_key')!r})."
+        )
     if graph == "knn":
         small = [(lib, len(idx)) for lib, idx in groups if len(idx) <= n_neighs]
         if small:
@@ -491,53 +514,71 @@ def spatial_context(
             )
     d = int(X.shape[1])
     fov_um = None
-    if fov_scale is not None or fov_patch_um is not None:
-        if fov_scale is not None:
-            check_positive("fov_scale", fov_scale)
-            if not base_rec.get("patch_um"):
-                raise ValueError("fov_scale needs the base embedding's patch_um record; pass fov_patch_um instead.")
-            fov_um = float(base_rec["patch_um"]) * math.sqrt(float(fov_scale))
-        else:
-            check_positive("fov_patch_um", fov_patch_um)
-            fov_um = float(fov_patch_um)
-    fov_key = fov_key or (f"{embedding_key}_fov{fov_um:g}um" if fov_um else None)
+    if fov_scale is not None:
+        check_positive("fov_scale", fov_scale)
+        if not base_rec.get("patch_um"):
+            raise ValueError("fov_scale needs the base embedding's patch_um record; pass fov_patch_um instead.")
+        fov_um = float(base_rec["patch_um"]) * math.sqrt(float(fov_scale))
+    elif fov_patch_um is not None:
+        check_positive("fov_patch_um", fov_patch_um)
+        fov_um = float(fov_patch_um)
+    if fov_um is not None:
+        fov_key = fov_key or f"{embedding_key}_fov{fov_um:g}um"
 
     # ---- the output array: [core blocks, fov, (slide means)]
     fov = fov_rec = None
-    if fov_um is not None:
+    if fov_um is not None and fov_key is not None:
         embed_kw = {"device": device, "batch_size": batch_size, "num_workers": num_workers, "precision": precision}
         fov, fov_rec = _fov_features(adata, base_rec, lib_key, fov_um, fov_key, weights, encoder, embed_kw)
     d_fov = 0 if fov is None else int(fov.shape[1])
     width = (1 if output == "blend" else 1 + len(aggs)) * d + d_fov
     d_out = width + (d + d_fov if slide == "append" else 0)
     out = np.empty((adata.n_obs, d_out), dtype=np.float32)
-    how = {"aggs": aggs, "output": output, "alpha": alpha, "graph": graph, "n_neighs": int(n_neighs),
-           "n_rings": n_rings, "grid_neighs": int(grid_neighs), "include_self": include_self, "slide": slide}  # fmt: skip
+    how = {
+        "aggs": aggs,
+        "output": output,
+        "alpha": alpha,
+        "graph": graph,
+        "n_neighs": int(n_neighs),
+        "n_rings": n_rings,
+        "grid_neighs": int(grid_neighs),
+        "include_self": include_self,
+        "slide": slide,
+    }
     for lib, idx in groups:
         Xl = np.asarray(X[idx], dtype=np.float32)
         if not np.isfinite(Xl).all():
             raise ValueError(f".obsm[{embedding_key!r}] holds NaN/inf in library {lib!r}; recompute the embedding.")
         radius_px = None
-        if graph == "radius":
+        if radius_um is not None:  # graph == "radius"
             if lib is None:
                 raise ValueError("radius_um needs the µm per pixel of a library (uns['spatial']); none is known.")
             radius_px = float(radius_um) / microns_per_pixel(adata, lib)
         _fill_library(out, Xl, idx, coords[idx], {**how, "radius_px": radius_px}, fov, width)
     recipe = {
-        "base_key": embedding_key, "graph": graph, "n_neighs": int(n_neighs) if graph == "knn" else None,
-        "n_rings": int(n_rings) if graph == "rings" else None,
-        "grid_neighs": int(grid_neighs) if graph == "rings" else None,
-        "radius_um": float(radius_um) if graph == "radius" else None, "aggregation": "+".join(aggs),
-        "include_self": bool(include_self), "output": output, "alpha": float(alpha), "fov_patch_um": fov_um,
-        "fov_key": fov_key, "slide": slide, "library_key": lib_key, "base_dim": d,
-    }  # fmt: skip
+        "base_key": embedding_key,
+        "graph": graph,
+        "n_neighs": int(n_neighs) if graph == "knn" else None,
+        "n_rings": int(n_rings) if n_rings is not None else None,
+        "grid_neighs": int(grid_neighs) if n_rings is not None else None,
+        "radius_um": float(radius_um) if radius_um is not None else None,
+        "aggregation": "+".join(aggs),
+        "include_self": bool(include_self),
+        "output": output,
+        "alpha": float(alpha),
+        "fov_patch_um": fov_um,
+        "fov_key": fov_key,
+        "slide": slide,
+        "library_key": lib_key,
+        "base_dim": d,
+    }
     record = {k: v for k, v in base_rec.items() if k not in ("feature_dim", "n_spots", "versions")}
     record.update(
         feature_dim=int(d_out), n_spots=int(adata.n_obs), context={k: v for k, v in recipe.items() if v is not None}
     )
     record["versions"] = versions()
     target = adata.copy() if copy else adata
-    written = [key] + ([fov_key] if fov is not None and fov_key not in adata.obsm else [])
+    written = [key] + ([fov_key] if fov is not None and fov_key is not None and fov_key not in adata.obsm else [])
     store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
     store[key] = record
     if len(written) > 1:

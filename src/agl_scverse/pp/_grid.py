@@ -171,8 +171,7 @@ def _lattice(width: float, height: float, pitch: float, layout: str) -> tuple[np
     dy = pitch * np.sqrt(3) / 2 if layout == "hex" else pitch
     ys = pitch / 2 + dy * np.arange(max(0, int(np.floor((height - pitch / 2) / dy)) + 1))
     xs = pitch / 2 + pitch * np.arange(max(0, int(np.floor((width - pitch / 2) / pitch)) + 1))
-    rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
-    rows, cols = rows.ravel(), cols.ravel()
+    rows, cols = (g.ravel() for g in np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij"))
     x = xs[cols] + (pitch / 2 if layout == "hex" else 0.0) * (rows % 2)
     y = ys[rows]
     xy = np.column_stack([x, y]).astype(np.float64)

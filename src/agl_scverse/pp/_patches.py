@@ -177,7 +177,8 @@ def crop_with_padding(
         out[:] = fill
         out[pads[0][0] : pads[0][0] + (yb - ya), pads[1][0] : pads[1][0] + (xb - xa)] = region
         return out
-    return np.pad(region, pads, mode=pad_mode)
+    check_choice("pad_mode", pad_mode, PAD_MODES)
+    return np.pad(region, pads, mode="reflect" if pad_mode == "reflect" else "edge")
 
 
 #: Sub-pixel offsets closer than this to a whole pixel are snapped to it (float noise in stored coordinates).

@@ -333,7 +333,7 @@ def reduced_rank_ridge(
     if not 1 <= n_t <= Y_train.shape[1]:
         raise ValueError(f"n_targets={n_targets} must be in [1, {Y_train.shape[1]}] (the columns of Y_train).")
     many = isinstance(rank, Sequence)
-    ranks = list(rank) if many else [rank]
+    ranks: list[int | None] = list(rank) if isinstance(rank, Sequence) else [rank]
     for r_ in ranks:
         if r_ is not None and (isinstance(r_, bool) or int(r_) < 1):
             raise ValueError(f"rank must be a positive integer or None, got {r_!r}.")

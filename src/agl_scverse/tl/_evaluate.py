@@ -73,7 +73,7 @@ def _scored_predictions(layer, rows: np.ndarray, cols: np.ndarray, stack: ExitSt
     path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agl-evaluate-"))) / "pred.npy"
     np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(rows), len(cols)), fortran_order=True)
     sub = layer if len(rows) == layer.shape[0] and (rows == np.arange(len(rows))).all() else layer[rows]
-    da.store(sub[:, cols].astype(np.float32), _MappedFile(path), lock=True)
+    da.store(sub[:, cols].astype(np.float32), _MappedFile(path), lock=True)  # type: ignore[arg-type]  # a __setitem__ target
     return _Blocks(lambda: np.load(path, mmap_mode="r"), None, None)
 
 
@@ -99,7 +99,7 @@ class _Blocks:
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         src = self.open()
-        if self.cols is None:
+        if self.cols is None or self.rows is None:
             return np.array(src[key])
         return src[np.ix_(self.rows, self.cols[key[1]])]
 
@@ -253,9 +253,9 @@ def evaluate(
     # the baselines train on the spots the model trained on: the training split, and the validation spots too
     # when the model was refitted on them
     fitted_on = (K.SPLIT_TRAIN, K.SPLIT_VAL) if refitted else (K.SPLIT_TRAIN,)
-    train = np.isin(split, fitted_on) if split is not None else None
+    train = np.isin(split, fitted_on) if split is not None else np.zeros(adata.n_obs, dtype=bool)
     notes = ""
-    if baselines and (train is None or not train.any()):
+    if baselines and not train.any():
         notes = "baselines skipped: no training spots ('train' in .obs[split]) in this AnnData"
     elif baselines and (not emb_key or emb_key not in adata.obsm):
         notes = f"baselines skipped: embedding {emb_key!r} not in .obsm"
@@ -276,6 +276,7 @@ def evaluate(
     if keys.pred_layer in adata.layers:
         L = adata.layers[keys.pred_layer]
     else:
+        assert model is not None  # checked above, before the counts
         new_layer, new_emb, pred_genes = prediction_layer(adata, model)
         _check_predicted(gene_list, np.isin(gene_list, pred_genes), keys)
         L = new_layer
@@ -298,11 +299,9 @@ def evaluate(
     df = pd.concat(frames["model"], ignore_index=True)
     results = {name: _summary(pd.concat(f, ignore_index=True)) for name, f in frames.items() if f}
 
-    test = {
-        **results, "n_spots": int(ev.sum()), "spots": spots_desc,
-        "genes": gene_list if not isinstance(genes, str) else genes, "transform": transform, "embedding_key": emb_key,
-        "notes": notes,
-    }  # fmt: skip
+    test = {**results, "n_spots": int(ev.sum()), "spots": spots_desc}
+    test.update(genes=gene_list if not isinstance(genes, str) else genes, transform=transform, embedding_key=emb_key)
+    test["notes"] = notes
     target = adata.copy() if copy else adata
     written = {
         "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
@@ -315,7 +314,7 @@ def evaluate(
             full = np.full(target.n_vars, np.nan)
             full[gidx] = df[name].to_numpy(dtype=float)
             target.var[col] = full
-        if new_layer is not None:  # as agl_predict writes it: the layer, its mask and its record
+        if new_layer is not None and model is not None:  # as agl_predict writes it: the layer, its mask and its record
             target.layers[keys.pred_layer] = new_layer
             target.var[keys.predicted] = target.var_names.isin(pred_genes)
             target.uns[keys.pred_uns] = prediction_record(model, K.SCALE_MODEL, "selected", len(pred_genes), True)

@@ -58,15 +58,18 @@ def rrr_head(
     fit = rrr_fit(X, Y, n_targets)
     coef, intercept, r = fit.coefficients(rank, n_out)
     net = EmbeddingHead(X.shape[1], n_out, hidden=(), dropout=0.0)
-    f32 = {"dtype": torch.float32}
+
+    def f32(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32)
+
     with torch.no_grad():
-        net.set_input_scaling(torch.as_tensor(fit.x_mean, **f32), torch.as_tensor(fit.x_std, **f32))
-        net.out.weight.copy_(torch.as_tensor(coef.T, **f32))
-        net.out.bias.copy_(torch.as_tensor(intercept, **f32))
-        net.out_scale.copy_(torch.as_tensor(fit.y_std[:n_out], **f32))
-        net.out_shift.copy_(torch.as_tensor(fit.y_mean[:n_out], **f32))
-        net.out_lo.copy_(torch.as_tensor(Y[:, :n_out].min(0), **f32))
-        net.out_hi.copy_(torch.as_tensor(Y[:, :n_out].max(0), **f32))
+        net.set_input_scaling(f32(fit.x_mean), f32(fit.x_std))
+        net.out.weight.copy_(f32(coef.T))
+        net.out.bias.copy_(f32(intercept))
+        net.get_buffer("out_scale").copy_(f32(fit.y_std[:n_out]))
+        net.get_buffer("out_shift").copy_(f32(fit.y_mean[:n_out]))
+        net.get_buffer("out_lo").copy_(f32(Y[:, :n_out].min(0)))
+        net.get_buffer("out_hi").copy_(f32(Y[:, :n_out].max(0)))
     return net.eval(), {"rank": int(r), "alpha": float(fit.alpha)}
 
 
@@ -94,7 +97,7 @@ def hybrid_linear(
     rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
     kw = {"n_cols": n_targets + k, "n_out": n_targets}
     net, info = rrr_head(features, expr, rows, n_targets, rank, **kw)
-    weight, w_scores = K.HYBRID_LINEAR_WEIGHT, {}
+    weight, w_scores = K.HYBRID_LINEAR_WEIGHT, dict[float, float]()
     if mlp_val is not None and len(val_idx) >= 2:
         on_train = rrr_head(features, expr, train_idx, n_targets, rank, **kw)[0] if refit else net
         with torch.no_grad():
