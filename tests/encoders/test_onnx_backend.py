@@ -16,7 +16,8 @@ from torch import nn
 
 import agl_scverse as agl
 from agl_scverse.encoders import _onnx_backend as ob
-from agl_scverse.encoders._factory import ClsMeanPool, get_encoder
+from agl_scverse.encoders._factory import get_encoder
+from agl_scverse.encoders._modules import ClsMeanPool
 from agl_scverse.encoders._presets import PRESETS, kwargs_from_json
 from agl_scverse.pp import embed_patches
 

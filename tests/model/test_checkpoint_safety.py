@@ -492,7 +492,7 @@ def _slide_model(tmp_path: Path, weights_path: str) -> tuple:
 
 
 def test_predict_never_opens_the_encoder_path_recorded_in_a_model(tmp_path, monkeypatch):
-    import agl_scverse.encoders._factory as enc_mod  # rebuild_encoder checks the weights file
+    import agl_scverse.encoders._record as enc_mod  # rebuild_encoder checks the weights file
 
     adata, path = _slide_model(tmp_path, "/etc/hostname")
     real_open, opened = builtins.open, []

@@ -4,16 +4,12 @@ The engine's lowest floor beside :mod:`agl_scverse.train`: it stands on the pack
 import these names from :mod:`agl_scverse.model`, which hands them on.
 """
 
-from ._factory import (
-    encoder_record,
-    get_encoder,
-    list_encoders,
-    load_weights,
-    normalize,
-    rebuild_encoder,
-    register_encoder,
-)
+from ._factory import get_encoder
+from ._normalize import normalize
 from ._presets import EncoderPreset, list_presets
+from ._record import encoder_record, rebuild_encoder
+from ._registry import list_encoders, register_encoder
+from ._weights import load_weights
 
 __all__ = [
     "EncoderPreset",

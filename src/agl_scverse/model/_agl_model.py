@@ -45,7 +45,8 @@ from agl_scverse._modeldir import (
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
 from agl_scverse._validate import check_choice
-from agl_scverse.encoders._factory import get_encoder, record_kwargs
+from agl_scverse.encoders._factory import get_encoder
+from agl_scverse.encoders._record import record_kwargs
 from agl_scverse.train._data import index_batches_of, patch_batches
 from agl_scverse.train._inference import array_batches, forward
 from agl_scverse.train._precision import resolve_precision

@@ -41,7 +41,7 @@ from agl_scverse._validate import (
     check_positive,
     resolve_spots,
 )
-from agl_scverse.encoders._factory import encoder_name
+from agl_scverse.encoders._registry import encoder_name
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
     AGLModel,
