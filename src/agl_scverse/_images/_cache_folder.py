@@ -130,26 +130,20 @@ def prune_stale(folder: Path) -> None:
 
 @contextlib.contextmanager
 def file_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock next to ``target`` (POSIX; elsewhere the atomic rename alone keeps the cache valid).
+    """An exclusive lock next to ``target``, between processes and threads (:class:`filelock.FileLock`).
 
-    The lock file is opened without following links and never truncated, so a link planted in its place cannot
-    damage the file it points to.
+    filelock opens the lock file without following links (since 3.20.1, CVE-2025-68146), so a link planted in its
+    place is refused, never truncated through.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
+    from filelock import FileLock
+
     lock = target.with_name(target.name + ".lock")
+    held = FileLock(lock, mode=0o600)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+        held.acquire()
     except OSError as e:
         raise PermissionError(f"Cannot open the cache lock {lock} ({e}); if it is a link, delete it.") from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
+        held.release()

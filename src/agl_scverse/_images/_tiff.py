@@ -21,7 +21,6 @@ __all__ = ["STRIP_BAND_ROWS", "TIFF_SUFFIXES", "TiffSource", "is_tiff"]
 #: Suffixes read with tifffile (an OME-TIFF ends in ``.ome.tif``); other files are sniffed for the TIFF magic.
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf2", ".tf8", ".ndpi", ".scn", ".qptiff", ".bif")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 #: Strip-organised TIFFs are read and cached in full-width bands of at least this many rows.
 STRIP_BAND_ROWS = 256
 
