@@ -109,3 +109,16 @@ def test_no_function_is_a_room_of_its_own():
                     continue
                 n = body[-1].end_lineno - body[0].lineno + 1
                 assert n <= 125, f"{path.relative_to(PKG)}:{node.lineno} {node.name} has {n} lines"
+
+
+def test_the_engine_has_one_public_face():
+    """``agl_scverse.model`` hands on every public name of the floors below it, the very same objects."""
+    import agl_scverse.encoders
+    import agl_scverse.model
+    import agl_scverse.train
+
+    for floor in (agl_scverse.encoders, agl_scverse.train):
+        missing = sorted(set(floor.__all__) - set(agl_scverse.model.__all__))
+        assert not missing, f"{floor.__name__} names {missing} that agl_scverse.model does not hand on"
+        for name in floor.__all__:
+            assert getattr(agl_scverse.model, name) is getattr(floor, name), name
