@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "agl_scverse"
-SUBPACKAGES = ("io", "pp", "model", "tl", "pl", "datasets")
+SUBPACKAGES = ("io", "pp", "encoders", "train", "model", "tl", "pl", "datasets")
 #: sub-package -> sub-packages it must not import
 FORBIDDEN = {
+    # the engine: encoders and train side by side on the helpers, model (the saved model, the networks) on both
+    "encoders": {"io", "pp", "train", "model", "tl", "pl", "datasets"},
+    "train": {"io", "pp", "encoders", "model", "tl", "pl", "datasets"},
     "model": {"io", "pp", "tl", "pl", "datasets"},
-    "io": {"pp", "tl", "pl", "model", "datasets"},
+    "io": {"pp", "encoders", "train", "model", "tl", "pl", "datasets"},
     "pp": {"tl", "pl", "datasets"},
     "tl": {"pl"},
-    "pl": {"io", "pp", "tl", "model", "datasets"},
-    "": {"io", "pp", "tl", "pl", "model", "datasets"},  # the private helpers at the top
+    "pl": {"io", "pp", "encoders", "train", "model", "tl", "datasets"},
+    "": {"io", "pp", "encoders", "train", "model", "tl", "pl", "datasets"},  # the private helpers at the top
 }
 
 
@@ -78,7 +81,7 @@ def test_no_module_imports_another_modules_underscore_names(path):
         if not target.startswith("agl_scverse"):
             continue
         private = [n for n in names if n.startswith("_") and not n.startswith("__")]
-        # a private *module* (agl_scverse._constants, .model._encoders) is fine; a private *name* is not
+        # a private *module* (agl_scverse._constants, .encoders._factory) is fine; a private *name* is not
         private = [
             n
             for n in private
@@ -106,3 +109,16 @@ def test_no_function_is_a_room_of_its_own():
                     continue
                 n = body[-1].end_lineno - body[0].lineno + 1
                 assert n <= 125, f"{path.relative_to(PKG)}:{node.lineno} {node.name} has {n} lines"
+
+
+def test_the_engine_has_one_public_face():
+    """``agl_scverse.model`` hands on every public name of the floors below it, the very same objects."""
+    import agl_scverse.encoders
+    import agl_scverse.model
+    import agl_scverse.train
+
+    for floor in (agl_scverse.encoders, agl_scverse.train):
+        missing = sorted(set(floor.__all__) - set(agl_scverse.model.__all__))
+        assert not missing, f"{floor.__name__} names {missing} that agl_scverse.model does not hand on"
+        for name in floor.__all__:
+            assert getattr(agl_scverse.model, name) is getattr(floor, name), name

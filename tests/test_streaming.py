@@ -10,7 +10,7 @@ import torch
 
 from agl_scverse._expression import ArrayExpression, ExpressionBatches, expression_transform, take_rows
 from agl_scverse._stats import StreamingMoments
-from agl_scverse.model._trainer import StandardizedTargets
+from agl_scverse.train._trainer import StandardizedTargets
 
 
 def _counts(n=300, g=40, seed=0):

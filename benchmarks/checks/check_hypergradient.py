@@ -39,8 +39,8 @@ import torch
 import agl_scverse as agl
 from agl_scverse._expression import ExpressionBatches
 from agl_scverse.model import AdamState, EmbeddingHead, GeneMask, hypergradient
-from agl_scverse.model._loss import per_gene_loss, weighted_loss
-from agl_scverse.model._trainer import StandardizedTargets
+from agl_scverse.train._loss import per_gene_loss, weighted_loss
+from agl_scverse.train._trainer import StandardizedTargets
 from benchmarks._common import OUT, RESULTS, git_state
 
 

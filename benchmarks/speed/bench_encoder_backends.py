@@ -98,7 +98,7 @@ def main() -> None:
 
     import agl_scverse as agl
     from agl_scverse._utils import versions
-    from agl_scverse.model import _onnx_backend as ob
+    from agl_scverse.encoders import _onnx_backend as ob
 
     if args.threads:
         torch.set_num_threads(args.threads)

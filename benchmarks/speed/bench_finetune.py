@@ -5,7 +5,7 @@ Rows written to ``benchmarks/results/finetune.json`` (one run, so the ratios com
 - ``embed``: :func:`agl_scverse.pp.embed_patches` end to end on one HER2+ section (DenseNet-121 with the local
   ImageNet weights when present, else a random-init ResNet-18; a synthetic slide without the data) with
   ``precision="fp32"`` (float32, default layout: the computation of earlier versions, checked bit for bit in
-  ``tests/model/test_precision.py``) and the default ``precision="auto"``, with 0 and 2 DataLoader workers; the
+  ``tests/train/test_precision.py``) and the default ``precision="auto"``, with 0 and 2 DataLoader workers; the
   speed-up of the default over fp32; the cosine similarity of each precision's features to fp32 (bf16 on a subset
   of spots when the CPU has no native bf16, where it is emulated and slow);
 - ``finetune``: ``agl_fit(method="agl", mode="finetune")`` (AGL-all, ResNet-18, 224 px patches) for one short epoch
@@ -74,7 +74,7 @@ def load_slide(data: Path, section: str):
 
 def bench_embed(adata, encoder, weights, device, args) -> tuple[list[dict], dict]:
     import agl_scverse as agl
-    from agl_scverse.model._precision import native_bf16, resolve_precision
+    from agl_scverse.train._precision import native_bf16, resolve_precision
 
     kw = {"encoder": encoder, "weights": weights, "batch_size": args.batch_size, "device": device, "copy": True,
           "patch_px": 224, "patch_um": args.patch_um}  # fmt: skip
@@ -193,7 +193,7 @@ def _meta_kwargs(kw: dict, args) -> dict:
 
 def _agreement(adata, args) -> dict:
     """A DkGSB ``meta_scope="last"`` run that also computes the ``"all"`` hypergradient at each of its meta steps."""
-    from agl_scverse.model import _trainer
+    from agl_scverse.train import _trainer
 
     real, rec = _trainer.hypergradient, {"last": [], "all": [], "t_last": [], "t_all": [], "n_scope": 0}
     rec.update({"wider": [], "t_wider": [], "all_fixed": [], "last_fixed": []})

@@ -107,7 +107,7 @@ def embed() -> dict:
 
 
 def _kill_after(n: int) -> None:
-    from agl_scverse.model import _resume
+    from agl_scverse.train import _resume
 
     real = _resume.Checkpointer.save
 

@@ -22,6 +22,8 @@ from agl_scverse._images import (
     Level,
     TiffSource,
     TileCache,
+    _decoded,
+    _tile_cache,
     choose_level,
     open_image,
     tile_cache,
@@ -108,7 +110,7 @@ def test_tile_cache_stays_within_its_byte_budget(pyramid, monkeypatch):
     small.resize(tile.nbytes)
     assert len(small) == 1 and small.nbytes == tile.nbytes
     # the TIFF source honours the process cache's budget while reading the whole image
-    monkeypatch.setattr(_images, "_TILE_CACHE", TileCache(max_bytes=5 * tile.nbytes))
+    monkeypatch.setattr(_tile_cache, "_TILE_CACHE", TileCache(max_bytes=5 * tile.nbytes))
     path, levels = pyramid
     src = open_image(path)
     for y in range(0, 300, 40):
@@ -120,10 +122,10 @@ def test_tile_cache_stays_within_its_byte_budget(pyramid, monkeypatch):
 
 def test_tile_cache_budget_from_environment(monkeypatch):
     monkeypatch.setenv("AGL_SCVERSE_TILE_CACHE_MB", "1.5")
-    assert _images._budget_from_env() == int(1.5 * 2**20)
+    assert _tile_cache._budget_from_env() == int(1.5 * 2**20)
     monkeypatch.setenv("AGL_SCVERSE_TILE_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="AGL_SCVERSE_TILE_CACHE_MB"):
-        _images._budget_from_env()
+        _tile_cache._budget_from_env()
 
 
 def test_tiff_source_pickles_without_handles_and_reopens(pyramid):
@@ -294,14 +296,14 @@ def test_decoded_cache_is_keyed_by_content_not_by_path(tmp_path):
     b.write_bytes(a.read_bytes())
     sa, sb = open_image(a), open_image(b)
     assert sa.content_sha256 == sb.content_sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
-    _images._HASHES.clear()  # another process: the hash recorded for this file identity is read, not recomputed
+    _decoded._HASHES.clear()  # another process: the hash recorded for this file identity is read, not recomputed
     fresh = open_image(a)
-    real = _images._sha256_of
-    _images._sha256_of = lambda p: pytest.fail("hashed again")
+    real = _decoded._sha256_of
+    _decoded._sha256_of = lambda p: pytest.fail("hashed again")
     try:
         assert fresh.content_sha256 == sa.content_sha256
     finally:
-        _images._sha256_of = real
+        _decoded._sha256_of = real
     assert sa.cache_path.name.split("-")[-1] == sb.cache_path.name.split("-")[-1]
 
 

@@ -23,9 +23,9 @@ from builders import assert_unchanged, small_slide, snapshot
 from torch import nn
 
 import agl_scverse as agl
+from agl_scverse import _modeldir as mdir
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, register_encoder
-from agl_scverse.model import _checkpoint as ckpt
-from agl_scverse.model import _modeldir as mdir
+from agl_scverse.model import _agl_model as ckpt
 from agl_scverse.model._schema import FORMAT_VERSION, SUPPORTED_FORMATS, config_digest
 
 SRC = Path(agl.__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import torch
     from agl_scverse.model import AGLModel, EmbeddingHead
-    from agl_scverse.model import _modeldir
+    from agl_scverse import _modeldir
 
     target, kill_after = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(2)
@@ -492,7 +492,7 @@ def _slide_model(tmp_path: Path, weights_path: str) -> tuple:
 
 
 def test_predict_never_opens_the_encoder_path_recorded_in_a_model(tmp_path, monkeypatch):
-    import agl_scverse.model._encoders as enc_mod  # rebuild_encoder checks the weights file
+    import agl_scverse.encoders._record as enc_mod  # rebuild_encoder checks the weights file
 
     adata, path = _slide_model(tmp_path, "/etc/hostname")
     real_open, opened = builtins.open, []
@@ -542,6 +542,24 @@ def test_finetuned_model_needs_no_encoder_file(tmp_path):
     _reseal(path, cfg)
     with pytest.raises(ValueError, match=r"'out.weight' is \[2, 4\] float32 in the file, the config implies \[2, 8\]"):
         AGLModel.load(path)
+
+
+def test_saved_models_record_no_module_path(tmp_path):
+    """Modules may move (the engine was split into encoders / train / model): nothing saved may name one."""
+    register_encoder("h21_tiny_conv", lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                     overwrite=True)  # fmt: skip
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    cfg = {
+        "genes": ["a", "b"], "roles": ["target", "auxiliary"], "mode": "finetune",
+        "encoder": {"encoder": "h21_tiny_conv", "recorded": True, "patch_px": 16, "patch_um": 112.0},
+    }  # fmt: skip
+    for name, model in {"embedding": _model(), "finetune": AGLModel(FinetuneNet(backbone, 4, 2), cfg)}.items():
+        path = model.save(tmp_path / name)
+        for file in sorted(path.iterdir()):
+            data = file.read_bytes()
+            assert b"agl_scverse" not in data and b"__main__" not in data, file
+        # and a saved model loads by name, not by a pickled class
+        assert type(AGLModel.load(path).net) is type(model.net)
 
 
 # ------------------------------------------------------------------------------------------ 5. shapes

@@ -10,9 +10,9 @@ import torch
 
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse.model import AGLModel, EmbeddingHead, FinetuneNet, GeneMask, pearson_loss, train_network, weighted_loss
-from agl_scverse.model import _checkpoint as ckpt
-from agl_scverse.model._mask import normalized_ranks
-from agl_scverse.model._trainer import TensorInputs, genes_for_method, val_pcc
+from agl_scverse.model import _agl_model as ckpt
+from agl_scverse.train._mask import normalized_ranks
+from agl_scverse.train._trainer import TensorInputs, genes_for_method, val_pcc
 
 
 # ------------------------------------------------------------------------------------------------ losses

@@ -367,12 +367,13 @@ def test_embedding_a_large_tiff_never_allocates_the_image(tmp_path, monkeypatch)
     import tracemalloc
 
     from agl_scverse import _images
+    from agl_scverse._images import _tile_cache
 
     _big_tiff(tmp_path / "big.tif")
     grid = np.linspace(150, 7850, 8)
     xy = np.array([[x, y] for y in grid for x in grid])  # 64 spots all over the 8000 x 8000 image (192 MB decoded)
     adata = _file_slide(tmp_path / "big.tif", xy, mpp=0.5)
-    monkeypatch.setattr(_images, "_TILE_CACHE", _images.TileCache(max_bytes=16 * 2**20))
+    monkeypatch.setattr(_tile_cache, "_TILE_CACHE", _images.TileCache(max_bytes=16 * 2**20))
 
     def means(x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))

@@ -17,8 +17,9 @@ import torch
 from builders import FAST, assert_unchanged, small_slide, snapshot
 
 import agl_scverse as agl
-from agl_scverse.model import EmbeddingHead, _trainer, train_network
-from agl_scverse.model._trainer import TensorInputs
+from agl_scverse.model import EmbeddingHead, train_network
+from agl_scverse.train import _trainer
+from agl_scverse.train._trainer import TensorInputs
 
 FIT = {"embedding_key": "X_emb", "n_targets": 5, "min_cells": 1, **FAST}
 

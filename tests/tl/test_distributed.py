@@ -55,7 +55,7 @@ def test_helpers_are_no_ops_in_one_process():
 
 def test_distributed_pearson_loss_equals_the_global_batch_loss():
     """The two-pass statistics path (here with an identity 'all-reduce') is the centred one-shot loss."""
-    from agl_scverse.model._loss import pearson_loss
+    from agl_scverse.train._loss import pearson_loss
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)

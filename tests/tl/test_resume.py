@@ -19,7 +19,7 @@ from fit_runs import assert_identical, fit, summary
 
 import agl_scverse as agl
 from agl_scverse.model import AGLModel
-from agl_scverse.model._resume import CHECKPOINT_FILES, checkpoint_path
+from agl_scverse.train._resume import CHECKPOINT_FILES, checkpoint_path
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 SRC = Path(agl.__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, mode):
 
 def _embedding_run(save_dir: Path, **kw):
     """A 2-epoch embedding run that leaves a checkpoint after epoch 1 (as if it had been killed in epoch 2)."""
-    from agl_scverse.model import _resume
+    from agl_scverse.train import _resume
 
     real, done = _resume.Checkpointer.remove, []
     _resume.Checkpointer.remove = lambda self: done.append(self.path)  # keep the checkpoint
@@ -132,8 +132,8 @@ def test_checkpoint_state_carries_the_gradient_scaler():
     import numpy as np
     import torch
 
-    from agl_scverse.model._resume import rng_state
-    from agl_scverse.model._trainer import _loop_state, _restore_loop_state, empty_history
+    from agl_scverse.train._resume import rng_state
+    from agl_scverse.train._trainer import _loop_state, _restore_loop_state, empty_history
 
     class Ckpt:
         def __init__(self, state):
@@ -163,7 +163,7 @@ def test_resume_refuses_shuffled_counts_of_the_training_spots(tmp_path, monkeypa
     from builders import small_slide
     from fit_runs import fit_kwargs
 
-    from agl_scverse.model import _resume
+    from agl_scverse.train import _resume
 
     monkeypatch.setattr(_resume.Checkpointer, "remove", lambda self: None)  # keep the checkpoint (as if killed)
     save_dir = tmp_path / "m"

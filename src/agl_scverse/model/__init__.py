@@ -1,25 +1,37 @@
-"""The engine: image encoders, networks, Pearson loss, DkGSB mask, bi-level step, trainer, the saved model.
+"""The fitted model and the engine's public face: networks, the saved model, and the names of the floors below.
 
-``model`` stands on the package-private helpers only (``_constants``, ``_validate``, ``_stats``, ``_serialize``,
-``_utils``); preprocessing (``pp``) and tools (``tl``) use it.
+``model`` holds :class:`AGLModel` (its directory and config schema) and the networks it saves; it stands on
+:mod:`agl_scverse.encoders` (image encoders) and :mod:`agl_scverse.train` (trainer, loss, mask, bi-level step), and
+hands on their public names, so ``agl_scverse.model.<name>`` is the one place users import the engine from.
+Preprocessing (``pp``) and tools (``tl``) use it.
 """
 
-from ._bilevel import AdamState, hypergradient, meta_scope_names, unrolled_val_loss
-from ._checkpoint import AGLModel
-from ._encoders import (
+from agl_scverse.encoders import (
+    EncoderPreset,
     encoder_record,
     get_encoder,
     list_encoders,
+    list_presets,
     load_weights,
     normalize,
     rebuild_encoder,
     register_encoder,
 )
+from agl_scverse.train import (
+    AdamState,
+    GeneMask,
+    TrainResult,
+    hypergradient,
+    meta_scope_names,
+    pearson_loss,
+    per_gene_loss,
+    train_network,
+    unrolled_val_loss,
+    weighted_loss,
+)
+
+from ._agl_model import AGLModel
 from ._heads import EmbeddingEnsemble, EmbeddingHead, FinetuneNet
-from ._loss import pearson_loss, per_gene_loss, weighted_loss
-from ._mask import GeneMask
-from ._presets import EncoderPreset, list_presets
-from ._trainer import TrainResult, train_network
 
 __all__ = [
     "AGLModel",

@@ -60,7 +60,7 @@ FILE_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cf
                "hf_hub_id", "hf_hub_filename", "state_dict")  # fmt: skip
 #: Network kinds of ``config["net"]["kind"]`` and the model mode each one serves.
 NET_KINDS = {"embedding": "embedding", "ensemble": "embedding", "finetune": "finetune"}  # kind -> mode
-#: What a fine-tuned model ran in (``config["precision"]["precision"]``, see :mod:`agl_scverse.model._precision`).
+#: What a fine-tuned model ran in (``config["precision"]["precision"]``, see :mod:`agl_scverse.train._precision`).
 RUN_PRECISIONS = ("fp32", "bf16", "fp16")
 #: Fields added after format 3 was fixed, and the value a config without them means.
 OPTIONAL_DEFAULTS: dict[str, Any] = {"augment": False, "precision": None}
@@ -317,7 +317,7 @@ def _file_kwargs(value: Any, prefix: str = "") -> list[str]:
 
 
 def _check_precision(c: _Checker, prec: Any) -> None:
-    """``config["precision"]``: null, or the record of :meth:`agl_scverse.model._precision.Precision.record`."""
+    """``config["precision"]``: null, or the record of :meth:`agl_scverse.train._precision.Precision.record`."""
     if prec is None:
         return
     if not isinstance(prec, dict):

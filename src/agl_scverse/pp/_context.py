@@ -27,8 +27,8 @@ from agl_scverse._spatial import microns_per_pixel, resolve_library_key
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import versions
 from agl_scverse._validate import check_choice, check_positive
+from agl_scverse.encoders._record import RECORD_CHECKED, rebuild_encoder
 from agl_scverse.io._spatialdata import as_anndata, update_table
-from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
 
 from ._embed import embed_patches
 

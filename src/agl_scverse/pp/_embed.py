@@ -23,11 +23,14 @@ from agl_scverse._docs import d
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, show_progress
 from agl_scverse._validate import check_choice, check_positive
+from agl_scverse.encoders._factory import check_native_scale, get_encoder
+from agl_scverse.encoders._modules import CallableEncoder
+from agl_scverse.encoders._normalize import normalize
+from agl_scverse.encoders._onnx_backend import select_backend, start_backend
+from agl_scverse.encoders._record import encoder_record
 from agl_scverse.io._spatialdata import as_anndata, update_table
-from agl_scverse.model._data import index_batches_of, patch_batches
-from agl_scverse.model._encoders import CallableEncoder, check_native_scale, encoder_record, get_encoder, normalize
-from agl_scverse.model._onnx_backend import select_backend, start_backend
-from agl_scverse.model._precision import Precision, resolve_precision
+from agl_scverse.train._data import index_batches_of, patch_batches
+from agl_scverse.train._precision import Precision, resolve_precision
 
 from ._patches import SpotPatches, check_patch_batch
 

@@ -58,8 +58,8 @@ from agl_scverse import _constants as K
 from agl_scverse import _spatial
 from agl_scverse._images import ImageSource, open_image
 from agl_scverse._validate import check_choice, check_in_range, check_positive, check_spatial, resolve_spots
+from agl_scverse.encoders._normalize import normalize
 from agl_scverse.io._spatialdata import as_anndata
-from agl_scverse.model._encoders import normalize
 
 __all__ = [
     "SpotPatches",

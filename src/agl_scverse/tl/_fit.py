@@ -27,6 +27,7 @@ from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._expression import ExpressionBatches
+from agl_scverse._modeldir import check_overwritable
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
@@ -40,6 +41,7 @@ from agl_scverse._validate import (
     check_positive,
     resolve_spots,
 )
+from agl_scverse.encoders._registry import encoder_name
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
     AGLModel,
@@ -51,15 +53,13 @@ from agl_scverse.model import (
     get_encoder,
     train_network,
 )
-from agl_scverse.model._data import PatchInputs
-from agl_scverse.model._encoders import encoder_name
-from agl_scverse.model._inference import forward, index_batches
-from agl_scverse.model._modeldir import check_overwritable
-from agl_scverse.model._resume import Checkpointer
-from agl_scverse.model._trainer import TensorInputs, TrainResult, empty_history, genes_for_method
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
+from agl_scverse.train._data import PatchInputs
+from agl_scverse.train._inference import forward, index_batches
+from agl_scverse.train._resume import Checkpointer
+from agl_scverse.train._trainer import TensorInputs, TrainResult, empty_history, genes_for_method
 
 from ._config import FitConfig, GeneConfig
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record

@@ -31,9 +31,9 @@ from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._validate import check_choice, check_positive
+from agl_scverse.encoders._record import RECORD_CHECKED, rebuild_encoder
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
-from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
 from agl_scverse.pp._context import context_kwargs, context_recipe_diff, spatial_context
 from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch

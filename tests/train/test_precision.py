@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import agl_scverse as agl
-from agl_scverse.model import _precision as P
 from agl_scverse.model import normalize
-from agl_scverse.model._precision import resolve_precision
 from agl_scverse.pp import SpotPatches
+from agl_scverse.train import _precision as P
+from agl_scverse.train._precision import resolve_precision
 
 PX = 32
 

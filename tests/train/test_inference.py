@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from agl_scverse.model import EmbeddingHead
-from agl_scverse.model._inference import array_batches, forward
+from agl_scverse.train._inference import array_batches, forward
 
 
 class _Tracked(EmbeddingHead):

@@ -1,6 +1,6 @@
 """The fitted model object: network + a JSON-able config, saved atomically to a directory.
 
-Layout of a saved model directory (nothing else; see :mod:`agl_scverse.model._modeldir`)::
+Layout of a saved model directory (nothing else; see :mod:`agl_scverse._modeldir`)::
 
     <path>/
         config.json          genes in output order, roles, prior, ranks, learned weights, theta, k, transform,
@@ -33,16 +33,25 @@ from scanpy import logging as logg
 from torch import nn
 
 from agl_scverse import _constants as K
+from agl_scverse._modeldir import (
+    CONFIG_NAME,
+    MODEL_FILES,
+    WEIGHTS_NAME,
+    atomic_replace,
+    recover,
+    remove_stale,
+    writer_lock,
+)
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
 from agl_scverse._validate import check_choice
+from agl_scverse.encoders._factory import get_encoder
+from agl_scverse.encoders._record import record_kwargs
+from agl_scverse.train._data import index_batches_of, patch_batches
+from agl_scverse.train._inference import array_batches, forward
+from agl_scverse.train._precision import resolve_precision
 
-from ._data import index_batches_of, patch_batches
-from ._encoders import get_encoder, record_kwargs
 from ._heads import EmbeddingEnsemble, EmbeddingHead, FinetuneNet
-from ._inference import array_batches, forward
-from ._modeldir import CONFIG_NAME, MODEL_FILES, WEIGHTS_NAME, atomic_replace, recover, remove_stale, writer_lock
-from ._precision import resolve_precision
 from ._schema import (
     DIGEST_FIELD,
     FORMAT_VERSION,

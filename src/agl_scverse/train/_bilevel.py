@@ -15,7 +15,7 @@ One meta step, for training batches ``(x_tr, y_tr)`` (one per inner step) and a 
   :meth:`AdamState.from_optimizer`): each inner step is the Adam update the trainer's optimiser would take -- its
   learning rate, betas, eps, weight decay, step count and moment estimates -- written out functionally, so that
   with ``H = 1`` the look-ahead *is* the network's next training step and the hypergradient is the exact
-  derivative of the target validation loss after that step (``tests/model/test_bilevel.py`` checks it against a
+  derivative of the target validation loss after that step (``tests/train/test_bilevel.py`` checks it against a
   real :class:`torch.optim.Adam` step at ``theta +- h``). Eval mode, a new batch per inner step.
 - ``"sgd"``: without a state, the inner step is plain SGD with ``inner_lr`` (the paper's equation).
 - ``"authors"``: what the authors' public code does -- a copy of the network, a **fresh** Adam
@@ -40,13 +40,13 @@ Choices that keep it cheap and stable (measured in ``benchmarks/check_hypergradi
 - the validation loss only evaluates the target rows of the output layer, and with ``H = 1`` the auxiliary rows
   of the output layer enter the inner step as constants (exactly the same hypergradient, a cheaper graph: with a
   per-parameter optimiser the auxiliary rows only feed the auxiliary outputs);
-- the trainer bounds the number of meta steps per epoch (``meta_steps``) -- see :mod:`agl_scverse.model._trainer`.
+- the trainer bounds the number of meta steps per epoch (``meta_steps``) -- see :mod:`agl_scverse.train._trainer`.
 
 **Scope** (``meta_scope``): which parameters the look-ahead moves. ``"all"`` moves every parameter (the double
 backward runs through the whole network). ``"last"`` moves the output layer and the *last block* of the network
 below it (:func:`meta_scope_names`); every other parameter enters the inner steps as a detached constant, so
 autograd builds no graph below that block and the double backward only spans it. The result is the exact
-derivative of a look-ahead in which only those parameters step (``tests/model/test_bilevel.py`` checks it against
+derivative of a look-ahead in which only those parameters step (``tests/train/test_bilevel.py`` checks it against
 finite differences), not an approximation of the ``"all"`` derivative: measured on a ResNet-18
 (``benchmarks/bench_finetune.py --meta``) it is 3.5x cheaper per meta step, but mostly the normaliser's
 step-size term, so ``"all"`` stays the default. A scope of the output layer alone is

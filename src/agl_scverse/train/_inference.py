@@ -14,7 +14,7 @@ __all__ = ["forward", "index_batches", "array_batches"]
 def index_batches(inputs: Callable, idx: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
     """Batches ``inputs(idx[s : s + batch_size])`` for a row-indexed input source (e.g. ``TensorInputs``).
 
-    A source with a ``stream(batches)`` method (image patches, :class:`~agl_scverse.model._data.PatchInputs`) reads
+    A source with a ``stream(batches)`` method (image patches, :class:`~agl_scverse.train._data.PatchInputs`) reads
     the batches ahead through its DataLoader workers.
     """
     batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]

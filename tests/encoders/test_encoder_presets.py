@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import agl_scverse as agl
+from agl_scverse.encoders._presets import PRESETS, find_preset
 from agl_scverse.model import EncoderPreset, get_encoder, list_presets, load_weights
-from agl_scverse.model._presets import PRESETS, find_preset
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 

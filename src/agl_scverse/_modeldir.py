@@ -18,7 +18,7 @@ other's temporary (the last one to finish wins, or ``overwrite=False`` refuses w
 reader that finds no model at ``path`` recovers one only while no save is under way. Readers take no lock: they
 read one generation through one directory handle (see :meth:`agl_scverse.model.AGLModel.load`).
 
-The same machinery writes a training checkpoint (:mod:`agl_scverse.model._resume`): ``files`` names the entries
+The same machinery writes a training checkpoint (:mod:`agl_scverse.train._resume`): ``files`` names the entries
 such a directory holds and ``is_ours`` recognises its manifest, so neither kind of directory can overwrite the other.
 """
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from agl_scverse.model import FinetuneNet, train_network
-from agl_scverse.model._data import (
+from agl_scverse.train._data import (
     N_SYMMETRIES,
     PatchInputs,
     augment_batch,
@@ -18,7 +18,7 @@ from agl_scverse.model._data import (
     index_batches_of,
     patch_batches,
 )
-from agl_scverse.model._trainer import TensorInputs
+from agl_scverse.train._trainer import TensorInputs
 
 PX = 8
 

@@ -33,10 +33,9 @@ import torch
 from scanpy import logging as logg
 
 from agl_scverse import _distributed as dist
+from agl_scverse._modeldir import atomic_replace, check_overwritable, recover, remove_stale, writer_lock
 from agl_scverse._serialize import to_json
 from agl_scverse._utils import sha256_file
-
-from ._modeldir import atomic_replace, check_overwritable, recover, remove_stale, writer_lock
 
 __all__ = ["CHECKPOINT_FILES", "CHECKPOINT_FORMAT", "Checkpointer", "checkpoint_path"]
 

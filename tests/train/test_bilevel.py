@@ -17,7 +17,7 @@ from agl_scverse.model import (
     meta_scope_names,
     unrolled_val_loss,
 )
-from agl_scverse.model._loss import per_gene_loss, weighted_loss
+from agl_scverse.train._loss import per_gene_loss, weighted_loss
 
 
 def _problem(n_t=3, n_aux=6, seed=0):
@@ -255,7 +255,7 @@ def test_last_scope_with_one_adam_step_is_the_real_step_of_those_parameters():
 def test_head_only_look_ahead_carries_no_information_about_the_auxiliaries():
     # why a scope of the output layer alone is refused: with one inner step the auxiliary rows only feed the
     # auxiliary outputs, so theta acts on the targets' step through the normaliser sum(w) only
-    from agl_scverse.model._bilevel import _batches, _lookahead_loss
+    from agl_scverse.train._bilevel import _batches, _lookahead_loss
 
     net, mask, n_t, (x_tr, y_tr, x_va, y_va), opt = _deep_problem()
     state = AdamState.from_optimizer(opt, net)

@@ -15,9 +15,10 @@ from builders import noise_slide
 from torch import nn
 
 import agl_scverse as agl
-from agl_scverse.model import _onnx_backend as ob
-from agl_scverse.model._encoders import ClsMeanPool, get_encoder
-from agl_scverse.model._presets import PRESETS, kwargs_from_json
+from agl_scverse.encoders import _onnx_backend as ob
+from agl_scverse.encoders._factory import get_encoder
+from agl_scverse.encoders._modules import ClsMeanPool
+from agl_scverse.encoders._presets import PRESETS, kwargs_from_json
 from agl_scverse.pp import embed_patches
 
 needs_ort = pytest.mark.skipif(not ob.onnx_backend_available(), reason="onnxruntime / onnx not installed")

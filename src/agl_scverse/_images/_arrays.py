@@ -1,0 +1,132 @@
+"""Images in memory: numpy arrays, and SpatialData images (xarray, multiscale trees, dask) read lazily by region."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._pixels import check_rgb_shape
+from ._source import ImageSource, Level, levels_from_sizes
+
+__all__ = ["ArraySource", "LazyArraySource", "is_lazy"]
+
+
+class ArraySource(ImageSource):
+    """An in-memory (or memory-mapped) ``H x W x 3|4`` numpy array as a source.
+
+    Parameters
+    ----------
+    array
+        The image (uint8, uint16, float in [0, 1], ...); it is not copied.
+    name
+        Label used in messages.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> src = ArraySource(np.full((4, 5, 3), 7, dtype=np.uint8))
+    >>> src.width, src.height, src.read_region(3, 0, 4, 2)[..., 0].tolist()
+    (5, 4, [[7, 7], [7, 7]])
+    """
+
+    kind = "array"
+
+    def __init__(self, array: np.ndarray, name: str = "image"):
+        array = np.asarray(array)
+        check_rgb_shape(array.shape, name)
+        super().__init__(name, [Level(int(array.shape[1]), int(array.shape[0]), 1.0)], array.dtype)
+        self.array = array
+
+    def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
+        return self.array[ya:yb, xa:xb]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        arr = self.array[..., :3] if self.array.dtype == np.uint8 else self.read_level(0)
+        return arr if dtype is None else arr.astype(dtype)
+
+
+class LazyArraySource(ImageSource):
+    """A SpatialData image, xarray DataArray or dask array, read lazily by region.
+
+    Parameters
+    ----------
+    levels
+        Arrays in ``(y, x, c)`` order, full resolution first, supporting numpy slicing (dask arrays, numpy arrays,
+        ``DataArray.data``). Use :meth:`from_object` for DataTrees, DataArrays and ``(c, y, x)`` dask arrays.
+    name
+        Label used in messages.
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np
+    >>> src = LazyArraySource.from_object(da.zeros((3, 100, 80), dtype=np.uint8, chunks=(3, 32, 32)))
+    >>> src.width, src.height, src.read_region(70, 90, 20, 20).shape
+    (80, 100, (10, 10, 3))
+    """
+
+    kind = "lazy"
+
+    def __init__(self, levels: Sequence[Any], name: str = "image"):
+        if not levels:
+            raise ValueError(f"{name} has no scale level.")
+        for lv in levels:
+            check_rgb_shape(lv.shape, name)
+        super().__init__(name, levels_from_sizes([tuple(lv.shape[:2]) for lv in levels]), levels[0].dtype)
+        self.arrays = list(levels)
+
+    @classmethod
+    def from_object(cls, obj: Any, name: str = "image") -> LazyArraySource:
+        """A source from a DataTree (multiscale), a DataArray (dims ``c, y, x`` in any order) or a dask array.
+
+        A 3-D dask array is ``(y, x, c)`` when its last axis has 3 or 4 entries, else ``(c, y, x)``.
+        """
+        return cls([_yxc(a, name) for a in _scale_levels(obj)], name)
+
+    def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
+        return np.asarray(self.arrays[level][ya:yb, xa:xb])
+
+
+def _xarray_types() -> tuple[type, type] | None:
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover - xarray comes with spatialdata
+        return None
+    return xr.DataArray, xr.DataTree
+
+
+def is_lazy(obj: Any) -> bool:
+    types = _xarray_types()
+    return (types is not None and isinstance(obj, types)) or type(obj).__module__.split(".")[0] == "dask"
+
+
+def _scale_levels(obj: Any) -> list:
+    """Scale levels of a DataTree (children ``scale0``, ``scale1``, ... sorted by number) or ``[obj]``."""
+    types = _xarray_types()
+    if types is not None and isinstance(obj, types[1]):
+        keys = sorted(obj.keys(), key=lambda k: int("".join(ch for ch in str(k) if ch.isdigit()) or 0))
+        out = []
+        for key in keys:
+            ds = obj[key].ds
+            if not ds.data_vars:
+                continue
+            out.append(ds[next(iter(ds.data_vars))])
+        return out
+    return [obj]
+
+
+def _yxc(arr: Any, name: str) -> Any:
+    """An array in (y, x, c) order that slices lazily."""
+    types = _xarray_types()
+    if types is not None and isinstance(arr, types[0]):
+        dims = tuple(arr.dims)
+        if "c" not in dims:
+            if set(dims) >= {"y", "x"} and len(dims) == 2:
+                check_rgb_shape(arr.shape, name)
+            raise ValueError(f"{name} has dims {dims}; expected ('c', 'y', 'x') as in SpatialData images.")
+        return arr.transpose("y", "x", "c").data
+    shape = tuple(arr.shape)
+    if len(shape) == 3 and shape[-1] not in (3, 4) and shape[0] in (1, 3, 4):
+        return arr.transpose(1, 2, 0)
+    return arr

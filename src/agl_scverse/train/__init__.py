@@ -1,0 +1,24 @@
+"""Training: the trainer, the bi-level step, the loss, the soft mask, precision, batches, the forward loop, resume.
+
+The engine's lowest floor beside :mod:`agl_scverse.encoders`: it stands on the package-private helpers only and
+trains any :class:`torch.nn.Module` it is given (the networks live in :mod:`agl_scverse.model`). Users import these
+names from :mod:`agl_scverse.model`, which hands them on.
+"""
+
+from ._bilevel import AdamState, hypergradient, meta_scope_names, unrolled_val_loss
+from ._loss import pearson_loss, per_gene_loss, weighted_loss
+from ._mask import GeneMask
+from ._trainer import TrainResult, train_network
+
+__all__ = [
+    "AdamState",
+    "GeneMask",
+    "TrainResult",
+    "hypergradient",
+    "meta_scope_names",
+    "pearson_loss",
+    "per_gene_loss",
+    "train_network",
+    "unrolled_val_loss",
+    "weighted_loss",
+]
