@@ -147,16 +147,16 @@ LEGACY_KEYWORDS: dict[str, tuple[str, type]] = {
 }  # fmt: skip
 
 
-_CLASSES = {"genes": GeneConfig, "network": NetworkConfig, "training": TrainingConfig, "dkgsb": DkGSBConfig,
-            "encoder": EncoderConfig}  # fmt: skip
+_CONFIG_OF: dict[str, type] = dict(LEGACY_KEYWORDS.values())  # "training" -> TrainingConfig
 
 
-def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any]) -> dict[str, Any]:
+def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
     """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them.
 
     ``configs`` maps a parameter (``"training"``) to what was passed (a config, a dict or None; ``"encoder"`` may be
-    a name, the old spelling). One :class:`FutureWarning` names the new spelling of every old keyword used. A
-    keyword that is not an old one is a :class:`TypeError`, as Python gives; a field given both ways is refused.
+    a name, the old spelling); ``stacklevel`` points the warning at the user's call. One :class:`FutureWarning`
+    names the new spelling of every old keyword used. A keyword that is not an old one is a :class:`TypeError`, as
+    Python gives; a field given both ways is refused.
 
     Examples
     --------
@@ -201,11 +201,11 @@ def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any]) -> 
             args = [f"{n}=..." for n in names]
             if param == "encoder" and enc_name:
                 args.insert(0, repr(enc) if isinstance(enc, str) else "encoder=...")
-            hints.append(f"{param}=agl.{_CLASSES[param].__name__}({', '.join(args)})")
+            hints.append(f"{param}=agl.{_CONFIG_OF[param].__name__}({', '.join(args)})")
         old = [f"{n}=" for n in legacy] + (["encoder=<a name>"] if enc_name else [])
         warnings.warn(
             f"{func}({', '.join(old)}) is deprecated and will be removed in the next release: use {', '.join(hints)}.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return out
