@@ -89,9 +89,14 @@ print(emb_key, adata.obsm[emb_key].shape)
 rng = np.random.default_rng(SEED)
 test = np.zeros(adata.n_obs, dtype=bool)
 test[rng.choice(adata.n_obs, size=adata.n_obs // 4, replace=False)] = True
-fit_kwargs = {} if EPOCHS is None else {"epochs": EPOCHS}
 model = agl.tl.agl_fit(
-    adata, method="dkgsb", embedding_key=emb_key, spots=~test, seed=SEED, progress=False, **fit_kwargs
+    adata,
+    method="dkgsb",
+    embedding_key=emb_key,
+    spots=~test,
+    seed=SEED,
+    progress=False,
+    training=agl.TrainingConfig(epochs=EPOCHS),  # EPOCHS None: the mode's default
 )
 model
 

@@ -74,7 +74,7 @@ model = agl.tl.agl_fit(
     method="dkgsb",
     embedding_key=emb_key,
     spots=train,
-    epochs=5 if QUICK else 40,
+    training=agl.TrainingConfig(epochs=5 if QUICK else 40),
     seed=0,
     library_key="library_id",
     progress=False,

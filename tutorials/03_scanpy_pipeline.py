@@ -5,7 +5,7 @@
 # neighbours, Leiden clusters, spatial statistics with squidpy. This notebook shows that the same pipeline runs on
 # **predicted** expression, with no masks to invent and no NaN to work around:
 #
-# - keep the **raw counts in a layer** (`"counts"`) and pass `layer="counts"` to `agl_fit`, so `.X` can hold
+# - keep the **raw counts in a layer** (`"counts"`) and pass `genes=agl.GeneConfig(layer="counts")` to `agl_fit`, so `.X` can hold
 #   normalised values;
 # - train on one slide, predict a second slide from its image alone;
 # - run PCA → neighbours → Leiden → `sq.gr.spatial_autocorr` on the predictions, in the normalised scale of a
@@ -63,22 +63,21 @@ adata
 # %% [markdown]
 # ## 2 · Train AGL on slide 1, predict slide 2
 #
-# `layer="counts"` tells AGL where the raw counts are (`.X` now holds log-normalised values). `spots=` restricts
+# `genes=agl.GeneConfig(layer="counts")` tells AGL where the raw counts are (`.X` now holds log-normalised values). `spots=` restricts
 # training to slide 1; slide 2's spots are `"unused"` in `.obs["agl_split"]`, so `evaluate` scores them: this is
 # the held-out Pearson r.
 
 # %%
 agl.pp.embed_patches(adata, encoder="resnet18", patch_px=PATCH_PX, library_key="library_id", seed=SEED, device="cpu")
-fit_kwargs = {} if EPOCHS is None else {"epochs": EPOCHS}
 model = agl.tl.agl_fit(
     adata,
     method="dkgsb",
-    layer="counts",
+    genes=agl.GeneConfig(layer="counts"),
     spots=(adata.obs["library_id"] == train_lib).to_numpy(),
     library_key="library_id",
     seed=SEED,
     progress=False,
-    **fit_kwargs,
+    training=agl.TrainingConfig(epochs=EPOCHS),
 )
 agl.tl.agl_predict(adata, model, library_key="library_id")
 agl.tl.evaluate(adata, model)  # scores the unused spots: all of slide 2
