@@ -289,3 +289,38 @@ def test_a_predicted_slide_carries_the_models_run_for_every_plot(tmp_path):
     agl.tl.agl_predict(train, model)
     assert train.var["agl_role"].equals(before[0]) and train.uns["agl"].keys() == before[1].keys()
     assert "source" not in train.uns["agl"]
+
+
+def test_both_front_doors_share_one_path_and_one_signature(fitted):
+    """agl_predict (into the slide, or a copy) and predict_anndata (a new AnnData) give the same values (issue 21)."""
+    import inspect
+
+    _, model = fitted
+    new = small_slide(seed=2)
+    before = snapshot(new)
+    for genes in ("selected", "targets", [model.genes[-1], model.targets[0]]):
+        out = agl.tl.agl_predict(new, model, genes=genes, copy=True)
+        assert_unchanged(new, before)  # copy=True: the slide is left as it was
+        pred = agl.tl.predict_anndata(new, model, genes=genes)
+        names = pred.var_names.tolist()
+        assert sorted(names) == sorted(out.var_names[out.var["agl_predicted"]])
+        np.testing.assert_array_equal(pred.X, out[:, names].layers["agl_pred"])
+        assert pred.uns["agl_pred"]["genes"] == (genes if isinstance(genes, str) else "list")
+    door, other = (inspect.signature(f).parameters for f in (agl.tl.agl_predict, agl.tl.predict_anndata))
+    assert [p for p in door if p != "copy"] == list(other)
+    for name in other:  # one default per parameter
+        assert door[name].default == other[name].default, name
+
+
+def test_device_defaults_to_auto_and_model_predict_returns_the_network_home(fitted):
+    import inspect
+
+    from agl_scverse.tl import predict_chunked
+
+    _, model = fitted
+    for f in (agl.tl.agl_predict, agl.tl.predict_anndata, model.predict, agl.pp.embed_patches):
+        assert inspect.signature(f).parameters["device"].default == "auto", f
+    x = small_slide(seed=1).obsm["X_emb"]
+    np.testing.assert_array_equal(model.predict(x), model.predict(x, device="cpu"))
+    assert next(model.net.parameters()).device.type == "cpu"
+    assert "device" not in inspect.signature(predict_chunked).parameters  # passed through to the same core

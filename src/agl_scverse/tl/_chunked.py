@@ -16,10 +16,11 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from agl_scverse import _constants as K
+from agl_scverse._constants import Keys
 from agl_scverse._utils import show_progress
 from agl_scverse.model import AGLModel
 
-from ._predict import predict_anndata
+from ._predict import predict_core, predict_options, predictions_anndata
 
 __all__ = ["predict_chunked"]
 
@@ -59,7 +60,10 @@ def predict_chunked(
     progress: bool | None = None,
     **kwargs: Any,
 ) -> AnnData:
-    """:func:`predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
+    """:func:`~agl_scverse.tl.predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
+
+    The same prediction path as :func:`~agl_scverse.tl.agl_predict` and :func:`~agl_scverse.tl.predict_anndata`,
+    run on one chunk of spots at a time.
 
     ``out_dir`` receives ``manifest.json`` (the model's digest: its config and weights; the grid's: spot centres
     and names; the chunk size and the prediction arguments), ``template.h5ad`` (the genes and run records of the
@@ -81,11 +85,12 @@ def predict_chunked(
     progress
         Progress bar over the chunks (``None``: follow scanpy's verbosity).
     **kwargs
-        Passed to :func:`predict_anndata` (``weights``, ``device``, ``backend``, ``num_workers``, ``scale``, ...).
+        The arguments of :func:`~agl_scverse.tl.predict_anndata` (``genes``, ``scale``, ``device``, ``batch_size``,
+        ``weights``, ``backend``, ``num_workers``, ...; a seed ensemble's spread is not kept).
 
     Returns
     -------
-    The AnnData :func:`predict_anndata` returns, without the embedding (``.obsm`` holds ``"spatial"`` only, and
+    The AnnData :func:`~agl_scverse.tl.predict_anndata` returns, without the embedding (``.obsm`` holds ``"spatial"`` only, and
     ``.uns`` the grid's ``"spatial"`` and ``"agl_grid"`` beside the run records).
 
     Examples
@@ -100,6 +105,9 @@ def predict_chunked(
     if grid.n_obs == 0:
         raise ValueError("The grid has no spots.")
     model = AGLModel.coerce(model)
+    genes, key_added = kwargs.get("genes", "selected"), kwargs.get("key_added", K.DEFAULT_KEY)
+    rest = {k: v for k, v in kwargs.items() if k not in ("genes", "key_added")}
+    opts = {**predict_options(model, **rest), "spread": False}
     out_dir = Path(out_dir)
     manifest = {
         "model_digest": _model_digest(model),
@@ -127,12 +135,15 @@ def predict_chunked(
         logg.info(f"predict_chunked: {len(parts) - len(todo)} of {len(parts)} chunks already in {out_dir}; resuming")
     for i in tqdm(todo, desc="grid chunks", disable=not show_progress(progress)):
         a = starts[i]
-        pred = predict_anndata(grid[a : a + chunk_size].copy(), model, progress=False, **kwargs)
+        sub = grid[a : a + chunk_size].copy()
+        X, _, _, pred_genes = predict_core(sub, model, into=None, genes=genes, **{**opts, "progress": False})
+        X = np.asarray(X.compute() if hasattr(X, "compute") else X, dtype=np.float32)
         if not (out_dir / TEMPLATE).is_file():
-            uns = {k: v for k, v in pred.uns.items() if k not in (K.SPATIAL_KEY, K.EMBED_UNS)}
-            template = AnnData(var=pred.var.copy(), uns=uns)
+            pred = predictions_anndata(
+                AnnData(obs=sub.obs[[]]), model, Keys(key_added), X, pred_genes, opts["scale"], genes
+            )
+            template = AnnData(var=pred.var.copy(), uns=dict(pred.uns))
             _save_atomic(out_dir / TEMPLATE, template.write_h5ad)
-        X = np.asarray(pred.X.compute() if hasattr(pred.X, "compute") else pred.X, dtype=np.float32)
         _save_atomic(parts[i], lambda p, X=X: np.save(p, X))
     template = ad.read_h5ad(out_dir / TEMPLATE)
     X = np.concatenate([np.load(p) for p in parts], axis=0)

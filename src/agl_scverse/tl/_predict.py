@@ -30,6 +30,7 @@ from agl_scverse._expression import predicted_library_size, rescale_predictions
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._transaction import check_owned, restore_on_error
+from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
@@ -41,6 +42,9 @@ from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 __all__ = [
     "agl_predict",
     "predict_anndata",
+    "predict_core",
+    "predict_options",
+    "predictions_anndata",
     "check_embedding_matches",
     "check_source_resolution",
     "prediction_layer",
@@ -318,11 +322,8 @@ def _rows(features, start: int, stop: int):
 def _predict_rows(
     model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None, run=None
 ):
-    model.net.to(device)
-    try:
-        return model.predict(_rows(features, start, stop), batch_size=batch_size, columns=columns, **(run or {}))
-    finally:
-        model.net.cpu()
+    rows = _rows(features, start, stop)
+    return model.predict(rows, batch_size=batch_size, columns=columns, device=device, **(run or {}))
 
 
 def _transform(model: AGLModel) -> str:
@@ -414,58 +415,77 @@ def _check_genes(adata: AnnData, model: AGLModel) -> None:
         )
 
 
-def prediction_layer(
+def predict_core(
     adata: AnnData,
     model: AGLModel,
+    *,
+    into: AnnData | None,
     genes: str | Sequence[str] = "selected",
-    embedding_key=None,
+    embedding_key: str | None = None,
     weights=None,
-    device="cpu",
-    library_key=None,
-    batch_size=512,
+    device: str = "auto",
+    library_key: str | None = None,
+    batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder=None,
-    *,
     scale: PredScale = "model",
-    precision: str = "auto",
-    num_workers: int = 0,
-    prefetch_factor: int = 2,
+    run: dict | None = None,
     allow_lowres: bool = False,
-    backend: str = "auto",
     spread: bool = False,
     progress: bool | None = None,
 ):
-    """The prediction layer of :func:`agl_predict`, computed without writing anything.
+    """The one prediction path of :func:`agl_predict`, :func:`predict_anndata` and :func:`predict_chunked`.
 
-    Returns the layer (spots x genes of ``adata``, 0 where not predicted; a NumPy array, or a chunked dask array
-    when the dense layer would exceed ``max_dense_bytes``), ``(key, features, record)`` of an embedding computed
-    on the way (or None), and the predicted genes. Predictions are made in row chunks, so memory is that of a
-    chunk of spots x model genes (plus the layer when it is dense). ``spread=True`` (a seed ensemble): the layer
-    is the pair ``(layer, spread)`` (:func:`spread_layer`).
+    Checks, embeds when needed (into a copy) and predicts, writing nothing. ``into``: the slide whose genes the
+    layer spans (:func:`agl_predict`), or None for a layer of the chosen genes only (:func:`predict_anndata`).
+    Returns ``(layer, spread or None, (key, features, record) of a computed embedding or None, predicted genes)``;
+    the layer is a NumPy array, or a chunked dask array when it (with ``into=None``: it, ``.X`` and the spread)
+    would exceed ``max_dense_bytes``. Predictions are made in row chunks, so memory is that of a chunk of spots x
+    model genes (plus the layer when it is dense).
     """
     check_choice("scale", scale, K.PRED_SCALES)
-    _check_genes(adata, model)
-    run = _run_options(precision, num_workers, prefetch_factor, backend)
+    check_positive("batch_size", batch_size, integer=True)
+    if into is not None:
+        _check_genes(into, model)
+    dev = str(resolve_device(device))
+    run = run if run is not None else _run_options("auto", 0, 2)
     features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
+        adata, model, embedding_key, weights, dev, library_key, int(batch_size), encoder, run, allow_lowres, progress
     )
-    pred_genes = _choose_genes(adata, model, genes)
+    pred_genes = _choose_genes(into, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
-    var_cols = adata.var_names.get_indexer(pred_genes)
-    n_obs, n_vars = adata.n_obs, adata.n_vars
-    dense = n_obs * n_vars * 4 <= max_dense_bytes
-    args = (features, n_obs, n_vars, var_cols, model_cols, device, batch_size, scale, run, dense)
+    n_obs = adata.n_obs
+    if into is not None:
+        width, var_cols, copies = into.n_vars, into.var_names.get_indexer(pred_genes), 1
+    else:
+        width, var_cols, copies = len(pred_genes), np.arange(len(pred_genes)), 2 + spread  # .X, layer, spread
+    dense = copies * n_obs * width * 4 <= max_dense_bytes
+    args = (features, n_obs, width, var_cols, model_cols, dev, int(batch_size), scale, run, dense)
     layer = _layer(model, *args)
     if not dense:
         logg.info(
-            f"agl_predict: a dense layer would take {n_obs * n_vars * 4 / 2**30:.1f} GiB (> "
+            f"predict: a dense layer would take {copies * n_obs * width * 4 / 2**30:.1f} GiB (> "
             f"{max_dense_bytes / 2**30:.1f} GiB): writing a chunked dask array ({layer.numblocks[0]} x "
             f"{layer.numblocks[1]} chunks), computed when read or written."
         )
-    if spread:
-        return (layer, spread_layer(model, *args)), new_emb, pred_genes
-    return layer, new_emb, pred_genes
+    sd = spread_layer(model, *args) if spread else None
+    return layer, sd, new_emb, pred_genes
+
+
+def prediction_layer(adata: AnnData, model: AGLModel, genes: str | Sequence[str] = "selected", **kwargs: Any):
+    """The prediction layer of :func:`agl_predict`, computed without writing anything.
+
+    ``kwargs`` are those of :func:`agl_predict` that say how to predict (``embedding_key``, ``device``, ``scale``,
+    ``batch_size``, ``encoder``, ...; not ``key_added`` / ``copy``). Returns the layer (spots x genes of ``adata``,
+    0 where not predicted; a NumPy array, or a chunked dask array when the dense layer would exceed
+    ``max_dense_bytes``), ``(key, features, record)`` of an embedding computed on the way (or None), and the
+    predicted genes. ``spread=True`` (a seed ensemble): the layer is the pair ``(layer, spread)``
+    (:func:`spread_layer`).
+    """
+    opts = predict_options(model, **kwargs)
+    layer, sd, new_emb, pred_genes = predict_core(adata, model, into=adata, genes=genes, **opts)
+    return ((layer, sd) if opts["spread"] else layer), new_emb, pred_genes
 
 
 def _layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
@@ -678,6 +698,111 @@ def _run_writes(adata: AnnData, model: AGLModel, keys: Keys) -> tuple[dict[str, 
     return var, (entry if keys.uns not in adata.uns else None)
 
 
+# The parameters of both front doors (agl_predict adds ``copy``), described once.
+d.params["predict"] = d.dedent(
+    """\
+model
+    A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
+embedding_key
+    ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
+    is computed with the model's recorded encoder, weights and patch settings.
+weights
+    Encoder weights file the model was trained with, needed only to embed a slide without the embedding
+    (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
+    opened. A fine-tuned model carries its backbone in its own weights and needs no file.
+genes
+    Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
+    mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
+scale
+    ``"model"`` (default): the model's expression scale (its ``transform``: ``log1p`` raw counts unless the model
+    was trained otherwise), the scale :func:`~agl_scverse.tl.evaluate` scores. ``"log1p_cp10k"``: the scale of a
+    scanpy pipeline (``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p``): each spot's predicted
+    counts are divided by their sum over the model's trained genes (targets and selected auxiliaries, the only
+    library an H&E slide has), times 10,000, then ``log1p``. A model trained with ``transform="log1p_cpm"``
+    already predicts that scale and its values are written unchanged.
+%(key_added)s
+device
+    Torch device for the forward passes: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``
+    (bit-for-bit reproducible predictions), ``"cuda"``, ...
+%(library_key)s
+batch_size
+    Spots per forward pass.
+max_dense_bytes
+    Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
+    chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
+encoder
+    The encoder itself (a torch module or callable, with its weights loaded), to embed a slide for a model
+    whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
+    ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
+precision
+    How the image encoder runs: a fine-tuned model's backbone, or the encoder of an embedding computed here
+    (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`). ``"fp32"``
+    reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in float32.
+num_workers
+    DataLoader workers cutting patches (fine-tune models, and an embedding computed here); predictions are
+    the same with any number.
+prefetch_factor
+    Batches each worker prepares ahead.
+allow_lowres
+    Predict from patches cut from a coarser image than the model was trained on (e.g. the ``"hires"``
+    thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
+    record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more than
+    1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
+backend
+    What runs the frozen encoder of an embedding computed here: ``"auto"`` (ONNX Runtime on a CPU when it is
+    installed and agrees with torch, else torch), ``"torch"`` or ``"onnx"`` (see
+    :func:`agl_scverse.pp.embed_patches`). Features of either engine feed the same model. A fine-tuned
+    model's network runs in torch (``"onnx"`` is refused there).
+spread
+    Also write the standard deviation of a seed ensemble's member predictions (``agl_fit(n_seeds=...)``), per
+    spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
+    calibrated error bar). Default ``None``: written for an ensemble; ``True`` with a single network is an
+    error.
+progress
+    Progress bar of an embedding computed here: ``True``, ``False``, or ``None`` (default) to follow scanpy's
+    verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
+"""
+)
+
+
+def predict_options(
+    model: AGLModel,
+    *,
+    embedding_key: str | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    library_key: str | None = None,
+    batch_size: int = 512,
+    max_dense_bytes: float = DENSE_LAYER_BYTES,
+    encoder: Any = None,
+    scale: PredScale = "model",
+    precision: K.Precision = "auto",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    allow_lowres: bool = False,
+    backend: K.Backend = "auto",
+    spread: bool | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """The arguments of :func:`predict_core` from those of a front door, checked before any work."""
+    check_choice("scale", scale, K.PRED_SCALES)
+    return {
+        "embedding_key": embedding_key, "weights": weights, "device": device, "library_key": library_key,
+        "batch_size": batch_size, "max_dense_bytes": max_dense_bytes, "encoder": encoder, "scale": scale,
+        "run": _run_options(precision, num_workers, prefetch_factor, backend), "allow_lowres": allow_lowres,
+        "spread": _want_spread(model, spread), "progress": progress,
+    }  # fmt: skip
+
+
+def _open(data: Any, model: AGLModel | str | Path, key_added: str) -> tuple[AnnData, AGLModel, Keys]:
+    """The slide's AnnData (a SpatialData's table), the model (loaded from its directory) and the keys."""
+    adata = as_anndata(data)
+    model = AGLModel.coerce(model)
+    if adata.n_obs == 0:
+        raise ValueError("The slide has no spots.")
+    return adata, model, Keys(key_added)
+
+
 @d.dedent
 def agl_predict(
     data: Any,
@@ -689,85 +814,31 @@ def agl_predict(
     scale: PredScale = "model",
     key_added: str = K.DEFAULT_KEY,
     copy: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder: Any = None,
-    precision: str = "auto",
+    precision: K.Precision = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
-    backend: str = "auto",
+    backend: K.Backend = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> AnnData | None:
-    """Predict expression of the model's genes on a slide that measured them.
+    """Predict expression of the model's genes into a slide that measured them (scanpy style: in place or a copy).
+
+    One of the two front doors of one prediction path: this one writes into the slide, beside its measured
+    counts; :func:`predict_anndata` returns a new AnnData holding only the predictions (for an H&E-only slide, or
+    a pipeline on predictions alone). Both take the same arguments and give the same values.
 
     Parameters
     ----------
     %(data)s
         It must hold the model's target genes (for an H&E-only slide use :func:`predict_anndata`).
-    model
-        A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
-    embedding_key
-        ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
-        is computed with the model's recorded encoder, weights and patch settings.
-    weights
-        Encoder weights file the model was trained with, needed only to embed a slide without the embedding
-        (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
-        opened. A fine-tuned model carries its backbone in its own weights and needs no file.
-    genes
-        Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
-        mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
-    scale
-        ``"model"`` (default): the model's expression scale (its ``transform``: ``log1p`` raw counts unless the model
-        was trained otherwise), the scale :func:`~agl_scverse.tl.evaluate` scores. ``"log1p_cp10k"``: the scale of a
-        scanpy pipeline (``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p``): each spot's predicted
-        counts are divided by their sum over the model's trained genes (targets and selected auxiliaries, the only
-        library an H&E slide has), times 10,000, then ``log1p``. A model trained with ``transform="log1p_cpm"``
-        already predicts that scale and its values are written unchanged.
-    %(key_added)s
+    %(predict)s
     %(copy)s
-    device
-        Torch device for the forward passes (``"cpu"`` gives bit-for-bit reproducible predictions).
-    %(library_key)s
-    batch_size
-        Spots per forward pass.
-    max_dense_bytes
-        Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
-        chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
-    encoder
-        The encoder itself (a torch module or callable, with its weights loaded), to embed a slide for a model
-        whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
-        ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
-    precision
-        How the image encoder runs: a fine-tuned model's backbone, or the encoder of an embedding computed here
-        (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`). ``"fp32"``
-        reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in float32.
-    num_workers
-        DataLoader workers cutting patches (fine-tune models, and an embedding computed here); predictions are
-        the same with any number.
-    prefetch_factor
-        Batches each worker prepares ahead.
-    backend
-        What runs the frozen encoder of an embedding computed here: ``"auto"`` (ONNX Runtime on a CPU when it is
-        installed and agrees with torch, else torch), ``"torch"`` or ``"onnx"`` (see
-        :func:`agl_scverse.pp.embed_patches`). Features of either engine feed the same model. A fine-tuned
-        model's network runs in torch (``"onnx"`` is refused there).
-    allow_lowres
-        Predict from patches cut from a coarser image than the model was trained on (e.g. the ``"hires"``
-        thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
-        record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more than
-        1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
-    spread
-        Also write the standard deviation of a seed ensemble's member predictions (``agl_fit(n_seeds=...)``), per
-        spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
-        calibrated error bar). Default ``None``: written for an ensemble; ``True`` with a single network is an
-        error.
-    progress
-        Progress bar of an embedding computed here: ``True``, ``False``, or ``None`` (default) to follow scanpy's
-        verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 
     Returns
     -------
@@ -780,10 +851,10 @@ def agl_predict(
       ``genes=adata.var_names[adata.var["agl_predicted"]]`` (a gene of zeros has no Moran's I);
     - ``.layers[f"{key_added}_pred_sd"]`` (seed ensembles): the members' spread, 0 where not predicted;
     - ``.uns[f"{key_added}_pred"]``: how the layer was made (:func:`prediction_record`: scale, transform, ...);
+    - the model's description of its run (``.var`` roles and weights, ``.uns[key_added]``) where the slide has none;
     - a computed embedding.
 
-    A SpatialData input gets them in its table. For a scanpy pipeline on the predictions alone, with no mask,
-    :func:`predict_anndata` returns an AnnData of the predicted genes.
+    A SpatialData input gets them in its table.
 
     Raises
     ------
@@ -796,27 +867,24 @@ def agl_predict(
     --------
     >>> agl.tl.agl_predict(adata_new, model)  # doctest: +SKIP
     >>> sc.pp.pca(adata_new, layer="agl_pred", mask_var="agl_predicted")  # doctest: +SKIP
+    >>> pred = agl.tl.agl_predict(adata_new, model, scale="log1p_cp10k", copy=True)  # doctest: +SKIP
     """
-    adata = as_anndata(data)
-    model = AGLModel.coerce(model)
-    keys = Keys(key_added)
-    if adata.n_obs == 0:
-        raise ValueError("The slide has no spots.")
-    spread = _want_spread(model, spread)
+    adata, model, keys = _open(data, model, key_added)
+    opts = predict_options(
+        model, embedding_key=embedding_key, weights=weights, device=device, library_key=library_key,
+        batch_size=batch_size, max_dense_bytes=max_dense_bytes, encoder=encoder, scale=scale, precision=precision,
+        num_workers=num_workers, prefetch_factor=prefetch_factor, allow_lowres=allow_lowres, backend=backend,
+        spread=spread, progress=progress,
+    )  # fmt: skip
     check_owned(adata, layers=[keys.pred_layer, keys.spread_layer], var=[keys.predicted], uns=[keys.pred_uns])
     if library_key is not None:
         resolve_library_key(adata, library_key)  # a column of slide labels, not coordinates
-    layer, new_emb, pred_genes = prediction_layer(
-        adata, model, genes, embedding_key, weights, device, library_key, batch_size, max_dense_bytes, encoder,
-        scale=scale, precision=precision, num_workers=num_workers, prefetch_factor=prefetch_factor,
-        allow_lowres=allow_lowres, spread=spread, progress=progress, backend=backend,
-    )  # fmt: skip
-    layer, sd = layer if spread else (layer, None)
+    layer, sd, new_emb, pred_genes = predict_core(adata, model, into=adata, genes=genes, **opts)
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
     run_var, run_uns = _run_writes(target, model, keys)
     written = {
-        "layers": [keys.pred_layer] + ([keys.spread_layer] if spread else []),
+        "layers": [keys.pred_layer] + ([keys.spread_layer] if sd is not None else []),
         "var": [keys.predicted, *run_var],
         "obsm": [new_emb[0]] if new_emb else [],
         "uns": [keys.pred_uns] + ([K.EMBED_UNS] if new_emb else []) + ([keys.uns] if run_uns is not None else []),
@@ -832,8 +900,7 @@ def agl_predict(
             target.uns[keys.uns] = run_uns
         target.uns[keys.pred_uns] = record
         if new_emb is not None:
-            target.obsm[new_emb[0]] = new_emb[1]
-            target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
+            _put_embedding(target, new_emb)
     logg.info(
         f"agl_predict: .layers[{keys.pred_layer!r}] holds predictions for {len(pred_genes)} genes "
         f"({len(model.targets)} targets; .var[{keys.predicted!r}]), 0 elsewhere."
@@ -845,6 +912,13 @@ def agl_predict(
     return None
 
 
+def _put_embedding(target: AnnData, new_emb: tuple) -> None:
+    """Write an embedding computed while predicting, and its record, into ``target``."""
+    key, features, rec = new_emb
+    target.obsm[key] = features
+    target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS, {}) or {}), key: rec}
+
+
 @d.dedent
 def predict_anndata(
     data: Any,
@@ -852,72 +926,46 @@ def predict_anndata(
     *,
     embedding_key: str | None = None,
     weights: str | Path | None = None,
+    genes: str | Sequence[str] = "selected",
     scale: PredScale = "model",
     key_added: str = K.DEFAULT_KEY,
-    device: str = "cpu",
+    device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
     encoder: Any = None,
-    precision: str = "auto",
+    precision: K.Precision = "auto",
     num_workers: int = 0,
     prefetch_factor: int = 2,
     allow_lowres: bool = False,
-    backend: str = "auto",
+    backend: K.Backend = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
+    The other front door of :func:`agl_predict`'s prediction path: the same arguments (but ``copy``) and the same
+    values, returned as an AnnData of the predicted genes only; ``data`` is not modified.
+
     Parameters
     ----------
     %(data)s
         Only its spots, images (and embedding) are used; it may have no genes at all.
-    model
-        A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
-    embedding_key
-        ``.obsm`` key of the features, as in :func:`agl_predict`.
-    weights
-        Encoder weights file, to embed the slide, as in :func:`agl_predict`.
-    device
-        Torch device for the forward passes (``"cpu"`` is bit-for-bit reproducible).
-    batch_size
-        Spots per forward pass.
-    scale
-        Scale of the predictions, as in :func:`agl_predict`.
-    encoder
-        The encoder module for a model fitted on a custom one, as in :func:`agl_predict`.
-    precision
-        How the image encoder runs, as in :func:`agl_predict`.
-    num_workers
-        DataLoader workers cutting patches, as in :func:`agl_predict`.
-    prefetch_factor
-        Batches each worker prepares ahead.
-    allow_lowres
-        As in :func:`agl_predict`.
-    backend
-        What runs the frozen encoder of an embedding computed here, as in :func:`agl_predict`.
-    spread
-        A seed ensemble's spread layer, as in :func:`agl_predict`.
-    progress
-        Progress bar of an embedding computed here, as in :func:`agl_predict` (``None`` follows scanpy's verbosity).
-    max_dense_bytes
-        Largest size of ``.X`` plus the layers held in memory (default 1 GiB); above it both are one chunked dask
-        array, computed when read or written.
-    %(key_added)s
-    %(library_key)s
+    %(predict)s
 
     Returns
     -------
-    An AnnData of the model's predicted genes (targets and selected auxiliaries) at the slide's spots, ready for a
-    scanpy pipeline without masks (``sc.pp.pca(pred)``, ``sc.pp.neighbors``, ``sc.tl.leiden``,
-    ``sq.gr.spatial_autocorr``): ``.X`` and ``.layers[f"{key_added}_pred"]`` hold the predictions (in ``scale``);
-    ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var`` describes the genes as ``agl_fit`` does
-    (``role``, ``prior``, ``prior_rank``, ``weight``, ``selected``) and ``.uns[key_added]`` holds the model's run
-    record (:func:`model_run_record`: k, threshold, training history), so every plot of :mod:`agl_scverse.pl`
-    reads it; ``.var[f"{key_added}_predicted"]`` is True for all of them (the same code runs on this AnnData
-    and on a slide after :func:`agl_predict`); ``.uns[f"{key_added}_pred"]`` records the scale, with
-    ``observed=False`` (``.X`` is not measured expression). ``data`` is not modified.
+    An AnnData of the model's predicted genes (``genes``: by default the targets and selected auxiliaries) at the
+    slide's spots, ready for a scanpy pipeline without masks (``sc.pp.pca(pred)``, ``sc.pp.neighbors``,
+    ``sc.tl.leiden``, ``sq.gr.spatial_autocorr``): ``.X`` and ``.layers[f"{key_added}_pred"]`` hold the
+    predictions (in ``scale``; with ``max_dense_bytes`` exceeded, both are one chunked dask array, computed when
+    read or written); ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var`` describes the genes
+    as ``agl_fit`` does (``role``, ``prior``, ``prior_rank``, ``weight``, ``selected``) and ``.uns[key_added]``
+    holds the model's run record (:func:`model_run_record`: k, threshold, training history), so every plot of
+    :mod:`agl_scverse.pl` reads it; ``.var[f"{key_added}_predicted"]`` is True for all of them (the same code
+    runs on this AnnData and on a slide after :func:`agl_predict`); ``.layers[f"{key_added}_pred_sd"]`` holds a
+    seed ensemble's spread; ``.uns[f"{key_added}_pred"]`` records the scale, with ``observed=False`` (``.X`` is
+    not measured expression).
 
     Examples
     --------
@@ -925,25 +973,32 @@ def predict_anndata(
     >>> pred = agl.tl.predict_anndata(he, "my_model", scale="log1p_cp10k")  # doctest: +SKIP
     >>> sc.pp.pca(pred); sc.pp.neighbors(pred); sc.tl.leiden(pred)  # doctest: +SKIP
     """
-    adata = as_anndata(data)
-    model = AGLModel.coerce(model)
-    keys = Keys(key_added)
-    if adata.n_obs == 0:
-        raise ValueError("The slide has no spots.")
-    check_choice("scale", scale, K.PRED_SCALES)
-    spread = _want_spread(model, spread)
-    run = _run_options(precision, num_workers, prefetch_factor, backend)
-    features, new_emb = _features(
-        adata, model, embedding_key, weights, device, library_key, batch_size, encoder, run, allow_lowres, progress
-    )
-    col = {g: i for i, g in enumerate(model.genes)}
-    sel = np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
-    n, m = adata.n_obs, len(sel)
-    # .X and the layer (one dense array, or one lazy one: a dask array is never modified in place), and the spread
-    dense = (2 + spread) * n * m * 4 <= max_dense_bytes
-    args = (features, n, m, np.arange(m), sel, device, batch_size, scale, run, dense)
-    X = _layer(model, *args)
-    var = pd.DataFrame(index=pd.Index(model.predicted_genes, name=None))
+    adata, model, keys = _open(data, model, key_added)
+    opts = predict_options(
+        model, embedding_key=embedding_key, weights=weights, device=device, library_key=library_key,
+        batch_size=batch_size, max_dense_bytes=max_dense_bytes, encoder=encoder, scale=scale, precision=precision,
+        num_workers=num_workers, prefetch_factor=prefetch_factor, allow_lowres=allow_lowres, backend=backend,
+        spread=spread, progress=progress,
+    )  # fmt: skip
+    X, sd, new_emb, pred_genes = predict_core(adata, model, into=None, genes=genes, **opts)
+    out = predictions_anndata(adata, model, keys, X, pred_genes, scale, genes)
+    if sd is not None:
+        out.layers[keys.spread_layer] = sd
+    if new_emb is not None:
+        _put_embedding(out, new_emb)
+    logg.info(f"predict_anndata: new AnnData of {len(pred_genes)} predicted genes at {out.n_obs} spots.")
+    return out
+
+
+def predictions_anndata(
+    adata: AnnData, model: AGLModel, keys: Keys, X, pred_genes: Sequence[str], scale: str, genes="selected"
+) -> AnnData:
+    """The AnnData of :func:`predict_anndata` around predictions ``X`` (spots x ``pred_genes``) of ``adata``.
+
+    ``.obs``, ``.obsm`` and ``.uns["spatial"]`` / ``.uns["agl_embeddings"]`` come from ``adata``; ``.var`` and
+    ``.uns`` describe the model's run (:func:`model_run_record`) and the predictions (:func:`prediction_record`).
+    """
+    var = pd.DataFrame(index=pd.Index(list(pred_genes), name=None))
     run_var, run_uns = model_run_record(model, var.index, keys)
     for c, v in run_var.items():
         var[c] = v
@@ -956,12 +1011,6 @@ def predict_anndata(
         if kk in adata.uns:
             out.uns[kk] = adata.uns[kk]
     out.layers[keys.pred_layer] = out.X.copy() if isinstance(out.X, np.ndarray) else out.X
-    if spread:
-        out.layers[keys.spread_layer] = spread_layer(model, *args)
-    out.uns[keys.pred_uns] = prediction_record(model, scale, "selected", m, observed=False)
+    out.uns[keys.pred_uns] = prediction_record(model, scale, genes, len(pred_genes), observed=False)
     out.uns[keys.uns] = run_uns
-    if new_emb is not None:
-        out.obsm[new_emb[0]] = new_emb[1]
-        out.uns[K.EMBED_UNS] = {**dict(out.uns.get(K.EMBED_UNS, {}) or {}), new_emb[0]: new_emb[2]}
-    logg.info(f"predict_anndata: new AnnData of {len(model.predicted_genes)} predicted genes at {out.n_obs} spots.")
     return out
