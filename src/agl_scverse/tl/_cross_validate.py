@@ -20,7 +20,7 @@ from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.pp._context import check_context_within_groups
-from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, compute_gene_roles
+from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, gene_roles
 
 from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
 from ._fit import agl_fit
@@ -87,7 +87,7 @@ def cross_validate(
     For each held-out group (slide, section, patient, ...):
 
     1. gene roles are recomputed on the **training groups only** (targets = top-``n_targets`` HVG of the
-       training spots, auxiliaries ranked by ``prior``; :func:`agl_scverse.pp.compute_gene_roles`), and every
+       training spots, auxiliaries ranked by ``prior``; :func:`agl_scverse.pp.gene_roles`), and every
        method of the fold uses exactly these roles;
     2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
        embeddings, same validation spots, same seed), then predicts the held-out group;
@@ -129,7 +129,7 @@ def cross_validate(
     groups
         Hold out only these groups (default: every group; the others still train).
     prior
-        Ranking of the auxiliaries (see :func:`agl_scverse.pp.compute_gene_roles`), on each fold's training spots.
+        Ranking of the auxiliaries (see :func:`agl_scverse.pp.gene_roles`), on each fold's training spots.
     min_cells
         Training spots in which a candidate gene must be counted (or a fraction of them).
     layer
@@ -196,8 +196,8 @@ def cross_validate(
         test = grp == test_group
         train = ~test
         val_group = _val_group(order, test_group)
-        roles = compute_gene_roles(
-            adata, n_targets=n_targets, prior=prior, min_cells=min_cells, train_mask=train, layer=layer
+        roles = gene_roles(
+            adata, n_targets=n_targets, prior=prior, min_cells=min_cells, train_mask=train, layer=layer, inplace=False
         )
         t_idx = adata.var_names.get_indexer(roles.targets)
         Y_all = expression_transform(counts, transform, columns=t_idx)

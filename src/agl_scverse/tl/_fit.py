@@ -58,7 +58,7 @@ from agl_scverse.model._modeldir import check_overwritable
 from agl_scverse.model._resume import Checkpointer
 from agl_scverse.model._trainer import TensorInputs, TrainResult, empty_history, genes_for_method
 from agl_scverse.pp._embed import embed_patches
-from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
+from agl_scverse.pp._genes import GeneRoles, gene_roles, write_gene_roles
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
 from ._config import FitConfig, GeneConfig
@@ -141,9 +141,10 @@ def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, 
 
 def _prepare_genes(adata: AnnData, cfg: FitConfig, data: _Data, library_key: str | None) -> _Genes:
     g = cfg.genes
-    roles = compute_gene_roles(
+    roles = gene_roles(
         adata, n_targets=g.n_targets, targets=g.targets, auxiliaries=g.auxiliaries, prior=g.prior,
         min_cells=g.min_cells, train_mask=data.split == K.SPLIT_TRAIN, layer=g.layer, library_key=library_key,
+        inplace=False,
     )  # fmt: skip
     n_aux_all = len(roles.auxiliaries)
     if cfg.method == "topk" and cfg.k != K.K_AUTO and int(cfg.k) > n_aux_all:
@@ -599,7 +600,7 @@ def agl_fit(
         Explicit auxiliary genes (default: every other gene passing ``min_cells``).
     prior
         Ranking of the auxiliaries: ``"hvg"``, ``"coexpression"``, ``"moran"`` or a numeric ``.var`` column. Gene
-        roles are computed on the **training spots only** (:func:`agl_scverse.pp.compute_gene_roles`).
+        roles are computed on the **training spots only** (:func:`agl_scverse.pp.gene_roles`).
     min_cells
         A candidate gene has counts in at least this many training spots (or this fraction of them).
     transform

@@ -483,7 +483,7 @@ def prediction_layer(adata: AnnData, model: AGLModel, genes: str | Sequence[str]
     predicted genes. ``spread=True`` (a seed ensemble): the layer is the pair ``(layer, spread)``
     (:func:`spread_layer`).
     """
-    opts = predict_options(model, **kwargs)
+    opts = predict_options(model, **{"spread": False, **kwargs})  # the spread only when asked for
     layer, sd, new_emb, pred_genes = predict_core(adata, model, into=adata, genes=genes, **opts)
     return ((layer, sd) if opts["spread"] else layer), new_emb, pred_genes
 
