@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-MODULES = ["io", "pp", "tl", "pl", "datasets", "model"]
+MODULES = ["io", "pp", "tl", "pl", "datasets", "model", "configs"]
 
 
 def _require_doc_tools() -> None:

@@ -13,10 +13,27 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the subpackages; at run time they load on first use
-    from . import datasets, io, model, pl, pp, tl
+    from . import configs, datasets, io, model, pl, pp, tl
+    from .configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
 
-__all__ = ["io", "pp", "tl", "pl", "datasets", "model", "__version__"]
-_SUBPACKAGES = frozenset(__all__) - {"__version__"}
+__all__ = [
+    "io",
+    "pp",
+    "tl",
+    "pl",
+    "datasets",
+    "model",
+    "configs",
+    "GeneConfig",
+    "NetworkConfig",
+    "TrainingConfig",
+    "DkGSBConfig",
+    "EncoderConfig",
+    "__version__",
+]
+_SUBPACKAGES = frozenset({"io", "pp", "tl", "pl", "datasets", "model", "configs"})
+#: the configuration classes, at the top (``agl.TrainingConfig``): the objects a user writes most often
+_CONFIGS = frozenset({"GeneConfig", "NetworkConfig", "TrainingConfig", "DkGSBConfig", "EncoderConfig"})
 
 
 def __getattr__(name: str):
@@ -37,6 +54,10 @@ def __getattr__(name: str):
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
         return module
+    if name in _CONFIGS:
+        value = getattr(importlib.import_module(f"{__name__}.configs"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

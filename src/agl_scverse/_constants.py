@@ -77,6 +77,7 @@ Role = Literal["target", "auxiliary", "excluded"]
 Split = Literal["train", "val", "unused"]
 #: Scale of the values ``agl_predict`` writes: the model's own expression scale, or scanpy's normalised one.
 PredScale = Literal["model", "log1p_cp10k"]
+Auto = Literal["auto"]  # a value chosen for the user (meta_scope, k)
 
 METHODS: tuple[str, ...] = get_args(Method)
 MODES: tuple[str, ...] = get_args(Mode)
@@ -101,7 +102,7 @@ HYBRID_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 HYBRID_LINEAR_WEIGHT = 0.5
 META_SCOPES: tuple[str, ...] = get_args(MetaScope)
 META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES
-#: ``meta_scope`` of ``agl_fit`` that takes the mode's default (``MODE_DEFAULTS`` of ``agl_scverse.tl``).
+#: ``meta_scope`` that takes the mode's default (``MODE_DEFAULTS`` of ``agl_scverse.configs``).
 META_SCOPE_AUTO = "auto"
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
