@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from agl_scverse import _constants as K
-from agl_scverse._constants import Keys
+from agl_scverse._constants import Keys, PredScale
+from agl_scverse._encoder_args import encoder_keywords, explicit_fields
 from agl_scverse._utils import show_progress
+from agl_scverse.configs import EncoderConfig
 from agl_scverse.model import AGLModel
 
-from ._predict import predict_core, predict_options, predictions_anndata
+from ._predict import PREDICT_KEYWORDS, PredictGenes, predict_core, predict_options, predictions_anndata
 
 __all__ = ["predict_chunked"]
 
@@ -51,14 +54,20 @@ def _save_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@encoder_keywords(*PREDICT_KEYWORDS)
 def predict_chunked(
     grid: AnnData,
     model: AGLModel | str | Path,
     out_dir: str | Path,
     *,
     chunk_size: int = 4096,
+    genes: PredictGenes | Sequence[str] = "selected",
+    scale: PredScale = "model",
+    encoder: EncoderConfig | Mapping[str, Any] | Any = None,
+    key_added: str = K.DEFAULT_KEY,
+    device: str = "auto",
+    batch_size: int = 512,
     progress: bool | None = None,
-    **kwargs: Any,
 ) -> AnnData:
     """:func:`~agl_scverse.tl.predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
 
@@ -82,11 +91,11 @@ def predict_chunked(
         Folder of the chunks (created).
     chunk_size
         Spots per chunk.
+    genes, scale, encoder, key_added, device, batch_size
+        As in :func:`~agl_scverse.tl.predict_anndata` (``encoder``: an :class:`~agl_scverse.EncoderConfig` or a
+        dict of its fields, e.g. ``{"weights": "w.pth", "num_workers": 4}``). A seed ensemble's spread is not kept.
     progress
         Progress bar over the chunks (``None``: follow scanpy's verbosity).
-    **kwargs
-        The arguments of :func:`~agl_scverse.tl.predict_anndata` (``genes``, ``scale``, ``device``, ``batch_size``,
-        ``weights``, ``backend``, ``num_workers``, ...; a seed ensemble's spread is not kept).
 
     Returns
     -------
@@ -105,16 +114,19 @@ def predict_chunked(
     if grid.n_obs == 0:
         raise ValueError("The grid has no spots.")
     model = AGLModel.coerce(model)
-    genes, key_added = kwargs.get("genes", "selected"), kwargs.get("key_added", K.DEFAULT_KEY)
-    rest = {k: v for k, v in kwargs.items() if k not in ("genes", "key_added")}
-    opts = {**predict_options(model, **rest), "spread": False}
+    opts = predict_options(model, encoder=encoder, device=device, batch_size=batch_size, scale=scale, spread=False)
+    given = explicit_fields(encoder)
+    args = {  # what the values depend on (not the workers)
+        "genes": genes, "scale": scale, "key_added": key_added, "batch_size": batch_size,
+        **{k: v for k, v in given.items() if k not in ("num_workers", "prefetch_factor", "batch_size")},
+    }  # fmt: skip
     out_dir = Path(out_dir)
     manifest = {
         "model_digest": _model_digest(model),
         "grid_digest": _grid_digest(grid),
         "n_spots": int(grid.n_obs),
         "chunk_size": chunk_size,
-        "predict_kwargs": {k: str(v) for k, v in sorted(kwargs.items()) if k not in ("num_workers", "progress")},
+        "predict_kwargs": {k: str(v) for k, v in sorted(args.items())},
     }
     mpath = out_dir / MANIFEST
     if mpath.is_file():

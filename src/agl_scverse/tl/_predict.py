@@ -4,7 +4,7 @@
 returns a new AnnData of predictions for any slide, e.g. an H&E-only one. Everything is checked before anything
 is written: the model's genes against the slide's, the embedding's recorded encoder settings against the
 model's, the embedding itself (shape, NaN). A missing embedding is computed with the model's recorded encoder,
-weights file (passed as ``weights=``; its sha256 is checked against the recorded one; a path recorded in the
+weights file (passed as ``encoder={"weights": ...}``; its sha256 is checked against the recorded one; a path recorded in the
 model is never opened) and patch size, into a copy, and written together with the predictions. A model trained on
 spatial-context features (:func:`agl_scverse.pp.spatial_context`) has them rebuilt with its recorded recipe from the
 slide's spot embedding (itself computed when missing); context features of another recipe are refused.
@@ -13,9 +13,9 @@ slide's spot embedding (itself computed when missing); context features of anoth
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -26,12 +26,14 @@ from scanpy import logging as logg
 from agl_scverse import _constants as K
 from agl_scverse._constants import Keys, PredScale
 from agl_scverse._docs import d
+from agl_scverse._encoder_args import as_encoder_config, encoder_keywords, explicit_fields
 from agl_scverse._expression import predicted_library_size, rescale_predictions
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_choice, check_positive
+from agl_scverse.configs import EncoderConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
@@ -56,6 +58,9 @@ __all__ = [
 
 #: Accepted string values of ``genes`` in :func:`agl_predict`.
 PREDICT_GENES = ("selected", "targets", "all")
+PredictGenes = Literal["selected", "targets", "all"]
+#: The old keywords of the predict functions, now fields of their ``encoder`` (an EncoderConfig); kept one release.
+PREDICT_KEYWORDS = ("weights", "precision", "num_workers", "prefetch_factor", "allow_lowres", "backend")
 #: Largest dense prediction layer (bytes) before :func:`agl_predict` writes a chunked dask array instead.
 DENSE_LAYER_BYTES = 2**30
 #: Spots x genes (float32 bytes) predicted at a time.
@@ -147,11 +152,11 @@ def check_embedding_matches(
         raise ValueError(
             f".obsm[{key!r}] was computed with other encoder settings than the model was trained on ("
             + "; ".join(diffs)
-            + "). Re-embed the slide with the model's settings (agl.pp.embed_patches(adata, encoder="
+            + "). Re-embed the slide with the model's settings (agl.pp.embed_patches(adata, agl.EncoderConfig("
             f"{enc.get('spec') or enc.get('encoder')!r}, weights=<the same file>, "
             + (f"encoder_kwargs={enc['encoder_kwargs']}, " if enc.get("encoder_kwargs") not in (None, "{}") else "")
             + f"patch_px={enc.get('patch_px')}, "
-            f"patch_um={enc.get('patch_um')}, key_added=<a new key>)) or drop .obsm[{key!r}] to let "
+            f"patch_um={enc.get('patch_um')}), key_added=<a new key>)) or drop .obsm[{key!r}] to let "
             "agl_predict do it."
         )
     check_source_resolution(rec, enc, allow_lowres, what=f"slide (.obsm[{key!r}])")
@@ -173,7 +178,7 @@ def check_embedding_matches(
 
 def _compute_context(
     adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None, run=None,
-    allow_lowres: bool = False, progress: bool | None = None,
+    allow_lowres: bool = False, progress: bool | None = None, embed_batch_size: int = 32,
 ) -> tuple:  # fmt: skip
     """Rebuild the model's spatial-context features on this slide from its recorded recipe (into a shell AnnData).
 
@@ -197,7 +202,7 @@ def _compute_context(
         check_embedding_matches(adata, base_key, model, allow_lowres, context=False)
     else:
         feats, rec = _compute_embedding(
-            adata, model, base_key, weights, device, library_key, encoder, run, allow_lowres, progress
+            adata, model, base_key, weights, device, library_key, encoder, run, allow_lowres, progress, embed_batch_size
         )
         shell.obsm[base_key] = feats
         records[base_key] = rec
@@ -223,6 +228,7 @@ def _compute_embedding(
     run=None,
     allow_lowres: bool = False,
     progress: bool | None = None,
+    embed_batch_size: int = 32,
 ) -> tuple:
     """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
 
@@ -233,15 +239,18 @@ def _compute_embedding(
         raise KeyError(
             f".obsm[{key!r}] is missing and the model records no encoder settings (its training embedding was "
             "brought by the user). Compute the same embedding for this slide and store it in .obsm first, or pass "
-            "the encoder: agl_predict(..., encoder=<module or name>)."
+            "the encoder: agl.tl.agl_predict(adata, model, encoder=<module or name>)."
         )
     pair = rebuild_encoder(enc, weights=weights, encoder=encoder)  # never opens the path recorded in the model
+    run = {k: v for k, v in (run or {}).items() if k in ("precision", "num_workers", "prefetch_factor", "backend")}
+    cfg = EncoderConfig(
+        encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
+        patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), tta=int(enc.get("tta") or 1),
+        allow_lowres=allow_lowres, batch_size=embed_batch_size, **run,
+    )  # fmt: skip
     tmp = embed_patches(
-        adata, encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
-        patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), device=device, library_key=library_key,
-        key_added=key, seed=int(enc.get("seed", 0)), copy=True, allow_lowres=allow_lowres, progress=progress,
-        tta=int(enc.get("tta") or 1),
-        **(run or {}),
+        adata, cfg, device=device, library_key=library_key, key_added=key, seed=int(enc.get("seed", 0)), copy=True,
+        progress=progress,
     )  # fmt: skip
     rec = tmp.uns[K.EMBED_UNS][key]
     check_source_resolution(rec, enc, allow_lowres)
@@ -260,6 +269,7 @@ def _features(
     run=None,
     allow_lowres=False,
     progress: bool | None = None,
+    embed_batch_size: int = 32,
 ):
     """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
     enc = model.config.get("encoder") or {}
@@ -285,8 +295,9 @@ def _features(
     else:
         compute = _compute_context if enc.get("context") else _compute_embedding
         features, rec = compute(
-            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres, progress=progress
-        )
+            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres, progress=progress,
+            embed_batch_size=embed_batch_size,
+        )  # fmt: skip
         new_emb = (key, features, rec)
     n_in = (model.config.get("net") or {}).get("n_in")
     if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
@@ -433,6 +444,7 @@ def predict_core(
     allow_lowres: bool = False,
     spread: bool = False,
     progress: bool | None = None,
+    embed_batch_size: int = 32,
 ):
     """The one prediction path of :func:`agl_predict`, :func:`predict_anndata` and :func:`predict_chunked`.
 
@@ -450,8 +462,9 @@ def predict_core(
     dev = str(resolve_device(device))
     run = run if run is not None else _run_options("auto", 0, 2)
     features, new_emb = _features(
-        adata, model, embedding_key, weights, dev, library_key, int(batch_size), encoder, run, allow_lowres, progress
-    )
+        adata, model, embedding_key, weights, dev, library_key, int(batch_size), encoder, run, allow_lowres, progress,
+        embed_batch_size,
+    )  # fmt: skip
     pred_genes = _choose_genes(into, model, genes)
     col = {g: i for i, g in enumerate(model.genes)}
     model_cols = np.asarray([col[g] for g in pred_genes], dtype=np.int64)
@@ -703,13 +716,6 @@ d.params["predict"] = d.dedent(
     """\
 model
     A fitted :class:`~agl_scverse.model.AGLModel` or the directory it was saved to.
-embedding_key
-    ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
-    is computed with the model's recorded encoder, weights and patch settings.
-weights
-    Encoder weights file the model was trained with, needed only to embed a slide without the embedding
-    (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
-    opened. A fine-tuned model carries its backbone in its own weights and needs no file.
 genes
     Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
     mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
@@ -720,6 +726,37 @@ scale
     counts are divided by their sum over the model's trained genes (targets and selected auxiliaries, the only
     library an H&E slide has), times 10,000, then ``log1p``. A model trained with ``transform="log1p_cpm"``
     already predicts that scale and its values are written unchanged.
+encoder
+    How the image encoder runs when patches go through it (a fine-tuned model's backbone, or an embedding
+    computed here because the slide lacks it): an :class:`~agl_scverse.EncoderConfig` or a dict of its fields.
+    The encoder, patch size and test-time augmentation are the model's recorded ones; from the config are used
+
+    - ``weights``: the encoder weights file the model was trained with, needed only to embed a slide without the
+      embedding (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
+      opened. A fine-tuned model carries its backbone in its own weights and needs no file.
+    - ``encoder``, when set: the encoder itself (a torch module or callable, with its weights loaded) for a model
+      whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
+      ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
+      A bare module (``encoder=my_module``) is read as this field.
+    - ``precision`` (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`):
+      ``"fp32"`` reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in
+      float32.
+    - ``backend``: what runs the frozen encoder of an embedding computed here: ``"auto"`` (ONNX Runtime on a CPU
+      when it is installed and agrees with torch, else torch), ``"torch"`` or ``"onnx"``. Features of either
+      engine feed the same model. A fine-tuned model's network runs in torch (``"onnx"`` is refused there).
+    - ``num_workers`` / ``prefetch_factor``: DataLoader workers cutting patches and the batches each prepares
+      ahead (predictions are the same with any number); ``batch_size``: patches per pass of an embedding
+      computed here.
+    - ``allow_lowres``: predict from patches cut from a coarser image than the model was trained on (e.g. the
+      ``"hires"`` thumbnail of a slide without its full-resolution image). Refused by default: each embedding and
+      model record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more
+      than 1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
+
+    The old keywords (``weights=``, ``precision=``, ``num_workers=``, ``prefetch_factor=``, ``allow_lowres=``,
+    ``backend=``) still work for one release, with a ``FutureWarning`` giving the new spelling.
+embedding_key
+    ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
+    is computed with the model's recorded encoder, weights and patch settings.
 %(key_added)s
 device
     Torch device for the forward passes: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``
@@ -730,29 +767,6 @@ batch_size
 max_dense_bytes
     Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
     chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
-encoder
-    The encoder itself (a torch module or callable, with its weights loaded), to embed a slide for a model
-    whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
-    ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
-precision
-    How the image encoder runs: a fine-tuned model's backbone, or the encoder of an embedding computed here
-    (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`). ``"fp32"``
-    reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in float32.
-num_workers
-    DataLoader workers cutting patches (fine-tune models, and an embedding computed here); predictions are
-    the same with any number.
-prefetch_factor
-    Batches each worker prepares ahead.
-allow_lowres
-    Predict from patches cut from a coarser image than the model was trained on (e.g. the ``"hires"``
-    thumbnail of a slide without its full-resolution image). Refused by default: each embedding and model
-    record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more than
-    1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
-backend
-    What runs the frozen encoder of an embedding computed here: ``"auto"`` (ONNX Runtime on a CPU when it is
-    installed and agrees with torch, else torch), ``"torch"`` or ``"onnx"`` (see
-    :func:`agl_scverse.pp.embed_patches`). Features of either engine feed the same model. A fine-tuned
-    model's network runs in torch (``"onnx"`` is refused there).
 spread
     Also write the standard deviation of a seed ensemble's member predictions (``agl_fit(n_seeds=...)``), per
     spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
@@ -768,29 +782,39 @@ progress
 def predict_options(
     model: AGLModel,
     *,
+    encoder: Any = None,
     embedding_key: str | None = None,
-    weights: str | Path | None = None,
     device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
-    encoder: Any = None,
     scale: PredScale = "model",
-    precision: K.Precision = "auto",
-    num_workers: int = 0,
-    prefetch_factor: int = 2,
-    allow_lowres: bool = False,
-    backend: K.Backend = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """The arguments of :func:`predict_core` from those of a front door, checked before any work."""
+    """The arguments of :func:`predict_core` from those of a front door, checked before any work.
+
+    ``encoder`` (an :class:`~agl_scverse.EncoderConfig`, a dict of its fields, an encoder module or name, or None)
+    gives the weights file, how encoders run (precision, backend, workers, batch size of an embedding computed
+    here), ``allow_lowres``, and an explicit encoder; the fields the model records (patch size, test-time
+    augmentation, timm arguments) are the model's, and setting them is warned about.
+    """
     check_choice("scale", scale, K.PRED_SCALES)
+    cfg, given = as_encoder_config(encoder), explicit_fields(encoder)
+    ignored = sorted(set(given) & {"patch_px", "patch_um", "tta", "encoder_kwargs", "pretrained", "strict"})
+    if ignored:
+        warnings.warn(
+            f"encoder fields {ignored} are not used when predicting: the model's recorded encoder settings are "
+            "(an embedding with other settings would not match the model). Leave them out.",
+            UserWarning,
+            stacklevel=4,  # the caller of a front door (through its keyword wrapper)
+        )
     return {
-        "embedding_key": embedding_key, "weights": weights, "device": device, "library_key": library_key,
-        "batch_size": batch_size, "max_dense_bytes": max_dense_bytes, "encoder": encoder, "scale": scale,
-        "run": _run_options(precision, num_workers, prefetch_factor, backend), "allow_lowres": allow_lowres,
-        "spread": _want_spread(model, spread), "progress": progress,
+        "embedding_key": embedding_key, "weights": cfg.weights, "device": device, "library_key": library_key,
+        "batch_size": batch_size, "max_dense_bytes": max_dense_bytes, "encoder": given.get("encoder"),
+        "scale": scale, "run": _run_options(cfg.precision, cfg.num_workers, cfg.prefetch_factor, cfg.backend),
+        "allow_lowres": cfg.allow_lowres, "spread": _want_spread(model, spread), "progress": progress,
+        "embed_batch_size": cfg.batch_size,
     }  # fmt: skip
 
 
@@ -803,29 +827,24 @@ def _open(data: Any, model: AGLModel | str | Path, key_added: str) -> tuple[AnnD
     return adata, model, Keys(key_added)
 
 
+@encoder_keywords(*PREDICT_KEYWORDS)
 @d.dedent
 def agl_predict(
     data: Any,
     model: AGLModel | str | Path,
     *,
-    embedding_key: str | None = None,
-    weights: str | Path | None = None,
-    genes: str | Sequence[str] = "selected",
+    genes: PredictGenes | Sequence[str] = "selected",
     scale: PredScale = "model",
+    encoder: EncoderConfig | Mapping[str, Any] | Any = None,
+    embedding_key: str | None = None,
     key_added: str = K.DEFAULT_KEY,
-    copy: bool = False,
     device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
-    encoder: Any = None,
-    precision: K.Precision = "auto",
-    num_workers: int = 0,
-    prefetch_factor: int = 2,
-    allow_lowres: bool = False,
-    backend: K.Backend = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
+    copy: bool = False,
 ) -> AnnData | None:
     """Predict expression of the model's genes into a slide that measured them (scanpy style: in place or a copy).
 
@@ -871,10 +890,8 @@ def agl_predict(
     """
     adata, model, keys = _open(data, model, key_added)
     opts = predict_options(
-        model, embedding_key=embedding_key, weights=weights, device=device, library_key=library_key,
-        batch_size=batch_size, max_dense_bytes=max_dense_bytes, encoder=encoder, scale=scale, precision=precision,
-        num_workers=num_workers, prefetch_factor=prefetch_factor, allow_lowres=allow_lowres, backend=backend,
-        spread=spread, progress=progress,
+        model, encoder=encoder, embedding_key=embedding_key, device=device, library_key=library_key,
+        batch_size=batch_size, max_dense_bytes=max_dense_bytes, scale=scale, spread=spread, progress=progress,
     )  # fmt: skip
     check_owned(adata, layers=[keys.pred_layer, keys.spread_layer], var=[keys.predicted], uns=[keys.pred_uns])
     if library_key is not None:
@@ -919,26 +936,21 @@ def _put_embedding(target: AnnData, new_emb: tuple) -> None:
     target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS, {}) or {}), key: rec}
 
 
+@encoder_keywords(*PREDICT_KEYWORDS)
 @d.dedent
 def predict_anndata(
     data: Any,
     model: AGLModel | str | Path,
     *,
-    embedding_key: str | None = None,
-    weights: str | Path | None = None,
-    genes: str | Sequence[str] = "selected",
+    genes: PredictGenes | Sequence[str] = "selected",
     scale: PredScale = "model",
+    encoder: EncoderConfig | Mapping[str, Any] | Any = None,
+    embedding_key: str | None = None,
     key_added: str = K.DEFAULT_KEY,
     device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
     max_dense_bytes: float = DENSE_LAYER_BYTES,
-    encoder: Any = None,
-    precision: K.Precision = "auto",
-    num_workers: int = 0,
-    prefetch_factor: int = 2,
-    allow_lowres: bool = False,
-    backend: K.Backend = "auto",
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> AnnData:
@@ -975,10 +987,8 @@ def predict_anndata(
     """
     adata, model, keys = _open(data, model, key_added)
     opts = predict_options(
-        model, embedding_key=embedding_key, weights=weights, device=device, library_key=library_key,
-        batch_size=batch_size, max_dense_bytes=max_dense_bytes, encoder=encoder, scale=scale, precision=precision,
-        num_workers=num_workers, prefetch_factor=prefetch_factor, allow_lowres=allow_lowres, backend=backend,
-        spread=spread, progress=progress,
+        model, encoder=encoder, embedding_key=embedding_key, device=device, library_key=library_key,
+        batch_size=batch_size, max_dense_bytes=max_dense_bytes, scale=scale, spread=spread, progress=progress,
     )  # fmt: skip
     X, sd, new_emb, pred_genes = predict_core(adata, model, into=None, genes=genes, **opts)
     out = predictions_anndata(adata, model, keys, X, pred_genes, scale, genes)
