@@ -394,7 +394,7 @@ def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
                 "which). agl.tl.predict_anndata(adata, model) returns the selected genes in a new AnnData, whatever the "
                 "slide measured.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,  # the caller of agl_predict (through its keyword wrapper)
             )
         chosen = [g for g in chosen if g in adata.var_names]
     return chosen
