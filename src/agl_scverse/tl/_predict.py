@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
@@ -27,8 +26,6 @@ from agl_scverse import _constants as K
 from agl_scverse._constants import Keys, PredScale
 from agl_scverse._docs import d
 from agl_scverse._encoder_args import as_encoder_config, encoder_keywords, explicit_fields
-from agl_scverse._expression import predicted_library_size, rescale_predictions
-from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device
@@ -36,10 +33,10 @@ from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.configs import EncoderConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
-from agl_scverse.model._encoders import RECORD_CHECKED, rebuild_encoder
-from agl_scverse.pp._context import context_kwargs, context_recipe_diff, spatial_context
-from agl_scverse.pp._embed import embed_patches
-from agl_scverse.pp._patches import SpotPatches, check_patch_batch
+
+from ._predict_inputs import check_embedding_matches, check_source_resolution, model_inputs, run_options
+from ._predict_records import model_run_record, prediction_record, run_writes
+from ._predict_values import DENSE_LAYER_BYTES, prediction_values, spread_layer, want_spread
 
 __all__ = [
     "agl_predict",
@@ -61,317 +58,6 @@ PREDICT_GENES = ("selected", "targets", "all")
 PredictGenes = Literal["selected", "targets", "all"]
 #: The old keywords of the predict functions, now fields of their ``encoder`` (an EncoderConfig); kept one release.
 PREDICT_KEYWORDS = ("weights", "precision", "num_workers", "prefetch_factor", "allow_lowres", "backend")
-#: Largest dense prediction layer (bytes) before :func:`agl_predict` writes a chunked dask array instead.
-DENSE_LAYER_BYTES = 2**30
-#: Spots x genes (float32 bytes) predicted at a time.
-_CHUNK_BYTES = 128 * 2**20
-
-
-def _effective_um_per_px(rec: dict) -> float | None:
-    """The coarsest detail of a record's patches: max over libraries of ``max(source µm/px, patch µm/px)``."""
-    src = rec.get("source_um_per_px")
-    if not src or not rec.get("patch_um") or not rec.get("patch_px"):
-        return None
-    vals = src.values() if isinstance(src, dict) else [src]
-    patch = float(rec["patch_um"]) / float(rec["patch_px"])
-    return max(max(float(v), patch) for v in vals)
-
-
-def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool = False, what: str = "slide") -> None:
-    """Refuse patches cut from a coarser image than the model was trained on (unless ``allow_lowres``).
-
-    Each side's resolution is the coarsest over its libraries of ``max(source_um_per_px, patch_um / patch_px)``
-    (the detail the patches carry); the data may be up to ``LOWRES_TOLERANCE`` (x1.2) coarser. Skipped when either
-    side does not record ``source_um_per_px`` (embeddings made before it was recorded, or brought by the user).
-
-    Examples
-    --------
-    >>> m = {"patch_px": 224, "patch_um": 112.0, "source_um_per_px": {"A": 0.25}}
-    >>> check_source_resolution({**m, "source_um_per_px": {"B": 0.5}}, m)  # patches are 0.5 µm/px anyway
-    >>> check_source_resolution({**m, "source_um_per_px": {"B": 3.6}}, m)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: The slide's patches were cut from a 3.6 µm/px image ...
-    """
-    data_mpp, model_mpp = _effective_um_per_px(data_rec or {}), _effective_um_per_px(model_rec or {})
-    if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * K.LOWRES_TOLERANCE:
-        return
-    where = ", ".join(
-        f"{lib}: {float(v):.3g} µm/px ({(data_rec.get('image') or {}).get(lib, '?')}, level "
-        f"{(data_rec.get('level') or {}).get(lib, 0)})"
-        for lib, v in (data_rec.get("source_um_per_px") or {}).items()
-    )
-    msg = (
-        f"The {what}'s patches were cut from a {data_mpp:.3g} µm/px image ({where}), coarser than the "
-        f"{model_mpp:.3g} µm/px the model was trained on: predictions from upsampled patches are worse."
-    )
-    if not allow_lowres:
-        raise ValueError(
-            msg
-            + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
-            "full-res image element) and re-embed, or pass allow_lowres=True to predict anyway."
-        )
-    warnings.warn(msg + " Predicting anyway (allow_lowres=True).", UserWarning, stacklevel=3)
-
-
-def check_embedding_matches(
-    adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False, context: bool = True
-) -> None:
-    """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
-
-    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments, test-time
-    augmentation views (each only when both sides record it), the source resolution (:func:`check_source_resolution`: patches from a coarser
-    image than the model's are refused unless ``allow_lowres=True``) and, with ``context``, the spatial-context
-    recipe (:func:`agl_scverse.pp.spatial_context`; features with and without context never match). An embedding
-    without a record (brought by the user) is accepted with a warning when the model has one.
-
-    Examples
-    --------
-    >>> check_embedding_matches(adata, "X_agl_resnet18", model)  # doctest: +SKIP
-    """
-    enc = model.config.get("encoder") or {}
-    rec = (adata.uns.get(K.EMBED_UNS, {}) or {}).get(key)
-    if not rec:
-        if enc.get("recorded"):
-            logg.warning(
-                f".obsm[{key!r}] has no record in .uns[{K.EMBED_UNS!r}]; cannot check that it was computed with the "
-                f"model's encoder ({enc.get('encoder')!r}, {enc.get('patch_px')} px, {enc.get('patch_um')} µm)."
-            )
-        return
-    if not enc.get("recorded"):
-        return
-    diffs = []
-    for f in RECORD_CHECKED:
-        a, b = rec.get(f), enc.get(f)
-        if a in (None, "") or b in (None, ""):
-            continue
-        same = np.isclose(float(a), float(b)) if f in ("patch_px", "patch_um") else str(a) == str(b)
-        if not same:
-            diffs.append(f"{f}: data {a!r} vs model {b!r}")
-    if diffs:
-        raise ValueError(
-            f".obsm[{key!r}] was computed with other encoder settings than the model was trained on ("
-            + "; ".join(diffs)
-            + "). Re-embed the slide with the model's settings (agl.pp.embed_patches(adata, agl.EncoderConfig("
-            f"{enc.get('spec') or enc.get('encoder')!r}, weights=<the same file>, "
-            + (f"encoder_kwargs={enc['encoder_kwargs']}, " if enc.get("encoder_kwargs") not in (None, "{}") else "")
-            + f"patch_px={enc.get('patch_px')}, "
-            f"patch_um={enc.get('patch_um')}), key_added=<a new key>)) or drop .obsm[{key!r}] to let "
-            "agl_predict do it."
-        )
-    check_source_resolution(rec, enc, allow_lowres, what=f"slide (.obsm[{key!r}])")
-    ctx_diffs = context_recipe_diff(rec.get("context"), enc.get("context")) if context else []
-    if ctx_diffs:
-        recipe = enc.get("context")
-        fix = (
-            f"agl.pp.spatial_context(adata, {recipe.get('base_key')!r}, **{context_kwargs(recipe)}, key_added=<a new "
-            "key>)"
-            if recipe
-            else f"the spot embedding the model was trained on ({model.config.get('embedding_key')!r})"
-        )
-        raise ValueError(
-            f".obsm[{key!r}] was built with another spatial-context recipe than the model's features ("
-            + "; ".join(ctx_diffs)
-            + f"). Use {fix}, or drop .obsm[{key!r}] to let agl_predict rebuild it from the spot embedding."
-        )
-
-
-def _compute_context(
-    adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None, run=None,
-    allow_lowres: bool = False, progress: bool | None = None, embed_batch_size: int = 32,
-) -> tuple:  # fmt: skip
-    """Rebuild the model's spatial-context features on this slide from its recorded recipe (into a shell AnnData).
-
-    The base embedding is taken from the slide (checked against the model's encoder) or computed with the model's
-    encoder. Returns (features, record).
-    """
-    enc = model.config.get("encoder") or {}
-    recipe = dict(enc["context"])
-    base_key = str(recipe["base_key"])
-    if K.SPATIAL_KEY not in adata.obsm:
-        raise KeyError("adata.obsm['spatial'] is missing: the model's spatial-context features need spot coordinates.")
-    shell = AnnData(obs=adata.obs.copy())
-    shell.obsm[K.SPATIAL_KEY] = np.asarray(adata.obsm[K.SPATIAL_KEY])
-    shell.uns[K.SPATIAL_KEY] = adata.uns.get(K.SPATIAL_KEY, {})
-    records = dict(adata.uns.get(K.EMBED_UNS, {}) or {})
-    fov_key = recipe.get("fov_key")
-    for k in (base_key, fov_key):
-        if k and k in adata.obsm:
-            shell.obsm[k] = adata.obsm[k]
-    if base_key in adata.obsm:
-        check_embedding_matches(adata, base_key, model, allow_lowres, context=False)
-    else:
-        feats, rec = _compute_embedding(
-            adata, model, base_key, weights, device, library_key, encoder, run, allow_lowres, progress, embed_batch_size
-        )
-        shell.obsm[base_key] = feats
-        records[base_key] = rec
-    shell.uns[K.EMBED_UNS] = records
-    run = run or {}
-    spatial_context(
-        shell, base_key, **context_kwargs(recipe), fov_key=fov_key, library_key=library_key, key_added=key,
-        weights=weights, encoder=encoder, device=device, precision=run.get("precision", "auto"),
-        num_workers=run.get("num_workers", 0),
-    )  # fmt: skip
-    logg.info(f"Rebuilt .obsm[{key!r}] from .obsm[{base_key!r}] with the model's spatial-context recipe.")
-    return np.asarray(shell.obsm[key], dtype=np.float32), dict(shell.uns[K.EMBED_UNS][key])
-
-
-def _compute_embedding(
-    adata: AnnData,
-    model: AGLModel,
-    key: str,
-    weights,
-    device,
-    library_key,
-    encoder=None,
-    run=None,
-    allow_lowres: bool = False,
-    progress: bool | None = None,
-    embed_batch_size: int = 32,
-) -> tuple:
-    """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
-
-    ``run``: how the encoder runs (precision, workers). Returns (features, record).
-    """
-    enc = model.config.get("encoder") or {}
-    if encoder is None and (not enc.get("recorded") or not enc.get("encoder")):
-        raise KeyError(
-            f".obsm[{key!r}] is missing and the model records no encoder settings (its training embedding was "
-            "brought by the user). Compute the same embedding for this slide and store it in .obsm first, or pass "
-            "the encoder: agl.tl.agl_predict(adata, model, encoder=<module or name>)."
-        )
-    pair = rebuild_encoder(enc, weights=weights, encoder=encoder)  # never opens the path recorded in the model
-    run = {k: v for k, v in (run or {}).items() if k in ("precision", "num_workers", "prefetch_factor", "backend")}
-    cfg = EncoderConfig(
-        encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
-        patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), tta=int(enc.get("tta") or 1),
-        allow_lowres=allow_lowres, batch_size=embed_batch_size, **run,
-    )  # fmt: skip
-    tmp = embed_patches(
-        adata, cfg, device=device, library_key=library_key, key_added=key, seed=int(enc.get("seed", 0)), copy=True,
-        progress=progress,
-    )  # fmt: skip
-    rec = tmp.uns[K.EMBED_UNS][key]
-    check_source_resolution(rec, enc, allow_lowres)
-    return np.asarray(tmp.obsm[key], dtype=np.float32), rec
-
-
-def _features(
-    adata: AnnData,
-    model: AGLModel,
-    embedding_key,
-    weights,
-    device,
-    library_key,
-    batch_size=512,
-    encoder=None,
-    run=None,
-    allow_lowres=False,
-    progress: bool | None = None,
-    embed_batch_size: int = 32,
-):
-    """Model inputs for every spot, and ``(key, features, record)`` when an embedding was computed here."""
-    enc = model.config.get("encoder") or {}
-    if model.mode != "embedding":
-        patch_px, patch_um = (
-            int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
-            float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
-        )
-        ds = SpotPatches(
-            adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key, allow_lowres=allow_lowres
-        )
-        check_source_resolution(ds.record(), enc, allow_lowres)
-        run = run or {}
-        check_patch_batch(ds.patch_px, batch_size, max(1, run.get("num_workers", 0) * run.get("prefetch_factor", 2)))
-        return ds, None
-    key = embedding_key or model.config.get("embedding_key")
-    if not key:
-        raise ValueError("The model records no embedding key; pass embedding_key=.")
-    new_emb = None
-    if key in adata.obsm:
-        check_embedding_matches(adata, key, model, allow_lowres)
-        features = np.asarray(adata.obsm[key], dtype=np.float32)
-    else:
-        compute = _compute_context if enc.get("context") else _compute_embedding
-        features, rec = compute(
-            adata, model, key, weights, device, library_key, encoder, run, allow_lowres=allow_lowres, progress=progress,
-            embed_batch_size=embed_batch_size,
-        )  # fmt: skip
-        new_emb = (key, features, rec)
-    n_in = (model.config.get("net") or {}).get("n_in")
-    if features.ndim != 2 or (n_in is not None and features.shape[1] != n_in):
-        raise ValueError(
-            f".obsm[{key!r}] has shape {features.shape}; the model expects {n_in} features per spot. "
-            "Embed the slide with the model's encoder."
-        )
-    bad = ~np.isfinite(features).all(axis=1)
-    if bad.any():
-        raise ValueError(f".obsm[{key!r}] holds NaN/inf for {int(bad.sum())} spots; recompute the embedding.")
-    return features, new_emb
-
-
-def _run_options(precision: str, num_workers: int, prefetch_factor: int, backend: str = "auto") -> dict:
-    """How encoders run here (checked): passed to ``AGLModel.predict`` and ``embed_patches``."""
-    check_choice("precision", precision, K.PRECISIONS)
-    check_choice("backend", backend, K.BACKENDS)
-    check_positive("num_workers", num_workers, integer=True, allow_zero=True)
-    check_positive("prefetch_factor", prefetch_factor, integer=True)
-    return {
-        "precision": precision, "num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor),
-        "backend": backend,
-    }  # fmt: skip
-
-
-def _rows(features, start: int, stop: int):
-    """Rows ``start:stop`` of an array of features or of a patch Dataset."""
-    if isinstance(features, torch.utils.data.Dataset):
-        return torch.utils.data.Subset(features, range(start, stop))
-    return features[start:stop]
-
-
-def _predict_rows(
-    model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None, run=None
-):
-    rows = _rows(features, start, stop)
-    return model.predict(rows, batch_size=batch_size, columns=columns, device=device, **(run or {}))
-
-
-def _transform(model: AGLModel) -> str:
-    return str(model.config.get("transform") or K.TRANSFORM_LOG1P)
-
-
-def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
-    """Model outputs summed into the library size of ``scale`` (None when the scale needs none).
-
-    The trained outputs (targets and selected auxiliaries, whatever ``genes=`` writes), so a gene's normalised
-    value does not depend on which other genes are written; unselected auxiliaries were not trained.
-    """
-    if scale != K.SCALE_LOG1P_CP10K or _transform(model) == K.TRANSFORM_LOG1P_CPM:
-        return None
-    col = {g: i for i, g in enumerate(model.genes)}
-    return np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
-
-
-def _row_chunks(
-    model: AGLModel,
-    features,
-    n: int,
-    model_cols: np.ndarray,
-    device: str,
-    batch_size: int,
-    width: int = 0,
-    scale: str = K.SCALE_MODEL,
-    run=None,
-):
-    """``(start, stop, predictions of model_cols in scale)`` for chunks of spots of about :data:`_CHUNK_BYTES`."""
-    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))
-    lib_cols, transform = _library_cols(model, scale), _transform(model)
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        full = _predict_rows(model, features, s, e, device, batch_size, run=run)
-        library = predicted_library_size(full[:, lib_cols], transform) if lib_cols is not None else None
-        yield s, e, rescale_predictions(full[:, model_cols], transform, scale, library)
 
 
 def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
@@ -460,8 +146,8 @@ def predict_core(
     if into is not None:
         _check_genes(into, model)
     dev = str(resolve_device(device))
-    run = run if run is not None else _run_options("auto", 0, 2)
-    features, new_emb = _features(
+    run = run if run is not None else run_options("auto", 0, 2)
+    features, new_emb = model_inputs(
         adata, model, embedding_key, weights, dev, library_key, int(batch_size), encoder, run, allow_lowres, progress,
         embed_batch_size,
     )  # fmt: skip
@@ -475,7 +161,7 @@ def predict_core(
         width, var_cols, copies = len(pred_genes), np.arange(len(pred_genes)), 2 + spread  # .X, layer, spread
     dense = copies * n_obs * width * 4 <= max_dense_bytes
     args = (features, n_obs, width, var_cols, model_cols, dev, int(batch_size), scale, run, dense)
-    layer = _layer(model, *args)
+    layer = prediction_values(model, *args)
     if not dense:
         logg.info(
             f"predict: a dense layer would take {copies * n_obs * width * 4 / 2**30:.1f} GiB (> "
@@ -499,216 +185,6 @@ def prediction_layer(adata: AnnData, model: AGLModel, genes: str | Sequence[str]
     opts = predict_options(model, **{"spread": False, **kwargs})  # the spread only when asked for
     layer, sd, new_emb, pred_genes = predict_core(adata, model, into=adata, genes=genes, **opts)
     return ((layer, sd) if opts["spread"] else layer), new_emb, pred_genes
-
-
-def _layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
-    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere).
-
-    Dense (a NumPy array filled in row chunks) or a lazy dask array (:func:`_dask_layer`).
-    """
-    if not dense:
-        return _dask_layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale=scale, run=run)
-    layer = np.zeros((n, width), dtype=np.float32)
-    for s, e, pred in _row_chunks(
-        model, features, n, model_cols, device, batch_size, width=width, scale=scale, run=run
-    ):
-        layer[s:e, var_cols] = pred
-    return layer
-
-
-def spread_layer(model: AGLModel, *args):
-    """The standard deviation (``ddof=1``) over a seed ensemble's members of their prediction layers.
-
-    ``args`` are those of the prediction layer (each member's layer is made the same way, in the same scale);
-    dense layers are folded in one at a time (Welford), so memory is that of three layers.
-    """
-    _want_spread(model, True)
-    members, dense = model.members(), args[-1]
-    if not dense:
-        import dask.array as da
-
-        return da.stack([_layer(m, *args) for m in members]).std(axis=0, ddof=1).astype(np.float32)
-    mean, m2 = None, None
-    for i, m in enumerate(members, start=1):
-        x = _layer(m, *args)
-        if mean is None:
-            mean, m2 = x, np.zeros_like(x)
-            continue
-        delta = x - mean
-        mean += delta / i
-        m2 += delta * (x - mean)
-    return np.sqrt(m2 / (len(members) - 1), dtype=np.float32)
-
-
-def _want_spread(model: AGLModel, spread: bool | None) -> bool:
-    """Whether to write the spread layer: ``None`` for an ensemble; ``True`` needs one (checked before any work)."""
-    if spread is None:
-        return model.n_members > 1
-    if not isinstance(spread, bool | np.bool_):
-        raise TypeError(f"spread must be True, False or None, got {spread!r}.")
-    if spread and model.n_members < 2:
-        raise ValueError(
-            "spread=True needs a seed ensemble (a model fitted with agl_fit(..., n_seeds=5)); this model has one "
-            "network, so its predictions have no spread."
-        )
-    return bool(spread)
-
-
-def _dask_layer(
-    model,
-    features,
-    n_obs,
-    n_vars,
-    var_cols,
-    model_cols,
-    device,
-    batch_size,
-    rows=4096,
-    cols=2048,
-    scale="model",
-    run=None,
-):
-    """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
-
-    Chunks of genes without predictions are zero chunks that are never computed. Chunks are 32 MiB (4096 x 2048
-    float32): dask's writer holds a few per thread, so 128 MiB chunks cost ~1 GB more RSS at write time. With
-    ``scale="log1p_cp10k"`` each row of chunks shares one task computing its spots' library size (a forward pass
-    over the trained outputs only: rows x trained genes), computed once per dask computation.
-    """
-    import dask
-    import dask.array as da
-
-    by_var = np.full(n_vars, -1, dtype=np.int64)
-    by_var[var_cols] = model_cols
-    lib_cols, transform = _library_cols(model, scale), _transform(model)
-
-    def library(s: int, e: int) -> np.ndarray:
-        pred = _predict_rows(model, features, s, e, device, batch_size, columns=lib_cols)
-        return predicted_library_size(pred, transform)
-
-    def chunk(s: int, e: int, c0: int, c1: int, lib) -> np.ndarray:
-        out = np.zeros((e - s, c1 - c0), dtype=np.float32)
-        local = np.flatnonzero(by_var[c0:c1] >= 0)
-        pred = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local], run=run)
-        out[:, local] = rescale_predictions(pred, transform, scale, lib)
-        return out
-
-    grid = []
-    for s in range(0, n_obs, rows):
-        e, row = min(s + rows, n_obs), []
-        lib = dask.delayed(library)(s, e) if lib_cols is not None else None
-        for c0 in range(0, n_vars, cols):
-            c1 = min(c0 + cols, n_vars)
-            if (by_var[c0:c1] >= 0).any():
-                delayed = dask.delayed(chunk)(s, e, c0, c1, lib)
-                row.append(da.from_delayed(delayed, shape=(e - s, c1 - c0), dtype=np.float32))
-            else:
-                row.append(da.zeros((e - s, c1 - c0), dtype=np.float32))
-        grid.append(row)
-    return da.block(grid)
-
-
-def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed: bool) -> dict:
-    """The ``.uns[f"{key_added}_pred"]`` entry describing a run's prediction layers (h5ad-ready).
-
-    ``scale`` (``"model"`` or ``"log1p_cp10k"``), ``transform`` (the model's expression scale), ``layer`` (the
-    counts layer the model was trained on; absent for ``.X``), ``genes`` (the ``genes=`` choice, ``"list"`` for a
-    list), ``n_genes``, and ``observed``: whether the AnnData's counts are measured expression of the predicted
-    genes (True after :func:`agl_predict`, False for the AnnData of :func:`predict_anndata`, whose ``.X`` is the
-    predictions), ``method``, and ``refit`` (whether the model was retrained on its validation spots, so plots
-    do not call a score on them a validation score). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they
-    need no ``.uns["agl"]``.
-    """
-    return to_h5ad(
-        {
-            "scale": scale,
-            "transform": _transform(model),
-            "layer": model.config.get("layer"),
-            "genes": genes if isinstance(genes, str) else "list",
-            "n_genes": int(n_genes),
-            "observed": bool(observed),
-            "method": model.method,
-            "refit": bool(model.config.get("refit", False)),
-        }
-    )
-
-
-def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[dict[str, Any], dict]:
-    """The model's own description of its run: ``.var`` columns over ``var_names`` and a ``.uns[key]`` entry.
-
-    What :func:`~agl_scverse.tl.agl_fit` writes about a run, rebuilt from the saved model, so a slide predicted with
-    a loaded model (e.g. the CLI's output) plots like a fitted one (:func:`agl_scverse.pl.selected_genes`,
-    :func:`~agl_scverse.pl.training_history`, :func:`~agl_scverse.pl.gene_performance`): ``.var`` columns ``role``
-    (the model's genes; ``"excluded"`` for the others), ``prior`` (the auxiliaries' prior score), ``prior_rank``
-    (0 = best, -1 for the others), ``weight`` (the learned mask, 1 for targets, 0 for the others) and ``selected``
-    (weight > 0.5, as ``agl_fit`` writes it); the ``.uns`` entry holds ``params``, ``method``, ``mode``, ``k``,
-    ``threshold``, ``n_auxiliary``, ``n_targets``, ``targets``, ``embedding_key``, ``history`` (per epoch; empty
-    for a model saved before models carried it) and ``metrics`` (the kept epoch, its validation PCC, the spot
-    counts), plus ``source="model"``.
-    """
-    cfg = model.config
-    genes, roles = list(model.genes), list(model.roles)
-    n_t = sum(r == K.ROLE_TARGET for r in roles)
-    aux = [g for g, r in zip(genes, roles) if r == K.ROLE_AUX]
-    n_aux_all = int(cfg.get("n_auxiliary_candidates") or len(aux))
-    pos = var_names.get_indexer(genes)
-    role = np.full(len(var_names), K.ROLE_EXCLUDED, dtype=object)
-    weight, prior = np.zeros(len(var_names)), np.full(len(var_names), np.nan)
-    rank = np.full(len(var_names), -1, dtype=np.int64)
-    have = pos >= 0
-    role[pos[have]] = np.asarray(roles, dtype=object)[have]
-    weight[pos[have]] = np.asarray(model.weights, dtype=float)[have]
-    aux_pos = var_names.get_indexer(aux)
-    ranks = np.asarray(cfg.get("prior_ranks") or np.arange(len(aux)) / max(n_aux_all - 1, 1), dtype=float)
-    scores = np.asarray([np.nan if v is None else v for v in cfg.get("prior_scores") or [None] * len(aux)], float)
-    ok = aux_pos >= 0
-    rank[aux_pos[ok]] = np.rint(ranks[ok] * max(n_aux_all - 1, 1)).astype(np.int64)
-    prior[aux_pos[ok]] = scores[ok]
-    var = {
-        keys.role: pd.Categorical(role, categories=[K.ROLE_TARGET, K.ROLE_AUX, K.ROLE_EXCLUDED]),
-        keys.prior: prior,
-        keys.prior_rank: rank,
-        keys.weight: weight,
-        keys.selected: weight > 0.5,
-    }
-    history = {name: list(values) for name, values in (cfg.get("history") or {}).items()}
-    params = {
-        **(cfg.get("hyperparameters") or {}),
-        **{n: cfg.get(n) for n in ("method", "mode", "head", "transform", "layer", "refit", "prior")},
-    }
-    entry = {
-        "params": params,
-        "method": model.method,
-        "mode": model.mode,
-        "k": model.k,
-        "threshold": model.threshold if model.threshold is not None else float("nan"),
-        "n_auxiliary": n_aux_all if model.method == "dkgsb" else len(aux),
-        "n_targets": n_t,
-        "targets": list(model.targets),
-        "embedding_key": cfg.get("embedding_key"),
-        "history": history,
-        "metrics": {
-            "best_epoch": cfg.get("best_epoch"),
-            "val_pcc": cfg.get("val_pcc"),
-            "n_train": cfg.get("n_train"),
-            "n_val": cfg.get("n_val"),
-            "refit": cfg.get("refit"),
-        },
-        "source": "model",
-    }
-    return var, to_h5ad(entry)
-
-
-def _run_writes(adata: AnnData, model: AGLModel, keys: Keys) -> tuple[dict[str, Any], dict | None]:
-    """The ``.var`` columns and ``.uns`` entry of :func:`model_run_record` that ``adata`` lacks.
-
-    A fit's own record under this key (richer: split, per-gene prior of every candidate) is kept as it is.
-    """
-    if keys.role in adata.var:  # fitted (or predicted before) under this key: its gene description stays
-        return {}, None
-    var, entry = model_run_record(model, adata.var_names, keys)
-    var = {c: v for c, v in var.items() if c not in adata.var}
-    return var, (entry if keys.uns not in adata.uns else None)
 
 
 # The parameters of both front doors (agl_predict adds ``copy``), described once.
@@ -812,8 +288,8 @@ def predict_options(
     return {
         "embedding_key": embedding_key, "weights": cfg.weights, "device": device, "library_key": library_key,
         "batch_size": batch_size, "max_dense_bytes": max_dense_bytes, "encoder": given.get("encoder"),
-        "scale": scale, "run": _run_options(cfg.precision, cfg.num_workers, cfg.prefetch_factor, cfg.backend),
-        "allow_lowres": cfg.allow_lowres, "spread": _want_spread(model, spread), "progress": progress,
+        "scale": scale, "run": run_options(cfg.precision, cfg.num_workers, cfg.prefetch_factor, cfg.backend),
+        "allow_lowres": cfg.allow_lowres, "spread": want_spread(model, spread), "progress": progress,
         "embed_batch_size": cfg.batch_size,
     }  # fmt: skip
 
@@ -899,7 +375,7 @@ def agl_predict(
     layer, sd, new_emb, pred_genes = predict_core(adata, model, into=adata, genes=genes, **opts)
     record = prediction_record(model, scale, genes, len(pred_genes), observed=True)
     target = adata.copy() if copy else adata
-    run_var, run_uns = _run_writes(target, model, keys)
+    run_var, run_uns = run_writes(target, model, keys)
     written = {
         "layers": [keys.pred_layer] + ([keys.spread_layer] if sd is not None else []),
         "var": [keys.predicted, *run_var],
