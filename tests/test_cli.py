@@ -428,9 +428,9 @@ def test_fit_training_flags_reach_agl_fit(tmp_path, slide_h5ad, monkeypatch):
     monkeypatch.setattr(agl_scverse.tl, "agl_fit", fake_fit)
     argv = ["fit", str(slide_h5ad), *FIT, "--out", str(tmp_path / "m"), "--no-refit", "--n-seeds", "2"]
     assert cli.main([*argv, "--precision", "fp32", "--no-augment", "--num-workers", "1"]) == 130
-    assert (seen["refit"], seen["n_seeds"], seen["precision"], seen["augment"], seen["num_workers"]) == (
-        False, 2, "fp32", False, 1,
-    )  # fmt: skip
+    t, enc = seen["training"], seen["encoder"]
+    assert (t.refit, t.n_seeds, enc.precision, t.augment, enc.num_workers) == (False, 2, "fp32", False, 1)
+    assert not {"refit", "n_seeds", "precision", "augment", "num_workers"} & set(seen)  # configs, not flat keywords
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="POSIX: fork, RLIMIT_FSIZE")
@@ -519,7 +519,8 @@ def test_sections_library_key_layer_and_head_reach_fit(tmp_path, three_sections,
     argv = ["fit", str(three_sections), *FIT, "--out", str(tmp_path / "m"), "--sections", "A", "B"]
     argv += ["--library-key", "section", "--test-groups", "B", "--layer", "raw", "--head", "hybrid"]
     assert cli.main(argv) == 130
-    assert seen["n_obs"] == 100 and (seen["layer"], seen["head"], seen["library_key"]) == ("raw", "hybrid", "section")
+    assert seen["n_obs"] == 100 and seen["library_key"] == "section"
+    assert (seen["genes"].layer, seen["network"].head) == ("raw", "hybrid")
     assert int((~seen["spots"]).sum()) == 50  # --test-groups B: its spots, found in --library-key's column
 
 
@@ -542,7 +543,8 @@ def test_cross_validate_flags_and_no_unasked_rrr_row(tmp_path, three_sections, c
     argv = ["cross-validate", str(three_sections), *FIT, "--group-key", "section", "--refit", "--n-seeds", "3"]
     argv += ["--baselines", "rrr", "--head", "rrr", "--out", str(tmp_path / "cv2.csv")]
     cli.main(argv)
-    assert (seen["refit"], seen["n_seeds"], seen["head"], seen["baselines"]) == (True, 3, "rrr", ["rrr"])
+    t = seen["training"]
+    assert (t.refit, t.n_seeds, seen["network"].head, seen["baselines"]) == (True, 3, "rrr", ["rrr"])
     cli.main([*argv[:-2], "--baselines", "--out", str(tmp_path / "cv3.csv")])
     assert seen["baselines"] is False and seen["group_key"] == "section"
 

@@ -123,9 +123,9 @@ is updated by the validation loss of the targets after differentiable inner trai
 rng = np.random.default_rng(SEED)
 test = np.zeros(adata.n_obs, dtype=bool)
 test[rng.choice(adata.n_obs, size=adata.n_obs // 4, replace=False)] = True
-fit_kwargs = {} if EPOCHS is None else {"epochs": EPOCHS}
 model = agl.tl.agl_fit(
-    adata, method="dkgsb", embedding_key=emb_key, spots=~test, seed=SEED, progress=False, **fit_kwargs
+    adata, method="dkgsb", embedding_key=emb_key, spots=~test, seed=SEED, progress=False,
+    training=agl.TrainingConfig(epochs=EPOCHS),  # EPOCHS None: the mode's default
 )
 model"""),
     md("""
@@ -281,8 +281,9 @@ by HVG dispersion) are chosen on the training spots only, so nothing leaks from 
 """),
     code("""
 train = (adata.obs["library_id"] != HELD_OUT).to_numpy()
-model = agl.tl.agl_fit(adata, method="dkgsb", embedding_key=emb_key, spots=train, epochs=5 if QUICK else 40,
-                       seed=0, library_key="library_id", progress=False)
+model = agl.tl.agl_fit(adata, method="dkgsb", embedding_key=emb_key, spots=train,
+                       training=agl.TrainingConfig(epochs=5 if QUICK else 40), seed=0, library_key="library_id",
+                       progress=False)
 print(model)
 print("split:", adata.obs["agl_split"].value_counts().to_dict())"""),
     md("""
@@ -341,7 +342,7 @@ A typical spatial analysis already has a scanpy pipeline: normalise, log-transfo
 neighbours, Leiden clusters, spatial statistics with squidpy. This notebook shows that the same pipeline runs on
 **predicted** expression, with no masks to invent and no NaN to work around:
 
-- keep the **raw counts in a layer** (`"counts"`) and pass `layer="counts"` to `agl_fit`, so `.X` can hold
+- keep the **raw counts in a layer** (`"counts"`) and pass `genes=agl.GeneConfig(layer="counts")` to `agl_fit`, so `.X` can hold
   normalised values;
 - train on one slide, predict a second slide from its image alone;
 - run PCA → neighbours → Leiden → `sq.gr.spatial_autocorr` on the predictions, in the normalised scale of a
@@ -385,10 +386,10 @@ the held-out Pearson r.
     code("""
 agl.pp.embed_patches(adata, encoder="resnet18", patch_px=PATCH_PX, library_key="library_id", seed=SEED,
                      device="cpu")
-fit_kwargs = {} if EPOCHS is None else {"epochs": EPOCHS}
 model = agl.tl.agl_fit(
-    adata, method="dkgsb", layer="counts", spots=(adata.obs["library_id"] == train_lib).to_numpy(),
-    library_key="library_id", seed=SEED, progress=False, **fit_kwargs,
+    adata, method="dkgsb", genes=agl.GeneConfig(layer="counts"),
+    spots=(adata.obs["library_id"] == train_lib).to_numpy(), library_key="library_id", seed=SEED, progress=False,
+    training=agl.TrainingConfig(epochs=EPOCHS),
 )
 agl.tl.agl_predict(adata, model, library_key="library_id")
 agl.tl.evaluate(adata, model)  # scores the unused spots: all of slide 2

@@ -300,6 +300,7 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
 
     from . import datasets, pl, pp, tl
     from ._constants import Keys
+    from .configs import TrainingConfig
 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,7 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
     test = np.zeros(adata.n_obs, dtype=bool)
     test[np.random.default_rng(seed).choice(adata.n_obs, size=adata.n_obs // 4, replace=False)] = True
     rows, models = [], {}
-    fit_kwargs = {} if epochs is None else {"epochs": epochs}
+    fit_kwargs = {} if epochs is None else {"training": TrainingConfig(epochs=epochs)}
     for method in DEMO_METHODS:
         key = f"agl_{method}"
         t = time.perf_counter()
@@ -400,8 +401,9 @@ def _fit(args: argparse.Namespace) -> None:
     h5ad = check_output(args.h5ad, "--h5ad", args.overwrite) if args.h5ad else None
     _existing(args.data)  # the quick checks first; then the slow imports
     from . import tl
+    from .configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
 
-    scale_out = _scale_out_kwargs(args)  # --distributed is checked before any work
+    mode, scale_out = _scale_out_kwargs(args)  # --distributed is checked before any work
     device = _device(args.device)
     adata = _read_slide(args)
     split_key = args.split_key
@@ -419,15 +421,20 @@ def _fit(args: argparse.Namespace) -> None:
     model = tl.agl_fit(
         adata,
         method=args.method,
+        mode=mode,
         embedding_key=args.embedding_key,
-        encoder=args.encoder,
-        weights=args.weights,
-        n_targets=args.n_targets,
-        prior=args.prior,
-        k=args.k,
-        epochs=args.epochs,
-        patch_px=args.patch_px,
-        patch_um=args.patch_um,
+        genes=GeneConfig(n_targets=args.n_targets, prior=args.prior, layer=args.layer),
+        network=NetworkConfig(**({"head": args.head} if args.head else {})),
+        training=TrainingConfig(
+            epochs=args.epochs, refit=args.refit, n_seeds=args.n_seeds, augment=scale_out["augment"],
+            checkpoint_every=scale_out["checkpoint_every"], resume=scale_out["resume"],
+        ),
+        dkgsb=DkGSBConfig(k=args.k, meta_scope=scale_out["meta_scope"]),
+        encoder=EncoderConfig(
+            args.encoder, weights=args.weights, patch_px=args.patch_px, patch_um=args.patch_um,
+            precision=scale_out["precision"], num_workers=scale_out["num_workers"], allow_lowres=args.allow_lowres,
+            backend=args.backend,
+        ),
         split_key=split_key if args.val_groups else None,
         val_groups=args.val_groups,
         spots=spots,
@@ -435,14 +442,8 @@ def _fit(args: argparse.Namespace) -> None:
         device=device,
         save_dir=args.out,
         overwrite=args.overwrite,
-        refit=args.refit,
-        n_seeds=args.n_seeds,
-        layer=args.layer,
         library_key=args.library_key,
-        **({"head": args.head} if args.head else {}),
-        **_accepted(tl.agl_fit, allow_lowres=args.allow_lowres, backend=args.backend),
-        **scale_out,
-    )
+    )  # fmt: skip
     if not _is_main():  # under torchrun, rank 0 reports and writes (agl_fit saved the model from rank 0)
         return
     cfg = model.config
@@ -544,6 +545,7 @@ def _cross_validate(args: argparse.Namespace) -> None:
     out = check_output(args.out, "--out", args.overwrite)
     _existing(args.data)
     from . import pp, tl
+    from .configs import DkGSBConfig, GeneConfig, NetworkConfig, TrainingConfig
 
     device = _device(args.device)
     adata = _read_slide(args)
@@ -556,19 +558,18 @@ def _cross_validate(args: argparse.Namespace) -> None:
             "allow_lowres": args.allow_lowres, "backend": args.backend,
         }  # fmt: skip
         pp.embed_patches(adata, encoder, device=device)
-    optional = {"k": args.k, "epochs": args.epochs, "refit": args.refit, "n_seeds": args.n_seeds, "head": args.head}
-    fit_kwargs = {name: value for name, value in optional.items() if value is not None}
     df = tl.cross_validate(
         adata,
         group_key=group_key,
         methods=args.methods,
         embedding_key=args.embedding_key,
-        n_targets=args.n_targets,
+        genes=GeneConfig(n_targets=args.n_targets, layer=args.layer),
         baselines=args.baselines or False,
         seed=args.seed,
         device=device,
-        layer=args.layer,
-        **fit_kwargs,
+        network=NetworkConfig(**({"head": args.head} if args.head else {})),
+        training=TrainingConfig(epochs=args.epochs, refit=args.refit, n_seeds=args.n_seeds),
+        dkgsb=DkGSBConfig(k=args.k),
     )
     df.to_csv(out, index=False)
     summary = df.groupby(["method", "fold"])["pearson"].mean().unstack("fold")
@@ -631,8 +632,8 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _scale_out_kwargs(args: argparse.Namespace) -> dict:
-    """``agl_fit`` arguments of :func:`_add_scale_out_args`; joins torchrun's process group with --distributed."""
+def _scale_out_kwargs(args: argparse.Namespace) -> tuple[str, dict]:
+    """The mode and the config fields of :func:`_add_scale_out_args`; joins torchrun's process group (--distributed)."""
     from . import _distributed
 
     if args.distributed and _distributed.env_world_size() <= 1 and not _distributed.is_distributed():
@@ -642,9 +643,9 @@ def _scale_out_kwargs(args: argparse.Namespace) -> dict:
         )
     if args.distributed:
         _distributed.init_from_env()
-    return {
-        "mode": args.mode, "meta_scope": args.meta_scope, "checkpoint_every": args.checkpoint_every,
-        "resume": args.resume, "precision": args.precision, "augment": args.augment, "num_workers": args.num_workers,
+    return args.mode, {
+        "meta_scope": args.meta_scope, "checkpoint_every": args.checkpoint_every, "resume": args.resume,
+        "precision": args.precision, "augment": args.augment, "num_workers": args.num_workers,
     }  # fmt: skip
 
 

@@ -136,7 +136,7 @@ class GeneConfig:
         Explicit auxiliary genes (default: every other gene passing ``min_cells``).
     prior
         Ranking of the auxiliaries: ``"hvg"``, ``"coexpression"``, ``"moran"`` or a numeric ``.var`` column (see
-        :func:`agl_scverse.pp.compute_gene_roles`).
+        :func:`agl_scverse.pp.gene_roles`).
     min_cells
         A candidate gene has counts in at least this many training spots (or this fraction of them).
     transform
@@ -393,10 +393,12 @@ class DkGSBConfig:
             if self.k != K.K_AUTO:
                 raise ValueError("k_grid applies to method='topk' with k='auto' only.")
             grid = self.k_grid
-            if isinstance(grid, str | int | np.integer) or not len(grid):
-                raise ValueError(
+            if isinstance(grid, str | int | np.integer):
+                raise TypeError(
                     f"k_grid must list the numbers of auxiliary genes to try, e.g. (0, 300, 1000), got {grid!r}."
                 )
+            if not len(grid):
+                raise ValueError("k_grid is empty; give the numbers of auxiliary genes to try, e.g. (0, 300, 1000).")
             for v in grid:
                 check_positive("k_grid value", v, integer=True, allow_zero=True)
             object.__setattr__(self, "k_grid", tuple(int(v) for v in grid))

@@ -121,8 +121,9 @@ def _train(inputs, augment: bool, seed: int = 0):
     Y = np.concatenate([mean, mean[:, :1] * mean[:, 1:2], mean.sum(1, keepdims=True), mean[:, 2:] ** 2], 1)
     net = _tiny_net()
     res = train_network(
-        net, inputs, Y, np.arange(30), np.arange(30, 40), 3, epochs=2, patience=5, lr=1e-2, batch_size=8,
-        seed=seed, progress=False, augment=augment,
+        net, inputs, Y, np.arange(30), np.arange(30, 40), 3,
+        training={"epochs": 2, "patience": 5, "lr": 1e-2, "batch_size": 8, "augment": augment}, seed=seed,
+        progress=False,
     )  # fmt: skip
     return res, net
 

@@ -101,8 +101,9 @@ def _fit(method="dkgsb", seed=0, epochs=4, **kw):
     net.set_input_scaling(torch.tensor(X.mean(0)), torch.tensor(X.std(0)))
     mask = GeneMask(normalized_ranks(np.arange(n_aux)), tau=0.01) if method == "dkgsb" else None
     res = train_network(
-        net, TensorInputs(X), Y, np.arange(80), np.arange(80, 120), n_t, mask=mask, epochs=epochs, patience=50,
-        batch_size=32, meta_batch_size=32, seed=seed, progress=False, **kw,
+        net, TensorInputs(X), Y, np.arange(80), np.arange(80, 120), n_t, mask=mask,
+        training={"epochs": epochs, "patience": 50, "batch_size": 32}, dkgsb={"meta_batch_size": 32}, seed=seed,
+        progress=False, **kw,
     )  # fmt: skip
     return net, mask, res, X, Y
 
@@ -145,8 +146,8 @@ def test_early_stopping_stops():
     rng = np.random.default_rng(1)
     Yn = rng.normal(size=Y.shape).astype(np.float32)  # nothing to learn: validation PCC does not improve
     net = EmbeddingHead(X.shape[1], Y.shape[1], hidden=(8,))
-    res = train_network(net, TensorInputs(X), Yn, np.arange(80), np.arange(80, 120), n_t, epochs=200, patience=3,
-                        progress=False)  # fmt: skip
+    res = train_network(net, TensorInputs(X), Yn, np.arange(80), np.arange(80, 120), n_t,
+                        training={"epochs": 200, "patience": 3}, progress=False)  # fmt: skip
     assert len(res.history["epoch"]) < 200
     assert len(res.history["epoch"]) - 1 - res.best_epoch == 3
 

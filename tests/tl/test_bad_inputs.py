@@ -118,8 +118,8 @@ def test_a_last_batch_of_one_spot_joins_the_one_before(n_train, batch_size, expe
     X, Y = rng.normal(size=(n_train + 10, 6)), rng.normal(size=(n_train + 10, 3))
     inputs = _RecordingInputs(X)
     net = EmbeddingHead(6, 3, hidden=(8,))
-    res = train_network(net, inputs, Y, np.arange(n_train), np.arange(n_train, n_train + 10), 2, epochs=1,
-                        batch_size=batch_size, progress=False)  # fmt: skip
+    res = train_network(net, inputs, Y, np.arange(n_train), np.arange(n_train, n_train + 10), 2,
+                        training={"epochs": 1, "batch_size": batch_size}, progress=False)  # fmt: skip
     assert inputs.sizes[: len(expected)] == expected  # the training batches of the epoch, then validation
     assert np.isfinite(res.history["train_loss"]).all()
 
@@ -129,9 +129,12 @@ def test_train_network_refuses_one_training_spot_and_batch_size_one():
     X, Y = rng.normal(size=(20, 4)), rng.normal(size=(20, 3))
     net = EmbeddingHead(4, 3, hidden=(8,))
     with pytest.raises(ValueError, match="1 training spot"):
-        train_network(net, TensorInputs(X), Y, np.arange(1), np.arange(1, 20), 2, epochs=1, progress=False)
+        train_network(
+            net, TensorInputs(X), Y, np.arange(1), np.arange(1, 20), 2, training={"epochs": 1}, progress=False
+        )
     with pytest.raises(ValueError, match="batch_size=1"):
-        train_network(net, TensorInputs(X), Y, np.arange(10), np.arange(10, 20), 2, batch_size=1, progress=False)
+        train_network(net, TensorInputs(X), Y, np.arange(10), np.arange(10, 20), 2, training={"batch_size": 1},
+                      progress=False)  # fmt: skip
 
 
 def test_a_training_loss_nan_in_every_epoch_is_an_error_not_a_model(monkeypatch):

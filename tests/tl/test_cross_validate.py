@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -27,13 +29,17 @@ def _tiny(n_groups=3, per_group=40, n_genes=40, dim=12, seed=0):
     return a
 
 
-FIT = {"epochs": 3, "hidden": (8,), "batch_size": 32, "meta_batch_size": 16}
+TRAIN = agl.TrainingConfig(epochs=3, batch_size=32)
+FIT = {"training": TRAIN, "network": agl.NetworkConfig(hidden=(8,)), "dkgsb": agl.DkGSBConfig(meta_batch_size=16)}
+GENES = agl.GeneConfig(n_targets=N_TARGETS)
 
 
 def test_cross_validate_shape_folds_and_summary():
     a = _tiny()
     before = a.copy()
-    df = cross_validate(a, "slide", methods=("pgl", "topk"), n_targets=N_TARGETS, k=5, **FIT)
+    df = cross_validate(
+        a, "slide", methods=("pgl", "topk"), genes=GENES, **FIT | {"dkgsb": {"meta_batch_size": 16, "k": 5}}
+    )
     assert list(df.columns) == CV_COLUMNS
     assert len(df) == 3 * (2 + 3) * N_TARGETS  # folds x (methods + baselines) x targets
     assert sorted(df.fold.unique()) == ["S0", "S1", "S2"]
@@ -69,7 +75,8 @@ def test_cross_validate_shape_folds_and_summary():
 def test_baselines_train_on_the_same_spots_as_the_networks(refit):
     # without refit the networks never train on the validation group: neither do the baselines; with refit both do
     a = _tiny(n_groups=4, per_group=30)
-    df = cross_validate(a, "slide", methods=("pgl",), n_targets=N_TARGETS, groups=["S0"], refit=refit, **FIT)
+    df = cross_validate(a, "slide", methods=("pgl",), genes=GENES, groups=["S0"],
+                        **FIT | {"training": replace(TRAIN, refit=refit)})  # fmt: skip
     got = df[(df.method == "pca_ridge")].pearson.mean()
     slide = a.obs.slide.astype(str).to_numpy()
     test = np.flatnonzero(slide == "S0")
@@ -88,14 +95,15 @@ def test_baselines_train_on_the_same_spots_as_the_networks(refit):
 def test_method_labels_run_variants_with_their_settings():
     a = _tiny()
     df = cross_validate(
-        a, "slide", methods=("pgl", "pgl:reg"), n_targets=N_TARGETS, groups=["S0"], baselines=False,
-        method_kwargs={"pgl:reg": {"dropout": 0.5, "weight_decay": 1e-3}}, **FIT,
+        a, "slide", methods=("pgl", "pgl:reg"), genes=GENES, groups=["S0"], baselines=False,
+        method_kwargs={"pgl:reg": {"network": {"hidden": (8,), "dropout": 0.5},
+                                   "training": replace(TRAIN, weight_decay=1e-3)}}, **FIT,
     )  # fmt: skip
     assert set(df.method) == {"pgl", "pgl:reg"}
     a_pgl = df[df.method == "pgl"].pearson.to_numpy()
     a_reg = df[df.method == "pgl:reg"].pearson.to_numpy()
     assert not np.allclose(a_pgl, a_reg)  # the variant's settings were used
-    assert a.uns["agl_cv"]["params"]["method_kwargs"]["pgl:reg"]["dropout"] == "0.5"
+    assert "'dropout': 0.5" in a.uns["agl_cv"]["params"]["method_kwargs"]["pgl:reg"]["network"]
     with pytest.raises(KeyError, match="method_kwargs"):
         cross_validate(a, "slide", methods=("pgl",), method_kwargs={"agl:x": {}}, **FIT)
     with pytest.raises(ValueError, match="duplicate"):
@@ -109,7 +117,7 @@ def test_targets_are_hvg_of_training_groups_only():
     held = (a.obs.slide == "S0").to_numpy()
     a.X[:, 7] = rng.poisson(3.0, a.n_obs)
     a.X[held, 7] = np.where(rng.random(held.sum()) < 0.75, 0, 12)  # wildly variable on S0 only
-    df = cross_validate(a, "slide", methods=(), n_targets=N_TARGETS, groups=["S0"])
+    df = cross_validate(a, "slide", methods=(), genes=GENES, groups=["S0"])
     assert "g7" not in set(df.gene)
     roles = agl.pp.compute_gene_roles(a, n_targets=N_TARGETS, train_mask=~held)
     assert sorted(df.gene.unique()) == sorted(roles.targets)
@@ -117,7 +125,7 @@ def test_targets_are_hvg_of_training_groups_only():
 
 def test_cross_validate_agl_dkgsb_two_groups():
     a = _tiny(n_groups=2, per_group=40)
-    df = cross_validate(a, "slide", methods=("agl", "dkgsb"), n_targets=N_TARGETS, baselines=False, seed=1, **FIT)
+    df = cross_validate(a, "slide", methods=("agl", "dkgsb"), genes=GENES, baselines=False, seed=1, **FIT)
     assert set(df.method) == {"agl", "dkgsb"} and len(df) == 2 * 2 * N_TARGETS
     assert (df.loc[df.method == "agl", "k"] == 40 - N_TARGETS).all()  # AGL-all: every auxiliary
     k = df.loc[df.method == "dkgsb", "k"].to_numpy()
@@ -133,6 +141,7 @@ def test_cross_validate_agl_dkgsb_two_groups():
         ({"embedding_key": "X_missing"}, KeyError, "X_missing"),
         ({"groups": ["S9"]}, KeyError, "S9"),
         ({"targets": ["g1"]}, TypeError, "sets 'targets'"),
+        ({"genes": {"targets": ["g1"]}}, ValueError, "chooses the targets"),
     ],
 )
 def test_cross_validate_errors(kwargs, exc, match):
@@ -146,3 +155,11 @@ def test_cross_validate_errors(kwargs, exc, match):
 
 def test_exposed_in_tl():
     assert agl.tl.cross_validate is cross_validate
+
+
+def test_old_gene_keywords_warn_and_give_the_same_folds():
+    a, b = _tiny(per_group=20), _tiny(per_group=20)
+    new = cross_validate(a, "slide", methods=("pgl",), genes={"n_targets": 3, "min_cells": 2}, groups=["S0"], **FIT)
+    with pytest.warns(FutureWarning, match=r"use genes=agl.GeneConfig\(n_targets=..., min_cells=...\)"):
+        old = cross_validate(b, "slide", methods=("pgl",), n_targets=3, min_cells=2, groups=["S0"], **FIT)
+    pd.testing.assert_frame_equal(new.drop(columns="fit_seconds"), old.drop(columns="fit_seconds"))

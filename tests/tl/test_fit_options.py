@@ -151,9 +151,7 @@ def test_defaults_refit_and_five_seeds_in_embedding_mode_only():
     assert (p["refit"], p["n_seeds"], model.n_members, model.config["refit"]) == (True, 5, 5, True)
     _fit(a, method="pgl", head="rrr")
     assert (a.uns["agl"]["params"]["refit"], a.uns["agl"]["params"]["n_seeds"]) == (True, 1)
-    from agl_scverse.tl._config import FitConfig, GeneConfig
+    from agl_scverse.tl._config import FitConfig
 
-    none = dict.fromkeys(("hidden", "epochs", "patience", "lr", "batch_size"))
-    cfg = FitConfig.build("pgl", "finetune", **none, dropout=0.1, weight_decay=0.0, loss="pearson",
-                          genes=GeneConfig(), k=None, seed=0)  # fmt: skip
+    cfg = FitConfig.build("pgl", "finetune")
     assert (cfg.training.refit, cfg.training.n_seeds) == (False, 1)

@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,9 @@ from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, mean_pearson
+from agl_scverse._utils import resolve_device
 from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
+from agl_scverse.configs import DkGSBConfig, TrainingConfig, as_config
 
 from ._bilevel import AdamState, hypergradient, meta_scope_names
 from ._data import augment_codes, batch_stream
@@ -335,13 +338,6 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
     return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
 
 
-def _inner_settings(lookahead: str, inner_steps: int | None, inner_lr: float | None) -> tuple[int, float]:
-    """``lookahead`` checked; ``inner_steps`` and ``inner_lr`` with ``None`` replaced by the look-ahead's defaults."""
-    check_choice("lookahead", lookahead, K.LOOKAHEADS)
-    steps = K.INNER_STEPS_DEFAULTS[lookahead] if inner_steps is None else int(inner_steps)
-    return steps, K.INNER_LR_DEFAULTS[lookahead] if inner_lr is None else float(inner_lr)
-
-
 def _meta_step(
     net,
     mask,
@@ -392,31 +388,18 @@ def train_network(
     val_idx: np.ndarray,
     n_targets: int,
     *,
+    training: TrainingConfig | Mapping[str, Any] | None = None,
+    dkgsb: DkGSBConfig | Mapping[str, Any] | None = None,
     mask: GeneMask | None = None,
-    epochs: int = 100,
-    patience: int = 10,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    batch_size: int = 128,
-    loss: str = "pearson",
-    inner_steps: int | None = None,
-    inner_lr: float | None = None,
-    meta_steps: int = 4,
-    meta_batch_size: int = 128,
-    beta: float = 0.01,
-    clip: float = 1.0,
-    theta_beta2: float = 0.9,
-    normalizer: str = "soft",
-    lookahead: str = "adam",
-    meta_scope: str = "all",
     aux_weights: np.ndarray | None = None,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
     progress: bool = True,
     desc: str = "agl",
-    augment: bool = False,
-    precision: str = "fp32",
+    precision: K.Precision = "fp32",
     checkpoint=None,
+    clip: float = 1.0,
+    theta_beta2: float = 0.9,
 ) -> TrainResult:
     """Train ``net`` in place; learn the DkGSB threshold when ``mask`` is given.
 
@@ -439,62 +422,30 @@ def train_network(
         Row positions of the validation spots (early stopping, DkGSB's meta batches).
     n_targets
         Number of leading target columns.
+    training
+        :class:`~agl_scverse.configs.TrainingConfig` (or a dict of its fields): epochs, patience, lr, weight decay,
+        batch size, loss, ``augment`` (random flips / quarter turns of the training batches' patches, for image
+        inputs with a ``stream`` method, drawn from ``(seed, epoch)`` only). Fields left at ``None`` take the
+        embedding-mode defaults (:func:`agl_scverse.tl.agl_fit` resolves them for its mode first); ``refit``,
+        ``n_seeds``, ``checkpoint_every`` and ``resume`` are ``agl_fit``'s and not read here. Without validation
+        spots, exactly ``epochs`` epochs run and the last one is kept.
+    dkgsb
+        :class:`~agl_scverse.configs.DkGSBConfig` (or a dict): the bi-level step when ``mask`` is given (inner
+        steps, meta steps per epoch spread over the training batches, meta batch size, ``beta`` the Adam lr on
+        ``theta``, ``meta_normalizer``, ``lookahead``, ``meta_scope``; see :func:`agl_scverse.model.hypergradient`).
     mask
         The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
         gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
-    epochs
-        Maximum number of epochs (without validation spots: exactly this many, the last one kept).
-    patience
-        Early stopping: epochs without a better validation mean target Pearson r.
-    lr
-        Adam learning rate of the network.
-    weight_decay
-        Adam weight decay.
-    batch_size
-        Spots per training batch.
-    loss
-        ``"pearson"`` (``1 - r`` per gene) or ``"mse"``.
-    inner_steps
-        DkGSB: differentiable inner steps of the look-ahead, each on its own training batch (``"authors"``: all on
-        one batch). Default (``None``): 12 for ``lookahead="authors"``, 1 otherwise.
-    inner_lr
-        DkGSB: learning rate of the inner steps of ``lookahead="sgd"`` (default 0.1) and of the fresh Adam of
-        ``"authors"`` (default 3e-5); ``"adam"`` uses the live optimiser's.
-    meta_steps
-        DkGSB: updates of ``theta`` per epoch, spread over the training batches (several per batch when more).
-    meta_batch_size
-        DkGSB: spots per meta batch.
-    beta
-        DkGSB: Adam learning rate on ``theta``.
-    clip
-        DkGSB: hypergradient clipping.
-    theta_beta2
-        DkGSB: Adam's second-moment decay for ``theta``.
-    normalizer
-        DkGSB meta objective (:func:`agl_scverse.model.hypergradient`): ``"soft"`` differentiates the weighted
-        loss's ``sum(w)`` (the exact derivative), ``"detached"`` holds it constant (legacy).
-    lookahead
-        DkGSB: ``"adam"`` takes the inner steps as the live Adam optimiser would (eval mode); ``"sgd"``: SGD with
-        ``inner_lr``; ``"authors"``: the authors' look-ahead, a fresh Adam (``inner_lr``) on a copy of the network,
-        ``inner_steps`` steps on one batch, in train mode.
-    meta_scope
-        DkGSB: the parameters the look-ahead moves, ``"all"`` or ``"last"`` (the output layer and the last block
-        of the backbone, see :func:`agl_scverse.model.meta_scope_names`; the rest are constants of the look-ahead,
-        so the double backward skips them: cheaper, a weaker signal).
     aux_weights
         Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
     seed
         Seeds batch order, meta batches, initialisation-independent randomness (dropout).
     device
-        Torch device.
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
     progress
         Show a tqdm bar over epochs (postfix: loss, validation PCC, k).
     desc
         Label of that bar.
-    augment
-        Random flips / quarter turns of the training batches' patches (image inputs with a ``stream`` method,
-        e.g. the patches of fine-tune mode), drawn from ``(seed, epoch)`` only. Meta steps, validation and
-        calibration see plain patches.
     precision
         How the network runs: ``"fp32"`` (default),
         ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
@@ -502,6 +453,10 @@ def train_network(
     checkpoint
         The checkpointer of :func:`agl_scverse.tl.agl_fit` (``checkpoint_every``, ``resume``): training starts
         from its state when it has one, and the state is saved after every ``checkpoint.every`` epochs.
+    clip
+        DkGSB: hypergradient clipping.
+    theta_beta2
+        DkGSB: Adam's second-moment decay for ``theta``.
 
     Returns
     -------
@@ -521,21 +476,38 @@ def train_network(
     >>> rng = np.random.default_rng(0)
     >>> X, Y = rng.normal(size=(60, 8)), rng.normal(size=(60, 4))
     >>> net = EmbeddingHead(8, 4, hidden=(16,))
-    >>> res = train_network(net, TensorInputs(X), Y, np.arange(40), np.arange(40, 60), 2, epochs=2, progress=False)
+    >>> res = train_network(net, TensorInputs(X), Y, np.arange(40), np.arange(40, 60), 2, training={"epochs": 2},
+    ...                     progress=False)
     >>> len(res.history["val_pcc"])
     2
     """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    device = torch.device(device)
+    t = as_config(TrainingConfig, training, "training").resolved(K.MODES[0])  # None fields: embedding mode's
+    m = as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(K.MODES[0])
+    epochs, patience, lr, weight_decay, batch_size, loss = (
+        t.epochs,
+        t.patience,
+        t.lr,
+        t.weight_decay,
+        t.batch_size,
+        t.loss,
+    )
+    inner_steps, inner_lr, meta_steps, meta_batch_size, beta = (
+        m.inner_steps,
+        m.inner_lr,
+        m.meta_steps,
+        m.meta_batch_size,
+        m.beta,
+    )
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     torch.manual_seed(seed + dist.rank())
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
     check_min_batch_size(batch_size)
-    inner_steps, inner_lr = _inner_settings(lookahead, inner_steps, inner_lr)
-    scope = meta_scope_names(net, meta_scope) if mask is not None else None  # refuses a scope without signal
+    scope = meta_scope_names(net, m.meta_scope) if mask is not None else None  # refuses a scope without signal
     if mask is not None and aux_weights is not None:
         raise ValueError("Pass either a learnable mask or fixed aux_weights, not both.")
     if mask is not None and not len(val_idx):
@@ -583,7 +555,7 @@ def train_network(
         losses, hgs, mvl = [], [], []
         ends = [(b + 1) * batch_size if b < n_batches - 1 else len(perm) for b in range(n_batches)]
         batches = [dist.shard(perm[b * batch_size : e]) for b, e in enumerate(ends)]  # this rank's share
-        codes = augment_codes(seed, epoch, len(perm)) if augment else None  # per position of the global batches
+        codes = augment_codes(seed, epoch, len(perm)) if t.augment else None  # per position of the global batches
         if codes is not None:
             codes = np.concatenate([dist.shard(codes[b * batch_size : e]) for b, e in enumerate(ends)])
         for b, x in enumerate(batch_stream(inputs, batches, codes)):
@@ -597,8 +569,8 @@ def train_network(
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
                 g, lv = _meta_step(
-                    net, mask, theta_opt, opt, inputs, Yz, train_idx, val_idx, n_targets, rng, lookahead, clip,
-                    inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=normalizer,
+                    net, mask, theta_opt, opt, inputs, Yz, train_idx, val_idx, n_targets, rng, m.lookahead, clip,
+                    inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=m.meta_normalizer,
                     meta_batch_size=meta_batch_size, meta_scope=scope,
                 )  # fmt: skip
                 hgs.append(g)

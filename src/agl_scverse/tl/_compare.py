@@ -53,9 +53,11 @@ def compare_methods(
         Boolean ``.var`` column of known helpful auxiliaries (the synthetic slide's ``"informative"``); when
         present, the precision of the selected auxiliaries is reported.
     method_kwargs
-        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"k": 500}}``).
+        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"dkgsb": agl.DkGSBConfig(k=500)}}``); a
+        config there replaces the one of ``fit_kwargs`` for that method.
     **fit_kwargs
-        Passed to every :func:`agl_fit` call (e.g. ``embedding_key``, ``n_targets``, ``epochs``).
+        Passed to every :func:`agl_fit` call: ``embedding_key``, the configs (``genes=``, ``network=``,
+        ``training=``, ``dkgsb=``, ``encoder=``), ``device``, ...
 
     Returns
     -------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,12 @@ from agl_scverse._stats import mean_pearson, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
+from agl_scverse.configs import GeneConfig, as_config
 from agl_scverse.pp._context import check_context_within_groups
-from agl_scverse.pp._genes import DEFAULT_MIN_CELLS, GeneRoles, gene_roles
+from agl_scverse.pp._genes import GeneRoles, gene_roles
 
 from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
+from ._config import merge_legacy
 from ._fit import agl_fit
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
@@ -67,19 +69,20 @@ def cross_validate(
     group_key: str,
     methods: Sequence[str] = ("pgl", "agl", "dkgsb"),
     embedding_key: str | None = None,
-    n_targets: int = 50,
+    n_targets: int | None = None,
     baselines: bool | Sequence[str] = True,
     seed: int = 0,
     key_added: str = "agl_cv",
     *,
     groups: Sequence[str] | None = None,
-    prior: str = "hvg",
-    min_cells: int | float = DEFAULT_MIN_CELLS,
-    layer: str | None = None,
-    transform: str = "log1p",
+    genes: GeneConfig | Mapping[str, Any] | None = None,
     val_fraction: float = 0.2,
     progress: bool | None = None,
     method_kwargs: dict[str, dict] | None = None,
+    prior: str | None = None,
+    min_cells: int | float | None = None,
+    layer: str | None = None,
+    transform: str | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out evaluation of AGL methods and baselines.
@@ -117,7 +120,7 @@ def cross_validate(
     embedding_key
         ``.obsm`` key of the embeddings; default: the only ``X_agl_*`` key.
     n_targets
-        Number of HVG targets per fold.
+        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)``.
     baselines
         Baseline rows: ``True`` every one of :data:`BASELINES` (``"mean"``, ``"pca_ridge"``, ``"rrr"``), ``False``
         none, or a sequence naming the ones wanted (e.g. ``("mean", "pca_ridge")``: ``"rrr"``, the slowest, left
@@ -128,24 +131,24 @@ def cross_validate(
         ``.uns`` key of the summary.
     groups
         Hold out only these groups (default: every group; the others still train).
-    prior
-        Ranking of the auxiliaries (see :func:`agl_scverse.pp.gene_roles`), on each fold's training spots.
-    min_cells
-        Training spots in which a candidate gene must be counted (or a fraction of them).
-    layer
-        Layer holding raw counts instead of ``.X``.
-    transform
-        Expression scale of targets, predictions and metrics (:func:`agl_scverse.pp.expression_transform`).
+    genes
+        Targets per fold (``n_targets``), prior (ranked on each fold's training spots), ``min_cells``, counts
+        ``layer`` and the expression scale of targets, predictions and metrics (``transform``):
+        :class:`~agl_scverse.configs.GeneConfig` or a dict. ``targets`` and ``auxiliaries`` are chosen per fold
+        and cannot be given.
     val_fraction
         Fraction of training spots used for validation when there are fewer than 3 training groups.
     progress
         Progress bar over folds: ``True``, ``False``, or ``None`` (default) to follow scanpy's verbosity (shown
         unless ``sc.settings.verbosity`` is 0, ``"error"``).
     method_kwargs
-        Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g. ``{"pgl:reg": {"dropout": 0.5}}``).
+        Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g.
+        ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``).
+    prior, min_cells, layer, transform
+        Deprecated: use ``genes=agl.GeneConfig(...)``.
     **fit_kwargs
-        Passed to every :func:`agl_scverse.tl.agl_fit` call (e.g. ``epochs``, ``k`` for ``"topk"``, ``hidden``,
-        ``refit``).
+        Passed to every :func:`agl_scverse.tl.agl_fit` call: its configs (``network=``, ``training=``,
+        ``dkgsb=`` with ``k`` for ``"topk"``, ``encoder=``), ``device``, ...
 
     Returns
     -------
@@ -167,6 +170,15 @@ def cross_validate(
     """
     from tqdm.auto import tqdm
 
+    old = {"n_targets": n_targets, "prior": prior, "min_cells": min_cells, "layer": layer, "transform": transform}
+    genes = merge_legacy("cross_validate", {"genes": genes}, {k: v for k, v in old.items() if v is not None})["genes"]
+    g = as_config(GeneConfig, genes, "genes")
+    if g.targets is not None or g.auxiliaries is not None:
+        raise ValueError(
+            "cross_validate chooses the targets and auxiliaries of each fold; leave GeneConfig(targets=None, "
+            "auxiliaries=None)."
+        )
+    n_targets, prior, min_cells, layer, transform = g.n_targets, g.prior, g.min_cells, g.layer, g.transform
     baselines = _baseline_names(baselines)
     grp, order, held, emb_key = _check_inputs(
         adata, group_key, groups, methods, baselines, embedding_key, layer, transform
@@ -182,7 +194,7 @@ def cross_validate(
     check_in_range("val_fraction", val_fraction, 0.0, 1.0, closed="neither")
     if fit_kwargs.get("mode", "embedding") != "embedding":
         raise ValueError("cross_validate evaluates embedding mode (cached features); mode='finetune' is not supported.")
-    for name in ("spots", "split_key", "val_groups", "targets", "auxiliaries", "copy", "save_dir", "method"):
+    for name in ("spots", "split_key", "val_groups", "targets", "auxiliaries", "copy", "save_dir", "method", "genes"):
         if name in fit_kwargs:
             raise TypeError(f"cross_validate sets {name!r} itself for every fold; do not pass it.")
     check_owned(adata, uns=[key_added])  # before the folds run
@@ -219,11 +231,13 @@ def cross_validate(
                 sub,
                 method=method,
                 embedding_key=emb_key,
-                targets=roles.targets,
-                auxiliaries=roles.auxiliaries,
-                prior=prior_col,
-                min_cells=min_cells,
-                transform=transform,
+                genes=GeneConfig(
+                    targets=roles.targets,
+                    auxiliaries=roles.auxiliaries,
+                    prior=prior_col,
+                    min_cells=min_cells,
+                    transform=transform,
+                ),
                 split_key=group_key if val_group else None,
                 val_groups=[val_group] if val_group else None,
                 val_fraction=val_fraction,

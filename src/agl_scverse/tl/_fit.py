@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,8 @@ from agl_scverse._spatial import resolve_library_key
 from agl_scverse._stats import StreamingMoments, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, seed_everything, sha256_array, show_progress, versions
-from agl_scverse._validate import (
-    check_adata,
-    check_choice,
-    check_feature_variance,
-    check_layer,
-    check_positive,
-    resolve_spots,
-)
+from agl_scverse._validate import check_adata, check_feature_variance, check_layer, resolve_spots
+from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
     AGLModel,
@@ -61,7 +55,7 @@ from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._genes import GeneRoles, gene_roles, write_gene_roles
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
-from ._config import FitConfig, GeneConfig
+from ._config import FitConfig, merge_legacy
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
 from ._split import make_split
 
@@ -117,21 +111,21 @@ def _check_features(X: np.ndarray, key: str, rows: np.ndarray) -> None:
         )
 
 
-def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, val_fraction, embedding_key, encoder):
+def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, val_fraction, embedding_key):
     check_layer(adata, cfg.genes.layer)
     check_adata(adata, layer=cfg.genes.layer, transform=cfg.genes.transform)
     used = resolve_spots(adata, spots, as_mask=True)
     split = make_split(adata, used, split_key, val_groups, val_fraction, cfg.seed)
     emb_key, features = None, None
     if cfg.mode == "embedding":
-        emb_key = embedding_key or K.embedding_key(encoder_name(encoder))
+        emb_key = embedding_key or K.embedding_key(encoder_name(cfg.encoder.encoder))
         if emb_key in adata.obsm:
             features = np.asarray(adata.obsm[emb_key], dtype=np.float32)
             _check_features(features, emb_key, np.flatnonzero(used))
         elif embedding_key is not None:
             raise KeyError(
                 f"embedding_key={embedding_key!r} is not in adata.obsm ({list(adata.obsm)}). Compute it with "
-                "agl.pp.embed_patches or leave embedding_key=None to embed with `encoder`."
+                "agl.pp.embed_patches or leave embedding_key=None to embed with the encoder (EncoderConfig)."
             )
     elif embedding_key is not None:
         raise ValueError("embedding_key applies to mode='embedding' only; fine-tune mode reads image patches.")
@@ -177,14 +171,11 @@ def _build_network(
     seed = cfg.seed if seed is None else int(seed)
     if cfg.mode == "embedding":
         if data.features is None:
-            logg.info(f"No .obsm[{data.emb_key!r}]: embedding patches with {enc['encoder']!r} first.")
+            e = cfg.encoder
+            logg.info(f"No .obsm[{data.emb_key!r}]: embedding patches with {e.encoder!r} first.")
             emb = embed_patches(
-                adata, encoder=enc["encoder"], weights=enc["weights"], patch_px=enc["patch_px"],
-                patch_um=enc["patch_um"], device=str(dev), library_key=enc["library_key"], key_added=data.emb_key,
-                seed=cfg.seed, copy=True, encoder_kwargs=enc["encoder_kwargs"], precision=cfg.training.precision,
-                num_workers=enc["num_workers"], prefetch_factor=enc["prefetch_factor"], allow_lowres=enc["allow_lowres"],
-                progress=enc.get("progress"),
-                backend=enc.get("backend", "auto"),
+                adata, e, device=str(dev), library_key=enc["library_key"], key_added=data.emb_key, copy=True,
+                seed=cfg.seed, progress=enc.get("progress"),
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -199,15 +190,16 @@ def _build_network(
         check_feature_variance(moments.std, moments.mean, data.emb_key, len(data.train_idx))
         net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
         return net, TensorInputs(data.features, device=dev), record
+    e = cfg.encoder
     ds = SpotPatches(
-        adata, patch_px=enc["patch_px"], patch_um=enc["patch_um"], library_key=enc["library_key"],
-        allow_lowres=enc["allow_lowres"],
-    )  # fmt: skip
-    in_flight = max(1, enc["num_workers"] * enc["prefetch_factor"])
+        adata, patch_px=e.patch_px, patch_um=e.patch_um, library_key=enc["library_key"], allow_lowres=e.allow_lowres
+    )
+    in_flight = max(1, e.num_workers * e.prefetch_factor)
     check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size), in_flight)
     backbone, info = get_encoder(
-        enc["encoder"], weights=enc["weights"], seed=cfg.seed, encoder_kwargs=enc["encoder_kwargs"]
-    )
+        e.encoder, weights=e.weights, seed=cfg.seed, encoder_kwargs=None if e.encoder_kwargs is None
+        else dict(e.encoder_kwargs),
+    )  # fmt: skip
     n_feat = info.get("feature_dim")
     if not n_feat:
         with torch.no_grad():
@@ -220,8 +212,8 @@ def _build_network(
     seed_everything(cfg.seed)
     net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
     inputs = PatchInputs(
-        ds, np.concatenate([data.train_idx, data.val_idx]), dev, num_workers=enc["num_workers"],
-        prefetch_factor=enc["prefetch_factor"], seed=cfg.seed,
+        ds, np.concatenate([data.train_idx, data.val_idx]), dev, num_workers=e.num_workers,
+        prefetch_factor=e.prefetch_factor, seed=cfg.seed,
     )  # fmt: skip
     return net, inputs, record
 
@@ -236,8 +228,6 @@ def _expression_sha256(expr: ExpressionBatches, rows: np.ndarray) -> str:
 
 def _checkpointer(
     save_dir,
-    checkpoint_every: int,
-    resume: bool,
     overwrite: bool,
     cfg: FitConfig,
     genes: _Genes,
@@ -246,7 +236,8 @@ def _checkpointer(
     enc_record: dict,
 ):
     """The run's :class:`~agl_scverse.model._resume.Checkpointer` (None without checkpoints or resume)."""
-    if not checkpoint_every and not resume:
+    every, resume = cfg.training.checkpoint_every, cfg.training.resume
+    if not every and not resume:
         return None
     fingerprint = {
         "params": cfg.to_params(), "genes": genes.genes, "net": net.config(), "n_train": len(data.train_idx),
@@ -257,24 +248,18 @@ def _checkpointer(
         else sha256_array(data.features[np.concatenate([data.train_idx, data.val_idx])]),
         "expression_sha256": _expression_sha256(genes.expr, np.concatenate([data.train_idx, data.val_idx])),
     }  # fmt: skip
-    return Checkpointer(save_dir, checkpoint_every, fingerprint, resume=resume, overwrite=overwrite)
+    return Checkpointer(save_dir, every, fingerprint, resume=resume, overwrite=overwrite)
 
 
 def _train(
-    net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, **kw
+    net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, epochs=None, **kw
 ) -> TrainResult:
-    """:func:`agl_scverse.model.train_network` with the configuration's settings (``kw`` overrides them)."""
-    t, m = cfg.training, cfg.dkgsb
-    args = {
-        "epochs": t.epochs, "patience": t.patience, "lr": float(t.lr), "weight_decay": float(t.weight_decay),
-        "batch_size": t.batch_size, "loss": t.loss, "inner_steps": m.inner_steps, "inner_lr": float(m.inner_lr),
-        "meta_steps": m.meta_steps, "meta_batch_size": m.meta_batch_size, "beta": float(m.beta),
-        "normalizer": m.meta_normalizer, "lookahead": m.lookahead, "meta_scope": m.meta_scope, "seed": int(cfg.seed),
-        "device": dev,
-        "progress": progress, "desc": desc, "augment": t.augment,
-        "precision": t.precision if cfg.mode == "finetune" else "fp32", **kw,
-    }  # fmt: skip
-    return train_network(net, inputs, genes.expr, data.train_idx, data.val_idx, genes.n_targets, **args)
+    """:func:`agl_scverse.model.train_network` with the run's configs (``epochs`` overrides the training's)."""
+    training = cfg.training if epochs is None else replace(cfg.training, epochs=int(epochs))
+    return train_network(
+        net, inputs, genes.expr, data.train_idx, data.val_idx, genes.n_targets, training=training, dkgsb=cfg.dkgsb,
+        seed=kw.pop("seed", cfg.seed), device=dev, progress=progress, desc=desc, precision=cfg.precision, **kw,
+    )  # fmt: skip
 
 
 def _with_k(genes: _Genes, k: int) -> _Genes:
@@ -515,238 +500,79 @@ def _written(keys: Keys) -> dict[str, list[str]]:
 def agl_fit(
     data: Any,
     *,
-    method: str = "dkgsb",
+    method: K.Method = "dkgsb",
+    mode: K.Mode = "embedding",
     embedding_key: str | None = None,
-    encoder: str = "resnet18",
-    weights: str | Path | None = None,
-    encoder_kwargs: dict[str, Any] | None = None,
-    n_targets: int = 50,
-    targets: Sequence[str] | None = None,
-    auxiliaries: Sequence[str] | None = None,
-    prior: str = "hvg",
-    min_cells: int | float = 10,
-    transform: str = "log1p",
-    layer: str | None = None,
+    genes: GeneConfig | Mapping[str, Any] | None = None,
+    network: NetworkConfig | Mapping[str, Any] | None = None,
+    training: TrainingConfig | Mapping[str, Any] | None = None,
+    dkgsb: DkGSBConfig | Mapping[str, Any] | None = None,
+    encoder: EncoderConfig | Mapping[str, Any] | None = None,
+    spots: Any = None,
     split_key: str | None = None,
     val_groups: Any = None,
     val_fraction: float = 0.2,
-    spots: Any = None,
-    mode: str = "embedding",
-    patch_px: int = K.DEFAULT_PATCH_PX,
-    patch_um: float = K.DEFAULT_PATCH_UM,
-    hidden: Sequence[int] | None = None,
-    dropout: float = 0.1,
-    head: str = "mlp",
-    epochs: int | None = None,
-    patience: int | None = None,
-    lr: float | None = None,
-    weight_decay: float = 0.0,
-    batch_size: int | None = None,
-    loss: str = "pearson",
-    inner_steps: int | None = None,
-    inner_lr: float | None = None,
-    meta_steps: int | None = None,
-    meta_batch_size: int = 128,
-    tau: float = 0.01,
-    beta: float = 0.01,
-    meta_normalizer: str = "soft",
-    lookahead: str = "adam",
-    meta_scope: str = K.META_SCOPE_AUTO,
-    k: int | str | None = None,
-    k_grid: Sequence[int] | None = None,
-    refit: bool | None = None,
-    n_seeds: int | None = None,
     seed: int = 0,
     device: str = "auto",
     key_added: str = K.DEFAULT_KEY,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
-    checkpoint_every: int = 0,
-    resume: bool = False,
     progress: bool | None = None,
     library_key: str | None = None,
-    augment: bool | None = None,
-    precision: str = "auto",
-    num_workers: int = 0,
-    prefetch_factor: int = 2,
-    allow_lowres: bool = False,
-    backend: str = "auto",
+    **legacy: Any,
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
+
+    Every setting lives in a config of :mod:`agl_scverse.configs` (a ``dict`` of its fields works too), documented
+    there; fields left at ``None`` take the mode's default. The flat keywords of earlier releases (``epochs=``,
+    ``tau=``, ``encoder="densenet121"``, ...) still work for one release, with a :class:`FutureWarning` naming the
+    new spelling.
 
     Parameters
     ----------
     %(data)s
     method
         ``"dkgsb"`` (learned soft top-k of auxiliaries, default), ``"agl"`` (all auxiliaries, weight 1),
-        ``"topk"`` (the first ``k`` auxiliaries by prior) or ``"pgl"`` (targets only).
+        ``"topk"`` (the first ``k`` auxiliaries by prior, ``DkGSBConfig(k=...)``) or ``"pgl"`` (targets only).
+    mode
+        ``"embedding"`` (a network on cached features; CPU friendly) or ``"finetune"`` (the encoder and a linear
+        head trained end to end on patches, as in the paper).
     embedding_key
         ``.obsm`` key of cached features (embedding mode). Default ``"X_agl_<encoder>"``, computed with
         :func:`agl_scverse.pp.embed_patches` when absent. A named key that is absent is an error. Spatial-context
-        features (``"X_agl_<encoder>_context"``, :func:`agl_scverse.pp.spatial_context`) work like any embedding;
-        their recipe is saved with the model, and predict rebuilds them on a new slide.
+        features (:func:`agl_scverse.pp.spatial_context`) work like any embedding.
+    genes
+        Targets, auxiliaries, prior, expression scale: :class:`~agl_scverse.configs.GeneConfig`. Gene roles are
+        computed on the **training spots only**.
+    network
+        The network: :class:`~agl_scverse.configs.NetworkConfig`.
+    training
+        Epochs, learning rate, refit, seed ensemble, checkpoints: :class:`~agl_scverse.configs.TrainingConfig`.
+    dkgsb
+        The bi-level step and top-k's ``k``: :class:`~agl_scverse.configs.DkGSBConfig`.
     encoder
-        Image encoder name (a preset such as ``"uni"``, an ``"hf-hub:..."`` or timm name; see
-        :func:`agl_scverse.model.get_encoder`), for a missing embedding or fine-tune mode.
-    weights
-        Local weights file of the encoder (loaded strictly: every tensor must fit).
-    encoder_kwargs
-        Keyword arguments of ``timm.create_model`` for the encoder (recorded in the model).
-    n_targets
-        Number of highly variable target genes (when ``targets`` is None).
-    targets
-        Explicit target genes.
-    auxiliaries
-        Explicit auxiliary genes (default: every other gene passing ``min_cells``).
-    prior
-        Ranking of the auxiliaries: ``"hvg"``, ``"coexpression"``, ``"moran"`` or a numeric ``.var`` column. Gene
-        roles are computed on the **training spots only** (:func:`agl_scverse.pp.gene_roles`).
-    min_cells
-        A candidate gene has counts in at least this many training spots (or this fraction of them).
-    transform
-        Expression scale of the model (``"log1p"``, ``"log1p_cpm"``, ``"none"``), see
-        :func:`agl_scverse.pp.expression_transform`.
-    %(layer)s
+        The image encoder, for a missing embedding or fine-tune mode: :class:`~agl_scverse.configs.EncoderConfig`.
+    %(spots)s
+        The others are ``"unused"`` (e.g. held-out test spots).
     split_key
         With ``val_groups``: validation spots are those whose ``.obs[split_key]`` is in ``val_groups``.
     val_groups
         The ``.obs[split_key]`` values (e.g. a slide) that validate.
     val_fraction
         Without ``split_key``: the fraction of used spots drawn (seeded) for validation.
-    %(spots)s
-        The others are ``"unused"`` (e.g. held-out test spots).
-    mode
-        ``"embedding"`` (an MLP head on cached features; CPU friendly) or ``"finetune"`` (the encoder and a linear
-        head trained end to end on patches, as in the paper).
-    patch_px
-        Patch side in pixels (fine-tune mode, and a missing embedding).
-    patch_um
-        Patch side in µm.
-    hidden
-        Hidden widths of the embedding-mode MLP trunk (default ``(256,)``; fine-tune mode: none).
-    dropout
-        Dropout after each hidden layer.
-    head
-        Embedding mode: ``"mlp"`` (default; the shared MLP trunk and output layer, trained with the Pearson loss)
-        or ``"rrr"``: "linear AGL", a closed-form reduced-rank ridge of the targets and auxiliaries (as extra
-        columns) on the standardised features (see :func:`agl_scverse.tl.reduced_rank_ridge`), with the rank (and,
-        with ``method="topk", k="auto"``, the number of auxiliaries) chosen on the validation spots; no epochs,
-        the training settings are not used. Methods ``"pgl"``, ``"agl"``, ``"topk"``; one seed. Or ``"hybrid"``:
-        the MLP network(s) as with ``"mlp"``, plus that linear head of the targets (its auxiliaries the first of
-        the fit's by prior, none for PGL; number and rank chosen on validation; refitted with ``refit``); the
-        target predictions are ``(1 - w)`` networks ``+ w`` linear head, ``w`` of 0, 0.25, 0.5, 0.75, 1 chosen on
-        the validation spots (the first network before any refit against a ridge on the training spots;
-        ``.uns[key_added]["metrics"]["hybrid_weight"]``), the auxiliaries the networks'. See the Method page.
-    epochs
-        Maximum number of epochs (default per mode: 100 in embedding mode, 50 in fine-tune mode -- a budget for a GPU
-        job, not the paper's: the authors' code allows up to 1,000 with early stopping).
-    patience
-        Early stopping: epochs without a better validation mean target Pearson r.
-    lr
-        Adam learning rate of the network.
-    weight_decay
-        Adam weight decay.
-    batch_size
-        Spots per training batch.
-    loss
-        ``"pearson"`` (``1 - r`` per gene, paper) or ``"mse"``.
-    inner_steps
-        DkGSB: differentiable inner steps ``H`` of the bi-level look-ahead, each on its own training batch (all on
-        one batch with ``lookahead="authors"``). Default (``None``): 12 for ``"authors"`` (their code), else 1.
-    inner_lr
-        DkGSB: the inner steps' learning rate with ``lookahead="sgd"`` (default 0.1) or ``"authors"`` (the fresh
-        Adam's, default 3e-5); ``"adam"`` uses the network's own.
-    meta_steps
-        DkGSB: updates of the threshold per epoch (default per mode: 4 in embedding mode, 1 in fine-tune mode, where
-        each costs a double backward through the encoder).
-    meta_batch_size
-        DkGSB: spots per meta batch.
-    tau
-        DkGSB: mask temperature.
-    beta
-        DkGSB: Adam learning rate on the threshold.
-    meta_normalizer
-        ``"soft"`` (default): the exact derivative of the look-ahead, through the weighted loss's ``sum(w)``;
-        ``"detached"``: ``sum(w)`` held constant in the derivative only (the authors' code; not the derivative of
-        the loss it evaluates). See the Method page.
-    lookahead
-        DkGSB: ``"adam"`` (default) takes the inner steps as the network's live Adam optimiser would (its moments,
-        step count, lr), so the look-ahead is the next training step; ``"sgd"``: SGD with ``inner_lr`` (the paper's
-        equation); ``"authors"``: the authors' code -- a copy of the network, a fresh Adam (``inner_lr``),
-        ``inner_steps`` steps on one meta batch, in train mode. See the Method page for what differs and the
-        comparison measured.
-    meta_scope
-        DkGSB: the parameters the look-ahead moves. ``"all"``: every parameter; ``"last"``: the output layer and
-        the last block of the encoder (the last residual block of a ResNet, dense layer of a DenseNet, transformer
-        block of a ViT; see :func:`agl_scverse.model.meta_scope_names`), the rest held constant, so the meta step
-        does not back-propagate twice through the whole encoder (about 3.5x cheaper per meta step for a ResNet-18,
-        but a weaker signal). ``"auto"`` (default): the mode's default, at present ``"all"`` in both modes (the
-        resolved value is recorded). See the Method page for the cost and the agreement measured.
-    k
-        Number of auxiliaries for ``method="topk"``, or ``"auto"``: top-k fits over ``k_grid`` scored on the
-        validation spots, the best one kept (``.uns[key_added]["metrics"]["k_search"]`` holds the scores).
-    k_grid
-        Numbers of auxiliaries tried by ``k="auto"`` (default: 0 and five geometric steps from ``n_aux / 64`` to
-        ``n_aux / 4``, see :func:`agl_scverse.tl.k_search_grid`).
-    refit
-        After early stopping, retrain the network from its initialisation on the training **and** validation
-        spots for the selected number of epochs (DkGSB's mask held at its learned weights), so the final model
-        uses every labelled spot. Validation metrics in ``.uns`` are those of the first fit. Default (``None``):
-        the mode's, ``True`` in embedding mode (it lifted every method on HER2+ and on the synthetic slide, see the
-        Method page), ``False`` in fine-tune mode.
-    n_seeds
-        Embedding mode: train this many networks, seeds ``seed, seed + 1, ...``, and average their predictions
-        (a seed ensemble; :func:`agl_predict` also writes their spread per spot and gene). The others share the
-        first network's split, genes and auxiliaries (DkGSB's learned mask is held fixed for them) and train as it
-        did (early stopping, or ``refit``). Validation metrics in ``.uns`` are those of the first network. Default
-        (``None``): 5 in embedding mode (about +0.01 mean PCC on HER2+ for five times the training of one
-        network; ``n_seeds=1`` trains one), 1 in fine-tune mode and for ``head="rrr"``.
     seed
         Seeds the split, initialisation, batches and meta batches (results are identical on CPU for a seed).
     device
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``...
     %(key_added)s
     save_dir
-        Save the model there (atomically).
+        Save the model there (atomically); training checkpoints (``TrainingConfig(checkpoint_every=...)``) go to
+        ``<save_dir>.checkpoint/``.
     overwrite
-        Replace an existing ``save_dir`` that holds a saved model (only ``config.json`` and
-        ``model.safetensors``) or nothing; any other folder or file is refused before training. Also replaces the
-        checkpoint of an unfinished run (without ``resume``).
-    checkpoint_every
-        Write a training checkpoint every this many epochs (0: none; needs ``save_dir``) into
-        ``<save_dir>.checkpoint/`` beside the model directory, atomically; it is removed once the model is saved.
-        It holds the network and optimiser, ``theta`` and its Adam state, the early-stopping state, the history
-        and every RNG state (see :doc:`/scaling_out`).
-    resume
-        Continue the run whose checkpoint is beside ``save_dir`` (the other arguments must be those it was started
-        with; a difference is refused, naming it). On CPU the result is bit-identical to an uninterrupted run.
-        Without a checkpoint, training starts from the first epoch (so a restarted job can always pass it).
+        Replace an existing ``save_dir`` that holds a saved model or nothing (any other folder is refused before
+        training), and the checkpoint of an unfinished run (without ``resume``).
     %(progress)s
     %(library_key)s
-    augment
-        Fine-tune mode: random horizontal / vertical flips and 90° rotations of the training patches (the 8
-        symmetries of the square, seeded by ``seed`` and the epoch; validation, meta steps and predictions see plain
-        patches). Default ``None``: on in fine-tune mode, off in embedding mode (where ``True`` is an error).
-        Recorded in the model config.
-    precision
-        How the encoder runs: ``"auto"`` (default; ``channels_last`` plus bf16 autocast where the device runs bf16
-        natively, fp16 with a gradient scaler on CUDA GPUs without bf16, float32 otherwise), ``"fp32"``,
-        ``"bf16"`` or ``"fp16"`` (see :func:`agl_scverse.pp.embed_patches`). Fine-tune mode: the training and
-        validation forward passes (losses and the DkGSB hypergradient stay float32); embedding mode: only a
-        missing embedding computed here. The precision used is recorded in the model config.
-    num_workers
-        DataLoader worker processes cutting patches (fine-tune mode, and a missing embedding); results are the
-        same with any number.
-    prefetch_factor
-        Batches each worker prepares ahead.
-    backend
-        What runs the frozen encoder of a missing embedding computed here (``"auto"``, ``"torch"``, ``"onnx"``;
-        see :func:`agl_scverse.pp.embed_patches`). Fine-tune mode trains in torch.
-    allow_lowres
-        Cut patches (fine-tune mode, or embedding a slide without its embedding) from a ``"hires"`` image coarser
-        than the patches when a library has no full-resolution image; refused by default (see
-        :class:`~agl_scverse.pp.SpotPatches`). The source resolution is recorded in the model
-        (``config["encoder"]["source_um_per_px"]``) and checked by :func:`agl_predict`.
 
     Returns
     -------
@@ -756,42 +582,33 @@ def agl_fit(
     - ``.var[k.role]`` (target / auxiliary / excluded), ``.var[k.prior]``, ``.var[k.prior_rank]`` (0 = best),
       ``.var[k.weight]`` (1 for targets, mask weight for auxiliaries, 0 excluded), ``.var[k.selected]``;
     - ``.obs[k.split]``: ``"train"`` / ``"val"`` / ``"unused"``;
-    - ``.uns[k.uns]``: ``params``, ``method``, ``k``, ``threshold``, ``n_auxiliary``, ``n_targets``,
-      ``targets``, ``embedding_key``, ``history`` (per epoch) and ``metrics`` (validation);
+    - ``.uns[k.uns]``: ``params`` (every setting), ``method``, ``k``, ``threshold``, ``n_auxiliary``,
+      ``n_targets``, ``targets``, ``embedding_key``, ``history`` (per epoch) and ``metrics`` (validation);
       ``.uns[k.gene_roles]``: how the roles were chosen.
 
     Notes
     -----
-    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``, see the Scaling out page) the processes share
-    each batch (``DistributedDataParallel``; the loss is that of the global batch, ``theta`` is the same on every
-    rank); rank 0 writes ``save_dir`` and the checkpoints, and every rank returns the same model.
+    Under ``torchrun`` the processes share each batch (see the Scaling out page); rank 0 writes ``save_dir`` and
+    the checkpoints, and every rank returns the same model.
 
     Examples
     --------
     >>> import agl_scverse as agl
     >>> adata = agl.datasets.synthetic_slide(seed=0)  # doctest: +SKIP
-    >>> model = agl.tl.agl_fit(adata, method="dkgsb", n_targets=50)  # doctest: +SKIP
+    >>> model = agl.tl.agl_fit(adata)  # doctest: +SKIP
+    >>> model = agl.tl.agl_fit(
+    ...     adata, method="topk", dkgsb=agl.DkGSBConfig(k="auto"), training={"n_seeds": 1}
+    ... )  # doctest: +SKIP
     >>> adata.uns["agl"]["k"], adata.var["agl_selected"].sum()  # doctest: +SKIP
     """
     t_start = time.perf_counter()
-    genes_cfg = GeneConfig(
-        n_targets=n_targets, targets=None if targets is None else tuple(targets),
-        auxiliaries=None if auxiliaries is None else tuple(auxiliaries), prior=prior, min_cells=min_cells,
-        transform=transform, layer=layer,
-    )  # fmt: skip
-    cfg = FitConfig.build(
-        method, mode, hidden=hidden, dropout=dropout, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, loss=loss, genes=genes_cfg, k=k, seed=seed, inner_steps=inner_steps,
-        inner_lr=inner_lr, meta_steps=meta_steps, meta_batch_size=meta_batch_size, tau=tau, beta=beta,
-        meta_normalizer=meta_normalizer, lookahead=lookahead, meta_scope=meta_scope, refit=refit, k_grid=k_grid,
-        augment=augment, precision=precision, n_seeds=n_seeds, head=head,
-    )  # fmt: skip
-    check_positive("num_workers", num_workers, integer=True, allow_zero=True)
-    check_positive("prefetch_factor", prefetch_factor, integer=True)
-    check_choice("backend", backend, K.BACKENDS)
+    given = {"genes": genes, "network": network, "training": training, "dkgsb": dkgsb, "encoder": encoder}
+    if legacy or (encoder is not None and not isinstance(encoder, EncoderConfig | Mapping)):
+        given = merge_legacy("agl_fit", given, legacy)
+    cfg = FitConfig.build(method, mode, **given, seed=seed)
+    t, enc_cfg = cfg.training, cfg.encoder
     keys = Keys(key_added)
-    check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
-    if (checkpoint_every or resume) and save_dir is None:
+    if (t.checkpoint_every or t.resume) and save_dir is None:
         raise ValueError("checkpoint_every and resume need save_dir (the checkpoint is kept beside the model).")
     dist.init_from_env()  # joins torchrun's process group; nothing in a plain python process
     if save_dir is not None and Path(save_dir).exists() and not overwrite:
@@ -805,34 +622,24 @@ def agl_fit(
         resolve_library_key(adata, library_key)  # a column of slide labels, not coordinates
     progress = show_progress(progress)
 
-    fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key, encoder)
+    fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key)
     genes = _prepare_genes(adata, cfg, fit_data, library_key)
-    enc = {
-        "encoder": encoder,
-        "weights": weights,
-        "encoder_kwargs": encoder_kwargs,
-        "patch_px": patch_px,
-        "patch_um": patch_um,
-        "library_key": library_key,
-        "num_workers": int(num_workers),
-        "prefetch_factor": int(prefetch_factor),
-        "allow_lowres": bool(allow_lowres),
-        "progress": progress,
-        "backend": backend,
-    }
+    enc = {"library_key": library_key, "progress": progress}  # what embedding and patches need beyond the config
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == K.HEAD_RRR:
         _, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)  # the features
         genes, net, res, linear = _fit_linear(cfg, fit_data, genes)
-    elif method == "topk" and cfg.k == K.K_AUTO:
+    elif cfg.method == "topk" and cfg.k == K.K_AUTO:
         (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
     else:
         net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
         mask = (
-            GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if method == "dkgsb" else None
+            GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau)
+            if cfg.method == "dkgsb"
+            else None
         )
-        checkpoint = _checkpointer(save_dir, checkpoint_every, resume, overwrite, cfg, genes, fit_data, net, enc_record)
-        desc = f"agl_fit ({method})"
+        checkpoint = _checkpointer(save_dir, overwrite, cfg, genes, fit_data, net, enc_record)
+        desc = f"agl_fit ({cfg.method})"
         res = _train(net, inputs, genes, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
     n_t = genes.n_targets  # validation metrics of the selected network, before any refit has seen those spots
     val_pred = predict_rows(net, inputs, fit_data.val_idx, n_t)
@@ -860,10 +667,10 @@ def agl_fit(
         "params": {
             "embedding_key": fit_data.emb_key, "spots": int(fit_data.used.sum()) if spots is not None else None,
             "split_key": split_key, "val_groups": val_groups, "val_fraction": val_fraction, "device": str(dev),
-            "key_added": key_added, "save_dir": save_dir, "library_key": library_key, "patch_px": patch_px,
-            "patch_um": patch_um, "allow_lowres": bool(allow_lowres), "versions": versions(),
-            "num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor),
-            "checkpoint_every": checkpoint_every, "resume": resume, "world_size": dist.world_size(),
+            "key_added": key_added, "save_dir": save_dir, "library_key": library_key, "patch_px": enc_cfg.patch_px,
+            "patch_um": enc_cfg.patch_um, "allow_lowres": enc_cfg.allow_lowres, "versions": versions(),
+            "num_workers": enc_cfg.num_workers, "prefetch_factor": enc_cfg.prefetch_factor,
+            "checkpoint_every": t.checkpoint_every, "resume": t.resume, "world_size": dist.world_size(),
         },
     }  # fmt: skip
     model = _make_model(cfg, genes, res, net, enc_record, fit_data, extra)
@@ -877,7 +684,7 @@ def agl_fit(
     if adata is not data:  # a SpatialData: results go into its table
         update_table(data, adata, **written)
     logg.info(
-        f"agl_fit ({method}): {genes.n_targets} targets, k = {model.k} of {len(genes.roles.auxiliaries)} auxiliaries, "
+        f"agl_fit ({cfg.method}): {genes.n_targets} targets, k = {model.k} of {len(genes.roles.auxiliaries)} auxiliaries, "
         f"validation PCC {metrics['val_pcc']:.4f} (best epoch {res.best_epoch}); wrote .var[{keys.role!r}, "
         f"{keys.weight!r}, {keys.selected!r}], .obs[{keys.split!r}], .uns[{keys.uns!r}]"
     )
