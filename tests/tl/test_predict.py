@@ -357,12 +357,17 @@ def test_encoder_config_replaces_the_encoder_keywords_of_the_predict_functions(t
         chunks = predict_chunked(
             new, model, tmp_path / "c", chunk_size=5, encoder={"precision": "fp32", "backend": "torch"}, device="cpu"
         )
+        # the fit's own EncoderConfig, reused: its encoder name is the model's, so it is rebuilt from the record
+        fit_cfg = agl.EncoderConfig("resnet18", patch_px=32, precision="fp32", backend="torch")
+        warnings.simplefilter("error", UserWarning)  # the model's own settings: nothing to warn about
+        reused = agl.tl.predict_anndata(new, model, encoder=fit_cfg, device="cpu")
     key = "X_agl_resnet18"
     np.testing.assert_array_equal(by_cfg.obsm[key], old.obsm[key])
     np.testing.assert_array_equal(by_dict.obsm[key], old.obsm[key])
     np.testing.assert_array_equal(by_cfg.X, old.X)
+    np.testing.assert_array_equal(reused.X, old.X)
     np.testing.assert_array_equal(by_dict[:, old.var_names].layers["agl_pred"], old.X)
     np.testing.assert_allclose(chunks.X, old.X, rtol=1e-6, atol=1e-6)
     assert old.uns["agl_embeddings"][key]["backend"] == "torch"
-    with pytest.warns(UserWarning, match=r"\['patch_px'\] are not used when predicting"):
+    with pytest.warns(UserWarning, match=r"\['patch_px'\] differ from the model's"):
         agl.tl.predict_anndata(new, model, encoder={"patch_px": 64, "backend": "torch"}, device="cpu")

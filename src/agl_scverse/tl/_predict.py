@@ -272,26 +272,40 @@ def predict_options(
 
     ``encoder`` (an :class:`~agl_scverse.EncoderConfig`, a dict of its fields, an encoder module or name, or None)
     gives the weights file, how encoders run (precision, backend, workers, batch size of an embedding computed
-    here), ``allow_lowres``, and an explicit encoder; the fields the model records (patch size, test-time
-    augmentation, timm arguments) are the model's, and setting them is warned about.
+    here), ``allow_lowres``, and an explicit encoder module; the fields the model records (encoder, patch size,
+    test-time augmentation, timm arguments) are the model's, and a patch size or ``tta`` other than the model's is
+    warned about.
     """
     check_choice("scale", scale, K.PRED_SCALES)
     cfg, given = as_encoder_config(encoder), explicit_fields(encoder)
-    ignored = sorted(set(given) & {"patch_px", "patch_um", "tta", "encoder_kwargs", "pretrained", "strict"})
+    rec = model.config.get("encoder") or {}
+    ignored = sorted(n for n in ("patch_px", "patch_um", "tta") if n in given and _differs_from_record(n, given, rec))
     if ignored:
         warnings.warn(
-            f"encoder fields {ignored} are not used when predicting: the model's recorded encoder settings are "
-            "(an embedding with other settings would not match the model). Leave them out.",
+            f"encoder fields {ignored} differ from the model's and are not used when predicting: the model's recorded "
+            "encoder settings are (an embedding with other settings would not match the model). Leave them out.",
             UserWarning,
             stacklevel=4,  # the caller of a front door (through its keyword wrapper)
         )
+    module = given.get("encoder")
+    if isinstance(module, str) and module in {rec.get(k) for k in ("encoder", "spec", "preset")} - {None}:
+        module = None  # the model's own encoder, named (e.g. the fit's EncoderConfig reused): rebuilt from its record
     return {
         "embedding_key": embedding_key, "weights": cfg.weights, "device": device, "library_key": library_key,
-        "batch_size": batch_size, "max_dense_bytes": max_dense_bytes, "encoder": given.get("encoder"),
+        "batch_size": batch_size, "max_dense_bytes": max_dense_bytes, "encoder": module,
         "scale": scale, "run": run_options(cfg.precision, cfg.num_workers, cfg.prefetch_factor, cfg.backend),
         "allow_lowres": cfg.allow_lowres, "spread": want_spread(model, spread), "progress": progress,
         "embed_batch_size": cfg.batch_size,
     }  # fmt: skip
+
+
+def _differs_from_record(name: str, given: dict, rec: dict) -> bool:
+    """Whether an encoder field given to a front door differs from the model's record (absent: it differs)."""
+    if name == "tta":
+        views = {False: 1, True: 8}.get(given[name], given[name]) if isinstance(given[name], bool) else given[name]
+        return int(views) != int(rec.get("tta") or 1)
+    default = {"patch_px": K.DEFAULT_PATCH_PX, "patch_um": K.DEFAULT_PATCH_UM}[name]
+    return not np.isclose(float(given[name]), float(rec.get(name) or default))
 
 
 def _open(data: Any, model: AGLModel | str | Path, key_added: str) -> tuple[AnnData, AGLModel, Keys]:
