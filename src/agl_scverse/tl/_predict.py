@@ -205,7 +205,8 @@ scale
 encoder
     How the image encoder runs when patches go through it (a fine-tuned model's backbone, or an embedding
     computed here because the slide lacks it): an :class:`~agl_scverse.EncoderConfig` or a dict of its fields.
-    The encoder, patch size and test-time augmentation are the model's recorded ones; from the config are used
+    The encoder, patch size and test-time augmentation are the model's recorded ones (the fit's own config may be
+    passed as it is; a patch size or ``tta`` other than the model's is warned about); from the config are used
 
     - ``weights``: the encoder weights file the model was trained with, needed only to embed a slide without the
       embedding (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
