@@ -91,9 +91,19 @@ def predict_chunked(
         Folder of the chunks (created).
     chunk_size
         Spots per chunk.
-    genes, scale, encoder, key_added, device, batch_size
-        As in :func:`~agl_scverse.tl.predict_anndata` (``encoder``: an :class:`~agl_scverse.EncoderConfig` or a
-        dict of its fields, e.g. ``{"weights": "w.pth", "num_workers": 4}``). A seed ensemble's spread is not kept.
+    genes
+        The model's genes to predict, as in :func:`~agl_scverse.tl.predict_anndata` (default: the selected ones).
+    scale
+        Scale of the predictions (``"model"`` or ``"log1p_cp10k"``), as in :func:`~agl_scverse.tl.predict_anndata`.
+    encoder
+        How the image encoder runs: an :class:`~agl_scverse.EncoderConfig` or a dict of its fields, e.g.
+        ``{"weights": "w.pth", "num_workers": 4}``, as in :func:`~agl_scverse.tl.predict_anndata`.
+    key_added
+        Prefix of the keys of the output's run records.
+    device
+        Torch device: ``"auto"`` (default: CUDA when available), ``"cpu"`` (bit-for-bit reproducible), ...
+    batch_size
+        Spots per forward pass (a seed ensemble's spread is not kept).
     progress
         Progress bar over the chunks (``None``: follow scanpy's verbosity).
 
