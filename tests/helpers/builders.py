@@ -350,3 +350,22 @@ def spatialdata_from(adata: AnnData, library_key: str = "library_id", shapes_in_
     table = ad.AnnData(adata.X.copy(), obs=obs, var=adata.var[[]].copy())
     table = TableModel.parse(table, region=regions, region_key="region", instance_key="instance")
     return SpatialData(images=images, shapes=shapes, tables={"table": table})
+
+
+def fit_args(**kwargs) -> dict:
+    """``agl_fit`` arguments with flat settings (``epochs=3``, as in :data:`FAST`) grouped into their configs.
+
+    So a test written with short flat settings calls ``agl_fit`` in the config spelling (``training={...}``), with
+    no deprecation warning; the grouping is the package's own table of the old keywords.
+    """
+    from agl_scverse.tl._config import LEGACY_KEYWORDS
+
+    out: dict = {}
+    for name, value in kwargs.items():
+        if name in LEGACY_KEYWORDS:
+            out.setdefault(LEGACY_KEYWORDS[name][0], {})[name] = value
+        elif name == "encoder" and isinstance(value, str):
+            out.setdefault("encoder", {})["encoder"] = value
+        else:
+            out[name] = value
+    return out

@@ -27,7 +27,7 @@ from agl_scverse import _distributed
 from agl_scverse.model import register_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from builders import small_slide
+from builders import fit_args, small_slide
 
 TINY = "test_tiny_conv"
 PATCH_PX = 16
@@ -68,7 +68,7 @@ def fit(mode: str, **kw):
     """``(adata, model)`` of one run."""
     register_tiny()
     adata = slide_for(mode)
-    model = agl.tl.agl_fit(adata, **{**fit_kwargs(mode), **kw})
+    model = agl.tl.agl_fit(adata, **fit_args(**{**fit_kwargs(mode), **kw}))
     return adata, model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from builders import FAST, assert_unchanged, small_slide, snapshot
+from builders import FAST, assert_unchanged, fit_args, small_slide, snapshot
 
 import agl_scverse as agl
 from agl_scverse.model import AGLModel
@@ -13,7 +13,7 @@ from agl_scverse.model import AGLModel
 
 def _fit(adata, **kw):
     args = {"embedding_key": "X_emb", "n_targets": 5, "min_cells": 1, **FAST, **kw}
-    return agl.tl.agl_fit(adata, **args)
+    return agl.tl.agl_fit(adata, **fit_args(**args))
 
 
 def test_fit_writes_the_contract_and_round_trips_h5ad(tmp_path):
@@ -146,8 +146,9 @@ def test_finetune_mode_trains_backbone_end_to_end_and_reloads(tmp_path):
         n_rows=6, n_cols=6, n_tissue_genes=12, n_informative=10, n_noise=20, n_bursty_noise=2, seed=0
     )
     model = agl.tl.agl_fit(
-        slide, method="dkgsb", mode="finetune", encoder="resnet18", patch_px=32, n_targets=4, min_cells=1,
-        epochs=2, batch_size=8, meta_batch_size=8, lr=1e-3, progress=False, save_dir=tmp_path / "ft",
+        slide, method="dkgsb", mode="finetune", encoder=agl.EncoderConfig("resnet18", patch_px=32),
+        genes=agl.GeneConfig(n_targets=4, min_cells=1), training=agl.TrainingConfig(epochs=2, batch_size=8, lr=1e-3),
+        dkgsb=agl.DkGSBConfig(meta_batch_size=8), progress=False, save_dir=tmp_path / "ft",
     )  # fmt: skip
     assert model.mode == "finetune" and model.config["encoder"]["patch_px"] == 32
     hist = slide.uns["agl"]["history"]

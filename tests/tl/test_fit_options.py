@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import FAST, assert_unchanged, small_slide, snapshot
+from builders import FAST, assert_unchanged, fit_args, small_slide, snapshot
 
 import agl_scverse as agl
 
 
 def _fit(adata, **kw):
     args = {"embedding_key": "X_emb", "n_targets": 5, "min_cells": 1, **FAST, **kw}
-    return agl.tl.agl_fit(adata, **args)
+    return agl.tl.agl_fit(adata, **fit_args(**args))
 
 
 @pytest.mark.parametrize("method", ["agl", "dkgsb"])

@@ -59,7 +59,7 @@ from agl_scverse import _distributed as dist
 from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, mean_pearson
 from agl_scverse._utils import resolve_device
-from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice, check_min_batch_size
+from agl_scverse._validate import MIN_BATCH_SPOTS, check_choice
 from agl_scverse.configs import DkGSBConfig, TrainingConfig, as_config
 
 from ._bilevel import AdamState, hypergradient, meta_scope_names
@@ -338,6 +338,12 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
     return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
 
 
+def _resolved(training, dkgsb) -> tuple[TrainingConfig, DkGSBConfig]:
+    """The configs of :func:`train_network` (dicts accepted), ``None`` fields set to the embedding mode's defaults."""
+    t = as_config(TrainingConfig, training, "training").resolved(K.MODES[0])
+    return t, as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(K.MODES[0])
+
+
 def _meta_step(
     net,
     mask,
@@ -484,29 +490,13 @@ def train_network(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    t = as_config(TrainingConfig, training, "training").resolved(K.MODES[0])  # None fields: embedding mode's
-    m = as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(K.MODES[0])
-    epochs, patience, lr, weight_decay, batch_size, loss = (
-        t.epochs,
-        t.patience,
-        t.lr,
-        t.weight_decay,
-        t.batch_size,
-        t.loss,
-    )
-    inner_steps, inner_lr, meta_steps, meta_batch_size, beta = (
-        m.inner_steps,
-        m.inner_lr,
-        m.meta_steps,
-        m.meta_batch_size,
-        m.beta,
-    )
+    t, m = _resolved(training, dkgsb)
+    epochs, batch_size, loss = t.epochs, t.batch_size, t.loss
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     torch.manual_seed(seed + dist.rank())
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
-    check_min_batch_size(batch_size)
     scope = meta_scope_names(net, m.meta_scope) if mask is not None else None  # refuses a scope without signal
     if mask is not None and aux_weights is not None:
         raise ValueError("Pass either a learnable mask or fixed aux_weights, not both.")
@@ -527,8 +517,8 @@ def train_network(
     if mask is not None and Yz.n_cols != n_targets + mask.ranks.numel():
         raise ValueError("The mask must cover exactly the auxiliary columns of Y.")
 
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    theta_opt = torch.optim.Adam([mask.theta], lr=beta, betas=(0.9, theta_beta2)) if mask is not None else None
+    opt = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    theta_opt = torch.optim.Adam([mask.theta], lr=m.beta, betas=(0.9, theta_beta2)) if mask is not None else None
     ones = torch.ones(Yz.n_cols, device=device)
     if aux_weights is not None:
         aux_weights = np.asarray(aux_weights, dtype=np.float64)
@@ -549,8 +539,8 @@ def train_network(
         te = time.perf_counter()
         net.train()
         perm = rng.permutation(train_idx)
-        do_meta = mask is not None and epoch > 0 and meta_steps > 0 and mask.ranks.numel() > 0
-        n_meta = int(meta_steps) if do_meta else 0  # spread over the batches; several per batch when more
+        do_meta = mask is not None and epoch > 0 and m.meta_steps > 0 and mask.ranks.numel() > 0
+        n_meta = int(m.meta_steps) if do_meta else 0  # spread over the batches; several per batch when more
         meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
         losses, hgs, mvl = [], [], []
         ends = [(b + 1) * batch_size if b < n_batches - 1 else len(perm) for b in range(n_batches)]
@@ -570,8 +560,8 @@ def train_network(
                 tm = time.perf_counter()
                 g, lv = _meta_step(
                     net, mask, theta_opt, opt, inputs, Yz, train_idx, val_idx, n_targets, rng, m.lookahead, clip,
-                    inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=m.meta_normalizer,
-                    meta_batch_size=meta_batch_size, meta_scope=scope,
+                    inner_steps=m.inner_steps, inner_lr=m.inner_lr, loss=loss, normalizer=m.meta_normalizer,
+                    meta_batch_size=m.meta_batch_size, meta_scope=scope,
                 )  # fmt: skip
                 hgs.append(g)
                 mvl.append(lv)
@@ -590,7 +580,7 @@ def train_network(
             bad = 0
         else:
             bad += 1
-            if _early_stop(bad, bar, hist, best, (patience, epochs), desc):
+            if _early_stop(bad, bar, hist, best, (t.patience, epochs), desc):
                 break
         if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
             elapsed = time.perf_counter() - t0

@@ -147,12 +147,16 @@ LEGACY_KEYWORDS: dict[str, tuple[str, type]] = {
 }  # fmt: skip
 
 
-def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any]) -> dict[str, Any]:
+_CONFIG_OF: dict[str, type] = dict(LEGACY_KEYWORDS.values())  # "training" -> TrainingConfig
+
+
+def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
     """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them.
 
     ``configs`` maps a parameter (``"training"``) to what was passed (a config, a dict or None; ``"encoder"`` may be
-    a name, the old spelling). One :class:`FutureWarning` names the new spelling of every old keyword used. A
-    keyword that is not an old one is a :class:`TypeError`, as Python gives; a field given both ways is refused.
+    a name, the old spelling); ``stacklevel`` points the warning at the user's call. One :class:`FutureWarning`
+    names the new spelling of every old keyword used. A keyword that is not an old one is a :class:`TypeError`, as
+    Python gives; a field given both ways is refused.
 
     Examples
     --------
@@ -166,42 +170,42 @@ def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any]) -> 
     import warnings
 
     out = dict(configs)
-    hints: list[str] = []
     enc = out.get("encoder")
-    if enc is not None and not isinstance(enc, EncoderConfig | Mapping):  # a name (or module): the old spelling
-        hints.append(
-            f"encoder=agl.EncoderConfig({enc!r})" if isinstance(enc, str) else "encoder=agl.EncoderConfig(encoder=...)"
-        )
+    enc_name = enc is not None and not isinstance(enc, EncoderConfig | Mapping)  # a name (or module): old spelling
+    if enc_name:
         out["encoder"] = {"encoder": enc}
     unknown = [n for n in legacy if n not in LEGACY_KEYWORDS or LEGACY_KEYWORDS[n][0] not in out]
     if unknown:
         raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}.")
-    by_param: dict[str, list[str]] = {}
+    by_param: dict[str, list[str]] = {"encoder": []} if enc_name else {}
     for name, value in legacy.items():
         param, cls = LEGACY_KEYWORDS[name]
         given = out.get(param)
-        fields = dict(given) if isinstance(given, Mapping) else {} if given is None else None
-        if fields is None:  # a config object: its non-default fields count as given
-            fields = {
-                f: getattr(given, f) for f in given.__dataclass_fields__ if getattr(given, f) != getattr(cls(), f)
-            }
-            base = given
-        else:
-            base = None
-        if name in fields:
-            raise TypeError(f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only.")
-        out[param] = {**fields, name: value} if base is None else replace(base, **{name: value})
+        if given is None or isinstance(given, Mapping):
+            fields = dict(given or {})
+            if name in fields:
+                raise TypeError(
+                    f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only."
+                )
+            out[param] = {**fields, name: value}
+        else:  # a config object: its fields that differ from the defaults count as given
+            if getattr(given, name) != getattr(cls(), name):
+                raise TypeError(
+                    f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only."
+                )
+            out[param] = replace(given, **{name: value})
         by_param.setdefault(param, []).append(name)
-    for param, names in by_param.items():
-        cls = LEGACY_KEYWORDS[names[0]][1]
-        hints.append(f"{param}=agl.{cls.__name__}({', '.join(f'{n}=...' for n in names)})")
-    if hints:
-        old = ", ".join(f"{n}=" for n in legacy) or "encoder='<name>'"
-        if legacy and len(hints) > len(by_param):
-            old += ", encoder='<name>'"
+    if by_param:
+        hints = []
+        for param, names in by_param.items():
+            args = [f"{n}=..." for n in names]
+            if param == "encoder" and enc_name:
+                args.insert(0, repr(enc) if isinstance(enc, str) else "encoder=...")
+            hints.append(f"{param}=agl.{_CONFIG_OF[param].__name__}({', '.join(args)})")
+        old = [f"{n}=" for n in legacy] + (["encoder=<a name>"] if enc_name else [])
         warnings.warn(
-            f"{func}({old}) is deprecated and will be removed in the next release: use {', '.join(hints)}.",
+            f"{func}({', '.join(old)}) is deprecated and will be removed in the next release: use {', '.join(hints)}.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return out

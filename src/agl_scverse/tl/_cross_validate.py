@@ -171,13 +171,7 @@ def cross_validate(
     from tqdm.auto import tqdm
 
     old = {"n_targets": n_targets, "prior": prior, "min_cells": min_cells, "layer": layer, "transform": transform}
-    genes = merge_legacy("cross_validate", {"genes": genes}, {k: v for k, v in old.items() if v is not None})["genes"]
-    g = as_config(GeneConfig, genes, "genes")
-    if g.targets is not None or g.auxiliaries is not None:
-        raise ValueError(
-            "cross_validate chooses the targets and auxiliaries of each fold; leave GeneConfig(targets=None, "
-            "auxiliaries=None)."
-        )
+    g = _gene_config(genes, {k: v for k, v in old.items() if v is not None})
     n_targets, prior, min_cells, layer, transform = g.n_targets, g.prior, g.min_cells, g.layer, g.transform
     baselines = _baseline_names(baselines)
     grp, order, held, emb_key = _check_inputs(
@@ -297,6 +291,17 @@ def cross_validate(
     with restore_on_error(adata, uns=[key_added]):
         adata.uns[key_added] = result
     return df
+
+
+def _gene_config(genes, old: dict[str, Any]) -> GeneConfig:
+    """``genes`` with the deprecated gene keywords of :func:`cross_validate` moved in; targets are chosen per fold."""
+    g = as_config(GeneConfig, merge_legacy("cross_validate", {"genes": genes}, old, stacklevel=4)["genes"], "genes")
+    if g.targets is not None or g.auxiliaries is not None:
+        raise ValueError(
+            "cross_validate chooses the targets and auxiliaries of each fold; leave GeneConfig(targets=None, "
+            "auxiliaries=None)."
+        )
+    return g
 
 
 def _baseline_names(baselines: bool | Sequence[str]) -> tuple[str, ...]:
