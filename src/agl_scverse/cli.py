@@ -168,18 +168,6 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def _accepted(func, **kwargs) -> dict:
-    """The keyword arguments ``func`` takes (``allow_lowres`` is new in the readers' and fit's signatures).
-
-    Without an ``allow_lowres`` parameter, patches of a lower-resolution image are read with a warning, which is
-    what ``--allow-lowres`` asks for; dropping it then changes nothing.
-    """
-    import inspect
-
-    params = inspect.signature(func).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 def _groups_mask(adata, key: str, groups: list[str], flag: str, key_flag: str = "--split-key"):
     """Boolean mask of the spots whose ``.obs[key]`` is one of ``groups`` (each must occur)."""
     import numpy as np
