@@ -27,7 +27,7 @@ def main() -> None:
     t0 = time.perf_counter()
     adata = agl.datasets.synthetic_slide(n_slides=2, seed=SEED)
     # The synthetic image is 1 µm/px: a 112 µm patch is 112 source pixels, kept as they are.
-    agl.pp.embed_patches(adata, encoder="resnet18", patch_px=112, library_key="library_id")
+    agl.pp.embed_patches(adata, {"encoder": "resnet18", "patch_px": 112}, library_key="library_id")
     test = (adata.obs["library_id"] == "synthetic_1").to_numpy()
     for method in ("dkgsb", "pgl"):
         key = f"agl_{method}"

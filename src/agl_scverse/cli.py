@@ -168,18 +168,6 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def _accepted(func, **kwargs) -> dict:
-    """The keyword arguments ``func`` takes (``allow_lowres`` is new in the readers' and fit's signatures).
-
-    Without an ``allow_lowres`` parameter, patches of a lower-resolution image are read with a warning, which is
-    what ``--allow-lowres`` asks for; dropping it then changes nothing.
-    """
-    import inspect
-
-    params = inspect.signature(func).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 def _groups_mask(adata, key: str, groups: list[str], flag: str, key_flag: str = "--split-key"):
     """Boolean mask of the spots whose ``.obs[key]`` is one of ``groups`` (each must occur)."""
     import numpy as np
@@ -314,7 +302,7 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
         f"({n_inf} planted informative auxiliary genes)"
     )
     # The synthetic image is 1 µm/px, so a 112-µm patch holds 112 source pixels: 112-px patches keep every pixel.
-    pp.embed_patches(adata, encoder="resnet18", patch_px=patch_px)
+    pp.embed_patches(adata, {"encoder": "resnet18", "patch_px": patch_px})
     emb_key = "X_agl_resnet18"
     print(f"[2/4] embedded {adata.n_obs} patches with a random-init ResNet-18 -> .obsm[{emb_key!r}]")
 
@@ -478,28 +466,24 @@ def _predict(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = AGLModel.load(args.model)
     adata = _read_slide(args)
+    encoder = {"weights": args.weights, "allow_lowres": args.allow_lowres, "backend": args.backend}
     kwargs = {
-        "embedding_key": args.embedding_key, "weights": args.weights, "device": device,
+        "encoder": encoder,
+        "embedding_key": args.embedding_key,
+        "device": device,
         "library_key": args.library_key,
-    }  # fmt: skip
+    }
     measured = bool(adata.n_vars) and bool(pd.Index(model.targets).isin(adata.var_names).all())
     note = ""
     if measured:  # a slide that measured the model's genes: predictions beside them, then scored
-        tl.agl_predict(
-            adata, model, **kwargs, **_accepted(tl.agl_predict, allow_lowres=args.allow_lowres, backend=args.backend)
-        )
+        tl.agl_predict(adata, model, **kwargs)
         result = adata
         try:
             tl.evaluate(adata, model, baselines=False)
         except (ValueError, KeyError) as e:  # e.g. normalised counts: the predictions are still written
             note = f"; not scored: {_one_line(e)}"
     else:  # H&E only (or not the model's genes)
-        result = tl.predict_anndata(
-            adata,
-            model,
-            **kwargs,
-            **_accepted(tl.predict_anndata, allow_lowres=args.allow_lowres, backend=args.backend),
-        )
+        result = tl.predict_anndata(adata, model, **kwargs)
     _write_h5ad(result, out)
     from ._constants import Keys
 
@@ -527,13 +511,16 @@ def _predict_slide(args: argparse.Namespace) -> None:
     model = AGLModel.load(args.model)
     slide = io.read_he_image(args.image, microns_per_pixel=args.microns_per_pixel, library_id=args.library_id)
     grid = pp.spot_grid(slide, spot_um=args.spot_um, pitch_um=args.pitch_um, layout=args.layout, model=model)
-    kwargs = {"weights": args.weights, "device": device, "backend": args.backend, "allow_lowres": args.allow_lowres}
+    encoder = {
+        "weights": args.weights, "backend": args.backend, "allow_lowres": args.allow_lowres,
+        "num_workers": args.num_workers,
+    }  # fmt: skip
     if args.chunk_dir is not None:  # chunks saved as they finish: a killed run resumes
         result = tl.predict_chunked(
-            grid, model, args.chunk_dir, chunk_size=args.chunk_size, num_workers=args.num_workers, **kwargs
+            grid, model, args.chunk_dir, chunk_size=args.chunk_size, encoder=encoder, device=device
         )
     else:
-        result = tl.predict_anndata(grid, model, num_workers=args.num_workers, **kwargs)
+        result = tl.predict_anndata(grid, model, encoder=encoder, device=device)
     _write_h5ad(result, out)
     g = grid.uns["agl_grid"]
     print(
@@ -554,11 +541,11 @@ def _cross_validate(args: argparse.Namespace) -> None:
     if group_key not in adata.obs:
         raise KeyError(f"--group-key {group_key!r} is not an .obs column: {list(adata.obs.columns)}")
     if args.embedding_key is None:
-        pp.embed_patches(
-            adata, encoder=args.encoder, weights=args.weights, device=device, patch_px=args.patch_px,
-            patch_um=args.patch_um,
-            **_accepted(pp.embed_patches, allow_lowres=args.allow_lowres, backend=args.backend),
-        )  # fmt: skip
+        encoder = {
+            "encoder": args.encoder, "weights": args.weights, "patch_px": args.patch_px, "patch_um": args.patch_um,
+            "allow_lowres": args.allow_lowres, "backend": args.backend,
+        }  # fmt: skip
+        pp.embed_patches(adata, encoder, device=device)
     df = tl.cross_validate(
         adata,
         group_key=group_key,
@@ -889,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".h5ad file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_section_args(p)
-    _add_resolution_args(p, device="cpu")  # predictions are bit-for-bit reproducible on CPU
+    _add_resolution_args(p)
     _add_debug(p, argparse.SUPPRESS)
     _add_predict_slide(sub)
     return parser
@@ -964,7 +951,9 @@ def _add_predict_slide(sub) -> None:
     p.add_argument(
         "--chunk-size", type=int, default=4096, metavar="N", help="spots per chunk of --chunk-dir (default: 4096)"
     )
-    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:1 (default: cpu, reproducible)")
+    p.add_argument(
+        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto, CUDA when available)"
+    )
     _add_debug(p, argparse.SUPPRESS)
 
 

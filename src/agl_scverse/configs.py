@@ -136,7 +136,7 @@ class GeneConfig:
         Explicit auxiliary genes (default: every other gene passing ``min_cells``).
     prior
         Ranking of the auxiliaries: ``"hvg"``, ``"coexpression"``, ``"moran"`` or a numeric ``.var`` column (see
-        :func:`agl_scverse.pp.compute_gene_roles`).
+        :func:`agl_scverse.pp.gene_roles`).
     min_cells
         A candidate gene has counts in at least this many training spots (or this fraction of them).
     transform

@@ -227,3 +227,32 @@ def test_embed_patches_refuses_a_key_added_that_holds_other_data(slide, monkeypa
         embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="spatial")
     np.testing.assert_array_equal(slide.obsm["spatial"], xy)
     assert "agl_embeddings" not in slide.uns
+
+
+def test_encoder_config_replaces_the_encoder_keywords(slide):
+    """encoder=EncoderConfig(...) (or a dict) embeds as the old keywords did; those warn with the new spelling."""
+    import inspect
+    import warnings
+
+    old_names = ("weights", "patch_px", "patch_um", "batch_size", "precision", "backend", "num_workers", "tta")
+    assert not set(old_names) & set(inspect.signature(embed_patches).parameters)  # one place per idea
+    a, b, c = slide.copy(), slide.copy(), slide.copy()
+    with pytest.warns(FutureWarning) as caught:
+        embed_patches(a, "resnet18", patch_px=PX, patch_um=UM, precision="fp32", backend="torch", device="cpu")
+    msg = str(caught[0].message)
+    assert msg.startswith("embed_patches(patch_px=, patch_um=, precision=, backend=) is deprecated")
+    assert "encoder=agl.EncoderConfig('resnet18', patch_px=32, patch_um=32.0, precision='fp32', backend='torch')" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling warns about nothing
+        cfg = agl.EncoderConfig("resnet18", patch_px=PX, patch_um=UM, precision="fp32", backend="torch")
+        embed_patches(b, cfg, device="cpu")
+        embed_patches(c, encoder={"encoder": "resnet18", "patch_px": PX, "patch_um": UM, "precision": "fp32",
+                                  "backend": "torch"}, device="cpu")  # fmt: skip
+    for other in (b, c):
+        np.testing.assert_array_equal(other.obsm["X_agl_resnet18"], a.obsm["X_agl_resnet18"])
+        rec, ref = other.uns["agl_embeddings"]["X_agl_resnet18"], a.uns["agl_embeddings"]["X_agl_resnet18"]
+        assert {k: str(v) for k, v in rec.items()} == {k: str(v) for k, v in ref.items()}
+    with pytest.raises(TypeError, match="given both"):
+        embed_patches(slide.copy(), {"patch_px": PX}, patch_px=PX)
+    with pytest.raises(TypeError, match="no field"):
+        embed_patches(slide.copy(), {"patch_pixels": PX})

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 import agl_scverse as agl
 from agl_scverse._constants import Keys
-from agl_scverse.pp import compute_gene_roles, expression_transform, gene_roles
+from agl_scverse.pp import expression_transform, gene_roles
 
 
 def _adata(n_obs=120, n_vars=40, seed=0, lam=3.0):
@@ -74,13 +74,13 @@ def _train_vs_all():
 
 def test_hvg_targets_use_training_spots_only():
     a, train = _train_vs_all()
-    assert compute_gene_roles(a, n_targets=1).targets == ["g0"]  # all spots: leaks the test spots
-    assert compute_gene_roles(a, n_targets=1, train_mask=train).targets == ["g1"]
+    assert gene_roles(a, n_targets=1, inplace=False).targets == ["g0"]  # all spots: leaks the test spots
+    assert gene_roles(a, n_targets=1, train_mask=train, inplace=False).targets == ["g1"]
     # the same via an .obs column (bool, or "train" values)
     a.obs["is_train"] = train
     a.obs["split"] = np.where(train, "train", "test")
-    assert compute_gene_roles(a, n_targets=1, train_mask="is_train").targets == ["g1"]
-    assert compute_gene_roles(a, n_targets=1, train_mask="split").targets == ["g1"]
+    assert gene_roles(a, n_targets=1, train_mask="is_train", inplace=False).targets == ["g1"]
+    assert gene_roles(a, n_targets=1, train_mask="split", inplace=False).targets == ["g1"]
 
 
 def test_hvg_targets_are_top_dispersions_norm():
@@ -88,7 +88,7 @@ def test_hvg_targets_are_top_dispersions_norm():
     rng = np.random.default_rng(0)  # over-dispersed genes with the same mean (3) as the Poisson(3) others
     a.X[:, 5] = np.where(rng.random(150) < 0.5, 0, 6)  # variance 9
     a.X[:, 9] = np.where(rng.random(150) < 2 / 3, 0, 9)  # variance 18
-    roles = compute_gene_roles(a, n_targets=3, min_cells=0)
+    roles = gene_roles(a, n_targets=3, min_cells=0, inplace=False)
     b = a.copy()
     sc.pp.log1p(b)
     hv = sc.pp.highly_variable_genes(b, flavor="seurat", inplace=False)
@@ -102,20 +102,20 @@ def test_min_cells_filters_auxiliaries():
     a = _adata(60, 20)
     a.X[:, 3] = 0
     a.X[:5, 3] = 1  # counted in 5 spots
-    roles = compute_gene_roles(a, n_targets=2, min_cells=10)
+    roles = gene_roles(a, n_targets=2, min_cells=10, inplace=False)
     assert "g3" not in roles.auxiliaries and "g3" in roles.excluded
-    assert "g3" in compute_gene_roles(a, n_targets=2, min_cells=5).auxiliaries
-    assert "g3" not in compute_gene_roles(a, n_targets=2, min_cells=0.1).auxiliaries  # 10% of 60 = 6 spots
+    assert "g3" in gene_roles(a, n_targets=2, min_cells=5, inplace=False).auxiliaries
+    assert "g3" not in gene_roles(a, n_targets=2, min_cells=0.1, inplace=False).auxiliaries  # 10% of 60 = 6 spots
 
 
 def test_user_lists():
     a = _adata(60, 20)
-    roles = compute_gene_roles(a, targets=["g7", "g2"], auxiliaries=["g1", "g4", "g9"])
+    roles = gene_roles(a, targets=["g7", "g2"], auxiliaries=["g1", "g4", "g9"], inplace=False)
     assert roles.targets == ["g7", "g2"]
     assert sorted(roles.auxiliaries) == ["g1", "g4", "g9"]
     assert len(roles.excluded) == 15
     # PGL: no auxiliaries
-    assert compute_gene_roles(a, targets=["g7"], auxiliaries=[]).auxiliaries == []
+    assert gene_roles(a, targets=["g7"], auxiliaries=[], inplace=False).auxiliaries == []
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_gene_roles_copy():
 
 def test_normalized_rank_and_frame():
     a = _adata(60, 12)
-    roles = compute_gene_roles(a, n_targets=2)
+    roles = gene_roles(a, n_targets=2, inplace=False)
     r = roles.normalized_rank
     assert r[0] == 0 and r[-1] == 1 and len(r) == 10 and np.all(np.diff(r) > 0)
     df = roles.to_frame()
@@ -205,7 +205,7 @@ def test_prior_coexpression_ranks_correlated_gene_first():
     for j in range(3):  # targets share a signal
         a.X[:, j] = signal + rng.poisson(1.0, 150)
     a.X[:, 20] = signal + rng.poisson(1.0, 150)  # an auxiliary carrying the same signal
-    roles = compute_gene_roles(a, targets=["g0", "g1", "g2"], prior="coexpression")
+    roles = gene_roles(a, targets=["g0", "g1", "g2"], prior="coexpression", inplace=False)
     assert roles.auxiliaries[0] == "g20"
     assert roles.prior.iloc[0] > 0.5 > roles.prior.iloc[1]
     # matches numpy's correlation on log1p counts
@@ -214,7 +214,7 @@ def test_prior_coexpression_ranks_correlated_gene_first():
     assert roles.prior.iloc[0] == pytest.approx(ref, rel=1e-5)
     # sparse input gives the same scores
     a.X = sp.csr_matrix(a.X)
-    roles_sp = compute_gene_roles(a, targets=["g0", "g1", "g2"], prior="coexpression")
+    roles_sp = gene_roles(a, targets=["g0", "g1", "g2"], prior="coexpression", inplace=False)
     np.testing.assert_allclose(roles_sp.prior.to_numpy(), roles.prior.to_numpy(), rtol=1e-5)
 
 
@@ -225,7 +225,7 @@ def test_prior_moran_smooth_above_shuffled():
     smooth = np.round(10 * (1 + np.sin(xy[:, 0] / 3) * np.cos(xy[:, 1] / 3))).astype(np.float32)
     a.X[:, 5] = smooth
     a.X[:, 6] = rng.permutation(smooth)
-    roles = compute_gene_roles(a, n_targets=2, targets=["g0", "g1"], prior="moran")
+    roles = gene_roles(a, n_targets=2, targets=["g0", "g1"], prior="moran", inplace=False)
     assert roles.auxiliaries[0] == "g5"
     assert roles.auxiliaries.index("g5") < roles.auxiliaries.index("g6")
     assert roles.prior["g5"] > 0.5 and abs(roles.prior["g6"]) < 0.3
@@ -238,7 +238,7 @@ def test_prior_moran_respects_slides():
     a1.X[:, 4] = np.round(5 + 4 * np.sin(xy[:, 0] / 2))
     a2.X[:, 4] = np.round(5 - 4 * np.sin(xy[:, 0] / 2))  # opposite pattern at the same places
     a = ad.concat({"A": a1, "B": a2}, label="library_id", index_unique="-")
-    joint = compute_gene_roles(a, targets=["g0"], prior="moran", library_key="library_id")
+    joint = gene_roles(a, targets=["g0"], prior="moran", library_key="library_id", inplace=False)
     assert joint.auxiliaries[0] == "g4" and joint.prior["g4"] > 0.5
 
 
@@ -247,7 +247,7 @@ def test_prior_var_column_and_nan_last():
     score = np.arange(10, dtype=float)
     score[8] = np.nan
     a.var["my_score"] = score
-    roles = compute_gene_roles(a, targets=["g0"], prior="my_score")
+    roles = gene_roles(a, targets=["g0"], prior="my_score", inplace=False)
     assert roles.auxiliaries == ["g9", "g7", "g6", "g5", "g4", "g3", "g2", "g1", "g8"]
     assert np.isnan(roles.prior.iloc[-1])
 
@@ -268,7 +268,35 @@ def test_streamed_dispersions_equal_scanpys(monkeypatch):
     np.testing.assert_allclose(streamed.to_numpy(), via_scanpy.to_numpy(), rtol=1e-5, atol=1e-6, equal_nan=True)
     # and the roles chosen through either path are the same
     a = ad.AnnData(X, var=pd.DataFrame(index=genes))
-    direct = compute_gene_roles(a, n_targets=20, min_cells=3)
+    direct = gene_roles(a, n_targets=20, min_cells=3, inplace=False)
     monkeypatch.setattr(_priors, "STREAM_HVG_BYTES", 0)
-    forced = compute_gene_roles(a, n_targets=20, min_cells=3)
+    forced = gene_roles(a, n_targets=20, min_cells=3, inplace=False)
     assert forced.targets == direct.targets and forced.auxiliaries[:50] == direct.auxiliaries[:50]
+
+
+def test_compute_gene_roles_is_a_deprecated_alias_of_inplace_false():
+    """One public function per job (issue 21): the old spelling warns, names the new one and returns the same."""
+    import warnings
+
+    import agl_scverse as agl
+
+    a = ad.AnnData(np.random.default_rng(0).poisson(2.0, (60, 30)).astype(np.float32))
+    before = a.copy()
+    with pytest.warns(FutureWarning, match=r"gene_roles\(adata, \.\.\., inplace=False\)"):
+        old = agl.pp.compute_gene_roles(a, 4, min_cells=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling does not warn
+        new = agl.pp.gene_roles(a, n_targets=4, min_cells=1, inplace=False)
+    assert (old.targets, old.auxiliaries, old.params) == (new.targets, new.auxiliaries, new.params)
+    pd.testing.assert_series_equal(old.prior, new.prior)
+    assert list(a.var.columns) == list(before.var.columns) and a.uns == {}  # neither wrote anything
+    agl.pp.gene_roles(a, n_targets=4, min_cells=1)
+    pd.testing.assert_frame_equal(
+        a.var[["agl_role", "agl_prior", "agl_prior_rank"]],
+        new.to_frame().set_axis(["agl_role", "agl_prior", "agl_prior_rank"], axis=1),
+        check_names=False,
+    )
+    with pytest.raises(ValueError, match="inplace=True"):
+        agl.pp.gene_roles(a, n_targets=4, inplace=False, copy=True)
+    with pytest.raises(TypeError, match="key_added"):
+        agl.pp.compute_gene_roles(a, n_targets=4, key_added="x")

@@ -289,3 +289,85 @@ def test_a_predicted_slide_carries_the_models_run_for_every_plot(tmp_path):
     agl.tl.agl_predict(train, model)
     assert train.var["agl_role"].equals(before[0]) and train.uns["agl"].keys() == before[1].keys()
     assert "source" not in train.uns["agl"]
+
+
+def test_both_front_doors_share_one_path_and_one_signature(fitted):
+    """agl_predict (into the slide, or a copy) and predict_anndata (a new AnnData) give the same values (issue 21)."""
+    import inspect
+
+    _, model = fitted
+    new = small_slide(seed=2)
+    before = snapshot(new)
+    for genes in ("selected", "targets", [model.genes[-1], model.targets[0]]):
+        out = agl.tl.agl_predict(new, model, genes=genes, copy=True)
+        assert_unchanged(new, before)  # copy=True: the slide is left as it was
+        pred = agl.tl.predict_anndata(new, model, genes=genes)
+        names = pred.var_names.tolist()
+        assert sorted(names) == sorted(out.var_names[out.var["agl_predicted"]])
+        np.testing.assert_array_equal(pred.X, out[:, names].layers["agl_pred"])
+        assert pred.uns["agl_pred"]["genes"] == (genes if isinstance(genes, str) else "list")
+    door, other = (inspect.signature(f).parameters for f in (agl.tl.agl_predict, agl.tl.predict_anndata))
+    assert [p for p in door if p != "copy"] == list(other)
+    for name in other:  # one default per parameter
+        assert door[name].default == other[name].default, name
+
+
+def test_device_defaults_to_auto_and_model_predict_returns_the_network_home(fitted):
+    import inspect
+
+    from agl_scverse.tl import predict_chunked
+
+    _, model = fitted
+    for f in (agl.tl.agl_predict, agl.tl.predict_anndata, predict_chunked, model.predict, agl.pp.embed_patches):
+        assert inspect.signature(f).parameters["device"].default == "auto", f
+    x = small_slide(seed=1).obsm["X_emb"]
+    np.testing.assert_array_equal(model.predict(x), model.predict(x, device="cpu"))
+    assert next(model.net.parameters()).device.type == "cpu"
+
+
+def test_encoder_config_replaces_the_encoder_keywords_of_the_predict_functions(tmp_path):
+    """encoder=EncoderConfig / dict predicts as the old keywords did; those warn, naming the new spelling."""
+    import inspect
+    import warnings
+
+    from agl_scverse.tl import predict_chunked
+
+    kw = {"n_tissue_genes": 10, "n_informative": 10, "n_noise": 20, "n_bursty_noise": 2}
+    train = agl.datasets.synthetic_slide(n_rows=4, n_cols=4, seed=0, **kw)
+    model = agl.tl.agl_fit(
+        train, method="pgl", encoder="resnet18", patch_px=32, n_targets=3, min_cells=1, **{**FAST, "epochs": 1}
+    )
+    new = agl.datasets.synthetic_slide(n_rows=4, n_cols=4, seed=1, **kw)
+    for f in (agl.tl.agl_predict, agl.tl.predict_anndata, predict_chunked):
+        params = inspect.signature(f).parameters
+        assert "encoder" in params and not {"weights", "precision", "backend", "num_workers"} & set(params)
+    with pytest.warns(FutureWarning) as caught:
+        old = agl.tl.predict_anndata(new, model, precision="fp32", backend="torch", num_workers=0, device="cpu")
+    msg = str(caught[0].message)
+    assert msg.startswith("predict_anndata(precision=, backend=, num_workers=) is deprecated")
+    assert "encoder=agl.EncoderConfig(precision='fp32', backend='torch', num_workers=0)" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        by_cfg = agl.tl.predict_anndata(
+            new, model, encoder=agl.EncoderConfig(precision="fp32", backend="torch"), device="cpu"
+        )
+        by_dict = agl.tl.agl_predict(
+            new, model, encoder={"precision": "fp32", "backend": "torch"}, device="cpu", copy=True
+        )
+        chunks = predict_chunked(
+            new, model, tmp_path / "c", chunk_size=5, encoder={"precision": "fp32", "backend": "torch"}, device="cpu"
+        )
+        # the fit's own EncoderConfig, reused: its encoder name is the model's, so it is rebuilt from the record
+        fit_cfg = agl.EncoderConfig("resnet18", patch_px=32, precision="fp32", backend="torch")
+        warnings.simplefilter("error", UserWarning)  # the model's own settings: nothing to warn about
+        reused = agl.tl.predict_anndata(new, model, encoder=fit_cfg, device="cpu")
+    key = "X_agl_resnet18"
+    np.testing.assert_array_equal(by_cfg.obsm[key], old.obsm[key])
+    np.testing.assert_array_equal(by_dict.obsm[key], old.obsm[key])
+    np.testing.assert_array_equal(by_cfg.X, old.X)
+    np.testing.assert_array_equal(reused.X, old.X)
+    np.testing.assert_array_equal(by_dict[:, old.var_names].layers["agl_pred"], old.X)
+    np.testing.assert_allclose(chunks.X, old.X, rtol=1e-6, atol=1e-6)
+    assert old.uns["agl_embeddings"][key]["backend"] == "torch"
+    with pytest.warns(UserWarning, match=r"\['patch_px'\] differ from the model's"):
+        agl.tl.predict_anndata(new, model, encoder={"patch_px": 64, "backend": "torch"}, device="cpu")

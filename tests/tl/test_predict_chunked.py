@@ -30,7 +30,7 @@ def grid(tmp_path):
 def test_killed_run_resumes_without_recomputing(tmp_path, model, grid, monkeypatch):
     whole = agl.tl.predict_anndata(grid, model, backend="torch")
     out_dir = tmp_path / "chunks"
-    real, calls, kill = _chunked.predict_anndata, [], [True]
+    real, calls, kill = _chunked.predict_core, [], [True]
 
     def dies_on_third(sub, *args, **kwargs):
         calls.append(sub.obs_names[0])
@@ -38,7 +38,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path, model, grid, monkeypat
             raise RuntimeError("killed mid-run")
         return real(sub, *args, **kwargs)
 
-    monkeypatch.setattr(_chunked, "predict_anndata", dies_on_third)
+    monkeypatch.setattr(_chunked, "predict_core", dies_on_third)
     n_chunks = -(-grid.n_obs // 8)
     assert n_chunks >= 4
     with pytest.raises(RuntimeError, match="killed"):

@@ -108,7 +108,7 @@ def test_evaluate_in_gene_blocks_equals_one_block(fitted, monkeypatch):
 
 
 def test_evaluate_computes_each_chunk_of_a_lazy_layer_once(fitted, monkeypatch):
-    from agl_scverse.tl import _evaluate, _predict
+    from agl_scverse.tl import _evaluate, _predict_values
 
     a, model = fitted
     dense, lazy = a.copy(), a.copy()
@@ -117,8 +117,8 @@ def test_evaluate_computes_each_chunk_of_a_lazy_layer_once(fitted, monkeypatch):
     blocks = lazy.layers["agl_pred"].numblocks
     n_chunks = blocks[0] * blocks[1]  # the predicted genes are read from .var["agl_predicted"]
     calls = []
-    real = _predict._predict_rows
-    monkeypatch.setattr(_predict, "_predict_rows", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    real = _predict_values._predict_rows
+    monkeypatch.setattr(_predict_values, "_predict_rows", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     monkeypatch.setattr(_evaluate, "_BLOCK_BYTES", 4 * 4 * a.n_obs * 3)  # 3 genes per block: many blocks
     for x in (dense, lazy):
         x.obs["agl_split"] = "unused"

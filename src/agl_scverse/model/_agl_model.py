@@ -43,7 +43,7 @@ from agl_scverse._modeldir import (
     writer_lock,
 )
 from agl_scverse._serialize import to_json
-from agl_scverse._utils import sha256_file
+from agl_scverse._utils import resolve_device, sha256_file
 from agl_scverse._validate import check_choice
 from agl_scverse.encoders._factory import get_encoder
 from agl_scverse.encoders._record import record_kwargs
@@ -309,10 +309,11 @@ class AGLModel:
         batch_size: int = 512,
         columns: np.ndarray | None = None,
         *,
-        precision: str = "auto",
+        device: str = "auto",
+        precision: K.Precision = "auto",
         num_workers: int = 0,
         prefetch_factor: int = 2,
-        backend: str = "auto",
+        backend: K.Backend = "auto",
     ) -> np.ndarray:
         """Predictions (transformed scale, e.g. ``log1p`` counts) for every output gene, float32.
 
@@ -325,6 +326,10 @@ class AGLModel:
             Spots per forward pass.
         columns
             Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
+        device
+            Torch device of the forward passes: ``"auto"`` (default: CUDA when available, else CPU; the default of
+            every function of the package), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``, ... The network is
+            moved back to where it was afterwards.
         precision
             Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, see
             :func:`agl_scverse.pp.embed_patches`); the output layer runs in float32. The
@@ -344,11 +349,19 @@ class AGLModel:
                 f"backend={backend!r} runs a frozen encoder (embedding mode); this fine-tuned model's network runs "
                 "in torch: use backend='auto' or 'torch'."
             )
+        params = list(self.net.parameters())
+        home = params[0].device if params else torch.device("cpu")
+        dev = resolve_device(device)
+        self.net.to(dev)
+        try:
+            return self._predict_on(dev, features, batch_size, columns, precision, num_workers, prefetch_factor)
+        finally:
+            self.net.to(home)
+
+    def _predict_on(self, device, features, batch_size, columns, precision, num_workers, prefetch_factor):
         if self.mode == "embedding":
             batches = array_batches(features, batch_size, float_input=True)
             return forward(self.net, batches, len(self.genes), calibrated=True, cols=columns)
-        params = list(self.net.parameters())
-        device = params[0].device if params else torch.device("cpu")
         prec = resolve_precision(precision, device, self.net)
         if isinstance(features, torch.utils.data.Dataset):
             batches = patch_batches(

@@ -278,17 +278,20 @@ def _fov_features(
     shell.uns[K.SPATIAL_KEY] = adata.uns.get(K.SPATIAL_KEY, {})
     tmp = embed_patches(
         shell,
-        encoder=pair,
-        patch_px=int(base_rec["patch_px"]),
-        patch_um=float(fov_patch_um),
+        {
+            "encoder": pair,
+            "patch_px": int(base_rec["patch_px"]),
+            "patch_um": float(fov_patch_um),
+            "allow_lowres": bool(base_rec.get("allow_lowres", False)),
+            "tta": int(base_rec.get("tta") or 1),
+            **{k: v for k, v in embed_kw.items() if k != "device"},
+        },
+        device=embed_kw.get("device", "auto"),
         library_key=library_key,
         key_added=fov_key,
         on_outside="pad",
         copy=True,
         seed=int(base_rec.get("seed") or 0),
-        allow_lowres=bool(base_rec.get("allow_lowres", False)),
-        tta=int(base_rec.get("tta") or 1),
-        **embed_kw,
     )
     return np.asarray(tmp.obsm[fov_key], dtype=np.float32), dict(tmp.uns[K.EMBED_UNS][fov_key])
 

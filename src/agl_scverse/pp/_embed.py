@@ -7,9 +7,8 @@ encoder and says how to normalise its input (:func:`agl_scverse.pp.normalize` wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,9 +19,10 @@ from torch import nn
 from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
+from agl_scverse._encoder_args import as_encoder_config, encoder_keywords
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, show_progress
-from agl_scverse._validate import check_choice, check_positive
+from agl_scverse.configs import EncoderConfig
 from agl_scverse.encoders._factory import check_native_scale, get_encoder
 from agl_scverse.encoders._modules import CallableEncoder
 from agl_scverse.encoders._normalize import normalize
@@ -40,6 +40,11 @@ __all__ = ["embed_patches"]
 # ------------------------------------------------------------------------------------------------ inference
 #: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
 TTA_CHOICES = (1, 4, 8)
+#: The old keywords of :func:`embed_patches`, now fields of its ``encoder`` (an EncoderConfig); kept one release.
+EMBED_KEYWORDS = (
+    "weights", "pretrained", "patch_px", "patch_um", "batch_size", "num_workers", "prefetch_factor",
+    "encoder_kwargs", "strict", "precision", "allow_lowres", "backend", "tta",
+)  # fmt: skip
 
 
 def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -101,7 +106,7 @@ def _encode(
     """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
 
     With ``sampler``, only the indices it yields, in that order. ``backend`` (``"auto"``, ``"torch"``, ``"onnx"``,
-    see :mod:`agl_scverse.model._onnx_backend`) is started on the first batch, which also checks
+    see :mod:`agl_scverse.encoders._onnx_backend`) is started on the first batch, which also checks
     an ONNX graph against torch; ``info`` (of :func:`get_encoder`) is part of the graph's cache key.
     With ``tta`` > 1, the mean over that many dihedral views of each patch (:func:`dihedral_views`).
     """
@@ -179,33 +184,21 @@ def _encode_distributed(model: nn.Module, ds: SpotPatches, *args, **kw) -> tuple
     return out, record
 
 
+@encoder_keywords(*EMBED_KEYWORDS)
 @d.dedent
 def embed_patches(
     data: Any,
-    encoder: str | nn.Module | Callable | tuple[nn.Module, dict] = "resnet18",
-    weights: str | Path | None = None,
-    pretrained: bool = False,
-    patch_px: int = K.DEFAULT_PATCH_PX,
-    patch_um: float = K.DEFAULT_PATCH_UM,
-    batch_size: int = 32,
+    encoder: EncoderConfig | Mapping[str, Any] | str | nn.Module | Callable | tuple[nn.Module, dict] = "resnet18",
+    *,
     device: str = "auto",
     library_key: str | None = None,
     key_added: str | None = None,
-    on_outside: str = "error",
-    num_workers: int = 0,
-    copy: bool = False,
-    *,
+    on_outside: Literal["error", "pad"] = "error",
     pad_mode: str = "constant",
     min_inside: float = 0.5,
     seed: int = 0,
-    prefetch_factor: int = 2,
-    encoder_kwargs: dict[str, Any] | None = None,
-    strict: bool = True,
-    precision: str = "auto",
-    allow_lowres: bool = False,
+    copy: bool = False,
     progress: bool | None = None,
-    backend: str = "auto",
-    tta: bool | int = False,
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
@@ -219,23 +212,47 @@ def embed_patches(
     ----------
     %(data)s
     encoder
-        A preset (``"uni"``, ``"uni2-h"``, ``"virchow2"``, ``"h-optimus-0"``, ``"prov-gigapath"``,
-        ``"phikon-v2"``, or its ``"hf-hub:..."`` id; see :func:`agl_scverse.model.list_presets`), an
-        ``"hf-hub:<org>/<model>"`` timm model, a registered name or any ``timm`` model (random init unless
-        ``weights``/``pretrained``), a torch module, a tensor -> tensor callable, or a ``(module, info)`` pair
-        from :func:`get_encoder`.
-    weights
-        Local state-dict file for the encoder (``.safetensors``/``.bin``/``.pth``, see :func:`load_weights`);
-        its sha256 is recorded.
-    pretrained
-        The published weights (a preset's or ``hf-hub:`` repository's, or timm's) from the local cache, else the
-        hub; fails at once when they are not local and the hub is off or unreachable (off by default).
-    patch_px
-        Patch side in pixels (the encoder's input size).
-    patch_um
-        Patch side in µm on the slide.
-    batch_size
-        Patches per forward pass.
+        The encoder and how it runs: an :class:`~agl_scverse.EncoderConfig` (or a dict of its fields), or just the
+        encoder (its ``encoder`` field): a preset (``"uni"``, ``"uni2-h"``, ``"virchow2"``, ``"h-optimus-0"``,
+        ``"prov-gigapath"``, ``"phikon-v2"``, or its ``"hf-hub:..."`` id; see
+        :func:`agl_scverse.model.list_presets`), an ``"hf-hub:<org>/<model>"`` timm model, a registered name or any
+        ``timm`` model (random init unless ``weights``/``pretrained``), a torch module, a tensor -> tensor callable,
+        or a ``(module, info)`` pair from :func:`get_encoder`. Its fields, as used here:
+
+        - ``weights``: local state-dict file (``.safetensors``/``.bin``/``.pth``, see :func:`load_weights`); its
+          sha256 is recorded. ``strict`` (default): the file must fit the architecture exactly.
+        - ``pretrained``: the published weights (a preset's or ``hf-hub:`` repository's, or timm's) from the local
+          cache, else the hub; fails at once when they are not local and the hub is off or unreachable.
+        - ``encoder_kwargs``: keyword arguments of ``timm.create_model`` (over a preset's), recorded so a model
+          can rebuild the encoder.
+        - ``patch_px`` / ``patch_um``: patch side in pixels (the encoder's input size) and in µm on the slide.
+        - ``batch_size``: patches per forward pass. ``num_workers``: DataLoader workers cutting patches (each
+          reopens the slide images and reads its patches by region; the features are the same as with 0).
+          ``prefetch_factor``: batches each worker prepares ahead; memory grows with
+          ``num_workers * prefetch_factor * batch_size`` patches.
+        - ``precision``: ``"auto"`` (default): ``channels_last`` for convolutional encoders plus bf16 autocast where
+          the device runs bf16 natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 / AMX), fp16 on CUDA GPUs
+          without bf16, float32 elsewhere. ``"fp32"``: float32 in the default layout (the reference). ``"bf16"`` /
+          ``"fp16"``: that autocast dtype. Features are stored as float32 whatever the precision (bf16 and fp32
+          features compared on the Method page).
+        - ``backend``: what runs the frozen encoder. ``"auto"`` (default): ONNX Runtime on a CPU when
+          ``precision="auto"`` means float32 there, ``onnxruntime`` is installed (``pip install
+          'agl-scverse[onnx]'``) and the encoder exports to ONNX, checked against torch on the first patches
+          (cosine similarity >= 0.999 per patch); else torch, with one log line saying why (``precision="fp32"``
+          keeps torch's bit-for-bit reference). ``"torch"``: the torch module (the reference). ``"onnx"``: ONNX
+          Runtime, or an error. The exported graph is cached per encoder, weights and input size (see the
+          Encoders page).
+        - ``allow_lowres``: cut patches from a ``"hires"`` image coarser than the patches when a library has no
+          full-resolution image (refused by default, see :class:`SpotPatches`). The source resolution (µm per
+          pixel of the image level read, per library) is recorded either way (``source_um_per_px``), and
+          :func:`agl_scverse.tl.agl_predict` compares it with the model's.
+        - ``tta``: test-time augmentation: ``True`` (or 8) averages each patch's features over its 8 dihedral
+          views (4 quarter turns, each also mirrored), 4 over the quarter turns; ``False`` (default) embeds the
+          patch as cut. Costs ``tta`` forward passes per patch; recorded (``tta``) and checked by
+          :func:`agl_scverse.tl.agl_predict`.
+
+        The old keywords (``weights=``, ``patch_px=``, ``precision=``, ...) still work for one release, with a
+        ``FutureWarning`` giving the new spelling.
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
     %(library_key)s
@@ -243,47 +260,14 @@ def embed_patches(
         ``.obsm`` key of the features. Default ``"X_agl_<encoder name>"``.
     on_outside
         ``"error"`` or ``"pad"``, for spots whose patch lies mostly outside the image (see :class:`SpotPatches`).
-    num_workers
-        DataLoader workers cutting patches (each reopens the slide images and reads its patches by region; the
-        features are the same as with 0).
-    %(copy)s
     pad_mode
         How a patch crossing the image border is padded, see :class:`SpotPatches`.
     min_inside
         A patch with less than this fraction inside the image is handled per ``on_outside``.
     seed
         Seed of a random-initialised encoder.
-    prefetch_factor
-        Batches each worker prepares ahead (with ``num_workers > 0``); memory grows with
-        ``num_workers * prefetch_factor * batch_size`` patches.
-    encoder_kwargs
-        Keyword arguments of ``timm.create_model`` (over a preset's), recorded so a model can rebuild the encoder.
-    strict
-        The weights file must fit the architecture exactly (default; see :func:`load_weights`).
-    precision
-        ``"auto"`` (default): ``channels_last`` for convolutional encoders plus bf16 autocast where the device runs
-        bf16 natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 / AMX), fp16 on CUDA GPUs without bf16, float32
-        elsewhere. ``"fp32"``: float32 in the default layout (the reference). ``"bf16"`` / ``"fp16"``: that
-        autocast dtype. Features are stored as float32 whatever the precision; bf16 features agree with fp32 to a
-        cosine similarity of 0.9999 on average per spot (DenseNet-121, HER2+; worst spot 0.9998; see the Method
-        page).
-    allow_lowres
-        Cut patches from a ``"hires"`` image coarser than the patches when a library has no full-resolution image
-        (refused by default, see :class:`SpotPatches`). The source resolution (µm per pixel of the image level
-        read, per library) is recorded either way (``source_um_per_px``), and :func:`agl_scverse.tl.agl_predict`
-        compares it with the model's.
+    %(copy)s
     %(progress)s
-    backend
-        What runs the frozen encoder. ``"auto"`` (default): ONNX Runtime on a CPU when ``precision="auto"`` means
-        float32 there, ``onnxruntime`` is installed (``pip install 'agl-scverse[onnx]'``) and the encoder exports to
-        ONNX, checked against torch on the first patches (cosine similarity >= 0.999 per patch); else torch, with
-        one log line saying why (``precision="fp32"`` keeps torch's bit-for-bit reference).
-        ``"torch"``: the torch module (the reference). ``"onnx"``: ONNX Runtime, or an error. The exported graph is
-        cached per encoder, weights and input size (see the Encoders page).
-    tta
-        Test-time augmentation: ``True`` (or 8) averages each patch's features over its 8 dihedral views (4 quarter
-        turns, each also mirrored), 4 over the quarter turns; ``False`` (default) embeds the patch as cut. Costs
-        ``tta`` forward passes per patch; recorded (``tta``) and checked by :func:`agl_scverse.tl.agl_predict`.
 
     Returns
     -------
@@ -304,34 +288,33 @@ def embed_patches(
     Examples
     --------
     >>> import agl_scverse as agl
-    >>> agl.pp.embed_patches(adata, encoder="densenet121", weights="densenet121.pth")  # doctest: +SKIP
+    >>> enc = agl.EncoderConfig("densenet121", weights="densenet121.pth", patch_um=160.0)
+    >>> agl.pp.embed_patches(adata, enc)  # doctest: +SKIP
     >>> adata.obsm["X_agl_densenet121"].shape  # doctest: +SKIP
     (910, 1024)
     """
     adata = as_anndata(data)
-    check_positive("batch_size", batch_size, integer=True)
-    check_positive("num_workers", num_workers, integer=True, allow_zero=True)
-    check_positive("prefetch_factor", prefetch_factor, integer=True)
-    n_views = _tta(tta)
+    cfg = as_encoder_config(encoder)
+    n_views = _tta(cfg.tta)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
-    check_choice("backend", backend, K.BACKENDS)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)  # checked before the encoder is built
+    prec = resolve_precision(cfg.precision, dev)  # checked before the encoder is built
     ds = SpotPatches(
         adata,
-        patch_px=patch_px,
-        patch_um=patch_um,
+        patch_px=cfg.patch_px,
+        patch_um=cfg.patch_um,
         library_key=library_key,
         pad_mode=pad_mode,
         min_inside=min_inside,
         on_outside=on_outside,
-        allow_lowres=allow_lowres,
+        allow_lowres=cfg.allow_lowres,
     )  # decodes nothing: the memory checks come before the encoder is built
-    check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
+    check_patch_batch(ds.patch_px, cfg.batch_size, max(1, cfg.num_workers * cfg.prefetch_factor))
     model, info = get_encoder(
-        encoder, weights=weights, pretrained=pretrained, seed=seed, encoder_kwargs=encoder_kwargs, strict=strict
-    )
+        cfg.encoder, weights=cfg.weights, pretrained=cfg.pretrained, seed=seed,
+        encoder_kwargs=dict(cfg.encoder_kwargs) if cfg.encoder_kwargs is not None else None, strict=cfg.strict,
+    )  # fmt: skip
     check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
     check_owned(adata, obsm=[key], uns=[K.EMBED_UNS])  # before encoding: key_added="spatial" holds the coordinates
@@ -340,15 +323,15 @@ def embed_patches(
         ds,
         info["mean"],
         info["std"],
-        int(batch_size),
+        cfg.batch_size,
         dev,
-        int(num_workers),
+        cfg.num_workers,
         f"embedding ({info['name']})",
-        prefetch_factor=int(prefetch_factor),
+        prefetch_factor=cfg.prefetch_factor,
         precision=prec,
         seed=int(seed),
         progress=show_progress(progress),
-        backend=backend,
+        backend=cfg.backend,
         info=info,
         tta=n_views,
     )

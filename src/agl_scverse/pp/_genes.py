@@ -1,18 +1,18 @@
 """Gene roles (target / auxiliary / excluded) and the ranking of auxiliaries by a prior score.
 
-Two public entry points:
-
-- :func:`compute_gene_roles` is pure: it reads an AnnData and returns a :class:`GeneRoles` (targets, ranked
-  auxiliaries, prior scores, parameters) without writing anything. :func:`agl_scverse.tl.agl_fit` uses it.
-- :func:`gene_roles` calls it and writes the result to ``.var`` (columns named by
-  :class:`agl_scverse._constants.Keys`) and its parameters to ``.uns[Keys(key_added).gene_roles]`` (a separate
-  entry, so that the ``.uns[key_added]`` written by ``agl_fit`` never collides with it).
+One public function, :func:`gene_roles`, scanpy style (as ``sc.pp.highly_variable_genes``): by default it writes
+the roles to ``.var`` (columns named by :class:`agl_scverse._constants.Keys`) and its parameters to
+``.uns[Keys(key_added).gene_roles]`` (a separate entry, so that the ``.uns[key_added]`` written by ``agl_fit`` never
+collides with it); with ``inplace=False`` it writes nothing and returns a :class:`GeneRoles` (targets, ranked
+auxiliaries, prior scores, parameters), which :func:`agl_scverse.tl.agl_fit` uses. ``compute_gene_roles`` is its
+deprecated spelling of ``inplace=False`` (kept for one release).
 
 Prior scorers live in :mod:`agl_scverse.pp._priors`; the expression scale in :mod:`agl_scverse._expression`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +67,7 @@ fraction of training spots.
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GeneRoles:
-    """Gene roles computed by :func:`compute_gene_roles`.
+    """Gene roles computed by :func:`gene_roles` (returned with ``inplace=False``).
 
     Attributes
     ----------
@@ -148,23 +148,34 @@ def _check_gene_list(genes: Sequence[str], var_names: pd.Index, what: str) -> li
     return genes
 
 
-@d.get_sections(base="compute_gene_roles", sections=["Parameters"])
-def compute_gene_roles(
+@d.dedent
+def gene_roles(
     adata: AnnData,
     n_targets: int = 50,
     targets: Sequence[str] | None = None,
     auxiliaries: Sequence[str] | None = None,
-    prior: str = "hvg",
+    prior: K.Prior | str = "hvg",
     min_cells: int | float = DEFAULT_MIN_CELLS,
     train_mask: Any = None,
     layer: str | None = None,
     library_key: str | None = None,
     n_neighs: int = 6,
-) -> GeneRoles:
-    """Choose target and auxiliary genes and rank the auxiliaries by a prior, without writing anything.
+    key_added: str = K.DEFAULT_KEY,
+    inplace: bool = True,
+    copy: bool = False,
+) -> AnnData | GeneRoles | None:
+    """Choose target and auxiliary genes and rank the auxiliaries by a prior; write them to ``.var`` or return them.
 
     Everything is computed on the **training spots** only, so no information leaks from validation or test
-    spots into the gene choice.
+    spots into the gene choice. With ``k = Keys(key_added)`` it writes
+
+    - ``.var[k.role]``: categorical ``"target"`` / ``"auxiliary"`` / ``"excluded"``;
+    - ``.var[k.prior]``: float prior score of auxiliaries (higher = better), NaN for the others;
+    - ``.var[k.prior_rank]``: int, 0 = best auxiliary, 1, 2, ...; -1 for targets and excluded genes;
+    - ``.uns[k.gene_roles]``: the parameters (``prior``, ``min_cells``, ``n_train_spots``, ``targets``, ...). A
+      separate entry from ``.uns[key_added]``, which :func:`agl_scverse.tl.agl_fit` owns.
+
+    Nothing is written when an error is raised, or with ``inplace=False``.
 
     Parameters
     ----------
@@ -207,10 +218,16 @@ def compute_gene_roles(
         Default: ``"library_id"`` when that column exists, else one slide.
     n_neighs
         Neighbours per spot in the Moran's I graph (6 = the hexagonal Visium / legacy-ST lattice).
+    key_added
+        Prefix of the written keys (default ``"agl"`` -> ``agl_role``, ``agl_prior``, ``agl_prior_rank``).
+    inplace
+        Write the roles into ``adata`` (default). ``False``: write nothing and return them as a :class:`GeneRoles`
+        (as scanpy's ``highly_variable_genes(inplace=False)`` returns its table).
+    %(copy)s
 
     Returns
     -------
-    A :class:`GeneRoles`.
+    ``inplace=False``: a :class:`GeneRoles`. Otherwise the modified copy with ``copy=True``, else None.
 
     Raises
     ------
@@ -221,12 +238,40 @@ def compute_gene_roles(
     Examples
     --------
     >>> import numpy as np, anndata as ad
+    >>> import agl_scverse as agl
     >>> rng = np.random.default_rng(0)
     >>> a = ad.AnnData(rng.poisson(2.0, (60, 30)).astype(np.float32))
-    >>> roles = compute_gene_roles(a, n_targets=5)
+    >>> roles = agl.pp.gene_roles(a, n_targets=5, inplace=False)
     >>> len(roles.targets), len(roles.auxiliaries), roles.normalized_rank[[0, -1]].tolist()
     (5, 25, [0.0, 1.0])
+    >>> agl.pp.gene_roles(a, n_targets=5)
+    >>> a.var["agl_role"].value_counts()["target"], int(a.var["agl_prior_rank"].max())
+    (np.int64(5), 24)
     """
+    if not isinstance(inplace, bool | np.bool_):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}.")
+    if copy and not inplace:
+        raise ValueError(
+            "copy=True writes the roles into a copy; it needs inplace=True (inplace=False writes nothing)."
+        )
+    roles = _compute(adata, n_targets, targets, auxiliaries, prior, min_cells, train_mask, layer, library_key, n_neighs)
+    if not inplace:
+        return roles
+    if copy:
+        adata = adata.copy()
+    write_gene_roles(adata, roles, key_added=key_added)
+    keys = Keys(key_added)
+    logg.info(
+        f"gene roles: {len(roles.targets)} targets, {len(roles.auxiliaries)} auxiliaries (prior {prior!r}), "
+        f"{len(roles.excluded)} excluded -> .var[{keys.role!r}, {keys.prior!r}, {keys.prior_rank!r}]"
+    )
+    return adata if copy else None
+
+
+def _compute(
+    adata: AnnData, n_targets, targets, auxiliaries, prior, min_cells, train_mask, layer, library_key, n_neighs
+) -> GeneRoles:
+    """The roles of :func:`gene_roles`, computed without writing anything."""
     check_adata(adata, layer=layer)
     mask = resolve_spots(adata, train_mask, as_mask=True, what="train_mask", noun="training spots")
     var_names = adata.var_names
@@ -351,81 +396,27 @@ def compute_gene_roles(
     return GeneRoles(targets=list(targets), auxiliaries=aux_sorted, prior=prior_s, var_names=var_names, params=params)
 
 
-d.delete_params("compute_gene_roles.parameters", "adata")
+def compute_gene_roles(adata: AnnData, *args: Any, **kwargs: Any) -> GeneRoles:
+    """Deprecated spelling of ``gene_roles(adata, ..., inplace=False)``; removed in the next release.
 
-
-@d.dedent
-def gene_roles(
-    adata: AnnData,
-    n_targets: int = 50,
-    targets: Sequence[str] | None = None,
-    auxiliaries: Sequence[str] | None = None,
-    prior: str = "hvg",
-    min_cells: int | float = DEFAULT_MIN_CELLS,
-    train_mask: Any = None,
-    layer: str | None = None,
-    library_key: str | None = None,
-    n_neighs: int = 6,
-    key_added: str = K.DEFAULT_KEY,
-    copy: bool = False,
-) -> AnnData | None:
-    """Mark target / auxiliary / excluded genes and rank auxiliaries by a prior, in ``.var``.
-
-    Computes :func:`compute_gene_roles` (see it for every parameter) and writes, with ``k = Keys(key_added)``:
-
-    - ``.var[k.role]``: categorical ``"target"`` / ``"auxiliary"`` / ``"excluded"``;
-    - ``.var[k.prior]``: float prior score of auxiliaries (higher = better), NaN for the others;
-    - ``.var[k.prior_rank]``: int, 0 = best auxiliary, 1, 2, ...; -1 for targets and excluded genes;
-    - ``.uns[Keys(key_added).gene_roles]``: the parameters (``prior``, ``min_cells``, ``n_train_spots``,
-      ``targets``, ...). A separate entry from ``.uns[key_added]``, which :func:`agl_scverse.tl.agl_fit` owns.
-
-    Nothing is written when an error is raised.
-
-    Parameters
-    ----------
-    adata
-        Spots x genes with raw counts.
-    %(compute_gene_roles.parameters.no_adata)s
-    key_added
-        Prefix of the written keys (default ``"agl"`` -> ``agl_role``, ``agl_prior``, ``agl_prior_rank``).
-    copy
-        Return a modified copy instead of writing in place.
-
-    Returns
-    -------
-    The modified copy when ``copy=True``, else None.
+    Takes the arguments of :func:`gene_roles` but ``key_added``, ``inplace`` and ``copy``, warns with a
+    :class:`FutureWarning` and returns the :class:`GeneRoles` without writing anything.
 
     Examples
     --------
-    >>> import numpy as np, anndata as ad
-    >>> import agl_scverse as agl
-    >>> rng = np.random.default_rng(0)
-    >>> a = ad.AnnData(rng.poisson(2.0, (60, 30)).astype(np.float32))
-    >>> agl.pp.gene_roles(a, n_targets=5)
-    >>> a.var["agl_role"].value_counts()["target"], int(a.var["agl_prior_rank"].max())
-    (np.int64(5), 24)
+    >>> roles = agl.pp.compute_gene_roles(adata, n_targets=50)  # doctest: +SKIP
+    >>> roles = agl.pp.gene_roles(adata, n_targets=50, inplace=False)  # doctest: +SKIP
     """
-    keys = Keys(key_added)
-    roles = compute_gene_roles(
-        adata,
-        n_targets=n_targets,
-        targets=targets,
-        auxiliaries=auxiliaries,
-        prior=prior,
-        min_cells=min_cells,
-        train_mask=train_mask,
-        layer=layer,
-        library_key=library_key,
-        n_neighs=n_neighs,
+    warnings.warn(
+        "agl.pp.compute_gene_roles(adata, ...) is deprecated and will be removed in the next release; use "
+        "agl.pp.gene_roles(adata, ..., inplace=False), which returns the same GeneRoles.",
+        FutureWarning,
+        stacklevel=2,
     )
-    if copy:
-        adata = adata.copy()
-    write_gene_roles(adata, roles, key_added=key_added)
-    logg.info(
-        f"gene roles: {len(roles.targets)} targets, {len(roles.auxiliaries)} auxiliaries (prior {prior!r}), "
-        f"{len(roles.excluded)} excluded -> .var[{keys.role!r}, {keys.prior!r}, {keys.prior_rank!r}]"
-    )
-    return adata if copy else None
+    bad = sorted({"key_added", "inplace", "copy"} & set(kwargs))
+    if bad:
+        raise TypeError(f"compute_gene_roles() got unexpected keyword argument(s) {bad}.")
+    return gene_roles(adata, *args, **kwargs, inplace=False)
 
 
 def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAULT_KEY) -> None:
@@ -435,9 +426,9 @@ def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAUL
     --------
     >>> import numpy as np, anndata as ad
     >>> a = ad.AnnData(np.random.default_rng(0).poisson(2.0, (40, 12)).astype(np.float32))
-    >>> write_gene_roles(a, compute_gene_roles(a, n_targets=3))
+    >>> write_gene_roles(a, gene_roles(a, n_targets=3, inplace=False))
     >>> sorted(a.uns["agl_gene_roles"])[:3]
-    ['auxiliaries_given', 'min_cells', 'n_auxiliaries']
+    ['agl_keys', 'auxiliaries_given', 'min_cells']
     """
     if not roles.var_names.equals(adata.var_names):
         raise ValueError("These gene roles were computed on different genes than adata.var_names.")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,13 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from agl_scverse import _constants as K
+from agl_scverse._constants import Keys, PredScale
+from agl_scverse._encoder_args import encoder_keywords, explicit_fields
 from agl_scverse._utils import show_progress
+from agl_scverse.configs import EncoderConfig
 from agl_scverse.model import AGLModel
 
-from ._predict import predict_anndata
+from ._predict import PREDICT_KEYWORDS, PredictGenes, predict_core, predict_options, predictions_anndata
 
 __all__ = ["predict_chunked"]
 
@@ -50,16 +54,25 @@ def _save_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@encoder_keywords(*PREDICT_KEYWORDS)
 def predict_chunked(
     grid: AnnData,
     model: AGLModel | str | Path,
     out_dir: str | Path,
     *,
     chunk_size: int = 4096,
+    genes: PredictGenes | Sequence[str] = "selected",
+    scale: PredScale = "model",
+    encoder: EncoderConfig | Mapping[str, Any] | Any = None,
+    key_added: str = K.DEFAULT_KEY,
+    device: str = "auto",
+    batch_size: int = 512,
     progress: bool | None = None,
-    **kwargs: Any,
 ) -> AnnData:
-    """:func:`predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
+    """:func:`~agl_scverse.tl.predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
+
+    The same prediction path as :func:`~agl_scverse.tl.agl_predict` and :func:`~agl_scverse.tl.predict_anndata`,
+    run on one chunk of spots at a time.
 
     ``out_dir`` receives ``manifest.json`` (the model's digest: its config and weights; the grid's: spot centres
     and names; the chunk size and the prediction arguments), ``template.h5ad`` (the genes and run records of the
@@ -78,14 +91,25 @@ def predict_chunked(
         Folder of the chunks (created).
     chunk_size
         Spots per chunk.
+    genes
+        The model's genes to predict, as in :func:`~agl_scverse.tl.predict_anndata` (default: the selected ones).
+    scale
+        Scale of the predictions (``"model"`` or ``"log1p_cp10k"``), as in :func:`~agl_scverse.tl.predict_anndata`.
+    encoder
+        How the image encoder runs: an :class:`~agl_scverse.EncoderConfig` or a dict of its fields, e.g.
+        ``{"weights": "w.pth", "num_workers": 4}``, as in :func:`~agl_scverse.tl.predict_anndata`.
+    key_added
+        Prefix of the keys of the output's run records.
+    device
+        Torch device: ``"auto"`` (default: CUDA when available), ``"cpu"`` (bit-for-bit reproducible), ...
+    batch_size
+        Spots per forward pass (a seed ensemble's spread is not kept).
     progress
         Progress bar over the chunks (``None``: follow scanpy's verbosity).
-    **kwargs
-        Passed to :func:`predict_anndata` (``weights``, ``device``, ``backend``, ``num_workers``, ``scale``, ...).
 
     Returns
     -------
-    The AnnData :func:`predict_anndata` returns, without the embedding (``.obsm`` holds ``"spatial"`` only, and
+    The AnnData :func:`~agl_scverse.tl.predict_anndata` returns, without the embedding (``.obsm`` holds ``"spatial"`` only, and
     ``.uns`` the grid's ``"spatial"`` and ``"agl_grid"`` beside the run records).
 
     Examples
@@ -100,13 +124,19 @@ def predict_chunked(
     if grid.n_obs == 0:
         raise ValueError("The grid has no spots.")
     model = AGLModel.coerce(model)
+    opts = predict_options(model, encoder=encoder, device=device, batch_size=batch_size, scale=scale, spread=False)
+    given = explicit_fields(encoder)
+    args = {  # what the values depend on (not the workers)
+        "genes": genes, "scale": scale, "key_added": key_added, "batch_size": batch_size,
+        **{k: v for k, v in given.items() if k not in ("num_workers", "prefetch_factor", "batch_size")},
+    }  # fmt: skip
     out_dir = Path(out_dir)
     manifest = {
         "model_digest": _model_digest(model),
         "grid_digest": _grid_digest(grid),
         "n_spots": int(grid.n_obs),
         "chunk_size": chunk_size,
-        "predict_kwargs": {k: str(v) for k, v in sorted(kwargs.items()) if k not in ("num_workers", "progress")},
+        "predict_kwargs": {k: str(v) for k, v in sorted(args.items())},
     }
     mpath = out_dir / MANIFEST
     if mpath.is_file():
@@ -127,12 +157,15 @@ def predict_chunked(
         logg.info(f"predict_chunked: {len(parts) - len(todo)} of {len(parts)} chunks already in {out_dir}; resuming")
     for i in tqdm(todo, desc="grid chunks", disable=not show_progress(progress)):
         a = starts[i]
-        pred = predict_anndata(grid[a : a + chunk_size].copy(), model, progress=False, **kwargs)
+        sub = grid[a : a + chunk_size].copy()
+        X, _, _, pred_genes = predict_core(sub, model, into=None, genes=genes, **{**opts, "progress": False})
+        X = np.asarray(X.compute() if hasattr(X, "compute") else X, dtype=np.float32)
         if not (out_dir / TEMPLATE).is_file():
-            uns = {k: v for k, v in pred.uns.items() if k not in (K.SPATIAL_KEY, K.EMBED_UNS)}
-            template = AnnData(var=pred.var.copy(), uns=uns)
+            pred = predictions_anndata(
+                AnnData(obs=sub.obs[[]]), model, Keys(key_added), X, pred_genes, opts["scale"], genes
+            )
+            template = AnnData(var=pred.var.copy(), uns=dict(pred.uns))
             _save_atomic(out_dir / TEMPLATE, template.write_h5ad)
-        X = np.asarray(pred.X.compute() if hasattr(pred.X, "compute") else pred.X, dtype=np.float32)
         _save_atomic(parts[i], lambda p, X=X: np.save(p, X))
     template = ad.read_h5ad(out_dir / TEMPLATE)
     X = np.concatenate([np.load(p) for p in parts], axis=0)

@@ -21,7 +21,7 @@ from agl_scverse._utils import show_progress
 from agl_scverse._validate import check_adata, check_in_range, check_obs_key
 from agl_scverse.configs import GeneConfig, as_config
 from agl_scverse.pp._context import check_context_within_groups
-from agl_scverse.pp._genes import GeneRoles, compute_gene_roles
+from agl_scverse.pp._genes import GeneRoles, gene_roles
 
 from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
 from ._config import merge_legacy
@@ -90,7 +90,7 @@ def cross_validate(
     For each held-out group (slide, section, patient, ...):
 
     1. gene roles are recomputed on the **training groups only** (targets = top-``n_targets`` HVG of the
-       training spots, auxiliaries ranked by ``prior``; :func:`agl_scverse.pp.compute_gene_roles`), and every
+       training spots, auxiliaries ranked by ``prior``; :func:`agl_scverse.pp.gene_roles`), and every
        method of the fold uses exactly these roles;
     2. each method in ``methods`` is fitted with :func:`agl_scverse.tl.agl_fit` on the training groups (same
        embeddings, same validation spots, same seed), then predicts the held-out group;
@@ -208,8 +208,8 @@ def cross_validate(
         test = grp == test_group
         train = ~test
         val_group = _val_group(order, test_group)
-        roles = compute_gene_roles(
-            adata, n_targets=n_targets, prior=prior, min_cells=min_cells, train_mask=train, layer=layer
+        roles = gene_roles(
+            adata, n_targets=n_targets, prior=prior, min_cells=min_cells, train_mask=train, layer=layer, inplace=False
         )
         t_idx = adata.var_names.get_indexer(roles.targets)
         Y_all = expression_transform(counts, transform, columns=t_idx)

@@ -48,7 +48,7 @@ from agl_scverse.model import (
     train_network,
 )
 from agl_scverse.pp._embed import embed_patches
-from agl_scverse.pp._genes import GeneRoles, compute_gene_roles, write_gene_roles
+from agl_scverse.pp._genes import GeneRoles, gene_roles, write_gene_roles
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 from agl_scverse.train._data import PatchInputs
 from agl_scverse.train._inference import forward, index_batches
@@ -135,9 +135,10 @@ def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, 
 
 def _prepare_genes(adata: AnnData, cfg: FitConfig, data: _Data, library_key: str | None) -> _Genes:
     g = cfg.genes
-    roles = compute_gene_roles(
+    roles = gene_roles(
         adata, n_targets=g.n_targets, targets=g.targets, auxiliaries=g.auxiliaries, prior=g.prior,
         min_cells=g.min_cells, train_mask=data.split == K.SPLIT_TRAIN, layer=g.layer, library_key=library_key,
+        inplace=False,
     )  # fmt: skip
     n_aux_all = len(roles.auxiliaries)
     if cfg.method == "topk" and cfg.k != K.K_AUTO and int(cfg.k) > n_aux_all:
@@ -173,12 +174,8 @@ def _build_network(
             e = cfg.encoder
             logg.info(f"No .obsm[{data.emb_key!r}]: embedding patches with {e.encoder!r} first.")
             emb = embed_patches(
-                adata, encoder=e.encoder, weights=e.weights, pretrained=e.pretrained, patch_px=e.patch_px,
-                patch_um=e.patch_um, batch_size=e.batch_size, device=str(dev), library_key=enc["library_key"],
-                key_added=data.emb_key, num_workers=e.num_workers, copy=True, seed=cfg.seed,
-                prefetch_factor=e.prefetch_factor, encoder_kwargs=None if e.encoder_kwargs is None
-                else dict(e.encoder_kwargs), strict=e.strict, precision=e.precision, allow_lowres=e.allow_lowres,
-                progress=enc.get("progress"), backend=e.backend, tta=e.tta,
+                adata, e, device=str(dev), library_key=enc["library_key"], key_added=data.emb_key, copy=True,
+                seed=cfg.seed, progress=enc.get("progress"),
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
@@ -238,7 +235,7 @@ def _checkpointer(
     net,
     enc_record: dict,
 ):
-    """The run's :class:`~agl_scverse.model._resume.Checkpointer` (None without checkpoints or resume)."""
+    """The run's :class:`~agl_scverse.train._resume.Checkpointer` (None without checkpoints or resume)."""
     every, resume = cfg.training.checkpoint_every, cfg.training.resume
     if not every and not resume:
         return None

@@ -1,0 +1,179 @@
+"""Predictions of a model in row chunks: a dense or lazy (dask) layer in the asked scale, and a seed ensemble's spread.
+
+Memory is that of a chunk of spots x model genes (plus the layer when it is dense). Used by
+:func:`agl_scverse.tl.agl_predict`, :func:`agl_scverse.tl.predict_anndata` and :func:`agl_scverse.tl.evaluate`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agl_scverse import _constants as K
+from agl_scverse._expression import predicted_library_size, rescale_predictions
+from agl_scverse.model import AGLModel
+
+__all__ = ["DENSE_LAYER_BYTES", "model_transform", "prediction_values", "spread_layer", "want_spread"]
+
+#: Largest dense prediction layer (bytes) before :func:`agl_scverse.tl.agl_predict` writes a chunked dask array.
+DENSE_LAYER_BYTES = 2**30
+#: Spots x genes (float32 bytes) predicted at a time.
+_CHUNK_BYTES = 128 * 2**20
+
+
+def _rows(features, start: int, stop: int):
+    """Rows ``start:stop`` of an array of features or of a patch Dataset."""
+    if isinstance(features, torch.utils.data.Dataset):
+        return torch.utils.data.Subset(features, range(start, stop))
+    return features[start:stop]
+
+
+def _predict_rows(
+    model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None, run=None
+):
+    rows = _rows(features, start, stop)
+    return model.predict(rows, batch_size=batch_size, columns=columns, device=device, **(run or {}))
+
+
+def model_transform(model: AGLModel) -> str:
+    return str(model.config.get("transform") or K.TRANSFORM_LOG1P)
+
+
+def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
+    """Model outputs summed into the library size of ``scale`` (None when the scale needs none).
+
+    The trained outputs (targets and selected auxiliaries, whatever ``genes=`` writes), so a gene's normalised
+    value does not depend on which other genes are written; unselected auxiliaries were not trained.
+    """
+    if scale != K.SCALE_LOG1P_CP10K or model_transform(model) == K.TRANSFORM_LOG1P_CPM:
+        return None
+    col = {g: i for i, g in enumerate(model.genes)}
+    return np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
+
+
+def _row_chunks(
+    model: AGLModel,
+    features,
+    n: int,
+    model_cols: np.ndarray,
+    device: str,
+    batch_size: int,
+    width: int = 0,
+    scale: str = K.SCALE_MODEL,
+    run=None,
+):
+    """``(start, stop, predictions of model_cols in scale)`` for chunks of spots of about :data:`_CHUNK_BYTES`."""
+    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))
+    lib_cols, transform = _library_cols(model, scale), model_transform(model)
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        full = _predict_rows(model, features, s, e, device, batch_size, run=run)
+        library = predicted_library_size(full[:, lib_cols], transform) if lib_cols is not None else None
+        yield s, e, rescale_predictions(full[:, model_cols], transform, scale, library)
+
+
+def prediction_values(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
+    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere).
+
+    Dense (a NumPy array filled in row chunks) or a lazy dask array (:func:`_dask_layer`).
+    """
+    if not dense:
+        return _dask_layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale=scale, run=run)
+    layer = np.zeros((n, width), dtype=np.float32)
+    for s, e, pred in _row_chunks(
+        model, features, n, model_cols, device, batch_size, width=width, scale=scale, run=run
+    ):
+        layer[s:e, var_cols] = pred
+    return layer
+
+
+def spread_layer(model: AGLModel, *args):
+    """The standard deviation (``ddof=1``) over a seed ensemble's members of their prediction layers.
+
+    ``args`` are those of the prediction layer (each member's layer is made the same way, in the same scale);
+    dense layers are folded in one at a time (Welford), so memory is that of three layers.
+    """
+    want_spread(model, True)
+    members, dense = model.members(), args[-1]
+    if not dense:
+        import dask.array as da
+
+        return da.stack([prediction_values(m, *args) for m in members]).std(axis=0, ddof=1).astype(np.float32)
+    mean, m2 = None, None
+    for i, m in enumerate(members, start=1):
+        x = prediction_values(m, *args)
+        if mean is None:
+            mean, m2 = x, np.zeros_like(x)
+            continue
+        delta = x - mean
+        mean += delta / i
+        m2 += delta * (x - mean)
+    return np.sqrt(m2 / (len(members) - 1), dtype=np.float32)
+
+
+def want_spread(model: AGLModel, spread: bool | None) -> bool:
+    """Whether to write the spread layer: ``None`` for an ensemble; ``True`` needs one (checked before any work)."""
+    if spread is None:
+        return model.n_members > 1
+    if not isinstance(spread, bool | np.bool_):
+        raise TypeError(f"spread must be True, False or None, got {spread!r}.")
+    if spread and model.n_members < 2:
+        raise ValueError(
+            "spread=True needs a seed ensemble (a model fitted with agl_fit(..., n_seeds=5)); this model has one "
+            "network, so its predictions have no spread."
+        )
+    return bool(spread)
+
+
+def _dask_layer(
+    model,
+    features,
+    n_obs,
+    n_vars,
+    var_cols,
+    model_cols,
+    device,
+    batch_size,
+    rows=4096,
+    cols=2048,
+    scale="model",
+    run=None,
+):
+    """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
+
+    Chunks of genes without predictions are zero chunks that are never computed. Chunks are 32 MiB (4096 x 2048
+    float32): dask's writer holds a few per thread, so 128 MiB chunks cost ~1 GB more RSS at write time. With
+    ``scale="log1p_cp10k"`` each row of chunks shares one task computing its spots' library size (a forward pass
+    over the trained outputs only: rows x trained genes), computed once per dask computation.
+    """
+    import dask
+    import dask.array as da
+
+    by_var = np.full(n_vars, -1, dtype=np.int64)
+    by_var[var_cols] = model_cols
+    lib_cols, transform = _library_cols(model, scale), model_transform(model)
+
+    def library(s: int, e: int) -> np.ndarray:
+        pred = _predict_rows(model, features, s, e, device, batch_size, columns=lib_cols)
+        return predicted_library_size(pred, transform)
+
+    def chunk(s: int, e: int, c0: int, c1: int, lib) -> np.ndarray:
+        out = np.zeros((e - s, c1 - c0), dtype=np.float32)
+        local = np.flatnonzero(by_var[c0:c1] >= 0)
+        pred = _predict_rows(model, features, s, e, device, batch_size, columns=by_var[c0:c1][local], run=run)
+        out[:, local] = rescale_predictions(pred, transform, scale, lib)
+        return out
+
+    grid = []
+    for s in range(0, n_obs, rows):
+        e, row = min(s + rows, n_obs), []
+        lib = dask.delayed(library)(s, e) if lib_cols is not None else None
+        for c0 in range(0, n_vars, cols):
+            c1 = min(c0 + cols, n_vars)
+            if (by_var[c0:c1] >= 0).any():
+                delayed = dask.delayed(chunk)(s, e, c0, c1, lib)
+                row.append(da.from_delayed(delayed, shape=(e - s, c1 - c0), dtype=np.float32))
+            else:
+                row.append(da.zeros((e - s, c1 - c0), dtype=np.float32))
+        grid.append(row)
+    return da.block(grid)
