@@ -122,7 +122,7 @@ HYBRID_LINEAR_WEIGHT = 0.5
 META_SCOPES: tuple[str, ...] = get_args(MetaScope)
 META_SCOPE_ALL, META_SCOPE_LAST = META_SCOPES
 #: ``meta_scope`` that takes the mode's default (``MODE_DEFAULTS`` of ``agl_scverse.configs``).
-META_SCOPE_AUTO = "auto"
+META_SCOPE_AUTO: Auto = "auto"
 #: ``k`` of ``method="topk"`` that chooses the number of auxiliaries on the validation spots.
 K_AUTO = "auto"
 PRECISIONS: tuple[str, ...] = get_args(Precision)

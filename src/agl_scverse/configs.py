@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -91,7 +91,7 @@ def as_config(cls: type[C], value: C | Mapping[str, Any] | None, name: str | Non
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cast(Any, cls))}
         unknown = sorted(set(value) - known)
         if unknown:
             raise TypeError(f"{name}: {cls.__name__} has no field(s) {unknown}; its fields are {sorted(known)}.")

@@ -29,8 +29,8 @@ __all__ = ["FitConfig", "LEGACY_KEYWORDS", "merge_legacy"]
 class FitConfig:
     """Everything that decides how an ``agl_fit`` run trains (recorded as ``params``)."""
 
-    method: str
-    mode: str
+    method: K.Method
+    mode: K.Mode
     network: NetworkConfig
     training: TrainingConfig
     dkgsb: DkGSBConfig
@@ -50,7 +50,7 @@ class FitConfig:
             bad = (
                 "mode='finetune'" if self.mode != "embedding"
                 else f"method={self.method!r}" if self.method == "dkgsb"
-                else f"n_seeds={self.training.n_seeds}" if self.training.n_seeds > 1 else None
+                else f"n_seeds={self.training.n_seeds}" if (self.training.n_seeds or 1) > 1 else None
             )  # fmt: skip
             if bad:
                 raise ValueError(
@@ -63,7 +63,7 @@ class FitConfig:
                 "head='hybrid' (the MLP and a closed-form ridge on cached features) applies to mode='embedding'. "
                 "Use head='mlp' in fine-tune mode."
             )
-        if self.mode == "finetune" and self.training.n_seeds > 1:
+        if self.mode == "finetune" and (self.training.n_seeds or 1) > 1:
             raise ValueError(
                 f"n_seeds={self.training.n_seeds} applies to mode='embedding' (an ensemble of heads on the same "
                 "features); in fine-tune mode it would train that many encoders. Use TrainingConfig(n_seeds=1), or fit "
@@ -79,8 +79,8 @@ class FitConfig:
     @classmethod
     def build(
         cls,
-        method: str,
-        mode: str,
+        method: K.Method,
+        mode: K.Mode,
         *,
         genes: GeneConfig | dict | None = None,
         network: NetworkConfig | dict | None = None,
@@ -111,7 +111,8 @@ class FitConfig:
     @property
     def k_grid(self) -> tuple[int, ...] | None:
         """The numbers of auxiliaries ``k="auto"`` tries."""
-        return self.dkgsb.k_grid
+        grid = self.dkgsb.k_grid
+        return None if grid is None else tuple(grid)
 
     @property
     def precision(self) -> str:
@@ -125,15 +126,15 @@ class FitConfig:
         ``checkpoint_every`` and ``resume`` are not settings of the result and are left out.
         """
         out: dict[str, Any] = {"method": self.method, "mode": self.mode, "k": self.k, "seed": self.seed}
-        if self.k_grid is not None:
-            out["k_grid"] = list(self.k_grid)
+        if (grid := self.k_grid) is not None:
+            out["k_grid"] = list(grid)
         out.update(asdict(self.network))
         out.update(self.training.record())
         out["precision"] = self.encoder.precision
         out.update({n: v for n, v in asdict(self.dkgsb).items() if n not in ("k", "k_grid")})
         if genes:
             out.update(asdict(self.genes))
-        out["hidden"] = list(self.network.hidden)
+        out["hidden"] = list(self.network.hidden or ())
         return out
 
 

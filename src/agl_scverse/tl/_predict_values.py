@@ -6,6 +6,8 @@ Memory is that of a chunk of spots x model genes (plus the layer when it is dens
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 
@@ -35,8 +37,8 @@ def _predict_rows(
     return model.predict(rows, batch_size=batch_size, columns=columns, device=device, **(run or {}))
 
 
-def model_transform(model: AGLModel) -> str:
-    return str(model.config.get("transform") or K.TRANSFORM_LOG1P)
+def model_transform(model: AGLModel) -> K.Transform:
+    return cast(K.Transform, str(model.config.get("transform") or K.TRANSFORM_LOG1P))
 
 
 def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
@@ -99,12 +101,10 @@ def spread_layer(model: AGLModel, *args):
         import dask.array as da
 
         return da.stack([prediction_values(m, *args) for m in members]).std(axis=0, ddof=1).astype(np.float32)
-    mean, m2 = None, None
-    for i, m in enumerate(members, start=1):
+    mean = prediction_values(members[0], *args)
+    m2 = np.zeros_like(mean)
+    for i, m in enumerate(members[1:], start=2):
         x = prediction_values(m, *args)
-        if mean is None:
-            mean, m2 = x, np.zeros_like(x)
-            continue
         delta = x - mean
         mean += delta / i
         m2 += delta * (x - mean)
