@@ -7,7 +7,10 @@ encoder and says how to normalise its input (:func:`agl_scverse.pp.normalize` wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +51,10 @@ def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     >>> [v.flatten().tolist() for v in dihedral_views(x, 2)]
     [[0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 0.0, 2.0]]
     """
-    views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    views = [x] + [torch.rot90(x, k, dims=(2, 3)) for k in range(1, min(n, 4))]  # only the views asked for
     if n > 4:
         flipped = torch.flip(x, dims=(3,))
-        views += [torch.rot90(flipped, k, dims=(2, 3)) for k in range(4)]
+        views += [torch.rot90(flipped, k, dims=(2, 3)) for k in range(n - 4)]
     return views[:n]
 
 
@@ -60,6 +63,87 @@ def _tta(tta: bool | int) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) not in TTA_CHOICES:
         raise ValueError(f"tta must be False, True (8 views) or one of {TTA_CHOICES}, got {tta!r}.")
     return int(n)
+
+
+class ReadAhead:
+    """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager.
+
+    While the caller works on item ``i`` (an encoder forward pass: ONNX Runtime and torch release the GIL), the
+    thread makes item ``i + 1`` (cutting patches: image reads, PIL and torch release it too). At most ``depth``
+    finished items wait in the queue, so ``depth + 2`` are alive at once (queued, being made, being used). Items
+    come in ``source``'s order; an exception raised by ``source`` is raised again, as it is, by the caller's next
+    ``next()``. Leaving the block (normally, by an error or ``KeyboardInterrupt``) stops the thread and waits for
+    it: no thread outlives the block.
+
+    Examples
+    --------
+    >>> with ReadAhead(iter(range(4))) as it:
+    ...     list(it)
+    [0, 1, 2, 3]
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int = 1, name: str = "agl-read-ahead"):
+        self._source, self._queue = source, queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop making items, drop the queued ones and wait for the thread to end (at most one item's time)."""
+        self._stop.set()
+        while self._thread.ident is not None and self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)  # frees a producer blocked on a full queue
+        if self._thread.ident is not None:
+            self._thread.join()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        close = getattr(self._source, "close", None)  # a generator's own finally blocks run here
+        if close is not None:
+            close()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if self._stop.is_set() or not self._put((True, item)):
+                    return
+        except BaseException as err:  # handed to the caller, raised there
+            self._put((False, err))
+            return
+        self._put((True, self._END))
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> Any:
+        if not self._thread.is_alive() and self._queue.empty() and self._stop.is_set():
+            raise StopIteration
+        ok, item = self._queue.get()
+        if not ok:
+            self._stop.set()
+            raise item
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        return item
 
 
 def _features(y: Any, batch: int) -> torch.Tensor:
@@ -94,6 +178,7 @@ def _encode(
     backend: str = "torch",
     info: dict | None = None,
     tta: int = 1,
+    read_ahead: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
 
@@ -101,6 +186,8 @@ def _encode(
     see :mod:`agl_scverse.model._onnx_backend`) is started on the first batch, which also checks
     an ONNX graph against torch; ``info`` (of :func:`get_encoder`) is part of the graph's cache key.
     With ``tta`` > 1, the mean over that many dihedral views of each patch (:func:`dihedral_views`).
+    ``read_ahead`` (without DataLoader workers): cut the next batch in a thread (:class:`ReadAhead`) while the
+    encoder runs; the features are the same either way.
     """
     from tqdm.auto import tqdm
 
@@ -117,17 +204,22 @@ def _encode(
         ds, index_batches_of(order, batch_size), num_workers=num_workers,
         prefetch_factor=prefetch_factor, pin_memory=device.type == "cuda", seed=seed,
     )  # fmt: skip
+    if device.type == "cpu":  # normalised where they are cut (the same operations as on the caller's side)
+        batches = (normalize(b, mean, std) for b in batches)
+    # Without workers, one thread cuts (and normalises) batch i + 1 while the encoder runs batch i.
+    ahead = ReadAhead(batches) if read_ahead and num_workers == 0 else contextlib.nullcontext(batches)
     out: np.ndarray | None = None
     pos = 0
     model.to(device).eval()
     converted, started, onnx = False, False, None
     try:
         with (
+            ahead as stream,
             torch.inference_mode(),
             tqdm(total=n, desc=desc, unit="spot", disable=not progress or not dist.is_main()) as bar,
         ):
-            for batch in batches:
-                x = normalize(batch.to(device, non_blocking=True), mean, std)
+            for batch in stream:
+                x = batch if device.type == "cpu" else normalize(batch.to(device, non_blocking=True), mean, std)
                 if not started:  # the engine starts on real patches: an ONNX graph is checked against torch here
                     started = True
                     onnx = start_backend(resolved, backend, model, int(x.shape[-1]), x, device, info)
@@ -135,19 +227,19 @@ def _encode(
                 y = None
                 for view in dihedral_views(x, tta):  # the patch itself first; more views with tta > 1
                     if onnx is not None:
-                        yv = _features(onnx(view), len(batch)).float()
+                        yv = _features(onnx(view), len(x)).float()
                     else:
                         with prec.autocast():
-                            yv = _features(model(prec.image_batch(view)), len(batch)).float()
+                            yv = _features(model(prec.image_batch(view)), len(x)).float()
                     y = yv if y is None else y + yv
                 y = y / tta
                 if out is None:
                     out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
                     raise ValueError(f"The encoder returned {y.shape[1]} features, then {out.shape[1]}.")
-                out[pos : pos + len(batch)] = y.detach().float().cpu().numpy()
-                pos += len(batch)
-                bar.update(len(batch))
+                out[pos : pos + len(x)] = y.detach().float().cpu().numpy()
+                pos += len(x)
+                bar.update(len(x))
     finally:
         prec.restore_layout(model, converted)
         model.train(was_training)
