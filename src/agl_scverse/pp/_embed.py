@@ -8,6 +8,8 @@ encoder and says how to normalise its input (:func:`agl_scverse.pp.normalize` wi
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -24,11 +26,18 @@ from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
 from agl_scverse._transaction import check_owned, restore_on_error
-from agl_scverse._utils import resolve_device, show_progress
+from agl_scverse._utils import resolve_device, sha256_file, show_progress
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model._data import index_batches_of, patch_batches
-from agl_scverse.model._encoders import CallableEncoder, check_native_scale, encoder_record, get_encoder, normalize
+from agl_scverse.model._encoders import (
+    CallableEncoder,
+    check_native_scale,
+    encoder_record,
+    get_encoder,
+    list_encoders,
+    normalize,
+)
 from agl_scverse.model._onnx_backend import select_backend, start_backend
 from agl_scverse.model._precision import Precision, resolve_precision
 
@@ -63,6 +72,51 @@ def _tta(tta: bool | int) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) not in TTA_CHOICES:
         raise ValueError(f"tta must be False, True (8 views) or one of {TTA_CHOICES}, got {tta!r}.")
     return int(n)
+
+
+#: The encoder :func:`built_encoder` built last, by what built it (one kept; see there).
+_BUILT: dict[tuple, tuple[nn.Module, dict[str, Any]]] = {}
+#: Largest encoder (bytes of its tensors) :func:`built_encoder` keeps for the next call.
+MAX_KEPT_ENCODER_BYTES = 1 << 30
+
+
+def _build_key(encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_kwargs: Any, strict: bool):
+    """What fixes the module built from a timm name or preset (None where it may not: then it is not kept)."""
+    if not isinstance(encoder, str) or pretrained or encoder.startswith("hf-hub:") or encoder in list_encoders():
+        return None  # hub files, registered factories: built again each time
+    try:
+        kwargs = json.dumps(encoder_kwargs or {}, sort_keys=True)  # objects (layer classes): not kept
+        file = None
+        if weights is not None:
+            path = Path(weights).expanduser().resolve()
+            file = (str(path), sha256_file(path))  # by content: a changed file is another key
+    except (TypeError, ValueError, OSError):
+        return None  # get_encoder says what is wrong
+    return (encoder, file, int(seed), kwargs, bool(strict), torch.__version__)
+
+
+def built_encoder(
+    encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_kwargs: Any, strict: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`get_encoder`, reusing the module built last from the same name, settings and weights file content.
+
+    The weights file is known by its sha256. Registered names, ``hf-hub:`` names, ``pretrained=True`` (files outside this call's control), modules and
+    callables are built (or taken) each time; at most one module of at most :data:`MAX_KEPT_ENCODER_BYTES` is
+    kept. The caller must not change the module's tensors (:func:`embed_patches` runs it frozen and puts its
+    device, mode and layout back).
+    """
+    key = _build_key(encoder, weights, pretrained, seed, encoder_kwargs, strict)
+    if key is not None and key in _BUILT:
+        module, info = _BUILT[key]
+        return module, copy.deepcopy(info)
+    module, info = get_encoder(
+        encoder, weights=weights, pretrained=pretrained, seed=seed, encoder_kwargs=encoder_kwargs, strict=strict
+    )
+    _BUILT.clear()
+    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    if key is not None and size <= MAX_KEPT_ENCODER_BYTES:
+        _BUILT[key] = (module, copy.deepcopy(info))
+    return module, info
 
 
 class ReadAhead:
@@ -418,9 +472,7 @@ def embed_patches(
         allow_lowres=allow_lowres,
     )  # decodes nothing: the memory checks come before the encoder is built
     check_patch_batch(ds.patch_px, int(batch_size), max(1, int(num_workers) * int(prefetch_factor)))
-    model, info = get_encoder(
-        encoder, weights=weights, pretrained=pretrained, seed=seed, encoder_kwargs=encoder_kwargs, strict=strict
-    )
+    model, info = built_encoder(encoder, weights, pretrained, seed, encoder_kwargs, strict)
     check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
     check_owned(adata, obsm=[key], uns=[K.EMBED_UNS])  # before encoding: key_added="spatial" holds the coordinates
