@@ -5,8 +5,9 @@ which engine runs the frozen encoder's forward pass:
 
 ``"auto"`` (default)
     ONNX Runtime on a CPU when ``onnxruntime`` is installed, the run is in float32 and the encoder exports; the
-    first patches of the run are also computed in torch and must agree (cosine similarity >= :data:`MIN_COSINE`
-    per patch). Otherwise torch, with one log line saying why.
+    first time a process runs a graph, the first patches of the run are also computed in torch and must agree
+    (cosine similarity >= :data:`MIN_COSINE` per patch; the checked session is kept for the next run, see
+    :func:`start_backend`). Otherwise torch, with one log line saying why.
 ``"torch"``
     The torch module (the reference; fine-tuning always trains in torch).
 ``"onnx"``
