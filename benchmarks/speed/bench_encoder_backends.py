@@ -9,7 +9,9 @@ default), measured in one process, one after the other:
   ``backend="torch", precision="fp32"`` (eager fp32), ``backend="torch", precision="auto"`` (channels_last on a
   CPU without native bf16), a ``torch.compile``-d encoder (``--no-compile`` to skip its ~2 min of compiling;
   its first call, compile included, is reported apart), and the default ``backend="auto"`` (ONNX Runtime; first
-  call with an empty graph cache, export included, reported apart);
+  call with an empty graph cache, export included, reported apart), the default again with nothing kept from the
+  previous call (the encoder built, the graph read from the disk cache, its session started and checked against
+  torch, as in a new process) and the default with the patches cut serially (no read-ahead thread);
 - int8 dynamic quantisation of the exported graph: bare forward over the same batches and cosine similarity of its
   features with torch's (it is not a backend option: see the Encoders page).
 
@@ -26,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -99,6 +102,7 @@ def main() -> None:
     import agl_scverse as agl
     from agl_scverse._utils import versions
     from agl_scverse.encoders import _onnx_backend as ob
+    from agl_scverse.pp import _embed as emb
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,13 +128,18 @@ def main() -> None:
     bare_start = bare_forward(model, bare_batches)
     print(f"bare eager fp32 forward (start): {args.batch_size / bare_start:.2f} spots/s")
 
-    def e2e(label: str, repeats: int, **extra) -> np.ndarray:
+    def e2e(label: str, repeats: int, before=None, read_ahead: bool = True, **extra) -> np.ndarray:
         rates, peaks, feats = [], [], None
+        encode = emb._encode
         for _ in range(repeats):
+            if before is not None:
+                before()
+            emb._encode = functools.partial(encode, read_ahead=read_ahead)
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 out = agl.pp.embed_patches(adata, **{**kw, **extra}, key_added="X")
                 dt = time.perf_counter() - t0
+            emb._encode = encode
             rates.append(n / dt)
             peaks.append(mem.peak)
             feats = np.asarray(out.obsm["X"])
@@ -157,6 +166,13 @@ def main() -> None:
         e2e("torch.compile", args.repeats, encoder=pair, weights=None, backend="torch", precision="fp32")
     onnx_first = e2e("ONNX Runtime: first call (export)", 1)  # backend="auto", the default
     onnx = e2e("ONNX Runtime (default backend='auto')", args.repeats)
+
+    def forget() -> None:  # as in a new process: nothing kept from the previous call but the graph on disk
+        emb._BUILT.clear()
+        ob.clear_started()
+
+    e2e("ONNX Runtime (default), nothing kept from the last call", args.repeats, before=forget)
+    e2e("ONNX Runtime (default), patches cut serially", args.repeats, read_ahead=False)
     cos = ob.row_cosine(ref, onnx)
     cos_first = ob.row_cosine(ref, onnx_first)
 

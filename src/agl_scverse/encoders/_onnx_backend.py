@@ -5,8 +5,9 @@ which engine runs the frozen encoder's forward pass:
 
 ``"auto"`` (default)
     ONNX Runtime on a CPU when ``onnxruntime`` is installed, the run is in float32 and the encoder exports; the
-    first patches of the run are also computed in torch and must agree (cosine similarity >= :data:`MIN_COSINE`
-    per patch). Otherwise torch, with one log line saying why.
+    first time a process runs a graph, the first patches of the run are also computed in torch and must agree
+    (cosine similarity >= :data:`MIN_COSINE` per patch; the checked session is kept for the next run, see
+    :func:`start_backend`). Otherwise torch, with one log line saying why.
 ``"torch"``
     The torch module (the reference; fine-tuning always trains in torch).
 ``"onnx"``
@@ -53,6 +54,7 @@ __all__ = [
     "MIN_COSINE",
     "OnnxEncoder",
     "cache_dir",
+    "clear_started",
     "graph_key",
     "info_key",
     "onnx_encoder",
@@ -72,6 +74,8 @@ N_CHECK = 4
 _GRAPH = "encoder.onnx"
 _META = "meta.json"
 _FORMAT = 1  # bump when the export changes in a way the key does not capture
+#: The session :func:`start_backend` started last, by (graph key, providers, threads): at most one is kept.
+_STARTED: dict[tuple, OnnxEncoder] = {}
 
 
 def onnx_backend_available() -> bool:
@@ -304,6 +308,9 @@ class OnnxEncoder:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads sleep rather than spin: the thread cutting the next patches (and other processes)
+        # get the cores between ONNX Runtime's parallel sections (faster end to end on a shared 2-core CPU).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         if [i.name for i in self.session.get_inputs()] != ["images"]:
             raise ValueError(
@@ -524,13 +531,34 @@ def start_backend(
 
     ``backend`` is what :func:`select_backend` returned for ``requested``. When the export or the check fails,
     ``requested="auto"`` goes on in torch (None, with one log line); a forced backend raises ``RuntimeError``.
+    The session of the last graph started is kept in this process, keyed by content (:func:`graph_key`: the
+    module's tensors and structure, the input size, how it was built), the providers and the thread count: the
+    next run of the same encoder reuses it and the check it passed, without loading or checking again
+    (:func:`clear_started` forgets it).
     """
     if backend == "torch":
         return None
+    providers = providers_for(device)
+    memo = (graph_key(module, input_px, info_key(info)), tuple(providers), torch.get_num_threads())
+    if memo in _STARTED:  # this process already loaded and checked the graph of this very content
+        return _STARTED[memo]
     try:
-        return onnx_encoder(module, input_px, first_batch, extra=info_key(info), providers=providers_for(device))
+        enc = onnx_encoder(module, input_px, first_batch, extra=info_key(info), providers=providers)
     except RuntimeError as err:
         if requested != "auto":
             raise RuntimeError(f"backend={requested!r}: {err}. Use backend='torch' for this encoder.") from err
         logg.info(f"backend='auto': the encoder runs in torch: {err}.")
         return None
+    _STARTED.clear()  # one graph kept: the encoder of the last run
+    _STARTED[memo] = enc
+    return enc
+
+
+def clear_started() -> None:
+    """Forget the ONNX Runtime session :func:`start_backend` keeps for the next run (frees its memory).
+
+    Examples
+    --------
+    >>> clear_started()
+    """
+    _STARTED.clear()

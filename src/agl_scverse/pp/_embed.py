@@ -7,7 +7,13 @@ encoder and says how to normalise its input (:func:`agl_scverse.pp.normalize` wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import copy
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,13 +27,14 @@ from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
 from agl_scverse._encoder_args import as_encoder_config, encoder_keywords
 from agl_scverse._transaction import check_owned, restore_on_error
-from agl_scverse._utils import resolve_device, show_progress
+from agl_scverse._utils import resolve_device, sha256_file, show_progress
 from agl_scverse.configs import EncoderConfig
 from agl_scverse.encoders._factory import check_native_scale, get_encoder
 from agl_scverse.encoders._modules import CallableEncoder
 from agl_scverse.encoders._normalize import normalize
 from agl_scverse.encoders._onnx_backend import select_backend, start_backend
 from agl_scverse.encoders._record import encoder_record
+from agl_scverse.encoders._registry import list_encoders
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.train._data import index_batches_of, patch_batches
 from agl_scverse.train._precision import Precision, resolve_precision
@@ -56,10 +63,10 @@ def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     >>> [v.flatten().tolist() for v in dihedral_views(x, 2)]
     [[0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 0.0, 2.0]]
     """
-    views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    views = [x] + [torch.rot90(x, k, dims=(2, 3)) for k in range(1, min(n, 4))]  # only the views asked for
     if n > 4:
         flipped = torch.flip(x, dims=(3,))
-        views += [torch.rot90(flipped, k, dims=(2, 3)) for k in range(4)]
+        views += [torch.rot90(flipped, k, dims=(2, 3)) for k in range(n - 4)]
     return views[:n]
 
 
@@ -68,6 +75,132 @@ def _tta(tta: bool | int) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) not in TTA_CHOICES:
         raise ValueError(f"tta must be False, True (8 views) or one of {TTA_CHOICES}, got {tta!r}.")
     return int(n)
+
+
+#: The encoder :func:`built_encoder` built last, by what built it (one kept; see there).
+_BUILT: dict[tuple, tuple[nn.Module, dict[str, Any]]] = {}
+#: Largest encoder (bytes of its tensors) :func:`built_encoder` keeps for the next call.
+MAX_KEPT_ENCODER_BYTES = 1 << 30
+
+
+def _build_key(encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_kwargs: Any, strict: bool):
+    """What fixes the module built from a timm name or preset (None where it may not: then it is not kept)."""
+    if not isinstance(encoder, str) or pretrained or encoder.startswith("hf-hub:") or encoder in list_encoders():
+        return None  # hub files, registered factories: built again each time
+    try:
+        kwargs = json.dumps(encoder_kwargs or {}, sort_keys=True)  # objects (layer classes): not kept
+        file = None
+        if weights is not None:
+            path = Path(weights).expanduser().resolve()
+            file = (str(path), sha256_file(path))  # by content: a changed file is another key
+    except (TypeError, ValueError, OSError):
+        return None  # get_encoder says what is wrong
+    return (encoder, file, int(seed), kwargs, bool(strict), torch.__version__)
+
+
+def built_encoder(
+    encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_kwargs: Any, strict: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`get_encoder`, reusing the module built last from the same name, settings and weights file content.
+
+    The weights file is known by its sha256. Registered names, ``hf-hub:`` names, ``pretrained=True`` (files outside this call's control), modules and
+    callables are built (or taken) each time; at most one module of at most :data:`MAX_KEPT_ENCODER_BYTES` is
+    kept. The caller must not change the module's tensors (:func:`embed_patches` runs it frozen and puts its
+    device, mode and layout back).
+    """
+    key = _build_key(encoder, weights, pretrained, seed, encoder_kwargs, strict)
+    if key is not None and key in _BUILT:
+        module, info = _BUILT[key]
+        return module, copy.deepcopy(info)
+    module, info = get_encoder(
+        encoder, weights=weights, pretrained=pretrained, seed=seed, encoder_kwargs=encoder_kwargs, strict=strict
+    )
+    _BUILT.clear()
+    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    if key is not None and size <= MAX_KEPT_ENCODER_BYTES:
+        _BUILT[key] = (module, copy.deepcopy(info))
+    return module, info
+
+
+class ReadAhead:
+    """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager.
+
+    While the caller works on item ``i`` (an encoder forward pass: ONNX Runtime and torch release the GIL), the
+    thread makes item ``i + 1`` (cutting patches: image reads, PIL and torch release it too). At most ``depth``
+    finished items wait in the queue, so ``depth + 2`` are alive at once (queued, being made, being used). Items
+    come in ``source``'s order; an exception raised by ``source`` is raised again, as it is, by the caller's next
+    ``next()``. Leaving the block (normally, by an error or ``KeyboardInterrupt``) stops the thread and waits for
+    it: no thread outlives the block.
+
+    Examples
+    --------
+    >>> with ReadAhead(iter(range(4))) as it:
+    ...     list(it)
+    [0, 1, 2, 3]
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int = 1, name: str = "agl-read-ahead"):
+        self._source, self._queue = source, queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop making items, drop the queued ones and wait for the thread to end (at most one item's time)."""
+        self._stop.set()
+        while self._thread.ident is not None and self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)  # frees a producer blocked on a full queue
+        if self._thread.ident is not None:
+            self._thread.join()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        close = getattr(self._source, "close", None)  # a generator's own finally blocks run here
+        if close is not None:
+            close()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if self._stop.is_set() or not self._put((True, item)):
+                    return
+        except BaseException as err:  # handed to the caller, raised there
+            self._put((False, err))
+            return
+        self._put((True, self._END))
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> Any:
+        if not self._thread.is_alive() and self._queue.empty() and self._stop.is_set():
+            raise StopIteration
+        ok, item = self._queue.get()
+        if not ok:
+            self._stop.set()
+            raise item
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        return item
 
 
 def _features(y: Any, batch: int) -> torch.Tensor:
@@ -102,6 +235,7 @@ def _encode(
     backend: str = "torch",
     info: dict | None = None,
     tta: int = 1,
+    read_ahead: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
 
@@ -109,6 +243,8 @@ def _encode(
     see :mod:`agl_scverse.encoders._onnx_backend`) is started on the first batch, which also checks
     an ONNX graph against torch; ``info`` (of :func:`get_encoder`) is part of the graph's cache key.
     With ``tta`` > 1, the mean over that many dihedral views of each patch (:func:`dihedral_views`).
+    ``read_ahead`` (without DataLoader workers): cut the next batch in a thread (:class:`ReadAhead`) while the
+    encoder runs; the features are the same either way.
     """
     from tqdm.auto import tqdm
 
@@ -125,17 +261,22 @@ def _encode(
         ds, index_batches_of(order, batch_size), num_workers=num_workers,
         prefetch_factor=prefetch_factor, pin_memory=device.type == "cuda", seed=seed,
     )  # fmt: skip
+    if device.type == "cpu":  # normalised where they are cut (the same operations as on the caller's side)
+        batches = (normalize(b, mean, std) for b in batches)
+    # Without workers, one thread cuts (and normalises) batch i + 1 while the encoder runs batch i.
+    ahead = ReadAhead(batches) if read_ahead and num_workers == 0 else contextlib.nullcontext(batches)
     out: np.ndarray | None = None
     pos = 0
     model.to(device).eval()
     converted, started, onnx = False, False, None
     try:
         with (
+            ahead as stream,
             torch.inference_mode(),
             tqdm(total=n, desc=desc, unit="spot", disable=not progress or not dist.is_main()) as bar,
         ):
-            for batch in batches:
-                x = normalize(batch.to(device, non_blocking=True), mean, std)
+            for batch in stream:
+                x = batch if device.type == "cpu" else normalize(batch.to(device, non_blocking=True), mean, std)
                 if not started:  # the engine starts on real patches: an ONNX graph is checked against torch here
                     started = True
                     onnx = start_backend(resolved, backend, model, int(x.shape[-1]), x, device, info)
@@ -143,19 +284,19 @@ def _encode(
                 y = None
                 for view in dihedral_views(x, tta):  # the patch itself first; more views with tta > 1
                     if onnx is not None:
-                        yv = _features(onnx(view), len(batch)).float()
+                        yv = _features(onnx(view), len(x)).float()
                     else:
                         with prec.autocast():
-                            yv = _features(model(prec.image_batch(view)), len(batch)).float()
+                            yv = _features(model(prec.image_batch(view)), len(x)).float()
                     y = yv if y is None else y + yv
                 y = y / tta
                 if out is None:
                     out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
                     raise ValueError(f"The encoder returned {y.shape[1]} features, then {out.shape[1]}.")
-                out[pos : pos + len(batch)] = y.detach().float().cpu().numpy()
-                pos += len(batch)
-                bar.update(len(batch))
+                out[pos : pos + len(x)] = y.detach().float().cpu().numpy()
+                pos += len(x)
+                bar.update(len(x))
     finally:
         prec.restore_layout(model, converted)
         model.train(was_training)
@@ -311,9 +452,9 @@ def embed_patches(
         allow_lowres=cfg.allow_lowres,
     )  # decodes nothing: the memory checks come before the encoder is built
     check_patch_batch(ds.patch_px, cfg.batch_size, max(1, cfg.num_workers * cfg.prefetch_factor))
-    model, info = get_encoder(
-        cfg.encoder, weights=cfg.weights, pretrained=cfg.pretrained, seed=seed,
-        encoder_kwargs=dict(cfg.encoder_kwargs) if cfg.encoder_kwargs is not None else None, strict=cfg.strict,
+    model, info = built_encoder(
+        cfg.encoder, cfg.weights, cfg.pretrained, seed,
+        dict(cfg.encoder_kwargs) if cfg.encoder_kwargs is not None else None, cfg.strict,
     )  # fmt: skip
     check_native_scale(info, ds.patch_px, ds.patch_um)
     key = key_added or K.embedding_key(info["name"])
