@@ -111,9 +111,9 @@ def main() -> None:
     adata = agl.io.read_legacy_st(args.data, sections=[args.section])[: args.spots].copy()
     n = adata.n_obs
     weights = str(args.weights) if args.weights and args.encoder == "densenet121" else None
-    kw = {
-        "encoder": args.encoder, "weights": weights, "patch_px": args.patch_px, "patch_um": args.patch_um, "device": "cpu",
-        "batch_size": args.batch_size, "library_key": "library_id", "copy": True,
+    enc = {  # the EncoderConfig fields; each variant overrides some
+        "encoder": args.encoder, "weights": weights, "patch_px": args.patch_px, "patch_um": args.patch_um,
+        "batch_size": args.batch_size,
     }  # fmt: skip
     ds = agl.pp.SpotPatches(adata, patch_px=args.patch_px, patch_um=args.patch_um, library_key="library_id")
     patches = torch.stack([ds[i] for i in range(n)])  # decodes the image into the cache once
@@ -137,7 +137,9 @@ def main() -> None:
             emb._encode = functools.partial(encode, read_ahead=read_ahead)
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                out = agl.pp.embed_patches(adata, **{**kw, **extra}, key_added="X")
+                out = agl.pp.embed_patches(
+                    adata, {**enc, **extra}, device="cpu", library_key="library_id", key_added="X", copy=True
+                )
                 dt = time.perf_counter() - t0
             emb._encode = encode
             rates.append(n / dt)
