@@ -501,4 +501,4 @@ class EncoderConfig:
         check_positive("num_workers", self.num_workers, integer=True, allow_zero=True)
         check_positive("prefetch_factor", self.prefetch_factor, integer=True)
         if not isinstance(self.tta, bool | int | np.integer):
-            raise TypeError(f"tta must be False, True (8 views) or a number of views (4 or 8), got {self.tta!r}.")
+            raise ValueError(f"tta must be False, True (8 views) or a number of views (4 or 8), got {self.tta!r}.")
