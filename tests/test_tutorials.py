@@ -16,7 +16,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-NOTEBOOKS = ["01_quickstart.ipynb", "02_her2st.ipynb", "03_scanpy_pipeline.ipynb"]
+NOTEBOOKS = ["01_quickstart.ipynb", "02_her2st.ipynb", "03_scanpy_pipeline.ipynb", "04_whole_slide.ipynb"]
 
 
 def test_every_notebook_has_a_source():
@@ -69,7 +69,7 @@ def _table_value(texts: list[str], row: str, header: str = "pearson") -> float:
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_tutorial_runs(name, monkeypatch, request):
     monkeypatch.setenv("AGL_TUTORIAL_QUICK", "1")
-    if name.startswith("02"):
+    if name.startswith(("02", "04")):
         monkeypatch.setenv("AGL_HER2ST", str(request.getfixturevalue("her2st_dir")))  # skips without the data
     nb = nbformat.read(TUTORIALS / name, as_version=4)
     for cell in nb.cells:  # run from a clean slate, not from the stored outputs
@@ -92,6 +92,15 @@ def test_tutorial_runs(name, monkeypatch, request):
         assert -1.0 <= _table_value(texts, "model") <= 1.0
         k, n_aux = map(int, re.search(r"k = (\d+) of (\d+) auxiliary genes", "\n".join(texts)).groups())
         assert 0 < k < n_aux
+    elif name.startswith("04"):
+        joined = "\n".join(texts)
+        assert "predicted from its H&E alone: C6" in joined
+        covered = float(re.search(r"within one pitch of a grid spot: ([\d.]+)% of 178", joined).group(1))
+        assert covered >= 95.0, covered  # issue 22's coverage target, on the quick run's coarse grid too
+        for route in ("grid", "spot"):
+            r = float(re.search(rf"{route} route: mean target PCC = (-?[\d.]+)", joined).group(1))
+            assert -1.0 <= r <= 1.0
+        assert "genes: [" in joined
     else:
         ari = float(re.search(r"ARI\(predicted clusters, observed clusters\) = (-?[\d.]+)", "\n".join(texts)).group(1))
         assert -1.0 <= ari <= 1.0

@@ -25,7 +25,7 @@ import jupytext
 import nbformat
 
 HERE = Path(__file__).resolve().parent
-NOTEBOOKS = ["01_quickstart.ipynb", "02_her2st.ipynb", "03_scanpy_pipeline.ipynb"]
+NOTEBOOKS = ["01_quickstart.ipynb", "02_her2st.ipynb", "03_scanpy_pipeline.ipynb", "04_whole_slide.ipynb"]
 
 _BAR = re.compile(r"^.*\d+%\|.*\|.*$")  # a tqdm progress bar line
 # a warning raised inside an installed package: "<path>/site-packages/<file>:<line>: <Name>Warning: ..."

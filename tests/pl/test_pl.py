@@ -513,8 +513,18 @@ FAMILY = {
     "training_history": (lambda ad, **kw: agl.pl.training_history(ad, **kw), (3,)),
     "gene_performance": (lambda ad, **kw: agl.pl.gene_performance(ad, **kw), None),
     "spatial_prediction": (lambda ad, **kw: agl.pl.spatial_prediction(ad, ["T0", "A03"], **kw), (2, 2)),
+    "slide_prediction": (
+        lambda ad, **kw: agl.pl.slide_prediction(ad, ["T0", "A03"], layer="agl_pred", measured=ad, **kw),
+        (2, 2),
+    ),
 }
-FUNCTIONS = [agl.pl.selected_genes, agl.pl.spatial_prediction, agl.pl.training_history, agl.pl.gene_performance]
+FUNCTIONS = [
+    agl.pl.selected_genes,
+    agl.pl.spatial_prediction,
+    agl.pl.slide_prediction,
+    agl.pl.training_history,
+    agl.pl.gene_performance,
+]
 
 
 @pytest.fixture(params=list(FAMILY))
@@ -526,7 +536,7 @@ def _flat(axes) -> list:
     return [axes] if isinstance(axes, matplotlib.axes.Axes) else list(np.asarray(axes, dtype=object).ravel())
 
 
-def test_pl_exports_the_four_functions():
+def test_pl_exports_the_five_functions():
     assert sorted(agl.pl.__all__) == sorted(f.__name__ for f in FUNCTIONS)
 
 

@@ -12,8 +12,11 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from agl_scverse import _constants as K
+from agl_scverse import _spatial
 from agl_scverse._constants import Keys
 from agl_scverse._serialize import null_as_none
+from agl_scverse._stats import pearson_per_gene
 
 #: What a plot returns when neither shown nor asked for its Figure: its one Axes, or an array of them.
 _AxesT = TypeVar("_AxesT", Axes, np.ndarray)
@@ -200,3 +203,43 @@ def best_epoch(run: dict) -> float | None:
     if len(val) == len(epochs) and np.isfinite(val).any():
         return float(epochs[int(np.nanargmax(val))])
     return None
+
+
+def dense(x) -> np.ndarray:
+    """A dense NumPy array of a dense or sparse matrix."""
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x)
+
+
+def finite_pcc(observed: np.ndarray, predicted: np.ndarray) -> float:
+    """Pearson correlation over the spots where both values are finite (NaN if fewer than 2 or either is constant)."""
+    ok = np.isfinite(observed) & np.isfinite(predicted)
+    return float(pearson_per_gene(observed[ok, None], predicted[ok, None], constant_pred=np.nan)[0])
+
+
+def library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.ImageSource | None, float]:
+    """The image of library ``lib`` to draw (``img_res_key``, else the next best) and its scale factor.
+
+    The scale maps full-resolution pixels to the image's; ``(None, 1.0)``, with a warning, when there is none.
+    """
+    from scanpy import logging as logg
+
+    order = [img_res_key, *[r for r in (K.HIRES, K.LOWRES, K.FULLRES) if r != img_res_key]]
+    try:
+        image, scale, _ = _spatial.get_image(adata, lib, prefer=order, warn=False)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        logg.warning(f"No image drawn for library {lib!r}: {err}")
+        return None, 1.0
+    return image, scale
+
+
+def spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
+    """``spot_diameter_fullres`` of library ``lib``, else 0.55 x the median spacing of the spots ``xy``."""
+    sf = adata.uns.get(K.SPATIAL_KEY, {}).get(lib, {}).get(K.SCALEFACTORS, {})
+    if K.SPOT_DIAMETER in sf:
+        return float(sf[K.SPOT_DIAMETER])
+    if len(xy) < 2:
+        return 1.0
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing

@@ -11,7 +11,6 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse import _spatial
@@ -19,10 +18,9 @@ from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._expression import expression_transform, observed_transform, predicted_mask
 from agl_scverse._serialize import null_as_none
-from agl_scverse._stats import pearson_per_gene
 from agl_scverse._validate import resolve_spots, scored_spots
 
-from ._common import EXPRESSION_CMAP, axes_array, finish, new_axes
+from ._common import EXPRESSION_CMAP, axes_array, dense, finish, finite_pcc, library_image, new_axes, spot_diameter
 
 __all__ = ["spatial_prediction"]
 
@@ -202,7 +200,7 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray], obser
             f"Genes {no_pred} have no predictions in layers[{keys.pred_layer!r}] (the model does not output them, "
             f"or they were not asked for). Pick genes the model predicts, e.g. {list(adata.var_names[has][:5])}."
         )
-    pred = _dense(adata.layers[keys.pred_layer][:, idx]).astype(float)
+    pred = dense(adata.layers[keys.pred_layer][:, idx]).astype(float)
     record = null_as_none(adata.uns.get(keys.pred_uns)) or {}
     if observed is None:
         observed = bool(record.get("observed", True))
@@ -217,7 +215,7 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray], obser
         for g, gene in enumerate(genes):
             p = pred[mask, g]
             o = obs_values[mask, g] if obs_values is not None else None
-            r = _pcc(o[sc], p[sc]) if o is not None else float("nan")
+            r = finite_pcc(o[sc], p[sc]) if o is not None else float("nan")
             out.append(_Panel(gene, lib, mask, o, p, r, int(sc.sum()), kind))
     order = {lib: i for i, lib in enumerate(masks)}
     return sorted(out, key=lambda q: (genes.index(q.gene), order[q.library]))  # gene-major rows
@@ -253,16 +251,6 @@ def _observed(adata: AnnData, idx: np.ndarray, keys: Keys, record: dict) -> np.n
     X = adata.X if layer is None else adata.layers[str(layer)]
     transform = observed_transform(record, null_as_none(params.get("transform")) or K.TRANSFORM_LOG1P)
     return expression_transform(X, transform=transform, columns=idx).astype(float)
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x)
-
-
-def _pcc(observed: np.ndarray, predicted: np.ndarray) -> float:
-    """Pearson correlation over the spots where both values are finite (NaN if fewer than 2 or either is constant)."""
-    ok = np.isfinite(observed) & np.isfinite(predicted)
-    return float(pearson_per_gene(observed[ok, None], predicted[ok, None], constant_pred=np.nan)[0])
 
 
 def _titles(p: _Panel, several: bool) -> list[str]:
@@ -371,28 +359,6 @@ def _library_masks(adata: AnnData, library_key, library_id) -> dict[str, np.ndar
     return {lib: masks[lib] for lib in wanted}
 
 
-def _library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.ImageSource | None, float]:
-    order = [img_res_key, *[r for r in (K.HIRES, K.LOWRES, K.FULLRES) if r != img_res_key]]
-    try:
-        image, scale, _ = _spatial.get_image(adata, lib, prefer=order, warn=False)
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        logg.warning(f"No image drawn for library {lib!r}: {err}")
-        return None, 1.0
-    return image, scale
-
-
-def _spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
-    sf = adata.uns.get(K.SPATIAL_KEY, {}).get(lib, {}).get(K.SCALEFACTORS, {})
-    if K.SPOT_DIAMETER in sf:
-        return float(sf[K.SPOT_DIAMETER])
-    if len(xy) < 2:
-        return 1.0
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(xy).query(xy, k=2)
-    return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing
-
-
 def _plot_anndata(
     adata, genes, key, library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs, what
 ):
@@ -406,11 +372,11 @@ def _plot_anndata(
     several = len(masks) > 1
     fig, axs = _grid(len(panels), len(_values(panels[0])), ax, figsize)
     xy_all = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
-    images = {lib: (_library_image(adata, lib, img_res_key) if img else (None, 1.0)) for lib in masks}
+    images = {lib: (library_image(adata, lib, img_res_key) if img else (None, 1.0)) for lib in masks}
     for row, p in enumerate(panels):
         image, scale = images[p.library]
         xy = xy_all[p.mask]
-        diameter = _spot_diameter(adata, p.library, xy)
+        diameter = spot_diameter(adata, p.library, xy)
         entry = {K.SCALEFACTORS: {K.HIRES_SCALEF: scale, K.SPOT_DIAMETER: diameter}}
         if image is not None:
             entry[K.IMAGES] = {K.HIRES: image}

@@ -1,0 +1,315 @@
+"""Whole-slide maps of predicted genes over the H&E image, optionally beside a section's measured expression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from anndata import AnnData
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from agl_scverse import _constants as K
+from agl_scverse import _spatial
+from agl_scverse._constants import Keys, Transform
+from agl_scverse._docs import d
+from agl_scverse._expression import expression_transform, observed_transform
+from agl_scverse._serialize import null_as_none
+
+from ._common import EXPRESSION_CMAP, axes_array, dense, finish, finite_pcc, library_image, new_axes, spot_diameter
+from ._spatial_prediction import r_phrase
+
+__all__ = ["slide_prediction"]
+
+
+@d.dedent
+def slide_prediction(
+    pred: AnnData,
+    genes: str | Sequence[str],
+    *,
+    measured: AnnData | None = None,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    layer: str | None = None,
+    measured_layer: str | None = None,
+    transform: Transform | None = None,
+    img: bool = True,
+    img_res_key: str = K.HIRES,
+    crop: bool = True,
+    cmap: str = EXPRESSION_CMAP,
+    robust: bool = True,
+    spot_scale: float = 1.0,
+    alpha: float = 1.0,
+    ax: Sequence[Axes] | np.ndarray | None = None,
+    figsize: tuple[float, float] | None = None,
+    show: bool | None = None,
+    save: str | Path | bool | None = None,
+    return_fig: bool = False,
+) -> np.ndarray | Figure | None:
+    """Map predicted genes over a whole slide's H&E image, optionally beside the section's measured expression.
+
+    ``pred`` is the AnnData of :func:`agl_scverse.tl.predict_anndata` (or the ``.h5ad`` of ``agl-scverse
+    predict-slide``): predictions in ``.X`` (gene names as ``var_names``) at spots, usually a grid from
+    :func:`agl_scverse.pp.spot_grid`, with centres in full-resolution pixels in ``.obsm["spatial"]`` and the
+    slide's image in ``.uns["spatial"]``. Each spot is drawn as a disk of its ``spot_diameter_fullres`` (in image
+    units, so the map keeps its scale at any zoom; at most the spots' median spacing, so a grid of wide patches
+    tiles rather than overlaps) over the image.
+
+    With ``measured``, an AnnData of the **same section** with measured counts (e.g. from
+    :func:`agl_scverse.io.read_legacy_st`, in the same full-resolution pixels), each gene gets two panels, the
+    measured expression (put on the prediction's scale: the ``transform`` of ``.uns["agl_pred"]``, ``log1p`` by
+    default) and the prediction, with one colour range per gene over both (equal colours are equal values) and the
+    same extent. The predicted panel's title then gives the Pearson r between each measured spot and the
+    prediction at the grid spot nearest to it.
+
+    There is one row per gene: ``(measured, predicted)`` panels, or ``(predicted,)`` without ``measured``. ``ax``,
+    when given, holds ``n_genes * n_cols`` Axes in that order (a sequence or an array of shape
+    ``(n_genes, n_cols)``). A new figure is 4.2 x 3.8 inches per panel unless ``figsize`` is given. Each row has
+    one colour bar.
+
+    Parameters
+    ----------
+    pred
+        Predictions at spots of one slide: the AnnData of :func:`~agl_scverse.tl.predict_anndata`.
+    genes
+        One gene or several, among ``pred.var_names`` (and ``measured.var_names`` with ``measured``).
+    measured
+        Measured counts of the same section, drawn beside the prediction.
+    library_id
+        The slide, when ``pred`` or ``measured`` holds several (their ``.obs[library_key]`` and ``.uns["spatial"]``
+        entries); default the only one.
+    library_key
+        ``.obs`` column naming the slides (default ``"library_id"`` where it tells several apart).
+    layer
+        Layer of ``pred`` holding the predictions (default ``.X``).
+    measured_layer
+        Layer of ``measured`` holding the counts (default ``.X``).
+    transform
+        How measured counts are put on the prediction's scale (``"log1p"``, ``"log1p_cpm"``, ``"none"``); default
+        the one recorded in ``pred.uns["agl_pred"]`` (``"log1p_cpm"`` for ``scale="log1p_cp10k"``), else
+        ``"log1p"``.
+    img
+        Draw the H&E image under the spots.
+    img_res_key
+        Which image of ``.uns['spatial'][library]['images']`` to draw (the next best one when it is absent).
+    crop
+        Limit the maps to the spots (of both AnnData) with a margin of one spot, rather than the whole image.
+    cmap
+        Colour map.
+    robust
+        Colour range from the 1st to the 99th percentile of the gene's values (over both panels), so a few extreme
+        spots do not wash out the map; ``False``: minimum to maximum.
+    spot_scale
+        Factor on each AnnData's spot diameter (e.g. ``0.8`` leaves gaps between grid spots).
+    alpha
+        Opacity of the spots.
+    %(plot_params)s
+
+    Returns
+    -------
+    numpy.ndarray or matplotlib.figure.Figure or None
+        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
+        else a NumPy array of :class:`~matplotlib.axes.Axes` of shape ``(n_genes, 2)`` (column 0 measured, column
+        1 predicted), or ``(n_genes, 1)`` without ``measured`` (colour bars are extra axes of the figure).
+
+    Examples
+    --------
+    >>> import agl_scverse as agl
+    >>> slide = agl.io.read_he_image("he.jpg", microns_per_pixel=0.73)  # doctest: +SKIP
+    >>> grid = agl.pp.spot_grid(slide, model="my_model")  # doctest: +SKIP
+    >>> pred = agl.tl.predict_anndata(grid, "my_model")  # doctest: +SKIP
+    >>> agl.pl.slide_prediction(pred, ["ERBB2", "GRB7"])  # doctest: +SKIP
+    >>> agl.pl.slide_prediction(pred, "ERBB2", measured=visium_of_the_same_section)  # doctest: +SKIP
+    """
+    if not isinstance(pred, AnnData):
+        raise TypeError(f"pred must be an AnnData (from agl.tl.predict_anndata), got {type(pred).__name__}.")
+    if measured is not None and not isinstance(measured, AnnData):
+        raise TypeError(f"measured must be an AnnData of measured counts, got {type(measured).__name__}.")
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    if not genes:
+        raise ValueError("genes is empty; pass at least one gene name.")
+    _check_genes(pred, genes, measured)
+    lib, p_mask = _slide(pred, library_id, library_key, "pred")
+    p_xy = _xy(pred, "pred")[p_mask]
+    p_vals = _values(pred, layer, genes, "pred")[p_mask]
+    p_diam = _diameter(pred, lib, p_xy) * spot_scale
+    layers = [(pred, lib, p_xy, p_vals, p_diam)]
+    if measured is not None:
+        m_lib, m_mask = _slide(measured, library_id if library_id is not None else lib, library_key, "measured")
+        m_xy = _xy(measured, "measured")[m_mask]
+        record = null_as_none(pred.uns.get(Keys().pred_uns)) or {}
+        how = transform if transform is not None else observed_transform(record, K.TRANSFORM_LOG1P)
+        X = _counts(measured, measured_layer)[np.flatnonzero(m_mask)]
+        m_vals = expression_transform(X, transform=how, columns=measured.var_names.get_indexer(genes)).astype(float)
+        m_diam = _diameter(measured, m_lib, m_xy) * spot_scale
+        layers.insert(0, (measured, m_lib, m_xy, m_vals, m_diam))
+    n_cols = len(layers)
+    fig, flat = new_axes(
+        ax,
+        n_cols * len(genes),
+        figsize or (4.2 * n_cols, 3.8 * len(genes)),
+        ncols=n_cols,
+        what=f"{'measured and predicted' if n_cols == 2 else 'predicted'} for each of {len(genes)} genes",
+    )
+    axs = axes_array(flat, (len(genes), n_cols))
+    images = [library_image(a, lb, img_res_key) if img else (None, 1.0) for a, lb, *_ in layers]
+    if img and images[-1][0] is None and n_cols == 2:  # the prediction's slide has no image: use the measured one
+        images[-1] = images[0]
+    extent = _extent(layers, images, crop)
+    nearest = None
+    if measured is not None and len(p_xy):
+        from scipy.spatial import cKDTree
+
+        nearest = cKDTree(p_xy).query(layers[0][2])[1]
+    for g, gene in enumerate(genes):
+        vals = [vs[:, g] for *_, vs, _ in layers]
+        norm = _norm(np.concatenate(vals), robust)
+        colls = []
+        for c, ((_, _, xy, _, diam), (image, scale), v) in enumerate(zip(layers, images, vals)):
+            a = axs[g, c]
+            if image is not None:
+                arr = np.asarray(image)
+                h, w = arr.shape[:2]
+                a.imshow(arr, extent=(0, w / scale, h / scale, 0), interpolation="antialiased")
+            colls.append(_disks(a, xy, diam, v, cmap, norm, alpha))
+            a.set_xlim(extent[0], extent[1])
+            a.set_ylim(extent[3], extent[2])  # y down, as the image
+            a.set_aspect("equal")
+            a.set_xticks([])
+            a.set_yticks([])
+        if nearest is not None:
+            r = finite_pcc(vals[0], vals[1][nearest])
+            axs[g, 0].set_title(f"{gene} measured ({layers[0][1]}, {len(nearest)} spots)")
+            axs[g, 1].set_title(f"{gene} predicted ({len(p_xy)} spots)\n{_r_title(r, len(nearest))}")
+        else:
+            axs[g, -1].set_title(f"{gene} predicted ({len(p_xy)} spots)")
+        fig.colorbar(colls[-1], ax=list(axs[g]), shrink=0.8)
+    return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="slide_prediction")
+
+
+def _r_title(r: float, n: int) -> str:
+    """``"r = 0.271 at 25 measured spots"`` (each against its nearest predicted spot), or why there is no r."""
+    phrase = r_phrase(r, n, "all")
+    if phrase.startswith("r = "):
+        return f"r = {r:.3f} at {n} measured spots"
+    return phrase
+
+
+def _check_genes(pred: AnnData, genes: list[str], measured: AnnData | None) -> None:
+    """Clear errors for genes the prediction (or the measured AnnData) lacks, naming the fix."""
+    missing = [g for g in genes if g not in pred.var_names]
+    if missing:
+        have = list(pred.var_names[:5])
+        raise KeyError(
+            f"Genes {missing} have no predictions in pred (its {pred.n_vars} genes include {have}). Pick genes it "
+            "holds, or predict them: agl.tl.predict_anndata(slide, model, genes=[...]) or genes='all' (any gene "
+            "the model outputs, model.genes)."
+        )
+    if measured is not None:
+        missing = [g for g in genes if g not in measured.var_names]
+        if missing:
+            raise KeyError(
+                f"Genes {missing} are not in measured.var_names; pick genes measured on the section, or pass "
+                "measured=None to draw the prediction alone."
+            )
+
+
+def _slide(adata: AnnData, library_id: str | None, library_key: str | None, name: str) -> tuple[str, np.ndarray]:
+    """The library drawn from ``adata`` and the mask of its spots."""
+    key = _spatial.resolve_library_key(adata, library_key)
+    libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).keys())
+    if key is None:
+        if library_id is None and len(libs) > 1:
+            raise ValueError(f"{name} holds libraries {libs}; pass library_id=<the slide>.")
+        lib = library_id if library_id is not None else (libs[0] if libs else "slide")
+        if libs and lib not in libs:
+            raise KeyError(f"library_id={lib!r} is not a library of {name} (.uns['spatial'] holds {libs}).")
+        return str(lib), np.ones(adata.n_obs, dtype=bool)
+    masks = _spatial.spot_masks(adata, key)
+    if library_id is None:
+        if len(masks) != 1:
+            raise ValueError(f"{name} holds slides {list(masks)} in .obs[{key!r}]; pass library_id=<the slide>.")
+        library_id = next(iter(masks))
+    if library_id not in masks:
+        raise KeyError(f"library_id={library_id!r} is not a slide of {name}; .obs[{key!r}] holds {list(masks)}.")
+    return str(library_id), masks[library_id]
+
+
+def _diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
+    """The spots' diameter (``spot_diameter_fullres``), at most their median spacing.
+
+    Drawn spots never overlap: a grid whose spots are wider than its pitch (the default for a model trained on
+    wide patches) tiles.
+    """
+    diameter = spot_diameter(adata, lib, xy)
+    if len(xy) > 1:
+        from scipy.spatial import cKDTree
+
+        dist = cKDTree(xy).query(xy, k=2)[0][:, 1]
+        diameter = min(diameter, float(np.median(dist)))
+    return diameter
+
+
+def _xy(adata: AnnData, name: str) -> np.ndarray:
+    if K.SPATIAL_KEY not in adata.obsm:
+        raise KeyError(f"{name}.obsm['spatial'] is missing: spot centres (full-resolution pixels) are needed.")
+    return np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
+
+
+def _values(adata: AnnData, layer: str | None, genes: list[str], name: str) -> np.ndarray:
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"{name}.layers[{layer!r}] is missing; layers are {list(adata.layers)}.")
+    X = adata.X if layer is None else adata.layers[layer]
+    return dense(X[:, adata.var_names.get_indexer(genes)]).astype(float)
+
+
+def _counts(adata: AnnData, layer: str | None):
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"measured.layers[{layer!r}] is missing; layers are {list(adata.layers)}.")
+    return adata.X if layer is None else adata.layers[layer]
+
+
+def _norm(values: np.ndarray, robust: bool):
+    from matplotlib.colors import Normalize
+
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return Normalize()
+    lo, hi = (float(x) for x in np.percentile(v, (1.0, 99.0) if robust else (0.0, 100.0)))
+    return Normalize(lo, hi if hi > lo else lo + 1e-9)
+
+
+def _extent(layers, images, crop: bool) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)`` in full-resolution pixels shared by every panel: the spots plus one spot, or the image."""
+    if crop or all(im is None for im, _ in images):
+        boxes = [(xy.min(axis=0) - diam, xy.max(axis=0) + diam) for _, _, xy, _, diam in layers if len(xy)]
+        if boxes:
+            lo = np.min([b[0] for b in boxes], axis=0)
+            hi = np.max([b[1] for b in boxes], axis=0)
+            return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
+    sizes = [(im.width / s, im.height / s) for im, s in images if im is not None]
+    if not sizes:
+        return 0.0, 1.0, 0.0, 1.0
+    return 0.0, float(max(w for w, _ in sizes)), 0.0, float(max(h for _, h in sizes))
+
+
+def _disks(a: Axes, xy: np.ndarray, diameter: float, values: np.ndarray, cmap: str, norm, alpha: float):
+    """Spots as disks of ``diameter`` data units (full-resolution pixels) coloured by ``values``."""
+    from matplotlib.collections import EllipseCollection
+
+    coll = EllipseCollection(
+        widths=diameter,
+        heights=diameter,
+        angles=0.0,
+        units="xy",
+        offsets=xy,
+        offset_transform=a.transData,
+        cmap=cmap,
+        norm=norm,
+        alpha=alpha,
+        linewidths=0,
+    )
+    coll.set_array(np.asarray(values, dtype=float))
+    a.add_collection(coll)
+    return coll
