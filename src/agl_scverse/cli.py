@@ -484,7 +484,7 @@ def _cross_validate(args: argparse.Namespace) -> None:
 
 # -- scaling out: the config fields of the scale-out flags (docs/scaling_out.md) ------------------------------
 def _scale_out_kwargs(args: argparse.Namespace) -> tuple[str, dict]:
-    """The mode and the config fields of the scale-out flags (``_cli_parser``); joins torchrun's process group (--distributed)."""
+    """The mode and the config fields of the scale-out flags; joins torchrun's process group (--distributed)."""
     from . import _distributed
 
     if args.distributed and _distributed.env_world_size() <= 1 and not _distributed.is_distributed():
