@@ -20,21 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
 
 from . import _constants as K
-from ._constants import METHODS, MODES
+from ._cli_messages import cli_message, command_flags, one_line
+from ._cli_output import check_output, write_h5ad
+from ._cli_parser import ALL_BASELINES, CV_BASELINES, PROG, READERS, build_parser, check_args  # noqa: F401  (re-exported)
 
 DEMO_METHODS = ("pgl", "agl", "dkgsb")
 METHOD_LABELS = {"pgl": "PGL (targets only)", "agl": "AGL-all", "topk": "AGL top-k", "dkgsb": "AGL + DkGSB"}
-READERS = ("auto", "h5ad", "legacy_st", "visium", "hest")
-#: Baselines of ``cross-validate`` (``--baselines``) and the default ones (the slow ``rrr`` only when named).
-ALL_BASELINES, CV_BASELINES = ("mean", "pca_ridge", "rrr"), ("mean", "pca_ridge")
-PROG = "agl-scverse"
 # Errors in what the user passed (paths, values, files): one line and exit status 2, as argparse does.
 USER_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError)
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -145,7 +141,7 @@ def _read_h5ad(p: Path):
     try:
         adata = ad.read_h5ad(p)
     except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
-        raise OSError(f"cannot read {p} as .h5ad ({_one_line(e)}); is the file complete?") from e
+        raise OSError(f"cannot read {p} as .h5ad ({one_line(e)}); is the file complete?") from e
     xy = adata.obsm.get("spatial")
     if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
         n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
@@ -180,88 +176,6 @@ def _groups_mask(adata, key: str, groups: list[str], flag: str, key_flag: str = 
     if missing:
         raise ValueError(f"{flag} {' '.join(missing)}: not in .obs[{key!r}], whose values are {present[:20]}.")
     return np.isin(col, groups)
-
-
-def check_output(path: str | Path, flag: str, overwrite: bool = False, folder: bool = False) -> Path:
-    """Check an output path before any work: where it goes exists and is writable, and it is new or ``overwrite``.
-
-    A file's parent folder must exist; a model folder (``folder=True``) may be created, in the nearest existing
-    ancestor. Raises FileNotFoundError, PermissionError, FileExistsError or IsADirectoryError with a message that
-    names ``flag``.
-    """
-    p = Path(path)
-    parent = p.absolute().parent
-    if not folder and not parent.is_dir():
-        raise FileNotFoundError(f"{flag} {p}: the folder {parent} does not exist; create it or choose another path.")
-    ancestor = parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(f"{flag} {p}: {ancestor} is a file, not a folder; choose another path.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {p}: cannot write in {ancestor}; choose another path.")
-    if p.exists():
-        if folder and not p.is_dir():
-            raise FileExistsError(f"{flag} {p} exists and is a file, not a model folder; choose another path.")
-        if not folder and p.is_dir():
-            raise IsADirectoryError(f"{flag} {p} is a folder; pass a file path.")
-        if not overwrite:
-            raise FileExistsError(f"{flag} {p} already exists; pass --overwrite to replace it or choose another path.")
-    return p
-
-
-def _write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file beside ``path``, so a failed write leaves an existing file as it was.
-
-    The temporary has a name of its own (two runs writing one path do not share it). On POSIX the write runs in a
-    forked child: HDF5 can crash (SIGSEGV) after a failed write, e.g. a full disk or a file-size limit, and the
-    child's crash is reported as a clean ``OSError`` here, with the temporary removed.
-    """
-    import uuid
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.h5ad")
-    try:
-        if hasattr(os, "fork"):
-            _write_in_child(adata, tmp, path)
-        else:  # pragma: no cover - Windows
-            adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_in_child(adata, tmp: Path, path: Path) -> None:
-    """``adata.write_h5ad(tmp)`` in a forked process; its failure (an error or a crash) raises ``OSError`` here."""
-    import signal
-    import warnings
-
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process": the child only writes
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child (its coverage is not collected)
-        code = 1
-        try:
-            os.close(r)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # HDF5's own error dumps: the parent says it in one line
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: an error, not a kill
-            adata.write_h5ad(tmp)
-            code = 0
-        except BaseException as e:
-            os.write(w, _one_line(e).encode(errors="replace")[:2000])
-        finally:
-            os._exit(code)  # no interpreter teardown: HDF5 objects are not flushed again
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        message = fh.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        why = message or (f"the writer died of signal {-code}" if code < 0 else f"the writer exited with {code}")
-        raise OSError(
-            f"could not write {path} ({why}); check the free space and the file-size limit (ulimit -f) there. "
-            "Nothing was written."
-        )
 
 
 def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -359,7 +273,7 @@ def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None,
     pl.training_history(adata, key="agl_dkgsb", show=False, save=out_dir / "training_history.png")
     best = adata.var.loc[targets, "agl_dkgsb_pcc"].sort_values(ascending=False).index[:3].tolist()
     pl.spatial_prediction(adata, best, key="agl_dkgsb", show=False, save=out_dir / "spatial_prediction.png")
-    _write_h5ad(adata, out_dir / "adata.h5ad")
+    write_h5ad(adata, out_dir / "adata.h5ad")
     summary = {"seconds": round(time.perf_counter() - t0, 1), "rows": rows, "seed": seed}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
@@ -450,7 +364,7 @@ def _fit(args: argparse.Namespace) -> None:
             summary += f" (PCA+Ridge {_fmt(ridge['pearson'])})"
     print(f"{summary}; model saved to {args.out}")
     if h5ad is not None:
-        _write_h5ad(adata, h5ad)
+        write_h5ad(adata, h5ad)
         print(f"wrote {h5ad}")
     del model
 
@@ -481,10 +395,10 @@ def _predict(args: argparse.Namespace) -> None:
         try:
             tl.evaluate(adata, model, baselines=False)
         except (ValueError, KeyError) as e:  # e.g. normalised counts: the predictions are still written
-            note = f"; not scored: {_one_line(e)}"
+            note = f"; not scored: {one_line(e)}"
     else:  # H&E only (or not the model's genes)
         result = tl.predict_anndata(adata, model, **kwargs)
-    _write_h5ad(result, out)
+    write_h5ad(result, out)
     from ._constants import Keys
 
     n_written = int(result.var[Keys().predicted].sum())  # the genes with predictions in the file
@@ -521,7 +435,7 @@ def _predict_slide(args: argparse.Namespace) -> None:
         )
     else:
         result = tl.predict_anndata(grid, model, encoder=encoder, device=device)
-    _write_h5ad(result, out)
+    write_h5ad(result, out)
     g = grid.uns["agl_grid"]
     print(
         f"predict-slide: {result.n_obs} {g['layout']} spots ({g['spot_um']:g} µm, pitch {g['pitch_um']:g} µm) on "
@@ -568,60 +482,9 @@ def _cross_validate(args: argparse.Namespace) -> None:
     print(f"cross-validate: {n_folds} held-out {group_key} folds, mean target PCC: {means} -> {out}")
 
 
-# -- scaling out (fine-tuning, torchrun, checkpoints; docs/scaling_out.md) -----------------------------------
-def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mode",
-        default="embedding",
-        choices=list(MODES),
-        help="embedding: a head on cached features; finetune: the encoder end to end (default: embedding)",
-    )
-    p.add_argument(
-        "--meta-scope",
-        default=K.META_SCOPE_AUTO,
-        choices=[K.META_SCOPE_AUTO, *K.META_SCOPES],
-        help="DkGSB: parameters the look-ahead moves; all, or last (the output layer and the encoder's last block); "
-        "auto: the mode's default, all at present (default: auto)",
-    )
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        help="run as one of torchrun's processes: torchrun --nproc_per_node N -m agl_scverse.cli fit "
-        "--distributed DATA --out MODEL (rank 0 writes the outputs)",
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="write a checkpoint to OUT.checkpoint/ every N epochs (default: 0, none)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out, if there is one")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=list(K.PRECISIONS),
-        help="how the encoder runs: auto (bf16 where the device computes it natively, fp16 on older CUDA GPUs, "
-        "else fp32), fp32, bf16 or fp16 (default: auto)",
-    )
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fine-tune mode: random flips and quarter turns of the training patches (default: on in fine-tune "
-        "mode, off in embedding mode)",
-    )
-    p.add_argument(
-        "--num-workers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="data-loader processes reading patches in fine-tune mode (default: 0, in the training process)",
-    )
-
-
+# -- scaling out: the config fields of the scale-out flags (docs/scaling_out.md) ------------------------------
 def _scale_out_kwargs(args: argparse.Namespace) -> tuple[str, dict]:
-    """The mode and the config fields of :func:`_add_scale_out_args`; joins torchrun's process group (--distributed)."""
+    """The mode and the config fields of the scale-out flags; joins torchrun's process group (--distributed)."""
     from . import _distributed
 
     if args.distributed and _distributed.env_world_size() <= 1 and not _distributed.is_distributed():
@@ -641,417 +504,6 @@ def _is_main() -> bool:
     from . import _distributed
 
     return _distributed.is_main()
-
-
-def _add_debug(p: argparse.ArgumentParser, default) -> None:
-    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
-
-
-def _add_resolution_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
-    p.add_argument(
-        "--microns-per-pixel",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="µm per full-resolution image pixel of a slide folder (default: the reader's, from its metadata)",
-    )
-    p.add_argument(
-        "--fullres-image",
-        default=None,
-        metavar="FILE",
-        help="full-resolution H&E image of a Visium or HEST slide (patches are cut from it, not the thumbnail)",
-    )
-    p.add_argument(
-        "--allow-lowres",
-        action="store_true",
-        help="accept patches from an image coarser than the model was trained on (otherwise refused)",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=list(K.BACKENDS),
-        help="what runs the frozen image encoder when patches are embedded: auto (ONNX Runtime on a CPU when it is "
-        "installed and agrees with torch, else torch), torch, onnx (default: auto)",
-    )
-    why = {"auto": "CUDA when available", "cpu": "bit-for-bit reproducible"}[device]
-    p.add_argument("--device", default=device, help=f"torch device: auto, cpu, cuda, cuda:1 (default: {device}, {why})")
-
-
-def _add_slide_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="slide: .h5ad file, legacy ST folder(s), Visium folder or HEST .h5ad")
-    p.add_argument("--reader", choices=READERS, default="auto", help="how to read DATA (default: by its type)")
-    p.add_argument("--encoder", default="resnet18", help="timm model name (default: %(default)s)")
-    p.add_argument("--weights", default=None, help="local encoder weights file (default: random init)")
-    p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: embed patches)")
-    p.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and batches (default: 0)")
-    p.add_argument("--n-targets", type=int, default=50, help="highly variable target genes (default: 50)")
-    p.add_argument("--k", type=int, default=None, help="auxiliary genes of --method topk (required with it)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
-    p.add_argument(
-        "--patch-px", type=int, default=K.DEFAULT_PATCH_PX, help="patch side in pixels, to embed (default: %(default)s)"
-    )
-    p.add_argument(
-        "--patch-um", type=float, default=K.DEFAULT_PATCH_UM, help="patch side in µm, to embed (default: %(default)s)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--layer", default=None, metavar="LAYER", help="layer of DATA holding the raw counts (default: .X)")
-    p.add_argument(
-        "--head",
-        default=None,
-        choices=list(K.HEADS),
-        help="embedding-mode network: mlp, rrr (closed-form reduced-rank ridge) or hybrid (default: mlp)",
-    )
-    _add_section_args(p)
-    _add_resolution_args(p)
-
-
-def _add_ensemble_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--refit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="after early stopping, retrain on training + validation spots (default: on in embedding mode)",
-    )
-    p.add_argument(
-        "--n-seeds",
-        type=int,
-        default=None,
-        help="embedding mode: average this many networks, one per seed (default: 5 in embedding mode, else 1)",
-    )
-
-
-def _add_cross_validate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--baselines",
-        nargs="*",
-        default=list(CV_BASELINES),
-        choices=list(ALL_BASELINES),
-        metavar="NAME",
-        help="baseline rows beside the methods: mean, pca_ridge, rrr (reduced-rank ridge with auxiliaries, slow); "
-        "--baselines with no name: none (default: mean pca_ridge)",
-    )
-    _add_ensemble_args(p)
-
-
-def _add_section_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--sections",
-        nargs="+",
-        default=None,
-        metavar="SECTION",
-        help="read only these sections: section folders under a legacy ST parent folder, else values of the "
-        "--library-key column (default: every section)",
-    )
-    p.add_argument(
-        "--library-key",
-        default=None,
-        metavar="COLUMN",
-        help=".obs column naming the sections (slides) of DATA: written by the folder readers, read from an "
-        ".h5ad file; the default group of --sections, --val-groups, --test-groups and cross-validate "
-        "(default: library_id)",
-    )
-
-
-_EXAMPLE = "example:\n"
-
-
-def _examples(*lines: str) -> str:
-    return _EXAMPLE + "\n".join(f"  {line}" for line in lines)
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Wraps descriptions to the terminal; keeps the lines of an example epilog as written."""
-
-    def _fill_text(self, text, width, indent):
-        if text.startswith(_EXAMPLE):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``agl-scverse`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Predict spatial gene expression from H&E with Auxiliary Gene Learning (AGL, DkGSB).",
-        epilog="Errors in the input print one line and exit with status 2 (--debug: the traceback). "
-        f"Run '{PROG} <command> --help' for a command's options and an example.",
-    )
-    parser.add_argument("--version", action=_Version, help="show the version and exit")
-    _add_debug(parser, False)
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,fit,predict,predict-slide,cross-validate}"
-    )
-
-    p = sub.add_parser(
-        "demo",
-        help="run the whole pipeline on the built-in synthetic slide",
-        description="Embed, fit PGL / AGL-all / AGL + DkGSB and score them on held-out spots of a synthetic slide; "
-        "writes the AnnData, a model, a results table and figures.",
-        epilog=_examples(f"{PROG} demo --out agl_demo_output --epochs 20"),
-        formatter_class=_Formatter,
-    )
-    p.add_argument("--out", default="agl_demo_output", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
-    p.add_argument("--patch-px", type=int, default=112, help="patch size in pixels (112 µm patches; default: 112)")
-    _add_debug(p, argparse.SUPPRESS)  # after the command too; SUPPRESS keeps a --debug given before it
-
-    p = sub.add_parser(
-        "fit",
-        help="train a model on one or several slides",
-        description="Train an AGL model and save it to --out. Validation spots (early stopping, DkGSB's "
-        "bi-level step) are a seeded 20% of the spots, or the --val-groups sections; --test-groups sections are "
-        "held out of training and scored after it. Ends with one line: method, genes, best epoch, validation "
-        "(and held-out) Pearson r.",
-        epilog=_examples(
-            f"{PROG} fit her2st/ --reader legacy_st --encoder resnet18 --method dkgsb \\",
-            "    --val-groups B1 --test-groups C1 --epochs 50 --out model --h5ad fitted.h5ad",
-        ),
-        formatter_class=_Formatter,
-    )
-    _add_slide_args(p)
-    p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--method", default="dkgsb", choices=list(METHODS), help="training method (default: dkgsb)")
-    p.add_argument("--prior", default="hvg", help="auxiliary ranking: hvg, coexpression, moran (default: hvg)")
-    p.add_argument(
-        "--split-key",
-        default=None,
-        help=".obs column of the groups (sections) that --val-groups and --test-groups name (default: library_id)",
-    )
-    p.add_argument(
-        "--val-groups", nargs="+", default=None, metavar="GROUP", help="groups whose spots validate (not trained on)"
-    )
-    p.add_argument(
-        "--test-groups",
-        nargs="+",
-        default=None,
-        metavar="GROUP",
-        help="groups held out of the fit, predicted and scored after it",
-    )
-    p.add_argument("--h5ad", default=None, help="also write the annotated AnnData here")
-    _add_ensemble_args(p)
-    _add_scale_out_args(p)
-    _add_debug(p, argparse.SUPPRESS)
-
-    p = sub.add_parser(
-        "cross-validate",
-        aliases=["benchmark"],
-        help="leave-one-group-out comparison of methods",
-        description="Hold out each group (section) in turn, fit every method on the others and score it on the "
-        "held-out one beside a mean predictor and PCA + Ridge. Writes one row per method, fold and gene.",
-        epilog=_examples(f"{PROG} cross-validate her2st/ --reader legacy_st --methods pgl dkgsb --out cv.csv"),
-        formatter_class=_Formatter,
-    )
-    _add_slide_args(p)
-    p.add_argument(
-        "--group-key", default=None, help=".obs column of the groups (default: --library-key, else library_id)"
-    )
-    p.add_argument(
-        "--methods", nargs="+", default=["pgl", "agl", "dkgsb"], choices=list(METHODS), help="methods to compare"
-    )
-    _add_cross_validate_args(p)
-    p.add_argument("--out", default="cross_validation.csv", help="CSV file to write (default: %(default)s)")
-    _add_debug(p, argparse.SUPPRESS)
-
-    p = sub.add_parser(
-        "predict",
-        help="predict expression on a slide with a saved model",
-        description="Predict every gene the model was trained on for each spot of a slide and write an .h5ad. "
-        "A slide that measured the model's target genes gets the predictions as a layer beside them and is "
-        "scored (Pearson r); an H&E-only slide gets an AnnData of predictions.",
-        epilog=_examples(
-            f"{PROG} predict model visium_outs/ --reader visium --fullres-image tissue.tif --out predicted.h5ad"
-        ),
-        formatter_class=_Formatter,
-    )
-    p.add_argument("model", help="model directory written by fit / AGLModel.save")
-    p.add_argument("data", help="slide: .h5ad file, legacy ST folder, Visium folder or HEST .h5ad")
-    p.add_argument("--reader", choices=READERS, default="auto", help="how to read DATA (default: by its type)")
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="encoder weights file the model was trained with (to embed a slide; its sha256 is checked)",
-    )
-    p.add_argument("--embedding-key", default=None, help=".obsm key of cached features (default: the model's)")
-    p.add_argument("--out", required=True, help=".h5ad file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    _add_section_args(p)
-    _add_resolution_args(p)
-    _add_debug(p, argparse.SUPPRESS)
-    _add_predict_slide(sub)
-    return parser
-
-
-def _add_predict_slide(sub) -> None:
-    p = sub.add_parser(
-        "predict-slide",
-        help="predict expression over the tissue of a bare H&E image (no spots)",
-        description="Read an H&E image (JPEG, PNG, TIFF, pyramidal OME-TIFF, SVS), find its tissue, lay a grid of "
-        "pseudo-spots over it and predict them with a saved model. The .h5ad holds the predictions in .X (gene "
-        "names as var_names) and the spot centres in full-resolution image pixels in .obsm['spatial'].",
-        epilog=_examples(
-            f"{PROG} predict-slide model slide.ome.tif --out slide_predicted.h5ad",
-            f"{PROG} predict-slide model he.jpg --microns-per-pixel 0.5 --pitch-um 100 --spot-um 55 --out p.h5ad",
-        ),
-        formatter_class=_Formatter,
-    )
-    p.add_argument("model", help="model directory written by fit / AGLModel.save")
-    p.add_argument("image", help="H&E image file: .jpg, .png, .tif, .ome.tif, .svs")
-    p.add_argument("--out", required=True, help=".h5ad file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--microns-per-pixel",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="µm per full-resolution pixel (default: from the file's OME / SVS / TIFF metadata; needed for JPEG/PNG)",
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="encoder weights file the model was trained with (its sha256 is checked)",
-    )
-    p.add_argument(
-        "--spot-um", type=float, default=None, metavar="UM", help="spot diameter (default: the model's patch side)"
-    )
-    p.add_argument(
-        "--pitch-um",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="centre-to-centre spot distance (default: the model's patch side, so patches tile the tissue)",
-    )
-    p.add_argument("--layout", choices=["hex", "square"], default="hex", help="grid layout (default: %(default)s)")
-    p.add_argument("--library-id", default=None, help="name of the slide (default: the image file's name)")
-    p.add_argument(
-        "--num-workers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="data-loader processes cutting patches while the encoder runs (default: 0, in this process)",
-    )
-    p.add_argument(
-        "--allow-lowres",
-        action="store_true",
-        help="accept an image coarser than the model was trained on (otherwise refused)",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=list(K.BACKENDS),
-        help="what runs the frozen image encoder: auto (ONNX Runtime on a CPU when installed and it agrees with "
-        "torch, else torch), torch, onnx (default: auto)",
-    )
-    p.add_argument(
-        "--chunk-dir",
-        default=None,
-        metavar="DIR",
-        help="save the predictions in chunks here as they finish; rerun the same command to resume a killed run",
-    )
-    p.add_argument(
-        "--chunk-size", type=int, default=4096, metavar="N", help="spots per chunk of --chunk-dir (default: 4096)"
-    )
-    p.add_argument(
-        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto, CUDA when available)"
-    )
-    _add_debug(p, argparse.SUPPRESS)
-
-
-class _Version(argparse.Action):
-    """``--version``: the package version, read only when asked (importlib.metadata is slow to import)."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from . import __version__
-
-        parser.exit(message=f"{PROG} {__version__}\n")
-
-
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Combinations argparse cannot check alone (exit status 2 with the usage, as argparse does)."""
-    methods = [args.method] if args.command == "fit" else getattr(args, "methods", [])
-    k = getattr(args, "k", None)
-    if "topk" in methods and k is None:
-        parser.error("--method topk needs --k, the number of auxiliary genes to use (e.g. --k 500)")
-    if k is not None and "topk" not in methods:
-        parser.error(f"--k applies to the topk method only (methods: {', '.join(methods)})")
-    if args.command == "fit" and args.split_key is not None and not (args.val_groups or args.test_groups):
-        parser.error("--split-key names the column of --val-groups / --test-groups; pass one of them too")
-
-
-def _one_line(exc: BaseException) -> str:
-    """The message of an exception on one line (a KeyError's message without its quotes)."""
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        msg = exc.args[0]
-    else:
-        msg = str(exc)
-    msg = " ".join(msg.split())
-    return msg or type(exc).__name__
-
-
-#: ``name=value`` in an error of the Python API (a parameter, as the API's messages name them: ``weights=<path>``).
-_PARAM = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=(<[^>]*>|'[^']*'|\"[^\"]*\"|[^\s,;)]*)")
-#: A Python call quoted in a message (``agl.tl.agl_fit(adata, key_added=...)``): its arguments stay as written.
-_CALL = re.compile(r"\b[\w.]+\([^()]*\)")
-
-
-def command_flags(
-    parser: argparse.ArgumentParser, command: str | None
-) -> dict[str, tuple[str, str | None, str | None]]:
-    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``.
-
-    The second is the negative flag of a ``--x/--no-x`` switch (``"refit": ("--refit", "--no-refit", None)``), the
-    third the placeholder of the flag's value (None for a switch).
-    """
-    parsers = [parser]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            parsers.append(action.choices[command])
-    out: dict[str, tuple[str, str | None, str | None]] = {}
-    for p in parsers:
-        for action in p._actions:
-            longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
-            if longs and action.dest not in ("help", "version"):
-                neg = next((o for o in action.option_strings if o.startswith("--no-")), None)
-                takes = action.nargs != 0 and neg is None
-                metavar = (action.metavar or action.dest.upper()) if takes else None
-                out[action.dest] = (longs[0], neg, metavar)
-    return out
-
-
-def cli_message(message: str, flags: dict[str, tuple[str, str | None, str | None]]) -> str:
-    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``.
-
-    Every ``name=value`` whose ``name`` is a parameter the command has a flag for becomes the flag (``x=True`` ->
-    ``--x``, ``x=False`` -> ``--no-x``, ``x=<v>`` -> ``--x <v>``); a Python call quoted in the message
-    (``agl.tl.evaluate(adata, key_added=...)``) and names without a flag are left as written.
-
-    Examples
-    --------
-    >>> cli_message("Pass weights=<path>.", {"weights": ("--weights", None, "FILE")})
-    'Pass --weights <path>.'
-    """
-    calls = [m.span() for m in _CALL.finditer(message)]
-
-    def flag(m: re.Match) -> str:
-        name, value = m.group(1), m.group(2)
-        if name not in flags or any(a <= m.start() < b for a, b in calls):
-            return m.group(0)
-        pos, neg, metavar = flags[name]
-        tail = ""
-        while value and value[-1] in ".:" and not value.startswith(("<", "'", '"')):
-            value, tail = value[:-1], value[-1] + tail
-        value = value.strip("'\"")
-        if value in ("True", "true"):
-            return pos + tail
-        if value in ("False", "false") and neg:
-            return neg + tail
-        value = value or metavar
-        return (f"{pos} {value}" if value else pos) + tail
-
-    return _PARAM.sub(flag, message)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -1075,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_args(parser, args)
+    check_args(parser, args)
     try:
         _run(args)
     except KeyboardInterrupt:
@@ -1086,13 +538,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {cli_message(_one_line(exc), command_flags(parser, args.command))}", file=sys.stderr)
+        print(f"{PROG}: error: {cli_message(one_line(exc), command_flags(parser, args.command))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
         if args.debug:
             raise
         print(
-            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback "
+            f"{PROG}: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback "
             "and please report it)",
             file=sys.stderr,
         )

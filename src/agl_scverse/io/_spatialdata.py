@@ -15,11 +15,10 @@ from agl_scverse import _constants as K
 from agl_scverse import _spatial, _validate
 from agl_scverse._images import register_live_image
 
-from ._common import as_csr_float32, check_in_image, finalize, positive_number, spatial_entry, thumbnail_from_array
+from ._common import as_csr_float32, check_in_image, finalize, positive_number, spatial_entry
+from ._sd_elements import SD_ATTRS, hires_thumbnail, is_backed, pick_image, pick_table, scale_levels, to_rgb
 
 __all__ = ["as_anndata", "from_spatialdata", "update_table"]
-
-SD_ATTRS = "spatialdata_attrs"
 
 
 #: Names of coordinate systems taken to be in µm (spatialdata does not store axis units).
@@ -119,7 +118,7 @@ def from_spatialdata(
     if spot_diameter_um is not None:
         spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", "Pass the circles' diameter in µm.")
 
-    table_key, table = _pick_table(sdata, table_key)
+    table_key, table = pick_table(sdata, table_key)
     attrs = table.uns.get(SD_ATTRS) or {}
     regions = attrs.get("region")
     regions = [regions] if isinstance(regions, str) else list(regions if regions is not None else [])
@@ -297,9 +296,9 @@ def _candidate_images(sdata, shapes) -> list[str]:
 def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) -> tuple[str, Any]:
     key = image_key.get(shapes_name) if isinstance(image_key, Mapping) else image_key
     if key is not None:
-        return _pick_image(sdata, key)
+        return pick_image(sdata, key)
     if not sdata.images:
-        return _pick_image(sdata, None)  # the "no image" error
+        return pick_image(sdata, None)  # the "no image" error
     cands = _candidate_images(sdata, shapes)
     if not cands:
         raise ValueError(
@@ -317,7 +316,7 @@ def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) ->
             M, _, _ = _shapes_to_image(shapes, shapes_name, sdata.images[k], k, coordinate_system)
         except ValueError:
             continue
-        lv = _levels(sdata.images[k])[0]
+        lv = scale_levels(sdata.images[k])[0]
         xy = pts @ M[:2, :2].T + M[:2, 2]
         inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < lv.sizes["x"]) & (xy[:, 1] < lv.sizes["y"])
         if inside.all():
@@ -421,7 +420,7 @@ def _read_section(
     pts = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])[pos]
     radius = shapes["radius"].to_numpy(dtype=float)[pos]
     image_name, image = _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts)
-    levels = _levels(image)
+    levels = scale_levels(image)
     full = levels[0]
     channels = full.sizes.get("c", 1)
     if channels not in (3, 4):
@@ -447,7 +446,7 @@ def _read_section(
     mpp, mpp_source = _microns_per_pixel(
         mpp_given, image, image_name, table, shapes_name, lib or image_name, M, spot_diam, spot_diameter_um, um_cs
     )
-    hires, scalef = _hires(levels, width, hires_max_px, image_name)
+    hires, scalef = hires_thumbnail(levels, width, hires_max_px, image_name)
     meta = {
         K.MICRONS_PER_PIXEL_SOURCE: mpp_source,
         "spatialdata_table": table_key,
@@ -465,93 +464,12 @@ def _read_section(
             f"image {image_name!r} is downscaled from the full-resolution grid of shapes {shapes_name!r} "
             f"({np.sqrt(abs(np.linalg.det(M[:2, :2]))):.3g} x); patches from it need allow_lowres=True."
         )
-    if getattr(sdata, "path", None) is not None and _is_backed(sdata, image_name):
+    if getattr(sdata, "path", None) is not None and is_backed(sdata, image_name):
         meta[K.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
     entry = spatial_entry(hires, scalef, spot_diameter_fullres=spot_diam, microns_per_pixel=mpp, **meta)
     if max(height, width) <= fullres_max_px and not meta.get(K.SPATIALDATA_DOWNSCALED):
-        entry[K.IMAGES][K.FULLRES] = hires if scalef == 1.0 else _to_rgb(full, image_name)
+        entry[K.IMAGES][K.FULLRES] = hires if scalef == 1.0 else to_rgb(full, image_name)
     return xy, entry
-
-
-def _is_backed(sdata, image_name: str) -> bool:
-    """Whether the image element is stored in the SpatialData's zarr store (so it can be reopened from there)."""
-    try:
-        return image_name in set(sdata.elements_paths_on_disk() or []) or f"images/{image_name}" in set(
-            sdata.elements_paths_on_disk() or []
-        )
-    except Exception:  # older spatialdata or an in-memory object
-        return False
-
-
-def _pick_table(sdata, table_key: str | None):
-    tables = dict(sdata.tables)
-    if not tables:
-        raise ValueError("The SpatialData object has no table: add the counts as a table annotating the spot shapes.")
-    if table_key is not None:
-        if table_key not in tables:
-            raise KeyError(f"table_key={table_key!r} is not a table; available tables: {list(tables)}.")
-        return table_key, tables[table_key]
-    if len(tables) == 1:
-        return next(iter(tables.items()))
-    on_shapes = []
-    for key, t in tables.items():
-        region = (t.uns.get(SD_ATTRS) or {}).get("region")
-        region = [region] if isinstance(region, str) else list(region if region is not None else [])
-        if any(r in sdata.shapes for r in region):
-            on_shapes.append(key)
-    if len(on_shapes) == 1:
-        return on_shapes[0], tables[on_shapes[0]]
-    raise ValueError(f"The SpatialData object has several tables {list(tables)}; pass table_key=<one>.")
-
-
-def _pick_image(sdata, image_key: str | None):
-    images = dict(sdata.images)
-    if not images:
-        raise ValueError(
-            "No image element in the SpatialData object: an H&E image is needed (add one with "
-            "spatialdata.models.Image2DModel)."
-        )
-    if image_key is not None:
-        if image_key not in images:
-            raise KeyError(f"image_key={image_key!r} is not an image element; available images: {list(images)}.")
-        return image_key, images[image_key]
-    if len(images) > 1:
-        raise ValueError(f"The SpatialData object has several images {list(images)}; pass image_key=<the H&E>.")
-    return next(iter(images.items()))
-
-
-def _levels(image) -> list:
-    """The scale levels of an image element as DataArrays (c, y, x), full resolution first."""
-    import xarray as xr
-
-    if isinstance(image, xr.DataArray):
-        return [image]
-    out = []
-    for key in sorted(image.keys(), key=lambda k: int("".join(ch for ch in k if ch.isdigit()) or 0)):
-        ds = image[key].ds
-        out.append(ds[next(iter(ds.data_vars))])
-    return out
-
-
-def _to_rgb(arr, name: str) -> np.ndarray:
-    """(c, y, x) DataArray -> (y, x, c) uint8 RGB numpy array."""
-    data = np.asarray(arr.transpose("y", "x", "c").values)
-    return _spatial.as_rgb(data, name=f"image {name!r}")
-
-
-def _hires(levels: list, full_width: int, max_px: int, name: str) -> tuple[np.ndarray, float]:
-    """Thumbnail from the coarsest scale level that is still at least ``max_px`` on its longest side."""
-    level = levels[0]
-    for lv in levels[1:]:
-        if max(lv.sizes["y"], lv.sizes["x"]) >= max_px:
-            level = lv
-    level_scale = level.sizes["x"] / full_width
-    f = int(max(1, np.floor(max(level.sizes["y"], level.sizes["x"]) / (2 * max_px))))
-    if f > 1:  # very large single-scale image: block-average lazily before computing
-        level = level.coarsen(y=f, x=f, boundary="trim").mean()
-        level_scale /= f
-    img, s = thumbnail_from_array(_to_rgb(level, name), max_px, name=f"image {name!r}")
-    return img, float(level_scale * s)
 
 
 # ------------------------------------------------------------------------------------------------ tool I/O

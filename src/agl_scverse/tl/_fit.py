@@ -1,97 +1,60 @@
 """``agl_fit``: train an AGL model (PGL, AGL-all, top-k or DkGSB) on one or several slides.
 
 Stages (so that a bad input never leaves a half-modified AnnData): configuration (:mod:`._config`, every argument
-checked), :func:`_prepare_data` (counts, spots, split, embedding), :func:`_prepare_genes` (gene roles on the
-training spots, the expression matrix), :func:`_build_network` (features or patches, encoder, network),
+checked), :func:`prepare_data` (counts, spots, split, embedding), :func:`prepare_genes` (gene roles on the
+training spots, the expression matrix), :func:`build_network` (features or patches, encoder, network),
 :func:`agl_scverse.model.train_network`, :func:`_make_model`, and last :func:`_write_results`, one block that
 either completes or restores what it touched.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from anndata import AnnData
 from scanpy import logging as logg
 
 from agl_scverse import _constants as K
 from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
-from agl_scverse._expression import ExpressionBatches
 from agl_scverse._modeldir import check_overwritable
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
-from agl_scverse._stats import StreamingMoments, per_gene_metrics
+from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
-from agl_scverse._utils import resolve_device, seed_everything, sha256_array, show_progress, versions
-from agl_scverse._validate import check_adata, check_feature_variance, check_layer, resolve_spots
+from agl_scverse._utils import resolve_device, show_progress, versions
 from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
-from agl_scverse.encoders._registry import encoder_name
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import (
     AGLModel,
     EmbeddingEnsemble,
-    EmbeddingHead,
-    FinetuneNet,
     GeneMask,
-    encoder_record,
-    get_encoder,
     train_network,
 )
-from agl_scverse.pp._embed import embed_patches
-from agl_scverse.pp._genes import GeneRoles, gene_roles, write_gene_roles
-from agl_scverse.pp._patches import SpotPatches, check_patch_batch
-from agl_scverse.train._data import PatchInputs
+from agl_scverse.pp._genes import write_gene_roles
 from agl_scverse.train._inference import forward, index_batches
-from agl_scverse.train._resume import Checkpointer
-from agl_scverse.train._trainer import TensorInputs, TrainResult, empty_history, genes_for_method
+from agl_scverse.train._trainer import TrainResult, empty_history
 
 from ._config import FitConfig, merge_legacy
+from ._fit_inputs import (
+    FitData,
+    FitGenes,
+    build_network,
+    checkpointer,
+    prepare_data,
+    prepare_genes,
+    with_k,
+)
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
-from ._split import make_split
 
 __all__ = ["agl_fit", "predict_rows", "k_search_grid"]
-
-
-@dataclass
-class _Data:
-    """What :func:`_prepare_data` found: spots, split, the embedding (when present)."""
-
-    used: np.ndarray
-    split: np.ndarray
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    emb_key: str | None
-    features: np.ndarray | None
-    new_embedding: tuple[np.ndarray, dict] | None = None  # computed here, written with the results
-
-
-@dataclass
-class _Genes:
-    """What :func:`_prepare_genes` found: roles, the genes the network outputs, their expression."""
-
-    roles: GeneRoles
-    aux_cols: np.ndarray
-    genes: list[str]
-    gene_pos: np.ndarray
-    expr: ExpressionBatches  # the genes' expression (targets first), sliced per batch from the counts
-
-    @property
-    def n_targets(self) -> int:
-        return len(self.roles.targets)
-
-    @property
-    def model_aux(self) -> list[str]:
-        return self.genes[self.n_targets :]
 
 
 def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch_size: int = 512) -> np.ndarray:
@@ -100,159 +63,8 @@ def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch
 
 
 # ----------------------------------------------------------------------------------------------- stages
-def _check_features(X: np.ndarray, key: str, rows: np.ndarray) -> None:
-    if X.ndim != 2:
-        raise ValueError(f".obsm[{key!r}] has shape {X.shape}; expected (n_spots, n_features).")
-    n_bad = sum(int((~np.isfinite(X[rows[s : s + 65536]]).all(axis=1)).sum()) for s in range(0, len(rows), 65536))
-    if n_bad:  # checked in row blocks: no copy of the whole used embedding
-        raise ValueError(
-            f".obsm[{key!r}] holds NaN/inf for {n_bad} of the used spots; recompute the embedding or "
-            "leave those spots out with spots=..."
-        )
-
-
-def _prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, val_fraction, embedding_key):
-    check_layer(adata, cfg.genes.layer)
-    check_adata(adata, layer=cfg.genes.layer, transform=cfg.genes.transform)
-    used = resolve_spots(adata, spots, as_mask=True)
-    split = make_split(adata, used, split_key, val_groups, val_fraction, cfg.seed)
-    emb_key, features = None, None
-    if cfg.mode == "embedding":
-        emb_key = embedding_key or K.embedding_key(encoder_name(cfg.encoder.encoder))
-        if emb_key in adata.obsm:
-            features = np.asarray(adata.obsm[emb_key], dtype=np.float32)
-            _check_features(features, emb_key, np.flatnonzero(used))
-        elif embedding_key is not None:
-            raise KeyError(
-                f"embedding_key={embedding_key!r} is not in adata.obsm ({list(adata.obsm)}). Compute it with "
-                "agl.pp.embed_patches or leave embedding_key=None to embed with the encoder (EncoderConfig)."
-            )
-    elif embedding_key is not None:
-        raise ValueError("embedding_key applies to mode='embedding' only; fine-tune mode reads image patches.")
-    train_idx, val_idx = np.flatnonzero(split == K.SPLIT_TRAIN), np.flatnonzero(split == K.SPLIT_VAL)
-    return _Data(used, split, train_idx, val_idx, emb_key, features)
-
-
-def _prepare_genes(adata: AnnData, cfg: FitConfig, data: _Data, library_key: str | None) -> _Genes:
-    g = cfg.genes
-    roles = gene_roles(
-        adata, n_targets=g.n_targets, targets=g.targets, auxiliaries=g.auxiliaries, prior=g.prior,
-        min_cells=g.min_cells, train_mask=data.split == K.SPLIT_TRAIN, layer=g.layer, library_key=library_key,
-        inplace=False,
-    )  # fmt: skip
-    n_aux_all = len(roles.auxiliaries)
-    if cfg.method == "topk" and cfg.k != K.K_AUTO and int(cfg.k) > n_aux_all:
-        raise ValueError(f"k={cfg.k} exceeds the {n_aux_all} auxiliary genes available; choose k <= {n_aux_all}.")
-    if cfg.method in ("agl", "dkgsb") and n_aux_all == 0:
-        raise ValueError(f"method={cfg.method!r} needs auxiliary genes but none is left; use method='pgl'.")
-    aux_cols = genes_for_method(cfg.method, n_aux_all, k=n_aux_all if cfg.k == K.K_AUTO else cfg.k)
-    genes = list(roles.targets) + [roles.auxiliaries[i] for i in aux_cols]
-    gene_pos = adata.var_names.get_indexer(genes)
-    X = adata.layers[g.layer] if g.layer is not None else adata.X
-    expr = ExpressionBatches(X, gene_pos, g.transform)
-    n_t = len(roles.targets)
-    moments = StreamingMoments(n_t)
-    for _, values in expr.chunks(data.train_idx, n_first=n_t):
-        moments.update(values)
-    flat = moments.max == moments.min
-    if flat.any():
-        bad = [t for t, f in zip(roles.targets, flat) if f]
-        raise ValueError(f"Target gene(s) {bad[:10]} are constant (e.g. all zero) on the training spots; drop them.")
-    return _Genes(roles, aux_cols, genes, gene_pos, expr)
-
-
-def _build_network(
-    adata, cfg: FitConfig, data: _Data, n_out: int, enc: dict, dev, seed: int | None = None
-) -> tuple[torch.nn.Module, Any, dict]:
-    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing.
-
-    ``seed`` (default ``cfg.seed``) seeds the initialisation.
-    """
-    seed = cfg.seed if seed is None else int(seed)
-    if cfg.mode == "embedding":
-        if data.features is None:
-            e = cfg.encoder
-            logg.info(f"No .obsm[{data.emb_key!r}]: embedding patches with {e.encoder!r} first.")
-            emb = embed_patches(
-                adata, e, device=str(dev), library_key=enc["library_key"], key_added=data.emb_key, copy=True,
-                seed=cfg.seed, progress=enc.get("progress"),
-            )  # fmt: skip
-            data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
-            _check_features(data.features, data.emb_key, np.flatnonzero(data.used))
-            data.new_embedding = (data.features, emb.uns[K.EMBED_UNS][data.emb_key])
-        rec = data.new_embedding[1] if data.new_embedding else (adata.uns.get(K.EMBED_UNS) or {}).get(data.emb_key)
-        record = {**dict(rec or {}), "recorded": bool(rec)}
-        seed_everything(seed)
-        net = EmbeddingHead(data.features.shape[1], n_out, hidden=cfg.network.hidden, dropout=cfg.network.dropout)
-        moments = StreamingMoments(data.features.shape[1])
-        for s in range(0, len(data.train_idx), 8192):
-            moments.update(data.features[data.train_idx[s : s + 8192]])
-        check_feature_variance(moments.std, moments.mean, data.emb_key, len(data.train_idx))
-        net.set_input_scaling(torch.as_tensor(moments.mean).float(), torch.as_tensor(moments.std).float())
-        return net, TensorInputs(data.features, device=dev), record
-    e = cfg.encoder
-    ds = SpotPatches(
-        adata, patch_px=e.patch_px, patch_um=e.patch_um, library_key=enc["library_key"], allow_lowres=e.allow_lowres
-    )
-    in_flight = max(1, e.num_workers * e.prefetch_factor)
-    check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size), in_flight)
-    backbone, info = get_encoder(
-        e.encoder, weights=e.weights, seed=cfg.seed, encoder_kwargs=None if e.encoder_kwargs is None
-        else dict(e.encoder_kwargs),
-    )  # fmt: skip
-    n_feat = info.get("feature_dim")
-    if not n_feat:
-        with torch.no_grad():
-            n_feat = int(backbone(torch.zeros(1, 3, ds.patch_px, ds.patch_px)).reshape(1, -1).shape[1])
-    patch_rec = {k: v for k, v in ds.record().items() if k not in ("patch_px", "patch_um")}
-    record = {
-        **encoder_record({**info, "feature_dim": n_feat}, ds.patch_px, ds.patch_um, **patch_rec),
-        "recorded": True,
-    }
-    seed_everything(cfg.seed)
-    net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
-    inputs = PatchInputs(
-        ds, np.concatenate([data.train_idx, data.val_idx]), dev, num_workers=e.num_workers,
-        prefetch_factor=e.prefetch_factor, seed=cfg.seed,
-    )  # fmt: skip
-    return net, inputs, record
-
-
-def _expression_sha256(expr: ExpressionBatches, rows: np.ndarray) -> str:
-    """sha256 of the model's expression values (every output gene) of ``rows``, in order, read in chunks."""
-    h = hashlib.sha256(f"{expr.n_cols}:{len(rows)}".encode())
-    for _, values in expr.chunks(rows):
-        h.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-def _checkpointer(
-    save_dir,
-    overwrite: bool,
-    cfg: FitConfig,
-    genes: _Genes,
-    data: _Data,
-    net,
-    enc_record: dict,
-):
-    """The run's :class:`~agl_scverse.train._resume.Checkpointer` (None without checkpoints or resume)."""
-    every, resume = cfg.training.checkpoint_every, cfg.training.resume
-    if not every and not resume:
-        return None
-    fingerprint = {
-        "params": cfg.to_params(), "genes": genes.genes, "net": net.config(), "n_train": len(data.train_idx),
-        "n_val": len(data.val_idx), "split_sha256": sha256_array(np.concatenate([data.train_idx, data.val_idx])),
-        "embedding_key": data.emb_key,
-        "encoder": {k: enc_record.get(k) for k in ("encoder", "weights_sha256", "patch_px", "patch_um")},
-        "features_sha256": None if data.features is None
-        else sha256_array(data.features[np.concatenate([data.train_idx, data.val_idx])]),
-        "expression_sha256": _expression_sha256(genes.expr, np.concatenate([data.train_idx, data.val_idx])),
-    }  # fmt: skip
-    return Checkpointer(save_dir, every, fingerprint, resume=resume, overwrite=overwrite)
-
-
 def _train(
-    net, inputs, genes: _Genes, data: _Data, cfg: FitConfig, dev, progress: bool, desc: str, epochs=None, **kw
+    net, inputs, genes: FitGenes, data: FitData, cfg: FitConfig, dev, progress: bool, desc: str, epochs=None, **kw
 ) -> TrainResult:
     """:func:`agl_scverse.model.train_network` with the run's configs (``epochs`` overrides the training's)."""
     training = cfg.training if epochs is None else replace(cfg.training, epochs=int(epochs))
@@ -260,13 +72,6 @@ def _train(
         net, inputs, genes.expr, data.train_idx, data.val_idx, genes.n_targets, training=training, dkgsb=cfg.dkgsb,
         seed=kw.pop("seed", cfg.seed), device=dev, progress=progress, desc=desc, precision=cfg.precision, **kw,
     )  # fmt: skip
-
-
-def _with_k(genes: _Genes, k: int) -> _Genes:
-    """The first ``k`` auxiliaries (prior order) of ``genes``: a top-k fit's outputs."""
-    n = genes.n_targets + int(k)
-    expr = ExpressionBatches(genes.expr.X, genes.gene_pos[:n], genes.expr.transform)
-    return _Genes(genes.roles, genes.aux_cols[: int(k)], genes.genes[:n], genes.gene_pos[:n], expr)
 
 
 def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
@@ -292,13 +97,13 @@ def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
     return sorted({min(int(v), int(n_aux)) for v in grid})
 
 
-def _search_k(adata, cfg: FitConfig, data: _Data, genes: _Genes, enc: dict, dev, progress: bool):
+def _search_k(adata, cfg: FitConfig, data: FitData, genes: FitGenes, enc: dict, dev, progress: bool):
     """Top-k fits over :func:`k_search_grid`, scored on the validation spots; the best one and the scores."""
     grid = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid)
     scores, best = [], None
     for kk in grid:
-        g_k = _with_k(genes, kk)
-        net, inputs, record = _build_network(adata, cfg, data, len(g_k.genes), enc, dev)
+        g_k = with_k(genes, kk)
+        net, inputs, record = build_network(adata, cfg, data, len(g_k.genes), enc, dev)
         res = _train(net, inputs, g_k, data, cfg, dev, progress, f"agl_fit (topk, k={kk})")
         scores.append(float(res.best_val_pcc))
         if best is None or res.best_val_pcc > best[3].best_val_pcc + 1e-6:
@@ -308,7 +113,7 @@ def _search_k(adata, cfg: FitConfig, data: _Data, genes: _Genes, enc: dict, dev,
 
 
 def _refit(
-    adata, cfg: FitConfig, data: _Data, genes: _Genes, res: TrainResult, enc: dict, dev, progress: bool, seed=None
+    adata, cfg: FitConfig, data: FitData, genes: FitGenes, res: TrainResult, enc: dict, dev, progress: bool, seed=None
 ):
     """Retrain from the initialisation on train + validation spots for the selected number of epochs.
 
@@ -317,8 +122,8 @@ def _refit(
     """
     seed = cfg.seed if seed is None else int(seed)
     both = np.sort(np.concatenate([data.train_idx, data.val_idx]))
-    data2 = _Data(data.used, data.split, both, np.zeros(0, dtype=np.int64), data.emb_key, data.features)
-    net, inputs, _ = _build_network(adata, cfg, data2, len(genes.genes), enc, dev, seed=seed)
+    data2 = FitData(data.used, data.split, both, np.zeros(0, dtype=np.int64), data.emb_key, data.features)
+    net, inputs, _ = build_network(adata, cfg, data2, len(genes.genes), enc, dev, seed=seed)
     res2 = _train(
         net, inputs, genes, data2, cfg, dev, progress, f"agl_fit ({cfg.method}, refit, seed {seed})",
         epochs=res.best_epoch + 1, aux_weights=_learned_weights(cfg, res), seed=seed,
@@ -331,7 +136,7 @@ def _learned_weights(cfg: FitConfig, res: TrainResult) -> np.ndarray | None:
     return np.asarray(res.aux_weights, dtype=np.float64) if cfg.method == "dkgsb" else None
 
 
-def _ensemble(adata, cfg: FitConfig, data: _Data, genes: _Genes, net, res: TrainResult, enc: dict, dev, progress):
+def _ensemble(adata, cfg: FitConfig, data: FitData, genes: FitGenes, net, res: TrainResult, enc: dict, dev, progress):
     """``n_seeds - 1`` more networks, seeds ``seed + 1, ...``, averaged with ``net`` (:class:`EmbeddingEnsemble`).
 
     They share the split, the gene roles and the auxiliaries of the first network (DkGSB's learned mask held
@@ -344,7 +149,7 @@ def _ensemble(adata, cfg: FitConfig, data: _Data, genes: _Genes, net, res: Train
         if cfg.training.refit:
             m, _, _ = _refit(adata, cfg, data, genes, res, enc, dev, progress, seed=seed)
         else:
-            m, inputs, _ = _build_network(adata, cfg, data, len(genes.genes), enc, dev, seed=seed)
+            m, inputs, _ = build_network(adata, cfg, data, len(genes.genes), enc, dev, seed=seed)
             _train(
                 m, inputs, genes, data, cfg, dev, progress, f"agl_fit ({cfg.method}, seed {seed})",
                 aux_weights=_learned_weights(cfg, res), seed=seed,
@@ -353,7 +158,7 @@ def _ensemble(adata, cfg: FitConfig, data: _Data, genes: _Genes, net, res: Train
     return EmbeddingEnsemble(members)
 
 
-def _fit_linear(cfg: FitConfig, data: _Data, genes: _Genes) -> tuple[_Genes, torch.nn.Module, TrainResult, dict]:
+def _fit_linear(cfg: FitConfig, data: FitData, genes: FitGenes) -> tuple[FitGenes, torch.nn.Module, TrainResult, dict]:
     """``head="rrr"``: number of auxiliaries (``k="auto"``) and rank chosen on validation, the fit on training spots.
 
     Returns the genes of the chosen fit, its linear head, a :class:`TrainResult` without epochs, and the choice
@@ -362,16 +167,16 @@ def _fit_linear(cfg: FitConfig, data: _Data, genes: _Genes) -> tuple[_Genes, tor
     n_t = genes.n_targets
     auto = cfg.method == "topk" and cfg.k == K.K_AUTO
     ks = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid) if auto else [len(genes.model_aux)]
-    widest = _with_k(genes, max(ks))
+    widest = with_k(genes, max(ks))
     k, rank, scores = choose_rrr(data.features, widest.expr, data.train_idx, data.val_idx, n_t, ks)
-    genes = _with_k(genes, k)
+    genes = with_k(genes, k)
     net, info = rrr_head(data.features, genes.expr, data.train_idx, n_t, rank)
     hist = empty_history()
     res = TrainResult(history=hist, best_epoch=0, best_val_pcc=scores.get((k, rank), float("nan")))
     return genes, net, res, {**info, "k": int(k), "search": search_record(scores)}
 
 
-def _add_linear(cfg: FitConfig, data: _Data, genes: _Genes, net, mlp_val) -> tuple[EmbeddingEnsemble, dict]:
+def _add_linear(cfg: FitConfig, data: FitData, genes: FitGenes, net, mlp_val) -> tuple[EmbeddingEnsemble, dict]:
     """``head="hybrid"``: the trained network(s) and the linear head of the targets (:func:`hybrid_linear`).
 
     The linear head's auxiliaries are the first of the fit's (prior order; none for PGL), their number and the rank
@@ -380,7 +185,7 @@ def _add_linear(cfg: FitConfig, data: _Data, genes: _Genes, net, mlp_val) -> tup
     spots.
     """
     ks = [0] if cfg.method == "pgl" else k_search_grid(len(genes.model_aux))
-    widest = _with_k(genes, max(ks))
+    widest = with_k(genes, max(ks))
     lin, info = hybrid_linear(
         data.features, widest.expr, data.train_idx, data.val_idx, genes.n_targets, ks, cfg.training.refit, mlp_val
     )
@@ -388,7 +193,7 @@ def _add_linear(cfg: FitConfig, data: _Data, genes: _Genes, net, mlp_val) -> tup
     return EmbeddingEnsemble(members, lin, info["weight"]), info
 
 
-def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record: dict, data: _Data, extra: dict):
+def _make_model(cfg: FitConfig, genes: FitGenes, res: TrainResult, net, enc_record: dict, data: FitData, extra: dict):
     n_t, n_aux_all = genes.n_targets, len(genes.roles.auxiliaries)
     if cfg.method == "dkgsb":
         aux_w = np.asarray(res.aux_weights, dtype=np.float64)
@@ -431,7 +236,9 @@ def _make_model(cfg: FitConfig, genes: _Genes, res: TrainResult, net, enc_record
     return AGLModel(net, config)
 
 
-def _write_results(adata, model: AGLModel, cfg: FitConfig, genes: _Genes, data: _Data, res, keys: Keys, extra: dict):
+def _write_results(
+    adata, model: AGLModel, cfg: FitConfig, genes: FitGenes, data: FitData, res, keys: Keys, extra: dict
+):
     """Every write of ``agl_fit``, in one block that restores what it touched when it fails."""
     n_t = genes.n_targets
     val_df = extra["val_metrics"]
@@ -622,23 +429,23 @@ def agl_fit(
         resolve_library_key(adata, library_key)  # a column of slide labels, not coordinates
     progress = show_progress(progress)
 
-    fit_data = _prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key)
-    genes = _prepare_genes(adata, cfg, fit_data, library_key)
+    fit_data = prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key)
+    genes = prepare_genes(adata, cfg, fit_data, library_key)
     enc = {"library_key": library_key, "progress": progress}  # what embedding and patches need beyond the config
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == K.HEAD_RRR:
-        _, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)  # the features
+        _, inputs, enc_record = build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)  # the features
         genes, net, res, linear = _fit_linear(cfg, fit_data, genes)
     elif cfg.method == "topk" and cfg.k == K.K_AUTO:
         (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
     else:
-        net, inputs, enc_record = _build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
+        net, inputs, enc_record = build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
         mask = (
             GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau)
             if cfg.method == "dkgsb"
             else None
         )
-        checkpoint = _checkpointer(save_dir, overwrite, cfg, genes, fit_data, net, enc_record)
+        checkpoint = checkpointer(save_dir, overwrite, cfg, genes, fit_data, net, enc_record)
         desc = f"agl_fit ({cfg.method})"
         res = _train(net, inputs, genes, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
     n_t = genes.n_targets  # validation metrics of the selected network, before any refit has seen those spots

@@ -1,0 +1,79 @@
+"""Error messages of the command line: an exception on one line, an API message in the command's flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an exception on one line (a KeyError's message without its quotes)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        msg = exc.args[0]
+    else:
+        msg = str(exc)
+    msg = " ".join(msg.split())
+    return msg or type(exc).__name__
+
+
+#: ``name=value`` in an error of the Python API (a parameter, as the API's messages name them: ``weights=<path>``).
+_PARAM = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=(<[^>]*>|'[^']*'|\"[^\"]*\"|[^\s,;)]*)")
+#: A Python call quoted in a message (``agl.tl.agl_fit(adata, key_added=...)``): its arguments stay as written.
+_CALL = re.compile(r"\b[\w.]+\([^()]*\)")
+
+
+def command_flags(
+    parser: argparse.ArgumentParser, command: str | None
+) -> dict[str, tuple[str, str | None, str | None]]:
+    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``.
+
+    The second is the negative flag of a ``--x/--no-x`` switch (``"refit": ("--refit", "--no-refit", None)``), the
+    third the placeholder of the flag's value (None for a switch).
+    """
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            parsers.append(action.choices[command])
+    out: dict[str, tuple[str, str | None, str | None]] = {}
+    for p in parsers:
+        for action in p._actions:
+            longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+            if longs and action.dest not in ("help", "version"):
+                neg = next((o for o in action.option_strings if o.startswith("--no-")), None)
+                takes = action.nargs != 0 and neg is None
+                metavar = (action.metavar or action.dest.upper()) if takes else None
+                out[action.dest] = (longs[0], neg, metavar)
+    return out
+
+
+def cli_message(message: str, flags: dict[str, tuple[str, str | None, str | None]]) -> str:
+    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``.
+
+    Every ``name=value`` whose ``name`` is a parameter the command has a flag for becomes the flag (``x=True`` ->
+    ``--x``, ``x=False`` -> ``--no-x``, ``x=<v>`` -> ``--x <v>``); a Python call quoted in the message
+    (``agl.tl.evaluate(adata, key_added=...)``) and names without a flag are left as written.
+
+    Examples
+    --------
+    >>> cli_message("Pass weights=<path>.", {"weights": ("--weights", None, "FILE")})
+    'Pass --weights <path>.'
+    """
+    calls = [m.span() for m in _CALL.finditer(message)]
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in flags or any(a <= m.start() < b for a, b in calls):
+            return m.group(0)
+        pos, neg, metavar = flags[name]
+        tail = ""
+        while value and value[-1] in ".:" and not value.startswith(("<", "'", '"')):
+            value, tail = value[:-1], value[-1] + tail
+        value = value.strip("'\"")
+        if value in ("True", "true"):
+            return pos + tail
+        if value in ("False", "false") and neg:
+            return neg + tail
+        value = value or metavar
+        return (f"{pos} {value}" if value else pos) + tail
+
+    return _PARAM.sub(flag, message)

@@ -1,0 +1,96 @@
+"""The elements of a SpatialData object that a slide is read from: its table and image, the image's scale levels.
+
+Picking the table and the H&E image, whether an image is stored in the object's zarr store, an image's scale levels
+as RGB arrays and its hires thumbnail; used by :func:`agl_scverse.io.from_spatialdata`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agl_scverse import _spatial
+
+from ._common import thumbnail_from_array
+
+SD_ATTRS = "spatialdata_attrs"
+
+
+def is_backed(sdata, image_name: str) -> bool:
+    """Whether the image element is stored in the SpatialData's zarr store (so it can be reopened from there)."""
+    try:
+        return image_name in set(sdata.elements_paths_on_disk() or []) or f"images/{image_name}" in set(
+            sdata.elements_paths_on_disk() or []
+        )
+    except Exception:  # older spatialdata or an in-memory object
+        return False
+
+
+def pick_table(sdata, table_key: str | None):
+    tables = dict(sdata.tables)
+    if not tables:
+        raise ValueError("The SpatialData object has no table: add the counts as a table annotating the spot shapes.")
+    if table_key is not None:
+        if table_key not in tables:
+            raise KeyError(f"table_key={table_key!r} is not a table; available tables: {list(tables)}.")
+        return table_key, tables[table_key]
+    if len(tables) == 1:
+        return next(iter(tables.items()))
+    on_shapes = []
+    for key, t in tables.items():
+        region = (t.uns.get(SD_ATTRS) or {}).get("region")
+        region = [region] if isinstance(region, str) else list(region if region is not None else [])
+        if any(r in sdata.shapes for r in region):
+            on_shapes.append(key)
+    if len(on_shapes) == 1:
+        return on_shapes[0], tables[on_shapes[0]]
+    raise ValueError(f"The SpatialData object has several tables {list(tables)}; pass table_key=<one>.")
+
+
+def pick_image(sdata, image_key: str | None):
+    images = dict(sdata.images)
+    if not images:
+        raise ValueError(
+            "No image element in the SpatialData object: an H&E image is needed (add one with "
+            "spatialdata.models.Image2DModel)."
+        )
+    if image_key is not None:
+        if image_key not in images:
+            raise KeyError(f"image_key={image_key!r} is not an image element; available images: {list(images)}.")
+        return image_key, images[image_key]
+    if len(images) > 1:
+        raise ValueError(f"The SpatialData object has several images {list(images)}; pass image_key=<the H&E>.")
+    return next(iter(images.items()))
+
+
+def scale_levels(image) -> list:
+    """The scale levels of an image element as DataArrays (c, y, x), full resolution first."""
+    import xarray as xr
+
+    if isinstance(image, xr.DataArray):
+        return [image]
+    out = []
+    for key in sorted(image.keys(), key=lambda k: int("".join(ch for ch in k if ch.isdigit()) or 0)):
+        ds = image[key].ds
+        out.append(ds[next(iter(ds.data_vars))])
+    return out
+
+
+def to_rgb(arr, name: str) -> np.ndarray:
+    """(c, y, x) DataArray -> (y, x, c) uint8 RGB numpy array."""
+    data = np.asarray(arr.transpose("y", "x", "c").values)
+    return _spatial.as_rgb(data, name=f"image {name!r}")
+
+
+def hires_thumbnail(levels: list, full_width: int, max_px: int, name: str) -> tuple[np.ndarray, float]:
+    """Thumbnail from the coarsest scale level that is still at least ``max_px`` on its longest side."""
+    level = levels[0]
+    for lv in levels[1:]:
+        if max(lv.sizes["y"], lv.sizes["x"]) >= max_px:
+            level = lv
+    level_scale = level.sizes["x"] / full_width
+    f = int(max(1, np.floor(max(level.sizes["y"], level.sizes["x"]) / (2 * max_px))))
+    if f > 1:  # very large single-scale image: block-average lazily before computing
+        level = level.coarsen(y=f, x=f, boundary="trim").mean()
+        level_scale /= f
+    img, s = thumbnail_from_array(to_rgb(level, name), max_px, name=f"image {name!r}")
+    return img, float(level_scale * s)

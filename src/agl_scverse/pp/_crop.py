@@ -1,0 +1,169 @@
+"""Cutting one patch: the crop's origin and sub-pixel shift, padding at the image border, resizing, memory limits.
+
+The geometry these implement is described in :mod:`agl_scverse.pp._patches`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from agl_scverse._images import ImageSource, open_image
+from agl_scverse._validate import check_choice
+
+PAD_MODES = ("constant", "reflect", "edge")
+ON_OUTSIDE = ("error", "pad")
+#: Largest memory (bytes) cutting one patch may take: the crop read from the image and its padded copy (1 byte
+#: per value each), the float32 copy of the antialiased resize (4), and the patch it gives (uint8 and float32), so
+#: ``3 * (6 * side**2 + 5 * patch_px**2)`` for a crop of ``side`` pixels of the level read. Larger requests (e.g.
+#: ``patch_um=1e5``, a 100k-pixel padded square) are refused when the dataset is built, with the numbers.
+MAX_PATCH_BYTES = 2 * 2**30
+#: Largest memory (bytes) of the patch batches a tool holds at once: the uint8 batches in flight (one, or
+#: ``num_workers * prefetch_factor``) and the float32 input with its normalised copy, so
+#: ``batch_size * 3 * patch_px**2 * (in_flight + 8)``; the encoder's own activations come on top.
+MAX_BATCH_BYTES = 4 * 2**30
+
+
+def patch_bytes(side: int, patch_px: int) -> int:
+    """Bytes cutting one patch takes (see :data:`MAX_PATCH_BYTES`).
+
+    Examples
+    --------
+    >>> round(patch_bytes(448, 224) / 2**20, 1)  # MiB, a 112 µm patch of a 0.25 µm/px scan
+    4.2
+    """
+    return 3 * (6 * int(side) ** 2 + 5 * int(patch_px) ** 2)
+
+
+def check_patch_batch(patch_px: int, batch_size: int, in_flight: int = 1, what: str = "batch_size") -> None:
+    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit.
+
+    Examples
+    --------
+    >>> check_patch_batch(224, 32)
+    >>> check_patch_batch(4096, 32)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: A batch of 32 patches of 4096 x 4096 px needs about 13.5 GiB ...
+    """
+    need = int(batch_size) * 3 * int(patch_px) ** 2 * (int(in_flight) + 8)
+    if need > MAX_BATCH_BYTES:
+        fit = max(0, int(MAX_BATCH_BYTES // (3 * int(patch_px) ** 2 * (int(in_flight) + 8))))
+        raise ValueError(
+            f"A batch of {batch_size} patches of {patch_px} x {patch_px} px needs about {need / 2**30:.1f} GiB "
+            f"({batch_size} x 3 x {patch_px}^2 x ({in_flight} uint8 batch(es) in flight + 8 bytes of float32 input "
+            f"and its normalised copy)), over the {MAX_BATCH_BYTES / 2**30:.0f} GiB limit (MAX_BATCH_BYTES of "
+            f"agl_scverse.pp._patches) before the encoder's own activations. Lower {what} (at most {fit} here) or "
+            "patch_px (encoders take 224 px)."
+        )
+
+
+def as_pad_value(value: Any) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(value)).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3 or not np.all(np.isfinite(arr.astype(float))) or arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"pad_value must be one or three numbers in 0..255, got {value!r}.")
+    return arr.astype(np.uint8)
+
+
+def crop_with_padding(
+    image: ImageSource | np.ndarray,
+    x0: int,
+    y0: int,
+    side: int,
+    pad_mode: str = "constant",
+    pad_value: Any = 255,
+    level: int = 0,
+) -> np.ndarray:
+    """The ``side x side`` block of ``image`` with top-left pixel ``(x0, y0)``, padded where it leaves the image.
+
+    ``image`` is an image source (read with ``read_region`` at ``level``, see :mod:`agl_scverse._images`) or an
+    array; ``(x0, y0)`` are pixels of that level.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.zeros((4, 4, 3), dtype=np.uint8)
+    >>> crop_with_padding(img, -1, -1, 3)[:, :, 0]
+    array([[255, 255, 255],
+           [255,   0,   0],
+           [255,   0,   0]], dtype=uint8)
+    """
+    src = open_image(image)
+    W, H = src.level_size(level)
+    xa, xb = max(x0, 0), min(x0 + side, W)
+    ya, yb = max(y0, 0), min(y0 + side, H)
+    fill = as_pad_value(pad_value)
+    if xa >= xb or ya >= yb:  # entirely outside: nothing to reflect or repeat
+        out = np.empty((side, side, 3), dtype=np.uint8)
+        out[:] = fill
+        return out
+    region = src.read_region(xa, ya, xb - xa, yb - ya, level)
+    pads = ((ya - y0, y0 + side - yb), (xa - x0, x0 + side - xb), (0, 0))
+    if not any(p for pair in pads for p in pair):
+        return np.ascontiguousarray(region)
+    if pad_mode == "constant":
+        out = np.empty((side, side, 3), dtype=np.uint8)
+        out[:] = fill
+        out[pads[0][0] : pads[0][0] + (yb - ya), pads[1][0] : pads[1][0] + (xb - xa)] = region
+        return out
+    check_choice("pad_mode", pad_mode, PAD_MODES)
+    return np.pad(region, pads, mode="reflect" if pad_mode == "reflect" else "edge")
+
+
+#: Sub-pixel offsets closer than this to a whole pixel are snapped to it (float noise in stored coordinates).
+SUBPIXEL_TOLERANCE = 1e-3
+
+
+def crop_origin(centres: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixel of each ``side x side`` crop around ``centres`` (pixels), and its sub-pixel remainder.
+
+    A crop's origin is ``o = c - (side - 1) / 2`` for an odd side (the spot's pixel is the centre pixel) and
+    ``c - side / 2 + 1`` for an even side (the centre falls half a pixel before the middle, on pixel ``c``): a whole
+    pixel for whole-pixel centres, which are cut exactly. A fractional centre (Space Ranger writes them) gives
+    ``o = x0 + f`` with ``0 < f < 1``: the crop is read one pixel larger from ``x0`` and resampled by ``f``
+    (:func:`subpixel_shift`), so a patch moves continuously with its centre instead of jumping a pixel where
+    rounding flips. Remainders within :data:`SUBPIXEL_TOLERANCE` of a whole pixel are snapped to it.
+
+    Examples
+    --------
+    >>> crop_origin(np.array([[10.0, 10.25]]), 3)
+    (array([[9, 9]]), array([[0.  , 0.25]]))
+    """
+    origin = np.asarray(centres, dtype=np.float64) - (side - 1) / 2.0 + (0.5 if side % 2 == 0 else 0.0)
+    nearest = np.round(origin)
+    snap = np.abs(origin - nearest) < SUBPIXEL_TOLERANCE
+    origin = np.where(snap, nearest, origin)
+    start = np.floor(origin)
+    return start.astype(np.int64), origin - start
+
+
+def subpixel_shift(crop: np.ndarray, fx: float, fy: float) -> np.ndarray:
+    """Resample a ``(side + 1, side + 1, 3)`` uint8 crop at offsets ``(fx, fy)`` in [0, 1): ``(side, side, 3)``.
+
+    Bilinear: output pixel ``(i, j)`` is the value at ``(j + fx, i + fy)`` of the crop, so ``fx = 0.5`` averages
+    each pixel with its right neighbour. Rounded back to uint8.
+
+    Examples
+    --------
+    >>> a = np.zeros((3, 3, 3), dtype=np.uint8); a[:, 1] = 100
+    >>> subpixel_shift(a, 0.5, 0.0)[0, :, 0]
+    array([50, 50], dtype=uint8)
+    """
+    c = crop.astype(np.float32)
+    c = c[:, :-1] * (1.0 - fx) + c[:, 1:] * fx
+    c = c[:-1] * (1.0 - fy) + c[1:] * fy
+    return np.clip(np.rint(c), 0, 255).astype(np.uint8)
+
+
+def resize_patch(patch: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of a uint8 (3, h, w) tensor to (3, size, size)."""
+    if patch.shape[-1] == size and patch.shape[-2] == size:
+        return patch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(patch, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
