@@ -68,7 +68,7 @@ def test_dependencies_point_down(path):
         return  # the package's __init__ and the CLI sit on top
     for target, names, line in _imports(path):
         there = _layer(target)
-        if there == "root":  # `from .. import _constants as K` and the like
+        if there == "root":  # `from .. import _constants as consts` and the like
             subs = {n for n in names if n in SUBPACKAGES}
             assert not subs & FORBIDDEN.get(here, set()), f"{path.name}:{line} imports {subs}"
             continue

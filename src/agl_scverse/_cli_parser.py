@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import _constants as K
+from . import _constants as consts
 from ._constants import METHODS, MODES
 
 READERS = ("auto", "h5ad", "legacy_st", "visium", "hest")
@@ -23,8 +23,8 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--meta-scope",
-        default=K.META_SCOPE_AUTO,
-        choices=[K.META_SCOPE_AUTO, *K.META_SCOPES],
+        default=consts.META_SCOPE_AUTO,
+        choices=[consts.META_SCOPE_AUTO, *consts.META_SCOPES],
         help="DkGSB: parameters the look-ahead moves; all, or last (the output layer and the encoder's last block); "
         "auto: the mode's default, all at present (default: auto)",
     )
@@ -45,7 +45,7 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=list(K.PRECISIONS),
+        choices=list(consts.PRECISIONS),
         help="how the encoder runs: auto (bf16 where the device computes it natively, fp16 on older CUDA GPUs, "
         "else fp32), fp32, bf16 or fp16 (default: auto)",
     )
@@ -91,7 +91,7 @@ def _add_resolution_args(p: argparse.ArgumentParser, device: str = "auto") -> No
     p.add_argument(
         "--backend",
         default="auto",
-        choices=list(K.BACKENDS),
+        choices=list(consts.BACKENDS),
         help="what runs the frozen image encoder when patches are embedded: auto (ONNX Runtime on a CPU when it is "
         "installed and agrees with torch, else torch), torch, onnx (default: auto)",
     )
@@ -110,17 +110,23 @@ def _add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="auxiliary genes of --method topk (required with it)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
     p.add_argument(
-        "--patch-px", type=int, default=K.DEFAULT_PATCH_PX, help="patch side in pixels, to embed (default: %(default)s)"
+        "--patch-px",
+        type=int,
+        default=consts.DEFAULT_PATCH_PX,
+        help="patch side in pixels, to embed (default: %(default)s)",
     )
     p.add_argument(
-        "--patch-um", type=float, default=K.DEFAULT_PATCH_UM, help="patch side in µm, to embed (default: %(default)s)"
+        "--patch-um",
+        type=float,
+        default=consts.DEFAULT_PATCH_UM,
+        help="patch side in µm, to embed (default: %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--layer", default=None, metavar="LAYER", help="layer of DATA holding the raw counts (default: .X)")
     p.add_argument(
         "--head",
         default=None,
-        choices=list(K.HEADS),
+        choices=list(consts.HEADS),
         help="embedding-mode network: mlp, rrr (closed-form reduced-rank ridge) or hybrid (default: mlp)",
     )
     _add_section_args(p)
@@ -360,7 +366,7 @@ def _add_predict_slide(sub) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=list(K.BACKENDS),
+        choices=list(consts.BACKENDS),
         help="what runs the frozen image encoder: auto (ONNX Runtime on a CPU when installed and it agrees with "
         "torch, else torch), torch, onnx (default: auto)",
     )

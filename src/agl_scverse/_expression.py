@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from . import _constants as K
+from . import _constants as consts
 from ._constants import Transform
 from ._validate import check_choice, check_counts
 
@@ -61,7 +61,7 @@ def expression_transform(
     >>> expression_transform(np.array([[1, 3]]), "log1p_cpm").round(2)
     array([[7.82, 8.92]], dtype=float32)
     """
-    check_choice("transform", transform, K.TRANSFORMS)
+    check_choice("transform", transform, consts.TRANSFORMS)
     if not (sp.issparse(X) or isinstance(X, np.ndarray)):
         X = np.asarray(X)
     if X.ndim != 2:
@@ -87,7 +87,7 @@ def expression_transform(
 def _predicted_counts(Y: np.ndarray, transform: Transform) -> np.ndarray:
     """Predictions in the model's scale back to (non-negative) counts: ``expm1`` of a log scale."""
     Y = np.asarray(Y, dtype=np.float32)
-    counts = np.expm1(Y) if transform in (K.TRANSFORM_LOG1P, K.TRANSFORM_LOG1P_CPM) else Y.copy()
+    counts = np.expm1(Y) if transform in (consts.TRANSFORM_LOG1P, consts.TRANSFORM_LOG1P_CPM) else Y.copy()
     return np.maximum(counts, 0.0, out=counts)
 
 
@@ -121,13 +121,13 @@ def rescale_predictions(
     >>> np.expm1(rescale_predictions(Y, "log1p", "log1p_cp10k", np.array([4.0]))).round(1)
     array([[2500., 7500.]], dtype=float32)
     """
-    check_choice("scale", scale, K.PRED_SCALES)
-    if scale == K.SCALE_MODEL or transform == K.TRANSFORM_LOG1P_CPM:
+    check_choice("scale", scale, consts.PRED_SCALES)
+    if scale == consts.SCALE_MODEL or transform == consts.TRANSFORM_LOG1P_CPM:
         return np.asarray(Y, dtype=np.float32)
     if library is None:
         raise ValueError("scale='log1p_cp10k' needs the library size of every spot (predicted_library_size).")
     library = np.asarray(library, dtype=np.float64).ravel()
-    factor = np.divide(K.CP10K_TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)
+    factor = np.divide(consts.CP10K_TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)
     out = _predicted_counts(Y, transform)
     out *= factor[:, None].astype(np.float32)
     return np.log1p(out, out=out)
@@ -146,8 +146,8 @@ def observed_transform(record: dict | None, model_transform: Transform) -> Trans
     ('log1p_cpm', 'log1p')
     """
     record = record or {}
-    if record.get("scale") == K.SCALE_LOG1P_CP10K:
-        return K.TRANSFORM_LOG1P_CPM
+    if record.get("scale") == consts.SCALE_LOG1P_CP10K:
+        return consts.TRANSFORM_LOG1P_CPM
     return record.get("transform") or model_transform
 
 
@@ -208,7 +208,7 @@ class ExpressionBatches:
     """
 
     def __init__(self, X: Any, columns: Sequence[int] | np.ndarray, transform: Transform = "log1p"):
-        check_choice("transform", transform, K.TRANSFORMS)
+        check_choice("transform", transform, consts.TRANSFORMS)
         self.X = X
         self.columns = np.asarray(columns, dtype=np.int64)
         self.transform = transform

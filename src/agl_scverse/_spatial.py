@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from . import _constants as K
+from . import _constants as consts
 from ._images import ImageSource, check_rgb_shape, live_image, open_image, to_uint8_rgb, value_scale
 
 VISIUM_SPOT_UM = 55.0  # physical diameter of a Visium spot
@@ -30,7 +30,7 @@ def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
                 f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
             )
         return [str(x) for x in pd_unique(adata.obs[library_key])]
-    libs = list(adata.uns.get(K.SPATIAL_KEY, {}).keys())
+    libs = list(adata.uns.get(consts.SPATIAL_KEY, {}).keys())
     if len(libs) == 0:
         raise KeyError(
             "adata.uns['spatial'] holds no library: no image or scale factors. Read the slide with agl.io "
@@ -63,7 +63,7 @@ def spot_masks(adata: AnnData, library_key: str | None = None) -> dict[str, np.n
 
 def one_library(adata: AnnData, library_id: str | None = None) -> str:
     """The library of ``.uns["spatial"]`` a single-slide tool works on: ``library_id``, or the only one there is."""
-    libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).keys())
+    libs = list((adata.uns.get(consts.SPATIAL_KEY) or {}).keys())
     if library_id is None:
         if len(libs) != 1:
             raise ValueError(f"The AnnData holds {len(libs)} libraries {libs}; pass library_id=<one of them>.")
@@ -75,7 +75,7 @@ def one_library(adata: AnnData, library_id: str | None = None) -> str:
 
 def library_entry(adata: AnnData, library_id: str) -> dict:
     """The ``uns['spatial'][library_id]`` dict, with a clear error if absent."""
-    spatial = adata.uns.get(K.SPATIAL_KEY, {})
+    spatial = adata.uns.get(consts.SPATIAL_KEY, {})
     if library_id not in spatial:
         raise KeyError(
             f"No image for library {library_id!r}: adata.uns['spatial'] has {list(spatial)}. "
@@ -86,7 +86,7 @@ def library_entry(adata: AnnData, library_id: str) -> dict:
 
 def scalefactors(adata: AnnData, library_id: str) -> dict:
     """Scale factors of a library; each present factor must be a finite positive number."""
-    sf = dict(library_entry(adata, library_id).get(K.SCALEFACTORS, {}))
+    sf = dict(library_entry(adata, library_id).get(consts.SCALEFACTORS, {}))
     for key, val in sf.items():
         try:
             ok = np.isfinite(float(val)) and float(val) > 0
@@ -107,16 +107,16 @@ def microns_per_pixel(adata: AnnData, library_id: str) -> float:
     65 µm spot, Space Ranger's definition of that scale factor (with a warning).
     """
     sf = scalefactors(adata, library_id)
-    if K.MICRONS_PER_PIXEL in sf:
-        return float(sf[K.MICRONS_PER_PIXEL])
-    if K.SPOT_DIAMETER in sf:
+    if consts.MICRONS_PER_PIXEL in sf:
+        return float(sf[consts.MICRONS_PER_PIXEL])
+    if consts.SPOT_DIAMETER in sf:
         warnings.warn(
             f"Library {library_id!r} records no 'microns_per_pixel'; assuming Space Ranger's 65 µm reference spot "
-            f"(spot_diameter_fullres={sf[K.SPOT_DIAMETER]}). Set scalefactors['microns_per_pixel'] to silence this.",
+            f"(spot_diameter_fullres={sf[consts.SPOT_DIAMETER]}). Set scalefactors['microns_per_pixel'] to silence this.",
             UserWarning,
             stacklevel=2,
         )
-        return VISIUM_SCALEFACTOR_SPOT_UM / float(sf[K.SPOT_DIAMETER])
+        return VISIUM_SCALEFACTOR_SPOT_UM / float(sf[consts.SPOT_DIAMETER])
     raise ValueError(
         f"Library {library_id!r} has neither 'microns_per_pixel' nor 'spot_diameter_fullres' in its scale factors: "
         "the physical scale is unknown. Add scalefactors['microns_per_pixel']."
@@ -147,7 +147,10 @@ def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def get_image(
-    adata: AnnData, library_id: str, prefer: Sequence[str] = (K.FULLRES, K.HIRES, K.LOWRES), warn: bool = True
+    adata: AnnData,
+    library_id: str,
+    prefer: Sequence[str] = (consts.FULLRES, consts.HIRES, consts.LOWRES),
+    warn: bool = True,
 ) -> tuple[ImageSource, float, str]:
     """Best available image of a library, as a source read by region (nothing is decoded here).
 
@@ -178,32 +181,32 @@ def get_image(
     (8, 0.5, 'hires')
     """
     entry = library_entry(adata, library_id)
-    images = entry.get(K.IMAGES, {}) or {}
-    meta = entry.get(K.METADATA, {}) or {}
+    images = entry.get(consts.IMAGES, {}) or {}
+    meta = entry.get(consts.METADATA, {}) or {}
     sf = scalefactors(adata, library_id)
     for which in prefer:
-        if which == K.FULLRES:
-            path = meta.get(K.SOURCE_IMAGE_PATH)
+        if which == consts.FULLRES:
+            path = meta.get(consts.SOURCE_IMAGE_PATH)
             if path:
                 if not Path(str(path)).exists():
                     raise FileNotFoundError(
                         f"Full-resolution image of library {library_id!r} not found at {path}. Move it back or "
                         "update uns['spatial'][library_id]['metadata']['source_image_path']."
                     )
-                return open_image(str(path)), 1.0, K.FULLRES
+                return open_image(str(path)), 1.0, consts.FULLRES
             element = _spatialdata_image(meta, library_id)
             if element is not None:  # a downscaled element (spatialdata-io's Visium hires image) is no full-res one
-                kind = K.HIRES if meta.get(K.SPATIALDATA_DOWNSCALED) else K.FULLRES
-                return open_image(element, f"SpatialData image {meta.get(K.SPATIALDATA_IMAGE)!r}"), 1.0, kind
-            if K.FULLRES in images:
-                return open_image(images[K.FULLRES], f"fullres image of {library_id!r}"), 1.0, K.FULLRES
+                kind = consts.HIRES if meta.get(consts.SPATIALDATA_DOWNSCALED) else consts.FULLRES
+                return open_image(element, f"SpatialData image {meta.get(consts.SPATIALDATA_IMAGE)!r}"), 1.0, kind
+            if consts.FULLRES in images:
+                return open_image(images[consts.FULLRES], f"fullres image of {library_id!r}"), 1.0, consts.FULLRES
         elif which in images:
-            key = K.HIRES_SCALEF if which == K.HIRES else K.LOWRES_SCALEF
+            key = consts.HIRES_SCALEF if which == consts.HIRES else consts.LOWRES_SCALEF
             if key not in sf:
                 raise ValueError(
                     f"Library {library_id!r} has a {which!r} image but no {key!r} scale factor to place spots on it."
                 )
-            if warn and K.FULLRES in prefer and which != prefer[0]:
+            if warn and consts.FULLRES in prefer and which != prefer[0]:
                 warnings.warn(
                     f"No full-resolution image for library {library_id!r}; using the {which!r} image "
                     f"(scale {float(sf[key]):.3g}), so patches are upsampled and lose detail.",
@@ -219,13 +222,13 @@ def get_image(
 
 def _spatialdata_image(meta: dict, library_id: str):
     """The SpatialData image element a library was read from: the live object, else reopened from its zarr store."""
-    name = meta.get(K.SPATIALDATA_IMAGE)
+    name = meta.get(consts.SPATIALDATA_IMAGE)
     if not name:
         return None
-    element = live_image(meta.get(K.SPATIALDATA_IMAGE_TOKEN))
+    element = live_image(meta.get(consts.SPATIALDATA_IMAGE_TOKEN))
     if element is not None:
         return element
-    path = meta.get(K.SPATIALDATA_PATH)
+    path = meta.get(consts.SPATIALDATA_PATH)
     if not path or not Path(str(path)).exists():
         return None
     import spatialdata as sd
@@ -287,10 +290,10 @@ def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str |
             )
         check_library_column(adata.obs[library_key], library_key)
         return library_key
-    if K.LIBRARY_KEY not in adata.obs:
+    if consts.LIBRARY_KEY not in adata.obs:
         return None
-    n_libs = len(adata.uns.get(K.SPATIAL_KEY, {}) or {})
-    if adata.obs[K.LIBRARY_KEY].nunique() > 1 or n_libs > 1:
-        check_library_column(adata.obs[K.LIBRARY_KEY], K.LIBRARY_KEY)
-        return K.LIBRARY_KEY
+    n_libs = len(adata.uns.get(consts.SPATIAL_KEY, {}) or {})
+    if adata.obs[consts.LIBRARY_KEY].nunique() > 1 or n_libs > 1:
+        check_library_column(adata.obs[consts.LIBRARY_KEY], consts.LIBRARY_KEY)
+        return consts.LIBRARY_KEY
     return None

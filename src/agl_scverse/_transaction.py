@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from anndata import AnnData
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 
 __all__ = ["check_owned", "restore_on_error"]
 
@@ -27,7 +27,7 @@ def _recorded(adata: AnnData) -> dict[str, set[str]]:
     """The keys the package's ``.uns`` entries record as written, per store."""
     out: dict[str, set[str]] = {name: set() for name in _STORES}
     for value in adata.uns.values():
-        rec = value.get(K.OWNED_FIELD) if isinstance(value, Mapping) else None
+        rec = value.get(consts.OWNED_FIELD) if isinstance(value, Mapping) else None
         if isinstance(rec, Mapping):
             for name, keys in rec.items():
                 if name in out:
@@ -50,7 +50,7 @@ def check_owned(adata: AnnData, **written: Sequence[str]) -> None:
     ...
     ValueError: key_added would write .uns['spatial'], which belongs to scanpy / squidpy / spatialdata (images, scale factors, ...); refusing to replace it. Choose another key_added (e.g. the default 'agl').
     """
-    reserved = [f".uns[{k!r}]" for k in written.get("uns", ()) if k in K.RESERVED_UNS]
+    reserved = [f".uns[{k!r}]" for k in written.get("uns", ()) if k in consts.RESERVED_UNS]
     if reserved:
         raise ValueError(
             f"key_added would write {', '.join(reserved)}, which belongs to scanpy / squidpy / spatialdata (images, "
@@ -62,9 +62,9 @@ def check_owned(adata: AnnData, **written: Sequence[str]) -> None:
         store = getattr(adata, name)
         present = store.columns if name in ("var", "obs") else store
         for key in written.get(name, ()):
-            if key not in present or str(key).startswith(K.OWN_PREFIXES):
+            if key not in present or str(key).startswith(consts.OWN_PREFIXES):
                 continue
-            if name == "uns" and isinstance(store[key], Mapping) and K.OWNED_FIELD in store[key]:
+            if name == "uns" and isinstance(store[key], Mapping) and consts.OWNED_FIELD in store[key]:
                 continue
             recorded = _recorded(adata) if recorded is None else recorded
             if key not in recorded[name]:
@@ -130,8 +130,8 @@ def restore_on_error(
     for key in uns:
         entry = adata.uns.get(key)
         if isinstance(entry, dict):
-            old = entry.get(K.OWNED_FIELD)
+            old = entry.get(consts.OWNED_FIELD)
             merged = {n: list(v) for n, v in old.items()} if isinstance(old, Mapping) else {}
             for n, keys in stamp.items():
                 merged[n] = list(dict.fromkeys([*(str(k) for k in merged.get(n, [])), *keys]))
-            adata.uns[key] = {**entry, K.OWNED_FIELD: merged}
+            adata.uns[key] = {**entry, consts.OWNED_FIELD: merged}

@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from . import _constants as K
+from . import _constants as consts
 
 
 def is_backed(X: Any) -> bool:
@@ -94,8 +94,8 @@ def check_integer_counts(X, what: str = "adata.X", transform: str = "log1p", log
     ...
     ValueError: adata.X holds non-integer values (e.g. 0.6931...
     """
-    check_choice("transform", transform, K.TRANSFORMS)
-    if transform == K.TRANSFORM_NONE:
+    check_choice("transform", transform, consts.TRANSFORMS)
+    if transform == consts.TRANSFORM_NONE:
         return
     vals = _sample_values(X)
     vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
@@ -168,9 +168,9 @@ def check_not_empty(adata: AnnData) -> None:
 
 def check_spatial(adata: AnnData) -> np.ndarray:
     """``obsm['spatial']`` must be an n x 2 array of finite pixel coordinates; returns it as float."""
-    if K.SPATIAL_KEY not in adata.obsm:
+    if consts.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] is missing: spot centres in full-resolution pixels are required.")
-    xy = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)
+    xy = np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise ValueError(f"adata.obsm['spatial'] has shape {xy.shape}; expected (n_spots, 2).")
     if not np.all(np.isfinite(xy[:, :2])):
@@ -190,7 +190,7 @@ def check_adata(adata: AnnData, layer: str | None = None, transform: str | None 
     what = f"adata.layers[{layer!r}]" if layer else "adata.X"
     check_counts(X, what=what)
     if transform is not None:
-        check_integer_counts(X, what, transform, log1p_recorded=layer is None and K.SCANPY_LOG1P_UNS in adata.uns)
+        check_integer_counts(X, what, transform, log1p_recorded=layer is None and consts.SCANPY_LOG1P_UNS in adata.uns)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -310,10 +310,10 @@ def scored_spots(split: np.ndarray | None, n_obs: int) -> tuple[np.ndarray, str]
     """
     if split is not None:
         split = np.asarray(split).astype(str)
-        if (split == K.SPLIT_UNUSED).any():
-            return split == K.SPLIT_UNUSED, "held-out"
-        if (split == K.SPLIT_VAL).any():
-            return split == K.SPLIT_VAL, "validation"
+        if (split == consts.SPLIT_UNUSED).any():
+            return split == consts.SPLIT_UNUSED, "held-out"
+        if (split == consts.SPLIT_VAL).any():
+            return split == consts.SPLIT_VAL, "validation"
     return np.ones(n_obs, dtype=bool), "all"
 
 
@@ -357,11 +357,11 @@ def resolve_spots(
                 raise ValueError(f".obs[{spots!r}] holds missing values; fill them with True/False.")
             pos = np.flatnonzero(col.to_numpy(dtype=bool))
         else:
-            pos = np.flatnonzero((col.astype(str) == K.SPLIT_TRAIN).to_numpy())
+            pos = np.flatnonzero((col.astype(str) == consts.SPLIT_TRAIN).to_numpy())
             if len(pos) == 0:
                 raise ValueError(
-                    f".obs[{spots!r}] is not boolean and has no {K.SPLIT_TRAIN!r} values; pass a boolean column or "
-                    f"one holding {K.SPLIT_TRAIN!r} for the spots to use."
+                    f".obs[{spots!r}] is not boolean and has no {consts.SPLIT_TRAIN!r} values; pass a boolean column or "
+                    f"one holding {consts.SPLIT_TRAIN!r} for the spots to use."
                 )
     else:
         arr = np.asarray([spots] if isinstance(spots, str) else spots)

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import _constants as K
+from . import _constants as consts
 from ._cli_messages import cli_message, command_flags, one_line
 from ._cli_output import check_output, write_h5ad
 from ._cli_parser import ALL_BASELINES, CV_BASELINES, PROG, READERS, build_parser, check_args  # noqa: F401  (re-exported)
@@ -119,7 +119,7 @@ def _only_sections(adata, sections: list[str] | None, library_key: str | None):
     """The spots of ``sections`` (values of the ``library_key`` column, default ``library_id``)."""
     if not sections:
         return adata
-    col = library_key or K.LIBRARY_KEY
+    col = library_key or consts.LIBRARY_KEY
     if col not in adata.obs:
         raise KeyError(
             f"--sections needs the .obs column naming the sections; {col!r} is not one of {list(adata.obs.columns)} "
@@ -310,7 +310,7 @@ def _fit(args: argparse.Namespace) -> None:
     adata = _read_slide(args)
     split_key = args.split_key
     if split_key is None and (args.val_groups or args.test_groups):
-        split_key = args.library_key or K.LIBRARY_KEY
+        split_key = args.library_key or consts.LIBRARY_KEY
     spots = None
     if args.test_groups:
         test = _groups_mask(adata, split_key, args.test_groups, "--test-groups")
@@ -451,7 +451,7 @@ def _cross_validate(args: argparse.Namespace) -> None:
 
     device = _device(args.device)
     adata = _read_slide(args)
-    group_key = args.group_key or args.library_key or K.LIBRARY_KEY
+    group_key = args.group_key or args.library_key or consts.LIBRARY_KEY
     if group_key not in adata.obs:
         raise KeyError(f"--group-key {group_key!r} is not an .obs column: {list(adata.obs.columns)}")
     if args.embedding_key is None:

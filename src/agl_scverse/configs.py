@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_in_range, check_min_batch_size, check_positive
 
 __all__ = [
@@ -53,7 +53,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "batch_size": 128,
         "augment": False,
-        "meta_scope": K.META_SCOPE_ALL,
+        "meta_scope": consts.META_SCOPE_ALL,
         "meta_steps": 4,
         "refit": True,
         "n_seeds": 5,
@@ -65,7 +65,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-5,
         "batch_size": 128,
         "augment": True,
-        "meta_scope": K.META_SCOPE_ALL,
+        "meta_scope": consts.META_SCOPE_ALL,
         "meta_steps": 1,
         "refit": False,
         "n_seeds": 1,
@@ -100,7 +100,7 @@ def as_config(cls: type[C], value: C | Mapping[str, Any] | None, name: str | Non
 
 
 def _mode_defaults(mode: str) -> dict[str, Any]:
-    check_choice("mode", mode, K.MODES)
+    check_choice("mode", mode, consts.MODES)
     return MODE_DEFAULTS[mode]
 
 
@@ -157,15 +157,15 @@ class GeneConfig:
     n_targets: int = 50
     targets: Sequence[str] | None = None
     auxiliaries: Sequence[str] | None = None
-    prior: K.Prior | str = "hvg"
+    prior: consts.Prior | str = "hvg"
     min_cells: int | float = 10
-    transform: K.Transform = "log1p"
+    transform: consts.Transform = "log1p"
     layer: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _names("targets", self.targets))
         object.__setattr__(self, "auxiliaries", _names("auxiliaries", self.auxiliaries))
-        check_choice("transform", self.transform, K.TRANSFORMS)
+        check_choice("transform", self.transform, consts.TRANSFORMS)
         if not isinstance(self.prior, str) or not self.prior:
             raise TypeError(f"prior must be 'hvg', 'coexpression', 'moran' or a .var column name, got {self.prior!r}.")
         if self.targets is None:
@@ -207,10 +207,10 @@ class NetworkConfig:
 
     hidden: Sequence[int] | None = None
     dropout: float = 0.1
-    head: K.Head = "mlp"
+    head: consts.Head = "mlp"
 
     def __post_init__(self) -> None:
-        check_choice("head", self.head, K.HEADS)
+        check_choice("head", self.head, consts.HEADS)
         if self.hidden is not None:
             h = self.hidden
             if isinstance(h, int | np.integer) or not isinstance(h, Sequence | np.ndarray) or isinstance(h, str):
@@ -220,7 +220,7 @@ class NetworkConfig:
             object.__setattr__(self, "hidden", tuple(int(v) for v in h))
         check_in_range("dropout", self.dropout, 0.0, 1.0, closed="left")
 
-    def resolved(self, mode: K.Mode) -> NetworkConfig:
+    def resolved(self, mode: consts.Mode) -> NetworkConfig:
         """A copy with the ``None`` fields set to the defaults of ``mode``."""
         dflt = _mode_defaults(mode)
         return self if self.hidden is not None else replace(self, hidden=dflt["hidden"])
@@ -276,7 +276,7 @@ class TrainingConfig:
     lr: float | None = None
     weight_decay: float = 0.0
     batch_size: int | None = None
-    loss: K.Loss = "pearson"
+    loss: consts.Loss = "pearson"
     refit: bool | None = None
     n_seeds: int | None = None
     augment: bool | None = None
@@ -292,13 +292,13 @@ class TrainingConfig:
         if self.lr is not None:
             check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_choice("loss", self.loss, K.LOSSES)
+        check_choice("loss", self.loss, consts.LOSSES)
         object.__setattr__(self, "refit", _flag("refit", self.refit))
         object.__setattr__(self, "augment", _flag("augment", self.augment))
         object.__setattr__(self, "resume", _flag("resume", self.resume, allow_none=False))
         check_positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
 
-    def resolved(self, mode: K.Mode, head: K.Head = "mlp") -> TrainingConfig:
+    def resolved(self, mode: consts.Mode, head: consts.Head = "mlp") -> TrainingConfig:
         """A copy with the ``None`` fields set to the defaults of ``mode`` (one seed for ``head="rrr"``)."""
         dflt = _mode_defaults(mode)
         new = {
@@ -307,7 +307,7 @@ class TrainingConfig:
             if getattr(self, n) is None
         }
         if self.n_seeds is None:  # the closed-form head is the same for every seed: one
-            new["n_seeds"] = 1 if head == K.HEAD_RRR else dflt["n_seeds"]
+            new["n_seeds"] = 1 if head == consts.HEAD_RRR else dflt["n_seeds"]
         return replace(self, **new) if new else self
 
     def record(self) -> dict[str, Any]:
@@ -369,10 +369,10 @@ class DkGSBConfig:
     meta_batch_size: int = 128
     tau: float = 0.01
     beta: float = 0.01
-    meta_normalizer: K.MetaNormalizer = "soft"
-    lookahead: K.Lookahead = "adam"
-    meta_scope: K.MetaScope | K.Auto = K.META_SCOPE_AUTO
-    k: int | K.Auto | None = None
+    meta_normalizer: consts.MetaNormalizer = "soft"
+    lookahead: consts.Lookahead = "adam"
+    meta_scope: consts.MetaScope | consts.Auto = consts.META_SCOPE_AUTO
+    k: int | consts.Auto | None = None
     k_grid: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
@@ -384,13 +384,13 @@ class DkGSBConfig:
         for name in ("inner_lr", "tau", "beta"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
-        check_choice("meta_normalizer", self.meta_normalizer, K.META_NORMALIZERS)
-        check_choice("lookahead", self.lookahead, K.LOOKAHEADS)
-        check_choice("meta_scope", self.meta_scope, (K.META_SCOPE_AUTO, *K.META_SCOPES))
-        if self.k is not None and self.k != K.K_AUTO:
+        check_choice("meta_normalizer", self.meta_normalizer, consts.META_NORMALIZERS)
+        check_choice("lookahead", self.lookahead, consts.LOOKAHEADS)
+        check_choice("meta_scope", self.meta_scope, (consts.META_SCOPE_AUTO, *consts.META_SCOPES))
+        if self.k is not None and self.k != consts.K_AUTO:
             check_positive("k", self.k, integer=True, allow_zero=True)
         if self.k_grid is not None:
-            if self.k != K.K_AUTO:
+            if self.k != consts.K_AUTO:
                 raise ValueError("k_grid applies to method='topk' with k='auto' only.")
             grid = self.k_grid
             if isinstance(grid, str | int | np.integer):
@@ -403,18 +403,18 @@ class DkGSBConfig:
                 check_positive("k_grid value", v, integer=True, allow_zero=True)
             object.__setattr__(self, "k_grid", tuple(int(v) for v in grid))
 
-    def resolved(self, mode: K.Mode) -> DkGSBConfig:
+    def resolved(self, mode: consts.Mode) -> DkGSBConfig:
         """A copy with ``None`` / ``"auto"`` fields set to the defaults of ``mode`` and of the look-ahead."""
         dflt = _mode_defaults(mode)
         new: dict[str, Any] = {}
-        if self.meta_scope == K.META_SCOPE_AUTO:
+        if self.meta_scope == consts.META_SCOPE_AUTO:
             new["meta_scope"] = dflt["meta_scope"]
         if self.meta_steps is None:
             new["meta_steps"] = dflt["meta_steps"]
         if self.inner_steps is None:  # the look-ahead's own: 12 for the authors', 1 otherwise
-            new["inner_steps"] = K.INNER_STEPS_DEFAULTS[self.lookahead]
+            new["inner_steps"] = consts.INNER_STEPS_DEFAULTS[self.lookahead]
         if self.inner_lr is None:  # 3e-5 for the authors' fresh Adam, 0.1 for SGD (unused by "adam")
-            new["inner_lr"] = K.INNER_LR_DEFAULTS[self.lookahead]
+            new["inner_lr"] = consts.INNER_LR_DEFAULTS[self.lookahead]
         return replace(self, **new) if new else self
 
 
@@ -470,10 +470,10 @@ class EncoderConfig:
     encoder_kwargs: Mapping[str, Any] | None = None
     pretrained: bool = False
     strict: bool = True
-    patch_px: int = K.DEFAULT_PATCH_PX
-    patch_um: float = K.DEFAULT_PATCH_UM
-    precision: K.Precision = "auto"
-    backend: K.Backend = "auto"
+    patch_px: int = consts.DEFAULT_PATCH_PX
+    patch_um: float = consts.DEFAULT_PATCH_UM
+    precision: consts.Precision = "auto"
+    backend: consts.Backend = "auto"
     batch_size: int = 32
     num_workers: int = 0
     prefetch_factor: int = 2
@@ -495,8 +495,8 @@ class EncoderConfig:
             object.__setattr__(self, name, _flag(name, getattr(self, name), allow_none=False))
         check_positive("patch_px", self.patch_px, integer=True)
         check_positive("patch_um", self.patch_um)
-        check_choice("precision", self.precision, K.PRECISIONS)
-        check_choice("backend", self.backend, K.BACKENDS)
+        check_choice("precision", self.precision, consts.PRECISIONS)
+        check_choice("backend", self.backend, consts.BACKENDS)
         check_positive("batch_size", self.batch_size, integer=True)
         check_positive("num_workers", self.num_workers, integer=True, allow_zero=True)
         check_positive("prefetch_factor", self.prefetch_factor, integer=True)

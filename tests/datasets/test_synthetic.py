@@ -8,7 +8,7 @@ import scanpy as sc
 from scipy import sparse
 
 import agl_scverse as agl
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._spatial import get_image, microns_per_pixel
 from agl_scverse.datasets._synthetic import TISSUE_TYPES
 
@@ -44,16 +44,16 @@ def test_layout_and_dtypes(small_slide):
     x = ad.X.toarray()
     assert (x >= 0).all() and np.array_equal(x, np.round(x))
     assert ad.obsm["spatial"].shape == (30, 2)
-    assert ad.obs[K.LIBRARY_KEY].dtype == "category"
-    assert list(ad.obs[K.LIBRARY_KEY].cat.categories) == ["synthetic"]
+    assert ad.obs[consts.LIBRARY_KEY].dtype == "category"
+    assert list(ad.obs[consts.LIBRARY_KEY].cat.categories) == ["synthetic"]
     entry = ad.uns["spatial"]["synthetic"]
     full, hires = entry["images"]["fullres"], entry["images"]["hires"]
     assert full.dtype == np.uint8 and full.ndim == 3 and full.shape[2] == 3
     sf = entry["scalefactors"]
-    assert sf[K.MICRONS_PER_PIXEL] == 1.0
-    assert sf[K.SPOT_DIAMETER] == pytest.approx(100.0)
-    assert hires.shape[0] == round(full.shape[0] * sf[K.HIRES_SCALEF])
-    assert hires.shape[1] == round(full.shape[1] * sf[K.HIRES_SCALEF])
+    assert sf[consts.MICRONS_PER_PIXEL] == 1.0
+    assert sf[consts.SPOT_DIAMETER] == pytest.approx(100.0)
+    assert hires.shape[0] == round(full.shape[0] * sf[consts.HIRES_SCALEF])
+    assert hires.shape[1] == round(full.shape[1] * sf[consts.HIRES_SCALEF])
     assert entry["metadata"] == {}
     img, scale, which = get_image(ad, "synthetic")
     assert which == "fullres" and scale == 1.0 and np.array_equal(img, full)
@@ -83,7 +83,7 @@ def test_microns_per_pixel_scales_image():
     ad = agl.datasets.synthetic_slide(seed=0, microns_per_pixel=2.0, **SMALL)
     ref = agl.datasets.synthetic_slide(seed=0, **SMALL)
     sf = ad.uns["spatial"]["synthetic"]["scalefactors"]
-    assert sf[K.MICRONS_PER_PIXEL] == 2.0 and sf[K.SPOT_DIAMETER] == pytest.approx(50.0)
+    assert sf[consts.MICRONS_PER_PIXEL] == 2.0 and sf[consts.SPOT_DIAMETER] == pytest.approx(50.0)
     assert np.allclose(np.diff(np.unique(ad.obsm["spatial"][:, 0])), 50.0)
     assert (
         ad.uns["spatial"]["synthetic"]["images"]["fullres"].shape[0]
@@ -94,7 +94,7 @@ def test_microns_per_pixel_scales_image():
 def test_several_slides():
     ad = agl.datasets.synthetic_slide(seed=0, n_slides=2, **SMALL)
     assert ad.n_obs == 60
-    assert list(ad.obs[K.LIBRARY_KEY].cat.categories) == ["synthetic_0", "synthetic_1"]
+    assert list(ad.obs[consts.LIBRARY_KEY].cat.categories) == ["synthetic_0", "synthetic_1"]
     assert set(ad.uns["spatial"]) == {"synthetic_0", "synthetic_1"}
     im0 = get_image(ad, "synthetic_0")[0]
     im1 = get_image(ad, "synthetic_1")[0]

@@ -13,7 +13,7 @@ from builders import he_like
 from PIL import Image
 
 import agl_scverse as agl
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 
 
 # --- HEST -----------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_read_hest_with_patches(tmp_path):
     assert entry["metadata"]["patches_h5"] == str(h5.resolve())
     # each spot's patch row holds the patch of that spot
     with h5py.File(h5) as f:
-        for name, row in zip(adata.obs_names, adata.obs[K.HEST_PATCH_INDEX]):
+        for name, row in zip(adata.obs_names, adata.obs[consts.HEST_PATCH_INDEX]):
             assert f["barcode"][row, 0].decode() == name
             assert f["img"][row][0, 0, 0] == 10 * (int(name[2:]) + 1)
     np.testing.assert_allclose(adata.obsm["spatial"][:, 1], 80.0)

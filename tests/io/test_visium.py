@@ -11,7 +11,7 @@ from builders import he_like, write_visium
 from PIL import Image
 
 import agl_scverse as agl
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 
 
@@ -35,7 +35,7 @@ def test_read_visium(tmp_path):
     (folder2 / "spatial" / "tissue_positions.csv").rename(folder2 / "spatial" / "tissue_positions_list.csv")
     a2 = agl.io.read_visium(folder2, library_id="s1", library_key="slide", microns_per_pixel=0.3)
     assert list(a2.obs["slide"].cat.categories) == ["s1"]
-    assert K.SOURCE_IMAGE_PATH not in a2.uns["spatial"]["s1"]["metadata"]
+    assert consts.SOURCE_IMAGE_PATH not in a2.uns["spatial"]["s1"]["metadata"]
     assert a2.uns["spatial"]["s1"]["scalefactors"]["microns_per_pixel"] == 0.3
     np.testing.assert_allclose(a2.obsm["spatial"], adata.obsm["spatial"])
 
@@ -81,4 +81,4 @@ def test_read_visium_without_counts_is_an_he_only_slide(tmp_path, positions_head
     a, b = he.uns["spatial"]["L"], full.uns["spatial"]["L"]
     assert a["scalefactors"] == b["scalefactors"]
     np.testing.assert_array_equal(np.asarray(a["images"]["hires"]), np.asarray(b["images"]["hires"]))
-    assert a["metadata"][K.SOURCE_IMAGE_PATH] == b["metadata"][K.SOURCE_IMAGE_PATH]
+    assert a["metadata"][consts.SOURCE_IMAGE_PATH] == b["metadata"][consts.SOURCE_IMAGE_PATH]

@@ -13,7 +13,7 @@ from scanpy import logging as logg
 from scipy import ndimage, sparse
 from scipy.special import ndtri
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 
 __all__ = ["synthetic_slide", "TISSUE_TYPES"]
 
@@ -362,19 +362,19 @@ def synthetic_slide(
         hires = img.reshape(height // _HIRES_FACTOR, _HIRES_FACTOR, width // _HIRES_FACTOR, _HIRES_FACTOR, 3)
         hires = hires.mean((1, 3)).round().astype(np.uint8)
         spatial[lib] = {
-            K.IMAGES: {K.FULLRES: img, K.HIRES: hires},
-            K.SCALEFACTORS: {
-                K.HIRES_SCALEF: 1.0 / _HIRES_FACTOR,
-                K.SPOT_DIAMETER: float(spot_diameter_um / mpp),
-                K.MICRONS_PER_PIXEL: mpp,
+            consts.IMAGES: {consts.FULLRES: img, consts.HIRES: hires},
+            consts.SCALEFACTORS: {
+                consts.HIRES_SCALEF: 1.0 / _HIRES_FACTOR,
+                consts.SPOT_DIAMETER: float(spot_diameter_um / mpp),
+                consts.MICRONS_PER_PIXEL: mpp,
             },
-            K.METADATA: {},
+            consts.METADATA: {},
         }
         dom = np.asarray(types)[z[:, :n_types].argmax(1)]
         obs_parts.append(
             pd.DataFrame(
                 {
-                    K.LIBRARY_KEY: lib,
+                    consts.LIBRARY_KEY: lib,
                     "array_row": gy.ravel(),
                     "array_col": gx.ravel(),
                     "tissue_type": dom,
@@ -387,7 +387,7 @@ def synthetic_slide(
         hid_parts.append(hidden.astype(np.float32))
 
     obs = pd.concat(obs_parts)
-    obs[K.LIBRARY_KEY] = pd.Categorical(obs[K.LIBRARY_KEY], categories=lib_ids)
+    obs[consts.LIBRARY_KEY] = pd.Categorical(obs[consts.LIBRARY_KEY], categories=lib_ids)
     obs["tissue_type"] = pd.Categorical(obs["tissue_type"], categories=types)
     width_digits = len(str(n_genes))
     var = pd.DataFrame(
@@ -400,10 +400,10 @@ def synthetic_slide(
         index=[f"{k[:4]}_{i:0{width_digits}d}" for i, k in enumerate(kind)],
     )
     adata = AnnData(X=sparse.vstack(blocks, format="csr", dtype=np.float32), obs=obs, var=var)
-    adata.obsm[K.SPATIAL_KEY] = np.tile(xy, (n_slides, 1)).astype(np.float64)
+    adata.obsm[consts.SPATIAL_KEY] = np.tile(xy, (n_slides, 1)).astype(np.float64)
     adata.obsm["synthetic_latent"] = np.concatenate(lat_parts)
     adata.obsm["synthetic_hidden"] = np.concatenate(hid_parts)
-    adata.uns[K.SPATIAL_KEY] = spatial
+    adata.uns[consts.SPATIAL_KEY] = spatial
     adata.uns["synthetic"] = {"latent_names": latent_names, "tissue_types": types, "seed": int(seed)}
     adata.varm["synthetic_loadings"] = W.T.astype(np.float32)
     logg.info(

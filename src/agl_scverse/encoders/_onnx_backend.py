@@ -46,7 +46,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._images import CACHE_ENV
 from agl_scverse._validate import check_choice
 
@@ -467,7 +467,7 @@ def select_backend(
     >>> select_backend("torch", torch.device("cpu"), "fp32")
     'torch'
     """
-    check_choice("backend", backend, K.BACKENDS)
+    check_choice("backend", backend, consts.BACKENDS)
     if backend == "torch":
         return "torch"
     if backend == "auto":

@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial, _validate
 from agl_scverse._images import check_regular_file, open_pil
 
@@ -152,14 +152,14 @@ def finalize(adata: AnnData, library_key: str, he_only: bool = False) -> AnnData
         _validate.check_adata(adata)
     adata.X = as_csr_float32(adata.X)
     xy = _validate.check_spatial(adata)
-    adata.obsm[K.SPATIAL_KEY] = np.ascontiguousarray(xy, dtype=np.float64)
+    adata.obsm[consts.SPATIAL_KEY] = np.ascontiguousarray(xy, dtype=np.float64)
     libs = adata.obs[library_key].astype(str)
     adata.obs[library_key] = pd.Categorical(libs, categories=list(dict.fromkeys(libs)))
     for lib in adata.obs[library_key].cat.categories:
         entry = _spatial.library_entry(adata, lib)
         sf = _spatial.scalefactors(adata, lib)  # raises on non-positive values
-        required = [K.SPOT_DIAMETER, K.MICRONS_PER_PIXEL]
-        required += [K.HIRES_SCALEF] if K.HIRES in (entry.get(K.IMAGES) or {}) else []
+        required = [consts.SPOT_DIAMETER, consts.MICRONS_PER_PIXEL]
+        required += [consts.HIRES_SCALEF] if consts.HIRES in (entry.get(consts.IMAGES) or {}) else []
         missing = [key for key in required if key not in sf]
         if missing:
             raise ValueError(
@@ -179,13 +179,13 @@ def spatial_entry(
 ) -> dict:
     """One ``uns['spatial'][library_id]`` entry in the layout of :mod:`agl_scverse._constants`."""
     images = {}
-    sf = {K.SPOT_DIAMETER: float(spot_diameter_fullres), K.MICRONS_PER_PIXEL: float(microns_per_pixel)}
+    sf = {consts.SPOT_DIAMETER: float(spot_diameter_fullres), consts.MICRONS_PER_PIXEL: float(microns_per_pixel)}
     if hires is not None:
         if hires_scalef is None:
             raise ValueError("A hires image needs its hires_scalef (hires pixels per full-resolution pixel).")
-        images[K.HIRES] = hires
-        sf[K.HIRES_SCALEF] = float(hires_scalef)
+        images[consts.HIRES] = hires
+        sf[consts.HIRES_SCALEF] = float(hires_scalef)
     meta = {k: v for k, v in metadata.items() if v is not None}
     if source_image_path is not None:
-        meta[K.SOURCE_IMAGE_PATH] = str(Path(source_image_path).resolve())
-    return {K.IMAGES: images, K.SCALEFACTORS: sf, K.METADATA: meta}
+        meta[consts.SOURCE_IMAGE_PATH] = str(Path(source_image_path).resolve())
+    return {consts.IMAGES: images, consts.SCALEFACTORS: sf, consts.METADATA: meta}

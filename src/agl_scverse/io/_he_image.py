@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._images import PLAUSIBLE_UM_PER_PX, file_microns_per_pixel, open_image, overview
 
 from ._common import positive_number, spatial_entry
@@ -100,9 +100,9 @@ def read_he_image(
     )
     adata = AnnData(
         X=np.zeros((0, 0), dtype=np.float32),
-        obs=pd.DataFrame({K.LIBRARY_KEY: pd.Categorical([], categories=[lib])}, index=pd.Index([], dtype=str)),
+        obs=pd.DataFrame({consts.LIBRARY_KEY: pd.Categorical([], categories=[lib])}, index=pd.Index([], dtype=str)),
     )
-    adata.obsm[K.SPATIAL_KEY] = np.zeros((0, 2), dtype=np.float64)
-    adata.uns[K.SPATIAL_KEY] = {lib: entry}
+    adata.obsm[consts.SPATIAL_KEY] = np.zeros((0, 2), dtype=np.float64)
+    adata.uns[consts.SPATIAL_KEY] = {lib: entry}
     logg.info(f"read H&E image {path.name}: {width} x {height} px at {mpp:g} µm/px ({mpp_source}), library {lib!r}")
     return adata

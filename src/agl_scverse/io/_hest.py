@@ -12,7 +12,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial, _validate
 from agl_scverse._utils import show_progress
 
@@ -37,8 +37,8 @@ def read_hest(
     patches_path: str | Path | None = None,
     library_id: str | None = None,
     microns_per_pixel: float | None = None,
-    patch_microns: float = K.DEFAULT_PATCH_UM,
-    library_key: str = K.LIBRARY_KEY,
+    patch_microns: float = consts.DEFAULT_PATCH_UM,
+    library_key: str = consts.LIBRARY_KEY,
     fullres_image: str | Path | None = None,
     patch_coords: Literal["topleft", "center"] = "topleft",
     spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
@@ -116,7 +116,7 @@ def read_hest(
     _validate.check_unique_names(adata)
     _validate.check_counts(adata.X, what=f"X of {st_path}")
     old_entry, old_lib = _h5ad_library(adata)
-    old_sf = dict((old_entry or {}).get(K.SCALEFACTORS, {}) or {})
+    old_sf = dict((old_entry or {}).get(consts.SCALEFACTORS, {}) or {})
 
     h5 = _read_h5_index(patches_path) if patches_path is not None else None
 
@@ -148,8 +148,8 @@ def read_hest(
         rows = rows_all[keep].astype(np.int64)
 
     # coordinates in full-resolution pixels
-    if K.SPATIAL_KEY in adata.obsm:
-        xy = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[keep, :2]
+    if consts.SPATIAL_KEY in adata.obsm:
+        xy = np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)[keep, :2]
         xy_source = "h5ad obsm['spatial']"
     elif h5 is not None:
         xy = h5["coords"][rows].astype(float)
@@ -186,18 +186,18 @@ def read_hest(
             "fullres_image was given. Pass the sample's patches/<id>.h5 or its whole-slide image."
         )
 
-    spot_diam = old_sf.get(K.SPOT_DIAMETER)
+    spot_diam = old_sf.get(consts.SPOT_DIAMETER)
     if spot_diam is None:
         spot_diam = spot_diameter_um / mpp
     spot_diam = positive_number(spot_diam, f"spot_diameter_fullres of {st_path.name}", "Fix the h5ad's scale factors.")
 
     out = adata[keep].copy() if not keep.all() else adata
-    out.obsm[K.SPATIAL_KEY] = xy
+    out.obsm[consts.SPATIAL_KEY] = xy
     out.obs[library_key] = library_id
     if rows is not None:
-        out.obs[K.HEST_PATCH_INDEX] = rows
+        out.obs[consts.HEST_PATCH_INDEX] = rows
     out.X = as_csr_float32(out.X)
-    out.uns[K.SPATIAL_KEY] = {
+    out.uns[consts.SPATIAL_KEY] = {
         library_id: spatial_entry(
             hires,
             scalef,
@@ -261,11 +261,11 @@ def _read_h5_index(path: Path) -> dict:
 
 
 def _h5ad_library(adata: AnnData) -> tuple[dict | None, str | None]:
-    spatial = adata.uns.get(K.SPATIAL_KEY)
+    spatial = adata.uns.get(consts.SPATIAL_KEY)
     if not isinstance(spatial, dict) or not spatial:
         return None, None
     for lib, entry in spatial.items():
-        if isinstance(entry, dict) and entry.get(K.IMAGES):
+        if isinstance(entry, dict) and entry.get(consts.IMAGES):
             return entry, lib
     lib = next(iter(spatial))
     return (spatial[lib] if isinstance(spatial[lib], dict) else None), lib
@@ -273,11 +273,11 @@ def _h5ad_library(adata: AnnData) -> tuple[dict | None, str | None]:
 
 def _h5ad_image(entry: dict | None, sf: dict) -> tuple[np.ndarray | None, float]:
     """The h5ad's own image with its scale factor (hires first, then HEST's downscaled_fullres, then lowres)."""
-    images = (entry or {}).get(K.IMAGES, {}) or {}
+    images = (entry or {}).get(consts.IMAGES, {}) or {}
     for name, key in (
-        (K.HIRES, K.HIRES_SCALEF),
+        (consts.HIRES, consts.HIRES_SCALEF),
         ("downscaled_fullres", "tissue_downscaled_fullres_scalef"),
-        (K.LOWRES, K.LOWRES_SCALEF),
+        (consts.LOWRES, consts.LOWRES_SCALEF),
     ):
         if name in images and key in sf:
             s = positive_number(sf[key], f"Scale factor {key!r} of the h5ad", "Fix the h5ad's scale factors.")
@@ -287,16 +287,16 @@ def _h5ad_image(entry: dict | None, sf: dict) -> tuple[np.ndarray | None, float]
 
 def _guess_mpp(adata, sf: dict, h5, patch_microns: float, spot_diameter_um: float, lib: str) -> tuple[float, str]:
     fix = "Pass microns_per_pixel (HEST metadata: pixel_size_um_estimated)."
-    if K.MICRONS_PER_PIXEL in sf:
-        return positive_number(sf[K.MICRONS_PER_PIXEL], "microns_per_pixel of the h5ad", fix), "h5ad scale factors"
+    if consts.MICRONS_PER_PIXEL in sf:
+        return positive_number(sf[consts.MICRONS_PER_PIXEL], "microns_per_pixel of the h5ad", fix), "h5ad scale factors"
     for key in ("pixel_size_um_estimated", "pixel_size_um_embedded", "pixel_size_um"):
         if key in adata.uns:
             return positive_number(adata.uns[key], f"uns[{key!r}] of the h5ad", fix), f"h5ad uns[{key!r}]"
     if h5 is not None and "patch_size" in h5["attrs"]:
         src = positive_number(h5["attrs"]["patch_size"], "the 'patch_size' attribute of the patches h5", fix)
         return patch_microns / src, f"{patch_microns:g} µm / source patch size {src:g} px (h5 attribute)"
-    if K.SPOT_DIAMETER in sf:
-        d = positive_number(sf[K.SPOT_DIAMETER], "spot_diameter_fullres of the h5ad", fix)
+    if consts.SPOT_DIAMETER in sf:
+        d = positive_number(sf[consts.SPOT_DIAMETER], "spot_diameter_fullres of the h5ad", fix)
         warnings.warn(
             f"HEST sample {lib!r} records no pixel size; assuming {spot_diameter_um:g} µm spots "
             f"(spot_diameter_fullres={d:g}). {fix}",

@@ -14,7 +14,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _validate
 from agl_scverse._utils import show_progress
 
@@ -37,7 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 def read_legacy_st(
     path: str | Path | Sequence[str | Path],
     sections: Sequence[str] | None = None,
-    library_key: str = K.LIBRARY_KEY,
+    library_key: str = consts.LIBRARY_KEY,
     microns_per_pixel: float | None = None,
     spot_diameter_um: float = 100.0,
     spot_pitch_um: float = 200.0,
@@ -133,7 +133,7 @@ def read_legacy_st(
     else:
         adata = ad.concat(adatas, join="outer", fill_value=0, merge="same")
         adata.X = as_csr_float32(adata.X)
-    adata.uns[K.SPATIAL_KEY] = entries
+    adata.uns[consts.SPATIAL_KEY] = entries
     finalize(adata, library_key, he_only=counts_file is None)
     logg.info(
         f"read {adata.n_obs} spots x {adata.n_vars} genes from {len(folders)} legacy ST section(s): "
@@ -327,7 +327,7 @@ def _read_section(
         obs=obs,
         var=pd.DataFrame(index=pd.Index(counts.columns.astype(str))),
     )
-    adata.obsm[K.SPATIAL_KEY] = xy
+    adata.obsm[consts.SPATIAL_KEY] = xy
     entry = spatial_entry(
         hires,
         scalef,

@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial, _validate
 from agl_scverse._images import register_live_image
 
@@ -34,7 +34,7 @@ def from_spatialdata(
     shapes_key: str | Sequence[str] | None = None,
     library_id: str | Mapping[str, str] | None = None,
     microns_per_pixel: float | Mapping[str, float] | None = None,
-    library_key: str = K.LIBRARY_KEY,
+    library_key: str = consts.LIBRARY_KEY,
     layer: str | None = None,
     spot_diameter_um: float | None = None,
     hires_max_px: int = 2000,
@@ -193,25 +193,25 @@ def from_spatialdata(
             fullres_max_px,
             lib_ids[shapes_name],
         )
-        lib = lib_ids[shapes_name] = lib_ids[shapes_name] or entry[K.METADATA][K.SPATIALDATA_IMAGE]
+        lib = lib_ids[shapes_name] = lib_ids[shapes_name] or entry[consts.METADATA][consts.SPATIALDATA_IMAGE]
         if lib in spatial:
             raise ValueError(f"Two sections get library id {lib!r}; pass library_id={{shapes key: id}}.")
         spatial[lib] = entry
         libs[rows] = lib
 
     adata.uns.pop(SD_ATTRS, None)
-    adata.obsm[K.SPATIAL_KEY] = xy
+    adata.obsm[consts.SPATIAL_KEY] = xy
     adata.obs[library_key] = pd.Categorical(libs.astype(str), categories=[lib_ids[k] for k in sections])
     adata.X = as_csr_float32(adata.X)
-    adata.uns[K.SPATIAL_KEY] = spatial
+    adata.uns[consts.SPATIAL_KEY] = spatial
     finalize(adata, library_key)
     logg.info(
         f"from SpatialData: {adata.n_obs} spots x {adata.n_vars} genes from table {table_key!r}, "
         f"{len(sections)} section(s): "
         + "; ".join(
-            f"{lib}: shapes {e[K.METADATA]['spatialdata_shapes']!r} on image {e[K.METADATA][K.SPATIALDATA_IMAGE]!r} "
-            f"via {e[K.METADATA]['spatialdata_coordinate_system']!r}, "
-            f"{e[K.SCALEFACTORS][K.MICRONS_PER_PIXEL]:.4f} µm/px ({e[K.METADATA][K.MICRONS_PER_PIXEL_SOURCE]})"
+            f"{lib}: shapes {e[consts.METADATA]['spatialdata_shapes']!r} on image {e[consts.METADATA][consts.SPATIALDATA_IMAGE]!r} "
+            f"via {e[consts.METADATA]['spatialdata_coordinate_system']!r}, "
+            f"{e[consts.SCALEFACTORS][consts.MICRONS_PER_PIXEL]:.4f} µm/px ({e[consts.METADATA][consts.MICRONS_PER_PIXEL_SOURCE]})"
             for lib, e in spatial.items()
         )
     )
@@ -335,16 +335,16 @@ def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) ->
 
 
 def _table_scalefactors(table, names: Sequence[str]) -> dict:
-    spatial = table.uns.get(K.SPATIAL_KEY) or {}
+    spatial = table.uns.get(consts.SPATIAL_KEY) or {}
     if not isinstance(spatial, Mapping):
         return {}
     for name in names:
         if name in spatial and isinstance(spatial[name], Mapping):
-            return dict(spatial[name].get(K.SCALEFACTORS) or {})
+            return dict(spatial[name].get(consts.SCALEFACTORS) or {})
     if len(spatial) == 1:
         only = next(iter(spatial.values()))
         if isinstance(only, Mapping):
-            return dict(only.get(K.SCALEFACTORS) or {})
+            return dict(only.get(consts.SCALEFACTORS) or {})
     return {}
 
 
@@ -369,12 +369,12 @@ def _microns_per_pixel(
             np.sqrt(abs(np.linalg.det(A[:2, :2])))
         ), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
     sf = _table_scalefactors(table, [lib, shapes_name, image_name])
-    if K.MICRONS_PER_PIXEL in sf:
-        val = positive_number(sf[K.MICRONS_PER_PIXEL], "table.uns['spatial'] microns_per_pixel", "Fix the table.")
+    if consts.MICRONS_PER_PIXEL in sf:
+        val = positive_number(sf[consts.MICRONS_PER_PIXEL], "table.uns['spatial'] microns_per_pixel", "Fix the table.")
         # recorded per pixel of the shapes' (full-resolution) grid: one image pixel spans 1/sqrt|det M| of them
         return val / float(np.sqrt(abs(np.linalg.det(M[:2, :2])))), "table metadata microns_per_pixel"
-    if K.SPOT_DIAMETER in sf:
-        d = positive_number(sf[K.SPOT_DIAMETER], "table.uns['spatial'] spot_diameter_fullres", "Fix the table.")
+    if consts.SPOT_DIAMETER in sf:
+        d = positive_number(sf[consts.SPOT_DIAMETER], "table.uns['spatial'] spot_diameter_fullres", "Fix the table.")
         mpp = _spatial.VISIUM_SCALEFACTOR_SPOT_UM / d / float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))
         return mpp, f"Space Ranger spot_diameter_fullres ({d:g} px = {_spatial.VISIUM_SCALEFACTOR_SPOT_UM:g} µm)"
     if spot_diameter_um is not None:
@@ -448,27 +448,27 @@ def _read_section(
     )
     hires, scalef = hires_thumbnail(levels, width, hires_max_px, image_name)
     meta = {
-        K.MICRONS_PER_PIXEL_SOURCE: mpp_source,
+        consts.MICRONS_PER_PIXEL_SOURCE: mpp_source,
         "spatialdata_table": table_key,
-        K.SPATIALDATA_IMAGE: image_name,
+        consts.SPATIALDATA_IMAGE: image_name,
         "spatialdata_shapes": shapes_name,
         "spatialdata_coordinate_system": cs,
-        K.SPATIALDATA_IMAGE_TOKEN: register_live_image(image),
+        consts.SPATIALDATA_IMAGE_TOKEN: register_live_image(image),
         "reader": "from_spatialdata",
     }
     sf_table = _table_scalefactors(table, [lib or image_name, shapes_name, image_name])
-    if K.SPOT_DIAMETER in sf_table and np.sqrt(abs(np.linalg.det(M[:2, :2]))) < 0.99:
+    if consts.SPOT_DIAMETER in sf_table and np.sqrt(abs(np.linalg.det(M[:2, :2]))) < 0.99:
         # Space Ranger metadata: shapes in full-res pixels, and this image is a downscaled copy (hires / lowres)
-        meta[K.SPATIALDATA_DOWNSCALED] = True
+        meta[consts.SPATIALDATA_DOWNSCALED] = True
         logg.info(
             f"image {image_name!r} is downscaled from the full-resolution grid of shapes {shapes_name!r} "
             f"({np.sqrt(abs(np.linalg.det(M[:2, :2]))):.3g} x); patches from it need allow_lowres=True."
         )
     if getattr(sdata, "path", None) is not None and is_backed(sdata, image_name):
-        meta[K.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
+        meta[consts.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
     entry = spatial_entry(hires, scalef, spot_diameter_fullres=spot_diam, microns_per_pixel=mpp, **meta)
-    if max(height, width) <= fullres_max_px and not meta.get(K.SPATIALDATA_DOWNSCALED):
-        entry[K.IMAGES][K.FULLRES] = hires if scalef == 1.0 else to_rgb(full, image_name)
+    if max(height, width) <= fullres_max_px and not meta.get(consts.SPATIALDATA_DOWNSCALED):
+        entry[consts.IMAGES][consts.FULLRES] = hires if scalef == 1.0 else to_rgb(full, image_name)
     return xy, entry
 
 
@@ -514,8 +514,8 @@ def update_table(
     >>> update_table(sdata, adata, var=["agl_role"], uns=["agl"])  # doctest: +SKIP
     'table'
     """
-    libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).values())
-    table_key = (libs[0].get(K.METADATA) or {}).get("spatialdata_table") if libs else None
+    libs = list((adata.uns.get(consts.SPATIAL_KEY) or {}).values())
+    table_key = (libs[0].get(consts.METADATA) or {}).get("spatialdata_table") if libs else None
     if table_key is None or table_key not in sdata.tables:
         raise KeyError("Cannot find the SpatialData table this AnnData was read from (metadata 'spatialdata_table').")
     table = sdata.tables[table_key]

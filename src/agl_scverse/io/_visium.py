@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 
 from ._common import as_csr_float32, check_in_image, finalize, image_size, positive_number
@@ -22,7 +22,7 @@ def read_visium(
     library_id: str | None = None,
     fullres_image: str | Path | None = None,
     counts_file: str | None = "filtered_feature_bc_matrix.h5",
-    library_key: str = K.LIBRARY_KEY,
+    library_key: str = consts.LIBRARY_KEY,
     microns_per_pixel: float | None = None,
     spot_diameter_um: float = _spatial.VISIUM_SCALEFACTOR_SPOT_UM,
     var_names_make_unique: bool = True,
@@ -95,27 +95,29 @@ def read_visium(
         logg.warning(f"library {library_id!r}: duplicated gene symbols made unique (var_names_make_unique)")
         adata.var_names_make_unique()
 
-    entry = adata.uns[K.SPATIAL_KEY][library_id]
-    sf = entry.get(K.SCALEFACTORS, {}) or {}
+    entry = adata.uns[consts.SPATIAL_KEY][library_id]
+    sf = entry.get(consts.SCALEFACTORS, {}) or {}
     fix = f"Fix {path / 'spatial' / 'scalefactors_json.json'}."
-    for key in (K.SPOT_DIAMETER, K.HIRES_SCALEF):
+    for key in (consts.SPOT_DIAMETER, consts.HIRES_SCALEF):
         if key not in sf:
             raise ValueError(f"Scale factor {key!r} is missing from {path / 'spatial' / 'scalefactors_json.json'}.")
         sf[key] = positive_number(sf[key], f"Scale factor {key!r} of library {library_id!r}", fix)
-    if K.LOWRES_SCALEF in sf:
-        sf[K.LOWRES_SCALEF] = positive_number(sf[K.LOWRES_SCALEF], f"Scale factor {K.LOWRES_SCALEF!r}", fix)
+    if consts.LOWRES_SCALEF in sf:
+        sf[consts.LOWRES_SCALEF] = positive_number(
+            sf[consts.LOWRES_SCALEF], f"Scale factor {consts.LOWRES_SCALEF!r}", fix
+        )
     mpp_source = "given"
     if microns_per_pixel is None:
-        microns_per_pixel = spot_diameter_um / sf[K.SPOT_DIAMETER]
+        microns_per_pixel = spot_diameter_um / sf[consts.SPOT_DIAMETER]
         mpp_source = f"{spot_diameter_um:g} µm / spot_diameter_fullres"
-    sf[K.MICRONS_PER_PIXEL] = float(microns_per_pixel)
-    images = entry.get(K.IMAGES, {}) or {}
+    sf[consts.MICRONS_PER_PIXEL] = float(microns_per_pixel)
+    images = entry.get(consts.IMAGES, {}) or {}
     for res in list(images):
         images[res] = _spatial.as_rgb(images[res], name=f"the {res} image of library {library_id!r}")
-    if K.HIRES not in images:
+    if consts.HIRES not in images:
         raise ValueError(f"No image for library {library_id!r}: {path}/spatial has no tissue_hires_image.png.")
 
-    xy = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)
+    xy = np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)
     no_pos = ~np.all(np.isfinite(xy), axis=1)
     if no_pos.any():
         raise ValueError(
@@ -124,17 +126,17 @@ def read_visium(
         )
     if fullres_image is not None:
         check_in_image(xy, width, height, library_id, image=str(fullres_image))
-        entry[K.METADATA][K.SOURCE_IMAGE_PATH] = str(fullres_image)
+        entry[consts.METADATA][consts.SOURCE_IMAGE_PATH] = str(fullres_image)
     else:
-        h, w = images[K.HIRES].shape[:2]
-        s = sf[K.HIRES_SCALEF]
+        h, w = images[consts.HIRES].shape[:2]
+        s = sf[consts.HIRES_SCALEF]
         check_in_image(
             xy, int(np.ceil(w / s)), int(np.ceil(h / s)), library_id, image="the hires image (full-res extent)"
         )
-    entry[K.METADATA]["microns_per_pixel_source"] = mpp_source
-    entry[K.METADATA]["reader"] = "read_visium"
+    entry[consts.METADATA]["microns_per_pixel_source"] = mpp_source
+    entry[consts.METADATA]["reader"] = "read_visium"
 
-    adata.obsm[K.SPATIAL_KEY] = xy
+    adata.obsm[consts.SPATIAL_KEY] = xy
     adata.obs[library_key] = library_id
     adata.X = as_csr_float32(adata.X)
     finalize(adata, library_key, he_only=counts_file is None)
@@ -188,15 +190,19 @@ def _spots_only(path: Path, library_id: str) -> AnnData:
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
     scalefactors = json.loads((spatial / "scalefactors_json.json").read_text())
     images = {}
-    for res in (K.HIRES, K.LOWRES):
+    for res in (consts.HIRES, consts.LOWRES):
         f = spatial / f"tissue_{res}_image.png"
         if f.exists():
             with Image.open(f) as im:
                 images[res] = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "P") else im)
     adata = AnnData(np.zeros((len(obs), 0), dtype=np.float32), obs=obs)
-    adata.obsm[K.SPATIAL_KEY] = xy
-    adata.uns[K.SPATIAL_KEY] = {
-        library_id: {K.IMAGES: images, K.SCALEFACTORS: scalefactors, K.METADATA: {"source": "spatial/ (no counts)"}}
+    adata.obsm[consts.SPATIAL_KEY] = xy
+    adata.uns[consts.SPATIAL_KEY] = {
+        library_id: {
+            consts.IMAGES: images,
+            consts.SCALEFACTORS: scalefactors,
+            consts.METADATA: {"source": "spatial/ (no counts)"},
+        }
     }
     return adata
 

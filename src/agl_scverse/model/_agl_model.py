@@ -32,7 +32,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._modeldir import (
     CONFIG_NAME,
     MODEL_FILES,
@@ -310,10 +310,10 @@ class AGLModel:
         columns: np.ndarray | None = None,
         *,
         device: str = "auto",
-        precision: K.Precision = "auto",
+        precision: consts.Precision = "auto",
         num_workers: int = 0,
         prefetch_factor: int = 2,
-        backend: K.Backend = "auto",
+        backend: consts.Backend = "auto",
     ) -> np.ndarray:
         """Predictions (transformed scale, e.g. ``log1p`` counts) for every output gene, float32.
 
@@ -343,7 +343,7 @@ class AGLModel:
             Fine-tune mode: ``"auto"`` or ``"torch"`` (the trained network runs in torch; ``"onnx"``, for frozen
             encoders, is refused). The embedding-mode head always runs in torch.
         """
-        check_choice("backend", backend, K.BACKENDS)
+        check_choice("backend", backend, consts.BACKENDS)
         if self.mode != "embedding" and backend not in ("auto", "torch"):
             raise ValueError(
                 f"backend={backend!r} runs a frozen encoder (embedding mode); this fine-tuned model's network runs "

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 
 __all__ = [
     "FILE_KWARGS",
@@ -65,7 +65,7 @@ RUN_PRECISIONS = ("fp32", "bf16", "fp16")
 #: Fields added after format 3 was fixed, and the value a config without them means.
 OPTIONAL_DEFAULTS: dict[str, Any] = {"augment": False, "precision": None}
 #: Roles an output gene can have (``"excluded"`` genes are not outputs).
-OUTPUT_ROLES = (K.ROLE_TARGET, K.ROLE_AUX)
+OUTPUT_ROLES = (consts.ROLE_TARGET, consts.ROLE_AUX)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -241,10 +241,10 @@ def _check_genes(c: _Checker, config: dict) -> int:
     roles = c.is_list("roles", config.get("roles"), len(genes))
     for i, r in enumerate(roles):
         c.is_str(f"roles[{i}]", r, OUTPUT_ROLES)
-    n_t = roles.count(K.ROLE_TARGET)
+    n_t = roles.count(consts.ROLE_TARGET)
     if n_t == 0:
         c.fail("roles", "names no target gene")
-    if roles[:n_t] != [K.ROLE_TARGET] * n_t:
+    if roles[:n_t] != [consts.ROLE_TARGET] * n_t:
         c.fail("roles", "must list the targets first (genes are in output order)")
     n_aux = len(genes) - n_t
     if config.get("weights") is not None:
@@ -328,7 +328,7 @@ def _check_precision(c: _Checker, prec: Any) -> None:
     if prec.get("channels_last") is not None and not isinstance(prec["channels_last"], bool):
         c.fail("precision.channels_last", f"must be true or false, got {prec['channels_last']!r}")
     if prec.get("precision_requested") is not None:
-        c.is_str("precision.precision_requested", prec["precision_requested"], K.PRECISIONS)
+        c.is_str("precision.precision_requested", prec["precision_requested"], consts.PRECISIONS)
 
 
 def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
@@ -403,12 +403,12 @@ def validate_config(config: Any, where: str = "config.json", verb: str = "load")
     n_genes = len(c.is_list("genes", config.get("genes")))
     _check_genes(c, config)
     kind = _check_net(c, config.get("net"), n_genes)
-    mode = c.is_str("mode", config.get("mode", NET_KINDS[kind]), K.MODES)
+    mode = c.is_str("mode", config.get("mode", NET_KINDS[kind]), consts.MODES)
     if mode != NET_KINDS[kind]:
         c.fail("mode", f"is {mode!r} but the network is of kind {kind!r}")
-    c.optional(config, "method", c.is_str, K.METHODS)
-    c.optional(config, "transform", c.is_str, K.TRANSFORMS)
-    c.optional(config, "prior", c.is_str, K.PRIORS)
+    c.optional(config, "method", c.is_str, consts.METHODS)
+    c.optional(config, "transform", c.is_str, consts.TRANSFORMS)
+    c.optional(config, "prior", c.is_str, consts.PRIORS)
     c.optional(config, "embedding_key", c.is_str)
     c.optional(config, "layer", c.is_str)
     c.optional(config, "library_key", c.is_str)

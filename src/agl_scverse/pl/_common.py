@@ -12,7 +12,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 from agl_scverse._constants import Keys
 from agl_scverse._serialize import null_as_none
@@ -223,7 +223,7 @@ def library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.
     """
     from scanpy import logging as logg
 
-    order = [img_res_key, *[r for r in (K.HIRES, K.LOWRES, K.FULLRES) if r != img_res_key]]
+    order = [img_res_key, *[r for r in (consts.HIRES, consts.LOWRES, consts.FULLRES) if r != img_res_key]]
     try:
         image, scale, _ = _spatial.get_image(adata, lib, prefer=order, warn=False)
     except (KeyError, ValueError, FileNotFoundError) as err:
@@ -234,9 +234,9 @@ def library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.
 
 def spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     """``spot_diameter_fullres`` of library ``lib``, else 0.55 x the median spacing of the spots ``xy``."""
-    sf = adata.uns.get(K.SPATIAL_KEY, {}).get(lib, {}).get(K.SCALEFACTORS, {})
-    if K.SPOT_DIAMETER in sf:
-        return float(sf[K.SPOT_DIAMETER])
+    sf = adata.uns.get(consts.SPATIAL_KEY, {}).get(lib, {}).get(consts.SCALEFACTORS, {})
+    if consts.SPOT_DIAMETER in sf:
+        return float(sf[consts.SPOT_DIAMETER])
     if len(xy) < 2:
         return 1.0
     from scipy.spatial import cKDTree

@@ -10,7 +10,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 from agl_scverse._constants import Keys, Transform
 from agl_scverse._docs import d
@@ -35,7 +35,7 @@ def slide_prediction(
     measured_layer: str | None = None,
     transform: Transform | None = None,
     img: bool = True,
-    img_res_key: str = K.HIRES,
+    img_res_key: str = consts.HIRES,
     crop: bool = True,
     cmap: str = EXPRESSION_CMAP,
     robust: bool = True,
@@ -139,7 +139,7 @@ def slide_prediction(
         m_lib, m_mask = _slide(measured, library_id if library_id is not None else lib, library_key, "measured")
         m_xy = _xy(measured, "measured")[m_mask]
         record = null_as_none(pred.uns.get(Keys().pred_uns)) or {}
-        how = transform if transform is not None else observed_transform(record, K.TRANSFORM_LOG1P)
+        how = transform if transform is not None else observed_transform(record, consts.TRANSFORM_LOG1P)
         X = _counts(measured, measured_layer)[np.flatnonzero(m_mask)]
         m_vals = expression_transform(X, transform=how, columns=measured.var_names.get_indexer(genes)).astype(float)
         m_diam = _diameter(measured, m_lib, m_xy) * spot_scale
@@ -218,7 +218,7 @@ def _check_genes(pred: AnnData, genes: list[str], measured: AnnData | None) -> N
 def _slide(adata: AnnData, library_id: str | None, library_key: str | None, name: str) -> tuple[str, np.ndarray]:
     """The library drawn from ``adata`` and the mask of its spots."""
     key = _spatial.resolve_library_key(adata, library_key)
-    libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).keys())
+    libs = list((adata.uns.get(consts.SPATIAL_KEY) or {}).keys())
     if key is None:
         if library_id is None and len(libs) > 1:
             raise ValueError(f"{name} holds libraries {libs}; pass library_id=<the slide>.")
@@ -252,9 +252,9 @@ def _diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
 
 
 def _xy(adata: AnnData, name: str) -> np.ndarray:
-    if K.SPATIAL_KEY not in adata.obsm:
+    if consts.SPATIAL_KEY not in adata.obsm:
         raise KeyError(f"{name}.obsm['spatial'] is missing: spot centres (full-resolution pixels) are needed.")
-    return np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
+    return np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)[:, :2]
 
 
 def _values(adata: AnnData, layer: str | None, genes: list[str], name: str) -> np.ndarray:

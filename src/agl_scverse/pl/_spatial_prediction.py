@@ -12,7 +12,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
@@ -51,7 +51,7 @@ def spatial_prediction(
     observed: bool | None = None,
     spots: Any = None,
     img: bool = True,
-    img_res_key: str = K.HIRES,
+    img_res_key: str = consts.HIRES,
     crop: bool = True,
     cmap: str = EXPRESSION_CMAP,
     shared_scale: bool = True,
@@ -249,7 +249,7 @@ def _observed(adata: AnnData, idx: np.ndarray, keys: Keys, record: dict) -> np.n
     if adata.n_vars == 0:
         raise ValueError("The AnnData holds no measured expression; pass observed=False.")
     X = adata.X if layer is None else adata.layers[str(layer)]
-    transform = observed_transform(record, null_as_none(params.get("transform")) or K.TRANSFORM_LOG1P)
+    transform = observed_transform(record, null_as_none(params.get("transform")) or consts.TRANSFORM_LOG1P)
     return expression_transform(X, transform=transform, columns=idx).astype(float)
 
 
@@ -364,29 +364,29 @@ def _plot_anndata(
 ):
     import squidpy as sq
 
-    if K.SPATIAL_KEY not in adata.obsm:
+    if consts.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] is missing: spot coordinates (full-resolution pixels) are needed.")
     observed, spots, crop = what
     masks = _library_masks(adata, library_key, library_id)
     panels = _panels(adata, genes, key, masks, observed, spots)
     several = len(masks) > 1
     fig, axs = _grid(len(panels), len(_values(panels[0])), ax, figsize)
-    xy_all = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
+    xy_all = np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)[:, :2]
     images = {lib: (library_image(adata, lib, img_res_key) if img else (None, 1.0)) for lib in masks}
     for row, p in enumerate(panels):
         image, scale = images[p.library]
         xy = xy_all[p.mask]
         diameter = spot_diameter(adata, p.library, xy)
-        entry = {K.SCALEFACTORS: {K.HIRES_SCALEF: scale, K.SPOT_DIAMETER: diameter}}
+        entry = {consts.SCALEFACTORS: {consts.HIRES_SCALEF: scale, consts.SPOT_DIAMETER: diameter}}
         if image is not None:
-            entry[K.IMAGES] = {K.HIRES: image}
+            entry[consts.IMAGES] = {consts.HIRES: image}
         values = _values(p)
         cols = _COLS[-len(values) :]
         tmp = AnnData(
             np.zeros((len(xy), 0), dtype=np.float32),
             obs=dict(zip(cols, values)),
-            obsm={K.SPATIAL_KEY: xy},
-            uns={K.SPATIAL_KEY: {p.library: entry}},
+            obsm={consts.SPATIAL_KEY: xy},
+            uns={consts.SPATIAL_KEY: {p.library: entry}},
         )
         for a, col, title, norm in zip(axs[row], cols, _titles(p, several), _norms(p, *scaling)):
             sq.pl.spatial_scatter(
@@ -394,7 +394,7 @@ def _plot_anndata(
                 color=col,
                 library_id=p.library,
                 img=image is not None,
-                img_res_key=K.HIRES,
+                img_res_key=consts.HIRES,
                 size=size,
                 cmap=cmap,
                 norm=norm,

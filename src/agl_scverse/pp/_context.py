@@ -21,7 +21,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from scipy import sparse
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._docs import d
 from agl_scverse._spatial import microns_per_pixel, resolve_library_key
 from agl_scverse._transaction import restore_on_error
@@ -144,7 +144,7 @@ def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> Non
     --------
     >>> check_context_within_groups(adata, "X_agl_densenet121_context", "library_id")  # doctest: +SKIP
     """
-    rec = ((adata.uns.get(K.EMBED_UNS) or {}).get(key) or {}).get("context")
+    rec = ((adata.uns.get(consts.EMBED_UNS) or {}).get(key) or {}).get("context")
     if not rec:
         return
     lib_key = _norm(rec.get("library_key"))
@@ -173,7 +173,7 @@ def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> Non
 def _library_groups(adata: AnnData, library_key: str | None) -> list[tuple[str | None, np.ndarray]]:
     """``(library id, row indices)`` per library (one group of all spots without a library key)."""
     if library_key is None:
-        libs = list((adata.uns.get(K.SPATIAL_KEY) or {}).keys())
+        libs = list((adata.uns.get(consts.SPATIAL_KEY) or {}).keys())
         return [(str(libs[0]) if len(libs) == 1 else None, np.arange(adata.n_obs))]
     col = adata.obs[library_key]
     if col.isna().any():
@@ -194,7 +194,7 @@ def _graph(
     import squidpy as sq
 
     tmp = AnnData(obs=pd.DataFrame(index=pd.RangeIndex(len(coords)).astype(str)))
-    tmp.obsm[K.SPATIAL_KEY] = coords
+    tmp.obsm[consts.SPATIAL_KEY] = coords
     sq_log = logging.getLogger("spatialdata._logging")  # squidpy logs one line per graph through it
     level = sq_log.level
     sq_log.setLevel(logging.WARNING)
@@ -256,7 +256,7 @@ def _fov_features(
     adata: AnnData, base_rec: dict, library_key, fov_patch_um: float, fov_key: str, weights, encoder, embed_kw: dict
 ) -> tuple[np.ndarray, dict]:
     """The base encoder's features of ``fov_patch_um`` patches (same ``patch_px``), through embed_patches."""
-    have = (adata.uns.get(K.EMBED_UNS) or {}).get(fov_key)
+    have = (adata.uns.get(consts.EMBED_UNS) or {}).get(fov_key)
     if fov_key in adata.obsm and have:
         both = [f for f in RECORD_CHECKED if f != "patch_um" and None not in (have.get(f), base_rec.get(f))]
         diffs = [f for f in both if _norm(have.get(f)) != _norm(base_rec.get(f))]
@@ -274,8 +274,8 @@ def _fov_features(
         )
     pair = rebuild_encoder(base_rec, weights=weights, encoder=encoder, what="the base embedding")
     shell = AnnData(obs=adata.obs[[library_key]].copy() if library_key else pd.DataFrame(index=adata.obs_names))
-    shell.obsm[K.SPATIAL_KEY] = np.asarray(adata.obsm[K.SPATIAL_KEY])
-    shell.uns[K.SPATIAL_KEY] = adata.uns.get(K.SPATIAL_KEY, {})
+    shell.obsm[consts.SPATIAL_KEY] = np.asarray(adata.obsm[consts.SPATIAL_KEY])
+    shell.uns[consts.SPATIAL_KEY] = adata.uns.get(consts.SPATIAL_KEY, {})
     tmp = embed_patches(
         shell,
         {
@@ -293,7 +293,7 @@ def _fov_features(
         copy=True,
         seed=int(base_rec.get("seed") or 0),
     )
-    return np.asarray(tmp.obsm[fov_key], dtype=np.float32), dict(tmp.uns[K.EMBED_UNS][fov_key])
+    return np.asarray(tmp.obsm[fov_key], dtype=np.float32), dict(tmp.uns[consts.EMBED_UNS][fov_key])
 
 
 def _check_recipe(aggregation, output, slide, alpha, n_neighs, n_rings, grid_neighs, radius_um) -> tuple[str, tuple]:
@@ -482,7 +482,7 @@ def spatial_context(
     key = key_added or f"{embedding_key}_context"
     if not isinstance(key, str) or key == embedding_key:
         raise ValueError(f"key_added={key_added!r} must be a new string key (not the embedding's own).")
-    if K.SPATIAL_KEY not in adata.obsm:
+    if consts.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] (spot coordinates in full-resolution pixels) is missing.")
     if aggregation is None:
         aggregation = DEFAULT_CONTEXT_AGGREGATION if output == "concat" else "mean"
@@ -495,13 +495,13 @@ def spatial_context(
     X = adata.obsm[embedding_key]
     if getattr(X, "ndim", 0) != 2 or X.shape[0] != adata.n_obs:
         raise ValueError(f".obsm[{embedding_key!r}] has shape {getattr(X, 'shape', None)}; expected (spots, features).")
-    coords = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=np.float64)[:, :2]
+    coords = np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=np.float64)[:, :2]
     if not np.isfinite(coords).all():
         bad = int((~np.isfinite(coords).all(axis=1)).sum())
         raise ValueError(f"adata.obsm['spatial'] holds NaN/inf for {bad} spots; fix or drop them.")
     lib_key = resolve_library_key(adata, library_key)
     groups = _library_groups(adata, lib_key)
-    base_rec = dict((adata.uns.get(K.EMBED_UNS) or {}).get(embedding_key) or {})
+    base_rec = dict((adata.uns.get(consts.EMBED_UNS) or {}).get(embedding_key) or {})
     base_ctx = base_rec.get("context")
     if base_ctx:
         raise ValueError(
@@ -582,18 +582,18 @@ def spatial_context(
     record["versions"] = versions()
     target = adata.copy() if copy else adata
     written = [key] + ([fov_key] if fov is not None and fov_key is not None and fov_key not in adata.obsm else [])
-    store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
+    store = dict(target.uns.get(consts.EMBED_UNS, {}) or {})
     store[key] = record
     if len(written) > 1:
         store[fov_key] = fov_rec
-    with restore_on_error(target, obsm=written, uns=[K.EMBED_UNS]):
+    with restore_on_error(target, obsm=written, uns=[consts.EMBED_UNS]):
         target.obsm[key] = out
         if len(written) > 1:
             target.obsm[fov_key] = fov
-        target.uns[K.EMBED_UNS] = store
+        target.uns[consts.EMBED_UNS] = store
     logg.info(f"Added .obsm[{key!r}] ({out.shape[0]} x {out.shape[1]}: {graph} context of {embedding_key!r}).")
     if copy:
         return target
     if target is not data:  # a SpatialData: write into its table
-        update_table(data, target, obsm=written, uns=[K.EMBED_UNS])
+        update_table(data, target, obsm=written, uns=[consts.EMBED_UNS])
     return None

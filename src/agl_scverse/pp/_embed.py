@@ -22,7 +22,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from torch import nn
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
 from agl_scverse._encoder_args import as_encoder_config, encoder_keywords
@@ -457,8 +457,8 @@ def embed_patches(
         dict(cfg.encoder_kwargs) if cfg.encoder_kwargs is not None else None, cfg.strict,
     )  # fmt: skip
     check_native_scale(info, ds.patch_px, ds.patch_um)
-    key = key_added or K.embedding_key(info["name"])
-    check_owned(adata, obsm=[key], uns=[K.EMBED_UNS])  # before encoding: key_added="spatial" holds the coordinates
+    key = key_added or consts.embedding_key(info["name"])
+    check_owned(adata, obsm=[key], uns=[consts.EMBED_UNS])  # before encoding: key_added="spatial" holds the coordinates
     feats, prec_record = (_encode_distributed if dist.init_from_env() else _encode)(
         model,
         ds,
@@ -484,14 +484,14 @@ def embed_patches(
         info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key, tta=n_views
     )
     target = adata.copy() if copy else adata
-    store = dict(target.uns.get(K.EMBED_UNS, {}) or {})
+    store = dict(target.uns.get(consts.EMBED_UNS, {}) or {})
     store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored
-    with restore_on_error(target, obsm=[key], uns=[K.EMBED_UNS]):
+    with restore_on_error(target, obsm=[key], uns=[consts.EMBED_UNS]):
         target.obsm[key] = feats
-        target.uns[K.EMBED_UNS] = store
-    logg.info(f"Added .obsm[{key!r}] ({feats.shape[0]} x {feats.shape[1]}) and .uns[{K.EMBED_UNS!r}][{key!r}].")
+        target.uns[consts.EMBED_UNS] = store
+    logg.info(f"Added .obsm[{key!r}] ({feats.shape[0]} x {feats.shape[1]}) and .uns[{consts.EMBED_UNS!r}][{key!r}].")
     if copy:
         return target
     if target is not data:  # a SpatialData: write into its table
-        update_table(data, target, obsm=[key], uns=[K.EMBED_UNS])
+        update_table(data, target, obsm=[key], uns=[consts.EMBED_UNS])
     return None

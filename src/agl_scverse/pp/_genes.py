@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
 from agl_scverse._expression import expression_transform, take_rows
@@ -111,15 +111,15 @@ class GeneRoles:
 
         ``prior`` is NaN and ``prior_rank`` is -1 for targets and excluded genes.
         """
-        role = pd.Series(K.ROLE_EXCLUDED, index=self.var_names, dtype=object)
-        role[self.targets] = K.ROLE_TARGET
-        role[self.auxiliaries] = K.ROLE_AUX
+        role = pd.Series(consts.ROLE_EXCLUDED, index=self.var_names, dtype=object)
+        role[self.targets] = consts.ROLE_TARGET
+        role[self.auxiliaries] = consts.ROLE_AUX
         prior = pd.Series(np.nan, index=self.var_names, dtype=float)
         rank = pd.Series(-1, index=self.var_names, dtype=np.int64)
         if self.auxiliaries:
             prior[self.auxiliaries] = self.prior.loc[self.auxiliaries].to_numpy(dtype=float)
             rank[self.auxiliaries] = np.arange(len(self.auxiliaries), dtype=np.int64)
-        cats = [K.ROLE_TARGET, K.ROLE_AUX, K.ROLE_EXCLUDED]
+        cats = [consts.ROLE_TARGET, consts.ROLE_AUX, consts.ROLE_EXCLUDED]
         return pd.DataFrame(
             {"role": pd.Categorical(role.to_numpy(), categories=cats), "prior": prior, "prior_rank": rank},
             index=self.var_names,
@@ -154,13 +154,13 @@ def gene_roles(
     n_targets: int = 50,
     targets: Sequence[str] | None = None,
     auxiliaries: Sequence[str] | None = None,
-    prior: K.Prior | str = "hvg",
+    prior: consts.Prior | str = "hvg",
     min_cells: int | float = DEFAULT_MIN_CELLS,
     train_mask: Any = None,
     layer: str | None = None,
     library_key: str | None = None,
     n_neighs: int = 6,
-    key_added: str = K.DEFAULT_KEY,
+    key_added: str = consts.DEFAULT_KEY,
     inplace: bool = True,
     copy: bool = False,
 ) -> AnnData | GeneRoles | None:
@@ -298,10 +298,10 @@ def _compute(
         raise ValueError(f"n_targets must be >= 1, got {n_targets}.")
     if auxiliaries is not None:
         auxiliaries = _check_gene_list(auxiliaries, var_names, "auxiliary")
-    if prior not in K.PRIORS:
+    if prior not in consts.PRIORS:
         if not isinstance(prior, str) or prior not in adata.var.columns:
             raise ValueError(
-                f"Unknown prior {prior!r}: use one of {K.PRIORS} or the name of a numeric .var column "
+                f"Unknown prior {prior!r}: use one of {consts.PRIORS} or the name of a numeric .var column "
                 f"(columns: {list(adata.var.columns)[:10]})."
             )
         if not pd.api.types.is_numeric_dtype(adata.var[prior]) or pd.api.types.is_bool_dtype(adata.var[prior]):
@@ -419,7 +419,7 @@ def compute_gene_roles(adata: AnnData, *args: Any, **kwargs: Any) -> GeneRoles:
     return gene_roles(adata, *args, **kwargs, inplace=False)
 
 
-def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = K.DEFAULT_KEY) -> None:
+def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = consts.DEFAULT_KEY) -> None:
     """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[Keys(key_added).gene_roles]`` (in place).
 
     Examples

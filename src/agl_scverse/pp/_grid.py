@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._spatial import one_library
 from agl_scverse.io import read_he_image
 from agl_scverse.io._common import finalize, positive_number
@@ -103,11 +103,11 @@ def spot_grid(
     )
     if not isinstance(data, AnnData):
         data = read_he_image(data, microns_per_pixel=microns_per_pixel, library_id=library_id)
-        library_id = next(iter(data.uns[K.SPATIAL_KEY]))
+        library_id = next(iter(data.uns[consts.SPATIAL_KEY]))
     library_id = one_library(data, library_id)
-    entry = copy.deepcopy(data.uns[K.SPATIAL_KEY][library_id])
-    sf, meta = entry.setdefault(K.SCALEFACTORS, {}), entry.get(K.METADATA) or {}
-    mpp = float(microns_per_pixel) if microns_per_pixel is not None else sf.get(K.MICRONS_PER_PIXEL)
+    entry = copy.deepcopy(data.uns[consts.SPATIAL_KEY][library_id])
+    sf, meta = entry.setdefault(consts.SCALEFACTORS, {}), entry.get(consts.METADATA) or {}
+    mpp = float(microns_per_pixel) if microns_per_pixel is not None else sf.get(consts.MICRONS_PER_PIXEL)
     if mpp is None:
         raise ValueError(
             f"Library {library_id!r} records no microns_per_pixel; pass microns_per_pixel=<µm per full-res pixel>."
@@ -138,7 +138,7 @@ def spot_grid(
     lib = str(library_id)
     obs = pd.DataFrame(
         {
-            K.LIBRARY_KEY: pd.Categorical([lib] * len(xy), categories=[lib]),
+            consts.LIBRARY_KEY: pd.Categorical([lib] * len(xy), categories=[lib]),
             "in_tissue": np.ones(len(xy), dtype=np.int64),
             "array_row": rows,
             "array_col": cols,
@@ -146,10 +146,10 @@ def spot_grid(
         index=pd.Index([f"{lib}_{r}x{c}" for r, c in zip(rows, cols)]),
     )
     grid = AnnData(X=np.zeros((len(xy), 0), dtype=np.float32), obs=obs)
-    grid.obsm[K.SPATIAL_KEY] = xy
-    sf[K.SPOT_DIAMETER] = spot_um / mpp
-    sf[K.MICRONS_PER_PIXEL] = mpp
-    grid.uns[K.SPATIAL_KEY] = {lib: entry}
+    grid.obsm[consts.SPATIAL_KEY] = xy
+    sf[consts.SPOT_DIAMETER] = spot_um / mpp
+    sf[consts.MICRONS_PER_PIXEL] = mpp
+    grid.uns[consts.SPATIAL_KEY] = {lib: entry}
     grid.uns[GRID_UNS] = {
         "layout": layout,
         "spot_um": spot_um,
@@ -158,7 +158,7 @@ def spot_grid(
         "tissue_fraction": mask.fraction,
         "mask_downsample": mask.downsample,
     }
-    finalize(grid, K.LIBRARY_KEY, he_only=True)
+    finalize(grid, consts.LIBRARY_KEY, he_only=True)
     logg.info(
         f"spot_grid: {grid.n_obs} {layout} spots ({spot_um:g} µm, pitch {pitch_um:g} µm) on {mask.fraction:.1%} "
         f"tissue of {lib!r}"

@@ -54,7 +54,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from torch.utils.data import DataLoader, Dataset
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 from agl_scverse._images import ImageSource
 from agl_scverse._validate import check_choice, check_in_range, check_positive, check_spatial, resolve_spots
@@ -90,7 +90,7 @@ __all__ = [
 ]
 
 #: ``.obs`` column with each spot's row in a HEST ``patches_h5`` file.
-HEST_PATCH_INDEX = K.HEST_PATCH_INDEX
+HEST_PATCH_INDEX = consts.HEST_PATCH_INDEX
 #: Physical side of a HEST-1k patch: 224 px at 0.5 µm/px.
 HEST_PATCH_UM = 112.0
 
@@ -169,8 +169,8 @@ class SpotPatches(Dataset):
     def __init__(
         self,
         adata: AnnData,
-        patch_px: int = K.DEFAULT_PATCH_PX,
-        patch_um: float = K.DEFAULT_PATCH_UM,
+        patch_px: int = consts.DEFAULT_PATCH_PX,
+        patch_um: float = consts.DEFAULT_PATCH_UM,
         library_key: str | None = None,
         spots: Any = None,
         pad_mode: str = "constant",
@@ -235,7 +235,7 @@ class SpotPatches(Dataset):
         for lib in self.libraries:
             sel = np.flatnonzero(self.library == lib)
             entry = _spatial.library_entry(adata, lib)
-            h5_path = (entry.get(K.METADATA, {}) or {}).get(K.PATCHES_H5)
+            h5_path = (entry.get(consts.METADATA, {}) or {}).get(consts.PATCHES_H5)
             if h5_path and HEST_PATCH_INDEX in adata.obs and abs(patch_um - HEST_PATCH_UM) < 1e-6:
                 self._setup_h5(adata, lib, str(h5_path), sel)
                 continue
@@ -279,7 +279,7 @@ class SpotPatches(Dataset):
         lv = src.levels[level]
         source_mpp = mpp / scale * lv.downsample
         patch_mpp = self.patch_um / self.patch_px
-        if which != K.FULLRES and source_mpp > patch_mpp * K.LOWRES_TOLERANCE:
+        if which != consts.FULLRES and source_mpp > patch_mpp * consts.LOWRES_TOLERANCE:
             msg = (
                 f"Library {lib!r} has no full-resolution image, and its {which!r} image has {source_mpp:.3g} µm/px, "
                 f"coarser than the patches' {patch_mpp:.3g} µm/px ({self.patch_um:g} µm in {self.patch_px} px): "
@@ -524,8 +524,8 @@ def iter_patch_batches(data: AnnData | SpotPatches, batch_size: int = 32, **patc
 
 def extract_patches(
     data: AnnData | SpotPatches,
-    patch_px: int = K.DEFAULT_PATCH_PX,
-    patch_um: float = K.DEFAULT_PATCH_UM,
+    patch_px: int = consts.DEFAULT_PATCH_PX,
+    patch_um: float = consts.DEFAULT_PATCH_UM,
     library_key: str | None = None,
     spots: Any = None,
     pad_mode: str = "constant",

@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._expression import take_rows
 
 __all__ = [
@@ -145,7 +145,7 @@ def moran_scores(adata_sub: AnnData, X_log, genes: pd.Index, library_key: str | 
     import squidpy as sq
 
     tmp = AnnData(X_log, obs=pd.DataFrame(index=adata_sub.obs_names), var=pd.DataFrame(index=genes))
-    tmp.obsm[K.SPATIAL_KEY] = np.asarray(adata_sub.obsm[K.SPATIAL_KEY], dtype=float)[:, :2]
+    tmp.obsm[consts.SPATIAL_KEY] = np.asarray(adata_sub.obsm[consts.SPATIAL_KEY], dtype=float)[:, :2]
     if library_key is not None:
         tmp.obs[library_key] = pd.Categorical(adata_sub.obs[library_key].astype(str))
     n_neighs = int(min(n_neighs, max(tmp.n_obs - 1, 1)))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 from agl_scverse._images import overview
 
@@ -65,8 +65,8 @@ def slide_image(data: Any, library_id: str | None = None, microns_per_pixel: flo
         mpp = (
             float(microns_per_pixel) if microns_per_pixel is not None else _spatial.microns_per_pixel(data, library_id)
         )
-        meta = _spatial.library_entry(data, library_id).get(K.METADATA) or {}
-        path = meta.get(K.SOURCE_IMAGE_PATH)
+        meta = _spatial.library_entry(data, library_id).get(consts.METADATA) or {}
+        path = meta.get(consts.SOURCE_IMAGE_PATH)
         if path is not None and Path(path).is_file():
             return str(path), mpp, 1.0, str(library_id)
         src, scale, _ = _spatial.get_image(data, library_id, warn=False)

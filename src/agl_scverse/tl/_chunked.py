@@ -16,7 +16,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys, PredScale
 from agl_scverse._encoder_args import encoder_keywords, explicit_fields
 from agl_scverse._utils import show_progress
@@ -40,7 +40,7 @@ def _model_digest(model: AGLModel) -> str:
 
 
 def _grid_digest(grid: AnnData) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(grid.obsm[K.SPATIAL_KEY], dtype=np.float64).tobytes())
+    h = hashlib.sha256(np.ascontiguousarray(grid.obsm[consts.SPATIAL_KEY], dtype=np.float64).tobytes())
     h.update("\n".join(map(str, grid.obs_names)).encode())
     return h.hexdigest()
 
@@ -64,7 +64,7 @@ def predict_chunked(
     genes: PredictGenes | Sequence[str] = "selected",
     scale: PredScale = "model",
     encoder: EncoderConfig | Mapping[str, Any] | Any = None,
-    key_added: str = K.DEFAULT_KEY,
+    key_added: str = consts.DEFAULT_KEY,
     device: str = "auto",
     batch_size: int = 512,
     progress: bool | None = None,
@@ -170,8 +170,8 @@ def predict_chunked(
     template = ad.read_h5ad(out_dir / TEMPLATE)
     X = np.concatenate([np.load(p) for p in parts], axis=0)
     out = AnnData(X=X, obs=grid.obs.copy(), var=template.var.copy(), uns=dict(template.uns))
-    out.obsm[K.SPATIAL_KEY] = np.asarray(grid.obsm[K.SPATIAL_KEY]).copy()
-    for key in (K.SPATIAL_KEY, "agl_grid"):
+    out.obsm[consts.SPATIAL_KEY] = np.asarray(grid.obsm[consts.SPATIAL_KEY]).copy()
+    for key in (consts.SPATIAL_KEY, "agl_grid"):
         if key in grid.uns:
             out.uns[key] = grid.uns[key]
     logg.info(f"predict_chunked: {out.n_obs} spots x {out.n_vars} genes from {len(parts)} chunks in {out_dir}")

@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._validate import check_in_range
 
@@ -82,7 +82,7 @@ def compare_methods(
     held = np.zeros(adata.n_obs, dtype=bool)
     held[rng.choice(adata.n_obs, size=n_test, replace=False)] = True
     method_kwargs = method_kwargs or {}
-    keys = Keys(fit_kwargs.get("key_added", K.DEFAULT_KEY))
+    keys = Keys(fit_kwargs.get("key_added", consts.DEFAULT_KEY))
     rows = []
     for name in methods:
         method = name.split(":")[0]
@@ -96,7 +96,7 @@ def compare_methods(
         evaluate(work, model, key_added=keys.prefix)
         uns = work.uns[keys.uns]
         test = uns["metrics"]["test"]
-        aux = (work.var[keys.role].astype(str) == K.ROLE_AUX).to_numpy()
+        aux = (work.var[keys.role].astype(str) == consts.ROLE_AUX).to_numpy()
         sel = aux & work.var[keys.selected].to_numpy(dtype=bool)
         precision = precision_start = float("nan")
         n_aux = int(aux.sum())

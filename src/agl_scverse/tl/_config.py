@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_seed
 from agl_scverse.configs import (
     DkGSBConfig,
@@ -29,8 +29,8 @@ __all__ = ["FitConfig", "LEGACY_KEYWORDS", "merge_legacy"]
 class FitConfig:
     """Everything that decides how an ``agl_fit`` run trains (recorded as ``params``)."""
 
-    method: K.Method
-    mode: K.Mode
+    method: consts.Method
+    mode: consts.Mode
     network: NetworkConfig
     training: TrainingConfig
     dkgsb: DkGSBConfig
@@ -39,14 +39,14 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, K.METHODS)
-        check_choice("mode", self.mode, K.MODES)
+        check_choice("method", self.method, consts.METHODS)
+        check_choice("mode", self.mode, consts.MODES)
         if self.mode == "embedding" and self.training.augment:
             raise ValueError(
                 "augment=True applies to mode='finetune' (it flips and rotates image patches); embedding mode trains "
                 "on cached features. Leave TrainingConfig(augment=None) (or False) in embedding mode."
             )
-        if self.network.head == K.HEAD_RRR:
+        if self.network.head == consts.HEAD_RRR:
             bad = (
                 "mode='finetune'" if self.mode != "embedding"
                 else f"method={self.method!r}" if self.method == "dkgsb"
@@ -58,7 +58,7 @@ class FitConfig:
                     "mode='embedding', method 'pgl', 'agl' or 'topk' (k='auto' searches k) and one seed. Use "
                     "head='mlp' for DkGSB, fine-tuning or ensembles."
                 )
-        if self.network.head == K.HEAD_HYBRID and self.mode != "embedding":
+        if self.network.head == consts.HEAD_HYBRID and self.mode != "embedding":
             raise ValueError(
                 "head='hybrid' (the MLP and a closed-form ridge on cached features) applies to mode='embedding'. "
                 "Use head='mlp' in fine-tune mode."
@@ -79,8 +79,8 @@ class FitConfig:
     @classmethod
     def build(
         cls,
-        method: K.Method,
-        mode: K.Mode,
+        method: consts.Method,
+        mode: consts.Mode,
         *,
         genes: GeneConfig | dict | None = None,
         network: NetworkConfig | dict | None = None,
@@ -90,7 +90,7 @@ class FitConfig:
         seed: int = 0,
     ) -> FitConfig:
         """The configs (dicts accepted) with their ``None`` fields resolved for ``mode``, checked together."""
-        check_choice("mode", mode, K.MODES)
+        check_choice("mode", mode, consts.MODES)
         network = as_config(NetworkConfig, network, "network").resolved(mode)
         return cls(
             method=method,

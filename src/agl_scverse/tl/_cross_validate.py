@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform
 from agl_scverse._serialize import to_h5ad
@@ -48,10 +48,10 @@ def _embedding_key(adata: AnnData, embedding_key: str | None) -> str:
                 "Run agl.pp.embed_patches first or pass embedding_key."
             )
         return embedding_key
-    keys = [k for k in adata.obsm if k.startswith(K.EMBED_PREFIX)]
+    keys = [k for k in adata.obsm if k.startswith(consts.EMBED_PREFIX)]
     if len(keys) != 1:
         raise ValueError(
-            f"Cannot choose the embedding: .obsm holds {len(keys)} keys starting with {K.EMBED_PREFIX!r} ({keys}). "
+            f"Cannot choose the embedding: .obsm holds {len(keys)} keys starting with {consts.EMBED_PREFIX!r} ({keys}). "
             "Pass embedding_key=."
         )
     return keys[0]
@@ -247,8 +247,8 @@ def cross_validate(
             )
             secs = time.perf_counter() - t0
             split_col = sub.obs[Keys(f"{key_added}_{name.replace(':', '_')}").split].astype(str).to_numpy()
-            fit_rows = np.flatnonzero(train)[split_col == K.SPLIT_TRAIN]
-            val_rows = np.flatnonzero(train)[split_col == K.SPLIT_VAL]
+            fit_rows = np.flatnonzero(train)[split_col == consts.SPLIT_TRAIN]
+            val_rows = np.flatnonzero(train)[split_col == consts.SPLIT_VAL]
             if not sub.uns[f"{key_added}_{name.replace(':', '_')}"]["params"]["refit"]:
                 base_rows = fit_rows  # the baselines train on the spots the networks trained on
             n_t = len(roles.targets)
@@ -405,9 +405,9 @@ def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, l
     unknown = [g for g in held if g not in order]
     if unknown:
         raise KeyError(f"groups {unknown} are not values of .obs[{group_key!r}] ({order}).")
-    bad = [m for m in methods if str(m).split(":")[0] not in K.METHODS]
+    bad = [m for m in methods if str(m).split(":")[0] not in consts.METHODS]
     if bad:
-        raise ValueError(f"Unknown method(s) {bad}; choose from {K.METHODS}.")
+        raise ValueError(f"Unknown method(s) {bad}; choose from {consts.METHODS}.")
     if not methods and not baselines:
         raise ValueError("Nothing to evaluate: methods is empty and baselines=False.")
     emb_key = _embedding_key(adata, embedding_key)
@@ -433,7 +433,7 @@ def _training_anndata(
     sub = AnnData(X, obs=pd.DataFrame(index=adata.obs_names[train]), var=pd.DataFrame(index=adata.var_names))
     sub.obs[group_key] = adata.obs[group_key].astype(str).to_numpy()[train]
     sub.obsm[emb_key] = np.asarray(adata.obsm[emb_key])[train]
-    if K.EMBED_UNS in adata.uns and emb_key in adata.uns[K.EMBED_UNS]:
-        sub.uns[K.EMBED_UNS] = {emb_key: adata.uns[K.EMBED_UNS][emb_key]}
+    if consts.EMBED_UNS in adata.uns and emb_key in adata.uns[consts.EMBED_UNS]:
+        sub.uns[consts.EMBED_UNS] = {emb_key: adata.uns[consts.EMBED_UNS][emb_key]}
     sub.var[prior_col] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
     return sub

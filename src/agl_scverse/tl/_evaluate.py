@@ -18,7 +18,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform, observed_transform, predicted_mask, take_rows
 from agl_scverse._serialize import null_as_none, to_h5ad
@@ -110,7 +110,7 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
         if model is not None:
             gene_list = list(model.targets)
         elif keys.role in adata.var:
-            gene_list = adata.var_names[adata.var[keys.role].astype(str) == K.ROLE_TARGET].tolist()
+            gene_list = adata.var_names[adata.var[keys.role].astype(str) == consts.ROLE_TARGET].tolist()
         else:
             raise KeyError(f"No model given and no .var[{keys.role!r}]: pass model= or genes=[...].")
     elif isinstance(genes, str) and genes == "predicted":
@@ -155,7 +155,7 @@ def evaluate(
     genes: str | Sequence[str] = "targets",
     spots: Any = None,
     baselines: bool = True,
-    key_added: str = K.DEFAULT_KEY,
+    key_added: str = consts.DEFAULT_KEY,
     embedding_key: str | None = None,
     n_components: int = 256,
     copy: bool = False,
@@ -252,7 +252,7 @@ def evaluate(
     X = adata.layers[layer] if layer is not None else adata.X
     # the baselines train on the spots the model trained on: the training split, and the validation spots too
     # when the model was refitted on them
-    fitted_on = (K.SPLIT_TRAIN, K.SPLIT_VAL) if refitted else (K.SPLIT_TRAIN,)
+    fitted_on = (consts.SPLIT_TRAIN, consts.SPLIT_VAL) if refitted else (consts.SPLIT_TRAIN,)
     train = np.isin(split, fitted_on) if split is not None else np.zeros(adata.n_obs, dtype=bool)
     notes = ""
     if baselines and not train.any():
@@ -265,7 +265,7 @@ def evaluate(
     X_tr = take_rows(X, np.flatnonzero(train)) if run_baselines else None
     # the counts are checked before anything is predicted or written
     what = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    log1p_recorded = layer is None and K.SCANPY_LOG1P_UNS in adata.uns
+    log1p_recorded = layer is None and consts.SCANPY_LOG1P_UNS in adata.uns
     for part, name in ((X_ev, "evaluated"), (X_tr, "training")):
         if part is not None:
             check_counts(part, what=f"{what} of the {name} spots")
@@ -305,7 +305,9 @@ def evaluate(
     target = adata.copy() if copy else adata
     written = {
         "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
-        "uns": [keys.uns] + ([K.EMBED_UNS] if new_emb else []) + ([keys.pred_uns] if new_layer is not None else []),
+        "uns": [keys.uns]
+        + ([consts.EMBED_UNS] if new_emb else [])
+        + ([keys.pred_uns] if new_layer is not None else []),
         "layers": [keys.pred_layer] if new_layer is not None else [],
         "obsm": [new_emb[0]] if new_emb else [],
     }
@@ -317,10 +319,10 @@ def evaluate(
         if new_layer is not None and model is not None:  # as agl_predict writes it: the layer, its mask and its record
             target.layers[keys.pred_layer] = new_layer
             target.var[keys.predicted] = target.var_names.isin(pred_genes)
-            target.uns[keys.pred_uns] = prediction_record(model, K.SCALE_MODEL, "selected", len(pred_genes), True)
+            target.uns[keys.pred_uns] = prediction_record(model, consts.SCALE_MODEL, "selected", len(pred_genes), True)
         if new_emb is not None:
             target.obsm[new_emb[0]] = new_emb[1]
-            target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS) or {}), new_emb[0]: new_emb[2]}
+            target.uns[consts.EMBED_UNS] = {**dict(target.uns.get(consts.EMBED_UNS) or {}), new_emb[0]: new_emb[2]}
         entry = dict(target.uns.get(keys.uns, {}) or {})
         entry["metrics"] = {**dict(entry.get("metrics", {}) or {}), "test": to_h5ad(test)}
         target.uns[keys.uns] = entry

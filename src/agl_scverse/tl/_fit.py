@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
@@ -165,7 +165,7 @@ def _fit_linear(cfg: FitConfig, data: FitData, genes: FitGenes) -> tuple[FitGene
     (``rank``, ``alpha``, ``k``, validation scores).
     """
     n_t = genes.n_targets
-    auto = cfg.method == "topk" and cfg.k == K.K_AUTO
+    auto = cfg.method == "topk" and cfg.k == consts.K_AUTO
     ks = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid) if auto else [len(genes.model_aux)]
     widest = with_k(genes, max(ks))
     k, rank, scores = choose_rrr(data.features, widest.expr, data.train_idx, data.val_idx, n_t, ks)
@@ -205,7 +205,7 @@ def _make_model(cfg: FitConfig, genes: FitGenes, res: TrainResult, net, enc_reco
     config = {
         "head": cfg.network.head,
         "genes": genes.genes,
-        "roles": [K.ROLE_TARGET] * n_t + [K.ROLE_AUX] * len(genes.model_aux),
+        "roles": [consts.ROLE_TARGET] * n_t + [consts.ROLE_AUX] * len(genes.model_aux),
         "weights": np.concatenate([np.ones(n_t), aux_w]).tolist(),
         "method": cfg.method,
         "mode": cfg.mode,
@@ -279,16 +279,19 @@ def _write_results(
         "history": {kk: np.asarray(v) for kk, v in res.history.items()}, "metrics": metrics,
     }  # fmt: skip
     written = _written(keys)
-    written["uns"] += [K.EMBED_UNS] if data.new_embedding else []
+    written["uns"] += [consts.EMBED_UNS] if data.new_embedding else []
     written["obsm"] = [data.emb_key] if data.new_embedding else []
     with restore_on_error(adata, **written):
         write_gene_roles(adata, genes.roles, key_added=keys.prefix)
         adata.var[keys.weight] = w_col
         adata.var[keys.selected] = w_col > 0.5
-        adata.obs[keys.split] = pd.Categorical(data.split, categories=list(K.SPLITS))
+        adata.obs[keys.split] = pd.Categorical(data.split, categories=list(consts.SPLITS))
         if data.new_embedding:
             adata.obsm[data.emb_key] = data.new_embedding[0]
-            adata.uns[K.EMBED_UNS] = {**dict(adata.uns.get(K.EMBED_UNS) or {}), data.emb_key: data.new_embedding[1]}
+            adata.uns[consts.EMBED_UNS] = {
+                **dict(adata.uns.get(consts.EMBED_UNS) or {}),
+                data.emb_key: data.new_embedding[1],
+            }
         adata.uns[keys.uns] = to_h5ad(entry)
     return metrics, written
 
@@ -307,8 +310,8 @@ def _written(keys: Keys) -> dict[str, list[str]]:
 def agl_fit(
     data: Any,
     *,
-    method: K.Method = "dkgsb",
-    mode: K.Mode = "embedding",
+    method: consts.Method = "dkgsb",
+    mode: consts.Mode = "embedding",
     embedding_key: str | None = None,
     genes: GeneConfig | Mapping[str, Any] | None = None,
     network: NetworkConfig | Mapping[str, Any] | None = None,
@@ -321,7 +324,7 @@ def agl_fit(
     val_fraction: float = 0.2,
     seed: int = 0,
     device: str = "auto",
-    key_added: str = K.DEFAULT_KEY,
+    key_added: str = consts.DEFAULT_KEY,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
@@ -433,10 +436,10 @@ def agl_fit(
     genes = prepare_genes(adata, cfg, fit_data, library_key)
     enc = {"library_key": library_key, "progress": progress}  # what embedding and patches need beyond the config
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
-    if cfg.network.head == K.HEAD_RRR:
+    if cfg.network.head == consts.HEAD_RRR:
         _, inputs, enc_record = build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)  # the features
         genes, net, res, linear = _fit_linear(cfg, fit_data, genes)
-    elif cfg.method == "topk" and cfg.k == K.K_AUTO:
+    elif cfg.method == "topk" and cfg.k == consts.K_AUTO:
         (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
     else:
         net, inputs, enc_record = build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
@@ -464,7 +467,7 @@ def agl_fit(
         t_ens = time.perf_counter()
         net = _ensemble(adata, cfg, fit_data, genes, net, res, enc, dev, progress)
         res.fit_seconds += time.perf_counter() - t_ens
-    if cfg.network.head == K.HEAD_HYBRID:
+    if cfg.network.head == consts.HEAD_HYBRID:
         t_lin = time.perf_counter()
         net, linear = _add_linear(cfg, fit_data, genes, net, val_pred)
         res.fit_seconds += time.perf_counter() - t_lin

@@ -17,7 +17,7 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._expression import ExpressionBatches
 from agl_scverse._stats import StreamingMoments
 from agl_scverse._utils import seed_everything, sha256_array
@@ -85,7 +85,7 @@ def prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, v
     split = make_split(adata, used, split_key, val_groups, val_fraction, cfg.seed)
     emb_key, features = None, None
     if cfg.mode == "embedding":
-        emb_key = embedding_key or K.embedding_key(encoder_name(cfg.encoder.encoder))
+        emb_key = embedding_key or consts.embedding_key(encoder_name(cfg.encoder.encoder))
         if emb_key in adata.obsm:
             features = np.asarray(adata.obsm[emb_key], dtype=np.float32)
             check_features(features, emb_key, np.flatnonzero(used))
@@ -96,7 +96,7 @@ def prepare_data(adata: AnnData, cfg: FitConfig, spots, split_key, val_groups, v
             )
     elif embedding_key is not None:
         raise ValueError("embedding_key applies to mode='embedding' only; fine-tune mode reads image patches.")
-    train_idx, val_idx = np.flatnonzero(split == K.SPLIT_TRAIN), np.flatnonzero(split == K.SPLIT_VAL)
+    train_idx, val_idx = np.flatnonzero(split == consts.SPLIT_TRAIN), np.flatnonzero(split == consts.SPLIT_VAL)
     return FitData(used, split, train_idx, val_idx, emb_key, features)
 
 
@@ -104,15 +104,15 @@ def prepare_genes(adata: AnnData, cfg: FitConfig, data: FitData, library_key: st
     g = cfg.genes
     roles = gene_roles(
         adata, n_targets=g.n_targets, targets=g.targets, auxiliaries=g.auxiliaries, prior=g.prior,
-        min_cells=g.min_cells, train_mask=data.split == K.SPLIT_TRAIN, layer=g.layer, library_key=library_key,
+        min_cells=g.min_cells, train_mask=data.split == consts.SPLIT_TRAIN, layer=g.layer, library_key=library_key,
         inplace=False,
     )  # fmt: skip
     n_aux_all = len(roles.auxiliaries)
-    if cfg.method == "topk" and cfg.k != K.K_AUTO and int(cfg.k) > n_aux_all:
+    if cfg.method == "topk" and cfg.k != consts.K_AUTO and int(cfg.k) > n_aux_all:
         raise ValueError(f"k={cfg.k} exceeds the {n_aux_all} auxiliary genes available; choose k <= {n_aux_all}.")
     if cfg.method in ("agl", "dkgsb") and n_aux_all == 0:
         raise ValueError(f"method={cfg.method!r} needs auxiliary genes but none is left; use method='pgl'.")
-    aux_cols = genes_for_method(cfg.method, n_aux_all, k=n_aux_all if cfg.k == K.K_AUTO else cfg.k)
+    aux_cols = genes_for_method(cfg.method, n_aux_all, k=n_aux_all if cfg.k == consts.K_AUTO else cfg.k)
     genes = list(roles.targets) + [roles.auxiliaries[i] for i in aux_cols]
     gene_pos = adata.var_names.get_indexer(genes)
     X = adata.layers[g.layer] if g.layer is not None else adata.X
@@ -146,8 +146,8 @@ def build_network(
             )  # fmt: skip
             data.features = np.asarray(emb.obsm[data.emb_key], dtype=np.float32)
             check_features(data.features, data.emb_key, np.flatnonzero(data.used))
-            data.new_embedding = (data.features, emb.uns[K.EMBED_UNS][data.emb_key])
-        rec = data.new_embedding[1] if data.new_embedding else (adata.uns.get(K.EMBED_UNS) or {}).get(data.emb_key)
+            data.new_embedding = (data.features, emb.uns[consts.EMBED_UNS][data.emb_key])
+        rec = data.new_embedding[1] if data.new_embedding else (adata.uns.get(consts.EMBED_UNS) or {}).get(data.emb_key)
         record = {**dict(rec or {}), "recorded": bool(rec)}
         seed_everything(seed)
         net = EmbeddingHead(data.features.shape[1], n_out, hidden=cfg.network.hidden, dropout=cfg.network.dropout)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._stats import mean_pearson
 from agl_scverse.model import EmbeddingHead
 
@@ -97,7 +97,7 @@ def hybrid_linear(
     rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
     kw = {"n_cols": n_targets + k, "n_out": n_targets}
     net, info = rrr_head(features, expr, rows, n_targets, rank, **kw)
-    weight, w_scores = K.HYBRID_LINEAR_WEIGHT, dict[float, float]()
+    weight, w_scores = consts.HYBRID_LINEAR_WEIGHT, dict[float, float]()
     if mlp_val is not None and len(val_idx) >= 2:
         on_train = rrr_head(features, expr, train_idx, n_targets, rank, **kw)[0] if refit else net
         with torch.no_grad():
@@ -108,7 +108,7 @@ def hybrid_linear(
 
 
 def choose_blend_weight(
-    y_val, mlp_val: np.ndarray, lin_val: np.ndarray, weights: Sequence[float] = K.HYBRID_WEIGHTS
+    y_val, mlp_val: np.ndarray, lin_val: np.ndarray, weights: Sequence[float] = consts.HYBRID_WEIGHTS
 ) -> tuple[float, dict]:
     """The share ``w`` of the linear head with the best validation mean target PCC of ``(1 - w) mlp + w lin``.
 
@@ -126,7 +126,7 @@ def choose_blend_weight(
     scores = {float(w): mean_pearson(y_val, (1 - w) * np.asarray(mlp_val) + w * np.asarray(lin_val)) for w in weights}
     finite = {w: v for w, v in scores.items() if np.isfinite(v)}
     if not finite:
-        return K.HYBRID_LINEAR_WEIGHT, scores
+        return consts.HYBRID_LINEAR_WEIGHT, scores
     best = max(finite, key=lambda w: (finite[w], -abs(w - 0.5)))
     logg.info(f"head='hybrid': linear weight {best} (validation PCC {finite[best]:.4f})")
     return best, scores

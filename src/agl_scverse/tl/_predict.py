@@ -22,7 +22,7 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys, PredScale
 from agl_scverse._docs import d
 from agl_scverse._encoder_args import as_encoder_config, encoder_keywords, explicit_fields
@@ -141,7 +141,7 @@ def predict_core(
     would exceed ``max_dense_bytes``. Predictions are made in row chunks, so memory is that of a chunk of spots x
     model genes (plus the layer when it is dense).
     """
-    check_choice("scale", scale, K.PRED_SCALES)
+    check_choice("scale", scale, consts.PRED_SCALES)
     check_positive("batch_size", batch_size, integer=True)
     if into is not None:
         _check_genes(into, model)
@@ -277,7 +277,7 @@ def predict_options(
     test-time augmentation, timm arguments) are the model's, and a patch size or ``tta`` other than the model's is
     warned about.
     """
-    check_choice("scale", scale, K.PRED_SCALES)
+    check_choice("scale", scale, consts.PRED_SCALES)
     cfg, given = as_encoder_config(encoder), explicit_fields(encoder)
     rec = model.config.get("encoder") or {}
     ignored = sorted(n for n in ("patch_px", "patch_um", "tta") if n in given and _differs_from_record(n, given, rec))
@@ -305,7 +305,7 @@ def _differs_from_record(name: str, given: dict, rec: dict) -> bool:
     if name == "tta":
         views = {False: 1, True: 8}.get(given[name], given[name]) if isinstance(given[name], bool) else given[name]
         return int(views) != int(rec.get("tta") or 1)
-    default = {"patch_px": K.DEFAULT_PATCH_PX, "patch_um": K.DEFAULT_PATCH_UM}[name]
+    default = {"patch_px": consts.DEFAULT_PATCH_PX, "patch_um": consts.DEFAULT_PATCH_UM}[name]
     return not np.isclose(float(given[name]), float(rec.get(name) or default))
 
 
@@ -328,7 +328,7 @@ def agl_predict(
     scale: PredScale = "model",
     encoder: EncoderConfig | Mapping[str, Any] | Any = None,
     embedding_key: str | None = None,
-    key_added: str = K.DEFAULT_KEY,
+    key_added: str = consts.DEFAULT_KEY,
     device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
@@ -395,7 +395,7 @@ def agl_predict(
         "layers": [keys.pred_layer] + ([keys.spread_layer] if sd is not None else []),
         "var": [keys.predicted, *run_var],
         "obsm": [new_emb[0]] if new_emb else [],
-        "uns": [keys.pred_uns] + ([K.EMBED_UNS] if new_emb else []) + ([keys.uns] if run_uns is not None else []),
+        "uns": [keys.pred_uns] + ([consts.EMBED_UNS] if new_emb else []) + ([keys.uns] if run_uns is not None else []),
     }
     with restore_on_error(target, **written):
         target.layers[keys.pred_layer] = layer
@@ -424,7 +424,7 @@ def _put_embedding(target: AnnData, new_emb: tuple) -> None:
     """Write an embedding computed while predicting, and its record, into ``target``."""
     key, features, rec = new_emb
     target.obsm[key] = features
-    target.uns[K.EMBED_UNS] = {**dict(target.uns.get(K.EMBED_UNS, {}) or {}), key: rec}
+    target.uns[consts.EMBED_UNS] = {**dict(target.uns.get(consts.EMBED_UNS, {}) or {}), key: rec}
 
 
 @encoder_keywords(*PREDICT_KEYWORDS)
@@ -437,7 +437,7 @@ def predict_anndata(
     scale: PredScale = "model",
     encoder: EncoderConfig | Mapping[str, Any] | Any = None,
     embedding_key: str | None = None,
-    key_added: str = K.DEFAULT_KEY,
+    key_added: str = consts.DEFAULT_KEY,
     device: str = "auto",
     library_key: str | None = None,
     batch_size: int = 512,
@@ -503,12 +503,14 @@ def predictions_anndata(
     run_var, run_uns = model_run_record(model, var.index, keys)
     for c, v in run_var.items():
         var[c] = v
-    var[keys.role] = var[keys.role].cat.remove_unused_categories().cat.set_categories([K.ROLE_TARGET, K.ROLE_AUX])
+    var[keys.role] = (
+        var[keys.role].cat.remove_unused_categories().cat.set_categories([consts.ROLE_TARGET, consts.ROLE_AUX])
+    )
     var[keys.predicted] = True
     out = AnnData(X=X.astype(np.float32), obs=adata.obs.copy(), var=var)
     for kk, v in adata.obsm.items():
         out.obsm[kk] = v.copy() if hasattr(v, "copy") else v
-    for kk in (K.SPATIAL_KEY, K.EMBED_UNS):
+    for kk in (consts.SPATIAL_KEY, consts.EMBED_UNS):
         if kk in adata.uns:
             out.uns[kk] = adata.uns[kk]
     out.layers[keys.pred_layer] = out.X.copy() if isinstance(out.X, np.ndarray) else out.X

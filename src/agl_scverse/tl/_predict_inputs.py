@@ -14,7 +14,7 @@ import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.configs import EncoderConfig
 from agl_scverse.encoders._record import RECORD_CHECKED, rebuild_encoder
@@ -53,7 +53,7 @@ def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool 
     ValueError: The slide's patches were cut from a 3.6 µm/px image ...
     """
     data_mpp, model_mpp = _effective_um_per_px(data_rec or {}), _effective_um_per_px(model_rec or {})
-    if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * K.LOWRES_TOLERANCE:
+    if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * consts.LOWRES_TOLERANCE:
         return
     where = ", ".join(
         f"{lib}: {float(v):.3g} µm/px ({(data_rec.get('image') or {}).get(lib, '?')}, level "
@@ -89,11 +89,11 @@ def check_embedding_matches(
     >>> check_embedding_matches(adata, "X_agl_resnet18", model)  # doctest: +SKIP
     """
     enc = model.config.get("encoder") or {}
-    rec = (adata.uns.get(K.EMBED_UNS, {}) or {}).get(key)
+    rec = (adata.uns.get(consts.EMBED_UNS, {}) or {}).get(key)
     if not rec:
         if enc.get("recorded"):
             logg.warning(
-                f".obsm[{key!r}] has no record in .uns[{K.EMBED_UNS!r}]; cannot check that it was computed with the "
+                f".obsm[{key!r}] has no record in .uns[{consts.EMBED_UNS!r}]; cannot check that it was computed with the "
                 f"model's encoder ({enc.get('encoder')!r}, {enc.get('patch_px')} px, {enc.get('patch_um')} µm)."
             )
         return
@@ -147,12 +147,12 @@ def _compute_context(
     enc = model.config.get("encoder") or {}
     recipe = dict(enc["context"])
     base_key = str(recipe["base_key"])
-    if K.SPATIAL_KEY not in adata.obsm:
+    if consts.SPATIAL_KEY not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] is missing: the model's spatial-context features need spot coordinates.")
     shell = AnnData(obs=adata.obs.copy())
-    shell.obsm[K.SPATIAL_KEY] = np.asarray(adata.obsm[K.SPATIAL_KEY])
-    shell.uns[K.SPATIAL_KEY] = adata.uns.get(K.SPATIAL_KEY, {})
-    records = dict(adata.uns.get(K.EMBED_UNS, {}) or {})
+    shell.obsm[consts.SPATIAL_KEY] = np.asarray(adata.obsm[consts.SPATIAL_KEY])
+    shell.uns[consts.SPATIAL_KEY] = adata.uns.get(consts.SPATIAL_KEY, {})
+    records = dict(adata.uns.get(consts.EMBED_UNS, {}) or {})
     fov_key = recipe.get("fov_key")
     for k in (base_key, fov_key):
         if k and k in adata.obsm:
@@ -165,7 +165,7 @@ def _compute_context(
         )
         shell.obsm[base_key] = feats
         records[base_key] = rec
-    shell.uns[K.EMBED_UNS] = records
+    shell.uns[consts.EMBED_UNS] = records
     run = run or {}
     spatial_context(
         shell, base_key, **context_kwargs(recipe), fov_key=fov_key, library_key=library_key, key_added=key,
@@ -173,7 +173,7 @@ def _compute_context(
         num_workers=run.get("num_workers", 0),
     )  # fmt: skip
     logg.info(f"Rebuilt .obsm[{key!r}] from .obsm[{base_key!r}] with the model's spatial-context recipe.")
-    return np.asarray(shell.obsm[key], dtype=np.float32), dict(shell.uns[K.EMBED_UNS][key])
+    return np.asarray(shell.obsm[key], dtype=np.float32), dict(shell.uns[consts.EMBED_UNS][key])
 
 
 def _compute_embedding(
@@ -203,15 +203,15 @@ def _compute_embedding(
     pair = rebuild_encoder(enc, weights=weights, encoder=encoder)  # never opens the path recorded in the model
     run = {k: v for k, v in (run or {}).items() if k in ("precision", "num_workers", "prefetch_factor", "backend")}
     cfg = EncoderConfig(
-        encoder=pair, patch_px=int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
-        patch_um=float(enc.get("patch_um") or K.DEFAULT_PATCH_UM), tta=int(enc.get("tta") or 1),
+        encoder=pair, patch_px=int(enc.get("patch_px") or consts.DEFAULT_PATCH_PX),
+        patch_um=float(enc.get("patch_um") or consts.DEFAULT_PATCH_UM), tta=int(enc.get("tta") or 1),
         allow_lowres=allow_lowres, batch_size=embed_batch_size, **run,
     )  # fmt: skip
     tmp = embed_patches(
         adata, cfg, device=device, library_key=library_key, key_added=key, seed=int(enc.get("seed", 0)), copy=True,
         progress=progress,
     )  # fmt: skip
-    rec = tmp.uns[K.EMBED_UNS][key]
+    rec = tmp.uns[consts.EMBED_UNS][key]
     check_source_resolution(rec, enc, allow_lowres)
     return np.asarray(tmp.obsm[key], dtype=np.float32), rec
 
@@ -234,8 +234,8 @@ def model_inputs(
     enc = model.config.get("encoder") or {}
     if model.mode != "embedding":
         patch_px, patch_um = (
-            int(enc.get("patch_px") or K.DEFAULT_PATCH_PX),
-            float(enc.get("patch_um") or K.DEFAULT_PATCH_UM),
+            int(enc.get("patch_px") or consts.DEFAULT_PATCH_PX),
+            float(enc.get("patch_um") or consts.DEFAULT_PATCH_UM),
         )
         ds = SpotPatches(
             adata, patch_px=patch_px, patch_um=patch_um, library_key=library_key, allow_lowres=allow_lowres
@@ -272,8 +272,8 @@ def model_inputs(
 
 def run_options(precision: str, num_workers: int, prefetch_factor: int, backend: str = "auto") -> dict:
     """How encoders run here (checked): passed to ``AGLModel.predict`` and ``embed_patches``."""
-    check_choice("precision", precision, K.PRECISIONS)
-    check_choice("backend", backend, K.BACKENDS)
+    check_choice("precision", precision, consts.PRECISIONS)
+    check_choice("backend", backend, consts.BACKENDS)
     check_positive("num_workers", num_workers, integer=True, allow_zero=True)
     check_positive("prefetch_factor", prefetch_factor, integer=True)
     return {

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._serialize import to_h5ad
 from agl_scverse.model import AGLModel
@@ -62,11 +62,11 @@ def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[
     """
     cfg = model.config
     genes, roles = list(model.genes), list(model.roles)
-    n_t = sum(r == K.ROLE_TARGET for r in roles)
-    aux = [g for g, r in zip(genes, roles) if r == K.ROLE_AUX]
+    n_t = sum(r == consts.ROLE_TARGET for r in roles)
+    aux = [g for g, r in zip(genes, roles) if r == consts.ROLE_AUX]
     n_aux_all = int(cfg.get("n_auxiliary_candidates") or len(aux))
     pos = var_names.get_indexer(genes)
-    role = np.full(len(var_names), K.ROLE_EXCLUDED, dtype=object)
+    role = np.full(len(var_names), consts.ROLE_EXCLUDED, dtype=object)
     weight, prior = np.zeros(len(var_names)), np.full(len(var_names), np.nan)
     rank = np.full(len(var_names), -1, dtype=np.int64)
     have = pos >= 0
@@ -79,7 +79,7 @@ def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[
     rank[aux_pos[ok]] = np.rint(ranks[ok] * max(n_aux_all - 1, 1)).astype(np.int64)
     prior[aux_pos[ok]] = scores[ok]
     var = {
-        keys.role: pd.Categorical(role, categories=[K.ROLE_TARGET, K.ROLE_AUX, K.ROLE_EXCLUDED]),
+        keys.role: pd.Categorical(role, categories=[consts.ROLE_TARGET, consts.ROLE_AUX, consts.ROLE_EXCLUDED]),
         keys.prior: prior,
         keys.prior_rank: rank,
         keys.weight: weight,

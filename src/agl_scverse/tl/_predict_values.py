@@ -11,7 +11,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._expression import predicted_library_size, rescale_predictions
 from agl_scverse.model import AGLModel
 
@@ -37,8 +37,8 @@ def _predict_rows(
     return model.predict(rows, batch_size=batch_size, columns=columns, device=device, **(run or {}))
 
 
-def model_transform(model: AGLModel) -> K.Transform:
-    return cast(K.Transform, str(model.config.get("transform") or K.TRANSFORM_LOG1P))
+def model_transform(model: AGLModel) -> consts.Transform:
+    return cast(consts.Transform, str(model.config.get("transform") or consts.TRANSFORM_LOG1P))
 
 
 def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
@@ -47,7 +47,7 @@ def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
     The trained outputs (targets and selected auxiliaries, whatever ``genes=`` writes), so a gene's normalised
     value does not depend on which other genes are written; unselected auxiliaries were not trained.
     """
-    if scale != K.SCALE_LOG1P_CP10K or model_transform(model) == K.TRANSFORM_LOG1P_CPM:
+    if scale != consts.SCALE_LOG1P_CP10K or model_transform(model) == consts.TRANSFORM_LOG1P_CPM:
         return None
     col = {g: i for i, g in enumerate(model.genes)}
     return np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
@@ -61,7 +61,7 @@ def _row_chunks(
     device: str,
     batch_size: int,
     width: int = 0,
-    scale: str = K.SCALE_MODEL,
+    scale: str = consts.SCALE_MODEL,
     run=None,
 ):
     """``(start, stop, predictions of model_cols in scale)`` for chunks of spots of about :data:`_CHUNK_BYTES`."""

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._validate import check_in_range, check_obs_key
 
 __all__ = ["make_split"]
@@ -38,7 +38,7 @@ def make_split(
     >>> sorted(make_split(a, np.ones(6, bool), None, None, 0.5, seed=0))
     ['train', 'train', 'train', 'val', 'val', 'val']
     """
-    split = np.full(adata.n_obs, K.SPLIT_UNUSED, dtype=object)
+    split = np.full(adata.n_obs, consts.SPLIT_UNUSED, dtype=object)
     if split_key is not None:
         check_obs_key(adata, split_key, "split_key")
         if val_groups is None:
@@ -53,17 +53,17 @@ def make_split(
                 f"values there: {sorted(present)[:10]}."
             )
         is_val = np.isin(col, [str(g) for g in groups])
-        split[used & is_val] = K.SPLIT_VAL
-        split[used & ~is_val] = K.SPLIT_TRAIN
+        split[used & is_val] = consts.SPLIT_VAL
+        split[used & ~is_val] = consts.SPLIT_TRAIN
     else:
         check_in_range("val_fraction", val_fraction, 0.0, 1.0, closed="neither")
         idx = np.flatnonzero(used)
         rng = np.random.default_rng(seed)
         n_val = int(round(float(val_fraction) * len(idx)))
         val = rng.choice(idx, size=n_val, replace=False) if n_val > 0 else np.zeros(0, dtype=int)
-        split[idx] = K.SPLIT_TRAIN
-        split[val] = K.SPLIT_VAL
-    n_tr, n_va = int((split == K.SPLIT_TRAIN).sum()), int((split == K.SPLIT_VAL).sum())
+        split[idx] = consts.SPLIT_TRAIN
+        split[val] = consts.SPLIT_VAL
+    n_tr, n_va = int((split == consts.SPLIT_TRAIN).sum()), int((split == consts.SPLIT_VAL).sum())
     if n_tr < 2 or n_va < 2:
         raise ValueError(
             f"The split leaves {n_tr} training and {n_va} validation spots; at least 2 of each are needed. "

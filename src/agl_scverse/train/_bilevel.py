@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._validate import check_choice
 
@@ -219,8 +219,8 @@ def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") ->
     """
     named = dict(net.named_parameters())
     if isinstance(meta_scope, str):
-        check_choice("meta_scope", meta_scope, K.META_SCOPES)
-        if meta_scope == K.META_SCOPE_ALL:
+        check_choice("meta_scope", meta_scope, consts.META_SCOPES)
+        if meta_scope == consts.META_SCOPE_ALL:
             return list(named)
         if not all(n in named for n in _OUT):
             raise ValueError("meta_scope='last' needs a network with a linear output layer `out`; use 'all'.")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice
 
 __all__ = ["pearson_loss", "mse_loss", "per_gene_loss", "weighted_loss"]
@@ -100,7 +100,7 @@ def per_gene_loss(
     >>> per_gene_loss(torch.zeros(4, 2), torch.ones(4, 2), "mse").shape
     torch.Size([2])
     """
-    check_choice("loss", kind, K.LOSSES)
+    check_choice("loss", kind, consts.LOSSES)
     if kind == "pearson":
         return pearson_loss(pred, target, reduce=reduce)
     return mse_loss(pred, target, reduce=reduce)

@@ -29,7 +29,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice
 
 __all__ = ["Precision", "resolve_precision", "native_bf16", "uses_convolutions"]
@@ -171,7 +171,7 @@ def resolve_precision(
     ...
     ValueError: precision='fp16' needs a CUDA GPU ...
     """
-    check_choice("precision", precision, K.PRECISIONS)
+    check_choice("precision", precision, consts.PRECISIONS)
     device = torch.device(device)
     dev_type = device.type
     if precision == "fp32":

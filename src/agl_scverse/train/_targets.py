@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse._expression import ArrayExpression
 from agl_scverse._stats import StreamingMoments, mean_pearson
 from agl_scverse._validate import check_choice
@@ -50,7 +50,7 @@ def genes_for_method(method: str, n_aux: int, k: int | None = None) -> np.ndarra
     >>> genes_for_method("topk", 10, k=3).tolist()
     [0, 1, 2]
     """
-    check_choice("method", method, K.METHODS)
+    check_choice("method", method, consts.METHODS)
     if method == "pgl":
         return np.arange(0)
     if method == "topk":

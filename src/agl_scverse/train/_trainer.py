@@ -54,7 +54,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from agl_scverse import _constants as K
+from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._stats import StreamingMoments
 from agl_scverse._utils import resolve_device
@@ -234,8 +234,8 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
 
 def _resolved(training, dkgsb) -> tuple[TrainingConfig, DkGSBConfig]:
     """The configs of :func:`train_network` (dicts accepted), ``None`` fields set to the embedding mode's defaults."""
-    t = as_config(TrainingConfig, training, "training").resolved(K.MODES[0])
-    return t, as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(K.MODES[0])
+    t = as_config(TrainingConfig, training, "training").resolved(consts.MODES[0])
+    return t, as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(consts.MODES[0])
 
 
 def _meta_step(
@@ -261,14 +261,14 @@ def _meta_step(
     Returns the hypergradient and the meta validation loss.
     """
     n_tr = min(meta_batch_size, len(train_idx))
-    authors = lookahead == K.LOOKAHEAD_AUTHORS  # one batch for all inner steps (the others: one batch per step)
+    authors = lookahead == consts.LOOKAHEAD_AUTHORS  # one batch for all inner steps (the others: one batch per step)
     n_draw = 1 if authors else int(inner_steps)
     mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(n_draw)]
     mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
     if authors:
         state = AdamState.fresh(net, kw["inner_lr"])
     else:
-        state = AdamState.from_optimizer(opt, net) if lookahead == K.LOOKAHEAD_ADAM else None
+        state = AdamState.from_optimizer(opt, net) if lookahead == consts.LOOKAHEAD_ADAM else None
     g, lv = hypergradient(
         net, mask, n_targets, [inputs(i) for i in mtr], [Yz(i) for i in mtr], inputs(mva), Yz(mva),
         inner_steps=inner_steps, optimizer_state=state, train_mode=authors, **kw,
@@ -296,7 +296,7 @@ def train_network(
     device: torch.device | str = "auto",
     progress: bool = True,
     desc: str = "agl",
-    precision: K.Precision = "fp32",
+    precision: consts.Precision = "fp32",
     checkpoint=None,
     clip: float = 1.0,
     theta_beta2: float = 0.9,
