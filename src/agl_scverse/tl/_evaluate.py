@@ -305,9 +305,7 @@ def evaluate(
     target = adata.copy() if copy else adata
     written = {
         "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
-        "uns": [keys.uns]
-        + ([consts.EMBED_UNS] if new_emb else [])
-        + ([keys.pred_uns] if new_layer is not None else []),
+        "uns": [keys.uns] + [consts.EMBED_UNS] * bool(new_emb) + [keys.pred_uns] * (new_layer is not None),
         "layers": [keys.pred_layer] if new_layer is not None else [],
         "obsm": [new_emb[0]] if new_emb else [],
     }
