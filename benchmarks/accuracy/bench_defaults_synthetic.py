@@ -27,7 +27,7 @@ SETTINGS = {"one network": {"refit": False, "n_seeds": 1}, "refit": {"refit": Tr
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help only
     a = agl.datasets.synthetic_slide(seed=0)
-    agl.pp.embed_patches(a, encoder="resnet18", patch_px=112)
+    agl.pp.embed_patches(a, agl.EncoderConfig("resnet18", patch_px=112))
     test = np.zeros(a.n_obs, dtype=bool)
     test[np.random.default_rng(0).choice(a.n_obs, size=a.n_obs // 4, replace=False)] = True
     rows = []

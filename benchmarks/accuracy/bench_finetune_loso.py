@@ -91,7 +91,9 @@ def main() -> None:
         )  # fmt: skip
         print(rows[-1], flush=True)
     emb_key = "X_agl_densenet121"
-    agl.pp.embed_patches(adata, encoder="densenet121", weights=args.weights, patch_px=args.px, patch_um=args.um)
+    agl.pp.embed_patches(
+        adata, agl.EncoderConfig("densenet121", weights=args.weights, patch_px=args.px, patch_um=args.um)
+    )
     sub = adata[train].copy()
     for method in args.methods:  # embedding mode, same encoder and patches
         t0 = time.perf_counter()

@@ -123,10 +123,7 @@ def load_embedded(data: Path, weights: Path, cache: Path, patch_um: float, patch
     adata = agl.io.read_legacy_st(data)
     agl.pp.embed_patches(
         adata,
-        encoder="densenet121",
-        weights=weights,
-        patch_px=patch_px,
-        patch_um=patch_um,
+        agl.EncoderConfig("densenet121", weights=weights, patch_px=patch_px, patch_um=patch_um),
         library_key="library_id",
         device="cpu",
     )

@@ -45,7 +45,7 @@ def settings(authors_h: list[int]) -> dict[str, dict]:
 
 def run_synthetic(args, looks: dict, write) -> list[dict]:
     a = agl.datasets.synthetic_slide(seed=0)
-    agl.pp.embed_patches(a, encoder="resnet18", patch_px=112)
+    agl.pp.embed_patches(a, agl.EncoderConfig("resnet18", patch_px=112))
     test = np.zeros(a.n_obs, dtype=bool)
     test[np.random.default_rng(0).choice(a.n_obs, size=a.n_obs // 4, replace=False)] = True
     rows = []
@@ -53,7 +53,7 @@ def run_synthetic(args, looks: dict, write) -> list[dict]:
         for name, kw in looks.items():
             t = time.perf_counter()
             model = agl.tl.agl_fit(
-                a, method="dkgsb", embedding_key="X_agl_resnet18", spots=~test, seed=seed, n_seeds=1,
+                a, method="dkgsb", embedding_key="X_agl_resnet18", spots=~test, seed=seed, training=agl.TrainingConfig(n_seeds=1),
                 progress=False, **kw,
             )  # fmt: skip
             secs = time.perf_counter() - t

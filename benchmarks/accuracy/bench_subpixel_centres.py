@@ -63,8 +63,8 @@ def main() -> None:
         s = section.copy()
         s.obsm["spatial"] = centres
         t0 = time.perf_counter()
-        agl.pp.embed_patches(s, encoder="densenet121", weights=args.weights, patch_px=224, patch_um=160.0,
-                             device="cpu", progress=False)  # fmt: skip
+        enc = agl.EncoderConfig("densenet121", weights=args.weights, patch_px=224, patch_um=160.0)
+        agl.pp.embed_patches(s, enc, device="cpu", progress=False)
         seconds[name] = time.perf_counter() - t0
         feats[name] = np.asarray(s.obsm[EMB], dtype=np.float32)[pos]
     preds = {k: pca_ridge(X[~test], Y[~test], f, seed=0) for k, f in feats.items()}

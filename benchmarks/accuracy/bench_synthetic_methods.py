@@ -53,7 +53,7 @@ def make_slide(seed: int, embedding: str, weights: str | None) -> tuple:
         adata.obsm["X_sim"] = (np.tanh(lat @ P) + 2.0 * rng.normal(size=(adata.n_obs, 256))).astype(np.float32)
         key = "X_sim"
     else:
-        agl.pp.embed_patches(adata, encoder=embedding, weights=weights, patch_px=112, device="cpu")
+        agl.pp.embed_patches(adata, agl.EncoderConfig(embedding, weights=weights, patch_px=112), device="cpu")
         key = f"X_agl_{embedding}"
     targets = adata.var_names[adata.var["synthetic_kind"] == "tissue"][:20].tolist()
     return adata, key, targets

@@ -75,7 +75,7 @@ def main() -> None:
         folder = Path(args.data) / args.test
         slide = agl.io.read_he_image(folder / "he.jpg", microns_per_pixel=args.microns_per_pixel, library_id=args.test)
         grid = agl.pp.spot_grid(slide, pitch_um=args.pitch_um, model=model)
-        grid_pred_ad = agl.tl.predict_anndata(grid, model, weights=args.weights)
+        grid_pred_ad = agl.tl.predict_anndata(grid, model, encoder={"weights": args.weights})
         grid_s = time.perf_counter() - t2
     spots = pd.read_csv(folder / "spots.tsv", sep=None, engine="python")
     # the measured spots in the order of the test AnnData: their full-resolution centres

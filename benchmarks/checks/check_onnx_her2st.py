@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,8 @@ def main() -> None:
     import agl_scverse as agl
 
     adata = agl.io.read_legacy_st(args.data)
-    kw = {
-        "encoder": "densenet121", "weights": args.weights, "patch_px": PATCH_PX, "patch_um": PATCH_UM, "library_key": "library_id",
-        "device": "cpu",
-    }  # fmt: skip
+    enc = agl.EncoderConfig("densenet121", weights=args.weights, patch_px=PATCH_PX, patch_um=PATCH_UM)
+    kw = {"library_key": "library_id", "device": "cpu"}
     timings, records = {}, {}
     if args.torch_h5ad.exists():
         cached = ad.read_h5ad(args.torch_h5ad)
@@ -105,13 +104,13 @@ def main() -> None:
         records["torch"] = {k: rec.get(k) for k in ("precision", "channels_last", "backend", "weights_sha256")}
     else:
         t0 = time.perf_counter()
-        agl.pp.embed_patches(adata, **kw, backend="torch", key_added="torch")
+        agl.pp.embed_patches(adata, replace(enc, backend="torch"), **kw, key_added="torch")
         timings["torch"] = time.perf_counter() - t0
         feats = {"torch": adata.obsm["torch"]}
     backends = ["onnx"]
     for b in backends:
         t0 = time.perf_counter()
-        agl.pp.embed_patches(adata, **kw, backend=b, key_added=b)
+        agl.pp.embed_patches(adata, replace(enc, backend=b), **kw, key_added=b)
         timings[b] = time.perf_counter() - t0
         feats[b] = np.asarray(adata.obsm[b])
         rec = adata.uns["agl_embeddings"][b]

@@ -67,7 +67,7 @@ def main() -> None:
     if not (args.data / TEST).exists() or not args.weights.exists():
         sys.exit(f"needs the HER2+ sections ({args.data}) and the DenseNet-121 weights ({args.weights})")
     t0 = time.perf_counter()
-    enc = {"encoder": "densenet121", "weights": args.weights, "patch_px": args.patch_px, "patch_um": 160.0}
+    enc = agl.EncoderConfig("densenet121", weights=args.weights, patch_px=args.patch_px, patch_um=160.0)
 
     sections = sorted(d.name for d in args.data.iterdir() if (d / "counts.tsv.gz").exists())
     settings = {"method": "dkgsb", "mode": "embedding", "epochs": args.epochs, "seed": args.seed, "n_targets": 50,
@@ -79,8 +79,8 @@ def main() -> None:
     else:
         train = agl.io.read_legacy_st(args.data, sections=[s for s in sections if s != TEST])
         model = agl.tl.agl_fit(
-            train, method="dkgsb", n_targets=50, epochs=args.epochs, seed=args.seed, device="cpu", progress=False,
-            save_dir=args.model_dir, overwrite=True, **enc,
+            train, method="dkgsb", genes=agl.GeneConfig(n_targets=50), training=agl.TrainingConfig(epochs=args.epochs),
+            encoder=enc, seed=args.seed, device="cpu", progress=False, save_dir=args.model_dir, overwrite=True,
         )  # fmt: skip
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(settings))
@@ -88,7 +88,7 @@ def main() -> None:
 
     pcc, notes = {}, {}
     legacy = agl.io.read_legacy_st(args.data, sections=[TEST])
-    agl.tl.agl_predict(legacy, model, weights=args.weights)
+    agl.tl.agl_predict(legacy, model, encoder={"weights": args.weights})
     pcc["legacy"] = mean_target_pcc(legacy, model)
     print(f"legacy route done: {time.perf_counter() - t0:.0f} s")
     notes["legacy"] = legacy.uns["agl_embeddings"][model.config["embedding_key"]]["source_um_per_px"]
@@ -97,18 +97,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outs = visium_folder_from(legacy, TEST, Path(tmp) / "outs")
         vis = agl.io.read_visium(outs, library_id=TEST, fullres_image=he)
-        agl.tl.agl_predict(vis, model, weights=args.weights)
+        agl.tl.agl_predict(vis, model, encoder={"weights": args.weights})
         pcc["visium"] = mean_target_pcc(vis, model)
         print(f"visium route done: {time.perf_counter() - t0:.0f} s")
 
         thumb = agl.io.read_visium(outs, library_id=TEST)  # no full-resolution image
         try:
-            agl.tl.agl_predict(thumb.copy(), model, weights=args.weights)
+            agl.tl.agl_predict(thumb.copy(), model, encoder={"weights": args.weights})
             notes["visium_hires_only_refused"] = False
         except ValueError as e:
             notes["visium_hires_only_refused"] = True
             print(f"without the full-res image: refused ({str(e)[:120]}...)")
-        agl.tl.agl_predict(thumb, model, weights=args.weights, allow_lowres=True)
+        agl.tl.agl_predict(thumb, model, encoder={"weights": args.weights, "allow_lowres": True})
         pcc["visium_hires_only"] = mean_target_pcc(thumb, model)
 
     import spatialdata as sd
@@ -116,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # written and read back: a stored pyramid, as users have them
         spatialdata_from(legacy).write(Path(tmp) / "c6.zarr")  # counts only, shapes in µm, an image pyramid
         sdata = sd.read_zarr(Path(tmp) / "c6.zarr")
-        agl.tl.agl_predict(sdata, model, weights=args.weights)
+        agl.tl.agl_predict(sdata, model, encoder={"weights": args.weights})
         print(f"spatialdata route done: {time.perf_counter() - t0:.0f} s")
     table = sdata.tables["table"]
     pcc["spatialdata"] = mean_target_pcc(table, model)

@@ -173,7 +173,7 @@ def check_embeddings(args: argparse.Namespace) -> dict | None:
 
     adata = agl.datasets.synthetic_slide(seed=0)
     t0 = time.time()
-    key = agl.pp.embed_patches(adata, encoder="resnet18", pretrained=False, patch_px=112, seed=0)  # type: ignore[attr-defined]
+    key = agl.pp.embed_patches(adata, agl.EncoderConfig("resnet18", patch_px=112), seed=0)
     obsm_key = (
         key if isinstance(key, str) and key in adata.obsm else [k for k in adata.obsm if k.startswith("X_agl_")][0]
     )

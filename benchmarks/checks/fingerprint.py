@@ -27,15 +27,22 @@ def _h(a: np.ndarray) -> str:
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help only
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("error", ".*deprecated and will be removed", FutureWarning)  # no old spellings here
     torch.set_num_threads(2)
     out: dict = {}
     a = agl.datasets.synthetic_slide(seed=1, n_rows=14, n_cols=14, n_informative=150, n_noise=400, n_bursty_noise=50)
-    agl.pp.embed_patches(a, encoder="resnet18", patch_px=32, device="cpu")
+    agl.pp.embed_patches(a, agl.EncoderConfig("resnet18", patch_px=32), device="cpu")
     out["emb"] = _h(a.obsm["X_agl_resnet18"])
-    for method, kw in (("pgl", {}), ("agl", {}), ("topk", {"k": 50}), ("dkgsb", {})):
+    for method, kw in (("pgl", {}), ("agl", {}), ("topk", {"dkgsb": agl.DkGSBConfig(k=50)}), ("dkgsb", {})):
         b = a.copy()
         model = agl.tl.agl_fit(
-            b, method=method, epochs=6, progress=False, device="cpu", spots=np.arange(b.n_obs) % 5 != 0, **kw
+            b,
+            method=method,
+            training=agl.TrainingConfig(epochs=6),
+            progress=False,
+            device="cpu",
+            spots=np.arange(b.n_obs) % 5 != 0,
+            **kw,
         )
         res = agl.tl.agl_predict(b, model, copy=True)
         agl.tl.evaluate(res, model)
@@ -51,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         }
     c = agl.datasets.synthetic_slide(seed=2)[:80].copy()
     model = agl.tl.agl_fit(
-        c, method="agl", mode="finetune", encoder="resnet18", patch_px=32, epochs=1, batch_size=16, progress=False,
-        device="cpu", n_targets=10,
+        c, method="agl", mode="finetune", encoder=agl.EncoderConfig("resnet18", patch_px=32),
+        training=agl.TrainingConfig(epochs=1, batch_size=16), genes=agl.GeneConfig(n_targets=10), progress=False,
+        device="cpu",
     )  # fmt: skip
     out["finetune"] = _h(np.nan_to_num(np.asarray(agl.tl.agl_predict(c, model, copy=True).layers["agl_pred"]), nan=-9))
     print(json.dumps(out, indent=1))

@@ -176,7 +176,8 @@ def main(argv=None) -> dict:
         # end to end: a fresh embed_patches call (decodes the images again, builds and loads the encoder)
         tile_cache().clear()
         t0 = time.perf_counter()
-        out = agl.pp.embed_patches(adata, batch_size=args.batch_size, device=args.device, copy=True, **kw, **enc_kw)
+        enc = agl.EncoderConfig(**enc_kw, patch_px=args.patch_px, patch_um=args.patch_um, batch_size=args.batch_size)
+        out = agl.pp.embed_patches(adata, enc, device=args.device, library_key="library_id", copy=True)
         _sync(device)
         e2e_rate = n / (time.perf_counter() - t0)
         key = f"X_agl_{info['name']}"

@@ -88,7 +88,8 @@ def _worker(step: str, data: Path, out: Path, method: str, epochs: int) -> None:
     t0 = time.perf_counter()
     if step in ("fit", "fit_backed"):
         model = agl.tl.agl_fit(
-            adata, method=method, embedding_key="X_emb", epochs=epochs, patience=epochs + 1, progress=False,
+            adata, method=method, embedding_key="X_emb", training=agl.TrainingConfig(epochs=epochs, patience=epochs + 1),
+            progress=False,
             device="cpu", save_dir=model_dir, overwrite=True,
         )  # fmt: skip
         hist = adata.uns["agl"]["history"]

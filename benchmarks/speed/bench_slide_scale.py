@@ -50,8 +50,10 @@ def main() -> None:
     model_dir = work / "model"
     if not model_dir.exists():
         train = agl.datasets.synthetic_slide(seed=0)
-        agl.pp.embed_patches(train, encoder="resnet18", patch_px=args.patch_px, patch_um=args.patch_um)
-        agl.tl.agl_fit(train, embedding_key="X_agl_resnet18", n_seeds=1, save_dir=model_dir, seed=0)
+        agl.pp.embed_patches(train, agl.EncoderConfig("resnet18", patch_px=args.patch_px, patch_um=args.patch_um))
+        agl.tl.agl_fit(
+            train, embedding_key="X_agl_resnet18", training=agl.TrainingConfig(n_seeds=1), save_dir=model_dir, seed=0
+        )
 
     out = work / "grid_pred.h5ad"
     chunks = work / "chunks"
