@@ -63,13 +63,14 @@ adata.var["synthetic_kind"].value_counts()
 #
 # We use a **randomly initialised ResNet-18**: this tutorial must run without downloading weights. Random
 # convolutional features still encode colour and texture, which is enough on this synthetic image; for real
-# tissue pass a local pretrained weights file (`weights="densenet121.pth"`, see tutorial 02).
+# tissue pass a local pretrained weights file
+# (`agl.EncoderConfig("densenet121", weights="densenet121.pth")`, see tutorial 02).
 #
 # Why `patch_px=112`? The synthetic image has 1 µm per pixel, so a 112-µm patch holds exactly 112 source pixels;
 # resizing it up to the usual 224 px would add no information and cost four times the compute on a CPU.
 
 # %%
-agl.pp.embed_patches(adata, encoder="resnet18", patch_px=PATCH_PX, seed=SEED, device="cpu")
+agl.pp.embed_patches(adata, agl.EncoderConfig("resnet18", patch_px=PATCH_PX), seed=SEED, device="cpu")
 emb_key = "X_agl_resnet18"
 print(emb_key, adata.obsm[emb_key].shape)
 {k: adata.uns["agl_embeddings"][emb_key].get(k) for k in ("encoder", "patch_px", "patch_um", "weights_path")}

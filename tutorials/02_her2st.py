@@ -54,7 +54,10 @@ else:
     print("quick run or no weights file: a random-init ResNet-18 (weak features)")
     encoder, weights, patch_px = "resnet18", None, 64
 agl.pp.embed_patches(
-    adata, encoder=encoder, weights=weights, patch_px=patch_px, patch_um=160.0, library_key="library_id", device="cpu"
+    adata,
+    agl.EncoderConfig(encoder, weights=weights, patch_px=patch_px, patch_um=160.0),
+    library_key="library_id",
+    device="cpu",
 )
 emb_key = f"X_agl_{encoder}"
 print(emb_key, adata.obsm[emb_key].shape)

@@ -68,7 +68,9 @@ adata
 # the held-out Pearson r.
 
 # %%
-agl.pp.embed_patches(adata, encoder="resnet18", patch_px=PATCH_PX, library_key="library_id", seed=SEED, device="cpu")
+agl.pp.embed_patches(
+    adata, agl.EncoderConfig("resnet18", patch_px=PATCH_PX), library_key="library_id", seed=SEED, device="cpu"
+)
 model = agl.tl.agl_fit(
     adata,
     method="dkgsb",
