@@ -72,3 +72,33 @@ def test_predict_slide_errors_are_one_line_before_any_work(tmp_path, model_dir, 
 def test_predict_slide_missing_image(tmp_path, model_dir, capsys):
     assert cli.main(["predict-slide", str(model_dir), str(tmp_path / "no.tif"), "--out", str(tmp_path / "p.h5ad")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_slide_under_torchrun_matches_one_process(tmp_path, model_dir):
+    """Two gloo processes share each chunk's embedding; rank 0 writes the chunks and the file, as one process would."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    args = [str(model_dir), str(image), "--backend", "torch", "--pitch-um", "60", "--device", "cpu"]
+    one = tmp_path / "one.h5ad"
+    assert cli.main(["predict-slide", *args, "--out", str(one)]) == 0
+    two = tmp_path / "two.h5ad"
+    src = Path(agl.__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "agl_scverse.cli",
+           "predict-slide", *args, "--out", str(two), "--chunk-dir", str(tmp_path / "chunks"), "--chunk-size", "16"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (proc.stdout + proc.stderr).count("predict-slide: ") == 1  # one summary line: rank 0's
+    a, b = ad.read_h5ad(one), ad.read_h5ad(two)
+    assert a.obs_names.equals(b.obs_names) and a.var_names.equals(b.var_names)
+    np.testing.assert_allclose(np.asarray(b.X), np.asarray(a.X), rtol=1e-5, atol=1e-5)
+    assert not list((tmp_path / "chunks").glob(".*tmp*"))

@@ -435,6 +435,8 @@ def _predict_slide(args: argparse.Namespace) -> None:
         )
     else:
         result = tl.predict_anndata(grid, model, encoder=encoder, device=device)
+    if not _is_main():  # under torchrun every rank embedded a share of the spots; rank 0 writes
+        return
     write_h5ad(result, out)
     g = grid.uns["agl_grid"]
     print(

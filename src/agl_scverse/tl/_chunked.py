@@ -17,6 +17,7 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from agl_scverse import _constants as consts
+from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys, PredScale
 from agl_scverse._encoder_args import encoder_keywords, explicit_fields
 from agl_scverse._utils import show_progress
@@ -81,6 +82,10 @@ def predict_chunked(
     chunks already there and computes the rest; a folder holding chunks of another model, grid or arguments is
     refused.
 
+    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``) each chunk's patches are embedded by all the
+    processes, each a share (as :func:`~agl_scverse.pp.embed_patches` does), rank 0 writes the files, and every rank
+    returns the same AnnData: ``out_dir`` must be a folder every process sees (one machine, or a shared file system).
+
     Parameters
     ----------
     grid
@@ -139,6 +144,8 @@ def predict_chunked(
         "predict_kwargs": {k: str(v) for k, v in sorted(args.items())},
     }
     mpath = out_dir / MANIFEST
+    dist.init_from_env()  # joins torchrun's process group; nothing in a plain python process
+    main = dist.is_main()
     if mpath.is_file():
         old = json.loads(mpath.read_text())
         diff = [k for k in manifest if old.get(k) != manifest[k]]
@@ -147,19 +154,21 @@ def predict_chunked(
                 f"{out_dir} holds predictions of another run ({', '.join(diff)} differ); pass a new out_dir or "
                 "delete that folder."
             )
-    else:
+    elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _save_atomic(mpath, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     starts = range(0, grid.n_obs, chunk_size)
     parts = [out_dir / f"part_{i:06d}.npy" for i in range(len(starts))]
-    todo = [i for i, p in enumerate(parts) if not p.is_file()]
-    if len(todo) < len(parts):
+    todo = dist.broadcast_object([i for i, p in enumerate(parts) if not p.is_file()])  # rank 0's view: every rank
+    if len(todo) < len(parts) and main:
         logg.info(f"predict_chunked: {len(parts) - len(todo)} of {len(parts)} chunks already in {out_dir}; resuming")
-    for i in tqdm(todo, desc="grid chunks", disable=not show_progress(progress)):
+    for i in tqdm(todo, desc="grid chunks", disable=not show_progress(progress) or not main):
         a = starts[i]
         sub = grid[a : a + chunk_size].copy()
         X, _, _, pred_genes = predict_core(sub, model, into=None, genes=genes, **{**opts, "progress": False})
         X = np.asarray(X.compute() if hasattr(X, "compute") else X, dtype=np.float32)
+        if not main:  # rank 0 writes; the others took their share of the embedding
+            continue
         if not (out_dir / TEMPLATE).is_file():
             pred = predictions_anndata(
                 AnnData(obs=sub.obs[[]]), model, Keys(key_added), X, pred_genes, opts["scale"], genes
@@ -167,6 +176,7 @@ def predict_chunked(
             template = AnnData(var=pred.var.copy(), uns=dict(pred.uns))
             _save_atomic(out_dir / TEMPLATE, template.write_h5ad)
         _save_atomic(parts[i], lambda p, X=X: np.save(p, X))
+    dist.barrier()  # every chunk is on disk before any rank reads them
     template = ad.read_h5ad(out_dir / TEMPLATE)
     X = np.concatenate([np.load(p) for p in parts], axis=0)
     out = AnnData(X=X, obs=grid.obs.copy(), var=template.var.copy(), uns=dict(template.uns))
@@ -174,5 +184,6 @@ def predict_chunked(
     for key in (consts.SPATIAL_KEY, "agl_grid"):
         if key in grid.uns:
             out.uns[key] = grid.uns[key]
-    logg.info(f"predict_chunked: {out.n_obs} spots x {out.n_vars} genes from {len(parts)} chunks in {out_dir}")
+    if main:
+        logg.info(f"predict_chunked: {out.n_obs} spots x {out.n_vars} genes from {len(parts)} chunks in {out_dir}")
     return out
