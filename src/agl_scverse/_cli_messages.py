@@ -25,11 +25,7 @@ _CALL = re.compile(r"\b[\w.]+\([^()]*\)")
 def command_flags(
     parser: argparse.ArgumentParser, command: str | None
 ) -> dict[str, tuple[str, str | None, str | None]]:
-    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``.
-
-    The second is the negative flag of a ``--x/--no-x`` switch (``"refit": ("--refit", "--no-refit", None)``), the
-    third the placeholder of the flag's value (None for a switch).
-    """
+    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``."""
     parsers = [parser]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
@@ -47,17 +43,7 @@ def command_flags(
 
 
 def cli_message(message: str, flags: dict[str, tuple[str, str | None, str | None]]) -> str:
-    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``.
-
-    Every ``name=value`` whose ``name`` is a parameter the command has a flag for becomes the flag (``x=True`` ->
-    ``--x``, ``x=False`` -> ``--no-x``, ``x=<v>`` -> ``--x <v>``); a Python call quoted in the message
-    (``agl.tl.evaluate(adata, key_added=...)``) and names without a flag are left as written.
-
-    Examples
-    --------
-    >>> cli_message("Pass weights=<path>.", {"weights": ("--weights", None, "FILE")})
-    'Pass --weights <path>.'
-    """
+    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``."""
     calls = [m.span() for m in _CALL.finditer(message)]
 
     def flag(m: re.Match) -> str:

@@ -67,14 +67,7 @@ def _read(
     library_key: str | None = None,
     counts_optional: bool = False,
 ):
-    """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder).
-
-    ``microns_per_pixel`` (µm per full-resolution pixel) goes to the legacy ST, Visium and HEST readers;
-    ``fullres_image`` (the full-resolution H&E) to the Visium and HEST readers. ``sections``: only these sections
-    (legacy ST section folders, else values of the ``library_key`` column). ``library_key``: the ``.obs`` column
-    naming the sections (written by the folder readers, read in an .h5ad file). ``counts_optional``: a legacy ST or
-    Visium folder without counts is read as an H&E-only slide (0 genes), as ``predict`` needs.
-    """
+    """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder)."""
     p = _existing(path)
     reader = _resolve_reader(p, reader)
     if reader not in READERS:
@@ -187,13 +180,7 @@ def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
 
 
 def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None, patch_px: int = 112) -> Path:
-    """The synthetic slide end to end: embed, fit PGL / AGL-all / AGL+DkGSB, evaluate on held-out spots, plot.
-
-    A seeded 25% of the spots is held out of every fit (``.obs["agl_<method>_split"] == "unused"``); each method
-    trains on the rest (20% of it for validation, early stopping and DkGSB's bi-level step) and is scored on the
-    held-out spots beside the mean predictor and PCA+Ridge on the same embedding. Writes the AnnData, the DkGSB
-    model, a results table and figures to ``out``.
-    """
+    """The synthetic slide end to end: embed, fit PGL / AGL-all / AGL+DkGSB, evaluate on held-out spots, plot."""
     import matplotlib
 
     matplotlib.use("Agg")

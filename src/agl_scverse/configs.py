@@ -76,15 +76,7 @@ C = TypeVar("C")
 
 
 def as_config(cls: type[C], value: C | Mapping[str, Any] | None, name: str | None = None) -> C:
-    """``value`` as a ``cls``: ``None`` gives the defaults, a mapping its fields; a ``cls`` is returned as is.
-
-    Examples
-    --------
-    >>> as_config(NetworkConfig, {"hidden": (64,)}).hidden
-    (64,)
-    >>> as_config(NetworkConfig, None).head
-    'mlp'
-    """
+    """``value`` as a ``cls``: ``None`` gives the defaults, a mapping its fields; a ``cls`` is returned as is."""
     name = name or cls.__name__
     if value is None:
         return cls()

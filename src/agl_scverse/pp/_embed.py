@@ -55,14 +55,7 @@ EMBED_KEYWORDS = (
 
 
 def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """The first ``n`` of the 8 dihedral transforms of a (B, C, H, W) batch: 4 quarter turns, then flipped ones.
-
-    Examples
-    --------
-    >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
-    >>> [v.flatten().tolist() for v in dihedral_views(x, 2)]
-    [[0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 0.0, 2.0]]
-    """
+    """The first ``n`` of the 8 dihedral transforms of a (B, C, H, W) batch: 4 quarter turns, then flipped ones."""
     views = [x] + [torch.rot90(x, k, dims=(2, 3)) for k in range(1, min(n, 4))]  # only the views asked for
     if n > 4:
         flipped = torch.flip(x, dims=(3,))
@@ -101,13 +94,7 @@ def _build_key(encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_
 def built_encoder(
     encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_kwargs: Any, strict: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`get_encoder`, reusing the module built last from the same name, settings and weights file content.
-
-    The weights file is known by its sha256. Registered names, ``hf-hub:`` names, ``pretrained=True`` (files outside this call's control), modules and
-    callables are built (or taken) each time; at most one module of at most :data:`MAX_KEPT_ENCODER_BYTES` is
-    kept. The caller must not change the module's tensors (:func:`embed_patches` runs it frozen and puts its
-    device, mode and layout back).
-    """
+    """:func:`get_encoder`, reusing the module built last from the same name, settings and weights file content."""
     key = _build_key(encoder, weights, pretrained, seed, encoder_kwargs, strict)
     if key is not None and key in _BUILT:
         module, info = _BUILT[key]
@@ -123,21 +110,7 @@ def built_encoder(
 
 
 class ReadAhead:
-    """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager.
-
-    While the caller works on item ``i`` (an encoder forward pass: ONNX Runtime and torch release the GIL), the
-    thread makes item ``i + 1`` (cutting patches: image reads, PIL and torch release it too). At most ``depth``
-    finished items wait in the queue, so ``depth + 2`` are alive at once (queued, being made, being used). Items
-    come in ``source``'s order; an exception raised by ``source`` is raised again, as it is, by the caller's next
-    ``next()``. Leaving the block (normally, by an error or ``KeyboardInterrupt``) stops the thread and waits for
-    it: no thread outlives the block.
-
-    Examples
-    --------
-    >>> with ReadAhead(iter(range(4))) as it:
-    ...     list(it)
-    [0, 1, 2, 3]
-    """
+    """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager."""
 
     _END = object()
 
@@ -237,15 +210,7 @@ def _encode(
     tta: int = 1,
     read_ahead: bool = True,
 ) -> tuple[np.ndarray, dict]:
-    """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
-
-    With ``sampler``, only the indices it yields, in that order. ``backend`` (``"auto"``, ``"torch"``, ``"onnx"``,
-    see :mod:`agl_scverse.encoders._onnx_backend`) is started on the first batch, which also checks
-    an ONNX graph against torch; ``info`` (of :func:`get_encoder`) is part of the graph's cache key.
-    With ``tta`` > 1, the mean over that many dihedral views of each patch (:func:`dihedral_views`).
-    ``read_ahead`` (without DataLoader workers): cut the next batch in a thread (:class:`ReadAhead`) while the
-    encoder runs; the features are the same either way.
-    """
+    """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend)."""
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
@@ -309,11 +274,7 @@ def _encode(
 
 
 def _encode_distributed(model: nn.Module, ds: SpotPatches, *args, **kw) -> tuple[np.ndarray, dict]:
-    """:func:`_encode` under ``torchrun``: each rank embeds its ``DistributedSampler`` share, every rank gets all.
-
-    The sampler does not shuffle; it pads the last shares with the first spots (embedded twice, identically).
-    The shares are gathered with ``all_gather_object`` (every rank holds the spots x D features once).
-    """
+    """:func:`_encode` under ``torchrun``: each rank embeds its ``DistributedSampler`` share, every rank gets all."""
     from torch.utils.data import DistributedSampler
 
     sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=False)

@@ -420,16 +420,7 @@ def compute_gene_roles(adata: AnnData, *args: Any, **kwargs: Any) -> GeneRoles:
 
 
 def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = consts.DEFAULT_KEY) -> None:
-    """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[Keys(key_added).gene_roles]`` (in place).
-
-    Examples
-    --------
-    >>> import numpy as np, anndata as ad
-    >>> a = ad.AnnData(np.random.default_rng(0).poisson(2.0, (40, 12)).astype(np.float32))
-    >>> write_gene_roles(a, gene_roles(a, n_targets=3, inplace=False))
-    >>> sorted(a.uns["agl_gene_roles"])[:3]
-    ['agl_keys', 'auxiliaries_given', 'min_cells']
-    """
+    """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[Keys(key_added).gene_roles]`` (in place)."""
     if not roles.var_names.equals(adata.var_names):
         raise ValueError("These gene roles were computed on different genes than adata.var_names.")
     keys = Keys(key_added)

@@ -120,11 +120,7 @@ class FitConfig:
         return self.encoder.precision if self.mode == "finetune" else "fp32"
 
     def to_params(self, genes: bool = True) -> dict[str, Any]:
-        """A flat record of every setting, named as the config fields they came from.
-
-        ``genes=False`` leaves out the gene choices (the training hyperparameters only). The run controls
-        ``checkpoint_every`` and ``resume`` are not settings of the result and are left out.
-        """
+        """A flat record of every setting, named as the config fields they came from."""
         out: dict[str, Any] = {"method": self.method, "mode": self.mode, "k": self.k, "seed": self.seed}
         if (grid := self.k_grid) is not None:
             out["k_grid"] = list(grid)
@@ -152,22 +148,7 @@ _CONFIG_OF: dict[str, type] = dict(LEGACY_KEYWORDS.values())  # "training" -> Tr
 
 
 def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
-    """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them.
-
-    ``configs`` maps a parameter (``"training"``) to what was passed (a config, a dict or None; ``"encoder"`` may be
-    a name, the old spelling); ``stacklevel`` points the warning at the user's call. One :class:`FutureWarning`
-    names the new spelling of every old keyword used. A keyword that is not an old one is a :class:`TypeError`, as
-    Python gives; a field given both ways is refused.
-
-    Examples
-    --------
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as w:
-    ...     warnings.simplefilter("always")
-    ...     out = merge_legacy("agl_fit", {"training": None}, {"epochs": 5})
-    >>> out["training"], "training=agl.TrainingConfig(epochs=...)" in str(w[0].message)
-    ({'epochs': 5}, True)
-    """
+    """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them."""
     import warnings
 
     out = dict(configs)

@@ -360,12 +360,7 @@ def _fold_summary(m: pd.DataFrame, fold, method: str, k: float, secs: float) -> 
 
 
 def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, val_rows, final_rows, test):
-    """Reduced-rank ridge with auxiliaries: rank and number of auxiliaries chosen on the validation spots.
-
-    Settings are scored by fitting on ``train_rows`` and predicting ``val_rows``; the chosen one is refitted on
-    ``final_rows``. Returns the test predictions and the number of auxiliaries used.
-    Without validation spots: full rank, no auxiliaries (plain ridge with z-scored targets).
-    """
+    """Reduced-rank ridge with auxiliaries: rank and number of auxiliaries chosen on the validation spots."""
     n_t = len(roles.targets)
     n_aux = [0] + [a for a in RRR_AUX if a <= len(roles.auxiliaries)]
     cols = adata.var_names.get_indexer(list(roles.targets) + list(roles.auxiliaries[: max(n_aux)]))
@@ -421,11 +416,7 @@ def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, l
 def _training_anndata(
     adata: AnnData, counts, train: np.ndarray, group_key: str, emb_key: str, roles: GeneRoles, prior_col: str
 ) -> AnnData:
-    """A small AnnData of the training spots only (counts, groups, embedding, the fold's prior as a .var column).
-
-    The held-out spots never enter ``agl_fit``; the prior column makes ``agl_fit`` rank the auxiliaries exactly
-    as this fold's :class:`~agl_scverse.pp.GeneRoles` do (same scores, same order, ties in the same order).
-    """
+    """A small AnnData of the training spots only (counts, groups, embedding, the fold's prior as a .var column)."""
     import scipy.sparse as sp
 
     X = counts[train]

@@ -115,11 +115,7 @@ def _search_k(adata, cfg: FitConfig, data: FitData, genes: FitGenes, enc: dict, 
 def _refit(
     adata, cfg: FitConfig, data: FitData, genes: FitGenes, res: TrainResult, enc: dict, dev, progress: bool, seed=None
 ):
-    """Retrain from the initialisation on train + validation spots for the selected number of epochs.
-
-    DkGSB's mask is held at its learned weights. ``seed`` (default ``cfg.seed``) seeds the initialisation and
-    batches. Returns the new network, its inputs and training result.
-    """
+    """Retrain from the initialisation on train + validation spots for the selected number of epochs."""
     seed = cfg.seed if seed is None else int(seed)
     both = np.sort(np.concatenate([data.train_idx, data.val_idx]))
     data2 = FitData(data.used, data.split, both, np.zeros(0, dtype=np.int64), data.emb_key, data.features)
@@ -137,12 +133,7 @@ def _learned_weights(cfg: FitConfig, res: TrainResult) -> np.ndarray | None:
 
 
 def _ensemble(adata, cfg: FitConfig, data: FitData, genes: FitGenes, net, res: TrainResult, enc: dict, dev, progress):
-    """``n_seeds - 1`` more networks, seeds ``seed + 1, ...``, averaged with ``net`` (:class:`EmbeddingEnsemble`).
-
-    They share the split, the gene roles and the auxiliaries of the first network (DkGSB's learned mask held
-    fixed, a k search's k); each trains as the first did: early stopping on the validation spots, or with
-    ``refit`` on every labelled spot for the first network's number of epochs.
-    """
+    """``n_seeds - 1`` more networks, seeds ``seed + 1, ...``, averaged with ``net`` (:class:`EmbeddingEnsemble`)."""
     members = [net]
     for i in range(1, cfg.training.n_seeds):
         seed = cfg.seed + i
@@ -159,11 +150,7 @@ def _ensemble(adata, cfg: FitConfig, data: FitData, genes: FitGenes, net, res: T
 
 
 def _fit_linear(cfg: FitConfig, data: FitData, genes: FitGenes) -> tuple[FitGenes, torch.nn.Module, TrainResult, dict]:
-    """``head="rrr"``: number of auxiliaries (``k="auto"``) and rank chosen on validation, the fit on training spots.
-
-    Returns the genes of the chosen fit, its linear head, a :class:`TrainResult` without epochs, and the choice
-    (``rank``, ``alpha``, ``k``, validation scores).
-    """
+    """``head="rrr"``: number of auxiliaries (``k="auto"``) and rank chosen on validation, the fit on training spots."""
     n_t = genes.n_targets
     auto = cfg.method == "topk" and cfg.k == consts.K_AUTO
     ks = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid) if auto else [len(genes.model_aux)]
@@ -177,13 +164,7 @@ def _fit_linear(cfg: FitConfig, data: FitData, genes: FitGenes) -> tuple[FitGene
 
 
 def _add_linear(cfg: FitConfig, data: FitData, genes: FitGenes, net, mlp_val) -> tuple[EmbeddingEnsemble, dict]:
-    """``head="hybrid"``: the trained network(s) and the linear head of the targets (:func:`hybrid_linear`).
-
-    The linear head's auxiliaries are the first of the fit's (prior order; none for PGL), their number and the rank
-    chosen on validation over :func:`k_search_grid`; its share of the target predictions is chosen on validation
-    too, from the first network's predictions there (``mlp_val``, before any refit) and a ridge on the training
-    spots.
-    """
+    """``head="hybrid"``: the trained network(s) and the linear head of the targets (:func:`hybrid_linear`)."""
     ks = [0] if cfg.method == "pgl" else k_search_grid(len(genes.model_aux))
     widest = with_k(genes, max(ks))
     lin, info = hybrid_linear(

@@ -131,10 +131,7 @@ def prepare_genes(adata: AnnData, cfg: FitConfig, data: FitData, library_key: st
 def build_network(
     adata, cfg: FitConfig, data: FitData, n_out: int, enc: dict, dev, seed: int | None = None
 ) -> tuple[torch.nn.Module, Any, dict]:
-    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing.
-
-    ``seed`` (default ``cfg.seed``) seeds the initialisation.
-    """
+    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing."""
     seed = cfg.seed if seed is None else int(seed)
     if cfg.mode == "embedding":
         if data.features is None:
