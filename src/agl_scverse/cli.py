@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import _constants as consts
 from ._cli_messages import cli_message, command_flags, one_line
@@ -93,16 +94,18 @@ def _read(
     from . import io
     from .io._legacy_st import has_he_only_sections
 
-    kw = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
+    kw: dict[str, Any] = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
     kw |= {} if library_key is None else {"library_key": library_key}
-    image = {} if fullres_image is None else {"fullres_image": fullres_image}
+    image: dict[str, Any] = {} if fullres_image is None else {"fullres_image": fullres_image}
     if reader == "legacy_st":
-        he_only = counts_optional and has_he_only_sections(p)
         kw |= {"sections": sections} if sections else {}
-        return io.read_legacy_st(p, **kw, **({"counts_file": None} if he_only else {}))
+        if counts_optional and has_he_only_sections(p):
+            kw["counts_file"] = None
+        return io.read_legacy_st(p, **kw)
     if reader == "visium":
-        he_only = counts_optional and p.is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists()
-        adata = io.read_visium(p, **kw, **image, **({"counts_file": None} if he_only else {}))
+        if counts_optional and p.is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists():
+            kw["counts_file"] = None
+        adata = io.read_visium(p, **kw, **image)
     else:
         adata = io.read_hest(p, **kw, **image)
     return _only_sections(adata, sections, library_key)
@@ -344,7 +347,7 @@ def _fit(args: argparse.Namespace) -> None:
     )
     if spots is not None:  # the held-out groups: predicted and scored
         tl.evaluate(adata, model, spots=~spots, baselines=True)
-        pcc, n = _test_pcc(adata)
+        pcc, n = _test_pcc(adata) or (None, 0)  # evaluate wrote the held-out scores
         summary += f"; held-out {' '.join(args.test_groups)}: PCC {_fmt(pcc)} over {n} spots"
         ridge = adata.uns["agl"]["metrics"]["test"].get("pca_ridge")
         if ridge is not None:

@@ -330,6 +330,7 @@ def _compute(
                 f"Only {n_cand} genes have counts in >= {min_cells_n} of the {n_train} training spots, fewer than "
                 f"n_targets={n_targets}. Lower n_targets or min_cells."
             )
+        assert disp is not None  # n_targets > 0 genes pass
         cand = disp[passing[pool_idx]]
         order = rank_order(cand.to_numpy())
         targets = cand.index[order[: int(n_targets)]].tolist()
@@ -365,6 +366,7 @@ def _compute(
         has = in_pool >= 0
         scores = np.full(len(aux_pool), np.nan)
         if has.any():
+            assert X_log is not None  # computed for these priors
             X_aux = X_log[:, in_pool[has]]
             if prior == "coexpression":
                 t_idx = np.array([pos[g] for g in targets])

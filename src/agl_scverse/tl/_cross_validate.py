@@ -119,8 +119,6 @@ def cross_validate(
         ``method_kwargs[name]``.
     embedding_key
         ``.obsm`` key of the embeddings; default: the only ``X_agl_*`` key.
-    n_targets
-        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)``.
     baselines
         Baseline rows: ``True`` every one of :data:`BASELINES` (``"mean"``, ``"pca_ridge"``, ``"rrr"``), ``False``
         none, or a sequence naming the ones wanted (e.g. ``("mean", "pca_ridge")``: ``"rrr"``, the slowest, left
@@ -144,14 +142,8 @@ def cross_validate(
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g.
         ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``).
-    prior
-        Deprecated: use ``genes=agl.GeneConfig(prior=...)``.
-    min_cells
-        Deprecated: use ``genes=agl.GeneConfig(min_cells=...)``.
-    layer
-        Deprecated: use ``genes=agl.GeneConfig(layer=...)``.
-    transform
-        Deprecated: use ``genes=agl.GeneConfig(transform=...)``.
+    n_targets, prior, min_cells, layer, transform
+        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)`` (and so on) instead.
     **fit_kwargs
         Passed to every :func:`agl_scverse.tl.agl_fit` call: its configs (``network=``, ``training=``,
         ``dkgsb=`` with ``k`` for ``"topk"``, ``encoder=``), ``device``, ...
