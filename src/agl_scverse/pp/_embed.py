@@ -306,10 +306,9 @@ def embed_patches(
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
     Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` (see :class:`SpotPatches`), are
-    normalised with the encoder's mean/std and run through the encoder in eval mode under
-    ``torch.inference_mode``, in batches (a torch DataLoader), with a
-    progress bar, in the precision ``precision`` asks for, by the engine ``backend`` picks (on a CPU, ONNX Runtime
-    when it is installed: about 2-3x faster than torch).
+    normalised with the encoder's mean/std and run through the encoder in eval mode under ``torch.inference_mode``,
+    in batches (a torch DataLoader), with a progress bar, in the precision and by the backend the encoder config
+    asks for (timings on the Encoders page).
 
     Parameters
     ----------

@@ -53,12 +53,9 @@ __all__ = [
 DEFAULT_MIN_CELLS = 10
 """Default ``min_cells``: a gene must have counts in at least 10 training spots to be a candidate.
 
-Why 10: the model is trained and early-stopped on per-gene Pearson correlation, and the HVG dispersion is a
-variance estimate; a gene seen in a handful of spots gives both a value dominated by those few spots (and a
-validation split may hold none of them). Ten spots is negligible next to the hundreds to thousands of spots of
-a slide, so it keeps most expressed genes while dropping the near-empty ones (HER2+, four training sections,
-730 spots: 13,691 of the 16,647 genes seen at least once). Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0, 1) for a
-fraction of training spots.
+A gene seen in a handful of spots gives a Pearson correlation and an HVG dispersion dominated by those spots (and a
+validation split may hold none of them); ten spots is negligible next to the hundreds to thousands of a slide.
+Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0, 1) for a fraction of training spots.
 """
 
 

@@ -79,10 +79,10 @@ def cross_validate(
     val_fraction: float = 0.2,
     progress: bool | None = None,
     method_kwargs: dict[str, dict] | None = None,
-    prior: str | None = None,
+    prior: consts.Prior | str | None = None,
     min_cells: int | float | None = None,
     layer: str | None = None,
-    transform: str | None = None,
+    transform: consts.Transform | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out evaluation of AGL methods and baselines.

@@ -77,9 +77,8 @@ def _train(
 def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
     """The numbers of auxiliaries that ``k="auto"`` tries: 0 and five geometric steps from 1/64 to 1/4 of them.
 
-    The grid stops at a quarter of the auxiliaries (AGL-all is ``method="agl"``): on the HER2+ sections and the
-    synthetic slide the validation score is flat or falling above that, and each fit costs in proportion to its
-    number of outputs.
+    The grid stops at a quarter of the auxiliaries (AGL-all is ``method="agl"``): each fit costs in proportion to its
+    number of outputs, and the validation score was flat above that on the data sets tried (the Method page).
 
     Examples
     --------
