@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 
+#: A flag of the command line: its long option, its ``--no-`` form, its metavar.
+Flag = tuple[str, str | None, str | tuple[str, ...] | None]
+
 
 def one_line(exc: BaseException) -> str:
     """The message of an exception on one line (a KeyError's message without its quotes)."""
@@ -22,19 +25,13 @@ _PARAM = re.compile(r"(?<![\w.\-])([a-z][a-z0-9_]*)=(<[^>]*>|'[^']*'|\"[^\"]*\"|
 _CALL = re.compile(r"\b[\w.]+\([^()]*\)")
 
 
-def command_flags(
-    parser: argparse.ArgumentParser, command: str | None
-) -> dict[str, tuple[str, str | None, str | None]]:
-    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``.
-
-    The second is the negative flag of a ``--x/--no-x`` switch (``"refit": ("--refit", "--no-refit", None)``), the
-    third the placeholder of the flag's value (None for a switch).
-    """
+def command_flags(parser: argparse.ArgumentParser, command: str | None) -> dict[str, Flag]:
+    """The flags of ``command`` by the parameter they set, e.g. ``{"weights": ("--weights", None, "WEIGHTS")}``."""
     parsers = [parser]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             parsers.append(action.choices[command])
-    out: dict[str, tuple[str, str | None, str | None]] = {}
+    out: dict[str, Flag] = {}
     for p in parsers:
         for action in p._actions:
             longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
@@ -46,18 +43,8 @@ def command_flags(
     return out
 
 
-def cli_message(message: str, flags: dict[str, tuple[str, str | None, str | None]]) -> str:
-    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``.
-
-    Every ``name=value`` whose ``name`` is a parameter the command has a flag for becomes the flag (``x=True`` ->
-    ``--x``, ``x=False`` -> ``--no-x``, ``x=<v>`` -> ``--x <v>``); a Python call quoted in the message
-    (``agl.tl.evaluate(adata, key_added=...)``) and names without a flag are left as written.
-
-    Examples
-    --------
-    >>> cli_message("Pass weights=<path>.", {"weights": ("--weights", None, "FILE")})
-    'Pass --weights <path>.'
-    """
+def cli_message(message: str, flags: dict[str, Flag]) -> str:
+    """An error of the Python API in the command line's words: ``Pass weights=<path>`` -> ``Pass --weights <path>``."""
     calls = [m.span() for m in _CALL.finditer(message)]
 
     def flag(m: re.Match) -> str:

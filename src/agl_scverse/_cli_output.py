@@ -9,12 +9,7 @@ from ._cli_messages import one_line
 
 
 def check_output(path: str | Path, flag: str, overwrite: bool = False, folder: bool = False) -> Path:
-    """Check an output path before any work: where it goes exists and is writable, and it is new or ``overwrite``.
-
-    A file's parent folder must exist; a model folder (``folder=True``) may be created, in the nearest existing
-    ancestor. Raises FileNotFoundError, PermissionError, FileExistsError or IsADirectoryError with a message that
-    names ``flag``.
-    """
+    """Check an output path before any work: where it goes exists and is writable, and it is new or ``overwrite``."""
     p = Path(path)
     parent = p.absolute().parent
     if not folder and not parent.is_dir():
@@ -37,12 +32,7 @@ def check_output(path: str | Path, flag: str, overwrite: bool = False, folder: b
 
 
 def write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file beside ``path``, so a failed write leaves an existing file as it was.
-
-    The temporary has a name of its own (two runs writing one path do not share it). On POSIX the write runs in a
-    forked child: HDF5 can crash (SIGSEGV) after a failed write, e.g. a full disk or a file-size limit, and the
-    child's crash is reported as a clean ``OSError`` here, with the temporary removed.
-    """
+    """Write through a temporary file beside ``path``, so a failed write leaves an existing file as it was."""
     import uuid
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.h5ad")

@@ -83,6 +83,11 @@ def _add_resolution_args(p: argparse.ArgumentParser, device: str = "auto") -> No
         metavar="FILE",
         help="full-resolution H&E image of a Visium or HEST slide (patches are cut from it, not the thumbnail)",
     )
+    _add_engine_args(p, device)
+
+
+def _add_engine_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
+    """How a model's encoder runs on a slide: image resolution check, backend, device."""
     p.add_argument(
         "--allow-lowres",
         action="store_true",
@@ -359,18 +364,6 @@ def _add_predict_slide(sub) -> None:
         help="data-loader processes cutting patches while the encoder runs (default: 0, in this process)",
     )
     p.add_argument(
-        "--allow-lowres",
-        action="store_true",
-        help="accept an image coarser than the model was trained on (otherwise refused)",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=list(consts.BACKENDS),
-        help="what runs the frozen image encoder: auto (ONNX Runtime on a CPU when installed and it agrees with "
-        "torch, else torch), torch, onnx (default: auto)",
-    )
-    p.add_argument(
         "--chunk-dir",
         default=None,
         metavar="DIR",
@@ -379,9 +372,7 @@ def _add_predict_slide(sub) -> None:
     p.add_argument(
         "--chunk-size", type=int, default=4096, metavar="N", help="spots per chunk of --chunk-dir (default: 4096)"
     )
-    p.add_argument(
-        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto, CUDA when available)"
-    )
+    _add_engine_args(p)
     _add_debug(p, argparse.SUPPRESS)
 
 

@@ -24,29 +24,14 @@ ENCODER_FIELDS = tuple(f.name for f in fields(EncoderConfig))
 
 
 def as_encoder_config(encoder: Any) -> EncoderConfig:
-    """``encoder`` as an :class:`~agl_scverse.EncoderConfig`.
-
-    A config is returned as is, a dict gives its fields, None the defaults; anything else (an encoder name, a
-    module, a callable, a ``(module, info)`` pair) is the config's ``encoder`` field.
-
-    Examples
-    --------
-    >>> as_encoder_config("densenet121").encoder, as_encoder_config({"num_workers": 2}).num_workers
-    ('densenet121', 2)
-    """
+    """``encoder`` as an :class:`~agl_scverse.EncoderConfig`."""
     if encoder is None or isinstance(encoder, EncoderConfig | Mapping):
         return as_config(EncoderConfig, encoder, "encoder")
     return EncoderConfig(encoder=encoder)
 
 
 def explicit_fields(encoder: Any) -> dict[str, Any]:
-    """The fields the caller set: a dict's keys, a config's fields away from their defaults, a bare ``encoder``.
-
-    Examples
-    --------
-    >>> explicit_fields(EncoderConfig("uni", patch_px=224)), explicit_fields({"weights": "w.pth"})
-    ({'encoder': 'uni'}, {'weights': 'w.pth'})
-    """
+    """The fields the caller set: a dict's keys, a config's fields away from their defaults, a bare ``encoder``."""
     if encoder is None:
         return {}
     if isinstance(encoder, Mapping):
@@ -87,22 +72,7 @@ def _spelled(encoder: Any, old: dict[str, Any]) -> str:
 
 
 def encoder_keywords(*names: str) -> Callable:
-    """Accept the old keywords ``names`` (fields of :class:`~agl_scverse.EncoderConfig`) for one release.
-
-    The wrapped function's signature (and so its documentation) shows ``encoder`` only; an old keyword is folded
-    into ``encoder`` (:func:`as_encoder_config` reads it) with a :class:`FutureWarning` giving the new spelling.
-
-    Examples
-    --------
-    >>> @encoder_keywords("weights")
-    ... def f(encoder=None):
-    ...     return as_encoder_config(encoder).weights
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as w:
-    ...     warnings.simplefilter("always")
-    ...     f(weights="w.pth"), str(w[0].message).split(";")[1].strip()
-    ('w.pth', "pass encoder=agl.EncoderConfig(weights='w.pth') (or a dict of those fields) instead.")
-    """
+    """Accept the old keywords ``names`` (fields of :class:`~agl_scverse.EncoderConfig`) for one release."""
     unknown = sorted(set(names) - set(ENCODER_FIELDS))
     if unknown:
         raise ValueError(f"{unknown} are not fields of EncoderConfig.")

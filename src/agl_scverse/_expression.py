@@ -92,35 +92,14 @@ def _predicted_counts(Y: np.ndarray, transform: Transform) -> np.ndarray:
 
 
 def predicted_library_size(Y: np.ndarray, transform: Transform) -> np.ndarray:
-    """Per spot, the sum of the predicted counts of the genes in ``Y`` (model scale ``transform``), float64.
-
-    With :func:`rescale_predictions` this gives the library size of ``scale="log1p_cp10k"``: the sum over the genes
-    whose outputs were trained (the model's targets and selected auxiliaries), the only library an H&E slide has.
-
-    Examples
-    --------
-    >>> predicted_library_size(np.log1p(np.array([[1.0, 3.0], [0.0, 0.0]])), "log1p")
-    array([4., 0.])
-    """
+    """Per spot, the sum of the predicted counts of the genes in ``Y`` (model scale ``transform``), float64."""
     return _predicted_counts(Y, transform).sum(axis=1, dtype=np.float64)
 
 
 def rescale_predictions(
     Y: np.ndarray, transform: Transform, scale: str, library: np.ndarray | None = None
 ) -> np.ndarray:
-    """Predictions in the model's scale (``transform``) to the scale asked for (``scale``), float32.
-
-    ``scale="model"`` returns ``Y``. ``scale="log1p_cp10k"`` is scanpy's ``normalize_total(target_sum=1e4)`` then
-    ``log1p``: the predicted counts of each spot divided by ``library`` (see :func:`predicted_library_size`) times
-    10,000, then ``log1p``; a spot with library 0 stays 0. A model trained with ``transform="log1p_cpm"`` already
-    predicts that scale (normalised over every measured gene), so its predictions are returned unchanged.
-
-    Examples
-    --------
-    >>> Y = np.log1p(np.array([[1.0, 3.0]], dtype=np.float32))
-    >>> np.expm1(rescale_predictions(Y, "log1p", "log1p_cp10k", np.array([4.0]))).round(1)
-    array([[2500., 7500.]], dtype=float32)
-    """
+    """Predictions in the model's scale (``transform``) to the scale asked for (``scale``), float32."""
     check_choice("scale", scale, consts.PRED_SCALES)
     if scale == consts.SCALE_MODEL or transform == consts.TRANSFORM_LOG1P_CPM:
         return np.asarray(Y, dtype=np.float32)
@@ -134,17 +113,7 @@ def rescale_predictions(
 
 
 def observed_transform(record: dict | None, model_transform: Transform) -> Transform:
-    """The transform that puts the measured counts on the scale of a prediction layer.
-
-    ``model_transform`` is used when the record does not name one. ``record`` is the layer's ``.uns[f"{key}_pred"]`` entry (or None for a layer written before it existed): the
-    model's transform for ``scale="model"``, ``"log1p_cpm"`` (log1p CP10k of the measured counts over every gene,
-    scanpy's scale) for ``scale="log1p_cp10k"``.
-
-    Examples
-    --------
-    >>> observed_transform({"scale": "log1p_cp10k"}, "log1p"), observed_transform(None, "log1p")
-    ('log1p_cpm', 'log1p')
-    """
+    """The transform that puts the measured counts on the scale of a prediction layer."""
     record = record or {}
     if record.get("scale") == consts.SCALE_LOG1P_CP10K:
         return consts.TRANSFORM_LOG1P_CPM
@@ -152,21 +121,14 @@ def observed_transform(record: dict | None, model_transform: Transform) -> Trans
 
 
 def predicted_mask(adata: Any, keys: Any) -> np.ndarray:
-    """Which genes have predictions in ``.layers[keys.pred_layer]``: ``.var[keys.predicted]``.
-
-    A layer written before that column existed has NaN for the genes without predictions (a gene is predicted on
-    every spot or on none, so its first row tells). ``keys`` is a :class:`~agl_scverse._constants.Keys`.
-    """
+    """Which genes have predictions in ``.layers[keys.pred_layer]``: ``.var[keys.predicted]``."""
     if keys.predicted in adata.var:
         return adata.var[keys.predicted].to_numpy(dtype=bool)
     return np.isfinite(np.asarray(adata.layers[keys.pred_layer][:1], dtype=np.float32)).ravel()
 
 
 def take_rows(X: Any, idx: np.ndarray):
-    """Rows ``idx`` (in that order) of an in-memory or backed (h5py / zarr) spots x genes matrix.
-
-    Backed matrices are read in sorted order (which h5py needs) and put back in the order asked for.
-    """
+    """Rows ``idx`` (in that order) of an in-memory or backed (h5py / zarr) spots x genes matrix."""
     idx = np.asarray(idx, dtype=np.int64)
     if isinstance(X, np.ndarray) or sp.issparse(X):
         return X[idx]
@@ -183,29 +145,7 @@ _ROW_BLOCK_BYTES = 256 * 2**20
 
 
 class ExpressionBatches:
-    """The model's expression values of some genes, sliced per batch of spots from the counts, never all at once.
-
-    ``batch(idx)`` returns ``expression_transform(X[idx], transform, columns)`` (dense float32, ``len(idx)`` x
-    ``n_cols``), so the counts stay in their sparse (or backed) storage and memory is that of one batch. For
-    ``"log1p_cpm"`` the library size of each spot is still computed over all of its genes.
-
-    Parameters
-    ----------
-    X
-        Raw counts, spots x genes: a NumPy array, a SciPy sparse matrix or a backed AnnData matrix.
-    columns
-        Gene columns to return, in this order.
-    transform
-        See :func:`expression_transform`.
-
-    Examples
-    --------
-    >>> import scipy.sparse as sp
-    >>> eb = ExpressionBatches(sp.csr_matrix(np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])), [2, 0])
-    >>> eb.batch(np.array([1, 0]))
-    array([[0.       , 1.0986123],
-           [1.3862944, 0.       ]], dtype=float32)
-    """
+    """The model's expression values of some genes, sliced per batch of spots from the counts, never all at once."""
 
     def __init__(self, X: Any, columns: Sequence[int] | np.ndarray, transform: Transform = "log1p"):
         check_choice("transform", transform, consts.TRANSFORMS)
@@ -219,11 +159,7 @@ class ExpressionBatches:
         return len(self.columns)
 
     def batch(self, idx: np.ndarray, n_first: int | None = None) -> np.ndarray:
-        """Transformed expression of spots ``idx`` (of the first ``n_first`` genes only, when given).
-
-        Many spots (e.g. every validation spot) are read in row blocks, so the counts of all their genes are never
-        copied at once.
-        """
+        """Transformed expression of spots ``idx`` (of the first ``n_first`` genes only, when given)."""
         cols = self.columns if n_first is None else self.columns[:n_first]
         idx = np.asarray(idx)
         step = max(1, int(_ROW_BLOCK_BYTES // (4 * max(self.X.shape[1], 1))))

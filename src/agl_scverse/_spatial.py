@@ -101,11 +101,7 @@ def scalefactors(adata: AnnData, library_id: str) -> dict:
 
 
 def microns_per_pixel(adata: AnnData, library_id: str) -> float:
-    """µm per full-resolution pixel of a library.
-
-    Read from ``scalefactors['microns_per_pixel']``; if absent, derived from ``spot_diameter_fullres`` assuming a
-    65 µm spot, Space Ranger's definition of that scale factor (with a warning).
-    """
+    """µm per full-resolution pixel of a library."""
     sf = scalefactors(adata, library_id)
     if consts.MICRONS_PER_PIXEL in sf:
         return float(sf[consts.MICRONS_PER_PIXEL])
@@ -124,16 +120,7 @@ def microns_per_pixel(adata: AnnData, library_id: str) -> float:
 
 
 def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
-    """Check an image is H x W x 3 (RGBA loses alpha) and return it as uint8 RGB.
-
-    uint16 is rescaled to 8 bit (``round(v / 257)``), floats in [0, 1] are scaled by 255, other integer types are
-    read as 8- or 16-bit values by their range (the rules of every image source, see :mod:`agl_scverse._images`).
-
-    Examples
-    --------
-    >>> as_rgb(np.full((1, 1, 3), 65535, dtype=np.uint16))[0, 0].tolist()
-    [255, 255, 255]
-    """
+    """Check an image is H x W x 3 (RGBA loses alpha) and return it as uint8 RGB."""
     img = np.asarray(img)
     check_rgb_shape(img.shape, name)
     scale = 1.0
@@ -152,34 +139,7 @@ def get_image(
     prefer: Sequence[str] = (consts.FULLRES, consts.HIRES, consts.LOWRES),
     warn: bool = True,
 ) -> tuple[ImageSource, float, str]:
-    """Best available image of a library, as a source read by region (nothing is decoded here).
-
-    ``metadata["source_image_path"]`` (a TIFF read by tile, or a JPEG / PNG decoded once into a memory-mapped
-    cache file), the SpatialData image element a library was read from (:func:`agl_scverse.io.from_spatialdata`:
-    the live element while its SpatialData object exists, else the zarr store it was read from, read lazily by
-    region and pyramid level) or ``images["fullres"]`` give the full-resolution image; otherwise the hires, then
-    the lowres image is used, with a warning (patches from them are upsampled; :class:`agl_scverse.pp.SpotPatches`
-    refuses that unless ``allow_lowres=True``).
-
-    Returns
-    -------
-    image
-        An :class:`~agl_scverse._images.ImageSource`: ``image.read_region(x0, y0, w, h, level)`` reads pixels,
-        ``image.levels`` lists its pyramid levels (``np.asarray(image)`` decodes level 0 whole).
-    scale
-        Factor mapping full-resolution pixel coordinates to this image's (level-0) pixels.
-    which
-        ``"fullres"``, ``"hires"`` or ``"lowres"``.
-
-    Examples
-    --------
-    >>> import anndata as ad
-    >>> a = ad.AnnData(np.ones((1, 1)), uns={"spatial": {"s": {"images": {"hires": np.zeros((8, 8, 3), np.uint8)},
-    ...     "scalefactors": {"tissue_hires_scalef": 0.5}}}})
-    >>> img, scale, which = get_image(a, "s", warn=False)
-    >>> img.width, scale, which
-    (8, 0.5, 'hires')
-    """
+    """Best available image of a library, as a source read by region (nothing is decoded here)."""
     entry = library_entry(adata, library_id)
     images = entry.get(consts.IMAGES, {}) or {}
     meta = entry.get(consts.METADATA, {}) or {}
@@ -247,12 +207,7 @@ MAX_NUMERIC_LIBRARIES = 16
 
 
 def check_library_column(col: pd.Series, name: str) -> None:
-    """Refuse a ``library_key`` column that holds coordinates or measurements rather than slide labels.
-
-    Slide labels are strings, categories or booleans, or a few integers (e.g. 0, 1, 2). A float column, or an
-    integer column with more than :data:`MAX_NUMERIC_LIBRARIES` distinct values, would turn every value into a
-    slide (``array_row`` would make each row of spots a section); a categorical column is always taken as labels.
-    """
+    """Refuse a ``library_key`` column that holds coordinates or measurements rather than slide labels."""
     if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col.dtype):
         return
     if pd.api.types.is_bool_dtype(col.dtype):
@@ -269,20 +224,7 @@ def check_library_column(col: pd.Series, name: str) -> None:
 
 
 def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:
-    """The one rule for the ``.obs`` column telling slides apart.
-
-    A given ``library_key`` must be an ``.obs`` column. ``None`` becomes ``"library_id"`` when that column exists
-    and the data holds several slides (several values in it, or several entries in ``.uns["spatial"]``);
-    otherwise None (one slide).
-
-    Examples
-    --------
-    >>> import anndata as ad, numpy as np
-    >>> a = ad.AnnData(np.ones((2, 1)))
-    >>> a.obs["library_id"] = ["A", "B"]
-    >>> resolve_library_key(a), resolve_library_key(a[:1])
-    ('library_id', None)
-    """
+    """The one rule for the ``.obs`` column telling slides apart."""
     if library_key is not None:
         if library_key not in adata.obs:
             raise KeyError(

@@ -74,56 +74,19 @@ def _corr_cols(T: np.ndarray, P: np.ndarray, finite: np.ndarray, constant_pred: 
 
 
 def pearson_per_gene(y_true, y_pred, constant_pred: float = 0.0) -> np.ndarray:
-    """Pearson correlation of each gene (column) across spots (rows).
-
-    Parameters
-    ----------
-    y_true, y_pred
-        Observed and predicted matrices, spots x genes (same shape; dense or sparse).
-    constant_pred
-        Value when the prediction is constant but the observation is not (see the module docstring).
-
-    Returns
-    -------
-    Array of length n_genes; NaN where the observation is constant or a column holds NaN.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> pearson_per_gene([[1, 1], [2, 1], [3, 1]], [[2, 5], [4, 5], [7, 5]]).round(3)
-    array([0.993,   nan])
-    """
+    """Pearson correlation of each gene (column) across spots (rows)."""
     T, P, finite = _pair(y_true, y_pred)
     return _corr_cols(T, P, finite, constant_pred)
 
 
 def mean_pearson(y_true, y_pred) -> float:
-    """Mean Pearson r over the genes, with the module's convention: the one score for model selection.
-
-    A constant prediction of a varying gene counts as 0 (it says nothing about which spots are high), a gene
-    constant in the observation is left out; NaN when no gene can be scored. Early stopping, the choices made on
-    validation spots and :func:`agl_scverse.tl.evaluate` all average this way, so a network that is informative
-    for one gene in four scores about a quarter of that gene's r, not that r.
-
-    Examples
-    --------
-    >>> mean_pearson([[1, 1], [2, 3], [3, 2]], [[1, 5], [2, 5], [3, 5]])
-    0.5
-    """
+    """Mean Pearson r over the genes, with the module's convention: the one score for model selection."""
     r = pearson_per_gene(y_true, y_pred)
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
 
 
 def spearman_per_gene(y_true, y_pred, constant_pred: float = 0.0) -> np.ndarray:
-    """Spearman rank correlation (average ranks for ties) of each gene across spots.
-
-    Same conventions as :func:`pearson_per_gene`.
-
-    Examples
-    --------
-    >>> spearman_per_gene([[1], [2], [3]], [[10], [20], [15]]).round(3)
-    array([0.5])
-    """
+    """Spearman rank correlation (average ranks for ties) of each gene across spots."""
     T, P, finite = _pair(y_true, y_pred)
     if T.shape[0] >= 1 and finite.any():
         T = T.copy()
@@ -134,13 +97,7 @@ def spearman_per_gene(y_true, y_pred, constant_pred: float = 0.0) -> np.ndarray:
 
 
 def mse_per_gene(y_true, y_pred) -> np.ndarray:
-    """Mean squared error of each gene across spots (NaN where a column holds NaN/inf).
-
-    Examples
-    --------
-    >>> mse_per_gene([[0, 1], [2, 1]], [[1, 1], [2, 3]])
-    array([0.5, 2. ])
-    """
+    """Mean squared error of each gene across spots (NaN where a column holds NaN/inf)."""
     T, P, finite = _pair(y_true, y_pred)
     out = np.full(T.shape[1], np.nan)
     if T.shape[0] > 0:
@@ -202,25 +159,7 @@ def per_gene_metrics(y_true, y_pred, genes: Sequence[str] | None = None, constan
 
 
 class StreamingMoments:
-    """Per-column count, mean, second moment, min and max, accumulated batch by batch in float64.
-
-    Batches are merged with Chan et al.'s pairwise update (each batch's moments are computed two-pass in float64,
-    then combined), so the result matches a one-shot float64 computation up to the last digits of summation
-    order, while memory stays that of one batch. With ``paired=True`` the co-moment with a second matrix of the
-    same shape is tracked too (for covariances).
-
-    Examples
-    --------
-    >>> rng = np.random.default_rng(0)
-    >>> A, B = rng.normal(size=(100, 3)), rng.normal(size=(100, 3))
-    >>> m = StreamingMoments(3, paired=True)
-    >>> for s in range(0, 100, 32):
-    ...     m.update(A[s : s + 32], B[s : s + 32])
-    >>> bool(np.allclose(m.mean, A.mean(0)) and np.allclose(m.var, A.var(0)))
-    True
-    >>> bool(np.allclose(m.cov, ((A - A.mean(0)) * (B - B.mean(0))).mean(0)))
-    True
-    """
+    """Per-column count, mean, second moment, min and max, accumulated batch by batch in float64."""
 
     def __init__(self, n_cols: int, paired: bool = False):
         self.n = 0

@@ -10,10 +10,7 @@ import numpy as np
 
 
 def resolve_device(device: str = "auto"):
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)`` (checked: known, available).
-
-    Under ``torchrun`` (``WORLD_SIZE > 1``) an unnumbered CUDA device is this process's GPU, ``cuda:LOCAL_RANK``.
-    """
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)`` (checked: known, available)."""
     import torch
 
     from agl_scverse._distributed import env_world_size, local_rank
@@ -27,17 +24,7 @@ def resolve_device(device: str = "auto"):
 
 
 def show_progress(progress: bool | None) -> bool:
-    """The one rule for progress bars: ``progress`` when given, else scanpy's verbosity decides.
-
-    ``None`` (every function's default) shows bars unless :attr:`scanpy.settings.verbosity` is ``0`` (``"error"``):
-    scanpy's default ``"warning"`` (1) and the chattier levels show them, so ``sc.settings.verbosity = 0`` silences
-    every bar of the package, as it silences scanpy's warnings.
-
-    Examples
-    --------
-    >>> show_progress(False), show_progress(True)
-    (False, True)
-    """
+    """The one rule for progress bars: ``progress`` when given, else scanpy's verbosity decides."""
     if progress is not None:
         return bool(progress)
     try:
@@ -81,13 +68,7 @@ VERSIONED_PACKAGES = ("agl-scverse", "torch", "torchvision", "timm", "numpy", "s
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of :data:`VERSIONED_PACKAGES` (absent ones are left out).
-
-    Examples
-    --------
-    >>> "torch" in versions()
-    True
-    """
+    """Installed versions of :data:`VERSIONED_PACKAGES` (absent ones are left out)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

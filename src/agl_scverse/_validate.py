@@ -20,11 +20,7 @@ def is_backed(X: Any) -> bool:
 
 
 def count_blocks(X, rows: int = 16384, values: int = 2**24) -> Iterator[np.ndarray]:
-    """The stored values of a counts matrix in blocks of at most ``values`` (row blocks of a backed matrix).
-
-    In-memory, backed (h5py / zarr / anndata's backed sparse) and dense matrices alike; checks over blocks never
-    make a temporary the size of the matrix.
-    """
+    """The stored values of a counts matrix in blocks of at most ``values`` (row blocks of a backed matrix)."""
     if is_backed(X):
         for s in range(0, X.shape[0], rows):
             yield from count_blocks(X[s : s + rows], rows, values)
@@ -79,21 +75,7 @@ def _sample_values(X) -> np.ndarray:
 
 
 def check_integer_counts(X, what: str = "adata.X", transform: str = "log1p", log1p_recorded: bool = False) -> None:
-    """Counts that the model transforms (``transform != "none"``) must be whole numbers.
-
-    Log-transformed, normalised or scaled values would be transformed a second time, silently. The check reads a
-    sample of the stored values (:data:`INTEGER_SAMPLE`), so it stays cheap on any matrix. ``log1p_recorded``
-    (``"log1p" in adata.uns``, set by scanpy's ``log1p``) is named in the message, and warned about when the
-    values still are whole numbers.
-
-    Examples
-    --------
-    >>> check_integer_counts(np.array([[0.0, 3.0]]))
-    >>> check_integer_counts(np.log1p(np.array([[1.0, 3.0]])))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: adata.X holds non-integer values (e.g. 0.6931...
-    """
+    """Counts that the model transforms (``transform != "none"``) must be whole numbers."""
     check_choice("transform", transform, consts.TRANSFORMS)
     if transform == consts.TRANSFORM_NONE:
         return
@@ -121,18 +103,7 @@ def check_integer_counts(X, what: str = "adata.X", transform: str = "log1p", log
 
 
 def check_feature_variance(std: np.ndarray, mean: np.ndarray, key: str, n_spots: int, share: float = 0.5) -> None:
-    """Refuse an embedding that is constant over the training spots; warn when most of its features are.
-
-    A feature is constant when its standard deviation is within float rounding of zero. ``share`` is the
-    fraction of constant features above which a warning is given.
-
-    Examples
-    --------
-    >>> check_feature_variance(np.zeros(3), np.ones(3), "X_emb", 10)
-    Traceback (most recent call last):
-    ...
-    ValueError: .obsm['X_emb'] is constant over the 10 training spots (all 3 features have zero variance): nothing can be learned from it. Recompute the embedding (are the patches blank, e.g. an image of one colour?) or check that the right key is used.
-    """
+    """Refuse an embedding that is constant over the training spots; warn when most of its features are."""
     std, mean = np.asarray(std, dtype=np.float64), np.asarray(mean, dtype=np.float64)
     flat = std <= 1e-6 * np.abs(mean) + 1e-12
     if flat.all():
@@ -179,11 +150,7 @@ def check_spatial(adata: AnnData) -> np.ndarray:
 
 
 def check_adata(adata: AnnData, layer: str | None = None, transform: str | None = None) -> None:
-    """All the checks a tool runs on its input before touching it.
-
-    With ``transform`` (the expression scale the counts are turned into), the counts must also be whole numbers
-    unless it is ``"none"`` (:func:`check_integer_counts`).
-    """
+    """All the checks a tool runs on its input before touching it."""
     check_not_empty(adata)
     check_unique_names(adata)
     X = adata.layers[layer] if layer is not None else adata.X
@@ -195,30 +162,13 @@ def check_adata(adata: AnnData, layer: str | None = None, transform: str | None 
 
 # ------------------------------------------------------------------------------------------------ arguments
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """``value`` must be one of ``choices``.
-
-    Examples
-    --------
-    >>> check_choice("method", "pgl", ("pgl", "agl"))
-    >>> check_choice("method", "x", ("pgl", "agl"))
-    Traceback (most recent call last):
-    ...
-    ValueError: Unknown method 'x'; choose one of ('pgl', 'agl').
-    """
+    """``value`` must be one of ``choices``."""
     if isinstance(value, list | dict | set) or value not in tuple(choices):
         raise ValueError(f"Unknown {name} {value!r}; choose one of {tuple(choices)}.")
 
 
 def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
-    """``value`` must be a positive (or non-negative) finite number, an integer when ``integer``.
-
-    Examples
-    --------
-    >>> check_positive("epochs", 0, integer=True)
-    Traceback (most recent call last):
-    ...
-    ValueError: epochs must be a positive integer, got 0.
-    """
+    """``value`` must be a positive (or non-negative) finite number, an integer when ``integer``."""
     ok = isinstance(value, int | np.integer) if integer else isinstance(value, int | float | np.number)
     ok = ok and not isinstance(value, bool | np.bool_) and bool(np.isfinite(value))
     ok = ok and (value >= 0 if allow_zero else value > 0)
@@ -232,15 +182,7 @@ MIN_BATCH_SPOTS = 2
 
 
 def check_min_batch_size(batch_size: int, name: str = "batch_size") -> None:
-    """A training batch must hold at least :data:`MIN_BATCH_SPOTS` spots.
-
-    Examples
-    --------
-    >>> check_min_batch_size(1)
-    Traceback (most recent call last):
-    ...
-    ValueError: batch_size=1 leaves every training batch with fewer than 2 spots, so nothing would be trained (the per-gene loss needs at least 2 spots per batch). Use batch_size >= 2 (default 128).
-    """
+    """A training batch must hold at least :data:`MIN_BATCH_SPOTS` spots."""
     if int(batch_size) < MIN_BATCH_SPOTS:
         raise ValueError(
             f"{name}={batch_size} leaves every training batch with fewer than {MIN_BATCH_SPOTS} spots, so nothing "
@@ -250,15 +192,7 @@ def check_min_batch_size(batch_size: int, name: str = "batch_size") -> None:
 
 
 def check_in_range(name: str, value: Any, low: float, high: float, *, closed: str = "both") -> None:
-    """``low <= value <= high`` (``closed`` = ``"both"``, ``"left"``, ``"right"`` or ``"neither"``).
-
-    Examples
-    --------
-    >>> check_in_range("dropout", 1.0, 0, 1, closed="left")
-    Traceback (most recent call last):
-    ...
-    ValueError: dropout must be in [0, 1), got 1.0.
-    """
+    """``low <= value <= high`` (``closed`` = ``"both"``, ``"left"``, ``"right"`` or ``"neither"``)."""
     left, right = closed in ("both", "left"), closed in ("both", "right")
     try:
         v = float(value)
@@ -273,16 +207,7 @@ def check_in_range(name: str, value: Any, low: float, high: float, *, closed: st
 
 
 def check_obs_key(adata: AnnData, key: str, name: str = "key") -> None:
-    """``key`` must be a column of ``adata.obs``.
-
-    Examples
-    --------
-    >>> import anndata as ad
-    >>> check_obs_key(ad.AnnData(np.ones((2, 1))), "batch", "library_key")
-    Traceback (most recent call last):
-    ...
-    KeyError: "library_key='batch' is not an .obs column; columns are []."
-    """
+    """``key`` must be a column of ``adata.obs``."""
     if key not in adata.obs:
         raise KeyError(f"{name}={key!r} is not an .obs column; columns are {list(adata.obs.columns)[:10]}.")
 
@@ -295,19 +220,7 @@ def check_layer(adata: AnnData, layer: str | None) -> None:
 
 # ------------------------------------------------------------------------------------------------ spots
 def scored_spots(split: np.ndarray | None, n_obs: int) -> tuple[np.ndarray, str]:
-    """The default spots to score predictions on, from a split column: ``(mask, kind)``.
-
-    The one rule of :func:`~agl_scverse.tl.evaluate` and the plots: the spots held out of the fit (``"unused"``,
-    kind ``"held-out"``) when there are any, else the validation spots (``"val"``, kind ``"validation"``; used
-    for early stopping, so optimistic), else every spot (kind ``"all"``: no split column, an unseen slide).
-
-    Examples
-    --------
-    >>> scored_spots(np.array(["train", "unused", "val"]), 3)
-    (array([False,  True, False]), 'held-out')
-    >>> scored_spots(None, 2)
-    (array([ True,  True]), 'all')
-    """
+    """The default spots to score predictions on, from a split column: ``(mask, kind)``."""
     if split is not None:
         split = np.asarray(split).astype(str)
         if (split == consts.SPLIT_UNUSED).any():
@@ -320,33 +233,7 @@ def scored_spots(split: np.ndarray | None, n_obs: int) -> tuple[np.ndarray, str]
 def resolve_spots(
     adata: AnnData, spots: Any = None, *, as_mask: bool = False, what: str = "spots", noun: str = "spots"
 ) -> np.ndarray:
-    """The one resolver of spot selections used by every function that takes ``spots=`` or ``train_mask=``.
-
-    Parameters
-    ----------
-    adata
-        The AnnData.
-    spots
-        ``None`` (every spot); an ``.obs`` column name, boolean (no missing values) or holding split values
-        (its ``"train"`` spots, e.g. the ``<key_added>_split`` column of ``agl_fit``); a boolean mask of length
-        ``n_obs``; integer positions; or spot names (one name or a sequence).
-    as_mask
-        Return a boolean mask instead of integer positions (in the order given).
-    what, noun
-        The argument's name and what it selects (e.g. ``"training spots"``), for error messages.
-
-    Returns
-    -------
-    Integer positions (in the order given) or a boolean mask.
-
-    Examples
-    --------
-    >>> import anndata as ad
-    >>> a = ad.AnnData(np.ones((3, 1)))
-    >>> a.obs["split"] = ["train", "val", "train"]
-    >>> resolve_spots(a, "split", as_mask=True).tolist(), resolve_spots(a, ["2", "0"]).tolist()
-    ([True, False, True], [2, 0])
-    """
+    """The one resolver of spot selections used by every function that takes ``spots=`` or ``train_mask=``."""
     n = adata.n_obs
     if spots is None:
         pos = np.arange(n)
@@ -393,15 +280,7 @@ def resolve_spots(
 
 
 def check_seed(seed: Any) -> None:
-    """A seed is an integer in ``[0, 2**32)`` (Python or NumPy integer).
-
-    Examples
-    --------
-    >>> check_seed(-1)
-    Traceback (most recent call last):
-    ...
-    ValueError: seed must be an integer in [0, 2**32), got -1.
-    """
+    """A seed is an integer in ``[0, 2**32)`` (Python or NumPy integer)."""
     ok = isinstance(seed, int | np.integer) and not isinstance(seed, bool | np.bool_) and 0 <= int(seed) < 2**32
     if not ok:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")

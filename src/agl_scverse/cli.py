@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import _constants as consts
 from ._cli_messages import cli_message, command_flags, one_line
@@ -67,14 +68,7 @@ def _read(
     library_key: str | None = None,
     counts_optional: bool = False,
 ):
-    """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder).
-
-    ``microns_per_pixel`` (µm per full-resolution pixel) goes to the legacy ST, Visium and HEST readers;
-    ``fullres_image`` (the full-resolution H&E) to the Visium and HEST readers. ``sections``: only these sections
-    (legacy ST section folders, else values of the ``library_key`` column). ``library_key``: the ``.obs`` column
-    naming the sections (written by the folder readers, read in an .h5ad file). ``counts_optional``: a legacy ST or
-    Visium folder without counts is read as an H&E-only slide (0 genes), as ``predict`` needs.
-    """
+    """Read a slide with one of agl.io's readers (``auto``: .h5ad file, else legacy ST or Visium folder)."""
     p = _existing(path)
     reader = _resolve_reader(p, reader)
     if reader not in READERS:
@@ -100,16 +94,18 @@ def _read(
     from . import io
     from .io._legacy_st import has_he_only_sections
 
-    kw = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
+    kw: dict[str, Any] = {} if microns_per_pixel is None else {"microns_per_pixel": microns_per_pixel}
     kw |= {} if library_key is None else {"library_key": library_key}
-    image = {} if fullres_image is None else {"fullres_image": fullres_image}
+    image: dict[str, Any] = {} if fullres_image is None else {"fullres_image": fullres_image}
     if reader == "legacy_st":
-        he_only = counts_optional and has_he_only_sections(p)
         kw |= {"sections": sections} if sections else {}
-        return io.read_legacy_st(p, **kw, **({"counts_file": None} if he_only else {}))
+        if counts_optional and has_he_only_sections(p):
+            kw["counts_file"] = None
+        return io.read_legacy_st(p, **kw)
     if reader == "visium":
-        he_only = counts_optional and p.is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists()
-        adata = io.read_visium(p, **kw, **image, **({"counts_file": None} if he_only else {}))
+        if counts_optional and p.is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists():
+            kw["counts_file"] = None
+        adata = io.read_visium(p, **kw, **image)
     else:
         adata = io.read_hest(p, **kw, **image)
     return _only_sections(adata, sections, library_key)
@@ -187,13 +183,7 @@ def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
 
 
 def demo(out: str = "agl_demo_output", seed: int = 0, epochs: int | None = None, patch_px: int = 112) -> Path:
-    """The synthetic slide end to end: embed, fit PGL / AGL-all / AGL+DkGSB, evaluate on held-out spots, plot.
-
-    A seeded 25% of the spots is held out of every fit (``.obs["agl_<method>_split"] == "unused"``); each method
-    trains on the rest (20% of it for validation, early stopping and DkGSB's bi-level step) and is scored on the
-    held-out spots beside the mean predictor and PCA+Ridge on the same embedding. Writes the AnnData, the DkGSB
-    model, a results table and figures to ``out``.
-    """
+    """The synthetic slide end to end: embed, fit PGL / AGL-all / AGL+DkGSB, evaluate on held-out spots, plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,7 +347,7 @@ def _fit(args: argparse.Namespace) -> None:
     )
     if spots is not None:  # the held-out groups: predicted and scored
         tl.evaluate(adata, model, spots=~spots, baselines=True)
-        pcc, n = _test_pcc(adata)
+        pcc, n = _test_pcc(adata) or (None, 0)  # evaluate wrote the held-out scores
         summary += f"; held-out {' '.join(args.test_groups)}: PCC {_fmt(pcc)} over {n} spots"
         ridge = adata.uns["agl"]["metrics"]["test"].get("pca_ridge")
         if ridge is not None:

@@ -76,15 +76,7 @@ C = TypeVar("C")
 
 
 def as_config(cls: type[C], value: C | Mapping[str, Any] | None, name: str | None = None) -> C:
-    """``value`` as a ``cls``: ``None`` gives the defaults, a mapping its fields; a ``cls`` is returned as is.
-
-    Examples
-    --------
-    >>> as_config(NetworkConfig, {"hidden": (64,)}).hidden
-    (64,)
-    >>> as_config(NetworkConfig, None).head
-    'mlp'
-    """
+    """``value`` as a ``cls``: ``None`` gives the defaults, a mapping its fields; a ``cls`` is returned as is."""
     name = name or cls.__name__
     if value is None:
         return cls()
@@ -428,11 +420,13 @@ class EncoderConfig:
         Encoder name (a preset such as ``"uni"``, an ``"hf-hub:..."`` or timm name; see
         :func:`agl_scverse.model.get_encoder`), or (for embedding) a module / callable.
     weights
-        Local weights file of the encoder (loaded strictly: every tensor must fit).
+        Local state-dict file of the encoder (``.safetensors``/``.bin``/``.pth``; see
+        :func:`agl_scverse.model.load_weights`); its sha256 is recorded.
     encoder_kwargs
         Keyword arguments of ``timm.create_model`` for the encoder (recorded in the model).
     pretrained
-        Let timm download its pretrained weights (when ``weights`` is None).
+        The published weights (a preset's, an ``hf-hub:`` repository's or timm's) from the local cache, else the
+        hub (when ``weights`` is None); fails at once when they are not local and the hub is off or unreachable.
     strict
         Load ``weights`` strictly (every tensor must fit).
     patch_px
@@ -441,16 +435,19 @@ class EncoderConfig:
         Patch side in µm on the slide.
     precision
         How the encoder runs: ``"auto"`` (bf16 or fp16 autocast where the device runs it natively, float32
-        otherwise), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`agl_scverse.pp.embed_patches`). In fine-tune
-        mode, the training and validation forward passes (losses and the DkGSB hypergradient stay float32).
+        otherwise; ``channels_last`` for convolutional encoders), ``"fp32"`` (the reference), ``"bf16"`` or
+        ``"fp16"``. Features are stored as float32. In fine-tune mode, the training and validation forward passes
+        (losses and the DkGSB hypergradient stay float32).
     backend
-        What runs a frozen encoder: ``"auto"``, ``"torch"`` or ``"onnx"`` (ONNX Runtime). Fine-tuning uses torch.
+        What runs a frozen encoder: ``"auto"`` (ONNX Runtime on a CPU when ``precision`` means float32 there,
+        ``onnxruntime`` is installed and the exported graph agrees with torch on the first patches, else torch),
+        ``"torch"`` (the reference) or ``"onnx"`` (ONNX Runtime, or an error). Fine-tuning uses torch.
     batch_size
         Patches per encoder batch when embedding.
     num_workers
         DataLoader worker processes cutting patches; results are the same with any number.
     prefetch_factor
-        Batches each worker prepares ahead.
+        Batches each worker prepares ahead (memory grows with ``num_workers * prefetch_factor * batch_size``).
     allow_lowres
         Cut patches from a ``"hires"`` image coarser than the patches when a library has no full-resolution image
         (refused by default; see :class:`~agl_scverse.pp.SpotPatches`).

@@ -84,7 +84,7 @@ def test_baselines_train_on_the_same_spots_as_the_networks(refit):
     from agl_scverse.pp import expression_transform
     from agl_scverse.tl._baselines import pca_ridge
 
-    roles = agl.pp.compute_gene_roles(a, n_targets=N_TARGETS, train_mask=slide != "S0")
+    roles = agl.pp.gene_roles(a, n_targets=N_TARGETS, train_mask=slide != "S0", inplace=False)
     Y = expression_transform(a.X, "log1p", columns=a.var_names.get_indexer(roles.targets))
     emb = a.obsm["X_agl_toy"]
     expect = pca_ridge(emb[train], Y[train], emb[test])
@@ -119,7 +119,7 @@ def test_targets_are_hvg_of_training_groups_only():
     a.X[held, 7] = np.where(rng.random(held.sum()) < 0.75, 0, 12)  # wildly variable on S0 only
     df = cross_validate(a, "slide", methods=(), genes=GENES, groups=["S0"])
     assert "g7" not in set(df.gene)
-    roles = agl.pp.compute_gene_roles(a, n_targets=N_TARGETS, train_mask=~held)
+    roles = agl.pp.gene_roles(a, n_targets=N_TARGETS, train_mask=~held, inplace=False)
     assert sorted(df.gene.unique()) == sorted(roles.targets)
 
 

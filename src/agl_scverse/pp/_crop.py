@@ -27,27 +27,12 @@ MAX_BATCH_BYTES = 4 * 2**30
 
 
 def patch_bytes(side: int, patch_px: int) -> int:
-    """Bytes cutting one patch takes (see :data:`MAX_PATCH_BYTES`).
-
-    Examples
-    --------
-    >>> round(patch_bytes(448, 224) / 2**20, 1)  # MiB, a 112 µm patch of a 0.25 µm/px scan
-    4.2
-    """
+    """Bytes cutting one patch takes (see :data:`MAX_PATCH_BYTES`)."""
     return 3 * (6 * int(side) ** 2 + 5 * int(patch_px) ** 2)
 
 
 def check_patch_batch(patch_px: int, batch_size: int, in_flight: int = 1, what: str = "batch_size") -> None:
-    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit.
-
-    Examples
-    --------
-    >>> check_patch_batch(224, 32)
-    >>> check_patch_batch(4096, 32)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: A batch of 32 patches of 4096 x 4096 px needs about 13.5 GiB ...
-    """
+    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit."""
     need = int(batch_size) * 3 * int(patch_px) ** 2 * (int(in_flight) + 8)
     if need > MAX_BATCH_BYTES:
         fit = max(0, int(MAX_BATCH_BYTES // (3 * int(patch_px) ** 2 * (int(in_flight) + 8))))
@@ -78,20 +63,7 @@ def crop_with_padding(
     pad_value: Any = 255,
     level: int = 0,
 ) -> np.ndarray:
-    """The ``side x side`` block of ``image`` with top-left pixel ``(x0, y0)``, padded where it leaves the image.
-
-    ``image`` is an image source (read with ``read_region`` at ``level``, see :mod:`agl_scverse._images`) or an
-    array; ``(x0, y0)`` are pixels of that level.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> img = np.zeros((4, 4, 3), dtype=np.uint8)
-    >>> crop_with_padding(img, -1, -1, 3)[:, :, 0]
-    array([[255, 255, 255],
-           [255,   0,   0],
-           [255,   0,   0]], dtype=uint8)
-    """
+    """The ``side x side`` block of ``image`` with top-left pixel ``(x0, y0)``, padded where it leaves the image."""
     src = open_image(image)
     W, H = src.level_size(level)
     xa, xb = max(x0, 0), min(x0 + side, W)
@@ -119,20 +91,7 @@ SUBPIXEL_TOLERANCE = 1e-3
 
 
 def crop_origin(centres: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left pixel of each ``side x side`` crop around ``centres`` (pixels), and its sub-pixel remainder.
-
-    A crop's origin is ``o = c - (side - 1) / 2`` for an odd side (the spot's pixel is the centre pixel) and
-    ``c - side / 2 + 1`` for an even side (the centre falls half a pixel before the middle, on pixel ``c``): a whole
-    pixel for whole-pixel centres, which are cut exactly. A fractional centre (Space Ranger writes them) gives
-    ``o = x0 + f`` with ``0 < f < 1``: the crop is read one pixel larger from ``x0`` and resampled by ``f``
-    (:func:`subpixel_shift`), so a patch moves continuously with its centre instead of jumping a pixel where
-    rounding flips. Remainders within :data:`SUBPIXEL_TOLERANCE` of a whole pixel are snapped to it.
-
-    Examples
-    --------
-    >>> crop_origin(np.array([[10.0, 10.25]]), 3)
-    (array([[9, 9]]), array([[0.  , 0.25]]))
-    """
+    """Top-left pixel of each ``side x side`` crop around ``centres`` (pixels), and its sub-pixel remainder."""
     origin = np.asarray(centres, dtype=np.float64) - (side - 1) / 2.0 + (0.5 if side % 2 == 0 else 0.0)
     nearest = np.round(origin)
     snap = np.abs(origin - nearest) < SUBPIXEL_TOLERANCE
@@ -142,17 +101,7 @@ def crop_origin(centres: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def subpixel_shift(crop: np.ndarray, fx: float, fy: float) -> np.ndarray:
-    """Resample a ``(side + 1, side + 1, 3)`` uint8 crop at offsets ``(fx, fy)`` in [0, 1): ``(side, side, 3)``.
-
-    Bilinear: output pixel ``(i, j)`` is the value at ``(j + fx, i + fy)`` of the crop, so ``fx = 0.5`` averages
-    each pixel with its right neighbour. Rounded back to uint8.
-
-    Examples
-    --------
-    >>> a = np.zeros((3, 3, 3), dtype=np.uint8); a[:, 1] = 100
-    >>> subpixel_shift(a, 0.5, 0.0)[0, :, 0]
-    array([50, 50], dtype=uint8)
-    """
+    """Resample a ``(side + 1, side + 1, 3)`` uint8 crop at offsets ``(fx, fy)`` in [0, 1): ``(side, side, 3)``."""
     c = crop.astype(np.float32)
     c = c[:, :-1] * (1.0 - fx) + c[:, 1:] * fx
     c = c[:-1] * (1.0 - fy) + c[1:] * fy

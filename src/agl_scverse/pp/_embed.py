@@ -25,7 +25,7 @@ from torch import nn
 from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
-from agl_scverse._encoder_args import as_encoder_config, encoder_keywords
+from agl_scverse._encoder_args import ENCODER_FIELDS, as_encoder_config, encoder_keywords
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, sha256_file, show_progress
 from agl_scverse.configs import EncoderConfig
@@ -48,21 +48,11 @@ __all__ = ["embed_patches"]
 #: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
 TTA_CHOICES = (1, 4, 8)
 #: The old keywords of :func:`embed_patches`, now fields of its ``encoder`` (an EncoderConfig); kept one release.
-EMBED_KEYWORDS = (
-    "weights", "pretrained", "patch_px", "patch_um", "batch_size", "num_workers", "prefetch_factor",
-    "encoder_kwargs", "strict", "precision", "allow_lowres", "backend", "tta",
-)  # fmt: skip
+EMBED_KEYWORDS = tuple(n for n in ENCODER_FIELDS if n != "encoder")
 
 
 def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """The first ``n`` of the 8 dihedral transforms of a (B, C, H, W) batch: 4 quarter turns, then flipped ones.
-
-    Examples
-    --------
-    >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
-    >>> [v.flatten().tolist() for v in dihedral_views(x, 2)]
-    [[0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 0.0, 2.0]]
-    """
+    """The first ``n`` of the 8 dihedral transforms of a (B, C, H, W) batch: 4 quarter turns, then flipped ones."""
     views = [x] + [torch.rot90(x, k, dims=(2, 3)) for k in range(1, min(n, 4))]  # only the views asked for
     if n > 4:
         flipped = torch.flip(x, dims=(3,))
@@ -101,13 +91,7 @@ def _build_key(encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_
 def built_encoder(
     encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_kwargs: Any, strict: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`get_encoder`, reusing the module built last from the same name, settings and weights file content.
-
-    The weights file is known by its sha256. Registered names, ``hf-hub:`` names, ``pretrained=True`` (files outside this call's control), modules and
-    callables are built (or taken) each time; at most one module of at most :data:`MAX_KEPT_ENCODER_BYTES` is
-    kept. The caller must not change the module's tensors (:func:`embed_patches` runs it frozen and puts its
-    device, mode and layout back).
-    """
+    """:func:`get_encoder`, reusing the module built last from the same name, settings and weights file content."""
     key = _build_key(encoder, weights, pretrained, seed, encoder_kwargs, strict)
     if key is not None and key in _BUILT:
         module, info = _BUILT[key]
@@ -123,26 +107,13 @@ def built_encoder(
 
 
 class ReadAhead:
-    """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager.
-
-    While the caller works on item ``i`` (an encoder forward pass: ONNX Runtime and torch release the GIL), the
-    thread makes item ``i + 1`` (cutting patches: image reads, PIL and torch release it too). At most ``depth``
-    finished items wait in the queue, so ``depth + 2`` are alive at once (queued, being made, being used). Items
-    come in ``source``'s order; an exception raised by ``source`` is raised again, as it is, by the caller's next
-    ``next()``. Leaving the block (normally, by an error or ``KeyboardInterrupt``) stops the thread and waits for
-    it: no thread outlives the block.
-
-    Examples
-    --------
-    >>> with ReadAhead(iter(range(4))) as it:
-    ...     list(it)
-    [0, 1, 2, 3]
-    """
+    """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager."""
 
     _END = object()
 
     def __init__(self, source: Iterator[Any], depth: int = 1, name: str = "agl-read-ahead"):
-        self._source, self._queue = source, queue.Queue(maxsize=max(1, int(depth)))
+        self._source = source
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, int(depth)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -230,22 +201,14 @@ def _encode(
     prefetch_factor: int = 2,
     precision: Precision | None = None,
     seed: int = 0,
-    sampler=None,
+    sampler: Any = None,
     progress: bool = True,
     backend: str = "torch",
     info: dict | None = None,
     tta: int = 1,
     read_ahead: bool = True,
 ) -> tuple[np.ndarray, dict]:
-    """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
-
-    With ``sampler``, only the indices it yields, in that order. ``backend`` (``"auto"``, ``"torch"``, ``"onnx"``,
-    see :mod:`agl_scverse.encoders._onnx_backend`) is started on the first batch, which also checks
-    an ONNX graph against torch; ``info`` (of :func:`get_encoder`) is part of the graph's cache key.
-    With ``tta`` > 1, the mean over that many dihedral views of each patch (:func:`dihedral_views`).
-    ``read_ahead`` (without DataLoader workers): cut the next batch in a thread (:class:`ReadAhead`) while the
-    encoder runs; the features are the same either way.
-    """
+    """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend)."""
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
@@ -281,7 +244,7 @@ def _encode(
                     started = True
                     onnx = start_backend(resolved, backend, model, int(x.shape[-1]), x, device, info)
                     converted = onnx is None and prec.to_layout(model)
-                y = None
+                y: torch.Tensor | None = None
                 for view in dihedral_views(x, tta):  # the patch itself first; more views with tta > 1
                     if onnx is not None:
                         yv = _features(onnx(view), len(x)).float()
@@ -289,6 +252,7 @@ def _encode(
                         with prec.autocast():
                             yv = _features(model(prec.image_batch(view)), len(x)).float()
                     y = yv if y is None else y + yv
+                assert y is not None  # tta >= 1 views
                 y = y / tta
                 if out is None:
                     out = np.empty((n, y.shape[1]), dtype=np.float32)
@@ -309,15 +273,13 @@ def _encode(
 
 
 def _encode_distributed(model: nn.Module, ds: SpotPatches, *args, **kw) -> tuple[np.ndarray, dict]:
-    """:func:`_encode` under ``torchrun``: each rank embeds its ``DistributedSampler`` share, every rank gets all.
-
-    The sampler does not shuffle; it pads the last shares with the first spots (embedded twice, identically).
-    The shares are gathered with ``all_gather_object`` (every rank holds the spots x D features once).
-    """
+    """:func:`_encode` under ``torchrun``: each rank embeds its ``DistributedSampler`` share, every rank gets all."""
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=False)
-    local, record = _encode(model, ds, *args, **kw, sampler=sampler)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=False
+    )
+    local, record = _encode(model, ds, *args, **kw, sampler=sampler)  # type: ignore[misc]  # args end before it
     parts = dist.all_gather_object((np.asarray(list(iter(sampler)), dtype=np.int64), local))
     out = np.empty((len(ds), local.shape[1]), dtype=np.float32)
     for idx, feats in parts:
@@ -344,55 +306,21 @@ def embed_patches(
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
     Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` (see :class:`SpotPatches`), are
-    normalised with the encoder's mean/std and run through the encoder in eval mode under
-    ``torch.inference_mode``, in batches (a torch DataLoader), with a
-    progress bar, in the precision ``precision`` asks for, by the engine ``backend`` picks (on a CPU, ONNX Runtime
-    when it is installed: about 2-3x faster than torch).
+    normalised with the encoder's mean/std and run through the encoder in eval mode under ``torch.inference_mode``,
+    in batches (a torch DataLoader), with a progress bar, in the precision and by the backend the encoder config
+    asks for (timings on the Encoders page).
 
     Parameters
     ----------
     %(data)s
     encoder
-        The encoder and how it runs: an :class:`~agl_scverse.EncoderConfig` (or a dict of its fields), or just the
-        encoder (its ``encoder`` field): a preset (``"uni"``, ``"uni2-h"``, ``"virchow2"``, ``"h-optimus-0"``,
-        ``"prov-gigapath"``, ``"phikon-v2"``, or its ``"hf-hub:..."`` id; see
+        The encoder and how it runs: an :class:`~agl_scverse.EncoderConfig` (or a dict of its fields; each field is
+        described there), or just the encoder (its ``encoder`` field): a preset (``"uni"``, ``"virchow2"``, ...; see
         :func:`agl_scverse.model.list_presets`), an ``"hf-hub:<org>/<model>"`` timm model, a registered name or any
         ``timm`` model (random init unless ``weights``/``pretrained``), a torch module, a tensor -> tensor callable,
-        or a ``(module, info)`` pair from :func:`get_encoder`. Its fields, as used here:
-
-        - ``weights``: local state-dict file (``.safetensors``/``.bin``/``.pth``, see :func:`load_weights`); its
-          sha256 is recorded. ``strict`` (default): the file must fit the architecture exactly.
-        - ``pretrained``: the published weights (a preset's or ``hf-hub:`` repository's, or timm's) from the local
-          cache, else the hub; fails at once when they are not local and the hub is off or unreachable.
-        - ``encoder_kwargs``: keyword arguments of ``timm.create_model`` (over a preset's), recorded so a model
-          can rebuild the encoder.
-        - ``patch_px`` / ``patch_um``: patch side in pixels (the encoder's input size) and in µm on the slide.
-        - ``batch_size``: patches per forward pass. ``num_workers``: DataLoader workers cutting patches (each
-          reopens the slide images and reads its patches by region; the features are the same as with 0).
-          ``prefetch_factor``: batches each worker prepares ahead; memory grows with
-          ``num_workers * prefetch_factor * batch_size`` patches.
-        - ``precision``: ``"auto"`` (default): ``channels_last`` for convolutional encoders plus bf16 autocast where
-          the device runs bf16 natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 / AMX), fp16 on CUDA GPUs
-          without bf16, float32 elsewhere. ``"fp32"``: float32 in the default layout (the reference). ``"bf16"`` /
-          ``"fp16"``: that autocast dtype. Features are stored as float32 whatever the precision (bf16 and fp32
-          features compared on the Method page).
-        - ``backend``: what runs the frozen encoder. ``"auto"`` (default): ONNX Runtime on a CPU when
-          ``precision="auto"`` means float32 there, ``onnxruntime`` is installed (``pip install
-          'agl-scverse[onnx]'``) and the encoder exports to ONNX, checked against torch on the first patches
-          (cosine similarity >= 0.999 per patch); else torch, with one log line saying why (``precision="fp32"``
-          keeps torch's bit-for-bit reference). ``"torch"``: the torch module (the reference). ``"onnx"``: ONNX
-          Runtime, or an error. The exported graph is cached per encoder, weights and input size (see the
-          Encoders page).
-        - ``allow_lowres``: cut patches from a ``"hires"`` image coarser than the patches when a library has no
-          full-resolution image (refused by default, see :class:`SpotPatches`). The source resolution (µm per
-          pixel of the image level read, per library) is recorded either way (``source_um_per_px``), and
-          :func:`agl_scverse.tl.agl_predict` compares it with the model's.
-        - ``tta``: test-time augmentation: ``True`` (or 8) averages each patch's features over its 8 dihedral
-          views (4 quarter turns, each also mirrored), 4 over the quarter turns; ``False`` (default) embeds the
-          patch as cut. Costs ``tta`` forward passes per patch; recorded (``tta``) and checked by
-          :func:`agl_scverse.tl.agl_predict`.
-
-        The old keywords (``weights=``, ``patch_px=``, ``precision=``, ...) still work for one release, with a
+        or a ``(module, info)`` pair from :func:`get_encoder`. The weights file's sha256 and every setting are
+        recorded, so :func:`agl_scverse.tl.agl_predict` can check a slide's embedding against a model's. The old
+        keywords (``weights=``, ``patch_px=``, ``precision=``, ...) still work for one release, with a
         ``FutureWarning`` giving the new spelling.
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...

@@ -53,12 +53,9 @@ __all__ = [
 DEFAULT_MIN_CELLS = 10
 """Default ``min_cells``: a gene must have counts in at least 10 training spots to be a candidate.
 
-Why 10: the model is trained and early-stopped on per-gene Pearson correlation, and the HVG dispersion is a
-variance estimate; a gene seen in a handful of spots gives both a value dominated by those few spots (and a
-validation split may hold none of them). Ten spots is negligible next to the hundreds to thousands of spots of
-a slide, so it keeps most expressed genes while dropping the near-empty ones (HER2+, four training sections,
-730 spots: 13,691 of the 16,647 genes seen at least once). Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0, 1) for a
-fraction of training spots.
+A gene seen in a handful of spots gives a Pearson correlation and an HVG dispersion dominated by those spots (and a
+validation split may hold none of them); ten spots is negligible next to the hundreds to thousands of a slide.
+Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0, 1) for a fraction of training spots.
 """
 
 
@@ -330,6 +327,7 @@ def _compute(
                 f"Only {n_cand} genes have counts in >= {min_cells_n} of the {n_train} training spots, fewer than "
                 f"n_targets={n_targets}. Lower n_targets or min_cells."
             )
+        assert disp is not None  # n_targets > 0 genes pass
         cand = disp[passing[pool_idx]]
         order = rank_order(cand.to_numpy())
         targets = cand.index[order[: int(n_targets)]].tolist()
@@ -365,6 +363,7 @@ def _compute(
         has = in_pool >= 0
         scores = np.full(len(aux_pool), np.nan)
         if has.any():
+            assert X_log is not None  # computed for these priors
             X_aux = X_log[:, in_pool[has]]
             if prior == "coexpression":
                 t_idx = np.array([pos[g] for g in targets])
@@ -420,16 +419,7 @@ def compute_gene_roles(adata: AnnData, *args: Any, **kwargs: Any) -> GeneRoles:
 
 
 def write_gene_roles(adata: AnnData, roles: GeneRoles, key_added: str = consts.DEFAULT_KEY) -> None:
-    """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[Keys(key_added).gene_roles]`` (in place).
-
-    Examples
-    --------
-    >>> import numpy as np, anndata as ad
-    >>> a = ad.AnnData(np.random.default_rng(0).poisson(2.0, (40, 12)).astype(np.float32))
-    >>> write_gene_roles(a, gene_roles(a, n_targets=3, inplace=False))
-    >>> sorted(a.uns["agl_gene_roles"])[:3]
-    ['agl_keys', 'auxiliaries_given', 'min_cells']
-    """
+    """Write a :class:`GeneRoles` to ``adata.var`` and ``adata.uns[Keys(key_added).gene_roles]`` (in place)."""
     if not roles.var_names.equals(adata.var_names):
         raise ValueError("These gene roles were computed on different genes than adata.var_names.")
     keys = Keys(key_added)

@@ -399,11 +399,7 @@ class SpotPatches(Dataset):
         return resize_patch(t, self.patch_px)
 
     def _subpixel_patch(self, i: int) -> np.ndarray:
-        """Item ``i`` of a spot with a fractional centre, as a ``(patch_px, patch_px, 3)`` uint8 array.
-
-        The crop window shifted by the fraction is resized to ``patch_px`` in one bilinear, antialiased pass (PIL's
-        ``resize`` with a float ``box``), so the offset adds no blur of its own.
-        """
+        """Item ``i`` of a spot with a fractional centre, as a ``(patch_px, patch_px, 3)`` uint8 array."""
         from PIL import Image
 
         lib = self.library[i]

@@ -37,13 +37,7 @@ STREAM_HVG_BYTES = 256 * 2**20
 
 
 def hvg_dispersions(X, rows: np.ndarray, cols: np.ndarray, genes: pd.Index) -> pd.Series:
-    """Seurat-flavour ``dispersions_norm`` of genes ``cols`` on the log1p counts of spots ``rows``.
-
-    Small data go through :func:`scanpy.pp.highly_variable_genes` (``flavor="seurat"``) itself. When the counts of
-    those spots and genes exceed :data:`STREAM_HVG_BYTES` (scanpy copies the matrix twice), the same statistics
-    are accumulated over chunks of spots (:func:`streaming_seurat_dispersions`); ``tests/pp/test_genes.py``
-    checks that both agree.
-    """
+    """Seurat-flavour ``dispersions_norm`` of genes ``cols`` on the log1p counts of spots ``rows``."""
     X_rows = take_rows(X, rows) if len(rows) * len(cols) * 4 <= STREAM_HVG_BYTES else None
     if X_rows is not None and (not sp.issparse(X_rows) or X_rows.nnz * 8 <= STREAM_HVG_BYTES):
         import scanpy as sc
@@ -58,12 +52,7 @@ def hvg_dispersions(X, rows: np.ndarray, cols: np.ndarray, genes: pd.Index) -> p
 def streaming_seurat_dispersions(
     X, rows: np.ndarray, cols: np.ndarray, genes: pd.Index, n_bins: int = 20, chunk: int = 4096
 ) -> pd.Series:
-    """Scanpy's seurat-flavour normalised dispersions, with the per-gene moments accumulated over chunks of spots.
-
-    Per gene: the mean and unbiased variance of ``expm1(log1p(counts))`` (the values scanpy sees), dispersion
-    ``log(var / mean)``, mean ``log1p(mean)``; genes binned by mean into ``n_bins`` equal-width bins
-    (:func:`pandas.cut`), dispersions z-scored within their bin (a bin with one gene: normalised dispersion 1).
-    """
+    """Scanpy's seurat-flavour normalised dispersions, with the per-gene moments accumulated over chunks of spots."""
     cols = np.asarray(cols, dtype=np.int64)
     total, total_sq = np.zeros(len(cols)), np.zeros(len(cols))
     for s in range(0, len(rows), chunk):

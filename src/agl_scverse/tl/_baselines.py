@@ -86,30 +86,7 @@ def make_pca_ridge(
     n_features: int | None = None,
     seed: int = 0,
 ) -> Pipeline:
-    """An unfitted ``StandardScaler -> PCA -> Ridge`` pipeline.
-
-    Parameters
-    ----------
-    n_components
-        PCA components (HEST-Benchmark: 256), capped at ``min(n_samples, n_features)`` when those are given.
-    alpha
-        Fixed ridge penalty. ``None`` (default) picks one penalty for all genes from ``alphas`` by efficient
-        leave-one-out cross-validation on the training spots only (:class:`~sklearn.linear_model.RidgeCV`,
-        generalised CV). Why not a fixed value: with a few hundred training spots and 256 components, a
-        near-unpenalised fit overfits, and the right penalty depends on the number of spots, so it is chosen
-        from the training data rather than fixed.
-    alphas
-        Penalties searched when ``alpha`` is None.
-    n_samples, n_features
-        Training spots and embedding size, to cap ``n_components``.
-    seed
-        Random state of the PCA solver.
-
-    Examples
-    --------
-    >>> make_pca_ridge(n_components=256, n_samples=100, n_features=64).named_steps["pca"].n_components
-    64
-    """
+    """An unfitted ``StandardScaler -> PCA -> Ridge`` pipeline."""
     caps = [n_components] + [int(v) for v in (n_samples, n_features) if v is not None]
     n_comp = max(1, min(caps))
     if alpha is None:
@@ -215,10 +192,7 @@ RRR_RANKS: tuple[int | None, ...] = (2, 4, 8, 16, 32, None)
 
 
 class RRRFit:
-    """A ridge fit of z-scored genes on standardised features, with its reduced-rank projections.
-
-    Made by :func:`rrr_fit`; :meth:`coefficients` gives the rank-``r`` coefficients of the first columns.
-    """
+    """A ridge fit of z-scored genes on standardised features, with its reduced-rank projections."""
 
     def __init__(self, x_mean, x_std, y_mean, y_std, alpha, B, Xs, cols):
         self.x_mean, self.x_std, self.y_mean, self.y_std = x_mean, x_std, y_mean, y_std
@@ -226,11 +200,7 @@ class RRRFit:
         self._V = None
 
     def coefficients(self, rank: int | None, n_first: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Coefficients (standardised features x the first ``n_first`` z-scored genes), intercepts, the rank used.
-
-        ``rank`` None or >= the number of weighted columns: the full ridge fit. Weighted auxiliary columns are
-        scaled back, so each column predicts its gene's z-score.
-        """
+        """Coefficients (standardised features x the first ``n_first`` z-scored genes), intercepts, the rank used."""
         B, n_cols = self.B, self.B.shape[1]
         r = n_cols if rank is None else min(int(rank), self._Xs.shape[0], n_cols)
         if r < n_cols:
@@ -245,10 +215,7 @@ class RRRFit:
 
 
 def rrr_fit(X_train, Y_train, n_targets: int, *, aux_weight=1.0, alpha=None, alphas=DEFAULT_RIDGE_ALPHAS) -> RRRFit:
-    """The ridge fit behind :func:`reduced_rank_ridge` (features standardised, genes z-scored, LOO alpha).
-
-    Columns with ``aux_weight`` 0 are left out of the fit (their coefficients are not available).
-    """
+    """The ridge fit behind :func:`reduced_rank_ridge` (features standardised, genes z-scored, LOO alpha)."""
     n_t = int(n_targets)
     w = np.broadcast_to(np.asarray(aux_weight, dtype=np.float64), (Y_train.shape[1] - n_t,))
     if np.any(w < 0) or not np.all(np.isfinite(w)):

@@ -50,7 +50,7 @@ class FitConfig:
             bad = (
                 "mode='finetune'" if self.mode != "embedding"
                 else f"method={self.method!r}" if self.method == "dkgsb"
-                else f"n_seeds={self.training.n_seeds}" if (self.training.n_seeds or 1) > 1 else None
+                else f"n_seeds={self.training.n_seeds}" if self.n_seeds > 1 else None
             )  # fmt: skip
             if bad:
                 raise ValueError(
@@ -63,7 +63,7 @@ class FitConfig:
                 "head='hybrid' (the MLP and a closed-form ridge on cached features) applies to mode='embedding'. "
                 "Use head='mlp' in fine-tune mode."
             )
-        if self.mode == "finetune" and (self.training.n_seeds or 1) > 1:
+        if self.mode == "finetune" and self.n_seeds > 1:
             raise ValueError(
                 f"n_seeds={self.training.n_seeds} applies to mode='embedding' (an ensemble of heads on the same "
                 "features); in fine-tune mode it would train that many encoders. Use TrainingConfig(n_seeds=1), or fit "
@@ -82,11 +82,11 @@ class FitConfig:
         method: consts.Method,
         mode: consts.Mode,
         *,
-        genes: GeneConfig | dict | None = None,
-        network: NetworkConfig | dict | None = None,
-        training: TrainingConfig | dict | None = None,
-        dkgsb: DkGSBConfig | dict | None = None,
-        encoder: EncoderConfig | dict | None = None,
+        genes: GeneConfig | Mapping[str, Any] | None = None,
+        network: NetworkConfig | Mapping[str, Any] | None = None,
+        training: TrainingConfig | Mapping[str, Any] | None = None,
+        dkgsb: DkGSBConfig | Mapping[str, Any] | None = None,
+        encoder: EncoderConfig | Mapping[str, Any] | None = None,
         seed: int = 0,
     ) -> FitConfig:
         """The configs (dicts accepted) with their ``None`` fields resolved for ``mode``, checked together."""
@@ -109,22 +109,29 @@ class FitConfig:
         return self.dkgsb.k
 
     @property
+    def top_k(self) -> int | None:
+        """``method="topk"``'s number of auxiliaries; None for ``"auto"`` or unset."""
+        k = self.dkgsb.k
+        return None if k is None or isinstance(k, str) else int(k)
+
+    @property
+    def n_seeds(self) -> int:
+        """Networks averaged (``TrainingConfig.n_seeds``, 1 where unset)."""
+        return int(self.training.n_seeds or 1)
+
+    @property
     def k_grid(self) -> tuple[int, ...] | None:
         """The numbers of auxiliaries ``k="auto"`` tries."""
         grid = self.dkgsb.k_grid
         return None if grid is None else tuple(grid)
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> consts.Precision:
         """How the network runs in training: the encoder's precision in fine-tune mode, float32 on features."""
         return self.encoder.precision if self.mode == "finetune" else "fp32"
 
     def to_params(self, genes: bool = True) -> dict[str, Any]:
-        """A flat record of every setting, named as the config fields they came from.
-
-        ``genes=False`` leaves out the gene choices (the training hyperparameters only). The run controls
-        ``checkpoint_every`` and ``resume`` are not settings of the result and are left out.
-        """
+        """A flat record of every setting, named as the config fields they came from."""
         out: dict[str, Any] = {"method": self.method, "mode": self.mode, "k": self.k, "seed": self.seed}
         if (grid := self.k_grid) is not None:
             out["k_grid"] = list(grid)
@@ -152,22 +159,7 @@ _CONFIG_OF: dict[str, type] = dict(LEGACY_KEYWORDS.values())  # "training" -> Tr
 
 
 def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
-    """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them.
-
-    ``configs`` maps a parameter (``"training"``) to what was passed (a config, a dict or None; ``"encoder"`` may be
-    a name, the old spelling); ``stacklevel`` points the warning at the user's call. One :class:`FutureWarning`
-    names the new spelling of every old keyword used. A keyword that is not an old one is a :class:`TypeError`, as
-    Python gives; a field given both ways is refused.
-
-    Examples
-    --------
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as w:
-    ...     warnings.simplefilter("always")
-    ...     out = merge_legacy("agl_fit", {"training": None}, {"epochs": 5})
-    >>> out["training"], "training=agl.TrainingConfig(epochs=...)" in str(w[0].message)
-    ({'epochs': 5}, True)
-    """
+    """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them."""
     import warnings
 
     out = dict(configs)

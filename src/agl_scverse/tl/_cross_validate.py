@@ -79,10 +79,10 @@ def cross_validate(
     val_fraction: float = 0.2,
     progress: bool | None = None,
     method_kwargs: dict[str, dict] | None = None,
-    prior: str | None = None,
+    prior: consts.Prior | str | None = None,
     min_cells: int | float | None = None,
     layer: str | None = None,
-    transform: str | None = None,
+    transform: consts.Transform | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out evaluation of AGL methods and baselines.
@@ -119,8 +119,6 @@ def cross_validate(
         ``method_kwargs[name]``.
     embedding_key
         ``.obsm`` key of the embeddings; default: the only ``X_agl_*`` key.
-    n_targets
-        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)``.
     baselines
         Baseline rows: ``True`` every one of :data:`BASELINES` (``"mean"``, ``"pca_ridge"``, ``"rrr"``), ``False``
         none, or a sequence naming the ones wanted (e.g. ``("mean", "pca_ridge")``: ``"rrr"``, the slowest, left
@@ -144,14 +142,8 @@ def cross_validate(
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g.
         ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``).
-    prior
-        Deprecated: use ``genes=agl.GeneConfig(prior=...)``.
-    min_cells
-        Deprecated: use ``genes=agl.GeneConfig(min_cells=...)``.
-    layer
-        Deprecated: use ``genes=agl.GeneConfig(layer=...)``.
-    transform
-        Deprecated: use ``genes=agl.GeneConfig(transform=...)``.
+    n_targets, prior, min_cells, layer, transform
+        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)`` (and so on) instead.
     **fit_kwargs
         Passed to every :func:`agl_scverse.tl.agl_fit` call: its configs (``network=``, ``training=``,
         ``dkgsb=`` with ``k`` for ``"topk"``, ``encoder=``), ``device``, ...
@@ -360,12 +352,7 @@ def _fold_summary(m: pd.DataFrame, fold, method: str, k: float, secs: float) -> 
 
 
 def _rrr_baseline(emb, counts, transform, roles: GeneRoles, adata, train_rows, val_rows, final_rows, test):
-    """Reduced-rank ridge with auxiliaries: rank and number of auxiliaries chosen on the validation spots.
-
-    Settings are scored by fitting on ``train_rows`` and predicting ``val_rows``; the chosen one is refitted on
-    ``final_rows``. Returns the test predictions and the number of auxiliaries used.
-    Without validation spots: full rank, no auxiliaries (plain ridge with z-scored targets).
-    """
+    """Reduced-rank ridge with auxiliaries: rank and number of auxiliaries chosen on the validation spots."""
     n_t = len(roles.targets)
     n_aux = [0] + [a for a in RRR_AUX if a <= len(roles.auxiliaries)]
     cols = adata.var_names.get_indexer(list(roles.targets) + list(roles.auxiliaries[: max(n_aux)]))
@@ -421,11 +408,7 @@ def _check_inputs(adata, group_key, groups, methods, baselines, embedding_key, l
 def _training_anndata(
     adata: AnnData, counts, train: np.ndarray, group_key: str, emb_key: str, roles: GeneRoles, prior_col: str
 ) -> AnnData:
-    """A small AnnData of the training spots only (counts, groups, embedding, the fold's prior as a .var column).
-
-    The held-out spots never enter ``agl_fit``; the prior column makes ``agl_fit`` rank the auxiliaries exactly
-    as this fold's :class:`~agl_scverse.pp.GeneRoles` do (same scores, same order, ties in the same order).
-    """
+    """A small AnnData of the training spots only (counts, groups, embedding, the fold's prior as a .var column)."""
     import scipy.sparse as sp
 
     X = counts[train]

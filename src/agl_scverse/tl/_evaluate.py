@@ -60,12 +60,7 @@ def _summary(df: pd.DataFrame) -> dict[str, float]:
 
 
 def _scored_predictions(layer, rows: np.ndarray, cols: np.ndarray, stack: ExitStack):
-    """``layer[rows][:, cols]``, to be read in gene blocks ``[:, s:e]``.
-
-    An in-memory layer is indexed block by block. A lazy (dask) layer is computed once, chunk by chunk, into a
-    temporary column-major ``.npy`` file (removed by ``stack``), so each chunk of predictions is computed once
-    rather than once per gene block, and a gene block is one contiguous read.
-    """
+    """``layer[rows][:, cols]``, to be read in gene blocks ``[:, s:e]``."""
     if isinstance(layer, np.ndarray):
         return _Blocks(lambda: layer, rows, cols)
     import dask.array as da

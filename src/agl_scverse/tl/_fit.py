@@ -77,9 +77,8 @@ def _train(
 def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
     """The numbers of auxiliaries that ``k="auto"`` tries: 0 and five geometric steps from 1/64 to 1/4 of them.
 
-    The grid stops at a quarter of the auxiliaries (AGL-all is ``method="agl"``): on the HER2+ sections and the
-    synthetic slide the validation score is flat or falling above that, and each fit costs in proportion to its
-    number of outputs.
+    The grid stops at a quarter of the auxiliaries (AGL-all is ``method="agl"``): each fit costs in proportion to its
+    number of outputs, and the validation score was flat above that on the data sets tried (the Method page).
 
     Examples
     --------
@@ -115,11 +114,7 @@ def _search_k(adata, cfg: FitConfig, data: FitData, genes: FitGenes, enc: dict, 
 def _refit(
     adata, cfg: FitConfig, data: FitData, genes: FitGenes, res: TrainResult, enc: dict, dev, progress: bool, seed=None
 ):
-    """Retrain from the initialisation on train + validation spots for the selected number of epochs.
-
-    DkGSB's mask is held at its learned weights. ``seed`` (default ``cfg.seed``) seeds the initialisation and
-    batches. Returns the new network, its inputs and training result.
-    """
+    """Retrain from the initialisation on train + validation spots for the selected number of epochs."""
     seed = cfg.seed if seed is None else int(seed)
     both = np.sort(np.concatenate([data.train_idx, data.val_idx]))
     data2 = FitData(data.used, data.split, both, np.zeros(0, dtype=np.int64), data.emb_key, data.features)
@@ -137,14 +132,9 @@ def _learned_weights(cfg: FitConfig, res: TrainResult) -> np.ndarray | None:
 
 
 def _ensemble(adata, cfg: FitConfig, data: FitData, genes: FitGenes, net, res: TrainResult, enc: dict, dev, progress):
-    """``n_seeds - 1`` more networks, seeds ``seed + 1, ...``, averaged with ``net`` (:class:`EmbeddingEnsemble`).
-
-    They share the split, the gene roles and the auxiliaries of the first network (DkGSB's learned mask held
-    fixed, a k search's k); each trains as the first did: early stopping on the validation spots, or with
-    ``refit`` on every labelled spot for the first network's number of epochs.
-    """
-    members = [net]
-    for i in range(1, cfg.training.n_seeds):
+    """``n_seeds - 1`` more networks, seeds ``seed + 1, ...``, averaged with ``net`` (:class:`EmbeddingEnsemble`)."""
+    members: list[Any] = [net]
+    for i in range(1, cfg.n_seeds):
         seed = cfg.seed + i
         if cfg.training.refit:
             m, _, _ = _refit(adata, cfg, data, genes, res, enc, dev, progress, seed=seed)
@@ -159,37 +149,30 @@ def _ensemble(adata, cfg: FitConfig, data: FitData, genes: FitGenes, net, res: T
 
 
 def _fit_linear(cfg: FitConfig, data: FitData, genes: FitGenes) -> tuple[FitGenes, torch.nn.Module, TrainResult, dict]:
-    """``head="rrr"``: number of auxiliaries (``k="auto"``) and rank chosen on validation, the fit on training spots.
-
-    Returns the genes of the chosen fit, its linear head, a :class:`TrainResult` without epochs, and the choice
-    (``rank``, ``alpha``, ``k``, validation scores).
-    """
+    """``head="rrr"``: number of auxiliaries (``k="auto"``) and rank chosen on validation, the fit on training spots."""
     n_t = genes.n_targets
     auto = cfg.method == "topk" and cfg.k == consts.K_AUTO
     ks = k_search_grid(len(genes.roles.auxiliaries), cfg.k_grid) if auto else [len(genes.model_aux)]
     widest = with_k(genes, max(ks))
-    k, rank, scores = choose_rrr(data.features, widest.expr, data.train_idx, data.val_idx, n_t, ks)
+    feats = data.features
+    assert feats is not None  # embedding mode
+    k, rank, scores = choose_rrr(feats, widest.expr, data.train_idx, data.val_idx, n_t, ks)
     genes = with_k(genes, k)
-    net, info = rrr_head(data.features, genes.expr, data.train_idx, n_t, rank)
+    net, info = rrr_head(feats, genes.expr, data.train_idx, n_t, rank)
     hist = empty_history()
     res = TrainResult(history=hist, best_epoch=0, best_val_pcc=scores.get((k, rank), float("nan")))
     return genes, net, res, {**info, "k": int(k), "search": search_record(scores)}
 
 
 def _add_linear(cfg: FitConfig, data: FitData, genes: FitGenes, net, mlp_val) -> tuple[EmbeddingEnsemble, dict]:
-    """``head="hybrid"``: the trained network(s) and the linear head of the targets (:func:`hybrid_linear`).
-
-    The linear head's auxiliaries are the first of the fit's (prior order; none for PGL), their number and the rank
-    chosen on validation over :func:`k_search_grid`; its share of the target predictions is chosen on validation
-    too, from the first network's predictions there (``mlp_val``, before any refit) and a ridge on the training
-    spots.
-    """
+    """``head="hybrid"``: the trained network(s) and the linear head of the targets (:func:`hybrid_linear`)."""
     ks = [0] if cfg.method == "pgl" else k_search_grid(len(genes.model_aux))
-    widest = with_k(genes, max(ks))
+    widest, feats = with_k(genes, max(ks)), data.features
+    assert feats is not None  # embedding mode
     lin, info = hybrid_linear(
-        data.features, widest.expr, data.train_idx, data.val_idx, genes.n_targets, ks, cfg.training.refit, mlp_val
+        feats, widest.expr, data.train_idx, data.val_idx, genes.n_targets, ks, bool(cfg.training.refit), mlp_val
     )
-    members = list(net.members) if isinstance(net, EmbeddingEnsemble) else [net]
+    members: list[Any] = list(net.members) if isinstance(net, EmbeddingEnsemble) else [net]
     return EmbeddingEnsemble(members, lin, info["weight"]), info
 
 
@@ -197,6 +180,7 @@ def _make_model(cfg: FitConfig, genes: FitGenes, res: TrainResult, net, enc_reco
     n_t, n_aux_all = genes.n_targets, len(genes.roles.auxiliaries)
     if cfg.method == "dkgsb":
         aux_w = np.asarray(res.aux_weights, dtype=np.float64)
+        assert res.k is not None and res.theta is not None  # set by DkGSB
         k_sel, threshold = int(res.k), float(res.theta)
     else:
         aux_w = np.ones(len(genes.model_aux))
@@ -280,7 +264,7 @@ def _write_results(
     }  # fmt: skip
     written = _written(keys)
     written["uns"] += [consts.EMBED_UNS] if data.new_embedding else []
-    written["obsm"] = [data.emb_key] if data.new_embedding else []
+    written["obsm"] = [data.emb_key] if data.new_embedding and data.emb_key else []
     with restore_on_error(adata, **written):
         write_gene_roles(adata, genes.roles, key_added=keys.prefix)
         adata.var[keys.weight] = w_col
@@ -412,6 +396,7 @@ def agl_fit(
     >>> adata.uns["agl"]["k"], adata.var["agl_selected"].sum()  # doctest: +SKIP
     """
     t_start = time.perf_counter()
+    given: dict[str, Any]  # configs, dicts or an old encoder name: FitConfig.build sorts them out
     given = {"genes": genes, "network": network, "training": training, "dkgsb": dkgsb, "encoder": encoder}
     if legacy or (encoder is not None and not isinstance(encoder, EncoderConfig | Mapping)):
         given = merge_legacy("agl_fit", given, legacy)
@@ -433,43 +418,41 @@ def agl_fit(
     progress = show_progress(progress)
 
     fit_data = prepare_data(adata, cfg, spots, split_key, val_groups, val_fraction, embedding_key)
-    genes = prepare_genes(adata, cfg, fit_data, library_key)
+    fg = prepare_genes(adata, cfg, fit_data, library_key)
     enc = {"library_key": library_key, "progress": progress}  # what embedding and patches need beyond the config
     k_search, checkpoint, linear = None, None, None  # the k search and the refit are short runs: not checkpointed
     if cfg.network.head == consts.HEAD_RRR:
-        _, inputs, enc_record = build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)  # the features
-        genes, net, res, linear = _fit_linear(cfg, fit_data, genes)
+        _, inputs, enc_record = build_network(adata, cfg, fit_data, len(fg.genes), enc, dev)  # the features
+        fg, net, res, linear = _fit_linear(cfg, fit_data, fg)
     elif cfg.method == "topk" and cfg.k == consts.K_AUTO:
-        (genes, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, genes, enc, dev, progress)
+        (fg, net, inputs, res, enc_record), k_search = _search_k(adata, cfg, fit_data, fg, enc, dev, progress)
     else:
-        net, inputs, enc_record = build_network(adata, cfg, fit_data, len(genes.genes), enc, dev)
+        net, inputs, enc_record = build_network(adata, cfg, fit_data, len(fg.genes), enc, dev)
         mask = (
-            GeneMask(genes.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau)
-            if cfg.method == "dkgsb"
-            else None
+            GeneMask(fg.roles.normalized_rank.astype(np.float64), tau=cfg.dkgsb.tau) if cfg.method == "dkgsb" else None
         )
-        checkpoint = checkpointer(save_dir, overwrite, cfg, genes, fit_data, net, enc_record)
+        checkpoint = checkpointer(save_dir, overwrite, cfg, fg, fit_data, net, enc_record)
         desc = f"agl_fit ({cfg.method})"
-        res = _train(net, inputs, genes, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
-    n_t = genes.n_targets  # validation metrics of the selected network, before any refit has seen those spots
+        res = _train(net, inputs, fg, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
+    n_t = fg.n_targets  # validation metrics of the selected network, before any refit has seen those spots
     val_pred = predict_rows(net, inputs, fit_data.val_idx, n_t)
-    val_metrics = per_gene_metrics(genes.expr.batch(fit_data.val_idx, n_t), val_pred, genes=genes.roles.targets)
+    val_metrics = per_gene_metrics(fg.expr.batch(fit_data.val_idx, n_t), val_pred, genes=fg.roles.targets)
     refit_history = None
     if cfg.training.refit and linear is not None:
         both = np.sort(np.concatenate([fit_data.train_idx, fit_data.val_idx]))
-        net, _ = rrr_head(fit_data.features, genes.expr, both, n_t, linear["rank"])
+        net, _ = rrr_head(fit_data.features, fg.expr, both, n_t, linear["rank"])
     elif cfg.training.refit:
-        net, inputs, res_refit = _refit(adata, cfg, fit_data, genes, res, enc, dev, progress)
+        net, inputs, res_refit = _refit(adata, cfg, fit_data, fg, res, enc, dev, progress)
         refit_history = res_refit.history
         res.fit_seconds += res_refit.fit_seconds
     net.cpu().eval()
-    if cfg.training.n_seeds > 1:
+    if cfg.n_seeds > 1:
         t_ens = time.perf_counter()
-        net = _ensemble(adata, cfg, fit_data, genes, net, res, enc, dev, progress)
+        net = _ensemble(adata, cfg, fit_data, fg, net, res, enc, dev, progress)
         res.fit_seconds += time.perf_counter() - t_ens
     if cfg.network.head == consts.HEAD_HYBRID:
         t_lin = time.perf_counter()
-        net, linear = _add_linear(cfg, fit_data, genes, net, val_pred)
+        net, linear = _add_linear(cfg, fit_data, fg, net, val_pred)
         res.fit_seconds += time.perf_counter() - t_lin
     extra = {
         "t_start": t_start, "library_key": library_key, "inputs": inputs, "val_metrics": val_metrics,
@@ -483,18 +466,18 @@ def agl_fit(
             "checkpoint_every": t.checkpoint_every, "resume": t.resume, "world_size": dist.world_size(),
         },
     }  # fmt: skip
-    model = _make_model(cfg, genes, res, net, enc_record, fit_data, extra)
+    model = _make_model(cfg, fg, res, net, enc_record, fit_data, extra)
     if save_dir is not None:
         if dist.is_main():
             model.save(save_dir, overwrite=overwrite)
         dist.barrier()
     if checkpoint is not None:
         checkpoint.remove()  # the model is saved: the run is finished
-    metrics, written = _write_results(adata, model, cfg, genes, fit_data, res, keys, extra)
+    metrics, written = _write_results(adata, model, cfg, fg, fit_data, res, keys, extra)
     if adata is not data:  # a SpatialData: results go into its table
         update_table(data, adata, **written)
     logg.info(
-        f"agl_fit ({cfg.method}): {genes.n_targets} targets, k = {model.k} of {len(genes.roles.auxiliaries)} auxiliaries, "
+        f"agl_fit ({cfg.method}): {fg.n_targets} targets, k = {model.k} of {len(fg.roles.auxiliaries)} auxiliaries, "
         f"validation PCC {metrics['val_pcc']:.4f} (best epoch {res.best_epoch}); wrote .var[{keys.role!r}, "
         f"{keys.weight!r}, {keys.selected!r}], .obs[{keys.split!r}], .uns[{keys.uns!r}]"
     )

@@ -108,11 +108,11 @@ def prepare_genes(adata: AnnData, cfg: FitConfig, data: FitData, library_key: st
         inplace=False,
     )  # fmt: skip
     n_aux_all = len(roles.auxiliaries)
-    if cfg.method == "topk" and cfg.k != consts.K_AUTO and int(cfg.k) > n_aux_all:
+    if cfg.method == "topk" and cfg.top_k is not None and cfg.top_k > n_aux_all:
         raise ValueError(f"k={cfg.k} exceeds the {n_aux_all} auxiliary genes available; choose k <= {n_aux_all}.")
     if cfg.method in ("agl", "dkgsb") and n_aux_all == 0:
         raise ValueError(f"method={cfg.method!r} needs auxiliary genes but none is left; use method='pgl'.")
-    aux_cols = genes_for_method(cfg.method, n_aux_all, k=n_aux_all if cfg.k == consts.K_AUTO else cfg.k)
+    aux_cols = genes_for_method(cfg.method, n_aux_all, k=n_aux_all if cfg.k == consts.K_AUTO else cfg.top_k)
     genes = list(roles.targets) + [roles.auxiliaries[i] for i in aux_cols]
     gene_pos = adata.var_names.get_indexer(genes)
     X = adata.layers[g.layer] if g.layer is not None else adata.X
@@ -131,12 +131,10 @@ def prepare_genes(adata: AnnData, cfg: FitConfig, data: FitData, library_key: st
 def build_network(
     adata, cfg: FitConfig, data: FitData, n_out: int, enc: dict, dev, seed: int | None = None
 ) -> tuple[torch.nn.Module, Any, dict]:
-    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing.
-
-    ``seed`` (default ``cfg.seed``) seeds the initialisation.
-    """
+    """Network, input source and encoder record; embeds the slide (into a copy) when the features are missing."""
     seed = cfg.seed if seed is None else int(seed)
     if cfg.mode == "embedding":
+        assert data.emb_key is not None  # set by prepare_data in embedding mode
         if data.features is None:
             e = cfg.encoder
             logg.info(f"No .obsm[{data.emb_key!r}]: embedding patches with {e.encoder!r} first.")
@@ -150,7 +148,7 @@ def build_network(
         rec = data.new_embedding[1] if data.new_embedding else (adata.uns.get(consts.EMBED_UNS) or {}).get(data.emb_key)
         record = {**dict(rec or {}), "recorded": bool(rec)}
         seed_everything(seed)
-        net = EmbeddingHead(data.features.shape[1], n_out, hidden=cfg.network.hidden, dropout=cfg.network.dropout)
+        net = EmbeddingHead(data.features.shape[1], n_out, hidden=cfg.network.hidden or (), dropout=cfg.network.dropout)
         moments = StreamingMoments(data.features.shape[1])
         for s in range(0, len(data.train_idx), 8192):
             moments.update(data.features[data.train_idx[s : s + 8192]])
@@ -162,7 +160,7 @@ def build_network(
         adata, patch_px=e.patch_px, patch_um=e.patch_um, library_key=enc["library_key"], allow_lowres=e.allow_lowres
     )
     in_flight = max(1, e.num_workers * e.prefetch_factor)
-    check_patch_batch(ds.patch_px, max(cfg.training.batch_size, cfg.dkgsb.meta_batch_size), in_flight)
+    check_patch_batch(ds.patch_px, max(cfg.training.batch_size or 0, cfg.dkgsb.meta_batch_size), in_flight)
     backbone, info = get_encoder(
         e.encoder, weights=e.weights, seed=cfg.seed, encoder_kwargs=None if e.encoder_kwargs is None
         else dict(e.encoder_kwargs),
@@ -177,12 +175,12 @@ def build_network(
         "recorded": True,
     }
     seed_everything(cfg.seed)
-    net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
+    ft_net = FinetuneNet(backbone, n_feat, n_out, mean=info["mean"], std=info["std"])
     inputs = PatchInputs(
         ds, np.concatenate([data.train_idx, data.val_idx]), dev, num_workers=e.num_workers,
         prefetch_factor=e.prefetch_factor, seed=cfg.seed,
     )  # fmt: skip
-    return net, inputs, record
+    return ft_net, inputs, record
 
 
 def expression_sha256(expr: ExpressionBatches, rows: np.ndarray) -> str:

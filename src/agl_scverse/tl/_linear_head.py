@@ -47,11 +47,7 @@ def rrr_head(
     n_cols: int | None = None,
     n_out: int | None = None,
 ):
-    """The reduced-rank ridge fit on spots ``rows`` as a linear :class:`EmbeddingHead`.
-
-    The fit uses the first ``n_cols`` of ``expr``'s genes (default: all), the head predicts the first ``n_out`` of
-    them (default: ``n_cols``). Returns the network and ``{"rank": used rank, "alpha": ridge penalty}``.
-    """
+    """The reduced-rank ridge fit on spots ``rows`` as a linear :class:`EmbeddingHead`."""
     X = np.asarray(features[rows], dtype=np.float64)
     Y = _dense_expression(expr, rows, n_cols)
     n_out = Y.shape[1] if n_out is None else int(n_out)
@@ -83,16 +79,7 @@ def hybrid_linear(
     refit: bool,
     mlp_val: np.ndarray | None = None,
 ) -> tuple[EmbeddingHead, dict]:
-    """The linear head of ``agl_fit(head="hybrid")``: a reduced-rank ridge of the targets, and its blend weight.
-
-    Its number of auxiliaries (of ``ks``, the first of ``expr``'s auxiliary columns) and rank are chosen on the
-    validation spots (:func:`choose_rrr`); it is fitted on the training spots, and the validation spots too with
-    ``refit``, and predicts the ``n_targets`` targets only. ``mlp_val``: the network's target predictions on the
-    validation spots (from training spots only); with it the blend weight is chosen there
-    (:func:`choose_blend_weight`, the ridge fitted on the training spots), else it is
-    ``HYBRID_LINEAR_WEIGHT``. Returns the head and ``{"rank", "alpha", "k", "search", "weight",
-    "weight_search"}``.
-    """
+    """The linear head of ``agl_fit(head="hybrid")``: a reduced-rank ridge of the targets, and its blend weight."""
     k, rank, scores = choose_rrr(features, expr, train_idx, val_idx, n_targets, ks)
     rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
     kw = {"n_cols": n_targets + k, "n_out": n_targets}
@@ -110,18 +97,7 @@ def hybrid_linear(
 def choose_blend_weight(
     y_val, mlp_val: np.ndarray, lin_val: np.ndarray, weights: Sequence[float] = consts.HYBRID_WEIGHTS
 ) -> tuple[float, dict]:
-    """The share ``w`` of the linear head with the best validation mean target PCC of ``(1 - w) mlp + w lin``.
-
-    Ties go to the weight nearest 0.5. Returns ``(w, {w: validation PCC})``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> y, noise = rng.normal(size=(40, 2)), rng.normal(size=(40, 2))
-    >>> choose_blend_weight(y, noise, y)[0]  # a useless network: the linear head alone
-    1.0
-    """
+    """The share ``w`` of the linear head with the best validation mean target PCC of ``(1 - w) mlp + w lin``."""
     y_val = np.asarray(y_val, dtype=np.float64)
     scores = {float(w): mean_pearson(y_val, (1 - w) * np.asarray(mlp_val) + w * np.asarray(lin_val)) for w in weights}
     finite = {w: v for w, v in scores.items() if np.isfinite(v)}
@@ -150,11 +126,7 @@ def choose_rrr(
     ks: Sequence[int],
     ranks: Sequence[int | None] = RRR_RANKS,
 ) -> tuple[int, int | None, dict]:
-    """The number of auxiliaries (of ``ks``) and the rank with the best validation mean target PCC.
-
-    Without validation spots: the largest ``k`` at full rank (plain ridge). Returns ``(k, rank, scores)`` with
-    ``scores[(k, rank)]`` the validation PCC.
-    """
+    """The number of auxiliaries (of ``ks``) and the rank with the best validation mean target PCC."""
     ks = sorted({int(k) for k in ks})
     if len(val_idx) < 2:
         return ks[-1], None, {}

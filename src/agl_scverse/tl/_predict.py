@@ -132,15 +132,7 @@ def predict_core(
     progress: bool | None = None,
     embed_batch_size: int = 32,
 ):
-    """The one prediction path of :func:`agl_predict`, :func:`predict_anndata` and :func:`predict_chunked`.
-
-    Checks, embeds when needed (into a copy) and predicts, writing nothing. ``into``: the slide whose genes the
-    layer spans (:func:`agl_predict`), or None for a layer of the chosen genes only (:func:`predict_anndata`).
-    Returns ``(layer, spread or None, (key, features, record) of a computed embedding or None, predicted genes)``;
-    the layer is a NumPy array, or a chunked dask array when it (with ``into=None``: it, ``.X`` and the spread)
-    would exceed ``max_dense_bytes``. Predictions are made in row chunks, so memory is that of a chunk of spots x
-    model genes (plus the layer when it is dense).
-    """
+    """The one prediction path of :func:`agl_predict`, :func:`predict_anndata` and :func:`predict_chunked`."""
     check_choice("scale", scale, consts.PRED_SCALES)
     check_positive("batch_size", batch_size, integer=True)
     if into is not None:
@@ -173,15 +165,7 @@ def predict_core(
 
 
 def prediction_layer(adata: AnnData, model: AGLModel, genes: str | Sequence[str] = "selected", **kwargs: Any):
-    """The prediction layer of :func:`agl_predict`, computed without writing anything.
-
-    ``kwargs`` are those of :func:`agl_predict` that say how to predict (``embedding_key``, ``device``, ``scale``,
-    ``batch_size``, ``encoder``, ...; not ``key_added`` / ``copy``). Returns the layer (spots x genes of ``adata``,
-    0 where not predicted; a NumPy array, or a chunked dask array when the dense layer would exceed
-    ``max_dense_bytes``), ``(key, features, record)`` of an embedding computed on the way (or None), and the
-    predicted genes. ``spread=True`` (a seed ensemble): the layer is the pair ``(layer, spread)``
-    (:func:`spread_layer`).
-    """
+    """The prediction layer of :func:`agl_predict`, computed without writing anything."""
     opts = predict_options(model, **{"spread": False, **kwargs})  # the spread only when asked for
     layer, sd, new_emb, pred_genes = predict_core(adata, model, into=adata, genes=genes, **opts)
     return ((layer, sd) if opts["spread"] else layer), new_emb, pred_genes
@@ -269,14 +253,7 @@ def predict_options(
     spread: bool | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """The arguments of :func:`predict_core` from those of a front door, checked before any work.
-
-    ``encoder`` (an :class:`~agl_scverse.EncoderConfig`, a dict of its fields, an encoder module or name, or None)
-    gives the weights file, how encoders run (precision, backend, workers, batch size of an embedding computed
-    here), ``allow_lowres``, and an explicit encoder module; the fields the model records (encoder, patch size,
-    test-time augmentation, timm arguments) are the model's, and a patch size or ``tta`` other than the model's is
-    warned about.
-    """
+    """The arguments of :func:`predict_core` from those of a front door, checked before any work."""
     check_choice("scale", scale, consts.PRED_SCALES)
     cfg, given = as_encoder_config(encoder), explicit_fields(encoder)
     rec = model.config.get("encoder") or {}
@@ -494,11 +471,7 @@ def predict_anndata(
 def predictions_anndata(
     adata: AnnData, model: AGLModel, keys: Keys, X, pred_genes: Sequence[str], scale: str, genes="selected"
 ) -> AnnData:
-    """The AnnData of :func:`predict_anndata` around predictions ``X`` (spots x ``pred_genes``) of ``adata``.
-
-    ``.obs``, ``.obsm`` and ``.uns["spatial"]`` / ``.uns["agl_embeddings"]`` come from ``adata``; ``.var`` and
-    ``.uns`` describe the model's run (:func:`model_run_record`) and the predictions (:func:`prediction_record`).
-    """
+    """The AnnData of :func:`predict_anndata` around predictions ``X`` (spots x ``pred_genes``) of ``adata``."""
     var = pd.DataFrame(index=pd.Index(list(pred_genes), name=None))
     run_var, run_uns = model_run_record(model, var.index, keys)
     for c, v in run_var.items():

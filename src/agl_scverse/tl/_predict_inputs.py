@@ -37,21 +37,7 @@ def _effective_um_per_px(rec: dict) -> float | None:
 
 
 def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool = False, what: str = "slide") -> None:
-    """Refuse patches cut from a coarser image than the model was trained on (unless ``allow_lowres``).
-
-    Each side's resolution is the coarsest over its libraries of ``max(source_um_per_px, patch_um / patch_px)``
-    (the detail the patches carry); the data may be up to ``LOWRES_TOLERANCE`` (x1.2) coarser. Skipped when either
-    side does not record ``source_um_per_px`` (embeddings made before it was recorded, or brought by the user).
-
-    Examples
-    --------
-    >>> m = {"patch_px": 224, "patch_um": 112.0, "source_um_per_px": {"A": 0.25}}
-    >>> check_source_resolution({**m, "source_um_per_px": {"B": 0.5}}, m)  # patches are 0.5 µm/px anyway
-    >>> check_source_resolution({**m, "source_um_per_px": {"B": 3.6}}, m)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: The slide's patches were cut from a 3.6 µm/px image ...
-    """
+    """Refuse patches cut from a coarser image than the model was trained on (unless ``allow_lowres``)."""
     data_mpp, model_mpp = _effective_um_per_px(data_rec or {}), _effective_um_per_px(model_rec or {})
     if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * consts.LOWRES_TOLERANCE:
         return
@@ -76,18 +62,7 @@ def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool 
 def check_embedding_matches(
     adata: AnnData, key: str, model: AGLModel, allow_lowres: bool = False, context: bool = True
 ) -> None:
-    """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with.
-
-    Compared: encoder name, weights sha256, patch size in pixels and in µm, timm keyword arguments, test-time
-    augmentation views (each only when both sides record it), the source resolution (:func:`check_source_resolution`: patches from a coarser
-    image than the model's are refused unless ``allow_lowres=True``) and, with ``context``, the spatial-context
-    recipe (:func:`agl_scverse.pp.spatial_context`; features with and without context never match). An embedding
-    without a record (brought by the user) is accepted with a warning when the model has one.
-
-    Examples
-    --------
-    >>> check_embedding_matches(adata, "X_agl_resnet18", model)  # doctest: +SKIP
-    """
+    """Raise if ``.uns["agl_embeddings"][key]`` records other encoder settings than the model was trained with."""
     enc = model.config.get("encoder") or {}
     rec = (adata.uns.get(consts.EMBED_UNS, {}) or {}).get(key)
     if not rec:
@@ -139,11 +114,7 @@ def _compute_context(
     adata: AnnData, model: AGLModel, key: str, weights, device, library_key, encoder=None, run=None,
     allow_lowres: bool = False, progress: bool | None = None, embed_batch_size: int = 32,
 ) -> tuple:  # fmt: skip
-    """Rebuild the model's spatial-context features on this slide from its recorded recipe (into a shell AnnData).
-
-    The base embedding is taken from the slide (checked against the model's encoder) or computed with the model's
-    encoder. Returns (features, record).
-    """
+    """Rebuild the model's spatial-context features on this slide from its recorded recipe (into a shell AnnData)."""
     enc = model.config.get("encoder") or {}
     recipe = dict(enc["context"])
     base_key = str(recipe["base_key"])
@@ -189,10 +160,7 @@ def _compute_embedding(
     progress: bool | None = None,
     embed_batch_size: int = 32,
 ) -> tuple:
-    """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy.
-
-    ``run``: how the encoder runs (precision, workers). Returns (features, record).
-    """
+    """Embed with the model's recorded encoder (rebuilt from its config, or ``encoder``) into a copy."""
     enc = model.config.get("encoder") or {}
     if encoder is None and (not enc.get("recorded") or not enc.get("encoder")):
         raise KeyError(

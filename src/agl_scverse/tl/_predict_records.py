@@ -23,16 +23,7 @@ __all__ = ["model_run_record", "prediction_record", "run_writes"]
 
 
 def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed: bool) -> dict:
-    """The ``.uns[f"{key_added}_pred"]`` entry describing a run's prediction layers (h5ad-ready).
-
-    ``scale`` (``"model"`` or ``"log1p_cp10k"``), ``transform`` (the model's expression scale), ``layer`` (the
-    counts layer the model was trained on; absent for ``.X``), ``genes`` (the ``genes=`` choice, ``"list"`` for a
-    list), ``n_genes``, and ``observed``: whether the AnnData's counts are measured expression of the predicted
-    genes (True after :func:`agl_predict`, False for the AnnData of :func:`predict_anndata`, whose ``.X`` is the
-    predictions), ``method``, and ``refit`` (whether the model was retrained on its validation spots, so plots
-    do not call a score on them a validation score). Plots and :func:`~agl_scverse.tl.evaluate` read it, so they
-    need no ``.uns["agl"]``.
-    """
+    """The ``.uns[f"{key_added}_pred"]`` entry describing a run's prediction layers (h5ad-ready)."""
     return to_h5ad(
         {
             "scale": scale,
@@ -48,18 +39,7 @@ def prediction_record(model: AGLModel, scale: str, genes, n_genes: int, observed
 
 
 def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[dict[str, Any], dict]:
-    """The model's own description of its run: ``.var`` columns over ``var_names`` and a ``.uns[key]`` entry.
-
-    What :func:`~agl_scverse.tl.agl_fit` writes about a run, rebuilt from the saved model, so a slide predicted with
-    a loaded model (e.g. the CLI's output) plots like a fitted one (:func:`agl_scverse.pl.selected_genes`,
-    :func:`~agl_scverse.pl.training_history`, :func:`~agl_scverse.pl.gene_performance`): ``.var`` columns ``role``
-    (the model's genes; ``"excluded"`` for the others), ``prior`` (the auxiliaries' prior score), ``prior_rank``
-    (0 = best, -1 for the others), ``weight`` (the learned mask, 1 for targets, 0 for the others) and ``selected``
-    (weight > 0.5, as ``agl_fit`` writes it); the ``.uns`` entry holds ``params``, ``method``, ``mode``, ``k``,
-    ``threshold``, ``n_auxiliary``, ``n_targets``, ``targets``, ``embedding_key``, ``history`` (per epoch; empty
-    for a model saved before models carried it) and ``metrics`` (the kept epoch, its validation PCC, the spot
-    counts), plus ``source="model"``.
-    """
+    """The model's own description of its run: ``.var`` columns over ``var_names`` and a ``.uns[key]`` entry."""
     cfg = model.config
     genes, roles = list(model.genes), list(model.roles)
     n_t = sum(r == consts.ROLE_TARGET for r in roles)
@@ -114,10 +94,7 @@ def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[
 
 
 def run_writes(adata: AnnData, model: AGLModel, keys: Keys) -> tuple[dict[str, Any], dict | None]:
-    """The ``.var`` columns and ``.uns`` entry of :func:`model_run_record` that ``adata`` lacks.
-
-    A fit's own record under this key (richer: split, per-gene prior of every candidate) is kept as it is.
-    """
+    """The ``.var`` columns and ``.uns`` entry of :func:`model_run_record` that ``adata`` lacks."""
     if keys.role in adata.var:  # fitted (or predicted before) under this key: its gene description stays
         return {}, None
     var, entry = model_run_record(model, adata.var_names, keys)

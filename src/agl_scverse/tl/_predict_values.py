@@ -42,11 +42,7 @@ def model_transform(model: AGLModel) -> consts.Transform:
 
 
 def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
-    """Model outputs summed into the library size of ``scale`` (None when the scale needs none).
-
-    The trained outputs (targets and selected auxiliaries, whatever ``genes=`` writes), so a gene's normalised
-    value does not depend on which other genes are written; unselected auxiliaries were not trained.
-    """
+    """Model outputs summed into the library size of ``scale`` (None when the scale needs none)."""
     if scale != consts.SCALE_LOG1P_CP10K or model_transform(model) == consts.TRANSFORM_LOG1P_CPM:
         return None
     col = {g: i for i, g in enumerate(model.genes)}
@@ -75,10 +71,7 @@ def _row_chunks(
 
 
 def prediction_values(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
-    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere).
-
-    Dense (a NumPy array filled in row chunks) or a lazy dask array (:func:`_dask_layer`).
-    """
+    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere)."""
     if not dense:
         return _dask_layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale=scale, run=run)
     layer = np.zeros((n, width), dtype=np.float32)
@@ -90,11 +83,7 @@ def prediction_values(model, features, n, width, var_cols, model_cols, device, b
 
 
 def spread_layer(model: AGLModel, *args):
-    """The standard deviation (``ddof=1``) over a seed ensemble's members of their prediction layers.
-
-    ``args`` are those of the prediction layer (each member's layer is made the same way, in the same scale);
-    dense layers are folded in one at a time (Welford), so memory is that of three layers.
-    """
+    """The standard deviation (``ddof=1``) over a seed ensemble's members of their prediction layers."""
     want_spread(model, True)
     members, dense = model.members(), args[-1]
     if not dense:
@@ -139,13 +128,7 @@ def _dask_layer(
     scale="model",
     run=None,
 ):
-    """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes.
-
-    Chunks of genes without predictions are zero chunks that are never computed. Chunks are 32 MiB (4096 x 2048
-    float32): dask's writer holds a few per thread, so 128 MiB chunks cost ~1 GB more RSS at write time. With
-    ``scale="log1p_cp10k"`` each row of chunks shares one task computing its spots' library size (a forward pass
-    over the trained outputs only: rows x trained genes), computed once per dask computation.
-    """
+    """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes."""
     import dask
     import dask.array as da
 

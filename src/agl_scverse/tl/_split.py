@@ -16,28 +16,7 @@ __all__ = ["make_split"]
 def make_split(
     adata: AnnData, used: np.ndarray, split_key: str | None, val_groups: Any, val_fraction: float, seed: int
 ) -> np.ndarray:
-    """``"train"`` / ``"val"`` / ``"unused"`` per spot.
-
-    Parameters
-    ----------
-    adata
-        The AnnData.
-    used
-        Boolean mask of the spots the fit uses (the others are ``"unused"``).
-    split_key, val_groups
-        Validation spots are the used spots whose ``.obs[split_key]`` is in ``val_groups``.
-    val_fraction
-        Without ``split_key``: the fraction of used spots drawn (seeded) for validation.
-    seed
-        Seed of that draw.
-
-    Examples
-    --------
-    >>> import anndata as ad
-    >>> a = ad.AnnData(np.ones((6, 1)))
-    >>> sorted(make_split(a, np.ones(6, bool), None, None, 0.5, seed=0))
-    ['train', 'train', 'train', 'val', 'val', 'val']
-    """
+    """``"train"`` / ``"val"`` / ``"unused"`` per spot."""
     split = np.full(adata.n_obs, consts.SPLIT_UNUSED, dtype=object)
     if split_key is not None:
         check_obs_key(adata, split_key, "split_key")
