@@ -69,7 +69,7 @@ def targets_on(adata: ad.AnnData, train: np.ndarray) -> list[str]:
     """The HER2+ protocol's targets: the top-50 HVG of the training spots (sections in ``.obs["library_id"]``)."""
     import agl_scverse as agl
 
-    roles = agl.pp.compute_gene_roles(adata, n_targets=50, train_mask=train, library_key="library_id")
+    roles = agl.pp.gene_roles(adata, n_targets=50, train_mask=train, library_key="library_id", inplace=False)
     return list(roles.targets)
 
 

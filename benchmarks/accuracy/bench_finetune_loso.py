@@ -64,7 +64,7 @@ def main() -> None:
     order = list(dict.fromkeys(lib))
     val = _val_group(order, args.test)
     train = lib != args.test
-    roles = agl.pp.compute_gene_roles(adata, n_targets=50, train_mask=train)
+    roles = agl.pp.gene_roles(adata, n_targets=50, train_mask=train, inplace=False)
     adata.var["fold_prior"] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
     sub = adata[train].copy()
     common = {

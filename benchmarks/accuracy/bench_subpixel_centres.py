@@ -47,7 +47,7 @@ def main() -> None:
     cached = ad.read_h5ad(args.cache)
     lib = cached.obs["library_id"].astype(str).to_numpy()
     test = lib == args.section
-    roles = agl.pp.compute_gene_roles(cached, n_targets=50, train_mask=~test)
+    roles = agl.pp.gene_roles(cached, n_targets=50, train_mask=~test, inplace=False)
     cols = cached.var_names.get_indexer(roles.targets)
     Y = expression_transform(cached.X, "log1p", columns=cols)
     X = np.asarray(cached.obsm[EMB], dtype=np.float32)

@@ -84,7 +84,7 @@ def main() -> None:
     lib = adata.obs["library_id"].astype(str).to_numpy()
     train_idx = np.flatnonzero(np.isin(lib, ["C2", "C3", "C4"]))
     val_idx = np.flatnonzero(lib == "C5")
-    roles = agl.pp.compute_gene_roles(adata, n_targets=50, train_mask=np.isin(lib, ["C2", "C3", "C4"]))
+    roles = agl.pp.gene_roles(adata, n_targets=50, train_mask=np.isin(lib, ["C2", "C3", "C4"]), inplace=False)
     genes = list(roles.targets) + list(roles.auxiliaries)
     n_t = len(roles.targets)
     expr = ExpressionBatches(adata.X, adata.var_names.get_indexer(genes), "log1p")

@@ -44,7 +44,7 @@ def loso(adata, feats: dict[str, np.ndarray], torch_key: str = "torch") -> dict:
     """Leave-one-section-out PCA+Ridge mean target PCC per feature set, and torch <-> backend cross predictions."""
     from agl_scverse._expression import expression_transform
     from agl_scverse._stats import pearson_per_gene
-    from agl_scverse.pp import compute_gene_roles
+    from agl_scverse.pp import gene_roles
     from agl_scverse.tl._baselines import pca_ridge
 
     lib = adata.obs["library_id"].astype(str).to_numpy()
@@ -56,7 +56,7 @@ def loso(adata, feats: dict[str, np.ndarray], torch_key: str = "torch") -> dict:
             out[f"{name} max |pred change|"] = {}
     for sec in sorted(set(lib)):
         train, test = lib != sec, lib == sec
-        roles = compute_gene_roles(adata, n_targets=50, train_mask=train)
+        roles = gene_roles(adata, n_targets=50, train_mask=train, inplace=False)
         cols = adata.var_names.get_indexer(roles.targets)
         Y = expression_transform(adata.X, "log1p", columns=cols)
         ref = pca_ridge(feats[torch_key][train], Y[train], feats[torch_key][test])
