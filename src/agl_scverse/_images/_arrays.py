@@ -88,23 +88,17 @@ class LazyArraySource(ImageSource):
         return np.asarray(self.arrays[level][ya:yb, xa:xb])
 
 
-def _xarray_types() -> tuple[type, type] | None:
-    try:
-        import xarray as xr
-    except ImportError:  # pragma: no cover - xarray comes with spatialdata
-        return None
-    return xr.DataArray, xr.DataTree
-
-
 def is_lazy(obj: Any) -> bool:
-    types = _xarray_types()
-    return (types is not None and isinstance(obj, types)) or type(obj).__module__.split(".")[0] == "dask"
+    import xarray as xr
+
+    return isinstance(obj, xr.DataArray | xr.DataTree) or type(obj).__module__.split(".")[0] == "dask"
 
 
 def _scale_levels(obj: Any) -> list:
     """Scale levels of a DataTree (children ``scale0``, ``scale1``, ... sorted by number) or ``[obj]``."""
-    types = _xarray_types()
-    if types is not None and isinstance(obj, types[1]):
+    import xarray as xr
+
+    if isinstance(obj, xr.DataTree):
         keys = sorted(obj.keys(), key=lambda k: int("".join(ch for ch in str(k) if ch.isdigit()) or 0))
         out = []
         for key in keys:
@@ -118,8 +112,9 @@ def _scale_levels(obj: Any) -> list:
 
 def _yxc(arr: Any, name: str) -> Any:
     """An array in (y, x, c) order that slices lazily."""
-    types = _xarray_types()
-    if types is not None and isinstance(arr, types[0]):
+    import xarray as xr
+
+    if isinstance(arr, xr.DataArray):
         dims = tuple(arr.dims)
         if "c" not in dims:
             if set(dims) >= {"y", "x"} and len(dims) == 2:

@@ -13,7 +13,7 @@ from ._source import ImageSource
 __all__ = ["FileSource", "check_regular_file", "open_pil"]
 
 
-def check_regular_file(path: str | Path, label: str | None = None) -> os.stat_result:
+def check_regular_file(path: str | os.PathLike, label: str | None = None) -> os.stat_result:
     """``os.stat`` of an image file; refuses a missing path, a folder, a FIFO, a device or a socket.
 
     A FIFO would block the reader for ever and a device has no end, so only regular files (or links to them) are
@@ -97,7 +97,7 @@ class FileSource(ImageSource):
 _PIL_LOCK = threading.Lock()
 
 
-def open_pil(path: str | Path) -> Any:
+def open_pil(path: str | os.PathLike) -> Any:
     """``PIL.Image.open(path)`` with the decompression-bomb limit lifted for this call only (slides are large).
 
     PIL checks its process-wide ``MAX_IMAGE_PIXELS`` when a file is opened; it is set to None while the header is

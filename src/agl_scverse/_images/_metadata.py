@@ -29,6 +29,7 @@ def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
     (0.25, 'OME PhysicalSizeX')
     """
     import tifffile
+    from tifffile.tifffile import svs_description_metadata
 
     path = Path(path)
     check_regular_file(path)
@@ -41,7 +42,7 @@ def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
             if tf.is_ome and tf.ome_metadata:
                 found += _ome_physical_size(tf.ome_metadata)
             if tf.is_svs:
-                mpp = tifffile.svs_description_metadata(page.description).get("MPP")
+                mpp = svs_description_metadata(page.description).get("MPP")
                 if mpp is not None:
                     found.append((float(mpp), "SVS MPP"))
             tags = page.tags

@@ -92,9 +92,8 @@ class TiffSource(FileSource):
         store = tifffile.imread(self.path, aszarr=True, series=0)
         group = zarr.open(store, mode="r")
         members = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(self.levels))]
-        for i, (arr, axes) in enumerate(zip(members, self._axes)):
-            if self._memmappable[i]:
-                arr = tifffile.memmap(self.path, series=0, level=i, mode="r")
+        for i, (member, axes) in enumerate(zip(members, self._axes)):
+            arr: Any = tifffile.memmap(self.path, series=0, level=i, mode="r") if self._memmappable[i] else member
             arrays.append(arr)
             ch = arr.chunks if hasattr(arr, "chunks") and arr.chunks is not None else arr.shape
             th, tw = int(ch[axes.index("Y")]), int(ch[axes.index("X")])

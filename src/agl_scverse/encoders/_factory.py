@@ -10,7 +10,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ._presets import find_preset, kwargs_from_json, kwargs_to_json
 from ._registry import REGISTRY, safe_name
 from ._timm import build_timm, check_timm_name
 from ._weights import KNOWN_WEIGHTS, load_weights
+
+if TYPE_CHECKING:
+    from timm.models import VisionTransformer
 
 __all__ = ["check_native_scale", "get_encoder"]
 
@@ -159,8 +162,8 @@ def get_encoder(
         if known is not None and b["preset"] is None:
             norm_mean, norm_std = list(known["mean"]), list(known["std"])
             norm_src = f"known weights file ({known['arch']})"
-    if b["pooling"] == "cls+mean":
-        module = ClsMeanPool(module)
+    if b["pooling"] == "cls+mean":  # presets pooled so are timm ViTs
+        module = ClsMeanPool(cast("VisionTransformer", module))
     if mean is not None:
         norm_mean, norm_src = channel_stats(mean, "mean"), "user"
     if std is not None:

@@ -252,8 +252,8 @@ def _graph_path(module: nn.Module, input_px: int, key: str, quantization: str, f
         root = _private_dir(cache_dir())
     except OSError as err:
         logg.info(f"ONNX graph cache {cache_dir()} not usable ({err}); exporting for this run only.")
-        with tempfile.TemporaryDirectory(prefix="agl-onnx-") as tmp:
-            yield _build_entry(module, input_px, key, quantization, Path(tmp)) / _GRAPH
+        with tempfile.TemporaryDirectory(prefix="agl-onnx-") as scratch:
+            yield _build_entry(module, input_px, key, quantization, Path(scratch)) / _GRAPH
         return
     entry = root / key[:32]
     graph = None if fresh else _read_entry(entry, key)
