@@ -14,22 +14,7 @@ __all__ = ["ArraySource", "LazyArraySource", "is_lazy"]
 
 
 class ArraySource(ImageSource):
-    """An in-memory (or memory-mapped) ``H x W x 3|4`` numpy array as a source.
-
-    Parameters
-    ----------
-    array
-        The image (uint8, uint16, float in [0, 1], ...); it is not copied.
-    name
-        Label used in messages.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> src = ArraySource(np.full((4, 5, 3), 7, dtype=np.uint8))
-    >>> src.width, src.height, src.read_region(3, 0, 4, 2)[..., 0].tolist()
-    (5, 4, [[7, 7], [7, 7]])
-    """
+    """An in-memory (or memory-mapped) ``H x W x 3|4`` numpy array as a source (not copied)."""
 
     kind = "array"
 
@@ -48,23 +33,7 @@ class ArraySource(ImageSource):
 
 
 class LazyArraySource(ImageSource):
-    """A SpatialData image, xarray DataArray or dask array, read lazily by region.
-
-    Parameters
-    ----------
-    levels
-        Arrays in ``(y, x, c)`` order, full resolution first, supporting numpy slicing (dask arrays, numpy arrays,
-        ``DataArray.data``). Use :meth:`from_object` for DataTrees, DataArrays and ``(c, y, x)`` dask arrays.
-    name
-        Label used in messages.
-
-    Examples
-    --------
-    >>> import dask.array as da, numpy as np
-    >>> src = LazyArraySource.from_object(da.zeros((3, 100, 80), dtype=np.uint8, chunks=(3, 32, 32)))
-    >>> src.width, src.height, src.read_region(70, 90, 20, 20).shape
-    (80, 100, (10, 10, 3))
-    """
+    """A SpatialData image, xarray DataArray or dask array read lazily by region; ``levels`` in (y, x, c) order."""
 
     kind = "lazy"
 
@@ -78,10 +47,7 @@ class LazyArraySource(ImageSource):
 
     @classmethod
     def from_object(cls, obj: Any, name: str = "image") -> LazyArraySource:
-        """A source from a DataTree (multiscale), a DataArray (dims ``c, y, x`` in any order) or a dask array.
-
-        A 3-D dask array is ``(y, x, c)`` when its last axis has 3 or 4 entries, else ``(c, y, x)``.
-        """
+        """A source from a DataTree (multiscale), a DataArray (dims ``c, y, x``) or a dask array (y, x, c or c, y, x)."""
         return cls([_yxc(a, name) for a in _scale_levels(obj)], name)
 
     def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:

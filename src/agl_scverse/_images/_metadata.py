@@ -16,17 +16,9 @@ _UNIT_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1
 
 
 def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
-    """µm per level-0 pixel recorded in an image file, and where it came from; None when the file records none.
+    """µm per level-0 pixel a TIFF records and where from (OME ``PhysicalSizeX``, SVS ``MPP``, ``XResolution``), or None.
 
-    Read, in this order, from OME-XML ``PhysicalSizeX`` (with its unit), an Aperio SVS description's ``MPP``, then
-    the TIFF ``XResolution`` tag with ``ResolutionUnit`` inch or centimetre. Values outside
-    :data:`PLAUSIBLE_UM_PER_PX` (a 72-dpi placeholder is 353 µm/px) are ignored. JPEG / PNG files give None: their
-    dpi fields are display hints, not the scanner's scale.
-
-    Examples
-    --------
-    >>> file_microns_per_pixel("slide.ome.tif")  # doctest: +SKIP
-    (0.25, 'OME PhysicalSizeX')
+    Values outside :data:`PLAUSIBLE_UM_PER_PX` are ignored; JPEG / PNG dpi fields are display hints (None).
     """
     import tifffile
     from tifffile.tifffile import svs_description_metadata

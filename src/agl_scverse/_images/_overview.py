@@ -17,20 +17,9 @@ __all__ = ["overview"]
 
 
 def overview(image: Any, downsample: float) -> tuple[np.ndarray, float]:
-    """A whole image at about ``1 / downsample`` of its size, read from the nearest finer pyramid level.
+    """A whole image at about ``1 / downsample`` of its size and its actual downsample along x.
 
-    JPEG / PNG files are decoded at a reduced size (PIL ``draft``) without the full-resolution cache; TIFFs and
-    SpatialData images read the coarsest level not coarser than asked, then resize it (PIL, area filter).
-
-    Returns
-    -------
-    The RGB uint8 image and its actual downsample (level-0 pixels per output pixel, along x).
-
-    Examples
-    --------
-    >>> img, ds = overview(np.zeros((64, 48, 3), dtype=np.uint8), 4)
-    >>> img.shape, ds
-    ((16, 12, 3), 4.0)
+    JPEG / PNG are decoded reduced (PIL ``draft``); other sources read the nearest finer level, area-resized.
     """
     from PIL import Image
 
