@@ -5,7 +5,7 @@ A source describes one image (``width``, ``height``, pyramid ``levels``) and rea
 when a source is opened. :class:`TiffSource` reads TIFF / OME-TIFF / SVS tile by tile (tiles kept in
 :func:`tile_cache`), :class:`DecodedFileSource` decodes JPEG / PNG once into a memory-mapped cache file,
 :class:`ArraySource` and :class:`LazyArraySource` wrap in-memory and SpatialData images. Sources pickle without
-open files and refuse to read a file changed since they were opened. See docs/architecture.md (trust rules).
+open files and refuse to read a file changed since they were opened. See docs/data_layouts.md.
 """
 
 from ._arrays import ArraySource, LazyArraySource

@@ -66,13 +66,7 @@ def _scale_levels(obj: Any) -> list:
 
     if isinstance(obj, xr.DataTree):
         keys = sorted(obj.keys(), key=lambda k: int("".join(ch for ch in str(k) if ch.isdigit()) or 0))
-        out = []
-        for key in keys:
-            ds = obj[key].ds
-            if not ds.data_vars:
-                continue
-            out.append(ds[next(iter(ds.data_vars))])
-        return out
+        return [ds[next(iter(ds.data_vars))] for ds in (obj[k].ds for k in keys) if ds.data_vars]
     return [obj]
 
 

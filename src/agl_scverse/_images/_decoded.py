@@ -35,11 +35,7 @@ _GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 
 
 class DecodedFileSource(FileSource):
-    """A JPEG / PNG (any PIL format) decoded once into ``<cache_folder>/<name>-<sha256 of the file>.npy``, memory-mapped.
-
-    The decode holds the image in RAM once and writes a preallocated temporary renamed into place (processes take
-    turns on a lock); the content hash is computed once per file identity and recorded in the cache folder.
-    """
+    """A JPEG / PNG (any PIL format) decoded once into ``<cache_folder>/<name>-<sha256 of the file>.npy``, memory-mapped."""
 
     kind = "decoded"
     _handle_attrs = ("_mmap",)

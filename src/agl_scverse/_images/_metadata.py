@@ -16,10 +16,7 @@ _UNIT_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1
 
 
 def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
-    """µm per level-0 pixel a TIFF records and where from (OME ``PhysicalSizeX``, SVS ``MPP``, ``XResolution``), or None.
-
-    Values outside :data:`PLAUSIBLE_UM_PER_PX` are ignored; JPEG / PNG dpi fields are display hints (None).
-    """
+    """µm per level-0 pixel a TIFF records (OME, SVS, ``XResolution``; if plausible) and where from, or None."""
     import tifffile
     from tifffile.tifffile import svs_description_metadata
 

@@ -17,10 +17,7 @@ __all__ = ["overview"]
 
 
 def overview(image: Any, downsample: float) -> tuple[np.ndarray, float]:
-    """A whole image at about ``1 / downsample`` of its size and its actual downsample along x.
-
-    JPEG / PNG are decoded reduced (PIL ``draft``); other sources read the nearest finer level, area-resized.
-    """
+    """A whole image at about ``1 / downsample`` of its size (nearest finer level, or PIL ``draft``), its downsample."""
     from PIL import Image
 
     downsample = max(1.0, float(downsample))

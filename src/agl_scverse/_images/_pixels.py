@@ -23,11 +23,7 @@ def check_rgb_shape(shape: Sequence[int], name: str = "image") -> None:
 
 
 def value_scale(dtype: Any, lo: float, hi: float, name: str = "image") -> float:
-    """The ``scale`` of :func:`to_uint8_rgb` for an image of ``dtype`` whose values lie in ``[lo, hi]``.
-
-    Floats: 255 when ``hi <= 1``, else 1; uint8 / uint16: 1; other integers: 1 for 8-bit values, ``1 / 257`` for
-    16-bit values, refused otherwise (no known white).
-    """
+    """The ``scale`` of :func:`to_uint8_rgb` for values in ``[lo, hi]``: floats 255 in [0, 1], 16-bit integers 1 / 257."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating):
         return 255.0 if hi <= 1.0 + 1e-6 else 1.0
@@ -42,11 +38,7 @@ def value_scale(dtype: Any, lo: float, hi: float, name: str = "image") -> float:
 
 
 def to_uint8_rgb(raw: np.ndarray, scale: float = 255.0) -> np.ndarray:
-    """``(h, w, c >= 3)`` pixels of any dtype as contiguous uint8 RGB.
-
-    uint16 (and other integers with ``scale`` ``1 / 257``) become ``round(v / 257)``; floats are multiplied by
-    ``scale`` and clipped (see :func:`value_scale`).
-    """
+    """``(h, w, c >= 3)`` pixels as contiguous uint8 RGB: 16-bit values ``round(v / 257)``, floats times ``scale``."""
     raw = np.asarray(raw)[..., :3]
     if raw.dtype == np.uint8:
         return np.ascontiguousarray(raw)

@@ -25,14 +25,7 @@ class Level(NamedTuple):
 
 
 def choose_level(levels: Sequence[Level], um_per_px: float, target_um_per_px: float) -> int:
-    """The finest-but-not-finer-than-needed level: µm/px closest to the target without being coarser (0.1 % slack).
-
-    Examples
-    --------
-    >>> levels = [Level(4000, 4000, 1.0), Level(2000, 2000, 2.0), Level(1000, 1000, 4.0)]
-    >>> choose_level(levels, 0.25, 0.5), choose_level(levels, 0.25, 0.9), choose_level(levels, 0.25, 0.2)
-    (1, 1, 0)
-    """
+    """The level whose µm/px is closest to the target without being coarser (0.1 % slack); else level 0."""
     best, best_mpp = 0, float(um_per_px) * levels[0].downsample
     for i, lv in enumerate(levels):
         mpp = float(um_per_px) * lv.downsample

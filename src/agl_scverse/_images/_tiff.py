@@ -26,11 +26,7 @@ STRIP_BAND_ROWS = 256
 
 
 class TiffSource(FileSource):
-    """A TIFF / OME-TIFF / SVS file (levels of its first series) read through tifffile's zarr store.
-
-    A region decodes only the tiles it touches (strips in bands of ``STRIP_BAND_ROWS`` rows), kept in
-    :func:`tile_cache` keyed by file identity, level, tile row and column; uncompressed levels are memory-mapped.
-    """
+    """A TIFF / OME-TIFF / SVS file read through tifffile's zarr store, decoded tiles kept in :func:`tile_cache`."""
 
     kind = "tiff"
     _handle_attrs = ("_store", "_arrays")

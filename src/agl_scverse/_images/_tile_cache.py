@@ -18,17 +18,7 @@ DEFAULT_TILE_CACHE_MB = 256
 
 
 class TileCache:
-    """A thread-safe LRU cache of decoded tiles within ``max_bytes`` (0 disables it); larger items are not kept.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> cache = TileCache(max_bytes=1000)
-    >>> cache.put("a", np.zeros(600, dtype=np.uint8))
-    >>> cache.put("b", np.zeros(600, dtype=np.uint8))  # evicts "a"
-    >>> cache.get("a") is None, cache.nbytes
-    (True, 600)
-    """
+    """A thread-safe LRU cache of decoded tiles within ``max_bytes`` (0 disables it); larger items are not kept."""
 
     def __init__(self, max_bytes: int = DEFAULT_TILE_CACHE_MB * 2**20):
         self.max_bytes = int(max_bytes)

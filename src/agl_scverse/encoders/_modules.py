@@ -28,10 +28,7 @@ class CallableEncoder(nn.Module):
 
 
 class ClsMeanPool(nn.Module):
-    """A ViT whose features are its class token concatenated with the mean of its patch tokens (Virchow2).
-
-    Register tokens (and any other prefix token after the class token) are left out of the mean.
-    """
+    """A ViT whose features are its class token and the mean of its patch tokens, register tokens left out."""
 
     def __init__(self, vit: VisionTransformer):
         super().__init__()
