@@ -64,3 +64,13 @@ def test_bad_inputs(tmp_path):
         agl.io.read_he_image(tmp_path / "nope.png", microns_per_pixel=1)
     with pytest.raises(ValueError, match="positive"):
         agl.io.read_he_image(write_png(tmp_path), microns_per_pixel=-1)
+
+
+def test_svs_scale_comes_from_its_description(tmp_path):
+    """tifffile no longer exports svs_description_metadata at its top level: the SVS MPP was an AttributeError."""
+    import tifffile
+
+    path = tmp_path / "he.svs"
+    desc = "Aperio Image Library v12.0.15\n64x64 [0,0 64x64] (16x16) JPEG/RGB Q=70|AppMag = 40|MPP = 0.2525"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), description=desc, tile=(16, 16), photometric="rgb")
+    assert file_microns_per_pixel(path) == (pytest.approx(0.2525), "SVS MPP")

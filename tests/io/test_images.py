@@ -289,7 +289,7 @@ def test_an_image_replaced_in_place_with_its_mtime_restored_gives_the_new_pixels
     np.testing.assert_array_equal(open_image(path).read_region(0, 0, 80, 64), new)
 
 
-def test_decoded_cache_is_keyed_by_content_not_by_path(tmp_path):
+def test_decoded_cache_is_keyed_by_content_not_by_path(tmp_path, monkeypatch):
     img = _texture(40, 50)
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     Image.fromarray(img).save(a)
@@ -298,12 +298,8 @@ def test_decoded_cache_is_keyed_by_content_not_by_path(tmp_path):
     assert sa.content_sha256 == sb.content_sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
     _decoded._HASHES.clear()  # another process: the hash recorded for this file identity is read, not recomputed
     fresh = open_image(a)
-    real = _decoded._sha256_of
-    _decoded._sha256_of = lambda p: pytest.fail("hashed again")
-    try:
-        assert fresh.content_sha256 == sa.content_sha256
-    finally:
-        _decoded._sha256_of = real
+    monkeypatch.setattr(_decoded, "sha256_file", lambda p: pytest.fail("hashed again"))
+    assert fresh.content_sha256 == sa.content_sha256
     assert sa.cache_path.name.split("-")[-1] == sb.cache_path.name.split("-")[-1]
 
 

@@ -256,3 +256,14 @@ def test_encoder_config_replaces_the_encoder_keywords(slide):
         embed_patches(slide.copy(), {"patch_px": PX}, patch_px=PX)
     with pytest.raises(TypeError, match="no field"):
         embed_patches(slide.copy(), {"patch_pixels": PX})
+
+
+def test_a_feature_size_that_changes_between_batches_is_named_in_order(slide):
+    calls = []
+
+    def shrinking(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x.mean(dim=(2, 3))[:, : 4 - len(calls)]  # 3 features, then 2
+
+    with pytest.raises(ValueError, match="returned 3 features, then 2"):
+        embed_patches(slide, encoder=shrinking, patch_px=PX, patch_um=UM, batch_size=4)

@@ -14,22 +14,7 @@ __all__ = ["ArraySource", "LazyArraySource", "is_lazy"]
 
 
 class ArraySource(ImageSource):
-    """An in-memory (or memory-mapped) ``H x W x 3|4`` numpy array as a source.
-
-    Parameters
-    ----------
-    array
-        The image (uint8, uint16, float in [0, 1], ...); it is not copied.
-    name
-        Label used in messages.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> src = ArraySource(np.full((4, 5, 3), 7, dtype=np.uint8))
-    >>> src.width, src.height, src.read_region(3, 0, 4, 2)[..., 0].tolist()
-    (5, 4, [[7, 7], [7, 7]])
-    """
+    """An in-memory (or memory-mapped) ``H x W x 3|4`` numpy array as a source (not copied)."""
 
     kind = "array"
 
@@ -48,23 +33,7 @@ class ArraySource(ImageSource):
 
 
 class LazyArraySource(ImageSource):
-    """A SpatialData image, xarray DataArray or dask array, read lazily by region.
-
-    Parameters
-    ----------
-    levels
-        Arrays in ``(y, x, c)`` order, full resolution first, supporting numpy slicing (dask arrays, numpy arrays,
-        ``DataArray.data``). Use :meth:`from_object` for DataTrees, DataArrays and ``(c, y, x)`` dask arrays.
-    name
-        Label used in messages.
-
-    Examples
-    --------
-    >>> import dask.array as da, numpy as np
-    >>> src = LazyArraySource.from_object(da.zeros((3, 100, 80), dtype=np.uint8, chunks=(3, 32, 32)))
-    >>> src.width, src.height, src.read_region(70, 90, 20, 20).shape
-    (80, 100, (10, 10, 3))
-    """
+    """A SpatialData image, xarray DataArray or dask array read lazily by region; ``levels`` in (y, x, c) order."""
 
     kind = "lazy"
 
@@ -78,48 +47,34 @@ class LazyArraySource(ImageSource):
 
     @classmethod
     def from_object(cls, obj: Any, name: str = "image") -> LazyArraySource:
-        """A source from a DataTree (multiscale), a DataArray (dims ``c, y, x`` in any order) or a dask array.
-
-        A 3-D dask array is ``(y, x, c)`` when its last axis has 3 or 4 entries, else ``(c, y, x)``.
-        """
+        """A source from a DataTree (multiscale), a DataArray (dims ``c, y, x``) or a dask array (y, x, c or c, y, x)."""
         return cls([_yxc(a, name) for a in _scale_levels(obj)], name)
 
     def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         return np.asarray(self.arrays[level][ya:yb, xa:xb])
 
 
-def _xarray_types() -> tuple[type, type] | None:
-    try:
-        import xarray as xr
-    except ImportError:  # pragma: no cover - xarray comes with spatialdata
-        return None
-    return xr.DataArray, xr.DataTree
-
-
 def is_lazy(obj: Any) -> bool:
-    types = _xarray_types()
-    return (types is not None and isinstance(obj, types)) or type(obj).__module__.split(".")[0] == "dask"
+    import xarray as xr
+
+    return isinstance(obj, xr.DataArray | xr.DataTree) or type(obj).__module__.split(".")[0] == "dask"
 
 
 def _scale_levels(obj: Any) -> list:
     """Scale levels of a DataTree (children ``scale0``, ``scale1``, ... sorted by number) or ``[obj]``."""
-    types = _xarray_types()
-    if types is not None and isinstance(obj, types[1]):
+    import xarray as xr
+
+    if isinstance(obj, xr.DataTree):
         keys = sorted(obj.keys(), key=lambda k: int("".join(ch for ch in str(k) if ch.isdigit()) or 0))
-        out = []
-        for key in keys:
-            ds = obj[key].ds
-            if not ds.data_vars:
-                continue
-            out.append(ds[next(iter(ds.data_vars))])
-        return out
+        return [ds[next(iter(ds.data_vars))] for ds in (obj[k].ds for k in keys) if ds.data_vars]
     return [obj]
 
 
 def _yxc(arr: Any, name: str) -> Any:
     """An array in (y, x, c) order that slices lazily."""
-    types = _xarray_types()
-    if types is not None and isinstance(arr, types[0]):
+    import xarray as xr
+
+    if isinstance(arr, xr.DataArray):
         dims = tuple(arr.dims)
         if "c" not in dims:
             if set(dims) >= {"y", "x"} and len(dims) == 2:

@@ -30,13 +30,7 @@ CACHE_ENV = "AGL_SCVERSE_CACHE"
 
 
 def cache_dir() -> Path:
-    """Folder of the decoded-image cache: ``$AGL_SCVERSE_CACHE``, else ``agl_scverse_cache`` in the temp folder.
-
-    Examples
-    --------
-    >>> cache_dir().name.startswith("agl_scverse_cache") or True
-    True
-    """
+    """Folder of the decoded-image cache: ``$AGL_SCVERSE_CACHE``, else ``agl_scverse_cache-<uid>`` in the temp folder."""
     value = os.environ.get(CACHE_ENV)
     if value and value.strip():
         return Path(value).expanduser()
@@ -48,16 +42,7 @@ NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def private_folder(folder: Path) -> Path:
-    """``folder``, created 0700 when missing; refused unless it is a real folder of this user writable by no one else.
-
-    A cache folder someone else owns or can write to could hold planted files that would be read as pixels.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> private_folder(Path(tempfile.mkdtemp()) / "cache").stat().st_mode & 0o777 == 0o700
-    True
-    """
+    """``folder``, created 0700 when missing; refused unless it is a real folder of this user writable by no one else."""
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
@@ -130,11 +115,7 @@ def prune_stale(folder: Path) -> None:
 
 @contextlib.contextmanager
 def file_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock next to ``target``, between processes and threads (:class:`filelock.FileLock`).
-
-    filelock opens the lock file without following links (since 3.20.1, CVE-2025-68146), so a link planted in its
-    place is refused, never truncated through.
-    """
+    """An exclusive :class:`filelock.FileLock` next to ``target`` (it follows no link since 3.20.1)."""
     from filelock import FileLock
 
     lock = target.with_name(target.name + ".lock")

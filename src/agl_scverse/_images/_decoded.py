@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from agl_scverse._utils import sha256_file
+
 from ._cache_folder import (
     CACHE_ENV,
     NOFOLLOW,
@@ -33,33 +35,7 @@ _GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 
 
 class DecodedFileSource(FileSource):
-    """A JPEG / PNG (any PIL format) decoded once into a memory-mapped ``.npy`` cache file.
-
-    Opening reads only the header (size, mode). The first read decodes the image with PIL, which holds the whole
-    image in RAM once (4 bytes per pixel; PIL cannot decode these formats by region), writes it in bands of rows
-    to ``cache_dir() / <name>-<sha256 of the file>.npy`` (a temporary file, preallocated so a full disk fails at
-    once with ``OSError`` and leaves nothing, renamed into place when complete; concurrent processes wait on a lock)
-    and memory-maps it; later opens, in this process or another, only map the cache. The file is hashed once per
-    file identity (path, device, inode, size, modification and change time), recorded in the cache folder. Keyed by content, a file replaced in place is decoded again even when its size and
-    modification time are restored; cache files of images that are gone or were replaced are deleted whenever a
-    new image is decoded. The cache folder must be owned by the user and writable by nobody else (the default is
-    created 0700), and its files are opened without following links, so nobody else can plant pixels there.
-
-    Parameters
-    ----------
-    path
-        The image file.
-    name
-        Label used in messages.
-    cache_folder
-        Where the decoded copy goes; default :func:`cache_dir`.
-
-    Examples
-    --------
-    >>> src = DecodedFileSource("he.jpg")  # doctest: +SKIP
-    >>> src.read_region(0, 0, 64, 64).shape  # doctest: +SKIP
-    (64, 64, 3)
-    """
+    """A JPEG / PNG (any PIL format) decoded once into ``<cache_folder>/<name>-<sha256 of the file>.npy``, memory-mapped."""
 
     kind = "decoded"
     _handle_attrs = ("_mmap",)
@@ -86,7 +62,7 @@ class DecodedFileSource(FileSource):
 
     @property
     def content_sha256(self) -> str:
-        """sha256 of the image file (read once per file identity in a process; checked unchanged first)."""
+        """sha256 of the image file (read once per file identity)."""
         if self._sha256 is None:
             self._check_unchanged()
             key = self.file_key
@@ -95,7 +71,7 @@ class DecodedFileSource(FileSource):
             if digest is None:
                 digest = self._recorded_sha256()
             if digest is None:
-                digest = _sha256_of(self.path)
+                digest = sha256_file(self.path)
                 self._check_unchanged()  # not rewritten while it was hashed
                 self._record_sha256(digest)
             with _HASH_LOCK:
@@ -108,7 +84,7 @@ class DecodedFileSource(FileSource):
         return Path(self.cache_folder) if self.cache_folder is not None else cache_dir()
 
     def _hash_record(self) -> Path:
-        """Where the content hash of this file identity is kept (so other processes need not hash it again)."""
+        """Where the content hash of this file identity is kept, for other processes."""
         return self._folder / f".id-{hashlib.sha256(repr(self.file_key).encode()).hexdigest()[:32]}.sha256"
 
     def _recorded_sha256(self) -> str | None:
@@ -197,11 +173,3 @@ class DecodedFileSource(FileSource):
 
 _HASHES: dict[tuple, str] = {}  # file identity -> sha256 of its content, for this process
 _HASH_LOCK = threading.Lock()
-
-
-def _sha256_of(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

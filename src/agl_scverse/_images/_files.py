@@ -13,19 +13,8 @@ from ._source import ImageSource
 __all__ = ["FileSource", "check_regular_file", "open_pil"]
 
 
-def check_regular_file(path: str | Path, label: str | None = None) -> os.stat_result:
-    """``os.stat`` of an image file; refuses a missing path, a folder, a FIFO, a device or a socket.
-
-    A FIFO would block the reader for ever and a device has no end, so only regular files (or links to them) are
-    opened.
-
-    Examples
-    --------
-    >>> check_regular_file("/dev/null")
-    Traceback (most recent call last):
-    ...
-    ValueError: /dev/null is a character device, not a regular image file; refusing to read it. Point the image path at the image file itself.
-    """
+def check_regular_file(path: str | os.PathLike, label: str | None = None) -> os.stat_result:
+    """``os.stat`` of an image file; refuses a missing path, a folder, a FIFO, a device or a socket."""
     label = label or str(path)
     try:
         st = os.stat(path)
@@ -97,17 +86,8 @@ class FileSource(ImageSource):
 _PIL_LOCK = threading.Lock()
 
 
-def open_pil(path: str | Path) -> Any:
-    """``PIL.Image.open(path)`` with the decompression-bomb limit lifted for this call only (slides are large).
-
-    PIL checks its process-wide ``MAX_IMAGE_PIXELS`` when a file is opened; it is set to None while the header is
-    read and put back before anyone else opens an image through this function, so no process-wide setting changes.
-
-    Examples
-    --------
-    >>> with open_pil("he.jpg") as im:  # doctest: +SKIP
-    ...     im.size
-    """
+def open_pil(path: str | os.PathLike) -> Any:
+    """``PIL.Image.open(path)`` with PIL's decompression-bomb limit lifted while this call reads the header."""
     from PIL import Image
 
     with _PIL_LOCK:

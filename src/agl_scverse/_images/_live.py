@@ -15,19 +15,7 @@ _LIVE_LOCK = threading.Lock()
 
 
 def register_live_image(obj: Any) -> str:
-    """A token naming an in-memory image object (e.g. a SpatialData image element) for :func:`live_image`.
-
-    The object is held by a weak reference: the token resolves while the object lives (e.g. while its SpatialData
-    does) and to None afterwards, so an AnnData can name a full-resolution image without copying it into ``.uns``
-    (the token is a plain string, h5ad-serialisable). Registering the same object again gives the same token.
-
-    Examples
-    --------
-    >>> import xarray as xr, numpy as np
-    >>> img = xr.DataArray(np.zeros((3, 4, 4), np.uint8), dims=("c", "y", "x"))
-    >>> live_image(register_live_image(img)) is img
-    True
-    """
+    """A string token for :func:`live_image` naming ``obj`` by a weak reference (the same token for the same object)."""
     with _LIVE_LOCK:
         for token, value in _LIVE.items():
             if value is obj:

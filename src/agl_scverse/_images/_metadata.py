@@ -16,19 +16,9 @@ _UNIT_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1
 
 
 def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
-    """µm per level-0 pixel recorded in an image file, and where it came from; None when the file records none.
-
-    Read, in this order, from OME-XML ``PhysicalSizeX`` (with its unit), an Aperio SVS description's ``MPP``, then
-    the TIFF ``XResolution`` tag with ``ResolutionUnit`` inch or centimetre. Values outside
-    :data:`PLAUSIBLE_UM_PER_PX` (a 72-dpi placeholder is 353 µm/px) are ignored. JPEG / PNG files give None: their
-    dpi fields are display hints, not the scanner's scale.
-
-    Examples
-    --------
-    >>> file_microns_per_pixel("slide.ome.tif")  # doctest: +SKIP
-    (0.25, 'OME PhysicalSizeX')
-    """
+    """µm per level-0 pixel a TIFF records (OME, SVS, ``XResolution``; if plausible) and where from, or None."""
     import tifffile
+    from tifffile.tifffile import svs_description_metadata
 
     path = Path(path)
     check_regular_file(path)
@@ -41,7 +31,7 @@ def file_microns_per_pixel(path: str | Path) -> tuple[float, str] | None:
             if tf.is_ome and tf.ome_metadata:
                 found += _ome_physical_size(tf.ome_metadata)
             if tf.is_svs:
-                mpp = tifffile.svs_description_metadata(page.description).get("MPP")
+                mpp = svs_description_metadata(page.description).get("MPP")
                 if mpp is not None:
                     found.append((float(mpp), "SVS MPP"))
             tags = page.tags

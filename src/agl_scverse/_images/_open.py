@@ -18,31 +18,7 @@ __all__ = ["open_image"]
 
 
 def open_image(image: Any, name: str = "image", cache_folder: str | Path | None = None) -> ImageSource:
-    """The image source for a file path, an array, a SpatialData image or an existing source.
-
-    Parameters
-    ----------
-    image
-        A path (TIFF family -> :class:`TiffSource`, other formats -> :class:`DecodedFileSource`), a numpy array
-        (:class:`ArraySource`), a DataTree / DataArray / dask array (:class:`LazyArraySource`) or an
-        :class:`ImageSource` (returned as is).
-    name
-        Label used in messages (files are named by their path).
-    cache_folder
-        Folder of the decoded-image cache for JPEG / PNG files; default :func:`cache_dir`.
-
-    Returns
-    -------
-    The source; nothing is decoded yet.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> open_image(np.zeros((8, 8, 3), dtype=np.uint8)).kind
-    'array'
-    >>> open_image("he.jpg").kind  # doctest: +SKIP
-    'decoded'
-    """
+    """The (undecoded) source of a path, an array, a DataTree / DataArray / dask array, or a source as is."""
     if isinstance(image, ImageSource):
         return image
     if isinstance(image, str | os.PathLike):

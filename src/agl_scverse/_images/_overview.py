@@ -17,21 +17,7 @@ __all__ = ["overview"]
 
 
 def overview(image: Any, downsample: float) -> tuple[np.ndarray, float]:
-    """A whole image at about ``1 / downsample`` of its size, read from the nearest finer pyramid level.
-
-    JPEG / PNG files are decoded at a reduced size (PIL ``draft``) without the full-resolution cache; TIFFs and
-    SpatialData images read the coarsest level not coarser than asked, then resize it (PIL, area filter).
-
-    Returns
-    -------
-    The RGB uint8 image and its actual downsample (level-0 pixels per output pixel, along x).
-
-    Examples
-    --------
-    >>> img, ds = overview(np.zeros((64, 48, 3), dtype=np.uint8), 4)
-    >>> img.shape, ds
-    ((16, 12, 3), 4.0)
-    """
+    """A whole image at about ``1 / downsample`` of its size (nearest finer level, or PIL ``draft``), its downsample."""
     from PIL import Image
 
     downsample = max(1.0, float(downsample))

@@ -11,16 +11,7 @@ __all__ = ["check_rgb_shape", "to_uint8_rgb", "value_scale"]
 
 
 def check_rgb_shape(shape: Sequence[int], name: str = "image") -> None:
-    """Raise a clear error unless ``shape`` is ``(H, W, 3)`` or ``(H, W, 4)``.
-
-    Examples
-    --------
-    >>> check_rgb_shape((10, 12, 3))
-    >>> check_rgb_shape((10, 12))
-    Traceback (most recent call last):
-    ...
-    ValueError: image is grayscale (shape (10, 12)); H&E models need an RGB image (H x W x 3). Convert it, e.g. np.stack([img] * 3, axis=-1), only if it really is a stained slide.
-    """
+    """Raise a clear error unless ``shape`` is ``(H, W, 3)`` or ``(H, W, 4)``."""
     shape = tuple(int(s) for s in shape)
     if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1):
         raise ValueError(
@@ -32,17 +23,7 @@ def check_rgb_shape(shape: Sequence[int], name: str = "image") -> None:
 
 
 def value_scale(dtype: Any, lo: float, hi: float, name: str = "image") -> float:
-    """The ``scale`` of :func:`to_uint8_rgb` for an image of ``dtype`` whose values lie in ``[lo, hi]``.
-
-    Floats: 255 when ``hi <= 1`` (an image in [0, 1]), else 1. uint8 and uint16: 1 (their own rules). Other integer
-    types: 1 when the values fit 8 bits (0..255), ``1 / 257`` when they fit 16 bits (0..65535); anything else is
-    refused, as it has no known white.
-
-    Examples
-    --------
-    >>> value_scale(np.int32, 0, 40000) == 1 / 257, value_scale(np.float32, 0.0, 0.9)
-    (True, 255.0)
-    """
+    """The ``scale`` of :func:`to_uint8_rgb` for values in ``[lo, hi]``: floats 255 in [0, 1], 16-bit integers 1 / 257."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating):
         return 255.0 if hi <= 1.0 + 1e-6 else 1.0
@@ -57,20 +38,7 @@ def value_scale(dtype: Any, lo: float, hi: float, name: str = "image") -> float:
 
 
 def to_uint8_rgb(raw: np.ndarray, scale: float = 255.0) -> np.ndarray:
-    """``(h, w, c >= 3)`` pixels of any dtype as contiguous uint8 RGB.
-
-    uint8 is kept, uint16 is rescaled with ``round(v / 257)`` (65535 -> 255), floats are multiplied by ``scale``
-    (255 for images in [0, 1], 1 otherwise) and clipped; other integers are 16-bit values (``round(v / 257)``)
-    when ``scale`` is ``1 / 257`` and 8-bit values otherwise (see :func:`value_scale`).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> to_uint8_rgb(np.array([[[0, 32896, 65535]]], dtype=np.uint16))
-    array([[[  0, 128, 255]]], dtype=uint8)
-    >>> to_uint8_rgb(np.array([[[0, 32896, 65535]]], dtype=np.int32), 1 / 257)
-    array([[[  0, 128, 255]]], dtype=uint8)
-    """
+    """``(h, w, c >= 3)`` pixels as contiguous uint8 RGB: 16-bit values ``round(v / 257)``, floats times ``scale``."""
     raw = np.asarray(raw)[..., :3]
     if raw.dtype == np.uint8:
         return np.ascontiguousarray(raw)

@@ -25,17 +25,7 @@ class Level(NamedTuple):
 
 
 def choose_level(levels: Sequence[Level], um_per_px: float, target_um_per_px: float) -> int:
-    """Index of the pyramid level whose µm/px is closest to ``target_um_per_px`` without being coarser.
-
-    ``um_per_px`` is the µm/px of level 0; a level is allowed when ``um_per_px * downsample`` is at most the
-    target (within 0.1 %, as level sizes are rounded to whole pixels). Level 0 is used when none is fine enough.
-
-    Examples
-    --------
-    >>> levels = [Level(4000, 4000, 1.0), Level(2000, 2000, 2.0), Level(1000, 1000, 4.0)]
-    >>> choose_level(levels, 0.25, 0.5), choose_level(levels, 0.25, 0.9), choose_level(levels, 0.25, 0.2)
-    (1, 1, 0)
-    """
+    """The level whose µm/px is closest to the target without being coarser (0.1 % slack); else level 0."""
     best, best_mpp = 0, float(um_per_px) * levels[0].downsample
     for i, lv in enumerate(levels):
         mpp = float(um_per_px) * lv.downsample
@@ -52,21 +42,9 @@ def levels_from_sizes(sizes: Sequence[tuple[int, int]]) -> list[Level]:
 
 
 class ImageSource:
-    """An RGB image read by region; the interface of every source (see the module docstring).
+    """An RGB image read by region, ``levels`` full resolution first; ``kind`` is tiff, decoded, array or lazy.
 
-    Attributes
-    ----------
-    name
-        Label used in messages.
-    levels
-        Pyramid levels, full resolution first (a plain image has one).
-    kind
-        ``"tiff"``, ``"decoded"``, ``"array"`` or ``"lazy"``.
-
-    Notes
-    -----
-    ``np.asarray(source)`` decodes level 0 whole, and ``source[y0:y1, x0:x1]`` reads that region of level 0, so
-    code written for arrays keeps working on small images; use :meth:`read_region` for slides.
+    ``np.asarray(source)`` decodes level 0 whole and ``source[y0:y1, x0:x1]`` reads a region of it, as for arrays.
     """
 
     kind = "image"
@@ -79,7 +57,6 @@ class ImageSource:
         self.raw_dtype = np.dtype(raw_dtype)
         self._float_scale: float | None = None
 
-    # -- geometry -------------------------------------------------------------------------------------------
     @property
     def width(self) -> int:
         """Width of level 0 in pixels."""
@@ -111,31 +88,8 @@ class ImageSource:
             )
         return int(level)
 
-    # -- reading --------------------------------------------------------------------------------------------
     def read_region(self, x0: int, y0: int, w: int, h: int, level: int = 0) -> np.ndarray:
-        """The part inside the image of the ``w x h`` rectangle with top-left pixel ``(x0, y0)`` of ``level``.
-
-        Parameters
-        ----------
-        x0, y0
-            Top-left pixel in the level's pixel grid (may be negative or beyond the image).
-        w, h
-            Width and height of the rectangle.
-        level
-            Pyramid level (0 = full resolution).
-
-        Returns
-        -------
-        ``(h', w', 3)`` uint8 array, ``h' <= h`` and ``w' <= w``: rows ``max(y0, 0) .. min(y0 + h, height)`` and
-        the same for columns; empty when the rectangle misses the image. The caller pads.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> src = ArraySource(np.zeros((10, 20, 3), dtype=np.uint8))
-        >>> src.read_region(-2, 5, 6, 10).shape
-        (5, 4, 3)
-        """
+        """uint8 RGB of the part inside the level of the ``w x h`` rectangle at ``(x0, y0)`` (the caller pads)."""
         level = self._check_level(level)
         width, height = self.level_size(level)
         x0, y0, w, h = int(x0), int(y0), int(w), int(h)
@@ -161,10 +115,7 @@ class ImageSource:
         raise NotImplementedError
 
     def float_scale(self) -> float:
-        """The :func:`value_scale` of the image (floats: 255 when in [0, 1]; other integer types: 8 or 16 bit).
-
-        The value range is taken on the coarsest level, in bands (uint8 / uint16 images are not scanned).
-        """
+        """The :func:`value_scale` of the image, from the value range of its coarsest level (read in bands)."""
         if self._float_scale is None:
             scale = 1.0
             dt = self.raw_dtype
@@ -190,7 +141,6 @@ class ImageSource:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- array-likeness, for code written for decoded images -----------------------------------------------------
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         arr = self.read_level(0)
         return arr if dtype is None else arr.astype(dtype)

@@ -26,29 +26,7 @@ STRIP_BAND_ROWS = 256
 
 
 class TiffSource(FileSource):
-    """A TIFF / OME-TIFF / SVS file read tile by tile through tifffile's zarr store.
-
-    Levels are those of the first series (``TiffFile(path).series[0].levels``: a pyramid in SubIFDs, an SVS or
-    OME-TIFF pyramid; one level for a flat TIFF). A region decodes only the tiles it touches, and decoded tiles
-    go to :func:`tile_cache` keyed by ``(path, size, mtime, level, tile row, tile column)``. A TIFF in strips is
-    read in full-width bands of at least 256 rows (``STRIP_BAND_ROWS``); uncompressed contiguous levels are
-    memory-mapped instead.
-
-    Parameters
-    ----------
-    path
-        The TIFF file.
-    name
-        Label used in messages.
-
-    Examples
-    --------
-    >>> src = TiffSource("slide.ome.tif")  # doctest: +SKIP
-    >>> [lv.downsample for lv in src.levels]  # doctest: +SKIP
-    [1.0, 4.0, 16.0]
-    >>> src.read_region(1000, 2000, 224, 224, level=1).shape  # doctest: +SKIP
-    (224, 224, 3)
-    """
+    """A TIFF / OME-TIFF / SVS file read through tifffile's zarr store, decoded tiles kept in :func:`tile_cache`."""
 
     kind = "tiff"
     _handle_attrs = ("_store", "_arrays")
@@ -69,16 +47,12 @@ class TiffSource(FileSource):
                 self._memmappable = [bool(lv.dataoffset is not None and lv.keyframe.is_memmappable) for lv in levels]
         except tifffile.TiffFileError as e:
             raise ValueError(f"{self._label} is not a readable TIFF ({e}). Convert it, e.g. to a tiled TIFF.") from e
-        sizes = []
-        for axes, shape in zip(self._axes, shapes):
-            sizes.append(_tiff_yxc_shape(axes, shape, self._label)[:2])
+        sizes = [_tiff_yxc_shape(axes, shape, self._label) for axes, shape in zip(self._axes, shapes)]
         ImageSource.__init__(self, self._label, levels_from_sizes(sizes), dtype)
-        self._shapes = shapes
         self._store: Any = None
         self._arrays: list | None = None
         self._chunks: list[tuple[int, int]] | None = None
 
-    # -- handles --------------------------------------------------------------------------------------------
     def _open(self) -> list:
         if self._arrays is not None and self._handles_valid():
             return self._arrays
@@ -92,9 +66,8 @@ class TiffSource(FileSource):
         store = tifffile.imread(self.path, aszarr=True, series=0)
         group = zarr.open(store, mode="r")
         members = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(self.levels))]
-        for i, (arr, axes) in enumerate(zip(members, self._axes)):
-            if self._memmappable[i]:
-                arr = tifffile.memmap(self.path, series=0, level=i, mode="r")
+        for i, (member, axes) in enumerate(zip(members, self._axes)):
+            arr: Any = tifffile.memmap(self.path, series=0, level=i, mode="r") if self._memmappable[i] else member
             arrays.append(arr)
             ch = arr.chunks if hasattr(arr, "chunks") and arr.chunks is not None else arr.shape
             th, tw = int(ch[axes.index("Y")]), int(ch[axes.index("X")])
@@ -130,7 +103,6 @@ class TiffSource(FileSource):
         with contextlib.suppress(Exception):
             self.close()
 
-    # -- reading --------------------------------------------------------------------------------------------
     def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         arr = self._open()[level]
         axes = self._axes[level]
@@ -163,8 +135,8 @@ class TiffSource(FileSource):
         return out
 
 
-def _tiff_yxc_shape(axes: str, shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
-    """(height, width, channels) of a TIFF series level, with the grayscale / layout checks."""
+def _tiff_yxc_shape(axes: str, shape: tuple[int, ...], name: str) -> tuple[int, int]:
+    """(height, width) of a TIFF series level, with the grayscale / layout checks."""
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"{name} has axes {axes!r}; expected an image with Y and X axes.")
     dims = dict(zip(axes, shape))
@@ -173,7 +145,7 @@ def _tiff_yxc_shape(axes: str, shape: tuple[int, ...], name: str) -> tuple[int, 
         warnings.warn(f"{name} has extra axes {extra}; reading their first plane.", UserWarning, stacklevel=4)
     channels = dims.get("S", dims.get("C", 1))
     check_rgb_shape((dims["Y"], dims["X"], channels) if channels != 1 else (dims["Y"], dims["X"]), name)
-    return dims["Y"], dims["X"], channels
+    return dims["Y"], dims["X"]
 
 
 def is_tiff(path: Path) -> bool:

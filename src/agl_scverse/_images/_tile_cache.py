@@ -18,38 +18,14 @@ DEFAULT_TILE_CACHE_MB = 256
 
 
 class TileCache:
-    """A thread-safe LRU cache of decoded tiles with a byte budget.
-
-    Items larger than the budget are not kept. One cache serves the whole process (:func:`tile_cache`); each
-    DataLoader worker has its own.
-
-    Parameters
-    ----------
-    max_bytes
-        Budget in bytes (0 disables the cache).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> cache = TileCache(max_bytes=1000)
-    >>> cache.put("a", np.zeros(600, dtype=np.uint8))
-    >>> cache.put("b", np.zeros(600, dtype=np.uint8))  # evicts "a"
-    >>> cache.get("a") is None, cache.nbytes
-    (True, 600)
-    """
+    """A thread-safe LRU cache of decoded tiles within ``max_bytes`` (0 disables it); larger items are not kept."""
 
     def __init__(self, max_bytes: int = DEFAULT_TILE_CACHE_MB * 2**20):
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._nbytes = 0
+        self.nbytes = 0  # never above max_bytes
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held now (never above ``max_bytes``)."""
-        return self._nbytes
+        self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -67,33 +43,29 @@ class TileCache:
 
     def put(self, key: Hashable, arr: np.ndarray) -> None:
         """Keep ``arr`` under ``key``, evicting the least recently used items beyond the budget."""
-        size = int(arr.nbytes)
         with self._lock:
             old = self._items.pop(key, None)
-            if old is not None:
-                self._nbytes -= int(old.nbytes)
-            if size > self.max_bytes:
-                return
-            self._items[key] = arr
-            self._nbytes += size
-            while self._nbytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self._nbytes -= int(dropped.nbytes)
+            self.nbytes -= 0 if old is None else int(old.nbytes)
+            if arr.nbytes <= self.max_bytes:
+                self._items[key] = arr
+                self.nbytes += int(arr.nbytes)
+                self._evict()
 
     def resize(self, max_bytes: int) -> None:
         """Change the budget (evicting as needed)."""
         with self._lock:
             self.max_bytes = int(max_bytes)
-            while self._nbytes > self.max_bytes and self._items:
-                _, dropped = self._items.popitem(last=False)
-                self._nbytes -= int(dropped.nbytes)
+            self._evict()
+
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes and self._items:
+            self.nbytes -= int(self._items.popitem(last=False)[1].nbytes)
 
     def clear(self) -> None:
         """Drop every item and reset the hit counters."""
         with self._lock:
             self._items.clear()
-            self._nbytes = 0
-            self.hits = self.misses = 0
+            self.nbytes = self.hits = self.misses = 0
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()  # a lock held by another thread at fork time would never be released
@@ -118,11 +90,5 @@ if hasattr(os, "register_at_fork"):
 
 
 def tile_cache() -> TileCache:
-    """The process-wide cache of decoded TIFF tiles (``AGL_SCVERSE_TILE_CACHE_MB``, default 256 MB).
-
-    Examples
-    --------
-    >>> tile_cache().max_bytes >= 0
-    True
-    """
+    """The process-wide cache of decoded TIFF tiles (``AGL_SCVERSE_TILE_CACHE_MB``, default 256 MB)."""
     return _TILE_CACHE

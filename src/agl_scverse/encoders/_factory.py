@@ -1,8 +1,4 @@
-"""The encoder factory: a name, a module or a callable into a module producing ``(B, D)`` features, and its ``info``.
-
-:func:`get_encoder` builds presets (pathology foundation models), ``hf-hub:`` names, registered encoders and timm
-models, loads weight files, and says how to feed the result (normalisation, feature size, native µm per pixel).
-"""
+"""The encoder factory: a name, a module or a callable into a module producing ``(B, D)`` features, and its ``info``."""
 
 from __future__ import annotations
 
@@ -10,7 +6,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +22,9 @@ from ._presets import find_preset, kwargs_from_json, kwargs_to_json
 from ._registry import REGISTRY, safe_name
 from ._timm import build_timm, check_timm_name
 from ._weights import KNOWN_WEIGHTS, load_weights
+
+if TYPE_CHECKING:
+    from timm.models import VisionTransformer
 
 __all__ = ["check_native_scale", "get_encoder"]
 
@@ -46,58 +45,34 @@ def get_encoder(
     Parameters
     ----------
     name_or_module
-        One of
-
-        - a preset name (:data:`PRESETS`: ``"uni"``, ``"uni2-h"``, ``"virchow2"``, ``"h-optimus-0"``,
-          ``"prov-gigapath"``, ``"phikon-v2"``; their hub ids such as ``"hf-hub:MahmoodLab/UNI"`` too): the
-          published architecture, normalisation and pooling;
-        - an ``"hf-hub:<org>/<model>"`` name of another timm model on the hub (its ``config.json`` and weights
-          are read from the local Hugging Face cache; downloaded only when the hub is reachable);
-        - a name registered with :func:`register_encoder`;
-        - any ``timm`` model name (built with ``num_classes=0`` so it returns pooled features);
-        - a torch module, a tensor -> tensor callable, or a ``(module, info)`` pair returned earlier.
+        A preset name or hub id (:func:`list_presets`), another timm model on the hub (``"hf-hub:<org>/<model>"``),
+        a name registered with :func:`register_encoder`, a timm model name (``num_classes=0``), a torch module, a
+        tensor -> tensor callable, or a ``(module, info)`` pair returned earlier.
     weights
-        Path to a local state dict (``.safetensors``/``.bin``/``.pth``/``.pt``) loaded with :func:`load_weights`;
-        its sha256 is recorded.
+        A local state dict (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) loaded with :func:`load_weights`.
     pretrained
-        Use the published weights: for a preset or an ``hf-hub:`` name the hub repository's weights file, for a
-        timm name timm's pretrained weights. Read from the local cache; downloaded only when the hub is reachable;
-        otherwise (e.g. ``HF_HUB_OFFLINE=1``) a ``FileNotFoundError`` at once that says how to get them. Default:
-        random initialisation (seeded by ``seed``), or ``weights``.
-    mean
-        Per-channel mean of the input normalisation, overriding the default: the preset's, else the known
-        normalisation of the weights file (mean = std = 0.5 for the EfficientNet-Lite0 file), else timm's
-        ``pretrained_cfg``, else the registered values, else ImageNet.
-    std
-        Per-channel standard deviation of the input normalisation, overriding the same default.
+        The published weights (the hub repository's, or timm's), from the local cache, else downloaded when the
+        hub is reachable, else a ``FileNotFoundError`` that says how to get them. Default: random (``seed``).
+    mean, std
+        Input normalisation overriding the default: the preset's, a known weights file's, timm's
+        ``pretrained_cfg``, the registered values, else ImageNet.
     seed
         Seed of the random initialisation (the global torch RNG is left untouched).
     encoder_kwargs
-        Keyword arguments of ``timm.create_model`` (over a preset's own), e.g. ``{"init_values": 1e-5}`` for
-        LayerScale or ``{"img_size": 448}``. Layer classes (``mlp_layer=timm.layers.SwiGLUPacked``) or their
-        names work; they are recorded as JSON so that a saved model can rebuild the encoder.
+        ``timm.create_model`` keyword arguments (over a preset's), e.g. ``{"init_values": 1e-5}``; layer classes
+        or their names work (recorded as JSON, so a saved model can rebuild the encoder).
     strict
-        Weights must fit exactly: a model tensor missing from the file, an unused file tensor or a shape mismatch
-        raises, listing the names (see :func:`load_weights`). ``False`` loads what matches, with a warning.
+        Weights must fit exactly (see :func:`load_weights`); ``False`` loads what matches, with a warning.
 
     Returns
     -------
     module
-        The encoder (built ones in eval mode; a module passed in keeps its mode), mapping normalised ``(B, 3, H, W)`` float images to ``(B, D)``.
+        The encoder (built ones in eval mode; a module passed in keeps its mode).
     info
-        ``name``, ``mean``, ``std``, ``feature_dim`` (None when unknown until a first batch), ``weights_path``,
-        ``weights_sha256`` (``""`` without a file), ``pretrained``, ``source`` (``preset``, ``timm``,
-        ``hf-hub``, ``registry``, ``module``, ``callable``), ``normalisation`` (where mean/std come from),
-        ``weights_load`` (summary of :func:`load_weights`, or ``{}``), and what rebuilds it: ``spec`` (the name
-        to pass again), ``preset``, ``arch``, ``encoder_kwargs`` (JSON), ``hf_hub``, ``native_mpp`` (µm/px the
-        encoder was trained at, when known), ``strict``.
-
-    Raises
-    ------
-    FileNotFoundError
-        Weights that are not local while the hub is off or unreachable (at once, with how to get them).
-    ValueError
-        Weights that do not fit the architecture (with ``strict``), an unknown name.
+        ``name``, ``mean``, ``std``, ``feature_dim`` (None when unknown), ``weights_path``, ``weights_sha256``,
+        ``pretrained``, ``source``, ``normalisation`` (where mean/std come from), ``weights_load``, and what
+        rebuilds it: ``spec``, ``preset``, ``arch``, ``encoder_kwargs`` (JSON), ``hf_hub``, ``native_mpp``,
+        ``strict``.
 
     Examples
     --------
@@ -159,8 +134,8 @@ def get_encoder(
         if known is not None and b["preset"] is None:
             norm_mean, norm_std = list(known["mean"]), list(known["std"])
             norm_src = f"known weights file ({known['arch']})"
-    if b["pooling"] == "cls+mean":
-        module = ClsMeanPool(module)
+    if b["pooling"] == "cls+mean":  # presets pooled so are timm ViTs
+        module = ClsMeanPool(cast("VisionTransformer", module))
     if mean is not None:
         norm_mean, norm_src = channel_stats(mean, "mean"), "user"
     if std is not None:
@@ -199,12 +174,13 @@ def _from_pair(pair: tuple, mean, std) -> tuple[nn.Module, dict[str, Any]]:
     for key in ("name", "mean", "std"):
         if key not in info:
             raise KeyError(f"Encoder info lacks {key!r}; pass the pair returned by get_encoder.")
-    info = dict(info)
-    if mean is not None:
-        info["mean"], info["normalisation"] = channel_stats(mean, "mean"), "user"
-    if std is not None:
-        info["std"], info["normalisation"] = channel_stats(std, "std"), "user"
-    return module, info
+    return module, {**info, **_user_norm(mean, std)}
+
+
+def _user_norm(mean: Any, std: Any) -> dict[str, Any]:
+    """The ``info`` entries of a normalisation given by the user (none when neither is given)."""
+    out: dict[str, Any] = {} if mean is None else {"mean": channel_stats(mean, "mean"), "normalisation": "user"}
+    return out if std is None else {**out, "std": channel_stats(std, "std"), "normalisation": "user"}
 
 
 def _build_named(name: str, pretrained: bool, user_kwargs: dict[str, Any], b: dict[str, Any]) -> Any:
@@ -237,10 +213,7 @@ def _build_named(name: str, pretrained: bool, user_kwargs: dict[str, Any], b: di
         model_args.pop("num_classes", None)
         b["kwargs_json"] = kwargs_to_json({**model_args, **json.loads(kwargs_to_json(user_kwargs))})
         b.update(source="hf-hub", arch=arch, hub_repo=hub_repo)
-        pcfg = cfg.get("pretrained_cfg") or {}
-        if "mean" in pcfg and "std" in pcfg:
-            b.update(mean=channel_stats(pcfg["mean"], "mean"), std=channel_stats(pcfg["std"], "std"))
-            b["norm_src"] = f"hub config of {hub_repo}"
+        _cfg_norm(cfg.get("pretrained_cfg"), f"hub config of {hub_repo}", b)
         return timm.create_model(arch, pretrained=False, num_classes=0, **{**model_args, **user_kwargs})
     if name in REGISTRY:
         if user_kwargs:
@@ -254,20 +227,18 @@ def _build_named(name: str, pretrained: bool, user_kwargs: dict[str, Any], b: di
         return factory(pretrained=pretrained) if accepts else factory()
     built = build_timm(name, pretrained, user_kwargs)
     b.update(source="timm", arch=name, kwargs_json=kwargs_to_json(user_kwargs))
-    cfg = getattr(built, "pretrained_cfg", None) or {}
-    if "mean" in cfg and "std" in cfg:
-        b.update(mean=channel_stats(cfg["mean"], "mean"), std=channel_stats(cfg["std"], "std"))
-        b["norm_src"] = "timm pretrained_cfg"
+    _cfg_norm(getattr(built, "pretrained_cfg", None), "timm pretrained_cfg", b)
     return built
 
 
-def check_native_scale(info: dict[str, Any], patch_px: int, patch_um: float, rtol: float = 0.25) -> None:
-    """Warn when patches are cut at another µm/px than the encoder's native resolution (when it is known).
+def _cfg_norm(cfg: dict[str, Any] | None, source: str, b: dict[str, Any]) -> None:
+    """The mean / std of a timm ``pretrained_cfg`` into ``b`` when it has both."""
+    if cfg and "mean" in cfg and "std" in cfg:
+        b.update(mean=channel_stats(cfg["mean"], "mean"), std=channel_stats(cfg["std"], "std"), norm_src=source)
 
-    Examples
-    --------
-    >>> check_native_scale({"name": "uni", "native_mpp": 0.5}, 224, 112.0)  # 0.5 µm/px: silent
-    """
+
+def check_native_scale(info: dict[str, Any], patch_px: int, patch_um: float, rtol: float = 0.25) -> None:
+    """Warn when patches are cut at another µm/px than the encoder's native resolution (when it is known)."""
     mpp = info.get("native_mpp")
     if not mpp or not patch_px:
         return

@@ -1,7 +1,4 @@
-"""The Hugging Face hub: offline switches, one quick reachability probe, files from the local cache first.
-
-Every miss is a fast error that says how to fill the cache on a machine with internet, or which file to pass.
-"""
+"""The Hugging Face hub: offline switches, one quick reachability probe, files from the local cache first."""
 
 from __future__ import annotations
 
@@ -11,7 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WEIGHT_FILES", "hub_file", "hub_offline", "hub_reachable", "read_hub_config", "split_hub_name"]
+__all__ = [
+    "WEIGHT_FILES",
+    "cached_file",
+    "hub_file",
+    "hub_offline",
+    "hub_reachable",
+    "read_hub_config",
+    "split_hub_name",
+]
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -53,11 +58,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def _hub_help(repo: str, gated: bool | None, what: str) -> str:
-    gate = {
-        True: "It is gated: ",
-        None: "If it is gated: ",
-        False: "",
-    }[gated]
+    gate = {True: "It is gated: ", None: "If it is gated: ", False: ""}[gated]
     if gated is not False:
         gate += (
             f"log in (`hf auth login` or HF_TOKEN) with an account that accepted the terms on "
@@ -71,14 +72,22 @@ def _hub_help(repo: str, gated: bool | None, what: str) -> str:
     )
 
 
-def hub_file(repo: str, names: Sequence[str], gated: bool | None, what: str) -> str:
-    """Path of the first of ``names`` in the local cache; downloaded when the hub is reachable; else a fast error."""
+def cached_file(repo: str, names: Sequence[str], revision: str | None = None) -> str | None:
+    """Path of the first of ``names`` in the local Hugging Face cache, or None."""
     from huggingface_hub import try_to_load_from_cache
 
     for n in names:
-        got = try_to_load_from_cache(repo, n)
+        got = try_to_load_from_cache(repo, n, revision=revision)
         if isinstance(got, str) and Path(got).is_file():
             return got
+    return None
+
+
+def hub_file(repo: str, names: Sequence[str], gated: bool | None, what: str) -> str:
+    """Path of the first of ``names`` in the local cache; downloaded when the hub is reachable; else a fast error."""
+    got = cached_file(repo, names)
+    if got is not None:
+        return got
     if not hub_reachable():
         raise FileNotFoundError(_hub_help(repo, gated, what))
     from huggingface_hub import hf_hub_download

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models import VisionTransformer
 
 __all__ = ["CallableEncoder", "ClsMeanPool"]
 
@@ -25,12 +28,9 @@ class CallableEncoder(nn.Module):
 
 
 class ClsMeanPool(nn.Module):
-    """A ViT whose features are its class token concatenated with the mean of its patch tokens (Virchow2).
+    """A ViT whose features are its class token and the mean of its patch tokens, register tokens left out."""
 
-    Register tokens (and any other prefix token after the class token) are left out of the mean.
-    """
-
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: VisionTransformer):
         super().__init__()
         self.vit = vit
         self.num_features = 2 * int(vit.num_features)

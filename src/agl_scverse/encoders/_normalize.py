@@ -24,13 +24,9 @@ def normalize(
     Parameters
     ----------
     batch
-        uint8 tensor (or array) of shape ``(B, 3, H, W)`` or ``(3, H, W)``, values 0-255, as produced by
-        :class:`SpotPatches`. Stays on its device.
-    mean
-        Per-channel mean in the 0-1 range (3 values, or 1 for all channels), e.g. ``info["mean"]`` from
-        :func:`agl_scverse.model.get_encoder`.
-    std
-        Per-channel standard deviation, the same way (``info["std"]``).
+        uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` tensor (or array), as :class:`SpotPatches` gives; stays on its device.
+    mean, std
+        Per-channel values in the 0-1 range (3, or 1 for all), e.g. ``info["mean"]`` of :func:`get_encoder`.
 
     Returns
     -------
@@ -58,8 +54,7 @@ def normalize(
     s = channel_stats(std, "std")
     if np.any(np.asarray(s) <= 0):
         raise ValueError(f"std must be positive, got {std}.")
-    m_t = torch.tensor(m, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    s_t = torch.tensor(s, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    m_t, s_t = (torch.tensor(v, dtype=torch.float32, device=batch.device).view(3, 1, 1) for v in (m, s))
     return (batch.float().div_(255.0) - m_t) / s_t
 
 

@@ -1,29 +1,9 @@
 """ONNX Runtime for a frozen image encoder: exported once, cached by content, checked against torch.
 
-The ``backend=`` argument of :func:`agl_scverse.pp.embed_patches` (and of the tools that embed through it) says
-which engine runs the frozen encoder's forward pass:
-
-``"auto"`` (default)
-    ONNX Runtime on a CPU when ``onnxruntime`` is installed, the run is in float32 and the encoder exports; the
-    first time a process runs a graph, the first patches of the run are also computed in torch and must agree
-    (cosine similarity >= :data:`MIN_COSINE` per patch; the checked session is kept for the next run, see
-    :func:`start_backend`). Otherwise torch, with one log line saying why.
-``"torch"``
-    The torch module (the reference; fine-tuning always trains in torch).
-``"onnx"``
-    ONNX Runtime, or an error saying why it cannot run.
-
-int8 dynamic quantisation of the graph (``onnx_encoder(..., quantization="int8-dynamic")``) is measured by
-``benchmarks/bench_encoder_backends.py`` but is not a backend option: on the CPUs measured it was slower than the
-float32 graph and its features further from torch's (see the Encoders page).
-
-The graph is exported with torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, no extra
-package), with a dynamic batch size, and cached in a private per-user directory (:func:`cache_dir`) under a key
-made of the module's weights (sha256 of every tensor), its structure, how it was built, the input size and the
-torch version: the same encoder is exported once, a changed one gets a new graph. Each cached graph carries the
-sha256 of its files; a graph that fails that check, or whose features disagree with torch's, is exported again.
-Files are written into a temporary directory beside the cache entry and moved into place with ``os.replace``.
-ONNX Runtime's intra-op threads follow ``torch.get_num_threads()`` (which follows ``OMP_NUM_THREADS``).
+``backend=`` of :func:`agl_scverse.pp.embed_patches`: ``"auto"`` (ONNX Runtime on a CPU in float32 when installed
+and the encoder exports, checked on the first patches), ``"torch"`` or ``"onnx"``. Graphs are cached in a private
+per-user folder (:func:`cache_dir`) under a key of the module's tensors, structure, input size and torch version,
+written beside their entry and moved into place; see docs/encoders.md.
 """
 
 from __future__ import annotations
@@ -31,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -48,6 +29,7 @@ from torch import nn
 
 from agl_scverse import _constants as consts
 from agl_scverse._images import CACHE_ENV
+from agl_scverse._utils import sha256_file
 from agl_scverse._validate import check_choice
 
 __all__ = [
@@ -79,29 +61,12 @@ _STARTED: dict[tuple, OnnxEncoder] = {}
 
 
 def onnx_backend_available() -> bool:
-    """Whether ``onnxruntime`` (the engine) and ``onnx`` (which torch's exporter writes with) are installed.
-
-    Nothing is imported. Both come with ``pip install 'agl-scverse[onnx]'``.
-
-    Examples
-    --------
-    >>> isinstance(onnx_backend_available(), bool)
-    True
-    """
+    """Whether ``onnxruntime`` and ``onnx`` (torch's exporter writes with it) are installed; nothing is imported."""
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
-# ------------------------------------------------------------------------------------------------ the cache
 def cache_dir() -> Path:
-    """The directory of exported graphs: ``$AGL_SCVERSE_CACHE/onnx``, else ``$XDG_CACHE_HOME/agl-scverse/onnx``.
-
-    (``~/.cache/agl-scverse/onnx`` without either variable.) It is not created here.
-
-    Examples
-    --------
-    >>> cache_dir().name
-    'onnx'
-    """
+    """Folder of exported graphs (not created): ``$AGL_SCVERSE_CACHE/onnx``, else ``$XDG_CACHE_HOME/agl-scverse/onnx``."""
     env = os.environ.get(CACHE_ENV, "").strip()
     if env:
         return Path(env).expanduser() / "onnx"
@@ -124,11 +89,7 @@ def _private_dir(path: Path) -> Path:
 
 
 def _regular_file(path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode)
+    return not path.is_symlink() and path.is_file()
 
 
 def _files_sha256(folder: Path) -> dict[str, str]:
@@ -139,19 +100,14 @@ def _files_sha256(folder: Path) -> dict[str, str]:
             continue
         if not _regular_file(p):
             raise PermissionError(f"{p} is not a regular file.")
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        out[p.name] = h.hexdigest()
+        out[p.name] = sha256_file(p)
     return out
 
 
 def _read_entry(entry: Path, key: str) -> Path | None:
     """The graph of a cache entry when it is intact (its metadata names ``key`` and its files' sha256), else None."""
     try:
-        st = os.lstat(entry)
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        if entry.is_symlink() or not entry.is_dir():
             return None
         meta_path, graph = entry / _META, entry / _GRAPH
         if not (_regular_file(meta_path) and _regular_file(graph)):
@@ -164,16 +120,8 @@ def _read_entry(entry: Path, key: str) -> Path | None:
     return graph
 
 
-# ------------------------------------------------------------------------------------------------ export
 def graph_key(module: nn.Module, input_px: int, extra: dict[str, Any] | None = None, quantization: str = "") -> str:
-    """The cache key of ``module``'s graph: sha256 of its tensors, structure, input size, versions and ``extra``.
-
-    Examples
-    --------
-    >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    >>> graph_key(a, 8) == graph_key(a, 8), graph_key(a, 8) == graph_key(b, 8), graph_key(a, 8) == graph_key(a, 16)
-    (True, False, False)
-    """
+    """The cache key of ``module``'s graph: sha256 of its tensors, structure, input size, versions and ``extra``."""
     h = hashlib.sha256()
     head = {
         "format": _FORMAT,
@@ -193,11 +141,14 @@ def graph_key(module: nn.Module, input_px: int, extra: dict[str, Any] | None = N
     return h.hexdigest()
 
 
+def _device(module: nn.Module) -> torch.device:
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def _export(module: nn.Module, input_px: int, folder: Path) -> None:
     """Write ``module``'s graph (float32 input ``images`` of shape (batch, 3, px, px) -> ``features``) into ``folder``."""
-    params = list(module.parameters()) + list(module.buffers())
-    dev = params[0].device if params else torch.device("cpu")
-    x = torch.zeros(2, 3, int(input_px), int(input_px), device=dev)
+    x = torch.zeros(2, 3, int(input_px), int(input_px), device=_device(module))
     was = module.training
     module.eval()
     try:
@@ -243,17 +194,13 @@ def _build_entry(module: nn.Module, input_px: int, key: str, quantization: str, 
 
 @contextlib.contextmanager
 def _graph_path(module: nn.Module, input_px: int, key: str, quantization: str, fresh: bool) -> Iterator[Path]:
-    """The path of the graph for ``key``: from the cache, or exported into it (atomically).
-
-    When the cache cannot be used, the graph is exported into a temporary directory removed after the session
-    has loaded it. ``fresh``: export again even when the cache holds an intact graph.
-    """
+    """The graph for ``key``: cached, else exported into the cache (``fresh``: always), else into a temporary folder."""
     try:
         root = _private_dir(cache_dir())
     except OSError as err:
         logg.info(f"ONNX graph cache {cache_dir()} not usable ({err}); exporting for this run only.")
-        with tempfile.TemporaryDirectory(prefix="agl-onnx-") as tmp:
-            yield _build_entry(module, input_px, key, quantization, Path(tmp)) / _GRAPH
+        with tempfile.TemporaryDirectory(prefix="agl-onnx-") as scratch:
+            yield _build_entry(module, input_px, key, quantization, Path(scratch)) / _GRAPH
         return
     entry = root / key[:32]
     graph = None if fresh else _read_entry(entry, key)
@@ -267,36 +214,18 @@ def _graph_path(module: nn.Module, input_px: int, key: str, quantization: str, f
             os.replace(entry, aside)
             shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
         os.replace(tmp, entry)
+        placed = True
     except OSError:  # another process put its own (equal) graph there first: use ours from where it is
         placed = False
-    else:
-        placed = True
-    if placed:
-        yield entry / _GRAPH
-        return
     try:
-        yield tmp / _GRAPH
+        yield (entry if placed else tmp) / _GRAPH
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not placed:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------ the engine
 class OnnxEncoder:
-    """An exported encoder run by ONNX Runtime: ``(B, 3, H, W)`` float32 tensor in, ``(B, D)`` tensor out.
-
-    Parameters
-    ----------
-    path
-        The ``.onnx`` graph (read once; the session holds it in memory).
-    providers
-        ONNX Runtime execution providers, in order of preference. Default ``["CPUExecutionProvider"]``. On a GPU
-        with ``onnxruntime-gpu``: ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` or with
-        ``"TensorrtExecutionProvider"`` first (not measured here).
-    threads
-        Intra-op threads; default ``torch.get_num_threads()`` (which follows ``OMP_NUM_THREADS``).
-    quantization
-        What the graph's weights are (``""`` float32, ``"int8-dynamic"``), for the record.
-    """
+    """An exported graph run by ONNX Runtime (``threads`` default ``torch.get_num_threads()``): ``(B, 3, H, W)`` -> ``(B, D)``."""
 
     def __init__(
         self, path: str | Path, providers: list[str] | None = None, threads: int | None = None, quantization: str = ""
@@ -308,8 +237,7 @@ class OnnxEncoder:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads sleep rather than spin: the thread cutting the next patches (and other processes)
-        # get the cores between ONNX Runtime's parallel sections (faster end to end on a shared 2-core CPU).
+        # idle intra-op threads sleep, leaving the cores to the thread cutting the next patches
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         if [i.name for i in self.session.get_inputs()] != ["images"]:
@@ -341,13 +269,7 @@ class OnnxEncoder:
 
 
 def row_cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64; 1 for two zero rows).
-
-    Examples
-    --------
-    >>> row_cosine(np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[2.0, 0.0], [0.0, 0.0]])).tolist()
-    [1.0, 1.0]
-    """
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64; 1 for two zero rows)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     dot = (a * b).sum(1)
@@ -359,25 +281,16 @@ def row_cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np
 
 
 def _torch_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    params = list(module.parameters()) + list(module.buffers())
-    dev = params[0].device if params else torch.device("cpu")
     was = module.training
     module.eval()
     try:
         with torch.inference_mode():
-            y = module(x.to(dev))
+            y = module(x.to(_device(module)))
     finally:
         module.train(was)
     if isinstance(y, tuple | list):
         y = y[0]
     return y.float().cpu()
-
-
-def _check(enc: OnnxEncoder, module: nn.Module, x: torch.Tensor, threshold: float) -> float:
-    x = x[:N_CHECK]
-    cos = float(row_cosine(enc(x).numpy(), _torch_features(module, x).numpy()).min())
-    enc.check_cosine = cos
-    return cos
 
 
 def onnx_encoder(
@@ -390,46 +303,15 @@ def onnx_encoder(
     providers: list[str] | None = None,
     min_cosine: float = MIN_COSINE,
 ) -> OnnxEncoder:
-    """``module`` as an :class:`OnnxEncoder`, from the cache or exported, checked on ``first_batch``.
-
-    Parameters
-    ----------
-    module
-        The frozen encoder (kept as it is; it runs once in torch on the checked patches).
-    input_px
-        Side of the square input in pixels (part of the graph's key).
-    first_batch
-        Normalised float32 images; the first :data:`N_CHECK` are computed by both engines.
-    extra
-        How the encoder was built (name, architecture, keyword arguments), part of the key.
-    quantization
-        ``""`` (float32) or ``"int8-dynamic"``.
-    providers
-        ONNX Runtime execution providers (see :class:`OnnxEncoder`).
-    min_cosine
-        Smallest cosine similarity per checked patch between the engines' features (float32 graphs; a cached
-        graph below it is exported again, and a new one below it is an error).
-
-    Raises
-    ------
-    RuntimeError
-        The export failed, or the exported graph's features disagree with torch's.
-
-    Examples
-    --------
-    >>> import timm
-    >>> m = timm.create_model("resnet18", num_classes=0).eval()  # doctest: +SKIP
-    >>> enc = onnx_encoder(m, 64, torch.randn(2, 3, 64, 64))  # doctest: +SKIP
-    >>> enc(torch.randn(5, 3, 64, 64)).shape  # doctest: +SKIP
-    torch.Size([5, 512])
-    """
+    """``module`` as an :class:`OnnxEncoder` checked on ``first_batch`` (a failing cached graph is exported again)."""
     key = graph_key(module, input_px, extra, quantization)
     last = 0.0
     for fresh in (False, True):
         try:
             with _graph_path(module, input_px, key, quantization, fresh) as path:
                 enc = OnnxEncoder(path, providers=providers, quantization=quantization)
-            last = _check(enc, module, first_batch, min_cosine)
+            x = first_batch[:N_CHECK]
+            last = enc.check_cosine = float(row_cosine(enc(x).numpy(), _torch_features(module, x).numpy()).min())
         except Exception as err:
             raise RuntimeError(f"exporting the encoder to ONNX failed ({type(err).__name__}: {err})") from err
         if quantization or last >= min_cosine:
@@ -440,7 +322,6 @@ def onnx_encoder(
     )
 
 
-# ------------------------------------------------------------------------------------------------ choice
 def info_key(info: dict[str, Any] | None) -> dict[str, Any]:
     """The part of a :func:`~agl_scverse.model.get_encoder` ``info`` that goes into a graph's cache key."""
     info = info or {}
@@ -455,18 +336,7 @@ def select_backend(
     callable_encoder: bool = False,
     precision_requested: str = "auto",
 ) -> str:
-    """What runs the encoder: ``"torch"`` or ``"onnx"`` (decided before any export; see the module docs).
-
-    ``"auto"`` gives ``"onnx"`` on a CPU with ``onnxruntime`` and ``onnx`` installed, for a module (not a plain
-    callable), when ``precision="auto"`` resolved to float32; otherwise ``"torch"`` with one log line saying why
-    (an explicit ``precision="fp32"`` asks for torch's float32 reference, bit for bit as earlier versions). A
-    forced ONNX backend that cannot run raises.
-
-    Examples
-    --------
-    >>> select_backend("torch", torch.device("cpu"), "fp32")
-    'torch'
-    """
+    """``"torch"`` or ``"onnx"``, before any export: ``"auto"`` says in one log line why not ONNX; ``"onnx"`` raises."""
     check_choice("backend", backend, consts.BACKENDS)
     if backend == "torch":
         return "torch"
@@ -527,15 +397,7 @@ def start_backend(
     device: torch.device,
     info: dict[str, Any] | None = None,
 ) -> OnnxEncoder | None:
-    """The :class:`OnnxEncoder` of a resolved ``backend`` (None for torch), checked on ``first_batch``.
-
-    ``backend`` is what :func:`select_backend` returned for ``requested``. When the export or the check fails,
-    ``requested="auto"`` goes on in torch (None, with one log line); a forced backend raises ``RuntimeError``.
-    The session of the last graph started is kept in this process, keyed by content (:func:`graph_key`: the
-    module's tensors and structure, the input size, how it was built), the providers and the thread count: the
-    next run of the same encoder reuses it and the check it passed, without loading or checking again
-    (:func:`clear_started` forgets it).
-    """
+    """The checked :class:`OnnxEncoder` of a resolved ``backend`` (None: torch); the last one started is kept."""
     if backend == "torch":
         return None
     providers = providers_for(device)
@@ -555,10 +417,5 @@ def start_backend(
 
 
 def clear_started() -> None:
-    """Forget the ONNX Runtime session :func:`start_backend` keeps for the next run (frees its memory).
-
-    Examples
-    --------
-    >>> clear_started()
-    """
+    """Forget the ONNX Runtime session :func:`start_backend` keeps for the next run (frees its memory)."""
     _STARTED.clear()

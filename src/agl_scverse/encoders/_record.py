@@ -30,15 +30,18 @@ def rebuild_encoder(
     Parameters
     ----------
     record
-        The encoder record (``model.config["encoder"]`` or ``.uns["agl_embeddings"][key]``).
+        ``model.config["encoder"]`` or ``.uns["agl_embeddings"][key]``.
     weights
-        The weights file it was built from, when it records a ``weights_sha256`` (checked). The path recorded is
-        never opened: a record is data, not a list of files to open.
+        The weights file it was built from, when it records a ``weights_sha256`` (checked; a recorded path is
+        never opened).
     encoder
-        The encoder itself (a module, callable, ``(module, info)`` pair or name), for a record of a custom
-        module or callable, which cannot be rebuilt from a record.
+        The encoder itself, for a record of a custom module or callable (these cannot be rebuilt).
     what
         How to name the record's owner in messages.
+
+    Returns
+    -------
+    The ``(module, info)`` pair of :func:`get_encoder`.
 
     Examples
     --------
@@ -98,13 +101,7 @@ def rebuild_encoder(
 
 
 def record_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
-    """The user's part of an encoder record's timm kwargs (a preset applies its own again).
-
-    Examples
-    --------
-    >>> record_kwargs({"preset": "uni", "encoder_kwargs": '{"img_size": 448, "init_values": 1e-05}'})
-    {'img_size': 448}
-    """
+    """The user's part of an encoder record's timm kwargs (a preset applies its own again)."""
     kw = kwargs_from_json(rec.get("encoder_kwargs"))
     preset = find_preset(str(rec.get("preset") or "")) if rec.get("preset") else None
     if preset is not None:
@@ -120,20 +117,21 @@ RECORD_CHECKED = ("encoder", "weights_sha256", "patch_px", "patch_um", "encoder_
 def encoder_record(info: dict[str, Any], patch_px: int, patch_um: float, **extra: Any) -> dict[str, Any]:
     """The one description of how spot features are made from patches.
 
-    Stored as ``.uns["agl_embeddings"][key]`` by :func:`agl_scverse.pp.embed_patches` and as
-    ``config["encoder"]`` of a fine-tuned model; :func:`agl_scverse.tl.agl_predict` compares the fields of
-    :data:`RECORD_CHECKED` of both sides.
+    Stored as ``.uns["agl_embeddings"][key]`` and as a fine-tuned model's ``config["encoder"]``;
+    :func:`agl_scverse.tl.agl_predict` compares the fields of :data:`RECORD_CHECKED` of both.
 
     Parameters
     ----------
     info
         The ``info`` dict of :func:`get_encoder`.
-    patch_px
-        Patch side in pixels.
-    patch_um
-        Patch side in µm.
+    patch_px, patch_um
+        Patch side in pixels and in µm.
     **extra
         More fields (e.g. the patch settings of :meth:`agl_scverse.pp.SpotPatches.record`).
+
+    Returns
+    -------
+    The record (JSON- and h5ad-serialisable).
 
     Examples
     --------

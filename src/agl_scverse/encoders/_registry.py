@@ -30,14 +30,12 @@ def register_encoder(
     Parameters
     ----------
     name
-        Name used in ``encoder=name`` (takes precedence over a ``timm`` model of the same name).
+        Name used in ``encoder=name`` (over a ``timm`` model of the same name).
     factory
-        Callable returning a module (or a tensor -> tensor callable) that maps ``(B, 3, H, W)`` normalised
-        images to ``(B, D)`` features. If it accepts a ``pretrained`` argument, it receives it.
-    mean
-        Per-channel (RGB) mean of the input normalisation the encoder expects, in the 0-1 range.
-    std
-        Per-channel standard deviation of that normalisation.
+        Returns a module (or a tensor -> tensor callable) mapping normalised ``(B, 3, H, W)`` images to ``(B, D)``
+        features; given ``pretrained`` if it takes that argument.
+    mean, std
+        Per-channel (RGB) input normalisation the encoder expects, in the 0-1 range.
     overwrite
         Replace an existing registration.
 
@@ -73,13 +71,7 @@ def safe_name(name: str) -> str:
 
 
 def encoder_name(encoder: Any) -> str:
-    """The name :func:`get_encoder` gives an encoder (``info["name"]``, used in ``X_agl_<name>``), without building it.
-
-    Examples
-    --------
-    >>> encoder_name("hf-hub:MahmoodLab/UNI"), encoder_name("resnet18")
-    ('uni', 'resnet18')
-    """
+    """The name :func:`get_encoder` gives an encoder (``info["name"]``, used in ``X_agl_<name>``), without building it."""
     if isinstance(encoder, tuple) and len(encoder) == 2 and isinstance(encoder[1], dict):
         return str(encoder[1].get("name", "encoder"))
     if isinstance(encoder, str):

@@ -1,7 +1,4 @@
-"""timm models by name: the name checked (with close names), pretrained weights from a local cache first.
-
-The weights file of a cached download is handed to timm with ``pretrained_cfg_overlay={"file": ...}``; timm loads it.
-"""
+"""timm models by name: the name checked (close names), cached pretrained weights via ``pretrained_cfg_overlay``."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._hub import hub_offline, hub_reachable
+from ._hub import cached_file, hub_offline, hub_reachable
 from ._presets import PRESETS
 from ._registry import REGISTRY
 
@@ -36,13 +33,10 @@ def _timm_pretrained_file(model: nn.Module) -> str | None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
         repo, _, rev = str(hub_id).partition("@")
-        for n in ("model.safetensors", "pytorch_model.bin"):
-            got = try_to_load_from_cache(repo, n, revision=rev or None)
-            if isinstance(got, str) and Path(got).is_file():
-                return got
+        got = cached_file(repo, ("model.safetensors", "pytorch_model.bin"), rev or None)
+        if got is not None:
+            return got
     url = cfg.get("url")
     if url:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(str(url).split("?")[0]).name

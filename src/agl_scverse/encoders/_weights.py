@@ -1,12 +1,6 @@
 """Local weight files into an encoder: read, unwrapped, renamed (transformers DINOv2 to timm), matched, checked.
 
-Tensors are matched by name, or, when the names differ but the tensors line up one to one with equal shapes (e.g. the
-EfficientNet-Lite0 file in ``../shared/weights``), in order. Strict by default: every missing, unused or misshapen
-tensor is named, with a hint for the usual causes (LayerScale, register tokens).
-
-timm's own ``load_checkpoint`` is not used: it prefers EMA weights, unwraps one level of ``state_dict`` / ``model``
-only, maps in order without checking that names did not match first, and fails with an ``AssertionError`` that names
-no fix; and it has no rename for a transformers ``Dinov2Model`` file.
+Not timm's ``load_checkpoint``: see docs/architecture.md (libraries, and what stays written by hand).
 """
 
 from __future__ import annotations
@@ -179,11 +173,9 @@ def load_weights(
 ) -> dict[str, Any]:
     """Load a local state dict into ``module``; returns a summary of what matched.
 
-    Tensors are matched by name (shapes must agree). If that leaves model tensors unloaded but the file's
-    tensors, minus classifier layers the model does not have, line up one to one with the model's in order with
-    equal shapes, they are mapped in order (files whose keys differ in name only, such as the EfficientNet-Lite0
-    file). Classifier tensors the model lacks (``fc``, ``head``, ``classifier``: the encoder has no classifier)
-    are dropped and listed; ``num_batches_tracked`` buffers are ignored.
+    Tensors are matched by name, else in order when the file's (less classifier layers the model lacks, which
+    are dropped and listed) line up one to one with the model's with equal shapes; ``num_batches_tracked`` is
+    ignored.
 
     Parameters
     ----------
@@ -192,13 +184,15 @@ def load_weights(
     path
         ``.safetensors``, ``.bin``, ``.pth`` or ``.pt`` state dict (also inside ``{"state_dict": ...}``).
     strict
-        Any model tensor missing from the file, any file tensor left unused, any shape mismatch is an error
-        that lists the names (default). ``strict=False`` loads what matches and warns.
+        A missing, unused or misshapen tensor is an error naming them (default); ``False`` loads what matches.
     key_format
-        ``"timm"``, or ``"hf-dinov2"`` for a transformers ``Dinov2Model`` file (renamed to timm names; a
-        position embedding for another patch grid is resampled).
+        ``"timm"``, or ``"hf-dinov2"`` (transformers ``Dinov2Model`` names, position embedding resampled).
     ignore_keys
         Patterns (``re.search``) of file tensors to leave out on purpose (e.g. ``"mask_token"``).
+
+    Returns
+    -------
+    A summary: ``method`` (``"name"`` or ``"order"``), counts and the names missing, unused or dropped.
 
     Examples
     --------

@@ -257,7 +257,7 @@ def _encode(
                 if out is None:
                     out = np.empty((n, y.shape[1]), dtype=np.float32)
                 elif y.shape[1] != out.shape[1]:
-                    raise ValueError(f"The encoder returned {y.shape[1]} features, then {out.shape[1]}.")
+                    raise ValueError(f"The encoder returned {out.shape[1]} features, then {y.shape[1]}.")
                 out[pos : pos + len(x)] = y.detach().float().cpu().numpy()
                 pos += len(x)
                 bar.update(len(x))
