@@ -40,6 +40,9 @@ def test_limits_are_module_constants_and_the_estimate_is_stated():
     assert patch_bytes(100, 10) == 3 * (6 * 100**2 + 5 * 10**2)
     check_patch_batch(224, 512)  # agl_predict's default batch of default patches
     check_patch_batch(4096, 1)
+    check_patch_batch(224, 2048)  # fits without the read-ahead's batches ...
+    with pytest.raises(ValueError, match="made ahead"):
+        check_patch_batch(224, 2048, ahead=2)  # ... not with them
 
 
 @pytest.mark.parametrize("pad", ["error", "pad"])
@@ -59,7 +62,10 @@ def test_a_huge_patch_px_batch_is_refused_before_the_encoder_runs(monkeypatch):
     from agl_scverse.pp import _embed
 
     monkeypatch.setattr(_embed, "get_encoder", lambda *a, **k: pytest.fail("the encoder was built"))
-    with pytest.raises(ValueError, match=r"32 patches of 4096 x 4096 px needs about 13\.5 GiB.*at most 9 here"):
+    # 1 uint8 batch + float32 input and its normalised copy + the 2 float32 batches the read-ahead thread makes
+    with pytest.raises(
+        ValueError, match=r"32 patches of 4096 x 4096 px needs about 25\.5 GiB.*made ahead.*at most 5 here"
+    ):
         agl.pp.embed_patches(adata, encoder="resnet18", patch_px=4096, patch_um=40)
     with pytest.raises(ValueError, match=r"about 16\.5 GiB.*3 uint8 batch"):  # 3 workers x 1 prefetched
         agl.pp.embed_patches(adata, encoder="resnet18", patch_px=4096, patch_um=40, num_workers=3, prefetch_factor=1)

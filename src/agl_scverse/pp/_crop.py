@@ -22,7 +22,8 @@ ON_OUTSIDE = ("error", "pad")
 MAX_PATCH_BYTES = 2 * 2**30
 #: Largest memory (bytes) of the patch batches a tool holds at once: the uint8 batches in flight (one, or
 #: ``num_workers * prefetch_factor``) and the float32 input with its normalised copy, so
-#: ``batch_size * 3 * patch_px**2 * (in_flight + 8)``; the encoder's own activations come on top.
+#: ``batch_size * 3 * patch_px**2 * (in_flight + 8 + 4 * ahead)`` (``ahead``: float32 batches cut ahead of the
+#: encoder); the encoder's own activations come on top.
 MAX_BATCH_BYTES = 4 * 2**30
 
 
@@ -31,17 +32,25 @@ def patch_bytes(side: int, patch_px: int) -> int:
     return 3 * (6 * int(side) ** 2 + 5 * int(patch_px) ** 2)
 
 
-def check_patch_batch(patch_px: int, batch_size: int, in_flight: int = 1, what: str = "batch_size") -> None:
-    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit."""
-    need = int(batch_size) * 3 * int(patch_px) ** 2 * (int(in_flight) + 8)
+def check_patch_batch(
+    patch_px: int, batch_size: int, in_flight: int = 1, what: str = "batch_size", ahead: int = 0
+) -> None:
+    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit.
+
+    ``ahead``: normalised float32 batches made ahead of the encoder (``embed_patches`` cuts the next batch in a
+    thread while the encoder runs: one queued, one being made).
+    """
+    per_value = int(in_flight) + 8 + 4 * int(ahead)
+    need = int(batch_size) * 3 * int(patch_px) ** 2 * per_value
     if need > MAX_BATCH_BYTES:
-        fit = max(0, int(MAX_BATCH_BYTES // (3 * int(patch_px) ** 2 * (int(in_flight) + 8))))
+        fit = max(0, int(MAX_BATCH_BYTES // (3 * int(patch_px) ** 2 * per_value)))
+        made_ahead = f" + 4 x {ahead} float32 batch(es) made ahead" if ahead else ""
         raise ValueError(
             f"A batch of {batch_size} patches of {patch_px} x {patch_px} px needs about {need / 2**30:.1f} GiB "
             f"({batch_size} x 3 x {patch_px}^2 x ({in_flight} uint8 batch(es) in flight + 8 bytes of float32 input "
-            f"and its normalised copy)), over the {MAX_BATCH_BYTES / 2**30:.0f} GiB limit (MAX_BATCH_BYTES of "
-            f"agl_scverse.pp._patches) before the encoder's own activations. Lower {what} (at most {fit} here) or "
-            "patch_px (encoders take 224 px)."
+            f"and its normalised copy{made_ahead})), over the {MAX_BATCH_BYTES / 2**30:.0f} GiB limit "
+            f"(MAX_BATCH_BYTES of agl_scverse.pp._patches) before the encoder's own activations. Lower {what} (at "
+            f"most {fit} here) or patch_px (encoders take 224 px)."
         )
 
 

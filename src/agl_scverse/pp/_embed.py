@@ -379,7 +379,8 @@ def embed_patches(
         on_outside=on_outside,
         allow_lowres=cfg.allow_lowres,
     )  # decodes nothing: the memory checks come before the encoder is built
-    check_patch_batch(ds.patch_px, cfg.batch_size, max(1, cfg.num_workers * cfg.prefetch_factor))
+    in_flight = max(1, cfg.num_workers * cfg.prefetch_factor)
+    check_patch_batch(ds.patch_px, cfg.batch_size, in_flight, ahead=2 if cfg.num_workers == 0 else 0)  # ReadAhead
     model, info = built_encoder(
         cfg.encoder, cfg.weights, cfg.pretrained, seed,
         dict(cfg.encoder_kwargs) if cfg.encoder_kwargs is not None else None, cfg.strict,
