@@ -1,19 +1,16 @@
 """Networks that map an image (or its cached embedding) to the expression of every modelled gene.
 
-Output order is always: targets first, then auxiliaries. Both networks return *raw* outputs in the standardised
-expression space the trainer works in; :meth:`predict_expression` applies the affine calibration (buffers
-``out_scale`` / ``out_shift``, fitted on the training spots after training) that brings them back to the
-transformed expression scale (e.g. ``log1p`` counts). The calibration is a per-gene positive rescaling, so it never
-changes Pearson or Spearman correlations; it only makes MSE meaningful for a model trained with ``1 - Pearson``.
-
-Why an MLP trunk in embedding mode: auxiliary genes can only help the targets through parameters they share with
-them. A linear head on frozen features shares nothing (each gene is its own regression, and AGL == PGL exactly),
-so the embedding head has shared hidden layers and ONE output layer for all genes.
+Outputs are ordered targets first, then auxiliaries, and are *raw* (the trainer's standardised space);
+:meth:`predict_expression` applies the per-gene positive affine calibration fitted after training (buffers
+``out_scale`` / ``out_shift``; correlations unchanged) and clips to the training range. The embedding head has a
+shared MLP trunk and ONE output layer for all genes: auxiliary genes help the targets only through shared
+parameters (with a linear head, AGL == PGL exactly).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +23,10 @@ class _Calibrated(nn.Module):
     """Mixin: output calibration buffers and helpers shared by both networks."""
 
     out: nn.Linear
+    out_scale: torch.Tensor
+    out_shift: torch.Tensor
+    out_lo: torch.Tensor
+    out_hi: torch.Tensor
 
     def _init_calibration(self, n_out: int) -> None:
         self.register_buffer("out_scale", torch.ones(n_out))
@@ -35,25 +36,20 @@ class _Calibrated(nn.Module):
         self.register_buffer("out_hi", torch.full((n_out,), float("inf")))
 
     def _linear_out(self, h: torch.Tensor, n_first: int | None, cols: torch.Tensor | None = None) -> torch.Tensor:
-        if cols is not None:  # only these outputs (e.g. a block of genes): cost proportional to the block
-            return F.linear(h, self.out.weight[cols], self.out.bias[cols])
-        if n_first is None:
+        if cols is None and n_first is None:
             return self.out(h)
-        return F.linear(h, self.out.weight[:n_first], self.out.bias[:n_first])
+        rows = slice(n_first) if cols is None else cols  # only these outputs: cost proportional to them
+        return F.linear(h, self.out.weight[rows], self.out.bias[rows])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated predictions in the transformed expression scale, clipped to each gene's training range.
 
-        A network trained with ``1 - Pearson`` is free in scale, and a few spots far from the training features
-        can get raw outputs many standard deviations out; the clip keeps predictions in the range the gene was
-        observed in (e.g. no negative ``log1p`` counts). ``cols``: only these outputs.
+        The clip keeps spots far from the training features in the range the gene was observed in (e.g. no
+        negative ``log1p`` counts). ``cols``: only these outputs.
         """
-        if cols is None:
-            return torch.maximum(torch.minimum(self(x) * self.out_scale + self.out_shift, self.out_hi), self.out_lo)
+        c = slice(None) if cols is None else cols
         raw = self(x, cols=cols)
-        return torch.maximum(
-            torch.minimum(raw * self.out_scale[cols] + self.out_shift[cols], self.out_hi[cols]), self.out_lo[cols]
-        )
+        return torch.maximum(torch.minimum(raw * self.out_scale[c] + self.out_shift[c], self.out_hi[c]), self.out_lo[c])
 
 
 class EmbeddingHead(_Calibrated):
@@ -78,14 +74,13 @@ class EmbeddingHead(_Calibrated):
     (torch.Size([4, 5]), torch.Size([4, 2]))
     """
 
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+
     def __init__(self, n_in: int, n_out: int, hidden: Sequence[int] = (256,), dropout: float = 0.1):
         super().__init__()
-        self.n_in, self.n_out, self.hidden, self.dropout = (
-            int(n_in),
-            int(n_out),
-            tuple(int(h) for h in hidden),
-            float(dropout),
-        )
+        self.n_in, self.n_out, self.dropout = int(n_in), int(n_out), float(dropout)
+        self.hidden = tuple(int(h) for h in hidden)
         self.register_buffer("x_mean", torch.zeros(self.n_in))
         self.register_buffer("x_std", torch.ones(self.n_in))
         layers: list[nn.Module] = []
@@ -109,13 +104,8 @@ class EmbeddingHead(_Calibrated):
 
     def config(self) -> dict:
         """JSON-able constructor arguments."""
-        return {
-            "kind": "embedding",
-            "n_in": self.n_in,
-            "n_out": self.n_out,
-            "hidden": list(self.hidden),
-            "dropout": self.dropout,
-        }
+        shape = {"kind": "embedding", "n_in": self.n_in, "n_out": self.n_out}
+        return {**shape, "hidden": list(self.hidden), "dropout": self.dropout}
 
 
 class FinetuneNet(_Calibrated):
@@ -142,6 +132,9 @@ class FinetuneNet(_Calibrated):
     torch.Size([2, 4])
     """
 
+    img_mean: torch.Tensor
+    img_std: torch.Tensor
+
     def __init__(
         self, backbone: nn.Module, n_features: int, n_out: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
     ):
@@ -156,13 +149,8 @@ class FinetuneNet(_Calibrated):
 
     def config(self) -> dict:
         """JSON-able constructor arguments (the backbone is rebuilt from the encoder name in the model config)."""
-        return {
-            "kind": "finetune",
-            "n_features": self.n_features,
-            "n_out": self.n_out,
-            "mean": self._mean,
-            "std": self._std,
-        }
+        shape = {"kind": "finetune", "n_features": self.n_features, "n_out": self.n_out}
+        return {**shape, "mean": self._mean, "std": self._std}
 
     def forward(self, x: torch.Tensor, n_first: int | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Raw outputs from image patches: ``(n, 3, H, W)`` or ``(n, H, W, 3)``, ``uint8`` or float in [0, 1]."""
@@ -231,9 +219,13 @@ class EmbeddingEnsemble(nn.Module):
         """Number of member networks."""
         return len(self.members)
 
+    def heads(self) -> list[EmbeddingHead]:
+        """The member networks."""
+        return cast(list[EmbeddingHead], list(self.members))
+
     def member_predictions(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated predictions of every member, ``(n_members, n, n_genes)``."""
-        return torch.stack([m.predict_expression(x, cols=cols) for m in self.members])
+        return torch.stack([m.predict_expression(x, cols=cols) for m in self.heads()])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the members' calibrated predictions (each clipped), blended with the linear head's outputs."""
@@ -257,7 +249,7 @@ class EmbeddingEnsemble(nn.Module):
 
     def config(self) -> dict:
         """JSON-able constructor arguments: the members' shape and their number."""
-        out = {**self.members[0].config(), "kind": "ensemble", "n_members": self.n_members}
+        out = {**self.heads()[0].config(), "kind": "ensemble", "n_members": self.n_members}
         if self.linear is not None:
             out["linear"] = {"n_out": self.linear.n_out, "weight": self.linear_weight}
         return out

@@ -8,18 +8,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._data import batch_stream, index_batches_of
+
 __all__ = ["forward", "index_batches", "array_batches"]
 
 
 def index_batches(inputs: Callable, idx: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    """Batches ``inputs(idx[s : s + batch_size])`` for a row-indexed input source (e.g. ``TensorInputs``).
-
-    A source with a ``stream(batches)`` method (image patches, :class:`~agl_scverse.train._data.PatchInputs`) reads
-    the batches ahead through its DataLoader workers.
-    """
-    batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
-    stream = getattr(inputs, "stream", None)
-    yield from (stream(batches) if stream is not None else (inputs(b) for b in batches))
+    """Batches ``inputs(idx[s : s + batch_size])`` of a row-indexed input source (:func:`batch_stream`)."""
+    return batch_stream(inputs, index_batches_of(idx, batch_size))
 
 
 def array_batches(features, batch_size: int, float_input: bool = True) -> Iterator[torch.Tensor]:
