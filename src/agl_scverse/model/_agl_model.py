@@ -1,12 +1,9 @@
 """The fitted model object: network + a JSON-able config, saved atomically to a directory.
 
-A saved model directory holds exactly ``config.json`` (genes in output order, roles, prior, learned weights,
-network shape, encoder record, hyperparameters, versions, ``format_version``, ``weights_sha256`` and ``digest``,
-the sha256 of every other field) and ``model.safetensors`` (weights and buffers); see :mod:`agl_scverse._modeldir`.
-:meth:`AGLModel.save` writes into a temporary directory and renames it into place when complete (saves to one
-folder take turns); :meth:`AGLModel.load` reads both files of one generation through one folder handle and checks
-the config (:func:`~agl_scverse.model._schema.validate_config`), its digest, the weights' sha256, their header's
-shapes and finite values before it builds the network.
+A saved model directory holds exactly ``config.json`` (genes, roles, weights, network shape, encoder record,
+hyperparameters, ``format_version``, ``weights_sha256`` and the ``digest`` of every other field) and
+``model.safetensors``. :meth:`AGLModel.save` writes a temporary directory and renames it into place when complete;
+:meth:`AGLModel.load` reads one generation of both files and checks everything before it builds the network.
 """
 
 from __future__ import annotations
@@ -101,10 +98,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def check_model(path: Path, config_bytes: bytes, weights: bytes | None) -> dict:
-    """The checked config of a model whose files hold ``config_bytes`` and ``weights`` (``ValueError`` if not).
+    """The checked config (digest, weights' sha256 and header shapes) of a model's files; ``ValueError`` if not.
 
-    Parses (bounded), upgrades and validates the config, checks its digest (format 4), the weights' sha256 (format
-    3 on) and the tensor shapes in their header; ``weights=None`` checks the config only. Allocates no network.
+    ``weights=None`` checks the config only. Allocates no network.
     """
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     raw = parse_config(config_bytes, where=str(cfg_path))
@@ -187,13 +183,9 @@ class AGLModel:
 
     Parameters
     ----------
-    net
-        The trained network (:class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet`).
-    config
-        JSON-able dict that passes :func:`~agl_scverse.model._schema.validate_config`: ``genes`` (output order),
-        ``roles`` and ``weights`` per output gene, ``method``, ``mode``, ``transform``, ``embedding_key``,
-        ``encoder`` (a record: no file it names is opened), ``net`` (constructor arguments), ``k``, ``threshold``,
-        ``prior``, ``prior_ranks``, ``hyperparameters``, ``versions``.
+    net, config
+        The trained network, and a JSON-able dict that passes :func:`~agl_scverse.model._schema.validate_config`
+        (``genes`` in output order, ``roles`` and ``weights`` per gene, ``method``, ``mode``, ``net``, ...).
 
     Examples
     --------
@@ -214,7 +206,6 @@ class AGLModel:
         if n_out is not None and len(self.genes) != n_out:
             raise ValueError(f"config lists {len(self.genes)} genes but the network outputs {n_out}.")
 
-    # -- gene bookkeeping ----------------------------------------------------------------------------------
     @property
     def genes(self) -> list[str]:
         """Genes in the network's output order (targets first)."""
@@ -284,7 +275,6 @@ class AGLModel:
             f"auxiliaries={len(self.genes) - n_t}, k={self.k}{ens})"
         )
 
-    # -- inference -----------------------------------------------------------------------------------------
     def predict(
         self,
         features,
@@ -304,16 +294,11 @@ class AGLModel:
         features
             Embedding mode: ``(n_spots, n_features)`` array. Fine-tune mode: ``(n_spots, H, W, 3)`` uint8 patches
             (or a torch Dataset yielding patches).
-        batch_size
-            Spots per forward pass.
-        columns
-            Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
-        device
-            ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``, ...; the
-            network is moved back afterwards.
-        precision
-            Fine-tune mode: how the backbone runs (see :func:`agl_scverse.pp.embed_patches`); the output layer and
-            the embedding-mode head run in float32.
+        batch_size, columns
+            Spots per forward pass; positions (in :attr:`genes`) of the only outputs to compute (default: all).
+        device, precision
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` (bit-for-bit reproducible), ...; fine-tune mode:
+            how the backbone runs (see :func:`agl_scverse.pp.embed_patches`; the output layer runs in float32).
         num_workers, prefetch_factor
             Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (the same predictions with
             any number) and the batches each prepares ahead.
@@ -327,8 +312,7 @@ class AGLModel:
                 f"backend={backend!r} runs a frozen encoder (embedding mode); this fine-tuned model's network runs "
                 "in torch: use backend='auto' or 'torch'."
             )
-        params = list(self.net.parameters())
-        home = params[0].device if params else torch.device("cpu")
+        home = next(self.net.parameters(), torch.empty(0)).device  # where the network goes back to
         dev = resolve_device(device)
         self.net.to(dev)
         try:
@@ -356,17 +340,13 @@ class AGLModel:
         finally:
             prec.restore_layout(self.net, converted)
 
-    # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the model to directory ``path`` atomically (temp dir beside it, then rename).
 
         Parameters
         ----------
-        path
-            Target directory (must not exist unless ``overwrite=True``).
-        overwrite
-            Replace an existing model directory (or an empty one) once the new one is complete; anything else at
-            ``path`` is refused.
+        path, overwrite
+            Target directory; replace an existing model directory (or an empty one) once the new one is complete.
 
         Returns
         -------
@@ -423,18 +403,16 @@ class AGLModel:
     def load(cls, path: str | Path, device: str = "cpu") -> AGLModel:
         """Load a model saved with :meth:`save` (predictions are bit-for-bit identical on CPU).
 
-        Everything is checked before the network is built (:func:`check_model`, finite tensor values). Both files
-        are read through one folder handle, so a model saved meanwhile is never half-read; a model an interrupted
-        save left beside ``path`` is moved back first. No file a config names is opened (encoder weights are passed
-        to ``agl_predict(weights=...)``).
+        Everything is checked before the network is built (:func:`check_model`, finite values); a model saved
+        meanwhile is never half-read, and one an interrupted save left beside ``path`` is moved back first. No file
+        a config names is opened.
 
         Raises
         ------
         FileNotFoundError
             ``path`` holds no model.
         ValueError
-            The config, its digest, the weights' checksum, their shapes or values are not valid; the message names
-            the field or tensor.
+            The config, its digest, the weights' checksum, shapes or values are not valid (named in the message).
 
         Examples
         --------

@@ -1,10 +1,8 @@
 """Networks that map an image (or its cached embedding) to the expression of every modelled gene.
 
-Outputs are ordered targets first, then auxiliaries, and are *raw* (the trainer's standardised space);
-:meth:`predict_expression` applies the per-gene positive affine calibration fitted after training (buffers
-``out_scale`` / ``out_shift``; correlations unchanged) and clips to the training range. The embedding head has a
-shared MLP trunk and ONE output layer for all genes: auxiliary genes help the targets only through shared
-parameters (with a linear head, AGL == PGL exactly).
+Outputs (targets first) are raw, in the trainer's standardised space; ``predict_expression`` applies the per-gene
+positive affine calibration fitted after training and clips to the training range. Auxiliary genes help the targets
+only through shared parameters, hence one output layer for all genes above a shared trunk.
 """
 
 from __future__ import annotations
@@ -57,14 +55,10 @@ class EmbeddingHead(_Calibrated):
 
     Parameters
     ----------
-    n_in
-        Embedding dimension.
-    n_out
-        Number of genes (targets first, then auxiliaries).
-    hidden
-        Widths of the shared hidden layers; ``()`` gives a linear head (then AGL cannot differ from PGL).
-    dropout
-        Dropout after every hidden layer.
+    n_in, n_out
+        Embedding dimension; number of genes (targets first, then auxiliaries).
+    hidden, dropout
+        Widths of the shared hidden layers (``()``: a linear head, where AGL == PGL); dropout after each.
 
     Examples
     --------
@@ -113,16 +107,12 @@ class FinetuneNet(_Calibrated):
 
     Parameters
     ----------
-    backbone
+    backbone, n_features
         Module mapping a normalised ``(n, 3, H, W)`` float batch to ``(n, n_features)`` features.
-    n_features
-        Backbone output dimension.
     n_out
         Number of genes (targets first, then auxiliaries).
-    mean
-        Per-channel mean of the image normalisation applied to ``uint8`` or ``[0, 1]`` float input (a buffer).
-    std
-        Per-channel standard deviation of that normalisation (a buffer).
+    mean, std
+        Per-channel image normalisation of ``uint8`` or ``[0, 1]`` float input (buffers).
 
     Examples
     --------
@@ -168,20 +158,16 @@ class FinetuneNet(_Calibrated):
 class EmbeddingEnsemble(nn.Module):
     """Embedding-mode heads of the same shape trained from different seeds; predictions are their mean.
 
-    Each member keeps its own calibration (the members' raw outputs live in different spaces), so the ensemble
-    averages *calibrated* predictions; :meth:`member_predictions` gives them one by one (their spread is the
-    uncertainty layer of :func:`agl_scverse.tl.agl_predict`). With ``linear`` (``agl_fit(head="hybrid")``), the
-    first ``linear.n_out`` outputs (the targets) are ``(1 - linear_weight) * members' mean + linear_weight *
-    linear``; the other outputs are the members' mean.
+    The ensemble averages the members' *calibrated* predictions (:meth:`member_predictions`: one by one). With
+    ``linear`` (``agl_fit(head="hybrid")``) the first ``linear.n_out`` outputs are ``(1 - linear_weight) *
+    members' mean + linear_weight * linear``.
 
     Parameters
     ----------
     members
         Trained :class:`EmbeddingHead` networks with the same constructor arguments.
-    linear
-        A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
-    linear_weight
-        Its share of those outputs, in [0, 1] (``agl_fit`` chooses it on the validation spots).
+    linear, linear_weight
+        A linear :class:`EmbeddingHead` of the same input and the first outputs, or None; its share in [0, 1].
 
     Examples
     --------
@@ -232,12 +218,9 @@ class EmbeddingEnsemble(nn.Module):
         out = self.member_predictions(x, cols).mean(0)
         if self.linear is None:
             return out
-        n_lin = self.linear.n_out
         cols = torch.arange(self.n_out, device=x.device) if cols is None else cols
-        pos = torch.nonzero(cols < n_lin).flatten()
-        if len(pos):
-            lin = self.linear.predict_expression(x, cols=cols[pos])
-            w = self.linear_weight
+        if len(pos := torch.nonzero(cols < self.linear.n_out).flatten()):
+            w, lin = self.linear_weight, self.linear.predict_expression(x, cols=cols[pos])
             out[:, pos] = (1.0 - w) * out[:, pos] + w * lin
         return out
 

@@ -1,20 +1,16 @@
 """The DkGSB bi-level step, written with :mod:`torch.func` (no ``higher``).
 
-One meta step, for training batches ``(x_tr, y_tr)`` (one per inner step) and a validation batch ``(x_va, y_va)``:
-take ``H`` differentiable inner steps from a detached copy of the parameters on the mask-weighted training loss
-``sum_i w_i(theta) L_i / sum_i w_i(theta)``, evaluate the target-only loss on the validation batch (only the target
-rows of the output layer are computed) and back-propagate it through the unrolled steps to ``theta``.
+One meta step takes ``H`` differentiable inner steps from a detached copy of the parameters on the mask-weighted
+training loss ``sum_i w_i(theta) L_i / sum_i w_i(theta)``, evaluates the target-only loss on a validation batch and
+back-propagates it through the unrolled steps to ``theta``.
 
-The inner step (``optimizer_state``): the Adam update of :class:`AdamState` written out functionally -- the live
-optimiser's (:meth:`AdamState.from_optimizer`, ``lookahead="adam"``: with ``H = 1`` the look-ahead is the network's
-next training step, checked against a real :class:`torch.optim.Adam` step in ``tests/train/test_bilevel.py``) or a
-fresh one (:meth:`AdamState.fresh`, ``lookahead="authors"``: lr 3e-5, zero moments, all steps on one batch, train
-mode); without a state, plain SGD with ``inner_lr`` (``lookahead="sgd"``, the paper's equation).
+The inner step (``optimizer_state``): the Adam update of :class:`AdamState` written out functionally, of the live
+optimiser (``lookahead="adam"``: with ``H = 1`` the network's next training step) or of a fresh one
+(``lookahead="authors"``: all steps on one batch, train mode); without a state, SGD with ``inner_lr`` (``"sgd"``).
 
-Normaliser: ``"soft"`` (default) differentiates ``sum_i w_i`` too (the exact derivative of the value returned); a
-number holds it constant; ``"detached"`` (the authors' code, and ours before 0.3) evaluates the soft loss but
-differentiates as if ``sum_i w_i`` were constant. ``benchmarks/results/check_hypergradient.json`` compares the
-signs of these hypergradients with finite differences of the real next steps on HER2+.
+Normaliser: ``"soft"`` (default) differentiates ``sum_i w_i`` too (the exact derivative); a number holds it
+constant; ``"detached"`` (the authors' code) differentiates as if ``sum_i w_i`` were constant. Their signs against
+finite differences on HER2+: ``benchmarks/results/check_hypergradient.json``.
 
 The meta step runs in eval mode (train mode for the authors' look-ahead, with copies of the running statistics).
 With ``H = 1`` the auxiliary rows of the output layer enter as constants: they only feed the auxiliary outputs, so
@@ -56,10 +52,8 @@ class AdamState:
 
     Attributes
     ----------
-    lr, betas, eps, weight_decay
-        The optimiser's settings.
-    step
-        Steps already taken (``0`` for a fresh optimiser).
+    lr, betas, eps, weight_decay, step
+        The optimiser's settings and the steps it has taken.
     exp_avg, exp_avg_sq
         First and second moment estimates per parameter name (zeros for parameters without state).
 
@@ -100,15 +94,7 @@ class AdamState:
 
     @classmethod
     def fresh(cls, net: nn.Module, lr: float = 3e-5) -> AdamState:
-        """A new :class:`torch.optim.Adam` over ``net`` (zero moments, step 0): the authors' inner optimiser.
-
-        Examples
-        --------
-        >>> import torch
-        >>> st = AdamState.fresh(torch.nn.Linear(2, 1))
-        >>> st.step, st.lr, float(st.exp_avg["weight"].abs().sum())
-        (0, 3e-05, 0.0)
-        """
+        """A new :class:`torch.optim.Adam` over ``net`` (zero moments, step 0): the authors' inner optimiser."""
         return cls.from_optimizer(torch.optim.Adam(net.parameters(), lr=lr), net)
 
 
@@ -144,20 +130,15 @@ def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") ->
 
     Parameters
     ----------
-    net
-        The network (with a linear output layer ``out`` for ``"last"``).
-    meta_scope
-        ``"all"``, ``"last"`` or an explicit sequence of parameter names of ``net``.
-
-    Returns
-    -------
-    The names, in the order of ``net.named_parameters()``.
+    net, meta_scope
+        The network (with a linear output layer ``out`` for ``"last"``); ``"all"``, ``"last"`` or a sequence of
+        parameter names (returned in ``net``'s order).
 
     Raises
     ------
     ValueError
-        An unknown scope, unknown names, or a scope of the output layer alone (whose hypergradient says nothing
-        about the auxiliary genes).
+        An unknown scope or names, or a scope of the output layer alone (its hypergradient says nothing about the
+        auxiliaries).
 
     Examples
     --------
@@ -228,40 +209,26 @@ def unrolled_val_loss(
 ) -> torch.Tensor:
     """Target-only validation loss after ``inner_steps`` differentiable steps on the mask-weighted train loss.
 
-    A scalar that depends on ``mask.theta`` through the unrolled steps (nothing else requires a gradient).
-
     Parameters
     ----------
-    net
-        The network, in the mode it should be evaluated in; it accepts ``n_first=`` (the first outputs only).
-    mask
-        The soft mask over the auxiliary outputs.
-    n_targets
-        Number of leading target outputs.
-    x_tr, y_tr
-        Inputs and standardised expression of one training batch, or sequences of batches (one per inner step).
-    x_va, y_va
-        The validation batch (only the first ``n_targets`` columns of ``y_va`` are used).
-    inner_steps
-        Number of unrolled steps ``H``.
-    inner_lr
-        Learning rate of SGD inner steps (ignored with ``optimizer_state``).
-    loss
-        ``"pearson"`` or ``"mse"``.
-    normalizer
-        ``"soft"``, ``"detached"`` or a constant, see the module notes.
-    optimizer_state
-        Take the inner steps as this Adam optimiser would (:class:`AdamState`); ``None``: SGD.
-    meta_scope
-        The parameters the inner steps move (:func:`meta_scope_names`); the others are constants.
+    net, mask
+        The network (in the mode to evaluate it in; it accepts ``n_first=``) and the soft mask of its auxiliaries.
+    n_targets, x_tr, y_tr, x_va, y_va
+        Number of leading target outputs; inputs and standardised expression of one training batch (or sequences
+        of batches, one per inner step) and of the validation batch.
+    inner_steps, inner_lr
+        Number of unrolled steps ``H``; learning rate of SGD inner steps (not used with ``optimizer_state``).
+    loss, normalizer
+        ``"pearson"`` or ``"mse"``; ``"soft"``, ``"detached"`` or a constant (see the module notes).
+    optimizer_state, meta_scope
+        Take the inner steps as this :class:`AdamState` would (``None``: SGD); the parameters they move.
 
     Examples
     --------
     >>> import torch
     >>> from agl_scverse.model import EmbeddingHead, GeneMask
-    >>> net, mask = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0]))
-    >>> x, y = torch.randn(6, 4), torch.randn(6, 3)
-    >>> unrolled_val_loss(net, mask, 1, x, y, x, y).requires_grad
+    >>> net, mask, x = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0])), torch.randn(6, 4)
+    >>> unrolled_val_loss(net, mask, 1, x, x[:, :3], x, x[:, :3]).requires_grad
     True
     """
     names = meta_scope_names(net, meta_scope)
@@ -344,9 +311,8 @@ def hypergradient(
 ) -> tuple[torch.Tensor, float]:
     """``dL_val/dtheta`` of one meta step (:func:`unrolled_val_loss`) and the validation loss it was computed at.
 
-    The network runs in ``eval`` mode, or in ``train`` mode with ``train_mode=True`` (the authors' look-ahead;
-    running statistics are updated on copies), and is restored afterwards unchanged. The other arguments are those
-    of :func:`unrolled_val_loss`.
+    The network runs in ``eval`` mode (``train_mode=True``: train mode on copies of the running statistics, the
+    authors' look-ahead) and is restored afterwards; the other arguments are those of :func:`unrolled_val_loss`.
 
     Returns
     -------
@@ -357,10 +323,8 @@ def hypergradient(
     --------
     >>> import torch
     >>> from agl_scverse.model import EmbeddingHead, GeneMask
-    >>> net, mask = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0]))
-    >>> x, y = torch.randn(6, 4), torch.randn(6, 3)
-    >>> g, lv = hypergradient(net, mask, 1, x, y, x, y)
-    >>> g.shape
+    >>> net, mask, x = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0])), torch.randn(6, 4)
+    >>> hypergradient(net, mask, 1, x, x[:, :3], x, x[:, :3])[0].shape
     torch.Size([])
     """
     was_training = net.training

@@ -1,14 +1,9 @@
 """Batches of image patches: one DataLoader path for embedding, fine-tune training and predict.
 
-The caller decides which spots form each batch (index arrays, e.g. cut by :func:`index_batches_of`);
-:func:`patch_batches` turns them into uint8 ``(B, 3, H, W)`` tensors through a :class:`~torch.utils.data.DataLoader`
-whose items are whole batches (``num_workers`` processes reading ahead, ``pin_memory`` for CUDA). A batch depends only
-on its indices and augmentation codes, fixed before any worker starts, so any number of workers gives the same
-batches in the same order.
-
-Augmentation (fine-tune training): each patch gets one of the 8 symmetries of the square (``code % 4`` quarter
-turns, then a horizontal flip when ``code >= 4``), drawn by :func:`augment_codes` from ``(seed, epoch)`` alone (the
-same whatever the workers, recomputed on resume); they move pixels only, and H&E has no preferred orientation.
+The caller plans the batches (index arrays); :func:`patch_batches` reads them as uint8 ``(B, 3, H, W)`` tensors
+through a :class:`~torch.utils.data.DataLoader` whose items are whole batches. A batch depends only on its indices and
+augmentation codes, so any number of workers gives the same batches. Augmentation (fine-tune training): one of the 8
+symmetries of the square per patch, drawn from ``(seed, epoch)`` alone (H&E has no preferred orientation).
 """
 
 from __future__ import annotations
@@ -36,28 +31,15 @@ _AUGMENT_STREAM = 0xA06
 
 
 def augment_codes(seed: int, epoch: int, n: int) -> np.ndarray:
-    """Symmetry codes (0-7) of the ``n`` training patches of ``epoch``: a function of ``(seed, epoch)`` only.
-
-    Examples
-    --------
-    >>> augment_codes(0, 1, 5).tolist() == augment_codes(0, 1, 5).tolist()
-    True
-    """
+    """Symmetry codes (0-7) of the ``n`` training patches of ``epoch``: a function of ``(seed, epoch)`` only."""
     rng = np.random.default_rng([int(seed) % 2**63, int(epoch), _AUGMENT_STREAM])
     return rng.integers(0, N_SYMMETRIES, size=int(n)).astype(np.int8)
 
 
 def augment_batch(x: torch.Tensor, codes: np.ndarray | Sequence[int] | None) -> torch.Tensor:
-    """Apply symmetry ``codes[j]`` to patch ``j`` of ``x`` (``(B, C, H, W)``, square); ``None`` returns ``x``.
+    """Apply symmetry ``codes[j]`` to square patch ``j`` of ``x`` (``(B, C, H, W)``); ``None`` returns ``x``.
 
-    Code ``c``: ``c % 4`` counter-clockwise quarter turns (:func:`torch.rot90`), then a horizontal flip when
-    ``c >= 4``; code 0 is the identity.
-
-    Examples
-    --------
-    >>> x = torch.arange(4).view(1, 1, 2, 2)
-    >>> augment_batch(x, [4])[0, 0].tolist()  # horizontal flip
-    [[1, 0], [3, 2]]
+    Code ``c``: ``c % 4`` counter-clockwise quarter turns (:func:`torch.rot90`), then a horizontal flip when ``c >= 4``.
     """
     if codes is None:
         return x
@@ -77,13 +59,7 @@ def augment_batch(x: torch.Tensor, codes: np.ndarray | Sequence[int] | None) -> 
 
 
 def index_batches_of(indices: Iterable[int], batch_size: int) -> list[np.ndarray]:
-    """Cut ``indices`` (an index array, or a sampler such as ``DistributedSampler``) into batches.
-
-    Examples
-    --------
-    >>> [b.tolist() for b in index_batches_of(range(5), 2)]
-    [[0, 1], [2, 3], [4]]
-    """
+    """Cut ``indices`` (an index array, or a sampler such as ``DistributedSampler``) into batches."""
     idx = np.asarray(indices if isinstance(indices, np.ndarray) else [int(i) for i in indices], dtype=np.int64)
     return [idx[s : s + int(batch_size)] for s in range(0, len(idx), int(batch_size))]
 
@@ -116,39 +92,19 @@ def patch_batches(
 ) -> Iterator[torch.Tensor]:
     """Iterate over ``torch.stack([dataset[i] for i in b])`` for each ``b`` in ``batches``, in order.
 
-    Parameters
-    ----------
-    dataset
-        A map-style dataset of ``(3, H, W)`` uint8 patches (e.g. :class:`agl_scverse.pp.SpotPatches`).
-    batches
-        Index arrays, one per batch (see :func:`index_batches_of`).
-    codes
-        Per-batch augmentation codes (see :func:`augment_codes`); ``None``: no augmentation.
-    num_workers, prefetch_factor
-        DataLoader worker processes (``0``: this process) and the batches each prepares ahead.
-    pin_memory
-        Pin the batches (for asynchronous copies to a CUDA device).
-    seed
-        Seed of the loader's generator (the workers' RNGs); the batches do not depend on it.
-
-    Examples
-    --------
-    >>> ds = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(5)]
-    >>> [b[:, 0, 0, 0].tolist() for b in patch_batches(ds, index_batches_of([4, 0, 2], 2))]
-    [[4, 0], [2]]
+    ``dataset``: a map-style dataset of ``(3, H, W)`` uint8 patches; ``codes``: per-batch augmentation codes
+    (:func:`augment_codes`); ``num_workers`` DataLoader processes (``0``: this one) each preparing ``prefetch_factor``
+    batches ahead; ``seed`` seeds the loader's generator (the batches do not depend on it).
     """
     num_workers = int(num_workers)
-    loader = DataLoader(
+    yield from DataLoader(
         _Batches(dataset, batches, codes),
         batch_size=None,  # items are whole batches
-        shuffle=False,
         num_workers=num_workers,
         pin_memory=bool(pin_memory),
         prefetch_factor=int(prefetch_factor) if num_workers > 0 else None,
-        persistent_workers=False,
         generator=torch.Generator().manual_seed(int(seed)),
     )
-    yield from loader
 
 
 def batch_stream(inputs, batches: Sequence[np.ndarray], codes: np.ndarray | None = None) -> Iterator[torch.Tensor]:
@@ -171,33 +127,11 @@ def batch_stream(inputs, batches: Sequence[np.ndarray], codes: np.ndarray | None
 
 
 class PatchInputs:
-    """Fine-tune mode inputs: uint8 patches of a patch dataset by row, cached in memory when small.
+    """Fine-tune mode inputs: uint8 patches of ``dataset`` by row, cached in memory when small.
 
-    ``inputs(idx)`` returns the patches of rows ``idx`` on ``device`` (the meta steps); :meth:`stream` yields whole
-    planned batches (epochs, validation, calibration), through :func:`patch_batches` workers when not cached.
-
-    Parameters
-    ----------
-    dataset
-        Map-style dataset of ``(3, px, px)`` uint8 patches, with a ``patch_px`` attribute (e.g. ``SpotPatches``).
-    positions
-        The rows that will be asked for (training and validation spots).
-    device
-        Device of the returned batches.
-    cache_bytes
-        The patches of ``positions`` are read once and kept as one uint8 tensor when they take at most this many
-        bytes; otherwise every batch is read from the images again.
-    num_workers, prefetch_factor, seed
-        See :func:`patch_batches`.
-    patch_px
-        Patch size (default ``dataset.patch_px``).
-
-    Examples
-    --------
-    >>> ds = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(4)]
-    >>> inputs = PatchInputs(ds, np.arange(4), "cpu", patch_px=2)
-    >>> inputs(np.array([3, 1]))[:, 0, 0, 0].tolist()
-    [3, 1]
+    ``inputs(idx)`` returns the patches of rows ``idx`` on ``device`` (the meta steps); :meth:`stream` yields planned
+    batches (epochs, validation, calibration), through :func:`patch_batches` workers when not cached. The patches of
+    ``positions`` (the rows that will be asked for) are read once and kept when they take at most ``cache_bytes``.
     """
 
     def __init__(

@@ -17,13 +17,7 @@ __all__ = ["normalized_ranks", "GeneMask"]
 
 
 def normalized_ranks(ranks) -> np.ndarray:
-    """Map prior ranks (1 = best, any ties allowed) to ``[0, 1]`` by their order (best -> 0, worst -> 1).
-
-    Examples
-    --------
-    >>> normalized_ranks([3, 1, 2]).tolist()
-    [1.0, 0.0, 0.5]
-    """
+    """Map prior ranks (1 = best, any ties allowed) to ``[0, 1]`` by their order (best -> 0, worst -> 1)."""
     ranks = np.asarray(ranks, dtype=float)
     if not np.all(np.isfinite(ranks)):
         raise ValueError("Prior ranks hold NaN/inf values.")
@@ -35,14 +29,10 @@ class GeneMask(nn.Module):
 
     Parameters
     ----------
-    ranks
-        Normalised ranks ``r_i`` in ``[0, 1]`` of the auxiliary genes (see :func:`normalized_ranks`).
-    tau
-        Temperature of the sigmoid (paper: 0.01).
-    theta
-        Initial threshold; default the mean rank.
-    dtype
-        Floating dtype of the rank buffer and ``theta`` (float64 for gradient checks).
+    ranks, tau
+        Normalised ranks ``r_i`` in ``[0, 1]`` of the auxiliary genes; the sigmoid's temperature (paper: 0.01).
+    theta, dtype
+        Initial threshold (default: the mean rank); dtype of the ranks and ``theta`` (float64 for gradient checks).
 
     Examples
     --------

@@ -1,12 +1,9 @@
 """One trainer for both modes and all four methods.
 
-Methods (what enters the network's output layer, and with which weight): ``"pgl"`` the targets only; ``"agl"``
-targets + every auxiliary gene, weight 1; ``"topk"`` targets + the first ``k`` auxiliaries by prior rank, weight 1;
-``"dkgsb"`` targets + every auxiliary gene with the learned soft mask ``w_i = sigmoid((theta - r_i)/tau)``.
-
-Training: Adam on the network, mini-batches of spots, the mask-weighted per-gene loss, early stopping on the
-validation mean target Pearson r, the best epoch restored (network and ``theta``), then a per-gene affine
-calibration of the outputs on the training spots.
+Methods: ``"pgl"`` the targets only; ``"agl"`` + every auxiliary gene (weight 1); ``"topk"`` + the first ``k``
+auxiliaries by prior rank; ``"dkgsb"`` + every auxiliary with the learned soft mask. Adam on the network, the
+mask-weighted per-gene loss, early stopping on the validation mean target Pearson r, the best epoch restored
+(network and ``theta``), then a per-gene affine calibration of the outputs on the training spots.
 
 DkGSB (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly over the training batches. Each
 draws ``meta_batch_size`` training and validation spots, computes the hypergradient of the target validation loss
@@ -82,11 +79,7 @@ HISTORY_KEYS = ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "me
 
 def _postfix(loss: float, pcc: float | None, k: int) -> dict[str, str | int]:
     """The fit bar's postfix: loss, validation PCC (left out without validation spots, e.g. a refit) and k."""
-    out: dict[str, str | int] = {"loss": f"{loss:.4f}"}
-    if pcc is not None:
-        out["val_pcc"] = f"{pcc:.4f}"
-    out["k"] = k
-    return out
+    return {"loss": f"{loss:.4f}", **({} if pcc is None else {"val_pcc": f"{pcc:.4f}"}), "k": k}
 
 
 def _k_used(aux_weights: np.ndarray | None, n_aux: int) -> int:
@@ -121,8 +114,7 @@ def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, 
     correlations are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores; moments accumulated per batch.
     """
     moments = StreamingMoments(targets.n_cols, paired=True)
-    lo = np.full(targets.n_cols, np.inf)
-    hi = np.full(targets.n_cols, -np.inf)
+    lo, hi = np.full(targets.n_cols, np.inf), np.full(targets.n_cols, -np.inf)
     batch_size = max(1, min(batch_size, _CALIBRATION_BYTES // (8 * targets.n_cols)))  # float64 spots x genes
     for s in range(0, len(idx), batch_size):
         rows = idx[s : s + batch_size]
@@ -195,44 +187,20 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
     return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
 
 
-def _resolved(training, dkgsb) -> tuple[TrainingConfig, DkGSBConfig]:
-    """The configs of :func:`train_network` (dicts accepted), ``None`` fields set to the embedding mode's defaults."""
-    t = as_config(TrainingConfig, training, "training").resolved(consts.MODES[0])
-    return t, as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(consts.MODES[0])
-
-
-def _meta_step(
-    net,
-    mask,
-    theta_opt,
-    opt,
-    inputs,
-    Yz,
-    train_idx,
-    val_idx,
-    n_targets,
-    rng,
-    lookahead,
-    clip,
-    *,
-    inner_steps,
-    meta_batch_size,
-    **kw,
-) -> tuple[float, float]:
+def _meta_step(net, mask, opts, inputs, Yz, idx, n_targets, rng, m: DkGSBConfig, loss, clip, scope) -> tuple:
     """One DkGSB update of ``theta`` (meta batches, this rank's share of the hypergradient, one Adam step)."""
-    n_tr = min(meta_batch_size, len(train_idx))
-    authors = lookahead == consts.LOOKAHEAD_AUTHORS  # one batch for all inner steps (the others: one batch per step)
-    n_draw = 1 if authors else int(inner_steps)
-    mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(n_draw)]
-    mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
-    state: AdamState | None = None
-    if authors:
-        state = AdamState.fresh(net, kw["inner_lr"])
-    elif lookahead == consts.LOOKAHEAD_ADAM:
-        state = AdamState.from_optimizer(opt, net)
+    (opt, theta_opt), (train_idx, val_idx) = opts, idx
+    inner_steps, inner_lr = int(m.inner_steps or 0), cast(float, m.inner_lr)
+    authors = m.lookahead == consts.LOOKAHEAD_AUTHORS  # one batch for all inner steps (the others: one per step)
+    n_tr = min(m.meta_batch_size, len(train_idx))
+    mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(1 if authors else inner_steps)]
+    mva = dist.shard(rng.choice(val_idx, size=min(m.meta_batch_size, len(val_idx)), replace=False))
+    live = AdamState.from_optimizer(opt, net) if m.lookahead == consts.LOOKAHEAD_ADAM else None  # "sgd": None
+    state = AdamState.fresh(net, inner_lr) if authors else live
     g, lv = hypergradient(
         net, mask, n_targets, [inputs(i) for i in mtr], [Yz(i) for i in mtr], inputs(mva), Yz(mva),
-        inner_steps=inner_steps, optimizer_state=state, train_mode=authors, **kw,
+        inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=m.meta_normalizer,
+        optimizer_state=state, meta_scope=scope, train_mode=authors,
     )  # fmt: skip
     theta_opt.zero_grad(set_to_none=True)
     mask.theta.grad = g.clamp(-clip, clip).to(mask.theta.dtype)
@@ -272,47 +240,27 @@ def train_network(
     inputs
         Callable ``idx -> input batch tensor`` on ``device`` (e.g. :class:`TensorInputs`).
     Y
-        Expression of the genes (targets first, then the auxiliaries in prior-rank order): an
-        ``(n_spots, n_genes)`` array, or an object with ``batch(idx, n_first=None)``, ``chunks(idx)`` and
-        ``n_cols`` that slices it per batch (what ``agl_fit`` passes). Standardised per gene on the training spots
-        (:class:`StandardizedTargets`).
-    train_idx
-        Row positions of the training spots.
-    val_idx
-        Row positions of the validation spots (early stopping, DkGSB's meta batches).
-    n_targets
-        Number of leading target columns.
-    training
-        :class:`~agl_scverse.configs.TrainingConfig` (or a dict of its fields); ``None`` fields take the
-        embedding-mode defaults; ``refit``, ``n_seeds``, ``checkpoint_every`` and ``resume`` are not read here.
-        ``augment`` (random flips / quarter turns, drawn from ``(seed, epoch)``) needs image inputs with a
-        ``stream`` method. Without validation spots, exactly ``epochs`` epochs run and the last one is kept.
-    dkgsb
-        :class:`~agl_scverse.configs.DkGSBConfig` (or a dict): the bi-level step when ``mask`` is given (see the
-        module notes and :func:`agl_scverse.model.hypergradient`).
-    mask
-        The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
-        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
-    aux_weights
-        Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
-    seed
-        Seeds batch order, meta batches and torch's generator (dropout).
-    device
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
-    progress
-        Show a tqdm bar over epochs (postfix: loss, validation PCC, k).
-    desc
-        Label of that bar.
-    precision
-        ``"fp32"`` (default), ``"auto"``, ``"bf16"`` or ``"fp16"`` (see :func:`resolve_precision`); the loss and the
-        hypergradient are computed in float32.
-    checkpoint
-        The checkpointer of :func:`agl_scverse.tl.agl_fit`: training starts from its state when it has one, and
-        the state is saved after every ``checkpoint.every`` epochs.
-    clip
-        DkGSB: hypergradient clipping.
-    theta_beta2
-        DkGSB: Adam's second-moment decay for ``theta``.
+        Expression (targets first, then auxiliaries in prior-rank order): an ``(n_spots, n_genes)`` array or a
+        batch source (:class:`StandardizedTargets`), standardised per gene on the training spots.
+    train_idx, val_idx, n_targets
+        Row positions of the training and validation spots (early stopping, meta batches); number of target columns.
+    training, dkgsb
+        :class:`~agl_scverse.configs.TrainingConfig` and :class:`~agl_scverse.configs.DkGSBConfig` (or dicts);
+        ``None`` fields take the embedding-mode defaults. ``augment`` needs image inputs. Without validation spots
+        exactly ``epochs`` epochs run and the last is kept.
+    mask, aux_weights
+        The learnable :class:`~agl_scverse.model.GeneMask` of the auxiliary columns (DkGSB), or their fixed loss
+        weights (e.g. a learned mask when refitting); neither: every gene weight 1.
+    seed, device
+        Seeds batch order, meta batches and torch's generator (dropout); ``"auto"`` (CUDA when available, else
+        CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
+    progress, desc
+        Show a tqdm bar over epochs (postfix: loss, validation PCC, k), and its label.
+    precision, checkpoint
+        ``"fp32"``, ``"auto"``, ``"bf16"`` or ``"fp16"`` (the loss and hypergradient stay float32); the
+        checkpointer of :func:`agl_scverse.tl.agl_fit` (resume from its state, save every ``checkpoint.every``).
+    clip, theta_beta2
+        DkGSB: hypergradient clipping; Adam's second-moment decay for ``theta``.
 
     Returns
     -------
@@ -339,7 +287,8 @@ def train_network(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    t, m = _resolved(training, dkgsb)
+    t = as_config(TrainingConfig, training, "training").resolved("embedding")  # None fields: the mode's defaults
+    m = as_config(DkGSBConfig, dkgsb, "dkgsb").resolved("embedding")
     epochs, batch_size, patience = cast(int, t.epochs), cast(int, t.batch_size), cast(int, t.patience)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     torch.manual_seed(seed + dist.rank())
@@ -407,11 +356,8 @@ def train_network(
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
-                g, lv = _meta_step(
-                    net, mask, theta_opt, opt, inputs, Yz, train_idx, val_idx, n_targets, rng, m.lookahead, clip,
-                    inner_steps=m.inner_steps, inner_lr=m.inner_lr, loss=t.loss, normalizer=m.meta_normalizer,
-                    meta_batch_size=m.meta_batch_size, meta_scope=scope,
-                )  # fmt: skip
+                opts, idx = (opt, theta_opt), (train_idx, val_idx)
+                g, lv = _meta_step(net, mask, opts, inputs, Yz, idx, n_targets, rng, m, t.loss, clip, scope)
                 hgs.append(g)
                 mvl.append(lv)
                 meta_seconds += time.perf_counter() - tm
@@ -453,11 +399,8 @@ def train_network(
         _calibrate_(net, inputs, Yz, train_idx, 512)
     prec.restore_layout(net, converted)
     net.eval()
-    res = TrainResult(history=hist, best_epoch=int(best[1]), best_val_pcc=float(best[0]))
+    res = TrainResult(hist, int(best[1]), float(best[0]), meta_seconds=meta_seconds, precision=prec.record())
     if mask is not None:
-        res.theta, res.k = mask.threshold, mask.k
-        res.aux_weights = mask.weights().detach().double().cpu().numpy()
+        res.theta, res.k, res.aux_weights = mask.threshold, mask.k, mask.weights().detach().double().cpu().numpy()
     res.fit_seconds = time.perf_counter() - t0
-    res.meta_seconds = meta_seconds
-    res.precision = prec.record()
     return res
