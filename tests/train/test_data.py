@@ -93,7 +93,7 @@ def test_cached_and_streamed_inputs_give_the_same_batches():
     pos = np.arange(30)
     cached = PatchInputs(ds, pos, "cpu")
     streamed = PatchInputs(ds, pos, "cpu", cache_bytes=0, num_workers=2, prefetch_factor=1)
-    assert cached.cache is not None and streamed.cache is None
+    assert cached._cache is not None and streamed._cache is None
     idx = np.array([29, 3, 3, 10])
     assert torch.equal(cached(idx), streamed(idx))
     batches = index_batches_of(pos[::-1].copy(), 8)

@@ -1,9 +1,7 @@
 """The fitted model and the engine's public face: networks, the saved model, and the names of the floors below.
 
-``model`` holds :class:`AGLModel` (its directory and config schema) and the networks it saves; it stands on
-:mod:`agl_scverse.encoders` (image encoders) and :mod:`agl_scverse.train` (trainer, loss, mask, bi-level step), and
-hands on their public names, so ``agl_scverse.model.<name>`` is the one place users import the engine from.
-Preprocessing (``pp``) and tools (``tl``) use it.
+It stands on :mod:`agl_scverse.encoders` and :mod:`agl_scverse.train` and hands on their public names, so
+``agl_scverse.model.<name>`` is the one place users import the engine from.
 """
 
 from agl_scverse.encoders import (

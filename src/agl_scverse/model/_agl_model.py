@@ -1,21 +1,9 @@
 """The fitted model object: network + a JSON-able config, saved atomically to a directory.
 
-Layout of a saved model directory (nothing else; see :mod:`agl_scverse._modeldir`)::
-
-    <path>/
-        config.json          genes in output order, roles, prior, ranks, learned weights, theta, k, transform,
-                             embedding key, encoder info, network shape, method, hyperparameters, versions,
-                             format_version, weights_sha256 (of model.safetensors), digest (sha256 of every
-                             other field: the whole model, format 4)
-        model.safetensors    network weights and buffers (input standardisation, output calibration)
-
-:meth:`AGLModel.save` writes everything into a temporary directory beside ``path`` and renames it into place only
-when complete, so an error or an interrupt never leaves a half-written model; ``overwrite=True`` replaces only a
-model directory of ours, after the new one is fully written; saves to one folder take turns. :meth:`AGLModel.load`
-restores a model an interrupted save left beside ``path``, reads both files of one generation through one folder
-handle, then checks the whole config (:func:`~agl_scverse.model._schema.validate_config`), its digest, the
-weights' sha256, the tensor shapes in the weights' header and that every tensor is finite before it builds the
-network.
+A saved model directory holds exactly ``config.json`` (genes, roles, weights, network shape, encoder record,
+hyperparameters, ``format_version``, ``weights_sha256`` and the ``digest`` of every other field) and
+``model.safetensors``. :meth:`AGLModel.save` writes a temporary directory and renames it into place when complete;
+:meth:`AGLModel.load` reads one generation of both files and checks everything before it builds the network.
 """
 
 from __future__ import annotations
@@ -83,11 +71,7 @@ _DIR_FD = os.open in os.supports_dir_fd  # opening files relative to a folder ha
 
 
 def _read_generation(path: Path) -> tuple[bytes, bytes, tuple[int, int]]:
-    """``config.json`` and ``model.safetensors`` of one generation of ``path``, and that folder's (device, inode).
-
-    Both files are opened through one handle of the folder, so a save that swaps a new folder in meanwhile cannot
-    pair one model's config with another's weights.
-    """
+    """``config.json`` and ``model.safetensors`` of one generation of ``path`` (one folder handle), its identity."""
     dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         st = os.fstat(dfd)
@@ -114,13 +98,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def check_model(path: Path, config_bytes: bytes, weights: bytes | None) -> dict:
-    """The checked config of a model whose files hold ``config_bytes`` and ``weights`` (``ValueError`` if not).
+    """The checked config (digest, weights' sha256 and header shapes) of a model's files; ``ValueError`` if not.
 
-    Each refusal names the field or tensor. Parses ``config.json`` (bounded size and nesting), upgrades an older format, validates every field, compares
-    every field with the digest recorded at save (format 4: :func:`~agl_scverse.model._schema.config_digest`), the
-    sha256 of the weights with ``weights_sha256`` (format 3 on; older formats record none) and the tensor names and
-    shapes in the weights' header with those the config implies. With ``weights=None`` only the config is checked.
-    No network is allocated.
+    ``weights=None`` checks the config only. Allocates no network.
     """
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     raw = parse_config(config_bytes, where=str(cfg_path))
@@ -186,7 +166,7 @@ def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _is_intact(path: Path) -> bool:
-    """Whether ``path`` holds a model that :meth:`AGLModel.load` accepts (used to pick a leftover to restore)."""
+    """Whether ``path`` holds a model that :meth:`AGLModel.load` accepts."""
     if not all((path / n).is_file() for n in MODEL_FILES):
         return False
     try:
@@ -203,15 +183,9 @@ class AGLModel:
 
     Parameters
     ----------
-    net
-        The trained network (:class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet`).
-    config
-        JSON-able dict. Keys used by the package: ``genes`` (output order), ``roles`` (``"target"`` /
-        ``"auxiliary"`` per output gene), ``weights`` (mask weight per output gene), ``method``, ``mode``,
-        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um;
-        ``weights_path`` is a record, never opened), ``net`` (constructor arguments), ``k``, ``threshold``,
-        ``prior``, ``prior_ranks``, ``hyperparameters``, ``versions``. :meth:`save` adds ``format_version`` and
-        ``weights_sha256``; the config must pass :func:`~agl_scverse.model._schema.validate_config`.
+    net, config
+        The trained network, and a JSON-able dict that passes :func:`~agl_scverse.model._schema.validate_config`
+        (``genes`` in output order, ``roles`` and ``weights`` per gene, ``method``, ``mode``, ``net``, ...).
 
     Examples
     --------
@@ -226,13 +200,12 @@ class AGLModel:
     def __init__(self, net: nn.Module, config: dict):
         self.net = net.eval()
         self.config = to_json(dict(config))
-        if "net" not in self.config and hasattr(net, "config"):
-            self.config["net"] = net.config()
+        if "net" not in self.config and callable(net_config := getattr(net, "config", None)):
+            self.config["net"] = net_config()
         n_out = getattr(net, "n_out", None)
         if n_out is not None and len(self.genes) != n_out:
             raise ValueError(f"config lists {len(self.genes)} genes but the network outputs {n_out}.")
 
-    # -- gene bookkeeping ----------------------------------------------------------------------------------
     @property
     def genes(self) -> list[str]:
         """Genes in the network's output order (targets first)."""
@@ -290,9 +263,9 @@ class AGLModel:
         --------
         >>> [m.predict(x) for m in model.members()]  # doctest: +SKIP
         """
-        if self.n_members == 1:
+        if self.n_members == 1 or not isinstance(self.net, EmbeddingEnsemble):
             return [self]
-        return [AGLModel(m, {**self.config, "net": m.config()}) for m in self.net.members]
+        return [AGLModel(m, {**self.config, "net": m.config()}) for m in self.net.heads()]
 
     def __repr__(self) -> str:
         n_t = len(self.targets)
@@ -302,7 +275,6 @@ class AGLModel:
             f"auxiliaries={len(self.genes) - n_t}, k={self.k}{ens})"
         )
 
-    # -- inference -----------------------------------------------------------------------------------------
     def predict(
         self,
         features,
@@ -322,26 +294,17 @@ class AGLModel:
         features
             Embedding mode: ``(n_spots, n_features)`` array. Fine-tune mode: ``(n_spots, H, W, 3)`` uint8 patches
             (or a torch Dataset yielding patches).
-        batch_size
-            Spots per forward pass.
-        columns
-            Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
-        device
-            Torch device of the forward passes: ``"auto"`` (default: CUDA when available, else CPU; the default of
-            every function of the package), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``, ... The network is
-            moved back to where it was afterwards.
-        precision
-            Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, see
-            :func:`agl_scverse.pp.embed_patches`); the output layer runs in float32. The
-            embedding-mode head always runs in float32.
-        num_workers
-            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (same predictions with any
-            number).
-        prefetch_factor
-            Batches each worker prepares ahead.
+        batch_size, columns
+            Spots per forward pass; positions (in :attr:`genes`) of the only outputs to compute (default: all).
+        device, precision
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` (bit-for-bit reproducible), ...; fine-tune mode:
+            how the backbone runs (see :func:`agl_scverse.pp.embed_patches`; the output layer runs in float32).
+        num_workers, prefetch_factor
+            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (the same predictions with
+            any number) and the batches each prepares ahead.
         backend
-            Fine-tune mode: ``"auto"`` or ``"torch"`` (the trained network runs in torch; ``"onnx"``, for frozen
-            encoders, is refused). The embedding-mode head always runs in torch.
+            ``"auto"`` or ``"torch"`` (``"onnx"``, for frozen encoders, is refused in fine-tune mode; the
+            embedding-mode head runs in torch).
         """
         check_choice("backend", backend, consts.BACKENDS)
         if self.mode != "embedding" and backend not in ("auto", "torch"):
@@ -349,8 +312,7 @@ class AGLModel:
                 f"backend={backend!r} runs a frozen encoder (embedding mode); this fine-tuned model's network runs "
                 "in torch: use backend='auto' or 'torch'."
             )
-        params = list(self.net.parameters())
-        home = params[0].device if params else torch.device("cpu")
+        home = next(self.net.parameters(), torch.empty(0)).device  # where the network goes back to
         dev = resolve_device(device)
         self.net.to(dev)
         try:
@@ -378,18 +340,13 @@ class AGLModel:
         finally:
             prec.restore_layout(self.net, converted)
 
-    # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the model to directory ``path`` atomically (temp dir beside it, then rename).
 
         Parameters
         ----------
-        path
-            Target directory (must not exist unless ``overwrite=True``).
-        overwrite
-            Replace an existing model directory (one holding only ``config.json`` and ``model.safetensors``,
-            or an empty one); the old one is removed only after the new one is in place. Anything else at
-            ``path`` (a file, a link, a folder with other entries) is refused with ``FileExistsError``.
+        path, overwrite
+            Target directory; replace an existing model directory (or an empty one) once the new one is complete.
 
         Returns
         -------
@@ -410,7 +367,7 @@ class AGLModel:
             return atomic_replace(path, self._write, overwrite)
 
     def _write(self, directory: Path) -> None:
-        """Write ``model.safetensors`` and ``config.json`` (with format version and weights sha256) into ``directory``."""
+        """Write ``model.safetensors`` and ``config.json`` (format version, weights sha256, digest) into ``directory``."""
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
@@ -446,20 +403,16 @@ class AGLModel:
     def load(cls, path: str | Path, device: str = "cpu") -> AGLModel:
         """Load a model saved with :meth:`save` (predictions are bit-for-bit identical on CPU).
 
-        Everything is checked before the network is built: the config's fields and their digest
-        (:func:`check_model`), the sha256 of the weights, the tensor shapes in their header and finite tensor
-        values. Both files are read through one handle of the folder, the weights once, so a model another process
-        saves meanwhile is never half-read (the load reads the new one when the old one was removed under it). A model left beside ``path`` by an
-        interrupted save is moved back to ``path`` first (with a warning). No file a config names is opened
-        (an encoder weights file is only needed to embed new slides: pass it to ``agl_predict(weights=...)``).
+        Everything is checked before the network is built (:func:`check_model`, finite values); a model saved
+        meanwhile is never half-read, and one an interrupted save left beside ``path`` is moved back first. No file
+        a config names is opened.
 
         Raises
         ------
         FileNotFoundError
             ``path`` holds no model.
         ValueError
-            The config, its digest, the weights' checksum, their shapes or values are not valid; the message names
-            the field or tensor.
+            The config, its digest, the weights' checksum, shapes or values are not valid (named in the message).
 
         Examples
         --------
@@ -512,8 +465,6 @@ def build_network(config: dict) -> nn.Module:
                 "n_features, n_out, mean, std) with config['net'], net.load_state_dict(safetensors.torch.load_file("
                 "path / 'model.safetensors')), AGLModel(net, config)."
             )
-        backbone, info = get_encoder(
-            enc.get("spec") or enc.get("encoder"), weights=None, encoder_kwargs=record_kwargs(enc)
-        )
+        backbone, info = get_encoder(enc.get("spec") or enc["encoder"], weights=None, encoder_kwargs=record_kwargs(enc))
         return FinetuneNet(backbone, nc["n_features"], nc["n_out"], mean=nc.get("mean"), std=nc.get("std"))
     raise ValueError(f"Unknown network kind {kind!r} in the model config.")

@@ -1,19 +1,14 @@
 """Networks that map an image (or its cached embedding) to the expression of every modelled gene.
 
-Output order is always: targets first, then auxiliaries. Both networks return *raw* outputs in the standardised
-expression space the trainer works in; :meth:`predict_expression` applies the affine calibration (buffers
-``out_scale`` / ``out_shift``, fitted on the training spots after training) that brings them back to the
-transformed expression scale (e.g. ``log1p`` counts). The calibration is a per-gene positive rescaling, so it never
-changes Pearson or Spearman correlations; it only makes MSE meaningful for a model trained with ``1 - Pearson``.
-
-Why an MLP trunk in embedding mode: auxiliary genes can only help the targets through parameters they share with
-them. A linear head on frozen features shares nothing (each gene is its own regression, and AGL == PGL exactly),
-so the embedding head has shared hidden layers and ONE output layer for all genes.
+Outputs (targets first) are raw, in the trainer's standardised space; ``predict_expression`` applies the per-gene
+positive affine calibration fitted after training and clips to the training range. Auxiliary genes help the targets
+only through shared parameters, hence one output layer for all genes above a shared trunk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +21,10 @@ class _Calibrated(nn.Module):
     """Mixin: output calibration buffers and helpers shared by both networks."""
 
     out: nn.Linear
+    out_scale: torch.Tensor
+    out_shift: torch.Tensor
+    out_lo: torch.Tensor
+    out_hi: torch.Tensor
 
     def _init_calibration(self, n_out: int) -> None:
         self.register_buffer("out_scale", torch.ones(n_out))
@@ -35,25 +34,20 @@ class _Calibrated(nn.Module):
         self.register_buffer("out_hi", torch.full((n_out,), float("inf")))
 
     def _linear_out(self, h: torch.Tensor, n_first: int | None, cols: torch.Tensor | None = None) -> torch.Tensor:
-        if cols is not None:  # only these outputs (e.g. a block of genes): cost proportional to the block
-            return F.linear(h, self.out.weight[cols], self.out.bias[cols])
-        if n_first is None:
+        if cols is None and n_first is None:
             return self.out(h)
-        return F.linear(h, self.out.weight[:n_first], self.out.bias[:n_first])
+        rows = slice(n_first) if cols is None else cols  # only these outputs: cost proportional to them
+        return F.linear(h, self.out.weight[rows], self.out.bias[rows])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated predictions in the transformed expression scale, clipped to each gene's training range.
 
-        A network trained with ``1 - Pearson`` is free in scale, and a few spots far from the training features
-        can get raw outputs many standard deviations out; the clip keeps predictions in the range the gene was
-        observed in (e.g. no negative ``log1p`` counts). ``cols``: only these outputs.
+        The clip keeps spots far from the training features in the range the gene was observed in (e.g. no
+        negative ``log1p`` counts). ``cols``: only these outputs.
         """
-        if cols is None:
-            return torch.maximum(torch.minimum(self(x) * self.out_scale + self.out_shift, self.out_hi), self.out_lo)
+        c = slice(None) if cols is None else cols
         raw = self(x, cols=cols)
-        return torch.maximum(
-            torch.minimum(raw * self.out_scale[cols] + self.out_shift[cols], self.out_hi[cols]), self.out_lo[cols]
-        )
+        return torch.maximum(torch.minimum(raw * self.out_scale[c] + self.out_shift[c], self.out_hi[c]), self.out_lo[c])
 
 
 class EmbeddingHead(_Calibrated):
@@ -61,14 +55,10 @@ class EmbeddingHead(_Calibrated):
 
     Parameters
     ----------
-    n_in
-        Embedding dimension.
-    n_out
-        Number of genes (targets first, then auxiliaries).
-    hidden
-        Widths of the shared hidden layers; ``()`` gives a linear head (then AGL cannot differ from PGL).
-    dropout
-        Dropout after every hidden layer.
+    n_in, n_out
+        Embedding dimension; number of genes (targets first, then auxiliaries).
+    hidden, dropout
+        Widths of the shared hidden layers (``()``: a linear head, where AGL == PGL); dropout after each.
 
     Examples
     --------
@@ -78,14 +68,13 @@ class EmbeddingHead(_Calibrated):
     (torch.Size([4, 5]), torch.Size([4, 2]))
     """
 
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+
     def __init__(self, n_in: int, n_out: int, hidden: Sequence[int] = (256,), dropout: float = 0.1):
         super().__init__()
-        self.n_in, self.n_out, self.hidden, self.dropout = (
-            int(n_in),
-            int(n_out),
-            tuple(int(h) for h in hidden),
-            float(dropout),
-        )
+        self.n_in, self.n_out, self.dropout = int(n_in), int(n_out), float(dropout)
+        self.hidden = tuple(int(h) for h in hidden)
         self.register_buffer("x_mean", torch.zeros(self.n_in))
         self.register_buffer("x_std", torch.ones(self.n_in))
         layers: list[nn.Module] = []
@@ -109,13 +98,8 @@ class EmbeddingHead(_Calibrated):
 
     def config(self) -> dict:
         """JSON-able constructor arguments."""
-        return {
-            "kind": "embedding",
-            "n_in": self.n_in,
-            "n_out": self.n_out,
-            "hidden": list(self.hidden),
-            "dropout": self.dropout,
-        }
+        shape = {"kind": "embedding", "n_in": self.n_in, "n_out": self.n_out}
+        return {**shape, "hidden": list(self.hidden), "dropout": self.dropout}
 
 
 class FinetuneNet(_Calibrated):
@@ -123,16 +107,12 @@ class FinetuneNet(_Calibrated):
 
     Parameters
     ----------
-    backbone
+    backbone, n_features
         Module mapping a normalised ``(n, 3, H, W)`` float batch to ``(n, n_features)`` features.
-    n_features
-        Backbone output dimension.
     n_out
         Number of genes (targets first, then auxiliaries).
-    mean
-        Per-channel mean of the image normalisation applied to ``uint8`` or ``[0, 1]`` float input (a buffer).
-    std
-        Per-channel standard deviation of that normalisation (a buffer).
+    mean, std
+        Per-channel image normalisation of ``uint8`` or ``[0, 1]`` float input (buffers).
 
     Examples
     --------
@@ -141,6 +121,9 @@ class FinetuneNet(_Calibrated):
     >>> FinetuneNet(bb, 6, 4)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape
     torch.Size([2, 4])
     """
+
+    img_mean: torch.Tensor
+    img_std: torch.Tensor
 
     def __init__(
         self, backbone: nn.Module, n_features: int, n_out: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
@@ -156,13 +139,8 @@ class FinetuneNet(_Calibrated):
 
     def config(self) -> dict:
         """JSON-able constructor arguments (the backbone is rebuilt from the encoder name in the model config)."""
-        return {
-            "kind": "finetune",
-            "n_features": self.n_features,
-            "n_out": self.n_out,
-            "mean": self._mean,
-            "std": self._std,
-        }
+        shape = {"kind": "finetune", "n_features": self.n_features, "n_out": self.n_out}
+        return {**shape, "mean": self._mean, "std": self._std}
 
     def forward(self, x: torch.Tensor, n_first: int | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Raw outputs from image patches: ``(n, 3, H, W)`` or ``(n, H, W, 3)``, ``uint8`` or float in [0, 1]."""
@@ -180,20 +158,16 @@ class FinetuneNet(_Calibrated):
 class EmbeddingEnsemble(nn.Module):
     """Embedding-mode heads of the same shape trained from different seeds; predictions are their mean.
 
-    Each member keeps its own calibration (the members' raw outputs live in different spaces), so the ensemble
-    averages *calibrated* predictions; :meth:`member_predictions` gives them one by one (their spread is the
-    uncertainty layer of :func:`agl_scverse.tl.agl_predict`). With ``linear`` (``agl_fit(head="hybrid")``), the
-    first ``linear.n_out`` outputs (the targets) are ``(1 - linear_weight) * members' mean + linear_weight *
-    linear``; the other outputs are the members' mean.
+    The ensemble averages the members' *calibrated* predictions (:meth:`member_predictions`: one by one). With
+    ``linear`` (``agl_fit(head="hybrid")``) the first ``linear.n_out`` outputs are ``(1 - linear_weight) *
+    members' mean + linear_weight * linear``.
 
     Parameters
     ----------
     members
         Trained :class:`EmbeddingHead` networks with the same constructor arguments.
-    linear
-        A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
-    linear_weight
-        Its share of those outputs, in [0, 1] (``agl_fit`` chooses it on the validation spots).
+    linear, linear_weight
+        A linear :class:`EmbeddingHead` of the same input and the first outputs, or None; its share in [0, 1].
 
     Examples
     --------
@@ -231,21 +205,22 @@ class EmbeddingEnsemble(nn.Module):
         """Number of member networks."""
         return len(self.members)
 
+    def heads(self) -> list[EmbeddingHead]:
+        """The member networks."""
+        return cast(list[EmbeddingHead], list(self.members))
+
     def member_predictions(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated predictions of every member, ``(n_members, n, n_genes)``."""
-        return torch.stack([m.predict_expression(x, cols=cols) for m in self.members])
+        return torch.stack([m.predict_expression(x, cols=cols) for m in self.heads()])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the members' calibrated predictions (each clipped), blended with the linear head's outputs."""
         out = self.member_predictions(x, cols).mean(0)
         if self.linear is None:
             return out
-        n_lin = self.linear.n_out
         cols = torch.arange(self.n_out, device=x.device) if cols is None else cols
-        pos = torch.nonzero(cols < n_lin).flatten()
-        if len(pos):
-            lin = self.linear.predict_expression(x, cols=cols[pos])
-            w = self.linear_weight
+        if len(pos := torch.nonzero(cols < self.linear.n_out).flatten()):
+            w, lin = self.linear_weight, self.linear.predict_expression(x, cols=cols[pos])
             out[:, pos] = (1.0 - w) * out[:, pos] + w * lin
         return out
 
@@ -257,7 +232,7 @@ class EmbeddingEnsemble(nn.Module):
 
     def config(self) -> dict:
         """JSON-able constructor arguments: the members' shape and their number."""
-        out = {**self.members[0].config(), "kind": "ensemble", "n_members": self.n_members}
+        out = {**self.heads()[0].config(), "kind": "ensemble", "n_members": self.n_members}
         if self.linear is not None:
             out["linear"] = {"n_out": self.linear.n_out, "weight": self.linear_weight}
         return out

@@ -1,12 +1,9 @@
 """What a saved model's ``config.json`` may hold, checked before anything is built from it.
 
-:func:`validate_config` checks every field the package reads (types, allowed values from ``_constants``,
-lengths of the per-gene lists against each other and against the network's output size, unique gene names,
-known format version, bounded sizes and nesting, no encoder keyword that names a file); :func:`config_digest`
-records a sha256 of every top-level field (the weights' sha256 included) and :func:`check_digest` names the fields
-that changed since the model was saved; :func:`expected_shapes` gives the tensor shapes the config implies (the network is built
-on torch's ``meta`` device, so nothing is allocated) and :func:`check_weights_header` compares them with the
-header of the weights file before a single tensor is read. Every refusal names the field.
+:func:`validate_config` checks every field the package reads (types, choices, lengths, bounded sizes, no encoder
+keyword that names a file); :func:`check_digest` names the fields changed since the save; :func:`expected_shapes`
+(built on the ``meta`` device) and :func:`check_weights_header` compare the weights' header with the config before
+a tensor is read. Every refusal names the field.
 """
 
 from __future__ import annotations
@@ -15,9 +12,10 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from agl_scverse import _constants as consts
 
@@ -37,10 +35,8 @@ __all__ = [
     "validate_config",
 ]
 
-#: Version of the saved layout. 2: ``config["encoder"]`` is the encoder record of
-#: :func:`agl_scverse.model.encoder_record` (its name under ``"encoder"``; version 1 called it ``"name"``).
-#: 3: ``config["weights_sha256"]`` records the sha256 of ``model.safetensors`` (checked on load).
-#: 4: ``config["digest"]`` records the sha256 of every other top-level field (:func:`config_digest`).
+#: Version of the saved layout (2: the encoder record names the encoder ``"encoder"``, version 1 ``"name"``;
+#: 3: adds ``weights_sha256``, of ``model.safetensors``; 4: adds ``digest``, of every other top-level field).
 FORMAT_VERSION = 4
 SUPPORTED_FORMATS = (1, 2, 3, 4)
 #: The field holding :func:`config_digest` (format 4).
@@ -54,8 +50,7 @@ MAX_DIM = 2**24
 #: Most hidden layers / ensemble members a config may name.
 MAX_LAYERS = 64
 MAX_MEMBERS = 1024
-#: timm keyword arguments that name a file, a URL or a download: never taken from a saved config (no file a
-#: config names is opened; encoder weights are passed explicitly, ``agl_predict(weights=...)``).
+#: timm keyword arguments that open a file or download: refused in a saved config (no file a config names is opened).
 FILE_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "file", "url",
                "hf_hub_id", "hf_hub_filename", "state_dict")  # fmt: skip
 #: Network kinds of ``config["net"]["kind"]`` and the model mode each one serves.
@@ -75,7 +70,7 @@ class _Checker:
     def __init__(self, where: str, verb: str = "load"):
         self.where, self.verb = where, verb
 
-    def fail(self, field: str, problem: str) -> None:
+    def fail(self, field: str, problem: str) -> NoReturn:
         raise ValueError(f"{self.where}: field {field!r} {problem}; refusing to {self.verb} this model.")
 
     def is_int(self, field: str, value: Any, low: int = 0, high: float = math.inf) -> int:
@@ -108,10 +103,10 @@ class _Checker:
             self.fail(field, f"must be a sha256 (64 lower-case hex digits), got {value!r}")
         return value
 
-    def optional(self, config: dict, field: str, check: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        """Check ``config[field]`` unless it is absent or null."""
+    def optional(self, config: dict, field: str, check: Callable[..., Any], *args: Any, prefix: str = "") -> None:
+        """Check ``config[field]`` (named ``prefix + field``) unless it is absent or null."""
         if config.get(field) is not None:
-            check(field, config[field], *args, **kw)
+            check(prefix + field, config[field], *args)
 
 
 def parse_config(text: bytes | str, where: str = "config.json") -> Any:
@@ -169,16 +164,9 @@ def _canonical(value: Any) -> bytes:
 
 
 def config_digest(config: dict) -> dict[str, str]:
-    """sha256 of the canonical JSON of every top-level field of ``config`` but the digest itself.
+    """sha256 of the canonical JSON of every top-level field of ``config`` but the digest itself (format 4).
 
-    Saved in ``config["digest"]`` (format 4); ``weights_sha256`` is one of the fields, so the digest covers the
-    whole model: genes, roles, transform, network shape and weights.
-
-    Examples
-    --------
-    >>> d = config_digest({"genes": ["a", "b"], "transform": "log1p"})
-    >>> sorted(d), d["genes"] == config_digest({"genes": ["b", "a"]})["genes"]
-    (['genes', 'transform'], False)
+    ``weights_sha256`` is one of the fields, so the digest covers the whole model.
     """
     return {k: hashlib.sha256(_canonical(v)).hexdigest() for k, v in sorted(config.items()) if k != DIGEST_FIELD}
 
@@ -202,15 +190,7 @@ def check_digest(config: dict, where: str = "config.json") -> None:
 
 
 def upgrade_config(config: dict) -> dict:
-    """Bring a saved config of an older format version to the current one (in a new dict).
-
-    Examples
-    --------
-    >>> upgrade_config({"format_version": 1, "encoder": {"name": "resnet18"}})["encoder"]
-    {'encoder': 'resnet18'}
-    >>> upgrade_config({"format_version": 3})["augment"]  # saved before fine-tune augmentation existed
-    False
-    """
+    """Bring a saved config of an older format version to the current one (in a new dict)."""
     if not isinstance(config, dict):
         return config  # validate_config says what is wrong
     config = dict(config)
@@ -234,9 +214,7 @@ def _check_genes(c: _Checker, config: dict) -> int:
         c.fail("genes", "is empty")
     for i, g in enumerate(genes):
         c.is_str(f"genes[{i}]", g)
-    if len(set(genes)) != len(genes):
-        seen: set[str] = set()
-        dup = sorted({g for g in genes if g in seen or seen.add(g)})
+    if dup := sorted(g for g, n in Counter(genes).items() if n > 1):
         c.fail("genes", f"lists {dup[:5]} more than once")
     roles = c.is_list("roles", config.get("roles"), len(genes))
     for i, r in enumerate(roles):
@@ -273,15 +251,11 @@ def _check_encoder(c: _Checker, enc: Any, needs_name: bool) -> None:
         c.is_sha("encoder.weights_sha256", enc["weights_sha256"])
     if enc.get("weights_path") not in (None, ""):
         c.is_str("encoder.weights_path", enc["weights_path"])  # a record only: never opened
-    if enc.get("patch_px") is not None:
-        c.is_int("encoder.patch_px", enc["patch_px"], 1, 1 << 16)
-    if enc.get("patch_um") is not None:
-        c.is_number("encoder.patch_um", enc["patch_um"], 1e-6)
-    if enc.get("seed") is not None:
-        c.is_int("encoder.seed", enc["seed"], -(1 << 63), 1 << 64)
+    c.optional(enc, "patch_px", c.is_int, 1, 1 << 16, prefix="encoder.")
+    c.optional(enc, "patch_um", c.is_number, 1e-6, prefix="encoder.")
+    c.optional(enc, "seed", c.is_int, -(1 << 63), 1 << 64, prefix="encoder.")
     for field in ("spec", "preset", "arch", "hf_hub", "source"):  # how to rebuild it (absent before 0.3)
-        if enc.get(field) is not None:
-            c.is_str(f"encoder.{field}", enc[field])
+        c.optional(enc, field, c.is_str, prefix="encoder.")
     if enc.get("encoder_kwargs") is not None:
         text = c.is_str("encoder.encoder_kwargs", enc["encoder_kwargs"])
         try:
@@ -296,8 +270,7 @@ def _check_encoder(c: _Checker, enc: Any, needs_name: bool) -> None:
                 f"names {named[0]!r}, a timm argument that opens a file or downloads weights; no file a config names "
                 "is opened (pass encoder weights to agl_predict(weights=...))",
             )
-    if enc.get("native_mpp") is not None:
-        c.is_number("encoder.native_mpp", enc["native_mpp"], 1e-6)
+    c.optional(enc, "native_mpp", c.is_number, 1e-6, prefix="encoder.")
     if enc.get("strict") is not None and not isinstance(enc["strict"], bool):
         c.fail("encoder.strict", f"must be true or false, got {enc['strict']!r}")
 
@@ -327,8 +300,7 @@ def _check_precision(c: _Checker, prec: Any) -> None:
     c.is_str("precision.precision", prec.get("precision"), RUN_PRECISIONS)
     if prec.get("channels_last") is not None and not isinstance(prec["channels_last"], bool):
         c.fail("precision.channels_last", f"must be true or false, got {prec['channels_last']!r}")
-    if prec.get("precision_requested") is not None:
-        c.is_str("precision.precision_requested", prec["precision_requested"], consts.PRECISIONS)
+    c.optional(prec, "precision_requested", c.is_str, consts.PRECISIONS, prefix="precision.")
 
 
 def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
@@ -369,24 +341,7 @@ def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
 def validate_config(config: Any, where: str = "config.json", verb: str = "load") -> dict:
     """Check a (format-upgraded) model config; return it, or raise ``ValueError`` naming the bad field.
 
-    Parameters
-    ----------
-    config
-        The parsed ``config.json``.
-    where
-        How to name the file in messages.
-    verb
-        What is refused (``"load"``, ``"save"``), for messages.
-
-    Examples
-    --------
-    >>> cfg = {"genes": ["a"], "roles": ["target"], "net": {"kind": "embedding", "n_in": 2, "n_out": 1}}
-    >>> validate_config(cfg)["genes"]
-    ['a']
-    >>> validate_config({**cfg, "method": "best"})
-    Traceback (most recent call last):
-    ...
-    ValueError: config.json: field 'method' must be one of ['pgl', 'agl', 'topk', 'dkgsb'], got 'best'; refusing to load this model.
+    ``where`` names the file and ``verb`` what is refused (``"load"``, ``"save"``) in messages.
     """
     c = _Checker(where, verb)
     if not isinstance(config, dict):
@@ -406,14 +361,12 @@ def validate_config(config: Any, where: str = "config.json", verb: str = "load")
     mode = c.is_str("mode", config.get("mode", NET_KINDS[kind]), consts.MODES)
     if mode != NET_KINDS[kind]:
         c.fail("mode", f"is {mode!r} but the network is of kind {kind!r}")
-    c.optional(config, "method", c.is_str, consts.METHODS)
-    c.optional(config, "transform", c.is_str, consts.TRANSFORMS)
-    c.optional(config, "prior", c.is_str, consts.PRIORS)
-    c.optional(config, "embedding_key", c.is_str)
-    c.optional(config, "layer", c.is_str)
-    c.optional(config, "library_key", c.is_str)
-    c.optional(config, "threshold", c.is_number)
-    c.optional(config, "theta", c.is_number)
+    for field, choices in (("method", consts.METHODS), ("transform", consts.TRANSFORMS), ("prior", consts.PRIORS)):
+        c.optional(config, field, c.is_str, choices)
+    for field in ("embedding_key", "layer", "library_key"):
+        c.optional(config, field, c.is_str)
+    for field in ("threshold", "theta"):
+        c.optional(config, field, c.is_number)
     _check_encoder(c, config.get("encoder"), needs_name=kind == "finetune")
     if config.get("augment") is not None and not isinstance(config["augment"], bool):
         c.fail("augment", f"must be true or false, got {config['augment']!r}")

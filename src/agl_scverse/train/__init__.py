@@ -1,8 +1,7 @@
 """Training: the trainer, the bi-level step, the loss, the soft mask, precision, batches, the forward loop, resume.
 
-The engine's lowest floor beside :mod:`agl_scverse.encoders`: it stands on the package-private helpers only and
-trains any :class:`torch.nn.Module` it is given (the networks live in :mod:`agl_scverse.model`). Users import these
-names from :mod:`agl_scverse.model`, which hands them on.
+The engine's lowest floor beside :mod:`agl_scverse.encoders`: it trains any :class:`torch.nn.Module` it is given;
+users import these names from :mod:`agl_scverse.model`, which hands them on.
 """
 
 from ._bilevel import AdamState, hypergradient, meta_scope_names, unrolled_val_loss

@@ -1,59 +1,21 @@
 """The DkGSB bi-level step, written with :mod:`torch.func` (no ``higher``).
 
-One meta step, for training batches ``(x_tr, y_tr)`` (one per inner step) and a validation batch ``(x_va, y_va)``:
+One meta step takes ``H`` differentiable inner steps from a detached copy of the parameters on the mask-weighted
+training loss ``sum_i w_i(theta) L_i / sum_i w_i(theta)``, evaluates the target-only loss on a validation batch and
+back-propagates it through the unrolled steps to ``theta``.
 
-1. copy the network parameters ``phi`` (detached: the real network is not touched);
-2. take ``H`` differentiable inner steps on the mask-weighted training loss ``L_w = sum_i w_i(theta) L_i /
-   sum_i w_i(theta)`` (the loss the network is trained with), each on its own training batch;
-3. evaluate the *target-only* loss ``L_val(phi_H)`` on the validation batch (only the target rows of the output
-   layer are computed);
-4. ``dL_val / dtheta`` by back-propagating through the unrolled steps.
+The inner step (``optimizer_state``): the Adam update of :class:`AdamState` written out functionally, of the live
+optimiser (``lookahead="adam"``: with ``H = 1`` the network's next training step) or of a fresh one
+(``lookahead="authors"``: all steps on one batch, train mode); without a state, SGD with ``inner_lr`` (``"sgd"``).
 
-**Three look-aheads** (the trainer's ``lookahead``; here the arguments that make them):
+Normaliser: ``"soft"`` (default) differentiates ``sum_i w_i`` too (the exact derivative); a number holds it
+constant; ``"detached"`` (the authors' code) differentiates as if ``sum_i w_i`` were constant. Their signs against
+finite differences on HER2+: ``benchmarks/results/check_hypergradient.json``.
 
-- ``"adam"`` (the default): **the inner step follows the live optimiser** (``optimizer_state`` from
-  :meth:`AdamState.from_optimizer`): each inner step is the Adam update the trainer's optimiser would take -- its
-  learning rate, betas, eps, weight decay, step count and moment estimates -- written out functionally, so that
-  with ``H = 1`` the look-ahead *is* the network's next training step and the hypergradient is the exact
-  derivative of the target validation loss after that step (``tests/train/test_bilevel.py`` checks it against a
-  real :class:`torch.optim.Adam` step at ``theta +- h``). Eval mode, a new batch per inner step.
-- ``"sgd"``: without a state, the inner step is plain SGD with ``inner_lr`` (the paper's equation).
-- ``"authors"``: what the authors' public code does -- a copy of the network, a **fresh** Adam
-  (:meth:`AdamState.fresh`, lr 3e-5, zero moments), ``H`` steps (they use 12) all on **one** batch, in **train**
-  mode (``train_mode=True``; dropout and batch statistics as in training). A fresh Adam's first step is close to
-  ``lr * sign(g)`` (``m_hat / sqrt(v_hat) = g / |g|``), so the scale of the loss -- and with it the normaliser --
-  hardly enters: ``"soft"`` and ``"detached"`` agree there, which they need not do under ``"adam"``.
-
-**Normaliser.** ``normalizer="soft"`` (default) differentiates ``sum_i w_i`` too: the exact derivative of the
-look-ahead the code evaluates. A float holds the normaliser at that constant (a different, equally well-defined
-function). ``"detached"`` is kept for models trained before version 0.3: it evaluates the soft loss but
-differentiates as if ``sum_i w_i`` were constant, so its gradient is *not* the derivative of the value it returns;
-it is also what the authors' public code does (``loss / weights.sum().detach()``). Measured on 8 HER2+ meta batches
-(``benchmarks/check_hypergradient.py``, ``benchmarks/results/check_hypergradient.json``), SGD look-ahead with the
-detached normaliser agreed in sign with the finite difference of the real next step in 7 of 8 batches, the exact
-SGD and Adam ones in 8 of 8.
-
-Choices that keep it cheap and stable (measured in ``benchmarks/check_hypergradient.py``):
-
-- the meta step runs the network in ``eval`` mode (no dropout noise in the hypergradient, deterministic), except
-  the authors' look-ahead, which runs in train mode as their code does;
-- the validation loss only evaluates the target rows of the output layer, and with ``H = 1`` the auxiliary rows
-  of the output layer enter the inner step as constants (exactly the same hypergradient, a cheaper graph: with a
-  per-parameter optimiser the auxiliary rows only feed the auxiliary outputs);
-- the trainer bounds the number of meta steps per epoch (``meta_steps``) -- see :mod:`agl_scverse.train._trainer`.
-
-**Scope** (``meta_scope``): which parameters the look-ahead moves. ``"all"`` moves every parameter (the double
-backward runs through the whole network). ``"last"`` moves the output layer and the *last block* of the network
-below it (:func:`meta_scope_names`); every other parameter enters the inner steps as a detached constant, so
-autograd builds no graph below that block and the double backward only spans it. The result is the exact
-derivative of a look-ahead in which only those parameters step (``tests/train/test_bilevel.py`` checks it against
-finite differences), not an approximation of the ``"all"`` derivative: measured on a ResNet-18
-(``benchmarks/bench_finetune.py --meta``) it is 3.5x cheaper per meta step, but mostly the normaliser's
-step-size term, so ``"all"`` stays the default. A scope of the output layer alone is
-refused: with one inner step the auxiliary rows of a linear output layer only feed the auxiliary outputs, so the
-target rows' step does not depend on which auxiliaries are weighted -- the hypergradient is exactly zero with a
-fixed normaliser, and with ``"soft"`` it only carries the normaliser's effect on the targets' step size, the same
-whatever the auxiliary genes' expression.
+The meta step runs in eval mode (train mode for the authors' look-ahead, with copies of the running statistics).
+With ``H = 1`` the auxiliary rows of the output layer enter as constants: they only feed the auxiliary outputs, so
+the hypergradient is the same and the graph smaller. ``meta_scope`` names the parameters the look-ahead moves
+(:func:`meta_scope_names`); the others are detached constants, so the double backward spans only the scope.
 """
 
 from __future__ import annotations
@@ -86,31 +48,20 @@ _OUT = ("out.weight", "out.bias")
 
 @dataclass
 class AdamState:
-    """A detached snapshot of a :class:`torch.optim.Adam` optimiser, to take its next steps functionally.
+    """A detached snapshot of a :class:`torch.optim.Adam` optimiser (one parameter group), to step functionally.
 
     Attributes
     ----------
-    lr
-        Learning rate of the optimiser (one parameter group).
-    betas
-        Its moment decays.
-    eps
-        Its denominator constant.
-    weight_decay
-        Its (L2) weight decay.
-    step
-        Steps already taken (``0`` for a fresh optimiser).
-    exp_avg
-        First moment estimates per parameter name (zeros for parameters without state).
-    exp_avg_sq
-        Second moment estimates per parameter name.
+    lr, betas, eps, weight_decay, step
+        The optimiser's settings and the steps it has taken.
+    exp_avg, exp_avg_sq
+        First and second moment estimates per parameter name (zeros for parameters without state).
 
     Examples
     --------
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
-    >>> opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    >>> AdamState.from_optimizer(opt, net).step
+    >>> AdamState.from_optimizer(torch.optim.Adam(net.parameters(), lr=0.01), net).step
     0
     """
 
@@ -137,28 +88,14 @@ class AdamState:
             v[name] = st["exp_avg_sq"].detach() if "exp_avg_sq" in st else torch.zeros_like(p.detach())
             steps.add(int(st["step"]) if "step" in st else 0)
         return cls(
-            lr=float(grp["lr"]), betas=tuple(float(b) for b in grp["betas"]), eps=float(grp["eps"]),
+            lr=float(grp["lr"]), betas=(float(grp["betas"][0]), float(grp["betas"][1])), eps=float(grp["eps"]),
             weight_decay=float(grp["weight_decay"]), step=max(steps) if steps else 0, exp_avg=m, exp_avg_sq=v,
         )  # fmt: skip
 
     @classmethod
     def fresh(cls, net: nn.Module, lr: float = 3e-5) -> AdamState:
-        """A new :class:`torch.optim.Adam` over ``net.parameters()`` (defaults, learning rate ``lr``), before any step.
-
-        The inner optimiser of the authors' look-ahead (``lookahead="authors"``): zero moments, step count 0.
-
-        Examples
-        --------
-        >>> import torch
-        >>> st = AdamState.fresh(torch.nn.Linear(2, 1))
-        >>> st.step, st.lr, float(st.exp_avg["weight"].abs().sum())
-        (0, 3e-05, 0.0)
-        """
-        zeros = {name: torch.zeros_like(p.detach()) for name, p in net.named_parameters()}
-        return cls(
-            lr=float(lr), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=0, exp_avg=zeros,
-            exp_avg_sq={n: z.clone() for n, z in zeros.items()},
-        )  # fmt: skip
+        """A new :class:`torch.optim.Adam` over ``net`` (zero moments, step 0): the authors' inner optimiser."""
+        return cls.from_optimizer(torch.optim.Adam(net.parameters(), lr=lr), net)
 
 
 def _holds_parameters(m: nn.Module) -> bool:
@@ -166,7 +103,7 @@ def _holds_parameters(m: nn.Module) -> bool:
 
 
 def _last_block(root: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.Module]:
-    """The modules of the last block of ``root`` (see :func:`meta_scope_names`); ``skip``: children of ``root`` left out."""
+    """The modules of the last block of ``root`` (see :func:`meta_scope_names`), without its children ``skip``."""
     picked: list[nn.Module] = []
     m, first = root, True
     while True:
@@ -186,30 +123,22 @@ def _last_block(root: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.Module]:
 def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") -> list[str]:
     """Names of the parameters of ``net`` that the DkGSB look-ahead moves (the others stay constant in it).
 
-    ``"last"``: the output layer ``out`` and the *last block* of the network below it (``net.backbone`` when there
-    is one, else the network without ``out``). The block is found by walking back from the end of that module:
-    take its last child that holds parameters, entering containers (:class:`~torch.nn.Sequential`,
-    :class:`~torch.nn.ModuleList`, :class:`~torch.nn.ModuleDict`) and single-child wrappers, and adding every
-    normalisation layer passed on the way; the first module that is neither is the block. That is the last
-    residual block of a ResNet (``layer4.1``), the last dense layer of a DenseNet plus its final ``norm5``, the
-    last transformer block of a ViT plus its final ``norm``, the last hidden ``Linear`` of an MLP head.
+    ``"last"``: the output layer ``out`` and the last block below it (of ``net.backbone`` when there is one): the
+    last child holding parameters, entering containers and single-child wrappers, plus the normalisation layers
+    passed on the way (a ResNet's ``layer4.1``, a DenseNet's last dense layer and ``norm5``, a ViT's last block and
+    ``norm``, an MLP head's last hidden ``Linear``).
 
     Parameters
     ----------
-    net
-        The network (with a linear output layer ``out`` for ``"last"``).
-    meta_scope
-        ``"all"``, ``"last"`` or an explicit sequence of parameter names of ``net``.
-
-    Returns
-    -------
-    The names, in the order of ``net.named_parameters()``.
+    net, meta_scope
+        The network (with a linear output layer ``out`` for ``"last"``); ``"all"``, ``"last"`` or a sequence of
+        parameter names (returned in ``net``'s order).
 
     Raises
     ------
     ValueError
-        An unknown scope, unknown names, or a scope of the output layer alone (its hypergradient carries no
-        information about the auxiliary genes, see the module notes).
+        An unknown scope or names, or a scope of the output layer alone (its hypergradient says nothing about the
+        auxiliaries).
 
     Examples
     --------
@@ -241,11 +170,6 @@ def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") ->
             "(meta_scope='all', or a network with hidden layers / a backbone)."
         )
     return [n for n in named if n in chosen]
-
-
-def _full_weights(mask: GeneMask, n_targets: int) -> torch.Tensor:
-    w_aux = mask.weights()
-    return torch.cat([torch.ones(n_targets, dtype=w_aux.dtype, device=w_aux.device), w_aux])
 
 
 def _batches(x, y) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -285,48 +209,26 @@ def unrolled_val_loss(
 ) -> torch.Tensor:
     """Target-only validation loss after ``inner_steps`` differentiable steps on the mask-weighted train loss.
 
-    The result is a scalar that depends on ``mask.theta`` through the unrolled steps (and on nothing else that
-    requires a gradient). ``net`` must return the raw outputs for all genes and accept ``n_first=`` to return only
-    the first ``n_first`` (targets).
-
     Parameters
     ----------
-    net
-        The network, in the mode it should be evaluated in.
-    mask
-        The soft mask over the auxiliary outputs.
-    n_targets
-        Number of leading target outputs.
-    x_tr
-        Inputs of one training batch, or a sequence of batches used in turn by the inner steps.
-    y_tr
-        Their (standardised) expression, one per batch of ``x_tr``.
-    x_va
-        Inputs of the validation batch.
-    y_va
-        Its expression (only the first ``n_targets`` columns are used).
-    inner_steps
-        Number of unrolled steps ``H``.
-    inner_lr
-        Learning rate of SGD inner steps (ignored with ``optimizer_state``).
-    loss
-        ``"pearson"`` or ``"mse"``.
-    normalizer
-        ``"soft"``, ``"detached"`` or a constant, see the module docstring.
-    optimizer_state
-        Take the inner steps as this Adam optimiser would (:class:`AdamState`: the live one, or
-        :meth:`AdamState.fresh` for the authors' look-ahead); ``None``: SGD.
-    meta_scope
-        The parameters the inner steps move (:func:`meta_scope_names`): ``"all"``, ``"last"`` (the output layer
-        and the last block below it; the others are constants of the look-ahead) or a sequence of names.
+    net, mask
+        The network (in the mode to evaluate it in; it accepts ``n_first=``) and the soft mask of its auxiliaries.
+    n_targets, x_tr, y_tr, x_va, y_va
+        Number of leading target outputs; inputs and standardised expression of one training batch (or sequences
+        of batches, one per inner step) and of the validation batch.
+    inner_steps, inner_lr
+        Number of unrolled steps ``H``; learning rate of SGD inner steps (not used with ``optimizer_state``).
+    loss, normalizer
+        ``"pearson"`` or ``"mse"``; ``"soft"``, ``"detached"`` or a constant (see the module notes).
+    optimizer_state, meta_scope
+        Take the inner steps as this :class:`AdamState` would (``None``: SGD); the parameters they move.
 
     Examples
     --------
     >>> import torch
     >>> from agl_scverse.model import EmbeddingHead, GeneMask
-    >>> net, mask = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0]))
-    >>> x, y = torch.randn(6, 4), torch.randn(6, 3)
-    >>> unrolled_val_loss(net, mask, 1, x, y, x, y).requires_grad
+    >>> net, mask, x = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0])), torch.randn(6, 4)
+    >>> unrolled_val_loss(net, mask, 1, x, x[:, :3], x, x[:, :3]).requires_grad
     True
     """
     names = meta_scope_names(net, meta_scope)
@@ -343,9 +245,8 @@ def _lookahead_loss(
     params = dict(net.named_parameters())
     # in train mode, normalisation layers update their running statistics in place: the look-ahead gets copies
     buffers = {n: (b.clone() if net.training else b) for n, b in net.named_buffers()}
-    # With one inner step the auxiliary rows of the output layer cannot influence the target validation loss
-    # (a per-parameter update: they only feed the auxiliary outputs), so they enter as constants: exact, and it
-    # skips the largest weight gradient of the double backward. With H > 1 they feed later trunk gradients.
+    # H = 1: the auxiliary rows of the output layer only feed the auxiliary outputs, so they enter as constants
+    # (exact, and the double backward skips its largest weight gradient); with H > 1 they feed later steps.
     split = inner_steps == 1 and all(n in names for n in _OUT)
 
     def head(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -365,7 +266,8 @@ def _lookahead_loss(
         full = {n: (torch.cat([f[n], rows[n]]) if n in rows else f[n]) for n in f}
         return {**const, **full, **buffers}
 
-    w = _full_weights(mask, n_targets).to(batches[0][1].dtype)
+    w_aux = mask.weights()
+    w = torch.cat([torch.ones(n_targets, dtype=w_aux.dtype, device=w_aux.device), w_aux]).to(batches[0][1].dtype)
     for h in range(inner_steps):
         xb, yb = batches[h % len(batches)]
         out = functional_call(net, assemble(fast), (xb,))
@@ -409,24 +311,20 @@ def hypergradient(
 ) -> tuple[torch.Tensor, float]:
     """``dL_val/dtheta`` of one meta step (:func:`unrolled_val_loss`) and the validation loss it was computed at.
 
-    The network is put in ``eval`` mode for the step, or in ``train`` mode with ``train_mode=True`` (dropout and
-    batch statistics, as the authors' look-ahead runs; running statistics are updated on copies), and restored
-    afterwards; nothing in ``net`` changes. The other arguments are those of :func:`unrolled_val_loss`
-    (``meta_scope``: which parameters the look-ahead moves).
+    The network runs in ``eval`` mode (``train_mode=True``: train mode on copies of the running statistics, the
+    authors' look-ahead) and is restored afterwards; the other arguments are those of :func:`unrolled_val_loss`.
 
     Returns
     -------
-    The hypergradient (a 0-d tensor, detached) and the target-only validation loss (float); under ``torchrun``
-    both are the mean over the ranks, each of which computed them on its share of the meta batches.
+    The hypergradient (a detached 0-d tensor) and the target-only validation loss (float); under ``torchrun`` both
+    are the mean over the ranks (each computed them on its share of the meta batches).
 
     Examples
     --------
     >>> import torch
     >>> from agl_scverse.model import EmbeddingHead, GeneMask
-    >>> net, mask = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0]))
-    >>> x, y = torch.randn(6, 4), torch.randn(6, 3)
-    >>> g, lv = hypergradient(net, mask, 1, x, y, x, y)
-    >>> g.shape
+    >>> net, mask, x = EmbeddingHead(4, 3, hidden=(5,)), GeneMask(torch.tensor([0.0, 1.0])), torch.randn(6, 4)
+    >>> hypergradient(net, mask, 1, x, x[:, :3], x, x[:, :3])[0].shape
     torch.Size([])
     """
     was_training = net.training

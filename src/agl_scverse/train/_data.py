@@ -1,27 +1,13 @@
-"""Batches of image patches for encoders: one DataLoader path for embedding, fine-tune training and predict.
+"""Batches of image patches: one DataLoader path for embedding, fine-tune training and predict.
 
-The caller decides which spots form each batch (a list of index arrays: spot order for embeddings and
-predictions, the trainer's seeded permutation for training, or any sampler's indices, e.g. a
-``DistributedSampler``'s, cut into batches with :func:`index_batches_of`); :func:`patch_batches` turns them into
-uint8 ``(B, 3, H, W)`` tensors through a :class:`~torch.utils.data.DataLoader` whose items are whole batches:
-
-- ``num_workers`` worker processes cut the patches (each reopens the slide images and reads its patches by
-  region), ``prefetch_factor`` batches ahead each; with ``num_workers=0`` the same code runs in this process;
-- ``pin_memory`` when the batches go to a CUDA device;
-- determinism: a batch depends only on its indices and augmentation codes, both fixed in this process before
-  any worker starts, so 0, 2 or 8 workers give the same batches in the same order. Workers are seeded anyway
-  (:func:`seed_worker`: Python, NumPy and torch from the loader's seeded generator) for any third-party
-  randomness.
-
-Augmentation (fine-tune training): each patch gets one of the 8 symmetries of the square (``code % 4`` quarter
-turns, then a horizontal flip when ``code >= 4``), drawn by :func:`augment_codes` from ``(seed, epoch)`` alone, so
-an epoch's augmentations are the same whatever the workers and can be recomputed on resume. Flips and 90°
-rotations move pixels only (no interpolation): H&E has no preferred orientation, so they are label-preserving.
+The caller plans the batches (index arrays); :func:`patch_batches` reads them as uint8 ``(B, 3, H, W)`` tensors
+through a :class:`~torch.utils.data.DataLoader` whose items are whole batches. A batch depends only on its indices and
+augmentation codes, so any number of workers gives the same batches. Augmentation (fine-tune training): one of the 8
+symmetries of the square per patch, drawn from ``(seed, epoch)`` alone (H&E has no preferred orientation).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -32,7 +18,6 @@ __all__ = [
     "N_SYMMETRIES",
     "augment_codes",
     "augment_batch",
-    "seed_worker",
     "index_batches_of",
     "patch_batches",
     "batch_stream",
@@ -46,28 +31,15 @@ _AUGMENT_STREAM = 0xA06
 
 
 def augment_codes(seed: int, epoch: int, n: int) -> np.ndarray:
-    """Symmetry codes (0-7) of the ``n`` training patches of ``epoch``: a function of ``(seed, epoch)`` only.
-
-    Examples
-    --------
-    >>> augment_codes(0, 1, 5).tolist() == augment_codes(0, 1, 5).tolist()
-    True
-    """
+    """Symmetry codes (0-7) of the ``n`` training patches of ``epoch``: a function of ``(seed, epoch)`` only."""
     rng = np.random.default_rng([int(seed) % 2**63, int(epoch), _AUGMENT_STREAM])
     return rng.integers(0, N_SYMMETRIES, size=int(n)).astype(np.int8)
 
 
 def augment_batch(x: torch.Tensor, codes: np.ndarray | Sequence[int] | None) -> torch.Tensor:
-    """Apply symmetry ``codes[j]`` to patch ``j`` of ``x`` (``(B, C, H, W)``, square); ``None`` returns ``x``.
+    """Apply symmetry ``codes[j]`` to square patch ``j`` of ``x`` (``(B, C, H, W)``); ``None`` returns ``x``.
 
-    Code ``c``: ``c % 4`` counter-clockwise quarter turns (:func:`torch.rot90` on the H, W axes), then a
-    horizontal flip when ``c >= 4``. Code 0 is the identity.
-
-    Examples
-    --------
-    >>> x = torch.arange(4).view(1, 1, 2, 2)
-    >>> augment_batch(x, [4])[0, 0].tolist()  # horizontal flip
-    [[1, 0], [3, 2]]
+    Code ``c``: ``c % 4`` counter-clockwise quarter turns (:func:`torch.rot90`), then a horizontal flip when ``c >= 4``.
     """
     if codes is None:
         return x
@@ -86,23 +58,9 @@ def augment_batch(x: torch.Tensor, codes: np.ndarray | Sequence[int] | None) -> 
     return out
 
 
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed Python's and NumPy's RNGs from the worker's torch seed (set by the loader)."""
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)  # noqa: NPY002  (the legacy global RNG, for third-party code in a worker)
-
-
 def index_batches_of(indices: Iterable[int], batch_size: int) -> list[np.ndarray]:
-    """Cut ``indices`` (an index array, or a sampler such as ``DistributedSampler``) into batches.
-
-    Examples
-    --------
-    >>> [b.tolist() for b in index_batches_of(range(5), 2)]
-    [[0, 1], [2, 3], [4]]
-    """
-    idx = np.fromiter((int(i) for i in indices), dtype=np.int64) if not isinstance(indices, np.ndarray) else indices
-    idx = np.asarray(idx, dtype=np.int64)
+    """Cut ``indices`` (an index array, or a sampler such as ``DistributedSampler``) into batches."""
+    idx = np.asarray(indices if isinstance(indices, np.ndarray) else [int(i) for i in indices], dtype=np.int64)
     return [idx[s : s + int(batch_size)] for s in range(0, len(idx), int(batch_size))]
 
 
@@ -134,41 +92,19 @@ def patch_batches(
 ) -> Iterator[torch.Tensor]:
     """Iterate over ``torch.stack([dataset[i] for i in b])`` for each ``b`` in ``batches``, in order.
 
-    Parameters
-    ----------
-    dataset
-        A map-style dataset of ``(3, H, W)`` uint8 patches (e.g. :class:`agl_scverse.pp.SpotPatches`).
-    batches
-        Index arrays, one per batch (see :func:`index_batches_of`).
-    codes
-        Per-batch augmentation codes (see :func:`augment_codes`); ``None``: no augmentation.
-    num_workers, prefetch_factor
-        DataLoader worker processes and the batches each prepares ahead (``num_workers * prefetch_factor``
-        batches in flight); ``0`` reads in this process.
-    pin_memory
-        Pin the batches (for asynchronous copies to a CUDA device).
-    seed
-        Seed of the workers' RNGs (:func:`seed_worker`); the batches themselves do not depend on it.
-
-    Examples
-    --------
-    >>> ds = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(5)]
-    >>> [b[:, 0, 0, 0].tolist() for b in patch_batches(ds, index_batches_of([4, 0, 2], 2))]
-    [[4, 0], [2]]
+    ``dataset``: a map-style dataset of ``(3, H, W)`` uint8 patches; ``codes``: per-batch augmentation codes
+    (:func:`augment_codes`); ``num_workers`` DataLoader processes (``0``: this one) each preparing ``prefetch_factor``
+    batches ahead; ``seed`` seeds the loader's generator (the batches do not depend on it).
     """
     num_workers = int(num_workers)
-    loader = DataLoader(
+    yield from DataLoader(
         _Batches(dataset, batches, codes),
         batch_size=None,  # items are whole batches
-        shuffle=False,
         num_workers=num_workers,
         pin_memory=bool(pin_memory),
         prefetch_factor=int(prefetch_factor) if num_workers > 0 else None,
-        persistent_workers=False,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(int(seed)),
     )
-    yield from loader
 
 
 def batch_stream(inputs, batches: Sequence[np.ndarray], codes: np.ndarray | None = None) -> Iterator[torch.Tensor]:
@@ -191,32 +127,11 @@ def batch_stream(inputs, batches: Sequence[np.ndarray], codes: np.ndarray | None
 
 
 class PatchInputs:
-    """Fine-tune mode inputs: uint8 patches of a patch dataset by row, cached in memory when small.
+    """Fine-tune mode inputs: uint8 patches of ``dataset`` by row, cached in memory when small.
 
-    ``inputs(idx)`` returns the patches of rows ``idx`` on ``device`` (what the trainer's meta steps and any
-    caller use); :meth:`stream` yields whole planned batches (the trainer's epochs, validation and calibration
-    passes), through :func:`patch_batches` workers when the patches are not cached.
-
-    Parameters
-    ----------
-    dataset
-        Map-style dataset of ``(3, px, px)`` uint8 patches, with a ``patch_px`` attribute (e.g. ``SpotPatches``).
-    positions
-        The rows that will be asked for (training and validation spots).
-    device
-        Device of the returned batches.
-    cache_bytes
-        Patches of ``positions`` are read once (with the workers) and kept as one uint8 tensor when they take at
-        most this many bytes; otherwise every batch is read from the images again.
-    num_workers, prefetch_factor, seed
-        See :func:`patch_batches`.
-
-    Examples
-    --------
-    >>> ds = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(4)]
-    >>> inputs = PatchInputs(ds, np.arange(4), "cpu", patch_px=2)
-    >>> inputs(np.array([3, 1]))[:, 0, 0, 0].tolist()
-    [3, 1]
+    ``inputs(idx)`` returns the patches of rows ``idx`` on ``device`` (the meta steps); :meth:`stream` yields planned
+    batches (epochs, validation, calibration), through :func:`patch_batches` workers when not cached. The patches of
+    ``positions`` (the rows that will be asked for) are read once and kept when they take at most ``cache_bytes``.
     """
 
     def __init__(
@@ -235,17 +150,16 @@ class PatchInputs:
         self.pin_memory = self.device.type == "cuda"
         px = int(patch_px if patch_px is not None else dataset.patch_px)
         positions = np.unique(np.asarray(positions, dtype=np.int64))
-        self.cache: torch.Tensor | None = None
-        self._row = None
+        self._cache: tuple[np.ndarray, torch.Tensor] | None = None  # (cache row of every dataset row or -1, patches)
         if len(positions) * 3 * px**2 <= cache_bytes:
-            self._row = np.full(len(dataset), -1, dtype=np.int64)
-            self._row[positions] = np.arange(len(positions))
+            row = np.full(len(dataset), -1, dtype=np.int64)
+            row[positions] = np.arange(len(positions))
             cache = torch.empty((len(positions), 3, px, px), dtype=torch.uint8)
             s = 0
             for x in self._read(index_batches_of(positions, 64), None):
                 cache[s : s + len(x)] = x
                 s += len(x)
-            self.cache = cache
+            self._cache = (row, cache)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -256,27 +170,25 @@ class PatchInputs:
             pin_memory=self.pin_memory, seed=self.seed,
         )  # fmt: skip
 
-    def _cached(self, idx) -> torch.Tensor:
-        rows = self._row[np.asarray(idx, dtype=np.int64)]
+    def _cached(self, idx, cache: tuple[np.ndarray, torch.Tensor]) -> torch.Tensor:
+        rows = cache[0][np.asarray(idx, dtype=np.int64)]
         if np.any(rows < 0):
             raise IndexError("rows outside the cached positions were asked for")
-        return self.cache[torch.as_tensor(rows)]
+        return cache[1][torch.as_tensor(rows)]
 
     def __call__(self, idx) -> torch.Tensor:
         idx = np.asarray(idx, dtype=np.int64)
-        if self.cache is not None:
-            x = self._cached(idx)
-        else:
-            x = torch.stack([torch.as_tensor(self.dataset[int(i)]) for i in idx])
-        return x.to(self.device)
+        if self._cache is not None:
+            return self._cached(idx, self._cache).to(self.device)
+        return torch.stack([torch.as_tensor(self.dataset[int(i)]) for i in idx]).to(self.device)
 
     def stream(
         self, batches: Sequence[np.ndarray], codes: Sequence[np.ndarray] | None = None
     ) -> Iterator[torch.Tensor]:
         """The batches ``batches`` (augmented with ``codes``) on the device, in order, read ahead by the workers."""
-        if self.cache is not None:
+        if self._cache is not None:
             for j, b in enumerate(batches):
-                yield augment_batch(self._cached(b), None if codes is None else codes[j]).to(self.device)
+                yield augment_batch(self._cached(b, self._cache), None if codes is None else codes[j]).to(self.device)
             return
         for x in self._read(batches, codes):
             yield x.to(self.device, non_blocking=self.pin_memory)

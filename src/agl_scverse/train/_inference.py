@@ -8,18 +8,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._data import batch_stream, index_batches_of
+
 __all__ = ["forward", "index_batches", "array_batches"]
 
 
 def index_batches(inputs: Callable, idx: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    """Batches ``inputs(idx[s : s + batch_size])`` for a row-indexed input source (e.g. ``TensorInputs``).
-
-    A source with a ``stream(batches)`` method (image patches, :class:`~agl_scverse.train._data.PatchInputs`) reads
-    the batches ahead through its DataLoader workers.
-    """
-    batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
-    stream = getattr(inputs, "stream", None)
-    yield from (stream(batches) if stream is not None else (inputs(b) for b in batches))
+    """Batches ``inputs(idx[s : s + batch_size])`` of a row-indexed input source (:func:`batch_stream`)."""
+    return batch_stream(inputs, index_batches_of(idx, batch_size))
 
 
 def array_batches(features, batch_size: int, float_input: bool = True) -> Iterator[torch.Tensor]:
@@ -47,28 +43,9 @@ def forward(
 ) -> np.ndarray:
     """Run ``net`` in eval mode over ``batches`` and stack the outputs (the training mode is restored after).
 
-    Parameters
-    ----------
-    net
-        An :class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet`.
-    batches
-        Input batches (moved to the network's device here).
-    n_out
-        Number of outputs, for the shape of an empty result.
-    calibrated
-        ``True``: calibrated, clipped predictions in the expression scale (``net.predict_expression``), float32.
-        ``False``: raw outputs in the trainer's standardised space, float64.
-    n_first
-        Keep only the first ``n_first`` outputs (the targets).
-    cols
-        Compute only these outputs (calibrated predictions; the output layer's cost is that of the columns).
-
-    Examples
-    --------
-    >>> from agl_scverse.model import EmbeddingHead
-    >>> net = EmbeddingHead(3, 2, hidden=(4,))
-    >>> forward(net, [torch.zeros(5, 3)], 2, calibrated=True).shape
-    (5, 2)
+    ``calibrated``: calibrated, clipped predictions (``net.predict_expression``, float32), else raw outputs in the
+    trainer's standardised space (float64); ``n_first``: keep the first outputs only; ``cols``: compute only these
+    (calibrated); ``n_out``: the width of an empty result.
     """
     was = net.training
     net.eval()
@@ -79,7 +56,7 @@ def forward(
         for x in batches:
             x = x.to(dev)
             if calibrated:
-                out = net.predict_expression(x, cols=cols_t)
+                out = net.predict_expression(x, cols=cols_t)  # type: ignore[operator]  # the networks' method
                 # a slice is copied: as a view it would keep every output of the batch alive
                 out = (out[:, :n_first].clone() if n_first is not None else out).float()
             else:

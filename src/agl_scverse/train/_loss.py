@@ -1,15 +1,8 @@
-"""Per-gene losses and the mask-weighted training objective.
+"""Per-gene losses (``1 - Pearson`` over the spots of a batch, as the paper, or MSE) and the mask-weighted mean.
 
-The paper trains with ``1 - Pearson`` per gene, computed over the spots of a batch, and combines genes with the
-DkGSB soft mask as ``sum_i w_i L_i / sum_i w_i`` (targets have ``w_i = 1``). An MSE option is offered for users
-who care about calibrated values more than ranking; the trainer then works on per-gene standardised expression so
-that every gene weighs the same.
-
-Across processes (``reduce=``, see :mod:`agl_scverse._distributed`) a batch is split between ranks, and a
-correlation is not a mean of per-rank correlations: the losses then sum their batch statistics over the ranks
-with a differentiable all-reduce -- first ``n``, ``sum pred`` and ``sum target`` per gene (the global means), then
-the centred ``sum pred*target``, ``sum pred^2`` and ``sum target^2`` -- so every rank gets the loss of the global
-batch (equal to the single-process loss up to the order of summation) and, through DDP, its exact gradient.
+With ``reduce=`` (a differentiable all-reduce, see :mod:`agl_scverse._distributed`) the batch statistics are summed
+over the ranks that share a batch (first the means, then the centred sums), so every rank gets the loss of the
+global batch and, through DDP, its exact gradient.
 """
 
 from __future__ import annotations
@@ -30,24 +23,15 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 def pearson_loss(
     pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, reduce: Reduce | None = None
 ) -> torch.Tensor:
-    """``1 - Pearson r`` for every gene (column), computed over the spots (rows) of the batch.
+    """``1 - Pearson r`` (in ``[0, 2]``) of every gene (column) over the spots (rows) of the batch, ``(n_genes,)``.
 
     Parameters
     ----------
-    pred
-        Predictions, an ``(n_spots, n_genes)`` tensor.
-    target
-        Observed values, same shape.
-    eps
-        Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
-        finite gradient instead of NaN.
-    reduce
-        Sums a tensor over the processes sharing the batch, with gradients (what the trainer passes under
-        ``torchrun``); None: the batch is all here.
-
-    Returns
-    -------
-    ``(n_genes,)`` tensor with values in ``[0, 2]``.
+    pred, target
+        Predictions and observed values, ``(n_spots, n_genes)`` tensors.
+    eps, reduce
+        Added to the variances (a gene constant in the batch gives loss 1, a finite gradient); sums a tensor over
+        the processes sharing the batch, with gradients (under ``torchrun``; None: all here).
 
     Examples
     --------
@@ -72,14 +56,7 @@ def pearson_loss(
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
-    """Mean squared error for every gene (column) over the spots of the batch (``reduce``: see :func:`pearson_loss`).
-
-    Examples
-    --------
-    >>> import torch
-    >>> mse_loss(torch.zeros(4, 2), torch.ones(4, 2))
-    tensor([1., 1.])
-    """
+    """Mean squared error for every gene (column) over the spots of the batch (``reduce``: see :func:`pearson_loss`)."""
     if reduce is None:
         return ((pred - target) ** 2).mean(dim=0)
     n = pred.new_full((1, pred.shape[1]), float(pred.shape[0]))
@@ -90,9 +67,7 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce | None = N
 def per_gene_loss(
     pred: torch.Tensor, target: torch.Tensor, kind: str = "pearson", reduce: Reduce | None = None
 ) -> torch.Tensor:
-    """Dispatch to :func:`pearson_loss` or :func:`mse_loss` (``kind``: ``"pearson"`` or ``"mse"``).
-
-    ``reduce`` sums batch statistics over processes (see :func:`pearson_loss`).
+    """:func:`pearson_loss` or :func:`mse_loss` (``kind``: ``"pearson"`` or ``"mse"``; ``reduce``: see there).
 
     Examples
     --------

@@ -1,43 +1,27 @@
 """The DkGSB soft gene mask: a differentiable top-k over prior ranks.
 
-Every auxiliary gene ``i`` has a normalised prior rank ``r_i`` in ``[0, 1]`` (0 = most promising by the prior,
-e.g. the highest HVG dispersion). Its weight is ``w_i = sigmoid((theta - r_i) / tau)``: genes ranked above the
-threshold ``theta`` get weight ~1, the others ~0, and ``tau`` sets how soft the edge is. The number of selected
-genes is ``k = #(w_i > 0.5)``, i.e. the genes with ``r_i < theta``. ``theta`` starts at the mean rank (0.5:
-half the auxiliaries) and is the only parameter the bi-level step learns.
-
-``theta`` is clamped to ``[0, 1]`` after each update: outside that range every weight is already saturated, the
-gradient vanishes and ``theta`` could never come back (this is one source of the "k = 0" folds seen in a first
-re-implementation).
+Auxiliary gene ``i`` has a normalised prior rank ``r_i`` in ``[0, 1]`` (0 = most promising) and the weight
+``w_i = sigmoid((theta - r_i) / tau)``: ``k = #(w_i > 0.5)`` genes, those with ``r_i < theta``, are selected.
+``theta`` is the only parameter the bi-level step learns; it is clamped to ``[0, 1]``, outside which every weight
+saturates and its gradient vanishes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import nn
 
 __all__ = ["normalized_ranks", "GeneMask"]
 
 
 def normalized_ranks(ranks) -> np.ndarray:
-    """Map prior ranks (1 = best, any ties allowed) to ``[0, 1]`` by their order (best -> 0, worst -> 1).
-
-    Examples
-    --------
-    >>> normalized_ranks([3, 1, 2]).tolist()
-    [1.0, 0.0, 0.5]
-    """
+    """Map prior ranks (1 = best, any ties allowed) to ``[0, 1]`` by their order (best -> 0, worst -> 1)."""
     ranks = np.asarray(ranks, dtype=float)
-    n = ranks.size
-    if n == 0:
-        return np.zeros(0)
     if not np.all(np.isfinite(ranks)):
         raise ValueError("Prior ranks hold NaN/inf values.")
-    order = np.argsort(ranks, kind="stable")
-    out = np.empty(n)
-    out[order] = np.arange(n) / max(n - 1, 1)
-    return out
+    return (rankdata(ranks, method="ordinal") - 1) / max(ranks.size - 1, 1)  # ordinal: ties by position
 
 
 class GeneMask(nn.Module):
@@ -45,14 +29,10 @@ class GeneMask(nn.Module):
 
     Parameters
     ----------
-    ranks
-        Normalised ranks ``r_i`` in ``[0, 1]`` of the auxiliary genes (see :func:`normalized_ranks`).
-    tau
-        Temperature of the sigmoid (paper: 0.01).
-    theta
-        Initial threshold; default the mean rank.
-    dtype
-        Floating dtype of the rank buffer and ``theta`` (float64 for gradient checks).
+    ranks, tau
+        Normalised ranks ``r_i`` in ``[0, 1]`` of the auxiliary genes; the sigmoid's temperature (paper: 0.01).
+    theta, dtype
+        Initial threshold (default: the mean rank); dtype of the ranks and ``theta`` (float64 for gradient checks).
 
     Examples
     --------
@@ -61,6 +41,8 @@ class GeneMask(nn.Module):
     >>> m.k, round(float(m.threshold), 2)
     (2, 0.5)
     """
+
+    ranks: torch.Tensor
 
     def __init__(self, ranks, tau: float = 0.01, theta: float | None = None, dtype=torch.float32):
         super().__init__()

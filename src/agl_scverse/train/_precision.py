@@ -1,22 +1,9 @@
 """How an image encoder runs: float32, or ``channels_last`` with bf16 / fp16 autocast (``precision=``).
 
-One resolver, :func:`resolve_precision`, turns the ``precision=`` argument of :func:`agl_scverse.pp.embed_patches`,
-:func:`agl_scverse.tl.agl_fit` (fine-tune mode) and :func:`agl_scverse.tl.agl_predict` into a :class:`Precision`
-for a device:
-
-``"fp32"``
-    float32 in torch's default (NCHW) memory layout: the reference, what earlier versions computed.
-``"auto"`` (default)
-    ``channels_last`` memory format for convolutional encoders, plus ``torch.autocast`` in the fastest dtype the
-    hardware runs natively: bf16 on CUDA GPUs that support it and on CPUs with native bf16 (AVX512-BF16 / AMX,
-    as oneDNN reports them), fp16 with a gradient scaler on CUDA GPUs without bf16, float32 otherwise (a CPU
-    without native bf16 emulates it, which is slower than float32).
-``"bf16"``, ``"fp16"``
-    ``channels_last`` and autocast in that dtype (bf16 on a CPU without native support runs, emulated, with a
-    warning; fp16 is for CUDA GPUs and is refused on a CPU).
-
-Autocast covers the encoder's forward pass only: losses, calibration statistics and stored features are float32,
-and the network's parameters stay float32 (autocast casts per operation).
+:func:`resolve_precision` turns ``precision=`` into a :class:`Precision` for a device: ``"fp32"`` float32 in the
+default layout; ``"auto"`` ``channels_last`` for convolutional encoders plus autocast in the fastest native dtype
+(bf16 where native, fp16 with a gradient scaler on CUDA GPUs without bf16, else float32); ``"bf16"`` / ``"fp16"``
+that dtype. Autocast covers the encoder's forward pass only: losses, calibration and features stay float32.
 """
 
 from __future__ import annotations
@@ -38,13 +25,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bf16 natively (CUDA: ``torch.cuda.is_bf16_supported``; CPU: oneDNN's check).
-
-    Examples
-    --------
-    >>> isinstance(native_bf16("cpu"), bool)
-    True
-    """
+    """Whether ``device`` runs bf16 natively (CUDA: without emulation; CPU: oneDNN's check)."""
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
@@ -63,25 +44,7 @@ def uses_convolutions(module: nn.Module) -> bool:
 
 @dataclass
 class Precision:
-    """A resolved precision: autocast dtype, memory format, gradient scaler.
-
-    Parameters
-    ----------
-    requested
-        The ``precision=`` argument (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``).
-    name
-        What runs: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-    device_type
-        ``"cpu"``, ``"cuda"``, ...
-    channels_last
-        Convolutional encoders and their image input use the ``channels_last`` memory format.
-
-    Examples
-    --------
-    >>> p = resolve_precision("fp32", "cpu")
-    >>> p.name, p.channels_last, p.record()
-    ('fp32', False, {'precision': 'fp32', 'channels_last': False, 'precision_requested': 'fp32'})
-    """
+    """A resolved precision: the ``precision=`` asked, what runs (``name``), device type, layout, gradient scaler."""
 
     requested: str
     name: str
@@ -111,11 +74,7 @@ class Precision:
         return replace(self, channels_last=self.channels_last and uses_convolutions(module))
 
     def to_layout(self, module: nn.Module) -> bool:
-        """Convert ``module`` in place to this precision's memory format; returns whether it was converted.
-
-        Same parameter objects (an optimiser built before or after keeps working); undo with
-        :meth:`restore_layout` so that state dicts and saved models hold plain contiguous tensors.
-        """
+        """Convert ``module`` in place (same parameter objects) to this memory format; whether it was converted."""
         if not (self.channels_last and uses_convolutions(module)):
             return False
         module.to(memory_format=torch.channels_last)
@@ -138,7 +97,7 @@ class Precision:
         self.scaler.update()
 
     def record(self) -> dict[str, Any]:
-        """h5ad / JSON-serialisable description (for ``.uns`` embedding records and model configs)."""
+        """JSON-serialisable description (``.uns`` embedding records, model configs)."""
         return {
             "precision": self.name,
             "channels_last": bool(self.channels_last),
@@ -149,27 +108,10 @@ class Precision:
 def resolve_precision(
     precision: str, device: torch.device | str, module: nn.Module | None = None, training: bool = False
 ) -> Precision:
-    """The :class:`Precision` that ``precision=`` means on ``device`` (see the module docs for the rules).
+    """The :class:`Precision` that ``precision=`` means on ``device`` (see the module notes).
 
-    Parameters
-    ----------
-    precision
-        ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-    device
-        Torch device the encoder runs on.
-    module
-        The encoder (or network); ``channels_last`` is only used when it holds 2-d convolutions.
-    training
-        Fine-tune training: fp16 gets a gradient scaler.
-
-    Examples
-    --------
-    >>> resolve_precision("auto", "cpu").name in ("fp32", "bf16")
-    True
-    >>> resolve_precision("fp16", "cpu")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: precision='fp16' needs a CUDA GPU ...
+    ``module``: the encoder (``channels_last`` only when it holds 2-d convolutions); ``training``: fp16 gets a gradient
+    scaler.
     """
     check_choice("precision", precision, consts.PRECISIONS)
     device = torch.device(device)
@@ -204,8 +146,6 @@ def resolve_precision(
             raise ValueError(
                 f"precision={precision!r} is supported on CPU and CUDA devices; use 'fp32' on {dev_type!r}."
             )
-    scaler = None
-    if training and name == "fp16":
-        scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler("cuda") if training and name == "fp16" else None
     prec = Precision(precision, name, dev_type, True, scaler)
     return prec if module is None else prec.for_module(module)

@@ -1,23 +1,8 @@
 """Training checkpoints: an atomic snapshot of a running ``agl_fit`` every few epochs, and resuming from it.
 
-Where: beside the model directory, ``<save_dir>.checkpoint/`` (for ``save_dir="runs/her2"``:
-``runs/her2.checkpoint/``), so ``save_dir`` keeps holding only the model (see :mod:`._modeldir`). It holds exactly
-:data:`CHECKPOINT_FILES`:
-
-``checkpoint.json``
-    ``agl_checkpoint`` (format version), ``epoch`` (epochs completed), ``world_size``, ``fingerprint`` (everything
-    that decides the training: hyperparameters, genes, split, encoder, network shape; a resumed call must match
-    it) and ``state_sha256`` (of ``state.pt``, checked before it is read).
-``state.pt``
-    ``torch.save`` of the trainer state (read back with ``weights_only=True``): network and optimiser state (and
-    fp16's gradient scaler), the DkGSB ``theta`` and its Adam state, the best epoch's network and ``theta``, the
-    early-stopping counter, the history, and the RNG states (the trainer's NumPy generator, torch's CPU/CUDA generators of every rank,
-    Python's and NumPy's global ones).
-
-It is written with :func:`._modeldir.atomic_replace` (temporary directory, fsync, renames), so a process killed at
-any point leaves the previous or the new checkpoint (an interrupted swap is recovered with :func:`._modeldir.recover`),
-is written by rank 0 only, and is removed once the final model is saved. Resuming restores every piece of state,
-so on CPU a resumed run ends bit-identical to an uninterrupted one.
+``<save_dir>.checkpoint/`` holds ``checkpoint.json`` (format, epochs done, world size, the ``fingerprint`` a resumed
+call must match, the sha256 of ``state.pt``) and ``state.pt`` (the trainer's state and every rank's RNG states),
+written atomically by rank 0 and removed once the model is saved. On CPU a resumed run ends bit-identical.
 """
 
 from __future__ import annotations
@@ -48,13 +33,7 @@ _SUFFIX = ".checkpoint"
 
 
 def checkpoint_path(save_dir: str | Path) -> Path:
-    """The checkpoint directory of the model directory ``save_dir``: ``<save_dir>.checkpoint`` beside it.
-
-    Examples
-    --------
-    >>> checkpoint_path("runs/her2").as_posix()
-    'runs/her2.checkpoint'
-    """
+    """The checkpoint directory of the model directory ``save_dir``, beside it."""
     save_dir = Path(save_dir)
     return save_dir.with_name(save_dir.name + _SUFFIX)
 
@@ -126,23 +105,10 @@ def _differences(saved: dict, now: dict, limit: int = 8) -> list[str]:
 
 
 class Checkpointer:
-    """Periodic atomic checkpoints of one training run, and the state to resume it from.
+    """Atomic checkpoints of one run (:meth:`save` after every ``every`` epochs; 0: never), and ``state`` to resume.
 
-    Built (and checked) by ``agl_fit`` before any training; :func:`agl_scverse.model.train_network` calls
-    :meth:`save` every ``every`` epochs and reads :attr:`state` once at its start.
-
-    Parameters
-    ----------
-    save_dir
-        The run's model directory; the checkpoint is :func:`checkpoint_path` of it.
-    every
-        Write a checkpoint after every ``every`` completed epochs (0: never; resuming still works).
-    fingerprint
-        JSON-able record of everything that decides the training; a resumed run must have the same one.
-    resume
-        Continue from the checkpoint when there is one (without one, training starts from the beginning).
-    overwrite
-        Without ``resume``, replace an existing checkpoint of an unfinished run (otherwise that is refused).
+    ``fingerprint``: everything that decides the training (a resumed run must match it); ``resume``: continue from a
+    checkpoint when there is one; ``overwrite``: a new run may replace an unfinished run's checkpoint.
     """
 
     def __init__(
@@ -175,7 +141,6 @@ class Checkpointer:
         elif resume:
             logg.info(f"resume=True but there is no checkpoint at {self.path}: training from the first epoch.")
 
-    # -- reading --------------------------------------------------------------------------------------------
     def _load(self) -> dict:
         """Rank 0 reads and checks the checkpoint; every rank receives it."""
         out: tuple[dict | None, str | None] = (None, None)
@@ -224,16 +189,12 @@ class Checkpointer:
         states = self.state["rng"]
         return states[dist.rank()] if dist.rank() < len(states) else states[0]
 
-    # -- writing --------------------------------------------------------------------------------------------
     def due(self, epochs_done: int) -> bool:
         """Whether a checkpoint is written after ``epochs_done`` completed epochs."""
         return self.every > 0 and epochs_done % self.every == 0
 
     def save(self, state: dict) -> None:
-        """Write ``state`` (the trainer's, with ``epoch`` = epochs completed) atomically; rank 0 writes.
-
-        Every rank must call it (the ranks' RNG states are gathered into the checkpoint).
-        """
+        """Write ``state`` (``epoch`` = epochs completed) atomically; every rank calls it, rank 0 writes."""
         state = {**state, "rng": dist.all_gather_object(rng_state())}
         if dist.is_main():
             buf = io.BytesIO()

@@ -1,12 +1,9 @@
-"""What the trainer fits and scores against: inputs, the genes of a method, standardised targets, the score.
-
-Tensor inputs (embedding mode), the auxiliary genes a method trains on, expression z-scored on the training spots,
-raw predictions and the validation score (mean target Pearson r) of :func:`agl_scverse.train.train_network`.
-"""
+"""What the trainer fits and scores against: inputs, the genes of a method, standardised targets, the score."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,14 +18,7 @@ from ._inference import forward, index_batches
 
 
 class TensorInputs:
-    """Network inputs held as one tensor (embedding mode): ``inputs(idx)`` returns the rows ``idx`` on ``device``.
-
-    Examples
-    --------
-    >>> import numpy as np, torch
-    >>> TensorInputs(np.ones((5, 3)))(np.array([0, 2])).shape
-    torch.Size([2, 3])
-    """
+    """Network inputs held as one tensor (embedding mode): ``inputs(idx)`` returns the rows ``idx`` on ``device``."""
 
     def __init__(self, X, device="cpu", dtype=torch.float32):
         self.X = torch.as_tensor(np.asarray(X), dtype=dtype).to(device)
@@ -41,15 +31,7 @@ class TensorInputs:
 
 
 def genes_for_method(method: str, n_aux: int, k: int | None = None) -> np.ndarray:
-    """Positions (in prior-rank order) of the auxiliary genes that enter the network for ``method``.
-
-    Returns ``arange(0)`` for PGL, ``arange(k)`` for top-k, ``arange(n_aux)`` for AGL-all and DkGSB.
-
-    Examples
-    --------
-    >>> genes_for_method("topk", 10, k=3).tolist()
-    [0, 1, 2]
-    """
+    """Positions (in prior-rank order) of the auxiliary genes that enter the network for ``method``."""
     check_choice("method", method, consts.METHODS)
     if method == "pgl":
         return np.arange(0)
@@ -64,24 +46,16 @@ def genes_for_method(method: str, n_aux: int, k: int | None = None) -> np.ndarra
 
 def predict_raw(net: nn.Module, inputs: Callable, idx: np.ndarray, batch_size: int = 512, n_first: int | None = None):
     """Raw network outputs (eval mode) for spots ``idx``, as a float64 NumPy array."""
-    return forward(net, index_batches(inputs, idx, batch_size), net.n_out, calibrated=False, n_first=n_first)
+    n_out = cast(int, net.n_out)
+    return forward(net, index_batches(inputs, idx, batch_size), n_out, calibrated=False, n_first=n_first)
 
 
 class StandardizedTargets:
     """Expression batches z-scored per gene with the training spots' mean and standard deviation.
 
-    The statistics are accumulated over the training spots in chunks (:class:`agl_scverse._stats.StreamingMoments`,
-    float64), so no spots x genes array is ever held: ``targets(idx)`` transforms and standardises one batch.
-
-    Parameters
-    ----------
-    source
-        :class:`agl_scverse._expression.ExpressionBatches` (counts sliced per batch) or an array of transformed
-        expression (spots x genes; wrapped in :class:`agl_scverse._expression.ArrayExpression`).
-    train_idx
-        Rows of the training spots.
-    device
-        Torch device of the returned batches.
+    ``source``: :class:`agl_scverse._expression.ExpressionBatches` or a spots x genes array of transformed expression.
+    The float64 statistics are accumulated in chunks (no spots x genes array is held); ``targets(idx)`` transforms and
+    standardises one batch.
     """
 
     def __init__(self, source, train_idx: np.ndarray, device: torch.device | str = "cpu"):
@@ -112,9 +86,8 @@ def val_pcc(net: nn.Module, inputs: Callable, Y, idx: np.ndarray, n_targets: int
     """Mean Pearson r over the target genes on spots ``idx`` (early stopping's score).
 
     Scored as :func:`agl_scverse.tl.evaluate` does (:func:`agl_scverse._stats.mean_pearson`): a target whose
-    prediction is constant counts as 0, a target constant on ``idx`` is left out; 0 when none can be scored.
-    ``Y`` is a :class:`StandardizedTargets` (or any ``(idx, n_first) -> tensor`` callable) or a spots x genes
-    array / tensor of expression.
+    prediction is constant counts as 0, a target constant on ``idx`` is left out; 0 when none can be scored. ``Y``:
+    a :class:`StandardizedTargets` (any ``(idx, n_first) -> tensor`` callable) or a spots x genes array.
     """
     pred = predict_raw(net, inputs, idx, batch_size, n_first=n_targets)
     if callable(Y):

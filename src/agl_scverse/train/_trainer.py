@@ -1,44 +1,19 @@
 """One trainer for both modes and all four methods.
 
-Methods (what enters the network's output layer and with which weight):
+Methods: ``"pgl"`` the targets only; ``"agl"`` + every auxiliary gene (weight 1); ``"topk"`` + the first ``k``
+auxiliaries by prior rank; ``"dkgsb"`` + every auxiliary with the learned soft mask. Adam on the network, the
+mask-weighted per-gene loss, early stopping on the validation mean target Pearson r, the best epoch restored
+(network and ``theta``), then a per-gene affine calibration of the outputs on the training spots.
 
-- ``"pgl"``: targets only (primary gene learning, the baseline);
-- ``"agl"``: targets + every auxiliary gene, weight 1 (AGL-all);
-- ``"topk"``: targets + the first ``k`` auxiliaries by prior rank, weight 1 (fixed top-k);
-- ``"dkgsb"``: targets + every auxiliary gene with the learned soft mask ``w_i = sigmoid((theta - r_i)/tau)``.
-
-Training: Adam on the network, mini-batches of spots, the per-gene loss (``1 - Pearson`` by default) weighted by the
-mask, early stopping on the validation mean target Pearson r (patience), the best epoch restored at the end (network
-and ``theta``), then an affine per-gene calibration of the outputs on the training spots (see
-:mod:`agl_scverse.model.heads`).
-
-DkGSB bi-level updates (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly between the
-training batches (several after one batch when there are more meta steps than batches). Each meta step draws
-``meta_batch_size`` training and validation spots, computes the hypergradient of the target validation loss w.r.t.
-``theta`` through ``inner_steps`` differentiable inner steps (:func:`agl_scverse.model.hypergradient`; with the
-default ``lookahead="adam"`` the live Adam optimiser's next step, a new training batch per inner step, eval mode;
-``"sgd"``: SGD steps with ``inner_lr``; ``"authors"``: a fresh Adam, lr ``inner_lr`` = 3e-5, ``inner_steps`` = 12
-steps on one training batch, train mode, as the authors' code), and takes one Adam step (lr ``beta``) on
-``theta``, clamped to [0, 1]. The authors' code instead takes one meta step per meta batch over a whole pass of
-the data each epoch; see the Method page for the differences and why. Why this shape:
-
-- meta batches of 128 spots (the training batch size): a meta step then costs ~1.2 training batches (39 ms vs
-  31 ms for a 128-spot batch with 1,975 genes on one CPU core; 91 ms with 240 spots), which is what keeps DkGSB
-  within ~2-3x AGL-all on a small slide with two training batches per epoch;
-- a *bounded* number of meta steps per epoch (default 4) keeps DkGSB's cost a small constant factor of AGL-all
-  whatever the number of training batches (the paper's one-meta-step-per-batch doubles to triples each epoch);
-- the hypergradient of one small batch is mostly noise; Adam's first moment (0.9) averages it over ~10 meta
-  steps, and the per-step move of ``theta`` is bounded by ``beta`` so ``k`` drifts smoothly instead of jumping;
-- Adam on ``theta`` uses a short second-moment memory (``theta_beta2 = 0.9`` instead of 0.999). The
-  hypergradient shrinks by one to two orders of magnitude as the network converges (measured on the synthetic
-  slide); with 0.999 the memory of the large early values then freezes ``theta`` after a few epochs, wherever it
-  is. With 0.9 each step is ~``beta`` while the sign is consistent, and ``theta`` settles where the sign flips;
-- ``meta_scope="last"`` lets the look-ahead move only the output layer and the last block of the backbone: the
-  double backward then spans that block only, not the whole encoder (3.5x cheaper per meta step for ResNet-18,
-  but a weaker signal, measured in ``benchmarks/bench_finetune.py --meta``; see the Method page); the default is
-  ``"all"``, and in fine-tune mode the cost is bounded by ``meta_steps`` and ``meta_batch_size``;
-- the hypergradient is clipped to ``[-clip, clip]`` before Adam (so one outlier batch cannot dominate the second
-  moment), and ``theta`` is clamped to ``[0, 1]`` where the mask keeps a gradient.
+DkGSB (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly over the training batches. Each
+draws ``meta_batch_size`` training and validation spots, computes the hypergradient of the target validation loss
+w.r.t. ``theta`` through ``inner_steps`` differentiable inner steps (:func:`~agl_scverse.train.hypergradient`),
+clips it to ``[-clip, clip]`` and takes one Adam step on ``theta`` (lr ``beta``, second-moment decay
+``theta_beta2``), clamped to [0, 1]. The inner steps follow ``lookahead``: ``"adam"`` (default) the live Adam
+optimiser's next steps, a new training batch per step, eval mode; ``"sgd"`` plain SGD steps with ``inner_lr``;
+``"authors"`` a fresh Adam (lr ``inner_lr``) for ``inner_steps`` steps on one batch, train mode, as the authors'
+code. The Method page says why (bounded meta steps per epoch, a short second-moment memory for ``theta``, clipping)
+and how this differs from the authors' one meta step per meta batch over a whole pass.
 """
 
 from __future__ import annotations
@@ -47,7 +22,7 @@ import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,11 +79,7 @@ HISTORY_KEYS = ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "me
 
 def _postfix(loss: float, pcc: float | None, k: int) -> dict[str, str | int]:
     """The fit bar's postfix: loss, validation PCC (left out without validation spots, e.g. a refit) and k."""
-    out: dict[str, str | int] = {"loss": f"{loss:.4f}"}
-    if pcc is not None:
-        out["val_pcc"] = f"{pcc:.4f}"
-    out["k"] = k
-    return out
+    return {"loss": f"{loss:.4f}", **({} if pcc is None else {"val_pcc": f"{pcc:.4f}"}), "k": k}
 
 
 def _k_used(aux_weights: np.ndarray | None, n_aux: int) -> int:
@@ -116,19 +87,15 @@ def _k_used(aux_weights: np.ndarray | None, n_aux: int) -> int:
     return int((aux_weights > 0.5).sum()) if aux_weights is not None else int(n_aux)
 
 
-def _early_stop(bad: int, bar, hist: dict, best: tuple, limits: tuple[int, int], desc: str) -> bool:
-    """Whether ``bad`` epochs without a better validation PCC reach the patience (``limits``: patience, epochs).
-
-    If so, say it on the bar (which then ends full at the epochs run, not at e.g. 22/100) and in the log, with the
-    epoch kept; epochs count from 0, as in the history.
-    """
+def _early_stop(bad: int, bar: Any, hist: dict, best: tuple, limits: tuple[int, int], desc: str) -> bool:
+    """Whether ``bad`` epochs reach the patience (``limits``: patience, epochs); if so, say so on the bar and log."""
     if bad < limits[0]:
         return False
     msg = (
         f"stopped early after {hist['epoch'][-1] + 1} of {limits[1]} epochs (no better val_pcc in {limits[0]}); "
         f"kept epoch {best[1]}, val_pcc {best[0]:.4f}"
     )
-    if not bar.disable:
+    if not bar.disable:  # the bar ends full at the epochs run
         bar.n = bar.total = hist["epoch"][-1] + 1 - getattr(bar.iterable, "start", 0)
         bar.set_postfix_str(msg)
     logg.info(f"{desc}: {msg}")
@@ -141,17 +108,13 @@ def empty_history() -> dict[str, list]:
 
 
 def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, idx: np.ndarray, batch_size: int):
-    """Fit ``out_scale``/``out_shift`` so that calibrated outputs are least squares on the training spots.
+    """Fit the calibration buffers: per-gene least squares on the training spots and the training range to clip to.
 
-    Also records each gene's training range (``out_lo``/``out_hi``), to which predictions are clipped.
-
-    Per gene ``a = max(cov(out, y) / var(out), floor)`` with a tiny positive floor (never flips the sign, so the
-    correlations of the raw outputs are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores. The
-    moments are accumulated batch by batch (memory of one batch).
+    Per gene ``a = max(cov(out, y) / var(out), floor)`` with a tiny positive floor (the sign never flips, so
+    correlations are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores; moments accumulated per batch.
     """
     moments = StreamingMoments(targets.n_cols, paired=True)
-    lo = np.full(targets.n_cols, np.inf)
-    hi = np.full(targets.n_cols, -np.inf)
+    lo, hi = np.full(targets.n_cols, np.inf), np.full(targets.n_cols, -np.inf)
     batch_size = max(1, min(batch_size, _CALIBRATION_BYTES // (8 * targets.n_cols)))  # float64 spots x genes
     for s in range(0, len(idx), batch_size):
         rows = idx[s : s + batch_size]
@@ -165,18 +128,14 @@ def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, 
     a = np.where(var > 1e-24, np.maximum(cov / np.maximum(var, 1e-24), 1e-3 / sd), 0.0)
     b = ym - a * om
     with torch.no_grad():
-        net.out_scale.copy_(torch.as_tensor(a * targets.std, dtype=net.out_scale.dtype))
-        net.out_shift.copy_(torch.as_tensor(targets.mean + b * targets.std, dtype=net.out_shift.dtype))
-        net.out_lo.copy_(torch.as_tensor(lo, dtype=net.out_lo.dtype))
-        net.out_hi.copy_(torch.as_tensor(hi, dtype=net.out_hi.dtype))
+        fitted = {"out_scale": a * targets.std, "out_shift": targets.mean + b * targets.std, "out_lo": lo, "out_hi": hi}
+        for name, value in fitted.items():
+            buf = net.get_buffer(name)
+            buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
 
 
 def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_seconds, elapsed, scaler=None) -> dict:
-    """Everything the training loop carries from one epoch to the next (what a checkpoint holds).
-
-    ``scaler``: fp16's gradient scaler, whose loss scale and growth counter a resumed run must continue from. The
-    global RNG states (torch, Python, NumPy's legacy one) are added by the checkpointer, per rank.
-    """
+    """Everything the loop carries between epochs (a checkpoint; the checkpointer adds the global RNG states)."""
     return {
         "epoch": int(epoch),
         "net": net.state_dict(),
@@ -195,21 +154,17 @@ def _loop_state(epoch, net, opt, mask, theta_opt, rng, hist, best, bad, meta_sec
 
 def _record(hist: dict, epoch, losses, pcc, k_now, theta_now, hgs, mvl, seconds) -> None:
     """Append one epoch to the training history."""
-    hist["epoch"].append(epoch)
-    hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
-    hist["val_pcc"].append(pcc)
-    hist["k"].append(int(k_now))
-    hist["theta"].append(theta_now)
-    hist["hypergrad"].append(float(np.mean(hgs)) if hgs else float("nan"))
-    hist["meta_val_loss"].append(float(np.mean(mvl)) if mvl else float("nan"))
-    hist["seconds"].append(seconds)
+
+    def mean(v: list) -> float:
+        return float(np.mean(v)) if v else float("nan")
+
+    values = (epoch, mean(losses), pcc, int(k_now), theta_now, mean(hgs), mean(mvl), seconds)
+    for key, value in zip(HISTORY_KEYS, values):
+        hist[key].append(value)
 
 
 def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: float, scaler=None) -> tuple:
-    """Load a checkpoint's :func:`_loop_state` into the loop's objects (when there is one).
-
-    Returns ``(first epoch, bad epochs, best, meta seconds, start time)``: those of a new run without a checkpoint.
-    """
+    """Load a checkpoint's :func:`_loop_state`; returns ``(first epoch, bad epochs, best, meta seconds, start)``."""
     from ._resume import set_rng_state
 
     if checkpoint is None or checkpoint.state is None:
@@ -232,46 +187,20 @@ def _restore_loop_state(checkpoint, net, opt, mask, theta_opt, rng, hist, t0: fl
     return int(st["epoch"]), int(st["bad"]), best, st["meta_seconds"], t0 - st["elapsed"]
 
 
-def _resolved(training, dkgsb) -> tuple[TrainingConfig, DkGSBConfig]:
-    """The configs of :func:`train_network` (dicts accepted), ``None`` fields set to the embedding mode's defaults."""
-    t = as_config(TrainingConfig, training, "training").resolved(consts.MODES[0])
-    return t, as_config(DkGSBConfig, dkgsb, "dkgsb").resolved(consts.MODES[0])
-
-
-def _meta_step(
-    net,
-    mask,
-    theta_opt,
-    opt,
-    inputs,
-    Yz,
-    train_idx,
-    val_idx,
-    n_targets,
-    rng,
-    lookahead,
-    clip,
-    *,
-    inner_steps,
-    meta_batch_size,
-    **kw,
-) -> tuple[float, float]:
-    """One DkGSB update of ``theta``: meta batches drawn, the hypergradient (this rank's share), one Adam step.
-
-    Returns the hypergradient and the meta validation loss.
-    """
-    n_tr = min(meta_batch_size, len(train_idx))
-    authors = lookahead == consts.LOOKAHEAD_AUTHORS  # one batch for all inner steps (the others: one batch per step)
-    n_draw = 1 if authors else int(inner_steps)
-    mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(n_draw)]
-    mva = dist.shard(rng.choice(val_idx, size=min(meta_batch_size, len(val_idx)), replace=False))
-    if authors:
-        state = AdamState.fresh(net, kw["inner_lr"])
-    else:
-        state = AdamState.from_optimizer(opt, net) if lookahead == consts.LOOKAHEAD_ADAM else None
+def _meta_step(net, mask, opts, inputs, Yz, idx, n_targets, rng, m: DkGSBConfig, loss, clip, scope) -> tuple:
+    """One DkGSB update of ``theta`` (meta batches, this rank's share of the hypergradient, one Adam step)."""
+    (opt, theta_opt), (train_idx, val_idx) = opts, idx
+    inner_steps, inner_lr = int(m.inner_steps or 0), cast(float, m.inner_lr)
+    authors = m.lookahead == consts.LOOKAHEAD_AUTHORS  # one batch for all inner steps (the others: one per step)
+    n_tr = min(m.meta_batch_size, len(train_idx))
+    mtr = [dist.shard(rng.choice(train_idx, size=n_tr, replace=False)) for _ in range(1 if authors else inner_steps)]
+    mva = dist.shard(rng.choice(val_idx, size=min(m.meta_batch_size, len(val_idx)), replace=False))
+    live = AdamState.from_optimizer(opt, net) if m.lookahead == consts.LOOKAHEAD_ADAM else None  # "sgd": None
+    state = AdamState.fresh(net, inner_lr) if authors else live
     g, lv = hypergradient(
         net, mask, n_targets, [inputs(i) for i in mtr], [Yz(i) for i in mtr], inputs(mva), Yz(mva),
-        inner_steps=inner_steps, optimizer_state=state, train_mode=authors, **kw,
+        inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, normalizer=m.meta_normalizer,
+        optimizer_state=state, meta_scope=scope, train_mode=authors,
     )  # fmt: skip
     theta_opt.zero_grad(set_to_none=True)
     mask.theta.grad = g.clamp(-clip, clip).to(mask.theta.dtype)
@@ -311,52 +240,27 @@ def train_network(
     inputs
         Callable ``idx -> input batch tensor`` on ``device`` (e.g. :class:`TensorInputs`).
     Y
-        Expression of the genes (targets first, then the auxiliaries in prior-rank order): an
-        ``(n_spots, n_genes)`` array of transformed expression, or an object with ``batch(idx, n_first=None)``,
-        ``chunks(idx)`` and ``n_cols`` that slices it per batch from the counts (what ``agl_fit`` passes, so
-        memory is that of a batch). It is standardised per gene on
-        the training spots internally (:class:`StandardizedTargets`).
-    train_idx
-        Row positions of the training spots.
-    val_idx
-        Row positions of the validation spots (early stopping, DkGSB's meta batches).
-    n_targets
-        Number of leading target columns.
-    training
-        :class:`~agl_scverse.configs.TrainingConfig` (or a dict of its fields): epochs, patience, lr, weight decay,
-        batch size, loss, ``augment`` (random flips / quarter turns of the training batches' patches, for image
-        inputs with a ``stream`` method, drawn from ``(seed, epoch)`` only). Fields left at ``None`` take the
-        embedding-mode defaults (:func:`agl_scverse.tl.agl_fit` resolves them for its mode first); ``refit``,
-        ``n_seeds``, ``checkpoint_every`` and ``resume`` are ``agl_fit``'s and not read here. Without validation
-        spots, exactly ``epochs`` epochs run and the last one is kept.
-    dkgsb
-        :class:`~agl_scverse.configs.DkGSBConfig` (or a dict): the bi-level step when ``mask`` is given (inner
-        steps, meta steps per epoch spread over the training batches, meta batch size, ``beta`` the Adam lr on
-        ``theta``, ``meta_normalizer``, ``lookahead``, ``meta_scope``; see :func:`agl_scverse.model.hypergradient`).
-    mask
-        The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
-        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
-    aux_weights
-        Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
-    seed
-        Seeds batch order, meta batches, initialisation-independent randomness (dropout).
-    device
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
-    progress
-        Show a tqdm bar over epochs (postfix: loss, validation PCC, k).
-    desc
-        Label of that bar.
-    precision
-        How the network runs: ``"fp32"`` (default),
-        ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
-        networks, a gradient scaler with fp16). The loss and the DkGSB hypergradient are computed in float32.
-    checkpoint
-        The checkpointer of :func:`agl_scverse.tl.agl_fit` (``checkpoint_every``, ``resume``): training starts
-        from its state when it has one, and the state is saved after every ``checkpoint.every`` epochs.
-    clip
-        DkGSB: hypergradient clipping.
-    theta_beta2
-        DkGSB: Adam's second-moment decay for ``theta``.
+        Expression (targets first, then auxiliaries in prior-rank order): an ``(n_spots, n_genes)`` array or a
+        batch source (:class:`StandardizedTargets`), standardised per gene on the training spots.
+    train_idx, val_idx, n_targets
+        Row positions of the training and validation spots (early stopping, meta batches); number of target columns.
+    training, dkgsb
+        :class:`~agl_scverse.configs.TrainingConfig` and :class:`~agl_scverse.configs.DkGSBConfig` (or dicts);
+        ``None`` fields take the embedding-mode defaults. ``augment`` needs image inputs. Without validation spots
+        exactly ``epochs`` epochs run and the last is kept.
+    mask, aux_weights
+        The learnable :class:`~agl_scverse.model.GeneMask` of the auxiliary columns (DkGSB), or their fixed loss
+        weights (e.g. a learned mask when refitting); neither: every gene weight 1.
+    seed, device
+        Seeds batch order, meta batches and torch's generator (dropout); ``"auto"`` (CUDA when available, else
+        CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
+    progress, desc
+        Show a tqdm bar over epochs (postfix: loss, validation PCC, k), and its label.
+    precision, checkpoint
+        ``"fp32"``, ``"auto"``, ``"bf16"`` or ``"fp16"`` (the loss and hypergradient stay float32); the
+        checkpointer of :func:`agl_scverse.tl.agl_fit` (resume from its state, save every ``checkpoint.every``).
+    clip, theta_beta2
+        DkGSB: hypergradient clipping; Adam's second-moment decay for ``theta``.
 
     Returns
     -------
@@ -364,10 +268,9 @@ def train_network(
 
     Notes
     -----
-    Under ``torchrun`` every rank draws the same batches and trains on its rank-strided share of each; the network is wrapped in
-    ``DistributedDataParallel``, the loss gathers its batch statistics over the ranks (the loss of the global
-    batch), the DkGSB hypergradient is averaged over the ranks (so ``theta`` is the same everywhere), and torch's
-    generator is seeded ``seed + rank`` (dropout and augmentation differ between ranks).
+    Under ``torchrun`` every rank draws the same batches and trains on its rank-strided share of each, in
+    ``DistributedDataParallel``; the loss is that of the global batch, the hypergradient is averaged over the ranks,
+    and torch's generator is seeded ``seed + rank``.
 
     Examples
     --------
@@ -384,8 +287,9 @@ def train_network(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    t, m = _resolved(training, dkgsb)
-    epochs, batch_size, loss = t.epochs, t.batch_size, t.loss
+    t = as_config(TrainingConfig, training, "training").resolved("embedding")  # None fields: the mode's defaults
+    m = as_config(DkGSBConfig, dkgsb, "dkgsb").resolved("embedding")
+    epochs, batch_size, patience = cast(int, t.epochs), cast(int, t.batch_size), cast(int, t.patience)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     torch.manual_seed(seed + dist.rank())
     rng = np.random.default_rng(seed)
@@ -408,10 +312,12 @@ def train_network(
     converted = prec.to_layout(net)  # before the optimiser: same parameter objects, new layout
     if mask is not None:
         mask.to(device)
-    if mask is not None and Yz.n_cols != n_targets + mask.ranks.numel():
+    n_aux = int(mask.ranks.numel()) if mask is not None else 0
+    if mask is not None and Yz.n_cols != n_targets + n_aux:
         raise ValueError("The mask must cover exactly the auxiliary columns of Y.")
 
-    opt = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=cast(float, t.lr), weight_decay=t.weight_decay)
+    # theta: a short second-moment memory, as the hypergradient shrinks while the network converges (Method page)
     theta_opt = torch.optim.Adam([mask.theta], lr=m.beta, betas=(0.9, theta_beta2)) if mask is not None else None
     ones = torch.ones(Yz.n_cols, device=device)
     if aux_weights is not None:
@@ -433,9 +339,8 @@ def train_network(
         te = time.perf_counter()
         net.train()
         perm = rng.permutation(train_idx)
-        do_meta = mask is not None and epoch > 0 and m.meta_steps > 0 and mask.ranks.numel() > 0
-        n_meta = int(m.meta_steps) if do_meta else 0  # spread over the batches; several per batch when more
-        meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)
+        n_meta = max(int(m.meta_steps or 0), 0) if mask is not None and epoch > 0 and n_aux > 0 else 0
+        meta_after = np.floor((np.arange(n_meta) + 0.5) * n_batches / max(n_meta, 1)).astype(int)  # batch of each
         losses, hgs, mvl = [], [], []
         ends = [(b + 1) * batch_size if b < n_batches - 1 else len(perm) for b in range(n_batches)]
         batches = [dist.shard(perm[b * batch_size : e]) for b, e in enumerate(ends)]  # this rank's share
@@ -443,20 +348,16 @@ def train_network(
         if codes is not None:
             codes = np.concatenate([dist.shard(codes[b * batch_size : e]) for b, e in enumerate(ends)])
         for b, x in enumerate(batch_stream(inputs, batches, codes)):
-            bidx = batches[b]
             w = ones if mask is None else torch.cat([ones[:n_targets], mask.weights().detach()])
             with prec.autocast():
                 out = train_net(prec.image_batch(x))
-            L = weighted_loss(per_gene_loss(out.float(), Yz(bidx), loss, reduce=reduce), w)
+            L = weighted_loss(per_gene_loss(out.float(), Yz(batches[b]), t.loss, reduce=reduce), w)
             prec.backward_step(L, opt)
             losses.append(float(L.detach()))
             for _ in range(int(np.sum(meta_after == b))):
                 tm = time.perf_counter()
-                g, lv = _meta_step(
-                    net, mask, theta_opt, opt, inputs, Yz, train_idx, val_idx, n_targets, rng, m.lookahead, clip,
-                    inner_steps=m.inner_steps, inner_lr=m.inner_lr, loss=loss, normalizer=m.meta_normalizer,
-                    meta_batch_size=m.meta_batch_size, meta_scope=scope,
-                )  # fmt: skip
+                opts, idx = (opt, theta_opt), (train_idx, val_idx)
+                g, lv = _meta_step(net, mask, opts, inputs, Yz, idx, n_targets, rng, m, t.loss, clip, scope)
                 hgs.append(g)
                 mvl.append(lv)
                 meta_seconds += time.perf_counter() - tm
@@ -474,7 +375,7 @@ def train_network(
             bad = 0
         else:
             bad += 1
-            if _early_stop(bad, bar, hist, best, (t.patience, epochs), desc):
+            if _early_stop(bad, bar, hist, best, (patience, epochs), desc):
                 break
         if checkpoint is not None and epoch + 1 < epochs and checkpoint.due(epoch + 1):
             elapsed = time.perf_counter() - t0
@@ -498,11 +399,8 @@ def train_network(
         _calibrate_(net, inputs, Yz, train_idx, 512)
     prec.restore_layout(net, converted)
     net.eval()
-    res = TrainResult(history=hist, best_epoch=int(best[1]), best_val_pcc=float(best[0]))
+    res = TrainResult(hist, int(best[1]), float(best[0]), meta_seconds=meta_seconds, precision=prec.record())
     if mask is not None:
-        res.theta, res.k = mask.threshold, mask.k
-        res.aux_weights = mask.weights().detach().double().cpu().numpy()
+        res.theta, res.k, res.aux_weights = mask.threshold, mask.k, mask.weights().detach().double().cpu().numpy()
     res.fit_seconds = time.perf_counter() - t0
-    res.meta_seconds = meta_seconds
-    res.precision = prec.record()
     return res
