@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 from builders import FAST
-from he_images import CENTRE, RADIUS, write_png, write_tiff
+from he_images import CENTRE, RADIUS, he_pixels, write_png, write_tiff
 
 import agl_scverse as agl
 from agl_scverse import cli
@@ -72,3 +72,39 @@ def test_predict_slide_errors_are_one_line_before_any_work(tmp_path, model_dir, 
 def test_predict_slide_missing_image(tmp_path, model_dir, capsys):
     assert cli.main(["predict-slide", str(model_dir), str(tmp_path / "no.tif"), "--out", str(tmp_path / "p.h5ad")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_slide_with_tissue_at_the_image_edge(tmp_path, model_dir):
+    """Tissue reaching the edges: the grid drops points whose patch is mostly outside, and the slide predicts."""
+    from PIL import Image
+
+    image, out = tmp_path / "edge.png", tmp_path / "p.h5ad"
+    Image.fromarray(he_pixels()[150:450, 150:450]).save(image)  # the blob fills the whole image
+    argv = ["predict-slide", str(model_dir), str(image), "--out", str(out), "--microns-per-pixel", "1"]
+    assert cli.main([*argv, "--backend", "torch", "--pitch-um", "40"]) == 0
+    pred = ad.read_h5ad(out)
+    assert pred.n_obs > 40 and np.isfinite(np.asarray(pred.X)).all()
+
+
+def test_a_slide_coarser_than_the_model_is_refused_before_any_work(tmp_path, model_dir, monkeypatch, capsys):
+    """The model's patches are 112 µm in 32 px (3.5 µm/px); a 10 µm/px slide is refused before tissue detection."""
+    import agl_scverse.pp._grid as grid_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("tissue detection ran")
+
+    image = write_png(tmp_path)
+    monkeypatch.setattr(grid_module, "tissue_mask", no_work)
+    slide = agl.io.read_he_image(image, microns_per_pixel=10.0)
+    with pytest.raises(ValueError, match=r"10 µm/px image .* 3\.5 µm/px the model .*microns_per_pixel=.*allow_lowres"):
+        agl.pp.spot_grid(slide, model=model_dir)
+    out = tmp_path / "p.h5ad"
+    assert cli.main(["predict-slide", str(model_dir), str(image), "--out", str(out), "--microns-per-pixel", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "10 µm/px" in err and "3.5 µm/px" in err and "--microns-per-pixel" in err and "--allow-lowres" in err
+    assert not out.exists()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"coarser than the 3\.5 µm/px .*allow_lowres=True"):
+        assert agl.pp.spot_grid(slide, model=model_dir, allow_lowres=True).n_obs > 0
+    fine = agl.io.read_he_image(image, microns_per_pixel=4.0)  # within the 1.2x tolerance; finer is always fine
+    assert agl.pp.spot_grid(fine, model=model_dir).n_obs > 0

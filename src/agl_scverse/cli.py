@@ -424,7 +424,14 @@ def _predict_slide(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = AGLModel.load(args.model)
     slide = io.read_he_image(args.image, microns_per_pixel=args.microns_per_pixel, library_id=args.library_id)
-    grid = pp.spot_grid(slide, spot_um=args.spot_um, pitch_um=args.pitch_um, layout=args.layout, model=model)
+    grid = pp.spot_grid(
+        slide,
+        spot_um=args.spot_um,
+        pitch_um=args.pitch_um,
+        layout=args.layout,
+        model=model,
+        allow_lowres=args.allow_lowres,
+    )
     encoder = {
         "weights": args.weights, "backend": args.backend, "allow_lowres": args.allow_lowres,
         "num_workers": args.num_workers,
