@@ -108,3 +108,35 @@ def test_a_slide_coarser_than_the_model_is_refused_before_any_work(tmp_path, mod
         assert agl.pp.spot_grid(slide, model=model_dir, allow_lowres=True).n_obs > 0
     fine = agl.io.read_he_image(image, microns_per_pixel=4.0)  # within the 1.2x tolerance; finer is always fine
     assert agl.pp.spot_grid(fine, model=model_dir).n_obs > 0
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_predict_slide_to_spatialdata_zarr(tmp_path, model_dir, capsys):
+    """--out OUT.zarr: a SpatialData (image, grid circles, table) holding what the .h5ad holds; plotted as is."""
+    sd = pytest.importorskip("spatialdata")
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    argv = ["predict-slide", str(model_dir), str(image), "--backend", "torch", "--pitch-um", "60", "--out"]
+    assert cli.main([*argv, str(tmp_path / "p.h5ad")]) == 0
+    assert cli.main([*argv, str(tmp_path / "p.zarr")]) == 0
+    h5, sdata = ad.read_h5ad(tmp_path / "p.h5ad"), sd.read_zarr(tmp_path / "p.zarr")
+    assert set(sdata.images) == {"he"} and set(sdata.shapes) == {"he_grid"} and set(sdata.tables) == {"table"}
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(np.asarray(table.X), np.asarray(h5.X), rtol=1e-6)
+    assert table.var_names.tolist() == h5.var_names.tolist()
+    circles = sdata.shapes["he_grid"]
+    np.testing.assert_allclose(np.column_stack([circles.geometry.x, circles.geometry.y]), h5.obsm["spatial"])
+    assert table.obs["region"].unique().tolist() == ["he_grid"]
+    assert cli.main([*argv, str(tmp_path / "p.zarr")]) == 2  # exists: --overwrite to replace it
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main([*argv, str(tmp_path / "p.zarr"), "--overwrite"]) == 0
+    # the image element as input to the Python API, and the SpatialData plotted
+    grid = agl.pp.spot_grid(agl.io.read_he_image(sdata), pitch_um=60, model=model_dir)
+    np.testing.assert_array_equal(grid.obsm["spatial"], h5.obsm["spatial"])
+    genes = list(h5.var_names[:2])
+    axs = agl.pl.slide_prediction(sdata, genes, table_key="table", show=False)
+    ref = agl.pl.slide_prediction(h5, genes, show=False)
+    for a, b in zip(axs[:, 0], ref[:, 0]):
+        np.testing.assert_allclose(a.collections[0].get_array(), b.collections[0].get_array())
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
