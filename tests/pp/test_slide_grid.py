@@ -96,8 +96,7 @@ def test_spot_grid_drops_points_whose_patch_runs_off_the_edge(tmp_path):
 
     slide = agl.io.read_he_image(write_edge_png(tmp_path), microns_per_pixel=1.0)
     grid = agl.pp.spot_grid(slide, spot_um=112, pitch_um=40)
-    dropped = grid.uns["agl_grid"]["n_dropped_at_edge"]
-    assert dropped > 0 and grid.n_obs + dropped == len(_lattice(300.0, 300.0, 40.0, "hex")[0])  # all on tissue
+    assert 0 < grid.n_obs < len(_lattice(300.0, 300.0, 40.0, "hex")[0])  # all on tissue: some dropped at the edge
     patches = agl.pp.SpotPatches(grid, patch_px=32, patch_um=112)  # on_outside="error": would raise before
     assert patches.inside_fraction.min() >= 0.5 and len(patches.outside) == 0
     xy = grid.obsm["spatial"]

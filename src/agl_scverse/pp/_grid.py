@@ -123,8 +123,7 @@ def spot_grid(
     -------
     A new AnnData of spots x 0 genes: ``.obsm["spatial"]`` (centres in full-resolution pixels),
     ``.obs[["library_id", "in_tissue", "array_row", "array_col"]]``, ``.uns["spatial"]`` of the slide with
-    ``spot_diameter_fullres`` set, and ``.uns["agl_grid"]`` (layout, spot_um, pitch_um, tissue threshold and fraction, the number of tissue points
-    dropped at the image's edge).
+    ``spot_diameter_fullres`` set, and ``.uns["agl_grid"]`` (layout, spot_um, pitch_um, tissue threshold).
 
     Examples
     --------
@@ -188,7 +187,7 @@ def spot_grid(
             "patch inside the image; the image is smaller than a patch. Check microns_per_pixel."
         )
     if edge.any():
-        logg.info(
+        logg.warning(
             f"spot_grid: dropped {int(edge.sum())} tissue spots at the image's edge (less than {MIN_INSIDE:.0%} of "
             f"their {side_um:g} µm patch inside the image)."
         )
@@ -216,7 +215,6 @@ def spot_grid(
         "tissue_threshold": mask.threshold,
         "tissue_fraction": mask.fraction,
         "mask_downsample": mask.downsample,
-        "n_dropped_at_edge": int(edge.sum()),
     }
     finalize(grid, consts.LIBRARY_KEY, he_only=True)
     logg.info(
