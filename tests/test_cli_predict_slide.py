@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 from builders import FAST
-from he_images import CENTRE, RADIUS, write_png, write_tiff
+from he_images import CENTRE, RADIUS, he_pixels, write_png, write_tiff
 
 import agl_scverse as agl
 from agl_scverse import cli
@@ -102,3 +102,71 @@ def test_predict_slide_under_torchrun_matches_one_process(tmp_path, model_dir):
     assert a.obs_names.equals(b.obs_names) and a.var_names.equals(b.var_names)
     np.testing.assert_allclose(np.asarray(b.X), np.asarray(a.X), rtol=1e-5, atol=1e-5)
     assert not list((tmp_path / "chunks").glob(".*tmp*"))
+
+
+def test_predict_slide_with_tissue_at_the_image_edge(tmp_path, model_dir):
+    """Tissue reaching the edges: the grid drops points whose patch is mostly outside, and the slide predicts."""
+    from PIL import Image
+
+    image, out = tmp_path / "edge.png", tmp_path / "p.h5ad"
+    Image.fromarray(he_pixels()[150:450, 150:450]).save(image)  # the blob fills the whole image
+    argv = ["predict-slide", str(model_dir), str(image), "--out", str(out), "--microns-per-pixel", "1"]
+    assert cli.main([*argv, "--backend", "torch", "--pitch-um", "40"]) == 0
+    pred = ad.read_h5ad(out)
+    assert pred.n_obs > 40 and np.isfinite(np.asarray(pred.X)).all()
+
+
+def test_a_slide_coarser_than_the_model_is_refused_before_any_work(tmp_path, model_dir, monkeypatch, capsys):
+    """The model's patches are 112 µm in 32 px (3.5 µm/px); a 10 µm/px slide is refused before tissue detection."""
+    import agl_scverse.pp._grid as grid_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("tissue detection ran")
+
+    image = write_png(tmp_path)
+    monkeypatch.setattr(grid_module, "tissue_mask", no_work)
+    slide = agl.io.read_he_image(image, microns_per_pixel=10.0)
+    with pytest.raises(ValueError, match=r"10 µm/px image .* 3\.5 µm/px the model .*microns_per_pixel=.*allow_lowres"):
+        agl.pp.spot_grid(slide, model=model_dir)
+    out = tmp_path / "p.h5ad"
+    assert cli.main(["predict-slide", str(model_dir), str(image), "--out", str(out), "--microns-per-pixel", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "10 µm/px" in err and "3.5 µm/px" in err and "--microns-per-pixel" in err and "--allow-lowres" in err
+    assert not out.exists()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"coarser than the 3\.5 µm/px .*allow_lowres=True"):
+        assert agl.pp.spot_grid(slide, model=model_dir, allow_lowres=True).n_obs > 0
+    fine = agl.io.read_he_image(image, microns_per_pixel=4.0)  # within the 1.2x tolerance; finer is always fine
+    assert agl.pp.spot_grid(fine, model=model_dir).n_obs > 0
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_predict_slide_to_spatialdata_zarr(tmp_path, model_dir, capsys):
+    """--out OUT.zarr: a SpatialData (image, grid circles, table) holding what the .h5ad holds; plotted as is."""
+    sd = pytest.importorskip("spatialdata")
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    argv = ["predict-slide", str(model_dir), str(image), "--backend", "torch", "--pitch-um", "60", "--out"]
+    assert cli.main([*argv, str(tmp_path / "p.h5ad")]) == 0
+    assert cli.main([*argv, str(tmp_path / "p.zarr")]) == 0
+    h5, sdata = ad.read_h5ad(tmp_path / "p.h5ad"), sd.read_zarr(tmp_path / "p.zarr")
+    assert set(sdata.images) == {"he"} and set(sdata.shapes) == {"he_grid"} and set(sdata.tables) == {"table"}
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(np.asarray(table.X), np.asarray(h5.X), rtol=1e-6)
+    assert table.var_names.tolist() == h5.var_names.tolist()
+    circles = sdata.shapes["he_grid"]
+    np.testing.assert_allclose(np.column_stack([circles.geometry.x, circles.geometry.y]), h5.obsm["spatial"])
+    assert table.obs["region"].unique().tolist() == ["he_grid"]
+    assert cli.main([*argv, str(tmp_path / "p.zarr")]) == 2  # exists: --overwrite to replace it
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main([*argv, str(tmp_path / "p.zarr"), "--overwrite"]) == 0
+    # the image element as input to the Python API, and the SpatialData plotted
+    grid = agl.pp.spot_grid(agl.io.read_he_image(sdata), pitch_um=60, model=model_dir)
+    np.testing.assert_array_equal(grid.obsm["spatial"], h5.obsm["spatial"])
+    genes = list(h5.var_names[:2])
+    axs = agl.pl.slide_prediction(sdata, genes, table_key="table", show=False)
+    ref = agl.pl.slide_prediction(h5, genes, show=False)
+    for a, b in zip(axs[:, 0], ref[:, 0]):
+        np.testing.assert_allclose(a.collections[0].get_array(), b.collections[0].get_array())
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -321,16 +321,20 @@ def _add_predict_slide(sub) -> None:
         help="predict expression over the tissue of a bare H&E image (no spots)",
         description="Read an H&E image (JPEG, PNG, TIFF, pyramidal OME-TIFF, SVS), find its tissue, lay a grid of "
         "pseudo-spots over it and predict them with a saved model. The .h5ad holds the predictions in .X (gene "
-        "names as var_names) and the spot centres in full-resolution image pixels in .obsm['spatial'].",
+        "names as var_names) and the spot centres in full-resolution image pixels in .obsm['spatial']; a .zarr "
+        "--out is a SpatialData: the image, the grid's circles and that table annotating them.",
         epilog=_examples(
             f"{PROG} predict-slide model slide.ome.tif --out slide_predicted.h5ad",
             f"{PROG} predict-slide model he.jpg --microns-per-pixel 0.5 --pitch-um 100 --spot-um 55 --out p.h5ad",
+            f"{PROG} predict-slide model slide.svs --out slide_predicted.zarr",
         ),
         formatter_class=_Formatter,
     )
     p.add_argument("model", help="model directory written by fit / AGLModel.save")
     p.add_argument("image", help="H&E image file: .jpg, .png, .tif, .ome.tif, .svs")
-    p.add_argument("--out", required=True, help=".h5ad file to write")
+    p.add_argument(
+        "--out", required=True, help=".h5ad file, or .zarr SpatialData store (image, grid circles, table), to write"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument(
         "--microns-per-pixel",

@@ -400,8 +400,9 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _predict_slide(args: argparse.Namespace) -> None:
-    """A bare H&E image: tissue, a grid of pseudo-spots, their predictions, one .h5ad."""
-    out = check_output(args.out, "--out", args.overwrite)
+    """A bare H&E image: tissue, a grid of pseudo-spots, their predictions, one .h5ad (or a SpatialData .zarr)."""
+    zarr = Path(args.out).suffix == ".zarr"
+    out = check_output(args.out, "--out", args.overwrite, folder=zarr)
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"{args.image} does not exist; pass the path of an H&E image file.")
     if args.num_workers < 0:
@@ -414,7 +415,14 @@ def _predict_slide(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = AGLModel.load(args.model)
     slide = io.read_he_image(args.image, microns_per_pixel=args.microns_per_pixel, library_id=args.library_id)
-    grid = pp.spot_grid(slide, spot_um=args.spot_um, pitch_um=args.pitch_um, layout=args.layout, model=model)
+    grid = pp.spot_grid(
+        slide,
+        spot_um=args.spot_um,
+        pitch_um=args.pitch_um,
+        layout=args.layout,
+        model=model,
+        allow_lowres=args.allow_lowres,
+    )
     encoder = {
         "weights": args.weights, "backend": args.backend, "allow_lowres": args.allow_lowres,
         "num_workers": args.num_workers,
@@ -427,7 +435,12 @@ def _predict_slide(args: argparse.Namespace) -> None:
         result = tl.predict_anndata(grid, model, encoder=encoder, device=device)
     if not _is_main():  # under torchrun every rank embedded a share of the spots; rank 0 writes
         return
-    write_h5ad(result, out)
+    if zarr:
+        from .io._sd_slide import slide_to_spatialdata, write_spatialdata
+
+        write_spatialdata(slide_to_spatialdata(result), out, overwrite=args.overwrite)
+    else:
+        write_h5ad(result, out)
     g = grid.uns["agl_grid"]
     print(
         f"predict-slide: {result.n_obs} {g['layout']} spots ({g['spot_um']:g} µm, pitch {g['pitch_um']:g} µm) on "

@@ -153,8 +153,6 @@ def test_on_a_predict_anndata_grid_of_the_synthetic_slide(tmp_path):
     Image.fromarray(measured.uns["spatial"]["synthetic"]["images"]["fullres"]).save(tmp_path / "he.png")
     slide = agl.io.read_he_image(tmp_path / "he.png", microns_per_pixel=1.0, library_id="synthetic")
     grid = agl.pp.spot_grid(slide, pitch_um=40, model=model)
-    xy = grid.obsm["spatial"]
-    grid = grid[((xy >= 60) & (xy <= 644)).all(axis=1)].copy()  # whole patches inside the 704 px image
     pred = agl.tl.predict_anndata(grid, model, encoder=encoder, device="cpu", progress=False)
     genes = list(model.targets[:2])
     axs = agl.pl.slide_prediction(pred, genes, measured=measured, show=False, save=tmp_path / "map.png")
@@ -163,3 +161,21 @@ def test_on_a_predict_anndata_grid_of_the_synthetic_slide(tmp_path):
         np.testing.assert_allclose(_colls(row[1])[0].get_array(), np.asarray(pred[:, gene].X).ravel(), rtol=1e-6)
         assert f"at {measured.n_obs} measured spots" in row[1].get_title()
     plt.close("all")
+
+
+@pytest.mark.filterwarnings("ignore:The table is annotating:UserWarning")
+def test_a_spatialdata_needs_a_table_of_predictions():
+    sd = pytest.importorskip("spatialdata")
+    from spatialdata.models import TableModel
+
+    pred = make_pred()
+    bare = AnnData(pred.X.copy(), obs=pred.obs[[]].assign(region="grid", instance_id=np.arange(pred.n_obs)))
+    bare.obs["region"] = bare.obs["region"].astype("category")
+    bare.var_names = pred.var_names
+    table = TableModel.parse(bare, region="grid", region_key="region", instance_key="instance_id")
+    with pytest.raises(ValueError, match=r"no \.obsm\['spatial'\].*from_spatialdata"):
+        agl.pl.slide_prediction(sd.SpatialData(tables={"t": table}), "G0", show=False)
+    with pytest.raises(ValueError, match="table_key="):
+        agl.pl.slide_prediction(sd.SpatialData(tables={"a": table, "b": table.copy()}), "G0", show=False)
+    with pytest.raises(KeyError, match="tables are"):
+        agl.pl.slide_prediction(sd.SpatialData(tables={"t": table}), "G0", table_key="x", show=False)

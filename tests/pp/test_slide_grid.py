@@ -79,3 +79,29 @@ def test_spot_grid_bad_inputs(tmp_path):
         agl.pp.spot_grid(slide, pitch_um=-3)
     with pytest.raises(ValueError, match="microns_per_pixel="):
         agl.pp.spot_grid(write_png(tmp_path))
+
+
+def write_edge_png(folder) -> str:
+    """A 300 px image cut from the middle of the blob: tissue reaches every edge."""
+    from PIL import Image
+
+    path = folder / "edge.png"
+    Image.fromarray(he_pixels()[150:450, 150:450]).save(path)
+    return path
+
+
+def test_spot_grid_drops_points_whose_patch_runs_off_the_edge(tmp_path):
+    """Tissue to the edges: points with less than half their patch inside are dropped, so patches cut cleanly."""
+    from agl_scverse.pp._grid import _lattice
+
+    slide = agl.io.read_he_image(write_edge_png(tmp_path), microns_per_pixel=1.0)
+    grid = agl.pp.spot_grid(slide, spot_um=112, pitch_um=40)
+    assert 0 < grid.n_obs < len(_lattice(300.0, 300.0, 40.0, "hex")[0])  # all on tissue: some dropped at the edge
+    patches = agl.pp.SpotPatches(grid, patch_px=32, patch_um=112)  # on_outside="error": would raise before
+    assert patches.inside_fraction.min() >= 0.5 and len(patches.outside) == 0
+    xy = grid.obsm["spatial"]
+    assert (xy.max(axis=0) > 300 - 56).all()  # points whose patch is partly outside stay
+    big = agl.pp.spot_grid(slide, spot_um=112, pitch_um=80)  # another lattice: the same rule
+    assert agl.pp.SpotPatches(big, patch_px=32, patch_um=112).inside_fraction.min() >= 0.5
+    with pytest.raises(ValueError, match="smaller than a patch"):
+        agl.pp.spot_grid(slide, spot_um=1000, pitch_um=100)

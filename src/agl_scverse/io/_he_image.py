@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,31 +22,36 @@ DEFAULT_SPOT_UM = 55.0
 
 
 def read_he_image(
-    path: str | Path,
+    path: str | Path | Any,
     *,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     hires_max_px: int = 2000,
+    image_key: str | None = None,
 ) -> AnnData:
-    """Read a bare H&E image (JPEG, PNG, TIFF, pyramidal OME-TIFF, SVS) as a slide with no spots yet.
+    """Read a bare H&E image (JPEG, PNG, TIFF, OME-TIFF, SVS file or a SpatialData image) as a slide without spots.
 
-    The image is not decoded: it is registered by path, and read by region (TIFF tiles, pyramid levels) when
-    patches are cut. Lay spots over it with :func:`agl_scverse.pp.spot_grid`, then predict them with
-    :func:`agl_scverse.tl.predict_anndata`.
+    The image is not decoded: it is registered by path (or as the live SpatialData element), and read by region
+    (TIFF tiles, pyramid levels) when patches are cut. Lay spots over it with :func:`agl_scverse.pp.spot_grid`, then
+    predict them with :func:`agl_scverse.tl.predict_anndata`.
 
     Parameters
     ----------
     path
-        The full-resolution image file.
+        The full-resolution image file; or a :class:`spatialdata.SpatialData` (its image ``image_key``) or a
+        SpatialData image element (``sdata.images[...]``), read lazily by region and scale level.
     microns_per_pixel
         µm per full-resolution pixel. Default: read from the file (OME ``PhysicalSizeX``, SVS ``MPP``, TIFF
-        ``XResolution`` in inch or cm); required for JPEG / PNG and for TIFFs without a scale. A value given here
+        ``XResolution`` in inch or cm) or from the element's transformation to a coordinate system in µm (named
+        ``"um"``, ``"microns"``, ...); required for JPEG / PNG and for TIFFs without a scale. A value given here
         wins over the file's, with a warning when they differ by more than 10%.
     library_id
-        Name of the slide (default: the file name without its suffixes).
+        Name of the slide (default: the file name without its suffixes, or the image element's name).
     hires_max_px
         Longest side of the downscaled ``"hires"`` image kept in memory (read from a pyramid level when there is
         one).
+    image_key
+        The image element of a SpatialData holding several.
 
     Returns
     -------
@@ -61,6 +67,13 @@ def read_he_image(
     >>> grid = agl.pp.spot_grid(slide, spot_um=55, pitch_um=100)  # doctest: +SKIP
     >>> pred = agl.tl.predict_anndata(grid, "my_model")  # doctest: +SKIP
     """
+    if not isinstance(path, (str, Path)):
+        from ._sd_slide import sd_image_entry
+
+        if hires_max_px <= 0:
+            raise ValueError(f"hires_max_px must be positive, got {hires_max_px}.")
+        name, entry, width, height = sd_image_entry(path, image_key, microns_per_pixel, DEFAULT_SPOT_UM, hires_max_px)
+        return _slide(str(library_id) if library_id is not None else name, entry, f"image element {name!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the path of an H&E image file.")
@@ -98,11 +111,20 @@ def read_he_image(
         image_height=int(height),
         reader="read_he_image",
     )
+    return _slide(lib, entry, path.name)
+
+
+def _slide(lib: str, entry: dict, what: str) -> AnnData:
+    """The AnnData of 0 spots x 0 genes holding one slide's ``.uns['spatial']`` entry."""
     adata = AnnData(
         X=np.zeros((0, 0), dtype=np.float32),
         obs=pd.DataFrame({consts.LIBRARY_KEY: pd.Categorical([], categories=[lib])}, index=pd.Index([], dtype=str)),
     )
     adata.obsm[consts.SPATIAL_KEY] = np.zeros((0, 2), dtype=np.float64)
     adata.uns[consts.SPATIAL_KEY] = {lib: entry}
-    logg.info(f"read H&E image {path.name}: {width} x {height} px at {mpp:g} µm/px ({mpp_source}), library {lib!r}")
+    meta, sf = entry[consts.METADATA], entry[consts.SCALEFACTORS]
+    logg.info(
+        f"read H&E image {what}: {meta['image_width']} x {meta['image_height']} px at "
+        f"{sf[consts.MICRONS_PER_PIXEL]:g} µm/px ({meta[consts.MICRONS_PER_PIXEL_SOURCE]}), library {lib!r}"
+    )
     return adata

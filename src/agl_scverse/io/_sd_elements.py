@@ -1,7 +1,8 @@
 """The elements of a SpatialData object that a slide is read from: its table and image, the image's scale levels.
 
 Picking the table and the H&E image, whether an image is stored in the object's zarr store, an image's scale levels
-as RGB arrays and its hires thumbnail; used by :func:`agl_scverse.io.from_spatialdata`.
+as RGB arrays and its hires thumbnail, its coordinate systems and its scale from one in µm; used by
+:func:`agl_scverse.io.from_spatialdata` and by :func:`agl_scverse.io.read_he_image` for a SpatialData image.
 """
 
 from __future__ import annotations
@@ -13,6 +14,45 @@ from agl_scverse import _spatial
 from ._common import thumbnail_from_array
 
 SD_ATTRS = "spatialdata_attrs"
+#: Names of coordinate systems taken to be in µm (spatialdata does not store axis units).
+UM_COORDINATE_SYSTEMS = ("um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres")
+
+
+def affine(element, cs: str) -> np.ndarray:
+    """3 x 3 affine (x, y) of an element's transformation to coordinate system ``cs``."""
+    from spatialdata.transformations import get_transformation
+
+    tr = get_transformation(element, to_coordinate_system=cs)
+    return np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+
+
+def coordinate_systems(element) -> list[str]:
+    """Names of the coordinate systems an element is mapped to."""
+    from spatialdata.transformations import get_transformation
+
+    return list((get_transformation(element, get_all=True) or {}).keys())
+
+
+def um_scale(image, image_name: str, um_cs: str | None = None) -> tuple[float, str] | None:
+    """µm per image pixel from a coordinate system in µm (``um_cs``, else one named like µm), and where it came from.
+
+    None when the image has no such coordinate system; a ValueError when ``um_cs`` is not one of its systems.
+    """
+    systems = coordinate_systems(image)
+    if um_cs is not None:
+        if um_cs not in systems:
+            raise ValueError(
+                f"um_coordinate_system={um_cs!r} is not a coordinate system of image {image_name!r} ({systems})."
+            )
+        um_list = [um_cs]
+    else:
+        um_list = [cs for cs in systems if cs.lower() in UM_COORDINATE_SYSTEMS or cs.lower().endswith(("_um", "_µm"))]
+    if not um_list:
+        return None
+    A = affine(image, um_list[0])
+    return float(
+        np.sqrt(abs(np.linalg.det(A[:2, :2])))
+    ), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
 
 
 def is_backed(sdata, image_name: str) -> bool:

@@ -16,13 +16,21 @@ from agl_scverse import _spatial, _validate
 from agl_scverse._images import register_live_image
 
 from ._common import as_csr_float32, check_in_image, finalize, positive_number, spatial_entry
-from ._sd_elements import SD_ATTRS, hires_thumbnail, is_backed, pick_image, pick_table, scale_levels, to_rgb
+from ._sd_elements import (
+    SD_ATTRS,
+    affine,
+    coordinate_systems,
+    hires_thumbnail,
+    is_backed,
+    pick_image,
+    pick_table,
+    scale_levels,
+    to_rgb,
+    um_scale,
+)
 
 __all__ = ["as_anndata", "from_spatialdata", "update_table"]
 
-
-#: Names of coordinate systems taken to be in µm (spatialdata does not store axis units).
-UM_COORDINATE_SYSTEMS = ("um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres")
 #: Relative tolerance when comparing the mappings of several shared coordinate systems.
 _SAME_MAPPING_RTOL = 1e-6
 
@@ -237,23 +245,9 @@ def _library_ids(sections: list[str], library_id, image_key) -> dict[str, str]:
     return {k: k for k in sections}
 
 
-def _affine(element, cs: str) -> np.ndarray:
-    """3 x 3 affine (x, y) of an element's transformation to coordinate system ``cs``."""
-    from spatialdata.transformations import get_transformation
-
-    tr = get_transformation(element, to_coordinate_system=cs)
-    return np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
-
-
-def _coordinate_systems(element) -> list[str]:
-    from spatialdata.transformations import get_transformation
-
-    return list((get_transformation(element, get_all=True) or {}).keys())
-
-
 def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) -> tuple[np.ndarray, str, list[str]]:
     """The affine from shapes coordinates to image pixels, the coordinate system used, and all shared ones."""
-    shared = [cs for cs in _coordinate_systems(shapes) if cs in set(_coordinate_systems(image))]
+    shared = [cs for cs in coordinate_systems(shapes) if cs in set(coordinate_systems(image))]
     if coordinate_system is not None:
         if coordinate_system not in shared:
             raise ValueError(
@@ -265,16 +259,16 @@ def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) 
         shared_try = shared
     if not shared_try:
         raise ValueError(
-            f"Shapes {shapes_name!r} (coordinate systems {_coordinate_systems(shapes)}) and image {image_name!r} "
-            f"({_coordinate_systems(image)}) share no coordinate system, so spots cannot be placed on the image. "
+            f"Shapes {shapes_name!r} (coordinate systems {coordinate_systems(shapes)}) and image {image_name!r} "
+            f"({coordinate_systems(image)}) share no coordinate system, so spots cannot be placed on the image. "
             "Give both a transformation to one coordinate system (spatialdata.transformations.set_transformation)."
         )
     maps = {}
     for cs in shared_try:
-        A_img = _affine(image, cs)
+        A_img = affine(image, cs)
         if abs(np.linalg.det(A_img[:2, :2])) < 1e-12:
             continue
-        maps[cs] = np.linalg.inv(A_img) @ _affine(shapes, cs)
+        maps[cs] = np.linalg.inv(A_img) @ affine(shapes, cs)
     if not maps:
         raise ValueError(f"Image {image_name!r} has a singular transformation to {shared_try}.")
     first_cs = sorted(maps)[0]
@@ -289,8 +283,8 @@ def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) 
 
 
 def _candidate_images(sdata, shapes) -> list[str]:
-    own = set(_coordinate_systems(shapes))
-    return [k for k, im in sdata.images.items() if own & set(_coordinate_systems(im))]
+    own = set(coordinate_systems(shapes))
+    return [k for k, im in sdata.images.items() if own & set(coordinate_systems(im))]
 
 
 def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) -> tuple[str, Any]:
@@ -303,7 +297,7 @@ def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) ->
     if not cands:
         raise ValueError(
             f"No image element shares a coordinate system with shapes {shapes_name!r} "
-            f"({_coordinate_systems(shapes)}); images: {list(sdata.images)}. Pass image_key= and give both a "
+            f"({coordinate_systems(shapes)}); images: {list(sdata.images)}. Pass image_key= and give both a "
             "transformation to one coordinate system."
         )
     if len(cands) == 1:
@@ -354,20 +348,9 @@ def _microns_per_pixel(
     """µm per image pixel and where it came from; a ValueError when nothing gives it."""
     if given is not None:
         return float(given), "given"
-    systems = _coordinate_systems(image)
-    if um_cs is not None:
-        if um_cs not in systems:
-            raise ValueError(
-                f"um_coordinate_system={um_cs!r} is not a coordinate system of image {image_name!r} ({systems})."
-            )
-        um_list = [um_cs]
-    else:
-        um_list = [cs for cs in systems if cs.lower() in UM_COORDINATE_SYSTEMS or cs.lower().endswith(("_um", "_µm"))]
-    if um_list:
-        A = _affine(image, um_list[0])
-        return float(
-            np.sqrt(abs(np.linalg.det(A[:2, :2])))
-        ), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
+    from_um = um_scale(image, image_name, um_cs)
+    if from_um is not None:
+        return from_um
     sf = _table_scalefactors(table, [lib, shapes_name, image_name])
     if consts.MICRONS_PER_PIXEL in sf:
         val = positive_number(sf[consts.MICRONS_PER_PIXEL], "table.uns['spatial'] microns_per_pixel", "Fix the table.")
@@ -381,7 +364,8 @@ def _microns_per_pixel(
         return spot_diameter_um / spot_diam_px, f"{spot_diameter_um:g} µm / circle diameter {spot_diam_px:.1f} px"
     raise ValueError(
         f"The physical scale of image {image_name!r} (section {shapes_name!r}) is unknown: no coordinate system in µm "
-        f"(its systems: {systems}), no microns_per_pixel or spot_diameter_fullres in table.uns['spatial']. Pass "
+        f"(its systems: {coordinate_systems(image)}), no microns_per_pixel or spot_diameter_fullres in "
+        "table.uns['spatial']. Pass "
         "microns_per_pixel=<µm per pixel of that image> (a number or {shapes key: number}), um_coordinate_system=, "
         "or spot_diameter_um=<the circles' diameter in µm> (55 for Visium spots, 100 for legacy ST) to "
         "agl.io.from_spatialdata; or store it in the SpatialData, which the tools read: a transformation of the image "

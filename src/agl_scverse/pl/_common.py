@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import numpy as np
 from anndata import AnnData
@@ -20,6 +20,12 @@ from agl_scverse._stats import pearson_per_gene
 
 #: What a plot returns when neither shown nor asked for its Figure: its one Axes, or an array of them.
 _AxesT = TypeVar("_AxesT", Axes, np.ndarray)
+
+#: Types of the keywords every plot takes (``ax``, ``figsize``, ``save``) and of what it returns (see :func:`finish`).
+AxesArg: TypeAlias = Sequence[Axes] | np.ndarray | None
+FigSize: TypeAlias = tuple[float, float] | None
+SavePath: TypeAlias = str | Path | bool | None
+PlotResult: TypeAlias = np.ndarray | Figure | None
 
 #: Colours used across all plots, so a gene role looks the same everywhere.
 COLORS = {
@@ -232,14 +238,41 @@ def library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.
     return image, scale
 
 
+def median_spacing(xy: np.ndarray) -> float | None:
+    """Median distance from each spot to its nearest neighbour (None for fewer than 2 spots)."""
+    if len(xy) < 2:
+        return None
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(dist[:, 1]))
+
+
 def spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     """``spot_diameter_fullres`` of library ``lib``, else 0.55 x the median spacing of the spots ``xy``."""
     sf = adata.uns.get(consts.SPATIAL_KEY, {}).get(lib, {}).get(consts.SCALEFACTORS, {})
     if consts.SPOT_DIAMETER in sf:
         return float(sf[consts.SPOT_DIAMETER])
-    if len(xy) < 2:
-        return 1.0
-    from scipy.spatial import cKDTree
+    spacing = median_spacing(xy)
+    return 1.0 if spacing is None else 0.55 * spacing  # Visium and legacy ST: spot diameter ~ half the spacing
 
-    dist, _ = cKDTree(xy).query(xy, k=2)
-    return 0.55 * float(np.median(dist[:, 1]))  # Visium and legacy ST: spot diameter ~ half the spacing
+
+def sd_table(sdata, table_key: str | None) -> tuple[str, AnnData]:
+    """The table of a SpatialData holding a run: ``table_key``, else the only one; a clear error otherwise."""
+    tables = dict(sdata.tables)
+    if table_key is None:
+        if len(tables) != 1:
+            raise ValueError(f"The SpatialData has tables {list(tables)}; pass table_key=<the one holding the run>.")
+        table_key = next(iter(tables))
+    if table_key not in tables:
+        raise KeyError(f"table_key={table_key!r} is not a table of the SpatialData; tables are {list(tables)}.")
+    return table_key, tables[table_key]
+
+
+def is_spatialdata(data) -> bool:
+    """Whether ``data`` is a :class:`spatialdata.SpatialData` (False when spatialdata is not installed)."""
+    try:
+        from spatialdata import SpatialData
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(data, SpatialData)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import numpy as np
 from anndata import AnnData
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 from agl_scverse._docs import d
 from agl_scverse._serialize import null_as_none
 
-from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes
+from ._common import (
+    COLORS,
+    AxesArg,
+    FigSize,
+    PlotResult,
+    SavePath,
+    as_float,
+    axes_array,
+    best_epoch,
+    finish,
+    get_run,
+    new_axes,
+)
 
 __all__ = ["training_history"]
 
@@ -29,12 +36,12 @@ def training_history(
     adata: AnnData,
     key: str = "agl",
     *,
-    ax: Sequence[Axes] | np.ndarray | None = None,
-    figsize: tuple[float, float] | None = None,
+    ax: AxesArg = None,
+    figsize: FigSize = None,
     show: bool | None = None,
-    save: str | Path | bool | None = None,
+    save: SavePath = None,
     return_fig: bool = False,
-) -> np.ndarray | Figure | None:
+) -> PlotResult:
     """Plot the training history of a run: training loss, validation target PCC and ``k`` per epoch.
 
     Three panels side by side; the epoch the run kept (``metrics["best_epoch"]``, else the best validation PCC) is

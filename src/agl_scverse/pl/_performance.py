@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -17,7 +16,7 @@ from agl_scverse._docs import d
 from agl_scverse._serialize import null_as_none
 from agl_scverse._validate import check_choice
 
-from ._common import COLORS, finish, get_run, new_axes, require_var
+from ._common import COLORS, FigSize, SavePath, finish, get_run, new_axes, require_var
 
 __all__ = ["gene_performance"]
 
@@ -35,9 +34,9 @@ def gene_performance(
     n_labels: int = 5,
     *,
     ax: Axes | None = None,
-    figsize: tuple[float, float] | None = None,
+    figsize: FigSize = None,
     show: bool | None = None,
-    save: str | Path | bool | None = None,
+    save: SavePath = None,
     return_fig: bool = False,
 ) -> Axes | Figure | None:
     """Plot per-gene performance of a model against baselines.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
@@ -14,7 +13,7 @@ from agl_scverse._constants import ROLE_AUX, ROLE_TARGET
 from agl_scverse._docs import d
 from agl_scverse._serialize import null_as_none
 
-from ._common import COLORS, as_float, axes_array, best_epoch, finish, get_run, new_axes, require_var
+from ._common import COLORS, FigSize, SavePath, as_float, axes_array, best_epoch, finish, get_run, new_axes, require_var
 
 __all__ = ["selected_genes"]
 
@@ -38,9 +37,9 @@ def selected_genes(
     s: float = 8.0,
     fontsize: float = 8.0,
     ax: Axes | Sequence[Axes] | np.ndarray | None = None,
-    figsize: tuple[float, float] | None = None,
+    figsize: FigSize = None,
     show: bool | None = None,
-    save: str | Path | bool | None = None,
+    save: SavePath = None,
     return_fig: bool = False,
 ) -> Axes | np.ndarray | Figure | None:
     """Plot the auxiliary genes' learned weights against their prior rank, with the learned threshold.

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 from agl_scverse import _constants as consts
 from agl_scverse import _spatial
@@ -17,7 +16,23 @@ from agl_scverse._docs import d
 from agl_scverse._expression import expression_transform, observed_transform
 from agl_scverse._serialize import null_as_none
 
-from ._common import EXPRESSION_CMAP, axes_array, dense, finish, finite_pcc, library_image, new_axes, spot_diameter
+from ._common import (
+    EXPRESSION_CMAP,
+    AxesArg,
+    FigSize,
+    PlotResult,
+    SavePath,
+    axes_array,
+    dense,
+    finish,
+    finite_pcc,
+    is_spatialdata,
+    library_image,
+    median_spacing,
+    new_axes,
+    sd_table,
+    spot_diameter,
+)
 from ._spatial_prediction import r_phrase
 
 __all__ = ["slide_prediction"]
@@ -25,10 +40,11 @@ __all__ = ["slide_prediction"]
 
 @d.dedent
 def slide_prediction(
-    pred: AnnData,
+    pred: AnnData | Any,
     genes: str | Sequence[str],
     *,
     measured: AnnData | None = None,
+    table_key: str | None = None,
     library_id: str | None = None,
     library_key: str | None = None,
     layer: str | None = None,
@@ -41,16 +57,17 @@ def slide_prediction(
     robust: bool = True,
     spot_scale: float = 1.0,
     alpha: float = 1.0,
-    ax: Sequence[Axes] | np.ndarray | None = None,
-    figsize: tuple[float, float] | None = None,
+    ax: AxesArg = None,
+    figsize: FigSize = None,
     show: bool | None = None,
-    save: str | Path | bool | None = None,
+    save: SavePath = None,
     return_fig: bool = False,
-) -> np.ndarray | Figure | None:
+) -> PlotResult:
     """Map predicted genes over a whole slide's H&E image, optionally beside the section's measured expression.
 
     ``pred`` is the AnnData of :func:`agl_scverse.tl.predict_anndata` (or the ``.h5ad`` of ``agl-scverse
-    predict-slide``): predictions in ``.X`` (gene names as ``var_names``) at spots, usually a grid from
+    predict-slide``, or the SpatialData of its ``.zarr`` / :func:`agl_scverse.io.slide_to_spatialdata`, whose table
+    is that AnnData): predictions in ``.X`` (gene names as ``var_names``) at spots, usually a grid from
     :func:`agl_scverse.pp.spot_grid`, with centres in full-resolution pixels in ``.obsm["spatial"]`` and the
     slide's image in ``.uns["spatial"]``. Each spot is drawn as a disk of its ``spot_diameter_fullres`` (in image
     units, so the map keeps its scale at any zoom; at most the spots' median spacing, so a grid of wide patches
@@ -71,11 +88,14 @@ def slide_prediction(
     Parameters
     ----------
     pred
-        Predictions at spots of one slide: the AnnData of :func:`~agl_scverse.tl.predict_anndata`.
+        Predictions at spots of one slide: the AnnData of :func:`~agl_scverse.tl.predict_anndata`, or a SpatialData
+        whose table ``table_key`` is such an AnnData (``.obsm["spatial"]``, ``.uns["spatial"]``).
     genes
         One gene or several, among ``pred.var_names`` (and ``measured.var_names`` with ``measured``).
     measured
         Measured counts of the same section, drawn beside the prediction.
+    table_key
+        The table of a SpatialData ``pred`` holding the predictions (default: the only table).
     library_id
         The slide, when ``pred`` or ``measured`` holds several (their ``.obs[library_key]`` and ``.uns["spatial"]``
         entries); default the only one.
@@ -121,9 +141,14 @@ def slide_prediction(
     >>> pred = agl.tl.predict_anndata(grid, "my_model")  # doctest: +SKIP
     >>> agl.pl.slide_prediction(pred, ["ERBB2", "GRB7"])  # doctest: +SKIP
     >>> agl.pl.slide_prediction(pred, "ERBB2", measured=visium_of_the_same_section)  # doctest: +SKIP
+    >>> agl.pl.slide_prediction(spatialdata.read_zarr("slide_predicted.zarr"), "ERBB2")  # doctest: +SKIP
     """
+    if is_spatialdata(pred):
+        pred = _sd_predictions(pred, table_key)
     if not isinstance(pred, AnnData):
-        raise TypeError(f"pred must be an AnnData (from agl.tl.predict_anndata), got {type(pred).__name__}.")
+        raise TypeError(
+            f"pred must be an AnnData (from agl.tl.predict_anndata) or a SpatialData, got {type(pred).__name__}."
+        )
     if measured is not None and not isinstance(measured, AnnData):
         raise TypeError(f"measured must be an AnnData of measured counts, got {type(measured).__name__}.")
     genes = [genes] if isinstance(genes, str) else list(genes)
@@ -236,19 +261,27 @@ def _slide(adata: AnnData, library_id: str | None, library_key: str | None, name
     return str(library_id), masks[library_id]
 
 
+def _sd_predictions(sdata: Any, table_key: str | None) -> AnnData:
+    """The predictions table of a SpatialData, checked to carry the spots' pixels and the slide's image entry."""
+    key, table = sd_table(sdata, table_key)
+    if consts.SPATIAL_KEY not in table.obsm or not table.uns.get(consts.SPATIAL_KEY):
+        raise ValueError(
+            f"Table {key!r} has no .obsm['spatial'] / .uns['spatial'] (spot pixels and the slide's image), as the "
+            "SpatialData of agl-scverse predict-slide --out OUT.zarr has. Pass agl.io.from_spatialdata(sdata, "
+            "table_key=...) with the predictions in .X instead."
+        )
+    return table
+
+
 def _diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     """The spots' diameter (``spot_diameter_fullres``), at most their median spacing.
 
     Drawn spots never overlap: a grid whose spots are wider than its pitch (the default for a model trained on
     wide patches) tiles.
     """
+    spacing = median_spacing(xy)
     diameter = spot_diameter(adata, lib, xy)
-    if len(xy) > 1:
-        from scipy.spatial import cKDTree
-
-        dist = cKDTree(xy).query(xy, k=2)[0][:, 1]
-        diameter = min(diameter, float(np.median(dist)))
-    return diameter
+    return diameter if spacing is None else min(diameter, spacing)
 
 
 def _xy(adata: AnnData, name: str) -> np.ndarray:

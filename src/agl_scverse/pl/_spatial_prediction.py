@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,22 @@ from agl_scverse._expression import expression_transform, observed_transform, pr
 from agl_scverse._serialize import null_as_none
 from agl_scverse._validate import resolve_spots, scored_spots
 
-from ._common import EXPRESSION_CMAP, axes_array, dense, finish, finite_pcc, library_image, new_axes, spot_diameter
+from ._common import (
+    EXPRESSION_CMAP,
+    AxesArg,
+    FigSize,
+    PlotResult,
+    SavePath,
+    axes_array,
+    dense,
+    finish,
+    finite_pcc,
+    is_spatialdata,
+    library_image,
+    new_axes,
+    sd_table,
+    spot_diameter,
+)
 
 __all__ = ["spatial_prediction"]
 
@@ -57,13 +71,13 @@ def spatial_prediction(
     shared_scale: bool = True,
     robust: bool = True,
     size: float | None = None,
-    ax: Sequence[Axes] | np.ndarray | None = None,
-    figsize: tuple[float, float] | None = None,
+    ax: AxesArg = None,
+    figsize: FigSize = None,
     show: bool | None = None,
-    save: str | Path | bool | None = None,
+    save: SavePath = None,
     return_fig: bool = False,
     **kwargs: Any,
-) -> np.ndarray | Figure | None:
+) -> PlotResult:
     """Plot observed and predicted expression side by side on the H&E image, one row per gene and slide.
 
     Everything is read from the prediction layer ``.layers["<key>_pred"]``, its gene mask
@@ -164,11 +178,7 @@ def spatial_prediction(
             what,
         )
         return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
-    try:
-        from spatialdata import SpatialData
-    except ImportError:  # pragma: no cover
-        SpatialData = None  # type: ignore[assignment]
-    if SpatialData is not None and isinstance(data, SpatialData):
+    if is_spatialdata(data):
         fig, axs = _plot_spatialdata(
             data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), ax, figsize, kwargs, what
         )
@@ -425,14 +435,7 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
 
-    tables = dict(sdata.tables)
-    if table_key is None:
-        if len(tables) != 1:
-            raise ValueError(f"The SpatialData has tables {list(tables)}; pass table_key=<the one holding the run>.")
-        table_key = next(iter(tables))
-    if table_key not in tables:
-        raise KeyError(f"table_key={table_key!r} is not a table of the SpatialData; tables are {list(tables)}.")
-    table = tables[table_key]
+    table_key, table = sd_table(sdata, table_key)
     attrs = table.uns.get(TableModel.ATTRS_KEY)
     if not attrs:
         raise ValueError(f"Table {table_key!r} is not annotating any element (no uns['spatialdata_attrs']).")

@@ -12,27 +12,61 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from agl_scverse import _constants as consts
+from agl_scverse import _spatial
+from agl_scverse._resolution import check_source_resolution
 from agl_scverse._spatial import one_library
 from agl_scverse.io import read_he_image
 from agl_scverse.io._common import finalize, positive_number
 
 from ._tissue import TissueMask, tissue_mask
 
-__all__ = ["spot_grid", "VISIUM_SPOT_UM", "VISIUM_PITCH_UM", "model_patch_um"]
+__all__ = ["spot_grid", "VISIUM_SPOT_UM", "VISIUM_PITCH_UM", "MIN_INSIDE", "model_patch_um"]
 
 #: Visium's spot diameter and centre-to-centre distance (µm): the grid's defaults without a model.
 VISIUM_SPOT_UM = 55.0
 VISIUM_PITCH_UM = 100.0
+#: Grid points whose patch lies less than this fraction inside the image are dropped (SpotPatches' min_inside).
+MIN_INSIDE = 0.5
 GRID_UNS = "agl_grid"
+
+
+def _encoder_record(model: Any) -> dict:
+    """The encoder record of a saved or fitted model (empty when it has none)."""
+    from agl_scverse.model import AGLModel
+
+    return dict(AGLModel.coerce(model).config.get("encoder") or {})
 
 
 def model_patch_um(model: Any) -> float | None:
     """The patch side (µm) a saved or fitted model was trained on, or None when its record has none."""
-    from agl_scverse.model import AGLModel
-
-    enc = AGLModel.coerce(model).config.get("encoder") or {}
-    um = enc.get("patch_um")
+    um = _encoder_record(model).get("patch_um")
     return float(um) if um else None
+
+
+def _check_resolution(enc: dict, data: AnnData, lib: str, mpp: float, allow_lowres: bool) -> None:
+    """Refuse a slide whose finest image is coarser than the model's training patches, before any work."""
+    _, scale, which = _spatial.get_image(data, lib, warn=False)
+    rec = {
+        "source_um_per_px": {lib: mpp / scale},
+        "image": {lib: which},
+        "level": {lib: 0},
+        "patch_um": enc.get("patch_um"),
+        "patch_px": enc.get("patch_px"),
+    }
+    fix = (
+        f" If {mpp:g} µm per full-resolution pixel is wrong, pass the right scale (microns_per_pixel=, CLI: "
+        "--microns-per-pixel); else predict a finer scan, or pass allow_lowres=True to spot_grid and predict_anndata "
+        "(CLI: --allow-lowres) to predict anyway."
+    )
+    check_source_resolution(rec, enc, allow_lowres, what=f"slide {lib!r}", fix=fix)
+
+
+def _inside_fraction(xy: np.ndarray, side: float, width: float, height: float, margin: float) -> np.ndarray:
+    """Fraction of each ``side``-px square patch centred on ``xy`` inside the image shrunk by ``margin`` px a side."""
+    lo, hi = xy - side / 2, xy + side / 2
+    limits = np.array([width, height]) - margin
+    inside = np.clip(np.minimum(hi, limits) - np.maximum(lo, margin), 0.0, None)
+    return np.prod(inside, axis=1) / side**2
 
 
 def spot_grid(
@@ -45,13 +79,17 @@ def spot_grid(
     library_id: str | None = None,
     microns_per_pixel: float | None = None,
     mask: TissueMask | None = None,
+    allow_lowres: bool = False,
     **mask_kwargs: Any,
 ) -> AnnData:
     """Lay pseudo-spots over the tissue of a bare H&E slide, ready for :func:`agl_scverse.tl.predict_anndata`.
 
     Centres lie on a hexagonal (Visium-like: rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half
     a pitch) or square lattice anchored at half a pitch from the image's top-left corner; those whose centre lies
-    on the tissue mask (:func:`tissue_mask`) are kept.
+    on the tissue mask (:func:`tissue_mask`) are kept, except those whose patch (the model's training patch, else
+    ``spot_um`` wide) lies less than half inside the image (:data:`MIN_INSIDE`; their count is logged), so that a
+    slide whose tissue reaches the image's edge predicts cleanly. With ``model``, a slide coarser than the model's
+    training patches is refused before any work (see ``allow_lowres``).
 
     Parameters
     ----------
@@ -74,6 +112,10 @@ def spot_grid(
         µm per full-resolution pixel of an image path (or to override the AnnData's).
     mask
         A precomputed :class:`TissueMask`; default: ``tissue_mask(data, **mask_kwargs)``.
+    allow_lowres
+        With ``model``: accept a slide whose finest image is more than 1.2x coarser (µm per pixel) than the model's
+        training patches, with a warning (pass it to :func:`~agl_scverse.tl.predict_anndata` too); otherwise
+        that is an error naming both resolutions. A finer slide is always fine (patches are downsampled).
     **mask_kwargs
         Passed to :func:`tissue_mask`.
 
@@ -92,7 +134,8 @@ def spot_grid(
     """
     if layout not in ("hex", "square"):
         raise ValueError(f"layout is {layout!r}; pass 'hex' (Visium-like) or 'square'.")
-    patch_um = model_patch_um(model) if model is not None else None
+    enc = _encoder_record(model) if model is not None else {}
+    patch_um = float(enc["patch_um"]) if enc.get("patch_um") else None
     if model is not None and patch_um is None:
         logg.warning("the model records no training patch size; using Visium's spot size and pitch.")
     spot_um = positive_number(
@@ -118,10 +161,10 @@ def spot_grid(
             f"pitch_um={pitch_um:g} is {pitch_px:.3g} px at {mpp:g} µm/px: smaller than a pixel. Pass a larger "
             "pitch_um, or check microns_per_pixel."
         )
+    if enc:
+        _check_resolution(enc, data, library_id, mpp, allow_lowres)
     width, height = meta.get("image_width"), meta.get("image_height")
     if width is None or height is None:
-        from agl_scverse import _spatial
-
         src, scale, _ = _spatial.get_image(data, library_id, warn=False)
         width, height = src.width / scale, src.height / scale
     if mask is None:
@@ -134,6 +177,21 @@ def spot_grid(
             f"No grid point of pitch {pitch_um:g} µm falls on the tissue of {library_id!r} (tissue covers "
             f"{mask.fraction:.1%} of the image); pass a smaller pitch_um."
         )
+    side_um = patch_um or spot_um
+    patch_px = float(enc.get("patch_px") or 0) or None
+    margin = max(1.0, 2 * side_um / patch_px / mpp) if patch_px else 1.0  # two patch pixels: the crop's rounding
+    edge = keep & (_inside_fraction(xy, side_um / mpp, float(width), float(height), margin) < MIN_INSIDE)
+    if edge[keep].all():
+        raise ValueError(
+            f"Every grid point on the tissue of {library_id!r} has less than {MIN_INSIDE:.0%} of its {side_um:g} µm "
+            "patch inside the image; the image is smaller than a patch. Check microns_per_pixel."
+        )
+    if edge.any():
+        logg.warning(
+            f"spot_grid: dropped {int(edge.sum())} tissue spots at the image's edge (less than {MIN_INSIDE:.0%} of "
+            f"their {side_um:g} µm patch inside the image)."
+        )
+        keep &= ~edge
     xy, rows, cols = xy[keep], rows[keep], cols[keep]
     lib = str(library_id)
     obs = pd.DataFrame(

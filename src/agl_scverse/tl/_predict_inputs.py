@@ -8,13 +8,12 @@ model reads patches. Used by :func:`agl_scverse.tl.agl_predict` and :func:`agl_s
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
 from agl_scverse import _constants as consts
+from agl_scverse._resolution import check_source_resolution
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.configs import EncoderConfig
 from agl_scverse.encoders._record import RECORD_CHECKED, rebuild_encoder
@@ -24,39 +23,6 @@ from agl_scverse.pp._embed import embed_patches
 from agl_scverse.pp._patches import SpotPatches, check_patch_batch
 
 __all__ = ["check_embedding_matches", "check_source_resolution", "model_inputs", "run_options"]
-
-
-def _effective_um_per_px(rec: dict) -> float | None:
-    """The coarsest detail of a record's patches: max over libraries of ``max(source µm/px, patch µm/px)``."""
-    src = rec.get("source_um_per_px")
-    if not src or not rec.get("patch_um") or not rec.get("patch_px"):
-        return None
-    vals = src.values() if isinstance(src, dict) else [src]
-    patch = float(rec["patch_um"]) / float(rec["patch_px"])
-    return max(max(float(v), patch) for v in vals)
-
-
-def check_source_resolution(data_rec: dict, model_rec: dict, allow_lowres: bool = False, what: str = "slide") -> None:
-    """Refuse patches cut from a coarser image than the model was trained on (unless ``allow_lowres``)."""
-    data_mpp, model_mpp = _effective_um_per_px(data_rec or {}), _effective_um_per_px(model_rec or {})
-    if data_mpp is None or model_mpp is None or data_mpp <= model_mpp * consts.LOWRES_TOLERANCE:
-        return
-    where = ", ".join(
-        f"{lib}: {float(v):.3g} µm/px ({(data_rec.get('image') or {}).get(lib, '?')}, level "
-        f"{(data_rec.get('level') or {}).get(lib, 0)})"
-        for lib, v in (data_rec.get("source_um_per_px") or {}).items()
-    )
-    msg = (
-        f"The {what}'s patches were cut from a {data_mpp:.3g} µm/px image ({where}), coarser than the "
-        f"{model_mpp:.3g} µm/px the model was trained on: predictions from upsampled patches are worse."
-    )
-    if not allow_lowres:
-        raise ValueError(
-            msg
-            + " Give the slide's full-resolution image (agl.io.read_visium(..., fullres_image=...), the SpatialData "
-            "full-res image element) and re-embed, or pass allow_lowres=True to predict anyway."
-        )
-    warnings.warn(msg + " Predicting anyway (allow_lowres=True).", UserWarning, stacklevel=3)
 
 
 def check_embedding_matches(
