@@ -1,17 +1,4 @@
-"""Every key this package reads from or writes to AnnData, in one place.
-
-The contract (see ``docs/data_layouts.md``):
-
-- ``.X`` (or a named layer): raw counts, spots x genes.
-- ``.obsm["spatial"]``: spot centres in **full-resolution pixels** (x, y).
-- ``.obs[library_key]``: which slide a spot belongs to (categorical) when there are several.
-- ``.uns["spatial"][library_id]``:
-    - ``"images"``: ``{"hires": array, "lowres": array}`` as in scanpy/squidpy (optional ``"fullres"``);
-    - ``"scalefactors"``: ``tissue_hires_scalef``, ``tissue_lowres_scalef``, ``spot_diameter_fullres``
-      and ``microns_per_pixel`` (µm per full-resolution pixel, our addition);
-    - ``"metadata"``: ``source_image_path`` (full-resolution image file read lazily for patches) and
-      ``patches_h5`` (HEST pre-extracted patches), both optional.
-"""
+"""Every key this package reads from or writes to AnnData, in one place (the layout: ``docs/data_layouts.md``)."""
 
 from __future__ import annotations
 
@@ -54,28 +41,9 @@ OWNED_FIELD = "agl_keys"
 #: Name prefixes of the package's own namespace (its default ``key_added`` and embedding keys): ours by name.
 OWN_PREFIXES = ("agl", EMBED_PREFIX)
 #: ``.uns`` keys that scanpy, squidpy and spatialdata own: never written, whatever ``key_added`` says.
-RESERVED_UNS = (
-    SPATIAL_KEY,
-    "spatialdata_attrs",
-    "log1p",
-    "hvg",
-    "pca",
-    "neighbors",
-    "umap",
-    "tsne",
-    "draw_graph",
-    "diffmap_evals",
-    "leiden",
-    "louvain",
-    "paga",
-    "rank_genes_groups",
-    "dendrogram",
-    "moranI",
-    "gearyC",
-    "spatial_neighbors",
-    "co_occurrence",
-    "interaction",
-)
+RESERVED_UNS: tuple[str, ...] = (SPATIAL_KEY, "spatialdata_attrs", "log1p", "hvg", "pca", "neighbors", "umap")
+RESERVED_UNS += ("tsne", "draw_graph", "diffmap_evals", "leiden", "louvain", "paga", "rank_genes_groups", "dendrogram")
+RESERVED_UNS += ("moranI", "gearyC", "spatial_neighbors", "co_occurrence", "interaction")
 
 # --- value vocabularies (Literal aliases; the tuples are what validators accept) ---------------------------
 Method = Literal["pgl", "agl", "topk", "dkgsb"]
