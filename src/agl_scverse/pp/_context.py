@@ -1,12 +1,4 @@
-"""Spatial context of spot embeddings: neighbour aggregates, a wider field of view and a slide summary.
-
-Every spot's features otherwise come from its own patch alone. :func:`spatial_context` adds what surrounds it:
-an aggregate (mean, Gaussian-weighted mean, max, std) of the embeddings of its neighbours on a squidpy spatial
-graph built per library (neighbours never cross sections), the same encoder's features of a wider patch cut from
-the full-resolution image (through :func:`~agl_scverse.pp.embed_patches`), and the library's mean embedding.
-The recipe is recorded beside the encoder record, so a model trained on these features rebuilds them on a new
-slide (:func:`agl_scverse.tl.agl_predict`).
-"""
+"""Spatial context of spot embeddings: neighbour aggregates, a wider field of view and a slide summary."""
 
 from __future__ import annotations
 
@@ -47,24 +39,12 @@ __all__ = [
 CONTEXT_AGGREGATIONS = ("mean", "gaussian", "max", "std")
 CONTEXT_OUTPUTS = ("blend", "concat")
 CONTEXT_SLIDE = ("append", "subtract")
-#: Neighbours of the default graph (k nearest spots of the same library), and the default aggregations
-#: (``output="concat"``): chosen by nested leave-one-section-out on HER2+ (benchmarks/bench_context_her2st.py).
+#: Defaults of the graph (k nearest spots of the same library) and of the aggregations with ``output="concat"``.
 DEFAULT_CONTEXT_NEIGHS = 12
 DEFAULT_CONTEXT_AGGREGATION = ("mean", "std")
 #: Recipe fields that must agree between a slide's context features and a model's (see agl_predict).
-CONTEXT_CHECKED = (
-    "graph",
-    "n_neighs",
-    "n_rings",
-    "grid_neighs",
-    "radius_um",
-    "aggregation",
-    "include_self",
-    "output",
-    "alpha",
-    "fov_patch_um",
-    "slide",
-)
+CONTEXT_CHECKED: tuple[str, ...] = ("graph", "n_neighs", "n_rings", "grid_neighs", "radius_um", "aggregation")
+CONTEXT_CHECKED += ("include_self", "output", "alpha", "fov_patch_um", "slide")
 _CHUNK_BYTES = 64 * 2**20  # output rows computed at a time
 
 
@@ -99,9 +79,7 @@ def context_recipe_diff(data_recipe: dict | None, model_recipe: dict | None) -> 
     for f in CONTEXT_CHECKED:
         a, b = data_recipe.get(f), model_recipe.get(f)
         na, nb = _norm(a), _norm(b)
-        same = (
-            np.isclose(na, nb) if isinstance(na, float) and isinstance(nb, float) and type(na) is type(nb) else na == nb
-        )
+        same = np.isclose(na, nb) if isinstance(na, float) and isinstance(nb, float) else na == nb
         if not same:
             out.append(f"{f}: data {a!r} vs model {b!r}".replace("np.float64(", "(").replace("np.int64(", "("))
     return out
@@ -136,13 +114,8 @@ def context_kwargs(recipe: dict) -> dict[str, Any]:
 def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> None:
     """Refuse context features whose neighbourhoods span several groups of ``group_key`` (folds would leak).
 
-    The context of ``.obsm[key]`` was built within each library of its recorded ``library_key``; every library
-    must lie inside one group (e.g. one section per fold), so no test spot's features see a training spot.
-    Features without a context record pass.
-
-    Examples
-    --------
-    >>> check_context_within_groups(adata, "X_agl_densenet121_context", "library_id")  # doctest: +SKIP
+    Every library of the context's recorded ``library_key`` must lie inside one group; features without a context
+    record pass.
     """
     rec = ((adata.uns.get(consts.EMBED_UNS) or {}).get(key) or {}).get("context")
     if not rec:
@@ -178,10 +151,8 @@ def _library_groups(adata: AnnData, library_key: str | None) -> list[tuple[str |
     col = adata.obs[library_key]
     if col.isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values for {int(col.isna().sum())} spots; fill them.")
-    codes, uniques = pd.factorize(col.astype(str), sort=False)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
-    return [(str(u), order[bounds[i] : bounds[i + 1]]) for i, u in enumerate(uniques)]
+    names = col.astype(str).to_numpy()
+    return list(pd.Series(names).groupby(names, sort=False).indices.items())
 
 
 def _graph(
@@ -387,25 +358,17 @@ def spatial_context(
 ) -> AnnData | None:
     """Context features of each spot: its neighbours' embeddings, a wider field of view, the slide's mean.
 
-    The spot's own embedding ``.obsm[embedding_key]`` is left as it is; the context features go to
-    ``.obsm[key_added]``, in this order of blocks:
+    ``.obsm[embedding_key]`` is left as it is; ``.obsm[key_added]`` gets these blocks, in order:
 
-    1. ``output="concat"`` (default): ``[x, agg_1(x), agg_2(x), ...]``, the spot's own embedding and one aggregate
-       over its neighbourhood (self included with ``include_self``) per aggregation: by default the mean and the
-       standard deviation over the spot and its 12 nearest spots. ``output="blend"``:
-       ``alpha * x + (1 - alpha) * agg(x)`` with one mean or Gaussian aggregate; ``alpha=0`` is the plain mean of
-       the spot and its ``n_neighs`` nearest spots.
-    2. ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch (``patch_um * sqrt(fov_scale)``,
-       i.e. ``fov_scale`` times the spot patch's area, at the same ``patch_px``), cut from the full-resolution image
-       by :func:`~agl_scverse.pp.embed_patches` (cached in ``.obsm[fov_key]`` with its own record).
-    3. ``slide="append"``: the library's mean embedding (constant within a library); ``slide="subtract"``: every
-       block above is centred on its library mean instead.
+    1. ``output="concat"``: ``[x, agg_1(x), agg_2(x), ...]``, the spot's own embedding and one aggregate over its
+       neighbourhood per aggregation; ``output="blend"``: ``alpha * x + (1 - alpha) * agg(x)`` with one mean-type
+       aggregate.
+    2. With ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch at the same ``patch_px``,
+       cut by :func:`~agl_scverse.pp.embed_patches` (cached in ``.obsm[fov_key]``).
+    3. ``slide="append"``: the library's mean embedding; ``slide="subtract"``: every block above centred on it.
 
-    Neighbours come from a squidpy spatial graph built per library (``library_key``): the ``n_neighs`` nearest
-    spots (default), ``n_rings`` rings of a grid of ``grid_neighs`` neighbours (6: Visium's hexagonal grid, 4: a
-    square one), or every spot within ``radius_um`` µm (converted with the library's µm per pixel). They never
-    cross libraries. The aggregate is the row-normalised sparse adjacency times the library's embedding, computed
-    per library (max and std in chunks of rows), float32: memory is the output plus one library's embedding.
+    Neighbours come from a squidpy spatial graph built per library (``library_key``), so they never cross
+    libraries. The aggregates are row-normalised sparse adjacency products, float32, computed per library.
 
     Parameters
     ----------
@@ -428,12 +391,11 @@ def spatial_context(
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
     output
-        ``"concat"`` (default) or ``"blend"``, see above. The defaults (k = 12, concat, mean and std) are the
-        recipe nested leave-one-section-out validation chose on HER2+ (the Method page, "Spatial context").
+        ``"concat"`` (default) or ``"blend"``, see above.
     alpha
         Weight of the spot's own embedding in ``"blend"``, in [0, 1].
     fov_scale
-        Append a wider field of view of ``fov_scale`` times the spot patch's area (e.g. 2 to 4).
+        Append a wider field of view of ``fov_scale`` times the spot patch's area (side ``patch_um * sqrt(fov_scale)``).
     fov_patch_um
         The wider patch's side in µm (instead of ``fov_scale``).
     fov_key
@@ -462,10 +424,7 @@ def spatial_context(
     -------
     ``None`` (a SpatialData input gets the results in its table) or a new AnnData (``copy=True``). Writes
     ``.obsm[key_added]`` (float32) and ``.uns["agl_embeddings"][key_added]``: the base embedding's encoder record
-    (so models check the encoder as for any embedding) with ``feature_dim`` of the context features and
-    ``context``: the recipe (``base_key``, ``graph``, ``n_neighs`` / ``n_rings`` / ``radius_um``, ``aggregation``,
-    ``include_self``, ``output``, ``alpha``, ``fov_patch_um``, ``slide``, ``library_key``). Nothing is written
-    when it fails.
+    with the context's ``feature_dim`` and ``context``, the recipe. Nothing is written when it fails.
 
     Examples
     --------
@@ -537,27 +496,6 @@ def spatial_context(
     width = (1 if output == "blend" else 1 + len(aggs)) * d + d_fov
     d_out = width + (d + d_fov if slide == "append" else 0)
     out = np.empty((adata.n_obs, d_out), dtype=np.float32)
-    how = {
-        "aggs": aggs,
-        "output": output,
-        "alpha": alpha,
-        "graph": graph,
-        "n_neighs": int(n_neighs),
-        "n_rings": n_rings,
-        "grid_neighs": int(grid_neighs),
-        "include_self": include_self,
-        "slide": slide,
-    }
-    for lib, idx in groups:
-        Xl = np.asarray(X[idx], dtype=np.float32)
-        if not np.isfinite(Xl).all():
-            raise ValueError(f".obsm[{embedding_key!r}] holds NaN/inf in library {lib!r}; recompute the embedding.")
-        radius_px = None
-        if radius_um is not None:  # graph == "radius"
-            if lib is None:
-                raise ValueError("radius_um needs the µm per pixel of a library (uns['spatial']); none is known.")
-            radius_px = float(radius_um) / microns_per_pixel(adata, lib)
-        _fill_library(out, Xl, idx, coords[idx], {**how, "radius_px": radius_px}, fov, width)
     recipe = {
         "base_key": embedding_key,
         "graph": graph,
@@ -575,6 +513,16 @@ def spatial_context(
         "library_key": lib_key,
         "base_dim": d,
     }
+    for lib, idx in groups:
+        Xl = np.asarray(X[idx], dtype=np.float32)
+        if not np.isfinite(Xl).all():
+            raise ValueError(f".obsm[{embedding_key!r}] holds NaN/inf in library {lib!r}; recompute the embedding.")
+        radius_px = None
+        if radius_um is not None:  # graph == "radius"
+            if lib is None:
+                raise ValueError("radius_um needs the µm per pixel of a library (uns['spatial']); none is known.")
+            radius_px = float(radius_um) / microns_per_pixel(adata, lib)
+        _fill_library(out, Xl, idx, coords[idx], {**recipe, "aggs": aggs, "radius_px": radius_px}, fov, width)
     record = {k: v for k, v in base_rec.items() if k not in ("feature_dim", "n_spots", "versions")}
     record.update(
         feature_dim=int(d_out), n_spots=int(adata.n_obs), context={k: v for k, v in recipe.items() if v is not None}
