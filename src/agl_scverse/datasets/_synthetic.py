@@ -14,6 +14,7 @@ from scipy import ndimage, sparse
 from scipy.special import ndtri
 
 from agl_scverse import _constants as consts
+from agl_scverse._validate import check_positive
 
 __all__ = ["synthetic_slide", "TISSUE_TYPES"]
 
@@ -70,11 +71,9 @@ def _render_slide(
     sharpness: float,
     mpp: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one slide.
+    """One slide: RGB image, and on the coarse grid its composition, cellularity and nuclear size.
 
-    Returns the uint8 RGB image and, on the coarse field grid, the tissue composition (n_types x h x w)
-    and the two continuous factors (cellularity, nuclear size). ``rng`` draws the layout (which sets the
-    latent state, hence the counts); ``rng_texture`` draws everything else, so texture changes leave counts as they are.
+    ``rng`` draws the layout (hence the counts), ``rng_texture`` the rest, so texture changes leave counts alone.
     """
     n_types = len(types)
     hc, wc = height // _FIELD_PX, width // _FIELD_PX
@@ -224,10 +223,7 @@ def synthetic_slide(
     - ``"noise"``: constant mean, unrelated to the image; ``n_bursty_noise`` of them are highly overdispersed,
       so they also rank high on HVG dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
 
-    With the defaults, about 35 of the top-50 seurat HVG (log1p counts) are tissue genes (most of the rest are
-    the strongest informative genes), about 70% of the other informative genes rank in the top 20% of the
-    remaining genes by ``dispersions_norm``, and so do 20-50 of the 100 bursty genes. Layout, texture and
-    counts use independent random streams derived from ``seed``.
+    Layout, texture and counts use independent random streams derived from ``seed``.
 
     Parameters
     ----------
@@ -414,17 +410,8 @@ def synthetic_slide(
 
 
 def _check_args(args: dict) -> None:
-    ints = {
-        "n_rows": 2,
-        "n_cols": 2,
-        "n_tissue_genes": 1,
-        "n_informative": 0,
-        "n_noise": 0,
-        "n_bursty_noise": 0,
-        "n_slides": 1,
-        "n_types": 2,
-    }
-    for name, lo in ints.items():
+    ints = {"n_rows": 2, "n_cols": 2, "n_tissue_genes": 1, "n_informative": 0, "n_noise": 0, "n_bursty_noise": 0}
+    for name, lo in {**ints, "n_slides": 1, "n_types": 2}.items():
         val = args[name]
         if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}.")
@@ -436,13 +423,9 @@ def _check_args(args: dict) -> None:
             "subset of the noise genes."
         )
     for name in ("spot_spacing_um", "spot_diameter_um", "microns_per_pixel", "region_um", "depth"):
-        val = args[name]
-        if not np.isfinite(val) or val <= 0:
-            raise ValueError(f"{name} must be a positive number, got {val!r}.")
+        check_positive(name, args[name])
     for name in ("margin_um", "depth_sd", "hidden_sd", "informative_strength"):
-        val = args[name]
-        if not np.isfinite(val) or val < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {val!r}.")
+        check_positive(name, args[name], allow_zero=True)
     for name in ("informative_mean", "tissue_mean"):
         lo, hi = args[name]
         if not (0 < lo <= hi):
