@@ -57,7 +57,7 @@ def _target_size(w: int, h: int, max_px: int) -> tuple[int, int, float]:
 def thumbnail_from_file(path: str | Path, max_px: int = 2000) -> tuple[np.ndarray, float]:
     """Downscaled RGB uint8 copy of an image file (longest side ``<= max_px``) and its scale factor.
 
-    JPEGs are decoded at a reduced size (PIL ``draft``), so a 10k x 10k slide takes well under a second.
+    JPEGs are decoded at a reduced size (PIL ``draft``).
 
     Examples
     --------
@@ -134,9 +134,7 @@ def check_in_image(xy: np.ndarray, width: int, height: int, library_id: str, ima
 
 def as_csr_float32(X) -> sp.csr_matrix:
     """Counts as scipy CSR float32."""
-    if sp.issparse(X):
-        return sp.csr_matrix(X, dtype=np.float32)
-    return sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    return sp.csr_matrix(X if sp.issparse(X) else np.asarray(X, dtype=np.float32), dtype=np.float32)
 
 
 def finalize(adata: AnnData, library_key: str, he_only: bool = False) -> AnnData:

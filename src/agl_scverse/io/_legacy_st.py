@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from agl_scverse import _constants as consts
 from agl_scverse import _validate
+from agl_scverse._docs import d
 from agl_scverse._utils import show_progress
 
 from ._common import (
@@ -34,6 +35,7 @@ __all__ = ["read_legacy_st", "has_he_only_sections"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
+@d.dedent
 def read_legacy_st(
     path: str | Path | Sequence[str | Path],
     sections: Sequence[str] | None = None,
@@ -51,11 +53,8 @@ def read_legacy_st(
     """Read legacy Spatial Transcriptomics sections (one folder per section) into one AnnData.
 
     Each section folder holds ``counts.tsv.gz`` (spots x genes, first column the spot id ``"XxY"``),
-    ``spots.tsv`` (columns ``x y pixel_x pixel_y``: array position and spot centre in pixels of the image) and
-    ``he.jpg`` (the full-resolution H&E image). Spots are matched on the id; spots present in only one of the two
-    files are dropped with a warning. Several sections are joined on the union of their genes (missing genes are
-    0 counts). A section without counts (an H&E-only slide to predict) is read with ``counts_file=None``: every
-    spot of the spots file, 0 genes, the same positions and images, ready for :func:`agl_scverse.tl.predict_anndata`.
+    ``spots.tsv`` (columns ``x y pixel_x pixel_y``) and ``he.jpg`` (the full-resolution H&E image). Spots are
+    matched on the id (unmatched ones dropped with a warning); sections are joined on the union of their genes.
 
     Parameters
     ----------
@@ -68,8 +67,7 @@ def read_legacy_st(
     library_key
         ``.obs`` column naming the section of each spot (categorical).
     microns_per_pixel
-        µm per full-resolution pixel. If ``None``, estimated per section from the median nearest-neighbour pixel
-        distance between spots, which is ``spot_pitch_um`` on the array.
+        µm per full-resolution pixel; default ``spot_pitch_um`` over the median nearest-neighbour spot distance.
     spot_diameter_um
         Spot diameter in µm (100 on the legacy ST array); sets ``spot_diameter_fullres``.
     spot_pitch_um
@@ -77,24 +75,19 @@ def read_legacy_st(
     hires_max_px
         Longest side of the downscaled ``"hires"`` image kept in memory.
     load_images
-        Build the ``"hires"`` thumbnail. The full-resolution image path is recorded either way (and its size read
-        from the file header to check the spots lie on it).
+        Build the ``"hires"`` thumbnail (the full-resolution image path is recorded either way).
     counts_file
-        Counts file name inside each section folder; ``None``: no counts (H&E-only sections, an AnnData of 0 genes).
+        Counts file name inside each section folder; ``None``: H&E-only sections to predict (0 genes).
     spots_file
         Spot positions file name inside each section folder (tab- or comma-separated).
     image_file
         Image file name inside each section folder; ``None`` takes the only image file in the folder.
-    progress
-        Progress bar over the sections (of two or more): ``True``, ``False``, or ``None`` (default) to follow
-        scanpy's verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
+    %(progress)s
 
     Returns
     -------
-    AnnData with raw counts (CSR float32; spots x 0 genes with ``counts_file=None``) in ``.X``, obs names ``"<section>_<XxY>"``, ``.obs[["array_x",
-    "array_y", library_key]]``, spot centres in full-resolution pixels in ``.obsm["spatial"]`` and, per section,
-    ``.uns["spatial"][section]`` with the ``"hires"`` image, scale factors (``tissue_hires_scalef``,
-    ``spot_diameter_fullres``, ``microns_per_pixel``) and ``metadata["source_image_path"]``.
+    AnnData in the agl-scverse layout (:doc:`/data_layouts`), obs names ``"<section>_<XxY>"``, with
+    ``.obs["array_x"]`` and ``.obs["array_y"]``.
 
     Examples
     --------
@@ -111,10 +104,8 @@ def read_legacy_st(
 
     adatas, entries = [], {}
     for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2 or not show_progress(progress)):
-        lib = folder.name
-        a, entry = _read_section(
+        a, entries[folder.name] = _read_section(
             folder,
-            lib,
             library_key,
             microns_per_pixel,
             spot_diameter_um,
@@ -126,7 +117,6 @@ def read_legacy_st(
             image_file,
         )
         adatas.append(a)
-        entries[lib] = entry
 
     if len(adatas) == 1:
         adata = adatas[0]
@@ -186,10 +176,7 @@ def _section_folders(path, sections, counts_file: str | None, spots_file: str) -
 def has_he_only_sections(
     path: str | Path | Sequence, spots_file: str = "spots.tsv", counts_file: str = "counts.tsv.gz"
 ) -> bool:
-    """Whether ``path`` (a section folder or a parent of several) holds spot tables and images but no counts.
-
-    Such folders are read with ``read_legacy_st(path, counts_file=None)`` (what the CLI's ``predict`` does).
-    """
+    """Whether ``path`` (a section folder or a parent of several) holds spot tables and images but no counts."""
     if not isinstance(path, str | Path) or not Path(path).is_dir():
         return False
     root = Path(path)
@@ -243,7 +230,6 @@ def _find_image(folder: Path, image_file: str | None) -> Path:
 
 def _read_section(
     folder: Path,
-    lib: str,
     library_key: str,
     microns_per_pixel: float | None,
     spot_diameter_um: float,
@@ -254,7 +240,7 @@ def _read_section(
     spots_file: str,
     image_file: str | None,
 ) -> tuple[AnnData, dict]:
-    spots_path = folder / spots_file
+    lib, spots_path = folder.name, folder / spots_file
     if not spots_path.is_file():
         raise FileNotFoundError(f"{spots_path} does not exist; legacy ST sections need a spots file ({spots_file!r}).")
     image_path = _find_image(folder, image_file)

@@ -29,9 +29,8 @@ def read_visium(
 ) -> AnnData:
     """Read a 10x Visium Space Ranger output folder into the agl-scverse layout.
 
-    Parsing is done by :func:`squidpy.read.visium`; this adds the physical scale
-    (``microns_per_pixel = spot_diameter_um / spot_diameter_fullres``), the full-resolution image path and the
-    library column, converts the counts to CSR float32 and checks the result.
+    Parsing is done by :func:`squidpy.read.visium`; this adds the physical scale, the full-resolution image path
+    and the library column, and checks the result.
 
     Parameters
     ----------
@@ -42,22 +41,18 @@ def read_visium(
     library_id
         Library id; default the ``library_ids`` attribute of the h5 file, else the folder name.
     fullres_image
-        The full-resolution H&E image the spot coordinates refer to (recorded as
-        ``metadata["source_image_path"]``, read lazily for patches). Without it, patches come from the
-        ``"hires"`` image (upsampled, with a warning).
+        The full-resolution H&E image of the spot coordinates (``metadata["source_image_path"]``, read lazily for
+        patches); without it patches come from the ``"hires"`` image, upsampled, with a warning.
     counts_file
-        Counts file inside ``path`` (passed to squidpy as ``counts_file``). ``None``: no counts, an H&E-only slide
-        to predict (spots x 0 genes): the spots under tissue (``in_tissue == 1``) of the tissue positions file, with
-        the images and scale factors of ``spatial/``.
+        Counts file inside ``path``; ``None``: an H&E-only slide to predict, the in-tissue spots and 0 genes.
     library_key
         ``.obs`` column naming the library (categorical).
     microns_per_pixel
         µm per full-resolution pixel; default ``spot_diameter_um / spot_diameter_fullres``.
     spot_diameter_um
-        Physical spot diameter used to derive the scale (65 µm: Space Ranger's ``spot_diameter_fullres`` spans a theoretical 65 µm spot).
+        Spot diameter that ``spot_diameter_fullres`` spans (Space Ranger's theoretical 65 µm).
     var_names_make_unique
-        Make duplicated gene symbols unique (``adata.var_names_make_unique()``, as scanpy's 10x readers do);
-        with ``False`` duplicated symbols raise an error.
+        Make duplicated gene symbols unique, as scanpy's 10x readers do; with ``False`` they raise an error.
 
     Returns
     -------
