@@ -111,13 +111,7 @@ DEFAULT_PATCH_UM = 112.0
 
 
 def embedding_key(encoder_name: str) -> str:
-    """``.obsm`` key of the features of an encoder: ``"X_agl_<encoder>"``.
-
-    Examples
-    --------
-    >>> embedding_key("resnet18")
-    'X_agl_resnet18'
-    """
+    """``.obsm`` key of the features of an encoder: ``"X_agl_<encoder>"``."""
     return f"{EMBED_PREFIX}{encoder_name}"
 
 

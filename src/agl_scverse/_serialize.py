@@ -1,8 +1,6 @@
-"""Turn results into what ``write_h5ad`` (``.uns``) and JSON (model configs) store, with one null convention.
+"""Turn results into what ``write_h5ad`` (``.uns``) and JSON store: None is left out of a dict (NaN in a list).
 
-The null convention: **"nothing here" is never written as a placeholder string.** In ``.uns`` (h5ad cannot
-store None) a ``None`` value is left out of its dict, so readers use ``entry.get(name)`` and get None back; a
-``None`` inside a numeric list becomes NaN. In JSON, None is ``null`` and a non-finite float is ``null`` too.
+In JSON, None and non-finite floats are ``null``; nothing is ever written as a placeholder string.
 """
 
 from __future__ import annotations
@@ -21,10 +19,7 @@ def _is_number(v: Any) -> bool:
 
 
 def to_h5ad(obj: Any) -> Any:
-    """Recursively turn ``obj`` into values ``anndata.write_h5ad`` stores in ``.uns``.
-
-    Dicts keep their keys as strings and drop ``None`` values; tuples, lists, indexes and series become
-    typed arrays (bool, int64, float64 with NaN for None, or str); paths become strings.
+    """Recursively turn ``obj`` into values ``write_h5ad`` stores: dicts drop None, sequences become typed arrays.
 
     Examples
     --------
@@ -83,11 +78,7 @@ def to_json(obj: Any) -> Any:
 
 
 def null_as_none(value: Any) -> Any:
-    """``value``, or None when it is a stored null.
-
-    Current files leave an absent value out (``entry.get(name)`` is None); files written by agl-scverse 0.1 hold
-    the placeholder string ``"None"`` (or ``""``), which reads as None here too. Read optional stored values as
-    ``null_as_none(entry.get(name))``.
+    """``value``, or None when it is a stored null (absent, or agl-scverse 0.1's ``"None"`` / ``""``).
 
     Examples
     --------

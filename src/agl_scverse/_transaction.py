@@ -81,12 +81,10 @@ def restore_on_error(
     layers: Sequence[str] = (),
     uns: Sequence[str] = (),
 ) -> Iterator[None]:
-    """Context for the final write block of a tool.
+    """Context for the final write block of a tool: the named keys are restored (or removed) if it raises.
 
-    Refuses keys the package does not own (:func:`check_owned`) before anything is written. The named keys are
-    remembered before the block; if the block raises (``KeyboardInterrupt`` included), each is restored (or
-    removed when it did not exist) and the error propagates. Nothing is copied but references. On success every
-    ``.uns`` entry written that is a dict records the keys written (its ``agl_keys`` field), which marks them ours.
+    Keys the package does not own are refused first (:func:`check_owned`); only references are kept. On success
+    every ``.uns`` dict written records the keys written in its ``agl_keys`` field, which marks them ours.
 
     Examples
     --------

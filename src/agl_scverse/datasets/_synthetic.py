@@ -205,23 +205,19 @@ def synthetic_slide(
 ) -> AnnData:
     """Simulate an H&E-like slide (or several) with spot counts drawn from an image-driven generative model.
 
-    The image is a mosaic of smooth random tissue regions (tumour, stroma, immune, epithelium, adipose), each
-    drawn with its own eosin colour, fibre texture, white space and nuclei (density, size, shape, hematoxylin
-    colour). Two smooth continuous factors modulate the texture everywhere: *cellularity* (nuclei density) and
-    *nuclear size*. Spots lie on a regular grid; each spot's latent state ``z`` is its tissue composition and
-    its mean of both factors over the spot disk, so it is visible in the spot's patch. Counts follow
+    The image is a mosaic of smooth random tissue regions (:data:`TISSUE_TYPES`), each with its own colour,
+    fibres, white space and nuclei, modulated by two smooth factors: cellularity and nuclear size. A spot's latent
+    state ``z`` (its tissue composition and mean factors over the spot disk) is visible in its patch. Counts follow
 
     ``counts[s, g] ~ NB(mean = L_s * exp(b_g + (z_s + e_s) @ W_g), dispersion r_g)``
 
     with per-spot library size ``L_s`` (log-normal depth noise) and image-invisible noise ``e_s ~ N(0,
     hidden_sd²)``. Gene kinds:
 
-    - ``"tissue"``: strong loadings ``W_g``, moderately expressed; they are the top highly variable genes and
-      the natural prediction targets;
-    - ``"informative"``: the same loading pattern scaled by ``informative_strength``, low expression; they carry
-      the image signal but are too noisy to be targets (the auxiliaries AGL should select);
-    - ``"noise"``: constant mean, unrelated to the image; ``n_bursty_noise`` of them are highly overdispersed,
-      so they also rank high on HVG dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
+    - ``"tissue"``: strong loadings ``W_g``, moderately expressed: the top HVG, natural targets;
+    - ``"informative"``: loadings scaled by ``informative_strength``, low expression: the auxiliaries to select;
+    - ``"noise"``: unrelated to the image; ``n_bursty_noise`` of them are overdispersed, so they rank high on HVG
+      dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
 
     Layout, texture and counts use independent random streams derived from ``seed``.
 
@@ -240,8 +236,8 @@ def synthetic_slide(
     n_bursty_noise
         How many noise genes are bursty (negative binomial with a very small dispersion parameter).
     n_slides
-        Number of slides, each with its own layout and the same gene programmes. Slides are told apart by
-        ``.obs["library_id"]`` (``"synthetic_0"``, ...); with one slide the library id is ``"synthetic"``.
+        Number of slides (own layout, shared gene programmes): library ids ``"synthetic_0"``, ... (one:
+        ``"synthetic"``).
     n_types
         Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
     spot_spacing_um

@@ -36,13 +36,7 @@ def _open_image(path: str | Path):
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file, read from its header without decoding the pixels.
-
-    Examples
-    --------
-    >>> image_size("he.jpg")  # doctest: +SKIP
-    (9274, 9911)
-    """
+    """``(width, height)`` of an image file, read from its header without decoding the pixels."""
     with _open_image(path) as im:
         return int(im.size[0]), int(im.size[1])
 
@@ -55,14 +49,7 @@ def _target_size(w: int, h: int, max_px: int) -> tuple[int, int, float]:
 
 
 def thumbnail_from_file(path: str | Path, max_px: int = 2000) -> tuple[np.ndarray, float]:
-    """Downscaled RGB uint8 copy of an image file (longest side ``<= max_px``) and its scale factor.
-
-    JPEGs are decoded at a reduced size (PIL ``draft``).
-
-    Examples
-    --------
-    >>> img, scalef = thumbnail_from_file("he.jpg", max_px=2000)  # doctest: +SKIP
-    """
+    """Downscaled RGB uint8 copy of an image file (longest side ``<= max_px``) and its scale factor."""
     from PIL import Image
 
     with _open_image(path) as im:
@@ -138,10 +125,7 @@ def as_csr_float32(X) -> sp.csr_matrix:
 
 
 def finalize(adata: AnnData, library_key: str, he_only: bool = False) -> AnnData:
-    """Last checks of a reader's output: counts, names, coordinates, scale factors; counts become CSR float32.
-
-    ``he_only``: a slide read without counts (spots x 0 genes), for prediction; it needs spots, not genes.
-    """
+    """Last checks of a reader's output (``he_only``: spots x 0 genes); counts become CSR float32."""
     if he_only:
         if adata.n_obs == 0:
             raise ValueError("The slide has no spots; check its spot table.")

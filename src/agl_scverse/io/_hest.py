@@ -116,7 +116,6 @@ def read_hest(
 
     h5 = _read_h5_index(patches_path) if patches_path is not None else None
 
-    # physical scale
     mpp, mpp_source = microns_per_pixel, "given"
     if mpp is None:
         mpp, mpp_source = _guess_mpp(adata, old_sf, h5, patch_microns, spot_diameter_um, library_id)
@@ -125,11 +124,9 @@ def read_hest(
     keep = np.ones(adata.n_obs, dtype=bool)
     rows = None
     if h5 is not None and patches_path is not None:
-        lookup = pd.Series(np.arange(len(h5["barcode"])), index=pd.Index(h5["barcode"]))
-        rows_all = lookup.reindex(adata.obs_names.astype(str)).to_numpy()
-        keep = ~pd.isna(rows_all)
-        n_no_patch = int((~keep).sum())
-        n_no_spot = int(len(lookup) - keep.sum())
+        rows_all = pd.Index(h5["barcode"]).get_indexer(adata.obs_names.astype(str))  # barcodes are unique
+        keep = rows_all >= 0
+        n_no_patch, n_no_spot = int((~keep).sum()), int(len(h5["barcode"]) - keep.sum())
         if n_no_patch or n_no_spot:
             logg.warning(
                 f"HEST sample {library_id!r}: {n_no_patch} spot(s) have no patch and {n_no_spot} patch(es) have no "
@@ -161,7 +158,6 @@ def read_hest(
         raise ValueError(f"The spot coordinates of {st_path.name} hold NaN/inf; fix obsm['spatial'].")
 
     # image: the h5ad's own, the whole-slide image, or a mosaic of the patches
-    hires, scalef, image_source = None, None, None
     if fullres_image is not None:
         check_in_image(xy, width, height, library_id, image=str(fullres_image))
     img, s_img = _h5ad_image(old_entry, old_sf)

@@ -61,9 +61,7 @@ def _norm(v: Any) -> Any:
 
 
 def context_recipe_diff(data_recipe: dict | None, model_recipe: dict | None) -> list[str]:
-    """Fields of :data:`CONTEXT_CHECKED` on which two context recipes differ, as ``"field: a vs b"``.
-
-    A missing recipe (features without context) differs from any recipe.
+    """Fields of :data:`CONTEXT_CHECKED` on which two context recipes differ (a missing recipe differs from any).
 
     Examples
     --------
