@@ -223,10 +223,8 @@ def synthetic_slide(
 
     Parameters
     ----------
-    n_rows
-        Rows of the spot grid.
-    n_cols
-        Columns of the spot grid.
+    n_rows, n_cols
+        Rows and columns of the spot grid.
     n_tissue_genes
         Number of tissue genes (following the tissue type).
     n_informative
@@ -240,10 +238,8 @@ def synthetic_slide(
         ``"synthetic"``).
     n_types
         Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
-    spot_spacing_um
-        Centre-to-centre spacing of spots, in µm.
-    spot_diameter_um
-        Spot diameter, in µm.
+    spot_spacing_um, spot_diameter_um
+        Centre-to-centre spacing and diameter of spots, in µm.
     microns_per_pixel
         Scale of the full-resolution image.
     margin_um
@@ -258,10 +254,8 @@ def synthetic_slide(
         Standard deviation of the image-invisible per-spot noise added to the latent state.
     informative_strength
         Loadings of informative genes relative to tissue genes.
-    informative_mean
-        Range (log-uniform) of the mean counts per spot of informative genes, at ``depth=1``.
-    tissue_mean
-        The same for tissue genes.
+    informative_mean, tissue_mean
+        Range (log-uniform) of the mean counts per spot of informative and tissue genes, at ``depth=1``.
     seed
         Seed of the :class:`numpy.random.Generator`; the output is a deterministic function of all arguments.
 
@@ -353,28 +347,14 @@ def synthetic_slide(
         blocks.append(sparse.csr_matrix(counts.astype(np.float32)))
         hires = img.reshape(height // _HIRES_FACTOR, _HIRES_FACTOR, width // _HIRES_FACTOR, _HIRES_FACTOR, 3)
         hires = hires.mean((1, 3)).round().astype(np.uint8)
-        spatial[lib] = {
-            consts.IMAGES: {consts.FULLRES: img, consts.HIRES: hires},
-            consts.SCALEFACTORS: {
-                consts.HIRES_SCALEF: 1.0 / _HIRES_FACTOR,
-                consts.SPOT_DIAMETER: float(spot_diameter_um / mpp),
-                consts.MICRONS_PER_PIXEL: mpp,
-            },
-            consts.METADATA: {},
-        }
+        sf = {consts.HIRES_SCALEF: 1.0 / _HIRES_FACTOR, consts.SPOT_DIAMETER: float(spot_diameter_um / mpp)}
+        sf[consts.MICRONS_PER_PIXEL] = mpp
+        images = {consts.FULLRES: img, consts.HIRES: hires}
+        spatial[lib] = {consts.IMAGES: images, consts.SCALEFACTORS: sf, consts.METADATA: {}}
         dom = np.asarray(types)[z[:, :n_types].argmax(1)]
-        obs_parts.append(
-            pd.DataFrame(
-                {
-                    consts.LIBRARY_KEY: lib,
-                    "array_row": gy.ravel(),
-                    "array_col": gx.ravel(),
-                    "tissue_type": dom,
-                    "library_size_factor": lib_size / depth,
-                },
-                index=[f"{lib}_r{r}_c{c}" for r, c in zip(gy.ravel(), gx.ravel())],
-            )
-        )
+        cols = {consts.LIBRARY_KEY: lib, "array_row": gy.ravel(), "array_col": gx.ravel(), "tissue_type": dom}
+        names = [f"{lib}_r{r}_c{c}" for r, c in zip(gy.ravel(), gx.ravel())]
+        obs_parts.append(pd.DataFrame({**cols, "library_size_factor": lib_size / depth}, index=names))
         lat_parts.append(z.astype(np.float32))
         hid_parts.append(hidden.astype(np.float32))
 
@@ -382,15 +362,9 @@ def synthetic_slide(
     obs[consts.LIBRARY_KEY] = pd.Categorical(obs[consts.LIBRARY_KEY], categories=lib_ids)
     obs["tissue_type"] = pd.Categorical(obs["tissue_type"], categories=types)
     width_digits = len(str(n_genes))
-    var = pd.DataFrame(
-        {
-            "synthetic_kind": pd.Categorical(kind, categories=["tissue", "informative", "noise"]),
-            "informative": kind == "informative",
-            "bursty": bursty,
-            "synthetic_mean": mean.astype(np.float32),
-        },
-        index=[f"{k[:4]}_{i:0{width_digits}d}" for i, k in enumerate(kind)],
-    )
+    var = pd.DataFrame(index=[f"{k[:4]}_{i:0{width_digits}d}" for i, k in enumerate(kind)])
+    var["synthetic_kind"] = pd.Categorical(kind, categories=["tissue", "informative", "noise"])
+    var["informative"], var["bursty"], var["synthetic_mean"] = kind == "informative", bursty, mean.astype(np.float32)
     adata = AnnData(X=sparse.vstack(blocks, format="csr", dtype=np.float32), obs=obs, var=var)
     adata.obsm[consts.SPATIAL_KEY] = np.tile(xy, (n_slides, 1)).astype(np.float64)
     adata.obsm["synthetic_latent"] = np.concatenate(lat_parts)

@@ -295,9 +295,7 @@ def _read_section(
     else:
         mpp, mpp_source = microns_per_pixel, "given"
 
-    hires, scalef = (None, None)
-    if load_images:
-        hires, scalef = thumbnail_from_file(image_path, hires_max_px)
+    hires, scalef = thumbnail_from_file(image_path, hires_max_px) if load_images else (None, None)
 
     row = counts.index.get_indexer(common)
     obs = pd.DataFrame(

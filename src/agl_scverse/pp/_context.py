@@ -376,10 +376,8 @@ def spatial_context(
         ``.obsm`` key of the spot embedding (e.g. ``"X_agl_densenet121"``).
     n_neighs
         Nearest spots of the same library (k-NN graph).
-    n_rings
-        Rings of a grid graph instead of k-NN (squidpy ``spatial_neighbors_grid``).
-    grid_neighs
-        Neighbours of a spot on the grid (with ``n_rings``).
+    n_rings, grid_neighs
+        Rings of a grid graph of ``grid_neighs`` neighbours per spot instead of k-NN.
     radius_um
         Every spot within this distance in µm instead of k-NN.
     aggregation
@@ -392,10 +390,8 @@ def spatial_context(
         ``"concat"`` (default) or ``"blend"``, see above.
     alpha
         Weight of the spot's own embedding in ``"blend"``, in [0, 1].
-    fov_scale
-        Append a wider field of view of ``fov_scale`` times the spot patch's area (side ``patch_um * sqrt(fov_scale)``).
-    fov_patch_um
-        The wider patch's side in µm (instead of ``fov_scale``).
+    fov_scale, fov_patch_um
+        Append a wider field of view of ``fov_scale`` times the spot patch's area, or of side ``fov_patch_um`` µm.
     fov_key
         ``.obsm`` key of the wider-patch embedding, reused when present with a matching record. Default
         ``f"{embedding_key}_fov{fov_patch_um:g}um"``.
@@ -404,18 +400,9 @@ def spatial_context(
     %(library_key)s
     key_added
         ``.obsm`` key of the context features. Default ``f"{embedding_key}_context"``.
-    weights
-        Weights file of the base encoder (its sha256 is checked), only to compute a wider field of view.
-    encoder
-        The base encoder itself, for a custom module (a wider field of view only).
-    device
-        Device of the encoder (a wider field of view only), as in :func:`~agl_scverse.pp.embed_patches`.
-    batch_size
-        Patches per forward pass (a wider field of view only).
-    num_workers
-        DataLoader workers cutting the wider patches.
-    precision
-        Precision of the encoder, as in :func:`~agl_scverse.pp.embed_patches`.
+    weights, encoder, device, batch_size, num_workers, precision
+        For a wider field of view only: the base encoder's weights file (sha256 checked) or module, and the
+        settings of :func:`~agl_scverse.pp.embed_patches`.
     %(copy)s
 
     Returns
@@ -527,15 +514,14 @@ def spatial_context(
     )
     record["versions"] = versions()
     target = adata.copy() if copy else adata
-    written = [key] + ([fov_key] if fov is not None and fov_key is not None and fov_key not in adata.obsm else [])
-    store = dict(target.uns.get(consts.EMBED_UNS, {}) or {})
-    store[key] = record
-    if len(written) > 1:
-        store[fov_key] = fov_rec
+    new = {key: (out, record)}
+    if fov is not None and fov_key is not None and fov_key not in adata.obsm:
+        new[fov_key] = (fov, fov_rec)
+    written = list(new)
+    store = {**(target.uns.get(consts.EMBED_UNS) or {}), **{k: rec for k, (_, rec) in new.items()}}
     with restore_on_error(target, obsm=written, uns=[consts.EMBED_UNS]):
-        target.obsm[key] = out
-        if len(written) > 1:
-            target.obsm[fov_key] = fov
+        for k, (arr, _) in new.items():
+            target.obsm[k] = arr
         target.uns[consts.EMBED_UNS] = store
     logg.info(f"Added .obsm[{key!r}] ({out.shape[0]} x {out.shape[1]}: {graph} context of {embedding_key!r}).")
     if copy:
