@@ -118,8 +118,7 @@ def embedding_key(encoder_name: str) -> str:
 class Keys:
     """Names of every ``.var`` / ``.obs`` column, ``.uns`` entry and layer written by one AGL run.
 
-    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData. This class is
-    the only place where these names are built.
+    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData.
 
     Examples
     --------

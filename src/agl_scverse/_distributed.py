@@ -8,6 +8,7 @@ writes files. See ``docs/scaling_out.md``.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -111,9 +112,7 @@ def sum_autograd(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks with gradients, so a loss of such sums under DDP is that of the global batch."""
     if not is_distributed():
         return t
-    import warnings
-
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed.nn.functional import all_reduce  # loads torch.distributed.nn only when distributed
 
     with warnings.catch_warnings():  # deprecated for the private _functional_collectives, which has no autograd here
         warnings.simplefilter("ignore", FutureWarning)

@@ -55,13 +55,7 @@ def to_h5ad(obj: Any) -> Any:
 
 
 def to_json(obj: Any) -> Any:
-    """Recursively turn ``obj`` into JSON values (None and non-finite floats -> ``null``).
-
-    Examples
-    --------
-    >>> to_json({"a": np.float32(0.5), "b": (1, float("nan")), "c": np.arange(2)})
-    {'a': 0.5, 'b': [1, None], 'c': [0, 1]}
-    """
+    """Recursively turn ``obj`` into JSON values (None and non-finite floats -> ``null``)."""
     if isinstance(obj, dict):
         return {str(k): to_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | pd.Index | pd.Series):
@@ -78,13 +72,7 @@ def to_json(obj: Any) -> Any:
 
 
 def null_as_none(value: Any) -> Any:
-    """``value``, or None when it is a stored null (absent, or agl-scverse 0.1's ``"None"`` / ``""``).
-
-    Examples
-    --------
-    >>> null_as_none("None"), null_as_none(""), null_as_none("counts")
-    (None, None, 'counts')
-    """
+    """``value``, or None when it is a stored null (absent, or agl-scverse 0.1's ``"None"`` / ``""``)."""
     if value is None or (isinstance(value, str) and value in ("None", "")):
         return None
     return value

@@ -261,15 +261,10 @@ def synthetic_slide(
 
     Returns
     -------
-    AnnData with raw counts in ``.X`` (CSR, float32), spot centres in full-resolution pixels in
-    ``.obsm["spatial"]``, ``.obs["library_id"]``, the image and scale factors in ``.uns["spatial"][library_id]``
-    (``"fullres"`` and ``"hires"`` images, ``microns_per_pixel``), and the ground truth:
-
-    - ``.var["synthetic_kind"]``: ``"tissue"``, ``"informative"`` or ``"noise"``; ``.var["informative"]``: True
-      for informative auxiliaries; ``.var["bursty"]``: True for bursty noise genes;
-    - ``.obs["tissue_type"]``: dominant tissue type of each spot; ``.obsm["synthetic_latent"]``: the visible
-      latent state (composition then cellularity and nuclear size, column names in
-      ``.uns["synthetic"]["latent_names"]``); ``.obsm["synthetic_hidden"]``: the invisible noise.
+    AnnData in the agl-scverse layout (:doc:`/data_layouts`, with ``"fullres"`` and ``"hires"`` images) and the
+    ground truth: ``.var["synthetic_kind"]`` (``"tissue"``, ``"informative"``, ``"noise"``), ``.var["informative"]``,
+    ``.var["bursty"]``, ``.obs["tissue_type"]`` (dominant type), ``.obsm["synthetic_latent"]`` (visible latent
+    state, columns ``.uns["synthetic"]["latent_names"]``) and ``.obsm["synthetic_hidden"]`` (invisible noise).
 
     Examples
     --------

@@ -13,8 +13,6 @@ from agl_scverse import _constants as consts
 from agl_scverse import _spatial, _validate
 from agl_scverse._images import check_regular_file, open_pil
 
-GRAY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
-
 
 def _open_image(path: str | Path):
     """Open an image file lazily (header only) with the pixel limit lifted for whole-slide images."""
@@ -26,7 +24,7 @@ def _open_image(path: str | Path):
         )
     check_regular_file(path)
     im = open_pil(path)
-    if im.mode in GRAY_MODES:
+    if im.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1"):  # grayscale
         im.close()
         raise ValueError(
             f"Image {path} is grayscale (PIL mode {im.mode!r}); an RGB H&E image is required. "

@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
+from anndata import AnnData, read_h5ad
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
@@ -18,7 +18,6 @@ from agl_scverse._docs import d
 from agl_scverse._utils import show_progress
 
 from ._common import (
-    as_csr_float32,
     check_in_image,
     finalize,
     image_size,
@@ -29,8 +28,6 @@ from ._common import (
 )
 
 __all__ = ["read_hest"]
-
-H5_KEYS = ("img", "coords", "barcode")
 
 
 @d.dedent
@@ -91,8 +88,6 @@ def read_hest(
     >>> adata = agl.io.read_hest("hest_data/st/TENX95.h5ad", "hest_data/patches/TENX95.h5")  # doctest: +SKIP
     >>> adata.obs["hest_patch_index"].head()  # doctest: +SKIP
     """
-    import anndata as ad
-
     st_path = Path(st_path)
     if not st_path.is_file():
         raise FileNotFoundError(f"{st_path} does not exist; pass the HEST sample's st/<id>.h5ad file.")
@@ -107,7 +102,7 @@ def read_hest(
         fullres_image = Path(fullres_image).resolve()
         width, height = image_size(fullres_image)
 
-    adata = ad.read_h5ad(st_path)
+    adata = read_h5ad(st_path)
     _validate.check_not_empty(adata)
     _validate.check_unique_names(adata)
     _validate.check_counts(adata.X, what=f"X of {st_path}")
@@ -188,7 +183,6 @@ def read_hest(
     out.obs[library_key] = library_id
     if rows is not None:
         out.obs[consts.HEST_PATCH_INDEX] = rows
-    out.X = as_csr_float32(out.X)
     out.uns[consts.SPATIAL_KEY] = {
         library_id: spatial_entry(
             hires,
@@ -225,7 +219,7 @@ def _read_h5_index(path: Path) -> dict:
     import h5py
 
     with h5py.File(path, "r") as f:
-        missing = [k for k in H5_KEYS if k not in f]
+        missing = [k for k in ("img", "coords", "barcode") if k not in f]
         if missing:
             raise KeyError(
                 f"HEST patches file {path} lacks datasets {missing} (has {list(f)}); expected 'img' (n, side, side, 3) "

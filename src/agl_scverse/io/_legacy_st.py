@@ -68,20 +68,15 @@ def read_legacy_st(
         ``.obs`` column naming the section of each spot (categorical).
     microns_per_pixel
         µm per full-resolution pixel; default ``spot_pitch_um`` over the median nearest-neighbour spot distance.
-    spot_diameter_um
-        Spot diameter in µm (100 on the legacy ST array); sets ``spot_diameter_fullres``.
-    spot_pitch_um
-        Centre-to-centre distance of neighbouring spots in µm (200 on the legacy ST array).
+    spot_diameter_um, spot_pitch_um
+        Spot diameter and centre-to-centre distance of neighbouring spots in µm (100 and 200 on the legacy array).
     hires_max_px
         Longest side of the downscaled ``"hires"`` image kept in memory.
     load_images
         Build the ``"hires"`` thumbnail (the full-resolution image path is recorded either way).
-    counts_file
-        Counts file name inside each section folder; ``None``: H&E-only sections to predict (0 genes).
-    spots_file
-        Spot positions file name inside each section folder (tab- or comma-separated).
-    image_file
-        Image file name inside each section folder; ``None`` takes the only image file in the folder.
+    counts_file, spots_file, image_file
+        File names inside each section folder: counts (``None``: H&E-only sections to predict, 0 genes), spot
+        positions (tab- or comma-separated) and image (``None``: the only image file there).
     %(progress)s
 
     Returns
@@ -118,11 +113,7 @@ def read_legacy_st(
         )
         adatas.append(a)
 
-    if len(adatas) == 1:
-        adata = adatas[0]
-    else:
-        adata = ad.concat(adatas, join="outer", fill_value=0, merge="same")
-        adata.X = as_csr_float32(adata.X)
+    adata = adatas[0] if len(adatas) == 1 else ad.concat(adatas, join="outer", fill_value=0, merge="same")
     adata.uns[consts.SPATIAL_KEY] = entries
     finalize(adata, library_key, he_only=counts_file is None)
     logg.info(

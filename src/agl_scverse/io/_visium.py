@@ -12,7 +12,7 @@ from scanpy import logging as logg
 from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 
-from ._common import as_csr_float32, check_in_image, finalize, image_size, positive_number
+from ._common import check_in_image, finalize, image_size, positive_number
 
 __all__ = ["read_visium"]
 
@@ -35,9 +35,8 @@ def read_visium(
     Parameters
     ----------
     path
-        Space Ranger ``outs`` folder with ``counts_file`` and ``spatial/`` (``tissue_positions.csv`` or
-        ``tissue_positions_list.csv``, ``scalefactors_json.json``, ``tissue_hires_image.png``,
-        ``tissue_lowres_image.png``).
+        Space Ranger ``outs`` folder with ``counts_file`` and ``spatial/`` (tissue positions, scale factors, hires and
+        lowres images).
     library_id
         Library id; default the ``library_ids`` attribute of the h5 file, else the folder name.
     fullres_image
@@ -128,12 +127,10 @@ def read_visium(
         check_in_image(
             xy, int(np.ceil(w / s)), int(np.ceil(h / s)), library_id, image="the hires image (full-res extent)"
         )
-    entry[consts.METADATA]["microns_per_pixel_source"] = mpp_source
-    entry[consts.METADATA]["reader"] = "read_visium"
+    entry[consts.METADATA].update(microns_per_pixel_source=mpp_source, reader="read_visium")
 
     adata.obsm[consts.SPATIAL_KEY] = xy
     adata.obs[library_key] = library_id
-    adata.X = as_csr_float32(adata.X)
     finalize(adata, library_key, he_only=counts_file is None)
     logg.info(f"read Visium library {library_id!r}: {adata.n_obs} spots x {adata.n_vars} genes")
     return adata
