@@ -514,7 +514,7 @@ def spatial_context(
     )
     record["versions"] = versions()
     target = adata.copy() if copy else adata
-    new = {key: (out, record)}
+    new: dict[str, tuple[np.ndarray, dict | None]] = {key: (out, record)}
     if fov is not None and fov_key is not None and fov_key not in adata.obsm:
         new[fov_key] = (fov, fov_rec)
     written = list(new)
