@@ -26,9 +26,8 @@ SPATIALDATA_PATH = "spatialdata_path"  # zarr store it can be reopened from (a b
 SPATIALDATA_IMAGE_TOKEN = "spatialdata_image_token"  # handle of the live image element in this process
 SPATIALDATA_DOWNSCALED = "spatialdata_image_downscaled"  # True: the element is a downscaled stand-in (Visium hires)
 MICRONS_PER_PIXEL_SOURCE = "microns_per_pixel_source"  # where microns_per_pixel came from (metadata)
-#: A lower-resolution image (hires/lowres) standing in for a missing full-resolution one is refused when its µm/px
-#: is above the patch's µm/px times this; and at predict, a source whose effective µm/px is above the model's
-#: training source times this (unless ``allow_lowres=True``).
+#: A hires/lowres image standing in for a missing full-resolution one (or, at predict, a source coarser than the
+#: model's training source) is refused above this ratio of µm/px (unless ``allow_lowres=True``).
 LOWRES_TOLERANCE = 1.2
 
 # --- embeddings -------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "all_gather_object",
@@ -171,7 +172,5 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``net`` wrapped in ``DistributedDataParallel`` (gradients averaged over ranks); ``net`` itself alone."""
     if not is_distributed():
         return net
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(net, device_ids=ids)

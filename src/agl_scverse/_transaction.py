@@ -98,10 +98,6 @@ def restore_on_error(
     ...     pass
     >>> "x" in a.var
     False
-    >>> with restore_on_error(a, var=["run1_role"], uns=["run1"]):
-    ...     a.var["run1_role"], a.uns["run1"] = "target", {"k": 1}
-    >>> a.uns["run1"]["agl_keys"]
-    {'var': ['run1_role'], 'uns': ['run1']}
     """
     written = {"var": var, "obs": obs, "obsm": obsm, "layers": layers, "uns": uns}
     check_owned(adata, **written)

@@ -225,12 +225,8 @@ def synthetic_slide(
     ----------
     n_rows, n_cols
         Rows and columns of the spot grid.
-    n_tissue_genes
-        Number of tissue genes (following the tissue type).
-    n_informative
-        Number of informative auxiliary genes (driven by the visible latent state).
-    n_noise
-        Number of noise genes (including the bursty ones).
+    n_tissue_genes, n_informative, n_noise
+        Numbers of tissue genes, informative auxiliary genes and noise genes (the bursty ones included).
     n_bursty_noise
         How many noise genes are bursty (negative binomial with a very small dispersion parameter).
     n_slides
@@ -248,10 +244,8 @@ def synthetic_slide(
         Length scale of the tissue regions (smoothing of the layout fields).
     depth
         Multiplies every gene's mean count (sequencing depth).
-    depth_sd
-        Standard deviation of the per-spot log library size.
-    hidden_sd
-        Standard deviation of the image-invisible per-spot noise added to the latent state.
+    depth_sd, hidden_sd
+        Standard deviations of the per-spot log library size and of the image-invisible noise added to the latent state.
     informative_strength
         Loadings of informative genes relative to tissue genes.
     informative_mean, tissue_mean

@@ -84,8 +84,7 @@ def nearest_neighbour_px(xy: np.ndarray) -> float:
         raise ValueError(
             "Cannot estimate microns_per_pixel from the spot grid with fewer than 2 spots; pass microns_per_pixel."
         )
-    d, _ = cKDTree(xy).query(xy, k=2)
-    nn = d[:, 1]
+    nn = cKDTree(xy).query(xy, k=2)[0][:, 1]
     nn = nn[nn > 0]
     if nn.size == 0:
         raise ValueError("All spots share one position; cannot estimate microns_per_pixel. Pass microns_per_pixel.")

@@ -289,19 +289,11 @@ def _read_section(
     hires, scalef = thumbnail_from_file(image_path, hires_max_px) if load_images else (None, None)
 
     row = counts.index.get_indexer(common)
-    obs = pd.DataFrame(
-        {
-            "array_x": spots.loc[common, "x"].round().astype(int).to_numpy(),
-            "array_y": spots.loc[common, "y"].round().astype(int).to_numpy(),
-            library_key: lib,
-        },
-        index=pd.Index([f"{lib}_{c}" for c in common]),
-    )
-    adata = AnnData(
-        X=as_csr_float32(values[row]),
-        obs=obs,
-        var=pd.DataFrame(index=pd.Index(counts.columns.astype(str))),
-    )
+    arr = spots.loc[common, ["x", "y"]].round().astype(int).to_numpy()
+    names = pd.Index([f"{lib}_{c}" for c in common])
+    obs = pd.DataFrame({"array_x": arr[:, 0], "array_y": arr[:, 1], library_key: lib}, index=names)
+    var = pd.DataFrame(index=pd.Index(counts.columns.astype(str)))
+    adata = AnnData(X=as_csr_float32(values[row]), obs=obs, var=var)
     adata.obsm[consts.SPATIAL_KEY] = xy
     entry = spatial_entry(
         hires,

@@ -96,10 +96,8 @@ def read_visium(
         if key not in sf:
             raise ValueError(f"Scale factor {key!r} is missing from {path / 'spatial' / 'scalefactors_json.json'}.")
         sf[key] = positive_number(sf[key], f"Scale factor {key!r} of library {library_id!r}", fix)
-    if consts.LOWRES_SCALEF in sf:
-        sf[consts.LOWRES_SCALEF] = positive_number(
-            sf[consts.LOWRES_SCALEF], f"Scale factor {consts.LOWRES_SCALEF!r}", fix
-        )
+    if (low := consts.LOWRES_SCALEF) in sf:
+        sf[low] = positive_number(sf[low], f"Scale factor {low!r}", fix)
     mpp_source = "given"
     if microns_per_pixel is None:
         microns_per_pixel = spot_diameter_um / sf[consts.SPOT_DIAMETER]
@@ -175,10 +173,8 @@ def _spots_only(path: Path, library_id: str) -> AnnData:
     pos = pos[pd.to_numeric(pos["in_tissue"], errors="coerce") == 1]
     if pos.empty:
         raise ValueError(f"{spatial} lists no spot under tissue (in_tissue == 1); it holds no spots to predict.")
-    obs = pd.DataFrame(
-        {c: pos[c].to_numpy(dtype=int) for c in ("in_tissue", "array_row", "array_col")},
-        index=pd.Index(pos["barcode"].astype(str).to_numpy()),
-    )
+    names = pd.Index(pos["barcode"].astype(str).to_numpy())
+    obs = pd.DataFrame({c: pos[c].to_numpy(dtype=int) for c in ("in_tissue", "array_row", "array_col")}, index=names)
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
     scalefactors = json.loads((spatial / "scalefactors_json.json").read_text())
     images = {}
@@ -189,13 +185,9 @@ def _spots_only(path: Path, library_id: str) -> AnnData:
                 images[res] = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "P") else im)
     adata = AnnData(np.zeros((len(obs), 0), dtype=np.float32), obs=obs)
     adata.obsm[consts.SPATIAL_KEY] = xy
-    adata.uns[consts.SPATIAL_KEY] = {
-        library_id: {
-            consts.IMAGES: images,
-            consts.SCALEFACTORS: scalefactors,
-            consts.METADATA: {"source": "spatial/ (no counts)"},
-        }
-    }
+    meta = {"source": "spatial/ (no counts)"}
+    entry = {consts.IMAGES: images, consts.SCALEFACTORS: scalefactors, consts.METADATA: meta}
+    adata.uns[consts.SPATIAL_KEY] = {library_id: entry}
     return adata
 
 

@@ -61,13 +61,7 @@ def _norm(v: Any) -> Any:
 
 
 def context_recipe_diff(data_recipe: dict | None, model_recipe: dict | None) -> list[str]:
-    """Fields of :data:`CONTEXT_CHECKED` on which two context recipes differ (a missing recipe differs from any).
-
-    Examples
-    --------
-    >>> context_recipe_diff({"graph": "knn", "n_neighs": 12}, {"graph": "knn", "n_neighs": 6})
-    ['n_neighs: data 12 vs model 6']
-    """
+    """Fields of :data:`CONTEXT_CHECKED` on which two context recipes differ (a missing recipe differs from any)."""
     if not data_recipe and not model_recipe:
         return []
     if not data_recipe or not model_recipe:
@@ -84,14 +78,7 @@ def context_recipe_diff(data_recipe: dict | None, model_recipe: dict | None) -> 
 
 
 def context_kwargs(recipe: dict) -> dict[str, Any]:
-    """Keyword arguments of :func:`spatial_context` that rebuild a recorded recipe (on another slide).
-
-    Examples
-    --------
-    >>> context_kwargs({"graph": "knn", "n_neighs": 12, "aggregation": "mean+std", "output": "concat", "alpha": 0.0,
-    ...                 "include_self": True})["aggregation"]
-    ('mean', 'std')
-    """
+    """Keyword arguments of :func:`spatial_context` that rebuild a recorded recipe (on another slide)."""
     r = {k: _norm(v) for k, v in recipe.items()}
     graph = r.get("graph") or "knn"
     fov = r.get("fov_patch_um")
@@ -386,10 +373,8 @@ def spatial_context(
         ``"concat"``, ``"mean"`` with ``"blend"``.
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
-    output
-        ``"concat"`` (default) or ``"blend"``, see above.
-    alpha
-        Weight of the spot's own embedding in ``"blend"``, in [0, 1].
+    output, alpha
+        ``"concat"`` (default) or ``"blend"`` (``alpha`` in [0, 1]: the weight of the spot's own embedding), see above.
     fov_scale, fov_patch_um
         Append a wider field of view of ``fov_scale`` times the spot patch's area, or of side ``fov_patch_um`` µm.
     fov_key
