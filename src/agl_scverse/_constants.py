@@ -1,17 +1,4 @@
-"""Every key this package reads from or writes to AnnData, in one place.
-
-The contract (see ``docs/data_layouts.md``):
-
-- ``.X`` (or a named layer): raw counts, spots x genes.
-- ``.obsm["spatial"]``: spot centres in **full-resolution pixels** (x, y).
-- ``.obs[library_key]``: which slide a spot belongs to (categorical) when there are several.
-- ``.uns["spatial"][library_id]``:
-    - ``"images"``: ``{"hires": array, "lowres": array}`` as in scanpy/squidpy (optional ``"fullres"``);
-    - ``"scalefactors"``: ``tissue_hires_scalef``, ``tissue_lowres_scalef``, ``spot_diameter_fullres``
-      and ``microns_per_pixel`` (µm per full-resolution pixel, our addition);
-    - ``"metadata"``: ``source_image_path`` (full-resolution image file read lazily for patches) and
-      ``patches_h5`` (HEST pre-extracted patches), both optional.
-"""
+"""Every key this package reads from or writes to AnnData, in one place (the layout: ``docs/data_layouts.md``)."""
 
 from __future__ import annotations
 
@@ -39,9 +26,8 @@ SPATIALDATA_PATH = "spatialdata_path"  # zarr store it can be reopened from (a b
 SPATIALDATA_IMAGE_TOKEN = "spatialdata_image_token"  # handle of the live image element in this process
 SPATIALDATA_DOWNSCALED = "spatialdata_image_downscaled"  # True: the element is a downscaled stand-in (Visium hires)
 MICRONS_PER_PIXEL_SOURCE = "microns_per_pixel_source"  # where microns_per_pixel came from (metadata)
-#: A lower-resolution image (hires/lowres) standing in for a missing full-resolution one is refused when its µm/px
-#: is above the patch's µm/px times this; and at predict, a source whose effective µm/px is above the model's
-#: training source times this (unless ``allow_lowres=True``).
+#: A hires/lowres image standing in for a missing full-resolution one (or, at predict, a source coarser than the
+#: model's training source) is refused above this ratio of µm/px (unless ``allow_lowres=True``).
 LOWRES_TOLERANCE = 1.2
 
 # --- embeddings -------------------------------------------------------------------------------------------
@@ -54,28 +40,9 @@ OWNED_FIELD = "agl_keys"
 #: Name prefixes of the package's own namespace (its default ``key_added`` and embedding keys): ours by name.
 OWN_PREFIXES = ("agl", EMBED_PREFIX)
 #: ``.uns`` keys that scanpy, squidpy and spatialdata own: never written, whatever ``key_added`` says.
-RESERVED_UNS = (
-    SPATIAL_KEY,
-    "spatialdata_attrs",
-    "log1p",
-    "hvg",
-    "pca",
-    "neighbors",
-    "umap",
-    "tsne",
-    "draw_graph",
-    "diffmap_evals",
-    "leiden",
-    "louvain",
-    "paga",
-    "rank_genes_groups",
-    "dendrogram",
-    "moranI",
-    "gearyC",
-    "spatial_neighbors",
-    "co_occurrence",
-    "interaction",
-)
+RESERVED_UNS: tuple[str, ...] = (SPATIAL_KEY, "spatialdata_attrs", "log1p", "hvg", "pca", "neighbors", "umap")
+RESERVED_UNS += ("tsne", "draw_graph", "diffmap_evals", "leiden", "louvain", "paga", "rank_genes_groups", "dendrogram")
+RESERVED_UNS += ("moranI", "gearyC", "spatial_neighbors", "co_occurrence", "interaction")
 
 # --- value vocabularies (Literal aliases; the tuples are what validators accept) ---------------------------
 Method = Literal["pgl", "agl", "topk", "dkgsb"]
@@ -143,21 +110,14 @@ DEFAULT_PATCH_UM = 112.0
 
 
 def embedding_key(encoder_name: str) -> str:
-    """``.obsm`` key of the features of an encoder: ``"X_agl_<encoder>"``.
-
-    Examples
-    --------
-    >>> embedding_key("resnet18")
-    'X_agl_resnet18'
-    """
+    """``.obsm`` key of the features of an encoder: ``"X_agl_<encoder>"``."""
     return f"{EMBED_PREFIX}{encoder_name}"
 
 
 class Keys:
     """Names of every ``.var`` / ``.obs`` column, ``.uns`` entry and layer written by one AGL run.
 
-    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData. This class is
-    the only place where these names are built.
+    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData.
 
     Examples
     --------

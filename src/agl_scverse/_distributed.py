@@ -1,29 +1,20 @@
-"""Multi-process runs with plain :mod:`torch.distributed`, launched by ``torchrun``; every helper is a no-op alone.
+"""Multi-process runs with plain :mod:`torch.distributed` under ``torchrun``; every helper is a no-op alone.
 
-Why this engine: it ships with torch (no extra dependency), ``torchrun`` is the standard launcher on one machine
-and on clusters (SLURM, Kubernetes, ...), and ``DistributedDataParallel`` is the reference implementation of
-data-parallel training. See ``docs/scaling_out.md`` for the commands.
-
-The contract the trainer and ``embed_patches`` rely on:
-
-- :func:`init_from_env` joins the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``,
-  ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL when CUDA is available, else gloo. Without
-  those variables (a plain ``python`` run) nothing is initialised and every helper below acts as for one process.
-- Every rank runs the same program on the same data with the same seed, so every rank draws the same epoch
-  permutation; :func:`shard` gives a rank its rank-strided share of a global batch (what a
-  ``DistributedSampler`` does to an index list), so the global batches are those of a single-process run.
-- :func:`sum_autograd` sums a tensor over ranks *with* gradients (``torch.distributed.nn.functional.all_reduce``):
-  the per-gene Pearson loss gathers its batch statistics with it, so the loss is that of the global batch.
-- Rank 0 (:func:`is_main`) writes files; the others compute the same model and return it.
+Every rank runs the same program on the same data and seed; :func:`shard` gives a rank its strided share of a
+global batch, :func:`sum_autograd` sums loss statistics over ranks with gradients, and rank 0 (:func:`is_main`)
+writes files. See ``docs/scaling_out.md``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "all_gather_object",
@@ -31,7 +22,6 @@ __all__ = [
     "broadcast_object",
     "check_batch_size",
     "env_world_size",
-    "gather_shards",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -48,26 +38,19 @@ __all__ = [
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
 def is_distributed() -> bool:
     """Whether a process group with more than one process is initialised."""
-    dist = _dist()
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
     """The rank of this process (0 alone)."""
-    return _dist().get_rank() if is_distributed() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
     """Number of processes (1 alone)."""
-    return _dist().get_world_size() if is_distributed() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
@@ -86,17 +69,13 @@ def local_rank() -> int:
 
 
 def init_from_env(backend: str | None = None) -> bool:
-    """Join the process group described by ``torchrun``'s environment; return whether the run is distributed.
-
-    A no-op (returns False) without ``WORLD_SIZE > 1``, and when a group is already initialised (returns whether
-    it has several processes). ``backend`` defaults to ``"nccl"`` with CUDA, else ``"gloo"``.
+    """Join the process group of ``torchrun``'s environment (NCCL with CUDA, else gloo); whether it is distributed.
 
     Examples
     --------
     >>> init_from_env()  # a plain python process
     False
     """
-    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         return is_distributed()
     if env_world_size() <= 1:
@@ -119,7 +98,7 @@ def init_from_env(backend: str | None = None) -> bool:
 
 def _collective_device() -> torch.device:
     """Where tensors of a collective must live: this rank's GPU under NCCL, else the CPU."""
-    if is_distributed() and _dist().get_backend() == "nccl":
+    if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -127,20 +106,14 @@ def _collective_device() -> torch.device:
 def barrier() -> None:
     """Wait for every rank (no-op alone)."""
     if is_distributed():
-        _dist().barrier()
+        dist.barrier()
 
 
 def sum_autograd(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks, differentiable (its gradient is the sum of the ranks' gradients); ``t`` alone.
-
-    Under ``DistributedDataParallel`` (which averages the ranks' gradients) a loss computed from such sums has
-    exactly the gradient of the single-process loss of the global batch.
-    """
+    """Sum of ``t`` over ranks with gradients, so a loss of such sums under DDP is that of the global batch."""
     if not is_distributed():
         return t
-    import warnings
-
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed.nn.functional import all_reduce  # loads torch.distributed.nn only when distributed
 
     with warnings.catch_warnings():  # deprecated for the private _functional_collectives, which has no autograd here
         warnings.simplefilter("ignore", FutureWarning)
@@ -156,7 +129,6 @@ def mean_(t: torch.Tensor) -> torch.Tensor:
     """Average ``t`` over ranks in place (no gradient); returns ``t`` (unchanged alone)."""
     if not is_distributed():
         return t
-    dist = _dist()
     buf = t.detach().to(_collective_device()).clone()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     with torch.no_grad():
@@ -169,7 +141,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj if rank() == src else None]
-    _dist().broadcast_object_list(box, src=src, device=_collective_device())
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
     return box[0]
 
 
@@ -178,24 +150,13 @@ def all_gather_object(obj: Any) -> list:
     if not is_distributed():
         return [obj]
     out: list = [None] * world_size()
-    _dist().all_gather_object(out, obj)
+    dist.all_gather_object(out, obj)
     return out
 
 
 def shard(idx: np.ndarray) -> np.ndarray:
     """The rank-strided share ``idx[rank::world_size]`` of a global index list for this rank (all of it alone)."""
     return idx[rank() :: world_size()] if is_distributed() else idx
-
-
-def gather_shards(local: np.ndarray, n: int) -> np.ndarray:
-    """Reassemble the rows of an ``n``-row array from every rank's :func:`shard` of it (``local`` alone)."""
-    if not is_distributed():
-        return local
-    parts = all_gather_object(np.asarray(local))
-    out = np.empty((n, *parts[0].shape[1:]), dtype=parts[0].dtype)
-    for r, part in enumerate(parts):
-        out[r :: len(parts)] = part
-    return out
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -211,7 +172,5 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``net`` wrapped in ``DistributedDataParallel`` (gradients averaged over ranks); ``net`` itself alone."""
     if not is_distributed():
         return net
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(net, device_ids=ids)

@@ -1,7 +1,4 @@
-"""Shared parameter documentation (docrep), so one parameter is described once across the package.
-
-Use ``@d.dedent`` on a function and write ``%(adata)s`` (etc.) in its Parameters section.
-"""
+"""Shared parameter documentation (docrep): ``@d.dedent`` on a function, ``%(adata)s`` (etc.) in its Parameters."""
 
 from __future__ import annotations
 
@@ -47,10 +44,9 @@ figsize
 show
     Show the figure; ``None`` follows :attr:`scanpy.settings.autoshow`.
 save
-    Save the figure, as scanpy does: ``True`` to ``sc.settings.figdir`` as ``<plot name>.<file_format_figs>``; a
-    name without a folder (``"_x.png"``) is appended to the plot name in ``figdir``; a path with a folder (or a
-    :class:`~pathlib.Path`) is written as given (format from its suffix, else ``file_format_figs``). ``None``
-    follows :attr:`scanpy.settings.autosave`.
+    Save the figure as scanpy does (``True``: ``<plot name>.<file_format_figs>`` in ``sc.settings.figdir``; a bare
+    name is appended to the plot name there; a path with a folder is written as given). ``None`` follows
+    :attr:`scanpy.settings.autosave`.
 return_fig
     Return the :class:`~matplotlib.figure.Figure` instead of the axes."""
 _plot_returns = """\

@@ -1,8 +1,6 @@
-"""Turn results into what ``write_h5ad`` (``.uns``) and JSON (model configs) store, with one null convention.
+"""Turn results into what ``write_h5ad`` (``.uns``) and JSON store: None is left out of a dict (NaN in a list).
 
-The null convention: **"nothing here" is never written as a placeholder string.** In ``.uns`` (h5ad cannot
-store None) a ``None`` value is left out of its dict, so readers use ``entry.get(name)`` and get None back; a
-``None`` inside a numeric list becomes NaN. In JSON, None is ``null`` and a non-finite float is ``null`` too.
+In JSON, None and non-finite floats are ``null``; nothing is ever written as a placeholder string.
 """
 
 from __future__ import annotations
@@ -21,10 +19,7 @@ def _is_number(v: Any) -> bool:
 
 
 def to_h5ad(obj: Any) -> Any:
-    """Recursively turn ``obj`` into values ``anndata.write_h5ad`` stores in ``.uns``.
-
-    Dicts keep their keys as strings and drop ``None`` values; tuples, lists, indexes and series become
-    typed arrays (bool, int64, float64 with NaN for None, or str); paths become strings.
+    """Recursively turn ``obj`` into values ``write_h5ad`` stores: dicts drop None, sequences become typed arrays.
 
     Examples
     --------
@@ -60,13 +55,7 @@ def to_h5ad(obj: Any) -> Any:
 
 
 def to_json(obj: Any) -> Any:
-    """Recursively turn ``obj`` into JSON values (None and non-finite floats -> ``null``).
-
-    Examples
-    --------
-    >>> to_json({"a": np.float32(0.5), "b": (1, float("nan")), "c": np.arange(2)})
-    {'a': 0.5, 'b': [1, None], 'c': [0, 1]}
-    """
+    """Recursively turn ``obj`` into JSON values (None and non-finite floats -> ``null``)."""
     if isinstance(obj, dict):
         return {str(k): to_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | pd.Index | pd.Series):
@@ -83,17 +72,7 @@ def to_json(obj: Any) -> Any:
 
 
 def null_as_none(value: Any) -> Any:
-    """``value``, or None when it is a stored null.
-
-    Current files leave an absent value out (``entry.get(name)`` is None); files written by agl-scverse 0.1 hold
-    the placeholder string ``"None"`` (or ``""``), which reads as None here too. Read optional stored values as
-    ``null_as_none(entry.get(name))``.
-
-    Examples
-    --------
-    >>> null_as_none("None"), null_as_none(""), null_as_none("counts")
-    (None, None, 'counts')
-    """
+    """``value``, or None when it is a stored null (absent, or agl-scverse 0.1's ``"None"`` / ``""``)."""
     if value is None or (isinstance(value, str) and value in ("None", "")):
         return None
     return value

@@ -1,12 +1,4 @@
-"""Write results into an AnnData all at once, only into keys the package owns, restored on error.
-
-Ownership (one rule, checked by :func:`check_owned` before a tool computes anything and again when it writes): a
-tool writes a key only when it is absent, or in the package's namespace (names starting with ``agl`` or
-``X_agl_``), or recorded as written by the package (the ``agl_keys`` field of its ``.uns`` entries, stamped by
-:func:`restore_on_error`). ``.uns`` keys of scanpy, squidpy and spatialdata (``spatial``, ``pca``, ``neighbors``,
-...; :data:`~agl_scverse._constants.RESERVED_UNS`) are never written. Anything else is refused, naming the keys,
-so ``key_added="spatial"`` cannot replace the images and scale factors in ``.uns["spatial"]``.
-"""
+"""Write results into an AnnData all at once, only into keys the package owns, restored on error."""
 
 from __future__ import annotations
 
@@ -36,9 +28,11 @@ def _recorded(adata: AnnData) -> dict[str, set[str]]:
 
 
 def check_owned(adata: AnnData, **written: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming every key of ``written`` the package does not own (see the module docstring).
+    """Raise ``ValueError`` naming every key of ``written`` (``var=[...]``, ``uns=[...]``, ...) the package does not own.
 
-    ``written``: ``var=[...]``, ``obs=[...]``, ``obsm=[...]``, ``layers=[...]``, ``uns=[...]``. Nothing is changed.
+    A key is ours when absent, named ``agl*`` / ``X_agl_*``, or recorded in the ``agl_keys`` field of a ``.uns``
+    entry (stamped by :func:`restore_on_error`); ``.uns`` keys of scanpy, squidpy and spatialdata
+    (:data:`~agl_scverse._constants.RESERVED_UNS`) never are. Nothing is changed.
 
     Examples
     --------
@@ -87,12 +81,10 @@ def restore_on_error(
     layers: Sequence[str] = (),
     uns: Sequence[str] = (),
 ) -> Iterator[None]:
-    """Context for the final write block of a tool.
+    """Context for the final write block of a tool: the named keys are restored (or removed) if it raises.
 
-    Refuses keys the package does not own (:func:`check_owned`) before anything is written. The named keys are
-    remembered before the block; if the block raises (``KeyboardInterrupt`` included), each is restored (or
-    removed when it did not exist) and the error propagates. Nothing is copied but references. On success every
-    ``.uns`` entry written that is a dict records the keys written (its ``agl_keys`` field), which marks them ours.
+    Keys the package does not own are refused first (:func:`check_owned`); only references are kept. On success
+    every ``.uns`` dict written records the keys written in its ``agl_keys`` field, which marks them ours.
 
     Examples
     --------
@@ -106,10 +98,6 @@ def restore_on_error(
     ...     pass
     >>> "x" in a.var
     False
-    >>> with restore_on_error(a, var=["run1_role"], uns=["run1"]):
-    ...     a.var["run1_role"], a.uns["run1"] = "target", {"k": 1}
-    >>> a.uns["run1"]["agl_keys"]
-    {'var': ['run1_role'], 'uns': ['run1']}
     """
     written = {"var": var, "obs": obs, "obsm": obsm, "layers": layers, "uns": uns}
     check_owned(adata, **written)

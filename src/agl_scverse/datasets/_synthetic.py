@@ -14,6 +14,7 @@ from scipy import ndimage, sparse
 from scipy.special import ndtri
 
 from agl_scverse import _constants as consts
+from agl_scverse._validate import check_positive
 
 __all__ = ["synthetic_slide", "TISSUE_TYPES"]
 
@@ -70,11 +71,9 @@ def _render_slide(
     sharpness: float,
     mpp: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one slide.
+    """One slide: RGB image, and on the coarse grid its composition, cellularity and nuclear size.
 
-    Returns the uint8 RGB image and, on the coarse field grid, the tissue composition (n_types x h x w)
-    and the two continuous factors (cellularity, nuclear size). ``rng`` draws the layout (which sets the
-    latent state, hence the counts); ``rng_texture`` draws everything else, so texture changes leave counts as they are.
+    ``rng`` draws the layout (hence the counts), ``rng_texture`` the rest, so texture changes leave counts alone.
     """
     n_types = len(types)
     hc, wc = height // _FIELD_PX, width // _FIELD_PX
@@ -206,52 +205,37 @@ def synthetic_slide(
 ) -> AnnData:
     """Simulate an H&E-like slide (or several) with spot counts drawn from an image-driven generative model.
 
-    The image is a mosaic of smooth random tissue regions (tumour, stroma, immune, epithelium, adipose), each
-    drawn with its own eosin colour, fibre texture, white space and nuclei (density, size, shape, hematoxylin
-    colour). Two smooth continuous factors modulate the texture everywhere: *cellularity* (nuclei density) and
-    *nuclear size*. Spots lie on a regular grid; each spot's latent state ``z`` is its tissue composition and
-    its mean of both factors over the spot disk, so it is visible in the spot's patch. Counts follow
+    The image is a mosaic of smooth random tissue regions (:data:`TISSUE_TYPES`), each with its own colour,
+    fibres, white space and nuclei, modulated by two smooth factors: cellularity and nuclear size. A spot's latent
+    state ``z`` (its tissue composition and mean factors over the spot disk) is visible in its patch. Counts follow
 
     ``counts[s, g] ~ NB(mean = L_s * exp(b_g + (z_s + e_s) @ W_g), dispersion r_g)``
 
     with per-spot library size ``L_s`` (log-normal depth noise) and image-invisible noise ``e_s ~ N(0,
     hidden_sd²)``. Gene kinds:
 
-    - ``"tissue"``: strong loadings ``W_g``, moderately expressed; they are the top highly variable genes and
-      the natural prediction targets;
-    - ``"informative"``: the same loading pattern scaled by ``informative_strength``, low expression; they carry
-      the image signal but are too noisy to be targets (the auxiliaries AGL should select);
-    - ``"noise"``: constant mean, unrelated to the image; ``n_bursty_noise`` of them are highly overdispersed,
-      so they also rank high on HVG dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
+    - ``"tissue"``: strong loadings ``W_g``, moderately expressed: the top HVG, natural targets;
+    - ``"informative"``: loadings scaled by ``informative_strength``, low expression: the auxiliaries to select;
+    - ``"noise"``: unrelated to the image; ``n_bursty_noise`` of them are overdispersed, so they rank high on HVG
+      dispersion (harmful auxiliaries a dispersion prior cannot tell apart).
 
-    With the defaults, about 35 of the top-50 seurat HVG (log1p counts) are tissue genes (most of the rest are
-    the strongest informative genes), about 70% of the other informative genes rank in the top 20% of the
-    remaining genes by ``dispersions_norm``, and so do 20-50 of the 100 bursty genes. Layout, texture and
-    counts use independent random streams derived from ``seed``.
+    Layout, texture and counts use independent random streams derived from ``seed``.
 
     Parameters
     ----------
-    n_rows
-        Rows of the spot grid.
-    n_cols
-        Columns of the spot grid.
-    n_tissue_genes
-        Number of tissue genes (following the tissue type).
-    n_informative
-        Number of informative auxiliary genes (driven by the visible latent state).
-    n_noise
-        Number of noise genes (including the bursty ones).
+    n_rows, n_cols
+        Rows and columns of the spot grid.
+    n_tissue_genes, n_informative, n_noise
+        Numbers of tissue genes, informative auxiliary genes and noise genes (the bursty ones included).
     n_bursty_noise
         How many noise genes are bursty (negative binomial with a very small dispersion parameter).
     n_slides
-        Number of slides, each with its own layout and the same gene programmes. Slides are told apart by
-        ``.obs["library_id"]`` (``"synthetic_0"``, ...); with one slide the library id is ``"synthetic"``.
+        Number of slides (own layout, shared gene programmes): library ids ``"synthetic_0"``, ... (one:
+        ``"synthetic"``).
     n_types
         Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
-    spot_spacing_um
-        Centre-to-centre spacing of spots, in µm.
-    spot_diameter_um
-        Spot diameter, in µm.
+    spot_spacing_um, spot_diameter_um
+        Centre-to-centre spacing and diameter of spots, in µm.
     microns_per_pixel
         Scale of the full-resolution image.
     margin_um
@@ -260,30 +244,21 @@ def synthetic_slide(
         Length scale of the tissue regions (smoothing of the layout fields).
     depth
         Multiplies every gene's mean count (sequencing depth).
-    depth_sd
-        Standard deviation of the per-spot log library size.
-    hidden_sd
-        Standard deviation of the image-invisible per-spot noise added to the latent state.
+    depth_sd, hidden_sd
+        Standard deviations of the per-spot log library size and of the image-invisible noise added to the latent state.
     informative_strength
         Loadings of informative genes relative to tissue genes.
-    informative_mean
-        Range (log-uniform) of the mean counts per spot of informative genes, at ``depth=1``.
-    tissue_mean
-        The same for tissue genes.
+    informative_mean, tissue_mean
+        Range (log-uniform) of the mean counts per spot of informative and tissue genes, at ``depth=1``.
     seed
         Seed of the :class:`numpy.random.Generator`; the output is a deterministic function of all arguments.
 
     Returns
     -------
-    AnnData with raw counts in ``.X`` (CSR, float32), spot centres in full-resolution pixels in
-    ``.obsm["spatial"]``, ``.obs["library_id"]``, the image and scale factors in ``.uns["spatial"][library_id]``
-    (``"fullres"`` and ``"hires"`` images, ``microns_per_pixel``), and the ground truth:
-
-    - ``.var["synthetic_kind"]``: ``"tissue"``, ``"informative"`` or ``"noise"``; ``.var["informative"]``: True
-      for informative auxiliaries; ``.var["bursty"]``: True for bursty noise genes;
-    - ``.obs["tissue_type"]``: dominant tissue type of each spot; ``.obsm["synthetic_latent"]``: the visible
-      latent state (composition then cellularity and nuclear size, column names in
-      ``.uns["synthetic"]["latent_names"]``); ``.obsm["synthetic_hidden"]``: the invisible noise.
+    AnnData in the agl-scverse layout (:doc:`/data_layouts`, with ``"fullres"`` and ``"hires"`` images) and the
+    ground truth: ``.var["synthetic_kind"]`` (``"tissue"``, ``"informative"``, ``"noise"``), ``.var["informative"]``,
+    ``.var["bursty"]``, ``.obs["tissue_type"]`` (dominant type), ``.obsm["synthetic_latent"]`` (visible latent
+    state, columns ``.uns["synthetic"]["latent_names"]``) and ``.obsm["synthetic_hidden"]`` (invisible noise).
 
     Examples
     --------
@@ -361,28 +336,14 @@ def synthetic_slide(
         blocks.append(sparse.csr_matrix(counts.astype(np.float32)))
         hires = img.reshape(height // _HIRES_FACTOR, _HIRES_FACTOR, width // _HIRES_FACTOR, _HIRES_FACTOR, 3)
         hires = hires.mean((1, 3)).round().astype(np.uint8)
-        spatial[lib] = {
-            consts.IMAGES: {consts.FULLRES: img, consts.HIRES: hires},
-            consts.SCALEFACTORS: {
-                consts.HIRES_SCALEF: 1.0 / _HIRES_FACTOR,
-                consts.SPOT_DIAMETER: float(spot_diameter_um / mpp),
-                consts.MICRONS_PER_PIXEL: mpp,
-            },
-            consts.METADATA: {},
-        }
+        sf = {consts.HIRES_SCALEF: 1.0 / _HIRES_FACTOR, consts.SPOT_DIAMETER: float(spot_diameter_um / mpp)}
+        sf[consts.MICRONS_PER_PIXEL] = mpp
+        images = {consts.FULLRES: img, consts.HIRES: hires}
+        spatial[lib] = {consts.IMAGES: images, consts.SCALEFACTORS: sf, consts.METADATA: {}}
         dom = np.asarray(types)[z[:, :n_types].argmax(1)]
-        obs_parts.append(
-            pd.DataFrame(
-                {
-                    consts.LIBRARY_KEY: lib,
-                    "array_row": gy.ravel(),
-                    "array_col": gx.ravel(),
-                    "tissue_type": dom,
-                    "library_size_factor": lib_size / depth,
-                },
-                index=[f"{lib}_r{r}_c{c}" for r, c in zip(gy.ravel(), gx.ravel())],
-            )
-        )
+        cols = {consts.LIBRARY_KEY: lib, "array_row": gy.ravel(), "array_col": gx.ravel(), "tissue_type": dom}
+        names = [f"{lib}_r{r}_c{c}" for r, c in zip(gy.ravel(), gx.ravel())]
+        obs_parts.append(pd.DataFrame({**cols, "library_size_factor": lib_size / depth}, index=names))
         lat_parts.append(z.astype(np.float32))
         hid_parts.append(hidden.astype(np.float32))
 
@@ -390,15 +351,9 @@ def synthetic_slide(
     obs[consts.LIBRARY_KEY] = pd.Categorical(obs[consts.LIBRARY_KEY], categories=lib_ids)
     obs["tissue_type"] = pd.Categorical(obs["tissue_type"], categories=types)
     width_digits = len(str(n_genes))
-    var = pd.DataFrame(
-        {
-            "synthetic_kind": pd.Categorical(kind, categories=["tissue", "informative", "noise"]),
-            "informative": kind == "informative",
-            "bursty": bursty,
-            "synthetic_mean": mean.astype(np.float32),
-        },
-        index=[f"{k[:4]}_{i:0{width_digits}d}" for i, k in enumerate(kind)],
-    )
+    var = pd.DataFrame(index=[f"{k[:4]}_{i:0{width_digits}d}" for i, k in enumerate(kind)])
+    var["synthetic_kind"] = pd.Categorical(kind, categories=["tissue", "informative", "noise"])
+    var["informative"], var["bursty"], var["synthetic_mean"] = kind == "informative", bursty, mean.astype(np.float32)
     adata = AnnData(X=sparse.vstack(blocks, format="csr", dtype=np.float32), obs=obs, var=var)
     adata.obsm[consts.SPATIAL_KEY] = np.tile(xy, (n_slides, 1)).astype(np.float64)
     adata.obsm["synthetic_latent"] = np.concatenate(lat_parts)
@@ -414,17 +369,8 @@ def synthetic_slide(
 
 
 def _check_args(args: dict) -> None:
-    ints = {
-        "n_rows": 2,
-        "n_cols": 2,
-        "n_tissue_genes": 1,
-        "n_informative": 0,
-        "n_noise": 0,
-        "n_bursty_noise": 0,
-        "n_slides": 1,
-        "n_types": 2,
-    }
-    for name, lo in ints.items():
+    ints = {"n_rows": 2, "n_cols": 2, "n_tissue_genes": 1, "n_informative": 0, "n_noise": 0, "n_bursty_noise": 0}
+    for name, lo in {**ints, "n_slides": 1, "n_types": 2}.items():
         val = args[name]
         if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}.")
@@ -436,13 +382,9 @@ def _check_args(args: dict) -> None:
             "subset of the noise genes."
         )
     for name in ("spot_spacing_um", "spot_diameter_um", "microns_per_pixel", "region_um", "depth"):
-        val = args[name]
-        if not np.isfinite(val) or val <= 0:
-            raise ValueError(f"{name} must be a positive number, got {val!r}.")
+        check_positive(name, args[name])
     for name in ("margin_um", "depth_sd", "hidden_sd", "informative_strength"):
-        val = args[name]
-        if not np.isfinite(val) or val < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {val!r}.")
+        check_positive(name, args[name], allow_zero=True)
     for name in ("informative_mean", "tissue_mean"):
         lo, hi = args[name]
         if not (0 < lo <= hi):

@@ -13,8 +13,6 @@ from agl_scverse import _constants as consts
 from agl_scverse import _spatial, _validate
 from agl_scverse._images import check_regular_file, open_pil
 
-GRAY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
-
 
 def _open_image(path: str | Path):
     """Open an image file lazily (header only) with the pixel limit lifted for whole-slide images."""
@@ -26,7 +24,7 @@ def _open_image(path: str | Path):
         )
     check_regular_file(path)
     im = open_pil(path)
-    if im.mode in GRAY_MODES:
+    if im.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1"):  # grayscale
         im.close()
         raise ValueError(
             f"Image {path} is grayscale (PIL mode {im.mode!r}); an RGB H&E image is required. "
@@ -36,13 +34,7 @@ def _open_image(path: str | Path):
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file, read from its header without decoding the pixels.
-
-    Examples
-    --------
-    >>> image_size("he.jpg")  # doctest: +SKIP
-    (9274, 9911)
-    """
+    """``(width, height)`` of an image file, read from its header without decoding the pixels."""
     with _open_image(path) as im:
         return int(im.size[0]), int(im.size[1])
 
@@ -55,14 +47,7 @@ def _target_size(w: int, h: int, max_px: int) -> tuple[int, int, float]:
 
 
 def thumbnail_from_file(path: str | Path, max_px: int = 2000) -> tuple[np.ndarray, float]:
-    """Downscaled RGB uint8 copy of an image file (longest side ``<= max_px``) and its scale factor.
-
-    JPEGs are decoded at a reduced size (PIL ``draft``), so a 10k x 10k slide takes well under a second.
-
-    Examples
-    --------
-    >>> img, scalef = thumbnail_from_file("he.jpg", max_px=2000)  # doctest: +SKIP
-    """
+    """Downscaled RGB uint8 copy of an image file (longest side ``<= max_px``) and its scale factor."""
     from PIL import Image
 
     with _open_image(path) as im:
@@ -99,8 +84,7 @@ def nearest_neighbour_px(xy: np.ndarray) -> float:
         raise ValueError(
             "Cannot estimate microns_per_pixel from the spot grid with fewer than 2 spots; pass microns_per_pixel."
         )
-    d, _ = cKDTree(xy).query(xy, k=2)
-    nn = d[:, 1]
+    nn = cKDTree(xy).query(xy, k=2)[0][:, 1]
     nn = nn[nn > 0]
     if nn.size == 0:
         raise ValueError("All spots share one position; cannot estimate microns_per_pixel. Pass microns_per_pixel.")
@@ -134,16 +118,11 @@ def check_in_image(xy: np.ndarray, width: int, height: int, library_id: str, ima
 
 def as_csr_float32(X) -> sp.csr_matrix:
     """Counts as scipy CSR float32."""
-    if sp.issparse(X):
-        return sp.csr_matrix(X, dtype=np.float32)
-    return sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    return sp.csr_matrix(X if sp.issparse(X) else np.asarray(X, dtype=np.float32), dtype=np.float32)
 
 
 def finalize(adata: AnnData, library_key: str, he_only: bool = False) -> AnnData:
-    """Last checks of a reader's output: counts, names, coordinates, scale factors; counts become CSR float32.
-
-    ``he_only``: a slide read without counts (spots x 0 genes), for prediction; it needs spots, not genes.
-    """
+    """Last checks of a reader's output (``he_only``: spots x 0 genes); counts become CSR float32."""
     if he_only:
         if adata.n_obs == 0:
             raise ValueError("The slide has no spots; check its spot table.")

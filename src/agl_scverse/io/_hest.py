@@ -8,16 +8,16 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
+from anndata import AnnData, read_h5ad
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from agl_scverse import _constants as consts
 from agl_scverse import _spatial, _validate
+from agl_scverse._docs import d
 from agl_scverse._utils import show_progress
 
 from ._common import (
-    as_csr_float32,
     check_in_image,
     finalize,
     image_size,
@@ -29,9 +29,8 @@ from ._common import (
 
 __all__ = ["read_hest"]
 
-H5_KEYS = ("img", "coords", "barcode")
 
-
+@d.dedent
 def read_hest(
     st_path: str | Path,
     patches_path: str | Path | None = None,
@@ -47,10 +46,8 @@ def read_hest(
 ) -> AnnData:
     """Read one HEST-1k sample into the agl-scverse layout, keeping its patches on disk.
 
-    The counts come from ``st/<id>.h5ad``; the patches file ``patches/<id>.h5`` (datasets ``img`` (n, 224, 224, 3)
-    uint8, ``coords`` (n, 2) full-resolution pixels, ``barcode`` (n,)) is matched to the spots on the barcode. Its
-    path is recorded as ``metadata["patches_h5"]`` and each spot's row as ``.obs["hest_patch_index"]``; the patches
-    are read lazily later by :class:`agl_scverse.pp.SpotPatches`, never all at once here.
+    The counts come from ``st/<id>.h5ad``; the patches file ``patches/<id>.h5`` (``img``, ``coords``, ``barcode``)
+    is matched to the spots on the barcode and read lazily later by :class:`agl_scverse.pp.SpotPatches`.
 
     Parameters
     ----------
@@ -61,28 +58,24 @@ def read_hest(
     library_id
         Library id; default the file stem (the HEST sample id).
     microns_per_pixel
-        µm per full-resolution pixel (HEST metadata ``pixel_size_um_estimated``). Default: the h5ad's
-        ``microns_per_pixel`` scale factor or ``pixel_size_um_*`` entry, else ``patch_microns`` over the source
-        patch size recorded in the h5 (``img`` attribute ``patch_size``), else ``spot_diameter_um /
-        spot_diameter_fullres`` with a warning.
+        µm per full-resolution pixel (HEST's ``pixel_size_um_estimated``). Default: the h5ad's scale factor or
+        ``pixel_size_um_*`` entry, else ``patch_microns`` over the h5's ``patch_size``, else
+        ``spot_diameter_um / spot_diameter_fullres`` with a warning.
     patch_microns
         Physical side of one HEST patch (224 px at 0.5 µm/px = 112 µm).
     library_key
         ``.obs`` column naming the library (categorical).
     fullres_image
-        The whole-slide image (``wsis/<id>.tif``) if available: recorded as ``metadata["source_image_path"]`` and
-        used for the thumbnail.
+        The whole-slide image (``wsis/<id>.tif``), recorded as ``metadata["source_image_path"]``.
     patch_coords
-        Whether the h5 ``coords`` are the patches' top-left corners (as HEST writes them) or their centres; used
-        only when the h5ad has no ``obsm["spatial"]``.
+        Whether the h5 ``coords`` are the patches' top-left corners (as HEST writes them) or centres; used only
+        when the h5ad has no ``obsm["spatial"]``.
     spot_diameter_um
-        Spot diameter in µm used when the h5ad records no ``spot_diameter_fullres`` (65 for Visium: Space Ranger's scale factors and circles refer to a theoretical 65 µm spot).
+        Spot diameter in µm when the h5ad records no ``spot_diameter_fullres`` (Space Ranger's 65 µm for Visium).
     hires_max_px
-        Longest side of the ``"hires"`` thumbnail (from the h5ad's own image, the whole-slide image or a mosaic
-        of the patches, in that order).
-    progress
-        Progress bar while a mosaic thumbnail is pasted from many patches: ``True``, ``False``, or ``None``
-        (default) to follow scanpy's verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
+        Longest side of the ``"hires"`` thumbnail (the h5ad's image, else the whole-slide image, else a patch
+        mosaic).
+    %(progress)s
 
     Returns
     -------
@@ -95,8 +88,6 @@ def read_hest(
     >>> adata = agl.io.read_hest("hest_data/st/TENX95.h5ad", "hest_data/patches/TENX95.h5")  # doctest: +SKIP
     >>> adata.obs["hest_patch_index"].head()  # doctest: +SKIP
     """
-    import anndata as ad
-
     st_path = Path(st_path)
     if not st_path.is_file():
         raise FileNotFoundError(f"{st_path} does not exist; pass the HEST sample's st/<id>.h5ad file.")
@@ -111,7 +102,7 @@ def read_hest(
         fullres_image = Path(fullres_image).resolve()
         width, height = image_size(fullres_image)
 
-    adata = ad.read_h5ad(st_path)
+    adata = read_h5ad(st_path)
     _validate.check_not_empty(adata)
     _validate.check_unique_names(adata)
     _validate.check_counts(adata.X, what=f"X of {st_path}")
@@ -120,7 +111,6 @@ def read_hest(
 
     h5 = _read_h5_index(patches_path) if patches_path is not None else None
 
-    # physical scale
     mpp, mpp_source = microns_per_pixel, "given"
     if mpp is None:
         mpp, mpp_source = _guess_mpp(adata, old_sf, h5, patch_microns, spot_diameter_um, library_id)
@@ -129,11 +119,9 @@ def read_hest(
     keep = np.ones(adata.n_obs, dtype=bool)
     rows = None
     if h5 is not None and patches_path is not None:
-        lookup = pd.Series(np.arange(len(h5["barcode"])), index=pd.Index(h5["barcode"]))
-        rows_all = lookup.reindex(adata.obs_names.astype(str)).to_numpy()
-        keep = ~pd.isna(rows_all)
-        n_no_patch = int((~keep).sum())
-        n_no_spot = int(len(lookup) - keep.sum())
+        rows_all = pd.Index(h5["barcode"]).get_indexer(adata.obs_names.astype(str))  # barcodes are unique
+        keep = rows_all >= 0
+        n_no_patch, n_no_spot = int((~keep).sum()), int(len(h5["barcode"]) - keep.sum())
         if n_no_patch or n_no_spot:
             logg.warning(
                 f"HEST sample {library_id!r}: {n_no_patch} spot(s) have no patch and {n_no_spot} patch(es) have no "
@@ -165,7 +153,6 @@ def read_hest(
         raise ValueError(f"The spot coordinates of {st_path.name} hold NaN/inf; fix obsm['spatial'].")
 
     # image: the h5ad's own, the whole-slide image, or a mosaic of the patches
-    hires, scalef, image_source = None, None, None
     if fullres_image is not None:
         check_in_image(xy, width, height, library_id, image=str(fullres_image))
     img, s_img = _h5ad_image(old_entry, old_sf)
@@ -196,7 +183,6 @@ def read_hest(
     out.obs[library_key] = library_id
     if rows is not None:
         out.obs[consts.HEST_PATCH_INDEX] = rows
-    out.X = as_csr_float32(out.X)
     out.uns[consts.SPATIAL_KEY] = {
         library_id: spatial_entry(
             hires,
@@ -218,7 +204,7 @@ def read_hest(
 
 
 def _patches_file(st_path: Path, patches_path: str | Path | None) -> Path | None:
-    """The sample's patches file: the given one (checked), else ``../patches/<id>.h5`` beside ``st/`` if present."""
+    """The given patches file (checked), else ``../patches/<id>.h5`` beside ``st/`` if present."""
     if patches_path is None:
         guess = st_path.resolve().parent.parent / "patches" / f"{st_path.stem}.h5"
         return guess if guess.is_file() else None
@@ -233,7 +219,7 @@ def _read_h5_index(path: Path) -> dict:
     import h5py
 
     with h5py.File(path, "r") as f:
-        missing = [k for k in H5_KEYS if k not in f]
+        missing = [k for k in ("img", "coords", "barcode") if k not in f]
         if missing:
             raise KeyError(
                 f"HEST patches file {path} lacks datasets {missing} (has {list(f)}); expected 'img' (n, side, side, 3) "
@@ -326,7 +312,7 @@ def _patch_mosaic(
     w = int(np.ceil((xy[:, 0].max() + half) * scale))
     h = int(np.ceil((xy[:, 1].max() + half) * scale))
     side = max(1, round(footprint_px * scale))
-    canvas = np.full((h, w, 3), 255, dtype=np.uint8)
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
     order = np.argsort(rows)
     with h5py.File(path, "r") as f:
         img = f["img"]
@@ -335,12 +321,7 @@ def _patch_mosaic(
         ):
             sel = order[start : start + chunk]
             block = img[np.asarray(rows[sel])]  # h5py: increasing indices
-            for k, i in enumerate(sel):
-                tile = np.asarray(Image.fromarray(block[k]).resize((side, side), Image.Resampling.BILINEAR))
-                x0 = round((xy[i, 0] - half) * scale)
-                y0 = round((xy[i, 1] - half) * scale)
-                xa, ya = max(x0, 0), max(y0, 0)
-                xb, yb = min(x0 + side, w), min(y0 + side, h)
-                if xb > xa and yb > ya:
-                    canvas[ya:yb, xa:xb] = tile[ya - y0 : yb - y0, xa - x0 : xb - x0]
-    return canvas, scale
+            for k, i in enumerate(sel):  # paste clips tiles at the canvas border
+                tile = Image.fromarray(block[k]).resize((side, side), Image.Resampling.BILINEAR)
+                canvas.paste(tile, (round((xy[i, 0] - half) * scale), round((xy[i, 1] - half) * scale)))
+    return np.asarray(canvas, dtype=np.uint8), scale

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from agl_scverse import _constants as consts
 from agl_scverse import _validate
+from agl_scverse._docs import d
 from agl_scverse._utils import show_progress
 
 from ._common import (
@@ -34,6 +35,7 @@ __all__ = ["read_legacy_st", "has_he_only_sections"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
+@d.dedent
 def read_legacy_st(
     path: str | Path | Sequence[str | Path],
     sections: Sequence[str] | None = None,
@@ -51,11 +53,8 @@ def read_legacy_st(
     """Read legacy Spatial Transcriptomics sections (one folder per section) into one AnnData.
 
     Each section folder holds ``counts.tsv.gz`` (spots x genes, first column the spot id ``"XxY"``),
-    ``spots.tsv`` (columns ``x y pixel_x pixel_y``: array position and spot centre in pixels of the image) and
-    ``he.jpg`` (the full-resolution H&E image). Spots are matched on the id; spots present in only one of the two
-    files are dropped with a warning. Several sections are joined on the union of their genes (missing genes are
-    0 counts). A section without counts (an H&E-only slide to predict) is read with ``counts_file=None``: every
-    spot of the spots file, 0 genes, the same positions and images, ready for :func:`agl_scverse.tl.predict_anndata`.
+    ``spots.tsv`` (columns ``x y pixel_x pixel_y``) and ``he.jpg`` (the full-resolution H&E image). Spots are
+    matched on the id (unmatched ones dropped with a warning); sections are joined on the union of their genes.
 
     Parameters
     ----------
@@ -68,33 +67,22 @@ def read_legacy_st(
     library_key
         ``.obs`` column naming the section of each spot (categorical).
     microns_per_pixel
-        µm per full-resolution pixel. If ``None``, estimated per section from the median nearest-neighbour pixel
-        distance between spots, which is ``spot_pitch_um`` on the array.
-    spot_diameter_um
-        Spot diameter in µm (100 on the legacy ST array); sets ``spot_diameter_fullres``.
-    spot_pitch_um
-        Centre-to-centre distance of neighbouring spots in µm (200 on the legacy ST array).
+        µm per full-resolution pixel; default ``spot_pitch_um`` over the median nearest-neighbour spot distance.
+    spot_diameter_um, spot_pitch_um
+        Spot diameter and centre-to-centre distance of neighbouring spots in µm (100 and 200 on the legacy array).
     hires_max_px
         Longest side of the downscaled ``"hires"`` image kept in memory.
     load_images
-        Build the ``"hires"`` thumbnail. The full-resolution image path is recorded either way (and its size read
-        from the file header to check the spots lie on it).
-    counts_file
-        Counts file name inside each section folder; ``None``: no counts (H&E-only sections, an AnnData of 0 genes).
-    spots_file
-        Spot positions file name inside each section folder (tab- or comma-separated).
-    image_file
-        Image file name inside each section folder; ``None`` takes the only image file in the folder.
-    progress
-        Progress bar over the sections (of two or more): ``True``, ``False``, or ``None`` (default) to follow
-        scanpy's verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
+        Build the ``"hires"`` thumbnail (the full-resolution image path is recorded either way).
+    counts_file, spots_file, image_file
+        File names inside each section folder: counts (``None``: H&E-only sections to predict, 0 genes), spot
+        positions (tab- or comma-separated) and image (``None``: the only image file there).
+    %(progress)s
 
     Returns
     -------
-    AnnData with raw counts (CSR float32; spots x 0 genes with ``counts_file=None``) in ``.X``, obs names ``"<section>_<XxY>"``, ``.obs[["array_x",
-    "array_y", library_key]]``, spot centres in full-resolution pixels in ``.obsm["spatial"]`` and, per section,
-    ``.uns["spatial"][section]`` with the ``"hires"`` image, scale factors (``tissue_hires_scalef``,
-    ``spot_diameter_fullres``, ``microns_per_pixel``) and ``metadata["source_image_path"]``.
+    AnnData in the agl-scverse layout (:doc:`/data_layouts`), obs names ``"<section>_<XxY>"``, with
+    ``.obs["array_x"]`` and ``.obs["array_y"]``.
 
     Examples
     --------
@@ -111,10 +99,8 @@ def read_legacy_st(
 
     adatas, entries = [], {}
     for folder in tqdm(folders, desc="legacy ST sections", disable=len(folders) < 2 or not show_progress(progress)):
-        lib = folder.name
-        a, entry = _read_section(
+        a, entries[folder.name] = _read_section(
             folder,
-            lib,
             library_key,
             microns_per_pixel,
             spot_diameter_um,
@@ -126,13 +112,8 @@ def read_legacy_st(
             image_file,
         )
         adatas.append(a)
-        entries[lib] = entry
 
-    if len(adatas) == 1:
-        adata = adatas[0]
-    else:
-        adata = ad.concat(adatas, join="outer", fill_value=0, merge="same")
-        adata.X = as_csr_float32(adata.X)
+    adata = adatas[0] if len(adatas) == 1 else ad.concat(adatas, join="outer", fill_value=0, merge="same")
     adata.uns[consts.SPATIAL_KEY] = entries
     finalize(adata, library_key, he_only=counts_file is None)
     logg.info(
@@ -186,10 +167,7 @@ def _section_folders(path, sections, counts_file: str | None, spots_file: str) -
 def has_he_only_sections(
     path: str | Path | Sequence, spots_file: str = "spots.tsv", counts_file: str = "counts.tsv.gz"
 ) -> bool:
-    """Whether ``path`` (a section folder or a parent of several) holds spot tables and images but no counts.
-
-    Such folders are read with ``read_legacy_st(path, counts_file=None)`` (what the CLI's ``predict`` does).
-    """
+    """Whether ``path`` (a section folder or a parent of several) holds spot tables and images but no counts."""
     if not isinstance(path, str | Path) or not Path(path).is_dir():
         return False
     root = Path(path)
@@ -243,7 +221,6 @@ def _find_image(folder: Path, image_file: str | None) -> Path:
 
 def _read_section(
     folder: Path,
-    lib: str,
     library_key: str,
     microns_per_pixel: float | None,
     spot_diameter_um: float,
@@ -254,7 +231,7 @@ def _read_section(
     spots_file: str,
     image_file: str | None,
 ) -> tuple[AnnData, dict]:
-    spots_path = folder / spots_file
+    lib, spots_path = folder.name, folder / spots_file
     if not spots_path.is_file():
         raise FileNotFoundError(f"{spots_path} does not exist; legacy ST sections need a spots file ({spots_file!r}).")
     image_path = _find_image(folder, image_file)
@@ -309,24 +286,14 @@ def _read_section(
     else:
         mpp, mpp_source = microns_per_pixel, "given"
 
-    hires, scalef = (None, None)
-    if load_images:
-        hires, scalef = thumbnail_from_file(image_path, hires_max_px)
+    hires, scalef = thumbnail_from_file(image_path, hires_max_px) if load_images else (None, None)
 
     row = counts.index.get_indexer(common)
-    obs = pd.DataFrame(
-        {
-            "array_x": spots.loc[common, "x"].round().astype(int).to_numpy(),
-            "array_y": spots.loc[common, "y"].round().astype(int).to_numpy(),
-            library_key: lib,
-        },
-        index=pd.Index([f"{lib}_{c}" for c in common]),
-    )
-    adata = AnnData(
-        X=as_csr_float32(values[row]),
-        obs=obs,
-        var=pd.DataFrame(index=pd.Index(counts.columns.astype(str))),
-    )
+    arr = spots.loc[common, ["x", "y"]].round().astype(int).to_numpy()
+    names = pd.Index([f"{lib}_{c}" for c in common])
+    obs = pd.DataFrame({"array_x": arr[:, 0], "array_y": arr[:, 1], library_key: lib}, index=names)
+    var = pd.DataFrame(index=pd.Index(counts.columns.astype(str)))
+    adata = AnnData(X=as_csr_float32(values[row]), obs=obs, var=var)
     adata.obsm[consts.SPATIAL_KEY] = xy
     entry = spatial_entry(
         hires,

@@ -12,7 +12,7 @@ from scanpy import logging as logg
 from agl_scverse import _constants as consts
 from agl_scverse import _spatial
 
-from ._common import as_csr_float32, check_in_image, finalize, image_size, positive_number
+from ._common import check_in_image, finalize, image_size, positive_number
 
 __all__ = ["read_visium"]
 
@@ -29,35 +29,29 @@ def read_visium(
 ) -> AnnData:
     """Read a 10x Visium Space Ranger output folder into the agl-scverse layout.
 
-    Parsing is done by :func:`squidpy.read.visium`; this adds the physical scale
-    (``microns_per_pixel = spot_diameter_um / spot_diameter_fullres``), the full-resolution image path and the
-    library column, converts the counts to CSR float32 and checks the result.
+    Parsing is done by :func:`squidpy.read.visium`; this adds the physical scale, the full-resolution image path
+    and the library column, and checks the result.
 
     Parameters
     ----------
     path
-        Space Ranger ``outs`` folder with ``counts_file`` and ``spatial/`` (``tissue_positions.csv`` or
-        ``tissue_positions_list.csv``, ``scalefactors_json.json``, ``tissue_hires_image.png``,
-        ``tissue_lowres_image.png``).
+        Space Ranger ``outs`` folder with ``counts_file`` and ``spatial/`` (tissue positions, scale factors, hires and
+        lowres images).
     library_id
         Library id; default the ``library_ids`` attribute of the h5 file, else the folder name.
     fullres_image
-        The full-resolution H&E image the spot coordinates refer to (recorded as
-        ``metadata["source_image_path"]``, read lazily for patches). Without it, patches come from the
-        ``"hires"`` image (upsampled, with a warning).
+        The full-resolution H&E image of the spot coordinates (``metadata["source_image_path"]``, read lazily for
+        patches); without it patches come from the ``"hires"`` image, upsampled, with a warning.
     counts_file
-        Counts file inside ``path`` (passed to squidpy as ``counts_file``). ``None``: no counts, an H&E-only slide
-        to predict (spots x 0 genes): the spots under tissue (``in_tissue == 1``) of the tissue positions file, with
-        the images and scale factors of ``spatial/``.
+        Counts file inside ``path``; ``None``: an H&E-only slide to predict, the in-tissue spots and 0 genes.
     library_key
         ``.obs`` column naming the library (categorical).
     microns_per_pixel
         µm per full-resolution pixel; default ``spot_diameter_um / spot_diameter_fullres``.
     spot_diameter_um
-        Physical spot diameter used to derive the scale (65 µm: Space Ranger's ``spot_diameter_fullres`` spans a theoretical 65 µm spot).
+        Spot diameter that ``spot_diameter_fullres`` spans (Space Ranger's theoretical 65 µm).
     var_names_make_unique
-        Make duplicated gene symbols unique (``adata.var_names_make_unique()``, as scanpy's 10x readers do);
-        with ``False`` duplicated symbols raise an error.
+        Make duplicated gene symbols unique, as scanpy's 10x readers do; with ``False`` they raise an error.
 
     Returns
     -------
@@ -102,10 +96,8 @@ def read_visium(
         if key not in sf:
             raise ValueError(f"Scale factor {key!r} is missing from {path / 'spatial' / 'scalefactors_json.json'}.")
         sf[key] = positive_number(sf[key], f"Scale factor {key!r} of library {library_id!r}", fix)
-    if consts.LOWRES_SCALEF in sf:
-        sf[consts.LOWRES_SCALEF] = positive_number(
-            sf[consts.LOWRES_SCALEF], f"Scale factor {consts.LOWRES_SCALEF!r}", fix
-        )
+    if (low := consts.LOWRES_SCALEF) in sf:
+        sf[low] = positive_number(sf[low], f"Scale factor {low!r}", fix)
     mpp_source = "given"
     if microns_per_pixel is None:
         microns_per_pixel = spot_diameter_um / sf[consts.SPOT_DIAMETER]
@@ -133,12 +125,10 @@ def read_visium(
         check_in_image(
             xy, int(np.ceil(w / s)), int(np.ceil(h / s)), library_id, image="the hires image (full-res extent)"
         )
-    entry[consts.METADATA]["microns_per_pixel_source"] = mpp_source
-    entry[consts.METADATA]["reader"] = "read_visium"
+    entry[consts.METADATA].update(microns_per_pixel_source=mpp_source, reader="read_visium")
 
     adata.obsm[consts.SPATIAL_KEY] = xy
     adata.obs[library_key] = library_id
-    adata.X = as_csr_float32(adata.X)
     finalize(adata, library_key, he_only=counts_file is None)
     logg.info(f"read Visium library {library_id!r}: {adata.n_obs} spots x {adata.n_vars} genes")
     return adata
@@ -183,10 +173,8 @@ def _spots_only(path: Path, library_id: str) -> AnnData:
     pos = pos[pd.to_numeric(pos["in_tissue"], errors="coerce") == 1]
     if pos.empty:
         raise ValueError(f"{spatial} lists no spot under tissue (in_tissue == 1); it holds no spots to predict.")
-    obs = pd.DataFrame(
-        {c: pos[c].to_numpy(dtype=int) for c in ("in_tissue", "array_row", "array_col")},
-        index=pd.Index(pos["barcode"].astype(str).to_numpy()),
-    )
+    names = pd.Index(pos["barcode"].astype(str).to_numpy())
+    obs = pd.DataFrame({c: pos[c].to_numpy(dtype=int) for c in ("in_tissue", "array_row", "array_col")}, index=names)
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
     scalefactors = json.loads((spatial / "scalefactors_json.json").read_text())
     images = {}
@@ -197,13 +185,9 @@ def _spots_only(path: Path, library_id: str) -> AnnData:
                 images[res] = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "P") else im)
     adata = AnnData(np.zeros((len(obs), 0), dtype=np.float32), obs=obs)
     adata.obsm[consts.SPATIAL_KEY] = xy
-    adata.uns[consts.SPATIAL_KEY] = {
-        library_id: {
-            consts.IMAGES: images,
-            consts.SCALEFACTORS: scalefactors,
-            consts.METADATA: {"source": "spatial/ (no counts)"},
-        }
-    }
+    meta = {"source": "spatial/ (no counts)"}
+    entry = {consts.IMAGES: images, consts.SCALEFACTORS: scalefactors, consts.METADATA: meta}
+    adata.uns[consts.SPATIAL_KEY] = {library_id: entry}
     return adata
 
 

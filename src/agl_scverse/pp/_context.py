@@ -1,12 +1,4 @@
-"""Spatial context of spot embeddings: neighbour aggregates, a wider field of view and a slide summary.
-
-Every spot's features otherwise come from its own patch alone. :func:`spatial_context` adds what surrounds it:
-an aggregate (mean, Gaussian-weighted mean, max, std) of the embeddings of its neighbours on a squidpy spatial
-graph built per library (neighbours never cross sections), the same encoder's features of a wider patch cut from
-the full-resolution image (through :func:`~agl_scverse.pp.embed_patches`), and the library's mean embedding.
-The recipe is recorded beside the encoder record, so a model trained on these features rebuilds them on a new
-slide (:func:`agl_scverse.tl.agl_predict`).
-"""
+"""Spatial context of spot embeddings: neighbour aggregates, a wider field of view and a slide summary."""
 
 from __future__ import annotations
 
@@ -47,24 +39,12 @@ __all__ = [
 CONTEXT_AGGREGATIONS = ("mean", "gaussian", "max", "std")
 CONTEXT_OUTPUTS = ("blend", "concat")
 CONTEXT_SLIDE = ("append", "subtract")
-#: Neighbours of the default graph (k nearest spots of the same library), and the default aggregations
-#: (``output="concat"``): chosen by nested leave-one-section-out on HER2+ (benchmarks/bench_context_her2st.py).
+#: Defaults of the graph (k nearest spots of the same library) and of the aggregations with ``output="concat"``.
 DEFAULT_CONTEXT_NEIGHS = 12
 DEFAULT_CONTEXT_AGGREGATION = ("mean", "std")
 #: Recipe fields that must agree between a slide's context features and a model's (see agl_predict).
-CONTEXT_CHECKED = (
-    "graph",
-    "n_neighs",
-    "n_rings",
-    "grid_neighs",
-    "radius_um",
-    "aggregation",
-    "include_self",
-    "output",
-    "alpha",
-    "fov_patch_um",
-    "slide",
-)
+CONTEXT_CHECKED: tuple[str, ...] = ("graph", "n_neighs", "n_rings", "grid_neighs", "radius_um", "aggregation")
+CONTEXT_CHECKED += ("include_self", "output", "alpha", "fov_patch_um", "slide")
 _CHUNK_BYTES = 64 * 2**20  # output rows computed at a time
 
 
@@ -81,15 +61,7 @@ def _norm(v: Any) -> Any:
 
 
 def context_recipe_diff(data_recipe: dict | None, model_recipe: dict | None) -> list[str]:
-    """Fields of :data:`CONTEXT_CHECKED` on which two context recipes differ, as ``"field: a vs b"``.
-
-    A missing recipe (features without context) differs from any recipe.
-
-    Examples
-    --------
-    >>> context_recipe_diff({"graph": "knn", "n_neighs": 12}, {"graph": "knn", "n_neighs": 6})
-    ['n_neighs: data 12 vs model 6']
-    """
+    """Fields of :data:`CONTEXT_CHECKED` on which two context recipes differ (a missing recipe differs from any)."""
     if not data_recipe and not model_recipe:
         return []
     if not data_recipe or not model_recipe:
@@ -99,23 +71,14 @@ def context_recipe_diff(data_recipe: dict | None, model_recipe: dict | None) -> 
     for f in CONTEXT_CHECKED:
         a, b = data_recipe.get(f), model_recipe.get(f)
         na, nb = _norm(a), _norm(b)
-        same = (
-            np.isclose(na, nb) if isinstance(na, float) and isinstance(nb, float) and type(na) is type(nb) else na == nb
-        )
+        same = np.isclose(na, nb) if isinstance(na, float) and isinstance(nb, float) else na == nb
         if not same:
             out.append(f"{f}: data {a!r} vs model {b!r}".replace("np.float64(", "(").replace("np.int64(", "("))
     return out
 
 
 def context_kwargs(recipe: dict) -> dict[str, Any]:
-    """Keyword arguments of :func:`spatial_context` that rebuild a recorded recipe (on another slide).
-
-    Examples
-    --------
-    >>> context_kwargs({"graph": "knn", "n_neighs": 12, "aggregation": "mean+std", "output": "concat", "alpha": 0.0,
-    ...                 "include_self": True})["aggregation"]
-    ('mean', 'std')
-    """
+    """Keyword arguments of :func:`spatial_context` that rebuild a recorded recipe (on another slide)."""
     r = {k: _norm(v) for k, v in recipe.items()}
     graph = r.get("graph") or "knn"
     fov = r.get("fov_patch_um")
@@ -136,13 +99,8 @@ def context_kwargs(recipe: dict) -> dict[str, Any]:
 def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> None:
     """Refuse context features whose neighbourhoods span several groups of ``group_key`` (folds would leak).
 
-    The context of ``.obsm[key]`` was built within each library of its recorded ``library_key``; every library
-    must lie inside one group (e.g. one section per fold), so no test spot's features see a training spot.
-    Features without a context record pass.
-
-    Examples
-    --------
-    >>> check_context_within_groups(adata, "X_agl_densenet121_context", "library_id")  # doctest: +SKIP
+    Every library of the context's recorded ``library_key`` must lie inside one group; features without a context
+    record pass.
     """
     rec = ((adata.uns.get(consts.EMBED_UNS) or {}).get(key) or {}).get("context")
     if not rec:
@@ -178,10 +136,8 @@ def _library_groups(adata: AnnData, library_key: str | None) -> list[tuple[str |
     col = adata.obs[library_key]
     if col.isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values for {int(col.isna().sum())} spots; fill them.")
-    codes, uniques = pd.factorize(col.astype(str), sort=False)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
-    return [(str(u), order[bounds[i] : bounds[i + 1]]) for i, u in enumerate(uniques)]
+    names = col.astype(str).to_numpy()
+    return list(pd.Series(names).groupby(names, sort=False).indices.items())
 
 
 def _graph(
@@ -387,25 +343,17 @@ def spatial_context(
 ) -> AnnData | None:
     """Context features of each spot: its neighbours' embeddings, a wider field of view, the slide's mean.
 
-    The spot's own embedding ``.obsm[embedding_key]`` is left as it is; the context features go to
-    ``.obsm[key_added]``, in this order of blocks:
+    ``.obsm[embedding_key]`` is left as it is; ``.obsm[key_added]`` gets these blocks, in order:
 
-    1. ``output="concat"`` (default): ``[x, agg_1(x), agg_2(x), ...]``, the spot's own embedding and one aggregate
-       over its neighbourhood (self included with ``include_self``) per aggregation: by default the mean and the
-       standard deviation over the spot and its 12 nearest spots. ``output="blend"``:
-       ``alpha * x + (1 - alpha) * agg(x)`` with one mean or Gaussian aggregate; ``alpha=0`` is the plain mean of
-       the spot and its ``n_neighs`` nearest spots.
-    2. ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch (``patch_um * sqrt(fov_scale)``,
-       i.e. ``fov_scale`` times the spot patch's area, at the same ``patch_px``), cut from the full-resolution image
-       by :func:`~agl_scverse.pp.embed_patches` (cached in ``.obsm[fov_key]`` with its own record).
-    3. ``slide="append"``: the library's mean embedding (constant within a library); ``slide="subtract"``: every
-       block above is centred on its library mean instead.
+    1. ``output="concat"``: ``[x, agg_1(x), agg_2(x), ...]``, the spot's own embedding and one aggregate over its
+       neighbourhood per aggregation; ``output="blend"``: ``alpha * x + (1 - alpha) * agg(x)`` with one mean-type
+       aggregate.
+    2. With ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch at the same ``patch_px``,
+       cut by :func:`~agl_scverse.pp.embed_patches` (cached in ``.obsm[fov_key]``).
+    3. ``slide="append"``: the library's mean embedding; ``slide="subtract"``: every block above centred on it.
 
-    Neighbours come from a squidpy spatial graph built per library (``library_key``): the ``n_neighs`` nearest
-    spots (default), ``n_rings`` rings of a grid of ``grid_neighs`` neighbours (6: Visium's hexagonal grid, 4: a
-    square one), or every spot within ``radius_um`` µm (converted with the library's µm per pixel). They never
-    cross libraries. The aggregate is the row-normalised sparse adjacency times the library's embedding, computed
-    per library (max and std in chunks of rows), float32: memory is the output plus one library's embedding.
+    Neighbours come from a squidpy spatial graph built per library (``library_key``), so they never cross
+    libraries. The aggregates are row-normalised sparse adjacency products, float32, computed per library.
 
     Parameters
     ----------
@@ -415,10 +363,8 @@ def spatial_context(
         ``.obsm`` key of the spot embedding (e.g. ``"X_agl_densenet121"``).
     n_neighs
         Nearest spots of the same library (k-NN graph).
-    n_rings
-        Rings of a grid graph instead of k-NN (squidpy ``spatial_neighbors_grid``).
-    grid_neighs
-        Neighbours of a spot on the grid (with ``n_rings``).
+    n_rings, grid_neighs
+        Rings of a grid graph of ``grid_neighs`` neighbours per spot instead of k-NN.
     radius_um
         Every spot within this distance in µm instead of k-NN.
     aggregation
@@ -427,15 +373,10 @@ def spatial_context(
         ``"concat"``, ``"mean"`` with ``"blend"``.
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
-    output
-        ``"concat"`` (default) or ``"blend"``, see above. The defaults (k = 12, concat, mean and std) are the
-        recipe nested leave-one-section-out validation chose on HER2+ (the Method page, "Spatial context").
-    alpha
-        Weight of the spot's own embedding in ``"blend"``, in [0, 1].
-    fov_scale
-        Append a wider field of view of ``fov_scale`` times the spot patch's area (e.g. 2 to 4).
-    fov_patch_um
-        The wider patch's side in µm (instead of ``fov_scale``).
+    output, alpha
+        ``"concat"`` (default) or ``"blend"`` (``alpha`` in [0, 1]: the weight of the spot's own embedding), see above.
+    fov_scale, fov_patch_um
+        Append a wider field of view of ``fov_scale`` times the spot patch's area, or of side ``fov_patch_um`` µm.
     fov_key
         ``.obsm`` key of the wider-patch embedding, reused when present with a matching record. Default
         ``f"{embedding_key}_fov{fov_patch_um:g}um"``.
@@ -444,28 +385,16 @@ def spatial_context(
     %(library_key)s
     key_added
         ``.obsm`` key of the context features. Default ``f"{embedding_key}_context"``.
-    weights
-        Weights file of the base encoder (its sha256 is checked), only to compute a wider field of view.
-    encoder
-        The base encoder itself, for a custom module (a wider field of view only).
-    device
-        Device of the encoder (a wider field of view only), as in :func:`~agl_scverse.pp.embed_patches`.
-    batch_size
-        Patches per forward pass (a wider field of view only).
-    num_workers
-        DataLoader workers cutting the wider patches.
-    precision
-        Precision of the encoder, as in :func:`~agl_scverse.pp.embed_patches`.
+    weights, encoder, device, batch_size, num_workers, precision
+        For a wider field of view only: the base encoder's weights file (sha256 checked) or module, and the
+        settings of :func:`~agl_scverse.pp.embed_patches`.
     %(copy)s
 
     Returns
     -------
     ``None`` (a SpatialData input gets the results in its table) or a new AnnData (``copy=True``). Writes
     ``.obsm[key_added]`` (float32) and ``.uns["agl_embeddings"][key_added]``: the base embedding's encoder record
-    (so models check the encoder as for any embedding) with ``feature_dim`` of the context features and
-    ``context``: the recipe (``base_key``, ``graph``, ``n_neighs`` / ``n_rings`` / ``radius_um``, ``aggregation``,
-    ``include_self``, ``output``, ``alpha``, ``fov_patch_um``, ``slide``, ``library_key``). Nothing is written
-    when it fails.
+    with the context's ``feature_dim`` and ``context``, the recipe. Nothing is written when it fails.
 
     Examples
     --------
@@ -537,27 +466,6 @@ def spatial_context(
     width = (1 if output == "blend" else 1 + len(aggs)) * d + d_fov
     d_out = width + (d + d_fov if slide == "append" else 0)
     out = np.empty((adata.n_obs, d_out), dtype=np.float32)
-    how = {
-        "aggs": aggs,
-        "output": output,
-        "alpha": alpha,
-        "graph": graph,
-        "n_neighs": int(n_neighs),
-        "n_rings": n_rings,
-        "grid_neighs": int(grid_neighs),
-        "include_self": include_self,
-        "slide": slide,
-    }
-    for lib, idx in groups:
-        Xl = np.asarray(X[idx], dtype=np.float32)
-        if not np.isfinite(Xl).all():
-            raise ValueError(f".obsm[{embedding_key!r}] holds NaN/inf in library {lib!r}; recompute the embedding.")
-        radius_px = None
-        if radius_um is not None:  # graph == "radius"
-            if lib is None:
-                raise ValueError("radius_um needs the µm per pixel of a library (uns['spatial']); none is known.")
-            radius_px = float(radius_um) / microns_per_pixel(adata, lib)
-        _fill_library(out, Xl, idx, coords[idx], {**how, "radius_px": radius_px}, fov, width)
     recipe = {
         "base_key": embedding_key,
         "graph": graph,
@@ -575,21 +483,30 @@ def spatial_context(
         "library_key": lib_key,
         "base_dim": d,
     }
+    for lib, idx in groups:
+        Xl = np.asarray(X[idx], dtype=np.float32)
+        if not np.isfinite(Xl).all():
+            raise ValueError(f".obsm[{embedding_key!r}] holds NaN/inf in library {lib!r}; recompute the embedding.")
+        radius_px = None
+        if radius_um is not None:  # graph == "radius"
+            if lib is None:
+                raise ValueError("radius_um needs the µm per pixel of a library (uns['spatial']); none is known.")
+            radius_px = float(radius_um) / microns_per_pixel(adata, lib)
+        _fill_library(out, Xl, idx, coords[idx], {**recipe, "aggs": aggs, "radius_px": radius_px}, fov, width)
     record = {k: v for k, v in base_rec.items() if k not in ("feature_dim", "n_spots", "versions")}
     record.update(
         feature_dim=int(d_out), n_spots=int(adata.n_obs), context={k: v for k, v in recipe.items() if v is not None}
     )
     record["versions"] = versions()
     target = adata.copy() if copy else adata
-    written = [key] + ([fov_key] if fov is not None and fov_key is not None and fov_key not in adata.obsm else [])
-    store = dict(target.uns.get(consts.EMBED_UNS, {}) or {})
-    store[key] = record
-    if len(written) > 1:
-        store[fov_key] = fov_rec
+    new: dict[str, tuple[np.ndarray, dict | None]] = {key: (out, record)}
+    if fov is not None and fov_key is not None and fov_key not in adata.obsm:
+        new[fov_key] = (fov, fov_rec)
+    written = list(new)
+    store = {**(target.uns.get(consts.EMBED_UNS) or {}), **{k: rec for k, (_, rec) in new.items()}}
     with restore_on_error(target, obsm=written, uns=[consts.EMBED_UNS]):
-        target.obsm[key] = out
-        if len(written) > 1:
-            target.obsm[fov_key] = fov
+        for k, (arr, _) in new.items():
+            target.obsm[k] = arr
         target.uns[consts.EMBED_UNS] = store
     logg.info(f"Added .obsm[{key!r}] ({out.shape[0]} x {out.shape[1]}: {graph} context of {embedding_key!r}).")
     if copy:

@@ -87,7 +87,7 @@ def streaming_seurat_dispersions(
 
 
 def column_nonzero_counts(X, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Number of spots among ``rows`` with a non-zero count, per gene (chunks of spots; no boolean copy)."""
+    """Number of spots among ``rows`` with a non-zero count, per gene (chunks of spots)."""
     out = np.zeros(X.shape[1], dtype=np.int64)
     for s in range(0, len(rows), chunk):
         block = take_rows(X, rows[s : s + chunk])
@@ -100,6 +100,7 @@ def column_nonzero_counts(X, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
 
 
 def column_mean_std(M) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and population standard deviation of a dense or sparse matrix."""
     n = M.shape[0]
     mean = np.asarray(M.mean(axis=0), dtype=np.float64).ravel()
     if sp.issparse(M):
@@ -138,11 +139,7 @@ def moran_scores(adata_sub: AnnData, X_log, genes: pd.Index, library_key: str | 
     if library_key is not None:
         tmp.obs[library_key] = pd.Categorical(adata_sub.obs[library_key].astype(str))
     n_neighs = int(min(n_neighs, max(tmp.n_obs - 1, 1)))
-    knn = getattr(sq.gr, "spatial_neighbors_knn", None)
-    if knn is not None:
-        knn(tmp, library_key=library_key, n_neighs=n_neighs)
-    else:  # pragma: no cover - squidpy < 1.8
-        sq.gr.spatial_neighbors(tmp, library_key=library_key, coord_type="generic", n_neighs=n_neighs)
+    sq.gr.spatial_neighbors_knn(tmp, library_key=library_key, n_neighs=n_neighs)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = sq.gr.spatial_autocorr(
             tmp, mode="moran", genes=list(genes), n_perms=None, copy=True, n_jobs=1, show_progress_bar=False
