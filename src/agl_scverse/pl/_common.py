@@ -63,14 +63,13 @@ def get_run(adata: AnnData, key: str) -> tuple[Keys, dict]:
 def require_var(adata: AnnData, columns: Sequence[str], what: str) -> None:
     """Raise a KeyError naming every missing ``.var`` column and the step that writes it."""
     missing = [c for c in columns if c not in adata.var.columns]
-    if missing:
-        raise KeyError(f"adata.var lacks {missing}, needed to plot {what}. {_writer_hint(missing)}")
-
-
-def _writer_hint(missing: Sequence[str]) -> str:
+    if not missing:
+        return
     if any(c.endswith(("_pcc", "_spearman", "_mse")) for c in missing):
-        return "Run agl.tl.evaluate(adata, key_added=...) after agl.tl.agl_predict to add per-gene metrics."
-    return "Run agl.tl.agl_fit(adata, key_added=...) to add gene roles and weights."
+        hint = "Run agl.tl.evaluate(adata, key_added=...) after agl.tl.agl_predict to add per-gene metrics."
+    else:
+        hint = "Run agl.tl.agl_fit(adata, key_added=...) to add gene roles and weights."
+    raise KeyError(f"adata.var lacks {missing}, needed to plot {what}. {hint}")
 
 
 def new_axes(
@@ -81,11 +80,7 @@ def new_axes(
     what: str | None = None,
     **kw,
 ) -> tuple[Figure, list[Axes]]:
-    """``n`` axes: the given ones (checked) or a new figure with ``n`` panels in a row (or ``ncols`` columns).
-
-    This is the one place that checks an ``ax`` argument: one Axes when ``n == 1``, else a sequence (or array of
-    any shape, read in row-major order) of exactly ``n`` Axes; ``what`` says in the error what they are for.
-    """
+    """``n`` axes: the given ``ax`` (one Axes, or exactly ``n`` in row-major order) or a new figure's ``n`` panels."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -115,18 +110,7 @@ def axes_array(axes: Sequence[Axes], shape: tuple[int, ...] | None = None) -> np
 
 
 def save_path(save: str | Path | bool | None, writekey: str) -> Path | None:
-    """Where a plot named ``writekey`` is saved, by scanpy's rule (:func:`scanpy.pl.embedding` and the others).
-
-    - ``None``: ``sc.settings.figdir / "<writekey><plot_suffix>.<file_format_figs>"`` when
-      :attr:`scanpy.settings.autosave` is on, else not saved; ``False``: not saved;
-    - ``True``: that same default name in ``sc.settings.figdir``;
-    - a string without a folder (``"_x.png"``, ``"_x"``, ``"x"``): appended to the plot's name in the figure
-      folder, ``figdir / "<writekey>_x<plot_suffix>.png"`` (format from a known suffix, else
-      ``file_format_figs``), as scanpy writes ``save="_x.png"``;
-    - a :class:`~pathlib.Path`, or a string naming a folder (``"out/x.png"``, an absolute path): that file (format
-      from its suffix, ``file_format_figs`` when there is none). Scanpy would put it under ``figdir`` as well;
-      here a path is taken as written, so figures can go anywhere.
-    """
+    """Where a plot named ``writekey`` is saved: scanpy's rule, except that a path with a folder is taken as written."""
     import scanpy as sc
 
     if save is None:
@@ -161,14 +145,9 @@ def finish(
     writekey: str,
     dpi: int | None = None,
 ) -> Figure | _AxesT | None:
-    """The one ending of every plot: save, show, return.
-
-    Saves to :func:`save_path` of ``save`` and the plot's name ``writekey`` (scanpy's rule; parent folders are
-    created; the path is logged as scanpy does), shows the figure when ``show`` is true (``None`` follows
-    :attr:`scanpy.settings.autoshow`, as scanpy plots do), and returns the Figure when ``return_fig`` is true, else
-    None when shown, else ``axes``.
-    """
+    """Save (:func:`save_path`), show (``None``: scanpy's autoshow), then return the Figure, None when shown, or ``axes``."""
     import matplotlib.pyplot as plt
+    import scanpy as sc
     from scanpy import logging as logg
 
     path = save_path(save, writekey)
@@ -177,12 +156,7 @@ def finish(
         logg.warning(f"saving figure to file {path}")
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
     if show is None:
-        try:
-            import scanpy as sc
-
-            show = bool(sc.settings.autoshow)
-        except ImportError:  # pragma: no cover
-            show = True
+        show = bool(sc.settings.autoshow)
     if show:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*")
@@ -223,10 +197,7 @@ def finite_pcc(observed: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def library_image(adata: AnnData, lib: str, img_res_key: str) -> tuple[_spatial.ImageSource | None, float]:
-    """The image of library ``lib`` to draw (``img_res_key``, else the next best) and its scale factor.
-
-    The scale maps full-resolution pixels to the image's; ``(None, 1.0)``, with a warning, when there is none.
-    """
+    """The image of ``lib`` (``img_res_key``, else the next best) and its full-res-to-image scale; (None, 1.0) if none."""
     from scanpy import logging as logg
 
     order = [img_res_key, *[r for r in (consts.HIRES, consts.LOWRES, consts.FULLRES) if r != img_res_key]]
@@ -276,3 +247,14 @@ def is_spatialdata(data) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(data, SpatialData)
+
+
+def color_norm(values: np.ndarray, robust: bool):
+    """Colour range of the finite ``values``: 1st to 99th percentile when ``robust``, else minimum to maximum."""
+    from matplotlib.colors import Normalize
+
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return Normalize()
+    lo, hi = (float(x) for x in np.percentile(v, (1.0, 99.0) if robust else (0.0, 100.0)))
+    return Normalize(lo, hi if hi > lo else lo + 1e-9)

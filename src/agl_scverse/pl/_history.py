@@ -44,8 +44,7 @@ def training_history(
 ) -> PlotResult:
     """Plot the training history of a run: training loss, validation target PCC and ``k`` per epoch.
 
-    Three panels side by side; the epoch the run kept (``metrics["best_epoch"]``, else the best validation PCC) is
-    marked in every panel. ``ax``, when given, is a sequence of three Axes, one per panel.
+    The epoch the run kept is marked in every panel. ``ax``, when given, is a sequence of three Axes.
 
     Parameters
     ----------

@@ -41,22 +41,12 @@ def gene_performance(
 ) -> Axes | Figure | None:
     """Plot per-gene performance of a model against baselines.
 
-    ``data`` is either an AnnData after :func:`agl_scverse.tl.evaluate` (per-gene metrics in
-    ``.var["<key>_pcc"]`` etc. for the target genes; baselines are other runs, named by their ``key_added``,
-    or any numeric ``.var`` column) or the tidy table returned by :func:`agl_scverse.tl.cross_validate`
-    (columns ``fold, method, gene, pearson, spearman, mse``; values are averaged over folds per gene).
-
-    Three kinds:
-
-    - ``"scatter"``: baseline (x) against model (y) per gene, with the diagonal; the genes the model improves
-      most are labelled. Default when there is exactly one baseline.
-    - ``"box"``: distribution of the per-gene metric for each method, mean marked. Default for a table with
-      several methods.
-    - ``"bar"``: the model's per-gene metric, sorted, with each baseline's mean as a horizontal line (for an
-      AnnData, the mean predictor's and PCA+Ridge's means scored by :func:`agl_scverse.tl.evaluate`). Default for an
-      AnnData without ``baseline``.
-
-    Every kind is one panel; ``ax``, when given, is one Axes.
+    ``data`` is an AnnData after :func:`agl_scverse.tl.evaluate` (metrics in ``.var["<key>_pcc"]`` etc.; baselines
+    are other runs' ``key_added`` or numeric ``.var`` columns) or the table of :func:`agl_scverse.tl.cross_validate`
+    (averaged over folds per gene). ``kind="scatter"`` (default with one baseline): baseline against model per gene,
+    the most improved genes labelled; ``"box"`` (default for a table): each method's distribution, mean marked;
+    ``"bar"`` (default for an AnnData without baseline): the model's sorted values with each baseline's mean as a
+    line. ``ax``, when given, is one Axes.
 
     Parameters
     ----------
@@ -144,11 +134,7 @@ def _from_anndata(adata: AnnData, key: str, baselines: list[str], metric: str) -
 
 
 def _baseline_means(metrics: dict, metric: str) -> dict[str, float]:
-    """Mean metric of each baseline scored by :func:`agl_scverse.tl.evaluate`.
-
-    Read from ``metrics["test"][method]`` (evaluate's layout) or ``metrics[method]``, under ``metric`` or
-    ``f"{metric}_mean"``; the model's own entry is skipped.
-    """
+    """Mean ``metric`` of each baseline in ``metrics["test"]`` (or ``metrics``), the model's own entry skipped."""
     test = metrics.get("test")
     scored = test if isinstance(test, dict) else metrics
     out = {}

@@ -18,15 +18,6 @@ from ._common import COLORS, FigSize, SavePath, as_float, axes_array, best_epoch
 __all__ = ["selected_genes"]
 
 
-def threshold_rank(threshold: float, n_aux: int) -> float:
-    """Position on the prior-rank axis of a threshold ``theta`` in normalised-rank units.
-
-    The gene of rank ``i`` has normalised rank ``r_i = i / (n_aux - 1)`` and is selected when ``r_i < theta``,
-    so ``theta`` sits at rank ``theta * (n_aux - 1)``.
-    """
-    return float(threshold) * max(n_aux - 1, 1)
-
-
 @d.dedent
 def selected_genes(
     adata: AnnData,
@@ -45,11 +36,9 @@ def selected_genes(
     """Plot the auxiliary genes' learned weights against their prior rank, with the learned threshold.
 
     Each auxiliary gene is a point at its prior rank (x, 0 = best prior score) and its learned soft-mask weight
-    ``w_i`` (y). The dashed vertical line is the learned threshold ``theta`` mapped to the rank axis
-    (``theta * (n_aux - 1)``): genes left of it are selected; the top axis shows the normalised rank. Target
-    genes (weight 1 by construction) form a separate band left of rank 0. The ``n_labels`` best-ranked
-    selected genes are labelled. ``ax``, when given, is one Axes, or a sequence of two with ``show_history=True``
-    (the selection, then ``k`` per epoch).
+    ``w_i`` (y); the dashed line is the learned threshold ``theta`` at rank ``theta * (n_aux - 1)`` (genes left of it
+    are selected). Targets form a band left of rank 0. ``ax``, when given, is one Axes, or two with
+    ``show_history=True``.
 
     Parameters
     ----------
@@ -109,25 +98,19 @@ def selected_genes(
     if k is None or not np.isfinite(float(k)):
         k = int(selected.sum())
 
+    ratios: dict = {"gridspec_kw": {"width_ratios": [2, 1]}} if ax is None and show_history else {}
     fig, axs = new_axes(
         ax,
         2 if show_history else 1,
         figsize or ((11, 4) if show_history else (7, 4)),
         what="the selection, then k per epoch" if show_history else None,
-        **_ratios(ax, show_history),
+        **ratios,
     )
     a = axs[0]
-    a.scatter(
-        rank[~selected],
-        weight[~selected],
-        s=s,
-        c=COLORS["unselected"],
-        lw=0,
-        label=f"not selected ({int((~selected).sum()):,})",
-    )
-    a.scatter(
-        rank[selected], weight[selected], s=s, c=COLORS["selected"], lw=0, label=f"selected ({int(selected.sum()):,})"
-    )
+    for m, name in ((~selected, "not selected"), (selected, "selected")):
+        a.scatter(
+            rank[m], weight[m], s=s, c=COLORS[name.replace("not ", "un")], lw=0, label=f"{name} ({int(m.sum()):,})"
+        )
     span = max(n_aux - 1, 1)
     band = 0.06 * span
     if n_tgt:
@@ -137,7 +120,7 @@ def selected_genes(
         a.scatter(tx, tw, s=s * 1.5, marker="D", c=COLORS["target"], lw=0, label=f"targets ({n_tgt:,})")
     if threshold is not None and np.isfinite(float(threshold)):
         a.axvline(
-            threshold_rank(threshold, n_aux),
+            float(threshold) * span,  # gene i is selected when i / (n_aux - 1) < theta
             color=COLORS["threshold"],
             ls="--",
             lw=1.2,
@@ -162,12 +145,8 @@ def selected_genes(
     return finish(fig, a, show=show, save=save, return_fig=return_fig, writekey="selected_genes")
 
 
-def _ratios(ax, show_history: bool) -> dict:
-    return {"gridspec_kw": {"width_ratios": [2, 1]}} if ax is None and show_history else {}
-
-
 def _label_genes(a: Axes, x, y, names, span: float, fontsize: float) -> None:
-    """Label points with staggered text to their right, joined by thin lines, so close points stay readable."""
+    """Label points with staggered text to their right, joined by thin lines."""
     n = len(names)
     if n == 0:
         return

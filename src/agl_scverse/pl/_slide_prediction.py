@@ -23,6 +23,7 @@ from ._common import (
     PlotResult,
     SavePath,
     axes_array,
+    color_norm,
     dense,
     finish,
     finite_pcc,
@@ -65,25 +66,14 @@ def slide_prediction(
 ) -> PlotResult:
     """Map predicted genes over a whole slide's H&E image, optionally beside the section's measured expression.
 
-    ``pred`` is the AnnData of :func:`agl_scverse.tl.predict_anndata` (or the ``.h5ad`` of ``agl-scverse
-    predict-slide``, or the SpatialData of its ``.zarr`` / :func:`agl_scverse.io.slide_to_spatialdata`, whose table
-    is that AnnData): predictions in ``.X`` (gene names as ``var_names``) at spots, usually a grid from
-    :func:`agl_scverse.pp.spot_grid`, with centres in full-resolution pixels in ``.obsm["spatial"]`` and the
-    slide's image in ``.uns["spatial"]``. Each spot is drawn as a disk of its ``spot_diameter_fullres`` (in image
-    units, so the map keeps its scale at any zoom; at most the spots' median spacing, so a grid of wide patches
-    tiles rather than overlaps) over the image.
+    ``pred`` holds predictions in ``.X`` at spots (usually a grid from :func:`agl_scverse.pp.spot_grid`) with
+    centres in full-resolution pixels in ``.obsm["spatial"]`` and the slide's image in ``.uns["spatial"]``. Each spot
+    is a disk of its ``spot_diameter_fullres``, at most the spots' median spacing, so a grid tiles.
 
-    With ``measured``, an AnnData of the **same section** with measured counts (e.g. from
-    :func:`agl_scverse.io.read_legacy_st`, in the same full-resolution pixels), each gene gets two panels, the
-    measured expression (put on the prediction's scale: the ``transform`` of ``.uns["agl_pred"]``, ``log1p`` by
-    default) and the prediction, with one colour range per gene over both (equal colours are equal values) and the
-    same extent. The predicted panel's title then gives the Pearson r between each measured spot and the
-    prediction at the grid spot nearest to it.
-
-    There is one row per gene: ``(measured, predicted)`` panels, or ``(predicted,)`` without ``measured``. ``ax``,
-    when given, holds ``n_genes * n_cols`` Axes in that order (a sequence or an array of shape
-    ``(n_genes, n_cols)``). A new figure is 4.2 x 3.8 inches per panel unless ``figsize`` is given. Each row has
-    one colour bar.
+    With ``measured`` (counts of the **same section**, in the same pixels), each gene's row has the measured
+    expression (on the prediction's scale) and the prediction, with one colour range over both; the predicted title
+    gives the Pearson r between each measured spot and its nearest predicted spot. ``ax``, when given, holds
+    ``n_genes * n_cols`` Axes, row by row. Each row has one colour bar.
 
     Parameters
     ----------
@@ -118,8 +108,7 @@ def slide_prediction(
     cmap
         Colour map.
     robust
-        Colour range from the 1st to the 99th percentile of the gene's values (over both panels), so a few extreme
-        spots do not wash out the map; ``False``: minimum to maximum.
+        Colour range from the 1st to the 99th percentile of the gene's values (over both panels); ``False``: all.
     spot_scale
         Factor on each AnnData's spot diameter (e.g. ``0.8`` leaves gaps between grid spots).
     alpha
@@ -157,7 +146,7 @@ def slide_prediction(
     _check_genes(pred, genes, measured)
     lib, p_mask = _slide(pred, library_id, library_key, "pred")
     p_xy = _xy(pred, "pred")[p_mask]
-    p_vals = _values(pred, layer, genes, "pred")[p_mask]
+    p_vals = dense(_matrix(pred, layer, "pred")[:, pred.var_names.get_indexer(genes)]).astype(float)[p_mask]
     p_diam = _diameter(pred, lib, p_xy) * spot_scale
     layers = [(pred, lib, p_xy, p_vals, p_diam)]
     if measured is not None:
@@ -165,7 +154,7 @@ def slide_prediction(
         m_xy = _xy(measured, "measured")[m_mask]
         record = null_as_none(pred.uns.get(Keys().pred_uns)) or {}
         how = transform if transform is not None else observed_transform(record, consts.TRANSFORM_LOG1P)
-        X = _counts(measured, measured_layer)[np.flatnonzero(m_mask)]
+        X = _matrix(measured, measured_layer, "measured")[np.flatnonzero(m_mask)]
         m_vals = expression_transform(X, transform=how, columns=measured.var_names.get_indexer(genes)).astype(float)
         m_diam = _diameter(measured, m_lib, m_xy) * spot_scale
         layers.insert(0, (measured, m_lib, m_xy, m_vals, m_diam))
@@ -189,7 +178,7 @@ def slide_prediction(
         nearest = cKDTree(p_xy).query(layers[0][2])[1]
     for g, gene in enumerate(genes):
         vals = [vs[:, g] for *_, vs, _ in layers]
-        norm = _norm(np.concatenate(vals), robust)
+        norm = color_norm(np.concatenate(vals), robust)
         colls = []
         for c, ((_, _, xy, _, diam), (image, scale), v) in enumerate(zip(layers, images, vals)):
             a = axs[g, c]
@@ -274,11 +263,7 @@ def _sd_predictions(sdata: Any, table_key: str | None) -> AnnData:
 
 
 def _diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
-    """The spots' diameter (``spot_diameter_fullres``), at most their median spacing.
-
-    Drawn spots never overlap: a grid whose spots are wider than its pitch (the default for a model trained on
-    wide patches) tiles.
-    """
+    """The spots' diameter (``spot_diameter_fullres``), at most their median spacing (so a grid tiles)."""
     spacing = median_spacing(xy)
     diameter = spot_diameter(adata, lib, xy)
     return diameter if spacing is None else min(diameter, spacing)
@@ -290,27 +275,10 @@ def _xy(adata: AnnData, name: str) -> np.ndarray:
     return np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)[:, :2]
 
 
-def _values(adata: AnnData, layer: str | None, genes: list[str], name: str) -> np.ndarray:
+def _matrix(adata: AnnData, layer: str | None, name: str):
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"{name}.layers[{layer!r}] is missing; layers are {list(adata.layers)}.")
-    X = adata.X if layer is None else adata.layers[layer]
-    return dense(X[:, adata.var_names.get_indexer(genes)]).astype(float)
-
-
-def _counts(adata: AnnData, layer: str | None):
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"measured.layers[{layer!r}] is missing; layers are {list(adata.layers)}.")
     return adata.X if layer is None else adata.layers[layer]
-
-
-def _norm(values: np.ndarray, robust: bool):
-    from matplotlib.colors import Normalize
-
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return Normalize()
-    lo, hi = (float(x) for x in np.percentile(v, (1.0, 99.0) if robust else (0.0, 100.0)))
-    return Normalize(lo, hi if hi > lo else lo + 1e-9)
 
 
 def _extent(layers, images, crop: bool) -> tuple[float, float, float, float]:

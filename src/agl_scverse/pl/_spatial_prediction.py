@@ -26,6 +26,7 @@ from ._common import (
     PlotResult,
     SavePath,
     axes_array,
+    color_norm,
     dense,
     finish,
     finite_pcc,
@@ -80,24 +81,16 @@ def spatial_prediction(
 ) -> PlotResult:
     """Plot observed and predicted expression side by side on the H&E image, one row per gene and slide.
 
-    Everything is read from the prediction layer ``.layers["<key>_pred"]``, its gene mask
-    ``.var["<key>_predicted"]`` and its record ``.uns["<key>_pred"]`` (scale, counts layer, whether the counts are
-    measured), all written by :func:`agl_scverse.tl.agl_predict` / :func:`~agl_scverse.tl.predict_anndata`, so a
-    slide predicted with a loaded model (e.g. the CLI's output) plots without the fit's ``.uns["<key>"]``. The
-    observed values are the measured counts in the layer's scale (the model's transform, ``log1p`` by default, or
-    log1p CP10k for ``scale="log1p_cp10k"``). The title of each predicted panel gives the Pearson r of observed and
-    predicted values and says which spots it is over, chosen **per slide**: the held-out spots of that slide
-    (``.obs["<key>_split"] == "unused"``, e.g. a test section), else its validation spots (marked "refitted on"
-    when the model was retrained on them, ``refit``), else its training spots; every spot of a slide without a
-    split column (an unseen slide): ``"r = 0.190 on 178 held-out spots"``, ``"r = 0.312 on 40 validation
-    spots"``, ``"r = 0.190 on all 178 spots"``. Where r is undefined (fewer than 2 spots, constant values) the
-    title says why instead of showing NaN. AnnData input is drawn with
-    :func:`squidpy.pl.spatial_scatter`, SpatialData input with spatialdata-plot.
+    Read from ``.layers["<key>_pred"]``, ``.var["<key>_predicted"]`` and ``.uns["<key>_pred"]`` (written by
+    :func:`agl_scverse.tl.agl_predict` / :func:`~agl_scverse.tl.predict_anndata`), so a slide predicted with a loaded
+    model plots without the fit's ``.uns["<key>"]``; observed values are the counts in the layer's scale. Each
+    predicted title gives the Pearson r and its spots, chosen per slide: held-out (``.obs["<key>_split"] ==
+    "unused"``), else validation ("refitted on" with ``refit``), else training; all spots without a split column.
+    Where r is undefined the title says why. AnnData is drawn with :func:`squidpy.pl.spatial_scatter`, SpatialData
+    with spatialdata-plot.
 
-    There are ``n_rows = n_genes * n_slides`` rows (gene-major) of two panels (one, the prediction, when there is
-    no measured expression: ``observed=False``). ``ax``, when given, holds ``2 * n_rows`` Axes (``n_rows`` without
-    observed panels), the observed and the predicted panel of each row in turn: a sequence, or an array of shape
-    ``(n_rows, 2)``. A new figure is 4.2 x 3.8 inches per panel unless ``figsize`` is given.
+    There are ``n_rows = n_genes * n_slides`` rows (gene-major) of two panels (one without observed expression).
+    ``ax``, when given, holds the panels of each row in turn (a sequence, or an array of shape ``(n_rows, 2)``).
 
     Parameters
     ----------
@@ -130,11 +123,9 @@ def spatial_prediction(
     cmap
         Colour map of both panels.
     shared_scale
-        One colour range for the observed and the predicted panel of a row (default), so equal colours are equal
-        values; ``False``: each panel its own range (predictions are usually smoother than observations).
+        One colour range for the observed and the predicted panel of a row (default); ``False``: one per panel.
     robust
-        Colour range from the 1st to the 99th percentile of the values (of both panels with ``shared_scale``, else
-        of each panel), so a few extreme spots do not wash out the map; ``False``: minimum to maximum.
+        Colour range from the 1st to the 99th percentile of the values; ``False``: minimum to maximum.
     size
         Spot size passed to squidpy (scale of ``spot_diameter_fullres``).
     %(plot_params)s
@@ -159,36 +150,19 @@ def spatial_prediction(
     >>> pred = agl.tl.predict_anndata(he_only, "my_model")  # doctest: +SKIP
     >>> agl.pl.spatial_prediction(pred, "GENE_0")  # predictions only  # doctest: +SKIP
     """
-    what = (observed, spots, crop)
+    scaling, what = (shared_scale, robust), (observed, spots, crop)
     if isinstance(data, AnnData):
-        fig, axs = _plot_anndata(
-            data,
-            genes,
-            key,
-            library_key,
-            library_id,
-            img,
-            img_res_key,
-            cmap,
-            (shared_scale, robust),
-            size,
-            ax,
-            figsize,
-            kwargs,
-            what,
-        )
-        return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
-    if is_spatialdata(data):
+        args: tuple = (library_key, library_id, img, img_res_key, cmap, scaling, size, ax, figsize, kwargs, what)
+        fig, axs = _plot_anndata(data, genes, key, *args)
+    elif is_spatialdata(data):
         fig, axs = _plot_spatialdata(
-            data, genes, key, library_id, table_key, img, cmap, (shared_scale, robust), ax, figsize, kwargs, what
+            data, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs, what
         )
-        return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
-    raise TypeError(f"data must be an AnnData or a SpatialData, got {type(data).__name__}.")
+    else:
+        raise TypeError(f"data must be an AnnData or a SpatialData, got {type(data).__name__}.")
+    return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="spatial_prediction")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# shared: values and PCC per gene and slide
-# --------------------------------------------------------------------------------------------------------------
 def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray], observed, spots) -> list[_Panel]:
     keys = Keys(key)
     genes = [genes] if isinstance(genes, str) else list(genes)
@@ -232,11 +206,7 @@ def _panels(adata: AnnData, genes, key: str, masks: dict[str, np.ndarray], obser
 
 
 def _scored(split: np.ndarray | None, mask: np.ndarray, given: np.ndarray | None, refit: bool):
-    """The spots of one slide the r in its title is over, and what they are (a phrase for the title).
-
-    Chosen per slide (:func:`~agl_scverse._validate.scored_spots` on that slide's split), so a training slide
-    beside a held-out one is scored on its validation spots, not on its (absent) held-out ones.
-    """
+    """The spots of one slide its r is over (chosen per slide) and what they are, for the title."""
     if given is not None:
         return given[mask], "selected"
     if split is None:
@@ -264,12 +234,7 @@ def _observed(adata: AnnData, idx: np.ndarray, keys: Keys, record: dict) -> np.n
 
 
 def _titles(p: _Panel, several: bool) -> list[str]:
-    """Titles of a row: the observed panel (when drawn), then the predicted one with r and the spots it is over.
-
-    The r line names the spots: ``r = 0.190 on 178 held-out spots``, ``... on 40 validation spots``,
-    ``... on all 178 spots``; where r is undefined (fewer than 2 spots, or constant values) it says so instead of
-    showing NaN.
-    """
+    """Titles of a row: the observed panel (when drawn), then the predicted one with its :func:`r_phrase`."""
     where = f" ({p.library})" if several else ""
     if p.observed is None:
         return [f"{p.gene} predicted{where}"]
@@ -277,15 +242,7 @@ def _titles(p: _Panel, several: bool) -> list[str]:
 
 
 def r_phrase(r: float, n: int, kind: str) -> str:
-    """``"r = 0.190 on 178 held-out spots"``, ``"r = 0.190 on all 178 spots"``, or why there is no r (never NaN).
-
-    Examples
-    --------
-    >>> r_phrase(0.19, 178, "all")
-    'r = 0.190 on all 178 spots'
-    >>> r_phrase(float("nan"), 0, "held-out")
-    'no r: no held-out spots'
-    """
+    """``"r = 0.190 on 178 held-out spots"``, ``"r = 0.190 on all 178 spots"``, or why there is no r (never NaN)."""
     word, note = _KIND_WORDS.get(kind, (kind, ""))
     spots = "spot" if n == 1 else "spots"
     what = f"all {n} {spots}" if kind == "all" else f"{n} {word} {spots}{note}"
@@ -304,23 +261,12 @@ _KIND_WORDS = {"refitted": ("validation", " (refitted on)")}
 
 def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:
     """Colour ranges of the observed and predicted panel of a row (see ``robust`` and ``shared_scale``)."""
-    from matplotlib.colors import Normalize
-
-    q = (1.0, 99.0) if robust else (0.0, 100.0)
-
-    def norm(values: np.ndarray) -> Normalize:
-        v = values[np.isfinite(values)]
-        if v.size == 0:
-            return Normalize()
-        lo, hi = (float(x) for x in np.percentile(v, q))
-        return Normalize(lo, hi if hi > lo else lo + 1e-9, clip=False)
-
     if p.observed is None:
-        return [norm(p.predicted)]
+        return [color_norm(p.predicted, robust)]
     if shared_scale:
-        both = norm(np.concatenate([p.observed, p.predicted]))
+        both = color_norm(np.concatenate([p.observed, p.predicted]), robust)
         return [both, both]
-    return [norm(p.observed), norm(p.predicted)]
+    return [color_norm(p.observed, robust), color_norm(p.predicted, robust)]
 
 
 def _grid(n_rows: int, n_cols: int, ax, figsize) -> tuple[Figure, np.ndarray]:
@@ -344,9 +290,6 @@ def _values(p: _Panel) -> list[np.ndarray]:
     return [p.predicted] if p.observed is None else [p.observed, p.predicted]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# AnnData through squidpy
-# --------------------------------------------------------------------------------------------------------------
 def _library_masks(adata: AnnData, library_key, library_id) -> dict[str, np.ndarray]:
     library_key = _spatial.resolve_library_key(adata, library_key)
     if library_key is None:
@@ -421,9 +364,6 @@ def _plot_anndata(
     return fig, axs
 
 
-# --------------------------------------------------------------------------------------------------------------
-# SpatialData through spatialdata-plot
-# --------------------------------------------------------------------------------------------------------------
 def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scaling, ax, figsize, kwargs, what):
     try:
         import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
