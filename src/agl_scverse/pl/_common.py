@@ -41,17 +41,12 @@ COLORS = {
 EXPRESSION_CMAP = "viridis"
 
 
-def find_runs(adata: AnnData) -> list[str]:
-    """Keys of ``.uns`` that look like an AGL run (a dict holding ``params``)."""
-    return [k for k, v in adata.uns.items() if isinstance(v, dict) and "params" in v]
-
-
 def get_run(adata: AnnData, key: str) -> tuple[Keys, dict]:
     """``Keys`` and ``.uns`` entry of the run ``key``, with a clear error when it is absent."""
     keys = Keys(key)
     run = adata.uns.get(keys.uns)
     if not isinstance(run, dict):
-        runs = find_runs(adata)
+        runs = [k for k, v in adata.uns.items() if isinstance(v, dict) and "params" in v]
         hint = f"Runs found in adata.uns: {runs}; pass key=<one of them>." if runs else "No AGL run found."
         raise KeyError(
             f"adata.uns[{keys.uns!r}] is missing: no AGL run with key={key!r}. Fit one with "
@@ -79,12 +74,12 @@ def new_axes(
     ncols: int | None = None,
     what: str | None = None,
     **kw,
-) -> tuple[Figure, list[Axes]]:
-    """``n`` axes: the given ``ax`` (one Axes, or exactly ``n`` in row-major order) or a new figure's ``n`` panels."""
+) -> tuple[Figure, np.ndarray]:
+    """``n`` axes (an object array): the given ``ax`` (checked, read row-major) or a new figure's ``n`` panels."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
-        axs = [ax] if isinstance(ax, Axes) else list(np.asarray(ax, dtype=object).ravel())
+        axs = np.asarray([ax] if isinstance(ax, Axes) else ax, dtype=object).ravel()
         if len(axs) != n or not all(isinstance(a, Axes) for a in axs):
             need = "an Axes" if n == 1 else f"a sequence of {n} Axes"
             got = "one Axes" if isinstance(ax, Axes) else f"{len(axs)} items"
@@ -96,17 +91,10 @@ def new_axes(
     ncols = n if ncols is None else ncols
     nrows = int(np.ceil(n / ncols))
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, **kw)
-    flat = list(axs.ravel())
+    flat = axs.ravel()
     for extra in flat[n:]:
         extra.remove()
     return fig, flat[:n]
-
-
-def axes_array(axes: Sequence[Axes], shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Axes as a NumPy object array (of ``shape``, default one dimension), the return type of multi-panel plots."""
-    out = np.empty(len(axes), dtype=object)
-    out[:] = list(axes)
-    return out if shape is None else out.reshape(shape)
 
 
 def save_path(save: str | Path | bool | None, writekey: str) -> Path | None:
@@ -241,11 +229,9 @@ def sd_table(sdata, table_key: str | None) -> tuple[str, AnnData]:
 
 
 def is_spatialdata(data) -> bool:
-    """Whether ``data`` is a :class:`spatialdata.SpatialData` (False when spatialdata is not installed)."""
-    try:
-        from spatialdata import SpatialData
-    except ImportError:  # pragma: no cover
-        return False
+    """Whether ``data`` is a :class:`spatialdata.SpatialData` (imported only when asked)."""
+    from spatialdata import SpatialData
+
     return isinstance(data, SpatialData)
 
 

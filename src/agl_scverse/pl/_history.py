@@ -8,19 +8,7 @@ from anndata import AnnData
 from agl_scverse._docs import d
 from agl_scverse._serialize import null_as_none
 
-from ._common import (
-    COLORS,
-    AxesArg,
-    FigSize,
-    PlotResult,
-    SavePath,
-    as_float,
-    axes_array,
-    best_epoch,
-    finish,
-    get_run,
-    new_axes,
-)
+from ._common import COLORS, AxesArg, FigSize, PlotResult, SavePath, as_float, best_epoch, finish, get_run, new_axes
 
 __all__ = ["training_history"]
 
@@ -57,8 +45,8 @@ def training_history(
     Returns
     -------
     numpy.ndarray or matplotlib.figure.Figure or None
-        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
-        else a NumPy array of shape ``(3,)`` of :class:`~matplotlib.axes.Axes`: training loss, validation PCC, ``k``.
+        The Figure with ``return_fig=True``; otherwise None when shown, else the Axes:
+        an array of shape ``(3,)``: training loss, validation PCC, ``k``.
 
     Examples
     --------
@@ -91,7 +79,6 @@ def training_history(
         if len(history[name]) != len(epoch):
             raise ValueError(f"history[{name!r}] has {len(history[name])} values but there are {len(epoch)} epochs.")
     fig, axs = new_axes(ax, 3, figsize or (12, 3.4), what="training loss, validation PCC and k")
-    val = as_float(history["val_pcc"])
     kept = best_epoch(run)
     best = int(np.flatnonzero(epoch == kept)[0]) if kept is not None and (epoch == kept).any() else None
     for a, (name, title, ylabel) in zip(axs, _PANELS):
@@ -99,18 +86,11 @@ def training_history(
         a.plot(epoch, y, marker="o", ms=3, color=COLORS["model"] if name != "k" else COLORS["selected"])
         if best is not None:
             a.axvline(epoch[best], color=COLORS["threshold"], ls=":", lw=1)
-        a.set_title(title)
-        a.set_xlabel("epoch")
-        a.set_ylabel(ylabel)
+        a.set(title=title, xlabel="epoch", ylabel=ylabel)
     if best is not None:
-        axs[1].annotate(
-            f"kept epoch {epoch[best]:g}: PCC {val[best]:.3f}",
-            xy=(epoch[best], val[best]),
-            xytext=(0.98, 0.05),
-            textcoords="axes fraction",
-            ha="right",
-            fontsize="small",
-        )
+        x, y = epoch[best], as_float(history["val_pcc"])[best]
+        where = {"xy": (x, y), "xytext": (0.98, 0.05), "textcoords": "axes fraction", "ha": "right"}
+        axs[1].annotate(f"kept epoch {x:g}: PCC {y:.3f}", fontsize="small", **where)
     if ax is None:
         fig.tight_layout()
-    return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig, writekey="training_history")
+    return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="training_history")

@@ -68,8 +68,7 @@ def gene_performance(
     Returns
     -------
     matplotlib.axes.Axes or matplotlib.figure.Figure or None
-        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
-        else the :class:`~matplotlib.axes.Axes` of the plot.
+        The Figure with ``return_fig=True``; otherwise None when shown, else the Axes of the plot.
 
     Examples
     --------
@@ -94,8 +93,6 @@ def gene_performance(
         raise ValueError(f"kind must be 'scatter', 'box' or 'bar', got {kind!r}.")
     if kind == "scatter" and len(baselines) != 1:
         raise ValueError(f"kind='scatter' needs exactly one baseline, got {baselines}. Pass baseline=<name>.")
-    if kind == "box" and not baselines and isinstance(data, AnnData):
-        summary = {}
     fig, (a,) = new_axes(ax, 1, figsize or ((4.6, 4.4) if kind == "scatter" else (7, 4)))
     label = _LABELS[metric]
     if kind == "scatter":
@@ -177,9 +174,7 @@ def _scatter(a: Axes, wide: pd.DataFrame, key: str, base: str, metric: str, n_la
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     pad = 0.05 * (hi - lo or 1.0)
     a.plot([lo - pad, hi + pad], [lo - pad, hi + pad], ls="--", lw=1, color=COLORS["diagonal"])
-    a.set_xlim(lo - pad, hi + pad)
-    a.set_ylim(lo - pad, hi + pad)
-    a.set_aspect("equal")
+    a.set(xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad), aspect="equal")
     gain = (y - x) if metric != "mse" else (x - y)
     for rank, i in enumerate(np.argsort(-gain, kind="stable")[: max(n_labels, 0)]):
         a.annotate(  # staggered upwards, so labels of close points do not overlap
@@ -190,8 +185,7 @@ def _scatter(a: Axes, wide: pd.DataFrame, key: str, base: str, metric: str, n_la
             fontsize=7,
             arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5},
         )
-    a.set_xlabel(f"{base}: {label}")
-    a.set_ylabel(f"{key}: {label}")
+    a.set(xlabel=f"{base}: {label}", ylabel=f"{key}: {label}")
     a.set_title(
         f"{key} better on {int(better.sum())}/{len(x)} genes\nmean {x.mean():.3f} → {y.mean():.3f}", fontsize="medium"
     )
@@ -201,15 +195,13 @@ def _box(a: Axes, wide: pd.DataFrame, methods: list[str], label: str) -> None:
     vals = [wide[m].to_numpy() for m in methods]
     parts = a.boxplot(vals, showfliers=False, widths=0.6, patch_artist=True)
     for i, box in enumerate(parts["boxes"]):
-        box.set_facecolor(COLORS["model"] if i == 0 else COLORS["unselected"])
-        box.set_alpha(0.6)
+        box.set(facecolor=COLORS["model"] if i == 0 else COLORS["unselected"], alpha=0.6)
     rng = np.random.default_rng(0)
     for i, v in enumerate(vals, start=1):
         a.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=6, c="k", alpha=0.4, lw=0)
         a.scatter([i], [v.mean()], marker="D", s=30, c="white", edgecolors="k", zorder=3)
     a.set_xticks(range(1, len(methods) + 1), methods)
-    a.set_ylabel(f"per-gene {label}")
-    a.set_title(f"per-gene {label} over {len(wide)} genes (◇ mean)")
+    a.set(ylabel=f"per-gene {label}", title=f"per-gene {label} over {len(wide)} genes (◇ mean)")
 
 
 def _bar(a: Axes, values: pd.Series, key: str, summary: dict, label: str) -> None:
@@ -222,7 +214,5 @@ def _bar(a: Axes, values: pd.Series, key: str, summary: dict, label: str) -> Non
         a.set_xticks(np.arange(len(v)), v.index, rotation=90, fontsize=6)
     else:
         a.set_xticks([])
-    a.set_xlabel(f"target genes ({len(v)}), sorted")
-    a.set_ylabel(label)
-    a.set_title(f"{key}: per-gene {label}")
+    a.set(xlabel=f"target genes ({len(v)}), sorted", ylabel=label, title=f"{key}: per-gene {label}")
     a.legend(fontsize="small", frameon=False)

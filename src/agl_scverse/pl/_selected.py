@@ -13,7 +13,7 @@ from agl_scverse._constants import ROLE_AUX, ROLE_TARGET
 from agl_scverse._docs import d
 from agl_scverse._serialize import null_as_none
 
-from ._common import COLORS, FigSize, SavePath, as_float, axes_array, best_epoch, finish, get_run, new_axes, require_var
+from ._common import COLORS, FigSize, SavePath, as_float, best_epoch, finish, get_run, new_axes, require_var
 
 __all__ = ["selected_genes"]
 
@@ -59,9 +59,8 @@ def selected_genes(
     Returns
     -------
     matplotlib.axes.Axes or numpy.ndarray or matplotlib.figure.Figure or None
-        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
-        else the :class:`~matplotlib.axes.Axes` of the plot, or with ``show_history=True`` a NumPy array of shape
-        ``(2,)`` of Axes: the selection, then ``k`` per epoch.
+        The Figure with ``return_fig=True``; otherwise None when shown, else the Axes:
+        the one of the plot, or with ``show_history=True`` an array of shape ``(2,)``.
 
     Examples
     --------
@@ -126,22 +125,17 @@ def selected_genes(
             lw=1.2,
             label=f"threshold θ = {float(threshold):.3g} (k = {int(k):,})",
         )
-    if n_labels:
-        _label_genes(
-            a, rank[selected][:n_labels], weight[selected][:n_labels], names[selected][:n_labels], span, fontsize
-        )
-    a.set_xlim(-band * 1.05, span * 1.02)
-    a.set_ylim(-0.05, 1.08)
-    a.set_xlabel("prior rank of auxiliary gene (0 = best)")
-    a.set_ylabel("learned weight $w_i$")
-    a.set_title(f"{key}: {int(selected.sum()):,} of {n_aux:,} auxiliary genes selected")
+    best = np.flatnonzero(selected)[:n_labels]  # n_labels == 0: none
+    _label_genes(a, rank[best], weight[best], names[best], span, fontsize)
+    a.set(xlim=(-band * 1.05, span * 1.02), ylim=(-0.05, 1.08), xlabel="prior rank of auxiliary gene (0 = best)")
+    a.set(ylabel="learned weight $w_i$", title=f"{key}: {int(selected.sum()):,} of {n_aux:,} auxiliary genes selected")
     top = a.secondary_xaxis("top", functions=(lambda x: np.asarray(x) / span, lambda r: np.asarray(r) * span))
     top.set_xlabel("normalised rank $r_i$", fontsize="small")
     top.tick_params(labelsize="small")
     a.legend(loc="center right", fontsize="small", frameon=False)
     if show_history:
         _k_history(axs[1], history, best_epoch(run))
-        return finish(fig, axes_array(axs), show=show, save=save, return_fig=return_fig, writekey="selected_genes")
+        return finish(fig, axs, show=show, save=save, return_fig=return_fig, writekey="selected_genes")
     return finish(fig, a, show=show, save=save, return_fig=return_fig, writekey="selected_genes")
 
 
@@ -151,8 +145,7 @@ def _label_genes(a: Axes, x, y, names, span: float, fontsize: float) -> None:
     if n == 0:
         return
     x_text = float(np.max(x)) + 0.08 * span
-    ys = np.linspace(0.88, 0.88 - 0.07 * (n - 1), n) if n > 1 else np.array([0.88])
-    ys = np.clip(ys, 0.1, 1.0)
+    ys = np.clip(np.linspace(0.88, 0.88 - 0.07 * (n - 1), n), 0.1, 1.0)
     for xi, yi, yt, name in zip(x, y, ys, names):
         a.annotate(
             str(name),
@@ -171,6 +164,4 @@ def _k_history(a: Axes, history: dict, best: float | None) -> None:
     if best is not None:
         a.axvline(best, color=COLORS["threshold"], ls=":", lw=1, label=f"kept epoch ({best:g})")
         a.legend(fontsize="small", frameon=False)
-    a.set_xlabel("epoch")
-    a.set_ylabel("selected auxiliary genes $k$")
-    a.set_title("k over training")
+    a.set(xlabel="epoch", ylabel="selected auxiliary genes $k$", title="k over training")

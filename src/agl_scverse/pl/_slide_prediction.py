@@ -22,7 +22,6 @@ from ._common import (
     FigSize,
     PlotResult,
     SavePath,
-    axes_array,
     color_norm,
     dense,
     finish,
@@ -78,8 +77,7 @@ def slide_prediction(
     Parameters
     ----------
     pred
-        Predictions at spots of one slide: the AnnData of :func:`~agl_scverse.tl.predict_anndata`, or a SpatialData
-        whose table ``table_key`` is such an AnnData (``.obsm["spatial"]``, ``.uns["spatial"]``).
+        Predictions at spots of one slide: the AnnData of :func:`~agl_scverse.tl.predict_anndata`, or a SpatialData.
     genes
         One gene or several, among ``pred.var_names`` (and ``measured.var_names`` with ``measured``).
     measured
@@ -87,8 +85,7 @@ def slide_prediction(
     table_key
         The table of a SpatialData ``pred`` holding the predictions (default: the only table).
     library_id
-        The slide, when ``pred`` or ``measured`` holds several (their ``.obs[library_key]`` and ``.uns["spatial"]``
-        entries); default the only one.
+        The slide, when ``pred`` or ``measured`` holds several; default the only one.
     library_key
         ``.obs`` column naming the slides (default ``"library_id"`` where it tells several apart).
     layer
@@ -96,9 +93,7 @@ def slide_prediction(
     measured_layer
         Layer of ``measured`` holding the counts (default ``.X``).
     transform
-        How measured counts are put on the prediction's scale (``"log1p"``, ``"log1p_cpm"``, ``"none"``); default
-        the one recorded in ``pred.uns["agl_pred"]`` (``"log1p_cpm"`` for ``scale="log1p_cp10k"``), else
-        ``"log1p"``.
+        How measured counts are put on the prediction's scale; default the one recorded in ``pred.uns["agl_pred"]``.
     img
         Draw the H&E image under the spots.
     img_res_key
@@ -118,9 +113,8 @@ def slide_prediction(
     Returns
     -------
     numpy.ndarray or matplotlib.figure.Figure or None
-        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
-        else a NumPy array of :class:`~matplotlib.axes.Axes` of shape ``(n_genes, 2)`` (column 0 measured, column
-        1 predicted), or ``(n_genes, 1)`` without ``measured`` (colour bars are extra axes of the figure).
+        The Figure with ``return_fig=True``; otherwise None when shown, else the Axes:
+        an array of shape ``(n_genes, 2)`` (measured, predicted), or ``(n_genes, 1)``.
 
     Examples
     --------
@@ -159,14 +153,9 @@ def slide_prediction(
         m_diam = _diameter(measured, m_lib, m_xy) * spot_scale
         layers.insert(0, (measured, m_lib, m_xy, m_vals, m_diam))
     n_cols = len(layers)
-    fig, flat = new_axes(
-        ax,
-        n_cols * len(genes),
-        figsize or (4.2 * n_cols, 3.8 * len(genes)),
-        ncols=n_cols,
-        what=f"{'measured and predicted' if n_cols == 2 else 'predicted'} for each of {len(genes)} genes",
-    )
-    axs = axes_array(flat, (len(genes), n_cols))
+    what = f"{'measured and predicted' if n_cols == 2 else 'predicted'} for each of {len(genes)} genes"
+    fig, axs = new_axes(ax, n_cols * len(genes), figsize or (4.2 * n_cols, 3.8 * len(genes)), ncols=n_cols, what=what)
+    axs = axs.reshape(len(genes), n_cols)
     images = [library_image(a, lb, img_res_key) if img else (None, 1.0) for a, lb, *_ in layers]
     if img and images[-1][0] is None and n_cols == 2:  # the prediction's slide has no image: use the measured one
         images[-1] = images[0]
@@ -187,11 +176,7 @@ def slide_prediction(
                 h, w = arr.shape[:2]
                 a.imshow(arr, extent=(0, w / scale, h / scale, 0), interpolation="antialiased")
             colls.append(_disks(a, xy, diam, v, cmap, norm, alpha))
-            a.set_xlim(extent[0], extent[1])
-            a.set_ylim(extent[3], extent[2])  # y down, as the image
-            a.set_aspect("equal")
-            a.set_xticks([])
-            a.set_yticks([])
+            a.set(xlim=extent[:2], ylim=(extent[3], extent[2]), aspect="equal", xticks=[], yticks=[])  # y down
         if nearest is not None:
             r = finite_pcc(vals[0], vals[1][nearest])
             axs[g, 0].set_title(f"{gene} measured ({layers[0][1]}, {len(nearest)} spots)")
@@ -299,18 +284,8 @@ def _disks(a: Axes, xy: np.ndarray, diameter: float, values: np.ndarray, cmap: s
     """Spots as disks of ``diameter`` data units (full-resolution pixels) coloured by ``values``."""
     from matplotlib.collections import EllipseCollection
 
-    coll = EllipseCollection(
-        widths=diameter,
-        heights=diameter,
-        angles=0.0,
-        units="xy",
-        offsets=xy,
-        offset_transform=a.transData,
-        cmap=cmap,
-        norm=norm,
-        alpha=alpha,
-        linewidths=0,
-    )
+    kw = {"offsets": xy, "offset_transform": a.transData, "cmap": cmap, "norm": norm, "alpha": alpha, "linewidths": 0}
+    coll = EllipseCollection(widths=diameter, heights=diameter, angles=0.0, units="xy", **kw)
     coll.set_array(np.asarray(values, dtype=float))
     a.add_collection(coll)
     return coll

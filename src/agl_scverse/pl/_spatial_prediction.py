@@ -25,7 +25,6 @@ from ._common import (
     FigSize,
     PlotResult,
     SavePath,
-    axes_array,
     color_norm,
     dense,
     finish,
@@ -95,8 +94,7 @@ def spatial_prediction(
     Parameters
     ----------
     data
-        AnnData after :func:`agl_scverse.tl.agl_predict` or :func:`~agl_scverse.tl.predict_anndata` (or read from
-        their ``.h5ad``), or a SpatialData whose table holds the predictions.
+        AnnData after :func:`agl_scverse.tl.agl_predict` / ``predict_anndata``, or a SpatialData whose table holds it.
     genes
         One gene or several; each must have predictions (``.var["<key>_predicted"]``).
     key
@@ -107,19 +105,16 @@ def spatial_prediction(
     table_key
         SpatialData table holding the run (default: the only table).
     observed
-        Draw the measured expression beside the prediction. ``None`` (default): when the AnnData holds measured
-        counts (``.uns["<key>_pred"]["observed"]``, False for the AnnData of ``predict_anndata``, whose ``.X`` is
-        the predictions). Without observed panels the titles carry no r.
+        Draw the measured expression beside the prediction (and r in the titles). ``None``: when the AnnData holds
+        measured counts (``.uns["<key>_pred"]["observed"]``).
     spots
-        Spots the r in the titles is computed on (as ``spots`` of :func:`~agl_scverse.tl.evaluate`: a boolean
-        mask, names or positions); default the held-out spots as described above. Every spot is drawn.
+        Spots r is computed on (as ``spots`` of :func:`~agl_scverse.tl.evaluate`); every spot is drawn.
     img
         Draw the H&E image under the spots.
     img_res_key
-        Which image of ``uns['spatial'][library]['images']`` to draw (``"hires"``, ``"lowres"``, ``"fullres"``);
-        the next best one is used when it is absent.
+        Which image of ``uns['spatial'][library]['images']`` to draw (the next best one when it is absent).
     crop
-        Limit each map to the spots (the tissue) with a margin of one spot, rather than the whole image.
+        Limit each map to the spots with a margin of one spot, rather than the whole image.
     cmap
         Colour map of both panels.
     shared_scale
@@ -135,10 +130,8 @@ def spatial_prediction(
     Returns
     -------
     numpy.ndarray or matplotlib.figure.Figure or None
-        The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; otherwise None when the figure is shown,
-        else a NumPy array of :class:`~matplotlib.axes.Axes` of shape ``(n_rows, 2)``, one row per gene and slide:
-        column 0 observed, column 1 predicted (``(n_rows, 1)`` without observed panels; colour bars are extra axes
-        of the figure).
+        The Figure with ``return_fig=True``; otherwise None when shown, else the Axes:
+        an array of shape ``(n_rows, 2)`` (observed, predicted), or ``(n_rows, 1)``.
 
     Examples
     --------
@@ -261,12 +254,10 @@ _KIND_WORDS = {"refitted": ("validation", " (refitted on)")}
 
 def _norms(p: _Panel, shared_scale: bool, robust: bool) -> list:
     """Colour ranges of the observed and predicted panel of a row (see ``robust`` and ``shared_scale``)."""
-    if p.observed is None:
-        return [color_norm(p.predicted, robust)]
+    values = _values(p)
     if shared_scale:
-        both = color_norm(np.concatenate([p.observed, p.predicted]), robust)
-        return [both, both]
-    return [color_norm(p.observed, robust), color_norm(p.predicted, robust)]
+        return [color_norm(np.concatenate(values), robust)] * len(values)
+    return [color_norm(v, robust) for v in values]
 
 
 def _grid(n_rows: int, n_cols: int, ax, figsize) -> tuple[Figure, np.ndarray]:
@@ -274,7 +265,7 @@ def _grid(n_rows: int, n_cols: int, ax, figsize) -> tuple[Figure, np.ndarray]:
     panels = "observed and predicted" if n_cols == 2 else "predicted"
     what = f"{panels} for each of {n_rows} row{'s' if n_rows != 1 else ''}: genes x slides"
     fig, axs = new_axes(ax, n_cols * n_rows, figsize or (4.2 * n_cols, 3.8 * n_rows), ncols=n_cols, what=what)
-    return fig, axes_array(axs, (n_rows, n_cols))
+    return fig, axs.reshape(n_rows, n_cols)
 
 
 def _crop(a: Axes, xy: np.ndarray, margin: float) -> None:
@@ -282,8 +273,7 @@ def _crop(a: Axes, xy: np.ndarray, margin: float) -> None:
     if len(xy) == 0:
         return
     (x0, y0), (x1, y1) = xy.min(axis=0) - margin, xy.max(axis=0) + margin
-    a.set_xlim(x0, x1)
-    a.set_ylim(y1, y0)
+    a.set(xlim=(x0, x1), ylim=(y1, y0))
 
 
 def _values(p: _Panel) -> list[np.ndarray]:
@@ -294,11 +284,10 @@ def _library_masks(adata: AnnData, library_key, library_id) -> dict[str, np.ndar
     library_key = _spatial.resolve_library_key(adata, library_key)
     if library_key is None:
         if library_id is not None:
-            lib = library_id if isinstance(library_id, str) else list(library_id)
-            if not isinstance(lib, str):
-                if len(lib) != 1:
-                    raise ValueError("Several library_id values need library_key=<obs column naming the slides>.")
-                lib = lib[0]
+            libs = [library_id] if isinstance(library_id, str) else list(library_id)
+            if len(libs) != 1:
+                raise ValueError("Several library_id values need library_key=<obs column naming the slides>.")
+            lib = libs[0]
             _spatial.library_entry(adata, lib)
             return {lib: np.ones(adata.n_obs, dtype=bool)}
         return _spatial.spot_masks(adata, None)
@@ -322,7 +311,6 @@ def _plot_anndata(
     observed, spots, crop = what
     masks = _library_masks(adata, library_key, library_id)
     panels = _panels(adata, genes, key, masks, observed, spots)
-    several = len(masks) > 1
     fig, axs = _grid(len(panels), len(_values(panels[0])), ax, figsize)
     xy_all = np.asarray(adata.obsm[consts.SPATIAL_KEY], dtype=float)[:, :2]
     images = {lib: (library_image(adata, lib, img_res_key) if img else (None, 1.0)) for lib in masks}
@@ -341,24 +329,13 @@ def _plot_anndata(
             obsm={consts.SPATIAL_KEY: xy},
             uns={consts.SPATIAL_KEY: {p.library: entry}},
         )
-        for a, col, title, norm in zip(axs[row], cols, _titles(p, several), _norms(p, *scaling)):
+        opts: dict[str, Any] = {"library_id": p.library, "img": image is not None, "img_res_key": consts.HIRES}
+        for a, col, title, norm in zip(axs[row], cols, _titles(p, len(masks) > 1), _norms(p, *scaling)):
             sq.pl.spatial_scatter(
-                tmp,
-                color=col,
-                library_id=p.library,
-                img=image is not None,
-                img_res_key=consts.HIRES,
-                size=size,
-                cmap=cmap,
-                norm=norm,
-                title=title,
-                ax=a,
-                fig=fig,
-                **kwargs,
+                tmp, color=col, size=size, cmap=cmap, norm=norm, title=title, ax=a, fig=fig, **opts, **kwargs
             )
         for a in axs[row]:
-            a.set_xlabel("")
-            a.set_ylabel("")
+            a.set(xlabel="", ylabel="")
             if crop:  # squidpy draws in the image's pixels: full-resolution pixels times its scale factor
                 _crop(a, xy * scale, diameter * scale)
     return fig, axs
@@ -394,7 +371,6 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
     masks = {r: col == r for r in regions}
     observed, spots, crop = what
     panels = _panels(table, genes, key, masks, observed, spots)
-    several = len(masks) > 1
     fig, axs = _grid(len(panels), len(_values(panels[0])), ax, figsize)
     for row, p in enumerate(panels):
         obs = table.obs.loc[p.mask, [region_key, instance_key]].copy()
@@ -415,7 +391,7 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
             shapes={p.library: sdata.shapes[p.library]},
             tables={"agl_plot": tmp},
         )
-        for a, c, title, norm in zip(axs[row], cols, _titles(p, several), _norms(p, *scaling)):
+        for a, c, title, norm in zip(axs[row], cols, _titles(p, len(masks) > 1), _norms(p, *scaling)):
             pl = view.pl.render_images().pl if view.images else view.pl
             pl.render_shapes(p.library, color=c, table_name="agl_plot", cmap=cmap, norm=norm, **kwargs).pl.show(
                 coordinate_systems=cs, ax=a, title=title
@@ -434,11 +410,8 @@ def _crop_to_shapes(a: Axes, shapes, cs: str) -> None:
     hi = np.array([ext["x"][1], ext["y"][1]], dtype=float)
     margin = 0.05 * float(max(hi - lo))
     y0, y1 = a.get_ylim()
-    a.set_xlim(lo[0] - margin, hi[0] + margin)
-    if y0 > y1:  # y pointing down, as spatialdata-plot draws images
-        a.set_ylim(hi[1] + margin, lo[1] - margin)
-    else:
-        a.set_ylim(lo[1] - margin, hi[1] + margin)
+    ylim = (lo[1] - margin, hi[1] + margin)
+    a.set(xlim=(lo[0] - margin, hi[0] + margin), ylim=ylim[::-1] if y0 > y1 else ylim)  # y down: as images are drawn
 
 
 def _coordinate_systems(element) -> list[str]:
