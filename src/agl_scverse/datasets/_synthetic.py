@@ -223,10 +223,11 @@ def synthetic_slide(
 
     Parameters
     ----------
-    n_rows, n_cols
-        Rows and columns of the spot grid.
-    n_tissue_genes, n_informative, n_noise
-        Numbers of tissue genes, informative auxiliary genes and noise genes (the bursty ones included).
+    n_rows: int = 20,
+    n_cols: int = 20,
+    n_tissue_genes: int = 80,
+    n_informative: int = 300,
+    n_noise: int = 1600,
     n_bursty_noise
         How many noise genes are bursty (negative binomial with a very small dispersion parameter).
     n_slides
@@ -234,8 +235,8 @@ def synthetic_slide(
         ``"synthetic"``).
     n_types
         Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
-    spot_spacing_um, spot_diameter_um
-        Centre-to-centre spacing and diameter of spots, in µm.
+    spot_spacing_um: float = 100.0,
+    spot_diameter_um: float = 100.0,
     microns_per_pixel
         Scale of the full-resolution image.
     margin_um
@@ -244,12 +245,12 @@ def synthetic_slide(
         Length scale of the tissue regions (smoothing of the layout fields).
     depth
         Multiplies every gene's mean count (sequencing depth).
-    depth_sd, hidden_sd
-        Standard deviations of the per-spot log library size and of the image-invisible noise added to the latent state.
+    depth_sd: float = 0.3,
+    hidden_sd: float = 0.25,
     informative_strength
         Loadings of informative genes relative to tissue genes.
-    informative_mean, tissue_mean
-        Range (log-uniform) of the mean counts per spot of informative and tissue genes, at ``depth=1``.
+    informative_mean: tuple[float, float] = (0.3, 1.2),
+    tissue_mean: tuple[float, float] = (3.0, 100.0),
     seed
         Seed of the :class:`numpy.random.Generator`; the output is a deterministic function of all arguments.
 

@@ -53,9 +53,8 @@ def get_encoder(
     pretrained
         The published weights (the hub repository's, or timm's), from the local cache, else downloaded when the
         hub is reachable, else a ``FileNotFoundError`` that says how to get them. Default: random (``seed``).
-    mean, std
-        Input normalisation overriding the default: the preset's, a known weights file's, timm's
-        ``pretrained_cfg``, the registered values, else ImageNet.
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     seed
         Seed of the random initialisation (the global torch RNG is left untouched).
     encoder_kwargs

@@ -25,8 +25,8 @@ def normalize(
     ----------
     batch
         uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` tensor (or array), as :class:`SpotPatches` gives; stays on its device.
-    mean, std
-        Per-channel values in the 0-1 range (3, or 1 for all), e.g. ``info["mean"]`` of :func:`get_encoder`.
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 
     Returns
     -------

@@ -26,8 +26,10 @@ class EncoderPreset:
         ``encoder=name`` (any case; ``hf_hub`` ids and ``aliases`` work too).
     arch, timm_kwargs
         The timm architecture and its ``timm.create_model`` keyword arguments (JSON form).
-    mean, std
-        Input normalisation (0-1 range, per RGB channel).
+    mean
+        Input normalisation mean (0-1 range, per RGB channel).
+    std
+        Input normalisation standard deviation (per RGB channel).
     mpp, patch_px
         Native µm per pixel (0.5 is 20x) and input side in pixels.
     feature_dim

@@ -124,8 +124,10 @@ def encoder_record(info: dict[str, Any], patch_px: int, patch_um: float, **extra
     ----------
     info
         The ``info`` dict of :func:`get_encoder`.
-    patch_px, patch_um
-        Patch side in pixels and in µm.
+    patch_px
+        Patch side in pixels.
+    patch_um
+        Patch side in µm.
     **extra
         More fields (e.g. the patch settings of :meth:`agl_scverse.pp.SpotPatches.record`).
 

@@ -34,8 +34,8 @@ def register_encoder(
     factory
         Returns a module (or a tensor -> tensor callable) mapping normalised ``(B, 3, H, W)`` images to ``(B, D)``
         features; given ``pretrained`` if it takes that argument.
-    mean, std
-        Per-channel (RGB) input normalisation the encoder expects, in the 0-1 range.
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     overwrite
         Replace an existing registration.
 

@@ -68,15 +68,15 @@ def read_legacy_st(
         ``.obs`` column naming the section of each spot (categorical).
     microns_per_pixel
         µm per full-resolution pixel; default ``spot_pitch_um`` over the median nearest-neighbour spot distance.
-    spot_diameter_um, spot_pitch_um
-        Spot diameter and centre-to-centre distance of neighbouring spots in µm (100 and 200 on the legacy array).
+    spot_diameter_um: float = 100.0,
+    spot_pitch_um: float = 200.0,
     hires_max_px
         Longest side of the downscaled ``"hires"`` image kept in memory.
     load_images
         Build the ``"hires"`` thumbnail (the full-resolution image path is recorded either way).
-    counts_file, spots_file, image_file
-        File names inside each section folder: counts (``None``: H&E-only sections to predict, 0 genes), spot
-        positions (tab- or comma-separated) and image (``None``: the only image file there).
+    counts_file: str | None = "counts.tsv.gz",
+    spots_file: str = "spots.tsv",
+    image_file: str | None = "he.jpg",
     %(progress)s
 
     Returns

@@ -183,9 +183,15 @@ class AGLModel:
 
     Parameters
     ----------
-    net, config
-        The trained network, and a JSON-able dict that passes :func:`~agl_scverse.model._schema.validate_config`
-        (``genes`` in output order, ``roles`` and ``weights`` per gene, ``method``, ``mode``, ``net``, ...).
+    net
+        The trained network (:class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet`).
+    config
+        JSON-able dict. Keys used by the package: ``genes`` (output order), ``roles`` (``"target"`` /
+        ``"auxiliary"`` per output gene), ``weights`` (mask weight per output gene), ``method``, ``mode``,
+        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um;
+        ``weights_path`` is a record, never opened), ``net`` (constructor arguments), ``k``, ``threshold``,
+        ``prior``, ``prior_ranks``, ``hyperparameters``, ``versions``. :meth:`save` adds ``format_version`` and
+        ``weights_sha256``; the config must pass :func:`~agl_scverse.model._schema.validate_config`.
 
     Examples
     --------
@@ -294,14 +300,12 @@ class AGLModel:
         features
             Embedding mode: ``(n_spots, n_features)`` array. Fine-tune mode: ``(n_spots, H, W, 3)`` uint8 patches
             (or a torch Dataset yielding patches).
-        batch_size, columns
-            Spots per forward pass; positions (in :attr:`genes`) of the only outputs to compute (default: all).
-        device, precision
-            ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` (bit-for-bit reproducible), ...; fine-tune mode:
-            how the backbone runs (see :func:`agl_scverse.pp.embed_patches`; the output layer runs in float32).
-        num_workers, prefetch_factor
-            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (the same predictions with
-            any number) and the batches each prepares ahead.
+        batch_size: int = 512,
+        columns: np.ndarray | None = None,
+        device: str = "auto",
+        precision: consts.Precision = "auto",
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
         backend
             ``"auto"`` or ``"torch"`` (``"onnx"``, for frozen encoders, is refused in fine-tune mode; the
             embedding-mode head runs in torch).
@@ -345,8 +349,12 @@ class AGLModel:
 
         Parameters
         ----------
-        path, overwrite
-            Target directory; replace an existing model directory (or an empty one) once the new one is complete.
+        path
+            Target directory (must not exist unless ``overwrite=True``).
+        overwrite
+            Replace an existing model directory (one holding only ``config.json`` and ``model.safetensors``,
+            or an empty one); the old one is removed only after the new one is in place. Anything else at
+            ``path`` (a file, a link, a folder with other entries) is refused with ``FileExistsError``.
 
         Returns
         -------

@@ -55,10 +55,14 @@ class EmbeddingHead(_Calibrated):
 
     Parameters
     ----------
-    n_in, n_out
-        Embedding dimension; number of genes (targets first, then auxiliaries).
-    hidden, dropout
-        Widths of the shared hidden layers (``()``: a linear head, where AGL == PGL); dropout after each.
+    n_in
+        Embedding dimension.
+    n_out
+        Number of genes (targets first, then auxiliaries).
+    hidden
+        Widths of the shared hidden layers; ``()`` gives a linear head (then AGL cannot differ from PGL).
+    dropout
+        Dropout after every hidden layer.
 
     Examples
     --------
@@ -107,12 +111,16 @@ class FinetuneNet(_Calibrated):
 
     Parameters
     ----------
-    backbone, n_features
+    backbone
         Module mapping a normalised ``(n, 3, H, W)`` float batch to ``(n, n_features)`` features.
+    n_features
+        Backbone output dimension.
     n_out
         Number of genes (targets first, then auxiliaries).
-    mean, std
-        Per-channel image normalisation of ``uint8`` or ``[0, 1]`` float input (buffers).
+    mean
+        Per-channel mean of the image normalisation applied to ``uint8`` or ``[0, 1]`` float input (a buffer).
+    std
+        Per-channel standard deviation of that normalisation (a buffer).
 
     Examples
     --------
@@ -166,8 +174,10 @@ class EmbeddingEnsemble(nn.Module):
     ----------
     members
         Trained :class:`EmbeddingHead` networks with the same constructor arguments.
-    linear, linear_weight
-        A linear :class:`EmbeddingHead` of the same input and the first outputs, or None; its share in [0, 1].
+    linear
+        A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
+    linear_weight
+        Its share of those outputs, in [0, 1] (``agl_fit`` chooses it on the validation spots).
 
     Examples
     --------

@@ -363,8 +363,8 @@ def spatial_context(
         ``.obsm`` key of the spot embedding (e.g. ``"X_agl_densenet121"``).
     n_neighs
         Nearest spots of the same library (k-NN graph).
-    n_rings, grid_neighs
-        Rings of a grid graph of ``grid_neighs`` neighbours per spot instead of k-NN.
+    n_rings: int | None = None,
+    grid_neighs: int = 6,
     radius_um
         Every spot within this distance in µm instead of k-NN.
     aggregation
@@ -373,10 +373,10 @@ def spatial_context(
         ``"concat"``, ``"mean"`` with ``"blend"``.
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
-    output, alpha
-        ``"concat"`` (default) or ``"blend"`` (``alpha`` in [0, 1]: the weight of the spot's own embedding), see above.
-    fov_scale, fov_patch_um
-        Append a wider field of view of ``fov_scale`` times the spot patch's area, or of side ``fov_patch_um`` µm.
+    output: str = "concat",
+    alpha: float = 0.0,
+    fov_scale: float | None = None,
+    fov_patch_um: float | None = None,
     fov_key
         ``.obsm`` key of the wider-patch embedding, reused when present with a matching record. Default
         ``f"{embedding_key}_fov{fov_patch_um:g}um"``.
@@ -385,9 +385,12 @@ def spatial_context(
     %(library_key)s
     key_added
         ``.obsm`` key of the context features. Default ``f"{embedding_key}_context"``.
-    weights, encoder, device, batch_size, num_workers, precision
-        For a wider field of view only: the base encoder's weights file (sha256 checked) or module, and the
-        settings of :func:`~agl_scverse.pp.embed_patches`.
+    weights: str | Path | None = None,
+    encoder: Any = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    precision: str = "auto",
     %(copy)s
 
     Returns

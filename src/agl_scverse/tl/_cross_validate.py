@@ -142,8 +142,11 @@ def cross_validate(
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g.
         ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``).
-    n_targets, prior, min_cells, layer, transform
-        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)`` (and so on) instead.
+    n_targets: int | None = None,
+    prior: str | None = None,
+    min_cells: int | float | None = None,
+    layer: str | None = None,
+    transform: str | None = None,
     **fit_kwargs
         Passed to every :func:`agl_scverse.tl.agl_fit` call: its configs (``network=``, ``training=``,
         ``dkgsb=`` with ``k`` for ``"topk"``, ``encoder=``), ``device``, ...

@@ -130,9 +130,14 @@ def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") ->
 
     Parameters
     ----------
-    net, meta_scope
-        The network (with a linear output layer ``out`` for ``"last"``); ``"all"``, ``"last"`` or a sequence of
-        parameter names (returned in ``net``'s order).
+    net
+        The network (with a linear output layer ``out`` for ``"last"``).
+    meta_scope
+        ``"all"``, ``"last"`` or a sequence of parameter names.
+
+    Returns
+    -------
+    The names, in the order of ``net.named_parameters()``.
 
     Raises
     ------
@@ -211,17 +216,19 @@ def unrolled_val_loss(
 
     Parameters
     ----------
-    net, mask
-        The network (in the mode to evaluate it in; it accepts ``n_first=``) and the soft mask of its auxiliaries.
-    n_targets, x_tr, y_tr, x_va, y_va
-        Number of leading target outputs; inputs and standardised expression of one training batch (or sequences
-        of batches, one per inner step) and of the validation batch.
-    inner_steps, inner_lr
-        Number of unrolled steps ``H``; learning rate of SGD inner steps (not used with ``optimizer_state``).
-    loss, normalizer
-        ``"pearson"`` or ``"mse"``; ``"soft"``, ``"detached"`` or a constant (see the module notes).
-    optimizer_state, meta_scope
-        Take the inner steps as this :class:`AdamState` would (``None``: SGD); the parameters they move.
+    net: nn.Module,
+    mask: GeneMask,
+    n_targets: int,
+    x_tr: torch.Tensor | Sequence[torch.Tensor],
+    y_tr: torch.Tensor | Sequence[torch.Tensor],
+    x_va: torch.Tensor,
+    y_va: torch.Tensor,
+    inner_steps: int = 1,
+    inner_lr: float = 0.1,
+    loss: str = "pearson",
+    normalizer: str | float = "soft",
+    optimizer_state: AdamState | None = None,
+    meta_scope: str | Sequence[str] = "all",
 
     Examples
     --------

@@ -27,11 +27,15 @@ def pearson_loss(
 
     Parameters
     ----------
-    pred, target
-        Predictions and observed values, ``(n_spots, n_genes)`` tensors.
-    eps, reduce
-        Added to the variances (a gene constant in the batch gives loss 1, a finite gradient); sums a tensor over
-        the processes sharing the batch, with gradients (under ``torchrun``; None: all here).
+    pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, reduce: Reduce | None = None
+    target
+        Observed values, same shape.
+    eps
+        Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
+        finite gradient instead of NaN.
+    reduce
+        Sums a tensor over the processes sharing the batch, with gradients (what the trainer passes under
+        ``torchrun``); None: the batch is all here.
 
     Examples
     --------

@@ -29,10 +29,14 @@ class GeneMask(nn.Module):
 
     Parameters
     ----------
-    ranks, tau
-        Normalised ranks ``r_i`` in ``[0, 1]`` of the auxiliary genes; the sigmoid's temperature (paper: 0.01).
-    theta, dtype
-        Initial threshold (default: the mean rank); dtype of the ranks and ``theta`` (float64 for gradient checks).
+    ranks
+        Normalised ranks ``r_i`` in ``[0, 1]`` of the auxiliary genes (see :func:`normalized_ranks`).
+    tau
+        Temperature of the sigmoid (paper: 0.01).
+    theta
+        Initial threshold; default the mean rank.
+    dtype
+        Floating dtype of the rank buffer and ``theta`` (float64 for gradient checks).
 
     Examples
     --------

@@ -242,25 +242,23 @@ def train_network(
     Y
         Expression (targets first, then auxiliaries in prior-rank order): an ``(n_spots, n_genes)`` array or a
         batch source (:class:`StandardizedTargets`), standardised per gene on the training spots.
-    train_idx, val_idx, n_targets
-        Row positions of the training and validation spots (early stopping, meta batches); number of target columns.
-    training, dkgsb
-        :class:`~agl_scverse.configs.TrainingConfig` and :class:`~agl_scverse.configs.DkGSBConfig` (or dicts);
-        ``None`` fields take the embedding-mode defaults. ``augment`` needs image inputs. Without validation spots
-        exactly ``epochs`` epochs run and the last is kept.
-    mask, aux_weights
-        The learnable :class:`~agl_scverse.model.GeneMask` of the auxiliary columns (DkGSB), or their fixed loss
-        weights (e.g. a learned mask when refitting); neither: every gene weight 1.
-    seed, device
-        Seeds batch order, meta batches and torch's generator (dropout); ``"auto"`` (CUDA when available, else
-        CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
-    progress, desc
-        Show a tqdm bar over epochs (postfix: loss, validation PCC, k), and its label.
-    precision, checkpoint
-        ``"fp32"``, ``"auto"``, ``"bf16"`` or ``"fp16"`` (the loss and hypergradient stay float32); the
-        checkpointer of :func:`agl_scverse.tl.agl_fit` (resume from its state, save every ``checkpoint.every``).
-    clip, theta_beta2
-        DkGSB: hypergradient clipping; Adam's second-moment decay for ``theta``.
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    n_targets: int,
+    training: TrainingConfig | Mapping[str, Any] | None = None,
+    dkgsb: DkGSBConfig | Mapping[str, Any] | None = None,
+    mask: GeneMask | None = None,
+    aux_weights: np.ndarray | None = None,
+    seed: int = 0,
+    device: torch.device | str = "auto",
+    progress: bool = True,
+    desc: str = "agl",
+    precision: consts.Precision = "fp32",
+    checkpoint
+        The checkpointer of :func:`agl_scverse.tl.agl_fit` (``checkpoint_every``, ``resume``): training starts
+        from its state when it has one, and the state is saved after every ``checkpoint.every`` epochs.
+    clip: float = 1.0,
+    theta_beta2: float = 0.9,
 
     Returns
     -------
