@@ -25,6 +25,7 @@ from ._sd_elements import (
     pick_image,
     pick_table,
     scale_levels,
+    table_regions,
     to_rgb,
     um_scale,
 )
@@ -114,8 +115,7 @@ def from_spatialdata(
 
     table_key, table = pick_table(sdata, table_key)
     attrs = table.uns.get(SD_ATTRS) or {}
-    regions = attrs.get("region")
-    regions = [regions] if isinstance(regions, str) else list(regions if regions is not None else [])
+    regions = table_regions(table)
     region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
     if not regions or region_key is None or instance_key is None:
         raise ValueError(

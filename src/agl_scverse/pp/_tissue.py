@@ -55,16 +55,10 @@ class TissueMask:
 
 
 def slide_image(data: Any, library_id: str | None = None, microns_per_pixel: float | None = None):
-    """``(image, µm per full-res pixel, fullres-to-image scale, library id)`` of an AnnData's library or an image.
-
-    ``data`` is an AnnData (one library, or ``library_id``) or an image file path / RGB array with
-    ``microns_per_pixel``.
-    """
+    """``(image, µm per full-res pixel, fullres-to-image scale, library id)`` of an AnnData's library or an image."""
     if isinstance(data, AnnData):
         library_id = _spatial.one_library(data, library_id)
-        mpp = (
-            float(microns_per_pixel) if microns_per_pixel is not None else _spatial.microns_per_pixel(data, library_id)
-        )
+        mpp = _spatial.microns_per_pixel(data, library_id) if microns_per_pixel is None else float(microns_per_pixel)
         meta = _spatial.library_entry(data, library_id).get(consts.METADATA) or {}
         path = meta.get(consts.SOURCE_IMAGE_PATH)
         if path is not None and Path(path).is_file():
@@ -79,16 +73,12 @@ def slide_image(data: Any, library_id: str | None = None, microns_per_pixel: flo
     mpp = float(microns_per_pixel)
     if not (np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"microns_per_pixel is {microns_per_pixel!r}; it must be a positive number, e.g. 0.5.")
-    return (
-        data,
-        mpp,
-        1.0,
-        str(library_id or (Path(data).name.split(".")[0] if isinstance(data, str | Path) else "slide")),
-    )
+    lib = library_id or (Path(data).name.split(".")[0] if isinstance(data, str | Path) else "slide")
+    return data, mpp, 1.0, str(lib)
 
 
 def _small_removed(func, old_name: str, mask: np.ndarray, size: int) -> np.ndarray:
-    """``func(mask, max_size=size)`` (scikit-image >= 0.26), or its older ``min_size`` / ``area_threshold`` form."""
+    """``func(mask, max_size=size)`` (scikit-image >= 0.26), or its older form."""
     if size <= 0:
         return mask
     try:
@@ -109,13 +99,9 @@ def tissue_mask(
 ) -> TissueMask:
     """Find the tissue of an H&E slide on a low-resolution overview.
 
-    The image is read at about ``mask_um_per_px`` (a pyramid level when there is one, a reduced JPEG decode
-    otherwise), converted to HSV, and the saturation is thresholded with Otsu's method (never below
-    ``min_saturation``): stained tissue is saturated, glass and background are white or grey. Dark pixels (value
-    below 0.15: pen marks, slide edges) are dropped, then objects smaller than ``min_object_um2`` are removed and
-    holes smaller than ``max_hole_um2`` filled (scikit-image). This is the classic whole-slide recipe in a few
-    well-kept scikit-image calls; LazySlide / sopa offer learned segmenters but are far heavier dependencies, and
-    squidpy segments nuclei, not tissue.
+    The image is read at about ``mask_um_per_px``, its HSV saturation thresholded with Otsu's method (never below
+    ``min_saturation``), dark pixels (value below 0.15) dropped, small objects removed and small holes filled
+    (scikit-image).
 
     Parameters
     ----------
@@ -153,7 +139,6 @@ def tissue_mask(
     if not (np.isfinite(mask_um_per_px) and mask_um_per_px > 0):
         raise ValueError(f"mask_um_per_px is {mask_um_per_px!r}; it must be a positive number (e.g. 10).")
     image, mpp, scale, lib = slide_image(data, library_id, microns_per_pixel)
-    # image pixels per mask pixel; scale maps full-res px to image px
     img, ds_img = overview(image, mask_um_per_px / mpp * scale)
     downsample = ds_img / scale
     hsv = rgb2hsv(img)

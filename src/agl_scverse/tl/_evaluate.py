@@ -1,9 +1,4 @@
-"""``evaluate``: per-gene Pearson / Spearman / MSE of predictions, with the baselines reported beside them.
-
-Every honest report carries a mean predictor and the HEST-Benchmark baseline (``StandardScaler -> PCA(256) ->
-Ridge`` on the same embedding) beside the model: both are fitted on the spots the model was trained on
-(``.obs[split] == "train"``) and scored on the same evaluated spots and genes, in the same expression scale.
-"""
+"""``evaluate``: per-gene Pearson / Spearman / MSE of predictions, beside a mean predictor and PCA+Ridge."""
 
 from __future__ import annotations
 
@@ -50,13 +45,11 @@ _BLOCK_BYTES = 256 * 2**20
 
 
 def _summary(df: pd.DataFrame) -> dict[str, float]:
-    return {
-        "pearson": float(np.nanmean(df["pearson"])) if df["pearson"].notna().any() else float("nan"),
-        "spearman": float(np.nanmean(df["spearman"])) if df["spearman"].notna().any() else float("nan"),
-        "mse": float(np.nanmean(df["mse"])) if df["mse"].notna().any() else float("nan"),
-        "pearson_median": float(np.nanmedian(df["pearson"])) if df["pearson"].notna().any() else float("nan"),
-        "n_genes": int(df["pearson"].notna().sum()),
-    }
+    def agg(f: Any, col: str) -> float:
+        return float(f(df[col])) if df[col].notna().any() else float("nan")
+
+    out = {c: agg(np.nanmean, c) for c in ("pearson", "spearman", "mse")}
+    return {**out, "pearson_median": agg(np.nanmedian, "pearson"), "n_genes": int(df["pearson"].notna().sum())}
 
 
 def _scored_predictions(layer, rows: np.ndarray, cols: np.ndarray, stack: ExitStack):
@@ -169,14 +162,12 @@ def evaluate(
         ``"targets"`` (default), ``"predicted"`` (every gene with predictions) or a list of gene names.
     spots
         Evaluated spots (boolean mask, names or positions). Default: the spots held out of the fit
-        (``.obs[split] == "unused"``) when there are any, else the validation spots (``"val"``; they were used for
-        early stopping, and trained on by a refitted model, so this is optimistic and logged as such), or every spot of a slide without a split
-        column (an unseen slide).
+        (``.obs[split] == "unused"``), else the validation spots (optimistic; logged), or every spot of a slide
+        without a split column.
     baselines
         Also fit and score the mean predictor and ``StandardScaler -> PCA(n_components) -> Ridge`` on the
-        embedding, trained on the spots the model trained on: the ``"train"`` spots of ``.obs[split]``, and the
-        ``"val"`` spots too when it was refitted on them (``refit``). Skipped, with a note, when there are no
-        training spots in ``adata`` or no embedding.
+        embedding, trained on the spots the model trained on (skipped, with a note, when there are none or no
+        embedding).
     key_added
         Prefix of the keys the run was written under (``key_added`` of :func:`agl_fit`).
     embedding_key
@@ -190,8 +181,8 @@ def evaluate(
     -------
     None, or the copy. Writes ``.var[k.pcc]``, ``.var[k.spearman]``, ``.var[k.mse]`` (NaN for genes not
     evaluated) and ``.uns[k.uns]["metrics"]["test"]``: per method (``model``, ``mean_predictor``, ``pca_ridge``)
-    the mean / median Pearson, mean Spearman and MSE over genes, plus ``n_spots``, ``spots`` (which spots),
-    ``genes``, ``transform``. The validation metrics written by :func:`agl_fit` stay in ``metrics``.
+    the mean / median Pearson, mean Spearman and MSE over genes, plus ``n_spots``, ``spots``, ``genes``,
+    ``transform``.
 
     Examples
     --------
@@ -211,7 +202,6 @@ def evaluate(
     gene_list = _genes_to_score(adata, model, genes, keys)
     gidx = adata.var_names.get_indexer(gene_list)
 
-    # ---- preprocessing the model used, and the scale of an existing prediction layer
     transform = model.config.get("transform") if model is not None else _param(entry, "transform", "log1p")
     if keys.pred_layer in adata.layers:
         transform = observed_transform(adata.uns.get(keys.pred_uns), transform)
@@ -222,7 +212,6 @@ def evaluate(
     emb_key = embedding_key or (model.config.get("embedding_key") if model is not None else None)
     emb_key = emb_key or null_as_none(entry.get("embedding_key"))
 
-    # ---- spots
     split = adata.obs[keys.split].astype(str).to_numpy() if keys.split in adata.obs else None
     refitted = bool(model.config.get("refit", False) if model is not None else _param(entry, "refit", False))
     if spots is not None:
@@ -245,8 +234,6 @@ def evaluate(
     if keys.pred_layer not in adata.layers and model is None:
         raise KeyError(f".layers[{keys.pred_layer!r}] is missing; run agl_predict first or pass model=.")
     X = adata.layers[layer] if layer is not None else adata.X
-    # the baselines train on the spots the model trained on: the training split, and the validation spots too
-    # when the model was refitted on them
     fitted_on = (consts.SPLIT_TRAIN, consts.SPLIT_VAL) if refitted else (consts.SPLIT_TRAIN,)
     train = np.isin(split, fitted_on) if split is not None else np.zeros(adata.n_obs, dtype=bool)
     notes = ""
