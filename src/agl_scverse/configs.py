@@ -35,31 +35,11 @@ __all__ = [
 ]
 
 #: Defaults per training mode of the fields left at ``None`` (why: ``docs/method.md``).
+_MODE_FIELDS = ("hidden", "epochs", "patience", "lr", "batch_size", "augment", "meta_scope", "meta_steps")
+_MODE_FIELDS += ("refit", "n_seeds")
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedding": {
-        "hidden": (256,),
-        "epochs": 100,
-        "patience": 10,
-        "lr": 1e-3,
-        "batch_size": 128,
-        "augment": False,
-        "meta_scope": consts.META_SCOPE_ALL,
-        "meta_steps": 4,
-        "refit": True,
-        "n_seeds": 5,
-    },
-    "finetune": {
-        "hidden": (),
-        "epochs": 50,
-        "patience": 20,
-        "lr": 3e-5,
-        "batch_size": 128,
-        "augment": True,
-        "meta_scope": consts.META_SCOPE_ALL,
-        "meta_steps": 1,
-        "refit": False,
-        "n_seeds": 1,
-    },
+    "embedding": dict(zip(_MODE_FIELDS, ((256,), 100, 10, 1e-3, 128, False, consts.META_SCOPE_ALL, 4, True, 5))),
+    "finetune": dict(zip(_MODE_FIELDS, ((), 50, 20, 3e-5, 128, True, consts.META_SCOPE_ALL, 1, False, 1))),
 }
 
 C = TypeVar("C")

@@ -163,25 +163,14 @@ def from_spatialdata(
     libs = np.empty(adata.n_obs, dtype=object)
     spatial: dict[str, dict] = {}
     rows_region = region_col[keep]
+    opts = (image_key, spot_diameter_um, coordinate_system, um_coordinate_system, hires_max_px, fullres_max_px)
     for shapes_name in sections:
         rows = rows_region == shapes_name
         if not rows.any():
             raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_name!r}.")
-        xy[rows], entry = _read_section(
-            sdata,
-            table,
-            table_key,
-            adata.obs[instance_key].to_numpy()[rows],
-            shapes_name,
-            image_key,
-            mpp_given.get(shapes_name),
-            spot_diameter_um,
-            coordinate_system,
-            um_coordinate_system,
-            hires_max_px,
-            fullres_max_px,
-            lib_ids[shapes_name],
-        )
+        ids = adata.obs[instance_key].to_numpy()[rows]
+        mpp = mpp_given.get(shapes_name)
+        xy[rows], entry = _read_section(sdata, table, table_key, ids, shapes_name, mpp, lib_ids[shapes_name], opts)
         lib = lib_ids[shapes_name] = lib_ids[shapes_name] or entry[consts.METADATA][consts.SPATIALDATA_IMAGE]
         if lib in spatial:
             raise ValueError(f"Two sections get library id {lib!r}; pass library_id={{shapes key: id}}.")
@@ -347,22 +336,12 @@ def _microns_per_pixel(
     )
 
 
-def _read_section(
-    sdata,
-    table,
-    table_key,
-    ids,
-    shapes_name,
-    image_key,
-    mpp_given,
-    spot_diameter_um,
-    coordinate_system,
-    um_cs,
-    hires_max_px,
-    fullres_max_px,
-    lib,
-) -> tuple[np.ndarray, dict]:
-    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry."""
+def _read_section(sdata, table, table_key, ids, shapes_name, mpp_given, lib, opts: tuple) -> tuple[np.ndarray, dict]:
+    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry.
+
+    ``opts``: ``(image_key, spot_diameter_um, coordinate_system, um_cs, hires_max_px, fullres_max_px)``.
+    """
+    image_key, spot_diameter_um, coordinate_system, um_cs, hires_max_px, fullres_max_px = opts
     shapes = sdata.shapes[shapes_name]
     if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():
         raise ValueError(
