@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 #: Defaults per training mode of the fields left at ``None`` (why: ``docs/method.md``).
-_MODE_FIELDS = ("hidden", "epochs", "patience", "lr", "batch_size", "augment", "meta_scope", "meta_steps")
-_MODE_FIELDS += ("refit", "n_seeds")
+_MODE_FIELDS: tuple[str, ...] = ("hidden", "epochs", "patience", "lr", "batch_size", "augment", "meta_scope")
+_MODE_FIELDS += ("meta_steps", "refit", "n_seeds")
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "embedding": dict(zip(_MODE_FIELDS, ((256,), 100, 10, 1e-3, 128, False, consts.META_SCOPE_ALL, 4, True, 5))),
     "finetune": dict(zip(_MODE_FIELDS, ((), 50, 20, 3e-5, 128, True, consts.META_SCOPE_ALL, 1, False, 1))),
