@@ -44,13 +44,8 @@ def model_patch_um(model: Any) -> float | None:
 
 def _check_resolution(enc: dict, data: AnnData, lib: str, mpp: float, allow_lowres: bool) -> None:
     _, scale, which = _spatial.get_image(data, lib, warn=False)
-    rec = {
-        "source_um_per_px": {lib: mpp / scale},
-        "image": {lib: which},
-        "level": {lib: 0},
-        "patch_um": enc.get("patch_um"),
-        "patch_px": enc.get("patch_px"),
-    }
+    rec = {"source_um_per_px": {lib: mpp / scale}, "image": {lib: which}, "level": {lib: 0}}
+    rec.update(patch_um=enc.get("patch_um"), patch_px=enc.get("patch_px"))
     fix = (
         f" If {mpp:g} µm per full-resolution pixel is wrong, pass the right scale (microns_per_pixel=, CLI: "
         "--microns-per-pixel); else predict a finer scan, or pass allow_lowres=True to spot_grid and predict_anndata "
@@ -61,9 +56,8 @@ def _check_resolution(enc: dict, data: AnnData, lib: str, mpp: float, allow_lowr
 
 def _inside_fraction(xy: np.ndarray, side: float, width: float, height: float, margin: float) -> np.ndarray:
     """Fraction of each ``side``-px square patch centred on ``xy`` inside the image shrunk by ``margin`` px a side."""
-    lo, hi = xy - side / 2, xy + side / 2
     limits = np.array([width, height]) - margin
-    inside = np.clip(np.minimum(hi, limits) - np.maximum(lo, margin), 0.0, None)
+    inside = np.clip(np.minimum(xy + side / 2, limits) - np.maximum(xy - side / 2, margin), 0.0, None)
     return np.prod(inside, axis=1) / side**2
 
 
@@ -210,8 +204,6 @@ def _lattice(width: float, height: float, pitch: float, layout: str) -> tuple[np
     ys = pitch / 2 + dy * np.arange(max(0, int(np.floor((height - pitch / 2) / dy)) + 1))
     xs = pitch / 2 + pitch * np.arange(max(0, int(np.floor((width - pitch / 2) / pitch)) + 1))
     rows, cols = (g.ravel() for g in np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij"))
-    x = xs[cols] + (pitch / 2 if layout == "hex" else 0.0) * (rows % 2)
-    y = ys[rows]
-    xy = np.column_stack([x, y]).astype(np.float64)
+    xy = np.column_stack([xs[cols] + (pitch / 2 if layout == "hex" else 0.0) * (rows % 2), ys[rows]]).astype(np.float64)
     inside = (xy[:, 0] < width) & (xy[:, 1] < height)
     return xy[inside], rows[inside].astype(np.int64), cols[inside].astype(np.int64)

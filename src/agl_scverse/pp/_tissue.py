@@ -45,8 +45,7 @@ class TissueMask:
     def contains(self, xy: np.ndarray) -> np.ndarray:
         """Whether each full-resolution ``(x, y)`` lies on tissue (False outside the image)."""
         xy = np.asarray(xy, dtype=float).reshape(-1, 2)
-        col = np.floor(xy[:, 0] / self.downsample).astype(np.int64)
-        row = np.floor(xy[:, 1] / self.downsample).astype(np.int64)
+        col, row = np.floor(xy / self.downsample).astype(np.int64).T
         h, w = self.mask.shape
         ok = (col >= 0) & (row >= 0) & (col < w) & (row < h)
         out = np.zeros(len(xy), dtype=bool)
@@ -141,10 +140,8 @@ def tissue_mask(
     image, mpp, scale, lib = slide_image(data, library_id, microns_per_pixel)
     img, ds_img = overview(image, mask_um_per_px / mpp * scale)
     downsample = ds_img / scale
-    hsv = rgb2hsv(img)
-    sat, val = hsv[..., 1], hsv[..., 2]
-    thr = float(threshold_otsu(sat)) if np.ptp(sat) > 1e-6 else 1.0
-    thr = max(thr, float(min_saturation))
+    _, sat, val = np.moveaxis(rgb2hsv(img), -1, 0)
+    thr = max(float(threshold_otsu(sat)) if np.ptp(sat) > 1e-6 else 1.0, float(min_saturation))
     mask = (sat > thr) & (val > 0.15)
     px_um2 = (downsample * mpp) ** 2
     mask = _small_removed(remove_small_objects, "min_size", mask, int(min_object_um2 / px_um2))

@@ -40,7 +40,6 @@ _SPOTS_DESC = {
     "refitted": "val (the model was refitted on them: a training score)",
     "all": "all (no split column: unseen slide)",
 }
-#: Memory budget (bytes) of one block of genes scored at a time.
 _BLOCK_BYTES = 256 * 2**20
 
 
@@ -93,7 +92,7 @@ class _Blocks:
 
 
 def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -> list[str]:
-    """The gene names ``evaluate`` scores (``"targets"``, ``"predicted"`` or a list), checked against ``adata``."""
+    """The gene names ``evaluate`` scores, checked against ``adata``."""
     if isinstance(genes, str) and genes == "targets":
         if model is not None:
             gene_list = list(model.targets)
@@ -121,7 +120,6 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
 
 
 def _check_predicted(gene_list: list[str], ok: np.ndarray, keys: Keys) -> None:
-    """Raise when some genes to score have no predictions (their layer columns are zeros, not predictions)."""
     unpredicted = [g for g, good in zip(gene_list, ok) if not good]
     if unpredicted:
         raise KeyError(
@@ -254,16 +252,13 @@ def evaluate(
             check_integer_counts(part, f"{what} of the {name} spots", transform, log1p_recorded)
     if notes:
         logg.info(f"evaluate: {notes}")
-    new_layer, new_emb = None, None
-    if keys.pred_layer in adata.layers:
-        L = adata.layers[keys.pred_layer]
-    else:
+    new_layer, new_emb, L = None, None, adata.layers.get(keys.pred_layer)
+    if L is None:
         assert model is not None  # checked above, before the counts
         new_layer, new_emb, pred_genes = prediction_layer(adata, model)
         _check_predicted(gene_list, np.isin(gene_list, pred_genes), keys)
         L = new_layer
-    if run_baselines:
-        F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
+    F: Any = np.asarray(adata.obsm[emb_key], dtype=np.float32) if run_baselines else None
     # gene blocks: memory is that of a block of evaluated spots x genes, whatever the number of genes
     step = max(1, int(_BLOCK_BYTES // (4 * 4 * max(len(ev_idx), int(train.sum()) if run_baselines else 0, 1))))
     frames: dict[str, list[pd.DataFrame]] = {"model": [], "mean_predictor": [], "pca_ridge": []}
@@ -283,7 +278,7 @@ def evaluate(
 
     test = {**results, "n_spots": int(ev.sum()), "spots": spots_desc}
     test.update(genes=gene_list if not isinstance(genes, str) else genes, transform=transform, embedding_key=emb_key)
-    test["notes"] = notes
+    test.update(notes=notes)
     target = adata.copy() if copy else adata
     written = {
         "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
