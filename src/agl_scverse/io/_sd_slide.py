@@ -145,26 +145,18 @@ def slide_to_spatialdata(
     lib = _spatial.one_library(pred, library_id)
     sf = _spatial.library_entry(pred, lib).get(consts.SCALEFACTORS) or {}
     mpp = _spatial.microns_per_pixel(pred, lib)
-    rows = np.ones(pred.n_obs, bool)
-    if consts.LIBRARY_KEY in pred.obs:
-        rows = pred.obs[consts.LIBRARY_KEY].astype(str).to_numpy() == str(lib)
-    table = pred[rows].copy()
+    has_lib = consts.LIBRARY_KEY in pred.obs
+    table = pred[pred.obs[consts.LIBRARY_KEY].astype(str).to_numpy() == str(lib) if has_lib else slice(None)].copy()
     if table.n_obs == 0:
         raise ValueError(f"No spot of library {lib!r} to write.")
     transformations = {"global": Identity(), "um": Scale([mpp, mpp], axes=("x", "y"))}
-    images = {}
+    images = {lib: _image_element(pred, lib, transformations)} if image else {}
     if image:
-        element = _image_element(pred, lib, transformations)
-        images[lib] = element
-        transformations = dict(get_transformation(element, get_all=True) or transformations)
+        transformations = dict(get_transformation(images[lib], get_all=True) or transformations)
     shapes_key = f"{lib}{GRID_SHAPES_SUFFIX}"
     radius = np.full(table.n_obs, float(sf.get(consts.SPOT_DIAMETER, 1.0)) / 2)
-    shapes = ShapesModel.parse(
-        np.asarray(table.obsm[consts.SPATIAL_KEY], dtype=np.float64),
-        geometry=0,
-        radius=radius,
-        transformations=transformations,
-    )
+    xy = np.asarray(table.obsm[consts.SPATIAL_KEY], dtype=np.float64)
+    shapes = ShapesModel.parse(xy, geometry=0, radius=radius, transformations=transformations)
     table.obs["region"] = pd.Categorical([shapes_key] * table.n_obs)
     table.obs["instance_id"] = np.arange(table.n_obs)
     table = TableModel.parse(table, region=shapes_key, region_key="region", instance_key="instance_id")

@@ -233,13 +233,11 @@ def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) 
     maps = {}
     for cs in shared_try:
         A_img = affine(image, cs)
-        if abs(np.linalg.det(A_img[:2, :2])) < 1e-12:
-            continue
-        maps[cs] = np.linalg.inv(A_img) @ affine(shapes, cs)
+        if abs(np.linalg.det(A_img[:2, :2])) >= 1e-12:
+            maps[cs] = np.linalg.inv(A_img) @ affine(shapes, cs)
     if not maps:
         raise ValueError(f"Image {image_name!r} has a singular transformation to {shared_try}.")
-    first_cs = sorted(maps)[0]
-    first = maps[first_cs]
+    first_cs, first = sorted(maps)[0], maps[sorted(maps)[0]]
     differ = [cs for cs, M in maps.items() if not np.allclose(M, first, rtol=_SAME_MAPPING_RTOL, atol=1e-6)]
     if differ:
         raise ValueError(
@@ -269,8 +267,7 @@ def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) ->
         )
     if len(cands) == 1:
         return cands[0], sdata.images[cands[0]]
-    # several: of those the spots fall on, the finest pixels over the spots (image pixels per shapes unit), i.e.
-    # the full-resolution one rather than a hires / lowres copy, and not another section's image in a shared system
+    # several: the finest (image pixels per shapes unit) of those all the spots fall on
     density = {}
     for k in cands:
         try:
@@ -441,10 +438,8 @@ def update_table(
 ) -> str:
     """Write what a tool wrote into ``adata`` (made by :func:`from_spatialdata`) back into the SpatialData's table.
 
-    ``.var`` columns and ``.uns`` entries are copied as they are; ``.obs`` columns, ``.obsm`` arrays and
-    ``.layers`` are aligned on the spot names, so table rows that ``adata`` does not hold (other regions) get
-    missing values (NaN). Returns the table's key. Like squidpy, tools given a SpatialData write into its table,
-    so ``sdata.write()`` keeps the results.
+    ``.obs`` columns, ``.obsm`` arrays and ``.layers`` are aligned on the spot names (NaN for rows ``adata`` does
+    not hold); ``.var`` columns and ``.uns`` entries are copied. Returns the table's key.
 
     Examples
     --------

@@ -58,11 +58,9 @@ def compare_methods(
 
     Returns
     -------
-    One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``,
-    ``test_mse``, ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision`` (selected auxiliaries that
-    are ``truth_key``), ``k_start`` and ``precision_start`` (the same for DkGSB's initial selection, the top half
-    by prior), ``base_rate`` (``truth_key`` among all auxiliaries), ``fit_seconds``, ``best_epoch``, and the
-    baselines ``mean_pcc`` and ``ridge_pcc``.
+    One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``, ``test_mse``,
+    ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision``, ``k_start`` and ``precision_start`` (DkGSB's
+    initial selection), ``base_rate``, ``fit_seconds``, ``best_epoch``, ``mean_pcc`` and ``ridge_pcc``.
 
     Examples
     --------
