@@ -37,8 +37,8 @@ def read_he_image(
     Parameters
     ----------
     path
-        The full-resolution image file; or a :class:`spatialdata.SpatialData` (its image ``image_key``) or a
-        SpatialData image element (``sdata.images[...]``), read lazily by region and scale level.
+        The full-resolution image file, a :class:`spatialdata.SpatialData` (its image ``image_key``) or an image
+        element.
     microns_per_pixel
         µm per full-resolution pixel. Default: read from the file (OME, SVS, TIFF resolution) or from the element's
         transformation to a coordinate system in µm; required for JPEG / PNG. It wins over the file's (a warning

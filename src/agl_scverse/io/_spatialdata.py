@@ -54,11 +54,10 @@ def from_spatialdata(
 ) -> AnnData:
     """One AnnData in the agl-scverse layout from a :class:`spatialdata.SpatialData` object.
 
-    The table must annotate circle shapes (``table.uns["spatialdata_attrs"]`` ``region`` / ``region_key`` /
-    ``instance_key``, shapes with a ``radius`` column). Every shapes element the table annotates is one library
-    (a section) with its ``.uns["spatial"]`` entry. Spot centres and radii are mapped into the pixels of the
-    section's image element with spatialdata's transformations; patches are later read from that element lazily
-    (:class:`agl_scverse.pp.SpotPatches`). ``sdata`` is left unchanged.
+    The table must annotate circle shapes (shapes with a ``radius`` column). Every shapes element it annotates is
+    one library (a section) with its ``.uns["spatial"]`` entry. Spot centres and radii are mapped into the pixels of
+    the section's image element with spatialdata's transformations; patches are later read from that element
+    lazily (:class:`agl_scverse.pp.SpotPatches`). ``sdata`` is left unchanged.
 
     Parameters
     ----------

@@ -83,8 +83,7 @@ def spot_grid(
     Parameters
     ----------
     data
-        An AnnData from :func:`agl_scverse.io.read_he_image` (or any reader: its spots are ignored), or an image
-        file path (read with ``microns_per_pixel``).
+        An AnnData from :func:`agl_scverse.io.read_he_image` (or any reader), or an image file path.
     spot_um
         Spot diameter in µm. Default: the model's training patch side, else 55 (Visium).
     pitch_um
@@ -107,9 +106,8 @@ def spot_grid(
 
     Returns
     -------
-    A new AnnData of spots x 0 genes: ``.obsm["spatial"]`` (centres in full-resolution pixels),
-    ``.obs[["library_id", "in_tissue", "array_row", "array_col"]]``, ``.uns["spatial"]`` of the slide with
-    ``spot_diameter_fullres`` set, and ``.uns["agl_grid"]`` (layout, spot_um, pitch_um, tissue threshold).
+    A new AnnData of spots x 0 genes: ``.obsm["spatial"]`` (full-resolution pixels), ``.obs["library_id"]``,
+    ``.obs["array_row"]`` / ``["array_col"]``, the slide's ``.uns["spatial"]`` and ``.uns["agl_grid"]``.
 
     Examples
     --------

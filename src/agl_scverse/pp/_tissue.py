@@ -25,7 +25,7 @@ class TissueMask:
     mask
         Boolean ``(h, w)`` array, True on tissue.
     downsample
-        Full-resolution pixels per mask pixel: full-res ``(x, y)`` lies in mask pixel ``(y // ds, x // ds)``.
+        Full-resolution pixels per mask pixel.
     microns_per_pixel
         µm per full-resolution pixel.
     threshold
@@ -111,11 +111,11 @@ def tissue_mask(
     microns_per_pixel
         µm per full-resolution pixel (required for a path or array; overrides the AnnData's scale factor).
     mask_um_per_px
-        Resolution of the mask in µm per pixel (8-16 is plenty to find tissue).
+        Resolution of the mask in µm per pixel.
     min_saturation
-        Lowest saturation (0..1) counted as tissue, whatever Otsu's threshold says (a blank image has no tissue).
+        Lowest saturation (0..1) counted as tissue, whatever Otsu's threshold says.
     min_object_um2
-        Smallest tissue piece kept, in µm² (smaller specks are dropped).
+        Smallest tissue piece kept, in µm².
     max_hole_um2
         Largest hole inside the tissue filled, in µm².
 

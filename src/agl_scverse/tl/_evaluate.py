@@ -154,8 +154,7 @@ def evaluate(
         Slide with raw counts and predictions in ``.layers[f"{key_added}_pred"]`` (computed here with
         :func:`agl_scverse.tl.agl_predict` when ``model`` is given and the layer is missing).
     model
-        The fitted model (or its directory). Gives the target genes, expression transform, counts layer and
-        embedding key; without it they are read from ``.var[role]`` and ``.uns[key_added]["params"]``.
+        The fitted model (or its directory); without it, the genes and settings are read from ``.var`` / ``.uns``.
     genes
         ``"targets"`` (default), ``"predicted"`` (every gene with predictions) or a list of gene names.
     spots
@@ -171,7 +170,7 @@ def evaluate(
     embedding_key
         ``.obsm`` key for the baselines; default the model's.
     n_components
-        PCA components of the baseline (HEST-Benchmark: 256; capped by the number of spots and features).
+        PCA components of the baseline (capped by the number of spots and features).
     copy
         Return a modified copy instead of writing in place.
 
