@@ -1,16 +1,7 @@
 """Configuration objects of a fit: genes, network, training, DkGSB and the image encoder.
 
-Each is a frozen dataclass that checks its values when it is built (a bad value raises a :class:`ValueError` or
-:class:`TypeError` naming the field and the fix). They are passed as they are to :func:`agl_scverse.tl.agl_fit`,
-:func:`agl_scverse.tl.cross_validate`, :func:`agl_scverse.tl.compare_methods` and down to the trainer; a plain
-``dict`` of fields is accepted wherever a config is.
-
-Fields left at ``None`` take the default of the training mode (:data:`MODE_DEFAULTS`), resolved once by
-:meth:`NetworkConfig.resolved`, :meth:`TrainingConfig.resolved` and :meth:`DkGSBConfig.resolved`, so a config
-can be written once and used in embedding and fine-tune mode.
-
-This module sits with the package's helpers (it imports no sub-package), so ``pp``, ``model`` and ``tl`` can all
-use it.
+Frozen dataclasses that check their values when built; a plain ``dict`` of fields is accepted wherever a config
+is. Fields left at ``None`` take the training mode's default (:data:`MODE_DEFAULTS`) in ``resolved(mode)``.
 
 Examples
 --------
@@ -43,36 +34,20 @@ __all__ = [
     "as_config",
 ]
 
-#: Defaults of the network, trainer and DkGSB step per training mode, taken by the fields left at ``None``.
-#: Why these values: see the Method page (``docs/method.md``) and ``benchmarks/RESULTS.md``.
+#: Defaults per training mode of the fields left at ``None`` (why: ``docs/method.md``).
+_MODE_FIELDS: tuple[str, ...] = ("hidden", "epochs", "patience", "lr", "batch_size", "augment", "meta_scope")
+_MODE_FIELDS += ("meta_steps", "refit", "n_seeds")
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedding": {
-        "hidden": (256,),
-        "epochs": 100,
-        "patience": 10,
-        "lr": 1e-3,
-        "batch_size": 128,
-        "augment": False,
-        "meta_scope": consts.META_SCOPE_ALL,
-        "meta_steps": 4,
-        "refit": True,
-        "n_seeds": 5,
-    },
-    "finetune": {
-        "hidden": (),
-        "epochs": 50,
-        "patience": 20,
-        "lr": 3e-5,
-        "batch_size": 128,
-        "augment": True,
-        "meta_scope": consts.META_SCOPE_ALL,
-        "meta_steps": 1,
-        "refit": False,
-        "n_seeds": 1,
-    },
+    "embedding": dict(zip(_MODE_FIELDS, ((256,), 100, 10, 1e-3, 128, False, consts.META_SCOPE_ALL, 4, True, 5))),
+    "finetune": dict(zip(_MODE_FIELDS, ((), 50, 20, 3e-5, 128, True, consts.META_SCOPE_ALL, 1, False, 1))),
 }
 
 C = TypeVar("C")
+
+
+def _mode_defaults(mode: str) -> dict[str, Any]:
+    check_choice("mode", mode, consts.MODES)
+    return MODE_DEFAULTS[mode]
 
 
 def as_config(cls: type[C], value: C | Mapping[str, Any] | None, name: str | None = None) -> C:
@@ -91,13 +66,7 @@ def as_config(cls: type[C], value: C | Mapping[str, Any] | None, name: str | Non
     raise TypeError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}.")
 
 
-def _mode_defaults(mode: str) -> dict[str, Any]:
-    check_choice("mode", mode, consts.MODES)
-    return MODE_DEFAULTS[mode]
-
-
 def _flag(name: str, value: Any, allow_none: bool = True) -> Any:
-    """A bool (NumPy booleans become Python ones); ``None`` where allowed."""
     if value is None and allow_none:
         return None
     if not isinstance(value, bool | np.bool_):
@@ -106,7 +75,6 @@ def _flag(name: str, value: Any, allow_none: bool = True) -> Any:
 
 
 def _names(name: str, value: Any) -> tuple[str, ...] | None:
-    """Gene names as a tuple (a single string is refused: it would be read letter by letter)."""
     if value is None:
         return None
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
@@ -132,8 +100,7 @@ class GeneConfig:
     min_cells
         A candidate gene has counts in at least this many training spots (or this fraction of them).
     transform
-        Expression scale of the model (``"log1p"``, ``"log1p_cpm"``, ``"none"``), see
-        :func:`agl_scverse.pp.expression_transform`.
+        Expression scale (``"log1p"``, ``"log1p_cpm"``, ``"none"``; :func:`agl_scverse.pp.expression_transform`).
     layer
         Layer holding raw counts instead of ``.X``.
 
@@ -176,17 +143,13 @@ class NetworkConfig:
     Parameters
     ----------
     hidden
-        Hidden widths of the embedding-mode MLP trunk. ``None``: the mode's (``(256,)`` in embedding mode, none in
-        fine-tune mode, where the encoder is shared).
+        Hidden widths of the embedding-mode MLP trunk (``None``: ``(256,)`` in embedding mode, none in fine-tune).
     dropout
         Dropout after each hidden layer.
     head
-        Embedding mode: ``"mlp"`` (the shared MLP trunk and output layer, trained with the loss of
-        :class:`TrainingConfig`), ``"rrr"`` ("linear AGL": a closed-form reduced-rank ridge of targets and
-        auxiliaries on the standardised features, rank and number of auxiliaries chosen on the validation spots;
-        methods ``"pgl"``, ``"agl"``, ``"topk"``, one seed, no epochs; see
-        :func:`agl_scverse.tl.reduced_rank_ridge`) or ``"hybrid"`` (the MLP network(s) plus that linear head of the
-        targets, mixed with a weight chosen on the validation spots; see the Method page).
+        Embedding mode: ``"mlp"`` (MLP trunk and output layer), ``"rrr"`` (closed-form reduced-rank ridge,
+        :func:`agl_scverse.tl.reduced_rank_ridge`; methods ``"pgl"``, ``"agl"``, ``"topk"``, one seed) or
+        ``"hybrid"`` (the MLP mixed with that linear head, weight chosen on the validation spots).
 
     Examples
     --------
@@ -237,23 +200,18 @@ class TrainingConfig:
     loss
         ``"pearson"`` (``1 - r`` per gene, paper) or ``"mse"``.
     refit
-        After early stopping, retrain from the initialisation on the training **and** validation spots for the
-        selected number of epochs (DkGSB's mask held at its learned weights); validation metrics are those of the
-        first fit. ``None``: ``True`` in embedding mode, ``False`` in fine-tune mode.
+        After early stopping, retrain on the training **and** validation spots for the selected number of epochs
+        (validation metrics are the first fit's). ``None``: ``True`` in embedding mode, ``False`` in fine-tune mode.
     n_seeds
-        Embedding mode: train this many networks (seeds ``seed, seed + 1, ...``) and average them; they share the
-        first network's split, genes and auxiliaries. ``None``: 5 in embedding mode, 1 in fine-tune mode and with
-        ``head="rrr"``.
+        Embedding mode: average this many networks (seeds ``seed, seed + 1, ...``, one split). ``None``: 5 in
+        embedding mode, 1 in fine-tune mode and with ``head="rrr"``.
     augment
-        Fine-tune mode: random flips and quarter turns of the training patches, seeded by the seed and the epoch.
-        ``None``: on in fine-tune mode, off in embedding mode (where ``True`` is an error).
+        Fine-tune mode: seeded random flips and quarter turns of the training patches (``None``: on in fine-tune
+        mode, off in embedding mode, where ``True`` is an error).
     checkpoint_every
-        Write a training checkpoint every this many epochs beside ``save_dir`` (0: none); see
-        :doc:`/scaling_out`. Not part of the recorded hyperparameters.
+        Write a training checkpoint every this many epochs beside ``save_dir`` (0: none; see :doc:`/scaling_out`).
     resume
-        Continue the run whose checkpoint is beside ``save_dir`` (the other settings must be those it was started
-        with); without a checkpoint, training starts from the first epoch. Not part of the recorded
-        hyperparameters.
+        Continue the run whose checkpoint is beside ``save_dir`` (same settings); without one, start afresh.
 
     Examples
     --------
@@ -314,14 +272,12 @@ class DkGSBConfig:
     Parameters
     ----------
     inner_steps
-        Differentiable inner steps ``H`` of the look-ahead, each on its own training batch (all on one batch with
-        ``lookahead="authors"``). ``None``: 12 for ``"authors"`` (their code), else 1.
+        Differentiable inner steps ``H`` of the look-ahead (``None``: 12 for ``lookahead="authors"``, else 1).
     inner_lr
-        The inner steps' learning rate with ``lookahead="sgd"`` (``None``: 0.1) or ``"authors"`` (the fresh Adam's,
-        ``None``: 3e-5); ``"adam"`` uses the network's own.
+        The inner steps' learning rate with ``lookahead="sgd"`` (``None``: 0.1) or ``"authors"`` (``None``: 3e-5);
+        ``"adam"`` uses the network's own.
     meta_steps
-        Updates of the threshold per epoch (``None``: 4 in embedding mode, 1 in fine-tune mode, where each costs a
-        double backward through the encoder).
+        Updates of the threshold per epoch (``None``: 4 in embedding mode, 1 in fine-tune mode).
     meta_batch_size
         Spots per meta batch.
     tau
@@ -329,19 +285,17 @@ class DkGSBConfig:
     beta
         Adam learning rate on the threshold.
     meta_normalizer
-        ``"soft"``: the exact derivative of the look-ahead, through the weighted loss's ``sum(w)``;
-        ``"detached"``: ``sum(w)`` held constant in the derivative only (the authors' code). See the Method page.
+        ``"soft"`` (the exact derivative through the weighted loss's ``sum(w)``) or ``"detached"`` (``sum(w)``
+        held constant, the authors' code). See the Method page.
     lookahead
-        ``"adam"`` takes the inner steps as the network's live Adam optimiser would (the next training step);
-        ``"sgd"``: SGD with ``inner_lr`` (the paper's equation); ``"authors"``: the authors' code, a copy of the
-        network and a fresh Adam, ``inner_steps`` steps on one meta batch, in train mode.
+        ``"adam"`` (the network's live Adam step), ``"sgd"`` (SGD with ``inner_lr``, the paper's equation) or
+        ``"authors"`` (a copy of the network and a fresh Adam on one meta batch, the authors' code).
     meta_scope
-        The parameters the look-ahead moves: ``"all"``, or ``"last"`` (the output layer and the last block of the
-        encoder, see :func:`agl_scverse.model.meta_scope_names`: cheaper per meta step, a weaker signal).
-        ``"auto"``: the mode's (``"all"`` in both modes at present; the resolved value is recorded).
+        The parameters the look-ahead moves: ``"all"``, ``"last"`` (see
+        :func:`agl_scverse.model.meta_scope_names`) or ``"auto"`` (the mode's).
     k
-        ``method="topk"``: the number of auxiliaries (by prior), or ``"auto"``: top-k fits over ``k_grid`` scored on
-        the validation spots, the best one kept.
+        ``method="topk"``: the number of auxiliaries (by prior), or ``"auto"`` (chosen over ``k_grid`` on the
+        validation spots).
     k_grid
         Numbers of auxiliaries tried by ``k="auto"`` (default: :func:`agl_scverse.tl.k_search_grid`).
 
@@ -403,9 +357,9 @@ class DkGSBConfig:
             new["meta_scope"] = dflt["meta_scope"]
         if self.meta_steps is None:
             new["meta_steps"] = dflt["meta_steps"]
-        if self.inner_steps is None:  # the look-ahead's own: 12 for the authors', 1 otherwise
+        if self.inner_steps is None:
             new["inner_steps"] = consts.INNER_STEPS_DEFAULTS[self.lookahead]
-        if self.inner_lr is None:  # 3e-5 for the authors' fresh Adam, 0.1 for SGD (unused by "adam")
+        if self.inner_lr is None:
             new["inner_lr"] = consts.INNER_LR_DEFAULTS[self.lookahead]
         return replace(self, **new) if new else self
 
@@ -420,13 +374,11 @@ class EncoderConfig:
         Encoder name (a preset such as ``"uni"``, an ``"hf-hub:..."`` or timm name; see
         :func:`agl_scverse.model.get_encoder`), or (for embedding) a module / callable.
     weights
-        Local state-dict file of the encoder (``.safetensors``/``.bin``/``.pth``; see
-        :func:`agl_scverse.model.load_weights`); its sha256 is recorded.
+        Local state-dict file of the encoder (see :func:`agl_scverse.model.load_weights`); its sha256 is recorded.
     encoder_kwargs
         Keyword arguments of ``timm.create_model`` for the encoder (recorded in the model).
     pretrained
-        The published weights (a preset's, an ``hf-hub:`` repository's or timm's) from the local cache, else the
-        hub (when ``weights`` is None); fails at once when they are not local and the hub is off or unreachable.
+        The published weights from the local cache, else the hub (when ``weights`` is None).
     strict
         Load ``weights`` strictly (every tensor must fit).
     patch_px
@@ -434,23 +386,20 @@ class EncoderConfig:
     patch_um
         Patch side in µm on the slide.
     precision
-        How the encoder runs: ``"auto"`` (bf16 or fp16 autocast where the device runs it natively, float32
-        otherwise; ``channels_last`` for convolutional encoders), ``"fp32"`` (the reference), ``"bf16"`` or
-        ``"fp16"``. Features are stored as float32. In fine-tune mode, the training and validation forward passes
-        (losses and the DkGSB hypergradient stay float32).
+        How the encoder runs: ``"auto"`` (bf16 or fp16 autocast where the device runs it natively, else float32),
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``; features are stored as float32. In fine-tune mode, also the forward
+        passes of training (losses and the hypergradient stay float32).
     backend
-        What runs a frozen encoder: ``"auto"`` (ONNX Runtime on a CPU when ``precision`` means float32 there,
-        ``onnxruntime`` is installed and the exported graph agrees with torch on the first patches, else torch),
-        ``"torch"`` (the reference) or ``"onnx"`` (ONNX Runtime, or an error). Fine-tuning uses torch.
+        What runs a frozen encoder: ``"auto"`` (ONNX Runtime on a CPU at float32 when installed and in agreement
+        with torch, else torch), ``"torch"`` or ``"onnx"``. Fine-tuning uses torch.
     batch_size
         Patches per encoder batch when embedding.
     num_workers
-        DataLoader worker processes cutting patches; results are the same with any number.
+        DataLoader worker processes cutting patches (same results with any number).
     prefetch_factor
-        Batches each worker prepares ahead (memory grows with ``num_workers * prefetch_factor * batch_size``).
+        Batches each worker prepares ahead.
     allow_lowres
-        Cut patches from a ``"hires"`` image coarser than the patches when a library has no full-resolution image
-        (refused by default; see :class:`~agl_scverse.pp.SpotPatches`).
+        Cut patches from an image coarser than the patches (see :class:`~agl_scverse.pp.SpotPatches`).
     tta
         Test-time augmentation of embeddings: ``False``, ``True`` (8 dihedral views) or 4 / 8 views.
 

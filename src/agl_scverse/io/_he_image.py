@@ -31,34 +31,29 @@ def read_he_image(
 ) -> AnnData:
     """Read a bare H&E image (JPEG, PNG, TIFF, OME-TIFF, SVS file or a SpatialData image) as a slide without spots.
 
-    The image is not decoded: it is registered by path (or as the live SpatialData element), and read by region
-    (TIFF tiles, pyramid levels) when patches are cut. Lay spots over it with :func:`agl_scverse.pp.spot_grid`, then
-    predict them with :func:`agl_scverse.tl.predict_anndata`.
+    The image is not decoded: it is read by region when patches are cut. Lay spots over it with
+    :func:`agl_scverse.pp.spot_grid`, then predict them with :func:`agl_scverse.tl.predict_anndata`.
 
     Parameters
     ----------
     path
-        The full-resolution image file; or a :class:`spatialdata.SpatialData` (its image ``image_key``) or a
-        SpatialData image element (``sdata.images[...]``), read lazily by region and scale level.
+        The full-resolution image file, a :class:`spatialdata.SpatialData` (its image ``image_key``) or an image
+        element.
     microns_per_pixel
-        µm per full-resolution pixel. Default: read from the file (OME ``PhysicalSizeX``, SVS ``MPP``, TIFF
-        ``XResolution`` in inch or cm) or from the element's transformation to a coordinate system in µm (named
-        ``"um"``, ``"microns"``, ...); required for JPEG / PNG and for TIFFs without a scale. A value given here
-        wins over the file's, with a warning when they differ by more than 10%.
+        µm per full-resolution pixel. Default: read from the file (OME, SVS, TIFF resolution) or from the element's
+        transformation to a coordinate system in µm; required for JPEG / PNG. It wins over the file's (a warning
+        when they differ by more than 10%).
     library_id
         Name of the slide (default: the file name without its suffixes, or the image element's name).
     hires_max_px
-        Longest side of the downscaled ``"hires"`` image kept in memory (read from a pyramid level when there is
-        one).
+        Longest side of the downscaled ``"hires"`` image kept in memory.
     image_key
         The image element of a SpatialData holding several.
 
     Returns
     -------
     AnnData of 0 spots x 0 genes whose ``.uns["spatial"][library_id]`` holds the ``"hires"`` image, scale factors
-    (``tissue_hires_scalef``, ``microns_per_pixel``, ``spot_diameter_fullres`` of a 55 µm Visium spot) and
-    metadata (``source_image_path``, ``microns_per_pixel_source``, ``image_width``, ``image_height``), the layout
-    of the other readers.
+    and metadata (``source_image_path``, ``image_width``, ``image_height``, ...), the layout of the other readers.
 
     Examples
     --------

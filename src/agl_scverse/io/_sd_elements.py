@@ -1,9 +1,4 @@
-"""The elements of a SpatialData object that a slide is read from: its table and image, the image's scale levels.
-
-Picking the table and the H&E image, whether an image is stored in the object's zarr store, an image's scale levels
-as RGB arrays and its hires thumbnail, its coordinate systems and its scale from one in µm; used by
-:func:`agl_scverse.io.from_spatialdata` and by :func:`agl_scverse.io.read_he_image` for a SpatialData image.
-"""
+"""The elements of a SpatialData object that a slide is read from: its table and image, the image's scale levels."""
 
 from __future__ import annotations
 
@@ -34,10 +29,7 @@ def coordinate_systems(element) -> list[str]:
 
 
 def um_scale(image, image_name: str, um_cs: str | None = None) -> tuple[float, str] | None:
-    """µm per image pixel from a coordinate system in µm (``um_cs``, else one named like µm), and where it came from.
-
-    None when the image has no such coordinate system; a ValueError when ``um_cs`` is not one of its systems.
-    """
+    """µm per image pixel from a coordinate system in µm (``um_cs``, else one named like µm) and its source, or None."""
     systems = coordinate_systems(image)
     if um_cs is not None:
         if um_cs not in systems:
@@ -49,20 +41,23 @@ def um_scale(image, image_name: str, um_cs: str | None = None) -> tuple[float, s
         um_list = [cs for cs in systems if cs.lower() in UM_COORDINATE_SYSTEMS or cs.lower().endswith(("_um", "_µm"))]
     if not um_list:
         return None
-    A = affine(image, um_list[0])
-    return float(
-        np.sqrt(abs(np.linalg.det(A[:2, :2])))
-    ), f"transformation of {image_name!r} to µm system {um_list[0]!r}"
+    mpp = float(np.sqrt(abs(np.linalg.det(affine(image, um_list[0])[:2, :2]))))
+    return mpp, f"transformation of {image_name!r} to µm system {um_list[0]!r}"
 
 
 def is_backed(sdata, image_name: str) -> bool:
     """Whether the image element is stored in the SpatialData's zarr store (so it can be reopened from there)."""
     try:
-        return image_name in set(sdata.elements_paths_on_disk() or []) or f"images/{image_name}" in set(
-            sdata.elements_paths_on_disk() or []
-        )
+        paths = set(sdata.elements_paths_on_disk() or [])
     except Exception:  # older spatialdata or an in-memory object
         return False
+    return image_name in paths or f"images/{image_name}" in paths
+
+
+def table_regions(table) -> list[str]:
+    """The elements a table annotates (``uns["spatialdata_attrs"]["region"]``) as a list."""
+    region = (table.uns.get(SD_ATTRS) or {}).get("region")
+    return [region] if isinstance(region, str) else list(region if region is not None else [])
 
 
 def pick_table(sdata, table_key: str | None):
@@ -75,12 +70,7 @@ def pick_table(sdata, table_key: str | None):
         return table_key, tables[table_key]
     if len(tables) == 1:
         return next(iter(tables.items()))
-    on_shapes = []
-    for key, t in tables.items():
-        region = (t.uns.get(SD_ATTRS) or {}).get("region")
-        region = [region] if isinstance(region, str) else list(region if region is not None else [])
-        if any(r in sdata.shapes for r in region):
-            on_shapes.append(key)
+    on_shapes = [key for key, t in tables.items() if any(r in sdata.shapes for r in table_regions(t))]
     if len(on_shapes) == 1:
         return on_shapes[0], tables[on_shapes[0]]
     raise ValueError(f"The SpatialData object has several tables {list(tables)}; pass table_key=<one>.")

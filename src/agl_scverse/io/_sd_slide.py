@@ -1,9 +1,4 @@
-"""A bare slide as SpatialData: an image element read as an H&E-only slide, and grid predictions written out.
-
-:func:`sd_image_entry` turns a SpatialData image element into the ``.uns["spatial"]`` entry of
-:func:`agl_scverse.io.read_he_image`; :func:`slide_to_spatialdata` puts the predictions of a grid (image, circles,
-table) into one SpatialData, and :func:`write_spatialdata` writes it with spatialdata's writer, whole or not at all.
-"""
+"""A bare slide as SpatialData: an image element read as an H&E-only slide, and grid predictions written out."""
 
 from __future__ import annotations
 
@@ -14,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from agl_scverse import _constants as consts
@@ -34,11 +30,7 @@ IMAGE_CHUNK_PX = 2048
 def sd_image_entry(
     data: Any, image_key: str | None, microns_per_pixel: float | None, spot_um: float, hires_max_px: int
 ) -> tuple[str, dict, int, int]:
-    """``(image name, uns['spatial'] entry, width, height)`` of a SpatialData's image element, or of an element.
-
-    µm per pixel: ``microns_per_pixel``, else the element's transformation to a coordinate system in µm; else a
-    ValueError naming both ways to give it.
-    """
+    """``(image name, uns['spatial'] entry, width, height)`` of a SpatialData's image element, or of an element."""
     from spatialdata import SpatialData
 
     sdata = data if isinstance(data, SpatialData) else None
@@ -74,12 +66,8 @@ def sd_image_entry(
     }
     if sdata is not None and getattr(sdata, "path", None) is not None and is_backed(sdata, name):
         meta[consts.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
-    return (
-        name,
-        spatial_entry(hires, scalef, spot_diameter_fullres=spot_um / mpp, microns_per_pixel=mpp, **meta),
-        width,
-        height,
-    )
+    entry = spatial_entry(hires, scalef, spot_diameter_fullres=spot_um / mpp, microns_per_pixel=mpp, **meta)
+    return name, entry, width, height
 
 
 class _RegionReader:
@@ -136,17 +124,14 @@ def slide_to_spatialdata(
     library_id
         The library to write (default: the only one).
     image
-        Also write the image element (the slide's own SpatialData element, or its image file read lazily by region,
-        with a pyramid when it is larger than 2048 px).
+        Also write the image element (the slide's own SpatialData element, or its image file read lazily).
     table_key
         Name of the table.
 
     Returns
     -------
     A :class:`spatialdata.SpatialData` with the image element ``<library_id>``, circles ``<library_id>_grid``
-    (centres in full-resolution pixels, radius half ``spot_diameter_fullres``) and the table: ``pred``'s spots
-    with ``.obs["region"]`` and ``.obs["instance_id"]``. Elements are mapped to ``"global"`` (pixels) and ``"um"``
-    (µm), so :func:`agl_scverse.io.from_spatialdata` reads it back with its scale.
+    and the table of ``pred``'s spots, mapped to ``"global"`` (pixels) and ``"um"`` (µm).
 
     Examples
     --------
@@ -160,28 +145,19 @@ def slide_to_spatialdata(
     lib = _spatial.one_library(pred, library_id)
     sf = _spatial.library_entry(pred, lib).get(consts.SCALEFACTORS) or {}
     mpp = _spatial.microns_per_pixel(pred, lib)
-    rows = np.ones(pred.n_obs, bool)
-    if consts.LIBRARY_KEY in pred.obs:
-        rows = pred.obs[consts.LIBRARY_KEY].astype(str).to_numpy() == str(lib)
-    table = pred[rows].copy()
+    has_lib = consts.LIBRARY_KEY in pred.obs
+    table = pred[pred.obs[consts.LIBRARY_KEY].astype(str).to_numpy() == str(lib) if has_lib else slice(None)].copy()
     if table.n_obs == 0:
         raise ValueError(f"No spot of library {lib!r} to write.")
     transformations = {"global": Identity(), "um": Scale([mpp, mpp], axes=("x", "y"))}
-    images = {}
+    images = {lib: _image_element(pred, lib, transformations)} if image else {}
     if image:
-        element = _image_element(pred, lib, transformations)
-        images[lib] = element
-        transformations = dict(get_transformation(element, get_all=True) or transformations)
+        transformations = dict(get_transformation(images[lib], get_all=True) or transformations)
     shapes_key = f"{lib}{GRID_SHAPES_SUFFIX}"
     radius = np.full(table.n_obs, float(sf.get(consts.SPOT_DIAMETER, 1.0)) / 2)
-    shapes = ShapesModel.parse(
-        np.asarray(table.obsm[consts.SPATIAL_KEY], dtype=np.float64),
-        geometry=0,
-        radius=radius,
-        transformations=transformations,
-    )
-    table.obs["region"] = shapes_key
-    table.obs["region"] = table.obs["region"].astype("category")
+    xy = np.asarray(table.obsm[consts.SPATIAL_KEY], dtype=np.float64)
+    shapes = ShapesModel.parse(xy, geometry=0, radius=radius, transformations=transformations)
+    table.obs["region"] = pd.Categorical([shapes_key] * table.n_obs)
     table.obs["instance_id"] = np.arange(table.n_obs)
     table = TableModel.parse(table, region=shapes_key, region_key="region", instance_key="instance_id")
     return SpatialData(images=images, shapes={shapes_key: shapes}, tables={table_key: table})
@@ -190,8 +166,7 @@ def slide_to_spatialdata(
 def write_spatialdata(sdata: Any, path: str | Path, overwrite: bool = False) -> Path:
     """Write a SpatialData to a ``.zarr`` store with spatialdata's writer, whole or not at all.
 
-    It is written to a temporary store beside ``path``, then moved there (an existing store, with ``overwrite``,
-    is set aside first and removed once the new one is in place), so a failed write leaves ``path`` as it was.
+    It is written beside ``path`` and then moved there, so a failed write leaves ``path`` as it was.
 
     Examples
     --------

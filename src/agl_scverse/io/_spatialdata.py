@@ -25,6 +25,7 @@ from ._sd_elements import (
     pick_image,
     pick_table,
     scale_levels,
+    table_regions,
     to_rgb,
     um_scale,
 )
@@ -53,17 +54,10 @@ def from_spatialdata(
 ) -> AnnData:
     """One AnnData in the agl-scverse layout from a :class:`spatialdata.SpatialData` object.
 
-    The table must annotate circle shapes (``table.uns["spatialdata_attrs"]`` ``region`` / ``region_key`` /
-    ``instance_key``, shapes with a ``radius`` column). Every shapes element the table annotates is one library
-    (a section): its spots get ``.obs[library_key] = library id`` and ``.uns["spatial"][library id]`` describes
-    its image. Spot centres and radii are mapped into the pixel grid of the section's image element with
-    spatialdata's transformations (:func:`spatialdata.transformations.get_transformation`), so
-    ``.obsm["spatial"]`` is in full-resolution pixels of that image. ``sdata`` is left unchanged.
-
-    Patches are later read from the image element itself (lazily, by region, from the pyramid level nearest the
-    patch's µm/px; see :class:`agl_scverse.pp.SpotPatches`), not from the ``"hires"`` thumbnail kept in
-    ``.uns["spatial"]`` for plots: while ``sdata`` lives, and from its zarr store after that when it was read from
-    or written to disk.
+    The table must annotate circle shapes (shapes with a ``radius`` column). Every shapes element it annotates is
+    one library (a section) with its ``.uns["spatial"]`` entry. Spot centres and radii are mapped into the pixels of
+    the section's image element with spatialdata's transformations; patches are later read from that element
+    lazily (:class:`agl_scverse.pp.SpotPatches`). ``sdata`` is left unchanged.
 
     Parameters
     ----------
@@ -73,44 +67,36 @@ def from_spatialdata(
         Table to read; default the only table (or the only one annotating shapes).
     image_key
         Image element (the H&E) of every section, or a ``{shapes key: image key}`` mapping. Default: per section,
-        the image with the finest pixels among those sharing a coordinate system with its shapes (so a full-res
-        image is preferred to ``*_hires_image`` and ``*_lowres_image``); the choice is logged.
+        the finest image sharing a coordinate system with its shapes (logged).
     shapes_key
         Shapes element(s) to read; default every shapes region the table annotates.
     library_id
         Library id (one section) or a ``{shapes key: library id}`` mapping. Default: the image key when the table
         annotates one section, the shapes key when it annotates several.
     microns_per_pixel
-        µm per pixel of the image element (one number, or a ``{shapes key: number}`` mapping). Default: derived,
-        in this order, from a coordinate system in µm shared with the image (``um_coordinate_system``), the
-        table's metadata (``table.uns["spatial"][<library>]["scalefactors"]["microns_per_pixel"]``, or Space
-        Ranger's ``spot_diameter_fullres``, which spans 65 µm), or ``spot_diameter_um`` over the circle diameter;
-        when none of them is there the scale is unknown and a ValueError says so.
+        µm per pixel of the image element (one number, or a ``{shapes key: number}`` mapping). Default: from a
+        coordinate system in µm, the table's ``uns["spatial"]`` scale factors (``microns_per_pixel`` or Space
+        Ranger's ``spot_diameter_fullres``), or ``spot_diameter_um``; else a ValueError.
     library_key
         ``.obs`` column naming the library (categorical).
     layer
         Table layer holding the raw counts (default ``table.X``).
     spot_diameter_um
-        Physical diameter of the circles (e.g. 55 for Visium spots drawn at their true size, 100 for legacy ST);
-        used for the scale only when nothing above gives it.
+        Physical diameter of the circles (55 for Visium, 100 for legacy ST), for the scale when nothing else gives it.
     hires_max_px
         Longest side of the ``"hires"`` thumbnail (plots).
     fullres_max_px
-        Images whose longest side is at most this are also kept whole as ``images["fullres"]``, so the AnnData
-        keeps its full-resolution image when written to h5ad.
+        Images whose longest side is at most this are also kept whole as ``images["fullres"]``.
     coordinate_system
-        Coordinate system through which spots are placed on the image. Default: any coordinate system the
-        shapes and the image share (when several give different mappings, a ValueError asks for this). The choice
-        is logged and recorded in ``metadata["spatialdata_coordinate_system"]``.
+        Coordinate system through which spots are placed on the image. Default: any the shapes and the image
+        share (a ValueError when they disagree); recorded in ``metadata["spatialdata_coordinate_system"]``.
     um_coordinate_system
-        A coordinate system whose units are µm (spatialdata stores no units); default one named ``"um"``,
-        ``"µm"``, ``"microns"``, ``"micrometer"`` ... if the image has one.
+        A coordinate system in µm; default one named ``"um"``, ``"µm"``, ``"microns"`` ... if the image has one.
 
     Returns
     -------
-    AnnData with the table's spots of the sections read (table order), counts as CSR float32 and
-    ``.uns["spatial"][library_id]`` with a thumbnail, scale factors and metadata naming the SpatialData
-    elements and where ``microns_per_pixel`` came from.
+    AnnData of the sections' spots (table order), counts as CSR float32 and ``.uns["spatial"][library_id]`` with
+    a thumbnail, scale factors and metadata naming the SpatialData elements.
 
     Examples
     --------
@@ -128,8 +114,7 @@ def from_spatialdata(
 
     table_key, table = pick_table(sdata, table_key)
     attrs = table.uns.get(SD_ATTRS) or {}
-    regions = attrs.get("region")
-    regions = [regions] if isinstance(regions, str) else list(regions if regions is not None else [])
+    regions = table_regions(table)
     region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
     if not regions or region_key is None or instance_key is None:
         raise ValueError(
@@ -153,17 +138,12 @@ def from_spatialdata(
                 raise KeyError(f"shapes_key={key!r} is not a shapes element; available shapes: {list(sdata.shapes)}.")
             if key not in regions:
                 raise ValueError(f"Table {table_key!r} does not annotate shapes {key!r}; it annotates {regions}.")
+    fix = "Pass µm per image pixel."
     if isinstance(microns_per_pixel, Mapping):
-        mpp_given = {
-            str(k): positive_number(v, f"microns_per_pixel[{k!r}]", "Pass µm per image pixel.")
-            for k, v in microns_per_pixel.items()
-        }
-    elif microns_per_pixel is not None:
-        mpp_given = {
-            key: positive_number(microns_per_pixel, "microns_per_pixel", "Pass µm per image pixel.") for key in sections
-        }
+        mpp_given = {str(k): positive_number(v, f"microns_per_pixel[{k!r}]", fix) for k, v in microns_per_pixel.items()}
     else:
-        mpp_given = {}
+        mpp = None if microns_per_pixel is None else positive_number(microns_per_pixel, "microns_per_pixel", fix)
+        mpp_given = {} if mpp is None else dict.fromkeys(sections, mpp)
     lib_ids = _library_ids(sections, library_id, image_key)
 
     region_col = table.obs[region_key].astype(str).to_numpy()
@@ -182,25 +162,14 @@ def from_spatialdata(
     libs = np.empty(adata.n_obs, dtype=object)
     spatial: dict[str, dict] = {}
     rows_region = region_col[keep]
+    opts = (image_key, spot_diameter_um, coordinate_system, um_coordinate_system, hires_max_px, fullres_max_px)
     for shapes_name in sections:
         rows = rows_region == shapes_name
         if not rows.any():
             raise ValueError(f"The slide is empty: no row of table {table_key!r} annotates shapes {shapes_name!r}.")
-        xy[rows], entry = _read_section(
-            sdata,
-            table,
-            table_key,
-            adata.obs[instance_key].to_numpy()[rows],
-            shapes_name,
-            image_key,
-            mpp_given.get(shapes_name),
-            spot_diameter_um,
-            coordinate_system,
-            um_coordinate_system,
-            hires_max_px,
-            fullres_max_px,
-            lib_ids[shapes_name],
-        )
+        ids = adata.obs[instance_key].to_numpy()[rows]
+        mpp = mpp_given.get(shapes_name)
+        xy[rows], entry = _read_section(sdata, table, table_key, ids, shapes_name, mpp, lib_ids[shapes_name], opts)
         lib = lib_ids[shapes_name] = lib_ids[shapes_name] or entry[consts.METADATA][consts.SPATIALDATA_IMAGE]
         if lib in spatial:
             raise ValueError(f"Two sections get library id {lib!r}; pass library_id={{shapes key: id}}.")
@@ -248,15 +217,12 @@ def _library_ids(sections: list[str], library_id, image_key) -> dict[str, str]:
 def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) -> tuple[np.ndarray, str, list[str]]:
     """The affine from shapes coordinates to image pixels, the coordinate system used, and all shared ones."""
     shared = [cs for cs in coordinate_systems(shapes) if cs in set(coordinate_systems(image))]
-    if coordinate_system is not None:
-        if coordinate_system not in shared:
-            raise ValueError(
-                f"coordinate_system={coordinate_system!r} is not shared by shapes {shapes_name!r} and image "
-                f"{image_name!r} (shared: {shared})."
-            )
-        shared_try = [coordinate_system]
-    else:
-        shared_try = shared
+    if coordinate_system is not None and coordinate_system not in shared:
+        raise ValueError(
+            f"coordinate_system={coordinate_system!r} is not shared by shapes {shapes_name!r} and image "
+            f"{image_name!r} (shared: {shared})."
+        )
+    shared_try = shared if coordinate_system is None else [coordinate_system]
     if not shared_try:
         raise ValueError(
             f"Shapes {shapes_name!r} (coordinate systems {coordinate_systems(shapes)}) and image {image_name!r} "
@@ -266,13 +232,11 @@ def _shapes_to_image(shapes, shapes_name, image, image_name, coordinate_system) 
     maps = {}
     for cs in shared_try:
         A_img = affine(image, cs)
-        if abs(np.linalg.det(A_img[:2, :2])) < 1e-12:
-            continue
-        maps[cs] = np.linalg.inv(A_img) @ affine(shapes, cs)
+        if abs(np.linalg.det(A_img[:2, :2])) >= 1e-12:
+            maps[cs] = np.linalg.inv(A_img) @ affine(shapes, cs)
     if not maps:
         raise ValueError(f"Image {image_name!r} has a singular transformation to {shared_try}.")
-    first_cs = sorted(maps)[0]
-    first = maps[first_cs]
+    first_cs, first = sorted(maps)[0], maps[sorted(maps)[0]]
     differ = [cs for cs, M in maps.items() if not np.allclose(M, first, rtol=_SAME_MAPPING_RTOL, atol=1e-6)]
     if differ:
         raise ValueError(
@@ -302,8 +266,7 @@ def _image_for(sdata, shapes, shapes_name, image_key, coordinate_system, pts) ->
         )
     if len(cands) == 1:
         return cands[0], sdata.images[cands[0]]
-    # several: of those the spots fall on, the finest pixels over the spots (image pixels per shapes unit), i.e.
-    # the full-resolution one rather than a hires / lowres copy, and not another section's image in a shared system
+    # several: the finest (image pixels per shapes unit) of those all the spots fall on
     density = {}
     for k in cands:
         try:
@@ -332,18 +295,13 @@ def _table_scalefactors(table, names: Sequence[str]) -> dict:
     spatial = table.uns.get(consts.SPATIAL_KEY) or {}
     if not isinstance(spatial, Mapping):
         return {}
-    for name in names:
-        if name in spatial and isinstance(spatial[name], Mapping):
-            return dict(spatial[name].get(consts.SCALEFACTORS) or {})
-    if len(spatial) == 1:
-        only = next(iter(spatial.values()))
-        if isinstance(only, Mapping):
-            return dict(only.get(consts.SCALEFACTORS) or {})
-    return {}
+    found = [spatial[n] for n in names if isinstance(spatial.get(n), Mapping)]
+    found = found or (list(spatial.values()) if len(spatial) == 1 else [])
+    return dict(found[0].get(consts.SCALEFACTORS) or {}) if found and isinstance(found[0], Mapping) else {}
 
 
 def _microns_per_pixel(
-    given, image, image_name, table, shapes_name, lib, M, spot_diam_px, spot_diameter_um, um_cs
+    given, image, image_name, table, shapes_name, lib, lin, spot_diam_px, spot_diameter_um, um_cs
 ) -> tuple[float, str]:
     """µm per image pixel and where it came from; a ValueError when nothing gives it."""
     if given is not None:
@@ -354,11 +312,11 @@ def _microns_per_pixel(
     sf = _table_scalefactors(table, [lib, shapes_name, image_name])
     if consts.MICRONS_PER_PIXEL in sf:
         val = positive_number(sf[consts.MICRONS_PER_PIXEL], "table.uns['spatial'] microns_per_pixel", "Fix the table.")
-        # recorded per pixel of the shapes' (full-resolution) grid: one image pixel spans 1/sqrt|det M| of them
-        return val / float(np.sqrt(abs(np.linalg.det(M[:2, :2])))), "table metadata microns_per_pixel"
+        # recorded per pixel of the shapes' (full-resolution) grid: one image pixel spans 1/lin of them
+        return val / lin, "table metadata microns_per_pixel"
     if consts.SPOT_DIAMETER in sf:
         d = positive_number(sf[consts.SPOT_DIAMETER], "table.uns['spatial'] spot_diameter_fullres", "Fix the table.")
-        mpp = _spatial.VISIUM_SCALEFACTOR_SPOT_UM / d / float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))
+        mpp = _spatial.VISIUM_SCALEFACTOR_SPOT_UM / d / lin
         return mpp, f"Space Ranger spot_diameter_fullres ({d:g} px = {_spatial.VISIUM_SCALEFACTOR_SPOT_UM:g} µm)"
     if spot_diameter_um is not None:
         return spot_diameter_um / spot_diam_px, f"{spot_diameter_um:g} µm / circle diameter {spot_diam_px:.1f} px"
@@ -374,22 +332,12 @@ def _microns_per_pixel(
     )
 
 
-def _read_section(
-    sdata,
-    table,
-    table_key,
-    ids,
-    shapes_name,
-    image_key,
-    mpp_given,
-    spot_diameter_um,
-    coordinate_system,
-    um_cs,
-    hires_max_px,
-    fullres_max_px,
-    lib,
-) -> tuple[np.ndarray, dict]:
-    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry."""
+def _read_section(sdata, table, table_key, ids, shapes_name, mpp_given, lib, opts: tuple) -> tuple[np.ndarray, dict]:
+    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry.
+
+    ``opts``: ``(image_key, spot_diameter_um, coordinate_system, um_cs, hires_max_px, fullres_max_px)``.
+    """
+    image_key, spot_diameter_um, coordinate_system, um_cs, hires_max_px, fullres_max_px = opts
     shapes = sdata.shapes[shapes_name]
     if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():
         raise ValueError(
@@ -420,7 +368,8 @@ def _read_section(
             f"using {cs!r}."
         )
     xy = pts @ M[:2, :2].T + M[:2, 2]
-    diam_px = 2.0 * radius * float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))
+    lin = float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))  # image pixels per shapes unit
+    diam_px = 2.0 * radius * lin
     if not np.all(np.isfinite(xy)):
         raise ValueError(f"Shapes {shapes_name!r} hold NaN/inf coordinates.")
     check_in_image(xy, width, height, shapes_name, image=f"image {image_name!r}")
@@ -428,7 +377,7 @@ def _read_section(
         float(np.median(diam_px)), f"The spot diameter of {shapes_name!r} (px)", "Set a positive 'radius'."
     )
     mpp, mpp_source = _microns_per_pixel(
-        mpp_given, image, image_name, table, shapes_name, lib or image_name, M, spot_diam, spot_diameter_um, um_cs
+        mpp_given, image, image_name, table, shapes_name, lib or image_name, lin, spot_diam, spot_diameter_um, um_cs
     )
     hires, scalef = hires_thumbnail(levels, width, hires_max_px, image_name)
     meta = {
@@ -441,12 +390,12 @@ def _read_section(
         "reader": "from_spatialdata",
     }
     sf_table = _table_scalefactors(table, [lib or image_name, shapes_name, image_name])
-    if consts.SPOT_DIAMETER in sf_table and np.sqrt(abs(np.linalg.det(M[:2, :2]))) < 0.99:
+    if consts.SPOT_DIAMETER in sf_table and lin < 0.99:
         # Space Ranger metadata: shapes in full-res pixels, and this image is a downscaled copy (hires / lowres)
         meta[consts.SPATIALDATA_DOWNSCALED] = True
         logg.info(
             f"image {image_name!r} is downscaled from the full-resolution grid of shapes {shapes_name!r} "
-            f"({np.sqrt(abs(np.linalg.det(M[:2, :2]))):.3g} x); patches from it need allow_lowres=True."
+            f"({lin:.3g} x); patches from it need allow_lowres=True."
         )
     if getattr(sdata, "path", None) is not None and is_backed(sdata, image_name):
         meta[consts.SPATIALDATA_PATH] = str(Path(sdata.path).resolve())
@@ -488,10 +437,8 @@ def update_table(
 ) -> str:
     """Write what a tool wrote into ``adata`` (made by :func:`from_spatialdata`) back into the SpatialData's table.
 
-    ``.var`` columns and ``.uns`` entries are copied as they are; ``.obs`` columns, ``.obsm`` arrays and
-    ``.layers`` are aligned on the spot names, so table rows that ``adata`` does not hold (other regions) get
-    missing values (NaN). Returns the table's key. Like squidpy, tools given a SpatialData write into its table,
-    so ``sdata.write()`` keeps the results.
+    ``.obs`` columns, ``.obsm`` arrays and ``.layers`` are aligned on the spot names (NaN for rows ``adata`` does
+    not hold); ``.var`` columns and ``.uns`` entries are copied. Returns the table's key.
 
     Examples
     --------
@@ -518,17 +465,11 @@ def update_table(
         return out
 
     for key in var:
-        if same_var:
-            table.var[key] = adata.var[key].to_numpy()
-        else:
-            table.var[key] = adata.var[key].reindex(table.var_names).to_numpy()
+        table.var[key] = (adata.var[key] if same_var else adata.var[key].reindex(table.var_names)).to_numpy()
     for key in obs:
         col = adata.obs[key]
-        table.obs[key] = (
-            col.to_numpy()
-            if full
-            else pd.Series(col.to_numpy(), index=adata.obs_names).reindex(table.obs_names).to_numpy()
-        )
+        series = pd.Series(col.to_numpy(), index=adata.obs_names)
+        table.obs[key] = (series if full else series.reindex(table.obs_names)).to_numpy()
         if isinstance(col.dtype, pd.CategoricalDtype):
             table.obs[key] = pd.Categorical(table.obs[key], categories=col.cat.categories)
     for key in obsm:

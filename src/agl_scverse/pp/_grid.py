@@ -31,7 +31,6 @@ GRID_UNS = "agl_grid"
 
 
 def _encoder_record(model: Any) -> dict:
-    """The encoder record of a saved or fitted model (empty when it has none)."""
     from agl_scverse.model import AGLModel
 
     return dict(AGLModel.coerce(model).config.get("encoder") or {})
@@ -44,15 +43,9 @@ def model_patch_um(model: Any) -> float | None:
 
 
 def _check_resolution(enc: dict, data: AnnData, lib: str, mpp: float, allow_lowres: bool) -> None:
-    """Refuse a slide whose finest image is coarser than the model's training patches, before any work."""
     _, scale, which = _spatial.get_image(data, lib, warn=False)
-    rec = {
-        "source_um_per_px": {lib: mpp / scale},
-        "image": {lib: which},
-        "level": {lib: 0},
-        "patch_um": enc.get("patch_um"),
-        "patch_px": enc.get("patch_px"),
-    }
+    rec = {"source_um_per_px": {lib: mpp / scale}, "image": {lib: which}, "level": {lib: 0}}
+    rec.update(patch_um=enc.get("patch_um"), patch_px=enc.get("patch_px"))
     fix = (
         f" If {mpp:g} µm per full-resolution pixel is wrong, pass the right scale (microns_per_pixel=, CLI: "
         "--microns-per-pixel); else predict a finer scan, or pass allow_lowres=True to spot_grid and predict_anndata "
@@ -63,9 +56,8 @@ def _check_resolution(enc: dict, data: AnnData, lib: str, mpp: float, allow_lowr
 
 def _inside_fraction(xy: np.ndarray, side: float, width: float, height: float, margin: float) -> np.ndarray:
     """Fraction of each ``side``-px square patch centred on ``xy`` inside the image shrunk by ``margin`` px a side."""
-    lo, hi = xy - side / 2, xy + side / 2
     limits = np.array([width, height]) - margin
-    inside = np.clip(np.minimum(hi, limits) - np.maximum(lo, margin), 0.0, None)
+    inside = np.clip(np.minimum(xy + side / 2, limits) - np.maximum(xy - side / 2, margin), 0.0, None)
     return np.prod(inside, axis=1) / side**2
 
 
@@ -84,24 +76,18 @@ def spot_grid(
 ) -> AnnData:
     """Lay pseudo-spots over the tissue of a bare H&E slide, ready for :func:`agl_scverse.tl.predict_anndata`.
 
-    Centres lie on a hexagonal (Visium-like: rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half
-    a pitch) or square lattice anchored at half a pitch from the image's top-left corner; those whose centre lies
-    on the tissue mask (:func:`tissue_mask`) are kept, except those whose patch (the model's training patch, else
-    ``spot_um`` wide) lies less than half inside the image (:data:`MIN_INSIDE`; their count is logged), so that a
-    slide whose tissue reaches the image's edge predicts cleanly. With ``model``, a slide coarser than the model's
-    training patches is refused before any work (see ``allow_lowres``).
+    Centres lie on a hexagonal (Visium-like) or square lattice; those on the tissue mask (:func:`tissue_mask`) are
+    kept, except those whose patch lies less than half inside the image (:data:`MIN_INSIDE`; logged). With
+    ``model``, a slide coarser than the model's training patches is refused before any work.
 
     Parameters
     ----------
     data
-        An AnnData from :func:`agl_scverse.io.read_he_image` (or any reader: its spots are ignored), or an image
-        file path (read with ``microns_per_pixel``).
+        An AnnData from :func:`agl_scverse.io.read_he_image` (or any reader), or an image file path.
     spot_um
-        Spot diameter in µm; sets ``spot_diameter_fullres``. Default: the model's training patch side
-        (``model``), else 55 (Visium).
+        Spot diameter in µm. Default: the model's training patch side, else 55 (Visium).
     pitch_um
-        Centre-to-centre distance of neighbouring spots in µm. Default: the model's training patch side (patches
-        tile the tissue), else 100 (Visium).
+        Centre-to-centre distance of neighbouring spots in µm. Default: the model's training patch side, else 100.
     layout
         ``"hex"`` or ``"square"``.
     model
@@ -113,17 +99,15 @@ def spot_grid(
     mask
         A precomputed :class:`TissueMask`; default: ``tissue_mask(data, **mask_kwargs)``.
     allow_lowres
-        With ``model``: accept a slide whose finest image is more than 1.2x coarser (µm per pixel) than the model's
-        training patches, with a warning (pass it to :func:`~agl_scverse.tl.predict_anndata` too); otherwise
-        that is an error naming both resolutions. A finer slide is always fine (patches are downsampled).
+        With ``model``: accept, with a warning, a slide coarser than the model's training patches (pass it to
+        :func:`~agl_scverse.tl.predict_anndata` too).
     **mask_kwargs
         Passed to :func:`tissue_mask`.
 
     Returns
     -------
-    A new AnnData of spots x 0 genes: ``.obsm["spatial"]`` (centres in full-resolution pixels),
-    ``.obs[["library_id", "in_tissue", "array_row", "array_col"]]``, ``.uns["spatial"]`` of the slide with
-    ``spot_diameter_fullres`` set, and ``.uns["agl_grid"]`` (layout, spot_um, pitch_um, tissue threshold).
+    A new AnnData of spots x 0 genes: ``.obsm["spatial"]`` (full-resolution pixels), ``.obs["library_id"]``,
+    ``.obs["array_row"]`` / ``["array_col"]``, the slide's ``.uns["spatial"]`` and ``.uns["agl_grid"]``.
 
     Examples
     --------
@@ -194,28 +178,16 @@ def spot_grid(
         keep &= ~edge
     xy, rows, cols = xy[keep], rows[keep], cols[keep]
     lib = str(library_id)
-    obs = pd.DataFrame(
-        {
-            consts.LIBRARY_KEY: pd.Categorical([lib] * len(xy), categories=[lib]),
-            "in_tissue": np.ones(len(xy), dtype=np.int64),
-            "array_row": rows,
-            "array_col": cols,
-        },
-        index=pd.Index([f"{lib}_{r}x{c}" for r, c in zip(rows, cols)]),
-    )
-    grid = AnnData(X=np.zeros((len(xy), 0), dtype=np.float32), obs=obs)
+    obs: dict[str, Any] = {consts.LIBRARY_KEY: pd.Categorical([lib] * len(xy), categories=[lib])}
+    obs.update(in_tissue=np.ones(len(xy), dtype=np.int64), array_row=rows, array_col=cols)
+    index = pd.Index([f"{lib}_{r}x{c}" for r, c in zip(rows, cols)])
+    grid = AnnData(X=np.zeros((len(xy), 0), dtype=np.float32), obs=pd.DataFrame(obs, index=index))
     grid.obsm[consts.SPATIAL_KEY] = xy
     sf[consts.SPOT_DIAMETER] = spot_um / mpp
     sf[consts.MICRONS_PER_PIXEL] = mpp
     grid.uns[consts.SPATIAL_KEY] = {lib: entry}
-    grid.uns[GRID_UNS] = {
-        "layout": layout,
-        "spot_um": spot_um,
-        "pitch_um": pitch_um,
-        "tissue_threshold": mask.threshold,
-        "tissue_fraction": mask.fraction,
-        "mask_downsample": mask.downsample,
-    }
+    rec = {"layout": layout, "spot_um": spot_um, "pitch_um": pitch_um, "tissue_threshold": mask.threshold}
+    grid.uns[GRID_UNS] = {**rec, "tissue_fraction": mask.fraction, "mask_downsample": mask.downsample}
     finalize(grid, consts.LIBRARY_KEY, he_only=True)
     logg.info(
         f"spot_grid: {grid.n_obs} {layout} spots ({spot_um:g} µm, pitch {pitch_um:g} µm) on {mask.fraction:.1%} "
@@ -230,8 +202,6 @@ def _lattice(width: float, height: float, pitch: float, layout: str) -> tuple[np
     ys = pitch / 2 + dy * np.arange(max(0, int(np.floor((height - pitch / 2) / dy)) + 1))
     xs = pitch / 2 + pitch * np.arange(max(0, int(np.floor((width - pitch / 2) / pitch)) + 1))
     rows, cols = (g.ravel() for g in np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij"))
-    x = xs[cols] + (pitch / 2 if layout == "hex" else 0.0) * (rows % 2)
-    y = ys[rows]
-    xy = np.column_stack([x, y]).astype(np.float64)
+    xy = np.column_stack([xs[cols] + (pitch / 2 if layout == "hex" else 0.0) * (rows % 2), ys[rows]]).astype(np.float64)
     inside = (xy[:, 0] < width) & (xy[:, 1] < height)
     return xy[inside], rows[inside].astype(np.int64), cols[inside].astype(np.int64)

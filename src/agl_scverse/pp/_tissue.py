@@ -25,7 +25,7 @@ class TissueMask:
     mask
         Boolean ``(h, w)`` array, True on tissue.
     downsample
-        Full-resolution pixels per mask pixel: full-res ``(x, y)`` lies in mask pixel ``(y // ds, x // ds)``.
+        Full-resolution pixels per mask pixel.
     microns_per_pixel
         µm per full-resolution pixel.
     threshold
@@ -45,8 +45,7 @@ class TissueMask:
     def contains(self, xy: np.ndarray) -> np.ndarray:
         """Whether each full-resolution ``(x, y)`` lies on tissue (False outside the image)."""
         xy = np.asarray(xy, dtype=float).reshape(-1, 2)
-        col = np.floor(xy[:, 0] / self.downsample).astype(np.int64)
-        row = np.floor(xy[:, 1] / self.downsample).astype(np.int64)
+        col, row = np.floor(xy / self.downsample).astype(np.int64).T
         h, w = self.mask.shape
         ok = (col >= 0) & (row >= 0) & (col < w) & (row < h)
         out = np.zeros(len(xy), dtype=bool)
@@ -55,16 +54,10 @@ class TissueMask:
 
 
 def slide_image(data: Any, library_id: str | None = None, microns_per_pixel: float | None = None):
-    """``(image, µm per full-res pixel, fullres-to-image scale, library id)`` of an AnnData's library or an image.
-
-    ``data`` is an AnnData (one library, or ``library_id``) or an image file path / RGB array with
-    ``microns_per_pixel``.
-    """
+    """``(image, µm per full-res pixel, fullres-to-image scale, library id)`` of an AnnData's library or an image."""
     if isinstance(data, AnnData):
         library_id = _spatial.one_library(data, library_id)
-        mpp = (
-            float(microns_per_pixel) if microns_per_pixel is not None else _spatial.microns_per_pixel(data, library_id)
-        )
+        mpp = _spatial.microns_per_pixel(data, library_id) if microns_per_pixel is None else float(microns_per_pixel)
         meta = _spatial.library_entry(data, library_id).get(consts.METADATA) or {}
         path = meta.get(consts.SOURCE_IMAGE_PATH)
         if path is not None and Path(path).is_file():
@@ -79,16 +72,12 @@ def slide_image(data: Any, library_id: str | None = None, microns_per_pixel: flo
     mpp = float(microns_per_pixel)
     if not (np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"microns_per_pixel is {microns_per_pixel!r}; it must be a positive number, e.g. 0.5.")
-    return (
-        data,
-        mpp,
-        1.0,
-        str(library_id or (Path(data).name.split(".")[0] if isinstance(data, str | Path) else "slide")),
-    )
+    lib = library_id or (Path(data).name.split(".")[0] if isinstance(data, str | Path) else "slide")
+    return data, mpp, 1.0, str(lib)
 
 
 def _small_removed(func, old_name: str, mask: np.ndarray, size: int) -> np.ndarray:
-    """``func(mask, max_size=size)`` (scikit-image >= 0.26), or its older ``min_size`` / ``area_threshold`` form."""
+    """``func(mask, max_size=size)`` (scikit-image >= 0.26), or its older form."""
     if size <= 0:
         return mask
     try:
@@ -109,13 +98,9 @@ def tissue_mask(
 ) -> TissueMask:
     """Find the tissue of an H&E slide on a low-resolution overview.
 
-    The image is read at about ``mask_um_per_px`` (a pyramid level when there is one, a reduced JPEG decode
-    otherwise), converted to HSV, and the saturation is thresholded with Otsu's method (never below
-    ``min_saturation``): stained tissue is saturated, glass and background are white or grey. Dark pixels (value
-    below 0.15: pen marks, slide edges) are dropped, then objects smaller than ``min_object_um2`` are removed and
-    holes smaller than ``max_hole_um2`` filled (scikit-image). This is the classic whole-slide recipe in a few
-    well-kept scikit-image calls; LazySlide / sopa offer learned segmenters but are far heavier dependencies, and
-    squidpy segments nuclei, not tissue.
+    The image is read at about ``mask_um_per_px``, its HSV saturation thresholded with Otsu's method (never below
+    ``min_saturation``), dark pixels (value below 0.15) dropped, small objects removed and small holes filled
+    (scikit-image).
 
     Parameters
     ----------
@@ -126,11 +111,11 @@ def tissue_mask(
     microns_per_pixel
         µm per full-resolution pixel (required for a path or array; overrides the AnnData's scale factor).
     mask_um_per_px
-        Resolution of the mask in µm per pixel (8-16 is plenty to find tissue).
+        Resolution of the mask in µm per pixel.
     min_saturation
-        Lowest saturation (0..1) counted as tissue, whatever Otsu's threshold says (a blank image has no tissue).
+        Lowest saturation (0..1) counted as tissue, whatever Otsu's threshold says.
     min_object_um2
-        Smallest tissue piece kept, in µm² (smaller specks are dropped).
+        Smallest tissue piece kept, in µm².
     max_hole_um2
         Largest hole inside the tissue filled, in µm².
 
@@ -153,13 +138,10 @@ def tissue_mask(
     if not (np.isfinite(mask_um_per_px) and mask_um_per_px > 0):
         raise ValueError(f"mask_um_per_px is {mask_um_per_px!r}; it must be a positive number (e.g. 10).")
     image, mpp, scale, lib = slide_image(data, library_id, microns_per_pixel)
-    # image pixels per mask pixel; scale maps full-res px to image px
     img, ds_img = overview(image, mask_um_per_px / mpp * scale)
     downsample = ds_img / scale
-    hsv = rgb2hsv(img)
-    sat, val = hsv[..., 1], hsv[..., 2]
-    thr = float(threshold_otsu(sat)) if np.ptp(sat) > 1e-6 else 1.0
-    thr = max(thr, float(min_saturation))
+    _, sat, val = np.moveaxis(rgb2hsv(img), -1, 0)
+    thr = max(float(threshold_otsu(sat)) if np.ptp(sat) > 1e-6 else 1.0, float(min_saturation))
     mask = (sat > thr) & (val > 0.15)
     px_um2 = (downsample * mpp) ** 2
     mask = _small_removed(remove_small_objects, "min_size", mask, int(min_object_um2 / px_um2))

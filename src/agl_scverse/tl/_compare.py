@@ -34,9 +34,8 @@ def compare_methods(
 ) -> pd.DataFrame:
     """Fit several methods on the same split and score each on the same held-out spots.
 
-    A seeded ``test_fraction`` of the spots is held out of every fit (``.obs[split] == "unused"``); each method
-    is trained with :func:`agl_fit` on a copy of ``adata`` (the input is not modified), predicted with
-    :func:`agl_predict` and scored with :func:`evaluate` on the held-out spots.
+    A seeded ``test_fraction`` of the spots is held out of every fit; each method is fitted on a copy of ``adata``
+    with :func:`agl_fit`, predicted and scored with :func:`evaluate` on the held-out spots.
 
     Parameters
     ----------
@@ -50,22 +49,18 @@ def compare_methods(
     seed
         Seed of the held-out draw and of every fit.
     truth_key
-        Boolean ``.var`` column of known helpful auxiliaries (the synthetic slide's ``"informative"``); when
-        present, the precision of the selected auxiliaries is reported.
+        Boolean ``.var`` column of known helpful auxiliaries (the synthetic slide's ``"informative"``), for the
+        precision of the selected auxiliaries.
     method_kwargs
-        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"dkgsb": agl.DkGSBConfig(k=500)}}``); a
-        config there replaces the one of ``fit_kwargs`` for that method.
+        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"dkgsb": agl.DkGSBConfig(k=500)}}``).
     **fit_kwargs
-        Passed to every :func:`agl_fit` call: ``embedding_key``, the configs (``genes=``, ``network=``,
-        ``training=``, ``dkgsb=``, ``encoder=``), ``device``, ...
+        Passed to every :func:`agl_fit` call (``embedding_key``, the configs, ``device``, ...).
 
     Returns
     -------
-    One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``,
-    ``test_mse``, ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision`` (selected auxiliaries that
-    are ``truth_key``), ``k_start`` and ``precision_start`` (the same for DkGSB's initial selection, the top half
-    by prior), ``base_rate`` (``truth_key`` among all auxiliaries), ``fit_seconds``, ``best_epoch``, and the
-    baselines ``mean_pcc`` and ``ridge_pcc``.
+    One row per method: ``method``, ``test_pcc`` (mean held-out target Pearson), ``test_spearman``, ``test_mse``,
+    ``val_pcc``, ``k``, ``n_auxiliary``, ``threshold``, ``precision``, ``k_start`` and ``precision_start`` (DkGSB's
+    initial selection), ``base_rate``, ``fit_seconds``, ``best_epoch``, ``mean_pcc`` and ``ridge_pcc``.
 
     Examples
     --------
@@ -98,14 +93,14 @@ def compare_methods(
         test = uns["metrics"]["test"]
         aux = (work.var[keys.role].astype(str) == consts.ROLE_AUX).to_numpy()
         sel = aux & work.var[keys.selected].to_numpy(dtype=bool)
-        precision = precision_start = float("nan")
         n_aux = int(aux.sum())
         rank = work.var[keys.prior_rank].to_numpy(dtype=float)
         start = aux & (rank / max(n_aux - 1, 1) < 0.5)  # DkGSB's selection at its initial threshold
-        if truth_key is not None and truth_key in work.var:
-            truth = work.var[truth_key].to_numpy(dtype=bool)
-            precision = float(truth[sel].mean()) if sel.any() else float("nan")
-            precision_start = float(truth[start].mean()) if start.any() else float("nan")
+        has_truth = truth_key is not None and truth_key in work.var
+        truth = work.var[truth_key].to_numpy(dtype=bool) if has_truth else np.zeros(0, bool)
+        precision, precision_start, base_rate = (
+            float(truth[m].mean()) if has_truth and m.any() else float("nan") for m in (sel, start, aux)
+        )
         rows.append(
             {
                 "method": name,
@@ -114,14 +109,12 @@ def compare_methods(
                 "test_mse": test["model"]["mse"],
                 "val_pcc": uns["metrics"]["val_pcc"],
                 "k": int(uns["k"]),
-                "n_auxiliary": int(aux.sum()),
+                "n_auxiliary": n_aux,
                 "threshold": float(uns["threshold"]),
                 "precision": precision,
                 "k_start": int(start.sum()),
                 "precision_start": precision_start,
-                "base_rate": float(work.var[truth_key].to_numpy(dtype=bool)[aux].mean())
-                if truth_key is not None and truth_key in work.var and aux.any()
-                else float("nan"),
+                "base_rate": base_rate,
                 "fit_seconds": seconds,
                 "best_epoch": int(uns["metrics"]["best_epoch"]),
                 "mean_pcc": test.get("mean_predictor", {}).get("pearson", float("nan")),

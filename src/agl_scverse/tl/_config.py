@@ -1,9 +1,4 @@
-"""What an ``agl_fit`` run is configured with: the public configs of :mod:`agl_scverse.configs`, checked together.
-
-Each config checks its own values and resolves its ``None`` fields for the mode
-(:data:`agl_scverse.configs.MODE_DEFAULTS`); :class:`FitConfig` checks the rules that span several of them and
-turns them into the ``params`` record of ``.uns[key_added]`` and the model config.
-"""
+"""What an ``agl_fit`` run is configured with: the configs of :mod:`agl_scverse.configs`, checked together."""
 
 from __future__ import annotations
 
@@ -173,20 +168,12 @@ def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], sta
     by_param: dict[str, list[str]] = {"encoder": []} if enc_name else {}
     for name, value in legacy.items():
         param, cls = LEGACY_KEYWORDS[name]
-        given = out.get(param)
-        if given is None or isinstance(given, Mapping):
-            fields = dict(given or {})
-            if name in fields:
-                raise TypeError(
-                    f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only."
-                )
-            out[param] = {**fields, name: value}
-        else:  # a config object: its fields that differ from the defaults count as given
-            if getattr(given, name) != getattr(cls(), name):
-                raise TypeError(
-                    f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only."
-                )
-            out[param] = replace(given, **{name: value})
+        given: Any = out.get(param)
+        as_dict = given is None or isinstance(given, Mapping)
+        # in a config object, the fields that differ from the defaults count as given
+        if (name in dict(given or {})) if as_dict else getattr(given, name) != getattr(cls(), name):
+            raise TypeError(f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only.")
+        out[param] = {**dict(given or {}), name: value} if as_dict else replace(given, **{name: value})
         by_param.setdefault(param, []).append(name)
     if by_param:
         hints = []

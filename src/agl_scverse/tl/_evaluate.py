@@ -1,9 +1,4 @@
-"""``evaluate``: per-gene Pearson / Spearman / MSE of predictions, with the baselines reported beside them.
-
-Every honest report carries a mean predictor and the HEST-Benchmark baseline (``StandardScaler -> PCA(256) ->
-Ridge`` on the same embedding) beside the model: both are fitted on the spots the model was trained on
-(``.obs[split] == "train"``) and scored on the same evaluated spots and genes, in the same expression scale.
-"""
+"""``evaluate``: per-gene Pearson / Spearman / MSE of predictions, beside a mean predictor and PCA+Ridge."""
 
 from __future__ import annotations
 
@@ -45,18 +40,15 @@ _SPOTS_DESC = {
     "refitted": "val (the model was refitted on them: a training score)",
     "all": "all (no split column: unseen slide)",
 }
-#: Memory budget (bytes) of one block of genes scored at a time.
 _BLOCK_BYTES = 256 * 2**20
 
 
 def _summary(df: pd.DataFrame) -> dict[str, float]:
-    return {
-        "pearson": float(np.nanmean(df["pearson"])) if df["pearson"].notna().any() else float("nan"),
-        "spearman": float(np.nanmean(df["spearman"])) if df["spearman"].notna().any() else float("nan"),
-        "mse": float(np.nanmean(df["mse"])) if df["mse"].notna().any() else float("nan"),
-        "pearson_median": float(np.nanmedian(df["pearson"])) if df["pearson"].notna().any() else float("nan"),
-        "n_genes": int(df["pearson"].notna().sum()),
-    }
+    def agg(f: Any, col: str) -> float:
+        return float(f(df[col])) if df[col].notna().any() else float("nan")
+
+    out = {c: agg(np.nanmean, c) for c in ("pearson", "spearman", "mse")}
+    return {**out, "pearson_median": agg(np.nanmedian, "pearson"), "n_genes": int(df["pearson"].notna().sum())}
 
 
 def _scored_predictions(layer, rows: np.ndarray, cols: np.ndarray, stack: ExitStack):
@@ -100,7 +92,7 @@ class _Blocks:
 
 
 def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -> list[str]:
-    """The gene names ``evaluate`` scores (``"targets"``, ``"predicted"`` or a list), checked against ``adata``."""
+    """The gene names ``evaluate`` scores, checked against ``adata``."""
     if isinstance(genes, str) and genes == "targets":
         if model is not None:
             gene_list = list(model.targets)
@@ -128,7 +120,6 @@ def _genes_to_score(adata: AnnData, model: AGLModel | None, genes, keys: Keys) -
 
 
 def _check_predicted(gene_list: list[str], ok: np.ndarray, keys: Keys) -> None:
-    """Raise when some genes to score have no predictions (their layer columns are zeros, not predictions)."""
     unpredicted = [g for g, good in zip(gene_list, ok) if not good]
     if unpredicted:
         raise KeyError(
@@ -163,26 +154,23 @@ def evaluate(
         Slide with raw counts and predictions in ``.layers[f"{key_added}_pred"]`` (computed here with
         :func:`agl_scverse.tl.agl_predict` when ``model`` is given and the layer is missing).
     model
-        The fitted model (or its directory). Gives the target genes, expression transform, counts layer and
-        embedding key; without it they are read from ``.var[role]`` and ``.uns[key_added]["params"]``.
+        The fitted model (or its directory); without it, the genes and settings are read from ``.var`` / ``.uns``.
     genes
         ``"targets"`` (default), ``"predicted"`` (every gene with predictions) or a list of gene names.
     spots
         Evaluated spots (boolean mask, names or positions). Default: the spots held out of the fit
-        (``.obs[split] == "unused"``) when there are any, else the validation spots (``"val"``; they were used for
-        early stopping, and trained on by a refitted model, so this is optimistic and logged as such), or every spot of a slide without a split
-        column (an unseen slide).
+        (``.obs[split] == "unused"``), else the validation spots (optimistic; logged), or every spot of a slide
+        without a split column.
     baselines
         Also fit and score the mean predictor and ``StandardScaler -> PCA(n_components) -> Ridge`` on the
-        embedding, trained on the spots the model trained on: the ``"train"`` spots of ``.obs[split]``, and the
-        ``"val"`` spots too when it was refitted on them (``refit``). Skipped, with a note, when there are no
-        training spots in ``adata`` or no embedding.
+        embedding, trained on the spots the model trained on (skipped, with a note, when there are none or no
+        embedding).
     key_added
         Prefix of the keys the run was written under (``key_added`` of :func:`agl_fit`).
     embedding_key
         ``.obsm`` key for the baselines; default the model's.
     n_components
-        PCA components of the baseline (HEST-Benchmark: 256; capped by the number of spots and features).
+        PCA components of the baseline (capped by the number of spots and features).
     copy
         Return a modified copy instead of writing in place.
 
@@ -190,8 +178,8 @@ def evaluate(
     -------
     None, or the copy. Writes ``.var[k.pcc]``, ``.var[k.spearman]``, ``.var[k.mse]`` (NaN for genes not
     evaluated) and ``.uns[k.uns]["metrics"]["test"]``: per method (``model``, ``mean_predictor``, ``pca_ridge``)
-    the mean / median Pearson, mean Spearman and MSE over genes, plus ``n_spots``, ``spots`` (which spots),
-    ``genes``, ``transform``. The validation metrics written by :func:`agl_fit` stay in ``metrics``.
+    the mean / median Pearson, mean Spearman and MSE over genes, plus ``n_spots``, ``spots``, ``genes``,
+    ``transform``.
 
     Examples
     --------
@@ -211,7 +199,6 @@ def evaluate(
     gene_list = _genes_to_score(adata, model, genes, keys)
     gidx = adata.var_names.get_indexer(gene_list)
 
-    # ---- preprocessing the model used, and the scale of an existing prediction layer
     transform = model.config.get("transform") if model is not None else _param(entry, "transform", "log1p")
     if keys.pred_layer in adata.layers:
         transform = observed_transform(adata.uns.get(keys.pred_uns), transform)
@@ -222,7 +209,6 @@ def evaluate(
     emb_key = embedding_key or (model.config.get("embedding_key") if model is not None else None)
     emb_key = emb_key or null_as_none(entry.get("embedding_key"))
 
-    # ---- spots
     split = adata.obs[keys.split].astype(str).to_numpy() if keys.split in adata.obs else None
     refitted = bool(model.config.get("refit", False) if model is not None else _param(entry, "refit", False))
     if spots is not None:
@@ -245,8 +231,6 @@ def evaluate(
     if keys.pred_layer not in adata.layers and model is None:
         raise KeyError(f".layers[{keys.pred_layer!r}] is missing; run agl_predict first or pass model=.")
     X = adata.layers[layer] if layer is not None else adata.X
-    # the baselines train on the spots the model trained on: the training split, and the validation spots too
-    # when the model was refitted on them
     fitted_on = (consts.SPLIT_TRAIN, consts.SPLIT_VAL) if refitted else (consts.SPLIT_TRAIN,)
     train = np.isin(split, fitted_on) if split is not None else np.zeros(adata.n_obs, dtype=bool)
     notes = ""
@@ -267,16 +251,13 @@ def evaluate(
             check_integer_counts(part, f"{what} of the {name} spots", transform, log1p_recorded)
     if notes:
         logg.info(f"evaluate: {notes}")
-    new_layer, new_emb = None, None
-    if keys.pred_layer in adata.layers:
-        L = adata.layers[keys.pred_layer]
-    else:
+    new_layer, new_emb, L = None, None, adata.layers.get(keys.pred_layer)
+    if L is None:
         assert model is not None  # checked above, before the counts
         new_layer, new_emb, pred_genes = prediction_layer(adata, model)
         _check_predicted(gene_list, np.isin(gene_list, pred_genes), keys)
         L = new_layer
-    if run_baselines:
-        F = np.asarray(adata.obsm[emb_key], dtype=np.float32)
+    F: Any = np.asarray(adata.obsm[emb_key], dtype=np.float32) if run_baselines else None
     # gene blocks: memory is that of a block of evaluated spots x genes, whatever the number of genes
     step = max(1, int(_BLOCK_BYTES // (4 * 4 * max(len(ev_idx), int(train.sum()) if run_baselines else 0, 1))))
     frames: dict[str, list[pd.DataFrame]] = {"model": [], "mean_predictor": [], "pca_ridge": []}
@@ -296,7 +277,7 @@ def evaluate(
 
     test = {**results, "n_spots": int(ev.sum()), "spots": spots_desc}
     test.update(genes=gene_list if not isinstance(genes, str) else genes, transform=transform, embedding_key=emb_key)
-    test["notes"] = notes
+    test.update(notes=notes)
     target = adata.copy() if copy else adata
     written = {
         "var": [keys.pcc, keys.spearman, keys.mse] + ([keys.predicted] if new_layer is not None else []),
