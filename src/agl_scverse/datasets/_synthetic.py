@@ -223,11 +223,16 @@ def synthetic_slide(
 
     Parameters
     ----------
-    n_rows: int = 20,
-    n_cols: int = 20,
-    n_tissue_genes: int = 80,
-    n_informative: int = 300,
-    n_noise: int = 1600,
+    n_rows
+        Rows of the spot grid.
+    n_cols
+        Columns of the spot grid.
+    n_tissue_genes
+        Number of tissue genes (following the tissue type).
+    n_informative
+        Number of informative auxiliary genes (driven by the visible latent state).
+    n_noise
+        Number of noise genes (including the bursty ones).
     n_bursty_noise
         How many noise genes are bursty (negative binomial with a very small dispersion parameter).
     n_slides
@@ -235,8 +240,10 @@ def synthetic_slide(
         ``"synthetic"``).
     n_types
         Number of tissue types (2-5), the first ones of :data:`TISSUE_TYPES`.
-    spot_spacing_um: float = 100.0,
-    spot_diameter_um: float = 100.0,
+    spot_spacing_um
+        Centre-to-centre spacing of spots, in µm.
+    spot_diameter_um
+        Spot diameter, in µm.
     microns_per_pixel
         Scale of the full-resolution image.
     margin_um
@@ -245,12 +252,16 @@ def synthetic_slide(
         Length scale of the tissue regions (smoothing of the layout fields).
     depth
         Multiplies every gene's mean count (sequencing depth).
-    depth_sd: float = 0.3,
-    hidden_sd: float = 0.25,
+    depth_sd
+        Standard deviation of the per-spot log library size.
+    hidden_sd
+        Standard deviation of the image-invisible per-spot noise added to the latent state.
     informative_strength
         Loadings of informative genes relative to tissue genes.
-    informative_mean: tuple[float, float] = (0.3, 1.2),
-    tissue_mean: tuple[float, float] = (3.0, 100.0),
+    informative_mean
+        Range (log-uniform) of the mean counts per spot of informative genes, at ``depth=1``.
+    tissue_mean
+        The same for tissue genes.
     seed
         Seed of the :class:`numpy.random.Generator`; the output is a deterministic function of all arguments.
 

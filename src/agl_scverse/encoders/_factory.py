@@ -53,8 +53,12 @@ def get_encoder(
     pretrained
         The published weights (the hub repository's, or timm's), from the local cache, else downloaded when the
         hub is reachable, else a ``FileNotFoundError`` that says how to get them. Default: random (``seed``).
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    mean
+        Per-channel mean of the input normalisation, overriding the default: the preset's, else the known
+        normalisation of the weights file (mean = std = 0.5 for the EfficientNet-Lite0 file), else timm's
+        ``pretrained_cfg``, else the registered values, else ImageNet.
+    std
+        Per-channel standard deviation of the input normalisation, overriding the same default.
     seed
         Seed of the random initialisation (the global torch RNG is left untouched).
     encoder_kwargs

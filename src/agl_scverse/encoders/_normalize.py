@@ -25,8 +25,11 @@ def normalize(
     ----------
     batch
         uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` tensor (or array), as :class:`SpotPatches` gives; stays on its device.
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean
+        Per-channel mean in the 0-1 range (3 values, or 1 for all channels), e.g. ``info["mean"]`` from
+        :func:`agl_scverse.model.get_encoder`.
+    std
+        Per-channel standard deviation, the same way (``info["std"]``).
 
     Returns
     -------

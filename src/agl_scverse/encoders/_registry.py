@@ -34,8 +34,10 @@ def register_encoder(
     factory
         Returns a module (or a tensor -> tensor callable) mapping normalised ``(B, 3, H, W)`` images to ``(B, D)``
         features; given ``pretrained`` if it takes that argument.
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean
+        Per-channel (RGB) mean of the input normalisation the encoder expects, in the 0-1 range.
+    std
+        Per-channel standard deviation of that normalisation.
     overwrite
         Replace an existing registration.
 

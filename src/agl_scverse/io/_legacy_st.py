@@ -68,15 +68,20 @@ def read_legacy_st(
         ``.obs`` column naming the section of each spot (categorical).
     microns_per_pixel
         µm per full-resolution pixel; default ``spot_pitch_um`` over the median nearest-neighbour spot distance.
-    spot_diameter_um: float = 100.0,
-    spot_pitch_um: float = 200.0,
+    spot_diameter_um
+        Spot diameter in µm (100 on the legacy ST array); sets ``spot_diameter_fullres``.
+    spot_pitch_um
+        Centre-to-centre distance of neighbouring spots in µm (200 on the legacy ST array).
     hires_max_px
         Longest side of the downscaled ``"hires"`` image kept in memory.
     load_images
         Build the ``"hires"`` thumbnail (the full-resolution image path is recorded either way).
-    counts_file: str | None = "counts.tsv.gz",
-    spots_file: str = "spots.tsv",
-    image_file: str | None = "he.jpg",
+    counts_file
+        Counts file name inside each section folder; ``None``: no counts (H&E-only sections, an AnnData of 0 genes).
+    spots_file
+        Spot positions file name inside each section folder (tab- or comma-separated).
+    image_file
+        Image file name inside each section folder; ``None`` takes the only image file in the folder.
     %(progress)s
 
     Returns

@@ -300,12 +300,23 @@ class AGLModel:
         features
             Embedding mode: ``(n_spots, n_features)`` array. Fine-tune mode: ``(n_spots, H, W, 3)`` uint8 patches
             (or a torch Dataset yielding patches).
-        batch_size: int = 512,
-        columns: np.ndarray | None = None,
-        device: str = "auto",
-        precision: consts.Precision = "auto",
-        num_workers: int = 0,
-        prefetch_factor: int = 2,
+        batch_size
+            Spots per forward pass.
+        columns
+            Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
+        device
+            Torch device of the forward passes: ``"auto"`` (default: CUDA when available, else CPU; the default of
+            every function of the package), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``, ... The network is
+            moved back to where it was afterwards.
+        precision
+            Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, see
+            :func:`agl_scverse.pp.embed_patches`); the output layer runs in float32. The
+            embedding-mode head always runs in float32.
+        num_workers
+            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (same predictions with any
+            number).
+        prefetch_factor
+            Batches each worker prepares ahead.
         backend
             ``"auto"`` or ``"torch"`` (``"onnx"``, for frozen encoders, is refused in fine-tune mode; the
             embedding-mode head runs in torch).

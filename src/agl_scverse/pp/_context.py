@@ -363,8 +363,10 @@ def spatial_context(
         ``.obsm`` key of the spot embedding (e.g. ``"X_agl_densenet121"``).
     n_neighs
         Nearest spots of the same library (k-NN graph).
-    n_rings: int | None = None,
-    grid_neighs: int = 6,
+    n_rings
+        Rings of a grid graph instead of k-NN (squidpy ``spatial_neighbors_grid``).
+    grid_neighs
+        Neighbours of a spot on the grid (with ``n_rings``).
     radius_um
         Every spot within this distance in µm instead of k-NN.
     aggregation
@@ -373,10 +375,15 @@ def spatial_context(
         ``"concat"``, ``"mean"`` with ``"blend"``.
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
-    output: str = "concat",
-    alpha: float = 0.0,
-    fov_scale: float | None = None,
-    fov_patch_um: float | None = None,
+    output
+        ``"concat"`` (default) or ``"blend"``, see above. The defaults (k = 12, concat, mean and std) are the
+        recipe nested leave-one-section-out validation chose on HER2+ (the Method page, "Spatial context").
+    alpha
+        Weight of the spot's own embedding in ``"blend"``, in [0, 1].
+    fov_scale
+        Append a wider field of view of ``fov_scale`` times the spot patch's area (e.g. 2 to 4).
+    fov_patch_um
+        The wider patch's side in µm (instead of ``fov_scale``).
     fov_key
         ``.obsm`` key of the wider-patch embedding, reused when present with a matching record. Default
         ``f"{embedding_key}_fov{fov_patch_um:g}um"``.
@@ -385,12 +392,18 @@ def spatial_context(
     %(library_key)s
     key_added
         ``.obsm`` key of the context features. Default ``f"{embedding_key}_context"``.
-    weights: str | Path | None = None,
-    encoder: Any = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    num_workers: int = 0,
-    precision: str = "auto",
+    weights
+        Weights file of the base encoder (its sha256 is checked), only to compute a wider field of view.
+    encoder
+        The base encoder itself, for a custom module (a wider field of view only).
+    device
+        Device of the encoder (a wider field of view only), as in :func:`~agl_scverse.pp.embed_patches`.
+    batch_size
+        Patches per forward pass (a wider field of view only).
+    num_workers
+        DataLoader workers cutting the wider patches.
+    precision
+        Precision of the encoder, as in :func:`~agl_scverse.pp.embed_patches`.
     %(copy)s
 
     Returns

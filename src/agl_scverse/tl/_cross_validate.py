@@ -142,11 +142,16 @@ def cross_validate(
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g.
         ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``).
-    n_targets: int | None = None,
-    prior: str | None = None,
-    min_cells: int | float | None = None,
-    layer: str | None = None,
-    transform: str | None = None,
+    n_targets
+        Deprecated: use ``genes=agl.GeneConfig(n_targets=...)``.
+    prior
+        Deprecated: use ``genes=agl.GeneConfig(prior=...)``.
+    min_cells
+        Deprecated: use ``genes=agl.GeneConfig(min_cells=...)``.
+    layer
+        Deprecated: use ``genes=agl.GeneConfig(layer=...)``.
+    transform
+        Deprecated: use ``genes=agl.GeneConfig(transform=...)``.
     **fit_kwargs
         Passed to every :func:`agl_scverse.tl.agl_fit` call: its configs (``network=``, ``training=``,
         ``dkgsb=`` with ``k`` for ``"topk"``, ``encoder=``), ``device``, ...

@@ -216,19 +216,34 @@ def unrolled_val_loss(
 
     Parameters
     ----------
-    net: nn.Module,
-    mask: GeneMask,
-    n_targets: int,
-    x_tr: torch.Tensor | Sequence[torch.Tensor],
-    y_tr: torch.Tensor | Sequence[torch.Tensor],
-    x_va: torch.Tensor,
-    y_va: torch.Tensor,
-    inner_steps: int = 1,
-    inner_lr: float = 0.1,
-    loss: str = "pearson",
-    normalizer: str | float = "soft",
-    optimizer_state: AdamState | None = None,
-    meta_scope: str | Sequence[str] = "all",
+    net
+        The network, in the mode it should be evaluated in.
+    mask
+        The soft mask over the auxiliary outputs.
+    n_targets
+        Number of leading target outputs.
+    x_tr
+        Inputs of one training batch, or a sequence of batches used in turn by the inner steps.
+    y_tr
+        Their (standardised) expression, one per batch of ``x_tr``.
+    x_va
+        Inputs of the validation batch.
+    y_va
+        Its expression (only the first ``n_targets`` columns are used).
+    inner_steps
+        Number of unrolled steps ``H``.
+    inner_lr
+        Learning rate of SGD inner steps (ignored with ``optimizer_state``).
+    loss
+        ``"pearson"`` or ``"mse"``.
+    normalizer
+        ``"soft"``, ``"detached"`` or a constant, see the module docstring.
+    optimizer_state
+        Take the inner steps as this Adam optimiser would (:class:`AdamState`: the live one, or
+        :meth:`AdamState.fresh` for the authors' look-ahead); ``None``: SGD.
+    meta_scope
+        The parameters the inner steps move (:func:`meta_scope_names`): ``"all"``, ``"last"`` (the output layer
+        and the last block below it; the others are constants of the look-ahead) or a sequence of names.
 
     Examples
     --------

@@ -27,7 +27,8 @@ def pearson_loss(
 
     Parameters
     ----------
-    pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, reduce: Reduce | None = None
+    pred
+        Predictions, an ``(n_spots, n_genes)`` tensor.
     target
         Observed values, same shape.
     eps

@@ -242,23 +242,47 @@ def train_network(
     Y
         Expression (targets first, then auxiliaries in prior-rank order): an ``(n_spots, n_genes)`` array or a
         batch source (:class:`StandardizedTargets`), standardised per gene on the training spots.
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    n_targets: int,
-    training: TrainingConfig | Mapping[str, Any] | None = None,
-    dkgsb: DkGSBConfig | Mapping[str, Any] | None = None,
-    mask: GeneMask | None = None,
-    aux_weights: np.ndarray | None = None,
-    seed: int = 0,
-    device: torch.device | str = "auto",
-    progress: bool = True,
-    desc: str = "agl",
-    precision: consts.Precision = "fp32",
+    train_idx
+        Row positions of the training spots.
+    val_idx
+        Row positions of the validation spots (early stopping, DkGSB's meta batches).
+    n_targets
+        Number of leading target columns.
+    training
+        :class:`~agl_scverse.configs.TrainingConfig` (or a dict of its fields): epochs, patience, lr, weight decay,
+        batch size, loss, ``augment`` (random flips / quarter turns of the training batches' patches, for image
+        inputs with a ``stream`` method, drawn from ``(seed, epoch)`` only). Fields left at ``None`` take the
+        embedding-mode defaults (:func:`agl_scverse.tl.agl_fit` resolves them for its mode first); ``refit``,
+        ``n_seeds``, ``checkpoint_every`` and ``resume`` are ``agl_fit``'s and not read here. Without validation
+        spots, exactly ``epochs`` epochs run and the last one is kept.
+    dkgsb
+        :class:`~agl_scverse.configs.DkGSBConfig` (or a dict): the bi-level step when ``mask`` is given (inner
+        steps, meta steps per epoch spread over the training batches, meta batch size, ``beta`` the Adam lr on
+        ``theta``, ``meta_normalizer``, ``lookahead``, ``meta_scope``; see :func:`agl_scverse.model.hypergradient`).
+    mask
+        The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
+        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
+    aux_weights
+        Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
+    seed
+        Seeds batch order, meta batches, initialisation-independent randomness (dropout).
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
+    progress
+        Show a tqdm bar over epochs (postfix: loss, validation PCC, k).
+    desc
+        Label of that bar.
+    precision
+        How the network runs: ``"fp32"`` (default),
+        ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
+        networks, a gradient scaler with fp16). The loss and the DkGSB hypergradient are computed in float32.
     checkpoint
         The checkpointer of :func:`agl_scverse.tl.agl_fit` (``checkpoint_every``, ``resume``): training starts
         from its state when it has one, and the state is saved after every ``checkpoint.every`` epochs.
-    clip: float = 1.0,
-    theta_beta2: float = 0.9,
+    clip
+        DkGSB: hypergradient clipping.
+    theta_beta2
+        DkGSB: Adam's second-moment decay for ``theta``.
 
     Returns
     -------
