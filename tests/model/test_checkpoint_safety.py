@@ -758,6 +758,31 @@ def test_load_racing_saves_sees_one_generation_and_two_writers_take_turns(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no leftover temporaries
 
 
+def test_load_decides_no_model_under_the_writers_lock(tmp_path, monkeypatch):
+    """A save that starts its swap the moment the loader leaves the lock (the folder briefly gone) is not taken for
+    "no model here": the loader reads the next generation (CI saw this race as a FileNotFoundError)."""
+    import contextlib
+
+    path = tmp_path / "m"
+    _tagged_model(1.0).save(path)
+    aside = tmp_path / "aside"
+    os.rename(path, aside)  # a save is between its two renames when load starts
+    exits = []
+
+    @contextlib.contextmanager
+    def racing_lock(p):
+        if aside.exists():
+            os.rename(aside, p)  # that save finishes
+        yield
+        if not exits:
+            os.rename(p, aside)  # the next save takes the lock at once and moves the folder out
+        exits.append(1)
+
+    monkeypatch.setattr(ckpt, "writer_lock", racing_lock)
+    m = AGLModel.load(path)
+    assert m.config["threshold"] == 1.0 and len(exits) == 2
+
+
 def test_load_reads_the_weights_once(saved, monkeypatch):
     """The checked bytes are the loaded bytes: nothing opens the weights file a second time by name."""
     import safetensors.torch as st

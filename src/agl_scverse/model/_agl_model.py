@@ -440,10 +440,15 @@ class AGLModel:
         path = Path(path)
         for attempt in range(LOAD_ATTEMPTS):
             if not all((path / n).is_file() for n in MODEL_FILES):
-                with writer_lock(path):  # waits for a save under way, then restores an interrupted one's model
+                # wait for a save under way, restore an interrupted one's model, and decide "no model" while no
+                # writer can be between its two renames (after the lock, the next save may already be)
+                with writer_lock(path):
                     recover(path, _is_intact)
-            if not all((path / n).is_file() for n in MODEL_FILES):
-                raise FileNotFoundError(f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
+                    present = all((path / n).is_file() for n in MODEL_FILES)
+                if not present:
+                    raise FileNotFoundError(
+                        f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME})."
+                    )
             ident = None
             try:
                 cfg_bytes, weights, ident = _read_generation(path)
