@@ -1,7 +1,8 @@
 """Grid throughput beside the bare encoder forward on the same patches, in one run (issue 22's 0.9x target).
 
 A synthetic H&E image (pink tissue disk with nuclei on white glass, 1 µm/px, written as a TIFF) is gridded with
-``agl.pp.spot_grid`` for a model fitted in seconds on the synthetic slide (random-init ResNet-18). Then, each
+``agl.pp.spot_grid`` for a model fitted in seconds on the synthetic slide (random-init ResNet-18 by default;
+``--encoder densenet121 --weights FILE --patch-px 224`` times a real encoder). Then, each
 ``--repeats`` times, in turn:
 
 - **bare**: the model's encoder (rebuilt from its record, as the route does), ``encoder(batch)`` in
@@ -19,6 +20,9 @@ Spots per second are medians over the repeats; ratios are to the bare forward of
 ``benchmarks/results/grid_throughput.json``::
 
     python -m benchmarks.speed.bench_grid_throughput --repeats 3 --threads 2
+    python -m benchmarks.speed.bench_grid_throughput --encoder densenet121 --patch-px 224 --repeats 3 --threads 2 \
+        --weights ../shared/weights/densenet121_keras_imagenet_features_torchvision.pth \
+        --out benchmarks/results/grid_throughput_densenet121.json
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-px", type=int, default=1500, help="side of the synthetic image (1 µm/px)")
     p.add_argument("--pitch-um", type=float, default=56.0, help="grid pitch (half the 112 µm patch)")
     p.add_argument("--patch-px", type=int, default=64, help="encoder input side")
+    p.add_argument("--encoder", default="resnet18", help="encoder name (random init unless --weights)")
+    p.add_argument("--weights", type=Path, default=None, help="local state-dict file of the encoder")
     p.add_argument("--batch-size", type=int, default=32, help="embedding batch size (grid and bare)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     train = agl.datasets.synthetic_slide(
         n_rows=5, n_cols=5, seed=0, n_tissue_genes=10, n_informative=10, n_noise=20, n_bursty_noise=2
     )
-    torch_enc = agl.EncoderConfig("resnet18", patch_px=args.patch_px, backend="torch", batch_size=args.batch_size)
+    enc_kw = {"weights": args.weights, "patch_px": args.patch_px, "batch_size": args.batch_size}
+    torch_enc = agl.EncoderConfig(args.encoder, backend="torch", **enc_kw)
     model = agl.tl.agl_fit(
         train,
         method="agl",
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         grid = agl.pp.spot_grid(agl.io.read_he_image(path), pitch_um=args.pitch_um, model=model)
         n = grid.n_obs
         patches = agl.pp.SpotPatches(grid, patch_px=args.patch_px, patch_um=patch_um)
-        encoder, info = rebuild_encoder(model.config["encoder"])  # the module the grid route runs
+        encoder, info = rebuild_encoder(model.config["encoder"], weights=args.weights)  # the route's module
         x_all = agl.model.normalize(torch.stack([patches[i] for i in range(n)]), info["mean"], info["std"])
         encoder.eval()
         prec = resolve_precision("auto", "cpu", encoder)
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.inference_mode(), prec.autocast():
             for a in range(0, n, args.batch_size):  # one untimed pass: the first pass over new shapes is slower
                 encoder(x_all[a : a + args.batch_size])
-        auto_enc = agl.EncoderConfig("resnet18", patch_px=args.patch_px, batch_size=args.batch_size)
+        auto_enc = agl.EncoderConfig(args.encoder, **enc_kw)
         rates: dict[str, list[float]] = {"bare": [], "grid_torch": [], "grid_auto": []}
         for _ in range(args.repeats):
             with torch.inference_mode(), prec.autocast():
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the start",
         "torch_threads": torch.get_num_threads(),
         "bare_precision": prec.record(),
+        "encoder": args.encoder,
+        "weights": None if args.weights is None else args.weights.name,
         "grid_spots": n,
         "image_px": args.image_px,
         "pitch_um": args.pitch_um,
