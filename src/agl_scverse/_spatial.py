@@ -1,7 +1,4 @@
-"""Access to slides, images and physical scale in the AnnData layout of :mod:`agl_scverse._constants`.
-
-Every module that needs an image or a scale goes through here, so the layout lives in one place.
-"""
+"""Access to slides, images and physical scale in the AnnData layout of :mod:`agl_scverse._constants`."""
 
 from __future__ import annotations
 

@@ -1,20 +1,4 @@
-"""Command line: agl-scverse demo | fit | predict | predict-slide | cross-validate.
-
-Errors in the input (a missing file, a bad value, an output that exists) print one line
-"agl-scverse: error: <message>" and exit with status 2; --debug shows the traceback instead. Ctrl-C exits with
-status 130. Every output path is checked before any work starts. Each command ends with a one-line summary of
-its results. Heavy libraries (torch, scanpy, anndata) are imported inside the commands, so --help is quick.
-
-Examples
---------
-.. code-block:: bash
-
-    agl-scverse demo --out agl_demo_output
-    agl-scverse fit path/to/her2st --reader legacy_st --weights densenet121.pth --encoder densenet121 --out model
-    agl-scverse predict model path/to/new_section --reader legacy_st --out predicted.h5ad
-    agl-scverse predict-slide model slide.ome.tif --out slide_predicted.h5ad
-    agl-scverse cross-validate path/to/her2st --reader legacy_st --group-key library_id --out cv.csv
-"""
+"""Command line: agl-scverse demo | fit | predict | predict-slide | cross-validate."""
 
 from __future__ import annotations
 
@@ -525,11 +509,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``agl-scverse`` console script; returns the exit status.
-
-    0: done; 2: an error in the input (one line on stderr; argparse's usage errors exit 2 as well); 1: an
-    unexpected error (a bug: please report it with the traceback of ``--debug``); 130: interrupted.
-    """
+    """Entry point of the ``agl-scverse`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)

@@ -1,10 +1,4 @@
-"""ONNX Runtime for a frozen image encoder: exported once, cached by content, checked against torch.
-
-``backend=`` of :func:`agl_scverse.pp.embed_patches`: ``"auto"`` (ONNX Runtime on a CPU in float32 when installed
-and the encoder exports, checked on the first patches), ``"torch"`` or ``"onnx"``. Graphs are cached in a private
-per-user folder (:func:`cache_dir`) under a key of the module's tensors, structure, input size and torch version,
-written beside their entry and moved into place; see docs/encoders.md.
-"""
+"""ONNX Runtime for a frozen image encoder: exported once, cached by content, checked against torch."""
 
 from __future__ import annotations
 
