@@ -122,9 +122,8 @@ def _read_h5ad(p: Path):
         adata = ad.read_h5ad(p)
     except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
         raise OSError(f"cannot read {p} as .h5ad ({one_line(e)}); is the file complete?") from e
-    xy = adata.obsm.get("spatial")
-    if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
-        n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
+    n_bad = int((~np.isfinite(np.asarray(adata.obsm.get("spatial", np.zeros((0, 2))), dtype=float))).any(axis=1).sum())
+    if n_bad:
         raise ValueError(f"{p}: .obsm['spatial'] holds NaN/inf coordinates for {n_bad} spot(s); fix or drop them.")
     return adata
 
@@ -498,14 +497,8 @@ def _is_main() -> bool:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         demo(out=args.out, seed=args.seed, epochs=args.epochs, patch_px=args.patch_px)
-    elif args.command == "fit":
-        _fit(args)
-    elif args.command == "predict":
-        _predict(args)
-    elif args.command == "predict-slide":
-        _predict_slide(args)
-    else:  # cross-validate, benchmark
-        _cross_validate(args)
+    else:  # cross-validate, benchmark: _cross_validate
+        {"fit": _fit, "predict": _predict, "predict-slide": _predict_slide}.get(args.command, _cross_validate)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
