@@ -1,6 +1,6 @@
 """Slide images read by region: the image sources behind :func:`agl_scverse._spatial.get_image`."""
 
-from ._arrays import ArraySource, LazyArraySource
+from ._arrays import ArraySource, LazyArraySource, scale_levels
 from ._cache_folder import CACHE_ENV, cache_dir, private_folder
 from ._decoded import DecodedFileSource
 from ._files import check_regular_file, open_pil
@@ -35,6 +35,7 @@ __all__ = [
     "overview",
     "private_folder",
     "register_live_image",
+    "scale_levels",
     "tile_cache",
     "to_uint8_rgb",
     "value_scale",
