@@ -27,12 +27,9 @@ def show_progress(progress: bool | None) -> bool:
     """The one rule for progress bars: ``progress`` when given, else scanpy's verbosity decides."""
     if progress is not None:
         return bool(progress)
-    try:
-        import scanpy as sc
+    import scanpy as sc  # a core dependency; imported here to keep `import agl_scverse` light
 
-        return int(sc.settings.verbosity) >= 1
-    except ImportError:  # pragma: no cover
-        return True
+    return int(sc.settings.verbosity) >= 1
 
 
 def sha256_file(path: str | Path) -> str:
