@@ -37,10 +37,7 @@ _CONFIGS = frozenset({"GeneConfig", "NetworkConfig", "TrainingConfig", "DkGSBCon
 
 
 def __getattr__(name: str):
-    """Import a subpackage (``agl.tl``, ...) on first access, and read ``__version__`` when asked.
-
-    So ``import agl_scverse`` and the CLI's ``--help`` do not load torch, scanpy and the rest until they are used.
-    """
+    """Import a subpackage (``agl.tl``, ...) on first access, and read ``__version__`` when asked."""
     if name == "__version__":  # importlib.metadata takes a noticeable part of a second: read it when asked
         from importlib.metadata import PackageNotFoundError, version
 

@@ -115,15 +115,7 @@ def embedding_key(encoder_name: str) -> str:
 
 
 class Keys:
-    """Names of every ``.var`` / ``.obs`` column, ``.uns`` entry and layer written by one AGL run.
-
-    ``key_added`` (default ``"agl"``) prefixes them all, so several runs can live in one AnnData.
-
-    Examples
-    --------
-    >>> Keys().role, Keys("agl_dkgsb").pred_layer, Keys("run1").gene_roles, Keys().predicted
-    ('agl_role', 'agl_dkgsb_pred', 'run1_gene_roles', 'agl_predicted')
-    """
+    """Names of every ``.var`` / ``.obs`` column, ``.uns`` entry and layer written by one AGL run."""
 
     def __init__(self, key_added: str = DEFAULT_KEY):
         if not key_added or not isinstance(key_added, str):

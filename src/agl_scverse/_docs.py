@@ -29,9 +29,6 @@ _spots = """\
 spots
     Spots to use: ``None`` (all), a boolean mask, integer positions, spot names, or an ``.obs`` column
     (boolean, or a split column whose ``"train"`` spots are used)."""
-_layer = """\
-layer
-    Layer holding raw counts instead of ``.X``."""
 _progress = """\
 progress
     Show progress bars: ``True``, ``False``, or ``None`` (default) to follow scanpy's verbosity: shown unless
@@ -49,9 +46,6 @@ save
     :attr:`scanpy.settings.autosave`.
 return_fig
     Return the :class:`~matplotlib.figure.Figure` instead of the axes."""
-_plot_returns = """\
-With ``return_fig=True`` the :class:`~matplotlib.figure.Figure`; otherwise, when ``show`` is False, the axes
-(see above); otherwise None."""
 
 d = DocstringProcessor(
     adata=_adata,
@@ -60,8 +54,6 @@ d = DocstringProcessor(
     copy=_copy,
     library_key=_library_key,
     spots=_spots,
-    layer=_layer,
     progress=_progress,
     plot_params=_plot_params,
-    plot_returns=_plot_returns,
 )

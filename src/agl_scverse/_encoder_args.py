@@ -1,10 +1,4 @@
-"""The encoder argument of embedding and predicting: one :class:`~agl_scverse.EncoderConfig`, old keywords for a release.
-
-``embed_patches``, ``agl_predict``, ``predict_anndata`` and ``predict_chunked`` take the encoder group (weights,
-precision, backend, workers, ...) as ``encoder=EncoderConfig(...)`` or a dict of its fields. Their old keywords
-(``weights=``, ``precision=``, ...) keep working for one release through :func:`encoder_keywords`, which folds
-them into ``encoder`` and warns with the new spelling.
-"""
+"""The encoder argument of embedding and predicting: one :class:`~agl_scverse.EncoderConfig`, old keywords for a release."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Turn results into what ``write_h5ad`` (``.uns``) and JSON store: None is left out of a dict (NaN in a list).
-
-In JSON, None and non-finite floats are ``null``; nothing is ever written as a placeholder string.
-"""
+"""Turn results into what ``write_h5ad`` (``.uns``) and JSON store: None is left out of a dict (NaN in a list)."""
 
 from __future__ import annotations
 
@@ -19,13 +16,7 @@ def _is_number(v: Any) -> bool:
 
 
 def to_h5ad(obj: Any) -> Any:
-    """Recursively turn ``obj`` into values ``write_h5ad`` stores: dicts drop None, sequences become typed arrays.
-
-    Examples
-    --------
-    >>> to_h5ad({"a": None, "b": (1, 2), "c": [0.5, None], "d": Path("x")})
-    {'b': array([1, 2]), 'c': array([0.5, nan]), 'd': 'x'}
-    """
+    """Recursively turn ``obj`` into values ``write_h5ad`` stores: dicts drop None, sequences become typed arrays."""
     if isinstance(obj, dict):
         return {str(k): to_h5ad(v) for k, v in obj.items() if v is not None}
     if obj is None:

@@ -1,7 +1,4 @@
-"""Access to slides, images and physical scale in the AnnData layout of :mod:`agl_scverse._constants`.
-
-Every module that needs an image or a scale goes through here, so the layout lives in one place.
-"""
+"""Access to slides, images and physical scale in the AnnData layout of :mod:`agl_scverse._constants`."""
 
 from __future__ import annotations
 
@@ -25,11 +22,7 @@ VISIUM_SCALEFACTOR_SPOT_UM = 65.0
 def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
     """Library ids present in ``adata``: categories of ``obs[library_key]`` or the keys of ``uns['spatial']``."""
     if library_key is not None:
-        if library_key not in adata.obs:
-            raise KeyError(
-                f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
-            )
-        return [str(x) for x in pd_unique(adata.obs[library_key])]
+        return [str(x) for x in pd_unique(_obs_column(adata, library_key))]
     libs = list(adata.uns.get(consts.SPATIAL_KEY, {}).keys())
     if len(libs) == 0:
         raise KeyError(
@@ -41,6 +34,14 @@ def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
             f"adata.uns['spatial'] holds several libraries {libs}; pass library_key=<obs column naming them>."
         )
     return [str(libs[0])]
+
+
+def _obs_column(adata: AnnData, library_key: str) -> pd.Series:
+    if library_key not in adata.obs:
+        raise KeyError(
+            f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
+        )
+    return adata.obs[library_key]
 
 
 def pd_unique(values) -> list:
@@ -180,6 +181,13 @@ def get_image(
     )
 
 
+def coordinate_systems(element) -> list[str]:
+    """Names of the coordinate systems a SpatialData element is mapped to."""
+    from spatialdata.transformations import get_transformation
+
+    return list((get_transformation(element, get_all=True) or {}).keys())
+
+
 def _spatialdata_image(meta: dict, library_id: str):
     """The SpatialData image element a library was read from: the live object, else reopened from its zarr store."""
     name = meta.get(consts.SPATIALDATA_IMAGE)
@@ -226,11 +234,7 @@ def check_library_column(col: pd.Series, name: str) -> None:
 def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:
     """The one rule for the ``.obs`` column telling slides apart."""
     if library_key is not None:
-        if library_key not in adata.obs:
-            raise KeyError(
-                f"library_key={library_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
-            )
-        check_library_column(adata.obs[library_key], library_key)
+        check_library_column(_obs_column(adata, library_key), library_key)
         return library_key
     if consts.LIBRARY_KEY not in adata.obs:
         return None

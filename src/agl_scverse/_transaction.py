@@ -28,22 +28,7 @@ def _recorded(adata: AnnData) -> dict[str, set[str]]:
 
 
 def check_owned(adata: AnnData, **written: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming every key of ``written`` (``var=[...]``, ``uns=[...]``, ...) the package does not own.
-
-    A key is ours when absent, named ``agl*`` / ``X_agl_*``, or recorded in the ``agl_keys`` field of a ``.uns``
-    entry (stamped by :func:`restore_on_error`); ``.uns`` keys of scanpy, squidpy and spatialdata
-    (:data:`~agl_scverse._constants.RESERVED_UNS`) never are. Nothing is changed.
-
-    Examples
-    --------
-    >>> import anndata as ad, numpy as np
-    >>> a = ad.AnnData(np.ones((2, 1)), uns={"spatial": {"A": {}}})
-    >>> check_owned(a, uns=["agl"])  # absent: fine
-    >>> check_owned(a, uns=["spatial"])
-    Traceback (most recent call last):
-    ...
-    ValueError: key_added would write .uns['spatial'], which belongs to scanpy / squidpy / spatialdata (images, scale factors, ...); refusing to replace it. Choose another key_added (e.g. the default 'agl').
-    """
+    """Raise ``ValueError`` naming every key of ``written`` (``var=[...]``, ``uns=[...]``, ...) the package does not own."""
     reserved = [f".uns[{k!r}]" for k in written.get("uns", ()) if k in consts.RESERVED_UNS]
     if reserved:
         raise ValueError(
@@ -81,24 +66,7 @@ def restore_on_error(
     layers: Sequence[str] = (),
     uns: Sequence[str] = (),
 ) -> Iterator[None]:
-    """Context for the final write block of a tool: the named keys are restored (or removed) if it raises.
-
-    Keys the package does not own are refused first (:func:`check_owned`); only references are kept. On success
-    every ``.uns`` dict written records the keys written in its ``agl_keys`` field, which marks them ours.
-
-    Examples
-    --------
-    >>> import anndata as ad, numpy as np
-    >>> a = ad.AnnData(np.ones((2, 1)))
-    >>> try:
-    ...     with restore_on_error(a, var=["x"]):
-    ...         a.var["x"] = 1.0
-    ...         raise KeyboardInterrupt
-    ... except KeyboardInterrupt:
-    ...     pass
-    >>> "x" in a.var
-    False
-    """
+    """Context for the final write block of a tool: the named keys are restored (or removed) if it raises."""
     written = {"var": var, "obs": obs, "obsm": obsm, "layers": layers, "uns": uns}
     check_owned(adata, **written)
     saved = {name: {k: getattr(adata, name).get(k, _MISSING) for k in keys} for name, keys in written.items()}

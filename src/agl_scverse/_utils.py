@@ -27,21 +27,15 @@ def show_progress(progress: bool | None) -> bool:
     """The one rule for progress bars: ``progress`` when given, else scanpy's verbosity decides."""
     if progress is not None:
         return bool(progress)
-    try:
-        import scanpy as sc
+    import scanpy as sc  # a core dependency; imported here to keep `import agl_scverse` light
 
-        return int(sc.settings.verbosity) >= 1
-    except ImportError:  # pragma: no cover
-        return True
+    return int(sc.settings.verbosity) >= 1
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file."""
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def sha256_array(a, rows: int = 65536) -> str:

@@ -1,20 +1,4 @@
-"""Command line: agl-scverse demo | fit | predict | predict-slide | cross-validate.
-
-Errors in the input (a missing file, a bad value, an output that exists) print one line
-"agl-scverse: error: <message>" and exit with status 2; --debug shows the traceback instead. Ctrl-C exits with
-status 130. Every output path is checked before any work starts. Each command ends with a one-line summary of
-its results. Heavy libraries (torch, scanpy, anndata) are imported inside the commands, so --help is quick.
-
-Examples
---------
-.. code-block:: bash
-
-    agl-scverse demo --out agl_demo_output
-    agl-scverse fit path/to/her2st --reader legacy_st --weights densenet121.pth --encoder densenet121 --out model
-    agl-scverse predict model path/to/new_section --reader legacy_st --out predicted.h5ad
-    agl-scverse predict-slide model slide.ome.tif --out slide_predicted.h5ad
-    agl-scverse cross-validate path/to/her2st --reader legacy_st --group-key library_id --out cv.csv
-"""
+"""Command line: agl-scverse demo | fit | predict | predict-slide | cross-validate."""
 
 from __future__ import annotations
 
@@ -138,9 +122,8 @@ def _read_h5ad(p: Path):
         adata = ad.read_h5ad(p)
     except Exception as e:  # h5py / anndata on a truncated or corrupt file; their messages do not name it
         raise OSError(f"cannot read {p} as .h5ad ({one_line(e)}); is the file complete?") from e
-    xy = adata.obsm.get("spatial")
-    if xy is not None and not np.all(np.isfinite(np.asarray(xy, dtype=float))):
-        n_bad = int((~np.isfinite(np.asarray(xy, dtype=float))).any(axis=1).sum())
+    n_bad = int((~np.isfinite(np.asarray(adata.obsm.get("spatial", np.zeros((0, 2))), dtype=float))).any(axis=1).sum())
+    if n_bad:
         raise ValueError(f"{p}: .obsm['spatial'] holds NaN/inf coordinates for {n_bad} spot(s); fix or drop them.")
     return adata
 
@@ -514,22 +497,12 @@ def _is_main() -> bool:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         demo(out=args.out, seed=args.seed, epochs=args.epochs, patch_px=args.patch_px)
-    elif args.command == "fit":
-        _fit(args)
-    elif args.command == "predict":
-        _predict(args)
-    elif args.command == "predict-slide":
-        _predict_slide(args)
-    else:  # cross-validate, benchmark
-        _cross_validate(args)
+    else:  # cross-validate, benchmark: _cross_validate
+        {"fit": _fit, "predict": _predict, "predict-slide": _predict_slide}.get(args.command, _cross_validate)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``agl-scverse`` console script; returns the exit status.
-
-    0: done; 2: an error in the input (one line on stderr; argparse's usage errors exit 2 as well); 1: an
-    unexpected error (a bug: please report it with the traceback of ``--debug``); 130: interrupted.
-    """
+    """Entry point of the ``agl-scverse`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)

@@ -1,14 +1,6 @@
-"""Slide images read by region: the image sources behind :func:`agl_scverse._spatial.get_image`.
+"""Slide images read by region: the image sources behind :func:`agl_scverse._spatial.get_image`."""
 
-A source describes one image (``width``, ``height``, pyramid ``levels``) and reads any rectangle of a level with
-``read_region(x0, y0, w, h, level)`` as uint8 RGB (the part inside the image; the caller pads). Nothing is decoded
-when a source is opened. :class:`TiffSource` reads TIFF / OME-TIFF / SVS tile by tile (tiles kept in
-:func:`tile_cache`), :class:`DecodedFileSource` decodes JPEG / PNG once into a memory-mapped cache file,
-:class:`ArraySource` and :class:`LazyArraySource` wrap in-memory and SpatialData images. Sources pickle without
-open files and refuse to read a file changed since they were opened. See docs/data_layouts.md.
-"""
-
-from ._arrays import ArraySource, LazyArraySource
+from ._arrays import ArraySource, LazyArraySource, scale_levels
 from ._cache_folder import CACHE_ENV, cache_dir, private_folder
 from ._decoded import DecodedFileSource
 from ._files import check_regular_file, open_pil
@@ -43,6 +35,7 @@ __all__ = [
     "overview",
     "private_folder",
     "register_live_image",
+    "scale_levels",
     "tile_cache",
     "to_uint8_rgb",
     "value_scale",

@@ -10,7 +10,7 @@ import numpy as np
 from ._pixels import check_rgb_shape
 from ._source import ImageSource, Level, levels_from_sizes
 
-__all__ = ["ArraySource", "LazyArraySource", "is_lazy"]
+__all__ = ["ArraySource", "LazyArraySource", "is_lazy", "scale_levels"]
 
 
 class ArraySource(ImageSource):
@@ -48,7 +48,7 @@ class LazyArraySource(ImageSource):
     @classmethod
     def from_object(cls, obj: Any, name: str = "image") -> LazyArraySource:
         """A source from a DataTree (multiscale), a DataArray (dims ``c, y, x``) or a dask array (y, x, c or c, y, x)."""
-        return cls([_yxc(a, name) for a in _scale_levels(obj)], name)
+        return cls([_yxc(a, name) for a in scale_levels(obj)], name)
 
     def _raw(self, level: int, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         return np.asarray(self.arrays[level][ya:yb, xa:xb])
@@ -60,7 +60,7 @@ def is_lazy(obj: Any) -> bool:
     return isinstance(obj, xr.DataArray | xr.DataTree) or type(obj).__module__.split(".")[0] == "dask"
 
 
-def _scale_levels(obj: Any) -> list:
+def scale_levels(obj: Any) -> list:
     """Scale levels of a DataTree (children ``scale0``, ``scale1``, ... sorted by number) or ``[obj]``."""
     import xarray as xr
 

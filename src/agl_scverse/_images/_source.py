@@ -42,10 +42,7 @@ def levels_from_sizes(sizes: Sequence[tuple[int, int]]) -> list[Level]:
 
 
 class ImageSource:
-    """An RGB image read by region, ``levels`` full resolution first; ``kind`` is tiff, decoded, array or lazy.
-
-    ``np.asarray(source)`` decodes level 0 whole and ``source[y0:y1, x0:x1]`` reads a region of it, as for arrays.
-    """
+    """An RGB image read by region, ``levels`` full resolution first; ``kind`` is tiff, decoded, array or lazy."""
 
     kind = "image"
     ndim = 3

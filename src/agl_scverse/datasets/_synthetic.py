@@ -1,8 +1,4 @@
-"""A synthetic H&E-like slide whose counts come from a known generative model.
-
-The ground truth (which auxiliary genes carry image signal, which are noise) is stored in the AnnData, so the
-whole AGL pipeline can be demonstrated and tested without downloading anything.
-"""
+"""A synthetic H&E-like slide whose counts come from a known generative model."""
 
 from __future__ import annotations
 
@@ -71,10 +67,7 @@ def _render_slide(
     sharpness: float,
     mpp: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One slide: RGB image, and on the coarse grid its composition, cellularity and nuclear size.
-
-    ``rng`` draws the layout (hence the counts), ``rng_texture`` the rest, so texture changes leave counts alone.
-    """
+    """One slide: RGB image, and on the coarse grid its composition, cellularity and nuclear size."""
     n_types = len(types)
     hc, wc = height // _FIELD_PX, width // _FIELD_PX
     cell_um = _FIELD_PX * mpp

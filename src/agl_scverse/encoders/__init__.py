@@ -1,8 +1,4 @@
-"""Image encoders: the registry, timm and ``hf-hub:`` building, presets, weight loading, normalisation, the record.
-
-The engine's lowest floor beside :mod:`agl_scverse.train`: it stands on the package-private helpers only. Users
-import these names from :mod:`agl_scverse.model`, which hands them on.
-"""
+"""Image encoders: the registry, timm and ``hf-hub:`` building, presets, weight loading, normalisation, the record."""
 
 from ._factory import get_encoder
 from ._normalize import normalize

@@ -1,10 +1,4 @@
-"""ONNX Runtime for a frozen image encoder: exported once, cached by content, checked against torch.
-
-``backend=`` of :func:`agl_scverse.pp.embed_patches`: ``"auto"`` (ONNX Runtime on a CPU in float32 when installed
-and the encoder exports, checked on the first patches), ``"torch"`` or ``"onnx"``. Graphs are cached in a private
-per-user folder (:func:`cache_dir`) under a key of the module's tensors, structure, input size and torch version,
-written beside their entry and moved into place; see docs/encoders.md.
-"""
+"""ONNX Runtime for a frozen image encoder: exported once, cached by content, checked against torch."""
 
 from __future__ import annotations
 
@@ -146,21 +140,27 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
-def _export(module: nn.Module, input_px: int, folder: Path) -> None:
-    """Write ``module``'s graph (float32 input ``images`` of shape (batch, 3, px, px) -> ``features``) into ``folder``."""
-    x = torch.zeros(2, 3, int(input_px), int(input_px), device=_device(module))
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, back in its own mode after it."""
     was = module.training
     module.eval()
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python values that are constant here
-            torch.onnx.export(
-                module, (x,), str(folder / _GRAPH), dynamo=False, input_names=["images"], output_names=["features"],
-                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=OPSET,
-                do_constant_folding=True,
-            )  # fmt: skip
+        yield
     finally:
         module.train(was)
+
+
+def _export(module: nn.Module, input_px: int, folder: Path) -> None:
+    """Write ``module``'s graph (float32 input ``images`` of shape (batch, 3, px, px) -> ``features``) into ``folder``."""
+    x = torch.zeros(2, 3, int(input_px), int(input_px), device=_device(module))
+    with _eval_mode(module), torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values that are constant here
+        torch.onnx.export(
+            module, (x,), str(folder / _GRAPH), dynamo=False, input_names=["images"], output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=OPSET,
+            do_constant_folding=True,
+        )  # fmt: skip
 
 
 def _quantize(folder: Path) -> None:
@@ -281,13 +281,8 @@ def row_cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np
 
 
 def _torch_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    was = module.training
-    module.eval()
-    try:
-        with torch.inference_mode():
-            y = module(x.to(_device(module)))
-    finally:
-        module.train(was)
+    with _eval_mode(module), torch.inference_mode():
+        y = module(x.to(_device(module)))
     if isinstance(y, tuple | list):
         y = y[0]
     return y.float().cpu()

@@ -1,9 +1,4 @@
-"""Named presets of pathology foundation-model encoders, and timm keyword arguments in a JSON form.
-
-The architecture facts come from each model card (:attr:`EncoderPreset.reference`); the tests build every preset
-on torch's ``meta`` device and compare it with them. Layer classes in timm keyword arguments are stored by their
-:data:`LAYER_NAMES` name, and only those names are resolved back (a saved config is data, not imports).
-"""
+"""Named presets of pathology foundation-model encoders, and timm keyword arguments in a JSON form."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""The encoder record: the one description of how spot features were made, and the encoder rebuilt from it.
-
-Stored in ``.uns["agl_embeddings"][key]`` and as a model's ``config["encoder"]``.
-"""
+"""The encoder record: the one description of how spot features were made, and the encoder rebuilt from it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Local weight files into an encoder: read, unwrapped, renamed (transformers DINOv2 to timm), matched, checked.
-
-Not timm's ``load_checkpoint``: see docs/architecture.md (libraries, and what stays written by hand).
-"""
+"""Local weight files into an encoder: read, unwrapped, renamed (transformers DINOv2 to timm), matched, checked."""
 
 from __future__ import annotations
 

@@ -62,11 +62,11 @@ def read_he_image(
     >>> grid = agl.pp.spot_grid(slide, spot_um=55, pitch_um=100)  # doctest: +SKIP
     >>> pred = agl.tl.predict_anndata(grid, "my_model")  # doctest: +SKIP
     """
+    if hires_max_px <= 0:
+        raise ValueError(f"hires_max_px must be positive, got {hires_max_px}.")
     if not isinstance(path, (str, Path)):
         from ._sd_slide import sd_image_entry
 
-        if hires_max_px <= 0:
-            raise ValueError(f"hires_max_px must be positive, got {hires_max_px}.")
         name, entry, width, height = sd_image_entry(path, image_key, microns_per_pixel, DEFAULT_SPOT_UM, hires_max_px)
         return _slide(str(library_id) if library_id is not None else name, entry, f"image element {name!r}")
     path = Path(path)
@@ -91,8 +91,6 @@ def read_he_image(
             f"{path} records no µm per pixel (no OME PhysicalSizeX, SVS MPP or TIFF resolution tag in {lo:g}..{hi:g} "
             "µm/px). Pass microns_per_pixel=<µm per full-resolution pixel> (e.g. 0.5 for a 20x scan, 0.25 for 40x)."
         )
-    if hires_max_px <= 0:
-        raise ValueError(f"hires_max_px must be positive, got {hires_max_px}.")
     hires, ds = overview(path, max(1.0, max(width, height) / hires_max_px))
     lib = str(library_id) if library_id is not None else path.name.split(".")[0]
     entry = spatial_entry(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from agl_scverse import _spatial
+from agl_scverse._images import scale_levels as scale_levels  # re-exported for the SpatialData readers
+from agl_scverse._spatial import coordinate_systems as coordinate_systems
 
 from ._common import thumbnail_from_array
 
@@ -19,13 +21,6 @@ def affine(element, cs: str) -> np.ndarray:
 
     tr = get_transformation(element, to_coordinate_system=cs)
     return np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
-
-
-def coordinate_systems(element) -> list[str]:
-    """Names of the coordinate systems an element is mapped to."""
-    from spatialdata.transformations import get_transformation
-
-    return list((get_transformation(element, get_all=True) or {}).keys())
 
 
 def um_scale(image, image_name: str, um_cs: str | None = None) -> tuple[float, str] | None:
@@ -90,19 +85,6 @@ def pick_image(sdata, image_key: str | None):
     if len(images) > 1:
         raise ValueError(f"The SpatialData object has several images {list(images)}; pass image_key=<the H&E>.")
     return next(iter(images.items()))
-
-
-def scale_levels(image) -> list:
-    """The scale levels of an image element as DataArrays (c, y, x), full resolution first."""
-    import xarray as xr
-
-    if isinstance(image, xr.DataArray):
-        return [image]
-    out = []
-    for key in sorted(image.keys(), key=lambda k: int("".join(ch for ch in k if ch.isdigit()) or 0)):
-        ds = image[key].ds
-        out.append(ds[next(iter(ds.data_vars))])
-    return out
 
 
 def to_rgb(arr, name: str) -> np.ndarray:

@@ -333,10 +333,7 @@ def _microns_per_pixel(
 
 
 def _read_section(sdata, table, table_key, ids, shapes_name, mpp_given, lib, opts: tuple) -> tuple[np.ndarray, dict]:
-    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry.
-
-    ``opts``: ``(image_key, spot_diameter_um, coordinate_system, um_cs, hires_max_px, fullres_max_px)``.
-    """
+    """Spot centres (image pixels) of one section's table rows and its ``uns['spatial']`` entry."""
     image_key, spot_diameter_um, coordinate_system, um_cs, hires_max_px, fullres_max_px = opts
     shapes = sdata.shapes[shapes_name]
     if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():
@@ -407,15 +404,7 @@ def _read_section(sdata, table, table_key, ids, shapes_name, mpp_given, lib, opt
 
 # ------------------------------------------------------------------------------------------------ tool I/O
 def as_anndata(data: Any, table_key: str | None = None) -> AnnData:
-    """The AnnData a tool works on: an AnnData as is, a SpatialData through :func:`from_spatialdata`.
-
-    Examples
-    --------
-    >>> import anndata as ad
-    >>> a = ad.AnnData(np.ones((2, 1)))
-    >>> as_anndata(a) is a
-    True
-    """
+    """The AnnData a tool works on: an AnnData as is, a SpatialData through :func:`from_spatialdata`."""
     if isinstance(data, AnnData):
         return data
     from spatialdata import SpatialData
@@ -435,16 +424,7 @@ def update_table(
     layers: Sequence[str] = (),
     uns: Sequence[str] = (),
 ) -> str:
-    """Write what a tool wrote into ``adata`` (made by :func:`from_spatialdata`) back into the SpatialData's table.
-
-    ``.obs`` columns, ``.obsm`` arrays and ``.layers`` are aligned on the spot names (NaN for rows ``adata`` does
-    not hold); ``.var`` columns and ``.uns`` entries are copied. Returns the table's key.
-
-    Examples
-    --------
-    >>> update_table(sdata, adata, var=["agl_role"], uns=["agl"])  # doctest: +SKIP
-    'table'
-    """
+    """Write what a tool wrote into ``adata`` (made by :func:`from_spatialdata`) back into the SpatialData's table."""
     libs = list((adata.uns.get(consts.SPATIAL_KEY) or {}).values())
     table_key = (libs[0].get(consts.METADATA) or {}).get("spatialdata_table") if libs else None
     if table_key is None or table_key not in sdata.tables:

@@ -385,9 +385,9 @@ def _plot_spatialdata(sdata, genes, key, library_id, table_key, img, cmap, scali
             region_key=region_key,
             instance_key=instance_key,
         )
-        cs = next(iter(_coordinate_systems(sdata.shapes[p.library])))
+        cs = next(iter(_spatial.coordinate_systems(sdata.shapes[p.library])))
         view = SpatialData(
-            images={n: im for n, im in sdata.images.items() if cs in _coordinate_systems(im)} if img else {},
+            images={n: im for n, im in sdata.images.items() if cs in _spatial.coordinate_systems(im)} if img else {},
             shapes={p.library: sdata.shapes[p.library]},
             tables={"agl_plot": tmp},
         )
@@ -412,9 +412,3 @@ def _crop_to_shapes(a: Axes, shapes, cs: str) -> None:
     y0, y1 = a.get_ylim()
     ylim = (lo[1] - margin, hi[1] + margin)
     a.set(xlim=(lo[0] - margin, hi[0] + margin), ylim=ylim[::-1] if y0 > y1 else ylim)  # y down: as images are drawn
-
-
-def _coordinate_systems(element) -> list[str]:
-    from spatialdata.transformations import get_transformation
-
-    return list(get_transformation(element, get_all=True).keys())
