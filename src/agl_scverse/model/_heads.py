@@ -1,9 +1,4 @@
-"""Networks that map an image (or its cached embedding) to the expression of every modelled gene.
-
-Outputs (targets first) are raw, in the trainer's standardised space; ``predict_expression`` applies the per-gene
-positive affine calibration fitted after training and clips to the training range. Auxiliary genes help the targets
-only through shared parameters, hence one output layer for all genes above a shared trunk.
-"""
+"""Networks from an image (or its embedding) to every modelled gene: one output layer above a shared trunk."""
 
 from __future__ import annotations
 

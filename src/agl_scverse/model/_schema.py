@@ -1,10 +1,4 @@
-"""What a saved model's ``config.json`` may hold, checked before anything is built from it.
-
-:func:`validate_config` checks every field the package reads (types, choices, lengths, bounded sizes, no encoder
-keyword that names a file); :func:`check_digest` names the fields changed since the save; :func:`expected_shapes`
-(built on the ``meta`` device) and :func:`check_weights_header` compare the weights' header with the config before
-a tensor is read. Every refusal names the field.
-"""
+"""What a saved model's ``config.json`` may hold, checked (fields, digest, weight shapes) before anything is built."""
 
 from __future__ import annotations
 

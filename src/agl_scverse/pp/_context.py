@@ -48,7 +48,6 @@ CONTEXT_CHECKED += ("include_self", "output", "alpha", "fov_patch_um", "slide")
 _CHUNK_BYTES = 64 * 2**20  # output rows computed at a time
 
 
-# ------------------------------------------------------------------------------------------------ recipe
 def _norm(v: Any) -> Any:
     """A recipe value as compared: numbers as floats, missing / NaN as None, the rest as strings."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -127,7 +126,6 @@ def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> Non
         )
 
 
-# ------------------------------------------------------------------------------------------------ graph
 def _library_groups(adata: AnnData, library_key: str | None) -> list[tuple[str | None, np.ndarray]]:
     """``(library id, row indices)`` per library (one group of all spots without a library key)."""
     if library_key is None:
@@ -207,7 +205,6 @@ def _neighbourhood_max(w: sparse.csr_matrix, X: np.ndarray, rows: slice) -> np.n
     return out
 
 
-# ------------------------------------------------------------------------------------------------ fov
 def _fov_features(
     adata: AnnData, base_rec: dict, library_key, fov_patch_um: float, fov_key: str, weights, encoder, embed_kw: dict
 ) -> tuple[np.ndarray, dict]:
@@ -313,7 +310,6 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
         out[rows_all, width:] = np.concatenate(means)[None, :]
 
 
-# ------------------------------------------------------------------------------------------------ public
 @d.dedent
 def spatial_context(
     data: Any,

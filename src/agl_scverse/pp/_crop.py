@@ -1,7 +1,4 @@
-"""Cutting one patch: the crop's origin and sub-pixel shift, padding at the image border, resizing, memory limits.
-
-The geometry these implement is described in :mod:`agl_scverse.pp._patches`.
-"""
+"""Cutting one patch: its origin and sub-pixel shift, padding at the border, resizing, memory limits."""
 
 from __future__ import annotations
 

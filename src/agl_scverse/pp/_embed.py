@@ -1,9 +1,4 @@
-"""Spot embeddings: run an image encoder over spot patches and cache the features in ``.obsm``.
-
-The pieces: :class:`~agl_scverse.pp.SpotPatches` cuts the patches, :func:`agl_scverse.model.get_encoder` builds the
-encoder and says how to normalise its input (:func:`agl_scverse.pp.normalize` with ``info["mean"]``,
-``info["std"]``); the fine-tune trainer uses the same pieces.
-"""
+"""Spot embeddings: an image encoder run over spot patches, the features cached in ``.obsm``."""
 
 from __future__ import annotations
 
@@ -44,7 +39,6 @@ from ._patches import SpotPatches, check_patch_batch
 __all__ = ["embed_patches"]
 
 
-# ------------------------------------------------------------------------------------------------ inference
 #: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
 TTA_CHOICES = (1, 4, 8)
 #: The old keywords of :func:`embed_patches`, now fields of its ``encoder`` (an EncoderConfig); kept one release.

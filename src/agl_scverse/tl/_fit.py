@@ -1,11 +1,4 @@
-"""``agl_fit``: train an AGL model (PGL, AGL-all, top-k or DkGSB) on one or several slides.
-
-Stages (so that a bad input never leaves a half-modified AnnData): configuration (:mod:`._config`, every argument
-checked), :func:`prepare_data` (counts, spots, split, embedding), :func:`prepare_genes` (gene roles on the
-training spots, the expression matrix), :func:`build_network` (features or patches, encoder, network),
-:func:`agl_scverse.model.train_network`, :func:`_make_model`, and last :func:`_write_results`, one block that
-either completes or restores what it touched.
-"""
+"""``agl_fit``: train an AGL model (PGL, AGL-all, top-k or DkGSB) in stages; one write block at the end."""
 
 from __future__ import annotations
 
@@ -62,7 +55,6 @@ def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch
     return forward(net, index_batches(inputs, idx, batch_size), net.n_out, calibrated=True, n_first=n_first)
 
 
-# ----------------------------------------------------------------------------------------------- stages
 def _train(
     net, inputs, genes: FitGenes, data: FitData, cfg: FitConfig, dev, progress: bool, desc: str, epochs=None, **kw
 ) -> TrainResult:
@@ -289,7 +281,6 @@ def _written(keys: Keys) -> dict[str, list[str]]:
     }
 
 
-# ----------------------------------------------------------------------------------------------- agl_fit
 @d.dedent
 def agl_fit(
     data: Any,

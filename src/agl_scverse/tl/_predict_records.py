@@ -1,8 +1,4 @@
-"""What a prediction writes about itself: the record of its layers, and the model's description of its run.
-
-Plots and :func:`agl_scverse.tl.evaluate` read these, so a slide predicted with a loaded model needs no
-``.uns["agl"]`` of a fit.
-"""
+"""What a prediction writes about itself: its layers' record and the model's run."""
 
 from __future__ import annotations
 

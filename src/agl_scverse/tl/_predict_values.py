@@ -1,8 +1,4 @@
-"""Predictions of a model in row chunks: a dense or lazy (dask) layer in the asked scale, and a seed ensemble's spread.
-
-Memory is that of a chunk of spots x model genes (plus the layer when it is dense). Used by
-:func:`agl_scverse.tl.agl_predict`, :func:`agl_scverse.tl.predict_anndata` and :func:`agl_scverse.tl.evaluate`.
-"""
+"""Predictions in row chunks: a dense or dask layer in the asked scale, and an ensemble's spread."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""Batches of image patches: one DataLoader path for embedding, fine-tune training and predict.
-
-The caller plans the batches (index arrays); :func:`patch_batches` reads them as uint8 ``(B, 3, H, W)`` tensors
-through a :class:`~torch.utils.data.DataLoader` whose items are whole batches. A batch depends only on its indices and
-augmentation codes, so any number of workers gives the same batches. Augmentation (fine-tune training): one of the 8
-symmetries of the square per patch, drawn from ``(seed, epoch)`` alone (H&E has no preferred orientation).
-"""
+"""Batches of image patches: one DataLoader path for embedding, fine-tune training and predict."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Per-gene losses (``1 - Pearson`` over the spots of a batch, as the paper, or MSE) and the mask-weighted mean.
-
-With ``reduce=`` (a differentiable all-reduce, see :mod:`agl_scverse._distributed`) the batch statistics are summed
-over the ranks that share a batch (first the means, then the centred sums), so every rank gets the loss of the
-global batch and, through DDP, its exact gradient.
-"""
+"""Per-gene losses (``1 - Pearson`` or MSE), optionally all-reduced over ranks, and the mask-weighted mean."""
 
 from __future__ import annotations
 

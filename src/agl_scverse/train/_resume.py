@@ -1,9 +1,4 @@
-"""Training checkpoints: an atomic snapshot of a running ``agl_fit`` every few epochs, and resuming from it.
-
-``<save_dir>.checkpoint/`` holds ``checkpoint.json`` (format, epochs done, world size, the ``fingerprint`` a resumed
-call must match, the sha256 of ``state.pt``) and ``state.pt`` (the trainer's state and every rank's RNG states),
-written atomically by rank 0 and removed once the model is saved. On CPU a resumed run ends bit-identical.
-"""
+"""Training checkpoints of a running ``agl_fit`` (written atomically by rank 0) and resuming from them."""
 
 from __future__ import annotations
 

@@ -1,20 +1,4 @@
-"""One trainer for both modes and all four methods.
-
-Methods: ``"pgl"`` the targets only; ``"agl"`` + every auxiliary gene (weight 1); ``"topk"`` + the first ``k``
-auxiliaries by prior rank; ``"dkgsb"`` + every auxiliary with the learned soft mask. Adam on the network, the
-mask-weighted per-gene loss, early stopping on the validation mean target Pearson r, the best epoch restored
-(network and ``theta``), then a per-gene affine calibration of the outputs on the training spots.
-
-DkGSB (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly over the training batches. Each
-draws ``meta_batch_size`` training and validation spots, computes the hypergradient of the target validation loss
-w.r.t. ``theta`` through ``inner_steps`` differentiable inner steps (:func:`~agl_scverse.train.hypergradient`),
-clips it to ``[-clip, clip]`` and takes one Adam step on ``theta`` (lr ``beta``, second-moment decay
-``theta_beta2``), clamped to [0, 1]. The inner steps follow ``lookahead``: ``"adam"`` (default) the live Adam
-optimiser's next steps, a new training batch per step, eval mode; ``"sgd"`` plain SGD steps with ``inner_lr``;
-``"authors"`` a fresh Adam (lr ``inner_lr``) for ``inner_steps`` steps on one batch, train mode, as the authors'
-code. The Method page says why (bounded meta steps per epoch, a short second-moment memory for ``theta``, clipping)
-and how this differs from the authors' one meta step per meta batch over a whole pass.
-"""
+"""One trainer for both modes and all four methods (the Method page describes it)."""
 
 from __future__ import annotations
 
