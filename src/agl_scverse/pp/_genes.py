@@ -31,13 +31,7 @@ from ._priors import (
     rank_order,
 )
 
-__all__ = [
-    "DEFAULT_MIN_CELLS",
-    "GeneRoles",
-    "compute_gene_roles",
-    "gene_roles",
-    "write_gene_roles",
-]
+__all__ = ["DEFAULT_MIN_CELLS", "GeneRoles", "compute_gene_roles", "gene_roles", "write_gene_roles"]
 
 
 DEFAULT_MIN_CELLS = 10

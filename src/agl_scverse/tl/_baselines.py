@@ -81,13 +81,7 @@ def make_pca_ridge(
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}.")
         reg = Ridge(alpha=float(alpha))
-    return Pipeline(
-        [
-            ("scale", StandardScaler()),
-            ("pca", PCA(n_components=n_comp, random_state=seed)),
-            ("ridge", reg),
-        ]
-    )
+    return Pipeline([("scale", StandardScaler()), ("pca", PCA(n_components=n_comp, random_state=seed)), ("ridge", reg)])
 
 
 def pca_ridge(

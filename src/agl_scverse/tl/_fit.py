@@ -25,26 +25,13 @@ from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, show_progress, versions
 from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
-from agl_scverse.model import (
-    AGLModel,
-    EmbeddingEnsemble,
-    GeneMask,
-    train_network,
-)
+from agl_scverse.model import AGLModel, EmbeddingEnsemble, GeneMask, train_network
 from agl_scverse.pp._genes import write_gene_roles
 from agl_scverse.train._inference import forward, index_batches
 from agl_scverse.train._trainer import TrainResult, empty_history
 
 from ._config import FitConfig, merge_legacy
-from ._fit_inputs import (
-    FitData,
-    FitGenes,
-    build_network,
-    checkpointer,
-    prepare_data,
-    prepare_genes,
-    with_k,
-)
+from ._fit_inputs import FitData, FitGenes, build_network, checkpointer, prepare_data, prepare_genes, with_k
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
 
 __all__ = ["agl_fit", "predict_rows", "k_search_grid"]

@@ -185,15 +185,7 @@ def expression_sha256(expr: ExpressionBatches, rows: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def checkpointer(
-    save_dir,
-    overwrite: bool,
-    cfg: FitConfig,
-    genes: FitGenes,
-    data: FitData,
-    net,
-    enc_record: dict,
-):
+def checkpointer(save_dir, overwrite: bool, cfg: FitConfig, genes: FitGenes, data: FitData, net, enc_record: dict):
     """The run's :class:`~agl_scverse.train._resume.Checkpointer` (None without checkpoints or resume)."""
     every, resume = cfg.training.checkpoint_every, cfg.training.resume
     if not every and not resume:
