@@ -254,12 +254,7 @@ class AGLModel:
         return int(getattr(self.net, "n_members", 1))
 
     def members(self) -> list[AGLModel]:
-        """One model per network of a seed ensemble (sharing its tensors and config); ``[self]`` otherwise.
-
-        Examples
-        --------
-        >>> [m.predict(x) for m in model.members()]  # doctest: +SKIP
-        """
+        """One model per network of a seed ensemble (sharing its tensors and config); ``[self]`` otherwise."""
         if self.n_members == 1 or not isinstance(self.net, EmbeddingEnsemble):
             return [self]
         return [AGLModel(m, {**self.config, "net": m.config()}) for m in self.net.heads()]

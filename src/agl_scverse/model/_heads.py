@@ -24,7 +24,6 @@ class _Calibrated(nn.Module):
     def _init_calibration(self, n_out: int) -> None:
         self.register_buffer("out_scale", torch.ones(n_out))
         self.register_buffer("out_shift", torch.zeros(n_out))
-        # per-gene range of the training expression: calibrated predictions are clipped to it
         self.register_buffer("out_lo", torch.full((n_out,), -float("inf")))
         self.register_buffer("out_hi", torch.full((n_out,), float("inf")))
 
@@ -35,11 +34,7 @@ class _Calibrated(nn.Module):
         return F.linear(h, self.out.weight[rows], self.out.bias[rows])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-        """Calibrated predictions in the transformed expression scale, clipped to each gene's training range.
-
-        The clip keeps spots far from the training features in the range the gene was observed in (e.g. no
-        negative ``log1p`` counts). ``cols``: only these outputs.
-        """
+        """Calibrated predictions (of ``cols`` only), clipped to each gene's training range."""
         c = slice(None) if cols is None else cols
         raw = self(x, cols=cols)
         return torch.maximum(torch.minimum(raw * self.out_scale[c] + self.out_shift[c], self.out_hi[c]), self.out_lo[c])
@@ -161,9 +156,7 @@ class FinetuneNet(_Calibrated):
 class EmbeddingEnsemble(nn.Module):
     """Embedding-mode heads of the same shape trained from different seeds; predictions are their mean.
 
-    The ensemble averages the members' *calibrated* predictions (:meth:`member_predictions`: one by one). With
-    ``linear`` (``agl_fit(head="hybrid")``) the first ``linear.n_out`` outputs are ``(1 - linear_weight) *
-    members' mean + linear_weight * linear``.
+    With ``linear`` (``agl_fit(head="hybrid")``) the first ``linear.n_out`` outputs are blended with it.
 
     Parameters
     ----------

@@ -34,8 +34,7 @@ __all__ = [
     "check_context_within_groups",
 ]
 
-#: Neighbour aggregations: arithmetic mean, Gaussian-weighted mean (sigma = the library's median
-#: nearest-neighbour distance), element-wise max and standard deviation over the neighbourhood.
+#: Neighbour aggregations (see :func:`spatial_context`).
 CONTEXT_AGGREGATIONS = ("mean", "gaussian", "max", "std")
 CONTEXT_OUTPUTS = ("blend", "concat")
 CONTEXT_SLIDE = ("append", "subtract")
@@ -96,11 +95,7 @@ def context_kwargs(recipe: dict) -> dict[str, Any]:
 
 
 def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> None:
-    """Refuse context features whose neighbourhoods span several groups of ``group_key`` (folds would leak).
-
-    Every library of the context's recorded ``library_key`` must lie inside one group; features without a context
-    record pass.
-    """
+    """Refuse context features whose neighbourhoods span several groups of ``group_key`` (folds would leak)."""
     rec = ((adata.uns.get(consts.EMBED_UNS) or {}).get(key) or {}).get("context")
     if not rec:
         return

@@ -102,11 +102,7 @@ class Precision:
 def resolve_precision(
     precision: str, device: torch.device | str, module: nn.Module | None = None, training: bool = False
 ) -> Precision:
-    """The :class:`Precision` that ``precision=`` means on ``device`` (see the module notes).
-
-    ``module``: the encoder (``channels_last`` only when it holds 2-d convolutions); ``training``: fp16 gets a gradient
-    scaler.
-    """
+    """The :class:`Precision` that ``precision=`` means on ``device`` for ``module`` (``training``: fp16 scaler)."""
     check_choice("precision", precision, consts.PRECISIONS)
     device = torch.device(device)
     dev_type = device.type

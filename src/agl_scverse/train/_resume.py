@@ -100,11 +100,7 @@ def _differences(saved: dict, now: dict, limit: int = 8) -> list[str]:
 
 
 class Checkpointer:
-    """Atomic checkpoints of one run (:meth:`save` after every ``every`` epochs; 0: never), and ``state`` to resume.
-
-    ``fingerprint``: everything that decides the training (a resumed run must match it); ``resume``: continue from a
-    checkpoint when there is one; ``overwrite``: a new run may replace an unfinished run's checkpoint.
-    """
+    """Atomic checkpoints of one run every ``every`` epochs, and the ``state`` a run matching ``fingerprint`` resumes."""
 
     def __init__(
         self, save_dir: str | Path, every: int, fingerprint: dict, resume: bool = False, overwrite: bool = False
