@@ -321,18 +321,18 @@ class SpotPatches(Dataset):
     def __len__(self) -> int:
         return len(self.spot_index)
 
+    def _crop(self, i: int, extra: int = 0) -> np.ndarray:
+        """Item ``i``'s crop from the source image (``extra`` pixels wider), padded at the border."""
+        lib, (x0, y0) = self.library[i], (int(v) for v in self._box[i])
+        side = self.crop_side[lib] + extra
+        return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
+
     def patch_array(self, i: int) -> np.ndarray:
         """Item ``i`` before resizing: the ``(side, side, 3)`` uint8 crop (a fractional centre's shifted crop)."""
-        lib = self.library[i]
         if self._h5_row[i] >= 0:
-            return self._h5_patch(lib, int(self._h5_row[i]))
-        x0, y0 = (int(v) for v in self._box[i])
-        side = self.crop_side[lib]
+            return self._h5_patch(self.library[i], int(self._h5_row[i]))
         fx, fy = (float(v) for v in self._frac[i])
-        if fx == 0.0 and fy == 0.0:
-            return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
-        wide = crop_with_padding(self._sources[lib], x0, y0, side + 1, self.pad_mode, self.pad_value, self.level[lib])
-        return subpixel_shift(wide, fx, fy)
+        return self._crop(i) if fx == 0.0 and fy == 0.0 else subpixel_shift(self._crop(i, 1), fx, fy)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if not -len(self) <= i < len(self):
@@ -348,13 +348,9 @@ class SpotPatches(Dataset):
         """Item ``i`` of a spot with a fractional centre, as a ``(patch_px, patch_px, 3)`` uint8 array."""
         from PIL import Image
 
-        lib = self.library[i]
-        x0, y0 = (int(v) for v in self._box[i])
-        side = self.crop_side[lib]
-        fx, fy = (float(v) for v in self._frac[i])
-        wide = crop_with_padding(self._sources[lib], x0, y0, side + 1, self.pad_mode, self.pad_value, self.level[lib])
+        side, (fx, fy) = self.crop_side[self.library[i]], (float(v) for v in self._frac[i])
         box = (fx, fy, fx + side, fy + side)
-        out = Image.fromarray(wide).resize((self.patch_px, self.patch_px), Image.Resampling.BILINEAR, box=box)
+        out = Image.fromarray(self._crop(i, 1)).resize((self.patch_px,) * 2, Image.Resampling.BILINEAR, box=box)
         return np.array(out, dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
     def __getstate__(self) -> dict:
@@ -422,7 +418,7 @@ def patch_loader(
     batch_size
         Patches per batch.
     shuffle
-        Shuffle the spots (with a generator seeded by ``seed``).
+        Shuffle the spots.
     num_workers
         DataLoader worker processes.
     seed
