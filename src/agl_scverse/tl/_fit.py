@@ -34,12 +34,7 @@ from ._config import FitConfig, merge_legacy
 from ._fit_inputs import FitData, FitGenes, build_network, checkpointer, prepare_data, prepare_genes, with_k
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
 
-__all__ = ["agl_fit", "predict_rows", "k_search_grid"]
-
-
-def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch_size: int = 512) -> np.ndarray:
-    """Calibrated predictions (transformed scale) of ``net`` for rows ``idx`` of ``inputs``, float32."""
-    return forward(net, index_batches(inputs, idx, batch_size), net.n_out, calibrated=True, n_first=n_first)
+__all__ = ["agl_fit", "k_search_grid"]
 
 
 def _train(
@@ -398,7 +393,7 @@ def agl_fit(
         desc = f"agl_fit ({cfg.method})"
         res = _train(net, inputs, fg, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
     n_t = fg.n_targets  # validation metrics of the selected network, before any refit has seen those spots
-    val_pred = predict_rows(net, inputs, fit_data.val_idx, n_t)
+    val_pred = forward(net, index_batches(inputs, fit_data.val_idx, 512), len(fg.genes), calibrated=True, n_first=n_t)
     val_metrics = per_gene_metrics(fg.expr.batch(fit_data.val_idx, n_t), val_pred, genes=fg.roles.targets)
     refit_history = None
     if cfg.training.refit and linear is not None:

@@ -77,13 +77,7 @@ def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[
         "targets": list(model.targets),
         "embedding_key": cfg.get("embedding_key"),
         "history": history,
-        "metrics": {
-            "best_epoch": cfg.get("best_epoch"),
-            "val_pcc": cfg.get("val_pcc"),
-            "n_train": cfg.get("n_train"),
-            "n_val": cfg.get("n_val"),
-            "refit": cfg.get("refit"),
-        },
+        "metrics": {n: cfg.get(n) for n in ("best_epoch", "val_pcc", "n_train", "n_val", "refit")},
         "source": "model",
     }
     return var, to_h5ad(entry)

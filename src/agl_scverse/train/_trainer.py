@@ -61,16 +61,6 @@ class TrainResult:
 HISTORY_KEYS = ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
 
 
-def _postfix(loss: float, pcc: float | None, k: int) -> dict[str, str | int]:
-    """The fit bar's postfix: loss, validation PCC (left out without validation spots, e.g. a refit) and k."""
-    return {"loss": f"{loss:.4f}", **({} if pcc is None else {"val_pcc": f"{pcc:.4f}"}), "k": k}
-
-
-def _k_used(aux_weights: np.ndarray | None, n_aux: int) -> int:
-    """Auxiliaries a network without a mask trains on: those of weight > 0.5 (a refit keeps the fit's), else all."""
-    return int((aux_weights > 0.5).sum()) if aux_weights is not None else int(n_aux)
-
-
 def _early_stop(bad: int, bar: Any, hist: dict, best: tuple, limits: tuple[int, int], desc: str) -> bool:
     """Whether ``bad`` epochs reach the patience (``limits``: patience, epochs); if so, say so on the bar and log."""
     if bad < limits[0]:
@@ -357,10 +347,12 @@ def train_network(
                 meta_seconds += time.perf_counter() - tm
         with prec.autocast():
             pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
-        k_now = mask.k if mask is not None else _k_used(aux_weights, Yz.n_cols - n_targets)
+        n_aux_used = int((aux_weights > 0.5).sum()) if aux_weights is not None else Yz.n_cols - n_targets
+        k_now = mask.k if mask is not None else n_aux_used  # a refit keeps the fit's selection
         theta_now = mask.threshold if mask is not None else float("nan")
         _record(hist, epoch, losses, pcc, k_now, theta_now, hgs, mvl, time.perf_counter() - te)
-        bar.set_postfix(_postfix(hist["train_loss"][-1], pcc if len(val_idx) else None, k_now))
+        shown = {"val_pcc": f"{pcc:.4f}"} if len(val_idx) else {}  # none in a refit
+        bar.set_postfix({"loss": f"{hist['train_loss'][-1]:.4f}", **shown, "k": k_now})
         if not len(val_idx):  # no validation spots (a refit): train every epoch, keep the last
             best = (pcc, epoch, None, None)
         elif pcc > best[0] + 1e-6:
