@@ -108,9 +108,9 @@ class FinetuneNet(_Calibrated):
     n_out
         Number of genes (targets first, then auxiliaries).
     mean
-        Per-channel mean of the image normalisation applied to ``uint8`` or ``[0, 1]`` float input (a buffer).
+        Per-channel mean of the input normalisation.
     std
-        Per-channel standard deviation of that normalisation (a buffer).
+        Per-channel standard deviation of the input normalisation.
 
     Examples
     --------
@@ -163,9 +163,9 @@ class EmbeddingEnsemble(nn.Module):
     members
         Trained :class:`EmbeddingHead` networks with the same constructor arguments.
     linear
-        A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
+        A linear :class:`EmbeddingHead` of the same input and the first outputs, or None.
     linear_weight
-        Its share of those outputs, in [0, 1] (``agl_fit`` chooses it on the validation spots).
+        Its share of those outputs, in [0, 1].
 
     Examples
     --------

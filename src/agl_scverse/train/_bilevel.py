@@ -197,9 +197,9 @@ def unrolled_val_loss(
     n_targets
         Number of leading target outputs.
     x_tr
-        Inputs of one training batch, or a sequence of batches used in turn by the inner steps.
+        Inputs of one training batch, or a sequence of batches for the inner steps in turn.
     y_tr
-        Their (standardised) expression, one per batch of ``x_tr``.
+        Their (standardised) expression.
     x_va
         Inputs of the validation batch.
     y_va
@@ -214,11 +214,9 @@ def unrolled_val_loss(
         ``"soft"`` differentiates ``sum_i w_i`` too; ``"detached"`` (the authors') holds it constant in the
         derivative; a number replaces it.
     optimizer_state
-        Take the inner steps as this Adam optimiser would (:class:`AdamState`: the live one, or
-        :meth:`AdamState.fresh` for the authors' look-ahead); ``None``: SGD.
+        Take the inner steps as this Adam optimiser (:class:`AdamState`) would; ``None``: SGD.
     meta_scope
-        The parameters the inner steps move (:func:`meta_scope_names`): ``"all"``, ``"last"`` (the output layer
-        and the last block below it; the others are constants of the look-ahead) or a sequence of names.
+        The parameters the inner steps move: ``"all"``, ``"last"`` or names (:func:`meta_scope_names`).
 
     Examples
     --------

@@ -27,11 +27,9 @@ def pearson_loss(
     target
         Observed values, same shape.
     eps
-        Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
-        finite gradient instead of NaN.
+        Added to the variances: a gene constant in the batch gives ``r = 0`` (loss 1), not NaN.
     reduce
-        Sums a tensor over the processes sharing the batch, with gradients (what the trainer passes under
-        ``torchrun``); None: the batch is all here.
+        Sums a tensor over the processes sharing the batch, with gradients (under ``torchrun``); None: all here.
 
     Examples
     --------
