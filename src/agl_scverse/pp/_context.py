@@ -183,12 +183,6 @@ def _weights(conn: sparse.csr_matrix, dist: sparse.csr_matrix, gaussian: bool, i
     return sparse.csr_matrix(w, dtype=np.float32)
 
 
-def _std(w: sparse.csr_matrix, X: np.ndarray, X2: np.ndarray, rows: slice) -> np.ndarray:
-    """Standard deviation over each row's neighbourhood: ``sqrt(W X^2 - (W X)^2)`` (``X2 = X**2``)."""
-    m = w[rows] @ X
-    return np.sqrt(np.maximum(w[rows] @ X2 - m * m, 0.0)).astype(np.float32, copy=False)
-
-
 def _neighbourhood_max(w: sparse.csr_matrix, X: np.ndarray, rows: slice) -> np.ndarray:
     """Element-wise max of ``X`` over each row's neighbourhood (the non-zeros of ``w[rows]``), slot by slot."""
     sub = w[rows]
@@ -292,8 +286,11 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
         for a in aggs:
             if a in w_mean:
                 parts.append(np.asarray(w_mean[a][rows] @ Xl, dtype=np.float32))
-            else:
-                parts.append(_neighbourhood_max(w_plain, Xl, rows) if a == "max" else _std(w_plain, Xl, X2, rows))
+            elif a == "max":
+                parts.append(_neighbourhood_max(w_plain, Xl, rows))
+            else:  # std: sqrt(W X^2 - (W X)^2)
+                m = w_plain[rows] @ Xl
+                parts.append(np.sqrt(np.maximum(w_plain[rows] @ X2 - m * m, 0.0)).astype(np.float32, copy=False))
         parts = [alpha * Xl[rows] + (1.0 - alpha) * parts[0]] if output == "blend" else [Xl[rows], *parts]
         if fov is not None:
             parts.append(fov[rows_all[rows]])
