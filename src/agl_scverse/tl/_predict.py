@@ -24,7 +24,7 @@ from agl_scverse.configs import EncoderConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 
-from ._predict_inputs import check_embedding_matches, check_source_resolution, model_inputs, run_options
+from ._predict_inputs import model_inputs, run_options
 from ._predict_records import model_run_record, prediction_record, run_writes
 from ._predict_values import DENSE_LAYER_BYTES, prediction_values, spread_layer, want_spread
 
@@ -34,8 +34,6 @@ __all__ = [
     "predict_core",
     "predict_options",
     "predictions_anndata",
-    "check_embedding_matches",
-    "check_source_resolution",
     "prediction_layer",
     "prediction_record",
     "model_run_record",
