@@ -333,12 +333,15 @@ def spatial_context(
 
     ``.obsm[embedding_key]`` is left as it is; ``.obsm[key_added]`` gets these blocks, in order:
 
-    1. ``output="concat"``: ``[x, agg_1(x), agg_2(x), ...]``; ``output="blend"``: ``alpha * x + (1 - alpha) *
-       agg(x)`` with one mean-type aggregate.
-    2. With ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch (``.obsm[fov_key]``).
+    1. ``output="concat"``: ``[x, agg_1(x), agg_2(x), ...]``, the spot's own embedding and one aggregate over its
+       neighbourhood per aggregation; ``output="blend"``: ``alpha * x + (1 - alpha) * agg(x)`` with one mean-type
+       aggregate.
+    2. With ``fov_scale`` / ``fov_patch_um``: the same encoder's features of a wider patch at the same ``patch_px``,
+       cut by :func:`~agl_scverse.pp.embed_patches` (cached in ``.obsm[fov_key]``).
     3. ``slide="append"``: the library's mean embedding; ``slide="subtract"``: every block above centred on it.
 
-    Neighbours come from a squidpy spatial graph built per library, so they never cross libraries.
+    Neighbours come from a squidpy spatial graph built per library (``library_key``), so they never cross
+    libraries. The aggregates are row-normalised sparse adjacency products, float32, computed per library.
 
     Parameters
     ----------
@@ -361,7 +364,8 @@ def spatial_context(
     include_self
         The spot belongs to its own neighbourhood (a spot without neighbours always does).
     output
-        ``"concat"`` (default) or ``"blend"``, see above (defaults: the Method page, "Spatial context").
+        ``"concat"`` (default) or ``"blend"``, see above. The defaults (k = 12, concat, mean and std) are the
+        recipe nested leave-one-section-out validation chose on HER2+ (the Method page, "Spatial context").
     alpha
         Weight of the spot's own embedding in ``"blend"``, in [0, 1].
     fov_scale
@@ -393,7 +397,8 @@ def spatial_context(
     Returns
     -------
     ``None`` (a SpatialData input gets the results in its table) or a new AnnData (``copy=True``). Writes
-    ``.obsm[key_added]`` and ``.uns["agl_embeddings"][key_added]`` (the base record with ``context``, the recipe).
+    ``.obsm[key_added]`` (float32) and ``.uns["agl_embeddings"][key_added]``: the base embedding's encoder record
+    with the context's ``feature_dim`` and ``context``, the recipe. Nothing is written when it fails.
 
     Examples
     --------

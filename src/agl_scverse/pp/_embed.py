@@ -267,18 +267,23 @@ def embed_patches(
 ) -> AnnData | None:
     """Embed spot-centred patches with an image encoder; cache the features in ``.obsm``.
 
-    Patches (:class:`SpotPatches`) are normalised with the encoder's mean/std and run through it in eval mode, in
-    DataLoader batches, in the precision and by the backend the encoder config asks for.
+    Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` (see :class:`SpotPatches`), are
+    normalised with the encoder's mean/std and run through the encoder in eval mode under ``torch.inference_mode``,
+    in batches (a torch DataLoader), with a progress bar, in the precision and by the backend the encoder config
+    asks for (timings on the Encoders page).
 
     Parameters
     ----------
     %(data)s
     encoder
-        An :class:`~agl_scverse.EncoderConfig` (or a dict of its fields), or just its ``encoder``: a preset, an
-        ``"hf-hub:"`` or timm name, a module, a tensor -> tensor callable or a ``(module, info)`` pair from
-        :func:`get_encoder`. Every setting (and the weights' sha256) is recorded for
-        :func:`agl_scverse.tl.agl_predict`'s checks. The old keywords (``weights=``, ``patch_px=``, ...) work for
-        one release, with a ``FutureWarning``.
+        The encoder and how it runs: an :class:`~agl_scverse.EncoderConfig` (or a dict of its fields; each field is
+        described there), or just the encoder (its ``encoder`` field): a preset (``"uni"``, ``"virchow2"``, ...; see
+        :func:`agl_scverse.model.list_presets`), an ``"hf-hub:<org>/<model>"`` timm model, a registered name or any
+        ``timm`` model (random init unless ``weights``/``pretrained``), a torch module, a tensor -> tensor callable,
+        or a ``(module, info)`` pair from :func:`get_encoder`. The weights file's sha256 and every setting are
+        recorded, so :func:`agl_scverse.tl.agl_predict` can check a slide's embedding against a model's. The old
+        keywords (``weights=``, ``patch_px=``, ``precision=``, ...) still work for one release, with a
+        ``FutureWarning`` giving the new spelling.
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
     %(library_key)s
@@ -297,15 +302,19 @@ def embed_patches(
 
     Returns
     -------
-    ``None`` (a SpatialData input gets the results in its table) or a new AnnData (``copy=True``). Writes
-    ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: the encoder record (name, weights
-    sha256, patch settings, source resolution, normalisation, precision, backend, ``tta``, versions). Nothing is
-    written when it fails.
+    ``None`` (``copy=False``; a SpatialData input gets the results in its table) or a new AnnData
+    (``copy=True``). Writes ``.obsm[key]`` (float32, spots x D) and ``.uns["agl_embeddings"][key]``: encoder name, weights
+    path and sha256, patch and padding settings, the source resolution (``source_um_per_px`` and the image / level
+    read per library), normalisation mean/std, feature_dim, the precision used (``precision``, ``channels_last``,
+    ``precision_requested``), the engine (``backend``: ``"torch"`` or ``"onnx"``;
+    ``backend_requested``; with ONNX Runtime its version, providers, threads and ``onnx_check_cosine``), ``tta``
+    (views averaged), versions. Nothing is written when it fails.
 
     Notes
     -----
-    Under ``torchrun`` every process embeds its share of the spots and receives all the features; let rank 0
-    write files.
+    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``) every process embeds its share of the spots
+    (a ``DistributedSampler``, one GPU each) and every process receives all the features: each writes them into its
+    own AnnData; let rank 0 (``int(os.environ.get("RANK", 0)) == 0``) write files.
 
     Examples
     --------

@@ -35,7 +35,12 @@ __all__ = ["DEFAULT_MIN_CELLS", "GeneRoles", "compute_gene_roles", "gene_roles",
 
 
 DEFAULT_MIN_CELLS = 10
-"""Default ``min_cells``: a gene seen in fewer training spots has a correlation dominated by those spots."""
+"""Default ``min_cells``: a gene must have counts in at least 10 training spots to be a candidate.
+
+A gene seen in a handful of spots gives a Pearson correlation and an HVG dispersion dominated by those spots (and a
+validation split may hold none of them); ten spots is negligible next to the hundreds to thousands of a slide.
+Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0, 1) for a fraction of training spots.
+"""
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,19 @@ class GeneRoles:
 
     @property
     def normalized_rank(self) -> np.ndarray:
-        """Normalised prior rank ``r_i = rank_i / (n_aux - 1)`` in [0, 1] of each auxiliary (0 = best)."""
+        """Normalised prior rank ``r_i`` in [0, 1] of each auxiliary (0 = best), in ``auxiliaries`` order.
+
+        ``r_i = rank_i / (n_aux - 1)`` (0 when there is a single auxiliary); this is the rank the DkGSB mask
+        ``w_i = sigmoid((theta - r_i) / tau)`` thresholds.
+        """
         n = len(self.auxiliaries)
         return np.arange(n, dtype=np.float32) / max(n - 1, 1)
 
     def to_frame(self) -> pd.DataFrame:
-        """Per-gene ``role``, ``prior`` (NaN but for auxiliaries) and ``prior_rank`` (-1 but for auxiliaries)."""
+        """Per-gene table indexed by ``var_names``: ``role`` (categorical), ``prior`` (float), ``prior_rank`` (int).
+
+        ``prior`` is NaN and ``prior_rank`` is -1 for targets and excluded genes.
+        """
         role = pd.Series(consts.ROLE_EXCLUDED, index=self.var_names, dtype=object)
         role[self.targets] = consts.ROLE_TARGET
         role[self.auxiliaries] = consts.ROLE_AUX
@@ -132,44 +144,74 @@ def gene_roles(
 ) -> AnnData | GeneRoles | None:
     """Choose target and auxiliary genes and rank the auxiliaries by a prior; write them to ``.var`` or return them.
 
-    Everything is computed on the **training spots** only, so nothing leaks from validation or test spots.
+    Everything is computed on the **training spots** only, so no information leaks from validation or test
+    spots into the gene choice. With ``k = Keys(key_added)`` it writes
+
+    - ``.var[k.role]``: categorical ``"target"`` / ``"auxiliary"`` / ``"excluded"``;
+    - ``.var[k.prior]``: float prior score of auxiliaries (higher = better), NaN for the others;
+    - ``.var[k.prior_rank]``: int, 0 = best auxiliary, 1, 2, ...; -1 for targets and excluded genes;
+    - ``.uns[k.gene_roles]``: the parameters (``prior``, ``min_cells``, ``n_train_spots``, ``targets``, ...). A
+      separate entry from ``.uns[key_added]``, which :func:`agl_scverse.tl.agl_fit` owns.
+
+    Nothing is written when an error is raised, or with ``inplace=False``.
 
     Parameters
     ----------
     adata
         Spots x genes with raw counts in ``.X`` (or ``layer``).
     n_targets
-        Without ``targets``: the top-``n_targets`` genes by scanpy's seurat-flavour ``dispersions_norm`` on
-        ``log1p`` counts, among genes passing ``min_cells``.
+        Number of targets chosen when ``targets`` is None: the top-``n_targets`` highly variable genes by
+        scanpy's seurat-flavour ``dispersions_norm`` on ``log1p`` counts of the training spots, among genes
+        passing ``min_cells``. Ignored when ``targets`` is given.
     targets
-        Explicit target genes, in this order; none may be constant over the training spots.
+        Explicit target genes (kept in this order). Each must be in ``var_names`` and not constant over the
+        training spots.
     auxiliaries
-        Explicit auxiliary genes (``[]``: none, i.e. PGL). Default: every other gene passing ``min_cells``.
+        Explicit auxiliary genes (must not overlap ``targets``; ``[]`` means none, i.e. PGL). Default: every
+        other gene counted in at least ``min_cells`` training spots.
     prior
-        How auxiliaries are ranked (higher score = lower rank; NaN last; ties keep ``.var`` order), on ``log1p``
-        counts: ``"hvg"`` (paper default: ``dispersions_norm``), ``"coexpression"`` (mean absolute Pearson
-        correlation with the targets), ``"moran"`` (squidpy's Moran's I on a kNN graph per slide, no
-        permutations) or any numeric ``.var`` column.
+        How auxiliaries are ranked (higher score = better = lower rank); all scores use ``log1p`` counts of
+        the training spots:
+
+        - ``"hvg"`` (paper default): seurat-flavour ``dispersions_norm``, computed over the candidate genes
+          (genes passing ``min_cells`` plus any listed ones).
+        - ``"coexpression"``: mean absolute Pearson correlation of the gene with the targets.
+        - ``"moran"``: Moran's I on a spatial kNN graph (``n_neighs`` neighbours,
+          :func:`squidpy.gr.spatial_neighbors_knn` then :func:`squidpy.gr.spatial_autocorr`, no permutations);
+          one graph per slide when ``library_key`` names the slide column.
+        - the name of any numeric ``.var`` column (higher = better).
+
+        Genes whose score is NaN (e.g. constant on the training spots) rank last; ties keep ``.var`` order.
     min_cells
-        A candidate gene has counts in at least this many training spots (a float in (0, 1): a fraction).
+        A gene is a candidate (HVG target or default auxiliary) when it has a non-zero count in at least this
+        many training spots; a float in (0, 1) is a fraction of training spots. See
+        :data:`DEFAULT_MIN_CELLS` for why the default is 10.
     train_mask
-        Training spots: ``None`` (all), a boolean array, or an ``.obs`` column (boolean, or ``"train"`` values).
+        Training spots: ``None`` (all), a boolean array, or an ``.obs`` column (boolean, or ``"train"``
+        values).
     layer
         Layer holding raw counts instead of ``.X``.
     library_key
-        ``.obs`` column telling slides apart (``prior="moran"``: no edges between slides).
+        ``.obs`` column telling slides apart, used by ``prior="moran"`` so no edges join different slides.
+        Default: ``"library_id"`` when that column exists, else one slide.
     n_neighs
         Neighbours per spot in the Moran's I graph (6 = the hexagonal Visium / legacy-ST lattice).
     key_added
-        Prefix of the written keys: ``.var[f"{key_added}_role"]``, ``_prior``, ``_prior_rank`` (0 = best
-        auxiliary, -1 for the others) and ``.uns[f"{key_added}_gene_roles"]`` (the parameters).
+        Prefix of the written keys (default ``"agl"`` -> ``agl_role``, ``agl_prior``, ``agl_prior_rank``).
     inplace
-        Write the roles into ``adata`` (default), or write nothing and return a :class:`GeneRoles`.
+        Write the roles into ``adata`` (default). ``False``: write nothing and return them as a :class:`GeneRoles`
+        (as scanpy's ``highly_variable_genes(inplace=False)`` returns its table).
     %(copy)s
 
     Returns
     -------
     ``inplace=False``: a :class:`GeneRoles`. Otherwise the modified copy with ``copy=True``, else None.
+
+    Raises
+    ------
+    ValueError, KeyError, TypeError
+        Unknown genes or prior, too few candidate genes, constant targets, no training spots, NaN or negative
+        counts.
 
     Examples
     --------
@@ -335,7 +377,10 @@ def _compute(
 
 
 def compute_gene_roles(adata: AnnData, *args: Any, **kwargs: Any) -> GeneRoles:
-    """Deprecated spelling of ``gene_roles(adata, ..., inplace=False)`` (with a ``FutureWarning``); removed next.
+    """Deprecated spelling of ``gene_roles(adata, ..., inplace=False)``; removed in the next release.
+
+    Takes the arguments of :func:`gene_roles` but ``key_added``, ``inplace`` and ``copy``, warns with a
+    :class:`FutureWarning` and returns the :class:`GeneRoles` without writing anything.
 
     Examples
     --------

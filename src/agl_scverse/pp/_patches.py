@@ -59,9 +59,11 @@ HEST_PATCH_UM = 112.0
 class SpotPatches(Dataset):
     """Spot-centred patches of a fixed physical size, as a torch :class:`~torch.utils.data.Dataset`.
 
-    Item ``i`` is a uint8 tensor ``(3, patch_px, patch_px)`` for spot ``obs_names[i]``, read by region from the
-    library's image (opened at construction, nothing decoded; geometry, levels and padding: the Data layouts
-    page). It pickles without open files (DataLoader workers reopen the images).
+    Item ``i`` is a uint8 tensor ``(3, patch_px, patch_px)`` for spot ``obs_names[i]``. Each library image is opened
+    as a source at construction (its size and pyramid levels, so border checks are known before any work; no
+    pixel is decoded) and each item reads its crop by region. The Data layouts page gives the geometry, pyramid
+    levels, resizing and padding. The dataset pickles without open files or memory maps (DataLoader workers
+    reopen the images on first use).
 
     Parameters
     ----------
@@ -73,7 +75,8 @@ class SpotPatches(Dataset):
     patch_um
         Side of the tissue square covered by a patch, in µm.
     library_key
-        ``.obs`` column telling slides apart (default ``"library_id"`` when present).
+        ``.obs`` column telling slides apart; needed when ``uns["spatial"]`` holds several libraries (then
+        ``"library_id"`` is used when present).
     spots
         Subset and order of spots: obs names, integer positions or a boolean mask. Default: all, in order.
     pad_mode
@@ -85,8 +88,11 @@ class SpotPatches(Dataset):
     on_outside
         ``"error"``: raise, listing them. ``"pad"``: keep them, padded, with a warning.
     allow_lowres
-        Cut patches from a ``"hires"`` / ``"lowres"`` image coarser than ``patch_um / patch_px`` when a library has
-        no full-resolution image (upsampled, they lose detail). Off by default: an error names the source to give.
+        Cut patches from the ``"hires"`` / ``"lowres"`` image when a library has no full-resolution image and that
+        image is coarser than the patch's µm per pixel (``patch_um / patch_px``). Off by default: such patches are
+        upsampled and lose detail (predictions get worse), so this raises and names the full-resolution source
+        to give instead (``read_visium(fullres_image=...)``, ``metadata["source_image_path"]``, the SpatialData
+        image element).
 
     Attributes
     ----------
@@ -101,15 +107,16 @@ class SpotPatches(Dataset):
     outside
         Names of spots below ``min_inside``.
     crop_side
-        Crop side in pixels of the level read, per library.
+        Crop side in pixels of the level read, per library (before resizing).
     level
         Pyramid level read per library (0 = full resolution of the image used).
     level_downsample
-        Downsample factor of that level, per library.
+        Downsample factor of that level relative to level 0, per library.
     image_kind
         ``"fullres"``, ``"hires"``, ``"lowres"`` or ``"patches_h5"`` per library.
     source_um_per_px
-        µm per pixel of the level the patches are cut from, per library.
+        µm per pixel of the image level the patches are cut from, per library (the source resolution; patches
+        carry detail down to ``max(source_um_per_px, patch_um / patch_px)``).
 
     Examples
     --------
@@ -328,7 +335,11 @@ class SpotPatches(Dataset):
         return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
 
     def patch_array(self, i: int) -> np.ndarray:
-        """Item ``i`` before resizing: the ``(side, side, 3)`` uint8 crop (a fractional centre's shifted crop)."""
+        """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image (at its chosen level).
+
+        A fractional centre's crop is the one-pixel-larger crop shifted by the fraction (:func:`subpixel_shift`);
+        the item itself resamples once (offset and resize together).
+        """
         if self._h5_row[i] >= 0:
             return self._h5_patch(self.library[i], int(self._h5_row[i]))
         fx, fy = (float(v) for v in self._frac[i])
@@ -354,6 +365,8 @@ class SpotPatches(Dataset):
         return np.array(out, dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
     def __getstate__(self) -> dict:
+        # Open h5 files are not pickled; image sources pickle without their open files or memory maps, and
+        # workers reopen both on first use.
         state = self.__dict__.copy()
         state["_h5"] = {}
         state["_h5_pid"] = None
@@ -420,7 +433,7 @@ def patch_loader(
     shuffle
         Shuffle the spots.
     num_workers
-        DataLoader worker processes.
+        DataLoader worker processes (each reopens the slide images it needs and reads patches by region).
     seed
         Seed of the shuffling order.
     prefetch_factor

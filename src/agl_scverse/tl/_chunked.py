@@ -72,11 +72,19 @@ def predict_chunked(
 ) -> AnnData:
     """:func:`~agl_scverse.tl.predict_anndata` over a large grid, chunk by chunk, each chunk saved as it finishes.
 
-    ``out_dir`` receives ``manifest.json`` (digests of the model and grid, the chunk size and arguments),
-    ``template.h5ad`` (genes and run records, no spots) and one ``part_<index>.npy`` per chunk, written whole
-    (temporary file, rename). Run again with the same arguments, it computes only the missing chunks; a folder of
-    another model, grid or arguments is refused. Under ``torchrun`` every process embeds a share of each chunk,
-    rank 0 writes, and ``out_dir`` must be a folder every process sees.
+    The same prediction path as :func:`~agl_scverse.tl.agl_predict` and :func:`~agl_scverse.tl.predict_anndata`,
+    run on one chunk of spots at a time.
+
+    ``out_dir`` receives ``manifest.json`` (the model's digest: its config and weights; the grid's: spot centres
+    and names; the chunk size and the prediction arguments), ``template.h5ad`` (the genes and run records of the
+    output, no spots) and one ``part_<index>.npy`` of predictions per chunk, each written through a temporary
+    file and renamed, so a killed run leaves only whole chunks. Run again with the same arguments, it skips the
+    chunks already there and computes the rest; a folder holding chunks of another model, grid or arguments is
+    refused.
+
+    Under ``torchrun`` (``torchrun --nproc_per_node N script.py``) each chunk's patches are embedded by all the
+    processes, each a share (as :func:`~agl_scverse.pp.embed_patches` does), rank 0 writes the files, and every rank
+    returns the same AnnData: ``out_dir`` must be a folder every process sees (one machine, or a shared file system).
 
     Parameters
     ----------
@@ -89,11 +97,12 @@ def predict_chunked(
     chunk_size
         Spots per chunk.
     genes
-        The model's genes to predict, as in :func:`~agl_scverse.tl.predict_anndata`.
+        The model's genes to predict, as in :func:`~agl_scverse.tl.predict_anndata` (default: the selected ones).
     scale
-        ``"model"`` or ``"log1p_cp10k"``, as in :func:`~agl_scverse.tl.predict_anndata`.
+        Scale of the predictions (``"model"`` or ``"log1p_cp10k"``), as in :func:`~agl_scverse.tl.predict_anndata`.
     encoder
-        An :class:`~agl_scverse.EncoderConfig` or a dict, as in :func:`~agl_scverse.tl.predict_anndata`.
+        How the image encoder runs: an :class:`~agl_scverse.EncoderConfig` or a dict of its fields, e.g.
+        ``{"weights": "w.pth", "num_workers": 4}``, as in :func:`~agl_scverse.tl.predict_anndata`.
     key_added
         Prefix of the keys of the output's run records.
     device

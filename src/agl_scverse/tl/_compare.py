@@ -34,7 +34,8 @@ def compare_methods(
 ) -> pd.DataFrame:
     """Fit several methods on the same split and score each on the same held-out spots.
 
-    Each method is fitted on a copy of ``adata`` and scored with :func:`evaluate` on a seeded held-out share.
+    A seeded ``test_fraction`` of the spots is held out of every fit; each method is fitted on a copy of ``adata``
+    with :func:`agl_fit`, predicted and scored with :func:`evaluate` on the held-out spots.
 
     Parameters
     ----------

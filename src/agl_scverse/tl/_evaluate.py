@@ -152,10 +152,13 @@ def evaluate(
     genes
         ``"targets"`` (default), ``"predicted"`` (every gene with predictions) or a list of gene names.
     spots
-        Evaluated spots. Default: those held out of the fit (``"unused"``), else the validation spots (logged), or
-        every spot of a slide without a split.
+        Evaluated spots (boolean mask, names or positions). Default: the spots held out of the fit
+        (``.obs[split] == "unused"``), else the validation spots (optimistic; logged), or every spot of a slide
+        without a split column.
     baselines
-        Also score the mean predictor and PCA + Ridge on the embedding, trained on the model's training spots.
+        Also fit and score the mean predictor and ``StandardScaler -> PCA(n_components) -> Ridge`` on the
+        embedding, trained on the spots the model trained on (skipped, with a note, when there are none or no
+        embedding).
     key_added
         Prefix of the keys the run was written under (``key_added`` of :func:`agl_fit`).
     embedding_key

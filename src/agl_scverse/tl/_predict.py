@@ -168,37 +168,62 @@ genes
     Which of the model's genes get predictions: ``"selected"`` (default: the targets and the auxiliaries the
     mask kept), ``"targets"``, ``"all"`` (every output, also the auxiliaries with weight ~0) or a list.
 scale
-    ``"model"`` (default): the model's expression scale (its ``transform``), which
-    :func:`~agl_scverse.tl.evaluate` scores. ``"log1p_cp10k"``: scanpy's ``normalize_total(target_sum=1e4)`` then
-    ``log1p``, each spot's predicted counts summed over the model's trained genes (a ``"log1p_cpm"`` model's values
-    are written unchanged).
+    ``"model"`` (default): the model's expression scale (its ``transform``: ``log1p`` raw counts unless the model
+    was trained otherwise), the scale :func:`~agl_scverse.tl.evaluate` scores. ``"log1p_cp10k"``: the scale of a
+    scanpy pipeline (``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p``): each spot's predicted
+    counts are divided by their sum over the model's trained genes (targets and selected auxiliaries, the only
+    library an H&E slide has), times 10,000, then ``log1p``. A model trained with ``transform="log1p_cpm"``
+    already predicts that scale and its values are written unchanged.
 encoder
-    How patches go through the encoder (a fine-tuned model's backbone, or an embedding the slide lacks): an
-    :class:`~agl_scverse.EncoderConfig` or a dict of its fields. The encoder, patch size and ``tta`` are the
-    model's recorded ones (others are warned about); used are ``weights`` (embedding mode only; its sha256 must
-    match the recorded one, whose path is never opened), ``encoder`` (a module for a model of a custom encoder;
-    a bare module is read as this field), ``precision`` (``"fp32"`` reproduces earlier versions bit for bit),
-    ``backend`` (``"onnx"`` is refused for a fine-tuned model), ``num_workers``, ``prefetch_factor``,
-    ``batch_size`` and ``allow_lowres`` (a slide more than 1.2 x coarser than the model's source resolution is
-    refused without it: :func:`check_source_resolution`). The old keywords (``weights=``, ``precision=``, ...)
-    work for one release, with a ``FutureWarning``.
+    How the image encoder runs when patches go through it (a fine-tuned model's backbone, or an embedding
+    computed here because the slide lacks it): an :class:`~agl_scverse.EncoderConfig` or a dict of its fields.
+    The encoder, patch size and test-time augmentation are the model's recorded ones (the fit's own config may be
+    passed as it is; a patch size or ``tta`` other than the model's is warned about); from the config are used
+
+    - ``weights``: the encoder weights file the model was trained with, needed only to embed a slide without the
+      embedding (embedding mode; its sha256 must match the one recorded). The path recorded in the model is never
+      opened. A fine-tuned model carries its backbone in its own weights and needs no file.
+    - ``encoder``, when set: the encoder itself (a torch module or callable, with its weights loaded) for a model
+      whose features came from a custom module (it cannot be rebuilt from the config). Models of a preset,
+      ``hf-hub:`` or timm encoder rebuild it from their config (see :func:`agl_scverse.model.rebuild_encoder`).
+      A bare module (``encoder=my_module``) is read as this field.
+    - ``precision`` (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :func:`agl_scverse.pp.embed_patches`):
+      ``"fp32"`` reproduces earlier versions bit for bit; the output layer and the embedding-mode head run in
+      float32.
+    - ``backend``: what runs the frozen encoder of an embedding computed here: ``"auto"`` (ONNX Runtime on a CPU
+      when it is installed and agrees with torch, else torch), ``"torch"`` or ``"onnx"``. Features of either
+      engine feed the same model. A fine-tuned model's network runs in torch (``"onnx"`` is refused there).
+    - ``num_workers`` / ``prefetch_factor``: DataLoader workers cutting patches and the batches each prepares
+      ahead (predictions are the same with any number); ``batch_size``: patches per pass of an embedding
+      computed here.
+    - ``allow_lowres``: predict from patches cut from a coarser image than the model was trained on (e.g. the
+      ``"hires"`` thumbnail of a slide without its full-resolution image). Refused by default: each embedding and
+      model record the µm per pixel of the image their patches came from (``source_um_per_px``), and a slide more
+      than 1.2 x coarser than the model's is an error (see :func:`check_source_resolution`).
+
+    The old keywords (``weights=``, ``precision=``, ``num_workers=``, ``prefetch_factor=``, ``allow_lowres=``,
+    ``backend=``) still work for one release, with a ``FutureWarning`` giving the new spelling.
 embedding_key
-    ``.obsm`` key of the features (embedding mode); default the model's. Computed with the model's encoder when
-    absent.
+    ``.obsm`` key of the features (embedding mode); default the key the model was trained on. When absent it
+    is computed with the model's recorded encoder, weights and patch settings.
 %(key_added)s
 device
-    ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``, ...
+    Torch device for the forward passes: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``
+    (bit-for-bit reproducible predictions), ``"cuda"``, ...
 %(library_key)s
 batch_size
     Spots per forward pass.
 max_dense_bytes
-    Largest dense layer held in memory (default 1 GiB); a larger one is a chunked dask array, predicted when read
-    or written.
+    Largest dense layer held in memory (default 1 GiB). A larger one is written as a chunked dask array whose
+    chunks (rows of spots) are predicted when read or written (``write_h5ad`` / ``write_zarr`` stream it).
 spread
-    Also write the standard deviation of a seed ensemble's members (how much the prediction depends on the seed,
-    not an error bar). Default ``None``: for an ensemble; ``True`` with a single network is an error.
+    Also write the standard deviation of a seed ensemble's member predictions (``agl_fit(n_seeds=...)``), per
+    spot and gene, in ``scale``: a measure of how much the prediction depends on the training seed (not a
+    calibrated error bar). Default ``None``: written for an ensemble; ``True`` with a single network is an
+    error.
 progress
-    Progress bar of an embedding computed here: ``True``, ``False`` or ``None`` (scanpy's verbosity).
+    Progress bar of an embedding computed here: ``True``, ``False``, or ``None`` (default) to follow scanpy's
+    verbosity (shown unless ``sc.settings.verbosity`` is 0, ``"error"``).
 """
 )
 
@@ -279,7 +304,9 @@ def agl_predict(
 ) -> AnnData | None:
     """Predict expression of the model's genes into a slide that measured them (scanpy style: in place or a copy).
 
-    :func:`predict_anndata` gives the same values as a new AnnData of the predictions only.
+    One of the two front doors of one prediction path: this one writes into the slide, beside its measured
+    counts; :func:`predict_anndata` returns a new AnnData holding only the predictions (for an H&E-only slide, or
+    a pipeline on predictions alone). Both take the same arguments and give the same values.
 
     Parameters
     ----------
@@ -385,7 +412,8 @@ def predict_anndata(
 ) -> AnnData:
     """A new AnnData of predicted expression at a slide's spots (e.g. an H&E-only slide).
 
-    The same arguments (but ``copy``) and values as :func:`agl_predict`; ``data`` is not modified.
+    The other front door of :func:`agl_predict`'s prediction path: the same arguments (but ``copy``) and the same
+    values, returned as an AnnData of the predicted genes only; ``data`` is not modified.
 
     Parameters
     ----------
@@ -395,12 +423,17 @@ def predict_anndata(
 
     Returns
     -------
-    An AnnData of the predicted genes at the slide's spots, for a scanpy pipeline without masks: ``.X`` and
-    ``.layers[f"{key_added}_pred"]`` hold the predictions (one dask array above ``max_dense_bytes``); ``.obs``,
-    ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var`` and ``.uns[key_added]`` hold the model's roles,
-    weights and run record (:func:`model_run_record`), so every plot reads it; ``.var[f"{key_added}_predicted"]``
-    is all True; ``.layers[f"{key_added}_pred_sd"]`` a seed ensemble's spread; ``.uns[f"{key_added}_pred"]``
-    the scale, with ``observed=False``.
+    An AnnData of the model's predicted genes (``genes``: by default the targets and selected auxiliaries) at the
+    slide's spots, ready for a scanpy pipeline without masks (``sc.pp.pca(pred)``, ``sc.pp.neighbors``,
+    ``sc.tl.leiden``, ``sq.gr.spatial_autocorr``): ``.X`` and ``.layers[f"{key_added}_pred"]`` hold the
+    predictions (in ``scale``; with ``max_dense_bytes`` exceeded, both are one chunked dask array, computed when
+    read or written); ``.obs``, ``.obsm`` and ``.uns["spatial"]`` are carried over; ``.var`` describes the genes
+    as ``agl_fit`` does (``role``, ``prior``, ``prior_rank``, ``weight``, ``selected``) and ``.uns[key_added]``
+    holds the model's run record (:func:`model_run_record`: k, threshold, training history), so every plot of
+    :mod:`agl_scverse.pl` reads it; ``.var[f"{key_added}_predicted"]`` is True for all of them (the same code
+    runs on this AnnData and on a slide after :func:`agl_predict`); ``.layers[f"{key_added}_pred_sd"]`` holds a
+    seed ensemble's spread; ``.uns[f"{key_added}_pred"]`` records the scale, with ``observed=False`` (``.X`` is
+    not measured expression).
 
     Examples
     --------

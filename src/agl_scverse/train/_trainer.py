@@ -82,7 +82,11 @@ def empty_history() -> dict[str, list]:
 
 
 def _calibrate_(net: nn.Module, inputs: Callable, targets: StandardizedTargets, idx: np.ndarray, batch_size: int):
-    """Fit the calibration buffers: per-gene ``y = a out + b`` (``a`` floored > 0) and the training range."""
+    """Fit the calibration buffers: per-gene least squares on the training spots and the training range to clip to.
+
+    Per gene ``a = max(cov(out, y) / var(out), floor)`` with a tiny positive floor (the sign never flips, so
+    correlations are kept), ``b = mean(y) - a mean(out)``, mapped back from z-scores; moments accumulated per batch.
+    """
     moments = StreamingMoments(targets.n_cols, paired=True)
     lo, hi = np.full(targets.n_cols, np.inf), np.full(targets.n_cols, -np.inf)
     batch_size = max(1, min(batch_size, _CALIBRATION_BYTES // (8 * targets.n_cols)))  # float64 spots x genes
@@ -210,7 +214,8 @@ def train_network(
     inputs
         Callable ``idx -> input batch tensor`` on ``device`` (e.g. :class:`TensorInputs`).
     Y
-        Expression, targets first then auxiliaries by prior rank: an array or a :class:`StandardizedTargets`.
+        Expression (targets first, then auxiliaries in prior-rank order): an ``(n_spots, n_genes)`` array or a
+        batch source (:class:`StandardizedTargets`), standardised per gene on the training spots.
     train_idx
         Row positions of the training spots.
     val_idx
@@ -218,18 +223,23 @@ def train_network(
     n_targets
         Number of leading target columns.
     training
-        :class:`~agl_scverse.configs.TrainingConfig` (or a dict); ``None`` fields take the embedding-mode
-        defaults; ``refit``, ``n_seeds``, ``checkpoint_every`` and ``resume`` are ``agl_fit``'s. Without
-        validation spots, exactly ``epochs`` epochs run and the last one is kept.
+        :class:`~agl_scverse.configs.TrainingConfig` (or a dict of its fields): epochs, patience, lr, weight decay,
+        batch size, loss, ``augment`` (random flips / quarter turns of the training batches' patches, for image
+        inputs with a ``stream`` method, drawn from ``(seed, epoch)`` only). Fields left at ``None`` take the
+        embedding-mode defaults (:func:`agl_scverse.tl.agl_fit` resolves them for its mode first); ``refit``,
+        ``n_seeds``, ``checkpoint_every`` and ``resume`` are ``agl_fit``'s and not read here. Without validation
+        spots, exactly ``epochs`` epochs run and the last one is kept.
     dkgsb
-        :class:`~agl_scverse.configs.DkGSBConfig` (or a dict): the bi-level step when ``mask`` is given.
+        :class:`~agl_scverse.configs.DkGSBConfig` (or a dict): the bi-level step when ``mask`` is given (inner
+        steps, meta steps per epoch spread over the training batches, meta batch size, ``beta`` the Adam lr on
+        ``theta``, ``meta_normalizer``, ``lookahead``, ``meta_scope``; see :func:`agl_scverse.model.hypergradient`).
     mask
-        The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None``: weight 1
-        or ``aux_weights``.
+        The learnable :class:`~agl_scverse.model.GeneMask` over the auxiliary columns (DkGSB); ``None`` gives every
+        gene weight 1 (PGL, AGL-all, top-k: the caller decides which columns enter) or ``aux_weights``.
     aux_weights
         Fixed loss weights of the auxiliary columns (without ``mask``), e.g. a learned DkGSB mask when refitting.
     seed
-        Seeds batch order, meta batches and dropout.
+        Seeds batch order, meta batches, initialisation-independent randomness (dropout).
     device
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``... or a :class:`torch.device`.
     progress
@@ -237,11 +247,12 @@ def train_network(
     desc
         Label of that bar.
     precision
-        ``"fp32"`` (default), ``"auto"``, ``"bf16"`` or ``"fp16"``: autocast of the forward passes (the loss and
-        the hypergradient stay float32).
+        How the network runs: ``"fp32"`` (default),
+        ``"auto"``, ``"bf16"``, ``"fp16"`` (autocast of the forward passes, ``channels_last`` for convolutional
+        networks, a gradient scaler with fp16). The loss and the DkGSB hypergradient are computed in float32.
     checkpoint
-        The checkpointer of :func:`agl_scverse.tl.agl_fit`: training starts from its state, saved every
-        ``checkpoint.every`` epochs.
+        The checkpointer of :func:`agl_scverse.tl.agl_fit` (``checkpoint_every``, ``resume``): training starts
+        from its state when it has one, and the state is saved after every ``checkpoint.every`` epochs.
     clip
         DkGSB: hypergradient clipping.
     theta_beta2
@@ -253,8 +264,9 @@ def train_network(
 
     Notes
     -----
-    Under ``torchrun`` every rank trains on its share of each batch in ``DistributedDataParallel``; the loss is
-    that of the global batch, the hypergradient is averaged over the ranks.
+    Under ``torchrun`` every rank draws the same batches and trains on its rank-strided share of each, in
+    ``DistributedDataParallel``; the loss is that of the global batch, the hypergradient is averaged over the ranks,
+    and torch's generator is seeded ``seed + rank``.
 
     Examples
     --------
