@@ -180,9 +180,12 @@ class AGLModel:
     net
         The trained network (:class:`~agl_scverse.model.EmbeddingHead` or :class:`~agl_scverse.model.FinetuneNet`).
     config
-        JSON-able dict: ``genes`` (output order), ``roles`` and ``weights`` per output gene, ``method``, ``mode``,
-        ``transform``, ``embedding_key``, ``encoder`` (its record), ``net`` (constructor arguments), ``k``,
-        ``threshold``, ... (what :func:`~agl_scverse.model._schema.validate_config` accepts).
+        JSON-able dict. Keys used by the package: ``genes`` (output order), ``roles`` (``"target"`` /
+        ``"auxiliary"`` per output gene), ``weights`` (mask weight per output gene), ``method``, ``mode``,
+        ``transform``, ``embedding_key``, ``encoder`` (name, weights_sha256, weights_path, patch_px, patch_um;
+        ``weights_path`` is a record, never opened), ``net`` (constructor arguments), ``k``, ``threshold``,
+        ``prior``, ``prior_ranks``, ``hyperparameters``, ``versions``. :meth:`save` adds ``format_version`` and
+        ``weights_sha256``; the config must pass :func:`~agl_scverse.model._schema.validate_config`.
 
     Examples
     --------
@@ -291,17 +294,21 @@ class AGLModel:
         columns
             Positions (in :attr:`genes`) of the only outputs to compute, in that order (default: all).
         device
-            ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``,
-            ...; the network goes back where it was afterwards.
+            Torch device of the forward passes: ``"auto"`` (default: CUDA when available, else CPU; the default of
+            every function of the package), ``"cpu"`` (bit-for-bit reproducible), ``"cuda"``, ... The network is
+            moved back to where it was afterwards.
         precision
-            Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``); heads run in
-            float32.
+            Fine-tune mode: how the backbone runs (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, see
+            :func:`agl_scverse.pp.embed_patches`); the output layer runs in float32. The
+            embedding-mode head always runs in float32.
         num_workers
-            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches.
+            Fine-tune mode with a patch Dataset: DataLoader workers cutting the patches (same predictions with any
+            number).
         prefetch_factor
             Batches each worker prepares ahead.
         backend
-            ``"auto"`` or ``"torch"`` (``"onnx"`` is refused in fine-tune mode).
+            ``"auto"`` or ``"torch"`` (``"onnx"``, for frozen encoders, is refused in fine-tune mode; the
+            embedding-mode head runs in torch).
         """
         check_choice("backend", backend, consts.BACKENDS)
         if self.mode != "embedding" and backend not in ("auto", "torch"):

@@ -42,7 +42,7 @@ def mean_predictor(X_train, Y_train, X_test) -> np.ndarray:
     Parameters
     ----------
     X_train
-        Training embeddings (unused; a uniform signature).
+        Training embeddings (only their count is used; kept for a uniform signature).
     Y_train
         Training expression, spots x genes.
     X_test
@@ -50,7 +50,8 @@ def mean_predictor(X_train, Y_train, X_test) -> np.ndarray:
 
     Returns
     -------
-    ``float32`` array, n_test x n_genes (its per-gene correlation is 0 by convention).
+    ``float32`` array, n_test x n_genes. Its per-gene correlation with anything is 0 by the convention of
+    :func:`agl_scverse.tl.per_gene_metrics` (a constant prediction).
 
     Examples
     --------
@@ -109,15 +110,18 @@ def pca_ridge(
     n_components
         PCA components (HEST-Benchmark: 256), capped at ``min(n_train_spots, n_features)``.
     alpha
-        Fixed ridge penalty; ``None`` (default): one for all genes from ``alphas`` by leave-one-out.
+        Fixed ridge penalty; ``None`` (default) chooses one for all genes from ``alphas`` by leave-one-out
+        cross-validation on the training spots.
     alphas
         Penalties searched when ``alpha`` is None.
     seed
         Random state of the PCA solver.
     return_model
-        Also return the fitted pipeline (with ``standardize_targets`` it predicts z-scores).
+        Also return the fitted pipeline (its ``named_steps["ridge"].alpha_`` is the chosen penalty when
+        ``alpha`` is None; with ``standardize_targets`` it predicts z-scores).
     standardize_targets
-        Fit per-gene z-scores of ``Y_train`` (mapped back), so the penalty weighs every gene alike.
+        Fit on per-gene z-scores of ``Y_train`` (mapped back afterwards), so that the penalty chosen by
+        leave-one-out weighs every gene alike; ``False`` fits the raw values.
     clip
         Clip each gene's predictions to its training range.
 
@@ -227,9 +231,12 @@ def reduced_rank_ridge(
 ):
     """Reduced-rank ridge ("linear AGL"): targets and auxiliaries share a rank-``rank`` output subspace.
 
-    The ridge coefficients ``B`` of all z-scored columns (auxiliaries scaled by ``sqrt(aux_weight)``) on
-    standardised features are projected onto the top-``rank`` right singular vectors ``V`` of ``XB``
-    (``B_r = B V V'``): the auxiliaries help choose the targets' subspace, as a shared trunk does in AGL.
+    Features are standardised, every gene z-scored on the training spots. The ridge coefficients
+    ``B = (X'X + alpha I)^-1 X'Y`` of all columns (targets, then auxiliaries scaled by ``sqrt(aux_weight)``) are
+    projected onto the top-``rank`` right singular vectors ``V`` of the fitted values ``XB``
+    (``B_r = B V V'``): the auxiliary columns help choose the subspace in which the targets are predicted, as a
+    shared trunk does in AGL. ``alpha`` is chosen for the targets by efficient leave-one-out on the training spots
+    (:class:`~sklearn.linear_model.RidgeCV`) unless given.
 
     Parameters
     ----------
@@ -240,13 +247,14 @@ def reduced_rank_ridge(
     X_test
         Test embeddings.
     rank
-        Rank of the coefficients (``None``: plain ridge); a sequence returns a dict ``rank -> predictions``.
+        Rank of the coefficient matrix; ``None`` or a rank >= the number of columns: plain ridge. A sequence of
+        ranks returns a dict ``rank -> predictions`` (one fit, one SVD).
     n_targets
-        Number of leading target columns (default: all).
+        Number of leading target columns (default: all columns are targets, no auxiliaries).
     aux_weight
         Weight of the auxiliary columns in the subspace (a number or one per auxiliary); 0 leaves them out.
     alpha
-        Fixed penalty (default: chosen for the targets by leave-one-out, RidgeCV).
+        Fixed penalty (default: chosen by leave-one-out).
     alphas
         Penalties searched by leave-one-out.
     clip

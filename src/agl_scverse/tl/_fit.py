@@ -51,6 +51,9 @@ def _train(
 def k_search_grid(n_aux: int, grid: Sequence[int] | None = None) -> list[int]:
     """The numbers of auxiliaries that ``k="auto"`` tries: 0 and five geometric steps from 1/64 to 1/4 of them.
 
+    The grid stops at a quarter of the auxiliaries (AGL-all is ``method="agl"``): each fit costs in proportion to its
+    number of outputs, and the validation score was flat above that on the data sets tried (the Method page).
+
     Examples
     --------
     >>> k_search_grid(16000)
@@ -287,8 +290,10 @@ def agl_fit(
 ) -> AGLModel:
     """Train an AGL model that predicts gene expression from H&E patches (or their embeddings).
 
-    Settings live in the configs of :mod:`agl_scverse.configs` (or dicts of their fields; ``None`` fields take the
-    mode's default). The flat keywords of earlier releases work for one release, with a :class:`FutureWarning`.
+    Every setting lives in a config of :mod:`agl_scverse.configs` (a ``dict`` of its fields works too), documented
+    there; fields left at ``None`` take the mode's default. The flat keywords of earlier releases (``epochs=``,
+    ``tau=``, ``encoder="densenet121"``, ...) still work for one release, with a :class:`FutureWarning` naming the
+    new spelling.
 
     Parameters
     ----------
@@ -301,10 +306,11 @@ def agl_fit(
         head trained end to end on patches, as in the paper).
     embedding_key
         ``.obsm`` key of cached features (embedding mode). Default ``"X_agl_<encoder>"``, computed with
-        :func:`agl_scverse.pp.embed_patches` when absent (a named key must exist).
+        :func:`agl_scverse.pp.embed_patches` when absent. A named key that is absent is an error. Spatial-context
+        features (:func:`agl_scverse.pp.spatial_context`) work like any embedding.
     genes
-        Targets, auxiliaries, prior, expression scale (:class:`~agl_scverse.configs.GeneConfig`), chosen on the
-        **training spots only**.
+        Targets, auxiliaries, prior, expression scale: :class:`~agl_scverse.configs.GeneConfig`. Gene roles are
+        computed on the **training spots only**.
     network
         The network: :class:`~agl_scverse.configs.NetworkConfig`.
     training
@@ -327,21 +333,30 @@ def agl_fit(
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``...
     %(key_added)s
     save_dir
-        Save the model there (atomically); training checkpoints go to ``<save_dir>.checkpoint/``.
+        Save the model there (atomically); training checkpoints (``TrainingConfig(checkpoint_every=...)``) go to
+        ``<save_dir>.checkpoint/``.
     overwrite
-        Replace an existing ``save_dir`` holding a saved model or nothing, and an unfinished run's checkpoint.
+        Replace an existing ``save_dir`` that holds a saved model or nothing (any other folder is refused before
+        training), and the checkpoint of an unfinished run (without ``resume``).
     %(progress)s
     %(library_key)s
 
     Returns
     -------
-    The :class:`~agl_scverse.model.AGLModel`. Gene roles, mask weights and the selection go to ``.var``, the split
-    to ``.obs``, the run's parameters, history and validation metrics to ``.uns[key_added]`` (for a SpatialData,
-    into its table; the Data layouts page lists the keys).
+    The :class:`~agl_scverse.model.AGLModel`. Results are written in place (for a SpatialData, into its table),
+    with ``k = Keys(key_added)``:
+
+    - ``.var[k.role]`` (target / auxiliary / excluded), ``.var[k.prior]``, ``.var[k.prior_rank]`` (0 = best),
+      ``.var[k.weight]`` (1 for targets, mask weight for auxiliaries, 0 excluded), ``.var[k.selected]``;
+    - ``.obs[k.split]``: ``"train"`` / ``"val"`` / ``"unused"``;
+    - ``.uns[k.uns]``: ``params`` (every setting), ``method``, ``k``, ``threshold``, ``n_auxiliary``,
+      ``n_targets``, ``targets``, ``embedding_key``, ``history`` (per epoch) and ``metrics`` (validation);
+      ``.uns[k.gene_roles]``: how the roles were chosen.
 
     Notes
     -----
-    Under ``torchrun`` the processes share each batch; rank 0 writes, and every rank returns the same model.
+    Under ``torchrun`` the processes share each batch (see the Scaling out page); rank 0 writes ``save_dir`` and
+    the checkpoints, and every rank returns the same model.
 
     Examples
     --------

@@ -105,8 +105,10 @@ def _last_block(root: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.Module]:
 def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") -> list[str]:
     """Names of the parameters of ``net`` that the DkGSB look-ahead moves (the others stay constant in it).
 
-    ``"last"``: the output layer ``out`` and the last block below it (of ``net.backbone`` if any), with the
-    normalisation layers after it (a ResNet's ``layer4.1``, a ViT's last block and ``norm``).
+    ``"last"``: the output layer ``out`` and the last block below it (of ``net.backbone`` when there is one): the
+    last child holding parameters, entering containers and single-child wrappers, plus the normalisation layers
+    passed on the way (a ResNet's ``layer4.1``, a DenseNet's last dense layer and ``norm5``, a ViT's last block and
+    ``norm``, an MLP head's last hidden ``Linear``).
 
     Parameters
     ----------
@@ -118,6 +120,12 @@ def meta_scope_names(net: nn.Module, meta_scope: str | Sequence[str] = "all") ->
     Returns
     -------
     The names, in the order of ``net.named_parameters()``.
+
+    Raises
+    ------
+    ValueError
+        An unknown scope or names, or a scope of the output layer alone (its hypergradient says nothing about the
+        auxiliaries).
 
     Examples
     --------
@@ -306,12 +314,13 @@ def hypergradient(
 ) -> tuple[torch.Tensor, float]:
     """``dL_val/dtheta`` of one meta step (:func:`unrolled_val_loss`) and the validation loss it was computed at.
 
-    The network runs in ``eval`` mode (``train_mode=True``: the authors' look-ahead, in train mode); the other
-    arguments are those of :func:`unrolled_val_loss`.
+    The network runs in ``eval`` mode (``train_mode=True``: train mode on copies of the running statistics, the
+    authors' look-ahead) and is restored afterwards; the other arguments are those of :func:`unrolled_val_loss`.
 
     Returns
     -------
-    The hypergradient (a detached 0-d tensor) and the validation loss (float), averaged over ranks under torchrun.
+    The hypergradient (a detached 0-d tensor) and the target-only validation loss (float); under ``torchrun`` both
+    are the mean over the ranks (each computed them on its share of the meta batches).
 
     Examples
     --------
