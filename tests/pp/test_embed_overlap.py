@@ -39,7 +39,7 @@ def fresh(tmp_path, monkeypatch):
 
 
 def _threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name == "agl-read-ahead"]
+    return [t.name for t in threading.enumerate() if t.name.startswith("agl-read-ahead")]
 
 
 def _encode(module, ds, info, read_ahead: bool, backend: str = "torch", **kw):

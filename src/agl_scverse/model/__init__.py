@@ -1,8 +1,4 @@
-"""The fitted model and the engine's public face: networks, the saved model, and the names of the floors below.
-
-It stands on :mod:`agl_scverse.encoders` and :mod:`agl_scverse.train` and hands on their public names, so
-``agl_scverse.model.<name>`` is the one place users import the engine from.
-"""
+"""The engine's public face: networks, the saved model, and the public names of encoders and train."""
 
 from agl_scverse.encoders import (
     EncoderPreset,

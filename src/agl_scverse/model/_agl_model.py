@@ -1,10 +1,4 @@
-"""The fitted model object: network + a JSON-able config, saved atomically to a directory.
-
-A saved model directory holds exactly ``config.json`` (genes, roles, weights, network shape, encoder record,
-hyperparameters, ``format_version``, ``weights_sha256`` and the ``digest`` of every other field) and
-``model.safetensors``. :meth:`AGLModel.save` writes a temporary directory and renames it into place when complete;
-:meth:`AGLModel.load` reads one generation of both files and checks everything before it builds the network.
-"""
+"""The fitted model: a network and a JSON-able config, saved atomically to a directory and checked whole at load."""
 
 from __future__ import annotations
 
@@ -263,12 +257,7 @@ class AGLModel:
         return int(getattr(self.net, "n_members", 1))
 
     def members(self) -> list[AGLModel]:
-        """One model per network of a seed ensemble (sharing its tensors and config); ``[self]`` otherwise.
-
-        Examples
-        --------
-        >>> [m.predict(x) for m in model.members()]  # doctest: +SKIP
-        """
+        """One model per network of a seed ensemble (sharing its tensors and config); ``[self]`` otherwise."""
         if self.n_members == 1 or not isinstance(self.net, EmbeddingEnsemble):
             return [self]
         return [AGLModel(m, {**self.config, "net": m.config()}) for m in self.net.heads()]

@@ -1,9 +1,4 @@
-"""Networks that map an image (or its cached embedding) to the expression of every modelled gene.
-
-Outputs (targets first) are raw, in the trainer's standardised space; ``predict_expression`` applies the per-gene
-positive affine calibration fitted after training and clips to the training range. Auxiliary genes help the targets
-only through shared parameters, hence one output layer for all genes above a shared trunk.
-"""
+"""Networks from an image (or its embedding) to every modelled gene: one output layer above a shared trunk."""
 
 from __future__ import annotations
 
@@ -29,7 +24,6 @@ class _Calibrated(nn.Module):
     def _init_calibration(self, n_out: int) -> None:
         self.register_buffer("out_scale", torch.ones(n_out))
         self.register_buffer("out_shift", torch.zeros(n_out))
-        # per-gene range of the training expression: calibrated predictions are clipped to it
         self.register_buffer("out_lo", torch.full((n_out,), -float("inf")))
         self.register_buffer("out_hi", torch.full((n_out,), float("inf")))
 
@@ -40,11 +34,7 @@ class _Calibrated(nn.Module):
         return F.linear(h, self.out.weight[rows], self.out.bias[rows])
 
     def predict_expression(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-        """Calibrated predictions in the transformed expression scale, clipped to each gene's training range.
-
-        The clip keeps spots far from the training features in the range the gene was observed in (e.g. no
-        negative ``log1p`` counts). ``cols``: only these outputs.
-        """
+        """Calibrated predictions (of ``cols`` only), clipped to each gene's training range."""
         c = slice(None) if cols is None else cols
         raw = self(x, cols=cols)
         return torch.maximum(torch.minimum(raw * self.out_scale[c] + self.out_shift[c], self.out_hi[c]), self.out_lo[c])
@@ -118,9 +108,9 @@ class FinetuneNet(_Calibrated):
     n_out
         Number of genes (targets first, then auxiliaries).
     mean
-        Per-channel mean of the image normalisation applied to ``uint8`` or ``[0, 1]`` float input (a buffer).
+        Per-channel mean of the input normalisation.
     std
-        Per-channel standard deviation of that normalisation (a buffer).
+        Per-channel standard deviation of the input normalisation.
 
     Examples
     --------
@@ -166,18 +156,16 @@ class FinetuneNet(_Calibrated):
 class EmbeddingEnsemble(nn.Module):
     """Embedding-mode heads of the same shape trained from different seeds; predictions are their mean.
 
-    The ensemble averages the members' *calibrated* predictions (:meth:`member_predictions`: one by one). With
-    ``linear`` (``agl_fit(head="hybrid")``) the first ``linear.n_out`` outputs are ``(1 - linear_weight) *
-    members' mean + linear_weight * linear``.
+    With ``linear`` (``agl_fit(head="hybrid")``) the first ``linear.n_out`` outputs are blended with it.
 
     Parameters
     ----------
     members
         Trained :class:`EmbeddingHead` networks with the same constructor arguments.
     linear
-        A linear :class:`EmbeddingHead` (no hidden layer) of the same input and the first outputs, or None.
+        A linear :class:`EmbeddingHead` of the same input and the first outputs, or None.
     linear_weight
-        Its share of those outputs, in [0, 1] (``agl_fit`` chooses it on the validation spots).
+        Its share of those outputs, in [0, 1].
 
     Examples
     --------

@@ -1,10 +1,4 @@
-"""What a saved model's ``config.json`` may hold, checked before anything is built from it.
-
-:func:`validate_config` checks every field the package reads (types, choices, lengths, bounded sizes, no encoder
-keyword that names a file); :func:`check_digest` names the fields changed since the save; :func:`expected_shapes`
-(built on the ``meta`` device) and :func:`check_weights_header` compare the weights' header with the config before
-a tensor is read. Every refusal names the field.
-"""
+"""What a saved model's ``config.json`` may hold, checked (fields, digest, weight shapes) before anything is built."""
 
 from __future__ import annotations
 
@@ -164,10 +158,7 @@ def _canonical(value: Any) -> bytes:
 
 
 def config_digest(config: dict) -> dict[str, str]:
-    """sha256 of the canonical JSON of every top-level field of ``config`` but the digest itself (format 4).
-
-    ``weights_sha256`` is one of the fields, so the digest covers the whole model.
-    """
+    """sha256 of the canonical JSON of every top-level field of ``config`` (``weights_sha256`` too) but the digest."""
     return {k: hashlib.sha256(_canonical(v)).hexdigest() for k, v in sorted(config.items()) if k != DIGEST_FIELD}
 
 
@@ -339,10 +330,7 @@ def _check_net(c: _Checker, net: Any, n_genes: int) -> str:
 
 
 def validate_config(config: Any, where: str = "config.json", verb: str = "load") -> dict:
-    """Check a (format-upgraded) model config; return it, or raise ``ValueError`` naming the bad field.
-
-    ``where`` names the file and ``verb`` what is refused (``"load"``, ``"save"``) in messages.
-    """
+    """Check a (format-upgraded) model config; return it, or raise ``ValueError`` naming ``where`` and the field."""
     c = _Checker(where, verb)
     if not isinstance(config, dict):
         raise ValueError(
@@ -408,10 +396,7 @@ def weights_header(data: bytes) -> dict[str, tuple[tuple[int, ...], str]]:
 def check_weights_header(
     path: Path, expected: dict[str, tuple[tuple[int, ...], str]], data: bytes | None = None
 ) -> None:
-    """Compare the tensor names, shapes and dtypes in a safetensors header with ``expected`` (reads no tensor).
-
-    ``data``: the file's bytes when already read (``path`` then only names it in messages).
-    """
+    """Compare a safetensors header (of ``data``, else read from ``path``) with ``expected``; reads no tensor."""
     try:
         if data is None:
             with open(path, "rb") as fh:

@@ -34,8 +34,7 @@ __all__ = [
     "check_context_within_groups",
 ]
 
-#: Neighbour aggregations: arithmetic mean, Gaussian-weighted mean (sigma = the library's median
-#: nearest-neighbour distance), element-wise max and standard deviation over the neighbourhood.
+#: Neighbour aggregations (see :func:`spatial_context`).
 CONTEXT_AGGREGATIONS = ("mean", "gaussian", "max", "std")
 CONTEXT_OUTPUTS = ("blend", "concat")
 CONTEXT_SLIDE = ("append", "subtract")
@@ -48,7 +47,6 @@ CONTEXT_CHECKED += ("include_self", "output", "alpha", "fov_patch_um", "slide")
 _CHUNK_BYTES = 64 * 2**20  # output rows computed at a time
 
 
-# ------------------------------------------------------------------------------------------------ recipe
 def _norm(v: Any) -> Any:
     """A recipe value as compared: numbers as floats, missing / NaN as None, the rest as strings."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -97,11 +95,7 @@ def context_kwargs(recipe: dict) -> dict[str, Any]:
 
 
 def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> None:
-    """Refuse context features whose neighbourhoods span several groups of ``group_key`` (folds would leak).
-
-    Every library of the context's recorded ``library_key`` must lie inside one group; features without a context
-    record pass.
-    """
+    """Refuse context features whose neighbourhoods span several groups of ``group_key`` (folds would leak)."""
     rec = ((adata.uns.get(consts.EMBED_UNS) or {}).get(key) or {}).get("context")
     if not rec:
         return
@@ -127,7 +121,6 @@ def check_context_within_groups(adata: AnnData, key: str, group_key: str) -> Non
         )
 
 
-# ------------------------------------------------------------------------------------------------ graph
 def _library_groups(adata: AnnData, library_key: str | None) -> list[tuple[str | None, np.ndarray]]:
     """``(library id, row indices)`` per library (one group of all spots without a library key)."""
     if library_key is None:
@@ -190,12 +183,6 @@ def _weights(conn: sparse.csr_matrix, dist: sparse.csr_matrix, gaussian: bool, i
     return sparse.csr_matrix(w, dtype=np.float32)
 
 
-def _std(w: sparse.csr_matrix, X: np.ndarray, X2: np.ndarray, rows: slice) -> np.ndarray:
-    """Standard deviation over each row's neighbourhood: ``sqrt(W X^2 - (W X)^2)`` (``X2 = X**2``)."""
-    m = w[rows] @ X
-    return np.sqrt(np.maximum(w[rows] @ X2 - m * m, 0.0)).astype(np.float32, copy=False)
-
-
 def _neighbourhood_max(w: sparse.csr_matrix, X: np.ndarray, rows: slice) -> np.ndarray:
     """Element-wise max of ``X`` over each row's neighbourhood (the non-zeros of ``w[rows]``), slot by slot."""
     sub = w[rows]
@@ -207,7 +194,6 @@ def _neighbourhood_max(w: sparse.csr_matrix, X: np.ndarray, rows: slice) -> np.n
     return out
 
 
-# ------------------------------------------------------------------------------------------------ fov
 def _fov_features(
     adata: AnnData, base_rec: dict, library_key, fov_patch_um: float, fov_key: str, weights, encoder, embed_kw: dict
 ) -> tuple[np.ndarray, dict]:
@@ -300,8 +286,11 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
         for a in aggs:
             if a in w_mean:
                 parts.append(np.asarray(w_mean[a][rows] @ Xl, dtype=np.float32))
-            else:
-                parts.append(_neighbourhood_max(w_plain, Xl, rows) if a == "max" else _std(w_plain, Xl, X2, rows))
+            elif a == "max":
+                parts.append(_neighbourhood_max(w_plain, Xl, rows))
+            else:  # std: sqrt(W X^2 - (W X)^2)
+                m = w_plain[rows] @ Xl
+                parts.append(np.sqrt(np.maximum(w_plain[rows] @ X2 - m * m, 0.0)).astype(np.float32, copy=False))
         parts = [alpha * Xl[rows] + (1.0 - alpha) * parts[0]] if output == "blend" else [Xl[rows], *parts]
         if fov is not None:
             parts.append(fov[rows_all[rows]])
@@ -313,7 +302,6 @@ def _fill_library(out, Xl, rows_all, coords, recipe: dict, fov, width: int) -> N
         out[rows_all, width:] = np.concatenate(means)[None, :]
 
 
-# ------------------------------------------------------------------------------------------------ public
 @d.dedent
 def spatial_context(
     data: Any,

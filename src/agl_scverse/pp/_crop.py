@@ -1,7 +1,4 @@
-"""Cutting one patch: the crop's origin and sub-pixel shift, padding at the image border, resizing, memory limits.
-
-The geometry these implement is described in :mod:`agl_scverse.pp._patches`.
-"""
+"""Cutting one patch: its origin and sub-pixel shift, padding at the border, resizing, memory limits."""
 
 from __future__ import annotations
 
@@ -15,15 +12,10 @@ from agl_scverse._validate import check_choice
 
 PAD_MODES = ("constant", "reflect", "edge")
 ON_OUTSIDE = ("error", "pad")
-#: Largest memory (bytes) cutting one patch may take: the crop read from the image and its padded copy (1 byte
-#: per value each), the float32 copy of the antialiased resize (4), and the patch it gives (uint8 and float32), so
-#: ``3 * (6 * side**2 + 5 * patch_px**2)`` for a crop of ``side`` pixels of the level read. Larger requests (e.g.
-#: ``patch_um=1e5``, a 100k-pixel padded square) are refused when the dataset is built, with the numbers.
+#: Largest memory (bytes) cutting one patch may take (crop, padded copy, float32 resize, patch: :func:`patch_bytes`).
 MAX_PATCH_BYTES = 2 * 2**30
-#: Largest memory (bytes) of the patch batches a tool holds at once: the uint8 batches in flight (one, or
-#: ``num_workers * prefetch_factor``) and the float32 input with its normalised copy, so
-#: ``batch_size * 3 * patch_px**2 * (in_flight + 8 + 4 * ahead)`` (``ahead``: float32 batches cut ahead of the
-#: encoder); the encoder's own activations come on top.
+#: Largest memory (bytes) of the patch batches held at once (uint8 batches in flight, float32 input and its
+#: normalised copy, float32 batches made ahead), before the encoder's own activations.
 MAX_BATCH_BYTES = 4 * 2**30
 
 
@@ -35,11 +27,7 @@ def patch_bytes(side: int, patch_px: int) -> int:
 def check_patch_batch(
     patch_px: int, batch_size: int, in_flight: int = 1, what: str = "batch_size", ahead: int = 0
 ) -> None:
-    """Refuse batches of patches whose memory (see :data:`MAX_BATCH_BYTES`) exceeds the limit.
-
-    ``ahead``: normalised float32 batches made ahead of the encoder (``embed_patches`` cuts the next batch in a
-    thread while the encoder runs: one queued, one being made).
-    """
+    """Refuse batches of patches whose memory exceeds :data:`MAX_BATCH_BYTES` (``ahead``: float32 batches made ahead)."""
     per_value = int(in_flight) + 8 + 4 * int(ahead)
     need = int(batch_size) * 3 * int(patch_px) ** 2 * per_value
     if need > MAX_BATCH_BYTES:

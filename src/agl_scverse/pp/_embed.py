@@ -1,18 +1,13 @@
-"""Spot embeddings: run an image encoder over spot patches and cache the features in ``.obsm``.
-
-The pieces: :class:`~agl_scverse.pp.SpotPatches` cuts the patches, :func:`agl_scverse.model.get_encoder` builds the
-encoder and says how to normalise its input (:func:`agl_scverse.pp.normalize` with ``info["mean"]``,
-``info["std"]``); the fine-tune trainer uses the same pieces.
-"""
+"""Spot embeddings: an image encoder run over spot patches, the features cached in ``.obsm``."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
-import queue
-import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +39,6 @@ from ._patches import SpotPatches, check_patch_batch
 __all__ = ["embed_patches"]
 
 
-# ------------------------------------------------------------------------------------------------ inference
 #: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
 TTA_CHOICES = (1, 4, 8)
 #: The old keywords of :func:`embed_patches`, now fields of its ``encoder`` (an EncoderConfig); kept one release.
@@ -112,64 +106,32 @@ class ReadAhead:
     _END = object()
 
     def __init__(self, source: Iterator[Any], depth: int = 1, name: str = "agl-read-ahead"):
-        self._source = source
-        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, int(depth)))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._source, self._depth = source, max(1, int(depth))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._ahead: collections.deque[Future] = collections.deque()
 
     def __enter__(self) -> ReadAhead:
-        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
-        """Stop making items, drop the queued ones and wait for the thread to end (at most one item's time)."""
-        self._stop.set()
-        while self._thread.ident is not None and self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)  # frees a producer blocked on a full queue
-        if self._thread.ident is not None:
-            self._thread.join()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
+        """Drop the items not started, wait for the one being made, then close the source."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
         close = getattr(self._source, "close", None)  # a generator's own finally blocks run here
         if close is not None:
             close()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for item in self._source:
-                if self._stop.is_set() or not self._put((True, item)):
-                    return
-        except BaseException as err:  # handed to the caller, raised there
-            self._put((False, err))
-            return
-        self._put((True, self._END))
 
     def __iter__(self) -> ReadAhead:
         return self
 
     def __next__(self) -> Any:
-        if not self._thread.is_alive() and self._queue.empty() and self._stop.is_set():
-            raise StopIteration
-        ok, item = self._queue.get()
-        if not ok:
-            self._stop.set()
-            raise item
+        while len(self._ahead) < self._depth + 2:  # one in hand, one made, one being made (depth 1)
+            self._ahead.append(self._pool.submit(next, self._source, self._END))
+        item = self._ahead.popleft().result()  # the source's error is raised here
         if item is self._END:
-            self._stop.set()
             raise StopIteration
         return item
 

@@ -1,14 +1,4 @@
-"""Gene roles (target / auxiliary / excluded) and the ranking of auxiliaries by a prior score.
-
-One public function, :func:`gene_roles`, scanpy style (as ``sc.pp.highly_variable_genes``): by default it writes
-the roles to ``.var`` (columns named by :class:`agl_scverse._constants.Keys`) and its parameters to
-``.uns[Keys(key_added).gene_roles]`` (a separate entry, so that the ``.uns[key_added]`` written by ``agl_fit`` never
-collides with it); with ``inplace=False`` it writes nothing and returns a :class:`GeneRoles` (targets, ranked
-auxiliaries, prior scores, parameters), which :func:`agl_scverse.tl.agl_fit` uses. ``compute_gene_roles`` is its
-deprecated spelling of ``inplace=False`` (kept for one release).
-
-Prior scorers live in :mod:`agl_scverse.pp._priors`; the expression scale in :mod:`agl_scverse._expression`.
-"""
+"""Gene roles (target / auxiliary / excluded) and the ranking of auxiliaries by a prior score."""
 
 from __future__ import annotations
 
@@ -41,13 +31,7 @@ from ._priors import (
     rank_order,
 )
 
-__all__ = [
-    "DEFAULT_MIN_CELLS",
-    "GeneRoles",
-    "compute_gene_roles",
-    "gene_roles",
-    "write_gene_roles",
-]
+__all__ = ["DEFAULT_MIN_CELLS", "GeneRoles", "compute_gene_roles", "gene_roles", "write_gene_roles"]
 
 
 DEFAULT_MIN_CELLS = 10
@@ -59,9 +43,6 @@ Pass ``min_cells=0`` to keep every gene with a non-zero count, or a float in (0,
 """
 
 
-# --------------------------------------------------------------------------------------------------------------
-# gene roles
-# --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GeneRoles:
     """Gene roles computed by :func:`gene_roles` (returned with ``inplace=False``).

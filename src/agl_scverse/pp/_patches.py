@@ -1,43 +1,4 @@
-"""Spot-centred image patches at a fixed physical scale.
-
-A patch covers ``patch_um`` µm of tissue centred on a spot and is resized to ``patch_px`` pixels, whatever the
-resolution of the slide, so encoders see the same physical scale on every slide.
-
-Geometry
-    ``.obsm["spatial"]`` holds spot centres in full-resolution pixels (pixel ``i`` has its centre at ``i``).
-    The crop side in source-image pixels is ``patch_um / microns_per_pixel * scale`` where ``scale`` maps
-    full-resolution pixels to the image used (1 for the full-resolution image; ``tissue_hires_scalef`` for the
-    hires image when no full-resolution image is available: refused when that image is coarser than the patch's
-    µm per pixel unless ``allow_lowres=True``). The side is rounded to whole
-    pixels and the crop is the ``side x side`` block of pixels centred on the spot (for an odd side the spot's
-    pixel is the centre pixel; for an even side the centre lies half a pixel before the middle). A centre with a
-    fractional part (Space Ranger writes float centres) is honoured to the sub-pixel: the crop is read one pixel
-    larger and its window, shifted by the fraction, is resized to ``patch_px`` in one bilinear antialiased pass
-    (PIL's ``resize`` with a float box; :func:`crop_origin`), so a patch moves continuously with its centre and the
-    offset adds no blur of its own; whole-pixel centres are cut and resized as before.
-Pyramid levels
-    Patches are cut from the pyramid level whose µm/px is closest to the patch's ``patch_um / patch_px`` without
-    being coarser (:func:`agl_scverse._images.choose_level`), so a 224 px / 112 µm patch of a 0.25 µm/px scan is
-    read from its 2x level, not from 448 px of level 0. At level ``l`` (downsample ``d``) the spot centre ``c``
-    (level-0 pixels) is at ``(c - (d - 1) / 2) / d`` and the side is ``patch_um / (µm/px of level 0 * d)``; level 0
-    is the geometry above. Plain images have level 0 only.
-Reading
-    Each crop is read with ``read_region`` from the library's image source (:func:`agl_scverse._spatial.get_image`):
-    tiled TIFFs decode only the tiles a patch touches, JPEG / PNG files are decoded once into a memory-mapped cache
-    file. Nothing is decoded when the dataset is built, so memory follows the batch, not the slide.
-Resizing
-    ``torchvision.transforms.v2.functional.resize`` with bilinear interpolation and ``antialias=True`` on the
-    uint8 crop (so downsampling averages rather than aliases); skipped when the crop already has ``patch_px``
-    pixels.
-Borders
-    Parts of a patch outside the image are filled per ``pad_mode``: ``"constant"`` (``pad_value``, white by
-    default, like glass), ``"reflect"`` (mirror without repeating the edge pixel) or ``"edge"`` (repeat the
-    edge pixel). ``SpotPatches.inside_fraction`` records how much of each patch lies inside the image.
-HEST samples
-    When ``uns["spatial"][lib]["metadata"]["patches_h5"]`` and ``.obs["hest_patch_index"]`` are present, the
-    pre-extracted HEST patches (224 px covering 112 µm) are used, resized when ``patch_px`` differs. They are
-    only used for ``patch_um=112``; any other size is cut from the slide image.
-"""
+"""Spot-centred image patches at a fixed physical scale (geometry and levels: the Data layouts page)."""
 
 from __future__ import annotations
 
@@ -95,13 +56,12 @@ HEST_PATCH_INDEX = consts.HEST_PATCH_INDEX
 HEST_PATCH_UM = 112.0
 
 
-# ------------------------------------------------------------------------------------------------ dataset
 class SpotPatches(Dataset):
     """Spot-centred patches of a fixed physical size, as a torch :class:`~torch.utils.data.Dataset`.
 
     Item ``i`` is a uint8 tensor ``(3, patch_px, patch_px)`` for spot ``obs_names[i]``. Each library image is opened
     as a source at construction (its size and pyramid levels, so border checks are known before any work; no
-    pixel is decoded) and each item reads its crop by region. See the module docstring for geometry, pyramid
+    pixel is decoded) and each item reads its crop by region. The Data layouts page gives the geometry, pyramid
     levels, resizing and padding. The dataset pickles without open files or memory maps (DataLoader workers
     reopen the images on first use).
 
@@ -264,7 +224,6 @@ class SpotPatches(Dataset):
         if n_part:
             logg.info(f"{n_part} spots have patches partly outside the image; borders padded ({pad_mode!r}).")
 
-    # -- slide images ----------------------------------------------------------------------------------
     def _setup_image(self, adata: AnnData, lib: str, sel: np.ndarray, xy: np.ndarray) -> None:
         """Open the library's image, choose the pyramid level and place every crop on it."""
         src, scale, which = _spatial.get_image(adata, lib, warn=False)  # the resolution rule is below
@@ -327,7 +286,6 @@ class SpotPatches(Dataset):
                 f"{mpp / scale * lv.downsample:.3g} µm/px) for {self.patch_um / self.patch_px:.3g} µm/px patches."
             )
 
-    # -- HEST pre-extracted patches ---------------------------------------------------------------------
     def _setup_h5(self, adata: AnnData, lib: str, path: str, sel: np.ndarray) -> None:
         import h5py
 
@@ -367,9 +325,14 @@ class SpotPatches(Dataset):
             self._h5[lib] = h5py.File(self._h5_path[lib], "r")
         return np.asarray(self._h5[lib]["img"][row])
 
-    # -- Dataset protocol ---------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.spot_index)
+
+    def _crop(self, i: int, extra: int = 0) -> np.ndarray:
+        """Item ``i``'s crop from the source image (``extra`` pixels wider), padded at the border."""
+        lib, (x0, y0) = self.library[i], (int(v) for v in self._box[i])
+        side = self.crop_side[lib] + extra
+        return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
 
     def patch_array(self, i: int) -> np.ndarray:
         """Item ``i`` before resizing: ``(side, side, 3)`` uint8 crop from the source image (at its chosen level).
@@ -377,16 +340,10 @@ class SpotPatches(Dataset):
         A fractional centre's crop is the one-pixel-larger crop shifted by the fraction (:func:`subpixel_shift`);
         the item itself resamples once (offset and resize together).
         """
-        lib = self.library[i]
         if self._h5_row[i] >= 0:
-            return self._h5_patch(lib, int(self._h5_row[i]))
-        x0, y0 = (int(v) for v in self._box[i])
-        side = self.crop_side[lib]
+            return self._h5_patch(self.library[i], int(self._h5_row[i]))
         fx, fy = (float(v) for v in self._frac[i])
-        if fx == 0.0 and fy == 0.0:
-            return crop_with_padding(self._sources[lib], x0, y0, side, self.pad_mode, self.pad_value, self.level[lib])
-        wide = crop_with_padding(self._sources[lib], x0, y0, side + 1, self.pad_mode, self.pad_value, self.level[lib])
-        return subpixel_shift(wide, fx, fy)
+        return self._crop(i) if fx == 0.0 and fy == 0.0 else subpixel_shift(self._crop(i, 1), fx, fy)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if not -len(self) <= i < len(self):
@@ -402,13 +359,9 @@ class SpotPatches(Dataset):
         """Item ``i`` of a spot with a fractional centre, as a ``(patch_px, patch_px, 3)`` uint8 array."""
         from PIL import Image
 
-        lib = self.library[i]
-        x0, y0 = (int(v) for v in self._box[i])
-        side = self.crop_side[lib]
-        fx, fy = (float(v) for v in self._frac[i])
-        wide = crop_with_padding(self._sources[lib], x0, y0, side + 1, self.pad_mode, self.pad_value, self.level[lib])
+        side, (fx, fy) = self.crop_side[self.library[i]], (float(v) for v in self._frac[i])
         box = (fx, fy, fx + side, fy + side)
-        out = Image.fromarray(wide).resize((self.patch_px, self.patch_px), Image.Resampling.BILINEAR, box=box)
+        out = Image.fromarray(self._crop(i, 1)).resize((self.patch_px,) * 2, Image.Resampling.BILINEAR, box=box)
         return np.array(out, dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
     def __getstate__(self) -> dict:
@@ -452,7 +405,6 @@ class SpotPatches(Dataset):
         }
 
 
-# ------------------------------------------------------------------------------------------------ helpers
 def _as_dataset(data: AnnData | SpotPatches, **kwargs) -> SpotPatches:
     if isinstance(data, SpotPatches):
         if kwargs:
@@ -479,7 +431,7 @@ def patch_loader(
     batch_size
         Patches per batch.
     shuffle
-        Shuffle the spots (with a generator seeded by ``seed``).
+        Shuffle the spots.
     num_workers
         DataLoader worker processes (each reopens the slide images it needs and reads patches by region).
     seed

@@ -1,17 +1,4 @@
-"""Reference predictors every honest report carries beside the model.
-
-- :func:`mean_predictor`: the per-gene mean of the training spots, for every test spot (no image used).
-- :func:`pca_ridge`: HEST-Benchmark-style linear probe on frozen image embeddings:
-  ``StandardScaler -> PCA(n_components=256) -> Ridge``;
-- :func:`reduced_rank_ridge`: "linear AGL", a closed-form ridge whose coefficients are restricted to a rank-``r``
-  subspace of the outputs shared by the targets and (weighted) auxiliary genes.
-
-All take training embeddings and expression, and test embeddings, and return test predictions on the scale
-of the given expression (use :func:`agl_scverse.pp.expression_transform` for it). Like the networks of
-:func:`agl_scverse.tl.agl_fit`, the ridge predictors z-score every gene on the training spots before the penalty is
-chosen (so that a penalty is not chosen for the most variable genes only) and clip predictions to each gene's
-training range (``clip=True``), so that baselines and networks are compared on the same terms.
-"""
+"""Reference predictors beside the model: the training mean, PCA + ridge, reduced-rank ridge."""
 
 from __future__ import annotations
 
@@ -95,13 +82,7 @@ def make_pca_ridge(
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}.")
         reg = Ridge(alpha=float(alpha))
-    return Pipeline(
-        [
-            ("scale", StandardScaler()),
-            ("pca", PCA(n_components=n_comp, random_state=seed)),
-            ("ridge", reg),
-        ]
-    )
+    return Pipeline([("scale", StandardScaler()), ("pca", PCA(n_components=n_comp, random_state=seed)), ("ridge", reg)])
 
 
 def pca_ridge(

@@ -8,14 +8,7 @@ from typing import Any
 
 from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_seed
-from agl_scverse.configs import (
-    DkGSBConfig,
-    EncoderConfig,
-    GeneConfig,
-    NetworkConfig,
-    TrainingConfig,
-    as_config,
-)
+from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig, as_config
 
 __all__ = ["FitConfig", "LEGACY_KEYWORDS", "merge_legacy"]
 

@@ -19,13 +19,7 @@ from agl_scverse._expression import expression_transform, observed_transform, pr
 from agl_scverse._serialize import null_as_none, to_h5ad
 from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
-from agl_scverse._validate import (
-    check_counts,
-    check_integer_counts,
-    check_unique_names,
-    resolve_spots,
-    scored_spots,
-)
+from agl_scverse._validate import check_counts, check_integer_counts, check_unique_names, resolve_spots, scored_spots
 from agl_scverse.model import AGLModel
 
 from ._baselines import mean_predictor, pca_ridge

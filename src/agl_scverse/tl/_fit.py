@@ -1,11 +1,4 @@
-"""``agl_fit``: train an AGL model (PGL, AGL-all, top-k or DkGSB) on one or several slides.
-
-Stages (so that a bad input never leaves a half-modified AnnData): configuration (:mod:`._config`, every argument
-checked), :func:`prepare_data` (counts, spots, split, embedding), :func:`prepare_genes` (gene roles on the
-training spots, the expression matrix), :func:`build_network` (features or patches, encoder, network),
-:func:`agl_scverse.model.train_network`, :func:`_make_model`, and last :func:`_write_results`, one block that
-either completes or restores what it touched.
-"""
+"""``agl_fit``: train an AGL model (PGL, AGL-all, top-k or DkGSB) in stages; one write block at the end."""
 
 from __future__ import annotations
 
@@ -32,37 +25,18 @@ from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, show_progress, versions
 from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
-from agl_scverse.model import (
-    AGLModel,
-    EmbeddingEnsemble,
-    GeneMask,
-    train_network,
-)
+from agl_scverse.model import AGLModel, EmbeddingEnsemble, GeneMask, train_network
 from agl_scverse.pp._genes import write_gene_roles
 from agl_scverse.train._inference import forward, index_batches
 from agl_scverse.train._trainer import TrainResult, empty_history
 
 from ._config import FitConfig, merge_legacy
-from ._fit_inputs import (
-    FitData,
-    FitGenes,
-    build_network,
-    checkpointer,
-    prepare_data,
-    prepare_genes,
-    with_k,
-)
+from ._fit_inputs import FitData, FitGenes, build_network, checkpointer, prepare_data, prepare_genes, with_k
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
 
-__all__ = ["agl_fit", "predict_rows", "k_search_grid"]
+__all__ = ["agl_fit", "k_search_grid"]
 
 
-def predict_rows(net, inputs, idx: np.ndarray, n_first: int | None = None, batch_size: int = 512) -> np.ndarray:
-    """Calibrated predictions (transformed scale) of ``net`` for rows ``idx`` of ``inputs``, float32."""
-    return forward(net, index_batches(inputs, idx, batch_size), net.n_out, calibrated=True, n_first=n_first)
-
-
-# ----------------------------------------------------------------------------------------------- stages
 def _train(
     net, inputs, genes: FitGenes, data: FitData, cfg: FitConfig, dev, progress: bool, desc: str, epochs=None, **kw
 ) -> TrainResult:
@@ -289,7 +263,6 @@ def _written(keys: Keys) -> dict[str, list[str]]:
     }
 
 
-# ----------------------------------------------------------------------------------------------- agl_fit
 @d.dedent
 def agl_fit(
     data: Any,
@@ -435,7 +408,7 @@ def agl_fit(
         desc = f"agl_fit ({cfg.method})"
         res = _train(net, inputs, fg, fit_data, cfg, dev, progress, desc, mask=mask, checkpoint=checkpoint)
     n_t = fg.n_targets  # validation metrics of the selected network, before any refit has seen those spots
-    val_pred = predict_rows(net, inputs, fit_data.val_idx, n_t)
+    val_pred = forward(net, index_batches(inputs, fit_data.val_idx, 512), len(fg.genes), calibrated=True, n_first=n_t)
     val_metrics = per_gene_metrics(fg.expr.batch(fit_data.val_idx, n_t), val_pred, genes=fg.roles.targets)
     refit_history = None
     if cfg.training.refit and linear is not None:

@@ -1,10 +1,4 @@
-"""What a fit trains on: its spots and split, its genes and their expression, the network and its inputs.
-
-The first stages of :func:`agl_scverse.tl.agl_fit` (:mod:`agl_scverse.tl._fit`): :func:`prepare_data` (counts, spots,
-split, embedding), :func:`prepare_genes` (gene roles on the training spots, the expression matrix),
-:func:`build_network` (features or patches, encoder, network), and the fingerprint of a resumable run
-(:func:`checkpointer`).
-"""
+"""What a fit trains on: its spots and split, genes and expression, the network and its inputs."""
 
 from __future__ import annotations
 
@@ -191,15 +185,7 @@ def expression_sha256(expr: ExpressionBatches, rows: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def checkpointer(
-    save_dir,
-    overwrite: bool,
-    cfg: FitConfig,
-    genes: FitGenes,
-    data: FitData,
-    net,
-    enc_record: dict,
-):
+def checkpointer(save_dir, overwrite: bool, cfg: FitConfig, genes: FitGenes, data: FitData, net, enc_record: dict):
     """The run's :class:`~agl_scverse.train._resume.Checkpointer` (None without checkpoints or resume)."""
     every, resume = cfg.training.checkpoint_every, cfg.training.resume
     if not every and not resume:

@@ -1,11 +1,4 @@
-"""``agl_fit(head="rrr")``: the closed-form reduced-rank ridge head ("linear AGL") as a savable AGL network.
-
-The auxiliaries are extra columns of one ridge regression whose coefficients are restricted to a rank-``r``
-subspace (:func:`~agl_scverse.tl.reduced_rank_ridge`); the fit is written into a linear
-:class:`~agl_scverse.model.EmbeddingHead` (input standardisation, one output layer, calibration to the expression
-scale, the training range as clip), so saving, loading and every prediction route work unchanged. The rank (and
-with ``k="auto"`` the number of auxiliaries) is chosen on the validation spots.
-"""
+"""``agl_fit(head="rrr")``: the reduced-rank ridge head ("linear AGL") as a savable linear network."""
 
 from __future__ import annotations
 

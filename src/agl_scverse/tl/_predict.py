@@ -1,14 +1,4 @@
-"""Apply a fitted :class:`~agl_scverse.model.AGLModel` to a slide.
-
-:func:`agl_predict` writes predictions into a slide that measured the model's genes; :func:`predict_anndata`
-returns a new AnnData of predictions for any slide, e.g. an H&E-only one. Everything is checked before anything
-is written: the model's genes against the slide's, the embedding's recorded encoder settings against the
-model's, the embedding itself (shape, NaN). A missing embedding is computed with the model's recorded encoder,
-weights file (passed as ``encoder={"weights": ...}``; its sha256 is checked against the recorded one; a path recorded in the
-model is never opened) and patch size, into a copy, and written together with the predictions. A model trained on
-spatial-context features (:func:`agl_scverse.pp.spatial_context`) has them rebuilt with its recorded recipe from the
-slide's spot embedding (itself computed when missing); context features of another recipe are refused.
-"""
+"""Apply a fitted :class:`~agl_scverse.model.AGLModel` to a slide (everything checked before a write)."""
 
 from __future__ import annotations
 
@@ -34,7 +24,7 @@ from agl_scverse.configs import EncoderConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 
-from ._predict_inputs import check_embedding_matches, check_source_resolution, model_inputs, run_options
+from ._predict_inputs import model_inputs, run_options
 from ._predict_records import model_run_record, prediction_record, run_writes
 from ._predict_values import DENSE_LAYER_BYTES, prediction_values, spread_layer, want_spread
 
@@ -44,8 +34,6 @@ __all__ = [
     "predict_core",
     "predict_options",
     "predictions_anndata",
-    "check_embedding_matches",
-    "check_source_resolution",
     "prediction_layer",
     "prediction_record",
     "model_run_record",

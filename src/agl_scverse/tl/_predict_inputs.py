@@ -1,10 +1,4 @@
-"""What a model reads on a slide: its embedding, checked against the model's record, or computed with the model's encoder.
-
-Everything here checks or computes without writing into the slide: the embedding's recorded encoder settings and
-source resolution against the model's, its spatial-context recipe, its shape and values; a missing embedding (or
-context features) is computed into a copy with the model's recorded encoder, weights and patch size; a fine-tuned
-model reads patches. Used by :func:`agl_scverse.tl.agl_predict` and :func:`agl_scverse.tl.predict_anndata`.
-"""
+"""What a model reads on a slide: its embedding, checked against the model's record, or computed."""
 
 from __future__ import annotations
 

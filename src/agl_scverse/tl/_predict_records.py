@@ -1,8 +1,4 @@
-"""What a prediction writes about itself: the record of its layers, and the model's description of its run.
-
-Plots and :func:`agl_scverse.tl.evaluate` read these, so a slide predicted with a loaded model needs no
-``.uns["agl"]`` of a fit.
-"""
+"""What a prediction writes about itself: its layers' record and the model's run."""
 
 from __future__ import annotations
 
@@ -81,13 +77,7 @@ def model_run_record(model: AGLModel, var_names: pd.Index, keys: Keys) -> tuple[
         "targets": list(model.targets),
         "embedding_key": cfg.get("embedding_key"),
         "history": history,
-        "metrics": {
-            "best_epoch": cfg.get("best_epoch"),
-            "val_pcc": cfg.get("val_pcc"),
-            "n_train": cfg.get("n_train"),
-            "n_val": cfg.get("n_val"),
-            "refit": cfg.get("refit"),
-        },
+        "metrics": {n: cfg.get(n) for n in ("best_epoch", "val_pcc", "n_train", "n_val", "refit")},
         "source": "model",
     }
     return var, to_h5ad(entry)

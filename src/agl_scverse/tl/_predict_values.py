@@ -1,8 +1,4 @@
-"""Predictions of a model in row chunks: a dense or lazy (dask) layer in the asked scale, and a seed ensemble's spread.
-
-Memory is that of a chunk of spots x model genes (plus the layer when it is dense). Used by
-:func:`agl_scverse.tl.agl_predict`, :func:`agl_scverse.tl.predict_anndata` and :func:`agl_scverse.tl.evaluate`.
-"""
+"""Predictions in row chunks: a dense or dask layer in the asked scale, and an ensemble's spread."""
 
 from __future__ import annotations
 
@@ -21,19 +17,14 @@ __all__ = ["DENSE_LAYER_BYTES", "model_transform", "prediction_values", "spread_
 DENSE_LAYER_BYTES = 2**30
 #: Spots x genes (float32 bytes) predicted at a time.
 _CHUNK_BYTES = 128 * 2**20
+#: Spots and genes of a chunk of the dask layer.
+_DASK_ROWS, _DASK_COLS = 4096, 2048
 
 
-def _rows(features, start: int, stop: int):
-    """Rows ``start:stop`` of an array of features or of a patch Dataset."""
-    if isinstance(features, torch.utils.data.Dataset):
-        return torch.utils.data.Subset(features, range(start, stop))
-    return features[start:stop]
-
-
-def _predict_rows(
-    model: AGLModel, features, start: int, stop: int, device: str, batch_size: int, columns=None, run=None
-):
-    rows = _rows(features, start, stop)
+def _predict_rows(model: AGLModel, features, s: int, e: int, device: str, batch_size: int, columns=None, run=None):
+    """Predictions of rows ``s:e`` of an array of features or of a patch Dataset."""
+    is_dataset = isinstance(features, torch.utils.data.Dataset)
+    rows = torch.utils.data.Subset(features, range(s, e)) if is_dataset else features[s:e]
     return model.predict(rows, batch_size=batch_size, columns=columns, device=device, **(run or {}))
 
 
@@ -49,36 +40,18 @@ def _library_cols(model: AGLModel, scale: str) -> np.ndarray | None:
     return np.asarray([col[g] for g in model.predicted_genes], dtype=np.int64)
 
 
-def _row_chunks(
-    model: AGLModel,
-    features,
-    n: int,
-    model_cols: np.ndarray,
-    device: str,
-    batch_size: int,
-    width: int = 0,
-    scale: str = consts.SCALE_MODEL,
-    run=None,
-):
-    """``(start, stop, predictions of model_cols in scale)`` for chunks of spots of about :data:`_CHUNK_BYTES`."""
-    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))
+def prediction_values(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
+    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere)."""
+    if not dense:
+        return _dask_layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run)
+    layer = np.zeros((n, width), dtype=np.float32)
+    step = max(1, int(_CHUNK_BYTES // (4 * max(len(model.genes), width))))  # spots x genes of about _CHUNK_BYTES
     lib_cols, transform = _library_cols(model, scale), model_transform(model)
     for s in range(0, n, step):
         e = min(s + step, n)
         full = _predict_rows(model, features, s, e, device, batch_size, run=run)
         library = predicted_library_size(full[:, lib_cols], transform) if lib_cols is not None else None
-        yield s, e, rescale_predictions(full[:, model_cols], transform, scale, library)
-
-
-def prediction_values(model, features, n, width, var_cols, model_cols, device, batch_size, scale, run, dense):
-    """Predictions of ``model_cols`` into columns ``var_cols`` of an ``(n, width)`` layer (0 elsewhere)."""
-    if not dense:
-        return _dask_layer(model, features, n, width, var_cols, model_cols, device, batch_size, scale=scale, run=run)
-    layer = np.zeros((n, width), dtype=np.float32)
-    for s, e, pred in _row_chunks(
-        model, features, n, model_cols, device, batch_size, width=width, scale=scale, run=run
-    ):
-        layer[s:e, var_cols] = pred
+        layer[s:e, var_cols] = rescale_predictions(full[:, model_cols], transform, scale, library)
     return layer
 
 
@@ -114,20 +87,7 @@ def want_spread(model: AGLModel, spread: bool | None) -> bool:
     return bool(spread)
 
 
-def _dask_layer(
-    model,
-    features,
-    n_obs,
-    n_vars,
-    var_cols,
-    model_cols,
-    device,
-    batch_size,
-    rows=4096,
-    cols=2048,
-    scale="model",
-    run=None,
-):
+def _dask_layer(model, features, n_obs, n_vars, var_cols, model_cols, device, batch_size, scale, run):
     """A lazy spots x genes layer of (spots, genes) chunks, each predicting only its own genes."""
     import dask
     import dask.array as da
@@ -148,11 +108,11 @@ def _dask_layer(
         return out
 
     grid = []
-    for s in range(0, n_obs, rows):
-        e, row = min(s + rows, n_obs), []
+    for s in range(0, n_obs, _DASK_ROWS):
+        e, row = min(s + _DASK_ROWS, n_obs), []
         lib = dask.delayed(library)(s, e) if lib_cols is not None else None
-        for c0 in range(0, n_vars, cols):
-            c1 = min(c0 + cols, n_vars)
+        for c0 in range(0, n_vars, _DASK_COLS):
+            c1 = min(c0 + _DASK_COLS, n_vars)
             if (by_var[c0:c1] >= 0).any():
                 delayed = dask.delayed(chunk)(s, e, c0, c1, lib)
                 row.append(da.from_delayed(delayed, shape=(e - s, c1 - c0), dtype=np.float32))

@@ -1,8 +1,4 @@
-"""Training: the trainer, the bi-level step, the loss, the soft mask, precision, batches, the forward loop, resume.
-
-The engine's lowest floor beside :mod:`agl_scverse.encoders`: it trains any :class:`torch.nn.Module` it is given;
-users import these names from :mod:`agl_scverse.model`, which hands them on.
-"""
+"""Training: the trainer, the bi-level step, loss, soft mask, precision, batches, forward loop, resume."""
 
 from ._bilevel import AdamState, hypergradient, meta_scope_names, unrolled_val_loss
 from ._loss import pearson_loss, per_gene_loss, weighted_loss

@@ -1,22 +1,4 @@
-"""The DkGSB bi-level step, written with :mod:`torch.func` (no ``higher``).
-
-One meta step takes ``H`` differentiable inner steps from a detached copy of the parameters on the mask-weighted
-training loss ``sum_i w_i(theta) L_i / sum_i w_i(theta)``, evaluates the target-only loss on a validation batch and
-back-propagates it through the unrolled steps to ``theta``.
-
-The inner step (``optimizer_state``): the Adam update of :class:`AdamState` written out functionally, of the live
-optimiser (``lookahead="adam"``: with ``H = 1`` the network's next training step) or of a fresh one
-(``lookahead="authors"``: all steps on one batch, train mode); without a state, SGD with ``inner_lr`` (``"sgd"``).
-
-Normaliser: ``"soft"`` (default) differentiates ``sum_i w_i`` too (the exact derivative); a number holds it
-constant; ``"detached"`` (the authors' code) differentiates as if ``sum_i w_i`` were constant. Their signs against
-finite differences on HER2+: ``benchmarks/results/check_hypergradient.json``.
-
-The meta step runs in eval mode (train mode for the authors' look-ahead, with copies of the running statistics).
-With ``H = 1`` the auxiliary rows of the output layer enter as constants: they only feed the auxiliary outputs, so
-the hypergradient is the same and the graph smaller. ``meta_scope`` names the parameters the look-ahead moves
-(:func:`meta_scope_names`); the others are detached constants, so the double backward spans only the scope.
-"""
+"""The DkGSB bi-level step with :mod:`torch.func` (the Method page describes it)."""
 
 from __future__ import annotations
 
@@ -223,9 +205,9 @@ def unrolled_val_loss(
     n_targets
         Number of leading target outputs.
     x_tr
-        Inputs of one training batch, or a sequence of batches used in turn by the inner steps.
+        Inputs of one training batch, or a sequence of batches for the inner steps in turn.
     y_tr
-        Their (standardised) expression, one per batch of ``x_tr``.
+        Their (standardised) expression.
     x_va
         Inputs of the validation batch.
     y_va
@@ -237,13 +219,12 @@ def unrolled_val_loss(
     loss
         ``"pearson"`` or ``"mse"``.
     normalizer
-        ``"soft"``, ``"detached"`` or a constant, see the module docstring.
+        ``"soft"`` differentiates ``sum_i w_i`` too; ``"detached"`` (the authors') holds it constant in the
+        derivative; a number replaces it.
     optimizer_state
-        Take the inner steps as this Adam optimiser would (:class:`AdamState`: the live one, or
-        :meth:`AdamState.fresh` for the authors' look-ahead); ``None``: SGD.
+        Take the inner steps as this Adam optimiser (:class:`AdamState`) would; ``None``: SGD.
     meta_scope
-        The parameters the inner steps move (:func:`meta_scope_names`): ``"all"``, ``"last"`` (the output layer
-        and the last block below it; the others are constants of the look-ahead) or a sequence of names.
+        The parameters the inner steps move: ``"all"``, ``"last"`` or names (:func:`meta_scope_names`).
 
     Examples
     --------

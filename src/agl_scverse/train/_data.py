@@ -1,10 +1,4 @@
-"""Batches of image patches: one DataLoader path for embedding, fine-tune training and predict.
-
-The caller plans the batches (index arrays); :func:`patch_batches` reads them as uint8 ``(B, 3, H, W)`` tensors
-through a :class:`~torch.utils.data.DataLoader` whose items are whole batches. A batch depends only on its indices and
-augmentation codes, so any number of workers gives the same batches. Augmentation (fine-tune training): one of the 8
-symmetries of the square per patch, drawn from ``(seed, epoch)`` alone (H&E has no preferred orientation).
-"""
+"""Batches of image patches: one DataLoader path for embedding, fine-tune training and predict."""
 
 from __future__ import annotations
 
@@ -37,10 +31,7 @@ def augment_codes(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def augment_batch(x: torch.Tensor, codes: np.ndarray | Sequence[int] | None) -> torch.Tensor:
-    """Apply symmetry ``codes[j]`` to square patch ``j`` of ``x`` (``(B, C, H, W)``); ``None`` returns ``x``.
-
-    Code ``c``: ``c % 4`` counter-clockwise quarter turns (:func:`torch.rot90`), then a horizontal flip when ``c >= 4``.
-    """
+    """Apply symmetry ``codes[j]`` (``c % 4`` quarter turns, then a flip when ``c >= 4``) to square patch ``j``."""
     if codes is None:
         return x
     codes = np.asarray(codes, dtype=np.int64)
@@ -90,12 +81,7 @@ def patch_batches(
     pin_memory: bool = False,
     seed: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Iterate over ``torch.stack([dataset[i] for i in b])`` for each ``b`` in ``batches``, in order.
-
-    ``dataset``: a map-style dataset of ``(3, H, W)`` uint8 patches; ``codes``: per-batch augmentation codes
-    (:func:`augment_codes`); ``num_workers`` DataLoader processes (``0``: this one) each preparing ``prefetch_factor``
-    batches ahead; ``seed`` seeds the loader's generator (the batches do not depend on it).
-    """
+    """Iterate over ``torch.stack([dataset[i] for i in b])`` for each ``b`` in ``batches`` (augmented), in order."""
     num_workers = int(num_workers)
     yield from DataLoader(
         _Batches(dataset, batches, codes),
@@ -108,11 +94,7 @@ def patch_batches(
 
 
 def batch_stream(inputs, batches: Sequence[np.ndarray], codes: np.ndarray | None = None) -> Iterator[torch.Tensor]:
-    """The input batches ``inputs(b)`` for ``b`` in ``batches``, through ``inputs.stream`` when it has one.
-
-    ``codes`` (one augmentation code per index of the concatenated batches, :func:`augment_codes`) needs an input
-    source with a ``stream`` method (image patches); feature tensors cannot be flipped.
-    """
+    """The input batches ``inputs(b)`` for ``b`` in ``batches``, through ``inputs.stream`` (needed by ``codes``)."""
     stream = getattr(inputs, "stream", None)
     if codes is not None:
         if stream is None:
@@ -127,12 +109,7 @@ def batch_stream(inputs, batches: Sequence[np.ndarray], codes: np.ndarray | None
 
 
 class PatchInputs:
-    """Fine-tune mode inputs: uint8 patches of ``dataset`` by row, cached in memory when small.
-
-    ``inputs(idx)`` returns the patches of rows ``idx`` on ``device`` (the meta steps); :meth:`stream` yields planned
-    batches (epochs, validation, calibration), through :func:`patch_batches` workers when not cached. The patches of
-    ``positions`` (the rows that will be asked for) are read once and kept when they take at most ``cache_bytes``.
-    """
+    """Fine-tune mode inputs: uint8 patches of ``dataset`` by row, those of ``positions`` cached when small."""
 
     def __init__(
         self,

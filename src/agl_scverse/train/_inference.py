@@ -41,12 +41,7 @@ def forward(
     n_first: int | None = None,
     cols: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Run ``net`` in eval mode over ``batches`` and stack the outputs (the training mode is restored after).
-
-    ``calibrated``: calibrated, clipped predictions (``net.predict_expression``, float32), else raw outputs in the
-    trainer's standardised space (float64); ``n_first``: keep the first outputs only; ``cols``: compute only these
-    (calibrated); ``n_out``: the width of an empty result.
-    """
+    """Run ``net`` in eval mode over ``batches``: calibrated float32 predictions or raw float64 outputs, stacked."""
     was = net.training
     net.eval()
     dev = next(net.parameters()).device

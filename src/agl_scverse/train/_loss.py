@@ -1,9 +1,4 @@
-"""Per-gene losses (``1 - Pearson`` over the spots of a batch, as the paper, or MSE) and the mask-weighted mean.
-
-With ``reduce=`` (a differentiable all-reduce, see :mod:`agl_scverse._distributed`) the batch statistics are summed
-over the ranks that share a batch (first the means, then the centred sums), so every rank gets the loss of the
-global batch and, through DDP, its exact gradient.
-"""
+"""Per-gene losses (``1 - Pearson`` or MSE), optionally all-reduced over ranks, and the mask-weighted mean."""
 
 from __future__ import annotations
 
@@ -32,11 +27,9 @@ def pearson_loss(
     target
         Observed values, same shape.
     eps
-        Added to the variances so that a gene that is constant in the batch gives ``r = 0`` (loss 1) and a
-        finite gradient instead of NaN.
+        Added to the variances: a gene constant in the batch gives ``r = 0`` (loss 1), not NaN.
     reduce
-        Sums a tensor over the processes sharing the batch, with gradients (what the trainer passes under
-        ``torchrun``); None: the batch is all here.
+        Sums a tensor over the processes sharing the batch, with gradients (under ``torchrun``); None: all here.
 
     Examples
     --------

@@ -1,10 +1,4 @@
-"""The DkGSB soft gene mask: a differentiable top-k over prior ranks.
-
-Auxiliary gene ``i`` has a normalised prior rank ``r_i`` in ``[0, 1]`` (0 = most promising) and the weight
-``w_i = sigmoid((theta - r_i) / tau)``: ``k = #(w_i > 0.5)`` genes, those with ``r_i < theta``, are selected.
-``theta`` is the only parameter the bi-level step learns; it is clamped to ``[0, 1]``, outside which every weight
-saturates and its gradient vanishes.
-"""
+"""The DkGSB soft gene mask: ``w_i = sigmoid((theta - r_i) / tau)`` over normalised prior ranks."""
 
 from __future__ import annotations
 

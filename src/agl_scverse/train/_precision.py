@@ -1,10 +1,4 @@
-"""How an image encoder runs: float32, or ``channels_last`` with bf16 / fp16 autocast (``precision=``).
-
-:func:`resolve_precision` turns ``precision=`` into a :class:`Precision` for a device: ``"fp32"`` float32 in the
-default layout; ``"auto"`` ``channels_last`` for convolutional encoders plus autocast in the fastest native dtype
-(bf16 where native, fp16 with a gradient scaler on CUDA GPUs without bf16, else float32); ``"bf16"`` / ``"fp16"``
-that dtype. Autocast covers the encoder's forward pass only: losses, calibration and features stay float32.
-"""
+"""How an image encoder runs: float32, or ``channels_last`` with bf16 / fp16 autocast."""
 
 from __future__ import annotations
 
@@ -108,11 +102,7 @@ class Precision:
 def resolve_precision(
     precision: str, device: torch.device | str, module: nn.Module | None = None, training: bool = False
 ) -> Precision:
-    """The :class:`Precision` that ``precision=`` means on ``device`` (see the module notes).
-
-    ``module``: the encoder (``channels_last`` only when it holds 2-d convolutions); ``training``: fp16 gets a gradient
-    scaler.
-    """
+    """The :class:`Precision` that ``precision=`` means on ``device`` for ``module`` (``training``: fp16 scaler)."""
     check_choice("precision", precision, consts.PRECISIONS)
     device = torch.device(device)
     dev_type = device.type

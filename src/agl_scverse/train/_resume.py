@@ -1,9 +1,4 @@
-"""Training checkpoints: an atomic snapshot of a running ``agl_fit`` every few epochs, and resuming from it.
-
-``<save_dir>.checkpoint/`` holds ``checkpoint.json`` (format, epochs done, world size, the ``fingerprint`` a resumed
-call must match, the sha256 of ``state.pt``) and ``state.pt`` (the trainer's state and every rank's RNG states),
-written atomically by rank 0 and removed once the model is saved. On CPU a resumed run ends bit-identical.
-"""
+"""Training checkpoints of a running ``agl_fit`` (written atomically by rank 0) and resuming from them."""
 
 from __future__ import annotations
 
@@ -105,11 +100,7 @@ def _differences(saved: dict, now: dict, limit: int = 8) -> list[str]:
 
 
 class Checkpointer:
-    """Atomic checkpoints of one run (:meth:`save` after every ``every`` epochs; 0: never), and ``state`` to resume.
-
-    ``fingerprint``: everything that decides the training (a resumed run must match it); ``resume``: continue from a
-    checkpoint when there is one; ``overwrite``: a new run may replace an unfinished run's checkpoint.
-    """
+    """Atomic checkpoints of one run every ``every`` epochs, and the ``state`` a run matching ``fingerprint`` resumes."""
 
     def __init__(
         self, save_dir: str | Path, every: int, fingerprint: dict, resume: bool = False, overwrite: bool = False

@@ -51,12 +51,7 @@ def predict_raw(net: nn.Module, inputs: Callable, idx: np.ndarray, batch_size: i
 
 
 class StandardizedTargets:
-    """Expression batches z-scored per gene with the training spots' mean and standard deviation.
-
-    ``source``: :class:`agl_scverse._expression.ExpressionBatches` or a spots x genes array of transformed expression.
-    The float64 statistics are accumulated in chunks (no spots x genes array is held); ``targets(idx)`` transforms and
-    standardises one batch.
-    """
+    """Expression batches (of an ``ExpressionBatches`` or an array) z-scored with the training spots' statistics."""
 
     def __init__(self, source, train_idx: np.ndarray, device: torch.device | str = "cpu"):
         if not hasattr(source, "batch"):
@@ -83,12 +78,7 @@ class StandardizedTargets:
 
 
 def val_pcc(net: nn.Module, inputs: Callable, Y, idx: np.ndarray, n_targets: int, batch_size: int = 512):
-    """Mean Pearson r over the target genes on spots ``idx`` (early stopping's score).
-
-    Scored as :func:`agl_scverse.tl.evaluate` does (:func:`agl_scverse._stats.mean_pearson`): a target whose
-    prediction is constant counts as 0, a target constant on ``idx`` is left out; 0 when none can be scored. ``Y``:
-    a :class:`StandardizedTargets` (any ``(idx, n_first) -> tensor`` callable) or a spots x genes array.
-    """
+    """Mean Pearson r over the target genes on spots ``idx`` (early stopping's score), as ``evaluate`` scores."""
     pred = predict_raw(net, inputs, idx, batch_size, n_first=n_targets)
     if callable(Y):
         obs = Y(idx, n_targets).double().cpu().numpy()

@@ -1,20 +1,4 @@
-"""One trainer for both modes and all four methods.
-
-Methods: ``"pgl"`` the targets only; ``"agl"`` + every auxiliary gene (weight 1); ``"topk"`` + the first ``k``
-auxiliaries by prior rank; ``"dkgsb"`` + every auxiliary with the learned soft mask. Adam on the network, the
-mask-weighted per-gene loss, early stopping on the validation mean target Pearson r, the best epoch restored
-(network and ``theta``), then a per-gene affine calibration of the outputs on the training spots.
-
-DkGSB (epochs after the first): ``meta_steps`` meta steps per epoch, spread evenly over the training batches. Each
-draws ``meta_batch_size`` training and validation spots, computes the hypergradient of the target validation loss
-w.r.t. ``theta`` through ``inner_steps`` differentiable inner steps (:func:`~agl_scverse.train.hypergradient`),
-clips it to ``[-clip, clip]`` and takes one Adam step on ``theta`` (lr ``beta``, second-moment decay
-``theta_beta2``), clamped to [0, 1]. The inner steps follow ``lookahead``: ``"adam"`` (default) the live Adam
-optimiser's next steps, a new training batch per step, eval mode; ``"sgd"`` plain SGD steps with ``inner_lr``;
-``"authors"`` a fresh Adam (lr ``inner_lr``) for ``inner_steps`` steps on one batch, train mode, as the authors'
-code. The Method page says why (bounded meta steps per epoch, a short second-moment memory for ``theta``, clipping)
-and how this differs from the authors' one meta step per meta batch over a whole pass.
-"""
+"""One trainer for both modes and all four methods (the Method page describes it)."""
 
 from __future__ import annotations
 
@@ -75,16 +59,6 @@ class TrainResult:
 
 #: Per-epoch records of :attr:`TrainResult.history`.
 HISTORY_KEYS = ("epoch", "train_loss", "val_pcc", "k", "theta", "hypergrad", "meta_val_loss", "seconds")
-
-
-def _postfix(loss: float, pcc: float | None, k: int) -> dict[str, str | int]:
-    """The fit bar's postfix: loss, validation PCC (left out without validation spots, e.g. a refit) and k."""
-    return {"loss": f"{loss:.4f}", **({} if pcc is None else {"val_pcc": f"{pcc:.4f}"}), "k": k}
-
-
-def _k_used(aux_weights: np.ndarray | None, n_aux: int) -> int:
-    """Auxiliaries a network without a mask trains on: those of weight > 0.5 (a refit keeps the fit's), else all."""
-    return int((aux_weights > 0.5).sum()) if aux_weights is not None else int(n_aux)
 
 
 def _early_stop(bad: int, bar: Any, hist: dict, best: tuple, limits: tuple[int, int], desc: str) -> bool:
@@ -385,10 +359,12 @@ def train_network(
                 meta_seconds += time.perf_counter() - tm
         with prec.autocast():
             pcc = val_pcc(net, inputs, Yz, val_idx, n_targets) if len(val_idx) else float("nan")
-        k_now = mask.k if mask is not None else _k_used(aux_weights, Yz.n_cols - n_targets)
+        n_aux_used = int((aux_weights > 0.5).sum()) if aux_weights is not None else Yz.n_cols - n_targets
+        k_now = mask.k if mask is not None else n_aux_used  # a refit keeps the fit's selection
         theta_now = mask.threshold if mask is not None else float("nan")
         _record(hist, epoch, losses, pcc, k_now, theta_now, hgs, mvl, time.perf_counter() - te)
-        bar.set_postfix(_postfix(hist["train_loss"][-1], pcc if len(val_idx) else None, k_now))
+        shown = {"val_pcc": f"{pcc:.4f}"} if len(val_idx) else {}  # none in a refit
+        bar.set_postfix({"loss": f"{hist['train_loss'][-1]:.4f}", **shown, "k": k_now})
         if not len(val_idx):  # no validation spots (a refit): train every epoch, keep the last
             best = (pcc, epoch, None, None)
         elif pcc > best[0] + 1e-6:
