@@ -375,7 +375,7 @@ def test_a_fifo_image_path_is_refused_not_read_for_ever(tmp_path, name):
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
-    t.join(timeout=10)
+    t.join(timeout=120)  # refusing takes milliseconds; a starved machine may take seconds, a block for ever
     assert not t.is_alive(), "open_image blocked on a FIFO"
     assert isinstance(result[0], ValueError) and "FIFO (named pipe), not a regular image file" in str(result[0])
     with pytest.raises(ValueError, match="character device"):
@@ -481,3 +481,35 @@ def test_a_really_full_disk_is_an_oserror_not_sigbus(tmp_path):
         assert [p.name for p in (mnt / "cache").iterdir() if not p.name.endswith((".lock", ".sha256"))] == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_pruning_keeps_an_entry_rewritten_after_it_looked_stale(tmp_path, monkeypatch):
+    """Another process's pruning read an entry's old record (its source image gone), then this process wrote the
+    entry afresh: the new decoded copy is kept (checked again under the entry's lock), not deleted under its user."""
+    import json
+
+    from agl_scverse._images import _cache_folder as cf
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    npy, meta = folder / "he-0123.npy", folder / "he-0123.json"
+    live = tmp_path / "he.png"
+    live.write_bytes(b"an image")
+    np.save(npy, np.zeros((2, 2, 3), np.uint8))
+    meta.write_text(json.dumps({"path": str(tmp_path / "gone.png"), "size": 1, "mtime_ns": 1}))  # stale
+    real_stat = os.stat
+
+    def stat(p, *a, **k):
+        if str(p) == str(tmp_path / "gone.png"):  # the pruner saw the old record: the writer finishes now
+            np.save(npy, np.ones((2, 2, 3), np.uint8))
+            st = real_stat(live)
+            meta.write_text(json.dumps({"path": str(live), "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(cf.os, "stat", stat)
+    cf.prune_stale(folder)
+    monkeypatch.undo()
+    assert np.load(npy).min() == 1 and meta.is_file()
+    live.unlink()  # now it is stale: pruned, lock file included
+    cf.prune_stale(folder)
+    assert sorted(p.name for p in folder.iterdir()) == []

@@ -749,7 +749,7 @@ def test_load_racing_saves_sees_one_generation_and_two_writers_take_turns(tmp_pa
                 break
     finally:
         for w in writers:
-            w.join(timeout=60)
+            w.join(timeout=300)  # 25 saves take seconds; a starved machine may take far longer, a hang for ever
     found = []
     while not errors.empty():
         found.append(errors.get())
@@ -781,6 +781,39 @@ def test_load_decides_no_model_under_the_writers_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "writer_lock", racing_lock)
     m = AGLModel.load(path)
     assert m.config["threshold"] == 1.0 and len(exits) == 2
+
+
+def test_load_still_reads_a_model_that_saves_keep_replacing(tmp_path, monkeypatch):
+    """Saves that swap the folder during every lock-free read (a reader preempted at the wrong moment each time)
+    do not make load fail: its last try reads while holding the writers' lock, when no save can swap."""
+    import contextlib
+
+    path = tmp_path / "m"
+    _tagged_model(1.0).save(path)
+    held, reads = [], []
+
+    @contextlib.contextmanager
+    def lock(p):
+        assert not held, "the writers' lock taken twice by one reader (flock would deadlock)"
+        held.append(p)
+        try:
+            yield
+        finally:
+            held.pop()
+
+    real = ckpt._read_generation
+
+    def read(p):
+        reads.append(bool(held))
+        if not held:
+            raise FileNotFoundError(f"{p / 'config.json'} (a save moved the folder away)")
+        return real(p)
+
+    monkeypatch.setattr(ckpt, "writer_lock", lock)
+    monkeypatch.setattr(ckpt, "_read_generation", read)
+    m = AGLModel.load(path)
+    assert m.config["threshold"] == 1.0
+    assert reads == [False] * (ckpt.LOAD_ATTEMPTS - 1) + [True]
 
 
 def test_load_reads_the_weights_once(saved, monkeypatch):

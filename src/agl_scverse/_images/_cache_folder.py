@@ -97,20 +97,42 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _is_stale(meta: Path) -> bool:
+    """Whether the record ``meta`` names a source image that is gone or was replaced (False if unreadable)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        rec = json.loads(meta.read_text())
+        try:
+            st = os.stat(rec["path"])
+        except FileNotFoundError:
+            return True
+        return (int(st.st_size), int(st.st_mtime_ns)) != (int(rec["size"]), int(rec["mtime_ns"]))
+    return False
+
+
 def prune_stale(folder: Path) -> None:
-    """Delete cache files whose source image is gone or was replaced (their ``.json`` records path, size, mtime)."""
+    """Delete cache files whose source image is gone or was replaced (their ``.json`` records path, size, mtime).
+
+    A stale entry is checked again under its lock, taken without waiting: an entry being written (its lock held, in
+    this process too) is left alone, and one another process rewrote since the first look is kept.
+    """
+    from filelock import FileLock, Timeout
+
     for meta in folder.glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            rec = json.loads(meta.read_text())
-            try:
-                st = os.stat(rec["path"])
-                stale = (int(st.st_size), int(st.st_mtime_ns)) != (int(rec["size"]), int(rec["mtime_ns"]))
-            except FileNotFoundError:
-                stale = True
-            if stale:
-                for path in (meta.with_suffix(".npy"), meta.with_suffix(".npy.lock"), meta):
+        if not _is_stale(meta):
+            continue
+        npy = meta.with_suffix(".npy")
+        held = FileLock(npy.with_name(npy.name + ".lock"), mode=0o600, timeout=0)
+        try:
+            held.acquire()
+        except (Timeout, OSError):
+            continue
+        try:
+            if _is_stale(meta):
+                for path in (npy, meta, npy.with_name(npy.name + ".lock")):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+        finally:
+            held.release()
 
 
 @contextlib.contextmanager

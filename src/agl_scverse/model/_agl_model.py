@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -428,28 +429,32 @@ class AGLModel:
         """
         path = Path(path)
         for attempt in range(LOAD_ATTEMPTS):
-            if not all((path / n).is_file() for n in MODEL_FILES):
-                # wait for a save under way, restore an interrupted one's model, and decide "no model" while no
-                # writer can be between its two renames (after the lock, the next save may already be)
-                with writer_lock(path):
-                    recover(path, _is_intact)
-                    present = all((path / n).is_file() for n in MODEL_FILES)
-                if not present:
-                    raise FileNotFoundError(
-                        f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME})."
-                    )
-            ident = None
-            try:
-                cfg_bytes, weights, ident = _read_generation(path)
-                config = check_model(path, cfg_bytes, weights)
-                state = _state_dict(path, weights)
-                break
-            except (OSError, ValueError):
-                # a save replaced the folder while it was read (its files were removed, or a writer that does not
-                # swap folders changed them): read the new generation; otherwise the error stands
-                if attempt == LOAD_ATTEMPTS - 1 or (ident is not None and _identity(path) == ident):
-                    raise
-                time.sleep(0.005 * (attempt + 1))
+            last = attempt == LOAD_ATTEMPTS - 1
+            # the last try holds the writers' lock throughout: however often saves replaced the folder while the
+            # earlier tries read it (a reader preempted at the wrong moment), none can while this one does
+            with writer_lock(path) if last else nullcontext():
+                if not all((path / n).is_file() for n in MODEL_FILES):
+                    # wait for a save under way, restore an interrupted one's model, and decide "no model" while no
+                    # writer can be between its two renames (after the lock, the next save may already be)
+                    with nullcontext() if last else writer_lock(path):
+                        recover(path, _is_intact)
+                        present = all((path / n).is_file() for n in MODEL_FILES)
+                    if not present:
+                        raise FileNotFoundError(
+                            f"{path} is not a saved AGL model (needs {CONFIG_NAME} and {WEIGHTS_NAME})."
+                        )
+                ident = None
+                try:
+                    cfg_bytes, weights, ident = _read_generation(path)
+                    config = check_model(path, cfg_bytes, weights)
+                    state = _state_dict(path, weights)
+                    break
+                except (OSError, ValueError):
+                    # a save replaced the folder while it was read (its files were removed, or a writer that does
+                    # not swap folders changed them): read the new generation; otherwise the error stands
+                    if last or (ident is not None and _identity(path) == ident):
+                        raise
+            time.sleep(0.005 * (attempt + 1))
         del weights
         net = build_network(config)
         net.load_state_dict(state)
