@@ -74,19 +74,13 @@ def test_predict_slide_missing_image(tmp_path, model_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_predict_slide_under_torchrun_matches_one_process(tmp_path, model_dir):
-    """Two gloo processes share each chunk's embedding; rank 0 writes the chunks and the file, as one process would."""
+def _torchrun_predict_slide(tmp_path, args: list[str], out) -> None:
+    """``predict-slide ARGS --out OUT`` in two gloo processes (16-spot chunks); one summary line, rank 0's."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    image = write_tiff(tmp_path, microns_per_pixel=1.0)
-    args = [str(model_dir), str(image), "--backend", "torch", "--pitch-um", "60", "--device", "cpu"]
-    one = tmp_path / "one.h5ad"
-    assert cli.main(["predict-slide", *args, "--out", str(one)]) == 0
-    two = tmp_path / "two.h5ad"
     src = Path(agl.__file__).resolve().parents[1]
     env = {
         **os.environ,
@@ -94,14 +88,64 @@ def test_predict_slide_under_torchrun_matches_one_process(tmp_path, model_dir):
         "OMP_NUM_THREADS": "1",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "agl_scverse.cli",
-           "predict-slide", *args, "--out", str(two), "--chunk-dir", str(tmp_path / "chunks"), "--chunk-size", "16"]  # fmt: skip
+           "predict-slide", *args, "--out", str(out), "--chunk-dir", str(tmp_path / "chunks"), "--chunk-size", "16"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (proc.stdout + proc.stderr).count("predict-slide: ") == 1  # one summary line: rank 0's
+    assert not list((tmp_path / "chunks").glob(".*tmp*"))
+    assert not [p.name for p in Path(out).parent.iterdir() if p.name.startswith(".")]  # no temp store left
+
+
+@pytest.mark.slow
+def test_predict_slide_under_torchrun_matches_one_process(tmp_path, model_dir):
+    """Two gloo processes share each chunk's embedding; rank 0 writes the chunks and the file, as one process would."""
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    args = [str(model_dir), str(image), "--backend", "torch", "--pitch-um", "60", "--device", "cpu"]
+    one = tmp_path / "one.h5ad"
+    assert cli.main(["predict-slide", *args, "--out", str(one)]) == 0
+    two = tmp_path / "two.h5ad"
+    _torchrun_predict_slide(tmp_path, args, two)
     a, b = ad.read_h5ad(one), ad.read_h5ad(two)
     assert a.obs_names.equals(b.obs_names) and a.var_names.equals(b.var_names)
     np.testing.assert_allclose(np.asarray(b.X), np.asarray(a.X), rtol=1e-5, atol=1e-5)
-    assert not list((tmp_path / "chunks").glob(".*tmp*"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_predict_slide_to_zarr_under_torchrun_matches_one_process(tmp_path, model_dir):
+    """--out OUT.zarr from two gloo processes: rank 0 alone writes the store, equal to the one-process store."""
+    sd = pytest.importorskip("spatialdata")
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    args = [str(model_dir), str(image), "--backend", "torch", "--pitch-um", "60", "--device", "cpu"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = tmp_path / "one" / "p.zarr", tmp_path / "two" / "p.zarr"
+    assert cli.main(["predict-slide", *args, "--out", str(one)]) == 0
+    _torchrun_predict_slide(tmp_path, args, two)
+    a, b = sd.read_zarr(one), sd.read_zarr(two)
+    assert set(a.images) == set(b.images) == {"he"} and set(a.shapes) == set(b.shapes) == {"he_grid"}
+    assert set(a.tables) == set(b.tables) == {"table"}
+    ta, tb = a.tables["table"], b.tables["table"]
+    assert ta.obs_names.equals(tb.obs_names) and ta.var_names.equals(tb.var_names)
+    np.testing.assert_allclose(np.asarray(tb.X), np.asarray(ta.X), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(tb.obsm["spatial"], ta.obsm["spatial"])
+    ga, gb = a.shapes["he_grid"], b.shapes["he_grid"]
+    np.testing.assert_array_equal(np.column_stack([gb.geometry.x, gb.geometry.y]), ta.obsm["spatial"])
+    np.testing.assert_array_equal(gb["radius"].to_numpy(), ga["radius"].to_numpy())
+    levels_a, levels_b = _pyramid(a.images["he"]), _pyramid(b.images["he"])
+    assert len(levels_a) == len(levels_b) >= 1
+    for level_a, level_b in zip(levels_a, levels_b):
+        np.testing.assert_array_equal(level_b, level_a)
+
+
+def _pyramid(element) -> list[np.ndarray]:
+    """The pixels of each level of an image element (one level, or a multiscale tree)."""
+    import xarray as xr
+    from spatialdata import get_pyramid_levels
+
+    if isinstance(element, xr.DataArray):
+        return [element.values]
+    return [level.values for level in get_pyramid_levels(element)]
 
 
 def test_predict_slide_with_tissue_at_the_image_edge(tmp_path, model_dir):
