@@ -214,3 +214,121 @@ def test_predict_slide_to_spatialdata_zarr(tmp_path, model_dir, capsys):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def weighted_model(tmp_path_factory):
+    """A model whose resnet18 was built from a local weights file (its sha256 recorded): ``(model dir, weights)``."""
+    import timm
+    import torch
+
+    folder = tmp_path_factory.mktemp("weighted_model")
+    torch.manual_seed(5)
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), folder / "r18.pth")
+    train = agl.datasets.synthetic_slide(n_rows=5, n_cols=5, seed=0, **KW)
+    model = agl.tl.agl_fit(
+        train,
+        method="agl",
+        encoder=agl.EncoderConfig("resnet18", weights=folder / "r18.pth", patch_px=32, backend="torch"),
+        genes=agl.GeneConfig(n_targets=3, min_cells=1),
+        network=agl.NetworkConfig(hidden=(16,)),
+        training=agl.TrainingConfig(epochs=1, batch_size=32),
+        progress=False,
+    )
+    model.save(folder / "model")
+    return folder / "model", folder / "r18.pth"
+
+
+def test_predict_slide_flags_reach_the_grid_and_the_encoder(tmp_path, weighted_model, capsys):
+    """--weights (sha256 checked), --spot-um, --pitch-um, --microns-per-pixel, --device, --num-workers: each one used."""
+    model_dir, weights = weighted_model
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    base = ["predict-slide", str(model_dir), str(image), "--backend", "torch", "--device", "cpu", "--pitch-um", "60"]
+    flags = ["--weights", str(weights), "--spot-um", "40"]
+    assert cli.main([*base, *flags, "--out", str(tmp_path / "a.h5ad")]) == 0
+    assert "(40 µm, pitch 60 µm)" in capsys.readouterr().out
+    pred = ad.read_h5ad(tmp_path / "a.h5ad")
+    sf = pred.uns["spatial"]["he"]["scalefactors"]
+    assert sf["spot_diameter_fullres"] == pytest.approx(40.0) and sf["microns_per_pixel"] == pytest.approx(1.0)
+    grid = agl.pp.spot_grid(agl.io.read_he_image(image), spot_um=40, pitch_um=60, model=model_dir)
+    api = agl.tl.predict_anndata(grid, model_dir, encoder={"weights": weights, "backend": "torch"}, device="cpu")
+    np.testing.assert_allclose(np.asarray(pred.X), np.asarray(api.X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred.obsm["spatial"], api.obsm["spatial"])
+    # DataLoader workers cut the patches: the same predictions
+    assert cli.main([*base, *flags, "--num-workers", "1", "--out", str(tmp_path / "w.h5ad")]) == 0
+    np.testing.assert_allclose(np.asarray(ad.read_h5ad(tmp_path / "w.h5ad").X), np.asarray(pred.X), rtol=1e-5)
+    # a given scale wins over the TIFF's: 0.5 µm/px doubles every length in pixels
+    assert cli.main([*base, *flags, "--microns-per-pixel", "0.5", "--out", str(tmp_path / "h.h5ad")]) == 0
+    half = ad.read_h5ad(tmp_path / "h.h5ad")
+    assert half.uns["spatial"]["he"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(80.0)
+    assert half.n_obs < pred.n_obs / 2
+    capsys.readouterr()
+    # the weights file is the one the model recorded: missing or another file is a one-line error, no output
+    other = tmp_path / "other.pth"
+    other.write_bytes(weights.read_bytes() + b"another file")
+    for extra, message in (([], "weights"), (["--weights", str(other)], "differs")):
+        out = tmp_path / "bad.h5ad"
+        assert cli.main([*base, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("agl-scverse: error: ") and message in err and "\n" not in err
+        assert not out.exists()
+
+
+def _blank_png(folder) -> str:
+    from PIL import Image
+
+    Image.fromarray(np.full((600, 600, 3), 240, np.uint8)).save(folder / "blank.png")
+    return str(folder / "blank.png")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no scale", "--microns-per-pixel"),
+        ("no tissue", "No tissue found"),
+        ("pitch under a pixel", "smaller than a pixel"),
+        ("coarser than the model", "3.5 µm/px"),
+    ],
+)
+def test_predict_slide_bad_input_fails_before_any_work(tmp_path, model_dir, monkeypatch, capsys, case, message):
+    """Each bad input of issue 22 is one line on stderr, exit 2, no output, and no patch was embedded."""
+    import agl_scverse.pp._grid as grid_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(agl.tl, "predict_anndata", no_work)
+    monkeypatch.setattr(agl.tl, "predict_chunked", no_work)
+    if case != "no tissue":  # these are refused before tissue detection too
+        monkeypatch.setattr(grid_module, "tissue_mask", no_work)
+    image, extra = str(write_png(tmp_path)), ["--microns-per-pixel", "1"]
+    if case == "no scale":
+        extra = []
+    elif case == "no tissue":
+        image = _blank_png(tmp_path)
+    elif case == "pitch under a pixel":
+        extra += ["--pitch-um", "0.5"]
+    else:
+        extra = ["--microns-per-pixel", "10"]
+    out = tmp_path / "p.h5ad"
+    assert cli.main(["predict-slide", str(model_dir), image, "--out", str(out), "--backend", "torch", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agl-scverse: error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_predict_slide_on_a_pyramid_gives_full_resolution_pixels(tmp_path, model_dir):
+    """A pyramidal OME-TIFF (0.5 µm/px from its metadata): grid centres and spot size in level-0 pixels."""
+    from he_images import write_ome_pyramid
+
+    image, out = write_ome_pyramid(tmp_path, microns_per_pixel=0.5), tmp_path / "p.h5ad"
+    argv = ["predict-slide", str(model_dir), str(image), "--out", str(out), "--backend", "torch"]
+    assert cli.main([*argv, "--pitch-um", "30", "--spot-um", "20"]) == 0
+    pred = ad.read_h5ad(out)
+    assert pred.var_names.tolist() == list(agl.model.AGLModel.load(model_dir).predicted_genes)
+    r = np.hypot(pred.obsm["spatial"][:, 0] - CENTRE[1], pred.obsm["spatial"][:, 1] - CENTRE[0])
+    assert pred.n_obs > 20 and (r < RADIUS + 30).all() and r.max() > RADIUS / 2  # level 0, not a smaller level
+    sf = pred.uns["spatial"]["he"]["scalefactors"]
+    assert sf["microns_per_pixel"] == pytest.approx(0.5) and sf["spot_diameter_fullres"] == pytest.approx(40.0)
+    xy = np.sort(np.unique(pred.obsm["spatial"][:, 0]))
+    assert np.diff(xy).min() == pytest.approx(30.0)  # hex rows offset by half the 60 px pitch
