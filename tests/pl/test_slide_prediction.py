@@ -179,3 +179,52 @@ def test_a_spatialdata_needs_a_table_of_predictions():
         agl.pl.slide_prediction(sd.SpatialData(tables={"a": table, "b": table.copy()}), "G0", show=False)
     with pytest.raises(KeyError, match="tables are"):
         agl.pl.slide_prediction(sd.SpatialData(tables={"t": table}), "G0", table_key="x", show=False)
+
+
+def _figure_arrays(axs) -> list:
+    """What each panel draws: titles, limits, the image pixels, and each spot collection's values, centres, sizes, norm."""
+    out = []
+    for a in np.ravel(axs):
+        out += [a.get_title(), a.get_xlim(), a.get_ylim(), [np.asarray(im.get_array()) for im in a.images]]
+        for c in _colls(a):
+            out += [np.asarray(c.get_array()), c.get_offsets(), c._widths, (c.norm.vmin, c.norm.vmax)]
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+@pytest.mark.filterwarnings("ignore:The table is annotating:UserWarning")
+def test_measured_may_be_a_spatialdata(tmp_path):
+    """measured= as a SpatialData (table by measured_table_key=, as for pred's table_key=) draws the AnnData's figure."""
+    sd = pytest.importorskip("spatialdata")
+    pred, measured = make_pred(), make_measured()
+    sdata = agl.io.slide_to_spatialdata(measured, image=False, table_key="counts")
+    sdata.write(tmp_path / "measured.zarr")
+    sdata = sd.read_zarr(tmp_path / "measured.zarr")
+    ref = agl.pl.slide_prediction(pred, ["G0", "G2"], measured=measured, show=False)
+    got = agl.pl.slide_prediction(pred, ["G0", "G2"], measured=sdata, show=False)
+    named = agl.pl.slide_prediction(pred, ["G0", "G2"], measured=sdata, measured_table_key="counts", show=False)
+    pred_sd = agl.pl.slide_prediction(
+        agl.io.slide_to_spatialdata(pred, image=False), ["G0", "G2"], measured=sdata, table_key="table", show=False
+    )
+    want = _figure_arrays(ref)
+    assert len(want) == 2 * 2 * 8 and want[0] == "G0 measured (S, 16 spots)"
+    for axs in (got, named, pred_sd):
+        for a, b in zip(_figure_arrays(axs), want, strict=True):
+            if isinstance(b, str):
+                assert a == b
+            elif isinstance(b, list):
+                assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+            else:
+                np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-12)
+    two = sd.SpatialData(tables={"counts": sdata.tables["counts"], "other": sdata.tables["counts"].copy()})
+    with pytest.raises(ValueError, match="measured_table_key="):
+        agl.pl.slide_prediction(pred, "G0", measured=two, show=False)
+    with pytest.raises(KeyError, match="measured_table_key='x' is not a table"):
+        agl.pl.slide_prediction(pred, "G0", measured=two, measured_table_key="x", show=False)
+    bare = sdata.tables["counts"].copy()
+    del bare.obsm["spatial"]
+    with pytest.raises(ValueError, match=r"no \.obsm\['spatial'\].*from_spatialdata.*measured counts"):
+        agl.pl.slide_prediction(pred, "G0", measured=sd.SpatialData(tables={"t": bare}), show=False)
+    with pytest.raises(TypeError, match="AnnData or a SpatialData of measured counts"):
+        agl.pl.slide_prediction(pred, "G0", measured=measured.X, show=False)
+    plt.close("all")

@@ -216,15 +216,15 @@ def spot_diameter(adata: AnnData, lib: str, xy: np.ndarray) -> float:
     return 1.0 if spacing is None else 0.55 * spacing  # Visium and legacy ST: spot diameter ~ half the spacing
 
 
-def sd_table(sdata, table_key: str | None) -> tuple[str, AnnData]:
-    """The table of a SpatialData holding a run: ``table_key``, else the only one; a clear error otherwise."""
+def sd_table(sdata, table_key: str | None, flag: str = "table_key") -> tuple[str, AnnData]:
+    """The table of a SpatialData holding a run: ``table_key``, else the only one; errors name the keyword ``flag``."""
     tables = dict(sdata.tables)
     if table_key is None:
         if len(tables) != 1:
-            raise ValueError(f"The SpatialData has tables {list(tables)}; pass table_key=<the one holding the run>.")
+            raise ValueError(f"The SpatialData has tables {list(tables)}; pass {flag}=<the one holding the run>.")
         table_key = next(iter(tables))
     if table_key not in tables:
-        raise KeyError(f"table_key={table_key!r} is not a table of the SpatialData; tables are {list(tables)}.")
+        raise KeyError(f"{flag}={table_key!r} is not a table of the SpatialData; tables are {list(tables)}.")
     return table_key, tables[table_key]
 
 

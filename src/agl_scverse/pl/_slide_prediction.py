@@ -43,8 +43,9 @@ def slide_prediction(
     pred: AnnData | Any,
     genes: str | Sequence[str],
     *,
-    measured: AnnData | None = None,
+    measured: AnnData | Any | None = None,
     table_key: str | None = None,
+    measured_table_key: str | None = None,
     library_id: str | None = None,
     library_key: str | None = None,
     layer: str | None = None,
@@ -81,9 +82,12 @@ def slide_prediction(
     genes
         One gene or several, among ``pred.var_names`` (and ``measured.var_names`` with ``measured``).
     measured
-        Measured counts of the same section, drawn beside the prediction.
+        Measured counts of the same section, drawn beside the prediction: an AnnData, or a SpatialData whose table
+        carries ``.obsm["spatial"]`` and ``.uns["spatial"]`` (as :func:`agl_scverse.io.slide_to_spatialdata` writes).
     table_key
         The table of a SpatialData ``pred`` holding the predictions (default: the only table).
+    measured_table_key
+        The table of a SpatialData ``measured`` holding the counts (default: the only table).
     library_id
         The slide, when ``pred`` or ``measured`` holds several; default the only one.
     library_key
@@ -125,15 +129,21 @@ def slide_prediction(
     >>> agl.pl.slide_prediction(pred, ["ERBB2", "GRB7"])  # doctest: +SKIP
     >>> agl.pl.slide_prediction(pred, "ERBB2", measured=visium_of_the_same_section)  # doctest: +SKIP
     >>> agl.pl.slide_prediction(spatialdata.read_zarr("slide_predicted.zarr"), "ERBB2")  # doctest: +SKIP
+    >>> visium = spatialdata.read_zarr("section_measured.zarr")  # doctest: +SKIP
+    >>> agl.pl.slide_prediction(pred, "ERBB2", measured=visium, measured_table_key="table")  # doctest: +SKIP
     """
     if is_spatialdata(pred):
-        pred = _sd_predictions(pred, table_key)
+        pred = _sd_spots(pred, table_key, "table_key", "the predictions")
     if not isinstance(pred, AnnData):
         raise TypeError(
             f"pred must be an AnnData (from agl.tl.predict_anndata) or a SpatialData, got {type(pred).__name__}."
         )
+    if measured is not None and is_spatialdata(measured):
+        measured = _sd_spots(measured, measured_table_key, "measured_table_key", "the measured counts")
     if measured is not None and not isinstance(measured, AnnData):
-        raise TypeError(f"measured must be an AnnData of measured counts, got {type(measured).__name__}.")
+        raise TypeError(
+            f"measured must be an AnnData or a SpatialData of measured counts, got {type(measured).__name__}."
+        )
     genes = [genes] if isinstance(genes, str) else list(genes)
     if not genes:
         raise ValueError("genes is empty; pass at least one gene name.")
@@ -235,14 +245,14 @@ def _slide(adata: AnnData, library_id: str | None, library_key: str | None, name
     return str(library_id), masks[library_id]
 
 
-def _sd_predictions(sdata: Any, table_key: str | None) -> AnnData:
-    """The predictions table of a SpatialData, checked to carry the spots' pixels and the slide's image entry."""
-    key, table = sd_table(sdata, table_key)
+def _sd_spots(sdata: Any, table_key: str | None, flag: str, what: str) -> AnnData:
+    """A SpatialData's table (``table_key``, else the only one), checked to carry spot pixels and the image entry."""
+    key, table = sd_table(sdata, table_key, flag)
     if consts.SPATIAL_KEY not in table.obsm or not table.uns.get(consts.SPATIAL_KEY):
         raise ValueError(
             f"Table {key!r} has no .obsm['spatial'] / .uns['spatial'] (spot pixels and the slide's image), as the "
-            "SpatialData of agl-scverse predict-slide --out OUT.zarr has. Pass agl.io.from_spatialdata(sdata, "
-            "table_key=...) with the predictions in .X instead."
+            "SpatialData of agl-scverse predict-slide --out OUT.zarr and agl.io.slide_to_spatialdata have. Pass "
+            f"agl.io.from_spatialdata(sdata, table_key=...) with {what} in .X instead."
         )
     return table
 
