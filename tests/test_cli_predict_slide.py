@@ -239,7 +239,7 @@ def weighted_model(tmp_path_factory):
     return folder / "model", folder / "r18.pth"
 
 
-def test_predict_slide_flags_reach_the_grid_and_the_encoder(tmp_path, weighted_model, capsys):
+def test_predict_slide_flags_reach_the_grid_and_the_encoder(tmp_path, weighted_model, capsys, monkeypatch):
     """--weights (sha256 checked), --spot-um, --pitch-um, --microns-per-pixel, --device, --num-workers: each one used."""
     model_dir, weights = weighted_model
     image = write_tiff(tmp_path, microns_per_pixel=1.0)
@@ -263,7 +263,9 @@ def test_predict_slide_flags_reach_the_grid_and_the_encoder(tmp_path, weighted_m
     assert half.uns["spatial"]["he"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(80.0)
     assert half.n_obs < pred.n_obs / 2
     capsys.readouterr()
-    # the weights file is the one the model recorded: missing or another file is a one-line error, no output
+    # the weights file is the one the model recorded: missing or another file is a one-line error, no output,
+    # given before the image is read
+    monkeypatch.setattr(agl.io, "read_he_image", lambda *a, **k: pytest.fail("image read before the weights check"))
     other = tmp_path / "other.pth"
     other.write_bytes(weights.read_bytes() + b"another file")
     for extra, message in (([], "weights"), (["--weights", str(other)], "differs")):

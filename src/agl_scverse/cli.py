@@ -397,6 +397,10 @@ def _predict_slide(args: argparse.Namespace) -> None:
 
     device = _device(args.device)
     model = AGLModel.load(args.model)
+    if model.mode == "embedding":  # the encoder weights it needs, before any image is read
+        from .encoders._record import check_weights_file
+
+        check_weights_file(model.config.get("encoder"), args.weights)
     slide = io.read_he_image(args.image, microns_per_pixel=args.microns_per_pixel, library_id=args.library_id)
     grid = pp.spot_grid(
         slide,

@@ -13,7 +13,7 @@ from agl_scverse._utils import sha256_file, versions
 from ._factory import get_encoder
 from ._presets import find_preset, kwargs_from_json
 
-__all__ = ["RECORD_CHECKED", "encoder_record", "rebuild_encoder", "record_kwargs"]
+__all__ = ["RECORD_CHECKED", "check_weights_file", "encoder_record", "rebuild_encoder", "record_kwargs"]
 
 
 def rebuild_encoder(
@@ -63,8 +63,31 @@ def rebuild_encoder(
     spec = rec.get("spec") or rec.get("encoder")
     if not spec:
         raise KeyError(f"{what} records no encoder name; pass encoder= or embed the slide yourself.")
+    hub = check_weights_file(rec, weights, what)
     sha = str(rec.get("weights_sha256") or "")
-    hub = bool(rec.get("pretrained")) and bool(rec.get("hf_hub") or source == "timm")
+    user_norm = rec.get("normalisation") == "user"
+    module, info = get_encoder(
+        spec, weights=weights, pretrained=hub, seed=int(rec.get("seed") or 0),
+        mean=rec.get("mean") if user_norm else None, std=rec.get("std") if user_norm else None,
+        encoder_kwargs=record_kwargs(rec), strict=bool(rec.get("strict", True)),
+    )  # fmt: skip
+    if hub and sha and info["weights_sha256"] and info["weights_sha256"] != sha:
+        raise ValueError(
+            f"The hub weights of {spec!r} in the local cache (sha256 {info['weights_sha256'][:12]}...) differ from "
+            f"those {what} was trained with ({sha[:12]}...); pass that weights file instead."
+        )
+    return module, info
+
+
+def check_weights_file(record: dict[str, Any] | None, weights: str | Path | None, what: str = "the model") -> bool:
+    """Check ``weights`` against an encoder record (the file it needs, by sha256); return whether it uses hub weights.
+
+    Raises ``FileNotFoundError`` when the record needs a weights file and ``weights`` is missing or not a file, and
+    ``ValueError`` when its sha256 differs or the record needs none. Reads nothing the record names.
+    """
+    rec = dict(record or {})
+    sha = str(rec.get("weights_sha256") or "")
+    hub = bool(rec.get("pretrained")) and bool(rec.get("hf_hub") or rec.get("source") == "timm")
     if sha and not hub:
         if weights is None:
             raise FileNotFoundError(
@@ -83,18 +106,7 @@ def rebuild_encoder(
             f"weights={str(weights)!r} was given, but {what}'s encoder ({rec.get('encoder')!r}) was not built from "
             "a weights file (it records no weights_sha256 or used the hub's weights); leave weights out."
         )
-    user_norm = rec.get("normalisation") == "user"
-    module, info = get_encoder(
-        spec, weights=weights, pretrained=hub, seed=int(rec.get("seed") or 0),
-        mean=rec.get("mean") if user_norm else None, std=rec.get("std") if user_norm else None,
-        encoder_kwargs=record_kwargs(rec), strict=bool(rec.get("strict", True)),
-    )  # fmt: skip
-    if hub and sha and info["weights_sha256"] and info["weights_sha256"] != sha:
-        raise ValueError(
-            f"The hub weights of {spec!r} in the local cache (sha256 {info['weights_sha256'][:12]}...) differ from "
-            f"those {what} was trained with ({sha[:12]}...); pass that weights file instead."
-        )
-    return module, info
+    return hub
 
 
 def record_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
