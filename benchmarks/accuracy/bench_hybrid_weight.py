@@ -61,8 +61,9 @@ def blending_fit(real_fit):
             cache.clear()
             cache[key] = (ens, lin, kw["key_added"])
         ens, lin, first = cache[key]
-        if first != kw["key_added"]:  # cross_validate reads the split of every method's key
+        if first != kw["key_added"]:  # cross_validate reads the split and the record of every method's key
             sub.obs[kw["key_added"] + "_split"] = sub.obs[first + "_split"]
+            sub.uns[kw["key_added"]] = sub.uns[first]
         return Blend(ens, lin, w)
 
     return fit
