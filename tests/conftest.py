@@ -49,3 +49,26 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def noise():
+    """The encoder tests' slide: ten spots on a random RGB image at 1 µm/px (``builders.noise_slide``)."""
+    from builders import noise_slide
+
+    return noise_slide()
+
+
+@pytest.fixture
+def graph_cache(tmp_path, monkeypatch):
+    """An empty encoder cache for the test (``$AGL_SCVERSE_CACHE`` in ``tmp_path``), and nothing kept from earlier
+    calls (built encoders, started ONNX sessions) before or after it. Returns the folder of exported graphs."""
+    from agl_scverse.encoders import _onnx_backend as ob
+    from agl_scverse.pp import _embed as emb
+
+    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "c"))
+    emb._BUILT.clear()
+    ob.clear_started()
+    yield tmp_path / "c" / "onnx"
+    emb._BUILT.clear()
+    ob.clear_started()

@@ -127,8 +127,8 @@ def agl_runs(adata: ad.AnnData, recipes: list[str], res: dict, out: Path) -> dic
         for name, key in keys.items():
             t = time.perf_counter()
             df = agl.tl.cross_validate(adata, group_key="library_id", methods=["dkgsb"], embedding_key=key,
-                                       groups=[sec], n_targets=50, baselines=False, n_seeds=1, progress=False,
-                                       seed=0)  # fmt: skip
+                                       groups=[sec], genes=agl.GeneConfig(n_targets=50), baselines=False,
+                                       training=agl.TrainingConfig(n_seeds=1), progress=False, seed=0)  # fmt: skip
             runs[name]["per_section"][sec] = float(df[df.method == "dkgsb"].pearson.mean())
             runs[name]["seconds"][sec] = time.perf_counter() - t
             runs[name]["mean"] = float(np.mean(list(runs[name]["per_section"].values())))

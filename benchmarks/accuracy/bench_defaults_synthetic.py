@@ -20,6 +20,7 @@ import numpy as np
 import agl_scverse as agl
 from benchmarks._common import RESULTS, git_state
 
+#: The settings compared, as fields of ``agl_fit``'s ``training`` config (:class:`agl_scverse.TrainingConfig`).
 SETTINGS = {"one network": {"refit": False, "n_seeds": 1}, "refit": {"refit": True, "n_seeds": 1},
             "refit, 5 seeds (default)": {}}  # fmt: skip
 
@@ -35,7 +36,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, kw in SETTINGS.items():
             t = time.perf_counter()
             model = agl.tl.agl_fit(
-                a, method=method, embedding_key="X_agl_resnet18", spots=~test, seed=0, progress=False, **kw
+                a,
+                method=method,
+                embedding_key="X_agl_resnet18",
+                spots=~test,
+                seed=0,
+                progress=False,
+                training=agl.TrainingConfig(**kw),
             )
             secs = time.perf_counter() - t
             agl.tl.agl_predict(a, model)

@@ -42,6 +42,26 @@ def _score(adata, train, model, key: str) -> float:
     return float(np.nanmean(test.var.loc[model.targets, f"{key}_pcc"]))
 
 
+def common_arguments(args: argparse.Namespace, roles, val: str) -> dict:
+    """The agl_fit arguments of both modes: the fold's genes, its validation section, the patches, DkGSB's steps."""
+    return {
+        "genes": agl.GeneConfig(targets=list(roles.targets), auxiliaries=list(roles.auxiliaries), prior="fold_prior"),
+        "split_key": "library_id", "val_groups": [val], "seed": 0, "progress": False,
+        "encoder": agl.EncoderConfig(patch_px=args.px, patch_um=args.um),  # embedding mode reads the cached features
+        "dkgsb": agl.DkGSBConfig(meta_steps=args.meta_steps),
+    }  # fmt: skip
+
+
+def finetune_arguments(args: argparse.Namespace) -> dict:
+    """Fine-tune mode's encoder (DenseNet-121, local weights, the same patches) and its short training budget."""
+    return {
+        "encoder": agl.EncoderConfig("densenet121", weights=args.weights, patch_px=args.px, patch_um=args.um),
+        "training": agl.TrainingConfig(
+            epochs=args.epochs, patience=args.epochs, lr=args.lr, batch_size=args.batch_size
+        ),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=HER2ST)
@@ -67,18 +87,13 @@ def main() -> None:
     roles = agl.pp.gene_roles(adata, n_targets=50, train_mask=train, inplace=False)
     adata.var["fold_prior"] = roles.prior.reindex(adata.var_names).to_numpy(dtype=float)
     sub = adata[train].copy()
-    common = {
-        "targets": list(roles.targets), "auxiliaries": list(roles.auxiliaries), "prior": "fold_prior",
-        "split_key": "library_id", "val_groups": [val], "patch_px": args.px, "patch_um": args.um, "seed": 0,
-        "meta_steps": args.meta_steps, "progress": False,
-    }  # fmt: skip
+    common = common_arguments(args, roles, val)
     rows = []
     for method in args.methods:  # fine-tune mode
         t0 = time.perf_counter()
         model = agl.tl.agl_fit(
-            sub, method=method, mode="finetune", encoder="densenet121", weights=args.weights, epochs=args.epochs,
-            patience=args.epochs, lr=args.lr, batch_size=args.batch_size, key_added=f"ft_{method}", **common,
-        )  # fmt: skip
+            sub, method=method, mode="finetune", key_added=f"ft_{method}", **{**common, **finetune_arguments(args)}
+        )
         fit_s = time.perf_counter() - t0
         hist = sub.uns[f"ft_{method}"]["history"]
         rows.append(

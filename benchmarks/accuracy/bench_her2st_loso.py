@@ -49,6 +49,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,24 +83,40 @@ LABELS = {
     "dkgsb:norefit": "DkGSB, no refit",
     "dkgsb:authors": "DkGSB, the authors' look-ahead (lookahead='authors')",
 }
+#: The agl_fit configs (as dicts of their fields) each variant changes; cross_validate merges them field by field
+#: into the shared ones of :func:`fit_arguments`.
 VARIANTS = {
-    "pgl:reg": {"dropout": 0.5},
-    "topk:auto": {"k": "auto"},
-    "dkgsb:legacy": {"meta_normalizer": "detached", "lookahead": "sgd", "beta": 3e-3},
-    "pgl:ens5": {"n_seeds": 5},
-    "agl:ens5": {"n_seeds": 5},
-    "dkgsb:ens5": {"n_seeds": 5},
-    "topk:300": {"k": 300},  # the top-k sweep (k = 0 is PGL, all is AGL-all)
-    "topk:1000": {"k": 1000},
-    "topk:3000": {"k": 3000},
-    "topk:rrr": {"k": "auto", "head": "rrr"},  # the closed-form linear head as an agl_fit model
-    "agl:hybrid": {"head": "hybrid"},  # the MLP ensemble with the linear head's targets averaged in
-    "dkgsb:hybrid": {"head": "hybrid"},
-    "agl:norefit": {"refit": False},  # candidates for --nested: a refit choice made without the test section
-    "dkgsb:norefit": {"refit": False},
-    "dkgsb:authors": {"lookahead": "authors"},
+    "pgl:reg": {"network": {"dropout": 0.5}},
+    "topk:auto": {"dkgsb": {"k": "auto"}},
+    "dkgsb:legacy": {"dkgsb": {"meta_normalizer": "detached", "lookahead": "sgd", "beta": 3e-3}},
+    "pgl:ens5": {"training": {"n_seeds": 5}},
+    "agl:ens5": {"training": {"n_seeds": 5}},
+    "dkgsb:ens5": {"training": {"n_seeds": 5}},
+    "topk:300": {"dkgsb": {"k": 300}},  # the top-k sweep (k = 0 is PGL, all is AGL-all)
+    "topk:1000": {"dkgsb": {"k": 1000}},
+    "topk:3000": {"dkgsb": {"k": 3000}},
+    "topk:rrr": {"dkgsb": {"k": "auto"}, "network": {"head": "rrr"}},  # the closed-form linear head as a model
+    "agl:hybrid": {"network": {"head": "hybrid"}},  # the MLP ensemble with the linear head's targets averaged in
+    "dkgsb:hybrid": {"network": {"head": "hybrid"}},
+    "agl:norefit": {"training": {"refit": False}},  # candidates for --nested: a refit choice without the test section
+    "dkgsb:norefit": {"training": {"refit": False}},
+    "dkgsb:authors": {"dkgsb": {"lookahead": "authors"}},
 }
 EMB_KEY = "X_agl_densenet121"
+
+
+def fit_arguments(args: argparse.Namespace) -> dict:
+    """The agl_fit configs every method shares (the variants of :data:`VARIANTS` change some of their fields)."""
+    training = {"refit": not args.no_refit, "n_seeds": args.n_seeds, "epochs": args.epochs}
+    out = {"training": agl.TrainingConfig(**{k: v for k, v in training.items() if v is not None})}
+    if "topk" in args.methods:
+        out["dkgsb"] = agl.DkGSBConfig(k=args.topk_k)
+    return out
+
+
+def genes_of(args: argparse.Namespace) -> agl.GeneConfig:
+    """Targets per fold (top ``--n-targets`` HVG of the training sections) and the auxiliaries' ``--prior``."""
+    return agl.GeneConfig(n_targets=args.n_targets, prior=args.prior)
 
 
 def load_embedded(data: Path, weights: Path, cache: Path, patch_um: float, patch_px: int) -> agl.AnnData:  # type: ignore[name-defined]
@@ -196,13 +213,13 @@ def nested_selection(adata, args, fit_kwargs: dict, seed: int, outer: pd.DataFra
     """
     lib = adata.obs["library_id"].astype(str).to_numpy()
     cands = list(args.candidates)
-    inner_kwargs = {**fit_kwargs, "n_seeds": args.inner_n_seeds}
+    inner_kwargs = {**fit_kwargs, "training": replace(fit_kwargs["training"], n_seeds=args.inner_n_seeds)}
     for fold in sorted(outer["fold"].astype(str).unique()):
         t0 = time.perf_counter()
         inner = adata[lib != fold].copy()  # the held-out section is not in the data the choice is made on
         agl.tl.cross_validate(
-            inner, "library_id", methods=tuple(cands), embedding_key=args.embedding_key, n_targets=args.n_targets,
-            prior=args.prior, baselines=False, seed=seed, key_added="agl_cv_inner", progress=False,
+            inner, "library_id", methods=tuple(cands), embedding_key=args.embedding_key, genes=genes_of(args),
+            baselines=False, seed=seed, key_added="agl_cv_inner", progress=False,
             method_kwargs={m: VARIANTS[m] for m in cands if m in VARIANTS}, **inner_kwargs,
         )  # fmt: skip
         isumm = pd.DataFrame(inner.uns["agl_cv_inner"]["summary"])
@@ -256,7 +273,7 @@ def run_nested_fold(adata, args, fit_kwargs: dict, seed: int, fold: str, records
     ts = time.perf_counter()
     agl.tl.cross_validate(
         adata, "library_id", methods=tuple(args.candidates), embedding_key=args.embedding_key,
-        n_targets=args.n_targets, prior=args.prior, baselines=True, seed=seed, key_added="agl_cv", progress=False,
+        genes=genes_of(args), baselines=True, seed=seed, key_added="agl_cv", progress=False,
         method_kwargs={m: VARIANTS[m] for m in args.candidates if m in VARIANTS}, groups=[fold], **fit_kwargs,
     )  # fmt: skip
     summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])
@@ -316,13 +333,7 @@ def main() -> None:
     adata = load_embedded(args.data, args.weights, args.cache, args.patch_um, args.patch_px)
     if args.embedding_key not in adata.obsm:
         raise SystemExit(f"--embedding-key {args.embedding_key!r} is not in the cache's .obsm ({list(adata.obsm)}).")
-    fit_kwargs = {"refit": not args.no_refit}
-    if args.n_seeds is not None:
-        fit_kwargs["n_seeds"] = args.n_seeds
-    if args.epochs is not None:
-        fit_kwargs["epochs"] = args.epochs
-    if "topk" in args.methods:
-        fit_kwargs["k"] = args.topk_k
+    fit_kwargs = fit_arguments(args)
     cmd = " ".join(["python -m benchmarks.accuracy.bench_her2st_loso", *sys.argv[1:]])
     args.results.mkdir(parents=True, exist_ok=True)
     frames, records = [], []
@@ -339,7 +350,7 @@ def main() -> None:
         ts = time.perf_counter()
         agl.tl.cross_validate(
             adata, "library_id", methods=tuple(args.methods), embedding_key=args.embedding_key,
-            n_targets=args.n_targets, prior=args.prior, baselines=True, seed=seed, key_added="agl_cv", progress=False,
+            genes=genes_of(args), baselines=True, seed=seed, key_added="agl_cv", progress=False,
             method_kwargs={m: VARIANTS[m] for m in args.methods if m in VARIANTS}, groups=args.groups, **fit_kwargs,
         )  # fmt: skip
         summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])

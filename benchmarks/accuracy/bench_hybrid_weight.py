@@ -27,10 +27,13 @@ import torch
 
 import agl_scverse as agl
 import agl_scverse.tl._cross_validate as cv
+from agl_scverse.tl._config import merge_configs
 from benchmarks._common import DENSENET_WEIGHTS, HER2ST, OUT, RESULTS, git_state
 from benchmarks.accuracy import bench_her2st_loso as B
 
 WEIGHTS = (0.0, 0.25, 0.4, 0.5, 0.6, 1.0)
+#: The linear head's agl_fit arguments (merged into the shared configs): one closed-form fit, k chosen on validation.
+LINEAR = {"method": "topk", "dkgsb": {"k": "auto"}, "network": {"head": "rrr"}, "training": {"n_seeds": 1}}
 
 
 class Blend:
@@ -53,15 +56,14 @@ def blending_fit(real_fit):
         w, method = kw.pop("blend_w"), kw.pop("blend_method")
         key = (id(sub), kw["seed"])
         if key not in cache:
-            ens = real_fit(sub, **{**kw, "method": method, "head": "mlp"})
-            lin = real_fit(
-                sub, **{**kw, "method": "topk", "k": "auto", "head": "rrr", "key_added": kw["key_added"] + "_rrr"}
-            )
+            ens = real_fit(sub, **merge_configs(kw, {"method": method, "network": {"head": "mlp"}}))
+            lin = real_fit(sub, **merge_configs(kw, LINEAR | {"key_added": kw["key_added"] + "_rrr"}))
             cache.clear()
             cache[key] = (ens, lin, kw["key_added"])
         ens, lin, first = cache[key]
-        if first != kw["key_added"]:  # cross_validate reads the split of every method's key
+        if first != kw["key_added"]:  # cross_validate reads the split and the record of every method's key
             sub.obs[kw["key_added"] + "_split"] = sub.obs[first + "_split"]
+            sub.uns[kw["key_added"]] = sub.uns[first]
         return Blend(ens, lin, w)
 
     return fit
@@ -83,8 +85,8 @@ def main() -> None:
     cv.agl_fit = blending_fit(cv.agl_fit)
     t0 = time.perf_counter()
     df = agl.tl.cross_validate(
-        adata, "library_id", methods=tuple(names), embedding_key=B.EMB_KEY, n_targets=50, baselines=True,
-        seed=args.seed, progress=False, refit=True, n_seeds=5,
+        adata, "library_id", methods=tuple(names), embedding_key=B.EMB_KEY, genes=agl.GeneConfig(n_targets=50),
+        baselines=True, seed=args.seed, progress=False, training=agl.TrainingConfig(refit=True, n_seeds=5),
         method_kwargs={n: {"blend_w": w, "blend_method": args.method} for n, w in zip(names, WEIGHTS)},
     )  # fmt: skip
     per = df.groupby(["method", "fold"]).pearson.mean().unstack()

@@ -36,7 +36,7 @@ from benchmarks._common import HER2ST_H5AD, RESULTS, git_state
 
 
 def settings(authors_h: list[int]) -> dict[str, dict]:
-    """The look-aheads compared, as ``agl_fit`` arguments."""
+    """The look-aheads compared, as fields of ``agl_fit``'s ``dkgsb`` config (:class:`agl_scverse.DkGSBConfig`)."""
     out = {"adam": {"lookahead": "adam"}}
     for h in authors_h:
         out[f"authors:H{h}"] = {"lookahead": "authors", "inner_steps": h}
@@ -54,7 +54,7 @@ def run_synthetic(args, looks: dict, write) -> list[dict]:
             t = time.perf_counter()
             model = agl.tl.agl_fit(
                 a, method="dkgsb", embedding_key="X_agl_resnet18", spots=~test, seed=seed, training=agl.TrainingConfig(n_seeds=1),
-                progress=False, **kw,
+                progress=False, dkgsb=agl.DkGSBConfig(**kw),
             )  # fmt: skip
             secs = time.perf_counter() - t
             meta = float(a.uns["agl"]["metrics"]["meta_seconds"])
@@ -76,9 +76,10 @@ def run_her2st(args, looks: dict, write) -> list[dict]:
     for seed in args.seeds:
         for name, kw in looks.items():
             agl.tl.cross_validate(
-                adata, "library_id", methods=(f"dkgsb:{name}",), embedding_key=args.embedding_key, n_targets=50,
-                baselines=False, seed=seed, key_added="agl_cv", progress=False, groups=args.groups, n_seeds=1,
-                method_kwargs={f"dkgsb:{name}": kw},
+                adata, "library_id", methods=(f"dkgsb:{name}",), embedding_key=args.embedding_key,
+                genes=agl.GeneConfig(n_targets=50), baselines=False, seed=seed, key_added="agl_cv", progress=False,
+                groups=args.groups, training=agl.TrainingConfig(n_seeds=1),
+                method_kwargs={f"dkgsb:{name}": {"dkgsb": kw}},
             )  # fmt: skip
             summ = pd.DataFrame(adata.uns["agl_cv"]["summary"])
             for r in summ.itertuples():

@@ -40,12 +40,11 @@ def main() -> None:
     for seed in args.seeds:
         adata, key, targets = make_slide(seed, "latent", None)
         names = [f"topk:{p}" for p in PRIORS] + [f"topk:{p}:auto" for p in PRIORS]
-        kw = {f"topk:{p}": {"prior": p, "k": args.k} for p in PRIORS}
-        kw.update({f"topk:{p}:auto": {"prior": p, "k": "auto"} for p in PRIORS})
+        kw = {f"topk:{p}": {"genes": {"prior": p}, "dkgsb": {"k": args.k}} for p in PRIORS}
+        kw.update({f"topk:{p}:auto": {"genes": {"prior": p}, "dkgsb": {"k": "auto"}} for p in PRIORS})
         df = agl.tl.compare_methods(
-            adata, names, seed=seed, embedding_key=key, targets=targets, method_kwargs=kw,
-            **{k: v for k, v in FIT.items() if k != "n_targets"},
-        )  # fmt: skip
+            adata, names, seed=seed, embedding_key=key, genes=agl.GeneConfig(targets=targets), method_kwargs=kw, **FIT
+        )
         df["seed"] = seed
         rows.append(df)
         print(f"seed {seed}")

@@ -6,12 +6,11 @@ import json
 import os
 import stat
 
-import anndata as ad
 import numpy as np
 import pytest
 import timm
 import torch
-from builders import noise_slide
+from builders import NOISE_PX, NOISE_UM, needs_ort
 from torch import nn
 
 import agl_scverse as agl
@@ -21,20 +20,7 @@ from agl_scverse.encoders._modules import ClsMeanPool
 from agl_scverse.encoders._presets import PRESETS, kwargs_from_json
 from agl_scverse.pp import embed_patches
 
-needs_ort = pytest.mark.skipif(not ob.onnx_backend_available(), reason="onnxruntime / onnx not installed")
-PX, UM = 32, 32.0
-
-
-@pytest.fixture
-def slide() -> ad.AnnData:
-    return noise_slide()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A fresh graph cache for the test."""
-    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "c"))
-    return tmp_path / "c" / "onnx"
+PX, UM = NOISE_PX, NOISE_UM
 
 
 def _tiny_preset(name: str) -> tuple[nn.Module, int]:
@@ -70,7 +56,7 @@ KINDS = {
 
 @needs_ort
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_every_supported_kind_exports_and_agrees_with_torch(kind, cache):
+def test_every_supported_kind_exports_and_agrees_with_torch(kind, graph_cache):
     module, px = KINDS[kind]()
     g = torch.Generator().manual_seed(0)
     first = torch.randn(3, 3, px, px, generator=g)
@@ -86,7 +72,7 @@ def test_every_supported_kind_exports_and_agrees_with_torch(kind, cache):
 
 
 @needs_ort
-def test_graph_cache_reuses_keys_by_content_and_is_private(cache, monkeypatch):
+def test_graph_cache_reuses_keys_by_content_and_is_private(graph_cache, monkeypatch):
     calls = []
     real = ob._export
     monkeypatch.setattr(ob, "_export", lambda *a: (calls.append(1), real(*a))[1])
@@ -101,23 +87,23 @@ def test_graph_cache_reuses_keys_by_content_and_is_private(cache, monkeypatch):
         module.conv1.weight.mul_(0.5)
     ob.onnx_encoder(module, px, x)
     assert len(calls) == 3  # changed weights: another key
-    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
-    assert len(entries) == 3 and not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp left over
-    for d in (cache, cache.parent):
+    entries = [p for p in graph_cache.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 3 and not [p for p in graph_cache.iterdir() if p.name.startswith(".")]  # no temp left over
+    for d in (graph_cache, graph_cache.parent):
         assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
     meta = json.loads((entries[0] / "meta.json").read_text())
     assert set(meta["files"]) == {"encoder.onnx"} and len(meta["key"]) == 64
 
 
 @needs_ort
-def test_broken_or_stale_graphs_are_exported_again(cache, monkeypatch):
+def test_broken_or_stale_graphs_are_exported_again(graph_cache, monkeypatch):
     calls = []
     real = ob._export
     monkeypatch.setattr(ob, "_export", lambda *a: (calls.append(1), real(*a))[1])
     a, px = _timm("resnet18", 32)
     x = torch.randn(2, 3, px, px)
     ob.onnx_encoder(a, px, x)
-    (entry,) = list(cache.iterdir())
+    (entry,) = list(graph_cache.iterdir())
     with open(entry / "encoder.onnx", "r+b") as fh:  # a truncated / altered file fails its sha256
         fh.truncate(1000)
     enc = ob.onnx_encoder(a, px, x)
@@ -126,7 +112,7 @@ def test_broken_or_stale_graphs_are_exported_again(cache, monkeypatch):
     torch.manual_seed(1)
     b = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     key_b = ob.graph_key(b, px)
-    stale = cache / key_b[:32]
+    stale = graph_cache / key_b[:32]
     stale.mkdir(mode=0o700)
     (stale / "encoder.onnx").write_bytes((entry / "encoder.onnx").read_bytes())
     meta = {"key": key_b, "files": ob._files_sha256(stale)}
@@ -152,7 +138,7 @@ def test_a_symlinked_cache_is_refused_and_the_run_goes_on(tmp_path, monkeypatch)
 
 
 @needs_ort
-def test_threads_follow_torch(cache):
+def test_threads_follow_torch(graph_cache):
     module, px = _timm("resnet18", 32)
     torch.set_num_threads(1)
     assert ob.onnx_encoder(module, px, torch.randn(2, 3, px, px)).threads == 1
@@ -160,58 +146,58 @@ def test_threads_follow_torch(cache):
 
 # ------------------------------------------------------------------------------------------------ embed_patches
 @needs_ort
-def test_embed_patches_auto_uses_onnx_runtime_and_records_it(slide, cache):
-    embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, backend="torch", key_added="t")
-    embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="o")  # backend="auto"
-    rt, ro = slide.uns["agl_embeddings"]["t"], slide.uns["agl_embeddings"]["o"]
+def test_embed_patches_auto_uses_onnx_runtime_and_records_it(noise, graph_cache):
+    embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, backend="torch", key_added="t")
+    embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="o")  # backend="auto"
+    rt, ro = noise.uns["agl_embeddings"]["t"], noise.uns["agl_embeddings"]["o"]
     assert (rt["backend"], rt["backend_requested"]) == ("torch", "torch")
     assert (ro["backend"], ro["backend_requested"]) == ("onnx", "auto")
     assert ro["onnx_check_cosine"] >= 0.999 and ro["onnx_providers"] == ["CPUExecutionProvider"]
     assert ro["precision"] == "fp32" and ro["channels_last"] is False
-    assert ob.row_cosine(slide.obsm["t"], slide.obsm["o"]).min() >= 0.999
-    embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="o2", backend="onnx")
-    np.testing.assert_array_equal(slide.obsm["o"], slide.obsm["o2"])  # same seed, same features
-    slide.write_h5ad(cache.parent / "s.h5ad")  # the record is h5ad-serialisable
+    assert ob.row_cosine(noise.obsm["t"], noise.obsm["o"]).min() >= 0.999
+    embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="o2", backend="onnx")
+    np.testing.assert_array_equal(noise.obsm["o"], noise.obsm["o2"])  # same seed, same features
+    noise.write_h5ad(graph_cache.parent / "s.h5ad")  # the record is h5ad-serialisable
 
 
 @needs_ort
-def test_int8_graphs_are_cached_apart_and_recorded(cache):
+def test_int8_graphs_are_cached_apart_and_recorded(graph_cache):
     """int8 dynamic quantisation (measured by the benchmark; not a backend option, see the Encoders page)."""
     module, px = _timm("resnet18", 32)
     x = torch.randn(4, 3, px, px)
     fp32 = ob.onnx_encoder(module, px, x)
     q = ob.onnx_encoder(module, px, x, quantization="int8-dynamic")
     assert q.record()["onnx_quantization"] == "int8-dynamic" and "onnx_quantization" not in fp32.record()
-    assert len(list(cache.iterdir())) == 2
+    assert len(list(graph_cache.iterdir())) == 2
     assert 0.9 < ob.row_cosine(q(x), fp32(x)).min() < 1.0  # close, not equal
 
 
-def test_auto_falls_back_to_torch_without_onnxruntime(slide, cache, monkeypatch):
+def test_auto_falls_back_to_torch_without_onnxruntime(noise, graph_cache, monkeypatch):
     monkeypatch.setattr(ob, "onnx_backend_available", lambda: False)
     said = []
     monkeypatch.setattr(ob.logg, "info", lambda msg, *a, **k: said.append(msg))
-    embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="t")
-    assert slide.uns["agl_embeddings"]["t"]["backend"] == "torch"
+    embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="t")
+    assert noise.uns["agl_embeddings"]["t"]["backend"] == "torch"
     assert sum("the encoder runs in torch: onnxruntime / onnx are not installed" in m for m in said) == 1
     with pytest.raises(ImportError, match=r"agl-scverse\[onnx\]"):
-        embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="o", backend="onnx")
-    assert "o" not in slide.obsm
+        embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="o", backend="onnx")
+    assert "o" not in noise.obsm
 
 
-def test_auto_keeps_torch_for_callables_and_other_precisions(slide, cache):
-    embed_patches(slide, encoder=lambda x: x.mean(dim=(2, 3)), patch_px=PX, patch_um=UM, key_added="c")
-    assert slide.uns["agl_embeddings"]["c"]["backend"] == "torch"
+def test_auto_keeps_torch_for_callables_and_other_precisions(noise, graph_cache):
+    embed_patches(noise, encoder=lambda x: x.mean(dim=(2, 3)), patch_px=PX, patch_um=UM, key_added="c")
+    assert noise.uns["agl_embeddings"]["c"]["backend"] == "torch"
     assert ob.select_backend("auto", torch.device("cpu"), "bf16") == "torch"
     assert ob.select_backend("auto", torch.device("cuda"), "fp32") == "torch"
     assert ob.select_backend("auto", torch.device("cpu"), "fp32", precision_requested="fp32") == "torch"  # reference
-    embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="r", precision="fp32")
-    assert slide.uns["agl_embeddings"]["r"]["backend"] == "torch"
+    embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, key_added="r", precision="fp32")
+    assert noise.uns["agl_embeddings"]["r"]["backend"] == "torch"
     with pytest.raises(ValueError, match="Unknown backend"):
-        embed_patches(slide, encoder="resnet18", patch_px=PX, patch_um=UM, backend="tensorrt")
+        embed_patches(noise, encoder="resnet18", patch_px=PX, patch_um=UM, backend="tensorrt")
 
 
 @needs_ort
-def test_forced_onnx_refuses_what_it_cannot_run(slide, cache):
+def test_forced_onnx_refuses_what_it_cannot_run(noise, graph_cache):
     with pytest.raises(ValueError, match="float32"):
         ob.select_backend("onnx", torch.device("cpu"), "bf16")
 
@@ -219,17 +205,17 @@ def test_forced_onnx_refuses_what_it_cannot_run(slide, cache):
         def forward(self, x):
             return torch.from_numpy(x.numpy().mean(axis=(2, 3)))  # leaves torch: no graph to trace
 
-    before = set(slide.obsm)
+    before = set(noise.obsm)
     with pytest.raises(RuntimeError, match="backend='onnx'.*backend='torch'"):
-        embed_patches(slide, encoder=Untraceable(), patch_px=PX, patch_um=UM, backend="onnx")
-    assert set(slide.obsm) == before
-    embed_patches(slide, encoder=Untraceable(), patch_px=PX, patch_um=UM, key_added="u")  # auto: torch, logged
-    assert slide.uns["agl_embeddings"]["u"]["backend"] == "torch"
+        embed_patches(noise, encoder=Untraceable(), patch_px=PX, patch_um=UM, backend="onnx")
+    assert set(noise.obsm) == before
+    embed_patches(noise, encoder=Untraceable(), patch_px=PX, patch_um=UM, key_added="u")  # auto: torch, logged
+    assert noise.uns["agl_embeddings"]["u"]["backend"] == "torch"
 
 
 # ------------------------------------------------------------------------------------------------ predictions
 @needs_ort
-def test_models_predict_alike_from_either_backends_features(cache):
+def test_models_predict_alike_from_either_backends_features(graph_cache):
     """A model trained on torch features predicts from ONNX Runtime features (and the other way round)."""
     from builders import FAST
 
@@ -263,7 +249,7 @@ def test_finetuned_models_refuse_the_onnx_backend():
         AGLModel.predict(model, np.zeros((1, 8, 8, 3), dtype=np.uint8), backend="onnx")
 
 
-def test_get_encoder_module_is_untouched_by_an_export(cache):
+def test_get_encoder_module_is_untouched_by_an_export(graph_cache):
     if not ob.onnx_backend_available():
         pytest.skip("onnxruntime / onnx not installed")
     module, info = get_encoder("resnet18")
@@ -275,7 +261,7 @@ def test_get_encoder_module_is_untouched_by_an_export(cache):
 
 
 @needs_ort
-def test_losing_the_race_for_a_cache_entry_uses_its_own_graph_and_cleans_up(cache, monkeypatch):
+def test_losing_the_race_for_a_cache_entry_uses_its_own_graph_and_cleans_up(graph_cache, monkeypatch):
     """Another process moved its (equal) graph into place first: this one runs from its temporary copy."""
     real = os.replace
 
@@ -288,4 +274,4 @@ def test_losing_the_race_for_a_cache_entry_uses_its_own_graph_and_cleans_up(cach
     module, px = _timm("resnet18", 32)
     enc = ob.onnx_encoder(module, px, torch.randn(2, 3, px, px))
     assert enc.check_cosine >= ob.MIN_COSINE
-    assert list(cache.iterdir()) == []  # the temporary copy is gone, nothing half-written is left
+    assert list(graph_cache.iterdir()) == []  # the temporary copy is gone, nothing half-written is left

@@ -10,6 +10,8 @@
   checks; ``benchmarks/checks/check_routes.py`` uses them on the HER2+ sections).
 - :func:`snapshot` / :func:`assert_unchanged`: what a failed call must leave unchanged.
 - :data:`FAST`: ``agl_fit`` settings that train in a fraction of a second.
+- :func:`noise_slide`, :data:`NOISE_PX` / :data:`NOISE_UM` and :data:`needs_ort`: the encoder tests' slide, its
+  patches, and the mark of tests that need ONNX Runtime (fixtures ``noise`` and ``graph_cache`` in ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 from PIL import Image
 
+from agl_scverse.encoders._onnx_backend import onnx_backend_available
+
 PITCH_PX = 40.0  # fake legacy ST: 200 µm pitch -> 5 µm/px
+NOISE_PX, NOISE_UM = 32, 32.0  # the encoder tests' patches of :func:`noise_slide`
+
+#: Marks a test that needs ONNX Runtime (and onnx) installed.
+needs_ort = pytest.mark.skipif(not onnx_backend_available(), reason="onnxruntime / onnx not installed")
 
 FAST = {"hidden": (16,), "epochs": 4, "patience": 10, "batch_size": 32, "meta_batch_size": 32, "progress": False}
 

@@ -5,37 +5,20 @@ from __future__ import annotations
 import threading
 import time
 
-import anndata as ad
 import numpy as np
 import pytest
 import timm
 import torch
-from builders import noise_slide
+from builders import NOISE_PX, NOISE_UM, needs_ort
 
+from agl_scverse.configs import EncoderConfig
 from agl_scverse.encoders import _onnx_backend as ob
 from agl_scverse.model import get_encoder
 from agl_scverse.pp import SpotPatches, embed_patches
 from agl_scverse.pp import _embed as emb
 from agl_scverse.pp._embed import ReadAhead, built_encoder
 
-PX, UM = 32, 32.0
-needs_ort = pytest.mark.skipif(not ob.onnx_backend_available(), reason="onnxruntime / onnx not installed")
-
-
-@pytest.fixture
-def slide() -> ad.AnnData:
-    return noise_slide()
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """An empty graph cache, and nothing kept from earlier calls (before and after the test)."""
-    monkeypatch.setenv("AGL_SCVERSE_CACHE", str(tmp_path / "c"))
-    emb._BUILT.clear()
-    ob.clear_started()
-    yield
-    emb._BUILT.clear()
-    ob.clear_started()
+PX, UM = NOISE_PX, NOISE_UM
 
 
 def _threads() -> list[str]:
@@ -109,9 +92,9 @@ class _Failing(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnx", marks=needs_ort)])
-def test_read_ahead_features_equal_the_serial_paths_bit_for_bit(slide, fresh, backend):
+def test_read_ahead_features_equal_the_serial_paths_bit_for_bit(noise, graph_cache, backend):
     module, info = get_encoder("resnet18")
-    ds = SpotPatches(slide, patch_px=PX, patch_um=UM)
+    ds = SpotPatches(noise, patch_px=PX, patch_um=UM)
     serial, rec_s = _encode(module, ds, info, read_ahead=False, backend=backend)
     ahead, rec_a = _encode(module, ds, info, read_ahead=True, backend=backend)
     np.testing.assert_array_equal(ahead, serial)
@@ -123,9 +106,26 @@ def test_read_ahead_features_equal_the_serial_paths_bit_for_bit(slide, fresh, ba
     assert not _threads()
 
 
-def test_errors_while_reading_or_encoding_are_raised_as_before_and_leave_no_thread(slide, fresh):
+def test_the_read_ahead_switch_cuts_patches_serially_with_the_same_features(noise, graph_cache, monkeypatch):
+    alive = []
+
+    def mean_colour(x):  # records whether the read-ahead thread runs beside the encoder
+        alive.append(bool(_threads()))
+        return x.mean(dim=(2, 3))
+
+    enc = EncoderConfig(mean_colour, patch_px=PX, patch_um=UM, batch_size=3)
+    ahead = embed_patches(noise, enc, key_added="e", copy=True).obsm["e"]
+    assert alive and all(alive)  # the default: read ahead
+    alive.clear()
+    monkeypatch.setattr(emb, "READ_AHEAD", False)
+    serial = embed_patches(noise, enc, key_added="e", copy=True).obsm["e"]
+    assert alive and not any(alive)
+    np.testing.assert_array_equal(serial, ahead)
+
+
+def test_errors_while_reading_or_encoding_are_raised_as_before_and_leave_no_thread(noise, graph_cache):
     module, info = get_encoder("resnet18")
-    bad = _Failing(SpotPatches(slide, patch_px=PX, patch_um=UM), bad=7)
+    bad = _Failing(SpotPatches(noise, patch_px=PX, patch_um=UM), bad=7)
     messages = []
     for read_ahead in (False, True):
         with pytest.raises(OSError, match="cannot read patch 7") as err:
@@ -141,14 +141,14 @@ def test_errors_while_reading_or_encoding_are_raised_as_before_and_leave_no_thre
             raise RuntimeError("out of memory in the encoder")
         return x.mean(dim=(2, 3))
 
-    before = dict(slide.obsm)
+    before = dict(noise.obsm)
     with pytest.raises(RuntimeError, match="out of memory in the encoder"):
-        embed_patches(slide, encoder=broken, patch_px=PX, patch_um=UM, batch_size=3)
-    assert dict(slide.obsm).keys() == before.keys() and not _threads()
+        embed_patches(noise, encoder=broken, patch_px=PX, patch_um=UM, batch_size=3)
+    assert dict(noise.obsm).keys() == before.keys() and not _threads()
 
 
 # ------------------------------------------------------------------------------------------------ kept between calls
-def test_the_built_encoder_is_kept_by_content_and_rebuilt_when_it_changes(tmp_path, fresh):
+def test_the_built_encoder_is_kept_by_content_and_rebuilt_when_it_changes(tmp_path, graph_cache):
     torch.manual_seed(0)
     src = timm.create_model("resnet18", pretrained=False, num_classes=0)
     path = tmp_path / "w.pth"
@@ -167,7 +167,7 @@ def test_the_built_encoder_is_kept_by_content_and_rebuilt_when_it_changes(tmp_pa
     assert torch.equal(c.conv1.weight, src.conv1.weight)
 
 
-def test_registered_and_large_encoders_are_not_kept(fresh, monkeypatch):
+def test_registered_and_large_encoders_are_not_kept(graph_cache, monkeypatch):
     from agl_scverse.model import register_encoder
 
     register_encoder("h23_tiny", lambda: torch.nn.Conv2d(3, 4, 1), overwrite=True)
@@ -183,23 +183,23 @@ def test_registered_and_large_encoders_are_not_kept(fresh, monkeypatch):
 
 
 @needs_ort
-def test_the_onnx_session_is_kept_by_content_between_runs(slide, fresh, monkeypatch):
+def test_the_onnx_session_is_kept_by_content_between_runs(noise, graph_cache, monkeypatch):
     calls = []
     real = ob.onnx_encoder
     monkeypatch.setattr(ob, "onnx_encoder", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     kw = {"encoder": "resnet18", "patch_px": PX, "patch_um": UM, "copy": True, "key_added": "e"}
-    one = embed_patches(slide, **kw)
-    two = embed_patches(slide, **kw)
+    one = embed_patches(noise, **kw)
+    two = embed_patches(noise, **kw)
     assert len(calls) == 1  # started and checked once
     np.testing.assert_array_equal(one.obsm["e"], two.obsm["e"])
     r1, r2 = one.uns["agl_embeddings"]["e"], two.uns["agl_embeddings"]["e"]
     assert r1["backend"] == r2["backend"] == "onnx" and r2["onnx_check_cosine"] == r1["onnx_check_cosine"] >= 0.999
-    embed_patches(slide, **kw, seed=1)  # other weights: another graph, started and checked
+    embed_patches(noise, **kw, seed=1)  # other weights: another graph, started and checked
     assert len(calls) == 2
     n = torch.get_num_threads()
     torch.set_num_threads(n + 1)
     try:
-        embed_patches(slide, **kw, seed=1)  # other threads: another session
+        embed_patches(noise, **kw, seed=1)  # other threads: another session
     finally:
         torch.set_num_threads(n)
     assert len(calls) == 3

@@ -163,3 +163,44 @@ def test_old_gene_keywords_warn_and_give_the_same_folds():
     with pytest.warns(FutureWarning, match=r"use genes=agl.GeneConfig\(n_targets=..., min_cells=...\)"):
         old = cross_validate(b, "slide", methods=("pgl",), n_targets=3, min_cells=2, groups=["S0"], **FIT)
     pd.testing.assert_frame_equal(new.drop(columns="fit_seconds"), old.drop(columns="fit_seconds"))
+
+
+def test_a_methods_config_updates_the_shared_one_field_by_field():
+    """A method's ``{"training": {"lr": ...}}`` keeps the shared TrainingConfig's epochs (it used to replace it)."""
+    a, b = _tiny(per_group=20), _tiny(per_group=20)
+    kw = {"genes": GENES, "groups": ["S0"], "baselines": False}
+    shared = {**FIT, "training": agl.TrainingConfig(epochs=3, batch_size=32, n_seeds=1)}
+    df = cross_validate(
+        a, "slide", methods=("pgl", "pgl:lr", "pgl:obj"), **kw, **shared,
+        method_kwargs={"pgl:lr": {"training": {"lr": 0.02}}, "pgl:obj": {"training": agl.TrainingConfig(lr=0.02)}},
+    )  # fmt: skip
+    rec = a.uns["agl_cv"]["params"]["method_fit_kwargs"]
+    for name in ("pgl:lr", "pgl:obj"):
+        assert "epochs=3" in rec[name]["training"] and "lr=0.02" in rec[name]["training"], rec[name]
+        assert "batch_size=32" in rec[name]["training"] and "hidden=(8,)" in rec[name]["network"]
+    assert "lr=None" in rec["pgl"]["training"]
+    direct = cross_validate(
+        b, "slide", methods=("pgl",), **kw, **{**shared, "training": agl.TrainingConfig(epochs=3, batch_size=32,
+                                                                                         n_seeds=1, lr=0.02)},
+    )  # fmt: skip
+    want = direct.pearson.to_numpy()
+    np.testing.assert_allclose(df[df.method == "pgl:lr"].pearson.to_numpy(), want)
+    np.testing.assert_allclose(df[df.method == "pgl:obj"].pearson.to_numpy(), want)
+    assert not np.allclose(df[df.method == "pgl"].pearson.to_numpy(), want)
+    with pytest.raises(TypeError, match="sets 'genes'"):
+        cross_validate(a, "slide", methods=("pgl",), method_kwargs={"pgl": {"genes": {"prior": "hvg"}}}, **FIT)
+
+
+def test_merge_configs_rule():
+    from agl_scverse.tl._config import merge_configs
+
+    shared = {"training": agl.TrainingConfig(epochs=3), "network": {"hidden": (8,)}, "device": "cpu", "encoder": "x"}
+    out = merge_configs(shared, {"training": {"lr": 0.1}, "network": agl.NetworkConfig(dropout=0.5), "device": "cuda"})
+    assert out["training"] == agl.TrainingConfig(epochs=3, lr=0.1)
+    assert out["network"] == {"hidden": (8,), "dropout": 0.5}  # a dict where the shared one was a dict
+    assert out["device"] == "cuda" and out["encoder"] == "x"
+    assert merge_configs(shared, {"encoder": agl.EncoderConfig("densenet121")})["encoder"].encoder == "densenet121"
+    assert merge_configs(shared, {"training": {"epochs": None}})["training"] == agl.TrainingConfig()  # back to default
+    with pytest.raises(TypeError, match="no field"):
+        merge_configs(shared, {"training": {"epoch": 4}})
+    assert shared["training"] == agl.TrainingConfig(epochs=3)  # the shared arguments are not changed

@@ -100,6 +100,12 @@ def built_encoder(
     return module, info
 
 
+#: Without DataLoader workers, one thread cuts (and normalises) the next batch of patches while the encoder runs the
+#: current one. ``False`` cuts them serially in the calling thread (same features, bit for bit): a switch for
+#: benchmarks that measure what the read-ahead buys (``benchmarks/speed/bench_encoder_backends.py``).
+READ_AHEAD: bool = True
+
+
 class ReadAhead:
     """Iterate over ``source`` with its next items made ahead in one background thread, as a context manager."""
 
@@ -168,9 +174,12 @@ def _encode(
     backend: str = "torch",
     info: dict | None = None,
     tta: int = 1,
-    read_ahead: bool = True,
+    read_ahead: bool | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend)."""
+    """Features of the patches of ``ds`` (float32) and the record of how they were computed (precision, backend).
+
+    ``read_ahead``: cut the next batch in a thread while the encoder runs (``None``: :data:`READ_AHEAD`).
+    """
     from tqdm.auto import tqdm
 
     params = list(model.parameters()) + list(model.buffers())
@@ -189,6 +198,7 @@ def _encode(
     if device.type == "cpu":  # normalised where they are cut (the same operations as on the caller's side)
         batches = (normalize(b, mean, std) for b in batches)
     # Without workers, one thread cuts (and normalises) batch i + 1 while the encoder runs batch i.
+    read_ahead = READ_AHEAD if read_ahead is None else read_ahead
     ahead = ReadAhead(batches) if read_ahead and num_workers == 0 else contextlib.nullcontext(batches)
     out: np.ndarray | None = None
     pos = 0

@@ -15,6 +15,7 @@ from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._validate import check_in_range
 
+from ._config import merge_configs
 from ._evaluate import evaluate
 from ._fit import agl_fit
 from ._predict import agl_predict
@@ -52,7 +53,9 @@ def compare_methods(
         Boolean ``.var`` column of known helpful auxiliaries (the synthetic slide's ``"informative"``), for the
         precision of the selected auxiliaries.
     method_kwargs
-        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"dkgsb": agl.DkGSBConfig(k=500)}}``).
+        Extra :func:`agl_fit` arguments per method name (e.g. ``{"topk": {"dkgsb": agl.DkGSBConfig(k=500)}}``);
+        a config also given in ``fit_kwargs`` is updated field by field, as in
+        :func:`agl_scverse.tl.cross_validate`.
     **fit_kwargs
         Passed to every :func:`agl_fit` call (``embedding_key``, the configs, ``device``, ...).
 
@@ -81,7 +84,7 @@ def compare_methods(
     rows = []
     for name in methods:
         method = name.split(":")[0]
-        kw = {**fit_kwargs, **method_kwargs.get(name, {})}
+        kw = merge_configs(fit_kwargs, method_kwargs.get(name, {}))
         kw.setdefault("progress", False)
         t0 = time.perf_counter()
         work = adata.copy()

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, cast
 
 from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_seed
 from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig, as_config
 
-__all__ = ["FitConfig", "LEGACY_KEYWORDS", "merge_legacy"]
+__all__ = ["FitConfig", "LEGACY_KEYWORDS", "CONFIG_ARGUMENTS", "merge_configs", "merge_legacy"]
 
 
 @dataclass(frozen=True)
@@ -181,4 +181,38 @@ def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], sta
             FutureWarning,
             stacklevel=stacklevel,
         )
+    return out
+
+
+#: The config arguments of ``agl_fit`` and their classes (merged field by field by :func:`merge_configs`).
+CONFIG_ARGUMENTS: dict[str, type] = {
+    "genes": GeneConfig, "network": NetworkConfig, "training": TrainingConfig, "dkgsb": DkGSBConfig,
+    "encoder": EncoderConfig,
+}  # fmt: skip
+
+
+def merge_configs(shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """``agl_fit`` arguments ``shared`` by several fits, updated by one fit's ``own``.
+
+    A config argument (``genes``, ``network``, ``training``, ``dkgsb``, ``encoder``) given as a config object or a
+    dict on both sides is merged field by field: ``own``'s fields win, ``shared``'s others are kept. ``own``'s
+    fields are a dict's keys, or a config object's fields that differ from the class defaults (to set a field back
+    to its default, give a dict). The result is a config object where ``shared`` gave one, else a dict. Any other
+    argument (an encoder given by name, ``device``, ...) is replaced by ``own``'s, as ``{**shared, **own}``.
+    """
+    out = {**shared, **own}
+    for name, cls in CONFIG_ARGUMENTS.items():
+        base: Any = shared.get(name)
+        top: Any = own.get(name)
+        if not (isinstance(base, cls | Mapping) and isinstance(top, cls | Mapping)):
+            continue
+        as_config(cls, top, name)  # names a wrong field clearly
+        if isinstance(top, Mapping):
+            given = dict(top)
+        else:
+            default = cls()
+            given = {
+                f.name: getattr(top, f.name) for f in fields(cls) if getattr(top, f.name) != getattr(default, f.name)
+            }
+        out[name] = {**base, **given} if isinstance(base, Mapping) else replace(cast(Any, base), **given)
     return out

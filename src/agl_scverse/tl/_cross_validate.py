@@ -24,7 +24,7 @@ from agl_scverse.pp._context import check_context_within_groups
 from agl_scverse.pp._genes import GeneRoles, gene_roles
 
 from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
-from ._config import merge_legacy
+from ._config import merge_configs, merge_legacy
 from ._fit import agl_fit
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]
@@ -141,7 +141,12 @@ def cross_validate(
         unless ``sc.settings.verbosity`` is 0, ``"error"``).
     method_kwargs
         Extra :func:`agl_scverse.tl.agl_fit` arguments per method name (e.g.
-        ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``).
+        ``{"pgl:reg": {"network": agl.NetworkConfig(dropout=0.5)}}``). A config (``network``, ``training``,
+        ``dkgsb``, ``encoder``; a config object or a dict) also given in ``fit_kwargs`` is merged field by field:
+        the method's fields (a dict's keys, or the fields of a config object that differ from the defaults) win,
+        the shared config's other fields are kept; other arguments replace the shared ones. With
+        ``training=agl.TrainingConfig(epochs=30)`` and ``method_kwargs={"pgl:fast": {"training": {"lr": 1e-2}}}``,
+        ``"pgl:fast"`` trains 30 epochs at lr 0.01.
     n_targets
         Deprecated: use ``genes=agl.GeneConfig(n_targets=...)``.
     prior
@@ -166,13 +171,17 @@ def cross_validate(
     ``.uns[key_added]`` receives (h5ad-serialisable): ``summary`` (a dict of equal-length arrays ``fold``,
     ``method``, ``mean_pearson``, ``mean_spearman``, ``mean_mse``, ``k``, ``fit_seconds``, one entry per fold x
     method), ``mean_pearson`` (per method, mean over folds of the fold's mean target Pearson r), ``folds``,
-    ``methods``, and ``params``.
+    ``methods``, and ``params`` (with ``method_fit_kwargs``: the merged arguments each method was fitted with).
 
     Examples
     --------
     >>> import agl_scverse as agl
     >>> df = agl.tl.cross_validate(adata, "library_id", methods=("pgl", "dkgsb"))  # doctest: +SKIP
     >>> df.groupby(["method", "fold"]).pearson.mean().unstack()  # doctest: +SKIP
+    >>> df = agl.tl.cross_validate(
+    ...     adata, "library_id", methods=("pgl", "pgl:fast"), training=agl.TrainingConfig(epochs=30),
+    ...     method_kwargs={"pgl:fast": {"training": {"lr": 1e-2}}},  # 30 epochs at lr 0.01
+    ... )  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
@@ -195,8 +204,9 @@ def cross_validate(
     if fit_kwargs.get("mode", "embedding") != "embedding":
         raise ValueError("cross_validate evaluates embedding mode (cached features); mode='finetune' is not supported.")
     for name in ("spots", "split_key", "val_groups", "targets", "auxiliaries", "copy", "save_dir", "method", "genes"):
-        if name in fit_kwargs:
+        if name in fit_kwargs or any(name in kw for kw in method_kwargs.values()):
             raise TypeError(f"cross_validate sets {name!r} itself for every fold; do not pass it.")
+    fit_kwargs_by_method = {name: merge_configs(fit_kwargs, method_kwargs.get(name, {})) for name in methods}
     check_owned(adata, uns=[key_added])  # before the folds run
     counts = adata.layers[layer] if layer is not None else adata.X
     prior_col = Keys(key_added).fold_prior
@@ -225,7 +235,7 @@ def cross_validate(
         base_rows = np.flatnonzero(train)  # spots the networks train on (all training groups with refit=True)
         for name in methods:
             method = name.split(":")[0]
-            kw = {"progress": False, **fit_kwargs, **method_kwargs.get(name, {})}
+            kw = {"progress": False, **fit_kwargs_by_method[name]}
             t0 = time.perf_counter()
             model = agl_fit(
                 sub,
@@ -291,6 +301,7 @@ def cross_validate(
                 "val_fraction": float(val_fraction),
                 "method_kwargs": {m: {k: str(v) for k, v in kw.items()} for m, kw in method_kwargs.items()},
                 "fit_kwargs": {k: str(v) for k, v in fit_kwargs.items()},
+                "method_fit_kwargs": {m: {k: str(v) for k, v in kw.items()} for m, kw in fit_kwargs_by_method.items()},
             },
         }
     )
