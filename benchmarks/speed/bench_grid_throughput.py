@@ -10,6 +10,8 @@ A synthetic H&E image (pink tissue disk with nuclei on white glass, 1 µm/px, wr
   memory format of ``precision="auto"`` beforehand (not timed; ``channels_last``, and bf16 autocast on a CPU with
   native bf16, as the route runs), in batches of the embedding batch size: the floor of what the grid route can
   cost (after one untimed pass);
+- **bare ONNX**: the same patches through the encoder's ONNX Runtime graph (the one the default route runs), when
+  ``onnxruntime`` is installed;
 - **grid (torch)**: ``agl.tl.predict_anndata(grid, model, encoder=EncoderConfig(..., backend="torch"))``: the
   whole route (encoder rebuilt from the model's record, patches cut from the TIFF by region, normalised,
   encoded, the head's predictions);
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import agl_scverse as agl
+    from agl_scverse.encoders._onnx_backend import onnx_backend_available, onnx_encoder
     from agl_scverse.encoders._record import rebuild_encoder
     from agl_scverse.train._precision import resolve_precision
 
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         encoder, info = rebuild_encoder(model.config["encoder"], weights=args.weights)  # the route's module
         x_all = agl.model.normalize(torch.stack([patches[i] for i in range(n)]), info["mean"], info["std"])
         encoder.eval()
+        # the same graph ONNX Runtime runs in the default route, on the same float32 patches
+        bare_onnx = onnx_encoder(encoder, args.patch_px, x_all[:4]) if onnx_backend_available() else None
         prec = resolve_precision("auto", "cpu", encoder)
         prec.to_layout(encoder)
         x_all = prec.image_batch(x_all)
@@ -110,7 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
                 encoder(x_all[a : a + args.batch_size])
         auto_enc = agl.EncoderConfig(args.encoder, **enc_kw)
         rates: dict[str, list[float]] = {"bare": [], "grid_torch": [], "grid_auto": []}
+        if bare_onnx is not None:
+            rates["bare_onnx"] = []
+            x_onnx = x_all.contiguous()
+            bare_onnx(x_onnx[: args.batch_size])  # untimed first pass
         for _ in range(args.repeats):
+            if bare_onnx is not None:
+                t0 = time.perf_counter()
+                for a in range(0, n, args.batch_size):
+                    bare_onnx(x_onnx[a : a + args.batch_size])
+                rates["bare_onnx"].append(n / (time.perf_counter() - t0))
             with torch.inference_mode(), prec.autocast():
                 encoder(x_all[: args.batch_size])  # warm-up
                 t0 = time.perf_counter()
@@ -142,12 +156,15 @@ def main(argv: list[str] | None = None) -> dict:
         "median_spots_per_s": {k: round(v, 1) for k, v in med.items()},
         "ratio_grid_torch_to_bare": round(med["grid_torch"] / med["bare"], 3),
         "ratio_grid_auto_to_bare": round(med["grid_auto"] / med["bare"], 3),
+        "ratio_grid_auto_to_bare_onnx": round(med["grid_auto"] / med["bare_onnx"], 3) if "bare_onnx" in med else None,
         "seconds": round(time.perf_counter() - t_all, 1),
     }
     print(
         f"{n} grid spots ({args.patch_px} px / {patch_um:g} µm patches), medians over {args.repeats}: bare forward "
         f"{med['bare']:.1f} spots/s; grid torch {med['grid_torch']:.1f} ({result['ratio_grid_torch_to_bare']:.2f}x); "
-        f"grid auto {med['grid_auto']:.1f} ({result['ratio_grid_auto_to_bare']:.2f}x); {result['machine']}"
+        f"grid auto {med['grid_auto']:.1f} ({result['ratio_grid_auto_to_bare']:.2f}x; "
+        f"{result['ratio_grid_auto_to_bare_onnx']}x of the bare ONNX forward "
+        f"{med.get('bare_onnx', float('nan')):.1f}); {result['machine']}"
     )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
