@@ -367,7 +367,7 @@ def fit_args(**kwargs) -> dict:
     So a test written with short flat settings calls ``agl_fit`` in the config spelling (``training={...}``), with
     no deprecation warning; the grouping is the package's own table of the old keywords.
     """
-    from agl_scverse.tl._config import LEGACY_KEYWORDS
+    from agl_scverse._legacy_keywords import LEGACY_KEYWORDS
 
     out: dict = {}
     for name, value in kwargs.items():

@@ -10,7 +10,7 @@ from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_seed
 from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig, as_config
 
-__all__ = ["FitConfig", "LEGACY_KEYWORDS", "CONFIG_ARGUMENTS", "merge_configs", "merge_legacy"]
+__all__ = ["FitConfig", "CONFIG_ARGUMENTS", "merge_configs"]
 
 
 @dataclass(frozen=True)
@@ -131,57 +131,6 @@ class FitConfig:
             out.update(asdict(self.genes))
         out["hidden"] = list(self.network.hidden or ())
         return out
-
-
-#: The flat keywords of agl_fit before the configs (deprecated), and the config each now belongs to.
-LEGACY_KEYWORDS: dict[str, tuple[str, type]] = {
-    **dict.fromkeys(("n_targets", "targets", "auxiliaries", "prior", "min_cells", "transform", "layer"), ("genes", GeneConfig)),
-    **dict.fromkeys(("hidden", "dropout", "head"), ("network", NetworkConfig)),
-    **dict.fromkeys(("epochs", "patience", "lr", "weight_decay", "batch_size", "loss", "refit", "n_seeds", "augment", "checkpoint_every", "resume"), ("training", TrainingConfig)),
-    **dict.fromkeys(("inner_steps", "inner_lr", "meta_steps", "meta_batch_size", "tau", "beta", "meta_normalizer", "lookahead", "meta_scope", "k", "k_grid"), ("dkgsb", DkGSBConfig)),
-    **dict.fromkeys(("weights", "encoder_kwargs", "patch_px", "patch_um", "precision", "backend", "num_workers", "prefetch_factor", "allow_lowres"), ("encoder", EncoderConfig)),
-}  # fmt: skip
-
-
-_CONFIG_OF: dict[str, type] = dict(LEGACY_KEYWORDS.values())  # "training" -> TrainingConfig
-
-
-def merge_legacy(func: str, configs: dict[str, Any], legacy: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
-    """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them."""
-    import warnings
-
-    out = dict(configs)
-    enc = out.get("encoder")
-    enc_name = enc is not None and not isinstance(enc, EncoderConfig | Mapping)  # a name (or module): old spelling
-    if enc_name:
-        out["encoder"] = {"encoder": enc}
-    unknown = [n for n in legacy if n not in LEGACY_KEYWORDS or LEGACY_KEYWORDS[n][0] not in out]
-    if unknown:
-        raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}.")
-    by_param: dict[str, list[str]] = {"encoder": []} if enc_name else {}
-    for name, value in legacy.items():
-        param, cls = LEGACY_KEYWORDS[name]
-        given: Any = out.get(param)
-        as_dict = given is None or isinstance(given, Mapping)
-        # in a config object, the fields that differ from the defaults count as given
-        if (name in dict(given or {})) if as_dict else getattr(given, name) != getattr(cls(), name):
-            raise TypeError(f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only.")
-        out[param] = {**dict(given or {}), name: value} if as_dict else replace(given, **{name: value})
-        by_param.setdefault(param, []).append(name)
-    if by_param:
-        hints = []
-        for param, names in by_param.items():
-            args = [f"{n}=..." for n in names]
-            if param == "encoder" and enc_name:
-                args.insert(0, repr(enc) if isinstance(enc, str) else "encoder=...")
-            hints.append(f"{param}=agl.{_CONFIG_OF[param].__name__}({', '.join(args)})")
-        old = [f"{n}=" for n in legacy] + (["encoder=<a name>"] if enc_name else [])
-        warnings.warn(
-            f"{func}({', '.join(old)}) is deprecated and will be removed in the next release: use {', '.join(hints)}.",
-            FutureWarning,
-            stacklevel=stacklevel,
-        )
-    return out
 
 
 #: The config arguments of ``agl_fit`` and their classes (merged field by field by :func:`merge_configs`).

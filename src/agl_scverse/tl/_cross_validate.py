@@ -14,6 +14,7 @@ from scanpy import logging as logg
 from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys
 from agl_scverse._expression import expression_transform
+from agl_scverse._legacy_keywords import merge_legacy
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._stats import mean_pearson, per_gene_metrics
 from agl_scverse._transaction import check_owned, restore_on_error
@@ -24,7 +25,7 @@ from agl_scverse.pp._context import check_context_within_groups
 from agl_scverse.pp._genes import GeneRoles, gene_roles
 
 from ._baselines import RRR_RANKS, mean_predictor, pca_ridge, reduced_rank_ridge
-from ._config import merge_configs, merge_legacy
+from ._config import merge_configs
 from ._fit import agl_fit
 
 __all__ = ["cross_validate", "BASELINES", "CV_COLUMNS"]

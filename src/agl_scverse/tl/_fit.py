@@ -17,6 +17,7 @@ from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys
 from agl_scverse._docs import d
+from agl_scverse._legacy_keywords import merge_legacy
 from agl_scverse._modeldir import check_overwritable
 from agl_scverse._serialize import to_h5ad
 from agl_scverse._spatial import resolve_library_key
@@ -30,7 +31,7 @@ from agl_scverse.pp._genes import write_gene_roles
 from agl_scverse.train._inference import forward, index_batches
 from agl_scverse.train._trainer import TrainResult, empty_history
 
-from ._config import FitConfig, merge_legacy
+from ._config import FitConfig
 from ._fit_inputs import FitData, FitGenes, build_network, checkpointer, prepare_data, prepare_genes, with_k
 from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
 

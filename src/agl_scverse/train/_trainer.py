@@ -15,6 +15,7 @@ from torch import nn
 
 from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
+from agl_scverse._legacy_keywords import TRAIN_NETWORK_KEYWORDS, TRAIN_NETWORK_RENAMED, merge_legacy
 from agl_scverse._stats import StreamingMoments
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import MIN_BATCH_SPOTS
@@ -183,6 +184,16 @@ def _meta_step(net, mask, opts, inputs, Yz, idx, n_targets, rng, m: DkGSBConfig,
     return float(g), lv
 
 
+def _resolved_configs(training: Any, dkgsb: Any, legacy: dict[str, Any]) -> tuple[TrainingConfig, DkGSBConfig]:
+    """``train_network``'s configs with 0.2.0's flat keywords moved in (a ``FutureWarning``), ``None`` fields resolved."""
+    if legacy:
+        given = {"training": training, "dkgsb": dkgsb}
+        given = merge_legacy("train_network", given, legacy, 4, TRAIN_NETWORK_KEYWORDS, TRAIN_NETWORK_RENAMED)
+        training, dkgsb = given["training"], given["dkgsb"]
+    t = as_config(TrainingConfig, training, "training").resolved("embedding")  # None fields: the mode's defaults
+    return t, as_config(DkGSBConfig, dkgsb, "dkgsb").resolved("embedding")
+
+
 def train_network(
     net: nn.Module,
     inputs: Callable,
@@ -203,6 +214,7 @@ def train_network(
     checkpoint=None,
     clip: float = 1.0,
     theta_beta2: float = 0.9,
+    **legacy: Any,
 ) -> TrainResult:
     """Train ``net`` in place; learn the DkGSB threshold when ``mask`` is given.
 
@@ -257,6 +269,12 @@ def train_network(
         DkGSB: hypergradient clipping.
     theta_beta2
         DkGSB: Adam's second-moment decay for ``theta``.
+    **legacy
+        Deprecated, removed in the next release: the flat keywords of release 0.2.0 (``epochs``, ``patience``,
+        ``lr``, ``weight_decay``, ``batch_size``, ``loss``, ``augment``; ``inner_steps``, ``inner_lr``,
+        ``meta_steps``, ``meta_batch_size``, ``beta``, ``normalizer``, ``lookahead``, ``meta_scope``) still work with
+        a ``FutureWarning`` naming the new spelling: ``training=TrainingConfig(epochs=5)``,
+        ``dkgsb=DkGSBConfig(meta_normalizer=...)`` for ``normalizer``. One given in its config too is a ``TypeError``.
 
     Returns
     -------
@@ -283,8 +301,7 @@ def train_network(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    t = as_config(TrainingConfig, training, "training").resolved("embedding")  # None fields: the mode's defaults
-    m = as_config(DkGSBConfig, dkgsb, "dkgsb").resolved("embedding")
+    t, m = _resolved_configs(training, dkgsb, legacy)
     epochs, batch_size, patience = cast(int, t.epochs), cast(int, t.batch_size), cast(int, t.patience)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     torch.manual_seed(seed + dist.rank())
