@@ -96,53 +96,92 @@ def _is_name(node: ast.expr) -> bool:
     return isinstance(node, ast.Attribute) and node.attr.endswith("encoder")
 
 
-def _dict_keys(node: ast.expr) -> list[tuple[str, ast.expr]]:
-    """The string keys of a ``{...}`` or ``dict(...)`` literal, with their values."""
+Scope = dict[str, list[ast.expr]]  # a name -> the values assigned to it in a function (or the module)
+
+
+def _dict_keys(node: ast.expr, scope: Scope, seen: frozenset[str] = frozenset()) -> list[tuple[str, ast.expr]]:
+    """The string keys of a ``{...}`` / ``dict(...)`` literal, with their values; names assigned one are followed."""
     if isinstance(node, ast.Dict):
-        return [
-            (k.value, v)
-            for k, v in zip(node.keys, node.values)
-            if isinstance(k, ast.Constant) and isinstance(k.value, str)
-        ]
+        out = []
+        for k, v in zip(node.keys, node.values):
+            if k is None:  # {**other, ...}
+                out += _dict_keys(v, scope, seen)
+            elif isinstance(k, ast.Constant) and isinstance(k.value, str):
+                out.append((k.value, v))
+        return out
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
-        return [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
+        return [(kw.arg, kw.value) for kw in node.keywords if kw.arg] + [
+            pair for kw in node.keywords if kw.arg is None for pair in _dict_keys(kw.value, scope, seen)
+        ]
+    if isinstance(node, ast.IfExp):
+        return _dict_keys(node.body, scope, seen) + _dict_keys(node.orelse, scope, seen)
+    if isinstance(node, ast.Name) and node.id not in seen:
+        return [pair for value in scope.get(node.id, []) for pair in _dict_keys(value, scope, seen | {node.id})]
     return []
 
 
-def _keywords(node: ast.Call) -> Iterator[tuple[str, ast.expr]]:
-    """The keywords of a call, those of ``**{...}`` / ``**dict(...)`` literals included."""
+def _keywords(node: ast.Call, scope: Scope) -> Iterator[tuple[str, ast.expr]]:
+    """The keywords of a call, those of ``**{...}`` / ``**dict(...)`` / ``**kw`` (``kw = {...}``) included."""
     for kw in node.keywords:
         if kw.arg is None:
-            yield from _dict_keys(kw.value)
+            yield from _dict_keys(kw.value, scope)
         else:
             yield kw.arg, kw.value
 
 
-def _fit_dict_keys(value: ast.expr, depth: int) -> list[str]:
-    keys = _dict_keys(value)
+def _fit_dict_keys(value: ast.expr, depth: int, scope: Scope) -> list[str]:
+    keys = _dict_keys(value, scope)
     if depth == 1:
         return [k for k, _ in keys]
-    return [k for _, v in keys for k in _fit_dict_keys(v, depth - 1)]
+    return [k for _, v in keys for k in _fit_dict_keys(v, depth - 1, scope)]
+
+
+def _scoped_calls(tree: ast.AST, outer: Scope | None = None) -> Iterator[tuple[ast.Call, Scope]]:
+    """Every call with the assignments of its function (and, behind them, of the enclosing ones)."""
+    own: Scope = {}
+    for node in _own_nodes(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    own.setdefault(target.id, []).append(node.value)
+    scope = {**(outer or {}), **own}
+    for node in _own_nodes(tree):
+        if isinstance(node, ast.Call):
+            yield node, scope
+        elif node is not tree and _defines_scope(node):
+            yield from _scoped_calls(node, scope)
+
+
+def _defines_scope(node: ast.AST) -> bool:
+    return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+
+
+def _own_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """The nodes of ``tree``, with nested functions themselves but not their insides."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if node is tree or not _defines_scope(node):
+            todo.extend(ast.iter_child_nodes(node))
 
 
 def find_old_spellings(tree: ast.AST) -> list[tuple[int, str]]:
     """``(line, message)`` for every call of the package that uses a deprecated keyword."""
     hits = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
+    for node, scope in _scoped_calls(tree):
         func = _callee(node)
         old = DEPRECATED.get(func or "", {})
-        for arg, value in _keywords(node):
+        for arg, value in _keywords(node, scope):
             if arg in old:
                 hits.append((node.lineno, f"{func}({arg}=...): use {old[arg]}"))
             elif arg == "encoder" and func in ENCODER_NAME_DEPRECATED and _is_name(value):
                 hits.append((node.lineno, f"{func}(encoder=<a name>): use encoder=agl.EncoderConfig(<the name>)"))
             elif arg in FIT_DICTS and func in DEPRECATED:
-                for key in _fit_dict_keys(value, FIT_DICTS[arg]):
+                for key in _fit_dict_keys(value, FIT_DICTS[arg], scope):
                     if key in DEPRECATED["agl_fit"]:
                         hits.append((node.lineno, f"{func}({arg}={{{key!r}: ...}}): use {DEPRECATED['agl_fit'][key]}"))
-    return sorted(hits)
+    return sorted(set(hits))
 
 
 FENCE = re.compile(r"^```(?:python|py|ipython3?|{code-cell}[^\n]*)\s*\n(.*?)^```", re.M | re.S)
@@ -228,6 +267,14 @@ def test_the_deprecated_names_come_from_the_package():
         (
             "compare_methods(a, method_kwargs={'topk': {'k': 5}})",
             ["compare_methods(method_kwargs={'k': ...}): use dkgsb=agl.DkGSBConfig(k=...)"],
+        ),
+        (
+            "kw = {} if n is None else {'n_seeds': n}\nagl.tl.agl_fit(a, **kw)",
+            ["agl_fit(n_seeds=...): use training=agl.TrainingConfig(n_seeds=...)"],
+        ),
+        (
+            "def f():\n    kw = {'patch_px': 32}\n    return kw\ndef g(kw):\n    agl.pp.embed_patches(a, **kw)",
+            [],  # another function's kw
         ),
         ("agl.tl.agl_fit(a, training=agl.TrainingConfig(epochs=5), encoder=agl.EncoderConfig('resnet50'))", []),
         ("agl.pp.embed_patches(a, encoder='resnet50')", []),
