@@ -286,6 +286,19 @@ def test_the_finder(code, expected):
     assert [m for _, m in find_old_spellings(ast.parse(code))] == expected
 
 
+def test_markdown_blocks_are_found_with_their_lines():
+    page = "text\n\n```python\nimport agl_scverse as agl\n\nagl.tl.agl_fit(a, epochs=5)\n```\n\n```bash\nagl_fit\n```\n"
+    page += "```python\n>>> agl.pp.embed_patches(\n...     a, precision='fp32'\n... )\n```\n"
+    found = [
+        (first - 1 + line, msg)
+        for first, code in _markdown_blocks(page)
+        for line, msg in find_old_spellings(ast.parse(code))
+    ]
+    assert [line for line, _ in found] == [6, 13]
+    assert "training=agl.TrainingConfig(epochs=...)" in found[0][1]
+    assert "encoder=agl.EncoderConfig(precision=...)" in found[1][1]
+
+
 def test_no_deprecated_spellings():
     """Every call of the package in benchmarks/, tutorials/, docs/*.md and README.md uses the configs."""
     hits, unparsed = [], []
