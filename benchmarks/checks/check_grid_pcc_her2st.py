@@ -52,7 +52,7 @@ def main() -> None:
     train = adata[lib != args.test].copy()
     test = adata[lib == args.test].copy()
     t0 = time.perf_counter()
-    kw = {} if args.n_seeds is None else {"n_seeds": args.n_seeds}
+    kw = {} if args.n_seeds is None else {"training": agl.TrainingConfig(n_seeds=args.n_seeds)}
     with tempfile.TemporaryDirectory() as tmp:
         model = agl.tl.agl_fit(
             train,

@@ -258,10 +258,11 @@ adata = ad.read_h5ad(args["h5ad"])
 rss_before = psutil.Process().memory_info().rss / 2**20
 peak_before = rss_peak_mb()
 t0 = time.perf_counter()
-agl.pp.embed_patches(
-    adata, encoder=args["encoder"], patch_px=args["patch_px"], patch_um=args["patch_um"],
-    batch_size=args["batch_size"], num_workers=args["num_workers"], device=args["device"], seed=0,
+enc = agl.EncoderConfig(
+    args["encoder"], patch_px=args["patch_px"], patch_um=args["patch_um"], batch_size=args["batch_size"],
+    num_workers=args["num_workers"],
 )
+agl.pp.embed_patches(adata, encoder=enc, device=args["device"], seed=0)
 embed_s = time.perf_counter() - t0
 key = "X_agl_" + args["encoder"]
 rec = adata.uns["agl_embeddings"][key]

@@ -76,14 +76,17 @@ def bench_embed(adata, encoder, weights, device, args) -> tuple[list[dict], dict
     import agl_scverse as agl
     from agl_scverse.train._precision import native_bf16, resolve_precision
 
-    kw = {"encoder": encoder, "weights": weights, "batch_size": args.batch_size, "device": device, "copy": True,
-          "patch_px": 224, "patch_um": args.patch_um}  # fmt: skip
-    agl.pp.embed_patches(adata[:4].copy(), precision="fp32", **kw)  # decode the image once (cached), warm up
+    enc = {"encoder": encoder, "weights": weights, "batch_size": args.batch_size, "patch_px": 224,
+           "patch_um": args.patch_um}  # fmt: skip
+    kw = {"device": device, "copy": True}
+    # decode the image once (cached), warm up
+    agl.pp.embed_patches(adata[:4].copy(), encoder=agl.EncoderConfig(**enc, precision="fp32"), **kw)
     rows, feats = [], {}
     n = adata.n_obs
     for precision, workers in (("fp32", 0), ("auto", 0), ("fp32", 2), ("auto", 2)):
         t = time.perf_counter()
-        out = agl.pp.embed_patches(adata, precision=precision, num_workers=workers, prefetch_factor=2, **kw)
+        cfg = agl.EncoderConfig(**enc, precision=precision, num_workers=workers, prefetch_factor=2)
+        out = agl.pp.embed_patches(adata, encoder=cfg, **kw)
         dt = time.perf_counter() - t
         key = next(iter(out.uns["agl_embeddings"]))
         rec = out.uns["agl_embeddings"][key]
@@ -109,7 +112,7 @@ def bench_embed(adata, encoder, weights, device, args) -> tuple[list[dict], dict
     sub = adata[:m].copy()
     resolve_precision("bf16", device)  # warns when emulated
     t = time.perf_counter()
-    out = agl.pp.embed_patches(sub, precision="bf16", **kw)
+    out = agl.pp.embed_patches(sub, encoder=agl.EncoderConfig(**enc, precision="bf16"), **kw)
     dt = time.perf_counter() - t
     key = next(iter(out.uns["agl_embeddings"]))
     fb = np.asarray(out.obsm[key])
@@ -134,9 +137,10 @@ def bench_finetune(adata, device, args) -> list[dict]:
         work = sub.copy()
         t = time.perf_counter()
         model = agl.tl.agl_fit(
-            work, method="agl", mode="finetune", encoder="resnet18", patch_px=224, patch_um=args.patch_um,
-            n_targets=20, min_cells=3, epochs=1, batch_size=16, val_fraction=0.25, precision=precision,
-            device=str(device), progress=False, seed=0,
+            work, method="agl", mode="finetune",
+            encoder=agl.EncoderConfig("resnet18", patch_px=224, patch_um=args.patch_um, precision=precision),
+            genes=agl.GeneConfig(n_targets=20, min_cells=3), training=agl.TrainingConfig(epochs=1, batch_size=16),
+            val_fraction=0.25, device=str(device), progress=False, seed=0,
         )  # fmt: skip
         dt = time.perf_counter() - t
         n_train = int(work.uns["agl"]["metrics"]["n_train"])
@@ -152,21 +156,23 @@ def bench_finetune(adata, device, args) -> list[dict]:
 
 
 # ------------------------------------------------------------------ DkGSB's meta step in fine-tune mode (--meta)
-def _meta_fit(adata, args, method: str, epochs: int, **kw):
-    """One fine-tune ``agl_fit`` run of the meta benchmark; returns the fitted AnnData's ``.uns["agl"]``."""
+def _meta_fit(adata, args, method: str, epochs: int, **dkgsb):
+    """One fine-tune ``agl_fit`` run of the meta benchmark (``dkgsb``: DkGSBConfig fields); its ``.uns["agl"]``."""
     import agl_scverse as agl
 
     work = adata.copy()
     weights = args.weights if args.meta_encoder == "densenet121" else None
     agl.tl.agl_fit(
-        work, method=method, mode="finetune", encoder=args.meta_encoder, weights=weights, patch_px=args.meta_px,
-        patch_um=args.patch_um, n_targets=20, min_cells=3, epochs=epochs, patience=epochs, batch_size=args.meta_batch,
-        val_fraction=0.2, device="cpu", progress=False, seed=0, **kw,
+        work, method=method, mode="finetune",
+        encoder=agl.EncoderConfig(args.meta_encoder, weights=weights, patch_px=args.meta_px, patch_um=args.patch_um),
+        genes=agl.GeneConfig(n_targets=20, min_cells=3),
+        training=agl.TrainingConfig(epochs=epochs, patience=epochs, batch_size=args.meta_batch),
+        dkgsb=agl.DkGSBConfig(**dkgsb) if dkgsb else None, val_fraction=0.2, device="cpu", progress=False, seed=0,
     )  # fmt: skip
     return work.uns["agl"]
 
 
-#: (label, method, agl_fit keywords) of the epoch-time rows; ``meta_batch_size`` is a fraction of ``--meta-batch``
+#: (label, method, DkGSBConfig fields) of the epoch-time rows; ``meta_batch_size`` is a fraction of ``--meta-batch``
 #: (DkGSB rows without it use ``--meta-batch``, the training batch size)
 META_CONFIGS = [
     ("AGL-all", "agl", {}),
