@@ -2,9 +2,10 @@
 
 ``agl_fit(adata, epochs=5)`` still works for one release, with a FutureWarning naming the new spelling
 (``training=agl.TrainingConfig(epochs=5)``). The scripts and pages a newcomer copies from must not teach it. The
-deprecated names come from the package: :data:`~agl_scverse.tl._config.LEGACY_KEYWORDS` (the flat keywords of
-``agl_fit`` and the configs they moved to) and the keywords each ``encoder_keywords``-wrapped function still
-accepts (``embed_patches(patch_px=...)``, ``agl_predict(weights=...)``).
+deprecated names come from the package: :data:`~agl_scverse._legacy_keywords.LEGACY_KEYWORDS` (the flat keywords of
+``agl_fit`` and the configs they moved to), ``TRAIN_NETWORK_KEYWORDS`` (``train_network``'s of 0.2.0) and the
+keywords each ``encoder_keywords``-wrapped function still accepts (``embed_patches(patch_px=...)``,
+``agl_predict(weights=...)``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import agl_scverse as agl
-from agl_scverse.tl._config import LEGACY_KEYWORDS
+from agl_scverse._legacy_keywords import LEGACY_KEYWORDS, TRAIN_NETWORK_KEYWORDS, TRAIN_NETWORK_RENAMED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,13 @@ def deprecated_keywords() -> dict[str, dict[str, str]]:
         # an explicit keyword beside the config it moved to (cross_validate's n_targets= beside genes=GeneConfig)
         old.update({n: s for n, s in fit_names.items() if n in params and _takes_config(params, LEGACY_KEYWORDS[n][0])})
         old.update({n: f"encoder=agl.EncoderConfig({n}=...)" for n in _wrapped_names(func)})
+        if name == "train_network":  # its 0.2.0 keywords, deprecated
+            old.update(
+                {
+                    n: f"{p}=agl.{_config_class(p)}({TRAIN_NETWORK_RENAMED.get(n, n)}=...)"
+                    for n, (p, _) in TRAIN_NETWORK_KEYWORDS.items()
+                }
+            )
         if old:
             out[name] = old
     return out
@@ -237,7 +245,7 @@ def test_the_deprecated_names_come_from_the_package():
     assert "n_targets" in DEPRECATED["cross_validate"]
     assert "epochs" in DEPRECATED["compare_methods"]
     assert "spatial_context" not in DEPRECATED  # its weights= / precision= are its own, not deprecated
-    assert "train_network" not in DEPRECATED
+    assert DEPRECATED["train_network"]["normalizer"] == "dkgsb=agl.DkGSBConfig(meta_normalizer=...)"
 
 
 @pytest.mark.parametrize(
