@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
+from agl_scverse.configs import (
+    CONFIG_ARGUMENTS,
+    DkGSBConfig,
+    EncoderConfig,
+    GeneConfig,
+    NetworkConfig,
+    TrainingConfig,
+    changed_fields,
+)
 
 __all__ = ["LEGACY_KEYWORDS", "TRAIN_NETWORK_KEYWORDS", "TRAIN_NETWORK_RENAMED", "merge_legacy"]
 
@@ -47,7 +55,6 @@ def merge_legacy(
     """
     out = dict(configs)
     renamed = renamed or {}
-    config_of: dict[str, type] = dict(keywords.values())  # "training" -> TrainingConfig
     enc = out.get("encoder")
     enc_name = enc is not None and not isinstance(enc, EncoderConfig | Mapping)  # a name (or module): old spelling
     if enc_name:
@@ -57,11 +64,10 @@ def merge_legacy(
         raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}.")
     by_param: dict[str, list[str]] = {"encoder": []} if enc_name else {}
     for name, value in legacy.items():
-        (param, cls), field = keywords[name], renamed.get(name, name)
+        param, field = keywords[name][0], renamed.get(name, name)
         given: Any = out.get(param)
         as_dict = given is None or isinstance(given, Mapping)
-        # in a config object, the fields that differ from the defaults count as given
-        if (field in dict(given or {})) if as_dict else getattr(given, field) != getattr(cls(), field):
+        if field in (dict(given or {}) if as_dict else changed_fields(given)):
             as_field = "" if field == name else f" (as {field})"
             raise TypeError(
                 f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only{as_field}."
@@ -74,7 +80,7 @@ def merge_legacy(
             args = [f"{n}=..." for n in names]
             if param == "encoder" and enc_name:
                 args.insert(0, repr(enc) if isinstance(enc, str) else "encoder=...")
-            hints.append(f"{param}=agl.{config_of.get(param, EncoderConfig).__name__}({', '.join(args)})")
+            hints.append(f"{param}=agl.{CONFIG_ARGUMENTS[param].__name__}({', '.join(args)})")
         old = [f"{n}=" for n in legacy] + (["encoder=<a name>"] if enc_name else [])
         warnings.warn(
             f"{func}({', '.join(old)}) is deprecated and will be removed in the next release: use {', '.join(hints)}.",

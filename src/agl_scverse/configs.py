@@ -448,3 +448,18 @@ class EncoderConfig:
         check_positive("prefetch_factor", self.prefetch_factor, integer=True)
         if not isinstance(self.tta, bool | int | np.integer):
             raise ValueError(f"tta must be False, True (8 views) or a number of views (4 or 8), got {self.tta!r}.")
+
+
+#: The config arguments of ``agl_fit`` and friends, and the class each takes.
+CONFIG_ARGUMENTS: dict[str, type] = {
+    "genes": GeneConfig, "network": NetworkConfig, "training": TrainingConfig, "dkgsb": DkGSBConfig,
+    "encoder": EncoderConfig,
+}  # fmt: skip
+
+
+def changed_fields(config: Any) -> dict[str, Any]:
+    """The fields of a config object that differ from its class defaults (what its caller set)."""
+    default = type(config)()
+    return {
+        f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)
+    }

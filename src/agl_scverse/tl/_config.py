@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 from agl_scverse import _constants as consts
 from agl_scverse._validate import check_choice, check_seed
-from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig, as_config
+from agl_scverse.configs import (
+    CONFIG_ARGUMENTS,
+    DkGSBConfig,
+    EncoderConfig,
+    GeneConfig,
+    NetworkConfig,
+    TrainingConfig,
+    as_config,
+    changed_fields,
+)
 
 __all__ = ["FitConfig", "CONFIG_ARGUMENTS", "merge_configs"]
 
@@ -133,13 +142,6 @@ class FitConfig:
         return out
 
 
-#: The config arguments of ``agl_fit`` and their classes (merged field by field by :func:`merge_configs`).
-CONFIG_ARGUMENTS: dict[str, type] = {
-    "genes": GeneConfig, "network": NetworkConfig, "training": TrainingConfig, "dkgsb": DkGSBConfig,
-    "encoder": EncoderConfig,
-}  # fmt: skip
-
-
 def merge_configs(shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
     """``agl_fit`` arguments ``shared`` by several fits, updated by one fit's ``own``.
 
@@ -156,12 +158,6 @@ def merge_configs(shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str
         if not (isinstance(base, cls | Mapping) and isinstance(top, cls | Mapping)):
             continue
         as_config(cls, top, name)  # names a wrong field clearly
-        if isinstance(top, Mapping):
-            given = dict(top)
-        else:
-            default = cls()
-            given = {
-                f.name: getattr(top, f.name) for f in fields(cls) if getattr(top, f.name) != getattr(default, f.name)
-            }
+        given = dict(top) if isinstance(top, Mapping) else changed_fields(top)
         out[name] = {**base, **given} if isinstance(base, Mapping) else replace(cast(Any, base), **given)
     return out
