@@ -81,6 +81,7 @@ LABELS = {
     "dkgsb:hybrid": "DkGSB, agl_fit(head='hybrid')",
     "agl:norefit": "AGL-all, no refit",
     "dkgsb:norefit": "DkGSB, no refit",
+    "dkgsb:seed1": "DkGSB, one network (n_seeds=1)",
     "dkgsb:authors": "DkGSB, the authors' look-ahead (lookahead='authors')",
 }
 #: The agl_fit configs (as dicts of their fields) each variant changes; cross_validate merges them field by field
@@ -100,6 +101,7 @@ VARIANTS = {
     "dkgsb:hybrid": {"network": {"head": "hybrid"}},
     "agl:norefit": {"training": {"refit": False}},  # candidates for --nested: a refit choice without the test section
     "dkgsb:norefit": {"training": {"refit": False}},
+    "dkgsb:seed1": {"training": {"n_seeds": 1}},  # the n_seeds choice for --nested (with --inner-n-seeds 5)
     "dkgsb:authors": {"dkgsb": {"lookahead": "authors"}},
 }
 EMB_KEY = "X_agl_densenet121"
