@@ -270,6 +270,20 @@ def nested_markdown(summary: dict, records: list[dict], cands: list[str], cmd: s
     return "\n".join(lines) + f"\n\nCommand: `{cmd}`\n"
 
 
+def summarise_nested(paths: list[Path]) -> None:
+    """Print the nested table of several ``--nested`` result files (e.g. outer folds run as parallel processes)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    cands = runs[0]["candidates"]
+    if any(r["candidates"] != cands for r in runs):
+        raise SystemExit(f"--summarise: the files have different --candidates: {[r['candidates'] for r in runs]}")
+    records = sorted((f for r in runs for f in r["folds"]), key=lambda f: (f["seed"], f["fold"]))
+    for r in runs:
+        print(f"{r['git']} {r['started']} {r['total_seconds']:.0f} s: {r['command']}")
+    print(nested_markdown(nested_summary(records, cands), records, cands, " ".join(map(str, paths))))
+    base = pd.DataFrame([f.get("test_pcc_baselines", {}) for f in records]).mean()
+    print("baselines (same folds): " + ", ".join(f"{m} {v:.4f}" for m, v in base.items()))
+
+
 def run_nested_fold(adata, args, fit_kwargs: dict, seed: int, fold: str, records: list, cmd, git, started, t0):
     """Outer fit of every candidate (and the baselines) on one held-out section, then its nested choice."""
     ts = time.perf_counter()
@@ -323,7 +337,12 @@ def main() -> None:
     p.add_argument("--nested", action="store_true", help="choose among --candidates by inner LOSO (see above)")
     p.add_argument("--candidates", nargs="+", default=["dkgsb", "dkgsb:hybrid"], help="configurations (--nested)")
     p.add_argument("--inner-n-seeds", type=int, default=1, help="networks per fit in the inner loop (--nested)")
+    p.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="print one table from --nested result files of the same candidates (folds run apart)")  # fmt: skip
     args = p.parse_args()
+    if args.summarise:
+        summarise_nested(args.summarise)
+        return
     if args.nested:
         args.methods = list(args.candidates)
 
