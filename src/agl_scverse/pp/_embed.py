@@ -20,10 +20,10 @@ from torch import nn
 from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
-from agl_scverse._encoder_args import ENCODER_FIELDS, as_encoder_config, encoder_keywords
+from agl_scverse._legacy_keywords import EMBED_KEYWORDS, encoder_keywords
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device, sha256_file, show_progress
-from agl_scverse.configs import EncoderConfig
+from agl_scverse.configs import EncoderConfig, as_encoder_config
 from agl_scverse.encoders._factory import check_native_scale, get_encoder
 from agl_scverse.encoders._modules import CallableEncoder
 from agl_scverse.encoders._normalize import normalize
@@ -41,8 +41,6 @@ __all__ = ["embed_patches"]
 
 #: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
 TTA_CHOICES = (1, 4, 8)
-#: The old keywords of :func:`embed_patches`, now fields of its ``encoder`` (an EncoderConfig); kept one release.
-EMBED_KEYWORDS = tuple(n for n in ENCODER_FIELDS if n != "encoder")
 
 
 def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
