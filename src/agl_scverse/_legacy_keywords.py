@@ -100,7 +100,7 @@ def merge_legacy(
 
 
 def encoder_keywords(*names: str) -> Callable:
-    """Accept the old keywords ``names`` (fields of :class:`~agl_scverse.EncoderConfig`) for a release: merge_legacy."""
+    """Accept the old keywords ``names``, fields of ``encoder=``, for one release (moved in by :func:`merge_legacy`)."""
 
     def wrap(func: Callable) -> Callable:
         sig = inspect.signature(func)
