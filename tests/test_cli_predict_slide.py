@@ -276,6 +276,23 @@ def test_predict_slide_flags_reach_the_grid_and_the_encoder(tmp_path, weighted_m
         assert not out.exists()
 
 
+def test_predict_slide_hashes_the_weights_file_once(tmp_path, weighted_model, monkeypatch):
+    """The early --weights check, the encoder's rebuild and its record share one sha256 of the file."""
+    import os
+
+    from agl_scverse.encoders import _weights
+
+    model_dir, weights = weighted_model
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new state of the file: not hashed yet
+    real, hashed = _weights.sha256_file, []
+    monkeypatch.setattr(_weights, "sha256_file", lambda p: hashed.append(p) or real(p))
+    image = write_tiff(tmp_path, microns_per_pixel=1.0)
+    argv = ["predict-slide", str(model_dir), str(image), "--weights", str(weights), "--backend", "torch"]
+    assert cli.main([*argv, "--device", "cpu", "--pitch-um", "60", "--out", str(tmp_path / "p.h5ad")]) == 0
+    assert hashed == [str(weights.resolve())]
+
+
 def _blank_png(folder) -> str:
     from PIL import Image
 

@@ -1,10 +1,12 @@
-"""Deprecated flat keywords (``epochs=5``) moved into the configs that now hold them, for one release."""
+"""Deprecated flat keywords (``epochs=5``, ``embed_patches(patch_px=32)``) moved into their configs, for one release."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
 from typing import Any
 
 from agl_scverse.configs import (
@@ -17,7 +19,8 @@ from agl_scverse.configs import (
     changed_fields,
 )
 
-__all__ = ["LEGACY_KEYWORDS", "TRAIN_NETWORK_KEYWORDS", "TRAIN_NETWORK_RENAMED", "merge_legacy"]
+__all__ = ["EMBED_KEYWORDS", "LEGACY_KEYWORDS", "PREDICT_KEYWORDS", "TRAIN_NETWORK_KEYWORDS", "TRAIN_NETWORK_RENAMED"]
+__all__ += ["encoder_keywords", "merge_legacy"]
 
 #: The flat keywords of agl_fit before the configs (deprecated), and the config each now belongs to.
 LEGACY_KEYWORDS: dict[str, tuple[str, type]] = {
@@ -37,6 +40,10 @@ TRAIN_NETWORK_KEYWORDS: dict[str, tuple[str, type]] = {
 #: Those of ``train_network``'s keywords whose config field has another name.
 TRAIN_NETWORK_RENAMED: dict[str, str] = {"normalizer": "meta_normalizer"}
 
+#: The old keywords of ``embed_patches`` and of the predict functions, now fields of their ``encoder=``.
+EMBED_KEYWORDS = tuple(f.name for f in fields(EncoderConfig) if f.name != "encoder")
+PREDICT_KEYWORDS = ("weights", "precision", "num_workers", "prefetch_factor", "allow_lowres", "backend")
+
 
 def merge_legacy(
     func: str,
@@ -45,46 +52,71 @@ def merge_legacy(
     stacklevel: int = 3,
     keywords: Mapping[str, tuple[str, type]] = LEGACY_KEYWORDS,
     renamed: Mapping[str, str] | None = None,
+    bare_encoder: bool = False,
 ) -> dict[str, Any]:
     """The configs of ``func`` with its deprecated flat keywords (``epochs=5``) moved into them.
 
     ``configs`` maps ``func``'s config arguments (``"training"``...) to what the caller gave (a config, a dict or
     None); ``keywords`` maps each old keyword to its config argument and class, and ``renamed`` an old keyword to
-    its field where the names differ. An old keyword of no argument in ``configs``, or one given in its config
+    its field where the names differ. An encoder given bare (a name or module) becomes the ``encoder`` field, the
+    old spelling unless ``bare_encoder``. An old keyword of no argument in ``configs``, or one given in its config
     too, is a ``TypeError``; the others warn once (``FutureWarning``), naming the new spelling.
     """
     out = dict(configs)
     renamed = renamed or {}
     enc = out.get("encoder")
-    enc_name = enc is not None and not isinstance(enc, EncoderConfig | Mapping)  # a name (or module): old spelling
-    if enc_name:
+    bare = enc is not None and not isinstance(enc, EncoderConfig | Mapping)
+    if bare:
         out["encoder"] = {"encoder": enc}
     unknown = [n for n in legacy if n not in keywords or keywords[n][0] not in out]
     if unknown:
         raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}.")
-    by_param: dict[str, list[str]] = {"encoder": []} if enc_name else {}
+    by_param: dict[str, list[str]] = {"encoder": []} if bare and not bare_encoder else {}
     for name, value in legacy.items():
         param, field = keywords[name][0], renamed.get(name, name)
         given: Any = out.get(param)
-        as_dict = given is None or isinstance(given, Mapping)
-        if field in (dict(given or {}) if as_dict else changed_fields(given)):
+        if field in changed_fields(given):
             as_field = "" if field == name else f" (as {field})"
             raise TypeError(
                 f"{func}(): {name} is given twice, as {name}= and in {param}=; give it in {param}= only{as_field}."
             )
+        as_dict = given is None or isinstance(given, Mapping)
         out[param] = {**dict(given or {}), field: value} if as_dict else replace(given, **{field: value})
         by_param.setdefault(param, []).append(field)
     if by_param:
         hints = []
         for param, names in by_param.items():
             args = [f"{n}=..." for n in names]
-            if param == "encoder" and enc_name:
+            if param == "encoder" and bare:
                 args.insert(0, repr(enc) if isinstance(enc, str) else "encoder=...")
             hints.append(f"{param}=agl.{CONFIG_ARGUMENTS[param].__name__}({', '.join(args)})")
-        old = [f"{n}=" for n in legacy] + (["encoder=<a name>"] if enc_name else [])
+        old = [f"{n}=" for n in legacy] + (["encoder=<a name>"] if bare and not bare_encoder else [])
         warnings.warn(
             f"{func}({', '.join(old)}) is deprecated and will be removed in the next release: use {', '.join(hints)}.",
             FutureWarning,
             stacklevel=stacklevel,
         )
     return out
+
+
+def encoder_keywords(*names: str) -> Callable:
+    """Accept the old keywords ``names``, fields of ``encoder=``, for one release (moved in by :func:`merge_legacy`)."""
+
+    def wrap(func: Callable) -> Callable:
+        sig = inspect.signature(func)
+
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            old = {n: kwargs.pop(n) for n in list(kwargs) if n in names}  # in the order of the call
+            if not old:
+                return func(*args, **kwargs)
+            bound = sig.bind_partial(*args, **kwargs)
+            given = {"encoder": bound.arguments.get("encoder", sig.parameters["encoder"].default)}
+            keywords = dict.fromkeys(names, ("encoder", EncoderConfig))
+            given = merge_legacy(func.__name__, given, old, 3, keywords, bare_encoder=True)
+            bound.arguments["encoder"] = given["encoder"]
+            return func(*bound.args, **bound.kwargs)
+
+        return inner
+
+    return wrap

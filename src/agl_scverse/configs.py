@@ -458,8 +458,24 @@ CONFIG_ARGUMENTS: dict[str, type] = {
 
 
 def changed_fields(config: Any) -> dict[str, Any]:
-    """The fields of a config object that differ from its class defaults (what its caller set)."""
+    """The fields a caller set: a dict's keys, or a config object's fields that differ from its class defaults."""
+    if config is None or isinstance(config, Mapping):
+        return dict(config or {})
     default = type(config)()
     return {
         f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)
     }
+
+
+def explicit_fields(encoder: Any) -> dict[str, Any]:
+    """:func:`changed_fields` of an encoder argument; a bare encoder (a name, module...) is its ``encoder`` field."""
+    if encoder is None or isinstance(encoder, EncoderConfig | Mapping):
+        return changed_fields(encoder)
+    return {"encoder": encoder}
+
+
+def as_encoder_config(encoder: Any) -> EncoderConfig:
+    """An encoder argument (a config, a dict of its fields, None or a bare encoder) as an :class:`EncoderConfig`."""
+    if encoder is None or isinstance(encoder, EncoderConfig | Mapping):
+        return as_config(EncoderConfig, encoder, "encoder")
+    return EncoderConfig(encoder=encoder)

@@ -144,6 +144,23 @@ def test_shape_mismatch_is_an_error_with_both_shapes(tmp_path):
         load_weights(_tiny_vit(), tmp_path / "pos.pth")
 
 
+def test_a_weights_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    import os
+
+    from agl_scverse.encoders import _weights
+
+    real, hashed = _weights.sha256_file, []
+    monkeypatch.setattr(_weights, "sha256_file", lambda p: hashed.append(p) or real(p))
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"a" * 64)
+    first = _weights.weights_sha256(f)
+    assert _weights.weights_sha256(str(f)) == first and len(hashed) == 1
+    st = os.stat(f)
+    f.write_bytes(b"b" * 64)  # the same size and inode, other bytes
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a later write time, even on a coarse clock
+    assert _weights.weights_sha256(f) == real(f) != first and len(hashed) == 2
+
+
 def test_dinov2_file_with_transformers_names_loads_as_timm(tmp_path):
     """A Dinov2Model-layout file (Phikon-v2's format) converts to timm names, q/k/v joined, mask token ignored."""
     torch.manual_seed(1)

@@ -502,7 +502,7 @@ def test_predict_never_opens_the_encoder_path_recorded_in_a_model(tmp_path, monk
         return real_open(file, *a, **k)
 
     monkeypatch.setattr(builtins, "open", spy)
-    monkeypatch.setattr(enc_mod, "sha256_file", lambda p: opened.append(str(p)) or "0" * 64)
+    monkeypatch.setattr(enc_mod, "weights_sha256", lambda p: opened.append(str(p)) or "0" * 64)
     snap = snapshot(adata)
     with pytest.raises(FileNotFoundError, match=r"recorded as '/etc/hostname'\). Pass weights="):
         agl.tl.agl_predict(adata, path)

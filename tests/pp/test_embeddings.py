@@ -240,8 +240,9 @@ def test_encoder_config_replaces_the_encoder_keywords(slide):
     with pytest.warns(FutureWarning) as caught:
         embed_patches(a, "resnet18", patch_px=PX, patch_um=UM, precision="fp32", backend="torch", device="cpu")
     msg = str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller
     assert msg.startswith("embed_patches(patch_px=, patch_um=, precision=, backend=) is deprecated")
-    assert "encoder=agl.EncoderConfig('resnet18', patch_px=32, patch_um=32.0, precision='fp32', backend='torch')" in msg
+    assert "use encoder=agl.EncoderConfig('resnet18', patch_px=..., patch_um=..., precision=..., backend=...)" in msg
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new spelling warns about nothing
         cfg = agl.EncoderConfig("resnet18", patch_px=PX, patch_um=UM, precision="fp32", backend="torch")
@@ -252,8 +253,10 @@ def test_encoder_config_replaces_the_encoder_keywords(slide):
         np.testing.assert_array_equal(other.obsm["X_agl_resnet18"], a.obsm["X_agl_resnet18"])
         rec, ref = other.uns["agl_embeddings"]["X_agl_resnet18"], a.uns["agl_embeddings"]["X_agl_resnet18"]
         assert {k: str(v) for k, v in rec.items()} == {k: str(v) for k, v in ref.items()}
-    with pytest.raises(TypeError, match="given both"):
+    with pytest.raises(TypeError, match="patch_px is given twice"):
         embed_patches(slide.copy(), {"patch_px": PX}, patch_px=PX)
+    with pytest.raises(TypeError, match="patch_px is given twice"):  # in a config too, as agl_fit's keywords
+        embed_patches(slide.copy(), agl.EncoderConfig(patch_px=64), patch_px=PX)
     with pytest.raises(TypeError, match="no field"):
         embed_patches(slide.copy(), {"patch_pixels": PX})
 

@@ -345,7 +345,7 @@ def test_encoder_config_replaces_the_encoder_keywords_of_the_predict_functions(t
         old = agl.tl.predict_anndata(new, model, precision="fp32", backend="torch", num_workers=0, device="cpu")
     msg = str(caught[0].message)
     assert msg.startswith("predict_anndata(precision=, backend=, num_workers=) is deprecated")
-    assert "encoder=agl.EncoderConfig(precision='fp32', backend='torch', num_workers=0)" in msg
+    assert "use encoder=agl.EncoderConfig(precision=..., backend=..., num_workers=...)" in msg
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         by_cfg = agl.tl.predict_anndata(

@@ -13,15 +13,13 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from agl_scverse._utils import sha256_file
-
 from ._hub import WEIGHT_FILES, hub_file, read_hub_config, split_hub_name
 from ._modules import CallableEncoder, ClsMeanPool
 from ._normalize import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from ._presets import find_preset, kwargs_from_json, kwargs_to_json
 from ._registry import REGISTRY, safe_name
 from ._timm import build_timm, check_timm_name
-from ._weights import KNOWN_WEIGHTS, load_weights
+from ._weights import KNOWN_WEIGHTS, load_weights, weights_sha256
 
 if TYPE_CHECKING:
     from timm.models import VisionTransformer
@@ -132,7 +130,7 @@ def get_encoder(
         load_summary = load_weights(
             module, weights_path, strict=strict, key_format=b["key_format"], ignore_keys=b["ignore_keys"]
         )
-        weights_sha = sha256_file(weights_path)
+        weights_sha = weights_sha256(weights_path)
         known = KNOWN_WEIGHTS.get(weights_sha)
         if known is not None and b["preset"] is None:
             norm_mean, norm_std = list(known["mean"]), list(known["std"])

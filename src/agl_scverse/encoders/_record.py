@@ -8,10 +8,11 @@ from typing import Any
 
 from torch import nn
 
-from agl_scverse._utils import sha256_file, versions
+from agl_scverse._utils import versions
 
 from ._factory import get_encoder
 from ._presets import find_preset, kwargs_from_json
+from ._weights import weights_sha256
 
 __all__ = ["RECORD_CHECKED", "check_weights_file", "encoder_record", "rebuild_encoder", "record_kwargs"]
 
@@ -97,7 +98,7 @@ def check_weights_file(record: dict[str, Any] | None, weights: str | Path | None
             )
         if not Path(weights).is_file():
             raise FileNotFoundError(f"weights={str(weights)!r} is not a file.")
-        if sha256_file(weights) != sha:
+        if weights_sha256(weights) != sha:
             raise ValueError(
                 f"The weights file {weights} differs from the one {what} was trained with (sha256 {sha[:12]}...)."
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from agl_scverse._utils import sha256_file
 
 from ._normalize import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["KNOWN_WEIGHTS", "load_weights"]
+__all__ = ["KNOWN_WEIGHTS", "load_weights", "weights_sha256"]
 
 
 #: Weight files whose normalisation we know (sha256 -> architecture and mean/std), see ../shared/weights/README.
@@ -234,7 +236,7 @@ def load_weights(
     if not loaded_real:
         hint = ""
         try:
-            known = KNOWN_WEIGHTS.get(sha256_file(path))
+            known = KNOWN_WEIGHTS.get(weights_sha256(path))
         except OSError:  # pragma: no cover
             known = None
         if known:
@@ -285,3 +287,14 @@ def load_weights(
             f"{len(shape_mismatch)} with mismatched shapes (e.g. {shape_mismatch[:3]})."
         )
     return summary
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, identity: tuple[int, ...]) -> str:
+    return sha256_file(path)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, hashed once while it stays the same file (device, inode, size, change times)."""
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))

@@ -20,16 +20,17 @@ from torch import nn
 from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._docs import d
-from agl_scverse._encoder_args import ENCODER_FIELDS, as_encoder_config, encoder_keywords
+from agl_scverse._legacy_keywords import EMBED_KEYWORDS, encoder_keywords
 from agl_scverse._transaction import check_owned, restore_on_error
-from agl_scverse._utils import resolve_device, sha256_file, show_progress
-from agl_scverse.configs import EncoderConfig
+from agl_scverse._utils import resolve_device, show_progress
+from agl_scverse.configs import EncoderConfig, as_encoder_config
 from agl_scverse.encoders._factory import check_native_scale, get_encoder
 from agl_scverse.encoders._modules import CallableEncoder
 from agl_scverse.encoders._normalize import normalize
 from agl_scverse.encoders._onnx_backend import select_backend, start_backend
 from agl_scverse.encoders._record import encoder_record
 from agl_scverse.encoders._registry import list_encoders
+from agl_scverse.encoders._weights import weights_sha256
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.train._data import index_batches_of, patch_batches
 from agl_scverse.train._precision import Precision, resolve_precision
@@ -41,8 +42,6 @@ __all__ = ["embed_patches"]
 
 #: Accepted ``tta`` values of :func:`embed_patches`: 1 (off), 4 (quarter turns), 8 (quarter turns x flip).
 TTA_CHOICES = (1, 4, 8)
-#: The old keywords of :func:`embed_patches`, now fields of its ``encoder`` (an EncoderConfig); kept one release.
-EMBED_KEYWORDS = tuple(n for n in ENCODER_FIELDS if n != "encoder")
 
 
 def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -76,7 +75,7 @@ def _build_key(encoder: Any, weights: Any, pretrained: bool, seed: int, encoder_
         file = None
         if weights is not None:
             path = Path(weights).expanduser().resolve()
-            file = (str(path), sha256_file(path))  # by content: a changed file is another key
+            file = (str(path), weights_sha256(path))  # by content: a changed file is another key
     except (TypeError, ValueError, OSError):
         return None  # get_encoder says what is wrong
     return (encoder, file, int(seed), kwargs, bool(strict), torch.__version__)

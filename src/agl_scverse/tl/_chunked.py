@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from agl_scverse import _constants as consts
 from agl_scverse import _distributed as dist
 from agl_scverse._constants import Keys, PredScale
-from agl_scverse._encoder_args import encoder_keywords, explicit_fields
+from agl_scverse._legacy_keywords import PREDICT_KEYWORDS, encoder_keywords
 from agl_scverse._utils import show_progress
-from agl_scverse.configs import EncoderConfig
+from agl_scverse.configs import EncoderConfig, explicit_fields
 from agl_scverse.model import AGLModel
 
-from ._predict import PREDICT_KEYWORDS, PredictGenes, predict_core, predict_options, predictions_anndata
+from ._predict import PredictGenes, predict_core, predict_options, predictions_anndata
 
 __all__ = ["predict_chunked"]
 

@@ -158,6 +158,6 @@ def merge_configs(shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str
         if not (isinstance(base, cls | Mapping) and isinstance(top, cls | Mapping)):
             continue
         as_config(cls, top, name)  # names a wrong field clearly
-        given = dict(top) if isinstance(top, Mapping) else changed_fields(top)
+        given = changed_fields(top)
         out[name] = {**base, **given} if isinstance(base, Mapping) else replace(cast(Any, base), **given)
     return out

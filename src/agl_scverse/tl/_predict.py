@@ -15,12 +15,12 @@ from scanpy import logging as logg
 from agl_scverse import _constants as consts
 from agl_scverse._constants import Keys, PredScale
 from agl_scverse._docs import d
-from agl_scverse._encoder_args import as_encoder_config, encoder_keywords, explicit_fields
+from agl_scverse._legacy_keywords import PREDICT_KEYWORDS, encoder_keywords
 from agl_scverse._spatial import resolve_library_key
 from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_choice, check_positive
-from agl_scverse.configs import EncoderConfig
+from agl_scverse.configs import EncoderConfig, as_encoder_config, explicit_fields
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel
 
@@ -44,8 +44,6 @@ __all__ = [
 #: Accepted string values of ``genes`` in :func:`agl_predict`.
 PREDICT_GENES = ("selected", "targets", "all")
 PredictGenes = Literal["selected", "targets", "all"]
-#: The old keywords of the predict functions, now fields of their ``encoder`` (an EncoderConfig); kept one release.
-PREDICT_KEYWORDS = ("weights", "precision", "num_workers", "prefetch_factor", "allow_lowres", "backend")
 
 
 def _choose_genes(adata: AnnData | None, model: AGLModel, genes) -> list[str]:
