@@ -414,6 +414,15 @@ def as_anndata(data: Any, table_key: str | None = None) -> AnnData:
     raise TypeError(f"Expected an AnnData or a SpatialData object, got {type(data).__name__}.")
 
 
+def tool_return(data: Any, target: AnnData, copy: bool, **written: Sequence[str]) -> AnnData | None:
+    """What a tool returns: ``target`` with ``copy=True``, else None once ``written`` is in a SpatialData's table."""
+    if copy:
+        return target
+    if target is not data:  # a SpatialData: write into its table
+        update_table(data, target, **written)
+    return None
+
+
 def update_table(
     sdata: Any,
     adata: AnnData,

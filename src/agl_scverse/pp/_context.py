@@ -20,9 +20,9 @@ from agl_scverse._transaction import restore_on_error
 from agl_scverse._utils import versions
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.encoders._record import RECORD_CHECKED, rebuild_encoder
-from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.io._spatialdata import as_anndata, tool_return
 
-from ._embed import embed_patches
+from ._embed import embed_patches, put_embedding
 
 __all__ = [
     "spatial_context",
@@ -507,14 +507,8 @@ def spatial_context(
     if fov is not None and fov_key is not None and fov_key not in adata.obsm:
         new[fov_key] = (fov, fov_rec)
     written = list(new)
-    store = {**(target.uns.get(consts.EMBED_UNS) or {}), **{k: rec for k, (_, rec) in new.items()}}
     with restore_on_error(target, obsm=written, uns=[consts.EMBED_UNS]):
-        for k, (arr, _) in new.items():
-            target.obsm[k] = arr
-        target.uns[consts.EMBED_UNS] = store
+        for k, (arr, rec) in new.items():
+            put_embedding(target, k, arr, rec)
     logg.info(f"Added .obsm[{key!r}] ({out.shape[0]} x {out.shape[1]}: {graph} context of {embedding_key!r}).")
-    if copy:
-        return target
-    if target is not data:  # a SpatialData: write into its table
-        update_table(data, target, obsm=written, uns=[consts.EMBED_UNS])
-    return None
+    return tool_return(data, target, copy, obsm=written, uns=[consts.EMBED_UNS])

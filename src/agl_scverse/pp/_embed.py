@@ -31,7 +31,7 @@ from agl_scverse.encoders._onnx_backend import select_backend, start_backend
 from agl_scverse.encoders._record import encoder_record
 from agl_scverse.encoders._registry import list_encoders
 from agl_scverse.encoders._weights import weights_sha256
-from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.io._spatialdata import as_anndata, tool_return
 from agl_scverse.train._data import index_batches_of, patch_batches
 from agl_scverse.train._precision import Precision, resolve_precision
 
@@ -384,14 +384,13 @@ def embed_patches(
         info, **ds.record(), **prec_record, n_spots=int(feats.shape[0]), library_key=ds.library_key, tta=n_views
     )
     target = adata.copy() if copy else adata
-    store = dict(target.uns.get(consts.EMBED_UNS, {}) or {})
-    store[key] = {k: v for k, v in record.items() if v is not None}  # None is never stored
     with restore_on_error(target, obsm=[key], uns=[consts.EMBED_UNS]):
-        target.obsm[key] = feats
-        target.uns[consts.EMBED_UNS] = store
+        put_embedding(target, key, feats, {k: v for k, v in record.items() if v is not None})  # None is never stored
     logg.info(f"Added .obsm[{key!r}] ({feats.shape[0]} x {feats.shape[1]}) and .uns[{consts.EMBED_UNS!r}][{key!r}].")
-    if copy:
-        return target
-    if target is not data:  # a SpatialData: write into its table
-        update_table(data, target, obsm=[key], uns=[consts.EMBED_UNS])
-    return None
+    return tool_return(data, target, copy, obsm=[key], uns=[consts.EMBED_UNS])
+
+
+def put_embedding(target: AnnData, key: str, features: np.ndarray, record: Mapping[str, Any] | None) -> None:
+    """Write an embedding into ``.obsm[key]`` and its record into ``.uns["agl_embeddings"][key]``, keeping the others."""
+    target.obsm[key] = features
+    target.uns[consts.EMBED_UNS] = {**dict(target.uns.get(consts.EMBED_UNS) or {}), key: record}

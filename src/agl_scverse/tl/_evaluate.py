@@ -21,6 +21,7 @@ from agl_scverse._stats import per_gene_metrics
 from agl_scverse._transaction import restore_on_error
 from agl_scverse._validate import check_counts, check_integer_counts, check_unique_names, resolve_spots, scored_spots
 from agl_scverse.model import AGLModel
+from agl_scverse.pp._embed import put_embedding
 
 from ._baselines import mean_predictor, pca_ridge
 from ._predict import prediction_layer, prediction_record
@@ -289,8 +290,7 @@ def evaluate(
             target.var[keys.predicted] = target.var_names.isin(pred_genes)
             target.uns[keys.pred_uns] = prediction_record(model, consts.SCALE_MODEL, "selected", len(pred_genes), True)
         if new_emb is not None:
-            target.obsm[new_emb[0]] = new_emb[1]
-            target.uns[consts.EMBED_UNS] = {**dict(target.uns.get(consts.EMBED_UNS) or {}), new_emb[0]: new_emb[2]}
+            put_embedding(target, *new_emb)
         entry = dict(target.uns.get(keys.uns, {}) or {})
         entry["metrics"] = {**dict(entry.get("metrics", {}) or {}), "test": to_h5ad(test)}
         target.uns[keys.uns] = entry

@@ -27,6 +27,7 @@ from agl_scverse._utils import resolve_device, show_progress, versions
 from agl_scverse.configs import DkGSBConfig, EncoderConfig, GeneConfig, NetworkConfig, TrainingConfig
 from agl_scverse.io._spatialdata import as_anndata, update_table
 from agl_scverse.model import AGLModel, EmbeddingEnsemble, GeneMask, train_network
+from agl_scverse.pp._embed import put_embedding
 from agl_scverse.pp._genes import write_gene_roles
 from agl_scverse.train._inference import forward, index_batches
 from agl_scverse.train._trainer import TrainResult, empty_history
@@ -245,12 +246,8 @@ def _write_results(
         adata.var[keys.weight] = w_col
         adata.var[keys.selected] = w_col > 0.5
         adata.obs[keys.split] = pd.Categorical(data.split, categories=list(consts.SPLITS))
-        if data.new_embedding:
-            adata.obsm[data.emb_key] = data.new_embedding[0]
-            adata.uns[consts.EMBED_UNS] = {
-                **dict(adata.uns.get(consts.EMBED_UNS) or {}),
-                data.emb_key: data.new_embedding[1],
-            }
+        if data.new_embedding and data.emb_key:  # as in written["obsm"]
+            put_embedding(adata, data.emb_key, *data.new_embedding)
         adata.uns[keys.uns] = to_h5ad(entry)
     return metrics, written
 

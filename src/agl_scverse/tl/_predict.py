@@ -21,8 +21,9 @@ from agl_scverse._transaction import check_owned, restore_on_error
 from agl_scverse._utils import resolve_device
 from agl_scverse._validate import check_choice, check_positive
 from agl_scverse.configs import EncoderConfig, as_encoder_config, explicit_fields
-from agl_scverse.io._spatialdata import as_anndata, update_table
+from agl_scverse.io._spatialdata import as_anndata, tool_return
 from agl_scverse.model import AGLModel
+from agl_scverse.pp._embed import put_embedding
 
 from ._predict_inputs import model_inputs, run_options
 from ._predict_records import model_run_record, prediction_record, run_writes
@@ -371,23 +372,12 @@ def agl_predict(
             target.uns[keys.uns] = run_uns
         target.uns[keys.pred_uns] = record
         if new_emb is not None:
-            _put_embedding(target, new_emb)
+            put_embedding(target, *new_emb)
     logg.info(
         f"agl_predict: .layers[{keys.pred_layer!r}] holds predictions for {len(pred_genes)} genes "
         f"({len(model.targets)} targets; .var[{keys.predicted!r}]), 0 elsewhere."
     )
-    if copy:
-        return target
-    if target is not data:  # a SpatialData: write into its table
-        update_table(data, target, **written)
-    return None
-
-
-def _put_embedding(target: AnnData, new_emb: tuple) -> None:
-    """Write an embedding computed while predicting, and its record, into ``target``."""
-    key, features, rec = new_emb
-    target.obsm[key] = features
-    target.uns[consts.EMBED_UNS] = {**dict(target.uns.get(consts.EMBED_UNS, {}) or {}), key: rec}
+    return tool_return(data, target, copy, **written)
 
 
 @encoder_keywords(*PREDICT_KEYWORDS)
@@ -449,7 +439,7 @@ def predict_anndata(
     if sd is not None:
         out.layers[keys.spread_layer] = sd
     if new_emb is not None:
-        _put_embedding(out, new_emb)
+        put_embedding(out, *new_emb)
     logg.info(f"predict_anndata: new AnnData of {len(pred_genes)} predicted genes at {out.n_obs} spots.")
     return out
 
