@@ -36,10 +36,12 @@ __all__ = [
 
 #: Defaults per training mode of the fields left at ``None`` (why: ``docs/method.md``).
 _MODE_FIELDS: tuple[str, ...] = ("hidden", "epochs", "patience", "lr", "batch_size", "augment", "meta_scope")
-_MODE_FIELDS += ("meta_steps", "refit", "n_seeds")
+_MODE_FIELDS += ("meta_steps", "refit", "n_seeds", "head")
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedding": dict(zip(_MODE_FIELDS, ((256,), 100, 10, 1e-3, 128, False, consts.META_SCOPE_ALL, 4, True, 5))),
-    "finetune": dict(zip(_MODE_FIELDS, ((), 50, 20, 3e-5, 128, True, consts.META_SCOPE_ALL, 1, False, 1))),
+    "embedding": dict(
+        zip(_MODE_FIELDS, ((256,), 100, 10, 1e-3, 128, False, consts.META_SCOPE_ALL, 4, True, 5, consts.HEAD_HYBRID))
+    ),
+    "finetune": dict(zip(_MODE_FIELDS, ((), 50, 20, 3e-5, 128, True, consts.META_SCOPE_ALL, 1, False, 1, "mlp"))),
 }
 
 C = TypeVar("C")
@@ -147,9 +149,10 @@ class NetworkConfig:
     dropout
         Dropout after each hidden layer.
     head
-        Embedding mode: ``"mlp"`` (MLP trunk and output layer), ``"rrr"`` (closed-form reduced-rank ridge,
-        :func:`agl_scverse.tl.reduced_rank_ridge`; methods ``"pgl"``, ``"agl"``, ``"topk"``, one seed) or
-        ``"hybrid"`` (the MLP mixed with that linear head, weight chosen on the validation spots).
+        Embedding mode: ``"hybrid"`` (the default: the MLP mixed with a closed-form reduced-rank ridge of the
+        targets, its share chosen on the validation spots), ``"mlp"`` (MLP trunk and output layer only) or ``"rrr"``
+        (the closed-form ridge alone, :func:`agl_scverse.tl.reduced_rank_ridge`; methods ``"pgl"``, ``"agl"``,
+        ``"topk"``, one seed). Fine-tune mode: ``"mlp"`` (``None``: the mode's default).
 
     Examples
     --------
@@ -158,14 +161,17 @@ class NetworkConfig:
     (128, 64)
     >>> agl.NetworkConfig().resolved("finetune").hidden
     ()
+    >>> agl.NetworkConfig().resolved("embedding").head, agl.NetworkConfig().resolved("finetune").head
+    ('hybrid', 'mlp')
     """
 
     hidden: Sequence[int] | None = None
     dropout: float = 0.1
-    head: consts.Head = "mlp"
+    head: consts.Head | None = None
 
     def __post_init__(self) -> None:
-        check_choice("head", self.head, consts.HEADS)
+        if self.head is not None:
+            check_choice("head", self.head, consts.HEADS)
         if self.hidden is not None:
             h = self.hidden
             if isinstance(h, int | np.integer) or not isinstance(h, Sequence | np.ndarray) or isinstance(h, str):
@@ -178,7 +184,8 @@ class NetworkConfig:
     def resolved(self, mode: consts.Mode) -> NetworkConfig:
         """A copy with the ``None`` fields set to the defaults of ``mode``."""
         dflt = _mode_defaults(mode)
-        return self if self.hidden is not None else replace(self, hidden=dflt["hidden"])
+        hidden = dflt["hidden"] if self.hidden is None else self.hidden
+        return replace(self, hidden=hidden, head=dflt["head"] if self.head is None else self.head)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,9 @@ from sklearn.linear_model import Ridge, RidgeCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["DEFAULT_RIDGE_ALPHAS", "mean_predictor", "make_pca_ridge", "pca_ridge", "reduced_rank_ridge"]
+from ._rrr import DEFAULT_RIDGE_ALPHAS, DenseExpression, rrr_fit
 
-DEFAULT_RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
-"""Ridge penalties searched by default (0.1 ... 1e5, half-decade steps)."""
+__all__ = ["DEFAULT_RIDGE_ALPHAS", "mean_predictor", "make_pca_ridge", "pca_ridge", "reduced_rank_ridge"]
 
 
 def _check_xy(X_train, Y_train, X_test) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,50 +171,6 @@ def _clip(pred: np.ndarray, Y_train: np.ndarray, clip: bool) -> np.ndarray:
 RRR_RANKS: tuple[int | None, ...] = (2, 4, 8, 16, 32, None)
 
 
-class RRRFit:
-    """A ridge fit of z-scored genes on standardised features, with its reduced-rank projections."""
-
-    def __init__(self, x_mean, x_std, y_mean, y_std, alpha, B, Xs, cols):
-        self.x_mean, self.x_std, self.y_mean, self.y_std = x_mean, x_std, y_mean, y_std
-        self.alpha, self.B, self._Xs, self._cols = float(alpha), B, Xs, cols
-        self._V = None
-
-    def coefficients(self, rank: int | None, n_first: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Coefficients (standardised features x the first ``n_first`` z-scored genes), intercepts, the rank used."""
-        B, n_cols = self.B, self.B.shape[1]
-        r = n_cols if rank is None else min(int(rank), self._Xs.shape[0], n_cols)
-        if r < n_cols:
-            if self._V is None:
-                fitted = self._Xs @ B
-                self._V = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2].T  # columns x components
-            B = B @ self._V[:, :r] @ self._V[:n_first, :r].T  # restricted to the shared subspace
-        else:
-            B = B[:, :n_first]
-        B = B / self._cols[:n_first]
-        return B, -self._Xs.mean(0) @ B, r
-
-
-def rrr_fit(X_train, Y_train, n_targets: int, *, aux_weight=1.0, alpha=None, alphas=DEFAULT_RIDGE_ALPHAS) -> RRRFit:
-    """The ridge fit behind :func:`reduced_rank_ridge` (features standardised, genes z-scored, LOO alpha)."""
-    n_t = int(n_targets)
-    w = np.broadcast_to(np.asarray(aux_weight, dtype=np.float64), (Y_train.shape[1] - n_t,))
-    if np.any(w < 0) or not np.all(np.isfinite(w)):
-        raise ValueError("aux_weight must be finite and >= 0.")
-    xm, xs = X_train.mean(0), X_train.std(0)
-    xs = np.where(xs > 1e-12, xs, 1.0)
-    Xs = (X_train - xm) / xs
-    mu, sd = _target_scale(Y_train, True)
-    Z = (Y_train - mu) / sd
-    if alpha is None:
-        alpha = float(RidgeCV(alphas=np.asarray(alphas, dtype=float)).fit(Xs, Z[:, :n_t]).alpha_)
-    U, s, Vt = np.linalg.svd(Xs - Xs.mean(0), full_matrices=False)
-    shrink = s / (s**2 + alpha)
-    cols = np.concatenate([np.ones(n_t), np.sqrt(w)])
-    keep = cols > 0
-    B = Vt.T @ (shrink[:, None] * (U.T @ (Z[:, keep] * cols[keep])))  # features x kept columns
-    return RRRFit(xm, xs, mu[keep], sd[keep], alpha, B, Xs, cols[keep])
-
-
 def reduced_rank_ridge(
     X_train,
     Y_train,
@@ -285,14 +240,11 @@ def reduced_rank_ridge(
     for r_ in ranks:
         if r_ is not None and (isinstance(r_, bool) or int(r_) < 1):
             raise ValueError(f"rank must be a positive integer or None, got {r_!r}.")
-    fit = rrr_fit(X_train, Y_train, n_t, aux_weight=aux_weight, alpha=alpha, alphas=alphas)
-    preds: dict = {}
+    rows = np.arange(len(X_train))
+    fit = rrr_fit(X_train, DenseExpression(Y_train), rows, n_t, aux_weight=aux_weight, alpha=alpha, alphas=alphas)
+    preds, r = {}, None
     for r_ in ranks:
-        coef, intercept, r = fit.coefficients(r_, n_t)
-        pred = ((X_test - fit.x_mean) / fit.x_std) @ coef + intercept
-        preds[r_] = _clip(pred * fit.y_std[:n_t] + fit.y_mean[:n_t], Y_train[:, :n_t], clip)
-    alpha = fit.alpha
+        preds[r_], r = fit.predict(X_test, r_, n_t, clip)
     if many:
-        return (preds, {"alpha": float(alpha)}) if return_info else preds
-    pred = preds[rank]
-    return (pred, {"alpha": float(alpha), "rank": int(r)}) if return_info else pred
+        return (preds, {"alpha": fit.alpha}) if return_info else preds
+    return (preds[rank], {"alpha": fit.alpha, "rank": int(r)}) if return_info else preds[rank]

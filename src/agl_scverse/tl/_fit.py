@@ -34,7 +34,7 @@ from agl_scverse.train._trainer import TrainResult, empty_history
 
 from ._config import FitConfig
 from ._fit_inputs import FitData, FitGenes, build_network, checkpointer, prepare_data, prepare_genes, with_k
-from ._linear_head import choose_rrr, hybrid_linear, rrr_head, search_record
+from ._linear_head import choose_rrr, hybrid_linear, linear_head, rrr_head, search_record
 
 __all__ = ["agl_fit", "k_search_grid"]
 
@@ -132,9 +132,12 @@ def _fit_linear(cfg: FitConfig, data: FitData, genes: FitGenes) -> tuple[FitGene
     widest = with_k(genes, max(ks))
     feats = data.features
     assert feats is not None  # embedding mode
-    k, rank, scores = choose_rrr(feats, widest.expr, data.train_idx, data.val_idx, n_t, ks)
+    k, rank, scores, fit = choose_rrr(feats, widest.expr, data.train_idx, data.val_idx, n_t, ks)
     genes = with_k(genes, k)
-    net, info = rrr_head(feats, genes.expr, data.train_idx, n_t, rank)
+    if fit is None:  # no validation spots
+        net, info = rrr_head(feats, genes.expr, data.train_idx, n_t, rank)
+    else:
+        net, info = linear_head(fit.first(n_t + k), rank, n_t + k)
     hist = empty_history()
     res = TrainResult(history=hist, best_epoch=0, best_val_pcc=scores.get((k, rank), float("nan")))
     return genes, net, res, {**info, "k": int(k), "search": search_record(scores)}

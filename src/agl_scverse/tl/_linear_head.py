@@ -12,41 +12,16 @@ from agl_scverse import _constants as consts
 from agl_scverse._stats import mean_pearson
 from agl_scverse.model import EmbeddingHead
 
-from ._baselines import RRR_RANKS, reduced_rank_ridge, rrr_fit
+from ._baselines import RRR_RANKS
+from ._rrr import RRRFit, rrr_fit
 
-__all__ = ["rrr_head", "choose_rrr", "hybrid_linear", "choose_blend_weight", "search_record"]
-
-#: Largest dense training expression (float64 spots x genes) the closed-form head holds.
-MAX_RRR_BYTES = 4 * 2**30
+__all__ = ["rrr_head", "linear_head", "choose_rrr", "hybrid_linear", "choose_blend_weight", "search_record"]
 
 
-def _dense_expression(expr, rows: np.ndarray, n_cols: int | None = None) -> np.ndarray:
-    n = len(rows) * (n_cols or expr.n_cols) * 8
-    if n > MAX_RRR_BYTES:
-        raise ValueError(
-            f"head='rrr' holds the training expression dense: {len(rows)} spots x {n_cols or expr.n_cols} genes "
-            f"would take {n / 2**30:.1f} GiB (limit {MAX_RRR_BYTES / 2**30:.0f} GiB). Use fewer auxiliaries "
-            "(method='topk', k=1000) or the MLP head (head='mlp')."
-        )
-    return expr.batch(rows, n_cols).astype(np.float64)
-
-
-def rrr_head(
-    features: np.ndarray,
-    expr,
-    rows: np.ndarray,
-    n_targets: int,
-    rank: int | None,
-    n_cols: int | None = None,
-    n_out: int | None = None,
-):
-    """The reduced-rank ridge fit on spots ``rows`` as a linear :class:`EmbeddingHead`."""
-    X = np.asarray(features[rows], dtype=np.float64)
-    Y = _dense_expression(expr, rows, n_cols)
-    n_out = Y.shape[1] if n_out is None else int(n_out)
-    fit = rrr_fit(X, Y, n_targets)
+def linear_head(fit: RRRFit, rank: int | None, n_out: int) -> tuple[EmbeddingHead, dict]:
+    """The reduced-rank ridge ``fit`` (its first ``n_out`` genes at ``rank``) as a linear :class:`EmbeddingHead`."""
     coef, intercept, r = fit.coefficients(rank, n_out)
-    net = EmbeddingHead(X.shape[1], n_out, hidden=(), dropout=0.0)
+    net = EmbeddingHead(len(fit.x_mean), n_out, hidden=(), dropout=0.0)
 
     def f32(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.float32)
@@ -57,9 +32,23 @@ def rrr_head(
         net.out.bias.copy_(f32(intercept))
         net.get_buffer("out_scale").copy_(f32(fit.y_std[:n_out]))
         net.get_buffer("out_shift").copy_(f32(fit.y_mean[:n_out]))
-        net.get_buffer("out_lo").copy_(f32(Y[:, :n_out].min(0)))
-        net.get_buffer("out_hi").copy_(f32(Y[:, :n_out].max(0)))
+        net.get_buffer("out_lo").copy_(f32(fit.y_lo[:n_out]))
+        net.get_buffer("out_hi").copy_(f32(fit.y_hi[:n_out]))
     return net.eval(), {"rank": int(r), "alpha": float(fit.alpha)}
+
+
+def rrr_head(
+    features: np.ndarray,
+    expr,
+    rows: np.ndarray,
+    n_targets: int,
+    rank: int | None,
+    n_cols: int | None = None,
+    n_out: int | None = None,
+) -> tuple[EmbeddingHead, dict]:
+    """The reduced-rank ridge fit on spots ``rows`` (of the first ``n_cols`` genes) as a linear head."""
+    fit = rrr_fit(features, expr, rows, n_targets, n_cols=n_cols)
+    return linear_head(fit, rank, fit.B.shape[1] if n_out is None else int(n_out))
 
 
 def hybrid_linear(
@@ -73,13 +62,15 @@ def hybrid_linear(
     mlp_val: np.ndarray | None = None,
 ) -> tuple[EmbeddingHead, dict]:
     """The linear head of ``agl_fit(head="hybrid")``: a reduced-rank ridge of the targets, and its blend weight."""
-    k, rank, scores = choose_rrr(features, expr, train_idx, val_idx, n_targets, ks)
-    rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
-    kw = {"n_cols": n_targets + k, "n_out": n_targets}
-    net, info = rrr_head(features, expr, rows, n_targets, rank, **kw)
+    k, rank, scores, fit = choose_rrr(features, expr, train_idx, val_idx, n_targets, ks)
+    if refit or fit is None:
+        rows = np.sort(np.concatenate([train_idx, val_idx])) if refit else train_idx
+        net, info = rrr_head(features, expr, rows, n_targets, rank, n_cols=n_targets + k, n_out=n_targets)
+    else:
+        net, info = linear_head(fit.first(n_targets + k), rank, n_targets)
     weight, w_scores = consts.HYBRID_LINEAR_WEIGHT, dict[float, float]()
-    if mlp_val is not None and len(val_idx) >= 2:
-        on_train = rrr_head(features, expr, train_idx, n_targets, rank, **kw)[0] if refit else net
+    if mlp_val is not None and fit is not None:
+        on_train = linear_head(fit.first(n_targets + k), rank, n_targets)[0] if refit else net
         with torch.no_grad():
             lin_val = on_train.predict_expression(torch.as_tensor(features[val_idx], dtype=torch.float32)).numpy()
         weight, w_scores = choose_blend_weight(expr.batch(val_idx, n_targets), mlp_val, lin_val)
@@ -118,20 +109,23 @@ def choose_rrr(
     n_targets: int,
     ks: Sequence[int],
     ranks: Sequence[int | None] = RRR_RANKS,
-) -> tuple[int, int | None, dict]:
-    """The number of auxiliaries (of ``ks``) and the rank with the best validation mean target PCC."""
+) -> tuple[int, int | None, dict, RRRFit | None]:
+    """The number of auxiliaries (of ``ks``) and the rank with the best validation mean target PCC.
+
+    Also returns the fit on the training spots of the widest ``k`` (``None`` without validation spots): one pass over
+    the spots serves every ``k``.
+    """
     ks = sorted({int(k) for k in ks})
     if len(val_idx) < 2:
-        return ks[-1], None, {}
+        return ks[-1], None, {}, None
     n_t = int(n_targets)
-    X_tr, X_va = (np.asarray(features[i], dtype=np.float64) for i in (train_idx, val_idx))
-    Y_tr = _dense_expression(expr, train_idx, n_t + ks[-1])
-    Y_va = expr.batch(val_idx, n_t)
+    fit = rrr_fit(features, expr, train_idx, n_t, n_cols=n_t + ks[-1])
+    X_va, Y_va = features[val_idx], expr.batch(val_idx, n_t)
     scores: dict = {}
     for k in ks:
-        preds = reduced_rank_ridge(X_tr, Y_tr[:, : n_t + k], X_va, list(ranks), n_targets=n_t)
-        for r, pred in preds.items():
-            scores[(k, r)] = mean_pearson(Y_va, pred)
+        fit_k = fit.first(n_t + k)
+        for r in ranks:
+            scores[(k, r)] = mean_pearson(Y_va, fit_k.predict(X_va, r, n_t)[0])
     k, r = max(scores, key=lambda kr: (scores[kr], -kr[0]))  # ties: fewer auxiliaries
     logg.info(f"head='rrr': k = {k}, rank = {r} (validation PCC {scores[(k, r)]:.4f})")
-    return k, r, scores
+    return k, r, scores, fit
