@@ -4,7 +4,9 @@ on a synthetic whole-slide TIFF.
 Builds sparse synthetic counts (``--genes`` genes, ``--density`` non-zero fraction, Poisson counts on a latent
 state) and a 512-d embedding for each size in ``--spots``, writes them to an h5ad under ``--workdir`` once, then
 measures each step in a fresh subprocess (so each peak RSS is that step's own, read with
-``resource.getrusage``): ``fit`` (``agl`` and ``dkgsb``, ``--epochs`` epochs), ``predict`` (+ ``write_h5ad`` of
+``resource.getrusage``): ``fit`` (``--methods``, e.g. ``agl``, ``dkgsb`` or ``dkgsb:mlp`` for a head other than
+the default; ``--epochs`` epochs, ``--n-seeds`` networks, refit with ``--refit``), ``linear_head`` (the closed-form
+head of ``head="hybrid"`` alone, on the targets and the widest auxiliary grid of DkGSB), ``predict`` (+ ``write_h5ad`` of
 the predictions), ``evaluate`` (``genes="predicted"``) and, when asked, ``fit_backed`` (the fit on
 ``read_h5ad(..., backed="r")``: counts stay on disk). The image part (``--image-px``) writes a JPEG-compressed
 pyramidal tiled TIFF and embeds patches from it (``benchmarks/speed/_scale_images.py``).
@@ -66,7 +68,23 @@ def make_data(path: Path, n_spots: int, n_genes: int, density: float, dim: int =
 
 
 # ----------------------------------------------------------------------------------------------- workers
-def _worker(step: str, data: Path, out: Path, method: str, epochs: int) -> None:
+def _linear_head(adata) -> dict:
+    """The linear head of ``head="hybrid"`` on every spot (80 % train): what it adds to a fit's peak."""
+    from agl_scverse._expression import ExpressionBatches
+    from agl_scverse.tl._fit import k_search_grid
+    from agl_scverse.tl._linear_head import hybrid_linear
+
+    n, n_t = adata.n_obs, 50
+    ks = k_search_grid(adata.n_vars - n_t)
+    expr = ExpressionBatches(adata.X, np.arange(n_t + max(ks)))
+    order = np.random.default_rng(0).permutation(n)
+    train, val = np.sort(order[: int(0.8 * n)]), np.sort(order[int(0.8 * n) :])
+    mlp_val = np.random.default_rng(1).normal(size=(len(val), n_t)).astype(np.float32)
+    _, info = hybrid_linear(adata.obsm["X_emb"], expr, train, val, n_t, ks, True, mlp_val)
+    return {"k": info["k"], "rank": info["rank"], "n_model_genes": n_t + max(ks)}
+
+
+def _worker(step: str, data: Path, out: Path, method: str, epochs: int, n_seeds: int, refit: bool) -> None:
     """One measured step in this (fresh) process; writes a JSON record to ``out``."""
     import warnings
 
@@ -87,15 +105,19 @@ def _worker(step: str, data: Path, out: Path, method: str, epochs: int) -> None:
     model_dir = data.with_suffix(".model")
     t0 = time.perf_counter()
     if step in ("fit", "fit_backed"):
+        name, _, head = method.partition(":")
+        training = agl.TrainingConfig(epochs=epochs, patience=epochs + 1, n_seeds=n_seeds, refit=refit)
         model = agl.tl.agl_fit(
-            adata, method=method, embedding_key="X_emb", training=agl.TrainingConfig(epochs=epochs, patience=epochs + 1),
-            progress=False,
-            device="cpu", save_dir=model_dir, overwrite=True,
+            adata, method=name, embedding_key="X_emb", training=training, network=agl.NetworkConfig(head=head or None),
+            progress=False, device="cpu", save_dir=model_dir, overwrite=True,
         )  # fmt: skip
+        rec["head"] = model.config["head"]
         hist = adata.uns["agl"]["history"]
         rec["seconds_per_epoch"] = float(np.median(hist["seconds"]))
         rec["k"] = int(model.k)
         rec["n_model_genes"] = len(model.genes)
+    elif step == "linear_head":
+        rec.update(_linear_head(adata))
     elif step == "predict":
         agl.tl.agl_predict(adata, model_dir, device="cpu")
         pred = adata.layers["agl_pred"]
@@ -114,11 +136,11 @@ def _worker(step: str, data: Path, out: Path, method: str, epochs: int) -> None:
     out.write_text(json.dumps(rec))
 
 
-def measure(step: str, data: Path, method: str = "agl", epochs: int = 2) -> dict:
+def measure(step: str, data: Path, method: str = "agl", epochs: int = 2, n_seeds: int = 1, refit: bool = False) -> dict:
     """Run one step in a subprocess and return its record."""
-    out = data.with_suffix(f".{step}.{method}.json")
+    out = data.with_suffix(f".{step}.{method.replace(':', '_')}.json")
     cmd = [sys.executable, "-m", __spec__.name, "--worker", step, "--data", str(data), "--out", str(out), "--method", method,
-           "--epochs", str(epochs)]  # fmt: skip
+           "--epochs", str(epochs), "--n-seeds", str(n_seeds)] + (["--refit"] if refit else [])  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -168,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--genes", type=int, default=18000)
     p.add_argument("--density", type=float, default=0.075)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--n-seeds", type=int, default=1, help="networks per fit (agl_fit's default: 5)")
+    p.add_argument("--refit", action="store_true", help="refit on train + validation (agl_fit's default)")
     p.add_argument("--steps", nargs="+", default=["fit", "predict", "evaluate"])
     p.add_argument(
         "--evaluate-max-spots", type=int, default=50000,
@@ -176,13 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["agl", "dkgsb"])
     p.add_argument("--image-px", type=int, default=60000, help="side of the synthetic WSI (0: skip)")
     p.add_argument("--workdir", default="/tmp/agl_scale")
+    p.add_argument("--stem", default=None, help="results file name (default: scale, or scale_subset for fewer sizes)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--method", default="agl", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        _worker(args.worker, Path(args.data), Path(args.out), args.method, args.epochs)
+        _worker(args.worker, Path(args.data), Path(args.out), args.method, args.epochs, args.n_seeds, args.refit)
         return
 
     work = Path(args.workdir)
@@ -203,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for method in args.methods if step.startswith("fit") else ["agl"]:
                 if not step.startswith("fit") and "fit" not in args.steps and not data.with_suffix(".model").exists():
-                    rows.append(measure("fit", data, "agl", args.epochs))
-                rec = measure(step, data, method, args.epochs)
+                    rows.append(measure("fit", data, "agl", args.epochs, args.n_seeds, args.refit))
+                rec = measure(step, data, method, args.epochs, args.n_seeds, args.refit)
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
     image = None
@@ -224,10 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         "genes": args.genes,
         "density": args.density,
         "epochs": args.epochs,
+        "n_seeds": args.n_seeds,
+        "refit": args.refit,
         "rows": rows,
         "image": image,
     }
-    name = "scale" if set(args.spots) >= {2000, 10000, 50000, 200000} else "scale_subset"
+    name = args.stem or ("scale" if set(args.spots) >= {2000, 10000, 50000, 200000} else "scale_subset")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     _plot(rows, RESULTS / f"{name}.png")
     print("\n| spots | step | method | peak RSS (GB) | data RSS (GB) | s / epoch | seconds |")
