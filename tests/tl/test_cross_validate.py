@@ -169,7 +169,8 @@ def test_a_methods_config_updates_the_shared_one_field_by_field():
     """A method's ``{"training": {"lr": ...}}`` keeps the shared TrainingConfig's epochs (it used to replace it)."""
     a, b = _tiny(per_group=20), _tiny(per_group=20)
     kw = {"genes": GENES, "groups": ["S0"], "baselines": False}
-    shared = {**FIT, "training": agl.TrainingConfig(epochs=3, batch_size=32, n_seeds=1)}
+    net = agl.NetworkConfig(hidden=(8,), head="mlp")  # the networks alone: a linear head ignores lr
+    shared = {**FIT, "network": net, "training": agl.TrainingConfig(epochs=3, batch_size=32, n_seeds=1)}
     df = cross_validate(
         a, "slide", methods=("pgl", "pgl:lr", "pgl:obj"), **kw, **shared,
         method_kwargs={"pgl:lr": {"training": {"lr": 0.02}}, "pgl:obj": {"training": agl.TrainingConfig(lr=0.02)}},

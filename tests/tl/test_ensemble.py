@@ -18,13 +18,13 @@ def _fit(adata, **kw):
 @pytest.mark.parametrize("refit", [False, True])
 def test_members_are_the_single_fits_of_successive_seeds(refit):
     a = small_slide()
-    ens = _fit(a, method="agl", n_seeds=3, refit=refit)
+    ens = _fit(a, method="agl", n_seeds=3, refit=refit, head="mlp")  # the networks alone (no linear head)
     assert isinstance(ens.net, EmbeddingEnsemble) and ens.n_members == 3
     X = np.asarray(a.obsm["X_emb"])
     members = [m.predict(X) for m in ens.members()]
     np.testing.assert_allclose(ens.predict(X), np.mean(members, 0), rtol=1e-6, atol=1e-6)
     # member 0 is the network of seed 0 (same split), member 2 that of seed 2 on the same split
-    single = _fit(small_slide(), method="agl", refit=refit, n_seeds=1)
+    single = _fit(small_slide(), method="agl", refit=refit, n_seeds=1, head="mlp")
     np.testing.assert_array_equal(members[0], single.predict(X))
     assert not np.allclose(members[0], members[2])
     assert a.uns["agl"]["params"]["n_seeds"] == 3

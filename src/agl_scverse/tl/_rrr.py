@@ -20,7 +20,7 @@ DEFAULT_RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
 """Ridge penalties searched by default (0.1 ... 1e5, half-decade steps)."""
 
 #: Float64 bytes of one chunk of spots (features or genes) in a pass of :func:`rrr_fit`.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 #: Spots (evenly spaced) on which leave-one-out chooses the penalty; :class:`~sklearn.linear_model.RidgeCV` holds
 #: them dense, spots x features.
 MAX_ALPHA_SPOTS = 20_000
