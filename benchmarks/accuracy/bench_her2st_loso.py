@@ -36,7 +36,7 @@ held-out section is never read by the inner loop (it is dropped from the AnnData
 ``X_agl_densenet121_context``, computed beforehand and saved in the cache h5ad)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.accuracy.bench_her2st_loso --nested --cache ../cache/her2st_densenet121.h5ad \
-        --candidates dkgsb dkgsb:hybrid --n-seeds 1 --seeds 0 [--groups C2 C3] [--embedding-key X_...]
+        --candidates dkgsb dkgsb:mlp --n-seeds 1 --seeds 0 [--groups C2 C3] [--embedding-key X_...]
 
 Writes ``benchmarks/results/her2st_nested.json`` (``--stem``), rewritten after every outer fold.
 """
@@ -83,6 +83,9 @@ LABELS = {
     "dkgsb:norefit": "DkGSB, no refit",
     "dkgsb:seed1": "DkGSB, one network (n_seeds=1)",
     "dkgsb:authors": "DkGSB, the authors' look-ahead (lookahead='authors')",
+    "pgl:mlp": "PGL, agl_fit(head='mlp')",
+    "agl:mlp": "AGL-all, agl_fit(head='mlp')",
+    "dkgsb:mlp": "DkGSB, agl_fit(head='mlp')",
 }
 #: The agl_fit configs (as dicts of their fields) each variant changes; cross_validate merges them field by field
 #: into the shared ones of :func:`fit_arguments`.
@@ -103,6 +106,9 @@ VARIANTS = {
     "dkgsb:norefit": {"training": {"refit": False}},
     "dkgsb:seed1": {"training": {"n_seeds": 1}},  # the n_seeds choice for --nested (with --inner-n-seeds 5)
     "dkgsb:authors": {"dkgsb": {"lookahead": "authors"}},
+    "pgl:mlp": {"network": {"head": "mlp"}},  # the networks alone (the default head is "hybrid" since dc94db3)
+    "agl:mlp": {"network": {"head": "mlp"}},
+    "dkgsb:mlp": {"network": {"head": "mlp"}},
 }
 EMB_KEY = "X_agl_densenet121"
 
@@ -172,7 +178,7 @@ def summarise(summ: pd.DataFrame) -> dict:
             "median_fit_seconds": float(np.median(secs.loc[m])),
             "fit_time_ratio_to_agl_all": ratio,
         }
-    for ref in ("pgl", "pgl:reg", "agl"):
+    for ref in ("pgl", "pgl:reg", "agl", "dkgsb"):
         if ref not in per_seed.index:
             continue
         for m in per_seed.index:
@@ -335,7 +341,8 @@ def main() -> None:
     p.add_argument("--embedding-key", default=EMB_KEY, help=".obsm key the fits use (e.g. a context key)")
     p.add_argument("--groups", nargs="+", default=None, help="held-out sections (default: all five)")
     p.add_argument("--nested", action="store_true", help="choose among --candidates by inner LOSO (see above)")
-    p.add_argument("--candidates", nargs="+", default=["dkgsb", "dkgsb:hybrid"], help="configurations (--nested)")
+    p.add_argument("--combine", nargs="+", metavar="CSV", help="one table from the CSVs of runs split by seed")
+    p.add_argument("--candidates", nargs="+", default=["dkgsb", "dkgsb:mlp"], help="configurations (--nested)")
     p.add_argument("--inner-n-seeds", type=int, default=1, help="networks per fit in the inner loop (--nested)")
     p.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="JSON",
                    help="print one table from --nested result files of the same candidates (folds run apart)")  # fmt: skip
@@ -351,6 +358,14 @@ def main() -> None:
     git = git_state()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     torch.set_num_threads(args.threads)
+    if args.combine:
+        summ = pd.concat([pd.read_csv(f, dtype={"fold": str}) for f in args.combine], ignore_index=True)
+        print(
+            markdown(
+                summarise(summ), "python -m benchmarks.accuracy.bench_her2st_loso --combine " + " ".join(args.combine)
+            )
+        )
+        return
     adata = load_embedded(args.data, args.weights, args.cache, args.patch_um, args.patch_px)
     if args.embedding_key not in adata.obsm:
         raise SystemExit(f"--embedding-key {args.embedding_key!r} is not in the cache's .obsm ({list(adata.obsm)}).")

@@ -132,7 +132,7 @@ def _add_slide_args(p: argparse.ArgumentParser) -> None:
         "--head",
         default=None,
         choices=list(consts.HEADS),
-        help="embedding-mode network: mlp, rrr (closed-form reduced-rank ridge) or hybrid (default: mlp)",
+        help="embedding-mode network: hybrid (default: the MLP blended with a closed-form ridge), mlp or rrr",
     )
     _add_section_args(p)
     _add_resolution_args(p)

@@ -313,7 +313,9 @@ def agl_fit(
         Targets, auxiliaries, prior, expression scale: :class:`~agl_scverse.configs.GeneConfig`. Gene roles are
         computed on the **training spots only**.
     network
-        The network: :class:`~agl_scverse.configs.NetworkConfig`.
+        The network: :class:`~agl_scverse.configs.NetworkConfig`. Embedding mode's default head is ``"hybrid"``: the
+        MLP networks blended with a closed-form reduced-rank ridge of the targets, the share chosen on the
+        validation spots (``NetworkConfig(head="mlp")``: the networks alone).
     training
         Epochs, learning rate, refit, seed ensemble, checkpoints: :class:`~agl_scverse.configs.TrainingConfig`.
     dkgsb
