@@ -255,7 +255,7 @@ class TrainingConfig:
         object.__setattr__(self, "resume", _flag("resume", self.resume, allow_none=False))
         check_positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
 
-    def resolved(self, mode: consts.Mode, head: consts.Head = "mlp") -> TrainingConfig:
+    def resolved(self, mode: consts.Mode, head: consts.Head | None = None) -> TrainingConfig:
         """A copy with the ``None`` fields set to the defaults of ``mode`` (one seed for ``head="rrr"``)."""
         dflt = _mode_defaults(mode)
         new = {

@@ -242,9 +242,11 @@ def reduced_rank_ridge(
             raise ValueError(f"rank must be a positive integer or None, got {r_!r}.")
     rows = np.arange(len(X_train))
     fit = rrr_fit(X_train, DenseExpression(Y_train), rows, n_t, aux_weight=aux_weight, alpha=alpha, alphas=alphas)
-    preds, r = {}, None
+    preds: dict[int | None, np.ndarray] = {}
+    r = 0
     for r_ in ranks:
         preds[r_], r = fit.predict(X_test, r_, n_t, clip)
     if many:
         return (preds, {"alpha": fit.alpha}) if return_info else preds
-    return (preds[rank], {"alpha": fit.alpha, "rank": int(r)}) if return_info else preds[rank]
+    pred = preds[ranks[0]]
+    return (pred, {"alpha": fit.alpha, "rank": r}) if return_info else pred
