@@ -14,6 +14,8 @@ import numpy as np
 from scipy import linalg
 from sklearn.linear_model import RidgeCV
 
+from agl_scverse._stats import StreamingMoments
+
 __all__ = ["RRRFit", "rrr_fit", "DEFAULT_RIDGE_ALPHAS", "CHUNK_BYTES", "MAX_ALPHA_SPOTS"]
 
 DEFAULT_RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
@@ -77,22 +79,8 @@ class RRRFit:
         return pred.astype(np.float32), r
 
 
-class _Moments:
-    """Column means and sums of squared deviations merged over chunks (Chan et al.), in float64."""
-
-    def __init__(self, n_cols: int):
-        self.n, self.mean, self.m2 = 0, np.zeros(n_cols), np.zeros(n_cols)
-
-    def add(self, a: np.ndarray) -> None:
-        m, mean = len(a), a.mean(0)
-        delta, total = mean - self.mean, self.n + m
-        self.m2 += ((a - mean) ** 2).sum(0) + delta**2 * self.n * m / total
-        self.mean += delta * m / total
-        self.n = total
-
-    def std(self) -> np.ndarray:
-        sd = np.sqrt(self.m2 / max(self.n, 1))
-        return np.where(sd > 1e-12, sd, 1.0)
+def _nonzero(sd: np.ndarray) -> np.ndarray:
+    return np.where(sd > 1e-12, sd, 1.0)
 
 
 def rrr_fit(
@@ -123,24 +111,22 @@ def rrr_fit(
     step = max(1, CHUNK_BYTES // (8 * max(c, d, 1)))
     chunks = [rows[s : s + step] for s in range(0, n, step)]
 
-    xm = _Moments(d)
+    xm = StreamingMoments(d)
     for idx in chunks:
-        xm.add(np.asarray(features[idx], dtype=np.float64))
-    x_mean, x_std = xm.mean, xm.std()
-    gram, XtY, x_sum, ym = np.zeros((d, d)), np.zeros((d, c)), np.zeros(d), _Moments(c)
-    y_lo, y_hi, targets = np.full(c, np.inf), np.full(c, -np.inf), []
+        xm.update(features[idx])
+    x_mean, x_std = xm.mean, _nonzero(xm.std)
+    gram, XtY, x_sum, ym, targets = np.zeros((d, d)), np.zeros((d, c)), np.zeros(d), StreamingMoments(c), []
     for idx in chunks:
         Xs = (np.asarray(features[idx], dtype=np.float64) - x_mean) / x_std
         Y = np.asarray(expr.batch(idx, c), dtype=np.float64)
         gram += Xs.T @ Xs
         XtY += Xs.T @ Y
         x_sum += Xs.sum(0)
-        ym.add(Y)
-        y_lo, y_hi = np.minimum(y_lo, Y.min(0)), np.maximum(y_hi, Y.max(0))
+        ym.update(Y)
         targets.append(Y[:, :n_t].copy())  # not a view: the chunk goes
     x_shift = x_sum / n  # the standardised features' mean: 0 up to rounding
     gram -= np.outer(x_sum, x_sum) / n
-    y_mean, y_std = ym.mean, ym.std()
+    y_mean, y_std, y_lo, y_hi = ym.mean, _nonzero(ym.std), ym.min, ym.max
     cols = np.concatenate([np.ones(n_t), np.sqrt(w)])
     XtZ = (XtY - np.outer(x_sum, y_mean)) * (cols / y_std)  # X'Z of the centred features and z-scored genes
     if alpha is None:
